@@ -1,0 +1,391 @@
+//! Map layouts shared by the eBPF programs (`proxy-ebpf`) and the agent/CLI
+//! (`proxy-userspace`). One definition of every key and value, `#[repr(C)]`, with explicit
+//! padding fields so both sides agree byte for byte and BPF map keys never carry
+//! uninitialised bytes (the verifier rejects those, and hashing them would be a bug).
+//!
+//! Byte order: addresses and ports are stored in **network byte order** exactly as they
+//! appear on the wire, so the datapath compares them without swapping. Userspace converts
+//! with `u32::from_be_bytes(ip.octets()).to_be()`-style helpers in `proxy-userspace`.
+#![no_std]
+
+/// Names of the maps, as pinned under the bpffs root (`--bpffs-root`).
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const SERVICE_META: &str = "SERVICE_META";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+}
+
+/// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
+/// are only what the ELF declares.
+pub mod sizes {
+    pub const MAX_SERVICES: u32 = 65_536;
+    pub const MAX_BACKENDS: u32 = 262_144;
+    pub const MAX_SLOTS: u32 = 524_288;
+    pub const MAX_CONNTRACK: u32 = 262_144;
+    pub const MAX_AFFINITY: u32 = 65_536;
+    pub const MAX_SERVICE_STATS: u32 = 65_536;
+    pub const MAX_SOURCE_RANGES: u32 = 16_384;
+    /// Backends one service frontend can have in one slot generation.
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 1 << 16;
+}
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Which traffic a frontend applies to. Pod traffic (TC on pod veths) looks up
+/// `SCOPE_INTERNAL`; traffic arriving from outside the node (XDP on the uplink) looks up
+/// `SCOPE_EXTERNAL`. The same VIP can have different backend sets in the two scopes
+/// (externalTrafficPolicy: Local applies only to external traffic, as in kube-proxy).
+pub const SCOPE_INTERNAL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// Key of `SERVICES`: one frontend (VIP or node address, port, protocol, scope).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// Service flags (`ServiceValue::flags`).
+pub mod svc_flags {
+    /// sessionAffinity: ClientIP; `ServiceValue::affinity_timeout` holds the timeout.
+    pub const AFFINITY: u32 = 1 << 0;
+    /// loadBalancerSourceRanges set: check `SOURCE_RANGES` before selecting a backend.
+    pub const SOURCE_RANGES: u32 = 1 << 1;
+    /// externalTrafficPolicy/internalTrafficPolicy Local applied to this entry: client
+    /// address is preserved (no SNAT) and only node-local backends are in the slots.
+    pub const LOCAL_ONLY: u32 = 1 << 2;
+    /// Frontend is a NodePort on a node address.
+    pub const NODEPORT: u32 = 1 << 3;
+    /// Frontend is an ExternalIP.
+    pub const EXTERNAL_IP: u32 = 1 << 4;
+    /// Frontend is a LoadBalancer ingress IP.
+    pub const LOADBALANCER: u32 = 1 << 5;
+}
+
+/// Value of `SERVICES`.
+///
+/// Backends live in `BACKEND_SLOTS` under `(id, slot(generation, i))` for `i < count`. The agent
+/// writes a complete new slot set into the generation that is *not* active, then replaces
+/// this value (one atomic map update) to switch `generation` and `count`. A packet therefore sees
+/// either the old or the new backend set, never a half-written one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceValue {
+    /// Frontend id: keys slots, counters, affinity and metadata. 32-bit on purpose.
+    pub id: u32,
+    /// Number of backends in the active slot generation. 0 = no endpoints: drop.
+    pub count: u32,
+    /// `svc_flags::*`.
+    pub flags: u32,
+    /// Active slot generation, 0 or 1.
+    pub generation: u32,
+    /// Session affinity timeout in seconds (with `svc_flags::AFFINITY`).
+    pub affinity_timeout: u32,
+    pub _reserved: u32,
+}
+
+/// Key of `BACKEND_SLOTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    /// `generation << 31 | index`, see [`SlotKey::new`].
+    pub slot: u32,
+}
+
+impl SlotKey {
+    #[inline(always)]
+    pub const fn new(svc_id: u32, generation: u32, index: u32) -> Self {
+        SlotKey { svc_id, slot: ((generation & 1) << 31) | (index & 0x7fff_ffff) }
+    }
+    pub const fn generation(&self) -> u32 {
+        self.slot >> 31
+    }
+    pub const fn index(&self) -> u32 {
+        self.slot & 0x7fff_ffff
+    }
+}
+
+/// Backend flags (`Backend::flags`).
+pub mod backend_flags {
+    /// The endpoint runs on this node.
+    pub const LOCAL: u8 = 1 << 0;
+    /// The endpoint is serving but terminating (used only as kube-proxy's fallback).
+    pub const TERMINATING: u8 = 1 << 1;
+}
+
+/// Value of `BACKENDS` (key: backend id, `u32`). One entry per distinct
+/// (address, port, protocol); services share them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// Direction of a conntrack entry.
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of `CONNTRACK`: the packet's 5-tuple as seen where the lookup happens, plus the
+/// direction. Forward entries are keyed by the client's original packet (client -> VIP),
+/// reply entries by the backend's reply as it arrives (backend -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Conntrack flags (`CtValue::flags`).
+pub mod ct_flags {
+    /// A TCP FIN or RST was seen; the entry is left to LRU eviction.
+    pub const CLOSING: u8 = 1 << 0;
+    /// The flow was also source-NATed (north-south to a remote backend).
+    pub const SNAT: u8 = 1 << 1;
+}
+
+/// Value of `CONNTRACK`.
+///
+/// Forward entry: rewrite the destination to `nat_addr:nat_port` (the backend).
+/// Reply entry: rewrite the source to `nat_addr:nat_port` (the VIP the client used).
+/// When `ct_flags::SNAT` is set, `snat_addr:snat_port` is the other half of the
+/// translation (north-south to a remote backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtValue {
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub _pad2: u16,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    /// `bpf_ktime_get_ns()` when the entry was created or last refreshed.
+    pub last_seen: u64,
+}
+
+/// Key of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client_addr: u32,
+    pub svc_id: u32,
+}
+
+/// Value of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used: u64,
+}
+
+/// Datapath verdicts, counted per service (`SERVICE_STATS`) and globally (`GLOBAL_STATS`).
+pub mod verdict {
+    /// New flow: backend selected, destination NATed.
+    pub const NEW_FLOW: u32 = 0;
+    /// Packet of a tracked flow, destination NATed.
+    pub const ESTABLISHED: u32 = 1;
+    /// Reply of a tracked flow, source rewritten back to the VIP.
+    pub const REVERSE_NAT: u32 = 2;
+    /// Service has no backends: dropped (kube-proxy rejects; see docs/datapath.md).
+    pub const NO_BACKEND: u32 = 3;
+    /// Not service traffic: passed untouched.
+    pub const PASS: u32 = 4;
+    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    pub const NOT_IPV4: u32 = 5;
+    /// Truncated or malformed header: passed untouched for the kernel to judge.
+    pub const MALFORMED: u32 = 6;
+    /// Non-first IPv4 fragment: passed untouched (no L4 header to match).
+    pub const FRAGMENT: u32 = 7;
+    /// Source address not in loadBalancerSourceRanges: dropped.
+    pub const SOURCE_RANGE_DROP: u32 = 8;
+    /// A map write or checksum helper failed: passed untouched.
+    pub const ERROR: u32 = 9;
+    /// Protocol other than TCP/UDP/SCTP: passed untouched.
+    pub const OTHER_L4: u32 = 10;
+    pub const COUNT: u32 = 11;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "new_flow",
+        "established",
+        "reverse_nat",
+        "no_backend",
+        "pass",
+        "not_ipv4",
+        "malformed",
+        "fragment",
+        "source_range_drop",
+        "error",
+        "other_l4",
+    ];
+}
+
+/// Key of `SERVICE_STATS` (per-CPU hash).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StatsKey {
+    pub svc_id: u32,
+    pub verdict: u32,
+}
+
+/// Value of `SERVICE_STATS` and `GLOBAL_STATS` (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Kind of frontend, stored in `SERVICE_META` for the CLI.
+pub mod frontend_kind {
+    pub const CLUSTER_IP: u8 = 0;
+    pub const NODE_PORT: u8 = 1;
+    pub const EXTERNAL_IP: u8 = 2;
+    pub const LOAD_BALANCER: u8 = 3;
+}
+
+pub const META_NAMESPACE_LEN: usize = 64;
+pub const META_NAME_LEN: usize = 64;
+pub const META_PORT_NAME_LEN: usize = 16;
+
+/// Value of `SERVICE_META` (key: service id). Written by the agent, read only by the CLI
+/// and by a restarting agent, so names survive without asking the API. Kubernetes limits
+/// namespace and service names to 63 bytes and port names to 15, hence the sizes
+/// (NUL-padded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceMeta {
+    pub namespace: [u8; META_NAMESPACE_LEN],
+    pub name: [u8; META_NAME_LEN],
+    pub port_name: [u8; META_PORT_NAME_LEN],
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Key of `SOURCE_RANGES` (LPM trie): prefix length counts the bits after `svc_id`,
+/// so one trie holds the ranges of every service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// 32 (svc_id) + prefix bits of `addr`.
+    pub prefix_len: u32,
+    /// Big-endian service id, so it forms the leading bits of the LPM key.
+    pub svc_id_be: u32,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], Copy, made only of integers and byte arrays with
+    // explicit padding fields, so any bit pattern is valid and there are no hidden bytes.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for StatsKey {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for ServiceMeta {}
+    unsafe impl aya::Pod for SourceRangeKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    /// Sizes are part of the pinned-map ABI: a change here breaks maps pinned by an older
+    /// agent, so it must be deliberate.
+    #[test]
+    fn layouts_are_fixed() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 24);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<StatsKey>(), 8);
+        assert_eq!(size_of::<Counters>(), 16);
+        assert_eq!(size_of::<ServiceMeta>(), 152);
+        assert_eq!(size_of::<SourceRangeKey>(), 12);
+        assert_eq!(align_of::<CtValue>(), 8);
+    }
+
+    /// No implicit padding: the sum of the field sizes equals the struct size.
+    #[test]
+    fn no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceValue>(), 6 * 4);
+        assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<CtValue>(), 4 + 2 + 1 + 1 + 4 + 2 + 2 + 4 + 4 + 8);
+        assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
+        assert_eq!(
+            size_of::<ServiceMeta>(),
+            META_NAMESPACE_LEN + META_NAME_LEN + META_PORT_NAME_LEN + 1 + 7
+        );
+    }
+
+    #[test]
+    fn field_offsets_match_the_datapath() {
+        let k = CtKey { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, proto: 0, dir: 0, _pad: 0 };
+        let base = &k as *const _ as usize;
+        assert_eq!(&k.dst_addr as *const _ as usize - base, 4);
+        assert_eq!(&k.src_port as *const _ as usize - base, 8);
+        assert_eq!(&k.proto as *const _ as usize - base, 12);
+        let v = CtValue::default();
+        let base = &v as *const _ as usize;
+        assert_eq!(&v.snat_addr as *const _ as usize - base, 8);
+        assert_eq!(&v.backend_id as *const _ as usize - base, 16);
+        assert_eq!(&v.last_seen as *const _ as usize - base, 24);
+    }
+
+    #[test]
+    fn slot_key_encodes_generation_and_index() {
+        let k = SlotKey::new(7, 1, 42);
+        assert_eq!((k.svc_id, k.generation(), k.index()), (7, 1, 42));
+        let k = SlotKey::new(7, 0, 42);
+        assert_eq!((k.generation(), k.index()), (0, 42));
+        assert_ne!(SlotKey::new(7, 0, 1), SlotKey::new(7, 1, 1));
+    }
+
+    #[test]
+    fn verdict_names_cover_every_verdict() {
+        assert_eq!(verdict::NAMES.len() as u32, verdict::COUNT);
+        assert_eq!(verdict::NAMES[verdict::NO_BACKEND as usize], "no_backend");
+    }
+}

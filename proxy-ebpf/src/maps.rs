@@ -1,0 +1,45 @@
+//! Every map the programs use. All are pinned by name so they outlive the agent: a
+//! restarted agent re-opens them and established flows keep their backend.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+};
+use proxy_common::{
+    sizes, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, ServiceKey, ServiceMeta,
+    ServiceValue, SlotKey, StatsKey,
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(sizes::MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(sizes::MAX_SLOTS, 0);
+
+#[map]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(sizes::MAX_CONNTRACK, 0);
+
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuHashMap<StatsKey, Counters> =
+    PerCpuHashMap::pinned(sizes::MAX_SERVICE_STATS, 0);
+
+#[map]
+pub static GLOBAL_STATS: PerCpuArray<Counters> =
+    PerCpuArray::pinned(proxy_common::verdict::COUNT, 0);
+
+/// Read only by userspace (CLI and a restarting agent); declared here so it is created and
+/// pinned with the others.
+#[map]
+pub static SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(sizes::MAX_SERVICES, 0);
+
+/// loadBalancerSourceRanges, keyed by (service id, source prefix). Value unused (1).
+#[map]
+pub static SOURCE_RANGES: LpmTrie<[u32; 2], u8> =
+    LpmTrie::pinned(sizes::MAX_SOURCE_RANGES, 0);

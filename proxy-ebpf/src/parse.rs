@@ -1,0 +1,106 @@
+//! Header parsing over direct packet pointers, shared by the TC and XDP entry points.
+//!
+//! Verdicts for odd frames (documented in docs/datapath.md): anything that is not an
+//! IPv4 frame we can read completely is *passed untouched* and counted; the kernel judges it
+//! as if we were not there. Only frames that parse cleanly as IPv4 + TCP/UDP/SCTP are
+//! candidates for translation.
+use core::mem::size_of;
+
+use proxy_common::{verdict, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+/// Where the parsed fields live in the frame, and their values (addresses and ports in
+/// network byte order, as on the wire).
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub l3_off: usize,
+    pub l4_off: usize,
+    pub proto: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Packet {
+    /// Offset of the L4 checksum field, or `None` for SCTP (CRC32c over the payload, no
+    /// pseudo-header: address rewrites do not touch it).
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> Option<usize> {
+        match self.proto {
+            PROTO_TCP => Some(self.l4_off + 16),
+            PROTO_UDP => Some(self.l4_off + 6),
+            _ => None,
+        }
+    }
+}
+
+#[inline(always)]
+fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, u32> {
+    if start + off + size_of::<T>() > end {
+        return Err(verdict::MALFORMED);
+    }
+    Ok((start + off) as *const T)
+}
+
+/// Parse Ethernet + IPv4 + L4 ports. `Err(verdict)` says why the frame is not a candidate.
+#[inline(always)]
+pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
+    // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads are unaligned
+    // because frames give no alignment guarantee.
+    unsafe {
+        let eth_proto = u16::from_be(ptr_at::<u16>(start, end, 12)?.read_unaligned());
+        if eth_proto != ETH_P_IPV4 {
+            return Err(verdict::NOT_IPV4);
+        }
+        let l3 = ETH_HLEN;
+        let vihl = *ptr_at::<u8>(start, end, l3)?;
+        if vihl >> 4 != 4 {
+            return Err(verdict::MALFORMED);
+        }
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return Err(verdict::MALFORMED);
+        }
+        // Whole IPv4 header (options included) must be present.
+        ptr_at::<u8>(start, end, l3 + ihl - 1)?;
+        let frag = u16::from_be(ptr_at::<u16>(start, end, l3 + 6)?.read_unaligned());
+        if frag & (IP_MF | IP_OFFSET) != 0 {
+            return Err(verdict::FRAGMENT);
+        }
+        let proto = *ptr_at::<u8>(start, end, l3 + 9)?;
+        let saddr = ptr_at::<u32>(start, end, l3 + 12)?.read_unaligned();
+        let daddr = ptr_at::<u32>(start, end, l3 + 16)?.read_unaligned();
+        let l4 = l3 + ihl;
+        let (sport, dport) = match proto {
+            PROTO_TCP => {
+                // Need through the checksum field (offset 16..18).
+                ptr_at::<[u8; 20]>(start, end, l4)?;
+                (
+                    ptr_at::<u16>(start, end, l4)?.read_unaligned(),
+                    ptr_at::<u16>(start, end, l4 + 2)?.read_unaligned(),
+                )
+            }
+            PROTO_UDP => {
+                ptr_at::<[u8; 8]>(start, end, l4)?;
+                (
+                    ptr_at::<u16>(start, end, l4)?.read_unaligned(),
+                    ptr_at::<u16>(start, end, l4 + 2)?.read_unaligned(),
+                )
+            }
+            PROTO_SCTP => {
+                ptr_at::<[u8; 12]>(start, end, l4)?;
+                (
+                    ptr_at::<u16>(start, end, l4)?.read_unaligned(),
+                    ptr_at::<u16>(start, end, l4 + 2)?.read_unaligned(),
+                )
+            }
+            _ => return Err(verdict::OTHER_L4),
+        };
+        Ok(Packet { l3_off: l3, l4_off: l4, proto, saddr, daddr, sport, dport })
+    }
+}

@@ -1,0 +1,1 @@
+//! Kernel side (work in progress).

@@ -1,0 +1,194 @@
+//! Desired state: what the maps should hold, independent of how it is stored. Produced by
+//! the pure translation in `model::translate`, consumed by `sync`.
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proxy_common::PROTO_TCP,
+            Protocol::Udp => proxy_common::PROTO_UDP,
+            Protocol::Sctp => proxy_common::PROTO_SCTP,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::PROTO_TCP => Some(Protocol::Tcp),
+            proxy_common::PROTO_UDP => Some(Protocol::Udp),
+            proxy_common::PROTO_SCTP => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+    /// Parse a Kubernetes protocol string ("TCP", "UDP", "SCTP"; absent means TCP).
+    pub fn from_k8s(s: Option<&str>) -> Option<Self> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// Internal: traffic from pods (TC). External: traffic from outside the node (XDP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Internal,
+    External,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::Internal => proxy_common::SCOPE_INTERNAL,
+            Scope::External => proxy_common::SCOPE_EXTERNAL,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FrontendKind {
+    ClusterIP,
+    NodePort,
+    ExternalIP,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    pub fn number(self) -> u8 {
+        use proxy_common::frontend_kind::*;
+        match self {
+            FrontendKind::ClusterIP => CLUSTER_IP,
+            FrontendKind::NodePort => NODE_PORT,
+            FrontendKind::ExternalIP => EXTERNAL_IP,
+            FrontendKind::LoadBalancer => LOAD_BALANCER,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Self> {
+        use proxy_common::frontend_kind::*;
+        match n {
+            CLUSTER_IP => Some(FrontendKind::ClusterIP),
+            NODE_PORT => Some(FrontendKind::NodePort),
+            EXTERNAL_IP => Some(FrontendKind::ExternalIP),
+            LOAD_BALANCER => Some(FrontendKind::LoadBalancer),
+            _ => None,
+        }
+    }
+}
+
+/// One frontend: the key of a `SERVICES` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+    pub scope: Scope,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// Which Service port a frontend belongs to ("namespace/name:port-name").
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// Service port name; empty for a single unnamed port.
+    pub port_name: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        Ok(())
+    }
+}
+
+/// One endpoint a frontend can send to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// On this node (endpoint.nodeName == our node).
+    pub local: bool,
+    /// Serving but terminating (only present as kube-proxy's fallback when none is ready).
+    pub terminating: bool,
+}
+
+/// An IPv4 prefix (loadBalancerSourceRanges).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ipv4Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+/// Everything the datapath needs for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendEntry {
+    pub service: ServicePortName,
+    pub kind: FrontendKind,
+    /// Sorted and deduplicated. Empty = service has no usable endpoints (datapath drops).
+    pub backends: Vec<BackendAddr>,
+    /// sessionAffinity: ClientIP timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// A traffic policy of Local applied to this entry (backends are node-local only and,
+    /// for external scope, the client address is preserved).
+    pub local_only: bool,
+    /// loadBalancerSourceRanges (external scope of LoadBalancer frontends); empty = all.
+    pub source_ranges: Vec<Ipv4Prefix>,
+}
+
+/// The complete desired state of the node's maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<FrontendKey, FrontendEntry>,
+}
+
+/// The agent's own node, as the translation needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Addresses NodePorts are served on (after `--nodeport-addresses` filtering).
+    pub nodeport_addrs: Vec<Ipv4Addr>,
+}
+
+/// Why an object (or part of it) was skipped; each becomes one logged warning naming it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    /// "namespace/name" of the object.
+    pub object: String,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.object, self.message)
+    }
+}

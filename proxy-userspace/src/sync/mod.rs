@@ -1,0 +1,1 @@
+//! Map sync (work in progress).
