@@ -4,6 +4,7 @@
 //! - `dataplane`: the kernel side: load and pin the programs and maps, attach them to
 //!   interfaces, typed access to the maps.
 //! - `sync`: diff desired state against the maps and apply minimal, ordered writes.
+pub mod cli;
 pub mod dataplane;
 pub mod model;
 pub mod sync;
