@@ -26,9 +26,11 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(sizes::MAX
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
 
+/// Allocated on first use (NO_PREALLOC): a preallocated per-CPU map would cost
+/// entries x CPUs x 16 bytes up front.
 #[map]
 pub static SERVICE_STATS: PerCpuHashMap<StatsKey, Counters> =
-    PerCpuHashMap::pinned(sizes::MAX_SERVICE_STATS, 0);
+    PerCpuHashMap::pinned(sizes::MAX_SERVICE_STATS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<Counters> =

@@ -1,1 +1,87 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | test | demo | bench`.
+//!
+//! `setup` installs, idempotently and from registries only, everything the build and the
+//! tests need: the nightly's rust-src, bpf-linker linked against the nightly's own LLVM,
+//! Debian packages the tests use, and a mounted bpffs.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod setup;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces and packages the build and tests need (idempotent).
+    Setup,
+    /// Run setup, then every test of the workspace.
+    Test {
+        /// Extra arguments passed to `cargo test` after `--`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the agent in a throw-away netns sandbox (one node, three pods).
+    Demo,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    let t = Instant::now();
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root()).args(["test", "--workspace"]);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    run(&mut cmd)?;
+    eprintln!("xtask test: all tests passed in {:.0?}", t.elapsed());
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    setup::setup()?;
+    let root = workspace_root();
+    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "proxy-userspace", "-p", "proxy-tests"]))?;
+    run(Command::new(root.join("target/release/proxy-demo")).arg(root.join("target/release/ebpf-proxy")))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => demo(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,25 @@
-//! Kernel side (work in progress).
+//! Kernel side: load the embedded eBPF object with pinned maps (`loader`), typed access to
+//! those maps (`maps`), and attaching programs to interfaces (`attach`).
+pub mod addr;
+pub mod attach;
+pub mod error;
+pub mod loader;
+pub mod maps;
+
+pub use error::DataplaneError;
+
+/// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// Layout of the agent's bpffs directory.
+pub mod paths {
+    use std::path::{Path, PathBuf};
+
+    pub fn maps_dir(root: &Path) -> PathBuf {
+        root.join("maps")
+    }
+    pub fn links_dir(root: &Path) -> PathBuf {
+        root.join("links")
+    }
+}

@@ -1,1 +1,488 @@
-//! Map sync (work in progress).
+//! Map sync: bring the maps from what they hold to the desired state with the fewest
+//! writes, in an order that never lets a packet see a half-written service.
+//!
+//! Order of writes for one changed frontend:
+//! 1. backends it needs that are not in `BACKENDS` yet;
+//! 2. its slots, into the slot generation that is *not* active;
+//! 3. source ranges it gains;
+//! 4. the `SERVICES` value, switching generation and count in one atomic update;
+//! 5. source ranges it lost.
+//!
+//! Removed frontends lose their `SERVICES` entry first, then slots, metadata and counters.
+//! Backends no longer referenced are deleted last. UDP conntrack entries pointing at a
+//! removed backend are purged (kube-proxy does the same: a UDP "flow" would otherwise stick
+//! to a dead pod forever), TCP entries are left so open connections finish.
+//!
+//! The state the maps hold is read back at start-up (`Syncer::new`), so a restarted agent
+//! writes nothing for services that did not change while it was away.
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use proxy_common::{
+    Backend, PROTO_UDP, ServiceKey, ServiceMeta, ServiceValue, SlotKey, backend_flags,
+    svc_flags,
+};
+use tracing::warn;
+
+pub use store::{MapStore, MemStore, Snapshot};
+
+use crate::{
+    dataplane::{
+        DataplaneError,
+        addr::{ip_to_map, port_to_map},
+    },
+    model::{BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Ipv4Prefix},
+};
+
+/// A backend's identity: services sharing an endpoint share its `BACKENDS` entry.
+type BackendIdent = (u32, u16, u8);
+
+#[derive(Clone, Debug)]
+struct Programmed {
+    value: ServiceValue,
+    /// Backend ids in the active generation's slots, by index.
+    active: Vec<u32>,
+    /// Backend ids left in the inactive generation's slots, by index.
+    inactive: Vec<u32>,
+    meta: Option<ServiceMeta>,
+    ranges: BTreeSet<Ipv4Prefix>,
+    /// The SERVICES entry has been written (false while a new frontend failed midway).
+    in_map: bool,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Map writes and deletes issued.
+    pub writes: u64,
+    pub services: usize,
+    pub backends: usize,
+    pub conntrack_purged: usize,
+    /// Frontends that could not be programmed (the previous state for them stays).
+    pub errors: Vec<(FrontendKey, DataplaneError)>,
+}
+
+/// Allocates 32-bit ids, monotonically (wrapping), skipping ids in use, so a freed id is
+/// not handed out again soon: stale conntrack or affinity entries of a deleted service then
+/// never alias a new one.
+#[derive(Debug, Default)]
+struct IdAlloc {
+    next: u32,
+    used: HashSet<u32>,
+}
+
+impl IdAlloc {
+    fn reserve(&mut self, id: u32) {
+        self.used.insert(id);
+        if id >= self.next {
+            self.next = id.wrapping_add(1);
+        }
+    }
+    fn alloc(&mut self) -> u32 {
+        loop {
+            // 0 is never used so a zeroed value is recognisably unset.
+            let id = self.next.max(1);
+            self.next = id.wrapping_add(1);
+            if self.used.insert(id) {
+                return id;
+            }
+        }
+    }
+    fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+pub struct Syncer<S: MapStore> {
+    store: S,
+    frontends: HashMap<ServiceKey, Programmed>,
+    backends: HashMap<BackendIdent, (u32, Backend)>,
+    svc_ids: IdAlloc,
+    backend_ids: IdAlloc,
+    total_writes: u64,
+}
+
+fn service_key(k: &FrontendKey) -> ServiceKey {
+    ServiceKey {
+        addr: ip_to_map(k.addr),
+        port: port_to_map(k.port),
+        proto: k.proto.number(),
+        scope: k.scope.number(),
+    }
+}
+
+fn backend_value(b: &BackendAddr, proto: u8) -> Backend {
+    let mut flags = 0;
+    if b.local {
+        flags |= backend_flags::LOCAL;
+    }
+    if b.terminating {
+        flags |= backend_flags::TERMINATING;
+    }
+    Backend { addr: ip_to_map(b.addr), port: port_to_map(b.port), proto, flags }
+}
+
+fn copy_str(dst: &mut [u8], s: &str) {
+    let n = s.len().min(dst.len());
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+pub fn service_meta(e: &FrontendEntry) -> ServiceMeta {
+    let mut m = ServiceMeta {
+        namespace: [0; proxy_common::META_NAMESPACE_LEN],
+        name: [0; proxy_common::META_NAME_LEN],
+        port_name: [0; proxy_common::META_PORT_NAME_LEN],
+        kind: e.kind.number(),
+        _pad: [0; 7],
+    };
+    copy_str(&mut m.namespace, &e.service.namespace);
+    copy_str(&mut m.name, &e.service.name);
+    copy_str(&mut m.port_name, &e.service.port_name);
+    m
+}
+
+fn service_flags(e: &FrontendEntry) -> u32 {
+    let mut f = 0;
+    if e.affinity_timeout.is_some() {
+        f |= svc_flags::AFFINITY;
+    }
+    if !e.source_ranges.is_empty() {
+        f |= svc_flags::SOURCE_RANGES;
+    }
+    if e.local_only {
+        f |= svc_flags::LOCAL_ONLY;
+    }
+    f |= match e.kind {
+        FrontendKind::ClusterIP => 0,
+        FrontendKind::NodePort => svc_flags::NODEPORT,
+        FrontendKind::ExternalIP => svc_flags::EXTERNAL_IP,
+        FrontendKind::LoadBalancer => svc_flags::LOADBALANCER,
+    };
+    f
+}
+
+impl<S: MapStore> Syncer<S> {
+    /// Read back what the maps hold, so the first `apply` only writes differences.
+    pub fn new(store: S) -> Result<Self, DataplaneError> {
+        let snap = store.snapshot()?;
+        let mut s = Syncer {
+            store,
+            frontends: HashMap::new(),
+            backends: HashMap::new(),
+            svc_ids: IdAlloc::default(),
+            backend_ids: IdAlloc::default(),
+            total_writes: 0,
+        };
+        for (id, b) in &snap.backends {
+            s.backend_ids.reserve(*id);
+            s.backends.insert((b.addr, b.port, b.proto), (*id, *b));
+        }
+        let mut slots: HashMap<(u32, u32), BTreeMap<u32, u32>> = HashMap::new();
+        for (k, b) in &snap.slots {
+            slots.entry((k.svc_id, k.generation())).or_default().insert(k.index(), *b);
+        }
+        let meta: HashMap<u32, ServiceMeta> = snap.meta.iter().copied().collect();
+        let mut ranges: HashMap<u32, BTreeSet<Ipv4Prefix>> = HashMap::new();
+        for (id, p) in &snap.ranges {
+            ranges.entry(*id).or_default().insert(*p);
+        }
+        for (k, v) in &snap.services {
+            s.svc_ids.reserve(v.id);
+            let ids = |generation: u32| -> Vec<u32> {
+                slots.get(&(v.id, generation)).map(|m| m.values().copied().collect()).unwrap_or_default()
+            };
+            let mut active = ids(v.generation);
+            // Anything past `count` is stale; the next update of this service rewrites it.
+            active.truncate(v.count as usize);
+            s.frontends.insert(
+                *k,
+                Programmed {
+                    value: *v,
+                    active,
+                    inactive: ids(v.generation ^ 1),
+                    meta: meta.get(&v.id).copied(),
+                    ranges: ranges.remove(&v.id).unwrap_or_default(),
+                    in_map: true,
+                },
+            );
+        }
+        Ok(s)
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Map writes issued since this syncer was created.
+    pub fn total_writes(&self) -> u64 {
+        self.total_writes
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Bring the maps to `desired`. Failures are per frontend: one that cannot be written
+    /// keeps its previous state and is reported; every other frontend is still programmed.
+    pub fn apply(&mut self, desired: &DesiredState) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut writes = 0u64;
+        let mut referenced: HashSet<BackendIdent> = HashSet::new();
+        let mut purge_pairs: HashSet<(u32, u32)> = HashSet::new();
+        let mut purge_services: HashSet<u32> = HashSet::new();
+        let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
+
+        for (fk, entry) in &desired.frontends {
+            let key = service_key(fk);
+            match self.apply_frontend(&key, entry, &mut referenced, &mut purge_pairs, &mut writes) {
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(frontend = %fk, service = %entry.service, error = %e, "cannot program frontend");
+                    // It keeps what it had, so its backends stay.
+                    self.keep_referenced(&key, &mut referenced);
+                    report.errors.push((*fk, e));
+                }
+            }
+        }
+
+        // Frontends that are no longer desired.
+        let stale: Vec<ServiceKey> =
+            self.frontends.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        for key in stale {
+            match self.remove_frontend(&key, &mut writes) {
+                Ok(id) if key.proto == PROTO_UDP => {
+                    purge_services.insert(id);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "cannot remove frontend; will retry on next sync");
+                    self.keep_referenced(&key, &mut referenced);
+                }
+            }
+        }
+
+        // Backends no longer used by any frontend go last.
+        let unused: Vec<BackendIdent> =
+            self.backends.keys().filter(|i| !referenced.contains(i)).copied().collect();
+        let mut removed_backends = HashSet::new();
+        for ident in unused {
+            let (id, _) = self.backends[&ident];
+            match self.store.del_backend(id) {
+                Ok(()) => {
+                    writes += 1;
+                    self.backends.remove(&ident);
+                    self.backend_ids.free(id);
+                    removed_backends.insert(id);
+                }
+                Err(e) => warn!(backend_id = id, error = %e, "cannot delete backend"),
+            }
+        }
+
+        if !purge_pairs.is_empty() || !purge_services.is_empty() || !removed_backends.is_empty() {
+            let pred = |k: &proxy_common::CtKey, v: &proxy_common::CtValue| {
+                k.proto == PROTO_UDP
+                    && (purge_services.contains(&v.svc_id)
+                        || purge_pairs.contains(&(v.svc_id, v.backend_id))
+                        || removed_backends.contains(&v.backend_id))
+            };
+            match self.store.purge_conntrack(&pred) {
+                Ok(n) => report.conntrack_purged = n,
+                Err(e) => warn!(error = %e, "cannot purge UDP conntrack entries"),
+            }
+        }
+
+        self.total_writes += writes;
+        report.writes = writes;
+        report.services = self.frontends.len();
+        report.backends = self.backends.len();
+        report
+    }
+
+    /// Mark every backend a frontend's slots (either generation) point at as in use.
+    fn keep_referenced(&self, key: &ServiceKey, referenced: &mut HashSet<BackendIdent>) {
+        let Some(p) = self.frontends.get(key) else { return };
+        let ids: HashSet<u32> = p.active.iter().chain(&p.inactive).copied().collect();
+        for (ident, (id, _)) in &self.backends {
+            if ids.contains(id) {
+                referenced.insert(*ident);
+            }
+        }
+    }
+
+    /// Ensure the backend exists with the right flags; returns its id.
+    fn ensure_backend(&mut self, b: &Backend, writes: &mut u64) -> Result<u32, DataplaneError> {
+        let ident = (b.addr, b.port, b.proto);
+        if let Some((id, cur)) = self.backends.get(&ident) {
+            if cur == b {
+                return Ok(*id);
+            }
+            let id = *id;
+            self.store.put_backend(id, b)?;
+            *writes += 1;
+            self.backends.insert(ident, (id, *b));
+            return Ok(id);
+        }
+        let id = self.backend_ids.alloc();
+        if let Err(e) = self.store.put_backend(id, b) {
+            self.backend_ids.free(id);
+            return Err(e);
+        }
+        *writes += 1;
+        self.backends.insert(ident, (id, *b));
+        Ok(id)
+    }
+
+    fn apply_frontend(
+        &mut self,
+        key: &ServiceKey,
+        entry: &FrontendEntry,
+        referenced: &mut HashSet<BackendIdent>,
+        purge_pairs: &mut HashSet<(u32, u32)>,
+        writes: &mut u64,
+    ) -> Result<(), DataplaneError> {
+        let mut ids = Vec::with_capacity(entry.backends.len());
+        for b in &entry.backends {
+            let v = backend_value(b, key.proto);
+            referenced.insert((v.addr, v.port, v.proto));
+            ids.push(self.ensure_backend(&v, writes)?);
+        }
+        let flags = service_flags(entry);
+        let affinity_timeout = entry.affinity_timeout.unwrap_or(0);
+        let meta = service_meta(entry);
+        let ranges: BTreeSet<Ipv4Prefix> = entry.source_ranges.iter().copied().collect();
+
+        let mut prog = self.frontends.remove(key).unwrap_or_else(|| Programmed {
+            value: ServiceValue { id: self.svc_ids.alloc(), ..Default::default() },
+            active: vec![],
+            inactive: vec![],
+            meta: None,
+            ranges: BTreeSet::new(),
+            in_map: false,
+        });
+        // Whatever happens, the record goes back into the mirror with what was written, so
+        // the next sync continues from there and a removal cleans up everything.
+        let result =
+            self.write_frontend(key, &mut prog, &ids, flags, affinity_timeout, &meta, &ranges, writes);
+        if key.proto == PROTO_UDP {
+            let now: HashSet<u32> = prog.active.iter().copied().collect();
+            for old in &prog.inactive {
+                if !now.contains(old) {
+                    purge_pairs.insert((prog.value.id, *old));
+                }
+            }
+        }
+        self.frontends.insert(*key, prog);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_frontend(
+        &mut self,
+        key: &ServiceKey,
+        prog: &mut Programmed,
+        ids: &[u32],
+        flags: u32,
+        affinity_timeout: u32,
+        meta: &ServiceMeta,
+        ranges: &BTreeSet<Ipv4Prefix>,
+        writes: &mut u64,
+    ) -> Result<(), DataplaneError> {
+        let id = prog.value.id;
+        if prog.meta.as_ref() != Some(meta) {
+            self.store.put_meta(id, meta)?;
+            *writes += 1;
+            prog.meta = Some(*meta);
+        }
+        let gained: Vec<Ipv4Prefix> = ranges.difference(&prog.ranges).copied().collect();
+        for p in gained {
+            self.store.put_range(id, p)?;
+            *writes += 1;
+            prog.ranges.insert(p);
+        }
+        let unchanged = prog.in_map
+            && prog.active == ids
+            && prog.value.flags == flags
+            && prog.value.affinity_timeout == affinity_timeout;
+        if !unchanged {
+            let generation = if prog.in_map { prog.value.generation ^ 1 } else { 0 };
+            // Fill the inactive generation; slots already holding the right id are kept.
+            for (i, bid) in ids.iter().enumerate() {
+                if prog.inactive.get(i) != Some(bid) {
+                    self.store.put_slot(&SlotKey::new(id, generation, i as u32), *bid)?;
+                    *writes += 1;
+                    if i < prog.inactive.len() {
+                        prog.inactive[i] = *bid;
+                    } else {
+                        prog.inactive.push(*bid);
+                    }
+                }
+            }
+            // Slots past the new count in this generation are leftovers of an older,
+            // longer backend list: unreachable once the count below is in place.
+            let stale_tail = ids.len()..prog.inactive.len();
+            let value = ServiceValue {
+                id,
+                count: ids.len() as u32,
+                flags,
+                generation,
+                affinity_timeout,
+                _reserved: 0,
+            };
+            self.store.put_service(key, &value)?;
+            *writes += 1;
+            prog.value = value;
+            prog.in_map = true;
+            for i in stale_tail {
+                self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+                *writes += 1;
+            }
+            prog.inactive.truncate(ids.len());
+            // The filled generation is now active; the previous one is the spare.
+            std::mem::swap(&mut prog.active, &mut prog.inactive);
+        }
+        let lost: Vec<Ipv4Prefix> = prog.ranges.difference(ranges).copied().collect();
+        for p in lost {
+            self.store.del_range(id, p)?;
+            *writes += 1;
+            prog.ranges.remove(&p);
+        }
+        Ok(())
+    }
+
+    /// Remove a frontend; returns its id.
+    fn remove_frontend(&mut self, key: &ServiceKey, writes: &mut u64) -> Result<u32, DataplaneError> {
+        let Some(prog) = self.frontends.get(key).cloned() else { return Ok(0) };
+        let id = prog.value.id;
+        if prog.in_map {
+            self.store.del_service(key)?;
+            *writes += 1;
+        }
+        for (generation, list) in [(prog.value.generation, &prog.active), (prog.value.generation ^ 1, &prog.inactive)] {
+            for i in 0..list.len() {
+                self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+                *writes += 1;
+            }
+        }
+        if prog.meta.is_some() {
+            self.store.del_meta(id)?;
+            *writes += 1;
+        }
+        for p in &prog.ranges {
+            self.store.del_range(id, *p)?;
+            *writes += 1;
+        }
+        self.store.del_stats(id)?;
+        self.frontends.remove(key);
+        self.svc_ids.free(id);
+        Ok(id)
+    }
+}

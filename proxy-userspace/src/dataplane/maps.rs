@@ -1,0 +1,198 @@
+//! Typed handles on the pinned maps. The agent gets them from the freshly loaded object;
+//! the CLI opens the pins directly, so it works whether or not the agent runs.
+use std::{io, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, ServiceKey, ServiceMeta,
+    ServiceValue, SlotKey, StatsKey, map_names as n,
+};
+
+use super::{
+    DataplaneError,
+    addr::{ip_from_map, ip_to_map},
+    paths,
+};
+use crate::{
+    model::Ipv4Prefix,
+    sync::store::{MapStore, Snapshot, StoreResult},
+};
+
+/// Flag that sizes a map, for "map full" errors.
+pub fn size_flag(map: &str) -> &'static str {
+    match map {
+        n::SERVICES | n::SERVICE_META => "max-services",
+        n::BACKENDS | n::BACKEND_SLOTS => "max-backends",
+        n::CONNTRACK => "max-conntrack",
+        _ => "max-services",
+    }
+}
+
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub service_stats: PerCpuHashMap<MapData, StatsKey, Counters>,
+    pub global_stats: PerCpuArray<MapData, Counters>,
+    pub meta: HashMap<MapData, u32, ServiceMeta>,
+    pub source_ranges: LpmTrie<MapData, [u32; 2], u8>,
+}
+
+fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).map_err(|e| DataplaneError::from_map(name, e))
+}
+
+impl Maps {
+    /// Take the maps out of a loaded object (programs keep their references).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(DataplaneError::MissingObject(name))
+        };
+        Ok(Maps {
+            services: typed(n::SERVICES, take(n::SERVICES)?)?,
+            slots: typed(n::BACKEND_SLOTS, take(n::BACKEND_SLOTS)?)?,
+            backends: typed(n::BACKENDS, take(n::BACKENDS)?)?,
+            conntrack: typed(n::CONNTRACK, take(n::CONNTRACK)?)?,
+            affinity: typed(n::AFFINITY, take(n::AFFINITY)?)?,
+            service_stats: typed(n::SERVICE_STATS, take(n::SERVICE_STATS)?)?,
+            global_stats: typed(n::GLOBAL_STATS, take(n::GLOBAL_STATS)?)?,
+            meta: typed(n::SERVICE_META, take(n::SERVICE_META)?)?,
+            source_ranges: typed(n::SOURCE_RANGES, take(n::SOURCE_RANGES)?)?,
+        })
+    }
+
+    /// Open the maps an agent pinned under `root` (read by the CLI).
+    pub fn open_pinned(root: &Path) -> Result<Self, DataplaneError> {
+        let dir = paths::maps_dir(root);
+        let open = |name: &'static str| -> Result<Map, DataplaneError> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| match &e {
+                aya::maps::MapError::SyscallError(s)
+                    if s.io_error.kind() == io::ErrorKind::NotFound =>
+                {
+                    DataplaneError::NotPinned { path: dir.clone() }
+                }
+                aya::maps::MapError::SyscallError(s)
+                    if s.io_error.kind() == io::ErrorKind::PermissionDenied =>
+                {
+                    DataplaneError::Permission { path: path.clone() }
+                }
+                _ => DataplaneError::from_map(name, e),
+            })?;
+            Map::from_map_data(data).map_err(|e| DataplaneError::from_map(name, e))
+        };
+        Ok(Maps {
+            services: typed(n::SERVICES, open(n::SERVICES)?)?,
+            slots: typed(n::BACKEND_SLOTS, open(n::BACKEND_SLOTS)?)?,
+            backends: typed(n::BACKENDS, open(n::BACKENDS)?)?,
+            conntrack: typed(n::CONNTRACK, open(n::CONNTRACK)?)?,
+            affinity: typed(n::AFFINITY, open(n::AFFINITY)?)?,
+            service_stats: typed(n::SERVICE_STATS, open(n::SERVICE_STATS)?)?,
+            global_stats: typed(n::GLOBAL_STATS, open(n::GLOBAL_STATS)?)?,
+            meta: typed(n::SERVICE_META, open(n::SERVICE_META)?)?,
+            source_ranges: typed(n::SOURCE_RANGES, open(n::SOURCE_RANGES)?)?,
+        })
+    }
+}
+
+/// Deleting what is already gone is not an error for the sync.
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        r => r,
+    }
+}
+
+fn range_key(svc_id: u32, p: Ipv4Prefix) -> Key<[u32; 2]> {
+    Key::new(32 + u32::from(p.len), [svc_id.to_be(), ip_to_map(p.addr)])
+}
+
+impl MapStore for Maps {
+    fn snapshot(&self) -> StoreResult<Snapshot> {
+        let collect_err = |name: &'static str| move |e| DataplaneError::from_map(name, e);
+        let mut snap = Snapshot::default();
+        for r in self.services.iter() {
+            snap.services.push(r.map_err(collect_err(n::SERVICES))?);
+        }
+        for r in self.slots.iter() {
+            snap.slots.push(r.map_err(collect_err(n::BACKEND_SLOTS))?);
+        }
+        for r in self.backends.iter() {
+            snap.backends.push(r.map_err(collect_err(n::BACKENDS))?);
+        }
+        for r in self.meta.iter() {
+            snap.meta.push(r.map_err(collect_err(n::SERVICE_META))?);
+        }
+        for r in self.source_ranges.iter() {
+            let (k, _) = r.map_err(collect_err(n::SOURCE_RANGES))?;
+            let [svc_be, addr] = k.data();
+            let len = k.prefix_len().saturating_sub(32).min(32) as u8;
+            snap.ranges.push((u32::from_be(svc_be), Ipv4Prefix { addr: ip_from_map(addr), len }));
+        }
+        Ok(snap)
+    }
+    fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> StoreResult {
+        self.services.insert(k, v, 0).map_err(|e| DataplaneError::from_map(n::SERVICES, e))
+    }
+    fn del_service(&mut self, k: &ServiceKey) -> StoreResult {
+        ignore_missing(self.services.remove(k)).map_err(|e| DataplaneError::from_map(n::SERVICES, e))
+    }
+    fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult {
+        self.slots.insert(k, backend_id, 0).map_err(|e| DataplaneError::from_map(n::BACKEND_SLOTS, e))
+    }
+    fn del_slot(&mut self, k: &SlotKey) -> StoreResult {
+        ignore_missing(self.slots.remove(k)).map_err(|e| DataplaneError::from_map(n::BACKEND_SLOTS, e))
+    }
+    fn put_backend(&mut self, id: u32, b: &Backend) -> StoreResult {
+        self.backends.insert(id, b, 0).map_err(|e| DataplaneError::from_map(n::BACKENDS, e))
+    }
+    fn del_backend(&mut self, id: u32) -> StoreResult {
+        ignore_missing(self.backends.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS, e))
+    }
+    fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult {
+        self.meta.insert(id, m, 0).map_err(|e| DataplaneError::from_map(n::SERVICE_META, e))
+    }
+    fn del_meta(&mut self, id: u32) -> StoreResult {
+        ignore_missing(self.meta.remove(&id)).map_err(|e| DataplaneError::from_map(n::SERVICE_META, e))
+    }
+    fn del_stats(&mut self, id: u32) -> StoreResult {
+        for verdict in 0..proxy_common::verdict::COUNT {
+            ignore_missing(self.service_stats.remove(&StatsKey { svc_id: id, verdict }))
+                .map_err(|e| DataplaneError::from_map(n::SERVICE_STATS, e))?;
+        }
+        Ok(())
+    }
+    fn put_range(&mut self, svc_id: u32, p: Ipv4Prefix) -> StoreResult {
+        self.source_ranges
+            .insert(&range_key(svc_id, p), 1, 0)
+            .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e))
+    }
+    fn del_range(&mut self, svc_id: u32, p: Ipv4Prefix) -> StoreResult {
+        ignore_missing(self.source_ranges.remove(&range_key(svc_id, p)))
+            .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e))
+    }
+    fn purge_conntrack(&mut self, pred: &dyn Fn(&CtKey, &CtValue) -> bool) -> StoreResult<usize> {
+        // Collect first: deleting while iterating a BPF hash map restarts the walk.
+        let doomed: Vec<CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            ignore_missing(self.conntrack.remove(k))
+                .map_err(|e| DataplaneError::from_map(n::CONNTRACK, e))?;
+        }
+        Ok(doomed.len())
+    }
+}
