@@ -48,6 +48,10 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, u32> {
 }
 
 /// Parse Ethernet + IPv4 + L4 ports. `Err(verdict)` says why the frame is not a candidate.
+///
+/// Reads are laid out for the verifier: the fixed Ethernet + IPv4 header is bounds-checked
+/// as one block, and the L4 header (at a variable offset because of IP options) through its
+/// own pointer with its own check.
 #[inline(always)]
 pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
     // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads are unaligned
@@ -58,7 +62,8 @@ pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
             return Err(verdict::NOT_IPV4);
         }
         let l3 = ETH_HLEN;
-        let vihl = *ptr_at::<u8>(start, end, l3)?;
+        let ip = ptr_at::<[u8; 20]>(start, end, l3)? as *const u8;
+        let vihl = *ip;
         if vihl >> 4 != 4 {
             return Err(verdict::MALFORMED);
         }
@@ -66,41 +71,30 @@ pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
         if ihl < 20 {
             return Err(verdict::MALFORMED);
         }
-        // Whole IPv4 header (options included) must be present.
-        ptr_at::<u8>(start, end, l3 + ihl - 1)?;
-        let frag = u16::from_be(ptr_at::<u16>(start, end, l3 + 6)?.read_unaligned());
+        let frag = u16::from_be((ip.add(6) as *const u16).read_unaligned());
         if frag & (IP_MF | IP_OFFSET) != 0 {
             return Err(verdict::FRAGMENT);
         }
-        let proto = *ptr_at::<u8>(start, end, l3 + 9)?;
-        let saddr = ptr_at::<u32>(start, end, l3 + 12)?.read_unaligned();
-        let daddr = ptr_at::<u32>(start, end, l3 + 16)?.read_unaligned();
+        let proto = *ip.add(9);
+        let saddr = (ip.add(12) as *const u32).read_unaligned();
+        let daddr = (ip.add(16) as *const u32).read_unaligned();
         let l4 = l3 + ihl;
-        let (sport, dport) = match proto {
-            PROTO_TCP => {
-                // Need through the checksum field (offset 16..18).
-                ptr_at::<[u8; 20]>(start, end, l4)?;
-                (
-                    ptr_at::<u16>(start, end, l4)?.read_unaligned(),
-                    ptr_at::<u16>(start, end, l4 + 2)?.read_unaligned(),
-                )
-            }
-            PROTO_UDP => {
-                ptr_at::<[u8; 8]>(start, end, l4)?;
-                (
-                    ptr_at::<u16>(start, end, l4)?.read_unaligned(),
-                    ptr_at::<u16>(start, end, l4 + 2)?.read_unaligned(),
-                )
-            }
-            PROTO_SCTP => {
-                ptr_at::<[u8; 12]>(start, end, l4)?;
-                (
-                    ptr_at::<u16>(start, end, l4)?.read_unaligned(),
-                    ptr_at::<u16>(start, end, l4 + 2)?.read_unaligned(),
-                )
-            }
+        // Bytes of L4 header we need: through the checksum field for TCP (16..18), the
+        // whole header for UDP, ports + verification tag + checksum for SCTP.
+        let need = match proto {
+            PROTO_TCP => 20,
+            PROTO_UDP => 8,
+            PROTO_SCTP => 12,
             _ => return Err(verdict::OTHER_L4),
         };
+        let l4p = start + l4;
+        if l4p + need > end {
+            return Err(verdict::MALFORMED);
+        }
+        // `need` >= 8 covers the two ports read here.
+        let ports = l4p as *const u16;
+        let sport = ports.read_unaligned();
+        let dport = ports.add(1).read_unaligned();
         Ok(Packet { l3_off: l3, l4_off: l4, proto, saddr, daddr, sport, dport })
     }
 }
