@@ -2,7 +2,7 @@
 //! Pure map logic: no packet access, so the TC and XDP entry points share it.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
-    svc_flags, AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue,
+    ct_flags, svc_flags, AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue,
     SlotKey, CT_DIR_FORWARD, CT_DIR_REPLY,
 };
 
@@ -43,18 +43,42 @@ pub fn reply_key(p: &Packet) -> CtKey {
     }
 }
 
-/// Look up a tracked flow and refresh its timestamp when stale.
+/// Look up a tracked flow, refresh its timestamp when stale, and note a TCP FIN/RST.
+/// Returns a copy of the entry as it was before this packet.
 #[inline(always)]
-pub fn ct_lookup(key: &CtKey) -> Option<CtValue> {
+pub fn ct_lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
     let ptr = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; a concurrent delete can at worst
     // make us read a recycled entry of the same type (LRU map semantics).
     unsafe {
+        let seen = *ptr;
         let now = bpf_ktime_get_ns();
-        if now.wrapping_sub((*ptr).last_seen) > CT_REFRESH_NS {
+        if now.wrapping_sub(seen.last_seen) > CT_REFRESH_NS {
             (*ptr).last_seen = now;
         }
-        Some(*ptr)
+        if p.tcp_closing() && seen.flags & ct_flags::CLOSING == 0 {
+            (*ptr).flags |= ct_flags::CLOSING;
+        }
+        Some(seen)
+    }
+}
+
+/// Mark the forward entry of the flow a reply belongs to as closing (the backend sent
+/// FIN/RST first), so a new SYN on the same tuple selects a backend afresh.
+#[inline(always)]
+pub fn ct_mark_forward_closing(reply: &Packet, rev: &CtValue) {
+    let key = CtKey {
+        src_addr: reply.daddr,
+        dst_addr: rev.nat_addr,
+        src_port: reply.dport,
+        dst_port: rev.nat_port,
+        proto: reply.proto,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    if let Some(ptr) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup, see `ct_lookup`.
+        unsafe { (*ptr).flags |= ct_flags::CLOSING };
     }
 }
 

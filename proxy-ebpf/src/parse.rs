@@ -13,6 +13,12 @@ const ETH_P_IPV4: u16 = 0x0800;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
+/// TCP flags (byte 13 of the TCP header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
 /// Where the parsed fields live in the frame, and their values (addresses and ports in
 /// network byte order, as on the wire).
 #[derive(Clone, Copy)]
@@ -20,6 +26,8 @@ pub struct Packet {
     pub l3_off: usize,
     pub l4_off: usize,
     pub proto: u8,
+    /// TCP flags; 0 for other protocols.
+    pub tcp_flags: u8,
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
@@ -27,6 +35,18 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// FIN or RST: the connection is ending.
+    #[inline(always)]
+    pub fn tcp_closing(&self) -> bool {
+        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
+    /// A SYN without ACK: a client opening a connection.
+    #[inline(always)]
+    pub fn tcp_syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
     /// Offset of the L4 checksum field, or `None` for SCTP (CRC32c over the payload, no
     /// pseudo-header: address rewrites do not touch it).
     #[inline(always)]
@@ -95,6 +115,7 @@ pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
         let ports = l4p as *const u16;
         let sport = ports.read_unaligned();
         let dport = ports.add(1).read_unaligned();
-        Ok(Packet { l3_off: l3, l4_off: l4, proto, saddr, daddr, sport, dport })
+        let tcp_flags = if proto == PROTO_TCP { *(l4p as *const u8).add(13) } else { 0 };
+        Ok(Packet { l3_off: l3, l4_off: l4, proto, tcp_flags, saddr, daddr, sport, dport })
     }
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use proxy_common::{verdict, PROTO_UDP, SCOPE_INTERNAL};
+use proxy_common::{ct_flags, verdict, PROTO_UDP, SCOPE_INTERNAL};
 
 use crate::{
     lb::{self, Selected},
@@ -98,14 +98,19 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         }
     };
     // Tracked flow first: established connections keep their backend even after the
-    // backend or the whole service is removed, as with kube-proxy's conntrack.
-    if let Some(ct) = lb::ct_lookup(&lb::forward_key(&p)) {
-        if dnat(ctx, &p, ct.nat_addr, ct.nat_port).is_err() {
-            count_global(verdict::ERROR, len);
-            return TC_ACT_SHOT;
+    // backend or the whole service is removed, as with kube-proxy's conntrack. A fresh SYN
+    // on the tuple of a connection that already closed is a new connection (the client
+    // reused its port), so it gets a new backend, like Linux conntrack re-opening TIME_WAIT.
+    if let Some(ct) = lb::ct_lookup(&lb::forward_key(&p), &p) {
+        let reopened = p.tcp_syn() && ct.flags & ct_flags::CLOSING != 0;
+        if !reopened {
+            if dnat(ctx, &p, ct.nat_addr, ct.nat_port).is_err() {
+                count_global(verdict::ERROR, len);
+                return TC_ACT_SHOT;
+            }
+            count_service(ct.svc_id, verdict::ESTABLISHED, len);
+            return TC_ACT_UNSPEC;
         }
-        count_service(ct.svc_id, verdict::ESTABLISHED, len);
-        return TC_ACT_UNSPEC;
     }
     let Some(svc) = lb::service_lookup(&p, SCOPE_INTERNAL) else {
         count_global(verdict::PASS, len);
@@ -143,10 +148,13 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     };
-    let Some(ct) = lb::ct_lookup(&lb::reply_key(&p)) else {
+    let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p) else {
         count_global(verdict::PASS, len);
         return TC_ACT_UNSPEC;
     };
+    if p.tcp_closing() {
+        lb::ct_mark_forward_closing(&p, &ct);
+    }
     if snat(ctx, &p, ct.nat_addr, ct.nat_port).is_err() {
         count_global(verdict::ERROR, len);
         return TC_ACT_SHOT;

@@ -1,7 +1,8 @@
 //! Attach the TC programs to pod-facing interfaces so that they survive agent restarts.
 //!
 //! With tcx (kernel >= 6.6) each attachment is a bpf_link pinned under
-//! `<root>/links/<ifname>@<ifindex>.<dir>`. A restarted agent finds the pin and atomically
+//! `<root>/links/<ifindex>-<dir>-<ifname>` (bpffs refuses names with dots, so dots in
+//! interface names become `_`). A restarted agent finds the pin and atomically
 //! swaps its freshly loaded program into the existing link (BPF_LINK_UPDATE): there is no
 //! instant at which the interface runs without a program. Older kernels get a clsact
 //! filter over netlink, which stays in place when the agent exits.
@@ -14,7 +15,11 @@ use aya::programs::{
 };
 use tracing::{debug, info};
 
-use super::{DataplaneError, paths};
+use super::{
+    DataplaneError,
+    loader::{PROG_FROM_POD, PROG_TO_POD, Programs},
+    paths,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -51,14 +56,15 @@ pub enum AttachMode {
 }
 
 fn pin_name(iface: &str, ifindex: u32, dir: Direction) -> String {
-    format!("{iface}@{ifindex}.{}", dir.suffix())
+    format!("{ifindex}-{}-{}", dir.suffix(), iface.replace('.', "_"))
 }
 
-/// Parse a pin name back into (ifname, ifindex).
+/// Parse a pin name back into (ifname with dots as `_`, ifindex).
 pub fn parse_pin_name(name: &str) -> Option<(&str, u32)> {
-    let (stem, _dir) = name.rsplit_once('.')?;
-    let (iface, idx) = stem.rsplit_once('@')?;
-    Some((iface, idx.parse().ok()?))
+    let mut parts = name.splitn(3, '-');
+    let idx = parts.next()?.parse().ok()?;
+    let _dir = parts.next()?;
+    Some((parts.next()?, idx))
 }
 
 fn attach_err(iface: &str, what: &str, e: impl std::fmt::Display) -> DataplaneError {
@@ -122,6 +128,23 @@ pub fn attach(
     }
 }
 
+/// Attach both TC programs to a pod-facing interface (by name, in the caller's netns).
+pub fn attach_pod_interface(
+    progs: &mut Programs,
+    root: &Path,
+    iface: &str,
+) -> Result<(AttachMode, AttachMode), DataplaneError> {
+    let c = std::ffi::CString::new(iface).map_err(|_| attach_err(iface, "name", "contains NUL"))?;
+    // SAFETY: NUL-terminated string we own.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(attach_err(iface, "lookup", io::Error::last_os_error()));
+    }
+    let from = attach(progs.classifier(PROG_FROM_POD)?, root, iface, ifindex, Direction::FromPod)?;
+    let to = attach(progs.classifier(PROG_TO_POD)?, root, iface, ifindex, Direction::ToPod)?;
+    Ok((from, to))
+}
+
 /// Remove the pins of links whose interface is gone (or every pin when `keep` says so).
 /// Returns the pin names removed.
 pub fn remove_stale_pins(
@@ -157,8 +180,10 @@ mod tests {
     #[test]
     fn pin_names_round_trip() {
         let n = pin_name("veth1a2b", 42, Direction::FromPod);
-        assert_eq!(n, "veth1a2b@42.ingress");
+        assert_eq!(n, "42-ingress-veth1a2b");
         assert_eq!(parse_pin_name(&n), Some(("veth1a2b", 42)));
+        assert_eq!(pin_name("eth0.100", 7, Direction::ToPod), "7-egress-eth0_100");
+        assert_eq!(parse_pin_name("7-egress-my-if"), Some(("my-if", 7)));
         assert_eq!(parse_pin_name("junk"), None);
     }
 }

@@ -1,0 +1,78 @@
+//! A node namespace with a client pod and three backend pods; the TC programs attached
+//! inside the node namespace only. Real TCP and UDP through the ClusterIP.
+use std::{collections::BTreeMap, net::{Ipv4Addr, SocketAddr}, time::Duration};
+
+use proxy_tests::{client, harness::*, netns::*};
+use proxy_userspace::{dataplane::attach::attach_pod_interface, model::Protocol};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
+
+#[test]
+fn clusterip_through_pod_veths() {
+    if !require_root("clusterip_through_pod_veths") {
+        return;
+    }
+    let mut topo = Topology::single_node(4, 0).expect("topology");
+    for i in 1..4 {
+        topo.start_server(SERVER, i, 8080).expect("server");
+    }
+    let pod_ips: Vec<Ipv4Addr> = topo.pods.iter().map(|p| p.ip).collect();
+    let ifaces: Vec<String> = topo.pods.iter().map(|p| p.host_if.clone()).collect();
+    let mut dp = TestDataplane::load();
+    let root = dp.pins.0.clone();
+    topo.node.run(|| {
+        for i in &ifaces {
+            attach_pod_interface(&mut dp.programs, &root, i).expect("attach");
+        }
+    });
+    let backends = |n: usize| -> Vec<(Ipv4Addr, u16)> { pod_ips[1..=n].iter().map(|ip| (*ip, 8080)).collect() };
+    let program = |dp: &mut TestDataplane, n: usize| {
+        let s = state(vec![
+            (frontend(VIP, 80, Protocol::Tcp), entry("web", &backends(n))),
+            (frontend(VIP, 80, Protocol::Udp), entry("web", &backends(n))),
+        ]);
+        let r = dp.syncer.apply(&s);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    };
+    program(&mut dp, 3);
+    let vip: SocketAddr = (VIP, 80).into();
+    let client = &topo.pods[0].ns;
+    // Servers start asynchronously: wait until one answers.
+    client
+        .run(|| wait_for(Duration::from_secs(5), "a backend to answer", || client::tcp_name(vip).ok()))
+        .expect("service reachable");
+
+    // TCP: every connection succeeds and all three backends serve.
+    let names = client.run(|| (0..60).map(|_| client::tcp_name(vip)).collect::<Vec<_>>());
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for n in names {
+        *seen.entry(n.expect("tcp connection through the VIP")).or_default() += 1;
+    }
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), vec!["pod1", "pod2", "pod3"], "{seen:?}");
+
+    // UDP: every reply comes from VIP:80.
+    let replies = client.run(|| (0..30).map(|_| client::udp_name(vip)).collect::<Vec<_>>());
+    let mut useen = BTreeMap::new();
+    for r in replies {
+        let (name, from) = r.expect("udp reply");
+        assert_eq!(from, vip, "UDP reply source");
+        *useen.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(useen.len(), 3, "{useen:?}");
+
+    // Hold a connection to pod3, then remove pod3 from the service.
+    let mut held = client
+        .run(|| {
+            (0..200).find_map(|_| client::Held::open(vip).ok().filter(|h| h.first == "pod3"))
+        })
+        .expect("a connection to pod3");
+    program(&mut dp, 2);
+    let after = client.run(|| (0..60).map(|_| client::tcp_name(vip)).collect::<Vec<_>>());
+    for n in after {
+        let n = n.expect("connection after removal");
+        assert_ne!(n, "pod3", "new connection reached the removed backend");
+    }
+    let again = client.run(|| held.ask());
+    assert_eq!(again.expect("held connection still works"), "pod3");
+}
