@@ -486,3 +486,6 @@ impl<S: MapStore> Syncer<S> {
         Ok(id)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+//! Sync logic against the in-memory store: ordering, minimality, restart, failures.
+use std::net::Ipv4Addr;
+
+use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, PROTO_UDP};
+
+use super::*;
+use crate::model::{Protocol, Scope, ServicePortName};
+
+fn fk(last: u8, port: u16, proto: Protocol) -> FrontendKey {
+    FrontendKey { addr: Ipv4Addr::new(10, 96, 0, last), port, proto, scope: Scope::Internal }
+}
+
+fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
+    FrontendEntry {
+        service: ServicePortName { namespace: "ns".into(), name: name.into(), port_name: String::new() },
+        kind: FrontendKind::ClusterIP,
+        backends: backends
+            .iter()
+            .map(|b| BackendAddr { addr: Ipv4Addr::new(10, 244, 0, *b), port: 8080, local: false, terminating: false })
+            .collect(),
+        affinity_timeout: None,
+        local_only: false,
+        source_ranges: vec![],
+    }
+}
+
+fn desired(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
+    DesiredState { frontends: entries.into_iter().collect() }
+}
+
+fn syncer() -> Syncer<MemStore> {
+    Syncer::new(MemStore::default()).unwrap()
+}
+
+fn take_log(s: &mut Syncer<MemStore>) -> Vec<String> {
+    std::mem::take(&mut s.store_mut().log)
+}
+
+fn pos(log: &[String], prefix: &str) -> usize {
+    log.iter().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} not in {log:?}"))
+}
+
+#[test]
+fn new_service_writes_backends_and_slots_before_the_service() {
+    let mut s = syncer();
+    let r = s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1, 2]))]));
+    assert!(r.errors.is_empty());
+    let log = take_log(&mut s);
+    assert_eq!(log.len() as u64, r.writes);
+    let svc = pos(&log, "put_service");
+    assert!(pos(&log, "put_backend") < svc);
+    assert!(pos(&log, "put_slot") < svc);
+    assert_eq!(log.iter().filter(|l| l.starts_with("put_slot")).count(), 2);
+    assert_eq!(svc, log.len() - 1, "service entry is the last write: {log:?}");
+    let v = s.store().services.values().next().unwrap();
+    assert_eq!((v.count, v.generation), (2, 0));
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let mut s = syncer();
+    let d = desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1, 2, 3]))]);
+    s.apply(&d);
+    assert_eq!(s.apply(&d).writes, 0);
+}
+
+#[test]
+fn restarted_syncer_reads_back_and_writes_nothing() {
+    let mut s = syncer();
+    let d = desired(vec![
+        (fk(1, 80, Protocol::Tcp), fe("a", &[1, 2, 3])),
+        (fk(2, 53, Protocol::Udp), fe("b", &[4])),
+        (fk(3, 80, Protocol::Tcp), fe("empty", &[])),
+    ]);
+    s.apply(&d);
+    // Scale once so the inactive generation holds something too.
+    let d2 = desired(vec![
+        (fk(1, 80, Protocol::Tcp), fe("a", &[1, 2])),
+        (fk(2, 53, Protocol::Udp), fe("b", &[4])),
+        (fk(3, 80, Protocol::Tcp), fe("empty", &[])),
+    ]);
+    s.apply(&d2);
+    let store = s.store().clone();
+    let mut restarted = Syncer::new(store).unwrap();
+    let r = restarted.apply(&d2);
+    assert_eq!(r.writes, 0, "log: {:?}", restarted.store().log.len());
+    assert_eq!(restarted.service_count(), 3);
+    // And a later change still works from the read-back state.
+    let r = restarted.apply(&d);
+    assert!(r.writes > 0);
+    assert_eq!(restarted.store().services.values().find(|v| v.count == 3).map(|v| v.count), Some(3));
+}
+
+#[test]
+fn scaling_flips_generation_after_filling_the_spare() {
+    let mut s = syncer();
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1, 2]))]));
+    take_log(&mut s);
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1, 2, 3]))]));
+    let log = take_log(&mut s);
+    let svc = pos(&log, "put_service");
+    for l in &log[..svc] {
+        if l.starts_with("put_slot") {
+            assert!(l.contains("/1/"), "slots go to generation 1: {log:?}");
+        }
+    }
+    let v = s.store().services.values().next().unwrap();
+    assert_eq!((v.count, v.generation), (3, 1));
+    // Active generation slots hold exactly the 3 backends.
+    let active: Vec<_> = s.store().slots.iter().filter(|(k, _)| k.generation() == 1).collect();
+    assert_eq!(active.len(), 3);
+}
+
+#[test]
+fn scaling_down_deletes_stale_slots_only_after_the_flip() {
+    let mut s = syncer();
+    let k = fk(1, 80, Protocol::Tcp);
+    s.apply(&desired(vec![(k, fe("a", &[1, 2, 3, 4]))])); // gen 0: 4
+    s.apply(&desired(vec![(k, fe("a", &[1, 2, 3, 4, 5]))])); // gen 1: 5
+    take_log(&mut s);
+    s.apply(&desired(vec![(k, fe("a", &[1]))])); // gen 0: 1, slots 1..3 stale
+    let log = take_log(&mut s);
+    let svc = pos(&log, "put_service");
+    let dels: Vec<usize> =
+        log.iter().enumerate().filter(|(_, l)| l.starts_with("del_slot")).map(|(i, _)| i).collect();
+    assert_eq!(dels.len(), 3, "{log:?}");
+    assert!(dels.iter().all(|i| *i > svc), "stale slots deleted after the flip: {log:?}");
+    let gen0: Vec<_> = s.store().slots.keys().filter(|k| k.generation() == 0).collect();
+    assert_eq!(gen0.len(), 1);
+}
+
+#[test]
+fn removal_deletes_service_first_and_backends_last() {
+    let mut s = syncer();
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1, 2]))]));
+    take_log(&mut s);
+    let r = s.apply(&DesiredState::default());
+    let log = take_log(&mut s);
+    assert_eq!(pos(&log, "del_service"), 0, "{log:?}");
+    assert!(pos(&log, "del_backend") > pos(&log, "del_slot"));
+    assert!(s.store().services.is_empty() && s.store().slots.is_empty());
+    assert!(s.store().backends.is_empty() && s.store().meta.is_empty());
+    assert_eq!(s.store().stats_deleted.len(), 1);
+    assert_eq!(r.services, 0);
+}
+
+#[test]
+fn shared_backend_survives_removal_of_one_service() {
+    let mut s = syncer();
+    s.apply(&desired(vec![
+        (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
+        (fk(2, 80, Protocol::Tcp), fe("b", &[1])),
+    ]));
+    assert_eq!(s.store().backends.len(), 1, "one entry per endpoint");
+    s.apply(&desired(vec![(fk(2, 80, Protocol::Tcp), fe("b", &[1]))]));
+    assert_eq!(s.store().backends.len(), 1);
+}
+
+fn ct(proto: u8, svc_id: u32, backend_id: u32, sport: u16) -> (CtKey, CtValue) {
+    (
+        CtKey { src_addr: 1, dst_addr: 2, src_port: sport, dst_port: 80, proto, dir: CT_DIR_FORWARD, _pad: 0 },
+        CtValue { svc_id, backend_id, ..Default::default() },
+    )
+}
+
+#[test]
+fn removed_udp_backend_loses_its_conntrack_but_tcp_keeps_it() {
+    let mut s = syncer();
+    s.apply(&desired(vec![
+        (fk(1, 53, Protocol::Udp), fe("dns", &[1, 2])),
+        (fk(1, 80, Protocol::Tcp), fe("web", &[1, 2])),
+    ]));
+    let udp_id = s.store().services.iter().find(|(k, _)| k.proto == PROTO_UDP).unwrap().1.id;
+    let tcp_id = s.store().services.iter().find(|(k, _)| k.proto == PROTO_TCP).unwrap().1.id;
+    let b = |last: u8| {
+        let a = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, last));
+        *s.store().backends.iter().find(|(_, v)| v.addr == a).unwrap().0
+    };
+    let (b1, b2) = (b(1), b(2));
+    let entries = [
+        ct(PROTO_UDP, udp_id, b1, 1),
+        ct(PROTO_UDP, udp_id, b2, 2),
+        ct(PROTO_TCP, tcp_id, b2, 3),
+    ];
+    s.store_mut().conntrack.extend(entries);
+    let r = s.apply(&desired(vec![
+        (fk(1, 53, Protocol::Udp), fe("dns", &[1])),
+        (fk(1, 80, Protocol::Tcp), fe("web", &[1])),
+    ]));
+    assert_eq!(r.conntrack_purged, 1);
+    let left: Vec<u16> = s.store().conntrack.keys().map(|k| k.src_port).collect();
+    assert_eq!(left, vec![1, 3], "UDP flow to the removed backend purged, TCP kept");
+}
+
+#[test]
+fn deleted_udp_service_loses_its_conntrack() {
+    let mut s = syncer();
+    s.apply(&desired(vec![(fk(1, 53, Protocol::Udp), fe("dns", &[1]))]));
+    let id = s.store().services.values().next().unwrap().id;
+    let b1 = *s.store().backends.keys().next().unwrap();
+    s.store_mut().conntrack.extend([ct(PROTO_UDP, id, b1, 1)]);
+    let r = s.apply(&DesiredState::default());
+    assert_eq!(r.conntrack_purged, 1);
+}
+
+#[test]
+fn full_map_fails_one_frontend_and_programs_the_rest() {
+    let mut store = MemStore::default();
+    store.max_services = Some(1);
+    let mut s = Syncer::new(store).unwrap();
+    let r = s.apply(&desired(vec![
+        (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
+        (fk(2, 80, Protocol::Tcp), fe("b", &[2])),
+    ]));
+    assert_eq!(r.errors.len(), 1);
+    let (failed, err) = &r.errors[0];
+    assert_eq!(*failed, fk(2, 80, Protocol::Tcp));
+    assert!(err.to_string().contains("max-services"), "{err}");
+    assert_eq!(s.store().services.len(), 1);
+    // Once there is room, the next sync programs it.
+    s.store_mut().max_services = Some(2);
+    let r = s.apply(&desired(vec![
+        (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
+        (fk(2, 80, Protocol::Tcp), fe("b", &[2])),
+    ]));
+    assert!(r.errors.is_empty());
+    assert_eq!(s.store().services.len(), 2);
+}
+
+#[test]
+fn ids_are_not_reused_right_away() {
+    let mut s = syncer();
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1]))]));
+    let first = s.store().services.values().next().unwrap().id;
+    s.apply(&DesiredState::default());
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1]))]));
+    let second = s.store().services.values().next().unwrap().id;
+    assert_ne!(first, second);
+}
+
+#[test]
+fn flags_and_metadata_follow_the_entry() {
+    let mut s = syncer();
+    let mut e = fe("aff", &[1]);
+    e.affinity_timeout = Some(30);
+    e.kind = FrontendKind::LoadBalancer;
+    e.source_ranges = vec![Ipv4Prefix { addr: Ipv4Addr::new(192, 0, 2, 0), len: 24 }];
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), e.clone())]));
+    let v = *s.store().services.values().next().unwrap();
+    assert_eq!(v.affinity_timeout, 30);
+    assert_ne!(v.flags & svc_flags::AFFINITY, 0);
+    assert_ne!(v.flags & svc_flags::SOURCE_RANGES, 0);
+    assert_ne!(v.flags & svc_flags::LOADBALANCER, 0);
+    assert_eq!(s.store().ranges.len(), 1);
+    let m = s.store().meta[&v.id];
+    assert_eq!(&m.name[..3], b"aff");
+    // Dropping the range: flag cleared in the same service write, range deleted after.
+    e.source_ranges.clear();
+    take_log(&mut s);
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), e)]));
+    let log = take_log(&mut s);
+    assert!(pos(&log, "del_range") > pos(&log, "put_service"), "{log:?}");
+    assert!(s.store().ranges.is_empty());
+}
