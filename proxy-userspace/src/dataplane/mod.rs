@@ -2,6 +2,7 @@
 //! those maps (`maps`), and attaching programs to interfaces (`attach`).
 pub mod addr;
 pub mod attach;
+pub mod ifaces;
 pub mod error;
 pub mod loader;
 pub mod maps;

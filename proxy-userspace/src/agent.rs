@@ -1,0 +1,246 @@
+//! The agent: load the datapath, attach it to pod interfaces as they come and go, and keep
+//! the maps equal to what the Kubernetes objects say.
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::AgentArgs,
+    dataplane::{
+        attach::{attach_pod_interface, remove_stale_pins},
+        ifaces::{self, IfacePatterns, LinkEvent},
+        loader::{self, LoaderConfig, Programs},
+        maps::Maps,
+    },
+    http::{self, HttpState},
+    metrics::{MapLabel, Metrics},
+    model::{self, node::node_info},
+    source::{Resource, Source, SourceEvent, files},
+    sync::Syncer,
+};
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
+}
+
+/// Attach programs to every matching interface, and forget pins of vanished ones.
+async fn attacher(
+    mut programs: Programs,
+    root: std::path::PathBuf,
+    mut links: UnboundedReceiver<LinkEvent>,
+    metrics: Metrics,
+) {
+    let mut attached: HashMap<u32, String> = HashMap::new();
+    while let Some(ev) = links.recv().await {
+        match ev {
+            LinkEvent::Present { index, name } => {
+                if attached.get(&index) == Some(&name) {
+                    continue;
+                }
+                match attach_pod_interface(&mut programs, &root, &name) {
+                    Ok((mode, _)) => {
+                        info!(iface = %name, ifindex = index, mode = ?mode, "attached to pod interface");
+                        attached.insert(index, name);
+                    }
+                    // The link may already be gone again (pod deleted): not fatal.
+                    Err(e) => warn!(iface = %name, error = %e, "cannot attach"),
+                }
+            }
+            LinkEvent::Gone { index, name } => {
+                attached.remove(&index);
+                let _ = remove_stale_pins(&root, |_, idx| idx != index);
+                info!(iface = %name, ifindex = index, "pod interface gone");
+            }
+        }
+        metrics.attached_interfaces.set(attached.len() as i64);
+    }
+}
+
+struct SyncLoop {
+    syncer: Syncer<Maps>,
+    source: Source,
+    node_name: String,
+    nodeport_addresses: Vec<String>,
+    metrics: Metrics,
+    max_services: u32,
+    max_backends: u32,
+    last_warnings: BTreeSet<String>,
+}
+
+impl SyncLoop {
+    /// Translate the current snapshot and apply it.
+    fn sync(&mut self, burst_start: Option<Instant>) {
+        let t = Instant::now();
+        let objects = self.source.snapshot();
+        let (node, mut warnings) = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
+        let (desired, w) = model::translate(&objects.services, &objects.slices, &node);
+        warnings.extend(w);
+        // Each malformed object is logged once, not on every sync.
+        let now: BTreeSet<String> = warnings.iter().map(|w| w.to_string()).collect();
+        for w in &warnings {
+            if !self.last_warnings.contains(&w.to_string()) {
+                warn!(kind = w.kind, object = %w.object, "skipped: {}", w.message);
+            }
+        }
+        self.metrics.object_warnings.set(now.len() as i64);
+        self.last_warnings = now;
+
+        let report = self.syncer.apply(&desired);
+        let elapsed = t.elapsed();
+        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+        if let Some(start) = burst_start {
+            self.metrics.event_to_map.observe(start.elapsed().as_secs_f64());
+        }
+        self.metrics.map_writes.inc_by(report.writes);
+        self.metrics.sync_errors.inc_by(report.errors.len() as u64);
+        self.metrics.services.set(report.services as i64);
+        self.metrics.backends.set(report.backends as i64);
+        let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
+        self.metrics.map_fill.get_or_create(&MapLabel { map: "SERVICES".into() }).set(fill(report.services, self.max_services));
+        self.metrics.map_fill.get_or_create(&MapLabel { map: "BACKENDS".into() }).set(fill(report.backends, self.max_backends));
+        for (fk, e) in &report.errors {
+            error!(frontend = %fk, error = %e, "frontend not programmed");
+        }
+        info!(
+            services = report.services,
+            backends = report.backends,
+            writes = report.writes,
+            conntrack_purged = report.conntrack_purged,
+            errors = report.errors.len(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            "synced"
+        );
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn kube_client(args: &AgentArgs) -> Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig and no in-cluster config")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+pub async fn run(args: AgentArgs) -> Result<()> {
+    let node_name = args.node_name.clone().or_else(hostname).unwrap_or_else(|| "localhost".into());
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = http::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+    let state = HttpState { metrics: metrics.clone(), ready: ready.clone() };
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, state).await {
+            error!(error = %e, "HTTP server stopped");
+        }
+    });
+
+    let cfg = LoaderConfig {
+        bpffs_root: args.bpffs_root.clone(),
+        max_services: args.max_services,
+        max_backends: args.max_backends,
+        max_conntrack: args.max_conntrack,
+    };
+    let (programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
+    let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    info!(
+        node = %node_name,
+        bpffs_root = %args.bpffs_root.display(),
+        services = syncer.service_count(),
+        backends = syncer.backend_count(),
+        "datapath loaded; pinned state read back"
+    );
+
+    let patterns = IfacePatterns::new(&args.pod_iface_pattern).context("--pod-iface-pattern")?;
+    let (ltx, lrx) = unbounded_channel();
+    tokio::spawn(async move {
+        if let Err(e) = ifaces::watch(patterns, ltx).await {
+            error!(error = %e, "interface watcher stopped");
+        }
+    });
+    tokio::spawn(attacher(programs, args.bpffs_root.clone(), lrx, metrics.clone()));
+
+    let (stx, mut srx) = unbounded_channel();
+    let source = match &args.manifests {
+        Some(dir) => {
+            info!(dir = %dir.display(), "reading objects from manifests");
+            Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
+        }
+        None => {
+            let client = kube_client(&args).await?;
+            Source::Kube(Arc::new(crate::source::kube::start(client, &node_name, stx)))
+        }
+    };
+
+    let mut lp = SyncLoop {
+        syncer,
+        source,
+        node_name,
+        nodeport_addresses: args.nodeport_addresses.clone(),
+        metrics,
+        max_services: args.max_services,
+        max_backends: args.max_backends,
+        last_warnings: BTreeSet::new(),
+    };
+    let delay = Duration::from_millis(args.sync_delay_ms);
+    let mut synced: HashSet<Resource> = HashSet::new();
+    let mut burst: Option<Instant> = None;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            ev = srx.recv() => match ev {
+                Some(SourceEvent::Synced(r)) => { synced.insert(r); burst.get_or_insert_with(Instant::now); }
+                Some(SourceEvent::Changed) => { burst.get_or_insert_with(Instant::now); }
+                None => break,
+            },
+            _ = &mut shutdown => break,
+        }
+        // Reconcile only against a complete picture: every resource fully listed.
+        if synced.len() < 3 || burst.is_none() {
+            continue;
+        }
+        // Coalesce the rest of the burst.
+        tokio::time::sleep(delay).await;
+        while let Ok(ev) = srx.try_recv() {
+            if let SourceEvent::Synced(r) = ev {
+                synced.insert(r);
+            }
+        }
+        lp.sync(burst.take());
+        if !ready.swap(true, Ordering::Relaxed) {
+            info!("first full sync done; ready");
+        }
+    }
+    // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
+    info!("shutting down; datapath left in place");
+    Ok(())
+}

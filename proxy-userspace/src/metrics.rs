@@ -1,0 +1,78 @@
+//! Prometheus metrics of the agent (prometheus-client).
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    pub services: Gauge,
+    pub backends: Gauge,
+    pub sync_duration: Histogram,
+    pub event_to_map: Histogram,
+    pub map_writes: Counter,
+    pub sync_errors: Counter,
+    pub object_warnings: Gauge,
+    pub map_fill: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub attached_interfaces: Gauge,
+}
+
+fn buckets() -> impl Iterator<Item = f64> {
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0].into_iter()
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("ebpf_proxy");
+        let m = Metrics {
+            registry: Arc::new(Mutex::new(Registry::default())),
+            services: Gauge::default(),
+            backends: Gauge::default(),
+            sync_duration: Histogram::new(buckets()),
+            event_to_map: Histogram::new(buckets()),
+            map_writes: Counter::default(),
+            sync_errors: Counter::default(),
+            object_warnings: Gauge::default(),
+            map_fill: Family::default(),
+            attached_interfaces: Gauge::default(),
+        };
+        r.register("services_programmed", "Service frontends in the services map", m.services.clone());
+        r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
+        r.register("sync_duration_seconds", "Duration of one map sync", m.sync_duration.clone());
+        r.register(
+            "event_to_map_seconds",
+            "Time from the first Kubernetes event of a burst to its last map write",
+            m.event_to_map.clone(),
+        );
+        r.register("map_writes", "Map updates and deletes issued", m.map_writes.clone());
+        r.register("sync_errors", "Frontends that could not be programmed", m.sync_errors.clone());
+        r.register("object_warnings", "Objects currently skipped as malformed", m.object_warnings.clone());
+        r.register("map_fill_ratio", "Entries over capacity, per map", m.map_fill.clone());
+        r.register("attached_interfaces", "Pod interfaces with programs attached", m.attached_interfaces.clone());
+        *m.registry.lock().expect("fresh mutex") = r;
+        m
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = encode(&mut out, &r);
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

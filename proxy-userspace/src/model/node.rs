@@ -1,0 +1,94 @@
+//! The agent's own Node -> the node facts the translation needs.
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::Node;
+
+use super::types::{Ipv4Prefix, NodeInfo, Warning};
+
+/// Parse "a.b.c.d/len" (IPv4 only).
+pub fn parse_ipv4_cidr(s: &str) -> Option<Ipv4Prefix> {
+    let (addr, len) = s.trim().split_once('/')?;
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    (len <= 32).then_some(Ipv4Prefix { addr, len })
+}
+
+pub fn prefix_contains(p: &Ipv4Prefix, ip: Ipv4Addr) -> bool {
+    let mask = if p.len == 0 { 0 } else { u32::MAX << (32 - u32::from(p.len)) };
+    u32::from(ip) & mask == u32::from(p.addr) & mask
+}
+
+/// NodeInfo for `name`: NodePort addresses are the node's InternalIP/ExternalIP IPv4
+/// addresses, restricted to `nodeport_cidrs` when any are given (kube-proxy's
+/// `--nodeport-addresses`). Bad CIDRs are reported, not fatal.
+pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> (NodeInfo, Vec<Warning>) {
+    let mut warnings = Vec::new();
+    let mut prefixes = Vec::new();
+    for c in nodeport_cidrs {
+        match parse_ipv4_cidr(c) {
+            Some(p) => prefixes.push(p),
+            None => warnings.push(Warning {
+                object: "--nodeport-addresses".into(),
+                kind: "Flag",
+                message: format!("ignoring invalid IPv4 CIDR {c:?}"),
+            }),
+        }
+    }
+    let mut addrs: Vec<Ipv4Addr> = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        .filter(|ip| prefixes.is_empty() || prefixes.iter().any(|p| prefix_contains(p, *ip)))
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    (NodeInfo { name: name.to_string(), nodeport_addrs: addrs }, warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(addrs: &[(&str, &str)]) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": addrs.iter().map(|(t, a)| serde_json::json!({"type": t, "address": a})).collect::<Vec<_>>()}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn nodeport_addresses_default_to_all_node_ipv4s() {
+        let n = node(&[("InternalIP", "192.168.1.10"), ("Hostname", "n1"), ("ExternalIP", "203.0.113.5"), ("InternalIP", "fd00::1")]);
+        let (info, w) = node_info("n1", Some(&n), &[]);
+        assert!(w.is_empty());
+        assert_eq!(info.nodeport_addrs, vec![Ipv4Addr::new(192, 168, 1, 10), Ipv4Addr::new(203, 0, 113, 5)]);
+    }
+
+    #[test]
+    fn nodeport_addresses_filtered_by_cidr_and_bad_cidr_warned() {
+        let n = node(&[("InternalIP", "192.168.1.10"), ("ExternalIP", "203.0.113.5")]);
+        let (info, w) = node_info("n1", Some(&n), &["192.168.0.0/16".into(), "nonsense".into()]);
+        assert_eq!(info.nodeport_addrs, vec![Ipv4Addr::new(192, 168, 1, 10)]);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].message.contains("nonsense"));
+    }
+
+    #[test]
+    fn no_node_object_means_no_nodeport_addresses() {
+        let (info, _) = node_info("n1", None, &[]);
+        assert_eq!(info.name, "n1");
+        assert!(info.nodeport_addrs.is_empty());
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(parse_ipv4_cidr("10.0.0.0/8").map(|p| p.len), Some(8));
+        assert!(parse_ipv4_cidr("10.0.0.0/33").is_none());
+        assert!(parse_ipv4_cidr("10.0.0.0").is_none());
+        assert!(prefix_contains(&parse_ipv4_cidr("0.0.0.0/0").unwrap(), Ipv4Addr::new(1, 2, 3, 4)));
+    }
+}

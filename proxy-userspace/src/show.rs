@@ -1,0 +1,361 @@
+//! Operator CLI: read the pinned maps and print what the kernel will do. Works whether or
+//! not the agent runs. Rendering is separate from reading, so it is unit-tested.
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use proxy_common::{
+    Backend, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey, backend_flags, ct_flags, svc_flags,
+    verdict,
+};
+use serde::Serialize;
+
+use crate::{
+    dataplane::{
+        DataplaneError,
+        addr::{ip_from_map, port_from_map},
+        maps::Maps,
+    },
+    model::{FrontendKind, Protocol},
+};
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    pub local: bool,
+    pub terminating: bool,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ServiceRow {
+    pub id: u32,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    pub scope: &'static str,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub flags: Vec<&'static str>,
+    pub affinity_timeout: Option<u32>,
+    pub backends: Vec<BackendRow>,
+}
+
+fn proto_name(p: u8) -> String {
+    Protocol::from_number(p).map(|p| p.to_string()).unwrap_or_else(|| p.to_string())
+}
+
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn flag_names(f: u32) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    for (bit, name) in [
+        (svc_flags::AFFINITY, "affinity"),
+        (svc_flags::SOURCE_RANGES, "source-ranges"),
+        (svc_flags::LOCAL_ONLY, "local-only"),
+    ] {
+        if f & bit != 0 {
+            v.push(name);
+        }
+    }
+    v
+}
+
+fn backend_row(id: u32, b: &Backend) -> BackendRow {
+    BackendRow {
+        id,
+        address: ip_from_map(b.addr),
+        port: port_from_map(b.port),
+        protocol: proto_name(b.proto),
+        local: b.flags & backend_flags::LOCAL != 0,
+        terminating: b.flags & backend_flags::TERMINATING != 0,
+    }
+}
+
+/// Build service rows from raw map contents (pure).
+pub fn service_rows(
+    services: &[(ServiceKey, ServiceValue)],
+    slots: &HashMap<SlotKey, u32>,
+    backends: &HashMap<u32, Backend>,
+    meta: &HashMap<u32, ServiceMeta>,
+) -> Vec<ServiceRow> {
+    let mut rows: Vec<ServiceRow> = services
+        .iter()
+        .map(|(k, v)| {
+            let m = meta.get(&v.id);
+            let backends = (0..v.count)
+                .filter_map(|i| slots.get(&SlotKey::new(v.id, v.generation, i)))
+                .filter_map(|id| backends.get(id).map(|b| backend_row(*id, b)))
+                .collect();
+            ServiceRow {
+                id: v.id,
+                address: ip_from_map(k.addr),
+                port: port_from_map(k.port),
+                protocol: proto_name(k.proto),
+                scope: if k.scope == proxy_common::SCOPE_EXTERNAL { "external" } else { "internal" },
+                kind: m
+                    .and_then(|m| FrontendKind::from_number(m.kind))
+                    .map(|k| format!("{k:?}"))
+                    .unwrap_or_else(|| "?".into()),
+                namespace: m.map(|m| cstr(&m.namespace)).unwrap_or_default(),
+                name: m.map(|m| cstr(&m.name)).unwrap_or_default(),
+                port_name: m.map(|m| cstr(&m.port_name)).unwrap_or_default(),
+                flags: flag_names(v.flags),
+                affinity_timeout: (v.flags & svc_flags::AFFINITY != 0).then_some(v.affinity_timeout),
+                backends,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (a.address, a.port, &a.protocol, a.scope).cmp(&(b.address, b.port, &b.protocol, b.scope)));
+    rows
+}
+
+/// Left-aligned columns, like `kubectl get`.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}   ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(|s| s.as_str()).collect()));
+    }
+    out
+}
+
+pub fn render_services(rows: &[ServiceRow]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let svc = if r.port_name.is_empty() {
+                format!("{}/{}", r.namespace, r.name)
+            } else {
+                format!("{}/{}:{}", r.namespace, r.name, r.port_name)
+            };
+            let backends = if r.backends.is_empty() {
+                "<none>".to_string()
+            } else {
+                r.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect::<Vec<_>>().join(",")
+            };
+            vec![
+                r.id.to_string(),
+                format!("{}:{}/{}", r.address, r.port, r.protocol),
+                r.scope.to_string(),
+                r.kind.clone(),
+                svc,
+                if r.flags.is_empty() { "-".into() } else { r.flags.join(",") },
+                backends,
+            ]
+        })
+        .collect();
+    table(&["ID", "FRONTEND", "SCOPE", "TYPE", "SERVICE", "FLAGS", "BACKENDS"], &cells)
+}
+
+fn collect<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, DataplaneError> {
+    map.iter().map(|r| r.map_err(|e| DataplaneError::from_map(name, e))).collect()
+}
+
+pub fn read_services(maps: &Maps) -> Result<Vec<ServiceRow>, DataplaneError> {
+    use proxy_common::map_names as n;
+    let services = collect(&maps.services, n::SERVICES)?;
+    let slots: HashMap<_, _> = collect(&maps.slots, n::BACKEND_SLOTS)?.into_iter().collect();
+    let backends: HashMap<_, _> = collect(&maps.backends, n::BACKENDS)?.into_iter().collect();
+    let meta: HashMap<_, _> = collect(&maps.meta, n::SERVICE_META)?.into_iter().collect();
+    Ok(service_rows(&services, &slots, &backends, &meta))
+}
+
+pub fn read_backends(maps: &Maps) -> Result<Vec<BackendRow>, DataplaneError> {
+    let mut rows: Vec<BackendRow> = collect(&maps.backends, proxy_common::map_names::BACKENDS)?
+        .iter()
+        .map(|(id, b)| backend_row(*id, b))
+        .collect();
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+pub fn render_backends(rows: &[BackendRow]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|b| {
+            let mut flags = vec![];
+            if b.local {
+                flags.push("local");
+            }
+            if b.terminating {
+                flags.push("terminating");
+            }
+            vec![
+                b.id.to_string(),
+                format!("{}:{}/{}", b.address, b.port, b.protocol),
+                if flags.is_empty() { "-".into() } else { flags.join(",") },
+            ]
+        })
+        .collect();
+    table(&["ID", "BACKEND", "FLAGS"], &cells)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConntrackRow {
+    pub protocol: String,
+    pub direction: &'static str,
+    pub source: String,
+    pub destination: String,
+    /// Forward: the backend the destination is rewritten to; reply: the VIP the source is
+    /// rewritten to.
+    pub nat: String,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub closing: bool,
+}
+
+fn conntrack_row(k: &CtKey, v: &CtValue) -> ConntrackRow {
+    let ep = |a: u32, p: u16| format!("{}:{}", ip_from_map(a), port_from_map(p));
+    ConntrackRow {
+        protocol: proto_name(k.proto),
+        direction: if k.dir == proxy_common::CT_DIR_REPLY { "reply" } else { "forward" },
+        source: ep(k.src_addr, k.src_port),
+        destination: ep(k.dst_addr, k.dst_port),
+        nat: ep(v.nat_addr, v.nat_port),
+        service_id: v.svc_id,
+        backend_id: v.backend_id,
+        closing: v.flags & ct_flags::CLOSING != 0,
+    }
+}
+
+pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> {
+    let mut rows: Vec<ConntrackRow> = collect(&maps.conntrack, proxy_common::map_names::CONNTRACK)?
+        .iter()
+        .map(|(k, v)| conntrack_row(k, v))
+        .collect();
+    rows.sort_by(|a, b| (&a.source, &a.destination, a.direction).cmp(&(&b.source, &b.destination, b.direction)));
+    Ok(rows)
+}
+
+pub fn render_conntrack(rows: &[ConntrackRow]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.protocol.clone(),
+                r.direction.to_string(),
+                r.source.clone(),
+                r.destination.clone(),
+                r.nat.clone(),
+                r.service_id.to_string(),
+                r.backend_id.to_string(),
+                if r.closing { "closing".into() } else { "-".into() },
+            ]
+        })
+        .collect();
+    table(&["PROTO", "DIR", "SOURCE", "DESTINATION", "NAT", "SVC", "BACKEND", "STATE"], &cells)
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatRow {
+    /// None for the node-wide counters.
+    pub service_id: Option<u32>,
+    pub verdict: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
+    use proxy_common::map_names as n;
+    let mut rows = Vec::new();
+    for v in 0..verdict::COUNT {
+        let pc = maps.global_stats.get(&v, 0).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
+        let (packets, bytes) = pc.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        rows.push(StatRow { service_id: None, verdict: verdict::NAMES[v as usize], packets, bytes });
+    }
+    let mut per: Vec<StatRow> = Vec::new();
+    for r in maps.service_stats.iter() {
+        let (k, pc) = r.map_err(|e| DataplaneError::from_map(n::SERVICE_STATS, e))?;
+        let (packets, bytes) = pc.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        let name = verdict::NAMES.get(k.verdict as usize).copied().unwrap_or("unknown");
+        per.push(StatRow { service_id: Some(k.svc_id), verdict: name, packets, bytes });
+    }
+    per.sort_by_key(|r| (r.service_id, r.verdict));
+    rows.extend(per);
+    Ok(rows)
+}
+
+pub fn render_stats(rows: &[StatRow]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.service_id.map(|i| i.to_string()).unwrap_or_else(|| "node".into()),
+                r.verdict.to_string(),
+                r.packets.to_string(),
+                r.bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(&["SERVICE", "VERDICT", "PACKETS", "BYTES"], &cells)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        dataplane::addr::{ip_to_map, port_to_map},
+        sync::service_meta,
+    };
+
+    #[test]
+    fn service_rows_follow_the_active_generation_and_render_like_kubectl() {
+        let key = ServiceKey { addr: ip_to_map(Ipv4Addr::new(10, 96, 0, 10)), port: port_to_map(80), proto: 6, scope: 0 };
+        let value = ServiceValue { id: 7, count: 1, flags: svc_flags::AFFINITY, generation: 1, affinity_timeout: 30, _reserved: 0 };
+        let mut slots = HashMap::new();
+        slots.insert(SlotKey::new(7, 0, 0), 1); // stale generation: not shown
+        slots.insert(SlotKey::new(7, 1, 0), 2);
+        let mut backends = HashMap::new();
+        backends.insert(1, Backend { addr: ip_to_map(Ipv4Addr::new(10, 244, 0, 1)), port: port_to_map(8080), proto: 6, flags: 0 });
+        backends.insert(2, Backend { addr: ip_to_map(Ipv4Addr::new(10, 244, 0, 2)), port: port_to_map(8080), proto: 6, flags: 1 });
+        let entry = crate::model::FrontendEntry {
+            service: crate::model::ServicePortName { namespace: "default".into(), name: "web".into(), port_name: "http".into() },
+            kind: FrontendKind::ClusterIP,
+            backends: vec![],
+            affinity_timeout: Some(30),
+            local_only: false,
+            source_ranges: vec![],
+        };
+        let mut meta = HashMap::new();
+        meta.insert(7, service_meta(&entry));
+        let rows = service_rows(&[(key, value)], &slots, &backends, &meta);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].backends.len(), 1);
+        assert_eq!(rows[0].backends[0].address, Ipv4Addr::new(10, 244, 0, 2));
+        assert!(rows[0].backends[0].local);
+        assert_eq!(rows[0].affinity_timeout, Some(30));
+        let text = render_services(&rows);
+        let mut lines = text.lines();
+        assert!(lines.next().unwrap().starts_with("ID   FRONTEND"));
+        let row = lines.next().unwrap();
+        for part in ["10.96.0.10:80/TCP", "ClusterIP", "default/web:http", "affinity", "10.244.0.2:8080"] {
+            assert!(row.contains(part), "{row}");
+        }
+    }
+}
