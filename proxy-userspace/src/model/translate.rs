@@ -1,14 +1,2348 @@
 //! The translation itself. See the module docs of `model`.
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+//!
+//! Pipeline:
+//! 1. parse every EndpointSlice once, grouped by the Service it belongs to (so a bad slice
+//!    warns once, not once per service port);
+//! 2. parse every Service in namespace/name order and expand each port into candidate
+//!    frontends (both scopes) with their backends, per kube-proxy's traffic-policy rules;
+//! 3. claim frontend addresses in a fixed priority order, so that two services asking for
+//!    the same `addr:port/proto` resolve the same way on every node and every sync.
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
-use super::types::{DesiredState, NodeInfo, Warning};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::types::{
+    BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Ipv4Prefix, NodeInfo,
+    Protocol, Scope, ServicePortName, Warning,
+};
+
+/// Services carrying this label belong to another proxy (upstream filters them out).
+const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Joins an EndpointSlice to its Service.
+const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Legacy spelling of `spec.loadBalancerSourceRanges`, used when the field is empty.
+const ANNOTATION_LB_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum (API defaults).
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+const MAX_AFFINITY_TIMEOUT: u32 = 86400;
+
+const KIND_SERVICE: &str = "Service";
+const KIND_SLICE: &str = "EndpointSlice";
 
 /// Translate every Service with its EndpointSlices into the desired frontends for `node`.
 /// Malformed objects produce one `Warning` each and are skipped; the rest still translate.
 pub fn translate(
-    _services: &[Service],
-    _slices: &[EndpointSlice],
-    _node: &NodeInfo,
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
 ) -> (DesiredState, Vec<Warning>) {
-    (DesiredState::default(), Vec::new())
+    let mut warnings = Warnings::default();
+    let endpoints = index_slices(slices, node, &mut warnings);
+
+    let mut candidates = Vec::new();
+    for svc in sorted_by_name(services, |s| &s.metadata) {
+        let Some(id) = ObjectId::from_meta(&svc.metadata) else {
+            warnings.push(
+                KIND_SERVICE,
+                missing_id(&svc.metadata),
+                Problem::MissingMetadata,
+            );
+            continue;
+        };
+        let parsed = match parse_service(svc) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => continue,
+            Err(problem) => {
+                warnings.push(KIND_SERVICE, id.to_string(), problem);
+                continue;
+            }
+        };
+        let svc_endpoints = endpoints.get(&id);
+        for problem in parsed.notes.iter().cloned() {
+            warnings.push(KIND_SERVICE, id.to_string(), problem);
+        }
+        if parsed.saw_ipv6 || svc_endpoints.is_some_and(|e| e.saw_ipv6) {
+            warnings.push(KIND_SERVICE, id.to_string(), Problem::Ipv6);
+        }
+        candidates.extend(expand_service(&id, &parsed, svc_endpoints, node));
+    }
+
+    let state = claim_frontends(candidates, &mut warnings);
+    (state, warnings.0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Problems and warnings
+// ---------------------------------------------------------------------------------------
+
+/// Everything that can be wrong with an input object; each becomes one `Warning`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum Problem {
+    #[error("metadata.namespace or metadata.name is missing, skipped")]
+    MissingMetadata,
+    #[error("unknown spec.type {0:?}, skipped")]
+    UnknownType(String),
+    #[error("unparsable clusterIP {0:?}, skipped")]
+    BadClusterIp(String),
+    #[error("port {port}: port number {value} is out of range 1-65535, service skipped")]
+    BadPort { port: String, value: i32 },
+    #[error("port {port}: nodePort {value} is out of range 1-65535, service skipped")]
+    BadNodePort { port: String, value: i32 },
+    #[error("port {port}: unknown protocol {protocol:?}, service skipped")]
+    UnknownProtocol { port: String, protocol: String },
+    #[error("unparsable externalIP {0:?}, skipped")]
+    BadExternalIp(String),
+    #[error("unparsable loadBalancer ingress IP {0:?}, skipped")]
+    BadIngressIp(String),
+    #[error("loadBalancer ingress {ip}: unknown ipMode {mode:?}, skipped")]
+    UnknownIpMode { ip: String, mode: String },
+    #[error("invalid loadBalancerSourceRange {0:?}, skipped")]
+    BadSourceRange(String),
+    #[error(
+        "sessionAffinityConfig.clientIP.timeoutSeconds {0} is out of range 1-{MAX_AFFINITY_TIMEOUT}, \
+         using {DEFAULT_AFFINITY_TIMEOUT}"
+    )]
+    BadAffinityTimeout(i32),
+    #[error("IPv6 not supported yet; IPv6 addresses skipped")]
+    Ipv6,
+    #[error("IPv6 not supported yet; service has no IPv4 clusterIP, skipped")]
+    Ipv6Only,
+    #[error("frontends already used by other services, skipped: {0}")]
+    Conflict(String),
+    #[error("endpoint has no addresses, skipped")]
+    EndpointWithoutAddress,
+    #[error("unparsable endpoint address {0:?}, skipped")]
+    BadEndpointAddress(String),
+    #[error("port {port}: port number {value} is out of range 1-65535, skipped")]
+    BadSlicePort { port: String, value: i32 },
+    #[error("port {port}: unknown protocol {protocol:?}, skipped")]
+    UnknownSliceProtocol { port: String, protocol: String },
+    #[error("unknown addressType {0:?}, skipped")]
+    UnknownAddressType(String),
+}
+
+#[derive(Default)]
+struct Warnings(Vec<Warning>);
+
+impl Warnings {
+    fn push(&mut self, kind: &'static str, object: String, problem: Problem) {
+        self.0.push(Warning {
+            object,
+            kind,
+            message: problem.to_string(),
+        });
+    }
+}
+
+/// "namespace/name" of a Service or EndpointSlice; also the join key slice -> service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ObjectId {
+    namespace: String,
+    name: String,
+}
+
+impl ObjectId {
+    fn from_meta(meta: &ObjectMeta) -> Option<Self> {
+        Some(ObjectId {
+            namespace: non_empty(meta.namespace.as_deref())?.to_owned(),
+            name: non_empty(meta.name.as_deref())?.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Best-effort name of an object whose namespace or name is missing, for the warning.
+fn missing_id(meta: &ObjectMeta) -> String {
+    let part = |s: Option<&str>| non_empty(s).unwrap_or("<missing>").to_owned();
+    format!(
+        "{}/{}",
+        part(meta.namespace.as_deref()),
+        part(meta.name.as_deref())
+    )
+}
+
+fn non_empty(s: Option<&str>) -> Option<&str> {
+    s.filter(|s| !s.is_empty())
+}
+
+/// Objects in namespace/name order, so "first wins" rules and warning order do not depend
+/// on the order the caller's caches happen to return.
+fn sorted_by_name<T>(objects: &[T], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<&T> {
+    let mut sorted: Vec<&T> = objects.iter().collect();
+    sorted.sort_by(|a, b| {
+        let key = |m: &ObjectMeta| (m.namespace.clone(), m.name.clone());
+        key(meta(a)).cmp(&key(meta(b)))
+    });
+    sorted
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+// ---------------------------------------------------------------------------------------
+// Small parsers
+// ---------------------------------------------------------------------------------------
+
+/// An address from an object: IPv4 (programmed), IPv6 (not supported yet) or garbage.
+enum ParsedIp {
+    V4(Ipv4Addr),
+    V6,
+    Invalid,
+}
+
+fn parse_ip(s: &str) -> ParsedIp {
+    match s.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ParsedIp::V4(ip),
+        Ok(IpAddr::V6(_)) => ParsedIp::V6,
+        Err(_) => ParsedIp::Invalid,
+    }
+}
+
+/// Parse "a.b.c.d/len" (host bits are masked off, as Go's `net.ParseCIDR` does).
+/// `Ok(None)` is a valid IPv6 CIDR.
+fn parse_prefix(s: &str) -> Result<Option<Ipv4Prefix>, ()> {
+    let (addr, len) = s.split_once('/').ok_or(())?;
+    let len: u8 = len.parse().map_err(|_| ())?;
+    match addr.parse::<IpAddr>().map_err(|_| ())? {
+        IpAddr::V4(addr) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            let addr = Ipv4Addr::from(u32::from(addr) & mask);
+            Ok(Some(Ipv4Prefix { addr, len }))
+        }
+        IpAddr::V6(_) if len <= 128 => Ok(None),
+        _ => Err(()),
+    }
+}
+
+/// A port number from the API (i32) if it is in 1..=65535.
+fn valid_port(value: i32) -> Option<u16> {
+    u16::try_from(value).ok().filter(|&p| p != 0)
+}
+
+/// How a port is named in warnings: its name, or its position when unnamed.
+fn port_label(index: usize, name: &str) -> String {
+    if name.is_empty() {
+        format!("#{index}")
+    } else {
+        format!("{name:?}")
+    }
+}
+
+fn push_unique<T: PartialEq>(list: &mut Vec<T>, item: T) {
+    if !list.contains(&item) {
+        list.push(item);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// EndpointSlices
+// ---------------------------------------------------------------------------------------
+
+/// All usable endpoint data of one Service, merged from its slices.
+#[derive(Default)]
+struct ServiceEndpoints {
+    slices: Vec<ParsedSlice>,
+    /// Some slice or endpoint was IPv6 (reported once, on the Service).
+    saw_ipv6: bool,
+}
+
+struct ParsedSlice {
+    ports: Vec<SlicePort>,
+    endpoints: Vec<ParsedEndpoint>,
+}
+
+struct SlicePort {
+    /// "" for an unnamed port (None and "" are the same thing).
+    name: String,
+    port: u16,
+    proto: Protocol,
+}
+
+#[derive(Clone, Copy)]
+struct ParsedEndpoint {
+    addr: Ipv4Addr,
+    local: bool,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+/// Parse every slice once and group the results by owning Service.
+fn index_slices(
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    warnings: &mut Warnings,
+) -> BTreeMap<ObjectId, ServiceEndpoints> {
+    let mut index: BTreeMap<ObjectId, ServiceEndpoints> = BTreeMap::new();
+    for slice in sorted_by_name(slices, |s| &s.metadata) {
+        let Some(slice_id) = ObjectId::from_meta(&slice.metadata) else {
+            warnings.push(
+                KIND_SLICE,
+                missing_id(&slice.metadata),
+                Problem::MissingMetadata,
+            );
+            continue;
+        };
+        // Slices not managed for a Service (no label) are not ours to program.
+        let Some(service) = non_empty(label(&slice.metadata, LABEL_SERVICE_NAME)) else {
+            continue;
+        };
+        let service_id = ObjectId {
+            namespace: slice_id.namespace.clone(),
+            name: service.to_owned(),
+        };
+        let group = index.entry(service_id).or_default();
+        match slice.address_type.as_str() {
+            "IPv4" => {
+                let mut problems = Vec::new();
+                let parsed = parse_slice(slice, node, &mut problems, &mut group.saw_ipv6);
+                for problem in problems {
+                    warnings.push(KIND_SLICE, slice_id.to_string(), problem);
+                }
+                group.slices.push(parsed);
+            }
+            "IPv6" => group.saw_ipv6 = true,
+            // FQDN slices are for DNS, never proxied.
+            "FQDN" => {}
+            other => warnings.push(
+                KIND_SLICE,
+                slice_id.to_string(),
+                Problem::UnknownAddressType(other.to_owned()),
+            ),
+        }
+    }
+    index
+}
+
+fn parse_slice(
+    slice: &EndpointSlice,
+    node: &NodeInfo,
+    problems: &mut Vec<Problem>,
+    saw_ipv6: &mut bool,
+) -> ParsedSlice {
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(index, port)| {
+            parse_slice_port(index, port).unwrap_or_else(|p| {
+                problems.push(p);
+                None
+            })
+        })
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(|ep| match parse_endpoint(ep, node) {
+            Ok(EndpointAddr::V4(parsed)) => Some(parsed),
+            Ok(EndpointAddr::V6) => {
+                *saw_ipv6 = true;
+                None
+            }
+            Err(problem) => {
+                problems.push(problem);
+                None
+            }
+        })
+        .collect();
+    ParsedSlice { ports, endpoints }
+}
+
+/// `Ok(None)`: a port without a number, ignored like upstream does.
+fn parse_slice_port(index: usize, port: &EndpointPort) -> Result<Option<SlicePort>, Problem> {
+    let name = port.name.clone().unwrap_or_default();
+    let value = match port.port {
+        None | Some(0) => return Ok(None),
+        Some(value) => value,
+    };
+    let number = valid_port(value).ok_or_else(|| Problem::BadSlicePort {
+        port: port_label(index, &name),
+        value,
+    })?;
+    let proto = Protocol::from_k8s(port.protocol.as_deref()).ok_or_else(|| {
+        Problem::UnknownSliceProtocol {
+            port: port_label(index, &name),
+            protocol: port.protocol.clone().unwrap_or_default(),
+        }
+    })?;
+    Ok(Some(SlicePort {
+        name,
+        port: number,
+        proto,
+    }))
+}
+
+enum EndpointAddr {
+    V4(ParsedEndpoint),
+    V6,
+}
+
+fn parse_endpoint(ep: &Endpoint, node: &NodeInfo) -> Result<EndpointAddr, Problem> {
+    // Addresses are fungible and upstream only ever uses the first one.
+    let raw = ep
+        .addresses
+        .first()
+        .ok_or(Problem::EndpointWithoutAddress)?;
+    let addr = match parse_ip(raw) {
+        ParsedIp::V4(addr) => addr,
+        ParsedIp::V6 => return Ok(EndpointAddr::V6),
+        ParsedIp::Invalid => return Err(Problem::BadEndpointAddress(raw.clone())),
+    };
+    // API semantics: nil ready = ready, nil serving = defer to ready, nil terminating = false.
+    let conditions = ep.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    let local = non_empty(ep.node_name.as_deref()).is_some_and(|n| n == node.name);
+    Ok(EndpointAddr::V4(ParsedEndpoint {
+        addr,
+        local,
+        ready,
+        serving,
+        terminating,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Services
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+/// The parts of a Service the translation uses, validated.
+struct ParsedService {
+    svc_type: ServiceType,
+    cluster_ips: Vec<Ipv4Addr>,
+    ports: Vec<ParsedPort>,
+    external_ips: Vec<Ipv4Addr>,
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<Ipv4Prefix>,
+    affinity_timeout: Option<u32>,
+    internal_local: bool,
+    external_local: bool,
+    saw_ipv6: bool,
+    /// Non-fatal problems: the bad part was dropped, the service is still programmed.
+    notes: Vec<Problem>,
+}
+
+struct ParsedPort {
+    /// "" for a single unnamed port.
+    name: String,
+    port: u16,
+    node_port: Option<u16>,
+    proto: Protocol,
+}
+
+/// `Ok(None)`: not ours to proxy (skipped silently). `Err`: malformed, skipped with a warning.
+/// Fatal checks come first so a malformed service yields exactly one warning.
+fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
+    if label(&svc.metadata, LABEL_SERVICE_PROXY_NAME).is_some() {
+        return Ok(None);
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(None);
+    };
+    let svc_type = match spec.type_.as_deref() {
+        None | Some("" | "ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => return Ok(None),
+        Some(other) => return Err(Problem::UnknownType(other.to_owned())),
+    };
+
+    let raw_cluster_ips = cluster_ip_strings(spec);
+    // Headless, or no IP allocated: kube-proxy does not program these at all.
+    if raw_cluster_ips.is_empty() || raw_cluster_ips.contains(&"None") {
+        return Ok(None);
+    }
+    let mut saw_ipv6 = false;
+    let mut cluster_ips = Vec::new();
+    for raw in raw_cluster_ips {
+        match parse_ip(raw) {
+            ParsedIp::V4(ip) => push_unique(&mut cluster_ips, ip),
+            ParsedIp::V6 => saw_ipv6 = true,
+            ParsedIp::Invalid => return Err(Problem::BadClusterIp(raw.to_owned())),
+        }
+    }
+    // Upstream's IPv4 proxier ignores a service without an IPv4 clusterIP entirely.
+    if cluster_ips.is_empty() {
+        return Err(Problem::Ipv6Only);
+    }
+
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(index, port)| parse_port(index, port))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut notes = Vec::new();
+    let external_ips = external_ips(spec, &mut notes, &mut saw_ipv6);
+    let (lb_ips, source_ranges) = if svc_type == ServiceType::LoadBalancer {
+        (
+            ingress_ips(svc, &mut notes, &mut saw_ipv6),
+            source_ranges(svc, spec, &mut notes, &mut saw_ipv6),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    Ok(Some(ParsedService {
+        svc_type,
+        cluster_ips,
+        ports,
+        external_ips,
+        lb_ips,
+        source_ranges,
+        affinity_timeout: affinity_timeout(spec, &mut notes),
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        saw_ipv6,
+        notes,
+    }))
+}
+
+/// `spec.clusterIPs`, falling back to `spec.clusterIP` (objects written by old clients).
+fn cluster_ip_strings(spec: &ServiceSpec) -> Vec<&str> {
+    match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => non_empty(spec.cluster_ip.as_deref()).into_iter().collect(),
+    }
+}
+
+fn parse_port(index: usize, port: &ServicePort) -> Result<ParsedPort, Problem> {
+    let name = port.name.clone().unwrap_or_default();
+    let label = || port_label(index, &name);
+    let number = valid_port(port.port).ok_or_else(|| Problem::BadPort {
+        port: label(),
+        value: port.port,
+    })?;
+    let proto =
+        Protocol::from_k8s(port.protocol.as_deref()).ok_or_else(|| Problem::UnknownProtocol {
+            port: label(),
+            protocol: port.protocol.clone().unwrap_or_default(),
+        })?;
+    let node_port = match port.node_port {
+        None | Some(0) => None,
+        Some(value) => Some(valid_port(value).ok_or_else(|| Problem::BadNodePort {
+            port: label(),
+            value,
+        })?),
+    };
+    Ok(ParsedPort {
+        name,
+        port: number,
+        node_port,
+        proto,
+    })
+}
+
+fn external_ips(
+    spec: &ServiceSpec,
+    notes: &mut Vec<Problem>,
+    saw_ipv6: &mut bool,
+) -> Vec<Ipv4Addr> {
+    let mut ips = Vec::new();
+    for raw in spec.external_ips.iter().flatten() {
+        match parse_ip(raw) {
+            ParsedIp::V4(ip) => push_unique(&mut ips, ip),
+            ParsedIp::V6 => *saw_ipv6 = true,
+            ParsedIp::Invalid => notes.push(Problem::BadExternalIp(raw.clone())),
+        }
+    }
+    ips
+}
+
+/// `status.loadBalancer.ingress[].ip`, except `ipMode: Proxy` entries: there the load
+/// balancer delivers to the node with its own address, so kube-proxy must not capture the IP.
+fn ingress_ips(svc: &Service, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> Vec<Ipv4Addr> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let mut ips = Vec::new();
+    for entry in ingress.into_iter().flatten() {
+        // Hostname-only entries carry no IP to program.
+        let Some(raw) = non_empty(entry.ip.as_deref()) else {
+            continue;
+        };
+        match entry.ip_mode.as_deref() {
+            None | Some("VIP") => {}
+            Some("Proxy") => continue,
+            Some(mode) => {
+                notes.push(Problem::UnknownIpMode {
+                    ip: raw.to_owned(),
+                    mode: mode.to_owned(),
+                });
+                continue;
+            }
+        }
+        match parse_ip(raw) {
+            ParsedIp::V4(ip) => push_unique(&mut ips, ip),
+            ParsedIp::V6 => *saw_ipv6 = true,
+            ParsedIp::Invalid => notes.push(Problem::BadIngressIp(raw.to_owned())),
+        }
+    }
+    ips
+}
+
+/// `spec.loadBalancerSourceRanges`, or the legacy annotation when the field is empty.
+fn source_ranges(
+    svc: &Service,
+    spec: &ServiceSpec,
+    notes: &mut Vec<Problem>,
+    saw_ipv6: &mut bool,
+) -> Vec<Ipv4Prefix> {
+    let raw: Vec<&str> = match spec.load_balancer_source_ranges.as_deref() {
+        Some(field) if !field.is_empty() => field.iter().map(String::as_str).collect(),
+        _ => svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_LB_SOURCE_RANGES))
+            .map(|a| a.split(',').collect())
+            .unwrap_or_default(),
+    };
+    let mut ranges = Vec::new();
+    for range in raw.into_iter().map(str::trim).filter(|r| !r.is_empty()) {
+        match parse_prefix(range) {
+            Ok(Some(prefix)) => ranges.push(prefix),
+            Ok(None) => *saw_ipv6 = true,
+            Err(()) => notes.push(Problem::BadSourceRange(range.to_owned())),
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    ranges
+}
+
+fn affinity_timeout(spec: &ServiceSpec, notes: &mut Vec<Problem>) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let configured = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    let Some(seconds) = configured else {
+        return Some(DEFAULT_AFFINITY_TIMEOUT);
+    };
+    match u32::try_from(seconds) {
+        Ok(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t),
+        _ => {
+            notes.push(Problem::BadAffinityTimeout(seconds));
+            Some(DEFAULT_AFFINITY_TIMEOUT)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------------------
+
+/// One endpoint resolved to a concrete backend port.
+struct PortEndpoint {
+    addr: Ipv4Addr,
+    port: u16,
+    ep: ParsedEndpoint,
+}
+
+impl PortEndpoint {
+    fn backend(&self, terminating: bool) -> BackendAddr {
+        BackendAddr {
+            addr: self.addr,
+            port: self.port,
+            local: self.ep.local,
+            terminating,
+        }
+    }
+}
+
+/// Endpoints of `port` from all slices: the slice port with the same name and protocol gives
+/// the backend port; duplicates (same IP:port, e.g. while moving between slices) merge.
+fn endpoints_for_port(group: &ServiceEndpoints, port: &ParsedPort) -> Vec<PortEndpoint> {
+    let mut merged: BTreeMap<(Ipv4Addr, u16), ParsedEndpoint> = BTreeMap::new();
+    for slice in &group.slices {
+        let matching = slice
+            .ports
+            .iter()
+            .filter(|sp| sp.name == port.name && sp.proto == port.proto);
+        for slice_port in matching {
+            for ep in &slice.endpoints {
+                match merged.entry((ep.addr, slice_port.port)) {
+                    Entry::Vacant(v) => {
+                        v.insert(*ep);
+                    }
+                    // Upstream prefers the non-terminating copy (an IP reused by a new pod
+                    // before the old one is gone); ranking all flags keeps it order-independent.
+                    Entry::Occupied(mut o) => {
+                        if preference(ep) > preference(o.get()) {
+                            o.insert(*ep);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    merged
+        .into_iter()
+        .map(|((addr, port), ep)| PortEndpoint { addr, port, ep })
+        .collect()
+}
+
+fn preference(ep: &ParsedEndpoint) -> (bool, bool, bool, bool) {
+    (!ep.terminating, ep.ready, ep.serving, ep.local)
+}
+
+/// kube-proxy's choice among a set of endpoints: the ready ones; if none is ready, the ones
+/// still serving while terminating (so connections drain instead of being dropped).
+fn select_backends<'a>(
+    endpoints: impl Iterator<Item = &'a PortEndpoint> + Clone,
+) -> Vec<BackendAddr> {
+    let mut chosen: Vec<BackendAddr> = endpoints
+        .clone()
+        .filter(|e| e.ep.ready)
+        .map(|e| e.backend(false))
+        .collect();
+    if chosen.is_empty() {
+        chosen = endpoints
+            .filter(|e| e.ep.serving && e.ep.terminating)
+            .map(|e| e.backend(true))
+            .collect();
+    }
+    chosen.sort();
+    chosen.dedup();
+    chosen
+}
+
+// ---------------------------------------------------------------------------------------
+// Frontends
+// ---------------------------------------------------------------------------------------
+
+/// One frontend address of one service port, with its entry for each scope it is served in.
+struct Candidate {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: Protocol,
+    kind: FrontendKind,
+    owner: ObjectId,
+    internal: FrontendEntry,
+    external: Option<FrontendEntry>,
+}
+
+fn expand_service(
+    id: &ObjectId,
+    svc: &ParsedService,
+    endpoints: Option<&ServiceEndpoints>,
+    node: &NodeInfo,
+) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for port in &svc.ports {
+        let port_eps = endpoints
+            .map(|g| endpoints_for_port(g, port))
+            .unwrap_or_default();
+        let cluster = select_backends(port_eps.iter());
+        // Local policies redo the ready/terminating choice among local endpoints only.
+        let local = select_backends(port_eps.iter().filter(|e| e.ep.local));
+
+        let service = ServicePortName {
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+            port_name: port.name.clone(),
+        };
+        let entry =
+            |kind, backends: &[BackendAddr], local_only, ranges: &[Ipv4Prefix]| FrontendEntry {
+                service: service.clone(),
+                kind,
+                backends: backends.to_vec(),
+                affinity_timeout: svc.affinity_timeout,
+                local_only,
+                source_ranges: ranges.to_vec(),
+            };
+        let candidate = |kind, addr, port_number, internal, external| Candidate {
+            addr,
+            port: port_number,
+            proto: port.proto,
+            kind,
+            owner: id.clone(),
+            internal,
+            external,
+        };
+
+        // internalTrafficPolicy applies to the clusterIP only.
+        let (internal_backends, internal_local) = if svc.internal_local {
+            (&local, true)
+        } else {
+            (&cluster, false)
+        };
+        for &ip in &svc.cluster_ips {
+            let internal = entry(
+                FrontendKind::ClusterIP,
+                internal_backends,
+                internal_local,
+                &[],
+            );
+            out.push(candidate(
+                FrontendKind::ClusterIP,
+                ip,
+                port.port,
+                internal,
+                None,
+            ));
+        }
+
+        // externalTrafficPolicy applies to traffic from outside; pods reaching an external
+        // destination are short-circuited to all cluster endpoints, as upstream does.
+        let (external_backends, external_local) = if svc.external_local {
+            (&local, true)
+        } else {
+            (&cluster, false)
+        };
+        for (kind, addr, port_number) in external_destinations(svc, port, node) {
+            let ranges: &[Ipv4Prefix] = if kind == FrontendKind::LoadBalancer {
+                &svc.source_ranges
+            } else {
+                &[]
+            };
+            let internal = entry(kind, &cluster, false, &[]);
+            let external = entry(kind, external_backends, external_local, ranges);
+            out.push(candidate(kind, addr, port_number, internal, Some(external)));
+        }
+    }
+    out
+}
+
+/// NodePorts on the node's addresses, externalIPs, and load-balancer IPs of one port.
+fn external_destinations(
+    svc: &ParsedService,
+    port: &ParsedPort,
+    node: &NodeInfo,
+) -> Vec<(FrontendKind, Ipv4Addr, u16)> {
+    let mut out = Vec::new();
+    let has_node_ports = matches!(
+        svc.svc_type,
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    );
+    if let Some(node_port) = port.node_port.filter(|_| has_node_ports) {
+        let mut addrs = Vec::new();
+        for &addr in &node.nodeport_addrs {
+            push_unique(&mut addrs, addr);
+        }
+        out.extend(
+            addrs
+                .into_iter()
+                .map(|a| (FrontendKind::NodePort, a, node_port)),
+        );
+    }
+    out.extend(
+        svc.external_ips
+            .iter()
+            .map(|&ip| (FrontendKind::ExternalIP, ip, port.port)),
+    );
+    out.extend(
+        svc.lb_ips
+            .iter()
+            .map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)),
+    );
+    out
+}
+
+/// Which frontend keeps an `addr:port/proto` two frontends both ask for. Addresses the
+/// cluster allocates (clusterIPs, then nodePorts on node addresses, then LB status set by a
+/// controller) beat user-chosen externalIPs, so an externalIP cannot hijack another service's
+/// clusterIP (CVE-2020-8554) whatever the namespace/name order.
+fn claim_priority(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIP => 0,
+        FrontendKind::NodePort => 1,
+        FrontendKind::LoadBalancer => 2,
+        FrontendKind::ExternalIP => 3,
+    }
+}
+
+/// Build the desired state: first claim of an `addr:port/proto` (by priority, then service
+/// namespace/name) wins, in both scopes; losers get one warning per service.
+fn claim_frontends(mut candidates: Vec<Candidate>, warnings: &mut Warnings) -> DesiredState {
+    // Stable sort: within a priority, candidates stay in service order.
+    candidates.sort_by_key(|c| claim_priority(c.kind));
+    let mut state = DesiredState::default();
+    let mut owners: BTreeMap<(Ipv4Addr, u16, Protocol), (ObjectId, FrontendKind)> = BTreeMap::new();
+    let mut conflicts: BTreeMap<ObjectId, Vec<String>> = BTreeMap::new();
+    for c in candidates {
+        match owners.entry((c.addr, c.port, c.proto)) {
+            Entry::Occupied(o) => {
+                let (winner, winner_kind) = o.get();
+                conflicts.entry(c.owner).or_default().push(format!(
+                    "{}:{}/{} ({:?}, used by {:?} of {})",
+                    c.addr, c.port, c.proto, c.kind, winner_kind, winner
+                ));
+            }
+            Entry::Vacant(v) => {
+                v.insert((c.owner, c.kind));
+                let key = |scope| FrontendKey {
+                    addr: c.addr,
+                    port: c.port,
+                    proto: c.proto,
+                    scope,
+                };
+                state.frontends.insert(key(Scope::Internal), c.internal);
+                if let Some(external) = c.external {
+                    state.frontends.insert(key(Scope::External), external);
+                }
+            }
+        }
+    }
+    for (owner, lost) in conflicts {
+        warnings.push(
+            KIND_SERVICE,
+            owner.to_string(),
+            Problem::Conflict(lost.join(", ")),
+        );
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use FrontendKind::{ClusterIP, ExternalIP, LoadBalancer, NodePort};
+    use Protocol::{Sctp, Tcp, Udp};
+    use Scope::{External, Internal};
+
+    const NODE: &str = "node-a";
+    const NODE_IP: &str = "192.168.1.10";
+
+    // --- builders --------------------------------------------------------------------
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: NODE.into(),
+            nodeport_addrs: vec![ip(NODE_IP)],
+        }
+    }
+
+    /// Shallow-merge `overrides` into the JSON object `base` (`null` removes a key).
+    fn merged(mut base: Value, overrides: Value) -> Value {
+        if let (Some(base), Value::Object(overrides)) = (base.as_object_mut(), overrides) {
+            for (k, v) in overrides {
+                if v.is_null() {
+                    base.remove(&k);
+                } else {
+                    base.insert(k, v);
+                }
+            }
+        }
+        base
+    }
+
+    /// Service "default/<name>": ClusterIP 10.96.0.1, one unnamed TCP port 80; `spec`
+    /// overrides keys of that default spec.
+    fn svc(name: &str, spec: Value) -> Service {
+        svc_full(
+            json!({"namespace": "default", "name": name}),
+            spec,
+            json!(null),
+        )
+    }
+
+    /// Service with explicit metadata, spec overrides and status.
+    fn svc_full(metadata: Value, spec: Value, status: Value) -> Service {
+        let spec = merged(
+            json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}),
+            spec,
+        );
+        serde_json::from_value(json!({"metadata": metadata, "spec": spec, "status": status}))
+            .unwrap()
+    }
+
+    fn lb_status(ingress: Value) -> Value {
+        json!({"loadBalancer": {"ingress": ingress}})
+    }
+
+    /// IPv4 EndpointSlice "default/<name>" for service "default/<service>".
+    fn slice(name: &str, service: &str, ports: Value, endpoints: Value) -> EndpointSlice {
+        slice_json(json!({
+            "metadata": {"namespace": "default", "name": name,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+        }))
+    }
+
+    fn slice_json(v: Value) -> EndpointSlice {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// The slice port matching the default service port ("" / TCP) -> 8080.
+    fn p8080() -> Value {
+        json!([{"name": "", "port": 8080, "protocol": "TCP"}])
+    }
+
+    /// A ready endpoint (conditions absent) on `node`.
+    fn ep(addr: &str, node: &str) -> Value {
+        json!({"addresses": [addr], "nodeName": node})
+    }
+
+    /// An endpoint with explicit conditions (`None` = field absent).
+    fn ep_cond(
+        addr: &str,
+        node: &str,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+    ) -> Value {
+        json!({"addresses": [addr], "nodeName": node,
+               "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+    }
+
+    fn be(addr: &str, port: u16, local: bool) -> BackendAddr {
+        BackendAddr {
+            addr: ip(addr),
+            port,
+            local,
+            terminating: false,
+        }
+    }
+
+    fn be_term(addr: &str, port: u16, local: bool) -> BackendAddr {
+        BackendAddr {
+            terminating: true,
+            ..be(addr, port, local)
+        }
+    }
+
+    fn key(addr: &str, port: u16, proto: Protocol, scope: Scope) -> FrontendKey {
+        FrontendKey {
+            addr: ip(addr),
+            port,
+            proto,
+            scope,
+        }
+    }
+
+    /// Expected entry for "default/<svc>" port `port_name`; local_only false, no affinity,
+    /// no source ranges (override with struct-update syntax).
+    fn entry(
+        svc: &str,
+        port_name: &str,
+        kind: FrontendKind,
+        backends: Vec<BackendAddr>,
+    ) -> FrontendEntry {
+        FrontendEntry {
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: svc.into(),
+                port_name: port_name.into(),
+            },
+            kind,
+            backends,
+            affinity_timeout: None,
+            local_only: false,
+            source_ranges: vec![],
+        }
+    }
+
+    fn local_only(e: FrontendEntry) -> FrontendEntry {
+        FrontendEntry {
+            local_only: true,
+            ..e
+        }
+    }
+
+    fn run(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<Warning>) {
+        translate(services, slices, &node())
+    }
+
+    fn state(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
+        DesiredState {
+            frontends: entries.into_iter().collect(),
+        }
+    }
+
+    /// Each expected warning: (kind, object, fragment of the message), in order.
+    #[track_caller]
+    fn assert_warnings(actual: &[Warning], expected: &[(&str, &str, &str)]) {
+        let ok = actual.len() == expected.len()
+            && actual.iter().zip(expected).all(|(w, (kind, object, msg))| {
+                w.kind == *kind && w.object == *object && w.message.contains(msg)
+            });
+        assert!(
+            ok,
+            "warnings differ:\n actual:   {actual:#?}\n expected: {expected:#?}"
+        );
+    }
+
+    #[track_caller]
+    fn assert_translates(
+        services: &[Service],
+        slices: &[EndpointSlice],
+        expected: Vec<(FrontendKey, FrontendEntry)>,
+        warnings: &[(&str, &str, &str)],
+    ) {
+        let (actual, actual_warnings) = run(services, slices);
+        assert_eq!(actual, state(expected));
+        assert_warnings(&actual_warnings, warnings);
+    }
+
+    /// The standard "default/web" ClusterIP frontend with the given backends.
+    fn web_cluster_ip(backends: Vec<BackendAddr>) -> (FrontendKey, FrontendEntry) {
+        (
+            key("10.96.0.1", 80, Tcp, Internal),
+            entry("web", "", ClusterIP, backends),
+        )
+    }
+
+    /// A service "default/good" on 10.96.0.2 with one local backend, programmed alongside
+    /// malformed objects to show they do not disturb others.
+    fn good() -> (Service, EndpointSlice, (FrontendKey, FrontendEntry)) {
+        (
+            svc("good", json!({"clusterIP": "10.96.0.2"})),
+            slice("good-1", "good", p8080(), json!([ep("10.0.0.9", NODE)])),
+            (
+                key("10.96.0.2", 80, Tcp, Internal),
+                entry("good", "", ClusterIP, vec![be("10.0.0.9", 8080, true)]),
+            ),
+        )
+    }
+
+    // --- basic ClusterIP -----------------------------------------------------------
+
+    #[test]
+    fn cluster_ip_with_backends() {
+        assert_translates(
+            &[svc("web", json!({}))],
+            &[slice(
+                "web-1",
+                "web",
+                p8080(),
+                json!([ep("10.0.0.2", "node-b"), ep("10.0.0.1", NODE)]),
+            )],
+            vec![web_cluster_ip(vec![
+                be("10.0.0.1", 8080, true),
+                be("10.0.0.2", 8080, false),
+            ])],
+            &[],
+        );
+    }
+
+    #[test]
+    fn no_endpoints_gives_empty_backends() {
+        assert_translates(
+            &[svc("web", json!({}))],
+            &[],
+            vec![web_cluster_ip(vec![])],
+            &[],
+        );
+    }
+
+    #[test]
+    fn skipped_services_are_silent() {
+        let cases: Vec<(&str, Service)> = vec![
+            (
+                "ExternalName",
+                svc(
+                    "web",
+                    json!({"type": "ExternalName", "externalName": "x.example"}),
+                ),
+            ),
+            (
+                "headless clusterIP",
+                svc("web", json!({"clusterIP": "None"})),
+            ),
+            (
+                "headless clusterIPs",
+                svc("web", json!({"clusterIP": "None", "clusterIPs": ["None"]})),
+            ),
+            ("no cluster IP", svc("web", json!({"clusterIP": null}))),
+            (
+                "empty cluster IP",
+                svc("web", json!({"clusterIP": "", "clusterIPs": []})),
+            ),
+            (
+                "no cluster IP, NodePort type",
+                svc(
+                    "web",
+                    json!({"clusterIP": null, "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+                ),
+            ),
+            (
+                "service-proxy-name label",
+                svc_full(
+                    json!({"namespace": "default", "name": "web",
+                           "labels": {"service.kubernetes.io/service-proxy-name": "other"}}),
+                    json!({}),
+                    json!(null),
+                ),
+            ),
+            (
+                "no spec",
+                serde_json::from_value(
+                    json!({"metadata": {"namespace": "default", "name": "web"}}),
+                )
+                .unwrap(),
+            ),
+        ];
+        let slices = [slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep("10.0.0.1", NODE)]),
+        )];
+        for (name, service) in cases {
+            let (state, warnings) = run(&[service], &slices);
+            assert!(state.frontends.is_empty(), "{name}: {state:?}");
+            assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        }
+    }
+
+    #[test]
+    fn cluster_ips_preferred_over_cluster_ip_and_all_ipv4_used() {
+        let service = svc(
+            "web",
+            json!({"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "10.96.0.7"]}),
+        );
+        assert_translates(
+            &[service],
+            &[],
+            vec![
+                web_cluster_ip(vec![]),
+                (
+                    key("10.96.0.7", 80, Tcp, Internal),
+                    entry("web", "", ClusterIP, vec![]),
+                ),
+            ],
+            &[],
+        );
+    }
+
+    #[test]
+    fn protocols_and_named_ports() {
+        let service = svc(
+            "web",
+            json!({"ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53},
+                {"name": "sig", "port": 9000, "protocol": "SCTP"},
+            ]}),
+        );
+        let ports = json!([
+            {"name": "dns", "port": 5353, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 5354, "protocol": "TCP"},
+            {"name": "sig", "port": 9900, "protocol": "SCTP"},
+        ]);
+        let slices = [slice("web-1", "web", ports, json!([ep("10.0.0.1", NODE)]))];
+        assert_translates(
+            &[service],
+            &slices,
+            vec![
+                (
+                    key("10.96.0.1", 53, Udp, Internal),
+                    entry("web", "dns", ClusterIP, vec![be("10.0.0.1", 5353, true)]),
+                ),
+                (
+                    key("10.96.0.1", 53, Tcp, Internal),
+                    entry(
+                        "web",
+                        "dns-tcp",
+                        ClusterIP,
+                        vec![be("10.0.0.1", 5354, true)],
+                    ),
+                ),
+                (
+                    key("10.96.0.1", 9000, Sctp, Internal),
+                    entry("web", "sig", ClusterIP, vec![be("10.0.0.1", 9900, true)]),
+                ),
+            ],
+            &[],
+        );
+    }
+
+    // --- IPv6 ------------------------------------------------------------------------
+
+    #[test]
+    fn ipv6_parts_skipped_with_one_warning() {
+        let service = svc_full(
+            json!({"namespace": "default", "name": "web"}),
+            json!({"type": "LoadBalancer", "clusterIPs": ["10.96.0.1", "fd00::1"],
+                   "externalIPs": ["2001:db8::1", "203.0.113.1"],
+                   "loadBalancerSourceRanges": ["2001:db8::/32"],
+                   "ports": [{"port": 80}]}),
+            lb_status(json!([{"ip": "2001:db8::2"}])),
+        );
+        let slices = [
+            slice(
+                "web-1",
+                "web",
+                p8080(),
+                json!([ep("10.0.0.1", NODE), ep("fd00::5", NODE)]),
+            ),
+            slice_json(json!({
+                "metadata": {"namespace": "default", "name": "web-v6",
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv6", "ports": p8080(), "endpoints": [ep("fd00::6", NODE)],
+            })),
+        ];
+        let backends = vec![be("10.0.0.1", 8080, true)];
+        assert_translates(
+            &[service],
+            &slices,
+            vec![
+                web_cluster_ip(backends.clone()),
+                (
+                    key("203.0.113.1", 80, Tcp, Internal),
+                    entry("web", "", ExternalIP, backends.clone()),
+                ),
+                (
+                    key("203.0.113.1", 80, Tcp, External),
+                    entry("web", "", ExternalIP, backends),
+                ),
+            ],
+            &[("Service", "default/web", "IPv6 not supported yet")],
+        );
+    }
+
+    #[test]
+    fn ipv6_only_service_skipped_with_warning() {
+        assert_translates(
+            &[svc(
+                "web",
+                json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"]}),
+            )],
+            &[],
+            vec![],
+            &[("Service", "default/web", "IPv6 not supported yet")],
+        );
+    }
+
+    // --- NodePort / externalIPs / LoadBalancer --------------------------------------
+
+    #[test]
+    fn node_port_in_both_scopes_on_every_node_address() {
+        let service = svc(
+            "web",
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
+        let slices = [slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep("10.0.0.1", NODE)]),
+        )];
+        let node = NodeInfo {
+            name: NODE.into(),
+            nodeport_addrs: vec![ip(NODE_IP), ip("10.1.0.10"), ip(NODE_IP)],
+        };
+        let (actual, warnings) = translate(&[service], &slices, &node);
+        let b = vec![be("10.0.0.1", 8080, true)];
+        let mut expected = vec![web_cluster_ip(b.clone())];
+        for addr in [NODE_IP, "10.1.0.10"] {
+            for scope in [Internal, External] {
+                expected.push((
+                    key(addr, 30080, Tcp, scope),
+                    entry("web", "", NodePort, b.clone()),
+                ));
+            }
+        }
+        assert_eq!(actual, state(expected));
+        assert_warnings(&warnings, &[]);
+    }
+
+    #[test]
+    fn node_port_only_for_node_port_and_load_balancer_types() {
+        let cases = [
+            (
+                "ClusterIP type ignores nodePort",
+                json!({"ports": [{"port": 80, "nodePort": 30080}]}),
+            ),
+            (
+                "nodePort 0",
+                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 0}]}),
+            ),
+            (
+                "nodePort absent",
+                json!({"type": "LoadBalancer", "ports": [{"port": 80}]}),
+            ),
+        ];
+        for (name, spec) in cases {
+            let (actual, warnings) = run(&[svc("web", spec)], &[]);
+            assert_eq!(actual, state(vec![web_cluster_ip(vec![])]), "{name}");
+            assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        }
+    }
+
+    #[test]
+    fn external_ips_in_both_scopes() {
+        let service = svc(
+            "web",
+            json!({"externalIPs": ["203.0.113.1", "203.0.113.1"]}),
+        );
+        assert_translates(
+            &[service],
+            &[],
+            vec![
+                web_cluster_ip(vec![]),
+                (
+                    key("203.0.113.1", 80, Tcp, Internal),
+                    entry("web", "", ExternalIP, vec![]),
+                ),
+                (
+                    key("203.0.113.1", 80, Tcp, External),
+                    entry("web", "", ExternalIP, vec![]),
+                ),
+            ],
+            &[],
+        );
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips() {
+        let service = svc_full(
+            json!({"namespace": "default", "name": "web"}),
+            json!({"type": "LoadBalancer", "ports": [{"port": 80, "nodePort": 30080}]}),
+            lb_status(json!([
+                {"ip": "198.51.100.1"},
+                {"ip": "198.51.100.2", "ipMode": "VIP"},
+                {"ip": "198.51.100.3", "ipMode": "Proxy"},
+                {"hostname": "lb.example"},
+            ])),
+        );
+        let mut expected = vec![web_cluster_ip(vec![])];
+        for scope in [Internal, External] {
+            expected.push((
+                key(NODE_IP, 30080, Tcp, scope),
+                entry("web", "", NodePort, vec![]),
+            ));
+            for lb in ["198.51.100.1", "198.51.100.2"] {
+                expected.push((
+                    key(lb, 80, Tcp, scope),
+                    entry("web", "", LoadBalancer, vec![]),
+                ));
+            }
+        }
+        assert_translates(&[service], &[], expected, &[]);
+    }
+
+    #[test]
+    fn ingress_ignored_unless_load_balancer_type() {
+        let service = svc_full(
+            json!({"namespace": "default", "name": "web"}),
+            json!({"type": "ClusterIP"}),
+            lb_status(json!([{"ip": "198.51.100.1"}])),
+        );
+        assert_translates(&[service], &[], vec![web_cluster_ip(vec![])], &[]);
+    }
+
+    // --- EndpointSlice joining and port resolution ------------------------------------
+
+    #[test]
+    fn slices_merged_and_duplicates_removed() {
+        let slices = [
+            slice(
+                "web-1",
+                "web",
+                p8080(),
+                json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
+            ),
+            slice(
+                "web-2",
+                "web",
+                p8080(),
+                json!([ep("10.0.0.2", "node-b"), ep("10.0.0.3", "node-b")]),
+            ),
+        ];
+        assert_translates(
+            &[svc("web", json!({}))],
+            &slices,
+            vec![web_cluster_ip(vec![
+                be("10.0.0.1", 8080, true),
+                be("10.0.0.2", 8080, false),
+                be("10.0.0.3", 8080, false),
+            ])],
+            &[],
+        );
+    }
+
+    #[test]
+    fn duplicate_endpoint_prefers_non_terminating_copy() {
+        let slices = [
+            slice(
+                "web-1",
+                "web",
+                p8080(),
+                json!([ep_cond(
+                    "10.0.0.1",
+                    NODE,
+                    Some(false),
+                    Some(true),
+                    Some(true)
+                )]),
+            ),
+            slice("web-2", "web", p8080(), json!([ep("10.0.0.1", NODE)])),
+        ];
+        assert_translates(
+            &[svc("web", json!({}))],
+            &slices,
+            vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
+            &[],
+        );
+    }
+
+    #[test]
+    fn only_matching_slices_are_joined() {
+        let other_ns = slice_json(json!({
+            "metadata": {"namespace": "other", "name": "web-1",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": p8080(), "endpoints": [ep("10.0.0.2", NODE)],
+        }));
+        let no_label = slice_json(json!({
+            "metadata": {"namespace": "default", "name": "custom"},
+            "addressType": "IPv4", "ports": p8080(), "endpoints": [ep("10.0.0.3", NODE)],
+        }));
+        let fqdn = slice_json(json!({
+            "metadata": {"namespace": "default", "name": "web-fqdn",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "FQDN", "ports": p8080(), "endpoints": [{"addresses": ["a.example"]}],
+        }));
+        let slices = [
+            slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE)])),
+            slice("api-1", "api", p8080(), json!([ep("10.0.0.4", NODE)])),
+            other_ns,
+            no_label,
+            fqdn,
+        ];
+        assert_translates(
+            &[svc("web", json!({}))],
+            &slices,
+            vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
+            &[],
+        );
+    }
+
+    #[test]
+    fn port_resolution_by_name_and_protocol() {
+        let service = svc(
+            "web",
+            json!({"ports": [{"name": "http", "port": 80}, {"name": "metrics", "port": 9090}]}),
+        );
+        let slices = [
+            // Matches both ports (order in the slice does not matter).
+            slice(
+                "web-1",
+                "web",
+                json!([{"name": "metrics", "port": 9100}, {"name": "http", "port": 8080}]),
+                json!([ep("10.0.0.1", NODE)]),
+            ),
+            // Same name but UDP, port 0, and no port number: contribute nothing.
+            slice(
+                "web-2",
+                "web",
+                json!([{"name": "http", "port": 8081, "protocol": "UDP"},
+                       {"name": "metrics", "port": 0}, {"name": "http"}]),
+                json!([ep("10.0.0.2", NODE)]),
+            ),
+            // Only "http": contributes nothing to "metrics".
+            slice(
+                "web-3",
+                "web",
+                json!([{"name": "http", "port": 8080}]),
+                json!([ep("10.0.0.3", NODE)]),
+            ),
+        ];
+        assert_translates(
+            &[service],
+            &slices,
+            vec![
+                (
+                    key("10.96.0.1", 80, Tcp, Internal),
+                    entry(
+                        "web",
+                        "http",
+                        ClusterIP,
+                        vec![be("10.0.0.1", 8080, true), be("10.0.0.3", 8080, true)],
+                    ),
+                ),
+                (
+                    key("10.96.0.1", 9090, Tcp, Internal),
+                    entry(
+                        "web",
+                        "metrics",
+                        ClusterIP,
+                        vec![be("10.0.0.1", 9100, true)],
+                    ),
+                ),
+            ],
+            &[],
+        );
+    }
+
+    #[test]
+    fn unnamed_port_matches_absent_or_empty_name() {
+        let slices = [
+            slice(
+                "web-1",
+                "web",
+                json!([{"port": 8080}]),
+                json!([ep("10.0.0.1", NODE)]),
+            ),
+            slice(
+                "web-2",
+                "web",
+                json!([{"name": "", "port": 8080}]),
+                json!([ep("10.0.0.2", NODE)]),
+            ),
+        ];
+        assert_translates(
+            &[svc("web", json!({"ports": [{"name": "", "port": 80}]}))],
+            &slices,
+            vec![web_cluster_ip(vec![
+                be("10.0.0.1", 8080, true),
+                be("10.0.0.2", 8080, true),
+            ])],
+            &[],
+        );
+    }
+
+    // --- endpoint conditions ---------------------------------------------------------
+
+    #[test]
+    fn endpoint_conditions() {
+        // (case, endpoints, expected ClusterIP backends)
+        let t = |a| ep_cond(a, NODE, Some(false), Some(true), Some(true));
+        let cases: Vec<(&str, Value, Vec<BackendAddr>)> = vec![
+            (
+                "nil ready means ready",
+                json!([{"addresses": ["10.0.0.1"], "nodeName": NODE, "conditions": {}}]),
+                vec![be("10.0.0.1", 8080, true)],
+            ),
+            (
+                "not ready is excluded",
+                json!([
+                    ep("10.0.0.1", NODE),
+                    ep_cond("10.0.0.2", NODE, Some(false), None, None)
+                ]),
+                vec![be("10.0.0.1", 8080, true)],
+            ),
+            (
+                "ready preferred over serving-terminating",
+                json!([ep("10.0.0.1", "node-b"), t("10.0.0.2")]),
+                vec![be("10.0.0.1", 8080, false)],
+            ),
+            (
+                "fallback to serving-terminating",
+                json!([
+                    t("10.0.0.2"),
+                    ep_cond("10.0.0.3", NODE, Some(false), Some(false), Some(true))
+                ]),
+                vec![be_term("10.0.0.2", 8080, true)],
+            ),
+            (
+                "nil serving follows ready",
+                json!([ep_cond("10.0.0.2", NODE, Some(false), None, Some(true))]),
+                vec![],
+            ),
+            (
+                "serving but not terminating is not a fallback",
+                json!([ep_cond("10.0.0.2", NODE, Some(false), Some(true), None)]),
+                vec![],
+            ),
+        ];
+        for (name, endpoints, backends) in cases {
+            let slices = [slice("web-1", "web", p8080(), endpoints)];
+            let (actual, warnings) = run(&[svc("web", json!({}))], &slices);
+            assert_eq!(actual, state(vec![web_cluster_ip(backends)]), "{name}");
+            assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        }
+    }
+
+    // --- traffic policies ------------------------------------------------------------
+
+    #[test]
+    fn internal_traffic_policy_local() {
+        let service = svc(
+            "web",
+            json!({"type": "NodePort", "internalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
+        let slices = [slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
+        )];
+        let all = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
+        assert_translates(
+            &[service],
+            &slices,
+            vec![
+                (
+                    key("10.96.0.1", 80, Tcp, Internal),
+                    local_only(entry(
+                        "web",
+                        "",
+                        ClusterIP,
+                        vec![be("10.0.0.1", 8080, true)],
+                    )),
+                ),
+                // iTP does not apply to external destinations, from pods or from outside.
+                (
+                    key(NODE_IP, 30080, Tcp, Internal),
+                    entry("web", "", NodePort, all.clone()),
+                ),
+                (
+                    key(NODE_IP, 30080, Tcp, External),
+                    entry("web", "", NodePort, all),
+                ),
+            ],
+            &[],
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_falls_back_among_local_endpoints() {
+        let service = svc("web", json!({"internalTrafficPolicy": "Local"}));
+        let slices = [slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([
+                ep_cond("10.0.0.1", NODE, Some(false), Some(true), Some(true)),
+                ep("10.0.0.2", "node-b")
+            ]),
+        )];
+        assert_translates(
+            &[service],
+            &slices,
+            vec![(
+                key("10.96.0.1", 80, Tcp, Internal),
+                local_only(entry(
+                    "web",
+                    "",
+                    ClusterIP,
+                    vec![be_term("10.0.0.1", 8080, true)],
+                )),
+            )],
+            &[],
+        );
+    }
+
+    #[test]
+    fn external_traffic_policy_local_node_port_and_load_balancer() {
+        let service = svc_full(
+            json!({"namespace": "default", "name": "web"}),
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}),
+            lb_status(json!([{"ip": "198.51.100.1"}])),
+        );
+        let slices = [slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
+        )];
+        let all = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
+        let local = vec![be("10.0.0.1", 8080, true)];
+        assert_translates(
+            &[service],
+            &slices,
+            vec![
+                web_cluster_ip(all.clone()),
+                // Pods reaching external destinations short-circuit to all endpoints.
+                (
+                    key(NODE_IP, 30080, Tcp, Internal),
+                    entry("web", "", NodePort, all.clone()),
+                ),
+                (
+                    key(NODE_IP, 30080, Tcp, External),
+                    local_only(entry("web", "", NodePort, local.clone())),
+                ),
+                (
+                    key("198.51.100.1", 80, Tcp, Internal),
+                    entry("web", "", LoadBalancer, all),
+                ),
+                (
+                    key("198.51.100.1", 80, Tcp, External),
+                    local_only(entry("web", "", LoadBalancer, local)),
+                ),
+            ],
+            &[],
+        );
+    }
+
+    #[test]
+    fn external_traffic_policy_local_without_local_endpoints_drops() {
+        let service = svc(
+            "web",
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                                         "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
+        let slices = [slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep("10.0.0.2", "node-b")]),
+        )];
+        let all = vec![be("10.0.0.2", 8080, false)];
+        assert_translates(
+            &[service],
+            &slices,
+            vec![
+                web_cluster_ip(all.clone()),
+                (
+                    key(NODE_IP, 30080, Tcp, Internal),
+                    entry("web", "", NodePort, all),
+                ),
+                (
+                    key(NODE_IP, 30080, Tcp, External),
+                    local_only(entry("web", "", NodePort, vec![])),
+                ),
+            ],
+            &[],
+        );
+    }
+
+    #[test]
+    fn external_traffic_policy_local_applies_to_external_ips_of_cluster_ip_service() {
+        let service = svc(
+            "web",
+            json!({"externalTrafficPolicy": "Local", "externalIPs": ["203.0.113.1"]}),
+        );
+        let slices = [slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
+        )];
+        let all = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
+        assert_translates(
+            &[service],
+            &slices,
+            vec![
+                web_cluster_ip(all.clone()),
+                (
+                    key("203.0.113.1", 80, Tcp, Internal),
+                    entry("web", "", ExternalIP, all),
+                ),
+                (
+                    key("203.0.113.1", 80, Tcp, External),
+                    local_only(entry(
+                        "web",
+                        "",
+                        ExternalIP,
+                        vec![be("10.0.0.1", 8080, true)],
+                    )),
+                ),
+            ],
+            &[],
+        );
+    }
+
+    // --- session affinity ------------------------------------------------------------
+
+    #[test]
+    fn session_affinity() {
+        // (case, spec overrides, expected timeout, expected warning fragment)
+        let cases: Vec<(&str, Value, Option<u32>, Option<&str>)> = vec![
+            ("none", json!({"sessionAffinity": "None"}), None, None),
+            (
+                "default timeout",
+                json!({"sessionAffinity": "ClientIP"}),
+                Some(10800),
+                None,
+            ),
+            (
+                "configured",
+                json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+                Some(60),
+                None,
+            ),
+            (
+                "maximum",
+                json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86400}}}),
+                Some(86400),
+                None,
+            ),
+            (
+                "zero",
+                json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}),
+                Some(10800),
+                Some("timeoutSeconds 0"),
+            ),
+            (
+                "too large",
+                json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}}}),
+                Some(10800),
+                Some("timeoutSeconds 86401"),
+            ),
+        ];
+        for (name, spec, timeout, warning) in cases {
+            let (actual, warnings) = run(&[svc("web", spec)], &[]);
+            let (key, e) = web_cluster_ip(vec![]);
+            let expected = state(vec![(
+                key,
+                FrontendEntry {
+                    affinity_timeout: timeout,
+                    ..e
+                },
+            )]);
+            assert_eq!(actual, expected, "{name}");
+            let expected_warnings: Vec<_> = warning
+                .map(|m| ("Service", "default/web", m))
+                .into_iter()
+                .collect();
+            assert_warnings(&warnings, &expected_warnings);
+        }
+    }
+
+    // --- loadBalancerSourceRanges ----------------------------------------------------
+
+    fn lb_with_ranges(annotations: Value, ranges: Value) -> Service {
+        svc_full(
+            json!({"namespace": "default", "name": "web", "annotations": annotations}),
+            json!({"type": "LoadBalancer", "loadBalancerSourceRanges": ranges, "externalIPs": ["203.0.113.1"]}),
+            lb_status(json!([{"ip": "198.51.100.1"}])),
+        )
+    }
+
+    /// Expected frontends of `lb_with_ranges`: ranges only on the External LB entry.
+    fn lb_frontends(ranges: &[(&str, u8)]) -> Vec<(FrontendKey, FrontendEntry)> {
+        let ranges = ranges
+            .iter()
+            .map(|&(a, len)| Ipv4Prefix { addr: ip(a), len })
+            .collect();
+        vec![
+            web_cluster_ip(vec![]),
+            (
+                key("203.0.113.1", 80, Tcp, Internal),
+                entry("web", "", ExternalIP, vec![]),
+            ),
+            (
+                key("203.0.113.1", 80, Tcp, External),
+                entry("web", "", ExternalIP, vec![]),
+            ),
+            (
+                key("198.51.100.1", 80, Tcp, Internal),
+                entry("web", "", LoadBalancer, vec![]),
+            ),
+            (
+                key("198.51.100.1", 80, Tcp, External),
+                FrontendEntry {
+                    source_ranges: ranges,
+                    ..entry("web", "", LoadBalancer, vec![])
+                },
+            ),
+        ]
+    }
+
+    #[test]
+    fn source_ranges_from_field() {
+        assert_translates(
+            &[lb_with_ranges(
+                json!(null),
+                json!([" 10.0.0.0/8 ", "192.168.1.7/24", "10.0.0.0/8"]),
+            )],
+            &[],
+            lb_frontends(&[("10.0.0.0", 8), ("192.168.1.0", 24)]),
+            &[],
+        );
+    }
+
+    #[test]
+    fn invalid_source_range_skipped_with_warning() {
+        assert_translates(
+            &[lb_with_ranges(
+                json!(null),
+                json!(["10.0.0.0/8", "10.0.0.0/33", "bogus"]),
+            )],
+            &[],
+            lb_frontends(&[("10.0.0.0", 8)]),
+            &[
+                ("Service", "default/web", "\"10.0.0.0/33\""),
+                ("Service", "default/web", "\"bogus\""),
+            ],
+        );
+    }
+
+    #[test]
+    fn source_ranges_from_annotation_only_when_field_empty() {
+        let annotation = json!({"service.beta.kubernetes.io/load-balancer-source-ranges": "10.1.0.0/16, 172.16.0.0/12,"});
+        assert_translates(
+            &[lb_with_ranges(annotation.clone(), json!([]))],
+            &[],
+            lb_frontends(&[("10.1.0.0", 16), ("172.16.0.0", 12)]),
+            &[],
+        );
+        assert_translates(
+            &[lb_with_ranges(annotation, json!(["10.0.0.0/8"]))],
+            &[],
+            lb_frontends(&[("10.0.0.0", 8)]),
+            &[],
+        );
+    }
+
+    // --- conflicts and determinism -----------------------------------------------------
+
+    #[test]
+    fn same_frontend_twice_first_service_wins() {
+        let a = svc(
+            "a",
+            json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]}),
+        );
+        let b = svc(
+            "b",
+            json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"]}),
+        );
+        let expected = vec![
+            (
+                key("10.96.0.1", 80, Tcp, Internal),
+                entry("a", "", ClusterIP, vec![]),
+            ),
+            (
+                key("10.96.0.2", 80, Tcp, Internal),
+                entry("b", "", ClusterIP, vec![]),
+            ),
+            (
+                key("203.0.113.1", 80, Tcp, Internal),
+                entry("a", "", ExternalIP, vec![]),
+            ),
+            (
+                key("203.0.113.1", 80, Tcp, External),
+                entry("a", "", ExternalIP, vec![]),
+            ),
+        ];
+        let warning = [(
+            "Service",
+            "default/b",
+            "203.0.113.1:80/TCP (ExternalIP, used by ExternalIP of default/a)",
+        )];
+        assert_translates(&[a.clone(), b.clone()], &[], expected.clone(), &warning);
+        // Input order does not matter.
+        assert_translates(&[b, a], &[], expected, &warning);
+    }
+
+    #[test]
+    fn cluster_ip_wins_over_external_ip_of_earlier_service() {
+        // "a" sorts first but tries to capture "b"'s clusterIP with an externalIP.
+        let a = svc(
+            "a",
+            json!({"clusterIP": "10.96.0.1", "externalIPs": ["10.96.0.2"]}),
+        );
+        let b = svc("b", json!({"clusterIP": "10.96.0.2"}));
+        assert_translates(
+            &[a, b],
+            &[],
+            vec![
+                (
+                    key("10.96.0.1", 80, Tcp, Internal),
+                    entry("a", "", ClusterIP, vec![]),
+                ),
+                (
+                    key("10.96.0.2", 80, Tcp, Internal),
+                    entry("b", "", ClusterIP, vec![]),
+                ),
+            ],
+            &[("Service", "default/a", "used by ClusterIP of default/b")],
+        );
+    }
+
+    #[test]
+    fn output_independent_of_input_order() {
+        let services = vec![
+            svc(
+                "a",
+                json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]}),
+            ),
+            svc(
+                "b",
+                json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"], "ports": [{"port": 0}]}),
+            ),
+            svc(
+                "c",
+                json!({"clusterIP": "10.96.0.3", "externalIPs": ["203.0.113.1", "x"]}),
+            ),
+        ];
+        let slices = vec![
+            slice(
+                "a-1",
+                "a",
+                p8080(),
+                json!([ep("10.0.0.1", NODE), {"addresses": ["bad"]}]),
+            ),
+            slice("a-2", "a", p8080(), json!([ep("10.0.0.2", NODE)])),
+            slice("c-1", "c", p8080(), json!([ep("10.0.0.3", NODE)])),
+        ];
+        let forward = run(&services, &slices);
+        let mut rev_services = services.clone();
+        rev_services.reverse();
+        let mut rev_slices = slices.clone();
+        rev_slices.reverse();
+        assert_eq!(forward, run(&rev_services, &rev_slices));
+        assert_eq!(forward.1.len(), 4, "{:?}", forward.1);
+    }
+
+    // --- malformed input ---------------------------------------------------------------
+
+    #[test]
+    fn malformed_services_skipped_with_one_warning() {
+        let meta = |ns: Value, name: Value| json!({"namespace": ns, "name": name});
+        // (case, service, warned object, message fragment)
+        let cases: Vec<(&str, Service, &str, &str)> = vec![
+            (
+                "unparsable clusterIP",
+                svc("bad", json!({"clusterIP": "10.96.0.300"})),
+                "default/bad",
+                "clusterIP \"10.96.0.300\"",
+            ),
+            (
+                "unparsable clusterIPs entry",
+                svc("bad", json!({"clusterIPs": ["10.96.0.5", "nope"]})),
+                "default/bad",
+                "clusterIP \"nope\"",
+            ),
+            (
+                "port 0",
+                svc("bad", json!({"ports": [{"port": 80}, {"port": 0}]})),
+                "default/bad",
+                "port #1: port number 0",
+            ),
+            (
+                "port out of range",
+                svc("bad", json!({"ports": [{"name": "http", "port": 70000}]})),
+                "default/bad",
+                "port \"http\": port number 70000",
+            ),
+            (
+                "port missing",
+                svc("bad", json!({"ports": [{"name": "http"}]})),
+                "default/bad",
+                "port number 0",
+            ),
+            (
+                "negative port",
+                svc("bad", json!({"ports": [{"port": -1}]})),
+                "default/bad",
+                "port number -1",
+            ),
+            (
+                "unknown protocol",
+                svc("bad", json!({"ports": [{"port": 80, "protocol": "ICMP"}]})),
+                "default/bad",
+                "unknown protocol \"ICMP\"",
+            ),
+            (
+                "nodePort out of range",
+                svc(
+                    "bad",
+                    json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 65536}]}),
+                ),
+                "default/bad",
+                "nodePort 65536",
+            ),
+            (
+                "unknown type",
+                svc("bad", json!({"type": "Weird"})),
+                "default/bad",
+                "unknown spec.type \"Weird\"",
+            ),
+            (
+                "missing name",
+                svc_full(meta(json!("default"), json!(null)), json!({}), json!(null)),
+                "default/<missing>",
+                "metadata",
+            ),
+            (
+                "missing namespace",
+                svc_full(meta(json!(null), json!("bad")), json!({}), json!(null)),
+                "<missing>/bad",
+                "metadata",
+            ),
+            (
+                "empty name",
+                svc_full(meta(json!("default"), json!("")), json!({}), json!(null)),
+                "default/<missing>",
+                "metadata",
+            ),
+            (
+                "no metadata at all",
+                Service::default(),
+                "<missing>/<missing>",
+                "metadata",
+            ),
+        ];
+        for (name, bad, object, message) in cases {
+            let (good_svc, good_slice, good_frontend) = good();
+            // A slice for the bad service must not leak anywhere either.
+            let bad_slice = slice("bad-1", "bad", p8080(), json!([ep("10.0.0.66", NODE)]));
+            let (actual, warnings) = run(&[bad, good_svc], &[good_slice, bad_slice]);
+            assert_eq!(actual, state(vec![good_frontend]), "{name}");
+            assert_eq!(warnings.len(), 1, "{name}: {warnings:?}");
+            assert_warnings(&warnings, &[("Service", object, message)]);
+        }
+    }
+
+    #[test]
+    fn unparsable_external_ip_skipped_rest_programmed() {
+        let service = svc(
+            "web",
+            json!({"externalIPs": ["203.0.113.1", "203.0.113.x"]}),
+        );
+        assert_translates(
+            &[service],
+            &[],
+            vec![
+                web_cluster_ip(vec![]),
+                (
+                    key("203.0.113.1", 80, Tcp, Internal),
+                    entry("web", "", ExternalIP, vec![]),
+                ),
+                (
+                    key("203.0.113.1", 80, Tcp, External),
+                    entry("web", "", ExternalIP, vec![]),
+                ),
+            ],
+            &[("Service", "default/web", "externalIP \"203.0.113.x\"")],
+        );
+    }
+
+    #[test]
+    fn unparsable_ingress_ip_skipped_rest_programmed() {
+        let service = svc_full(
+            json!({"namespace": "default", "name": "web"}),
+            json!({"type": "LoadBalancer"}),
+            lb_status(
+                json!([{"ip": "198.51.100.1"}, {"ip": "198.51.100"}, {"ip": "198.51.100.3", "ipMode": "Bogus"}]),
+            ),
+        );
+        assert_translates(
+            &[service],
+            &[],
+            vec![
+                web_cluster_ip(vec![]),
+                (
+                    key("198.51.100.1", 80, Tcp, Internal),
+                    entry("web", "", LoadBalancer, vec![]),
+                ),
+                (
+                    key("198.51.100.1", 80, Tcp, External),
+                    entry("web", "", LoadBalancer, vec![]),
+                ),
+            ],
+            &[
+                ("Service", "default/web", "ingress IP \"198.51.100\""),
+                ("Service", "default/web", "unknown ipMode \"Bogus\""),
+            ],
+        );
+    }
+
+    #[test]
+    fn malformed_endpoints_skipped_with_warning_on_slice() {
+        let endpoints = json!([
+            ep("10.0.0.1", NODE),
+            {"addresses": ["10.0.0.999"], "nodeName": NODE},
+            {"addresses": [], "nodeName": NODE},
+        ]);
+        assert_translates(
+            &[svc("web", json!({}))],
+            &[slice("web-1", "web", p8080(), endpoints)],
+            vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
+            &[
+                (
+                    "EndpointSlice",
+                    "default/web-1",
+                    "endpoint address \"10.0.0.999\"",
+                ),
+                ("EndpointSlice", "default/web-1", "no addresses"),
+            ],
+        );
+    }
+
+    #[test]
+    fn malformed_slice_ports_skipped_with_warning() {
+        let ports = json!([
+            {"name": "", "port": 8080, "protocol": "TCP"},
+            {"name": "", "port": 70000, "protocol": "TCP"},
+            {"name": "x", "port": 8081, "protocol": "ICMP"},
+        ]);
+        assert_translates(
+            &[svc("web", json!({}))],
+            &[slice("web-1", "web", ports, json!([ep("10.0.0.1", NODE)]))],
+            vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
+            &[
+                (
+                    "EndpointSlice",
+                    "default/web-1",
+                    "port #1: port number 70000",
+                ),
+                (
+                    "EndpointSlice",
+                    "default/web-1",
+                    "port \"x\": unknown protocol \"ICMP\"",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn malformed_slice_metadata_and_address_type() {
+        let nameless = slice_json(json!({
+            "metadata": {"namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": p8080(), "endpoints": [ep("10.0.0.7", NODE)],
+        }));
+        let weird = slice_json(json!({
+            "metadata": {"namespace": "default", "name": "web-x", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPX", "ports": p8080(), "endpoints": [ep("10.0.0.8", NODE)],
+        }));
+        let default = EndpointSlice::default();
+        assert_translates(
+            &[svc("web", json!({}))],
+            &[
+                nameless,
+                weird,
+                default,
+                slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE)])),
+            ],
+            vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
+            &[
+                ("EndpointSlice", "<missing>/<missing>", "metadata"),
+                ("EndpointSlice", "default/<missing>", "metadata"),
+                (
+                    "EndpointSlice",
+                    "default/web-x",
+                    "unknown addressType \"IPX\"",
+                ),
+            ],
+        );
+    }
 }

@@ -47,8 +47,10 @@ pub fn parse_documents(file: &Path, text: &str, node_name: &str, out: &mut Objec
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
+                // A syntax error ends the stream: the parser cannot resynchronise (and
+                // serde_yaml would keep yielding the same error).
                 warnings.push(warn(format!("not YAML: {e}")));
-                continue;
+                break;
             }
         };
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
@@ -196,6 +198,19 @@ metadata: {name: node-a}
         assert_eq!(w.len(), 1, "{w:?}");
         assert_eq!(w[0].doc, 2);
         assert!(w[0].message.contains("invalid Service"));
+    }
+
+    #[test]
+    fn syntax_error_is_one_warning_and_ends_the_file() {
+        let mut out = Objects::default();
+        let mut w = Vec::new();
+        let text = "kind: Service\nmetadata: {name: a}\n---\nkind: Service\nspec: [\n";
+        parse_documents(Path::new("bad.yaml"), text, "n", &mut out, &mut w);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].message.contains("not YAML"));
+        let mut w = Vec::new();
+        parse_documents(Path::new("bad.yaml"), "kind: Service\nspec: [\n", "n", &mut out, &mut w);
+        assert_eq!(w.len(), 1, "{w:?}");
     }
 
     #[test]

@@ -1,0 +1,174 @@
+//! Running the real `ebpf-proxy` binary inside a node namespace.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::{Netns, wait_for};
+
+/// Path of the `ebpf-proxy` binary next to the test executable (built by `cargo test
+/// --workspace`; built here if missing).
+pub fn ebpf_proxy_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("EBPF_PROXY_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().context("exe dir")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("ebpf-proxy");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "proxy-userspace", "--bin", "ebpf-proxy"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().context("building ebpf-proxy")?;
+        if !st.success() || !bin.exists() {
+            bail!("cannot build {}", bin.display());
+        }
+    }
+    Ok(bin)
+}
+
+/// The agent process, killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub http: SocketAddr,
+}
+
+impl Agent {
+    /// Start `ebpf-proxy agent <args>` in `node`'s network namespace only (nsenter, not `ip
+    /// netns exec`, which would also remount /sys and hide bpffs), with its HTTP server on
+    /// 127.0.0.1:`http_port` there.
+    pub fn start(node: &Netns, root: &Path, http_port: u16, args: &[&str]) -> Result<Agent> {
+        let bin = ebpf_proxy_bin()?;
+        let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", node.name))
+            .arg(&bin)
+            .arg("agent")
+            .arg("--bpffs-root")
+            .arg(root)
+            .arg("--http-addr")
+            .arg(http.to_string())
+            .arg("--sync-delay-ms")
+            .arg("10")
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the agent")?;
+        Ok(Agent { child, http })
+    }
+
+    /// Wait for /readyz = 200.
+    pub fn wait_ready(&self, node: &Netns, timeout: Duration) -> Result<()> {
+        let http = self.http;
+        node.run(|| wait_for(timeout, "agent /readyz", || http_get(http, "/readyz").ok().filter(|(c, _)| *c == 200)))
+            .map(|_| ())
+    }
+
+    /// A counter or gauge from /metrics (first sample whose name matches exactly).
+    pub fn metric(&self, node: &Netns, name: &str) -> Result<f64> {
+        let http = self.http;
+        let (_, body) = node.run(|| http_get(http, "/metrics"))?;
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                (k == name).then(|| v.parse().ok()).flatten()
+            })
+            .with_context(|| format!("metric {name} not in /metrics"))
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Minimal HTTP/1.0 GET (call from inside the namespace): (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("status line")?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Run the CLI (`ebpf-proxy <args>`) and return stdout.
+pub fn cli(args: &[&str]) -> Result<String> {
+    let out = Command::new(ebpf_proxy_bin()?).args(args).output().context("running the CLI")?;
+    if !out.status.success() {
+        bail!("ebpf-proxy {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// YAML for a ClusterIP Service and its EndpointSlice.
+pub fn service_yaml(name: &str, vip: &str, port: u16, target_port: u16, protocol: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ports:\n  - name: main\n    port: {port}\n    targetPort: {target_port}\n    protocol: {protocol}\n"
+    )
+}
+
+pub fn slice_yaml(service: &str, slice: &str, endpoints: &[(&str, std::net::Ipv4Addr)], port: u16, protocol: &str) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: main\n  port: {port}\n  protocol: {protocol}\nendpoints:\n"
+    );
+    for (pod, ip) in endpoints {
+        s.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: node-a\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n"
+        ));
+    }
+    s
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let p = std::env::temp_dir().join(crate::harness::unique(prefix));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+
+    /// Write atomically (rename), so the agent never reads a half-written file.
+    pub fn write(&self, name: &str, content: &str) -> Result<()> {
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content)?;
+        std::fs::rename(&tmp, self.0.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.0.join(name))?;
+        Ok(())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,190 @@
+//! The real agent in a node namespace, fed by `--manifests DIR`: traffic, scaling, deletion,
+//! what the CLI prints, and a kill -9 restart under load.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use proxy_tests::{
+    agent::{Agent, TempDir, cli, service_yaml, slice_yaml},
+    client,
+    harness::{PinDir, require_root},
+    netns::{Topology, wait_for},
+};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+struct Env {
+    topo: Topology,
+    dir: TempDir,
+    pins: PinDir,
+}
+
+fn setup(subnet: u8) -> Env {
+    let mut topo = Topology::single_node(4, subnet).expect("topology");
+    for i in 1..4 {
+        topo.start_server(SERVER, i, 8080).expect("server");
+    }
+    Env { topo, dir: TempDir::new("ebpf-proxy-manifests-").expect("dir"), pins: PinDir::new() }
+}
+
+impl Env {
+    fn endpoints(&self, pods: &[usize]) -> Vec<(&str, Ipv4Addr)> {
+        pods.iter().map(|i| (self.topo.pods[*i].name.as_str(), self.topo.pods[*i].ip)).collect()
+    }
+
+    fn write_slice(&self, pods: &[usize]) {
+        self.dir.write("web-slice.yaml", &slice_yaml("web", "web-abc", &self.endpoints(pods), 8080, "TCP")).unwrap();
+    }
+
+    fn start_agent(&self, port: u16) -> Agent {
+        let dir = self.dir.0.to_str().unwrap().to_string();
+        let a = Agent::start(&self.topo.node, &self.pins.0, port, &["--manifests", &dir, "--node-name", "node-a"])
+            .expect("agent");
+        a.wait_ready(&self.topo.node, Duration::from_secs(20)).expect("agent ready");
+        a
+    }
+
+    /// Names answering through the VIP over `n` connections.
+    fn names(&self, n: usize) -> BTreeSet<String> {
+        let vip: SocketAddr = (VIP, 80).into();
+        self.topo.pods[0].ns.run(|| (0..n).filter_map(|_| client::tcp_name(vip).ok()).collect())
+    }
+
+    /// Wait until `n` connections see exactly `want`; returns how long that took.
+    fn converge(&self, want: &[&str]) -> Duration {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let t = Instant::now();
+        wait_for(Duration::from_secs(5), "backend set", || (self.names(30) == want).then_some(())).unwrap_or_else(
+            |e| panic!("{e}: want {want:?}, see {:?}", self.names(30)),
+        );
+        t.elapsed()
+    }
+}
+
+#[test]
+fn manifests_scale_delete_and_cli() {
+    if !require_root("manifests_scale_delete_and_cli") {
+        return;
+    }
+    let env = setup(10);
+    env.dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.write_slice(&[1, 2]);
+    let agent = env.start_agent(10256);
+    env.converge(&["pod1", "pod2"]);
+
+    // Scale up and down: reflected within 1 s of the file change.
+    env.write_slice(&[1, 2, 3]);
+    let up = env.converge(&["pod1", "pod2", "pod3"]);
+    env.write_slice(&[1]);
+    let down = env.converge(&["pod1"]);
+    eprintln!("scale up reflected in {up:?}, scale down in {down:?}");
+    assert!(up < Duration::from_secs(1) && down < Duration::from_secs(1), "up {up:?} down {down:?}");
+
+    // The CLI shows exactly what is programmed.
+    let root = env.pins.0.to_str().unwrap();
+    let json = cli(&["services", "--bpffs-root", root, "-o", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{json}");
+    let r = &rows[0];
+    assert_eq!(r["address"], "10.96.0.10");
+    assert_eq!(r["port"], 80);
+    assert_eq!(r["protocol"], "TCP");
+    assert_eq!(r["namespace"], "default");
+    assert_eq!(r["name"], "web");
+    assert_eq!(r["port_name"], "main");
+    assert_eq!(r["type"], "ClusterIP");
+    let backends: Vec<String> = r["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{}:{}", b["address"].as_str().unwrap(), b["port"]))
+        .collect();
+    assert_eq!(backends, vec![format!("{}:8080", env.topo.pods[1].ip)]);
+    let table = cli(&["services", "--bpffs-root", root]).unwrap();
+    assert!(table.contains("default/web:main") && table.contains("10.96.0.10:80/TCP"), "{table}");
+    let stats = cli(&["stats", "--bpffs-root", root]).unwrap();
+    assert!(stats.contains("new_flow"), "{stats}");
+
+    // Delete the Service: new connections stop.
+    env.dir.remove("web.yaml").unwrap();
+    let vip: SocketAddr = (VIP, 80).into();
+    env.topo.pods[0]
+        .ns
+        .run(|| wait_for(Duration::from_secs(1), "service removal", || client::tcp_name(vip).is_err().then_some(())))
+        .expect("service deleted within 1 s");
+    let json = cli(&["services", "--bpffs-root", root, "-o", "json"]).unwrap();
+    assert_eq!(json.trim(), "[]");
+    drop(agent);
+}
+
+/// A malformed object is skipped with a warning; the other service keeps working.
+#[test]
+fn malformed_service_does_not_disturb_others() {
+    if !require_root("malformed_service_does_not_disturb_others") {
+        return;
+    }
+    let env = setup(11);
+    env.dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.write_slice(&[1, 2]);
+    env.dir.write("bad.yaml", &service_yaml("bad", "10.96.0.300", 80, 8080, "TCP")).unwrap();
+    env.dir.write("garbage.yaml", "kind: Service\nspec: [\n").unwrap();
+    let agent = env.start_agent(10257);
+    env.converge(&["pod1", "pod2"]);
+    assert!(agent.metric(&env.topo.node, "ebpf_proxy_object_warnings").unwrap() >= 1.0);
+}
+
+/// kill -9 the agent while a client loop connects through the ClusterIP: no connection
+/// fails, and the restarted agent writes nothing for the unchanged service.
+#[test]
+fn restart_under_load_drops_nothing_and_writes_nothing() {
+    if !require_root("restart_under_load_drops_nothing_and_writes_nothing") {
+        return;
+    }
+    let env = setup(12);
+    env.dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.write_slice(&[1, 2, 3]);
+    let mut agent = env.start_agent(10258);
+    env.converge(&["pod1", "pod2", "pod3"]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let vip: SocketAddr = (VIP, 80).into();
+    std::thread::scope(|s| {
+        let client_ns = &env.topo.pods[0].ns;
+        let (stop2, ok2, failed2) = (stop.clone(), ok.clone(), failed.clone());
+        s.spawn(move || {
+            client_ns.run(|| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match client::tcp_name(vip) {
+                        Ok(_) => ok2.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed2.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        agent = env.start_agent(10258);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("connections during restart: {ok} ok, {failed} failed");
+    assert!(ok > 50, "the loop ran: {ok}");
+    assert_eq!(failed, 0);
+    let writes = agent.metric(&env.topo.node, "ebpf_proxy_map_writes_total").unwrap();
+    assert_eq!(writes, 0.0, "restarted agent rewrote unchanged state");
+    // And it still follows changes.
+    env.write_slice(&[2]);
+    env.converge(&["pod2"]);
+}
