@@ -38,6 +38,7 @@ async fn attacher(
     root: std::path::PathBuf,
     mut links: UnboundedReceiver<LinkEvent>,
     metrics: Metrics,
+    attached_initial: Arc<AtomicBool>,
 ) {
     let mut attached: HashMap<u32, String> = HashMap::new();
     while let Some(ev) = links.recv().await {
@@ -60,6 +61,7 @@ async fn attacher(
                 let _ = remove_stale_pins(&root, |_, idx| idx != index);
                 info!(iface = %name, ifindex = index, "pod interface gone");
             }
+            LinkEvent::InitialDumpDone => attached_initial.store(true, Ordering::Relaxed),
         }
         metrics.attached_interfaces.set(attached.len() as i64);
     }
@@ -186,7 +188,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             error!(error = %e, "interface watcher stopped");
         }
     });
-    tokio::spawn(attacher(programs, args.bpffs_root.clone(), lrx, metrics.clone()));
+    let attached_initial = Arc::new(AtomicBool::new(false));
+    tokio::spawn(attacher(programs, args.bpffs_root.clone(), lrx, metrics.clone(), attached_initial.clone()));
 
     let (stx, mut srx) = unbounded_channel();
     let source = match &args.manifests {
@@ -213,6 +216,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let delay = Duration::from_millis(args.sync_delay_ms);
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;
+    let mut readiness_spawned = false;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -236,8 +240,19 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             }
         }
         lp.sync(burst.take());
-        if !ready.swap(true, Ordering::Relaxed) {
-            info!("first full sync done; ready");
+        if !readiness_spawned {
+            readiness_spawned = true;
+            // Ready = maps synced and every pod interface present at start-up attached.
+            let attached = attached_initial.clone();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                while !attached.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if !ready.swap(true, Ordering::Relaxed) {
+                    info!("first full sync done and pod interfaces attached; ready");
+                }
+            });
         }
     }
     // Maps, programs and links stay pinned: traffic keeps flowing while we are away.

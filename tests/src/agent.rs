@@ -172,3 +172,44 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Names answering through `vip` over `n` connections from `client`.
+pub fn names(client: &Netns, vip: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
+    client.run(|| (0..n).filter_map(|_| crate::client::tcp_name(vip).ok()).collect())
+}
+
+/// Wait until 30 connections see exactly `want`; returns how long that took.
+pub fn converge(client: &Netns, vip: SocketAddr, want: &[&str]) -> Duration {
+    let want: std::collections::BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    let t = std::time::Instant::now();
+    if let Err(e) = wait_for(Duration::from_secs(5), "backend set", || (names(client, vip, 30) == want).then_some(())) {
+        panic!("{e}: want {want:?}, see {:?}", names(client, vip, 30));
+    }
+    t.elapsed()
+}
+
+/// Run `action` while a bounded client loop (at most 20 s) connects through `vip`;
+/// returns (succeeded, failed) connections.
+pub fn under_load(client: &Netns, vip: SocketAddr, action: impl FnOnce()) -> (u32, u32) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU32::new(0), AtomicU32::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            client.run(|| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                    match crate::client::tcp_name(vip) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        action();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+    });
+    (ok.into_inner(), failed.into_inner())
+}

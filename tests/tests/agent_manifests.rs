@@ -1,17 +1,12 @@
 //! The real agent in a node namespace, fed by `--manifests DIR`: traffic, scaling, deletion,
 //! what the CLI prints, and a kill -9 restart under load.
 use std::{
-    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
-    },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use proxy_tests::{
-    agent::{Agent, TempDir, cli, service_yaml, slice_yaml},
+    agent::{Agent, TempDir, cli, converge, service_yaml, slice_yaml, under_load},
     client,
     harness::{PinDir, require_root},
     netns::{Topology, wait_for},
@@ -51,20 +46,8 @@ impl Env {
         a
     }
 
-    /// Names answering through the VIP over `n` connections.
-    fn names(&self, n: usize) -> BTreeSet<String> {
-        let vip: SocketAddr = (VIP, 80).into();
-        self.topo.pods[0].ns.run(|| (0..n).filter_map(|_| client::tcp_name(vip).ok()).collect())
-    }
-
-    /// Wait until `n` connections see exactly `want`; returns how long that took.
     fn converge(&self, want: &[&str]) -> Duration {
-        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-        let t = Instant::now();
-        wait_for(Duration::from_secs(5), "backend set", || (self.names(30) == want).then_some(())).unwrap_or_else(
-            |e| panic!("{e}: want {want:?}, see {:?}", self.names(30)),
-        );
-        t.elapsed()
+        converge(&self.topo.pods[0].ns, (VIP, 80).into(), want)
     }
 }
 
@@ -154,31 +137,11 @@ fn restart_under_load_drops_nothing_and_writes_nothing() {
     let mut agent = env.start_agent(10258);
     env.converge(&["pod1", "pod2", "pod3"]);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let vip: SocketAddr = (VIP, 80).into();
-    std::thread::scope(|s| {
-        let client_ns = &env.topo.pods[0].ns;
-        let (stop2, ok2, failed2) = (stop.clone(), ok.clone(), failed.clone());
-        s.spawn(move || {
-            client_ns.run(|| {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match client::tcp_name(vip) {
-                        Ok(_) => ok2.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed2.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-        });
-        std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed) = under_load(&env.topo.pods[0].ns, (VIP, 80).into(), || {
         agent.kill();
         std::thread::sleep(Duration::from_millis(300));
         agent = env.start_agent(10258);
-        std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Relaxed);
     });
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("connections during restart: {ok} ok, {failed} failed");
     assert!(ok > 50, "the loop ran: {ok}");
     assert_eq!(failed, 0);

@@ -18,6 +18,8 @@ use super::DataplaneError;
 pub enum LinkEvent {
     Present { index: u32, name: String },
     Gone { index: u32, name: String },
+    /// Every link present at start-up has been reported.
+    InitialDumpDone,
 }
 
 /// Interface name patterns (`veth*`, `cali*`, ...).
@@ -69,6 +71,9 @@ pub async fn watch(patterns: IfacePatterns, tx: UnboundedSender<LinkEvent>) -> R
                 return Ok(());
             }
         }
+    }
+    if tx.send(LinkEvent::InitialDumpDone).is_err() {
+        return Ok(());
     }
     while let Some((msg, _)) = messages.next().await {
         let ev = match msg.payload {

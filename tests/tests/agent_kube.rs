@@ -1,0 +1,106 @@
+//! The real agent in a node namespace, watching a fake Kubernetes API server (list/watch
+//! protocol, 410 Gone, dropped watches) through a kubeconfig: the same kube-rs code path as
+//! on a real cluster.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use proxy_tests::{
+    agent::{Agent, TempDir, cli, converge, service_yaml, slice_yaml, under_load},
+    client,
+    fake_apiserver::{FakeApiServer, bind_in_netns, write_kubeconfig},
+    harness::{PinDir, require_root},
+    netns::{Topology, wait_for},
+};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+
+fn slice(topo: &Topology, pods: &[usize]) -> EndpointSlice {
+    let eps: Vec<(&str, Ipv4Addr)> = pods.iter().map(|i| (topo.pods[*i].name.as_str(), topo.pods[*i].ip)).collect();
+    serde_yaml::from_str(&slice_yaml("api", "api-1", &eps, 8080, "TCP")).unwrap()
+}
+
+#[test]
+fn kube_watch_scale_gone_and_delete() {
+    if !require_root("kube_watch_scale_gone_and_delete") {
+        return;
+    }
+    let mut topo = Topology::single_node(4, 20).expect("topology");
+    for i in 1..4 {
+        topo.start_server(SERVER, i, 8080).expect("server");
+    }
+    let listener = bind_in_netns(&topo.node.name, "127.0.0.1:6443".parse().unwrap()).expect("bind in netns");
+    let api = FakeApiServer::start_background(listener).expect("fake apiserver");
+    let dir = TempDir::new("ebpf-proxy-kubeconfig-").unwrap();
+    let kubeconfig = dir.0.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, "http://127.0.0.1:6443").unwrap();
+
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "node-a"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.1"}]}
+    }))
+    .unwrap();
+    api.apply_node(node);
+    let svc: Service = serde_yaml::from_str(&service_yaml("api", "10.96.0.20", 80, 8080, "TCP")).unwrap();
+    api.apply_service(svc);
+    api.apply_endpointslice(slice(&topo, &[1, 2]));
+
+    let pins = PinDir::new();
+    let agent = Agent::start(
+        &topo.node,
+        &pins.0,
+        10259,
+        &["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "node-a"],
+    )
+    .expect("agent");
+    agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("ready");
+    let client_ns = &topo.pods[0].ns;
+    let vip: SocketAddr = (VIP, 80).into();
+    converge(client_ns, vip, &["pod1", "pod2"]);
+
+    // Scaling the slice is reflected within 1 s.
+    api.apply_endpointslice(slice(&topo, &[1, 2, 3]));
+    let up = converge(client_ns, vip, &["pod1", "pod2", "pod3"]);
+    api.apply_endpointslice(slice(&topo, &[3]));
+    let down = converge(client_ns, vip, &["pod3"]);
+    eprintln!("kube: scale up reflected in {up:?}, down in {down:?}");
+    assert!(up < Duration::from_secs(1) && down < Duration::from_secs(1));
+
+    // The CLI shows exactly what was programmed.
+    let root = pins.0.to_str().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&cli(&["services", "--bpffs-root", root, "-o", "json"]).unwrap()).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{v}");
+    assert_eq!((rows[0]["name"].as_str(), rows[0]["address"].as_str()), (Some("api"), Some("10.96.0.20")));
+    assert_eq!(rows[0]["backends"][0]["address"].as_str(), Some(topo.pods[3].ip.to_string().as_str()));
+
+    // A forced 410 and a dropped watch do not disturb traffic, and watching resumes.
+    let lists_before = api.list_requests(proxy_tests::fake_apiserver::ResourceKind::EndpointSlice);
+    let (ok, failed) = under_load(client_ns, vip, || {
+        api.force_gone();
+        std::thread::sleep(Duration::from_millis(500));
+        api.drop_watches();
+    });
+    eprintln!("kube: during 410 + dropped watch: {ok} ok, {failed} failed");
+    assert!(ok > 20 && failed == 0, "{ok} ok, {failed} failed");
+    wait_for(Duration::from_secs(10), "relist after 410", || {
+        (api.list_requests(proxy_tests::fake_apiserver::ResourceKind::EndpointSlice) > lists_before).then_some(())
+    })
+    .unwrap();
+    api.apply_endpointslice(slice(&topo, &[1]));
+    converge(client_ns, vip, &["pod1"]);
+
+    // Deleting the Service stops it.
+    api.delete_service("default", "api");
+    client_ns
+        .run(|| wait_for(Duration::from_secs(1), "service removal", || client::tcp_name(vip).is_err().then_some(())))
+        .expect("service deleted within 1 s");
+    drop(agent);
+}
