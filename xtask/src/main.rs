@@ -66,8 +66,8 @@ fn demo() -> Result<()> {
     let root = workspace_root();
     run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)
-        .args(["build", "--release", "-p", "proxy-userspace", "-p", "proxy-tests"]))?;
-    run(Command::new(root.join("target/release/proxy-demo")).arg(root.join("target/release/ebpf-proxy")))
+        .args(["build", "-p", "proxy-userspace", "-p", "proxy-tests", "--bins"]))?;
+    run(Command::new(root.join("target/debug/proxy-demo")).arg(root.join("target/debug/ebpf-proxy")))
 }
 
 fn main() -> ExitCode {
