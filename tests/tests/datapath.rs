@@ -365,3 +365,28 @@ fn syn_after_close_selects_again() {
     let d = decode(&dp.run(FROM_POD, &syn).1);
     assert!([B1, B2].contains(&d.dst.0), "reopened tuple went to {:?}", d.dst);
 }
+
+/// sessionAffinity: ClientIP: every new flow of one client goes to the same backend while
+/// the timeout has not passed; other clients are still spread.
+#[test]
+fn session_affinity_pins_a_client_to_one_backend() {
+    if !require_root("session_affinity_pins_a_client_to_one_backend") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    let mut e = entry("sticky", &[(B1, 8080), (B2, 8080), (B3, 8080)]);
+    e.affinity_timeout = Some(10800);
+    let r = dp.syncer.apply(&state(vec![(frontend(VIP, 80, Protocol::Tcp), e)]));
+    assert!(r.errors.is_empty());
+    let first = decode(&dp.run(FROM_POD, &tcp_frame((CLIENT, 1000), (VIP, 80), b"")).1).dst;
+    for port in 1001..1100u16 {
+        let d = decode(&dp.run(FROM_POD, &tcp_frame((CLIENT, port), (VIP, 80), b"")).1);
+        assert_eq!(d.dst, first, "flow from port {port} left the affinity backend");
+    }
+    let mut others = std::collections::HashSet::new();
+    for c in 0..60u8 {
+        let client = Ipv4Addr::new(10, 244, 3, c);
+        others.insert(decode(&dp.run(FROM_POD, &tcp_frame((client, 5000), (VIP, 80), b"")).1).dst.0);
+    }
+    assert_eq!(others.len(), 3, "different clients spread over all backends");
+}
