@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod e2e_kind;
 mod setup;
 
 #[derive(Parser)]
@@ -34,6 +35,8 @@ enum Cmd {
     },
     /// Build, then run the agent in a throw-away netns sandbox (one node, three pods).
     Demo,
+    /// End-to-end on a kind cluster without kube-proxy (skips without docker/kind/kubectl).
+    E2eKind,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
+        Cmd::E2eKind => e2e_kind::main(),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

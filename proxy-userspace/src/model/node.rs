@@ -24,7 +24,8 @@ pub fn prefix_contains(p: &Ipv4Prefix, ip: Ipv4Addr) -> bool {
 pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> (NodeInfo, Vec<Warning>) {
     let mut warnings = Vec::new();
     let mut prefixes = Vec::new();
-    for c in nodeport_cidrs {
+    // An empty value (e.g. an empty ConfigMap key) means "no restriction".
+    for c in nodeport_cidrs.iter().filter(|c| !c.trim().is_empty()) {
         match parse_ipv4_cidr(c) {
             Some(p) => prefixes.push(p),
             None => warnings.push(Warning {
