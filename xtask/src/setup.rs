@@ -85,10 +85,8 @@ fn nightly_sysroot() -> Result<PathBuf> {
 /// bpf-linker must use the same LLVM as the nightly that emits the bitcode; Debian's is too
 /// old, so it is linked against the nightly's own libLLVM, with an rpath to find it.
 fn bpf_linker() -> Result<bool> {
-    if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            return Ok(false);
-        }
+    if output(Command::new("bpf-linker").arg("--version")).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(false);
     }
     let sysroot = nightly_sysroot()?;
     let libdir = sysroot.join("lib");

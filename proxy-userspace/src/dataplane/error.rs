@@ -40,11 +40,11 @@ pub enum DataplaneError {
 impl DataplaneError {
     /// Classify a map syscall failure: E2BIG on insert means the map is full.
     pub fn from_map(map: &'static str, source: aya::maps::MapError) -> Self {
-        if let aya::maps::MapError::SyscallError(e) = &source {
-            if e.io_error.raw_os_error() == Some(libc::E2BIG) {
-                let flag = crate::dataplane::maps::size_flag(map);
-                return DataplaneError::MapFull { map, flag };
-            }
+        if let aya::maps::MapError::SyscallError(e) = &source
+            && e.io_error.raw_os_error() == Some(libc::E2BIG)
+        {
+            let flag = crate::dataplane::maps::size_flag(map);
+            return DataplaneError::MapFull { map, flag };
         }
         DataplaneError::Map { map, source }
     }

@@ -66,10 +66,10 @@ pub async fn watch(patterns: IfacePatterns, tx: UnboundedSender<LinkEvent>) -> R
     tokio::spawn(dump_conn);
     let mut links = handle.link().get().execute();
     while let Some(msg) = links.try_next().await.map_err(netlink_err)? {
-        if let Some(name) = name_of(&msg).filter(|n| patterns.matches(n)) {
-            if tx.send(LinkEvent::Present { index: msg.header.index, name }).is_err() {
-                return Ok(());
-            }
+        if let Some(name) = name_of(&msg).filter(|n| patterns.matches(n))
+            && tx.send(LinkEvent::Present { index: msg.header.index, name }).is_err()
+        {
+            return Ok(());
         }
     }
     if tx.send(LinkEvent::InitialDumpDone).is_err() {
@@ -85,10 +85,10 @@ pub async fn watch(patterns: IfacePatterns, tx: UnboundedSender<LinkEvent>) -> R
             }
             _ => None,
         };
-        if let Some(ev) = ev {
-            if tx.send(ev).is_err() {
-                return Ok(());
-            }
+        if let Some(ev) = ev
+            && tx.send(ev).is_err()
+        {
+            return Ok(());
         }
     }
     Ok(())

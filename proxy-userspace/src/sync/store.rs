@@ -64,10 +64,8 @@ impl MapStore for MemStore {
         })
     }
     fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> StoreResult {
-        if let Some(max) = self.max_services {
-            if !self.services.contains_key(k) && self.services.len() >= max {
-                return Err(DataplaneError::MapFull { map: "SERVICES", flag: "max-services" });
-            }
+        if self.max_services.is_some_and(|max| !self.services.contains_key(k) && self.services.len() >= max) {
+            return Err(DataplaneError::MapFull { map: "SERVICES", flag: "max-services" });
         }
         self.log.push(format!("put_service {} count={} gen={}", v.id, v.count, v.generation));
         self.services.insert(*k, *v);

@@ -205,8 +205,7 @@ fn deleted_udp_service_loses_its_conntrack() {
 
 #[test]
 fn full_map_fails_one_frontend_and_programs_the_rest() {
-    let mut store = MemStore::default();
-    store.max_services = Some(1);
+    let store = MemStore { max_services: Some(1), ..MemStore::default() };
     let mut s = Syncer::new(store).unwrap();
     let r = s.apply(&desired(vec![
         (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
