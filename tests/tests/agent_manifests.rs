@@ -151,3 +151,33 @@ fn restart_under_load_drops_nothing_and_writes_nothing() {
     env.write_slice(&[2]);
     env.converge(&["pod2"]);
 }
+
+/// Pods created after the agent started get the programs attached (a new client pod can use
+/// the ClusterIP at once); pods deleted lose their pinned links.
+#[test]
+fn interfaces_attach_as_pods_come_and_go() {
+    if !require_root("interfaces_attach_as_pods_come_and_go") {
+        return;
+    }
+    let mut env = setup(13);
+    env.dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.write_slice(&[1, 2, 3]);
+    let _agent = env.start_agent(10260);
+    let links = env.pins.0.join("links");
+    let count = || std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(count(), 8, "two links per pod interface");
+
+    env.topo.add_pod("late", Ipv4Addr::new(10, 244, 13, 50)).unwrap();
+    let late = env.topo.pods.len() - 1;
+    wait_for(Duration::from_secs(5), "links for the new pod", || (count() == 10).then_some(())).unwrap();
+    let vip: SocketAddr = (VIP, 80).into();
+    let name = env.topo.pods[late]
+        .ns
+        .run(|| wait_for(Duration::from_secs(5), "service from the new pod", || client::tcp_name(vip).ok()))
+        .unwrap();
+    assert!(name.starts_with("pod"), "{name}");
+
+    let gone = env.topo.pods.remove(late);
+    drop(gone);
+    wait_for(Duration::from_secs(5), "links of the deleted pod removed", || (count() == 8).then_some(())).unwrap();
+}
