@@ -19,6 +19,8 @@ pub mod map_names {
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const SERVICE_META: &str = "SERVICE_META";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const NODE_CONFIG: &str = "NODE_CONFIG";
+    pub const NEIGH_MISSES: &str = "NEIGH_MISSES";
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -33,6 +35,8 @@ pub mod sizes {
     pub const MAX_SOURCE_RANGES: u32 = 16_384;
     /// Backends one service frontend can have in one slot generation.
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 1 << 16;
+    /// Next hops whose neighbour entry was missing, waiting for the agent to resolve them.
+    pub const MAX_NEIGH_MISSES: u32 = 1024;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -230,7 +234,10 @@ pub mod verdict {
     pub const ERROR: u32 = 9;
     /// Protocol other than TCP/UDP/SCTP: passed untouched.
     pub const OTHER_L4: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// XDP could not forward a translated packet: no route, TTL expired, or the next hop's
+    /// neighbour entry is not resolved yet (queued in `NEIGH_MISSES` for the agent). Dropped.
+    pub const NO_ROUTE: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -244,6 +251,7 @@ pub mod verdict {
         "source_range_drop",
         "error",
         "other_l4",
+        "no_route",
     ];
 }
 
@@ -302,6 +310,47 @@ pub struct SourceRangeKey {
     pub addr: u32,
 }
 
+/// Defaults of [`NodeConfig`] when the agent has not written it (and for `--snat-port-range`).
+pub mod nat_defaults {
+    /// Source ports for SNAT (north-south to a remote backend, hairpin): above the kernel's
+    /// default `ip_local_port_range` (32768-60999), so they never collide with the node's
+    /// own connections.
+    pub const SNAT_PORT_MIN: u16 = 61000;
+    pub const SNAT_PORT_MAX: u16 = 65535;
+    /// Source a pod sees when it reaches itself through its own service (hairpin). Link-local
+    /// and routed by the pod's default route back to its host-side veth; 169.254.1.1 is
+    /// taken by the CNI gateway in Calico-like setups, so another one.
+    pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+}
+
+/// Value of `NODE_CONFIG` (array, one entry, index 0): node facts the datapath needs,
+/// written by the agent at start-up and whenever the Node changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NodeConfig {
+    /// Address remote-backend flows are source-NATed to (network byte order); 0 = the
+    /// address the packet was sent to.
+    pub snat_addr: u32,
+    /// Hairpin source address (network byte order); 0 = hairpin SNAT disabled.
+    pub hairpin_addr: u32,
+    /// SNAT source-port range, inclusive, **host** byte order (used for arithmetic); 0 =
+    /// the `nat_defaults`.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _reserved: u32,
+}
+
+/// Key of `NEIGH_MISSES` (LRU hash, value: `bpf_ktime_get_ns()` of the miss): a next hop
+/// `bpf_fib_lookup` found no neighbour entry for. XDP cannot resolve neighbours; the agent
+/// asks the kernel to (`NTF_USE`) and deletes the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NeighKey {
+    pub ifindex: u32,
+    /// Next-hop IPv4 address, network byte order.
+    pub addr: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -319,6 +368,8 @@ mod pod_impls {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ServiceMeta {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for NeighKey {}
 }
 
 #[cfg(test)]
@@ -342,6 +393,8 @@ mod tests {
         assert_eq!(size_of::<Counters>(), 16);
         assert_eq!(size_of::<ServiceMeta>(), 152);
         assert_eq!(size_of::<SourceRangeKey>(), 12);
+        assert_eq!(size_of::<NodeConfig>(), 16);
+        assert_eq!(size_of::<NeighKey>(), 8);
         assert_eq!(align_of::<CtValue>(), 8);
     }
 

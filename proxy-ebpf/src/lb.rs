@@ -1,15 +1,24 @@
 //! Service lookup, backend selection (random, or session affinity) and conntrack entries.
 //! Pure map logic: no packet access, so the TC and XDP entry points share it.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use proxy_common::{
-    ct_flags, svc_flags, AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue,
-    SlotKey, CT_DIR_FORWARD, CT_DIR_REPLY,
+    ct_flags, nat_defaults, svc_flags, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig,
+    ServiceKey, ServiceValue, SlotKey, CT_DIR_FORWARD, CT_DIR_REPLY,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, CONNTRACK, SERVICES},
+    maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, CONNTRACK, NODE_CONFIG, SERVICES, SOURCE_RANGES},
     parse::Packet,
 };
+
+/// SNAT source-port candidates tried per new flow before giving up (bounded for the
+/// verifier; with a 4536-port range and a sane number of flows per backend, the first one
+/// nearly always wins).
+const SNAT_TRIES: u32 = 8;
 
 /// Refresh `last_seen` at most this often, so established flows do not write the shared
 /// conntrack cache line on every packet.
@@ -67,10 +76,17 @@ pub fn ct_lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
 /// FIN/RST first), so a new SYN on the same tuple selects a backend afresh.
 #[inline(always)]
 pub fn ct_mark_forward_closing(reply: &Packet, rev: &CtValue) {
+    // A source-NATed flow's client is not the reply's destination (that is our SNAT
+    // address): the reply entry remembers it.
+    let (client, client_port) = if rev.flags & ct_flags::SNAT != 0 {
+        (rev.snat_addr, rev.snat_port)
+    } else {
+        (reply.daddr, reply.dport)
+    };
     let key = CtKey {
-        src_addr: reply.daddr,
+        src_addr: client,
         dst_addr: rev.nat_addr,
-        src_port: reply.dport,
+        src_port: client_port,
         dst_port: rev.nat_port,
         proto: reply.proto,
         dir: CT_DIR_FORWARD,
@@ -80,6 +96,29 @@ pub fn ct_mark_forward_closing(reply: &Packet, rev: &CtValue) {
         // SAFETY: pointer from a successful lookup, see `ct_lookup`.
         unsafe { (*ptr).flags |= ct_flags::CLOSING };
     }
+}
+
+/// The node facts the agent wrote, with the documented defaults for what it left 0.
+#[inline(always)]
+pub fn node_config() -> NodeConfig {
+    let mut c = NODE_CONFIG.get(0).copied().unwrap_or_default();
+    if c.snat_port_min == 0 || c.snat_port_max < c.snat_port_min {
+        c.snat_port_min = nat_defaults::SNAT_PORT_MIN;
+        c.snat_port_max = nat_defaults::SNAT_PORT_MAX;
+    }
+    c
+}
+
+/// loadBalancerSourceRanges: may `saddr` use this frontend? Only frontends flagged
+/// `SOURCE_RANGES` are restricted; their allowed prefixes live in the LPM trie under the
+/// service id (big-endian, so the id forms the key's leading 32 bits).
+#[inline(always)]
+pub fn source_allowed(svc: &ServiceValue, saddr: u32) -> bool {
+    if svc.flags & svc_flags::SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(64, [svc.id.to_be(), saddr]);
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 #[inline(always)]
@@ -175,4 +214,85 @@ pub fn ct_create(p: &Packet, svc_id: u32, backend_id: u32, b: &Backend, now: u64
         ..CtValue::default()
     };
     CONNTRACK.insert(&rkey, &rev, 0)
+}
+
+/// A cheap, well-mixed 32-bit hash of a flow (murmur3's finaliser over a few words): picks
+/// SNAT port candidates so different flows spread over the range.
+#[inline(always)]
+fn mix(a: u32, b: u32, c: u32) -> u32 {
+    let mut h = a ^ b.rotate_left(16) ^ c.wrapping_mul(0x9e37_79b1);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Record both directions of a new flow that is DNATed to `b` *and* source-NATed to
+/// `snat_addr` (remote backend from outside, or hairpin), allocating the source port.
+///
+/// The port is claimed by inserting the reply entry (backend -> snat_addr:port) with
+/// `BPF_NOEXIST`: a port is only "in use" for one backend ip:port/proto, which is exactly
+/// the key's uniqueness, so no separate port table is needed. Returns the port (network
+/// byte order), or `None` when every candidate was taken or a write failed.
+#[inline(always)]
+pub fn ct_create_snat(
+    p: &Packet,
+    svc_id: u32,
+    backend_id: u32,
+    b: &Backend,
+    snat_addr: u32,
+    cfg: &NodeConfig,
+    now: u64,
+) -> Option<u16> {
+    let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
+    let rev = CtValue {
+        nat_addr: p.daddr,
+        nat_port: p.dport,
+        flags: ct_flags::SNAT,
+        snat_addr: p.saddr,
+        snat_port: p.sport,
+        backend_id,
+        svc_id,
+        last_seen: now,
+        ..CtValue::default()
+    };
+    let h = mix(p.saddr, ((p.sport as u32) << 16) | p.dport as u32, b.addr ^ b.port as u32);
+    let mut port_be = 0u16;
+    let mut i = 0u32;
+    while i < SNAT_TRIES {
+        // Stride by an odd multiplier of the attempt so retries do not probe neighbours of
+        // an already crowded candidate.
+        let candidate = cfg.snat_port_min + (h.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range) as u16;
+        let key = CtKey {
+            src_addr: b.addr,
+            dst_addr: snat_addr,
+            src_port: b.port,
+            dst_port: candidate.to_be(),
+            proto: p.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        if CONNTRACK.insert(key, rev, BPF_NOEXIST as u64).is_ok() {
+            port_be = candidate.to_be();
+            break;
+        }
+        i += 1;
+    }
+    if port_be == 0 {
+        return None;
+    }
+    let fwd = CtValue {
+        nat_addr: b.addr,
+        nat_port: b.port,
+        flags: ct_flags::SNAT,
+        snat_addr,
+        snat_port: port_be,
+        backend_id,
+        svc_id,
+        last_seen: now,
+        ..CtValue::default()
+    };
+    CONNTRACK.insert(forward_key(p), fwd, 0).ok()?;
+    Some(port_be)
 }

@@ -1,6 +1,7 @@
 //! eBPF programs of ebpf-proxy. Entry points are thin; the logic lives in the modules:
-//! `parse` (headers), `lb` (service lookup, backend selection, conntrack), `tc`
-//! (packet rewrite for pod traffic), `stats` (counters), `maps` (every map).
+//! `parse` (headers), `lb` (service lookup, backend selection, conntrack, SNAT ports), `tc`
+//! (packet rewrite for pod traffic), `xdp` (north-south on the uplink: rewrite, checksums,
+//! forwarding), `stats` (counters), `maps` (every map).
 #![no_std]
 #![no_main]
 
@@ -9,8 +10,12 @@ mod maps;
 mod parse;
 mod stats;
 mod tc;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// TC ingress of a pod's host-side veth: traffic leaving the pod.
 #[classifier]
@@ -21,7 +26,20 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// TC egress of a pod's host-side veth: traffic entering the pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    tc::to_pod(&ctx)
+    tc::reverse_nat(&ctx)
+}
+
+/// XDP on the node's uplink: NodePort / ExternalIP / LoadBalancer traffic from outside.
+#[xdp]
+pub fn from_uplink(ctx: XdpContext) -> u32 {
+    xdp::from_uplink(&ctx)
+}
+
+/// TC egress of the uplink: replies of north-south flows XDP delivered to a local backend
+/// leave with the frontend (node address:nodePort, external or LB IP:port) as source.
+#[classifier]
+pub fn to_uplink(ctx: TcContext) -> i32 {
+    tc::reverse_nat(&ctx)
 }
 
 #[cfg(not(test))]

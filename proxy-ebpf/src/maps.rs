@@ -2,11 +2,11 @@
 //! restarted agent re-opens them and established flows keep their backend.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    sizes, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, ServiceKey, ServiceMeta,
-    ServiceValue, SlotKey, StatsKey,
+    sizes, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig,
+    ServiceKey, ServiceMeta, ServiceValue, SlotKey, StatsKey,
 };
 
 #[map]
@@ -45,3 +45,13 @@ pub static SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(sizes::MAX_
 #[map]
 pub static SOURCE_RANGES: LpmTrie<[u32; 2], u8> =
     LpmTrie::pinned(sizes::MAX_SOURCE_RANGES, 0);
+
+/// Node facts (SNAT address, hairpin address, SNAT port range), index 0. Written by the agent.
+#[map]
+pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// Next hops XDP could not forward to because their neighbour entry was missing; the agent
+/// triggers resolution and deletes the key. LRU so a flood of misses cannot fill it for good.
+#[map]
+pub static NEIGH_MISSES: LruHashMap<NeighKey, u64> =
+    LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);

@@ -3,13 +3,19 @@
 //! - `from_pod` runs on the veth's *ingress* (packets leaving the pod): tracked flows are
 //!   DNATed to their backend, new flows to a service VIP get a backend and conntrack entries.
 //! - `to_pod` runs on the veth's *egress* (packets entering the pod): replies of tracked
-//!   flows get their source rewritten back to the VIP:port the client used.
+//!   flows get their source rewritten back to the VIP:port the client used. The same logic
+//!   runs as `to_uplink` on the uplink's egress, for replies of north-south flows that XDP
+//!   delivered to a local backend.
+//! - Hairpin (a pod reaching itself through its own service): the kernel would not accept a
+//!   packet from its own address arriving on eth0, so such flows are also source-NATed to
+//!   the hairpin address (`NodeConfig::hairpin_addr`) and bounced straight back into the
+//!   pod; the pod's answers to the hairpin address are translated back the same way.
 //!
 //! Everything else returns `TC_ACT_UNSPEC`, so the packet continues exactly as if no
 //! program were attached (and a CNI's own program after ours still runs).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
     programs::TcContext,
 };
 use proxy_common::{ct_flags, verdict, PROTO_UDP, SCOPE_INTERNAL};
@@ -88,6 +94,31 @@ fn snat(ctx: &TcContext, p: &Packet, addr: u32, port: u16) -> Result<(), i64> {
     rewrite(ctx, p, IP_SRC_OFF, p.saddr, addr, 0, p.sport, port)
 }
 
+/// Send a hairpin packet straight back into the pod it came from (egress of the same
+/// veth), with the MACs swapped as the gateway would have done. Routing it instead would
+/// depend on the node's rp_filter accepting the link-local hairpin source on a pod veth.
+#[inline(always)]
+fn bounce(ctx: &TcContext) -> i32 {
+    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+        return TC_ACT_SHOT;
+    };
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    if ctx.store(0, &swapped, 0).is_err() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: reading the context field and calling a helper without preconditions.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+/// Both halves of a hairpin (or any source-NATed) translation.
+#[inline(always)]
+fn full_nat(ctx: &TcContext, p: &Packet, saddr: u32, sport: u16, daddr: u32, dport: u16) -> Result<(), i64> {
+    snat(ctx, p, saddr, sport)?;
+    dnat(ctx, p, daddr, dport)
+}
+
 pub fn from_pod(ctx: &TcContext) -> i32 {
     let len = ctx.len();
     let p = match parse_ctx(ctx) {
@@ -97,6 +128,23 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     };
+    let cfg = lb::node_config();
+    // The pod answering a hairpin flow: back to VIP:port -> pod:port, into the pod.
+    if cfg.hairpin_addr != 0 && p.daddr == cfg.hairpin_addr {
+        if let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p).filter(|ct| ct.flags & ct_flags::SNAT != 0) {
+            if p.tcp_closing() {
+                lb::ct_mark_forward_closing(&p, &ct);
+            }
+            if full_nat(ctx, &p, ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port).is_err() {
+                count_global(verdict::ERROR, len);
+                return TC_ACT_SHOT;
+            }
+            count_service(ct.svc_id, verdict::REVERSE_NAT, len);
+            return bounce(ctx);
+        }
+        count_global(verdict::PASS, len);
+        return TC_ACT_UNSPEC;
+    }
     // Tracked flow first: established connections keep their backend even after the
     // backend or the whole service is removed, as with kube-proxy's conntrack. A fresh SYN
     // on the tuple of a connection that already closed is a new connection (the client
@@ -104,6 +152,14 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     if let Some(ct) = lb::ct_lookup(&lb::forward_key(&p), &p) {
         let reopened = p.tcp_syn() && ct.flags & ct_flags::CLOSING != 0;
         if !reopened {
+            if ct.flags & ct_flags::SNAT != 0 {
+                if full_nat(ctx, &p, ct.snat_addr, ct.snat_port, ct.nat_addr, ct.nat_port).is_err() {
+                    count_global(verdict::ERROR, len);
+                    return TC_ACT_SHOT;
+                }
+                count_service(ct.svc_id, verdict::ESTABLISHED, len);
+                return bounce(ctx);
+            }
             if dnat(ctx, &p, ct.nat_addr, ct.nat_port).is_err() {
                 count_global(verdict::ERROR, len);
                 return TC_ACT_SHOT;
@@ -129,6 +185,19 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     };
+    if backend.addr == p.saddr && cfg.hairpin_addr != 0 {
+        let Some(port) = lb::ct_create_snat(&p, svc.id, backend_id, &backend, cfg.hairpin_addr, &cfg, now)
+        else {
+            count_service(svc.id, verdict::ERROR, len);
+            return TC_ACT_SHOT;
+        };
+        if full_nat(ctx, &p, cfg.hairpin_addr, port, backend.addr, backend.port).is_err() {
+            count_service(svc.id, verdict::ERROR, len);
+            return TC_ACT_SHOT;
+        }
+        count_service(svc.id, verdict::NEW_FLOW, len);
+        return bounce(ctx);
+    }
     if lb::ct_create(&p, svc.id, backend_id, &backend, now).is_err()
         || dnat(ctx, &p, backend.addr, backend.port).is_err()
     {
@@ -139,7 +208,10 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-pub fn to_pod(ctx: &TcContext) -> i32 {
+/// Replies of tracked flows get their source put back to the frontend the client used.
+/// Entries of source-NATed flows are not ours to undo here: XDP (north-south) and
+/// `from_pod` (hairpin) translate those completely.
+pub fn reverse_nat(ctx: &TcContext) -> i32 {
     let len = ctx.len();
     let p = match parse_ctx(ctx) {
         Ok(p) => p,
@@ -148,7 +220,7 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     };
-    let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p) else {
+    let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p).filter(|ct| ct.flags & ct_flags::SNAT == 0) else {
         count_global(verdict::PASS, len);
         return TC_ACT_UNSPEC;
     };

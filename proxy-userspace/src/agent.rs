@@ -1,7 +1,9 @@
-//! The agent: load the datapath, attach it to pod interfaces as they come and go, and keep
-//! the maps equal to what the Kubernetes objects say.
+//! The agent: load the datapath, attach it to pod interfaces and uplinks as they come and
+//! go, keep the maps equal to what the Kubernetes objects say, serve health-check node
+//! ports, and resolve the neighbours XDP forwarding is missing.
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,14 +18,19 @@ use tracing::{error, info, warn};
 use crate::{
     cli::AgentArgs,
     dataplane::{
-        attach::{attach_pod_interface, remove_stale_pins},
+        attach::{XdpModeChoice, attach_pod_interface, attach_uplink, remove_stale_pins},
         ifaces::{self, IfacePatterns, LinkEvent},
         loader::{self, LoaderConfig, Programs},
         maps::Maps,
+        node::{NodeMaps, PortRange, node_config, resolve_neighbour},
     },
+    healthcheck::HealthServers,
     http::{self, HttpState},
     metrics::{MapLabel, Metrics},
-    model::{self, node::node_info},
+    model::{
+        self,
+        node::{node_info, snat_address},
+    },
     source::{Resource, Source, SourceEvent, files},
     sync::Syncer,
 };
@@ -32,10 +39,19 @@ fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
 }
 
+/// Which interfaces get which programs.
+struct AttachPlan {
+    /// Uplink names (exact): XDP + TC egress. Everything else the watcher reports is a pod
+    /// interface.
+    uplinks: HashSet<String>,
+    xdp_mode: XdpModeChoice,
+}
+
 /// Attach programs to every matching interface, and forget pins of vanished ones.
 async fn attacher(
     mut programs: Programs,
     root: std::path::PathBuf,
+    plan: AttachPlan,
     mut links: UnboundedReceiver<LinkEvent>,
     metrics: Metrics,
     attached_initial: Arc<AtomicBool>,
@@ -45,6 +61,23 @@ async fn attacher(
         match ev {
             LinkEvent::Present { index, name } => {
                 if attached.get(&index) == Some(&name) {
+                    continue;
+                }
+                if plan.uplinks.contains(&name) {
+                    match attach_uplink(&mut programs, &root, &name, plan.xdp_mode) {
+                        Ok(a) => {
+                            info!(
+                                iface = %name,
+                                ifindex = index,
+                                xdp_mode = %a.xdp,
+                                xdp_link = if a.xdp_replaced { "replaced" } else { "new" },
+                                egress = ?a.egress,
+                                "attached to uplink"
+                            );
+                            attached.insert(index, name);
+                        }
+                        Err(e) => error!(iface = %name, error = %e, "cannot attach to uplink"),
+                    }
                     continue;
                 }
                 match attach_pod_interface(&mut programs, &root, &name) {
@@ -59,7 +92,8 @@ async fn attacher(
             LinkEvent::Gone { index, name } => {
                 attached.remove(&index);
                 let _ = remove_stale_pins(&root, |_, idx| idx != index);
-                info!(iface = %name, ifindex = index, "pod interface gone");
+                let kind = if plan.uplinks.contains(&name) { "uplink" } else { "pod interface" };
+                info!(iface = %name, ifindex = index, kind, "interface gone");
             }
             LinkEvent::InitialDumpDone => attached_initial.store(true, Ordering::Relaxed),
         }
@@ -67,11 +101,39 @@ async fn attacher(
     }
 }
 
+/// Ask the kernel to resolve the next hops XDP found no neighbour entry for. Polled: the
+/// map is tiny and usually empty, and a miss costs the client one retransmission anyway.
+async fn neighbour_resolver(mut maps: NodeMaps) {
+    let (conn, handle, _) = match rtnetlink::new_connection() {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "neighbour resolver: no rtnetlink socket; XDP forwarding relies on the kernel's own resolution");
+            return;
+        }
+    };
+    tokio::spawn(conn);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        for (ifindex, next_hop) in maps.take_neigh_misses() {
+            match resolve_neighbour(&handle, ifindex, next_hop).await {
+                Ok(()) => info!(ifindex, %next_hop, "XDP next hop had no neighbour entry; resolving"),
+                Err(e) => warn!(ifindex, %next_hop, error = %e, "cannot trigger neighbour resolution"),
+            }
+        }
+    }
+}
+
 struct SyncLoop {
     syncer: Syncer<Maps>,
+    node_maps: NodeMaps,
+    health: HealthServers,
     source: Source,
     node_name: String,
     nodeport_addresses: Vec<String>,
+    hairpin_address: Ipv4Addr,
+    snat_port_range: PortRange,
+    last_node_config: Option<proxy_common::NodeConfig>,
     metrics: Metrics,
     max_services: u32,
     max_backends: u32,
@@ -95,6 +157,25 @@ impl SyncLoop {
         }
         self.metrics.object_warnings.set(now.len() as i64);
         self.last_warnings = now;
+
+        // Node facts first: a flow to a new remote backend needs the SNAT address.
+        let snat = snat_address(objects.node.as_ref());
+        let cfg = node_config(snat, Some(self.hairpin_address), self.snat_port_range);
+        if self.last_node_config != Some(cfg) {
+            match self.node_maps.set_config(&cfg) {
+                Ok(()) => {
+                    info!(
+                        snat_address = %snat.map(|a| a.to_string()).unwrap_or_else(|| "(address the client used)".into()),
+                        hairpin_address = %self.hairpin_address,
+                        snat_ports = %self.snat_port_range,
+                        "node config written"
+                    );
+                    self.last_node_config = Some(cfg);
+                }
+                Err(e) => error!(error = %e, "cannot write the node config"),
+            }
+        }
+        self.health.update(&desired.health_checks);
 
         let report = self.syncer.apply(&desired);
         let elapsed = t.elapsed();
@@ -171,8 +252,16 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         max_backends: args.max_backends,
         max_conntrack: args.max_conntrack,
     };
-    let (programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
+    let (mut programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
+    let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
     let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&args.snat_port_range)) {
+        warn!(
+            snat_ports = %args.snat_port_range,
+            ip_local_port_range = %local,
+            "--snat-port-range overlaps net.ipv4.ip_local_port_range: SNATed flows can collide with the node's own connections"
+        );
+    }
     info!(
         node = %node_name,
         bpffs_root = %args.bpffs_root.display(),
@@ -181,7 +270,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         "datapath loaded; pinned state read back"
     );
 
-    let patterns = IfacePatterns::new(&args.pod_iface_pattern).context("--pod-iface-pattern")?;
+    // One watcher for both kinds: uplinks by exact name, pods by pattern.
+    let mut watched = args.pod_iface_pattern.clone();
+    watched.extend(args.uplink.iter().map(|u| glob::Pattern::escape(u)));
+    let patterns = IfacePatterns::new(&watched).context("--pod-iface-pattern")?;
     let (ltx, lrx) = unbounded_channel();
     tokio::spawn(async move {
         if let Err(e) = ifaces::watch(patterns, ltx).await {
@@ -189,7 +281,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     });
     let attached_initial = Arc::new(AtomicBool::new(false));
-    tokio::spawn(attacher(programs, args.bpffs_root.clone(), lrx, metrics.clone(), attached_initial.clone()));
+    let plan = AttachPlan { uplinks: args.uplink.iter().cloned().collect(), xdp_mode: args.xdp_mode };
+    if !args.uplink.is_empty() {
+        info!(uplinks = ?args.uplink, xdp_mode = ?args.xdp_mode, "north-south XDP on uplinks");
+        let misses = NodeMaps::open_pinned(&args.bpffs_root).context("node maps")?;
+        tokio::spawn(neighbour_resolver(misses));
+    }
+    tokio::spawn(attacher(programs, args.bpffs_root.clone(), plan, lrx, metrics.clone(), attached_initial.clone()));
 
     let (stx, mut srx) = unbounded_channel();
     let source = match &args.manifests {
@@ -205,9 +303,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
 
     let mut lp = SyncLoop {
         syncer,
+        node_maps,
+        health: HealthServers::new(ready.clone()),
         source,
         node_name,
         nodeport_addresses: args.nodeport_addresses.clone(),
+        hairpin_address: args.hairpin_address,
+        snat_port_range: args.snat_port_range,
+        last_node_config: None,
         metrics,
         max_services: args.max_services,
         max_backends: args.max_backends,

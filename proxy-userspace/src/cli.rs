@@ -1,9 +1,14 @@
 //! Command-line interface of the `ebpf-proxy` binary: the agent and the operator CLI.
 //! Parsing lives in the library so tests (and the manifest checks) can validate flags
 //! without running anything.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::dataplane::{attach::XdpModeChoice, node::PortRange};
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// Host-side veth names of kind (kindnet `veth*`), Calico (`cali*`), Cilium (`lxc*`),
@@ -73,9 +78,22 @@ pub struct AgentArgs {
     /// Glob patterns (comma-separated) of pod-facing host interfaces to attach TC to.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_POD_IFACE_PATTERNS)]
     pub pod_iface_pattern: Vec<String>,
-    /// External (uplink) interfaces for the north-south XDP program. Repeatable.
+    /// External (uplink) interfaces for the north-south XDP program (NodePort, ExternalIP,
+    /// LoadBalancer traffic from outside the node). Repeatable or comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub uplink: Vec<String>,
+    /// XDP mode on uplinks: native (in the driver) where supported, else generic.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeChoice,
+    /// Source ports for north-south SNAT (to backends on other nodes) and hairpin SNAT.
+    /// Keep it outside net.ipv4.ip_local_port_range so it never collides with the node's own
+    /// connections.
+    #[arg(long, default_value_t = PortRange::default())]
+    pub snat_port_range: PortRange,
+    /// Source address a pod sees when it reaches itself through its own service (hairpin).
+    /// 0.0.0.0 disables hairpin SNAT.
+    #[arg(long, default_value_t = Ipv4Addr::from(proxy_common::nat_defaults::HAIRPIN_ADDR))]
+    pub hairpin_address: Ipv4Addr,
     /// CIDRs selecting which node addresses serve NodePorts (default: all node IPs).
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
@@ -115,6 +133,23 @@ mod tests {
         let Command::Agent(a) = cli.command else { panic!("not agent") };
         assert_eq!(a.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
         assert_eq!(a.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*"]);
+        assert_eq!(a.xdp_mode, XdpModeChoice::Auto);
+        assert_eq!(a.snat_port_range, PortRange { min: 61000, max: 65535 });
+        assert_eq!(a.hairpin_address, Ipv4Addr::new(169, 254, 42, 1));
+        assert!(a.uplink.is_empty());
+    }
+
+    #[test]
+    fn uplink_flags() {
+        let cli = Cli::try_parse_from([
+            "ebpf-proxy", "agent", "--uplink", "eth0,eth1", "--xdp-mode", "generic", "--snat-port-range", "62000-62999",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!(a.uplink, vec!["eth0", "eth1"]);
+        assert_eq!(a.xdp_mode, XdpModeChoice::Generic);
+        assert_eq!(a.snat_port_range, PortRange { min: 62000, max: 62999 });
+        assert!(Cli::try_parse_from(["ebpf-proxy", "agent", "--snat-port-range", "9-1"]).is_err());
     }
 
     #[test]

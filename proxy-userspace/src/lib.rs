@@ -5,11 +5,13 @@
 //! - `dataplane`: the kernel side: load and pin programs and maps, attach them to
 //!   interfaces, typed access to the maps.
 //! - `sync`: diff desired state against the maps and apply minimal, ordered writes.
-//! - `agent`: ties them together; `http` and `metrics` serve health and Prometheus.
+//! - `agent`: ties them together; `http` and `metrics` serve health and Prometheus;
+//!   `healthcheck` serves the services' `healthCheckNodePort`s.
 //! - `cli` (flags) and `show` (the operator CLI's output).
 pub mod agent;
 pub mod cli;
 pub mod dataplane;
+pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -55,9 +55,19 @@ fn main() -> ExitCode {
         Command::Conntrack(a) => open(&a)
             .and_then(|m| Ok(show::read_conntrack(&m)?))
             .and_then(|r| print(&a, &r, |r| show::render_conntrack(r))),
-        Command::Stats(a) => {
-            open(&a).and_then(|m| Ok(show::read_stats(&m)?)).and_then(|r| print(&a, &r, |r| show::render_stats(r)))
-        }
+        // The table also lists the uplinks and their XDP mode (from the link pins); the
+        // JSON output stays the list of counters.
+        Command::Stats(a) => open(&a).and_then(|m| Ok(show::read_stats(&m)?)).and_then(|r| {
+            let uplinks = proxy_userspace::dataplane::attach::pinned_uplinks(&a.bpffs_root);
+            print(&a, &r, |r| {
+                let mut out = show::render_stats(r);
+                if !uplinks.is_empty() {
+                    out.push('\n');
+                    out.push_str(&show::render_uplinks(&uplinks));
+                }
+                out
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

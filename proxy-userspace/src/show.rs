@@ -285,6 +285,10 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
     use proxy_common::map_names as n;
     let mut rows = Vec::new();
     for v in 0..verdict::COUNT {
+        // A GLOBAL_STATS pinned by an older agent has fewer verdicts: show what it has.
+        if v >= maps.global_stats.len() {
+            break;
+        }
         let pc = maps.global_stats.get(&v, 0).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
         let (packets, bytes) = pc.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
         rows.push(StatRow { service_id: None, verdict: verdict::NAMES[v as usize], packets, bytes });
@@ -314,6 +318,13 @@ pub fn render_stats(rows: &[StatRow]) -> String {
         })
         .collect();
     table(&["SERVICE", "VERDICT", "PACKETS", "BYTES"], &cells)
+}
+
+/// Uplinks and their XDP mode (from the pinned links), for `ebpf-proxy stats`.
+pub fn render_uplinks(rows: &[crate::dataplane::attach::PinnedUplink]) -> String {
+    let cells: Vec<Vec<String>> =
+        rows.iter().map(|u| vec![u.iface.clone(), u.ifindex.to_string(), u.xdp_mode.to_string()]).collect();
+    table(&["UPLINK", "IFINDEX", "XDP-MODE"], &cells)
 }
 
 #[cfg(test)]

@@ -143,6 +143,37 @@ pub fn slice_yaml(service: &str, slice: &str, endpoints: &[(&str, std::net::Ipv4
     s
 }
 
+/// YAML for a Node with one InternalIP (what the agent derives NodePort and SNAT
+/// addresses from).
+pub fn node_yaml(name: &str, internal_ip: std::net::Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {internal_ip}\n  - type: Hostname\n    address: {name}\n"
+    )
+}
+
+/// An EndpointSlice whose endpoints carry their node (`nodeName`), for multi-node tests.
+/// `ports`: (name, port, protocol).
+pub fn slice_yaml_on_nodes(
+    service: &str,
+    slice: &str,
+    endpoints: &[(&str, std::net::Ipv4Addr, &str)],
+    ports: &[(&str, u16, &str)],
+) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n"
+    );
+    for (name, port, protocol) in ports {
+        s.push_str(&format!("- name: {name}\n  port: {port}\n  protocol: {protocol}\n"));
+    }
+    s.push_str("endpoints:\n");
+    for (pod, ip, node) in endpoints {
+        s.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {node}\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n"
+        ));
+    }
+    s
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -6,12 +6,13 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{Program, TestRun, TestRunOptions, TestRunResult};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_userspace::{
     dataplane::{
         loader::{self, LoaderConfig, Programs},
         maps::Maps,
+        node::NodeMaps,
     },
     model::{BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName},
     sync::Syncer,
@@ -69,31 +70,83 @@ impl TestDataplane {
         TestDataplane { programs, syncer, pins }
     }
 
+    /// NODE_CONFIG and NEIGH_MISSES, opened from their pins (the same maps the programs use).
+    pub fn node(&self) -> NodeMaps {
+        NodeMaps::open_pinned(&self.pins.0).expect("node maps")
+    }
+
     pub fn maps(&self) -> &Maps {
         self.syncer.store()
     }
 
-    /// Run `prog` once on `frame`; returns (verdict, output frame).
+    /// BPF_PROG_TEST_RUN on a TC or XDP program of the object, in the calling thread's
+    /// network namespace (which is where XDP's `bpf_fib_lookup` looks routes up).
+    fn test_run(&mut self, prog: &'static str, opts: TestRunOptions<'_>) -> TestRunResult {
+        let r = match self.programs.ebpf.program_mut(prog).unwrap_or_else(|| panic!("no program {prog}")) {
+            Program::SchedClassifier(p) => p.test_run(opts),
+            Program::Xdp(p) => p.test_run(opts),
+            _ => panic!("{prog}: not a TC or XDP program"),
+        };
+        r.expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Run `prog` (TC or XDP) once on `frame`; returns (verdict, output frame). For XDP the
+    /// verdict is the `xdp_action` (XDP_DROP 1, XDP_PASS 2, XDP_TX 3, XDP_REDIRECT 4).
     pub fn run(&mut self, prog: &'static str, frame: &[u8]) -> (i32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
-        let p = self.programs.classifier(prog).expect("program");
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+        let r = self.test_run(prog, opts);
         out.truncate(r.data_size_out as usize);
         (r.return_value as i32, out)
+    }
+
+    /// Run an XDP program as if `frame` arrived on interface `ingress_ifindex` (which must
+    /// exist in the calling thread's namespace).
+    pub fn run_xdp_on(&mut self, prog: &'static str, frame: &[u8], ingress_ifindex: u32) -> (i32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex }: as offsets into data_in, data = 0 (no metadata) and data_end =
+        // its length.
+        let mut md = [0u32; 6];
+        md[1] = frame.len() as u32;
+        md[3] = ingress_ifindex;
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let opts =
+            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
+        let r = self.test_run(prog, opts);
+        out.truncate(r.data_size_out as usize);
+        (r.return_value as i32, out)
+    }
+
+    /// Mean in-kernel run time (ns) of `n` separate single runs, each on a fresh copy of
+    /// `frame` (optionally as if received on `ingress_ifindex`). Unlike [`Self::time`], every
+    /// run sees the original frame: with `repeat` the kernel reruns the program on the
+    /// buffer the previous run already rewrote, so a translating path is measured once and
+    /// the already-translated frame the rest of the time.
+    pub fn time_fresh(&mut self, prog: &'static str, frame: &[u8], n: u32, ingress_ifindex: Option<u32>) -> f64 {
+        let mut total = 0u128;
+        let mut md = [0u32; 6];
+        md[1] = frame.len() as u32;
+        md[3] = ingress_ifindex.unwrap_or(0);
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        for _ in 0..n {
+            let mut out = vec![0u8; frame.len() + 256];
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ingress_ifindex.map(|_| ctx.as_slice()),
+                ..Default::default()
+            };
+            total += self.test_run(prog, opts).duration.as_nanos();
+        }
+        total as f64 / f64::from(n.max(1))
     }
 
     /// Run `prog` `repeat` times in the kernel; returns the mean ns per run.
     pub fn time(&mut self, prog: &'static str, frame: &[u8], repeat: u32) -> f64 {
         let mut out = vec![0u8; frame.len() + 256];
-        let p = self.programs.classifier(prog).expect("program");
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat;
-        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
+        let r = self.test_run(prog, opts);
         // The kernel reports the mean duration per repetition.
         r.duration.as_nanos() as f64
     }
@@ -118,7 +171,7 @@ pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
 }
 
 pub fn state(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
-    DesiredState { frontends: entries.into_iter().collect() }
+    DesiredState { frontends: entries.into_iter().collect(), ..DesiredState::default() }
 }
 
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];

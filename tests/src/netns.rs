@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     net::Ipv4Addr,
-    os::fd::AsFd,
+    os::fd::{AsFd, FromRawFd, OwnedFd},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -106,6 +106,23 @@ pub struct Pod {
     pub host_if: String,
 }
 
+/// A routed pod `name` with address `addr` behind host-side `veth<index>` of `node`.
+fn wire_pod(node: &Netns, index: usize, name: &str, addr: Ipv4Addr) -> Result<Pod> {
+    let ns = Netns::new("epn-pod-")?;
+    let host_if = format!("veth{index}");
+    let a = addr.to_string();
+    node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+    node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_if])?;
+    node.ip(&["link", "set", &host_if, "up"])?;
+    node.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter"), "0")?;
+    ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", &GATEWAY.to_string(), "dev", "eth0", "scope", "link"])?;
+    ns.ip(&["route", "add", "default", "via", &GATEWAY.to_string(), "dev", "eth0"])?;
+    node.ip(&["route", "add", &format!("{a}/32"), "dev", &host_if, "src", &GATEWAY.to_string()])?;
+    Ok(Pod { ns, name: name.to_string(), ip: addr, host_if })
+}
+
 /// One node namespace with `n` routed pods.
 pub struct Topology {
     pub node: Netns,
@@ -128,19 +145,8 @@ impl Topology {
     }
 
     pub fn add_pod(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {
-        let ns = Netns::new("epn-pod-")?;
-        let host_if = format!("veth{}", self.pods.len());
-        let a = addr.to_string();
-        self.node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        self.node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_if])?;
-        self.node.ip(&["link", "set", &host_if, "up"])?;
-        self.node.sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter"), "0")?;
-        ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", &GATEWAY.to_string(), "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", "default", "via", &GATEWAY.to_string(), "dev", "eth0"])?;
-        self.node.ip(&["route", "add", &format!("{a}/32"), "dev", &host_if, "src", &GATEWAY.to_string()])?;
-        self.pods.push(Pod { ns, name: name.to_string(), ip: addr, host_if });
+        let pod = wire_pod(&self.node, self.pods.len(), name, addr)?;
+        self.pods.push(pod);
         Ok(())
     }
 
@@ -178,5 +184,232 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Set an ethtool feature flag (`ETHTOOL_S*` legacy command) on `iface` inside `ns`. No
+/// ethtool binary needed: the ioctl on a socket created in the namespace.
+fn ethtool_set(ns: &Netns, iface: &str, cmd: u32, on: bool) -> Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    let iface = iface.to_string();
+    ns.run(move || -> Result<()> {
+        let mut value = EthtoolValue { cmd, data: on as u32 };
+        let mut req = IfReq { name: [0; 16], data: &mut value, _pad: [0; 16] };
+        let n = iface.len().min(15);
+        req.name[..n].copy_from_slice(&iface.as_bytes()[..n]);
+        // SAFETY: plain socket + ioctl with a correctly laid out ifreq pointing at a live
+        // ethtool_value; the fd is closed before returning.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 0 {
+                bail!("ethtool cmd {cmd:#x} on {iface}: {err}");
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Attach a two-instruction XDP program (`return XDP_PASS`) in native mode to `iface` in
+/// `ns`, through a bpf_link whose fd is returned (closing it detaches). Loaded with the raw
+/// bpf syscall: it is test plumbing, not part of the datapath.
+///
+/// Why: native XDP on a veth flushes XDP_TX/redirected frames to its peer only when the peer
+/// runs XDP itself; the underlay ends of the node veths get this no-op program so the node
+/// side can run the real one natively.
+fn attach_xdp_pass(ns: &Netns, iface: &str) -> Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    // r0 = XDP_PASS (2); exit
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = b"GPL\0";
+    let iface = iface.to_string();
+    ns.run(move || -> Result<OwnedFd> {
+        let c = std::ffi::CString::new(iface.clone())?;
+        // SAFETY: NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {iface}");
+        }
+        let sys = |cmd: libc::c_long, attr: &mut [u8; 128]| -> Result<OwnedFd> {
+            // SAFETY: bpf(2) with a zero-padded attr buffer larger than the fields the
+            // command reads; on success it returns a new fd we take ownership of.
+            let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
+            if fd < 0 {
+                bail!("bpf cmd {cmd} for {iface}: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: fd just returned by the kernel, owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        };
+        let mut load = [0u8; 128];
+        load[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+        load[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        load[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        load[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        load[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
+        let prog = sys(BPF_PROG_LOAD, &mut load)?;
+        let mut link = [0u8; 128];
+        link[0..4].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&prog) as u32).to_ne_bytes());
+        link[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        link[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
+        link[12..16].copy_from_slice(&XDP_FLAGS_DRV_MODE.to_ne_bytes());
+        sys(BPF_LINK_CREATE, &mut link)
+    })
+}
+
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_SGRO: u32 = 0x2c;
+
+/// Underlay addressing of a [`Cluster`].
+pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// The external client's addresses (the first is its primary).
+pub const CLIENT_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 168, 100, 100), Ipv4Addr::new(192, 168, 100, 101)];
+
+/// Node `i` (0-based) of a [`Cluster`]: 192.168.100.<i+1>, pods in 10.244.<i+1>.0/24.
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 100, i as u8 + 1)
+}
+
+pub fn pod_cidr(i: usize) -> String {
+    format!("10.244.{}.0/24", i + 1)
+}
+
+pub struct ClusterNode {
+    pub ns: Netns,
+    /// Kubernetes node name: `node<i+1>`.
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Uplink interface in the node namespace (`eth0`).
+    pub uplink: String,
+    /// Pods `n<i+1>p<k>` at 10.244.<i+1>.<10+k>.
+    pub pods: Vec<Pod>,
+}
+
+/// Several nodes on one L2 underlay, with an external client:
+///
+/// ```text
+///   client ns: eth0 192.168.100.100 + .101 ──┐
+///                                             │  underlay ns: bridge br0
+///   node1 ns: eth0 192.168.100.1 ─────────────┤  (ports c0, n1, n2, ...)
+///     veth0.. -> pods 10.244.1.10, .11 ...    │
+///   node2 ns: eth0 192.168.100.2 ─────────────┘
+///     veth0.. -> pods 10.244.2.10, .11 ...
+/// ```
+///
+/// Each node routes the other nodes' pod CIDRs via their node address (like a host-gw /
+/// direct-routing CNI). Every namespace is created here and deleted on drop.
+///
+/// Two settings make the veth underlay behave like a wire for XDP:
+/// - TX checksum offload is off on the client's and the nodes' `eth0`, so what crosses the
+///   underlay carries complete checksums (a physical NIC delivers those; a veth would pass
+///   CHECKSUM_PARTIAL packets whose checksum field XDP cannot update meaningfully).
+/// - The underlay ends of the node veths run a no-op native XDP program (and GRO): native
+///   XDP on a veth hands XDP_TX/redirected frames to its peer only if the peer runs XDP
+///   too. With that, the agents can use `--xdp-mode native`; in `auto` they choose generic
+///   on a veth uplink.
+pub struct Cluster {
+    pub underlay: Netns,
+    pub client: Netns,
+    pub nodes: Vec<ClusterNode>,
+    children: Vec<Child>,
+    /// The no-op XDP links on the underlay ports (detached when closed).
+    _peer_xdp: Vec<OwnedFd>,
+}
+
+impl Cluster {
+    pub fn new(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        let underlay = Netns::new("epc-ul-")?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new("epc-cl-")?;
+        // `eth0` in `ns`, its peer `port` on the bridge.
+        fn plug(underlay: &Netns, port: &str, ns: &Netns) -> Result<()> {
+            underlay.ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+            underlay.ip(&["link", "set", port, "master", "br0"])?;
+            underlay.ip(&["link", "set", port, "up"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ethtool_set(ns, "eth0", ETHTOOL_STXCSUM, false)
+        }
+        plug(&underlay, "c0", &client)?;
+        for ip in CLIENT_IPS {
+            client.ip(&["addr", "add", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"), "dev", "eth0"])?;
+        }
+        let mut cluster = Cluster { underlay, client, nodes: Vec::new(), children: Vec::new(), _peer_xdp: Vec::new() };
+        for i in 0..nodes {
+            let ns = Netns::new(&format!("epc-n{}-", i + 1))?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            let port = format!("n{}", i + 1);
+            plug(&cluster.underlay, &port, &ns)?;
+            ethtool_set(&cluster.underlay, &port, ETHTOOL_SGRO, true)?;
+            let link = attach_xdp_pass(&cluster.underlay, &port)?;
+            cluster._peer_xdp.push(link);
+            let ip = node_ip(i);
+            ns.ip(&["addr", "add", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"), "dev", "eth0"])?;
+            for j in (0..nodes).filter(|j| *j != i) {
+                ns.ip(&["route", "add", &pod_cidr(j), "via", &node_ip(j).to_string(), "dev", "eth0"])?;
+            }
+            let mut pods = Vec::new();
+            for k in 0..pods_per_node {
+                let name = format!("n{}p{k}", i + 1);
+                pods.push(wire_pod(&ns, k, &name, Ipv4Addr::new(10, 244, i as u8 + 1, 10 + k as u8))?);
+            }
+            cluster.nodes.push(ClusterNode { ns, name: format!("node{}", i + 1), ip, uplink: "eth0".into(), pods });
+        }
+        Ok(cluster)
+    }
+
+    /// Route `prefix` (LoadBalancer / external IPs) from the client via node `i`, as a
+    /// router in front of the cluster would.
+    pub fn client_route(&self, prefix: &str, i: usize) -> Result<()> {
+        self.client.ip(&["route", "replace", prefix, "via", &node_ip(i).to_string(), "dev", "eth0"]).map(|_| ())
+    }
+
+    /// Start `proxy-podserver` in every pod on `port`, answering with the pod's name.
+    pub fn start_servers(&mut self, server_bin: &str, port: u16) -> Result<()> {
+        let mut started = Vec::new();
+        for pod in self.nodes.iter().flat_map(|n| &n.pods) {
+            started.push(pod.ns.spawn(server_bin, &["--name", &pod.name, "--port", &port.to_string()])?);
+        }
+        self.children.extend(started);
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.nodes.iter().flat_map(|n| &n.pods).find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Keep a process to be killed when the cluster is dropped.
+    pub fn adopt(&mut self, child: Child) {
+        self.children.push(child);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

@@ -5,7 +5,10 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, verdict};
 use proxy_tests::harness::*;
 use proxy_userspace::{
-    dataplane::addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
+    dataplane::{
+        addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
+        node::{PortRange, node_config},
+    },
     model::Protocol,
 };
 
@@ -389,4 +392,55 @@ fn session_affinity_pins_a_client_to_one_backend() {
         others.insert(decode(&dp.run(FROM_POD, &tcp_frame((client, 5000), (VIP, 80), b"")).1).dst.0);
     }
     assert_eq!(others.len(), 3, "different clients spread over all backends");
+}
+
+/// Hairpin: a pod reaching itself through its own service. The pod would drop a packet
+/// from its own address arriving on eth0, so the flow is also source-NATed to the hairpin
+/// address and bounced straight back into the pod (TC_ACT_REDIRECT to the same veth, MACs
+/// swapped); the pod's answer to the hairpin address is translated back to VIP -> pod the
+/// same way. Without a hairpin address configured, the flow is only DNATed (as before).
+#[test]
+fn hairpin_to_self_is_source_natted_and_bounced() {
+    if !require_root("hairpin_to_self_is_source_natted_and_bounced") {
+        return;
+    }
+    const TC_ACT_REDIRECT: i32 = 7;
+    let hairpin = Ipv4Addr::new(169, 254, 42, 1);
+    let mut dp = TestDataplane::load();
+    let r = dp.syncer.apply(&state(vec![(frontend(VIP, 80, Protocol::Tcp), entry("self", &[(CLIENT, 8080)]))]));
+    assert!(r.errors.is_empty());
+
+    // Not configured: DNAT only.
+    let frame = tcp_frame((CLIENT, 40000), (VIP, 80), b"me");
+    let (v, out) = dp.run(FROM_POD, &frame);
+    assert_eq!((v, decode(&out).src), (TC_ACT_UNSPEC, (CLIENT, 40000)));
+
+    dp.node().set_config(&node_config(None, Some(hairpin), PortRange::default())).unwrap();
+    let frame = tcp_frame((CLIENT, 40001), (VIP, 80), b"me");
+    let (v, out) = dp.run(FROM_POD, &frame);
+    assert_eq!(v, TC_ACT_REDIRECT, "bounced back into the pod");
+    let d = decode(&out);
+    assert_eq!(d.dst, (CLIENT, 8080));
+    assert_eq!(d.src.0, hairpin);
+    let port = d.src.1;
+    assert!((61000..=65535).contains(&port), "{port}");
+    assert!(d.ip_csum_ok && d.l4_csum_ok, "{d:?}");
+    assert_eq!((&out[..6], &out[6..12]), (&frame[6..12], &frame[..6]), "MACs swapped");
+    // Established: same port.
+    let (v, fwd_out) = dp.run(FROM_POD, &frame);
+    assert_eq!((v, decode(&fwd_out).src), (TC_ACT_REDIRECT, (hairpin, port)));
+
+    // The pod answers the hairpin address.
+    let reply = tcp_frame((CLIENT, 8080), (hairpin, port), b"you");
+    let (v, out) = dp.run(FROM_POD, &reply);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let r = decode(&out);
+    assert_eq!((r.src, r.dst), ((VIP, 80), (CLIENT, 40001)));
+    assert!(r.ip_csum_ok && r.l4_csum_ok, "{r:?}");
+    assert_eq!(r.payload, b"you");
+    // Neither translated packet is touched again by to_pod on its way into the pod.
+    for f in [&out, &fwd_out] {
+        let (v, again) = dp.run(TO_POD, f);
+        assert_eq!((v, &again), (TC_ACT_UNSPEC, f));
+    }
 }

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod e2e_kind;
+mod bench;
 mod setup;
 
 #[derive(Parser)]
@@ -35,6 +36,15 @@ enum Cmd {
     },
     /// Build, then run the agent in a throw-away netns sandbox (one node, three pods).
     Demo,
+    /// Release build, then the benchmarks (needs root; under 10 minutes, --quick under 1).
+    Bench {
+        /// CI smoke mode: tiny sizes and short bounds, every row still produced.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments passed to proxy-bench (e.g. `--sections conn,control`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// End-to-end on a kind cluster without kube-proxy (skips without docker/kind/kubectl).
     E2eKind,
 }
@@ -80,6 +90,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
+        Cmd::Bench { quick, args } => bench::bench(quick, &args),
         Cmd::E2eKind => e2e_kind::main(),
     };
     match r {

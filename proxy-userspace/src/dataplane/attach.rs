@@ -1,4 +1,5 @@
-//! Attach the TC programs to pod-facing interfaces so that they survive agent restarts.
+//! Attach the TC programs to pod-facing interfaces, and XDP + TC egress to uplinks, so that
+//! they survive agent restarts.
 //!
 //! With tcx (kernel >= 6.6) each attachment is a bpf_link pinned under
 //! `<root>/links/<ifindex>-<dir>-<ifname>` (bpffs refuses names with dots, so dots in
@@ -6,18 +7,24 @@
 //! swaps its freshly loaded program into the existing link (BPF_LINK_UPDATE): there is no
 //! instant at which the interface runs without a program. Older kernels get a clsact
 //! filter over netlink, which stays in place when the agent exits.
-use std::{io, path::Path};
+//!
+//! XDP on an uplink is a bpf_link too, pinned as `<ifindex>-xdp_native-<ifname>` or
+//! `<ifindex>-xdp_generic-<ifname>`: the pin name records the mode, which the CLI shows and
+//! a restarted agent keeps (BPF_LINK_UPDATE into the same link) unless `--xdp-mode` asks for
+//! another one.
+use std::{fmt, io, path::Path};
 
 use aya::programs::{
-    LinkOrder, SchedClassifier, TcAttachType,
+    LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     tc::{self, TcAttachOptions},
+    xdp::XdpLink,
 };
 use tracing::{debug, info};
 
 use super::{
     DataplaneError,
-    loader::{PROG_FROM_POD, PROG_TO_POD, Programs},
+    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, Programs},
     paths,
 };
 
@@ -27,19 +34,91 @@ pub enum Direction {
     FromPod,
     /// Packets entering the pod (TC egress of the host-side veth).
     ToPod,
+    /// Packets leaving the node through an uplink (TC egress of the uplink).
+    ToUplink,
 }
 
 impl Direction {
     fn tc(self) -> TcAttachType {
         match self {
             Direction::FromPod => TcAttachType::Ingress,
-            Direction::ToPod => TcAttachType::Egress,
+            Direction::ToPod | Direction::ToUplink => TcAttachType::Egress,
         }
     }
     fn suffix(self) -> &'static str {
         match self {
             Direction::FromPod => "ingress",
             Direction::ToPod => "egress",
+            Direction::ToUplink => "uplink_egress",
+        }
+    }
+}
+
+/// Which XDP mode the operator asks for (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// The XDP mode actually in use on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpActive {
+    /// In the driver, before an skb exists.
+    Native,
+    /// Generic (SKB) mode: after the skb is built; works on every device.
+    Generic,
+}
+
+impl XdpActive {
+    fn aya(self) -> XdpMode {
+        match self {
+            XdpActive::Native => XdpMode::Driver,
+            XdpActive::Generic => XdpMode::Skb,
+        }
+    }
+    fn pin_dir(self) -> &'static str {
+        match self {
+            XdpActive::Native => "xdp_native",
+            XdpActive::Generic => "xdp_generic",
+        }
+    }
+    /// The mode a link pin name records, if it is an XDP pin.
+    pub fn from_pin_name(name: &str) -> Option<Self> {
+        match name.split('-').nth(1)? {
+            "xdp_native" => Some(XdpActive::Native),
+            "xdp_generic" => Some(XdpActive::Generic),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for XdpActive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpActive::Native => "native",
+            XdpActive::Generic => "generic",
+        })
+    }
+}
+
+impl XdpModeChoice {
+    fn allows(self, m: XdpActive) -> bool {
+        matches!(
+            (self, m),
+            (XdpModeChoice::Auto, _) | (XdpModeChoice::Native, XdpActive::Native) | (XdpModeChoice::Generic, XdpActive::Generic)
+        )
+    }
+    /// Modes to try, best first.
+    fn candidates(self) -> &'static [XdpActive] {
+        match self {
+            XdpModeChoice::Auto => &[XdpActive::Native, XdpActive::Generic],
+            XdpModeChoice::Native => &[XdpActive::Native],
+            XdpModeChoice::Generic => &[XdpActive::Generic],
         }
     }
 }
@@ -56,7 +135,11 @@ pub enum AttachMode {
 }
 
 fn pin_name(iface: &str, ifindex: u32, dir: Direction) -> String {
-    format!("{ifindex}-{}-{}", dir.suffix(), iface.replace('.', "_"))
+    link_pin_name(iface, ifindex, dir.suffix())
+}
+
+fn link_pin_name(iface: &str, ifindex: u32, kind: &str) -> String {
+    format!("{ifindex}-{kind}-{}", iface.replace('.', "_"))
 }
 
 /// Parse a pin name back into (ifname with dots as `_`, ifindex).
@@ -134,15 +217,141 @@ pub fn attach_pod_interface(
     root: &Path,
     iface: &str,
 ) -> Result<(AttachMode, AttachMode), DataplaneError> {
+    let ifindex = ifindex_of(iface)?;
+    let from = attach(progs.classifier(PROG_FROM_POD)?, root, iface, ifindex, Direction::FromPod)?;
+    let to = attach(progs.classifier(PROG_TO_POD)?, root, iface, ifindex, Direction::ToPod)?;
+    Ok((from, to))
+}
+
+/// How an uplink ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UplinkAttach {
+    pub xdp: XdpActive,
+    /// The XDP program was swapped into an existing pinned link (agent restart).
+    pub xdp_replaced: bool,
+    pub egress: AttachMode,
+}
+
+/// Attach the XDP program to `iface` in the best mode `want` allows, replacing the program
+/// in a pinned link of an earlier agent when its mode is allowed (atomically: no instant
+/// without a program). A pinned link in a mode no longer wanted is detached first.
+pub fn attach_xdp(
+    prog: &mut Xdp,
+    root: &Path,
+    iface: &str,
+    ifindex: u32,
+    want: XdpModeChoice,
+) -> Result<(XdpActive, bool), DataplaneError> {
+    let links = paths::links_dir(root);
+    for mode in [XdpActive::Native, XdpActive::Generic] {
+        let pin = links.join(link_pin_name(iface, ifindex, mode.pin_dir()));
+        let Ok(old) = PinnedLink::from_pin(&pin) else { continue };
+        if !want.allows(mode) {
+            // Unpinning drops the last reference to the link: the old program detaches.
+            drop(old);
+            let _ = std::fs::remove_file(&pin);
+            info!(iface, old_mode = %mode, wanted = ?want, "detached XDP in a mode no longer wanted");
+            continue;
+        }
+        let replaced = XdpLink::try_from(FdLink::from(old))
+            .map_err(|e| attach_err(iface, "pinned link is not an XDP link", e))
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| attach_err(iface, "XDP link update", e)));
+        match replaced {
+            Ok(id) => {
+                // The pin keeps the link alive; the program must not detach it on drop.
+                let _ = prog.take_link(id);
+                debug!(iface, mode = %mode, "replaced program in pinned XDP link");
+                return Ok((mode, true));
+            }
+            Err(e) => {
+                // Defunct (the device was re-created) or foreign: start afresh.
+                debug!(iface, error = %e, "pinned XDP link unusable, re-attaching");
+                let _ = std::fs::remove_file(&pin);
+            }
+        }
+    }
+    let mut errors = Vec::new();
+    let mut candidates = want.candidates();
+    if want == XdpModeChoice::Auto && super::ifaces::driver(iface).as_deref() == Some("veth") {
+        // veth runs native XDP, but flushes XDP_TX/redirected frames to its peer only when
+        // the peer runs an XDP program too, which we cannot arrange for a peer in another
+        // namespace: forwarded packets would stall. Generic XDP transmits through the
+        // normal path. `--xdp-mode native` overrides this.
+        info!(iface, "uplink is a veth: generic XDP (native XDP_TX needs XDP on the peer; --xdp-mode native to force)");
+        candidates = &[XdpActive::Generic];
+    }
+    for &mode in candidates {
+        match prog.attach_to_if_index(ifindex, mode.aya()) {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(|e| attach_err(iface, "take XDP link", e))?;
+                match FdLink::try_from(link) {
+                    Ok(fd) => {
+                        let pin = links.join(link_pin_name(iface, ifindex, mode.pin_dir()));
+                        fd.pin(&pin).map_err(|e| attach_err(iface, "pin XDP link", e))?;
+                    }
+                    // Kernels without XDP links (< 5.9) got a netlink attachment: no fd to
+                    // pin, but it stays on the device when we exit (the conversion took the
+                    // handle out of its detach-on-drop wrapper).
+                    Err(_) => info!(iface, "XDP attached over netlink (no bpf_link on this kernel)"),
+                }
+                return Ok((mode, false));
+            }
+            Err(e) => {
+                info!(iface, mode = %mode, error = %e, "XDP attach failed in this mode");
+                errors.push(format!("{mode}: {e}"));
+            }
+        }
+    }
+    Err(attach_err(iface, "XDP attach", errors.join("; ")))
+}
+
+/// Attach the uplink programs to `iface`: XDP (north-south services) and TC egress
+/// (`to_uplink`: reverse NAT of replies from local backends).
+pub fn attach_uplink(
+    progs: &mut Programs,
+    root: &Path,
+    iface: &str,
+    want: XdpModeChoice,
+) -> Result<UplinkAttach, DataplaneError> {
+    let ifindex = ifindex_of(iface)?;
+    let (xdp, xdp_replaced) = attach_xdp(progs.xdp(PROG_FROM_UPLINK)?, root, iface, ifindex, want)?;
+    let egress = attach(progs.classifier(PROG_TO_UPLINK)?, root, iface, ifindex, Direction::ToUplink)?;
+    Ok(UplinkAttach { xdp, xdp_replaced, egress })
+}
+
+/// An uplink as the pins record it (for the CLI).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PinnedUplink {
+    pub iface: String,
+    pub ifindex: u32,
+    pub xdp_mode: XdpActive,
+}
+
+/// Uplinks with a pinned XDP link under `root`, sorted by ifindex.
+pub fn pinned_uplinks(root: &Path) -> Vec<PinnedUplink> {
+    let mut out: Vec<PinnedUplink> = std::fs::read_dir(paths::links_dir(root))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let mode = XdpActive::from_pin_name(&name)?;
+            let (iface, ifindex) = parse_pin_name(&name)?;
+            Some(PinnedUplink { iface: iface.to_string(), ifindex, xdp_mode: mode })
+        })
+        .collect();
+    out.sort_by_key(|u| u.ifindex);
+    out
+}
+
+fn ifindex_of(iface: &str) -> Result<u32, DataplaneError> {
     let c = std::ffi::CString::new(iface).map_err(|_| attach_err(iface, "name", "contains NUL"))?;
     // SAFETY: NUL-terminated string we own.
     let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if ifindex == 0 {
         return Err(attach_err(iface, "lookup", io::Error::last_os_error()));
     }
-    let from = attach(progs.classifier(PROG_FROM_POD)?, root, iface, ifindex, Direction::FromPod)?;
-    let to = attach(progs.classifier(PROG_TO_POD)?, root, iface, ifindex, Direction::ToPod)?;
-    Ok((from, to))
+    Ok(ifindex)
 }
 
 /// Remove the pins of links whose interface is gone (or every pin when `keep` says so).
@@ -185,5 +394,19 @@ mod tests {
         assert_eq!(pin_name("eth0.100", 7, Direction::ToPod), "7-egress-eth0_100");
         assert_eq!(parse_pin_name("7-egress-my-if"), Some(("my-if", 7)));
         assert_eq!(parse_pin_name("junk"), None);
+        let x = link_pin_name("eth0", 2, XdpActive::Native.pin_dir());
+        assert_eq!(x, "2-xdp_native-eth0");
+        assert_eq!(parse_pin_name(&x), Some(("eth0", 2)));
+        assert_eq!(XdpActive::from_pin_name(&x), Some(XdpActive::Native));
+        assert_eq!(XdpActive::from_pin_name("2-xdp_generic-eth0"), Some(XdpActive::Generic));
+        assert_eq!(XdpActive::from_pin_name("2-egress-eth0"), None);
+        assert_eq!(pin_name("eth0", 2, Direction::ToUplink), "2-uplink_egress-eth0");
+    }
+
+    #[test]
+    fn xdp_mode_choice() {
+        assert!(XdpModeChoice::Auto.allows(XdpActive::Generic));
+        assert!(!XdpModeChoice::Native.allows(XdpActive::Generic));
+        assert_eq!(XdpModeChoice::Auto.candidates(), &[XdpActive::Native, XdpActive::Generic]);
     }
 }

@@ -94,6 +94,47 @@ pub async fn watch(patterns: IfacePatterns, tx: UnboundedSender<LinkEvent>) -> R
     Ok(())
 }
 
+/// The kernel driver behind `iface` (`ETHTOOL_GDRVINFO`, as `ethtool -i` shows it), in
+/// the caller's network namespace; `None` if it cannot be asked.
+pub fn driver(iface: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 4 * 5],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    if iface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 32 * 4 + 12 + 4 * 5] };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a socket we close again, and SIOCETHTOOL with an ifreq whose data points at a
+    // live, correctly sized ethtool_drvinfo.
+    let rc = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        libc::close(fd);
+        rc
+    };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +148,15 @@ mod tests {
         for n in ["eth0", "lo", "cni0", "lxc_health2"] {
             assert_eq!(p.matches(n), n.starts_with("lxc"), "{n}");
         }
+    }
+
+    #[test]
+    fn driver_of_loopback_and_missing_interface() {
+        // lo has no ethtool driver info; a missing interface has none either. Neither may
+        // panic or return garbage.
+        assert_eq!(driver("no-such-if0"), None);
+        let _ = driver("lo");
+        assert_eq!(driver("an-interface-name-too-long"), None);
     }
 
     #[test]

@@ -5,7 +5,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
 use proxy_common::map_names as n;
 
 use super::{DataplaneError, EBPF_OBJECT, maps::Maps, paths};
@@ -13,6 +16,10 @@ use super::{DataplaneError, EBPF_OBJECT, maps::Maps, paths};
 /// Program names in the object.
 pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_TO_POD: &str = "to_pod";
+/// XDP on the uplink (north-south service traffic).
+pub const PROG_FROM_UPLINK: &str = "from_uplink";
+/// TC egress of the uplink (reverse NAT of replies from local backends).
+pub const PROG_TO_UPLINK: &str = "to_uplink";
 
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
@@ -40,6 +47,11 @@ pub struct Programs {
 
 impl Programs {
     pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DataplaneError> {
+        let prog = self.ebpf.program_mut(name).ok_or(DataplaneError::MissingObject(name))?;
+        prog.try_into().map_err(|source| DataplaneError::Program { program: name, source })
+    }
+
+    pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
         let prog = self.ebpf.program_mut(name).ok_or(DataplaneError::MissingObject(name))?;
         prog.try_into().map_err(|source| DataplaneError::Program { program: name, source })
     }
@@ -80,8 +92,8 @@ fn create_dir(path: &Path) -> Result<(), DataplaneError> {
     })
 }
 
-/// Load the object with maps pinned under `cfg.bpffs_root`, and load (verify) both TC
-/// programs. Existing pins are re-used as they are, whatever sizes they were created with.
+/// Load the object with maps pinned under `cfg.bpffs_root`, and load (verify) every
+/// program: the TC pair for pod veths, the XDP program and TC egress program for uplinks. Existing pins are re-used as they are, whatever sizes they were created with.
 pub fn load(cfg: &LoaderConfig) -> Result<(Programs, Maps), DataplaneError> {
     check_bpffs(&cfg.bpffs_root)?;
     let maps_dir = paths::maps_dir(&cfg.bpffs_root);
@@ -98,7 +110,7 @@ pub fn load(cfg: &LoaderConfig) -> Result<(Programs, Maps), DataplaneError> {
         .map_max_entries(n::BACKEND_SLOTS, slots)
         .map_max_entries(n::CONNTRACK, cfg.max_conntrack)
         .load(EBPF_OBJECT)?;
-    for name in [PROG_FROM_POD, PROG_TO_POD] {
+    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(DataplaneError::MissingObject(name))?
@@ -106,6 +118,12 @@ pub fn load(cfg: &LoaderConfig) -> Result<(Programs, Maps), DataplaneError> {
             .map_err(|source| DataplaneError::Program { program: name, source })?;
         prog.load().map_err(|source| DataplaneError::Program { program: name, source })?;
     }
+    let xdp: &mut Xdp = ebpf
+        .program_mut(PROG_FROM_UPLINK)
+        .ok_or(DataplaneError::MissingObject(PROG_FROM_UPLINK))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { program: PROG_FROM_UPLINK, source })?;
+    xdp.load().map_err(|source| DataplaneError::Program { program: PROG_FROM_UPLINK, source })?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
     Ok((Programs { ebpf }, maps))
 }

@@ -1,11 +1,13 @@
 //! Kernel side: load the embedded eBPF object with pinned maps (`loader`), typed access to
-//! those maps (`maps`), and attaching programs to interfaces (`attach`).
+//! those maps (`maps`, and `node` for the node-level config and neighbour misses), and
+//! attaching programs to interfaces (`attach`).
 pub mod addr;
 pub mod attach;
 pub mod ifaces;
 pub mod error;
 pub mod loader;
 pub mod maps;
+pub mod node;
 
 pub use error::DataplaneError;
 

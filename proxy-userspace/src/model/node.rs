@@ -49,6 +49,18 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> 
     (NodeInfo { name: name.to_string(), nodeport_addrs: addrs }, warnings)
 }
 
+/// The address north-south flows to a backend on another node are source-NATed to, so
+/// that the backend's replies come back here: the node's first IPv4 InternalIP (what other
+/// nodes reach it by), else its first IPv4 ExternalIP. `None` without a Node object; the
+/// datapath then uses the address the client connected to.
+pub fn snat_address(node: Option<&Node>) -> Option<Ipv4Addr> {
+    let addrs = node.and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref())?;
+    let first = |kind: &str| {
+        addrs.iter().filter(|a| a.type_ == kind).find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+    };
+    first("InternalIP").or_else(|| first("ExternalIP"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +95,16 @@ mod tests {
         let (info, _) = node_info("n1", None, &[]);
         assert_eq!(info.name, "n1");
         assert!(info.nodeport_addrs.is_empty());
+    }
+
+    #[test]
+    fn snat_address_prefers_the_first_ipv4_internal_ip() {
+        let n = node(&[("ExternalIP", "203.0.113.5"), ("InternalIP", "fd00::1"), ("InternalIP", "192.168.1.10"), ("InternalIP", "192.168.1.11")]);
+        assert_eq!(snat_address(Some(&n)), Some(Ipv4Addr::new(192, 168, 1, 10)));
+        let ext_only = node(&[("Hostname", "n1"), ("ExternalIP", "203.0.113.5")]);
+        assert_eq!(snat_address(Some(&ext_only)), Some(Ipv4Addr::new(203, 0, 113, 5)));
+        assert_eq!(snat_address(Some(&node(&[("Hostname", "n1")]))), None);
+        assert_eq!(snat_address(None), None);
     }
 
     #[test]

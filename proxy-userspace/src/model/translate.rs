@@ -8,7 +8,7 @@
 //! 3. claim frontend addresses in a fixed priority order, so that two services asking for
 //!    the same `addr:port/proto` resolve the same way on every node and every sync.
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
     net::{IpAddr, Ipv4Addr},
 };
@@ -22,8 +22,8 @@ use k8s_openapi::{
 };
 
 use super::types::{
-    BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Ipv4Prefix, NodeInfo,
-    Protocol, Scope, ServicePortName, Warning,
+    BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, Ipv4Prefix,
+    NodeInfo, Protocol, Scope, ServicePortName, Warning,
 };
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
@@ -50,6 +50,7 @@ pub fn translate(
     let endpoints = index_slices(slices, node, &mut warnings);
 
     let mut candidates = Vec::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     for svc in sorted_by_name(services, |s| &s.metadata) {
         let Some(id) = ObjectId::from_meta(&svc.metadata) else {
             warnings.push(
@@ -75,10 +76,44 @@ pub fn translate(
             warnings.push(KIND_SERVICE, id.to_string(), Problem::Ipv6);
         }
         candidates.extend(expand_service(&id, &parsed, svc_endpoints, node));
+        if let Some(port) = parsed.health_check_node_port {
+            let check = HealthCheck {
+                namespace: id.namespace.clone(),
+                name: id.name.clone(),
+                local_endpoints: local_ready_endpoints(&parsed, svc_endpoints),
+            };
+            // The API server allocates these uniquely; two services claiming one port can
+            // only come from hand-written objects. First in namespace/name order wins.
+            match health_checks.entry(port) {
+                Entry::Vacant(v) => {
+                    v.insert(check);
+                }
+                Entry::Occupied(o) => warnings.push(
+                    KIND_SERVICE,
+                    id.to_string(),
+                    Problem::HealthCheckConflict { port, owner: format!("{}/{}", o.get().namespace, o.get().name) },
+                ),
+            }
+        }
     }
 
-    let state = claim_frontends(candidates, &mut warnings);
+    let mut state = claim_frontends(candidates, &mut warnings);
+    state.health_checks = health_checks;
     (state, warnings.0)
+}
+
+/// kube-proxy's count for the health check: distinct addresses of this node's ready
+/// endpoints over the service's ports (a pod serving two ports counts once).
+fn local_ready_endpoints(svc: &ParsedService, endpoints: Option<&ServiceEndpoints>) -> usize {
+    let Some(group) = endpoints else { return 0 };
+    let addrs: BTreeSet<Ipv4Addr> = svc
+        .ports
+        .iter()
+        .flat_map(|port| endpoints_for_port(group, port))
+        .filter(|e| e.ep.local && e.ep.ready)
+        .map(|e| e.addr)
+        .collect();
+    addrs.len()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -129,6 +164,10 @@ enum Problem {
     UnknownSliceProtocol { port: String, protocol: String },
     #[error("unknown addressType {0:?}, skipped")]
     UnknownAddressType(String),
+    #[error("healthCheckNodePort {0} is out of range 1-65535, not served")]
+    BadHealthCheckNodePort(i32),
+    #[error("healthCheckNodePort {port} is already served for {owner}, not served")]
+    HealthCheckConflict { port: u16, owner: String },
 }
 
 #[derive(Default)]
@@ -444,6 +483,9 @@ struct ParsedService {
     affinity_timeout: Option<u32>,
     internal_local: bool,
     external_local: bool,
+    /// `spec.healthCheckNodePort` of a LoadBalancer service with externalTrafficPolicy
+    /// Local (the only case it is allocated for and kube-proxy serves it).
+    health_check_node_port: Option<u16>,
     saw_ipv6: bool,
     /// Non-fatal problems: the bad part was dropped, the service is still programmed.
     notes: Vec<Problem>,
@@ -511,6 +553,17 @@ fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
     } else {
         (Vec::new(), Vec::new())
     };
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(value) if svc_type == ServiceType::LoadBalancer && external_local => {
+            let port = valid_port(value);
+            if port.is_none() {
+                notes.push(Problem::BadHealthCheckNodePort(value));
+            }
+            port
+        }
+        _ => None,
+    };
     Ok(Some(ParsedService {
         svc_type,
         cluster_ips,
@@ -520,7 +573,8 @@ fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
         source_ranges,
         affinity_timeout: affinity_timeout(spec, &mut notes),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        external_local,
+        health_check_node_port,
         saw_ipv6,
         notes,
     }))
@@ -1087,6 +1141,7 @@ mod tests {
     fn state(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
         DesiredState {
             frontends: entries.into_iter().collect(),
+            ..DesiredState::default()
         }
     }
 
@@ -1795,6 +1850,61 @@ mod tests {
             ],
             &[],
         );
+    }
+
+    #[test]
+    fn health_check_node_port_counts_distinct_local_ready_endpoints() {
+        let lb = |name: &str, policy: &str, hc: i32| {
+            svc_full(
+                json!({"namespace": "default", "name": name}),
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": policy, "healthCheckNodePort": hc,
+                       "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                                 {"name": "https", "port": 443, "nodePort": 30443}]}),
+                lb_status(json!([{"ip": "198.51.100.1"}])),
+            )
+        };
+        let ports = json!([{"name": "http", "port": 8080}, {"name": "https", "port": 8443}]);
+        let endpoints = json!([
+            ep("10.0.0.1", NODE),
+            ep_cond("10.0.0.2", NODE, Some(false), Some(false), None),
+            ep("10.0.0.3", "node-b"),
+            ep_cond("10.0.0.4", NODE, Some(false), Some(true), Some(true)),
+        ]);
+        let slices = [
+            slice("web-1", "web", ports.clone(), endpoints),
+            slice("empty-1", "empty", ports, json!([ep("10.0.0.9", "node-b")])),
+        ];
+        let services = [
+            lb("web", "Local", 32000),
+            // No local endpoint: served, reporting 0 (-> 503).
+            lb("empty", "Local", 32001),
+            // Cluster policy: kube-proxy serves no health check.
+            lb("cluster", "Cluster", 32002),
+            // Same port as "web": the first in namespace/name order keeps it.
+            lb("zz-dup", "Local", 32000),
+            lb("bad", "Local", 70000),
+        ];
+        let (state, warnings) = run(&services, &slices);
+        let hc = |ns: &str, name: &str, n| HealthCheck { namespace: ns.into(), name: name.into(), local_endpoints: n };
+        assert_eq!(
+            state.health_checks,
+            BTreeMap::from([(32000, hc("default", "web", 1)), (32001, hc("default", "empty", 0))]),
+            "10.0.0.1 counted once over both ports; not-ready, terminating and remote ones not at all"
+        );
+        // (Every LB here also asks for the same frontends; those conflicts are not the point.)
+        let hc_warnings: Vec<Warning> =
+            warnings.into_iter().filter(|w| w.message.contains("healthCheckNodePort")).collect();
+        assert_warnings(
+            &hc_warnings,
+            &[
+                ("Service", "default/bad", "healthCheckNodePort 70000 is out of range"),
+                ("Service", "default/zz-dup", "healthCheckNodePort 32000 is already served for default/web"),
+            ],
+        );
+        // A NodePort service with Local policy has no health check port.
+        let np = svc("np", json!({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32003,
+                                 "ports": [{"port": 80, "nodePort": 30081}]}));
+        assert!(run(&[np], &[]).0.health_checks.is_empty());
     }
 
     #[test]

@@ -164,10 +164,25 @@ pub struct FrontendEntry {
     pub source_ranges: Vec<Ipv4Prefix>,
 }
 
+/// What a `healthCheckNodePort` reports (kube-proxy's service health server): a load
+/// balancer sends external traffic only to nodes that answer 200, i.e. that have a local
+/// endpoint, which is what `externalTrafficPolicy: Local` needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Distinct ready endpoint addresses of the service on this node.
+    pub local_endpoints: usize,
+}
+
 /// The complete desired state of the node's maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, FrontendEntry>,
+    /// Health-check node ports to serve, by port (LoadBalancer services with
+    /// `externalTrafficPolicy: Local`). Served by the agent, not the datapath.
+    #[serde(default)]
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// The agent's own node, as the translation needs it.

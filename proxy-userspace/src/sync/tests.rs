@@ -25,7 +25,7 @@ fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
 }
 
 fn desired(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
-    DesiredState { frontends: entries.into_iter().collect() }
+    DesiredState { frontends: entries.into_iter().collect(), ..DesiredState::default() }
 }
 
 fn syncer() -> Syncer<MemStore> {

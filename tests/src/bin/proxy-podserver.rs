@@ -1,5 +1,7 @@
 //! A tiny pod: answers with its name over TCP (one line per line received, plus one on
-//! connect) and UDP (one datagram per datagram). Runs until killed.
+//! connect) and UDP (one datagram per datagram). A TCP line "who" is answered with
+//! "<name> <peer-ip>": the address the pod sees the connection coming from (client IP
+//! preserved, or SNATed). Runs until killed.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{TcpListener, UdpSocket},
@@ -34,12 +36,18 @@ fn main() -> std::io::Result<()> {
         let name = name.clone();
         thread::spawn(move || {
             let line = format!("{name}\n");
+            let who = match conn.peer_addr() {
+                Ok(peer) => format!("{name} {}\n", peer.ip()),
+                Err(_) => format!("{name} ?\n"),
+            };
             if conn.write_all(line.as_bytes()).is_err() {
                 return;
             }
             let Ok(read_half) = conn.try_clone() else { return };
             for l in BufReader::new(read_half).lines() {
-                if l.is_err() || conn.write_all(line.as_bytes()).is_err() {
+                let Ok(l) = l else { return };
+                let answer = if l.trim() == "who" { &who } else { &line };
+                if conn.write_all(answer.as_bytes()).is_err() {
                     return;
                 }
             }

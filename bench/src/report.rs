@@ -1,0 +1,415 @@
+//! Rows, targets, the markdown tables and the JSON file.
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{CONN_CASES, Plan};
+
+pub fn row_id(section: &str, case: &str, n: Option<usize>) -> String {
+    match n {
+        Some(n) => format!("{section}/{case}/n={n}"),
+        None => format!("{section}/{case}"),
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Row {
+    pub id: String,
+    pub section: String,
+    pub case: String,
+    pub n: Option<usize>,
+    pub value: f64,
+    pub unit: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+impl Row {
+    pub fn new(section: &str, case: &str, n: Option<usize>, value: f64, unit: &str) -> Self {
+        Row {
+            id: row_id(section, case, n),
+            section: section.into(),
+            case: case.into(),
+            n,
+            value,
+            unit: unit.into(),
+            note: String::new(),
+        }
+    }
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = note.into();
+        self
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    pub goal: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub kernel: String,
+    pub iptables: String,
+    pub iptables_legacy: String,
+    pub nft: String,
+    /// Load averages when the run started and ended: the machine is shared.
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub mode: String,
+    pub started_unix: u64,
+    pub duration_s: f64,
+    pub machine: Machine,
+    pub rows: Vec<Row>,
+    pub targets: Vec<Target>,
+    /// Sections that failed (their rows are missing).
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    pub fn get(&self, id: &str) -> Option<f64> {
+        self.rows.iter().find(|r| r.id == id).map(|r| r.value)
+    }
+
+    fn v(&self, section: &str, case: &str, n: Option<usize>) -> Option<f64> {
+        self.get(&row_id(section, case, n))
+    }
+
+    /// Targets of the issue, judged on this run's numbers (None: not measured).
+    pub fn judge(&mut self, plan: &Plan) {
+        let mut t = Vec::new();
+        let big_pp = plan.pp_sizes.iter().copied().max().unwrap_or(0);
+        let hits: Vec<f64> = plan
+            .pp_sizes
+            .iter()
+            .filter_map(|n| self.v("per_packet", "hit", Some(*n)))
+            .collect();
+        let hit_big = self.v("per_packet", "hit", Some(big_pp));
+        t.push(Target {
+            name: format!("per-packet service hit at {big_pp} services"),
+            goal: "<= 150 ns".into(),
+            measured: fmt_opt(hit_big, "ns"),
+            met: hit_big.map(|v| v <= 150.0),
+        });
+        let spread = (hits.len() == plan.pp_sizes.len() && !hits.is_empty()).then(|| {
+            let min = hits.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = hits.iter().copied().fold(0.0, f64::max);
+            max / min
+        });
+        t.push(Target {
+            name: format!(
+                "per-packet hit flat from {} to {big_pp} services",
+                plan.pp_sizes.first().unwrap_or(&0)
+            ),
+            goal: "max/min <= 1.20".into(),
+            measured: spread
+                .map(|s| format!("max/min {s:.2}"))
+                .unwrap_or_else(|| "not measured".into()),
+            met: spread.map(|s| s <= 1.2),
+        });
+        let big_conn = plan.conn_sizes.iter().copied().max().unwrap_or(0);
+        for (ratio, goal, min) in [
+            ("ours_vs_iptables", ">= 1.5x iptables", 1.5),
+            ("ours_vs_nftables", ">= 0.90x nftables", 0.9),
+            ("ours_vs_direct", ">= 0.85x direct", 0.85),
+        ] {
+            let r = self.v("conn", ratio, Some(big_conn));
+            t.push(Target {
+                name: format!(
+                    "connection rate at {big_conn} services, {}",
+                    ratio.replace('_', " ")
+                ),
+                goal: goal.into(),
+                measured: r
+                    .map(|r| format!("{r:.2}x"))
+                    .unwrap_or_else(|| "not measured".into()),
+                met: r.map(|r| r >= min),
+            });
+        }
+        let big_cp = plan.cp_sizes.iter().copied().max().unwrap_or(0);
+        let cold = self.v("control", "cold.total_ms", Some(big_cp));
+        t.push(Target {
+            name: format!(
+                "cold sync {big_cp} services x {} endpoints (translate + apply)",
+                plan.cp_endpoints
+            ),
+            goal: "< 2000 ms".into(),
+            measured: fmt_opt(cold, "ms"),
+            met: cold.map(|v| v < 2000.0),
+        });
+        for (case, what) in [
+            ("apply", "apply"),
+            ("translate_apply", "translate + apply (what the agent does)"),
+        ] {
+            let p99 = self.v(
+                "control",
+                &format!("change.{case}.p99_ms"),
+                Some(plan.cp_change_n),
+            );
+            t.push(Target {
+                name: format!(
+                    "one EndpointSlice change at {} services, {what}",
+                    plan.cp_change_n
+                ),
+                goal: "p99 < 50 ms".into(),
+                measured: fmt_opt(p99, "ms p99"),
+                met: p99.map(|v| v < 50.0),
+            });
+        }
+        let rss = self.v("rss", "agent_vmhwm_mib", Some(plan.rss_n));
+        t.push(Target {
+            name: format!(
+                "agent peak RSS (VmHWM) at {} services x {} endpoints",
+                plan.rss_n, plan.cp_endpoints
+            ),
+            goal: "< 150 MiB".into(),
+            measured: fmt_opt(rss, "MiB"),
+            met: rss.map(|v| v < 150.0),
+        });
+        self.targets = t;
+    }
+
+    /// The markdown tables printed at the end of a run (and pasted into docs/benchmarks.md).
+    pub fn markdown(&self, plan: &Plan) -> String {
+        let mut s = String::new();
+        let cell = |v: Option<f64>, digits: usize| -> String {
+            v.map(|v| format!("{v:.digits$}"))
+                .unwrap_or_else(|| "—".into())
+        };
+        let _ = writeln!(s, "### Per-packet cost (BPF_PROG_TEST_RUN, ns/packet)\n");
+        let _ = writeln!(
+            s,
+            "| services | hit (established) | miss (not a service) | reply (reverse NAT) | new flow (single run) | miss (single run) | programmed in |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+        for n in &plan.pp_sizes {
+            let g = |c: &str| cell(self.v("per_packet", c, Some(*n)), 1);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} ms |",
+                group(*n),
+                g("hit"),
+                g("miss"),
+                g("reply"),
+                g("new_flow"),
+                g("miss_single"),
+                cell(self.v("per_packet", "sync_ms", Some(*n)), 0)
+            );
+        }
+
+        let _ = writeln!(
+            s,
+            "\n### New TCP connections (connect, read one line, close; one client thread)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| services | datapath | conn/s | p50 connect µs | p99 connect µs |"
+        );
+        let _ = writeln!(s, "|---:|---|---:|---:|---:|");
+        for n in &plan.conn_sizes {
+            for c in CONN_CASES {
+                let g = |m: &str, d| cell(self.v("conn", &format!("{c}.{m}"), Some(*n)), d);
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} |",
+                    group(*n),
+                    conn_label(c),
+                    g("rate", 0),
+                    g("p50_us", 1),
+                    g("p99_us", 1)
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n| services | ours / iptables | ours / nftables | ours / direct | ours / iptables-legacy |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+        for n in &plan.conn_sizes {
+            let g = |r: &str| cell(self.v("conn", r, Some(*n)), 2);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                group(*n),
+                g("ours_vs_iptables"),
+                g("ours_vs_nftables"),
+                g("ours_vs_direct"),
+                g("ours_vs_iptables_legacy")
+            );
+        }
+
+        let _ = writeln!(
+            s,
+            "\n### Control plane: cold programming, {} endpoints per service (ms)\n",
+            plan.cp_endpoints
+        );
+        let _ = writeln!(
+            s,
+            "| services | translate | apply (map writes) | translate + apply | iptables-restore (nft backend) | iptables-legacy-restore | nft -f, one transaction | nft -f, 500-service transactions |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for n in &plan.cp_sizes {
+            let g = |c: &str| {
+                let id = row_id("control", &format!("cold.{c}"), Some(*n));
+                let lower = self
+                    .rows
+                    .iter()
+                    .any(|r| r.id == id && r.note.contains("lower bound"));
+                format!(
+                    "{}{}",
+                    if lower { "> " } else { "" },
+                    cell(self.get(&id), 1)
+                )
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                group(*n),
+                g("translate_ms"),
+                g("apply_ms"),
+                g("total_ms"),
+                g("iptables_restore_ms"),
+                g("iptables_legacy_restore_ms"),
+                g("nft_ms"),
+                g("nft_chunked_ms")
+            );
+        }
+        let n = plan.cp_change_n;
+        let _ = writeln!(
+            s,
+            "\n### Control plane: one EndpointSlice change at {} services (ms)\n",
+            group(n)
+        );
+        let _ = writeln!(s, "| what | p50 | p99 | runs |");
+        let _ = writeln!(s, "|---|---:|---:|---:|");
+        for (c, label) in [
+            ("apply", "ours: Syncer::apply of the new desired state"),
+            (
+                "translate_apply",
+                "ours: translate all objects + apply (the agent's sync)",
+            ),
+            (
+                "iptables_restore",
+                "iptables-restore --noflush (kube-proxy partial sync)",
+            ),
+            (
+                "nft",
+                "nft -f incremental transaction (kube-proxy nftables)",
+            ),
+        ] {
+            let runs = self
+                .rows
+                .iter()
+                .find(|r| r.id == row_id("control", &format!("change.{c}.p50_ms"), Some(n)));
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} |",
+                cell(self.v("control", &format!("change.{c}.p50_ms"), Some(n)), 2),
+                cell(self.v("control", &format!("change.{c}.p99_ms"), Some(n)), 2),
+                runs.map(|r| r.note.clone()).unwrap_or_default()
+            );
+        }
+
+        let _ = writeln!(s, "\n### Agent memory and throughput\n");
+        let _ = writeln!(s, "| what | value |");
+        let _ = writeln!(s, "|---|---:|");
+        let _ = writeln!(
+            s,
+            "| agent peak RSS (VmHWM), {} services x {} endpoints | {} MiB |",
+            group(plan.rss_n),
+            plan.cp_endpoints,
+            cell(self.v("rss", "agent_vmhwm_mib", Some(plan.rss_n)), 1)
+        );
+        let _ = writeln!(
+            s,
+            "| agent start to /readyz 200 (YAML parse + translate + sync) | {} s |",
+            cell(self.v("rss", "agent_ready_s", Some(plan.rss_n)), 2)
+        );
+        let _ = writeln!(
+            s,
+            "| one TCP stream, direct to the pod IP | {} Gbit/s |",
+            cell(self.v("throughput", "direct_gbps", None), 2)
+        );
+        let _ = writeln!(
+            s,
+            "| one TCP stream through the ClusterIP (ours) | {} Gbit/s |",
+            cell(self.v("throughput", "ours_gbps", None), 2)
+        );
+        let _ = writeln!(
+            s,
+            "| ratio ours / direct | {} |",
+            cell(self.v("throughput", "ours_vs_direct", None), 2)
+        );
+
+        let _ = writeln!(s, "\n### Targets\n");
+        if plan.quick {
+            let _ = writeln!(
+                s,
+                "(quick mode: sizes and durations too small for these to mean anything)\n"
+            );
+        }
+        let _ = writeln!(s, "| target | goal | measured | met |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for t in &self.targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            };
+            let _ = writeln!(s, "| {} | {} | {} | {met} |", t.name, t.goal, t.measured);
+        }
+        if !self.errors.is_empty() {
+            let _ = writeln!(s, "\nErrors:\n");
+            for e in &self.errors {
+                let _ = writeln!(s, "- {e}");
+            }
+        }
+        s
+    }
+
+    /// Rows by section, for a compact dump of notes.
+    pub fn notes(&self) -> BTreeMap<String, String> {
+        self.rows
+            .iter()
+            .filter(|r| !r.note.is_empty())
+            .map(|r| (r.id.clone(), r.note.clone()))
+            .collect()
+    }
+}
+
+fn fmt_opt(v: Option<f64>, unit: &str) -> String {
+    v.map(|v| format!("{v:.1} {unit}"))
+        .unwrap_or_else(|| "not measured".into())
+}
+
+fn conn_label(c: &str) -> &'static str {
+    match c {
+        "direct" => "direct to pod IP (ceiling)",
+        "ours" => "ours (eBPF, TC)",
+        "iptables" => "kube-proxy iptables (nft backend)",
+        "nftables" => "kube-proxy nftables",
+        "iptables_legacy" => "kube-proxy iptables (legacy backend)",
+        _ => "?",
+    }
+}
+
+/// 10000 -> "10,000".
+pub fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

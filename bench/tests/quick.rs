@@ -1,0 +1,49 @@
+//! CI smoke test of `cargo xtask bench`: the quick mode runs every section and produces
+//! every row with a positive value. Speed is not asserted.
+use std::{path::PathBuf, process::Command};
+
+use proxy_bench::{Plan, expected_rows, report::Report};
+
+#[test]
+fn quick_bench_produces_every_row() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIP quick_bench_produces_every_row: needs root (BPF programs, network namespaces)"
+        );
+        return;
+    }
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_bench-podserver"));
+    let out = std::env::temp_dir().join(format!("ebpf-proxy-bench-quick-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_proxy-bench"))
+        .arg("--quick")
+        .arg("--out")
+        .arg(&out)
+        .arg("--server")
+        .arg(&server)
+        .status()
+        .expect("running proxy-bench");
+    let json = std::fs::read_to_string(out.join("latest-quick.json"));
+    let _ = std::fs::remove_dir_all(&out);
+    let report: Report =
+        serde_json::from_str(&json.expect("results written")).expect("results parse");
+    assert!(
+        report.errors.is_empty(),
+        "sections failed: {:#?}",
+        report.errors
+    );
+    assert!(status.success(), "proxy-bench --quick: {status}");
+    let mut missing = Vec::new();
+    for id in expected_rows(&Plan::quick(server)) {
+        match report.get(&id) {
+            Some(v) if v.is_finite() && v > 0.0 => {}
+            Some(v) => missing.push(format!("{id} = {v}")),
+            None => missing.push(format!("{id} missing")),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "rows missing or not positive: {missing:#?}"
+    );
+    assert!(!report.targets.is_empty(), "targets judged");
+}
