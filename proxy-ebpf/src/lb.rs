@@ -24,32 +24,31 @@ const SNAT_TRIES: u32 = 8;
 /// conntrack cache line on every packet.
 const CT_REFRESH_NS: u64 = 1_000_000_000;
 
+/// The packet's own 5-tuple in direction `dir`.
 #[inline(always)]
-pub fn forward_key(p: &Packet) -> CtKey {
+fn flow_key(p: &Packet, dir: u8) -> CtKey {
     CtKey {
         src_addr: p.saddr,
         dst_addr: p.daddr,
         src_port: p.sport,
         dst_port: p.dport,
         proto: p.proto,
-        dir: CT_DIR_FORWARD,
+        dir,
         _pad: 0,
     }
+}
+
+/// Key of the flow this packet opens or continues (client -> VIP).
+#[inline(always)]
+pub fn forward_key(p: &Packet) -> CtKey {
+    flow_key(p, CT_DIR_FORWARD)
 }
 
 /// Key under which a reply to this packet's flow is found: as it arrives, from the side
 /// this packet was sent to.
 #[inline(always)]
 pub fn reply_key(p: &Packet) -> CtKey {
-    CtKey {
-        src_addr: p.saddr,
-        dst_addr: p.daddr,
-        src_port: p.sport,
-        dst_port: p.dport,
-        proto: p.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    }
+    flow_key(p, CT_DIR_REPLY)
 }
 
 /// Look up a tracked flow, refresh its timestamp when stale, and note a TCP FIN/RST.
