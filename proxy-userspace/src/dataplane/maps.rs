@@ -56,23 +56,29 @@ impl Maps {
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or(DataplaneError::MissingObject(name))
         };
+        Self::assemble(&mut take)
+    }
+
+    /// Build the typed handles from a source of maps by name (shared by the agent's and
+    /// the CLI's constructors).
+    fn assemble(get: &mut impl FnMut(&'static str) -> Result<Map, DataplaneError>) -> Result<Self, DataplaneError> {
         Ok(Maps {
-            services: typed(n::SERVICES, take(n::SERVICES)?)?,
-            slots: typed(n::BACKEND_SLOTS, take(n::BACKEND_SLOTS)?)?,
-            backends: typed(n::BACKENDS, take(n::BACKENDS)?)?,
-            conntrack: typed(n::CONNTRACK, take(n::CONNTRACK)?)?,
-            affinity: typed(n::AFFINITY, take(n::AFFINITY)?)?,
-            service_stats: typed(n::SERVICE_STATS, take(n::SERVICE_STATS)?)?,
-            global_stats: typed(n::GLOBAL_STATS, take(n::GLOBAL_STATS)?)?,
-            meta: typed(n::SERVICE_META, take(n::SERVICE_META)?)?,
-            source_ranges: typed(n::SOURCE_RANGES, take(n::SOURCE_RANGES)?)?,
+            services: typed(n::SERVICES, get(n::SERVICES)?)?,
+            slots: typed(n::BACKEND_SLOTS, get(n::BACKEND_SLOTS)?)?,
+            backends: typed(n::BACKENDS, get(n::BACKENDS)?)?,
+            conntrack: typed(n::CONNTRACK, get(n::CONNTRACK)?)?,
+            affinity: typed(n::AFFINITY, get(n::AFFINITY)?)?,
+            service_stats: typed(n::SERVICE_STATS, get(n::SERVICE_STATS)?)?,
+            global_stats: typed(n::GLOBAL_STATS, get(n::GLOBAL_STATS)?)?,
+            meta: typed(n::SERVICE_META, get(n::SERVICE_META)?)?,
+            source_ranges: typed(n::SOURCE_RANGES, get(n::SOURCE_RANGES)?)?,
         })
     }
 
     /// Open the maps an agent pinned under `root` (read by the CLI).
     pub fn open_pinned(root: &Path) -> Result<Self, DataplaneError> {
         let dir = paths::maps_dir(root);
-        let open = |name: &'static str| -> Result<Map, DataplaneError> {
+        let mut open = |name: &'static str| -> Result<Map, DataplaneError> {
             let path = dir.join(name);
             let data = MapData::from_pin(&path).map_err(|e| match &e {
                 aya::maps::MapError::SyscallError(s)
@@ -89,17 +95,7 @@ impl Maps {
             })?;
             Map::from_map_data(data).map_err(|e| DataplaneError::from_map(name, e))
         };
-        Ok(Maps {
-            services: typed(n::SERVICES, open(n::SERVICES)?)?,
-            slots: typed(n::BACKEND_SLOTS, open(n::BACKEND_SLOTS)?)?,
-            backends: typed(n::BACKENDS, open(n::BACKENDS)?)?,
-            conntrack: typed(n::CONNTRACK, open(n::CONNTRACK)?)?,
-            affinity: typed(n::AFFINITY, open(n::AFFINITY)?)?,
-            service_stats: typed(n::SERVICE_STATS, open(n::SERVICE_STATS)?)?,
-            global_stats: typed(n::GLOBAL_STATS, open(n::GLOBAL_STATS)?)?,
-            meta: typed(n::SERVICE_META, open(n::SERVICE_META)?)?,
-            source_ranges: typed(n::SOURCE_RANGES, open(n::SOURCE_RANGES)?)?,
-        })
+        Self::assemble(&mut open)
     }
 }
 
