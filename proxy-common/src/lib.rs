@@ -151,11 +151,14 @@ pub const CT_DIR_REPLY: u8 = 1;
 /// Key of `CONNTRACK`: the packet's 5-tuple as seen where the lookup happens, plus the
 /// direction. Forward entries are keyed by the client's original packet (client -> VIP),
 /// reply entries by the backend's reply as it arrives (backend -> client).
+///
+/// Generic over the address type so IPv6 (`[u32; 4]`, see [`CtKey6`]) shares the layout
+/// rules and the state logic of [`ct`] instead of copying them; `u32` (IPv4) is the default.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+pub struct CtKey<A = u32> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -163,12 +166,25 @@ pub struct CtKey {
     pub _pad: u16,
 }
 
-/// Conntrack flags (`CtValue::flags`).
+/// IPv6 conntrack key (40 bytes): same fields, 16-byte addresses in network byte order.
+pub type CtKey6 = CtKey<[u32; 4]>;
+
+/// Conntrack flags (`CtValue::flags`). The connection state is derived from them by
+/// [`ct::state`]; they are only ever set, never cleared, until the entry is replaced.
 pub mod ct_flags {
-    /// A TCP FIN or RST was seen; the entry is left to LRU eviction.
+    /// A TCP FIN or RST was seen in either direction: a SYN on this tuple now opens a new
+    /// connection (the reopen rule).
     pub const CLOSING: u8 = 1 << 0;
-    /// The flow was also source-NATed (north-south to a remote backend).
+    /// The flow was also source-NATed (north-south to a remote backend, or hairpin).
     pub const SNAT: u8 = 1 << 1;
+    /// The backend has answered: the flow is established (never evicted under pressure).
+    pub const SEEN_REPLY: u8 = 1 << 2;
+    /// The client sent a FIN.
+    pub const FIN_FWD: u8 = 1 << 3;
+    /// The backend sent a FIN.
+    pub const FIN_REV: u8 = 1 << 4;
+    /// Either side sent a RST.
+    pub const RST: u8 = 1 << 5;
 }
 
 /// Value of `CONNTRACK`.
@@ -176,21 +192,141 @@ pub mod ct_flags {
 /// Forward entry: rewrite the destination to `nat_addr:nat_port` (the backend).
 /// Reply entry: rewrite the source to `nat_addr:nat_port` (the VIP the client used).
 /// When `ct_flags::SNAT` is set, `snat_addr:snat_port` is the other half of the
-/// translation (north-south to a remote backend).
+/// translation (north-south to a remote backend, hairpin).
+///
+/// The forward entry is the authority on the connection's state (`flags`); the reply
+/// entry lives and dies with it (see [`ct`] and the agent's conntrack GC).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtValue {
-    pub nat_addr: u32,
+pub struct CtValue<A = u32> {
+    pub nat_addr: A,
     pub nat_port: u16,
     pub flags: u8,
     pub _pad: u8,
-    pub snat_addr: u32,
+    pub snat_addr: A,
     pub snat_port: u16,
     pub _pad2: u16,
     pub backend_id: u32,
     pub svc_id: u32,
-    /// `bpf_ktime_get_ns()` when the entry was created or last refreshed.
+    /// `bpf_ktime_get_ns()` when the entry was created or last refreshed (at most once a
+    /// second per entry, so established flows do not write a shared cache line per packet).
     pub last_seen: u64,
+}
+
+/// IPv6 conntrack value (56 bytes).
+pub type CtValue6 = CtValue<[u32; 4]>;
+
+/// The conntrack lifecycle, shared by the datapath (which sets the flags) and the agent's
+/// garbage collector (which expires entries): one definition of what a state is and how
+/// long an idle flow in it lives.
+pub mod ct {
+    use super::{ct_flags, PROTO_TCP};
+
+    /// Connection state derived from `CtValue::flags`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum CtState {
+        /// Opened, no reply yet (TCP SYN sent; UDP/SCTP unreplied). First to go under
+        /// pressure, like netfilter's early drop of unassured entries.
+        New,
+        /// The backend answered.
+        Established,
+        /// TCP: one side sent a FIN (half-closed; kube-proxy's CLOSE_WAIT timeout applies).
+        Closing,
+        /// TCP: FIN from both sides, or a RST. Removed after a short grace period, or at
+        /// once when the table is under pressure.
+        Closed,
+    }
+
+    impl CtState {
+        pub const ALL: [CtState; 4] = [CtState::New, CtState::Established, CtState::Closing, CtState::Closed];
+
+        pub const fn name(self) -> &'static str {
+            match self {
+                CtState::New => "new",
+                CtState::Established => "established",
+                CtState::Closing => "closing",
+                CtState::Closed => "closed",
+            }
+        }
+    }
+
+    /// The state of a flow of protocol `proto` whose forward entry carries `flags`.
+    #[inline(always)]
+    pub const fn state(proto: u8, flags: u8) -> CtState {
+        if proto == PROTO_TCP {
+            let both_fin = ct_flags::FIN_FWD | ct_flags::FIN_REV;
+            if flags & ct_flags::RST != 0 || flags & both_fin == both_fin {
+                return CtState::Closed;
+            }
+            if flags & ct_flags::CLOSING != 0 {
+                return CtState::Closing;
+            }
+        }
+        if flags & ct_flags::SEEN_REPLY != 0 { CtState::Established } else { CtState::New }
+    }
+
+    /// Flags a TCP segment with `tcp_flags` (FIN 0x01, RST 0x04) adds to its flow, seen in
+    /// direction `reply` (from the backend) or not.
+    #[inline(always)]
+    pub const fn tcp_flags_to_ct(tcp_flags: u8, reply: bool) -> u8 {
+        let mut f = 0;
+        if tcp_flags & 0x04 != 0 {
+            f |= ct_flags::RST | ct_flags::CLOSING;
+        }
+        if tcp_flags & 0x01 != 0 {
+            f |= ct_flags::CLOSING | if reply { ct_flags::FIN_REV } else { ct_flags::FIN_FWD };
+        }
+        f
+    }
+
+    /// Idle timeouts per state, in seconds. Defaults follow kube-proxy's conntrack settings
+    /// where it has one (`--conntrack-tcp-timeout-established` 24h,
+    /// `--conntrack-tcp-timeout-close-wait` 1h) and the kernel's otherwise (UDP 30 s
+    /// unreplied / 120 s stream, SYN 60 s as Cilium); closed TCP flows 10 s like Cilium's
+    /// `bpf-ct-timeout-regular-tcp-fin`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct CtTimeouts {
+        pub tcp_syn: u32,
+        pub tcp_established: u32,
+        pub tcp_close_wait: u32,
+        pub tcp_closed: u32,
+        pub udp: u32,
+        pub udp_stream: u32,
+    }
+
+    impl Default for CtTimeouts {
+        fn default() -> Self {
+            CtTimeouts {
+                tcp_syn: 60,
+                tcp_established: 86_400,
+                tcp_close_wait: 3_600,
+                tcp_closed: 10,
+                udp: 30,
+                udp_stream: 120,
+            }
+        }
+    }
+
+    impl CtTimeouts {
+        /// How long a flow of `proto` in `state` may stay idle, in nanoseconds.
+        pub const fn idle_ns(&self, proto: u8, state: CtState) -> u64 {
+            let s = if proto == PROTO_TCP {
+                match state {
+                    CtState::New => self.tcp_syn,
+                    CtState::Established => self.tcp_established,
+                    CtState::Closing => self.tcp_close_wait,
+                    CtState::Closed => self.tcp_closed,
+                }
+            } else {
+                // UDP, SCTP and anything else without a state machine of ours.
+                match state {
+                    CtState::New => self.udp,
+                    _ => self.udp_stream,
+                }
+            };
+            s as u64 * 1_000_000_000
+        }
+    }
 }
 
 /// Key of `AFFINITY`.
@@ -237,7 +373,10 @@ pub mod verdict {
     /// XDP could not forward a translated packet: no route, TTL expired, or the next hop's
     /// neighbour entry is not resolved yet (queued in `NEIGH_MISSES` for the agent). Dropped.
     pub const NO_ROUTE: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// A new flow found the conntrack table full (every entry live: established flows are
+    /// never evicted to make room). Dropped; the agent's GC is woken to reclaim space.
+    pub const CT_FULL: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -252,6 +391,7 @@ pub mod verdict {
         "error",
         "other_l4",
         "no_route",
+        "ct_full",
     ];
 }
 
@@ -362,6 +502,8 @@ mod pod_impls {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for StatsKey {}
@@ -396,6 +538,8 @@ mod tests {
         assert_eq!(size_of::<NodeConfig>(), 16);
         assert_eq!(size_of::<NeighKey>(), 8);
         assert_eq!(align_of::<CtValue>(), 8);
+        assert_eq!(size_of::<CtKey6>(), 40);
+        assert_eq!(size_of::<CtValue6>(), 56);
     }
 
     /// No implicit padding: the sum of the field sizes equals the struct size.
@@ -406,6 +550,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue>(), 4 + 2 + 1 + 1 + 4 + 2 + 2 + 4 + 4 + 8);
+        assert_eq!(size_of::<CtKey6>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<CtValue6>(), 16 + 2 + 1 + 1 + 16 + 2 + 2 + 4 + 4 + 8);
         assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
         assert_eq!(
             size_of::<ServiceMeta>(),
@@ -420,7 +566,7 @@ mod tests {
         assert_eq!(&k.dst_addr as *const _ as usize - base, 4);
         assert_eq!(&k.src_port as *const _ as usize - base, 8);
         assert_eq!(&k.proto as *const _ as usize - base, 12);
-        let v = CtValue::default();
+        let v = CtValue::<u32>::default();
         let base = &v as *const _ as usize;
         assert_eq!(&v.snat_addr as *const _ as usize - base, 8);
         assert_eq!(&v.backend_id as *const _ as usize - base, 16);
@@ -434,6 +580,35 @@ mod tests {
         let k = SlotKey::new(7, 0, 42);
         assert_eq!((k.generation(), k.index()), (0, 42));
         assert_ne!(SlotKey::new(7, 0, 1), SlotKey::new(7, 1, 1));
+    }
+
+    #[test]
+    fn ct_state_follows_the_flags() {
+        use ct::{state, tcp_flags_to_ct, CtState};
+        assert_eq!(state(PROTO_TCP, 0), CtState::New);
+        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY), CtState::Established);
+        let fin_fwd = tcp_flags_to_ct(0x11, false);
+        assert_eq!(fin_fwd, ct_flags::CLOSING | ct_flags::FIN_FWD);
+        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY | fin_fwd), CtState::Closing);
+        let both = fin_fwd | tcp_flags_to_ct(0x11, true);
+        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY | both), CtState::Closed);
+        assert_eq!(state(PROTO_TCP, tcp_flags_to_ct(0x04, true)), CtState::Closed);
+        // A plain ACK or SYN adds nothing.
+        assert_eq!(tcp_flags_to_ct(0x10, false) | tcp_flags_to_ct(0x02, true), 0);
+        // UDP has no FIN: replied or not.
+        assert_eq!(state(PROTO_UDP, 0), CtState::New);
+        assert_eq!(state(PROTO_UDP, ct_flags::SEEN_REPLY | ct_flags::SNAT), CtState::Established);
+    }
+
+    #[test]
+    fn ct_timeouts_by_state() {
+        use ct::{CtState, CtTimeouts};
+        let t = CtTimeouts::default();
+        let s = 1_000_000_000u64;
+        assert_eq!(t.idle_ns(PROTO_TCP, CtState::Established), 86_400 * s);
+        assert_eq!(t.idle_ns(PROTO_TCP, CtState::Closed), 10 * s);
+        assert_eq!(t.idle_ns(PROTO_UDP, CtState::New), 30 * s);
+        assert_eq!(t.idle_ns(PROTO_SCTP, CtState::Established), 120 * s);
     }
 
     #[test]

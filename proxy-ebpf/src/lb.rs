@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use proxy_common::{
-    ct_flags, nat_defaults, svc_flags, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig,
+    ct, ct_flags, nat_defaults, svc_flags, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig,
     ServiceKey, ServiceValue, SlotKey, CT_DIR_FORWARD, CT_DIR_REPLY,
 };
 
@@ -51,38 +51,71 @@ pub fn reply_key(p: &Packet) -> CtKey {
     flow_key(p, CT_DIR_REPLY)
 }
 
-/// Look up a tracked flow, refresh its timestamp when stale, and note a TCP FIN/RST.
-/// Returns a copy of the entry as it was before this packet.
+/// Errors of conntrack creation.
+pub enum CtError {
+    /// The table is full of live entries (insert returned E2BIG): counted `ct_full`.
+    Full,
+    /// Any other map failure (or every SNAT port candidate taken): counted `error`.
+    Other,
+}
+
+impl CtError {
+    /// The verdict a packet that could not be tracked is counted under.
+    #[inline(always)]
+    pub fn verdict(&self) -> u32 {
+        match self {
+            CtError::Full => proxy_common::verdict::CT_FULL,
+            CtError::Other => proxy_common::verdict::ERROR,
+        }
+    }
+}
+
+/// `bpf_map_update_elem` on a hash map with no free element left.
+const E2BIG: i64 = 7;
+
 #[inline(always)]
-pub fn ct_lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
+fn ct_insert(key: &CtKey, value: &CtValue, flags: u64) -> Result<(), CtError> {
+    CONNTRACK.insert(key, value, flags).map_err(|e| if i64::from(e) == -E2BIG { CtError::Full } else { CtError::Other })
+}
+
+/// Refresh a tracked entry's timestamp when stale and add `new_flags`. Returns a copy of the
+/// entry as it was before this packet. Writes only when something changes, so established
+/// flows do not dirty the entry's cache line on every packet.
+#[inline(always)]
+fn ct_touch(key: &CtKey, new_flags: u8) -> Option<CtValue> {
     let ptr = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: the pointer comes from a successful lookup; a concurrent delete can at worst
-    // make us read a recycled entry of the same type (LRU map semantics).
+    // SAFETY: the pointer comes from a successful lookup; a concurrent delete (the agent's
+    // GC) can at worst make us read or update an entry that is being freed, of this type.
     unsafe {
         let seen = *ptr;
         let now = bpf_ktime_get_ns();
         if now.wrapping_sub(seen.last_seen) > CT_REFRESH_NS {
             (*ptr).last_seen = now;
         }
-        if p.tcp_closing() && seen.flags & ct_flags::CLOSING == 0 {
-            (*ptr).flags |= ct_flags::CLOSING;
+        if seen.flags & new_flags != new_flags {
+            (*ptr).flags |= new_flags;
         }
         Some(seen)
     }
 }
 
-/// Mark the forward entry of the flow a reply belongs to as closing (the backend sent
-/// FIN/RST first), so a new SYN on the same tuple selects a backend afresh.
+/// A packet from the client side of a tracked flow (client -> VIP): its FIN/RST moves the
+/// flow towards closed.
 #[inline(always)]
-pub fn ct_mark_forward_closing(reply: &Packet, rev: &CtValue) {
-    // A source-NATed flow's client is not the reply's destination (that is our SNAT
-    // address): the reply entry remembers it.
+pub fn ct_forward(p: &Packet) -> Option<CtValue> {
+    ct_touch(&forward_key(p), ct::tcp_flags_to_ct(p.tcp_flags, false))
+}
+
+/// Key of the forward entry a reply entry belongs to. A source-NATed flow's client is not
+/// the reply's destination (that is our SNAT address): the reply entry remembers it.
+#[inline(always)]
+fn forward_key_of_reply(reply: &Packet, rev: &CtValue) -> CtKey {
     let (client, client_port) = if rev.flags & ct_flags::SNAT != 0 {
         (rev.snat_addr, rev.snat_port)
     } else {
         (reply.daddr, reply.dport)
     };
-    let key = CtKey {
+    CtKey {
         src_addr: client,
         dst_addr: rev.nat_addr,
         src_port: client_port,
@@ -90,11 +123,47 @@ pub fn ct_mark_forward_closing(reply: &Packet, rev: &CtValue) {
         proto: reply.proto,
         dir: CT_DIR_FORWARD,
         _pad: 0,
-    };
-    if let Some(ptr) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup, see `ct_lookup`.
-        unsafe { (*ptr).flags |= ct_flags::CLOSING };
     }
+}
+
+/// A packet from the backend side of a tracked flow (backend -> client). The first reply
+/// makes the flow established, a FIN/RST moves it towards closed; both are recorded in the
+/// forward entry too, which is the authority on the flow's state (the GC reads it there,
+/// and the reopen rule checks it there).
+#[inline(always)]
+pub fn ct_reply(p: &Packet) -> Option<CtValue> {
+    let add = ct_flags::SEEN_REPLY | ct::tcp_flags_to_ct(p.tcp_flags, true);
+    let rev = ct_touch(&reply_key(p), add)?;
+    if rev.flags & add != add {
+        if let Some(ptr) = CONNTRACK.get_ptr_mut(&forward_key_of_reply(p, &rev)) {
+            // SAFETY: pointer from a successful lookup, see `ct_touch`.
+            unsafe { (*ptr).flags |= add };
+        }
+    }
+    Some(rev)
+}
+
+/// A reopened flow (a SYN on a tuple whose connection closed) gives back what its previous
+/// connection held before it is balanced afresh: the reply entry, which for a source-NATed
+/// flow is also the claim on its SNAT port. Without this, every reopen of one tuple leaked
+/// a claim on one of the tuple's few SNAT port candidates until none was left.
+#[inline(always)]
+pub fn ct_release_reply(p: &Packet, old: &CtValue) {
+    let (dst, dport) = if old.flags & ct_flags::SNAT != 0 {
+        (old.snat_addr, old.snat_port)
+    } else {
+        (p.saddr, p.sport)
+    };
+    let key = CtKey {
+        src_addr: old.nat_addr,
+        dst_addr: dst,
+        src_port: old.nat_port,
+        dst_port: dport,
+        proto: p.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let _ = CONNTRACK.remove(&key);
 }
 
 /// The node facts the agent wrote, with the documented defaults for what it left 0.
@@ -183,9 +252,10 @@ pub fn select_backend(svc: &ServiceValue, client: u32, now: u64) -> Selected {
 }
 
 /// Record both directions of a new DNAT flow: client -> VIP becomes client -> backend, and
-/// the backend's replies (backend -> client) get their source put back to VIP:port.
+/// the backend's replies (backend -> client) get their source put back to VIP:port. The
+/// table is never left with half a flow: a failed reply insert takes the forward one back.
 #[inline(always)]
-pub fn ct_create(p: &Packet, svc_id: u32, backend_id: u32, b: &Backend, now: u64) -> Result<(), i32> {
+pub fn ct_create(p: &Packet, svc_id: u32, backend_id: u32, b: &Backend, now: u64) -> Result<(), CtError> {
     let fwd = CtValue {
         nat_addr: b.addr,
         nat_port: b.port,
@@ -194,7 +264,8 @@ pub fn ct_create(p: &Packet, svc_id: u32, backend_id: u32, b: &Backend, now: u64
         last_seen: now,
         ..CtValue::default()
     };
-    CONNTRACK.insert(&forward_key(p), &fwd, 0)?;
+    let fkey = forward_key(p);
+    ct_insert(&fkey, &fwd, 0)?;
     let rkey = CtKey {
         src_addr: b.addr,
         dst_addr: p.saddr,
@@ -212,7 +283,9 @@ pub fn ct_create(p: &Packet, svc_id: u32, backend_id: u32, b: &Backend, now: u64
         last_seen: now,
         ..CtValue::default()
     };
-    CONNTRACK.insert(&rkey, &rev, 0)
+    ct_insert(&rkey, &rev, 0).inspect_err(|_| {
+        let _ = CONNTRACK.remove(&fkey);
+    })
 }
 
 /// A cheap, well-mixed 32-bit hash of a flow (murmur3's finaliser over a few words): picks
@@ -233,7 +306,8 @@ fn mix(a: u32, b: u32, c: u32) -> u32 {
 /// The port is claimed by inserting the reply entry (backend -> snat_addr:port) with
 /// `BPF_NOEXIST`: a port is only "in use" for one backend ip:port/proto, which is exactly
 /// the key's uniqueness, so no separate port table is needed. Returns the port (network
-/// byte order), or `None` when every candidate was taken or a write failed.
+/// byte order); `CtError::Full` when the table is full, `Other` when every candidate was
+/// taken or a write failed.
 #[inline(always)]
 pub fn ct_create_snat(
     p: &Packet,
@@ -243,7 +317,7 @@ pub fn ct_create_snat(
     snat_addr: u32,
     cfg: &NodeConfig,
     now: u64,
-) -> Option<u16> {
+) -> Result<u16, CtError> {
     let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
     let rev = CtValue {
         nat_addr: p.daddr,
@@ -257,7 +331,7 @@ pub fn ct_create_snat(
         ..CtValue::default()
     };
     let h = mix(p.saddr, ((p.sport as u32) << 16) | p.dport as u32, b.addr ^ b.port as u32);
-    let mut port_be = 0u16;
+    let mut claimed: Option<(CtKey, u16)> = None;
     let mut i = 0u32;
     while i < SNAT_TRIES {
         // Stride by an odd multiplier of the attempt so retries do not probe neighbours of
@@ -272,15 +346,21 @@ pub fn ct_create_snat(
             dir: CT_DIR_REPLY,
             _pad: 0,
         };
-        if CONNTRACK.insert(key, rev, BPF_NOEXIST as u64).is_ok() {
-            port_be = candidate.to_be();
-            break;
+        match ct_insert(&key, &rev, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                claimed = Some((key, candidate.to_be()));
+                break;
+            }
+            // No free element: another candidate will not find one either.
+            Err(CtError::Full) => return Err(CtError::Full),
+            // EEXIST: the port is in use towards this backend; try the next candidate.
+            Err(CtError::Other) => {}
         }
         i += 1;
     }
-    if port_be == 0 {
-        return None;
-    }
+    let Some((rkey, port_be)) = claimed else {
+        return Err(CtError::Other);
+    };
     let fwd = CtValue {
         nat_addr: b.addr,
         nat_port: b.port,
@@ -292,6 +372,8 @@ pub fn ct_create_snat(
         last_seen: now,
         ..CtValue::default()
     };
-    CONNTRACK.insert(forward_key(p), fwd, 0).ok()?;
-    Some(port_be)
+    ct_insert(&forward_key(p), &fwd, 0).inspect_err(|_| {
+        let _ = CONNTRACK.remove(&rkey);
+    })?;
+    Ok(port_be)
 }

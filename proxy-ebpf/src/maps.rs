@@ -19,8 +19,13 @@ pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(sizes::MAX_SLO
 #[map]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS, 0);
 
+/// A plain (preallocated) hash, not an LRU: an LRU evicts whatever was used least recently,
+/// which on a busy node is an idle established connection, whose next packet would then be
+/// balanced afresh and reset. Here nothing live is ever evicted: the agent's GC removes
+/// closed and expired flows, and a new flow that finds the table full is dropped and
+/// counted (`ct_full`), as netfilter does.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(sizes::MAX_CONNTRACK, 0);
+pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::pinned(sizes::MAX_CONNTRACK, 0);
 
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

@@ -35,12 +35,6 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// FIN or RST: the connection is ending.
-    #[inline(always)]
-    pub fn tcp_closing(&self) -> bool {
-        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
-    }
-
     /// A SYN without ACK: a client opening a connection.
     #[inline(always)]
     pub fn tcp_syn(&self) -> bool {
@@ -68,12 +62,20 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, u32> {
 }
 
 /// Parse Ethernet + IPv4 + L4 ports. `Err(verdict)` says why the frame is not a candidate.
+/// `pkt_len` is the whole frame's length, including bytes outside the linear area `start..end`
+/// (an skb's paged data, an XDP frame's fragments).
+///
+/// Lengths are validated the way the kernel's receive path does, so we never translate (and
+/// leave conntrack entries for) a frame the stack would drop: the IPv4 total length must
+/// cover the header and fit in the frame (Ethernet padding after it is fine), the TCP data
+/// offset must fit in the IP payload, and the UDP length must be at least a header and no
+/// more than the IP payload (shorter is trailing padding, which `udp_rcv` trims).
 ///
 /// Reads are laid out for the verifier: the fixed Ethernet + IPv4 header is bounds-checked
 /// as one block, and the L4 header (at a variable offset because of IP options) through its
 /// own pointer with its own check.
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
+pub fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet, u32> {
     // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads are unaligned
     // because frames give no alignment guarantee.
     unsafe {
@@ -89,6 +91,10 @@ pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
         }
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if ihl < 20 {
+            return Err(verdict::MALFORMED);
+        }
+        let tot_len = u16::from_be((ip.add(2) as *const u16).read_unaligned()) as usize;
+        if tot_len < ihl || l3 + tot_len > pkt_len {
             return Err(verdict::MALFORMED);
         }
         let frag = u16::from_be((ip.add(6) as *const u16).read_unaligned());
@@ -107,15 +113,28 @@ pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
             PROTO_SCTP => 12,
             _ => return Err(verdict::OTHER_L4),
         };
+        let l4_len = tot_len - ihl;
         let l4p = start + l4;
-        if l4p + need > end {
+        if l4_len < need || l4p + need > end {
             return Err(verdict::MALFORMED);
         }
         // `need` >= 8 covers the two ports read here.
         let ports = l4p as *const u16;
         let sport = ports.read_unaligned();
         let dport = ports.add(1).read_unaligned();
-        let tcp_flags = if proto == PROTO_TCP { *(l4p as *const u8).add(13) } else { 0 };
+        let mut tcp_flags = 0;
+        if proto == PROTO_TCP {
+            let doff = ((*(l4p as *const u8).add(12) >> 4) as usize) * 4;
+            if doff < 20 || doff > l4_len {
+                return Err(verdict::MALFORMED);
+            }
+            tcp_flags = *(l4p as *const u8).add(13);
+        } else if proto == PROTO_UDP {
+            let ulen = u16::from_be(ports.add(2).read_unaligned()) as usize;
+            if ulen < 8 || ulen > l4_len {
+                return Err(verdict::MALFORMED);
+            }
+        }
         Ok(Packet { l3_off: l3, l4_off: l4, proto, tcp_flags, saddr, daddr, sport, dport })
     }
 }

@@ -36,11 +36,12 @@ const MAX_HDR: u32 = 14 + 60 + 20;
 /// Parse, pulling non-linear header bytes into the linear area once if needed.
 #[inline(always)]
 fn parse_ctx(ctx: &TcContext) -> Result<Packet, u32> {
-    match parse::parse(ctx.data(), ctx.data_end()) {
-        Err(verdict::MALFORMED) if ctx.len() as usize > ctx.data_end() - ctx.data() => {
+    let len = ctx.len() as usize;
+    match parse::parse(ctx.data(), ctx.data_end(), len) {
+        Err(verdict::MALFORMED) if len > ctx.data_end() - ctx.data() => {
             let want = if ctx.len() < MAX_HDR { ctx.len() } else { MAX_HDR };
             ctx.pull_data(want).map_err(|_| verdict::MALFORMED)?;
-            parse::parse(ctx.data(), ctx.data_end())
+            parse::parse(ctx.data(), ctx.data_end(), len)
         }
         r => r,
     }
@@ -131,10 +132,7 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     let cfg = lb::node_config();
     // The pod answering a hairpin flow: back to VIP:port -> pod:port, into the pod.
     if cfg.hairpin_addr != 0 && p.daddr == cfg.hairpin_addr {
-        if let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p).filter(|ct| ct.flags & ct_flags::SNAT != 0) {
-            if p.tcp_closing() {
-                lb::ct_mark_forward_closing(&p, &ct);
-            }
+        if let Some(ct) = lb::ct_reply(&p).filter(|ct| ct.flags & ct_flags::SNAT != 0) {
             if full_nat(ctx, &p, ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port).is_err() {
                 count_global(verdict::ERROR, len);
                 return TC_ACT_SHOT;
@@ -148,10 +146,12 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     // Tracked flow first: established connections keep their backend even after the
     // backend or the whole service is removed, as with kube-proxy's conntrack. A fresh SYN
     // on the tuple of a connection that already closed is a new connection (the client
-    // reused its port), so it gets a new backend, like Linux conntrack re-opening TIME_WAIT.
-    if let Some(ct) = lb::ct_lookup(&lb::forward_key(&p), &p) {
-        let reopened = p.tcp_syn() && ct.flags & ct_flags::CLOSING != 0;
-        if !reopened {
+    // reused its port), so it gets a new backend, like Linux conntrack re-opening TIME_WAIT;
+    // the old connection's reply entry (and SNAT port) is given back first.
+    if let Some(ct) = lb::ct_forward(&p) {
+        if p.tcp_syn() && ct.flags & ct_flags::CLOSING != 0 {
+            lb::ct_release_reply(&p, &ct);
+        } else {
             if ct.flags & ct_flags::SNAT != 0 {
                 if full_nat(ctx, &p, ct.snat_addr, ct.snat_port, ct.nat_addr, ct.nat_port).is_err() {
                     count_global(verdict::ERROR, len);
@@ -186,10 +186,12 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         }
     };
     if backend.addr == p.saddr && cfg.hairpin_addr != 0 {
-        let Some(port) = lb::ct_create_snat(&p, svc.id, backend_id, &backend, cfg.hairpin_addr, &cfg, now)
-        else {
-            count_service(svc.id, verdict::ERROR, len);
-            return TC_ACT_SHOT;
+        let port = match lb::ct_create_snat(&p, svc.id, backend_id, &backend, cfg.hairpin_addr, &cfg, now) {
+            Ok(port) => port,
+            Err(e) => {
+                count_service(svc.id, e.verdict(), len);
+                return TC_ACT_SHOT;
+            }
         };
         if full_nat(ctx, &p, cfg.hairpin_addr, port, backend.addr, backend.port).is_err() {
             count_service(svc.id, verdict::ERROR, len);
@@ -198,9 +200,11 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         count_service(svc.id, verdict::NEW_FLOW, len);
         return bounce(ctx);
     }
-    if lb::ct_create(&p, svc.id, backend_id, &backend, now).is_err()
-        || dnat(ctx, &p, backend.addr, backend.port).is_err()
-    {
+    if let Err(e) = lb::ct_create(&p, svc.id, backend_id, &backend, now) {
+        count_service(svc.id, e.verdict(), len);
+        return TC_ACT_SHOT;
+    }
+    if dnat(ctx, &p, backend.addr, backend.port).is_err() {
         count_service(svc.id, verdict::ERROR, len);
         return TC_ACT_SHOT;
     }
@@ -220,13 +224,10 @@ pub fn reverse_nat(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     };
-    let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p).filter(|ct| ct.flags & ct_flags::SNAT == 0) else {
+    let Some(ct) = lb::ct_reply(&p).filter(|ct| ct.flags & ct_flags::SNAT == 0) else {
         count_global(verdict::PASS, len);
         return TC_ACT_UNSPEC;
     };
-    if p.tcp_closing() {
-        lb::ct_mark_forward_closing(&p, &ct);
-    }
     if snat(ctx, &p, ct.nat_addr, ct.nat_port).is_err() {
         count_global(verdict::ERROR, len);
         return TC_ACT_SHOT;

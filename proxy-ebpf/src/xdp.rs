@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_tail},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
     programs::XdpContext,
     EbpfContext,
 };
@@ -271,7 +271,10 @@ fn reject(ctx: &XdpContext, p: &Packet) -> u32 {
         let ctl = (p.tcp_flags & TCP_SYN != 0) as u32 + (p.tcp_flags & TCP_FIN != 0) as u32;
         (0, seq.wrapping_add(payload + ctl), TCP_RST | TCP_ACK)
     };
-    let len = (end - start) as i32;
+    // The whole frame, fragments included: shrinking by only the linear part would leave
+    // the original's trailing bytes behind the reset.
+    // SAFETY: helper on our own context.
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as i32;
     if len > RST_FRAME_LEN as i32 {
         // SAFETY: shrinking the frame we own; pointers are re-derived afterwards.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, RST_FRAME_LEN as i32 - len) } != 0 {
@@ -313,9 +316,16 @@ fn reject(ctx: &XdpContext, p: &Packet) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// Length of the whole frame, fragments (multi-buffer XDP) included.
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    // SAFETY: helper on our own context.
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
+}
+
 pub fn from_uplink(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    let p = match parse::parse(ctx.data(), ctx.data_end()) {
+    let p = match parse::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
         Ok(p) => p,
         Err(v) => {
             count_global(v, len);
@@ -325,11 +335,8 @@ pub fn from_uplink(ctx: &XdpContext) -> u32 {
 
     // A remote backend answering a flow we source-NATed: undo both translations and send
     // it back to the client.
-    if let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p) {
+    if let Some(ct) = lb::ct_reply(&p) {
         if ct.flags & ct_flags::SNAT != 0 {
-            if p.tcp_closing() {
-                lb::ct_mark_forward_closing(&p, &ct);
-            }
             if nat(ctx, &p, ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port).is_err() {
                 count_service(ct.svc_id, verdict::ERROR, len);
                 return xdp_action::XDP_DROP;
@@ -343,10 +350,12 @@ pub fn from_uplink(ctx: &XdpContext) -> u32 {
     }
 
     // Tracked flow: same backend (and SNAT port) as its first packet, even if the backend
-    // or the service has gone since; a SYN on a closed tuple is a new connection.
-    if let Some(ct) = lb::ct_lookup(&lb::forward_key(&p), &p) {
-        let reopened = p.tcp_syn() && ct.flags & ct_flags::CLOSING != 0;
-        if !reopened {
+    // or the service has gone since; a SYN on a closed tuple is a new connection, which
+    // first gives back the old connection's reply entry and SNAT port.
+    if let Some(ct) = lb::ct_forward(&p) {
+        if p.tcp_syn() && ct.flags & ct_flags::CLOSING != 0 {
+            lb::ct_release_reply(&p, &ct);
+        } else {
             if ct.flags & ct_flags::SNAT != 0 {
                 if nat(ctx, &p, ct.snat_addr, ct.snat_port, ct.nat_addr, ct.nat_port).is_err() {
                     count_service(ct.svc_id, verdict::ERROR, len);
@@ -388,9 +397,11 @@ pub fn from_uplink(ctx: &XdpContext) -> u32 {
     // Local backend (always the case with externalTrafficPolicy: Local): DNAT only, so the
     // pod sees the client's address, and let the stack deliver it.
     if b.flags & backend_flags::LOCAL != 0 || svc.flags & svc_flags::LOCAL_ONLY != 0 {
-        if lb::ct_create(&p, svc.id, backend_id, &b, now).is_err()
-            || nat(ctx, &p, p.saddr, p.sport, b.addr, b.port).is_err()
-        {
+        if let Err(e) = lb::ct_create(&p, svc.id, backend_id, &b, now) {
+            count_service(svc.id, e.verdict(), len);
+            return xdp_action::XDP_DROP;
+        }
+        if nat(ctx, &p, p.saddr, p.sport, b.addr, b.port).is_err() {
             count_service(svc.id, verdict::ERROR, len);
             return xdp_action::XDP_DROP;
         }
@@ -402,9 +413,12 @@ pub fn from_uplink(ctx: &XdpContext) -> u32 {
     // source becomes this node's address (the one the client used if the agent set none).
     let cfg = lb::node_config();
     let snat_addr = if cfg.snat_addr != 0 { cfg.snat_addr } else { p.daddr };
-    let Some(port) = lb::ct_create_snat(&p, svc.id, backend_id, &b, snat_addr, &cfg, now) else {
-        count_service(svc.id, verdict::ERROR, len);
-        return xdp_action::XDP_DROP;
+    let port = match lb::ct_create_snat(&p, svc.id, backend_id, &b, snat_addr, &cfg, now) {
+        Ok(port) => port,
+        Err(e) => {
+            count_service(svc.id, e.verdict(), len);
+            return xdp_action::XDP_DROP;
+        }
     };
     if nat(ctx, &p, snat_addr, port, b.addr, b.port).is_err() {
         count_service(svc.id, verdict::ERROR, len);
