@@ -169,6 +169,49 @@ pub struct CtKey<A = u32> {
 /// IPv6 conntrack key (40 bytes): same fields, 16-byte addresses in network byte order.
 pub type CtKey6 = CtKey<[u32; 4]>;
 
+impl<A: Copy> CtKey<A> {
+    /// Key of the reply entry that belongs to this forward entry (`self` with value `v`):
+    /// backend -> client, or backend -> SNAT address:port for a source-NATed flow.
+    #[inline(always)]
+    pub fn reply_of_forward(&self, v: &CtValue<A>) -> CtKey<A> {
+        let (dst, dport) = if v.flags & ct_flags::SNAT != 0 {
+            (v.snat_addr, v.snat_port)
+        } else {
+            (self.src_addr, self.src_port)
+        };
+        CtKey {
+            src_addr: v.nat_addr,
+            dst_addr: dst,
+            src_port: v.nat_port,
+            dst_port: dport,
+            proto: self.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        }
+    }
+
+    /// Key of the forward entry this reply entry (`self` with value `v`) belongs to. A
+    /// source-NATed flow's client is not the reply's destination (that is our SNAT
+    /// address): the reply entry remembers it.
+    #[inline(always)]
+    pub fn forward_of_reply(&self, v: &CtValue<A>) -> CtKey<A> {
+        let (client, client_port) = if v.flags & ct_flags::SNAT != 0 {
+            (v.snat_addr, v.snat_port)
+        } else {
+            (self.dst_addr, self.dst_port)
+        };
+        CtKey {
+            src_addr: client,
+            dst_addr: v.nat_addr,
+            src_port: client_port,
+            dst_port: v.nat_port,
+            proto: self.proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        }
+    }
+}
+
 /// Conntrack flags (`CtValue::flags`). The connection state is derived from them by
 /// [`ct::state`]; they are only ever set, never cleared, until the entry is replaced.
 pub mod ct_flags {
@@ -598,6 +641,24 @@ mod tests {
         // UDP has no FIN: replied or not.
         assert_eq!(state(PROTO_UDP, 0), CtState::New);
         assert_eq!(state(PROTO_UDP, ct_flags::SEEN_REPLY | ct_flags::SNAT), CtState::Established);
+    }
+
+    #[test]
+    fn ct_partner_keys_round_trip() {
+        let fwd = CtKey { src_addr: 1u32, dst_addr: 2, src_port: 1000, dst_port: 80, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: 0 };
+        // Plain DNAT: the backend answers the client.
+        let v = CtValue { nat_addr: 3u32, nat_port: 8080, ..Default::default() };
+        let rk = fwd.reply_of_forward(&v);
+        assert_eq!((rk.src_addr, rk.src_port, rk.dst_addr, rk.dst_port, rk.dir), (3, 8080, 1, 1000, CT_DIR_REPLY));
+        let rv = CtValue { nat_addr: 2u32, nat_port: 80, ..Default::default() };
+        assert_eq!(rk.forward_of_reply(&rv), fwd);
+        // Source-NATed: the backend answers our SNAT address:port; the reply entry keeps
+        // the client.
+        let v = CtValue { nat_addr: 3u32, nat_port: 8080, flags: ct_flags::SNAT, snat_addr: 9, snat_port: 61000, ..Default::default() };
+        let rk = fwd.reply_of_forward(&v);
+        assert_eq!((rk.dst_addr, rk.dst_port), (9, 61000));
+        let rv = CtValue { nat_addr: 2u32, nat_port: 80, flags: ct_flags::SNAT, snat_addr: 1, snat_port: 1000, ..Default::default() };
+        assert_eq!(rk.forward_of_reply(&rv), fwd);
     }
 
     #[test]

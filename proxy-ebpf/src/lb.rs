@@ -106,26 +106,6 @@ pub fn ct_forward(p: &Packet) -> Option<CtValue> {
     ct_touch(&forward_key(p), ct::tcp_flags_to_ct(p.tcp_flags, false))
 }
 
-/// Key of the forward entry a reply entry belongs to. A source-NATed flow's client is not
-/// the reply's destination (that is our SNAT address): the reply entry remembers it.
-#[inline(always)]
-fn forward_key_of_reply(reply: &Packet, rev: &CtValue) -> CtKey {
-    let (client, client_port) = if rev.flags & ct_flags::SNAT != 0 {
-        (rev.snat_addr, rev.snat_port)
-    } else {
-        (reply.daddr, reply.dport)
-    };
-    CtKey {
-        src_addr: client,
-        dst_addr: rev.nat_addr,
-        src_port: client_port,
-        dst_port: rev.nat_port,
-        proto: reply.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: 0,
-    }
-}
-
 /// A packet from the backend side of a tracked flow (backend -> client). The first reply
 /// makes the flow established, a FIN/RST moves it towards closed; both are recorded in the
 /// forward entry too, which is the authority on the flow's state (the GC reads it there,
@@ -133,9 +113,10 @@ fn forward_key_of_reply(reply: &Packet, rev: &CtValue) -> CtKey {
 #[inline(always)]
 pub fn ct_reply(p: &Packet) -> Option<CtValue> {
     let add = ct_flags::SEEN_REPLY | ct::tcp_flags_to_ct(p.tcp_flags, true);
-    let rev = ct_touch(&reply_key(p), add)?;
+    let key = reply_key(p);
+    let rev = ct_touch(&key, add)?;
     if rev.flags & add != add {
-        if let Some(ptr) = CONNTRACK.get_ptr_mut(&forward_key_of_reply(p, &rev)) {
+        if let Some(ptr) = CONNTRACK.get_ptr_mut(&key.forward_of_reply(&rev)) {
             // SAFETY: pointer from a successful lookup, see `ct_touch`.
             unsafe { (*ptr).flags |= add };
         }
@@ -149,21 +130,7 @@ pub fn ct_reply(p: &Packet) -> Option<CtValue> {
 /// a claim on one of the tuple's few SNAT port candidates until none was left.
 #[inline(always)]
 pub fn ct_release_reply(p: &Packet, old: &CtValue) {
-    let (dst, dport) = if old.flags & ct_flags::SNAT != 0 {
-        (old.snat_addr, old.snat_port)
-    } else {
-        (p.saddr, p.sport)
-    };
-    let key = CtKey {
-        src_addr: old.nat_addr,
-        dst_addr: dst,
-        src_port: old.nat_port,
-        dst_port: dport,
-        proto: p.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
-    let _ = CONNTRACK.remove(&key);
+    let _ = CONNTRACK.remove(&forward_key(p).reply_of_forward(old));
 }
 
 /// The node facts the agent wrote, with the documented defaults for what it left 0.

@@ -187,6 +187,34 @@ pub fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> 
     v
 }
 
+/// TCP flag bits for [`tcp_segment`].
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// A TCP segment with exactly the flags `flags` (bits of [`tcp`]) and valid checksums.
+pub fn tcp_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 65535);
+    if flags & tcp::SYN != 0 {
+        b = b.syn();
+    }
+    if flags & tcp::FIN != 0 {
+        b = b.fin();
+    }
+    if flags & tcp::RST != 0 {
+        b = b.rst();
+    }
+    if flags & tcp::ACK != 0 {
+        b = b.ack(1);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build frame");
+    v
+}
+
 pub fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.0.octets(), dst.0.octets(), 64).udp(src.1, dst.1);
     let mut v = Vec::new();

@@ -502,3 +502,34 @@ fn xdp_report_per_packet_cost() {
     assert!(hit_ns > 0.0 && miss_ns > 0.0 && fwd_ns > 0.0 && rev_ns > 0.0);
 }
 
+
+/// A client reusing one source port towards a NodePort whose backend is on another node
+/// (DNAT + SNAT), SYN then FIN, twenty times: translated every time, always with a port of
+/// the SNAT range. Each reopen used to leak the previous connection's SNAT port claim, and
+/// the tuple has only eight candidates, so the ninth SYN was dropped forever.
+#[test]
+fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
+    if !require_root("xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time") {
+        return;
+    }
+    let net = FwdNs::new();
+    let up0 = net.uplink_ifindex();
+    let mut dp = TestDataplane::load();
+    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))]);
+    let client = (CLIENT, 5353);
+    for i in 0..20 {
+        let syn = tcp_segment(client, (NODE, NODE_PORT), tcp::SYN, b"");
+        let (v, out) = net.ns.run(|| dp.run_xdp_on(XDP, &syn, up0));
+        assert_eq!(v, XDP_TX, "SYN #{i} forwarded");
+        let d = decode(&out);
+        assert_eq!((d.src.0, d.dst), (NODE, (REMOTE_POD, 8080)), "SYN #{i}");
+        assert!((61000..=65535).contains(&d.src.1), "SYN #{i}: SNAT port {}", d.src.1);
+        assert!(d.ip_csum_ok && d.l4_csum_ok, "SYN #{i}: {d:?}");
+        let fin = tcp_segment(client, (NODE, NODE_PORT), tcp::FIN | tcp::ACK, b"");
+        let (v, _) = net.ns.run(|| dp.run_xdp_on(XDP, &fin, up0));
+        assert_eq!(v, XDP_TX, "FIN #{i} forwarded");
+    }
+    assert_eq!(per_service(&dp, verdict::NEW_FLOW), 20);
+    assert_eq!(per_service(&dp, verdict::ERROR), 0);
+    assert_eq!(dp.maps().conntrack.keys().count(), 2, "only the last connection's two entries remain");
+}
