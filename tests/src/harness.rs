@@ -82,12 +82,13 @@ impl TestDataplane {
     /// BPF_PROG_TEST_RUN on a TC or XDP program of the object, in the calling thread's
     /// network namespace (which is where XDP's `bpf_fib_lookup` looks routes up).
     fn test_run(&mut self, prog: &'static str, opts: TestRunOptions<'_>) -> TestRunResult {
+        let len = opts.data_in.map(|d| d.len());
         let r = match self.programs.ebpf.program_mut(prog).unwrap_or_else(|| panic!("no program {prog}")) {
             Program::SchedClassifier(p) => p.test_run(opts),
             Program::Xdp(p) => p.test_run(opts),
             _ => panic!("{prog}: not a TC or XDP program"),
         };
-        r.expect("BPF_PROG_TEST_RUN")
+        r.unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {prog} on a {len:?}-byte frame: {e:?}"))
     }
 
     /// Run `prog` (TC or XDP) once on `frame`; returns (verdict, output frame). For XDP the
