@@ -389,53 +389,103 @@ pub struct AffinityValue {
     pub last_used: u64,
 }
 
-/// Datapath verdicts, counted per service (`SERVICE_STATS`) and globally (`GLOBAL_STATS`).
-pub mod verdict {
+/// What the datapath did with a packet: counted once per packet, per service
+/// (`SERVICE_STATS`) when the packet belonged to one and node-wide (`GLOBAL_STATS`, indexed by
+/// the discriminant). One enum with its names, so counters and their labels cannot drift.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
     /// New flow: backend selected, destination NATed.
-    pub const NEW_FLOW: u32 = 0;
+    NewFlow = 0,
     /// Packet of a tracked flow, destination NATed.
-    pub const ESTABLISHED: u32 = 1;
-    /// Reply of a tracked flow, source rewritten back to the VIP.
-    pub const REVERSE_NAT: u32 = 2;
-    /// Service has no backends: dropped (kube-proxy rejects; see docs/datapath.md).
-    pub const NO_BACKEND: u32 = 3;
+    Established = 1,
+    /// Reply of a tracked flow, source rewritten back to the frontend.
+    ReverseNat = 2,
+    /// Service has no backends: rejected (XDP: TCP reset) or dropped.
+    NoBackend = 3,
     /// Not service traffic: passed untouched.
-    pub const PASS: u32 = 4;
+    Pass = 4,
     /// Not IPv4 (ARP, IPv6, ...): passed untouched.
-    pub const NOT_IPV4: u32 = 5;
-    /// Truncated or malformed header: passed untouched for the kernel to judge.
-    pub const MALFORMED: u32 = 6;
-    /// Non-first IPv4 fragment: passed untouched (no L4 header to match).
-    pub const FRAGMENT: u32 = 7;
+    NotIpv4 = 5,
+    /// Truncated or malformed header, or lengths that do not add up: passed untouched for
+    /// the kernel to judge.
+    Malformed = 6,
+    /// IPv4 fragment: passed untouched (no L4 header to match).
+    Fragment = 7,
     /// Source address not in loadBalancerSourceRanges: dropped.
-    pub const SOURCE_RANGE_DROP: u32 = 8;
-    /// A map write or checksum helper failed: passed untouched.
-    pub const ERROR: u32 = 9;
+    SourceRangeDrop = 8,
+    /// A map write or checksum helper failed: dropped.
+    Error = 9,
     /// Protocol other than TCP/UDP/SCTP: passed untouched.
-    pub const OTHER_L4: u32 = 10;
+    OtherL4 = 10,
     /// XDP could not forward a translated packet: no route, TTL expired, or the next hop's
     /// neighbour entry is not resolved yet (queued in `NEIGH_MISSES` for the agent). Dropped.
-    pub const NO_ROUTE: u32 = 11;
+    NoRoute = 11,
     /// A new flow found the conntrack table full (every entry live: established flows are
     /// never evicted to make room). Dropped; the agent's GC is woken to reclaim space.
-    pub const CT_FULL: u32 = 12;
-    pub const COUNT: u32 = 13;
+    CtFull = 12,
+}
 
-    pub const NAMES: [&str; COUNT as usize] = [
-        "new_flow",
-        "established",
-        "reverse_nat",
-        "no_backend",
-        "pass",
-        "not_ipv4",
-        "malformed",
-        "fragment",
-        "source_range_drop",
-        "error",
-        "other_l4",
-        "no_route",
-        "ct_full",
+impl Verdict {
+    pub const COUNT: u32 = 13;
+    pub const ALL: [Verdict; Self::COUNT as usize] = [
+        Verdict::NewFlow,
+        Verdict::Established,
+        Verdict::ReverseNat,
+        Verdict::NoBackend,
+        Verdict::Pass,
+        Verdict::NotIpv4,
+        Verdict::Malformed,
+        Verdict::Fragment,
+        Verdict::SourceRangeDrop,
+        Verdict::Error,
+        Verdict::OtherL4,
+        Verdict::NoRoute,
+        Verdict::CtFull,
     ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::NewFlow => "new_flow",
+            Verdict::Established => "established",
+            Verdict::ReverseNat => "reverse_nat",
+            Verdict::NoBackend => "no_backend",
+            Verdict::Pass => "pass",
+            Verdict::NotIpv4 => "not_ipv4",
+            Verdict::Malformed => "malformed",
+            Verdict::Fragment => "fragment",
+            Verdict::SourceRangeDrop => "source_range_drop",
+            Verdict::Error => "error",
+            Verdict::OtherL4 => "other_l4",
+            Verdict::NoRoute => "no_route",
+            Verdict::CtFull => "ct_full",
+        }
+    }
+
+    /// The verdict stored under map index `v` (None for an index this build does not know).
+    pub const fn from_index(v: u32) -> Option<Verdict> {
+        if v < Self::COUNT { Some(Self::ALL[v as usize]) } else { None }
+    }
+}
+
+/// The verdicts as the `u32` map indices stored in `StatsKey` and `GLOBAL_STATS`: derived
+/// from [`Verdict`], so they cannot drift from it.
+pub mod verdict {
+    use super::Verdict;
+    pub const NEW_FLOW: u32 = Verdict::NewFlow as u32;
+    pub const ESTABLISHED: u32 = Verdict::Established as u32;
+    pub const REVERSE_NAT: u32 = Verdict::ReverseNat as u32;
+    pub const NO_BACKEND: u32 = Verdict::NoBackend as u32;
+    pub const PASS: u32 = Verdict::Pass as u32;
+    pub const NOT_IPV4: u32 = Verdict::NotIpv4 as u32;
+    pub const MALFORMED: u32 = Verdict::Malformed as u32;
+    pub const FRAGMENT: u32 = Verdict::Fragment as u32;
+    pub const SOURCE_RANGE_DROP: u32 = Verdict::SourceRangeDrop as u32;
+    pub const ERROR: u32 = Verdict::Error as u32;
+    pub const OTHER_L4: u32 = Verdict::OtherL4 as u32;
+    pub const NO_ROUTE: u32 = Verdict::NoRoute as u32;
+    pub const CT_FULL: u32 = Verdict::CtFull as u32;
+    pub const COUNT: u32 = Verdict::COUNT;
 }
 
 /// Key of `SERVICE_STATS` (per-CPU hash).
@@ -673,8 +723,17 @@ mod tests {
     }
 
     #[test]
-    fn verdict_names_cover_every_verdict() {
-        assert_eq!(verdict::NAMES.len() as u32, verdict::COUNT);
-        assert_eq!(verdict::NAMES[verdict::NO_BACKEND as usize], "no_backend");
+    fn verdicts_are_indexed_by_their_discriminant() {
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i, "{v:?}");
+            assert_eq!(Verdict::from_index(i as u32), Some(*v));
+        }
+        assert_eq!(Verdict::from_index(Verdict::COUNT), None);
+        assert_eq!(Verdict::NoBackend.name(), "no_backend");
+        for a in Verdict::ALL {
+            for b in Verdict::ALL {
+                assert!(a == b || a.name() != b.name(), "{a:?} and {b:?} share a name");
+            }
+        }
     }
 }

@@ -1,19 +1,48 @@
-//! Header parsing over direct packet pointers, shared by the TC and XDP entry points.
+//! Header parsing over direct packet pointers, shared by the TC and XDP entry points, with
+//! the header layouts of `network-types` (offsets are `offset_of!` on those, never bare
+//! numbers).
 //!
 //! Verdicts for odd frames (documented in docs/datapath.md): anything that is not an
 //! IPv4 frame we can read completely is *passed untouched* and counted; the kernel judges it
 //! as if we were not there. Only frames that parse cleanly as IPv4 + TCP/UDP/SCTP are
 //! candidates for translation.
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
-use proxy_common::{verdict, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use proxy_common::{Verdict, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
-pub const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = EthHdr::LEN;
+/// Ethernet header + IPv4 without options.
+pub const IP_HLEN: usize = Ipv4Hdr::LEN;
+pub const TCP_HLEN: usize = TcpHdr::LEN;
 const ETH_P_IPV4: u16 = 0x0800;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
+/// SCTP common header: ports, verification tag, checksum.
+const SCTP_HLEN: usize = 12;
 
-/// TCP flags (byte 13 of the TCP header).
+/// Field offsets inside the IPv4 header.
+pub const IP_TOT_LEN_OFF: usize = offset_of!(Ipv4Hdr, tot_len);
+pub const IP_FRAGS_OFF: usize = offset_of!(Ipv4Hdr, frags);
+pub const IP_PROTO_OFF: usize = offset_of!(Ipv4Hdr, proto);
+pub const IP_TOS_OFF: usize = offset_of!(Ipv4Hdr, tos);
+pub const IP_TTL_OFF: usize = offset_of!(Ipv4Hdr, ttl);
+pub const IP_CSUM_OFF: usize = offset_of!(Ipv4Hdr, check);
+pub const IP_SRC_OFF: usize = offset_of!(Ipv4Hdr, src_addr);
+pub const IP_DST_OFF: usize = offset_of!(Ipv4Hdr, dst_addr);
+/// TCP, UDP and SCTP all start with the source and destination ports.
+pub const L4_SPORT_OFF: usize = offset_of!(UdpHdr, src);
+pub const L4_DPORT_OFF: usize = offset_of!(UdpHdr, dst);
+/// The byte holding the TCP data offset (high nibble), and the flags byte after it.
+pub const TCP_DOFF_OFF: usize = offset_of!(TcpHdr, _bitfield_1);
+pub const TCP_FLAGS_OFF: usize = TCP_DOFF_OFF + 1;
+pub const TCP_SEQ_OFF: usize = offset_of!(TcpHdr, seq);
+pub const TCP_ACK_OFF: usize = offset_of!(TcpHdr, ack_seq);
+pub const TCP_CSUM_OFF: usize = offset_of!(TcpHdr, check);
+pub const UDP_CSUM_OFF: usize = offset_of!(UdpHdr, check);
+const UDP_LEN_OFF: usize = offset_of!(UdpHdr, len);
+
+/// TCP flags (the byte at `TCP_FLAGS_OFF`).
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -41,22 +70,22 @@ impl Packet {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
-    /// Offset of the L4 checksum field, or `None` for SCTP (CRC32c over the payload, no
-    /// pseudo-header: address rewrites do not touch it).
+    /// Offset of the L4 checksum field in its header, or `None` for SCTP (CRC32c over the
+    /// payload, no pseudo-header: address rewrites do not touch it).
     #[inline(always)]
-    pub fn l4_csum_off(&self) -> Option<usize> {
+    pub fn l4_csum_field(&self) -> Option<usize> {
         match self.proto {
-            PROTO_TCP => Some(self.l4_off + 16),
-            PROTO_UDP => Some(self.l4_off + 6),
+            PROTO_TCP => Some(TCP_CSUM_OFF),
+            PROTO_UDP => Some(UDP_CSUM_OFF),
             _ => None,
         }
     }
 }
 
 #[inline(always)]
-fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, u32> {
+fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, Verdict> {
     if start + off + size_of::<T>() > end {
-        return Err(verdict::MALFORMED);
+        return Err(Verdict::Malformed);
     }
     Ok((start + off) as *const T)
 }
@@ -75,66 +104,71 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, u32> {
 /// as one block, and the L4 header (at a variable offset because of IP options) through its
 /// own pointer with its own check.
 #[inline(always)]
-pub fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet, u32> {
-    // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads are unaligned
-    // because frames give no alignment guarantee.
+pub fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict> {
+    // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads go through
+    // `read_unaligned` because frames give no alignment guarantee.
     unsafe {
-        let eth_proto = u16::from_be(ptr_at::<u16>(start, end, 12)?.read_unaligned());
-        if eth_proto != ETH_P_IPV4 {
-            return Err(verdict::NOT_IPV4);
+        let eth = ptr_at::<EthHdr>(start, end, 0)?;
+        if u16::from_be(core::ptr::addr_of!((*eth).ether_type).read_unaligned()) != ETH_P_IPV4 {
+            return Err(Verdict::NotIpv4);
         }
         let l3 = ETH_HLEN;
-        let ip = ptr_at::<[u8; 20]>(start, end, l3)? as *const u8;
-        let vihl = *ip;
-        if vihl >> 4 != 4 {
-            return Err(verdict::MALFORMED);
+        let ip = ptr_at::<Ipv4Hdr>(start, end, l3)?.read_unaligned();
+        if ip.vihl >> 4 != 4 {
+            return Err(Verdict::Malformed);
         }
-        let ihl = ((vihl & 0x0f) as usize) * 4;
-        if ihl < 20 {
-            return Err(verdict::MALFORMED);
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < IP_HLEN {
+            return Err(Verdict::Malformed);
         }
-        let tot_len = u16::from_be((ip.add(2) as *const u16).read_unaligned()) as usize;
+        let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
         if tot_len < ihl || l3 + tot_len > pkt_len {
-            return Err(verdict::MALFORMED);
+            return Err(Verdict::Malformed);
         }
-        let frag = u16::from_be((ip.add(6) as *const u16).read_unaligned());
-        if frag & (IP_MF | IP_OFFSET) != 0 {
-            return Err(verdict::FRAGMENT);
+        if u16::from_be_bytes(ip.frags) & (IP_MF | IP_OFFSET) != 0 {
+            return Err(Verdict::Fragment);
         }
-        let proto = *ip.add(9);
-        let saddr = (ip.add(12) as *const u32).read_unaligned();
-        let daddr = (ip.add(16) as *const u32).read_unaligned();
+        let proto = ip.proto;
         let l4 = l3 + ihl;
-        // Bytes of L4 header we need: through the checksum field for TCP (16..18), the
-        // whole header for UDP, ports + verification tag + checksum for SCTP.
+        // Bytes of L4 header we need: through the checksum field for TCP, the whole header
+        // for UDP, the common header for SCTP.
         let need = match proto {
-            PROTO_TCP => 20,
-            PROTO_UDP => 8,
-            PROTO_SCTP => 12,
-            _ => return Err(verdict::OTHER_L4),
+            PROTO_TCP => TCP_HLEN,
+            PROTO_UDP => UdpHdr::LEN,
+            PROTO_SCTP => SCTP_HLEN,
+            _ => return Err(Verdict::OtherL4),
         };
         let l4_len = tot_len - ihl;
         let l4p = start + l4;
         if l4_len < need || l4p + need > end {
-            return Err(verdict::MALFORMED);
+            return Err(Verdict::Malformed);
         }
-        // `need` >= 8 covers the two ports read here.
-        let ports = l4p as *const u16;
-        let sport = ports.read_unaligned();
-        let dport = ports.add(1).read_unaligned();
+        // `need` >= 8 covers the ports, the UDP length and (for TCP) the flags read here.
+        let b = l4p as *const u8;
+        let sport = (b.add(L4_SPORT_OFF) as *const u16).read_unaligned();
+        let dport = (b.add(L4_DPORT_OFF) as *const u16).read_unaligned();
         let mut tcp_flags = 0;
         if proto == PROTO_TCP {
-            let doff = ((*(l4p as *const u8).add(12) >> 4) as usize) * 4;
-            if doff < 20 || doff > l4_len {
-                return Err(verdict::MALFORMED);
+            let doff = ((*b.add(TCP_DOFF_OFF) >> 4) as usize) * 4;
+            if doff < TCP_HLEN || doff > l4_len {
+                return Err(Verdict::Malformed);
             }
-            tcp_flags = *(l4p as *const u8).add(13);
+            tcp_flags = *b.add(TCP_FLAGS_OFF);
         } else if proto == PROTO_UDP {
-            let ulen = u16::from_be(ports.add(2).read_unaligned()) as usize;
-            if ulen < 8 || ulen > l4_len {
-                return Err(verdict::MALFORMED);
+            let ulen = u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize;
+            if ulen < UdpHdr::LEN || ulen > l4_len {
+                return Err(Verdict::Malformed);
             }
         }
-        Ok(Packet { l3_off: l3, l4_off: l4, proto, tcp_flags, saddr, daddr, sport, dport })
+        Ok(Packet {
+            l3_off: l3,
+            l4_off: l4,
+            proto,
+            tcp_flags,
+            saddr: u32::from_ne_bytes(ip.src_addr),
+            daddr: u32::from_ne_bytes(ip.dst_addr),
+            sport,
+            dport,
+        })
     }
 }

@@ -4,7 +4,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use proxy_common::{
     Backend, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey, backend_flags, ct_flags, svc_flags,
-    verdict,
+    Verdict,
 };
 use serde::Serialize;
 
@@ -298,15 +298,15 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
     use proxy_common::map_names as n;
     let mut rows = Vec::new();
     // A GLOBAL_STATS pinned by an older agent has fewer verdicts: show what it has.
-    for v in 0..verdict::COUNT.min(maps.global_stats.len()) {
+    for v in 0..Verdict::COUNT.min(maps.global_stats.len()) {
         let c = crate::dataplane::maps::global_total(&maps.global_stats, v)?;
-        rows.push(StatRow { service_id: None, verdict: verdict::NAMES[v as usize], packets: c.packets, bytes: c.bytes });
+        rows.push(StatRow { service_id: None, verdict: Verdict::ALL[v as usize].name(), packets: c.packets, bytes: c.bytes });
     }
     let mut per: Vec<StatRow> = Vec::new();
     for r in maps.service_stats.iter() {
         let (k, pc) = r.map_err(|e| DataplaneError::from_map(n::SERVICE_STATS, e))?;
         let (packets, bytes) = pc.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        let name = verdict::NAMES.get(k.verdict as usize).copied().unwrap_or("unknown");
+        let name = Verdict::from_index(k.verdict).map_or("unknown", Verdict::name);
         per.push(StatRow { service_id: Some(k.svc_id), verdict: name, packets, bytes });
     }
     per.sort_by_key(|r| (r.service_id, r.verdict));

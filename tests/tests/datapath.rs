@@ -209,7 +209,7 @@ fn non_service_and_malformed_frames_pass_untouched() {
             assert_eq!(v, TC_ACT_UNSPEC, "{name} via {prog}: verdict");
             assert_eq!(out, frame, "{name} via {prog}: bytes changed");
         }
-        assert_eq!(global(&dp, expect), before + 2, "{name}: counted as {}", verdict::NAMES[expect as usize]);
+        assert_eq!(global(&dp, expect), before + 2, "{name}: counted as {}", proxy_common::Verdict::ALL[expect as usize].name());
     }
 }
 

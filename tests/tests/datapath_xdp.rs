@@ -410,7 +410,7 @@ fn xdp_non_service_frames_pass_untouched() {
         let (v, out) = dp.run(XDP, &frame);
         assert_eq!(v, XDP_PASS, "{name}");
         assert_eq!(out, frame, "{name}: bytes changed");
-        assert_eq!(global(&dp, expect), before + 1, "{name}: counted as {}", verdict::NAMES[expect as usize]);
+        assert_eq!(global(&dp, expect), before + 1, "{name}: counted as {}", proxy_common::Verdict::ALL[expect as usize].name());
     }
     // The internal (pod-side) frontend is not served on the uplink: ClusterIP from outside.
     program(&mut dp, vec![(frontend(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp), entry("web", &[(LOCAL_POD, 8080)]))]);
