@@ -1,44 +1,11 @@
 //! Conntrack: the state of a flow as its packets see it, and the creation of both entries
 //! of a new flow (with the SNAT port claim for source-NATed ones). The lifecycle's states
 //! and timeouts are defined in `proxy_common::ct`; the agent's collector expires entries.
+//! Generic over the address family: IPv4 and IPv6 each have their own table.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
-use proxy_common::{
-    ct, ct_flags, Backend, CtKey, CtValue, NodeConfig, Verdict, CT_DIR_FORWARD, CT_DIR_REPLY,
-};
+use proxy_common::{ct, ct_flags, Backend, CtKey, CtValue, NodeConfig, Verdict, CT_DIR_FORWARD, CT_DIR_REPLY};
 
-use crate::{maps::CONNTRACK, parse::Packet};
-
-/// What conntrack knows about a packet.
-pub enum Ct {
-    /// No entry, or a SYN reopening a closed tuple (whose old reply entry and SNAT port have
-    /// just been given back): balance afresh.
-    New,
-    /// A packet from the client side of a tracked flow.
-    Established(CtValue),
-    /// A packet from the backend side of a tracked flow.
-    Reply(CtValue),
-}
-
-/// Look the packet up: as a reply first when `replies` (the hook sees backends' answers to
-/// flows it must translate back), then as the client side of a flow. The reopen rule lives
-/// here, once: a SYN on a tuple whose connection saw a FIN or RST is a new connection (the
-/// client reused its port), like Linux conntrack re-opening TIME_WAIT.
-#[inline(always)]
-pub fn lookup(p: &Packet, replies: bool) -> Ct {
-    if replies {
-        if let Some(v) = reply(p) {
-            return Ct::Reply(v);
-        }
-    }
-    match ct_forward(p) {
-        Some(v) if p.tcp_syn() && v.flags & ct_flags::CLOSING != 0 => {
-            ct_release_reply(p, &v);
-            Ct::New
-        }
-        Some(v) => Ct::Established(v),
-        None => Ct::New,
-    }
-}
+use crate::{family::Family, parse::Packet};
 
 /// SNAT source-port candidates tried per new flow before giving up (bounded for the
 /// verifier; with a 4536-port range and a sane number of flows per backend, the first one
@@ -49,31 +16,18 @@ const SNAT_TRIES: u32 = 8;
 /// conntrack cache line on every packet.
 const CT_REFRESH_NS: u64 = 1_000_000_000;
 
-/// The packet's own 5-tuple in direction `dir`.
-#[inline(always)]
-fn flow_key(p: &Packet, dir: u8) -> CtKey {
-    CtKey {
-        src_addr: p.saddr,
-        dst_addr: p.daddr,
-        src_port: p.sport,
-        dst_port: p.dport,
-        proto: p.proto,
-        dir,
-        _pad: 0,
-    }
-}
+/// `bpf_map_update_elem` on a hash map with no free element left.
+const E2BIG: i64 = 7;
 
-/// Key of the flow this packet opens or continues (client -> VIP).
-#[inline(always)]
-fn forward_key(p: &Packet) -> CtKey {
-    flow_key(p, CT_DIR_FORWARD)
-}
-
-/// Key under which a reply to this packet's flow is found: as it arrives, from the side
-/// this packet was sent to.
-#[inline(always)]
-fn reply_key(p: &Packet) -> CtKey {
-    flow_key(p, CT_DIR_REPLY)
+/// What conntrack knows about a packet.
+pub enum Ct<A> {
+    /// No entry, or a SYN reopening a closed tuple (whose old reply entry and SNAT port have
+    /// just been given back): balance afresh.
+    New,
+    /// A packet from the client side of a tracked flow.
+    Established(CtValue<A>),
+    /// A packet from the backend side of a tracked flow.
+    Reply(CtValue<A>),
 }
 
 /// Errors of conntrack creation.
@@ -95,20 +49,25 @@ impl CtError {
     }
 }
 
-/// `bpf_map_update_elem` on a hash map with no free element left.
-const E2BIG: i64 = 7;
+/// The packet's own 5-tuple in direction `dir`.
+#[inline(always)]
+fn flow_key<A: Copy>(p: &Packet<A>, dir: u8) -> CtKey<A> {
+    CtKey { src_addr: p.saddr, dst_addr: p.daddr, src_port: p.sport, dst_port: p.dport, proto: p.proto, dir, _pad: 0 }
+}
 
 #[inline(always)]
-fn ct_insert(key: &CtKey, value: &CtValue, flags: u64) -> Result<(), CtError> {
-    CONNTRACK.insert(key, value, flags).map_err(|e| if i64::from(e) == -E2BIG { CtError::Full } else { CtError::Other })
+fn insert<F: Family>(key: &CtKey<F::Addr>, value: &CtValue<F::Addr>, flags: u64) -> Result<(), CtError> {
+    F::conntrack()
+        .insert(key, value, flags)
+        .map_err(|e| if i64::from(e) == -E2BIG { CtError::Full } else { CtError::Other })
 }
 
 /// Refresh a tracked entry's timestamp when stale and add `new_flags`. Returns a copy of the
 /// entry as it was before this packet. Writes only when something changes, so established
 /// flows do not dirty the entry's cache line on every packet.
 #[inline(always)]
-fn ct_touch(key: &CtKey, new_flags: u8) -> Option<CtValue> {
-    let ptr = CONNTRACK.get_ptr_mut(key)?;
+fn touch<F: Family>(key: &CtKey<F::Addr>, new_flags: u8) -> Option<CtValue<F::Addr>> {
+    let ptr = F::conntrack().get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; a concurrent delete (the agent's
     // GC) can at worst make us read or update an entry that is being freed, of this type.
     unsafe {
@@ -124,11 +83,28 @@ fn ct_touch(key: &CtKey, new_flags: u8) -> Option<CtValue> {
     }
 }
 
-/// A packet from the client side of a tracked flow (client -> VIP): its FIN/RST moves the
-/// flow towards closed.
+/// Look the packet up: as a reply first when `replies` (the hook sees backends' answers to
+/// flows it must translate back), then as the client side of a flow, whose FIN/RST moves
+/// it towards closed. The reopen rule lives here, once: a SYN on a tuple whose connection
+/// saw a FIN or RST is a new connection (the client reused its port), like Linux conntrack
+/// re-opening TIME_WAIT; it first gives back the old connection's reply entry, which for a
+/// source-NATed flow is also its SNAT port claim.
 #[inline(always)]
-fn ct_forward(p: &Packet) -> Option<CtValue> {
-    ct_touch(&forward_key(p), ct::tcp_flags_to_ct(p.tcp_flags, false))
+fn lookup_body<F: Family>(p: &Packet<F::Addr>, replies: bool) -> Ct<F::Addr> {
+    if replies {
+        if let Some(v) = reply::<F>(p) {
+            return Ct::Reply(v);
+        }
+    }
+    let key = flow_key(p, CT_DIR_FORWARD);
+    match touch::<F>(&key, ct::tcp_flags_to_ct(p.tcp_flags, false)) {
+        Some(v) if p.tcp_syn() && v.flags & ct_flags::CLOSING != 0 => {
+            let _ = F::conntrack().remove(&key.reply_of_forward(&v));
+            Ct::New
+        }
+        Some(v) => Ct::Established(v),
+        None => Ct::New,
+    }
 }
 
 /// A packet from the backend side of a tracked flow (backend -> client). The first reply
@@ -136,43 +112,33 @@ fn ct_forward(p: &Packet) -> Option<CtValue> {
 /// forward entry too, which is the authority on the flow's state (the GC reads it there,
 /// and the reopen rule checks it there).
 #[inline(always)]
-pub fn reply(p: &Packet) -> Option<CtValue> {
+pub fn reply<F: Family>(p: &Packet<F::Addr>) -> Option<CtValue<F::Addr>> {
     let add = ct_flags::SEEN_REPLY | ct::tcp_flags_to_ct(p.tcp_flags, true);
-    let key = reply_key(p);
-    let rev = ct_touch(&key, add)?;
+    let key = flow_key(p, CT_DIR_REPLY);
+    let rev = touch::<F>(&key, add)?;
     if rev.flags & add != add {
-        if let Some(ptr) = CONNTRACK.get_ptr_mut(&key.forward_of_reply(&rev)) {
-            // SAFETY: pointer from a successful lookup, see `ct_touch`.
+        if let Some(ptr) = F::conntrack().get_ptr_mut(&key.forward_of_reply(&rev)) {
+            // SAFETY: pointer from a successful lookup, see `touch`.
             unsafe { (*ptr).flags |= add };
         }
     }
     Some(rev)
 }
 
-/// A reopened flow (a SYN on a tuple whose connection closed) gives back what its previous
-/// connection held before it is balanced afresh: the reply entry, which for a source-NATed
-/// flow is also the claim on its SNAT port. Without this, every reopen of one tuple leaked
-/// a claim on one of the tuple's few SNAT port candidates until none was left.
-#[inline(always)]
-fn ct_release_reply(p: &Packet, old: &CtValue) {
-    let _ = CONNTRACK.remove(&forward_key(p).reply_of_forward(old));
-}
-
 /// Record both directions of a new DNAT flow: client -> VIP becomes client -> backend, and
 /// the backend's replies (backend -> client) get their source put back to VIP:port. The
 /// table is never left with half a flow: a failed reply insert takes the forward one back.
 #[inline(always)]
-pub fn create(p: &Packet, svc_id: u32, backend_id: u32, b: &Backend, now: u64) -> Result<(), CtError> {
-    let fwd = CtValue {
-        nat_addr: b.addr,
-        nat_port: b.port,
-        backend_id,
-        svc_id,
-        last_seen: now,
-        ..CtValue::default()
-    };
-    let fkey = forward_key(p);
-    ct_insert(&fkey, &fwd, 0)?;
+fn create_body<F: Family>(
+    p: &Packet<F::Addr>,
+    svc_id: u32,
+    backend_id: u32,
+    b: &Backend<F::Addr>,
+    now: u64,
+) -> Result<(), CtError> {
+    let fwd = CtValue { nat_addr: b.addr, nat_port: b.port, backend_id, svc_id, last_seen: now, ..CtValue::default() };
+    let fkey = flow_key(p, CT_DIR_FORWARD);
+    insert::<F>(&fkey, &fwd, 0)?;
     let rkey = CtKey {
         src_addr: b.addr,
         dst_addr: p.saddr,
@@ -182,16 +148,9 @@ pub fn create(p: &Packet, svc_id: u32, backend_id: u32, b: &Backend, now: u64) -
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    let rev = CtValue {
-        nat_addr: p.daddr,
-        nat_port: p.dport,
-        backend_id,
-        svc_id,
-        last_seen: now,
-        ..CtValue::default()
-    };
-    ct_insert(&rkey, &rev, 0).inspect_err(|_| {
-        let _ = CONNTRACK.remove(&fkey);
+    let rev = CtValue { nat_addr: p.daddr, nat_port: p.dport, backend_id, svc_id, last_seen: now, ..CtValue::default() };
+    insert::<F>(&rkey, &rev, 0).inspect_err(|_| {
+        let _ = F::conntrack().remove(&fkey);
     })
 }
 
@@ -216,12 +175,12 @@ fn mix(a: u32, b: u32, c: u32) -> u32 {
 /// byte order); `CtError::Full` when the table is full, `Other` when every candidate was
 /// taken or a write failed.
 #[inline(always)]
-pub fn create_snat(
-    p: &Packet,
+fn create_snat_body<F: Family>(
+    p: &Packet<F::Addr>,
     svc_id: u32,
     backend_id: u32,
-    b: &Backend,
-    snat_addr: u32,
+    b: &Backend<F::Addr>,
+    snat_addr: F::Addr,
     cfg: &NodeConfig,
     now: u64,
 ) -> Result<u16, CtError> {
@@ -237,8 +196,8 @@ pub fn create_snat(
         last_seen: now,
         ..CtValue::default()
     };
-    let h = mix(p.saddr, ((p.sport as u32) << 16) | p.dport as u32, b.addr ^ b.port as u32);
-    let mut claimed: Option<(CtKey, u16)> = None;
+    let h = mix(F::fold(p.saddr), ((p.sport as u32) << 16) | p.dport as u32, F::fold(b.addr) ^ b.port as u32);
+    let mut claimed: Option<(CtKey<F::Addr>, u16)> = None;
     let mut i = 0u32;
     while i < SNAT_TRIES {
         // Stride by an odd multiplier of the attempt so retries do not probe neighbours of
@@ -253,7 +212,7 @@ pub fn create_snat(
             dir: CT_DIR_REPLY,
             _pad: 0,
         };
-        match ct_insert(&key, &rev, BPF_NOEXIST as u64) {
+        match insert::<F>(&key, &rev, BPF_NOEXIST as u64) {
             Ok(()) => {
                 claimed = Some((key, candidate.to_be()));
                 break;
@@ -279,8 +238,54 @@ pub fn create_snat(
         last_seen: now,
         ..CtValue::default()
     };
-    ct_insert(&forward_key(p), &fwd, 0).inspect_err(|_| {
-        let _ = CONNTRACK.remove(&rkey);
+    insert::<F>(&flow_key(p, CT_DIR_FORWARD), &fwd, 0).inspect_err(|_| {
+        let _ = F::conntrack().remove(&rkey);
     })?;
     Ok(port_be)
+}
+
+// The entry points: inlined for IPv4, BPF functions of their own for IPv6 (see
+// `Family::OUTLINE`); the constant condition leaves only one of the two in each
+// instantiation.
+
+#[inline(never)]
+fn lookup_outlined<F: Family>(p: &Packet<F::Addr>, replies: bool) -> Ct<F::Addr> {
+    lookup_body::<F>(p, replies)
+}
+
+#[inline(always)]
+pub fn lookup<F: Family>(p: &Packet<F::Addr>, replies: bool) -> Ct<F::Addr> {
+    if F::OUTLINE { lookup_outlined::<F>(p, replies) } else { lookup_body::<F>(p, replies) }
+}
+
+#[inline(never)]
+fn create_outlined<F: Family>(p: &Packet<F::Addr>, ids: (u32, u32), b: &Backend<F::Addr>, now: u64) -> Result<(), CtError> {
+    create_body::<F>(p, ids.0, ids.1, b, now)
+}
+
+#[inline(always)]
+pub fn create<F: Family>(p: &Packet<F::Addr>, svc_id: u32, backend_id: u32, b: &Backend<F::Addr>, now: u64) -> Result<(), CtError> {
+    if F::OUTLINE { create_outlined::<F>(p, (svc_id, backend_id), b, now) } else { create_body::<F>(p, svc_id, backend_id, b, now) }
+}
+
+/// Arguments of `create_snat` that travel together (a BPF function takes at most five).
+pub struct SnatArgs<'a, A> {
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub backend: &'a Backend<A>,
+    pub snat_addr: A,
+}
+
+#[inline(never)]
+fn create_snat_outlined<F: Family>(p: &Packet<F::Addr>, a: &SnatArgs<F::Addr>, cfg: &NodeConfig, now: u64) -> Result<u16, CtError> {
+    create_snat_body::<F>(p, a.svc_id, a.backend_id, a.backend, a.snat_addr, cfg, now)
+}
+
+#[inline(always)]
+pub fn create_snat<F: Family>(p: &Packet<F::Addr>, a: &SnatArgs<F::Addr>, cfg: &NodeConfig, now: u64) -> Result<u16, CtError> {
+    if F::OUTLINE {
+        create_snat_outlined::<F>(p, a, cfg, now)
+    } else {
+        create_snat_body::<F>(p, a.svc_id, a.backend_id, a.backend, a.snat_addr, cfg, now)
+    }
 }

@@ -1,16 +1,16 @@
 //! Service lookup and backend selection (random, or session affinity), and the node facts
-//! the agent wrote. Pure map logic: no packet access beyond the parsed fields.
-use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
-use proxy_common::{
-    nat_defaults, svc_flags, AffinityKey, AffinityValue, Backend, NodeConfig, ServiceKey, ServiceValue, SlotKey,
-};
+//! the agent wrote. Pure map logic, generic over the address family.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use proxy_common::{nat_defaults, svc_flags, AffinityKey, AffinityValue, Backend, NodeConfig, ServiceKey, ServiceValue, SlotKey};
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, NODE_CONFIG, SERVICES, SOURCE_RANGES},
+    family::Family,
+    maps::{BACKEND_SLOTS, NODE_CONFIG},
     parse::Packet,
 };
 
-/// The node facts the agent wrote, with the documented defaults for what it left 0.
+/// The node facts the agent wrote (IPv4 addresses and the SNAT port range both families
+/// use), with the documented defaults for what it left 0.
 #[inline(always)]
 pub fn node_config() -> NodeConfig {
     let mut c = NODE_CONFIG.get(0).copied().unwrap_or_default();
@@ -22,26 +22,22 @@ pub fn node_config() -> NodeConfig {
 }
 
 /// loadBalancerSourceRanges: may `saddr` use this frontend? Only frontends flagged
-/// `SOURCE_RANGES` are restricted; their allowed prefixes live in the LPM trie under the
-/// service id (big-endian, so the id forms the key's leading 32 bits).
+/// `SOURCE_RANGES` are restricted; their allowed prefixes live in the family's LPM trie
+/// under the service id.
 #[inline(always)]
-pub fn source_allowed(svc: &ServiceValue, saddr: u32) -> bool {
-    if svc.flags & svc_flags::SOURCE_RANGES == 0 {
-        return true;
-    }
-    let key = Key::new(64, [svc.id.to_be(), saddr]);
-    SOURCE_RANGES.get(&key).is_some()
+pub fn source_allowed<F: Family>(svc: &ServiceValue, saddr: F::Addr) -> bool {
+    svc.flags & svc_flags::SOURCE_RANGES == 0 || F::source_allowed(svc.id, saddr)
 }
 
 #[inline(always)]
-pub fn service_lookup(p: &Packet, scope: u8) -> Option<ServiceValue> {
+pub fn service_lookup<F: Family>(p: &Packet<F::Addr>, scope: u8) -> Option<ServiceValue> {
     let key = ServiceKey { addr: p.daddr, port: p.dport, proto: p.proto, scope };
     // SAFETY: plain-old-data copy out of the map value.
-    unsafe { SERVICES.get(&key).copied() }
+    unsafe { F::services().get(&key).copied() }
 }
 
-pub enum Selected {
-    Backend(u32, Backend),
+pub enum Selected<A> {
+    Backend(u32, Backend<A>),
     /// Service has no backends.
     Empty,
     /// A slot or backend vanished under us (agent mid-update); treat as an error.
@@ -49,15 +45,26 @@ pub enum Selected {
 }
 
 #[inline(always)]
-fn backend_by_id(id: u32) -> Option<Backend> {
+fn backend_by_id<F: Family>(id: u32) -> Option<Backend<F::Addr>> {
     // SAFETY: plain-old-data copy out of the map value.
-    unsafe { BACKENDS.get(&id).copied() }
+    unsafe { F::backends().get(&id).copied() }
 }
 
 /// Pick a backend: the client's affinity backend if still valid, otherwise uniformly at
 /// random among the active slot generation.
 #[inline(always)]
-pub fn select_backend(svc: &ServiceValue, client: u32, now: u64) -> Selected {
+pub fn select_backend<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Selected<F::Addr> {
+    if F::OUTLINE { select_outlined::<F>(svc, &client, now) } else { select_body::<F>(svc, client, now) }
+}
+
+/// IPv6: a BPF function of its own (see `Family::OUTLINE`).
+#[inline(never)]
+fn select_outlined<F: Family>(svc: &ServiceValue, client: &F::Addr, now: u64) -> Selected<F::Addr> {
+    select_body::<F>(svc, *client, now)
+}
+
+#[inline(always)]
+fn select_body<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Selected<F::Addr> {
     if svc.count == 0 {
         return Selected::Empty;
     }
@@ -65,11 +72,11 @@ pub fn select_backend(svc: &ServiceValue, client: u32, now: u64) -> Selected {
     let akey = AffinityKey { client_addr: client, svc_id: svc.id };
     if affinity {
         // SAFETY: plain-old-data copy out of the map value.
-        if let Some(a) = unsafe { AFFINITY.get(&akey).copied() } {
+        if let Some(a) = unsafe { F::affinity().get(&akey).copied() } {
             let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
             if now.wrapping_sub(a.last_used) <= timeout_ns {
-                if let Some(b) = backend_by_id(a.backend_id) {
-                    let _ = AFFINITY.insert(
+                if let Some(b) = backend_by_id::<F>(a.backend_id) {
+                    let _ = F::affinity().insert(
                         &akey,
                         &AffinityValue { backend_id: a.backend_id, _pad: 0, last_used: now },
                         0,
@@ -86,12 +93,11 @@ pub fn select_backend(svc: &ServiceValue, client: u32, now: u64) -> Selected {
     let Some(id) = (unsafe { BACKEND_SLOTS.get(&slot).copied() }) else {
         return Selected::Missing;
     };
-    let Some(b) = backend_by_id(id) else {
+    let Some(b) = backend_by_id::<F>(id) else {
         return Selected::Missing;
     };
     if affinity {
-        let _ = AFFINITY.insert(&akey, &AffinityValue { backend_id: id, _pad: 0, last_used: now }, 0);
+        let _ = F::affinity().insert(&akey, &AffinityValue { backend_id: id, _pad: 0, last_used: now }, 0);
     }
     Selected::Backend(id, b)
 }
-

@@ -8,6 +8,7 @@
 
 mod csum;
 mod ct;
+mod family;
 mod lb;
 mod maps;
 mod parse;

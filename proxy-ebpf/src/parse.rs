@@ -3,19 +3,39 @@
 //! numbers).
 //!
 //! Verdicts for odd frames (documented in docs/datapath.md): anything that is not an
-//! IPv4 frame we can read completely is *passed untouched* and counted; the kernel judges it
-//! as if we were not there. Only frames that parse cleanly as IPv4 + TCP/UDP/SCTP are
-//! candidates for translation.
+//! IPv4 or IPv6 frame we can read completely is *passed untouched* and counted; the kernel
+//! judges it as if we were not there. Only frames that parse cleanly as IPv4/IPv6 +
+//! TCP/UDP/SCTP are candidates for translation.
 use core::mem::{offset_of, size_of};
 
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use proxy_common::{Verdict, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use proxy_common::{Ipv6Words, Verdict, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = EthHdr::LEN;
 /// Ethernet header + IPv4 without options.
 pub const IP_HLEN: usize = Ipv4Hdr::LEN;
 pub const TCP_HLEN: usize = TcpHdr::LEN;
 const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+pub const IP6_HLEN: usize = Ipv6Hdr::LEN;
+pub const IP6_PLEN_OFF: usize = offset_of!(Ipv6Hdr, payload_len);
+pub const IP6_NEXT_OFF: usize = offset_of!(Ipv6Hdr, next_hdr);
+pub const IP6_HOP_OFF: usize = offset_of!(Ipv6Hdr, hop_limit);
+pub const IP6_SRC_OFF: usize = offset_of!(Ipv6Hdr, src_addr);
+pub const IP6_DST_OFF: usize = offset_of!(Ipv6Hdr, dst_addr);
+/// IPv6 extension headers a real stack sends before the transport header, skipped up to
+/// `MAX_EXT_HDRS` of them (a bound the verifier can see); a fragment header gets the
+/// fragment verdict.
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_DEST_OPTS: u8 = 60;
+const MAX_EXT_HDRS: usize = 4;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 /// SCTP common header: ports, verification tag, checksum.
@@ -49,21 +69,27 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Where the parsed fields live in the frame, and their values (addresses and ports in
-/// network byte order, as on the wire).
+/// network byte order, as on the wire). `A` is the address: `u32` or `Ipv6Words`.
 #[derive(Clone, Copy)]
-pub struct Packet {
+pub struct Packet<A = u32> {
     pub l3_off: usize,
     pub l4_off: usize,
     pub proto: u8,
     /// TCP flags; 0 for other protocols.
     pub tcp_flags: u8,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
 }
 
-impl Packet {
+/// The network protocol of a frame, from its EtherType.
+pub enum L3 {
+    V4,
+    V6,
+}
+
+impl<A> Packet<A> {
     /// A SYN without ACK: a client opening a connection.
     #[inline(always)]
     pub fn tcp_syn(&self) -> bool {
@@ -90,7 +116,9 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, Verdict> 
     Ok((start + off) as *const T)
 }
 
-/// Parse Ethernet + IPv4 + L4 ports. `Err(verdict)` says why the frame is not a candidate.
+/// Which family a frame is: Ethernet + IPv4 or IPv6 (then parsed with `parse_v4` /
+/// `parse_v6`: the IP header, its lengths and the L4 ports). `Err(verdict)` says why the
+/// frame is not a candidate.
 /// `pkt_len` is the whole frame's length, including bytes outside the linear area `start..end`
 /// (an skb's paged data, an XDP frame's fragments).
 ///
@@ -103,15 +131,130 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, Verdict> 
 /// Reads are laid out for the verifier: the fixed Ethernet + IPv4 header is bounds-checked
 /// as one block, and the L4 header (at a variable offset because of IP options) through its
 /// own pointer with its own check.
+///
+/// This is the first step, [`Family::parse`](crate::family::Family::parse) the second: each
+/// family is parsed (and handled) in its own BPF function, so their stack frames never add
+/// up.
 #[inline(always)]
-pub fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict> {
+pub fn l3(start: usize, end: usize) -> Result<L3, Verdict> {
+    // SAFETY: bounds-checked by `ptr_at`; unaligned read.
+    let ether_type = unsafe {
+        let eth = ptr_at::<EthHdr>(start, end, 0)?;
+        u16::from_be(core::ptr::addr_of!((*eth).ether_type).read_unaligned())
+    };
+    match ether_type {
+        ETH_P_IPV4 => Ok(L3::V4),
+        ETH_P_IPV6 => Ok(L3::V6),
+        _ => Err(Verdict::NotIp),
+    }
+}
+
+/// The transport header at `l4` (absolute address `start + l4`), `l4_len` bytes of IP
+/// payload long: ports and TCP flags, with the length checks of [`parse`].
+#[inline(always)]
+fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> Result<(u16, u16, u8), Verdict> {
+    // Bytes of L4 header we need: through the checksum field for TCP, the whole header
+    // for UDP, the common header for SCTP.
+    let need = match proto {
+        PROTO_TCP => TCP_HLEN,
+        PROTO_UDP => UdpHdr::LEN,
+        PROTO_SCTP => SCTP_HLEN,
+        _ => return Err(Verdict::OtherL4),
+    };
+    let l4p = start + l4;
+    if l4_len < need || l4p + need > end {
+        return Err(Verdict::Malformed);
+    }
+    // SAFETY: `need` >= 8 bytes at `l4p` are within bounds: the ports, the UDP length and
+    // (for TCP, 20 bytes) the data offset and flags read here.
+    unsafe {
+        let b = l4p as *const u8;
+        let sport = (b.add(L4_SPORT_OFF) as *const u16).read_unaligned();
+        let dport = (b.add(L4_DPORT_OFF) as *const u16).read_unaligned();
+        let mut tcp_flags = 0;
+        if proto == PROTO_TCP {
+            let doff = ((*b.add(TCP_DOFF_OFF) >> 4) as usize) * 4;
+            if doff < TCP_HLEN || doff > l4_len {
+                return Err(Verdict::Malformed);
+            }
+            tcp_flags = *b.add(TCP_FLAGS_OFF);
+        } else if proto == PROTO_UDP {
+            let ulen = u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize;
+            if ulen < UdpHdr::LEN || ulen > l4_len {
+                return Err(Verdict::Malformed);
+            }
+        }
+        Ok((sport, dport, tcp_flags))
+    }
+}
+
+/// IPv6: the fixed header, the extension headers a stack sends (hop-by-hop, routing,
+/// destination options; at most `MAX_EXT_HDRS`), then the transport header. A fragment
+/// header is a fragment; ICMPv6 (neighbour discovery, router advertisements, errors) and
+/// anything else pass untouched. The payload length must fit in the frame; a zero one
+/// (a jumbogram) is not something we translate.
+#[inline(always)]
+pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6Words>, Verdict> {
+    let l3 = ETH_HLEN;
+    // SAFETY: bounds-checked by `ptr_at`; unaligned read of a plain byte struct.
+    let ip = unsafe { ptr_at::<Ipv6Hdr>(start, end, l3)?.read_unaligned() };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Verdict::Malformed);
+    }
+    let payload = u16::from_be_bytes(ip.payload_len) as usize;
+    if payload == 0 || l3 + IP6_HLEN + payload > pkt_len {
+        return Err(Verdict::Malformed);
+    }
+    let ip_end = l3 + IP6_HLEN + payload;
+    let mut next = ip.next_hdr;
+    let mut off = l3 + IP6_HLEN;
+    let mut i = 0;
+    while i < MAX_EXT_HDRS {
+        match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => {
+                // Masked so the verifier sees a bounded offset.
+                let o = off & 0x3ff;
+                let h = ptr_at::<[u8; 2]>(start, end, o)?;
+                // SAFETY: bounds-checked just above.
+                let [nh, len] = unsafe { h.read_unaligned() };
+                next = nh;
+                off = o + (len as usize + 1) * 8;
+                if off > ip_end {
+                    return Err(Verdict::Malformed);
+                }
+            }
+            NEXT_FRAGMENT => return Err(Verdict::Fragment),
+            _ => break,
+        }
+        i += 1;
+    }
+    let l4 = off & 0x3ff;
+    let (sport, dport, tcp_flags) = transport(start, end, l4, ip_end - l4, next)?;
+    let words = |b: [u8; 16]| {
+        [
+            u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+        ]
+    };
+    Ok(Packet {
+        l3_off: l3,
+        l4_off: l4,
+        proto: next,
+        tcp_flags,
+        saddr: words(ip.src_addr),
+        daddr: words(ip.dst_addr),
+        sport,
+        dport,
+    })
+}
+
+#[inline(always)]
+pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict> {
     // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads go through
     // `read_unaligned` because frames give no alignment guarantee.
     unsafe {
-        let eth = ptr_at::<EthHdr>(start, end, 0)?;
-        if u16::from_be(core::ptr::addr_of!((*eth).ether_type).read_unaligned()) != ETH_P_IPV4 {
-            return Err(Verdict::NotIpv4);
-        }
         let l3 = ETH_HLEN;
         let ip = ptr_at::<Ipv4Hdr>(start, end, l3)?.read_unaligned();
         if ip.vihl >> 4 != 4 {
@@ -130,36 +273,7 @@ pub fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict
         }
         let proto = ip.proto;
         let l4 = l3 + ihl;
-        // Bytes of L4 header we need: through the checksum field for TCP, the whole header
-        // for UDP, the common header for SCTP.
-        let need = match proto {
-            PROTO_TCP => TCP_HLEN,
-            PROTO_UDP => UdpHdr::LEN,
-            PROTO_SCTP => SCTP_HLEN,
-            _ => return Err(Verdict::OtherL4),
-        };
-        let l4_len = tot_len - ihl;
-        let l4p = start + l4;
-        if l4_len < need || l4p + need > end {
-            return Err(Verdict::Malformed);
-        }
-        // `need` >= 8 covers the ports, the UDP length and (for TCP) the flags read here.
-        let b = l4p as *const u8;
-        let sport = (b.add(L4_SPORT_OFF) as *const u16).read_unaligned();
-        let dport = (b.add(L4_DPORT_OFF) as *const u16).read_unaligned();
-        let mut tcp_flags = 0;
-        if proto == PROTO_TCP {
-            let doff = ((*b.add(TCP_DOFF_OFF) >> 4) as usize) * 4;
-            if doff < TCP_HLEN || doff > l4_len {
-                return Err(Verdict::Malformed);
-            }
-            tcp_flags = *b.add(TCP_FLAGS_OFF);
-        } else if proto == PROTO_UDP {
-            let ulen = u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize;
-            if ulen < UdpHdr::LEN || ulen > l4_len {
-                return Err(Verdict::Malformed);
-            }
-        }
+        let (sport, dport, tcp_flags) = transport(start, end, l4, tot_len - ihl, proto)?;
         Ok(Packet {
             l3_off: l3,
             l4_off: l4,

@@ -15,14 +15,16 @@ fn add(c: *mut Counters, bytes: u32) {
     }
 }
 
-/// Count one packet of `bytes` under `verdict`, node-wide and, when it belonged to one, for
-/// its service.
+/// Count one packet of `bytes` under `verdict`, node-wide and, when it belonged to one
+/// (`svc_id` != 0), for its service.
 #[inline(always)]
-pub fn count(verdict: Verdict, svc_id: Option<u32>, bytes: u32) {
+pub fn count(verdict: Verdict, svc_id: u32, bytes: u32) {
     if let Some(c) = GLOBAL_STATS.get_ptr_mut(verdict as u32) {
         add(c, bytes);
     }
-    let Some(svc_id) = svc_id else { return };
+    if svc_id == 0 {
+        return;
+    }
     let key = StatsKey { svc_id, verdict: verdict as u32 };
     match SERVICE_STATS.get_ptr_mut(&key) {
         Some(c) => add(c, bytes),

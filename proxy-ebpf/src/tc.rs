@@ -17,44 +17,87 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use proxy_common::{Verdict, PROTO_UDP};
+use proxy_common::{Ipv6Words, Verdict, PROTO_UDP};
 
 use crate::{
-    parse::{self, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF},
+    family::{Family, V4, V6},
+    parse::{
+        self, Packet, L3, IP6_DST_OFF, IP6_SRC_OFF, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
+    },
     pipeline::{self, Action, Decision, Hook, Nat},
     stats,
 };
 
-/// Headers we may need in the linear area: Ethernet + IPv4 with options + TCP.
-const MAX_HDR: u32 = 14 + 60 + 20;
+/// Headers we may need in the linear area: Ethernet + IPv6 with a few extension headers
+/// (or IPv4 with options) + TCP.
+const MAX_HDR: u32 = 14 + 40 + 64 + 20;
 /// The Ethernet addresses (destination, source) at the start of the frame.
 const MACS_LEN: usize = 12;
 
 /// Parse, pulling non-linear header bytes into the linear area once if needed.
 #[inline(always)]
-fn parse_ctx(ctx: &TcContext) -> Result<Packet, Verdict> {
+fn parse_ctx<F: Family>(ctx: &TcContext) -> Result<Packet<F::Addr>, Verdict> {
     let len = ctx.len() as usize;
-    match parse::parse(ctx.data(), ctx.data_end(), len) {
+    match F::parse(ctx.data(), ctx.data_end(), len) {
         Err(Verdict::Malformed) if len > ctx.data_end() - ctx.data() => {
             let want = if ctx.len() < MAX_HDR { ctx.len() } else { MAX_HDR };
             ctx.pull_data(want).map_err(|_| Verdict::Malformed)?;
-            parse::parse(ctx.data(), ctx.data_end(), len)
+            F::parse(ctx.data(), ctx.data_end(), len)
         }
         r => r,
     }
 }
 
+/// How an address is rewritten in each family: where it sits in the IP header, and which
+/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header; IPv6: only the
+/// L4 pseudo-header, one 32-bit word at a time).
+trait TcFamily: Family {
+    const SRC_OFF: usize;
+    const DST_OFF: usize;
+    fn rewrite_addr(ctx: &TcContext, p: &Packet<Self::Addr>, off: usize, old: Self::Addr, new: Self::Addr, csum: Option<usize>, mangled: u64) -> Result<(), i64>;
+}
+
+impl TcFamily for V4 {
+    const SRC_OFF: usize = IP_SRC_OFF;
+    const DST_OFF: usize = IP_DST_OFF;
+    #[inline(always)]
+    fn rewrite_addr(ctx: &TcContext, p: &Packet<u32>, off: usize, old: u32, new: u32, csum: Option<usize>, mangled: u64) -> Result<(), i64> {
+        if let Some(csum) = csum {
+            ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+        }
+        ctx.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)?;
+        ctx.store(p.l3_off + off, &new, 0)
+    }
+}
+
+impl TcFamily for V6 {
+    const SRC_OFF: usize = IP6_SRC_OFF;
+    const DST_OFF: usize = IP6_DST_OFF;
+    #[inline(always)]
+    fn rewrite_addr(ctx: &TcContext, p: &Packet<Ipv6Words>, off: usize, old: Ipv6Words, new: Ipv6Words, csum: Option<usize>, mangled: u64) -> Result<(), i64> {
+        if let Some(csum) = csum {
+            let mut i = 0;
+            while i < 4 {
+                if old[i] != new[i] {
+                    ctx.l4_csum_replace(csum, old[i] as u64, new[i] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+                }
+                i += 1;
+            }
+        }
+        ctx.store(p.l3_off + off, &new, 0)
+    }
+}
+
 /// Rewrite one address (at `addr_off` in the IP header) and port (at `port_off` in the L4
-/// header) with checksum fix-ups: the IP header checksum, and the L4 checksum through the
-/// pseudo-header. The kernel's helpers handle CHECKSUM_PARTIAL skbs (offloaded TX
-/// checksums) correctly, which a hand-rolled incremental update would not.
+/// header) with checksum fix-ups. The kernel's helpers handle CHECKSUM_PARTIAL skbs
+/// (offloaded TX checksums) correctly, which a hand-rolled incremental update would not.
 #[inline(always)]
-fn rewrite(
+fn rewrite<F: TcFamily>(
     ctx: &TcContext,
-    p: &Packet,
+    p: &Packet<F::Addr>,
     addr_off: usize,
-    old_addr: u32,
-    new_addr: u32,
+    old_addr: F::Addr,
+    new_addr: F::Addr,
     port_off: usize,
     old_port: u16,
     new_port: u16,
@@ -63,11 +106,7 @@ fn rewrite(
     let mangled = if p.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let csum = p.l4_csum_field().map(|f| p.l4_off + f);
     if old_addr != new_addr {
-        if let Some(csum) = csum {
-            ctx.l4_csum_replace(csum, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
-        }
-        ctx.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
-        ctx.store(p.l3_off + addr_off, &new_addr, 0)?;
+        F::rewrite_addr(ctx, p, addr_off, old_addr, new_addr, csum, mangled)?;
     }
     if old_port != new_port {
         if let Some(csum) = csum {
@@ -80,9 +119,9 @@ fn rewrite(
 
 /// Both halves of a translation (each only when it changes something).
 #[inline(always)]
-fn nat(ctx: &TcContext, p: &Packet, n: &Nat) -> Result<(), i64> {
-    rewrite(ctx, p, IP_SRC_OFF, p.saddr, n.saddr, L4_SPORT_OFF, p.sport, n.sport)?;
-    rewrite(ctx, p, IP_DST_OFF, p.daddr, n.daddr, L4_DPORT_OFF, p.dport, n.dport)
+fn nat<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), i64> {
+    rewrite::<F>(ctx, p, F::SRC_OFF, p.saddr, n.saddr, L4_SPORT_OFF, p.sport, n.sport)?;
+    rewrite::<F>(ctx, p, F::DST_OFF, p.daddr, n.daddr, L4_DPORT_OFF, p.dport, n.dport)
 }
 
 /// Send a packet straight back into the pod it came from (egress of the same veth), with
@@ -100,16 +139,16 @@ fn bounce(ctx: &TcContext) -> Result<i32, i64> {
 
 /// Carry out a decision; a failed rewrite turns into a counted `error` drop.
 #[inline(always)]
-fn apply(ctx: &TcContext, p: &Packet, d: &Decision) -> (i32, Verdict) {
-    let done = match &d.action {
+fn apply<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (i32, Verdict) {
+    let done = match d.action {
         Action::Pass => Ok(TC_ACT_UNSPEC),
         // TC has no reject of its own yet: pod clients of a service without endpoints time
         // out (docs/datapath.md).
         Action::Drop | Action::Reject => Ok(TC_ACT_SHOT),
-        Action::Rewrite(n) => nat(ctx, p, n).map(|()| TC_ACT_UNSPEC),
-        Action::Bounce(n) => nat(ctx, p, n).and_then(|()| bounce(ctx)),
+        Action::Rewrite => nat::<F>(ctx, p, &d.nat).map(|()| TC_ACT_UNSPEC),
+        Action::Bounce => nat::<F>(ctx, p, &d.nat).and_then(|()| bounce(ctx)),
         // Only XDP forwards.
-        Action::Forward(_) => Err(0),
+        Action::Forward => Err(0),
     };
     match done {
         Ok(ret) => (ret, d.verdict),
@@ -117,26 +156,40 @@ fn apply(ctx: &TcContext, p: &Packet, d: &Decision) -> (i32, Verdict) {
     }
 }
 
-/// Parse, decide, apply, count once.
-#[inline(always)]
-fn run(ctx: &TcContext, decide: impl FnOnce(&Packet) -> Decision) -> i32 {
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of
+/// neither family is counted by `run`). Returning only the action keeps the caller's frame
+/// empty: the verifier adds up the frames of a call chain.
+#[inline(never)]
+fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
     let len = ctx.len();
-    let (ret, verdict, svc_id) = match parse_ctx(ctx) {
+    let (ret, verdict, svc_id) = match parse_ctx::<F>(ctx) {
         Ok(p) => {
-            let d = decide(&p);
-            let (ret, verdict) = apply(ctx, &p, &d);
+            let d = if reply { pipeline::decide_reply::<F>(&p) } else { pipeline::decide::<F>(&p, Hook::Pod) };
+            let (ret, verdict) = apply::<F>(ctx, &p, &d);
             (ret, verdict, d.svc_id)
         }
-        Err(v) => (TC_ACT_UNSPEC, v, None),
+        Err(v) => (TC_ACT_UNSPEC, v, 0),
     };
     stats::count(verdict, svc_id, len);
     ret
 }
 
+#[inline(always)]
+fn run(ctx: &TcContext, reply: bool) -> i32 {
+    match parse::l3(ctx.data(), ctx.data_end()) {
+        Ok(L3::V4) => handle::<V4>(ctx, reply),
+        Ok(L3::V6) => handle::<V6>(ctx, reply),
+        Err(v) => {
+            stats::count(v, 0, ctx.len());
+            TC_ACT_UNSPEC
+        }
+    }
+}
+
 pub fn from_pod(ctx: &TcContext) -> i32 {
-    run(ctx, |p| pipeline::decide(p, Hook::Pod))
+    run(ctx, false)
 }
 
 pub fn reverse_nat(ctx: &TcContext) -> i32 {
-    run(ctx, pipeline::decide_reply)
+    run(ctx, true)
 }

@@ -21,20 +21,19 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use proxy_common::{NeighKey, Verdict, PROTO_UDP};
+use proxy_common::{Ipv6Words, NeighKey, Verdict, PROTO_UDP};
 
 use crate::{
     csum,
-    maps::NEIGH_MISSES,
+    family::{Family, V4, V6},
     parse::{
-        self, Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
-        L4_DPORT_OFF, L4_SPORT_OFF,
+        self, Packet, L3, ETH_HLEN, IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IP_CSUM_OFF,
+        IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
     },
     pipeline::{self, Action, Hook, Nat},
     reject, stats,
 };
 
-const AF_INET: u8 = 2;
 /// The Ethernet addresses (destination, source) at the start of the frame.
 const MACS_LEN: usize = 12;
 /// Bytes of the SCTP header we touch (ports only: its CRC32c does not cover addresses).
@@ -48,15 +47,151 @@ fn ptr_mut<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// Rewrite the packet's addresses and ports to `n`, updating the IP header checksum and the
-/// TCP/UDP checksum (pseudo-header addresses and ports). A UDP checksum of 0 means "none"
-/// and stays 0; a computed 0 is sent as 0xffff (RFC 768).
+/// What differs between the families on the uplink: the IP header's layout and checksum,
+/// the FIB lookup's parameters, the hop limit, and the reset.
+trait XdpFamily: Family {
+    /// Rewrite the IP header's addresses (and its checksum, where it has one).
+    fn nat_l3(ctx: &XdpContext, p: &Packet<Self::Addr>, n: &Nat<Self::Addr>) -> Result<(), ()>;
+    /// The L4 checksum after an address in its pseudo-header changed.
+    fn csum_addr(c: u16, old: Self::Addr, new: Self::Addr) -> u16;
+    /// Fill the FIB lookup for `n` from the IP header at `ip`; returns the TTL / hop limit.
+    ///
+    /// # Safety
+    /// `ip` must point at a complete IP header of this family.
+    unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<Self::Addr>) -> u8;
+    /// Decrement the TTL / hop limit (fixing the IPv4 header checksum).
+    ///
+    /// # Safety
+    /// `ip` must point at a complete, writable IP header of this family.
+    unsafe fn dec_ttl(ip: *mut u8, ttl: u8);
+    /// The next hop the FIB lookup reported (for a NO_NEIGH result).
+    fn fib_next_hop(fib: &FibParams) -> Self::Addr;
+    const IP_HLEN: usize;
+    fn reset(ctx: &XdpContext, p: &Packet<Self::Addr>) -> u32;
+}
+
+impl XdpFamily for V4 {
+    const IP_HLEN: usize = IP_HLEN;
+    #[inline(always)]
+    fn nat_l3(ctx: &XdpContext, p: &Packet<u32>, n: &Nat<u32>) -> Result<(), ()> {
+        let ip = ptr_mut::<[u8; IP_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
+        // SAFETY: within the IPv4 header checked above.
+        unsafe {
+            let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
+            let mut c = ip_csum.read_unaligned();
+            if n.saddr != p.saddr {
+                c = csum::replace4(c, p.saddr, n.saddr);
+                (ip.add(IP_SRC_OFF) as *mut u32).write_unaligned(n.saddr);
+            }
+            if n.daddr != p.daddr {
+                c = csum::replace4(c, p.daddr, n.daddr);
+                (ip.add(IP_DST_OFF) as *mut u32).write_unaligned(n.daddr);
+            }
+            ip_csum.write_unaligned(c);
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn csum_addr(c: u16, old: u32, new: u32) -> u16 {
+        csum::replace4(c, old, new)
+    }
+    #[inline(always)]
+    unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<u32>) -> u8 {
+        // SAFETY: the caller guarantees a complete IPv4 header; writing union members.
+        unsafe {
+            fib.__bindgen_anon_1.tot_len = u16::from_be((ip.add(IP_TOT_LEN_OFF) as *const u16).read_unaligned());
+            fib.__bindgen_anon_2.tos = *ip.add(IP_TOS_OFF);
+            fib.__bindgen_anon_3.ipv4_src = n.saddr;
+            fib.__bindgen_anon_4.ipv4_dst = n.daddr;
+            *ip.add(IP_TTL_OFF)
+        }
+    }
+    #[inline(always)]
+    unsafe fn dec_ttl(ip: *mut u8, ttl: u8) {
+        // SAFETY: the caller guarantees a complete, writable IPv4 header.
+        unsafe {
+            // TTL shares a 16-bit checksum word with the protocol byte.
+            let ttl_word = ip.add(IP_TTL_OFF) as *mut u16;
+            let old = ttl_word.read_unaligned();
+            *ip.add(IP_TTL_OFF) = ttl - 1;
+            let new = ttl_word.read_unaligned();
+            let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
+            ip_csum.write_unaligned(csum::replace2(ip_csum.read_unaligned(), old, new));
+        }
+    }
+    #[inline(always)]
+    fn fib_next_hop(fib: &FibParams) -> u32 {
+        // SAFETY: reading the union member the kernel wrote for AF_INET.
+        unsafe { fib.__bindgen_anon_4.ipv4_dst }
+    }
+    #[inline(always)]
+    fn reset(ctx: &XdpContext, p: &Packet<u32>) -> u32 {
+        reject::tcp_reset(ctx, p)
+    }
+}
+
+impl XdpFamily for V6 {
+    const IP_HLEN: usize = IP6_HLEN;
+    #[inline(always)]
+    fn nat_l3(ctx: &XdpContext, p: &Packet<Ipv6Words>, n: &Nat<Ipv6Words>) -> Result<(), ()> {
+        let ip = ptr_mut::<[u8; IP6_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
+        // SAFETY: within the IPv6 header checked above (no header checksum in IPv6).
+        unsafe {
+            if n.saddr != p.saddr {
+                (ip.add(IP6_SRC_OFF) as *mut Ipv6Words).write_unaligned(n.saddr);
+            }
+            if n.daddr != p.daddr {
+                (ip.add(IP6_DST_OFF) as *mut Ipv6Words).write_unaligned(n.daddr);
+            }
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn csum_addr(mut c: u16, old: Ipv6Words, new: Ipv6Words) -> u16 {
+        let mut i = 0;
+        while i < 4 {
+            c = csum::replace4(c, old[i], new[i]);
+            i += 1;
+        }
+        c
+    }
+    #[inline(always)]
+    unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<Ipv6Words>) -> u8 {
+        // SAFETY: the caller guarantees a complete IPv6 header; writing union members.
+        unsafe {
+            fib.__bindgen_anon_1.tot_len =
+                u16::from_be((ip.add(IP6_PLEN_OFF) as *const u16).read_unaligned()) + IP6_HLEN as u16;
+            fib.__bindgen_anon_3.ipv6_src = n.saddr;
+            fib.__bindgen_anon_4.ipv6_dst = n.daddr;
+            *ip.add(IP6_HOP_OFF)
+        }
+    }
+    #[inline(always)]
+    unsafe fn dec_ttl(ip: *mut u8, ttl: u8) {
+        // SAFETY: the caller guarantees a complete, writable IPv6 header.
+        unsafe { *ip.add(IP6_HOP_OFF) = ttl - 1 };
+    }
+    #[inline(always)]
+    fn fib_next_hop(fib: &FibParams) -> Ipv6Words {
+        // SAFETY: reading the union member the kernel wrote for AF_INET6.
+        unsafe { fib.__bindgen_anon_4.ipv6_dst }
+    }
+    #[inline(always)]
+    fn reset(ctx: &XdpContext, p: &Packet<Ipv6Words>) -> u32 {
+        reject::tcp_reset6(ctx, p)
+    }
+}
+
+/// Rewrite the packet's addresses and ports to `n`, updating the IP header checksum (IPv4)
+/// and the TCP/UDP checksum (pseudo-header addresses and ports). A UDP checksum of 0 means
+/// "none" and stays 0 (IPv4; RFC 768); a computed 0 is sent as 0xffff.
 #[inline(always)]
-fn nat(ctx: &XdpContext, p: &Packet, n: &Nat) -> Result<(), ()> {
+fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()> {
+    F::nat_l3(ctx, p, n)?;
     let (start, end) = (ctx.data(), ctx.data_end());
-    let ip = ptr_mut::<[u8; IP_HLEN]>(start, end, ETH_HLEN).ok_or(())? as *mut u8;
-    // Masked so the verifier sees a bounded offset (IHL makes it at most 14 + 60).
-    let l4_off = p.l4_off & 0x7f;
+    // Masked so the verifier sees a bounded offset (IPv4 options or IPv6 extension headers
+    // put it at most a few hundred bytes in).
+    let l4_off = p.l4_off & 0x3ff;
     let csum_field = p.l4_csum_field();
     // The L4 header through its checksum field (TCP, UDP), or the ports (SCTP).
     let l4_need = match csum_field {
@@ -68,18 +203,6 @@ fn nat(ctx: &XdpContext, p: &Packet, n: &Nat) -> Result<(), ()> {
     }
     // SAFETY: all accesses are within the bounds checked above.
     unsafe {
-        let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
-        let mut c = ip_csum.read_unaligned();
-        if n.saddr != p.saddr {
-            c = csum::replace4(c, p.saddr, n.saddr);
-            (ip.add(IP_SRC_OFF) as *mut u32).write_unaligned(n.saddr);
-        }
-        if n.daddr != p.daddr {
-            c = csum::replace4(c, p.daddr, n.daddr);
-            (ip.add(IP_DST_OFF) as *mut u32).write_unaligned(n.daddr);
-        }
-        ip_csum.write_unaligned(c);
-
         let l4 = (start + l4_off) as *mut u8;
         if let Some(off) = csum_field {
             // Bounded for the verifier: the checksum field is at 6 (UDP) or 16 (TCP).
@@ -87,10 +210,10 @@ fn nat(ctx: &XdpContext, p: &Packet, n: &Nat) -> Result<(), ()> {
             let mut c = l4_csum.read_unaligned();
             if !(p.proto == PROTO_UDP && c == 0) {
                 if n.saddr != p.saddr {
-                    c = csum::replace4(c, p.saddr, n.saddr);
+                    c = F::csum_addr(c, p.saddr, n.saddr);
                 }
                 if n.daddr != p.daddr {
-                    c = csum::replace4(c, p.daddr, n.daddr);
+                    c = F::csum_addr(c, p.daddr, n.daddr);
                 }
                 if n.sport != p.sport {
                     c = csum::replace2(c, p.sport, n.sport);
@@ -111,33 +234,31 @@ fn nat(ctx: &XdpContext, p: &Packet, n: &Nat) -> Result<(), ()> {
 }
 
 /// Route the (already translated) packet like the kernel would, without the kernel: FIB
-/// lookup for its destination, MACs from the neighbour table, TTL decremented, then out of
-/// the same interface (`XDP_TX`) or another one (`bpf_redirect`).
+/// lookup for its destination, MACs from the neighbour table, TTL / hop limit decremented,
+/// then out of the same interface (`XDP_TX`) or another one (`bpf_redirect`).
 ///
 /// `Err` when it cannot be forwarded: no route, TTL expired, or no neighbour entry for the
-/// next hop yet. XDP cannot resolve neighbours, so the miss is queued in `NEIGH_MISSES`
-/// for the agent, which asks the kernel to resolve it; the client's retransmission then
-/// goes through.
+/// next hop yet. XDP cannot resolve neighbours (ARP or NDP), so the miss is queued for the
+/// agent, which asks the kernel to resolve it; the client's retransmission then goes
+/// through.
 #[inline(always)]
-fn fib_forward(ctx: &XdpContext, proto: u8, n: &Nat) -> Result<u32, ()> {
+fn fib_forward<F: XdpFamily>(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> Result<u32, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let ip = ptr_mut::<[u8; IP_HLEN]>(start, end, ETH_HLEN).ok_or(())? as *mut u8;
+    if start + ETH_HLEN + F::IP_HLEN > end {
+        return Err(());
+    }
+    let ip = (start + ETH_HLEN) as *mut u8;
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: the zeroed struct is a valid `bpf_fib_lookup` (plain integers and unions of
-    // integers); packet reads are within the bounds checked above.
+    // integers); the IP header is within the bounds checked above.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    let ttl = unsafe {
-        fib.family = AF_INET;
-        fib.l4_protocol = proto;
-        fib.sport = n.sport;
-        fib.dport = n.dport;
-        fib.__bindgen_anon_1.tot_len = u16::from_be((ip.add(IP_TOT_LEN_OFF) as *const u16).read_unaligned());
-        fib.ifindex = ingress;
-        fib.__bindgen_anon_2.tos = *ip.add(IP_TOS_OFF);
-        fib.__bindgen_anon_3.ipv4_src = n.saddr;
-        fib.__bindgen_anon_4.ipv4_dst = n.daddr;
-        *ip.add(IP_TTL_OFF)
-    };
+    fib.family = F::AF;
+    fib.l4_protocol = proto;
+    fib.sport = n.sport;
+    fib.dport = n.dport;
+    fib.ifindex = ingress;
+    // SAFETY: a complete IP header of this family is at `ip` (checked above).
+    let ttl = unsafe { F::fib_params(ip, &mut fib, n) };
     if ttl <= 1 {
         return Err(());
     }
@@ -145,30 +266,22 @@ fn fib_forward(ctx: &XdpContext, proto: u8, n: &Nat) -> Result<u32, ()> {
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // On NO_NEIGH the kernel has filled in the egress ifindex and, for a gatewayed
-        // route, the gateway as ipv4_dst: exactly the neighbour to resolve.
-        // SAFETY: reading the union member the kernel wrote.
-        let addr = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        // route, the gateway as the destination: exactly the neighbour to resolve.
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
-        let _ = NEIGH_MISSES.insert(NeighKey { ifindex: fib.ifindex, addr }, now, 0);
+        let _ = F::neigh_misses().insert(&NeighKey { ifindex: fib.ifindex, addr: F::fib_next_hop(&fib) }, &now, 0);
         return Err(());
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(());
     }
     let eth = ptr_mut::<[u8; MACS_LEN]>(start, end, 0).ok_or(())?;
-    // SAFETY: bounds checked above (eth and the fixed IPv4 header).
+    // SAFETY: bounds checked above (Ethernet and the IP header).
     unsafe {
         let eth = &mut *eth;
         eth[..6].copy_from_slice(&fib.dmac);
         eth[6..].copy_from_slice(&fib.smac);
-        // TTL shares a 16-bit checksum word with the protocol byte.
-        let ttl_word = ip.add(IP_TTL_OFF) as *mut u16;
-        let old = ttl_word.read_unaligned();
-        *ip.add(IP_TTL_OFF) = ttl - 1;
-        let new = ttl_word.read_unaligned();
-        let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
-        ip_csum.write_unaligned(csum::replace2(ip_csum.read_unaligned(), old, new));
+        F::dec_ttl(ip, ttl);
     }
     if fib.ifindex == ingress {
         Ok(xdp_action::XDP_TX)
@@ -185,31 +298,49 @@ fn frame_len(ctx: &XdpContext) -> usize {
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
-pub fn from_uplink(ctx: &XdpContext) -> u32 {
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of
+/// neither family is counted by `from_uplink`). Not inlined: each family gets its own BPF
+/// function and stack frame, and returning only the action keeps the caller's frame empty
+/// (the verifier adds up the frames of a call chain, 512 bytes at most).
+#[inline(never)]
+fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    let (ret, verdict, svc_id) = match parse::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
-        Ok(p) => {
-            let d = pipeline::decide(&p, Hook::Uplink);
-            let (ret, verdict) = match &d.action {
-                Action::Pass => (xdp_action::XDP_PASS, d.verdict),
-                Action::Drop => (xdp_action::XDP_DROP, d.verdict),
-                Action::Reject => (reject::tcp_reset(ctx, &p), d.verdict),
-                Action::Rewrite(n) => match nat(ctx, &p, n) {
-                    Ok(()) => (xdp_action::XDP_PASS, d.verdict),
-                    Err(()) => (xdp_action::XDP_DROP, Verdict::Error),
-                },
-                Action::Forward(n) => match nat(ctx, &p, n).map(|()| fib_forward(ctx, p.proto, n)) {
-                    Ok(Ok(action)) => (action, d.verdict),
-                    Ok(Err(())) => (xdp_action::XDP_DROP, Verdict::NoRoute),
-                    Err(()) => (xdp_action::XDP_DROP, Verdict::Error),
-                },
-                // Only TC bounces.
-                Action::Bounce(_) => (xdp_action::XDP_DROP, Verdict::Error),
-            };
-            (ret, verdict, d.svc_id)
+    let p = match F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
+        Ok(p) => p,
+        Err(v) => {
+            stats::count(v, 0, len);
+            return xdp_action::XDP_PASS;
         }
-        Err(v) => (xdp_action::XDP_PASS, v, None),
     };
-    stats::count(verdict, svc_id, len);
+    let p = &p;
+    let d = pipeline::decide::<F>(p, Hook::Uplink);
+    let (ret, verdict) = match d.action {
+        Action::Pass => (xdp_action::XDP_PASS, d.verdict),
+        Action::Drop => (xdp_action::XDP_DROP, d.verdict),
+        Action::Reject => (F::reset(ctx, p), d.verdict),
+        Action::Rewrite => match nat::<F>(ctx, p, &d.nat) {
+            Ok(()) => (xdp_action::XDP_PASS, d.verdict),
+            Err(()) => (xdp_action::XDP_DROP, Verdict::Error),
+        },
+        Action::Forward => match nat::<F>(ctx, p, &d.nat).map(|()| fib_forward::<F>(ctx, p.proto, &d.nat)) {
+            Ok(Ok(action)) => (action, d.verdict),
+            Ok(Err(())) => (xdp_action::XDP_DROP, Verdict::NoRoute),
+            Err(()) => (xdp_action::XDP_DROP, Verdict::Error),
+        },
+        // Only TC bounces.
+        Action::Bounce => (xdp_action::XDP_DROP, Verdict::Error),
+    };
+    stats::count(verdict, d.svc_id, len);
     ret
+}
+
+pub fn from_uplink(ctx: &XdpContext) -> u32 {
+    match parse::l3(ctx.data(), ctx.data_end()) {
+        Ok(L3::V4) => handle::<V4>(ctx),
+        Ok(L3::V6) => handle::<V6>(ctx),
+        Err(v) => {
+            stats::count(v, 0, (ctx.data_end() - ctx.data()) as u32);
+            xdp_action::XDP_PASS
+        }
+    }
 }

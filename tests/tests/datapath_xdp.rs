@@ -402,7 +402,7 @@ fn xdp_non_service_frames_pass_untouched() {
         ("SSH to the node", tcp_frame((CLIENT, 40000), (NODE, 22), b"x"), verdict::PASS),
         ("UDP to a TCP NodePort", udp_frame((CLIENT, 40000), (NODE, NODE_PORT), b"x"), verdict::PASS),
         ("pod traffic between nodes", tcp_frame((REMOTE_POD, 40000), (LOCAL_POD, 8080), b"x"), verdict::PASS),
-        ("ARP", arp, verdict::NOT_IPV4),
+        ("ARP", arp, verdict::NOT_IP),
         ("truncated", tcp_frame((CLIENT, 40000), (NODE, NODE_PORT), b"")[..40].to_vec(), verdict::MALFORMED),
     ];
     for (name, frame, expect) in cases {
