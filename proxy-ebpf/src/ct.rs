@@ -1,7 +1,7 @@
 //! Conntrack: the state of a flow as its packets see it, and the creation of both entries
 //! of a new flow (with the SNAT port claim for source-NATed ones). The lifecycle's states
 //! and timeouts are defined in `proxy_common::ct`; the agent's collector expires entries.
-//! Generic over the address family: IPv4 and IPv6 each have their own table.
+//! Generic over the address family: each family has its own table.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use proxy_common::{ct, ct_flags, Backend, CtKey, CtValue, NodeConfig, Verdict, CT_DIR_FORWARD, CT_DIR_REPLY};
 
@@ -90,7 +90,7 @@ fn touch<F: Family>(key: &CtKey<F::Addr>, new_flags: u8) -> Option<CtValue<F::Ad
 /// re-opening TIME_WAIT; it first gives back the old connection's reply entry, which for a
 /// source-NATed flow is also its SNAT port claim.
 #[inline(always)]
-fn lookup_body<F: Family>(p: &Packet<F::Addr>, replies: bool) -> Ct<F::Addr> {
+pub fn lookup<F: Family>(p: &Packet<F::Addr>, replies: bool) -> Ct<F::Addr> {
     if replies {
         if let Some(v) = reply::<F>(p) {
             return Ct::Reply(v);
@@ -129,7 +129,7 @@ pub fn reply<F: Family>(p: &Packet<F::Addr>) -> Option<CtValue<F::Addr>> {
 /// the backend's replies (backend -> client) get their source put back to VIP:port. The
 /// table is never left with half a flow: a failed reply insert takes the forward one back.
 #[inline(always)]
-fn create_body<F: Family>(
+pub fn create<F: Family>(
     p: &Packet<F::Addr>,
     svc_id: u32,
     backend_id: u32,
@@ -154,6 +154,14 @@ fn create_body<F: Family>(
     })
 }
 
+/// What a source-NATed flow is created with, besides the packet.
+pub struct SnatArgs<'a, A> {
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub backend: &'a Backend<A>,
+    pub snat_addr: A,
+}
+
 /// A cheap, well-mixed 32-bit hash of a flow (murmur3's finaliser over a few words): picks
 /// SNAT port candidates so different flows spread over the range.
 #[inline(always)]
@@ -175,15 +183,8 @@ fn mix(a: u32, b: u32, c: u32) -> u32 {
 /// byte order); `CtError::Full` when the table is full, `Other` when every candidate was
 /// taken or a write failed.
 #[inline(always)]
-fn create_snat_body<F: Family>(
-    p: &Packet<F::Addr>,
-    svc_id: u32,
-    backend_id: u32,
-    b: &Backend<F::Addr>,
-    snat_addr: F::Addr,
-    cfg: &NodeConfig,
-    now: u64,
-) -> Result<u16, CtError> {
+pub fn create_snat<F: Family>(p: &Packet<F::Addr>, a: &SnatArgs<F::Addr>, cfg: &NodeConfig, now: u64) -> Result<u16, CtError> {
+    let (svc_id, backend_id, b, snat_addr) = (a.svc_id, a.backend_id, a.backend, a.snat_addr);
     let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
     let rev = CtValue {
         nat_addr: p.daddr,
@@ -244,48 +245,3 @@ fn create_snat_body<F: Family>(
     Ok(port_be)
 }
 
-// The entry points: inlined for IPv4, BPF functions of their own for IPv6 (see
-// `Family::OUTLINE`); the constant condition leaves only one of the two in each
-// instantiation.
-
-#[inline(never)]
-fn lookup_outlined<F: Family>(p: &Packet<F::Addr>, replies: bool) -> Ct<F::Addr> {
-    lookup_body::<F>(p, replies)
-}
-
-#[inline(always)]
-pub fn lookup<F: Family>(p: &Packet<F::Addr>, replies: bool) -> Ct<F::Addr> {
-    if F::OUTLINE { lookup_outlined::<F>(p, replies) } else { lookup_body::<F>(p, replies) }
-}
-
-#[inline(never)]
-fn create_outlined<F: Family>(p: &Packet<F::Addr>, ids: (u32, u32), b: &Backend<F::Addr>, now: u64) -> Result<(), CtError> {
-    create_body::<F>(p, ids.0, ids.1, b, now)
-}
-
-#[inline(always)]
-pub fn create<F: Family>(p: &Packet<F::Addr>, svc_id: u32, backend_id: u32, b: &Backend<F::Addr>, now: u64) -> Result<(), CtError> {
-    if F::OUTLINE { create_outlined::<F>(p, (svc_id, backend_id), b, now) } else { create_body::<F>(p, svc_id, backend_id, b, now) }
-}
-
-/// Arguments of `create_snat` that travel together (a BPF function takes at most five).
-pub struct SnatArgs<'a, A> {
-    pub svc_id: u32,
-    pub backend_id: u32,
-    pub backend: &'a Backend<A>,
-    pub snat_addr: A,
-}
-
-#[inline(never)]
-fn create_snat_outlined<F: Family>(p: &Packet<F::Addr>, a: &SnatArgs<F::Addr>, cfg: &NodeConfig, now: u64) -> Result<u16, CtError> {
-    create_snat_body::<F>(p, a.svc_id, a.backend_id, a.backend, a.snat_addr, cfg, now)
-}
-
-#[inline(always)]
-pub fn create_snat<F: Family>(p: &Packet<F::Addr>, a: &SnatArgs<F::Addr>, cfg: &NodeConfig, now: u64) -> Result<u16, CtError> {
-    if F::OUTLINE {
-        create_snat_outlined::<F>(p, a, cfg, now)
-    } else {
-        create_snat_body::<F>(p, a.svc_id, a.backend_id, a.backend, a.snat_addr, cfg, now)
-    }
-}

@@ -1,18 +1,16 @@
 //! Refusing a TCP connection to a frontend without endpoints, like kube-proxy's REJECT: the
-//! client fails fast instead of retrying SYNs into a drop. XDP builds the reset in place,
-//! for IPv4 and IPv6.
+//! client fails fast instead of retrying SYNs into a drop. XDP builds the reset in place.
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
     programs::XdpContext,
 };
-use proxy_common::{Ipv6Words, PROTO_TCP};
+use proxy_common::PROTO_TCP;
 
 use crate::{
     csum,
     parse::{
-        Packet, ETH_HLEN, IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IP_CSUM_OFF,
-        IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, L4_DPORT_OFF,
+        Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, L4_DPORT_OFF,
         L4_SPORT_OFF, TCP_ACK, TCP_ACK_OFF, TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN, TCP_FLAGS_OFF, TCP_HLEN, TCP_RST,
         TCP_SEQ_OFF, TCP_SYN,
     },
@@ -20,10 +18,7 @@ use crate::{
 
 /// Ethernet + IPv4 without options + TCP without options: the size of a reset we send.
 const RST_LEN: usize = ETH_HLEN + IP_HLEN + TCP_HLEN;
-/// Ethernet + IPv6 without extension headers + TCP without options.
-const RST6_LEN: usize = ETH_HLEN + IP6_HLEN + TCP_HLEN;
 const IPV4_VIHL: u8 = 0x45;
-const IPV6_VERSION: u8 = 0x60;
 const IP_DF: u8 = 0x40;
 const RST_TTL: u8 = 64;
 
@@ -134,54 +129,5 @@ pub fn tcp_reset(ctx: &XdpContext, p: &Packet) -> u32 {
     let pseudo = csum::sum_words(&s) + csum::sum_words(&d) + PROTO_TCP as u32 + TCP_HLEN as u32;
     h[ETH_HLEN..ETH_HLEN + IP_HLEN].copy_from_slice(&ip);
     h[ETH_HLEN + IP_HLEN..].copy_from_slice(&tcp_header(p.dport, p.sport, &a, pseudo));
-    xdp_action::XDP_TX
-}
-
-fn words_to_bytes(w: Ipv6Words) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        b[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
-        i += 1;
-    }
-    b
-}
-
-/// The same for IPv6 (a segment without extension headers).
-#[inline(always)]
-pub fn tcp_reset6(ctx: &XdpContext, p: &Packet<Ipv6Words>) -> u32 {
-    if p.proto != PROTO_TCP || p.tcp_flags & TCP_RST != 0 || p.l4_off != ETH_HLEN + IP6_HLEN {
-        return xdp_action::XDP_DROP;
-    }
-    let Some(hdr) = frame::<RST6_LEN>(ctx) else {
-        return xdp_action::XDP_DROP;
-    };
-    // SAFETY: the whole Ethernet + IPv6 + TCP header block is within bounds.
-    let a = unsafe {
-        let h = &*hdr;
-        let plen = u16::from_be_bytes([h[ETH_HLEN + IP6_PLEN_OFF], h[ETH_HLEN + IP6_PLEN_OFF + 1]]) as u32;
-        answer(h, ETH_HLEN + IP6_HLEN, plen, p.tcp_flags)
-    };
-    if !shrink(ctx, RST6_LEN) {
-        return xdp_action::XDP_DROP;
-    }
-    let Some(hdr) = frame::<RST6_LEN>(ctx) else {
-        return xdp_action::XDP_DROP;
-    };
-    // SAFETY: bounds checked just above.
-    let h = unsafe { &mut *hdr };
-    swap_macs(h, &a.macs);
-    let (s, d) = (words_to_bytes(p.daddr), words_to_bytes(p.saddr));
-    let mut ip = [0u8; IP6_HLEN];
-    ip[0] = IPV6_VERSION;
-    ip[IP6_PLEN_OFF..IP6_PLEN_OFF + 2].copy_from_slice(&(TCP_HLEN as u16).to_be_bytes());
-    ip[IP6_NEXT_OFF] = PROTO_TCP;
-    ip[IP6_HOP_OFF] = RST_TTL;
-    ip[IP6_SRC_OFF..IP6_SRC_OFF + 16].copy_from_slice(&s);
-    ip[IP6_DST_OFF..IP6_DST_OFF + 16].copy_from_slice(&d);
-    // Pseudo-header (RFC 8200 8.1): addresses, upper-layer length, next header.
-    let pseudo = csum::sum_words(&s) + csum::sum_words(&d) + TCP_HLEN as u32 + PROTO_TCP as u32;
-    h[ETH_HLEN..ETH_HLEN + IP6_HLEN].copy_from_slice(&ip);
-    h[ETH_HLEN + IP6_HLEN..].copy_from_slice(&tcp_header(p.dport, p.sport, &a, pseudo));
     xdp_action::XDP_TX
 }

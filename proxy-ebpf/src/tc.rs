@@ -17,20 +17,19 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use proxy_common::{Ipv6Words, Verdict, PROTO_UDP};
+use proxy_common::{Verdict, PROTO_UDP};
 
 use crate::{
-    family::{Family, V4, V6},
+    family::{Family, V4},
     parse::{
-        self, Packet, L3, IP6_DST_OFF, IP6_SRC_OFF, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
+        self, Packet, L3, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
     },
     pipeline::{self, Action, Decision, Hook, Nat},
     stats,
 };
 
-/// Headers we may need in the linear area: Ethernet + IPv6 with a few extension headers
-/// (or IPv4 with options) + TCP.
-const MAX_HDR: u32 = 14 + 40 + 64 + 20;
+/// Headers we may need in the linear area: Ethernet + IPv4 with options + TCP.
+const MAX_HDR: u32 = 14 + 60 + 20;
 /// The Ethernet addresses (destination, source) at the start of the frame.
 const MACS_LEN: usize = 12;
 
@@ -49,8 +48,7 @@ fn parse_ctx<F: Family>(ctx: &TcContext) -> Result<Packet<F::Addr>, Verdict> {
 }
 
 /// How an address is rewritten in each family: where it sits in the IP header, and which
-/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header; IPv6: only the
-/// L4 pseudo-header, one 32-bit word at a time).
+/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header).
 trait TcFamily: Family {
     const SRC_OFF: usize;
     const DST_OFF: usize;
@@ -66,24 +64,6 @@ impl TcFamily for V4 {
             ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
         }
         ctx.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)?;
-        ctx.store(p.l3_off + off, &new, 0)
-    }
-}
-
-impl TcFamily for V6 {
-    const SRC_OFF: usize = IP6_SRC_OFF;
-    const DST_OFF: usize = IP6_DST_OFF;
-    #[inline(always)]
-    fn rewrite_addr(ctx: &TcContext, p: &Packet<Ipv6Words>, off: usize, old: Ipv6Words, new: Ipv6Words, csum: Option<usize>, mangled: u64) -> Result<(), i64> {
-        if let Some(csum) = csum {
-            let mut i = 0;
-            while i < 4 {
-                if old[i] != new[i] {
-                    ctx.l4_csum_replace(csum, old[i] as u64, new[i] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
-                }
-                i += 1;
-            }
-        }
         ctx.store(p.l3_off + off, &new, 0)
     }
 }
@@ -156,10 +136,9 @@ fn apply<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr
     }
 }
 
-/// Parse, decide, apply, count once (here, for every packet of the family; a frame of
-/// neither family is counted by `run`). Returning only the action keeps the caller's frame
-/// empty: the verifier adds up the frames of a call chain.
-#[inline(never)]
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of no
+/// family we handle is counted by `run`).
+#[inline(always)]
 fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
     let len = ctx.len();
     let (ret, verdict, svc_id) = match parse_ctx::<F>(ctx) {
@@ -178,7 +157,6 @@ fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
 fn run(ctx: &TcContext, reply: bool) -> i32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
         Ok(L3::V4) => handle::<V4>(ctx, reply),
-        Ok(L3::V6) => handle::<V6>(ctx, reply),
         Err(v) => {
             stats::count(v, 0, ctx.len());
             TC_ACT_UNSPEC

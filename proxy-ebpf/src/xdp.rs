@@ -21,13 +21,13 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use proxy_common::{Ipv6Words, NeighKey, Verdict, PROTO_UDP};
+use proxy_common::{NeighKey, Verdict, PROTO_UDP};
 
 use crate::{
     csum,
-    family::{Family, V4, V6},
+    family::{Family, V4},
     parse::{
-        self, Packet, L3, ETH_HLEN, IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IP_CSUM_OFF,
+        self, Packet, L3, ETH_HLEN, IP_CSUM_OFF,
         IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
     },
     pipeline::{self, Action, Hook, Nat},
@@ -127,58 +127,6 @@ impl XdpFamily for V4 {
     #[inline(always)]
     fn reset(ctx: &XdpContext, p: &Packet<u32>) -> u32 {
         reject::tcp_reset(ctx, p)
-    }
-}
-
-impl XdpFamily for V6 {
-    const IP_HLEN: usize = IP6_HLEN;
-    #[inline(always)]
-    fn nat_l3(ctx: &XdpContext, p: &Packet<Ipv6Words>, n: &Nat<Ipv6Words>) -> Result<(), ()> {
-        let ip = ptr_mut::<[u8; IP6_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
-        // SAFETY: within the IPv6 header checked above (no header checksum in IPv6).
-        unsafe {
-            if n.saddr != p.saddr {
-                (ip.add(IP6_SRC_OFF) as *mut Ipv6Words).write_unaligned(n.saddr);
-            }
-            if n.daddr != p.daddr {
-                (ip.add(IP6_DST_OFF) as *mut Ipv6Words).write_unaligned(n.daddr);
-            }
-        }
-        Ok(())
-    }
-    #[inline(always)]
-    fn csum_addr(mut c: u16, old: Ipv6Words, new: Ipv6Words) -> u16 {
-        let mut i = 0;
-        while i < 4 {
-            c = csum::replace4(c, old[i], new[i]);
-            i += 1;
-        }
-        c
-    }
-    #[inline(always)]
-    unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<Ipv6Words>) -> u8 {
-        // SAFETY: the caller guarantees a complete IPv6 header; writing union members.
-        unsafe {
-            fib.__bindgen_anon_1.tot_len =
-                u16::from_be((ip.add(IP6_PLEN_OFF) as *const u16).read_unaligned()) + IP6_HLEN as u16;
-            fib.__bindgen_anon_3.ipv6_src = n.saddr;
-            fib.__bindgen_anon_4.ipv6_dst = n.daddr;
-            *ip.add(IP6_HOP_OFF)
-        }
-    }
-    #[inline(always)]
-    unsafe fn dec_ttl(ip: *mut u8, ttl: u8) {
-        // SAFETY: the caller guarantees a complete, writable IPv6 header.
-        unsafe { *ip.add(IP6_HOP_OFF) = ttl - 1 };
-    }
-    #[inline(always)]
-    fn fib_next_hop(fib: &FibParams) -> Ipv6Words {
-        // SAFETY: reading the union member the kernel wrote for AF_INET6.
-        unsafe { fib.__bindgen_anon_4.ipv6_dst }
-    }
-    #[inline(always)]
-    fn reset(ctx: &XdpContext, p: &Packet<Ipv6Words>) -> u32 {
-        reject::tcp_reset6(ctx, p)
     }
 }
 
@@ -298,11 +246,9 @@ fn frame_len(ctx: &XdpContext) -> usize {
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
-/// Parse, decide, apply, count once (here, for every packet of the family; a frame of
-/// neither family is counted by `from_uplink`). Not inlined: each family gets its own BPF
-/// function and stack frame, and returning only the action keeps the caller's frame empty
-/// (the verifier adds up the frames of a call chain, 512 bytes at most).
-#[inline(never)]
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of no
+/// family we handle is counted by `from_uplink`).
+#[inline(always)]
 fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
     let p = match F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
@@ -337,7 +283,6 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
 pub fn from_uplink(ctx: &XdpContext) -> u32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
         Ok(L3::V4) => handle::<V4>(ctx),
-        Ok(L3::V6) => handle::<V6>(ctx),
         Err(v) => {
             stats::count(v, 0, (ctx.data_end() - ctx.data()) as u32);
             xdp_action::XDP_PASS
