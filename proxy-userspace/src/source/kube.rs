@@ -23,7 +23,10 @@ use super::{Objects, Resource, SourceEvent};
 
 /// Services kube-proxy ignores are filtered server-side too (as kube-proxy does).
 const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
-const SLICE_SELECTOR: &str = "!service.kubernetes.io/headless";
+/// kube-proxy uses the same selector for slices: the EndpointSlice controller copies the
+/// Service's labels, so the slices of another proxy's Services are filtered out with them
+/// (and are not reported as naming a Service that does not exist).
+const SLICE_SELECTOR: &str = SERVICE_SELECTOR;
 
 pub struct KubeStores {
     services: Store<Service>,
