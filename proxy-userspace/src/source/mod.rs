@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 };
 
 /// Everything the translation needs, at one moment.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
