@@ -11,6 +11,7 @@
 //! 4. warn about slices that silently give no endpoints (no service-name label, naming no
 //!    Service, or ports no Service port matches).
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
     net::{IpAddr, Ipv4Addr},
@@ -45,8 +46,8 @@ const KIND_SLICE: &str = "EndpointSlice";
 /// Translate every Service with its EndpointSlices into the desired frontends for `node`,
 /// with nothing programmed yet (see `translate_with_claims`).
 pub fn translate(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
     node: &NodeInfo,
 ) -> (DesiredState, Vec<Warning>) {
     translate_with_claims(services, slices, node, &Claims::new())
@@ -55,22 +56,24 @@ pub fn translate(
 /// Translate every Service with its EndpointSlices into the desired frontends for `node`.
 /// `claims` says which Service holds each frontend address in the maps now: on a conflict
 /// it keeps the address. Malformed objects produce one `Warning` each and are skipped; the
-/// rest still translate.
+/// rest still translate. Objects may be shared (`Arc<Service>`): nothing is cloned.
 pub fn translate_with_claims(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
     node: &NodeInfo,
     claims: &Claims,
 ) -> (DesiredState, Vec<Warning>) {
+    let services: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
+    let slices: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
     let mut warnings = Warnings::default();
-    let endpoints = index_slices(slices, node, &mut warnings);
+    let endpoints = index_slices(&slices, node, &mut warnings);
 
     let mut candidates = Vec::new();
     let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     // Every Service present, programmed or not: a slice of a skipped (headless, other
     // proxy's) Service is not an orphan.
     let mut present: BTreeSet<ObjectId> = BTreeSet::new();
-    for svc in sorted_by_name(services, |s| &s.metadata) {
+    for svc in sorted_by_name(&services, |s| &s.metadata) {
         let Some(id) = ObjectId::from_meta(&svc.metadata) else {
             warnings.push(
                 KIND_SERVICE,
@@ -423,7 +426,7 @@ struct ParsedEndpoint {
 
 /// Parse every slice once and group the results by owning Service.
 fn index_slices(
-    slices: &[EndpointSlice],
+    slices: &[&EndpointSlice],
     node: &NodeInfo,
     warnings: &mut Warnings,
 ) -> BTreeMap<ObjectId, ServiceEndpoints> {
@@ -2403,12 +2406,12 @@ mod tests {
             "203.0.113.1:80/TCP (ExternalIP, used by ExternalIP of default/b, already programmed)",
         )];
         for services in [[a.clone(), b.clone()], [b.clone(), a.clone()]] {
-            let (actual, warnings) = translate_with_claims(&services, &[], &node(), &claims);
+            let (actual, warnings) = translate_with_claims(&services, &[] as &[EndpointSlice], &node(), &claims);
             assert_eq!(actual, expected);
             assert_warnings(&warnings, &warning);
         }
         // Once "b" lets go (deleted), "a" takes the address.
-        let (actual, warnings) = translate_with_claims(&[a], &[], &node(), &claims);
+        let (actual, warnings) = translate_with_claims(&[a], &[] as &[EndpointSlice], &node(), &claims);
         assert!(actual.frontends.contains_key(&key("203.0.113.1", 80, Tcp, External)));
         assert_eq!(actual.frontends[&key("203.0.113.1", 80, Tcp, Internal)].service.name, "a");
         assert_warnings(&warnings, &[]);
@@ -2425,7 +2428,7 @@ mod tests {
             ClaimHolder { namespace: "default".into(), name: "a".into() },
         )]
         .into();
-        let (actual, warnings) = translate_with_claims(&[a, b], &[], &node(), &claims);
+        let (actual, warnings) = translate_with_claims(&[a, b], &[] as &[EndpointSlice], &node(), &claims);
         assert_eq!(actual.frontends[&key("10.96.0.2", 80, Tcp, Internal)].service.name, "b");
         assert_warnings(&warnings, &[("Service", "default/a", "used by ClusterIP of default/b")]);
     }

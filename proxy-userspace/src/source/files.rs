@@ -114,8 +114,8 @@ pub fn parse_documents(file: &Path, text: &str, node_name: &str, out: &mut Objec
         };
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
         let r = match kind.as_str() {
-            "Service" => serde_yaml::from_value::<Service>(value).map(|s| out.services.push(s)),
-            "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(value).map(|s| out.slices.push(s)),
+            "Service" => serde_yaml::from_value::<Service>(value).map(|s| out.services.push(Arc::new(s))),
+            "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(value).map(|s| out.slices.push(Arc::new(s))),
             "Node" => serde_yaml::from_value::<Node>(value).map(|n| {
                 if n.metadata.name.as_deref() == Some(node_name) {
                     out.node = Some(n);
@@ -359,7 +359,7 @@ impl Manifests {
         Refresh { changed, retry: recheck }
     }
 
-    /// Everything in use, in file-name order.
+    /// Everything in use, in file-name order (shared with the files' own lists).
     fn objects(&self) -> Objects {
         let mut out = Objects::default();
         for f in self.files.values() {

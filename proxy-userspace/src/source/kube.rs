@@ -37,8 +37,8 @@ pub struct KubeStores {
 impl KubeStores {
     pub fn snapshot(&self) -> Objects {
         Objects {
-            services: self.services.state().iter().map(|s| (**s).clone()).collect(),
-            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            services: self.services.state(),
+            slices: self.slices.state(),
             node: self.nodes.state().first().map(|n| (**n).clone()),
         }
     }
