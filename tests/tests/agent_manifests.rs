@@ -365,3 +365,28 @@ fn services_programmed_counts_what_the_map_holds() {
     let programmed = agent.metric(&env.topo.node, "ebpf_proxy_services_programmed").unwrap();
     assert_eq!(programmed, 2.0, "the metric says {programmed}, the map holds {in_map}");
 }
+
+/// A Service added later that claims a live VIP:port (and sorts first) does not take it
+/// over: the Service already programmed keeps it; the newcomer gets the warning.
+#[test]
+fn newcomer_does_not_take_over_a_live_vip() {
+    if !require_root("newcomer_does_not_take_over_a_live_vip") {
+        return;
+    }
+    let env = setup(45);
+    env.dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.write_slice(&[1, 2]);
+    let agent = env.start_agent(10345);
+    env.converge(&["pod1", "pod2"]);
+    env.dir.write("aaa.yaml", &service_yaml("aaa", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.dir.write("aaa-slice.yaml", &slice_yaml("aaa", "aaa-abc", &env.endpoints(&[3]), 8080, "TCP")).unwrap();
+    // Give the agent time to apply both files, then check nothing moved.
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = proxy_tests::agent::names(&env.topo.pods[0].ns, (VIP, 80).into(), 20);
+    let want: std::collections::BTreeSet<String> = ["pod1", "pod2"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(seen, want, "the newcomer took the VIP");
+    assert!(agent.metric(&env.topo.node, "ebpf_proxy_object_warnings").unwrap() >= 1.0);
+    // Once the holder is deleted, the newcomer gets it.
+    env.dir.remove("web.yaml").unwrap();
+    env.converge(&["pod3"]);
+}
