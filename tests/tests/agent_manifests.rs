@@ -338,7 +338,8 @@ fn fifo_in_the_directory_does_not_block_the_agent() {
     assert!(agent.metric(&env.topo.node, "ebpf_proxy_services_programmed").unwrap() >= 1.0);
 }
 
-/// `services_programmed` counts the frontends written to the map, not the ones wanted.
+/// `services_programmed` counts the frontends written to the map, not the ones wanted; the
+/// frontend that does not fit is logged once, not on every sync.
 #[test]
 fn services_programmed_counts_what_the_map_holds() {
     if !require_root("services_programmed_counts_what_the_map_holds") {
@@ -346,17 +347,28 @@ fn services_programmed_counts_what_the_map_holds() {
     }
     let env = setup(44);
     for i in 0..3 {
-        env.dir.write(&format!("s{i}.yaml"), &service_yaml(&format!("s{i}"), &format!("10.96.0.{}", 10 + i), 80, 8080, "TCP")).unwrap();
+        let vip = format!("10.96.0.{}", 10 + i);
+        env.dir.write(&format!("s{i}.yaml"), &service_yaml(&format!("s{i}"), &vip, 80, 8080, "TCP")).unwrap();
+        env.dir
+            .write(&format!("s{i}-slice.yaml"), &slice_yaml(&format!("s{i}"), &format!("s{i}-abc"), &env.endpoints(&[1]), 8080, "TCP"))
+            .unwrap();
     }
-    env.write_slice(&[1]);
-    let dir = env.dir.0.to_str().unwrap().to_string();
-    let agent = Agent::start(
-        &env.topo.node,
-        &env.pins.0,
-        10344,
-        &["--manifests", &dir, "--node-name", "node-a", "--max-services", "2"],
-    )
-    .expect("agent");
+    // Started by hand (same arguments as `Agent::start`) to keep its log.
+    let logs = TempDir::new("ebpf-proxy-agent-log-").expect("log dir");
+    let log_path = logs.0.join("agent.log");
+    let http: SocketAddr = ([127, 0, 0, 1], 10344).into();
+    let child = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", env.topo.node.name))
+        .arg(proxy_tests::agent::ebpf_proxy_bin().unwrap())
+        .args(["agent", "--bpffs-root", env.pins.0.to_str().unwrap(), "--http-addr", &http.to_string()])
+        .args(["--sync-delay-ms", "10", "--manifests", env.dir.0.to_str().unwrap(), "--node-name", "node-a"])
+        .args(["--max-services", "2"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("agent");
+    let agent = Agent { child, http };
     agent.wait_ready(&env.topo.node, Duration::from_secs(20)).expect("agent ready");
     let root = env.pins.0.to_str().unwrap();
     let json = cli(&["services", "--bpffs-root", root, "-o", "json"]).unwrap();
@@ -364,6 +376,17 @@ fn services_programmed_counts_what_the_map_holds() {
     assert_eq!(in_map, 2, "{json}");
     let programmed = agent.metric(&env.topo.node, "ebpf_proxy_services_programmed").unwrap();
     assert_eq!(programmed, 2.0, "the metric says {programmed}, the map holds {in_map}");
+
+    // More syncs with the same failure: still one error line.
+    let syncs = |a: &Agent| a.metric(&env.topo.node, "ebpf_proxy_sync_duration_seconds_count").unwrap();
+    for pods in [[1, 2], [2, 3], [1, 3]] {
+        let before = syncs(&agent);
+        env.dir.write("s0-slice.yaml", &slice_yaml("s0", "s0-abc", &env.endpoints(&pods), 8080, "TCP")).unwrap();
+        wait_for(Duration::from_secs(5), "a sync", || (syncs(&agent) > before).then_some(())).unwrap();
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let lines = log.lines().filter(|l| l.contains("frontend not programmed")).count();
+    assert_eq!(lines, 1, "{log}");
 }
 
 /// A Service added later that claims a live VIP:port (and sorts first) does not take it
