@@ -202,10 +202,18 @@ struct FileState {
 }
 
 impl FileState {
-    fn warnings(&self) -> Vec<DocWarning> {
-        match &self.rejected {
-            Some((_, w)) => vec![w.clone()],
-            None => self.doc_warnings.clone(),
+    fn warnings(&self, path: &Path) -> Vec<DocWarning> {
+        match (&self.rejected, &self.pending) {
+            (Some((_, w)), _) => vec![w.clone()],
+            (None, Some(_)) => vec![DocWarning::file(
+                path,
+                format!(
+                    "rewritten in place and lost objects or bytes (being written?): keeping its previous content \
+                     until it stays unchanged for {} ms (update files by atomic rename)",
+                    SETTLE.as_millis()
+                ),
+            )],
+            (None, None) => self.doc_warnings.clone(),
         }
     }
 }
@@ -373,7 +381,7 @@ impl Manifests {
     }
 
     fn warnings(&self) -> Vec<DocWarning> {
-        self.files.values().flat_map(FileState::warnings).collect()
+        self.files.iter().flat_map(|(path, f)| f.warnings(path)).collect()
     }
 
     /// Log the warnings that appeared since the last call.
@@ -834,10 +842,13 @@ metadata: {name: node-a}
         assert!(!r.changed);
         assert_eq!(r.retry, Some(t + SETTLE));
         assert_eq!(names(&m), ["a", "b"]);
+        let w = m.warnings();
+        assert!(w.len() == 1 && w[0].message.contains("keeping its previous content"), "{w:?}");
         // Still the same after SETTLE: a deliberate removal.
         let r = m.rescan(t + SETTLE).unwrap();
         assert!(r.changed);
         assert_eq!(names(&m), ["a"]);
+        assert!(m.warnings().is_empty());
         // A renamed-in file is complete: applied at once even though it lost an object.
         d.rename_in("all.yaml", &format!("{}---\n{}", svc("a", &[80]), svc("b", &[80])));
         m.rescan(t + SETTLE).unwrap();
