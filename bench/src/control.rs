@@ -273,6 +273,7 @@ fn change_ours(
     let slice = slices_b
         .iter_mut()
         .find(|s| s.metadata.name.as_deref() == Some(objects::slice_name(old).as_str()))
+        .map(std::sync::Arc::make_mut)
         .context("slice of the changed service")?;
     slice
         .endpoints

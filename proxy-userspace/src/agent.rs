@@ -140,6 +140,8 @@ struct SyncLoop {
     max_services: u32,
     max_backends: u32,
     last_warnings: BTreeSet<String>,
+    /// Frontends not programmed at the last sync, with why: logged when this set changes.
+    last_errors: BTreeSet<String>,
 }
 
 impl SyncLoop {
@@ -148,7 +150,9 @@ impl SyncLoop {
         let t = Instant::now();
         let objects = self.source.snapshot();
         let (node, mut warnings) = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
-        let (desired, w) = model::translate(&objects.services, &objects.slices, &node);
+        // The addresses programmed now stay with their Services on a conflict.
+        let claims = self.syncer.claims();
+        let (desired, w) = model::translate_with_claims(&objects.services, &objects.slices, &node, &claims);
         warnings.extend(w);
         // Each malformed object is logged once, not on every sync.
         let now: BTreeSet<String> = warnings.iter().map(|w| w.to_string()).collect();
@@ -192,9 +196,17 @@ impl SyncLoop {
         let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
         self.metrics.map_fill.get_or_create(&MapLabel { map: "SERVICES".into() }).set(fill(report.services, self.max_services));
         self.metrics.map_fill.get_or_create(&MapLabel { map: "BACKENDS".into() }).set(fill(report.backends, self.max_backends));
+        // A map that stays full fails the same frontends on every sync: log each once.
+        let errors: BTreeSet<String> = report.errors.iter().map(|(fk, e)| format!("{fk}: {e}")).collect();
         for (fk, e) in &report.errors {
-            error!(frontend = %fk, error = %e, "frontend not programmed");
+            if !self.last_errors.contains(&format!("{fk}: {e}")) {
+                error!(frontend = %fk, error = %e, "frontend not programmed");
+            }
         }
+        if errors.is_empty() && !self.last_errors.is_empty() {
+            info!("every frontend programmed again");
+        }
+        self.last_errors = errors;
         info!(
             services = report.services,
             backends = report.backends,
@@ -334,6 +346,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         max_services: args.max_services,
         max_backends: args.max_backends,
         last_warnings: BTreeSet::new(),
+        last_errors: BTreeSet::new(),
     };
     let delay = Duration::from_millis(args.sync_delay_ms);
     let mut synced: HashSet<Resource> = HashSet::new();

@@ -181,3 +181,235 @@ fn interfaces_attach_as_pods_come_and_go() {
     drop(gone);
     wait_for(Duration::from_secs(5), "links of the deleted pod removed", || (count() == 8).then_some(())).unwrap();
 }
+
+// --- `--manifests` robustness (issue 9, item 7) ----------------------------------------
+
+/// Syncs done so far (the sync-duration histogram's count).
+fn syncs(env: &Env, agent: &Agent) -> f64 {
+    agent.metric(&env.topo.node, "ebpf_proxy_sync_duration_seconds_count").unwrap()
+}
+
+/// Reading the manifests (`cat`) is not a change: an idle agent makes no sync at all.
+#[test]
+fn idle_agent_makes_no_sync_after_a_read() {
+    if !require_root("idle_agent_makes_no_sync_after_a_read") {
+        return;
+    }
+    let env = setup(40);
+    env.dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.write_slice(&[1, 2]);
+    let agent = env.start_agent(10340);
+    env.converge(&["pod1", "pod2"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = syncs(&env, &agent);
+    for name in ["web.yaml", "web-slice.yaml"] {
+        let st = std::process::Command::new("cat").arg(env.dir.0.join(name)).stdout(std::process::Stdio::null()).status();
+        assert!(st.unwrap().success());
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let after = syncs(&env, &agent);
+    eprintln!("syncs in the 5 s after a cat: {}", after - before);
+    assert_eq!(after, before, "an idle agent synced {} times after a read", after - before);
+    // A real change still syncs, quickly.
+    env.write_slice(&[3]);
+    let t = env.converge(&["pod3"]);
+    eprintln!("change reflected in {t:?}");
+    assert!(syncs(&env, &agent) > after);
+}
+
+/// The directory replaced by `mv` and by rm + mkdir: the agent follows the name.
+#[test]
+fn replaced_directory_is_followed() {
+    if !require_root("replaced_directory_is_followed") {
+        return;
+    }
+    let env = setup(41);
+    let dir = env.dir.0.join("manifests");
+    let write = |dir: &std::path::Path, pods: &[usize]| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("web.yaml"), service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+        std::fs::write(dir.join("web-slice.yaml"), slice_yaml("web", "web-abc", &env.endpoints(pods), 8080, "TCP"))
+            .unwrap();
+    };
+    write(&dir, &[1]);
+    let agent = Agent::start(
+        &env.topo.node,
+        &env.pins.0,
+        10341,
+        &["--manifests", dir.to_str().unwrap(), "--node-name", "node-a"],
+    )
+    .expect("agent");
+    agent.wait_ready(&env.topo.node, Duration::from_secs(20)).expect("agent ready");
+    env.converge(&["pod1"]);
+
+    // mv: the new directory is prepared aside and moved into place.
+    let staged = env.dir.0.join("manifests.new");
+    write(&staged, &[2]);
+    std::fs::rename(&dir, env.dir.0.join("manifests.old")).unwrap();
+    std::fs::rename(&staged, &dir).unwrap();
+    let t = env.converge(&["pod2"]);
+    eprintln!("directory replaced by mv: followed in {t:?}");
+
+    // rm + mkdir.
+    std::fs::remove_dir_all(&dir).unwrap();
+    write(&dir, &[3]);
+    let t = env.converge(&["pod3"]);
+    eprintln!("directory replaced by rm + mkdir: followed in {t:?}");
+
+    // And the new directory is watched: a later edit is seen.
+    std::fs::write(dir.join("web-slice.yaml"), slice_yaml("web", "web-abc", &env.endpoints(&[1, 3]), 8080, "TCP"))
+        .unwrap();
+    env.converge(&["pod1", "pod3"]);
+}
+
+/// Rewrite `name` in place (same inode): what `>`, `cp` or many editors do.
+fn write_in_place(dir: &std::path::Path, name: &str, content: &[u8]) {
+    use std::io::Write;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).truncate(true).create(true).open(dir.join(name)).expect("open");
+    f.write_all(content).expect("write");
+}
+
+/// A Service file read while half-written never removes the Service: connections keep
+/// working throughout.
+#[test]
+fn half_written_service_file_never_removes_the_service() {
+    if !require_root("half_written_service_file_never_removes_the_service") {
+        return;
+    }
+    let env = setup(42);
+    let full = service_yaml("web", "10.96.0.10", 80, 8080, "TCP");
+    env.dir.write("web.yaml", &full).unwrap();
+    env.write_slice(&[1, 2]);
+    let agent = env.start_agent(10342);
+    env.converge(&["pod1", "pod2"]);
+    let cut = full.find("clusterIPs: [").unwrap() + "clusterIPs: [10.9".len();
+
+    let (ok, failed) = under_load(&env.topo.pods[0].ns, (VIP, 80).into(), || {
+        // A writer stopped half-way (the file does not parse), then finished.
+        write_in_place(&env.dir.0, "web.yaml", &full.as_bytes()[..cut]);
+        std::thread::sleep(Duration::from_millis(1500));
+        write_in_place(&env.dir.0, "web.yaml", full.as_bytes());
+        std::thread::sleep(Duration::from_millis(500));
+        // Truncated, then written in slow pieces (every prefix is a smaller valid YAML).
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(env.dir.0.join("web.yaml")).unwrap();
+        for chunk in full.as_bytes().chunks(full.len() / 3 + 1) {
+            std::thread::sleep(Duration::from_millis(100));
+            std::io::Write::write_all(&mut f, chunk).unwrap();
+        }
+        drop(f);
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    eprintln!("connections during half-written rewrites: {ok} ok, {failed} failed");
+    assert!(ok > 50, "the loop ran: {ok}");
+    assert_eq!(failed, 0, "a half-written file removed the Service");
+    assert!(agent.metric(&env.topo.node, "ebpf_proxy_services_programmed").unwrap() >= 1.0);
+    // Still following: a real change applies.
+    env.write_slice(&[3]);
+    env.converge(&["pod3"]);
+}
+
+/// A FIFO (or a socket) in the directory never blocks the agent: it starts, serves its
+/// HTTP endpoints and keeps following changes.
+#[test]
+fn fifo_in_the_directory_does_not_block_the_agent() {
+    if !require_root("fifo_in_the_directory_does_not_block_the_agent") {
+        return;
+    }
+    let env = setup(43);
+    env.dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.write_slice(&[1, 2]);
+    let mkfifo = |name: &str| {
+        let st = std::process::Command::new("mkfifo").arg(env.dir.0.join(name)).status().unwrap();
+        assert!(st.success());
+    };
+    mkfifo("pipe.yaml");
+    let agent = env.start_agent(10343);
+    env.converge(&["pod1", "pod2"]);
+    // One added while running, too.
+    mkfifo("later.yaml");
+    env.write_slice(&[3]);
+    env.converge(&["pod3"]);
+    let http = agent.http;
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (code, _) = env.topo.node.run(|| proxy_tests::agent::http_get(http, path)).unwrap();
+        assert_eq!(code, 200, "{path}");
+    }
+    assert!(agent.metric(&env.topo.node, "ebpf_proxy_services_programmed").unwrap() >= 1.0);
+}
+
+/// `services_programmed` counts the frontends written to the map, not the ones wanted; the
+/// frontend that does not fit is logged once, not on every sync.
+#[test]
+fn services_programmed_counts_what_the_map_holds() {
+    if !require_root("services_programmed_counts_what_the_map_holds") {
+        return;
+    }
+    let env = setup(44);
+    for i in 0..3 {
+        let vip = format!("10.96.0.{}", 10 + i);
+        env.dir.write(&format!("s{i}.yaml"), &service_yaml(&format!("s{i}"), &vip, 80, 8080, "TCP")).unwrap();
+        env.dir
+            .write(&format!("s{i}-slice.yaml"), &slice_yaml(&format!("s{i}"), &format!("s{i}-abc"), &env.endpoints(&[1]), 8080, "TCP"))
+            .unwrap();
+    }
+    // Started by hand (same arguments as `Agent::start`) to keep its log.
+    let logs = TempDir::new("ebpf-proxy-agent-log-").expect("log dir");
+    let log_path = logs.0.join("agent.log");
+    let http: SocketAddr = ([127, 0, 0, 1], 10344).into();
+    let child = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", env.topo.node.name))
+        .arg(proxy_tests::agent::ebpf_proxy_bin().unwrap())
+        .args(["agent", "--bpffs-root", env.pins.0.to_str().unwrap(), "--http-addr", &http.to_string()])
+        .args(["--sync-delay-ms", "10", "--manifests", env.dir.0.to_str().unwrap(), "--node-name", "node-a"])
+        .args(["--max-services", "2"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("agent");
+    let agent = Agent { child, http };
+    agent.wait_ready(&env.topo.node, Duration::from_secs(20)).expect("agent ready");
+    let root = env.pins.0.to_str().unwrap();
+    let json = cli(&["services", "--bpffs-root", root, "-o", "json"]).unwrap();
+    let in_map = serde_json::from_str::<serde_json::Value>(&json).unwrap().as_array().unwrap().len();
+    assert_eq!(in_map, 2, "{json}");
+    let programmed = agent.metric(&env.topo.node, "ebpf_proxy_services_programmed").unwrap();
+    assert_eq!(programmed, 2.0, "the metric says {programmed}, the map holds {in_map}");
+
+    // More syncs with the same failure: still one error line.
+    let syncs = |a: &Agent| a.metric(&env.topo.node, "ebpf_proxy_sync_duration_seconds_count").unwrap();
+    for pods in [[1, 2], [2, 3], [1, 3]] {
+        let before = syncs(&agent);
+        env.dir.write("s0-slice.yaml", &slice_yaml("s0", "s0-abc", &env.endpoints(&pods), 8080, "TCP")).unwrap();
+        wait_for(Duration::from_secs(5), "a sync", || (syncs(&agent) > before).then_some(())).unwrap();
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let lines = log.lines().filter(|l| l.contains("frontend not programmed")).count();
+    assert_eq!(lines, 1, "{log}");
+}
+
+/// A Service added later that claims a live VIP:port (and sorts first) does not take it
+/// over: the Service already programmed keeps it; the newcomer gets the warning.
+#[test]
+fn newcomer_does_not_take_over_a_live_vip() {
+    if !require_root("newcomer_does_not_take_over_a_live_vip") {
+        return;
+    }
+    let env = setup(45);
+    env.dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.write_slice(&[1, 2]);
+    let agent = env.start_agent(10345);
+    env.converge(&["pod1", "pod2"]);
+    env.dir.write("aaa.yaml", &service_yaml("aaa", "10.96.0.10", 80, 8080, "TCP")).unwrap();
+    env.dir.write("aaa-slice.yaml", &slice_yaml("aaa", "aaa-abc", &env.endpoints(&[3]), 8080, "TCP")).unwrap();
+    // Give the agent time to apply both files, then check nothing moved.
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = proxy_tests::agent::names(&env.topo.pods[0].ns, (VIP, 80).into(), 20);
+    let want: std::collections::BTreeSet<String> = ["pod1", "pod2"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(seen, want, "the newcomer took the VIP");
+    assert!(agent.metric(&env.topo.node, "ebpf_proxy_object_warnings").unwrap() >= 1.0);
+    // Once the holder is deleted, the newcomer gets it.
+    env.dir.remove("web.yaml").unwrap();
+    env.converge(&["pod3"]);
+}

@@ -6,8 +6,12 @@
 //! 2. parse every Service in namespace/name order and expand each port into candidate
 //!    frontends (both scopes) with their backends, per kube-proxy's traffic-policy rules;
 //! 3. claim frontend addresses in a fixed priority order, so that two services asking for
-//!    the same `addr:port/proto` resolve the same way on every node and every sync.
+//!    the same `addr:port/proto` resolve the same way on every node and every sync; within a
+//!    priority, the service that holds the address now (`Claims`, an input) keeps it;
+//! 4. warn about slices that silently give no endpoints (no service-name label, naming no
+//!    Service, or ports no Service port matches).
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
     net::{IpAddr, Ipv4Addr},
@@ -22,8 +26,8 @@ use k8s_openapi::{
 };
 
 use super::types::{
-    BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, Ipv4Prefix,
-    NodeInfo, Protocol, Scope, ServicePortName, Warning,
+    BackendAddr, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey,
+    FrontendKind, HealthCheck, Ipv4Prefix, NodeInfo, Protocol, Scope, ServicePortName, Warning,
 };
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
@@ -39,19 +43,37 @@ const MAX_AFFINITY_TIMEOUT: u32 = 86400;
 const KIND_SERVICE: &str = "Service";
 const KIND_SLICE: &str = "EndpointSlice";
 
-/// Translate every Service with its EndpointSlices into the desired frontends for `node`.
-/// Malformed objects produce one `Warning` each and are skipped; the rest still translate.
+/// Translate every Service with its EndpointSlices into the desired frontends for `node`,
+/// with nothing programmed yet (see `translate_with_claims`).
 pub fn translate(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
     node: &NodeInfo,
 ) -> (DesiredState, Vec<Warning>) {
+    translate_with_claims(services, slices, node, &Claims::new())
+}
+
+/// Translate every Service with its EndpointSlices into the desired frontends for `node`.
+/// `claims` says which Service holds each frontend address in the maps now: on a conflict
+/// it keeps the address. Malformed objects produce one `Warning` each and are skipped; the
+/// rest still translate. Objects may be shared (`Arc<Service>`): nothing is cloned.
+pub fn translate_with_claims(
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
+    node: &NodeInfo,
+    claims: &Claims,
+) -> (DesiredState, Vec<Warning>) {
+    let services: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
+    let slices: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
     let mut warnings = Warnings::default();
-    let endpoints = index_slices(slices, node, &mut warnings);
+    let endpoints = index_slices(&slices, node, &mut warnings);
 
     let mut candidates = Vec::new();
     let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
-    for svc in sorted_by_name(services, |s| &s.metadata) {
+    // Every Service present, programmed or not: a slice of a skipped (headless, other
+    // proxy's) Service is not an orphan.
+    let mut present: BTreeSet<ObjectId> = BTreeSet::new();
+    for svc in sorted_by_name(&services, |s| &s.metadata) {
         let Some(id) = ObjectId::from_meta(&svc.metadata) else {
             warnings.push(
                 KIND_SERVICE,
@@ -60,6 +82,7 @@ pub fn translate(
             );
             continue;
         };
+        present.insert(id.clone());
         let parsed = match parse_service(svc) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => continue,
@@ -71,6 +94,9 @@ pub fn translate(
         let svc_endpoints = endpoints.get(&id);
         for problem in parsed.notes.iter().cloned() {
             warnings.push(KIND_SERVICE, id.to_string(), problem);
+        }
+        if let Some(group) = svc_endpoints {
+            warn_unmatched_slice_ports(&id, &parsed, group, &mut warnings);
         }
         if parsed.saw_ipv6 || svc_endpoints.is_some_and(|e| e.saw_ipv6) {
             warnings.push(KIND_SERVICE, id.to_string(), Problem::Ipv6);
@@ -97,9 +123,72 @@ pub fn translate(
         }
     }
 
-    let mut state = claim_frontends(candidates, &mut warnings);
+    warn_orphan_slices(&endpoints, &present, &mut warnings);
+
+    let mut state = claim_frontends(candidates, claims, &mut warnings);
     state.health_checks = health_checks;
     (state, warnings.0)
+}
+
+/// A slice port that no port of its Service matches (by name and protocol) gives that
+/// Service no endpoints, silently: a typo in a hand-written slice. One warning per slice.
+fn warn_unmatched_slice_ports(
+    service: &ObjectId,
+    svc: &ParsedService,
+    group: &ServiceEndpoints,
+    warnings: &mut Warnings,
+) {
+    for slice in &group.slices {
+        let unmatched: Vec<String> = slice
+            .ports
+            .iter()
+            .filter(|sp| {
+                !svc.ports
+                    .iter()
+                    .any(|p| p.name == sp.name && p.proto == sp.proto)
+            })
+            .map(|sp| format!("{:?}/{}", sp.name, sp.proto))
+            .collect();
+        if !unmatched.is_empty() {
+            let service_ports = svc
+                .ports
+                .iter()
+                .map(|p| format!("{:?}/{}", p.name, p.proto))
+                .collect::<Vec<_>>()
+                .join(", ");
+            warnings.push(
+                KIND_SLICE,
+                slice.id.to_string(),
+                Problem::SlicePortsUnmatched {
+                    ports: unmatched.join(", "),
+                    service: service.to_string(),
+                    service_ports,
+                },
+            );
+        }
+    }
+}
+
+/// Slices whose `kubernetes.io/service-name` names no Service in their namespace. Slices
+/// owned by a Service are left alone: their Service was just deleted and the garbage
+/// collector removes them.
+fn warn_orphan_slices(
+    endpoints: &BTreeMap<ObjectId, ServiceEndpoints>,
+    present: &BTreeSet<ObjectId>,
+    warnings: &mut Warnings,
+) {
+    for (service, group) in endpoints {
+        if present.contains(service) {
+            continue;
+        }
+        for slice in group.slices.iter().filter(|s| !s.owned_by_service) {
+            warnings.push(
+                KIND_SLICE,
+                slice.id.to_string(),
+                Problem::NoSuchService(service.to_string()),
+            );
+        }
+    }
 }
 
 /// kube-proxy's count for the health check: distinct addresses of this node's ready
@@ -168,6 +257,15 @@ enum Problem {
     BadHealthCheckNodePort(i32),
     #[error("healthCheckNodePort {port} is already served for {owner}, not served")]
     HealthCheckConflict { port: u16, owner: String },
+    #[error("no {LABEL_SERVICE_NAME} label: belongs to no Service, its endpoints are not used")]
+    NoServiceNameLabel,
+    #[error("{LABEL_SERVICE_NAME} names Service {0}, which does not exist: its endpoints are not used")]
+    NoSuchService(String),
+    #[error(
+        "ports {ports} match no port of Service {service} ({service_ports}; name and protocol \
+         must match): their endpoints are not used"
+    )]
+    SlicePortsUnmatched { ports: String, service: String, service_ports: String },
 }
 
 #[derive(Default)]
@@ -302,6 +400,10 @@ struct ServiceEndpoints {
 }
 
 struct ParsedSlice {
+    /// The slice itself, for warnings about it.
+    id: ObjectId,
+    /// It has an ownerReference to a Service (made by the EndpointSlice controller).
+    owned_by_service: bool,
     ports: Vec<SlicePort>,
     endpoints: Vec<ParsedEndpoint>,
 }
@@ -324,7 +426,7 @@ struct ParsedEndpoint {
 
 /// Parse every slice once and group the results by owning Service.
 fn index_slices(
-    slices: &[EndpointSlice],
+    slices: &[&EndpointSlice],
     node: &NodeInfo,
     warnings: &mut Warnings,
 ) -> BTreeMap<ObjectId, ServiceEndpoints> {
@@ -338,8 +440,10 @@ fn index_slices(
             );
             continue;
         };
-        // Slices not managed for a Service (no label) are not ours to program.
+        // Without the label a slice joins no Service (upstream's EndpointSliceCache
+        // reports it as an error too): say so, instead of silently giving no endpoints.
         let Some(service) = non_empty(label(&slice.metadata, LABEL_SERVICE_NAME)) else {
+            warnings.push(KIND_SLICE, slice_id.to_string(), Problem::NoServiceNameLabel);
             continue;
         };
         let service_id = ObjectId {
@@ -350,7 +454,7 @@ fn index_slices(
         match slice.address_type.as_str() {
             "IPv4" => {
                 let mut problems = Vec::new();
-                let parsed = parse_slice(slice, node, &mut problems, &mut group.saw_ipv6);
+                let parsed = parse_slice(slice, &slice_id, node, &mut problems, &mut group.saw_ipv6);
                 for problem in problems {
                     warnings.push(KIND_SLICE, slice_id.to_string(), problem);
                 }
@@ -371,6 +475,7 @@ fn index_slices(
 
 fn parse_slice(
     slice: &EndpointSlice,
+    id: &ObjectId,
     node: &NodeInfo,
     problems: &mut Vec<Problem>,
     saw_ipv6: &mut bool,
@@ -403,7 +508,18 @@ fn parse_slice(
             }
         })
         .collect();
-    ParsedSlice { ports, endpoints }
+    let owned_by_service = slice
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == KIND_SERVICE);
+    ParsedSlice {
+        id: id.clone(),
+        owned_by_service,
+        ports,
+        endpoints,
+    }
 }
 
 /// `Ok(None)`: a port without a number, ignored like upstream does.
@@ -940,25 +1056,46 @@ fn claim_priority(kind: FrontendKind) -> u8 {
     }
 }
 
-/// Build the desired state: first claim of an `addr:port/proto` (by priority, then service
-/// namespace/name) wins, in both scopes; losers get one warning per service.
-fn claim_frontends(mut candidates: Vec<Candidate>, warnings: &mut Warnings) -> DesiredState {
-    // Stable sort: within a priority, candidates stay in service order.
-    candidates.sort_by_key(|c| claim_priority(c.kind));
+/// Build the desired state: first claim of an `addr:port/proto` wins, in both scopes, by
+/// priority, then the service that holds it now (`claims`), then service namespace/name;
+/// losers get one warning per service. The holder goes before newcomers so that adding a
+/// Service never moves a live address (and its connections) to another Service; the
+/// priority still goes first so that an externalIP squatting on a clusterIP before that
+/// Service existed does not keep it.
+fn claim_frontends(
+    mut candidates: Vec<Candidate>,
+    claims: &Claims,
+    warnings: &mut Warnings,
+) -> DesiredState {
+    let holds = |c: &Candidate| {
+        let key = ClaimKey {
+            addr: c.addr,
+            port: c.port,
+            proto: c.proto,
+        };
+        claims
+            .get(&key)
+            .is_some_and(|h| h.namespace == c.owner.namespace && h.name == c.owner.name)
+    };
+    // Stable sort: within a priority and holding, candidates stay in service order.
+    candidates.sort_by_cached_key(|c| (claim_priority(c.kind), !holds(c)));
     let mut state = DesiredState::default();
-    let mut owners: BTreeMap<(Ipv4Addr, u16, Protocol), (ObjectId, FrontendKind)> = BTreeMap::new();
+    let mut owners: BTreeMap<(Ipv4Addr, u16, Protocol), (ObjectId, FrontendKind, bool)> =
+        BTreeMap::new();
     let mut conflicts: BTreeMap<ObjectId, Vec<String>> = BTreeMap::new();
     for c in candidates {
+        let held = holds(&c);
         match owners.entry((c.addr, c.port, c.proto)) {
             Entry::Occupied(o) => {
-                let (winner, winner_kind) = o.get();
+                let (winner, winner_kind, winner_held) = o.get();
+                let programmed = if *winner_held { ", already programmed" } else { "" };
                 conflicts.entry(c.owner).or_default().push(format!(
-                    "{}:{}/{} ({:?}, used by {:?} of {})",
+                    "{}:{}/{} ({:?}, used by {:?} of {}{programmed})",
                     c.addr, c.port, c.proto, c.kind, winner_kind, winner
                 ));
             }
             Entry::Vacant(v) => {
-                v.insert((c.owner, c.kind));
+                v.insert((c.owner, c.kind, held));
                 let key = |scope| FrontendKey {
                     addr: c.addr,
                     port: c.port,
@@ -987,6 +1124,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+    use crate::model::types::ClaimHolder;
     use FrontendKind::{ClusterIP, ExternalIP, LoadBalancer, NodePort};
     use Protocol::{Sctp, Tcp, Udp};
     use Scope::{External, Internal};
@@ -1596,11 +1734,16 @@ mod tests {
             no_label,
             fqdn,
         ];
+        // Each slice that joins nothing says so, once (FQDN slices are never proxied).
         assert_translates(
             &[svc("web", json!({}))],
             &slices,
             vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
-            &[],
+            &[
+                ("EndpointSlice", "default/custom", "no kubernetes.io/service-name label"),
+                ("EndpointSlice", "default/api-1", "names Service default/api, which does not exist"),
+                ("EndpointSlice", "other/web-1", "names Service other/web, which does not exist"),
+            ],
         );
     }
 
@@ -1657,7 +1800,12 @@ mod tests {
                     ),
                 ),
             ],
-            &[],
+            // Ports without a number are ignored, like upstream; the UDP one is a mistake.
+            &[(
+                "EndpointSlice",
+                "default/web-2",
+                "ports \"http\"/UDP match no port of Service default/web",
+            )],
         );
     }
 
@@ -2212,14 +2360,151 @@ mod tests {
             ),
             slice("a-2", "a", p8080(), json!([ep("10.0.0.2", NODE)])),
             slice("c-1", "c", p8080(), json!([ep("10.0.0.3", NODE)])),
+            slice("z-1", "z", p8080(), json!([ep("10.0.0.4", NODE)])),
+            slice("c-2", "c", json!([{"name": "x", "port": 1}]), json!([ep("10.0.0.5", NODE)])),
         ];
+        // "c" holds the contested externalIP now.
+        let claims: Claims = [(
+            ClaimKey { addr: ip("203.0.113.1"), port: 80, proto: Tcp },
+            ClaimHolder { namespace: "default".into(), name: "c".into() },
+        )]
+        .into();
+        let run = |services: &[Service], slices: &[EndpointSlice]| {
+            translate_with_claims(services, slices, &node(), &claims)
+        };
         let forward = run(&services, &slices);
         let mut rev_services = services.clone();
         rev_services.reverse();
         let mut rev_slices = slices.clone();
         rev_slices.reverse();
         assert_eq!(forward, run(&rev_services, &rev_slices));
-        assert_eq!(forward.1.len(), 4, "{:?}", forward.1);
+        assert_eq!(forward.1.len(), 6, "{:?}", forward.1);
+        assert_eq!(forward.0.frontends[&key("203.0.113.1", 80, Tcp, External)].service.name, "c");
+    }
+
+    #[test]
+    fn incumbent_keeps_its_address_against_a_newcomer_sorting_first() {
+        // "b" is programmed on 203.0.113.1:80; "a" (sorts first) is added asking for it too.
+        let a = svc("a", json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]}));
+        let b = svc("b", json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"]}));
+        let claim = |addr: &str, holder: &str| {
+            (
+                ClaimKey { addr: ip(addr), port: 80, proto: Tcp },
+                ClaimHolder { namespace: "default".into(), name: holder.into() },
+            )
+        };
+        let claims: Claims = [claim("203.0.113.1", "b"), claim("10.96.0.2", "b")].into();
+        let expected = state(vec![
+            (key("10.96.0.1", 80, Tcp, Internal), entry("a", "", ClusterIP, vec![])),
+            (key("10.96.0.2", 80, Tcp, Internal), entry("b", "", ClusterIP, vec![])),
+            (key("203.0.113.1", 80, Tcp, Internal), entry("b", "", ExternalIP, vec![])),
+            (key("203.0.113.1", 80, Tcp, External), entry("b", "", ExternalIP, vec![])),
+        ]);
+        let warning = [(
+            "Service",
+            "default/a",
+            "203.0.113.1:80/TCP (ExternalIP, used by ExternalIP of default/b, already programmed)",
+        )];
+        for services in [[a.clone(), b.clone()], [b.clone(), a.clone()]] {
+            let (actual, warnings) = translate_with_claims(&services, &[] as &[EndpointSlice], &node(), &claims);
+            assert_eq!(actual, expected);
+            assert_warnings(&warnings, &warning);
+        }
+        // Once "b" lets go (deleted), "a" takes the address.
+        let (actual, warnings) = translate_with_claims(&[a], &[] as &[EndpointSlice], &node(), &claims);
+        assert!(actual.frontends.contains_key(&key("203.0.113.1", 80, Tcp, External)));
+        assert_eq!(actual.frontends[&key("203.0.113.1", 80, Tcp, Internal)].service.name, "a");
+        assert_warnings(&warnings, &[]);
+    }
+
+    #[test]
+    fn holding_an_address_does_not_beat_a_higher_priority_claim() {
+        // "a" held 10.96.0.2 as an externalIP before "b" got it as its clusterIP: the
+        // clusterIP still wins (CVE-2020-8554), holder or not.
+        let a = svc("a", json!({"clusterIP": "10.96.0.1", "externalIPs": ["10.96.0.2"]}));
+        let b = svc("b", json!({"clusterIP": "10.96.0.2"}));
+        let claims: Claims = [(
+            ClaimKey { addr: ip("10.96.0.2"), port: 80, proto: Tcp },
+            ClaimHolder { namespace: "default".into(), name: "a".into() },
+        )]
+        .into();
+        let (actual, warnings) = translate_with_claims(&[a, b], &[] as &[EndpointSlice], &node(), &claims);
+        assert_eq!(actual.frontends[&key("10.96.0.2", 80, Tcp, Internal)].service.name, "b");
+        assert_warnings(&warnings, &[("Service", "default/a", "used by ClusterIP of default/b")]);
+    }
+
+    // --- slices that silently give no endpoints --------------------------------------------
+
+    #[test]
+    fn slice_without_service_name_label_warns_once() {
+        let unlabelled = slice_json(json!({
+            "metadata": {"namespace": "default", "name": "hand-written"},
+            "addressType": "IPv4", "ports": p8080(), "endpoints": [ep("10.0.0.1", NODE)],
+        }));
+        assert_translates(
+            &[svc("web", json!({}))],
+            &[unlabelled],
+            vec![web_cluster_ip(vec![])],
+            &[(
+                "EndpointSlice",
+                "default/hand-written",
+                "no kubernetes.io/service-name label",
+            )],
+        );
+    }
+
+    #[test]
+    fn slice_naming_no_service_warns_once_unless_skipped_or_being_collected() {
+        let typo = slice("web-1", "wbe", p8080(), json!([ep("10.0.0.1", NODE)]));
+        assert_translates(
+            &[svc("web", json!({}))],
+            std::slice::from_ref(&typo),
+            vec![web_cluster_ip(vec![])],
+            &[(
+                "EndpointSlice",
+                "default/web-1",
+                "names Service default/wbe, which does not exist",
+            )],
+        );
+        // A Service we skip on purpose (headless) still exists: its slices are not orphans.
+        let headless = svc("wbe", json!({"clusterIP": "None"}));
+        assert_translates(
+            &[svc("web", json!({})), headless],
+            std::slice::from_ref(&typo),
+            vec![web_cluster_ip(vec![])],
+            &[],
+        );
+        // A slice owned by its (just deleted) Service is garbage-collected: no warning.
+        let collected = slice_json(json!({
+            "metadata": {"namespace": "default", "name": "gone-1",
+                         "labels": {"kubernetes.io/service-name": "gone"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service",
+                                              "name": "gone", "uid": "1"}]},
+            "addressType": "IPv4", "ports": p8080(), "endpoints": [ep("10.0.0.1", NODE)],
+        }));
+        assert_translates(&[svc("web", json!({}))], &[collected], vec![web_cluster_ip(vec![])], &[]);
+    }
+
+    #[test]
+    fn slice_port_name_matching_no_service_port_warns_once() {
+        // The Service's port is unnamed; the slice calls it "http": zero endpoints.
+        let named = slice(
+            "web-1",
+            "web",
+            json!([{"name": "http", "port": 8080}, {"name": "admin", "port": 9000}]),
+            json!([ep("10.0.0.1", NODE), ep("10.0.0.2", NODE)]),
+        );
+        let good = slice("web-2", "web", p8080(), json!([ep("10.0.0.3", NODE)]));
+        assert_translates(
+            &[svc("web", json!({}))],
+            &[named, good],
+            vec![web_cluster_ip(vec![be("10.0.0.3", 8080, true)])],
+            &[(
+                "EndpointSlice",
+                "default/web-1",
+                "ports \"http\"/TCP, \"admin\"/TCP match no port of Service default/web (\"\"/TCP;",
+            )],
+        );
     }
 
     // --- malformed input ---------------------------------------------------------------
@@ -2317,8 +2602,18 @@ mod tests {
             let bad_slice = slice("bad-1", "bad", p8080(), json!([ep("10.0.0.66", NODE)]));
             let (actual, warnings) = run(&[bad, good_svc], &[good_slice, bad_slice]);
             assert_eq!(actual, state(vec![good_frontend]), "{name}");
-            assert_eq!(warnings.len(), 1, "{name}: {warnings:?}");
-            assert_warnings(&warnings, &[("Service", object, message)]);
+            if object == "default/bad" {
+                assert_warnings(&warnings, &[("Service", object, message)]);
+            } else {
+                // Without a name there is no "default/bad" the slice could belong to.
+                assert_warnings(
+                    &warnings,
+                    &[
+                        ("Service", object, message),
+                        ("EndpointSlice", "default/bad-1", "names Service default/bad"),
+                    ],
+                );
+            }
         }
     }
 

@@ -193,6 +193,27 @@ pub struct NodeInfo {
     pub nodeport_addrs: Vec<Ipv4Addr>,
 }
 
+/// An `addr:port/proto` that one Service may own (both scopes go with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClaimKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+/// The Service ("namespace", "name") that holds a claim.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClaimHolder {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Which Service each frontend address is programmed for right now (the sync's mirror of
+/// the maps). An input of the translation, so it stays pure: when two Services of the same
+/// claim priority ask for one address, the one already programmed keeps it, and adding a
+/// Service never takes a live address away from another.
+pub type Claims = BTreeMap<ClaimKey, ClaimHolder>;
+
 /// Why an object (or part of it) was skipped; each becomes one logged warning naming it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Warning {

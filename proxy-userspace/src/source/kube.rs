@@ -23,7 +23,10 @@ use super::{Objects, Resource, SourceEvent};
 
 /// Services kube-proxy ignores are filtered server-side too (as kube-proxy does).
 const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
-const SLICE_SELECTOR: &str = "!service.kubernetes.io/headless";
+/// kube-proxy uses the same selector for slices: the EndpointSlice controller copies the
+/// Service's labels, so the slices of another proxy's Services are filtered out with them
+/// (and are not reported as naming a Service that does not exist).
+const SLICE_SELECTOR: &str = SERVICE_SELECTOR;
 
 pub struct KubeStores {
     services: Store<Service>,
@@ -34,8 +37,8 @@ pub struct KubeStores {
 impl KubeStores {
     pub fn snapshot(&self) -> Objects {
         Objects {
-            services: self.services.state().iter().map(|s| (**s).clone()).collect(),
-            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            services: self.services.state(),
+            slices: self.slices.state(),
             node: self.nodes.state().first().map(|n| (**n).clone()),
         }
     }

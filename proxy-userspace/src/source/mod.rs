@@ -12,10 +12,11 @@ use k8s_openapi::api::{
 };
 
 /// Everything the translation needs, at one moment.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    /// Shared, not copied: a snapshot per sync costs a reference count per object.
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     /// The agent's own Node, when known.
     pub node: Option<Node>,
 }

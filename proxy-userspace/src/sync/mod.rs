@@ -30,9 +30,12 @@ pub use store::{MapStore, MemStore, Snapshot};
 use crate::{
     dataplane::{
         DataplaneError,
-        addr::{ip_to_map, port_to_map},
+        addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
     },
-    model::{BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Ipv4Prefix},
+    model::{
+        BackendAddr, ClaimHolder, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey,
+        FrontendKind, Ipv4Prefix, Protocol,
+    },
 };
 
 /// A backend's identity: services sharing an endpoint share its `BACKENDS` entry.
@@ -56,6 +59,7 @@ struct Programmed {
 pub struct SyncReport {
     /// Map writes and deletes issued.
     pub writes: u64,
+    /// Frontends whose `SERVICES` entry is in the map (written, not merely wanted).
     pub services: usize,
     pub backends: usize,
     pub conntrack_purged: usize,
@@ -121,6 +125,12 @@ fn backend_value(b: &BackendAddr, proto: u8) -> Backend {
         flags |= backend_flags::TERMINATING;
     }
     Backend { addr: ip_to_map(b.addr), port: port_to_map(b.port), proto, flags }
+}
+
+/// A NUL-padded metadata field back as a string.
+fn c_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 fn copy_str(dst: &mut [u8], s: &str) {
@@ -231,6 +241,28 @@ impl<S: MapStore> Syncer<S> {
         self.backends.len()
     }
 
+    /// Frontends whose `SERVICES` entry is in the map: a frontend that failed before its
+    /// entry was written (map full) is wanted, not programmed.
+    pub fn programmed_count(&self) -> usize {
+        self.frontends.values().filter(|p| p.in_map).count()
+    }
+
+    /// Which Service each programmed frontend address belongs to (from the metadata
+    /// written with it, so also right after a restart): the model's `Claims` input.
+    pub fn claims(&self) -> Claims {
+        let mut claims = Claims::new();
+        for (k, p) in self.frontends.iter().filter(|(_, p)| p.in_map) {
+            let (Some(meta), Some(proto)) = (p.meta.as_ref(), Protocol::from_number(k.proto)) else {
+                continue;
+            };
+            let key = ClaimKey { addr: ip_from_map(k.addr), port: port_from_map(k.port), proto };
+            // Namespaces and names are DNS labels (at most 63 bytes): the metadata fields
+            // hold them whole.
+            claims.insert(key, ClaimHolder { namespace: c_str(&meta.namespace), name: c_str(&meta.name) });
+        }
+        claims
+    }
+
     /// Bring the maps to `desired`. Failures are per frontend: one that cannot be written
     /// keeps its previous state and is reported; every other frontend is still programmed.
     pub fn apply(&mut self, desired: &DesiredState) -> SyncReport {
@@ -246,7 +278,8 @@ impl<S: MapStore> Syncer<S> {
             match self.apply_frontend(&key, entry, &mut referenced, &mut purge_pairs, &mut writes) {
                 Ok(()) => {}
                 Err(e) => {
-                    warn!(frontend = %fk, service = %entry.service, error = %e, "cannot program frontend");
+                    // Reported, not logged: the caller logs it once per change, not on
+                    // every sync while a map stays full.
                     // It keeps what it had, so its backends stay.
                     self.keep_referenced(&key, &mut referenced);
                     report.errors.push((*fk, e));
@@ -302,7 +335,7 @@ impl<S: MapStore> Syncer<S> {
 
         self.total_writes += writes;
         report.writes = writes;
-        report.services = self.frontends.len();
+        report.services = self.programmed_count();
         report.backends = self.backends.len();
         report
     }

@@ -216,6 +216,9 @@ fn full_map_fails_one_frontend_and_programs_the_rest() {
     assert_eq!(*failed, fk(2, 80, Protocol::Tcp));
     assert!(err.to_string().contains("max-services"), "{err}");
     assert_eq!(s.store().services.len(), 1);
+    // Counted as programmed: what is in the map, not what was wanted.
+    assert_eq!(r.services, 1);
+    assert_eq!(s.programmed_count(), 1);
     // Once there is room, the next sync programs it.
     s.store_mut().max_services = Some(2);
     let r = s.apply(&desired(vec![
@@ -224,6 +227,21 @@ fn full_map_fails_one_frontend_and_programs_the_rest() {
     ]));
     assert!(r.errors.is_empty());
     assert_eq!(s.store().services.len(), 2);
+    assert_eq!(r.services, 2);
+}
+
+#[test]
+fn claims_name_the_service_of_each_programmed_address_also_after_a_restart() {
+    let store = MemStore { max_services: Some(1), ..MemStore::default() };
+    let mut s = Syncer::new(store).unwrap();
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1])), (fk(2, 80, Protocol::Tcp), fe("b", &[2]))]));
+    let holder = |name: &str| ClaimHolder { namespace: "ns".into(), name: name.into() };
+    let key = ClaimKey { addr: Ipv4Addr::new(10, 96, 0, 1), port: 80, proto: Protocol::Tcp };
+    // "b" did not fit: it holds nothing.
+    let want: Claims = [(key, holder("a"))].into();
+    assert_eq!(s.claims(), want);
+    let restarted = Syncer::new(s.store().clone()).unwrap();
+    assert_eq!(restarted.claims(), want);
 }
 
 #[test]

@@ -1,38 +1,78 @@
 //! `--manifests DIR`: Services, EndpointSlices (and optionally this node's Node) from YAML
-//! or JSON files, multi-document files included; reloaded when the directory changes.
-//! A document that does not parse is skipped with a warning naming file and document;
-//! everything else is still loaded.
+//! or JSON files, multi-document files included; followed as the directory changes.
+//!
+//! - Only real changes count: reads (`cat`, our own reads) are not events, and a file is
+//!   re-read only when its `stat` (device, inode, size, mtime, ctime) changed, and applied
+//!   only when its bytes changed. An idle directory costs no reads and no syncs.
+//! - Only changed files are re-read and re-parsed; every file keeps its parsed objects.
+//! - A document that does not parse is skipped with a warning naming file and document. A
+//!   file that was good before and no longer parses keeps its last good content (with a
+//!   warning) until it parses again: a half-written file never deletes a Service.
+//! - A file rewritten in place that loses objects or bytes is applied only once it has
+//!   stayed unchanged for 300 ms (a writer may be half-way). A file renamed into place
+//!   (a new inode) is complete by construction and applies at once: atomic rename is the
+//!   way to update.
+//! - Entries that are not regular files (FIFOs, sockets, devices, directories) or cannot be
+//!   read are skipped with a warning: nothing is opened that could block.
+//! - The directory is followed by name: when it is replaced (`mv`, rm + mkdir) the watch is
+//!   re-armed on the new one. While it is missing, the last state is kept.
+//!
+//! The watching and reading run on a thread of their own, so slow file systems never hold
+//! up the async runtime (health endpoints, shutdown).
+//!
+//! Modules: `dir` (the directory as files of parsed objects, each re-read only when it
+//! changed) and `follow` (the watching thread).
+mod dir;
+mod follow;
+
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
-use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 
-use super::{Objects, Resource, SourceEvent};
+pub use follow::start;
+
+use super::Objects;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
     #[error("reading manifests directory {path}: {source}")]
     ReadDir { path: PathBuf, source: std::io::Error },
+    #[error("manifests path {0} is not a directory")]
+    NotADirectory(PathBuf),
     #[error("watching {path}: {source}")]
     Watch { path: PathBuf, source: notify::Error },
+    #[error("starting the manifests thread: {0}")]
+    Thread(std::io::Error),
 }
 
-/// Problems with individual documents, reported as warnings.
+/// Problems with individual files or documents, reported as warnings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DocWarning {
     pub file: PathBuf,
-    pub doc: usize,
+    /// The document in the file, when the problem is one document's.
+    pub doc: Option<usize>,
     pub message: String,
+}
+
+impl DocWarning {
+    fn file(file: &Path, message: String) -> Self {
+        DocWarning { file: file.to_path_buf(), doc: None, message }
+    }
+
+    fn log(&self) {
+        match self.doc {
+            Some(doc) => warn!(file = %self.file.display(), document = doc, "{}", self.message),
+            None => warn!(file = %self.file.display(), "{}", self.message),
+        }
+    }
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -42,7 +82,7 @@ fn is_manifest(p: &Path) -> bool {
 /// Parse one file's documents into `out`.
 pub fn parse_documents(file: &Path, text: &str, node_name: &str, out: &mut Objects, warnings: &mut Vec<DocWarning>) {
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let warn = |message: String| DocWarning { file: file.to_path_buf(), doc: i, message };
+        let warn = |message: String| DocWarning { file: file.to_path_buf(), doc: Some(i), message };
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
@@ -55,8 +95,8 @@ pub fn parse_documents(file: &Path, text: &str, node_name: &str, out: &mut Objec
         };
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
         let r = match kind.as_str() {
-            "Service" => serde_yaml::from_value::<Service>(value).map(|s| out.services.push(s)),
-            "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(value).map(|s| out.slices.push(s)),
+            "Service" => serde_yaml::from_value::<Service>(value).map(|s| out.services.push(Arc::new(s))),
+            "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(value).map(|s| out.slices.push(Arc::new(s))),
             "Node" => serde_yaml::from_value::<Node>(value).map(|n| {
                 if n.metadata.name.as_deref() == Some(node_name) {
                     out.node = Some(n);
@@ -83,79 +123,11 @@ pub fn parse_documents(file: &Path, text: &str, node_name: &str, out: &mut Objec
         }
     }
 }
-
 /// Load every manifest in `dir` (not recursive), in file-name order.
 pub fn load_dir(dir: &Path, node_name: &str) -> Result<(Objects, Vec<DocWarning>), FilesError> {
-    let rd = std::fs::read_dir(dir).map_err(|source| FilesError::ReadDir { path: dir.into(), source })?;
-    let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| is_manifest(p)).collect();
-    files.sort();
-    let mut out = Objects::default();
-    let mut warnings = Vec::new();
-    for f in files {
-        match std::fs::read_to_string(&f) {
-            Ok(text) => parse_documents(&f, &text, node_name, &mut out, &mut warnings),
-            // A file removed between listing and reading is simply gone.
-            Err(e) => warnings.push(DocWarning { file: f, doc: 0, message: format!("unreadable: {e}") }),
-        }
-    }
-    Ok((out, warnings))
-}
-
-fn log_warnings(ws: &[DocWarning]) {
-    for w in ws {
-        warn!(file = %w.file.display(), document = w.doc, "{}", w.message);
-    }
-}
-
-/// Load once, then reload on every change in `dir` (bursts coalesced), reporting on `tx`.
-pub fn start(
-    dir: PathBuf,
-    node_name: String,
-    tx: UnboundedSender<SourceEvent>,
-) -> Result<Arc<Mutex<Objects>>, FilesError> {
-    let (objects, warnings) = load_dir(&dir, &node_name)?;
-    log_warnings(&warnings);
-    let shared = Arc::new(Mutex::new(objects));
-    for r in [Resource::Services, Resource::EndpointSlices, Resource::Node] {
-        let _ = tx.send(SourceEvent::Synced(r));
-    }
-    let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = ntx.send(());
-        }
-    })
-    .map_err(|source| FilesError::Watch { path: dir.clone(), source })?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|source| FilesError::Watch { path: dir.clone(), source })?;
-    let store = shared.clone();
-    tokio::spawn(async move {
-        let _keep = watcher;
-        let mut last_warnings = warnings;
-        while nrx.recv().await.is_some() {
-            // Editors and `cp` write in several steps: settle, then reload once.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            while nrx.try_recv().is_ok() {}
-            match load_dir(&dir, &node_name) {
-                Ok((objects, warnings)) => {
-                    if warnings != last_warnings {
-                        log_warnings(&warnings);
-                        last_warnings = warnings;
-                    }
-                    if let Ok(mut g) = store.lock() {
-                        *g = objects;
-                    }
-                    if tx.send(SourceEvent::Changed).is_err() {
-                        return;
-                    }
-                }
-                // Keep the last good state: a vanished directory is not "delete everything".
-                Err(e) => warn!(error = %e, "cannot reload manifests; keeping the previous state"),
-            }
-        }
-    });
-    Ok(shared)
+    let mut m = dir::Manifests::new(dir.to_path_buf(), node_name.to_string());
+    m.rescan(std::time::Instant::now())?;
+    Ok((m.objects(), m.warnings()))
 }
 
 #[cfg(test)]
@@ -196,7 +168,7 @@ metadata: {name: node-a}
         assert_eq!(out.slices.len(), 1);
         assert!(out.node.is_some());
         assert_eq!(w.len(), 1, "{w:?}");
-        assert_eq!(w[0].doc, 2);
+        assert_eq!(w[0].doc, Some(2));
         assert!(w[0].message.contains("invalid Service"));
     }
 
