@@ -24,6 +24,7 @@ pub struct Metrics {
     pub object_warnings: Gauge,
     pub map_fill: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub attached_interfaces: Gauge,
+    pub datapath_repairs: Counter,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -44,6 +45,7 @@ impl Metrics {
             object_warnings: Gauge::default(),
             map_fill: Family::default(),
             attached_interfaces: Gauge::default(),
+            datapath_repairs: Counter::default(),
         };
         r.register("services_programmed", "Service frontends in the services map", m.services.clone());
         r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
@@ -58,6 +60,11 @@ impl Metrics {
         r.register("object_warnings", "Objects currently skipped as malformed", m.object_warnings.clone());
         r.register("map_fill_ratio", "Entries over capacity, per map", m.map_fill.clone());
         r.register("attached_interfaces", "Pod interfaces with programs attached", m.attached_interfaces.clone());
+        r.register(
+            "datapath_repairs",
+            "Datapath checks that found pins missing or programs detached, and restored them",
+            m.datapath_repairs.clone(),
+        );
         *m.registry.lock().expect("fresh mutex") = r;
         m
     }
