@@ -111,7 +111,13 @@ pub async fn interfaces() -> Result<Vec<Iface>, DataplaneError> {
 
 /// One interface by index, if it exists.
 pub async fn interface(index: u32) -> Result<Option<Iface>, DataplaneError> {
-    Ok(interfaces().await?.into_iter().find(|i| i.index == index))
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(netlink_err)?;
+    let task = tokio::spawn(conn);
+    let mut stream = handle.link().get().match_index(index).execute();
+    // A vanished interface is an error reply (ENODEV), not an empty answer.
+    let found = stream.try_next().await.ok().flatten().map(|m| iface_of(&m));
+    task.abort();
+    Ok(found)
 }
 
 /// Recognises our programs by id, remembering the answers (program ids are never reused
