@@ -112,6 +112,13 @@ impl Attacher {
 
     /// Every stale attachment of ours in the namespace, on interfaces we attach to or not.
     async fn detach_all_foreign(&self, recognizer: &mut Recognizer) {
+        if !ownership::can_inspect(self.ours.from_pod) {
+            warn!(
+                "cannot inspect attached programs (the kernel wants CAP_SYS_ADMIN for that): programs of other agents \
+                 (another --bpffs-root) stay attached, behind ours on tcx; remove them with `ebpf-proxy cleanup`"
+            );
+            return;
+        }
         let all = match ownership::interfaces().await {
             Ok(i) => i,
             Err(e) => return warn!(error = %e, "cannot look for stale attachments"),

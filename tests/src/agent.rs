@@ -65,7 +65,20 @@ impl Agent {
     /// `ebpf-proxy agent <args>` in `node`'s network namespace, with /healthz and /readyz
     /// on 127.0.0.1:`http_port` there and /metrics on [`metrics_port`].
     pub fn command(node: &Netns, root: &Path, http_port: u16, args: &[&str]) -> Result<Command> {
-        let mut cmd = in_netns(node, &ebpf_proxy_bin()?);
+        Self::command_via(node, &[], root, http_port, args)
+    }
+
+    /// [`Agent::command`] with the binary run through `wrapper` (e.g. `setpriv ...`).
+    pub fn command_via(node: &Netns, wrapper: &[&str], root: &Path, http_port: u16, args: &[&str]) -> Result<Command> {
+        let bin = ebpf_proxy_bin()?;
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = in_netns(node, Path::new(first));
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => in_netns(node, &bin),
+        };
         cmd.arg("agent")
             .arg("--bpffs-root")
             .arg(root)
@@ -83,7 +96,12 @@ impl Agent {
 
     /// Start `ebpf-proxy agent <args>` in `node`'s network namespace (see [`Agent::command`]).
     pub fn start(node: &Netns, root: &Path, http_port: u16, args: &[&str]) -> Result<Agent> {
-        let child = Self::command(node, root, http_port, args)?.spawn().context("starting the agent")?;
+        Self::start_via(node, &[], root, http_port, args)
+    }
+
+    /// [`Agent::start`] through `wrapper` (see [`Agent::command_via`]).
+    pub fn start_via(node: &Netns, wrapper: &[&str], root: &Path, http_port: u16, args: &[&str]) -> Result<Agent> {
+        let child = Self::command_via(node, wrapper, root, http_port, args)?.spawn().context("starting the agent")?;
         Ok(Agent {
             child,
             http: ([127, 0, 0, 1], http_port).into(),

@@ -53,10 +53,14 @@ impl Env {
     }
 
     fn start_on(&self, root: &Path, dir: &TempDir, port: u16, extra: &[&str]) -> Agent {
+        self.start_via(&[], root, dir, port, extra)
+    }
+
+    fn start_via(&self, wrapper: &[&str], root: &Path, dir: &TempDir, port: u16, extra: &[&str]) -> Agent {
         let d = dir.0.to_str().unwrap().to_string();
         let mut args = vec!["--manifests", &d, "--node-name", "node-a", "--uplink", UPLINK];
         args.extend_from_slice(extra);
-        let a = Agent::start(&self.topo.node, root, port, &args).expect("agent");
+        let a = Agent::start_via(&self.topo.node, wrapper, root, port, &args).expect("agent");
         a.wait_ready(&self.topo.node, Duration::from_secs(20)).expect("agent ready");
         a
     }
@@ -180,6 +184,36 @@ fn agent_on_a_new_root_replaces_the_stale_attachments() {
     env.write(&new_dir, &[3]);
     env.converge(&["pod3"]);
     drop(new);
+}
+
+/// As the DaemonSet runs it, without CAP_SYS_ADMIN: the kernel then refuses to show other
+/// agents' programs, so the stale ones stay attached, but behind ours (tcx order), and
+/// traffic still follows the new agent. `cleanup` removes them.
+#[test]
+fn agent_without_sys_admin_on_a_new_root_still_wins() {
+    if !require_root("agent_without_sys_admin_on_a_new_root_still_wins") {
+        return;
+    }
+    let env = setup(36, &[1]);
+    let mut old = env.start_on(&env.pins.0, &env.dir, 10360, &[]);
+    env.converge(&["pod1"]);
+    old.kill();
+    let stale = env.attached().len();
+    let new_root = PinDir::new();
+    let new_dir = TempDir::new("ebpf-proxy-ops-nocap-").unwrap();
+    env.write(&new_dir, &[2]);
+    // Root without CAP_SYS_ADMIN in any set (dropped from the bounding set before exec).
+    let wrapper = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--"];
+    let new = env.start_via(&wrapper, &new_root.0, &new_dir, 10361, &[]);
+    env.converge(&["pod2"]);
+    env.write(&new_dir, &[3]);
+    env.converge(&["pod3"]);
+    let attached = env.attached();
+    assert!(attached.len() > stale, "the new agent attached next to the stale programs: {attached:#?}");
+    drop(new);
+    let (ok, out) = env.cleanup(&["--bpffs-root", new_root.0.to_str().unwrap(), "--bpffs-root", env.pins.0.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert_eq!(env.attached(), vec![]);
 }
 
 #[test]

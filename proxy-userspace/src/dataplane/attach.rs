@@ -182,7 +182,10 @@ pub fn attach(
             }
         }
     }
-    match prog.attach_with_options(iface, dir.tc(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+    // First in the tcx chain: a stale program of ours that we cannot detach (an agent on
+    // another --bpffs-root, seen without CAP_SYS_ADMIN) then runs after ours, on packets
+    // ours already translated, instead of translating them with its stale maps first.
+    match prog.attach_with_options(iface, dir.tc(), TcAttachOptions::TcxOrder(LinkOrder::first()))
     {
         Ok(id) => {
             let link = prog.take_link(id).map_err(|e| attach_err(iface, "take link", e))?;

@@ -120,6 +120,13 @@ pub async fn interface(index: u32) -> Result<Option<Iface>, DataplaneError> {
     Ok(found)
 }
 
+/// Whether this process may inspect programs by id (`BPF_PROG_GET_FD_BY_ID` needs
+/// CAP_SYS_ADMIN; the agent's DaemonSet does not grant it). Without it, attachments of
+/// other agents cannot be recognised, only our own pins.
+pub fn can_inspect(our_prog_id: u32) -> bool {
+    Recognizer::default().ours(our_prog_id).is_some()
+}
+
 /// Recognises our programs by id, remembering the answers (program ids are never reused
 /// while the program lives).
 #[derive(Default)]
