@@ -175,11 +175,18 @@ impl Attacher {
         let mut recognizer = Recognizer::default();
         let mut tick = tokio::time::interval(self.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The checks (and the root's lock, which the guard holds) must outlive the interface
+        // watcher: if it stops, attachments are no longer added, but kept.
+        let mut watching = true;
         loop {
             let ev = tokio::select! {
-                ev = links.recv() => match ev {
+                ev = links.recv(), if watching => match ev {
                     Some(ev) => ev,
-                    None => return,
+                    None => {
+                        error!("interface watcher gone: new interfaces will not be attached until a restart");
+                        watching = false;
+                        continue;
+                    }
                 },
                 _ = tick.tick() => {
                     // Only once the start-up attachments are made: before, nothing to check.
