@@ -291,12 +291,24 @@ fn second_agent_on_the_same_root_exits_and_the_first_keeps_serving() {
     env.write(&other_dir, &[3]);
     let d = other_dir.0.to_str().unwrap().to_string();
     let mut cmd = Agent::command(&env.topo.node, &env.pins.0, 10341, &["--manifests", &d, "--node-name", "node-a"]).unwrap();
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let t = Instant::now();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Killed on drop if it does not exit by itself.
+    let mut second = Agent {
+        child: cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap(),
+        http: ([127, 0, 0, 1], 10341).into(),
+        metrics: ([127, 0, 0, 1], 11341).into(),
+    };
+    let exited = wait_for(Duration::from_secs(10), "the second agent to exit", || second.child.try_wait().unwrap());
+    let mut stderr = String::new();
+    if let Some(mut e) = second.child.stderr.take() {
+        if exited.is_err() {
+            second.kill();
+        }
+        std::io::Read::read_to_string(&mut e, &mut stderr).unwrap();
+    }
     eprintln!("second agent exited in {:?}: {stderr}", t.elapsed());
-    assert!(!out.status.success(), "the second agent must fail");
+    let code = exited.unwrap_or_else(|e| panic!("{e}: a second agent kept running on a locked root: {stderr}"));
+    assert!(!code.success(), "the second agent must fail");
     assert!(
         stderr.contains(env.pins.0.to_str().unwrap()) && stderr.contains(&format!("pid {}", first.pid())),
         "message names the root and the holder: {stderr}"
