@@ -255,14 +255,17 @@ fn deleted_pins_and_detached_links_are_restored() {
         // ...then traffic and readiness recover.
         let vip = env.vip();
         let client = &env.topo.pods[0].ns;
-        wait_for(Duration::from_secs(5), "traffic and /readyz back", || {
-            let ok = client.run(|| (0..5).all(|_| client::tcp_name(vip).is_ok()));
-            (ok && status(node, agent.http, "/readyz") == Some(200) && status(node, agent.http, "/healthz") == Some(200))
-                .then_some(())
+        wait_for(Duration::from_secs(5), "traffic back", || {
+            client.run(|| (0..5).all(|_| client::tcp_name(vip).is_ok())).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{damage}: {e}"));
+        let traffic = t.elapsed();
+        wait_for(Duration::from_secs(5), "/readyz and /healthz back", || {
+            (status(node, agent.http, "/readyz") == Some(200) && status(node, agent.http, "/healthz") == Some(200)).then_some(())
         })
         .unwrap_or_else(|e| panic!("{damage}: {e}"));
         let recovered = t.elapsed();
-        eprintln!("{damage}: traffic and /readyz recovered {recovered:?} after the damage");
+        eprintln!("{damage}: traffic back {traffic:?} and /readyz {recovered:?} after the damage");
         assert!(recovered < Duration::from_secs(5), "{damage}: {recovered:?}");
         env.converge(&["pod1", "pod2"]);
         assert_eq!(count(), pins_before, "{damage}: link pins restored");
@@ -351,7 +354,17 @@ fn signals_and_the_metrics_address() {
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-    std::thread::sleep(Duration::from_millis(500));
+    // Some thread of the agent is now stuck opening the FIFO (no writer ever comes).
+    let blocked = wait_for(Duration::from_secs(5), "a thread of the agent blocked on the FIFO", || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("wchan")).ok())
+            .find(|w| w.contains("fifo") || w.contains("partner") || w.contains("pipe"))
+    });
+    // Informational: once the file source skips FIFOs, nothing blocks here, and the rest
+    // of the test still holds.
+    eprintln!("blocked reload: {blocked:?}");
     assert_eq!(status(node, agent.http, "/healthz"), Some(200), "health answers while a reload is blocked");
     let t = Instant::now();
     // SAFETY: as above.
