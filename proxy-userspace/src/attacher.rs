@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
-        attach::{XdpModeChoice, attach_pod_interface, attach_uplink, remove_stale_pins},
+        attach::{AttachMode, XdpModeChoice, attach_pod_interface, attach_uplink, remove_stale_pins},
         guard::{DatapathGuard, OurPrograms},
         ifaces::LinkEvent,
         loader::Programs,
@@ -36,6 +36,13 @@ pub struct AttachPlan {
     pub xdp_mode: XdpModeChoice,
 }
 
+/// An interface we attached to.
+struct Attached {
+    name: String,
+    /// Whether the datapath check can verify it (tcx and XDP, not clsact filters).
+    checked: bool,
+}
+
 pub struct Attacher {
     pub programs: Programs,
     pub root: PathBuf,
@@ -49,8 +56,9 @@ pub struct Attacher {
 }
 
 impl Attacher {
-    /// Attach to one interface; true when attached.
-    fn attach(&mut self, index: u32, name: &str) -> bool {
+    /// Attach to one interface. `Some(checked)` when attached; `checked` is false for the
+    /// clsact fallback (kernels without tcx), which the datapath check cannot see.
+    fn attach(&mut self, index: u32, name: &str) -> Option<bool> {
         if self.plan.uplinks.contains(name) {
             return match attach_uplink(&mut self.programs, &self.root, name, self.plan.xdp_mode) {
                 Ok(a) => {
@@ -62,23 +70,23 @@ impl Attacher {
                         egress = ?a.egress,
                         "attached to uplink"
                     );
-                    true
+                    Some(a.egress != AttachMode::Netlink)
                 }
                 Err(e) => {
                     error!(iface = %name, error = %e, "cannot attach to uplink");
-                    false
+                    None
                 }
             };
         }
         match attach_pod_interface(&mut self.programs, &self.root, name) {
             Ok((mode, _)) => {
                 info!(iface = %name, ifindex = index, mode = ?mode, "attached to pod interface");
-                true
+                Some(mode != AttachMode::Netlink)
             }
             // The link may already be gone again (pod deleted): not fatal.
             Err(e) => {
                 warn!(iface = %name, error = %e, "cannot attach");
-                false
+                None
             }
         }
     }
@@ -130,14 +138,17 @@ impl Attacher {
 
     /// Verify pins and attachments; restore what is missing. The datapath is reported broken
     /// from the check that finds damage until a later check finds everything in place.
-    async fn check(&mut self, attached: &HashMap<u32, String>) {
+    async fn check(&mut self, attached: &HashMap<u32, Attached>) {
         let mut problems = self.guard.check_pins();
         let ifaces: HashMap<u32, ownership::Iface> = match ownership::interfaces().await {
             Ok(all) => all.into_iter().map(|i| (i.index, i)).collect(),
             Err(e) => return warn!(error = %e, "datapath check: cannot list interfaces"),
         };
         let mut broken = Vec::new();
-        for (index, name) in attached {
+        for (index, Attached { name, checked }) in attached {
+            if !checked {
+                continue;
+            }
             // Gone interfaces are the watcher's business (a Gone event follows).
             let Some(iface) = ifaces.get(index).filter(|i| &i.name == name) else { continue };
             if let Err(p) = self.ours.check_iface(iface, self.plan.uplinks.contains(name)) {
@@ -164,14 +175,14 @@ impl Attacher {
             error!(error = %f, "datapath restore failed");
         }
         for (index, name) in broken {
-            if self.attach(index, &name) {
+            if self.attach(index, &name).is_some() {
                 info!(iface = %name, ifindex = index, "datapath restore: re-attached");
             }
         }
     }
 
     pub async fn run(mut self, mut links: UnboundedReceiver<LinkEvent>) {
-        let mut attached: HashMap<u32, String> = HashMap::new();
+        let mut attached: HashMap<u32, Attached> = HashMap::new();
         let mut recognizer = Recognizer::default();
         let mut tick = tokio::time::interval(self.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -198,7 +209,7 @@ impl Attacher {
             };
             match ev {
                 LinkEvent::Present { index, name } => {
-                    if attached.get(&index) == Some(&name) {
+                    if attached.get(&index).is_some_and(|a| a.name == name) {
                         continue;
                     }
                     let uplink = self.plan.uplinks.contains(&name);
@@ -207,8 +218,11 @@ impl Attacher {
                         // attach (a short gap, logged).
                         self.detach_foreign(&mut recognizer, index, &[Hook::Xdp]).await;
                     }
-                    if self.attach(index, &name) {
-                        attached.insert(index, name);
+                    if let Some(checked) = self.attach(index, &name) {
+                        if !checked {
+                            warn!(iface = %name, "attached as a clsact filter (no tcx): the datapath check does not cover it");
+                        }
+                        attached.insert(index, Attached { name, checked });
                         // tcx runs several programs: ours is attached, now the stale one
                         // goes, with no instant without a program.
                         self.detach_foreign(&mut recognizer, index, &[Hook::TcxIngress, Hook::TcxEgress]).await;

@@ -1,7 +1,9 @@
 //! `ebpf-proxy cleanup` (kube-proxy's `--cleanup`): take the datapath out of the node.
 //!
-//! 1. Refuse while an agent holds a root's lock (unless `force`), and hold the lock
-//!    ourselves meanwhile so no agent starts on it half-way.
+//! 1. Refuse a root that is not a directory on bpffs, or that is the bpffs mount itself
+//!    (everything under a root is removed). Refuse while an agent holds a root's lock
+//!    (unless `force`), and hold the lock ourselves meanwhile so no agent starts on it
+//!    half-way.
 //! 2. Detach the links pinned under each root (`BPF_LINK_DETACH`, wherever they are
 //!    attached).
 //! 3. Detach every program of ours attached to an interface of this network namespace
@@ -16,7 +18,8 @@ use std::{
 
 use crate::dataplane::{
     bpfsys,
-    lock::{self, LockError, RootLock},
+    loader::check_bpffs,
+    lock::{LockError, RootLock},
     ownership::{self, Attachment},
     paths,
 };
@@ -28,6 +31,10 @@ pub enum CleanupError {
         pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]
     AgentRunning { root: PathBuf, pid: Option<u32> },
+    #[error(
+        "{root} is a mount point: cleanup removes everything under the root it is given, and there that would be every pin on the node; give the agent's root (e.g. /sys/fs/bpf/ebpf-proxy)"
+    )]
+    MountPoint { root: PathBuf },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -75,6 +82,15 @@ impl CleanupReport {
             out.push_str("nothing to clean up: no program of ours attached in this network namespace, no pins\n");
         }
         out
+    }
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    match p.canonicalize().ok().as_deref().and_then(Path::parent) {
+        Some(parent) => dev(p) != dev(parent),
+        None => true,
     }
 }
 
@@ -129,6 +145,12 @@ pub async fn cleanup(roots: &[PathBuf], force: bool) -> Result<CleanupReport, Cl
         if !root.exists() {
             continue;
         }
+        // Everything under the root is removed: it must be a directory of pins, never
+        // another filesystem, nor the bpffs mount itself (other tools' pins).
+        check_bpffs(root)?;
+        if is_mount_point(root) {
+            return Err(CleanupError::MountPoint { root: root.clone() });
+        }
         match RootLock::acquire(root) {
             Ok(l) => locks.push(l),
             Err(LockError::Held { pid, .. }) if !force => {
@@ -158,7 +180,30 @@ pub async fn cleanup(roots: &[PathBuf], force: bool) -> Result<CleanupReport, Cl
     Ok(report)
 }
 
-/// Whether `root` is held by a running agent (for messages elsewhere).
-pub fn agent_on(root: &Path) -> Option<Option<u32>> {
-    lock::holder(root).ok().flatten()
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_recognised() {
+        assert!(is_mount_point(Path::new("/")));
+        assert!(is_mount_point(Path::new("/proc")));
+        let dir = std::env::temp_dir().join(format!("ebpf-proxy-cleanup-mp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(!is_mount_point(&dir));
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    #[test]
+    fn a_root_off_bpffs_is_refused_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("ebpf-proxy-cleanup-nobpf-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("maps")).unwrap();
+        std::fs::write(dir.join("maps/keep"), b"x").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let e = rt.block_on(cleanup(std::slice::from_ref(&dir), true)).unwrap_err();
+        assert!(e.to_string().contains("not on a bpf filesystem"), "{e}");
+        assert!(dir.join("maps/keep").exists(), "cleanup removed files off bpffs");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -93,7 +93,7 @@ impl DatapathGuard {
             let path = e.path();
             match MapData::from_pin(&path) {
                 Ok(m) => maps.push((path, m)),
-                Err(source) => return Err(DataplaneError::Map { map: "pinned map", source }),
+                Err(source) => return Err(DataplaneError::PinnedMap { path, source }),
             }
         }
         maps.sort_by(|a, b| a.0.cmp(&b.0));
