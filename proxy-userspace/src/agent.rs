@@ -260,60 +260,48 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         last_warnings: BTreeSet::new(),
     };
     let delay = Duration::from_millis(args.sync_delay_ms);
-    // The sync loop runs as its own task, and each sync off the async workers
-    // (block_in_place): a blocked sync can then neither stall other tasks nor delay the
-    // shutdown below, and /healthz reports it (a change pending past the timeout).
-    let loop_health = health.clone();
-    let sync_loop = tokio::spawn(async move {
-        let health = loop_health;
-        let mut synced: HashSet<Resource> = HashSet::new();
-        let mut burst: Option<Instant> = None;
-        let mut readiness_spawned = false;
-        while let Some(ev) = srx.recv().await {
-            match ev {
-                SourceEvent::Synced(r) => { synced.insert(r); }
-                SourceEvent::Changed => {}
-            }
-            burst.get_or_insert_with(Instant::now);
-            // Reconcile only against a complete picture: every resource fully listed.
-            if synced.len() < 3 {
-                continue;
-            }
-            // From here a sync is owed; the initial listing (however slow) is not a stall.
-            health.change_pending();
-            // Coalesce the rest of the burst.
-            tokio::time::sleep(delay).await;
-            while let Ok(ev) = srx.try_recv() {
-                if let SourceEvent::Synced(r) = ev {
-                    synced.insert(r);
-                }
-            }
-            let started = burst.take();
-            tokio::task::block_in_place(|| lp.sync(started));
-            health.synced_now();
-            if !readiness_spawned {
-                readiness_spawned = true;
-                // Ready = maps synced and every pod interface present at start-up attached.
-                let attached = attached_initial.clone();
-                let ready = ready.clone();
-                tokio::spawn(async move {
-                    while !attached.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    if !ready.swap(true, Ordering::Relaxed) {
-                        info!("first full sync done and pod interfaces attached; ready");
-                    }
-                });
+    let mut synced: HashSet<Resource> = HashSet::new();
+    let mut burst: Option<Instant> = None;
+    let mut readiness_spawned = false;
+    loop {
+        tokio::select! {
+            ev = srx.recv() => match ev {
+                Some(SourceEvent::Synced(r)) => { synced.insert(r); burst.get_or_insert_with(Instant::now); }
+                Some(SourceEvent::Changed) => { burst.get_or_insert_with(Instant::now); }
+                None => break,
+            },
+            _ = &mut shutdown => break,
+        }
+        // Reconcile only against a complete picture: every resource fully listed.
+        if synced.len() < 3 || burst.is_none() {
+            continue;
+        }
+        // From here a sync is owed (/healthz fails if none completes in time); the initial
+        // listing, however slow, is not a stall. A sync blocked for good cannot delay
+        // SIGTERM: the control thread exits the process after its grace period.
+        health.change_pending();
+        // Coalesce the rest of the burst.
+        tokio::time::sleep(delay).await;
+        while let Ok(ev) = srx.try_recv() {
+            if let SourceEvent::Synced(r) = ev {
+                synced.insert(r);
             }
         }
-    });
-    tokio::select! {
-        _ = &mut shutdown => {}
-        r = sync_loop => {
-            if let Err(e) = r {
-                error!(error = %e, "sync loop ended");
-            }
-            warn!("the source closed; stopping");
+        lp.sync(burst.take());
+        health.synced_now();
+        if !readiness_spawned {
+            readiness_spawned = true;
+            // Ready = maps synced and every pod interface present at start-up attached.
+            let attached = attached_initial.clone();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                while !attached.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if !ready.swap(true, Ordering::Relaxed) {
+                    info!("first full sync done and pod interfaces attached; ready");
+                }
+            });
         }
     }
     // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
