@@ -10,6 +10,10 @@
 //! on the ifindex, which the kernel resolves in the caller's namespace; XDP: the program id
 //! rtnetlink reports for the device), so interfaces of other namespaces that happen to have
 //! the same ifindex are never touched.
+//!
+//! Recognising a program by id (`BPF_PROG_GET_FD_BY_ID`, `BPF_MAP_GET_FD_BY_ID`) needs
+//! CAP_SYS_ADMIN; without it nothing is recognised ([`can_inspect`] tells), and only our own
+//! program ids, which the agent knows, can be checked.
 use std::{collections::HashMap, fmt};
 
 use futures::TryStreamExt;
