@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
-        attach::{AttachMode, XdpModeChoice, attach_pod_interface, attach_uplink, remove_stale_pins},
+        attach::{AttachMode, XdpModeChoice, attach_pod_interface, attach_uplink, pinned_link_ids, remove_stale_pins},
         guard::{DatapathGuard, OurPrograms},
         ifaces::LinkEvent,
         loader::Programs,
@@ -92,7 +92,8 @@ impl Attacher {
     }
 
     /// Detach programs of ours on `index` that this agent did not load (an agent on another
-    /// root, or one whose pins were removed), on `hooks` only.
+    /// root, or one whose pins were removed), on `hooks` only. Links pinned under our own
+    /// root are never detached: they are ours to update in place (a restart).
     async fn detach_foreign(&self, recognizer: &mut Recognizer, index: u32, hooks: &[Hook]) {
         let iface = match ownership::interface(index).await {
             Ok(Some(i)) => i,
@@ -100,8 +101,9 @@ impl Attacher {
             Err(e) => return warn!(ifindex = index, error = %e, "cannot look for stale attachments"),
         };
         let ours = self.ours.ids();
+        let pinned = pinned_link_ids(&self.root);
         for a in recognizer.attachments_on(&iface) {
-            if ours.contains(&a.prog_id) || !hooks.contains(&a.hook) {
+            if ours.contains(&a.prog_id) || !hooks.contains(&a.hook) || a.link_id.is_some_and(|l| pinned.contains(&l)) {
                 continue;
             }
             match ownership::detach(&a).await {

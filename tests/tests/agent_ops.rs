@@ -186,6 +186,30 @@ fn agent_on_a_new_root_replaces_the_stale_attachments() {
     drop(new);
 }
 
+/// A restart on the same root is not a stale agent: every link, XDP included, is updated in
+/// place (same link ids, new programs), never detached and re-created.
+#[test]
+fn restart_on_the_same_root_updates_links_in_place() {
+    if !require_root("restart_on_the_same_root_updates_links_in_place") {
+        return;
+    }
+    let env = setup(37, &[1, 2]);
+    let mut agent = env.start_on(&env.pins.0, &env.dir, 10370, &[]);
+    env.converge(&["pod1", "pod2"]);
+    let links = |att: &[Attachment]| -> std::collections::BTreeMap<(String, Hook), Option<u32>> {
+        att.iter().map(|a| ((a.iface.clone(), a.hook), a.link_id)).collect()
+    };
+    let before = env.attached();
+    agent.kill();
+    let agent = env.start_on(&env.pins.0, &env.dir, 10370, &[]);
+    let after = env.attached();
+    assert_eq!(links(&after), links(&before), "links re-created instead of updated");
+    let old: std::collections::BTreeSet<u32> = before.iter().map(|a| a.prog_id).collect();
+    assert!(after.iter().all(|a| !old.contains(&a.prog_id)), "old programs still attached: {after:#?}");
+    env.converge(&["pod1", "pod2"]);
+    drop(agent);
+}
+
 /// As the DaemonSet runs it, without CAP_SYS_ADMIN: the kernel then refuses to show other
 /// agents' programs, so the stale ones stay attached, but behind ours (tcx order), and
 /// traffic still follows the new agent. `cleanup` removes them.

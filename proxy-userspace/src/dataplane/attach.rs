@@ -347,6 +347,18 @@ pub fn pinned_uplinks(root: &Path) -> Vec<PinnedUplink> {
     out
 }
 
+/// Kernel ids of the links pinned under `root` (the ones a restarted agent updates in
+/// place).
+pub fn pinned_link_ids(root: &Path) -> std::collections::HashSet<u32> {
+    std::fs::read_dir(paths::links_dir(root))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| super::bpfsys::obj_get(&e.path()).and_then(|fd| super::bpfsys::link_info(&fd)).ok())
+        .map(|i| i.id)
+        .collect()
+}
+
 fn ifindex_of(iface: &str) -> Result<u32, DataplaneError> {
     let c = std::ffi::CString::new(iface).map_err(|_| attach_err(iface, "name", "contains NUL"))?;
     // SAFETY: NUL-terminated string we own.

@@ -31,7 +31,7 @@ pub const OUR_PROGRAMS: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLIN
 const OUR_MAPS: [&str; 2] = [proxy_common::map_names::CONNTRACK, proxy_common::map_names::SERVICES];
 
 /// Where a program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Hook {
     TcxIngress,
