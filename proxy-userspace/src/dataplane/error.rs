@@ -17,12 +17,6 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("pinned map {path}: {source}")]
-    PinnedMap {
-        path: PathBuf,
-        #[source]
-        source: aya::maps::MapError,
-    },
     #[error("the eBPF object has no map or program named {0}")]
     MissingObject(&'static str),
     #[error("loading the eBPF object: {0}")]

@@ -93,8 +93,15 @@ impl DatapathGuard {
             let path = e.path();
             match MapData::from_pin(&path) {
                 Ok(m) => maps.push((path, m)),
-                Err(source) => return Err(DataplaneError::PinnedMap { path, source }),
+                // Not a map (a directory, another object): not ours to keep pinned, and no
+                // reason to refuse to start.
+                Err(error) => {
+                    tracing::debug!(path = %path.display(), error = %error, "not a map pin; the datapath check ignores it")
+                }
             }
+        }
+        if maps.is_empty() {
+            return Err(DataplaneError::NotPinned { path: dir });
         }
         maps.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(DatapathGuard { root: root.to_path_buf(), lock, maps })

@@ -77,6 +77,8 @@ fn holder_pid(dev: u64, ino: u64) -> Option<u32> {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str())).then(|| f.get(4)?.parse().ok()).flatten()
     })
+    // A holder in a PID namespace we cannot see (another container) shows as 0.
+    .filter(|pid| *pid != 0)
 }
 
 impl RootLock {
