@@ -2,7 +2,7 @@
 //! go, keep the maps equal to what the Kubernetes objects say, serve health-check node
 //! ports, and resolve the neighbours XDP forwarding is missing.
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashSet},
     net::Ipv4Addr,
     sync::{
         Arc,
@@ -12,22 +12,25 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::unbounded_channel;
 use tracing::{error, info, warn};
 
 use crate::{
+    attacher::{AttachPlan, Attacher},
     cli::AgentArgs,
     conntrack::{GcConfig, task::GcTask},
+    control,
     dataplane::{
-        attach::{XdpModeChoice, attach_pod_interface, attach_uplink, remove_stale_pins},
         ct_table::KernelCtTable,
-        ifaces::{self, IfacePatterns, LinkEvent},
-        loader::{self, LoaderConfig, Programs},
+        guard::{DatapathGuard, OurPrograms},
+        ifaces::{self, IfacePatterns},
+        loader::{self, LoaderConfig},
+        lock::RootLock,
         maps::{GlobalStats, Maps},
         node::{NodeMaps, PortRange, node_config, resolve_neighbour},
     },
+    health::Health,
     healthcheck::HealthServers,
-    http::{self, HttpState},
     metrics::{MapLabel, Metrics},
     model::{
         self,
@@ -39,68 +42,6 @@ use crate::{
 
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
-}
-
-/// Which interfaces get which programs.
-struct AttachPlan {
-    /// Uplink names (exact): XDP + TC egress. Everything else the watcher reports is a pod
-    /// interface.
-    uplinks: HashSet<String>,
-    xdp_mode: XdpModeChoice,
-}
-
-/// Attach programs to every matching interface, and forget pins of vanished ones.
-async fn attacher(
-    mut programs: Programs,
-    root: std::path::PathBuf,
-    plan: AttachPlan,
-    mut links: UnboundedReceiver<LinkEvent>,
-    metrics: Metrics,
-    attached_initial: Arc<AtomicBool>,
-) {
-    let mut attached: HashMap<u32, String> = HashMap::new();
-    while let Some(ev) = links.recv().await {
-        match ev {
-            LinkEvent::Present { index, name } => {
-                if attached.get(&index) == Some(&name) {
-                    continue;
-                }
-                if plan.uplinks.contains(&name) {
-                    match attach_uplink(&mut programs, &root, &name, plan.xdp_mode) {
-                        Ok(a) => {
-                            info!(
-                                iface = %name,
-                                ifindex = index,
-                                xdp_mode = %a.xdp,
-                                xdp_link = if a.xdp_replaced { "replaced" } else { "new" },
-                                egress = ?a.egress,
-                                "attached to uplink"
-                            );
-                            attached.insert(index, name);
-                        }
-                        Err(e) => error!(iface = %name, error = %e, "cannot attach to uplink"),
-                    }
-                    continue;
-                }
-                match attach_pod_interface(&mut programs, &root, &name) {
-                    Ok((mode, _)) => {
-                        info!(iface = %name, ifindex = index, mode = ?mode, "attached to pod interface");
-                        attached.insert(index, name);
-                    }
-                    // The link may already be gone again (pod deleted): not fatal.
-                    Err(e) => warn!(iface = %name, error = %e, "cannot attach"),
-                }
-            }
-            LinkEvent::Gone { index, name } => {
-                attached.remove(&index);
-                let _ = remove_stale_pins(&root, |_, idx| idx != index);
-                let kind = if plan.uplinks.contains(&name) { "uplink" } else { "pod interface" };
-                info!(iface = %name, ifindex = index, kind, "interface gone");
-            }
-            LinkEvent::InitialDumpDone => attached_initial.store(true, Ordering::Relaxed),
-        }
-        metrics.attached_interfaces.set(attached.len() as i64);
-    }
 }
 
 /// Ask the kernel to resolve the next hops XDP found no neighbour entry for. Polled: the
@@ -235,19 +176,11 @@ fn start_conntrack_gc(args: &AgentArgs, metrics: Metrics) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
+/// Create the root (on bpffs) and lock it for this agent's lifetime.
+fn lock_root(root: &std::path::Path) -> Result<RootLock> {
+    loader::check_bpffs(root).context("--bpffs-root")?;
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    Ok(RootLock::acquire(root)?)
 }
 
 async fn kube_client(args: &AgentArgs) -> Result<kube::Client> {
@@ -266,15 +199,12 @@ async fn kube_client(args: &AgentArgs) -> Result<kube::Client> {
 
 pub async fn run(args: AgentArgs) -> Result<()> {
     let node_name = args.node_name.clone().or_else(hostname).unwrap_or_else(|| "localhost".into());
+    // One agent per root, decided before anything touches the pins.
+    let lock = lock_root(&args.bpffs_root)?;
     let metrics = Metrics::new();
-    let ready = Arc::new(AtomicBool::new(false));
-    let listener = http::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
-    let state = HttpState { metrics: metrics.clone(), ready: ready.clone() };
-    tokio::spawn(async move {
-        if let Err(e) = http::serve(listener, state).await {
-            error!(error = %e, "HTTP server stopped");
-        }
-    });
+    let health = Health::new(Duration::from_secs(args.healthz_timeout_secs));
+    let ready = health.synced.clone();
+    let mut shutdown = control::start(args.http_addr, args.metrics_addr, health.clone(), metrics.clone())?;
 
     let cfg = LoaderConfig {
         bpffs_root: args.bpffs_root.clone(),
@@ -285,6 +215,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let (mut programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
     start_conntrack_gc(&args, metrics.clone())?;
     let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
+    let ours = OurPrograms::of(&programs).context("our program ids")?;
+    let guard = DatapathGuard::new(&args.bpffs_root, lock).context("opening the pinned maps for the datapath check")?;
     let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
     if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&args.snat_port_range)) {
         warn!(
@@ -318,7 +250,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let misses = NodeMaps::open_pinned(&args.bpffs_root).context("node maps")?;
         tokio::spawn(neighbour_resolver(misses));
     }
-    tokio::spawn(attacher(programs, args.bpffs_root.clone(), plan, lrx, metrics.clone(), attached_initial.clone()));
+    let attacher = Attacher {
+        programs,
+        root: args.bpffs_root.clone(),
+        plan,
+        metrics: metrics.clone(),
+        attached_initial: attached_initial.clone(),
+        guard,
+        ours,
+        health: health.clone(),
+        check_interval: Duration::from_millis(args.datapath_check_interval_ms.max(10)),
+    };
+    tokio::spawn(attacher.run(lrx));
 
     let (stx, mut srx) = unbounded_channel();
     let source = match &args.manifests {
@@ -352,8 +295,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;
     let mut readiness_spawned = false;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             ev = srx.recv() => match ev {
@@ -367,6 +308,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         if synced.len() < 3 || burst.is_none() {
             continue;
         }
+        // From here a sync is owed (/healthz fails if none completes in time); the initial
+        // listing, however slow, is not a stall. A sync blocked for good cannot delay
+        // SIGTERM: the control thread exits the process after its grace period.
+        health.change_pending();
         // Coalesce the rest of the burst.
         tokio::time::sleep(delay).await;
         while let Ok(ev) = srx.try_recv() {
@@ -375,6 +320,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             }
         }
         lp.sync(burst.take());
+        health.synced_now();
         if !readiness_spawned {
             readiness_spawned = true;
             // Ready = maps synced and every pod interface present at start-up attached.
@@ -391,6 +337,5 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     }
     // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
-    info!("shutting down; datapath left in place");
     Ok(())
 }

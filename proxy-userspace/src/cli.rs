@@ -23,6 +23,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start-up: the size of the agent's variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: watch Services/EndpointSlices/Node and program the datapath.
@@ -35,6 +37,28 @@ pub enum Command {
     Conntrack(ShowArgs),
     /// Show datapath counters.
     Stats(ShowArgs),
+    /// Remove the datapath from this node (like `kube-proxy --cleanup`): detach every
+    /// program of ours from every interface of this network namespace, and remove the pins
+    /// under the bpffs root(s). Refuses while an agent runs on a root (see --force).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// bpffs directories whose pins (maps, links) to remove; repeatable.
+    #[arg(long, env = "EBPF_PROXY_BPFFS_ROOT", value_delimiter = ',', default_value = DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: Vec<PathBuf>,
+    /// Clean up even while an agent holds a root's lock (it would re-attach on its next
+    /// datapath check: stop it first).
+    #[arg(long)]
+    pub force: bool,
+    /// After cleaning up, keep running until SIGTERM (for a DaemonSet whose pods report
+    /// "done" by being ready; see docs/deploy.md).
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,9 +121,19 @@ pub struct AgentArgs {
     /// CIDRs selecting which node addresses serve NodePorts (default: all node IPs).
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
-    /// Address for /healthz, /readyz and /metrics.
+    /// Address for /healthz and /readyz (kube-proxy's healthz port).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub http_addr: SocketAddr,
+    /// Address for /metrics; loopback by default, like kube-proxy's 127.0.0.1:10249.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_addr: SocketAddr,
+    /// /healthz (and /readyz) fail when a change has waited this long without a completed
+    /// sync (kube-proxy: 503 when an update is not synced in time).
+    #[arg(long, default_value_t = 60)]
+    pub healthz_timeout_secs: u64,
+    /// How often to check that the pins and attachments are in place (and restore them).
+    #[arg(long, default_value_t = 1000)]
+    pub datapath_check_interval_ms: u64,
     /// Coalesce bursts of events for this long before syncing (milliseconds).
     #[arg(long, default_value_t = 50)]
     pub sync_delay_ms: u64,
@@ -188,6 +222,20 @@ mod tests {
         assert_eq!(a.hairpin_address, Ipv4Addr::new(169, 254, 42, 1));
         assert!(a.uplink.is_empty());
         assert_eq!(a.conntrack.timeouts(), proxy_common::ct::CtTimeouts::default());
+        assert_eq!(a.http_addr, "0.0.0.0:10256".parse().unwrap());
+        assert_eq!(a.metrics_addr, "127.0.0.1:10249".parse().unwrap());
+    }
+
+    #[test]
+    fn cleanup_flags() {
+        let cli = Cli::try_parse_from(["ebpf-proxy", "cleanup"]).unwrap();
+        let Command::Cleanup(c) = cli.command else { panic!("not cleanup") };
+        assert_eq!(c.bpffs_root, vec![PathBuf::from(DEFAULT_BPFFS_ROOT)]);
+        assert!(!c.force && !c.keep_running);
+        let cli = Cli::try_parse_from(["ebpf-proxy", "cleanup", "--bpffs-root", "/a,/b", "--force"]).unwrap();
+        let Command::Cleanup(c) = cli.command else { panic!("not cleanup") };
+        assert_eq!(c.bpffs_root, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert!(c.force);
     }
 
     #[test]

@@ -1,48 +1,48 @@
-//! /healthz, /readyz and /metrics.
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+//! The agent's HTTP endpoints: /healthz and /readyz on `--http-addr` (all addresses by
+//! default, for the kubelet's probes), /metrics on `--metrics-addr` (loopback by default,
+//! like kube-proxy's 127.0.0.1:10249). Handlers read atomics only (`Health`) or the
+//! metrics registry, never anything the sync loop or the attacher hold while blocked.
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 
-use crate::metrics::Metrics;
+use crate::{health::Health, metrics::Metrics};
 
-#[derive(Clone)]
-pub struct HttpState {
-    pub metrics: Metrics,
-    /// Set after the first full sync of the maps.
-    pub ready: Arc<AtomicBool>,
-}
-
-async fn healthz() -> &'static str {
-    "ok"
-}
-
-async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first full sync")
+async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    match h.live() {
+        Ok(()) => (StatusCode::OK, "ok".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
-async fn metrics(State(s): State<HttpState>) -> ([(&'static str, &'static str); 1], String) {
-    ([("content-type", "text/plain; version=0.0.4")], s.metrics.encode())
+async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    match h.ready() {
+        Ok(()) => (StatusCode::OK, "ready".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+async fn metrics(State(m): State<Metrics>) -> ([(&'static str, &'static str); 1], String) {
+    ([("content-type", "text/plain; version=0.0.4")], m.encode())
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, state: HttpState) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state);
-    axum::serve(listener, app).await
+/// /healthz and /readyz.
+pub fn health_app(health: Arc<Health>) -> Router {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health)
+}
+
+/// /metrics.
+pub fn metrics_app(metrics: Metrics) -> Router {
+    Router::new().route("/metrics", get(self::metrics)).with_state(metrics)
+}
+
+/// Bind now (so a taken port fails the start with its address), serve later on any runtime.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+pub async fn serve(listener: std::net::TcpListener, app: Router) -> std::io::Result<()> {
+    axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await
 }

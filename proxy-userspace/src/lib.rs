@@ -6,13 +6,20 @@
 //!   interfaces, typed access to the maps.
 //! - `conntrack`: the conntrack garbage collector (expiry by state, pressure eviction).
 //! - `sync`: diff desired state against the maps and apply minimal, ordered writes.
-//! - `agent`: ties them together; `http` and `metrics` serve health and Prometheus;
-//!   `healthcheck` serves the services' `healthCheckNodePort`s.
+//! - `agent`: ties them together; `attacher` attaches (and re-attaches) the programs;
+//!   `health` is what /healthz and /readyz say, served with `metrics` by `http` on the
+//!   `control` thread (which also handles signals); `healthcheck` serves the services'
+//!   `healthCheckNodePort`s.
+//! - `cleanup`: `ebpf-proxy cleanup`, taking the datapath out of the node.
 //! - `cli` (flags) and `show` (the operator CLI's output).
 pub mod agent;
+pub mod attacher;
+pub mod cleanup;
 pub mod cli;
 pub mod conntrack;
+pub mod control;
 pub mod dataplane;
+pub mod health;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;

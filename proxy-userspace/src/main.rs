@@ -1,12 +1,13 @@
 //! `ebpf-proxy`: the agent (`agent`) and the operator CLI (`services`, `backends`,
-//! `conntrack`, `stats`). Errors get their context here, at the binary's edge.
+//! `conntrack`, `stats`, `cleanup`). Errors get their context here, at the binary's edge.
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use proxy_userspace::{
     agent,
-    cli::{Cli, Command, LogFormat, OutputFormat, ShowArgs},
+    cleanup,
+    cli::{CleanupArgs, Cli, Command, LogFormat, OutputFormat, ShowArgs},
     dataplane::maps::Maps,
     show,
 };
@@ -35,17 +36,44 @@ fn open(args: &ShowArgs) -> Result<Maps> {
     Maps::open_pinned(&args.bpffs_root).context("opening the pinned maps")
 }
 
+/// `ebpf-proxy cleanup`: prints what it removed (or that nothing was there).
+fn run_cleanup(args: &CleanupArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    let report = rt.block_on(cleanup::cleanup(&args.bpffs_root, args.force))?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => print!("{}", report.render()),
+    }
+    if !report.errors.is_empty() {
+        anyhow::bail!("{} thing(s) could not be cleaned up (listed above)", report.errors.len());
+    }
+    if args.keep_running {
+        // A DaemonSet pod must keep running to count as done; SIGTERM ends it.
+        rt.block_on(async {
+            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                term.recv().await;
+            }
+        });
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => {
             init_logging(args.log_format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the tokio runtime")
-                .and_then(|rt| rt.block_on(agent::run(args)))
+            tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime").and_then(
+                |rt| {
+                    let r = rt.block_on(agent::run(args));
+                    // Do not wait for tasks stuck in blocking calls (a source reading a FIFO):
+                    // the datapath stays pinned, there is nothing left to flush.
+                    rt.shutdown_background();
+                    r
+                },
+            )
         }
+        Command::Cleanup(a) => run_cleanup(&a),
         Command::Services(a) => {
             open(&a).and_then(|m| Ok(show::read_services(&m)?)).and_then(|r| print(&a, &r, |r| show::render_services(r)))
         }

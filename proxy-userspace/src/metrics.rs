@@ -40,6 +40,7 @@ pub struct Metrics {
     pub conntrack_gc_deleted: Family<ReasonLabel, Counter>,
     pub conntrack_gc_duration: Histogram,
     pub conntrack_full_drops: Counter,
+    pub datapath_repairs: Counter,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -66,6 +67,7 @@ impl Metrics {
             conntrack_gc_deleted: Family::default(),
             conntrack_gc_duration: Histogram::new(buckets()),
             conntrack_full_drops: Counter::default(),
+            datapath_repairs: Counter::default(),
         };
         r.register("services_programmed", "Service frontends in the services map", m.services.clone());
         r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
@@ -97,6 +99,11 @@ impl Metrics {
             "conntrack_full_drops",
             "New flows dropped because the conntrack table was full of live flows",
             m.conntrack_full_drops.clone(),
+        );
+        r.register(
+            "datapath_repairs",
+            "Datapath checks that found pins missing or programs detached, and restored them",
+            m.datapath_repairs.clone(),
         );
         *m.registry.lock().expect("fresh mutex") = r;
         m

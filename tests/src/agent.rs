@@ -42,32 +42,76 @@ pub fn ebpf_proxy_bin() -> Result<PathBuf> {
 /// The agent process, killed on drop.
 pub struct Agent {
     pub child: Child,
+    /// /healthz and /readyz.
     pub http: SocketAddr,
+    /// /metrics.
+    pub metrics: SocketAddr,
+}
+
+/// Where an agent started with health port `http_port` serves /metrics.
+pub fn metrics_port(http_port: u16) -> u16 {
+    http_port + 1000
+}
+
+/// Run a command inside `node`'s network namespace only (nsenter, not `ip netns exec`,
+/// which would also remount /sys and hide bpffs).
+pub fn in_netns(node: &Netns, program: &Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{}", node.name)).arg(program);
+    cmd
 }
 
 impl Agent {
-    /// Start `ebpf-proxy agent <args>` in `node`'s network namespace only (nsenter, not `ip
-    /// netns exec`, which would also remount /sys and hide bpffs), with its HTTP server on
-    /// 127.0.0.1:`http_port` there.
-    pub fn start(node: &Netns, root: &Path, http_port: u16, args: &[&str]) -> Result<Agent> {
+    /// `ebpf-proxy agent <args>` in `node`'s network namespace, with /healthz and /readyz
+    /// on 127.0.0.1:`http_port` there and /metrics on [`metrics_port`].
+    pub fn command(node: &Netns, root: &Path, http_port: u16, args: &[&str]) -> Result<Command> {
+        Self::command_via(node, &[], root, http_port, args)
+    }
+
+    /// [`Agent::command`] with the binary run through `wrapper` (e.g. `setpriv ...`).
+    pub fn command_via(node: &Netns, wrapper: &[&str], root: &Path, http_port: u16, args: &[&str]) -> Result<Command> {
         let bin = ebpf_proxy_bin()?;
-        let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", node.name))
-            .arg(&bin)
-            .arg("agent")
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = in_netns(node, Path::new(first));
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => in_netns(node, &bin),
+        };
+        cmd.arg("agent")
             .arg("--bpffs-root")
             .arg(root)
             .arg("--http-addr")
-            .arg(http.to_string())
+            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", metrics_port(http_port)))
             .arg("--sync-delay-ms")
             .arg("10")
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting the agent")?;
-        Ok(Agent { child, http })
+            .stdin(Stdio::null());
+        Ok(cmd)
+    }
+
+    /// Start `ebpf-proxy agent <args>` in `node`'s network namespace (see [`Agent::command`]).
+    pub fn start(node: &Netns, root: &Path, http_port: u16, args: &[&str]) -> Result<Agent> {
+        Self::start_via(node, &[], root, http_port, args)
+    }
+
+    /// [`Agent::start`] through `wrapper` (see [`Agent::command_via`]).
+    pub fn start_via(node: &Netns, wrapper: &[&str], root: &Path, http_port: u16, args: &[&str]) -> Result<Agent> {
+        let child = Self::command_via(node, wrapper, root, http_port, args)?.spawn().context("starting the agent")?;
+        Ok(Agent {
+            child,
+            http: ([127, 0, 0, 1], http_port).into(),
+            metrics: ([127, 0, 0, 1], metrics_port(http_port)).into(),
+        })
+    }
+
+    /// The agent's PID (nsenter execs it: same process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Wait for /readyz = 200.
@@ -79,8 +123,8 @@ impl Agent {
 
     /// A counter or gauge from /metrics (first sample whose name matches exactly).
     pub fn metric(&self, node: &Netns, name: &str) -> Result<f64> {
-        let http = self.http;
-        let (_, body) = node.run(|| http_get(http, "/metrics"))?;
+        let addr = self.metrics;
+        let (_, body) = node.run(|| http_get(addr, "/metrics"))?;
         body.lines()
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| {

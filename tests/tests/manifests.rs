@@ -577,6 +577,10 @@ fn daemonset_args_are_flags_the_agent_accepts() {
     let args = check_agent_args(&objects, "kustomize base");
     assert_eq!(args.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*"]);
     assert_eq!(args.http_addr.port(), 10256);
+    // Health on every address (the kubelet probes it), metrics on loopback (kube-proxy's
+    // 127.0.0.1:10249), so /metrics is not open to the network by default.
+    assert!(args.http_addr.ip().is_unspecified(), "{}", args.http_addr);
+    assert_eq!(args.metrics_addr, "127.0.0.1:10249".parse().unwrap());
 
     // A broken reference is caught, not passed on literally.
     let mut broken = objects.clone();
@@ -653,6 +657,7 @@ fn helm_values_reach_the_agent() {
             "nodePortAddresses={192.168.0.0/16}",
             "logFormat=text",
             "httpPort=10999",
+            "metricsAddress=0.0.0.0:10249",
             "extraArgs={--max-conntrack=1048576}",
             "kubernetesServiceHost=172.18.0.2",
             "kubernetesServicePort=6443",
@@ -666,6 +671,7 @@ fn helm_values_reach_the_agent() {
     assert_eq!(args.nodeport_addresses, vec!["192.168.0.0/16"]);
     assert_eq!(args.log_format, proxy_userspace::cli::LogFormat::Text);
     assert_eq!(args.http_addr.port(), 10999);
+    assert_eq!(args.metrics_addr, "0.0.0.0:10249".parse().unwrap());
     assert_eq!(args.max_conntrack, 1048576);
     let ds: DaemonSet = one(&objects, "DaemonSet");
     let c = ds.spec.template.spec.unwrap().containers.remove(0);
@@ -674,6 +680,55 @@ fn helm_values_reach_the_agent() {
     assert_eq!(env["KUBERNETES_SERVICE_HOST"].as_deref(), Some("172.18.0.2"));
     assert_eq!(env["KUBERNETES_SERVICE_PORT"].as_deref(), Some("6443"));
     assert_eq!(c.resources.unwrap().limits.unwrap()["memory"].0, "1Gi");
+}
+
+/// The uninstall step: a DaemonSet that runs `ebpf-proxy cleanup` on every node, on the
+/// agent's bpffs root, with what cleanup needs and nothing it does not.
+#[test]
+fn uninstall_cleanup_daemonset_cleans_every_node() {
+    use proxy_userspace::cli::CleanupArgs;
+    let path = manifests_dir().join("uninstall/cleanup-daemonset.yaml");
+    let objects = read_objects(&path);
+    check_all(&objects, "uninstall/cleanup-daemonset.yaml");
+    assert_eq!(objects.len(), 1, "only the DaemonSet");
+    let ds: DaemonSet = one(&objects, "DaemonSet");
+    // The agent's namespace may be deleted already.
+    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
+    let agent = check_agent_args(&base_objects(), "kustomize base");
+    let pod = ds.spec.template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true), "the programs are on the host's interfaces");
+    assert_eq!(pod.automount_service_account_token, Some(false), "no API access needed");
+    assert!(
+        pod.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
+        "must run on every node the agent ran on"
+    );
+    let parse = |c: &k8s_openapi::api::core::v1::Container| -> CleanupArgs {
+        let mut argv = vec!["ebpf-proxy".to_string()];
+        argv.extend(c.args.clone().unwrap_or_default());
+        match Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}")).command {
+            CliCommand::Cleanup(a) => a,
+            other => panic!("{argv:?} is not `ebpf-proxy cleanup`: {other:?}"),
+        }
+    };
+    let init = pod.init_containers.as_ref().and_then(|v| v.first()).expect("the cleanup init container");
+    let first = parse(init);
+    assert_eq!(first.bpffs_root, vec![agent.bpffs_root.clone()], "cleans the agent's root");
+    assert!(!first.force && !first.keep_running, "never pulls the datapath from under a live agent");
+    let [main] = pod.containers.as_slice() else { panic!("one container") };
+    let again = parse(main);
+    assert!(again.keep_running && again.bpffs_root == first.bpffs_root);
+    for c in [init, main] {
+        let caps = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref()).expect("capabilities");
+        assert_eq!(caps.drop.clone().unwrap_or_default(), vec!["ALL".to_string()]);
+        let added: BTreeSet<String> = caps.add.iter().flatten().cloned().collect();
+        assert_eq!(added, ["BPF", "NET_ADMIN", "SYS_ADMIN"].map(String::from).into(), "{}", c.name);
+        assert_ne!(c.security_context.as_ref().unwrap().privileged, Some(true));
+        let m = c.volume_mounts.iter().flatten().find(|m| m.name == "bpffs").expect("bpffs mount");
+        assert!(first.bpffs_root[0].starts_with(&m.mount_path));
+    }
+    let host_paths: BTreeSet<String> =
+        pod.volumes.iter().flatten().filter_map(|v| v.host_path.as_ref()).map(|h| h.path.clone()).collect();
+    assert_eq!(host_paths, ["/sys/fs/bpf".to_string()].into());
 }
 
 /// manifests/kind/cluster.yaml, strictly (kind's own schema, the fields we use).

@@ -182,7 +182,10 @@ pub fn attach(
             }
         }
     }
-    match prog.attach_with_options(iface, dir.tc(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+    // First in the tcx chain: a stale program of ours that we cannot detach (an agent on
+    // another --bpffs-root, seen without CAP_SYS_ADMIN) then runs after ours, on packets
+    // ours already translated, instead of translating them with its stale maps first.
+    match prog.attach_with_options(iface, dir.tc(), TcAttachOptions::TcxOrder(LinkOrder::first()))
     {
         Ok(id) => {
             let link = prog.take_link(id).map_err(|e| attach_err(iface, "take link", e))?;
@@ -342,6 +345,18 @@ pub fn pinned_uplinks(root: &Path) -> Vec<PinnedUplink> {
         .collect();
     out.sort_by_key(|u| u.ifindex);
     out
+}
+
+/// Kernel ids of the links pinned under `root` (the ones a restarted agent updates in
+/// place).
+pub fn pinned_link_ids(root: &Path) -> std::collections::HashSet<u32> {
+    std::fs::read_dir(paths::links_dir(root))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| super::bpfsys::obj_get(&e.path()).and_then(|fd| super::bpfsys::link_info(&fd)).ok())
+        .map(|i| i.id)
+        .collect()
 }
 
 fn ifindex_of(iface: &str) -> Result<u32, DataplaneError> {

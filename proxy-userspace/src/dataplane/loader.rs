@@ -60,7 +60,7 @@ impl Programs {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Fail early, with the fix in the message, when the pin directory is not on bpffs.
-fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
+pub fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
     let mut probe = root;
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));

@@ -1,14 +1,20 @@
 //! Kernel side: load the embedded eBPF object with pinned maps (`loader`), typed access to
 //! those maps (`maps`, and `node` for the node-level config and neighbour misses), and
-//! attaching programs to interfaces (`attach`).
+//! attaching programs to interfaces (`attach`), which attachments are ours (`ownership`,
+//! over `bpfsys`), the bpffs root's lock (`lock`) and the running datapath's check
+//! (`guard`).
 pub mod addr;
 pub mod attach;
 pub mod ct_table;
+pub mod bpfsys;
 pub mod ifaces;
 pub mod error;
+pub mod guard;
 pub mod loader;
+pub mod lock;
 pub mod maps;
 pub mod node;
+pub mod ownership;
 
 pub use error::DataplaneError;
 

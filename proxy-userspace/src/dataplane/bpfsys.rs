@@ -1,0 +1,188 @@
+//! The few bpf(2) commands aya 0.14 does not expose: the ifindex of a link
+//! (`bpf_link_info.tcx/xdp`), the link ids of a tcx query, detaching a link by id, and a
+//! program's name and map ids by program id. Each is one syscall on a zeroed attribute
+//! buffer laid out as in `include/uapi/linux/bpf.h`.
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `enum bpf_attach_type` values of tcx.
+pub const BPF_TCX_INGRESS: u32 = 46;
+pub const BPF_TCX_EGRESS: u32 = 47;
+
+/// `enum bpf_link_type`.
+pub const BPF_LINK_TYPE_XDP: u32 = 6;
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// Large enough for every attribute struct we use; the kernel requires unused tail bytes
+/// to be zero, which a zeroed buffer guarantees.
+type Attr = [u8; 128];
+
+fn put_u32(a: &mut [u8], off: usize, v: u32) {
+    a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+}
+fn put_u64(a: &mut [u8], off: usize, v: u64) {
+    a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+}
+fn get_u32(a: &[u8], off: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&a[off..off + 4]);
+    u32::from_ne_bytes(b)
+}
+fn get_u64(a: &[u8], off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&a[off..off + 8]);
+    u64::from_ne_bytes(b)
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: bpf(2) reads and writes at most `attr.len()` bytes of the buffer we own; any
+    // pointers stored in it point at live buffers of the caller for the whole call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+fn bpf_fd(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr)?;
+    // SAFETY: on success these commands return a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info`.
+fn obj_info(fd: &OwnedFd, info: &mut [u8]) -> io::Result<()> {
+    let mut a: Attr = [0; 128];
+    put_u32(&mut a, 0, fd.as_raw_fd() as u32);
+    put_u32(&mut a, 4, info.len() as u32);
+    put_u64(&mut a, 8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).map(drop)
+}
+
+/// Open a pinned object (`BPF_OBJ_GET`).
+pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut a: Attr = [0; 128];
+    // pathname (pointer) at 0, bpf_fd 8, file_flags 12.
+    put_u64(&mut a, 0, c.as_ptr() as u64);
+    bpf_fd(BPF_OBJ_GET, &mut a)
+}
+
+/// Every link id in the system (all network namespaces).
+pub fn link_ids() -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut start = 0u32;
+    // Bounded: ids are unique and increasing; ENOENT ends the walk.
+    for _ in 0..1_000_000 {
+        let mut a: Attr = [0; 128];
+        put_u32(&mut a, 0, start);
+        if bpf(BPF_LINK_GET_NEXT_ID, &mut a).is_err() {
+            break;
+        }
+        start = get_u32(&a, 4);
+        out.push(start);
+    }
+    out
+}
+
+pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut a: Attr = [0; 128];
+    put_u32(&mut a, 0, id);
+    bpf_fd(BPF_LINK_GET_FD_BY_ID, &mut a)
+}
+
+/// What `bpf_link_info` says about a tcx or XDP link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// 0 once the link is detached (device gone, or `BPF_LINK_DETACH`).
+    pub ifindex: u32,
+    /// tcx only.
+    pub attach_type: u32,
+}
+
+pub fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union at offset 16 whose
+    // tcx member is {ifindex, attach_type} and xdp member {ifindex}.
+    let mut info = [0u8; 64];
+    obj_info(fd, &mut info)?;
+    Ok(LinkInfo {
+        link_type: get_u32(&info, 0),
+        id: get_u32(&info, 4),
+        prog_id: get_u32(&info, 8),
+        ifindex: get_u32(&info, 16),
+        attach_type: get_u32(&info, 20),
+    })
+}
+
+/// Detach a link (it stays valid, and pinned, but defunct).
+pub fn link_detach(fd: &OwnedFd) -> io::Result<()> {
+    let mut a: Attr = [0; 128];
+    put_u32(&mut a, 0, fd.as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut a).map(drop)
+}
+
+/// A program's name (as the kernel truncates it, 15 bytes) and the ids of its maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgInfo {
+    pub id: u32,
+    pub name: String,
+    pub map_ids: Vec<u32>,
+}
+
+pub fn prog_info(id: u32) -> io::Result<ProgInfo> {
+    let mut a: Attr = [0; 128];
+    put_u32(&mut a, 0, id);
+    let fd = bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut a)?;
+    // struct bpf_prog_info: nr_map_ids at 52, map_ids (pointer) at 56, name[16] at 64.
+    let mut info = [0u8; 256];
+    obj_info(&fd, &mut info)?;
+    let nr = get_u32(&info, 52).min(64);
+    let mut maps = vec![0u32; nr as usize];
+    let mut info2 = [0u8; 256];
+    put_u32(&mut info2, 52, nr);
+    put_u64(&mut info2, 56, maps.as_mut_ptr() as u64);
+    obj_info(&fd, &mut info2)?;
+    let name_bytes = &info2[64..80];
+    let end = name_bytes.iter().position(|b| *b == 0).unwrap_or(name_bytes.len());
+    let got = get_u32(&info2, 52).min(nr) as usize;
+    maps.truncate(got);
+    Ok(ProgInfo { id: get_u32(&info2, 4), name: String::from_utf8_lossy(&name_bytes[..end]).into_owned(), map_ids: maps })
+}
+
+/// Programs and links on a tcx hook of `ifindex` in the caller's network namespace (the
+/// kernel resolves the ifindex there), in run order.
+pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<Vec<(u32, u32)>> {
+    // Bounded by the kernel's limit of programs per tcx hook (64).
+    const MAX: usize = 64;
+    let mut progs = [0u32; MAX];
+    let mut links = [0u32; MAX];
+    let mut a: Attr = [0; 128];
+    // query: target_ifindex 0, attach_type 4, query_flags 8, attach_flags 12,
+    // prog_ids 16, count 24, prog_attach_flags 32, link_ids 40, link_attach_flags 48,
+    // revision 56.
+    put_u32(&mut a, 0, ifindex);
+    put_u32(&mut a, 4, attach_type);
+    put_u64(&mut a, 16, progs.as_mut_ptr() as u64);
+    put_u32(&mut a, 24, MAX as u32);
+    put_u64(&mut a, 40, links.as_mut_ptr() as u64);
+    match bpf(BPF_PROG_QUERY, &mut a) {
+        Ok(_) => {}
+        // No tcx entry on this device yet, or no tcx on this kernel.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    }
+    let n = (get_u32(&a, 24) as usize).min(MAX);
+    let _revision = get_u64(&a, 56);
+    Ok((0..n).map(|i| (progs[i], links[i])).collect())
+}
