@@ -145,7 +145,10 @@ fn sctp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
 
 /// A frame a program of kind `reverse` (to_pod/to_uplink) or forward would see; replies
 /// are often those of `flows` (backend -> client pairs the forward program translated).
-fn base(rng: &mut fastrand::Rng, reverse: bool, uplink: bool, flows: &[((Ipv4Addr, u16), (Ipv4Addr, u16))]) -> Vec<u8> {
+/// A translated flow as its replies see it: (backend, client).
+type Flow = ((Ipv4Addr, u16), (Ipv4Addr, u16));
+
+fn base(rng: &mut fastrand::Rng, reverse: bool, uplink: bool, flows: &[Flow]) -> Vec<u8> {
     let client = (CLIENT, rng.u16(1024..65535));
     let backend = (BACKENDS[rng.usize(..BACKENDS.len())], 8080);
     let frontend = if uplink {

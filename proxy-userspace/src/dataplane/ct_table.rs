@@ -71,7 +71,7 @@ impl KernelCtTable {
         aya::maps::IterableMap::map(&self.map)
     }
 
-    fn lookup_batch(&self, cursor: Option<u32>, count: usize) -> io::Result<(Vec<(CtKey, CtValue)>, Option<u32>)> {
+    fn lookup_batch(&self, cursor: Option<u32>, count: usize) -> io::Result<Chunk> {
         let mut keys = vec![CtKey::default_key(); count];
         let mut values = vec![CtValue::<u32>::default(); count];
         let in_batch = cursor.unwrap_or(0);
@@ -104,7 +104,7 @@ impl KernelCtTable {
         };
         keys.truncate(n);
         values.truncate(n);
-        Ok((keys.into_iter().zip(values).collect(), if done { None } else { Some(out_batch) }))
+        Ok(Chunk { entries: keys.into_iter().zip(values).collect(), next: if done { None } else { Some(out_batch) } })
     }
 }
 
@@ -125,7 +125,7 @@ impl CtTable for KernelCtTable {
         let mut want = max.clamp(1, BATCH);
         loop {
             match self.lookup_batch(cursor, want) {
-                Ok((entries, next)) => return Ok(Chunk { entries, next }),
+                Ok(chunk) => return Ok(chunk),
                 // One bucket holds more entries than we asked for: ask for more.
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && want < 1 << 16 => want *= 4,
                 Err(source) => {
