@@ -330,9 +330,8 @@ fn fifo_in_the_directory_does_not_block_the_agent() {
     mkfifo("later.yaml");
     env.write_slice(&[3]);
     env.converge(&["pod3"]);
-    let http = agent.http;
-    for path in ["/healthz", "/readyz", "/metrics"] {
-        let (code, _) = env.topo.node.run(|| proxy_tests::agent::http_get(http, path)).unwrap();
+    for (addr, path) in [(agent.http, "/healthz"), (agent.http, "/readyz"), (agent.metrics, "/metrics")] {
+        let (code, _) = env.topo.node.run(|| proxy_tests::agent::http_get(addr, path)).unwrap();
         assert_eq!(code, 200, "{path}");
     }
     assert!(agent.metric(&env.topo.node, "ebpf_proxy_services_programmed").unwrap() >= 1.0);
@@ -357,10 +356,12 @@ fn services_programmed_counts_what_the_map_holds() {
     let logs = TempDir::new("ebpf-proxy-agent-log-").expect("log dir");
     let log_path = logs.0.join("agent.log");
     let http: SocketAddr = ([127, 0, 0, 1], 10344).into();
+    let metrics: SocketAddr = ([127, 0, 0, 1], proxy_tests::agent::metrics_port(10344)).into();
     let child = std::process::Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", env.topo.node.name))
         .arg(proxy_tests::agent::ebpf_proxy_bin().unwrap())
         .args(["agent", "--bpffs-root", env.pins.0.to_str().unwrap(), "--http-addr", &http.to_string()])
+        .args(["--metrics-addr", &metrics.to_string()])
         .args(["--sync-delay-ms", "10", "--manifests", env.dir.0.to_str().unwrap(), "--node-name", "node-a"])
         .args(["--max-services", "2"])
         .env("RUST_LOG", "info")
@@ -368,7 +369,7 @@ fn services_programmed_counts_what_the_map_holds() {
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .expect("agent");
-    let agent = Agent { child, http };
+    let agent = Agent { child, http, metrics };
     agent.wait_ready(&env.topo.node, Duration::from_secs(20)).expect("agent ready");
     let root = env.pins.0.to_str().unwrap();
     let json = cli(&["services", "--bpffs-root", root, "-o", "json"]).unwrap();
