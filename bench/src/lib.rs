@@ -8,6 +8,7 @@
 //! Everything privileged happens in network namespaces created here and in a per-run bpffs
 //! directory, both removed afterwards (also on panic, through `Drop`).
 pub mod conn;
+pub mod conntrack;
 pub mod control;
 pub mod dp;
 pub mod objects;
@@ -178,6 +179,7 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
     for c in ["direct_gbps", "ours_gbps", "ours_vs_direct"] {
         v.push(report::row_id("throughput", c, None));
     }
+    v.extend(conntrack::expected_rows(plan));
     v
 }
 

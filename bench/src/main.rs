@@ -14,7 +14,7 @@ use proxy_bench::{
     report::{Machine, Report},
 };
 
-const SECTIONS: [&str; 5] = ["per_packet", "conn", "control", "rss", "throughput"];
+const SECTIONS: [&str; 6] = ["per_packet", "conn", "control", "rss", "throughput", "conntrack"];
 
 #[derive(Parser)]
 #[command(name = "proxy-bench", about = "ebpf-proxy benchmarks (needs root)")]
@@ -39,7 +39,8 @@ struct Args {
     /// Override the per-packet service counts (comma-separated), for exploration.
     #[arg(long, value_delimiter = ',')]
     pp_sizes: Vec<usize>,
-    /// Run only these sections (comma-separated): per_packet, conn, control, rss, throughput.
+    /// Run only these sections (comma-separated): per_packet, conn, control, rss, throughput,
+    /// conntrack.
     #[arg(long, value_delimiter = ',')]
     sections: Vec<String>,
 }
@@ -173,6 +174,7 @@ fn main() -> ExitCode {
             "control" => proxy_bench::control::run(&plan, &mut rows),
             "rss" => proxy_bench::rss::run(&plan, &mut rows),
             "throughput" => proxy_bench::throughput::run(&plan, &mut rows),
+            "conntrack" => proxy_bench::conntrack::run(&plan, &mut rows),
             _ => unreachable!(),
         };
         for row in &rows[before..] {
