@@ -1,6 +1,7 @@
 //! The few bpf(2) commands aya 0.14 does not expose: the ifindex of a link
-//! (`bpf_link_info.tcx/xdp`), the link ids of a tcx query, detaching a link by id, and a
-//! program's name and map ids by program id. Each is one syscall on a zeroed attribute
+//! (`bpf_link_info.tcx/xdp`), the link ids of a tcx query, detaching a link by id, a
+//! program's name and map ids by program id, and batched map reads (the conntrack
+//! collector). Each is one syscall on a zeroed attribute
 //! buffer laid out as in `include/uapi/linux/bpf.h`.
 use std::{
     io,
@@ -14,6 +15,7 @@ const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// `enum bpf_attach_type` values of tcx.
 pub const BPF_TCX_INGRESS: u32 = 46;
@@ -64,6 +66,40 @@ fn obj_info(fd: &OwnedFd, info: &mut [u8]) -> io::Result<()> {
     put_u32(&mut a, 4, info.len() as u32);
     put_u64(&mut a, 8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` on the hash map `map_fd`: up to `count` entries from `cursor`
+/// (`None`: the beginning) into `keys` / `values` (room for `count` of each, of the map's
+/// key and value sizes). Returns how many were read and the next cursor, `None` once the
+/// walk reached the end (the kernel says so with ENOENT, still returning the last
+/// entries). A hash map's cursor is a bucket index, so deleting entries between calls
+/// neither restarts nor skips the walk.
+pub fn map_lookup_batch(
+    map_fd: std::os::fd::BorrowedFd<'_>,
+    cursor: Option<u32>,
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: u32,
+) -> io::Result<(usize, Option<u32>)> {
+    let in_batch = cursor.unwrap_or(0);
+    let mut out_batch = 0u32;
+    let mut a: Attr = [0; 128];
+    // in_batch 0, out_batch 8, keys 16, values 24, count 32, map_fd 36 (elem_flags, flags 0).
+    if cursor.is_some() {
+        put_u64(&mut a, 0, &in_batch as *const u32 as u64);
+    }
+    put_u64(&mut a, 8, &mut out_batch as *mut u32 as u64);
+    put_u64(&mut a, 16, keys.as_mut_ptr() as u64);
+    put_u64(&mut a, 24, values.as_mut_ptr() as u64);
+    put_u32(&mut a, 32, count);
+    put_u32(&mut a, 36, map_fd.as_raw_fd() as u32);
+    let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut a) {
+        Ok(_) => false,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+        Err(e) => return Err(e),
+    };
+    let n = get_u32(&a, 32) as usize;
+    Ok((n, if done { None } else { Some(out_batch) }))
 }
 
 /// Open a pinned object (`BPF_OBJ_GET`).

@@ -1,42 +1,20 @@
 //! The kernel's `CONNTRACK` map as a [`CtTable`] for the garbage collector.
 //!
-//! Chunks are read with `BPF_MAP_LOOKUP_BATCH`, a few hundred entries per syscall instead of
-//! two syscalls per entry (`get_next_key` + lookup), which is what keeps a pass over a
-//! quarter-million-entry table to milliseconds. aya 0.14 has no batch operations, so this is
-//! the one raw `bpf(2)` call of the agent. The batch cursor of a hash map is a bucket index:
-//! deleting entries between calls does not make the walk restart or skip buckets.
-use std::{
-    io,
-    mem::size_of,
-    os::fd::{AsFd, AsRawFd},
-    path::Path,
-};
+//! Chunks are read with `BPF_MAP_LOOKUP_BATCH` (`bpfsys::map_lookup_batch`: aya 0.14 has
+//! no batch operations), a few hundred entries per syscall instead of two syscalls per entry
+//! (`get_next_key` + lookup), which is what keeps a pass over a quarter-million-entry table
+//! to milliseconds.
+use std::{io, mem::size_of, os::fd::AsFd, path::Path};
 
 use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{CtKey, CtValue, map_names as n};
 
-use super::{DataplaneError, paths};
+use super::{DataplaneError, bpfsys, paths};
 use crate::conntrack::{Chunk, CtTable};
 
-/// `enum bpf_cmd`: BPF_MAP_LOOKUP_BATCH.
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// Entries asked for per syscall. A hash bucket must fit in one call (ENOSPC otherwise, and
 /// we retry larger); buckets hold a handful of entries, so this is plenty.
 const BATCH: usize = 512;
-
-/// `union bpf_attr`, the `batch` member used by the BPF_MAP_*_BATCH commands.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
 
 pub struct KernelCtTable {
     map: HashMap<MapData, CtKey, CtValue>,
@@ -74,37 +52,19 @@ impl KernelCtTable {
     fn lookup_batch(&self, cursor: Option<u32>, count: usize) -> io::Result<Chunk> {
         let mut keys = vec![CtKey::default_key(); count];
         let mut values = vec![CtValue::<u32>::default(); count];
-        let in_batch = cursor.unwrap_or(0);
-        let mut out_batch = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: if cursor.is_some() { &in_batch as *const u32 as u64 } else { 0 },
-            out_batch: &mut out_batch as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: count as u32,
-            map_fd: self.map_data().fd().as_fd().as_raw_fd() as u32,
-            ..BatchAttr::default()
+        // SAFETY: the byte views cover exactly the two vectors of plain `#[repr(C)]` integer
+        // structs, whose every bit pattern is valid; the kernel writes at most `count` keys
+        // and values of the map's sizes (checked by aya when the typed map was built).
+        let (kb, vb) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(keys.as_mut_ptr() as *mut u8, count * size_of::<CtKey>()),
+                std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * size_of::<CtValue>()),
+            )
         };
-        // SAFETY: `attr` describes buffers we own of `count` keys and values of the map's
-        // key and value sizes (checked by aya when the typed map was built), and a u32 batch
-        // token (the hash map's bucket index); the kernel writes at most that much.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
-        };
-        let n = attr.count as usize;
-        let done = if rc < 0 {
-            let err = io::Error::last_os_error();
-            // ENOENT: the walk reached the end (the last entries are in this answer).
-            if err.raw_os_error() != Some(libc::ENOENT) {
-                return Err(err);
-            }
-            true
-        } else {
-            false
-        };
+        let (n, next) = bpfsys::map_lookup_batch(self.map_data().fd().as_fd(), cursor, kb, vb, count as u32)?;
         keys.truncate(n);
         values.truncate(n);
-        Ok(Chunk { entries: keys.into_iter().zip(values).collect(), next: if done { None } else { Some(out_batch) } })
+        Ok(Chunk { entries: keys.into_iter().zip(values).collect(), next })
     }
 }
 
