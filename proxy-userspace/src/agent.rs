@@ -95,7 +95,15 @@ async fn attacher(
                 let kind = if plan.uplinks.contains(&name) { "uplink" } else { "pod interface" };
                 info!(iface = %name, ifindex = index, kind, "interface gone");
             }
-            LinkEvent::InitialDumpDone => attached_initial.store(true, Ordering::Relaxed),
+            LinkEvent::InitialDumpDone => {
+                // Every interface present at start now runs the new programs (swapped into
+                // the pinned links): finish migrating maps whose size or type changed.
+                let migration = std::mem::take(&mut programs.migration);
+                if let Err(e) = migration.finish() {
+                    error!(error = %e, "finishing the map migration");
+                }
+                attached_initial.store(true, Ordering::Relaxed)
+            }
         }
         metrics.attached_interfaces.set(attached.len() as i64);
     }
@@ -137,6 +145,7 @@ struct SyncLoop {
     metrics: Metrics,
     max_services: u32,
     max_backends: u32,
+    max_slots: u32,
     last_warnings: BTreeSet<String>,
 }
 
@@ -190,6 +199,7 @@ impl SyncLoop {
         let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
         self.metrics.map_fill.get_or_create(&MapLabel { map: "SERVICES".into() }).set(fill(report.services, self.max_services));
         self.metrics.map_fill.get_or_create(&MapLabel { map: "BACKENDS".into() }).set(fill(report.backends, self.max_backends));
+        self.metrics.map_fill.get_or_create(&MapLabel { map: "BACKEND_SLOTS".into() }).set(fill(report.slots, self.max_slots));
         for (fk, e) in &report.errors {
             error!(frontend = %fk, error = %e, "frontend not programmed");
         }
@@ -252,7 +262,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         max_backends: args.max_backends,
         max_conntrack: args.max_conntrack,
     };
+    // A start that fails from here on removes the pin directory if it created it.
+    let created_root = loader::CreatedRoot::remember(&args.bpffs_root);
     let (mut programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
+    // Fill ratios use the sizes of the maps in use.
+    let capacities = maps.capacities();
     let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
     let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
     if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&args.snat_port_range)) {
@@ -312,10 +326,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         snat_port_range: args.snat_port_range,
         last_node_config: None,
         metrics,
-        max_services: args.max_services,
-        max_backends: args.max_backends,
+        max_services: capacities.services,
+        max_backends: capacities.backends,
+        max_slots: capacities.slots,
         last_warnings: BTreeSet::new(),
     };
+    created_root.keep();
     let delay = Duration::from_millis(args.sync_delay_ms);
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;

@@ -99,6 +99,29 @@ impl Maps {
     }
 }
 
+/// Sizes of the maps in use, as the kernel reports them (for fill ratios: after a
+/// migration, or when pins were re-used, they are what counts, not the flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacities {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+    pub conntrack: u32,
+}
+
+impl Maps {
+    pub fn capacities(&self) -> Capacities {
+        use aya::maps::IterableMap;
+        let max = |m: &MapData| m.info().map(|i| i.max_entries()).unwrap_or(0);
+        Capacities {
+            services: max(self.services.map()),
+            backends: max(self.backends.map()),
+            slots: max(self.slots.map()),
+            conntrack: max(self.conntrack.map()),
+        }
+    }
+}
+
 /// Deleting what is already gone is not an error for the sync.
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {

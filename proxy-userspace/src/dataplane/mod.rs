@@ -7,6 +7,7 @@ pub mod ifaces;
 pub mod error;
 pub mod loader;
 pub mod maps;
+pub mod migrate;
 pub mod node;
 
 pub use error::DataplaneError;
@@ -24,5 +25,9 @@ pub mod paths {
     }
     pub fn links_dir(root: &Path) -> PathBuf {
         root.join("links")
+    }
+    /// Old maps pinned aside while their entries move to maps of a new size or type.
+    pub fn migrating_dir(root: &Path) -> PathBuf {
+        root.join("migrating")
     }
 }
