@@ -281,7 +281,16 @@ impl<S: MapStore> Syncer<S> {
         }
 
         // Frontends that found a map full get a second chance now that removed frontends
-        // have freed their entries (a delete never needs room, a write may).
+        // have freed their entries (a delete never needs room, a write may), and after the
+        // spare generations of every other frontend are freed ("free before write"). A
+        // spare is unreachable: no SERVICES value points at it. Spares switched away from
+        // during the first pass above are included: a packet that read the SERVICES value
+        // before that switch looks its slot up within the same program run (microseconds,
+        // under RCU), while this point comes after every other frontend's writes and the
+        // removals; should one still miss, it is counted `error` and passed untouched.
+        if !full.is_empty() {
+            self.reclaim_spares(&mut writes);
+        }
         for (fk, entry) in full {
             let key = service_key(fk);
             if let Err(e) = self.apply_frontend(&key, entry, &mut referenced, &mut purge_pairs, &mut writes) {
@@ -577,6 +586,19 @@ impl<S: MapStore> Syncer<S> {
             *writes += 1;
             prog.inactive.pop();
         }
+    }
+
+    /// Free the spare generation of every frontend (see `apply` for why that is safe).
+    fn reclaim_spares(&mut self, writes: &mut u64) {
+        let keys: Vec<ServiceKey> = self.frontends.iter().filter(|(_, p)| !p.inactive.is_empty()).map(|(k, _)| *k).collect();
+        let before = *writes;
+        for k in keys {
+            if let Some(mut p) = self.frontends.remove(&k) {
+                self.release_spare(&mut p, writes);
+                self.frontends.insert(k, p);
+            }
+        }
+        tracing::info!(slots_freed = *writes - before, "BACKEND_SLOTS full: freed the spare generations");
     }
 
     /// Remove a frontend; returns its id.

@@ -362,3 +362,21 @@ fn service_delete_with_full_slots_frees_room() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(s.store().services.len(), 2);
 }
+
+/// Ten services over four shared backends with room for 32 slots: eight fit. Removing one
+/// backend everywhere shrinks them (in place or through the spare), frees the spares, and
+/// the two left out are programmed in the same sync.
+#[test]
+fn scale_down_with_full_slots_makes_room_for_the_rest() {
+    let mut s = slots_full_syncer(32);
+    let with = |backends: &[u8]| desired((1..=10).map(|i| (fk(i, 80, Protocol::Tcp), fe(&format!("s{i}"), backends))).collect());
+    let r = s.apply(&with(&[1, 2, 3, 4]));
+    assert_eq!((s.store().services.len(), r.errors.len()), (8, 2));
+    let r = s.apply(&with(&[1, 2, 3]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(s.store().services.len(), 10);
+    assert!(s.store().services.values().all(|v| v.count == 3));
+    assert_eq!(s.store().backends.len(), 3);
+    assert!(s.store().slots.len() <= 32);
+    assert_eq!(r.slots, s.store().slots.len(), "the slot metric counts what the map holds");
+}
