@@ -191,3 +191,54 @@ fn too_small_for_the_services_rolls_back() {
     let maps = Maps::open_pinned(&pins.0).unwrap();
     assert_eq!(maps.services.iter().count(), 20);
 }
+
+/// A migration interrupted before the swap (the agent died) keeps the old map pinned aside;
+/// the next start copies from it again and finishes.
+#[test]
+fn interrupted_migration_is_resumed() {
+    if !require_root("interrupted_migration_is_resumed") {
+        return;
+    }
+    let pins = PinDir::new();
+    {
+        let (_p, maps) = loader::load(&cfg(&pins, 64, 1024)).unwrap();
+        for i in 0..300 {
+            let (k, v) = ct(i);
+            maps.conntrack.clone_insert(k, v);
+        }
+    }
+    {
+        // Loaded with the new size, then dropped before `finish` (as a kill -9 would).
+        let (p, _maps) = loader::load(&cfg(&pins, 64, 2048)).unwrap();
+        assert_eq!(p.migration.maps(), vec![n::CONNTRACK]);
+    }
+    assert_eq!(migrating_entries(&pins), 1, "old map still pinned aside");
+    // The entry the old programs created after the first copy.
+    let aside = std::fs::read_dir(pins.0.join("migrating")).unwrap().flatten().next().unwrap().path();
+    let mut old_ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(Map::from_map_data(MapData::from_pin(&aside).unwrap()).unwrap()).unwrap();
+    let (k, v) = ct(5000);
+    old_ct.insert(k, v, 0).unwrap();
+    let (mut p, maps) = loader::load(&cfg(&pins, 64, 2048)).unwrap();
+    assert_eq!(p.migration.maps(), vec![n::CONNTRACK], "resumed");
+    assert_eq!(maps.conntrack.iter().count(), 301);
+    std::mem::take(&mut p.migration).finish().unwrap();
+    assert_eq!(migrating_entries(&pins), 0);
+    assert_eq!(pin_info(&pins, n::CONNTRACK).max_entries(), 2048);
+}
+
+trait CloneInsert {
+    fn clone_insert(&self, k: CtKey, v: CtValue);
+}
+
+/// Insert through a second handle on the same map (the loaded one is borrowed immutably).
+impl CloneInsert for HashMap<MapData, CtKey, CtValue> {
+    fn clone_insert(&self, k: CtKey, v: CtValue) {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.map().fd().as_fd().try_clone_to_owned().unwrap();
+        let mut h: HashMap<MapData, CtKey, CtValue> =
+            HashMap::try_from(Map::from_map_data(MapData::from_fd(fd).unwrap()).unwrap()).unwrap();
+        h.insert(k, v, 0).unwrap();
+    }
+}

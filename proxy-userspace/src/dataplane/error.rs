@@ -13,8 +13,8 @@ pub enum DataplaneError {
     MapFull { map: &'static str, flag: &'static str },
     /// Not enough privilege to load the datapath (checked up front, so the operator sees
     /// one actionable line instead of the first failing syscall's EPERM).
-    #[error("{what}: run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")]
-    NotPrivileged { what: String },
+    #[error("missing {missing} (uid {uid}): run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")]
+    NotPrivileged { missing: String, uid: u32 },
     /// A pinned map whose key or value size differs from this version's: its entries
     /// cannot be carried over, and re-using it would corrupt the datapath.
     #[error(

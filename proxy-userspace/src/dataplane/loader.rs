@@ -197,9 +197,7 @@ pub fn check_privileges() -> Result<(), DataplaneError> {
     }
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    Err(DataplaneError::NotPrivileged {
-        what: format!("loading the eBPF datapath needs {} (running as uid {euid} without them)", missing.join(" and ")),
-    })
+    Err(DataplaneError::NotPrivileged { missing: missing.join(" and "), uid: euid })
 }
 
 /// Removes, on drop, the part of a bpffs root that it created, unless disarmed: a start
