@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 use crate::{
     cli::AgentArgs,
     dataplane::{
-        attach::{XdpModeChoice, attach_pod_interface, attach_uplink, remove_stale_pins},
+        attach::{self, XdpModeChoice, attach_pod_interface, attach_uplink, remove_stale_pins},
         ifaces::{self, IfacePatterns, LinkEvent},
         loader::{self, LoaderConfig, Programs},
         maps::Maps,
@@ -95,15 +95,7 @@ async fn attacher(
                 let kind = if plan.uplinks.contains(&name) { "uplink" } else { "pod interface" };
                 info!(iface = %name, ifindex = index, kind, "interface gone");
             }
-            LinkEvent::InitialDumpDone => {
-                // Every interface present at start now runs the new programs (swapped into
-                // the pinned links): finish migrating maps whose size or type changed.
-                let migration = std::mem::take(&mut programs.migration);
-                if let Err(e) = migration.finish() {
-                    error!(error = %e, "finishing the map migration");
-                }
-                attached_initial.store(true, Ordering::Relaxed)
-            }
+            LinkEvent::InitialDumpDone => attached_initial.store(true, Ordering::Relaxed),
         }
         metrics.attached_interfaces.set(attached.len() as i64);
     }
@@ -265,6 +257,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     // A start that fails from here on removes the pin directory if it created it.
     let created_root = loader::CreatedRoot::remember(&args.bpffs_root);
     let (mut programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
+    if !programs.migration.is_empty() {
+        // Maps changed size or type: put the new programs into every pinned link now, in
+        // one loop, then copy what the old programs wrote meanwhile and drop the old maps.
+        let swapped = attach::swap_pinned_links(&mut programs, &args.bpffs_root);
+        info!(links = swapped, "new programs swapped into the pinned links");
+        std::mem::take(&mut programs.migration).finish().context("finishing the map migration")?;
+    }
     // Fill ratios use the sizes of the maps in use.
     let capacities = maps.capacities();
     let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;

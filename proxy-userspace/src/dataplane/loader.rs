@@ -271,9 +271,6 @@ fn load_programs(cfg: &LoaderConfig, maps_dir: &Path, migration: &mut Migration)
         loader.map_max_entries(name, size);
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    // The new maps exist (and are pinned); no program uses them yet. Carry the entries
-    // over before the sync reads the maps back.
-    migration.copy_pass(true)?;
     for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -288,6 +285,10 @@ fn load_programs(cfg: &LoaderConfig, maps_dir: &Path, migration: &mut Migration)
         .try_into()
         .map_err(|source| DataplaneError::Program { program: PROG_FROM_UPLINK, source })?;
     xdp.load().map_err(|source| DataplaneError::Program { program: PROG_FROM_UPLINK, source })?;
+    // The new maps exist (and are pinned); no program runs on them yet. Carry the entries
+    // over now, after the verifier, so that little happens in the old maps between this
+    // copy and the swap of the programs (`attach::swap_pinned_links`).
+    migration.copy_pass(true)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
     Ok((ebpf, maps))
 }
