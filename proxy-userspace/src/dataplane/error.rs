@@ -23,7 +23,7 @@ pub enum DataplaneError {
          --bpffs-root {root}` (or remove {path}) and start again (connections tracked in it \
          will be reset)", path = path.display(), root = root.display()
     )]
-    IncompatiblePin { map: &'static str, path: PathBuf, pinned: String, wanted: String, root: PathBuf },
+    IncompatiblePin { map: String, path: PathBuf, pinned: String, wanted: String, root: PathBuf },
     /// A pinned map the agent writes holds more entries than the configured size allows.
     #[error("map {map} holds {entries} entries but its new size is {max_entries}: raise --{flag}")]
     MapTooSmall { map: &'static str, entries: usize, max_entries: u32, flag: &'static str },

@@ -85,19 +85,21 @@ pub fn slots_for(max_backends: u32) -> u32 {
 
 /// What the object declares for each pinned map, with the configured sizes applied: what a
 /// pin must match to be re-used as it is.
-pub fn declared_maps(cfg: &LoaderConfig) -> Result<BTreeMap<&'static str, MapSpec>, DataplaneError> {
+pub fn declared_maps(cfg: &LoaderConfig) -> Result<BTreeMap<String, MapSpec>, DataplaneError> {
     let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| DataplaneError::Io {
         context: format!("parsing the embedded eBPF object: {e}"),
         source: io::Error::from(io::ErrorKind::InvalidData),
     })?;
     let sizes = cfg.sizes();
     let mut out = BTreeMap::new();
-    for k in super::migrate::KINDS {
-        let m = obj.maps.get(k.name).ok_or(DataplaneError::MissingObject(k.name))?;
+    for (name, m) in &obj.maps {
+        if m.pinning() != aya_obj::maps::PinningType::ByName {
+            continue;
+        }
         let max_entries =
-            sizes.iter().find(|(name, _)| *name == k.name).map(|(_, v)| *v).unwrap_or(m.max_entries());
+            sizes.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(m.max_entries());
         out.insert(
-            k.name,
+            name.clone(),
             MapSpec {
                 map_type: m.map_type(),
                 key_size: m.key_size(),
@@ -106,6 +108,11 @@ pub fn declared_maps(cfg: &LoaderConfig) -> Result<BTreeMap<&'static str, MapSpe
                 flags: m.map_flags(),
             },
         );
+    }
+    for k in super::migrate::KINDS {
+        if !out.contains_key(k.name) {
+            return Err(DataplaneError::MissingObject(k.name));
+        }
     }
     Ok(out)
 }

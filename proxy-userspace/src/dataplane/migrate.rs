@@ -309,10 +309,15 @@ pub struct Migration {
     pending: Vec<Pending>,
 }
 
-fn pin_err(map: &'static str, path: &Path, e: MapError) -> DataplaneError {
-    match errno(&e) {
-        Some(libc::EPERM | libc::EACCES) => DataplaneError::Permission { path: path.to_path_buf() },
-        _ => DataplaneError::from_map(map, e),
+fn pin_err(map: &str, path: &Path, e: MapError) -> DataplaneError {
+    match e {
+        MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+            DataplaneError::Permission { path: path.to_path_buf() }
+        }
+        MapError::SyscallError(s) => {
+            DataplaneError::Io { context: format!("pinned map {map} ({})", path.display()), source: s.io_error }
+        }
+        e => DataplaneError::Io { context: format!("pinned map {map} ({})", path.display()), source: io::Error::other(e.to_string()) },
     }
 }
 
@@ -321,7 +326,7 @@ fn io_err(context: String) -> impl FnOnce(io::Error) -> DataplaneError {
 }
 
 /// Open a pin; `None` when there is none.
-fn open_pin(map: &'static str, path: &Path) -> Result<Option<MapData>, DataplaneError> {
+fn open_pin(map: &str, path: &Path) -> Result<Option<MapData>, DataplaneError> {
     match MapData::from_pin(path) {
         Ok(d) => Ok(Some(d)),
         Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(None),
@@ -340,9 +345,10 @@ impl Migration {
     }
 
     /// Before loading: compare each pin under `<root>/maps` with `declared`. Refuses (and
-    /// changes nothing) when a layout is incompatible; otherwise moves each differing pin
-    /// aside so the loader creates the new map in its place.
-    pub fn prepare(root: &Path, declared: &BTreeMap<&'static str, MapSpec>) -> Result<Self, DataplaneError> {
+    /// changes nothing) when a layout is incompatible, or when a map with no entry in
+    /// [`KINDS`] differs; otherwise moves each differing pin aside so the loader creates the
+    /// new map in its place.
+    pub fn prepare(root: &Path, declared: &BTreeMap<String, MapSpec>) -> Result<Self, DataplaneError> {
         let maps_dir = paths::maps_dir(root);
         let aside_dir = paths::migrating_dir(root);
         // Leftovers of an interrupted migration: copied from as well.
@@ -356,7 +362,8 @@ impl Migration {
         }
         // Phase 1: decide everything (errors leave the pins untouched).
         let mut plan: Vec<Planned> = Vec::new();
-        for (&name, want) in declared {
+        for (name, want) in declared {
+            let name = name.as_str();
             let main = maps_dir.join(name);
             let mut olds: Vec<(MapData, PathBuf, bool)> = Vec::new();
             if let Some(data) = open_pin(name, &main)? {
@@ -375,7 +382,7 @@ impl Migration {
                 let Some(k) = kind(name).filter(|_| have.layout_matches(want) && same_family(have.map_type, want.map_type))
                 else {
                     return Err(DataplaneError::IncompatiblePin {
-                        map: name,
+                        map: name.to_string(),
                         path,
                         pinned: have.to_string(),
                         wanted: want.to_string(),
