@@ -299,3 +299,61 @@ fn load_programs(cfg: &LoaderConfig, maps_dir: &Path, migration: &mut Migration)
     let maps = Maps::from_ebpf(&mut ebpf)?;
     Ok((ebpf, maps))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ebpf-proxy-loader-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn created_root_removes_only_what_it_created() {
+        let base = tmp("new");
+        let root = base.join("a/b");
+        let guard = CreatedRoot::remember(&root);
+        std::fs::create_dir_all(root.join("maps")).unwrap();
+        drop(guard);
+        assert!(!base.exists(), "the topmost created directory is removed");
+
+        let existing = tmp("existing");
+        std::fs::create_dir_all(&existing).unwrap();
+        let guard = CreatedRoot::remember(&existing);
+        std::fs::create_dir_all(existing.join("maps")).unwrap();
+        drop(guard);
+        assert!(existing.join("maps").exists(), "a directory that existed is never removed");
+        std::fs::remove_dir_all(&existing).unwrap();
+
+        let kept = tmp("kept");
+        let guard = CreatedRoot::remember(&kept);
+        std::fs::create_dir_all(&kept).unwrap();
+        guard.keep();
+        assert!(kept.exists(), "a successful start keeps it");
+        std::fs::remove_dir_all(&kept).unwrap();
+    }
+
+    #[test]
+    fn slots_cover_both_generations_of_shared_backends() {
+        assert_eq!(slots_for(8), 64);
+        assert_eq!(slots_for(u32::MAX), u32::MAX, "saturates");
+        let sizes = LoaderConfig { max_backends: 4, ..LoaderConfig::new("/x") }.sizes();
+        assert!(sizes.contains(&(n::BACKEND_SLOTS, 32)));
+    }
+
+    #[test]
+    fn declared_maps_follow_the_flags() {
+        let cfg = LoaderConfig { max_services: 10, max_backends: 20, max_conntrack: 30, ..LoaderConfig::new("/x") };
+        let d = declared_maps(&cfg).unwrap();
+        assert_eq!(d[n::SERVICES].max_entries, 10);
+        assert_eq!(d[n::SERVICE_META].max_entries, 10);
+        assert_eq!(d[n::BACKENDS].max_entries, 20);
+        assert_eq!(d[n::BACKEND_SLOTS].max_entries, 160);
+        assert_eq!(d[n::CONNTRACK].max_entries, 30);
+        assert_eq!(d[n::CONNTRACK].key_size as usize, size_of::<proxy_common::CtKey>());
+        assert_eq!(d[n::CONNTRACK].value_size as usize, size_of::<proxy_common::CtValue>());
+        for k in super::super::migrate::KINDS {
+            assert!(d.contains_key(k.name), "{} declared", k.name);
+        }
+    }
+}

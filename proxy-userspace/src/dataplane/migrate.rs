@@ -544,3 +544,39 @@ impl Drop for Migration {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::MapType as T;
+
+    use super::*;
+
+    #[test]
+    fn hash_flavours_are_one_family() {
+        assert!(same_family(T::LruHash as u32, T::Hash as u32));
+        assert!(same_family(T::Hash as u32, T::LruHash as u32));
+        assert!(same_family(T::PerCpuHash as u32, T::LruPerCpuHash as u32));
+        assert!(!same_family(T::Hash as u32, T::Array as u32));
+        assert!(!same_family(T::Hash as u32, T::PerCpuHash as u32));
+    }
+
+    #[test]
+    fn spec_display_names_the_type() {
+        let s = MapSpec { map_type: T::LruHash as u32, key_size: 16, value_size: 32, max_entries: 1024, flags: 0 };
+        assert_eq!(s.to_string(), "type lru_hash key 16 B value 32 B max_entries 1024 flags 0x0");
+        let other = MapSpec { max_entries: 4096, map_type: T::Hash as u32, ..s };
+        assert!(s.layout_matches(&other));
+        assert!(!s.layout_matches(&MapSpec { value_size: 40, ..s }));
+    }
+
+    #[test]
+    fn every_map_has_one_migration_entry() {
+        let mut names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), KINDS.len());
+        // The agent's maps must fit; datapath state is best effort and copied again.
+        assert!(kind(n::SERVICES).is_some_and(|k| k.must_fit && !k.repeat));
+        assert!(kind(n::CONNTRACK).is_some_and(|k| !k.must_fit && k.repeat));
+    }
+}
