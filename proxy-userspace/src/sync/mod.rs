@@ -249,12 +249,16 @@ impl<S: MapStore> Syncer<S> {
         let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
 
         let mut full: Vec<(&FrontendKey, &FrontendEntry)> = Vec::new();
+        let mut slots_full = false;
         for (fk, entry) in &desired.frontends {
             let key = service_key(fk);
             match self.apply_frontend(&key, entry, &mut referenced, &mut purge_pairs, &mut writes) {
                 Ok(()) => {}
                 // Retried once the removals below have made room.
-                Err(DataplaneError::MapFull { .. }) => full.push((fk, entry)),
+                Err(e @ DataplaneError::MapFull { .. }) => {
+                    slots_full |= is_slots_full(&e);
+                    full.push((fk, entry));
+                }
                 Err(e) => {
                     warn!(frontend = %fk, service = %entry.service, error = %e, "cannot program frontend");
                     // It keeps what it had, so its backends stay.
@@ -288,7 +292,7 @@ impl<S: MapStore> Syncer<S> {
         // before that switch looks its slot up within the same program run (microseconds,
         // under RCU), while this point comes after every other frontend's writes and the
         // removals; should one still miss, it is counted `error` and passed untouched.
-        if !full.is_empty() {
+        if slots_full {
             self.reclaim_spares(&mut writes);
         }
         for (fk, entry) in full {
