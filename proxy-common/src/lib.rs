@@ -51,11 +51,16 @@ pub const SCOPE_INTERNAL: u8 = 0;
 pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// Key of `SERVICES`: one frontend (VIP or node address, port, protocol, scope).
+///
+/// The types that hold addresses are generic over the address (`u32`, or `[u32; 4]` for
+/// IPv6, network byte order), so the IPv6 maps to come (one map per family: IPv4 keeps its
+/// short keys and per-packet cost) share one definition of each; the `*6` aliases pin their
+/// layouts. Service ids, backend ids, slots, metadata and counters will be shared.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+pub struct ServiceKey<A = u32> {
+    /// Address, network byte order.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -135,9 +140,9 @@ pub mod backend_flags {
 /// (address, port, protocol); services share them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct Backend {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+pub struct Backend<A = u32> {
+    /// Address, network byte order.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -151,11 +156,14 @@ pub const CT_DIR_REPLY: u8 = 1;
 /// Key of `CONNTRACK`: the packet's 5-tuple as seen where the lookup happens, plus the
 /// direction. Forward entries are keyed by the client's original packet (client -> VIP),
 /// reply entries by the backend's reply as it arrives (backend -> client).
+///
+/// Generic over the address type so IPv6 (`[u32; 4]`, see [`CtKey6`]) shares the layout
+/// rules and the state logic of [`ct`] instead of copying them; `u32` (IPv4) is the default.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+pub struct CtKey<A = u32> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -163,12 +171,68 @@ pub struct CtKey {
     pub _pad: u16,
 }
 
-/// Conntrack flags (`CtValue::flags`).
+/// IPv6 conntrack key (40 bytes): same fields, 16-byte addresses in network byte order.
+pub type CtKey6 = CtKey<[u32; 4]>;
+
+impl<A: Copy> CtKey<A> {
+    /// Key of the reply entry that belongs to this forward entry (`self` with value `v`):
+    /// backend -> client, or backend -> SNAT address:port for a source-NATed flow.
+    #[inline(always)]
+    pub fn reply_of_forward(&self, v: &CtValue<A>) -> CtKey<A> {
+        let (dst, dport) = if v.flags & ct_flags::SNAT != 0 {
+            (v.snat_addr, v.snat_port)
+        } else {
+            (self.src_addr, self.src_port)
+        };
+        CtKey {
+            src_addr: v.nat_addr,
+            dst_addr: dst,
+            src_port: v.nat_port,
+            dst_port: dport,
+            proto: self.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        }
+    }
+
+    /// Key of the forward entry this reply entry (`self` with value `v`) belongs to. A
+    /// source-NATed flow's client is not the reply's destination (that is our SNAT
+    /// address): the reply entry remembers it.
+    #[inline(always)]
+    pub fn forward_of_reply(&self, v: &CtValue<A>) -> CtKey<A> {
+        let (client, client_port) = if v.flags & ct_flags::SNAT != 0 {
+            (v.snat_addr, v.snat_port)
+        } else {
+            (self.dst_addr, self.dst_port)
+        };
+        CtKey {
+            src_addr: client,
+            dst_addr: v.nat_addr,
+            src_port: client_port,
+            dst_port: v.nat_port,
+            proto: self.proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        }
+    }
+}
+
+/// Conntrack flags (`CtValue::flags`). The connection state is derived from them by
+/// [`ct::state`]; they are only ever set, never cleared, until the entry is replaced.
 pub mod ct_flags {
-    /// A TCP FIN or RST was seen; the entry is left to LRU eviction.
+    /// A TCP FIN or RST was seen in either direction: a SYN on this tuple now opens a new
+    /// connection (the reopen rule).
     pub const CLOSING: u8 = 1 << 0;
-    /// The flow was also source-NATed (north-south to a remote backend).
+    /// The flow was also source-NATed (north-south to a remote backend, or hairpin).
     pub const SNAT: u8 = 1 << 1;
+    /// The backend has answered: the flow is established (never evicted under pressure).
+    pub const SEEN_REPLY: u8 = 1 << 2;
+    /// The client sent a FIN.
+    pub const FIN_FWD: u8 = 1 << 3;
+    /// The backend sent a FIN.
+    pub const FIN_REV: u8 = 1 << 4;
+    /// Either side sent a RST.
+    pub const RST: u8 = 1 << 5;
 }
 
 /// Value of `CONNTRACK`.
@@ -176,30 +240,156 @@ pub mod ct_flags {
 /// Forward entry: rewrite the destination to `nat_addr:nat_port` (the backend).
 /// Reply entry: rewrite the source to `nat_addr:nat_port` (the VIP the client used).
 /// When `ct_flags::SNAT` is set, `snat_addr:snat_port` is the other half of the
-/// translation (north-south to a remote backend).
+/// translation (north-south to a remote backend, hairpin).
+///
+/// The forward entry is the authority on the connection's state (`flags`); the reply
+/// entry lives and dies with it (see [`ct`] and the agent's conntrack GC).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtValue {
-    pub nat_addr: u32,
+pub struct CtValue<A = u32> {
+    pub nat_addr: A,
     pub nat_port: u16,
     pub flags: u8,
     pub _pad: u8,
-    pub snat_addr: u32,
+    pub snat_addr: A,
     pub snat_port: u16,
     pub _pad2: u16,
     pub backend_id: u32,
     pub svc_id: u32,
-    /// `bpf_ktime_get_ns()` when the entry was created or last refreshed.
+    /// `bpf_ktime_get_ns()` when the entry was created or last refreshed (at most once a
+    /// second per entry, so established flows do not write a shared cache line per packet).
     pub last_seen: u64,
+}
+
+/// IPv6 conntrack value (56 bytes).
+pub type CtValue6 = CtValue<[u32; 4]>;
+
+/// The conntrack lifecycle, shared by the datapath (which sets the flags) and the agent's
+/// garbage collector (which expires entries): one definition of what a state is and how
+/// long an idle flow in it lives.
+pub mod ct {
+    use super::{ct_flags, PROTO_TCP};
+
+    /// Connection state derived from `CtValue::flags`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum CtState {
+        /// Opened, no reply yet (TCP SYN sent; UDP/SCTP unreplied). First to go under
+        /// pressure, like netfilter's early drop of unassured entries.
+        New,
+        /// The backend answered.
+        Established,
+        /// TCP: one side sent a FIN (half-closed; kube-proxy's CLOSE_WAIT timeout applies).
+        Closing,
+        /// TCP: FIN from both sides, or a RST. Removed after a short grace period, or at
+        /// once when the table is under pressure.
+        Closed,
+    }
+
+    impl CtState {
+        pub const ALL: [CtState; 4] = [CtState::New, CtState::Established, CtState::Closing, CtState::Closed];
+
+        pub const fn name(self) -> &'static str {
+            match self {
+                CtState::New => "new",
+                CtState::Established => "established",
+                CtState::Closing => "closing",
+                CtState::Closed => "closed",
+            }
+        }
+    }
+
+    /// The state of a flow of protocol `proto` whose forward entry carries `flags`.
+    #[inline(always)]
+    pub const fn state(proto: u8, flags: u8) -> CtState {
+        if proto == PROTO_TCP {
+            let both_fin = ct_flags::FIN_FWD | ct_flags::FIN_REV;
+            if flags & ct_flags::RST != 0 || flags & both_fin == both_fin {
+                return CtState::Closed;
+            }
+            if flags & ct_flags::CLOSING != 0 {
+                return CtState::Closing;
+            }
+        }
+        if flags & ct_flags::SEEN_REPLY != 0 { CtState::Established } else { CtState::New }
+    }
+
+    /// Flags a TCP segment with `tcp_flags` (FIN 0x01, RST 0x04) adds to its flow, seen in
+    /// direction `reply` (from the backend) or not.
+    #[inline(always)]
+    pub const fn tcp_flags_to_ct(tcp_flags: u8, reply: bool) -> u8 {
+        let mut f = 0;
+        if tcp_flags & 0x04 != 0 {
+            f |= ct_flags::RST | ct_flags::CLOSING;
+        }
+        if tcp_flags & 0x01 != 0 {
+            f |= ct_flags::CLOSING | if reply { ct_flags::FIN_REV } else { ct_flags::FIN_FWD };
+        }
+        f
+    }
+
+    /// Idle timeouts per state, in seconds. Defaults follow kube-proxy's conntrack settings
+    /// where it has one (`--conntrack-tcp-timeout-established` 24h,
+    /// `--conntrack-tcp-timeout-close-wait` 1h) and the kernel's otherwise (UDP 30 s
+    /// unreplied / 120 s stream, SYN 60 s as Cilium); closed TCP flows 10 s like Cilium's
+    /// `bpf-ct-timeout-regular-tcp-fin`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct CtTimeouts {
+        pub tcp_syn: u32,
+        pub tcp_established: u32,
+        pub tcp_close_wait: u32,
+        pub tcp_closed: u32,
+        pub udp: u32,
+        pub udp_stream: u32,
+    }
+
+    impl Default for CtTimeouts {
+        fn default() -> Self {
+            CtTimeouts {
+                tcp_syn: 60,
+                tcp_established: 86_400,
+                tcp_close_wait: 3_600,
+                tcp_closed: 10,
+                udp: 30,
+                udp_stream: 120,
+            }
+        }
+    }
+
+    impl CtTimeouts {
+        /// How long a flow of `proto` in `state` may stay idle, in nanoseconds.
+        pub const fn idle_ns(&self, proto: u8, state: CtState) -> u64 {
+            let s = if proto == PROTO_TCP {
+                match state {
+                    CtState::New => self.tcp_syn,
+                    CtState::Established => self.tcp_established,
+                    CtState::Closing => self.tcp_close_wait,
+                    CtState::Closed => self.tcp_closed,
+                }
+            } else {
+                // UDP, SCTP and anything else without a state machine of ours.
+                match state {
+                    CtState::New => self.udp,
+                    _ => self.udp_stream,
+                }
+            };
+            s as u64 * 1_000_000_000
+        }
+    }
 }
 
 /// Key of `AFFINITY`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AffinityKey {
-    pub client_addr: u32,
+pub struct AffinityKey<A = u32> {
+    pub client_addr: A,
     pub svc_id: u32,
 }
+
+/// An IPv6 address as the maps store it: four words in network byte order.
+pub type Ipv6Words = [u32; 4];
+pub type ServiceKey6 = ServiceKey<Ipv6Words>;
+pub type Backend6 = Backend<Ipv6Words>;
+pub type AffinityKey6 = AffinityKey<Ipv6Words>;
 
 /// Value of `AFFINITY`.
 #[repr(C)]
@@ -210,49 +400,104 @@ pub struct AffinityValue {
     pub last_used: u64,
 }
 
-/// Datapath verdicts, counted per service (`SERVICE_STATS`) and globally (`GLOBAL_STATS`).
-pub mod verdict {
+/// What the datapath did with a packet: counted once per packet, per service
+/// (`SERVICE_STATS`) when the packet belonged to one and node-wide (`GLOBAL_STATS`, indexed by
+/// the discriminant). One enum with its names, so counters and their labels cannot drift.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
     /// New flow: backend selected, destination NATed.
-    pub const NEW_FLOW: u32 = 0;
+    NewFlow = 0,
     /// Packet of a tracked flow, destination NATed.
-    pub const ESTABLISHED: u32 = 1;
-    /// Reply of a tracked flow, source rewritten back to the VIP.
-    pub const REVERSE_NAT: u32 = 2;
-    /// Service has no backends: dropped (kube-proxy rejects; see docs/datapath.md).
-    pub const NO_BACKEND: u32 = 3;
+    Established = 1,
+    /// Reply of a tracked flow, source rewritten back to the frontend.
+    ReverseNat = 2,
+    /// Service has no backends: rejected (XDP: TCP reset) or dropped.
+    NoBackend = 3,
     /// Not service traffic: passed untouched.
-    pub const PASS: u32 = 4;
-    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
-    pub const NOT_IPV4: u32 = 5;
-    /// Truncated or malformed header: passed untouched for the kernel to judge.
-    pub const MALFORMED: u32 = 6;
-    /// Non-first IPv4 fragment: passed untouched (no L4 header to match).
-    pub const FRAGMENT: u32 = 7;
+    Pass = 4,
+    /// Not a frame of a family the datapath handles (ARP, VLAN-tagged, and IPv6 until its
+    /// pipeline instantiation lands): passed untouched.
+    NotIp = 5,
+    /// Truncated or malformed header, or lengths that do not add up: passed untouched for
+    /// the kernel to judge.
+    Malformed = 6,
+    /// IPv4 fragment: passed untouched (no L4 header to match).
+    Fragment = 7,
     /// Source address not in loadBalancerSourceRanges: dropped.
-    pub const SOURCE_RANGE_DROP: u32 = 8;
-    /// A map write or checksum helper failed: passed untouched.
-    pub const ERROR: u32 = 9;
+    SourceRangeDrop = 8,
+    /// A map write or checksum helper failed: dropped.
+    Error = 9,
     /// Protocol other than TCP/UDP/SCTP: passed untouched.
-    pub const OTHER_L4: u32 = 10;
+    OtherL4 = 10,
     /// XDP could not forward a translated packet: no route, TTL expired, or the next hop's
     /// neighbour entry is not resolved yet (queued in `NEIGH_MISSES` for the agent). Dropped.
-    pub const NO_ROUTE: u32 = 11;
-    pub const COUNT: u32 = 12;
+    NoRoute = 11,
+    /// A new flow found the conntrack table full (every entry live: established flows are
+    /// never evicted to make room). Dropped; the agent's GC is woken to reclaim space.
+    CtFull = 12,
+}
 
-    pub const NAMES: [&str; COUNT as usize] = [
-        "new_flow",
-        "established",
-        "reverse_nat",
-        "no_backend",
-        "pass",
-        "not_ipv4",
-        "malformed",
-        "fragment",
-        "source_range_drop",
-        "error",
-        "other_l4",
-        "no_route",
+impl Verdict {
+    pub const COUNT: u32 = 13;
+    pub const ALL: [Verdict; Self::COUNT as usize] = [
+        Verdict::NewFlow,
+        Verdict::Established,
+        Verdict::ReverseNat,
+        Verdict::NoBackend,
+        Verdict::Pass,
+        Verdict::NotIp,
+        Verdict::Malformed,
+        Verdict::Fragment,
+        Verdict::SourceRangeDrop,
+        Verdict::Error,
+        Verdict::OtherL4,
+        Verdict::NoRoute,
+        Verdict::CtFull,
     ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::NewFlow => "new_flow",
+            Verdict::Established => "established",
+            Verdict::ReverseNat => "reverse_nat",
+            Verdict::NoBackend => "no_backend",
+            Verdict::Pass => "pass",
+            Verdict::NotIp => "not_ip",
+            Verdict::Malformed => "malformed",
+            Verdict::Fragment => "fragment",
+            Verdict::SourceRangeDrop => "source_range_drop",
+            Verdict::Error => "error",
+            Verdict::OtherL4 => "other_l4",
+            Verdict::NoRoute => "no_route",
+            Verdict::CtFull => "ct_full",
+        }
+    }
+
+    /// The verdict stored under map index `v` (None for an index this build does not know).
+    pub const fn from_index(v: u32) -> Option<Verdict> {
+        if v < Self::COUNT { Some(Self::ALL[v as usize]) } else { None }
+    }
+}
+
+/// The verdicts as the `u32` map indices stored in `StatsKey` and `GLOBAL_STATS`: derived
+/// from [`Verdict`], so they cannot drift from it.
+pub mod verdict {
+    use super::Verdict;
+    pub const NEW_FLOW: u32 = Verdict::NewFlow as u32;
+    pub const ESTABLISHED: u32 = Verdict::Established as u32;
+    pub const REVERSE_NAT: u32 = Verdict::ReverseNat as u32;
+    pub const NO_BACKEND: u32 = Verdict::NoBackend as u32;
+    pub const PASS: u32 = Verdict::Pass as u32;
+    pub const NOT_IP: u32 = Verdict::NotIp as u32;
+    pub const MALFORMED: u32 = Verdict::Malformed as u32;
+    pub const FRAGMENT: u32 = Verdict::Fragment as u32;
+    pub const SOURCE_RANGE_DROP: u32 = Verdict::SourceRangeDrop as u32;
+    pub const ERROR: u32 = Verdict::Error as u32;
+    pub const OTHER_L4: u32 = Verdict::OtherL4 as u32;
+    pub const NO_ROUTE: u32 = Verdict::NoRoute as u32;
+    pub const CT_FULL: u32 = Verdict::CtFull as u32;
+    pub const COUNT: u32 = Verdict::COUNT;
 }
 
 /// Key of `SERVICE_STATS` (per-CPU hash).
@@ -345,11 +590,14 @@ pub struct NodeConfig {
 /// asks the kernel to (`NTF_USE`) and deletes the key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NeighKey {
+pub struct NeighKey<A = u32> {
     pub ifindex: u32,
-    /// Next-hop IPv4 address, network byte order.
-    pub addr: u32,
+    /// Next-hop address, network byte order.
+    pub addr: A,
 }
+
+pub type NeighKey6 = NeighKey<Ipv6Words>;
+
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -362,6 +610,8 @@ mod pod_impls {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for StatsKey {}
@@ -370,6 +620,10 @@ mod pod_impls {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for NeighKey {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for AffinityKey6 {}
+    unsafe impl aya::Pod for NeighKey6 {}
 }
 
 #[cfg(test)]
@@ -396,6 +650,12 @@ mod tests {
         assert_eq!(size_of::<NodeConfig>(), 16);
         assert_eq!(size_of::<NeighKey>(), 8);
         assert_eq!(align_of::<CtValue>(), 8);
+        assert_eq!(size_of::<CtKey6>(), 40);
+        assert_eq!(size_of::<ServiceKey6>(), 20);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(size_of::<AffinityKey6>(), 20);
+        assert_eq!(size_of::<NeighKey6>(), 20);
+        assert_eq!(size_of::<CtValue6>(), 56);
     }
 
     /// No implicit padding: the sum of the field sizes equals the struct size.
@@ -406,6 +666,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue>(), 4 + 2 + 1 + 1 + 4 + 2 + 2 + 4 + 4 + 8);
+        assert_eq!(size_of::<CtKey6>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<CtValue6>(), 16 + 2 + 1 + 1 + 16 + 2 + 2 + 4 + 4 + 8);
         assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
         assert_eq!(
             size_of::<ServiceMeta>(),
@@ -420,7 +682,7 @@ mod tests {
         assert_eq!(&k.dst_addr as *const _ as usize - base, 4);
         assert_eq!(&k.src_port as *const _ as usize - base, 8);
         assert_eq!(&k.proto as *const _ as usize - base, 12);
-        let v = CtValue::default();
+        let v = CtValue::<u32>::default();
         let base = &v as *const _ as usize;
         assert_eq!(&v.snat_addr as *const _ as usize - base, 8);
         assert_eq!(&v.backend_id as *const _ as usize - base, 16);
@@ -437,8 +699,64 @@ mod tests {
     }
 
     #[test]
-    fn verdict_names_cover_every_verdict() {
-        assert_eq!(verdict::NAMES.len() as u32, verdict::COUNT);
-        assert_eq!(verdict::NAMES[verdict::NO_BACKEND as usize], "no_backend");
+    fn ct_state_follows_the_flags() {
+        use ct::{state, tcp_flags_to_ct, CtState};
+        assert_eq!(state(PROTO_TCP, 0), CtState::New);
+        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY), CtState::Established);
+        let fin_fwd = tcp_flags_to_ct(0x11, false);
+        assert_eq!(fin_fwd, ct_flags::CLOSING | ct_flags::FIN_FWD);
+        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY | fin_fwd), CtState::Closing);
+        let both = fin_fwd | tcp_flags_to_ct(0x11, true);
+        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY | both), CtState::Closed);
+        assert_eq!(state(PROTO_TCP, tcp_flags_to_ct(0x04, true)), CtState::Closed);
+        // A plain ACK or SYN adds nothing.
+        assert_eq!(tcp_flags_to_ct(0x10, false) | tcp_flags_to_ct(0x02, true), 0);
+        // UDP has no FIN: replied or not.
+        assert_eq!(state(PROTO_UDP, 0), CtState::New);
+        assert_eq!(state(PROTO_UDP, ct_flags::SEEN_REPLY | ct_flags::SNAT), CtState::Established);
+    }
+
+    #[test]
+    fn ct_partner_keys_round_trip() {
+        let fwd = CtKey { src_addr: 1u32, dst_addr: 2, src_port: 1000, dst_port: 80, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: 0 };
+        // Plain DNAT: the backend answers the client.
+        let v = CtValue { nat_addr: 3u32, nat_port: 8080, ..Default::default() };
+        let rk = fwd.reply_of_forward(&v);
+        assert_eq!((rk.src_addr, rk.src_port, rk.dst_addr, rk.dst_port, rk.dir), (3, 8080, 1, 1000, CT_DIR_REPLY));
+        let rv = CtValue { nat_addr: 2u32, nat_port: 80, ..Default::default() };
+        assert_eq!(rk.forward_of_reply(&rv), fwd);
+        // Source-NATed: the backend answers our SNAT address:port; the reply entry keeps
+        // the client.
+        let v = CtValue { nat_addr: 3u32, nat_port: 8080, flags: ct_flags::SNAT, snat_addr: 9, snat_port: 61000, ..Default::default() };
+        let rk = fwd.reply_of_forward(&v);
+        assert_eq!((rk.dst_addr, rk.dst_port), (9, 61000));
+        let rv = CtValue { nat_addr: 2u32, nat_port: 80, flags: ct_flags::SNAT, snat_addr: 1, snat_port: 1000, ..Default::default() };
+        assert_eq!(rk.forward_of_reply(&rv), fwd);
+    }
+
+    #[test]
+    fn ct_timeouts_by_state() {
+        use ct::{CtState, CtTimeouts};
+        let t = CtTimeouts::default();
+        let s = 1_000_000_000u64;
+        assert_eq!(t.idle_ns(PROTO_TCP, CtState::Established), 86_400 * s);
+        assert_eq!(t.idle_ns(PROTO_TCP, CtState::Closed), 10 * s);
+        assert_eq!(t.idle_ns(PROTO_UDP, CtState::New), 30 * s);
+        assert_eq!(t.idle_ns(PROTO_SCTP, CtState::Established), 120 * s);
+    }
+
+    #[test]
+    fn verdicts_are_indexed_by_their_discriminant() {
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i, "{v:?}");
+            assert_eq!(Verdict::from_index(i as u32), Some(*v));
+        }
+        assert_eq!(Verdict::from_index(Verdict::COUNT), None);
+        assert_eq!(Verdict::NoBackend.name(), "no_backend");
+        for a in Verdict::ALL {
+            for b in Verdict::ALL {
+                assert!(a == b || a.name() != b.name(), "{a:?} and {b:?} share a name");
+            }
+        }
     }
 }

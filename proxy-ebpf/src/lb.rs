@@ -1,103 +1,16 @@
-//! Service lookup, backend selection (random, or session affinity) and conntrack entries.
-//! Pure map logic: no packet access, so the TC and XDP entry points share it.
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    maps::lpm_trie::Key,
-};
-use proxy_common::{
-    ct_flags, nat_defaults, svc_flags, AffinityKey, AffinityValue, Backend, CtKey, CtValue, NodeConfig,
-    ServiceKey, ServiceValue, SlotKey, CT_DIR_FORWARD, CT_DIR_REPLY,
-};
+//! Service lookup and backend selection (random, or session affinity), and the node facts
+//! the agent wrote. Pure map logic, generic over the address family.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use proxy_common::{nat_defaults, svc_flags, AffinityKey, AffinityValue, Backend, NodeConfig, ServiceKey, ServiceValue, SlotKey};
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, CONNTRACK, NODE_CONFIG, SERVICES, SOURCE_RANGES},
+    family::Family,
+    maps::{BACKEND_SLOTS, NODE_CONFIG},
     parse::Packet,
 };
 
-/// SNAT source-port candidates tried per new flow before giving up (bounded for the
-/// verifier; with a 4536-port range and a sane number of flows per backend, the first one
-/// nearly always wins).
-const SNAT_TRIES: u32 = 8;
-
-/// Refresh `last_seen` at most this often, so established flows do not write the shared
-/// conntrack cache line on every packet.
-const CT_REFRESH_NS: u64 = 1_000_000_000;
-
-/// The packet's own 5-tuple in direction `dir`.
-#[inline(always)]
-fn flow_key(p: &Packet, dir: u8) -> CtKey {
-    CtKey {
-        src_addr: p.saddr,
-        dst_addr: p.daddr,
-        src_port: p.sport,
-        dst_port: p.dport,
-        proto: p.proto,
-        dir,
-        _pad: 0,
-    }
-}
-
-/// Key of the flow this packet opens or continues (client -> VIP).
-#[inline(always)]
-pub fn forward_key(p: &Packet) -> CtKey {
-    flow_key(p, CT_DIR_FORWARD)
-}
-
-/// Key under which a reply to this packet's flow is found: as it arrives, from the side
-/// this packet was sent to.
-#[inline(always)]
-pub fn reply_key(p: &Packet) -> CtKey {
-    flow_key(p, CT_DIR_REPLY)
-}
-
-/// Look up a tracked flow, refresh its timestamp when stale, and note a TCP FIN/RST.
-/// Returns a copy of the entry as it was before this packet.
-#[inline(always)]
-pub fn ct_lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
-    let ptr = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: the pointer comes from a successful lookup; a concurrent delete can at worst
-    // make us read a recycled entry of the same type (LRU map semantics).
-    unsafe {
-        let seen = *ptr;
-        let now = bpf_ktime_get_ns();
-        if now.wrapping_sub(seen.last_seen) > CT_REFRESH_NS {
-            (*ptr).last_seen = now;
-        }
-        if p.tcp_closing() && seen.flags & ct_flags::CLOSING == 0 {
-            (*ptr).flags |= ct_flags::CLOSING;
-        }
-        Some(seen)
-    }
-}
-
-/// Mark the forward entry of the flow a reply belongs to as closing (the backend sent
-/// FIN/RST first), so a new SYN on the same tuple selects a backend afresh.
-#[inline(always)]
-pub fn ct_mark_forward_closing(reply: &Packet, rev: &CtValue) {
-    // A source-NATed flow's client is not the reply's destination (that is our SNAT
-    // address): the reply entry remembers it.
-    let (client, client_port) = if rev.flags & ct_flags::SNAT != 0 {
-        (rev.snat_addr, rev.snat_port)
-    } else {
-        (reply.daddr, reply.dport)
-    };
-    let key = CtKey {
-        src_addr: client,
-        dst_addr: rev.nat_addr,
-        src_port: client_port,
-        dst_port: rev.nat_port,
-        proto: reply.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: 0,
-    };
-    if let Some(ptr) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup, see `ct_lookup`.
-        unsafe { (*ptr).flags |= ct_flags::CLOSING };
-    }
-}
-
-/// The node facts the agent wrote, with the documented defaults for what it left 0.
+/// The node facts the agent wrote (IPv4 addresses and the SNAT port range both families
+/// use), with the documented defaults for what it left 0.
 #[inline(always)]
 pub fn node_config() -> NodeConfig {
     let mut c = NODE_CONFIG.get(0).copied().unwrap_or_default();
@@ -109,26 +22,22 @@ pub fn node_config() -> NodeConfig {
 }
 
 /// loadBalancerSourceRanges: may `saddr` use this frontend? Only frontends flagged
-/// `SOURCE_RANGES` are restricted; their allowed prefixes live in the LPM trie under the
-/// service id (big-endian, so the id forms the key's leading 32 bits).
+/// `SOURCE_RANGES` are restricted; their allowed prefixes live in the family's LPM trie
+/// under the service id.
 #[inline(always)]
-pub fn source_allowed(svc: &ServiceValue, saddr: u32) -> bool {
-    if svc.flags & svc_flags::SOURCE_RANGES == 0 {
-        return true;
-    }
-    let key = Key::new(64, [svc.id.to_be(), saddr]);
-    SOURCE_RANGES.get(&key).is_some()
+pub fn source_allowed<F: Family>(svc: &ServiceValue, saddr: F::Addr) -> bool {
+    svc.flags & svc_flags::SOURCE_RANGES == 0 || F::source_allowed(svc.id, saddr)
 }
 
 #[inline(always)]
-pub fn service_lookup(p: &Packet, scope: u8) -> Option<ServiceValue> {
+pub fn service_lookup<F: Family>(p: &Packet<F::Addr>, scope: u8) -> Option<ServiceValue> {
     let key = ServiceKey { addr: p.daddr, port: p.dport, proto: p.proto, scope };
     // SAFETY: plain-old-data copy out of the map value.
-    unsafe { SERVICES.get(&key).copied() }
+    unsafe { F::services().get(&key).copied() }
 }
 
-pub enum Selected {
-    Backend(u32, Backend),
+pub enum Selected<A> {
+    Backend(u32, Backend<A>),
     /// Service has no backends.
     Empty,
     /// A slot or backend vanished under us (agent mid-update); treat as an error.
@@ -136,15 +45,15 @@ pub enum Selected {
 }
 
 #[inline(always)]
-fn backend_by_id(id: u32) -> Option<Backend> {
+fn backend_by_id<F: Family>(id: u32) -> Option<Backend<F::Addr>> {
     // SAFETY: plain-old-data copy out of the map value.
-    unsafe { BACKENDS.get(&id).copied() }
+    unsafe { F::backends().get(&id).copied() }
 }
 
 /// Pick a backend: the client's affinity backend if still valid, otherwise uniformly at
 /// random among the active slot generation.
 #[inline(always)]
-pub fn select_backend(svc: &ServiceValue, client: u32, now: u64) -> Selected {
+pub fn select_backend<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Selected<F::Addr> {
     if svc.count == 0 {
         return Selected::Empty;
     }
@@ -152,11 +61,11 @@ pub fn select_backend(svc: &ServiceValue, client: u32, now: u64) -> Selected {
     let akey = AffinityKey { client_addr: client, svc_id: svc.id };
     if affinity {
         // SAFETY: plain-old-data copy out of the map value.
-        if let Some(a) = unsafe { AFFINITY.get(&akey).copied() } {
+        if let Some(a) = unsafe { F::affinity().get(&akey).copied() } {
             let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
             if now.wrapping_sub(a.last_used) <= timeout_ns {
-                if let Some(b) = backend_by_id(a.backend_id) {
-                    let _ = AFFINITY.insert(
+                if let Some(b) = backend_by_id::<F>(a.backend_id) {
+                    let _ = F::affinity().insert(
                         &akey,
                         &AffinityValue { backend_id: a.backend_id, _pad: 0, last_used: now },
                         0,
@@ -173,125 +82,11 @@ pub fn select_backend(svc: &ServiceValue, client: u32, now: u64) -> Selected {
     let Some(id) = (unsafe { BACKEND_SLOTS.get(&slot).copied() }) else {
         return Selected::Missing;
     };
-    let Some(b) = backend_by_id(id) else {
+    let Some(b) = backend_by_id::<F>(id) else {
         return Selected::Missing;
     };
     if affinity {
-        let _ = AFFINITY.insert(&akey, &AffinityValue { backend_id: id, _pad: 0, last_used: now }, 0);
+        let _ = F::affinity().insert(&akey, &AffinityValue { backend_id: id, _pad: 0, last_used: now }, 0);
     }
     Selected::Backend(id, b)
-}
-
-/// Record both directions of a new DNAT flow: client -> VIP becomes client -> backend, and
-/// the backend's replies (backend -> client) get their source put back to VIP:port.
-#[inline(always)]
-pub fn ct_create(p: &Packet, svc_id: u32, backend_id: u32, b: &Backend, now: u64) -> Result<(), i32> {
-    let fwd = CtValue {
-        nat_addr: b.addr,
-        nat_port: b.port,
-        backend_id,
-        svc_id,
-        last_seen: now,
-        ..CtValue::default()
-    };
-    CONNTRACK.insert(&forward_key(p), &fwd, 0)?;
-    let rkey = CtKey {
-        src_addr: b.addr,
-        dst_addr: p.saddr,
-        src_port: b.port,
-        dst_port: p.sport,
-        proto: p.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
-    let rev = CtValue {
-        nat_addr: p.daddr,
-        nat_port: p.dport,
-        backend_id,
-        svc_id,
-        last_seen: now,
-        ..CtValue::default()
-    };
-    CONNTRACK.insert(&rkey, &rev, 0)
-}
-
-/// A cheap, well-mixed 32-bit hash of a flow (murmur3's finaliser over a few words): picks
-/// SNAT port candidates so different flows spread over the range.
-#[inline(always)]
-fn mix(a: u32, b: u32, c: u32) -> u32 {
-    let mut h = a ^ b.rotate_left(16) ^ c.wrapping_mul(0x9e37_79b1);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// Record both directions of a new flow that is DNATed to `b` *and* source-NATed to
-/// `snat_addr` (remote backend from outside, or hairpin), allocating the source port.
-///
-/// The port is claimed by inserting the reply entry (backend -> snat_addr:port) with
-/// `BPF_NOEXIST`: a port is only "in use" for one backend ip:port/proto, which is exactly
-/// the key's uniqueness, so no separate port table is needed. Returns the port (network
-/// byte order), or `None` when every candidate was taken or a write failed.
-#[inline(always)]
-pub fn ct_create_snat(
-    p: &Packet,
-    svc_id: u32,
-    backend_id: u32,
-    b: &Backend,
-    snat_addr: u32,
-    cfg: &NodeConfig,
-    now: u64,
-) -> Option<u16> {
-    let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
-    let rev = CtValue {
-        nat_addr: p.daddr,
-        nat_port: p.dport,
-        flags: ct_flags::SNAT,
-        snat_addr: p.saddr,
-        snat_port: p.sport,
-        backend_id,
-        svc_id,
-        last_seen: now,
-        ..CtValue::default()
-    };
-    let h = mix(p.saddr, ((p.sport as u32) << 16) | p.dport as u32, b.addr ^ b.port as u32);
-    let mut port_be = 0u16;
-    let mut i = 0u32;
-    while i < SNAT_TRIES {
-        // Stride by an odd multiplier of the attempt so retries do not probe neighbours of
-        // an already crowded candidate.
-        let candidate = cfg.snat_port_min + (h.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range) as u16;
-        let key = CtKey {
-            src_addr: b.addr,
-            dst_addr: snat_addr,
-            src_port: b.port,
-            dst_port: candidate.to_be(),
-            proto: p.proto,
-            dir: CT_DIR_REPLY,
-            _pad: 0,
-        };
-        if CONNTRACK.insert(key, rev, BPF_NOEXIST as u64).is_ok() {
-            port_be = candidate.to_be();
-            break;
-        }
-        i += 1;
-    }
-    if port_be == 0 {
-        return None;
-    }
-    let fwd = CtValue {
-        nat_addr: b.addr,
-        nat_port: b.port,
-        flags: ct_flags::SNAT,
-        snat_addr,
-        snat_port: port_be,
-        backend_id,
-        svc_id,
-        last_seen: now,
-        ..CtValue::default()
-    };
-    CONNTRACK.insert(forward_key(p), fwd, 0).ok()?;
-    Some(port_be)
 }

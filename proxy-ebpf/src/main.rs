@@ -1,13 +1,19 @@
 //! eBPF programs of ebpf-proxy. Entry points are thin; the logic lives in the modules:
-//! `parse` (headers), `lb` (service lookup, backend selection, conntrack, SNAT ports), `tc`
-//! (packet rewrite for pod traffic), `xdp` (north-south on the uplink: rewrite, checksums,
-//! forwarding), `stats` (counters), `maps` (every map).
+//! `parse` (headers), `pipeline` (the one decision every program shares), `ct`
+//! (conntrack state and entries, SNAT ports), `lb` (service lookup, backend selection), `tc`
+//! and `xdp` (rewriters applying a decision; XDP also forwards), `csum` (checksum
+//! arithmetic), `reject` (TCP resets), `stats` (counters, once per packet), `maps`.
 #![no_std]
 #![no_main]
 
+mod csum;
+mod ct;
+mod family;
 mod lb;
 mod maps;
 mod parse;
+mod pipeline;
+mod reject;
 mod stats;
 mod tc;
 mod xdp;

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    sizes, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig,
-    ServiceKey, ServiceMeta, ServiceValue, SlotKey, StatsKey,
+    sizes, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig, ServiceKey, ServiceMeta,
+    ServiceValue, SlotKey, StatsKey,
 };
 
 #[map]
@@ -23,8 +23,13 @@ pub static BACKEND_SLOTS: HashMap<SlotKey, u32> =
 #[map]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS, 0);
 
+/// A plain (preallocated) hash, not an LRU: an LRU evicts whatever was used least recently,
+/// which on a busy node is an idle established connection, whose next packet would then be
+/// balanced afresh and reset. Here nothing live is ever evicted: the agent's GC removes
+/// closed and expired flows, and a new flow that finds the table full is dropped and
+/// counted (`ct_full`), as netfilter does.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(sizes::MAX_CONNTRACK, 0);
+pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::pinned(sizes::MAX_CONNTRACK, 0);
 
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
@@ -59,3 +64,4 @@ pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 #[map]
 pub static NEIGH_MISSES: LruHashMap<NeighKey, u64> =
     LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);
+

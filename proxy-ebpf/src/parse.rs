@@ -1,121 +1,202 @@
-//! Header parsing over direct packet pointers, shared by the TC and XDP entry points.
+//! Header parsing over direct packet pointers, shared by the TC and XDP entry points, with
+//! the header layouts of `network-types` (offsets are `offset_of!` on those, never bare
+//! numbers).
 //!
 //! Verdicts for odd frames (documented in docs/datapath.md): anything that is not an
 //! IPv4 frame we can read completely is *passed untouched* and counted; the kernel judges it
 //! as if we were not there. Only frames that parse cleanly as IPv4 + TCP/UDP/SCTP are
 //! candidates for translation.
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
-use proxy_common::{verdict, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use proxy_common::{Verdict, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
-pub const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = EthHdr::LEN;
+/// Ethernet header + IPv4 without options.
+pub const IP_HLEN: usize = Ipv4Hdr::LEN;
+pub const TCP_HLEN: usize = TcpHdr::LEN;
 const ETH_P_IPV4: u16 = 0x0800;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
+/// SCTP common header: ports, verification tag, checksum.
+const SCTP_HLEN: usize = 12;
 
-/// TCP flags (byte 13 of the TCP header).
+/// Field offsets inside the IPv4 header.
+pub const IP_TOT_LEN_OFF: usize = offset_of!(Ipv4Hdr, tot_len);
+pub const IP_FRAGS_OFF: usize = offset_of!(Ipv4Hdr, frags);
+pub const IP_PROTO_OFF: usize = offset_of!(Ipv4Hdr, proto);
+pub const IP_TOS_OFF: usize = offset_of!(Ipv4Hdr, tos);
+pub const IP_TTL_OFF: usize = offset_of!(Ipv4Hdr, ttl);
+pub const IP_CSUM_OFF: usize = offset_of!(Ipv4Hdr, check);
+pub const IP_SRC_OFF: usize = offset_of!(Ipv4Hdr, src_addr);
+pub const IP_DST_OFF: usize = offset_of!(Ipv4Hdr, dst_addr);
+/// TCP, UDP and SCTP all start with the source and destination ports.
+pub const L4_SPORT_OFF: usize = offset_of!(UdpHdr, src);
+pub const L4_DPORT_OFF: usize = offset_of!(UdpHdr, dst);
+/// The byte holding the TCP data offset (high nibble), and the flags byte after it.
+pub const TCP_DOFF_OFF: usize = offset_of!(TcpHdr, _bitfield_1);
+pub const TCP_FLAGS_OFF: usize = TCP_DOFF_OFF + 1;
+pub const TCP_SEQ_OFF: usize = offset_of!(TcpHdr, seq);
+pub const TCP_ACK_OFF: usize = offset_of!(TcpHdr, ack_seq);
+pub const TCP_CSUM_OFF: usize = offset_of!(TcpHdr, check);
+pub const UDP_CSUM_OFF: usize = offset_of!(UdpHdr, check);
+const UDP_LEN_OFF: usize = offset_of!(UdpHdr, len);
+
+/// TCP flags (the byte at `TCP_FLAGS_OFF`).
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Where the parsed fields live in the frame, and their values (addresses and ports in
-/// network byte order, as on the wire).
+/// network byte order, as on the wire). `A` is the address (`u32` for IPv4).
 #[derive(Clone, Copy)]
-pub struct Packet {
+pub struct Packet<A = u32> {
     pub l3_off: usize,
     pub l4_off: usize,
     pub proto: u8,
     /// TCP flags; 0 for other protocols.
     pub tcp_flags: u8,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
 }
 
-impl Packet {
-    /// FIN or RST: the connection is ending.
-    #[inline(always)]
-    pub fn tcp_closing(&self) -> bool {
-        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
-    }
+/// The network protocol of a frame, from its EtherType (IPv6 joins when its pipeline
+/// instantiation fits the verifier's stack).
+pub enum L3 {
+    V4,
+}
 
+impl<A> Packet<A> {
     /// A SYN without ACK: a client opening a connection.
     #[inline(always)]
     pub fn tcp_syn(&self) -> bool {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
-    /// Offset of the L4 checksum field, or `None` for SCTP (CRC32c over the payload, no
-    /// pseudo-header: address rewrites do not touch it).
+    /// Offset of the L4 checksum field in its header, or `None` for SCTP (CRC32c over the
+    /// payload, no pseudo-header: address rewrites do not touch it).
     #[inline(always)]
-    pub fn l4_csum_off(&self) -> Option<usize> {
+    pub fn l4_csum_field(&self) -> Option<usize> {
         match self.proto {
-            PROTO_TCP => Some(self.l4_off + 16),
-            PROTO_UDP => Some(self.l4_off + 6),
+            PROTO_TCP => Some(TCP_CSUM_OFF),
+            PROTO_UDP => Some(UDP_CSUM_OFF),
             _ => None,
         }
     }
 }
 
 #[inline(always)]
-fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, u32> {
+fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, Verdict> {
     if start + off + size_of::<T>() > end {
-        return Err(verdict::MALFORMED);
+        return Err(Verdict::Malformed);
     }
     Ok((start + off) as *const T)
 }
 
-/// Parse Ethernet + IPv4 + L4 ports. `Err(verdict)` says why the frame is not a candidate.
+/// Which family a frame is (then parsed by its `Family::parse`: the IP header, its lengths
+/// and the L4 ports). `Err(verdict)` says why the
+/// frame is not a candidate.
+/// `pkt_len` is the whole frame's length, including bytes outside the linear area `start..end`
+/// (an skb's paged data, an XDP frame's fragments).
+///
+/// Lengths are validated the way the kernel's receive path does, so we never translate (and
+/// leave conntrack entries for) a frame the stack would drop: the IPv4 total length must
+/// cover the header and fit in the frame (Ethernet padding after it is fine), the TCP data
+/// offset must fit in the IP payload, and the UDP length must be at least a header and no
+/// more than the IP payload (shorter is trailing padding, which `udp_rcv` trims).
 ///
 /// Reads are laid out for the verifier: the fixed Ethernet + IPv4 header is bounds-checked
 /// as one block, and the L4 header (at a variable offset because of IP options) through its
 /// own pointer with its own check.
+///
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Result<Packet, u32> {
-    // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads are unaligned
-    // because frames give no alignment guarantee.
+pub fn l3(start: usize, end: usize) -> Result<L3, Verdict> {
+    // SAFETY: bounds-checked by `ptr_at`; unaligned read.
+    let ether_type = unsafe {
+        let eth = ptr_at::<EthHdr>(start, end, 0)?;
+        u16::from_be(core::ptr::addr_of!((*eth).ether_type).read_unaligned())
+    };
+    match ether_type {
+        ETH_P_IPV4 => Ok(L3::V4),
+        _ => Err(Verdict::NotIp),
+    }
+}
+
+/// The transport header at `l4` (absolute address `start + l4`), `l4_len` bytes of IP
+/// payload long: ports and TCP flags, with the length checks of [`parse`].
+#[inline(always)]
+fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> Result<(u16, u16, u8), Verdict> {
+    // Bytes of L4 header we need: through the checksum field for TCP, the whole header
+    // for UDP, the common header for SCTP.
+    let need = match proto {
+        PROTO_TCP => TCP_HLEN,
+        PROTO_UDP => UdpHdr::LEN,
+        PROTO_SCTP => SCTP_HLEN,
+        _ => return Err(Verdict::OtherL4),
+    };
+    let l4p = start + l4;
+    if l4_len < need || l4p + need > end {
+        return Err(Verdict::Malformed);
+    }
+    // SAFETY: `need` >= 8 bytes at `l4p` are within bounds: the ports, the UDP length and
+    // (for TCP, 20 bytes) the data offset and flags read here.
     unsafe {
-        let eth_proto = u16::from_be(ptr_at::<u16>(start, end, 12)?.read_unaligned());
-        if eth_proto != ETH_P_IPV4 {
-            return Err(verdict::NOT_IPV4);
+        let b = l4p as *const u8;
+        let sport = (b.add(L4_SPORT_OFF) as *const u16).read_unaligned();
+        let dport = (b.add(L4_DPORT_OFF) as *const u16).read_unaligned();
+        let mut tcp_flags = 0;
+        if proto == PROTO_TCP {
+            let doff = ((*b.add(TCP_DOFF_OFF) >> 4) as usize) * 4;
+            if doff < TCP_HLEN || doff > l4_len {
+                return Err(Verdict::Malformed);
+            }
+            tcp_flags = *b.add(TCP_FLAGS_OFF);
+        } else if proto == PROTO_UDP {
+            let ulen = u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize;
+            if ulen < UdpHdr::LEN || ulen > l4_len {
+                return Err(Verdict::Malformed);
+            }
         }
+        Ok((sport, dport, tcp_flags))
+    }
+}
+
+#[inline(always)]
+pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict> {
+    // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads go through
+    // `read_unaligned` because frames give no alignment guarantee.
+    unsafe {
         let l3 = ETH_HLEN;
-        let ip = ptr_at::<[u8; 20]>(start, end, l3)? as *const u8;
-        let vihl = *ip;
-        if vihl >> 4 != 4 {
-            return Err(verdict::MALFORMED);
+        let ip = ptr_at::<Ipv4Hdr>(start, end, l3)?.read_unaligned();
+        if ip.vihl >> 4 != 4 {
+            return Err(Verdict::Malformed);
         }
-        let ihl = ((vihl & 0x0f) as usize) * 4;
-        if ihl < 20 {
-            return Err(verdict::MALFORMED);
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < IP_HLEN {
+            return Err(Verdict::Malformed);
         }
-        let frag = u16::from_be((ip.add(6) as *const u16).read_unaligned());
-        if frag & (IP_MF | IP_OFFSET) != 0 {
-            return Err(verdict::FRAGMENT);
+        let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+        if tot_len < ihl || l3 + tot_len > pkt_len {
+            return Err(Verdict::Malformed);
         }
-        let proto = *ip.add(9);
-        let saddr = (ip.add(12) as *const u32).read_unaligned();
-        let daddr = (ip.add(16) as *const u32).read_unaligned();
+        if u16::from_be_bytes(ip.frags) & (IP_MF | IP_OFFSET) != 0 {
+            return Err(Verdict::Fragment);
+        }
+        let proto = ip.proto;
         let l4 = l3 + ihl;
-        // Bytes of L4 header we need: through the checksum field for TCP (16..18), the
-        // whole header for UDP, ports + verification tag + checksum for SCTP.
-        let need = match proto {
-            PROTO_TCP => 20,
-            PROTO_UDP => 8,
-            PROTO_SCTP => 12,
-            _ => return Err(verdict::OTHER_L4),
-        };
-        let l4p = start + l4;
-        if l4p + need > end {
-            return Err(verdict::MALFORMED);
-        }
-        // `need` >= 8 covers the two ports read here.
-        let ports = l4p as *const u16;
-        let sport = ports.read_unaligned();
-        let dport = ports.add(1).read_unaligned();
-        let tcp_flags = if proto == PROTO_TCP { *(l4p as *const u8).add(13) } else { 0 };
-        Ok(Packet { l3_off: l3, l4_off: l4, proto, tcp_flags, saddr, daddr, sport, dport })
+        let (sport, dport, tcp_flags) = transport(start, end, l4, tot_len - ihl, proto)?;
+        Ok(Packet {
+            l3_off: l3,
+            l4_off: l4,
+            proto,
+            tcp_flags,
+            saddr: u32::from_ne_bytes(ip.src_addr),
+            daddr: u32::from_ne_bytes(ip.dst_addr),
+            sport,
+            dport,
+        })
     }
 }

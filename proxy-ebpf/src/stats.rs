@@ -1,31 +1,33 @@
 //! Per-CPU counters: one global array indexed by verdict, one hash keyed by
-//! (service id, verdict). Per-CPU so the hot path never contends on a cache line.
+//! (service id, verdict). Per-CPU so the hot path never contends on a cache line. Each
+//! program counts once per packet, at its single exit.
 use aya_ebpf::bindings::BPF_NOEXIST;
-use proxy_common::{Counters, StatsKey};
+use proxy_common::{Counters, StatsKey, Verdict};
 
 use crate::maps::{GLOBAL_STATS, SERVICE_STATS};
 
 #[inline(always)]
-pub fn count_global(verdict: u32, bytes: u32) {
-    if let Some(c) = GLOBAL_STATS.get_ptr_mut(verdict) {
-        // SAFETY: per-CPU slot, only this CPU writes it while we run.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes as u64;
-        }
+fn add(c: *mut Counters, bytes: u32) {
+    // SAFETY: per-CPU slot, only this CPU writes it while we run.
+    unsafe {
+        (*c).packets += 1;
+        (*c).bytes += bytes as u64;
     }
 }
 
+/// Count one packet of `bytes` under `verdict`, node-wide and, when it belonged to one
+/// (`svc_id` != 0), for its service.
 #[inline(always)]
-pub fn count_service(svc_id: u32, verdict: u32, bytes: u32) {
-    count_global(verdict, bytes);
-    let key = StatsKey { svc_id, verdict };
+pub fn count(verdict: Verdict, svc_id: u32, bytes: u32) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(verdict as u32) {
+        add(c, bytes);
+    }
+    if svc_id == 0 {
+        return;
+    }
+    let key = StatsKey { svc_id, verdict: verdict as u32 };
     match SERVICE_STATS.get_ptr_mut(&key) {
-        // SAFETY: per-CPU value, see above.
-        Some(c) => unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes as u64;
-        },
+        Some(c) => add(c, bytes),
         None => {
             // First packet of this (service, verdict) on any CPU: create it. Losing a race
             // with another CPU costs one packet's count, which is fine for counters.

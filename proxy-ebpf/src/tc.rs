@@ -1,82 +1,95 @@
-//! TC programs on the host side of pod veths.
+//! TC programs on the host side of pod veths (and `to_uplink` on uplinks): rewriters that
+//! apply what `pipeline` decided, with the kernel's checksum helpers.
 //!
-//! - `from_pod` runs on the veth's *ingress* (packets leaving the pod): tracked flows are
-//!   DNATed to their backend, new flows to a service VIP get a backend and conntrack entries.
-//! - `to_pod` runs on the veth's *egress* (packets entering the pod): replies of tracked
-//!   flows get their source rewritten back to the VIP:port the client used. The same logic
-//!   runs as `to_uplink` on the uplink's egress, for replies of north-south flows that XDP
-//!   delivered to a local backend.
-//! - Hairpin (a pod reaching itself through its own service): the kernel would not accept a
-//!   packet from its own address arriving on eth0, so such flows are also source-NATed to
-//!   the hairpin address (`NodeConfig::hairpin_addr`) and bounced straight back into the
-//!   pod; the pod's answers to the hairpin address are translated back the same way.
+//! - `from_pod` runs on the veth's *ingress* (packets leaving the pod).
+//! - `reverse_nat` runs as `to_pod` on the veth's *egress* (packets entering the pod) and as
+//!   `to_uplink` on the uplink's egress (replies of north-south flows XDP delivered to a
+//!   local backend).
+//! - Hairpin (a pod reaching itself through its own service) is bounced straight back into
+//!   the pod with the MACs swapped: the kernel would not accept a packet from its own address
+//!   arriving on eth0, and routing it would depend on rp_filter accepting the link-local
+//!   hairpin source on a pod veth.
 //!
-//! Everything else returns `TC_ACT_UNSPEC`, so the packet continues exactly as if no
-//! program were attached (and a CNI's own program after ours still runs).
+//! Pass-through returns `TC_ACT_UNSPEC`, so the packet continues exactly as if no program
+//! were attached (and a CNI's own program after ours still runs).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::bpf_redirect,
     programs::TcContext,
 };
-use proxy_common::{ct_flags, verdict, PROTO_UDP, SCOPE_INTERNAL};
+use proxy_common::{Verdict, PROTO_UDP};
 
 use crate::{
-    lb::{self, Selected},
-    parse::{self, Packet},
-    stats::{count_global, count_service},
+    family::{Family, V4},
+    parse::{
+        self, Packet, L3, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
+    },
+    pipeline::{self, Action, Decision, Hook, Nat},
+    stats,
 };
-
-const IP_CSUM_OFF: usize = 10;
-const IP_SRC_OFF: usize = 12;
-const IP_DST_OFF: usize = 16;
 
 /// Headers we may need in the linear area: Ethernet + IPv4 with options + TCP.
 const MAX_HDR: u32 = 14 + 60 + 20;
+/// The Ethernet addresses (destination, source) at the start of the frame.
+const MACS_LEN: usize = 12;
 
 /// Parse, pulling non-linear header bytes into the linear area once if needed.
 #[inline(always)]
-fn parse_ctx(ctx: &TcContext) -> Result<Packet, u32> {
-    match parse::parse(ctx.data(), ctx.data_end()) {
-        Err(verdict::MALFORMED) if ctx.len() as usize > ctx.data_end() - ctx.data() => {
+fn parse_ctx<F: Family>(ctx: &TcContext) -> Result<Packet<F::Addr>, Verdict> {
+    let len = ctx.len() as usize;
+    match F::parse(ctx.data(), ctx.data_end(), len) {
+        Err(Verdict::Malformed) if len > ctx.data_end() - ctx.data() => {
             let want = if ctx.len() < MAX_HDR { ctx.len() } else { MAX_HDR };
-            ctx.pull_data(want).map_err(|_| verdict::MALFORMED)?;
-            parse::parse(ctx.data(), ctx.data_end())
+            ctx.pull_data(want).map_err(|_| Verdict::Malformed)?;
+            F::parse(ctx.data(), ctx.data_end(), len)
         }
         r => r,
     }
 }
 
-/// Rewrite one address (at `addr_off`) and port (at `port_off`) with checksum fix-ups:
-/// the IP header checksum, and the L4 checksum through the pseudo-header. The kernel's
-/// helpers handle CHECKSUM_PARTIAL skbs (offloaded TX checksums) correctly, which a
-/// hand-rolled incremental update would not.
+/// How an address is rewritten in each family: where it sits in the IP header, and which
+/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header).
+trait TcFamily: Family {
+    const SRC_OFF: usize;
+    const DST_OFF: usize;
+    fn rewrite_addr(ctx: &TcContext, p: &Packet<Self::Addr>, off: usize, old: Self::Addr, new: Self::Addr, csum: Option<usize>, mangled: u64) -> Result<(), i64>;
+}
+
+impl TcFamily for V4 {
+    const SRC_OFF: usize = IP_SRC_OFF;
+    const DST_OFF: usize = IP_DST_OFF;
+    #[inline(always)]
+    fn rewrite_addr(ctx: &TcContext, p: &Packet<u32>, off: usize, old: u32, new: u32, csum: Option<usize>, mangled: u64) -> Result<(), i64> {
+        if let Some(csum) = csum {
+            ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+        }
+        ctx.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)?;
+        ctx.store(p.l3_off + off, &new, 0)
+    }
+}
+
+/// Rewrite one address (at `addr_off` in the IP header) and port (at `port_off` in the L4
+/// header) with checksum fix-ups. The kernel's helpers handle CHECKSUM_PARTIAL skbs
+/// (offloaded TX checksums) correctly, which a hand-rolled incremental update would not.
 #[inline(always)]
-fn rewrite(
+fn rewrite<F: TcFamily>(
     ctx: &TcContext,
-    p: &Packet,
+    p: &Packet<F::Addr>,
     addr_off: usize,
-    old_addr: u32,
-    new_addr: u32,
+    old_addr: F::Addr,
+    new_addr: F::Addr,
     port_off: usize,
     old_port: u16,
     new_port: u16,
 ) -> Result<(), i64> {
     // UDP checksum 0 means "none": MARK_MANGLED_0 leaves it 0 and avoids producing 0.
     let mangled = if p.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let csum = p.l4_csum_field().map(|f| p.l4_off + f);
     if old_addr != new_addr {
-        if let Some(csum) = p.l4_csum_off() {
-            ctx.l4_csum_replace(
-                csum,
-                old_addr as u64,
-                new_addr as u64,
-                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-            )?;
-        }
-        ctx.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
-        ctx.store(p.l3_off + addr_off, &new_addr, 0)?;
+        F::rewrite_addr(ctx, p, addr_off, old_addr, new_addr, csum, mangled)?;
     }
     if old_port != new_port {
-        if let Some(csum) = p.l4_csum_off() {
+        if let Some(csum) = csum {
             ctx.l4_csum_replace(csum, old_port as u64, new_port as u64, mangled | 2)?;
         }
         ctx.store(p.l4_off + port_off, &new_port, 0)?;
@@ -84,153 +97,77 @@ fn rewrite(
     Ok(())
 }
 
+/// Both halves of a translation (each only when it changes something).
 #[inline(always)]
-fn dnat(ctx: &TcContext, p: &Packet, addr: u32, port: u16) -> Result<(), i64> {
-    rewrite(ctx, p, IP_DST_OFF, p.daddr, addr, 2, p.dport, port)
+fn nat<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), i64> {
+    rewrite::<F>(ctx, p, F::SRC_OFF, p.saddr, n.saddr, L4_SPORT_OFF, p.sport, n.sport)?;
+    rewrite::<F>(ctx, p, F::DST_OFF, p.daddr, n.daddr, L4_DPORT_OFF, p.dport, n.dport)
 }
 
+/// Send a packet straight back into the pod it came from (egress of the same veth), with
+/// the MACs swapped as the gateway would have done.
 #[inline(always)]
-fn snat(ctx: &TcContext, p: &Packet, addr: u32, port: u16) -> Result<(), i64> {
-    rewrite(ctx, p, IP_SRC_OFF, p.saddr, addr, 0, p.sport, port)
-}
-
-/// Send a hairpin packet straight back into the pod it came from (egress of the same
-/// veth), with the MACs swapped as the gateway would have done. Routing it instead would
-/// depend on the node's rp_filter accepting the link-local hairpin source on a pod veth.
-#[inline(always)]
-fn bounce(ctx: &TcContext) -> i32 {
-    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
-        return TC_ACT_SHOT;
-    };
-    let mut swapped = [0u8; 12];
+fn bounce(ctx: &TcContext) -> Result<i32, i64> {
+    let macs = ctx.load::<[u8; MACS_LEN]>(0)?;
+    let mut swapped = [0u8; MACS_LEN];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
-    if ctx.store(0, &swapped, 0).is_err() {
-        return TC_ACT_SHOT;
-    }
+    ctx.store(0, &swapped, 0)?;
     // SAFETY: reading the context field and calling a helper without preconditions.
-    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+    Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 })
 }
 
-/// Both halves of a hairpin (or any source-NATed) translation.
+/// Carry out a decision; a failed rewrite turns into a counted `error` drop.
 #[inline(always)]
-fn full_nat(ctx: &TcContext, p: &Packet, saddr: u32, sport: u16, daddr: u32, dport: u16) -> Result<(), i64> {
-    snat(ctx, p, saddr, sport)?;
-    dnat(ctx, p, daddr, dport)
+fn apply<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (i32, Verdict) {
+    let done = match d.action {
+        Action::Pass => Ok(TC_ACT_UNSPEC),
+        // TC has no reject of its own yet: pod clients of a service without endpoints time
+        // out (docs/datapath.md).
+        Action::Drop | Action::Reject => Ok(TC_ACT_SHOT),
+        Action::Rewrite => nat::<F>(ctx, p, &d.nat).map(|()| TC_ACT_UNSPEC),
+        Action::Bounce => nat::<F>(ctx, p, &d.nat).and_then(|()| bounce(ctx)),
+        // Only XDP forwards.
+        Action::Forward => Err(0),
+    };
+    match done {
+        Ok(ret) => (ret, d.verdict),
+        Err(_) => (TC_ACT_SHOT, Verdict::Error),
+    }
+}
+
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of no
+/// family we handle is counted by `run`).
+#[inline(always)]
+fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
+    let len = ctx.len();
+    let (ret, verdict, svc_id) = match parse_ctx::<F>(ctx) {
+        Ok(p) => {
+            let d = if reply { pipeline::decide_reply::<F>(&p) } else { pipeline::decide::<F>(&p, Hook::Pod) };
+            let (ret, verdict) = apply::<F>(ctx, &p, &d);
+            (ret, verdict, d.svc_id)
+        }
+        Err(v) => (TC_ACT_UNSPEC, v, 0),
+    };
+    stats::count(verdict, svc_id, len);
+    ret
+}
+
+#[inline(always)]
+fn run(ctx: &TcContext, reply: bool) -> i32 {
+    match parse::l3(ctx.data(), ctx.data_end()) {
+        Ok(L3::V4) => handle::<V4>(ctx, reply),
+        Err(v) => {
+            stats::count(v, 0, ctx.len());
+            TC_ACT_UNSPEC
+        }
+    }
 }
 
 pub fn from_pod(ctx: &TcContext) -> i32 {
-    let len = ctx.len();
-    let p = match parse_ctx(ctx) {
-        Ok(p) => p,
-        Err(v) => {
-            count_global(v, len);
-            return TC_ACT_UNSPEC;
-        }
-    };
-    let cfg = lb::node_config();
-    // The pod answering a hairpin flow: back to VIP:port -> pod:port, into the pod.
-    if cfg.hairpin_addr != 0 && p.daddr == cfg.hairpin_addr {
-        if let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p).filter(|ct| ct.flags & ct_flags::SNAT != 0) {
-            if p.tcp_closing() {
-                lb::ct_mark_forward_closing(&p, &ct);
-            }
-            if full_nat(ctx, &p, ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port).is_err() {
-                count_global(verdict::ERROR, len);
-                return TC_ACT_SHOT;
-            }
-            count_service(ct.svc_id, verdict::REVERSE_NAT, len);
-            return bounce(ctx);
-        }
-        count_global(verdict::PASS, len);
-        return TC_ACT_UNSPEC;
-    }
-    // Tracked flow first: established connections keep their backend even after the
-    // backend or the whole service is removed, as with kube-proxy's conntrack. A fresh SYN
-    // on the tuple of a connection that already closed is a new connection (the client
-    // reused its port), so it gets a new backend, like Linux conntrack re-opening TIME_WAIT.
-    if let Some(ct) = lb::ct_lookup(&lb::forward_key(&p), &p) {
-        let reopened = p.tcp_syn() && ct.flags & ct_flags::CLOSING != 0;
-        if !reopened {
-            if ct.flags & ct_flags::SNAT != 0 {
-                if full_nat(ctx, &p, ct.snat_addr, ct.snat_port, ct.nat_addr, ct.nat_port).is_err() {
-                    count_global(verdict::ERROR, len);
-                    return TC_ACT_SHOT;
-                }
-                count_service(ct.svc_id, verdict::ESTABLISHED, len);
-                return bounce(ctx);
-            }
-            if dnat(ctx, &p, ct.nat_addr, ct.nat_port).is_err() {
-                count_global(verdict::ERROR, len);
-                return TC_ACT_SHOT;
-            }
-            count_service(ct.svc_id, verdict::ESTABLISHED, len);
-            return TC_ACT_UNSPEC;
-        }
-    }
-    let Some(svc) = lb::service_lookup(&p, SCOPE_INTERNAL) else {
-        count_global(verdict::PASS, len);
-        return TC_ACT_UNSPEC;
-    };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (backend_id, backend) = match lb::select_backend(&svc, p.saddr, now) {
-        Selected::Backend(id, b) => (id, b),
-        Selected::Empty => {
-            count_service(svc.id, verdict::NO_BACKEND, len);
-            return TC_ACT_SHOT;
-        }
-        Selected::Missing => {
-            count_service(svc.id, verdict::ERROR, len);
-            return TC_ACT_SHOT;
-        }
-    };
-    if backend.addr == p.saddr && cfg.hairpin_addr != 0 {
-        let Some(port) = lb::ct_create_snat(&p, svc.id, backend_id, &backend, cfg.hairpin_addr, &cfg, now)
-        else {
-            count_service(svc.id, verdict::ERROR, len);
-            return TC_ACT_SHOT;
-        };
-        if full_nat(ctx, &p, cfg.hairpin_addr, port, backend.addr, backend.port).is_err() {
-            count_service(svc.id, verdict::ERROR, len);
-            return TC_ACT_SHOT;
-        }
-        count_service(svc.id, verdict::NEW_FLOW, len);
-        return bounce(ctx);
-    }
-    if lb::ct_create(&p, svc.id, backend_id, &backend, now).is_err()
-        || dnat(ctx, &p, backend.addr, backend.port).is_err()
-    {
-        count_service(svc.id, verdict::ERROR, len);
-        return TC_ACT_SHOT;
-    }
-    count_service(svc.id, verdict::NEW_FLOW, len);
-    TC_ACT_UNSPEC
+    run(ctx, false)
 }
 
-/// Replies of tracked flows get their source put back to the frontend the client used.
-/// Entries of source-NATed flows are not ours to undo here: XDP (north-south) and
-/// `from_pod` (hairpin) translate those completely.
 pub fn reverse_nat(ctx: &TcContext) -> i32 {
-    let len = ctx.len();
-    let p = match parse_ctx(ctx) {
-        Ok(p) => p,
-        Err(v) => {
-            count_global(v, len);
-            return TC_ACT_UNSPEC;
-        }
-    };
-    let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p).filter(|ct| ct.flags & ct_flags::SNAT == 0) else {
-        count_global(verdict::PASS, len);
-        return TC_ACT_UNSPEC;
-    };
-    if p.tcp_closing() {
-        lb::ct_mark_forward_closing(&p, &ct);
-    }
-    if snat(ctx, &p, ct.nat_addr, ct.nat_port).is_err() {
-        count_global(verdict::ERROR, len);
-        return TC_ACT_SHOT;
-    }
-    count_service(ct.svc_id, verdict::REVERSE_NAT, len);
-    TC_ACT_UNSPEC
+    run(ctx, true)
 }

@@ -1,5 +1,5 @@
 //! XDP on the node's uplink(s): north-south service traffic (NodePort on a node address,
-//! ExternalIPs, LoadBalancer ingress IPs), looked up in `SERVICES` with `SCOPE_EXTERNAL`.
+//! ExternalIPs, LoadBalancer ingress IPs). A rewriter of `pipeline::decide(.., Uplink)`:
 //!
 //! - Local backend: DNAT, `XDP_PASS`; the stack routes the packet to the pod. Replies leave
 //!   through the uplink, where `to_uplink` (TC egress) puts the frontend back as source.
@@ -10,35 +10,34 @@
 //!   both translations and they are forwarded to the client the same way.
 //! - Everything else is passed untouched.
 //!
-//! Checksums are updated incrementally (RFC 1624, eqn. 3): XDP has no checksum helpers.
+//! Checksums are updated incrementally (RFC 1624, `csum.rs`): XDP has no checksum helpers.
 //! This assumes complete checksums, which is what arrives from a wire; see docs/datapath.md
 //! for CHECKSUM_PARTIAL packets from a local veth peer.
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-    },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_tail},
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_get_buff_len},
     programs::XdpContext,
     EbpfContext,
 };
-use proxy_common::{
-    backend_flags, ct_flags, svc_flags, verdict, NeighKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-};
+use proxy_common::{NeighKey, Verdict, PROTO_UDP};
 
 use crate::{
-    lb::{self, Selected},
-    maps::NEIGH_MISSES,
-    parse::{self, Packet, ETH_HLEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::{count_global, count_service},
+    csum,
+    family::{Family, V4},
+    parse::{
+        self, Packet, L3, ETH_HLEN, IP_CSUM_OFF,
+        IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
+    },
+    pipeline::{self, Action, Hook, Nat},
+    reject, stats,
 };
 
-const AF_INET: u8 = 2;
-const IP_HLEN: usize = 20;
-const TCP_HLEN: usize = 20;
-/// Ethernet + IPv4 without options + TCP without options: the size of a reset we send.
-const RST_FRAME_LEN: usize = ETH_HLEN + IP_HLEN + TCP_HLEN;
+/// The Ethernet addresses (destination, source) at the start of the frame.
+const MACS_LEN: usize = 12;
+/// Bytes of the SCTP header we touch (ports only: its CRC32c does not cover addresses).
+const PORTS_LEN: usize = 4;
 
 #[inline(always)]
 fn ptr_mut<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
@@ -48,87 +47,127 @@ fn ptr_mut<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// Fold a 32-bit one's-complement accumulator to 16 bits.
-#[inline(always)]
-fn fold(mut s: u32) -> u16 {
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s as u16
+/// What differs between the families on the uplink: the IP header's layout and checksum,
+/// the FIB lookup's parameters, the hop limit, and the reset.
+trait XdpFamily: Family {
+    /// Rewrite the IP header's addresses (and its checksum, where it has one).
+    fn nat_l3(ctx: &XdpContext, p: &Packet<Self::Addr>, n: &Nat<Self::Addr>) -> Result<(), ()>;
+    /// The L4 checksum after an address in its pseudo-header changed.
+    fn csum_addr(c: u16, old: Self::Addr, new: Self::Addr) -> u16;
+    /// Fill the FIB lookup for `n` from the IP header at `ip`; returns the TTL / hop limit.
+    ///
+    /// # Safety
+    /// `ip` must point at a complete IP header of this family.
+    unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<Self::Addr>) -> u8;
+    /// Decrement the TTL / hop limit (fixing the IPv4 header checksum).
+    ///
+    /// # Safety
+    /// `ip` must point at a complete, writable IP header of this family.
+    unsafe fn dec_ttl(ip: *mut u8, ttl: u8);
+    /// The next hop the FIB lookup reported (for a NO_NEIGH result).
+    fn fib_next_hop(fib: &FibParams) -> Self::Addr;
+    const IP_HLEN: usize;
+    fn reset(ctx: &XdpContext, p: &Packet<Self::Addr>) -> u32;
 }
 
-/// RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), for a 16-bit field. Values are as stored in
-/// the packet (read natively); the one's-complement sum does not care about byte order as
-/// long as every word is read the same way.
-#[inline(always)]
-pub fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
-    !fold(!csum as u32 + !old as u32 + new as u32)
+impl XdpFamily for V4 {
+    const IP_HLEN: usize = IP_HLEN;
+    #[inline(always)]
+    fn nat_l3(ctx: &XdpContext, p: &Packet<u32>, n: &Nat<u32>) -> Result<(), ()> {
+        let ip = ptr_mut::<[u8; IP_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
+        // SAFETY: within the IPv4 header checked above.
+        unsafe {
+            let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
+            let mut c = ip_csum.read_unaligned();
+            if n.saddr != p.saddr {
+                c = csum::replace4(c, p.saddr, n.saddr);
+                (ip.add(IP_SRC_OFF) as *mut u32).write_unaligned(n.saddr);
+            }
+            if n.daddr != p.daddr {
+                c = csum::replace4(c, p.daddr, n.daddr);
+                (ip.add(IP_DST_OFF) as *mut u32).write_unaligned(n.daddr);
+            }
+            ip_csum.write_unaligned(c);
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn csum_addr(c: u16, old: u32, new: u32) -> u16 {
+        csum::replace4(c, old, new)
+    }
+    #[inline(always)]
+    unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<u32>) -> u8 {
+        // SAFETY: the caller guarantees a complete IPv4 header; writing union members.
+        unsafe {
+            fib.__bindgen_anon_1.tot_len = u16::from_be((ip.add(IP_TOT_LEN_OFF) as *const u16).read_unaligned());
+            fib.__bindgen_anon_2.tos = *ip.add(IP_TOS_OFF);
+            fib.__bindgen_anon_3.ipv4_src = n.saddr;
+            fib.__bindgen_anon_4.ipv4_dst = n.daddr;
+            *ip.add(IP_TTL_OFF)
+        }
+    }
+    #[inline(always)]
+    unsafe fn dec_ttl(ip: *mut u8, ttl: u8) {
+        // SAFETY: the caller guarantees a complete, writable IPv4 header.
+        unsafe {
+            // TTL shares a 16-bit checksum word with the protocol byte.
+            let ttl_word = ip.add(IP_TTL_OFF) as *mut u16;
+            let old = ttl_word.read_unaligned();
+            *ip.add(IP_TTL_OFF) = ttl - 1;
+            let new = ttl_word.read_unaligned();
+            let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
+            ip_csum.write_unaligned(csum::replace2(ip_csum.read_unaligned(), old, new));
+        }
+    }
+    #[inline(always)]
+    fn fib_next_hop(fib: &FibParams) -> u32 {
+        // SAFETY: reading the union member the kernel wrote for AF_INET.
+        unsafe { fib.__bindgen_anon_4.ipv4_dst }
+    }
+    #[inline(always)]
+    fn reset(ctx: &XdpContext, p: &Packet<u32>) -> u32 {
+        reject::tcp_reset(ctx, p)
+    }
 }
 
-/// RFC 1624 eqn. 3 for a 32-bit field (two 16-bit words).
+/// Rewrite the packet's addresses and ports to `n`, updating the IP header checksum (IPv4)
+/// and the TCP/UDP checksum (pseudo-header addresses and ports). A UDP checksum of 0 means
+/// "none" and stays 0 (IPv4; RFC 768); a computed 0 is sent as 0xffff.
 #[inline(always)]
-pub fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let s = !csum as u32
-        + (!old & 0xffff)
-        + (!old >> 16)
-        + (new & 0xffff)
-        + (new >> 16);
-    !fold(s)
-}
-
-/// Rewrite the packet's addresses and ports to `saddr:sport -> daddr:dport`, updating the
-/// IP header checksum and the TCP/UDP checksum (pseudo-header addresses and ports). A UDP
-/// checksum of 0 means "none" and stays 0; a computed 0 is sent as 0xffff (RFC 768).
-#[inline(always)]
-fn nat(ctx: &XdpContext, p: &Packet, saddr: u32, sport: u16, daddr: u32, dport: u16) -> Result<(), ()> {
+fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()> {
+    F::nat_l3(ctx, p, n)?;
     let (start, end) = (ctx.data(), ctx.data_end());
-    let ip = ptr_mut::<[u8; IP_HLEN]>(start, end, ETH_HLEN).ok_or(())? as *mut u8;
-    // Masked so the verifier sees a bounded offset (IHL makes it at most 14 + 60).
-    let l4_off = p.l4_off & 0x7f;
-    // SAFETY: all accesses are within the bounds checked above and below.
+    // Masked so the verifier sees a bounded offset (IPv4 options or IPv6 extension headers
+    // put it at most a few hundred bytes in).
+    let l4_off = p.l4_off & 0x3ff;
+    let csum_field = p.l4_csum_field();
+    // The L4 header through its checksum field (TCP, UDP), or the ports (SCTP).
+    let l4_need = match csum_field {
+        Some(f) => f + 2,
+        None => PORTS_LEN,
+    };
+    if start + l4_off + l4_need > end {
+        return Err(());
+    }
+    // SAFETY: all accesses are within the bounds checked above.
     unsafe {
-        let ip_csum = ip.add(10) as *mut u16;
-        let mut c = ip_csum.read_unaligned();
-        if saddr != p.saddr {
-            c = csum_replace4(c, p.saddr, saddr);
-            (ip.add(12) as *mut u32).write_unaligned(saddr);
-        }
-        if daddr != p.daddr {
-            c = csum_replace4(c, p.daddr, daddr);
-            (ip.add(16) as *mut u32).write_unaligned(daddr);
-        }
-        ip_csum.write_unaligned(c);
-
-        let csum_off = match p.proto {
-            PROTO_TCP => {
-                ptr_mut::<[u8; TCP_HLEN]>(start, end, l4_off).ok_or(())?;
-                Some(16)
-            }
-            PROTO_UDP => {
-                ptr_mut::<[u8; 8]>(start, end, l4_off).ok_or(())?;
-                Some(6)
-            }
-            // SCTP: CRC32c over the payload only, nothing to fix for addresses.
-            _ => {
-                ptr_mut::<[u8; 4]>(start, end, l4_off).ok_or(())?;
-                None
-            }
-        };
         let l4 = (start + l4_off) as *mut u8;
-        if let Some(off) = csum_off {
-            let l4_csum = l4.add(off) as *mut u16;
+        if let Some(off) = csum_field {
+            // Bounded for the verifier: the checksum field is at 6 (UDP) or 16 (TCP).
+            let l4_csum = l4.add(off & 0x1f) as *mut u16;
             let mut c = l4_csum.read_unaligned();
             if !(p.proto == PROTO_UDP && c == 0) {
-                if saddr != p.saddr {
-                    c = csum_replace4(c, p.saddr, saddr);
+                if n.saddr != p.saddr {
+                    c = F::csum_addr(c, p.saddr, n.saddr);
                 }
-                if daddr != p.daddr {
-                    c = csum_replace4(c, p.daddr, daddr);
+                if n.daddr != p.daddr {
+                    c = F::csum_addr(c, p.daddr, n.daddr);
                 }
-                if sport != p.sport {
-                    c = csum_replace2(c, p.sport, sport);
+                if n.sport != p.sport {
+                    c = csum::replace2(c, p.sport, n.sport);
                 }
-                if dport != p.dport {
-                    c = csum_replace2(c, p.dport, dport);
+                if n.dport != p.dport {
+                    c = csum::replace2(c, p.dport, n.dport);
                 }
                 if p.proto == PROTO_UDP && c == 0 {
                     c = 0xffff;
@@ -136,72 +175,61 @@ fn nat(ctx: &XdpContext, p: &Packet, saddr: u32, sport: u16, daddr: u32, dport: 
                 l4_csum.write_unaligned(c);
             }
         }
-        (l4 as *mut u16).write_unaligned(sport);
-        (l4.add(2) as *mut u16).write_unaligned(dport);
+        (l4.add(L4_SPORT_OFF) as *mut u16).write_unaligned(n.sport);
+        (l4.add(L4_DPORT_OFF) as *mut u16).write_unaligned(n.dport);
     }
     Ok(())
 }
 
 /// Route the (already translated) packet like the kernel would, without the kernel: FIB
-/// lookup for its destination, MACs from the neighbour table, TTL decremented, then out of
-/// the same interface (`XDP_TX`) or another one (`bpf_redirect`).
+/// lookup for its destination, MACs from the neighbour table, TTL / hop limit decremented,
+/// then out of the same interface (`XDP_TX`) or another one (`bpf_redirect`).
 ///
 /// `Err` when it cannot be forwarded: no route, TTL expired, or no neighbour entry for the
-/// next hop yet. XDP cannot resolve neighbours, so the miss is queued in `NEIGH_MISSES`
-/// for the agent, which asks the kernel to resolve it; the client's retransmission then
-/// goes through.
+/// next hop yet. XDP cannot resolve neighbours (ARP or NDP), so the miss is queued for the
+/// agent, which asks the kernel to resolve it; the client's retransmission then goes
+/// through.
 #[inline(always)]
-fn fib_forward(ctx: &XdpContext, proto: u8, sport: u16, dport: u16) -> Result<u32, ()> {
+fn fib_forward<F: XdpFamily>(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> Result<u32, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let ip = ptr_mut::<[u8; IP_HLEN]>(start, end, ETH_HLEN).ok_or(())? as *mut u8;
+    if start + ETH_HLEN + F::IP_HLEN > end {
+        return Err(());
+    }
+    let ip = (start + ETH_HLEN) as *mut u8;
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: the zeroed struct is a valid `bpf_fib_lookup` (plain integers and unions of
-    // integers); packet reads are within the bounds checked above.
+    // integers); the IP header is within the bounds checked above.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    let ttl = unsafe {
-        fib.family = AF_INET;
-        fib.l4_protocol = proto;
-        fib.sport = sport;
-        fib.dport = dport;
-        fib.__bindgen_anon_1.tot_len = u16::from_be((ip.add(2) as *const u16).read_unaligned());
-        fib.ifindex = ingress;
-        fib.__bindgen_anon_2.tos = *ip.add(1);
-        fib.__bindgen_anon_3.ipv4_src = (ip.add(12) as *const u32).read_unaligned();
-        fib.__bindgen_anon_4.ipv4_dst = (ip.add(16) as *const u32).read_unaligned();
-        *ip.add(8)
-    };
+    fib.family = F::AF;
+    fib.l4_protocol = proto;
+    fib.sport = n.sport;
+    fib.dport = n.dport;
+    fib.ifindex = ingress;
+    // SAFETY: a complete IP header of this family is at `ip` (checked above).
+    let ttl = unsafe { F::fib_params(ip, &mut fib, n) };
     if ttl <= 1 {
         return Err(());
     }
     // SAFETY: `fib` is a properly sized, initialised parameter block on our stack.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0)
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // On NO_NEIGH the kernel has filled in the egress ifindex and, for a gatewayed
-        // route, the gateway as ipv4_dst: exactly the neighbour to resolve.
-        // SAFETY: reading the union member the kernel wrote.
-        let addr = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        // route, the gateway as the destination: exactly the neighbour to resolve.
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
-        let _ = NEIGH_MISSES.insert(NeighKey { ifindex: fib.ifindex, addr }, now, 0);
+        let _ = F::neigh_misses().insert(&NeighKey { ifindex: fib.ifindex, addr: F::fib_next_hop(&fib) }, &now, 0);
         return Err(());
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(());
     }
-    let eth = ptr_mut::<[u8; 12]>(start, end, 0).ok_or(())?;
-    // SAFETY: bounds checked above (eth and the fixed IPv4 header).
+    let eth = ptr_mut::<[u8; MACS_LEN]>(start, end, 0).ok_or(())?;
+    // SAFETY: bounds checked above (Ethernet and the IP header).
     unsafe {
         let eth = &mut *eth;
         eth[..6].copy_from_slice(&fib.dmac);
         eth[6..].copy_from_slice(&fib.smac);
-        let ttl_word = ip.add(8) as *mut u16;
-        let old = ttl_word.read_unaligned();
-        *ip.add(8) = ttl - 1;
-        let new = ttl_word.read_unaligned();
-        let ip_csum = ip.add(10) as *mut u16;
-        ip_csum.write_unaligned(csum_replace2(ip_csum.read_unaligned(), old, new));
+        F::dec_ttl(ip, ttl);
     }
     if fib.ifindex == ingress {
         Ok(xdp_action::XDP_TX)
@@ -211,204 +239,53 @@ fn fib_forward(ctx: &XdpContext, proto: u8, sport: u16, dport: u16) -> Result<u3
     }
 }
 
-/// Forward a translated packet, counting `v` on success and `no_route` otherwise.
+/// Length of the whole frame, fragments (multi-buffer XDP) included.
 #[inline(always)]
-fn forward(ctx: &XdpContext, svc_id: u32, v: u32, len: u32, proto: u8, sport: u16, dport: u16) -> u32 {
-    match fib_forward(ctx, proto, sport, dport) {
-        Ok(action) => {
-            count_service(svc_id, v, len);
-            action
-        }
-        Err(()) => {
-            count_service(svc_id, verdict::NO_ROUTE, len);
-            xdp_action::XDP_DROP
-        }
-    }
+fn frame_len(ctx: &XdpContext) -> usize {
+    // SAFETY: helper on our own context.
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
-/// Sum of a header's 16-bit words as big-endian numbers (for a checksum built from scratch).
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of no
+/// family we handle is counted by `from_uplink`).
 #[inline(always)]
-fn sum_words<const N: usize>(b: &[u8; N]) -> u32 {
-    let mut s = 0u32;
-    let mut i = 0;
-    while i + 1 < N {
-        s += ((b[i] as u32) << 8) | b[i + 1] as u32;
-        i += 2;
-    }
-    s
-}
-
-/// Answer a TCP segment to a service without endpoints with a reset, in place: the client
-/// fails fast (like kube-proxy's REJECT) instead of retrying SYNs into a drop. Anything
-/// else (UDP, a RST, IP options) is dropped; building an ICMP error would need to grow the
-/// frame and quote the original, which this does not do yet.
-#[inline(always)]
-fn reject(ctx: &XdpContext, p: &Packet) -> u32 {
-    if p.proto != PROTO_TCP || p.tcp_flags & TCP_RST != 0 || p.l4_off != ETH_HLEN + IP_HLEN {
-        return xdp_action::XDP_DROP;
-    }
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(hdr) = ptr_mut::<[u8; RST_FRAME_LEN]>(start, end, 0) else {
-        return xdp_action::XDP_DROP;
-    };
-    // SAFETY: the whole Ethernet + IPv4 + TCP header block is within bounds.
-    let (macs, ip_len, seq, ack, doff) = unsafe {
-        let h = &*hdr;
-        let mut macs = [0u8; 12];
-        macs.copy_from_slice(&h[..12]);
-        let ip_len = u16::from_be_bytes([h[16], h[17]]) as u32;
-        let t = ETH_HLEN + IP_HLEN;
-        let seq = u32::from_be_bytes([h[t + 4], h[t + 5], h[t + 6], h[t + 7]]);
-        let ack = u32::from_be_bytes([h[t + 8], h[t + 9], h[t + 10], h[t + 11]]);
-        (macs, ip_len, seq, ack, ((h[t + 12] >> 4) as u32) * 4)
-    };
-    // RFC 9293 3.10.7.1: reply to a segment with ACK by seq = its ack; otherwise seq 0 and
-    // ack = its seq + segment length (SYN and FIN count one each).
-    let (rst_seq, rst_ack, flags) = if p.tcp_flags & TCP_ACK != 0 {
-        (ack, 0, TCP_RST)
-    } else {
-        let payload = ip_len.saturating_sub(IP_HLEN as u32 + doff);
-        let ctl = (p.tcp_flags & TCP_SYN != 0) as u32 + (p.tcp_flags & TCP_FIN != 0) as u32;
-        (0, seq.wrapping_add(payload + ctl), TCP_RST | TCP_ACK)
-    };
-    let len = (end - start) as i32;
-    if len > RST_FRAME_LEN as i32 {
-        // SAFETY: shrinking the frame we own; pointers are re-derived afterwards.
-        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, RST_FRAME_LEN as i32 - len) } != 0 {
-            return xdp_action::XDP_DROP;
+fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    let p = match F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
+        Ok(p) => p,
+        Err(v) => {
+            stats::count(v, 0, len);
+            return xdp_action::XDP_PASS;
         }
-    }
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(hdr) = ptr_mut::<[u8; RST_FRAME_LEN]>(start, end, 0) else {
-        return xdp_action::XDP_DROP;
     };
-    // SAFETY: bounds checked just above.
-    let h = unsafe { &mut *hdr };
-    h[..6].copy_from_slice(&macs[6..]);
-    h[6..12].copy_from_slice(&macs[..6]);
-    let (s, d) = (p.daddr.to_ne_bytes(), p.saddr.to_ne_bytes());
-    let mut ip = [0u8; IP_HLEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((IP_HLEN + TCP_HLEN) as u16).to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64;
-    ip[9] = PROTO_TCP;
-    ip[12..16].copy_from_slice(&s);
-    ip[16..20].copy_from_slice(&d);
-    let c = !fold(sum_words(&ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut tcp = [0u8; TCP_HLEN];
-    tcp[0..2].copy_from_slice(&p.dport.to_ne_bytes());
-    tcp[2..4].copy_from_slice(&p.sport.to_ne_bytes());
-    tcp[4..8].copy_from_slice(&rst_seq.to_be_bytes());
-    tcp[8..12].copy_from_slice(&rst_ack.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    // Pseudo-header: addresses, protocol, TCP length.
-    let pseudo = sum_words(&s) + sum_words(&d) + PROTO_TCP as u32 + TCP_HLEN as u32;
-    let c = !fold(pseudo + sum_words(&tcp));
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    h[ETH_HLEN..ETH_HLEN + IP_HLEN].copy_from_slice(&ip);
-    h[ETH_HLEN + IP_HLEN..].copy_from_slice(&tcp);
-    xdp_action::XDP_TX
+    let p = &p;
+    let d = pipeline::decide::<F>(p, Hook::Uplink);
+    let (ret, verdict) = match d.action {
+        Action::Pass => (xdp_action::XDP_PASS, d.verdict),
+        Action::Drop => (xdp_action::XDP_DROP, d.verdict),
+        Action::Reject => (F::reset(ctx, p), d.verdict),
+        Action::Rewrite => match nat::<F>(ctx, p, &d.nat) {
+            Ok(()) => (xdp_action::XDP_PASS, d.verdict),
+            Err(()) => (xdp_action::XDP_DROP, Verdict::Error),
+        },
+        Action::Forward => match nat::<F>(ctx, p, &d.nat).map(|()| fib_forward::<F>(ctx, p.proto, &d.nat)) {
+            Ok(Ok(action)) => (action, d.verdict),
+            Ok(Err(())) => (xdp_action::XDP_DROP, Verdict::NoRoute),
+            Err(()) => (xdp_action::XDP_DROP, Verdict::Error),
+        },
+        // Only TC bounces.
+        Action::Bounce => (xdp_action::XDP_DROP, Verdict::Error),
+    };
+    stats::count(verdict, d.svc_id, len);
+    ret
 }
 
 pub fn from_uplink(ctx: &XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u32;
-    let p = match parse::parse(ctx.data(), ctx.data_end()) {
-        Ok(p) => p,
+    match parse::l3(ctx.data(), ctx.data_end()) {
+        Ok(L3::V4) => handle::<V4>(ctx),
         Err(v) => {
-            count_global(v, len);
-            return xdp_action::XDP_PASS;
-        }
-    };
-
-    // A remote backend answering a flow we source-NATed: undo both translations and send
-    // it back to the client.
-    if let Some(ct) = lb::ct_lookup(&lb::reply_key(&p), &p) {
-        if ct.flags & ct_flags::SNAT != 0 {
-            if p.tcp_closing() {
-                lb::ct_mark_forward_closing(&p, &ct);
-            }
-            if nat(ctx, &p, ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port).is_err() {
-                count_service(ct.svc_id, verdict::ERROR, len);
-                return xdp_action::XDP_DROP;
-            }
-            return forward(ctx, ct.svc_id, verdict::REVERSE_NAT, len, p.proto, ct.nat_port, ct.snat_port);
-        }
-        // The reply of a pod's own flow to a backend on another node: `to_pod` on that
-        // pod's veth restores the VIP.
-        count_global(verdict::PASS, len);
-        return xdp_action::XDP_PASS;
-    }
-
-    // Tracked flow: same backend (and SNAT port) as its first packet, even if the backend
-    // or the service has gone since; a SYN on a closed tuple is a new connection.
-    if let Some(ct) = lb::ct_lookup(&lb::forward_key(&p), &p) {
-        let reopened = p.tcp_syn() && ct.flags & ct_flags::CLOSING != 0;
-        if !reopened {
-            if ct.flags & ct_flags::SNAT != 0 {
-                if nat(ctx, &p, ct.snat_addr, ct.snat_port, ct.nat_addr, ct.nat_port).is_err() {
-                    count_service(ct.svc_id, verdict::ERROR, len);
-                    return xdp_action::XDP_DROP;
-                }
-                return forward(ctx, ct.svc_id, verdict::ESTABLISHED, len, p.proto, ct.snat_port, ct.nat_port);
-            }
-            if nat(ctx, &p, p.saddr, p.sport, ct.nat_addr, ct.nat_port).is_err() {
-                count_service(ct.svc_id, verdict::ERROR, len);
-                return xdp_action::XDP_DROP;
-            }
-            count_service(ct.svc_id, verdict::ESTABLISHED, len);
-            return xdp_action::XDP_PASS;
+            stats::count(v, 0, (ctx.data_end() - ctx.data()) as u32);
+            xdp_action::XDP_PASS
         }
     }
-
-    let Some(svc) = lb::service_lookup(&p, SCOPE_EXTERNAL) else {
-        count_global(verdict::PASS, len);
-        return xdp_action::XDP_PASS;
-    };
-    if !lb::source_allowed(&svc, p.saddr) {
-        count_service(svc.id, verdict::SOURCE_RANGE_DROP, len);
-        return xdp_action::XDP_DROP;
-    }
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (backend_id, b) = match lb::select_backend(&svc, p.saddr, now) {
-        Selected::Backend(id, b) => (id, b),
-        Selected::Empty => {
-            count_service(svc.id, verdict::NO_BACKEND, len);
-            return reject(ctx, &p);
-        }
-        Selected::Missing => {
-            count_service(svc.id, verdict::ERROR, len);
-            return xdp_action::XDP_DROP;
-        }
-    };
-
-    // Local backend (always the case with externalTrafficPolicy: Local): DNAT only, so the
-    // pod sees the client's address, and let the stack deliver it.
-    if b.flags & backend_flags::LOCAL != 0 || svc.flags & svc_flags::LOCAL_ONLY != 0 {
-        if lb::ct_create(&p, svc.id, backend_id, &b, now).is_err()
-            || nat(ctx, &p, p.saddr, p.sport, b.addr, b.port).is_err()
-        {
-            count_service(svc.id, verdict::ERROR, len);
-            return xdp_action::XDP_DROP;
-        }
-        count_service(svc.id, verdict::NEW_FLOW, len);
-        return xdp_action::XDP_PASS;
-    }
-
-    // Remote backend: its replies must come back through this node to be un-NATed, so the
-    // source becomes this node's address (the one the client used if the agent set none).
-    let cfg = lb::node_config();
-    let snat_addr = if cfg.snat_addr != 0 { cfg.snat_addr } else { p.daddr };
-    let Some(port) = lb::ct_create_snat(&p, svc.id, backend_id, &b, snat_addr, &cfg, now) else {
-        count_service(svc.id, verdict::ERROR, len);
-        return xdp_action::XDP_DROP;
-    };
-    if nat(ctx, &p, snat_addr, port, b.addr, b.port).is_err() {
-        count_service(svc.id, verdict::ERROR, len);
-        return xdp_action::XDP_DROP;
-    }
-    forward(ctx, svc.id, verdict::NEW_FLOW, len, p.proto, port, b.port)
 }

@@ -17,11 +17,13 @@ use tracing::{error, info, warn};
 
 use crate::{
     cli::AgentArgs,
+    conntrack::{GcConfig, task::GcTask},
     dataplane::{
         attach::{self, XdpModeChoice, attach_pod_interface, attach_uplink, remove_stale_pins},
+        ct_table::KernelCtTable,
         ifaces::{self, IfacePatterns, LinkEvent},
         loader::{self, LoaderConfig, Programs},
-        maps::Maps,
+        maps::{GlobalStats, Maps},
         node::{NodeMaps, PortRange, node_config, resolve_neighbour},
     },
     healthcheck::HealthServers,
@@ -207,6 +209,22 @@ impl SyncLoop {
     }
 }
 
+/// The conntrack collector on its own thread, on its own handles to the pinned maps.
+fn start_conntrack_gc(args: &AgentArgs, metrics: Metrics) -> Result<()> {
+    let table = KernelCtTable::open_pinned(&args.bpffs_root).context("conntrack map")?;
+    let stats = GlobalStats::open_pinned(&args.bpffs_root).context("stats map")?;
+    let cfg = GcConfig { timeouts: args.conntrack.timeouts(), ..GcConfig::default() };
+    let task = GcTask::new(table, stats, cfg, args.conntrack.conntrack_gc_interval, metrics);
+    info!(
+        capacity = task.capacity,
+        interval = ?args.conntrack.conntrack_gc_interval,
+        timeouts = ?cfg.timeouts,
+        "conntrack collector started"
+    );
+    task.spawn();
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -266,6 +284,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
     // Fill ratios use the sizes of the maps in use.
     let capacities = maps.capacities();
+    start_conntrack_gc(&args, metrics.clone())?;
     let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
     let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
     if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&args.snat_port_range)) {

@@ -109,12 +109,62 @@ pub struct AgentArgs {
     /// Size of the backends map.
     #[arg(long, default_value_t = proxy_common::sizes::MAX_BACKENDS)]
     pub max_backends: u32,
-    /// Size of the conntrack map (LRU).
+    /// Size of the conntrack map (two entries per flow). When it is full of live flows, new
+    /// flows are dropped (counted `ct_full`); established flows are never evicted.
     #[arg(long, default_value_t = proxy_common::sizes::MAX_CONNTRACK)]
     pub max_conntrack: u32,
+    #[command(flatten)]
+    pub conntrack: ConntrackArgs,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 1h, 24h)"))
+}
+
+/// Conntrack timeouts (idle time per state) and the collector's interval. The names follow
+/// kube-proxy's `--conntrack-*` flags where it has one.
+#[derive(Debug, Clone, Args)]
+pub struct ConntrackArgs {
+    /// Idle timeout of established TCP flows (kube-proxy's default).
+    #[arg(long, value_parser = duration, default_value = "24h")]
+    pub conntrack_tcp_timeout_established: std::time::Duration,
+    /// Idle timeout of half-closed TCP flows (one side sent FIN; kube-proxy's default).
+    #[arg(long, value_parser = duration, default_value = "1h")]
+    pub conntrack_tcp_timeout_close_wait: std::time::Duration,
+    /// Idle timeout of TCP flows that saw no reply yet.
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    pub conntrack_tcp_timeout_syn: std::time::Duration,
+    /// How long closed TCP flows (both FINs, or a RST) are kept (removed at once when the
+    /// table is under pressure).
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    pub conntrack_tcp_timeout_closed: std::time::Duration,
+    /// Idle timeout of UDP/SCTP flows that saw no reply.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    pub conntrack_udp_timeout: std::time::Duration,
+    /// Idle timeout of UDP/SCTP flows with traffic both ways.
+    #[arg(long, value_parser = duration, default_value = "120s")]
+    pub conntrack_udp_timeout_stream: std::time::Duration,
+    /// Interval between conntrack collector passes (every 100ms while the table is nearly
+    /// full or dropping new flows).
+    #[arg(long, value_parser = duration, default_value = "2s")]
+    pub conntrack_gc_interval: std::time::Duration,
+}
+
+impl ConntrackArgs {
+    pub fn timeouts(&self) -> proxy_common::ct::CtTimeouts {
+        let s = |d: std::time::Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        proxy_common::ct::CtTimeouts {
+            tcp_syn: s(self.conntrack_tcp_timeout_syn),
+            tcp_established: s(self.conntrack_tcp_timeout_established),
+            tcp_close_wait: s(self.conntrack_tcp_timeout_close_wait),
+            tcp_closed: s(self.conntrack_tcp_timeout_closed),
+            udp: s(self.conntrack_udp_timeout),
+            udp_stream: s(self.conntrack_udp_timeout_stream),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +187,19 @@ mod tests {
         assert_eq!(a.snat_port_range, PortRange { min: 61000, max: 65535 });
         assert_eq!(a.hairpin_address, Ipv4Addr::new(169, 254, 42, 1));
         assert!(a.uplink.is_empty());
+        assert_eq!(a.conntrack.timeouts(), proxy_common::ct::CtTimeouts::default());
+    }
+
+    #[test]
+    fn conntrack_timeouts_parse_durations() {
+        let cli = Cli::try_parse_from([
+            "ebpf-proxy", "agent", "--conntrack-tcp-timeout-established", "2h", "--conntrack-udp-timeout", "5s",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        let t = a.conntrack.timeouts();
+        assert_eq!((t.tcp_established, t.udp, t.tcp_closed), (7200, 5, 10));
+        assert!(Cli::try_parse_from(["ebpf-proxy", "agent", "--conntrack-udp-timeout", "soon"]).is_err());
     }
 
     #[test]

@@ -12,6 +12,16 @@ pub struct MapLabel {
     pub map: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
@@ -24,6 +34,12 @@ pub struct Metrics {
     pub object_warnings: Gauge,
     pub map_fill: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub attached_interfaces: Gauge,
+    pub conntrack_flows: Family<StateLabel, Gauge>,
+    pub conntrack_entries: Gauge,
+    pub conntrack_gc_runs: Counter,
+    pub conntrack_gc_deleted: Family<ReasonLabel, Counter>,
+    pub conntrack_gc_duration: Histogram,
+    pub conntrack_full_drops: Counter,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -44,6 +60,12 @@ impl Metrics {
             object_warnings: Gauge::default(),
             map_fill: Family::default(),
             attached_interfaces: Gauge::default(),
+            conntrack_flows: Family::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_gc_runs: Counter::default(),
+            conntrack_gc_deleted: Family::default(),
+            conntrack_gc_duration: Histogram::new(buckets()),
+            conntrack_full_drops: Counter::default(),
         };
         r.register("services_programmed", "Service frontends in the services map", m.services.clone());
         r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
@@ -58,6 +80,24 @@ impl Metrics {
         r.register("object_warnings", "Objects currently skipped as malformed", m.object_warnings.clone());
         r.register("map_fill_ratio", "Entries over capacity, per map", m.map_fill.clone());
         r.register("attached_interfaces", "Pod interfaces with programs attached", m.attached_interfaces.clone());
+        r.register(
+            "conntrack_flows",
+            "Tracked flows by state, as of the collector's last complete walk",
+            m.conntrack_flows.clone(),
+        );
+        r.register("conntrack_entries", "Conntrack entries (two per flow), as of the last complete walk", m.conntrack_entries.clone());
+        r.register("conntrack_gc_runs", "Conntrack collector passes", m.conntrack_gc_runs.clone());
+        r.register(
+            "conntrack_gc_deleted",
+            "Conntrack entries removed, by reason (expired, pressure, orphan)",
+            m.conntrack_gc_deleted.clone(),
+        );
+        r.register("conntrack_gc_duration_seconds", "Duration of one conntrack collector pass", m.conntrack_gc_duration.clone());
+        r.register(
+            "conntrack_full_drops",
+            "New flows dropped because the conntrack table was full of live flows",
+            m.conntrack_full_drops.clone(),
+        );
         *m.registry.lock().expect("fresh mutex") = r;
         m
     }

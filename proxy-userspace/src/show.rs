@@ -4,7 +4,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use proxy_common::{
     Backend, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey, backend_flags, ct_flags, svc_flags,
-    verdict,
+    Verdict,
 };
 use serde::Serialize;
 
@@ -227,10 +227,17 @@ pub struct ConntrackRow {
     pub nat: String,
     pub service_id: u32,
     pub backend_id: u32,
+    /// new, established, closing (one FIN) or closed (both FINs, or a RST); the forward
+    /// entry's state is the flow's.
+    pub state: &'static str,
+    /// A FIN or RST was seen: a SYN on this tuple opens a new connection.
     pub closing: bool,
+    pub snat: Option<String>,
+    /// Seconds since the entry was last refreshed (at most once a second by the datapath).
+    pub idle_seconds: u64,
 }
 
-fn conntrack_row(k: &CtKey, v: &CtValue) -> ConntrackRow {
+fn conntrack_row(k: &CtKey, v: &CtValue, now_ns: u64) -> ConntrackRow {
     let ep = |a: u32, p: u16| format!("{}:{}", ip_from_map(a), port_from_map(p));
     ConntrackRow {
         protocol: proto_name(k.proto),
@@ -240,14 +247,18 @@ fn conntrack_row(k: &CtKey, v: &CtValue) -> ConntrackRow {
         nat: ep(v.nat_addr, v.nat_port),
         service_id: v.svc_id,
         backend_id: v.backend_id,
+        state: proxy_common::ct::state(k.proto, v.flags).name(),
         closing: v.flags & ct_flags::CLOSING != 0,
+        snat: (v.flags & ct_flags::SNAT != 0).then(|| ep(v.snat_addr, v.snat_port)),
+        idle_seconds: now_ns.saturating_sub(v.last_seen) / 1_000_000_000,
     }
 }
 
 pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> {
+    let now = crate::conntrack::task::monotonic_ns();
     let mut rows: Vec<ConntrackRow> = collect(&maps.conntrack, proxy_common::map_names::CONNTRACK)?
         .iter()
-        .map(|(k, v)| conntrack_row(k, v))
+        .map(|(k, v)| conntrack_row(k, v, now))
         .collect();
     rows.sort_by(|a, b| (&a.source, &a.destination, a.direction).cmp(&(&b.source, &b.destination, b.direction)));
     Ok(rows)
@@ -265,11 +276,13 @@ pub fn render_conntrack(rows: &[ConntrackRow]) -> String {
                 r.nat.clone(),
                 r.service_id.to_string(),
                 r.backend_id.to_string(),
-                if r.closing { "closing".into() } else { "-".into() },
+                r.state.to_string(),
+                r.snat.clone().unwrap_or_else(|| "-".into()),
+                r.idle_seconds.to_string(),
             ]
         })
         .collect();
-    table(&["PROTO", "DIR", "SOURCE", "DESTINATION", "NAT", "SVC", "BACKEND", "STATE"], &cells)
+    table(&["PROTO", "DIR", "SOURCE", "DESTINATION", "NAT", "SVC", "BACKEND", "STATE", "SNAT", "IDLE(s)"], &cells)
 }
 
 #[derive(Debug, Serialize)]
@@ -284,20 +297,16 @@ pub struct StatRow {
 pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
     use proxy_common::map_names as n;
     let mut rows = Vec::new();
-    for v in 0..verdict::COUNT {
-        // A GLOBAL_STATS pinned by an older agent has fewer verdicts: show what it has.
-        if v >= maps.global_stats.len() {
-            break;
-        }
-        let pc = maps.global_stats.get(&v, 0).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
-        let (packets, bytes) = pc.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        rows.push(StatRow { service_id: None, verdict: verdict::NAMES[v as usize], packets, bytes });
+    // A GLOBAL_STATS pinned by an older agent has fewer verdicts: show what it has.
+    for v in 0..Verdict::COUNT.min(maps.global_stats.len()) {
+        let c = crate::dataplane::maps::global_total(&maps.global_stats, v)?;
+        rows.push(StatRow { service_id: None, verdict: Verdict::ALL[v as usize].name(), packets: c.packets, bytes: c.bytes });
     }
     let mut per: Vec<StatRow> = Vec::new();
     for r in maps.service_stats.iter() {
         let (k, pc) = r.map_err(|e| DataplaneError::from_map(n::SERVICE_STATS, e))?;
         let (packets, bytes) = pc.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        let name = verdict::NAMES.get(k.verdict as usize).copied().unwrap_or("unknown");
+        let name = Verdict::from_index(k.verdict).map_or("unknown", Verdict::name);
         per.push(StatRow { service_id: Some(k.svc_id), verdict: name, packets, bytes });
     }
     per.sort_by_key(|r| (r.service_id, r.verdict));

@@ -82,12 +82,13 @@ impl TestDataplane {
     /// BPF_PROG_TEST_RUN on a TC or XDP program of the object, in the calling thread's
     /// network namespace (which is where XDP's `bpf_fib_lookup` looks routes up).
     fn test_run(&mut self, prog: &'static str, opts: TestRunOptions<'_>) -> TestRunResult {
+        let len = opts.data_in.map(|d| d.len());
         let r = match self.programs.ebpf.program_mut(prog).unwrap_or_else(|| panic!("no program {prog}")) {
             Program::SchedClassifier(p) => p.test_run(opts),
             Program::Xdp(p) => p.test_run(opts),
             _ => panic!("{prog}: not a TC or XDP program"),
         };
-        r.expect("BPF_PROG_TEST_RUN")
+        r.unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {prog} on a {len:?}-byte frame: {e:?}"))
     }
 
     /// Run `prog` (TC or XDP) once on `frame`; returns (verdict, output frame). For XDP the
@@ -182,6 +183,34 @@ pub fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> 
         .ipv4(src.0.octets(), dst.0.octets(), 64)
         .tcp(src.1, dst.1, 1000, 65535)
         .syn();
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build frame");
+    v
+}
+
+/// TCP flag bits for [`tcp_segment`].
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// A TCP segment with exactly the flags `flags` (bits of [`tcp`]) and valid checksums.
+pub fn tcp_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 65535);
+    if flags & tcp::SYN != 0 {
+        b = b.syn();
+    }
+    if flags & tcp::FIN != 0 {
+        b = b.fin();
+    }
+    if flags & tcp::RST != 0 {
+        b = b.rst();
+    }
+    if flags & tcp::ACK != 0 {
+        b = b.ack(1);
+    }
     let mut v = Vec::new();
     b.write(&mut v, payload).expect("build frame");
     v

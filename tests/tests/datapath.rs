@@ -189,15 +189,15 @@ fn non_service_and_malformed_frames_pass_untouched() {
         ("other destination", other_dst, verdict::PASS),
         ("other port", other_port, verdict::PASS),
         ("UDP to a TCP-only service", udp_to_tcp_service, verdict::PASS),
-        ("ARP", arp, verdict::NOT_IPV4),
-        ("IPv6", ipv6, verdict::NOT_IPV4),
+        ("ARP", arp, verdict::NOT_IP),
+        ("IPv6", ipv6, verdict::NOT_IP),
         ("truncated TCP header", truncated, verdict::MALFORMED),
         ("first fragment", fragment, verdict::FRAGMENT),
         ("later fragment", later_fragment, verdict::FRAGMENT),
         ("IHL < 5", bad_ihl, verdict::MALFORMED),
         ("IP version 6 in an IPv4 ethertype", bad_version, verdict::MALFORMED),
         ("ICMP to the VIP", icmp, verdict::OTHER_L4),
-        ("garbage", garbage, verdict::NOT_IPV4),
+        ("garbage", garbage, verdict::NOT_IP),
     ];
     let global = |dp: &TestDataplane, v: u32| -> u64 {
         dp.maps().global_stats.get(&v, 0).map(|pc| pc.iter().map(|c| c.packets).sum()).unwrap_or(0)
@@ -209,7 +209,7 @@ fn non_service_and_malformed_frames_pass_untouched() {
             assert_eq!(v, TC_ACT_UNSPEC, "{name} via {prog}: verdict");
             assert_eq!(out, frame, "{name} via {prog}: bytes changed");
         }
-        assert_eq!(global(&dp, expect), before + 2, "{name}: counted as {}", verdict::NAMES[expect as usize]);
+        assert_eq!(global(&dp, expect), before + 2, "{name}: counted as {}", proxy_common::Verdict::ALL[expect as usize].name());
     }
 }
 

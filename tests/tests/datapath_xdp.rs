@@ -402,7 +402,7 @@ fn xdp_non_service_frames_pass_untouched() {
         ("SSH to the node", tcp_frame((CLIENT, 40000), (NODE, 22), b"x"), verdict::PASS),
         ("UDP to a TCP NodePort", udp_frame((CLIENT, 40000), (NODE, NODE_PORT), b"x"), verdict::PASS),
         ("pod traffic between nodes", tcp_frame((REMOTE_POD, 40000), (LOCAL_POD, 8080), b"x"), verdict::PASS),
-        ("ARP", arp, verdict::NOT_IPV4),
+        ("ARP", arp, verdict::NOT_IP),
         ("truncated", tcp_frame((CLIENT, 40000), (NODE, NODE_PORT), b"")[..40].to_vec(), verdict::MALFORMED),
     ];
     for (name, frame, expect) in cases {
@@ -410,7 +410,7 @@ fn xdp_non_service_frames_pass_untouched() {
         let (v, out) = dp.run(XDP, &frame);
         assert_eq!(v, XDP_PASS, "{name}");
         assert_eq!(out, frame, "{name}: bytes changed");
-        assert_eq!(global(&dp, expect), before + 1, "{name}: counted as {}", verdict::NAMES[expect as usize]);
+        assert_eq!(global(&dp, expect), before + 1, "{name}: counted as {}", proxy_common::Verdict::ALL[expect as usize].name());
     }
     // The internal (pod-side) frontend is not served on the uplink: ClusterIP from outside.
     program(&mut dp, vec![(frontend(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp), entry("web", &[(LOCAL_POD, 8080)]))]);
@@ -502,3 +502,34 @@ fn xdp_report_per_packet_cost() {
     assert!(hit_ns > 0.0 && miss_ns > 0.0 && fwd_ns > 0.0 && rev_ns > 0.0);
 }
 
+
+/// A client reusing one source port towards a NodePort whose backend is on another node
+/// (DNAT + SNAT), SYN then FIN, twenty times: translated every time, always with a port of
+/// the SNAT range. Each reopen used to leak the previous connection's SNAT port claim, and
+/// the tuple has only eight candidates, so the ninth SYN was dropped forever.
+#[test]
+fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
+    if !require_root("xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time") {
+        return;
+    }
+    let net = FwdNs::new();
+    let up0 = net.uplink_ifindex();
+    let mut dp = TestDataplane::load();
+    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))]);
+    let client = (CLIENT, 5353);
+    for i in 0..20 {
+        let syn = tcp_segment(client, (NODE, NODE_PORT), tcp::SYN, b"");
+        let (v, out) = net.ns.run(|| dp.run_xdp_on(XDP, &syn, up0));
+        assert_eq!(v, XDP_TX, "SYN #{i} forwarded");
+        let d = decode(&out);
+        assert_eq!((d.src.0, d.dst), (NODE, (REMOTE_POD, 8080)), "SYN #{i}");
+        assert!((61000..=65535).contains(&d.src.1), "SYN #{i}: SNAT port {}", d.src.1);
+        assert!(d.ip_csum_ok && d.l4_csum_ok, "SYN #{i}: {d:?}");
+        let fin = tcp_segment(client, (NODE, NODE_PORT), tcp::FIN | tcp::ACK, b"");
+        let (v, _) = net.ns.run(|| dp.run_xdp_on(XDP, &fin, up0));
+        assert_eq!(v, XDP_TX, "FIN #{i} forwarded");
+    }
+    assert_eq!(per_service(&dp, verdict::NEW_FLOW), 20);
+    assert_eq!(per_service(&dp, verdict::ERROR), 0);
+    assert_eq!(dp.maps().conntrack.keys().count(), 2, "only the last connection's two entries remain");
+}

@@ -122,6 +122,33 @@ impl Maps {
     }
 }
 
+/// One verdict's node-wide counters summed over CPUs; zero for a verdict that a
+/// GLOBAL_STATS pinned by an older agent does not have.
+pub fn global_total(map: &PerCpuArray<MapData, Counters>, verdict: u32) -> Result<Counters, DataplaneError> {
+    if verdict >= map.len() {
+        return Ok(Counters::default());
+    }
+    let pc = map.get(&verdict, 0).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
+    Ok(pc.iter().fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+}
+
+/// GLOBAL_STATS on its own, for readers that need nothing else (the conntrack GC watches
+/// the `ct_full` counter).
+pub struct GlobalStats(PerCpuArray<MapData, Counters>);
+
+impl GlobalStats {
+    pub fn open_pinned(root: &Path) -> Result<Self, DataplaneError> {
+        let path = paths::maps_dir(root).join(n::GLOBAL_STATS);
+        let data = MapData::from_pin(&path).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
+        let map = Map::from_map_data(data).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
+        Ok(GlobalStats(typed(n::GLOBAL_STATS, map)?))
+    }
+
+    pub fn total(&self, verdict: u32) -> Result<Counters, DataplaneError> {
+        global_total(&self.0, verdict)
+    }
+}
+
 /// Deleting what is already gone is not an error for the sync.
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {

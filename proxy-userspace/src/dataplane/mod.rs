@@ -3,6 +3,7 @@
 //! attaching programs to interfaces (`attach`).
 pub mod addr;
 pub mod attach;
+pub mod ct_table;
 pub mod ifaces;
 pub mod error;
 pub mod loader;

@@ -1,0 +1,37 @@
+//! Internet checksum arithmetic for XDP, which has no checksum helpers (TC uses the
+//! kernel's `bpf_l3/l4_csum_replace`, which also handle CHECKSUM_PARTIAL skbs).
+
+/// Fold a 32-bit one's-complement accumulator to 16 bits.
+#[inline(always)]
+pub fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), for a 16-bit field. Values are as stored in
+/// the packet (read natively); the one's-complement sum does not care about byte order as
+/// long as every word is read the same way.
+#[inline(always)]
+pub fn replace2(csum: u16, old: u16, new: u16) -> u16 {
+    !fold(!csum as u32 + !old as u32 + new as u32)
+}
+
+/// RFC 1624 eqn. 3 for a 32-bit field (two 16-bit words).
+#[inline(always)]
+pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let s = !csum as u32 + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
+    !fold(s)
+}
+
+/// Sum of a header's 16-bit words as big-endian numbers (for a checksum built from scratch).
+#[inline(always)]
+pub fn sum_words<const N: usize>(b: &[u8; N]) -> u32 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i + 1 < N {
+        s += ((b[i] as u32) << 8) | b[i + 1] as u32;
+        i += 2;
+    }
+    s
+}
