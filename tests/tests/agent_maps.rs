@@ -67,11 +67,15 @@ impl Env {
 
     /// Start the agent with `extra` flags, its log in `<logs>/<port>-<n>.log`.
     fn start(&self, port: u16, extra: &[&str]) -> (Agent, PathBuf) {
+        self.start_bin(&ebpf_proxy_bin().unwrap(), port, extra)
+    }
+
+    fn start_bin(&self, bin: &Path, port: u16, extra: &[&str]) -> (Agent, PathBuf) {
         let log = self.logs.0.join(unique(&format!("{port}-")) + ".log");
         let http: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.topo.node.name))
-            .arg(ebpf_proxy_bin().unwrap())
+            .arg(bin)
             .args(["agent", "--bpffs-root"])
             .arg(&self.pins.0)
             .args(["--http-addr", &http.to_string(), "--sync-delay-ms", "10", "--node-name", "node-a"])
@@ -182,6 +186,53 @@ fn larger_conntrack_on_restart_keeps_held_connections() {
     assert!(failed <= 1, "{failed} new connections failed");
     assert_eq!(names(client, vip0, 30), set(&["pod1", "pod2", "pod3"]), "service still served");
     assert!(agent.metric(&env.topo.node, "ebpf_proxy_map_writes_total").unwrap() == 0.0, "nothing rewritten");
+}
+
+/// Upgrade: pins made by an older agent (`EBPF_PROXY_OLD_BIN`, e.g. one built from an
+/// earlier commit) whose maps differ from this version's (size, type or flags) are migrated
+/// by the new agent while 40 connections are held open and a client loop runs. Skipped
+/// without `EBPF_PROXY_OLD_BIN`.
+#[test]
+fn upgrade_from_an_older_agent_keeps_held_connections() {
+    if !require_root("upgrade_from_an_older_agent_keeps_held_connections") {
+        return;
+    }
+    let Some(old) = std::env::var_os("EBPF_PROXY_OLD_BIN").map(PathBuf::from) else {
+        eprintln!("SKIP upgrade_from_an_older_agent_keeps_held_connections: set EBPF_PROXY_OLD_BIN to an older ebpf-proxy");
+        return;
+    };
+    let env = setup(4, 43);
+    env.write_services(1, &[1, 2, 3]);
+    let (mut agent, _) = env.start_bin(&old, 10304, &[]);
+    let vip0: SocketAddr = (vip(0), 80).into();
+    let client = &env.topo.pods[0].ns;
+    wait_for(Duration::from_secs(5), "all backends", || (names(client, vip0, 30) == set(&["pod1", "pod2", "pod3"])).then_some(()))
+        .unwrap();
+    let mut held: Vec<Held> = client.run(|| (0..40).map(|_| Held::open(vip0)).collect::<anyhow::Result<_>>()).unwrap();
+    let mut log = PathBuf::new();
+    let (ok, failed) = under_load(client, vip0, || {
+        agent.kill();
+        let (a, l) = env.start(10304, &[]);
+        agent = a;
+        log = l;
+    });
+    env.wait_migrated();
+    let text = read_log(&log);
+    let migrated: Vec<&str> = text.lines().filter(|l| l.contains("migrated pinned map")).collect();
+    let mut kept = 0;
+    for h in &mut held {
+        if h.ask().ok().as_deref() == Some(h.first.as_str()) {
+            kept += 1;
+        }
+    }
+    eprintln!("upgrade: held connections kept {kept}/40; new connections {ok} ok, {failed} failed");
+    for l in &migrated {
+        eprintln!("{l}");
+    }
+    assert!(!migrated.is_empty(), "nothing migrated: {text}");
+    assert_eq!(kept, 40);
+    assert!(failed <= 1, "{failed} new connections failed");
+    assert_eq!(names(client, vip0, 30), set(&["pod1", "pod2", "pod3"]));
 }
 
 /// Twenty services; restarts with a smaller, then a larger --max-services keep every one
