@@ -125,7 +125,24 @@ impl Copied {
     }
 }
 
-type CopyFn = fn(&Map, &mut Map) -> Result<Copied, MapError>;
+/// Copies every entry of the old map (its spec given) into the new one.
+type CopyFn = fn(&Map, &mut Map, &MapSpec) -> Result<Copied, MapError>;
+
+/// Rewrites a value carried over from an older map (`old` describes it): the hook for a map
+/// whose entries keep their layout but change meaning between versions. It lives with the
+/// code that owns the value's fields (see [`KINDS`]), never here.
+pub trait Upgrade<K, V> {
+    fn upgrade(old: &MapSpec, key: &K, value: V) -> V;
+}
+
+/// Values carried over as they are.
+pub struct AsIs;
+
+impl<K, V> Upgrade<K, V> for AsIs {
+    fn upgrade(_: &MapSpec, _: &K, value: V) -> V {
+        value
+    }
+}
 
 /// How one map is carried over.
 pub struct Kind {
@@ -201,21 +218,30 @@ fn bound(m: &Map) -> usize {
 }
 
 /// HASH and LRU_HASH, in either direction.
-fn copy_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+fn copy_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map, spec: &MapSpec) -> Result<Copied, MapError> {
+    copy_hash_upgraded::<K, V, AsIs>(old, new, spec)
+}
+
+/// HASH and LRU_HASH, each value passed through `U` on the way.
+fn copy_hash_upgraded<K: Pod, V: Pod, U: Upgrade<K, V>>(
+    old: &Map,
+    new: &mut Map,
+    spec: &MapSpec,
+) -> Result<Copied, MapError> {
     let limit = bound(old);
     let src = HashMap::<&MapData, K, V>::try_from(old)?;
     let mut dst = HashMap::<&mut MapData, K, V>::try_from(new)?;
-    copy_entries(src.iter(), limit, |(k, v)| dst.insert(k, v, BPF_NOEXIST))
+    copy_entries(src.iter(), limit, |(k, v)| dst.insert(k, U::upgrade(spec, &k, v), BPF_NOEXIST))
 }
 
-fn copy_percpu_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+fn copy_percpu_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
     let limit = bound(old);
     let src = PerCpuHashMap::<&MapData, K, V>::try_from(old)?;
     let mut dst = PerCpuHashMap::<&mut MapData, K, V>::try_from(new)?;
     copy_entries(src.iter(), limit, |(k, v): (K, PerCpuValues<V>)| dst.insert(k, v, BPF_NOEXIST))
 }
 
-fn copy_lpm<K: Pod, V: Pod>(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+fn copy_lpm<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
     let limit = bound(old);
     let src = LpmTrie::<&MapData, K, V>::try_from(old)?;
     let mut dst = LpmTrie::<&mut MapData, K, V>::try_from(new)?;
@@ -223,7 +249,7 @@ fn copy_lpm<K: Pod, V: Pod>(old: &Map, new: &mut Map) -> Result<Copied, MapError
 }
 
 /// Arrays: indices present in both (a larger array keeps zeroes past the old size).
-fn copy_array<V: Pod>(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+fn copy_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
     let src = Array::<&MapData, V>::try_from(old)?;
     let mut dst = Array::<&mut MapData, V>::try_from(new)?;
     let n = src.len().min(dst.len());
@@ -235,7 +261,7 @@ fn copy_array<V: Pod>(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
     Ok(c)
 }
 
-fn copy_percpu_array<V: Pod>(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+fn copy_percpu_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
     let src = PerCpuArray::<&MapData, V>::try_from(old)?;
     let mut dst = PerCpuArray::<&mut MapData, V>::try_from(new)?;
     let n = src.len().min(dst.len());
@@ -451,7 +477,7 @@ impl Migration {
             let path = maps_dir.join(p.kind.name);
             let data = open_pin(p.kind.name, &path)?.ok_or_else(|| DataplaneError::NotPinned { path: path.clone() })?;
             let mut new = Map::from_map_data(data).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
-            let c = (p.kind.copy)(&p.old, &mut new).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
+            let c = (p.kind.copy)(&p.old, &mut new, &p.old_spec).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
             if first {
                 p.first.add(c);
                 if p.kind.must_fit && c.dropped > 0 {
