@@ -219,6 +219,13 @@ fn upgrade_from_an_older_agent_keeps_held_connections() {
     env.wait_migrated();
     let text = read_log(&log);
     let migrated: Vec<&str> = text.lines().filter(|l| l.contains("migrated pinned map")).collect();
+    // Before any held connection says a word through the new programs: their carried-over
+    // entries must already read as established (else the conntrack GC would treat them as
+    // unanswered SYNs and remove them when idle).
+    let ct = cli(&["conntrack", "--bpffs-root", env.pins.0.to_str().unwrap()]).unwrap();
+    let established = ct.lines().filter(|l| l.contains(" forward ") && l.contains(" established ")).count();
+    eprintln!("forward entries established right after the upgrade: {established}");
+    assert!(established >= 40, "{ct}");
     let mut kept = 0;
     for h in &mut held {
         if h.ask().ok().as_deref() == Some(h.first.as_str()) {
@@ -226,6 +233,7 @@ fn upgrade_from_an_older_agent_keeps_held_connections() {
         }
     }
     eprintln!("upgrade: held connections kept {kept}/40; new connections {ok} ok, {failed} failed");
+
     for l in &migrated {
         eprintln!("{l}");
     }

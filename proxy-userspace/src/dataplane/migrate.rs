@@ -168,7 +168,13 @@ pub static KINDS: &[Kind] = &[
     Kind { name: n::SERVICE_META, repeat: false, must_fit: true, copy: copy_hash::<u32, ServiceMeta> },
     Kind { name: n::SOURCE_RANGES, repeat: false, must_fit: true, copy: copy_lpm::<[u32; 2], u8> },
     Kind { name: n::NODE_CONFIG, repeat: false, must_fit: false, copy: copy_array::<NodeConfig> },
-    Kind { name: n::CONNTRACK, repeat: true, must_fit: false, copy: copy_hash::<CtKey, CtValue> },
+    // Pre-lifecycle (LRU) entries are read as established: see `conntrack::CtUpgrade`.
+    Kind {
+        name: n::CONNTRACK,
+        repeat: true,
+        must_fit: false,
+        copy: copy_hash_upgraded::<CtKey, CtValue, crate::conntrack::CtUpgrade>,
+    },
     Kind { name: n::AFFINITY, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey, AffinityValue> },
     Kind { name: n::SERVICE_STATS, repeat: true, must_fit: false, copy: copy_percpu_hash::<StatsKey, Counters> },
     // Every index of an array exists: nothing to add after the swap.
