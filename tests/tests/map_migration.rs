@@ -137,7 +137,9 @@ fn type_change_migrates_entries() {
     assert_eq!(pin_info(&pins, n::CONNTRACK).map_type().unwrap() as u32, declared.map_type);
     let copied: Vec<(CtKey, CtValue)> = maps.conntrack.iter().map(Result::unwrap).collect();
     assert_eq!(copied.len(), 100);
-    assert!(copied.contains(&ct(42)));
+    // The value may pass through the map's upgrade hook (flags); what it points at stays.
+    let (k, v) = ct(42);
+    assert!(copied.iter().any(|(ck, cv)| *ck == k && cv.backend_id == v.backend_id && cv.nat_port == v.nat_port));
 }
 
 /// Another key/value layout cannot be migrated: the load fails naming the map and the way
