@@ -13,8 +13,12 @@ use proxy_common::{
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(sizes::MAX_SERVICES, 0);
 
+/// Allocated on use (NO_PREALLOC): it is sized for every backend referenced by several
+/// frontends in both generations (`--max-backends` x 8), a cap most nodes never approach;
+/// preallocating it would cost that much kernel memory up front. Only the agent writes it.
 #[map]
-pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(sizes::MAX_SLOTS, 0);
+pub static BACKEND_SLOTS: HashMap<SlotKey, u32> =
+    HashMap::pinned(sizes::MAX_SLOTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS, 0);

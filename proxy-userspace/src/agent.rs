@@ -21,6 +21,7 @@ use crate::{
     conntrack::{GcConfig, task::GcTask},
     control,
     dataplane::{
+        attach,
         ct_table::KernelCtTable,
         guard::{DatapathGuard, OurPrograms},
         ifaces::{self, IfacePatterns},
@@ -80,6 +81,7 @@ struct SyncLoop {
     metrics: Metrics,
     max_services: u32,
     max_backends: u32,
+    max_slots: u32,
     last_warnings: BTreeSet<String>,
     /// Frontends not programmed at the last sync, with why: logged when this set changes.
     last_errors: BTreeSet<String>,
@@ -137,6 +139,7 @@ impl SyncLoop {
         let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
         self.metrics.map_fill.get_or_create(&MapLabel { map: "SERVICES".into() }).set(fill(report.services, self.max_services));
         self.metrics.map_fill.get_or_create(&MapLabel { map: "BACKENDS".into() }).set(fill(report.backends, self.max_backends));
+        self.metrics.map_fill.get_or_create(&MapLabel { map: "BACKEND_SLOTS".into() }).set(fill(report.slots, self.max_slots));
         // A map that stays full fails the same frontends on every sync: log each once.
         let errors: BTreeSet<String> = report.errors.iter().map(|(fk, e)| format!("{fk}: {e}")).collect();
         for (fk, e) in &report.errors {
@@ -212,7 +215,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         max_backends: args.max_backends,
         max_conntrack: args.max_conntrack,
     };
+    // A start that fails from here on removes the pin directory if it created it.
+    let created_root = loader::CreatedRoot::remember(&args.bpffs_root);
     let (mut programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
+    if !programs.migration.is_empty() {
+        // Maps changed size or type: put the new programs into every pinned link now, in
+        // one loop, then copy what the old programs wrote meanwhile and drop the old maps.
+        let swapped = attach::swap_pinned_links(&mut programs, &args.bpffs_root);
+        info!(links = swapped, "new programs swapped into the pinned links");
+        std::mem::take(&mut programs.migration).finish().context("finishing the map migration")?;
+    }
+    // Fill ratios use the sizes of the maps in use.
+    let capacities = maps.capacities();
     start_conntrack_gc(&args, metrics.clone())?;
     let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
     let ours = OurPrograms::of(&programs).context("our program ids")?;
@@ -286,11 +300,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         snat_port_range: args.snat_port_range,
         last_node_config: None,
         metrics,
-        max_services: args.max_services,
-        max_backends: args.max_backends,
+        max_services: capacities.services,
+        max_backends: capacities.backends,
+        max_slots: capacities.slots,
         last_warnings: BTreeSet::new(),
         last_errors: BTreeSet::new(),
     };
+    created_root.keep();
     let delay = Duration::from_millis(args.sync_delay_ms);
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;

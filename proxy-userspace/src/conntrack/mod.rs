@@ -26,6 +26,26 @@ use proxy_common::{
     ct::{self, CtState, CtTimeouts},
 };
 
+/// How CONNTRACK entries carried over from an older map are read (`dataplane::migrate`).
+///
+/// A table made by an agent from before the conntrack lifecycle (an LRU without per-flow
+/// state) has no `SEEN_REPLY`: its flows would all count as unanswered SYNs and the GC
+/// would remove idle established connections after `tcp_syn` seconds. Every entry of such
+/// a table that is not closing is taken as established (at worst an unanswered SYN of the
+/// old table lives until the established timeout). Entries of a stateful table are kept
+/// as they are.
+pub struct CtUpgrade;
+
+impl crate::dataplane::migrate::Upgrade<CtKey, CtValue> for CtUpgrade {
+    fn upgrade(old: &crate::dataplane::migrate::MapSpec, _: &CtKey, mut v: CtValue) -> CtValue {
+        let stateless = old.map_type == aya::maps::MapType::LruHash as u32;
+        if stateless && v.flags & proxy_common::ct_flags::CLOSING == 0 {
+            v.flags |= proxy_common::ct_flags::SEEN_REPLY;
+        }
+        v
+    }
+}
+
 /// Where the collector reads and deletes entries.
 pub trait CtTable {
     type Error: std::error::Error + Send + Sync + 'static;

@@ -322,6 +322,48 @@ pub fn attach_uplink(
     Ok(UplinkAttach { xdp, xdp_replaced, egress })
 }
 
+/// Swap the freshly loaded programs into every pinned link at once (BPF_LINK_UPDATE),
+/// without waiting for the interface watcher. Used when maps are being migrated: the old
+/// programs run on the old maps, so the fewer microseconds between the first interface and
+/// the last one running the new programs, the fewer flows can straddle the two. Links that
+/// cannot be updated (their interface is gone) are left to the watcher. Returns how many
+/// links were updated.
+pub fn swap_pinned_links(progs: &mut Programs, root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(paths::links_dir(root)) else { return 0 };
+    let mut swapped = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let program = match name.split('-').nth(1) {
+            Some("ingress") => PROG_FROM_POD,
+            Some("egress") => PROG_TO_POD,
+            Some("uplink_egress") => PROG_TO_UPLINK,
+            Some("xdp_native" | "xdp_generic") => PROG_FROM_UPLINK,
+            _ => continue,
+        };
+        let Ok(pinned) = PinnedLink::from_pin(e.path()) else { continue };
+        let fd = FdLink::from(pinned);
+        let done = if program == PROG_FROM_UPLINK {
+            progs.xdp(program).ok().and_then(|p| {
+                let id = p.attach_to_link(XdpLink::try_from(fd).ok()?).ok()?;
+                // The pin keeps the link alive; the program must not detach it on drop.
+                let _ = p.take_link(id);
+                Some(())
+            })
+        } else {
+            progs.classifier(program).ok().and_then(|p| {
+                let id = p.attach_to_link(fd.try_into().ok()?).ok()?;
+                let _ = p.take_link(id);
+                Some(())
+            })
+        };
+        match done {
+            Some(()) => swapped += 1,
+            None => debug!(pin = %name, "pinned link not updated; left to the interface watcher"),
+        }
+    }
+    swapped
+}
+
 /// An uplink as the pins record it (for the CLI).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PinnedUplink {

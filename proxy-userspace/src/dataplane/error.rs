@@ -11,6 +11,22 @@ pub enum DataplaneError {
     NotBpffs { path: PathBuf },
     #[error("map {map} is full: raise --{flag}")]
     MapFull { map: &'static str, flag: &'static str },
+    /// Not enough privilege to load the datapath (checked up front, so the operator sees
+    /// one actionable line instead of the first failing syscall's EPERM).
+    #[error("missing {missing} (uid {uid}): run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")]
+    NotPrivileged { missing: String, uid: u32 },
+    /// A pinned map whose key or value size differs from this version's: its entries
+    /// cannot be carried over, and re-using it would corrupt the datapath.
+    #[error(
+        "pinned map {map} ({path}) is incompatible with this version: it has {pinned}, this \
+         version needs {wanted}. Its entries cannot be migrated; run `ebpf-proxy cleanup \
+         --bpffs-root {root}` (or remove {path}) and start again (connections tracked in it \
+         will be reset)", path = path.display(), root = root.display()
+    )]
+    IncompatiblePin { map: String, path: PathBuf, pinned: String, wanted: String, root: PathBuf },
+    /// A pinned map the agent writes holds more entries than the configured size allows.
+    #[error("map {map} holds {entries} entries but its new size is {max_entries}: raise --{flag}")]
+    MapTooSmall { map: &'static str, entries: usize, max_entries: u32, flag: &'static str },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

@@ -1,6 +1,9 @@
 //! Load the embedded eBPF object: maps pinned by name under `<root>/maps` (re-used when
-//! already pinned, so a restart keeps services and conntrack), programs verified and loaded.
+//! already pinned with the same definition, so a restart keeps services and conntrack;
+//! migrated when the configured size or the map type changed, see `migrate`), programs
+//! verified and loaded.
 use std::{
+    collections::BTreeMap,
     io,
     path::{Path, PathBuf},
 };
@@ -11,7 +14,12 @@ use aya::{
 };
 use proxy_common::map_names as n;
 
-use super::{DataplaneError, EBPF_OBJECT, maps::Maps, paths};
+use super::{
+    DataplaneError, EBPF_OBJECT,
+    maps::Maps,
+    migrate::{MapSpec, Migration},
+    paths,
+};
 
 /// Program names in the object.
 pub const PROG_FROM_POD: &str = "from_pod";
@@ -40,9 +48,82 @@ impl LoaderConfig {
     }
 }
 
+impl LoaderConfig {
+    /// `max_entries` of the maps the flags size.
+    fn sizes(&self) -> [(&'static str, u32); 6] {
+        [
+            (n::SERVICES, self.max_services),
+            (n::SERVICE_META, self.max_services),
+            (n::SERVICE_STATS, self.max_services.saturating_mul(STATS_PER_SERVICE)),
+            (n::BACKENDS, self.max_backends),
+            (n::BACKEND_SLOTS, slots_for(self.max_backends)),
+            (n::CONNTRACK, self.max_conntrack),
+        ]
+    }
+}
+
+/// Per-service counter keys: room for the verdicts a service usually sees.
+const STATS_PER_SERVICE: u32 = 4;
+
+/// Slot references per backend that `BACKEND_SLOTS` is sized for.
+///
+/// A slot is one (frontend, generation, index) -> backend reference, so the map fills with
+/// references, not with distinct backends: one endpoint is referenced by every frontend of
+/// its Service (ClusterIP, and NodePort/ExternalIP/LoadBalancer in the internal and the
+/// external scope) and by every Service selecting it, once per generation. And a generation
+/// switch writes a frontend's whole new list into its spare generation while the active one
+/// still holds the old list, so steady state needs both generations. 2 generations x 4
+/// references per backend covers a ClusterIP + NodePort service (3 frontends) with room to
+/// spare; past that, the sync reclaims spare generations and shrinks in place (see
+/// `sync`), and reports `BACKEND_SLOTS is full: raise --max-backends` per frontend.
+pub const SLOTS_PER_BACKEND: u32 = 2 * 4;
+
+/// Size of `BACKEND_SLOTS` for `--max-backends`.
+pub fn slots_for(max_backends: u32) -> u32 {
+    max_backends.saturating_mul(SLOTS_PER_BACKEND)
+}
+
+/// What the object declares for each pinned map, with the configured sizes applied: what a
+/// pin must match to be re-used as it is.
+pub fn declared_maps(cfg: &LoaderConfig) -> Result<BTreeMap<String, MapSpec>, DataplaneError> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| DataplaneError::Io {
+        context: format!("parsing the embedded eBPF object: {e}"),
+        source: io::Error::from(io::ErrorKind::InvalidData),
+    })?;
+    let sizes = cfg.sizes();
+    let mut out = BTreeMap::new();
+    for (name, m) in &obj.maps {
+        if m.pinning() != aya_obj::maps::PinningType::ByName {
+            continue;
+        }
+        let max_entries =
+            sizes.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(m.max_entries());
+        out.insert(
+            name.clone(),
+            MapSpec {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries,
+                flags: m.map_flags(),
+            },
+        );
+    }
+    for k in super::migrate::KINDS {
+        if !out.contains_key(k.name) {
+            return Err(DataplaneError::MissingObject(k.name));
+        }
+    }
+    Ok(out)
+}
+
 /// Loaded programs (the maps are handed out separately, see [`Maps`]).
 pub struct Programs {
     pub ebpf: Ebpf,
+    /// Pinned maps being migrated to a new size or type by this start. The agent calls
+    /// [`Migration::finish`] once the new programs are attached (swapped into the pinned
+    /// links), which copies what the old programs wrote in between and drops the old maps.
+    pub migration: Migration,
 }
 
 impl Programs {
@@ -92,24 +173,111 @@ fn create_dir(path: &Path) -> Result<(), DataplaneError> {
     })
 }
 
+/// Capability bits (`linux/capability.h`).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Refuse early, with one actionable line, when the process cannot load the datapath:
+/// otherwise the first bpf() or bpffs call fails with a bare "Operation not permitted".
+/// Loading needs CAP_BPF (or CAP_SYS_ADMIN, before 5.8) and CAP_NET_ADMIN (TC/XDP programs).
+pub fn check_privileges() -> Result<(), DataplaneError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        // No /proc: let the syscalls speak for themselves.
+        return Ok(());
+    };
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    Err(DataplaneError::NotPrivileged { missing: missing.join(" and "), uid: euid })
+}
+
+/// Removes, on drop, the part of a bpffs root that it created, unless disarmed: a start
+/// that fails leaves no empty (or half-filled) pin directory behind, but never removes one
+/// that existed before.
+pub struct CreatedRoot {
+    created: Option<PathBuf>,
+}
+
+impl CreatedRoot {
+    /// Remember the topmost missing directory of `root`, before anything creates it.
+    pub fn remember(root: &Path) -> Self {
+        let mut top = None;
+        let mut probe = Some(root);
+        while let Some(p) = probe {
+            if p.exists() {
+                break;
+            }
+            top = Some(p.to_path_buf());
+            probe = p.parent();
+        }
+        CreatedRoot { created: top }
+    }
+
+    /// Keep the directory (the start succeeded).
+    pub fn keep(mut self) {
+        self.created = None;
+    }
+}
+
+impl Drop for CreatedRoot {
+    fn drop(&mut self) {
+        if let Some(dir) = self.created.take() {
+            // Unpinning drops our maps and links with the directory.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// Load the object with maps pinned under `cfg.bpffs_root`, and load (verify) every
-/// program: the TC pair for pod veths, the XDP program and TC egress program for uplinks. Existing pins are re-used as they are, whatever sizes they were created with.
+/// program: the TC pair for pod veths, the XDP program and TC egress program for uplinks.
+/// Pins that match the configuration are re-used; pins whose size, type or flags differ are
+/// migrated (`Programs::migration`); pins with another key/value layout make the load fail
+/// with [`DataplaneError::IncompatiblePin`]. On failure, a pin directory this call created
+/// is removed, and pins moved aside are put back.
 pub fn load(cfg: &LoaderConfig) -> Result<(Programs, Maps), DataplaneError> {
+    check_privileges()?;
     check_bpffs(&cfg.bpffs_root)?;
+    let root_guard = CreatedRoot::remember(&cfg.bpffs_root);
     let maps_dir = paths::maps_dir(&cfg.bpffs_root);
     create_dir(&maps_dir)?;
     create_dir(&paths::links_dir(&cfg.bpffs_root))?;
-    let slots = cfg.max_backends.saturating_mul(2);
-    let stats = cfg.max_services.saturating_mul(4);
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&maps_dir)
-        .map_max_entries(n::SERVICES, cfg.max_services)
-        .map_max_entries(n::SERVICE_META, cfg.max_services)
-        .map_max_entries(n::SERVICE_STATS, stats)
-        .map_max_entries(n::BACKENDS, cfg.max_backends)
-        .map_max_entries(n::BACKEND_SLOTS, slots)
-        .map_max_entries(n::CONNTRACK, cfg.max_conntrack)
-        .load(EBPF_OBJECT)?;
+    let declared = declared_maps(cfg)?;
+    let mut migration = Migration::prepare(&cfg.bpffs_root, &declared)?;
+    match load_programs(cfg, &maps_dir, &mut migration) {
+        Ok((ebpf, maps)) => {
+            root_guard.keep();
+            Ok((Programs { ebpf, migration }, maps))
+        }
+        Err(e) => {
+            migration.rollback();
+            Err(e)
+        }
+    }
+}
+
+fn load_programs(cfg: &LoaderConfig, maps_dir: &Path, migration: &mut Migration) -> Result<(Ebpf, Maps), DataplaneError> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(maps_dir);
+    for (name, size) in cfg.sizes() {
+        loader.map_max_entries(name, size);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
     for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -124,6 +292,68 @@ pub fn load(cfg: &LoaderConfig) -> Result<(Programs, Maps), DataplaneError> {
         .try_into()
         .map_err(|source| DataplaneError::Program { program: PROG_FROM_UPLINK, source })?;
     xdp.load().map_err(|source| DataplaneError::Program { program: PROG_FROM_UPLINK, source })?;
+    // The new maps exist (and are pinned); no program runs on them yet. Carry the entries
+    // over now, after the verifier, so that little happens in the old maps between this
+    // copy and the swap of the programs (`attach::swap_pinned_links`).
+    migration.copy_pass(true)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
-    Ok((Programs { ebpf }, maps))
+    Ok((ebpf, maps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ebpf-proxy-loader-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn created_root_removes_only_what_it_created() {
+        let base = tmp("new");
+        let root = base.join("a/b");
+        let guard = CreatedRoot::remember(&root);
+        std::fs::create_dir_all(root.join("maps")).unwrap();
+        drop(guard);
+        assert!(!base.exists(), "the topmost created directory is removed");
+
+        let existing = tmp("existing");
+        std::fs::create_dir_all(&existing).unwrap();
+        let guard = CreatedRoot::remember(&existing);
+        std::fs::create_dir_all(existing.join("maps")).unwrap();
+        drop(guard);
+        assert!(existing.join("maps").exists(), "a directory that existed is never removed");
+        std::fs::remove_dir_all(&existing).unwrap();
+
+        let kept = tmp("kept");
+        let guard = CreatedRoot::remember(&kept);
+        std::fs::create_dir_all(&kept).unwrap();
+        guard.keep();
+        assert!(kept.exists(), "a successful start keeps it");
+        std::fs::remove_dir_all(&kept).unwrap();
+    }
+
+    #[test]
+    fn slots_cover_both_generations_of_shared_backends() {
+        assert_eq!(slots_for(8), 64);
+        assert_eq!(slots_for(u32::MAX), u32::MAX, "saturates");
+        let sizes = LoaderConfig { max_backends: 4, ..LoaderConfig::new("/x") }.sizes();
+        assert!(sizes.contains(&(n::BACKEND_SLOTS, 32)));
+    }
+
+    #[test]
+    fn declared_maps_follow_the_flags() {
+        let cfg = LoaderConfig { max_services: 10, max_backends: 20, max_conntrack: 30, ..LoaderConfig::new("/x") };
+        let d = declared_maps(&cfg).unwrap();
+        assert_eq!(d[n::SERVICES].max_entries, 10);
+        assert_eq!(d[n::SERVICE_META].max_entries, 10);
+        assert_eq!(d[n::BACKENDS].max_entries, 20);
+        assert_eq!(d[n::BACKEND_SLOTS].max_entries, 160);
+        assert_eq!(d[n::CONNTRACK].max_entries, 30);
+        assert_eq!(d[n::CONNTRACK].key_size as usize, size_of::<proxy_common::CtKey>());
+        assert_eq!(d[n::CONNTRACK].value_size as usize, size_of::<proxy_common::CtValue>());
+        for k in super::super::migrate::KINDS {
+            assert!(d.contains_key(k.name), "{} declared", k.name);
+        }
+    }
 }

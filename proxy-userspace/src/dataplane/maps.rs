@@ -99,6 +99,29 @@ impl Maps {
     }
 }
 
+/// Sizes of the maps in use, as the kernel reports them (for fill ratios: after a
+/// migration, or when pins were re-used, they are what counts, not the flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacities {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+    pub conntrack: u32,
+}
+
+impl Maps {
+    pub fn capacities(&self) -> Capacities {
+        use aya::maps::IterableMap;
+        let max = |m: &MapData| m.info().map(|i| i.max_entries()).unwrap_or(0);
+        Capacities {
+            services: max(self.services.map()),
+            backends: max(self.backends.map()),
+            slots: max(self.slots.map()),
+            conntrack: max(self.conntrack.map()),
+        }
+    }
+}
+
 /// One verdict's node-wide counters summed over CPUs; zero for a verdict that a
 /// GLOBAL_STATS pinned by an older agent does not have.
 pub fn global_total(map: &PerCpuArray<MapData, Counters>, verdict: u32) -> Result<Counters, DataplaneError> {

@@ -13,6 +13,7 @@ pub mod guard;
 pub mod loader;
 pub mod lock;
 pub mod maps;
+pub mod migrate;
 pub mod node;
 pub mod ownership;
 
@@ -31,5 +32,9 @@ pub mod paths {
     }
     pub fn links_dir(root: &Path) -> PathBuf {
         root.join("links")
+    }
+    /// Old maps pinned aside while their entries move to maps of a new size or type.
+    pub fn migrating_dir(root: &Path) -> PathBuf {
+        root.join("migrating")
     }
 }

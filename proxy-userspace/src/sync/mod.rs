@@ -62,6 +62,8 @@ pub struct SyncReport {
     /// Frontends whose `SERVICES` entry is in the map (written, not merely wanted).
     pub services: usize,
     pub backends: usize,
+    /// `BACKEND_SLOTS` entries in use (both generations of every frontend).
+    pub slots: usize,
     pub conntrack_purged: usize,
     /// Frontends that could not be programmed (the previous state for them stays).
     pub errors: Vec<(FrontendKey, DataplaneError)>,
@@ -172,6 +174,11 @@ fn service_flags(e: &FrontendEntry) -> u32 {
     f
 }
 
+/// The slots map is full (an insert of a new slot key failed).
+fn is_slots_full(e: &DataplaneError) -> bool {
+    matches!(e, DataplaneError::MapFull { map, .. } if *map == proxy_common::map_names::BACKEND_SLOTS)
+}
+
 impl<S: MapStore> Syncer<S> {
     /// Read back what the maps hold, so the first `apply` only writes differences.
     pub fn new(store: S) -> Result<Self, DataplaneError> {
@@ -273,10 +280,17 @@ impl<S: MapStore> Syncer<S> {
         let mut purge_services: HashSet<u32> = HashSet::new();
         let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
 
+        let mut full: Vec<(&FrontendKey, &FrontendEntry)> = Vec::new();
+        let mut slots_full = false;
         for (fk, entry) in &desired.frontends {
             let key = service_key(fk);
             match self.apply_frontend(&key, entry, &mut referenced, &mut purge_pairs, &mut writes) {
                 Ok(()) => {}
+                // Retried once the removals below have made room.
+                Err(e @ DataplaneError::MapFull { .. }) => {
+                    slots_full |= is_slots_full(&e);
+                    full.push((fk, entry));
+                }
                 Err(e) => {
                     // Reported, not logged: the caller logs it once per change, not on
                     // every sync while a map stays full.
@@ -300,6 +314,26 @@ impl<S: MapStore> Syncer<S> {
                     warn!(error = %e, "cannot remove frontend; will retry on next sync");
                     self.keep_referenced(&key, &mut referenced);
                 }
+            }
+        }
+
+        // Frontends that found a map full get a second chance now that removed frontends
+        // have freed their entries (a delete never needs room, a write may), and after the
+        // spare generations of every other frontend are freed ("free before write"). A
+        // spare is unreachable: no SERVICES value points at it. Spares switched away from
+        // during the first pass above are included: a packet that read the SERVICES value
+        // before that switch looks its slot up within the same program run (microseconds,
+        // under RCU), while this point comes after every other frontend's writes and the
+        // removals; should one still miss, it is counted `error` and passed untouched.
+        if slots_full {
+            self.reclaim_spares(&mut writes);
+        }
+        for (fk, entry) in full {
+            let key = service_key(fk);
+            if let Err(e) = self.apply_frontend(&key, entry, &mut referenced, &mut purge_pairs, &mut writes) {
+                warn!(frontend = %fk, service = %entry.service, error = %e, "cannot program frontend");
+                self.keep_referenced(&key, &mut referenced);
+                report.errors.push((*fk, e));
             }
         }
 
@@ -337,7 +371,13 @@ impl<S: MapStore> Syncer<S> {
         report.writes = writes;
         report.services = self.programmed_count();
         report.backends = self.backends.len();
+        report.slots = self.slot_count();
         report
+    }
+
+    /// `BACKEND_SLOTS` entries the mirror knows of (both generations of every frontend).
+    pub fn slot_count(&self) -> usize {
+        self.frontends.values().map(|p| p.active.len() + p.inactive.len()).sum()
     }
 
     /// Mark every backend a frontend's slots (either generation) point at as in use.
@@ -403,11 +443,12 @@ impl<S: MapStore> Syncer<S> {
         });
         // Whatever happens, the record goes back into the mirror with what was written, so
         // the next sync continues from there and a removal cleans up everything.
+        let before = prog.active.clone();
         let result =
             self.write_frontend(key, &mut prog, &ids, flags, affinity_timeout, &meta, &ranges, writes);
         if key.proto == PROTO_UDP {
             let now: HashSet<u32> = prog.active.iter().copied().collect();
-            for old in &prog.inactive {
+            for old in before.iter().chain(&prog.inactive) {
                 if !now.contains(old) {
                     purge_pairs.insert((prog.value.id, *old));
                 }
@@ -446,41 +487,27 @@ impl<S: MapStore> Syncer<S> {
             && prog.value.flags == flags
             && prog.value.affinity_timeout == affinity_timeout;
         if !unchanged {
-            let generation = if prog.in_map { prog.value.generation ^ 1 } else { 0 };
-            // Fill the inactive generation; slots already holding the right id are kept.
-            for (i, bid) in ids.iter().enumerate() {
-                if prog.inactive.get(i) != Some(bid) {
-                    self.store.put_slot(&SlotKey::new(id, generation, i as u32), *bid)?;
-                    *writes += 1;
-                    if i < prog.inactive.len() {
-                        prog.inactive[i] = *bid;
-                    } else {
-                        prog.inactive.push(*bid);
+            match self.switch_generation(key, prog, ids, flags, affinity_timeout, writes) {
+                Ok(()) => {}
+                Err(e) if is_slots_full(&e) && prog.in_map && ids.len() <= prog.active.len() => {
+                    // The spare generation cannot hold the new list and the map is full,
+                    // but the new list is no longer than the active one (a scale-down or a
+                    // pod replaced): rewrite the active generation in place, which needs no
+                    // new entry. Removals therefore always succeed. What it wrote into the
+                    // (unreachable) spare is given back first.
+                    self.release_spare(prog, writes);
+                    self.shrink_in_place(key, prog, ids, flags, affinity_timeout, writes)?;
+                }
+                Err(e) => {
+                    if is_slots_full(&e) {
+                        // The spare generation it half filled is unreachable: give its slots
+                        // back so other frontends can still change. The frontend keeps what
+                        // it had (or stays unprogrammed) and is reported.
+                        self.release_spare(prog, writes);
                     }
+                    return Err(e);
                 }
             }
-            // Slots past the new count in this generation are leftovers of an older,
-            // longer backend list: unreachable once the count below is in place.
-            let stale_tail = ids.len()..prog.inactive.len();
-            let value = ServiceValue {
-                id,
-                count: ids.len() as u32,
-                flags,
-                generation,
-                affinity_timeout,
-                _reserved: 0,
-            };
-            self.store.put_service(key, &value)?;
-            *writes += 1;
-            prog.value = value;
-            prog.in_map = true;
-            for i in stale_tail {
-                self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
-                *writes += 1;
-            }
-            prog.inactive.truncate(ids.len());
-            // The filled generation is now active; the previous one is the spare.
-            std::mem::swap(&mut prog.active, &mut prog.inactive);
         }
         let lost: Vec<Ipv4Prefix> = prog.ranges.difference(ranges).copied().collect();
         for p in lost {
@@ -489,6 +516,126 @@ impl<S: MapStore> Syncer<S> {
             prog.ranges.remove(&p);
         }
         Ok(())
+    }
+
+    /// The normal update: fill the generation that is not active, then switch `SERVICES`
+    /// to it in one atomic write; slots past the new count are deleted after the switch.
+    fn switch_generation(
+        &mut self,
+        key: &ServiceKey,
+        prog: &mut Programmed,
+        ids: &[u32],
+        flags: u32,
+        affinity_timeout: u32,
+        writes: &mut u64,
+    ) -> Result<(), DataplaneError> {
+        let id = prog.value.id;
+        let generation = if prog.in_map { prog.value.generation ^ 1 } else { 0 };
+        // Fill the inactive generation; slots already holding the right id are kept.
+        for (i, bid) in ids.iter().enumerate() {
+            if prog.inactive.get(i) != Some(bid) {
+                self.store.put_slot(&SlotKey::new(id, generation, i as u32), *bid)?;
+                *writes += 1;
+                if i < prog.inactive.len() {
+                    prog.inactive[i] = *bid;
+                } else {
+                    prog.inactive.push(*bid);
+                }
+            }
+        }
+        // Slots past the new count in this generation are leftovers of an older,
+        // longer backend list: unreachable once the count below is in place.
+        let stale_tail = ids.len()..prog.inactive.len();
+        let value = ServiceValue { id, count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
+        self.store.put_service(key, &value)?;
+        *writes += 1;
+        prog.value = value;
+        prog.in_map = true;
+        for i in stale_tail {
+            self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+            *writes += 1;
+        }
+        prog.inactive.truncate(ids.len());
+        // The filled generation is now active; the previous one is the spare.
+        std::mem::swap(&mut prog.active, &mut prog.inactive);
+        Ok(())
+    }
+
+    /// Fallback when `BACKEND_SLOTS` is full and the new list is no longer than the active
+    /// one: rewrite the active generation in place.
+    ///
+    /// Why a reader never sees this half-done in a harmful way: a packet reads the
+    /// `SERVICES` value (count `c`), picks one index below `c`, and looks that slot up.
+    /// 1. Slots below the new count `c'` are overwritten first, while the published count
+    ///    is still `c`. Overwriting an existing key needs no free entry (the kernel swaps
+    ///    in a per-CPU spare element), so it cannot fail on a full map. Every slot below `c`
+    ///    holds, at every instant, a backend of the old list or of the new one, and all of
+    ///    them are still in `BACKENDS` (unused backends are deleted at the end of the sync,
+    ///    after this). A new flow in that window goes to an old or a new backend, like one
+    ///    that raced the atomic switch; only the spread over them is briefly uneven.
+    /// 2. One atomic `SERVICES` write publishes `c'` (and flags): from then on no new flow
+    ///    picks a removed backend.
+    /// 3. Slots `c'..c` are deleted last; a packet that read the old count just before step
+    ///    2 and looks one up just after step 3 finds no slot and is counted `error` and
+    ///    passed untouched (a SYN is retransmitted) - the same microsecond window as a
+    ///    concurrent service delete, and only when the map is full.
+    ///
+    /// Established flows are not affected: they follow conntrack, not the slots.
+    fn shrink_in_place(
+        &mut self,
+        key: &ServiceKey,
+        prog: &mut Programmed,
+        ids: &[u32],
+        flags: u32,
+        affinity_timeout: u32,
+        writes: &mut u64,
+    ) -> Result<(), DataplaneError> {
+        let id = prog.value.id;
+        let generation = prog.value.generation;
+        for (i, bid) in ids.iter().enumerate() {
+            if prog.active[i] != *bid {
+                self.store.put_slot(&SlotKey::new(id, generation, i as u32), *bid)?;
+                *writes += 1;
+                prog.active[i] = *bid;
+            }
+        }
+        let value = ServiceValue { id, count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
+        self.store.put_service(key, &value)?;
+        *writes += 1;
+        prog.value = value;
+        for i in ids.len()..prog.active.len() {
+            self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+            *writes += 1;
+        }
+        prog.active.truncate(ids.len());
+        tracing::info!(svc_id = id, count = ids.len(), "BACKEND_SLOTS full: backend list shrunk in place");
+        Ok(())
+    }
+
+    /// Delete the slots of a frontend's spare generation (unreachable: no `SERVICES` value
+    /// points at it). Best effort; what cannot be deleted stays in the mirror.
+    fn release_spare(&mut self, prog: &mut Programmed, writes: &mut u64) {
+        let generation = if prog.in_map { prog.value.generation ^ 1 } else { 0 };
+        while let Some(last) = prog.inactive.len().checked_sub(1) {
+            if self.store.del_slot(&SlotKey::new(prog.value.id, generation, last as u32)).is_err() {
+                break;
+            }
+            *writes += 1;
+            prog.inactive.pop();
+        }
+    }
+
+    /// Free the spare generation of every frontend (see `apply` for why that is safe).
+    fn reclaim_spares(&mut self, writes: &mut u64) {
+        let keys: Vec<ServiceKey> = self.frontends.iter().filter(|(_, p)| !p.inactive.is_empty()).map(|(k, _)| *k).collect();
+        let before = *writes;
+        for k in keys {
+            if let Some(mut p) = self.frontends.remove(&k) {
+                self.release_spare(&mut p, writes);
+                self.frontends.insert(k, p);
+            }
+        }
+        tracing::info!(slots_freed = *writes - before, "BACKEND_SLOTS full: freed the spare generations");
     }
 
     /// Remove a frontend; returns its id.

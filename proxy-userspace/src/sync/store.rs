@@ -49,6 +49,8 @@ pub struct MemStore {
     pub stats_deleted: Vec<u32>,
     /// Maximum number of service entries (None = unlimited), to test "map full".
     pub max_services: Option<usize>,
+    /// Maximum number of slot entries (None = unlimited), to test a full `BACKEND_SLOTS`.
+    pub max_slots: Option<usize>,
     /// Every write, in order, as text: lets tests assert ordering and minimality.
     pub log: Vec<String>,
 }
@@ -78,6 +80,10 @@ impl MapStore for MemStore {
         Ok(())
     }
     fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult {
+        // Like a kernel hash map: overwriting an existing key works when full.
+        if self.max_slots.is_some_and(|max| !self.slots.contains_key(k) && self.slots.len() >= max) {
+            return Err(DataplaneError::MapFull { map: "BACKEND_SLOTS", flag: "max-backends" });
+        }
         self.log.push(format!("put_slot {}/{}/{}={}", k.svc_id, k.generation(), k.index(), backend_id));
         self.slots.insert(*k, backend_id);
         Ok(())

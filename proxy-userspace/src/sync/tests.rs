@@ -279,3 +279,122 @@ fn flags_and_metadata_follow_the_entry() {
     assert!(pos(&log, "del_range") > pos(&log, "put_service"), "{log:?}");
     assert!(s.store().ranges.is_empty());
 }
+
+fn slots_full_syncer(max_slots: usize) -> Syncer<MemStore> {
+    Syncer::new(MemStore { max_slots: Some(max_slots), ..MemStore::default() }).unwrap()
+}
+
+/// Ten services sharing three backends, slots for eight lists of three: the rest fail with
+/// the named error, and the failed ones hold no slot.
+#[test]
+fn full_slots_fail_named_frontends_only() {
+    let mut s = slots_full_syncer(24);
+    let all: Vec<_> = (1..=10).map(|i| (fk(i, 80, Protocol::Tcp), fe(&format!("s{i}"), &[1, 2, 3]))).collect();
+    let r = s.apply(&desired(all));
+    assert_eq!(s.store().services.len(), 8);
+    assert_eq!(r.errors.len(), 2);
+    for (_, e) in &r.errors {
+        assert_eq!(e.to_string(), "map BACKEND_SLOTS is full: raise --max-backends");
+    }
+    assert_eq!(s.store().slots.len(), 24, "failed frontends gave their partial slots back");
+    assert_eq!(r.slots, 24);
+    assert_eq!(s.store().backends.len(), 3, "shared backends are stored once");
+}
+
+/// With the slots map full, a scale-down cannot fill the spare generation: it shrinks the
+/// active one in place, in an order a reader can never see harmfully half-done.
+#[test]
+fn scale_down_succeeds_in_place_when_slots_are_full() {
+    let mut s = slots_full_syncer(6);
+    let (a, b) = (fk(1, 80, Protocol::Tcp), fk(2, 80, Protocol::Tcp));
+    let r = s.apply(&desired(vec![(a, fe("a", &[1, 2, 3])), (b, fe("b", &[1, 2, 3]))]));
+    assert!(r.errors.is_empty());
+    assert_eq!(s.store().slots.len(), 6);
+    take_log(&mut s);
+    // Remove backend 2 (middle of the list) from both services.
+    let r = s.apply(&desired(vec![(a, fe("a", &[1, 3])), (b, fe("b", &[1, 3]))]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let log = take_log(&mut s);
+    // For each service, in its active generation: overwrite below the new count, publish,
+    // delete the tail. (A try at the unreachable spare generation may come first.)
+    for v in s.store().services.values() {
+        let (id, g) = (v.id, v.generation);
+        let mine: Vec<&String> = log
+            .iter()
+            .filter(|l| {
+                l.starts_with(&format!("put_slot {id}/{g}/"))
+                    || l.starts_with(&format!("put_service {id} "))
+                    || l.starts_with(&format!("del_slot {id}/{g}/"))
+            })
+            .collect();
+        let svc = mine.iter().position(|l| l.starts_with("put_service")).unwrap();
+        assert!(mine[..svc].iter().all(|l| l.starts_with("put_slot")), "{mine:?}");
+        assert!(mine[svc + 1..].iter().all(|l| l.starts_with("del_slot")), "{mine:?}");
+        assert_eq!(mine.iter().filter(|l| l.starts_with("del_slot")).count(), 1, "{mine:?}");
+    }
+    // The removed backend is in no slot and gone from BACKENDS, deleted after the counts.
+    let b2 = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, 2));
+    assert!(s.store().backends.values().all(|b| b.addr != b2));
+    let del_backend = pos(&log, "del_backend");
+    assert!(log.iter().rposition(|l| l.starts_with("put_service")).unwrap() < del_backend, "{log:?}");
+    for v in s.store().services.values() {
+        assert_eq!(v.count, 2);
+        let ids: Vec<u32> = (0..v.count).map(|i| s.store().slots[&SlotKey::new(v.id, v.generation, i)]).collect();
+        for bid in ids {
+            assert!(s.store().backends.contains_key(&bid), "every reachable slot points at a live backend");
+        }
+    }
+    assert_eq!(s.store().slots.len(), 4);
+    // The restarted syncer reads the in-place result back and writes nothing.
+    let mut restarted = Syncer::new(s.store().clone()).unwrap();
+    assert_eq!(restarted.apply(&desired(vec![(a, fe("a", &[1, 3])), (b, fe("b", &[1, 3]))])).writes, 0);
+}
+
+/// Replacing a pod (same count) also works with the map full; growing does not, and says so.
+#[test]
+fn replace_in_place_and_growth_reports_full_slots() {
+    let mut s = slots_full_syncer(3);
+    let a = fk(1, 80, Protocol::Tcp);
+    s.apply(&desired(vec![(a, fe("a", &[1, 2, 3]))]));
+    let r = s.apply(&desired(vec![(a, fe("a", &[1, 2, 4]))]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let b4 = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, 4));
+    let v = *s.store().services.values().next().unwrap();
+    let reachable: Vec<u32> = (0..v.count).map(|i| s.store().slots[&SlotKey::new(v.id, v.generation, i)]).collect();
+    assert!(reachable.iter().any(|id| s.store().backends[id].addr == b4));
+    let r = s.apply(&desired(vec![(a, fe("a", &[1, 2, 4, 5]))]));
+    assert_eq!(r.errors.len(), 1);
+    assert!(r.errors[0].1.to_string().contains("BACKEND_SLOTS is full: raise --max-backends"));
+    assert_eq!(s.store().services.values().next().unwrap().count, 3, "keeps its previous list");
+}
+
+/// Deleting services never needs room: with the slots map full, removal succeeds and frees
+/// room for a frontend that did not fit.
+#[test]
+fn service_delete_with_full_slots_frees_room() {
+    let mut s = slots_full_syncer(4);
+    let (a, b, c) = (fk(1, 80, Protocol::Tcp), fk(2, 80, Protocol::Tcp), fk(3, 80, Protocol::Tcp));
+    let r = s.apply(&desired(vec![(a, fe("a", &[1, 2])), (b, fe("b", &[1, 2])), (c, fe("c", &[1, 2]))]));
+    assert_eq!(r.errors.len(), 1);
+    let r = s.apply(&desired(vec![(b, fe("b", &[1, 2])), (c, fe("c", &[1, 2]))]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(s.store().services.len(), 2);
+}
+
+/// Ten services over four shared backends with room for 32 slots: eight fit. Removing one
+/// backend everywhere shrinks them (in place or through the spare), frees the spares, and
+/// the two left out are programmed in the same sync.
+#[test]
+fn scale_down_with_full_slots_makes_room_for_the_rest() {
+    let mut s = slots_full_syncer(32);
+    let with = |backends: &[u8]| desired((1..=10).map(|i| (fk(i, 80, Protocol::Tcp), fe(&format!("s{i}"), backends))).collect());
+    let r = s.apply(&with(&[1, 2, 3, 4]));
+    assert_eq!((s.store().services.len(), r.errors.len()), (8, 2));
+    let r = s.apply(&with(&[1, 2, 3]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(s.store().services.len(), 10);
+    assert!(s.store().services.values().all(|v| v.count == 3));
+    assert_eq!(s.store().backends.len(), 3);
+    assert!(s.store().slots.len() <= 32);
+    assert_eq!(r.slots, s.store().slots.len(), "the slot metric counts what the map holds");
+}

@@ -1,0 +1,614 @@
+//! Pinned maps whose definition changed since they were created (`--max-*` flags, a map type
+//! such as LRU_HASH -> HASH, flags) are migrated instead of silently re-used.
+//!
+//! `aya` re-uses a pin by name whatever its size or type, so the loader compares every pin
+//! with what the object declares (with the configured sizes) *before* loading:
+//!
+//! 1. equal: re-used as before;
+//! 2. key or value size differs: the entries cannot be carried over, start is refused
+//!    ([`DataplaneError::IncompatiblePin`]) naming the map and how to proceed;
+//! 3. anything else differs: the old pin is moved aside to `<root>/migrating/<NAME>-<id>`
+//!    (we keep its fd), the loader creates and pins the new map, and every live entry is
+//!    copied old -> new ([`Migration::copy_pass`]). Programs keep running on the old maps until
+//!    the attach step swaps the new programs into the pinned links; then a second pass copies,
+//!    insert-if-absent, what the old programs created in between (datapath-written maps
+//!    only), and the old map is unpinned ([`Migration::finish`]).
+//!
+//! Keeping the old map pinned (aside) rather than only holding its fd makes an interrupted
+//! migration resumable: a later start finds `<root>/migrating/<NAME>-*` and copies from it
+//! too. The copy is generic over the map's `Pod` key and value types (one line per map in
+//! [`KINDS`]); it never looks inside them.
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use aya::{
+    Pod,
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        lpm_trie::Key,
+    },
+};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig,
+    ServiceKey, ServiceMeta, ServiceValue, SlotKey, StatsKey, map_names as n,
+};
+use tracing::{info, warn};
+
+use super::{DataplaneError, paths};
+
+/// `BPF_NOEXIST`: insert only if the key is absent, so a copy never overwrites what the new
+/// programs or the agent already wrote into the new map.
+const BPF_NOEXIST: u64 = 1;
+
+/// What decides whether a pin can be re-used as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// `bpf_map_type`, as the kernel numbers it.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl MapSpec {
+    fn of_pin(data: &MapData) -> Result<Self, MapError> {
+        let i = data.info()?;
+        Ok(MapSpec {
+            // `MapType` is `#[repr]` over the kernel's numbers.
+            map_type: i.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            key_size: i.key_size(),
+            value_size: i.value_size(),
+            max_entries: i.max_entries(),
+            flags: i.map_flags(),
+        })
+    }
+
+    fn layout_matches(&self, other: &MapSpec) -> bool {
+        self.key_size == other.key_size && self.value_size == other.value_size
+    }
+}
+
+impl std::fmt::Display for MapSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {} key {} B value {} B max_entries {} flags {:#x}",
+            type_name(self.map_type),
+            self.key_size,
+            self.value_size,
+            self.max_entries,
+            self.flags
+        )
+    }
+}
+
+/// The kernel's name of the map types this project uses (for logs and errors).
+fn type_name(t: u32) -> String {
+    use aya::maps::MapType as T;
+    let known = [
+        (T::Hash, "hash"),
+        (T::LruHash, "lru_hash"),
+        (T::Array, "array"),
+        (T::PerCpuHash, "percpu_hash"),
+        (T::LruPerCpuHash, "lru_percpu_hash"),
+        (T::PerCpuArray, "percpu_array"),
+        (T::LpmTrie, "lpm_trie"),
+    ];
+    known
+        .iter()
+        .find(|(k, _)| *k as u32 == t)
+        .map(|(_, n)| (*n).to_string())
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// Entries one copy pass moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Inserted into the new map.
+    pub copied: usize,
+    /// Already in the new map (written there since; left as they are).
+    pub present: usize,
+    /// No room in the new map.
+    pub dropped: usize,
+}
+
+impl Copied {
+    fn add(&mut self, o: Copied) {
+        self.copied += o.copied;
+        self.present += o.present;
+        self.dropped += o.dropped;
+    }
+}
+
+/// Copies every entry of the old map (its spec given) into the new one.
+type CopyFn = fn(&Map, &mut Map, &MapSpec) -> Result<Copied, MapError>;
+
+/// Rewrites a value carried over from an older map (`old` describes it): the hook for a map
+/// whose entries keep their layout but change meaning between versions. It lives with the
+/// code that owns the value's fields (see [`KINDS`]), never here.
+pub trait Upgrade<K, V> {
+    fn upgrade(old: &MapSpec, key: &K, value: V) -> V;
+}
+
+/// Values carried over as they are.
+pub struct AsIs;
+
+impl<K, V> Upgrade<K, V> for AsIs {
+    fn upgrade(_: &MapSpec, _: &K, value: V) -> V {
+        value
+    }
+}
+
+/// How one map is carried over.
+pub struct Kind {
+    pub name: &'static str,
+    /// The datapath writes this map: copy again, insert-if-absent, after the new programs
+    /// are in place (entries the old programs created in between). Maps only the agent
+    /// writes are copied once, before the sync reads them back: a second pass could
+    /// resurrect what the first sync deleted.
+    pub repeat: bool,
+    /// Every entry must fit (the agent's maps: a service half carried over is worse than
+    /// refusing to start). Datapath state (conntrack, affinity, counters) is best effort:
+    /// what does not fit is dropped and counted.
+    pub must_fit: bool,
+    copy: CopyFn,
+}
+
+/// Every pinned map, with the key/value types its entries are copied as. The types come
+/// from `proxy-common`; nothing here depends on their fields.
+pub static KINDS: &[Kind] = &[
+    Kind { name: n::SERVICES, repeat: false, must_fit: true, copy: copy_hash::<ServiceKey, ServiceValue> },
+    Kind { name: n::BACKEND_SLOTS, repeat: false, must_fit: true, copy: copy_hash::<SlotKey, u32> },
+    Kind { name: n::BACKENDS, repeat: false, must_fit: true, copy: copy_hash::<u32, Backend> },
+    Kind { name: n::SERVICE_META, repeat: false, must_fit: true, copy: copy_hash::<u32, ServiceMeta> },
+    Kind { name: n::SOURCE_RANGES, repeat: false, must_fit: true, copy: copy_lpm::<[u32; 2], u8> },
+    Kind { name: n::NODE_CONFIG, repeat: false, must_fit: false, copy: copy_array::<NodeConfig> },
+    // Pre-lifecycle (LRU) entries are read as established: see `conntrack::CtUpgrade`.
+    Kind {
+        name: n::CONNTRACK,
+        repeat: true,
+        must_fit: false,
+        copy: copy_hash_upgraded::<CtKey, CtValue, crate::conntrack::CtUpgrade>,
+    },
+    Kind { name: n::AFFINITY, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey, AffinityValue> },
+    Kind { name: n::SERVICE_STATS, repeat: true, must_fit: false, copy: copy_percpu_hash::<StatsKey, Counters> },
+    // Every index of an array exists: nothing to add after the swap.
+    Kind { name: n::GLOBAL_STATS, repeat: false, must_fit: false, copy: copy_percpu_array::<Counters> },
+    Kind { name: n::NEIGH_MISSES, repeat: true, must_fit: false, copy: copy_hash::<NeighKey, u64> },
+];
+
+fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+fn errno(e: &MapError) -> Option<i32> {
+    match e {
+        MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// Walk `src` (bounded: a hash map walk restarts when the current key is deleted under it,
+/// so a busy map could otherwise keep it going) and `put` each entry.
+fn copy_entries<T>(
+    src: impl Iterator<Item = Result<T, MapError>>,
+    bound: usize,
+    mut put: impl FnMut(T) -> Result<(), MapError>,
+) -> Result<Copied, MapError> {
+    let mut c = Copied::default();
+    for item in src.take(bound) {
+        match put(item?) {
+            Ok(()) => c.copied += 1,
+            Err(e) if errno(&e) == Some(libc::EEXIST) => c.present += 1,
+            // E2BIG: a plain hash is full; ENOMEM: no-prealloc map out of room.
+            Err(e) if matches!(errno(&e), Some(libc::E2BIG | libc::ENOMEM)) => c.dropped += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(c)
+}
+
+fn bound(m: &Map) -> usize {
+    let max = match m {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) | Map::LpmTrie(d) => {
+            d.info().map(|i| i.max_entries()).unwrap_or(0)
+        }
+        _ => 0,
+    };
+    (max as usize).saturating_mul(2).saturating_add(16)
+}
+
+/// HASH and LRU_HASH, in either direction.
+fn copy_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map, spec: &MapSpec) -> Result<Copied, MapError> {
+    copy_hash_upgraded::<K, V, AsIs>(old, new, spec)
+}
+
+/// HASH and LRU_HASH, each value passed through `U` on the way.
+fn copy_hash_upgraded<K: Pod, V: Pod, U: Upgrade<K, V>>(
+    old: &Map,
+    new: &mut Map,
+    spec: &MapSpec,
+) -> Result<Copied, MapError> {
+    let limit = bound(old);
+    let src = HashMap::<&MapData, K, V>::try_from(old)?;
+    let mut dst = HashMap::<&mut MapData, K, V>::try_from(new)?;
+    copy_entries(src.iter(), limit, |(k, v)| dst.insert(k, U::upgrade(spec, &k, v), BPF_NOEXIST))
+}
+
+fn copy_percpu_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
+    let limit = bound(old);
+    let src = PerCpuHashMap::<&MapData, K, V>::try_from(old)?;
+    let mut dst = PerCpuHashMap::<&mut MapData, K, V>::try_from(new)?;
+    copy_entries(src.iter(), limit, |(k, v): (K, PerCpuValues<V>)| dst.insert(k, v, BPF_NOEXIST))
+}
+
+fn copy_lpm<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
+    let limit = bound(old);
+    let src = LpmTrie::<&MapData, K, V>::try_from(old)?;
+    let mut dst = LpmTrie::<&mut MapData, K, V>::try_from(new)?;
+    copy_entries(src.iter(), limit, |(k, v): (Key<K>, V)| dst.insert(&k, v, BPF_NOEXIST))
+}
+
+/// Arrays: indices present in both (a larger array keeps zeroes past the old size).
+fn copy_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
+    let src = Array::<&MapData, V>::try_from(old)?;
+    let mut dst = Array::<&mut MapData, V>::try_from(new)?;
+    let n = src.len().min(dst.len());
+    let mut c = Copied { dropped: src.len().saturating_sub(n) as usize, ..Copied::default() };
+    for i in 0..n {
+        dst.set(i, src.get(&i, 0)?, 0)?;
+        c.copied += 1;
+    }
+    Ok(c)
+}
+
+fn copy_percpu_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
+    let src = PerCpuArray::<&MapData, V>::try_from(old)?;
+    let mut dst = PerCpuArray::<&mut MapData, V>::try_from(new)?;
+    let n = src.len().min(dst.len());
+    let mut c = Copied { dropped: src.len().saturating_sub(n) as usize, ..Copied::default() };
+    for i in 0..n {
+        dst.set(i, src.get(&i, 0)?, 0)?;
+        c.copied += 1;
+    }
+    Ok(c)
+}
+
+/// Whether a map changed type only within one family, so that one copy function reads the
+/// old and writes the new (LRU_HASH <-> HASH and the like).
+fn same_family(a: u32, b: u32) -> bool {
+    use aya::maps::MapType as T;
+    let family = |t: u32| -> u32 {
+        match t {
+            x if x == T::LruHash as u32 => T::Hash as u32,
+            x if x == T::LruPerCpuHash as u32 => T::PerCpuHash as u32,
+            x => x,
+        }
+    };
+    family(a) == family(b)
+}
+
+/// One map being migrated.
+struct Pending {
+    kind: &'static Kind,
+    /// The old map (its fd keeps it alive; the old programs still use it).
+    old: Map,
+    old_spec: MapSpec,
+    new_spec: MapSpec,
+    /// Where the old map is pinned aside.
+    aside: PathBuf,
+    /// Moved aside by this start (a rollback moves it back); false for a leftover of an
+    /// interrupted earlier migration.
+    moved_now: bool,
+    first: Copied,
+    second: Copied,
+}
+
+/// A migration decided by `prepare`, before any pin is moved.
+struct Planned {
+    kind: &'static Kind,
+    data: MapData,
+    old_spec: MapSpec,
+    new_spec: MapSpec,
+    aside: PathBuf,
+    /// The pin to move aside (None: already aside, from an interrupted migration).
+    move_from: Option<PathBuf>,
+}
+
+/// What one finished migration did (also logged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Migrated {
+    pub map: &'static str,
+    pub old: MapSpec,
+    pub new: MapSpec,
+    /// Entries copied before the new programs were attached.
+    pub copied: usize,
+    /// Entries the old programs created in between, copied after the swap.
+    pub copied_after_swap: usize,
+    /// Entries that did not fit into the new map.
+    pub dropped: usize,
+}
+
+/// Pinned maps being migrated by this start. Empty when every pin matched.
+#[derive(Default)]
+pub struct Migration {
+    root: PathBuf,
+    pending: Vec<Pending>,
+}
+
+fn pin_err(map: &str, path: &Path, e: MapError) -> DataplaneError {
+    match e {
+        MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+            DataplaneError::Permission { path: path.to_path_buf() }
+        }
+        MapError::SyscallError(s) => {
+            DataplaneError::Io { context: format!("pinned map {map} ({})", path.display()), source: s.io_error }
+        }
+        e => DataplaneError::Io { context: format!("pinned map {map} ({})", path.display()), source: io::Error::other(e.to_string()) },
+    }
+}
+
+fn io_err(context: String) -> impl FnOnce(io::Error) -> DataplaneError {
+    move |source| DataplaneError::Io { context, source }
+}
+
+/// Open a pin; `None` when there is none.
+fn open_pin(map: &str, path: &Path) -> Result<Option<MapData>, DataplaneError> {
+    match MapData::from_pin(path) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(pin_err(map, path, e)),
+    }
+}
+
+impl Migration {
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Names of the maps being migrated.
+    pub fn maps(&self) -> Vec<&'static str> {
+        self.pending.iter().map(|p| p.kind.name).collect()
+    }
+
+    /// Before loading: compare each pin under `<root>/maps` with `declared`. Refuses (and
+    /// changes nothing) when a layout is incompatible, or when a map with no entry in
+    /// [`KINDS`] differs; otherwise moves each differing pin aside so the loader creates the
+    /// new map in its place.
+    pub fn prepare(root: &Path, declared: &BTreeMap<String, MapSpec>) -> Result<Self, DataplaneError> {
+        let maps_dir = paths::maps_dir(root);
+        let aside_dir = paths::migrating_dir(root);
+        // Leftovers of an interrupted migration: copied from as well.
+        let mut leftovers: Vec<(&'static str, PathBuf)> = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&aside_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(k) = name.rsplit_once('-').and_then(|(m, _)| kind(m)) else { continue };
+                leftovers.push((k.name, e.path()));
+            }
+        }
+        // Phase 1: decide everything (errors leave the pins untouched).
+        let mut plan: Vec<Planned> = Vec::new();
+        for (name, want) in declared {
+            let name = name.as_str();
+            let main = maps_dir.join(name);
+            let mut olds: Vec<(MapData, PathBuf, bool)> = Vec::new();
+            if let Some(data) = open_pin(name, &main)? {
+                olds.push((data, main.clone(), true));
+            }
+            for (_, p) in leftovers.iter().filter(|(m, _)| *m == name) {
+                if let Some(data) = open_pin(name, p)? {
+                    olds.push((data, p.clone(), false));
+                }
+            }
+            for (data, path, is_main) in olds {
+                let have = MapSpec::of_pin(&data).map_err(|e| pin_err(name, &path, e))?;
+                if is_main && have == *want {
+                    continue;
+                }
+                let Some(k) = kind(name).filter(|_| have.layout_matches(want) && same_family(have.map_type, want.map_type))
+                else {
+                    return Err(DataplaneError::IncompatiblePin {
+                        map: name.to_string(),
+                        path,
+                        pinned: have.to_string(),
+                        wanted: want.to_string(),
+                        root: root.to_path_buf(),
+                    });
+                };
+                let id = data.info().map(|i| i.id()).unwrap_or(0);
+                let (aside, move_from) = if is_main {
+                    (aside_dir.join(format!("{name}-{id}")), Some(path))
+                } else {
+                    (path, None)
+                };
+                plan.push(Planned { kind: k, data, old_spec: have, new_spec: *want, aside, move_from });
+            }
+        }
+        // Phase 2: move the pins aside.
+        let mut m = Migration { root: root.to_path_buf(), pending: Vec::new() };
+        for Planned { kind, data, old_spec, new_spec, aside, move_from } in plan {
+            if let Some(from) = &move_from {
+                let moved = std::fs::create_dir_all(&aside_dir)
+                    .and_then(|()| std::fs::rename(from, &aside))
+                    .map_err(io_err(format!("moving {} aside to {}", from.display(), aside.display())));
+                if let Err(e) = moved {
+                    m.rollback();
+                    return Err(e);
+                }
+                info!(
+                    map = kind.name,
+                    old = %old_spec,
+                    new = %new_spec,
+                    aside = %aside.display(),
+                    "pinned map differs from the configuration: migrating its entries to a new map"
+                );
+            } else {
+                info!(map = kind.name, aside = %aside.display(), "resuming an interrupted migration");
+            }
+            let old = match Map::from_map_data(data) {
+                Ok(o) => o,
+                Err(e) => {
+                    m.rollback();
+                    return Err(DataplaneError::from_map(kind.name, e));
+                }
+            };
+            m.pending.push(Pending {
+                kind,
+                old,
+                old_spec,
+                new_spec,
+                aside,
+                moved_now: move_from.is_some(),
+                first: Copied::default(),
+                second: Copied::default(),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Copy old -> new (insert-if-absent). The first pass covers every map and checks that
+    /// the agent's maps fit; later passes cover the maps the datapath writes.
+    pub fn copy_pass(&mut self, first: bool) -> Result<(), DataplaneError> {
+        let maps_dir = paths::maps_dir(&self.root);
+        for p in &mut self.pending {
+            if !first && !p.kind.repeat {
+                continue;
+            }
+            let path = maps_dir.join(p.kind.name);
+            let data = open_pin(p.kind.name, &path)?.ok_or_else(|| DataplaneError::NotPinned { path: path.clone() })?;
+            let mut new = Map::from_map_data(data).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
+            let c = (p.kind.copy)(&p.old, &mut new, &p.old_spec).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
+            if first {
+                p.first.add(c);
+                if p.kind.must_fit && c.dropped > 0 {
+                    return Err(DataplaneError::MapTooSmall {
+                        map: p.kind.name,
+                        entries: c.copied + c.present + c.dropped,
+                        max_entries: p.new_spec.max_entries,
+                        flag: super::maps::size_flag(p.kind.name),
+                    });
+                }
+            } else {
+                p.second.add(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo `prepare` after a failed start, before any program was attached: the new pins
+    /// are removed and the old ones put back, so the next start sees what this one saw.
+    pub fn rollback(&mut self) {
+        let maps_dir = paths::maps_dir(&self.root);
+        for p in self.pending.drain(..) {
+            if !p.moved_now {
+                continue;
+            }
+            let main = maps_dir.join(p.kind.name);
+            let _ = std::fs::remove_file(&main);
+            if let Err(e) = std::fs::rename(&p.aside, &main) {
+                warn!(map = p.kind.name, aside = %p.aside.display(), error = %e, "cannot move the old map back");
+            }
+        }
+        let _ = std::fs::remove_dir(paths::migrating_dir(&self.root));
+    }
+
+    /// After the new programs replaced the old ones in every pinned link: copy what the old
+    /// programs created in between, then unpin and drop the old maps. Returns (and logs)
+    /// what each map migration did.
+    pub fn finish(mut self) -> Result<Vec<Migrated>, DataplaneError> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let t = Instant::now();
+        self.copy_pass(false)?;
+        let mut out = Vec::new();
+        for p in self.pending.drain(..) {
+            if let Err(e) = std::fs::remove_file(&p.aside) {
+                warn!(map = p.kind.name, aside = %p.aside.display(), error = %e, "cannot unpin the old map");
+            }
+            let dropped = p.first.dropped + p.second.dropped;
+            let m = Migrated {
+                map: p.kind.name,
+                old: p.old_spec,
+                new: p.new_spec,
+                copied: p.first.copied,
+                copied_after_swap: p.second.copied,
+                dropped,
+            };
+            let log = |m: &Migrated| {
+                info!(
+                    map = m.map,
+                    old_type = %type_name(m.old.map_type),
+                    new_type = %type_name(m.new.map_type),
+                    old_max_entries = m.old.max_entries,
+                    new_max_entries = m.new.max_entries,
+                    entries_copied = m.copied,
+                    entries_copied_after_swap = m.copied_after_swap,
+                    entries_dropped = m.dropped,
+                    "migrated pinned map"
+                )
+            };
+            if dropped > 0 {
+                warn!(map = m.map, entries_dropped = dropped, "the new map is smaller than the live entries");
+            }
+            log(&m);
+            out.push(m);
+            // `p.old` drops here: the old map is freed once no program uses it.
+        }
+        let _ = std::fs::remove_dir(paths::migrating_dir(&self.root));
+        info!(maps = out.len(), duration_ms = t.elapsed().as_secs_f64() * 1e3, "map migration finished");
+        Ok(out)
+    }
+}
+
+impl Drop for Migration {
+    /// A migration dropped unfinished (the agent stopped before attaching) keeps the old maps
+    /// pinned aside, so the next start resumes it.
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            warn!(maps = ?self.maps(), "map migration not finished; the next start resumes it");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::MapType as T;
+
+    use super::*;
+
+    #[test]
+    fn hash_flavours_are_one_family() {
+        assert!(same_family(T::LruHash as u32, T::Hash as u32));
+        assert!(same_family(T::Hash as u32, T::LruHash as u32));
+        assert!(same_family(T::PerCpuHash as u32, T::LruPerCpuHash as u32));
+        assert!(!same_family(T::Hash as u32, T::Array as u32));
+        assert!(!same_family(T::Hash as u32, T::PerCpuHash as u32));
+    }
+
+    #[test]
+    fn spec_display_names_the_type() {
+        let s = MapSpec { map_type: T::LruHash as u32, key_size: 16, value_size: 32, max_entries: 1024, flags: 0 };
+        assert_eq!(s.to_string(), "type lru_hash key 16 B value 32 B max_entries 1024 flags 0x0");
+        let other = MapSpec { max_entries: 4096, map_type: T::Hash as u32, ..s };
+        assert!(s.layout_matches(&other));
+        assert!(!s.layout_matches(&MapSpec { value_size: 40, ..s }));
+    }
+
+    #[test]
+    fn every_map_has_one_migration_entry() {
+        let mut names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), KINDS.len());
+        // The agent's maps must fit; datapath state is best effort and copied again.
+        assert!(kind(n::SERVICES).is_some_and(|k| k.must_fit && !k.repeat));
+        assert!(kind(n::CONNTRACK).is_some_and(|k| !k.must_fit && k.repeat));
+    }
+}

@@ -1,0 +1,246 @@
+//! Pinned maps whose definition changed: re-used when equal, migrated when the size, type or
+//! flags changed (entries carried over), refused when the key/value layout changed. Loads the
+//! datapath under a per-test bpffs directory; no interface is touched.
+use std::net::Ipv4Addr;
+
+use aya::maps::{HashMap, Map, MapData, MapType};
+use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, map_names as n};
+use proxy_tests::harness::{PinDir, entry, frontend, require_root, state};
+use proxy_userspace::{
+    dataplane::{
+        DataplaneError,
+        loader::{self, LoaderConfig},
+        maps::Maps,
+    },
+    model::Protocol,
+    sync::Syncer,
+};
+
+fn cfg(pins: &PinDir, services: u32, conntrack: u32) -> LoaderConfig {
+    LoaderConfig { max_services: services, max_backends: 256, max_conntrack: conntrack, ..LoaderConfig::new(&pins.0) }
+}
+
+fn ct(i: u32) -> (CtKey, CtValue) {
+    (
+        CtKey {
+            src_addr: u32::from(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8)).to_be(),
+            dst_addr: u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
+            src_port: (40000 + (i % 20000) as u16).to_be(),
+            dst_port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        },
+        CtValue { backend_id: i, svc_id: 7, nat_port: 8080u16.to_be(), ..Default::default() },
+    )
+}
+
+fn pin_info(pins: &PinDir, name: &str) -> aya::maps::MapInfo {
+    MapData::from_pin(pins.0.join("maps").join(name)).expect("pin").info().expect("info")
+}
+
+fn migrating_entries(pins: &PinDir) -> usize {
+    std::fs::read_dir(pins.0.join("migrating")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A larger --max-conntrack and a smaller --max-services on restart: new maps of the new
+/// sizes, every entry carried over, the old maps unpinned when the migration finishes.
+#[test]
+fn size_change_migrates_entries() {
+    if !require_root("size_change_migrates_entries") {
+        return;
+    }
+    let pins = PinDir::new();
+    let services: Vec<_> = (1..=20)
+        .map(|i| (frontend(Ipv4Addr::new(10, 96, 1, i), 80, Protocol::Tcp), entry(&format!("s{i}"), &[(Ipv4Addr::new(10, 244, 0, i), 8080)])))
+        .collect();
+    {
+        let (progs, maps) = loader::load(&cfg(&pins, 64, 1024)).expect("first load");
+        assert!(progs.migration.is_empty());
+        let mut syncer = Syncer::new(maps).unwrap();
+        assert!(syncer.apply(&state(services.clone())).errors.is_empty());
+        let maps = syncer.store_mut();
+        for i in 0..500 {
+            let (k, v) = ct(i);
+            maps.conntrack.insert(k, v, 0).unwrap();
+        }
+    }
+    // Same configuration: re-used, nothing to migrate.
+    {
+        let (progs, _maps) = loader::load(&cfg(&pins, 64, 1024)).expect("same load");
+        assert!(progs.migration.is_empty(), "equal pins are re-used");
+    }
+    let (mut progs, maps) = loader::load(&cfg(&pins, 32, 4096)).expect("load with new sizes");
+    let mut migrating = progs.migration.maps();
+    migrating.sort();
+    assert_eq!(migrating, vec![n::CONNTRACK, n::SERVICES, n::SERVICE_META, n::SERVICE_STATS]);
+    assert_eq!(maps.capacities().conntrack, 4096);
+    assert_eq!(maps.capacities().services, 32);
+    assert_eq!(pin_info(&pins, n::CONNTRACK).max_entries(), 4096);
+    assert_eq!(maps.conntrack.iter().count(), 500, "conntrack copied before the programs run");
+    let mut syncer = Syncer::new(maps).unwrap();
+    assert_eq!(syncer.service_count(), 20);
+    assert_eq!(syncer.apply(&state(services)).writes, 0, "every service carried over as it was");
+
+    // An entry the old programs create before the swap is carried over by `finish`.
+    let old = migrating_entries(&pins);
+    assert_eq!(old, 4, "old maps pinned aside until the swap");
+    let aside = std::fs::read_dir(pins.0.join("migrating"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("CONNTRACK-"))
+        .unwrap()
+        .path();
+    let mut old_ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(Map::from_map_data(MapData::from_pin(&aside).unwrap()).unwrap()).unwrap();
+    let (k, v) = ct(9999);
+    old_ct.insert(k, v, 0).unwrap();
+    let done = std::mem::take(&mut progs.migration).finish().expect("finish");
+    let c = done.iter().find(|m| m.map == n::CONNTRACK).unwrap();
+    eprintln!("CONNTRACK {} -> {}: {} copied, {} after the swap", c.old.max_entries, c.new.max_entries, c.copied, c.copied_after_swap);
+    assert_eq!((c.old.max_entries, c.new.max_entries, c.copied, c.copied_after_swap), (1024, 4096, 500, 1));
+    let s = done.iter().find(|m| m.map == n::SERVICES).unwrap();
+    assert_eq!((s.old.max_entries, s.new.max_entries, s.copied, s.copied_after_swap), (64, 32, 20, 0));
+    assert_eq!(migrating_entries(&pins), 0, "old maps unpinned");
+    assert!(syncer.store().conntrack.get(&k, 0).is_ok());
+}
+
+fn create_pinned(pins: &PinDir, name: &str, map_type: MapType, key: u32, value: u32, max: u32) -> MapData {
+    std::fs::create_dir_all(pins.0.join("maps")).unwrap();
+    let obj = aya_obj::maps::Map::new_from_params(map_type as u32, key, value, max, 0);
+    let m = MapData::create(obj, name, None).expect("create map");
+    m.pin(pins.0.join("maps").join(name)).expect("pin");
+    m
+}
+
+/// A map type change with the same layout (CONNTRACK as a plain HASH pinned, the object
+/// declares another type): migrated, live entries carried over.
+#[test]
+fn type_change_migrates_entries() {
+    if !require_root("type_change_migrates_entries") {
+        return;
+    }
+    let pins = PinDir::new();
+    let c = cfg(&pins, 64, 1024);
+    let declared = loader::declared_maps(&c).unwrap()[n::CONNTRACK];
+    // Whatever the object declares, pin the other hash flavour.
+    let other = if declared.map_type == MapType::LruHash as u32 { MapType::Hash } else { MapType::LruHash };
+    let size = |v: usize| v as u32;
+    let data = create_pinned(&pins, n::CONNTRACK, other, size(size_of::<CtKey>()), size(size_of::<CtValue>()), 1024);
+    let mut old: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    for i in 0..100 {
+        let (k, v) = ct(i);
+        old.insert(k, v, 0).unwrap();
+    }
+    let (progs, maps) = loader::load(&c).expect("load");
+    assert_eq!(progs.migration.maps(), vec![n::CONNTRACK]);
+    assert_eq!(pin_info(&pins, n::CONNTRACK).map_type().unwrap() as u32, declared.map_type);
+    let copied: Vec<(CtKey, CtValue)> = maps.conntrack.iter().map(Result::unwrap).collect();
+    assert_eq!(copied.len(), 100);
+    // The value may pass through the map's upgrade hook (flags); what it points at stays.
+    let (k, v) = ct(42);
+    assert!(copied.iter().any(|(ck, cv)| *ck == k && cv.backend_id == v.backend_id && cv.nat_port == v.nat_port));
+}
+
+/// Another key/value layout cannot be migrated: the load fails naming the map and the way
+/// out, and leaves the pin exactly as it was.
+#[test]
+fn incompatible_layout_is_refused() {
+    if !require_root("incompatible_layout_is_refused") {
+        return;
+    }
+    let pins = PinDir::new();
+    let c = cfg(&pins, 64, 1024);
+    let declared = loader::declared_maps(&c).unwrap()[n::CONNTRACK];
+    let data = create_pinned(&pins, n::CONNTRACK, MapType::LruHash, declared.key_size, declared.value_size + 8, 1024);
+    let id = data.info().unwrap().id();
+    let err = match loader::load(&c) {
+        Err(e) => e,
+        Ok(_) => panic!("an incompatible pin was re-used"),
+    };
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(&err, DataplaneError::IncompatiblePin { map, .. } if map == "CONNTRACK"), "{msg}");
+    assert!(msg.contains("ebpf-proxy cleanup") && msg.contains(&pins.0.display().to_string()), "{msg}");
+    assert_eq!(pin_info(&pins, n::CONNTRACK).id(), id, "pin untouched");
+    assert_eq!(migrating_entries(&pins), 0);
+}
+
+/// Services that would not fit into a smaller --max-services: refused, and the old maps are
+/// put back so the next start (with a size that fits) sees them all.
+#[test]
+fn too_small_for_the_services_rolls_back() {
+    if !require_root("too_small_for_the_services_rolls_back") {
+        return;
+    }
+    let pins = PinDir::new();
+    let services: Vec<_> = (1..=20)
+        .map(|i| (frontend(Ipv4Addr::new(10, 96, 1, i), 80, Protocol::Tcp), entry(&format!("s{i}"), &[(Ipv4Addr::new(10, 244, 0, 1), 8080)])))
+        .collect();
+    {
+        let (_p, maps) = loader::load(&cfg(&pins, 64, 1024)).unwrap();
+        let mut syncer = Syncer::new(maps).unwrap();
+        assert!(syncer.apply(&state(services.clone())).errors.is_empty());
+    }
+    let err = match loader::load(&cfg(&pins, 16, 1024)) {
+        Err(e) => e,
+        Ok(_) => panic!("20 services squeezed into 16"),
+    };
+    eprintln!("{err}");
+    assert!(err.to_string().contains("raise --max-services"), "{err}");
+    assert_eq!(pin_info(&pins, n::SERVICES).max_entries(), 64, "old map back in place");
+    assert_eq!(migrating_entries(&pins), 0);
+    let maps = Maps::open_pinned(&pins.0).unwrap();
+    assert_eq!(maps.services.iter().count(), 20);
+}
+
+/// A migration interrupted before the swap (the agent died) keeps the old map pinned aside;
+/// the next start copies from it again and finishes.
+#[test]
+fn interrupted_migration_is_resumed() {
+    if !require_root("interrupted_migration_is_resumed") {
+        return;
+    }
+    let pins = PinDir::new();
+    {
+        let (_p, maps) = loader::load(&cfg(&pins, 64, 1024)).unwrap();
+        for i in 0..300 {
+            let (k, v) = ct(i);
+            maps.conntrack.clone_insert(k, v);
+        }
+    }
+    {
+        // Loaded with the new size, then dropped before `finish` (as a kill -9 would).
+        let (p, _maps) = loader::load(&cfg(&pins, 64, 2048)).unwrap();
+        assert_eq!(p.migration.maps(), vec![n::CONNTRACK]);
+    }
+    assert_eq!(migrating_entries(&pins), 1, "old map still pinned aside");
+    // The entry the old programs created after the first copy.
+    let aside = std::fs::read_dir(pins.0.join("migrating")).unwrap().flatten().next().unwrap().path();
+    let mut old_ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(Map::from_map_data(MapData::from_pin(&aside).unwrap()).unwrap()).unwrap();
+    let (k, v) = ct(5000);
+    old_ct.insert(k, v, 0).unwrap();
+    let (mut p, maps) = loader::load(&cfg(&pins, 64, 2048)).unwrap();
+    assert_eq!(p.migration.maps(), vec![n::CONNTRACK], "resumed");
+    assert_eq!(maps.conntrack.iter().count(), 301);
+    std::mem::take(&mut p.migration).finish().unwrap();
+    assert_eq!(migrating_entries(&pins), 0);
+    assert_eq!(pin_info(&pins, n::CONNTRACK).max_entries(), 2048);
+}
+
+trait CloneInsert {
+    fn clone_insert(&self, k: CtKey, v: CtValue);
+}
+
+/// Insert through a second handle on the same map (the loaded one is borrowed immutably).
+impl CloneInsert for HashMap<MapData, CtKey, CtValue> {
+    fn clone_insert(&self, k: CtKey, v: CtValue) {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.map().fd().as_fd().try_clone_to_owned().unwrap();
+        let mut h: HashMap<MapData, CtKey, CtValue> =
+            HashMap::try_from(Map::from_map_data(MapData::from_fd(fd).unwrap()).unwrap()).unwrap();
+        h.insert(k, v, 0).unwrap();
+    }
+}
