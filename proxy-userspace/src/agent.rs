@@ -202,6 +202,11 @@ async fn kube_client(args: &AgentArgs) -> Result<kube::Client> {
 
 pub async fn run(args: AgentArgs) -> Result<()> {
     let node_name = args.node_name.clone().or_else(hostname).unwrap_or_else(|| "localhost".into());
+    // No privileges: one clear line before anything is created.
+    loader::check_privileges().context("loading the eBPF datapath")?;
+    // A start that fails from here on removes the pin directory if it created it (the
+    // lock below already creates it).
+    let created_root = loader::CreatedRoot::remember(&args.bpffs_root);
     // One agent per root, decided before anything touches the pins.
     let lock = lock_root(&args.bpffs_root)?;
     let metrics = Metrics::new();
@@ -215,8 +220,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         max_backends: args.max_backends,
         max_conntrack: args.max_conntrack,
     };
-    // A start that fails from here on removes the pin directory if it created it.
-    let created_root = loader::CreatedRoot::remember(&args.bpffs_root);
     let (mut programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
     if !programs.migration.is_empty() {
         // Maps changed size or type: put the new programs into every pinned link now, in

@@ -73,6 +73,11 @@ impl Env {
     fn start_bin(&self, bin: &Path, port: u16, extra: &[&str]) -> (Agent, PathBuf) {
         let log = self.logs.0.join(unique(&format!("{port}-")) + ".log");
         let http: SocketAddr = ([127, 0, 0, 1], port).into();
+        // An older binary (the upgrade test) has no --metrics-addr: it serves /metrics with
+        // the health endpoints.
+        let current = ebpf_proxy_bin().is_ok_and(|b| b == bin);
+        let metrics: SocketAddr = if current { ([127, 0, 0, 1], proxy_tests::agent::metrics_port(port)).into() } else { http };
+        let metrics_flag = if current { vec!["--metrics-addr".to_string(), metrics.to_string()] } else { vec![] };
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.topo.node.name))
             .arg(bin)
@@ -81,13 +86,14 @@ impl Env {
             .args(["--http-addr", &http.to_string(), "--sync-delay-ms", "10", "--node-name", "node-a"])
             .arg("--manifests")
             .arg(&self.dir.0)
+            .args(&metrics_flag)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("agent");
-        let agent = Agent { child, http };
+        let agent = Agent { child, http, metrics };
         if let Err(e) = agent.wait_ready(&self.topo.node, Duration::from_secs(20)) {
             panic!("{e}: {}", read_log(&log));
         }
