@@ -195,12 +195,12 @@ pub fn attach(
         }
         Err(tcx_err) => {
             info!(iface, error = %tcx_err, "tcx attach failed, falling back to a clsact filter");
-            if let Err(e) = tc::qdisc_add_clsact(iface) {
-                if !matches!(&e, tc::TcError::IoError(io) if io.kind() == io::ErrorKind::AlreadyExists)
-                    && !e.to_string().contains("exists")
-                {
-                    return Err(attach_err(iface, "adding clsact qdisc", e));
-                }
+            // An existing clsact qdisc is fine.
+            if let Err(e) = tc::qdisc_add_clsact(iface)
+                && !matches!(&e, tc::TcError::IoError(io) if io.kind() == io::ErrorKind::AlreadyExists)
+                && !e.to_string().contains("exists")
+            {
+                return Err(attach_err(iface, "adding clsact qdisc", e));
             }
             let id = prog
                 .attach(iface, dir.tc())
