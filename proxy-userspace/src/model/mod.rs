@@ -1,6 +1,7 @@
 //! Kubernetes objects -> desired map state, with upstream kube-proxy semantics.
 //! Pure: no I/O, no clocks, no globals; everything it needs comes in as arguments, so it is
 //! unit-tested on its own (see `translate` tests).
+pub mod addr;
 pub mod node;
 pub mod translate;
 pub mod types;

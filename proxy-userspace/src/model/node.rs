@@ -1,21 +1,19 @@
 //! The agent's own Node -> the node facts the translation needs.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Node;
 
-use super::types::{Ipv4Prefix, NodeInfo, Warning};
+use super::{
+    addr::parse_ip_sloppy,
+    types::{Ipv4Prefix, NodeInfo, Warning},
+};
 
-/// Parse "a.b.c.d/len" (IPv4 only).
-pub fn parse_ipv4_cidr(s: &str) -> Option<Ipv4Prefix> {
-    let (addr, len) = s.trim().split_once('/')?;
-    let addr: Ipv4Addr = addr.parse().ok()?;
-    let len: u8 = len.parse().ok()?;
-    (len <= 32).then_some(Ipv4Prefix { addr, len })
-}
-
-pub fn prefix_contains(p: &Ipv4Prefix, ip: Ipv4Addr) -> bool {
-    let mask = if p.len == 0 { 0 } else { u32::MAX << (32 - u32::from(p.len)) };
-    u32::from(ip) & mask == u32::from(p.addr) & mask
+/// A node address from the Node object, IPv4 only, sloppy like kube-proxy.
+fn node_ipv4(s: &str) -> Option<Ipv4Addr> {
+    match parse_ip_sloppy(s)? {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    }
 }
 
 /// NodeInfo for `name`: NodePort addresses are the node's InternalIP/ExternalIP IPv4
@@ -26,9 +24,9 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> 
     let mut prefixes = Vec::new();
     // An empty value (e.g. an empty ConfigMap key) means "no restriction".
     for c in nodeport_cidrs.iter().filter(|c| !c.trim().is_empty()) {
-        match parse_ipv4_cidr(c) {
-            Some(p) => prefixes.push(p),
-            None => warnings.push(Warning {
+        match c.parse::<Ipv4Prefix>() {
+            Ok(p) => prefixes.push(p),
+            Err(_) => warnings.push(Warning {
                 object: "--nodeport-addresses".into(),
                 kind: "Flag",
                 message: format!("ignoring invalid IPv4 CIDR {c:?}"),
@@ -41,8 +39,8 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> 
         .into_iter()
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
-        .filter(|ip| prefixes.is_empty() || prefixes.iter().any(|p| prefix_contains(p, *ip)))
+        .filter_map(|a| node_ipv4(&a.address))
+        .filter(|ip| prefixes.is_empty() || prefixes.iter().any(|p| p.contains(*ip)))
         .collect();
     addrs.sort();
     addrs.dedup();
@@ -56,7 +54,7 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> 
 pub fn snat_address(node: Option<&Node>) -> Option<Ipv4Addr> {
     let addrs = node.and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref())?;
     let first = |kind: &str| {
-        addrs.iter().filter(|a| a.type_ == kind).find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        addrs.iter().filter(|a| a.type_ == kind).find_map(|a| node_ipv4(&a.address))
     };
     first("InternalIP").or_else(|| first("ExternalIP"))
 }
@@ -107,11 +105,14 @@ mod tests {
         assert_eq!(snat_address(None), None);
     }
 
+    /// Node addresses and --nodeport-addresses are sloppy like kube-proxy's
+    /// (`ParseIPSloppy` / `ParseCIDRSloppy`): leading zeros are decimal.
     #[test]
-    fn cidr_parsing() {
-        assert_eq!(parse_ipv4_cidr("10.0.0.0/8").map(|p| p.len), Some(8));
-        assert!(parse_ipv4_cidr("10.0.0.0/33").is_none());
-        assert!(parse_ipv4_cidr("10.0.0.0").is_none());
-        assert!(prefix_contains(&parse_ipv4_cidr("0.0.0.0/0").unwrap(), Ipv4Addr::new(1, 2, 3, 4)));
+    fn node_addresses_with_leading_zeros() {
+        let n = node(&[("InternalIP", "192.168.001.010")]);
+        assert_eq!(snat_address(Some(&n)), Some(Ipv4Addr::new(192, 168, 1, 10)));
+        let (info, warnings) = node_info("n", Some(&n), &["192.168.001.000/24".into()]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(info.nodeport_addrs, vec![Ipv4Addr::new(192, 168, 1, 10)]);
     }
 }

@@ -25,6 +25,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use super::addr::CidrError;
 use super::types::{
     BackendAddr, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey,
     FrontendKind, HealthCheck, Ipv4Prefix, NodeInfo, Protocol, Scope, ServicePortName, Warning,
@@ -343,27 +344,12 @@ enum ParsedIp {
     Invalid,
 }
 
+/// Sloppy like kube-proxy (`ParseIPSloppy`: IPv4 octets with leading zeros are decimal).
 fn parse_ip(s: &str) -> ParsedIp {
-    match s.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => ParsedIp::V4(ip),
-        Ok(IpAddr::V6(_)) => ParsedIp::V6,
-        Err(_) => ParsedIp::Invalid,
-    }
-}
-
-/// Parse "a.b.c.d/len" (host bits are masked off, as Go's `net.ParseCIDR` does).
-/// `Ok(None)` is a valid IPv6 CIDR.
-fn parse_prefix(s: &str) -> Result<Option<Ipv4Prefix>, ()> {
-    let (addr, len) = s.split_once('/').ok_or(())?;
-    let len: u8 = len.parse().map_err(|_| ())?;
-    match addr.parse::<IpAddr>().map_err(|_| ())? {
-        IpAddr::V4(addr) if len <= 32 => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            let addr = Ipv4Addr::from(u32::from(addr) & mask);
-            Ok(Some(Ipv4Prefix { addr, len }))
-        }
-        IpAddr::V6(_) if len <= 128 => Ok(None),
-        _ => Err(()),
+    match super::addr::parse_ip_sloppy(s) {
+        Some(IpAddr::V4(ip)) => ParsedIp::V4(ip),
+        Some(IpAddr::V6(_)) => ParsedIp::V6,
+        None => ParsedIp::Invalid,
     }
 }
 
@@ -800,10 +786,10 @@ fn source_ranges(
     };
     let mut ranges = Vec::new();
     for range in raw.into_iter().map(str::trim).filter(|r| !r.is_empty()) {
-        match parse_prefix(range) {
-            Ok(Some(prefix)) => ranges.push(prefix),
-            Ok(None) => *saw_ipv6 = true,
-            Err(()) => notes.push(Problem::BadSourceRange(range.to_owned())),
+        match range.parse::<Ipv4Prefix>() {
+            Ok(prefix) => ranges.push(prefix),
+            Err(CidrError::Ipv6) => *saw_ipv6 = true,
+            Err(CidrError::Invalid) => notes.push(Problem::BadSourceRange(range.to_owned())),
         }
     }
     ranges.sort();
@@ -1616,6 +1602,37 @@ mod tests {
             ],
             &[],
         );
+    }
+
+    /// Upstream parses every address and CIDR of an object with `netutils.ParseIPSloppy`
+    /// / `ParseCIDRSloppy` (kube-proxy's `proxy/util`), which read IPv4 octets with leading
+    /// zeros as decimal; objects stored before the API server rejected them still carry
+    /// such addresses, and kube-proxy serves them instead of dropping the Service.
+    #[test]
+    fn addresses_with_leading_zeros_parse_as_decimal() {
+        let service = svc_full(
+            json!({"namespace": "default", "name": "web"}),
+            json!({
+                "clusterIP": "10.096.000.001",
+                "type": "LoadBalancer",
+                "ports": [{"port": 80, "nodePort": 30080}],
+                "externalIPs": ["203.000.113.001"],
+                "loadBalancerSourceRanges": ["192.0.002.000/024"],
+            }),
+            lb_status(json!([{"ip": "198.051.100.001"}])),
+        );
+        let slices = [slice("web-1", "web", p8080(), json!([ep("10.000.000.001", NODE)]))];
+        let backends = vec![be("10.0.0.1", 8080, true)];
+        let ranges = vec![Ipv4Prefix { addr: ip("192.0.2.0"), len: 24 }];
+        let mut expected = vec![web_cluster_ip(backends.clone())];
+        for scope in [Internal, External] {
+            expected.push((key(NODE_IP, 30080, Tcp, scope), entry("web", "", NodePort, backends.clone())));
+            expected.push((key("203.0.113.1", 80, Tcp, scope), entry("web", "", ExternalIP, backends.clone())));
+            let lb = entry("web", "", LoadBalancer, backends.clone());
+            let lb = if scope == External { FrontendEntry { source_ranges: ranges.clone(), ..lb } } else { lb };
+            expected.push((key("198.51.100.1", 80, Tcp, scope), lb));
+        }
+        assert_translates(&[service], &slices, expected, &[]);
     }
 
     #[test]
