@@ -130,7 +130,9 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook) -> Decision<F::Addr> {
     let Some(svc) = lb::service_lookup::<F>(p, scope) else {
         return Decision::pass(Verdict::Pass);
     };
-    if hook == Hook::Uplink && !lb::source_allowed::<F>(&svc, p.saddr) {
+    // loadBalancerSourceRanges hold for every source, pods included (the agent flags only
+    // LoadBalancer frontends with them).
+    if !lb::source_allowed::<F>(&svc, p.saddr) {
         return Decision::new(Action::Drop, Verdict::SourceRangeDrop, svc.id);
     }
     // SAFETY: helper without preconditions.

@@ -444,3 +444,33 @@ fn hairpin_to_self_is_source_natted_and_bounced() {
         assert_eq!((v, &again), (TC_ACT_UNSPEC, f));
     }
 }
+
+/// loadBalancerSourceRanges hold for pods too (upstream's firewall check): a pod outside
+/// the ranges is dropped on its way to the LB IP and counted, a pod inside is translated,
+/// and the same Service's ClusterIP stays open to both.
+#[test]
+fn source_ranges_apply_to_pods_reaching_the_lb_ip() {
+    if !require_root("source_ranges_apply_to_pods_reaching_the_lb_ip") {
+        return;
+    }
+    const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+    const INSIDE: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 5);
+    let mut dp = TestDataplane::load();
+    let mut lb = entry("web", &[(B1, 8080)]);
+    lb.kind = proxy_userspace::model::FrontendKind::LoadBalancer;
+    lb.source_ranges = vec![proxy_userspace::model::Ipv4Prefix { addr: Ipv4Addr::new(10, 244, 7, 0), len: 24 }];
+    let r = dp.syncer.apply(&state(vec![
+        (frontend(VIP, 80, Protocol::Tcp), entry("web", &[(B1, 8080)])),
+        (frontend(LB_IP, 80, Protocol::Tcp), lb),
+    ]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let outside = tcp_frame((CLIENT, 40000), (LB_IP, 80), b"x");
+    let (v, out) = dp.run(FROM_POD, &outside);
+    assert_eq!((v, &out), (TC_ACT_SHOT, &outside), "outside the ranges: dropped untouched");
+    let drops = proxy_userspace::dataplane::maps::global_total(&dp.maps().global_stats, verdict::SOURCE_RANGE_DROP).unwrap();
+    assert_eq!(drops.packets, 1);
+    let (v, out) = dp.run(FROM_POD, &tcp_frame((INSIDE, 40000), (LB_IP, 80), b"x"));
+    assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (B1, 8080)), "inside the ranges: translated");
+    let (v, out) = dp.run(FROM_POD, &tcp_frame((CLIENT, 40001), (VIP, 80), b"x"));
+    assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (B1, 8080)), "the ClusterIP stays open");
+}

@@ -986,7 +986,10 @@ fn expand_service(
             } else {
                 &[]
             };
-            let internal = entry(kind, &cluster, false, &[]);
+            // loadBalancerSourceRanges apply to every source, pods included: upstream's
+            // firewall chain drops a pod outside the ranges on its way to the LB IP (its
+            // NodePort and ClusterIP stay open to it).
+            let internal = entry(kind, &cluster, false, ranges);
             let external = entry(kind, external_backends, external_local, ranges);
             out.push(candidate(kind, addr, port_number, internal, Some(external)));
         }
@@ -1628,8 +1631,7 @@ mod tests {
         for scope in [Internal, External] {
             expected.push((key(NODE_IP, 30080, Tcp, scope), entry("web", "", NodePort, backends.clone())));
             expected.push((key("203.0.113.1", 80, Tcp, scope), entry("web", "", ExternalIP, backends.clone())));
-            let lb = entry("web", "", LoadBalancer, backends.clone());
-            let lb = if scope == External { FrontendEntry { source_ranges: ranges.clone(), ..lb } } else { lb };
+            let lb = FrontendEntry { source_ranges: ranges.clone(), ..entry("web", "", LoadBalancer, backends.clone()) };
             expected.push((key("198.51.100.1", 80, Tcp, scope), lb));
         }
         assert_translates(&[service], &slices, expected, &[]);
@@ -2211,9 +2213,10 @@ mod tests {
         )
     }
 
-    /// Expected frontends of `lb_with_ranges`: ranges only on the External LB entry.
+    /// Expected frontends of `lb_with_ranges`: ranges on both LB entries (upstream's
+    /// firewall check applies to pods too), never on the ExternalIP or ClusterIP.
     fn lb_frontends(ranges: &[(&str, u8)]) -> Vec<(FrontendKey, FrontendEntry)> {
-        let ranges = ranges
+        let ranges: Vec<Ipv4Prefix> = ranges
             .iter()
             .map(|&(a, len)| Ipv4Prefix { addr: ip(a), len })
             .collect();
@@ -2229,7 +2232,10 @@ mod tests {
             ),
             (
                 key("198.51.100.1", 80, Tcp, Internal),
-                entry("web", "", LoadBalancer, vec![]),
+                FrontendEntry {
+                    source_ranges: ranges.clone(),
+                    ..entry("web", "", LoadBalancer, vec![])
+                },
             ),
             (
                 key("198.51.100.1", 80, Tcp, External),
