@@ -40,7 +40,8 @@ pub enum Action {
     /// Untouched: the stack (and any program after ours) sees it as if we were not there.
     Pass,
     Drop,
-    /// Refuse a flow to a frontend without endpoints (XDP: TCP reset; TC drops for now).
+    /// Refuse a flow to a frontend without endpoints: TCP reset (both hooks), ICMP port
+    /// unreachable for UDP (TC; XDP drops UDP).
     Reject,
     /// Rewrite to `Decision::nat`, then on through the stack.
     Rewrite,
@@ -140,11 +141,7 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook) -> Decision<F::Addr> {
     let (backend_id, b) = match lb::select_backend::<F>(&svc, p.saddr, now) {
         Selected::Backend(id, b) => (id, b),
         Selected::Empty => {
-            let action = match hook {
-                Hook::Uplink => Action::Reject,
-                Hook::Pod => Action::Drop,
-            };
-            return Decision::new(action, Verdict::NoBackend, svc.id);
+            return Decision::new(Action::Reject, Verdict::NoBackend, svc.id);
         }
         Selected::Missing => return Decision::new(Action::Drop, Verdict::Error, svc.id),
     };

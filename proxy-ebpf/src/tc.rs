@@ -25,7 +25,7 @@ use crate::{
         self, Packet, L3, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
     },
     pipeline::{self, Action, Decision, Hook, Nat},
-    stats,
+    reject, stats,
 };
 
 /// Headers we may need in the linear area: Ethernet + IPv4 with options + TCP.
@@ -53,11 +53,18 @@ trait TcFamily: Family {
     const SRC_OFF: usize;
     const DST_OFF: usize;
     fn rewrite_addr(ctx: &TcContext, p: &Packet<Self::Addr>, off: usize, old: Self::Addr, new: Self::Addr, csum: Option<usize>, mangled: u64) -> Result<(), i64>;
+    /// Answer a flow to a frontend without endpoints back into the pod (TCP reset, ICMP
+    /// port unreachable); `Err` when it cannot be answered.
+    fn reject(ctx: &TcContext, p: &Packet<Self::Addr>) -> Result<i32, i64>;
 }
 
 impl TcFamily for V4 {
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
+    #[inline(always)]
+    fn reject(ctx: &TcContext, p: &Packet<u32>) -> Result<i32, i64> {
+        reject::tc_reject(ctx, p)
+    }
     #[inline(always)]
     fn rewrite_addr(ctx: &TcContext, p: &Packet<u32>, off: usize, old: u32, new: u32, csum: Option<usize>, mangled: u64) -> Result<(), i64> {
         if let Some(csum) = csum {
@@ -122,9 +129,9 @@ fn bounce(ctx: &TcContext) -> Result<i32, i64> {
 fn apply<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (i32, Verdict) {
     let done = match d.action {
         Action::Pass => Ok(TC_ACT_UNSPEC),
-        // TC has no reject of its own yet: pod clients of a service without endpoints time
-        // out (docs/datapath.md).
-        Action::Drop | Action::Reject => Ok(TC_ACT_SHOT),
+        Action::Drop => Ok(TC_ACT_SHOT),
+        // What cannot be answered (a RST, IP options, SCTP) is dropped, as before.
+        Action::Reject => Ok(F::reject(ctx, p).unwrap_or(TC_ACT_SHOT)),
         Action::Rewrite => nat::<F>(ctx, p, &d.nat).map(|()| TC_ACT_UNSPEC),
         Action::Bounce => nat::<F>(ctx, p, &d.nat).and_then(|()| bounce(ctx)),
         // Only XDP forwards.

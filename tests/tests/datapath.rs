@@ -238,30 +238,59 @@ fn ip_options_are_handled() {
     assert_eq!(d.payload, b"opts");
 }
 
-/// A service with no endpoints: kube-proxy rejects; we drop (see docs/datapath.md) and
-/// count `no_backend`, creating no conntrack entry.
+/// A Service without endpoints refuses pod traffic at once, like kube-proxy's REJECT: a
+/// TCP SYN gets a reset and a UDP datagram an ICMP port unreachable, from VIP:port, sent
+/// straight back into the pod (redirect to the veth it came from); nothing is tracked and
+/// the verdict is counted `no_backend`.
 #[test]
-fn service_without_backends_drops() {
-    if !require_root("service_without_backends_drops") {
+fn service_without_backends_rejects() {
+    if !require_root("service_without_backends_rejects") {
         return;
     }
+    const TC_ACT_REDIRECT: i32 = 7;
     let mut dp = TestDataplane::load();
-    let r = dp.syncer.apply(&state(vec![(frontend(VIP, 80, Protocol::Tcp), entry("empty", &[]))]));
+    let r = dp.syncer.apply(&state(vec![
+        (frontend(VIP, 80, Protocol::Tcp), entry("empty", &[])),
+        (frontend(VIP, 53, Protocol::Udp), entry("empty-dns", &[])),
+    ]));
     assert!(r.errors.is_empty());
-    let frame = tcp_frame((CLIENT, 40000), (VIP, 80), b"x");
-    let (v, _) = dp.run(FROM_POD, &frame);
-    assert_eq!(v, TC_ACT_SHOT);
+    let syn = tcp_frame((CLIENT, 40000), (VIP, 80), b"x");
+    let (v, out) = dp.run(FROM_POD, &syn);
+    assert_eq!(v, TC_ACT_REDIRECT, "answered back into the pod");
+    assert_eq!(out.len(), 54, "Ethernet + IPv4 + TCP");
+    assert_eq!((&out[..6], &out[6..12]), (&syn[6..12], &syn[..6]), "MACs swapped");
+    let d = decode(&out);
+    assert_eq!((d.src, d.dst), ((VIP, 80), (CLIENT, 40000)));
+    assert!(d.ip_csum_ok && d.l4_csum_ok, "{d:?}");
+    assert_eq!(out[34 + 13], 0x14, "RST|ACK");
+    assert_eq!(u32::from_be_bytes(out[34 + 8..34 + 12].try_into().unwrap()), 1000 + 1 + 1, "ack = seq + SYN + payload");
+
+    let query = udp_frame((CLIENT, 5353), (VIP, 53), b"query");
+    let (v, out) = dp.run(FROM_POD, &query);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 20 + 8 + 20 + 8, "Ethernet + IPv4 + ICMP + quoted IPv4 and UDP headers");
+    let ip = etherparse::Ipv4HeaderSlice::from_slice(&out[14..34]).unwrap().to_header();
+    assert_eq!(ip.calc_header_checksum(), ip.header_checksum, "IPv4 checksum");
+    assert_eq!((Ipv4Addr::from(ip.source), Ipv4Addr::from(ip.destination), ip.protocol.0), (VIP, CLIENT, 1));
+    assert_eq!((out[34], out[35]), (3, 3), "destination unreachable, port unreachable");
+    // One's complement sum over the whole ICMP message, computed here independently.
+    let mut sum: u32 = out[34..].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    assert_eq!(sum, 0xffff, "ICMP checksum");
+    assert_eq!(&out[42..70], &query[14..42], "quotes the datagram's IPv4 and UDP headers");
+
     assert_eq!(dp.maps().conntrack.keys().count(), 0);
-    let id = dp.maps().services.iter().next().unwrap().unwrap().1.id;
-    let drops: u64 = dp
+    let counted: u64 = dp
         .maps()
-        .service_stats
-        .get(&StatsKey { svc_id: id, verdict: verdict::NO_BACKEND }, 0)
-        .unwrap()
+        .services
         .iter()
-        .map(|c| c.packets)
+        .filter_map(Result::ok)
+        .filter_map(|(_, s)| dp.maps().service_stats.get(&StatsKey { svc_id: s.id, verdict: verdict::NO_BACKEND }, 0).ok())
+        .map(|pc| pc.iter().map(|c| c.packets).sum::<u64>())
         .sum();
-    assert_eq!(drops, 1);
+    assert_eq!(counted, 2);
 }
 
 /// 30,000 new flows over 3 backends: each gets 10,000 +- 5%.

@@ -8,8 +8,8 @@
 //! - a frame that comes out changed is a well-formed IPv4 frame of the same length, whose
 //!   IPv4 and L4 checksums are valid exactly when the input's were (an incremental update
 //!   must neither repair nor break one), going to a backend (forward
-//!   programs) or coming from a frontend (reverse programs); or, for a SYN to a frontend
-//!   without endpoints on the uplink, a valid reset.
+//!   programs) or coming from a frontend (reverse programs); or, for a frontend without
+//!   endpoints, a valid reset (TCP, both hooks) or ICMP port unreachable (UDP, pods).
 //!
 //! `FUZZ_FRAMES` sets the frames per program (default 3000, a few seconds; e.g.
 //! `FUZZ_FRAMES=1000000 cargo xtask test -- fuzz` for a long run) and `FUZZ_SEED` the seed.
@@ -34,6 +34,9 @@ const BACKENDS: [Ipv4Addr; 3] = [Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10,
 const NODE_PORT: u16 = 30080;
 /// A NodePort without endpoints: SYNs to it are answered with a reset on the uplink.
 const EMPTY_NODE_PORT: u16 = 30081;
+/// A ClusterIP port without endpoints: pods get a reset (TCP) or a port unreachable (UDP).
+const EMPTY_PORT: u16 = 81;
+const TC_ACT_REDIRECT: i32 = 7;
 
 fn frames_per_program() -> usize {
     std::env::var("FUZZ_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(3000)
@@ -57,6 +60,9 @@ fn dataplane() -> TestDataplane {
         entries.push(ext(NODE_PORT, proto, entry("np", &backends)));
     }
     entries.push(ext(EMPTY_NODE_PORT, Protocol::Tcp, entry("empty", &[])));
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        entries.push((frontend(VIP, EMPTY_PORT, proto), entry("empty", &[])));
+    }
     let r = dp.syncer.apply(&state(entries));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     dp
@@ -154,7 +160,7 @@ fn base(rng: &mut fastrand::Rng, reverse: bool, uplink: bool, flows: &[Flow]) ->
     let frontend = if uplink {
         (NODE, if rng.u8(..8) == 0 { EMPTY_NODE_PORT } else { NODE_PORT })
     } else {
-        (VIP, 80)
+        (VIP, if rng.u8(..8) == 0 { EMPTY_PORT } else { 80 })
     };
     let (src, dst) = match (reverse, rng.u8(..10)) {
         (_, 0) => (client, (Ipv4Addr::from(rng.u32(..)), rng.u16(..))),
@@ -222,11 +228,28 @@ fn check(prog: &str, frame: &[u8], v: i32, out: &[u8], xdp: bool, reverse: bool)
     if out == frame {
         return;
     }
+    if !xdp && v == TC_ACT_REDIRECT && out.len() == 14 + 20 + 8 + 28 && out[14 + 9] == 1 {
+        // The port unreachable a pod gets from a UDP frontend without endpoints: a valid
+        // IPv4 header from the frontend, ICMP 3/3 with a valid checksum, quoting the
+        // datagram's headers.
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&out[14..34]).expect("ICMP's IPv4 header").to_header();
+        assert_eq!(ip.calc_header_checksum(), ip.header_checksum, "{prog}: ICMP's IPv4 checksum");
+        assert_eq!((ip.source, ip.destination), (frame[30..34].try_into().unwrap(), frame[26..30].try_into().unwrap()));
+        assert_eq!((out[34], out[35]), (3, 3), "{prog}: port unreachable");
+        let mut sum: u32 = out[34..].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xffff, "{prog}: ICMP checksum");
+        assert_eq!(&out[42..70], &frame[14..42], "{prog}: quotes the datagram");
+        return;
+    }
     let (Some(before), Some(after)) = (view(frame), view(out)) else {
         panic!("{prog}: translated frame does not parse: {frame:02x?} -> {out:02x?}");
     };
-    if xdp && v == XDP_TX && out.len() == 54 {
-        // The reset for a frontend without endpoints.
+    if (xdp && v == XDP_TX || !xdp && v == TC_ACT_REDIRECT) && out.len() == 54 {
+        // The reset for a frontend without endpoints (no hairpin is configured here, so a TC
+        // redirect is always a reject).
         assert!(after.ip_ok && after.l4_ok == Some(true), "{prog}: reset checksums");
         assert_eq!((after.src, after.dst), (before.dst, before.src), "{prog}: reset addresses");
         return;

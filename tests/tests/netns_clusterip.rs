@@ -76,3 +76,42 @@ fn clusterip_through_pod_veths() {
     let again = client.run(|| held.ask());
     assert_eq!(again.expect("held connection still works"), "pod3");
 }
+
+/// A Service without endpoints refuses a pod's connections at once, as kube-proxy's REJECT
+/// does: TCP `connect()` fails with ECONNREFUSED (a reset, not a timeout) and a connected
+/// UDP socket gets ECONNREFUSED from the ICMP port unreachable.
+#[test]
+fn service_without_endpoints_refuses_pods_at_once() {
+    if !require_root("service_without_endpoints_refuses_pods_at_once") {
+        return;
+    }
+    let topo = Topology::single_node(1, 1).expect("topology");
+    let iface = topo.pods[0].host_if.clone();
+    let mut dp = TestDataplane::load();
+    let root = dp.pins.0.clone();
+    topo.node.run(|| attach_pod_interface(&mut dp.programs, &root, &iface).expect("attach"));
+    let r = dp.syncer.apply(&state(vec![
+        (frontend(VIP, 80, Protocol::Tcp), entry("empty", &[])),
+        (frontend(VIP, 53, Protocol::Udp), entry("empty", &[])),
+    ]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let client = &topo.pods[0].ns;
+    let (tcp, took) = client.run(|| {
+        let t = std::time::Instant::now();
+        let r = std::net::TcpStream::connect_timeout(&(VIP, 80).into(), Duration::from_secs(3));
+        (r.map(drop), t.elapsed())
+    });
+    let err = tcp.expect_err("connect to a Service without endpoints");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(took < Duration::from_millis(500), "refused at once, not after a timeout: {took:?}");
+
+    let udp = client.run(|| -> std::io::Result<usize> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect((VIP, 53))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send(b"query")?;
+        s.recv(&mut [0u8; 64])
+    });
+    let err = udp.expect_err("a reply from a Service without endpoints");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "ICMP port unreachable reached the socket: {err}");
+}
