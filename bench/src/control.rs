@@ -84,6 +84,7 @@ fn one_size(
     let node = NodeInfo {
         name: NODE_NAME.into(),
         nodeport_addrs: vec![],
+        zone: None,
     };
     let mut dp = Dataplane::load(n, e)?;
 

@@ -8,6 +8,9 @@ use super::{
     types::{Ipv4Prefix, NodeInfo, Warning},
 };
 
+/// The Node label topology-aware routing matches zone hints against.
+const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+
 /// A node address from the Node object, IPv4 only, sloppy like kube-proxy.
 fn node_ipv4(s: &str) -> Option<Ipv4Addr> {
     match parse_ip_sloppy(s)? {
@@ -44,7 +47,12 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> 
         .collect();
     addrs.sort();
     addrs.dedup();
-    (NodeInfo { name: name.to_string(), nodeport_addrs: addrs }, warnings)
+    let zone = node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(LABEL_TOPOLOGY_ZONE))
+        .filter(|z| !z.is_empty())
+        .cloned();
+    (NodeInfo { name: name.to_string(), nodeport_addrs: addrs, zone }, warnings)
 }
 
 /// The address north-south flows to a backend on another node are source-NATed to, so

@@ -408,6 +408,31 @@ struct ParsedEndpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// Topology hints as they concern this node: `hints.forZones` against its zone,
+    /// `hints.forNodes` against its name.
+    zone_hint: Hint,
+    node_hint: Hint,
+}
+
+/// How an endpoint's topology hints relate to this node.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Hint {
+    /// The endpoint carries no hint of this kind.
+    Absent,
+    /// It has hints, none for this node (or its zone).
+    Elsewhere,
+    /// One of its hints is for this node (or its zone).
+    Here,
+}
+
+impl Hint {
+    fn of<'a>(names: Option<impl Iterator<Item = &'a str>>, ours: Option<&str>) -> Hint {
+        let Some(mut names) = names.map(|n| n.peekable()) else { return Hint::Absent };
+        if names.peek().is_none() {
+            return Hint::Absent;
+        }
+        if names.any(|n| Some(n) == ours) { Hint::Here } else { Hint::Elsewhere }
+    }
 }
 
 /// Parse every slice once and group the results by owning Service.
@@ -554,12 +579,23 @@ fn parse_endpoint(ep: &Endpoint, node: &NodeInfo) -> Result<EndpointAddr, Proble
     let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
     let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
     let local = non_empty(ep.node_name.as_deref()).is_some_and(|n| n == node.name);
+    let hints = ep.hints.as_ref();
+    let zone_hint = Hint::of(
+        hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.as_str())),
+        node.zone.as_deref(),
+    );
+    let node_hint = Hint::of(
+        hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.as_str())),
+        Some(node.name.as_str()),
+    );
     Ok(EndpointAddr::V4(ParsedEndpoint {
         addr,
         local,
         ready,
         serving,
         terminating,
+        zone_hint,
+        node_hint,
     }))
 }
 
@@ -876,14 +912,56 @@ fn preference(ep: &ParsedEndpoint) -> (bool, bool, bool, bool) {
     (!ep.terminating, ep.ready, ep.serving, ep.local)
 }
 
-/// kube-proxy's choice among a set of endpoints: the ready ones; if none is ready, the ones
-/// still serving while terminating (so connections drain instead of being dropped).
+/// Topology-aware routing for cluster-policy traffic, as upstream's `topologyModeFromHints`
+/// (pkg/proxy/topology.go) decides it from the ready endpoints' hints: same node when every
+/// ready endpoint has node hints and one is for this node (trafficDistribution
+/// PreferSameNode); otherwise same zone when every ready endpoint has zone hints and one is
+/// for this node's zone (PreferSameZone / PreferClose, topology-mode Auto); otherwise none.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Topology {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode<'a>(endpoints: impl Iterator<Item = &'a PortEndpoint>) -> Topology {
+    let (mut all_node, mut node_here, mut all_zone, mut zone_here) = (true, false, true, false);
+    for e in endpoints.filter(|e| e.ep.ready) {
+        all_node &= e.ep.node_hint != Hint::Absent;
+        node_here |= e.ep.node_hint == Hint::Here;
+        all_zone &= e.ep.zone_hint != Hint::Absent;
+        zone_here |= e.ep.zone_hint == Hint::Here;
+    }
+    if all_node && node_here {
+        Topology::SameNode
+    } else if all_zone && zone_here {
+        Topology::SameZone
+    } else {
+        Topology::Any
+    }
+}
+
+impl Topology {
+    fn allows(self, ep: &ParsedEndpoint) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameNode => ep.node_hint == Hint::Here,
+            Topology::SameZone => ep.zone_hint == Hint::Here,
+        }
+    }
+}
+
+/// kube-proxy's choice among a set of endpoints: the ready ones (that `topology` allows);
+/// if none is ready, the ones still serving while terminating (so connections drain instead
+/// of being dropped; topology no longer matters then, as upstream: a mode is only chosen
+/// when a ready endpoint fits it).
 fn select_backends<'a>(
     endpoints: impl Iterator<Item = &'a PortEndpoint> + Clone,
+    topology: Topology,
 ) -> Vec<BackendAddr> {
     let mut chosen: Vec<BackendAddr> = endpoints
         .clone()
-        .filter(|e| e.ep.ready)
+        .filter(|e| e.ep.ready && topology.allows(&e.ep))
         .map(|e| e.backend(false))
         .collect();
     if chosen.is_empty() {
@@ -923,9 +1001,11 @@ fn expand_service(
         let port_eps = endpoints
             .map(|g| endpoints_for_port(g, port))
             .unwrap_or_default();
-        let cluster = select_backends(port_eps.iter());
-        // Local policies redo the ready/terminating choice among local endpoints only.
-        let local = select_backends(port_eps.iter().filter(|e| e.ep.local));
+        // Cluster policy follows the topology hints; Local policies ignore them, as
+        // upstream's CategorizeEndpoints does, and redo the ready/terminating choice among
+        // local endpoints only.
+        let cluster = select_backends(port_eps.iter(), topology_mode(port_eps.iter()));
+        let local = select_backends(port_eps.iter().filter(|e| e.ep.local), Topology::Any);
 
         let service = ServicePortName {
             namespace: id.namespace.clone(),
@@ -1119,6 +1199,7 @@ mod tests {
     use Scope::{External, Internal};
 
     const NODE: &str = "node-a";
+    const ZONE: &str = "zone-a";
     const NODE_IP: &str = "192.168.1.10";
 
     // --- builders --------------------------------------------------------------------
@@ -1131,6 +1212,7 @@ mod tests {
         NodeInfo {
             name: NODE.into(),
             nodeport_addrs: vec![ip(NODE_IP)],
+            zone: Some(ZONE.into()),
         }
     }
 
@@ -1544,6 +1626,7 @@ mod tests {
         let node = NodeInfo {
             name: NODE.into(),
             nodeport_addrs: vec![ip(NODE_IP), ip("10.1.0.10"), ip(NODE_IP)],
+            zone: None,
         };
         let (actual, warnings) = translate(&[service], &slices, &node);
         let b = vec![be("10.0.0.1", 8080, true)];
@@ -1853,6 +1936,119 @@ mod tests {
             ])],
             &[],
         );
+    }
+
+    // --- topology-aware routing ------------------------------------------------------
+
+    /// A ready endpoint on `node` with zone hints `zones` and node hints `nodes` (an empty
+    /// list: no hint of that kind).
+    fn ep_hints(addr: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Value {
+        let mut hints = serde_json::Map::new();
+        if !zones.is_empty() {
+            hints.insert("forZones".into(), json!(zones.iter().map(|z| json!({"name": z})).collect::<Vec<_>>()));
+        }
+        if !nodes.is_empty() {
+            hints.insert("forNodes".into(), json!(nodes.iter().map(|n| json!({"name": n})).collect::<Vec<_>>()));
+        }
+        json!({"addresses": [addr], "nodeName": node, "hints": hints})
+    }
+
+    /// Upstream's CategorizeEndpoints / topologyModeFromHints (pkg/proxy/topology.go), one
+    /// row per rule and fallback. This node is node-a in zone-a; e1 runs here, e2 on node-b
+    /// in zone-a, e3 on node-c in zone-b.
+    #[test]
+    fn topology_aware_routing() {
+        let (e1, e2, e3) = (be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false), be("10.0.0.3", 8080, false));
+        let all = vec![e1, e2, e3];
+        let not_ready_unhinted = ep_cond("10.0.0.4", "node-d", Some(false), Some(false), None);
+        let t = |a: &str, zone: &str| {
+            json!({"addresses": [a], "nodeName": "node-c", "hints": {"forZones": [{"name": zone}]},
+                   "conditions": {"ready": false, "serving": true, "terminating": true}})
+        };
+        // (rule, endpoints, node zone, expected ClusterIP backends)
+        let rows: Vec<(&str, Value, Option<&str>, Vec<BackendAddr>)> = vec![
+            ("no hints: every ready endpoint", json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b"), ep("10.0.0.3", "node-c")]), Some(ZONE), all.clone()),
+            (
+                "PreferSameZone: every ready endpoint hinted, some for this zone -> those",
+                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])]),
+                Some(ZONE),
+                vec![e1, e2],
+            ),
+            (
+                "an endpoint without zone hints: hints ignored",
+                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[]), ep("10.0.0.3", "node-c")]),
+                Some(ZONE),
+                all.clone(),
+            ),
+            (
+                "no endpoint hinted for this zone: hints ignored",
+                json!([ep_hints("10.0.0.1", NODE, &["zone-b"], &[]), ep_hints("10.0.0.2", "node-b", &["zone-b"], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])]),
+                Some(ZONE),
+                all.clone(),
+            ),
+            (
+                "node without a zone label: hints ignored",
+                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])]),
+                None,
+                all.clone(),
+            ),
+            (
+                "PreferSameNode: node hints checked first",
+                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[NODE]), ep_hints("10.0.0.2", "node-b", &[ZONE], &["node-b"]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])]),
+                Some(ZONE),
+                vec![e1],
+            ),
+            (
+                "node hints for other nodes only: falls back to zone hints",
+                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &["node-x"]), ep_hints("10.0.0.2", "node-b", &[ZONE], &["node-b"]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])]),
+                Some(ZONE),
+                vec![e1, e2],
+            ),
+            (
+                "an endpoint without node hints: zone hints decide",
+                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[NODE]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])]),
+                Some(ZONE),
+                vec![e1, e2],
+            ),
+            (
+                "not-ready endpoints do not count against the hints",
+                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &[]), not_ready_unhinted]),
+                Some(ZONE),
+                vec![e1],
+            ),
+            (
+                "terminating fallback ignores topology",
+                json!([t("10.0.0.5", "zone-b")]),
+                Some(ZONE),
+                vec![be_term("10.0.0.5", 8080, false)],
+            ),
+        ];
+        for (rule, endpoints, zone, backends) in rows {
+            let slices = [slice("web-1", "web", p8080(), endpoints)];
+            let node = NodeInfo { zone: zone.map(str::to_string), ..node() };
+            let (actual, warnings) = translate(&[svc("web", json!({}))], &slices, &node);
+            assert_eq!(actual, state(vec![web_cluster_ip(backends)]), "{rule}");
+            assert!(warnings.is_empty(), "{rule}: {warnings:?}");
+        }
+    }
+
+    /// Local traffic policies ignore topology (upstream applies hints to cluster endpoints
+    /// only): internalTrafficPolicy Local serves every local endpoint even where the hints
+    /// would send traffic elsewhere.
+    #[test]
+    fn local_policies_ignore_topology() {
+        let slices = [slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep_hints("10.0.0.1", NODE, &["zone-b"], &[]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[])]),
+        )];
+        let (actual, _) = run(&[svc("web", json!({"internalTrafficPolicy": "Local"}))], &slices);
+        let (k, e) = web_cluster_ip(vec![be("10.0.0.1", 8080, true)]);
+        assert_eq!(actual, state(vec![(k, local_only(e))]));
+        // The same endpoints under Cluster policy: the hints pick zone-a's endpoint.
+        let (actual, _) = run(&[svc("web", json!({}))], &slices);
+        assert_eq!(actual, state(vec![web_cluster_ip(vec![be("10.0.0.2", 8080, false)])]));
     }
 
     // --- endpoint conditions ---------------------------------------------------------

@@ -191,6 +191,8 @@ pub struct NodeInfo {
     pub name: String,
     /// Addresses NodePorts are served on (after `--nodeport-addresses` filtering).
     pub nodeport_addrs: Vec<Ipv4Addr>,
+    /// The node's `topology.kubernetes.io/zone` label, for topology-aware routing.
+    pub zone: Option<String>,
 }
 
 /// An `addr:port/proto` that one Service may own (both scopes go with it).
