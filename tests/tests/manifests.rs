@@ -315,7 +315,7 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
     let CliCommand::Agent(args) = cli.command else { panic!("{origin}: {argv:?} is not `ebpf-proxy agent`") };
     assert!(args.manifests.is_none() && args.kubeconfig.is_none(), "{origin}: the DaemonSet must use the in-cluster config");
     assert!(!args.pod_iface_pattern.is_empty() && args.pod_iface_pattern.iter().all(|p| !p.is_empty()), "{origin}: {argv:?}");
-    assert!(args.nodeport_addresses.iter().all(|c| proxy_userspace::model::node::parse_ipv4_cidr(c).is_some()), "{origin}: {argv:?}");
+    assert!(args.nodeport_addresses.iter().all(|c| c.parse::<proxy_userspace::model::Ipv4Prefix>().is_ok()), "{origin}: {argv:?}");
 
     let ds: DaemonSet = one(objects, "DaemonSet");
     let pod = ds.spec.template.spec.unwrap();
