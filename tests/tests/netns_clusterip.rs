@@ -115,3 +115,43 @@ fn service_without_endpoints_refuses_pods_at_once() {
     let err = udp.expect_err("a reply from a Service without endpoints");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "ICMP port unreachable reached the socket: {err}");
 }
+
+/// loadBalancerSourceRanges hold for pods too: a pod outside the ranges cannot reach the
+/// LoadBalancer IP (upstream's firewall check drops it), a pod inside can, and the
+/// Service's ClusterIP stays open to both.
+#[test]
+fn source_ranges_keep_pods_outside_them_off_the_lb_ip() {
+    if !require_root("source_ranges_keep_pods_outside_them_off_the_lb_ip") {
+        return;
+    }
+    const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+    let mut topo = Topology::single_node(3, 2).expect("topology");
+    topo.start_server(SERVER, 2, 8080).expect("server");
+    let ifaces: Vec<String> = topo.pods.iter().map(|p| p.host_if.clone()).collect();
+    let mut dp = TestDataplane::load();
+    let root = dp.pins.0.clone();
+    topo.node.run(|| {
+        for i in &ifaces {
+            attach_pod_interface(&mut dp.programs, &root, i).expect("attach");
+        }
+    });
+    // Only pod1's address is in the ranges; pod0 is outside.
+    let (outside, inside, server) = (&topo.pods[0], &topo.pods[1], topo.pods[2].ip);
+    let mut lb = entry("web", &[(server, 8080)]);
+    lb.kind = proxy_userspace::model::FrontendKind::LoadBalancer;
+    lb.source_ranges = vec![proxy_userspace::model::Ipv4Prefix { addr: inside.ip, len: 32 }];
+    let r = dp.syncer.apply(&state(vec![
+        (frontend(VIP, 80, Protocol::Tcp), entry("web", &[(server, 8080)])),
+        (frontend(LB_IP, 80, Protocol::Tcp), lb),
+    ]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let (vip, lb_ip): (SocketAddr, SocketAddr) = ((VIP, 80).into(), (LB_IP, 80).into());
+    inside
+        .ns
+        .run(|| wait_for(Duration::from_secs(5), "the server to answer", || client::tcp_name(vip).ok()))
+        .expect("service reachable");
+    assert_eq!(inside.ns.run(|| client::tcp_name(lb_ip)).expect("inside the ranges"), "pod2");
+    assert_eq!(outside.ns.run(|| client::tcp_name(vip)).expect("ClusterIP open to every pod"), "pod2");
+    let blocked = outside.ns.run(|| std::net::TcpStream::connect_timeout(&lb_ip, Duration::from_millis(800)));
+    assert!(blocked.is_err(), "a pod outside the ranges reached the LB IP");
+}
