@@ -23,6 +23,7 @@ use crate::{
     dataplane::{
         attach,
         ct_table::KernelCtTable,
+        uplinks,
         guard::{DatapathGuard, OurPrograms},
         ifaces::{self, IfacePatterns},
         loader::{self, LoaderConfig},
@@ -85,6 +86,8 @@ struct SyncLoop {
     last_warnings: BTreeSet<String>,
     /// Frontends not programmed at the last sync, with why: logged when this set changes.
     last_errors: BTreeSet<String>,
+    /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
+    node_addrs: tokio::sync::watch::Sender<Vec<Ipv4Addr>>,
 }
 
 impl SyncLoop {
@@ -93,6 +96,11 @@ impl SyncLoop {
         let t = Instant::now();
         let objects = self.source.snapshot();
         let (node, mut warnings) = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
+        self.node_addrs.send_if_modified(|a| {
+            let changed = *a != node.nodeport_addrs;
+            a.clone_from(&node.nodeport_addrs);
+            changed
+        });
         // The addresses programmed now stay with their Services on a conflict.
         let claims = self.syncer.claims();
         let (desired, w) = model::translate_with_claims(&objects.services, &objects.slices, &node, &claims);
@@ -160,6 +168,46 @@ impl SyncLoop {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             "synced"
         );
+    }
+}
+
+/// Uplinks when `--uplink` names none: the devices carrying the Node's addresses and the
+/// default routes' devices, re-read every few seconds and whenever the Node's addresses
+/// change. New ones are attached; ones that vanish are forgotten. A device that stops being
+/// an uplink but stays keeps its programs until it goes or the agent restarts (they only
+/// act on traffic to our frontends).
+async fn detect_uplinks(
+    pods: IfacePatterns,
+    mut node_addrs: tokio::sync::watch::Receiver<Vec<Ipv4Addr>>,
+    tx: tokio::sync::mpsc::UnboundedSender<ifaces::LinkEvent>,
+) {
+    const EVERY: Duration = Duration::from_secs(2);
+    let mut current: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut tick = tokio::time::interval(EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = node_addrs.changed() => if changed.is_err() { return },
+        }
+        let view = match tokio::task::block_in_place(uplinks::read_host) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "cannot read the interfaces to detect uplinks");
+                continue;
+            }
+        };
+        let addrs = node_addrs.borrow().clone();
+        let want = uplinks::choose(&view, &addrs, |n| pods.matches(n));
+        for (name, &index) in want.iter().filter(|(n, i)| current.get(*n) != Some(i)) {
+            info!(iface = %name, ifindex = index, "detected uplink (carries a node address or the default route)");
+            if tx.send(ifaces::LinkEvent::Uplink { index, name: name.clone() }).is_err() {
+                return;
+            }
+        }
+        for (name, &index) in current.iter().filter(|(n, _)| !view.links.contains_key(*n)) {
+            let _ = tx.send(ifaces::LinkEvent::Gone { index, name: name.clone() });
+        }
+        current = want;
     }
 }
 
@@ -255,6 +303,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     watched.extend(args.uplink.iter().map(|u| glob::Pattern::escape(u)));
     let patterns = IfacePatterns::new(&watched).context("--pod-iface-pattern")?;
     let (ltx, lrx) = unbounded_channel();
+    let detected_tx = ltx.clone();
     tokio::spawn(async move {
         if let Err(e) = ifaces::watch(patterns, ltx).await {
             error!(error = %e, "interface watcher stopped");
@@ -262,11 +311,16 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     });
     let attached_initial = Arc::new(AtomicBool::new(false));
     let plan = AttachPlan { uplinks: args.uplink.iter().cloned().collect(), xdp_mode: args.xdp_mode };
-    if !args.uplink.is_empty() {
+    let (node_addrs, node_addrs_rx) = tokio::sync::watch::channel(Vec::new());
+    if args.uplink.is_empty() {
+        info!(xdp_mode = ?args.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");
+        let pods = IfacePatterns::new(&args.pod_iface_pattern).context("--pod-iface-pattern")?;
+        tokio::spawn(detect_uplinks(pods, node_addrs_rx, detected_tx));
+    } else {
         info!(uplinks = ?args.uplink, xdp_mode = ?args.xdp_mode, "north-south XDP on uplinks");
-        let misses = NodeMaps::open_pinned(&args.bpffs_root).context("node maps")?;
-        tokio::spawn(neighbour_resolver(misses));
     }
+    let misses = NodeMaps::open_pinned(&args.bpffs_root).context("node maps")?;
+    tokio::spawn(neighbour_resolver(misses));
     let attacher = Attacher {
         programs,
         root: args.bpffs_root.clone(),
@@ -308,6 +362,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         max_slots: capacities.slots,
         last_warnings: BTreeSet::new(),
         last_errors: BTreeSet::new(),
+        node_addrs,
     };
     created_root.keep();
     let delay = Duration::from_millis(args.sync_delay_ms);

@@ -209,8 +209,12 @@ impl Attacher {
                     continue;
                 }
             };
+            // A detected uplink joins the plan, then attaches like any present interface.
+            if let LinkEvent::Uplink { name, .. } = &ev {
+                self.plan.uplinks.insert(name.clone());
+            }
             match ev {
-                LinkEvent::Present { index, name } => {
+                LinkEvent::Present { index, name } | LinkEvent::Uplink { index, name } => {
                     if attached.get(&index).is_some_and(|a| a.name == name) {
                         continue;
                     }

@@ -103,7 +103,9 @@ pub struct AgentArgs {
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_POD_IFACE_PATTERNS)]
     pub pod_iface_pattern: Vec<String>,
     /// External (uplink) interfaces for the north-south XDP program (NodePort, ExternalIP,
-    /// LoadBalancer traffic from outside the node). Repeatable or comma-separated.
+    /// LoadBalancer traffic from outside the node). Repeatable or comma-separated. Without
+    /// it the uplinks are detected: the devices carrying the Node's addresses and the
+    /// default routes' devices, followed as they change.
     #[arg(long, value_delimiter = ',')]
     pub uplink: Vec<String>,
     /// XDP mode on uplinks: native (in the driver) where supported, else generic.

@@ -110,6 +110,8 @@ struct Env {
     dirs: Vec<TempDir>,
     /// Extra agent flags.
     extra: Vec<String>,
+    /// Pass `--uplink eth0`; without it the agent detects its uplinks.
+    uplink_flag: bool,
 }
 
 impl Env {
@@ -118,6 +120,10 @@ impl Env {
     }
 
     fn start_with(extra: &[&str]) -> Env {
+        Self::start_flagged(extra, true)
+    }
+
+    fn start_flagged(extra: &[&str], uplink_flag: bool) -> Env {
         let mut cluster = Cluster::new(2, 2).expect("cluster topology");
         cluster.start_servers(SERVER, 8080).expect("pod servers");
         cluster.client_route("203.0.113.0/24", 0).expect("client route to the LB/external IPs");
@@ -128,6 +134,7 @@ impl Env {
             pins: Vec::new(),
             dirs: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            uplink_flag,
         };
         for i in 0..env.cluster.nodes.len() {
             let dir = TempDir::new("ebpf-proxy-ns-").expect("dir");
@@ -149,7 +156,10 @@ impl Env {
     fn start_agent(&self, i: usize) -> Agent {
         let node = &self.cluster.nodes[i];
         let dir = self.dirs[i].0.to_str().unwrap().to_string();
-        let mut args = vec!["--manifests", &dir, "--node-name", &node.name, "--uplink", &node.uplink];
+        let mut args = vec!["--manifests", &dir, "--node-name", &node.name];
+        if self.uplink_flag {
+            args.extend(["--uplink", node.uplink.as_str()]);
+        }
         args.extend(self.extra.iter().map(String::as_str));
         Agent::start(&node.ns, &self.pins[i].0, 10256, &args).expect("agent")
     }
@@ -400,3 +410,20 @@ fn hairpin_pod_reaches_itself() {
     }
 }
 
+
+/// NodePorts out of the box: an agent started without `--uplink` finds the device that
+/// carries its Node's InternalIP (eth0 here) and serves NodePort traffic from outside on it,
+/// to pods on both nodes, as kube-proxy serves NodePorts on every node address by default.
+#[test]
+fn nodeport_without_uplink_flag_on_the_detected_uplink() {
+    if !require_root("nodeport_without_uplink_flag_on_the_detected_uplink") {
+        return;
+    }
+    let _serial = serial();
+    let env = Env::start_flagged(&[], false);
+    let np: SocketAddr = (env.cluster.nodes[0].ip, 30080).into();
+    env.wait_answers(np);
+    assert_eq!(names(env.client(), np, 40), set(&["n1p0", "n1p1", "n2p0", "n2p1"]));
+    let stats = env.stats(0);
+    assert!(stats.lines().any(|l| l.starts_with("eth0")), "the XDP link on the detected uplink:\n{stats}");
+}

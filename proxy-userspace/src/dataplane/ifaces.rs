@@ -17,6 +17,8 @@ use super::DataplaneError;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
     Present { index: u32, name: String },
+    /// An interface detected as an uplink (no `--uplink` given): attach XDP and TC egress.
+    Uplink { index: u32, name: String },
     Gone { index: u32, name: String },
     /// Every link present at start-up has been reported.
     InitialDumpDone,

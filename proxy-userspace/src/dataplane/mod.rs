@@ -15,6 +15,7 @@ pub mod lock;
 pub mod maps;
 pub mod migrate;
 pub mod node;
+pub mod uplinks;
 pub mod ownership;
 
 pub use error::DataplaneError;
