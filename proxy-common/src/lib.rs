@@ -160,7 +160,7 @@ pub const CT_DIR_REPLY: u8 = 1;
 /// Generic over the address type so IPv6 (`[u32; 4]`, see [`CtKey6`]) shares the layout
 /// rules and the state logic of [`ct`] instead of copying them; `u32` (IPv4) is the default.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct CtKey<A = u32> {
     pub src_addr: A,
     pub dst_addr: A,

@@ -8,6 +8,18 @@ use proxy_userspace::{dataplane::attach::attach_pod_interface, model::Protocol};
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
 
+/// The datapath loaded and attached to every pod veth of `topo`, inside its node namespace.
+fn attached_dataplane(topo: &Topology) -> TestDataplane {
+    let mut dp = TestDataplane::load();
+    let root = dp.pins.0.clone();
+    topo.node.run(|| {
+        for p in &topo.pods {
+            attach_pod_interface(&mut dp.programs, &root, &p.host_if).expect("attach");
+        }
+    });
+    dp
+}
+
 #[test]
 fn clusterip_through_pod_veths() {
     if !require_root("clusterip_through_pod_veths") {
@@ -18,14 +30,7 @@ fn clusterip_through_pod_veths() {
         topo.start_server(SERVER, i, 8080).expect("server");
     }
     let pod_ips: Vec<Ipv4Addr> = topo.pods.iter().map(|p| p.ip).collect();
-    let ifaces: Vec<String> = topo.pods.iter().map(|p| p.host_if.clone()).collect();
-    let mut dp = TestDataplane::load();
-    let root = dp.pins.0.clone();
-    topo.node.run(|| {
-        for i in &ifaces {
-            attach_pod_interface(&mut dp.programs, &root, i).expect("attach");
-        }
-    });
+    let mut dp = attached_dataplane(&topo);
     let backends = |n: usize| -> Vec<(Ipv4Addr, u16)> { pod_ips[1..=n].iter().map(|ip| (*ip, 8080)).collect() };
     let program = |dp: &mut TestDataplane, n: usize| {
         let s = state(vec![
@@ -86,10 +91,7 @@ fn service_without_endpoints_refuses_pods_at_once() {
         return;
     }
     let topo = Topology::single_node(1, 1).expect("topology");
-    let iface = topo.pods[0].host_if.clone();
-    let mut dp = TestDataplane::load();
-    let root = dp.pins.0.clone();
-    topo.node.run(|| attach_pod_interface(&mut dp.programs, &root, &iface).expect("attach"));
+    let mut dp = attached_dataplane(&topo);
     let r = dp.syncer.apply(&state(vec![
         (frontend(VIP, 80, Protocol::Tcp), entry("empty", &[])),
         (frontend(VIP, 53, Protocol::Udp), entry("empty", &[])),
@@ -127,14 +129,7 @@ fn source_ranges_keep_pods_outside_them_off_the_lb_ip() {
     const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
     let mut topo = Topology::single_node(3, 2).expect("topology");
     topo.start_server(SERVER, 2, 8080).expect("server");
-    let ifaces: Vec<String> = topo.pods.iter().map(|p| p.host_if.clone()).collect();
-    let mut dp = TestDataplane::load();
-    let root = dp.pins.0.clone();
-    topo.node.run(|| {
-        for i in &ifaces {
-            attach_pod_interface(&mut dp.programs, &root, i).expect("attach");
-        }
-    });
+    let mut dp = attached_dataplane(&topo);
     // Only pod1's address is in the ranges; pod0 is outside.
     let (outside, inside, server) = (&topo.pods[0], &topo.pods[1], topo.pods[2].ip);
     let mut lb = entry("web", &[(server, 8080)]);

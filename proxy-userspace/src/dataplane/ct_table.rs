@@ -50,7 +50,7 @@ impl KernelCtTable {
     }
 
     fn lookup_batch(&self, cursor: Option<u32>, count: usize) -> io::Result<Chunk> {
-        let mut keys = vec![CtKey::default_key(); count];
+        let mut keys = vec![CtKey::<u32>::default(); count];
         let mut values = vec![CtValue::<u32>::default(); count];
         // SAFETY: the byte views cover exactly the two vectors of plain `#[repr(C)]` integer
         // structs, whose every bit pattern is valid; the kernel writes at most `count` keys
@@ -65,16 +65,6 @@ impl KernelCtTable {
         keys.truncate(n);
         values.truncate(n);
         Ok(Chunk { entries: keys.into_iter().zip(values).collect(), next })
-    }
-}
-
-trait DefaultKey {
-    fn default_key() -> Self;
-}
-
-impl DefaultKey for CtKey {
-    fn default_key() -> Self {
-        CtKey { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, proto: 0, dir: 0, _pad: 0 }
     }
 }
 
