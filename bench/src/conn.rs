@@ -22,9 +22,7 @@ use proxy_tests::{
 };
 use proxy_userspace::dataplane::attach::attach_pod_interface;
 
-use crate::{
-    CONN_CASES, Plan, check_interrupted, dp::Dataplane, interrupted, percentile, report::Row, rules,
-};
+use crate::{CONN_CASES, Plan, check_interrupted, dp::Dataplane, interrupted, percentile, report::Row, rules};
 
 pub const SERVER_PORT: u16 = 8080;
 pub const SINK_PORT: u16 = 5201;
@@ -42,14 +40,7 @@ pub fn topology(plan: &Plan, pods: usize, subnet: u8) -> Result<Topology> {
         let p = &topo.pods[i];
         let child = p.ns.spawn(
             &server,
-            &[
-                "--name",
-                &p.name,
-                "--port",
-                &SERVER_PORT.to_string(),
-                "--sink-port",
-                &SINK_PORT.to_string(),
-            ],
+            &["--name", &p.name, "--port", &SERVER_PORT.to_string(), "--sink-port", &SINK_PORT.to_string()],
         )?;
         // Adopted at once: killed when the topology is dropped, whatever fails next.
         topo.adopt(child);
@@ -77,10 +68,7 @@ pub fn one(addr: SocketAddr) -> Result<(Duration, String)> {
         }
         len += k;
     }
-    Ok((
-        connect,
-        String::from_utf8_lossy(&buf[..len]).trim().to_string(),
-    ))
+    Ok((connect, String::from_utf8_lossy(&buf[..len]).trim().to_string()))
 }
 
 pub struct ConnStats {
@@ -121,13 +109,7 @@ pub fn measure(client: &Netns, addr: SocketAddr, plan: &Plan) -> Result<ConnStat
         }
         let elapsed = start.elapsed();
         lat.sort_by(|a, b| a.total_cmp(b));
-        Ok(ConnStats {
-            ok: lat.len(),
-            failed,
-            elapsed,
-            connect_us: lat,
-            names,
-        })
+        Ok(ConnStats { ok: lat.len(), failed, elapsed, connect_us: lat, names })
     })
 }
 
@@ -149,9 +131,7 @@ pub fn run_in_bounded(
 ) -> Result<Finished> {
     ns.run(|| -> Result<Finished> {
         let input = match stdin {
-            Some(p) => {
-                Stdio::from(File::open(p).with_context(|| format!("opening {}", p.display()))?)
-            }
+            Some(p) => Stdio::from(File::open(p).with_context(|| format!("opening {}", p.display()))?),
             None => Stdio::null(),
         };
         let t = Instant::now();
@@ -171,11 +151,7 @@ pub fn run_in_bounded(
                         let _ = e.read_to_string(&mut err);
                     }
                     let err: String = err.lines().take(5).collect::<Vec<_>>().join(" | ");
-                    bail!(
-                        "{program} {} in {}: {status}: {err}",
-                        args.join(" "),
-                        ns.name
-                    );
+                    bail!("{program} {} in {}: {status}: {err}", args.join(" "), ns.name);
                 }
                 return Ok(Finished::Done(took));
             }
@@ -192,19 +168,10 @@ pub fn run_in_bounded(
 }
 
 /// `run_in_bounded`, with reaching the bound an error.
-pub fn run_in(
-    ns: &Netns,
-    program: &str,
-    args: &[&str],
-    stdin: Option<&Path>,
-    timeout: Duration,
-) -> Result<Duration> {
+pub fn run_in(ns: &Netns, program: &str, args: &[&str], stdin: Option<&Path>, timeout: Duration) -> Result<Duration> {
     match run_in_bounded(ns, program, args, stdin, timeout)? {
         Finished::Done(d) => Ok(d),
-        Finished::TimedOut(_) => bail!(
-            "{program} {} took longer than {timeout:?}; killed",
-            args.join(" ")
-        ),
+        Finished::TimedOut(_) => bail!("{program} {} took longer than {timeout:?}; killed", args.join(" ")),
     }
 }
 
@@ -233,24 +200,11 @@ pub fn flush_netfilter(ns: &Netns, case: &str) -> Result<()> {
 }
 
 /// Load a rule file for `case` ("iptables", "iptables_legacy", "nftables") into `ns`.
-pub fn load_rules_bounded(
-    ns: &Netns,
-    case: &str,
-    file: &Path,
-    timeout: Duration,
-) -> Result<Finished> {
+pub fn load_rules_bounded(ns: &Netns, case: &str, file: &Path, timeout: Duration) -> Result<Finished> {
     match case {
         "iptables" => run_in_bounded(ns, "iptables-restore", &["-w"], Some(file), timeout),
-        "iptables_legacy" => {
-            run_in_bounded(ns, "iptables-legacy-restore", &["-w"], Some(file), timeout)
-        }
-        "nftables" => run_in_bounded(
-            ns,
-            "nft",
-            &["-f", file.to_str().context("path")?],
-            None,
-            timeout,
-        ),
+        "iptables_legacy" => run_in_bounded(ns, "iptables-legacy-restore", &["-w"], Some(file), timeout),
+        "nftables" => run_in_bounded(ns, "nft", &["-f", file.to_str().context("path")?], None, timeout),
         other => bail!("unknown rule case {other}"),
     }
 }
@@ -289,16 +243,12 @@ pub const NFT_CHUNK: usize = 500;
 
 /// Our datapath on every pod interface of the node, programmed with `svcs`.
 pub fn install_ours(topo: &Topology, svcs: &[rules::Svc]) -> Result<Dataplane> {
-    let mut dp = Dataplane::load(
-        svcs.len(),
-        svcs.first().map(|s| s.endpoints.len()).unwrap_or(1).max(2),
-    )?;
+    let mut dp = Dataplane::load(svcs.len(), svcs.first().map(|s| s.endpoints.len()).unwrap_or(1).max(2))?;
     let root = dp.pins.0.clone();
     let ifaces: Vec<String> = topo.pods.iter().map(|p| p.host_if.clone()).collect();
     topo.node.run(|| -> Result<()> {
         for i in &ifaces {
-            attach_pod_interface(&mut dp.programs, &root, i)
-                .with_context(|| format!("attaching to {i}"))?;
+            attach_pod_interface(&mut dp.programs, &root, i).with_context(|| format!("attaching to {i}"))?;
         }
         Ok(())
     })?;
@@ -321,9 +271,7 @@ fn unreachable(client: &Netns, addr: SocketAddr, after: &str) -> Result<()> {
     client
         .run(|| {
             wait_for(Duration::from_secs(3), "the VIP to stop answering", || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                    .is_err()
-                    .then_some(())
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err().then_some(())
             })
         })
         .with_context(|| format!("{addr} still answers after removing {after}: teardown failed"))?;
@@ -337,8 +285,7 @@ fn unreachable(client: &Netns, addr: SocketAddr, after: &str) -> Result<()> {
 pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     for (k, &n) in plan.conn_sizes.iter().enumerate() {
         check_interrupted()?;
-        one_size(plan, n, 200 + k as u8, rows)
-            .with_context(|| format!("connection rate, {n} services"))?;
+        one_size(plan, n, 200 + k as u8, rows).with_context(|| format!("connection rate, {n} services"))?;
     }
     Ok(())
 }
@@ -362,15 +309,13 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
     let mut per_round = plan.clone();
     per_round.conn_max = plan.conn_max.div_ceil(rounds);
     per_round.conn_time = plan.conn_time / rounds as u32;
-    let mut acc: std::collections::BTreeMap<&str, Acc> =
-        CONN_CASES.iter().map(|c| (*c, Acc::default())).collect();
+    let mut acc: std::collections::BTreeMap<&str, Acc> = CONN_CASES.iter().map(|c| (*c, Acc::default())).collect();
     let mut pods_n = 0;
     for round in 0..rounds {
         check_interrupted()?;
         let topo = topology(plan, 3, subnet)?;
         let client = &topo.pods[0].ns;
-        let pods: Vec<(Ipv4Addr, u16)> =
-            topo.pods[1..].iter().map(|p| (p.ip, SERVER_PORT)).collect();
+        let pods: Vec<(Ipv4Addr, u16)> = topo.pods[1..].iter().map(|p| (p.ip, SERVER_PORT)).collect();
         pods_n = pods.len();
         let svcs = rules::services(n, 2, Some(&pods));
         let target = svcs.last().expect("n >= 1");
@@ -380,19 +325,14 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
         std::fs::write(&ipt, rules::iptables_restore(&svcs))?;
         for case in CONN_CASES {
             check_interrupted()?;
-            let addr = if case == "direct" {
-                (pods[0].0, SERVER_PORT).into()
-            } else {
-                vip
-            };
+            let addr = if case == "direct" { (pods[0].0, SERVER_PORT).into() } else { vip };
             let a = acc.get_mut(case).expect("case");
             let stats = match case {
                 "direct" => measure(client, addr, &per_round)?,
                 "ours" => {
                     let t = Instant::now();
                     let dp = install_ours(&topo, &svcs)?;
-                    a.notes
-                        .push(format!("{:.0}", t.elapsed().as_secs_f64() * 1e3));
+                    a.notes.push(format!("{:.0}", t.elapsed().as_secs_f64() * 1e3));
                     reachable(client, addr)?;
                     let s = measure(client, addr, &per_round);
                     drop(dp); // unpins the links: the programs come off the interfaces
@@ -414,10 +354,7 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
                     s?
                 }
             };
-            ensure!(
-                stats.ok > 0,
-                "{case}, round {round}: no connection completed"
-            );
+            ensure!(stats.ok > 0, "{case}, round {round}: no connection completed");
             a.ok += stats.ok;
             a.failed += stats.failed;
             a.secs += stats.elapsed.as_secs_f64();
@@ -435,10 +372,7 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
             a.ok, a.secs, a.failed, a.names
         );
         match case {
-            "ours" => note.push_str(&format!(
-                "; attach + program {n} services took {} ms",
-                a.notes.join("/")
-            )),
+            "ours" => note.push_str(&format!("; attach + program {n} services took {} ms", a.notes.join("/"))),
             "direct" => {}
             "nftables" => note.push_str(&format!(
                 "; rules loaded in {} ms ({NFT_CHUNK} services per nft transaction)",
@@ -450,20 +384,8 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
             note.push_str(" (NOT every backend answered)");
         }
         rows.push(Row::new("conn", &format!("{case}.rate"), Some(n), rate, "conn/s").note(note));
-        rows.push(Row::new(
-            "conn",
-            &format!("{case}.p50_us"),
-            Some(n),
-            percentile(&a.connect_us, 50.0),
-            "µs",
-        ));
-        rows.push(Row::new(
-            "conn",
-            &format!("{case}.p99_us"),
-            Some(n),
-            percentile(&a.connect_us, 99.0),
-            "µs",
-        ));
+        rows.push(Row::new("conn", &format!("{case}.p50_us"), Some(n), percentile(&a.connect_us, 50.0), "µs"));
+        rows.push(Row::new("conn", &format!("{case}.p99_us"), Some(n), percentile(&a.connect_us, 99.0), "µs"));
         rates.insert(case, rate);
     }
     for (ratio, other) in [
@@ -472,13 +394,7 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
         ("ours_vs_direct", "direct"),
         ("ours_vs_iptables_legacy", "iptables_legacy"),
     ] {
-        rows.push(Row::new(
-            "conn",
-            ratio,
-            Some(n),
-            rates["ours"] / rates[other],
-            "x",
-        ));
+        rows.push(Row::new("conn", ratio, Some(n), rates["ours"] / rates[other], "x"));
     }
     Ok(())
 }

@@ -54,18 +54,43 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     let (flows, entries, left) = sizes(plan);
     let dp = Dataplane::load(1, 1)?;
     let now = monotonic_ns();
-    let mut ct = aya::maps::HashMap::<_, CtKey, CtValue>::try_from(
-        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(dp.pins.0.join("maps/CONNTRACK")).context("CONNTRACK pin")?),
-    )?;
+    let mut ct = aya::maps::HashMap::<_, CtKey, CtValue>::try_from(aya::maps::Map::HashMap(
+        aya::maps::MapData::from_pin(dp.pins.0.join("maps/CONNTRACK")).context("CONNTRACK pin")?,
+    ))?;
     for i in 0..flows as u32 {
-        let fwd = CtKey { src_addr: i.to_be(), dst_addr: 0x0a60_000a, src_port: 1000, dst_port: 80, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: 0 };
+        let fwd = CtKey {
+            src_addr: i.to_be(),
+            dst_addr: 0x0a60_000a,
+            src_port: 1000,
+            dst_port: 80,
+            proto: PROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
         // A quarter closed a minute ago (expired), the rest established and recently used.
         let closed = i % 4 == 0;
-        let flags = ct_flags::SEEN_REPLY | if closed { ct_flags::CLOSING | ct_flags::FIN_FWD | ct_flags::FIN_REV } else { 0 };
+        let flags =
+            ct_flags::SEEN_REPLY | if closed { ct_flags::CLOSING | ct_flags::FIN_FWD | ct_flags::FIN_REV } else { 0 };
         let seen = if closed { now.saturating_sub(60 * S) } else { now };
-        let v = CtValue { nat_addr: 0x0af4_0101, nat_port: 8080, flags, last_seen: seen, svc_id: 1, backend_id: 1, ..Default::default() };
+        let v = CtValue {
+            nat_addr: 0x0af4_0101,
+            nat_port: 8080,
+            flags,
+            last_seen: seen,
+            svc_id: 1,
+            backend_id: 1,
+            ..Default::default()
+        };
         let rk = fwd.reply_of_forward(&v);
-        let rv = CtValue { nat_addr: fwd.dst_addr, nat_port: fwd.dst_port, flags, last_seen: seen, svc_id: 1, backend_id: 1, ..Default::default() };
+        let rv = CtValue {
+            nat_addr: fwd.dst_addr,
+            nat_port: fwd.dst_port,
+            flags,
+            last_seen: seen,
+            svc_id: 1,
+            backend_id: 1,
+            ..Default::default()
+        };
         ct.insert(fwd, v, 0)?;
         ct.insert(rk, rv, 0)?;
     }

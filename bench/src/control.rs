@@ -29,23 +29,8 @@ fn ms(d: Duration) -> f64 {
 
 fn p50_p99(rows: &mut Vec<Row>, case: &str, n: usize, mut v: Vec<f64>, note: String) {
     v.sort_by(|a, b| a.total_cmp(b));
-    rows.push(
-        Row::new(
-            "control",
-            &format!("change.{case}.p50_ms"),
-            Some(n),
-            percentile(&v, 50.0),
-            "ms",
-        )
-        .note(note),
-    );
-    rows.push(Row::new(
-        "control",
-        &format!("change.{case}.p99_ms"),
-        Some(n),
-        percentile(&v, 99.0),
-        "ms",
-    ));
+    rows.push(Row::new("control", &format!("change.{case}.p50_ms"), Some(n), percentile(&v, 50.0), "ms").note(note));
+    rows.push(Row::new("control", &format!("change.{case}.p99_ms"), Some(n), percentile(&v, 99.0), "ms"));
 }
 
 pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
@@ -57,8 +42,7 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     }
     for n in sizes {
         check_interrupted()?;
-        one_size(plan, n, &scratch, &files, rows)
-            .with_context(|| format!("control plane, {n} services"))?;
+        one_size(plan, n, &scratch, &files, rows).with_context(|| format!("control plane, {n} services"))?;
     }
     Ok(())
 }
@@ -71,21 +55,11 @@ fn changed_service(svcs: &[Svc]) -> (usize, Svc) {
     (j, new)
 }
 
-fn one_size(
-    plan: &Plan,
-    n: usize,
-    scratch: &Netns,
-    files: &TempDir,
-    rows: &mut Vec<Row>,
-) -> Result<()> {
+fn one_size(plan: &Plan, n: usize, scratch: &Netns, files: &TempDir, rows: &mut Vec<Row>) -> Result<()> {
     let e = plan.cp_endpoints;
     let svcs = rules::services(n, e, None);
     let objs = objects::objects(&svcs)?;
-    let node = NodeInfo {
-        name: NODE_NAME.into(),
-        nodeport_addrs: vec![],
-        zone: None,
-    };
+    let node = NodeInfo { name: NODE_NAME.into(), nodeport_addrs: vec![], zone: None };
     let mut dp = Dataplane::load(n, e)?;
 
     // Cold: first call to last map write.
@@ -94,39 +68,17 @@ fn one_size(
     let t1 = Instant::now();
     let report = dp.syncer.apply(&desired);
     let t2 = Instant::now();
-    ensure!(
-        warnings.is_empty(),
-        "translation warnings: {:?}",
-        warnings.first()
-    );
-    ensure!(
-        desired.frontends.len() == n,
-        "{} frontends translated, wanted {n}",
-        desired.frontends.len()
-    );
-    ensure!(
-        report.errors.is_empty(),
-        "sync errors: {:?}",
-        report.errors.first()
-    );
-    ensure!(
-        report.backends == n * e,
-        "{} backends programmed, wanted {}",
-        report.backends,
-        n * e
-    );
+    ensure!(warnings.is_empty(), "translation warnings: {:?}", warnings.first());
+    ensure!(desired.frontends.len() == n, "{} frontends translated, wanted {n}", desired.frontends.len());
+    ensure!(report.errors.is_empty(), "sync errors: {:?}", report.errors.first());
+    ensure!(report.backends == n * e, "{} backends programmed, wanted {}", report.backends, n * e);
     if plan.cp_sizes.contains(&n) {
-        let note = format!(
-            "{n} services x {e} endpoints, {} map writes into empty maps",
-            report.writes
-        );
+        let note = format!("{n} services x {e} endpoints, {} map writes into empty maps", report.writes);
         rows.push(
             Row::new("control", "cold.translate_ms", Some(n), ms(t1 - t0), "ms")
                 .note("model::translate of the Services + EndpointSlices"),
         );
-        rows.push(
-            Row::new("control", "cold.apply_ms", Some(n), ms(t2 - t1), "ms").note(note.clone()),
-        );
+        rows.push(Row::new("control", "cold.apply_ms", Some(n), ms(t2 - t1), "ms").note(note.clone()));
         rows.push(Row::new("control", "cold.total_ms", Some(n), ms(t2 - t0), "ms").note(note));
     }
     let change = n == plan.cp_change_n;
@@ -152,29 +104,16 @@ fn one_size(
     ] {
         check_interrupted()?;
         let what = match case {
-            "nftables" => format!(
-                "{} chains, one nft -f transaction (as kube-proxy does)",
-                7 + n * (1 + e)
-            ),
+            "nftables" => format!("{} chains, one nft -f transaction (as kube-proxy does)", 7 + n * (1 + e)),
             "nftables_chunked" => {
-                format!(
-                    "{} chains, nft -f transactions of {NFT_CHUNK} services each",
-                    7 + n * (1 + e)
-                )
+                format!("{} chains, nft -f transactions of {NFT_CHUNK} services each", 7 + n * (1 + e))
             }
-            _ => format!(
-                "{ipt_rules} rules in {} chains, one iptables-restore",
-                n * (1 + e) + 4
-            ),
+            _ => format!("{ipt_rules} rules in {} chains, one iptables-restore", n * (1 + e) + 4),
         };
         let outcome = match case {
-            "nftables_chunked" => Finished::Done(load_nft_chunked(
-                scratch,
-                &files.0,
-                &svcs,
-                NFT_CHUNK,
-                plan.cp_rule_timeout,
-            )?),
+            "nftables_chunked" => {
+                Finished::Done(load_nft_chunked(scratch, &files.0, &svcs, NFT_CHUNK, plan.cp_rule_timeout)?)
+            }
             "nftables" => {
                 std::fs::write(&nft, rules::nft_ruleset(&svcs))?;
                 load_rules_bounded(scratch, case, &nft, plan.cp_rule_timeout)?
@@ -184,22 +123,17 @@ fn one_size(
         let loaded = matches!(outcome, Finished::Done(_));
         if plan.cp_sizes.contains(&n) {
             let row = match outcome {
-                Finished::Done(d) => Row::new("control", row, Some(n), ms(d), "ms")
-                    .note(format!("{what}; process wall time")),
-                Finished::TimedOut(d) => {
-                    Row::new("control", row, Some(n), ms(d), "ms").note(format!(
-                        "{what}; NOT FINISHED: killed at the {:?} bound, so this is a lower bound",
-                        plan.cp_rule_timeout
-                    ))
+                Finished::Done(d) => {
+                    Row::new("control", row, Some(n), ms(d), "ms").note(format!("{what}; process wall time"))
                 }
+                Finished::TimedOut(d) => Row::new("control", row, Some(n), ms(d), "ms").note(format!(
+                    "{what}; NOT FINISHED: killed at the {:?} bound, so this is a lower bound",
+                    plan.cp_rule_timeout
+                )),
             };
             rows.push(row);
         }
-        let flush_as = if case == "nftables_chunked" {
-            "nftables"
-        } else {
-            case
-        };
+        let flush_as = if case == "nftables_chunked" { "nftables" } else { case };
         if change && loaded && (case == "iptables" || case == "nftables_chunked") {
             change_rules(plan, n, flush_as, &svcs, j, &new, scratch, files, rows)?;
         }
@@ -224,15 +158,9 @@ fn change_ours(
     let new_ip = new.endpoints[0].0;
     let mut changed = desired.clone();
     {
-        let entry = changed
-            .frontends
-            .get_mut(&rules::frontend_key(old))
-            .context("changed service not in desired state")?;
-        let b = entry
-            .backends
-            .iter_mut()
-            .find(|b| b.addr == old.endpoints[0].0)
-            .context("endpoint")?;
+        let entry =
+            changed.frontends.get_mut(&rules::frontend_key(old)).context("changed service not in desired state")?;
+        let b = entry.backends.iter_mut().find(|b| b.addr == old.endpoints[0].0).context("endpoint")?;
         b.addr = new_ip;
         entry.backends.sort();
     }
@@ -250,24 +178,10 @@ fn change_ours(
         let t = Instant::now();
         let r = dp.syncer.apply(d);
         lat.push(ms(t.elapsed()));
-        ensure!(
-            r.errors.is_empty() && r.writes > 0,
-            "change {i}: {} writes, errors {:?}",
-            r.writes,
-            r.errors.first()
-        );
+        ensure!(r.errors.is_empty() && r.writes > 0, "change {i}: {} writes, errors {:?}", r.writes, r.errors.first());
         writes += r.writes;
     }
-    p50_p99(
-        rows,
-        "apply",
-        n,
-        lat,
-        format!(
-            "{reps} runs, {:.1} map writes each",
-            writes as f64 / reps as f64
-        ),
-    );
+    p50_p99(rows, "apply", n, lat, format!("{reps} runs, {:.1} map writes each", writes as f64 / reps as f64));
 
     // Translate everything + apply: what the agent's sync loop does per event burst.
     let mut slices_b = objs.slices.clone();
@@ -276,12 +190,8 @@ fn change_ours(
         .find(|s| s.metadata.name.as_deref() == Some(objects::slice_name(old).as_str()))
         .map(std::sync::Arc::make_mut)
         .context("slice of the changed service")?;
-    slice
-        .endpoints
-        .as_mut()
-        .and_then(|e| e.first_mut())
-        .context("slice endpoints")?
-        .addresses = vec![new_ip.to_string()];
+    slice.endpoints.as_mut().and_then(|e| e.first_mut()).context("slice endpoints")?.addresses =
+        vec![new_ip.to_string()];
     let mut lat = Vec::with_capacity(reps);
     for i in 0..reps {
         check_interrupted()?;
@@ -291,11 +201,7 @@ fn change_ours(
         let (d, _) = translate(&objs.services, slices, node);
         let r = dp.syncer.apply(&d);
         lat.push(ms(t.elapsed()));
-        ensure!(
-            r.errors.is_empty() && r.writes > 0,
-            "change {i}: {} writes",
-            r.writes
-        );
+        ensure!(r.errors.is_empty() && r.writes > 0, "change {i}: {} writes", r.writes);
     }
     p50_p99(rows, "translate_apply", n, lat, format!("{reps} runs"));
     Ok(())
@@ -323,19 +229,14 @@ fn change_rules(
         std::fs::write(&b, rules::nft_change(new, old))?;
         (a, b, "nft")
     } else {
-        let (a, b) = (
-            files.0.join("change-a.iptables"),
-            files.0.join("change-b.iptables"),
-        );
+        let (a, b) = (files.0.join("change-a.iptables"), files.0.join("change-b.iptables"));
         std::fs::write(&a, rules::iptables_change(svcs, old, new))?;
         std::fs::write(&b, rules::iptables_change(svcs, new, old))?;
         (a, b, "iptables_restore")
     };
     let mut lat = Vec::new();
     let start = Instant::now();
-    while lat.len() < plan.cp_rule_change_reps
-        && (lat.is_empty() || start.elapsed() < plan.cp_rule_budget)
-    {
+    while lat.len() < plan.cp_rule_change_reps && (lat.is_empty() || start.elapsed() < plan.cp_rule_budget) {
         check_interrupted()?;
         let f = if lat.len() % 2 == 0 { &to_new } else { &to_old };
         let f = f.to_str().context("path")?;
@@ -352,12 +253,7 @@ fn change_rules(
         };
         lat.push(ms(took));
     }
-    let note = format!(
-        "{} runs (bounded by {} or {:?})",
-        lat.len(),
-        plan.cp_rule_change_reps,
-        plan.cp_rule_budget
-    );
+    let note = format!("{} runs (bounded by {} or {:?})", lat.len(), plan.cp_rule_change_reps, plan.cp_rule_budget);
     p50_p99(rows, row, n, lat, note);
     Ok(())
 }

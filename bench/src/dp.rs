@@ -25,42 +25,22 @@ impl Dataplane {
     pub fn load(services: usize, backends_per: usize) -> Result<Self> {
         let pins = PinDir::new();
         let mut cfg = LoaderConfig::new(&pins.0);
-        cfg.max_services = cfg
-            .max_services
-            .max((services as u32 + 2).next_power_of_two());
-        cfg.max_backends = cfg
-            .max_backends
-            .max(((services * backends_per) as u32 + 16).next_power_of_two());
+        cfg.max_services = cfg.max_services.max((services as u32 + 2).next_power_of_two());
+        cfg.max_backends = cfg.max_backends.max(((services * backends_per) as u32 + 16).next_power_of_two());
         let (programs, maps) = loader::load(&cfg).context("loading the datapath")?;
         let syncer = Syncer::new(maps).context("reading back maps")?;
-        Ok(Dataplane {
-            programs,
-            syncer,
-            pins,
-        })
+        Ok(Dataplane { programs, syncer, pins })
     }
 
     pub fn maps(&self) -> &Maps {
         self.syncer.store()
     }
 
-    fn test_run(
-        &mut self,
-        prog: &'static str,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<(i32, Vec<u8>, f64)> {
+    fn test_run(&mut self, prog: &'static str, frame: &[u8], repeat: u32) -> Result<(i32, Vec<u8>, f64)> {
         let mut out = vec![0u8; frame.len() + 256];
         let p = self.programs.classifier(prog)?;
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        };
-        let r = p
-            .test_run(opts)
-            .with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?;
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
+        let r = p.test_run(opts).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))?;
         out.truncate(r.data_size_out as usize);
         // The kernel reports the mean duration per repetition.
         Ok((r.return_value as i32, out, r.duration.as_nanos() as f64))

@@ -125,21 +125,11 @@ impl Plan {
 /// topology (nothing netfilter-based runs before the cases that must not see it).
 pub const CONN_CASES: [&str; 5] = ["direct", "ours", "iptables", "nftables", "iptables_legacy"];
 /// Ratios (ours / other) of new connections per second.
-pub const CONN_RATIOS: [&str; 4] = [
-    "ours_vs_iptables",
-    "ours_vs_nftables",
-    "ours_vs_direct",
-    "ours_vs_iptables_legacy",
-];
+pub const CONN_RATIOS: [&str; 4] =
+    ["ours_vs_iptables", "ours_vs_nftables", "ours_vs_direct", "ours_vs_iptables_legacy"];
 pub const PP_CASES: [&str; 5] = ["hit", "miss", "reply", "new_flow", "miss_single"];
-pub const CP_COLD: [&str; 6] = [
-    "translate_ms",
-    "apply_ms",
-    "total_ms",
-    "iptables_restore_ms",
-    "iptables_legacy_restore_ms",
-    "nft_ms",
-];
+pub const CP_COLD: [&str; 6] =
+    ["translate_ms", "apply_ms", "total_ms", "iptables_restore_ms", "iptables_legacy_restore_ms", "nft_ms"];
 pub const CP_CHANGE: [&str; 4] = ["apply", "translate_apply", "iptables_restore", "nft"];
 
 /// Every row id a run with `plan` must produce, each with a positive value.
@@ -167,11 +157,7 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
     }
     for c in CP_CHANGE {
         for q in ["p50_ms", "p99_ms"] {
-            v.push(report::row_id(
-                "control",
-                &format!("change.{c}.{q}"),
-                Some(plan.cp_change_n),
-            ));
+            v.push(report::row_id("control", &format!("change.{c}.{q}"), Some(plan.cp_change_n)));
         }
     }
     v.push(report::row_id("rss", "agent_vmhwm_mib", Some(plan.rss_n)));
@@ -239,12 +225,7 @@ pub fn loadavg() -> String {
 pub fn vm_hwm_rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Option<u64> {
-        s.lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        s.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
     };
     Ok((
         field("VmHWM:").ok_or_else(|| anyhow::anyhow!("no VmHWM for pid {pid}"))?,

@@ -58,18 +58,8 @@ fn main() -> ExitCode {
     if let Some(dir) = &args.dump_rules {
         let svcs = proxy_bench::rules::services(args.rules_services, args.rules_endpoints, None);
         let r = std::fs::create_dir_all(dir)
-            .and_then(|_| {
-                std::fs::write(
-                    dir.join("kube-proxy.iptables"),
-                    proxy_bench::rules::iptables_restore(&svcs),
-                )
-            })
-            .and_then(|_| {
-                std::fs::write(
-                    dir.join("kube-proxy.nft"),
-                    proxy_bench::rules::nft_ruleset(&svcs),
-                )
-            });
+            .and_then(|_| std::fs::write(dir.join("kube-proxy.iptables"), proxy_bench::rules::iptables_restore(&svcs)))
+            .and_then(|_| std::fs::write(dir.join("kube-proxy.nft"), proxy_bench::rules::nft_ruleset(&svcs)));
         if let Err(e) = r {
             eprintln!("proxy-bench: writing rules: {e}");
             return ExitCode::FAILURE;
@@ -78,17 +68,12 @@ fn main() -> ExitCode {
     }
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "proxy-bench: needs root (BPF programs, network namespaces); run it with sudo or as root"
-        );
+        eprintln!("proxy-bench: needs root (BPF programs, network namespaces); run it with sudo or as root");
         return ExitCode::from(2);
     }
     for s in &args.sections {
         if !SECTIONS.contains(&s.as_str()) {
-            eprintln!(
-                "proxy-bench: unknown section {s:?} (known: {})",
-                SECTIONS.join(", ")
-            );
+            eprintln!("proxy-bench: unknown section {s:?} (known: {})", SECTIONS.join(", "));
             return ExitCode::from(2);
         }
     }
@@ -99,10 +84,7 @@ fn main() -> ExitCode {
     }
     install_signal_handlers();
     let server = args.server.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.join("bench-podserver")))
-            .unwrap_or_default()
+        std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("bench-podserver"))).unwrap_or_default()
     });
     if !server.exists() {
         eprintln!(
@@ -111,34 +93,18 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let mut plan = if args.quick {
-        Plan::quick(server)
-    } else {
-        Plan::full(server)
-    };
+    let mut plan = if args.quick { Plan::quick(server) } else { Plan::full(server) };
     if !args.pp_sizes.is_empty() {
         plan.pp_sizes = args.pp_sizes.clone();
     }
     let out = args.out.clone().unwrap_or_else(|| {
         let bench_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        bench_dir
-            .parent()
-            .unwrap_or(bench_dir)
-            .join("target")
-            .join("bench")
+        bench_dir.parent().unwrap_or(bench_dir).join("target").join("bench")
     });
-    let started_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let machine = Machine {
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
         iptables: version("iptables", "-V"),
         iptables_legacy: version("iptables-legacy", "-V"),
         nft: version("nft", "-v"),
@@ -181,10 +147,7 @@ fn main() -> ExitCode {
             eprintln!("  {:<48} {:>12.2} {}", row.id, row.value, row.unit);
         }
         match r {
-            Ok(()) => eprintln!(
-                "proxy-bench: {section} done in {:.1} s",
-                st.elapsed().as_secs_f64()
-            ),
+            Ok(()) => eprintln!("proxy-bench: {section} done in {:.1} s", st.elapsed().as_secs_f64()),
             Err(e) => {
                 eprintln!("proxy-bench: {section} FAILED: {e:#}");
                 errors.push(format!("{section}: {e:#}"));
@@ -213,19 +176,11 @@ fn main() -> ExitCode {
         Ok(file)
     };
     match write() {
-        Ok(f) => eprintln!(
-            "proxy-bench: {:.0} s; results in {}",
-            report.duration_s,
-            f.display()
-        ),
+        Ok(f) => eprintln!("proxy-bench: {:.0} s; results in {}", report.duration_s, f.display()),
         Err(e) => {
             eprintln!("proxy-bench: cannot write results: {e:#}");
             return ExitCode::FAILURE;
         }
     }
-    if report.errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    if report.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -16,21 +16,13 @@ fn push_service(out: &mut String, s: &Svc) {
         name = s.name,
         vip = s.vip,
         port = s.port,
-        tp = s
-            .endpoints
-            .first()
-            .map(|e| e.1)
-            .unwrap_or(crate::rules::TARGET_PORT),
+        tp = s.endpoints.first().map(|e| e.1).unwrap_or(crate::rules::TARGET_PORT),
     );
 }
 
 /// One slice per service (kube's default slice holds up to 100 endpoints).
 fn push_slice(out: &mut String, s: &Svc, slice_name: &str) {
-    let port = s
-        .endpoints
-        .first()
-        .map(|e| e.1)
-        .unwrap_or(crate::rules::TARGET_PORT);
+    let port = s.endpoints.first().map(|e| e.1).unwrap_or(crate::rules::TARGET_PORT);
     let _ = write!(
         out,
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice_name}\n  namespace: {NAMESPACE}\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: {PORT_NAME}\n  port: {port}\n  protocol: TCP\nendpoints:\n",
@@ -68,11 +60,7 @@ pub fn objects(svcs: &[Svc]) -> Result<Objects> {
     let dir = proxy_tests::agent::TempDir::new("ebpf-proxy-bench-objects-")?;
     write_manifests(&dir.0, svcs)?;
     let (objects, warnings) = files::load_dir(&dir.0, NODE_NAME)?;
-    anyhow::ensure!(
-        warnings.is_empty(),
-        "generated manifests do not parse: {:?}",
-        warnings.first()
-    );
+    anyhow::ensure!(warnings.is_empty(), "generated manifests do not parse: {:?}", warnings.first());
     anyhow::ensure!(
         objects.services.len() == svcs.len() && objects.slices.len() == svcs.len(),
         "parsed {} services and {} slices, wrote {}",

@@ -50,18 +50,8 @@ fn ack_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
 }
 
 fn svc_id(dp: &Dataplane, vip: Ipv4Addr, port: u16) -> Result<u32> {
-    let key = ServiceKey {
-        addr: ip_to_map(vip),
-        port: port_to_map(port),
-        proto: PROTO_TCP,
-        scope: SCOPE_INTERNAL,
-    };
-    Ok(dp
-        .maps()
-        .services
-        .get(&key, 0)
-        .with_context(|| format!("service {vip}:{port} not in the map"))?
-        .id)
+    let key = ServiceKey { addr: ip_to_map(vip), port: port_to_map(port), proto: PROTO_TCP, scope: SCOPE_INTERNAL };
+    Ok(dp.maps().services.get(&key, 0).with_context(|| format!("service {vip}:{port} not in the map"))?.id)
 }
 
 fn count(dp: &Dataplane, ids: &[u32], v: u32) -> u64 {
@@ -69,13 +59,7 @@ fn count(dp: &Dataplane, ids: &[u32], v: u32) -> u64 {
         .map(|id| {
             dp.maps()
                 .service_stats
-                .get(
-                    &StatsKey {
-                        svc_id: *id,
-                        verdict: v,
-                    },
-                    0,
-                )
+                .get(&StatsKey { svc_id: *id, verdict: v }, 0)
                 .map(|pc| pc.iter().map(|c| c.packets).sum::<u64>())
                 .unwrap_or(0)
         })
@@ -111,10 +95,7 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     }
     let mut before = Vec::new();
     for l in &loaded {
-        before.push((
-            count(&l.dp, &l.ids, verdict::ESTABLISHED),
-            count(&l.dp, &l.ids, verdict::REVERSE_NAT),
-        ));
+        before.push((count(&l.dp, &l.ids, verdict::ESTABLISHED), count(&l.dp, &l.ids, verdict::REVERSE_NAT)));
     }
     for _ in 0..runs {
         for l in &mut loaded {
@@ -133,25 +114,19 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         let hits = count(&l.dp, &l.ids, verdict::ESTABLISHED) - est0;
         let nats = count(&l.dp, &l.ids, verdict::REVERSE_NAT) - rev0;
         if hits < want || nats < want {
-            bail!(
-                "{n} services: {hits} established and {nats} reverse-NAT verdicts for {want} repetitions each"
-            );
+            bail!("{n} services: {hits} established and {nats} reverse-NAT verdicts for {want} repetitions each");
         }
         let least = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
         let how = format!("least of {runs} interleaved rounds of {repeat} repetitions");
-        rows.push(
-            Row::new("per_packet", "hit", Some(n), least(&l.hit), "ns").note(format!(
-                "established flow: conntrack hit + DNAT of address and port; {how} (median {:.0}); \
+        rows.push(Row::new("per_packet", "hit", Some(n), least(&l.hit), "ns").note(format!(
+            "established flow: conntrack hit + DNAT of address and port; {how} (median {:.0}); \
              {hits} established verdicts counted for {want} repetitions",
-                median(l.hit.clone())
-            )),
-        );
-        rows.push(
-            Row::new("per_packet", "miss", Some(n), least(&l.miss_ns), "ns").note(format!(
-                "non-service destination, passed untouched; {how} (median {:.0})",
-                median(l.miss_ns.clone())
-            )),
-        );
+            median(l.hit.clone())
+        )));
+        rows.push(Row::new("per_packet", "miss", Some(n), least(&l.miss_ns), "ns").note(format!(
+            "non-service destination, passed untouched; {how} (median {:.0})",
+            median(l.miss_ns.clone())
+        )));
         rows.push(Row::new("per_packet", "reply", Some(n), least(&l.reply_ns), "ns").note(format!(
             "to_pod reverse NAT of a tracked flow; {how} (median {:.0}); {nats} reverse-NAT verdicts counted",
             median(l.reply_ns.clone())
@@ -169,84 +144,36 @@ fn load(n: usize, rows: &mut Vec<Row>) -> Result<Loaded> {
     let a = rules::vip(n - 1);
     let b = rules::vip(n);
     let mut desired = rules::desired(&svcs);
-    let to_b = BackendAddr {
-        addr: b,
-        port: MIRROR_PORT,
-        local: true,
-        terminating: false,
-    };
-    desired
-        .frontends
-        .get_mut(&rules::frontend_key(&svcs[n - 1]))
-        .expect("last service")
-        .backends = vec![to_b];
-    let mirror = rules::Svc {
-        name: "mirror".into(),
-        vip: b,
-        port: MIRROR_PORT,
-        endpoints: vec![(a, rules::SVC_PORT)],
-    };
-    desired
-        .frontends
-        .insert(rules::frontend_key(&mirror), rules::frontend_entry(&mirror));
+    let to_b = BackendAddr { addr: b, port: MIRROR_PORT, local: true, terminating: false };
+    desired.frontends.get_mut(&rules::frontend_key(&svcs[n - 1])).expect("last service").backends = vec![to_b];
+    let mirror = rules::Svc { name: "mirror".into(), vip: b, port: MIRROR_PORT, endpoints: vec![(a, rules::SVC_PORT)] };
+    desired.frontends.insert(rules::frontend_key(&mirror), rules::frontend_entry(&mirror));
     let t = Instant::now();
     let r = dp.syncer.apply(&desired);
     let sync_ms = t.elapsed().as_secs_f64() * 1e3;
     ensure!(r.errors.is_empty(), "sync errors: {:?}", r.errors.first());
-    ensure!(
-        r.services == n + 1,
-        "{} frontends programmed, wanted {}",
-        r.services,
-        n + 1
-    );
-    rows.push(
-        Row::new("per_packet", "sync_ms", Some(n), sync_ms, "ms").note(format!(
-            "{} frontends, {} map writes, cold",
-            n + 1,
-            r.writes
-        )),
-    );
-    let ids = [
-        svc_id(&dp, a, rules::SVC_PORT)?,
-        svc_id(&dp, b, MIRROR_PORT)?,
-    ];
+    ensure!(r.services == n + 1, "{} frontends programmed, wanted {}", r.services, n + 1);
+    rows.push(Row::new("per_packet", "sync_ms", Some(n), sync_ms, "ms").note(format!(
+        "{} frontends, {} map writes, cold",
+        n + 1,
+        r.writes
+    )));
+    let ids = [svc_id(&dp, a, rules::SVC_PORT)?, svc_id(&dp, b, MIRROR_PORT)?];
 
     // Prime both flows (each first run is a new flow that creates the conntrack entries).
     let client = (CLIENT, CLIENT_PORT);
     let to_a = ack_frame(client, (a, rules::SVC_PORT));
     let (_, out) = dp.run(FROM_POD, &to_a)?;
-    ensure!(
-        decode(&out).dst == (b, MIRROR_PORT),
-        "A:80 not DNATed to B:8080: {:?}",
-        decode(&out)
-    );
+    ensure!(decode(&out).dst == (b, MIRROR_PORT), "A:80 not DNATed to B:8080: {:?}", decode(&out));
     let (_, out) = dp.run(FROM_POD, &ack_frame(client, (b, MIRROR_PORT)))?;
-    ensure!(
-        decode(&out).dst == (a, rules::SVC_PORT),
-        "B:8080 not DNATed to A:80"
-    );
+    ensure!(decode(&out).dst == (a, rules::SVC_PORT), "B:8080 not DNATed to A:80");
     // The reply of those flows entering the client pod: B:8080 -> client, reverse NAT.
     let reply = ack_frame((b, MIRROR_PORT), client);
     let (_, out) = dp.run(TO_POD, &reply)?;
-    ensure!(
-        decode(&out).src == (a, rules::SVC_PORT),
-        "reply not reverse-NATed: {:?}",
-        decode(&out)
-    );
+    ensure!(decode(&out).src == (a, rules::SVC_PORT), "reply not reverse-NATed: {:?}", decode(&out));
     // A destination that is not a service (conntrack miss, service miss).
     let miss = ack_frame(client, (Ipv4Addr::new(10, 244, 9, 9), 9999));
-    Ok(Loaded {
-        n,
-        dp,
-        svcs,
-        ids,
-        to_a,
-        reply,
-        miss,
-        hit: vec![],
-        miss_ns: vec![],
-        reply_ns: vec![],
-    })
+    Ok(Loaded { n, dp, svcs, ids, to_a, reply, miss, hit: vec![], miss_ns: vec![], reply_ns: vec![] })
 }
 
 /// What cannot repeat on one skb: new flows (and, for reference, single runs of the miss).
@@ -278,23 +205,18 @@ fn single_runs(plan: &Plan, l: &mut Loaded, rows: &mut Vec<Row>) -> Result<()> {
         total += dp.time(FROM_POD, &f, 1)?;
     }
     let created = count(dp, &[mid_id], verdict::NEW_FLOW) - before;
-    ensure!(
-        created == k as u64,
-        "{created} new flows counted for {k} frames"
-    );
+    ensure!(created == k as u64, "{created} new flows counted for {k} frames");
     rows.push(
-        Row::new("per_packet", "new_flow", Some(n), total / k as f64, "ns").note(format!(
-            "mean of {k} single runs: service lookup, backend choice, 2 conntrack inserts, DNAT"
-        )),
+        Row::new("per_packet", "new_flow", Some(n), total / k as f64, "ns")
+            .note(format!("mean of {k} single runs: service lookup, backend choice, 2 conntrack inserts, DNAT")),
     );
     let mut total = 0.0;
     for _ in 0..k {
         total += dp.time(FROM_POD, &l.miss, 1)?;
     }
     rows.push(
-        Row::new("per_packet", "miss_single", Some(n), total / k as f64, "ns").note(format!(
-            "mean of {k} single runs of the miss frame (single-run overhead reference)"
-        )),
+        Row::new("per_packet", "miss_single", Some(n), total / k as f64, "ns")
+            .note(format!("mean of {k} single runs of the miss frame (single-run overhead reference)")),
     );
     Ok(())
 }

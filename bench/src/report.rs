@@ -87,11 +87,7 @@ impl Report {
     pub fn judge(&mut self, plan: &Plan) {
         let mut t = Vec::new();
         let big_pp = plan.pp_sizes.iter().copied().max().unwrap_or(0);
-        let hits: Vec<f64> = plan
-            .pp_sizes
-            .iter()
-            .filter_map(|n| self.v("per_packet", "hit", Some(*n)))
-            .collect();
+        let hits: Vec<f64> = plan.pp_sizes.iter().filter_map(|n| self.v("per_packet", "hit", Some(*n))).collect();
         let hit_big = self.v("per_packet", "hit", Some(big_pp));
         t.push(Target {
             name: format!("per-packet service hit at {big_pp} services"),
@@ -105,14 +101,9 @@ impl Report {
             max / min
         });
         t.push(Target {
-            name: format!(
-                "per-packet hit flat from {} to {big_pp} services",
-                plan.pp_sizes.first().unwrap_or(&0)
-            ),
+            name: format!("per-packet hit flat from {} to {big_pp} services", plan.pp_sizes.first().unwrap_or(&0)),
             goal: "max/min <= 1.20".into(),
-            measured: spread
-                .map(|s| format!("max/min {s:.2}"))
-                .unwrap_or_else(|| "not measured".into()),
+            measured: spread.map(|s| format!("max/min {s:.2}")).unwrap_or_else(|| "not measured".into()),
             met: spread.map(|s| s <= 1.2),
         });
         let big_conn = plan.conn_sizes.iter().copied().max().unwrap_or(0);
@@ -123,42 +114,24 @@ impl Report {
         ] {
             let r = self.v("conn", ratio, Some(big_conn));
             t.push(Target {
-                name: format!(
-                    "connection rate at {big_conn} services, {}",
-                    ratio.replace('_', " ")
-                ),
+                name: format!("connection rate at {big_conn} services, {}", ratio.replace('_', " ")),
                 goal: goal.into(),
-                measured: r
-                    .map(|r| format!("{r:.2}x"))
-                    .unwrap_or_else(|| "not measured".into()),
+                measured: r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "not measured".into()),
                 met: r.map(|r| r >= min),
             });
         }
         let big_cp = plan.cp_sizes.iter().copied().max().unwrap_or(0);
         let cold = self.v("control", "cold.total_ms", Some(big_cp));
         t.push(Target {
-            name: format!(
-                "cold sync {big_cp} services x {} endpoints (translate + apply)",
-                plan.cp_endpoints
-            ),
+            name: format!("cold sync {big_cp} services x {} endpoints (translate + apply)", plan.cp_endpoints),
             goal: "< 2000 ms".into(),
             measured: fmt_opt(cold, "ms"),
             met: cold.map(|v| v < 2000.0),
         });
-        for (case, what) in [
-            ("apply", "apply"),
-            ("translate_apply", "translate + apply (what the agent does)"),
-        ] {
-            let p99 = self.v(
-                "control",
-                &format!("change.{case}.p99_ms"),
-                Some(plan.cp_change_n),
-            );
+        for (case, what) in [("apply", "apply"), ("translate_apply", "translate + apply (what the agent does)")] {
+            let p99 = self.v("control", &format!("change.{case}.p99_ms"), Some(plan.cp_change_n));
             t.push(Target {
-                name: format!(
-                    "one EndpointSlice change at {} services, {what}",
-                    plan.cp_change_n
-                ),
+                name: format!("one EndpointSlice change at {} services, {what}", plan.cp_change_n),
                 goal: "p99 < 50 ms".into(),
                 measured: fmt_opt(p99, "ms p99"),
                 met: p99.map(|v| v < 50.0),
@@ -166,10 +139,7 @@ impl Report {
         }
         let rss = self.v("rss", "agent_vmhwm_mib", Some(plan.rss_n));
         t.push(Target {
-            name: format!(
-                "agent peak RSS (VmHWM) at {} services x {} endpoints",
-                plan.rss_n, plan.cp_endpoints
-            ),
+            name: format!("agent peak RSS (VmHWM) at {} services x {} endpoints", plan.rss_n, plan.cp_endpoints),
             goal: "< 150 MiB".into(),
             measured: fmt_opt(rss, "MiB"),
             met: rss.map(|v| v < 150.0),
@@ -181,8 +151,7 @@ impl Report {
     pub fn markdown(&self, plan: &Plan) -> String {
         let mut s = String::new();
         let cell = |v: Option<f64>, digits: usize| -> String {
-            v.map(|v| format!("{v:.digits$}"))
-                .unwrap_or_else(|| "—".into())
+            v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "—".into())
         };
         let _ = writeln!(s, "### Per-packet cost (BPF_PROG_TEST_RUN, ns/packet)\n");
         let _ = writeln!(
@@ -205,14 +174,8 @@ impl Report {
             );
         }
 
-        let _ = writeln!(
-            s,
-            "\n### New TCP connections (connect, read one line, close; one client thread)\n"
-        );
-        let _ = writeln!(
-            s,
-            "| services | datapath | conn/s | p50 connect µs | p99 connect µs |"
-        );
+        let _ = writeln!(s, "\n### New TCP connections (connect, read one line, close; one client thread)\n");
+        let _ = writeln!(s, "| services | datapath | conn/s | p50 connect µs | p99 connect µs |");
         let _ = writeln!(s, "|---:|---|---:|---:|---:|");
         for n in &plan.conn_sizes {
             for c in CONN_CASES {
@@ -228,10 +191,8 @@ impl Report {
                 );
             }
         }
-        let _ = writeln!(
-            s,
-            "\n| services | ours / iptables | ours / nftables | ours / direct | ours / iptables-legacy |"
-        );
+        let _ =
+            writeln!(s, "\n| services | ours / iptables | ours / nftables | ours / direct | ours / iptables-legacy |");
         let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
         for n in &plan.conn_sizes {
             let g = |r: &str| cell(self.v("conn", r, Some(*n)), 2);
@@ -246,11 +207,8 @@ impl Report {
             );
         }
 
-        let _ = writeln!(
-            s,
-            "\n### Control plane: cold programming, {} endpoints per service (ms)\n",
-            plan.cp_endpoints
-        );
+        let _ =
+            writeln!(s, "\n### Control plane: cold programming, {} endpoints per service (ms)\n", plan.cp_endpoints);
         let _ = writeln!(
             s,
             "| services | translate | apply (map writes) | translate + apply | iptables-restore (nft backend) | iptables-legacy-restore | nft -f, one transaction | nft -f, 500-service transactions |"
@@ -259,15 +217,8 @@ impl Report {
         for n in &plan.cp_sizes {
             let g = |c: &str| {
                 let id = row_id("control", &format!("cold.{c}"), Some(*n));
-                let lower = self
-                    .rows
-                    .iter()
-                    .any(|r| r.id == id && r.note.contains("lower bound"));
-                format!(
-                    "{}{}",
-                    if lower { "> " } else { "" },
-                    cell(self.get(&id), 1)
-                )
+                let lower = self.rows.iter().any(|r| r.id == id && r.note.contains("lower bound"));
+                format!("{}{}", if lower { "> " } else { "" }, cell(self.get(&id), 1))
             };
             let _ = writeln!(
                 s,
@@ -283,32 +234,16 @@ impl Report {
             );
         }
         let n = plan.cp_change_n;
-        let _ = writeln!(
-            s,
-            "\n### Control plane: one EndpointSlice change at {} services (ms)\n",
-            group(n)
-        );
+        let _ = writeln!(s, "\n### Control plane: one EndpointSlice change at {} services (ms)\n", group(n));
         let _ = writeln!(s, "| what | p50 | p99 | runs |");
         let _ = writeln!(s, "|---|---:|---:|---:|");
         for (c, label) in [
             ("apply", "ours: Syncer::apply of the new desired state"),
-            (
-                "translate_apply",
-                "ours: translate all objects + apply (the agent's sync)",
-            ),
-            (
-                "iptables_restore",
-                "iptables-restore --noflush (kube-proxy partial sync)",
-            ),
-            (
-                "nft",
-                "nft -f incremental transaction (kube-proxy nftables)",
-            ),
+            ("translate_apply", "ours: translate all objects + apply (the agent's sync)"),
+            ("iptables_restore", "iptables-restore --noflush (kube-proxy partial sync)"),
+            ("nft", "nft -f incremental transaction (kube-proxy nftables)"),
         ] {
-            let runs = self
-                .rows
-                .iter()
-                .find(|r| r.id == row_id("control", &format!("change.{c}.p50_ms"), Some(n)));
+            let runs = self.rows.iter().find(|r| r.id == row_id("control", &format!("change.{c}.p50_ms"), Some(n)));
             let _ = writeln!(
                 s,
                 "| {label} | {} | {} | {} |",
@@ -343,18 +278,11 @@ impl Report {
             "| one TCP stream through the ClusterIP (ours) | {} Gbit/s |",
             cell(self.v("throughput", "ours_gbps", None), 2)
         );
-        let _ = writeln!(
-            s,
-            "| ratio ours / direct | {} |",
-            cell(self.v("throughput", "ours_vs_direct", None), 2)
-        );
+        let _ = writeln!(s, "| ratio ours / direct | {} |", cell(self.v("throughput", "ours_vs_direct", None), 2));
 
         let _ = writeln!(s, "\n### Targets\n");
         if plan.quick {
-            let _ = writeln!(
-                s,
-                "(quick mode: sizes and durations too small for these to mean anything)\n"
-            );
+            let _ = writeln!(s, "(quick mode: sizes and durations too small for these to mean anything)\n");
         }
         let _ = writeln!(s, "| target | goal | measured | met |");
         let _ = writeln!(s, "|---|---|---|---|");
@@ -377,17 +305,12 @@ impl Report {
 
     /// Rows by section, for a compact dump of notes.
     pub fn notes(&self) -> BTreeMap<String, String> {
-        self.rows
-            .iter()
-            .filter(|r| !r.note.is_empty())
-            .map(|r| (r.id.clone(), r.note.clone()))
-            .collect()
+        self.rows.iter().filter(|r| !r.note.is_empty()).map(|r| (r.id.clone(), r.note.clone())).collect()
     }
 }
 
 fn fmt_opt(v: Option<f64>, unit: &str) -> String {
-    v.map(|v| format!("{v:.1} {unit}"))
-        .unwrap_or_else(|| "not measured".into())
+    v.map(|v| format!("{v:.1} {unit}")).unwrap_or_else(|| "not measured".into())
 }
 
 fn conn_label(c: &str) -> &'static str {

@@ -45,44 +45,24 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     }
     let ready = t.elapsed();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    ensure!(
-        comm.trim() == "ebpf-proxy",
-        "pid {pid} is {comm:?}, not the agent"
-    );
+    ensure!(comm.trim() == "ebpf-proxy", "pid {pid} is {comm:?}, not the agent");
     let (hwm, rss) = vm_hwm_rss_kib(pid)?;
     let programmed = agent.metric(&node, "ebpf_proxy_services_programmed")?;
-    ensure!(
-        programmed as usize == n,
-        "agent programmed {programmed} services, wanted {n}"
-    );
-    let sync_s = agent
-        .metric(&node, "ebpf_proxy_sync_duration_seconds_sum")
-        .unwrap_or(f64::NAN);
-    let syncs = agent
-        .metric(&node, "ebpf_proxy_sync_duration_seconds_count")
-        .unwrap_or(f64::NAN);
+    ensure!(programmed as usize == n, "agent programmed {programmed} services, wanted {n}");
+    let sync_s = agent.metric(&node, "ebpf_proxy_sync_duration_seconds_sum").unwrap_or(f64::NAN);
+    let syncs = agent.metric(&node, "ebpf_proxy_sync_duration_seconds_count").unwrap_or(f64::NAN);
     agent.kill();
-    rows.push(
-        Row::new(
-            "rss",
-            "agent_vmhwm_mib",
-            Some(n),
-            hwm as f64 / 1024.0,
-            "MiB",
-        )
-        .note(format!(
-            "ebpf-proxy agent --manifests, {n} services x {e} endpoints; VmRSS at ready {:.1} MiB",
-            rss as f64 / 1024.0
-        )),
-    );
+    rows.push(Row::new("rss", "agent_vmhwm_mib", Some(n), hwm as f64 / 1024.0, "MiB").note(format!(
+        "ebpf-proxy agent --manifests, {n} services x {e} endpoints; VmRSS at ready {:.1} MiB",
+        rss as f64 / 1024.0
+    )));
     rows.push(
         Row::new("rss", "agent_ready_s", Some(n), ready.as_secs_f64(), "s")
             .note("process start to /readyz 200: load programs, read YAML, translate, sync"),
     );
     rows.push(
-        Row::new("rss", "agent_sync_ms", Some(n), sync_s * 1e3, "ms").note(format!(
-            "sum of the agent's own sync_duration over {syncs} sync(s)"
-        )),
+        Row::new("rss", "agent_sync_ms", Some(n), sync_s * 1e3, "ms")
+            .note(format!("sum of the agent's own sync_duration over {syncs} sync(s)")),
     );
     Ok(())
 }

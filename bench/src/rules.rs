@@ -6,8 +6,7 @@
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 use proxy_userspace::model::{
-    BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Protocol, Scope,
-    ServicePortName,
+    BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName,
 };
 
 /// Cluster CIDR of the pods (kube-proxy's --cluster-cidr: traffic from outside is marked
@@ -43,16 +42,9 @@ pub fn services(n: usize, per: usize, last_endpoints: Option<&[(Ipv4Addr, u16)]>
         .map(|i| {
             let endpoints = match last_endpoints {
                 Some(eps) if i == n - 1 => eps.to_vec(),
-                _ => (0..per)
-                    .map(|j| (fake_endpoint(i, j, per), TARGET_PORT))
-                    .collect(),
+                _ => (0..per).map(|j| (fake_endpoint(i, j, per), TARGET_PORT)).collect(),
             };
-            Svc {
-                name: format!("svc-{i}"),
-                vip: vip(i),
-                port: SVC_PORT,
-                endpoints,
-            }
+            Svc { name: format!("svc-{i}"), vip: vip(i), port: SVC_PORT, endpoints }
         })
         .collect()
 }
@@ -68,33 +60,16 @@ pub fn desired(svcs: &[Svc]) -> DesiredState {
 }
 
 pub fn frontend_key(s: &Svc) -> FrontendKey {
-    FrontendKey {
-        addr: s.vip,
-        port: s.port,
-        proto: Protocol::Tcp,
-        scope: Scope::Internal,
-    }
+    FrontendKey { addr: s.vip, port: s.port, proto: Protocol::Tcp, scope: Scope::Internal }
 }
 
 pub fn frontend_entry(s: &Svc) -> FrontendEntry {
-    let mut backends: Vec<BackendAddr> = s
-        .endpoints
-        .iter()
-        .map(|(a, p)| BackendAddr {
-            addr: *a,
-            port: *p,
-            local: true,
-            terminating: false,
-        })
-        .collect();
+    let mut backends: Vec<BackendAddr> =
+        s.endpoints.iter().map(|(a, p)| BackendAddr { addr: *a, port: *p, local: true, terminating: false }).collect();
     backends.sort();
     backends.dedup();
     FrontendEntry {
-        service: ServicePortName {
-            namespace: NAMESPACE.into(),
-            name: s.name.clone(),
-            port_name: PORT_NAME.into(),
-        },
+        service: ServicePortName { namespace: NAMESPACE.into(), name: s.name.clone(), port_name: PORT_NAME.into() },
         kind: FrontendKind::ClusterIP,
         backends,
         affinity_timeout: None,
@@ -131,10 +106,7 @@ pub fn svc_chain(s: &Svc) -> String {
 }
 
 pub fn sep_chain(s: &Svc, ep: (Ipv4Addr, u16)) -> String {
-    format!(
-        "KUBE-SEP-{}",
-        hash16(&format!("{}tcp{}:{}", port_name(s), ep.0, ep.1))
-    )
+    format!("KUBE-SEP-{}", hash16(&format!("{}tcp{}:{}", port_name(s), ep.0, ep.1)))
 }
 
 /// Rules of one KUBE-SVC chain and its KUBE-SEP chains (appended to `out`).
@@ -157,20 +129,12 @@ fn iptables_service_rules(out: &mut String, s: &Svc) {
                 ep.0, ep.1
             );
         } else {
-            let _ = writeln!(
-                out,
-                "-A {svc} -m comment --comment \"{pn} -> {}:{}\" -j {sep}",
-                ep.0, ep.1
-            );
+            let _ = writeln!(out, "-A {svc} -m comment --comment \"{pn} -> {}:{}\" -j {sep}", ep.0, ep.1);
         }
     }
     for ep in &s.endpoints {
         let sep = sep_chain(s, *ep);
-        let _ = writeln!(
-            out,
-            "-A {sep} -s {}/32 -m comment --comment \"{pn}\" -j KUBE-MARK-MASQ",
-            ep.0
-        );
+        let _ = writeln!(out, "-A {sep} -s {}/32 -m comment --comment \"{pn}\" -j KUBE-MARK-MASQ", ep.0);
         let _ = writeln!(
             out,
             "-A {sep} -p tcp -m comment --comment \"{pn}\" -m tcp -j DNAT --to-destination {}:{}",
@@ -179,7 +143,8 @@ fn iptables_service_rules(out: &mut String, s: &Svc) {
     }
 }
 
-const IPT_TOP_CHAINS: &str = ":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n";
+const IPT_TOP_CHAINS: &str =
+    ":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n";
 
 fn iptables_top_rules(out: &mut String, svcs: &[Svc]) {
     out.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
@@ -207,7 +172,9 @@ fn iptables_top_rules(out: &mut String, svcs: &[Svc]) {
 /// The whole `nat` table, for one `iptables-restore`.
 pub fn iptables_restore(svcs: &[Svc]) -> String {
     let mut out = String::with_capacity(svcs.len() * 600);
-    out.push_str("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n");
+    out.push_str(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
+    );
     out.push_str(IPT_TOP_CHAINS);
     for s in svcs {
         let _ = writeln!(out, ":{} - [0:0]", svc_chain(s));
@@ -215,12 +182,8 @@ pub fn iptables_restore(svcs: &[Svc]) -> String {
             let _ = writeln!(out, ":{} - [0:0]", sep_chain(s, *ep));
         }
     }
-    out.push_str(
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
-    );
-    out.push_str(
-        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
-    );
+    out.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    out.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
     out.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
     iptables_top_rules(&mut out, svcs);
     for s in svcs {
@@ -238,12 +201,8 @@ pub fn iptables_change(svcs: &[Svc], old: &Svc, new: &Svc) -> String {
     out.push_str("*nat\n");
     out.push_str(IPT_TOP_CHAINS);
     let _ = writeln!(out, ":{} - [0:0]", svc_chain(new));
-    let stale: Vec<String> = old
-        .endpoints
-        .iter()
-        .filter(|e| !new.endpoints.contains(e))
-        .map(|e| sep_chain(old, *e))
-        .collect();
+    let stale: Vec<String> =
+        old.endpoints.iter().filter(|e| !new.endpoints.contains(e)).map(|e| sep_chain(old, *e)).collect();
     for ep in &new.endpoints {
         let _ = writeln!(out, ":{} - [0:0]", sep_chain(new, *ep));
     }
@@ -277,16 +236,8 @@ fn nft_service(out: &mut String, s: &Svc) {
         let ec = nft_endpoint_chain(s, *ep);
         let _ = writeln!(out, "add chain {T} {ec}");
         let _ = writeln!(out, "flush chain {T} {ec}");
-        let _ = writeln!(
-            out,
-            "add rule {T} {ec} ip saddr {} jump mark-for-masquerade",
-            ep.0
-        );
-        let _ = writeln!(
-            out,
-            "add rule {T} {ec} meta l4proto tcp dnat to {}:{}",
-            ep.0, ep.1
-        );
+        let _ = writeln!(out, "add rule {T} {ec} ip saddr {} jump mark-for-masquerade", ep.0);
+        let _ = writeln!(out, "add rule {T} {ec} meta l4proto tcp dnat to {}:{}", ep.0, ep.1);
     }
     let _ = writeln!(out, "add chain {T} {chain}");
     let _ = writeln!(out, "flush chain {T} {chain}");
@@ -295,58 +246,32 @@ fn nft_service(out: &mut String, s: &Svc) {
         "add rule {T} {chain} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
         s.vip, s.port
     );
-    let arms: Vec<String> = s
-        .endpoints
-        .iter()
-        .enumerate()
-        .map(|(j, ep)| format!("{j} : goto {}", nft_endpoint_chain(s, *ep)))
-        .collect();
-    let _ = writeln!(
-        out,
-        "add rule {T} {chain} numgen random mod {} vmap {{ {} }}",
-        s.endpoints.len(),
-        arms.join(" , ")
-    );
+    let arms: Vec<String> =
+        s.endpoints.iter().enumerate().map(|(j, ep)| format!("{j} : goto {}", nft_endpoint_chain(s, *ep))).collect();
+    let _ =
+        writeln!(out, "add rule {T} {chain} numgen random mod {} vmap {{ {} }}", s.endpoints.len(), arms.join(" , "));
 }
 
 fn nft_header(out: &mut String) {
-    let _ = writeln!(
-        out,
-        "add table {T} {{ comment \"rules for kube-proxy\" ; }}"
-    );
+    let _ = writeln!(out, "add table {T} {{ comment \"rules for kube-proxy\" ; }}");
     let _ = writeln!(out, "add chain {T} mark-for-masquerade");
-    let _ = writeln!(
-        out,
-        "add rule {T} mark-for-masquerade mark set mark or 0x4000"
-    );
+    let _ = writeln!(out, "add rule {T} mark-for-masquerade mark set mark or 0x4000");
     let _ = writeln!(out, "add chain {T} masquerading");
     let _ = writeln!(out, "add rule {T} masquerading mark and 0x4000 == 0 return");
     let _ = writeln!(out, "add rule {T} masquerading mark set mark xor 0x4000");
     let _ = writeln!(out, "add rule {T} masquerading masquerade fully-random");
     let _ = writeln!(out, "add chain {T} services");
-    let _ = writeln!(
-        out,
-        "add chain {T} nat-prerouting {{ type nat hook prerouting priority -100 ; }}"
-    );
+    let _ = writeln!(out, "add chain {T} nat-prerouting {{ type nat hook prerouting priority -100 ; }}");
     let _ = writeln!(out, "add rule {T} nat-prerouting jump services");
-    let _ = writeln!(
-        out,
-        "add chain {T} nat-output {{ type nat hook output priority -100 ; }}"
-    );
+    let _ = writeln!(out, "add chain {T} nat-output {{ type nat hook output priority -100 ; }}");
     let _ = writeln!(out, "add rule {T} nat-output jump services");
-    let _ = writeln!(
-        out,
-        "add chain {T} nat-postrouting {{ type nat hook postrouting priority 100 ; }}"
-    );
+    let _ = writeln!(out, "add chain {T} nat-postrouting {{ type nat hook postrouting priority 100 ; }}");
     let _ = writeln!(out, "add rule {T} nat-postrouting jump masquerading");
     let _ = writeln!(
         out,
         "add map {T} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}"
     );
-    let _ = writeln!(
-        out,
-        "add rule {T} services ip daddr . meta l4proto . th dport vmap @service-ips"
-    );
+    let _ = writeln!(out, "add rule {T} services ip daddr . meta l4proto . th dport vmap @service-ips");
 }
 
 fn nft_services(out: &mut String, svcs: &[Svc]) {
@@ -409,10 +334,7 @@ mod tests {
         assert_eq!(svcs[2].endpoints.len(), 1);
         let ipt = iptables_restore(&svcs);
         // KUBE-SERVICES: one jump per service, the last service last (before nodeports).
-        let jumps: Vec<&str> = ipt
-            .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
-            .collect();
+        let jumps: Vec<&str> = ipt.lines().filter(|l| l.starts_with("-A KUBE-SERVICES")).collect();
         assert_eq!(jumps.len(), 4);
         assert!(jumps[2].contains("10.96.0.3/32") && jumps[3].contains("KUBE-NODEPORTS"));
         assert_eq!(ipt.matches("--probability 0.50000000000").count(), 2);

@@ -22,8 +22,8 @@ use crate::{
 fn stream(client: &Netns, addr: SocketAddr, time: Duration, bytes: u64) -> Result<(u64, f64)> {
     client.run(|| -> Result<(u64, f64)> {
         let buf = vec![0x5au8; 1 << 20];
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .with_context(|| format!("connect {addr}"))?;
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let t = Instant::now();
         let mut sent = 0u64;
@@ -56,10 +56,7 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     // Alternating rounds, each with its share of the bounds: less sensitive to whatever
     // else the machine does at one moment. The median round is reported.
     let rounds = plan.tput_rounds.max(1);
-    let (time, bytes) = (
-        plan.tput_time / rounds as u32,
-        plan.tput_bytes / rounds as u64,
-    );
+    let (time, bytes) = (plan.tput_time / rounds as u32, plan.tput_bytes / rounds as u64);
     let mut direct = Vec::new();
     let mut ours = Vec::new();
     let mut totals = [(0u64, 0f64); 2];
@@ -85,9 +82,7 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         )
     };
     let (d, o) = (median(direct.clone()), median(ours.clone()));
-    rows.push(
-        Row::new("throughput", "direct_gbps", None, d, "Gbit/s").note(note(&direct, totals[0])),
-    );
+    rows.push(Row::new("throughput", "direct_gbps", None, d, "Gbit/s").note(note(&direct, totals[0])));
     rows.push(Row::new("throughput", "ours_gbps", None, o, "Gbit/s").note(note(&ours, totals[1])));
     rows.push(Row::new("throughput", "ours_vs_direct", None, o / d, "x"));
     Ok(())

@@ -8,9 +8,7 @@ use proxy_bench::{Plan, expected_rows, report::Report};
 fn quick_bench_produces_every_row() {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "SKIP quick_bench_produces_every_row: needs root (BPF programs, network namespaces)"
-        );
+        eprintln!("SKIP quick_bench_produces_every_row: needs root (BPF programs, network namespaces)");
         return;
     }
     let server = PathBuf::from(env!("CARGO_BIN_EXE_bench-podserver"));
@@ -25,13 +23,8 @@ fn quick_bench_produces_every_row() {
         .expect("running proxy-bench");
     let json = std::fs::read_to_string(out.join("latest-quick.json"));
     let _ = std::fs::remove_dir_all(&out);
-    let report: Report =
-        serde_json::from_str(&json.expect("results written")).expect("results parse");
-    assert!(
-        report.errors.is_empty(),
-        "sections failed: {:#?}",
-        report.errors
-    );
+    let report: Report = serde_json::from_str(&json.expect("results written")).expect("results parse");
+    assert!(report.errors.is_empty(), "sections failed: {:#?}", report.errors);
     assert!(status.success(), "proxy-bench --quick: {status}");
     let mut missing = Vec::new();
     for id in expected_rows(&Plan::quick(server)) {
@@ -41,9 +34,6 @@ fn quick_bench_produces_every_row() {
             None => missing.push(format!("{id} missing")),
         }
     }
-    assert!(
-        missing.is_empty(),
-        "rows missing or not positive: {missing:#?}"
-    );
+    assert!(missing.is_empty(), "rows missing or not positive: {missing:#?}");
     assert!(!report.targets.is_empty(), "targets judged");
 }

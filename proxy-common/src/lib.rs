@@ -179,11 +179,8 @@ impl<A: Copy> CtKey<A> {
     /// backend -> client, or backend -> SNAT address:port for a source-NATed flow.
     #[inline(always)]
     pub fn reply_of_forward(&self, v: &CtValue<A>) -> CtKey<A> {
-        let (dst, dport) = if v.flags & ct_flags::SNAT != 0 {
-            (v.snat_addr, v.snat_port)
-        } else {
-            (self.src_addr, self.src_port)
-        };
+        let (dst, dport) =
+            if v.flags & ct_flags::SNAT != 0 { (v.snat_addr, v.snat_port) } else { (self.src_addr, self.src_port) };
         CtKey {
             src_addr: v.nat_addr,
             dst_addr: dst,
@@ -200,11 +197,8 @@ impl<A: Copy> CtKey<A> {
     /// address): the reply entry remembers it.
     #[inline(always)]
     pub fn forward_of_reply(&self, v: &CtValue<A>) -> CtKey<A> {
-        let (client, client_port) = if v.flags & ct_flags::SNAT != 0 {
-            (v.snat_addr, v.snat_port)
-        } else {
-            (self.dst_addr, self.dst_port)
-        };
+        let (client, client_port) =
+            if v.flags & ct_flags::SNAT != 0 { (v.snat_addr, v.snat_port) } else { (self.dst_addr, self.dst_port) };
         CtKey {
             src_addr: client,
             dst_addr: v.nat_addr,
@@ -268,7 +262,7 @@ pub type CtValue6 = CtValue<[u32; 4]>;
 /// garbage collector (which expires entries): one definition of what a state is and how
 /// long an idle flow in it lives.
 pub mod ct {
-    use super::{ct_flags, PROTO_TCP};
+    use super::{PROTO_TCP, ct_flags};
 
     /// Connection state derived from `CtValue::flags`.
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -598,7 +592,6 @@ pub struct NeighKey<A = u32> {
 
 pub type NeighKey6 = NeighKey<Ipv6Words>;
 
-
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -669,10 +662,7 @@ mod tests {
         assert_eq!(size_of::<CtKey6>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue6>(), 16 + 2 + 1 + 1 + 16 + 2 + 2 + 4 + 4 + 8);
         assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
-        assert_eq!(
-            size_of::<ServiceMeta>(),
-            META_NAMESPACE_LEN + META_NAME_LEN + META_PORT_NAME_LEN + 1 + 7
-        );
+        assert_eq!(size_of::<ServiceMeta>(), META_NAMESPACE_LEN + META_NAME_LEN + META_PORT_NAME_LEN + 1 + 7);
     }
 
     #[test]
@@ -700,7 +690,7 @@ mod tests {
 
     #[test]
     fn ct_state_follows_the_flags() {
-        use ct::{state, tcp_flags_to_ct, CtState};
+        use ct::{CtState, state, tcp_flags_to_ct};
         assert_eq!(state(PROTO_TCP, 0), CtState::New);
         assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY), CtState::Established);
         let fin_fwd = tcp_flags_to_ct(0x11, false);
@@ -718,7 +708,15 @@ mod tests {
 
     #[test]
     fn ct_partner_keys_round_trip() {
-        let fwd = CtKey { src_addr: 1u32, dst_addr: 2, src_port: 1000, dst_port: 80, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: 0 };
+        let fwd = CtKey {
+            src_addr: 1u32,
+            dst_addr: 2,
+            src_port: 1000,
+            dst_port: 80,
+            proto: PROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
         // Plain DNAT: the backend answers the client.
         let v = CtValue { nat_addr: 3u32, nat_port: 8080, ..Default::default() };
         let rk = fwd.reply_of_forward(&v);
@@ -727,10 +725,24 @@ mod tests {
         assert_eq!(rk.forward_of_reply(&rv), fwd);
         // Source-NATed: the backend answers our SNAT address:port; the reply entry keeps
         // the client.
-        let v = CtValue { nat_addr: 3u32, nat_port: 8080, flags: ct_flags::SNAT, snat_addr: 9, snat_port: 61000, ..Default::default() };
+        let v = CtValue {
+            nat_addr: 3u32,
+            nat_port: 8080,
+            flags: ct_flags::SNAT,
+            snat_addr: 9,
+            snat_port: 61000,
+            ..Default::default()
+        };
         let rk = fwd.reply_of_forward(&v);
         assert_eq!((rk.dst_addr, rk.dst_port), (9, 61000));
-        let rv = CtValue { nat_addr: 2u32, nat_port: 80, flags: ct_flags::SNAT, snat_addr: 1, snat_port: 1000, ..Default::default() };
+        let rv = CtValue {
+            nat_addr: 2u32,
+            nat_port: 80,
+            flags: ct_flags::SNAT,
+            snat_addr: 1,
+            snat_port: 1000,
+            ..Default::default()
+        };
         assert_eq!(rk.forward_of_reply(&rv), fwd);
     }
 

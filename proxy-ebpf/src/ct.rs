@@ -3,7 +3,7 @@
 //! and timeouts are defined in `proxy_common::ct`; the agent's collector expires entries.
 //! Generic over the address family: each family has its own table.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
-use proxy_common::{ct, ct_flags, Backend, CtKey, CtValue, NodeConfig, Verdict, CT_DIR_FORWARD, CT_DIR_REPLY};
+use proxy_common::{Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, NodeConfig, Verdict, ct, ct_flags};
 
 use crate::{family::Family, parse::Packet};
 
@@ -148,7 +148,8 @@ pub fn create<F: Family>(
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    let rev = CtValue { nat_addr: p.daddr, nat_port: p.dport, backend_id, svc_id, last_seen: now, ..CtValue::default() };
+    let rev =
+        CtValue { nat_addr: p.daddr, nat_port: p.dport, backend_id, svc_id, last_seen: now, ..CtValue::default() };
     insert::<F>(&rkey, &rev, 0).inspect_err(|_| {
         let _ = F::conntrack().remove(&fkey);
     })
@@ -183,7 +184,12 @@ fn mix(a: u32, b: u32, c: u32) -> u32 {
 /// byte order); `CtError::Full` when the table is full, `Other` when every candidate was
 /// taken or a write failed.
 #[inline(always)]
-pub fn create_snat<F: Family>(p: &Packet<F::Addr>, a: &SnatArgs<F::Addr>, cfg: &NodeConfig, now: u64) -> Result<u16, CtError> {
+pub fn create_snat<F: Family>(
+    p: &Packet<F::Addr>,
+    a: &SnatArgs<F::Addr>,
+    cfg: &NodeConfig,
+    now: u64,
+) -> Result<u16, CtError> {
     let (svc_id, backend_id, b, snat_addr) = (a.svc_id, a.backend_id, a.backend, a.snat_addr);
     let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
     let rev = CtValue {
@@ -244,4 +250,3 @@ pub fn create_snat<F: Family>(p: &Packet<F::Addr>, a: &SnatArgs<F::Addr>, cfg: &
     })?;
     Ok(port_be)
 }
-

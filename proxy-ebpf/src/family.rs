@@ -3,12 +3,12 @@
 //! (IPv4 keeps its 16-byte conntrack keys and IPv6 costs only its own lookups). Only IPv4
 //! is instantiated today: the IPv6 path did not fit the verifier's 512-byte stack yet
 //! (docs/architecture.md, "IPv6").
-use aya_ebpf::maps::{lpm_trie::Key, HashMap, LruHashMap};
+use aya_ebpf::maps::{HashMap, LruHashMap, lpm_trie::Key};
 use proxy_common::{AffinityKey, AffinityValue, Backend, CtKey, CtValue, NeighKey, ServiceKey, ServiceValue};
 
+use crate::maps::{AFFINITY, BACKENDS, CONNTRACK, NEIGH_MISSES, NODE_CONFIG, SERVICES, SOURCE_RANGES};
 use crate::parse::{self, Packet};
 use proxy_common::Verdict;
-use crate::maps::{AFFINITY, BACKENDS, CONNTRACK, NEIGH_MISSES, NODE_CONFIG, SERVICES, SOURCE_RANGES};
 
 pub trait Family: 'static {
     /// Address in network byte order, as the maps store it.

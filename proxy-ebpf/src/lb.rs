@@ -1,7 +1,9 @@
 //! Service lookup and backend selection (random, or session affinity), and the node facts
 //! the agent wrote. Pure map logic, generic over the address family.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use proxy_common::{nat_defaults, svc_flags, AffinityKey, AffinityValue, Backend, NodeConfig, ServiceKey, ServiceValue, SlotKey};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, NodeConfig, ServiceKey, ServiceValue, SlotKey, nat_defaults, svc_flags,
+};
 
 use crate::{
     family::Family,

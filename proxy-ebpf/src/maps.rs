@@ -5,13 +5,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    sizes, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig, ServiceKey, ServiceMeta,
-    ServiceValue, SlotKey, StatsKey,
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig, ServiceKey, ServiceMeta,
+    ServiceValue, SlotKey, StatsKey, sizes,
 };
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(sizes::MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(sizes::MAX_SERVICES, 0);
 
 /// Allocated on use (NO_PREALLOC): it is sized for every backend referenced by several
 /// frontends in both generations (`--max-backends` x 8), a cap most nodes never approach;
@@ -32,8 +31,7 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS
 pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::pinned(sizes::MAX_CONNTRACK, 0);
 
 #[map]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
 
 /// Allocated on first use (NO_PREALLOC): a preallocated per-CPU map would cost
 /// entries x CPUs x 16 bytes up front.
@@ -42,8 +40,7 @@ pub static SERVICE_STATS: PerCpuHashMap<StatsKey, Counters> =
     PerCpuHashMap::pinned(sizes::MAX_SERVICE_STATS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
-pub static GLOBAL_STATS: PerCpuArray<Counters> =
-    PerCpuArray::pinned(proxy_common::verdict::COUNT, 0);
+pub static GLOBAL_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(proxy_common::verdict::COUNT, 0);
 
 /// Read only by userspace (CLI and a restarting agent); declared here so it is created and
 /// pinned with the others.
@@ -52,8 +49,7 @@ pub static SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(sizes::MAX_
 
 /// loadBalancerSourceRanges, keyed by (service id, source prefix). Value unused (1).
 #[map]
-pub static SOURCE_RANGES: LpmTrie<[u32; 2], u8> =
-    LpmTrie::pinned(sizes::MAX_SOURCE_RANGES, 0);
+pub static SOURCE_RANGES: LpmTrie<[u32; 2], u8> = LpmTrie::pinned(sizes::MAX_SOURCE_RANGES, 0);
 
 /// Node facts (SNAT address, hairpin address, SNAT port range), index 0. Written by the agent.
 #[map]
@@ -62,6 +58,4 @@ pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 /// Next hops XDP could not forward to because their neighbour entry was missing; the agent
 /// triggers resolution and deletes the key. LRU so a flood of misses cannot fill it for good.
 #[map]
-pub static NEIGH_MISSES: LruHashMap<NeighKey, u64> =
-    LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);
-
+pub static NEIGH_MISSES: LruHashMap<NeighKey, u64> = LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);

@@ -9,7 +9,7 @@
 use core::mem::{offset_of, size_of};
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use proxy_common::{Verdict, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use proxy_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict};
 
 pub const ETH_HLEN: usize = EthHdr::LEN;
 /// Ethernet header + IPv4 without options.

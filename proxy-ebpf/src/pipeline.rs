@@ -4,7 +4,7 @@
 //! Cilium's `lb4_local` (a switch on the conntrack state) with Katran's single exit (the
 //! verdict is counted once, by the caller, after the action was applied).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use proxy_common::{backend_flags, ct_flags, svc_flags, CtValue, Verdict, SCOPE_EXTERNAL, SCOPE_INTERNAL};
+use proxy_common::{CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, svc_flags};
 
 use crate::{
     ct::{self, Ct},
@@ -162,11 +162,11 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook) -> Decision<F::Addr> {
         Some(addr) => {
             let args = ct::SnatArgs { svc_id: svc.id, backend_id, backend: &b, snat_addr: addr };
             match ct::create_snat::<F>(p, &args, &lb::node_config(), now) {
-            Ok(port) => {
-                let nat = Nat { saddr: addr, sport: port, daddr: b.addr, dport: b.port };
-                Decision::rewrite(snat_delivery(hook), nat, Verdict::NewFlow, svc.id)
-            }
-            Err(e) => Decision::new(Action::Drop, e.verdict(), svc.id),
+                Ok(port) => {
+                    let nat = Nat { saddr: addr, sport: port, daddr: b.addr, dport: b.port };
+                    Decision::rewrite(snat_delivery(hook), nat, Verdict::NewFlow, svc.id)
+                }
+                Err(e) => Decision::new(Action::Drop, e.verdict(), svc.id),
             }
         }
         None => match ct::create::<F>(p, svc.id, backend_id, &b, now) {

@@ -31,11 +31,7 @@ pub fn count(verdict: Verdict, svc_id: u32, bytes: u32) {
         None => {
             // First packet of this (service, verdict) on any CPU: create it. Losing a race
             // with another CPU costs one packet's count, which is fine for counters.
-            let _ = SERVICE_STATS.insert(
-                &key,
-                &Counters { packets: 1, bytes: bytes as u64 },
-                BPF_NOEXIST as u64,
-            );
+            let _ = SERVICE_STATS.insert(&key, &Counters { packets: 1, bytes: bytes as u64 }, BPF_NOEXIST as u64);
         }
     }
 }

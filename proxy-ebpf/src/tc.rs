@@ -17,13 +17,11 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use proxy_common::{Verdict, PROTO_UDP};
+use proxy_common::{PROTO_UDP, Verdict};
 
 use crate::{
     family::{Family, V4},
-    parse::{
-        self, Packet, L3, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
-    },
+    parse::{self, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet},
     pipeline::{self, Action, Decision, Hook, Nat},
     reject, stats,
 };
@@ -52,7 +50,15 @@ fn parse_ctx<F: Family>(ctx: &TcContext) -> Result<Packet<F::Addr>, Verdict> {
 trait TcFamily: Family {
     const SRC_OFF: usize;
     const DST_OFF: usize;
-    fn rewrite_addr(ctx: &TcContext, p: &Packet<Self::Addr>, off: usize, old: Self::Addr, new: Self::Addr, csum: Option<usize>, mangled: u64) -> Result<(), i64>;
+    fn rewrite_addr(
+        ctx: &TcContext,
+        p: &Packet<Self::Addr>,
+        off: usize,
+        old: Self::Addr,
+        new: Self::Addr,
+        csum: Option<usize>,
+        mangled: u64,
+    ) -> Result<(), i64>;
     /// Answer a flow to a frontend without endpoints back into the pod (TCP reset, ICMP
     /// port unreachable); `Err` when it cannot be answered.
     fn reject(ctx: &TcContext, p: &Packet<Self::Addr>) -> Result<i32, i64>;
@@ -66,7 +72,15 @@ impl TcFamily for V4 {
         reject::tc_reject(ctx, p)
     }
     #[inline(always)]
-    fn rewrite_addr(ctx: &TcContext, p: &Packet<u32>, off: usize, old: u32, new: u32, csum: Option<usize>, mangled: u64) -> Result<(), i64> {
+    fn rewrite_addr(
+        ctx: &TcContext,
+        p: &Packet<u32>,
+        off: usize,
+        old: u32,
+        new: u32,
+        csum: Option<usize>,
+        mangled: u64,
+    ) -> Result<(), i64> {
         if let Some(csum) = csum {
             ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
         }

@@ -16,19 +16,19 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    EbpfContext,
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_get_buff_len},
     programs::XdpContext,
-    EbpfContext,
 };
-use proxy_common::{NeighKey, Verdict, PROTO_UDP};
+use proxy_common::{NeighKey, PROTO_UDP, Verdict};
 
 use crate::{
     csum,
     family::{Family, V4},
     parse::{
-        self, Packet, L3, ETH_HLEN, IP_CSUM_OFF,
-        IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
+        self, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, L3,
+        L4_DPORT_OFF, L4_SPORT_OFF, Packet,
     },
     pipeline::{self, Action, Hook, Nat},
     reject, stats,

@@ -23,13 +23,13 @@ use crate::{
     dataplane::{
         attach,
         ct_table::KernelCtTable,
-        uplinks,
         guard::{DatapathGuard, OurPrograms},
         ifaces::{self, IfacePatterns},
         loader::{self, LoaderConfig},
         lock::RootLock,
         maps::{GlobalStats, Maps},
         node::{NodeMaps, PortRange, node_config, resolve_neighbour},
+        uplinks,
     },
     health::Health,
     healthcheck::HealthServers,
@@ -145,9 +145,18 @@ impl SyncLoop {
         self.metrics.services.set(report.services as i64);
         self.metrics.backends.set(report.backends as i64);
         let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
-        self.metrics.map_fill.get_or_create(&MapLabel { map: "SERVICES".into() }).set(fill(report.services, self.max_services));
-        self.metrics.map_fill.get_or_create(&MapLabel { map: "BACKENDS".into() }).set(fill(report.backends, self.max_backends));
-        self.metrics.map_fill.get_or_create(&MapLabel { map: "BACKEND_SLOTS".into() }).set(fill(report.slots, self.max_slots));
+        self.metrics
+            .map_fill
+            .get_or_create(&MapLabel { map: "SERVICES".into() })
+            .set(fill(report.services, self.max_services));
+        self.metrics
+            .map_fill
+            .get_or_create(&MapLabel { map: "BACKENDS".into() })
+            .set(fill(report.backends, self.max_backends));
+        self.metrics
+            .map_fill
+            .get_or_create(&MapLabel { map: "BACKEND_SLOTS".into() })
+            .set(fill(report.slots, self.max_slots));
         // A map that stays full fails the same frontends on every sync: log each once.
         let errors: BTreeSet<String> = report.errors.iter().map(|(fk, e)| format!("{fk}: {e}")).collect();
         for (fk, e) in &report.errors {

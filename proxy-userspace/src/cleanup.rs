@@ -67,7 +67,12 @@ impl CleanupReport {
     pub fn render(&self) -> String {
         let mut out = String::new();
         for l in &self.pinned_links_detached {
-            out.push_str(&format!("detached pinned link {} (link id {}, ifindex {})\n", l.pin.display(), l.link_id, l.ifindex));
+            out.push_str(&format!(
+                "detached pinned link {} (link id {}, ifindex {})\n",
+                l.pin.display(),
+                l.link_id,
+                l.ifindex
+            ));
         }
         for a in &self.detached {
             out.push_str(&format!("detached {a}\n"));
@@ -130,7 +135,11 @@ fn detach_pinned_links(root: &Path, report: &mut CleanupReport) {
             // Already defunct: only the pin is left, removed below.
             Ok(info) if info.ifindex == 0 => {}
             Ok(info) => match bpfsys::link_detach(&fd) {
-                Ok(()) => report.pinned_links_detached.push(PinnedLinkDetached { pin, link_id: info.id, ifindex: info.ifindex }),
+                Ok(()) => report.pinned_links_detached.push(PinnedLinkDetached {
+                    pin,
+                    link_id: info.id,
+                    ifindex: info.ifindex,
+                }),
                 Err(err) => report.errors.push(format!("detaching the link pinned at {}: {err}", pin.display())),
             },
             Err(err) => report.errors.push(format!("{}: {err}", pin.display())),
@@ -179,7 +188,6 @@ pub async fn cleanup(roots: &[PathBuf], force: bool) -> Result<CleanupReport, Cl
     drop(locks);
     Ok(report)
 }
-
 
 #[cfg(test)]
 mod tests {

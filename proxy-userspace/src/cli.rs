@@ -243,7 +243,12 @@ mod tests {
     #[test]
     fn conntrack_timeouts_parse_durations() {
         let cli = Cli::try_parse_from([
-            "ebpf-proxy", "agent", "--conntrack-tcp-timeout-established", "2h", "--conntrack-udp-timeout", "5s",
+            "ebpf-proxy",
+            "agent",
+            "--conntrack-tcp-timeout-established",
+            "2h",
+            "--conntrack-udp-timeout",
+            "5s",
         ])
         .unwrap();
         let Command::Agent(a) = cli.command else { panic!("not agent") };
@@ -255,7 +260,14 @@ mod tests {
     #[test]
     fn uplink_flags() {
         let cli = Cli::try_parse_from([
-            "ebpf-proxy", "agent", "--uplink", "eth0,eth1", "--xdp-mode", "generic", "--snat-port-range", "62000-62999",
+            "ebpf-proxy",
+            "agent",
+            "--uplink",
+            "eth0,eth1",
+            "--xdp-mode",
+            "generic",
+            "--snat-port-range",
+            "62000-62999",
         ])
         .unwrap();
         let Command::Agent(a) = cli.command else { panic!("not agent") };

@@ -42,9 +42,16 @@ pub fn start(
     health: Arc<Health>,
     metrics: Metrics,
 ) -> Result<oneshot::Receiver<&'static str>, ControlError> {
-    let hl = http::bind(health_addr).map_err(|source| ControlError::Bind { what: "--http-addr", addr: health_addr, source })?;
-    let ml =
-        http::bind(metrics_addr).map_err(|source| ControlError::Bind { what: "--metrics-addr", addr: metrics_addr, source })?;
+    let hl = http::bind(health_addr).map_err(|source| ControlError::Bind {
+        what: "--http-addr",
+        addr: health_addr,
+        source,
+    })?;
+    let ml = http::bind(metrics_addr).map_err(|source| ControlError::Bind {
+        what: "--metrics-addr",
+        addr: metrics_addr,
+        source,
+    })?;
     let (stop_tx, stop_rx) = oneshot::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     std::thread::Builder::new()

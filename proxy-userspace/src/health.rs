@@ -64,7 +64,10 @@ impl Health {
         if since != 0 {
             let waited = Duration::from_millis(self.now_ms().saturating_sub(since));
             if waited > self.timeout {
-                return Err(format!("sync loop stuck: a change has waited {:.0?} (timeout {:?})", waited, self.timeout));
+                return Err(format!(
+                    "sync loop stuck: a change has waited {:.0?} (timeout {:?})",
+                    waited, self.timeout
+                ));
             }
         }
         Ok(())

@@ -5,8 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use proxy_userspace::{
-    agent,
-    cleanup,
+    agent, cleanup,
     cli::{CleanupArgs, Cli, Command, LogFormat, OutputFormat, ShowArgs},
     dataplane::maps::Maps,
     show,
@@ -38,7 +37,8 @@ fn open(args: &ShowArgs) -> Result<Maps> {
 
 /// `ebpf-proxy cleanup`: prints what it removed (or that nothing was there).
 fn run_cleanup(args: &CleanupArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     let report = rt.block_on(cleanup::cleanup(&args.bpffs_root, args.force))?;
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -63,23 +63,25 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => {
             init_logging(args.log_format);
-            tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime").and_then(
-                |rt| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")
+                .and_then(|rt| {
                     let r = rt.block_on(agent::run(args));
                     // Do not wait for tasks stuck in blocking calls (a source reading a FIFO):
                     // the datapath stays pinned, there is nothing left to flush.
                     rt.shutdown_background();
                     r
-                },
-            )
+                })
         }
         Command::Cleanup(a) => run_cleanup(&a),
-        Command::Services(a) => {
-            open(&a).and_then(|m| Ok(show::read_services(&m)?)).and_then(|r| print(&a, &r, |r| show::render_services(r)))
-        }
-        Command::Backends(a) => {
-            open(&a).and_then(|m| Ok(show::read_backends(&m)?)).and_then(|r| print(&a, &r, |r| show::render_backends(r)))
-        }
+        Command::Services(a) => open(&a)
+            .and_then(|m| Ok(show::read_services(&m)?))
+            .and_then(|r| print(&a, &r, |r| show::render_services(r))),
+        Command::Backends(a) => open(&a)
+            .and_then(|m| Ok(show::read_backends(&m)?))
+            .and_then(|r| print(&a, &r, |r| show::render_backends(r))),
         Command::Conntrack(a) => open(&a)
             .and_then(|m| Ok(show::read_conntrack(&m)?))
             .and_then(|r| print(&a, &r, |r| show::render_conntrack(r))),

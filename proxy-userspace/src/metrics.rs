@@ -87,14 +87,22 @@ impl Metrics {
             "Tracked flows by state, as of the collector's last complete walk",
             m.conntrack_flows.clone(),
         );
-        r.register("conntrack_entries", "Conntrack entries (two per flow), as of the last complete walk", m.conntrack_entries.clone());
+        r.register(
+            "conntrack_entries",
+            "Conntrack entries (two per flow), as of the last complete walk",
+            m.conntrack_entries.clone(),
+        );
         r.register("conntrack_gc_runs", "Conntrack collector passes", m.conntrack_gc_runs.clone());
         r.register(
             "conntrack_gc_deleted",
             "Conntrack entries removed, by reason (expired, pressure, orphan)",
             m.conntrack_gc_deleted.clone(),
         );
-        r.register("conntrack_gc_duration_seconds", "Duration of one conntrack collector pass", m.conntrack_gc_duration.clone());
+        r.register(
+            "conntrack_gc_duration_seconds",
+            "Duration of one conntrack collector pass",
+            m.conntrack_gc_duration.clone(),
+        );
         r.register(
             "conntrack_full_drops",
             "New flows dropped because the conntrack table was full of live flows",

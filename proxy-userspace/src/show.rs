@@ -3,8 +3,8 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use proxy_common::{
-    Backend, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey, backend_flags, ct_flags, svc_flags,
-    Verdict,
+    Backend, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey, Verdict, backend_flags, ct_flags,
+    svc_flags,
 };
 use serde::Serialize;
 
@@ -187,10 +187,8 @@ pub fn read_services(maps: &Maps) -> Result<Vec<ServiceRow>, DataplaneError> {
 }
 
 pub fn read_backends(maps: &Maps) -> Result<Vec<BackendRow>, DataplaneError> {
-    let mut rows: Vec<BackendRow> = collect(&maps.backends, proxy_common::map_names::BACKENDS)?
-        .iter()
-        .map(|(id, b)| backend_row(*id, b))
-        .collect();
+    let mut rows: Vec<BackendRow> =
+        collect(&maps.backends, proxy_common::map_names::BACKENDS)?.iter().map(|(id, b)| backend_row(*id, b)).collect();
     rows.sort_by_key(|r| r.id);
     Ok(rows)
 }
@@ -300,7 +298,12 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
     // A GLOBAL_STATS pinned by an older agent has fewer verdicts: show what it has.
     for v in 0..Verdict::COUNT.min(maps.global_stats.len()) {
         let c = crate::dataplane::maps::global_total(&maps.global_stats, v)?;
-        rows.push(StatRow { service_id: None, verdict: Verdict::ALL[v as usize].name(), packets: c.packets, bytes: c.bytes });
+        rows.push(StatRow {
+            service_id: None,
+            verdict: Verdict::ALL[v as usize].name(),
+            packets: c.packets,
+            bytes: c.bytes,
+        });
     }
     let mut per: Vec<StatRow> = Vec::new();
     for r in maps.service_stats.iter() {
@@ -346,16 +349,34 @@ mod tests {
 
     #[test]
     fn service_rows_follow_the_active_generation_and_render_like_kubectl() {
-        let key = ServiceKey { addr: ip_to_map(Ipv4Addr::new(10, 96, 0, 10)), port: port_to_map(80), proto: 6, scope: 0 };
-        let value = ServiceValue { id: 7, count: 1, flags: svc_flags::AFFINITY, generation: 1, affinity_timeout: 30, _reserved: 0 };
+        let key =
+            ServiceKey { addr: ip_to_map(Ipv4Addr::new(10, 96, 0, 10)), port: port_to_map(80), proto: 6, scope: 0 };
+        let value = ServiceValue {
+            id: 7,
+            count: 1,
+            flags: svc_flags::AFFINITY,
+            generation: 1,
+            affinity_timeout: 30,
+            _reserved: 0,
+        };
         let mut slots = HashMap::new();
         slots.insert(SlotKey::new(7, 0, 0), 1); // stale generation: not shown
         slots.insert(SlotKey::new(7, 1, 0), 2);
         let mut backends = HashMap::new();
-        backends.insert(1, Backend { addr: ip_to_map(Ipv4Addr::new(10, 244, 0, 1)), port: port_to_map(8080), proto: 6, flags: 0 });
-        backends.insert(2, Backend { addr: ip_to_map(Ipv4Addr::new(10, 244, 0, 2)), port: port_to_map(8080), proto: 6, flags: 1 });
+        backends.insert(
+            1,
+            Backend { addr: ip_to_map(Ipv4Addr::new(10, 244, 0, 1)), port: port_to_map(8080), proto: 6, flags: 0 },
+        );
+        backends.insert(
+            2,
+            Backend { addr: ip_to_map(Ipv4Addr::new(10, 244, 0, 2)), port: port_to_map(8080), proto: 6, flags: 1 },
+        );
         let entry = crate::model::FrontendEntry {
-            service: crate::model::ServicePortName { namespace: "default".into(), name: "web".into(), port_name: "http".into() },
+            service: crate::model::ServicePortName {
+                namespace: "default".into(),
+                name: "web".into(),
+                port_name: "http".into(),
+            },
             kind: FrontendKind::ClusterIP,
             backends: vec![],
             affinity_timeout: Some(30),

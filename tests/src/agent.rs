@@ -175,7 +175,13 @@ pub fn service_yaml(name: &str, vip: &str, port: u16, target_port: u16, protocol
     )
 }
 
-pub fn slice_yaml(service: &str, slice: &str, endpoints: &[(&str, std::net::Ipv4Addr)], port: u16, protocol: &str) -> String {
+pub fn slice_yaml(
+    service: &str,
+    slice: &str,
+    endpoints: &[(&str, std::net::Ipv4Addr)],
+    port: u16,
+    protocol: &str,
+) -> String {
     let mut s = format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: main\n  port: {port}\n  protocol: {protocol}\nendpoints:\n"
     );

@@ -97,7 +97,14 @@ pub fn connect_from(src: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Res
             anyhow::anyhow!("{what} {src} -> {addr}: {e}")
         };
         let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
-        if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of_val(&tv) as _) != 0 {
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&tv) as _,
+        ) != 0
+        {
             return Err(fail("SO_SNDTIMEO"));
         }
         let local = sockaddr(SocketAddrV4::new(src, 0));

@@ -198,7 +198,8 @@ pub mod tcp {
 
 /// A TCP segment with exactly the flags `flags` (bits of [`tcp`]) and valid checksums.
 pub fn tcp_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 65535);
+    let mut b =
+        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 65535);
     if flags & tcp::SYN != 0 {
         b = b.syn();
     }
@@ -246,8 +247,7 @@ pub fn decode(frame: &[u8]) -> Decoded {
         }
         Some(TransportSlice::Udp(u)) => {
             let h = u.to_header();
-            let ok = h.checksum == 0
-                || h.calc_checksum_ipv4(&iph, u.payload()).expect("udp csum") == h.checksum;
+            let ok = h.checksum == 0 || h.calc_checksum_ipv4(&iph, u.payload()).expect("udp csum") == h.checksum;
             (h.source_port, h.destination_port, ok, u.payload().to_vec())
         }
         other => panic!("unexpected transport {other:?}"),

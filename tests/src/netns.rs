@@ -56,11 +56,7 @@ impl Netns {
     }
 
     pub fn exec_ok(&self, cmd: &[&str]) -> Result<()> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(cmd)
-            .output()
-            .context("ip netns exec")?;
+        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(cmd).output().context("ip netns exec")?;
         if !out.status.success() {
             bail!("{} in {}: {}", cmd.join(" "), self.name, String::from_utf8_lossy(&out.stderr).trim());
         }

@@ -35,14 +35,20 @@ fn held_connections_survive_a_flood_that_overfills_conntrack() {
     let eps: Vec<(&str, Ipv4Addr)> = (1..4).map(|i| (topo.pods[i].name.as_str(), topo.pods[i].ip)).collect();
     dir.write("web-slice.yaml", &slice_yaml("web", "web-abc", &eps, 8080, "TCP")).unwrap();
     let d = dir.0.to_str().unwrap().to_string();
-    let agent = Agent::start(&topo.node, &pins.0, 10270, &["--manifests", &d, "--node-name", "node-a", "--max-conntrack", "8192"])
-        .expect("agent");
+    let agent = Agent::start(
+        &topo.node,
+        &pins.0,
+        10270,
+        &["--manifests", &d, "--node-name", "node-a", "--max-conntrack", "8192"],
+    )
+    .expect("agent");
     agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("ready");
     let vip: SocketAddr = (VIP, 80).into();
     let client_ns = &topo.pods[0].ns;
 
     // 2,000 held connections: 4,000 of the 8,192 entries.
-    let mut held: Vec<Held> = client_ns.run(|| (0..HELD).map(|i| Held::open(vip).unwrap_or_else(|e| panic!("held #{i}: {e}"))).collect());
+    let mut held: Vec<Held> =
+        client_ns.run(|| (0..HELD).map(|i| Held::open(vip).unwrap_or_else(|e| panic!("held #{i}: {e}"))).collect());
 
     // 20,000 new short connections from four threads: ten times what the rest of the
     // table holds, so it only works if closed flows are reclaimed.
@@ -81,7 +87,9 @@ fn held_connections_survive_a_flood_that_overfills_conntrack() {
     });
     let deleted: f64 = ["expired", "pressure", "orphan"]
         .iter()
-        .filter_map(|r| agent.metric(&topo.node, &format!("ebpf_proxy_conntrack_gc_deleted_total{{reason=\"{r}\"}}")).ok())
+        .filter_map(|r| {
+            agent.metric(&topo.node, &format!("ebpf_proxy_conntrack_gc_deleted_total{{reason=\"{r}\"}}")).ok()
+        })
         .sum();
     let full = agent.metric(&topo.node, "ebpf_proxy_conntrack_full_drops_total").unwrap_or(0.0);
     eprintln!(

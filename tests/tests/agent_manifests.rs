@@ -203,7 +203,8 @@ fn idle_agent_makes_no_sync_after_a_read() {
     std::thread::sleep(Duration::from_millis(300));
     let before = syncs(&env, &agent);
     for name in ["web.yaml", "web-slice.yaml"] {
-        let st = std::process::Command::new("cat").arg(env.dir.0.join(name)).stdout(std::process::Stdio::null()).status();
+        let st =
+            std::process::Command::new("cat").arg(env.dir.0.join(name)).stdout(std::process::Stdio::null()).status();
         assert!(st.unwrap().success());
     }
     std::thread::sleep(Duration::from_secs(5));
@@ -265,8 +266,7 @@ fn replaced_directory_is_followed() {
 /// Rewrite `name` in place (same inode): what `>`, `cp` or many editors do.
 fn write_in_place(dir: &std::path::Path, name: &str, content: &[u8]) {
     use std::io::Write;
-    let mut f =
-        std::fs::OpenOptions::new().write(true).truncate(true).create(true).open(dir.join(name)).expect("open");
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).create(true).open(dir.join(name)).expect("open");
     f.write_all(content).expect("write");
 }
 
@@ -349,7 +349,10 @@ fn services_programmed_counts_what_the_map_holds() {
         let vip = format!("10.96.0.{}", 10 + i);
         env.dir.write(&format!("s{i}.yaml"), &service_yaml(&format!("s{i}"), &vip, 80, 8080, "TCP")).unwrap();
         env.dir
-            .write(&format!("s{i}-slice.yaml"), &slice_yaml(&format!("s{i}"), &format!("s{i}-abc"), &env.endpoints(&[1]), 8080, "TCP"))
+            .write(
+                &format!("s{i}-slice.yaml"),
+                &slice_yaml(&format!("s{i}"), &format!("s{i}-abc"), &env.endpoints(&[1]), 8080, "TCP"),
+            )
             .unwrap();
     }
     // Started by hand (same arguments as `Agent::start`) to keep its log.

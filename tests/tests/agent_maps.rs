@@ -54,7 +54,9 @@ impl Env {
     fn write_services(&self, n: u8, pods: &[usize]) {
         for i in 0..n {
             let name = format!("s{i}");
-            self.dir.write(&format!("{name}.yaml"), &service_yaml(&name, &vip(i).to_string(), 80, 8080, "TCP")).unwrap();
+            self.dir
+                .write(&format!("{name}.yaml"), &service_yaml(&name, &vip(i).to_string(), 80, 8080, "TCP"))
+                .unwrap();
             self.write_slice(i, pods);
         }
     }
@@ -76,7 +78,8 @@ impl Env {
         // An older binary (the upgrade test) has no --metrics-addr: it serves /metrics with
         // the health endpoints.
         let current = ebpf_proxy_bin().is_ok_and(|b| b == bin);
-        let metrics: SocketAddr = if current { ([127, 0, 0, 1], proxy_tests::agent::metrics_port(port)).into() } else { http };
+        let metrics: SocketAddr =
+            if current { ([127, 0, 0, 1], proxy_tests::agent::metrics_port(port)).into() } else { http };
         let metrics_flag = if current { vec!["--metrics-addr".to_string(), metrics.to_string()] } else { vec![] };
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.topo.node.name))
@@ -158,8 +161,10 @@ fn larger_conntrack_on_restart_keeps_held_connections() {
     assert_eq!(env.max_entries("CONNTRACK"), 16384);
     let vip0: SocketAddr = (vip(0), 80).into();
     let client = &env.topo.pods[0].ns;
-    wait_for(Duration::from_secs(5), "all backends", || (names(client, vip0, 30) == set(&["pod1", "pod2", "pod3"])).then_some(()))
-        .unwrap();
+    wait_for(Duration::from_secs(5), "all backends", || {
+        (names(client, vip0, 30) == set(&["pod1", "pod2", "pod3"])).then_some(())
+    })
+    .unwrap();
     let mut held: Vec<Held> = client.run(|| (0..40).map(|_| Held::open(vip0)).collect::<anyhow::Result<_>>()).unwrap();
 
     let mut log = PathBuf::new();
@@ -180,7 +185,10 @@ fn larger_conntrack_on_restart_keeps_held_connections() {
         }
     }
     let text = read_log(&log);
-    let line = text.lines().find(|l| l.contains("migrated pinned map") && l.contains("CONNTRACK")).unwrap_or_else(|| panic!("{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.contains("migrated pinned map") && l.contains("CONNTRACK"))
+        .unwrap_or_else(|| panic!("{text}"));
     eprintln!("held connections kept: {kept}/40; new connections during the restart: {ok} ok, {failed} failed\n{line}");
     assert!(line.contains("old_max_entries=16384") && line.contains("new_max_entries=65536"), "{line}");
     assert!(ok > 20, "the loop ran: {ok}");
@@ -204,7 +212,9 @@ fn upgrade_from_an_older_agent_keeps_held_connections() {
         return;
     }
     let Some(old) = std::env::var_os("EBPF_PROXY_OLD_BIN").map(PathBuf::from) else {
-        eprintln!("SKIP upgrade_from_an_older_agent_keeps_held_connections: set EBPF_PROXY_OLD_BIN to an older ebpf-proxy");
+        eprintln!(
+            "SKIP upgrade_from_an_older_agent_keeps_held_connections: set EBPF_PROXY_OLD_BIN to an older ebpf-proxy"
+        );
         return;
     };
     let env = setup(4, 43);
@@ -212,8 +222,10 @@ fn upgrade_from_an_older_agent_keeps_held_connections() {
     let (mut agent, _) = env.start_bin(&old, 10304, &[]);
     let vip0: SocketAddr = (vip(0), 80).into();
     let client = &env.topo.pods[0].ns;
-    wait_for(Duration::from_secs(5), "all backends", || (names(client, vip0, 30) == set(&["pod1", "pod2", "pod3"])).then_some(()))
-        .unwrap();
+    wait_for(Duration::from_secs(5), "all backends", || {
+        (names(client, vip0, 30) == set(&["pod1", "pod2", "pod3"])).then_some(())
+    })
+    .unwrap();
     let mut held: Vec<Held> = client.run(|| (0..40).map(|_| Held::open(vip0)).collect::<anyhow::Result<_>>()).unwrap();
     let mut log = PathBuf::new();
     let (ok, failed) = under_load(client, vip0, || {
@@ -316,7 +328,9 @@ fn small_max_backends_programs_what_fits_and_removals_succeed() {
         env.write_slice(i, &[1, 2, 3]);
     }
     let t = Instant::now();
-    if let Err(e) = wait_for(Duration::from_secs(5), "all ten programmed", || (env.services_programmed() == 10).then_some(())) {
+    if let Err(e) =
+        wait_for(Duration::from_secs(5), "all ten programmed", || (env.services_programmed() == 10).then_some(()))
+    {
         panic!("{e}: {} programmed\n{}", env.services_programmed(), read_log(&log));
     }
     let mut counts = [0usize; 5];
@@ -350,7 +364,13 @@ fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process
 }
 
 /// Run the agent (in `ns`, optionally as nobody) until it exits; returns (status, stderr).
-fn run_agent(ns: &Netns, root: &Path, manifests: &Path, as_nobody: bool, extra: &[&str]) -> (std::process::ExitStatus, String) {
+fn run_agent(
+    ns: &Netns,
+    root: &Path,
+    manifests: &Path,
+    as_nobody: bool,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String) {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/var/run/netns/{}", ns.name));
     if as_nobody {
@@ -387,7 +407,12 @@ fn non_root_start_says_run_as_root_and_leaves_nothing() {
     let (status, err) = run_agent(&ns, &pins.0, &dir.0, true, &[]);
     eprintln!("{err}");
     assert!(!status.success());
-    assert!(err.contains("missing CAP_BPF and CAP_NET_ADMIN (uid 65534): run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"), "{err}");
+    assert!(
+        err.contains(
+            "missing CAP_BPF and CAP_NET_ADMIN (uid 65534): run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+        ),
+        "{err}"
+    );
     assert!(!err.contains("Operation not permitted"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(!pins.0.exists(), "pin directory left behind");

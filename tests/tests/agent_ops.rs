@@ -47,7 +47,8 @@ fn setup(subnet: u8, pods: &[usize]) -> Env {
 
 impl Env {
     fn write(&self, dir: &TempDir, pods: &[usize]) {
-        let eps: Vec<(&str, Ipv4Addr)> = pods.iter().map(|i| (self.topo.pods[*i].name.as_str(), self.topo.pods[*i].ip)).collect();
+        let eps: Vec<(&str, Ipv4Addr)> =
+            pods.iter().map(|i| (self.topo.pods[*i].name.as_str(), self.topo.pods[*i].ip)).collect();
         dir.write("web.yaml", &service_yaml("web", "10.96.0.10", 80, 8080, "TCP")).unwrap();
         dir.write("web-slice.yaml", &slice_yaml("web", "web-abc", &eps, 8080, "TCP")).unwrap();
     }
@@ -85,7 +86,10 @@ impl Env {
             .args(args)
             .output()
             .expect("running cleanup");
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
     }
 }
 
@@ -235,7 +239,8 @@ fn agent_without_sys_admin_on_a_new_root_still_wins() {
     let attached = env.attached();
     assert!(attached.len() > stale, "the new agent attached next to the stale programs: {attached:#?}");
     drop(new);
-    let (ok, out) = env.cleanup(&["--bpffs-root", new_root.0.to_str().unwrap(), "--bpffs-root", env.pins.0.to_str().unwrap()]);
+    let (ok, out) =
+        env.cleanup(&["--bpffs-root", new_root.0.to_str().unwrap(), "--bpffs-root", env.pins.0.to_str().unwrap()]);
     assert!(ok, "{out}");
     assert_eq!(env.attached(), vec![]);
 }
@@ -285,7 +290,8 @@ fn deleted_pins_and_detached_links_are_restored() {
         .unwrap_or_else(|e| panic!("{damage}: {e}"));
         let traffic = t.elapsed();
         wait_for(Duration::from_secs(5), "/readyz and /healthz back", || {
-            (status(node, agent.http, "/readyz") == Some(200) && status(node, agent.http, "/healthz") == Some(200)).then_some(())
+            (status(node, agent.http, "/readyz") == Some(200) && status(node, agent.http, "/healthz") == Some(200))
+                .then_some(())
         })
         .unwrap_or_else(|e| panic!("{damage}: {e}"));
         let recovered = t.elapsed();
@@ -317,7 +323,8 @@ fn second_agent_on_the_same_root_exits_and_the_first_keeps_serving() {
     let other_dir = TempDir::new("ebpf-proxy-ops-second-").unwrap();
     env.write(&other_dir, &[3]);
     let d = other_dir.0.to_str().unwrap().to_string();
-    let mut cmd = Agent::command(&env.topo.node, &env.pins.0, 10341, &["--manifests", &d, "--node-name", "node-a"]).unwrap();
+    let mut cmd =
+        Agent::command(&env.topo.node, &env.pins.0, 10341, &["--manifests", &d, "--node-name", "node-a"]).unwrap();
     let t = Instant::now();
     // Killed on drop if it does not exit by itself.
     let mut second = Agent {

@@ -65,7 +65,8 @@ fn roundtrip(proto: Protocol) {
     let backend = d.dst;
 
     // Conntrack: forward entry -> backend, reply entry -> VIP.
-    let fwd = dp.maps().conntrack.get(&ct_key(client, (VIP, 80), proto.number(), CT_DIR_FORWARD), 0).expect("forward ct");
+    let fwd =
+        dp.maps().conntrack.get(&ct_key(client, (VIP, 80), proto.number(), CT_DIR_FORWARD), 0).expect("forward ct");
     assert_eq!((ip_from_map(fwd.nat_addr), port_from_map(fwd.nat_port)), backend);
     let rev = dp.maps().conntrack.get(&ct_key(backend, client, proto.number(), CT_DIR_REPLY), 0).expect("reply ct");
     assert_eq!((ip_from_map(rev.nat_addr), port_from_map(rev.nat_port)), (VIP, 80));
@@ -209,7 +210,12 @@ fn non_service_and_malformed_frames_pass_untouched() {
             assert_eq!(v, TC_ACT_UNSPEC, "{name} via {prog}: verdict");
             assert_eq!(out, frame, "{name} via {prog}: bytes changed");
         }
-        assert_eq!(global(&dp, expect), before + 2, "{name}: counted as {}", proxy_common::Verdict::ALL[expect as usize].name());
+        assert_eq!(
+            global(&dp, expect),
+            before + 2,
+            "{name}: counted as {}",
+            proxy_common::Verdict::ALL[expect as usize].name()
+        );
     }
 }
 
@@ -287,7 +293,9 @@ fn service_without_backends_rejects() {
         .services
         .iter()
         .filter_map(Result::ok)
-        .filter_map(|(_, s)| dp.maps().service_stats.get(&StatsKey { svc_id: s.id, verdict: verdict::NO_BACKEND }, 0).ok())
+        .filter_map(|(_, s)| {
+            dp.maps().service_stats.get(&StatsKey { svc_id: s.id, verdict: verdict::NO_BACKEND }, 0).ok()
+        })
         .map(|pc| pc.iter().map(|c| c.packets).sum::<u64>())
         .sum();
     assert_eq!(counted, 2);
@@ -356,7 +364,9 @@ fn report_per_packet_cost() {
     let miss = tcp_frame((CLIENT, 40000), (B1, 9999), b"");
     let hit_ns = dp.time(FROM_POD, &hit, 1_000_000);
     let miss_ns = dp.time(FROM_POD, &miss, 1_000_000);
-    eprintln!("test_run repeat=1000000: service frame {hit_ns:.0} ns/packet (translates once, then the rewritten frame is a miss; see docs/benchmarks.md), miss {miss_ns:.0} ns/packet");
+    eprintln!(
+        "test_run repeat=1000000: service frame {hit_ns:.0} ns/packet (translates once, then the rewritten frame is a miss; see docs/benchmarks.md), miss {miss_ns:.0} ns/packet"
+    );
     assert!(hit_ns > 0.0 && miss_ns > 0.0);
 }
 
@@ -496,7 +506,8 @@ fn source_ranges_apply_to_pods_reaching_the_lb_ip() {
     let outside = tcp_frame((CLIENT, 40000), (LB_IP, 80), b"x");
     let (v, out) = dp.run(FROM_POD, &outside);
     assert_eq!((v, &out), (TC_ACT_SHOT, &outside), "outside the ranges: dropped untouched");
-    let drops = proxy_userspace::dataplane::maps::global_total(&dp.maps().global_stats, verdict::SOURCE_RANGE_DROP).unwrap();
+    let drops =
+        proxy_userspace::dataplane::maps::global_total(&dp.maps().global_stats, verdict::SOURCE_RANGE_DROP).unwrap();
     assert_eq!(drops.packets, 1);
     let (v, out) = dp.run(FROM_POD, &tcp_frame((INSIDE, 40000), (LB_IP, 80), b"x"));
     assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (B1, 8080)), "inside the ranges: translated");

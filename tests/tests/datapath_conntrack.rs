@@ -170,7 +170,12 @@ fn length_mismatched_frames_pass_untouched() {
         (frontend(VIP, 80, Protocol::Tcp), entry("web", &[(B1, 8080)])),
         (frontend(VIP, 53, Protocol::Udp), entry("dns", &[(B1, 5353)])),
         (
-            proxy_userspace::model::FrontendKey { addr: NODE, port: 30080, proto: Protocol::Tcp, scope: proxy_userspace::model::Scope::External },
+            proxy_userspace::model::FrontendKey {
+                addr: NODE,
+                port: 30080,
+                proto: Protocol::Tcp,
+                scope: proxy_userspace::model::Scope::External,
+            },
             np,
         ),
     ]));

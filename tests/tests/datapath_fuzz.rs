@@ -30,7 +30,8 @@ const XDP_TX: i32 = 3;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
-const BACKENDS: [Ipv4Addr; 3] = [Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)];
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)];
 const NODE_PORT: u16 = 30080;
 /// A NodePort without endpoints: SYNs to it are answered with a reset on the uplink.
 const EMPTY_NODE_PORT: u16 = 30081;
@@ -90,10 +91,12 @@ fn malformed(f: &[u8]) -> Option<bool> {
     let l4 = &ip[ihl..total];
     match ip[9] {
         6 => Some(l4.len() < 20 || usize::from(l4[12] >> 4) * 4 < 20 || usize::from(l4[12] >> 4) * 4 > l4.len()),
-        17 => Some(l4.len() < 8 || {
-            let ulen = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
-            ulen < 8 || ulen > l4.len()
-        }),
+        17 => Some(
+            l4.len() < 8 || {
+                let ulen = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
+                ulen < 8 || ulen > l4.len()
+            },
+        ),
         132 => Some(l4.len() < 12),
         _ => None,
     }
@@ -170,7 +173,12 @@ fn base(rng: &mut fastrand::Rng, reverse: bool, uplink: bool, flows: &[Flow]) ->
     };
     let payload: Vec<u8> = (0..rng.usize(..64)).map(|_| rng.u8(..)).collect();
     match rng.u8(..10) {
-        0..=4 => tcp_segment(src, dst, [tcp::SYN, tcp::ACK, tcp::FIN | tcp::ACK, tcp::RST, tcp::SYN | tcp::ACK][rng.usize(..5)], &payload),
+        0..=4 => tcp_segment(
+            src,
+            dst,
+            [tcp::SYN, tcp::ACK, tcp::FIN | tcp::ACK, tcp::RST, tcp::SYN | tcp::ACK][rng.usize(..5)],
+            &payload,
+        ),
         5..=8 => udp_frame(src, dst, &payload),
         _ => sctp_frame(src, dst),
     }

@@ -131,7 +131,10 @@ fn xdp_local_backend_dnat_pass_and_reverse_on_uplink_egress() {
         return;
     }
     let mut dp = TestDataplane::load();
-    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(LOCAL_POD, 8080, true)]))]);
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(LOCAL_POD, 8080, true)]))],
+    );
     let client = (CLIENT, 40000);
     let frame = tcp_frame(client, (NODE, NODE_PORT), b"hello");
     let (v, out) = dp.run(XDP, &frame);
@@ -177,7 +180,10 @@ fn xdp_udp_checksums_and_zero_checksum() {
         return;
     }
     let mut dp = TestDataplane::load();
-    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Udp), ext_entry(FrontendKind::NodePort, &[(LOCAL_POD, 8080, true)]))]);
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Udp), ext_entry(FrontendKind::NodePort, &[(LOCAL_POD, 8080, true)]))],
+    );
     let frame = udp_frame((CLIENT, 5353), (NODE, NODE_PORT), b"q");
     let (v, out) = dp.run(XDP, &frame);
     assert_eq!(v, XDP_PASS);
@@ -205,7 +211,10 @@ fn xdp_remote_backend_dnat_snat_forward_and_reverse() {
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
-    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))]);
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))],
+    );
     let client = (CLIENT, 40000);
     let frame = tcp_frame(client, (NODE, NODE_PORT), b"hello");
     let (v, out) = net.ns.run(|| dp.run_xdp_on(XDP, &frame, up0));
@@ -224,7 +233,8 @@ fn xdp_remote_backend_dnat_snat_forward_and_reverse() {
     let fwd = dp.maps().conntrack.get(&ct_key(client, (NODE, NODE_PORT), CT_DIR_FORWARD), 0).expect("forward ct");
     assert_ne!(fwd.flags & ct_flags::SNAT, 0);
     assert_eq!((ip_from_map(fwd.snat_addr), port_from_map(fwd.snat_port)), (NODE, snat_port));
-    let rev = dp.maps().conntrack.get(&ct_key((REMOTE_POD, 8080), (NODE, snat_port), CT_DIR_REPLY), 0).expect("reply ct");
+    let rev =
+        dp.maps().conntrack.get(&ct_key((REMOTE_POD, 8080), (NODE, snat_port), CT_DIR_REPLY), 0).expect("reply ct");
     assert_ne!(rev.flags & ct_flags::SNAT, 0);
     assert_eq!((ip_from_map(rev.snat_addr), port_from_map(rev.snat_port)), client);
 
@@ -273,7 +283,10 @@ fn xdp_snat_uses_configured_node_address() {
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     dp.node().set_config(&node_config(Some(NODE), None, PortRange::default())).unwrap();
-    program(&mut dp, vec![(ext(LB_IP, 80, Protocol::Tcp), ext_entry(FrontendKind::LoadBalancer, &[(REMOTE_POD, 8080, false)]))]);
+    program(
+        &mut dp,
+        vec![(ext(LB_IP, 80, Protocol::Tcp), ext_entry(FrontendKind::LoadBalancer, &[(REMOTE_POD, 8080, false)]))],
+    );
     let (v, out) = net.ns.run(|| dp.run_xdp_on(XDP, &tcp_frame((CLIENT, 41000), (LB_IP, 80), b""), up0));
     assert_eq!(v, XDP_TX);
     let d = decode(&out);
@@ -296,7 +309,10 @@ fn xdp_snat_ports_never_collide() {
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     dp.node().set_config(&node_config(None, None, PortRange { min: 62000, max: 62003 })).unwrap();
-    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))]);
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))],
+    );
     let mut ports = std::collections::BTreeSet::new();
     for i in 0..4u16 {
         let src = (Ipv4Addr::new(192, 168, 100, 100 + i as u8), 40000);
@@ -322,7 +338,10 @@ fn xdp_unresolved_next_hop_is_queued_for_the_agent() {
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     let far = Ipv4Addr::new(10, 244, 3, 10);
-    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(far, 8080, false)]))]);
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(far, 8080, false)]))],
+    );
     let (v, _) = net.ns.run(|| dp.run_xdp_on(XDP, &tcp_frame((CLIENT, 40000), (NODE, NODE_PORT), b""), up0));
     assert_eq!(v, XDP_DROP);
     assert_eq!(per_service(&dp, verdict::NO_ROUTE), 1);
@@ -340,7 +359,8 @@ fn xdp_source_ranges_drop_other_clients() {
     }
     let mut dp = TestDataplane::load();
     let mut e = ext_entry(FrontendKind::LoadBalancer, &[(LOCAL_POD, 8080, true)]);
-    e.source_ranges = vec![Ipv4Prefix { addr: CLIENT, len: 32 }, Ipv4Prefix { addr: Ipv4Addr::new(198, 51, 100, 0), len: 24 }];
+    e.source_ranges =
+        vec![Ipv4Prefix { addr: CLIENT, len: 32 }, Ipv4Prefix { addr: Ipv4Addr::new(198, 51, 100, 0), len: 24 }];
     program(&mut dp, vec![(ext(LB_IP, 80, Protocol::Tcp), e)]);
     let (v, out) = dp.run(XDP, &tcp_frame((CLIENT, 40000), (LB_IP, 80), b""));
     assert_eq!((v, decode(&out).dst), (XDP_PASS, (LOCAL_POD, 8080)));
@@ -363,10 +383,7 @@ fn xdp_no_backend_answers_tcp_with_reset() {
     let mut dp = TestDataplane::load();
     let mut e = ext_entry(FrontendKind::NodePort, &[]);
     e.local_only = true;
-    program(&mut dp, vec![
-        (ext(NODE, NODE_PORT, Protocol::Tcp), e.clone()),
-        (ext(NODE, NODE_PORT, Protocol::Udp), e),
-    ]);
+    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), e.clone()), (ext(NODE, NODE_PORT, Protocol::Udp), e)]);
     let syn = tcp_frame((CLIENT, 40000), (NODE, NODE_PORT), b"data");
     let (v, out) = dp.run(XDP, &syn);
     assert_eq!(v, XDP_TX);
@@ -394,7 +411,10 @@ fn xdp_non_service_frames_pass_untouched() {
         return;
     }
     let mut dp = TestDataplane::load();
-    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(LOCAL_POD, 8080, true)]))]);
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(LOCAL_POD, 8080, true)]))],
+    );
     let mut arp = vec![0xffu8; 12];
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
@@ -410,10 +430,18 @@ fn xdp_non_service_frames_pass_untouched() {
         let (v, out) = dp.run(XDP, &frame);
         assert_eq!(v, XDP_PASS, "{name}");
         assert_eq!(out, frame, "{name}: bytes changed");
-        assert_eq!(global(&dp, expect), before + 1, "{name}: counted as {}", proxy_common::Verdict::ALL[expect as usize].name());
+        assert_eq!(
+            global(&dp, expect),
+            before + 1,
+            "{name}: counted as {}",
+            proxy_common::Verdict::ALL[expect as usize].name()
+        );
     }
     // The internal (pod-side) frontend is not served on the uplink: ClusterIP from outside.
-    program(&mut dp, vec![(frontend(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp), entry("web", &[(LOCAL_POD, 8080)]))]);
+    program(
+        &mut dp,
+        vec![(frontend(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp), entry("web", &[(LOCAL_POD, 8080)]))],
+    );
     let f = tcp_frame((CLIENT, 40000), (Ipv4Addr::new(10, 96, 0, 10), 80), b"");
     assert_eq!(dp.run(XDP, &f), (XDP_PASS, f));
 }
@@ -428,10 +456,13 @@ fn xdp_checksums_match_full_recomputation_for_many_tuples() {
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
-    program(&mut dp, vec![
-        (ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)])),
-        (ext(NODE, NODE_PORT, Protocol::Udp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)])),
-    ]);
+    program(
+        &mut dp,
+        vec![
+            (ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)])),
+            (ext(NODE, NODE_PORT, Protocol::Udp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)])),
+        ],
+    );
     let mut seed = 0x1234_5678u32;
     let mut next = || {
         seed ^= seed << 13;
@@ -467,10 +498,13 @@ fn xdp_report_per_packet_cost() {
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
-    program(&mut dp, vec![
-        (ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(LOCAL_POD, 8080, true)])),
-        (ext(NODE, 30081, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)])),
-    ]);
+    program(
+        &mut dp,
+        vec![
+            (ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(LOCAL_POD, 8080, true)])),
+            (ext(NODE, 30081, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)])),
+        ],
+    );
     let local_hit = tcp_frame((CLIENT, 40000), (NODE, NODE_PORT), b"");
     let miss = tcp_frame((CLIENT, 40000), (NODE, 22), b"");
     let remote = tcp_frame((CLIENT, 40001), (NODE, 30081), b"");
@@ -502,7 +536,6 @@ fn xdp_report_per_packet_cost() {
     assert!(hit_ns > 0.0 && miss_ns > 0.0 && fwd_ns > 0.0 && rev_ns > 0.0);
 }
 
-
 /// A client reusing one source port towards a NodePort whose backend is on another node
 /// (DNAT + SNAT), SYN then FIN, twenty times: translated every time, always with a port of
 /// the SNAT range. Each reopen used to leak the previous connection's SNAT port claim, and
@@ -515,7 +548,10 @@ fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
-    program(&mut dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))]);
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))],
+    );
     let client = (CLIENT, 5353);
     for i in 0..20 {
         let syn = tcp_segment(client, (NODE, NODE_PORT), tcp::SYN, b"");

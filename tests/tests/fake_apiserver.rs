@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{
-    Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec,
-};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
@@ -30,12 +28,8 @@ fn meta(ns: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
         namespace: ns.map(Into::into),
-        labels: (!labels.is_empty()).then(|| {
-            labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>()
-        }),
+        labels: (!labels.is_empty())
+            .then(|| labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()),
         ..Default::default()
     }
 }
@@ -45,11 +39,7 @@ fn service(name: &str, port: i32) -> Service {
         metadata: meta(Some("default"), name, &[]),
         spec: Some(ServiceSpec {
             cluster_ip: Some("10.96.0.10".into()),
-            ports: Some(vec![ServicePort {
-                port,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            }]),
+            ports: Some(vec![ServicePort { port, protocol: Some("TCP".into()), ..Default::default() }]),
             ..Default::default()
         }),
         ..Default::default()
@@ -58,16 +48,9 @@ fn service(name: &str, port: i32) -> Service {
 
 fn slice(name: &str, service_name: &str, ip: &str) -> EndpointSlice {
     EndpointSlice {
-        metadata: meta(
-            Some("default"),
-            name,
-            &[("kubernetes.io/service-name", service_name)],
-        ),
+        metadata: meta(Some("default"), name, &[("kubernetes.io/service-name", service_name)]),
         address_type: "IPv4".into(),
-        endpoints: Some(vec![Endpoint {
-            addresses: vec![ip.into()],
-            ..Default::default()
-        }]),
+        endpoints: Some(vec![Endpoint { addresses: vec![ip.into()], ..Default::default() }]),
         ports: None,
     }
 }
@@ -76,10 +59,7 @@ fn node(name: &str, ip: &str) -> Node {
     Node {
         metadata: meta(None, name, &[]),
         status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: ip.into(),
-            }]),
+            addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: ip.into() }]),
             ..Default::default()
         }),
         ..Default::default()
@@ -135,20 +115,14 @@ where
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// (name, resourceVersion) pairs, sorted, for comparing a store with the server.
 fn versions<K: Resource>(objs: impl IntoIterator<Item = K>) -> Vec<(String, String)> {
-    let mut v: Vec<_> = objs
-        .into_iter()
-        .map(|o| (o.name_any(), o.resource_version().unwrap_or_default()))
-        .collect();
+    let mut v: Vec<_> = objs.into_iter().map(|o| (o.name_any(), o.resource_version().unwrap_or_default())).collect();
     v.sort();
     v
 }
@@ -172,19 +146,10 @@ fn port_of(store: &Store<Service>, name: &str) -> Option<i32> {
 async fn service_reflector_sees_add_modify_delete_and_bookmarks() {
     let server = start_server();
     server.apply_service(service("a", 80));
-    let store = reflect(
-        Api::<Service>::all(client(&server).await),
-        watcher::Config::default(),
-    );
+    let store = reflect(Api::<Service>::all(client(&server).await), watcher::Config::default());
 
-    wait_until("initial list with service a", || {
-        port_of(&store, "a") == Some(80)
-    })
-    .await;
-    wait_until("watch to open", || {
-        server.open_watches(ResourceKind::Service) == 1
-    })
-    .await;
+    wait_until("initial list with service a", || port_of(&store, "a") == Some(80)).await;
+    wait_until("watch to open", || server.open_watches(ResourceKind::Service) == 1).await;
     assert_eq!(server.list_requests(ResourceKind::Service), 1);
 
     let b = server.apply_service(service("b", 81));
@@ -205,14 +170,8 @@ async fn service_reflector_sees_add_modify_delete_and_bookmarks() {
 
     server.send_bookmarks();
     server.apply_service(service("c", 82));
-    wait_until("service c after a bookmark", || {
-        port_of(&store, "c") == Some(82)
-    })
-    .await;
-    wait_until("store equal to server", || {
-        store_versions(&store) == versions(server.services())
-    })
-    .await;
+    wait_until("service c after a bookmark", || port_of(&store, "c") == Some(82)).await;
+    wait_until("store equal to server", || store_versions(&store) == versions(server.services())).await;
 
     // A bookmark must not have caused a relist or a re-watch.
     assert_eq!(server.list_requests(ResourceKind::Service), 1);
@@ -221,16 +180,9 @@ async fn service_reflector_sees_add_modify_delete_and_bookmarks() {
     // What kube-rs's default watcher asked for.
     let requests = server.requests();
     let list = requests.iter().find(|r| !r.contains("watch=")).unwrap();
-    assert!(
-        list.starts_with("GET /api/v1/services?") && list.contains("limit=500"),
-        "{list}"
-    );
+    assert!(list.starts_with("GET /api/v1/services?") && list.contains("limit=500"), "{list}");
     let watch = requests.iter().find(|r| r.contains("watch=true")).unwrap();
-    for param in [
-        "timeoutSeconds=290",
-        "allowWatchBookmarks=true",
-        "resourceVersion=",
-    ] {
+    for param in ["timeoutSeconds=290", "allowWatchBookmarks=true", "resourceVersion="] {
         assert!(watch.contains(param), "{watch} lacks {param}");
     }
 }
@@ -243,10 +195,7 @@ async fn force_gone_makes_the_watcher_relist_and_converge() {
     let api = Api::<Service>::all(client(&server).await);
     let store = reflect(api.clone(), watcher::Config::default());
     wait_until("initial list", || store.state().len() == 2).await;
-    wait_until("watch to open", || {
-        server.open_watches(ResourceKind::Service) == 1
-    })
-    .await;
+    wait_until("watch to open", || server.open_watches(ResourceKind::Service) == 1).await;
     let old_rv = server.resource_version();
 
     // Changes right after the 410 race the client's relist; either way the
@@ -255,22 +204,12 @@ async fn force_gone_makes_the_watcher_relist_and_converge() {
     server.apply_service(service("added-while-gone", 90));
     server.delete_service("default", "a");
 
-    wait_until("relist", || {
-        server.list_requests(ResourceKind::Service) >= 2
-    })
-    .await;
-    wait_until("store equal to server after relist", || {
-        store_versions(&store) == versions(server.services())
-    })
-    .await;
+    wait_until("relist", || server.list_requests(ResourceKind::Service) >= 2).await;
+    wait_until("store equal to server after relist", || store_versions(&store) == versions(server.services())).await;
     assert!(port_of(&store, "added-while-gone").is_some() && port_of(&store, "a").is_none());
 
     // Any watch from a resourceVersion issued before force_gone gets 410.
-    let mut stream = api
-        .watch(&WatchParams::default(), &old_rv)
-        .await
-        .unwrap()
-        .boxed();
+    let mut stream = api.watch(&WatchParams::default(), &old_rv).await.unwrap().boxed();
     match tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
         Some(Ok(WatchEvent::Error(status))) => {
             assert_eq!(status.code, 410);
@@ -281,10 +220,7 @@ async fn force_gone_makes_the_watcher_relist_and_converge() {
 
     // And the resumed watch still delivers live changes.
     server.apply_service(service("later", 91));
-    wait_until("change after relist", || {
-        port_of(&store, "later") == Some(91)
-    })
-    .await;
+    wait_until("change after relist", || port_of(&store, "later") == Some(91)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,11 +232,7 @@ async fn history_limit_expires_watches_from_old_versions() {
     for i in 0..4 {
         server.apply_service(service(&format!("s{i}"), 80 + i));
     }
-    let mut stream = api
-        .watch(&WatchParams::default(), &rv)
-        .await
-        .unwrap()
-        .boxed();
+    let mut stream = api.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
     match tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
         Some(Ok(WatchEvent::Error(status))) => assert_eq!(status.code, 410),
         other => panic!("expected a 410 ERROR event, got {other:?}"),
@@ -311,34 +243,19 @@ async fn history_limit_expires_watches_from_old_versions() {
 async fn dropped_watches_reconnect_and_resume_without_relist() {
     let server = start_server();
     server.apply_service(service("a", 80));
-    let store = reflect(
-        Api::<Service>::all(client(&server).await),
-        watcher::Config::default(),
-    );
+    let store = reflect(Api::<Service>::all(client(&server).await), watcher::Config::default());
     wait_until("initial list", || port_of(&store, "a") == Some(80)).await;
-    wait_until("watch to open", || {
-        server.open_watches(ResourceKind::Service) == 1
-    })
-    .await;
+    wait_until("watch to open", || server.open_watches(ResourceKind::Service) == 1).await;
     let watches = server.watch_requests(ResourceKind::Service);
 
     server.drop_watches();
     // Most likely made while the client is reconnecting: must be replayed.
     server.apply_service(service("during-reconnect", 81));
-    wait_until("re-watch", || {
-        server.watch_requests(ResourceKind::Service) > watches
-    })
-    .await;
-    wait_until("replayed change", || {
-        port_of(&store, "during-reconnect") == Some(81)
-    })
-    .await;
+    wait_until("re-watch", || server.watch_requests(ResourceKind::Service) > watches).await;
+    wait_until("replayed change", || port_of(&store, "during-reconnect") == Some(81)).await;
 
     server.apply_service(service("after", 82));
-    wait_until("live change after reconnect", || {
-        port_of(&store, "after") == Some(82)
-    })
-    .await;
+    wait_until("live change after reconnect", || port_of(&store, "after") == Some(82)).await;
     // Resumed from its resourceVersion: no relist was needed.
     assert_eq!(server.list_requests(ResourceKind::Service), 1);
 
@@ -347,14 +264,8 @@ async fn dropped_watches_reconnect_and_resume_without_relist() {
     server.apply_service(service("during-outage", 83));
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.set_unavailable(false);
-    wait_until("change made during the outage", || {
-        port_of(&store, "during-outage") == Some(83)
-    })
-    .await;
-    wait_until("store equal to server", || {
-        store_versions(&store) == versions(server.services())
-    })
-    .await;
+    wait_until("change made during the outage", || port_of(&store, "during-outage") == Some(83)).await;
+    wait_until("store equal to server", || store_versions(&store) == versions(server.services())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,20 +274,14 @@ async fn endpointslice_label_selector() {
     server.apply_endpointslice(slice("x-1", "x", "10.0.0.1"));
     server.apply_endpointslice(slice("y-1", "y", "10.0.0.2"));
     let api = Api::<EndpointSlice>::all(client(&server).await);
-    let store = reflect(
-        api.clone(),
-        watcher::Config::default().labels("kubernetes.io/service-name=x"),
-    );
+    let store = reflect(api.clone(), watcher::Config::default().labels("kubernetes.io/service-name=x"));
     let names = || {
         let mut n: Vec<String> = store.state().iter().map(|s| s.name_any()).collect();
         n.sort();
         n
     };
     wait_until("initial x slice", || names() == ["x-1"]).await;
-    wait_until("watch to open", || {
-        server.open_watches(ResourceKind::EndpointSlice) == 1
-    })
-    .await;
+    wait_until("watch to open", || server.open_watches(ResourceKind::EndpointSlice) == 1).await;
 
     server.apply_endpointslice(slice("y-2", "y", "10.0.0.3"));
     server.apply_endpointslice(slice("x-2", "x", "10.0.0.4"));
@@ -394,10 +299,7 @@ async fn endpointslice_label_selector() {
 
     // Namespaced list path and the selector on a plain list.
     let ns_api = Api::<EndpointSlice>::namespaced(api.into_client(), "default");
-    let listed = ns_api
-        .list(&ListParams::default().labels("kubernetes.io/service-name=y"))
-        .await
-        .unwrap();
+    let listed = ns_api.list(&ListParams::default().labels("kubernetes.io/service-name=y")).await.unwrap();
     let mut listed: Vec<String> = listed.items.iter().map(|s| s.name_any()).collect();
     listed.sort();
     assert_eq!(listed, ["x-1", "y-2"]);
@@ -409,37 +311,18 @@ async fn node_field_selector_and_get() {
     server.apply_node(node("node-1", "192.168.0.1"));
     server.apply_node(node("node-2", "192.168.0.2"));
     let api = Api::<Node>::all(client(&server).await);
-    let store = reflect(
-        api.clone(),
-        watcher::Config::default().fields("metadata.name=node-1"),
-    );
+    let store = reflect(api.clone(), watcher::Config::default().fields("metadata.name=node-1"));
     let address = || {
         let state = store.state();
-        assert!(
-            state.iter().all(|n| n.name_any() == "node-1"),
-            "store has other nodes"
-        );
-        state.first().map(|n| {
-            n.status.as_ref().unwrap().addresses.as_ref().unwrap()[0]
-                .address
-                .clone()
-        })
+        assert!(state.iter().all(|n| n.name_any() == "node-1"), "store has other nodes");
+        state.first().map(|n| n.status.as_ref().unwrap().addresses.as_ref().unwrap()[0].address.clone())
     };
-    wait_until("node-1 listed", || {
-        address().as_deref() == Some("192.168.0.1")
-    })
-    .await;
-    wait_until("watch to open", || {
-        server.open_watches(ResourceKind::Node) == 1
-    })
-    .await;
+    wait_until("node-1 listed", || address().as_deref() == Some("192.168.0.1")).await;
+    wait_until("watch to open", || server.open_watches(ResourceKind::Node) == 1).await;
 
     server.apply_node(node("node-2", "192.168.0.22"));
     server.apply_node(node("node-1", "192.168.0.11"));
-    wait_until("node-1 modified", || {
-        address().as_deref() == Some("192.168.0.11")
-    })
-    .await;
+    wait_until("node-1 modified", || address().as_deref() == Some("192.168.0.11")).await;
 
     let got = api.get("node-1").await.unwrap();
     assert_eq!(got.metadata.namespace, None);
@@ -448,32 +331,19 @@ async fn node_field_selector_and_get() {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 404),
         other => panic!("expected 404, got {other:?}"),
     }
-    assert!(
-        server
-            .requests()
-            .iter()
-            .any(|r| r.contains("fieldSelector=metadata.name%3Dnode-1"))
-    );
+    assert!(server.requests().iter().any(|r| r.contains("fieldSelector=metadata.name%3Dnode-1")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_list_watcher() {
     let server = start_server();
     server.apply_service(service("a", 80));
-    let store = reflect(
-        Api::<Service>::all(client(&server).await),
-        watcher::Config::default().streaming_lists(),
-    );
+    let store = reflect(Api::<Service>::all(client(&server).await), watcher::Config::default().streaming_lists());
     wait_until("initial events", || port_of(&store, "a") == Some(80)).await;
     server.apply_service(service("b", 81));
     wait_until("live event", || port_of(&store, "b") == Some(81)).await;
     assert_eq!(server.list_requests(ResourceKind::Service), 0);
-    assert!(
-        server
-            .requests()
-            .iter()
-            .any(|r| r.contains("sendInitialEvents=true"))
-    );
+    assert!(server.requests().iter().any(|r| r.contains("sendInitialEvents=true")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,20 +362,14 @@ async fn paginated_lists_are_consistent() {
     let mut names: Vec<String> = first.items.iter().map(|s| s.name_any()).collect();
     let mut token = first.metadata.continue_;
     while let Some(t) = token.filter(|t| !t.is_empty()) {
-        let page = api
-            .list(&ListParams::default().limit(3).continue_token(&t))
-            .await
-            .unwrap();
+        let page = api.list(&ListParams::default().limit(3).continue_token(&t)).await.unwrap();
         assert_eq!(page.metadata.resource_version.as_deref(), Some(rv.as_str()));
         names.extend(page.items.iter().map(|s| s.name_any()));
         token = page.metadata.continue_;
     }
     assert_eq!(names, (0..7).map(|i| format!("s{i}")).collect::<Vec<_>>());
 
-    match api
-        .list(&ListParams::default().limit(3).continue_token("bogus"))
-        .await
-    {
+    match api.list(&ListParams::default().limit(3).continue_token("bogus")).await {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 410),
         other => panic!("expected 410 for an unknown continue token, got {other:?}"),
     }
@@ -521,19 +385,9 @@ async fn watch_timeout_ends_the_stream_and_discovery_works() {
     let server = start_server();
     let client = client(&server).await;
     let api = Api::<Service>::all(client.clone());
-    let mut stream = api
-        .watch(
-            &WatchParams::default().timeout(1),
-            &server.resource_version(),
-        )
-        .await
-        .unwrap()
-        .boxed();
+    let mut stream = api.watch(&WatchParams::default().timeout(1), &server.resource_version()).await.unwrap().boxed();
     let ended = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
-    assert!(
-        matches!(ended, Ok(None)),
-        "watch did not end after timeoutSeconds: {ended:?}"
-    );
+    assert!(matches!(ended, Ok(None)), "watch did not end after timeoutSeconds: {ended:?}");
 
     let version = client.apiserver_version().await.unwrap();
     assert_eq!(version.major, "1");
@@ -541,10 +395,7 @@ async fn watch_timeout_ends_the_stream_and_discovery_works() {
     assert_eq!(core.versions, ["v1"]);
     let groups = client.list_api_groups().await.unwrap();
     assert!(groups.groups.iter().any(|g| g.name == "discovery.k8s.io"));
-    let resources = client
-        .list_api_group_resources("discovery.k8s.io/v1")
-        .await
-        .unwrap();
+    let resources = client.list_api_group_resources("discovery.k8s.io/v1").await.unwrap();
     assert_eq!(resources.resources[0].name, "endpointslices");
 }
 
@@ -552,11 +403,7 @@ async fn watch_timeout_ends_the_stream_and_discovery_works() {
 fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut conn = std::net::TcpStream::connect_timeout(&addr, WAIT).unwrap();
     conn.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     conn.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
@@ -575,36 +422,21 @@ fn usable_from_a_synchronous_test() {
 
     let (status, body) = http_get(server.addr(), "/api/v1/pods");
     assert!(status.contains("404"), "{status}");
-    assert!(
-        body.contains(r#""kind":"Status""#) && body.contains(r#""code":404"#),
-        "{body}"
-    );
+    assert!(body.contains(r#""kind":"Status""#) && body.contains(r#""code":404"#), "{body}");
 
     let (status, body) = http_get(server.addr(), "/api/v1/services?labelSelector=a%20in%20(b");
     assert!(status.contains("400"), "{status}: {body}");
 
     let (status, body) = http_get(server.addr(), "/api/v1/nodes");
     assert!(status.contains("200"), "{status}");
-    assert!(
-        body.contains(r#""kind":"NodeList""#) && body.contains("node-1"),
-        "{body}"
-    );
+    assert!(body.contains(r#""kind":"NodeList""#) && body.contains("node-1"), "{body}");
 
     // A kube client on a runtime of the test's own, with the server on another.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let nodes = Api::<Node>::all(client(&server).await)
-            .list(&ListParams::default())
-            .await
-            .unwrap();
+        let nodes = Api::<Node>::all(client(&server).await).list(&ListParams::default()).await.unwrap();
         assert_eq!(nodes.items.len(), 1);
-        assert_eq!(
-            nodes.metadata.resource_version,
-            Some(server.resource_version())
-        );
+        assert_eq!(nodes.metadata.resource_version, Some(server.resource_version()));
     });
     drop(server);
 }
@@ -623,10 +455,7 @@ fn serves_from_inside_a_network_namespace() {
 
     // The server runs in the test's namespace but answers on the netns's loopback.
     let (status, body) = ns.run(move || http_get(addr, "/version"));
-    assert!(
-        status.contains("200") && body.contains("gitVersion"),
-        "{status}: {body}"
-    );
+    assert!(status.contains("200") && body.contains("gitVersion"), "{status}: {body}");
     // The test's own loopback has no such listener.
     assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
 }

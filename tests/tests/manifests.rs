@@ -11,6 +11,7 @@ use std::{
     process::Command,
 };
 
+use clap::Parser;
 use k8s_openapi::{
     Resource,
     api::{
@@ -21,7 +22,6 @@ use k8s_openapi::{
     },
 };
 use proxy_userspace::cli::{Cli, Command as CliCommand};
-use clap::Parser;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -44,9 +44,7 @@ fn chart_dir() -> PathBuf {
 fn parse_stream(text: &str, origin: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(text)
         .enumerate()
-        .map(|(i, doc)| {
-            Value::deserialize(doc).unwrap_or_else(|e| panic!("{origin}: document {i}: not YAML: {e}"))
-        })
+        .map(|(i, doc)| Value::deserialize(doc).unwrap_or_else(|e| panic!("{origin}: document {i}: not YAML: {e}")))
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -184,9 +182,9 @@ fn output(cmd: &mut Command) -> Result<String, String> {
 
 /// `kubectl`, if `kubectl version --client` works.
 fn kubectl() -> Result<(), String> {
-    output(Command::new("kubectl").args(["version", "--client"]))
-        .map(drop)
-        .map_err(|e| format!("kubectl is not usable ({}); install kubectl to render Kustomize", e.lines().next().unwrap_or("")))
+    output(Command::new("kubectl").args(["version", "--client"])).map(drop).map_err(|e| {
+        format!("kubectl is not usable ({}); install kubectl to render Kustomize", e.lines().next().unwrap_or(""))
+    })
 }
 
 /// The helm binary: $HELM, else `helm` on PATH, if `helm version` works.
@@ -201,7 +199,8 @@ fn helm() -> Result<String, String> {
 }
 
 fn kustomize_render() -> Vec<Value> {
-    let text = output(Command::new("kubectl").arg("kustomize").arg(manifests_dir())).expect("kubectl kustomize manifests/");
+    let text =
+        output(Command::new("kubectl").arg("kustomize").arg(manifests_dir())).expect("kubectl kustomize manifests/");
     parse_stream(&text, "kubectl kustomize manifests/")
 }
 
@@ -258,7 +257,10 @@ fn expanded_agent_argv(objects: &[Value]) -> Result<Vec<String>, String> {
             if let Some(r) = &from.config_map_key_ref {
                 let cm = configmaps
                     .iter()
-                    .find(|cm| cm.metadata.name.as_deref() == Some(r.name.as_str()) && cm.metadata.namespace.as_deref() == Some(&ns))
+                    .find(|cm| {
+                        cm.metadata.name.as_deref() == Some(r.name.as_str())
+                            && cm.metadata.namespace.as_deref() == Some(&ns)
+                    })
                     .ok_or_else(|| format!("env {}: no ConfigMap {ns}/{}", e.name, r.name))?;
                 cm.data
                     .as_ref()
@@ -313,9 +315,18 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
     let argv = expanded_agent_argv(objects).unwrap_or_else(|e| panic!("{origin}: {e}"));
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{origin}: the agent rejects {argv:?}:\n{e}"));
     let CliCommand::Agent(args) = cli.command else { panic!("{origin}: {argv:?} is not `ebpf-proxy agent`") };
-    assert!(args.manifests.is_none() && args.kubeconfig.is_none(), "{origin}: the DaemonSet must use the in-cluster config");
-    assert!(!args.pod_iface_pattern.is_empty() && args.pod_iface_pattern.iter().all(|p| !p.is_empty()), "{origin}: {argv:?}");
-    assert!(args.nodeport_addresses.iter().all(|c| c.parse::<proxy_userspace::model::Ipv4Prefix>().is_ok()), "{origin}: {argv:?}");
+    assert!(
+        args.manifests.is_none() && args.kubeconfig.is_none(),
+        "{origin}: the DaemonSet must use the in-cluster config"
+    );
+    assert!(
+        !args.pod_iface_pattern.is_empty() && args.pod_iface_pattern.iter().all(|p| !p.is_empty()),
+        "{origin}: {argv:?}"
+    );
+    assert!(
+        args.nodeport_addresses.iter().all(|c| c.parse::<proxy_userspace::model::Ipv4Prefix>().is_ok()),
+        "{origin}: {argv:?}"
+    );
 
     let ds: DaemonSet = one(objects, "DaemonSet");
     let pod = ds.spec.template.spec.unwrap();
@@ -323,7 +334,8 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
     let http = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("http")).expect("a port named http");
     assert_eq!(i32::from(args.http_addr.port()), http.container_port, "{origin}: --http-addr vs containerPort");
     for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
-        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{origin}: no {path} probe"));
+        let get =
+            probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{origin}: no {path} probe"));
         assert_eq!(get.path.as_deref(), Some(path), "{origin}");
         let port = match &get.port {
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s == "http",
@@ -332,7 +344,11 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
         assert!(port, "{origin}: {path} probe is not on the agent's port");
     }
     let bpffs = c.volume_mounts.iter().flatten().find(|m| m.name == "bpffs").expect("bpffs mount");
-    assert!(args.bpffs_root.starts_with(&bpffs.mount_path), "{origin}: --bpffs-root {} is not under the bpffs mount", args.bpffs_root.display());
+    assert!(
+        args.bpffs_root.starts_with(&bpffs.mount_path),
+        "{origin}: --bpffs-root {} is not under the bpffs mount",
+        args.bpffs_root.display()
+    );
     let node_name = c.env.iter().flatten().find(|e| e.name == "NODE_NAME").expect("NODE_NAME env");
     assert_eq!(
         node_name.value_from.as_ref().and_then(|f| f.field_ref.as_ref()).map(|f| f.field_path.as_str()),
@@ -353,14 +369,26 @@ fn check_daemonset_policy(objects: &[Value], origin: &str) {
     assert_eq!(pod.host_network, Some(true), "{origin}: hostNetwork");
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"), "{origin}");
     assert!(
-        pod.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
+        pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
         "{origin}: must tolerate every taint"
     );
     let sas: Vec<ServiceAccount> = by_kind(objects, "ServiceAccount");
     assert!(sas.iter().any(|sa| sa.metadata.name == pod.service_account_name), "{origin}: serviceAccountName");
     let c = &pod.containers[0];
-    assert!(c.resources.as_ref().and_then(|r| r.requests.as_ref()).is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")), "{origin}: requests");
-    assert!(c.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|r| r.contains_key("memory")), "{origin}: memory limit");
+    assert!(
+        c.resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")),
+        "{origin}: requests"
+    );
+    assert!(
+        c.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|r| r.contains_key("memory")),
+        "{origin}: memory limit"
+    );
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_ne!(sc.privileged, Some(true), "{origin}: must not be privileged");
     assert_eq!(sc.allow_privilege_escalation, Some(false), "{origin}");
@@ -430,10 +458,17 @@ fn check_rbac(objects: &[Value], origin: &str) {
         .flat_map(|(g, r)| ["get", "list", "watch"].map(move |v| (g.clone(), r.clone(), v.to_string())))
         .collect();
     assert_eq!(granted, want, "{origin}: the ClusterRole must grant exactly get/list/watch on what the agent watches");
-    assert!(by_kind::<Value>(objects, "Role").is_empty() && by_kind::<Value>(objects, "RoleBinding").is_empty(), "{origin}");
+    assert!(
+        by_kind::<Value>(objects, "Role").is_empty() && by_kind::<Value>(objects, "RoleBinding").is_empty(),
+        "{origin}"
+    );
 
     let binding: ClusterRoleBinding = one(objects, "ClusterRoleBinding");
-    assert_eq!((binding.role_ref.kind.as_str(), Some(binding.role_ref.name.as_str())), ("ClusterRole", role.metadata.name.as_deref()), "{origin}");
+    assert_eq!(
+        (binding.role_ref.kind.as_str(), Some(binding.role_ref.name.as_str())),
+        ("ClusterRole", role.metadata.name.as_deref()),
+        "{origin}"
+    );
     let ds: DaemonSet = one(objects, "DaemonSet");
     let sa = ds.spec.template.spec.unwrap().service_account_name;
     let subjects = binding.subjects.unwrap_or_default();
@@ -529,7 +564,8 @@ fn strict_parsing_catches_misspelled_and_mistyped_fields() {
     assert!(e.contains("/spec/template/spec/hostNetwrok"), "{e}");
 
     let mut nested = ds.clone();
-    nested["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilites"] = serde_json::json!({"add": ["SYS_ADMIN"]});
+    nested["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilites"] =
+        serde_json::json!({"add": ["SYS_ADMIN"]});
     assert!(check_object(&nested, "nested").unwrap_err().contains("capabilites"));
 
     let mut mistyped = ds.clone();
@@ -565,7 +601,9 @@ fn kustomize_renders_exactly_the_base_files() {
     check_all(&rendered, "kubectl kustomize manifests/");
     let kinds: BTreeSet<String> = rendered.iter().map(|v| v["kind"].as_str().unwrap().to_string()).collect();
     let want: BTreeSet<String> =
-        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"].map(String::from).into();
+        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]
+            .map(String::from)
+            .into();
     assert_eq!(kinds, want);
     // No transformers: what the files say is what the cluster gets.
     assert_eq!(keyed(rendered), keyed(base_objects_from_files()));
@@ -593,7 +631,10 @@ fn daemonset_args_are_flags_the_agent_accepts() {
     // And so is a flag the agent does not have.
     let mut unknown = objects;
     let ds = unknown.iter_mut().find(|v| v["kind"] == "DaemonSet").unwrap();
-    ds["spec"]["template"]["spec"]["containers"][0]["args"].as_array_mut().unwrap().push(Value::String("--no-such-flag".into()));
+    ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array_mut()
+        .unwrap()
+        .push(Value::String("--no-such-flag".into()));
     let argv = expanded_agent_argv(&unknown).unwrap();
     assert!(Cli::try_parse_from(&argv).is_err());
 }
@@ -621,7 +662,10 @@ fn helm_chart_renders_the_same_objects_as_kustomize() {
     let kustomize = match kubectl() {
         Ok(()) => kustomize_render(),
         Err(why) => {
-            skip("helm_chart_renders_the_same_objects_as_kustomize", &format!("{why}; comparing with the base's files"));
+            skip(
+                "helm_chart_renders_the_same_objects_as_kustomize",
+                &format!("{why}; comparing with the base's files"),
+            );
             base_objects_from_files()
         }
     };
@@ -699,7 +743,10 @@ fn uninstall_cleanup_daemonset_cleans_every_node() {
     assert_eq!(pod.host_network, Some(true), "the programs are on the host's interfaces");
     assert_eq!(pod.automount_service_account_token, Some(false), "no API access needed");
     assert!(
-        pod.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
+        pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
         "must run on every node the agent ran on"
     );
     let parse = |c: &k8s_openapi::api::core::v1::Container| -> CleanupArgs {
@@ -757,7 +804,8 @@ struct KindNode {
 #[test]
 fn kind_cluster_has_no_kube_proxy_and_two_workers() {
     let p = manifests_dir().join("kind/cluster.yaml");
-    let c: KindCluster = serde_yaml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let c: KindCluster =
+        serde_yaml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     assert_eq!((c.kind.as_str(), c.api_version.as_str()), ("Cluster", "kind.x-k8s.io/v1alpha4"));
     assert!(!c.name.is_empty());
     assert_eq!(c.networking.kube_proxy_mode, "none");
@@ -772,7 +820,11 @@ fn kind_workloads_match_the_e2e_plan() {
     assert_eq!(deploy.spec.replicas, Some(3));
     let services: Vec<Service> = by_kind(&objects, "Service");
     let spec = |name: &str| {
-        services.iter().find(|s| s.metadata.name.as_deref() == Some(name)).and_then(|s| s.spec.clone()).unwrap_or_else(|| panic!("Service {name}"))
+        services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .and_then(|s| s.spec.clone())
+            .unwrap_or_else(|| panic!("Service {name}"))
     };
     assert_eq!(spec("echo-affinity").session_affinity.as_deref(), Some("ClientIP"));
     assert_eq!(spec("echo-local").external_traffic_policy.as_deref(), Some("Local"));

@@ -52,7 +52,12 @@ fn size_change_migrates_entries() {
     }
     let pins = PinDir::new();
     let services: Vec<_> = (1..=20)
-        .map(|i| (frontend(Ipv4Addr::new(10, 96, 1, i), 80, Protocol::Tcp), entry(&format!("s{i}"), &[(Ipv4Addr::new(10, 244, 0, i), 8080)])))
+        .map(|i| {
+            (
+                frontend(Ipv4Addr::new(10, 96, 1, i), 80, Protocol::Tcp),
+                entry(&format!("s{i}"), &[(Ipv4Addr::new(10, 244, 0, i), 8080)]),
+            )
+        })
         .collect();
     {
         let (progs, maps) = loader::load(&cfg(&pins, 64, 1024)).expect("first load");
@@ -97,7 +102,10 @@ fn size_change_migrates_entries() {
     old_ct.insert(k, v, 0).unwrap();
     let done = std::mem::take(&mut progs.migration).finish().expect("finish");
     let c = done.iter().find(|m| m.map == n::CONNTRACK).unwrap();
-    eprintln!("CONNTRACK {} -> {}: {} copied, {} after the swap", c.old.max_entries, c.new.max_entries, c.copied, c.copied_after_swap);
+    eprintln!(
+        "CONNTRACK {} -> {}: {} copied, {} after the swap",
+        c.old.max_entries, c.new.max_entries, c.copied, c.copied_after_swap
+    );
     assert_eq!((c.old.max_entries, c.new.max_entries, c.copied, c.copied_after_swap), (1024, 4096, 500, 1));
     let s = done.iter().find(|m| m.map == n::SERVICES).unwrap();
     assert_eq!((s.old.max_entries, s.new.max_entries, s.copied, s.copied_after_swap), (64, 32, 20, 0));
@@ -175,7 +183,12 @@ fn too_small_for_the_services_rolls_back() {
     }
     let pins = PinDir::new();
     let services: Vec<_> = (1..=20)
-        .map(|i| (frontend(Ipv4Addr::new(10, 96, 1, i), 80, Protocol::Tcp), entry(&format!("s{i}"), &[(Ipv4Addr::new(10, 244, 0, 1), 8080)])))
+        .map(|i| {
+            (
+                frontend(Ipv4Addr::new(10, 96, 1, i), 80, Protocol::Tcp),
+                entry(&format!("s{i}"), &[(Ipv4Addr::new(10, 244, 0, 1), 8080)]),
+            )
+        })
         .collect();
     {
         let (_p, maps) = loader::load(&cfg(&pins, 64, 1024)).unwrap();

@@ -1,6 +1,10 @@
 //! A node namespace with a client pod and three backend pods; the TC programs attached
 //! inside the node namespace only. Real TCP and UDP through the ClusterIP.
-use std::{collections::BTreeMap, net::{Ipv4Addr, SocketAddr}, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use proxy_tests::{client, harness::*, netns::*};
 use proxy_userspace::{dataplane::attach::attach_pod_interface, model::Protocol};
@@ -68,9 +72,7 @@ fn clusterip_through_pod_veths() {
 
     // Hold a connection to pod3, then remove pod3 from the service.
     let mut held = client
-        .run(|| {
-            (0..200).find_map(|_| client::Held::open(vip).ok().filter(|h| h.first == "pod3"))
-        })
+        .run(|| (0..200).find_map(|_| client::Held::open(vip).ok().filter(|h| h.first == "pod3")))
         .expect("a connection to pod3");
     program(&mut dp, 2);
     let after = client.run(|| (0..60).map(|_| client::tcp_name(vip)).collect::<Vec<_>>());

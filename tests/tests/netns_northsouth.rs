@@ -35,7 +35,9 @@ fn serial() -> MutexGuard<'static, ()> {
 /// Every service the tests use, in one manifest.
 fn services_yaml() -> String {
     let svc = |name: &str, spec: &str, status: &str| {
-        format!("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec}{status}")
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec}{status}"
+        )
     };
     let port = |node_port: Option<u16>| {
         let np = node_port.map(|p| format!("    nodePort: {p}\n")).unwrap_or_default();
@@ -222,7 +224,11 @@ fn nodeport_on_node1_reaches_pods_on_both_nodes() {
                 let mut h = Held::open(np).expect("connection");
                 assert_eq!(h.peer().unwrap(), np);
                 for _ in 0..5 {
-                    assert_eq!(h.ask().expect("same connection answers again"), h.first, "backend changed mid-connection");
+                    assert_eq!(
+                        h.ask().expect("same connection answers again"),
+                        h.first,
+                        "backend changed mid-connection"
+                    );
                 }
                 let (name, peer) = h.who().expect("who");
                 assert_eq!(name, h.first);
@@ -409,7 +415,6 @@ fn hairpin_pod_reaches_itself() {
         assert_eq!((name.as_str(), peer), ("n1p0", HAIRPIN), "via {addr}");
     }
 }
-
 
 /// NodePorts out of the box: an agent started without `--uplink` finds the device that
 /// carries its Node's InternalIP (eth0 here) and serves NodePort traffic from outside on it,

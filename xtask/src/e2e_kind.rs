@@ -205,7 +205,10 @@ pub fn counted_loop(url: &str, n: u32, timeout_s: u32) -> String {
 
 /// The same for `secs` seconds, back to back.
 pub fn timed_loop(url: &str, secs: u32, timeout_s: u32) -> String {
-    format!("end=$(($(date +%s)+{secs})); while [ \"$(date +%s)\" -lt \"$end\" ]; do {}; done", one_request(url, timeout_s))
+    format!(
+        "end=$(($(date +%s)+{secs})); while [ \"$(date +%s)\" -lt \"$end\" ]; do {}; done",
+        one_request(url, timeout_s)
+    )
 }
 
 pub fn parse_replies(out: &str) -> Vec<Reply> {
@@ -320,7 +323,10 @@ pub fn parse_node_ips(json: &str) -> Result<BTreeMap<String, String>> {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|a| a["type"] == "InternalIP" && a["address"].as_str().is_some_and(|s| s.parse::<std::net::Ipv4Addr>().is_ok()))
+            .find(|a| {
+                a["type"] == "InternalIP"
+                    && a["address"].as_str().is_some_and(|s| s.parse::<std::net::Ipv4Addr>().is_ok())
+            })
             .and_then(|a| a["address"].as_str());
         if let (Some(name), Some(ip)) = (n["metadata"]["name"].as_str(), ip) {
             out.insert(name.to_string(), ip.to_string());
@@ -480,9 +486,22 @@ impl Cluster {
         };
         let logs = save(
             "agent-logs.txt",
-            &["-n", AGENT_NS, "logs", "-l", AGENT_SELECTOR, "--all-containers", "--prefix", "--tail=-1", "--max-log-requests=10"],
+            &[
+                "-n",
+                AGENT_NS,
+                "logs",
+                "-l",
+                AGENT_SELECTOR,
+                "--all-containers",
+                "--prefix",
+                "--tail=-1",
+                "--max-log-requests=10",
+            ],
         );
-        save("agent-logs-previous.txt", &["-n", AGENT_NS, "logs", "-l", AGENT_SELECTOR, "--prefix", "--previous", "--tail=-1"]);
+        save(
+            "agent-logs-previous.txt",
+            &["-n", AGENT_NS, "logs", "-l", AGENT_SELECTOR, "--prefix", "--previous", "--tail=-1"],
+        );
         save("pods.txt", &["get", "pods", "-A", "-o", "wide"]);
         save("services.txt", &["get", "svc,endpointslices", "-A", "-o", "wide"]);
         let agents = self
@@ -513,9 +532,19 @@ fn check(results: &mut Vec<CheckResult>, name: &str, f: impl FnOnce() -> Result<
 
 /// Requests from a throw-away container on the kind docker network (outside the cluster).
 fn from_docker_network(script: &str) -> Result<Vec<Reply>, String> {
-    capture(Command::new("docker").args(["run", "--rm", "--network", KIND_NETWORK, "--entrypoint", "sh", AGNHOST, "-c", script]))
-        .map(|o| parse_replies(&o))
-        .map_err(|e| format!("{e:#}"))
+    capture(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--network",
+        KIND_NETWORK,
+        "--entrypoint",
+        "sh",
+        AGNHOST,
+        "-c",
+        script,
+    ]))
+    .map(|o| parse_replies(&o))
+    .map_err(|e| format!("{e:#}"))
 }
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
@@ -528,7 +557,9 @@ fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
 
 fn setup_cluster(root: &Path, out: &Path) -> Result<Cluster> {
     // Build first: a broken build costs no cluster.
-    step("docker build", || run(Command::new("docker").args(["build", "-t", IMAGE, "-f"]).arg(root.join("Dockerfile")).arg(root)))?;
+    step("docker build", || {
+        run(Command::new("docker").args(["build", "-t", IMAGE, "-f"]).arg(root.join("Dockerfile")).arg(root))
+    })?;
     step("docker pull agnhost", || run(Command::new("docker").args(["pull", "-q", AGNHOST])))?;
     let cluster = Cluster::create(root, out)?;
     step("kind load", || {
@@ -544,7 +575,11 @@ fn setup_cluster(root: &Path, out: &Path) -> Result<Cluster> {
         let api = ips.get(&cp).with_context(|| format!("no InternalIP for {cp} in {ips:?}"))?;
         let patched = patch_rendered(
             &rendered,
-            &KindPatch { image: IMAGE.into(), image_pull_policy: "Never".into(), api_server: Some((api.clone(), 6443)) },
+            &KindPatch {
+                image: IMAGE.into(),
+                image_pull_policy: "Never".into(),
+                api_server: Some((api.clone(), 6443)),
+            },
         )?;
         std::fs::write(out.join("ebpf-proxy.yaml"), &patched)?;
         let mut child = cluster.kubectl().args(["apply", "-f", "-"]).stdin(Stdio::piped()).spawn()?;
@@ -576,7 +611,9 @@ fn matrix(c: &Cluster) -> Vec<CheckResult> {
     check(&mut results, "ClusterIP from a pod", || {
         let ip = ip_of("echo")?;
         let pods = c.pod_names()?;
-        poll(Duration::from_secs(30), || eval_balanced(&c.requests_from_client(&counted_loop(&url(&ip, 80), 30, 2))?, &pods))
+        poll(Duration::from_secs(30), || {
+            eval_balanced(&c.requests_from_client(&counted_loop(&url(&ip, 80), 30, 2))?, &pods)
+        })
     });
 
     check(&mut results, "NodePort from the docker network", || {
@@ -596,7 +633,9 @@ fn matrix(c: &Cluster) -> Vec<CheckResult> {
     check(&mut results, "sessionAffinity ClientIP", || {
         let ip = ip_of("echo-affinity")?;
         let pods = c.pod_names()?;
-        poll(Duration::from_secs(30), || eval_affinity(&c.requests_from_client(&counted_loop(&url(&ip, 80), 20, 2))?, &pods))
+        poll(Duration::from_secs(30), || {
+            eval_affinity(&c.requests_from_client(&counted_loop(&url(&ip, 80), 20, 2))?, &pods)
+        })
     });
 
     check(&mut results, "externalTrafficPolicy Local", || {
@@ -609,7 +648,9 @@ fn matrix(c: &Cluster) -> Vec<CheckResult> {
             let d = if local.is_empty() {
                 poll(Duration::from_secs(30), || eval_all_fail(&from_docker_network(&script)?))
             } else {
-                poll(Duration::from_secs(30), || all_answered(&from_docker_network(&script)?, &local).map(|_| "only local pods".into()))
+                poll(Duration::from_secs(30), || {
+                    all_answered(&from_docker_network(&script)?, &local).map(|_| "only local pods".into())
+                })
             };
             details.push(format!("{node} ({} local): {}", local.len(), d.map_err(|e| format!("{node}: {e}"))?));
         }
@@ -785,12 +826,20 @@ mod tests {
 
     fn docs(yaml: &str) -> Vec<Value> {
         use serde::Deserialize;
-        serde_yaml::Deserializer::from_str(yaml).map(|d| Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect()
+        serde_yaml::Deserializer::from_str(yaml)
+            .map(|d| Value::deserialize(d).unwrap())
+            .filter(|v| !v.is_null())
+            .collect()
     }
 
     fn agent(docs: &[Value]) -> &Value {
         let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
-        ds["spec"]["template"]["spec"]["containers"].as_sequence().unwrap().iter().find(|c| c["name"] == "agent").unwrap()
+        ds["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .unwrap()
     }
 
     fn env(container: &Value) -> BTreeMap<String, Value> {
@@ -839,7 +888,11 @@ mod tests {
 
     #[test]
     fn patch_replaces_existing_env_and_is_idempotent() {
-        let patch = KindPatch { image: "x:1".into(), image_pull_policy: "IfNotPresent".into(), api_server: Some(("10.0.0.1".into(), 443)) };
+        let patch = KindPatch {
+            image: "x:1".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            api_server: Some(("10.0.0.1".into(), 443)),
+        };
         let once = patch_rendered(&base_rendered(), &patch).unwrap();
         let twice = patch_rendered(&once, &patch).unwrap();
         assert_eq!(once, twice);
@@ -874,7 +927,10 @@ mod tests {
     fn replies_parse_from_the_request_loop_output() {
         assert_eq!(parse_replies("echo-a\n\n!FAIL\n echo-b \n"), replies(&["echo-a", "!", "echo-b"]));
         let script = counted_loop("http://10.96.0.10:80/hostname", 30, 2);
-        assert!(script.starts_with("for i in $(seq 1 30); do r=$(curl -fsS --max-time 2 http://10.96.0.10:80/hostname"), "{script}");
+        assert!(
+            script.starts_with("for i in $(seq 1 30); do r=$(curl -fsS --max-time 2 http://10.96.0.10:80/hostname"),
+            "{script}"
+        );
         assert!(script.contains(FAIL_MARK));
         assert!(timed_loop("http://x/", 60, 2).contains("+60"));
     }
@@ -931,8 +987,18 @@ mod tests {
     #[test]
     fn table_lists_every_check_and_counts() {
         let results = vec![
-            CheckResult { name: "ClusterIP from a pod".into(), passed: true, detail: "30/30 answered by 3 of 3 pods".into(), elapsed: Duration::from_millis(1234) },
-            CheckResult { name: "Service deletion".into(), passed: false, detail: "after 30s: 5 requests still answered\nmore".into(), elapsed: Duration::from_secs(30) },
+            CheckResult {
+                name: "ClusterIP from a pod".into(),
+                passed: true,
+                detail: "30/30 answered by 3 of 3 pods".into(),
+                elapsed: Duration::from_millis(1234),
+            },
+            CheckResult {
+                name: "Service deletion".into(),
+                passed: false,
+                detail: "after 30s: 5 requests still answered\nmore".into(),
+                elapsed: Duration::from_secs(30),
+            },
         ];
         let t = format_table(&results);
         let lines: Vec<&str> = t.lines().collect();

@@ -13,8 +13,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-mod e2e_kind;
 mod bench;
+mod e2e_kind;
 mod setup;
 
 #[derive(Parser)]
@@ -64,7 +64,20 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     setup::setup()?;
     let t = Instant::now();
-    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let cargo = || Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // Style and lints first: CI enforces them, and they fail in seconds where tests take minutes.
+    run(cargo().current_dir(workspace_root()).args(["fmt", "--all", "--check"]))?;
+    run(cargo().current_dir(workspace_root()).args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "proxy-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut cmd = cargo();
     // proxy-ebpf only builds for the BPF target (proxy-userspace's build script embeds it).
     cmd.current_dir(workspace_root()).args(["test", "--workspace", "--exclude", "proxy-ebpf"]);
     if !args.is_empty() {
@@ -78,9 +91,14 @@ fn test(args: &[String]) -> Result<()> {
 fn demo() -> Result<()> {
     setup::setup()?;
     let root = workspace_root();
-    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args(["build", "-p", "proxy-userspace", "-p", "proxy-tests", "--bins"]))?;
+    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
+        "build",
+        "-p",
+        "proxy-userspace",
+        "-p",
+        "proxy-tests",
+        "--bins",
+    ]))?;
     run(Command::new(root.join("target/debug/proxy-demo")).arg(root.join("target/debug/ebpf-proxy")))
 }
 

@@ -14,11 +14,7 @@ use crate::run;
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages and a binary each provides: installed only when the binary is missing.
-const PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "ip"),
-    ("iptables", "iptables-restore"),
-    ("nftables", "nft"),
-];
+const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("iptables", "iptables-restore"), ("nftables", "nft")];
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
@@ -38,8 +34,7 @@ fn step(name: &str, f: impl FnOnce() -> Result<bool>) -> Result<()> {
 }
 
 fn debian_packages() -> Result<bool> {
-    let missing: Vec<&str> =
-        PACKAGES.iter().filter(|(_, bin)| !have(bin)).map(|(pkg, _)| *pkg).collect();
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, bin)| !have(bin)).map(|(pkg, _)| *pkg).collect();
     if missing.is_empty() {
         return Ok(false);
     }
@@ -65,14 +60,24 @@ fn nightly() -> Result<bool> {
 }
 
 fn rust_src() -> Result<bool> {
-    let installed = output(Command::new("rustup").args([
-        "component", "list", "--installed", "--toolchain", NIGHTLY,
-    ]))
-    .unwrap_or_default();
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
+        .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(false);
     }
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    Ok(true)
+}
+
+/// `cargo xtask test` checks formatting and lints with the default toolchain first.
+fn fmt_and_clippy() -> Result<bool> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed"])).unwrap_or_default();
+    let missing: Vec<&str> =
+        ["rustfmt", "clippy"].into_iter().filter(|c| !installed.lines().any(|l| l.starts_with(c))).collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    run(Command::new("rustup").args(["component", "add"]).args(&missing))?;
     Ok(true)
 }
 
@@ -95,12 +100,7 @@ fn bpf_linker() -> Result<bool> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
         .with_context(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
-    let major = libllvm
-        .trim_start_matches("libLLVM.so.")
-        .split('.')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let major = libllvm.trim_start_matches("libLLVM.so.").split('.').next().unwrap_or_default().to_string();
     let prefix = home().join(".cache/ebpf-proxy/llvm");
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
@@ -183,6 +183,7 @@ pub fn setup() -> Result<()> {
     }
     step("nightly toolchain", nightly)?;
     step("rust-src (nightly)", rust_src)?;
+    step("rustfmt and clippy", fmt_and_clippy)?;
     step("bpf-linker", bpf_linker)?;
     eprintln!("setup: done in {:.1?}", t.elapsed());
     Ok(())

@@ -324,7 +324,8 @@ mod tests {
         let closed = flow(&mut t, PROTO_TCP, 2, CLOSED, now - S / 2, Some(now - S / 2));
         let stale_syn = flow(&mut t, PROTO_TCP, 3, 0, now - 5 * S, Some(now - 5 * S));
         let fresh_syn = flow(&mut t, PROTO_TCP, 4, 0, now - S / 10, Some(now - S / 10));
-        let half_closed = flow(&mut t, PROTO_TCP, 5, EST | ct_flags::CLOSING | ct_flags::FIN_FWD, now - 60 * S, Some(now - 60 * S));
+        let half_closed =
+            flow(&mut t, PROTO_TCP, 5, EST | ct_flags::CLOSING | ct_flags::FIN_FWD, now - 60 * S, Some(now - 60 * S));
         let mut g = gc(t);
         // Without pressure nothing here has expired.
         assert_eq!(g.pass(now, false).unwrap().deleted_total(), 0);

@@ -92,24 +92,36 @@ impl GcTask {
         m.conntrack_gc_duration.observe(t.elapsed().as_secs_f64());
         for (i, r) in Reason::ALL.iter().enumerate() {
             if report.deleted[i] > 0 {
-                m.conntrack_gc_deleted.get_or_create(&ReasonLabel { reason: r.name().into() }).inc_by(report.deleted[i]);
+                m.conntrack_gc_deleted
+                    .get_or_create(&ReasonLabel { reason: r.name().into() })
+                    .inc_by(report.deleted[i]);
             }
         }
         if report.deleted_total() > 0 {
             let [expired, pressured, orphans] = report.deleted;
             if pressured > 0 {
-                info!(scanned = report.scanned, expired, pressure = pressured, orphans, "conntrack under pressure: removed closed and unanswered flows");
+                info!(
+                    scanned = report.scanned,
+                    expired,
+                    pressure = pressured,
+                    orphans,
+                    "conntrack under pressure: removed closed and unanswered flows"
+                );
             } else {
                 debug!(scanned = report.scanned, expired, orphans, "conntrack GC pass");
             }
         }
         let census: Census = report.census?;
         for (i, s) in CtState::ALL.iter().enumerate() {
-            m.conntrack_flows.get_or_create(&StateLabel { state: s.name().into() }).set(census.flows_by_state[i] as i64);
+            m.conntrack_flows
+                .get_or_create(&StateLabel { state: s.name().into() })
+                .set(census.flows_by_state[i] as i64);
         }
         m.conntrack_entries.set(census.entries as i64);
         let fill = if self.capacity > 0 { census.entries as f64 / f64::from(self.capacity) } else { 0.0 };
-        m.map_fill.get_or_create(&crate::metrics::MapLabel { map: proxy_common::map_names::CONNTRACK.into() }).set(fill);
+        m.map_fill
+            .get_or_create(&crate::metrics::MapLabel { map: proxy_common::map_names::CONNTRACK.into() })
+            .set(fill);
         Some(fill)
     }
 }

@@ -110,7 +110,9 @@ impl XdpModeChoice {
     fn allows(self, m: XdpActive) -> bool {
         matches!(
             (self, m),
-            (XdpModeChoice::Auto, _) | (XdpModeChoice::Native, XdpActive::Native) | (XdpModeChoice::Generic, XdpActive::Generic)
+            (XdpModeChoice::Auto, _)
+                | (XdpModeChoice::Native, XdpActive::Native)
+                | (XdpModeChoice::Generic, XdpActive::Generic)
         )
     }
     /// Modes to try, best first.
@@ -164,9 +166,7 @@ pub fn attach(
 ) -> Result<AttachMode, DataplaneError> {
     let pin = paths::links_dir(root).join(pin_name(iface, ifindex, dir));
     if let Ok(old) = PinnedLink::from_pin(&pin) {
-        let link = FdLink::from(old)
-            .try_into()
-            .map_err(|e| attach_err(iface, "pinned link is not a tc link", e))?;
+        let link = FdLink::from(old).try_into().map_err(|e| attach_err(iface, "pinned link is not a tc link", e))?;
         match prog.attach_to_link(link) {
             Ok(id) => {
                 // Taken out of the program so dropping the program does not detach it;
@@ -185,8 +185,7 @@ pub fn attach(
     // First in the tcx chain: a stale program of ours that we cannot detach (an agent on
     // another --bpffs-root, seen without CAP_SYS_ADMIN) then runs after ours, on packets
     // ours already translated, instead of translating them with its stale maps first.
-    match prog.attach_with_options(iface, dir.tc(), TcAttachOptions::TcxOrder(LinkOrder::first()))
-    {
+    match prog.attach_with_options(iface, dir.tc(), TcAttachOptions::TcxOrder(LinkOrder::first())) {
         Ok(id) => {
             let link = prog.take_link(id).map_err(|e| attach_err(iface, "take link", e))?;
             let fd: FdLink = link.try_into().map_err(|e| attach_err(iface, "tcx link", e))?;
@@ -202,9 +201,7 @@ pub fn attach(
             {
                 return Err(attach_err(iface, "adding clsact qdisc", e));
             }
-            let id = prog
-                .attach(iface, dir.tc())
-                .map_err(|e| attach_err(iface, "netlink attach", e))?;
+            let id = prog.attach(iface, dir.tc()).map_err(|e| attach_err(iface, "netlink attach", e))?;
             let link = prog.take_link(id).map_err(|e| attach_err(iface, "take link", e))?;
             // A netlink filter lives in the kernel without any fd; dropping the link object
             // would remove it, so it is deliberately leaked to outlive the agent.
@@ -413,10 +410,7 @@ fn ifindex_of(iface: &str) -> Result<u32, DataplaneError> {
 
 /// Remove the pins of links whose interface is gone (or every pin when `keep` says so).
 /// Returns the pin names removed.
-pub fn remove_stale_pins(
-    root: &Path,
-    keep: impl Fn(&str, u32) -> bool,
-) -> Result<Vec<String>, DataplaneError> {
+pub fn remove_stale_pins(root: &Path, keep: impl Fn(&str, u32) -> bool) -> Result<Vec<String>, DataplaneError> {
     let dir = paths::links_dir(root);
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,

@@ -105,7 +105,8 @@ pub fn map_lookup_batch(
 /// Open a pinned object (`BPF_OBJ_GET`).
 pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut a: Attr = [0; 128];
     // pathname (pointer) at 0, bpf_fd 8, file_flags 12.
     put_u64(&mut a, 0, c.as_ptr() as u64);
@@ -193,7 +194,11 @@ pub fn prog_info(id: u32) -> io::Result<ProgInfo> {
     let end = name_bytes.iter().position(|b| *b == 0).unwrap_or(name_bytes.len());
     let got = get_u32(&info2, 52).min(nr) as usize;
     maps.truncate(got);
-    Ok(ProgInfo { id: get_u32(&info2, 4), name: String::from_utf8_lossy(&name_bytes[..end]).into_owned(), map_ids: maps })
+    Ok(ProgInfo {
+        id: get_u32(&info2, 4),
+        name: String::from_utf8_lossy(&name_bytes[..end]).into_owned(),
+        map_ids: maps,
+    })
 }
 
 /// Programs and links on a tcx hook of `ifindex` in the caller's network namespace (the

@@ -113,8 +113,12 @@ impl DatapathGuard {
 
     /// Pins that are missing, and a lost lock.
     pub fn check_pins(&self) -> Vec<String> {
-        let mut out: Vec<String> =
-            self.maps.iter().filter(|(p, _)| !p.exists()).map(|(p, _)| format!("map pin {} missing", p.display())).collect();
+        let mut out: Vec<String> = self
+            .maps
+            .iter()
+            .filter(|(p, _)| !p.exists())
+            .map(|(p, _)| format!("map pin {} missing", p.display()))
+            .collect();
         if !self.lock.still_held() {
             out.push(format!("{} was removed or replaced (lock lost)", self.root.display()));
         }

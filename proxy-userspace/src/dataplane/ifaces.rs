@@ -16,10 +16,19 @@ use super::DataplaneError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
-    Present { index: u32, name: String },
+    Present {
+        index: u32,
+        name: String,
+    },
     /// An interface detected as an uplink (no `--uplink` given): attach XDP and TC egress.
-    Uplink { index: u32, name: String },
-    Gone { index: u32, name: String },
+    Uplink {
+        index: u32,
+        name: String,
+    },
+    Gone {
+        index: u32,
+        name: String,
+    },
     /// Every link present at start-up has been reported.
     InitialDumpDone,
 }
@@ -79,9 +88,9 @@ pub async fn watch(patterns: IfacePatterns, tx: UnboundedSender<LinkEvent>) -> R
     }
     while let Some((msg, _)) = messages.next().await {
         let ev = match msg.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                name_of(&l).filter(|n| patterns.matches(n)).map(|name| LinkEvent::Present { index: l.header.index, name })
-            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => name_of(&l)
+                .filter(|n| patterns.matches(n))
+                .map(|name| LinkEvent::Present { index: l.header.index, name }),
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
                 name_of(&l).filter(|n| patterns.matches(n)).map(|name| LinkEvent::Gone { index: l.header.index, name })
             }

@@ -96,8 +96,7 @@ pub fn declared_maps(cfg: &LoaderConfig) -> Result<BTreeMap<String, MapSpec>, Da
         if m.pinning() != aya_obj::maps::PinningType::ByName {
             continue;
         }
-        let max_entries =
-            sizes.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(m.max_entries());
+        let max_entries = sizes.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(m.max_entries());
         out.insert(
             name.clone(),
             MapSpec {
@@ -146,11 +145,9 @@ pub fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));
     }
-    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).map_err(|_| {
-        DataplaneError::Io {
-            context: format!("path {}", probe.display()),
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        }
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).map_err(|_| DataplaneError::Io {
+        context: format!("path {}", probe.display()),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
     })?;
     // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -183,10 +180,8 @@ const CAP_BPF: u32 = 39;
 /// Loading needs CAP_BPF (or CAP_SYS_ADMIN, before 5.8) and CAP_NET_ADMIN (TC/XDP programs).
 pub fn check_privileges() -> Result<(), DataplaneError> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let Some(eff) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    let Some(eff) =
+        status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
     else {
         // No /proc: let the syscalls speak for themselves.
         return Ok(());
@@ -271,7 +266,11 @@ pub fn load(cfg: &LoaderConfig) -> Result<(Programs, Maps), DataplaneError> {
     }
 }
 
-fn load_programs(cfg: &LoaderConfig, maps_dir: &Path, migration: &mut Migration) -> Result<(Ebpf, Maps), DataplaneError> {
+fn load_programs(
+    cfg: &LoaderConfig,
+    maps_dir: &Path,
+    migration: &mut Migration,
+) -> Result<(Ebpf, Maps), DataplaneError> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(maps_dir);
     for (name, size) in cfg.sizes() {

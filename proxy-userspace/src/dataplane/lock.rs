@@ -73,12 +73,13 @@ fn dev_ino_of_path(p: &Path) -> Option<(u64, u64)> {
 fn holder_pid(dev: u64, ino: u64) -> Option<u32> {
     let text = std::fs::read_to_string("/proc/locks").ok()?;
     let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str())).then(|| f.get(4)?.parse().ok()).flatten()
-    })
-    // A holder in a PID namespace we cannot see (another container) shows as 0.
-    .filter(|pid| *pid != 0)
+    text.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str())).then(|| f.get(4)?.parse().ok()).flatten()
+        })
+        // A holder in a PID namespace we cannot see (another container) shows as 0.
+        .filter(|pid| *pid != 0)
 }
 
 impl RootLock {

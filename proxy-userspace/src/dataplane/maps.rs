@@ -7,8 +7,8 @@ use aya::{
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, ServiceKey, ServiceMeta,
-    ServiceValue, SlotKey, StatsKey, map_names as n,
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey,
+    StatsKey, map_names as n,
 };
 
 use super::{
@@ -53,9 +53,7 @@ where
 impl Maps {
     /// Take the maps out of a loaded object (programs keep their references).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name).ok_or(DataplaneError::MissingObject(name))
-        };
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::MissingObject(name));
         Self::assemble(&mut take)
     }
 
@@ -81,14 +79,10 @@ impl Maps {
         let mut open = |name: &'static str| -> Result<Map, DataplaneError> {
             let path = dir.join(name);
             let data = MapData::from_pin(&path).map_err(|e| match &e {
-                aya::maps::MapError::SyscallError(s)
-                    if s.io_error.kind() == io::ErrorKind::NotFound =>
-                {
+                aya::maps::MapError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound => {
                     DataplaneError::NotPinned { path: dir.clone() }
                 }
-                aya::maps::MapError::SyscallError(s)
-                    if s.io_error.kind() == io::ErrorKind::PermissionDenied =>
-                {
+                aya::maps::MapError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::PermissionDenied => {
                     DataplaneError::Permission { path: path.clone() }
                 }
                 _ => DataplaneError::from_map(name, e),
@@ -129,7 +123,9 @@ pub fn global_total(map: &PerCpuArray<MapData, Counters>, verdict: u32) -> Resul
         return Ok(Counters::default());
     }
     let pc = map.get(&verdict, 0).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
-    Ok(pc.iter().fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+    Ok(pc
+        .iter()
+        .fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
 }
 
 /// GLOBAL_STATS on its own, for readers that need nothing else (the conntrack GC watches
@@ -228,16 +224,10 @@ impl MapStore for Maps {
     }
     fn purge_conntrack(&mut self, pred: &dyn Fn(&CtKey, &CtValue) -> bool) -> StoreResult<usize> {
         // Collect first: deleting while iterating a BPF hash map restarts the walk.
-        let doomed: Vec<CtKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| pred(k, v))
-            .map(|(k, _)| k)
-            .collect();
+        let doomed: Vec<CtKey> =
+            self.conntrack.iter().filter_map(Result::ok).filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
         for k in &doomed {
-            ignore_missing(self.conntrack.remove(k))
-                .map_err(|e| DataplaneError::from_map(n::CONNTRACK, e))?;
+            ignore_missing(self.conntrack.remove(k)).map_err(|e| DataplaneError::from_map(n::CONNTRACK, e))?;
         }
         Ok(doomed.len())
     }

@@ -27,14 +27,11 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-        lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig,
-    ServiceKey, ServiceMeta, ServiceValue, SlotKey, StatsKey, map_names as n,
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig, ServiceKey, ServiceMeta,
+    ServiceValue, SlotKey, StatsKey, map_names as n,
 };
 use tracing::{info, warn};
 
@@ -99,11 +96,7 @@ fn type_name(t: u32) -> String {
         (T::PerCpuArray, "percpu_array"),
         (T::LpmTrie, "lpm_trie"),
     ];
-    known
-        .iter()
-        .find(|(k, _)| *k as u32 == t)
-        .map(|(_, n)| (*n).to_string())
-        .unwrap_or_else(|| t.to_string())
+    known.iter().find(|(k, _)| *k as u32 == t).map(|(_, n)| (*n).to_string()).unwrap_or_else(|| t.to_string())
 }
 
 /// Entries one copy pass moved.
@@ -349,7 +342,10 @@ fn pin_err(map: &str, path: &Path, e: MapError) -> DataplaneError {
         MapError::SyscallError(s) => {
             DataplaneError::Io { context: format!("pinned map {map} ({})", path.display()), source: s.io_error }
         }
-        e => DataplaneError::Io { context: format!("pinned map {map} ({})", path.display()), source: io::Error::other(e.to_string()) },
+        e => DataplaneError::Io {
+            context: format!("pinned map {map} ({})", path.display()),
+            source: io::Error::other(e.to_string()),
+        },
     }
 }
 
@@ -411,7 +407,8 @@ impl Migration {
                 if is_main && have == *want {
                     continue;
                 }
-                let Some(k) = kind(name).filter(|_| have.layout_matches(want) && same_family(have.map_type, want.map_type))
+                let Some(k) =
+                    kind(name).filter(|_| have.layout_matches(want) && same_family(have.map_type, want.map_type))
                 else {
                     return Err(DataplaneError::IncompatiblePin {
                         map: name.to_string(),
@@ -422,11 +419,8 @@ impl Migration {
                     });
                 };
                 let id = data.info().map(|i| i.id()).unwrap_or(0);
-                let (aside, move_from) = if is_main {
-                    (aside_dir.join(format!("{name}-{id}")), Some(path))
-                } else {
-                    (path, None)
-                };
+                let (aside, move_from) =
+                    if is_main { (aside_dir.join(format!("{name}-{id}")), Some(path)) } else { (path, None) };
                 plan.push(Planned { kind: k, data, old_spec: have, new_spec: *want, aside, move_from });
             }
         }
@@ -483,7 +477,8 @@ impl Migration {
             let path = maps_dir.join(p.kind.name);
             let data = open_pin(p.kind.name, &path)?.ok_or_else(|| DataplaneError::NotPinned { path: path.clone() })?;
             let mut new = Map::from_map_data(data).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
-            let c = (p.kind.copy)(&p.old, &mut new, &p.old_spec).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
+            let c =
+                (p.kind.copy)(&p.old, &mut new, &p.old_spec).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
             if first {
                 p.first.add(c);
                 if p.kind.must_fit && c.dropped > 0 {

@@ -5,24 +5,23 @@
 //! (`guard`).
 pub mod addr;
 pub mod attach;
-pub mod ct_table;
 pub mod bpfsys;
-pub mod ifaces;
+pub mod ct_table;
 pub mod error;
 pub mod guard;
+pub mod ifaces;
 pub mod loader;
 pub mod lock;
 pub mod maps;
 pub mod migrate;
 pub mod node;
-pub mod uplinks;
 pub mod ownership;
+pub mod uplinks;
 
 pub use error::DataplaneError;
 
 /// The eBPF object built by build.rs (aya-build) from `proxy-ebpf`.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// Layout of the agent's bpffs directory.
 pub mod paths {

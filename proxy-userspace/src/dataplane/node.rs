@@ -143,7 +143,10 @@ pub async fn resolve_neighbour(handle: &rtnetlink::Handle, ifindex: u32, addr: I
         .replace()
         .execute()
         .await
-        .map_err(|e| DataplaneError::Attach { iface: format!("ifindex {ifindex}"), message: format!("resolving neighbour {addr}: {e}") })
+        .map_err(|e| DataplaneError::Attach {
+            iface: format!("ifindex {ifindex}"),
+            message: format!("resolving neighbour {addr}: {e}"),
+        })
 }
 
 #[cfg(test)]

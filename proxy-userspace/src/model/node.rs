@@ -61,9 +61,7 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> 
 /// datapath then uses the address the client connected to.
 pub fn snat_address(node: Option<&Node>) -> Option<Ipv4Addr> {
     let addrs = node.and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref())?;
-    let first = |kind: &str| {
-        addrs.iter().filter(|a| a.type_ == kind).find_map(|a| node_ipv4(&a.address))
-    };
+    let first = |kind: &str| addrs.iter().filter(|a| a.type_ == kind).find_map(|a| node_ipv4(&a.address));
     first("InternalIP").or_else(|| first("ExternalIP"))
 }
 
@@ -81,7 +79,12 @@ mod tests {
 
     #[test]
     fn nodeport_addresses_default_to_all_node_ipv4s() {
-        let n = node(&[("InternalIP", "192.168.1.10"), ("Hostname", "n1"), ("ExternalIP", "203.0.113.5"), ("InternalIP", "fd00::1")]);
+        let n = node(&[
+            ("InternalIP", "192.168.1.10"),
+            ("Hostname", "n1"),
+            ("ExternalIP", "203.0.113.5"),
+            ("InternalIP", "fd00::1"),
+        ]);
         let (info, w) = node_info("n1", Some(&n), &[]);
         assert!(w.is_empty());
         assert_eq!(info.nodeport_addrs, vec![Ipv4Addr::new(192, 168, 1, 10), Ipv4Addr::new(203, 0, 113, 5)]);
@@ -105,7 +108,12 @@ mod tests {
 
     #[test]
     fn snat_address_prefers_the_first_ipv4_internal_ip() {
-        let n = node(&[("ExternalIP", "203.0.113.5"), ("InternalIP", "fd00::1"), ("InternalIP", "192.168.1.10"), ("InternalIP", "192.168.1.11")]);
+        let n = node(&[
+            ("ExternalIP", "203.0.113.5"),
+            ("InternalIP", "fd00::1"),
+            ("InternalIP", "192.168.1.10"),
+            ("InternalIP", "192.168.1.11"),
+        ]);
         assert_eq!(snat_address(Some(&n)), Some(Ipv4Addr::new(192, 168, 1, 10)));
         let ext_only = node(&[("Hostname", "n1"), ("ExternalIP", "203.0.113.5")]);
         assert_eq!(snat_address(Some(&ext_only)), Some(Ipv4Addr::new(203, 0, 113, 5)));

@@ -27,8 +27,8 @@ use k8s_openapi::{
 
 use super::addr::CidrError;
 use super::types::{
-    BackendAddr, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey,
-    FrontendKind, HealthCheck, Ipv4Prefix, NodeInfo, Protocol, Scope, ServicePortName, Warning,
+    BackendAddr, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, Ipv4Prefix,
+    NodeInfo, Protocol, Scope, ServicePortName, Warning,
 };
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
@@ -76,11 +76,7 @@ pub fn translate_with_claims(
     let mut present: BTreeSet<ObjectId> = BTreeSet::new();
     for svc in sorted_by_name(&services, |s| &s.metadata) {
         let Some(id) = ObjectId::from_meta(&svc.metadata) else {
-            warnings.push(
-                KIND_SERVICE,
-                missing_id(&svc.metadata),
-                Problem::MissingMetadata,
-            );
+            warnings.push(KIND_SERVICE, missing_id(&svc.metadata), Problem::MissingMetadata);
             continue;
         };
         present.insert(id.clone());
@@ -143,20 +139,12 @@ fn warn_unmatched_slice_ports(
         let unmatched: Vec<String> = slice
             .ports
             .iter()
-            .filter(|sp| {
-                !svc.ports
-                    .iter()
-                    .any(|p| p.name == sp.name && p.proto == sp.proto)
-            })
+            .filter(|sp| !svc.ports.iter().any(|p| p.name == sp.name && p.proto == sp.proto))
             .map(|sp| format!("{:?}/{}", sp.name, sp.proto))
             .collect();
         if !unmatched.is_empty() {
-            let service_ports = svc
-                .ports
-                .iter()
-                .map(|p| format!("{:?}/{}", p.name, p.proto))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let service_ports =
+                svc.ports.iter().map(|p| format!("{:?}/{}", p.name, p.proto)).collect::<Vec<_>>().join(", ");
             warnings.push(
                 KIND_SLICE,
                 slice.id.to_string(),
@@ -183,11 +171,7 @@ fn warn_orphan_slices(
             continue;
         }
         for slice in group.slices.iter().filter(|s| !s.owned_by_service) {
-            warnings.push(
-                KIND_SLICE,
-                slice.id.to_string(),
-                Problem::NoSuchService(service.to_string()),
-            );
+            warnings.push(KIND_SLICE, slice.id.to_string(), Problem::NoSuchService(service.to_string()));
         }
     }
 }
@@ -274,11 +258,7 @@ struct Warnings(Vec<Warning>);
 
 impl Warnings {
     fn push(&mut self, kind: &'static str, object: String, problem: Problem) {
-        self.0.push(Warning {
-            object,
-            kind,
-            message: problem.to_string(),
-        });
+        self.0.push(Warning { object, kind, message: problem.to_string() });
     }
 }
 
@@ -307,11 +287,7 @@ impl fmt::Display for ObjectId {
 /// Best-effort name of an object whose namespace or name is missing, for the warning.
 fn missing_id(meta: &ObjectMeta) -> String {
     let part = |s: Option<&str>| non_empty(s).unwrap_or("<missing>").to_owned();
-    format!(
-        "{}/{}",
-        part(meta.namespace.as_deref()),
-        part(meta.name.as_deref())
-    )
+    format!("{}/{}", part(meta.namespace.as_deref()), part(meta.name.as_deref()))
 }
 
 fn non_empty(s: Option<&str>) -> Option<&str> {
@@ -360,11 +336,7 @@ fn valid_port(value: i32) -> Option<u16> {
 
 /// How a port is named in warnings: its name, or its position when unnamed.
 fn port_label(index: usize, name: &str) -> String {
-    if name.is_empty() {
-        format!("#{index}")
-    } else {
-        format!("{name:?}")
-    }
+    if name.is_empty() { format!("#{index}") } else { format!("{name:?}") }
 }
 
 fn push_unique<T: PartialEq>(list: &mut Vec<T>, item: T) {
@@ -444,11 +416,7 @@ fn index_slices(
     let mut index: BTreeMap<ObjectId, ServiceEndpoints> = BTreeMap::new();
     for slice in sorted_by_name(slices, |s| &s.metadata) {
         let Some(slice_id) = ObjectId::from_meta(&slice.metadata) else {
-            warnings.push(
-                KIND_SLICE,
-                missing_id(&slice.metadata),
-                Problem::MissingMetadata,
-            );
+            warnings.push(KIND_SLICE, missing_id(&slice.metadata), Problem::MissingMetadata);
             continue;
         };
         // Without the label a slice joins no Service (upstream's EndpointSliceCache
@@ -457,10 +425,7 @@ fn index_slices(
             warnings.push(KIND_SLICE, slice_id.to_string(), Problem::NoServiceNameLabel);
             continue;
         };
-        let service_id = ObjectId {
-            namespace: slice_id.namespace.clone(),
-            name: service.to_owned(),
-        };
+        let service_id = ObjectId { namespace: slice_id.namespace.clone(), name: service.to_owned() };
         let group = index.entry(service_id).or_default();
         match slice.address_type.as_str() {
             "IPv4" => {
@@ -474,11 +439,7 @@ fn index_slices(
             "IPv6" => group.saw_ipv6 = true,
             // FQDN slices are for DNS, never proxied.
             "FQDN" => {}
-            other => warnings.push(
-                KIND_SLICE,
-                slice_id.to_string(),
-                Problem::UnknownAddressType(other.to_owned()),
-            ),
+            other => warnings.push(KIND_SLICE, slice_id.to_string(), Problem::UnknownAddressType(other.to_owned())),
         }
     }
     index
@@ -519,18 +480,8 @@ fn parse_slice(
             }
         })
         .collect();
-    let owned_by_service = slice
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.kind == KIND_SERVICE);
-    ParsedSlice {
-        id: id.clone(),
-        owned_by_service,
-        ports,
-        endpoints,
-    }
+    let owned_by_service = slice.metadata.owner_references.iter().flatten().any(|o| o.kind == KIND_SERVICE);
+    ParsedSlice { id: id.clone(), owned_by_service, ports, endpoints }
 }
 
 /// `Ok(None)`: a port without a number, ignored like upstream does.
@@ -540,21 +491,12 @@ fn parse_slice_port(index: usize, port: &EndpointPort) -> Result<Option<SlicePor
         None | Some(0) => return Ok(None),
         Some(value) => value,
     };
-    let number = valid_port(value).ok_or_else(|| Problem::BadSlicePort {
+    let number = valid_port(value).ok_or_else(|| Problem::BadSlicePort { port: port_label(index, &name), value })?;
+    let proto = Protocol::from_k8s(port.protocol.as_deref()).ok_or_else(|| Problem::UnknownSliceProtocol {
         port: port_label(index, &name),
-        value,
+        protocol: port.protocol.clone().unwrap_or_default(),
     })?;
-    let proto = Protocol::from_k8s(port.protocol.as_deref()).ok_or_else(|| {
-        Problem::UnknownSliceProtocol {
-            port: port_label(index, &name),
-            protocol: port.protocol.clone().unwrap_or_default(),
-        }
-    })?;
-    Ok(Some(SlicePort {
-        name,
-        port: number,
-        proto,
-    }))
+    Ok(Some(SlicePort { name, port: number, proto }))
 }
 
 enum EndpointAddr {
@@ -564,10 +506,7 @@ enum EndpointAddr {
 
 fn parse_endpoint(ep: &Endpoint, node: &NodeInfo) -> Result<EndpointAddr, Problem> {
     // Addresses are fungible and upstream only ever uses the first one.
-    let raw = ep
-        .addresses
-        .first()
-        .ok_or(Problem::EndpointWithoutAddress)?;
+    let raw = ep.addresses.first().ok_or(Problem::EndpointWithoutAddress)?;
     let addr = match parse_ip(raw) {
         ParsedIp::V4(addr) => addr,
         ParsedIp::V6 => return Ok(EndpointAddr::V6),
@@ -588,15 +527,7 @@ fn parse_endpoint(ep: &Endpoint, node: &NodeInfo) -> Result<EndpointAddr, Proble
         hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.as_str())),
         Some(node.name.as_str()),
     );
-    Ok(EndpointAddr::V4(ParsedEndpoint {
-        addr,
-        local,
-        ready,
-        serving,
-        terminating,
-        zone_hint,
-        node_hint,
-    }))
+    Ok(EndpointAddr::V4(ParsedEndpoint { addr, local, ready, serving, terminating, zone_hint, node_hint }))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -684,10 +615,7 @@ fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
     let mut notes = Vec::new();
     let external_ips = external_ips(spec, &mut notes, &mut saw_ipv6);
     let (lb_ips, source_ranges) = if svc_type == ServiceType::LoadBalancer {
-        (
-            ingress_ips(svc, &mut notes, &mut saw_ipv6),
-            source_ranges(svc, spec, &mut notes, &mut saw_ipv6),
-        )
+        (ingress_ips(svc, &mut notes, &mut saw_ipv6), source_ranges(svc, spec, &mut notes, &mut saw_ipv6))
     } else {
         (Vec::new(), Vec::new())
     };
@@ -729,35 +657,19 @@ fn cluster_ip_strings(spec: &ServiceSpec) -> Vec<&str> {
 fn parse_port(index: usize, port: &ServicePort) -> Result<ParsedPort, Problem> {
     let name = port.name.clone().unwrap_or_default();
     let label = || port_label(index, &name);
-    let number = valid_port(port.port).ok_or_else(|| Problem::BadPort {
+    let number = valid_port(port.port).ok_or_else(|| Problem::BadPort { port: label(), value: port.port })?;
+    let proto = Protocol::from_k8s(port.protocol.as_deref()).ok_or_else(|| Problem::UnknownProtocol {
         port: label(),
-        value: port.port,
+        protocol: port.protocol.clone().unwrap_or_default(),
     })?;
-    let proto =
-        Protocol::from_k8s(port.protocol.as_deref()).ok_or_else(|| Problem::UnknownProtocol {
-            port: label(),
-            protocol: port.protocol.clone().unwrap_or_default(),
-        })?;
     let node_port = match port.node_port {
         None | Some(0) => None,
-        Some(value) => Some(valid_port(value).ok_or_else(|| Problem::BadNodePort {
-            port: label(),
-            value,
-        })?),
+        Some(value) => Some(valid_port(value).ok_or_else(|| Problem::BadNodePort { port: label(), value })?),
     };
-    Ok(ParsedPort {
-        name,
-        port: number,
-        node_port,
-        proto,
-    })
+    Ok(ParsedPort { name, port: number, node_port, proto })
 }
 
-fn external_ips(
-    spec: &ServiceSpec,
-    notes: &mut Vec<Problem>,
-    saw_ipv6: &mut bool,
-) -> Vec<Ipv4Addr> {
+fn external_ips(spec: &ServiceSpec, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> Vec<Ipv4Addr> {
     let mut ips = Vec::new();
     for raw in spec.external_ips.iter().flatten() {
         match parse_ip(raw) {
@@ -772,11 +684,7 @@ fn external_ips(
 /// `status.loadBalancer.ingress[].ip`, except `ipMode: Proxy` entries: there the load
 /// balancer delivers to the node with its own address, so kube-proxy must not capture the IP.
 fn ingress_ips(svc: &Service, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> Vec<Ipv4Addr> {
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref());
+    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
     let mut ips = Vec::new();
     for entry in ingress.into_iter().flatten() {
         // Hostname-only entries carry no IP to program.
@@ -787,10 +695,7 @@ fn ingress_ips(svc: &Service, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> 
             None | Some("VIP") => {}
             Some("Proxy") => continue,
             Some(mode) => {
-                notes.push(Problem::UnknownIpMode {
-                    ip: raw.to_owned(),
-                    mode: mode.to_owned(),
-                });
+                notes.push(Problem::UnknownIpMode { ip: raw.to_owned(), mode: mode.to_owned() });
                 continue;
             }
         }
@@ -804,12 +709,7 @@ fn ingress_ips(svc: &Service, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> 
 }
 
 /// `spec.loadBalancerSourceRanges`, or the legacy annotation when the field is empty.
-fn source_ranges(
-    svc: &Service,
-    spec: &ServiceSpec,
-    notes: &mut Vec<Problem>,
-    saw_ipv6: &mut bool,
-) -> Vec<Ipv4Prefix> {
+fn source_ranges(svc: &Service, spec: &ServiceSpec, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> Vec<Ipv4Prefix> {
     let raw: Vec<&str> = match spec.load_balancer_source_ranges.as_deref() {
         Some(field) if !field.is_empty() => field.iter().map(String::as_str).collect(),
         _ => svc
@@ -837,11 +737,8 @@ fn affinity_timeout(spec: &ServiceSpec, notes: &mut Vec<Problem>) -> Option<u32>
     if spec.session_affinity.as_deref() != Some("ClientIP") {
         return None;
     }
-    let configured = spec
-        .session_affinity_config
-        .as_ref()
-        .and_then(|c| c.client_ip.as_ref())
-        .and_then(|c| c.timeout_seconds);
+    let configured =
+        spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()).and_then(|c| c.timeout_seconds);
     let Some(seconds) = configured else {
         return Some(DEFAULT_AFFINITY_TIMEOUT);
     };
@@ -867,12 +764,7 @@ struct PortEndpoint {
 
 impl PortEndpoint {
     fn backend(&self, terminating: bool) -> BackendAddr {
-        BackendAddr {
-            addr: self.addr,
-            port: self.port,
-            local: self.ep.local,
-            terminating,
-        }
+        BackendAddr { addr: self.addr, port: self.port, local: self.ep.local, terminating }
     }
 }
 
@@ -881,10 +773,7 @@ impl PortEndpoint {
 fn endpoints_for_port(group: &ServiceEndpoints, port: &ParsedPort) -> Vec<PortEndpoint> {
     let mut merged: BTreeMap<(Ipv4Addr, u16), ParsedEndpoint> = BTreeMap::new();
     for slice in &group.slices {
-        let matching = slice
-            .ports
-            .iter()
-            .filter(|sp| sp.name == port.name && sp.proto == port.proto);
+        let matching = slice.ports.iter().filter(|sp| sp.name == port.name && sp.proto == port.proto);
         for slice_port in matching {
             for ep in &slice.endpoints {
                 match merged.entry((ep.addr, slice_port.port)) {
@@ -902,10 +791,7 @@ fn endpoints_for_port(group: &ServiceEndpoints, port: &ParsedPort) -> Vec<PortEn
             }
         }
     }
-    merged
-        .into_iter()
-        .map(|((addr, port), ep)| PortEndpoint { addr, port, ep })
-        .collect()
+    merged.into_iter().map(|((addr, port), ep)| PortEndpoint { addr, port, ep }).collect()
 }
 
 fn preference(ep: &ParsedEndpoint) -> (bool, bool, bool, bool) {
@@ -959,16 +845,10 @@ fn select_backends<'a>(
     endpoints: impl Iterator<Item = &'a PortEndpoint> + Clone,
     topology: Topology,
 ) -> Vec<BackendAddr> {
-    let mut chosen: Vec<BackendAddr> = endpoints
-        .clone()
-        .filter(|e| e.ep.ready && topology.allows(&e.ep))
-        .map(|e| e.backend(false))
-        .collect();
+    let mut chosen: Vec<BackendAddr> =
+        endpoints.clone().filter(|e| e.ep.ready && topology.allows(&e.ep)).map(|e| e.backend(false)).collect();
     if chosen.is_empty() {
-        chosen = endpoints
-            .filter(|e| e.ep.serving && e.ep.terminating)
-            .map(|e| e.backend(true))
-            .collect();
+        chosen = endpoints.filter(|e| e.ep.serving && e.ep.terminating).map(|e| e.backend(true)).collect();
     }
     chosen.sort();
     chosen.dedup();
@@ -998,29 +878,23 @@ fn expand_service(
 ) -> Vec<Candidate> {
     let mut out = Vec::new();
     for port in &svc.ports {
-        let port_eps = endpoints
-            .map(|g| endpoints_for_port(g, port))
-            .unwrap_or_default();
+        let port_eps = endpoints.map(|g| endpoints_for_port(g, port)).unwrap_or_default();
         // Cluster policy follows the topology hints; Local policies ignore them, as
         // upstream's CategorizeEndpoints does, and redo the ready/terminating choice among
         // local endpoints only.
         let cluster = select_backends(port_eps.iter(), topology_mode(port_eps.iter()));
         let local = select_backends(port_eps.iter().filter(|e| e.ep.local), Topology::Any);
 
-        let service = ServicePortName {
-            namespace: id.namespace.clone(),
-            name: id.name.clone(),
-            port_name: port.name.clone(),
+        let service =
+            ServicePortName { namespace: id.namespace.clone(), name: id.name.clone(), port_name: port.name.clone() };
+        let entry = |kind, backends: &[BackendAddr], local_only, ranges: &[Ipv4Prefix]| FrontendEntry {
+            service: service.clone(),
+            kind,
+            backends: backends.to_vec(),
+            affinity_timeout: svc.affinity_timeout,
+            local_only,
+            source_ranges: ranges.to_vec(),
         };
-        let entry =
-            |kind, backends: &[BackendAddr], local_only, ranges: &[Ipv4Prefix]| FrontendEntry {
-                service: service.clone(),
-                kind,
-                backends: backends.to_vec(),
-                affinity_timeout: svc.affinity_timeout,
-                local_only,
-                source_ranges: ranges.to_vec(),
-            };
         let candidate = |kind, addr, port_number, internal, external| Candidate {
             addr,
             port: port_number,
@@ -1032,40 +906,17 @@ fn expand_service(
         };
 
         // internalTrafficPolicy applies to the clusterIP only.
-        let (internal_backends, internal_local) = if svc.internal_local {
-            (&local, true)
-        } else {
-            (&cluster, false)
-        };
+        let (internal_backends, internal_local) = if svc.internal_local { (&local, true) } else { (&cluster, false) };
         for &ip in &svc.cluster_ips {
-            let internal = entry(
-                FrontendKind::ClusterIP,
-                internal_backends,
-                internal_local,
-                &[],
-            );
-            out.push(candidate(
-                FrontendKind::ClusterIP,
-                ip,
-                port.port,
-                internal,
-                None,
-            ));
+            let internal = entry(FrontendKind::ClusterIP, internal_backends, internal_local, &[]);
+            out.push(candidate(FrontendKind::ClusterIP, ip, port.port, internal, None));
         }
 
         // externalTrafficPolicy applies to traffic from outside; pods reaching an external
         // destination are short-circuited to all cluster endpoints, as upstream does.
-        let (external_backends, external_local) = if svc.external_local {
-            (&local, true)
-        } else {
-            (&cluster, false)
-        };
+        let (external_backends, external_local) = if svc.external_local { (&local, true) } else { (&cluster, false) };
         for (kind, addr, port_number) in external_destinations(svc, port, node) {
-            let ranges: &[Ipv4Prefix] = if kind == FrontendKind::LoadBalancer {
-                &svc.source_ranges
-            } else {
-                &[]
-            };
+            let ranges: &[Ipv4Prefix] = if kind == FrontendKind::LoadBalancer { &svc.source_ranges } else { &[] };
             // loadBalancerSourceRanges apply to every source, pods included: upstream's
             // firewall chain drops a pod outside the ranges on its way to the LB IP (its
             // NodePort and ClusterIP stay open to it).
@@ -1084,31 +935,16 @@ fn external_destinations(
     node: &NodeInfo,
 ) -> Vec<(FrontendKind, Ipv4Addr, u16)> {
     let mut out = Vec::new();
-    let has_node_ports = matches!(
-        svc.svc_type,
-        ServiceType::NodePort | ServiceType::LoadBalancer
-    );
+    let has_node_ports = matches!(svc.svc_type, ServiceType::NodePort | ServiceType::LoadBalancer);
     if let Some(node_port) = port.node_port.filter(|_| has_node_ports) {
         let mut addrs = Vec::new();
         for &addr in &node.nodeport_addrs {
             push_unique(&mut addrs, addr);
         }
-        out.extend(
-            addrs
-                .into_iter()
-                .map(|a| (FrontendKind::NodePort, a, node_port)),
-        );
+        out.extend(addrs.into_iter().map(|a| (FrontendKind::NodePort, a, node_port)));
     }
-    out.extend(
-        svc.external_ips
-            .iter()
-            .map(|&ip| (FrontendKind::ExternalIP, ip, port.port)),
-    );
-    out.extend(
-        svc.lb_ips
-            .iter()
-            .map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)),
-    );
+    out.extend(svc.external_ips.iter().map(|&ip| (FrontendKind::ExternalIP, ip, port.port)));
+    out.extend(svc.lb_ips.iter().map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)));
     out
 }
 
@@ -1131,26 +967,15 @@ fn claim_priority(kind: FrontendKind) -> u8 {
 /// Service never moves a live address (and its connections) to another Service; the
 /// priority still goes first so that an externalIP squatting on a clusterIP before that
 /// Service existed does not keep it.
-fn claim_frontends(
-    mut candidates: Vec<Candidate>,
-    claims: &Claims,
-    warnings: &mut Warnings,
-) -> DesiredState {
+fn claim_frontends(mut candidates: Vec<Candidate>, claims: &Claims, warnings: &mut Warnings) -> DesiredState {
     let holds = |c: &Candidate| {
-        let key = ClaimKey {
-            addr: c.addr,
-            port: c.port,
-            proto: c.proto,
-        };
-        claims
-            .get(&key)
-            .is_some_and(|h| h.namespace == c.owner.namespace && h.name == c.owner.name)
+        let key = ClaimKey { addr: c.addr, port: c.port, proto: c.proto };
+        claims.get(&key).is_some_and(|h| h.namespace == c.owner.namespace && h.name == c.owner.name)
     };
     // Stable sort: within a priority and holding, candidates stay in service order.
     candidates.sort_by_cached_key(|c| (claim_priority(c.kind), !holds(c)));
     let mut state = DesiredState::default();
-    let mut owners: BTreeMap<(Ipv4Addr, u16, Protocol), (ObjectId, FrontendKind, bool)> =
-        BTreeMap::new();
+    let mut owners: BTreeMap<(Ipv4Addr, u16, Protocol), (ObjectId, FrontendKind, bool)> = BTreeMap::new();
     let mut conflicts: BTreeMap<ObjectId, Vec<String>> = BTreeMap::new();
     for c in candidates {
         let held = holds(&c);
@@ -1165,12 +990,7 @@ fn claim_frontends(
             }
             Entry::Vacant(v) => {
                 v.insert((c.owner, c.kind, held));
-                let key = |scope| FrontendKey {
-                    addr: c.addr,
-                    port: c.port,
-                    proto: c.proto,
-                    scope,
-                };
+                let key = |scope| FrontendKey { addr: c.addr, port: c.port, proto: c.proto, scope };
                 state.frontends.insert(key(Scope::Internal), c.internal);
                 if let Some(external) = c.external {
                     state.frontends.insert(key(Scope::External), external);
@@ -1179,11 +999,7 @@ fn claim_frontends(
         }
     }
     for (owner, lost) in conflicts {
-        warnings.push(
-            KIND_SERVICE,
-            owner.to_string(),
-            Problem::Conflict(lost.join(", ")),
-        );
+        warnings.push(KIND_SERVICE, owner.to_string(), Problem::Conflict(lost.join(", ")));
     }
     state
 }
@@ -1209,11 +1025,7 @@ mod tests {
     }
 
     fn node() -> NodeInfo {
-        NodeInfo {
-            name: NODE.into(),
-            nodeport_addrs: vec![ip(NODE_IP)],
-            zone: Some(ZONE.into()),
-        }
+        NodeInfo { name: NODE.into(), nodeport_addrs: vec![ip(NODE_IP)], zone: Some(ZONE.into()) }
     }
 
     /// Shallow-merge `overrides` into the JSON object `base` (`null` removes a key).
@@ -1233,21 +1045,13 @@ mod tests {
     /// Service "default/<name>": ClusterIP 10.96.0.1, one unnamed TCP port 80; `spec`
     /// overrides keys of that default spec.
     fn svc(name: &str, spec: Value) -> Service {
-        svc_full(
-            json!({"namespace": "default", "name": name}),
-            spec,
-            json!(null),
-        )
+        svc_full(json!({"namespace": "default", "name": name}), spec, json!(null))
     }
 
     /// Service with explicit metadata, spec overrides and status.
     fn svc_full(metadata: Value, spec: Value, status: Value) -> Service {
-        let spec = merged(
-            json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}),
-            spec,
-        );
-        serde_json::from_value(json!({"metadata": metadata, "spec": spec, "status": status}))
-            .unwrap()
+        let spec = merged(json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}), spec);
+        serde_json::from_value(json!({"metadata": metadata, "spec": spec, "status": status})).unwrap()
     }
 
     fn lb_status(ingress: Value) -> Value {
@@ -1278,56 +1082,28 @@ mod tests {
     }
 
     /// An endpoint with explicit conditions (`None` = field absent).
-    fn ep_cond(
-        addr: &str,
-        node: &str,
-        ready: Option<bool>,
-        serving: Option<bool>,
-        terminating: Option<bool>,
-    ) -> Value {
+    fn ep_cond(addr: &str, node: &str, ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> Value {
         json!({"addresses": [addr], "nodeName": node,
                "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
     }
 
     fn be(addr: &str, port: u16, local: bool) -> BackendAddr {
-        BackendAddr {
-            addr: ip(addr),
-            port,
-            local,
-            terminating: false,
-        }
+        BackendAddr { addr: ip(addr), port, local, terminating: false }
     }
 
     fn be_term(addr: &str, port: u16, local: bool) -> BackendAddr {
-        BackendAddr {
-            terminating: true,
-            ..be(addr, port, local)
-        }
+        BackendAddr { terminating: true, ..be(addr, port, local) }
     }
 
     fn key(addr: &str, port: u16, proto: Protocol, scope: Scope) -> FrontendKey {
-        FrontendKey {
-            addr: ip(addr),
-            port,
-            proto,
-            scope,
-        }
+        FrontendKey { addr: ip(addr), port, proto, scope }
     }
 
     /// Expected entry for "default/<svc>" port `port_name`; local_only false, no affinity,
     /// no source ranges (override with struct-update syntax).
-    fn entry(
-        svc: &str,
-        port_name: &str,
-        kind: FrontendKind,
-        backends: Vec<BackendAddr>,
-    ) -> FrontendEntry {
+    fn entry(svc: &str, port_name: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -> FrontendEntry {
         FrontendEntry {
-            service: ServicePortName {
-                namespace: "default".into(),
-                name: svc.into(),
-                port_name: port_name.into(),
-            },
+            service: ServicePortName { namespace: "default".into(), name: svc.into(), port_name: port_name.into() },
             kind,
             backends,
             affinity_timeout: None,
@@ -1337,10 +1113,7 @@ mod tests {
     }
 
     fn local_only(e: FrontendEntry) -> FrontendEntry {
-        FrontendEntry {
-            local_only: true,
-            ..e
-        }
+        FrontendEntry { local_only: true, ..e }
     }
 
     fn run(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<Warning>) {
@@ -1348,23 +1121,18 @@ mod tests {
     }
 
     fn state(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
-        DesiredState {
-            frontends: entries.into_iter().collect(),
-            ..DesiredState::default()
-        }
+        DesiredState { frontends: entries.into_iter().collect(), ..DesiredState::default() }
     }
 
     /// Each expected warning: (kind, object, fragment of the message), in order.
     #[track_caller]
     fn assert_warnings(actual: &[Warning], expected: &[(&str, &str, &str)]) {
         let ok = actual.len() == expected.len()
-            && actual.iter().zip(expected).all(|(w, (kind, object, msg))| {
-                w.kind == *kind && w.object == *object && w.message.contains(msg)
-            });
-        assert!(
-            ok,
-            "warnings differ:\n actual:   {actual:#?}\n expected: {expected:#?}"
-        );
+            && actual
+                .iter()
+                .zip(expected)
+                .all(|(w, (kind, object, msg))| w.kind == *kind && w.object == *object && w.message.contains(msg));
+        assert!(ok, "warnings differ:\n actual:   {actual:#?}\n expected: {expected:#?}");
     }
 
     #[track_caller]
@@ -1381,10 +1149,7 @@ mod tests {
 
     /// The standard "default/web" ClusterIP frontend with the given backends.
     fn web_cluster_ip(backends: Vec<BackendAddr>) -> (FrontendKey, FrontendEntry) {
-        (
-            key("10.96.0.1", 80, Tcp, Internal),
-            entry("web", "", ClusterIP, backends),
-        )
+        (key("10.96.0.1", 80, Tcp, Internal), entry("web", "", ClusterIP, backends))
     }
 
     /// A service "default/good" on 10.96.0.2 with one local backend, programmed alongside
@@ -1393,10 +1158,7 @@ mod tests {
         (
             svc("good", json!({"clusterIP": "10.96.0.2"})),
             slice("good-1", "good", p8080(), json!([ep("10.0.0.9", NODE)])),
-            (
-                key("10.96.0.2", 80, Tcp, Internal),
-                entry("good", "", ClusterIP, vec![be("10.0.0.9", 8080, true)]),
-            ),
+            (key("10.96.0.2", 80, Tcp, Internal), entry("good", "", ClusterIP, vec![be("10.0.0.9", 8080, true)])),
         )
     }
 
@@ -1406,59 +1168,28 @@ mod tests {
     fn cluster_ip_with_backends() {
         assert_translates(
             &[svc("web", json!({}))],
-            &[slice(
-                "web-1",
-                "web",
-                p8080(),
-                json!([ep("10.0.0.2", "node-b"), ep("10.0.0.1", NODE)]),
-            )],
-            vec![web_cluster_ip(vec![
-                be("10.0.0.1", 8080, true),
-                be("10.0.0.2", 8080, false),
-            ])],
+            &[slice("web-1", "web", p8080(), json!([ep("10.0.0.2", "node-b"), ep("10.0.0.1", NODE)]))],
+            vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)])],
             &[],
         );
     }
 
     #[test]
     fn no_endpoints_gives_empty_backends() {
-        assert_translates(
-            &[svc("web", json!({}))],
-            &[],
-            vec![web_cluster_ip(vec![])],
-            &[],
-        );
+        assert_translates(&[svc("web", json!({}))], &[], vec![web_cluster_ip(vec![])], &[]);
     }
 
     #[test]
     fn skipped_services_are_silent() {
         let cases: Vec<(&str, Service)> = vec![
-            (
-                "ExternalName",
-                svc(
-                    "web",
-                    json!({"type": "ExternalName", "externalName": "x.example"}),
-                ),
-            ),
-            (
-                "headless clusterIP",
-                svc("web", json!({"clusterIP": "None"})),
-            ),
-            (
-                "headless clusterIPs",
-                svc("web", json!({"clusterIP": "None", "clusterIPs": ["None"]})),
-            ),
+            ("ExternalName", svc("web", json!({"type": "ExternalName", "externalName": "x.example"}))),
+            ("headless clusterIP", svc("web", json!({"clusterIP": "None"}))),
+            ("headless clusterIPs", svc("web", json!({"clusterIP": "None", "clusterIPs": ["None"]}))),
             ("no cluster IP", svc("web", json!({"clusterIP": null}))),
-            (
-                "empty cluster IP",
-                svc("web", json!({"clusterIP": "", "clusterIPs": []})),
-            ),
+            ("empty cluster IP", svc("web", json!({"clusterIP": "", "clusterIPs": []}))),
             (
                 "no cluster IP, NodePort type",
-                svc(
-                    "web",
-                    json!({"clusterIP": null, "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
-                ),
+                svc("web", json!({"clusterIP": null, "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]})),
             ),
             (
                 "service-proxy-name label",
@@ -1469,20 +1200,9 @@ mod tests {
                     json!(null),
                 ),
             ),
-            (
-                "no spec",
-                serde_json::from_value(
-                    json!({"metadata": {"namespace": "default", "name": "web"}}),
-                )
-                .unwrap(),
-            ),
+            ("no spec", serde_json::from_value(json!({"metadata": {"namespace": "default", "name": "web"}})).unwrap()),
         ];
-        let slices = [slice(
-            "web-1",
-            "web",
-            p8080(),
-            json!([ep("10.0.0.1", NODE)]),
-        )];
+        let slices = [slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE)]))];
         for (name, service) in cases {
             let (state, warnings) = run(&[service], &slices);
             assert!(state.frontends.is_empty(), "{name}: {state:?}");
@@ -1492,20 +1212,11 @@ mod tests {
 
     #[test]
     fn cluster_ips_preferred_over_cluster_ip_and_all_ipv4_used() {
-        let service = svc(
-            "web",
-            json!({"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "10.96.0.7"]}),
-        );
+        let service = svc("web", json!({"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "10.96.0.7"]}));
         assert_translates(
             &[service],
             &[],
-            vec![
-                web_cluster_ip(vec![]),
-                (
-                    key("10.96.0.7", 80, Tcp, Internal),
-                    entry("web", "", ClusterIP, vec![]),
-                ),
-            ],
+            vec![web_cluster_ip(vec![]), (key("10.96.0.7", 80, Tcp, Internal), entry("web", "", ClusterIP, vec![]))],
             &[],
         );
     }
@@ -1530,18 +1241,10 @@ mod tests {
             &[service],
             &slices,
             vec![
-                (
-                    key("10.96.0.1", 53, Udp, Internal),
-                    entry("web", "dns", ClusterIP, vec![be("10.0.0.1", 5353, true)]),
-                ),
+                (key("10.96.0.1", 53, Udp, Internal), entry("web", "dns", ClusterIP, vec![be("10.0.0.1", 5353, true)])),
                 (
                     key("10.96.0.1", 53, Tcp, Internal),
-                    entry(
-                        "web",
-                        "dns-tcp",
-                        ClusterIP,
-                        vec![be("10.0.0.1", 5354, true)],
-                    ),
+                    entry("web", "dns-tcp", ClusterIP, vec![be("10.0.0.1", 5354, true)]),
                 ),
                 (
                     key("10.96.0.1", 9000, Sctp, Internal),
@@ -1565,12 +1268,7 @@ mod tests {
             lb_status(json!([{"ip": "2001:db8::2"}])),
         );
         let slices = [
-            slice(
-                "web-1",
-                "web",
-                p8080(),
-                json!([ep("10.0.0.1", NODE), ep("fd00::5", NODE)]),
-            ),
+            slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE), ep("fd00::5", NODE)])),
             slice_json(json!({
                 "metadata": {"namespace": "default", "name": "web-v6",
                              "labels": {"kubernetes.io/service-name": "web"}},
@@ -1583,14 +1281,8 @@ mod tests {
             &slices,
             vec![
                 web_cluster_ip(backends.clone()),
-                (
-                    key("203.0.113.1", 80, Tcp, Internal),
-                    entry("web", "", ExternalIP, backends.clone()),
-                ),
-                (
-                    key("203.0.113.1", 80, Tcp, External),
-                    entry("web", "", ExternalIP, backends),
-                ),
+                (key("203.0.113.1", 80, Tcp, Internal), entry("web", "", ExternalIP, backends.clone())),
+                (key("203.0.113.1", 80, Tcp, External), entry("web", "", ExternalIP, backends)),
             ],
             &[("Service", "default/web", "IPv6 not supported yet")],
         );
@@ -1599,10 +1291,7 @@ mod tests {
     #[test]
     fn ipv6_only_service_skipped_with_warning() {
         assert_translates(
-            &[svc(
-                "web",
-                json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"]}),
-            )],
+            &[svc("web", json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"]}))],
             &[],
             vec![],
             &[("Service", "default/web", "IPv6 not supported yet")],
@@ -1613,30 +1302,16 @@ mod tests {
 
     #[test]
     fn node_port_in_both_scopes_on_every_node_address() {
-        let service = svc(
-            "web",
-            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
-        );
-        let slices = [slice(
-            "web-1",
-            "web",
-            p8080(),
-            json!([ep("10.0.0.1", NODE)]),
-        )];
-        let node = NodeInfo {
-            name: NODE.into(),
-            nodeport_addrs: vec![ip(NODE_IP), ip("10.1.0.10"), ip(NODE_IP)],
-            zone: None,
-        };
+        let service = svc("web", json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}));
+        let slices = [slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE)]))];
+        let node =
+            NodeInfo { name: NODE.into(), nodeport_addrs: vec![ip(NODE_IP), ip("10.1.0.10"), ip(NODE_IP)], zone: None };
         let (actual, warnings) = translate(&[service], &slices, &node);
         let b = vec![be("10.0.0.1", 8080, true)];
         let mut expected = vec![web_cluster_ip(b.clone())];
         for addr in [NODE_IP, "10.1.0.10"] {
             for scope in [Internal, External] {
-                expected.push((
-                    key(addr, 30080, Tcp, scope),
-                    entry("web", "", NodePort, b.clone()),
-                ));
+                expected.push((key(addr, 30080, Tcp, scope), entry("web", "", NodePort, b.clone())));
             }
         }
         assert_eq!(actual, state(expected));
@@ -1646,18 +1321,9 @@ mod tests {
     #[test]
     fn node_port_only_for_node_port_and_load_balancer_types() {
         let cases = [
-            (
-                "ClusterIP type ignores nodePort",
-                json!({"ports": [{"port": 80, "nodePort": 30080}]}),
-            ),
-            (
-                "nodePort 0",
-                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 0}]}),
-            ),
-            (
-                "nodePort absent",
-                json!({"type": "LoadBalancer", "ports": [{"port": 80}]}),
-            ),
+            ("ClusterIP type ignores nodePort", json!({"ports": [{"port": 80, "nodePort": 30080}]})),
+            ("nodePort 0", json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 0}]})),
+            ("nodePort absent", json!({"type": "LoadBalancer", "ports": [{"port": 80}]})),
         ];
         for (name, spec) in cases {
             let (actual, warnings) = run(&[svc("web", spec)], &[]);
@@ -1668,23 +1334,14 @@ mod tests {
 
     #[test]
     fn external_ips_in_both_scopes() {
-        let service = svc(
-            "web",
-            json!({"externalIPs": ["203.0.113.1", "203.0.113.1"]}),
-        );
+        let service = svc("web", json!({"externalIPs": ["203.0.113.1", "203.0.113.1"]}));
         assert_translates(
             &[service],
             &[],
             vec![
                 web_cluster_ip(vec![]),
-                (
-                    key("203.0.113.1", 80, Tcp, Internal),
-                    entry("web", "", ExternalIP, vec![]),
-                ),
-                (
-                    key("203.0.113.1", 80, Tcp, External),
-                    entry("web", "", ExternalIP, vec![]),
-                ),
+                (key("203.0.113.1", 80, Tcp, Internal), entry("web", "", ExternalIP, vec![])),
+                (key("203.0.113.1", 80, Tcp, External), entry("web", "", ExternalIP, vec![])),
             ],
             &[],
         );
@@ -1714,7 +1371,8 @@ mod tests {
         for scope in [Internal, External] {
             expected.push((key(NODE_IP, 30080, Tcp, scope), entry("web", "", NodePort, backends.clone())));
             expected.push((key("203.0.113.1", 80, Tcp, scope), entry("web", "", ExternalIP, backends.clone())));
-            let lb = FrontendEntry { source_ranges: ranges.clone(), ..entry("web", "", LoadBalancer, backends.clone()) };
+            let lb =
+                FrontendEntry { source_ranges: ranges.clone(), ..entry("web", "", LoadBalancer, backends.clone()) };
             expected.push((key("198.51.100.1", 80, Tcp, scope), lb));
         }
         assert_translates(&[service], &slices, expected, &[]);
@@ -1734,15 +1392,9 @@ mod tests {
         );
         let mut expected = vec![web_cluster_ip(vec![])];
         for scope in [Internal, External] {
-            expected.push((
-                key(NODE_IP, 30080, Tcp, scope),
-                entry("web", "", NodePort, vec![]),
-            ));
+            expected.push((key(NODE_IP, 30080, Tcp, scope), entry("web", "", NodePort, vec![])));
             for lb in ["198.51.100.1", "198.51.100.2"] {
-                expected.push((
-                    key(lb, 80, Tcp, scope),
-                    entry("web", "", LoadBalancer, vec![]),
-                ));
+                expected.push((key(lb, 80, Tcp, scope), entry("web", "", LoadBalancer, vec![])));
             }
         }
         assert_translates(&[service], &[], expected, &[]);
@@ -1763,18 +1415,8 @@ mod tests {
     #[test]
     fn slices_merged_and_duplicates_removed() {
         let slices = [
-            slice(
-                "web-1",
-                "web",
-                p8080(),
-                json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
-            ),
-            slice(
-                "web-2",
-                "web",
-                p8080(),
-                json!([ep("10.0.0.2", "node-b"), ep("10.0.0.3", "node-b")]),
-            ),
+            slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")])),
+            slice("web-2", "web", p8080(), json!([ep("10.0.0.2", "node-b"), ep("10.0.0.3", "node-b")])),
         ];
         assert_translates(
             &[svc("web", json!({}))],
@@ -1791,18 +1433,7 @@ mod tests {
     #[test]
     fn duplicate_endpoint_prefers_non_terminating_copy() {
         let slices = [
-            slice(
-                "web-1",
-                "web",
-                p8080(),
-                json!([ep_cond(
-                    "10.0.0.1",
-                    NODE,
-                    Some(false),
-                    Some(true),
-                    Some(true)
-                )]),
-            ),
+            slice("web-1", "web", p8080(), json!([ep_cond("10.0.0.1", NODE, Some(false), Some(true), Some(true))])),
             slice("web-2", "web", p8080(), json!([ep("10.0.0.1", NODE)])),
         ];
         assert_translates(
@@ -1851,10 +1482,7 @@ mod tests {
 
     #[test]
     fn port_resolution_by_name_and_protocol() {
-        let service = svc(
-            "web",
-            json!({"ports": [{"name": "http", "port": 80}, {"name": "metrics", "port": 9090}]}),
-        );
+        let service = svc("web", json!({"ports": [{"name": "http", "port": 80}, {"name": "metrics", "port": 9090}]}));
         let slices = [
             // Matches both ports (order in the slice does not matter).
             slice(
@@ -1872,12 +1500,7 @@ mod tests {
                 json!([ep("10.0.0.2", NODE)]),
             ),
             // Only "http": contributes nothing to "metrics".
-            slice(
-                "web-3",
-                "web",
-                json!([{"name": "http", "port": 8080}]),
-                json!([ep("10.0.0.3", NODE)]),
-            ),
+            slice("web-3", "web", json!([{"name": "http", "port": 8080}]), json!([ep("10.0.0.3", NODE)])),
         ];
         assert_translates(
             &[service],
@@ -1885,55 +1508,28 @@ mod tests {
             vec![
                 (
                     key("10.96.0.1", 80, Tcp, Internal),
-                    entry(
-                        "web",
-                        "http",
-                        ClusterIP,
-                        vec![be("10.0.0.1", 8080, true), be("10.0.0.3", 8080, true)],
-                    ),
+                    entry("web", "http", ClusterIP, vec![be("10.0.0.1", 8080, true), be("10.0.0.3", 8080, true)]),
                 ),
                 (
                     key("10.96.0.1", 9090, Tcp, Internal),
-                    entry(
-                        "web",
-                        "metrics",
-                        ClusterIP,
-                        vec![be("10.0.0.1", 9100, true)],
-                    ),
+                    entry("web", "metrics", ClusterIP, vec![be("10.0.0.1", 9100, true)]),
                 ),
             ],
             // Ports without a number are ignored, like upstream; the UDP one is a mistake.
-            &[(
-                "EndpointSlice",
-                "default/web-2",
-                "ports \"http\"/UDP match no port of Service default/web",
-            )],
+            &[("EndpointSlice", "default/web-2", "ports \"http\"/UDP match no port of Service default/web")],
         );
     }
 
     #[test]
     fn unnamed_port_matches_absent_or_empty_name() {
         let slices = [
-            slice(
-                "web-1",
-                "web",
-                json!([{"port": 8080}]),
-                json!([ep("10.0.0.1", NODE)]),
-            ),
-            slice(
-                "web-2",
-                "web",
-                json!([{"name": "", "port": 8080}]),
-                json!([ep("10.0.0.2", NODE)]),
-            ),
+            slice("web-1", "web", json!([{"port": 8080}]), json!([ep("10.0.0.1", NODE)])),
+            slice("web-2", "web", json!([{"name": "", "port": 8080}]), json!([ep("10.0.0.2", NODE)])),
         ];
         assert_translates(
             &[svc("web", json!({"ports": [{"name": "", "port": 80}]}))],
             &slices,
-            vec![web_cluster_ip(vec![
-                be("10.0.0.1", 8080, true),
-                be("10.0.0.2", 8080, true),
-            ])],
+            vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, true)])],
             &[],
         );
     }
@@ -1967,52 +1563,89 @@ mod tests {
         };
         // (rule, endpoints, node zone, expected ClusterIP backends)
         let rows: Vec<(&str, Value, Option<&str>, Vec<BackendAddr>)> = vec![
-            ("no hints: every ready endpoint", json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b"), ep("10.0.0.3", "node-c")]), Some(ZONE), all.clone()),
+            (
+                "no hints: every ready endpoint",
+                json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b"), ep("10.0.0.3", "node-c")]),
+                Some(ZONE),
+                all.clone(),
+            ),
             (
                 "PreferSameZone: every ready endpoint hinted, some for this zone -> those",
-                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])]),
+                json!([
+                    ep_hints("10.0.0.1", NODE, &[ZONE], &[]),
+                    ep_hints("10.0.0.2", "node-b", &[ZONE], &[]),
+                    ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])
+                ]),
                 Some(ZONE),
                 vec![e1, e2],
             ),
             (
                 "an endpoint without zone hints: hints ignored",
-                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[]), ep("10.0.0.3", "node-c")]),
+                json!([
+                    ep_hints("10.0.0.1", NODE, &[ZONE], &[]),
+                    ep_hints("10.0.0.2", "node-b", &[ZONE], &[]),
+                    ep("10.0.0.3", "node-c")
+                ]),
                 Some(ZONE),
                 all.clone(),
             ),
             (
                 "no endpoint hinted for this zone: hints ignored",
-                json!([ep_hints("10.0.0.1", NODE, &["zone-b"], &[]), ep_hints("10.0.0.2", "node-b", &["zone-b"], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])]),
+                json!([
+                    ep_hints("10.0.0.1", NODE, &["zone-b"], &[]),
+                    ep_hints("10.0.0.2", "node-b", &["zone-b"], &[]),
+                    ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])
+                ]),
                 Some(ZONE),
                 all.clone(),
             ),
             (
                 "node without a zone label: hints ignored",
-                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])]),
+                json!([
+                    ep_hints("10.0.0.1", NODE, &[ZONE], &[]),
+                    ep_hints("10.0.0.2", "node-b", &[ZONE], &[]),
+                    ep_hints("10.0.0.3", "node-c", &["zone-b"], &[])
+                ]),
                 None,
                 all.clone(),
             ),
             (
                 "PreferSameNode: node hints checked first",
-                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[NODE]), ep_hints("10.0.0.2", "node-b", &[ZONE], &["node-b"]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])]),
+                json!([
+                    ep_hints("10.0.0.1", NODE, &[ZONE], &[NODE]),
+                    ep_hints("10.0.0.2", "node-b", &[ZONE], &["node-b"]),
+                    ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])
+                ]),
                 Some(ZONE),
                 vec![e1],
             ),
             (
                 "node hints for other nodes only: falls back to zone hints",
-                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &["node-x"]), ep_hints("10.0.0.2", "node-b", &[ZONE], &["node-b"]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])]),
+                json!([
+                    ep_hints("10.0.0.1", NODE, &[ZONE], &["node-x"]),
+                    ep_hints("10.0.0.2", "node-b", &[ZONE], &["node-b"]),
+                    ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])
+                ]),
                 Some(ZONE),
                 vec![e1, e2],
             ),
             (
                 "an endpoint without node hints: zone hints decide",
-                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[NODE]), ep_hints("10.0.0.2", "node-b", &[ZONE], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])]),
+                json!([
+                    ep_hints("10.0.0.1", NODE, &[ZONE], &[NODE]),
+                    ep_hints("10.0.0.2", "node-b", &[ZONE], &[]),
+                    ep_hints("10.0.0.3", "node-c", &["zone-b"], &["node-c"])
+                ]),
                 Some(ZONE),
                 vec![e1, e2],
             ),
             (
                 "not-ready endpoints do not count against the hints",
-                json!([ep_hints("10.0.0.1", NODE, &[ZONE], &[]), ep_hints("10.0.0.3", "node-c", &["zone-b"], &[]), not_ready_unhinted]),
+                json!([
+                    ep_hints("10.0.0.1", NODE, &[ZONE], &[]),
+                    ep_hints("10.0.0.3", "node-c", &["zone-b"], &[]),
+                    not_ready_unhinted
+                ]),
                 Some(ZONE),
                 vec![e1],
             ),
@@ -2065,10 +1698,7 @@ mod tests {
             ),
             (
                 "not ready is excluded",
-                json!([
-                    ep("10.0.0.1", NODE),
-                    ep_cond("10.0.0.2", NODE, Some(false), None, None)
-                ]),
+                json!([ep("10.0.0.1", NODE), ep_cond("10.0.0.2", NODE, Some(false), None, None)]),
                 vec![be("10.0.0.1", 8080, true)],
             ),
             (
@@ -2078,17 +1708,10 @@ mod tests {
             ),
             (
                 "fallback to serving-terminating",
-                json!([
-                    t("10.0.0.2"),
-                    ep_cond("10.0.0.3", NODE, Some(false), Some(false), Some(true))
-                ]),
+                json!([t("10.0.0.2"), ep_cond("10.0.0.3", NODE, Some(false), Some(false), Some(true))]),
                 vec![be_term("10.0.0.2", 8080, true)],
             ),
-            (
-                "nil serving follows ready",
-                json!([ep_cond("10.0.0.2", NODE, Some(false), None, Some(true))]),
-                vec![],
-            ),
+            ("nil serving follows ready", json!([ep_cond("10.0.0.2", NODE, Some(false), None, Some(true))]), vec![]),
             (
                 "serving but not terminating is not a fallback",
                 json!([ep_cond("10.0.0.2", NODE, Some(false), Some(true), None)]),
@@ -2111,12 +1734,7 @@ mod tests {
             "web",
             json!({"type": "NodePort", "internalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}),
         );
-        let slices = [slice(
-            "web-1",
-            "web",
-            p8080(),
-            json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
-        )];
+        let slices = [slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]))];
         let all = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
         assert_translates(
             &[service],
@@ -2124,22 +1742,11 @@ mod tests {
             vec![
                 (
                     key("10.96.0.1", 80, Tcp, Internal),
-                    local_only(entry(
-                        "web",
-                        "",
-                        ClusterIP,
-                        vec![be("10.0.0.1", 8080, true)],
-                    )),
+                    local_only(entry("web", "", ClusterIP, vec![be("10.0.0.1", 8080, true)])),
                 ),
                 // iTP does not apply to external destinations, from pods or from outside.
-                (
-                    key(NODE_IP, 30080, Tcp, Internal),
-                    entry("web", "", NodePort, all.clone()),
-                ),
-                (
-                    key(NODE_IP, 30080, Tcp, External),
-                    entry("web", "", NodePort, all),
-                ),
+                (key(NODE_IP, 30080, Tcp, Internal), entry("web", "", NodePort, all.clone())),
+                (key(NODE_IP, 30080, Tcp, External), entry("web", "", NodePort, all)),
             ],
             &[],
         );
@@ -2152,22 +1759,14 @@ mod tests {
             "web-1",
             "web",
             p8080(),
-            json!([
-                ep_cond("10.0.0.1", NODE, Some(false), Some(true), Some(true)),
-                ep("10.0.0.2", "node-b")
-            ]),
+            json!([ep_cond("10.0.0.1", NODE, Some(false), Some(true), Some(true)), ep("10.0.0.2", "node-b")]),
         )];
         assert_translates(
             &[service],
             &slices,
             vec![(
                 key("10.96.0.1", 80, Tcp, Internal),
-                local_only(entry(
-                    "web",
-                    "",
-                    ClusterIP,
-                    vec![be_term("10.0.0.1", 8080, true)],
-                )),
+                local_only(entry("web", "", ClusterIP, vec![be_term("10.0.0.1", 8080, true)])),
             )],
             &[],
         );
@@ -2180,12 +1779,7 @@ mod tests {
             json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}),
             lb_status(json!([{"ip": "198.51.100.1"}])),
         );
-        let slices = [slice(
-            "web-1",
-            "web",
-            p8080(),
-            json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
-        )];
+        let slices = [slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]))];
         let all = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
         let local = vec![be("10.0.0.1", 8080, true)];
         assert_translates(
@@ -2194,22 +1788,10 @@ mod tests {
             vec![
                 web_cluster_ip(all.clone()),
                 // Pods reaching external destinations short-circuit to all endpoints.
-                (
-                    key(NODE_IP, 30080, Tcp, Internal),
-                    entry("web", "", NodePort, all.clone()),
-                ),
-                (
-                    key(NODE_IP, 30080, Tcp, External),
-                    local_only(entry("web", "", NodePort, local.clone())),
-                ),
-                (
-                    key("198.51.100.1", 80, Tcp, Internal),
-                    entry("web", "", LoadBalancer, all),
-                ),
-                (
-                    key("198.51.100.1", 80, Tcp, External),
-                    local_only(entry("web", "", LoadBalancer, local)),
-                ),
+                (key(NODE_IP, 30080, Tcp, Internal), entry("web", "", NodePort, all.clone())),
+                (key(NODE_IP, 30080, Tcp, External), local_only(entry("web", "", NodePort, local.clone()))),
+                (key("198.51.100.1", 80, Tcp, Internal), entry("web", "", LoadBalancer, all)),
+                (key("198.51.100.1", 80, Tcp, External), local_only(entry("web", "", LoadBalancer, local))),
             ],
             &[],
         );
@@ -2265,8 +1847,11 @@ mod tests {
             ],
         );
         // A NodePort service with Local policy has no health check port.
-        let np = svc("np", json!({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32003,
-                                 "ports": [{"port": 80, "nodePort": 30081}]}));
+        let np = svc(
+            "np",
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32003,
+                                 "ports": [{"port": 80, "nodePort": 30081}]}),
+        );
         assert!(run(&[np], &[]).0.health_checks.is_empty());
     }
 
@@ -2277,26 +1862,15 @@ mod tests {
             json!({"type": "NodePort", "externalTrafficPolicy": "Local",
                                          "ports": [{"port": 80, "nodePort": 30080}]}),
         );
-        let slices = [slice(
-            "web-1",
-            "web",
-            p8080(),
-            json!([ep("10.0.0.2", "node-b")]),
-        )];
+        let slices = [slice("web-1", "web", p8080(), json!([ep("10.0.0.2", "node-b")]))];
         let all = vec![be("10.0.0.2", 8080, false)];
         assert_translates(
             &[service],
             &slices,
             vec![
                 web_cluster_ip(all.clone()),
-                (
-                    key(NODE_IP, 30080, Tcp, Internal),
-                    entry("web", "", NodePort, all),
-                ),
-                (
-                    key(NODE_IP, 30080, Tcp, External),
-                    local_only(entry("web", "", NodePort, vec![])),
-                ),
+                (key(NODE_IP, 30080, Tcp, Internal), entry("web", "", NodePort, all)),
+                (key(NODE_IP, 30080, Tcp, External), local_only(entry("web", "", NodePort, vec![]))),
             ],
             &[],
         );
@@ -2304,34 +1878,18 @@ mod tests {
 
     #[test]
     fn external_traffic_policy_local_applies_to_external_ips_of_cluster_ip_service() {
-        let service = svc(
-            "web",
-            json!({"externalTrafficPolicy": "Local", "externalIPs": ["203.0.113.1"]}),
-        );
-        let slices = [slice(
-            "web-1",
-            "web",
-            p8080(),
-            json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
-        )];
+        let service = svc("web", json!({"externalTrafficPolicy": "Local", "externalIPs": ["203.0.113.1"]}));
+        let slices = [slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]))];
         let all = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
         assert_translates(
             &[service],
             &slices,
             vec![
                 web_cluster_ip(all.clone()),
-                (
-                    key("203.0.113.1", 80, Tcp, Internal),
-                    entry("web", "", ExternalIP, all),
-                ),
+                (key("203.0.113.1", 80, Tcp, Internal), entry("web", "", ExternalIP, all)),
                 (
                     key("203.0.113.1", 80, Tcp, External),
-                    local_only(entry(
-                        "web",
-                        "",
-                        ExternalIP,
-                        vec![be("10.0.0.1", 8080, true)],
-                    )),
+                    local_only(entry("web", "", ExternalIP, vec![be("10.0.0.1", 8080, true)])),
                 ),
             ],
             &[],
@@ -2345,12 +1903,7 @@ mod tests {
         // (case, spec overrides, expected timeout, expected warning fragment)
         let cases: Vec<(&str, Value, Option<u32>, Option<&str>)> = vec![
             ("none", json!({"sessionAffinity": "None"}), None, None),
-            (
-                "default timeout",
-                json!({"sessionAffinity": "ClientIP"}),
-                Some(10800),
-                None,
-            ),
+            ("default timeout", json!({"sessionAffinity": "ClientIP"}), Some(10800), None),
             (
                 "configured",
                 json!({"sessionAffinity": "ClientIP",
@@ -2383,18 +1936,9 @@ mod tests {
         for (name, spec, timeout, warning) in cases {
             let (actual, warnings) = run(&[svc("web", spec)], &[]);
             let (key, e) = web_cluster_ip(vec![]);
-            let expected = state(vec![(
-                key,
-                FrontendEntry {
-                    affinity_timeout: timeout,
-                    ..e
-                },
-            )]);
+            let expected = state(vec![(key, FrontendEntry { affinity_timeout: timeout, ..e })]);
             assert_eq!(actual, expected, "{name}");
-            let expected_warnings: Vec<_> = warning
-                .map(|m| ("Service", "default/web", m))
-                .into_iter()
-                .collect();
+            let expected_warnings: Vec<_> = warning.map(|m| ("Service", "default/web", m)).into_iter().collect();
             assert_warnings(&warnings, &expected_warnings);
         }
     }
@@ -2412,33 +1956,18 @@ mod tests {
     /// Expected frontends of `lb_with_ranges`: ranges on both LB entries (upstream's
     /// firewall check applies to pods too), never on the ExternalIP or ClusterIP.
     fn lb_frontends(ranges: &[(&str, u8)]) -> Vec<(FrontendKey, FrontendEntry)> {
-        let ranges: Vec<Ipv4Prefix> = ranges
-            .iter()
-            .map(|&(a, len)| Ipv4Prefix { addr: ip(a), len })
-            .collect();
+        let ranges: Vec<Ipv4Prefix> = ranges.iter().map(|&(a, len)| Ipv4Prefix { addr: ip(a), len }).collect();
         vec![
             web_cluster_ip(vec![]),
-            (
-                key("203.0.113.1", 80, Tcp, Internal),
-                entry("web", "", ExternalIP, vec![]),
-            ),
-            (
-                key("203.0.113.1", 80, Tcp, External),
-                entry("web", "", ExternalIP, vec![]),
-            ),
+            (key("203.0.113.1", 80, Tcp, Internal), entry("web", "", ExternalIP, vec![])),
+            (key("203.0.113.1", 80, Tcp, External), entry("web", "", ExternalIP, vec![])),
             (
                 key("198.51.100.1", 80, Tcp, Internal),
-                FrontendEntry {
-                    source_ranges: ranges.clone(),
-                    ..entry("web", "", LoadBalancer, vec![])
-                },
+                FrontendEntry { source_ranges: ranges.clone(), ..entry("web", "", LoadBalancer, vec![]) },
             ),
             (
                 key("198.51.100.1", 80, Tcp, External),
-                FrontendEntry {
-                    source_ranges: ranges,
-                    ..entry("web", "", LoadBalancer, vec![])
-                },
+                FrontendEntry { source_ranges: ranges, ..entry("web", "", LoadBalancer, vec![]) },
             ),
         ]
     }
@@ -2446,10 +1975,7 @@ mod tests {
     #[test]
     fn source_ranges_from_field() {
         assert_translates(
-            &[lb_with_ranges(
-                json!(null),
-                json!([" 10.0.0.0/8 ", "192.168.1.7/24", "10.0.0.0/8"]),
-            )],
+            &[lb_with_ranges(json!(null), json!([" 10.0.0.0/8 ", "192.168.1.7/24", "10.0.0.0/8"]))],
             &[],
             lb_frontends(&[("10.0.0.0", 8), ("192.168.1.0", 24)]),
             &[],
@@ -2459,22 +1985,17 @@ mod tests {
     #[test]
     fn invalid_source_range_skipped_with_warning() {
         assert_translates(
-            &[lb_with_ranges(
-                json!(null),
-                json!(["10.0.0.0/8", "10.0.0.0/33", "bogus"]),
-            )],
+            &[lb_with_ranges(json!(null), json!(["10.0.0.0/8", "10.0.0.0/33", "bogus"]))],
             &[],
             lb_frontends(&[("10.0.0.0", 8)]),
-            &[
-                ("Service", "default/web", "\"10.0.0.0/33\""),
-                ("Service", "default/web", "\"bogus\""),
-            ],
+            &[("Service", "default/web", "\"10.0.0.0/33\""), ("Service", "default/web", "\"bogus\"")],
         );
     }
 
     #[test]
     fn source_ranges_from_annotation_only_when_field_empty() {
-        let annotation = json!({"service.beta.kubernetes.io/load-balancer-source-ranges": "10.1.0.0/16, 172.16.0.0/12,"});
+        let annotation =
+            json!({"service.beta.kubernetes.io/load-balancer-source-ranges": "10.1.0.0/16, 172.16.0.0/12,"});
         assert_translates(
             &[lb_with_ranges(annotation.clone(), json!([]))],
             &[],
@@ -2493,37 +2014,15 @@ mod tests {
 
     #[test]
     fn same_frontend_twice_first_service_wins() {
-        let a = svc(
-            "a",
-            json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]}),
-        );
-        let b = svc(
-            "b",
-            json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"]}),
-        );
+        let a = svc("a", json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]}));
+        let b = svc("b", json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"]}));
         let expected = vec![
-            (
-                key("10.96.0.1", 80, Tcp, Internal),
-                entry("a", "", ClusterIP, vec![]),
-            ),
-            (
-                key("10.96.0.2", 80, Tcp, Internal),
-                entry("b", "", ClusterIP, vec![]),
-            ),
-            (
-                key("203.0.113.1", 80, Tcp, Internal),
-                entry("a", "", ExternalIP, vec![]),
-            ),
-            (
-                key("203.0.113.1", 80, Tcp, External),
-                entry("a", "", ExternalIP, vec![]),
-            ),
+            (key("10.96.0.1", 80, Tcp, Internal), entry("a", "", ClusterIP, vec![])),
+            (key("10.96.0.2", 80, Tcp, Internal), entry("b", "", ClusterIP, vec![])),
+            (key("203.0.113.1", 80, Tcp, Internal), entry("a", "", ExternalIP, vec![])),
+            (key("203.0.113.1", 80, Tcp, External), entry("a", "", ExternalIP, vec![])),
         ];
-        let warning = [(
-            "Service",
-            "default/b",
-            "203.0.113.1:80/TCP (ExternalIP, used by ExternalIP of default/a)",
-        )];
+        let warning = [("Service", "default/b", "203.0.113.1:80/TCP (ExternalIP, used by ExternalIP of default/a)")];
         assert_translates(&[a.clone(), b.clone()], &[], expected.clone(), &warning);
         // Input order does not matter.
         assert_translates(&[b, a], &[], expected, &warning);
@@ -2532,23 +2031,14 @@ mod tests {
     #[test]
     fn cluster_ip_wins_over_external_ip_of_earlier_service() {
         // "a" sorts first but tries to capture "b"'s clusterIP with an externalIP.
-        let a = svc(
-            "a",
-            json!({"clusterIP": "10.96.0.1", "externalIPs": ["10.96.0.2"]}),
-        );
+        let a = svc("a", json!({"clusterIP": "10.96.0.1", "externalIPs": ["10.96.0.2"]}));
         let b = svc("b", json!({"clusterIP": "10.96.0.2"}));
         assert_translates(
             &[a, b],
             &[],
             vec![
-                (
-                    key("10.96.0.1", 80, Tcp, Internal),
-                    entry("a", "", ClusterIP, vec![]),
-                ),
-                (
-                    key("10.96.0.2", 80, Tcp, Internal),
-                    entry("b", "", ClusterIP, vec![]),
-                ),
+                (key("10.96.0.1", 80, Tcp, Internal), entry("a", "", ClusterIP, vec![])),
+                (key("10.96.0.2", 80, Tcp, Internal), entry("b", "", ClusterIP, vec![])),
             ],
             &[("Service", "default/a", "used by ClusterIP of default/b")],
         );
@@ -2557,26 +2047,12 @@ mod tests {
     #[test]
     fn output_independent_of_input_order() {
         let services = vec![
-            svc(
-                "a",
-                json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]}),
-            ),
-            svc(
-                "b",
-                json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"], "ports": [{"port": 0}]}),
-            ),
-            svc(
-                "c",
-                json!({"clusterIP": "10.96.0.3", "externalIPs": ["203.0.113.1", "x"]}),
-            ),
+            svc("a", json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]})),
+            svc("b", json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"], "ports": [{"port": 0}]})),
+            svc("c", json!({"clusterIP": "10.96.0.3", "externalIPs": ["203.0.113.1", "x"]})),
         ];
         let slices = vec![
-            slice(
-                "a-1",
-                "a",
-                p8080(),
-                json!([ep("10.0.0.1", NODE), {"addresses": ["bad"]}]),
-            ),
+            slice("a-1", "a", p8080(), json!([ep("10.0.0.1", NODE), {"addresses": ["bad"]}])),
             slice("a-2", "a", p8080(), json!([ep("10.0.0.2", NODE)])),
             slice("c-1", "c", p8080(), json!([ep("10.0.0.3", NODE)])),
             slice("z-1", "z", p8080(), json!([ep("10.0.0.4", NODE)])),
@@ -2588,9 +2064,8 @@ mod tests {
             ClaimHolder { namespace: "default".into(), name: "c".into() },
         )]
         .into();
-        let run = |services: &[Service], slices: &[EndpointSlice]| {
-            translate_with_claims(services, slices, &node(), &claims)
-        };
+        let run =
+            |services: &[Service], slices: &[EndpointSlice]| translate_with_claims(services, slices, &node(), &claims);
         let forward = run(&services, &slices);
         let mut rev_services = services.clone();
         rev_services.reverse();
@@ -2664,11 +2139,7 @@ mod tests {
             &[svc("web", json!({}))],
             &[unlabelled],
             vec![web_cluster_ip(vec![])],
-            &[(
-                "EndpointSlice",
-                "default/hand-written",
-                "no kubernetes.io/service-name label",
-            )],
+            &[("EndpointSlice", "default/hand-written", "no kubernetes.io/service-name label")],
         );
     }
 
@@ -2679,11 +2150,7 @@ mod tests {
             &[svc("web", json!({}))],
             std::slice::from_ref(&typo),
             vec![web_cluster_ip(vec![])],
-            &[(
-                "EndpointSlice",
-                "default/web-1",
-                "names Service default/wbe, which does not exist",
-            )],
+            &[("EndpointSlice", "default/web-1", "names Service default/wbe, which does not exist")],
         );
         // A Service we skip on purpose (headless) still exists: its slices are not orphans.
         let headless = svc("wbe", json!({"clusterIP": "None"}));
@@ -2757,18 +2224,8 @@ mod tests {
                 "default/bad",
                 "port \"http\": port number 70000",
             ),
-            (
-                "port missing",
-                svc("bad", json!({"ports": [{"name": "http"}]})),
-                "default/bad",
-                "port number 0",
-            ),
-            (
-                "negative port",
-                svc("bad", json!({"ports": [{"port": -1}]})),
-                "default/bad",
-                "port number -1",
-            ),
+            ("port missing", svc("bad", json!({"ports": [{"name": "http"}]})), "default/bad", "port number 0"),
+            ("negative port", svc("bad", json!({"ports": [{"port": -1}]})), "default/bad", "port number -1"),
             (
                 "unknown protocol",
                 svc("bad", json!({"ports": [{"port": 80, "protocol": "ICMP"}]})),
@@ -2777,19 +2234,11 @@ mod tests {
             ),
             (
                 "nodePort out of range",
-                svc(
-                    "bad",
-                    json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 65536}]}),
-                ),
+                svc("bad", json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 65536}]})),
                 "default/bad",
                 "nodePort 65536",
             ),
-            (
-                "unknown type",
-                svc("bad", json!({"type": "Weird"})),
-                "default/bad",
-                "unknown spec.type \"Weird\"",
-            ),
+            ("unknown type", svc("bad", json!({"type": "Weird"})), "default/bad", "unknown spec.type \"Weird\""),
             (
                 "missing name",
                 svc_full(meta(json!("default"), json!(null)), json!({}), json!(null)),
@@ -2808,12 +2257,7 @@ mod tests {
                 "default/<missing>",
                 "metadata",
             ),
-            (
-                "no metadata at all",
-                Service::default(),
-                "<missing>/<missing>",
-                "metadata",
-            ),
+            ("no metadata at all", Service::default(), "<missing>/<missing>", "metadata"),
         ];
         for (name, bad, object, message) in cases {
             let (good_svc, good_slice, good_frontend) = good();
@@ -2827,10 +2271,7 @@ mod tests {
                 // Without a name there is no "default/bad" the slice could belong to.
                 assert_warnings(
                     &warnings,
-                    &[
-                        ("Service", object, message),
-                        ("EndpointSlice", "default/bad-1", "names Service default/bad"),
-                    ],
+                    &[("Service", object, message), ("EndpointSlice", "default/bad-1", "names Service default/bad")],
                 );
             }
         }
@@ -2838,23 +2279,14 @@ mod tests {
 
     #[test]
     fn unparsable_external_ip_skipped_rest_programmed() {
-        let service = svc(
-            "web",
-            json!({"externalIPs": ["203.0.113.1", "203.0.113.x"]}),
-        );
+        let service = svc("web", json!({"externalIPs": ["203.0.113.1", "203.0.113.x"]}));
         assert_translates(
             &[service],
             &[],
             vec![
                 web_cluster_ip(vec![]),
-                (
-                    key("203.0.113.1", 80, Tcp, Internal),
-                    entry("web", "", ExternalIP, vec![]),
-                ),
-                (
-                    key("203.0.113.1", 80, Tcp, External),
-                    entry("web", "", ExternalIP, vec![]),
-                ),
+                (key("203.0.113.1", 80, Tcp, Internal), entry("web", "", ExternalIP, vec![])),
+                (key("203.0.113.1", 80, Tcp, External), entry("web", "", ExternalIP, vec![])),
             ],
             &[("Service", "default/web", "externalIP \"203.0.113.x\"")],
         );
@@ -2865,23 +2297,15 @@ mod tests {
         let service = svc_full(
             json!({"namespace": "default", "name": "web"}),
             json!({"type": "LoadBalancer"}),
-            lb_status(
-                json!([{"ip": "198.51.100.1"}, {"ip": "198.51.100"}, {"ip": "198.51.100.3", "ipMode": "Bogus"}]),
-            ),
+            lb_status(json!([{"ip": "198.51.100.1"}, {"ip": "198.51.100"}, {"ip": "198.51.100.3", "ipMode": "Bogus"}])),
         );
         assert_translates(
             &[service],
             &[],
             vec![
                 web_cluster_ip(vec![]),
-                (
-                    key("198.51.100.1", 80, Tcp, Internal),
-                    entry("web", "", LoadBalancer, vec![]),
-                ),
-                (
-                    key("198.51.100.1", 80, Tcp, External),
-                    entry("web", "", LoadBalancer, vec![]),
-                ),
+                (key("198.51.100.1", 80, Tcp, Internal), entry("web", "", LoadBalancer, vec![])),
+                (key("198.51.100.1", 80, Tcp, External), entry("web", "", LoadBalancer, vec![])),
             ],
             &[
                 ("Service", "default/web", "ingress IP \"198.51.100\""),
@@ -2902,11 +2326,7 @@ mod tests {
             &[slice("web-1", "web", p8080(), endpoints)],
             vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
             &[
-                (
-                    "EndpointSlice",
-                    "default/web-1",
-                    "endpoint address \"10.0.0.999\"",
-                ),
+                ("EndpointSlice", "default/web-1", "endpoint address \"10.0.0.999\""),
                 ("EndpointSlice", "default/web-1", "no addresses"),
             ],
         );
@@ -2924,16 +2344,8 @@ mod tests {
             &[slice("web-1", "web", ports, json!([ep("10.0.0.1", NODE)]))],
             vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
             &[
-                (
-                    "EndpointSlice",
-                    "default/web-1",
-                    "port #1: port number 70000",
-                ),
-                (
-                    "EndpointSlice",
-                    "default/web-1",
-                    "port \"x\": unknown protocol \"ICMP\"",
-                ),
+                ("EndpointSlice", "default/web-1", "port #1: port number 70000"),
+                ("EndpointSlice", "default/web-1", "port \"x\": unknown protocol \"ICMP\""),
             ],
         );
     }
@@ -2951,21 +2363,12 @@ mod tests {
         let default = EndpointSlice::default();
         assert_translates(
             &[svc("web", json!({}))],
-            &[
-                nameless,
-                weird,
-                default,
-                slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE)])),
-            ],
+            &[nameless, weird, default, slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE)]))],
             vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])],
             &[
                 ("EndpointSlice", "<missing>/<missing>", "metadata"),
                 ("EndpointSlice", "default/<missing>", "metadata"),
-                (
-                    "EndpointSlice",
-                    "default/web-x",
-                    "unknown addressType \"IPX\"",
-                ),
+                ("EndpointSlice", "default/web-x", "unknown addressType \"IPX\""),
             ],
         );
     }

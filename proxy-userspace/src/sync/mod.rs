@@ -19,10 +19,7 @@ pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use proxy_common::{
-    Backend, PROTO_UDP, ServiceKey, ServiceMeta, ServiceValue, SlotKey, backend_flags,
-    svc_flags,
-};
+use proxy_common::{Backend, PROTO_UDP, ServiceKey, ServiceMeta, ServiceValue, SlotKey, backend_flags, svc_flags};
 use tracing::warn;
 
 pub use store::{MapStore, MemStore, Snapshot};
@@ -33,8 +30,8 @@ use crate::{
         addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
     },
     model::{
-        BackendAddr, ClaimHolder, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey,
-        FrontendKind, Ipv4Prefix, Protocol,
+        BackendAddr, ClaimHolder, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Ipv4Prefix,
+        Protocol,
     },
 };
 
@@ -110,12 +107,7 @@ pub struct Syncer<S: MapStore> {
 }
 
 fn service_key(k: &FrontendKey) -> ServiceKey {
-    ServiceKey {
-        addr: ip_to_map(k.addr),
-        port: port_to_map(k.port),
-        proto: k.proto.number(),
-        scope: k.scope.number(),
-    }
+    ServiceKey { addr: ip_to_map(k.addr), port: port_to_map(k.port), proto: k.proto.number(), scope: k.scope.number() }
 }
 
 fn backend_value(b: &BackendAddr, proto: u8) -> Backend {
@@ -302,8 +294,7 @@ impl<S: MapStore> Syncer<S> {
         }
 
         // Frontends that are no longer desired.
-        let stale: Vec<ServiceKey> =
-            self.frontends.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        let stale: Vec<ServiceKey> = self.frontends.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in stale {
             match self.remove_frontend(&key, &mut writes) {
                 Ok(id) if key.proto == PROTO_UDP => {
@@ -338,8 +329,7 @@ impl<S: MapStore> Syncer<S> {
         }
 
         // Backends no longer used by any frontend go last.
-        let unused: Vec<BackendIdent> =
-            self.backends.keys().filter(|i| !referenced.contains(i)).copied().collect();
+        let unused: Vec<BackendIdent> = self.backends.keys().filter(|i| !referenced.contains(i)).copied().collect();
         let mut removed_backends = HashSet::new();
         for ident in unused {
             let (id, _) = self.backends[&ident];
@@ -444,8 +434,7 @@ impl<S: MapStore> Syncer<S> {
         // Whatever happens, the record goes back into the mirror with what was written, so
         // the next sync continues from there and a removal cleans up everything.
         let before = prog.active.clone();
-        let result =
-            self.write_frontend(key, &mut prog, &ids, flags, affinity_timeout, &meta, &ranges, writes);
+        let result = self.write_frontend(key, &mut prog, &ids, flags, affinity_timeout, &meta, &ranges, writes);
         if key.proto == PROTO_UDP {
             let now: HashSet<u32> = prog.active.iter().copied().collect();
             for old in before.iter().chain(&prog.inactive) {
@@ -627,7 +616,8 @@ impl<S: MapStore> Syncer<S> {
 
     /// Free the spare generation of every frontend (see `apply` for why that is safe).
     fn reclaim_spares(&mut self, writes: &mut u64) {
-        let keys: Vec<ServiceKey> = self.frontends.iter().filter(|(_, p)| !p.inactive.is_empty()).map(|(k, _)| *k).collect();
+        let keys: Vec<ServiceKey> =
+            self.frontends.iter().filter(|(_, p)| !p.inactive.is_empty()).map(|(k, _)| *k).collect();
         let before = *writes;
         for k in keys {
             if let Some(mut p) = self.frontends.remove(&k) {

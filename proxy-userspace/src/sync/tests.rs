@@ -121,8 +121,7 @@ fn scaling_down_deletes_stale_slots_only_after_the_flip() {
     s.apply(&desired(vec![(k, fe("a", &[1]))])); // gen 0: 1, slots 1..3 stale
     let log = take_log(&mut s);
     let svc = pos(&log, "put_service");
-    let dels: Vec<usize> =
-        log.iter().enumerate().filter(|(_, l)| l.starts_with("del_slot")).map(|(i, _)| i).collect();
+    let dels: Vec<usize> = log.iter().enumerate().filter(|(_, l)| l.starts_with("del_slot")).map(|(i, _)| i).collect();
     assert_eq!(dels.len(), 3, "{log:?}");
     assert!(dels.iter().all(|i| *i > svc), "stale slots deleted after the flip: {log:?}");
     let gen0: Vec<_> = s.store().slots.keys().filter(|k| k.generation() == 0).collect();
@@ -147,10 +146,7 @@ fn removal_deletes_service_first_and_backends_last() {
 #[test]
 fn shared_backend_survives_removal_of_one_service() {
     let mut s = syncer();
-    s.apply(&desired(vec![
-        (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
-        (fk(2, 80, Protocol::Tcp), fe("b", &[1])),
-    ]));
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1])), (fk(2, 80, Protocol::Tcp), fe("b", &[1]))]));
     assert_eq!(s.store().backends.len(), 1, "one entry per endpoint");
     s.apply(&desired(vec![(fk(2, 80, Protocol::Tcp), fe("b", &[1]))]));
     assert_eq!(s.store().backends.len(), 1);
@@ -177,11 +173,7 @@ fn removed_udp_backend_loses_its_conntrack_but_tcp_keeps_it() {
         *s.store().backends.iter().find(|(_, v)| v.addr == a).unwrap().0
     };
     let (b1, b2) = (b(1), b(2));
-    let entries = [
-        ct(PROTO_UDP, udp_id, b1, 1),
-        ct(PROTO_UDP, udp_id, b2, 2),
-        ct(PROTO_TCP, tcp_id, b2, 3),
-    ];
+    let entries = [ct(PROTO_UDP, udp_id, b1, 1), ct(PROTO_UDP, udp_id, b2, 2), ct(PROTO_TCP, tcp_id, b2, 3)];
     s.store_mut().conntrack.extend(entries);
     let r = s.apply(&desired(vec![
         (fk(1, 53, Protocol::Udp), fe("dns", &[1])),
@@ -207,10 +199,8 @@ fn deleted_udp_service_loses_its_conntrack() {
 fn full_map_fails_one_frontend_and_programs_the_rest() {
     let store = MemStore { max_services: Some(1), ..MemStore::default() };
     let mut s = Syncer::new(store).unwrap();
-    let r = s.apply(&desired(vec![
-        (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
-        (fk(2, 80, Protocol::Tcp), fe("b", &[2])),
-    ]));
+    let r =
+        s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1])), (fk(2, 80, Protocol::Tcp), fe("b", &[2]))]));
     assert_eq!(r.errors.len(), 1);
     let (failed, err) = &r.errors[0];
     assert_eq!(*failed, fk(2, 80, Protocol::Tcp));
@@ -221,10 +211,8 @@ fn full_map_fails_one_frontend_and_programs_the_rest() {
     assert_eq!(s.programmed_count(), 1);
     // Once there is room, the next sync programs it.
     s.store_mut().max_services = Some(2);
-    let r = s.apply(&desired(vec![
-        (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
-        (fk(2, 80, Protocol::Tcp), fe("b", &[2])),
-    ]));
+    let r =
+        s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1])), (fk(2, 80, Protocol::Tcp), fe("b", &[2]))]));
     assert!(r.errors.is_empty());
     assert_eq!(s.store().services.len(), 2);
     assert_eq!(r.services, 2);
@@ -387,7 +375,9 @@ fn service_delete_with_full_slots_frees_room() {
 #[test]
 fn scale_down_with_full_slots_makes_room_for_the_rest() {
     let mut s = slots_full_syncer(32);
-    let with = |backends: &[u8]| desired((1..=10).map(|i| (fk(i, 80, Protocol::Tcp), fe(&format!("s{i}"), backends))).collect());
+    let with = |backends: &[u8]| {
+        desired((1..=10).map(|i| (fk(i, 80, Protocol::Tcp), fe(&format!("s{i}"), backends))).collect())
+    };
     let r = s.apply(&with(&[1, 2, 3, 4]));
     assert_eq!((s.store().services.len(), r.errors.len()), (8, 2));
     let r = s.apply(&with(&[1, 2, 3]));

@@ -46,7 +46,10 @@ fn main() -> Result<()> {
         let name = client_ns.run(|| client::tcp_name(vip))?;
         println!("  answered by {name}");
     }
-    println!("\n$ ebpf-proxy conntrack | head\n{}", cli(&["conntrack", "--bpffs-root", root])?.lines().take(7).collect::<Vec<_>>().join("\n"));
+    println!(
+        "\n$ ebpf-proxy conntrack | head\n{}",
+        cli(&["conntrack", "--bpffs-root", root])?.lines().take(7).collect::<Vec<_>>().join("\n")
+    );
     println!("\n$ ebpf-proxy stats\n{}", cli(&["stats", "--bpffs-root", root])?);
     drop(agent);
     println!("== cleaning up the sandbox");

@@ -23,11 +23,7 @@ type Body = UnsyncBoxBody<Bytes, io::Error>;
 /// Serves connections from `listener` until `shutdown` turns true (or its
 /// sender is dropped). Open connections, including watch streams, are cut at
 /// shutdown.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let stream = tokio::select! {
             res = listener.accept() => match res {
@@ -49,8 +45,7 @@ pub async fn serve(
                 let resp = handle(&shared, req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = stopped(&mut conn_shutdown) => {}
@@ -70,11 +65,7 @@ fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(
-            Full::new(Bytes::from(bytes))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
+        .body(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed_unsync())
         .expect("static response parts are valid")
 }
 
@@ -94,18 +85,9 @@ enum Route {
     CoreVersions,
     GroupList,
     Group,
-    ResourceList {
-        core: bool,
-    },
-    Collection {
-        kind: ResourceKind,
-        namespace: Option<String>,
-    },
-    Object {
-        kind: ResourceKind,
-        namespace: Option<String>,
-        name: String,
-    },
+    ResourceList { core: bool },
+    Collection { kind: ResourceKind, namespace: Option<String> },
+    Object { kind: ResourceKind, namespace: Option<String>, name: String },
     NotFound,
 }
 
@@ -145,21 +127,14 @@ fn route(path: &str) -> Route {
         // Namespaced objects are only addressable through their namespace.
         (true, None, Some(_)) => Route::NotFound,
         (_, _, None) => Route::Collection { kind, namespace },
-        (_, _, Some(name)) => Route::Object {
-            kind,
-            namespace,
-            name,
-        },
+        (_, _, Some(name)) => Route::Object { kind, namespace, name },
     }
 }
 
 fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let query: HashMap<String, String> = req
-        .uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
+    let query: HashMap<String, String> =
+        req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
     {
         let mut st = shared.lock();
         st.log_request(format!("{} {}", req.method(), req.uri()));
@@ -193,11 +168,9 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 "platform": "linux/amd64",
             }),
         ),
-        Route::Health => Response::new(
-            Full::new(Bytes::from_static(b"ok"))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        ),
+        Route::Health => {
+            Response::new(Full::new(Bytes::from_static(b"ok")).map_err(|never| match never {}).boxed_unsync())
+        }
         Route::CoreVersions => json_response(
             StatusCode::OK,
             &json!({
@@ -217,11 +190,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             json_response(StatusCode::OK, &group)
         }
         Route::ResourceList { core } => json_response(StatusCode::OK, &resource_list(core)),
-        Route::Object {
-            kind,
-            namespace,
-            name,
-        } => {
+        Route::Object { kind, namespace, name } => {
             let mut st = shared.lock();
             st.counters[kind.index()].gets += 1;
             match st.get(kind, namespace.as_deref().unwrap_or(""), &name) {
@@ -253,10 +222,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-fn parse_filter(
-    query: &HashMap<String, String>,
-    namespace: Option<String>,
-) -> Result<Filter, String> {
+fn parse_filter(query: &HashMap<String, String>, namespace: Option<String>) -> Result<Filter, String> {
     Ok(Filter {
         namespace,
         labels: LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?,
@@ -285,12 +251,7 @@ fn handle_list(
             "The provided continue parameter is too old to display a consistent list result. \
              You can start a new list without the continue parameter.",
         ),
-        ListOutcome::Page {
-            rv,
-            items,
-            continue_token,
-            remaining,
-        } => {
+        ListOutcome::Page { rv, items, continue_token, remaining } => {
             let mut metadata = json!({"resourceVersion": rv.to_string()});
             if let Some(token) = continue_token {
                 metadata["continue"] = json!(token);
@@ -364,13 +325,9 @@ fn watch_body(rx: mpsc::UnboundedReceiver<WatchMsg>, timeout: Option<Duration>) 
             Some(WatchMsg::Line(line)) => Some((Ok(Frame::data(line)), (rx, false))),
             // A body error makes hyper drop the connection without the final
             // chunk, which the client sees as a broken stream.
-            Some(WatchMsg::Abort) => Some((
-                Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "watch dropped by test",
-                )),
-                (rx, true),
-            )),
+            Some(WatchMsg::Abort) => {
+                Some((Err(io::Error::new(io::ErrorKind::ConnectionAborted, "watch dropped by test")), (rx, true)))
+            }
             Some(WatchMsg::Close) | None => None,
         }
     });
@@ -414,57 +371,25 @@ mod tests {
     #[test]
     fn routes() {
         use ResourceKind::*;
-        assert_eq!(
-            route("/api/v1/services"),
-            Route::Collection {
-                kind: Service,
-                namespace: None
-            }
-        );
+        assert_eq!(route("/api/v1/services"), Route::Collection { kind: Service, namespace: None });
         assert_eq!(
             route("/api/v1/namespaces/kube-system/services"),
-            Route::Collection {
-                kind: Service,
-                namespace: Some("kube-system".into())
-            }
+            Route::Collection { kind: Service, namespace: Some("kube-system".into()) }
         );
         assert_eq!(
             route("/api/v1/namespaces/a/services/b"),
-            Route::Object {
-                kind: Service,
-                namespace: Some("a".into()),
-                name: "b".into()
-            }
+            Route::Object { kind: Service, namespace: Some("a".into()), name: "b".into() }
         );
         assert_eq!(
             route("/apis/discovery.k8s.io/v1/endpointslices"),
-            Route::Collection {
-                kind: EndpointSlice,
-                namespace: None
-            }
+            Route::Collection { kind: EndpointSlice, namespace: None }
         );
         assert_eq!(
             route("/apis/discovery.k8s.io/v1/namespaces/x/endpointslices"),
-            Route::Collection {
-                kind: EndpointSlice,
-                namespace: Some("x".into())
-            }
+            Route::Collection { kind: EndpointSlice, namespace: Some("x".into()) }
         );
-        assert_eq!(
-            route("/api/v1/nodes"),
-            Route::Collection {
-                kind: Node,
-                namespace: None
-            }
-        );
-        assert_eq!(
-            route("/api/v1/nodes/n1"),
-            Route::Object {
-                kind: Node,
-                namespace: None,
-                name: "n1".into()
-            }
-        );
+        assert_eq!(route("/api/v1/nodes"), Route::Collection { kind: Node, namespace: None });
+        assert_eq!(route("/api/v1/nodes/n1"), Route::Object { kind: Node, namespace: None, name: "n1".into() });
         assert_eq!(route("/api/v1/namespaces/a/nodes"), Route::NotFound);
         assert_eq!(route("/api/v1/services/x"), Route::NotFound);
         assert_eq!(route("/api/v1/endpointslices"), Route::NotFound);

@@ -55,11 +55,7 @@ pub enum ResourceKind {
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 3] = [
-        ResourceKind::Service,
-        ResourceKind::EndpointSlice,
-        ResourceKind::Node,
-    ];
+    pub const ALL: [ResourceKind; 3] = [ResourceKind::Service, ResourceKind::EndpointSlice, ResourceKind::Node];
 
     pub fn kind(self) -> &'static str {
         match self {
@@ -143,10 +139,7 @@ impl FakeApiServer {
             _ => {}
         }
         listener.set_nonblocking(true)?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            authority: addr.to_string(),
-        });
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), authority: addr.to_string() });
         Ok((shared, addr))
     }
 
@@ -158,12 +151,7 @@ impl FakeApiServer {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(http::serve(listener, shared.clone(), shutdown_rx));
-        Ok(FakeApiServer {
-            shared,
-            addr,
-            shutdown,
-            background: None,
-        })
+        Ok(FakeApiServer { shared, addr, shutdown, background: None })
     }
 
     /// Starts serving `listener` on a runtime of its own in a background
@@ -182,18 +170,11 @@ impl FakeApiServer {
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let serve_shared = shared.clone();
-        let background = std::thread::Builder::new()
-            .name("fake-apiserver".into())
-            .spawn(move || {
-                runtime.block_on(http::serve(listener, serve_shared, shutdown_rx));
-                // Dropping the runtime cancels the remaining connection tasks.
-            })?;
-        Ok(FakeApiServer {
-            shared,
-            addr,
-            shutdown,
-            background: Some(background),
-        })
+        let background = std::thread::Builder::new().name("fake-apiserver".into()).spawn(move || {
+            runtime.block_on(http::serve(listener, serve_shared, shutdown_rx));
+            // Dropping the runtime cancels the remaining connection tasks.
+        })?;
+        Ok(FakeApiServer { shared, addr, shutdown, background: Some(background) })
     }
 
     /// `http://host:port` of the server.
@@ -231,16 +212,12 @@ impl FakeApiServer {
 
     /// Deletes a Service (DELETED event); returns whether it existed.
     pub fn delete_service(&self, namespace: &str, name: &str) -> bool {
-        self.shared
-            .lock()
-            .delete(ResourceKind::Service, namespace, name)
+        self.shared.lock().delete(ResourceKind::Service, namespace, name)
     }
 
     /// Deletes an EndpointSlice; returns whether it existed.
     pub fn delete_endpointslice(&self, namespace: &str, name: &str) -> bool {
-        self.shared
-            .lock()
-            .delete(ResourceKind::EndpointSlice, namespace, name)
+        self.shared.lock().delete(ResourceKind::EndpointSlice, namespace, name)
     }
 
     /// Deletes a Node; returns whether it existed.
@@ -250,32 +227,17 @@ impl FakeApiServer {
 
     /// Current Services, sorted by namespace/name.
     pub fn services(&self) -> Vec<Service> {
-        self.shared
-            .lock()
-            .objects(ResourceKind::Service)
-            .into_iter()
-            .map(from_value)
-            .collect()
+        self.shared.lock().objects(ResourceKind::Service).into_iter().map(from_value).collect()
     }
 
     /// Current EndpointSlices, sorted by namespace/name.
     pub fn endpointslices(&self) -> Vec<EndpointSlice> {
-        self.shared
-            .lock()
-            .objects(ResourceKind::EndpointSlice)
-            .into_iter()
-            .map(from_value)
-            .collect()
+        self.shared.lock().objects(ResourceKind::EndpointSlice).into_iter().map(from_value).collect()
     }
 
     /// Current Nodes, sorted by name.
     pub fn nodes(&self) -> Vec<Node> {
-        self.shared
-            .lock()
-            .objects(ResourceKind::Node)
-            .into_iter()
-            .map(from_value)
-            .collect()
+        self.shared.lock().objects(ResourceKind::Node).into_iter().map(from_value).collect()
     }
 
     /// The latest resourceVersion handed out.

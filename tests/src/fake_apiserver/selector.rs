@@ -28,9 +28,7 @@ fn split_top_level(s: &str) -> Result<Vec<&str>, String> {
         match c {
             '(' => depth += 1,
             ')' => {
-                depth = depth
-                    .checked_sub(1)
-                    .ok_or_else(|| format!("unbalanced ')' in selector {s:?}"))?;
+                depth = depth.checked_sub(1).ok_or_else(|| format!("unbalanced ')' in selector {s:?}"))?;
             }
             ',' if depth == 0 => {
                 parts.push(&s[start..i]);
@@ -61,11 +59,7 @@ fn parse_set(rest: &str, whole: &str) -> Result<Vec<String>, String> {
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
         .ok_or_else(|| format!("expected '(values)' in requirement {whole:?}"))?;
-    Ok(inner
-        .split(',')
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .collect())
+    Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
 }
 
 impl LabelSelector {

@@ -160,10 +160,7 @@ fn key_of(kind: ResourceKind, obj: &Value) -> (String, String) {
         .unwrap_or_else(|| panic!("fake apiserver: {} without metadata.name", kind.kind()))
         .to_string();
     let ns = if kind.namespaced() {
-        obj.pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
+        obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string()
     } else {
         String::new()
     };
@@ -172,10 +169,7 @@ fn key_of(kind: ResourceKind, obj: &Value) -> (String, String) {
 
 /// RFC 3339 UTC timestamp with second precision, as Kubernetes writes them.
 fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil-from-days (proleptic Gregorian), valid for all dates after 1970.
     let z = days as i64 + 719_468;
@@ -187,17 +181,12 @@ fn now_rfc3339() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 fn event_line(ty: &str, object: &Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": ty, "object": object}))
-        .expect("serializing a JSON value cannot fail");
+    let mut line =
+        serde_json::to_vec(&json!({"type": ty, "object": object})).expect("serializing a JSON value cannot fail");
     line.push(b'\n');
     Bytes::from(line)
 }
@@ -225,12 +214,7 @@ fn bookmark(kind: ResourceKind, rv: u64, initial_events_end: bool) -> Value {
 /// Which event (if any) a watcher with `filter` sees for a change. A
 /// modification that moves an object into or out of the selection is seen as
 /// ADDED or DELETED, as the apiserver does.
-fn visible(
-    filter: &Filter,
-    ty: EventType,
-    object: &Value,
-    old: Option<&Value>,
-) -> Option<EventType> {
+fn visible(filter: &Filter, ty: EventType, object: &Value, old: Option<&Value>) -> Option<EventType> {
     let now = filter.matches(object);
     match ty {
         EventType::Added | EventType::Deleted => now.then_some(ty),
@@ -268,17 +252,12 @@ impl State {
     }
 
     pub fn objects(&self, kind: ResourceKind) -> Vec<Value> {
-        self.objects[kind.index()]
-            .values()
-            .map(|o| (**o).clone())
-            .collect()
+        self.objects[kind.index()].values().map(|o| (**o).clone()).collect()
     }
 
     pub fn get(&self, kind: ResourceKind, ns: &str, name: &str) -> Option<Value> {
         let ns = if kind.namespaced() { ns } else { "" };
-        self.objects[kind.index()]
-            .get(&(ns.to_string(), name.to_string()))
-            .map(|o| (**o).clone())
+        self.objects[kind.index()].get(&(ns.to_string(), name.to_string())).map(|o| (**o).clone())
     }
 
     /// Creates or replaces an object; returns the stored version. Replacing an
@@ -290,9 +269,7 @@ impl State {
         if !obj.get("metadata").is_some_and(Value::is_object) {
             obj["metadata"] = json!({});
         }
-        let meta = obj["metadata"]
-            .as_object_mut()
-            .expect("metadata is an object");
+        let meta = obj["metadata"].as_object_mut().expect("metadata is an object");
         if kind.namespaced() {
             let ns = meta.get("namespace").and_then(Value::as_str).unwrap_or("");
             if ns.is_empty() {
@@ -305,9 +282,7 @@ impl State {
         let old = self.objects[kind.index()].get(&key).cloned();
         match &old {
             Some(old) => {
-                let meta = obj["metadata"]
-                    .as_object_mut()
-                    .expect("metadata is an object");
+                let meta = obj["metadata"].as_object_mut().expect("metadata is an object");
                 // Server-owned fields survive a replace.
                 for field in ["uid", "creationTimestamp", "resourceVersion"] {
                     match old["metadata"].get(field) {
@@ -320,15 +295,9 @@ impl State {
                 }
             }
             None => {
-                let meta = obj["metadata"]
-                    .as_object_mut()
-                    .expect("metadata is an object");
+                let meta = obj["metadata"].as_object_mut().expect("metadata is an object");
                 // Keep a uid the test chose (e.g. to match ownerReferences).
-                if meta
-                    .get("uid")
-                    .and_then(Value::as_str)
-                    .is_none_or(str::is_empty)
-                {
+                if meta.get("uid").and_then(Value::as_str).is_none_or(str::is_empty) {
                     self.uid_counter += 1;
                     let uid = format!("00000000-0000-4000-8000-{:012x}", self.uid_counter);
                     meta.insert("uid".into(), json!(uid));
@@ -342,11 +311,7 @@ impl State {
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let obj = Arc::new(obj);
         self.objects[kind.index()].insert(key, obj.clone());
-        let ty = if old.is_some() {
-            EventType::Modified
-        } else {
-            EventType::Added
-        };
+        let ty = if old.is_some() { EventType::Modified } else { EventType::Added };
         self.record(kind, ty, obj.clone(), old);
         (*obj).clone()
     }
@@ -354,8 +319,7 @@ impl State {
     /// Deletes an object; returns whether it existed.
     pub fn delete(&mut self, kind: ResourceKind, ns: &str, name: &str) -> bool {
         let ns = if kind.namespaced() { ns } else { "" };
-        let Some(old) = self.objects[kind.index()].remove(&(ns.to_string(), name.to_string()))
-        else {
+        let Some(old) = self.objects[kind.index()].remove(&(ns.to_string(), name.to_string())) else {
             return false;
         };
         // The DELETED event carries the final state at the deletion's resourceVersion.
@@ -366,33 +330,18 @@ impl State {
         true
     }
 
-    fn record(
-        &mut self,
-        kind: ResourceKind,
-        ty: EventType,
-        object: Arc<Value>,
-        old: Option<Arc<Value>>,
-    ) {
+    fn record(&mut self, kind: ResourceKind, ty: EventType, object: Arc<Value>, old: Option<Arc<Value>>) {
         self.watchers.retain(|w| {
             if w.kind != kind {
                 return true;
             }
             match visible(&w.filter, ty, &object, old.as_deref()) {
                 // A failed send means the client went away: forget the watcher.
-                Some(seen) => {
-                    w.tx.send(WatchMsg::Line(event_line(seen.as_str(), &object)))
-                        .is_ok()
-                }
+                Some(seen) => w.tx.send(WatchMsg::Line(event_line(seen.as_str(), &object))).is_ok(),
                 None => !w.tx.is_closed(),
             }
         });
-        self.history.push_back(HistEvent {
-            rv: self.rv,
-            kind,
-            ty,
-            object,
-            old,
-        });
+        self.history.push_back(HistEvent { rv: self.rv, kind, ty, object, old });
         while self.history.len() > self.history_limit {
             if let Some(ev) = self.history.pop_front() {
                 self.compacted_rv = ev.rv;
@@ -411,21 +360,17 @@ impl State {
     ) -> ListOutcome {
         let (rv, items, offset) = match continue_token {
             Some(token) => {
-                let parsed = token.split_once('-').and_then(|(id, off)| {
-                    Some((id.parse::<u64>().ok()?, off.parse::<usize>().ok()?))
-                });
-                let Some(snap) = parsed.and_then(|(id, off)| Some((self.snapshots.get(&id)?, off)))
-                else {
+                let parsed = token
+                    .split_once('-')
+                    .and_then(|(id, off)| Some((id.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
+                let Some(snap) = parsed.and_then(|(id, off)| Some((self.snapshots.get(&id)?, off))) else {
                     return ListOutcome::Expired;
                 };
                 (snap.0.rv, snap.0.items.clone(), snap.1)
             }
             None => {
-                let items: Vec<Value> = self.objects[kind.index()]
-                    .values()
-                    .filter(|o| filter.matches(o))
-                    .map(|o| (**o).clone())
-                    .collect();
+                let items: Vec<Value> =
+                    self.objects[kind.index()].values().filter(|o| filter.matches(o)).map(|o| (**o).clone()).collect();
                 (self.rv, Arc::new(items), 0)
             }
         };
@@ -440,12 +385,7 @@ impl State {
             };
             format!("{id}-{end}")
         });
-        ListOutcome::Page {
-            rv,
-            items: page,
-            continue_token,
-            remaining,
-        }
+        ListOutcome::Page { rv, items: page, continue_token, remaining }
     }
 
     fn store_snapshot(&mut self, rv: u64, items: Arc<Vec<Value>>) -> u64 {
@@ -478,10 +418,7 @@ impl State {
         };
         match start {
             WatchStart::CurrentState | WatchStart::InitialEvents => {
-                for obj in self.objects[kind.index()]
-                    .values()
-                    .filter(|o| filter.matches(o))
-                {
+                for obj in self.objects[kind.index()].values().filter(|o| filter.matches(o)) {
                     send(event_line("ADDED", obj));
                 }
                 if matches!(start, WatchStart::InitialEvents) {
@@ -495,23 +432,14 @@ impl State {
                     let _ = tx.send(WatchMsg::Close);
                     return rx;
                 }
-                for ev in self
-                    .history
-                    .iter()
-                    .filter(|e| e.rv > from && e.kind == kind)
-                {
+                for ev in self.history.iter().filter(|e| e.rv > from && e.kind == kind) {
                     if let Some(seen) = visible(&filter, ev.ty, &ev.object, ev.old.as_deref()) {
                         send(event_line(seen.as_str(), &ev.object));
                     }
                 }
             }
         }
-        self.watchers.push(Watcher {
-            kind,
-            filter,
-            bookmarks,
-            tx,
-        });
+        self.watchers.push(Watcher { kind, filter, bookmarks, tx });
         rx
     }
 
@@ -520,13 +448,7 @@ impl State {
     pub fn send_bookmarks(&mut self) {
         let rv = self.rv;
         self.watchers.retain(|w| {
-            !w.bookmarks
-                || w.tx
-                    .send(WatchMsg::Line(event_line(
-                        "BOOKMARK",
-                        &bookmark(w.kind, rv, false),
-                    )))
-                    .is_ok()
+            !w.bookmarks || w.tx.send(WatchMsg::Line(event_line("BOOKMARK", &bookmark(w.kind, rv, false)))).is_ok()
         });
     }
 
@@ -542,10 +464,7 @@ impl State {
         self.snapshot_order.clear();
         let msg = format!("too old resource version: forced by test ({})", self.rv);
         for w in self.watchers.drain(..) {
-            let _ = w.tx.send(WatchMsg::Line(event_line(
-                "ERROR",
-                &status(410, "Expired", &msg),
-            )));
+            let _ = w.tx.send(WatchMsg::Line(event_line("ERROR", &status(410, "Expired", &msg))));
             let _ = w.tx.send(WatchMsg::Close);
         }
     }
@@ -553,11 +472,7 @@ impl State {
     /// Ends every open watch, either abruptly or cleanly.
     pub fn end_watches(&mut self, abort: bool) {
         for w in self.watchers.drain(..) {
-            let _ = w.tx.send(if abort {
-                WatchMsg::Abort
-            } else {
-                WatchMsg::Close
-            });
+            let _ = w.tx.send(if abort { WatchMsg::Abort } else { WatchMsg::Close });
         }
     }
 
@@ -580,44 +495,21 @@ mod tests {
 
     #[test]
     fn selector_transitions_become_add_and_delete() {
-        let filter = Filter {
-            labels: LabelSelector::parse("a=1").unwrap(),
-            ..Default::default()
-        };
+        let filter = Filter { labels: LabelSelector::parse("a=1").unwrap(), ..Default::default() };
         let with = json!({"metadata": {"name": "x", "labels": {"a": "1"}}});
         let without = json!({"metadata": {"name": "x", "labels": {"a": "2"}}});
-        assert_eq!(
-            visible(&filter, EventType::Modified, &with, Some(&without)),
-            Some(EventType::Added)
-        );
-        assert_eq!(
-            visible(&filter, EventType::Modified, &without, Some(&with)),
-            Some(EventType::Deleted)
-        );
-        assert_eq!(
-            visible(&filter, EventType::Modified, &without, Some(&without)),
-            None
-        );
+        assert_eq!(visible(&filter, EventType::Modified, &with, Some(&without)), Some(EventType::Added));
+        assert_eq!(visible(&filter, EventType::Modified, &without, Some(&with)), Some(EventType::Deleted));
+        assert_eq!(visible(&filter, EventType::Modified, &without, Some(&without)), None);
     }
 
     #[test]
     fn history_trim_expires_old_versions() {
-        let mut st = State {
-            history_limit: 2,
-            ..Default::default()
-        };
+        let mut st = State { history_limit: 2, ..Default::default() };
         for i in 0..4 {
-            st.apply(
-                ResourceKind::Node,
-                json!({"metadata": {"name": format!("n{i}")}}),
-            );
+            st.apply(ResourceKind::Node, json!({"metadata": {"name": format!("n{i}")}}));
         }
-        let mut rx = st.watch(
-            ResourceKind::Node,
-            Filter::default(),
-            false,
-            WatchStart::After(2),
-        );
+        let mut rx = st.watch(ResourceKind::Node, Filter::default(), false, WatchStart::After(2));
         match rx.try_recv() {
             Ok(WatchMsg::Line(l)) => {
                 assert!(std::str::from_utf8(&l).unwrap().contains("\"code\":410"))

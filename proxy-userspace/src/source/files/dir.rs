@@ -248,7 +248,15 @@ impl Manifests {
         // First sight uses whatever parses (each bad document has its warning).
         let changed = state.objects != objects;
         let racy = state.racy;
-        *state = FileState { accepted: Some(stamp), hash, objects, doc_warnings: warnings, rejected: None, pending: None, racy };
+        *state = FileState {
+            accepted: Some(stamp),
+            hash,
+            objects,
+            doc_warnings: warnings,
+            rejected: None,
+            pending: None,
+            racy,
+        };
         Refresh { changed, retry: recheck }
     }
 

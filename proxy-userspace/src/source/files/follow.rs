@@ -190,18 +190,13 @@ pub fn start(
             .watch(parent, RecursiveMode::NonRecursive)
             .map_err(|source| FilesError::Watch { path: parent.to_path_buf(), source })?;
     }
-    watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|source| FilesError::Watch { path: dir.clone(), source })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| FilesError::Watch { path: dir.clone(), source })?;
     let armed = dir_id(&dir);
     let shared = Arc::new(Mutex::new(Objects::default()));
-    let mut follower = Follower {
-        manifests: Manifests::new(dir, node_name),
-        watcher,
-        events,
-        shared,
-        tx,
-        armed,
-        dir_missing: false,
-    };
+    let mut follower =
+        Follower { manifests: Manifests::new(dir, node_name), watcher, events, shared, tx, armed, dir_missing: false };
     let shared = follower.shared.clone();
     std::thread::Builder::new()
         .name("manifests".into())
@@ -241,6 +236,9 @@ mod tests {
         assert!(matches!(relevance(&ev(modify, "/m/a.yaml"), dir), Relevance::Files));
         // The parent's other entries are not ours; the directory's own name is.
         assert!(matches!(relevance(&ev(modify, "/other"), dir), Relevance::None));
-        assert!(matches!(relevance(&ev(EventKind::Create(notify::event::CreateKind::Folder), "/m"), dir), Relevance::Dir));
+        assert!(matches!(
+            relevance(&ev(EventKind::Create(notify::event::CreateKind::Folder), "/m"), dir),
+            Relevance::Dir
+        ));
     }
 }
