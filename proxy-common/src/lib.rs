@@ -21,6 +21,13 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     pub const NEIGH_MISSES: &str = "NEIGH_MISSES";
+    pub const SERVICES6: &str = "SERVICES6";
+    pub const BACKENDS6: &str = "BACKENDS6";
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    pub const AFFINITY6: &str = "AFFINITY6";
+    pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
+    pub const NODE_CONFIG6: &str = "NODE_CONFIG6";
+    pub const NEIGH_MISSES6: &str = "NEIGH_MISSES6";
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -50,12 +57,14 @@ pub const PROTO_SCTP: u8 = 132;
 pub const SCOPE_INTERNAL: u8 = 0;
 pub const SCOPE_EXTERNAL: u8 = 1;
 
-/// Key of `SERVICES`: one frontend (VIP or node address, port, protocol, scope).
+/// Key of `SERVICES` (IPv4) and `SERVICES6` (IPv6, [`ServiceKey6`]): one frontend (VIP or
+/// node address, port, protocol, scope).
 ///
-/// The types that hold addresses are generic over the address (`u32`, or `[u32; 4]` for
-/// IPv6, network byte order), so the IPv6 maps to come (one map per family: IPv4 keeps its
-/// short keys and per-packet cost) share one definition of each; the `*6` aliases pin their
-/// layouts. Service ids, backend ids, slots, metadata and counters will be shared.
+/// The maps that hold addresses come in one map per family, so IPv4 keeps its short keys
+/// (and its per-packet cost) and IPv6 costs only its own lookups; the types are generic over
+/// the address (`u32`, or `[u32; 4]` for IPv6, network byte order) so there is one
+/// definition of each. Service ids, backend ids, slots, metadata and counters are shared by
+/// both families.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey<A = u32> {
@@ -141,7 +150,7 @@ pub mod backend_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Backend<A = u32> {
-    /// Address, network byte order.
+    /// Address, network byte order (IPv6 backends live in `BACKENDS6`).
     pub addr: A,
     /// Port, network byte order.
     pub port: u16,
@@ -371,7 +380,7 @@ pub mod ct {
     }
 }
 
-/// Key of `AFFINITY`.
+/// Key of `AFFINITY` (and `AFFINITY6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey<A = u32> {
@@ -410,8 +419,7 @@ pub enum Verdict {
     NoBackend = 3,
     /// Not service traffic: passed untouched.
     Pass = 4,
-    /// Not a frame of a family the datapath handles (ARP, VLAN-tagged, and IPv6 until its
-    /// pipeline instantiation lands): passed untouched.
+    /// Not IPv4 or IPv6 (ARP, VLAN-tagged, ...): passed untouched.
     NotIp = 5,
     /// Truncated or malformed header, or lengths that do not add up: passed untouched for
     /// the kernel to judge.
@@ -560,6 +568,9 @@ pub mod nat_defaults {
     /// and routed by the pod's default route back to its host-side veth; 169.254.1.1 is
     /// taken by the CNI gateway in Calico-like setups, so another one.
     pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+    /// The IPv6 hairpin source: a unique-local address (RFC 4193) no cluster routes, so a pod
+    /// answers it through its default route, back to its veth, like the IPv4 one.
+    pub const HAIRPIN_ADDR6: [u8; 16] = [0xfd, 0x65, 0x62, 0x70, 0x66, 0x2d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 }
 
 /// Value of `NODE_CONFIG` (array, one entry, index 0): node facts the datapath needs,
@@ -579,6 +590,18 @@ pub struct NodeConfig {
     pub _reserved: u32,
 }
 
+/// Value of `NODE_CONFIG6` (array, one entry): the IPv6 node facts; the SNAT port range is
+/// `NodeConfig`'s, shared by both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NodeConfig6 {
+    /// Address remote-backend flows are source-NATed to; all zero = the address the packet
+    /// was sent to.
+    pub snat_addr: Ipv6Words,
+    /// Hairpin source address; all zero = hairpin SNAT disabled for IPv6.
+    pub hairpin_addr: Ipv6Words,
+}
+
 /// Key of `NEIGH_MISSES` (LRU hash, value: `bpf_ktime_get_ns()` of the miss): a next hop
 /// `bpf_fib_lookup` found no neighbour entry for. XDP cannot resolve neighbours; the agent
 /// asks the kernel to (`NTF_USE`) and deletes the key.
@@ -586,11 +609,15 @@ pub struct NodeConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NeighKey<A = u32> {
     pub ifindex: u32,
-    /// Next-hop address, network byte order.
+    /// Next-hop address, network byte order (IPv6 misses go to `NEIGH_MISSES6`).
     pub addr: A,
 }
 
 pub type NeighKey6 = NeighKey<Ipv6Words>;
+
+/// Key data of `SOURCE_RANGES6` (LPM trie, prefix length before it): the big-endian service
+/// id, then the IPv6 source prefix, so one trie holds every service's ranges.
+pub type SourceRangeData6 = [u32; 5];
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -616,6 +643,7 @@ mod pod_impls {
     unsafe impl aya::Pod for ServiceKey6 {}
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for AffinityKey6 {}
+    unsafe impl aya::Pod for NodeConfig6 {}
     unsafe impl aya::Pod for NeighKey6 {}
 }
 
@@ -647,6 +675,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey6>(), 20);
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<AffinityKey6>(), 20);
+        assert_eq!(size_of::<NodeConfig6>(), 32);
         assert_eq!(size_of::<NeighKey6>(), 20);
         assert_eq!(size_of::<CtValue6>(), 56);
     }

@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig, ServiceKey, ServiceMeta,
-    ServiceValue, SlotKey, StatsKey, sizes,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
+    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6,
+    StatsKey, sizes,
 };
 
 #[map]
@@ -59,3 +60,31 @@ pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 /// triggers resolution and deletes the key. LRU so a flood of misses cannot fill it for good.
 #[map]
 pub static NEIGH_MISSES: LruHashMap<NeighKey, u64> = LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);
+
+// IPv6: the maps that hold addresses have an IPv6 twin with 16-byte addresses, so IPv4
+// keeps its short keys; ids, slots, metadata and counters are shared (docs/architecture.md).
+
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(sizes::MAX_SERVICES, 0);
+
+#[map]
+pub static BACKENDS6: HashMap<u32, Backend6> = HashMap::pinned(sizes::MAX_BACKENDS, 0);
+
+/// See `CONNTRACK`: a plain hash whose live entries are never evicted.
+#[map]
+pub static CONNTRACK6: HashMap<CtKey6, CtValue6> = HashMap::pinned(sizes::MAX_CONNTRACK, 0);
+
+#[map]
+pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
+
+/// loadBalancerSourceRanges for IPv6 frontends: (service id, IPv6 source prefix).
+#[map]
+pub static SOURCE_RANGES6: LpmTrie<SourceRangeData6, u8> = LpmTrie::pinned(sizes::MAX_SOURCE_RANGES, 0);
+
+/// IPv6 node facts (SNAT and hairpin addresses), index 0. Written by the agent.
+#[map]
+pub static NODE_CONFIG6: Array<NodeConfig6> = Array::pinned(1, 0);
+
+/// IPv6 next hops XDP found no neighbour (NDP) entry for; see `NEIGH_MISSES`.
+#[map]
+pub static NEIGH_MISSES6: LruHashMap<NeighKey6, u64> = LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);
