@@ -28,6 +28,8 @@ pub mod map_names {
     pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
     pub const NODE_CONFIG6: &str = "NODE_CONFIG6";
     pub const NEIGH_MISSES6: &str = "NEIGH_MISSES6";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -44,6 +46,8 @@ pub mod sizes {
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 1 << 16;
     /// Next hops whose neighbour entry was missing, waiting for the agent to resolve them.
     pub const MAX_NEIGH_MISSES: u32 = 1024;
+    /// Socket-level reverse translations (one per socket and backend it sent to), LRU.
+    pub const MAX_SOCK_REVNAT: u32 = 262_144;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -438,10 +442,14 @@ pub enum Verdict {
     /// A new flow found the conntrack table full (every entry live: established flows are
     /// never evicted to make room). Dropped; the agent's GC is woken to reclaim space.
     CtFull = 12,
+    /// Socket-level load balancing: a `connect()` or unconnected `sendmsg()` to a frontend
+    /// was given a backend address before any packet existed (cgroup sock_addr hooks).
+    /// Counted once per call; `bytes` stays 0.
+    SockTranslate = 13,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::NewFlow,
         Verdict::Established,
@@ -456,6 +464,7 @@ impl Verdict {
         Verdict::OtherL4,
         Verdict::NoRoute,
         Verdict::CtFull,
+        Verdict::SockTranslate,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -473,6 +482,7 @@ impl Verdict {
             Verdict::OtherL4 => "other_l4",
             Verdict::NoRoute => "no_route",
             Verdict::CtFull => "ct_full",
+            Verdict::SockTranslate => "sock_translate",
         }
     }
 
@@ -499,6 +509,7 @@ pub mod verdict {
     pub const OTHER_L4: u32 = Verdict::OtherL4 as u32;
     pub const NO_ROUTE: u32 = Verdict::NoRoute as u32;
     pub const CT_FULL: u32 = Verdict::CtFull as u32;
+    pub const SOCK_TRANSLATE: u32 = Verdict::SockTranslate as u32;
     pub const COUNT: u32 = Verdict::COUNT;
 }
 
@@ -619,6 +630,69 @@ pub type NeighKey6 = NeighKey<Ipv6Words>;
 /// id, then the IPv6 source prefix, so one trie holds every service's ranges.
 pub type SourceRangeData6 = [u32; 5];
 
+/// Key of `SOCK_REVNAT` (LRU hash): a socket (its cookie, unique for the boot) and the
+/// backend the socket-level hooks sent it to. `recvmsg()` and `getpeername()` find the
+/// frontend the application dialled under it, so it sees replies from VIP:port (as Cilium's
+/// `lb4_reverse_nat_sk` map). The cookie is two words, so the IPv6 instantiation has no
+/// implicit padding either.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey<A = u32> {
+    /// `bpf_get_socket_cookie()`, low word first (native order of the u64).
+    pub cookie: [u32; 2],
+    /// Backend address, network byte order.
+    pub addr: A,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl<A> SockRevKey<A> {
+    #[inline(always)]
+    pub const fn new(cookie: u64, addr: A, port: u16) -> Self {
+        SockRevKey { cookie: [cookie as u32, (cookie >> 32) as u32], addr, port, _pad: 0 }
+    }
+    pub const fn cookie(&self) -> u64 {
+        self.cookie[0] as u64 | (self.cookie[1] as u64) << 32
+    }
+}
+
+/// Value of `SOCK_REVNAT`: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevValue<A = u32> {
+    /// Frontend address (VIP, node address, external or LB IP), network byte order.
+    pub addr: A,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The frontend's service id (for the CLI; 0 never allocated).
+    pub svc_id: u32,
+}
+
+pub type SockRevKey6 = SockRevKey<Ipv6Words>;
+pub type SockRevValue6 = SockRevValue<Ipv6Words>;
+
+/// Flags of [`SockConfig`].
+pub mod sock_flags {
+    /// `--socket-lb=host-only`: translate only sockets of the host network namespace
+    /// (`bpf_get_netns_cookie` equal to `SockConfig::host_netns_cookie`); pod sockets are
+    /// left to the TC path, so sidecars see the ClusterIP.
+    pub const HOST_ONLY: u32 = 1 << 0;
+}
+
+/// Value of `SOCK_CONFIG` (array, one entry): how the socket-level hooks behave, written by
+/// the agent before it attaches them. All zero: translate every socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockConfig {
+    /// `sock_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
+    /// The host network namespace's cookie (`SO_NETNS_COOKIE` of a socket of the agent's).
+    pub host_netns_cookie: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -645,6 +719,11 @@ mod pod_impls {
     unsafe impl aya::Pod for AffinityKey6 {}
     unsafe impl aya::Pod for NodeConfig6 {}
     unsafe impl aya::Pod for NeighKey6 {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for SockRevKey6 {}
+    unsafe impl aya::Pod for SockRevValue6 {}
+    unsafe impl aya::Pod for SockConfig {}
 }
 
 #[cfg(test)]
@@ -678,6 +757,12 @@ mod tests {
         assert_eq!(size_of::<NodeConfig6>(), 32);
         assert_eq!(size_of::<NeighKey6>(), 20);
         assert_eq!(size_of::<CtValue6>(), 56);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRevValue>(), 12);
+        assert_eq!(size_of::<SockRevKey6>(), 28);
+        assert_eq!(size_of::<SockRevValue6>(), 24);
+        assert_eq!(size_of::<SockConfig>(), 16);
+        assert_eq!(align_of::<SockConfig>(), 8);
     }
 
     /// No implicit padding: the sum of the field sizes equals the struct size.
@@ -692,6 +777,21 @@ mod tests {
         assert_eq!(size_of::<CtValue6>(), 16 + 2 + 1 + 1 + 16 + 2 + 2 + 4 + 4 + 8);
         assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
         assert_eq!(size_of::<ServiceMeta>(), META_NAMESPACE_LEN + META_NAME_LEN + META_PORT_NAME_LEN + 1 + 7);
+        assert_eq!(size_of::<SockRevKey>(), 8 + 4 + 2 + 2);
+        assert_eq!(size_of::<SockRevKey6>(), 8 + 16 + 2 + 2);
+        assert_eq!(size_of::<SockRevValue>(), 4 + 2 + 2 + 4);
+        assert_eq!(size_of::<SockRevValue6>(), 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<SockConfig>(), 4 + 4 + 8);
+    }
+
+    #[test]
+    fn sock_rev_key_cookie_round_trips() {
+        let k = SockRevKey::new(0x1234_5678_9abc_def0, 7u32, 80);
+        assert_eq!(k.cookie(), 0x1234_5678_9abc_def0);
+        assert_eq!(k.cookie, [0x9abc_def0, 0x1234_5678]);
+        let base = &k as *const _ as usize;
+        assert_eq!(&k.addr as *const _ as usize - base, 8);
+        assert_eq!(&k.port as *const _ as usize - base, 12);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! `parse` (headers), `pipeline` (the one decision every program shares), `ct`
 //! (conntrack state and entries, SNAT ports), `lb` (service lookup, backend selection), `tc`
 //! and `xdp` (rewriters applying a decision; XDP also forwards), `csum` (checksum
-//! arithmetic), `reject` (TCP resets), `stats` (counters, once per packet), `maps`.
+//! arithmetic), `reject` (TCP resets), `stats` (counters, once per packet), `maps`;
+//! `sock` (socket-level load balancing: cgroup sock_addr hooks sharing `lb`).
 #![no_std]
 #![no_main]
 
@@ -14,13 +15,14 @@ mod maps;
 mod parse;
 mod pipeline;
 mod reject;
+mod sock;
 mod stats;
 mod tc;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// TC ingress of a pod's host-side veth: traffic leaving the pod.
@@ -46,6 +48,31 @@ pub fn from_uplink(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn to_uplink(ctx: TcContext) -> i32 {
     tc::reverse_nat(&ctx)
+}
+
+/// cgroup connect4: TCP and connected UDP sockets dialling a frontend connect to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+/// cgroup sendmsg4: unconnected UDP datagrams to a frontend go to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx)
+}
+
+/// cgroup recvmsg4: datagrams from a backend the socket was sent to appear to come from
+/// the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
+}
+
+/// cgroup getpeername4: a socket connected through a frontend reports the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_peername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
 }
 
 #[cfg(not(test))]

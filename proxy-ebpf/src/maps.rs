@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
-    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6,
-    StatsKey, sizes,
+    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockConfig,
+    SockRevKey, SockRevValue, SourceRangeData6, StatsKey, sizes,
 };
 
 #[map]
@@ -88,3 +88,15 @@ pub static NODE_CONFIG6: Array<NodeConfig6> = Array::pinned(1, 0);
 /// IPv6 next hops XDP found no neighbour (NDP) entry for; see `NEIGH_MISSES`.
 #[map]
 pub static NEIGH_MISSES6: LruHashMap<NeighKey6, u64> = LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);
+
+// Socket-level load balancing (`sock.rs`).
+
+/// Reverse translations of the socket-level hooks: (socket cookie, backend) -> the frontend
+/// the application dialled, for `recvmsg()` and `getpeername()`. LRU: entries of closed
+/// sockets are never looked up again (cookies are not reused) and age out.
+#[map]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(sizes::MAX_SOCK_REVNAT, 0);
+
+/// `--socket-lb` mode and the host network namespace's cookie, index 0. Written by the agent.
+#[map]
+pub static SOCK_CONFIG: Array<SockConfig> = Array::pinned(1, 0);

@@ -29,6 +29,7 @@ use crate::{
         lock::RootLock,
         maps::{GlobalStats, Maps},
         node::{NodeMaps, PortRange, node_config, resolve_neighbour},
+        sock::{self, SocketLbMode},
         uplinks,
     },
     health::Health,
@@ -88,6 +89,14 @@ struct SyncLoop {
     last_errors: BTreeSet<String>,
     /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
     node_addrs: tokio::sync::watch::Sender<Vec<Ipv4Addr>>,
+    /// Socket-level load balancing, when attached: stale UDP sockets to destroy.
+    sock: Option<SockLb>,
+}
+
+/// Socket-level load balancing as attached: the cgroup and the reverse-translation map.
+struct SockLb {
+    cgroup: std::path::PathBuf,
+    revnat: sock::RevNat,
 }
 
 impl SyncLoop {
@@ -168,6 +177,19 @@ impl SyncLoop {
             info!("every frontend programmed again");
         }
         self.last_errors = errors;
+        if let Some(sl) = self.sock.as_ref().filter(|_| !report.removed_udp_backends.is_empty()) {
+            let r = sock::destroy_udp_sockets(&sl.cgroup, &sl.revnat, &report.removed_udp_backends);
+            self.metrics.sock_udp_destroyed.inc_by(r.destroyed as u64);
+            self.metrics.sock_destroy_duration.observe(r.elapsed.as_secs_f64());
+            info!(
+                backends = report.removed_udp_backends.len(),
+                namespaces = r.namespaces,
+                destroyed = r.destroyed,
+                failed = r.failed,
+                duration_ms = r.elapsed.as_secs_f64() * 1e3,
+                "destroyed connected UDP sockets of removed backends"
+            );
+        }
         info!(
             services = report.services,
             backends = report.backends,
@@ -236,6 +258,48 @@ fn start_conntrack_gc(args: &AgentArgs, metrics: Metrics) -> Result<()> {
     Ok(())
 }
 
+/// Attach (or, with `--socket-lb=off`, detach) the socket-level programs. A kernel without
+/// what they need, or a host without cgroup v2 when none was named, leaves the node on the
+/// TC/XDP paths with an error in the log; a `--cgroup-root` that is not a cgroup v2
+/// directory stops the agent.
+fn setup_socket_lb(args: &AgentArgs, programs: &mut loader::Programs) -> Result<Option<SockLb>> {
+    if args.socket_lb == SocketLbMode::Off {
+        for pin in sock::detach_all(&args.bpffs_root) {
+            info!(pin = %pin, "--socket-lb=off: detached socket-level program");
+        }
+        return Ok(None);
+    }
+    let cgroup = match &args.cgroup_root {
+        Some(p) => p.clone(),
+        None => match sock::detect_cgroup_root() {
+            Ok(p) => p,
+            Err(e) => {
+                error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
+                return Ok(None);
+            }
+        },
+    };
+    match sock::attach(programs, &args.bpffs_root, &cgroup, args.socket_lb) {
+        Ok(a) => {
+            info!(
+                cgroup = %cgroup.display(),
+                mode = ?args.socket_lb,
+                links_replaced = a.replaced,
+                links_created = a.created,
+                links_detached = a.detached,
+                "socket-level load balancing attached"
+            );
+            let revnat = sock::RevNat::open_pinned(&args.bpffs_root).context("socket-level reverse translations")?;
+            Ok(Some(SockLb { cgroup, revnat }))
+        }
+        Err(e @ sock::SockError::NotCgroup2(_)) if args.cgroup_root.is_some() => Err(e).context("--cgroup-root"),
+        Err(e) => {
+            error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
+            Ok(None)
+        }
+    }
+}
+
 /// Create the root (on bpffs) and lock it for this agent's lifetime.
 fn lock_root(root: &std::path::Path) -> Result<RootLock> {
     loader::check_bpffs(root).context("--bpffs-root")?;
@@ -285,6 +349,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         info!(links = swapped, "new programs swapped into the pinned links");
         std::mem::take(&mut programs.migration).finish().context("finishing the map migration")?;
     }
+    // Before the first sync: a node process dialling a Service during start-up gets the
+    // backends the pinned maps hold (a restart swaps the programs into the same links).
+    let sock_lb = setup_socket_lb(&args, &mut programs)?;
+    metrics.sock_attached.set(i64::from(sock_lb.is_some()));
     // Fill ratios use the sizes of the maps in use.
     let capacities = maps.capacities();
     start_conntrack_gc(&args, metrics.clone())?;
@@ -372,6 +440,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         last_warnings: BTreeSet::new(),
         last_errors: BTreeSet::new(),
         node_addrs,
+        sock: sock_lb,
     };
     created_root.keep();
     let delay = Duration::from_millis(args.sync_delay_ms);

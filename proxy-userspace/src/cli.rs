@@ -8,7 +8,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::dataplane::{attach::XdpModeChoice, node::PortRange};
+use crate::dataplane::{attach::XdpModeChoice, node::PortRange, sock::SocketLbMode};
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// Host-side veth names of kind (kindnet `veth*`), Calico (`cali*`), Cilium (`lxc*`),
@@ -151,6 +151,17 @@ pub struct AgentArgs {
     pub max_conntrack: u32,
     #[command(flatten)]
     pub conntrack: ConntrackArgs,
+    /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername hooks): node
+    /// processes, hostNetwork pods and (with `on`) pods reach Services by a backend address
+    /// chosen at connect(). `host-only` leaves pod sockets to the TC path (service meshes
+    /// whose sidecars must see the ClusterIP). The TC and XDP paths stay in place either way.
+    #[arg(long, value_enum, env = "EBPF_PROXY_SOCKET_LB", default_value = "on")]
+    pub socket_lb: SocketLbMode,
+    /// cgroup v2 directory the socket-level programs are attached to (they see the sockets
+    /// of every process below it, whatever their network namespace). Default: the node's
+    /// cgroup v2 root, detected (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -22,6 +22,14 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    /// `namespace/name:port-name` of the frontend's Service port.
+    pub service: String,
+    /// The frontend's id (one Service port has several frontends: ClusterIP, NodePorts...).
+    pub frontend_id: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
@@ -41,6 +49,10 @@ pub struct Metrics {
     pub conntrack_gc_duration: Histogram,
     pub conntrack_full_drops: Counter,
     pub datapath_repairs: Counter,
+    pub sock_attached: Gauge,
+    pub sock_translations: Family<ServiceLabel, Gauge>,
+    pub sock_udp_destroyed: Counter,
+    pub sock_destroy_duration: Histogram,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -68,6 +80,10 @@ impl Metrics {
             conntrack_gc_duration: Histogram::new(buckets()),
             conntrack_full_drops: Counter::default(),
             datapath_repairs: Counter::default(),
+            sock_attached: Gauge::default(),
+            sock_translations: Family::default(),
+            sock_udp_destroyed: Counter::default(),
+            sock_destroy_duration: Histogram::new(buckets()),
         };
         r.register("services_programmed", "Service frontends in the services map", m.services.clone());
         r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
@@ -112,6 +128,26 @@ impl Metrics {
             "datapath_repairs",
             "Datapath checks that found pins missing or programs detached, and restored them",
             m.datapath_repairs.clone(),
+        );
+        r.register(
+            "socket_lb_attached",
+            "1 when the socket-level programs are attached to the cgroup root",
+            m.sock_attached.clone(),
+        );
+        r.register(
+            "socket_lb_translations",
+            "connect()/sendmsg() calls translated at the socket, per frontend (from the datapath's counters)",
+            m.sock_translations.clone(),
+        );
+        r.register(
+            "socket_lb_udp_sockets_destroyed",
+            "Connected UDP sockets destroyed because their backend was removed",
+            m.sock_udp_destroyed.clone(),
+        );
+        r.register(
+            "socket_lb_destroy_duration_seconds",
+            "Duration of one pass destroying UDP sockets of removed backends",
+            m.sock_destroy_duration.clone(),
         );
         *m.registry.lock().expect("fresh mutex") = r;
         m

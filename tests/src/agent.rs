@@ -39,6 +39,10 @@ pub fn ebpf_proxy_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Environment variable of `--socket-lb`; tests set it to `off` for every agent they start
+/// unless they pass the flag (see `tests/tests/socket_lb.rs`).
+pub const SOCKET_LB_ENV: &str = "EBPF_PROXY_SOCKET_LB";
+
 /// The agent process, killed on drop.
 pub struct Agent {
     pub child: Child,
@@ -90,6 +94,9 @@ impl Agent {
             .arg("10")
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            // Socket-level load balancing attaches to a cgroup: never the machine's own root
+            // from a test. Tests that exercise it pass `--socket-lb` and a test cgroup.
+            .env(SOCKET_LB_ENV, "off")
             .stdin(Stdio::null());
         Ok(cmd)
     }

@@ -363,6 +363,7 @@ fn services_programmed_counts_what_the_map_holds() {
     let child = std::process::Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", env.topo.node.name))
         .arg(proxy_tests::agent::ebpf_proxy_bin().unwrap())
+        .env(proxy_tests::agent::SOCKET_LB_ENV, "off")
         .args(["agent", "--bpffs-root", env.pins.0.to_str().unwrap(), "--http-addr", &http.to_string()])
         .args(["--metrics-addr", &metrics.to_string()])
         .args(["--sync-delay-ms", "10", "--manifests", env.dir.0.to_str().unwrap(), "--node-name", "node-a"])

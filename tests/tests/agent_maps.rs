@@ -84,7 +84,8 @@ impl Env {
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.topo.node.name))
             .arg(bin)
-            .args(["agent", "--bpffs-root"])
+            .env(proxy_tests::agent::SOCKET_LB_ENV, "off")
+        .args(["agent", "--bpffs-root"])
             .arg(&self.pins.0)
             .args(["--http-addr", &http.to_string(), "--sync-delay-ms", "10", "--node-name", "node-a"])
             .arg("--manifests")
@@ -378,6 +379,7 @@ fn run_agent(
     }
     let mut child = cmd
         .arg(ebpf_proxy_bin().unwrap())
+        .env(proxy_tests::agent::SOCKET_LB_ENV, "off")
         .args(["agent", "--bpffs-root"])
         .arg(root)
         .args(["--http-addr", "127.0.0.1:10303", "--node-name", "n", "--manifests"])

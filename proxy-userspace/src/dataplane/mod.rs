@@ -16,6 +16,7 @@ pub mod maps;
 pub mod migrate;
 pub mod node;
 pub mod ownership;
+pub mod sock;
 pub mod uplinks;
 
 pub use error::DataplaneError;
@@ -32,6 +33,11 @@ pub mod paths {
     }
     pub fn links_dir(root: &Path) -> PathBuf {
         root.join("links")
+    }
+    /// The socket-level programs' cgroup links (apart from the per-interface links, whose
+    /// pin names are parsed as `<ifindex>-<kind>-<ifname>`).
+    pub fn cgroup_links_dir(root: &Path) -> PathBuf {
+        root.join("cgroup-links")
     }
     /// Old maps pinned aside while their entries move to maps of a new size or type.
     pub fn migrating_dir(root: &Path) -> PathBuf {

@@ -62,6 +62,10 @@ pub struct SyncReport {
     /// `BACKEND_SLOTS` entries in use (both generations of every frontend).
     pub slots: usize,
     pub conntrack_purged: usize,
+    /// UDP backends deleted by this sync, as (address, port) in network byte order (the map
+    /// layout): connected UDP sockets the socket-level hooks pointed at them are destroyed
+    /// (`dataplane::sock::destroy_udp_sockets`), so their applications reconnect.
+    pub removed_udp_backends: Vec<(u32, u16)>,
     /// Frontends that could not be programmed (the previous state for them stays).
     pub errors: Vec<(FrontendKey, DataplaneError)>,
 }
@@ -336,6 +340,9 @@ impl<S: MapStore> Syncer<S> {
             match self.store.del_backend(id) {
                 Ok(()) => {
                     writes += 1;
+                    if ident.2 == PROTO_UDP {
+                        report.removed_udp_backends.push((ident.0, ident.1));
+                    }
                     self.backends.remove(&ident);
                     self.backend_ids.free(id);
                     removed_backends.insert(id);

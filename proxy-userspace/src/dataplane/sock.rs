@@ -1,0 +1,530 @@
+//! Socket-level load balancing, the kernel side: attach the cgroup v2 `sock_addr` programs
+//! (`proxy-ebpf/src/sock.rs`) to `--cgroup-root` through bpf_links pinned under
+//! `<root>/cgroup-links/<cgroup id>-<program>`, so that a restarted agent swaps its new
+//! programs into the same links (BPF_LINK_UPDATE: no instant without translation), like the
+//! tcx links; write the mode (`SOCK_CONFIG`); and destroy connected UDP sockets whose
+//! backend went away (sock_diag `SOCK_DESTROY`), so their applications reconnect.
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::File,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use proxy_common::{SockConfig, SockRevKey, SockRevValue, map_names as n, sock_flags};
+use tracing::{debug, info};
+
+use super::{bpfsys, loader::Programs, paths};
+
+/// The programs, by name in the object (`proxy-ebpf/src/main.rs`).
+pub const SOCK_PROGRAMS: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_peername4"];
+
+/// `--socket-lb`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLbMode {
+    /// Every socket in the cgroup is translated at connect()/sendmsg().
+    #[default]
+    On,
+    /// No socket-level translation; the links of an earlier agent are removed.
+    Off,
+    /// Only sockets of the host network namespace; pod sockets go through the TC path (for
+    /// service meshes whose sidecars must see the ClusterIP).
+    HostOnly,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SockError {
+    #[error(
+        "no cgroup v2 hierarchy found in /proc/self/mountinfo: mount one (or pass --cgroup-root), or run with --socket-lb=off"
+    )]
+    NoCgroup2,
+    #[error("--cgroup-root {0} is not a directory of a cgroup v2 hierarchy (cgroup2 filesystem)")]
+    NotCgroup2(PathBuf),
+    #[error(
+        "program {program}: {source} (socket-level load balancing needs cgroup sock_addr programs with \
+         bpf_set_retval, kernel >= 5.18; run with --socket-lb=off on older kernels)"
+    )]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SockError {
+    let context = context.into();
+    move |source| SockError::Io { context, source }
+}
+
+pub fn links_dir(root: &Path) -> PathBuf {
+    paths::cgroup_links_dir(root)
+}
+
+/// `CGROUP2_SUPER_MAGIC`.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+/// The node's cgroup v2 root: the first `cgroup2` mount in this mount namespace
+/// (`/sys/fs/cgroup` on a pure v2 host, `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn detect_cgroup_root() -> Result<PathBuf, SockError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading /proc/self/mountinfo"))?;
+    cgroup2_mount(&info).ok_or(SockError::NoCgroup2)
+}
+
+/// The mount point of the first cgroup2 line of a mountinfo text.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ..."
+        let (left, right) = l.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn check_cgroup2(path: &Path) -> Result<(), SockError> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| SockError::NotCgroup2(path.to_path_buf()))?;
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != CGROUP2_MAGIC {
+        return Err(SockError::NotCgroup2(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the caller's network namespace, as `bpf_get_netns_cookie` returns it.
+pub fn netns_cookie() -> io::Result<u64> {
+    // SAFETY: a socket we close before returning; getsockopt writes at most `len` bytes into
+    // the u64 we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        if libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cookie)
+    }
+}
+
+/// How the programs ended up attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SockAttach {
+    /// Links of an earlier agent that now run the new programs.
+    pub replaced: usize,
+    /// Links created (and pinned) now.
+    pub created: usize,
+    /// Pinned links on another cgroup (an earlier `--cgroup-root`), detached.
+    pub detached: usize,
+}
+
+fn pin_name(cgroup_id: u64, program: &str) -> String {
+    format!("{cgroup_id}-{program}")
+}
+
+/// Write the mode into `SOCK_CONFIG` (before the programs can run with it).
+fn write_config(progs: &mut Programs, mode: SocketLbMode) -> Result<(), SockError> {
+    let cookie = netns_cookie().map_err(io_err("reading the host network namespace's cookie (SO_NETNS_COOKIE)"))?;
+    let cfg = SockConfig {
+        flags: if mode == SocketLbMode::HostOnly { sock_flags::HOST_ONLY } else { 0 },
+        _pad: 0,
+        host_netns_cookie: cookie,
+    };
+    let map = progs.ebpf.map_mut(n::SOCK_CONFIG).ok_or_else(|| SockError::Io {
+        context: format!("the eBPF object has no map {}", n::SOCK_CONFIG),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
+    let mut arr: Array<&mut MapData, SockConfig> =
+        Array::try_from(map).map_err(|source| SockError::Map { map: n::SOCK_CONFIG, source })?;
+    arr.set(0, cfg, 0).map_err(|source| SockError::Map { map: n::SOCK_CONFIG, source })
+}
+
+/// Attach the socket-level programs to `cgroup` (mode `On` or `HostOnly`), replacing the
+/// programs in links an earlier agent pinned on the same cgroup, and detaching those it
+/// pinned on another one.
+pub fn attach(progs: &mut Programs, root: &Path, cgroup: &Path, mode: SocketLbMode) -> Result<SockAttach, SockError> {
+    check_cgroup2(cgroup)?;
+    let cgroup_id = std::fs::metadata(cgroup).map_err(io_err(format!("stat {}", cgroup.display())))?.ino();
+    let dir = links_dir(root);
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    write_config(progs, mode)?;
+    let mut out = SockAttach::default();
+    // Links on another cgroup: the operator moved --cgroup-root. Unpinning detaches.
+    for e in std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let on_ours = name.split_once('-').and_then(|(id, _)| id.parse::<u64>().ok()) == Some(cgroup_id);
+        if !on_ours && std::fs::remove_file(e.path()).is_ok() {
+            info!(pin = %name, "detached socket-level program from a previous --cgroup-root");
+            out.detached += 1;
+        }
+    }
+    let cgroup_fd = File::open(cgroup).map_err(io_err(format!("opening {}", cgroup.display())))?;
+    for program in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = progs
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| SockError::Io {
+                context: format!("the eBPF object has no program {program}"),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            })?
+            .try_into()
+            .map_err(|source| SockError::Program { program, source })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| SockError::Program { program, source })?;
+        }
+        let pin = dir.join(pin_name(cgroup_id, program));
+        if let Ok(old) = bpfsys::obj_get(&pin) {
+            let prog_fd = prog.fd().map_err(|source| SockError::Program { program, source })?;
+            match bpfsys::link_update(old.as_fd(), prog_fd.as_fd()) {
+                Ok(()) => {
+                    debug!(program, "replaced program in pinned cgroup link");
+                    out.replaced += 1;
+                    continue;
+                }
+                Err(e) => {
+                    // Defunct (its cgroup was removed and re-created): start afresh.
+                    debug!(program, error = %e, "pinned cgroup link unusable, re-attaching");
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        // Several programs may run on the cgroup (another agent's, a CNI's): ours is one.
+        let id = prog
+            .attach(cgroup_fd.as_fd(), CgroupAttachMode::AllowMultiple)
+            .map_err(|source| SockError::Program { program, source })?;
+        let link = prog.take_link(id).map_err(|source| SockError::Program { program, source })?;
+        let fd: FdLink = link.try_into().map_err(|e| SockError::Io {
+            context: format!("{program}: no bpf_link for cgroup programs on this kernel (< 5.7): {e}"),
+            source: io::Error::from(io::ErrorKind::Unsupported),
+        })?;
+        fd.pin(&pin).map_err(|e| SockError::Io {
+            context: format!("pinning {}: {e}", pin.display()),
+            source: io::Error::other("pin"),
+        })?;
+        out.created += 1;
+    }
+    Ok(out)
+}
+
+/// Remove every pinned cgroup link under `root` (detaching the programs). Returns the pin
+/// names removed.
+pub fn detach_all(root: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(links_dir(root)) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        if std::fs::remove_file(e.path()).is_ok() {
+            removed.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    removed
+}
+
+/// Are the programs attached (all four pins present) on `cgroup` under `root`?
+pub fn attached_on(root: &Path, cgroup: &Path) -> bool {
+    let Ok(id) = std::fs::metadata(cgroup).map(|m| m.ino()) else { return false };
+    SOCK_PROGRAMS.iter().all(|p| links_dir(root).join(pin_name(id, p)).exists())
+}
+
+// --- Stale UDP sockets -------------------------------------------------------------------
+
+/// netlink families and message types (`linux/netlink.h`, `linux/sock_diag.h`).
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+/// `struct nlmsghdr`, `struct inet_diag_req_v2`, `struct inet_diag_msg` sizes.
+const NLMSG_HDR: usize = 16;
+const REQ_V2: usize = 56;
+const DIAG_MSG: usize = 72;
+/// Offset of `struct inet_diag_sockid` in both the request and the answer.
+const SOCKID_OFF: usize = 4;
+const SOCKID_LEN: usize = 48;
+
+/// What one destruction pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DestroyReport {
+    /// Network namespaces searched (those of the processes in the cgroup tree).
+    pub namespaces: usize,
+    /// Sockets destroyed.
+    pub destroyed: usize,
+    /// Sockets found but not destroyed (gone meanwhile, or refused).
+    pub failed: usize,
+    pub elapsed: Duration,
+}
+
+/// The `SOCK_REVNAT` map, opened from its pin, to tell sockets the hooks translated from
+/// sockets that dialled a pod address themselves (those are not ours to close).
+pub struct RevNat {
+    map: HashMap<MapData, SockRevKey, SockRevValue>,
+}
+
+impl RevNat {
+    pub fn open_pinned(root: &Path) -> Result<Self, SockError> {
+        let path = paths::maps_dir(root).join(n::SOCK_REVNAT);
+        let data = MapData::from_pin(&path).map_err(|source| SockError::Map { map: n::SOCK_REVNAT, source })?;
+        let map = Map::from_map_data(data).map_err(|source| SockError::Map { map: n::SOCK_REVNAT, source })?;
+        let map = HashMap::try_from(map).map_err(|source| SockError::Map { map: n::SOCK_REVNAT, source })?;
+        Ok(RevNat { map })
+    }
+
+    fn translated(&self, cookie: u64, addr: u32, port: u16) -> bool {
+        self.map.get(&SockRevKey::new(cookie, addr, port), 0).is_ok()
+    }
+}
+
+/// The network namespaces of the processes in the cgroup tree under `cgroup` (the sockets
+/// the hooks can have translated live there), one `/proc/<pid>/ns/net` path per namespace.
+fn namespaces_in(cgroup: &Path) -> BTreeMap<(u64, u64), PathBuf> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![cgroup.to_path_buf()];
+    // Bounded: a cgroup tree is small, but never walk forever.
+    let mut budget = 100_000usize;
+    while let Some(dir) = stack.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter(|l| !l.is_empty()) {
+                let p = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                if let Ok(m) = std::fs::metadata(&p) {
+                    out.entry((m.dev(), m.ino())).or_insert(p);
+                }
+            }
+        }
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if budget == 0 {
+                return out;
+            }
+            budget -= 1;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn netlink_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket call; the fd is owned by the OwnedFd from here on.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd from the kernel.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+    // SAFETY: setsockopt reads the timeval we own.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of_val(&tv) as libc::socklen_t,
+        );
+    }
+    Ok(fd)
+}
+
+/// An `inet_diag_req_v2` for UDP over IPv4 in a netlink message of `msg_type`.
+fn udp_request(msg_type: u16, flags: u16, sockid: Option<&[u8]>) -> Vec<u8> {
+    let mut m = vec![0u8; NLMSG_HDR + REQ_V2];
+    m[0..4].copy_from_slice(&((NLMSG_HDR + REQ_V2) as u32).to_ne_bytes());
+    m[4..6].copy_from_slice(&msg_type.to_ne_bytes());
+    m[6..8].copy_from_slice(&flags.to_ne_bytes());
+    let r = &mut m[NLMSG_HDR..];
+    r[0] = libc::AF_INET as u8;
+    r[1] = libc::IPPROTO_UDP as u8;
+    // idiag_states: every state (connected UDP sockets are TCP_ESTABLISHED).
+    r[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    if let Some(id) = sockid {
+        r[8..8 + SOCKID_LEN].copy_from_slice(id);
+    }
+    m
+}
+
+fn send(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: sends from a buffer we own to the kernel (nl_pid 0), with a zeroed sockaddr_nl.
+    let rc = unsafe {
+        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Read netlink messages until DONE (dump) or the first ERROR (ack); `each` sees every
+/// payload of `msg_type`. Returns the ack's errno (0 = success) when one came.
+fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: reads into the buffer we own, at most its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut off = 0usize;
+        let n = n as usize;
+        while off + NLMSG_HDR <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or([0; 2]));
+            if len < NLMSG_HDR || off + len > n {
+                return Err(io::Error::from(io::ErrorKind::InvalidData));
+            }
+            match ty {
+                NLMSG_DONE => return Ok(0),
+                NLMSG_ERROR => {
+                    let err = buf
+                        .get(off + NLMSG_HDR..off + NLMSG_HDR + 4)
+                        .map(|b| i32::from_ne_bytes(b.try_into().unwrap_or([0; 4])))
+                        .unwrap_or(0);
+                    return Ok(-err);
+                }
+                _ => each(&buf[off + NLMSG_HDR..off + len]),
+            }
+            // NLMSG_ALIGN
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// Destroy, in the namespace the thread is in, the connected UDP sockets whose peer is one
+/// of `backends` and that the hooks translated (their cookie is in `SOCK_REVNAT` under that
+/// backend). Returns (destroyed, failed).
+fn destroy_here(backends: &HashSet<(u32, u16)>, revnat: &RevNat) -> io::Result<(usize, usize)> {
+    let dump = netlink_socket()?;
+    send(&dump, &udp_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, None))?;
+    let mut victims: Vec<Vec<u8>> = Vec::new();
+    receive(&dump, |msg| {
+        if msg.len() < DIAG_MSG {
+            return;
+        }
+        let id = &msg[SOCKID_OFF..SOCKID_OFF + SOCKID_LEN];
+        // inet_diag_sockid: sport, dport (big-endian u16), src[4], dst[4], if, cookie[2].
+        let dport = u16::from_ne_bytes([id[2], id[3]]);
+        let dst = u32::from_ne_bytes([id[20], id[21], id[22], id[23]]);
+        let cookie = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]) as u64
+            | (u32::from_ne_bytes([id[44], id[45], id[46], id[47]]) as u64) << 32;
+        if backends.contains(&(dst, dport)) && revnat.translated(cookie, dst, dport) {
+            victims.push(id.to_vec());
+        }
+    })?;
+    let (mut destroyed, mut failed) = (0, 0);
+    if victims.is_empty() {
+        return Ok((0, 0));
+    }
+    let ctl = netlink_socket()?;
+    for id in victims {
+        send(&ctl, &udp_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, Some(&id)))?;
+        match receive(&ctl, |_| {})? {
+            0 => destroyed += 1,
+            errno => {
+                debug!(errno, "SOCK_DESTROY refused");
+                failed += 1;
+            }
+        }
+    }
+    Ok((destroyed, failed))
+}
+
+/// Destroy the connected UDP sockets the socket-level hooks pointed at `backends` (address,
+/// port, network byte order), in every network namespace of a process in the `cgroup` tree.
+/// Their owners get ECONNABORTED on the next call and reconnect, through the hooks, to a
+/// live backend (kube-proxy's conntrack flush for UDP, kube-proxy #48370, at the socket).
+/// Uses sock_diag `SOCK_DESTROY` (CONFIG_INET_DIAG_DESTROY), from a thread that enters each
+/// namespace: sock_diag only sees the sockets of its own namespace.
+pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(u32, u16)]) -> DestroyReport {
+    let t = Instant::now();
+    let wanted: HashSet<(u32, u16)> = backends.iter().copied().collect();
+    let namespaces = namespaces_in(cgroup);
+    let mut report = DestroyReport { namespaces: namespaces.len(), ..Default::default() };
+    for path in namespaces.values() {
+        let result = std::thread::scope(|s| {
+            s.spawn(|| -> io::Result<(usize, usize)> {
+                let ns = File::open(path)?;
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                destroy_here(&wanted, revnat)
+            })
+            .join()
+        });
+        match result {
+            Ok(Ok((d, f))) => {
+                report.destroyed += d;
+                report.failed += f;
+            }
+            // The process (and maybe its namespace) went away meanwhile.
+            Ok(Err(e)) => debug!(netns = %path.display(), error = %e, "cannot search a namespace for stale UDP sockets"),
+            Err(_) => debug!(netns = %path.display(), "stale-UDP search thread panicked"),
+        }
+    }
+    report.elapsed = t.elapsed();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let hybrid = "25 1 0:23 / /sys rw - sysfs sysfs rw\n\
+                      30 25 0:26 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755\n\
+                      31 30 0:27 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw,nsdelegate\n\
+                      32 30 0:28 / /sys/fs/cgroup/systemd rw shared:11 - cgroup cgroup rw,name=systemd\n";
+        assert_eq!(cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let pure = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(cgroup2_mount("32 30 0:28 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw\n"), None);
+    }
+
+    #[test]
+    fn requests_are_laid_out_like_the_kernel_structs() {
+        let id = [7u8; SOCKID_LEN];
+        let m = udp_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, Some(&id));
+        assert_eq!(m.len(), 72);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 72);
+        assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), SOCK_DESTROY);
+        assert_eq!(m[16], libc::AF_INET as u8);
+        assert_eq!(m[17], libc::IPPROTO_UDP as u8);
+        assert_eq!(&m[24..72], &id[..]);
+        assert_eq!(pin_name(42, "sock_connect4"), "42-sock_connect4");
+    }
+}
