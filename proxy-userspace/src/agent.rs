@@ -294,7 +294,9 @@ fn setup_socket_lb(args: &AgentArgs, programs: &mut loader::Programs) -> Result<
         }
         Err(e @ sock::SockError::NotCgroup2(_)) if args.cgroup_root.is_some() => Err(e).context("--cgroup-root"),
         Err(e) => {
-            error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
+            // The whole chain: the syscall's errno is what tells the operator why.
+            let e = anyhow::Error::from(e);
+            error!(error = format!("{e:#}"), "socket-level load balancing off: node processes cannot reach Services");
             Ok(None)
         }
     }

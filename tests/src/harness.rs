@@ -260,3 +260,45 @@ pub fn decode(frame: &[u8]) -> Decoded {
         payload,
     }
 }
+
+/// A child cgroup of the machine's cgroup v2 hierarchy for one test
+/// (`<cgroup2 mount>/ebpf-proxy-test-<pid>-<n>`), removed on drop even when the test fails:
+/// the processes still in it (only the test's own clients are ever moved there) are killed
+/// by PID, then the directory is removed, which also detaches whatever is attached to it.
+/// Socket-level programs are attached here, never to the machine's own root.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new() -> anyhow::Result<Self> {
+        let mount = proxy_userspace::dataplane::sock::detect_cgroup_root()?;
+        let path = mount.join(unique("ebpf-proxy-test-"));
+        std::fs::create_dir(&path)?;
+        Ok(TestCgroup { path })
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Bounded: at most 50 tries, 20 ms apart.
+        for _ in 0..50 {
+            for pid in self.pids() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove test cgroup {}", self.path.display());
+    }
+}

@@ -85,7 +85,7 @@ impl Env {
             .arg(format!("--net=/var/run/netns/{}", self.topo.node.name))
             .arg(bin)
             .env(proxy_tests::agent::SOCKET_LB_ENV, "off")
-        .args(["agent", "--bpffs-root"])
+            .args(["agent", "--bpffs-root"])
             .arg(&self.pins.0)
             .args(["--http-addr", &http.to_string(), "--sync-delay-ms", "10", "--node-name", "node-a"])
             .arg("--manifests")

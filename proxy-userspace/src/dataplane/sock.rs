@@ -218,9 +218,10 @@ pub fn attach(progs: &mut Programs, root: &Path, cgroup: &Path, mode: SocketLbMo
                 }
             }
         }
-        // Several programs may run on the cgroup (another agent's, a CNI's): ours is one.
+        // A bpf_link on a cgroup always runs alongside other programs (the kernel wants no
+        // flags for it: `Single` is aya's "no flags"), so another agent's or a CNI's stay.
         let id = prog
-            .attach(cgroup_fd.as_fd(), CgroupAttachMode::AllowMultiple)
+            .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
             .map_err(|source| SockError::Program { program, source })?;
         let link = prog.take_link(id).map_err(|source| SockError::Program { program, source })?;
         let fd: FdLink = link.try_into().map_err(|e| SockError::Io {
@@ -491,7 +492,9 @@ pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(u32, u16
                 report.failed += f;
             }
             // The process (and maybe its namespace) went away meanwhile.
-            Ok(Err(e)) => debug!(netns = %path.display(), error = %e, "cannot search a namespace for stale UDP sockets"),
+            Ok(Err(e)) => {
+                debug!(netns = %path.display(), error = %e, "cannot search a namespace for stale UDP sockets")
+            }
             Err(_) => debug!(netns = %path.display(), "stale-UDP search thread panicked"),
         }
     }

@@ -1,0 +1,414 @@
+//! Socket-level load balancing (issue 11): the real agent attaches its cgroup sock_addr
+//! programs to a child cgroup made for the test (never the machine's own root), and client
+//! processes moved into that cgroup reach Services from the node namespace and from pods.
+//! Everything (agent, clients, pins, cgroup, namespaces) is removed on drop, also when a
+//! test fails.
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use proxy_tests::{
+    agent::{Agent, TempDir, node_yaml, service_yaml, slice_yaml},
+    harness::{PinDir, TestCgroup, require_root},
+    netns::{Netns, Topology, wait_for},
+};
+use proxy_userspace::{dataplane::maps::Maps, show};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
+const CLIENT: &str = env!("CARGO_BIN_EXE_proxy-sockclient");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const NODE_PORT: u16 = 30080;
+const ECONNREFUSED: i32 = 111;
+
+/// A client process (`proxy-sockclient`) in the test cgroup and a namespace.
+struct SockClient {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+}
+
+/// One answer of the client.
+#[derive(Debug)]
+enum Reply {
+    /// Server name and the address the socket reports (getpeername / recvfrom source).
+    Ok(String, SocketAddr),
+    Err(i32, String),
+}
+
+impl SockClient {
+    fn start(cg: &TestCgroup, ns: &Netns) -> Self {
+        let mut child = Command::new(CLIENT)
+            .args(["--cgroup", cg.path.to_str().expect("utf-8"), "--netns", &ns.name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start proxy-sockclient");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("client ready");
+        assert_eq!(line.trim(), "ready");
+        SockClient { child, stdin, out }
+    }
+
+    fn raw(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin, "{cmd}").expect("send command");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("client answer");
+        line.trim().to_string()
+    }
+
+    fn cmd(&mut self, cmd: &str) -> Reply {
+        let line = self.raw(cmd);
+        let mut w = line.splitn(3, ' ');
+        match (w.next(), w.next(), w.next()) {
+            (Some("ok"), Some(name), Some(addr)) => Reply::Ok(name.to_string(), addr.parse().expect("address")),
+            (Some("err"), Some(code), rest) => Reply::Err(code.parse().unwrap_or(0), rest.unwrap_or("").to_string()),
+            _ => panic!("bad client answer {line:?}"),
+        }
+    }
+
+    fn ok(&mut self, cmd: &str) -> (String, SocketAddr) {
+        match self.cmd(cmd) {
+            Reply::Ok(n, a) => (n, a),
+            Reply::Err(code, m) => panic!("{cmd}: errno {code}: {m}"),
+        }
+    }
+}
+
+impl Drop for SockClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node namespace with pods serving on 8080, an agent with socket-level LB on the test
+/// cgroup. Dropped in field order: agent, pins, cgroup, namespaces, manifests.
+struct Env {
+    agent: Option<Agent>,
+    pins: PinDir,
+    cg: TestCgroup,
+    topo: Topology,
+    dir: TempDir,
+    agent_args: Vec<String>,
+}
+
+impl Env {
+    /// `servers` pods answer (of `pods`), `mode` is `--socket-lb`, `tc` whether the agent
+    /// attaches TC programs to the pod veths at all.
+    fn new(pods: usize, servers: usize, subnet: u8, mode: &str, tc: bool) -> Env {
+        let mut topo = Topology::single_node(pods, subnet).expect("topology");
+        for i in 0..servers {
+            topo.start_server(SERVER, i, 8080).expect("server");
+        }
+        topo.node.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]).expect("node address");
+        let dir = TempDir::new("ebpf-proxy-socklb-").expect("manifests dir");
+        dir.write("node.yaml", &node_yaml("node-a", NODE_IP)).expect("node");
+        let cg = TestCgroup::new().expect("test cgroup");
+        let pins = PinDir::new();
+        let mut agent_args: Vec<String> = vec![
+            "--manifests".into(),
+            dir.0.display().to_string(),
+            "--node-name".into(),
+            "node-a".into(),
+            "--socket-lb".into(),
+            mode.into(),
+            "--cgroup-root".into(),
+            cg.path.display().to_string(),
+        ];
+        if !tc {
+            // No interface matches: no TC program anywhere.
+            agent_args.extend(["--pod-iface-pattern".into(), "no-such-if*".into()]);
+        }
+        Env { agent: None, pins, cg, topo, dir, agent_args }
+    }
+
+    fn start_agent(&mut self) {
+        let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
+        let agent = Agent::start(&self.topo.node, &self.pins.0, 10256, &args).expect("agent");
+        agent.wait_ready(&self.topo.node, Duration::from_secs(20)).expect("agent ready");
+        self.agent = Some(agent);
+    }
+
+    fn pod_ips(&self, n: usize) -> Vec<(String, Ipv4Addr)> {
+        self.topo.pods[..n].iter().map(|p| (p.name.clone(), p.ip)).collect()
+    }
+
+    /// A Service `name` on `vip:port/proto` -> pods `backends` on 8080.
+    fn service(&self, name: &str, vip: Ipv4Addr, port: u16, proto: &str, backends: &[(String, Ipv4Addr)]) {
+        self.dir.write(&format!("{name}.yaml"), &service_yaml(name, &vip.to_string(), port, 8080, proto)).expect("svc");
+        let eps: Vec<(&str, Ipv4Addr)> = backends.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+        self.dir
+            .write(&format!("{name}-slice.yaml"), &slice_yaml(name, &format!("{name}-1"), &eps, 8080, proto))
+            .expect("slice");
+    }
+
+    /// Node-wide and per-service counters from the pinned maps: (verdict, packets) summed
+    /// over the node rows only.
+    fn node_counter(&self, verdict: &str) -> u64 {
+        counter(&self.pins.0, verdict, None)
+    }
+}
+
+fn counter(root: &Path, verdict: &str, per_service: Option<()>) -> u64 {
+    let maps = Maps::open_pinned(root).expect("pinned maps");
+    show::read_stats(&maps)
+        .expect("stats")
+        .iter()
+        .filter(|r| r.verdict == verdict && (r.service_id.is_some() == per_service.is_some()))
+        .map(|r| r.packets)
+        .sum()
+}
+
+/// Wait until `client` reaches `addr` over TCP (servers and the first sync are asynchronous).
+fn wait_reachable(client: &mut SockClient, addr: SocketAddr) {
+    wait_for(Duration::from_secs(10), "service reachable through the socket hooks", || {
+        matches!(client.cmd(&format!("tcp {addr}")), Reply::Ok(..)).then_some(())
+    })
+    .expect("reachable");
+}
+
+/// Test 1: a node-namespace process reaches a ClusterIP over TCP and UDP with no TC
+/// program attached anywhere; getpeername() shows VIP:port and UDP replies come from it.
+#[test]
+fn node_process_reaches_clusterip_without_tc() {
+    if !require_root("node_process_reaches_clusterip_without_tc") {
+        return;
+    }
+    let mut env = Env::new(3, 3, 30, "on", false);
+    let backends = env.pod_ips(3);
+    env.service("web", VIP, 80, "TCP", &backends);
+    env.service("dns", VIP, 53, "UDP", &backends);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 80).into();
+    let vip53: SocketAddr = (VIP, 53).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    wait_reachable(&mut client, vip);
+
+    let mut names = BTreeSet::new();
+    for _ in 0..40 {
+        let (name, peer) = client.ok(&format!("tcp {vip}"));
+        assert_eq!(peer, vip, "getpeername() of a TCP socket connected through the VIP");
+        names.insert(name);
+    }
+    assert_eq!(names, ["pod0", "pod1", "pod2"].map(String::from).into(), "every backend serves");
+
+    let mut unames = BTreeSet::new();
+    for _ in 0..30 {
+        let (name, from) = client.ok(&format!("udp {vip53}"));
+        assert_eq!(from, vip53, "recvfrom() source of a reply to an unconnected UDP socket");
+        unames.insert(name);
+    }
+    assert_eq!(unames.len(), 3, "{unames:?}");
+    let (_, peer) = client.ok(&format!("uconn {vip53}"));
+    assert_eq!(peer, vip53, "getpeername() of a connected UDP socket");
+
+    // Nothing crossed a TC program (none is attached): every translation was a socket's.
+    assert_eq!(env.node_counter("new_flow"), 0);
+    assert!(env.node_counter("sock_translate") >= 71, "{}", env.node_counter("sock_translate"));
+}
+
+/// Test 2: a pod client (own netns, process in the test cgroup): its packets leave with the
+/// backend address already (the TC program on its veth sees no service traffic), every
+/// backend is reached, getpeername() shows the VIP.
+#[test]
+fn pod_client_connects_straight_to_backends() {
+    if !require_root("pod_client_connects_straight_to_backends") {
+        return;
+    }
+    let mut env = Env::new(4, 3, 31, "on", true);
+    let backends = env.pod_ips(3);
+    env.service("web", VIP, 80, "TCP", &backends);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 80).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.pods[3].ns);
+    wait_reachable(&mut client, vip);
+    let tc_before = (env.node_counter("new_flow"), env.node_counter("established"));
+    let sock_before = env.node_counter("sock_translate");
+    let mut names = BTreeSet::new();
+    for _ in 0..40 {
+        let (name, peer) = client.ok(&format!("tcp {vip}"));
+        assert_eq!(peer, vip);
+        names.insert(name);
+    }
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(
+        (env.node_counter("new_flow"), env.node_counter("established")),
+        tc_before,
+        "the pod's veth carried no packet to the VIP: TC translated nothing"
+    );
+    assert_eq!(env.node_counter("sock_translate") - sock_before, 40);
+    // And the per-service counter shows them.
+    assert!(counter(&env.pins.0, "sock_translate", Some(())) >= 40);
+}
+
+/// Test 3: the node reaches its own NodePort and a LoadBalancer IP; a frontend without
+/// endpoints refuses at once (ECONNREFUSED), over TCP and UDP.
+#[test]
+fn node_reaches_nodeport_and_lb_ip_and_empty_service_refuses() {
+    if !require_root("node_reaches_nodeport_and_lb_ip_and_empty_service_refuses") {
+        return;
+    }
+    let mut env = Env::new(2, 2, 32, "on", false);
+    let backends = env.pod_ips(2);
+    let lb = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\n  namespace: default\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  clusterIPs: [10.96.0.20]\n  ports:\n  - name: main\n    port: 80\n    targetPort: 8080\n    nodePort: {NODE_PORT}\n    protocol: TCP\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: {LB_IP}\n"
+    );
+    env.dir.write("lb.yaml", &lb).expect("lb");
+    let eps: Vec<(&str, Ipv4Addr)> = backends.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    env.dir.write("lb-slice.yaml", &slice_yaml("lb", "lb-1", &eps, 8080, "TCP")).expect("slice");
+    env.dir.write("empty.yaml", &service_yaml("empty", "10.96.0.99", 80, 8080, "TCP")).expect("empty");
+    env.dir.write("empty-udp.yaml", &service_yaml("empty-udp", "10.96.0.98", 53, 8080, "UDP")).expect("empty");
+    env.start_agent();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    let nodeport: SocketAddr = (NODE_IP, NODE_PORT).into();
+    let lb_addr: SocketAddr = (LB_IP, 80).into();
+    wait_reachable(&mut client, nodeport);
+    for addr in [nodeport, lb_addr] {
+        let mut names = BTreeSet::new();
+        for _ in 0..20 {
+            let (name, peer) = client.ok(&format!("tcp {addr}"));
+            assert_eq!(peer, addr);
+            names.insert(name);
+        }
+        assert_eq!(names.len(), 2, "{addr}: {names:?}");
+    }
+    for (cmd, what) in [("tcp 10.96.0.99:80", "TCP connect"), ("udp 10.96.0.98:53", "UDP send")] {
+        let t = Instant::now();
+        match client.cmd(cmd) {
+            Reply::Err(code, _) => assert_eq!(code, ECONNREFUSED, "{what} to a frontend without endpoints"),
+            r => panic!("{what} to a frontend without endpoints: {r:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_millis(500), "{what} refused at once, took {:?}", t.elapsed());
+    }
+}
+
+/// Test 4: `--socket-lb=host-only`: node sockets are translated, pod sockets are not (and
+/// still reach the service through the TC path).
+#[test]
+fn host_only_leaves_pod_sockets_to_tc() {
+    if !require_root("host_only_leaves_pod_sockets_to_tc") {
+        return;
+    }
+    let mut env = Env::new(4, 3, 33, "host-only", true);
+    let backends = env.pod_ips(3);
+    env.service("web", VIP, 80, "TCP", &backends);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 80).into();
+    let mut node_client = SockClient::start(&env.cg, &env.topo.node);
+    let mut pod_client = SockClient::start(&env.cg, &env.topo.pods[3].ns);
+    wait_reachable(&mut node_client, vip);
+    wait_reachable(&mut pod_client, vip);
+
+    let (sock0, tc0) = (env.node_counter("sock_translate"), env.node_counter("new_flow"));
+    for _ in 0..20 {
+        let (_, peer) = node_client.ok(&format!("tcp {vip}"));
+        assert_eq!(peer, vip);
+    }
+    assert_eq!(env.node_counter("sock_translate") - sock0, 20, "node sockets translated at connect()");
+    assert_eq!(env.node_counter("new_flow"), tc0, "node traffic crossed no TC program");
+
+    let (sock1, tc1) = (env.node_counter("sock_translate"), env.node_counter("new_flow"));
+    let mut names = BTreeSet::new();
+    for _ in 0..30 {
+        let (name, peer) = pod_client.ok(&format!("tcp {vip}"));
+        assert_eq!(peer, vip);
+        names.insert(name);
+    }
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(env.node_counter("sock_translate"), sock1, "pod sockets are not translated in host-only mode");
+    assert_eq!(env.node_counter("new_flow") - tc1, 30, "pod connections went through TC");
+}
+
+/// Test 5: a connected UDP socket whose backend is removed from the EndpointSlice is
+/// destroyed; the client, reconnecting, reaches a live backend. Reports the time from the
+/// manifest change to the socket failing.
+#[test]
+fn stale_connected_udp_socket_is_destroyed() {
+    if !require_root("stale_connected_udp_socket_is_destroyed") {
+        return;
+    }
+    let mut env = Env::new(3, 3, 34, "on", false);
+    let backends = env.pod_ips(3);
+    env.service("dns", VIP, 53, "UDP", &backends);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 53).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    let (victim, peer) =
+        wait_for(Duration::from_secs(10), "UDP service reachable", || match client.cmd(&format!("uconn {vip}")) {
+            Reply::Ok(n, a) => Some((n, a)),
+            Reply::Err(..) => None,
+        })
+        .expect("connected UDP socket");
+    assert_eq!(peer, vip);
+    // The socket keeps its backend while it lives.
+    for _ in 0..5 {
+        assert_eq!(client.ok("uask").0, victim);
+    }
+    let live: Vec<(String, Ipv4Addr)> = backends.iter().filter(|(n, _)| *n != victim).cloned().collect();
+    let eps: Vec<(&str, Ipv4Addr)> = live.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    let t = Instant::now();
+    env.dir.write("dns-slice.yaml", &slice_yaml("dns", "dns-1", &eps, 8080, "UDP")).expect("slice");
+    // The removed pod still answers: only the destruction makes the socket fail.
+    let failed = wait_for(Duration::from_secs(5), "the stale socket to be destroyed", || match client.cmd("uask") {
+        Reply::Ok(name, _) => {
+            assert_eq!(name, victim, "a connected socket never changes backend by itself");
+            None
+        }
+        Reply::Err(code, _) => Some(code),
+    })
+    .expect("destroyed");
+    let took = t.elapsed();
+    eprintln!("stale UDP socket failed with errno {failed} {took:?} after the EndpointSlice change");
+    let (name, peer) = client.ok(&format!("uconn {vip}"));
+    assert_ne!(name, victim, "reconnected to a live backend");
+    assert_eq!(peer, vip);
+    let agent = env.agent.as_ref().expect("agent");
+    let destroyed = agent.metric(&env.topo.node, "ebpf_proxy_socket_lb_udp_sockets_destroyed_total").expect("metric");
+    assert!(destroyed >= 1.0, "{destroyed}");
+}
+
+/// Test 6: kill -9 and restart of the agent while a node client loops through a ClusterIP:
+/// the pinned cgroup links keep translating, and the new agent swaps its programs into
+/// them: zero failed connections.
+#[test]
+fn agent_restart_loses_no_connection() {
+    if !require_root("agent_restart_loses_no_connection") {
+        return;
+    }
+    let mut env = Env::new(3, 3, 35, "on", false);
+    let backends = env.pod_ips(3);
+    env.service("web", VIP, 80, "TCP", &backends);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 80).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    wait_reachable(&mut client, vip);
+    let links = |root: &Path| std::fs::read_dir(root.join("cgroup-links")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(links(&env.pins.0), 4);
+    writeln!(client.stdin, "loop {vip} 5000").expect("loop");
+    client.stdin.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(1000));
+    if let Some(mut a) = env.agent.take() {
+        a.kill();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    env.start_agent();
+    let mut line = String::new();
+    client.out.read_line(&mut line).expect("loop result");
+    let w: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(w.first(), Some(&"ok"), "{line:?}");
+    let (ok, failed): (u64, u64) = (w[1].parse().expect("count"), w[2].parse().expect("count"));
+    eprintln!("through the restart: {ok} connections, {failed} failed");
+    assert_eq!(failed, 0, "connections failed across the restart");
+    assert!(ok > 50, "the loop ran: {ok}");
+    assert_eq!(links(&env.pins.0), 4, "the same pinned links, updated in place");
+}
