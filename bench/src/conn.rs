@@ -2,8 +2,10 @@
 //! ClusterIP of the service an iptables scan reaches last, reads the backend's one-line
 //! answer and closes; repeated for a bounded time or count. Each round builds a fresh
 //! topology that serves every datapath in turn (only one installed at a time): direct to
-//! the pod IP, ours (TC programs on the pod veths), kube-proxy's iptables layout (nft
-//! backend), kube-proxy's nftables layout, kube-proxy's iptables layout (legacy backend).
+//! the pod IP, ours (TC programs on the pod veths), ours at the socket level (the cgroup
+//! hooks on a child cgroup the bench process joins for the measurement, with the TC programs
+//! in place as on a node), kube-proxy's iptables layout (nft backend), kube-proxy's nftables
+//! layout, kube-proxy's iptables layout (legacy backend).
 //! Netfilter state (nf_conntrack) lives in the node namespace.
 use std::{
     collections::BTreeSet,
@@ -18,9 +20,13 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use proxy_tests::{
     agent::TempDir,
+    harness::TestCgroup,
     netns::{Netns, Topology, wait_for},
 };
-use proxy_userspace::dataplane::attach::attach_pod_interface;
+use proxy_userspace::dataplane::{
+    attach::attach_pod_interface,
+    sock::{self, SocketLbMode},
+};
 
 use crate::{CONN_CASES, Plan, check_interrupted, dp::Dataplane, interrupted, percentile, report::Row, rules};
 
@@ -257,6 +263,22 @@ pub fn install_ours(topo: &Topology, svcs: &[rules::Svc]) -> Result<Dataplane> {
     Ok(dp)
 }
 
+/// [`install_ours`] plus the socket-level programs on `cg` (a child cgroup made for the
+/// run, never the machine's root).
+pub fn install_ours_sock(topo: &Topology, svcs: &[rules::Svc], cg: &TestCgroup) -> Result<Dataplane> {
+    let mut dp = install_ours(topo, svcs)?;
+    let root = dp.pins.0.clone();
+    sock::attach(&mut dp.programs, &root, &cg.path, SocketLbMode::On).context("attaching the socket-level programs")?;
+    Ok(dp)
+}
+
+/// `measure` with the bench process inside `cg`, so the client's sockets meet the hooks.
+pub fn measure_in(client: &Netns, addr: SocketAddr, plan: &Plan, cg: &TestCgroup) -> Result<ConnStats> {
+    let _joined = cg.join_self()?;
+    reachable(client, addr)?;
+    measure(client, addr, plan)
+}
+
 fn reachable(client: &Netns, addr: SocketAddr) -> Result<()> {
     client
         .run(|| wait_for(Duration::from_secs(5), "the service", || one(addr).ok()))
@@ -329,6 +351,17 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
             let a = acc.get_mut(case).expect("case");
             let stats = match case {
                 "direct" => measure(client, addr, &per_round)?,
+                "ours_sock" => {
+                    let cg = TestCgroup::new()?;
+                    let t = Instant::now();
+                    let dp = install_ours_sock(&topo, &svcs, &cg)?;
+                    a.notes.push(format!("{:.0}", t.elapsed().as_secs_f64() * 1e3));
+                    let s = measure_in(client, addr, &per_round, &cg);
+                    drop(dp);
+                    drop(cg); // removing the cgroup detaches what is left on it
+                    unreachable(client, addr, "our socket-level programs")?;
+                    s?
+                }
                 "ours" => {
                     let t = Instant::now();
                     let dp = install_ours(&topo, &svcs)?;
@@ -372,7 +405,9 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
             a.ok, a.secs, a.failed, a.names
         );
         match case {
-            "ours" => note.push_str(&format!("; attach + program {n} services took {} ms", a.notes.join("/"))),
+            "ours" | "ours_sock" => {
+                note.push_str(&format!("; attach + program {n} services took {} ms", a.notes.join("/")))
+            }
             "direct" => {}
             "nftables" => note.push_str(&format!(
                 "; rules loaded in {} ms ({NFT_CHUNK} services per nft transaction)",
@@ -395,6 +430,9 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
         ("ours_vs_iptables_legacy", "iptables_legacy"),
     ] {
         rows.push(Row::new("conn", ratio, Some(n), rates["ours"] / rates[other], "x"));
+    }
+    for (ratio, other) in [("ours_sock_vs_direct", "direct"), ("ours_sock_vs_nftables", "nftables")] {
+        rows.push(Row::new("conn", ratio, Some(n), rates["ours_sock"] / rates[other], "x"));
     }
     Ok(())
 }

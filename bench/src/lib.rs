@@ -123,10 +123,16 @@ impl Plan {
 
 /// The datapath cases of the connection-rate comparison, in the order they run on one
 /// topology (nothing netfilter-based runs before the cases that must not see it).
-pub const CONN_CASES: [&str; 5] = ["direct", "ours", "iptables", "nftables", "iptables_legacy"];
+pub const CONN_CASES: [&str; 6] = ["direct", "ours", "ours_sock", "iptables", "nftables", "iptables_legacy"];
 /// Ratios (ours / other) of new connections per second.
-pub const CONN_RATIOS: [&str; 4] =
-    ["ours_vs_iptables", "ours_vs_nftables", "ours_vs_direct", "ours_vs_iptables_legacy"];
+pub const CONN_RATIOS: [&str; 6] = [
+    "ours_vs_iptables",
+    "ours_vs_nftables",
+    "ours_vs_direct",
+    "ours_vs_iptables_legacy",
+    "ours_sock_vs_direct",
+    "ours_sock_vs_nftables",
+];
 pub const PP_CASES: [&str; 5] = ["hit", "miss", "reply", "new_flow", "miss_single"];
 pub const CP_COLD: [&str; 6] =
     ["translate_ms", "apply_ms", "total_ms", "iptables_restore_ms", "iptables_legacy_restore_ms", "nft_ms"];
@@ -162,7 +168,7 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
     }
     v.push(report::row_id("rss", "agent_vmhwm_mib", Some(plan.rss_n)));
     v.push(report::row_id("rss", "agent_ready_s", Some(plan.rss_n)));
-    for c in ["direct_gbps", "ours_gbps", "ours_vs_direct"] {
+    for c in ["direct_gbps", "ours_gbps", "ours_vs_direct", "ours_sock_gbps", "ours_sock_vs_direct"] {
         v.push(report::row_id("throughput", c, None));
     }
     v.extend(conntrack::expected_rows(plan));

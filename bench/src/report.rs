@@ -111,6 +111,8 @@ impl Report {
             ("ours_vs_iptables", ">= 1.5x iptables", 1.5),
             ("ours_vs_nftables", ">= 0.90x nftables", 0.9),
             ("ours_vs_direct", ">= 0.85x direct", 0.85),
+            ("ours_sock_vs_direct", ">= 0.98x direct", 0.98),
+            ("ours_sock_vs_nftables", ">= 1.2x nftables", 1.2),
         ] {
             let r = self.v("conn", ratio, Some(big_conn));
             t.push(Target {
@@ -206,6 +208,12 @@ impl Report {
                 g("ours_vs_iptables_legacy")
             );
         }
+        let _ = writeln!(s, "\n| services | ours socket-level / direct | ours socket-level / nftables |");
+        let _ = writeln!(s, "|---:|---:|---:|");
+        for n in &plan.conn_sizes {
+            let g = |r: &str| cell(self.v("conn", r, Some(*n)), 2);
+            let _ = writeln!(s, "| {} | {} | {} |", group(*n), g("ours_sock_vs_direct"), g("ours_sock_vs_nftables"));
+        }
 
         let _ =
             writeln!(s, "\n### Control plane: cold programming, {} endpoints per service (ms)\n", plan.cp_endpoints);
@@ -279,6 +287,16 @@ impl Report {
             cell(self.v("throughput", "ours_gbps", None), 2)
         );
         let _ = writeln!(s, "| ratio ours / direct | {} |", cell(self.v("throughput", "ours_vs_direct", None), 2));
+        let _ = writeln!(
+            s,
+            "| one TCP stream through the ClusterIP (ours, socket-level) | {} Gbit/s |",
+            cell(self.v("throughput", "ours_sock_gbps", None), 2)
+        );
+        let _ = writeln!(
+            s,
+            "| ratio ours socket-level / direct | {} |",
+            cell(self.v("throughput", "ours_sock_vs_direct", None), 2)
+        );
 
         let _ = writeln!(s, "\n### Targets\n");
         if plan.quick {
@@ -317,6 +335,7 @@ fn conn_label(c: &str) -> &'static str {
     match c {
         "direct" => "direct to pod IP (ceiling)",
         "ours" => "ours (eBPF, TC)",
+        "ours_sock" => "ours, socket-level (cgroup hooks, TC in place)",
         "iptables" => "kube-proxy iptables (nft backend)",
         "nftables" => "kube-proxy nftables",
         "iptables_legacy" => "kube-proxy iptables (legacy backend)",

@@ -1,5 +1,6 @@
 //! One long TCP stream from the client pod to a sink pod: through the ClusterIP (our
-//! datapath on the pod veths) and straight to the pod IP. The sink answers with the byte
+//! datapath on the pod veths; and at the socket level, the bench process in a child cgroup
+//! with the hooks) and straight to the pod IP. The sink answers with the byte
 //! count once the sender shuts down its side, so the time covers delivery of every byte.
 use std::{
     io::{Read, Write},
@@ -8,11 +9,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use proxy_tests::netns::Netns;
+use proxy_tests::{harness::TestCgroup, netns::Netns};
 
 use crate::{
     Plan, check_interrupted,
-    conn::{SINK_PORT, install_ours, topology},
+    conn::{SINK_PORT, install_ours, install_ours_sock, topology},
     median,
     report::Row,
     rules,
@@ -59,7 +60,8 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     let (time, bytes) = (plan.tput_time / rounds as u32, plan.tput_bytes / rounds as u64);
     let mut direct = Vec::new();
     let mut ours = Vec::new();
-    let mut totals = [(0u64, 0f64); 2];
+    let mut ours_sock = Vec::new();
+    let mut totals = [(0u64, 0f64); 3];
     let gbps = |b: u64, s: f64| b as f64 * 8.0 / s / 1e9;
     for _ in 0..rounds {
         check_interrupted()?;
@@ -72,6 +74,14 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         let (b, s) = r?;
         ours.push(gbps(b, s));
         totals[1] = (totals[1].0 + b, totals[1].1 + s);
+        let cg = TestCgroup::new()?;
+        let dp = install_ours_sock(&topo, std::slice::from_ref(&svc), &cg)?;
+        let r = cg.join_self().and_then(|_joined| stream(client, vip, time, bytes));
+        drop(dp);
+        drop(cg);
+        let (b, s) = r?;
+        ours_sock.push(gbps(b, s));
+        totals[2] = (totals[2].0 + b, totals[2].1 + s);
     }
     let note = |v: &[f64], (b, s): (u64, f64)| {
         let min = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -85,5 +95,8 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     rows.push(Row::new("throughput", "direct_gbps", None, d, "Gbit/s").note(note(&direct, totals[0])));
     rows.push(Row::new("throughput", "ours_gbps", None, o, "Gbit/s").note(note(&ours, totals[1])));
     rows.push(Row::new("throughput", "ours_vs_direct", None, o / d, "x"));
+    let os = median(ours_sock.clone());
+    rows.push(Row::new("throughput", "ours_sock_gbps", None, os, "Gbit/s").note(note(&ours_sock, totals[2])));
+    rows.push(Row::new("throughput", "ours_sock_vs_direct", None, os / d, "x"));
     Ok(())
 }

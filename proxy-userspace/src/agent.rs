@@ -34,11 +34,12 @@ use crate::{
     },
     health::Health,
     healthcheck::HealthServers,
-    metrics::{MapLabel, Metrics},
+    metrics::{MapLabel, Metrics, ServiceLabel},
     model::{
         self,
         node::{node_info, snat_address},
     },
+    show::cstr,
     source::{Resource, Source, SourceEvent, files},
     sync::Syncer,
 };
@@ -258,6 +259,33 @@ fn start_conntrack_gc(args: &AgentArgs, metrics: Metrics) -> Result<()> {
     Ok(())
 }
 
+/// `socket_lb_translations{service, frontend_id}` from the datapath's per-CPU counters,
+/// every 2 s (the hooks count each translated connect()/sendmsg() per frontend).
+async fn sock_translation_metrics(root: std::path::PathBuf, metrics: Metrics) {
+    let maps = match Maps::open_pinned(&root) {
+        Ok(m) => m,
+        Err(e) => return warn!(error = %e, "socket-level translation metrics unavailable"),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        for entry in maps.service_stats.iter() {
+            let Ok((k, per_cpu)) = entry else { continue };
+            if k.verdict != proxy_common::verdict::SOCK_TRANSLATE {
+                continue;
+            }
+            let calls: u64 = per_cpu.iter().map(|c| c.packets).sum();
+            let service = maps
+                .meta
+                .get(&k.svc_id, 0)
+                .map(|m| format!("{}/{}:{}", cstr(&m.namespace), cstr(&m.name), cstr(&m.port_name)))
+                .unwrap_or_default();
+            let label = ServiceLabel { service, frontend_id: k.svc_id.to_string() };
+            metrics.sock_translations.get_or_create(&label).set(i64::try_from(calls).unwrap_or(i64::MAX));
+        }
+    }
+}
+
 /// Attach (or, with `--socket-lb=off`, detach) the socket-level programs. A kernel without
 /// what they need, or a host without cgroup v2 when none was named, leaves the node on the
 /// TC/XDP paths with an error in the log; a `--cgroup-root` that is not a cgroup v2
@@ -279,6 +307,14 @@ fn setup_socket_lb(args: &AgentArgs, programs: &mut loader::Programs) -> Result<
             }
         },
     };
+    let cgroup = match sock::resolve_cgroup2(&cgroup) {
+        Ok(c) => c,
+        Err(e) if args.cgroup_root.is_some() => return Err(e).context("--cgroup-root"),
+        Err(e) => {
+            error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
+            return Ok(None);
+        }
+    };
     match sock::attach(programs, &args.bpffs_root, &cgroup, args.socket_lb) {
         Ok(a) => {
             info!(
@@ -292,7 +328,6 @@ fn setup_socket_lb(args: &AgentArgs, programs: &mut loader::Programs) -> Result<
             let revnat = sock::RevNat::open_pinned(&args.bpffs_root).context("socket-level reverse translations")?;
             Ok(Some(SockLb { cgroup, revnat }))
         }
-        Err(e @ sock::SockError::NotCgroup2(_)) if args.cgroup_root.is_some() => Err(e).context("--cgroup-root"),
         Err(e) => {
             // The whole chain: the syscall's errno is what tells the operator why.
             let e = anyhow::Error::from(e);
@@ -355,6 +390,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     // backends the pinned maps hold (a restart swaps the programs into the same links).
     let sock_lb = setup_socket_lb(&args, &mut programs)?;
     metrics.sock_attached.set(i64::from(sock_lb.is_some()));
+    if sock_lb.is_some() {
+        tokio::spawn(sock_translation_metrics(args.bpffs_root.clone(), metrics.clone()));
+    }
     // Fill ratios use the sizes of the maps in use.
     let capacities = maps.capacities();
     start_conntrack_gc(&args, metrics.clone())?;
@@ -410,6 +448,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         ours,
         health: health.clone(),
         check_interval: Duration::from_millis(args.datapath_check_interval_ms.max(10)),
+        sock: sock_lb.as_ref().map(|s| (s.cgroup.clone(), args.socket_lb)),
     };
     tokio::spawn(attacher.run(lrx));
 

@@ -23,6 +23,7 @@ use crate::{
         ifaces::LinkEvent,
         loader::Programs,
         ownership::{self, Hook, Recognizer},
+        sock::{self, SocketLbMode},
     },
     health::Health,
     metrics::Metrics,
@@ -53,6 +54,9 @@ pub struct Attacher {
     pub ours: OurPrograms,
     pub health: Arc<Health>,
     pub check_interval: Duration,
+    /// The cgroup and mode the socket-level programs were attached with (None: not
+    /// attached), so the datapath check re-attaches them when their pins are removed.
+    pub sock: Option<(PathBuf, SocketLbMode)>,
 }
 
 impl Attacher {
@@ -142,6 +146,10 @@ impl Attacher {
     /// from the check that finds damage until a later check finds everything in place.
     async fn check(&mut self, attached: &HashMap<u32, Attached>) {
         let mut problems = self.guard.check_pins();
+        let sock_missing = self.sock.as_ref().is_some_and(|(cg, _)| !sock::attached_on(&self.root, cg));
+        if sock_missing {
+            problems.push("socket-level cgroup link pins missing".to_string());
+        }
         let ifaces: HashMap<u32, ownership::Iface> = match ownership::interfaces().await {
             Ok(all) => all.into_iter().map(|i| (i.index, i)).collect(),
             Err(e) => return warn!(error = %e, "datapath check: cannot list interfaces"),
@@ -175,6 +183,16 @@ impl Attacher {
         }
         for f in failed {
             error!(error = %f, "datapath restore failed");
+        }
+        if let Some((cgroup, mode)) = self.sock.clone().filter(|_| sock_missing) {
+            match sock::attach(&mut self.programs, &self.root, &cgroup, mode) {
+                Ok(a) => info!(
+                    created = a.created,
+                    replaced = a.replaced,
+                    "datapath restore: socket-level programs re-attached"
+                ),
+                Err(e) => error!(error = %e, "datapath restore: cannot re-attach the socket-level programs"),
+            }
         }
         for (index, name) in broken {
             if self.attach(index, &name).is_some() {

@@ -147,6 +147,21 @@ fn detach_pinned_links(root: &Path, report: &mut CleanupReport) {
     }
 }
 
+/// The socket-level programs' cgroup links: detached explicitly (not only unpinned), so a
+/// process still holding a link fd cannot keep translating after a cleanup.
+fn detach_cgroup_links(root: &Path, report: &mut CleanupReport) {
+    let Ok(entries) = std::fs::read_dir(paths::cgroup_links_dir(root)) else { return };
+    for e in entries.flatten() {
+        let pin = e.path();
+        let Ok(fd) = bpfsys::obj_get(&pin) else { continue };
+        let link_id = bpfsys::link_info(&fd).map(|i| i.id).unwrap_or(0);
+        match bpfsys::link_detach(&fd) {
+            Ok(()) => report.pinned_links_detached.push(PinnedLinkDetached { pin, link_id, ifindex: 0 }),
+            Err(err) => report.errors.push(format!("detaching the cgroup link pinned at {}: {err}", pin.display())),
+        }
+    }
+}
+
 /// Run the cleanup for `roots` in the caller's network namespace.
 pub async fn cleanup(roots: &[PathBuf], force: bool) -> Result<CleanupReport, CleanupError> {
     let mut locks = Vec::new();
@@ -173,6 +188,7 @@ pub async fn cleanup(roots: &[PathBuf], force: bool) -> Result<CleanupReport, Cl
     let mut report = CleanupReport::default();
     for root in roots {
         detach_pinned_links(root, &mut report);
+        detach_cgroup_links(root, &mut report);
     }
     for a in ownership::scan().await? {
         match ownership::detach(&a).await {

@@ -48,7 +48,7 @@ fn proto_name(p: u8) -> String {
     Protocol::from_number(p).map(|p| p.to_string()).unwrap_or_else(|| p.to_string())
 }
 
-fn cstr(b: &[u8]) -> String {
+pub fn cstr(b: &[u8]) -> String {
     let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
 }

@@ -278,6 +278,21 @@ impl TestCgroup {
         Ok(TestCgroup { path })
     }
 
+    /// Move the calling process itself into the cgroup until the guard drops (then back to
+    /// the cgroup it came from): for benchmarks whose client loop runs on a thread of their
+    /// own process. Sockets created meanwhile belong to this cgroup for their lifetime.
+    pub fn join_self(&self) -> anyhow::Result<Joined> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| anyhow::anyhow!("no cgroup v2 entry in /proc/self/cgroup"))?;
+        let mount = proxy_userspace::dataplane::sock::detect_cgroup_root()?;
+        let back = mount.join(rel.trim_start_matches('/'));
+        std::fs::write(self.path.join("cgroup.procs"), std::process::id().to_string())?;
+        Ok(Joined { back })
+    }
+
     fn pids(&self) -> Vec<i32> {
         std::fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()
@@ -287,11 +302,26 @@ impl TestCgroup {
     }
 }
 
+/// The process's membership of a [`TestCgroup`]; moves it back on drop.
+pub struct Joined {
+    back: PathBuf,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(self.back.join("cgroup.procs"), std::process::id().to_string()) {
+            eprintln!("warning: could not move back to {}: {e}", self.back.display());
+        }
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        let me = std::process::id() as i32;
         // Bounded: at most 50 tries, 20 ms apart.
         for _ in 0..50 {
-            for pid in self.pids() {
+            // Never ourselves (a `Joined` guard not dropped yet): only our clients.
+            for pid in self.pids().into_iter().filter(|p| *p != me) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
             if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {

@@ -114,6 +114,17 @@ fn check_cgroup2(path: &Path) -> Result<(), SockError> {
     Ok(())
 }
 
+/// `path` if it is a cgroup v2 directory, else its `unified` child when that is one: the
+/// host's /sys/fs/cgroup mounted into the agent's container is the v2 root on a pure v2
+/// host and a tmpfs holding `unified` on a hybrid one.
+pub fn resolve_cgroup2(path: &Path) -> Result<PathBuf, SockError> {
+    if check_cgroup2(path).is_ok() {
+        return Ok(path.to_path_buf());
+    }
+    let unified = path.join("unified");
+    check_cgroup2(&unified).map(|()| unified).map_err(|_| SockError::NotCgroup2(path.to_path_buf()))
+}
+
 /// `SO_NETNS_COOKIE` (Linux 5.14).
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
@@ -173,7 +184,7 @@ fn write_config(progs: &mut Programs, mode: SocketLbMode) -> Result<(), SockErro
 /// programs in links an earlier agent pinned on the same cgroup, and detaching those it
 /// pinned on another one.
 pub fn attach(progs: &mut Programs, root: &Path, cgroup: &Path, mode: SocketLbMode) -> Result<SockAttach, SockError> {
-    check_cgroup2(cgroup)?;
+    let cgroup = &resolve_cgroup2(cgroup)?;
     let cgroup_id = std::fs::metadata(cgroup).map_err(io_err(format!("stat {}", cgroup.display())))?.ino();
     let dir = links_dir(root);
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -471,12 +482,29 @@ fn destroy_here(backends: &HashSet<(u32, u16)>, revnat: &RevNat) -> io::Result<(
 /// Their owners get ECONNABORTED on the next call and reconnect, through the hooks, to a
 /// live backend (kube-proxy's conntrack flush for UDP, kube-proxy #48370, at the socket).
 /// Uses sock_diag `SOCK_DESTROY` (CONFIG_INET_DIAG_DESTROY), from a thread that enters each
-/// namespace: sock_diag only sees the sockets of its own namespace.
+/// other namespace: sock_diag only sees the sockets of its own namespace. Other namespaces
+/// (pods) are found through `/proc/<pid>/ns/net` and entered with setns, which needs the
+/// host's PID namespace and CAP_SYS_ADMIN; without them only the agent's own namespace is
+/// searched (node processes and hostNetwork pods).
 pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(u32, u16)]) -> DestroyReport {
     let t = Instant::now();
     let wanted: HashSet<(u32, u16)> = backends.iter().copied().collect();
-    let namespaces = namespaces_in(cgroup);
-    let mut report = DestroyReport { namespaces: namespaces.len(), ..Default::default() };
+    let mut namespaces = namespaces_in(cgroup);
+    // The agent's own namespace (the host's) first, without entering it: in the DaemonSet
+    // (hostNetwork, no hostPID) it is the one namespace always reachable.
+    let own = std::fs::metadata("/proc/self/ns/net").map(|m| (m.dev(), m.ino())).ok();
+    let mut report = DestroyReport { namespaces: 1, ..Default::default() };
+    match destroy_here(&wanted, revnat) {
+        Ok((d, f)) => {
+            report.destroyed += d;
+            report.failed += f;
+        }
+        Err(e) => debug!(error = %e, "cannot search the host namespace for stale UDP sockets"),
+    }
+    if let Some(own) = own {
+        namespaces.remove(&own);
+    }
+    report.namespaces += namespaces.len();
     for path in namespaces.values() {
         let result = std::thread::scope(|s| {
             s.spawn(|| -> io::Result<(usize, usize)> {
