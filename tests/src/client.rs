@@ -126,7 +126,7 @@ pub fn tcp_name_from(src: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Re
 
 /// Send one UDP datagram from a fresh socket; returns (answer, source address of the reply).
 pub fn udp_name(addr: SocketAddr) -> Result<(String, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let s = UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.send_to(b"who", addr)?;
     let mut buf = [0u8; 256];

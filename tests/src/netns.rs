@@ -7,7 +7,7 @@
 //! that pod's host-side veth (`veth<i>`, matching the agent's default pattern).
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, FromRawFd, OwnedFd},
     process::{Child, Command, Stdio},
     thread,
@@ -98,6 +98,8 @@ pub struct Pod {
     pub ns: Netns,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, in dual-stack topologies.
+    pub ip6: Option<Ipv6Addr>,
     /// Host-side interface in the node namespace.
     pub host_if: String,
 }
@@ -116,7 +118,33 @@ fn wire_pod(node: &Netns, index: usize, name: &str, addr: Ipv4Addr) -> Result<Po
     ns.ip(&["route", "add", &GATEWAY.to_string(), "dev", "eth0", "scope", "link"])?;
     ns.ip(&["route", "add", "default", "via", &GATEWAY.to_string(), "dev", "eth0"])?;
     node.ip(&["route", "add", &format!("{a}/32"), "dev", &host_if, "src", &GATEWAY.to_string()])?;
-    Ok(Pod { ns, name: name.to_string(), ip: addr, host_if })
+    Ok(Pod { ns, name: name.to_string(), ip: addr, ip6: None, host_if })
+}
+
+/// The link-local gateway every dual-stack pod's IPv6 default route points at, on each
+/// host-side veth (as Calico and Cilium do with their link-local gateways).
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// Turn off duplicate address detection in `ns`, so addresses are usable at once.
+fn no_dad(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
+}
+
+/// [`wire_pod`] plus an IPv6 /128 with a default route via [`GATEWAY6`]; the pod sets
+/// `bindv6only` so its servers see IPv4 peers as IPv4.
+fn wire_pod_dual(node: &Netns, index: usize, name: &str, addr: Ipv4Addr, addr6: Ipv6Addr) -> Result<Pod> {
+    let mut pod = wire_pod(node, index, name, addr)?;
+    let a6 = format!("{addr6}/128");
+    no_dad(&pod.ns)?;
+    pod.ns.sysctl("net.ipv6.bindv6only", "1")?;
+    node.sysctl(&format!("net.ipv6.conf.{}.accept_dad", pod.host_if), "0")?;
+    node.ip(&["-6", "addr", "add", &format!("{GATEWAY6}/64"), "dev", &pod.host_if, "nodad"])?;
+    pod.ns.ip(&["-6", "addr", "add", &a6, "dev", "eth0", "nodad"])?;
+    pod.ns.ip(&["-6", "route", "add", "default", "via", &GATEWAY6.to_string(), "dev", "eth0"])?;
+    node.ip(&["-6", "route", "add", &a6, "dev", &pod.host_if])?;
+    pod.ip6 = Some(addr6);
+    Ok(pod)
 }
 
 /// One node namespace with `n` routed pods.
@@ -136,6 +164,25 @@ impl Topology {
         let mut topo = Topology { node, pods: Vec::new(), children: Vec::new() };
         for i in 0..n {
             topo.add_pod(&format!("pod{i}"), Ipv4Addr::new(10, 244, subnet, 10 + i as u8))?;
+        }
+        Ok(topo)
+    }
+
+    /// Dual-stack pods: 10.244.<subnet>.<10+i> and fd00:10:244:<subnet>::<10+i>, the node
+    /// forwarding both families.
+    pub fn dual_stack(n: usize, subnet: u8) -> Result<Self> {
+        let node = Netns::new("epn-node-")?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        no_dad(&node)?;
+        let mut topo = Topology { node, pods: Vec::new(), children: Vec::new() };
+        for i in 0..n {
+            let host = 10 + i as u16;
+            let v6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, subnet.into(), 0, 0, 0, host);
+            let pod = wire_pod_dual(&topo.node, i, &format!("pod{i}"), Ipv4Addr::new(10, 244, subnet, host as u8), v6)?;
+            topo.pods.push(pod);
         }
         Ok(topo)
     }
