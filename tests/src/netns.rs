@@ -336,11 +336,26 @@ pub fn pod_cidr(i: usize) -> String {
     format!("10.244.{}.0/24", i + 1)
 }
 
+/// IPv6 of a dual-stack [`Cluster`]: the underlay is fd00:100::/64, the client holds
+/// ::100 and ::101, node `i` ::<i+1>, its pods fd00:10:244:<i+1>::<10+k>.
+pub const CLIENT_IPS6: [Ipv6Addr; 2] =
+    [Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x100), Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x101)];
+
+pub fn node_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, i as u16 + 1)
+}
+
+pub fn pod_cidr6(i: usize) -> String {
+    format!("fd00:10:244:{}::/64", i + 1)
+}
+
 pub struct ClusterNode {
     pub ns: Netns,
     /// Kubernetes node name: `node<i+1>`.
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The node's IPv6 address, in a dual-stack cluster.
+    pub ip6: Option<Ipv6Addr>,
     /// Uplink interface in the node namespace (`eth0`).
     pub uplink: String,
     /// Pods `n<i+1>p<k>` at 10.244.<i+1>.<10+k>.
@@ -380,6 +395,15 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        Self::build(nodes, pods_per_node, false)
+    }
+
+    /// The same layout with IPv6 as well: see [`CLIENT_IPS6`], [`node_ip6`], [`pod_cidr6`].
+    pub fn dual_stack(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        Self::build(nodes, pods_per_node, true)
+    }
+
+    fn build(nodes: usize, pods_per_node: usize, dual: bool) -> Result<Self> {
         let underlay = Netns::new("epc-ul-")?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
@@ -392,9 +416,17 @@ impl Cluster {
             ns.ip(&["link", "set", "eth0", "up"])?;
             ethtool_set(ns, "eth0", ETHTOOL_STXCSUM, false)
         }
+        if dual {
+            no_dad(&client)?;
+        }
         plug(&underlay, "c0", &client)?;
         for ip in CLIENT_IPS {
             client.ip(&["addr", "add", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"), "dev", "eth0"])?;
+        }
+        if dual {
+            for ip in CLIENT_IPS6 {
+                client.ip(&["-6", "addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"])?;
+            }
         }
         let mut cluster = Cluster { underlay, client, nodes: Vec::new(), children: Vec::new(), _peer_xdp: Vec::new() };
         for i in 0..nodes {
@@ -402,6 +434,10 @@ impl Cluster {
             ns.sysctl("net.ipv4.ip_forward", "1")?;
             ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
             ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            if dual {
+                ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+                no_dad(&ns)?;
+            }
             let port = format!("n{}", i + 1);
             plug(&cluster.underlay, &port, &ns)?;
             ethtool_set(&cluster.underlay, &port, ETHTOOL_SGRO, true)?;
@@ -412,12 +448,32 @@ impl Cluster {
             for j in (0..nodes).filter(|j| *j != i) {
                 ns.ip(&["route", "add", &pod_cidr(j), "via", &node_ip(j).to_string(), "dev", "eth0"])?;
             }
+            let ip6 = dual.then(|| node_ip6(i));
+            if let Some(ip6) = ip6 {
+                ns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+                for j in (0..nodes).filter(|j| *j != i) {
+                    ns.ip(&["-6", "route", "add", &pod_cidr6(j), "via", &node_ip6(j).to_string(), "dev", "eth0"])?;
+                }
+            }
             let mut pods = Vec::new();
             for k in 0..pods_per_node {
                 let name = format!("n{}p{k}", i + 1);
-                pods.push(wire_pod(&ns, k, &name, Ipv4Addr::new(10, 244, i as u8 + 1, 10 + k as u8))?);
+                let v4 = Ipv4Addr::new(10, 244, i as u8 + 1, 10 + k as u8);
+                pods.push(if dual {
+                    let v6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, i as u16 + 1, 0, 0, 0, 10 + k as u16);
+                    wire_pod_dual(&ns, k, &name, v4, v6)?
+                } else {
+                    wire_pod(&ns, k, &name, v4)?
+                });
             }
-            cluster.nodes.push(ClusterNode { ns, name: format!("node{}", i + 1), ip, uplink: "eth0".into(), pods });
+            cluster.nodes.push(ClusterNode {
+                ns,
+                name: format!("node{}", i + 1),
+                ip,
+                ip6,
+                uplink: "eth0".into(),
+                pods,
+            });
         }
         Ok(cluster)
     }
@@ -426,6 +482,11 @@ impl Cluster {
     /// router in front of the cluster would.
     pub fn client_route(&self, prefix: &str, i: usize) -> Result<()> {
         self.client.ip(&["route", "replace", prefix, "via", &node_ip(i).to_string(), "dev", "eth0"]).map(|_| ())
+    }
+
+    /// [`Self::client_route`] for an IPv6 prefix, via node `i`'s IPv6 address.
+    pub fn client_route6(&self, prefix: &str, i: usize) -> Result<()> {
+        self.client.ip(&["-6", "route", "replace", prefix, "via", &node_ip6(i).to_string(), "dev", "eth0"]).map(|_| ())
     }
 
     /// Start `proxy-podserver` in every pod on `port`, answering with the pod's name.
