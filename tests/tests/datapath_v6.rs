@@ -1212,3 +1212,71 @@ fn v6_trailing_bytes_after_the_payload_are_kept() {
     assert_eq!((dst.1, ok, payload.as_slice()), (8080, true, &b"dns?"[..]));
     assert!([B1, B2, B3].contains(&dst.0));
 }
+
+/// A hop-by-hop header of `len` bytes (a multiple of 8, at least 8) filled with PadN options
+/// whose data bytes 10..12 of the header read as a TCP data offset of 5 and a SYN, so the
+/// header itself parses as a TCP segment from port 0x067f (its first two bytes) to port
+/// 0x01ff (the first PadN's type and length), inserted before the transport header.
+fn with_big_hop_by_hop(frame: &[u8], len: usize) -> Vec<u8> {
+    let mut hbh = vec![frame[IP6 + 6], (len / 8 - 1) as u8];
+    let mut left = len - 2;
+    while left > 0 {
+        let n = (left - 2).min(255);
+        hbh.push(1);
+        hbh.push(n as u8);
+        hbh.extend(std::iter::repeat_n(0u8, n));
+        left -= n + 2;
+    }
+    assert_eq!(hbh.len(), len);
+    hbh[12] = 0x50;
+    hbh[13] = tcp::SYN;
+    let mut out = frame[..L4].to_vec();
+    out.extend_from_slice(&hbh);
+    out.extend_from_slice(&frame[L4..]);
+    out[IP6 + 6] = 0;
+    let plen = u16::from_be_bytes([out[IP6 + 4], out[IP6 + 5]]) + len as u16;
+    out[IP6 + 4..IP6 + 6].copy_from_slice(&plen.to_be_bytes());
+    out
+}
+
+/// Extension headers pushing the transport header past the parser's offset bound (1023)
+/// must leave the frame alone, never be read at a wrapped-around offset: a SYN to VIP:80
+/// behind a 1024-byte hop-by-hop header used to be parsed at offset 54 (1078 & 0x3ff), inside
+/// the hop-by-hop options, and translated as a flow to VIP:511 (the options' bytes), with the
+/// IPv6 destination, the option bytes and a "checksum" inside the options rewritten and the
+/// real TCP checksum left wrong. Just inside the bound, the SYN is translated normally.
+#[test]
+fn v6_extension_headers_past_the_parse_bound_are_never_misread() {
+    if !require_root("v6_extension_headers_past_the_parse_bound_are_never_misread") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    let mut m = Maps6::open(&dp);
+    three_backends(&mut m, 181, PROTO_TCP);
+    m.service(182, fe(VIP, 0x01ff, PROTO_TCP, SCOPE_INTERNAL), 0, &[(B1, 8080, 0)]);
+    let plain = tcp6_frame((CLIENT, 40000), (VIP, 80), b"big");
+
+    // 960 bytes: the TCP header at 1014, within the bound: translated.
+    let inside = with_big_hop_by_hop(&plain, 960);
+    let (v, out) = dp.run(FROM_POD, &inside);
+    assert_eq!(v, TC_ACT_UNSPEC);
+    let (src, dst, ok, payload) = l4_at(&out, L4 + 960, PROTO_TCP);
+    assert!([B1, B2, B3].contains(&dst.0) && dst.1 == 8080, "960-byte header: {dst:?}");
+    assert_eq!((src, ok, payload.as_slice()), ((CLIENT, 40000), true, &b"big"[..]));
+    assert_eq!(&out[L4..L4 + 960], &inside[L4..L4 + 960], "hop-by-hop header untouched");
+
+    // 1024 bytes: the TCP header at 1078, past the bound: untouched everywhere.
+    let past = with_big_hop_by_hop(&tcp6_frame((CLIENT, 40001), (VIP, 80), b"big"), 1024);
+    assert!(l4_at(&past, L4 + 1024, PROTO_TCP).2, "the test frame is valid");
+    for prog in [FROM_POD, TO_POD] {
+        let (v, out) = dp.run(prog, &past);
+        assert_eq!(v, TC_ACT_UNSPEC, "{prog}");
+        let changed: Vec<usize> = (0..past.len()).filter(|i| out.get(*i) != past.get(*i)).collect();
+        assert!(changed.is_empty(), "{prog}: bytes changed at {changed:?}");
+    }
+    let (v, out) = dp.run(FROM_UPLINK, &past);
+    assert_eq!((v, out == past), (XDP_PASS, true), "{FROM_UPLINK}");
+    assert_eq!(per_service(&dp, 182, verdict::NEW_FLOW), 0, "no flow to the options' 'port'");
+    assert!(m.ct((CLIENT, 0x067f), (VIP, 0x01ff), PROTO_TCP, CT_DIR_FORWARD).is_none());
+    assert_eq!(m.ct_count(), 2, "only the flow inside the bound is tracked");
+}
