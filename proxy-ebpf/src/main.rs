@@ -2,7 +2,7 @@
 //! `parse` (headers), `pipeline` (the one decision every program shares), `ct`
 //! (conntrack state and entries, SNAT ports), `lb` (service lookup, backend selection), `tc`
 //! and `xdp` (rewriters applying a decision; XDP also forwards), `csum` (checksum
-//! arithmetic), `reject` (TCP resets), `stats` (counters, once per packet), `maps`;
+//! arithmetic), `reject` (TCP resets), `icmp` (ICMP errors about translated flows), `stats` (counters, once per packet), `maps`;
 //! `sock` (socket-level load balancing: cgroup sock_addr hooks sharing `lb`).
 #![no_std]
 #![no_main]
@@ -10,6 +10,7 @@
 mod csum;
 mod ct;
 mod family;
+mod icmp;
 mod lb;
 mod maps;
 mod parse;

@@ -17,17 +17,20 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use proxy_common::{PROTO_UDP, Verdict};
+use proxy_common::{Ipv6Words, PROTO_UDP, Verdict};
 
 use crate::{
-    family::{Family, V4},
-    parse::{self, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet},
+    ct::CtWork,
+    family::{Family, V4, V6},
+    icmp::{self, IcmpFamily, Side},
+    parse::{self, IP_CSUM_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet},
     pipeline::{self, Action, Decision, Hook, Nat},
     reject, stats,
 };
 
-/// Headers we may need in the linear area: Ethernet + IPv4 with options + TCP.
-const MAX_HDR: u32 = 14 + 60 + 20;
+/// Headers we may need in the linear area: Ethernet + IPv6 with a few extension headers
+/// (or IPv4 with options) + TCP.
+const MAX_HDR: u32 = 14 + 40 + 64 + 20;
 /// The Ethernet addresses (destination, source) at the start of the frame.
 const MACS_LEN: usize = 12;
 
@@ -46,10 +49,10 @@ fn parse_ctx<F: Family>(ctx: &TcContext) -> Result<Packet<F::Addr>, Verdict> {
 }
 
 /// How an address is rewritten in each family: where it sits in the IP header, and which
-/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header).
-trait TcFamily: Family {
-    const SRC_OFF: usize;
-    const DST_OFF: usize;
+/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header; IPv6: only the
+/// L4 pseudo-header, one 32-bit word at a time).
+/// (The addresses' offsets come from `IcmpFamily`.)
+trait TcFamily: IcmpFamily {
     fn rewrite_addr(
         ctx: &TcContext,
         p: &Packet<Self::Addr>,
@@ -65,8 +68,6 @@ trait TcFamily: Family {
 }
 
 impl TcFamily for V4 {
-    const SRC_OFF: usize = IP_SRC_OFF;
-    const DST_OFF: usize = IP_DST_OFF;
     #[inline(always)]
     fn reject(ctx: &TcContext, p: &Packet<u32>) -> Result<i32, i64> {
         reject::tc_reject(ctx, p)
@@ -85,6 +86,34 @@ impl TcFamily for V4 {
             ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
         }
         ctx.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)?;
+        ctx.store(p.l3_off + off, &new, 0)
+    }
+}
+
+impl TcFamily for V6 {
+    #[inline(always)]
+    fn reject(ctx: &TcContext, p: &Packet<Ipv6Words>) -> Result<i32, i64> {
+        reject::tc_reject6(ctx, p)
+    }
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        p: &Packet<Ipv6Words>,
+        off: usize,
+        old: Ipv6Words,
+        new: Ipv6Words,
+        csum: Option<usize>,
+        mangled: u64,
+    ) -> Result<(), i64> {
+        if let Some(csum) = csum {
+            let mut i = 0;
+            while i < 4 {
+                if old[i] != new[i] {
+                    ctx.l4_csum_replace(csum, old[i] as u64, new[i] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+                }
+                i += 1;
+            }
+        }
         ctx.store(p.l3_off + off, &new, 0)
     }
 }
@@ -157,27 +186,117 @@ fn apply<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr
     }
 }
 
-/// Parse, decide, apply, count once (here, for every packet of the family; a frame of no
-/// family we handle is counted by `run`).
-#[inline(always)]
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of
+/// neither family is counted by `run`). Returning only the action keeps the caller's frame
+/// empty: the verifier adds up the frames of a call chain.
+#[inline(never)]
 fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
     let len = ctx.len();
-    let (ret, verdict, svc_id) = match parse_ctx::<F>(ctx) {
+    let (ret, verdict, svc_id) = if F::OUTLINE { staged::<F>(ctx, reply) } else { inlined::<F>(ctx, reply) };
+    if verdict == Verdict::OtherL4 {
+        return OTHER_L4;
+    }
+    stats::count(verdict, svc_id, len);
+    ret
+}
+
+/// What `handle` returns for a frame of another L4 protocol: its caller then runs
+/// `icmp_error`, as a sibling call so the two frames never add up on the stack.
+const OTHER_L4: i32 = i32::MIN;
+
+#[inline(always)]
+fn decide<F: Family>(p: &Packet<F::Addr>, reply: bool, ct: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    if reply { pipeline::decide_reply::<F>(p, ct) } else { pipeline::decide::<F>(p, Hook::Pod, ct) }
+}
+
+/// IPv4: the steps inlined into one function, their state on its stack.
+#[inline(always)]
+fn inlined<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
+    let mut ct = CtWork::default();
+    match parse_ctx::<F>(ctx) {
         Ok(p) => {
-            let d = if reply { pipeline::decide_reply::<F>(&p) } else { pipeline::decide::<F>(&p, Hook::Pod) };
+            let d = decide::<F>(&p, reply, &mut ct);
             let (ret, verdict) = apply::<F>(ctx, &p, &d);
             (ret, verdict, d.svc_id)
         }
         Err(v) => (TC_ACT_UNSPEC, v, 0),
-    };
+    }
+}
+
+/// ICMP errors about translated flows (see `icmp`); anything else of another L4 protocol
+/// passes untouched. A BPF function of its own: rare, and off the fast path's stack.
+#[inline(never)]
+fn icmp_error<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
+    let len = ctx.len();
+    let (ret, verdict, svc_id) = icmp_translate::<F>(ctx, reply);
     stats::count(verdict, svc_id, len);
     ret
 }
 
 #[inline(always)]
+fn icmp_translate<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
+    let untouched = (TC_ACT_UNSPEC, Verdict::OtherL4, 0);
+    // Errors are small; their quote must be in the linear area to be rewritten in place.
+    let want = if ctx.len() < MAX_HDR { ctx.len() } else { MAX_HDR };
+    if ctx.pull_data(want).is_err() {
+        return untouched;
+    }
+    let Some(e) = icmp::parse::<F>(ctx.data(), ctx.data_end()) else {
+        return untouched;
+    };
+    let side = if reply { Side::ToClient } else { Side::PodOut };
+    let Some((t, _, svc_id)) = icmp::decide::<F>(&e, side) else {
+        return untouched;
+    };
+    if icmp::rewrite::<F>(ctx.data(), ctx.data_end(), &e, &t) {
+        (TC_ACT_UNSPEC, Verdict::IcmpError, svc_id)
+    } else {
+        (TC_ACT_SHOT, Verdict::Error, svc_id)
+    }
+}
+
+/// IPv6: each step a BPF function of its own, their state in the per-CPU `Work` (see
+/// `Family::OUTLINE`), so only one step's frame is on the stack at a time.
+#[inline(always)]
+fn staged<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
+    let Some(w) = pipeline::work::<F>() else {
+        return (TC_ACT_UNSPEC, Verdict::Error, 0);
+    };
+    if let Err(v) = parse_step::<F>(ctx, &mut w.p) {
+        return (TC_ACT_UNSPEC, v, 0);
+    }
+    decide_step::<F>(&w.p, reply, &mut w.ct, &mut w.d);
+    let (ret, verdict) = apply_step::<F>(ctx, &w.p, &w.d);
+    (ret, verdict, w.d.svc_id)
+}
+
+#[inline(never)]
+fn parse_step<F: TcFamily>(ctx: &TcContext, out: &mut Packet<F::Addr>) -> Result<(), Verdict> {
+    *out = parse_ctx::<F>(ctx)?;
+    Ok(())
+}
+
+#[inline(never)]
+fn decide_step<F: TcFamily>(p: &Packet<F::Addr>, reply: bool, ct: &mut CtWork<F::Addr>, out: &mut Decision<F::Addr>) {
+    *out = decide::<F>(p, reply, ct);
+}
+
+#[inline(never)]
+fn apply_step<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (i32, Verdict) {
+    apply::<F>(ctx, p, d)
+}
+
+#[inline(always)]
 fn run(ctx: &TcContext, reply: bool) -> i32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
-        Ok(L3::V4) => handle::<V4>(ctx, reply),
+        Ok(L3::V4) => match handle::<V4>(ctx, reply) {
+            OTHER_L4 => icmp_error::<V4>(ctx, reply),
+            ret => ret,
+        },
+        Ok(L3::V6) => match handle::<V6>(ctx, reply) {
+            OTHER_L4 => icmp_error::<V6>(ctx, reply),
+            ret => ret,
+        },
         Err(v) => {
             stats::count(v, 0, ctx.len());
             TC_ACT_UNSPEC

@@ -332,3 +332,107 @@ impl Drop for TestCgroup {
         eprintln!("warning: could not remove test cgroup {}", self.path.display());
     }
 }
+
+// IPv6 frames and their independent decoding (issue 10). Addresses as the maps store them:
+// the 16 bytes as on the wire, read as four native-endian words.
+
+/// An IPv6 address as the maps store it (`Ipv6Words`).
+pub fn ip6_to_map(a: std::net::Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+}
+
+pub fn ip6_from_map(w: [u32; 4]) -> std::net::Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    std::net::Ipv6Addr::from(o)
+}
+
+/// An Ethernet + IPv6 (hop limit 64) + TCP segment with exactly the flags `flags` (bits of
+/// [`tcp`]), sequence number 1000 (acknowledgement 1 with ACK) and a valid checksum.
+pub fn tcp6_segment(
+    src: (std::net::Ipv6Addr, u16),
+    dst: (std::net::Ipv6Addr, u16),
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b =
+        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 65535);
+    if flags & tcp::SYN != 0 {
+        b = b.syn();
+    }
+    if flags & tcp::FIN != 0 {
+        b = b.fin();
+    }
+    if flags & tcp::RST != 0 {
+        b = b.rst();
+    }
+    if flags & tcp::ACK != 0 {
+        b = b.ack(1);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build frame");
+    v
+}
+
+/// A TCP SYN over IPv6 (see [`tcp6_segment`]).
+pub fn tcp6_frame(src: (std::net::Ipv6Addr, u16), dst: (std::net::Ipv6Addr, u16), payload: &[u8]) -> Vec<u8> {
+    tcp6_segment(src, dst, tcp::SYN, payload)
+}
+
+pub fn udp6_frame(src: (std::net::Ipv6Addr, u16), dst: (std::net::Ipv6Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), 64).udp(src.1, dst.1);
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build frame");
+    v
+}
+
+/// What an IPv6 frame says, with its L4 checksum recomputed independently of the datapath
+/// (TCP/UDP over the IPv6 pseudo-header; extension headers are skipped by etherparse).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded6 {
+    pub src: (std::net::Ipv6Addr, u16),
+    pub dst: (std::net::Ipv6Addr, u16),
+    pub hop_limit: u8,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+    pub l4_csum_ok: bool,
+    pub payload: Vec<u8>,
+}
+
+pub fn decode6(frame: &[u8]) -> Decoded6 {
+    let p = SlicedPacket::from_ethernet(frame).expect("parse frame");
+    let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else { panic!("not IPv6: {frame:02x?}") };
+    let h = ip.header();
+    let (s, d) = (h.source(), h.destination());
+    let (sport, dport, tcp_flags, l4_csum_ok, payload) = match p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let th = t.to_header();
+            let ok = th.calc_checksum_ipv6_raw(s, d, t.payload()).expect("tcp csum") == th.checksum;
+            let flags = u8::from(th.fin)
+                | u8::from(th.syn) << 1
+                | u8::from(th.rst) << 2
+                | u8::from(th.psh) << 3
+                | u8::from(th.ack) << 4
+                | u8::from(th.urg) << 5;
+            (th.source_port, th.destination_port, flags, ok, t.payload().to_vec())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let uh = u.to_header();
+            // A zero UDP checksum is not allowed over IPv6 (RFC 8200 8.1): not "ok".
+            let ok = uh.calc_checksum_ipv6_raw(s, d, u.payload()).expect("udp csum") == uh.checksum;
+            (uh.source_port, uh.destination_port, 0, ok, u.payload().to_vec())
+        }
+        other => panic!("unexpected transport {other:?}"),
+    };
+    Decoded6 {
+        src: (h.source_addr(), sport),
+        dst: (h.destination_addr(), dport),
+        hop_limit: h.hop_limit(),
+        tcp_flags,
+        l4_csum_ok,
+        payload,
+    }
+}

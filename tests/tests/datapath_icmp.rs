@@ -1,0 +1,204 @@
+//! ICMP errors about translated flows through BPF_PROG_TEST_RUN (issue 12): the quoted
+//! packet and the outer header come out translated the way the flow's packets are, with
+//! every checksum recomputed independently here (the quoted IPv4 header's and TCP/UDP
+//! checksum with etherparse, the ICMP checksum over the whole message).
+use std::net::Ipv4Addr;
+
+use etherparse::{IpNumber, Ipv4Header, Ipv4HeaderSlice, TcpHeaderSlice, UdpHeaderSlice};
+use proxy_common::verdict;
+use proxy_tests::harness::*;
+use proxy_userspace::model::Protocol;
+
+const TC_ACT_UNSPEC: i32 = -1;
+const FROM_POD: &str = "from_pod";
+const TO_POD: &str = "to_pod";
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+/// A router on the way (the node's gateway address on the pod veths).
+const ROUTER: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+
+fn one_backend(dp: &mut TestDataplane, proto: Protocol) {
+    let s = state(vec![(frontend(VIP, 80, proto), entry("web", &[(BACKEND, 8080)]))]);
+    let r = dp.syncer.apply(&s);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+}
+
+/// RFC 1071 over `data`: 0 when `data` includes a correct checksum.
+fn inet_csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet + IPv4 + ICMP error frame from `src` to `dst` quoting `quote` (an IP packet).
+fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, (typ, code): (u8, u8), rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![typ, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let c = inet_csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = Ipv4Header::new(icmp.len() as u16, 64, IpNumber::ICMP, src.octets(), dst.octets()).expect("header");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut frame = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+    ip.write(&mut frame).expect("write header");
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// What came out: the outer addresses, and the quote's addresses and ports, after checking
+/// the outer header checksum, the ICMP checksum, the quoted IPv4 header checksum and (when
+/// the quote holds the whole segment) the quoted TCP/UDP checksum.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    outer: (Ipv4Addr, Ipv4Addr),
+    inner_src: (Ipv4Addr, u16),
+    inner_dst: (Ipv4Addr, u16),
+}
+
+fn check(frame: &[u8], whole_quote: bool) -> Seen {
+    let outer = Ipv4HeaderSlice::from_slice(&frame[14..]).expect("outer header").to_header();
+    assert_eq!(outer.calc_header_checksum(), outer.header_checksum, "outer IPv4 checksum");
+    let icmp = &frame[14 + 20..];
+    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
+    let quote = &icmp[8..];
+    let inner = Ipv4HeaderSlice::from_slice(quote).expect("quoted header").to_header();
+    assert_eq!(inner.calc_header_checksum(), inner.header_checksum, "quoted IPv4 checksum");
+    let l4 = &quote[20..];
+    let ports = (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]));
+    if whole_quote {
+        if inner.protocol == IpNumber::TCP {
+            let t = TcpHeaderSlice::from_slice(l4).expect("quoted TCP").to_header();
+            let payload = &l4[t.header_len() as usize..];
+            assert_eq!(t.calc_checksum_ipv4(&inner, payload).unwrap(), t.checksum, "quoted TCP checksum");
+        } else {
+            let u = UdpHeaderSlice::from_slice(l4).expect("quoted UDP").to_header();
+            assert_eq!(u.calc_checksum_ipv4(&inner, &l4[8..]).unwrap(), u.checksum, "quoted UDP checksum");
+        }
+    }
+    Seen {
+        outer: (Ipv4Addr::from(outer.source), Ipv4Addr::from(outer.destination)),
+        inner_src: (Ipv4Addr::from(inner.source), ports.0),
+        inner_dst: (Ipv4Addr::from(inner.destination), ports.1),
+    }
+}
+
+fn global(dp: &TestDataplane, v: u32) -> u64 {
+    dp.maps().global_stats.get(&v, 0).map(|pc| pc.iter().map(|c| c.packets).sum()).unwrap_or(0)
+}
+
+/// The client's flow to the VIP, as it leaves `from_pod` (DNATed to the backend).
+fn open_flow(dp: &mut TestDataplane, proto: Protocol, payload: &[u8]) -> Vec<u8> {
+    let frame = match proto {
+        Protocol::Tcp => tcp_segment((CLIENT, 40000), (VIP, 80), tcp::ACK, payload),
+        _ => udp_frame((CLIENT, 40000), (VIP, 80), payload),
+    };
+    let (v, out) = dp.run(FROM_POD, &frame);
+    assert_eq!(v, TC_ACT_UNSPEC);
+    assert_eq!(decode(&out).dst, (BACKEND, 8080), "flow DNATed");
+    out
+}
+
+/// Fragmentation needed from a router about the client's (translated) segment, on its way
+/// into the client pod: the quote says client -> VIP:80 again, so the client's socket
+/// learns the path MTU; the router stays the sender.
+#[test]
+fn frag_needed_about_a_client_segment_quotes_the_vip() {
+    if !require_root("frag_needed_about_a_client_segment_quotes_the_vip") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    one_backend(&mut dp, Protocol::Tcp);
+    let sent = open_flow(&mut dp, Protocol::Tcp, &[7u8; 600]);
+    let mtu = 1280u16.to_be_bytes();
+    let err = icmp_error(ROUTER, CLIENT, (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED), [0, 0, mtu[0], mtu[1]], &sent[14..]);
+    let before = global(&dp, verdict::ICMP_ERROR);
+    let (v, out) = dp.run(TO_POD, &err);
+    assert_eq!(v, TC_ACT_UNSPEC);
+    assert_eq!(
+        check(&out, true),
+        Seen { outer: (ROUTER, CLIENT), inner_src: (CLIENT, 40000), inner_dst: (VIP, 80) },
+        "translated error"
+    );
+    assert_eq!(&out[14 + 20 + 4..14 + 20 + 8], &[0, 0, mtu[0], mtu[1]], "next-hop MTU kept");
+    assert_eq!(global(&dp, verdict::ICMP_ERROR), before + 1, "counted icmp_error");
+
+    // RFC 792 only promises 8 bytes of the quoted transport header: the ports are still
+    // translated (TCP's checksum lies beyond them and is left alone).
+    let short = icmp_error(ROUTER, CLIENT, (ICMP_TIME_EXCEEDED, 0), [0; 4], &sent[14..14 + 20 + 8]);
+    let (_, out) = dp.run(TO_POD, &short);
+    assert_eq!(check(&out, false).inner_dst, (VIP, 80), "short quote");
+}
+
+/// The backend itself answers a UDP datagram with port unreachable: the client must see it
+/// from the VIP, about client -> VIP:80.
+#[test]
+fn port_unreachable_from_the_backend_comes_from_the_vip() {
+    if !require_root("port_unreachable_from_the_backend_comes_from_the_vip") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    one_backend(&mut dp, Protocol::Udp);
+    let sent = open_flow(&mut dp, Protocol::Udp, b"hello");
+    let err = icmp_error(BACKEND, CLIENT, (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), [0; 4], &sent[14..]);
+    let (v, out) = dp.run(TO_POD, &err);
+    assert_eq!(v, TC_ACT_UNSPEC);
+    assert_eq!(
+        check(&out, true),
+        Seen { outer: (VIP, CLIENT), inner_src: (CLIENT, 40000), inner_dst: (VIP, 80) },
+        "translated error"
+    );
+}
+
+/// The client pod reports an error about a reply it got from VIP:80 (e.g. its socket is
+/// gone): on the way out of the pod the quote and the destination become the backend's.
+#[test]
+fn client_error_about_a_reply_goes_to_the_backend() {
+    if !require_root("client_error_about_a_reply_goes_to_the_backend") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    one_backend(&mut dp, Protocol::Udp);
+    open_flow(&mut dp, Protocol::Udp, b"hello");
+    let (_, reply) = dp.run(TO_POD, &udp_frame((BACKEND, 8080), (CLIENT, 40000), b"answer"));
+    assert_eq!(decode(&reply).src, (VIP, 80), "reply reverse-NATed");
+    let err = icmp_error(CLIENT, VIP, (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), [0; 4], &reply[14..]);
+    let (v, out) = dp.run(FROM_POD, &err);
+    assert_eq!(v, TC_ACT_UNSPEC);
+    assert_eq!(
+        check(&out, true),
+        Seen { outer: (CLIENT, BACKEND), inner_src: (BACKEND, 8080), inner_dst: (CLIENT, 40000) },
+        "translated error"
+    );
+}
+
+/// Errors about untracked flows and ICMP that is not an error pass untouched.
+#[test]
+fn other_icmp_passes_untouched() {
+    if !require_root("other_icmp_passes_untouched") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    one_backend(&mut dp, Protocol::Tcp);
+    let untracked = tcp_segment((CLIENT, 41000), (BACKEND, 8080), tcp::ACK, b"x");
+    let cases = [
+        ("error about an untracked flow", icmp_error(ROUTER, CLIENT, (ICMP_DEST_UNREACH, 1), [0; 4], &untracked[14..])),
+        ("echo request", icmp_error(CLIENT, VIP, (8, 0), [0, 1, 0, 1], b"ping payload")),
+    ];
+    for (name, frame) in cases {
+        for prog in [FROM_POD, TO_POD] {
+            let before = global(&dp, verdict::OTHER_L4);
+            let (v, out) = dp.run(prog, &frame);
+            assert_eq!((v, &out), (TC_ACT_UNSPEC, &frame), "{name} via {prog}");
+            assert_eq!(global(&dp, verdict::OTHER_L4), before + 1, "{name} via {prog} counted other_l4");
+        }
+    }
+}
