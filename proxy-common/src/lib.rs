@@ -29,6 +29,7 @@ pub mod map_names {
     pub const NODE_CONFIG6: &str = "NODE_CONFIG6";
     pub const NEIGH_MISSES6: &str = "NEIGH_MISSES6";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const SOCK_REVNAT6: &str = "SOCK_REVNAT6";
     pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
 }
 

@@ -54,13 +54,13 @@ pub fn to_uplink(ctx: TcContext) -> i32 {
 /// cgroup connect4: TCP and connected UDP sockets dialling a frontend connect to a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect4(&ctx)
+    sock::forward4(&ctx)
 }
 
 /// cgroup sendmsg4: unconnected UDP datagrams to a frontend go to a backend.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg4(&ctx)
+    sock::forward4(&ctx)
 }
 
 /// cgroup recvmsg4: datagrams from a backend the socket was sent to appear to come from
@@ -74,6 +74,31 @@ pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_peername4(ctx: SockAddrContext) -> i32 {
     sock::reverse4(&ctx)
+}
+
+/// cgroup connect6: as `sock_connect4`, for IPv6 sockets (IPv4-mapped destinations
+/// through the IPv4 maps).
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx)
+}
+
+/// cgroup sendmsg6: unconnected UDP over IPv6.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx)
+}
+
+/// cgroup recvmsg6.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+/// cgroup getpeername6.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_peername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
 }
 
 #[cfg(not(test))]

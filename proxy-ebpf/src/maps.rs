@@ -7,7 +7,7 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
     NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockConfig,
-    SockRevKey, SockRevValue, SourceRangeData6, StatsKey, sizes,
+    SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6, StatsKey, sizes,
 };
 
 #[map]
@@ -105,6 +105,10 @@ pub static ANSWER: PerCpuArray<crate::reject::AnswerBuf> = PerCpuArray::with_max
 /// sockets are never looked up again (cookies are not reused) and age out.
 #[map]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(sizes::MAX_SOCK_REVNAT, 0);
+
+/// `SOCK_REVNAT` for IPv6 sockets (IPv4-mapped peers use `SOCK_REVNAT`).
+#[map]
+pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, SockRevValue6> = LruHashMap::pinned(sizes::MAX_SOCK_REVNAT, 0);
 
 /// `--socket-lb` mode and the host network namespace's cookie, index 0. Written by the agent.
 #[map]

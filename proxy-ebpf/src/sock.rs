@@ -1,7 +1,10 @@
 //! Socket-level load balancing: cgroup v2 `sock_addr` hooks that translate a frontend into a
-//! backend when a socket connects (`connect4`: TCP, connected UDP) or sends (`sendmsg4`:
+//! backend when a socket connects (`connect4/6`: TCP, connected UDP) or sends (`sendmsg4/6`:
 //! unconnected UDP), before any packet exists, and translate back what the application
-//! reads (`recvmsg4`: the source of a datagram, `getpeername4`: the peer). The same service
+//! reads (`recvmsg4/6`: the source of a datagram, `getpeername4/6`: the peer). Written once,
+//! generic over the family (`SockFamily`: where the address sits in the hook's context and
+//! which reverse map it uses); an IPv4-mapped address on an IPv6 socket
+//! (`::ffff:a.b.c.d`) is served by the IPv4 maps. The same service
 //! lookup and backend selection as the TC/XDP pipeline (`lb::select_backend`, session
 //! affinity included) on the same maps, in the internal scope: the entries kube-proxy's
 //! rules give node-originated traffic (ClusterIP with internalTrafficPolicy; NodePort,
@@ -11,19 +14,23 @@
 //!
 //! A translated socket never touches conntrack: its packets carry the backend address from
 //! the start, and the TC programs see them as non-service traffic.
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    maps::LruHashMap,
     programs::SockAddrContext,
 };
 use proxy_common::{
-    PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, ServiceKey, ServiceValue, SockRevKey, SockRevValue, Verdict, sock_flags,
-    svc_flags,
+    Ipv6Words, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, ServiceKey, ServiceValue, SockRevKey, SockRevValue, Verdict,
+    sock_flags, svc_flags,
 };
 
 use crate::{
-    family::{Family, V4},
+    family::{Family, V4, V6},
     lb::{self, Selected},
-    maps::{NODE_CONFIG, SOCK_CONFIG, SOCK_REVNAT},
+    maps::{NODE_CONFIG, NODE_CONFIG6, SOCK_CONFIG, SOCK_REVNAT, SOCK_REVNAT6},
     stats,
 };
 
@@ -35,6 +42,110 @@ const SYS_REJECT: i32 = 0;
 /// What a frontend without endpoints answers, like kube-proxy's REJECT (an ICMP port
 /// unreachable, which the client's kernel turns into ECONNREFUSED): here at once.
 const ECONNREFUSED: i32 = 111;
+
+/// Where a family's address sits in the hook's context, and its reverse-translation map.
+/// Context fields are read and written one 32-bit word at a time, volatile: the verifier
+/// accepts only 4-byte accesses to `user_ip6`, and LLVM would otherwise merge neighbours.
+trait SockFamily: Family {
+    /// The destination (connect, sendmsg) or peer (recvmsg, getpeername) address.
+    fn user_addr(sa: *mut bpf_sock_addr) -> Self::Addr;
+    fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self::Addr);
+    /// The socket's bound source address (all zero while unbound).
+    fn bound_src(sa: *mut bpf_sock_addr) -> Self::Addr;
+    /// The node's address of this family (what an unbound host socket's packets leave
+    /// with), all zero when the agent wrote none.
+    fn node_addr() -> Self::Addr;
+    fn revnat() -> &'static LruHashMap<SockRevKey<Self::Addr>, SockRevValue<Self::Addr>>;
+}
+
+/// `bpf_sock_addr::sk`, always set for sock_addr programs.
+#[inline(always)]
+fn sk(sa: *mut bpf_sock_addr) -> *mut aya_ebpf::bindings::bpf_sock {
+    // SAFETY: the context is valid for the whole program.
+    unsafe { (*sa).__bindgen_anon_1.sk }
+}
+
+impl SockFamily for V4 {
+    #[inline(always)]
+    fn user_addr(sa: *mut bpf_sock_addr) -> u32 {
+        // SAFETY: 4-byte read of a context field the verifier allows every sock_addr hook.
+        unsafe { read_volatile(&raw const (*sa).user_ip4) }
+    }
+    #[inline(always)]
+    fn set_user_addr(sa: *mut bpf_sock_addr, addr: u32) {
+        // SAFETY: 4-byte write the verifier allows connect4/sendmsg4/recvmsg4/getpeername4.
+        unsafe { write_volatile(&raw mut (*sa).user_ip4, addr) }
+    }
+    #[inline(always)]
+    fn bound_src(sa: *mut bpf_sock_addr) -> u32 {
+        let sk = sk(sa);
+        if sk.is_null() {
+            return 0;
+        }
+        // SAFETY: `sk` checked non-null; a 4-byte read of a `bpf_sock` field.
+        unsafe { read_volatile(&raw const (*sk).src_ip4) }
+    }
+    #[inline(always)]
+    fn node_addr() -> u32 {
+        NODE_CONFIG.get(0).map_or(0, |c| c.snat_addr)
+    }
+    fn revnat() -> &'static LruHashMap<SockRevKey, SockRevValue> {
+        &SOCK_REVNAT
+    }
+}
+
+impl SockFamily for V6 {
+    #[inline(always)]
+    fn user_addr(sa: *mut bpf_sock_addr) -> Ipv6Words {
+        let mut w = [0u32; 4];
+        for (i, word) in w.iter_mut().enumerate() {
+            // SAFETY: 4-byte reads of `user_ip6[i]`, as the verifier requires.
+            *word = unsafe { read_volatile(&raw const (*sa).user_ip6[i]) };
+        }
+        w
+    }
+    #[inline(always)]
+    fn set_user_addr(sa: *mut bpf_sock_addr, addr: Ipv6Words) {
+        for (i, word) in addr.iter().enumerate() {
+            // SAFETY: 4-byte writes of `user_ip6[i]`, allowed in the v6 hooks.
+            unsafe { write_volatile(&raw mut (*sa).user_ip6[i], *word) };
+        }
+    }
+    #[inline(always)]
+    fn bound_src(sa: *mut bpf_sock_addr) -> Ipv6Words {
+        let sk = sk(sa);
+        let mut w = [0u32; 4];
+        if sk.is_null() {
+            return w;
+        }
+        for (i, word) in w.iter_mut().enumerate() {
+            // SAFETY: `sk` checked non-null; 4-byte reads of `bpf_sock::src_ip6[i]`.
+            *word = unsafe { read_volatile(&raw const (*sk).src_ip6[i]) };
+        }
+        w
+    }
+    #[inline(always)]
+    fn node_addr() -> Ipv6Words {
+        NODE_CONFIG6.get(0).map_or([0; 4], |c| c.snat_addr)
+    }
+    fn revnat() -> &'static LruHashMap<SockRevKey<Ipv6Words>, SockRevValue<Ipv6Words>> {
+        &SOCK_REVNAT6
+    }
+}
+
+/// `::ffff:0:0/96` as the words of an address in network byte order.
+const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+/// The IPv4 address of an IPv4-mapped IPv6 address.
+#[inline(always)]
+fn v4_mapped(a: &Ipv6Words) -> Option<u32> {
+    (a[0] == V4_MAPPED_PREFIX[0] && a[1] == V4_MAPPED_PREFIX[1] && a[2] == V4_MAPPED_PREFIX[2]).then_some(a[3])
+}
+
+#[inline(always)]
+fn mapped(a: u32) -> Ipv6Words {
+    [V4_MAPPED_PREFIX[0], V4_MAPPED_PREFIX[1], V4_MAPPED_PREFIX[2], a]
+}
 
 /// The socket as the hooks see it.
 struct Sock {
@@ -59,20 +170,15 @@ fn sock_of(ctx: &SockAddrContext) -> Sock {
 /// socket's bound source address, or for an unbound host socket the node's address (the
 /// source its packets leave with). `None` for an unbound pod socket: its address is not
 /// known before it connects, so an affinity service is left to the TC path, which keys
-/// affinity by the pod's address (one affinity table for both paths).
+/// affinity by the pod's address (one affinity table for both paths). `bound` is the
+/// socket's bound source in this family.
 #[inline(always)]
-fn affinity_client(ctx: &SockAddrContext, sock: &Sock) -> Option<u32> {
-    // SAFETY: `sk` is always set for sock_addr programs; the verifier checks the field
-    // read through it (`bpf_sock::src_ip4`, network byte order, 0 while unbound).
-    let bound = unsafe {
-        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
-        if sk.is_null() { 0 } else { (*sk).src_ip4 }
-    };
-    if bound != 0 {
+fn affinity_client<F: SockFamily>(bound: F::Addr, sock: &Sock) -> Option<F::Addr> {
+    if !F::is_unset(bound) {
         return Some(bound);
     }
     if sock.host {
-        return Some(NODE_CONFIG.get(0).map_or(0, |c| c.snat_addr));
+        return Some(F::node_addr());
     }
     None
 }
@@ -82,105 +188,186 @@ fn affinity_client(ctx: &SockAddrContext, sock: &Sock) -> Option<u32> {
 /// through the firewall chain only then); pod sockets are left to the TC path, which
 /// checks the pod's address.
 #[inline(always)]
-fn source_ranges_allow(svc: &ServiceValue, sock: &Sock) -> bool {
+fn source_ranges_allow<F: SockFamily>(svc: &ServiceValue, sock: &Sock) -> bool {
     if svc.flags & svc_flags::SOURCE_RANGES == 0 {
         return true;
     }
     if !sock.host {
         return false;
     }
-    let node = NODE_CONFIG.get(0).map_or(0, |c| c.snat_addr);
-    node != 0 && V4::source_allowed(svc.id, node)
+    let node = F::node_addr();
+    !F::is_unset(node) && F::source_allowed(svc.id, node)
 }
 
-/// connect4 and sendmsg4: frontend -> backend in the call's address.
+/// What the forward hooks decided.
+enum Forward<A> {
+    /// Leave the call as it is.
+    Untouched,
+    /// Connect/send to this backend address and port instead.
+    Backend(A, u16),
+    /// Fail the call with ECONNREFUSED.
+    Refuse,
+}
+
+/// connect and sendmsg: the backend for frontend `addr:port` (network byte order) of a
+/// socket of protocol `proto`, recorded for the reverse hooks. `bound` is the socket's
+/// bound source address in this family.
 #[inline(always)]
-fn forward4(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context is valid for the whole program; the verifier checks each field
-    // access (4-byte reads of user_ip4, user_port, protocol).
-    let (proto, addr, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+fn forward<F: SockFamily>(
+    ctx: &SockAddrContext,
+    proto: u32,
+    addr: F::Addr,
+    port: u16,
+    bound: F::Addr,
+) -> Forward<F::Addr> {
     let proto = match proto {
         6 => PROTO_TCP,
         17 => PROTO_UDP,
         // SCTP (multi-homed, several addresses per association) stays with the TC path.
-        _ => return SYS_PROCEED,
+        _ => return Forward::Untouched,
     };
-    // user_port holds the big-endian port in its low 16 bits, as the maps store it.
-    let key = ServiceKey { addr, port: port as u16, proto, scope: SCOPE_INTERNAL };
+    let key = ServiceKey { addr, port, proto, scope: SCOPE_INTERNAL };
     // SAFETY: plain-old-data copy out of the map value.
-    let Some(svc) = (unsafe { V4::services().get(&key).copied() }) else {
-        return SYS_PROCEED;
+    let Some(svc) = (unsafe { F::services().get(&key).copied() }) else {
+        return Forward::Untouched;
     };
     let sock = sock_of(ctx);
-    if (sock.host_only && !sock.host) || !source_ranges_allow(&svc, &sock) {
-        return SYS_PROCEED;
+    if (sock.host_only && !sock.host) || !source_ranges_allow::<F>(&svc, &sock) {
+        return Forward::Untouched;
     }
     let client = if svc.flags & svc_flags::AFFINITY != 0 {
-        match affinity_client(ctx, &sock) {
+        match affinity_client::<F>(bound, &sock) {
             Some(c) => c,
-            None => return SYS_PROCEED,
+            None => return Forward::Untouched,
         }
     } else {
-        0
+        F::Addr::default()
     };
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    match lb::select_backend::<V4>(&svc, client, now) {
+    match lb::select_backend::<F>(&svc, client, now) {
         Selected::Backend(_, b) => {
             // SAFETY: helper on the program's own context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-            let rev = SockRevValue { addr, port: port as u16, _pad: 0, svc_id: svc.id };
+            let rev = SockRevValue { addr, port, _pad: 0, svc_id: svc.id };
             // Best effort: without the entry the application would see the backend's
-            // address in recvmsg()/getpeername(), the connection itself works.
-            let _ = SOCK_REVNAT.insert(&SockRevKey::new(cookie, b.addr, b.port), &rev, 0);
-            // SAFETY: 4-byte writes to the fields the verifier allows connect4/sendmsg4 to
-            // rewrite.
-            unsafe {
-                (*sa).user_ip4 = b.addr;
-                (*sa).user_port = b.port as u32;
-            }
+            // address in recvmsg()/getpeername(); the connection itself works.
+            let _ = F::revnat().insert(&SockRevKey::new(cookie, b.addr, b.port), &rev, 0);
             stats::count(Verdict::SockTranslate, svc.id, 0);
-            SYS_PROCEED
+            Forward::Backend(b.addr, b.port)
         }
         Selected::Empty => {
-            // SAFETY: helper without preconditions; a negative errno is what it takes.
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
             stats::count(Verdict::NoBackend, svc.id, 0);
-            SYS_REJECT
+            Forward::Refuse
         }
         // The agent is mid-update: leave the call as it is (the TC path, where it runs,
         // tries again per packet).
         Selected::Missing => {
             stats::count(Verdict::Error, svc.id, 0);
-            SYS_PROCEED
+            Forward::Untouched
         }
     }
 }
 
-pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    forward4(ctx)
+/// The call's protocol and port (the big-endian port in the low 16 bits of `user_port`, as
+/// the maps store it).
+#[inline(always)]
+fn proto_port(sa: *mut bpf_sock_addr) -> (u32, u16) {
+    // SAFETY: 4-byte reads of context fields every sock_addr hook may read.
+    unsafe { (read_volatile(&raw const (*sa).protocol), read_volatile(&raw const (*sa).user_port) as u16) }
 }
 
-pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    forward4(ctx)
+#[inline(always)]
+fn set_port(sa: *mut bpf_sock_addr, port: u16) {
+    // SAFETY: 4-byte write the forward and reverse hooks may make.
+    unsafe { write_volatile(&raw mut (*sa).user_port, port as u32) }
+}
+
+/// The return value of a forward hook for a decision.
+#[inline(always)]
+fn verdict_of(f: &Forward<impl Copy>) -> i32 {
+    match f {
+        Forward::Refuse => {
+            // SAFETY: helper without preconditions; a negative errno is what it takes.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            SYS_REJECT
+        }
+        _ => SYS_PROCEED,
+    }
+}
+
+/// connect4 and sendmsg4.
+#[inline(always)]
+pub fn forward4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (proto, port) = proto_port(sa);
+    let f = forward::<V4>(ctx, proto, V4::user_addr(sa), port, V4::bound_src(sa));
+    if let Forward::Backend(addr, port) = f {
+        V4::set_user_addr(sa, addr);
+        set_port(sa, port);
+    }
+    verdict_of(&f)
+}
+
+/// connect6 and sendmsg6; an IPv4-mapped destination goes through the IPv4 maps.
+#[inline(always)]
+pub fn forward6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (proto, port) = proto_port(sa);
+    let addr = V6::user_addr(sa);
+    if let Some(a4) = v4_mapped(&addr) {
+        let bound = v4_mapped(&V6::bound_src(sa)).unwrap_or(0);
+        let f = forward::<V4>(ctx, proto, a4, port, bound);
+        if let Forward::Backend(b, port) = f {
+            V6::set_user_addr(sa, mapped(b));
+            set_port(sa, port);
+        }
+        return verdict_of(&f);
+    }
+    let f = forward::<V6>(ctx, proto, addr, port, V6::bound_src(sa));
+    if let Forward::Backend(b, port) = f {
+        V6::set_user_addr(sa, b);
+        set_port(sa, port);
+    }
+    verdict_of(&f)
+}
+
+/// The frontend a backend `addr:port` this socket was sent to stands for.
+#[inline(always)]
+fn reverse<F: SockFamily>(ctx: &SockAddrContext, addr: F::Addr, port: u16) -> Option<SockRevValue<F::Addr>> {
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: plain-old-data copy out of the map value.
+    unsafe { F::revnat().get(&SockRevKey::new(cookie, addr, port)).copied() }
 }
 
 /// recvmsg4 and getpeername4: a backend address this socket was sent to becomes the
 /// frontend again. Must always let the call proceed (the kernel accepts nothing else).
 pub fn reverse4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: see `forward4`.
-    let (addr, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    // SAFETY: helper on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    // SAFETY: plain-old-data copy out of the map value.
-    if let Some(v) = unsafe { SOCK_REVNAT.get(&SockRevKey::new(cookie, addr, port as u16)).copied() } {
-        // SAFETY: recvmsg4 and getpeername4 may rewrite these fields.
-        unsafe {
-            (*sa).user_ip4 = v.addr;
-            (*sa).user_port = v.port as u32;
+    let (_, port) = proto_port(sa);
+    if let Some(v) = reverse::<V4>(ctx, V4::user_addr(sa), port) {
+        V4::set_user_addr(sa, v.addr);
+        set_port(sa, v.port);
+    }
+    SYS_PROCEED
+}
+
+/// recvmsg6 and getpeername6 (IPv4-mapped peers through the IPv4 map).
+pub fn reverse6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (_, port) = proto_port(sa);
+    let addr = V6::user_addr(sa);
+    if let Some(a4) = v4_mapped(&addr) {
+        if let Some(v) = reverse::<V4>(ctx, a4, port) {
+            V6::set_user_addr(sa, mapped(v.addr));
+            set_port(sa, v.port);
         }
+        return SYS_PROCEED;
+    }
+    if let Some(v) = reverse::<V6>(ctx, addr, port) {
+        V6::set_user_addr(sa, v.addr);
+        set_port(sa, v.port);
     }
     SYS_PROCEED
 }

@@ -393,7 +393,7 @@ fn agent_restart_loses_no_connection() {
     let mut client = SockClient::start(&env.cg, &env.topo.node);
     wait_reachable(&mut client, vip);
     let links = |root: &Path| std::fs::read_dir(root.join("cgroup-links")).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(links(&env.pins.0), 4);
+    assert_eq!(links(&env.pins.0), 8);
     writeln!(client.stdin, "loop {vip} 5000").expect("loop");
     client.stdin.flush().expect("flush");
     std::thread::sleep(Duration::from_millis(1000));
@@ -410,5 +410,97 @@ fn agent_restart_loses_no_connection() {
     eprintln!("through the restart: {ok} connections, {failed} failed");
     assert_eq!(failed, 0, "connections failed across the restart");
     assert!(ok > 50, "the loop ran: {ok}");
-    assert_eq!(links(&env.pins.0), 4, "the same pinned links, updated in place");
+    assert_eq!(links(&env.pins.0), 8, "the same pinned links, updated in place");
+}
+
+/// IPv6: `connect6`/`sendmsg6`/`recvmsg6`/`getpeername6` for node and pod sockets on an
+/// IPv6 ClusterIP, an IPv4-mapped destination on an IPv6 socket served by the IPv4 maps,
+/// and an IPv6 frontend without endpoints refusing. The control plane does not write the
+/// IPv6 maps on this branch yet, so the datapath is loaded by the test (IPv4 through the
+/// syncer, IPv6 programmed into the pinned SERVICES6/BACKENDS6/BACKEND_SLOTS) and the
+/// socket-level programs attached with the agent's own function, from the node namespace.
+#[test]
+fn ipv6_sockets_and_v4_mapped_destinations() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use proxy_common::{Backend6, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, ServiceKey6, ServiceValue, SlotKey};
+    use proxy_tests::harness::{TestDataplane, entry, frontend, ip6_to_map, state};
+    use proxy_userspace::{
+        dataplane::sock::{self, SocketLbMode},
+        model::Protocol,
+    };
+    use std::net::Ipv6Addr;
+
+    if !require_root("ipv6_sockets_and_v4_mapped_destinations") {
+        return;
+    }
+    const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+    const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x99);
+    let mut topo = Topology::dual_stack(4, 36).expect("topology");
+    for i in 0..3 {
+        topo.start_server(SERVER, i, 8080).expect("server");
+    }
+    let cg = TestCgroup::new().expect("test cgroup");
+    let mut dp = TestDataplane::load();
+    let v4: Vec<(Ipv4Addr, u16)> = topo.pods[..3].iter().map(|p| (p.ip, 8080)).collect();
+    let r = dp.syncer.apply(&state(vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &v4))]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let dir = dp.pins.0.join("maps");
+    fn open<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> BpfHashMap<MapData, K, V> {
+        let data = MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("open pinned {name}: {e}"));
+        BpfHashMap::try_from(Map::from_map_data(data).expect(name)).expect(name)
+    }
+    let mut services: BpfHashMap<MapData, ServiceKey6, ServiceValue> = open(&dir, "SERVICES6");
+    let mut backends: BpfHashMap<MapData, u32, Backend6> = open(&dir, "BACKENDS6");
+    let mut slots: BpfHashMap<MapData, SlotKey, u32> = open(&dir, "BACKEND_SLOTS");
+    // Ids far above what the syncer allocated for the one IPv4 frontend.
+    let (svc_tcp, svc_udp, svc_empty) = (5000u32, 5001u32, 5002u32);
+    for (svc, proto) in [(svc_tcp, PROTO_TCP), (svc_udp, PROTO_UDP)] {
+        for (i, pod) in topo.pods[..3].iter().enumerate() {
+            let bid = svc * 10 + i as u32;
+            let b = Backend6 { addr: ip6_to_map(pod.ip6.expect("dual-stack")), port: 8080u16.to_be(), proto, flags: 0 };
+            backends.insert(bid, b, 0).expect("BACKENDS6");
+            slots.insert(SlotKey::new(svc, 0, i as u32), bid, 0).expect("BACKEND_SLOTS");
+        }
+        let key = ServiceKey6 { addr: ip6_to_map(VIP6), port: 80u16.to_be(), proto, scope: SCOPE_INTERNAL };
+        let v = ServiceValue { id: svc, count: 3, ..Default::default() };
+        services.insert(key, v, 0).expect("SERVICES6");
+    }
+    let key = ServiceKey6 { addr: ip6_to_map(EMPTY6), port: 80u16.to_be(), proto: PROTO_TCP, scope: SCOPE_INTERNAL };
+    services.insert(key, ServiceValue { id: svc_empty, count: 0, ..Default::default() }, 0).expect("SERVICES6");
+    let root = dp.pins.0.clone();
+    // From the node namespace: it becomes the "host" whose cookie SOCK_CONFIG records.
+    let attached = topo.node.run(|| sock::attach(&mut dp.programs, &root, &cg.path, SocketLbMode::On));
+    assert_eq!(attached.expect("attach").created, 8);
+
+    let vip6: SocketAddr = (VIP6, 80).into();
+    let mapped: SocketAddr = (VIP.to_ipv6_mapped(), 80).into();
+    for ns in [&topo.node, &topo.pods[3].ns] {
+        let mut client = SockClient::start(&cg, ns);
+        wait_reachable(&mut client, vip6);
+        let mut names = BTreeSet::new();
+        for _ in 0..30 {
+            let (name, peer) = client.ok(&format!("tcp {vip6}"));
+            assert_eq!(peer, vip6, "getpeername() of an IPv6 socket connected through the VIP");
+            names.insert(name);
+        }
+        assert_eq!(names.len(), 3, "{names:?}");
+        let (_, from) = client.ok(&format!("udp {vip6}"));
+        assert_eq!(from, vip6, "recvfrom() source of an IPv6 reply");
+        let (_, peer) = client.ok(&format!("uconn {vip6}"));
+        assert_eq!(peer, vip6);
+        match client.cmd(&format!("tcp [{EMPTY6}]:80")) {
+            Reply::Err(code, _) => assert_eq!(code, ECONNREFUSED),
+            r => panic!("IPv6 frontend without endpoints: {r:?}"),
+        }
+    }
+    // An IPv6 socket dialling ::ffff:10.96.0.10 (dual-stack applications) on the node.
+    let mut client = SockClient::start(&cg, &topo.node);
+    let mut names = BTreeSet::new();
+    for _ in 0..20 {
+        let (name, peer) = client.ok(&format!("tcp {mapped}"));
+        assert_eq!(peer, mapped, "getpeername() shows the IPv4-mapped VIP");
+        names.insert(name);
+    }
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(counter(&dp.pins.0, "sock_translate", None) >= 2 * 32 + 20);
 }

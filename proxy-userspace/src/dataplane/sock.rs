@@ -26,7 +26,16 @@ use tracing::{debug, info};
 use super::{bpfsys, loader::Programs, paths};
 
 /// The programs, by name in the object (`proxy-ebpf/src/main.rs`).
-pub const SOCK_PROGRAMS: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_peername4"];
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_peername4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_peername6",
+];
 
 /// `--socket-lb`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -261,7 +270,7 @@ pub fn detach_all(root: &Path) -> Vec<String> {
     removed
 }
 
-/// Are the programs attached (all four pins present) on `cgroup` under `root`?
+/// Are the programs attached (every program's pin present) on `cgroup` under `root`?
 pub fn attached_on(root: &Path, cgroup: &Path) -> bool {
     let Ok(id) = std::fs::metadata(cgroup).map(|m| m.ino()) else { return false };
     SOCK_PROGRAMS.iter().all(|p| links_dir(root).join(pin_name(id, p)).exists())

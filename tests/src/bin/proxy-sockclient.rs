@@ -33,8 +33,13 @@ fn tcp(addr: SocketAddr) -> Result<String, std::io::Error> {
     Ok(format!("ok {} {peer}", line.trim()))
 }
 
+/// The unspecified address of `addr`'s family, port 0.
+fn any(addr: SocketAddr) -> &'static str {
+    if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+}
+
 fn udp(addr: SocketAddr) -> Result<String, std::io::Error> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let s = UdpSocket::bind(any(addr))?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.send_to(b"who", addr)?;
     let mut buf = [0u8; 256];
@@ -75,7 +80,7 @@ fn main() -> anyhow::Result<()> {
             ("tcp", Some(a)) => tcp(a).unwrap_or_else(|e| err(&e)),
             ("udp", Some(a)) => udp(a).unwrap_or_else(|e| err(&e)),
             ("uconn", Some(a)) => {
-                let opened = UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+                let opened = UdpSocket::bind(any(a)).and_then(|s| {
                     s.set_read_timeout(Some(TIMEOUT))?;
                     s.connect(a)?;
                     Ok(s)
