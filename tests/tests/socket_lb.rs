@@ -354,6 +354,12 @@ fn stale_connected_udp_socket_is_destroyed() {
     for _ in 0..5 {
         assert_eq!(client.ok("uask").0, victim);
     }
+    // A second client on an IPv6 socket dialling the IPv4-mapped VIP, connected to the same
+    // backend (retried until the random choice gives it).
+    let mapped: SocketAddr = (VIP.to_ipv6_mapped(), 53).into();
+    let mut client6 = SockClient::start(&env.cg, &env.topo.node);
+    let on_victim = (0..60).any(|_| matches!(client6.cmd(&format!("uconn {mapped}")), Reply::Ok(n, _) if n == victim));
+    assert!(on_victim, "an IPv4-mapped connected UDP socket on {victim}");
     let live: Vec<(String, Ipv4Addr)> = backends.iter().filter(|(n, _)| *n != victim).cloned().collect();
     let eps: Vec<(&str, Ipv4Addr)> = live.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     let t = Instant::now();
@@ -369,12 +375,16 @@ fn stale_connected_udp_socket_is_destroyed() {
     .expect("destroyed");
     let took = t.elapsed();
     eprintln!("stale UDP socket failed with errno {failed} {took:?} after the EndpointSlice change");
+    assert!(matches!(client6.cmd("uask"), Reply::Err(..)), "the IPv4-mapped socket on {victim} is destroyed too");
+    let (name, peer) = client6.ok(&format!("uconn {mapped}"));
+    assert_ne!(name, victim);
+    assert_eq!(peer, mapped);
     let (name, peer) = client.ok(&format!("uconn {vip}"));
     assert_ne!(name, victim, "reconnected to a live backend");
     assert_eq!(peer, vip);
     let agent = env.agent.as_ref().expect("agent");
     let destroyed = agent.metric(&env.topo.node, "ebpf_proxy_socket_lb_udp_sockets_destroyed_total").expect("metric");
-    assert!(destroyed >= 1.0, "{destroyed}");
+    assert!(destroyed >= 2.0, "{destroyed}");
 }
 
 /// Test 6: kill -9 and restart of the agent while a node client loops through a ClusterIP:

@@ -378,14 +378,14 @@ fn netlink_socket() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// An `inet_diag_req_v2` for UDP over IPv4 in a netlink message of `msg_type`.
-fn udp_request(msg_type: u16, flags: u16, sockid: Option<&[u8]>) -> Vec<u8> {
+/// An `inet_diag_req_v2` for UDP sockets of `family` in a netlink message of `msg_type`.
+fn udp_request(family: libc::c_int, msg_type: u16, flags: u16, sockid: Option<&[u8]>) -> Vec<u8> {
     let mut m = vec![0u8; NLMSG_HDR + REQ_V2];
     m[0..4].copy_from_slice(&((NLMSG_HDR + REQ_V2) as u32).to_ne_bytes());
     m[4..6].copy_from_slice(&msg_type.to_ne_bytes());
     m[6..8].copy_from_slice(&flags.to_ne_bytes());
     let r = &mut m[NLMSG_HDR..];
-    r[0] = libc::AF_INET as u8;
+    r[0] = family as u8;
     r[1] = libc::IPPROTO_UDP as u8;
     // idiag_states: every state (connected UDP sockets are TCP_ESTABLISHED).
     r[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
@@ -447,39 +447,54 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
     }
 }
 
-/// Destroy, in the namespace the thread is in, the connected UDP sockets whose peer is one
-/// of `backends` and that the hooks translated (their cookie is in `SOCK_REVNAT` under that
-/// backend). Returns (destroyed, failed).
-fn destroy_here(backends: &HashSet<(u32, u16)>, revnat: &RevNat) -> io::Result<(usize, usize)> {
-    let dump = netlink_socket()?;
-    send(&dump, &udp_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, None))?;
-    let mut victims: Vec<Vec<u8>> = Vec::new();
-    receive(&dump, |msg| {
-        if msg.len() < DIAG_MSG {
-            return;
-        }
-        let id = &msg[SOCKID_OFF..SOCKID_OFF + SOCKID_LEN];
-        // inet_diag_sockid: sport, dport (big-endian u16), src[4], dst[4], if, cookie[2].
-        let dport = u16::from_ne_bytes([id[2], id[3]]);
-        let dst = u32::from_ne_bytes([id[20], id[21], id[22], id[23]]);
-        let cookie = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]) as u64
-            | (u32::from_ne_bytes([id[44], id[45], id[46], id[47]]) as u64) << 32;
-        if backends.contains(&(dst, dport)) && revnat.translated(cookie, dst, dport) {
-            victims.push(id.to_vec());
-        }
-    })?;
-    let (mut destroyed, mut failed) = (0, 0);
-    if victims.is_empty() {
-        return Ok((0, 0));
+/// The IPv4 peer of an `inet_diag_sockid`: `idiag_dst[0]` of an IPv4 socket, or the IPv4
+/// address in an IPv4-mapped `idiag_dst` of an IPv6 socket (dialled as `::ffff:a.b.c.d`,
+/// translated through the IPv4 maps).
+fn v4_peer(family: libc::c_int, id: &[u8]) -> Option<u32> {
+    let word = |i: usize| u32::from_ne_bytes([id[20 + 4 * i], id[21 + 4 * i], id[22 + 4 * i], id[23 + 4 * i]]);
+    if family == libc::AF_INET {
+        return Some(word(0));
     }
-    let ctl = netlink_socket()?;
-    for id in victims {
-        send(&ctl, &udp_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, Some(&id)))?;
-        match receive(&ctl, |_| {})? {
-            0 => destroyed += 1,
-            errno => {
-                debug!(errno, "SOCK_DESTROY refused");
-                failed += 1;
+    let mapped_prefix = [0u8, 0, 0xff, 0xff];
+    (word(0) == 0 && word(1) == 0 && id[28..32] == mapped_prefix).then(|| word(3))
+}
+
+/// Destroy, in the namespace the thread is in, the connected UDP sockets (IPv4, and IPv6
+/// ones connected to an IPv4-mapped address) whose peer is one of `backends` and that the
+/// hooks translated (their cookie is in `SOCK_REVNAT` under that backend). Returns
+/// (destroyed, failed).
+fn destroy_here(backends: &HashSet<(u32, u16)>, revnat: &RevNat) -> io::Result<(usize, usize)> {
+    let (mut destroyed, mut failed) = (0, 0);
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let dump = netlink_socket()?;
+        send(&dump, &udp_request(family, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, None))?;
+        let mut victims: Vec<Vec<u8>> = Vec::new();
+        receive(&dump, |msg| {
+            if msg.len() < DIAG_MSG {
+                return;
+            }
+            let id = &msg[SOCKID_OFF..SOCKID_OFF + SOCKID_LEN];
+            // inet_diag_sockid: sport, dport (big-endian u16), src[4], dst[4], if, cookie[2].
+            let dport = u16::from_ne_bytes([id[2], id[3]]);
+            let Some(dst) = v4_peer(family, id) else { return };
+            let cookie = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]) as u64
+                | (u32::from_ne_bytes([id[44], id[45], id[46], id[47]]) as u64) << 32;
+            if backends.contains(&(dst, dport)) && revnat.translated(cookie, dst, dport) {
+                victims.push(id.to_vec());
+            }
+        })?;
+        if victims.is_empty() {
+            continue;
+        }
+        let ctl = netlink_socket()?;
+        for id in victims {
+            send(&ctl, &udp_request(family, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, Some(&id)))?;
+            match receive(&ctl, |_| {})? {
+                0 => destroyed += 1,
+                errno => {
+                    debug!(errno, "SOCK_DESTROY refused");
+                    failed += 1;
+                }
             }
         }
     }
@@ -558,7 +573,7 @@ mod tests {
     #[test]
     fn requests_are_laid_out_like_the_kernel_structs() {
         let id = [7u8; SOCKID_LEN];
-        let m = udp_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, Some(&id));
+        let m = udp_request(libc::AF_INET, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, Some(&id));
         assert_eq!(m.len(), 72);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 72);
         assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), SOCK_DESTROY);
@@ -566,5 +581,14 @@ mod tests {
         assert_eq!(m[17], libc::IPPROTO_UDP as u8);
         assert_eq!(&m[24..72], &id[..]);
         assert_eq!(pin_name(42, "sock_connect4"), "42-sock_connect4");
+        // An IPv6 socket's peer ::ffff:10.96.0.10 is the IPv4 peer 10.96.0.10.
+        let mut id = [0u8; SOCKID_LEN];
+        id[28..32].copy_from_slice(&[0, 0, 0xff, 0xff]);
+        id[32..36].copy_from_slice(&[10, 96, 0, 10]);
+        assert_eq!(v4_peer(libc::AF_INET6, &id), Some(u32::from_ne_bytes([10, 96, 0, 10])));
+        id[28] = 1;
+        assert_eq!(v4_peer(libc::AF_INET6, &id), None);
+        id[20..24].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(v4_peer(libc::AF_INET, &id), Some(u32::from_ne_bytes([10, 0, 0, 1])));
     }
 }
