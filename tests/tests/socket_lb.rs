@@ -13,7 +13,7 @@ use std::{
 };
 
 use proxy_tests::{
-    agent::{Agent, TempDir, node_yaml, service_yaml, slice_yaml},
+    agent::{Agent, TempDir, http_get, node_yaml, service_yaml, slice_yaml},
     harness::{PinDir, TestCgroup, require_root},
     netns::{Netns, Topology, wait_for},
 };
@@ -215,6 +215,22 @@ fn node_process_reaches_clusterip_without_tc() {
     // Nothing crossed a TC program (none is attached): every translation was a socket's.
     assert_eq!(env.node_counter("new_flow"), 0);
     assert!(env.node_counter("sock_translate") >= 71, "{}", env.node_counter("sock_translate"));
+
+    // /metrics: attached, and the per-frontend translation counts (refreshed every 2 s).
+    let agent = env.agent.as_ref().expect("agent");
+    assert_eq!(agent.metric(&env.topo.node, "ebpf_proxy_socket_lb_attached").expect("metric"), 1.0);
+    let addr = agent.metrics;
+    let web = wait_for(Duration::from_secs(5), "socket_lb_translations for default/web", || {
+        let (_, body) = env.topo.node.run(|| http_get(addr, "/metrics")).ok()?;
+        let sum: f64 = body
+            .lines()
+            .filter(|l| l.starts_with("ebpf_proxy_socket_lb_translations{service=\"default/web:main\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        (sum >= 41.0).then_some(sum)
+    })
+    .expect("per-frontend metric");
+    assert!(web >= 41.0, "{web}");
 }
 
 /// Test 2: a pod client (own netns, process in the test cgroup): its packets leave with the
