@@ -938,8 +938,9 @@ fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, typ: u8, bytes5to8: [u8; 4], payload: &[u
 }
 
 /// Item 7b: Frames we must not touch: fragments (`fragment`), ICMPv6 neighbour discovery,
-/// router discovery and echo to or from anything including the VIP (`other_l4`), and
-/// malformed IPv6 (`malformed`): every hook passes them untouched and tracks nothing.
+/// router discovery and echo to or from anything including the VIP (`other_l4`), a
+/// VLAN-tagged IPv6 frame (`not_ip`) and malformed IPv6 (`malformed`): every hook passes
+/// them untouched and tracks nothing.
 #[test]
 fn v6_fragments_icmpv6_and_malformed_pass_untouched() {
     if !require_root("v6_fragments_icmpv6_and_malformed_pass_untouched") {
@@ -982,6 +983,9 @@ fn v6_fragments_icmpv6_and_malformed_pass_untouched() {
     udp_len_past[L4 + 4..L4 + 6].copy_from_slice(&100u16.to_be_bytes());
     let mut ext_past_payload = with_ext_headers(&syn, &[0]);
     ext_past_payload[L4 + 1] = 20; // (20 + 1) * 8 bytes of options: past the payload
+    let mut vlan_tagged = syn[..12].to_vec();
+    vlan_tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    vlan_tagged.extend_from_slice(&syn[12..]);
     let mut plen_cuts_tcp = syn.clone();
     plen_cuts_tcp[IP6 + 4..IP6 + 6].copy_from_slice(&12u16.to_be_bytes());
 
@@ -1005,6 +1009,7 @@ fn v6_fragments_icmpv6_and_malformed_pass_untouched() {
         ("router advertisement", icmp6(link_local, all_nodes, 134, [64, 0, 0x07, 0x08], &ra_body), verdict::OTHER_L4),
         ("echo request to the VIP", icmp6(CLIENT, VIP, 128, [0, 1, 0, 1], b"ping"), verdict::OTHER_L4),
         ("echo request to the node", icmp6(EXT_CLIENT, NODE, 128, [0, 1, 0, 1], b"ping"), verdict::OTHER_L4),
+        ("VLAN-tagged IPv6 to the VIP", vlan_tagged, verdict::NOT_IP),
         ("truncated IPv6 header", syn[..IP6 + 30].to_vec(), verdict::MALFORMED),
         ("Ethernet header only, IPv6 EtherType", syn[..IP6].to_vec(), verdict::MALFORMED),
         ("truncated TCP header", syn[..L4 + 10].to_vec(), verdict::MALFORMED),
