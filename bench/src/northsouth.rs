@@ -51,7 +51,6 @@ use proxy_tests::{
 use crate::{Plan, check_interrupted, conn, interrupted, report::Row};
 
 const SECTION: &str = "northsouth";
-/// Datapaths, in the order they run on one topology.
 /// Datapaths, in the order they run on one topology; `direct` sends to the pod IP via node 2
 /// (node 1 not on the path): the cost of everything but node 1.
 pub const NS_CASES: [&str; 4] = ["direct", "ours_native", "ours_generic", "iptables"];
@@ -381,15 +380,22 @@ fn manifests(cluster: &Cluster) -> Result<TempDir> {
     let dir = TempDir::new("ebpf-proxy-bench-northsouth-")?;
     let backend = &cluster.nodes[1].pods[0];
     let ip6 = backend.ip6.context("the backend pod has no IPv6 address")?;
+    // IPv4 only while IPv6 is not measured (an agent without the dual-stack control plane
+    // warns about the IPv6 half).
+    let dual = NS_FAMILIES.contains(&Family::V6);
+    let (policy, families, ips) = if dual {
+        ("RequireDualStack", "IPv4, IPv6", format!("\"{CLUSTER_IP}\", \"{CLUSTER_IP6}\""))
+    } else {
+        ("SingleStack", "IPv4", format!("\"{CLUSTER_IP}\""))
+    };
     let svc = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: ns\n  namespace: default\nspec:\n  type: NodePort\n  \
-         ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: {CLUSTER_IP}\n  \
-         clusterIPs: [\"{CLUSTER_IP}\", \"{CLUSTER_IP6}\"]\n  ports:\n  - name: udp\n    port: 80\n    \
-         targetPort: {TARGET_PORT}\n    protocol: UDP\n    nodePort: {NODE_PORT}\n"
+         ipFamilyPolicy: {policy}\n  ipFamilies: [{families}]\n  clusterIP: {CLUSTER_IP}\n  clusterIPs: [{ips}]\n  \
+         ports:\n  - name: udp\n    port: 80\n    targetPort: {TARGET_PORT}\n    protocol: UDP\n    nodePort: {NODE_PORT}\n"
     );
     let slice = |family: &str, addr: IpAddr| {
         format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ns-{}\n  namespace: default\n  \
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ns-{}\n  namespace: default\n  \
              labels:\n    kubernetes.io/service-name: ns\naddressType: {family}\nports:\n\
              - {{name: udp, port: {TARGET_PORT}, protocol: UDP}}\nendpoints:\n- addresses: [\"{addr}\"]\n  \
              conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {}\n  \
@@ -399,17 +405,19 @@ fn manifests(cluster: &Cluster) -> Result<TempDir> {
             backend.name
         )
     };
-    dir.write(
-        "services.yaml",
-        &format!("---\n{svc}---\n{}---\n{}", slice("IPv4", backend.ip.into()), slice("IPv6", ip6.into())),
-    )?;
+    let mut objects = format!("---\n{svc}{}", slice("IPv4", backend.ip.into()));
+    if dual {
+        objects.push_str(&slice("IPv6", ip6.into()));
+    }
+    dir.write("services.yaml", &objects)?;
     let n1 = &cluster.nodes[0];
     let n1_ip6 = n1.ip6.context("node 1 has no IPv6 address")?;
+    let v6_address = if dual { format!("  - type: InternalIP\n    address: \"{n1_ip6}\"\n") } else { String::new() };
     dir.write(
         "node.yaml",
         &format!(
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n  - type: InternalIP\n    \
-             address: {}\n  - type: InternalIP\n    address: \"{n1_ip6}\"\n  - type: Hostname\n    address: {name}\n",
+             address: {}\n{v6_address}  - type: Hostname\n    address: {name}\n",
             n1.ip,
             name = n1.name
         ),
@@ -606,7 +614,7 @@ fn run_iptables(cluster: &Cluster, targets: &[Target], dir: &TempDir, plan: &Pla
 
 /// One round: a fresh dual-stack two-node cluster, every case in turn, each for both
 /// families.
-fn round(plan: &Plan, time: Duration) -> Result<Vec<(&'static str, Outcomes)>> {
+fn round(plan: &Plan, time: Duration, index: usize) -> Result<Vec<(&'static str, Outcomes)>> {
     let cluster = Cluster::dual_stack(2, 1)?;
     let backend = &cluster.nodes[1].pods[0];
     // Dropped before the cluster: the threads leave the pod's namespace first. One socket
@@ -634,7 +642,12 @@ fn round(plan: &Plan, time: Duration) -> Result<Vec<(&'static str, Outcomes)>> {
     cluster.client_route6(&pod_cidr6(1), 1)?;
     let dir = manifests(&cluster)?;
     let mut out = Vec::new();
-    for case in NS_CASES {
+    // The two XDP modes swap places every other round (netfilter stays last).
+    let mut order = NS_CASES;
+    if index % 2 == 1 {
+        order.swap(1, 2);
+    }
+    for case in order {
         check_interrupted()?;
         let r = match case {
             "direct" => run_direct(&cluster, &targets, plan, time),
@@ -654,9 +667,9 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     type Acc = (Measured, Vec<f64>, Vec<String>);
     let mut total: BTreeMap<(Family, &str), Acc> = BTreeMap::new();
     let mut failed: BTreeMap<Family, String> = BTreeMap::new();
-    for _ in 0..rounds {
+    for index in 0..rounds {
         check_interrupted()?;
-        for (case, outcomes) in round(plan, time)? {
+        for (case, outcomes) in round(plan, time, index)? {
             for (family, r) in outcomes {
                 let (m, note) = match r.and_then(|(m, n)| {
                     ensure!(m.received > 0, "nothing reached the backend");
@@ -688,6 +701,8 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         let mut pps = BTreeMap::new();
         for case in NS_CASES {
             let (m, per_round, notes) = total.get(&(family, case)).context("case measured")?;
+            let mut notes = notes.clone();
+            notes.dedup();
             let rate = m.received as f64 / m.secs;
             let offered = m.sent as f64 / m.secs;
             let loss = if m.sent > 0 { (m.sent - m.received.min(m.sent)) as f64 * 100.0 / m.sent as f64 } else { 0.0 };
