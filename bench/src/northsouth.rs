@@ -13,7 +13,8 @@
 //!   nft backend; `iptables-restore` and `ip6tables-restore`) loaded into node 1's
 //!   namespace with forwarding on there, no XDP on it.
 //!
-//! Each case is measured for IPv4 and then IPv6 (one RequireDualStack Service). Netfilter
+//! Each case is measured for every family in `NS_FAMILIES`, IPv4 first (one Service,
+//! RequireDualStack when IPv6 is measured). Rounds run on fresh clusters. Netfilter
 //! runs last in a round: its hooks and conntrack stay registered in node 1's namespace once
 //! loaded. Node 2 runs no proxy; it only routes to its pod.
 //!
@@ -24,7 +25,10 @@
 //! the send time. A veth transmit runs the receiving side's softirq on the sending CPU, so
 //! the sender carries each packet through the whole path: the offered rate follows the
 //! path's per-packet cost, and the rate measures that cost (client stack, bridge, node 1,
-//! node 2, pod), of which node 1's datapath is the part that differs.
+//! node 2, pod), of which node 1's datapath is the part that differs. Other sessions on
+//! the machine take the CPU away at times: `cpu_pps` divides by the sending thread's CPU
+//! time instead of the wall clock (softirq time is charged to the task it interrupts here),
+//! and `node1_ns` subtracts the `direct` path's cost per packet from each case's.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
