@@ -77,7 +77,7 @@ fn check(frame: &[u8], whole_quote: bool) -> Seen {
     if whole_quote {
         if inner.protocol == IpNumber::TCP {
             let t = TcpHeaderSlice::from_slice(l4).expect("quoted TCP").to_header();
-            let payload = &l4[t.header_len() as usize..];
+            let payload = &l4[t.header_len()..];
             assert_eq!(t.calc_checksum_ipv4(&inner, payload).unwrap(), t.checksum, "quoted TCP checksum");
         } else {
             let u = UdpHeaderSlice::from_slice(l4).expect("quoted UDP").to_header();
