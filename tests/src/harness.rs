@@ -364,3 +364,71 @@ pub fn decode6(frame: &[u8]) -> Decoded6 {
         payload,
     }
 }
+
+/// A map entry as raw bytes: (key, value).
+pub type RawEntry = (Vec<u8>, Vec<u8>);
+
+/// Every entry of every map pinned in `dir` (`<root>/maps`), as raw bytes: for asserting
+/// that something left the maps exactly as they were. Per-CPU values include every CPU's
+/// copy.
+pub fn dump_pinned_maps(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<RawEntry>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // Map types whose values are per CPU: percpu hash, percpu array, LRU percpu hash.
+    const PER_CPU: [u32; 3] = [5, 6, 10];
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> i64 {
+        // SAFETY: `attr` is a 128-byte bpf_attr laid out for `cmd` by the caller.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) }
+    }
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    let cpus = possible.trim().rsplit(['-', ',']).next().and_then(|n| n.parse::<usize>().ok()).expect("cpu count") + 1;
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("pinned maps") {
+        let path = entry.expect("dir entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut a = [0u8; 128];
+        a[..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+        let fd = bpf(BPF_OBJ_GET, &mut a);
+        assert!(fd >= 0, "BPF_OBJ_GET {name}: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd the kernel just returned.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut info = [0u8; 96];
+        let mut a = [0u8; 128];
+        a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        a[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+        a[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        assert_eq!(bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a), 0, "map info {name}");
+        let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+        let (map_type, key_size, value_size) = (word(0), word(8) as usize, word(12) as usize);
+        let value_len = if PER_CPU.contains(&map_type) { value_size.div_ceil(8) * 8 * cpus } else { value_size };
+        let mut entries = Vec::new();
+        let mut key: Option<Vec<u8>> = None;
+        loop {
+            let mut next = vec![0u8; key_size];
+            let mut a = [0u8; 128];
+            a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+            let cur = key.as_ref().map_or(0, |k| k.as_ptr() as u64);
+            a[8..16].copy_from_slice(&cur.to_ne_bytes());
+            a[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+            if bpf(BPF_MAP_GET_NEXT_KEY, &mut a) != 0 {
+                break;
+            }
+            let mut value = vec![0u8; value_len];
+            let mut a = [0u8; 128];
+            a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+            a[8..16].copy_from_slice(&(next.as_ptr() as u64).to_ne_bytes());
+            a[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
+            if bpf(BPF_MAP_LOOKUP_ELEM, &mut a) == 0 {
+                entries.push((next.clone(), value));
+            }
+            key = Some(next);
+        }
+        entries.sort();
+        out.insert(name, entries);
+    }
+    out
+}
