@@ -432,3 +432,73 @@ pub fn dump_pinned_maps(dir: &std::path::Path) -> std::collections::BTreeMap<Str
     }
     out
 }
+
+// ICMP errors (datapath_icmp, datapath_xdp).
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// RFC 1071 over `data`: 0 when `data` includes a correct checksum.
+pub fn inet_csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet + IPv4 + ICMP error frame from `src` to `dst` quoting `quote` (an IP packet).
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, (typ, code): (u8, u8), rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![typ, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let c = inet_csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip =
+        etherparse::Ipv4Header::new(icmp.len() as u16, 64, etherparse::IpNumber::ICMP, src.octets(), dst.octets())
+            .expect("header");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut frame = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+    ip.write(&mut frame).expect("write header");
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// What came out: the outer addresses, and the quote's addresses and ports, after checking
+/// the outer header checksum, the ICMP checksum, the quoted IPv4 header checksum and (when
+/// the quote holds the whole segment) the quoted TCP/UDP checksum.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub outer: (Ipv4Addr, Ipv4Addr),
+    pub inner_src: (Ipv4Addr, u16),
+    pub inner_dst: (Ipv4Addr, u16),
+}
+
+pub fn check_icmp_error(frame: &[u8], whole_quote: bool) -> Seen {
+    let outer = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).expect("outer header").to_header();
+    assert_eq!(outer.calc_header_checksum(), outer.header_checksum, "outer IPv4 checksum");
+    let icmp = &frame[14 + 20..];
+    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
+    let quote = &icmp[8..];
+    let inner = etherparse::Ipv4HeaderSlice::from_slice(quote).expect("quoted header").to_header();
+    assert_eq!(inner.calc_header_checksum(), inner.header_checksum, "quoted IPv4 checksum");
+    let l4 = &quote[20..];
+    let ports = (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]));
+    if whole_quote {
+        if inner.protocol == etherparse::IpNumber::TCP {
+            let t = etherparse::TcpHeaderSlice::from_slice(l4).expect("quoted TCP").to_header();
+            let payload = &l4[t.header_len()..];
+            assert_eq!(t.calc_checksum_ipv4(&inner, payload).unwrap(), t.checksum, "quoted TCP checksum");
+        } else {
+            let u = etherparse::UdpHeaderSlice::from_slice(l4).expect("quoted UDP").to_header();
+            assert_eq!(u.calc_checksum_ipv4(&inner, &l4[8..]).unwrap(), u.checksum, "quoted UDP checksum");
+        }
+    }
+    Seen {
+        outer: (Ipv4Addr::from(outer.source), Ipv4Addr::from(outer.destination)),
+        inner_src: (Ipv4Addr::from(inner.source), ports.0),
+        inner_dst: (Ipv4Addr::from(inner.destination), ports.1),
+    }
+}
