@@ -135,3 +135,27 @@ fn other_icmp_passes_untouched() {
         }
     }
 }
+
+/// Every IPv4 error type is translated (destination unreachable in each code the kernel
+/// sends for a forwarded packet, time exceeded, parameter problem); informational types
+/// (echo reply, timestamp) are not errors and pass untouched.
+#[test]
+fn every_icmp_error_type_is_translated() {
+    if !require_root("every_icmp_error_type_is_translated") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    one_backend(&mut dp, Protocol::Tcp);
+    let sent = open_flow(&mut dp, Protocol::Tcp, b"payload");
+    let errors = [(3, 0), (3, 1), (3, 3), (3, 4), (3, 13), (11, 0), (11, 1), (12, 0)];
+    for (typ, code) in errors {
+        let err = icmp_error(ROUTER, CLIENT, (typ, code), [0; 4], &sent[14..]);
+        let (_, out) = dp.run(TO_POD, &err);
+        assert_eq!(check_icmp_error(&out, true).inner_dst, (VIP, 80), "type {typ} code {code}");
+    }
+    for typ in [0u8, 14] {
+        let msg = icmp_error(ROUTER, CLIENT, (typ, 0), [0; 4], &sent[14..]);
+        let (_, out) = dp.run(TO_POD, &msg);
+        assert_eq!(out, msg, "type {typ} is not an error");
+    }
+}

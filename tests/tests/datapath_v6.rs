@@ -1363,3 +1363,31 @@ fn v6_icmp_errors_about_translated_flows() {
     assert_eq!(v, TC_ACT_UNSPEC);
     assert_eq!(check_icmp6(&out), ((VIP, CLIENT), (CLIENT, 40001), (VIP, 53)), "port unreachable from the backend");
 }
+
+/// Every ICMPv6 error type (RFC 4443: 1 destination unreachable, 2 packet too big, 3 time
+/// exceeded, 4 parameter problem) is translated; informational ones (128 echo request, 135
+/// neighbour solicitation) pass untouched.
+#[test]
+fn v6_every_icmp_error_type_is_translated() {
+    if !require_root("v6_every_icmp_error_type_is_translated") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    let mut m = Maps6::open(&dp);
+    m.service(33, fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL), 0, &[(B2, 8080, 0)]);
+    let router = v6([0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1]);
+    let (_, sent) = dp.run(FROM_POD, &tcp6_frame((CLIENT, 40002), (VIP, 80), b"x"));
+    for (typ, code) in [(1u8, 0u8), (1, 3), (1, 4), (2, 0), (3, 0), (4, 0)] {
+        // The 4 bytes after the checksum: the MTU for packet too big, unused (zero) or a
+        // pointer (zero here) for the others.
+        let rest = if typ == 2 { 1280u32.to_be_bytes() } else { [0; 4] };
+        let err = icmp6_error(router, CLIENT, (typ, code), rest, &sent[IP6..]);
+        let (_, out) = dp.run(TO_POD, &err);
+        assert_eq!(check_icmp6(&out).2, (VIP, 80), "type {typ} code {code}");
+    }
+    for typ in [128u8, 135] {
+        let msg = icmp6_error(router, CLIENT, (typ, 0), [0; 4], &sent[IP6..]);
+        let (_, out) = dp.run(TO_POD, &msg);
+        assert_eq!(out, msg, "type {typ} is not an error");
+    }
+}
