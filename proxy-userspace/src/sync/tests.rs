@@ -1,5 +1,5 @@
 //! Sync logic against the in-memory store: ordering, minimality, restart, failures.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, PROTO_UDP};
 
@@ -7,7 +7,7 @@ use super::*;
 use crate::model::{Protocol, Scope, ServicePortName};
 
 fn fk(last: u8, port: u16, proto: Protocol) -> FrontendKey {
-    FrontendKey { addr: Ipv4Addr::new(10, 96, 0, last), port, proto, scope: Scope::Internal }
+    FrontendKey { addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)), port, proto, scope: Scope::Internal }
 }
 
 fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
@@ -16,7 +16,7 @@ fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
         kind: FrontendKind::ClusterIP,
         backends: backends
             .iter()
-            .map(|b| BackendAddr { addr: Ipv4Addr::new(10, 244, 0, *b), port: 8080, local: false, terminating: false })
+            .map(|b| BackendAddr { addr: IpAddr::V4(Ipv4Addr::new(10, 244, 0, *b)), port: 8080, local: false, terminating: false })
             .collect(),
         affinity_timeout: None,
         local_only: false,
@@ -169,7 +169,7 @@ fn removed_udp_backend_loses_its_conntrack_but_tcp_keeps_it() {
     let udp_id = s.store().services.iter().find(|(k, _)| k.proto == PROTO_UDP).unwrap().1.id;
     let tcp_id = s.store().services.iter().find(|(k, _)| k.proto == PROTO_TCP).unwrap().1.id;
     let b = |last: u8| {
-        let a = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, last));
+        let a = IpAddr::V4(Ipv4Addr::new(10, 244, 0, last));
         *s.store().backends.iter().find(|(_, v)| v.addr == a).unwrap().0
     };
     let (b1, b2) = (b(1), b(2));
@@ -224,7 +224,7 @@ fn claims_name_the_service_of_each_programmed_address_also_after_a_restart() {
     let mut s = Syncer::new(store).unwrap();
     s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1])), (fk(2, 80, Protocol::Tcp), fe("b", &[2]))]));
     let holder = |name: &str| ClaimHolder { namespace: "ns".into(), name: name.into() };
-    let key = ClaimKey { addr: Ipv4Addr::new(10, 96, 0, 1), port: 80, proto: Protocol::Tcp };
+    let key = ClaimKey { addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), port: 80, proto: Protocol::Tcp };
     // "b" did not fit: it holds nothing.
     let want: Claims = [(key, holder("a"))].into();
     assert_eq!(s.claims(), want);
@@ -249,7 +249,7 @@ fn flags_and_metadata_follow_the_entry() {
     let mut e = fe("aff", &[1]);
     e.affinity_timeout = Some(30);
     e.kind = FrontendKind::LoadBalancer;
-    e.source_ranges = vec![Ipv4Prefix { addr: Ipv4Addr::new(192, 0, 2, 0), len: 24 }];
+    e.source_ranges = vec![IpPrefix { addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), len: 24 }];
     s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), e.clone())]));
     let v = *s.store().services.values().next().unwrap();
     assert_eq!(v.affinity_timeout, 30);
@@ -321,7 +321,7 @@ fn scale_down_succeeds_in_place_when_slots_are_full() {
         assert_eq!(mine.iter().filter(|l| l.starts_with("del_slot")).count(), 1, "{mine:?}");
     }
     // The removed backend is in no slot and gone from BACKENDS, deleted after the counts.
-    let b2 = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, 2));
+    let b2 = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 2));
     assert!(s.store().backends.values().all(|b| b.addr != b2));
     let del_backend = pos(&log, "del_backend");
     assert!(log.iter().rposition(|l| l.starts_with("put_service")).unwrap() < del_backend, "{log:?}");
@@ -346,7 +346,7 @@ fn replace_in_place_and_growth_reports_full_slots() {
     s.apply(&desired(vec![(a, fe("a", &[1, 2, 3]))]));
     let r = s.apply(&desired(vec![(a, fe("a", &[1, 2, 4]))]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-    let b4 = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, 4));
+    let b4 = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 4));
     let v = *s.store().services.values().next().unwrap();
     let reachable: Vec<u32> = (0..v.count).map(|i| s.store().slots[&SlotKey::new(v.id, v.generation, i)]).collect();
     assert!(reachable.iter().any(|id| s.store().backends[id].addr == b4));
