@@ -119,13 +119,7 @@ impl GcTask {
         interval: Duration,
         metrics: Metrics,
     ) -> Self {
-        GcTask {
-            v4: FamilyGc::new(tables.0, cfg),
-            v6: FamilyGc::new(tables.1, cfg),
-            stats,
-            interval,
-            metrics,
-        }
+        GcTask { v4: FamilyGc::new(tables.0, cfg), v6: FamilyGc::new(tables.1, cfg), stats, interval, metrics }
     }
 
     /// Run forever on a thread of its own.

@@ -90,10 +90,7 @@ where
                 // One bucket holds more entries than we asked for: ask for more.
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && want < 1 << 16 => want *= 4,
                 Err(source) => {
-                    return Err(DataplaneError::Io {
-                        context: format!("reading map {} in batches", A::MAP),
-                        source,
-                    });
+                    return Err(DataplaneError::Io { context: format!("reading map {} in batches", A::MAP), source });
                 }
             }
         }

@@ -248,8 +248,14 @@ impl MapStore for Maps {
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
         match k.addr {
-            IpAddr::V4(a) => self.services.insert(key_with(k, ip_to_map(a)), v, 0).map_err(|e| DataplaneError::from_map(n::SERVICES, e)),
-            IpAddr::V6(a) => self.services6.insert(key_with(k, ip6_to_map(a)), v, 0).map_err(|e| DataplaneError::from_map(n::SERVICES6, e)),
+            IpAddr::V4(a) => self
+                .services
+                .insert(key_with(k, ip_to_map(a)), v, 0)
+                .map_err(|e| DataplaneError::from_map(n::SERVICES, e)),
+            IpAddr::V6(a) => self
+                .services6
+                .insert(key_with(k, ip6_to_map(a)), v, 0)
+                .map_err(|e| DataplaneError::from_map(n::SERVICES6, e)),
         }
     }
     fn del_service(&mut self, k: &AnyServiceKey) -> StoreResult {
@@ -268,14 +274,24 @@ impl MapStore for Maps {
     }
     fn put_backend(&mut self, id: u32, b: &AnyBackend) -> StoreResult {
         match b.addr {
-            IpAddr::V4(a) => self.backends.insert(id, backend_with(b, ip_to_map(a)), 0).map_err(|e| DataplaneError::from_map(n::BACKENDS, e)),
-            IpAddr::V6(a) => self.backends6.insert(id, backend_with(b, ip6_to_map(a)), 0).map_err(|e| DataplaneError::from_map(n::BACKENDS6, e)),
+            IpAddr::V4(a) => self
+                .backends
+                .insert(id, backend_with(b, ip_to_map(a)), 0)
+                .map_err(|e| DataplaneError::from_map(n::BACKENDS, e)),
+            IpAddr::V6(a) => self
+                .backends6
+                .insert(id, backend_with(b, ip6_to_map(a)), 0)
+                .map_err(|e| DataplaneError::from_map(n::BACKENDS6, e)),
         }
     }
     fn del_backend(&mut self, id: u32, family: IpFamily) -> StoreResult {
         match family {
-            IpFamily::V4 => ignore_missing(self.backends.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS, e)),
-            IpFamily::V6 => ignore_missing(self.backends6.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS6, e)),
+            IpFamily::V4 => {
+                ignore_missing(self.backends.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS, e))
+            }
+            IpFamily::V6 => {
+                ignore_missing(self.backends6.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS6, e))
+            }
         }
     }
     fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult {
@@ -293,8 +309,14 @@ impl MapStore for Maps {
     }
     fn put_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
         match p.addr {
-            IpAddr::V4(a) => self.source_ranges.insert(&range_key(svc_id, a, p.len), 1, 0).map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e)),
-            IpAddr::V6(a) => self.source_ranges6.insert(&range_key6(svc_id, a, p.len), 1, 0).map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES6, e)),
+            IpAddr::V4(a) => self
+                .source_ranges
+                .insert(&range_key(svc_id, a, p.len), 1, 0)
+                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e)),
+            IpAddr::V6(a) => self
+                .source_ranges6
+                .insert(&range_key6(svc_id, a, p.len), 1, 0)
+                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES6, e)),
         }
     }
     fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {

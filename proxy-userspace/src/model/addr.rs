@@ -73,7 +73,9 @@ impl IpPrefix {
     /// Whether `ip` is in the prefix; an address of the other family never is.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => u32::from(ip) & mask_v4(self.len) == u32::from(net) & mask_v4(self.len),
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                u32::from(ip) & mask_v4(self.len) == u32::from(net) & mask_v4(self.len)
+            }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 u128::from(ip) & mask_v6(self.len) == u128::from(net) & mask_v6(self.len)
             }

@@ -1400,8 +1400,11 @@ mod tests {
     /// EndpointSlice controller writes IPv6 slices for it as a matter of course.
     #[test]
     fn single_stack_ipv4_service_is_not_served_over_ipv6() {
-        let service = svc("web", json!({"ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
-                                         "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}));
+        let service = svc(
+            "web",
+            json!({"ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                                         "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
         let (actual, warnings) = translate(&[service], &dual_slices(), &dual_node());
         let b = vec![be("10.0.0.1", 8080, true)];
         let mut expected = vec![web_cluster_ip(b.clone())];
@@ -1423,7 +1426,8 @@ mod tests {
         ];
         for (name, ips, families, n) in rows {
             let policy = if name.starts_with("Prefer") { "PreferDualStack" } else { "RequireDualStack" };
-            let service = dual(json!({"clusterIPs": ips, "ipFamilies": families, "ipFamilyPolicy": policy}), json!(null));
+            let service =
+                dual(json!({"clusterIPs": ips, "ipFamilies": families, "ipFamilyPolicy": policy}), json!(null));
             let (actual, warnings) = translate(&[service], &dual_slices(), &dual_node());
             assert_eq!(actual.frontends.len(), n, "{name}: {actual:?}");
             assert!(warnings.is_empty(), "{name}: {warnings:?}");
@@ -1506,8 +1510,16 @@ mod tests {
             let prefixes =
                 |r: &[(&str, u8)]| r.iter().map(|&(a, len)| IpPrefix { addr: ip(a), len }).collect::<Vec<_>>();
             for scope in [Internal, External] {
-                assert_eq!(actual.frontends[&key("198.51.100.1", 80, Tcp, scope)].source_ranges, prefixes(&want4), "{name}");
-                assert_eq!(actual.frontends[&key("2001:db8:ff::1", 80, Tcp, scope)].source_ranges, prefixes(&want6), "{name}");
+                assert_eq!(
+                    actual.frontends[&key("198.51.100.1", 80, Tcp, scope)].source_ranges,
+                    prefixes(&want4),
+                    "{name}"
+                );
+                assert_eq!(
+                    actual.frontends[&key("2001:db8:ff::1", 80, Tcp, scope)].source_ranges,
+                    prefixes(&want6),
+                    "{name}"
+                );
             }
         }
     }
