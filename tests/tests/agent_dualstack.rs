@@ -187,3 +187,36 @@ fn dual_stack_and_ipv6_only_services_from_manifests() {
 fn find_backends(pins: &PinDir, addr: &str) -> Vec<String> {
     cli_services(pins).into_iter().find(|r| r.0 == addr).map(|r| r.2).unwrap_or_default()
 }
+
+/// An IPv6 next hop XDP found no neighbour for (queued in NEIGH_MISSES6) is resolved by the
+/// agent through rtnetlink (`NTF_USE`, a neighbour solicitation) and the miss is taken off
+/// the map, as for IPv4.
+#[test]
+fn ipv6_neighbour_misses_are_resolved() {
+    if !require_root("ipv6_neighbour_misses_are_resolved") {
+        return;
+    }
+    let topo = Topology::single_node(1, 61).expect("topology");
+    let dir = TempDir::new("ebpf-proxy-dualstack-").expect("dir");
+    let pins = PinDir::new();
+    dir.write("node.yaml", &dual_node_yaml()).unwrap();
+    let args = ["--manifests", dir.0.to_str().unwrap(), "--node-name", "node-a"];
+    let agent = Agent::start(&topo.node, &pins.0, 10262, &args).expect("agent");
+    agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("agent ready");
+
+    let host_if = topo.pods[0].host_if.clone();
+    let ifindex = topo.node.run(|| nix::net::if_::if_nametoindex(host_if.as_str())).expect("ifindex");
+    let next_hop = v6("fd00:99::5");
+    let mut misses: HashMap<MapData, proxy_common::NeighKey6, u64> = open(&pins, n::NEIGH_MISSES6);
+    misses.insert(proxy_common::NeighKey6 { ifindex, addr: ip6_to_map(next_hop) }, 1, 0).unwrap();
+
+    let shown = wait_for(Duration::from_secs(5), "IPv6 neighbour entry", || {
+        let out = topo.node.ip(&["-6", "neigh", "show", "dev", &host_if]).ok()?;
+        out.contains("fd00:99::5").then_some(out)
+    })
+    .unwrap();
+    eprintln!("neighbour table: {shown}");
+    wait_for(Duration::from_secs(5), "miss taken off NEIGH_MISSES6", || misses.keys().next().is_none().then_some(()))
+        .unwrap();
+    drop(agent);
+}
