@@ -3,7 +3,8 @@
 //! Sections (each a module): `per_packet` (BPF_PROG_TEST_RUN), `conn` (new TCP connections
 //! through a netns topology: our datapath vs kube-proxy's iptables and nftables layouts vs
 //! direct), `control` (programming time vs iptables-restore / nft -f, one-change latency),
-//! `rss` (the real agent's peak RSS), `throughput` (one TCP stream, ClusterIP vs direct).
+//! `rss` (the real agent's peak RSS), `throughput` (one TCP stream, ClusterIP vs direct),
+//! `northsouth` (UDP packets/s through a NodePort to another node: XDP vs iptables).
 //!
 //! Everything privileged happens in network namespaces created here and in a per-run bpffs
 //! directory, both removed afterwards (also on panic, through `Drop`).
@@ -11,6 +12,7 @@ pub mod conn;
 pub mod conntrack;
 pub mod control;
 pub mod dp;
+pub mod northsouth;
 pub mod objects;
 pub mod per_packet;
 pub mod report;
@@ -60,6 +62,12 @@ pub struct Plan {
     pub tput_bytes: u64,
     /// Alternating rounds per case; the bounds above are split over them.
     pub tput_rounds: usize,
+    /// North-south send time per case (split over the rounds), rounds (each on a fresh
+    /// cluster), sender rate cap (packets/s) and UDP flows (source ports).
+    pub ns_time: Duration,
+    pub ns_rounds: usize,
+    pub ns_rate: u64,
+    pub ns_flows: usize,
     /// `bench-podserver` binary.
     pub server_bin: PathBuf,
 }
@@ -88,6 +96,10 @@ impl Plan {
             tput_time: Duration::from_secs(3),
             tput_bytes: 8 << 30,
             tput_rounds: 6,
+            ns_time: Duration::from_secs(4),
+            ns_rounds: 2,
+            ns_rate: 2_000_000,
+            ns_flows: 16,
             server_bin,
         }
     }
@@ -116,6 +128,10 @@ impl Plan {
             tput_time: Duration::from_millis(300),
             tput_bytes: 64 << 20,
             tput_rounds: 2,
+            ns_time: Duration::from_secs(1),
+            ns_rounds: 1,
+            ns_rate: 2_000_000,
+            ns_flows: 16,
             server_bin,
         }
     }
@@ -166,6 +182,7 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
         v.push(report::row_id("throughput", c, None));
     }
     v.extend(conntrack::expected_rows(plan));
+    v.extend(northsouth::expected_rows(plan));
     v
 }
 

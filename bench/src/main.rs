@@ -14,7 +14,7 @@ use proxy_bench::{
     report::{Machine, Report},
 };
 
-const SECTIONS: [&str; 6] = ["per_packet", "conn", "control", "rss", "throughput", "conntrack"];
+const SECTIONS: [&str; 7] = ["per_packet", "conn", "control", "rss", "throughput", "conntrack", "northsouth"];
 
 #[derive(Parser)]
 #[command(name = "proxy-bench", about = "ebpf-proxy benchmarks (needs root)")]
@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     pp_sizes: Vec<usize>,
     /// Run only these sections (comma-separated): per_packet, conn, control, rss, throughput,
-    /// conntrack.
+    /// conntrack, northsouth.
     #[arg(long, value_delimiter = ',')]
     sections: Vec<String>,
 }
@@ -141,6 +141,7 @@ fn main() -> ExitCode {
             "rss" => proxy_bench::rss::run(&plan, &mut rows),
             "throughput" => proxy_bench::throughput::run(&plan, &mut rows),
             "conntrack" => proxy_bench::conntrack::run(&plan, &mut rows),
+            "northsouth" => proxy_bench::northsouth::run(&plan, &mut rows),
             _ => unreachable!(),
         };
         for row in &rows[before..] {

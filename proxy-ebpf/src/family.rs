@@ -1,13 +1,18 @@
 //! The address family as a type: the pipeline, conntrack and backend selection are written
-//! once, generic over `Family`, so IPv6 becomes a second instantiation with its own maps
-//! (IPv4 keeps its 16-byte conntrack keys and IPv6 costs only its own lookups). Only IPv4
-//! is instantiated today: the IPv6 path did not fit the verifier's 512-byte stack yet
-//! (docs/architecture.md, "IPv6").
+//! once, generic over `Family`, and IPv4 and IPv6 are two instantiations with their own maps
+//! (so IPv4 keeps its 16-byte conntrack keys and IPv6 costs only its own lookups).
 use aya_ebpf::maps::{HashMap, LruHashMap, lpm_trie::Key};
-use proxy_common::{AffinityKey, AffinityValue, Backend, CtKey, CtValue, NeighKey, ServiceKey, ServiceValue};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ipv6Words, NeighKey, ServiceKey, ServiceValue,
+};
 
-use crate::maps::{AFFINITY, BACKENDS, CONNTRACK, NEIGH_MISSES, NODE_CONFIG, SERVICES, SOURCE_RANGES};
+use crate::maps::WORK6;
+use crate::maps::{
+    AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, NEIGH_MISSES, NEIGH_MISSES6, NODE_CONFIG,
+    NODE_CONFIG6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
+};
 use crate::parse::{self, Packet};
+use crate::pipeline::Work;
 use proxy_common::Verdict;
 
 pub trait Family: 'static {
@@ -15,6 +20,12 @@ pub trait Family: 'static {
     type Addr: Copy + PartialEq + Default;
     /// `AF_INET` / `AF_INET6`, for `bpf_fib_lookup`.
     const AF: u8;
+    /// Run the big steps (conntrack lookup and creation, backend selection) as BPF functions
+    /// of their own instead of inlined: IPv6's 40-byte keys and 56-byte values would not fit
+    /// the 512-byte stack of one function otherwise. IPv4 stays inlined (no call overhead).
+    const OUTLINE: bool;
+    /// Where a packet's working memory lives when `OUTLINE` (a per-CPU map; see `Work`).
+    fn work() -> Option<*mut Work<Self::Addr>>;
 
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
@@ -35,10 +46,17 @@ pub trait Family: 'static {
 }
 
 pub struct V4;
+pub struct V6;
 
 impl Family for V4 {
     type Addr = u32;
     const AF: u8 = 2;
+    const OUTLINE: bool = false;
+    #[inline(always)]
+    fn work() -> Option<*mut Work<u32>> {
+        // IPv4 keeps its working state on the stack.
+        None
+    }
 
     #[inline(always)]
     fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict> {
@@ -72,5 +90,48 @@ impl Family for V4 {
     #[inline(always)]
     fn fold(addr: u32) -> u32 {
         addr
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ipv6Words;
+    const AF: u8 = 10;
+    const OUTLINE: bool = true;
+    #[inline(always)]
+    fn work() -> Option<*mut Work<Ipv6Words>> {
+        WORK6.get_ptr_mut(0)
+    }
+
+    #[inline(always)]
+    fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6Words>, Verdict> {
+        parse::parse_v6(start, end, pkt_len)
+    }
+
+    fn services() -> &'static HashMap<ServiceKey<Ipv6Words>, ServiceValue> {
+        &SERVICES6
+    }
+    fn backends() -> &'static HashMap<u32, Backend<Ipv6Words>> {
+        &BACKENDS6
+    }
+    fn conntrack() -> &'static HashMap<CtKey<Ipv6Words>, CtValue<Ipv6Words>> {
+        &CONNTRACK6
+    }
+    fn affinity() -> &'static LruHashMap<AffinityKey<Ipv6Words>, AffinityValue> {
+        &AFFINITY6
+    }
+    fn neigh_misses() -> &'static LruHashMap<NeighKey<Ipv6Words>, u64> {
+        &NEIGH_MISSES6
+    }
+    #[inline(always)]
+    fn source_allowed(svc_id: u32, a: Ipv6Words) -> bool {
+        SOURCE_RANGES6.get(&Key::new(32 + 128, [svc_id.to_be(), a[0], a[1], a[2], a[3]])).is_some()
+    }
+    #[inline(always)]
+    fn node_addrs() -> (Ipv6Words, Ipv6Words) {
+        NODE_CONFIG6.get(0).map_or(([0; 4], [0; 4]), |c| (c.snat_addr, c.hairpin_addr))
+    }
+    #[inline(always)]
+    fn fold(a: Ipv6Words) -> u32 {
+        a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24)
     }
 }

@@ -56,6 +56,17 @@ fn backend_by_id<F: Family>(id: u32) -> Option<Backend<F::Addr>> {
 /// random among the active slot generation.
 #[inline(always)]
 pub fn select_backend<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Selected<F::Addr> {
+    if F::OUTLINE { select_outlined::<F>(svc, &client, now) } else { select_body::<F>(svc, client, now) }
+}
+
+/// IPv6: a BPF function of its own (see `Family::OUTLINE`).
+#[inline(never)]
+fn select_outlined<F: Family>(svc: &ServiceValue, client: &F::Addr, now: u64) -> Selected<F::Addr> {
+    select_body::<F>(svc, *client, now)
+}
+
+#[inline(always)]
+fn select_body<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Selected<F::Addr> {
     if svc.count == 0 {
         return Selected::Empty;
     }

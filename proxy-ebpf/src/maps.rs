@@ -88,3 +88,12 @@ pub static NODE_CONFIG6: Array<NodeConfig6> = Array::pinned(1, 0);
 /// IPv6 next hops XDP found no neighbour (NDP) entry for; see `NEIGH_MISSES`.
 #[map]
 pub static NEIGH_MISSES6: LruHashMap<NeighKey6, u64> = LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);
+
+/// Per-CPU working memory of one IPv6 packet (see `pipeline::Work`). Not pinned: it holds
+/// nothing between packets.
+#[map]
+pub static WORK6: PerCpuArray<crate::pipeline::Work<proxy_common::Ipv6Words>> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU buffers where resets and ICMP errors are built (see `reject`). Not pinned.
+#[map]
+pub static ANSWER: PerCpuArray<crate::reject::AnswerBuf> = PerCpuArray::with_max_entries(1, 0);

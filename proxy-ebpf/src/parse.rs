@@ -3,19 +3,39 @@
 //! numbers).
 //!
 //! Verdicts for odd frames (documented in docs/datapath.md): anything that is not an
-//! IPv4 frame we can read completely is *passed untouched* and counted; the kernel judges it
-//! as if we were not there. Only frames that parse cleanly as IPv4 + TCP/UDP/SCTP are
-//! candidates for translation.
+//! IPv4 or IPv6 frame we can read completely is *passed untouched* and counted; the kernel
+//! judges it as if we were not there. Only frames that parse cleanly as IPv4/IPv6 +
+//! TCP/UDP/SCTP are candidates for translation.
 use core::mem::{offset_of, size_of};
 
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use proxy_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use proxy_common::{Ipv6Words, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict};
 
 pub const ETH_HLEN: usize = EthHdr::LEN;
 /// Ethernet header + IPv4 without options.
 pub const IP_HLEN: usize = Ipv4Hdr::LEN;
 pub const TCP_HLEN: usize = TcpHdr::LEN;
 const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+pub const IP6_HLEN: usize = Ipv6Hdr::LEN;
+pub const IP6_PLEN_OFF: usize = offset_of!(Ipv6Hdr, payload_len);
+pub const IP6_NEXT_OFF: usize = offset_of!(Ipv6Hdr, next_hdr);
+pub const IP6_HOP_OFF: usize = offset_of!(Ipv6Hdr, hop_limit);
+pub const IP6_SRC_OFF: usize = offset_of!(Ipv6Hdr, src_addr);
+pub const IP6_DST_OFF: usize = offset_of!(Ipv6Hdr, dst_addr);
+/// IPv6 extension headers a real stack sends before the transport header, skipped up to
+/// `MAX_EXT_HDRS` of them (a bound the verifier can see); a fragment header gets the
+/// fragment verdict.
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_DEST_OPTS: u8 = 60;
+const MAX_EXT_HDRS: usize = 4;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 /// SCTP common header: ports, verification tag, checksum.
@@ -49,8 +69,8 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Where the parsed fields live in the frame, and their values (addresses and ports in
-/// network byte order, as on the wire). `A` is the address (`u32` for IPv4).
-#[derive(Clone, Copy)]
+/// network byte order, as on the wire). `A` is the address: `u32` or `Ipv6Words`.
+#[derive(Clone, Copy, Default)]
 pub struct Packet<A = u32> {
     pub l3_off: usize,
     pub l4_off: usize,
@@ -63,10 +83,10 @@ pub struct Packet<A = u32> {
     pub dport: u16,
 }
 
-/// The network protocol of a frame, from its EtherType (IPv6 joins when its pipeline
-/// instantiation fits the verifier's stack).
+/// The network protocol of a frame, from its EtherType.
 pub enum L3 {
     V4,
+    V6,
 }
 
 impl<A> Packet<A> {
@@ -96,8 +116,8 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, Verdict> 
     Ok((start + off) as *const T)
 }
 
-/// Which family a frame is (then parsed by its `Family::parse`: the IP header, its lengths
-/// and the L4 ports). `Err(verdict)` says why the
+/// Which family a frame is: Ethernet + IPv4 or IPv6 (then parsed with `parse_v4` /
+/// `parse_v6`: the IP header, its lengths and the L4 ports). `Err(verdict)` says why the
 /// frame is not a candidate.
 /// `pkt_len` is the whole frame's length, including bytes outside the linear area `start..end`
 /// (an skb's paged data, an XDP frame's fragments).
@@ -112,6 +132,9 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, Verdict> 
 /// as one block, and the L4 header (at a variable offset because of IP options) through its
 /// own pointer with its own check.
 ///
+/// This is the first step, [`Family::parse`](crate::family::Family::parse) the second: each
+/// family is parsed (and handled) in its own BPF function, so their stack frames never add
+/// up.
 #[inline(always)]
 pub fn l3(start: usize, end: usize) -> Result<L3, Verdict> {
     // SAFETY: bounds-checked by `ptr_at`; unaligned read.
@@ -121,6 +144,7 @@ pub fn l3(start: usize, end: usize) -> Result<L3, Verdict> {
     };
     match ether_type {
         ETH_P_IPV4 => Ok(L3::V4),
+        ETH_P_IPV6 => Ok(L3::V6),
         _ => Err(Verdict::NotIp),
     }
 }
@@ -162,6 +186,68 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> R
         }
         Ok((sport, dport, tcp_flags))
     }
+}
+
+/// IPv6: the fixed header, the extension headers a stack sends (hop-by-hop, routing,
+/// destination options; at most `MAX_EXT_HDRS`), then the transport header. A fragment
+/// header is a fragment; ICMPv6 (neighbour discovery, router advertisements, errors) and
+/// anything else pass untouched. The payload length must fit in the frame; a zero one
+/// (a jumbogram) is not something we translate.
+#[inline(always)]
+pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6Words>, Verdict> {
+    let l3 = ETH_HLEN;
+    // Fields are read one by one from the frame: copying the 40-byte header to the stack
+    // first would cost IPv6 stack space it does not have.
+    let ip = ptr_at::<Ipv6Hdr>(start, end, l3)? as *const u8;
+    let word = |off: usize| {
+        // SAFETY: `off + 4` is within the IPv6 header checked above.
+        unsafe { (ip.add(off) as *const u32).read_unaligned() }
+    };
+    // SAFETY: within the IPv6 header checked above.
+    let (version, payload, next_hdr) = unsafe {
+        (*ip >> 4, u16::from_be((ip.add(IP6_PLEN_OFF) as *const u16).read_unaligned()) as usize, *ip.add(IP6_NEXT_OFF))
+    };
+    if version != 6 {
+        return Err(Verdict::Malformed);
+    }
+    if payload == 0 || l3 + IP6_HLEN + payload > pkt_len {
+        return Err(Verdict::Malformed);
+    }
+    let ip_end = l3 + IP6_HLEN + payload;
+    let mut next = next_hdr;
+    let mut off = l3 + IP6_HLEN;
+    let mut i = 0;
+    while i < MAX_EXT_HDRS {
+        match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => {
+                // Masked so the verifier sees a bounded offset.
+                let o = off & 0x3ff;
+                let h = ptr_at::<[u8; 2]>(start, end, o)?;
+                // SAFETY: bounds-checked just above.
+                let [nh, len] = unsafe { h.read_unaligned() };
+                next = nh;
+                off = o + (len as usize + 1) * 8;
+                if off > ip_end {
+                    return Err(Verdict::Malformed);
+                }
+            }
+            NEXT_FRAGMENT => return Err(Verdict::Fragment),
+            _ => break,
+        }
+        i += 1;
+    }
+    let l4 = off & 0x3ff;
+    let (sport, dport, tcp_flags) = transport(start, end, l4, ip_end - l4, next)?;
+    Ok(Packet {
+        l3_off: l3,
+        l4_off: l4,
+        proto: next,
+        tcp_flags,
+        saddr: [word(IP6_SRC_OFF), word(IP6_SRC_OFF + 4), word(IP6_SRC_OFF + 8), word(IP6_SRC_OFF + 12)],
+        daddr: [word(IP6_DST_OFF), word(IP6_DST_OFF + 4), word(IP6_DST_OFF + 8), word(IP6_DST_OFF + 12)],
+        sport,
+        dport,
+    })
 }
 
 #[inline(always)]

@@ -7,7 +7,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::{CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, svc_flags};
 
 use crate::{
-    ct::{self, Ct},
+    ct::{self, Ct, CtWork},
     family::Family,
     lb::{self, Selected},
     parse::Packet,
@@ -101,9 +101,35 @@ fn established<A: Copy + Default>(p: &Packet<A>, hook: Hook, ct: &CtValue<A>) ->
     Decision::rewrite(action, nat, Verdict::Established, ct.svc_id)
 }
 
+impl<A: Default> Default for Decision<A> {
+    fn default() -> Self {
+        Self::pass(Verdict::Pass)
+    }
+}
+
+/// What the steps of handling one IPv6 packet share: the parsed packet, the decision,
+/// conntrack's working memory. It lives in a per-CPU map (`Family::work`): with 16-byte
+/// addresses these plus the call chain's frames would not fit the verifier's 512 bytes.
+/// IPv4 keeps the same values on its stack.
+#[derive(Default)]
+pub struct Work<A> {
+    pub p: Packet<A>,
+    pub d: Decision<A>,
+    pub ct: CtWork<A>,
+}
+
+/// The family's per-CPU `Work`; `None` only if the map cannot be read (it always can: one
+/// entry, index 0) or the family keeps none.
+#[inline(always)]
+pub fn work<F: Family>() -> Option<&'static mut Work<F::Addr>> {
+    // SAFETY: a per-CPU map value; only this CPU's running program uses it, and a program
+    // runs to completion without preemption by another on the same CPU for these hooks.
+    F::work().map(|p| unsafe { &mut *p })
+}
+
 /// Pod traffic (`Hook::Pod`) and traffic from outside the node (`Hook::Uplink`).
 #[inline(always)]
-pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook) -> Decision<F::Addr> {
+pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
     let (node_snat, hairpin) = F::node_addrs();
     // Replies this hook translates itself: a pod answering a hairpin flow (addressed to the
     // hairpin address), a remote backend answering a flow we source-NATed (any uplink
@@ -112,15 +138,16 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook) -> Decision<F::Addr> {
         Hook::Pod => !F::is_unset(hairpin) && p.daddr == hairpin,
         Hook::Uplink => true,
     };
-    match ct::lookup::<F>(p, replies) {
-        Ct::Reply(ct) if ct.flags & ct_flags::SNAT != 0 => {
+    match ct::lookup::<F>(p, replies, w) {
+        Ct::Reply if w.val.flags & ct_flags::SNAT != 0 => {
+            let ct = &w.val;
             let nat = Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: ct.snat_addr, dport: ct.snat_port };
             return Decision::rewrite(snat_delivery(hook), nat, Verdict::ReverseNat, ct.svc_id);
         }
         // The reply of a pod's own flow to a backend on another node: `to_pod` on that
         // pod's veth restores the VIP.
-        Ct::Reply(_) => return Decision::pass(Verdict::Pass),
-        Ct::Established(ct) => return established(p, hook, &ct),
+        Ct::Reply => return Decision::pass(Verdict::Pass),
+        Ct::Established => return established(p, hook, &w.val),
         Ct::New => {}
     }
 
@@ -158,10 +185,11 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook) -> Decision<F::Addr> {
         }
         _ => None,
     };
+    let mut flow = ct::NewFlow { svc_id: svc.id, backend_id, backend: &b, snat_addr: F::Addr::default(), now };
     match snat_addr {
         Some(addr) => {
-            let args = ct::SnatArgs { svc_id: svc.id, backend_id, backend: &b, snat_addr: addr };
-            match ct::create_snat::<F>(p, &args, &lb::node_config(), now) {
+            flow.snat_addr = addr;
+            match ct::create_snat::<F>(p, &flow, &lb::node_config(), w) {
                 Ok(port) => {
                     let nat = Nat { saddr: addr, sport: port, daddr: b.addr, dport: b.port };
                     Decision::rewrite(snat_delivery(hook), nat, Verdict::NewFlow, svc.id)
@@ -169,7 +197,7 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook) -> Decision<F::Addr> {
                 Err(e) => Decision::new(Action::Drop, e.verdict(), svc.id),
             }
         }
-        None => match ct::create::<F>(p, svc.id, backend_id, &b, now) {
+        None => match ct::create::<F>(p, &flow, w) {
             Ok(()) => {
                 let nat = Nat { saddr: p.saddr, sport: p.sport, daddr: b.addr, dport: b.port };
                 Decision::rewrite(Action::Rewrite, nat, Verdict::NewFlow, svc.id)
@@ -183,12 +211,11 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook) -> Decision<F::Addr> {
 /// goes back to the frontend the client used. Source-NATed flows are not ours to undo here:
 /// `decide` translates those completely where they arrive.
 #[inline(always)]
-pub fn decide_reply<F: Family>(p: &Packet<F::Addr>) -> Decision<F::Addr> {
-    match ct::reply::<F>(p) {
-        Some(ct) if ct.flags & ct_flags::SNAT == 0 => {
-            let nat = Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: p.daddr, dport: p.dport };
-            Decision::rewrite(Action::Rewrite, nat, Verdict::ReverseNat, ct.svc_id)
-        }
-        _ => Decision::pass(Verdict::Pass),
+pub fn decide_reply<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    if ct::reply::<F>(p, w) && w.val.flags & ct_flags::SNAT == 0 {
+        let ct = &w.val;
+        let nat = Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: p.daddr, dport: p.dport };
+        return Decision::rewrite(Action::Rewrite, nat, Verdict::ReverseNat, ct.svc_id);
     }
+    Decision::pass(Verdict::Pass)
 }

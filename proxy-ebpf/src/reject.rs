@@ -1,59 +1,129 @@
 //! Refusing a flow to a frontend without endpoints, like kube-proxy's REJECT: the client
 //! fails fast instead of retrying into a drop. TCP gets a reset; on the pod side UDP gets an
-//! ICMP port unreachable quoting the datagram, as the kernel's own reply would. The answers
-//! are built in a buffer from the original's headers (`rst_frame`, `port_unreachable_frame`)
-//! and written over the frame by each hook: XDP sends it back out (`XDP_TX`), TC back into
-//! the pod it came from.
+//! ICMP (ICMPv6) port unreachable quoting the datagram, as the kernel's own reply would. The
+//! answers are built in a buffer from the original's headers and written over the frame by
+//! each hook: XDP sends it back out (`XDP_TX`), TC back into the pod it came from. The TCP
+//! and ICMP bodies are shared; only the IP header and pseudo-header differ per family. The
+//! buffers live in a per-CPU map (`ANSWER`), not on the stack: an IPv6 answer and its copy
+//! of the original would take a third of the verifier's 512 bytes.
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::{PROTO_TCP, PROTO_UDP};
+use proxy_common::{Ipv6Words, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     csum,
+    maps::ANSWER,
     parse::{
         ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
-        L4_DPORT_OFF, L4_SPORT_OFF, Packet, TCP_ACK, TCP_ACK_OFF, TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN, TCP_FLAGS_OFF,
-        TCP_HLEN, TCP_RST, TCP_SEQ_OFF, TCP_SYN,
+        IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
+        Packet, TCP_ACK, TCP_ACK_OFF, TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN, TCP_FLAGS_OFF, TCP_HLEN, TCP_RST,
+        TCP_SEQ_OFF, TCP_SYN,
     },
 };
 
+/// UDP header length (what an ICMP error quotes after the IP header).
+const UDP_HLEN: usize = 8;
+/// ICMP / ICMPv6 error header: type, code, checksum, 4 unused bytes.
+const ICMP_HLEN: usize = 8;
+
 /// Ethernet + IPv4 without options + TCP without options: the size of a reset we send.
 const RST_LEN: usize = ETH_HLEN + IP_HLEN + TCP_HLEN;
-/// What an ICMP error quotes of a UDP datagram: its IPv4 header and the UDP header.
-const UDP_QUOTE_LEN: usize = ETH_HLEN + IP_HLEN + 8;
-/// ICMP header: type, code, checksum, 4 unused bytes.
-const ICMP_HLEN: usize = 8;
-/// Ethernet + IPv4 + ICMP + the quoted IPv4 and UDP headers.
-const UNREACH_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN + IP_HLEN + 8;
+/// Ethernet + IPv6 without extension headers + TCP without options.
+const RST6_LEN: usize = ETH_HLEN + IP6_HLEN + TCP_HLEN;
+/// What an ICMP error quotes of a UDP datagram: its IP header and the UDP header.
+const UDP_QUOTE_LEN: usize = ETH_HLEN + IP_HLEN + UDP_HLEN;
+const UDP_QUOTE6_LEN: usize = ETH_HLEN + IP6_HLEN + UDP_HLEN;
+/// Ethernet + IP + ICMP + the quoted IP and UDP headers.
+const UNREACH_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN + IP_HLEN + UDP_HLEN;
+const UNREACH6_LEN: usize = ETH_HLEN + IP6_HLEN + ICMP_HLEN + IP6_HLEN + UDP_HLEN;
+
+/// RFC 792: destination unreachable / port unreachable.
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const PROTO_ICMP: u8 = 1;
+/// RFC 4443 3.1: destination unreachable / port unreachable.
+const ICMP6_DEST_UNREACH: u8 = 1;
+const ICMP6_PORT_UNREACH: u8 = 4;
+const PROTO_ICMP6: u8 = 58;
+
 const IPV4_VIHL: u8 = 0x45;
+const IPV6_VERSION: u8 = 0x60;
 const IP_DF: u8 = 0x40;
 const REPLY_TTL: u8 = 64;
 /// The Ethernet addresses (destination, source) at the start of the frame.
 const MACS_LEN: usize = 12;
 
-/// Only IPv4 without options: what the answers are laid out for.
-#[inline(always)]
-fn plain(p: &Packet) -> bool {
-    p.l4_off == ETH_HLEN + IP_HLEN
+/// Per-CPU buffers of `ANSWER`: the answer being built, and (TC) a copy of the original's
+/// headers.
+pub struct AnswerBuf {
+    out: [u8; ANSWER_MAX],
+    orig: [u8; ANSWER_MAX],
 }
 
-/// The MACs of the original, swapped: the answer goes back where the original came from.
+/// The largest answer (`UNREACH6_LEN`) and original header block, rounded up.
+const ANSWER_MAX: usize = 128;
+
+/// `LEN` bytes of `a` from `OFF` on, as an array (checked at compile time).
 #[inline(always)]
-fn swapped_macs<const N: usize>(h: &[u8; N], out: &mut [u8]) {
+fn at<const OFF: usize, const LEN: usize, const N: usize>(a: &mut [u8; N]) -> &mut [u8; LEN] {
+    const { assert!(OFF + LEN <= N) };
+    // SAFETY: in bounds (asserted above); `[u8; LEN]` has alignment 1.
+    unsafe { &mut *(a.as_mut_ptr().add(OFF) as *mut [u8; LEN]) }
+}
+
+/// The Ethernet header of the answer: the original's MACs swapped (it goes back where the
+/// original came from), same EtherType.
+#[inline(always)]
+fn eth_back(h: &[u8], out: &mut [u8]) {
     out[..6].copy_from_slice(&h[6..MACS_LEN]);
     out[6..MACS_LEN].copy_from_slice(&h[..6]);
+    out[MACS_LEN..ETH_HLEN].copy_from_slice(&h[MACS_LEN..ETH_HLEN]);
 }
+
+/// Put the Internet checksum of `pseudo` + `body` at `body[off..off + 2]`.
+#[inline(always)]
+fn seal<const N: usize>(body: &mut [u8; N], pseudo: u32, off: usize) {
+    let c = !csum::fold(pseudo + csum::sum_words(body));
+    body[off..off + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The reset answering the TCP segment whose header is `tcp_in` (`payload` data bytes
+/// after it), checksummed with `pseudo`: RFC 9293 3.10.7.1 — to a segment with ACK, seq =
+/// its ack; otherwise seq 0 and ack = its seq + segment length (SYN and FIN count one each).
+#[inline(always)]
+fn rst_tcp(tcp_in: &[u8], p_flags: u8, payload: u32, ports: (u16, u16), pseudo: u32, tcp: &mut [u8; TCP_HLEN]) {
+    let be32 = |o: usize| u32::from_be_bytes([tcp_in[o], tcp_in[o + 1], tcp_in[o + 2], tcp_in[o + 3]]);
+    let (seq, ack, flags) = if p_flags & TCP_ACK != 0 {
+        (be32(TCP_ACK_OFF), 0, TCP_RST)
+    } else {
+        let ctl = (p_flags & TCP_SYN != 0) as u32 + (p_flags & TCP_FIN != 0) as u32;
+        (0, be32(TCP_SEQ_OFF).wrapping_add(payload + ctl), TCP_RST | TCP_ACK)
+    };
+    *tcp = [0u8; TCP_HLEN];
+    tcp[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&ports.0.to_ne_bytes());
+    tcp[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&ports.1.to_ne_bytes());
+    tcp[TCP_SEQ_OFF..TCP_SEQ_OFF + 4].copy_from_slice(&seq.to_be_bytes());
+    tcp[TCP_ACK_OFF..TCP_ACK_OFF + 4].copy_from_slice(&ack.to_be_bytes());
+    tcp[TCP_DOFF_OFF] = ((TCP_HLEN / 4) as u8) << 4;
+    tcp[TCP_FLAGS_OFF] = flags;
+    seal(tcp, pseudo + PROTO_TCP as u32 + TCP_HLEN as u32, TCP_CSUM_OFF);
+}
+
+/// The TCP data offset of the header at `tcp_in`, in bytes.
+#[inline(always)]
+fn tcp_doff(tcp_in: &[u8]) -> u32 {
+    ((tcp_in[TCP_DOFF_OFF] >> 4) as u32) * 4
+}
+
+// IPv4.
 
 /// An IPv4 header from the original's destination back to its source.
 #[inline(always)]
-fn ip_header(p: &Packet, proto: u8, tot_len: usize) -> [u8; IP_HLEN] {
-    let mut ip = [0u8; IP_HLEN];
+fn ip_header(p: &Packet, proto: u8, tot_len: usize, ip: &mut [u8; IP_HLEN]) {
+    *ip = [0u8; IP_HLEN];
     ip[0] = IPV4_VIHL;
     ip[IP_TOT_LEN_OFF..IP_TOT_LEN_OFF + 2].copy_from_slice(&(tot_len as u16).to_be_bytes());
     ip[IP_FRAGS_OFF] = IP_DF;
@@ -61,64 +131,101 @@ fn ip_header(p: &Packet, proto: u8, tot_len: usize) -> [u8; IP_HLEN] {
     ip[IP_PROTO_OFF] = proto;
     ip[IP_SRC_OFF..IP_SRC_OFF + 4].copy_from_slice(&p.daddr.to_ne_bytes());
     ip[IP_DST_OFF..IP_DST_OFF + 4].copy_from_slice(&p.saddr.to_ne_bytes());
-    let c = !csum::fold(csum::sum_words(&ip));
-    ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&c.to_be_bytes());
-    ip
+    seal(ip, 0, IP_CSUM_OFF);
 }
 
-/// The reset answering the TCP segment whose headers are `h`: RFC 9293 3.10.7.1 — to a
-/// segment with ACK, seq = its ack; otherwise seq 0 and ack = its seq + segment length (SYN
-/// and FIN count one each).
 #[inline(always)]
-fn rst_frame(h: &[u8; RST_LEN], p: &Packet) -> [u8; RST_LEN] {
-    let t = ETH_HLEN + IP_HLEN;
-    let be32 = |o: usize| u32::from_be_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+fn rst_frame(h: &[u8; RST_LEN], p: &Packet, out: &mut [u8; RST_LEN]) {
+    const T: usize = ETH_HLEN + IP_HLEN;
     let ip_len = u16::from_be_bytes([h[ETH_HLEN + IP_TOT_LEN_OFF], h[ETH_HLEN + IP_TOT_LEN_OFF + 1]]) as u32;
-    let doff = ((h[t + TCP_DOFF_OFF] >> 4) as u32) * 4;
-    let (seq, ack, flags) = if p.tcp_flags & TCP_ACK != 0 {
-        (be32(t + TCP_ACK_OFF), 0, TCP_RST)
-    } else {
-        let payload = ip_len.saturating_sub(IP_HLEN as u32 + doff);
-        let ctl = (p.tcp_flags & TCP_SYN != 0) as u32 + (p.tcp_flags & TCP_FIN != 0) as u32;
-        (0, be32(t + TCP_SEQ_OFF).wrapping_add(payload + ctl), TCP_RST | TCP_ACK)
-    };
-    let mut out = [0u8; RST_LEN];
-    swapped_macs(h, &mut out);
-    out[12..ETH_HLEN].copy_from_slice(&h[12..ETH_HLEN]);
-    out[ETH_HLEN..t].copy_from_slice(&ip_header(p, PROTO_TCP, IP_HLEN + TCP_HLEN));
-    let mut tcp = [0u8; TCP_HLEN];
-    tcp[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&p.dport.to_ne_bytes());
-    tcp[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&p.sport.to_ne_bytes());
-    tcp[TCP_SEQ_OFF..TCP_SEQ_OFF + 4].copy_from_slice(&seq.to_be_bytes());
-    tcp[TCP_ACK_OFF..TCP_ACK_OFF + 4].copy_from_slice(&ack.to_be_bytes());
-    tcp[TCP_DOFF_OFF] = ((TCP_HLEN / 4) as u8) << 4;
-    tcp[TCP_FLAGS_OFF] = flags;
-    // Pseudo-header: addresses, protocol, TCP length.
-    let (s, d) = (p.daddr.to_ne_bytes(), p.saddr.to_ne_bytes());
-    let pseudo = csum::sum_words(&s) + csum::sum_words(&d) + PROTO_TCP as u32 + TCP_HLEN as u32;
-    let c = !csum::fold(pseudo + csum::sum_words(&tcp));
-    tcp[TCP_CSUM_OFF..TCP_CSUM_OFF + 2].copy_from_slice(&c.to_be_bytes());
-    out[t..].copy_from_slice(&tcp);
-    out
+    let payload = ip_len.saturating_sub(IP_HLEN as u32 + tcp_doff(&h[T..]));
+    // Pseudo-header addresses (swapped: the answer's source is the original's destination).
+    let pseudo = csum::sum_words(&p.daddr.to_ne_bytes()) + csum::sum_words(&p.saddr.to_ne_bytes());
+    eth_back(h, out);
+    ip_header(p, PROTO_TCP, IP_HLEN + TCP_HLEN, at::<ETH_HLEN, IP_HLEN, RST_LEN>(out));
+    rst_tcp(&h[T..], p.tcp_flags, payload, (p.dport, p.sport), pseudo, at::<T, TCP_HLEN, RST_LEN>(out));
 }
 
 /// ICMP port unreachable (RFC 792) answering the UDP datagram whose headers are `h`,
 /// quoting its IPv4 header and UDP header, from the frontend the client addressed.
 #[inline(always)]
-fn port_unreachable_frame(h: &[u8; UDP_QUOTE_LEN], p: &Packet) -> [u8; UNREACH_LEN] {
-    let mut out = [0u8; UNREACH_LEN];
-    swapped_macs(h, &mut out);
-    out[12..ETH_HLEN].copy_from_slice(&h[12..ETH_HLEN]);
-    let icmp_off = ETH_HLEN + IP_HLEN;
-    out[ETH_HLEN..icmp_off].copy_from_slice(&ip_header(p, PROTO_ICMP, UNREACH_LEN - ETH_HLEN));
-    let mut icmp = [0u8; ICMP_HLEN + IP_HLEN + 8];
+fn port_unreachable_frame(h: &[u8; UDP_QUOTE_LEN], p: &Packet, out: &mut [u8; UNREACH_LEN]) {
+    const ICMP_OFF: usize = ETH_HLEN + IP_HLEN;
+    const BODY: usize = ICMP_HLEN + IP_HLEN + UDP_HLEN;
+    eth_back(h, out);
+    ip_header(p, PROTO_ICMP, UNREACH_LEN - ETH_HLEN, at::<ETH_HLEN, IP_HLEN, UNREACH_LEN>(out));
+    let icmp = at::<ICMP_OFF, BODY, UNREACH_LEN>(out);
+    *icmp = [0u8; BODY];
     icmp[0] = ICMP_DEST_UNREACH;
     icmp[1] = ICMP_PORT_UNREACH;
     icmp[ICMP_HLEN..].copy_from_slice(&h[ETH_HLEN..]);
-    let c = !csum::fold(csum::sum_words(&icmp));
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    out[icmp_off..].copy_from_slice(&icmp);
-    out
+    // ICMP (v4) has no pseudo-header.
+    seal(icmp, 0, 2);
+}
+
+// IPv6.
+
+#[inline(always)]
+fn put_addr6(w: Ipv6Words, out: &mut [u8]) {
+    let mut i = 0;
+    while i < 4 {
+        out[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
+        i += 1;
+    }
+}
+
+/// An IPv6 header from the original's destination back to its source; returns the sum of
+/// its addresses for the upper-layer pseudo-header (RFC 8200 8.1).
+#[inline(always)]
+fn ip6_header(p: &Packet<Ipv6Words>, next: u8, plen: usize, ip: &mut [u8; IP6_HLEN]) -> u32 {
+    *ip = [0u8; IP6_HLEN];
+    ip[0] = IPV6_VERSION;
+    ip[IP6_PLEN_OFF..IP6_PLEN_OFF + 2].copy_from_slice(&(plen as u16).to_be_bytes());
+    ip[IP6_NEXT_OFF] = next;
+    ip[IP6_HOP_OFF] = REPLY_TTL;
+    put_addr6(p.daddr, &mut ip[IP6_SRC_OFF..IP6_SRC_OFF + 16]);
+    put_addr6(p.saddr, &mut ip[IP6_DST_OFF..IP6_DST_OFF + 16]);
+    let mut sum = 0;
+    let mut i = 0;
+    while i < 4 {
+        sum += csum::sum_words(&p.saddr[i].to_ne_bytes()) + csum::sum_words(&p.daddr[i].to_ne_bytes());
+        i += 1;
+    }
+    sum
+}
+
+#[inline(always)]
+fn rst_frame6(h: &[u8; RST6_LEN], p: &Packet<Ipv6Words>, out: &mut [u8; RST6_LEN]) {
+    const T: usize = ETH_HLEN + IP6_HLEN;
+    let plen = u16::from_be_bytes([h[ETH_HLEN + IP6_PLEN_OFF], h[ETH_HLEN + IP6_PLEN_OFF + 1]]) as u32;
+    let payload = plen.saturating_sub(tcp_doff(&h[T..]));
+    eth_back(h, out);
+    let pseudo = ip6_header(p, PROTO_TCP, TCP_HLEN, at::<ETH_HLEN, IP6_HLEN, RST6_LEN>(out));
+    rst_tcp(&h[T..], p.tcp_flags, payload, (p.dport, p.sport), pseudo, at::<T, TCP_HLEN, RST6_LEN>(out));
+}
+
+/// ICMPv6 port unreachable (RFC 4443 3.1) quoting the IPv6 and UDP headers of the datagram.
+#[inline(always)]
+fn port_unreachable_frame6(h: &[u8; UDP_QUOTE6_LEN], p: &Packet<Ipv6Words>, out: &mut [u8; UNREACH6_LEN]) {
+    const ICMP_OFF: usize = ETH_HLEN + IP6_HLEN;
+    const BODY: usize = ICMP_HLEN + IP6_HLEN + UDP_HLEN;
+    eth_back(h, out);
+    let pseudo = ip6_header(p, PROTO_ICMP6, BODY, at::<ETH_HLEN, IP6_HLEN, UNREACH6_LEN>(out));
+    let icmp = at::<ICMP_OFF, BODY, UNREACH6_LEN>(out);
+    *icmp = [0u8; BODY];
+    icmp[0] = ICMP6_DEST_UNREACH;
+    icmp[1] = ICMP6_PORT_UNREACH;
+    icmp[ICMP_HLEN..].copy_from_slice(&h[ETH_HLEN..]);
+    seal(icmp, pseudo + BODY as u32 + PROTO_ICMP6 as u32, 2);
+}
+
+// Delivery.
+
+#[inline(always)]
+fn answer_buf() -> Option<&'static mut AnswerBuf> {
+    // SAFETY: a per-CPU map value; only this CPU's running program uses it, and it runs to
+    // completion.
+    ANSWER.get_ptr_mut(0).map(|b| unsafe { &mut *b })
 }
 
 #[inline(always)]
@@ -130,65 +237,102 @@ fn xdp_frame<const N: usize>(ctx: &XdpContext) -> Option<*mut [u8; N]> {
     Some(start as *mut [u8; N])
 }
 
-/// XDP: answer a TCP segment with a reset, in place (`XDP_TX`). Anything else (UDP, a RST,
-/// IP options) is dropped: an ICMP error would need the frame to grow, which generic XDP on
-/// a veth does not reliably allow.
+/// XDP: replace the frame with the `N`-byte answer `build` makes of its first `N` bytes,
+/// and send it back out (`XDP_TX`).
 #[inline(always)]
-pub fn tcp_reset(ctx: &XdpContext, p: &Packet) -> u32 {
-    if p.proto != PROTO_TCP || p.tcp_flags & TCP_RST != 0 || !plain(p) {
-        return xdp_action::XDP_DROP;
-    }
-    let Some(hdr) = xdp_frame::<RST_LEN>(ctx) else {
+fn xdp_answer<const N: usize>(ctx: &XdpContext, build: impl FnOnce(&[u8; N], &mut [u8; N])) -> u32 {
+    let (Some(hdr), Some(buf)) = (xdp_frame::<N>(ctx), answer_buf()) else {
         return xdp_action::XDP_DROP;
     };
-    // SAFETY: the whole Ethernet + IPv4 + TCP header block is within bounds.
-    let rst = rst_frame(unsafe { &*hdr }, p);
+    let out = at::<0, N, ANSWER_MAX>(&mut buf.out);
+    // SAFETY: the whole header block is within bounds.
+    build(unsafe { &*hdr }, out);
     // Shrink the whole frame, fragments included: shrinking by only the linear part would
-    // leave the original's trailing bytes behind the reset.
+    // leave the original's trailing bytes behind the answer.
     // SAFETY: helpers on our own context; the pointer is re-derived below.
     let shrunk = unsafe {
         let len = bpf_xdp_get_buff_len(ctx.ctx) as i32;
-        len <= RST_LEN as i32 || bpf_xdp_adjust_tail(ctx.ctx, RST_LEN as i32 - len) == 0
+        len <= N as i32 || bpf_xdp_adjust_tail(ctx.ctx, N as i32 - len) == 0
     };
-    let Some(hdr) = xdp_frame::<RST_LEN>(ctx).filter(|_| shrunk) else {
+    let Some(hdr) = xdp_frame::<N>(ctx).filter(|_| shrunk) else {
         return xdp_action::XDP_DROP;
     };
     // SAFETY: bounds checked just above.
-    unsafe { *hdr = rst };
+    unsafe { *hdr = *out };
     xdp_action::XDP_TX
 }
 
-/// Resize the skb to exactly `N` bytes and write `frame` over it.
+/// XDP: answer a TCP segment with a reset, in place. Anything else (UDP, a RST, IP options
+/// or IPv6 extension headers) is dropped: an ICMP error would need the frame to grow, which
+/// generic XDP on a veth does not reliably allow.
 #[inline(always)]
-fn tc_write<const N: usize>(ctx: &TcContext, frame: &[u8; N]) -> Result<(), i64> {
-    // SAFETY: helper on our own context; later accesses go through ctx helpers.
-    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, N as u32, 0) };
+pub fn xdp_reset(ctx: &XdpContext, p: &Packet) -> u32 {
+    if p.proto != PROTO_TCP || p.tcp_flags & TCP_RST != 0 || p.l4_off != ETH_HLEN + IP_HLEN {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_answer::<RST_LEN>(ctx, |h, out| rst_frame(h, p, out))
+}
+
+/// `xdp_reset` for IPv6; a function of its own so it does not add to the caller's frame.
+#[inline(never)]
+pub fn xdp_reset6(ctx: &XdpContext, p: &Packet<Ipv6Words>) -> u32 {
+    if p.proto != PROTO_TCP || p.tcp_flags & TCP_RST != 0 || p.l4_off != ETH_HLEN + IP6_HLEN {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_answer::<RST6_LEN>(ctx, |h, out| rst_frame6(h, p, out))
+}
+
+/// TC: resize the skb to the answer `build` makes of its first `N` bytes and send it
+/// straight back into the pod (egress of the veth it came from), so `connect()` fails at
+/// once with ECONNREFUSED like against kube-proxy's REJECT.
+#[inline(always)]
+fn tc_answer<const N: usize, const M: usize>(
+    ctx: &TcContext,
+    build: impl FnOnce(&[u8; N], &mut [u8; M]),
+) -> Result<i32, i64> {
+    let buf = answer_buf().ok_or(0)?;
+    let orig = at::<0, N, ANSWER_MAX>(&mut buf.orig);
+    // SAFETY: helper on our own context, writing `N` bytes into the buffer it points at.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, orig.as_mut_ptr() as *mut _, N as u32) };
     if rc != 0 {
         return Err(rc);
     }
-    ctx.store(0, frame, 0)
+    let out = at::<0, M, ANSWER_MAX>(&mut buf.out);
+    build(orig, out);
+    // SAFETY: helper on our own context; later accesses go through ctx helpers.
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, M as u32, 0) };
+    if rc != 0 {
+        return Err(rc);
+    }
+    ctx.store(0, out, 0)?;
+    // SAFETY: reading the context field and calling a helper without preconditions.
+    Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 })
 }
 
-/// TC (pod side): answer a pod's TCP segment with a reset, or its UDP datagram with an ICMP
-/// port unreachable, and send the answer straight back into the pod (egress of the veth it
-/// came from), so `connect()` fails at once with ECONNREFUSED like against kube-proxy's
-/// REJECT. A RST, other protocols and IP options are dropped (`Err`).
+/// TC (pod side): a reset for TCP, an ICMP port unreachable for UDP. A RST, other protocols
+/// and IP options are not answered (`Err`, the caller drops).
 #[inline(always)]
 pub fn tc_reject(ctx: &TcContext, p: &Packet) -> Result<i32, i64> {
-    if !plain(p) {
+    if p.l4_off != ETH_HLEN + IP_HLEN {
         return Err(0);
     }
     match p.proto {
-        PROTO_TCP if p.tcp_flags & TCP_RST == 0 => {
-            let h = ctx.load::<[u8; RST_LEN]>(0)?;
-            tc_write(ctx, &rst_frame(&h, p))?;
-        }
-        PROTO_UDP => {
-            let h = ctx.load::<[u8; UDP_QUOTE_LEN]>(0)?;
-            tc_write(ctx, &port_unreachable_frame(&h, p))?;
-        }
-        _ => return Err(0),
+        PROTO_TCP if p.tcp_flags & TCP_RST == 0 => tc_answer::<RST_LEN, RST_LEN>(ctx, |h, o| rst_frame(h, p, o)),
+        PROTO_UDP => tc_answer::<UDP_QUOTE_LEN, UNREACH_LEN>(ctx, |h, o| port_unreachable_frame(h, p, o)),
+        _ => Err(0),
     }
-    // SAFETY: reading the context field and calling a helper without preconditions.
-    Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 })
+}
+
+/// `tc_reject` for IPv6 (segments without extension headers); a function of its own, see
+/// `xdp_reset6`.
+#[inline(never)]
+pub fn tc_reject6(ctx: &TcContext, p: &Packet<Ipv6Words>) -> Result<i32, i64> {
+    if p.l4_off != ETH_HLEN + IP6_HLEN {
+        return Err(0);
+    }
+    match p.proto {
+        PROTO_TCP if p.tcp_flags & TCP_RST == 0 => tc_answer::<RST6_LEN, RST6_LEN>(ctx, |h, o| rst_frame6(h, p, o)),
+        PROTO_UDP => tc_answer::<UDP_QUOTE6_LEN, UNREACH6_LEN>(ctx, |h, o| port_unreachable_frame6(h, p, o)),
+        _ => Err(0),
+    }
 }

@@ -17,17 +17,21 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use proxy_common::{PROTO_UDP, Verdict};
+use proxy_common::{Ipv6Words, PROTO_UDP, Verdict};
 
 use crate::{
-    family::{Family, V4},
-    parse::{self, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet},
+    ct::CtWork,
+    family::{Family, V4, V6},
+    parse::{
+        self, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
+    },
     pipeline::{self, Action, Decision, Hook, Nat},
     reject, stats,
 };
 
-/// Headers we may need in the linear area: Ethernet + IPv4 with options + TCP.
-const MAX_HDR: u32 = 14 + 60 + 20;
+/// Headers we may need in the linear area: Ethernet + IPv6 with a few extension headers
+/// (or IPv4 with options) + TCP.
+const MAX_HDR: u32 = 14 + 40 + 64 + 20;
 /// The Ethernet addresses (destination, source) at the start of the frame.
 const MACS_LEN: usize = 12;
 
@@ -46,7 +50,8 @@ fn parse_ctx<F: Family>(ctx: &TcContext) -> Result<Packet<F::Addr>, Verdict> {
 }
 
 /// How an address is rewritten in each family: where it sits in the IP header, and which
-/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header).
+/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header; IPv6: only the
+/// L4 pseudo-header, one 32-bit word at a time).
 trait TcFamily: Family {
     const SRC_OFF: usize;
     const DST_OFF: usize;
@@ -85,6 +90,36 @@ impl TcFamily for V4 {
             ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
         }
         ctx.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)?;
+        ctx.store(p.l3_off + off, &new, 0)
+    }
+}
+
+impl TcFamily for V6 {
+    const SRC_OFF: usize = IP6_SRC_OFF;
+    const DST_OFF: usize = IP6_DST_OFF;
+    #[inline(always)]
+    fn reject(ctx: &TcContext, p: &Packet<Ipv6Words>) -> Result<i32, i64> {
+        reject::tc_reject6(ctx, p)
+    }
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        p: &Packet<Ipv6Words>,
+        off: usize,
+        old: Ipv6Words,
+        new: Ipv6Words,
+        csum: Option<usize>,
+        mangled: u64,
+    ) -> Result<(), i64> {
+        if let Some(csum) = csum {
+            let mut i = 0;
+            while i < 4 {
+                if old[i] != new[i] {
+                    ctx.l4_csum_replace(csum, old[i] as u64, new[i] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+                }
+                i += 1;
+            }
+        }
         ctx.store(p.l3_off + off, &new, 0)
     }
 }
@@ -157,27 +192,72 @@ fn apply<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr
     }
 }
 
-/// Parse, decide, apply, count once (here, for every packet of the family; a frame of no
-/// family we handle is counted by `run`).
-#[inline(always)]
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of
+/// neither family is counted by `run`). Returning only the action keeps the caller's frame
+/// empty: the verifier adds up the frames of a call chain.
+#[inline(never)]
 fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
     let len = ctx.len();
-    let (ret, verdict, svc_id) = match parse_ctx::<F>(ctx) {
+    let (ret, verdict, svc_id) = if F::OUTLINE { staged::<F>(ctx, reply) } else { inlined::<F>(ctx, reply) };
+    stats::count(verdict, svc_id, len);
+    ret
+}
+
+#[inline(always)]
+fn decide<F: Family>(p: &Packet<F::Addr>, reply: bool, ct: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    if reply { pipeline::decide_reply::<F>(p, ct) } else { pipeline::decide::<F>(p, Hook::Pod, ct) }
+}
+
+/// IPv4: the steps inlined into one function, their state on its stack.
+#[inline(always)]
+fn inlined<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
+    let mut ct = CtWork::default();
+    match parse_ctx::<F>(ctx) {
         Ok(p) => {
-            let d = if reply { pipeline::decide_reply::<F>(&p) } else { pipeline::decide::<F>(&p, Hook::Pod) };
+            let d = decide::<F>(&p, reply, &mut ct);
             let (ret, verdict) = apply::<F>(ctx, &p, &d);
             (ret, verdict, d.svc_id)
         }
         Err(v) => (TC_ACT_UNSPEC, v, 0),
+    }
+}
+
+/// IPv6: each step a BPF function of its own, their state in the per-CPU `Work` (see
+/// `Family::OUTLINE`), so only one step's frame is on the stack at a time.
+#[inline(always)]
+fn staged<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
+    let Some(w) = pipeline::work::<F>() else {
+        return (TC_ACT_UNSPEC, Verdict::Error, 0);
     };
-    stats::count(verdict, svc_id, len);
-    ret
+    if let Err(v) = parse_step::<F>(ctx, &mut w.p) {
+        return (TC_ACT_UNSPEC, v, 0);
+    }
+    decide_step::<F>(&w.p, reply, &mut w.ct, &mut w.d);
+    let (ret, verdict) = apply_step::<F>(ctx, &w.p, &w.d);
+    (ret, verdict, w.d.svc_id)
+}
+
+#[inline(never)]
+fn parse_step<F: TcFamily>(ctx: &TcContext, out: &mut Packet<F::Addr>) -> Result<(), Verdict> {
+    *out = parse_ctx::<F>(ctx)?;
+    Ok(())
+}
+
+#[inline(never)]
+fn decide_step<F: TcFamily>(p: &Packet<F::Addr>, reply: bool, ct: &mut CtWork<F::Addr>, out: &mut Decision<F::Addr>) {
+    *out = decide::<F>(p, reply, ct);
+}
+
+#[inline(never)]
+fn apply_step<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (i32, Verdict) {
+    apply::<F>(ctx, p, d)
 }
 
 #[inline(always)]
 fn run(ctx: &TcContext, reply: bool) -> i32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
         Ok(L3::V4) => handle::<V4>(ctx, reply),
+        Ok(L3::V6) => handle::<V6>(ctx, reply),
         Err(v) => {
             stats::count(v, 0, ctx.len());
             TC_ACT_UNSPEC

@@ -21,16 +21,17 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_get_buff_len},
     programs::XdpContext,
 };
-use proxy_common::{NeighKey, PROTO_UDP, Verdict};
+use proxy_common::{Ipv6Words, NeighKey, PROTO_UDP, Verdict};
 
 use crate::{
     csum,
-    family::{Family, V4},
+    ct::CtWork,
+    family::{Family, V4, V6},
     parse::{
-        self, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, L3,
-        L4_DPORT_OFF, L4_SPORT_OFF, Packet,
+        self, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
+        IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
     },
-    pipeline::{self, Action, Hook, Nat},
+    pipeline::{self, Action, Decision, Hook, Nat},
     reject, stats,
 };
 
@@ -126,7 +127,59 @@ impl XdpFamily for V4 {
     }
     #[inline(always)]
     fn reset(ctx: &XdpContext, p: &Packet<u32>) -> u32 {
-        reject::tcp_reset(ctx, p)
+        reject::xdp_reset(ctx, p)
+    }
+}
+
+impl XdpFamily for V6 {
+    const IP_HLEN: usize = IP6_HLEN;
+    #[inline(always)]
+    fn nat_l3(ctx: &XdpContext, p: &Packet<Ipv6Words>, n: &Nat<Ipv6Words>) -> Result<(), ()> {
+        let ip = ptr_mut::<[u8; IP6_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
+        // SAFETY: within the IPv6 header checked above (no header checksum in IPv6).
+        unsafe {
+            if n.saddr != p.saddr {
+                (ip.add(IP6_SRC_OFF) as *mut Ipv6Words).write_unaligned(n.saddr);
+            }
+            if n.daddr != p.daddr {
+                (ip.add(IP6_DST_OFF) as *mut Ipv6Words).write_unaligned(n.daddr);
+            }
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn csum_addr(mut c: u16, old: Ipv6Words, new: Ipv6Words) -> u16 {
+        let mut i = 0;
+        while i < 4 {
+            c = csum::replace4(c, old[i], new[i]);
+            i += 1;
+        }
+        c
+    }
+    #[inline(always)]
+    unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<Ipv6Words>) -> u8 {
+        // SAFETY: the caller guarantees a complete IPv6 header; writing union members.
+        unsafe {
+            fib.__bindgen_anon_1.tot_len =
+                u16::from_be((ip.add(IP6_PLEN_OFF) as *const u16).read_unaligned()) + IP6_HLEN as u16;
+            fib.__bindgen_anon_3.ipv6_src = n.saddr;
+            fib.__bindgen_anon_4.ipv6_dst = n.daddr;
+            *ip.add(IP6_HOP_OFF)
+        }
+    }
+    #[inline(always)]
+    unsafe fn dec_ttl(ip: *mut u8, ttl: u8) {
+        // SAFETY: the caller guarantees a complete, writable IPv6 header.
+        unsafe { *ip.add(IP6_HOP_OFF) = ttl - 1 };
+    }
+    #[inline(always)]
+    fn fib_next_hop(fib: &FibParams) -> Ipv6Words {
+        // SAFETY: reading the union member the kernel wrote for AF_INET6.
+        unsafe { fib.__bindgen_anon_4.ipv6_dst }
+    }
+    #[inline(always)]
+    fn reset(ctx: &XdpContext, p: &Packet<Ipv6Words>) -> u32 {
+        reject::xdp_reset6(ctx, p)
     }
 }
 
@@ -246,21 +299,67 @@ fn frame_len(ctx: &XdpContext) -> usize {
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
-/// Parse, decide, apply, count once (here, for every packet of the family; a frame of no
-/// family we handle is counted by `from_uplink`).
-#[inline(always)]
+/// Parse, decide, apply, count once (here, for every packet of the family; a frame of
+/// neither family is counted by `from_uplink`). Not inlined: each family gets its own BPF
+/// function and stack frame, and returning only the action keeps the caller's frame empty
+/// (the verifier adds up the frames of a call chain, 512 bytes at most).
+#[inline(never)]
 fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    let p = match F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
-        Ok(p) => p,
-        Err(v) => {
-            stats::count(v, 0, len);
-            return xdp_action::XDP_PASS;
+    let (ret, verdict, svc_id) = if F::OUTLINE { staged::<F>(ctx) } else { inlined::<F>(ctx) };
+    stats::count(verdict, svc_id, len);
+    ret
+}
+
+/// IPv4: the steps inlined into one function, their state on its stack.
+#[inline(always)]
+fn inlined<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
+    let mut ct = CtWork::default();
+    match F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
+        Ok(p) => {
+            let d = pipeline::decide::<F>(&p, Hook::Uplink, &mut ct);
+            let (ret, verdict) = apply::<F>(ctx, &p, &d);
+            (ret, verdict, d.svc_id)
         }
+        Err(v) => (xdp_action::XDP_PASS, v, 0),
+    }
+}
+
+/// IPv6: each step a BPF function of its own, their state in the per-CPU `Work` (see
+/// `Family::OUTLINE`), so only one step's frame is on the stack at a time.
+#[inline(always)]
+fn staged<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
+    let Some(w) = pipeline::work::<F>() else {
+        return (xdp_action::XDP_PASS, Verdict::Error, 0);
     };
-    let p = &p;
-    let d = pipeline::decide::<F>(p, Hook::Uplink);
-    let (ret, verdict) = match d.action {
+    if let Err(v) = parse_step::<F>(ctx, &mut w.p) {
+        return (xdp_action::XDP_PASS, v, 0);
+    }
+    decide_step::<F>(&w.p, &mut w.ct, &mut w.d);
+    let (ret, verdict) = apply_step::<F>(ctx, &w.p, &w.d);
+    (ret, verdict, w.d.svc_id)
+}
+
+#[inline(never)]
+fn parse_step<F: XdpFamily>(ctx: &XdpContext, out: &mut Packet<F::Addr>) -> Result<(), Verdict> {
+    *out = F::parse(ctx.data(), ctx.data_end(), frame_len(ctx))?;
+    Ok(())
+}
+
+#[inline(never)]
+fn decide_step<F: XdpFamily>(p: &Packet<F::Addr>, ct: &mut CtWork<F::Addr>, out: &mut Decision<F::Addr>) {
+    *out = pipeline::decide::<F>(p, Hook::Uplink, ct);
+}
+
+#[inline(never)]
+fn apply_step<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (u32, Verdict) {
+    apply::<F>(ctx, p, d)
+}
+
+/// Carry out a decision; a failed rewrite or forward turns into a counted drop.
+#[inline(always)]
+fn apply<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (u32, Verdict) {
+    match d.action {
         Action::Pass => (xdp_action::XDP_PASS, d.verdict),
         Action::Drop => (xdp_action::XDP_DROP, d.verdict),
         Action::Reject => (F::reset(ctx, p), d.verdict),
@@ -275,14 +374,13 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
         },
         // Only TC bounces.
         Action::Bounce => (xdp_action::XDP_DROP, Verdict::Error),
-    };
-    stats::count(verdict, d.svc_id, len);
-    ret
+    }
 }
 
 pub fn from_uplink(ctx: &XdpContext) -> u32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
         Ok(L3::V4) => handle::<V4>(ctx),
+        Ok(L3::V6) => handle::<V6>(ctx),
         Err(v) => {
             stats::count(v, 0, (ctx.data_end() - ctx.data()) as u32);
             xdp_action::XDP_PASS

@@ -1,8 +1,7 @@
 //! Client side of the netns tests: run inside a pod namespace via `Netns::run`.
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
-    os::fd::FromRawFd,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -56,7 +55,7 @@ impl Held {
     }
 
     /// Ask the server who it is and where it sees the connection coming from.
-    pub fn who(&mut self) -> Result<(String, Ipv4Addr)> {
+    pub fn who(&mut self) -> Result<(String, IpAddr)> {
         self.reader.get_mut().write_all(b"who\n")?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
@@ -72,51 +71,18 @@ impl Held {
     }
 }
 
-/// TCP connect from `src` (bound, any port) to `addr`, failing after `timeout`. std cannot
-/// bind before connecting; Linux's connect() honours SO_SNDTIMEO.
+/// TCP connect from `src` (bound, any port) to `addr`, failing after `timeout`.
 pub fn connect_from(src: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-    fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-        libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
-            sin_zero: [0; 8],
-        }
-    }
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on an fd we own; on success the fd moves into TcpStream,
-    // on failure it is closed.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let fail = |what: &str| -> anyhow::Error {
-            let e = std::io::Error::last_os_error();
-            libc::close(fd);
-            anyhow::anyhow!("{what} {src} -> {addr}: {e}")
-        };
-        let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
-        if libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of_val(&tv) as _,
-        ) != 0
-        {
-            return Err(fail("SO_SNDTIMEO"));
-        }
-        let local = sockaddr(SocketAddrV4::new(src, 0));
-        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0 {
-            return Err(fail("bind"));
-        }
-        let remote = sockaddr(addr);
-        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0 {
-            return Err(fail("connect"));
-        }
-        Ok(TcpStream::from_raw_fd(fd))
-    }
+    connect_from_any(src.into(), addr.into(), timeout)
+}
+
+/// [`connect_from`] for either family.
+pub fn connect_from_any(src: IpAddr, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).context("socket")?;
+    s.bind(&SocketAddr::new(src, 0).into()).with_context(|| format!("bind {src}"))?;
+    s.connect_timeout(&addr.into(), timeout).with_context(|| format!("connect {src} -> {addr}"))?;
+    Ok(s.into())
 }
 
 /// Like [`tcp_name`], from a given source address.
@@ -126,7 +92,7 @@ pub fn tcp_name_from(src: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Re
 
 /// Send one UDP datagram from a fresh socket; returns (answer, source address of the reply).
 pub fn udp_name(addr: SocketAddr) -> Result<(String, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let s = UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.send_to(b"who", addr)?;
     let mut buf = [0u8; 256];

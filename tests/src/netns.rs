@@ -7,7 +7,7 @@
 //! that pod's host-side veth (`veth<i>`, matching the agent's default pattern).
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, FromRawFd, OwnedFd},
     process::{Child, Command, Stdio},
     thread,
@@ -98,6 +98,8 @@ pub struct Pod {
     pub ns: Netns,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, in dual-stack topologies.
+    pub ip6: Option<Ipv6Addr>,
     /// Host-side interface in the node namespace.
     pub host_if: String,
 }
@@ -116,7 +118,33 @@ fn wire_pod(node: &Netns, index: usize, name: &str, addr: Ipv4Addr) -> Result<Po
     ns.ip(&["route", "add", &GATEWAY.to_string(), "dev", "eth0", "scope", "link"])?;
     ns.ip(&["route", "add", "default", "via", &GATEWAY.to_string(), "dev", "eth0"])?;
     node.ip(&["route", "add", &format!("{a}/32"), "dev", &host_if, "src", &GATEWAY.to_string()])?;
-    Ok(Pod { ns, name: name.to_string(), ip: addr, host_if })
+    Ok(Pod { ns, name: name.to_string(), ip: addr, ip6: None, host_if })
+}
+
+/// The link-local gateway every dual-stack pod's IPv6 default route points at, on each
+/// host-side veth (as Calico and Cilium do with their link-local gateways).
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// Turn off duplicate address detection in `ns`, so addresses are usable at once.
+fn no_dad(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
+}
+
+/// [`wire_pod`] plus an IPv6 /128 with a default route via [`GATEWAY6`]; the pod sets
+/// `bindv6only` so its servers see IPv4 peers as IPv4.
+fn wire_pod_dual(node: &Netns, index: usize, name: &str, addr: Ipv4Addr, addr6: Ipv6Addr) -> Result<Pod> {
+    let mut pod = wire_pod(node, index, name, addr)?;
+    let a6 = format!("{addr6}/128");
+    no_dad(&pod.ns)?;
+    pod.ns.sysctl("net.ipv6.bindv6only", "1")?;
+    node.sysctl(&format!("net.ipv6.conf.{}.accept_dad", pod.host_if), "0")?;
+    node.ip(&["-6", "addr", "add", &format!("{GATEWAY6}/64"), "dev", &pod.host_if, "nodad"])?;
+    pod.ns.ip(&["-6", "addr", "add", &a6, "dev", "eth0", "nodad"])?;
+    pod.ns.ip(&["-6", "route", "add", "default", "via", &GATEWAY6.to_string(), "dev", "eth0"])?;
+    node.ip(&["-6", "route", "add", &a6, "dev", &pod.host_if])?;
+    pod.ip6 = Some(addr6);
+    Ok(pod)
 }
 
 /// One node namespace with `n` routed pods.
@@ -136,6 +164,25 @@ impl Topology {
         let mut topo = Topology { node, pods: Vec::new(), children: Vec::new() };
         for i in 0..n {
             topo.add_pod(&format!("pod{i}"), Ipv4Addr::new(10, 244, subnet, 10 + i as u8))?;
+        }
+        Ok(topo)
+    }
+
+    /// Dual-stack pods: 10.244.<subnet>.<10+i> and fd00:10:244:<subnet>::<10+i>, the node
+    /// forwarding both families.
+    pub fn dual_stack(n: usize, subnet: u8) -> Result<Self> {
+        let node = Netns::new("epn-node-")?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        no_dad(&node)?;
+        let mut topo = Topology { node, pods: Vec::new(), children: Vec::new() };
+        for i in 0..n {
+            let host = 10 + i as u16;
+            let v6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, subnet.into(), 0, 0, 0, host);
+            let pod = wire_pod_dual(&topo.node, i, &format!("pod{i}"), Ipv4Addr::new(10, 244, subnet, host as u8), v6)?;
+            topo.pods.push(pod);
         }
         Ok(topo)
     }
@@ -289,11 +336,26 @@ pub fn pod_cidr(i: usize) -> String {
     format!("10.244.{}.0/24", i + 1)
 }
 
+/// IPv6 of a dual-stack [`Cluster`]: the underlay is fd00:100::/64, the client holds
+/// ::100 and ::101, node `i` ::<i+1>, its pods fd00:10:244:<i+1>::<10+k>.
+pub const CLIENT_IPS6: [Ipv6Addr; 2] =
+    [Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x100), Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0x101)];
+
+pub fn node_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, i as u16 + 1)
+}
+
+pub fn pod_cidr6(i: usize) -> String {
+    format!("fd00:10:244:{}::/64", i + 1)
+}
+
 pub struct ClusterNode {
     pub ns: Netns,
     /// Kubernetes node name: `node<i+1>`.
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The node's IPv6 address, in a dual-stack cluster.
+    pub ip6: Option<Ipv6Addr>,
     /// Uplink interface in the node namespace (`eth0`).
     pub uplink: String,
     /// Pods `n<i+1>p<k>` at 10.244.<i+1>.<10+k>.
@@ -333,6 +395,15 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        Self::build(nodes, pods_per_node, false)
+    }
+
+    /// The same layout with IPv6 as well: see [`CLIENT_IPS6`], [`node_ip6`], [`pod_cidr6`].
+    pub fn dual_stack(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        Self::build(nodes, pods_per_node, true)
+    }
+
+    fn build(nodes: usize, pods_per_node: usize, dual: bool) -> Result<Self> {
         let underlay = Netns::new("epc-ul-")?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
@@ -345,9 +416,17 @@ impl Cluster {
             ns.ip(&["link", "set", "eth0", "up"])?;
             ethtool_set(ns, "eth0", ETHTOOL_STXCSUM, false)
         }
+        if dual {
+            no_dad(&client)?;
+        }
         plug(&underlay, "c0", &client)?;
         for ip in CLIENT_IPS {
             client.ip(&["addr", "add", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"), "dev", "eth0"])?;
+        }
+        if dual {
+            for ip in CLIENT_IPS6 {
+                client.ip(&["-6", "addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"])?;
+            }
         }
         let mut cluster = Cluster { underlay, client, nodes: Vec::new(), children: Vec::new(), _peer_xdp: Vec::new() };
         for i in 0..nodes {
@@ -355,6 +434,10 @@ impl Cluster {
             ns.sysctl("net.ipv4.ip_forward", "1")?;
             ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
             ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            if dual {
+                ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+                no_dad(&ns)?;
+            }
             let port = format!("n{}", i + 1);
             plug(&cluster.underlay, &port, &ns)?;
             ethtool_set(&cluster.underlay, &port, ETHTOOL_SGRO, true)?;
@@ -365,12 +448,32 @@ impl Cluster {
             for j in (0..nodes).filter(|j| *j != i) {
                 ns.ip(&["route", "add", &pod_cidr(j), "via", &node_ip(j).to_string(), "dev", "eth0"])?;
             }
+            let ip6 = dual.then(|| node_ip6(i));
+            if let Some(ip6) = ip6 {
+                ns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+                for j in (0..nodes).filter(|j| *j != i) {
+                    ns.ip(&["-6", "route", "add", &pod_cidr6(j), "via", &node_ip6(j).to_string(), "dev", "eth0"])?;
+                }
+            }
             let mut pods = Vec::new();
             for k in 0..pods_per_node {
                 let name = format!("n{}p{k}", i + 1);
-                pods.push(wire_pod(&ns, k, &name, Ipv4Addr::new(10, 244, i as u8 + 1, 10 + k as u8))?);
+                let v4 = Ipv4Addr::new(10, 244, i as u8 + 1, 10 + k as u8);
+                pods.push(if dual {
+                    let v6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, i as u16 + 1, 0, 0, 0, 10 + k as u16);
+                    wire_pod_dual(&ns, k, &name, v4, v6)?
+                } else {
+                    wire_pod(&ns, k, &name, v4)?
+                });
             }
-            cluster.nodes.push(ClusterNode { ns, name: format!("node{}", i + 1), ip, uplink: "eth0".into(), pods });
+            cluster.nodes.push(ClusterNode {
+                ns,
+                name: format!("node{}", i + 1),
+                ip,
+                ip6,
+                uplink: "eth0".into(),
+                pods,
+            });
         }
         Ok(cluster)
     }
@@ -379,6 +482,11 @@ impl Cluster {
     /// router in front of the cluster would.
     pub fn client_route(&self, prefix: &str, i: usize) -> Result<()> {
         self.client.ip(&["route", "replace", prefix, "via", &node_ip(i).to_string(), "dev", "eth0"]).map(|_| ())
+    }
+
+    /// [`Self::client_route`] for an IPv6 prefix, via node `i`'s IPv6 address.
+    pub fn client_route6(&self, prefix: &str, i: usize) -> Result<()> {
+        self.client.ip(&["-6", "route", "replace", prefix, "via", &node_ip6(i).to_string(), "dev", "eth0"]).map(|_| ())
     }
 
     /// Start `proxy-podserver` in every pod on `port`, answering with the pod's name.

@@ -191,7 +191,7 @@ fn non_service_and_malformed_frames_pass_untouched() {
         ("other port", other_port, verdict::PASS),
         ("UDP to a TCP-only service", udp_to_tcp_service, verdict::PASS),
         ("ARP", arp, verdict::NOT_IP),
-        ("IPv6", ipv6, verdict::NOT_IP),
+        ("IPv6 with payload length 0 (a jumbogram)", ipv6, verdict::MALFORMED),
         ("truncated TCP header", truncated, verdict::MALFORMED),
         ("first fragment", fragment, verdict::FRAGMENT),
         ("later fragment", later_fragment, verdict::FRAGMENT),

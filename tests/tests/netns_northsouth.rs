@@ -412,7 +412,7 @@ fn hairpin_pod_reaches_itself() {
             .unwrap_or_else(|e| panic!("{addr}: {e}"));
         assert_eq!(name, "n1p0");
         let (name, peer) = pod.ns.run(|| Held::open(addr).and_then(|mut h| h.who())).expect("who");
-        assert_eq!((name.as_str(), peer), ("n1p0", HAIRPIN), "via {addr}");
+        assert_eq!((name.as_str(), peer), ("n1p0", HAIRPIN.into()), "via {addr}");
     }
 }
 

@@ -1,7 +1,9 @@
 //! A tiny pod: answers with its name over TCP (one line per line received, plus one on
 //! connect) and UDP (one datagram per datagram). A TCP line "who" is answered with
 //! "<name> <peer-ip>": the address the pod sees the connection coming from (client IP
-//! preserved, or SNATed). Runs until killed.
+//! preserved, or SNATed). Serves IPv4, and IPv6 too where the pod has it (separate sockets:
+//! dual-stack test pods set `net.ipv6.bindv6only`, so v4 peers are seen as plain IPv4).
+//! Runs until killed.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{TcpListener, UdpSocket},
@@ -23,14 +25,29 @@ fn main() -> std::io::Result<()> {
         }
     }
     let udp = UdpSocket::bind(("0.0.0.0", port))?;
-    let udp_name = name.clone();
-    thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((_, from)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(udp_name.as_bytes(), from);
-        }
-    });
+    // IPv6 where the pod has it: failing here (no IPv6, or a v4-only pod whose [::] socket
+    // would also claim IPv4) just means IPv4 only.
+    let udp6 = UdpSocket::bind(("::", port)).ok();
+    for sock in std::iter::once(udp).chain(udp6) {
+        let udp_name = name.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(udp_name.as_bytes(), from);
+            }
+        });
+    }
+    // IPv4 bound first, so an [::] socket can never take IPv4's place.
     let tcp = TcpListener::bind(("0.0.0.0", port))?;
+    if let Ok(tcp6) = TcpListener::bind(("::", port)) {
+        let name = name.clone();
+        thread::spawn(move || serve_tcp(tcp6, name));
+    }
+    serve_tcp(tcp, name);
+    Ok(())
+}
+
+fn serve_tcp(tcp: TcpListener, name: String) {
     for conn in tcp.incoming() {
         let Ok(mut conn) = conn else { continue };
         let name = name.clone();
@@ -53,5 +70,4 @@ fn main() -> std::io::Result<()> {
             }
         });
     }
-    Ok(())
 }
