@@ -1495,7 +1495,8 @@ mod tests {
     /// `MapCIDRsByIPFamily` leaves that proxier no ranges, so it writes no firewall chain).
     #[test]
     fn source_ranges_constrain_their_own_family_only() {
-        let rows: [(&str, Value, Vec<(&str, u8)>, Vec<(&str, u8)>); 3] = [
+        type Ranges<'a> = Vec<(&'a str, u8)>;
+        let rows: [(&str, Value, Ranges, Ranges); 3] = [
             ("both", json!(["10.0.0.0/8", "2001:db8::/32"]), vec![("10.0.0.0", 8)], vec![("2001:db8::", 32)]),
             ("IPv6 only", json!(["2001:db8::5/32"]), vec![], vec![("2001:db8::", 32)]),
             ("IPv4 only", json!(["10.0.0.0/8"]), vec![("10.0.0.0", 8)], vec![]),
