@@ -604,7 +604,11 @@ fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
 
     let external_ips = of_families(external_ips(spec, &mut notes), &families, "externalIP", &mut notes);
     let (lb_ips, source_ranges) = if svc_type == ServiceType::LoadBalancer {
-        let lb_ips = of_families(ingress_ips(svc, &mut notes), &families, "loadBalancer ingress IP", &mut notes);
+        // Ingress IPs of another family are dropped silently: a proxying load balancer may
+        // front a Service of one family with an IP of the other, which upstream expects
+        // and ignores ("irrelevant to kube-proxy").
+        let lb_ips =
+            ingress_ips(svc, &mut notes).into_iter().filter(|ip| families.contains(&IpFamily::of(*ip))).collect();
         (lb_ips, source_ranges(svc, spec, &mut notes))
     } else {
         (Vec::new(), Vec::new())
@@ -1468,9 +1472,11 @@ mod tests {
         assert_warnings(&warnings, &[]);
     }
 
-    /// Rule: an externalIP or ingress IP of a family the Service has no clusterIP of is
-    /// served nowhere (neither upstream proxier takes it); we say so, naming the Service.
-    /// Source ranges of that family are dropped silently: templates list both families.
+    /// Rule: an externalIP of a family the Service has no clusterIP of is served nowhere
+    /// (neither upstream proxier takes it); we say so, naming the Service. Ingress IPs and
+    /// source ranges of that family are dropped silently: a proxying load balancer may use
+    /// an IP of the other family (upstream: "irrelevant to kube-proxy"), and templates list
+    /// ranges of both families.
     #[test]
     fn addresses_of_a_family_the_service_lacks_are_warned() {
         let service = svc_full(
@@ -1483,10 +1489,7 @@ mod tests {
             &[service],
             &[],
             vec![web_cluster_ip(vec![])],
-            &[
-                ("Service", "default/web", "externalIP 2001:db8::1 is IPv6 but the service has no IPv6 clusterIP"),
-                ("Service", "default/web", "loadBalancer ingress IP 2001:db8:ff::1 is IPv6"),
-            ],
+            &[("Service", "default/web", "externalIP 2001:db8::1 is IPv6 but the service has no IPv6 clusterIP")],
         );
     }
 
