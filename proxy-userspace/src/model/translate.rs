@@ -2379,6 +2379,8 @@ mod tests {
             svc("a", json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]})),
             svc("b", json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"], "ports": [{"port": 0}]})),
             svc("c", json!({"clusterIP": "10.96.0.3", "externalIPs": ["203.0.113.1", "x"]})),
+            // Dual-stack, with slices of both families and one endpoint of the wrong one.
+            svc("d", json!({"clusterIPs": ["10.96.0.4", "fd00::4"], "ipFamilies": ["IPv4", "IPv6"]})),
         ];
         let slices = vec![
             slice("a-1", "a", p8080(), json!([ep("10.0.0.1", NODE), {"addresses": ["bad"]}])),
@@ -2386,6 +2388,8 @@ mod tests {
             slice("c-1", "c", p8080(), json!([ep("10.0.0.3", NODE)])),
             slice("z-1", "z", p8080(), json!([ep("10.0.0.4", NODE)])),
             slice("c-2", "c", json!([{"name": "x", "port": 1}]), json!([ep("10.0.0.5", NODE)])),
+            slice6("d-v6", "d", p8080(), json!([ep("fd00:10::1", NODE), ep("10.0.0.9", NODE)])),
+            slice("d-v4", "d", p8080(), json!([ep("10.0.0.6", NODE)])),
         ];
         // "c" holds the contested externalIP now.
         let claims: Claims = [(
@@ -2401,8 +2405,12 @@ mod tests {
         let mut rev_slices = slices.clone();
         rev_slices.reverse();
         assert_eq!(forward, run(&rev_services, &rev_slices));
-        assert_eq!(forward.1.len(), 6, "{:?}", forward.1);
+        assert_eq!(forward.1.len(), 7, "{:?}", forward.1);
         assert_eq!(forward.0.frontends[&key("203.0.113.1", 80, Tcp, External)].service.name, "c");
+        assert_eq!(
+            forward.0.frontends[&key("fd00::4", 80, Tcp, Internal)].backends,
+            vec![be("fd00:10::1", 8080, true)]
+        );
     }
 
     #[test]
