@@ -301,6 +301,10 @@ pub fn render_conntrack(rows: &[ConntrackRow]) -> String {
 pub struct StatRow {
     /// None for the node-wide counters.
     pub service_id: Option<u32>,
+    /// The service id's frontend (`10.96.0.1:80/TCP`, `[fd00::1]:80/TCP`) and its family,
+    /// when it is still programmed: ids are shared by both families.
+    pub frontend: Option<String>,
+    pub family: Option<IpFamily>,
     pub verdict: &'static str,
     pub packets: u64,
     pub bytes: u64,
@@ -314,17 +318,30 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
         let c = crate::dataplane::maps::global_total(&maps.global_stats, v)?;
         rows.push(StatRow {
             service_id: None,
+            frontend: None,
+            family: None,
             verdict: Verdict::ALL[v as usize].name(),
             packets: c.packets,
             bytes: c.bytes,
         });
     }
+    let frontends: HashMap<u32, (String, IpFamily)> = maps
+        .snapshot()?
+        .services
+        .iter()
+        .map(|(k, v)| {
+            let at = SocketAddr::new(k.addr, port_from_map(k.port));
+            let scope = if k.scope == proxy_common::SCOPE_EXTERNAL { " external" } else { "" };
+            (v.id, (format!("{at}/{}{scope}", proto_name(k.proto)), IpFamily::of(k.addr)))
+        })
+        .collect();
     let mut per: Vec<StatRow> = Vec::new();
     for r in maps.service_stats.iter() {
         let (k, pc) = r.map_err(|e| DataplaneError::from_map(n::SERVICE_STATS, e))?;
         let (packets, bytes) = pc.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
         let name = Verdict::from_index(k.verdict).map_or("unknown", Verdict::name);
-        per.push(StatRow { service_id: Some(k.svc_id), verdict: name, packets, bytes });
+        let (frontend, family) = frontends.get(&k.svc_id).cloned().unzip();
+        per.push(StatRow { service_id: Some(k.svc_id), frontend, family, verdict: name, packets, bytes });
     }
     per.sort_by_key(|r| (r.service_id, r.verdict));
     rows.extend(per);
@@ -340,10 +357,11 @@ pub fn render_stats(rows: &[StatRow]) -> String {
                 r.verdict.to_string(),
                 r.packets.to_string(),
                 r.bytes.to_string(),
+                r.frontend.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    table(&["SERVICE", "VERDICT", "PACKETS", "BYTES"], &cells)
+    table(&["SERVICE", "VERDICT", "PACKETS", "BYTES", "FRONTEND"], &cells)
 }
 
 /// Uplinks and their XDP mode (from the pinned links), for `ebpf-proxy stats`.
@@ -438,6 +456,27 @@ mod tests {
         assert_eq!(json["backends"][0]["family"], "IPv6");
         let b = render_backends(&[backend_row(2, &backends[&2])]);
         assert!(b.contains("[fd00:10::1]:8080/TCP"), "{b}");
+    }
+
+    #[test]
+    fn stats_rows_name_the_frontend_of_their_id() {
+        let rows = [
+            StatRow { service_id: None, frontend: None, family: None, verdict: "pass", packets: 3, bytes: 180 },
+            StatRow {
+                service_id: Some(8),
+                frontend: Some("[fd00::a]:80/TCP".into()),
+                family: Some(IpFamily::V6),
+                verdict: "new_flow",
+                packets: 1,
+                bytes: 80,
+            },
+        ];
+        let text = render_stats(&rows);
+        let mut lines = text.lines().skip(1);
+        let node: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(node, ["node", "pass", "3", "180", "-"], "node rows keep their leading columns");
+        assert!(lines.next().unwrap().ends_with("[fd00::a]:80/TCP"));
+        assert_eq!(serde_json::to_value(&rows[1]).unwrap()["family"], "IPv6");
     }
 
     #[test]
