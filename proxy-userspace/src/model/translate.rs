@@ -428,9 +428,8 @@ fn index_slices(
         };
         let service_id = ObjectId { namespace: slice_id.namespace.clone(), name: service.to_owned() };
         let group = index.entry(service_id).or_default();
-        match slice.address_type.as_str() {
-            "IPv4" | "IPv6" => {
-                let family = if slice.address_type == "IPv4" { IpFamily::V4 } else { IpFamily::V6 };
+        match IpFamily::from_k8s(&slice.address_type) {
+            Some(family) => {
                 let mut problems = Vec::new();
                 let parsed = parse_slice(slice, &slice_id, family, node, &mut problems);
                 for problem in problems {
@@ -439,8 +438,10 @@ fn index_slices(
                 group.slices.push(parsed);
             }
             // FQDN slices are for DNS, never proxied.
-            "FQDN" => {}
-            other => warnings.push(KIND_SLICE, slice_id.to_string(), Problem::UnknownAddressType(other.to_owned())),
+            None if slice.address_type == "FQDN" => {}
+            None => {
+                warnings.push(KIND_SLICE, slice_id.to_string(), Problem::UnknownAddressType(slice.address_type.clone()))
+            }
         }
     }
     index
