@@ -2,7 +2,7 @@
 //! Parsing lives in the library so tests (and the manifest checks) can validate flags
 //! without running anything.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
 };
 
@@ -145,7 +145,12 @@ pub struct AgentArgs {
     /// 0.0.0.0 disables hairpin SNAT.
     #[arg(long, default_value_t = Ipv4Addr::from(proxy_common::nat_defaults::HAIRPIN_ADDR))]
     pub hairpin_address: Ipv4Addr,
-    /// CIDRs selecting which node addresses serve NodePorts (default: all node IPs).
+    /// IPv6 hairpin source address (a unique-local address no cluster routes, so the pod
+    /// answers it through its default route). :: disables IPv6 hairpin SNAT.
+    #[arg(long, default_value_t = Ipv6Addr::from(proxy_common::nat_defaults::HAIRPIN_ADDR6))]
+    pub hairpin_address6: Ipv6Addr,
+    /// CIDRs selecting which node addresses serve NodePorts (default: all node IPs), IPv4
+    /// and IPv6; a family with no CIDR here is not restricted, as kube-proxy's.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// Address for /healthz and /readyz (kube-proxy's healthz port).

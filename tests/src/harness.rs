@@ -154,7 +154,7 @@ impl TestDataplane {
 }
 
 pub fn frontend(vip: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
-    FrontendKey { addr: vip, port, proto, scope: Scope::Internal }
+    FrontendKey { addr: vip.into(), port, proto, scope: Scope::Internal }
 }
 
 pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
@@ -163,7 +163,7 @@ pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
         kind: FrontendKind::ClusterIP,
         backends: backends
             .iter()
-            .map(|(a, p)| BackendAddr { addr: *a, port: *p, local: true, terminating: false })
+            .map(|(a, p)| BackendAddr { addr: (*a).into(), port: *p, local: true, terminating: false })
             .collect(),
         affinity_timeout: None,
         local_only: false,

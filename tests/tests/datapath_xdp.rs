@@ -12,7 +12,7 @@ use proxy_userspace::{
         addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
         node::{PortRange, node_config},
     },
-    model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, Ipv4Prefix, Protocol, Scope, ServicePortName},
+    model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, IpPrefix, Protocol, Scope, ServicePortName},
 };
 
 const XDP: &str = "from_uplink";
@@ -38,7 +38,7 @@ const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 2];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 
 fn ext(addr: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
-    FrontendKey { addr, port, proto, scope: Scope::External }
+    FrontendKey { addr: addr.into(), port, proto, scope: Scope::External }
 }
 
 fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> FrontendEntry {
@@ -47,7 +47,7 @@ fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> Frontend
         kind,
         backends: backends
             .iter()
-            .map(|(a, p, local)| BackendAddr { addr: *a, port: *p, local: *local, terminating: false })
+            .map(|(a, p, local)| BackendAddr { addr: (*a).into(), port: *p, local: *local, terminating: false })
             .collect(),
         affinity_timeout: None,
         local_only: false,
@@ -346,7 +346,7 @@ fn xdp_unresolved_next_hop_is_queued_for_the_agent() {
     assert_eq!(v, XDP_DROP);
     assert_eq!(per_service(&dp, verdict::NO_ROUTE), 1);
     let misses = dp.node().take_neigh_misses();
-    assert_eq!(misses, vec![(up0, Ipv4Addr::new(192, 168, 100, 3))], "the gateway, on the uplink");
+    assert_eq!(misses, vec![(up0, Ipv4Addr::new(192, 168, 100, 3).into())], "the gateway, on the uplink");
     assert!(dp.node().take_neigh_misses().is_empty(), "taken misses are removed");
 }
 
@@ -359,8 +359,10 @@ fn xdp_source_ranges_drop_other_clients() {
     }
     let mut dp = TestDataplane::load();
     let mut e = ext_entry(FrontendKind::LoadBalancer, &[(LOCAL_POD, 8080, true)]);
-    e.source_ranges =
-        vec![Ipv4Prefix { addr: CLIENT, len: 32 }, Ipv4Prefix { addr: Ipv4Addr::new(198, 51, 100, 0), len: 24 }];
+    e.source_ranges = vec![
+        IpPrefix { addr: CLIENT.into(), len: 32 },
+        IpPrefix { addr: Ipv4Addr::new(198, 51, 100, 0).into(), len: 24 },
+    ];
     program(&mut dp, vec![(ext(LB_IP, 80, Protocol::Tcp), e)]);
     let (v, out) = dp.run(XDP, &tcp_frame((CLIENT, 40000), (LB_IP, 80), b""));
     assert_eq!((v, decode(&out).dst), (XDP_PASS, (LOCAL_POD, 8080)));
