@@ -58,10 +58,9 @@ const SECTION: &str = "northsouth";
 /// Datapaths, in the order they run on one topology; `direct` sends to the pod IP via node 2
 /// (node 1 not on the path): the cost of everything but node 1.
 pub const NS_CASES: [&str; 4] = ["direct", "ours_native", "ours_generic", "iptables"];
-/// Families measured. IPv6 needs the dual-stack control plane (the agent programs IPv6
-/// NodePorts); until it is on this branch the agent skips the Service's IPv6 half, so only
-/// IPv4 is measured. Add `Family::V6` here once it is.
-pub const NS_FAMILIES: &[Family] = &[Family::V4];
+/// Families measured (IPv6 through the dual-stack control plane: one RequireDualStack
+/// Service, node 1's InternalIPs of both families).
+pub const NS_FAMILIES: &[Family] = &[Family::V4, Family::V6];
 const NODE_PORT: u16 = 30080;
 const TARGET_PORT: u16 = 8080;
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use proxy_tests::{agent::cli, harness::*};
-use proxy_userspace::model::{FrontendKey, FrontendKind, Ipv4Prefix, Protocol, Scope};
+use proxy_userspace::model::{FrontendKey, FrontendKind, IpPrefix, Protocol, Scope};
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -31,10 +31,10 @@ fn trace_reports_and_leaves_the_live_maps_alone() {
     let backends: Vec<(Ipv4Addr, u16)> = BACKENDS.iter().map(|b| (*b, 8080)).collect();
     let mut lb = entry("lb", &backends);
     lb.kind = FrontendKind::LoadBalancer;
-    lb.source_ranges = vec![Ipv4Prefix { addr: Ipv4Addr::new(198, 51, 100, 0), len: 24 }];
+    lb.source_ranges = vec![IpPrefix { addr: Ipv4Addr::new(198, 51, 100, 0).into(), len: 24 }];
     let s = state(vec![
         (frontend(VIP, 80, Protocol::Tcp), entry("web", &backends)),
-        (FrontendKey { addr: LB_IP, port: 80, proto: Protocol::Tcp, scope: Scope::External }, lb),
+        (FrontendKey { addr: LB_IP.into(), port: 80, proto: Protocol::Tcp, scope: Scope::External }, lb),
     ]);
     let r = dp.syncer.apply(&s);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
