@@ -161,7 +161,7 @@ fn change_ours(
         let entry =
             changed.frontends.get_mut(&rules::frontend_key(old)).context("changed service not in desired state")?;
         let b = entry.backends.iter_mut().find(|b| b.addr == old.endpoints[0].0).context("endpoint")?;
-        b.addr = new_ip;
+        b.addr = new_ip.into();
         entry.backends.sort();
     }
     let reps = plan.cp_change_reps;

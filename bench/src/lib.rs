@@ -97,7 +97,7 @@ impl Plan {
             tput_bytes: 8 << 30,
             tput_rounds: 6,
             ns_time: Duration::from_secs(4),
-            ns_rounds: 2,
+            ns_rounds: 4,
             ns_rate: 2_000_000,
             ns_flows: 16,
             server_bin,

@@ -144,7 +144,7 @@ fn load(n: usize, rows: &mut Vec<Row>) -> Result<Loaded> {
     let a = rules::vip(n - 1);
     let b = rules::vip(n);
     let mut desired = rules::desired(&svcs);
-    let to_b = BackendAddr { addr: b, port: MIRROR_PORT, local: true, terminating: false };
+    let to_b = BackendAddr { addr: b.into(), port: MIRROR_PORT, local: true, terminating: false };
     desired.frontends.get_mut(&rules::frontend_key(&svcs[n - 1])).expect("last service").backends = vec![to_b];
     let mirror = rules::Svc { name: "mirror".into(), vip: b, port: MIRROR_PORT, endpoints: vec![(a, rules::SVC_PORT)] };
     desired.frontends.insert(rules::frontend_key(&mirror), rules::frontend_entry(&mirror));

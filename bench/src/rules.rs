@@ -60,12 +60,15 @@ pub fn desired(svcs: &[Svc]) -> DesiredState {
 }
 
 pub fn frontend_key(s: &Svc) -> FrontendKey {
-    FrontendKey { addr: s.vip, port: s.port, proto: Protocol::Tcp, scope: Scope::Internal }
+    FrontendKey { addr: s.vip.into(), port: s.port, proto: Protocol::Tcp, scope: Scope::Internal }
 }
 
 pub fn frontend_entry(s: &Svc) -> FrontendEntry {
-    let mut backends: Vec<BackendAddr> =
-        s.endpoints.iter().map(|(a, p)| BackendAddr { addr: *a, port: *p, local: true, terminating: false }).collect();
+    let mut backends: Vec<BackendAddr> = s
+        .endpoints
+        .iter()
+        .map(|(a, p)| BackendAddr { addr: (*a).into(), port: *p, local: true, terminating: false })
+        .collect();
     backends.sort();
     backends.dedup();
     FrontendEntry {

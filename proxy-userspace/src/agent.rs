@@ -3,7 +3,7 @@
 //! ports, and resolve the neighbours XDP forwarding is missing.
 use std::{
     collections::{BTreeSet, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -27,17 +27,17 @@ use crate::{
         ifaces::{self, IfacePatterns},
         loader::{self, LoaderConfig},
         lock::RootLock,
-        maps::{GlobalStats, Maps},
-        node::{NodeMaps, PortRange, node_config, resolve_neighbour},
+        maps::{Capacities, GlobalStats, Maps},
+        node::{NodeMaps, PortRange, node_config, node_config6, resolve_neighbour},
         sock::{self, SocketLbMode},
         uplinks,
     },
     health::Health,
     healthcheck::HealthServers,
-    metrics::{MapLabel, Metrics, ServiceLabel},
+    metrics::{FamilyLabel, MapLabel, Metrics, ServiceLabel},
     model::{
-        self,
-        node::{node_info, snat_address},
+        self, IpFamily,
+        node::{node_info, snat_address, snat_address6},
     },
     show::cstr,
     source::{Resource, Source, SourceEvent, files},
@@ -79,17 +79,17 @@ struct SyncLoop {
     node_name: String,
     nodeport_addresses: Vec<String>,
     hairpin_address: Ipv4Addr,
+    hairpin_address6: Ipv6Addr,
     snat_port_range: PortRange,
     last_node_config: Option<proxy_common::NodeConfig>,
+    last_node_config6: Option<proxy_common::NodeConfig6>,
     metrics: Metrics,
-    max_services: u32,
-    max_backends: u32,
-    max_slots: u32,
+    capacities: Capacities,
     last_warnings: BTreeSet<String>,
     /// Frontends not programmed at the last sync, with why: logged when this set changes.
     last_errors: BTreeSet<String>,
     /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
-    node_addrs: tokio::sync::watch::Sender<Vec<Ipv4Addr>>,
+    node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
     /// Socket-level load balancing, when attached: stale UDP sockets to destroy.
     sock: Option<SockLb>,
 }
@@ -142,6 +142,21 @@ impl SyncLoop {
                 Err(e) => error!(error = %e, "cannot write the node config"),
             }
         }
+        let snat6 = snat_address6(objects.node.as_ref());
+        let cfg6 = node_config6(snat6, Some(self.hairpin_address6));
+        if self.last_node_config6 != Some(cfg6) {
+            match self.node_maps.set_config6(&cfg6) {
+                Ok(()) => {
+                    info!(
+                        snat_address6 = %snat6.map(|a| a.to_string()).unwrap_or_else(|| "(address the client used)".into()),
+                        hairpin_address6 = %self.hairpin_address6,
+                        "IPv6 node config written"
+                    );
+                    self.last_node_config6 = Some(cfg6);
+                }
+                Err(e) => error!(error = %e, "cannot write the IPv6 node config"),
+            }
+        }
         self.health.update(&desired.health_checks);
 
         let report = self.syncer.apply(&desired);
@@ -154,19 +169,21 @@ impl SyncLoop {
         self.metrics.sync_errors.inc_by(report.errors.len() as u64);
         self.metrics.services.set(report.services as i64);
         self.metrics.backends.set(report.backends as i64);
+        let (services4, backends4) = (report.services - report.services6, report.backends - report.backends6);
+        for (family, n) in [(IpFamily::V4, services4), (IpFamily::V6, report.services6)] {
+            self.metrics.frontends.get_or_create(&FamilyLabel { family: family.name().into() }).set(n as i64);
+        }
         let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
-        self.metrics
-            .map_fill
-            .get_or_create(&MapLabel { map: "SERVICES".into() })
-            .set(fill(report.services, self.max_services));
-        self.metrics
-            .map_fill
-            .get_or_create(&MapLabel { map: "BACKENDS".into() })
-            .set(fill(report.backends, self.max_backends));
-        self.metrics
-            .map_fill
-            .get_or_create(&MapLabel { map: "BACKEND_SLOTS".into() })
-            .set(fill(report.slots, self.max_slots));
+        let c = self.capacities;
+        for (map, n, max) in [
+            ("SERVICES", services4, c.services),
+            ("BACKENDS", backends4, c.backends),
+            ("BACKEND_SLOTS", report.slots, c.slots),
+            ("SERVICES6", report.services6, c.services6),
+            ("BACKENDS6", report.backends6, c.backends6),
+        ] {
+            self.metrics.map_fill.get_or_create(&MapLabel { map: map.into() }).set(fill(n, max));
+        }
         // A map that stays full fails the same frontends on every sync: log each once.
         let errors: BTreeSet<String> = report.errors.iter().map(|(fk, e)| format!("{fk}: {e}")).collect();
         for (fk, e) in &report.errors {
@@ -210,7 +227,7 @@ impl SyncLoop {
 /// act on traffic to our frontends).
 async fn detect_uplinks(
     pods: IfacePatterns,
-    mut node_addrs: tokio::sync::watch::Receiver<Vec<Ipv4Addr>>,
+    mut node_addrs: tokio::sync::watch::Receiver<Vec<IpAddr>>,
     tx: tokio::sync::mpsc::UnboundedSender<ifaces::LinkEvent>,
 ) {
     const EVERY: Duration = Duration::from_secs(2);
@@ -246,11 +263,13 @@ async fn detect_uplinks(
 /// The conntrack collector on its own thread, on its own handles to the pinned maps.
 fn start_conntrack_gc(args: &AgentArgs, metrics: Metrics) -> Result<()> {
     let table = KernelCtTable::open_pinned(&args.bpffs_root).context("conntrack map")?;
+    let table6 = KernelCtTable::open_pinned(&args.bpffs_root).context("IPv6 conntrack map")?;
     let stats = GlobalStats::open_pinned(&args.bpffs_root).context("stats map")?;
     let cfg = GcConfig { timeouts: args.conntrack.timeouts(), ..GcConfig::default() };
-    let task = GcTask::new(table, stats, cfg, args.conntrack.conntrack_gc_interval, metrics);
+    let task = GcTask::new((table, table6), stats, cfg, args.conntrack.conntrack_gc_interval, metrics);
     info!(
-        capacity = task.capacity,
+        capacity = task.v4.capacity,
+        capacity6 = task.v6.capacity,
         interval = ?args.conntrack.conntrack_gc_interval,
         timeouts = ?cfg.timeouts,
         "conntrack collector started"
@@ -472,12 +491,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         node_name,
         nodeport_addresses: args.nodeport_addresses.clone(),
         hairpin_address: args.hairpin_address,
+        hairpin_address6: args.hairpin_address6,
         snat_port_range: args.snat_port_range,
         last_node_config: None,
+        last_node_config6: None,
         metrics,
-        max_services: capacities.services,
-        max_backends: capacities.backends,
-        max_slots: capacities.slots,
+        capacities,
         last_warnings: BTreeSet::new(),
         last_errors: BTreeSet::new(),
         node_addrs,

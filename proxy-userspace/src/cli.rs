@@ -2,7 +2,7 @@
 //! Parsing lives in the library so tests (and the manifest checks) can validate flags
 //! without running anything.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
 };
 
@@ -37,6 +37,10 @@ pub enum Command {
     Conntrack(ShowArgs),
     /// Show datapath counters.
     Stats(ShowArgs),
+    /// What the datapath does with one packet: built from the flags, run through the loaded
+    /// programs (BPF_PROG_TEST_RUN) on a private copy of the entries it can read, so the
+    /// live maps are left exactly as they were.
+    Trace(TraceArgs),
     /// Remove the datapath from this node (like `kube-proxy --cleanup`): detach every
     /// program of ours from every interface of this network namespace, and remove the pins
     /// under the bpffs root(s). Refuses while an agent runs on a root (see --force).
@@ -75,6 +79,27 @@ pub struct ShowArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Source address and port (IPv4 `a.b.c.d:port` or IPv6 `[addr]:port`).
+    #[arg(long)]
+    pub from: SocketAddr,
+    /// Destination address and port.
+    #[arg(long)]
+    pub to: SocketAddr,
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: crate::trace::Proto,
+    /// TCP: a SYN (a new connection) rather than a segment of an open one.
+    #[arg(long)]
+    pub syn: bool,
+    /// Where the packet is seen: leaving a pod, entering one, arriving on an uplink,
+    /// leaving through one.
+    #[arg(long, value_enum, default_value = "pod")]
+    pub at: crate::trace::At,
+    #[command(flatten)]
+    pub show: ShowArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -120,7 +145,12 @@ pub struct AgentArgs {
     /// 0.0.0.0 disables hairpin SNAT.
     #[arg(long, default_value_t = Ipv4Addr::from(proxy_common::nat_defaults::HAIRPIN_ADDR))]
     pub hairpin_address: Ipv4Addr,
-    /// CIDRs selecting which node addresses serve NodePorts (default: all node IPs).
+    /// IPv6 hairpin source address (a unique-local address no cluster routes, so the pod
+    /// answers it through its default route). :: disables IPv6 hairpin SNAT.
+    #[arg(long, default_value_t = Ipv6Addr::from(proxy_common::nat_defaults::HAIRPIN_ADDR6))]
+    pub hairpin_address6: Ipv6Addr,
+    /// CIDRs selecting which node addresses serve NodePorts (default: all node IPs), IPv4
+    /// and IPv6; a family with no CIDR here is not restricted, as kube-proxy's.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// Address for /healthz and /readyz (kube-proxy's healthz port).

@@ -22,7 +22,7 @@ use axum::{
     response::IntoResponse,
 };
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::model::HealthCheck;
 
@@ -98,6 +98,15 @@ impl HealthServers {
         let std_listener = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
         std_listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        // Load balancers of IPv6 (or dual-stack) Services probe the node's IPv6 addresses:
+        // a second, IPv6-only socket on the same port (a node without IPv6 has none).
+        let listener6 = match listen_v6_only(port) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                debug!(port, error = %e, "no IPv6 health check listener");
+                None
+            }
+        };
         let (checks, healthy) = (self.checks.clone(), self.healthy.clone());
         // kube-proxy answers on any path.
         let app = Router::new().fallback(move || {
@@ -127,11 +136,29 @@ impl HealthServers {
             }
         });
         Ok(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            let v4 = axum::serve(listener, app.clone());
+            let result = match listener6 {
+                Some(l6) => tokio::try_join!(v4, axum::serve(l6, app)).map(|_| ()),
+                None => v4.await,
+            };
+            if let Err(e) = result {
                 warn!(port, error = %e, "health check server stopped");
             }
         }))
     }
+}
+
+/// `[::]:port` with IPV6_V6ONLY, beside the IPv4 listener (whatever `net.ipv6.bindv6only`
+/// says, the two never fight over IPv4), with SO_REUSEADDR like std's.
+fn listen_v6_only(port: u16) -> io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(128)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 impl Drop for HealthServers {
@@ -165,9 +192,13 @@ mod tests {
 
     /// Blocking HTTP/1.0 GET on a blocking thread (tokio's io-util is not enabled).
     async fn get(port: u16) -> (u16, String) {
+        get_at("127.0.0.1", port).await
+    }
+
+    async fn get_at(host: &'static str, port: u16) -> (u16, String) {
         tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut s = std::net::TcpStream::connect((host, port)).unwrap();
             s.write_all(b"GET /anything HTTP/1.0\r\n\r\n").unwrap();
             let mut resp = String::new();
             s.read_to_string(&mut resp).unwrap();
@@ -191,6 +222,10 @@ mod tests {
         let (code, body) = get(port).await;
         assert_eq!(code, 200);
         assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+        // Over IPv6 too, where the host has it (an IPv6-only node's load balancer probes).
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            assert_eq!(get_at("::1", port).await.0, 200);
+        }
         // Count changes without re-binding.
         hs.update(&BTreeMap::from([(port, check(0))]));
         assert_eq!(get(port).await.0, 503);

@@ -12,9 +12,16 @@ pub struct MapLabel {
     pub map: String,
 }
 
+/// Conntrack flows by state, per address family ("IPv4", "IPv6").
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: String,
+    pub family: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabel {
+    pub family: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,6 +42,8 @@ pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
     pub services: Gauge,
     pub backends: Gauge,
+    /// `services` per address family.
+    pub frontends: Family<FamilyLabel, Gauge>,
     pub sync_duration: Histogram,
     pub event_to_map: Histogram,
     pub map_writes: Counter,
@@ -43,7 +52,7 @@ pub struct Metrics {
     pub map_fill: Family<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub attached_interfaces: Gauge,
     pub conntrack_flows: Family<StateLabel, Gauge>,
-    pub conntrack_entries: Gauge,
+    pub conntrack_entries: Family<FamilyLabel, Gauge>,
     pub conntrack_gc_runs: Counter,
     pub conntrack_gc_deleted: Family<ReasonLabel, Counter>,
     pub conntrack_gc_duration: Histogram,
@@ -66,6 +75,7 @@ impl Metrics {
             registry: Arc::new(Mutex::new(Registry::default())),
             services: Gauge::default(),
             backends: Gauge::default(),
+            frontends: Family::default(),
             sync_duration: Histogram::new(buckets()),
             event_to_map: Histogram::new(buckets()),
             map_writes: Counter::default(),
@@ -74,7 +84,7 @@ impl Metrics {
             map_fill: Family::default(),
             attached_interfaces: Gauge::default(),
             conntrack_flows: Family::default(),
-            conntrack_entries: Gauge::default(),
+            conntrack_entries: Family::default(),
             conntrack_gc_runs: Counter::default(),
             conntrack_gc_deleted: Family::default(),
             conntrack_gc_duration: Histogram::new(buckets()),
@@ -87,6 +97,11 @@ impl Metrics {
         };
         r.register("services_programmed", "Service frontends in the services map", m.services.clone());
         r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
+        r.register(
+            "frontends_programmed",
+            "Service frontends in the services maps, per address family (SERVICES, SERVICES6)",
+            m.frontends.clone(),
+        );
         r.register("sync_duration_seconds", "Duration of one map sync", m.sync_duration.clone());
         r.register(
             "event_to_map_seconds",
@@ -100,12 +115,12 @@ impl Metrics {
         r.register("attached_interfaces", "Pod interfaces with programs attached", m.attached_interfaces.clone());
         r.register(
             "conntrack_flows",
-            "Tracked flows by state, as of the collector's last complete walk",
+            "Tracked flows by state and address family, as of the collector's last complete walk",
             m.conntrack_flows.clone(),
         );
         r.register(
             "conntrack_entries",
-            "Conntrack entries (two per flow), as of the last complete walk",
+            "Conntrack entries (two per flow) per address family, as of the last complete walk",
             m.conntrack_entries.clone(),
         );
         r.register("conntrack_gc_runs", "Conntrack collector passes", m.conntrack_gc_runs.clone());

@@ -1,26 +1,33 @@
 //! Operator CLI: read the pinned maps and print what the kernel will do. Works whether or
 //! not the agent runs. Rendering is separate from reading, so it is unit-tested.
-use std::{collections::HashMap, net::Ipv4Addr};
-
-use proxy_common::{
-    Backend, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey, Verdict, backend_flags, ct_flags,
-    svc_flags,
+//!
+//! Both families are shown together: IPv4 frontends and backends from `SERVICES` /
+//! `BACKENDS`, IPv6 ones from `SERVICES6` / `BACKENDS6` (ids are shared), conntrack from
+//! `CONNTRACK` and `CONNTRACK6`. IPv6 addresses are printed in their standard form, with a
+//! port as `[addr]:port`; JSON rows carry a `family` field.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
 };
+
+use proxy_common::{CtKey, CtValue, ServiceMeta, ServiceValue, SlotKey, Verdict, backend_flags, ct_flags, svc_flags};
 use serde::Serialize;
 
 use crate::{
     dataplane::{
         DataplaneError,
-        addr::{ip_from_map, port_from_map},
+        addr::{MapAddr, port_from_map},
         maps::Maps,
     },
-    model::{FrontendKind, Protocol},
+    model::{FrontendKind, IpFamily, Protocol},
+    sync::{AnyBackend, AnyServiceKey, MapStore},
 };
 
 #[derive(Debug, Serialize, PartialEq)]
 pub struct BackendRow {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub family: IpFamily,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
     pub local: bool,
@@ -30,7 +37,8 @@ pub struct BackendRow {
 #[derive(Debug, Serialize, PartialEq)]
 pub struct ServiceRow {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub family: IpFamily,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
     pub scope: &'static str,
@@ -67,10 +75,11 @@ fn flag_names(f: u32) -> Vec<&'static str> {
     v
 }
 
-fn backend_row(id: u32, b: &Backend) -> BackendRow {
+fn backend_row(id: u32, b: &AnyBackend) -> BackendRow {
     BackendRow {
         id,
-        address: ip_from_map(b.addr),
+        family: IpFamily::of(b.addr),
+        address: b.addr,
         port: port_from_map(b.port),
         protocol: proto_name(b.proto),
         local: b.flags & backend_flags::LOCAL != 0,
@@ -78,11 +87,11 @@ fn backend_row(id: u32, b: &Backend) -> BackendRow {
     }
 }
 
-/// Build service rows from raw map contents (pure).
+/// Build service rows from raw map contents (pure), both families.
 pub fn service_rows(
-    services: &[(ServiceKey, ServiceValue)],
+    services: &[(AnyServiceKey, ServiceValue)],
     slots: &HashMap<SlotKey, u32>,
-    backends: &HashMap<u32, Backend>,
+    backends: &HashMap<u32, AnyBackend>,
     meta: &HashMap<u32, ServiceMeta>,
 ) -> Vec<ServiceRow> {
     let mut rows: Vec<ServiceRow> = services
@@ -95,7 +104,8 @@ pub fn service_rows(
                 .collect();
             ServiceRow {
                 id: v.id,
-                address: ip_from_map(k.addr),
+                family: IpFamily::of(k.addr),
+                address: k.addr,
                 port: port_from_map(k.port),
                 protocol: proto_name(k.proto),
                 scope: if k.scope == proxy_common::SCOPE_EXTERNAL { "external" } else { "internal" },
@@ -154,11 +164,11 @@ pub fn render_services(rows: &[ServiceRow]) -> String {
             let backends = if r.backends.is_empty() {
                 "<none>".to_string()
             } else {
-                r.backends.iter().map(|b| format!("{}:{}", b.address, b.port)).collect::<Vec<_>>().join(",")
+                r.backends.iter().map(|b| SocketAddr::new(b.address, b.port).to_string()).collect::<Vec<_>>().join(",")
             };
             vec![
                 r.id.to_string(),
-                format!("{}:{}/{}", r.address, r.port, r.protocol),
+                format!("{}/{}", SocketAddr::new(r.address, r.port), r.protocol),
                 r.scope.to_string(),
                 r.kind.clone(),
                 svc,
@@ -177,18 +187,17 @@ fn collect<K: aya::Pod, V: aya::Pod>(
     map.iter().map(|r| r.map_err(|e| DataplaneError::from_map(name, e))).collect()
 }
 
+/// Both families' frontends, read the way a restarting agent reads them back.
 pub fn read_services(maps: &Maps) -> Result<Vec<ServiceRow>, DataplaneError> {
-    use proxy_common::map_names as n;
-    let services = collect(&maps.services, n::SERVICES)?;
-    let slots: HashMap<_, _> = collect(&maps.slots, n::BACKEND_SLOTS)?.into_iter().collect();
-    let backends: HashMap<_, _> = collect(&maps.backends, n::BACKENDS)?.into_iter().collect();
-    let meta: HashMap<_, _> = collect(&maps.meta, n::SERVICE_META)?.into_iter().collect();
-    Ok(service_rows(&services, &slots, &backends, &meta))
+    let snap = maps.snapshot()?;
+    let slots: HashMap<_, _> = snap.slots.into_iter().collect();
+    let backends: HashMap<_, _> = snap.backends.into_iter().collect();
+    let meta: HashMap<_, _> = snap.meta.into_iter().collect();
+    Ok(service_rows(&snap.services, &slots, &backends, &meta))
 }
 
 pub fn read_backends(maps: &Maps) -> Result<Vec<BackendRow>, DataplaneError> {
-    let mut rows: Vec<BackendRow> =
-        collect(&maps.backends, proxy_common::map_names::BACKENDS)?.iter().map(|(id, b)| backend_row(*id, b)).collect();
+    let mut rows: Vec<BackendRow> = maps.snapshot()?.backends.iter().map(|(id, b)| backend_row(*id, b)).collect();
     rows.sort_by_key(|r| r.id);
     Ok(rows)
 }
@@ -206,7 +215,7 @@ pub fn render_backends(rows: &[BackendRow]) -> String {
             }
             vec![
                 b.id.to_string(),
-                format!("{}:{}/{}", b.address, b.port, b.protocol),
+                format!("{}/{}", SocketAddr::new(b.address, b.port), b.protocol),
                 if flags.is_empty() { "-".into() } else { flags.join(",") },
             ]
         })
@@ -216,6 +225,7 @@ pub fn render_backends(rows: &[BackendRow]) -> String {
 
 #[derive(Debug, Serialize)]
 pub struct ConntrackRow {
+    pub family: &'static str,
     pub protocol: String,
     pub direction: &'static str,
     pub source: String,
@@ -235,9 +245,10 @@ pub struct ConntrackRow {
     pub idle_seconds: u64,
 }
 
-fn conntrack_row(k: &CtKey, v: &CtValue, now_ns: u64) -> ConntrackRow {
-    let ep = |a: u32, p: u16| format!("{}:{}", ip_from_map(a), port_from_map(p));
+fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(k: &CtKey<A>, v: &CtValue<A>, now_ns: u64) -> ConntrackRow {
+    let ep = |a: A, p: u16| SocketAddr::new(a.to_ip(), port_from_map(p)).to_string();
     ConntrackRow {
+        family: A::FAMILY,
         protocol: proto_name(k.proto),
         direction: if k.dir == proxy_common::CT_DIR_REPLY { "reply" } else { "forward" },
         source: ep(k.src_addr, k.src_port),
@@ -253,12 +264,15 @@ fn conntrack_row(k: &CtKey, v: &CtValue, now_ns: u64) -> ConntrackRow {
 }
 
 pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> {
+    use proxy_common::map_names as n;
     let now = crate::conntrack::task::monotonic_ns();
-    let mut rows: Vec<ConntrackRow> = collect(&maps.conntrack, proxy_common::map_names::CONNTRACK)?
-        .iter()
-        .map(|(k, v)| conntrack_row(k, v, now))
-        .collect();
-    rows.sort_by(|a, b| (&a.source, &a.destination, a.direction).cmp(&(&b.source, &b.destination, b.direction)));
+    let mut rows: Vec<ConntrackRow> =
+        collect(&maps.conntrack, n::CONNTRACK)?.iter().map(|(k, v)| conntrack_row(k, v, now)).collect();
+    rows.extend(collect(&maps.conntrack6, n::CONNTRACK6)?.iter().map(|(k, v)| conntrack_row(k, v, now)));
+    // IPv4 first, then IPv6 (the family is the first key).
+    rows.sort_by(|a, b| {
+        (a.family, &a.source, &a.destination, a.direction).cmp(&(b.family, &b.source, &b.destination, b.direction))
+    });
     Ok(rows)
 }
 
@@ -287,6 +301,10 @@ pub fn render_conntrack(rows: &[ConntrackRow]) -> String {
 pub struct StatRow {
     /// None for the node-wide counters.
     pub service_id: Option<u32>,
+    /// The service id's frontend (`10.96.0.1:80/TCP`, `[fd00::1]:80/TCP`) and its family,
+    /// when it is still programmed: ids are shared by both families.
+    pub frontend: Option<String>,
+    pub family: Option<IpFamily>,
     pub verdict: &'static str,
     pub packets: u64,
     pub bytes: u64,
@@ -300,17 +318,30 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
         let c = crate::dataplane::maps::global_total(&maps.global_stats, v)?;
         rows.push(StatRow {
             service_id: None,
+            frontend: None,
+            family: None,
             verdict: Verdict::ALL[v as usize].name(),
             packets: c.packets,
             bytes: c.bytes,
         });
     }
+    let frontends: HashMap<u32, (String, IpFamily)> = maps
+        .snapshot()?
+        .services
+        .iter()
+        .map(|(k, v)| {
+            let at = SocketAddr::new(k.addr, port_from_map(k.port));
+            let scope = if k.scope == proxy_common::SCOPE_EXTERNAL { " external" } else { "" };
+            (v.id, (format!("{at}/{}{scope}", proto_name(k.proto)), IpFamily::of(k.addr)))
+        })
+        .collect();
     let mut per: Vec<StatRow> = Vec::new();
     for r in maps.service_stats.iter() {
         let (k, pc) = r.map_err(|e| DataplaneError::from_map(n::SERVICE_STATS, e))?;
         let (packets, bytes) = pc.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
         let name = Verdict::from_index(k.verdict).map_or("unknown", Verdict::name);
-        per.push(StatRow { service_id: Some(k.svc_id), verdict: name, packets, bytes });
+        let (frontend, family) = frontends.get(&k.svc_id).cloned().unzip();
+        per.push(StatRow { service_id: Some(k.svc_id), frontend, family, verdict: name, packets, bytes });
     }
     per.sort_by_key(|r| (r.service_id, r.verdict));
     rows.extend(per);
@@ -326,10 +357,11 @@ pub fn render_stats(rows: &[StatRow]) -> String {
                 r.verdict.to_string(),
                 r.packets.to_string(),
                 r.bytes.to_string(),
+                r.frontend.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    table(&["SERVICE", "VERDICT", "PACKETS", "BYTES"], &cells)
+    table(&["SERVICE", "VERDICT", "PACKETS", "BYTES", "FRONTEND"], &cells)
 }
 
 /// Uplinks and their XDP mode (from the pinned links), for `ebpf-proxy stats`.
@@ -339,18 +371,62 @@ pub fn render_uplinks(rows: &[crate::dataplane::attach::PinnedUplink]) -> String
     table(&["UPLINK", "IFINDEX", "XDP-MODE"], &cells)
 }
 
+/// `ebpf-proxy trace` as text: one fact per line.
+pub fn render_trace(o: &crate::trace::Outcome) -> String {
+    let wire = |w: &crate::trace::Wire| {
+        let flags = if w.tcp_flags.is_empty() { String::new() } else { format!(" [{}]", w.tcp_flags) };
+        let sums = if w.checksums_valid { "checksums valid" } else { "CHECKSUMS INVALID" };
+        format!("{} -> {} {}{flags}, {sums}", w.src, w.dst, w.protocol)
+    };
+    let mut out = format!(
+        "program:   {}\nin:        {}\nverdict:   {} — {}\n",
+        o.program,
+        wire(&o.input),
+        o.verdict,
+        o.explanation
+    );
+    if let Some(f) = &o.frontend {
+        out.push_str(&format!("frontend:  {} {} (id {})\n", f.service, f.address, f.id));
+    }
+    if let Some(b) = &o.backend {
+        out.push_str(&format!("backend:   {b}\n"));
+    }
+    match &o.output {
+        Some(w) if o.untouched => out.push_str(&format!("out:       untouched ({})\n", wire(w))),
+        Some(w) => out.push_str(&format!("out:       {}\n", wire(w))),
+        None => out.push_str("out:       nothing (dropped)\n"),
+    }
+    out.push_str(&format!("action:    {}\n", o.action));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        dataplane::addr::{ip_to_map, port_to_map},
-        sync::service_meta,
-    };
+    use crate::{dataplane::addr::port_to_map, sync::service_meta};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn meta(name: &str) -> ServiceMeta {
+        service_meta(&crate::model::FrontendEntry {
+            service: crate::model::ServicePortName {
+                namespace: "default".into(),
+                name: name.into(),
+                port_name: "http".into(),
+            },
+            kind: FrontendKind::ClusterIP,
+            backends: vec![],
+            affinity_timeout: Some(30),
+            local_only: false,
+            source_ranges: vec![],
+        })
+    }
 
     #[test]
     fn service_rows_follow_the_active_generation_and_render_like_kubectl() {
-        let key =
-            ServiceKey { addr: ip_to_map(Ipv4Addr::new(10, 96, 0, 10)), port: port_to_map(80), proto: 6, scope: 0 };
+        let key = AnyServiceKey { addr: ip("10.96.0.10"), port: port_to_map(80), proto: 6, scope: 0 };
         let value = ServiceValue {
             id: 7,
             count: 1,
@@ -363,32 +439,14 @@ mod tests {
         slots.insert(SlotKey::new(7, 0, 0), 1); // stale generation: not shown
         slots.insert(SlotKey::new(7, 1, 0), 2);
         let mut backends = HashMap::new();
-        backends.insert(
-            1,
-            Backend { addr: ip_to_map(Ipv4Addr::new(10, 244, 0, 1)), port: port_to_map(8080), proto: 6, flags: 0 },
-        );
-        backends.insert(
-            2,
-            Backend { addr: ip_to_map(Ipv4Addr::new(10, 244, 0, 2)), port: port_to_map(8080), proto: 6, flags: 1 },
-        );
-        let entry = crate::model::FrontendEntry {
-            service: crate::model::ServicePortName {
-                namespace: "default".into(),
-                name: "web".into(),
-                port_name: "http".into(),
-            },
-            kind: FrontendKind::ClusterIP,
-            backends: vec![],
-            affinity_timeout: Some(30),
-            local_only: false,
-            source_ranges: vec![],
-        };
-        let mut meta = HashMap::new();
-        meta.insert(7, service_meta(&entry));
-        let rows = service_rows(&[(key, value)], &slots, &backends, &meta);
+        backends.insert(1, AnyBackend { addr: ip("10.244.0.1"), port: port_to_map(8080), proto: 6, flags: 0 });
+        backends.insert(2, AnyBackend { addr: ip("10.244.0.2"), port: port_to_map(8080), proto: 6, flags: 1 });
+        let mut metas = HashMap::new();
+        metas.insert(7, meta("web"));
+        let rows = service_rows(&[(key, value)], &slots, &backends, &metas);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].backends.len(), 1);
-        assert_eq!(rows[0].backends[0].address, Ipv4Addr::new(10, 244, 0, 2));
+        assert_eq!(rows[0].backends[0].address, ip("10.244.0.2"));
         assert!(rows[0].backends[0].local);
         assert_eq!(rows[0].affinity_timeout, Some(30));
         let text = render_services(&rows);
@@ -398,5 +456,74 @@ mod tests {
         for part in ["10.96.0.10:80/TCP", "ClusterIP", "default/web:http", "affinity", "10.244.0.2:8080"] {
             assert!(row.contains(part), "{row}");
         }
+    }
+
+    /// IPv6 frontends and backends print as `[addr]:port`, in standard (compressed) form,
+    /// and carry their family in JSON; both families sort IPv4 first.
+    #[test]
+    fn ipv6_rows_render_bracketed_and_say_their_family() {
+        let v = |id| ServiceValue { id, count: 1, ..Default::default() };
+        let services = [
+            (AnyServiceKey { addr: ip("fd00:0:0::0:a"), port: port_to_map(80), proto: 6, scope: 0 }, v(8)),
+            (AnyServiceKey { addr: ip("10.96.0.10"), port: port_to_map(80), proto: 6, scope: 0 }, v(7)),
+        ];
+        let slots: HashMap<_, _> = [(SlotKey::new(7, 0, 0), 1), (SlotKey::new(8, 0, 0), 2)].into_iter().collect();
+        let backends: HashMap<_, _> = [
+            (1, AnyBackend { addr: ip("10.244.0.1"), port: port_to_map(8080), proto: 6, flags: 0 }),
+            (2, AnyBackend { addr: ip("fd00:10::1"), port: port_to_map(8080), proto: 6, flags: 0 }),
+        ]
+        .into_iter()
+        .collect();
+        let metas: HashMap<_, _> = [(7, meta("web")), (8, meta("web"))].into_iter().collect();
+        let rows = service_rows(&services, &slots, &backends, &metas);
+        assert_eq!(rows.iter().map(|r| r.family).collect::<Vec<_>>(), vec![IpFamily::V4, IpFamily::V6]);
+        let text = render_services(&rows);
+        let v6 = text.lines().find(|l| l.starts_with('8')).unwrap();
+        assert!(v6.contains("[fd00::a]:80/TCP") && v6.contains("[fd00:10::1]:8080"), "{v6}");
+        let json = serde_json::to_value(&rows[1]).unwrap();
+        assert_eq!((json["family"].as_str(), json["address"].as_str()), (Some("IPv6"), Some("fd00::a")));
+        assert_eq!(json["backends"][0]["family"], "IPv6");
+        let b = render_backends(&[backend_row(2, &backends[&2])]);
+        assert!(b.contains("[fd00:10::1]:8080/TCP"), "{b}");
+    }
+
+    #[test]
+    fn stats_rows_name_the_frontend_of_their_id() {
+        let rows = [
+            StatRow { service_id: None, frontend: None, family: None, verdict: "pass", packets: 3, bytes: 180 },
+            StatRow {
+                service_id: Some(8),
+                frontend: Some("[fd00::a]:80/TCP".into()),
+                family: Some(IpFamily::V6),
+                verdict: "new_flow",
+                packets: 1,
+                bytes: 80,
+            },
+        ];
+        let text = render_stats(&rows);
+        let mut lines = text.lines().skip(1);
+        let node: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(node, ["node", "pass", "3", "180", "-"], "node rows keep their leading columns");
+        assert!(lines.next().unwrap().ends_with("[fd00::a]:80/TCP"));
+        assert_eq!(serde_json::to_value(&rows[1]).unwrap()["family"], "IPv6");
+    }
+
+    #[test]
+    fn ipv6_conntrack_rows() {
+        use crate::dataplane::addr::ip6_to_map;
+        let a = |s: &str| ip6_to_map(s.parse().unwrap());
+        let k = CtKey {
+            src_addr: a("fd00:20::5"),
+            dst_addr: a("fd00::a"),
+            src_port: port_to_map(40000),
+            dst_port: port_to_map(80),
+            proto: 6,
+            dir: proxy_common::CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        let v = CtValue { nat_addr: a("fd00:10::1"), nat_port: port_to_map(8080), ..Default::default() };
+        let row = conntrack_row(&k, &v, 0);
+        assert_eq!((row.family, row.source.as_str()), ("IPv6", "[fd00:20::5]:40000"));
+        assert_eq!((row.destination.as_str(), row.nat.as_str()), ("[fd00::a]:80", "[fd00:10::1]:8080"));
     }
 }

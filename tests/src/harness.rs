@@ -154,7 +154,7 @@ impl TestDataplane {
 }
 
 pub fn frontend(vip: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
-    FrontendKey { addr: vip, port, proto, scope: Scope::Internal }
+    FrontendKey { addr: vip.into(), port, proto, scope: Scope::Internal }
 }
 
 pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
@@ -163,7 +163,7 @@ pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
         kind: FrontendKind::ClusterIP,
         backends: backends
             .iter()
-            .map(|(a, p)| BackendAddr { addr: *a, port: *p, local: true, terminating: false })
+            .map(|(a, p)| BackendAddr { addr: (*a).into(), port: *p, local: true, terminating: false })
             .collect(),
         affinity_timeout: None,
         local_only: false,
@@ -434,5 +434,143 @@ pub fn decode6(frame: &[u8]) -> Decoded6 {
         tcp_flags,
         l4_csum_ok,
         payload,
+    }
+}
+
+/// A map entry as raw bytes: (key, value).
+pub type RawEntry = (Vec<u8>, Vec<u8>);
+
+/// Every entry of every map pinned in `dir` (`<root>/maps`), as raw bytes: for asserting
+/// that something left the maps exactly as they were. Per-CPU values include every CPU's
+/// copy.
+pub fn dump_pinned_maps(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<RawEntry>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // Map types whose values are per CPU: percpu hash, percpu array, LRU percpu hash.
+    const PER_CPU: [u32; 3] = [5, 6, 10];
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> i64 {
+        // SAFETY: `attr` is a 128-byte bpf_attr laid out for `cmd` by the caller.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) }
+    }
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    let cpus = possible.trim().rsplit(['-', ',']).next().and_then(|n| n.parse::<usize>().ok()).expect("cpu count") + 1;
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("pinned maps") {
+        let path = entry.expect("dir entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut a = [0u8; 128];
+        a[..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+        let fd = bpf(BPF_OBJ_GET, &mut a);
+        assert!(fd >= 0, "BPF_OBJ_GET {name}: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd the kernel just returned.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut info = [0u8; 96];
+        let mut a = [0u8; 128];
+        a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        a[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+        a[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        assert_eq!(bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a), 0, "map info {name}");
+        let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+        let (map_type, key_size, value_size) = (word(0), word(8) as usize, word(12) as usize);
+        let value_len = if PER_CPU.contains(&map_type) { value_size.div_ceil(8) * 8 * cpus } else { value_size };
+        let mut entries = Vec::new();
+        let mut key: Option<Vec<u8>> = None;
+        loop {
+            let mut next = vec![0u8; key_size];
+            let mut a = [0u8; 128];
+            a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+            let cur = key.as_ref().map_or(0, |k| k.as_ptr() as u64);
+            a[8..16].copy_from_slice(&cur.to_ne_bytes());
+            a[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+            if bpf(BPF_MAP_GET_NEXT_KEY, &mut a) != 0 {
+                break;
+            }
+            let mut value = vec![0u8; value_len];
+            let mut a = [0u8; 128];
+            a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+            a[8..16].copy_from_slice(&(next.as_ptr() as u64).to_ne_bytes());
+            a[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
+            if bpf(BPF_MAP_LOOKUP_ELEM, &mut a) == 0 {
+                entries.push((next.clone(), value));
+            }
+            key = Some(next);
+        }
+        entries.sort();
+        out.insert(name, entries);
+    }
+    out
+}
+
+// ICMP errors (datapath_icmp, datapath_xdp).
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// RFC 1071 over `data`: 0 when `data` includes a correct checksum.
+pub fn inet_csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet + IPv4 + ICMP error frame from `src` to `dst` quoting `quote` (an IP packet).
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, (typ, code): (u8, u8), rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![typ, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let c = inet_csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip =
+        etherparse::Ipv4Header::new(icmp.len() as u16, 64, etherparse::IpNumber::ICMP, src.octets(), dst.octets())
+            .expect("header");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut frame = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+    ip.write(&mut frame).expect("write header");
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// What came out: the outer addresses, and the quote's addresses and ports, after checking
+/// the outer header checksum, the ICMP checksum, the quoted IPv4 header checksum and (when
+/// the quote holds the whole segment) the quoted TCP/UDP checksum.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub outer: (Ipv4Addr, Ipv4Addr),
+    pub inner_src: (Ipv4Addr, u16),
+    pub inner_dst: (Ipv4Addr, u16),
+}
+
+pub fn check_icmp_error(frame: &[u8], whole_quote: bool) -> Seen {
+    let outer = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).expect("outer header").to_header();
+    assert_eq!(outer.calc_header_checksum(), outer.header_checksum, "outer IPv4 checksum");
+    let icmp = &frame[14 + 20..];
+    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
+    let quote = &icmp[8..];
+    let inner = etherparse::Ipv4HeaderSlice::from_slice(quote).expect("quoted header").to_header();
+    assert_eq!(inner.calc_header_checksum(), inner.header_checksum, "quoted IPv4 checksum");
+    let l4 = &quote[20..];
+    let ports = (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]));
+    if whole_quote {
+        if inner.protocol == etherparse::IpNumber::TCP {
+            let t = etherparse::TcpHeaderSlice::from_slice(l4).expect("quoted TCP").to_header();
+            let payload = &l4[t.header_len()..];
+            assert_eq!(t.calc_checksum_ipv4(&inner, payload).unwrap(), t.checksum, "quoted TCP checksum");
+        } else {
+            let u = etherparse::UdpHeaderSlice::from_slice(l4).expect("quoted UDP").to_header();
+            assert_eq!(u.calc_checksum_ipv4(&inner, &l4[8..]).unwrap(), u.checksum, "quoted UDP checksum");
+        }
+    }
+    Seen {
+        outer: (Ipv4Addr::from(outer.source), Ipv4Addr::from(outer.destination)),
+        inner_src: (Ipv4Addr::from(inner.source), ports.0),
+        inner_dst: (Ipv4Addr::from(inner.destination), ports.1),
     }
 }

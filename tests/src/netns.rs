@@ -424,8 +424,17 @@ impl Cluster {
             client.ip(&["addr", "add", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"), "dev", "eth0"])?;
         }
         if dual {
-            for ip in CLIENT_IPS6 {
-                client.ip(&["-6", "addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"])?;
+            // The kernel prefers the newest of equal IPv6 candidates as a default source;
+            // the extra ones are deprecated (preferred_lft 0) so CLIENT_IPS6[0] is the
+            // source of an unbound connection, as the first IPv4 address is. Binding one
+            // explicitly still works.
+            for (i, ip) in CLIENT_IPS6.iter().enumerate() {
+                let mut args = vec!["-6".to_string(), "addr".into(), "add".into(), format!("{ip}/64")];
+                args.extend(["dev", "eth0", "nodad"].map(String::from));
+                if i > 0 {
+                    args.extend(["preferred_lft", "0"].map(String::from));
+                }
+                client.ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
             }
         }
         let mut cluster = Cluster { underlay, client, nodes: Vec::new(), children: Vec::new(), _peer_xdp: Vec::new() };

@@ -497,7 +497,7 @@ fn source_ranges_apply_to_pods_reaching_the_lb_ip() {
     let mut dp = TestDataplane::load();
     let mut lb = entry("web", &[(B1, 8080)]);
     lb.kind = proxy_userspace::model::FrontendKind::LoadBalancer;
-    lb.source_ranges = vec![proxy_userspace::model::Ipv4Prefix { addr: Ipv4Addr::new(10, 244, 7, 0), len: 24 }];
+    lb.source_ranges = vec![proxy_userspace::model::IpPrefix { addr: Ipv4Addr::new(10, 244, 7, 0).into(), len: 24 }];
     let r = dp.syncer.apply(&state(vec![
         (frontend(VIP, 80, Protocol::Tcp), entry("web", &[(B1, 8080)])),
         (frontend(LB_IP, 80, Protocol::Tcp), lb),

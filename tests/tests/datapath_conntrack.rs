@@ -171,7 +171,7 @@ fn length_mismatched_frames_pass_untouched() {
         (frontend(VIP, 53, Protocol::Udp), entry("dns", &[(B1, 5353)])),
         (
             proxy_userspace::model::FrontendKey {
-                addr: NODE,
+                addr: NODE.into(),
                 port: 30080,
                 proto: Protocol::Tcp,
                 scope: proxy_userspace::model::Scope::External,
@@ -237,7 +237,7 @@ fn xdp_reset_of_a_multi_buffer_frame_has_no_trailing_bytes() {
     let mut np = entry("np", &[]);
     np.kind = FrontendKind::NodePort;
     let key = proxy_userspace::model::FrontendKey {
-        addr: NODE,
+        addr: NODE.into(),
         port: 30080,
         proto: Protocol::Tcp,
         scope: proxy_userspace::model::Scope::External,

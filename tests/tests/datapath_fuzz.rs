@@ -53,7 +53,7 @@ fn dataplane() -> TestDataplane {
     let ext = |port, proto, e: FrontendEntry| {
         let mut e = e;
         e.kind = FrontendKind::NodePort;
-        (FrontendKey { addr: NODE, port, proto, scope: Scope::External }, e)
+        (FrontendKey { addr: NODE.into(), port, proto, scope: Scope::External }, e)
     };
     let mut entries = Vec::new();
     for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {

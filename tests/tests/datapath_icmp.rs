@@ -4,7 +4,6 @@
 //! checksum with etherparse, the ICMP checksum over the whole message).
 use std::net::Ipv4Addr;
 
-use etherparse::{IpNumber, Ipv4Header, Ipv4HeaderSlice, TcpHeaderSlice, UdpHeaderSlice};
 use proxy_common::verdict;
 use proxy_tests::harness::*;
 use proxy_userspace::model::Protocol;
@@ -19,76 +18,10 @@ const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 /// A router on the way (the node's gateway address on the pod veths).
 const ROUTER: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-const ICMP_PORT_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-
 fn one_backend(dp: &mut TestDataplane, proto: Protocol) {
     let s = state(vec![(frontend(VIP, 80, proto), entry("web", &[(BACKEND, 8080)]))]);
     let r = dp.syncer.apply(&s);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-}
-
-/// RFC 1071 over `data`: 0 when `data` includes a correct checksum.
-fn inet_csum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An Ethernet + IPv4 + ICMP error frame from `src` to `dst` quoting `quote` (an IP packet).
-fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, (typ, code): (u8, u8), rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![typ, code, 0, 0];
-    icmp.extend_from_slice(&rest);
-    icmp.extend_from_slice(quote);
-    let c = inet_csum(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut ip = Ipv4Header::new(icmp.len() as u16, 64, IpNumber::ICMP, src.octets(), dst.octets()).expect("header");
-    ip.header_checksum = ip.calc_header_checksum();
-    let mut frame = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
-    ip.write(&mut frame).expect("write header");
-    frame.extend_from_slice(&icmp);
-    frame
-}
-
-/// What came out: the outer addresses, and the quote's addresses and ports, after checking
-/// the outer header checksum, the ICMP checksum, the quoted IPv4 header checksum and (when
-/// the quote holds the whole segment) the quoted TCP/UDP checksum.
-#[derive(Debug, PartialEq, Eq)]
-struct Seen {
-    outer: (Ipv4Addr, Ipv4Addr),
-    inner_src: (Ipv4Addr, u16),
-    inner_dst: (Ipv4Addr, u16),
-}
-
-fn check(frame: &[u8], whole_quote: bool) -> Seen {
-    let outer = Ipv4HeaderSlice::from_slice(&frame[14..]).expect("outer header").to_header();
-    assert_eq!(outer.calc_header_checksum(), outer.header_checksum, "outer IPv4 checksum");
-    let icmp = &frame[14 + 20..];
-    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
-    let quote = &icmp[8..];
-    let inner = Ipv4HeaderSlice::from_slice(quote).expect("quoted header").to_header();
-    assert_eq!(inner.calc_header_checksum(), inner.header_checksum, "quoted IPv4 checksum");
-    let l4 = &quote[20..];
-    let ports = (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]));
-    if whole_quote {
-        if inner.protocol == IpNumber::TCP {
-            let t = TcpHeaderSlice::from_slice(l4).expect("quoted TCP").to_header();
-            let payload = &l4[t.header_len()..];
-            assert_eq!(t.calc_checksum_ipv4(&inner, payload).unwrap(), t.checksum, "quoted TCP checksum");
-        } else {
-            let u = UdpHeaderSlice::from_slice(l4).expect("quoted UDP").to_header();
-            assert_eq!(u.calc_checksum_ipv4(&inner, &l4[8..]).unwrap(), u.checksum, "quoted UDP checksum");
-        }
-    }
-    Seen {
-        outer: (Ipv4Addr::from(outer.source), Ipv4Addr::from(outer.destination)),
-        inner_src: (Ipv4Addr::from(inner.source), ports.0),
-        inner_dst: (Ipv4Addr::from(inner.destination), ports.1),
-    }
 }
 
 fn global(dp: &TestDataplane, v: u32) -> u64 {
@@ -124,7 +57,7 @@ fn frag_needed_about_a_client_segment_quotes_the_vip() {
     let (v, out) = dp.run(TO_POD, &err);
     assert_eq!(v, TC_ACT_UNSPEC);
     assert_eq!(
-        check(&out, true),
+        check_icmp_error(&out, true),
         Seen { outer: (ROUTER, CLIENT), inner_src: (CLIENT, 40000), inner_dst: (VIP, 80) },
         "translated error"
     );
@@ -135,7 +68,7 @@ fn frag_needed_about_a_client_segment_quotes_the_vip() {
     // translated (TCP's checksum lies beyond them and is left alone).
     let short = icmp_error(ROUTER, CLIENT, (ICMP_TIME_EXCEEDED, 0), [0; 4], &sent[14..14 + 20 + 8]);
     let (_, out) = dp.run(TO_POD, &short);
-    assert_eq!(check(&out, false).inner_dst, (VIP, 80), "short quote");
+    assert_eq!(check_icmp_error(&out, false).inner_dst, (VIP, 80), "short quote");
 }
 
 /// The backend itself answers a UDP datagram with port unreachable: the client must see it
@@ -152,7 +85,7 @@ fn port_unreachable_from_the_backend_comes_from_the_vip() {
     let (v, out) = dp.run(TO_POD, &err);
     assert_eq!(v, TC_ACT_UNSPEC);
     assert_eq!(
-        check(&out, true),
+        check_icmp_error(&out, true),
         Seen { outer: (VIP, CLIENT), inner_src: (CLIENT, 40000), inner_dst: (VIP, 80) },
         "translated error"
     );
@@ -174,7 +107,7 @@ fn client_error_about_a_reply_goes_to_the_backend() {
     let (v, out) = dp.run(FROM_POD, &err);
     assert_eq!(v, TC_ACT_UNSPEC);
     assert_eq!(
-        check(&out, true),
+        check_icmp_error(&out, true),
         Seen { outer: (CLIENT, BACKEND), inner_src: (BACKEND, 8080), inner_dst: (CLIENT, 40000) },
         "translated error"
     );
@@ -200,5 +133,29 @@ fn other_icmp_passes_untouched() {
             assert_eq!((v, &out), (TC_ACT_UNSPEC, &frame), "{name} via {prog}");
             assert_eq!(global(&dp, verdict::OTHER_L4), before + 1, "{name} via {prog} counted other_l4");
         }
+    }
+}
+
+/// Every IPv4 error type is translated (destination unreachable in each code the kernel
+/// sends for a forwarded packet, time exceeded, parameter problem); informational types
+/// (echo reply, timestamp) are not errors and pass untouched.
+#[test]
+fn every_icmp_error_type_is_translated() {
+    if !require_root("every_icmp_error_type_is_translated") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    one_backend(&mut dp, Protocol::Tcp);
+    let sent = open_flow(&mut dp, Protocol::Tcp, b"payload");
+    let errors = [(3, 0), (3, 1), (3, 3), (3, 4), (3, 13), (11, 0), (11, 1), (12, 0)];
+    for (typ, code) in errors {
+        let err = icmp_error(ROUTER, CLIENT, (typ, code), [0; 4], &sent[14..]);
+        let (_, out) = dp.run(TO_POD, &err);
+        assert_eq!(check_icmp_error(&out, true).inner_dst, (VIP, 80), "type {typ} code {code}");
+    }
+    for typ in [0u8, 14] {
+        let msg = icmp_error(ROUTER, CLIENT, (typ, 0), [0; 4], &sent[14..]);
+        let (_, out) = dp.run(TO_POD, &msg);
+        assert_eq!(out, msg, "type {typ} is not an error");
     }
 }

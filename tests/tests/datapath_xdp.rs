@@ -12,7 +12,7 @@ use proxy_userspace::{
         addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
         node::{PortRange, node_config},
     },
-    model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, Ipv4Prefix, Protocol, Scope, ServicePortName},
+    model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, IpPrefix, Protocol, Scope, ServicePortName},
 };
 
 const XDP: &str = "from_uplink";
@@ -38,7 +38,7 @@ const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 2];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 
 fn ext(addr: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
-    FrontendKey { addr, port, proto, scope: Scope::External }
+    FrontendKey { addr: addr.into(), port, proto, scope: Scope::External }
 }
 
 fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> FrontendEntry {
@@ -47,7 +47,7 @@ fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> Frontend
         kind,
         backends: backends
             .iter()
-            .map(|(a, p, local)| BackendAddr { addr: *a, port: *p, local: *local, terminating: false })
+            .map(|(a, p, local)| BackendAddr { addr: (*a).into(), port: *p, local: *local, terminating: false })
             .collect(),
         affinity_timeout: None,
         local_only: false,
@@ -346,7 +346,7 @@ fn xdp_unresolved_next_hop_is_queued_for_the_agent() {
     assert_eq!(v, XDP_DROP);
     assert_eq!(per_service(&dp, verdict::NO_ROUTE), 1);
     let misses = dp.node().take_neigh_misses();
-    assert_eq!(misses, vec![(up0, Ipv4Addr::new(192, 168, 100, 3))], "the gateway, on the uplink");
+    assert_eq!(misses, vec![(up0, Ipv4Addr::new(192, 168, 100, 3).into())], "the gateway, on the uplink");
     assert!(dp.node().take_neigh_misses().is_empty(), "taken misses are removed");
 }
 
@@ -359,8 +359,10 @@ fn xdp_source_ranges_drop_other_clients() {
     }
     let mut dp = TestDataplane::load();
     let mut e = ext_entry(FrontendKind::LoadBalancer, &[(LOCAL_POD, 8080, true)]);
-    e.source_ranges =
-        vec![Ipv4Prefix { addr: CLIENT, len: 32 }, Ipv4Prefix { addr: Ipv4Addr::new(198, 51, 100, 0), len: 24 }];
+    e.source_ranges = vec![
+        IpPrefix { addr: CLIENT.into(), len: 32 },
+        IpPrefix { addr: Ipv4Addr::new(198, 51, 100, 0).into(), len: 24 },
+    ];
     program(&mut dp, vec![(ext(LB_IP, 80, Protocol::Tcp), e)]);
     let (v, out) = dp.run(XDP, &tcp_frame((CLIENT, 40000), (LB_IP, 80), b""));
     assert_eq!((v, decode(&out).dst), (XDP_PASS, (LOCAL_POD, 8080)));
@@ -568,4 +570,42 @@ fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
     assert_eq!(per_service(&dp, verdict::NEW_FLOW), 20);
     assert_eq!(per_service(&dp, verdict::ERROR), 0);
     assert_eq!(dp.maps().conntrack.keys().count(), 2, "only the last connection's two entries remain");
+}
+
+/// ICMP errors about a source-NATed NodePort flow (issue 12): node 2 (a router on the way)
+/// or the remote backend itself reports about the translated packet (node:snat-port ->
+/// backend); XDP translates the quote back to client -> node:nodePort, sends the error to
+/// the client (from the frontend when the backend sent it) and forwards it like the flow's
+/// replies.
+#[test]
+fn xdp_icmp_errors_about_snat_flows_reach_the_client() {
+    if !require_root("xdp_icmp_errors_about_snat_flows_reach_the_client") {
+        return;
+    }
+    let net = FwdNs::new();
+    let up0 = net.uplink_ifindex();
+    let mut dp = TestDataplane::load();
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))],
+    );
+    let client = (CLIENT, 40000);
+    let (_, sent) = net.ns.run(|| dp.run_xdp_on(XDP, &tcp_frame(client, (NODE, NODE_PORT), &[1u8; 700]), up0));
+    let snat_port = decode(&sent).src.1;
+    // What node 2 saw: the forwarded packet (TTL already decremented by us).
+    let mtu = 1280u16.to_be_bytes();
+    for (sender, outer_src) in [(NODE2, NODE2), (REMOTE_POD, NODE)] {
+        let err = icmp_error(sender, NODE, (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED), [0, 0, mtu[0], mtu[1]], &sent[14..]);
+        let before = global(&dp, verdict::ICMP_ERROR);
+        let (v, out) = net.ns.run(|| dp.run_xdp_on(XDP, &err, up0));
+        assert_eq!(v, XDP_TX, "forwarded back out towards the client");
+        assert_eq!(
+            check_icmp_error(&out, true),
+            Seen { outer: (outer_src, CLIENT), inner_src: client, inner_dst: (NODE, NODE_PORT) },
+            "error from {sender}"
+        );
+        assert_eq!(&out[..6], &CLIENT_MAC, "to the client's MAC");
+        assert_eq!(global(&dp, verdict::ICMP_ERROR), before + 1);
+    }
+    assert_ne!(snat_port, 40000, "the flow was source-NATed");
 }

@@ -324,7 +324,7 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
         "{origin}: {argv:?}"
     );
     assert!(
-        args.nodeport_addresses.iter().all(|c| c.parse::<proxy_userspace::model::Ipv4Prefix>().is_ok()),
+        args.nodeport_addresses.iter().all(|c| c.parse::<proxy_userspace::model::IpPrefix>().is_ok()),
         "{origin}: {argv:?}"
     );
 

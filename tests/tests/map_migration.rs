@@ -78,7 +78,11 @@ fn size_change_migrates_entries() {
     let (mut progs, maps) = loader::load(&cfg(&pins, 32, 4096)).expect("load with new sizes");
     let mut migrating = progs.migration.maps();
     migrating.sort();
-    assert_eq!(migrating, vec![n::CONNTRACK, n::SERVICES, n::SERVICE_META, n::SERVICE_STATS]);
+    // The IPv6 twins follow the same flags, so they migrate with their IPv4 maps.
+    assert_eq!(
+        migrating,
+        vec![n::CONNTRACK, n::CONNTRACK6, n::SERVICES, n::SERVICES6, n::SERVICE_META, n::SERVICE_STATS]
+    );
     assert_eq!(maps.capacities().conntrack, 4096);
     assert_eq!(maps.capacities().services, 32);
     assert_eq!(pin_info(&pins, n::CONNTRACK).max_entries(), 4096);
@@ -89,7 +93,7 @@ fn size_change_migrates_entries() {
 
     // An entry the old programs create before the swap is carried over by `finish`.
     let old = migrating_entries(&pins);
-    assert_eq!(old, 4, "old maps pinned aside until the swap");
+    assert_eq!(old, 6, "old maps pinned aside until the swap");
     let aside = std::fs::read_dir(pins.0.join("migrating"))
         .unwrap()
         .flatten()
@@ -225,17 +229,22 @@ fn interrupted_migration_is_resumed() {
     {
         // Loaded with the new size, then dropped before `finish` (as a kill -9 would).
         let (p, _maps) = loader::load(&cfg(&pins, 64, 2048)).unwrap();
-        assert_eq!(p.migration.maps(), vec![n::CONNTRACK]);
+        assert_eq!(p.migration.maps(), vec![n::CONNTRACK, n::CONNTRACK6]);
     }
-    assert_eq!(migrating_entries(&pins), 1, "old map still pinned aside");
+    assert_eq!(migrating_entries(&pins), 2, "old maps (both families) still pinned aside");
     // The entry the old programs created after the first copy.
-    let aside = std::fs::read_dir(pins.0.join("migrating")).unwrap().flatten().next().unwrap().path();
+    let aside = std::fs::read_dir(pins.0.join("migrating"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("CONNTRACK-")))
+        .unwrap();
     let mut old_ct: HashMap<MapData, CtKey, CtValue> =
         HashMap::try_from(Map::from_map_data(MapData::from_pin(&aside).unwrap()).unwrap()).unwrap();
     let (k, v) = ct(5000);
     old_ct.insert(k, v, 0).unwrap();
     let (mut p, maps) = loader::load(&cfg(&pins, 64, 2048)).unwrap();
-    assert_eq!(p.migration.maps(), vec![n::CONNTRACK], "resumed");
+    assert_eq!(p.migration.maps(), vec![n::CONNTRACK, n::CONNTRACK6], "resumed");
     assert_eq!(maps.conntrack.iter().count(), 301);
     std::mem::take(&mut p.migration).finish().unwrap();
     assert_eq!(migrating_entries(&pins), 0);

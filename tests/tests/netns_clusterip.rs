@@ -136,7 +136,7 @@ fn source_ranges_keep_pods_outside_them_off_the_lb_ip() {
     let (outside, inside, server) = (&topo.pods[0], &topo.pods[1], topo.pods[2].ip);
     let mut lb = entry("web", &[(server, 8080)]);
     lb.kind = proxy_userspace::model::FrontendKind::LoadBalancer;
-    lb.source_ranges = vec![proxy_userspace::model::Ipv4Prefix { addr: inside.ip, len: 32 }];
+    lb.source_ranges = vec![proxy_userspace::model::IpPrefix { addr: inside.ip.into(), len: 32 }];
     let r = dp.syncer.apply(&state(vec![
         (frontend(VIP, 80, Protocol::Tcp), entry("web", &[(server, 8080)])),
         (frontend(LB_IP, 80, Protocol::Tcp), lb),

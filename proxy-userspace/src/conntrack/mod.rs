@@ -17,14 +17,36 @@
 //! so a pass is bounded whatever the table's size; the decisions are pure and work on the
 //! [`CtTable`] trait, implemented by the kernel map (`dataplane::ct_table`) and by an
 //! in-memory table in the unit tests.
+//!
+//! Both families are collected by the same code: the table, the collector and the decisions
+//! are generic over the address type ([`CtAddr`]: `u32` for `CONNTRACK`, `Ipv6Words` for
+//! `CONNTRACK6`), and the agent runs one collector per family.
 pub mod task;
 
-use std::collections::HashSet;
+use std::{collections::HashSet, fmt::Debug, hash::Hash};
 
 use proxy_common::{
-    CT_DIR_REPLY, CtKey, CtValue,
+    CT_DIR_REPLY, CtKey, CtValue, Ipv6Words,
     ct::{self, CtState, CtTimeouts},
+    map_names,
 };
+
+/// The address type of a conntrack table, and the map that holds that family's entries.
+pub trait CtAddr: Copy + Default + Eq + Hash + Ord + Debug + Send + Sync + 'static {
+    const MAP: &'static str;
+    /// The family's name, for metric labels ("IPv4", "IPv6").
+    const FAMILY: &'static str;
+}
+
+impl CtAddr for u32 {
+    const MAP: &'static str = map_names::CONNTRACK;
+    const FAMILY: &'static str = "IPv4";
+}
+
+impl CtAddr for Ipv6Words {
+    const MAP: &'static str = map_names::CONNTRACK6;
+    const FAMILY: &'static str = "IPv6";
+}
 
 /// How CONNTRACK entries carried over from an older map are read (`dataplane::migrate`).
 ///
@@ -46,19 +68,20 @@ impl crate::dataplane::migrate::Upgrade<CtKey, CtValue> for CtUpgrade {
     }
 }
 
-/// Where the collector reads and deletes entries.
+/// Where the collector reads and deletes entries (one family's table).
 pub trait CtTable {
+    type Addr: CtAddr;
     type Error: std::error::Error + Send + Sync + 'static;
     /// Up to `max` entries starting at `cursor` (`None`: the beginning), and the cursor of
     /// the next chunk (`None` when this chunk reached the end of the table).
-    fn read_chunk(&mut self, cursor: Option<u32>, max: usize) -> Result<Chunk, Self::Error>;
-    fn get(&self, key: &CtKey) -> Result<Option<CtValue>, Self::Error>;
+    fn read_chunk(&mut self, cursor: Option<u32>, max: usize) -> Result<Chunk<Self::Addr>, Self::Error>;
+    fn get(&self, key: &CtKey<Self::Addr>) -> Result<Option<CtValue<Self::Addr>>, Self::Error>;
     /// Whether the entry was there; deleting an entry that is already gone is not an error.
-    fn delete(&mut self, key: &CtKey) -> Result<bool, Self::Error>;
+    fn delete(&mut self, key: &CtKey<Self::Addr>) -> Result<bool, Self::Error>;
 }
 
-pub struct Chunk {
-    pub entries: Vec<(CtKey, CtValue)>,
+pub struct Chunk<A = u32> {
+    pub entries: Vec<(CtKey<A>, CtValue<A>)>,
     pub next: Option<u32>,
 }
 
@@ -140,7 +163,7 @@ fn reason_index(r: Reason) -> usize {
 }
 
 /// What to do with one forward entry, before looking at its reply entry.
-fn judge_forward(k: &CtKey, v: &CtValue, now: u64, cfg: &GcConfig, pressure: bool) -> Option<Reason> {
+fn judge_forward<A>(k: &CtKey<A>, v: &CtValue<A>, now: u64, cfg: &GcConfig, pressure: bool) -> Option<Reason> {
     let state = ct::state(k.proto, v.flags);
     let idle = now.saturating_sub(v.last_seen);
     if idle > cfg.timeouts.idle_ns(k.proto, state) {
@@ -179,7 +202,7 @@ impl<T: CtTable> Gc<T> {
         let mut report = PassReport::default();
         let mut remaining = self.cfg.budget.max(1);
         // Partners deleted with their flow may still come up later in a chunk read earlier.
-        let mut gone: HashSet<CtKey> = HashSet::new();
+        let mut gone: HashSet<CtKey<T::Addr>> = HashSet::new();
         loop {
             let chunk = self.table.read_chunk(self.cursor, remaining)?;
             remaining = remaining.saturating_sub(chunk.entries.len());
@@ -202,14 +225,14 @@ impl<T: CtTable> Gc<T> {
 
     fn judge(
         &mut self,
-        k: &CtKey,
-        v: &CtValue,
+        k: &CtKey<T::Addr>,
+        v: &CtValue<T::Addr>,
         now: u64,
         pressure: bool,
         report: &mut PassReport,
-        gone: &mut HashSet<CtKey>,
+        gone: &mut HashSet<CtKey<T::Addr>>,
     ) -> Result<(), T::Error> {
-        let mut remove = |table: &mut T, keys: &[CtKey], why: Reason| -> Result<(), T::Error> {
+        let mut remove = |table: &mut T, keys: &[CtKey<T::Addr>], why: Reason| -> Result<(), T::Error> {
             for key in keys {
                 gone.insert(*key);
                 if table.delete(key)? {
@@ -261,21 +284,27 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     /// An in-memory table whose chunks follow key order, with the cursor as an index.
-    #[derive(Default)]
-    struct MemTable(BTreeMap<CtKey, CtValue>);
+    struct MemTable<A = u32>(BTreeMap<CtKey<A>, CtValue<A>>);
 
-    impl CtTable for MemTable {
+    impl<A> Default for MemTable<A> {
+        fn default() -> Self {
+            MemTable(BTreeMap::new())
+        }
+    }
+
+    impl<A: CtAddr> CtTable for MemTable<A> {
+        type Addr = A;
         type Error = Infallible;
-        fn read_chunk(&mut self, cursor: Option<u32>, max: usize) -> Result<Chunk, Infallible> {
+        fn read_chunk(&mut self, cursor: Option<u32>, max: usize) -> Result<Chunk<A>, Infallible> {
             let start = cursor.unwrap_or(0) as usize;
             let entries: Vec<_> = self.0.iter().skip(start).take(max).map(|(k, v)| (*k, *v)).collect();
             let end = start + entries.len();
             Ok(Chunk { next: (end < self.0.len()).then_some(end as u32), entries })
         }
-        fn get(&self, key: &CtKey) -> Result<Option<CtValue>, Infallible> {
+        fn get(&self, key: &CtKey<A>) -> Result<Option<CtValue<A>>, Infallible> {
             Ok(self.0.get(key).copied())
         }
-        fn delete(&mut self, key: &CtKey) -> Result<bool, Infallible> {
+        fn delete(&mut self, key: &CtKey<A>) -> Result<bool, Infallible> {
             Ok(self.0.remove(key).is_some())
         }
     }
@@ -370,6 +399,39 @@ mod tests {
         let r = g.pass(now, false).unwrap();
         assert_eq!(r.deleted, [0, 0, 1]);
         assert_eq!(g.table().0.len(), 1, "the young orphan waits (its forward entry may be on its way)");
+    }
+
+    /// The IPv6 table goes through the same collector: a closed IPv6 flow goes after its
+    /// grace with its reply entry, an established one stays and is counted.
+    #[test]
+    fn ipv6_flows_are_collected_like_ipv4_ones() {
+        let mut t: MemTable<Ipv6Words> = MemTable::default();
+        let now = 100_000 * S;
+        let (client, vip, backend) = ([0xfd00, 0, 0, 1u32.to_be()], [0xfd00, 0, 0, 2u32.to_be()], [0xfd00, 0, 0, 3]);
+        let mut add = |sport: u16, flags: u8, seen: u64| {
+            let k = CtKey {
+                src_addr: client,
+                dst_addr: vip,
+                src_port: sport,
+                dst_port: 80,
+                proto: PROTO_TCP,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            };
+            let v = CtValue { nat_addr: backend, nat_port: 8080, flags, last_seen: seen, ..Default::default() };
+            let rv = CtValue { nat_addr: vip, nat_port: 80, flags, last_seen: seen, ..Default::default() };
+            t.0.insert(k.reply_of_forward(&v), rv);
+            t.0.insert(k, v);
+            k
+        };
+        let closed = add(1, CLOSED, now - 11 * S);
+        let live = add(2, EST, now - 60 * S);
+        let mut g = Gc::new(t, GcConfig::default());
+        let r = g.pass(now, false).unwrap();
+        assert_eq!(r.deleted, [2, 0, 0]);
+        assert!(!g.table().0.contains_key(&closed) && g.table().0.contains_key(&live));
+        assert_eq!(g.table().0.len(), 2, "the live flow keeps both entries");
+        assert_eq!(r.census.unwrap().flows_by_state, [0, 1, 0, 0]);
     }
 
     #[test]

@@ -2,18 +2,20 @@
 //! [`PRESSURE_INTERVAL`] while the table is under pressure (nearly full, or the datapath
 //! counted `ct_full` drops since the last pass). It runs on its own OS thread, so neither
 //! the sync loop nor the HTTP server ever waits for it, and a pass is bounded by the budget.
+//! One collector per family (`CONNTRACK`, `CONNTRACK6`), each with its own cursor and fill
+//! ratio, on the same thread.
 use std::{
     thread,
     time::{Duration, Instant},
 };
 
-use proxy_common::{ct::CtState, verdict};
+use proxy_common::{CtKey, CtValue, Ipv6Words, ct::CtState, verdict};
 use tracing::{debug, info, warn};
 
-use super::{Census, Gc, GcConfig, Reason};
+use super::{Census, CtAddr, Gc, GcConfig, Reason};
 use crate::{
     dataplane::{ct_table::KernelCtTable, maps::GlobalStats},
-    metrics::{Metrics, ReasonLabel, StateLabel},
+    metrics::{FamilyLabel, Metrics, ReasonLabel, StateLabel},
 };
 
 /// Pass interval while the table is under pressure.
@@ -30,64 +32,41 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-pub struct GcTask {
-    pub gc: Gc<KernelCtTable>,
-    pub stats: GlobalStats,
+/// One family's collector and what the task remembers of it.
+pub struct FamilyGc<A: CtAddr> {
+    pub gc: Gc<KernelCtTable<A>>,
     pub capacity: u32,
-    pub interval: Duration,
-    pub metrics: Metrics,
+    /// Fill ratio of the last complete walk.
+    fill: f64,
 }
 
-impl GcTask {
-    pub fn new(table: KernelCtTable, stats: GlobalStats, cfg: GcConfig, interval: Duration, metrics: Metrics) -> Self {
+impl<A: CtAddr> FamilyGc<A>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    fn new(table: KernelCtTable<A>, cfg: GcConfig) -> Self {
         let capacity = match table.capacity() {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "cannot read the conntrack map's size; fill ratio unknown");
+                warn!(map = A::MAP, error = %e, "cannot read the conntrack map's size; fill ratio unknown");
                 0
             }
         };
-        GcTask { gc: Gc::new(table, cfg), stats, capacity, interval, metrics }
+        FamilyGc { gc: Gc::new(table, cfg), capacity, fill: 0.0 }
     }
 
-    /// Run forever on a thread of its own.
-    pub fn spawn(mut self) {
-        let spawned = thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
-            let mut last_full = self.ct_full_drops();
-            let mut fill = 0.0;
-            loop {
-                let full = self.ct_full_drops();
-                let pressure = fill >= PRESSURE_FILL || full > last_full;
-                if full > last_full {
-                    self.metrics.conntrack_full_drops.inc_by(full - last_full);
-                }
-                last_full = full;
-                if let Some(f) = self.pass(pressure) {
-                    fill = f;
-                }
-                thread::sleep(if pressure { PRESSURE_INTERVAL } else { self.interval });
-            }
-        });
-        if let Err(e) = spawned {
-            warn!(error = %e, "cannot start the conntrack collector; closed flows will not be removed");
-        }
-    }
-
-    fn ct_full_drops(&self) -> u64 {
-        self.stats.total(verdict::CT_FULL).map(|c| c.packets).unwrap_or(0)
-    }
-
-    /// One pass; returns the fill ratio when the pass finished a walk over the table.
-    fn pass(&mut self, pressure: bool) -> Option<f64> {
+    /// One pass; keeps the fill ratio when the pass finished a walk over the table.
+    fn pass(&mut self, pressure: bool, metrics: &Metrics) {
         let t = Instant::now();
         let report = match self.gc.pass(monotonic_ns(), pressure) {
             Ok(r) => r,
             Err(e) => {
-                warn!(error = %e, "conntrack GC pass failed");
-                return None;
+                warn!(map = A::MAP, error = %e, "conntrack GC pass failed");
+                return;
             }
         };
-        let m = &self.metrics;
+        let m = metrics;
         m.conntrack_gc_runs.inc();
         m.conntrack_gc_duration.observe(t.elapsed().as_secs_f64());
         for (i, r) in Reason::ALL.iter().enumerate() {
@@ -101,6 +80,7 @@ impl GcTask {
             let [expired, pressured, orphans] = report.deleted;
             if pressured > 0 {
                 info!(
+                    map = A::MAP,
                     scanned = report.scanned,
                     expired,
                     pressure = pressured,
@@ -108,20 +88,65 @@ impl GcTask {
                     "conntrack under pressure: removed closed and unanswered flows"
                 );
             } else {
-                debug!(scanned = report.scanned, expired, orphans, "conntrack GC pass");
+                debug!(map = A::MAP, scanned = report.scanned, expired, orphans, "conntrack GC pass");
             }
         }
-        let census: Census = report.census?;
+        let Some(census): Option<Census> = report.census else { return };
         for (i, s) in CtState::ALL.iter().enumerate() {
             m.conntrack_flows
-                .get_or_create(&StateLabel { state: s.name().into() })
+                .get_or_create(&StateLabel { state: s.name().into(), family: A::FAMILY.into() })
                 .set(census.flows_by_state[i] as i64);
         }
-        m.conntrack_entries.set(census.entries as i64);
-        let fill = if self.capacity > 0 { census.entries as f64 / f64::from(self.capacity) } else { 0.0 };
-        m.map_fill
-            .get_or_create(&crate::metrics::MapLabel { map: proxy_common::map_names::CONNTRACK.into() })
-            .set(fill);
-        Some(fill)
+        m.conntrack_entries.get_or_create(&FamilyLabel { family: A::FAMILY.into() }).set(census.entries as i64);
+        self.fill = if self.capacity > 0 { census.entries as f64 / f64::from(self.capacity) } else { 0.0 };
+        m.map_fill.get_or_create(&crate::metrics::MapLabel { map: A::MAP.into() }).set(self.fill);
+    }
+}
+
+pub struct GcTask {
+    pub v4: FamilyGc<u32>,
+    pub v6: FamilyGc<Ipv6Words>,
+    pub stats: GlobalStats,
+    pub interval: Duration,
+    pub metrics: Metrics,
+}
+
+impl GcTask {
+    pub fn new(
+        tables: (KernelCtTable<u32>, KernelCtTable<Ipv6Words>),
+        stats: GlobalStats,
+        cfg: GcConfig,
+        interval: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        GcTask { v4: FamilyGc::new(tables.0, cfg), v6: FamilyGc::new(tables.1, cfg), stats, interval, metrics }
+    }
+
+    /// Run forever on a thread of its own.
+    pub fn spawn(mut self) {
+        let spawned = thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
+            let mut last_full = self.ct_full_drops();
+            loop {
+                // `ct_full` is counted for both families together: drops put both under
+                // pressure; a nearly full table puts only itself.
+                let full = self.ct_full_drops();
+                let dropped = full > last_full;
+                if dropped {
+                    self.metrics.conntrack_full_drops.inc_by(full - last_full);
+                }
+                last_full = full;
+                let (p4, p6) = (dropped || self.v4.fill >= PRESSURE_FILL, dropped || self.v6.fill >= PRESSURE_FILL);
+                self.v4.pass(p4, &self.metrics);
+                self.v6.pass(p6, &self.metrics);
+                thread::sleep(if p4 || p6 { PRESSURE_INTERVAL } else { self.interval });
+            }
+        });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start the conntrack collector; closed flows will not be removed");
+        }
+    }
+
+    fn ct_full_drops(&self) -> u64 {
+        self.stats.total(verdict::CT_FULL).map(|c| c.packets).unwrap_or(0)
     }
 }

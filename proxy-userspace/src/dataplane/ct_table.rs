@@ -1,4 +1,5 @@
-//! The kernel's `CONNTRACK` map as a [`CtTable`] for the garbage collector.
+//! The kernel's `CONNTRACK` (IPv4) and `CONNTRACK6` (IPv6) maps as a [`CtTable`] for the
+//! garbage collector: one type, generic over the address.
 //!
 //! Chunks are read with `BPF_MAP_LOOKUP_BATCH` (`bpfsys::map_lookup_batch`: aya 0.14 has
 //! no batch operations), a few hundred entries per syscall instead of two syscalls per entry
@@ -7,25 +8,30 @@
 use std::{io, mem::size_of, os::fd::AsFd, path::Path};
 
 use aya::maps::{HashMap, MapData, MapError};
-use proxy_common::{CtKey, CtValue, map_names as n};
+use proxy_common::{CtKey, CtValue};
 
 use super::{DataplaneError, bpfsys, paths};
-use crate::conntrack::{Chunk, CtTable};
+use crate::conntrack::{Chunk, CtAddr, CtTable};
 
 /// Entries asked for per syscall. A hash bucket must fit in one call (ENOSPC otherwise, and
 /// we retry larger); buckets hold a handful of entries, so this is plenty.
 const BATCH: usize = 512;
 
-pub struct KernelCtTable {
-    map: HashMap<MapData, CtKey, CtValue>,
+pub struct KernelCtTable<A = u32> {
+    map: HashMap<MapData, CtKey<A>, CtValue<A>>,
 }
 
-impl KernelCtTable {
-    /// Open the pinned CONNTRACK map of the agent at `root`.
+impl<A: CtAddr> KernelCtTable<A>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    /// Open the pinned conntrack map of this family (`CONNTRACK`, `CONNTRACK6`) of the agent
+    /// at `root`.
     pub fn open_pinned(root: &Path) -> Result<Self, DataplaneError> {
-        let path = paths::maps_dir(root).join(n::CONNTRACK);
-        let data = MapData::from_pin(&path).map_err(|e| DataplaneError::from_map(n::CONNTRACK, e))?;
-        let map = aya::maps::Map::from_map_data(data).map_err(|e| DataplaneError::from_map(n::CONNTRACK, e))?;
+        let path = paths::maps_dir(root).join(A::MAP);
+        let data = MapData::from_pin(&path).map_err(|e| DataplaneError::from_map(A::MAP, e))?;
+        let map = aya::maps::Map::from_map_data(data).map_err(|e| DataplaneError::from_map(A::MAP, e))?;
         Self::new(map)
     }
 
@@ -35,13 +41,13 @@ impl KernelCtTable {
             aya::maps::Map::LruHashMap(d) => aya::maps::Map::HashMap(d),
             other => other,
         };
-        let map = HashMap::try_from(map).map_err(|e| DataplaneError::from_map(n::CONNTRACK, e))?;
+        let map = HashMap::try_from(map).map_err(|e| DataplaneError::from_map(A::MAP, e))?;
         Ok(KernelCtTable { map })
     }
 
     /// Capacity of the map as the kernel has it (not as a flag asked for).
     pub fn capacity(&self) -> Result<u32, DataplaneError> {
-        let info = self.map_data().info().map_err(|e| DataplaneError::from_map(n::CONNTRACK, e))?;
+        let info = self.map_data().info().map_err(|e| DataplaneError::from_map(A::MAP, e))?;
         Ok(info.max_entries())
     }
 
@@ -49,16 +55,16 @@ impl KernelCtTable {
         aya::maps::IterableMap::map(&self.map)
     }
 
-    fn lookup_batch(&self, cursor: Option<u32>, count: usize) -> io::Result<Chunk> {
-        let mut keys = vec![CtKey::<u32>::default(); count];
-        let mut values = vec![CtValue::<u32>::default(); count];
+    fn lookup_batch(&self, cursor: Option<u32>, count: usize) -> io::Result<Chunk<A>> {
+        let mut keys = vec![CtKey::<A>::default(); count];
+        let mut values = vec![CtValue::<A>::default(); count];
         // SAFETY: the byte views cover exactly the two vectors of plain `#[repr(C)]` integer
         // structs, whose every bit pattern is valid; the kernel writes at most `count` keys
         // and values of the map's sizes (checked by aya when the typed map was built).
         let (kb, vb) = unsafe {
             (
-                std::slice::from_raw_parts_mut(keys.as_mut_ptr() as *mut u8, count * size_of::<CtKey>()),
-                std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * size_of::<CtValue>()),
+                std::slice::from_raw_parts_mut(keys.as_mut_ptr() as *mut u8, count * size_of::<CtKey<A>>()),
+                std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * size_of::<CtValue<A>>()),
             )
         };
         let (n, next) = bpfsys::map_lookup_batch(self.map_data().fd().as_fd(), cursor, kb, vb, count as u32)?;
@@ -68,10 +74,15 @@ impl KernelCtTable {
     }
 }
 
-impl CtTable for KernelCtTable {
+impl<A: CtAddr> CtTable for KernelCtTable<A>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    type Addr = A;
     type Error = DataplaneError;
 
-    fn read_chunk(&mut self, cursor: Option<u32>, max: usize) -> Result<Chunk, DataplaneError> {
+    fn read_chunk(&mut self, cursor: Option<u32>, max: usize) -> Result<Chunk<A>, DataplaneError> {
         let mut want = max.clamp(1, BATCH);
         loop {
             match self.lookup_batch(cursor, want) {
@@ -79,30 +90,27 @@ impl CtTable for KernelCtTable {
                 // One bucket holds more entries than we asked for: ask for more.
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && want < 1 << 16 => want *= 4,
                 Err(source) => {
-                    return Err(DataplaneError::Io {
-                        context: format!("reading map {} in batches", n::CONNTRACK),
-                        source,
-                    });
+                    return Err(DataplaneError::Io { context: format!("reading map {} in batches", A::MAP), source });
                 }
             }
         }
     }
 
-    fn get(&self, key: &CtKey) -> Result<Option<CtValue>, DataplaneError> {
+    fn get(&self, key: &CtKey<A>) -> Result<Option<CtValue<A>>, DataplaneError> {
         match self.map.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DataplaneError::from_map(n::CONNTRACK, e)),
+            Err(e) => Err(DataplaneError::from_map(A::MAP, e)),
         }
     }
 
-    fn delete(&mut self, key: &CtKey) -> Result<bool, DataplaneError> {
+    fn delete(&mut self, key: &CtKey<A>) -> Result<bool, DataplaneError> {
         match self.map.remove(key) {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
             Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(DataplaneError::from_map(n::CONNTRACK, e)),
+            Err(e) => Err(DataplaneError::from_map(A::MAP, e)),
         }
     }
 }

@@ -49,15 +49,20 @@ impl LoaderConfig {
 }
 
 impl LoaderConfig {
-    /// `max_entries` of the maps the flags size.
-    fn sizes(&self) -> [(&'static str, u32); 6] {
+    /// `max_entries` of the maps the flags size. The IPv6 twins follow the same flags as
+    /// their IPv4 maps (`--max-services` sizes SERVICES and SERVICES6 each); slots,
+    /// metadata and counters are shared by both families.
+    fn sizes(&self) -> [(&'static str, u32); 9] {
         [
             (n::SERVICES, self.max_services),
+            (n::SERVICES6, self.max_services),
             (n::SERVICE_META, self.max_services),
             (n::SERVICE_STATS, self.max_services.saturating_mul(STATS_PER_SERVICE)),
             (n::BACKENDS, self.max_backends),
+            (n::BACKENDS6, self.max_backends),
             (n::BACKEND_SLOTS, slots_for(self.max_backends)),
             (n::CONNTRACK, self.max_conntrack),
+            (n::CONNTRACK6, self.max_conntrack),
         ]
     }
 }
@@ -351,6 +356,14 @@ mod tests {
         assert_eq!(d[n::CONNTRACK].max_entries, 30);
         assert_eq!(d[n::CONNTRACK].key_size as usize, size_of::<proxy_common::CtKey>());
         assert_eq!(d[n::CONNTRACK].value_size as usize, size_of::<proxy_common::CtValue>());
+        // The IPv6 twins follow the same flags, with their own layouts.
+        assert_eq!(
+            (d[n::SERVICES6].max_entries, d[n::BACKENDS6].max_entries, d[n::CONNTRACK6].max_entries),
+            (10, 20, 30)
+        );
+        assert_eq!(d[n::CONNTRACK6].key_size as usize, size_of::<proxy_common::CtKey6>());
+        assert_eq!(d[n::CONNTRACK6].value_size as usize, size_of::<proxy_common::CtValue6>());
+        assert_eq!(d[n::SERVICES6].key_size as usize, size_of::<proxy_common::ServiceKey6>());
         for k in super::super::migrate::KINDS {
             assert!(d.contains_key(k.name), "{} declared", k.name);
         }

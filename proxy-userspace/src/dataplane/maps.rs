@@ -1,32 +1,36 @@
 //! Typed handles on the pinned maps. The agent gets them from the freshly loaded object;
 //! the CLI opens the pins directly, so it works whether or not the agent runs.
-use std::{io, path::Path};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use aya::{
     Ebpf,
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey,
-    StatsKey, map_names as n,
+    AffinityKey, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, ServiceKey, ServiceKey6,
+    ServiceMeta, ServiceValue, SlotKey, SourceRangeData6, StatsKey, map_names as n,
 };
 
 use super::{
     DataplaneError,
-    addr::{ip_from_map, ip_to_map},
+    addr::{ip_from_map, ip_to_map, ip6_from_map, ip6_to_map},
     paths,
 };
 use crate::{
-    model::Ipv4Prefix,
-    sync::store::{MapStore, Snapshot, StoreResult},
+    model::{IpFamily, IpPrefix},
+    sync::store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, Snapshot, StoreResult},
 };
 
 /// Flag that sizes a map, for "map full" errors.
 pub fn size_flag(map: &str) -> &'static str {
     match map {
-        n::SERVICES | n::SERVICE_META => "max-services",
-        n::BACKENDS | n::BACKEND_SLOTS => "max-backends",
-        n::CONNTRACK => "max-conntrack",
+        n::SERVICES | n::SERVICES6 | n::SERVICE_META => "max-services",
+        n::BACKENDS | n::BACKENDS6 | n::BACKEND_SLOTS => "max-backends",
+        n::CONNTRACK | n::CONNTRACK6 => "max-conntrack",
         _ => "max-services",
     }
 }
@@ -41,6 +45,11 @@ pub struct Maps {
     pub global_stats: PerCpuArray<MapData, Counters>,
     pub meta: HashMap<MapData, u32, ServiceMeta>,
     pub source_ranges: LpmTrie<MapData, [u32; 2], u8>,
+    // IPv6 twins of the maps that hold addresses (ids, slots, metadata, counters shared).
+    pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub backends6: HashMap<MapData, u32, Backend6>,
+    pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
+    pub source_ranges6: LpmTrie<MapData, SourceRangeData6, u8>,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
@@ -70,6 +79,10 @@ impl Maps {
             global_stats: typed(n::GLOBAL_STATS, get(n::GLOBAL_STATS)?)?,
             meta: typed(n::SERVICE_META, get(n::SERVICE_META)?)?,
             source_ranges: typed(n::SOURCE_RANGES, get(n::SOURCE_RANGES)?)?,
+            services6: typed(n::SERVICES6, get(n::SERVICES6)?)?,
+            backends6: typed(n::BACKENDS6, get(n::BACKENDS6)?)?,
+            conntrack6: typed(n::CONNTRACK6, get(n::CONNTRACK6)?)?,
+            source_ranges6: typed(n::SOURCE_RANGES6, get(n::SOURCE_RANGES6)?)?,
         })
     }
 
@@ -94,13 +107,17 @@ impl Maps {
 }
 
 /// Sizes of the maps in use, as the kernel reports them (for fill ratios: after a
-/// migration, or when pins were re-used, they are what counts, not the flags).
+/// migration, or when pins were re-used, they are what counts, not the flags). The IPv6
+/// twins are sized by the same flags as their IPv4 maps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capacities {
     pub services: u32,
     pub backends: u32,
     pub slots: u32,
     pub conntrack: u32,
+    pub services6: u32,
+    pub backends6: u32,
+    pub conntrack6: u32,
 }
 
 impl Maps {
@@ -112,6 +129,9 @@ impl Maps {
             backends: max(self.backends.map()),
             slots: max(self.slots.map()),
             conntrack: max(self.conntrack.map()),
+            services6: max(self.services6.map()),
+            backends6: max(self.backends6.map()),
+            conntrack6: max(self.conntrack6.map()),
         }
     }
 }
@@ -154,8 +174,36 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
-fn range_key(svc_id: u32, p: Ipv4Prefix) -> Key<[u32; 2]> {
-    Key::new(32 + u32::from(p.len), [svc_id.to_be(), ip_to_map(p.addr)])
+fn range_key(svc_id: u32, addr: Ipv4Addr, len: u8) -> Key<[u32; 2]> {
+    Key::new(32 + u32::from(len), [svc_id.to_be(), ip_to_map(addr)])
+}
+
+/// `SOURCE_RANGES6` key: the big-endian service id, then the IPv6 prefix.
+fn range_key6(svc_id: u32, addr: Ipv6Addr, len: u8) -> Key<SourceRangeData6> {
+    let [a, b, c, d] = ip6_to_map(addr);
+    Key::new(32 + u32::from(len), [svc_id.to_be(), a, b, c, d])
+}
+
+fn ct_facts<A>(k: &CtKey<A>, v: &CtValue<A>) -> CtFacts {
+    CtFacts { proto: k.proto, svc_id: v.svc_id, backend_id: v.backend_id }
+}
+
+/// Delete the entries of one conntrack map that `pred` selects; returns how many.
+fn purge<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    pred: impl Fn(&K, &V) -> bool,
+) -> StoreResult<usize>
+where
+    K: aya::Pod,
+    V: aya::Pod,
+{
+    // Collect first: deleting while iterating a BPF hash map restarts the walk.
+    let doomed: Vec<K> = map.iter().filter_map(Result::ok).filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
+    for k in &doomed {
+        ignore_missing(map.remove(k)).map_err(|e| DataplaneError::from_map(name, e))?;
+    }
+    Ok(doomed.len())
 }
 
 impl MapStore for Maps {
@@ -163,13 +211,23 @@ impl MapStore for Maps {
         let collect_err = |name: &'static str| move |e| DataplaneError::from_map(name, e);
         let mut snap = Snapshot::default();
         for r in self.services.iter() {
-            snap.services.push(r.map_err(collect_err(n::SERVICES))?);
+            let (k, v) = r.map_err(collect_err(n::SERVICES))?;
+            snap.services.push((key_with(&k, IpAddr::V4(ip_from_map(k.addr))), v));
+        }
+        for r in self.services6.iter() {
+            let (k, v) = r.map_err(collect_err(n::SERVICES6))?;
+            snap.services.push((key_with(&k, IpAddr::V6(ip6_from_map(k.addr))), v));
         }
         for r in self.slots.iter() {
             snap.slots.push(r.map_err(collect_err(n::BACKEND_SLOTS))?);
         }
         for r in self.backends.iter() {
-            snap.backends.push(r.map_err(collect_err(n::BACKENDS))?);
+            let (id, b) = r.map_err(collect_err(n::BACKENDS))?;
+            snap.backends.push((id, backend_with(&b, IpAddr::V4(ip_from_map(b.addr)))));
+        }
+        for r in self.backends6.iter() {
+            let (id, b) = r.map_err(collect_err(n::BACKENDS6))?;
+            snap.backends.push((id, backend_with(&b, IpAddr::V6(ip6_from_map(b.addr)))));
         }
         for r in self.meta.iter() {
             snap.meta.push(r.map_err(collect_err(n::SERVICE_META))?);
@@ -178,15 +236,35 @@ impl MapStore for Maps {
             let (k, _) = r.map_err(collect_err(n::SOURCE_RANGES))?;
             let [svc_be, addr] = k.data();
             let len = k.prefix_len().saturating_sub(32).min(32) as u8;
-            snap.ranges.push((u32::from_be(svc_be), Ipv4Prefix { addr: ip_from_map(addr), len }));
+            snap.ranges.push((u32::from_be(svc_be), IpPrefix { addr: IpAddr::V4(ip_from_map(addr)), len }));
+        }
+        for r in self.source_ranges6.iter() {
+            let (k, _) = r.map_err(collect_err(n::SOURCE_RANGES6))?;
+            let [svc_be, a, b, c, d] = k.data();
+            let len = k.prefix_len().saturating_sub(32).min(128) as u8;
+            snap.ranges.push((u32::from_be(svc_be), IpPrefix { addr: IpAddr::V6(ip6_from_map([a, b, c, d])), len }));
         }
         Ok(snap)
     }
-    fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> StoreResult {
-        self.services.insert(k, v, 0).map_err(|e| DataplaneError::from_map(n::SERVICES, e))
+    fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
+        match k.addr {
+            IpAddr::V4(a) => self
+                .services
+                .insert(key_with(k, ip_to_map(a)), v, 0)
+                .map_err(|e| DataplaneError::from_map(n::SERVICES, e)),
+            IpAddr::V6(a) => self
+                .services6
+                .insert(key_with(k, ip6_to_map(a)), v, 0)
+                .map_err(|e| DataplaneError::from_map(n::SERVICES6, e)),
+        }
     }
-    fn del_service(&mut self, k: &ServiceKey) -> StoreResult {
-        ignore_missing(self.services.remove(k)).map_err(|e| DataplaneError::from_map(n::SERVICES, e))
+    fn del_service(&mut self, k: &AnyServiceKey) -> StoreResult {
+        match k.addr {
+            IpAddr::V4(a) => ignore_missing(self.services.remove(&key_with(k, ip_to_map(a))))
+                .map_err(|e| DataplaneError::from_map(n::SERVICES, e)),
+            IpAddr::V6(a) => ignore_missing(self.services6.remove(&key_with(k, ip6_to_map(a))))
+                .map_err(|e| DataplaneError::from_map(n::SERVICES6, e)),
+        }
     }
     fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult {
         self.slots.insert(k, backend_id, 0).map_err(|e| DataplaneError::from_map(n::BACKEND_SLOTS, e))
@@ -194,11 +272,27 @@ impl MapStore for Maps {
     fn del_slot(&mut self, k: &SlotKey) -> StoreResult {
         ignore_missing(self.slots.remove(k)).map_err(|e| DataplaneError::from_map(n::BACKEND_SLOTS, e))
     }
-    fn put_backend(&mut self, id: u32, b: &Backend) -> StoreResult {
-        self.backends.insert(id, b, 0).map_err(|e| DataplaneError::from_map(n::BACKENDS, e))
+    fn put_backend(&mut self, id: u32, b: &AnyBackend) -> StoreResult {
+        match b.addr {
+            IpAddr::V4(a) => self
+                .backends
+                .insert(id, backend_with(b, ip_to_map(a)), 0)
+                .map_err(|e| DataplaneError::from_map(n::BACKENDS, e)),
+            IpAddr::V6(a) => self
+                .backends6
+                .insert(id, backend_with(b, ip6_to_map(a)), 0)
+                .map_err(|e| DataplaneError::from_map(n::BACKENDS6, e)),
+        }
     }
-    fn del_backend(&mut self, id: u32) -> StoreResult {
-        ignore_missing(self.backends.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS, e))
+    fn del_backend(&mut self, id: u32, family: IpFamily) -> StoreResult {
+        match family {
+            IpFamily::V4 => {
+                ignore_missing(self.backends.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS, e))
+            }
+            IpFamily::V6 => {
+                ignore_missing(self.backends6.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS6, e))
+            }
+        }
     }
     fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult {
         self.meta.insert(id, m, 0).map_err(|e| DataplaneError::from_map(n::SERVICE_META, e))
@@ -213,22 +307,38 @@ impl MapStore for Maps {
         }
         Ok(())
     }
-    fn put_range(&mut self, svc_id: u32, p: Ipv4Prefix) -> StoreResult {
-        self.source_ranges
-            .insert(&range_key(svc_id, p), 1, 0)
-            .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e))
-    }
-    fn del_range(&mut self, svc_id: u32, p: Ipv4Prefix) -> StoreResult {
-        ignore_missing(self.source_ranges.remove(&range_key(svc_id, p)))
-            .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e))
-    }
-    fn purge_conntrack(&mut self, pred: &dyn Fn(&CtKey, &CtValue) -> bool) -> StoreResult<usize> {
-        // Collect first: deleting while iterating a BPF hash map restarts the walk.
-        let doomed: Vec<CtKey> =
-            self.conntrack.iter().filter_map(Result::ok).filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
-        for k in &doomed {
-            ignore_missing(self.conntrack.remove(k)).map_err(|e| DataplaneError::from_map(n::CONNTRACK, e))?;
+    fn put_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
+        match p.addr {
+            IpAddr::V4(a) => self
+                .source_ranges
+                .insert(&range_key(svc_id, a, p.len), 1, 0)
+                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e)),
+            IpAddr::V6(a) => self
+                .source_ranges6
+                .insert(&range_key6(svc_id, a, p.len), 1, 0)
+                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES6, e)),
         }
-        Ok(doomed.len())
     }
+    fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
+        match p.addr {
+            IpAddr::V4(a) => ignore_missing(self.source_ranges.remove(&range_key(svc_id, a, p.len)))
+                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e)),
+            IpAddr::V6(a) => ignore_missing(self.source_ranges6.remove(&range_key6(svc_id, a, p.len)))
+                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES6, e)),
+        }
+    }
+    fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize> {
+        let v4 = purge(&mut self.conntrack, n::CONNTRACK, |k, v| pred(ct_facts(k, v)))?;
+        let v6 = purge(&mut self.conntrack6, n::CONNTRACK6, |k, v| pred(ct_facts(k, v)))?;
+        Ok(v4 + v6)
+    }
+}
+
+/// `k` with its address replaced (the map's own address type).
+fn key_with<A, B>(k: &ServiceKey<A>, addr: B) -> ServiceKey<B> {
+    ServiceKey { addr, port: k.port, proto: k.proto, scope: k.scope }
+}
+
+fn backend_with<A, B>(b: &Backend<A>, addr: B) -> Backend<B> {
+    Backend { addr, port: b.port, proto: b.proto, flags: b.flags }
 }

@@ -30,8 +30,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, NeighKey, NodeConfig, ServiceKey, ServiceMeta,
-    ServiceValue, SlotKey, StatsKey, map_names as n,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
+    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6,
+    StatsKey, map_names as n,
 };
 use tracing::{info, warn};
 
@@ -173,6 +174,15 @@ pub static KINDS: &[Kind] = &[
     // Every index of an array exists: nothing to add after the swap.
     Kind { name: n::GLOBAL_STATS, repeat: false, must_fit: false, copy: copy_percpu_array::<Counters> },
     Kind { name: n::NEIGH_MISSES, repeat: true, must_fit: false, copy: copy_hash::<NeighKey, u64> },
+    // IPv6 twins: same rules as their IPv4 maps. CONNTRACK6 was never an LRU, so its entries
+    // need no upgrade.
+    Kind { name: n::SERVICES6, repeat: false, must_fit: true, copy: copy_hash::<ServiceKey6, ServiceValue> },
+    Kind { name: n::BACKENDS6, repeat: false, must_fit: true, copy: copy_hash::<u32, Backend6> },
+    Kind { name: n::SOURCE_RANGES6, repeat: false, must_fit: true, copy: copy_lpm::<SourceRangeData6, u8> },
+    Kind { name: n::NODE_CONFIG6, repeat: false, must_fit: false, copy: copy_array::<NodeConfig6> },
+    Kind { name: n::CONNTRACK6, repeat: true, must_fit: false, copy: copy_hash::<CtKey6, CtValue6> },
+    Kind { name: n::AFFINITY6, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey6, AffinityValue> },
+    Kind { name: n::NEIGH_MISSES6, repeat: true, must_fit: false, copy: copy_hash::<NeighKey6, u64> },
 ];
 
 fn kind(name: &str) -> Option<&'static Kind> {
@@ -605,5 +615,7 @@ mod tests {
         // The agent's maps must fit; datapath state is best effort and copied again.
         assert!(kind(n::SERVICES).is_some_and(|k| k.must_fit && !k.repeat));
         assert!(kind(n::CONNTRACK).is_some_and(|k| !k.must_fit && k.repeat));
+        assert!(kind(n::SERVICES6).is_some_and(|k| k.must_fit && !k.repeat));
+        assert!(kind(n::CONNTRACK6).is_some_and(|k| !k.must_fit && k.repeat));
     }
 }

@@ -1,10 +1,11 @@
-//! Node-level datapath state: `NODE_CONFIG` (SNAT address, hairpin address, SNAT port
-//! range) and `NEIGH_MISSES`, the next hops XDP could not forward to because the kernel had
-//! no neighbour entry for them. XDP cannot resolve neighbours itself; the agent asks the
-//! kernel to (`NTF_USE`, as `ip neigh ... use` does) and forgets the miss.
+//! Node-level datapath state: `NODE_CONFIG` / `NODE_CONFIG6` (SNAT address, hairpin
+//! address, SNAT port range) and `NEIGH_MISSES` / `NEIGH_MISSES6`, the next hops XDP could
+//! not forward to because the kernel had no neighbour (ARP / NDP) entry for them. XDP
+//! cannot resolve neighbours itself; the agent asks the kernel to (`NTF_USE`, as
+//! `ip neigh ... use` does) and forgets the miss.
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     str::FromStr,
 };
@@ -14,11 +15,11 @@ use aya::{
     maps::{Array, HashMap, Map, MapData},
 };
 use netlink_packet_route::neighbour::{NeighbourFlags, NeighbourState};
-use proxy_common::{NeighKey, NodeConfig, map_names as n, nat_defaults};
+use proxy_common::{NeighKey, NeighKey6, NodeConfig, NodeConfig6, map_names as n, nat_defaults};
 
 use super::{
     DataplaneError,
-    addr::{ip_from_map, ip_to_map},
+    addr::{MapAddr, ip_to_map, ip6_to_map},
     paths,
 };
 
@@ -78,9 +79,20 @@ pub fn node_config(snat_addr: Option<Ipv4Addr>, hairpin: Option<Ipv4Addr>, ports
     }
 }
 
+/// The value the datapath reads from `NODE_CONFIG6`: the node's IPv6 SNAT address (none:
+/// the address the client used) and the IPv6 hairpin source (unspecified: disabled).
+pub fn node_config6(snat_addr: Option<Ipv6Addr>, hairpin: Option<Ipv6Addr>) -> NodeConfig6 {
+    NodeConfig6 {
+        snat_addr: snat_addr.map(ip6_to_map).unwrap_or_default(),
+        hairpin_addr: hairpin.filter(|a| !a.is_unspecified()).map(ip6_to_map).unwrap_or_default(),
+    }
+}
+
 pub struct NodeMaps {
     pub config: Array<MapData, NodeConfig>,
     pub neigh_misses: HashMap<MapData, NeighKey, u64>,
+    pub config6: Array<MapData, NodeConfig6>,
+    pub neigh_misses6: HashMap<MapData, NeighKey6, u64>,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
@@ -97,6 +109,8 @@ impl NodeMaps {
         Ok(NodeMaps {
             config: typed(n::NODE_CONFIG, take(n::NODE_CONFIG)?)?,
             neigh_misses: typed(n::NEIGH_MISSES, take(n::NEIGH_MISSES)?)?,
+            config6: typed(n::NODE_CONFIG6, take(n::NODE_CONFIG6)?)?,
+            neigh_misses6: typed(n::NEIGH_MISSES6, take(n::NEIGH_MISSES6)?)?,
         })
     }
 
@@ -110,6 +124,8 @@ impl NodeMaps {
         Ok(NodeMaps {
             config: typed(n::NODE_CONFIG, open(n::NODE_CONFIG)?)?,
             neigh_misses: typed(n::NEIGH_MISSES, open(n::NEIGH_MISSES)?)?,
+            config6: typed(n::NODE_CONFIG6, open(n::NODE_CONFIG6)?)?,
+            neigh_misses6: typed(n::NEIGH_MISSES6, open(n::NEIGH_MISSES6)?)?,
         })
     }
 
@@ -121,23 +137,42 @@ impl NodeMaps {
         self.config.set(0, c, 0).map_err(|e| DataplaneError::from_map(n::NODE_CONFIG, e))
     }
 
-    /// Every queued neighbour miss, removed from the map: (ifindex, next hop).
-    pub fn take_neigh_misses(&mut self) -> Vec<(u32, Ipv4Addr)> {
-        // Collect first: deleting while iterating a BPF hash map restarts the walk.
-        let keys: Vec<NeighKey> = self.neigh_misses.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            let _ = self.neigh_misses.remove(k);
-        }
-        keys.iter().map(|k| (k.ifindex, ip_from_map(k.addr))).collect()
+    pub fn config6(&self) -> Result<NodeConfig6, DataplaneError> {
+        self.config6.get(&0, 0).map_err(|e| DataplaneError::from_map(n::NODE_CONFIG6, e))
+    }
+
+    pub fn set_config6(&mut self, c: &NodeConfig6) -> Result<(), DataplaneError> {
+        self.config6.set(0, c, 0).map_err(|e| DataplaneError::from_map(n::NODE_CONFIG6, e))
+    }
+
+    /// Every queued neighbour miss of both families, removed from the maps: (ifindex,
+    /// next hop).
+    pub fn take_neigh_misses(&mut self) -> Vec<(u32, IpAddr)> {
+        let mut out = take_misses(&mut self.neigh_misses);
+        out.extend(take_misses(&mut self.neigh_misses6));
+        out
     }
 }
 
+fn take_misses<A: MapAddr + aya::Pod>(map: &mut HashMap<MapData, NeighKey<A>, u64>) -> Vec<(u32, IpAddr)>
+where
+    NeighKey<A>: aya::Pod,
+{
+    // Collect first: deleting while iterating a BPF hash map restarts the walk.
+    let keys: Vec<NeighKey<A>> = map.keys().filter_map(Result::ok).collect();
+    for k in &keys {
+        let _ = map.remove(k);
+    }
+    keys.iter().map(|k| (k.ifindex, k.addr.to_ip())).collect()
+}
+
 /// Ask the kernel to resolve `addr` on `ifindex` (creating the entry if needed), like
-/// `ip neigh replace ADDR dev DEV use`. Returns at once; resolution (ARP) is asynchronous.
-pub async fn resolve_neighbour(handle: &rtnetlink::Handle, ifindex: u32, addr: Ipv4Addr) -> Result<(), DataplaneError> {
+/// `ip neigh replace ADDR dev DEV use`. Returns at once; resolution (ARP, or neighbour
+/// solicitation for IPv6) is asynchronous.
+pub async fn resolve_neighbour(handle: &rtnetlink::Handle, ifindex: u32, addr: IpAddr) -> Result<(), DataplaneError> {
     handle
         .neighbours()
-        .add(ifindex, IpAddr::V4(addr))
+        .add(ifindex, addr)
         .state(NeighbourState::None)
         .flags(NeighbourFlags::Use)
         .replace()
@@ -171,5 +206,16 @@ mod tests {
         assert_eq!(c.snat_addr.to_ne_bytes(), [192, 168, 1, 10]);
         assert_eq!(c.hairpin_addr, 0, "0.0.0.0 disables hairpin SNAT");
         assert_eq!((c.snat_port_min, c.snat_port_max), (61000, 65535));
+    }
+
+    #[test]
+    fn node_config6_in_map_byte_order() {
+        let hairpin = Ipv6Addr::from(nat_defaults::HAIRPIN_ADDR6);
+        let c = node_config6(Some("fd00::10".parse().unwrap()), Some(hairpin));
+        let bytes = |w: [u32; 4]| w.iter().flat_map(|w| w.to_ne_bytes()).collect::<Vec<u8>>();
+        assert_eq!(bytes(c.snat_addr), "fd00::10".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(bytes(c.hairpin_addr), nat_defaults::HAIRPIN_ADDR6);
+        let off = node_config6(None, Some(Ipv6Addr::UNSPECIFIED));
+        assert_eq!(off, NodeConfig6::default(), "no SNAT address, :: disables hairpin SNAT");
     }
 }

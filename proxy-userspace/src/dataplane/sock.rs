@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs::File,
     io,
+    net::IpAddr,
     os::{
         fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -20,10 +21,12 @@ use aya::{
     maps::{Array, HashMap, Map, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use proxy_common::{SockConfig, SockRevKey, SockRevValue, map_names as n, sock_flags};
+use proxy_common::{
+    Ipv6Words, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, map_names as n, sock_flags,
+};
 use tracing::{debug, info};
 
-use super::{bpfsys, loader::Programs, paths};
+use super::{addr, bpfsys, loader::Programs, paths};
 
 /// The programs, by name in the object (`proxy-ebpf/src/main.rs`).
 pub const SOCK_PROGRAMS: [&str; 8] = [
@@ -307,23 +310,51 @@ pub struct DestroyReport {
     pub elapsed: Duration,
 }
 
-/// The `SOCK_REVNAT` map, opened from its pin, to tell sockets the hooks translated from
-/// sockets that dialled a pod address themselves (those are not ours to close).
+/// The `SOCK_REVNAT` and `SOCK_REVNAT6` maps, opened from their pins, to tell sockets the
+/// hooks translated from sockets that dialled a pod address themselves (those are not ours
+/// to close).
 pub struct RevNat {
-    map: HashMap<MapData, SockRevKey, SockRevValue>,
+    v4: HashMap<MapData, SockRevKey, SockRevValue>,
+    v6: HashMap<MapData, SockRevKey6, SockRevValue6>,
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>, SockError> {
+    let path = paths::maps_dir(root).join(name);
+    let data = MapData::from_pin(&path).map_err(|source| SockError::Map { map: name, source })?;
+    let map = Map::from_map_data(data).map_err(|source| SockError::Map { map: name, source })?;
+    HashMap::try_from(map).map_err(|source| SockError::Map { map: name, source })
 }
 
 impl RevNat {
     pub fn open_pinned(root: &Path) -> Result<Self, SockError> {
-        let path = paths::maps_dir(root).join(n::SOCK_REVNAT);
-        let data = MapData::from_pin(&path).map_err(|source| SockError::Map { map: n::SOCK_REVNAT, source })?;
-        let map = Map::from_map_data(data).map_err(|source| SockError::Map { map: n::SOCK_REVNAT, source })?;
-        let map = HashMap::try_from(map).map_err(|source| SockError::Map { map: n::SOCK_REVNAT, source })?;
-        Ok(RevNat { map })
+        Ok(RevNat { v4: open_hash(root, n::SOCK_REVNAT)?, v6: open_hash(root, n::SOCK_REVNAT6)? })
     }
 
-    fn translated(&self, cookie: u64, addr: u32, port: u16) -> bool {
-        self.map.get(&SockRevKey::new(cookie, addr, port), 0).is_ok()
+    fn translated(&self, cookie: u64, peer: Peer, port: u16) -> bool {
+        match peer {
+            Peer::V4(a) => self.v4.get(&SockRevKey::new(cookie, a, port), 0).is_ok(),
+            Peer::V6(a) => self.v6.get(&SockRevKey::new(cookie, a, port), 0).is_ok(),
+        }
+    }
+}
+
+/// A socket's peer as the maps store it: IPv4 (also for an IPv6 socket connected to an
+/// IPv4-mapped address, which the hooks translate through the IPv4 maps) or IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Peer {
+    V4(u32),
+    V6(Ipv6Words),
+}
+
+impl Peer {
+    fn of(ip: IpAddr) -> Peer {
+        match ip {
+            IpAddr::V4(a) => Peer::V4(addr::ip_to_map(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => Peer::V4(addr::ip_to_map(v4)),
+                None => Peer::V6(addr::ip6_to_map(a)),
+            },
+        }
     }
 }
 
@@ -447,23 +478,22 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
     }
 }
 
-/// The IPv4 peer of an `inet_diag_sockid`: `idiag_dst[0]` of an IPv4 socket, or the IPv4
-/// address in an IPv4-mapped `idiag_dst` of an IPv6 socket (dialled as `::ffff:a.b.c.d`,
-/// translated through the IPv4 maps).
-fn v4_peer(family: libc::c_int, id: &[u8]) -> Option<u32> {
+/// The peer of an `inet_diag_sockid` (`idiag_dst`) of a socket of `family`, as the maps
+/// store it.
+fn peer(family: libc::c_int, id: &[u8]) -> Peer {
     let word = |i: usize| u32::from_ne_bytes([id[20 + 4 * i], id[21 + 4 * i], id[22 + 4 * i], id[23 + 4 * i]]);
     if family == libc::AF_INET {
-        return Some(word(0));
+        return Peer::V4(word(0));
     }
-    let mapped_prefix = [0u8, 0, 0xff, 0xff];
-    (word(0) == 0 && word(1) == 0 && id[28..32] == mapped_prefix).then(|| word(3))
+    let mut octets = [0u8; 16];
+    octets.copy_from_slice(&id[20..36]);
+    Peer::of(IpAddr::V6(std::net::Ipv6Addr::from(octets)))
 }
 
-/// Destroy, in the namespace the thread is in, the connected UDP sockets (IPv4, and IPv6
-/// ones connected to an IPv4-mapped address) whose peer is one of `backends` and that the
-/// hooks translated (their cookie is in `SOCK_REVNAT` under that backend). Returns
-/// (destroyed, failed).
-fn destroy_here(backends: &HashSet<(u32, u16)>, revnat: &RevNat) -> io::Result<(usize, usize)> {
+/// Destroy, in the namespace the thread is in, the connected UDP sockets (both families)
+/// whose peer is one of `backends` and that the hooks translated (their cookie is in
+/// `SOCK_REVNAT`/`SOCK_REVNAT6` under that backend). Returns (destroyed, failed).
+fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<(usize, usize)> {
     let (mut destroyed, mut failed) = (0, 0);
     for family in [libc::AF_INET, libc::AF_INET6] {
         let dump = netlink_socket()?;
@@ -476,7 +506,7 @@ fn destroy_here(backends: &HashSet<(u32, u16)>, revnat: &RevNat) -> io::Result<(
             let id = &msg[SOCKID_OFF..SOCKID_OFF + SOCKID_LEN];
             // inet_diag_sockid: sport, dport (big-endian u16), src[4], dst[4], if, cookie[2].
             let dport = u16::from_ne_bytes([id[2], id[3]]);
-            let Some(dst) = v4_peer(family, id) else { return };
+            let dst = peer(family, id);
             let cookie = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]) as u64
                 | (u32::from_ne_bytes([id[44], id[45], id[46], id[47]]) as u64) << 32;
             if backends.contains(&(dst, dport)) && revnat.translated(cookie, dst, dport) {
@@ -502,7 +532,7 @@ fn destroy_here(backends: &HashSet<(u32, u16)>, revnat: &RevNat) -> io::Result<(
 }
 
 /// Destroy the connected UDP sockets the socket-level hooks pointed at `backends` (address,
-/// port, network byte order), in every network namespace of a process in the `cgroup` tree.
+/// port in network byte order), in every network namespace of a process in the `cgroup` tree.
 /// Their owners get ECONNABORTED on the next call and reconnect, through the hooks, to a
 /// live backend (kube-proxy's conntrack flush for UDP, kube-proxy #48370, at the socket).
 /// Uses sock_diag `SOCK_DESTROY` (CONFIG_INET_DIAG_DESTROY), from a thread that enters each
@@ -510,9 +540,9 @@ fn destroy_here(backends: &HashSet<(u32, u16)>, revnat: &RevNat) -> io::Result<(
 /// (pods) are found through `/proc/<pid>/ns/net` and entered with setns, which needs the
 /// host's PID namespace and CAP_SYS_ADMIN; without them only the agent's own namespace is
 /// searched (node processes and hostNetwork pods).
-pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(u32, u16)]) -> DestroyReport {
+pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(IpAddr, u16)]) -> DestroyReport {
     let t = Instant::now();
-    let wanted: HashSet<(u32, u16)> = backends.iter().copied().collect();
+    let wanted: HashSet<(Peer, u16)> = backends.iter().map(|(a, p)| (Peer::of(*a), *p)).collect();
     let mut namespaces = namespaces_in(cgroup);
     // The agent's own namespace (the host's) first, without entering it: in the DaemonSet
     // (hostNetwork, no hostPID) it is the one namespace always reachable.
@@ -585,10 +615,12 @@ mod tests {
         let mut id = [0u8; SOCKID_LEN];
         id[28..32].copy_from_slice(&[0, 0, 0xff, 0xff]);
         id[32..36].copy_from_slice(&[10, 96, 0, 10]);
-        assert_eq!(v4_peer(libc::AF_INET6, &id), Some(u32::from_ne_bytes([10, 96, 0, 10])));
+        assert_eq!(peer(libc::AF_INET6, &id), Peer::V4(u32::from_ne_bytes([10, 96, 0, 10])));
         id[28] = 1;
-        assert_eq!(v4_peer(libc::AF_INET6, &id), None);
+        let v6: std::net::Ipv6Addr = "::1ff:a60:a".parse().unwrap();
+        assert_eq!(peer(libc::AF_INET6, &id), Peer::V6(addr::ip6_to_map(v6)));
         id[20..24].copy_from_slice(&[10, 0, 0, 1]);
-        assert_eq!(v4_peer(libc::AF_INET, &id), Some(u32::from_ne_bytes([10, 0, 0, 1])));
+        assert_eq!(peer(libc::AF_INET, &id), Peer::V4(u32::from_ne_bytes([10, 0, 0, 1])));
+        assert_eq!(Peer::of("::ffff:10.0.0.1".parse().unwrap()), Peer::V4(u32::from_ne_bytes([10, 0, 0, 1])));
     }
 }

@@ -3,14 +3,14 @@
 //! (k8s.io/utils/net), which accept IPv4 octets with leading zeros and read them as decimal
 //! (`172.30.0.041` is 172.30.0.41). Objects stored before the API server validated that
 //! still carry such addresses, and kube-proxy serves them; a strict parser would drop the
-//! whole Service. One CIDR type serves `--nodeport-addresses` and
+//! whole Service. One CIDR type (both families) serves `--nodeport-addresses` and
 //! `loadBalancerSourceRanges`.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
 };
 
-use super::types::Ipv4Prefix;
+use super::types::{IpFamily, IpPrefix};
 
 /// An IPv4 address whose octets may carry leading zeros (decimal, as Go's parser before
 /// 1.17 and `ParseIPSloppy` read them), or any IPv6 address.
@@ -33,37 +33,54 @@ fn decimal<T: FromStr>(s: &str) -> Option<T> {
     (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
 }
 
-/// Why a CIDR was not taken.
+/// A CIDR that does not parse (the caller names the object and the value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CidrError {
-    /// A valid IPv6 CIDR: the IPv4 datapath does not use it (yet).
-    Ipv6,
-    Invalid,
-}
+pub struct InvalidCidr;
 
-impl FromStr for Ipv4Prefix {
-    type Err = CidrError;
+impl FromStr for IpPrefix {
+    type Err = InvalidCidr;
 
-    /// "a.b.c.d/len", sloppy about leading zeros like `ParseCIDRSloppy`; host bits are
-    /// masked off, as Go's `net.ParseCIDR` does.
-    fn from_str(s: &str) -> Result<Self, CidrError> {
-        let (addr, len) = s.trim().split_once('/').ok_or(CidrError::Invalid)?;
-        let len: u8 = decimal(len).ok_or(CidrError::Invalid)?;
-        match parse_ip_sloppy(addr).ok_or(CidrError::Invalid)? {
+    /// "a.b.c.d/len" or an IPv6 "addr/len", sloppy about IPv4 leading zeros like
+    /// `ParseCIDRSloppy`; host bits are masked off, as Go's `net.ParseCIDR` does.
+    fn from_str(s: &str) -> Result<Self, InvalidCidr> {
+        let (addr, len) = s.trim().split_once('/').ok_or(InvalidCidr)?;
+        let len: u8 = decimal(len).ok_or(InvalidCidr)?;
+        match parse_ip_sloppy(addr).ok_or(InvalidCidr)? {
             IpAddr::V4(addr) if len <= 32 => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                Ok(Ipv4Prefix { addr: Ipv4Addr::from(u32::from(addr) & mask), len })
+                Ok(IpPrefix { addr: IpAddr::V4(Ipv4Addr::from(u32::from(addr) & mask_v4(len))), len })
             }
-            IpAddr::V6(_) if len <= 128 => Err(CidrError::Ipv6),
-            _ => Err(CidrError::Invalid),
+            IpAddr::V6(addr) if len <= 128 => {
+                Ok(IpPrefix { addr: IpAddr::V6(Ipv6Addr::from(u128::from(addr) & mask_v6(len))), len })
+            }
+            _ => Err(InvalidCidr),
         }
     }
 }
 
-impl Ipv4Prefix {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - u32::from(self.len.min(32))).unwrap_or(0);
-        u32::from(ip) & mask == u32::from(self.addr) & mask
+fn mask_v4(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len.min(32))).unwrap_or(0)
+}
+
+fn mask_v6(len: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(len.min(128))).unwrap_or(0)
+}
+
+impl IpPrefix {
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.addr)
+    }
+
+    /// Whether `ip` is in the prefix; an address of the other family never is.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                u32::from(ip) & mask_v4(self.len) == u32::from(net) & mask_v4(self.len)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                u128::from(ip) & mask_v6(self.len) == u128::from(net) & mask_v6(self.len)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -103,16 +120,33 @@ mod tests {
 
     #[test]
     fn cidrs_are_sloppy_and_masked() {
-        let p: Ipv4Prefix = "203.0.113.000/025".parse().unwrap();
-        assert_eq!((p.addr, p.len), (Ipv4Addr::new(203, 0, 113, 0), 25));
-        let p: Ipv4Prefix = "10.0.0.5/24".parse().unwrap();
-        assert_eq!(p.addr, Ipv4Addr::new(10, 0, 0, 0));
-        assert!(p.contains(Ipv4Addr::new(10, 0, 0, 200)) && !p.contains(Ipv4Addr::new(10, 0, 1, 1)));
-        let all: Ipv4Prefix = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
-        assert_eq!("fd00::/64".parse::<Ipv4Prefix>(), Err(CidrError::Ipv6));
-        for bad in ["10.0.0.0/33", "10.0.0.0", "10.0.0.0/", "10.0.0.0/x", "x/8", "fd00::/129"] {
-            assert_eq!(bad.parse::<Ipv4Prefix>(), Err(CidrError::Invalid), "{bad}");
+        let p: IpPrefix = "203.0.113.000/025".parse().unwrap();
+        assert_eq!((p.addr, p.len), (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 0)), 25));
+        let p: IpPrefix = "10.0.0.5/24".parse().unwrap();
+        assert_eq!(p.addr, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)));
+        assert!(p.contains("10.0.0.200".parse().unwrap()) && !p.contains("10.0.1.1".parse().unwrap()));
+        let all: IpPrefix = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+        // An IPv4 prefix never contains an IPv6 address, even ::/0 against IPv4-mapped ones.
+        assert!(!all.contains("::ffff:1.2.3.4".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "10.0.0.0", "10.0.0.0/", "10.0.0.0/x", "x/8", "fd00::/129", "fd00::/-1"] {
+            assert_eq!(bad.parse::<IpPrefix>(), Err(InvalidCidr), "{bad}");
         }
+    }
+
+    /// IPv6 CIDRs (loadBalancerSourceRanges, `--nodeport-addresses`) parse like Go's
+    /// `net.ParseCIDR`: host bits masked, the family kept apart.
+    #[test]
+    fn ipv6_cidrs() {
+        let p: IpPrefix = "2001:db8:1::5/48".parse().unwrap();
+        assert_eq!((p.addr, p.len, p.family()), ("2001:db8:1::".parse().unwrap(), 48, IpFamily::V6));
+        assert_eq!(p.to_string(), "2001:db8:1::/48");
+        assert!(p.contains("2001:db8:1:ffff::1".parse().unwrap()));
+        assert!(!p.contains("2001:db8:2::1".parse().unwrap()));
+        assert!(!p.contains("10.0.0.1".parse().unwrap()));
+        let all: IpPrefix = "::/0".parse().unwrap();
+        assert!(all.contains("fd00::1".parse().unwrap()) && !all.contains("1.2.3.4".parse().unwrap()));
+        let host: IpPrefix = "fd00::1/128".parse().unwrap();
+        assert!(host.contains("fd00::1".parse().unwrap()) && !host.contains("fd00::2".parse().unwrap()));
     }
 }

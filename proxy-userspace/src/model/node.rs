@@ -1,49 +1,47 @@
 //! The agent's own Node -> the node facts the translation needs.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::Node;
 
 use super::{
     addr::parse_ip_sloppy,
-    types::{Ipv4Prefix, NodeInfo, Warning},
+    types::{IpPrefix, NodeInfo, Warning},
 };
 
 /// The Node label topology-aware routing matches zone hints against.
 const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 
-/// A node address from the Node object, IPv4 only, sloppy like kube-proxy.
-fn node_ipv4(s: &str) -> Option<Ipv4Addr> {
-    match parse_ip_sloppy(s)? {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(_) => None,
-    }
-}
-
-/// NodeInfo for `name`: NodePort addresses are the node's InternalIP/ExternalIP IPv4
-/// addresses, restricted to `nodeport_cidrs` when any are given (kube-proxy's
-/// `--nodeport-addresses`). Bad CIDRs are reported, not fatal.
+/// NodeInfo for `name`: NodePort addresses are the node's InternalIP/ExternalIP addresses
+/// of both families (upstream runs a proxier per family, each serving NodePorts on its
+/// family's node addresses), restricted to `nodeport_cidrs` when any are given
+/// (kube-proxy's `--nodeport-addresses`, IPv4 and IPv6 CIDRs). Bad CIDRs are reported,
+/// not fatal.
+///
+/// Upstream applies `--nodeport-addresses` per family: when the flag names CIDRs of one
+/// family only, the other family's proxier serves NodePorts on all its node addresses
+/// (`NodePortAddresses` falls back to "all" for a family with no CIDR).
 pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> (NodeInfo, Vec<Warning>) {
     let mut warnings = Vec::new();
     let mut prefixes = Vec::new();
     // An empty value (e.g. an empty ConfigMap key) means "no restriction".
     for c in nodeport_cidrs.iter().filter(|c| !c.trim().is_empty()) {
-        match c.parse::<Ipv4Prefix>() {
+        match c.parse::<IpPrefix>() {
             Ok(p) => prefixes.push(p),
             Err(_) => warnings.push(Warning {
                 object: "--nodeport-addresses".into(),
                 kind: "Flag",
-                message: format!("ignoring invalid IPv4 CIDR {c:?}"),
+                message: format!("ignoring invalid CIDR {c:?}"),
             }),
         }
     }
-    let mut addrs: Vec<Ipv4Addr> = node
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| node_ipv4(&a.address))
-        .filter(|ip| prefixes.is_empty() || prefixes.iter().any(|p| p.contains(*ip)))
+    let allowed = |ip: IpAddr| {
+        let mut of_family = prefixes.iter().filter(|p| p.addr.is_ipv4() == ip.is_ipv4()).peekable();
+        of_family.peek().is_none() || of_family.any(|p| p.contains(ip))
+    };
+    let mut addrs: Vec<IpAddr> = node_addresses(node)
+        .filter(|(kind, _)| *kind == "InternalIP" || *kind == "ExternalIP")
+        .map(|(_, ip)| ip)
+        .filter(|ip| allowed(*ip))
         .collect();
     addrs.sort();
     addrs.dedup();
@@ -55,14 +53,40 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> 
     (NodeInfo { name: name.to_string(), nodeport_addrs: addrs, zone }, warnings)
 }
 
-/// The address north-south flows to a backend on another node are source-NATed to, so
-/// that the backend's replies come back here: the node's first IPv4 InternalIP (what other
-/// nodes reach it by), else its first IPv4 ExternalIP. `None` without a Node object; the
-/// datapath then uses the address the client connected to.
-pub fn snat_address(node: Option<&Node>) -> Option<Ipv4Addr> {
-    let addrs = node.and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref())?;
-    let first = |kind: &str| addrs.iter().filter(|a| a.type_ == kind).find_map(|a| node_ipv4(&a.address));
+/// The Node's addresses that parse (sloppy like kube-proxy), with their type.
+fn node_addresses(node: Option<&Node>) -> impl Iterator<Item = (&str, IpAddr)> {
+    node.and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|a| Some((a.type_.as_str(), parse_ip_sloppy(&a.address)?)))
+}
+
+/// The first address of `pick`'s family: InternalIP first (what other nodes reach it by),
+/// else ExternalIP.
+fn first_of<T>(node: Option<&Node>, pick: impl Fn(IpAddr) -> Option<T>) -> Option<T> {
+    let first = |kind: &str| node_addresses(node).filter(|(k, _)| *k == kind).find_map(|(_, ip)| pick(ip));
     first("InternalIP").or_else(|| first("ExternalIP"))
+}
+
+/// The address IPv4 north-south flows to a backend on another node are source-NATed to,
+/// so that the backend's replies come back here: the node's first IPv4 InternalIP, else its
+/// first IPv4 ExternalIP. `None` without one; the datapath then uses the address the
+/// client connected to.
+pub fn snat_address(node: Option<&Node>) -> Option<Ipv4Addr> {
+    first_of(node, |ip| match ip {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// The IPv6 SNAT address (`NODE_CONFIG6`): the node's first IPv6 InternalIP, else its
+/// first IPv6 ExternalIP.
+pub fn snat_address6(node: Option<&Node>) -> Option<Ipv6Addr> {
+    first_of(node, |ip| match ip {
+        IpAddr::V6(ip) => Some(ip),
+        IpAddr::V4(_) => None,
+    })
 }
 
 #[cfg(test)]
@@ -77,24 +101,55 @@ mod tests {
         .unwrap()
     }
 
+    fn ips(s: &[&str]) -> Vec<IpAddr> {
+        s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    /// Upstream serves NodePorts on the node addresses of each family its proxiers run
+    /// (MetaProxier: one per family), so a dual-stack node serves them on both.
     #[test]
-    fn nodeport_addresses_default_to_all_node_ipv4s() {
+    fn nodeport_addresses_default_to_all_node_addresses_of_both_families() {
         let n = node(&[
             ("InternalIP", "192.168.1.10"),
             ("Hostname", "n1"),
             ("ExternalIP", "203.0.113.5"),
             ("InternalIP", "fd00::1"),
+            ("InternalIP", "not-an-ip"),
         ]);
         let (info, w) = node_info("n1", Some(&n), &[]);
         assert!(w.is_empty());
-        assert_eq!(info.nodeport_addrs, vec![Ipv4Addr::new(192, 168, 1, 10), Ipv4Addr::new(203, 0, 113, 5)]);
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10", "203.0.113.5", "fd00::1"]));
+    }
+
+    /// `--nodeport-addresses` takes IPv6 CIDRs too, and applies per family like upstream's
+    /// `NodePortAddresses`: a family the flag names no CIDR of is not restricted.
+    #[test]
+    fn nodeport_addresses_with_ipv6_cidrs() {
+        let n = node(&[("InternalIP", "192.168.1.10"), ("InternalIP", "fd00::1"), ("ExternalIP", "2001:db8::5")]);
+        let (info, w) = node_info("n1", Some(&n), &["fd00::/64".into()]);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10", "fd00::1"]));
+        let (info, _) = node_info("n1", Some(&n), &["10.0.0.0/8".into(), "2001:db8::/32".into()]);
+        assert_eq!(info.nodeport_addrs, ips(&["2001:db8::5"]));
+    }
+
+    /// An IPv6-only node: NodePorts on its IPv6 addresses, an IPv6 SNAT address, no IPv4.
+    #[test]
+    fn ipv6_only_node() {
+        let n = node(&[("InternalIP", "fd00::10"), ("ExternalIP", "2001:db8::10")]);
+        let (info, _) = node_info("n1", Some(&n), &[]);
+        assert_eq!(info.nodeport_addrs, ips(&["2001:db8::10", "fd00::10"]));
+        assert_eq!(snat_address(Some(&n)), None);
+        assert_eq!(snat_address6(Some(&n)), Some("fd00::10".parse().unwrap()));
+        let ext_only = node(&[("ExternalIP", "2001:db8::10"), ("InternalIP", "192.168.1.10")]);
+        assert_eq!(snat_address6(Some(&ext_only)), Some("2001:db8::10".parse().unwrap()));
     }
 
     #[test]
     fn nodeport_addresses_filtered_by_cidr_and_bad_cidr_warned() {
         let n = node(&[("InternalIP", "192.168.1.10"), ("ExternalIP", "203.0.113.5")]);
         let (info, w) = node_info("n1", Some(&n), &["192.168.0.0/16".into(), "nonsense".into()]);
-        assert_eq!(info.nodeport_addrs, vec![Ipv4Addr::new(192, 168, 1, 10)]);
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10"]));
         assert_eq!(w.len(), 1);
         assert!(w[0].message.contains("nonsense"));
     }
@@ -129,6 +184,6 @@ mod tests {
         assert_eq!(snat_address(Some(&n)), Some(Ipv4Addr::new(192, 168, 1, 10)));
         let (info, warnings) = node_info("n", Some(&n), &["192.168.001.000/24".into()]);
         assert!(warnings.is_empty(), "{warnings:?}");
-        assert_eq!(info.nodeport_addrs, vec![Ipv4Addr::new(192, 168, 1, 10)]);
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10"]));
     }
 }

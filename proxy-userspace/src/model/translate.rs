@@ -10,11 +10,18 @@
 //!    priority, the service that holds the address now (`Claims`, an input) keeps it;
 //! 4. warn about slices that silently give no endpoints (no service-name label, naming no
 //!    Service, or ports no Service port matches).
+//!
+//! Dual-stack follows upstream's MetaProxier, which runs one proxier per IP family over the
+//! same objects: a Service is served in each family it has a clusterIP of, and in that
+//! family only with that family's externalIPs, load-balancer IPs, source ranges, node
+//! addresses and EndpointSlices (`addressType` IPv4 or IPv6). `ipFamilyPolicy` only tells
+//! the API server what to allocate; like kube-proxy, the translation reads what was
+//! allocated (`clusterIPs`, checked against `ipFamilies`).
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, SocketAddr},
 };
 
 use k8s_openapi::{
@@ -25,10 +32,9 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use super::addr::CidrError;
 use super::types::{
-    BackendAddr, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, Ipv4Prefix,
-    NodeInfo, Protocol, Scope, ServicePortName, Warning,
+    BackendAddr, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, IpFamily,
+    IpPrefix, NodeInfo, Protocol, Scope, ServicePortName, Warning,
 };
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
@@ -94,9 +100,6 @@ pub fn translate_with_claims(
         }
         if let Some(group) = svc_endpoints {
             warn_unmatched_slice_ports(&id, &parsed, group, &mut warnings);
-        }
-        if parsed.saw_ipv6 || svc_endpoints.is_some_and(|e| e.saw_ipv6) {
-            warnings.push(KIND_SERVICE, id.to_string(), Problem::Ipv6);
         }
         candidates.extend(expand_service(&id, &parsed, svc_endpoints, node));
         if let Some(port) = parsed.health_check_node_port {
@@ -177,13 +180,15 @@ fn warn_orphan_slices(
 }
 
 /// kube-proxy's count for the health check: distinct addresses of this node's ready
-/// endpoints over the service's ports (a pod serving two ports counts once).
+/// endpoints over the service's ports (a pod serving two ports counts once). A dual-stack
+/// Service counts its primary family (the first of its clusterIPs), so a dual-stack pod
+/// counts once, as each upstream proxier reports its own family's endpoints.
 fn local_ready_endpoints(svc: &ParsedService, endpoints: Option<&ServiceEndpoints>) -> usize {
-    let Some(group) = endpoints else { return 0 };
-    let addrs: BTreeSet<Ipv4Addr> = svc
+    let (Some(group), Some(&primary)) = (endpoints, svc.families.first()) else { return 0 };
+    let addrs: BTreeSet<IpAddr> = svc
         .ports
         .iter()
-        .flat_map(|port| endpoints_for_port(group, port))
+        .flat_map(|port| endpoints_for_port(group, port, primary))
         .filter(|e| e.ep.local && e.ep.ready)
         .map(|e| e.addr)
         .collect();
@@ -222,10 +227,16 @@ enum Problem {
          using {DEFAULT_AFFINITY_TIMEOUT}"
     )]
     BadAffinityTimeout(i32),
-    #[error("IPv6 not supported yet; IPv6 addresses skipped")]
-    Ipv6,
-    #[error("IPv6 not supported yet; service has no IPv4 clusterIP, skipped")]
-    Ipv6Only,
+    #[error("unknown spec.ipFamilies entry {0:?}, ignored")]
+    UnknownIpFamily(String),
+    #[error("clusterIPs[{index}] {ip} is not an {family} address as spec.ipFamilies[{index}] says, skipped")]
+    ClusterIpFamilyMismatch { index: usize, ip: String, family: IpFamily },
+    #[error("no clusterIP matches its spec.ipFamilies entry, skipped")]
+    NoClusterIpOfItsFamily,
+    #[error("{field} {ip} is {family} but the service has no {family} clusterIP, skipped")]
+    AddressOfOtherFamily { field: &'static str, ip: String, family: IpFamily },
+    #[error("endpoint address {ip} is not an {family} address as the slice's addressType says, skipped")]
+    EndpointOfOtherFamily { ip: String, family: IpFamily },
     #[error("frontends already used by other services, skipped: {0}")]
     Conflict(String),
     #[error("endpoint has no addresses, skipped")]
@@ -313,20 +324,9 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 // Small parsers
 // ---------------------------------------------------------------------------------------
 
-/// An address from an object: IPv4 (programmed), IPv6 (not supported yet) or garbage.
-enum ParsedIp {
-    V4(Ipv4Addr),
-    V6,
-    Invalid,
-}
-
 /// Sloppy like kube-proxy (`ParseIPSloppy`: IPv4 octets with leading zeros are decimal).
-fn parse_ip(s: &str) -> ParsedIp {
-    match super::addr::parse_ip_sloppy(s) {
-        Some(IpAddr::V4(ip)) => ParsedIp::V4(ip),
-        Some(IpAddr::V6(_)) => ParsedIp::V6,
-        None => ParsedIp::Invalid,
-    }
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    super::addr::parse_ip_sloppy(s)
 }
 
 /// A port number from the API (i32) if it is in 1..=65535.
@@ -349,17 +349,18 @@ fn push_unique<T: PartialEq>(list: &mut Vec<T>, item: T) {
 // EndpointSlices
 // ---------------------------------------------------------------------------------------
 
-/// All usable endpoint data of one Service, merged from its slices.
+/// All usable endpoint data of one Service, merged from its slices (both families).
 #[derive(Default)]
 struct ServiceEndpoints {
     slices: Vec<ParsedSlice>,
-    /// Some slice or endpoint was IPv6 (reported once, on the Service).
-    saw_ipv6: bool,
 }
 
 struct ParsedSlice {
     /// The slice itself, for warnings about it.
     id: ObjectId,
+    /// Its `addressType`: it feeds that family's frontends only (upstream's
+    /// EndpointsChangeTracker of each family takes the slices of its address type).
+    family: IpFamily,
     /// It has an ownerReference to a Service (made by the EndpointSlice controller).
     owned_by_service: bool,
     ports: Vec<SlicePort>,
@@ -375,7 +376,7 @@ struct SlicePort {
 
 #[derive(Clone, Copy)]
 struct ParsedEndpoint {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     local: bool,
     ready: bool,
     serving: bool,
@@ -427,19 +428,20 @@ fn index_slices(
         };
         let service_id = ObjectId { namespace: slice_id.namespace.clone(), name: service.to_owned() };
         let group = index.entry(service_id).or_default();
-        match slice.address_type.as_str() {
-            "IPv4" => {
+        match IpFamily::from_k8s(&slice.address_type) {
+            Some(family) => {
                 let mut problems = Vec::new();
-                let parsed = parse_slice(slice, &slice_id, node, &mut problems, &mut group.saw_ipv6);
+                let parsed = parse_slice(slice, &slice_id, family, node, &mut problems);
                 for problem in problems {
                     warnings.push(KIND_SLICE, slice_id.to_string(), problem);
                 }
                 group.slices.push(parsed);
             }
-            "IPv6" => group.saw_ipv6 = true,
             // FQDN slices are for DNS, never proxied.
-            "FQDN" => {}
-            other => warnings.push(KIND_SLICE, slice_id.to_string(), Problem::UnknownAddressType(other.to_owned())),
+            None if slice.address_type == "FQDN" => {}
+            None => {
+                warnings.push(KIND_SLICE, slice_id.to_string(), Problem::UnknownAddressType(slice.address_type.clone()))
+            }
         }
     }
     index
@@ -448,9 +450,9 @@ fn index_slices(
 fn parse_slice(
     slice: &EndpointSlice,
     id: &ObjectId,
+    family: IpFamily,
     node: &NodeInfo,
     problems: &mut Vec<Problem>,
-    saw_ipv6: &mut bool,
 ) -> ParsedSlice {
     let ports = slice
         .ports
@@ -468,12 +470,8 @@ fn parse_slice(
         .endpoints
         .iter()
         .flatten()
-        .filter_map(|ep| match parse_endpoint(ep, node) {
-            Ok(EndpointAddr::V4(parsed)) => Some(parsed),
-            Ok(EndpointAddr::V6) => {
-                *saw_ipv6 = true;
-                None
-            }
+        .filter_map(|ep| match parse_endpoint(ep, family, node) {
+            Ok(parsed) => Some(parsed),
             Err(problem) => {
                 problems.push(problem);
                 None
@@ -481,7 +479,7 @@ fn parse_slice(
         })
         .collect();
     let owned_by_service = slice.metadata.owner_references.iter().flatten().any(|o| o.kind == KIND_SERVICE);
-    ParsedSlice { id: id.clone(), owned_by_service, ports, endpoints }
+    ParsedSlice { id: id.clone(), family, owned_by_service, ports, endpoints }
 }
 
 /// `Ok(None)`: a port without a number, ignored like upstream does.
@@ -499,19 +497,15 @@ fn parse_slice_port(index: usize, port: &EndpointPort) -> Result<Option<SlicePor
     Ok(Some(SlicePort { name, port: number, proto }))
 }
 
-enum EndpointAddr {
-    V4(ParsedEndpoint),
-    V6,
-}
-
-fn parse_endpoint(ep: &Endpoint, node: &NodeInfo) -> Result<EndpointAddr, Problem> {
+fn parse_endpoint(ep: &Endpoint, family: IpFamily, node: &NodeInfo) -> Result<ParsedEndpoint, Problem> {
     // Addresses are fungible and upstream only ever uses the first one.
     let raw = ep.addresses.first().ok_or(Problem::EndpointWithoutAddress)?;
-    let addr = match parse_ip(raw) {
-        ParsedIp::V4(addr) => addr,
-        ParsedIp::V6 => return Ok(EndpointAddr::V6),
-        ParsedIp::Invalid => return Err(Problem::BadEndpointAddress(raw.clone())),
-    };
+    let addr = parse_ip(raw).ok_or_else(|| Problem::BadEndpointAddress(raw.clone()))?;
+    // Upstream's EndpointSliceCache skips an endpoint whose address is not of the
+    // proxier's family ("incorrect IP version"); here the slice's addressType says which.
+    if IpFamily::of(addr) != family {
+        return Err(Problem::EndpointOfOtherFamily { ip: addr.to_string(), family });
+    }
     // API semantics: nil ready = ready, nil serving = defer to ready, nil terminating = false.
     let conditions = ep.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
@@ -527,7 +521,7 @@ fn parse_endpoint(ep: &Endpoint, node: &NodeInfo) -> Result<EndpointAddr, Proble
         hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.as_str())),
         Some(node.name.as_str()),
     );
-    Ok(EndpointAddr::V4(ParsedEndpoint { addr, local, ready, serving, terminating, zone_hint, node_hint }))
+    Ok(ParsedEndpoint { addr, local, ready, serving, terminating, zone_hint, node_hint })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -544,18 +538,22 @@ enum ServiceType {
 /// The parts of a Service the translation uses, validated.
 struct ParsedService {
     svc_type: ServiceType,
-    cluster_ips: Vec<Ipv4Addr>,
+    /// Every usable address of `clusterIPs`, in order.
+    cluster_ips: Vec<IpAddr>,
+    /// The families of `cluster_ips`, primary first: the families the Service is served in.
+    families: Vec<IpFamily>,
     ports: Vec<ParsedPort>,
-    external_ips: Vec<Ipv4Addr>,
-    lb_ips: Vec<Ipv4Addr>,
-    source_ranges: Vec<Ipv4Prefix>,
+    /// Of the Service's families only (the others were warned about).
+    external_ips: Vec<IpAddr>,
+    lb_ips: Vec<IpAddr>,
+    /// Both families; each frontend takes those of its own family.
+    source_ranges: Vec<IpPrefix>,
     affinity_timeout: Option<u32>,
     internal_local: bool,
     external_local: bool,
     /// `spec.healthCheckNodePort` of a LoadBalancer service with externalTrafficPolicy
     /// Local (the only case it is allocated for and kube-proxy serves it).
     health_check_node_port: Option<u16>,
-    saw_ipv6: bool,
     /// Non-fatal problems: the bad part was dropped, the service is still programmed.
     notes: Vec<Problem>,
 }
@@ -590,18 +588,11 @@ fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
     if raw_cluster_ips.is_empty() || raw_cluster_ips.contains(&"None") {
         return Ok(None);
     }
-    let mut saw_ipv6 = false;
-    let mut cluster_ips = Vec::new();
-    for raw in raw_cluster_ips {
-        match parse_ip(raw) {
-            ParsedIp::V4(ip) => push_unique(&mut cluster_ips, ip),
-            ParsedIp::V6 => saw_ipv6 = true,
-            ParsedIp::Invalid => return Err(Problem::BadClusterIp(raw.to_owned())),
-        }
-    }
-    // Upstream's IPv4 proxier ignores a service without an IPv4 clusterIP entirely.
-    if cluster_ips.is_empty() {
-        return Err(Problem::Ipv6Only);
+    let mut notes = Vec::new();
+    let cluster_ips = cluster_ips(spec, &raw_cluster_ips, &mut notes)?;
+    let mut families = Vec::new();
+    for ip in &cluster_ips {
+        push_unique(&mut families, IpFamily::of(*ip));
     }
 
     let ports = spec
@@ -612,10 +603,14 @@ fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
         .map(|(index, port)| parse_port(index, port))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let mut notes = Vec::new();
-    let external_ips = external_ips(spec, &mut notes, &mut saw_ipv6);
+    let external_ips = of_families(external_ips(spec, &mut notes), &families, "externalIP", &mut notes);
     let (lb_ips, source_ranges) = if svc_type == ServiceType::LoadBalancer {
-        (ingress_ips(svc, &mut notes, &mut saw_ipv6), source_ranges(svc, spec, &mut notes, &mut saw_ipv6))
+        // Ingress IPs of another family are dropped silently: a proxying load balancer may
+        // front a Service of one family with an IP of the other, which upstream expects
+        // and ignores ("irrelevant to kube-proxy").
+        let lb_ips =
+            ingress_ips(svc, &mut notes).into_iter().filter(|ip| families.contains(&IpFamily::of(*ip))).collect();
+        (lb_ips, source_ranges(svc, spec, &mut notes))
     } else {
         (Vec::new(), Vec::new())
     };
@@ -633,6 +628,7 @@ fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
     Ok(Some(ParsedService {
         svc_type,
         cluster_ips,
+        families,
         ports,
         external_ips,
         lb_ips,
@@ -641,7 +637,6 @@ fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Problem> {
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_local,
         health_check_node_port,
-        saw_ipv6,
         notes,
     }))
 }
@@ -652,6 +647,51 @@ fn cluster_ip_strings(spec: &ServiceSpec) -> Vec<&str> {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => non_empty(spec.cluster_ip.as_deref()).into_iter().collect(),
     }
+}
+
+/// The usable addresses of `clusterIPs`, each checked against the `spec.ipFamilies` entry
+/// at its index (upstream's `GetClusterIPByFamily` pairs them by index). Every address is
+/// served, in its own family; an unparsable one skips the Service (as upstream's
+/// validation would have rejected it), one of the wrong family is skipped alone.
+fn cluster_ips(spec: &ServiceSpec, raw: &[&str], notes: &mut Vec<Problem>) -> Result<Vec<IpAddr>, Problem> {
+    let mut declared = Vec::new();
+    for name in spec.ip_families.iter().flatten() {
+        let family = IpFamily::from_k8s(name);
+        if family.is_none() {
+            notes.push(Problem::UnknownIpFamily(name.clone()));
+        }
+        declared.push(family);
+    }
+    let mut ips = Vec::new();
+    for (index, raw) in raw.iter().enumerate() {
+        let ip = parse_ip(raw).ok_or_else(|| Problem::BadClusterIp((*raw).to_owned()))?;
+        match declared.get(index).copied().flatten() {
+            Some(family) if family != IpFamily::of(ip) => {
+                notes.push(Problem::ClusterIpFamilyMismatch { index, ip: ip.to_string(), family });
+            }
+            _ => push_unique(&mut ips, ip),
+        }
+    }
+    if ips.is_empty() {
+        return Err(Problem::NoClusterIpOfItsFamily);
+    }
+    Ok(ips)
+}
+
+/// The addresses of the Service's own families; each other one is warned about (upstream's
+/// proxier of a family the Service is not in never sees the Service, and the other proxier
+/// filters the address out: it is served nowhere).
+fn of_families(ips: Vec<IpAddr>, families: &[IpFamily], field: &'static str, notes: &mut Vec<Problem>) -> Vec<IpAddr> {
+    ips.into_iter()
+        .filter(|ip| {
+            let family = IpFamily::of(*ip);
+            let ok = families.contains(&family);
+            if !ok {
+                notes.push(Problem::AddressOfOtherFamily { field, ip: ip.to_string(), family });
+            }
+            ok
+        })
+        .collect()
 }
 
 fn parse_port(index: usize, port: &ServicePort) -> Result<ParsedPort, Problem> {
@@ -669,13 +709,12 @@ fn parse_port(index: usize, port: &ServicePort) -> Result<ParsedPort, Problem> {
     Ok(ParsedPort { name, port: number, node_port, proto })
 }
 
-fn external_ips(spec: &ServiceSpec, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> Vec<Ipv4Addr> {
+fn external_ips(spec: &ServiceSpec, notes: &mut Vec<Problem>) -> Vec<IpAddr> {
     let mut ips = Vec::new();
     for raw in spec.external_ips.iter().flatten() {
         match parse_ip(raw) {
-            ParsedIp::V4(ip) => push_unique(&mut ips, ip),
-            ParsedIp::V6 => *saw_ipv6 = true,
-            ParsedIp::Invalid => notes.push(Problem::BadExternalIp(raw.clone())),
+            Some(ip) => push_unique(&mut ips, ip),
+            None => notes.push(Problem::BadExternalIp(raw.clone())),
         }
     }
     ips
@@ -683,7 +722,7 @@ fn external_ips(spec: &ServiceSpec, notes: &mut Vec<Problem>, saw_ipv6: &mut boo
 
 /// `status.loadBalancer.ingress[].ip`, except `ipMode: Proxy` entries: there the load
 /// balancer delivers to the node with its own address, so kube-proxy must not capture the IP.
-fn ingress_ips(svc: &Service, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> Vec<Ipv4Addr> {
+fn ingress_ips(svc: &Service, notes: &mut Vec<Problem>) -> Vec<IpAddr> {
     let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
     let mut ips = Vec::new();
     for entry in ingress.into_iter().flatten() {
@@ -700,16 +739,16 @@ fn ingress_ips(svc: &Service, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> 
             }
         }
         match parse_ip(raw) {
-            ParsedIp::V4(ip) => push_unique(&mut ips, ip),
-            ParsedIp::V6 => *saw_ipv6 = true,
-            ParsedIp::Invalid => notes.push(Problem::BadIngressIp(raw.to_owned())),
+            Some(ip) => push_unique(&mut ips, ip),
+            None => notes.push(Problem::BadIngressIp(raw.to_owned())),
         }
     }
     ips
 }
 
-/// `spec.loadBalancerSourceRanges`, or the legacy annotation when the field is empty.
-fn source_ranges(svc: &Service, spec: &ServiceSpec, notes: &mut Vec<Problem>, saw_ipv6: &mut bool) -> Vec<Ipv4Prefix> {
+/// `spec.loadBalancerSourceRanges`, or the legacy annotation when the field is empty; both
+/// families (each frontend takes its own family's, as upstream's `MapCIDRsByIPFamily`).
+fn source_ranges(svc: &Service, spec: &ServiceSpec, notes: &mut Vec<Problem>) -> Vec<IpPrefix> {
     let raw: Vec<&str> = match spec.load_balancer_source_ranges.as_deref() {
         Some(field) if !field.is_empty() => field.iter().map(String::as_str).collect(),
         _ => svc
@@ -722,10 +761,9 @@ fn source_ranges(svc: &Service, spec: &ServiceSpec, notes: &mut Vec<Problem>, sa
     };
     let mut ranges = Vec::new();
     for range in raw.into_iter().map(str::trim).filter(|r| !r.is_empty()) {
-        match range.parse::<Ipv4Prefix>() {
+        match range.parse::<IpPrefix>() {
             Ok(prefix) => ranges.push(prefix),
-            Err(CidrError::Ipv6) => *saw_ipv6 = true,
-            Err(CidrError::Invalid) => notes.push(Problem::BadSourceRange(range.to_owned())),
+            Err(_) => notes.push(Problem::BadSourceRange(range.to_owned())),
         }
     }
     ranges.sort();
@@ -757,7 +795,7 @@ fn affinity_timeout(spec: &ServiceSpec, notes: &mut Vec<Problem>) -> Option<u32>
 
 /// One endpoint resolved to a concrete backend port.
 struct PortEndpoint {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     ep: ParsedEndpoint,
 }
@@ -768,11 +806,12 @@ impl PortEndpoint {
     }
 }
 
-/// Endpoints of `port` from all slices: the slice port with the same name and protocol gives
-/// the backend port; duplicates (same IP:port, e.g. while moving between slices) merge.
-fn endpoints_for_port(group: &ServiceEndpoints, port: &ParsedPort) -> Vec<PortEndpoint> {
-    let mut merged: BTreeMap<(Ipv4Addr, u16), ParsedEndpoint> = BTreeMap::new();
-    for slice in &group.slices {
+/// Endpoints of `port` from the slices of `family`: the slice port with the same name and
+/// protocol gives the backend port; duplicates (same IP:port, e.g. while moving between
+/// slices) merge.
+fn endpoints_for_port(group: &ServiceEndpoints, port: &ParsedPort, family: IpFamily) -> Vec<PortEndpoint> {
+    let mut merged: BTreeMap<(IpAddr, u16), ParsedEndpoint> = BTreeMap::new();
+    for slice in group.slices.iter().filter(|s| s.family == family) {
         let matching = slice.ports.iter().filter(|sp| sp.name == port.name && sp.proto == port.proto);
         for slice_port in matching {
             for ep in &slice.endpoints {
@@ -861,7 +900,7 @@ fn select_backends<'a>(
 
 /// One frontend address of one service port, with its entry for each scope it is served in.
 struct Candidate {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     proto: Protocol,
     kind: FrontendKind,
@@ -878,73 +917,96 @@ fn expand_service(
 ) -> Vec<Candidate> {
     let mut out = Vec::new();
     for port in &svc.ports {
-        let port_eps = endpoints.map(|g| endpoints_for_port(g, port)).unwrap_or_default();
-        // Cluster policy follows the topology hints; Local policies ignore them, as
-        // upstream's CategorizeEndpoints does, and redo the ready/terminating choice among
-        // local endpoints only.
-        let cluster = select_backends(port_eps.iter(), topology_mode(port_eps.iter()));
-        let local = select_backends(port_eps.iter().filter(|e| e.ep.local), Topology::Any);
-
-        let service =
-            ServicePortName { namespace: id.namespace.clone(), name: id.name.clone(), port_name: port.name.clone() };
-        let entry = |kind, backends: &[BackendAddr], local_only, ranges: &[Ipv4Prefix]| FrontendEntry {
-            service: service.clone(),
-            kind,
-            backends: backends.to_vec(),
-            affinity_timeout: svc.affinity_timeout,
-            local_only,
-            source_ranges: ranges.to_vec(),
-        };
-        let candidate = |kind, addr, port_number, internal, external| Candidate {
-            addr,
-            port: port_number,
-            proto: port.proto,
-            kind,
-            owner: id.clone(),
-            internal,
-            external,
-        };
-
-        // internalTrafficPolicy applies to the clusterIP only.
-        let (internal_backends, internal_local) = if svc.internal_local { (&local, true) } else { (&cluster, false) };
-        for &ip in &svc.cluster_ips {
-            let internal = entry(FrontendKind::ClusterIP, internal_backends, internal_local, &[]);
-            out.push(candidate(FrontendKind::ClusterIP, ip, port.port, internal, None));
-        }
-
-        // externalTrafficPolicy applies to traffic from outside; pods reaching an external
-        // destination are short-circuited to all cluster endpoints, as upstream does.
-        let (external_backends, external_local) = if svc.external_local { (&local, true) } else { (&cluster, false) };
-        for (kind, addr, port_number) in external_destinations(svc, port, node) {
-            let ranges: &[Ipv4Prefix] = if kind == FrontendKind::LoadBalancer { &svc.source_ranges } else { &[] };
-            // loadBalancerSourceRanges apply to every source, pods included: upstream's
-            // firewall chain drops a pod outside the ranges on its way to the LB IP (its
-            // NodePort and ClusterIP stay open to it).
-            let internal = entry(kind, &cluster, false, ranges);
-            let external = entry(kind, external_backends, external_local, ranges);
-            out.push(candidate(kind, addr, port_number, internal, Some(external)));
+        // One pass per family the Service has a clusterIP of, as upstream's per-family
+        // proxiers: each sees only its family's endpoints, addresses and source ranges.
+        for &family in &svc.families {
+            expand_port(id, svc, port, family, endpoints, node, &mut out);
         }
     }
     out
 }
 
-/// NodePorts on the node's addresses, externalIPs, and load-balancer IPs of one port.
+fn expand_port(
+    id: &ObjectId,
+    svc: &ParsedService,
+    port: &ParsedPort,
+    family: IpFamily,
+    endpoints: Option<&ServiceEndpoints>,
+    node: &NodeInfo,
+    out: &mut Vec<Candidate>,
+) {
+    let port_eps = endpoints.map(|g| endpoints_for_port(g, port, family)).unwrap_or_default();
+    // Cluster policy follows the topology hints; Local policies ignore them, as
+    // upstream's CategorizeEndpoints does, and redo the ready/terminating choice among
+    // local endpoints only.
+    let cluster = select_backends(port_eps.iter(), topology_mode(port_eps.iter()));
+    let local = select_backends(port_eps.iter().filter(|e| e.ep.local), Topology::Any);
+
+    let service =
+        ServicePortName { namespace: id.namespace.clone(), name: id.name.clone(), port_name: port.name.clone() };
+    let entry = |kind, backends: &[BackendAddr], local_only, ranges: &[IpPrefix]| FrontendEntry {
+        service: service.clone(),
+        kind,
+        backends: backends.to_vec(),
+        affinity_timeout: svc.affinity_timeout,
+        local_only,
+        source_ranges: ranges.to_vec(),
+    };
+    let candidate = |kind, addr, port_number, internal, external| Candidate {
+        addr,
+        port: port_number,
+        proto: port.proto,
+        kind,
+        owner: id.clone(),
+        internal,
+        external,
+    };
+
+    // internalTrafficPolicy applies to the clusterIP only.
+    let (internal_backends, internal_local) = if svc.internal_local { (&local, true) } else { (&cluster, false) };
+    for &ip in svc.cluster_ips.iter().filter(|ip| IpFamily::of(**ip) == family) {
+        let internal = entry(FrontendKind::ClusterIP, internal_backends, internal_local, &[]);
+        out.push(candidate(FrontendKind::ClusterIP, ip, port.port, internal, None));
+    }
+
+    // A range of the other family never constrains this family's frontends: with only
+    // ranges of the other family, this family's LB IPs are open (upstream's
+    // `MapCIDRsByIPFamily` leaves the proxier no ranges, hence no firewall chain).
+    let family_ranges: Vec<IpPrefix> = svc.source_ranges.iter().filter(|r| r.family() == family).copied().collect();
+    // externalTrafficPolicy applies to traffic from outside; pods reaching an external
+    // destination are short-circuited to all cluster endpoints, as upstream does.
+    let (external_backends, external_local) = if svc.external_local { (&local, true) } else { (&cluster, false) };
+    for (kind, addr, port_number) in external_destinations(svc, port, node, family) {
+        let ranges: &[IpPrefix] = if kind == FrontendKind::LoadBalancer { &family_ranges } else { &[] };
+        // loadBalancerSourceRanges apply to every source, pods included: upstream's
+        // firewall chain drops a pod outside the ranges on its way to the LB IP (its
+        // NodePort and ClusterIP stay open to it).
+        let internal = entry(kind, &cluster, false, ranges);
+        let external = entry(kind, external_backends, external_local, ranges);
+        out.push(candidate(kind, addr, port_number, internal, Some(external)));
+    }
+}
+
+/// NodePorts on the node's addresses, externalIPs, and load-balancer IPs of one port, in
+/// `family`.
 fn external_destinations(
     svc: &ParsedService,
     port: &ParsedPort,
     node: &NodeInfo,
-) -> Vec<(FrontendKind, Ipv4Addr, u16)> {
+    family: IpFamily,
+) -> Vec<(FrontendKind, IpAddr, u16)> {
+    let of_family = |ip: &&IpAddr| IpFamily::of(**ip) == family;
     let mut out = Vec::new();
     let has_node_ports = matches!(svc.svc_type, ServiceType::NodePort | ServiceType::LoadBalancer);
     if let Some(node_port) = port.node_port.filter(|_| has_node_ports) {
         let mut addrs = Vec::new();
-        for &addr in &node.nodeport_addrs {
+        for &addr in node.nodeport_addrs.iter().filter(of_family) {
             push_unique(&mut addrs, addr);
         }
         out.extend(addrs.into_iter().map(|a| (FrontendKind::NodePort, a, node_port)));
     }
-    out.extend(svc.external_ips.iter().map(|&ip| (FrontendKind::ExternalIP, ip, port.port)));
-    out.extend(svc.lb_ips.iter().map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)));
+    out.extend(svc.external_ips.iter().filter(of_family).map(|&ip| (FrontendKind::ExternalIP, ip, port.port)));
+    out.extend(svc.lb_ips.iter().filter(of_family).map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)));
     out
 }
 
@@ -975,7 +1037,7 @@ fn claim_frontends(mut candidates: Vec<Candidate>, claims: &Claims, warnings: &m
     // Stable sort: within a priority and holding, candidates stay in service order.
     candidates.sort_by_cached_key(|c| (claim_priority(c.kind), !holds(c)));
     let mut state = DesiredState::default();
-    let mut owners: BTreeMap<(Ipv4Addr, u16, Protocol), (ObjectId, FrontendKind, bool)> = BTreeMap::new();
+    let mut owners: BTreeMap<(IpAddr, u16, Protocol), (ObjectId, FrontendKind, bool)> = BTreeMap::new();
     let mut conflicts: BTreeMap<ObjectId, Vec<String>> = BTreeMap::new();
     for c in candidates {
         let held = holds(&c);
@@ -984,8 +1046,12 @@ fn claim_frontends(mut candidates: Vec<Candidate>, claims: &Claims, warnings: &m
                 let (winner, winner_kind, winner_held) = o.get();
                 let programmed = if *winner_held { ", already programmed" } else { "" };
                 conflicts.entry(c.owner).or_default().push(format!(
-                    "{}:{}/{} ({:?}, used by {:?} of {}{programmed})",
-                    c.addr, c.port, c.proto, c.kind, winner_kind, winner
+                    "{}/{} ({:?}, used by {:?} of {}{programmed})",
+                    SocketAddr::new(c.addr, c.port),
+                    c.proto,
+                    c.kind,
+                    winner_kind,
+                    winner
                 ));
             }
             Entry::Vacant(v) => {
@@ -1020,7 +1086,7 @@ mod tests {
 
     // --- builders --------------------------------------------------------------------
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -1255,46 +1321,310 @@ mod tests {
         );
     }
 
-    // --- IPv6 ------------------------------------------------------------------------
+    // --- Dual-stack and IPv6 ------------------------------------------------------------
+    //
+    // Upstream runs one proxier per family (MetaProxier); each sees a Service only through
+    // `GetClusterIPByFamily` and filters everything else of the Service by its family
+    // (`newBaseServiceInfo`), and each family's EndpointsChangeTracker takes only slices of
+    // its `addressType`. Every row names the rule it follows.
 
+    const NODE_IP6: &str = "fd00:1::10";
+
+    /// IPv6 EndpointSlice "default/<name>" for service "default/<service>".
+    fn slice6(name: &str, service: &str, ports: Value, endpoints: Value) -> EndpointSlice {
+        slice_json(json!({
+            "metadata": {"namespace": "default", "name": name,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv6", "ports": ports, "endpoints": endpoints,
+        }))
+    }
+
+    fn dual_node() -> NodeInfo {
+        NodeInfo { name: NODE.into(), nodeport_addrs: vec![ip(NODE_IP), ip(NODE_IP6)], zone: Some(ZONE.into()) }
+    }
+
+    /// "default/web", dual-stack: 10.96.0.1 and fd00::1 (`spec` overrides).
+    fn dual(spec: Value, status: Value) -> Service {
+        let spec = merged(
+            json!({"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "fd00::1"],
+                   "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"}),
+            spec,
+        );
+        svc_full(json!({"namespace": "default", "name": "web"}), spec, status)
+    }
+
+    /// One IPv4 and one IPv6 slice of "web", each with one local endpoint on 8080.
+    fn dual_slices() -> [EndpointSlice; 2] {
+        [
+            slice("web-v4", "web", p8080(), json!([ep("10.0.0.1", NODE)])),
+            slice6("web-v6", "web", p8080(), json!([ep("fd00:10::1", NODE)])),
+        ]
+    }
+
+    /// Rule: every address of `clusterIPs` is served in its family, and each family's
+    /// frontends get the endpoints of that family's slices only (upstream: one proxier per
+    /// family; EndpointsChangeTracker skips slices of the other `addressType`).
     #[test]
-    fn ipv6_parts_skipped_with_one_warning() {
+    fn dual_stack_cluster_ips_join_their_family_slices() {
+        let (actual, warnings) = translate(&[dual(json!({}), json!(null))], &dual_slices(), &dual_node());
+        let expected = state(vec![
+            web_cluster_ip(vec![be("10.0.0.1", 8080, true)]),
+            (key("fd00::1", 80, Tcp, Internal), entry("web", "", ClusterIP, vec![be("fd00:10::1", 8080, true)])),
+        ]);
+        assert_eq!(actual, expected);
+        assert_warnings(&warnings, &[]);
+    }
+
+    /// Rule: an IPv6-only Service on an IPv6-only node works with no IPv4 anywhere: its
+    /// ClusterIP and its NodePort on the node's IPv6 addresses (upstream's IPv4 proxier gets
+    /// "" from GetClusterIPByFamily and skips the Service; the IPv6 one serves it).
+    #[test]
+    fn ipv6_only_service_on_an_ipv6_only_node() {
+        let service = svc(
+            "web",
+            json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"], "ipFamilies": ["IPv6"],
+                   "ipFamilyPolicy": "SingleStack", "type": "NodePort",
+                   "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
+        let slices = [slice6("web-1", "web", p8080(), json!([ep("fd00:10::1", NODE), ep("fd00:10::2", "node-b")]))];
+        let node = NodeInfo { name: NODE.into(), nodeport_addrs: vec![ip(NODE_IP6)], zone: None };
+        let (actual, warnings) = translate(&[service], &slices, &node);
+        let b = vec![be("fd00:10::1", 8080, true), be("fd00:10::2", 8080, false)];
+        let mut expected = vec![(key("fd00::1", 80, Tcp, Internal), entry("web", "", ClusterIP, b.clone()))];
+        for scope in [Internal, External] {
+            expected.push((key(NODE_IP6, 30080, Tcp, scope), entry("web", "", NodePort, b.clone())));
+        }
+        assert_eq!(actual, state(expected));
+        assert_warnings(&warnings, &[]);
+        assert!(actual.frontends.keys().all(|k| k.addr.is_ipv6()));
+    }
+
+    /// Rule: a single-stack IPv4 Service is not served over IPv6 at all, not even its
+    /// NodePort on the node's IPv6 addresses, and its IPv6 slices are unused (the IPv6
+    /// proxier skips a Service without an IPv6 clusterIP). No warning: a dual-stack
+    /// EndpointSlice controller writes IPv6 slices for it as a matter of course.
+    #[test]
+    fn single_stack_ipv4_service_is_not_served_over_ipv6() {
+        let service = svc(
+            "web",
+            json!({"ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                                         "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
+        let (actual, warnings) = translate(&[service], &dual_slices(), &dual_node());
+        let b = vec![be("10.0.0.1", 8080, true)];
+        let mut expected = vec![web_cluster_ip(b.clone())];
+        for scope in [Internal, External] {
+            expected.push((key(NODE_IP, 30080, Tcp, scope), entry("web", "", NodePort, b.clone())));
+        }
+        assert_eq!(actual, state(expected));
+        assert_warnings(&warnings, &[]);
+    }
+
+    /// Rule: kube-proxy never reads `ipFamilyPolicy`; it serves what the API server
+    /// allocated. PreferDualStack on a single-stack cluster has one clusterIP: one family.
+    #[test]
+    fn ip_family_policy_does_not_change_what_is_served() {
+        let rows = [
+            ("PreferDualStack, one family allocated", json!(["10.96.0.1"]), json!(["IPv4"]), 1),
+            ("PreferDualStack, both allocated", json!(["10.96.0.1", "fd00::1"]), json!(["IPv4", "IPv6"]), 2),
+            ("RequireDualStack, IPv6 primary", json!(["fd00::1", "10.96.0.1"]), json!(["IPv6", "IPv4"]), 2),
+        ];
+        for (name, ips, families, n) in rows {
+            let policy = if name.starts_with("Prefer") { "PreferDualStack" } else { "RequireDualStack" };
+            let service =
+                dual(json!({"clusterIPs": ips, "ipFamilies": families, "ipFamilyPolicy": policy}), json!(null));
+            let (actual, warnings) = translate(&[service], &dual_slices(), &dual_node());
+            assert_eq!(actual.frontends.len(), n, "{name}: {actual:?}");
+            assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        }
+    }
+
+    /// Rule: externalIPs and load-balancer ingress IPs of both families, each served in
+    /// its family with that family's backends, and NodePorts on each family's node
+    /// addresses (upstream's `MapIPsByIPFamily` for externalIPs, `GetIPFamilyFromIP` for
+    /// ingress IPs, `NodePortAddresses` per family).
+    #[test]
+    fn external_and_load_balancer_ips_of_both_families() {
+        let service = dual(
+            json!({"type": "LoadBalancer", "externalIPs": ["203.0.113.1", "2001:db8::1"],
+                   "ports": [{"port": 80, "nodePort": 30080}]}),
+            lb_status(json!([{"ip": "198.51.100.1"}, {"ip": "2001:db8:ff::1"}])),
+        );
+        let (actual, warnings) = translate(&[service], &dual_slices(), &dual_node());
+        let b4 = vec![be("10.0.0.1", 8080, true)];
+        let b6 = vec![be("fd00:10::1", 8080, true)];
+        let mut expected = vec![
+            web_cluster_ip(b4.clone()),
+            (key("fd00::1", 80, Tcp, Internal), entry("web", "", ClusterIP, b6.clone())),
+        ];
+        for scope in [Internal, External] {
+            for (addr, port, kind, b) in [
+                (NODE_IP, 30080, NodePort, &b4),
+                (NODE_IP6, 30080, NodePort, &b6),
+                ("203.0.113.1", 80, ExternalIP, &b4),
+                ("2001:db8::1", 80, ExternalIP, &b6),
+                ("198.51.100.1", 80, LoadBalancer, &b4),
+                ("2001:db8:ff::1", 80, LoadBalancer, &b6),
+            ] {
+                expected.push((key(addr, port, Tcp, scope), entry("web", "", kind, b.clone())));
+            }
+        }
+        assert_eq!(actual, state(expected));
+        assert_warnings(&warnings, &[]);
+    }
+
+    /// Rule: an externalIP of a family the Service has no clusterIP of is served nowhere
+    /// (neither upstream proxier takes it); we say so, naming the Service. Ingress IPs and
+    /// source ranges of that family are dropped silently: a proxying load balancer may use
+    /// an IP of the other family (upstream: "irrelevant to kube-proxy"), and templates list
+    /// ranges of both families.
+    #[test]
+    fn addresses_of_a_family_the_service_lacks_are_warned() {
         let service = svc_full(
             json!({"namespace": "default", "name": "web"}),
-            json!({"type": "LoadBalancer", "clusterIPs": ["10.96.0.1", "fd00::1"],
-                   "externalIPs": ["2001:db8::1", "203.0.113.1"],
-                   "loadBalancerSourceRanges": ["2001:db8::/32"],
-                   "ports": [{"port": 80}]}),
-            lb_status(json!([{"ip": "2001:db8::2"}])),
+            json!({"type": "LoadBalancer", "externalIPs": ["2001:db8::1"],
+                   "loadBalancerSourceRanges": ["2001:db8::/32"], "ports": [{"port": 80}]}),
+            lb_status(json!([{"ip": "2001:db8:ff::1"}])),
         );
-        let slices = [
-            slice("web-1", "web", p8080(), json!([ep("10.0.0.1", NODE), ep("fd00::5", NODE)])),
-            slice_json(json!({
-                "metadata": {"namespace": "default", "name": "web-v6",
-                             "labels": {"kubernetes.io/service-name": "web"}},
-                "addressType": "IPv6", "ports": p8080(), "endpoints": [ep("fd00::6", NODE)],
-            })),
-        ];
-        let backends = vec![be("10.0.0.1", 8080, true)];
         assert_translates(
             &[service],
-            &slices,
-            vec![
-                web_cluster_ip(backends.clone()),
-                (key("203.0.113.1", 80, Tcp, Internal), entry("web", "", ExternalIP, backends.clone())),
-                (key("203.0.113.1", 80, Tcp, External), entry("web", "", ExternalIP, backends)),
-            ],
-            &[("Service", "default/web", "IPv6 not supported yet")],
+            &[],
+            vec![web_cluster_ip(vec![])],
+            &[("Service", "default/web", "externalIP 2001:db8::1 is IPv6 but the service has no IPv6 clusterIP")],
         );
     }
 
+    /// Rule: loadBalancerSourceRanges constrain the frontends of their own family only;
+    /// with ranges of one family only, the other family's LB IPs are open (upstream's
+    /// `MapCIDRsByIPFamily` leaves that proxier no ranges, so it writes no firewall chain).
     #[test]
-    fn ipv6_only_service_skipped_with_warning() {
+    fn source_ranges_constrain_their_own_family_only() {
+        type Ranges<'a> = Vec<(&'a str, u8)>;
+        let rows: [(&str, Value, Ranges, Ranges); 3] = [
+            ("both", json!(["10.0.0.0/8", "2001:db8::/32"]), vec![("10.0.0.0", 8)], vec![("2001:db8::", 32)]),
+            ("IPv6 only", json!(["2001:db8::5/32"]), vec![], vec![("2001:db8::", 32)]),
+            ("IPv4 only", json!(["10.0.0.0/8"]), vec![("10.0.0.0", 8)], vec![]),
+        ];
+        for (name, ranges, want4, want6) in rows {
+            let service = dual(
+                json!({"type": "LoadBalancer", "loadBalancerSourceRanges": ranges}),
+                lb_status(json!([{"ip": "198.51.100.1"}, {"ip": "2001:db8:ff::1"}])),
+            );
+            let (actual, warnings) = translate(&[service], &[] as &[EndpointSlice], &dual_node());
+            assert!(warnings.is_empty(), "{name}: {warnings:?}");
+            let prefixes =
+                |r: &[(&str, u8)]| r.iter().map(|&(a, len)| IpPrefix { addr: ip(a), len }).collect::<Vec<_>>();
+            for scope in [Internal, External] {
+                assert_eq!(
+                    actual.frontends[&key("198.51.100.1", 80, Tcp, scope)].source_ranges,
+                    prefixes(&want4),
+                    "{name}"
+                );
+                assert_eq!(
+                    actual.frontends[&key("2001:db8:ff::1", 80, Tcp, scope)].source_ranges,
+                    prefixes(&want6),
+                    "{name}"
+                );
+            }
+        }
+    }
+
+    /// Rule: `clusterIPs[i]` pairs with `ipFamilies[i]` (upstream's `GetClusterIPByFamily`
+    /// indexes one by the other). An address contradicting its family entry is skipped with
+    /// a warning; with none left the Service is skipped; an unknown family name is warned
+    /// about and the address still served by its own family.
+    #[test]
+    fn cluster_ips_checked_against_ip_families() {
+        let swapped = dual(json!({"ipFamilies": ["IPv6", "IPv4"]}), json!(null));
+        assert_translates(&[swapped], &[], vec![], &[("Service", "default/web", "no clusterIP matches")]);
+
+        let second_wrong = dual(json!({"clusterIPs": ["10.96.0.1", "10.96.0.9"]}), json!(null));
         assert_translates(
-            &[svc("web", json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"]}))],
+            &[second_wrong],
             &[],
-            vec![],
-            &[("Service", "default/web", "IPv6 not supported yet")],
+            vec![web_cluster_ip(vec![])],
+            &[("Service", "default/web", "clusterIPs[1] 10.96.0.9 is not an IPv6 address")],
+        );
+
+        let unknown = dual(json!({"ipFamilies": ["IPv4", "IPv7"]}), json!(null));
+        assert_translates(
+            &[unknown],
+            &[],
+            vec![web_cluster_ip(vec![]), (key("fd00::1", 80, Tcp, Internal), entry("web", "", ClusterIP, vec![]))],
+            &[("Service", "default/web", "unknown spec.ipFamilies entry \"IPv7\"")],
+        );
+
+        // Objects written before dual-stack carry no ipFamilies: the address decides.
+        let legacy = svc("web", json!({"clusterIP": "fd00::1", "clusterIPs": null}));
+        assert_translates(
+            &[legacy],
+            &[],
+            vec![(key("fd00::1", 80, Tcp, Internal), entry("web", "", ClusterIP, vec![]))],
+            &[],
+        );
+    }
+
+    /// Rule: an endpoint whose address is not of its slice's `addressType` is skipped
+    /// (upstream's EndpointSliceCache drops "incorrect IP version" endpoints), with one
+    /// warning naming the slice.
+    #[test]
+    fn endpoint_of_the_other_family_is_skipped_with_a_warning() {
+        let slices = [
+            slice("web-v4", "web", p8080(), json!([ep("10.0.0.1", NODE), ep("fd00:10::5", NODE)])),
+            slice6("web-v6", "web", p8080(), json!([ep("10.0.0.6", NODE), ep("fd00:10::1", NODE)])),
+        ];
+        let (actual, warnings) = translate(&[dual(json!({}), json!(null))], &slices, &dual_node());
+        assert_eq!(
+            actual,
+            state(vec![
+                web_cluster_ip(vec![be("10.0.0.1", 8080, true)]),
+                (key("fd00::1", 80, Tcp, Internal), entry("web", "", ClusterIP, vec![be("fd00:10::1", 8080, true)])),
+            ])
+        );
+        assert_warnings(
+            &warnings,
+            &[
+                ("EndpointSlice", "default/web-v4", "fd00:10::5 is not an IPv4 address"),
+                ("EndpointSlice", "default/web-v6", "10.0.0.6 is not an IPv6 address"),
+            ],
+        );
+    }
+
+    /// Rule: traffic policies apply per family (each proxier categorises its own
+    /// endpoints); the health check counts the primary family's local endpoints, so a
+    /// dual-stack pod counts once (each upstream proxier reports its own family).
+    #[test]
+    fn dual_stack_local_policy_and_health_check() {
+        let service = dual(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                   "ports": [{"port": 80, "nodePort": 30080}]}),
+            lb_status(json!([{"ip": "2001:db8:ff::1"}])),
+        );
+        let slices = [
+            slice("web-v4", "web", p8080(), json!([ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")])),
+            slice6("web-v6", "web", p8080(), json!([ep("fd00:10::1", NODE), ep("fd00:10::2", "node-b")])),
+        ];
+        let (actual, warnings) = translate(&[service], &slices, &dual_node());
+        assert_warnings(&warnings, &[]);
+        let lb = &actual.frontends[&key("2001:db8:ff::1", 80, Tcp, External)];
+        assert!(lb.local_only);
+        assert_eq!(lb.backends, vec![be("fd00:10::1", 8080, true)]);
+        let np6 = &actual.frontends[&key(NODE_IP6, 30080, Tcp, Internal)];
+        assert_eq!(np6.backends, vec![be("fd00:10::1", 8080, true), be("fd00:10::2", 8080, false)]);
+        assert_eq!(actual.health_checks[&32000].local_endpoints, 1);
+    }
+
+    /// Rule: claims are per address, whatever the family: two Services asking for one IPv6
+    /// clusterIP resolve like IPv4 ones (first in namespace/name order).
+    #[test]
+    fn ipv6_claims_conflict_like_ipv4() {
+        let a = svc("a", json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"], "ipFamilies": ["IPv6"]}));
+        let b = svc("b", json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"], "ipFamilies": ["IPv6"]}));
+        assert_translates(
+            &[b, a],
+            &[],
+            vec![(key("fd00::1", 80, Tcp, Internal), entry("a", "", ClusterIP, vec![]))],
+            &[("Service", "default/b", "[fd00::1]:80/TCP (ClusterIP, used by ClusterIP of default/a)")],
         );
     }
 
@@ -1366,7 +1696,7 @@ mod tests {
         );
         let slices = [slice("web-1", "web", p8080(), json!([ep("10.000.000.001", NODE)]))];
         let backends = vec![be("10.0.0.1", 8080, true)];
-        let ranges = vec![Ipv4Prefix { addr: ip("192.0.2.0"), len: 24 }];
+        let ranges = vec![IpPrefix { addr: ip("192.0.2.0"), len: 24 }];
         let mut expected = vec![web_cluster_ip(backends.clone())];
         for scope in [Internal, External] {
             expected.push((key(NODE_IP, 30080, Tcp, scope), entry("web", "", NodePort, backends.clone())));
@@ -1956,7 +2286,7 @@ mod tests {
     /// Expected frontends of `lb_with_ranges`: ranges on both LB entries (upstream's
     /// firewall check applies to pods too), never on the ExternalIP or ClusterIP.
     fn lb_frontends(ranges: &[(&str, u8)]) -> Vec<(FrontendKey, FrontendEntry)> {
-        let ranges: Vec<Ipv4Prefix> = ranges.iter().map(|&(a, len)| Ipv4Prefix { addr: ip(a), len }).collect();
+        let ranges: Vec<IpPrefix> = ranges.iter().map(|&(a, len)| IpPrefix { addr: ip(a), len }).collect();
         vec![
             web_cluster_ip(vec![]),
             (key("203.0.113.1", 80, Tcp, Internal), entry("web", "", ExternalIP, vec![])),
@@ -2050,6 +2380,8 @@ mod tests {
             svc("a", json!({"clusterIP": "10.96.0.1", "externalIPs": ["203.0.113.1"]})),
             svc("b", json!({"clusterIP": "10.96.0.2", "externalIPs": ["203.0.113.1"], "ports": [{"port": 0}]})),
             svc("c", json!({"clusterIP": "10.96.0.3", "externalIPs": ["203.0.113.1", "x"]})),
+            // Dual-stack, with slices of both families and one endpoint of the wrong one.
+            svc("d", json!({"clusterIPs": ["10.96.0.4", "fd00::4"], "ipFamilies": ["IPv4", "IPv6"]})),
         ];
         let slices = vec![
             slice("a-1", "a", p8080(), json!([ep("10.0.0.1", NODE), {"addresses": ["bad"]}])),
@@ -2057,6 +2389,8 @@ mod tests {
             slice("c-1", "c", p8080(), json!([ep("10.0.0.3", NODE)])),
             slice("z-1", "z", p8080(), json!([ep("10.0.0.4", NODE)])),
             slice("c-2", "c", json!([{"name": "x", "port": 1}]), json!([ep("10.0.0.5", NODE)])),
+            slice6("d-v6", "d", p8080(), json!([ep("fd00:10::1", NODE), ep("10.0.0.9", NODE)])),
+            slice("d-v4", "d", p8080(), json!([ep("10.0.0.6", NODE)])),
         ];
         // "c" holds the contested externalIP now.
         let claims: Claims = [(
@@ -2072,8 +2406,12 @@ mod tests {
         let mut rev_slices = slices.clone();
         rev_slices.reverse();
         assert_eq!(forward, run(&rev_services, &rev_slices));
-        assert_eq!(forward.1.len(), 6, "{:?}", forward.1);
+        assert_eq!(forward.1.len(), 7, "{:?}", forward.1);
         assert_eq!(forward.0.frontends[&key("203.0.113.1", 80, Tcp, External)].service.name, "c");
+        assert_eq!(
+            forward.0.frontends[&key("fd00::4", 80, Tcp, Internal)].backends,
+            vec![be("fd00:10::1", 8080, true)]
+        );
     }
 
     #[test]

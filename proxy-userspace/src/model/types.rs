@@ -1,6 +1,10 @@
 //! Desired state: what the maps should hold, independent of how it is stored. Produced by
 //! the pure translation in `model::translate`, consumed by `sync`.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -96,18 +100,65 @@ impl FrontendKind {
     }
 }
 
-/// One frontend: the key of a `SERVICES` entry.
+/// An address family. A dual-stack Service is served in both: each family has its own
+/// frontends (`SERVICES` / `SERVICES6`) and backends, as upstream runs one proxier per family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IpFamily {
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl IpFamily {
+    pub const ALL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    pub fn of(addr: IpAddr) -> Self {
+        if addr.is_ipv4() { IpFamily::V4 } else { IpFamily::V6 }
+    }
+
+    /// The Kubernetes spelling (`spec.ipFamilies`, `addressType`), also the metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    pub fn from_k8s(s: &str) -> Option<Self> {
+        match s {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One frontend: the key of a `SERVICES` (IPv4) or `SERVICES6` (IPv6) entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FrontendKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
     pub scope: Scope,
 }
 
+impl FrontendKey {
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.addr)
+    }
+}
+
 impl fmt::Display for FrontendKey {
+    /// `10.96.0.1:80/TCP`, `[fd00::1]:80/TCP`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(f, "{}/{}", SocketAddr::new(self.addr, self.port), self.proto)
     }
 }
 
@@ -133,7 +184,8 @@ impl fmt::Display for ServicePortName {
 /// One endpoint a frontend can send to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BackendAddr {
-    pub addr: Ipv4Addr,
+    /// Of the family of the frontends it serves (IPv6 slices feed IPv6 frontends only).
+    pub addr: IpAddr,
     pub port: u16,
     /// On this node (endpoint.nodeName == our node).
     pub local: bool,
@@ -141,11 +193,18 @@ pub struct BackendAddr {
     pub terminating: bool,
 }
 
-/// An IPv4 prefix (loadBalancerSourceRanges).
+/// An IPv4 or IPv6 prefix (loadBalancerSourceRanges, `--nodeport-addresses`); host bits
+/// are zero (see `model::addr`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Ipv4Prefix {
-    pub addr: Ipv4Addr,
+pub struct IpPrefix {
+    pub addr: IpAddr,
     pub len: u8,
+}
+
+impl fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
 }
 
 /// Everything the datapath needs for one frontend.
@@ -160,8 +219,10 @@ pub struct FrontendEntry {
     /// A traffic policy of Local applied to this entry (backends are node-local only and,
     /// for external scope, the client address is preserved).
     pub local_only: bool,
-    /// loadBalancerSourceRanges (external scope of LoadBalancer frontends); empty = all.
-    pub source_ranges: Vec<Ipv4Prefix>,
+    /// loadBalancerSourceRanges of the frontend's family (LoadBalancer frontends); empty =
+    /// all. A range of the other family never constrains it (upstream filters the ranges
+    /// by family: an IPv4 LB IP with only IPv6 ranges is open).
+    pub source_ranges: Vec<IpPrefix>,
 }
 
 /// What a `healthCheckNodePort` reports (kube-proxy's service health server): a load
@@ -189,8 +250,9 @@ pub struct DesiredState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
-    /// Addresses NodePorts are served on (after `--nodeport-addresses` filtering).
-    pub nodeport_addrs: Vec<Ipv4Addr>,
+    /// Addresses NodePorts are served on (after `--nodeport-addresses` filtering), both
+    /// families: a Service's NodePort is served on those of its own families.
+    pub nodeport_addrs: Vec<IpAddr>,
     /// The node's `topology.kubernetes.io/zone` label, for topology-aware routing.
     pub zone: Option<String>,
 }
@@ -198,7 +260,7 @@ pub struct NodeInfo {
 /// An `addr:port/proto` that one Service may own (both scopes go with it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClaimKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }

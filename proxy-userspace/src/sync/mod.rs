@@ -15,28 +15,37 @@
 //!
 //! The state the maps hold is read back at start-up (`Syncer::new`), so a restarted agent
 //! writes nothing for services that did not change while it was away.
+//!
+//! Both families go through the same code: a frontend's address picks its family's maps
+//! (`SERVICES6`, `BACKENDS6`, `SOURCE_RANGES6` for IPv6, see `store`), while service ids,
+//! backend ids, slots and metadata are one space shared by both, so every guarantee above
+//! holds for IPv6 frontends unchanged.
 pub mod store;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+};
 
-use proxy_common::{Backend, PROTO_UDP, ServiceKey, ServiceMeta, ServiceValue, SlotKey, backend_flags, svc_flags};
+use proxy_common::{PROTO_UDP, ServiceMeta, ServiceValue, SlotKey, backend_flags, svc_flags};
 use tracing::warn;
 
-pub use store::{MapStore, MemStore, Snapshot};
+pub use store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, Snapshot};
 
 use crate::{
     dataplane::{
         DataplaneError,
-        addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
+        addr::{port_from_map, port_to_map},
     },
     model::{
-        BackendAddr, ClaimHolder, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Ipv4Prefix,
-        Protocol,
+        BackendAddr, ClaimHolder, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind, IpFamily,
+        IpPrefix, Protocol,
     },
 };
 
-/// A backend's identity: services sharing an endpoint share its `BACKENDS` entry.
-type BackendIdent = (u32, u16, u8);
+/// A backend's identity: services sharing an endpoint share its `BACKENDS` (or `BACKENDS6`)
+/// entry.
+type BackendIdent = (IpAddr, u16, u8);
 
 #[derive(Clone, Debug)]
 struct Programmed {
@@ -46,7 +55,7 @@ struct Programmed {
     /// Backend ids left in the inactive generation's slots, by index.
     inactive: Vec<u32>,
     meta: Option<ServiceMeta>,
-    ranges: BTreeSet<Ipv4Prefix>,
+    ranges: BTreeSet<IpPrefix>,
     /// The SERVICES entry has been written (false while a new frontend failed midway).
     in_map: bool,
 }
@@ -56,16 +65,20 @@ struct Programmed {
 pub struct SyncReport {
     /// Map writes and deletes issued.
     pub writes: u64,
-    /// Frontends whose `SERVICES` entry is in the map (written, not merely wanted).
+    /// Frontends whose `SERVICES` / `SERVICES6` entry is in the map (written, not merely
+    /// wanted), both families.
     pub services: usize,
     pub backends: usize,
+    /// Of those, the IPv6 ones (in `SERVICES6`, `BACKENDS6`).
+    pub services6: usize,
+    pub backends6: usize,
     /// `BACKEND_SLOTS` entries in use (both generations of every frontend).
     pub slots: usize,
     pub conntrack_purged: usize,
-    /// UDP backends deleted by this sync, as (address, port) in network byte order (the map
+    /// UDP backends deleted by this sync, as (address, port in network byte order, the map
     /// layout): connected UDP sockets the socket-level hooks pointed at them are destroyed
     /// (`dataplane::sock::destroy_udp_sockets`), so their applications reconnect.
-    pub removed_udp_backends: Vec<(u32, u16)>,
+    pub removed_udp_backends: Vec<(IpAddr, u16)>,
     /// Frontends that could not be programmed (the previous state for them stays).
     pub errors: Vec<(FrontendKey, DataplaneError)>,
 }
@@ -103,18 +116,18 @@ impl IdAlloc {
 
 pub struct Syncer<S: MapStore> {
     store: S,
-    frontends: HashMap<ServiceKey, Programmed>,
-    backends: HashMap<BackendIdent, (u32, Backend)>,
+    frontends: HashMap<AnyServiceKey, Programmed>,
+    backends: HashMap<BackendIdent, (u32, AnyBackend)>,
     svc_ids: IdAlloc,
     backend_ids: IdAlloc,
     total_writes: u64,
 }
 
-fn service_key(k: &FrontendKey) -> ServiceKey {
-    ServiceKey { addr: ip_to_map(k.addr), port: port_to_map(k.port), proto: k.proto.number(), scope: k.scope.number() }
+fn service_key(k: &FrontendKey) -> AnyServiceKey {
+    AnyServiceKey { addr: k.addr, port: port_to_map(k.port), proto: k.proto.number(), scope: k.scope.number() }
 }
 
-fn backend_value(b: &BackendAddr, proto: u8) -> Backend {
+fn backend_value(b: &BackendAddr, proto: u8) -> AnyBackend {
     let mut flags = 0;
     if b.local {
         flags |= backend_flags::LOCAL;
@@ -122,7 +135,7 @@ fn backend_value(b: &BackendAddr, proto: u8) -> Backend {
     if b.terminating {
         flags |= backend_flags::TERMINATING;
     }
-    Backend { addr: ip_to_map(b.addr), port: port_to_map(b.port), proto, flags }
+    AnyBackend { addr: b.addr, port: port_to_map(b.port), proto, flags }
 }
 
 /// A NUL-padded metadata field back as a string.
@@ -196,7 +209,7 @@ impl<S: MapStore> Syncer<S> {
             slots.entry((k.svc_id, k.generation())).or_default().insert(k.index(), *b);
         }
         let meta: HashMap<u32, ServiceMeta> = snap.meta.iter().copied().collect();
-        let mut ranges: HashMap<u32, BTreeSet<Ipv4Prefix>> = HashMap::new();
+        let mut ranges: HashMap<u32, BTreeSet<IpPrefix>> = HashMap::new();
         for (id, p) in &snap.ranges {
             ranges.entry(*id).or_default().insert(*p);
         }
@@ -258,7 +271,7 @@ impl<S: MapStore> Syncer<S> {
             let (Some(meta), Some(proto)) = (p.meta.as_ref(), Protocol::from_number(k.proto)) else {
                 continue;
             };
-            let key = ClaimKey { addr: ip_from_map(k.addr), port: port_from_map(k.port), proto };
+            let key = ClaimKey { addr: k.addr, port: port_from_map(k.port), proto };
             // Namespaces and names are DNS labels (at most 63 bytes): the metadata fields
             // hold them whole.
             claims.insert(key, ClaimHolder { namespace: c_str(&meta.namespace), name: c_str(&meta.name) });
@@ -274,7 +287,7 @@ impl<S: MapStore> Syncer<S> {
         let mut referenced: HashSet<BackendIdent> = HashSet::new();
         let mut purge_pairs: HashSet<(u32, u32)> = HashSet::new();
         let mut purge_services: HashSet<u32> = HashSet::new();
-        let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
+        let wanted: HashSet<AnyServiceKey> = desired.frontends.keys().map(service_key).collect();
 
         let mut full: Vec<(&FrontendKey, &FrontendEntry)> = Vec::new();
         let mut slots_full = false;
@@ -298,7 +311,7 @@ impl<S: MapStore> Syncer<S> {
         }
 
         // Frontends that are no longer desired.
-        let stale: Vec<ServiceKey> = self.frontends.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        let stale: Vec<AnyServiceKey> = self.frontends.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in stale {
             match self.remove_frontend(&key, &mut writes) {
                 Ok(id) if key.proto == PROTO_UDP => {
@@ -337,7 +350,7 @@ impl<S: MapStore> Syncer<S> {
         let mut removed_backends = HashSet::new();
         for ident in unused {
             let (id, _) = self.backends[&ident];
-            match self.store.del_backend(id) {
+            match self.store.del_backend(id, IpFamily::of(ident.0)) {
                 Ok(()) => {
                     writes += 1;
                     if ident.2 == PROTO_UDP {
@@ -352,11 +365,11 @@ impl<S: MapStore> Syncer<S> {
         }
 
         if !purge_pairs.is_empty() || !purge_services.is_empty() || !removed_backends.is_empty() {
-            let pred = |k: &proxy_common::CtKey, v: &proxy_common::CtValue| {
-                k.proto == PROTO_UDP
-                    && (purge_services.contains(&v.svc_id)
-                        || purge_pairs.contains(&(v.svc_id, v.backend_id))
-                        || removed_backends.contains(&v.backend_id))
+            let pred = |f: CtFacts| {
+                f.proto == PROTO_UDP
+                    && (purge_services.contains(&f.svc_id)
+                        || purge_pairs.contains(&(f.svc_id, f.backend_id))
+                        || removed_backends.contains(&f.backend_id))
             };
             match self.store.purge_conntrack(&pred) {
                 Ok(n) => report.conntrack_purged = n,
@@ -368,6 +381,9 @@ impl<S: MapStore> Syncer<S> {
         report.writes = writes;
         report.services = self.programmed_count();
         report.backends = self.backends.len();
+        report.services6 =
+            self.frontends.iter().filter(|(k, p)| p.in_map && IpFamily::of(k.addr) == IpFamily::V6).count();
+        report.backends6 = self.backends.keys().filter(|(addr, _, _)| addr.is_ipv6()).count();
         report.slots = self.slot_count();
         report
     }
@@ -378,7 +394,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Mark every backend a frontend's slots (either generation) point at as in use.
-    fn keep_referenced(&self, key: &ServiceKey, referenced: &mut HashSet<BackendIdent>) {
+    fn keep_referenced(&self, key: &AnyServiceKey, referenced: &mut HashSet<BackendIdent>) {
         let Some(p) = self.frontends.get(key) else { return };
         let ids: HashSet<u32> = p.active.iter().chain(&p.inactive).copied().collect();
         for (ident, (id, _)) in &self.backends {
@@ -389,7 +405,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Ensure the backend exists with the right flags; returns its id.
-    fn ensure_backend(&mut self, b: &Backend, writes: &mut u64) -> Result<u32, DataplaneError> {
+    fn ensure_backend(&mut self, b: &AnyBackend, writes: &mut u64) -> Result<u32, DataplaneError> {
         let ident = (b.addr, b.port, b.proto);
         if let Some((id, cur)) = self.backends.get(&ident) {
             if cur == b {
@@ -413,7 +429,7 @@ impl<S: MapStore> Syncer<S> {
 
     fn apply_frontend(
         &mut self,
-        key: &ServiceKey,
+        key: &AnyServiceKey,
         entry: &FrontendEntry,
         referenced: &mut HashSet<BackendIdent>,
         purge_pairs: &mut HashSet<(u32, u32)>,
@@ -428,7 +444,7 @@ impl<S: MapStore> Syncer<S> {
         let flags = service_flags(entry);
         let affinity_timeout = entry.affinity_timeout.unwrap_or(0);
         let meta = service_meta(entry);
-        let ranges: BTreeSet<Ipv4Prefix> = entry.source_ranges.iter().copied().collect();
+        let ranges: BTreeSet<IpPrefix> = entry.source_ranges.iter().copied().collect();
 
         let mut prog = self.frontends.remove(key).unwrap_or_else(|| Programmed {
             value: ServiceValue { id: self.svc_ids.alloc(), ..Default::default() },
@@ -457,13 +473,13 @@ impl<S: MapStore> Syncer<S> {
     #[allow(clippy::too_many_arguments)]
     fn write_frontend(
         &mut self,
-        key: &ServiceKey,
+        key: &AnyServiceKey,
         prog: &mut Programmed,
         ids: &[u32],
         flags: u32,
         affinity_timeout: u32,
         meta: &ServiceMeta,
-        ranges: &BTreeSet<Ipv4Prefix>,
+        ranges: &BTreeSet<IpPrefix>,
         writes: &mut u64,
     ) -> Result<(), DataplaneError> {
         let id = prog.value.id;
@@ -472,7 +488,7 @@ impl<S: MapStore> Syncer<S> {
             *writes += 1;
             prog.meta = Some(*meta);
         }
-        let gained: Vec<Ipv4Prefix> = ranges.difference(&prog.ranges).copied().collect();
+        let gained: Vec<IpPrefix> = ranges.difference(&prog.ranges).copied().collect();
         for p in gained {
             self.store.put_range(id, p)?;
             *writes += 1;
@@ -505,7 +521,7 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
-        let lost: Vec<Ipv4Prefix> = prog.ranges.difference(ranges).copied().collect();
+        let lost: Vec<IpPrefix> = prog.ranges.difference(ranges).copied().collect();
         for p in lost {
             self.store.del_range(id, p)?;
             *writes += 1;
@@ -518,7 +534,7 @@ impl<S: MapStore> Syncer<S> {
     /// to it in one atomic write; slots past the new count are deleted after the switch.
     fn switch_generation(
         &mut self,
-        key: &ServiceKey,
+        key: &AnyServiceKey,
         prog: &mut Programmed,
         ids: &[u32],
         flags: u32,
@@ -579,7 +595,7 @@ impl<S: MapStore> Syncer<S> {
     /// Established flows are not affected: they follow conntrack, not the slots.
     fn shrink_in_place(
         &mut self,
-        key: &ServiceKey,
+        key: &AnyServiceKey,
         prog: &mut Programmed,
         ids: &[u32],
         flags: u32,
@@ -623,7 +639,7 @@ impl<S: MapStore> Syncer<S> {
 
     /// Free the spare generation of every frontend (see `apply` for why that is safe).
     fn reclaim_spares(&mut self, writes: &mut u64) {
-        let keys: Vec<ServiceKey> =
+        let keys: Vec<AnyServiceKey> =
             self.frontends.iter().filter(|(_, p)| !p.inactive.is_empty()).map(|(k, _)| *k).collect();
         let before = *writes;
         for k in keys {
@@ -636,7 +652,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Remove a frontend; returns its id.
-    fn remove_frontend(&mut self, key: &ServiceKey, writes: &mut u64) -> Result<u32, DataplaneError> {
+    fn remove_frontend(&mut self, key: &AnyServiceKey, writes: &mut u64) -> Result<u32, DataplaneError> {
         let Some(prog) = self.frontends.get(key).cloned() else { return Ok(0) };
         let id = prog.value.id;
         if prog.in_map {

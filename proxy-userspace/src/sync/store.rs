@@ -1,58 +1,97 @@
 //! What the sync needs from the maps, as a trait: the kernel maps implement it
 //! (`dataplane::maps`), and `MemStore` implements it in memory so the diff logic is
 //! unit-tested without a kernel.
-use std::collections::BTreeMap;
+//!
+//! Keys and backends carry an `IpAddr` (`ServiceKey<IpAddr>`, `Backend<IpAddr>`: the map
+//! types of proxy-common, generic over the address): the address says which family's map
+//! holds them (`SERVICES` or `SERVICES6`, `BACKENDS` or `BACKENDS6`, `SOURCE_RANGES` or
+//! `SOURCE_RANGES6`). Ids, slots and metadata are shared by both families.
+use std::{collections::BTreeMap, net::IpAddr};
 
-use proxy_common::{Backend, CtKey, CtValue, ServiceKey, ServiceMeta, ServiceValue, SlotKey};
+use proxy_common::{
+    Backend, CtKey, CtKey6, CtValue, CtValue6, ServiceKey, ServiceMeta, ServiceValue, SlotKey, map_names as n,
+};
 
-use crate::{dataplane::DataplaneError, model::Ipv4Prefix};
+use crate::{
+    dataplane::DataplaneError,
+    model::{IpFamily, IpPrefix},
+};
+
+/// A `SERVICES` / `SERVICES6` key; port in network byte order as in the maps.
+pub type AnyServiceKey = ServiceKey<IpAddr>;
+/// A `BACKENDS` / `BACKENDS6` value; port in network byte order as in the maps.
+pub type AnyBackend = Backend<IpAddr>;
+
+/// Which map of a pair holds entries of `family`.
+pub fn family_map(family: IpFamily, v4: &'static str, v6: &'static str) -> &'static str {
+    match family {
+        IpFamily::V4 => v4,
+        IpFamily::V6 => v6,
+    }
+}
+
+/// What a conntrack purge decides on, the same for both families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtFacts {
+    pub proto: u8,
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
 
 /// Everything the sync reads back at start-up.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub services: Vec<(AnyServiceKey, ServiceValue)>,
     pub slots: Vec<(SlotKey, u32)>,
-    pub backends: Vec<(u32, Backend)>,
+    pub backends: Vec<(u32, AnyBackend)>,
     pub meta: Vec<(u32, ServiceMeta)>,
-    pub ranges: Vec<(u32, Ipv4Prefix)>,
+    pub ranges: Vec<(u32, IpPrefix)>,
 }
 
 pub type StoreResult<T = ()> = Result<T, DataplaneError>;
 
 pub trait MapStore {
     fn snapshot(&self) -> StoreResult<Snapshot>;
-    fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> StoreResult;
-    fn del_service(&mut self, k: &ServiceKey) -> StoreResult;
+    fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult;
+    fn del_service(&mut self, k: &AnyServiceKey) -> StoreResult;
     fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult;
     fn del_slot(&mut self, k: &SlotKey) -> StoreResult;
-    fn put_backend(&mut self, id: u32, b: &Backend) -> StoreResult;
-    fn del_backend(&mut self, id: u32) -> StoreResult;
+    fn put_backend(&mut self, id: u32, b: &AnyBackend) -> StoreResult;
+    /// Delete backend `id` from the map of `family`.
+    fn del_backend(&mut self, id: u32, family: IpFamily) -> StoreResult;
     fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult;
     fn del_meta(&mut self, id: u32) -> StoreResult;
     /// Drop the per-service counters of a removed service.
     fn del_stats(&mut self, id: u32) -> StoreResult;
-    fn put_range(&mut self, svc_id: u32, p: Ipv4Prefix) -> StoreResult;
-    fn del_range(&mut self, svc_id: u32, p: Ipv4Prefix) -> StoreResult;
-    /// Delete every conntrack entry matching `pred`; returns how many.
-    fn purge_conntrack(&mut self, pred: &dyn Fn(&CtKey, &CtValue) -> bool) -> StoreResult<usize>;
+    fn put_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult;
+    fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult;
+    /// Delete every conntrack entry (both families) matching `pred`; returns how many.
+    fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize>;
 }
 
-/// In-memory store with capacity limits, for tests.
+/// In-memory store with capacity limits, for tests. Both families' services live in one
+/// map here (the key's address tells them apart); limits count each family on its own,
+/// as the kernel's twin maps do.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub services: BTreeMap<AnyServiceKey, ServiceValue>,
     pub slots: BTreeMap<SlotKey, u32>,
-    pub backends: BTreeMap<u32, Backend>,
+    pub backends: BTreeMap<u32, AnyBackend>,
     pub meta: BTreeMap<u32, ServiceMeta>,
-    pub ranges: BTreeMap<(u32, Ipv4Prefix), ()>,
+    pub ranges: BTreeMap<(u32, IpPrefix), ()>,
     pub conntrack: BTreeMap<CtKey, CtValue>,
+    pub conntrack6: BTreeMap<CtKey6, CtValue6>,
     pub stats_deleted: Vec<u32>,
-    /// Maximum number of service entries (None = unlimited), to test "map full".
+    /// Maximum number of service entries per family (None = unlimited), to test "map full".
     pub max_services: Option<usize>,
     /// Maximum number of slot entries (None = unlimited), to test a full `BACKEND_SLOTS`.
     pub max_slots: Option<usize>,
     /// Every write, in order, as text: lets tests assert ordering and minimality.
     pub log: Vec<String>,
+}
+
+fn ct_facts<A>(k: &CtKey<A>, v: &CtValue<A>) -> CtFacts {
+    CtFacts { proto: k.proto, svc_id: v.svc_id, backend_id: v.backend_id }
 }
 
 impl MapStore for MemStore {
@@ -65,15 +104,20 @@ impl MapStore for MemStore {
             ranges: self.ranges.keys().copied().collect(),
         })
     }
-    fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> StoreResult {
-        if self.max_services.is_some_and(|max| !self.services.contains_key(k) && self.services.len() >= max) {
-            return Err(DataplaneError::MapFull { map: "SERVICES", flag: "max-services" });
+    fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
+        let family = IpFamily::of(k.addr);
+        let same_family = self.services.keys().filter(|s| IpFamily::of(s.addr) == family).count();
+        if self.max_services.is_some_and(|max| !self.services.contains_key(k) && same_family >= max) {
+            return Err(DataplaneError::MapFull {
+                map: family_map(family, n::SERVICES, n::SERVICES6),
+                flag: "max-services",
+            });
         }
         self.log.push(format!("put_service {} count={} gen={}", v.id, v.count, v.generation));
         self.services.insert(*k, *v);
         Ok(())
     }
-    fn del_service(&mut self, k: &ServiceKey) -> StoreResult {
+    fn del_service(&mut self, k: &AnyServiceKey) -> StoreResult {
         if let Some(v) = self.services.remove(k) {
             self.log.push(format!("del_service {}", v.id));
         }
@@ -93,14 +137,17 @@ impl MapStore for MemStore {
         self.slots.remove(k);
         Ok(())
     }
-    fn put_backend(&mut self, id: u32, b: &Backend) -> StoreResult {
+    fn put_backend(&mut self, id: u32, b: &AnyBackend) -> StoreResult {
         self.log.push(format!("put_backend {id}"));
         self.backends.insert(id, *b);
         Ok(())
     }
-    fn del_backend(&mut self, id: u32) -> StoreResult {
+    fn del_backend(&mut self, id: u32, family: IpFamily) -> StoreResult {
         self.log.push(format!("del_backend {id}"));
-        self.backends.remove(&id);
+        // Only from its own family's map, like the kernel store.
+        if self.backends.get(&id).is_some_and(|b| IpFamily::of(b.addr) == family) {
+            self.backends.remove(&id);
+        }
         Ok(())
     }
     fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult {
@@ -117,19 +164,20 @@ impl MapStore for MemStore {
         self.stats_deleted.push(id);
         Ok(())
     }
-    fn put_range(&mut self, svc_id: u32, p: Ipv4Prefix) -> StoreResult {
-        self.log.push(format!("put_range {svc_id} {}/{}", p.addr, p.len));
+    fn put_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
+        self.log.push(format!("put_range {svc_id} {p}"));
         self.ranges.insert((svc_id, p), ());
         Ok(())
     }
-    fn del_range(&mut self, svc_id: u32, p: Ipv4Prefix) -> StoreResult {
-        self.log.push(format!("del_range {svc_id} {}/{}", p.addr, p.len));
+    fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
+        self.log.push(format!("del_range {svc_id} {p}"));
         self.ranges.remove(&(svc_id, p));
         Ok(())
     }
-    fn purge_conntrack(&mut self, pred: &dyn Fn(&CtKey, &CtValue) -> bool) -> StoreResult<usize> {
-        let before = self.conntrack.len();
-        self.conntrack.retain(|k, v| !pred(k, v));
-        Ok(before - self.conntrack.len())
+    fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize> {
+        let before = self.conntrack.len() + self.conntrack6.len();
+        self.conntrack.retain(|k, v| !pred(ct_facts(k, v)));
+        self.conntrack6.retain(|k, v| !pred(ct_facts(k, v)));
+        Ok(before - self.conntrack.len() - self.conntrack6.len())
     }
 }

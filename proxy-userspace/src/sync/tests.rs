@@ -1,5 +1,8 @@
 //! Sync logic against the in-memory store: ordering, minimality, restart, failures.
-use std::net::Ipv4Addr;
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, PROTO_UDP};
 
@@ -7,7 +10,7 @@ use super::*;
 use crate::model::{Protocol, Scope, ServicePortName};
 
 fn fk(last: u8, port: u16, proto: Protocol) -> FrontendKey {
-    FrontendKey { addr: Ipv4Addr::new(10, 96, 0, last), port, proto, scope: Scope::Internal }
+    FrontendKey { addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)), port, proto, scope: Scope::Internal }
 }
 
 fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
@@ -16,7 +19,12 @@ fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
         kind: FrontendKind::ClusterIP,
         backends: backends
             .iter()
-            .map(|b| BackendAddr { addr: Ipv4Addr::new(10, 244, 0, *b), port: 8080, local: false, terminating: false })
+            .map(|b| BackendAddr {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 244, 0, *b)),
+                port: 8080,
+                local: false,
+                terminating: false,
+            })
             .collect(),
         affinity_timeout: None,
         local_only: false,
@@ -169,7 +177,7 @@ fn removed_udp_backend_loses_its_conntrack_but_tcp_keeps_it() {
     let udp_id = s.store().services.iter().find(|(k, _)| k.proto == PROTO_UDP).unwrap().1.id;
     let tcp_id = s.store().services.iter().find(|(k, _)| k.proto == PROTO_TCP).unwrap().1.id;
     let b = |last: u8| {
-        let a = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, last));
+        let a = IpAddr::V4(Ipv4Addr::new(10, 244, 0, last));
         *s.store().backends.iter().find(|(_, v)| v.addr == a).unwrap().0
     };
     let (b1, b2) = (b(1), b(2));
@@ -224,7 +232,7 @@ fn claims_name_the_service_of_each_programmed_address_also_after_a_restart() {
     let mut s = Syncer::new(store).unwrap();
     s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1])), (fk(2, 80, Protocol::Tcp), fe("b", &[2]))]));
     let holder = |name: &str| ClaimHolder { namespace: "ns".into(), name: name.into() };
-    let key = ClaimKey { addr: Ipv4Addr::new(10, 96, 0, 1), port: 80, proto: Protocol::Tcp };
+    let key = ClaimKey { addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), port: 80, proto: Protocol::Tcp };
     // "b" did not fit: it holds nothing.
     let want: Claims = [(key, holder("a"))].into();
     assert_eq!(s.claims(), want);
@@ -249,7 +257,7 @@ fn flags_and_metadata_follow_the_entry() {
     let mut e = fe("aff", &[1]);
     e.affinity_timeout = Some(30);
     e.kind = FrontendKind::LoadBalancer;
-    e.source_ranges = vec![Ipv4Prefix { addr: Ipv4Addr::new(192, 0, 2, 0), len: 24 }];
+    e.source_ranges = vec![IpPrefix { addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), len: 24 }];
     s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), e.clone())]));
     let v = *s.store().services.values().next().unwrap();
     assert_eq!(v.affinity_timeout, 30);
@@ -321,7 +329,7 @@ fn scale_down_succeeds_in_place_when_slots_are_full() {
         assert_eq!(mine.iter().filter(|l| l.starts_with("del_slot")).count(), 1, "{mine:?}");
     }
     // The removed backend is in no slot and gone from BACKENDS, deleted after the counts.
-    let b2 = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, 2));
+    let b2 = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 2));
     assert!(s.store().backends.values().all(|b| b.addr != b2));
     let del_backend = pos(&log, "del_backend");
     assert!(log.iter().rposition(|l| l.starts_with("put_service")).unwrap() < del_backend, "{log:?}");
@@ -346,7 +354,7 @@ fn replace_in_place_and_growth_reports_full_slots() {
     s.apply(&desired(vec![(a, fe("a", &[1, 2, 3]))]));
     let r = s.apply(&desired(vec![(a, fe("a", &[1, 2, 4]))]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-    let b4 = crate::dataplane::addr::ip_to_map(Ipv4Addr::new(10, 244, 0, 4));
+    let b4 = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 4));
     let v = *s.store().services.values().next().unwrap();
     let reachable: Vec<u32> = (0..v.count).map(|i| s.store().slots[&SlotKey::new(v.id, v.generation, i)]).collect();
     assert!(reachable.iter().any(|id| s.store().backends[id].addr == b4));
@@ -387,4 +395,111 @@ fn scale_down_with_full_slots_makes_room_for_the_rest() {
     assert_eq!(s.store().backends.len(), 3);
     assert!(s.store().slots.len() <= 32);
     assert_eq!(r.slots, s.store().slots.len(), "the slot metric counts what the map holds");
+}
+
+// --- dual-stack ----------------------------------------------------------------------
+
+fn fk6(last: u16, port: u16, proto: Protocol) -> FrontendKey {
+    FrontendKey { addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last)), port, proto, scope: Scope::Internal }
+}
+
+/// An IPv6 entry with backends fd00:10::<b>:8080.
+fn fe6(name: &str, backends: &[u16]) -> FrontendEntry {
+    FrontendEntry {
+        backends: backends
+            .iter()
+            .map(|b| BackendAddr {
+                addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, *b)),
+                port: 8080,
+                local: false,
+                terminating: false,
+            })
+            .collect(),
+        ..fe(name, &[])
+    }
+}
+
+/// A dual-stack Service: its IPv4 and IPv6 frontends get ids from one space, backend ids
+/// from one space, and each family's entries land in its own map (the key's address);
+/// every IPv6 frontend's slots are written before its SERVICES6 entry, as for IPv4.
+#[test]
+fn dual_stack_frontends_share_id_spaces_and_keep_the_write_order() {
+    let mut s = syncer();
+    let d =
+        desired(vec![(fk(1, 80, Protocol::Tcp), fe("web", &[1, 2])), (fk6(1, 80, Protocol::Tcp), fe6("web", &[1, 2]))]);
+    let r = s.apply(&d);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((r.services, r.services6, r.backends, r.backends6), (2, 1, 4, 2));
+    let ids: BTreeSet<u32> = s.store().services.values().map(|v| v.id).collect();
+    assert_eq!(ids.len(), 2, "one service id space");
+    let backend_ids: BTreeSet<u32> = s.store().backends.keys().copied().collect();
+    assert_eq!(backend_ids.len(), 4, "one backend id space");
+    let v6: Vec<_> = s.store().backends.values().filter(|b| b.addr.is_ipv6()).collect();
+    assert_eq!(v6.len(), 2);
+    let key6 = service_key(&fk6(1, 80, Protocol::Tcp));
+    let v = s.store().services[&key6];
+    assert_eq!(v.count, 2);
+    // Every slot of the IPv6 frontend points at an IPv6 backend.
+    for i in 0..v.count {
+        let bid = s.store().slots[&SlotKey::new(v.id, v.generation, i)];
+        assert!(s.store().backends[&bid].addr.is_ipv6());
+    }
+    let log = take_log(&mut s);
+    let put6 = log.iter().position(|l| l.starts_with(&format!("put_service {}", v.id))).unwrap();
+    let slot6 = log.iter().position(|l| l.starts_with(&format!("put_slot {}/", v.id))).unwrap();
+    assert!(slot6 < put6, "{log:?}");
+    // Unchanged: nothing written; a restart reading both families back writes nothing.
+    assert_eq!(s.apply(&d).writes, 0);
+    let mut restarted = Syncer::new(s.store().clone()).unwrap();
+    assert_eq!(restarted.apply(&d).writes, 0);
+    assert_eq!(restarted.claims().len(), 2, "claims of both families read back");
+}
+
+/// A full SERVICES6 fails only the IPv6 frontend, named after its own map; IPv4 is
+/// programmed.
+#[test]
+fn full_services6_fails_only_the_ipv6_frontend() {
+    let store = MemStore { max_services: Some(1), ..MemStore::default() };
+    let mut s = Syncer::new(store).unwrap();
+    let r = s.apply(&desired(vec![
+        (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
+        (fk6(1, 80, Protocol::Tcp), fe6("a", &[1])),
+        (fk6(2, 80, Protocol::Tcp), fe6("b", &[1])),
+    ]));
+    assert_eq!(r.errors.len(), 1);
+    let (key, err) = &r.errors[0];
+    assert!(key.addr.is_ipv6());
+    assert_eq!(err.to_string(), DataplaneError::MapFull { map: "SERVICES6", flag: "max-services" }.to_string());
+    assert_eq!((r.services, r.services6), (2, 1));
+}
+
+/// IPv6 source ranges go with their frontend; a removed IPv6 endpoint leaves BACKENDS6 and
+/// its UDP conntrack entries in CONNTRACK6 go, while IPv4 is untouched.
+#[test]
+fn ipv6_ranges_and_removed_ipv6_backend() {
+    let mut s = syncer();
+    let mut e6 = fe6("dns", &[1, 2]);
+    e6.source_ranges = vec!["2001:db8::/32".parse().unwrap()];
+    let key4 = fk(1, 53, Protocol::Udp);
+    let key6 = fk6(1, 53, Protocol::Udp);
+    s.apply(&desired(vec![(key4, fe("dns", &[1])), (key6, e6.clone())]));
+    assert_eq!(s.store().ranges.keys().map(|(_, p)| p.to_string()).collect::<Vec<_>>(), vec!["2001:db8::/32"]);
+    let id6 = s.store().services[&service_key(&key6)].id;
+    let removed = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 2));
+    let gone_id = *s.store().backends.iter().find(|(_, b)| b.addr == removed).unwrap().0;
+    let ct6 = |backend_id, sport| {
+        let k = proxy_common::CtKey6 { src_port: sport, proto: PROTO_UDP, dir: CT_DIR_FORWARD, ..Default::default() };
+        (k, proxy_common::CtValue6 { svc_id: id6, backend_id, ..Default::default() })
+    };
+    let kept_id = *s.store().backends.iter().find(|(_, b)| b.addr.is_ipv6() && b.addr != removed).unwrap().0;
+    s.store_mut().conntrack6.extend([ct6(gone_id, 1), ct6(kept_id, 2)]);
+    e6.backends.truncate(1);
+    e6.source_ranges.clear();
+    let r = s.apply(&desired(vec![(key4, fe("dns", &[1])), (key6, e6)]));
+    assert!(r.errors.is_empty());
+    assert!(!s.store().backends.values().any(|b| b.addr == removed), "removed from BACKENDS6");
+    assert_eq!(r.conntrack_purged, 1);
+    assert_eq!(s.store().conntrack6.values().map(|v| v.backend_id).collect::<Vec<_>>(), vec![kept_id]);
+    assert!(s.store().ranges.is_empty());
+    assert_eq!(s.store().services.len(), 2);
 }
