@@ -530,3 +530,99 @@ fn ipv6_sockets_and_v4_mapped_destinations() {
     assert_eq!(names.len(), 3, "{names:?}");
     assert!(counter(&dp.pins.0, "sock_translate", None) >= 2 * 32 + 20);
 }
+
+/// IPv6 end to end through the agent (dual-stack control plane): a node process reaches a
+/// dual-stack Service's IPv6 ClusterIP over TCP and UDP (getpeername / recvfrom show the
+/// IPv6 VIP), and a connected UDP socket on an IPv6 backend removed from the IPv6
+/// EndpointSlice is destroyed; reconnecting reaches a live backend.
+#[test]
+fn ipv6_through_the_agent_and_stale_udp6() {
+    use std::net::{IpAddr, Ipv6Addr};
+    if !require_root("ipv6_through_the_agent_and_stale_udp6") {
+        return;
+    }
+    const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+    let mut topo = Topology::dual_stack(3, 37).expect("topology");
+    for i in 0..3 {
+        topo.start_server(SERVER, i, 8080).expect("server");
+    }
+    let dir = TempDir::new("ebpf-proxy-socklb6-").expect("manifests dir");
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\nspec:\n  type: ClusterIP\n  \
+         ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: {VIP}\n  \
+         clusterIPs: [\"{VIP}\", \"{VIP6}\"]\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  \
+         - {{name: udp, port: 53, targetPort: 8080, protocol: UDP}}\n"
+    );
+    let slice = |family: &str, pods: &[(String, IpAddr)]| {
+        let mut s = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-{}\n  namespace: default\n  \
+             labels:\n    kubernetes.io/service-name: web\naddressType: {family}\nports:\n\
+             - {{name: tcp, port: 8080, protocol: TCP}}\n- {{name: udp, port: 8080, protocol: UDP}}\nendpoints:\n",
+            family.to_lowercase()
+        );
+        for (name, addr) in pods {
+            s.push_str(&format!(
+                "- addresses: [\"{addr}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  \
+                 nodeName: node-a\n  targetRef: {{kind: Pod, name: {name}, namespace: default}}\n"
+            ));
+        }
+        s
+    };
+    let v4: Vec<(String, IpAddr)> = topo.pods.iter().map(|p| (p.name.clone(), p.ip.into())).collect();
+    let v6: Vec<(String, IpAddr)> =
+        topo.pods.iter().map(|p| (p.name.clone(), p.ip6.expect("dual-stack").into())).collect();
+    dir.write("web.yaml", &svc).expect("svc");
+    dir.write("web-v4.yaml", &slice("IPv4", &v4)).expect("slice");
+    dir.write("web-v6.yaml", &slice("IPv6", &v6)).expect("slice");
+    let cg = TestCgroup::new().expect("test cgroup");
+    let pins = PinDir::new();
+    let d = dir.0.display().to_string();
+    let c = cg.path.display().to_string();
+    let args = [
+        "--manifests",
+        d.as_str(),
+        "--node-name",
+        "node-a",
+        "--socket-lb",
+        "on",
+        "--cgroup-root",
+        c.as_str(),
+        "--pod-iface-pattern",
+        "no-such-if*",
+    ];
+    let agent = Agent::start(&topo.node, &pins.0, 10256, &args).expect("agent");
+    agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("ready");
+
+    let vip6: SocketAddr = (VIP6, 80).into();
+    let dns6: SocketAddr = (VIP6, 53).into();
+    let mut client = SockClient::start(&cg, &topo.node);
+    wait_reachable(&mut client, vip6);
+    let mut names = BTreeSet::new();
+    for _ in 0..30 {
+        let (name, peer) = client.ok(&format!("tcp {vip6}"));
+        assert_eq!(peer, vip6);
+        names.insert(name);
+    }
+    assert_eq!(names.len(), 3, "{names:?}");
+    let (_, from) = client.ok(&format!("udp {dns6}"));
+    assert_eq!(from, dns6);
+
+    let (victim, peer) = client.ok(&format!("uconn {dns6}"));
+    assert_eq!(peer, dns6);
+    let live: Vec<(String, IpAddr)> = v6.iter().filter(|(n, _)| *n != victim).cloned().collect();
+    let t = Instant::now();
+    dir.write("web-v6.yaml", &slice("IPv6", &live)).expect("slice");
+    let failed =
+        wait_for(Duration::from_secs(5), "the stale IPv6 socket to be destroyed", || match client.cmd("uask") {
+            Reply::Ok(name, _) => {
+                assert_eq!(name, victim);
+                None
+            }
+            Reply::Err(code, _) => Some(code),
+        })
+        .expect("destroyed");
+    eprintln!("stale IPv6 UDP socket failed with errno {failed} {:?} after the EndpointSlice change", t.elapsed());
+    let (name, peer) = client.ok(&format!("uconn {dns6}"));
+    assert_ne!(name, victim);
+    assert_eq!(peer, dns6);
+}
