@@ -617,7 +617,7 @@ mod tests {
         id[32..36].copy_from_slice(&[10, 96, 0, 10]);
         assert_eq!(peer(libc::AF_INET6, &id), Peer::V4(u32::from_ne_bytes([10, 96, 0, 10])));
         id[28] = 1;
-        let v6: std::net::Ipv6Addr = "::1ff:a60:a".parse().unwrap();
+        let v6 = std::net::Ipv6Addr::from([0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0xff, 0xff, 10, 96, 0, 10]);
         assert_eq!(peer(libc::AF_INET6, &id), Peer::V6(addr::ip6_to_map(v6)));
         id[20..24].copy_from_slice(&[10, 0, 0, 1]);
         assert_eq!(peer(libc::AF_INET, &id), Peer::V4(u32::from_ne_bytes([10, 0, 0, 1])));
