@@ -109,7 +109,7 @@ fn v6_twins(d: &DesiredState) -> Vec<(proxy_userspace::model::FrontendKey, proxy
     d.frontends
         .iter()
         .map(|(k, e)| {
-            let mut k = k.clone();
+            let mut k = *k;
             k.addr = v6(k.addr);
             let mut e = e.clone();
             for b in &mut e.backends {
