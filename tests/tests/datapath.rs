@@ -433,6 +433,44 @@ fn session_affinity_pins_a_client_to_one_backend() {
     assert_eq!(others.len(), 3, "different clients spread over all backends");
 }
 
+/// A backend removed from a Service with session affinity stops getting the clients pinned
+/// to it, even while another Service keeps it (so the backend entry itself stays): the
+/// agent drops the affinity entries with the backend (reported by the IPv6 test session).
+#[test]
+fn affinity_never_outlives_the_backend_leaving_the_service() {
+    if !require_root("affinity_never_outlives_the_backend_leaving_the_service") {
+        return;
+    }
+    let mut dp = TestDataplane::load();
+    let other_vip = Ipv4Addr::new(10, 96, 0, 11);
+    let sticky = |backends: &[(Ipv4Addr, u16)]| {
+        let mut e = entry("sticky", backends);
+        e.affinity_timeout = Some(10800);
+        e
+    };
+    let program = |dp: &mut TestDataplane, backends: &[(Ipv4Addr, u16)]| {
+        let s = state(vec![
+            (frontend(VIP, 80, Protocol::Tcp), sticky(backends)),
+            (frontend(other_vip, 80, Protocol::Tcp), entry("keeps-b2", &[(B2, 8080)])),
+        ]);
+        let r = dp.syncer.apply(&s);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        r
+    };
+    program(&mut dp, &[(B1, 8080), (B2, 8080)]);
+    // Find a client pinned to B2.
+    let client = (1..=60u8)
+        .map(|c| Ipv4Addr::new(10, 244, 4, c))
+        .find(|c| decode(&dp.run(FROM_POD, &tcp_frame((*c, 1000), (VIP, 80), b"")).1).dst.0 == B2)
+        .expect("some client lands on B2");
+    let r = program(&mut dp, &[(B1, 8080)]);
+    assert!(r.affinity_purged >= 1, "affinity entries purged: {}", r.affinity_purged);
+    for port in 2000..2020u16 {
+        let d = decode(&dp.run(FROM_POD, &tcp_frame((client, port), (VIP, 80), b"")).1);
+        assert_eq!(d.dst, (B1, 8080), "new flow from port {port} of a client pinned to the removed B2");
+    }
+}
+
 /// Hairpin: a pod reaching itself through its own service. The pod would drop a packet
 /// from its own address arriving on eth0, so the flow is also source-NATed to the hairpin
 /// address and bounced straight back into the pod (TC_ACT_REDIRECT to the same veth, MACs

@@ -503,3 +503,36 @@ fn ipv6_ranges_and_removed_ipv6_backend() {
     assert!(s.store().ranges.is_empty());
     assert_eq!(s.store().services.len(), 2);
 }
+
+/// A backend that leaves a frontend with session affinity takes its affinity entries with
+/// it (else a pinned client's new connections keep going to it for the affinity timeout),
+/// whatever the protocol; the remaining backends' entries and frontends without affinity
+/// are left alone.
+#[test]
+fn removed_backends_lose_their_affinity_entries() {
+    let mut s = syncer();
+    let mut aff = fe("aff", &[1, 2]);
+    aff.affinity_timeout = Some(10_800);
+    let plain = fe("plain", &[1, 2]);
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), aff.clone()), (fk(2, 80, Protocol::Tcp), plain.clone())]));
+    let id_of = |s: &Syncer<MemStore>, last: u8| {
+        s.store().services.iter().find(|(k, _)| k.addr == IpAddr::V4(Ipv4Addr::new(10, 96, 0, last))).unwrap().1.id
+    };
+    let backend = |s: &Syncer<MemStore>, b: u8| {
+        *s.store().backends.iter().find(|(_, v)| v.addr == IpAddr::V4(Ipv4Addr::new(10, 244, 0, b))).unwrap().0
+    };
+    let (aff_id, plain_id, b1, b2) = (id_of(&s, 1), id_of(&s, 2), backend(&s, 1), backend(&s, 2));
+    let client = |i: u8| IpAddr::V4(Ipv4Addr::new(10, 0, 0, i));
+    let store = s.store_mut();
+    store.affinity.insert((client(1), aff_id), b1);
+    store.affinity.insert((client(2), aff_id), b2);
+    store.affinity.insert((client(3), plain_id), b2);
+
+    aff.backends.truncate(1);
+    let mut plain = plain;
+    plain.backends.truncate(1);
+    let r = s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), aff), (fk(2, 80, Protocol::Tcp), plain)]));
+    assert_eq!(r.affinity_purged, 1);
+    let left: Vec<_> = s.store().affinity.iter().map(|(k, v)| (*k, *v)).collect();
+    assert_eq!(left, vec![((client(1), aff_id), b1), ((client(3), plain_id), b2)]);
+}
