@@ -43,6 +43,9 @@ use crate::{
     },
 };
 
+
+/// (service id, backend id) pairs.
+type PairSet = HashSet<(u32, u32)>;
 /// A backend's identity: services sharing an endpoint share its `BACKENDS` (or `BACKENDS6`)
 /// entry.
 type BackendIdent = (IpAddr, u16, u8);
@@ -447,7 +450,7 @@ impl<S: MapStore> Syncer<S> {
         key: &AnyServiceKey,
         entry: &FrontendEntry,
         referenced: &mut HashSet<BackendIdent>,
-        (purge_pairs, affinity_pairs): (&mut HashSet<(u32, u32)>, &mut HashSet<(u32, u32)>),
+        (purge_pairs, affinity_pairs): (&mut PairSet, &mut PairSet),
         writes: &mut u64,
     ) -> Result<(), DataplaneError> {
         let mut ids = Vec::with_capacity(entry.backends.len());
