@@ -43,7 +43,6 @@ use crate::{
     },
 };
 
-
 /// (service id, backend id) pairs.
 type PairSet = HashSet<(u32, u32)>;
 /// A backend's identity: services sharing an endpoint share its `BACKENDS` (or `BACKENDS6`)
