@@ -298,6 +298,35 @@ impl Report {
         );
         let _ = writeln!(s, "| ratio ours / direct | {} |", cell(self.v("throughput", "ours_vs_direct", None), 2));
 
+        let _ = writeln!(
+            s,
+            "\n### North-south forwarding: UDP from an outside client through node 1's NodePort to a pod on node 2\n"
+        );
+        let _ = writeln!(s, "| family | datapath on node 1 | pkt/s | pkt per sender CPU-s | node 1's cost ns/pkt |");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|");
+        for f in ["v4", "v6"] {
+            for (c, label) in [
+                ("direct", "none (straight to node 2: the path without node 1)"),
+                ("ours_native", "ours, XDP native"),
+                ("ours_generic", "ours, XDP generic"),
+                ("iptables", "kube-proxy iptables NodePort rules"),
+            ] {
+                let g = |m: &str, d| cell(self.v("northsouth", &format!("{f}.{c}.{m}"), None), d);
+                let node1 = if c == "direct" { "—".to_string() } else { g("node1_ns", 0) };
+                let _ = writeln!(s, "| {f} | {label} | {} | {} | {node1} |", g("pps", 0), g("cpu_pps", 0));
+            }
+            for c in ["ours_native", "ours_generic"] {
+                let g = |r: &str| cell(self.v("northsouth", &format!("{f}.{c}_{r}"), None), 2);
+                let _ = writeln!(
+                    s,
+                    "| {f} | {c} / iptables | {} | {} | {} |",
+                    g("vs_iptables"),
+                    g("vs_iptables_cpu"),
+                    g("vs_iptables_node1")
+                );
+            }
+        }
+
         let _ = writeln!(s, "\n### Targets\n");
         if plan.quick {
             let _ = writeln!(s, "(quick mode: sizes and durations too small for these to mean anything)\n");
