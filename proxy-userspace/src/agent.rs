@@ -262,8 +262,10 @@ fn lock_root(root: &std::path::Path) -> Result<RootLock> {
     Ok(RootLock::acquire(root)?)
 }
 
-async fn kube_client(args: &AgentArgs) -> Result<kube::Client> {
-    let config = match &args.kubeconfig {
+/// A client from `kubeconfig`, or the in-cluster / default config (also used by the CLI's
+/// `explain` and `verify`).
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -369,7 +371,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
         }
         None => {
-            let client = kube_client(&args).await?;
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
             Source::Kube(Arc::new(crate::source::kube::start(client, &node_name, stx)))
         }
     };

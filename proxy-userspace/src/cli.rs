@@ -41,6 +41,10 @@ pub enum Command {
     /// programs (BPF_PROG_TEST_RUN) on a private copy of the entries it can read, so the
     /// live maps are left exactly as they were.
     Trace(TraceArgs),
+    /// Why these backends: for each frontend of a Service (`namespace/name`), every endpoint
+    /// of its slices with the reason it is or is not a backend on this node, from the
+    /// agent's own model.
+    Explain(ExplainArgs),
     /// Remove the datapath from this node (like `kube-proxy --cleanup`): detach every
     /// program of ours from every interface of this network namespace, and remove the pins
     /// under the bpffs root(s). Refuses while an agent runs on a root (see --force).
@@ -76,6 +80,31 @@ pub struct ShowArgs {
     /// Where the agent pinned its maps.
     #[arg(long, env = "EBPF_PROXY_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
     pub bpffs_root: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+/// Where the operator commands read Kubernetes objects from (as the agent does).
+#[derive(Debug, Args)]
+pub struct ObjectSourceArgs {
+    /// Read Service, EndpointSlice and Node YAML from this directory instead of the API.
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig file; without it (and without --manifests) the default / in-cluster config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The node to judge for (locality, zone, node addresses).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The Service, `namespace/name`.
+    pub service: String,
+    #[command(flatten)]
+    pub source: ObjectSourceArgs,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,

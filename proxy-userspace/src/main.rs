@@ -58,6 +58,28 @@ fn run_cleanup(args: &CleanupArgs) -> Result<()> {
     Ok(())
 }
 
+fn node_name(n: &Option<String>) -> String {
+    n.clone()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
+    let (namespace, name) = a.service.split_once('/').context("the Service is namespace/name")?;
+    let node = node_name(&a.source.node_name);
+    let objects =
+        proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
+    let (info, _) = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);
+    let e = proxy_userspace::model::explain(&objects.services, &objects.slices, &info, namespace, name)
+        .map_err(anyhow::Error::msg)?;
+    let out = match a.output {
+        OutputFormat::Json => serde_json::to_string_pretty(&e)? + "\n",
+        OutputFormat::Table => show::render_explain(&e),
+    };
+    print!("{out}");
+    Ok(())
+}
+
 fn run_trace(a: &proxy_userspace::cli::TraceArgs) -> anyhow::Result<()> {
     let req = proxy_userspace::trace::Request { from: a.from, to: a.to, proto: a.proto, syn: a.syn, at: a.at };
     let outcome = proxy_userspace::trace::trace(&a.show.bpffs_root, &req)
@@ -84,6 +106,7 @@ fn main() -> ExitCode {
         }
         Command::Cleanup(a) => run_cleanup(&a),
         Command::Trace(a) => run_trace(&a),
+        Command::Explain(a) => run_explain(&a),
         Command::Services(a) => open(&a)
             .and_then(|m| Ok(show::read_services(&m)?))
             .and_then(|r| print(&a, &r, |r| show::render_services(r))),

@@ -400,6 +400,33 @@ pub fn render_trace(o: &crate::trace::Outcome) -> String {
     out
 }
 
+/// `ebpf-proxy explain` as text: one block per frontend group, one line per endpoint.
+pub fn render_explain(e: &crate::model::Explanation) -> String {
+    let zone = e.zone.as_deref().map(|z| format!(", zone {z}")).unwrap_or_default();
+    let mut out = format!("Service {} on node {}{zone}\n", e.service, e.node);
+    for v in &e.frontends {
+        out.push_str(&format!("\nport {} {:?} {:?} | {} | {}\n", v.port, v.protocol, v.family, v.traffic, v.policy));
+        let rows: Vec<Vec<String>> = v
+            .endpoints
+            .iter()
+            .map(|x| {
+                let addr = match x.port {
+                    Some(p) => std::net::SocketAddr::new(x.address, p).to_string(),
+                    None => x.address.to_string(),
+                };
+                let local = if x.local { "local" } else { "remote" };
+                vec![addr, x.slice.clone(), local.to_string(), x.reason.describe().to_string()]
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str("  (no endpoints)\n");
+        } else {
+            out.push_str(&table(&["ENDPOINT", "SLICE", "NODE", "WHY"], &rows));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
