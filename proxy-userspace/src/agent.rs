@@ -88,6 +88,11 @@ struct SyncLoop {
     last_errors: BTreeSet<String>,
     /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
     node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
+    /// What the last sync was asked for, and the drift the last verify found (logged when
+    /// it changes).
+    last_desired: Option<model::DesiredState>,
+    last_drift: BTreeSet<String>,
+    bpffs_root: std::path::PathBuf,
 }
 
 impl SyncLoop {
@@ -150,6 +155,7 @@ impl SyncLoop {
         self.health.update(&desired.health_checks);
 
         let report = self.syncer.apply(&desired);
+        self.last_desired = Some(desired);
         let elapsed = t.elapsed();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         if let Some(start) = burst_start {
@@ -194,6 +200,34 @@ impl SyncLoop {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             "synced"
         );
+    }
+}
+
+impl SyncLoop {
+    /// Re-read the maps from their pins (not the syncer's own record of what it wrote) and
+    /// compare them with the last desired state, as `ebpf-proxy verify` does: whatever
+    /// changed them behind our back shows up here.
+    fn verify(&mut self) {
+        let Some(desired) = &self.last_desired else { return };
+        use crate::sync::MapStore;
+        let snap = match crate::dataplane::maps::Maps::open_pinned(&self.bpffs_root).and_then(|m| m.snapshot()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "verify: cannot read the pinned maps");
+                return;
+            }
+        };
+        let drift = crate::sync::verify::verify(desired, &snap);
+        self.metrics.verify_runs.inc();
+        self.metrics.datapath_drift.set(drift.len() as i64);
+        let now: BTreeSet<String> = drift.iter().map(|d| d.to_string()).collect();
+        for d in now.difference(&self.last_drift) {
+            warn!(drift = %d, "the maps differ from what the API says");
+        }
+        if now.is_empty() && !self.last_drift.is_empty() {
+            info!("the maps agree with the API again");
+        }
+        self.last_drift = now;
     }
 }
 
@@ -393,8 +427,15 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         last_warnings: BTreeSet::new(),
         last_errors: BTreeSet::new(),
         node_addrs,
+        last_desired: None,
+        last_drift: BTreeSet::new(),
+        bpffs_root: args.bpffs_root.clone(),
     };
     created_root.keep();
+    // Periodic verify; with 0 the timer never fires.
+    let verify_every =
+        Duration::from_secs(if args.verify_interval_secs == 0 { 86_400 * 365 } else { args.verify_interval_secs });
+    let mut verify_tick = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
     let delay = Duration::from_millis(args.sync_delay_ms);
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;
@@ -407,6 +448,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 None => break,
             },
             _ = &mut shutdown => break,
+            _ = verify_tick.tick() => {
+                if args.verify_interval_secs > 0 {
+                    lp.verify();
+                }
+                continue;
+            }
         }
         // Reconcile only against a complete picture: every resource fully listed.
         if synced.len() < 3 || burst.is_none() {

@@ -45,6 +45,10 @@ pub enum Command {
     /// of its slices with the reason it is or is not a backend on this node, from the
     /// agent's own model.
     Explain(ExplainArgs),
+    /// Does the kernel do what the API says? Translates the objects with the agent's model
+    /// and compares the result with the pinned maps: missing, extra or different frontends,
+    /// backends and flags, one line each. Exit 0 when they agree, 1 on drift, 2 on error.
+    Verify(VerifyArgs),
     /// Remove the datapath from this node (like `kube-proxy --cleanup`): detach every
     /// program of ours from every interface of this network namespace, and remove the pins
     /// under the bpffs root(s). Refuses while an agent runs on a root (see --force).
@@ -108,6 +112,17 @@ pub struct ExplainArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub source: ObjectSourceArgs,
+    /// As the agent's flag of that name (it changes which node addresses serve NodePorts).
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    #[command(flatten)]
+    pub show: ShowArgs,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +210,11 @@ pub struct AgentArgs {
     /// How often to check that the pins and attachments are in place (and restore them).
     #[arg(long, default_value_t = 1000)]
     pub datapath_check_interval_ms: u64,
+    /// How often to re-read the maps and compare them with the API's objects, as
+    /// `ebpf-proxy verify` does (drift goes to the log and the `datapath_drift` gauge);
+    /// 0 turns it off.
+    #[arg(long, default_value_t = 60)]
+    pub verify_interval_secs: u64,
     /// Coalesce bursts of events for this long before syncing (milliseconds).
     #[arg(long, default_value_t = 50)]
     pub sync_delay_ms: u64,

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub conntrack_gc_duration: Histogram,
     pub conntrack_full_drops: Counter,
     pub datapath_repairs: Counter,
+    /// Differences between the maps and the API at the last periodic verify.
+    pub datapath_drift: Gauge,
+    pub verify_runs: Counter,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -78,6 +81,8 @@ impl Metrics {
             conntrack_gc_duration: Histogram::new(buckets()),
             conntrack_full_drops: Counter::default(),
             datapath_repairs: Counter::default(),
+            datapath_drift: Gauge::default(),
+            verify_runs: Counter::default(),
         };
         r.register("services_programmed", "Service frontends in the services map", m.services.clone());
         r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
@@ -128,6 +133,13 @@ impl Metrics {
             "Datapath checks that found pins missing or programs detached, and restored them",
             m.datapath_repairs.clone(),
         );
+        r.register(
+            "datapath_drift",
+            "Differences (missing, extra or different frontends, backends, flags) between the pinned maps and \
+             what the API says, at the last periodic verify (see ebpf-proxy verify)",
+            m.datapath_drift.clone(),
+        );
+        r.register("verify_runs", "Periodic verifications of the maps against the API", m.verify_runs.clone());
         *m.registry.lock().expect("fresh mutex") = r;
         m
     }

@@ -704,5 +704,7 @@ impl<S: MapStore> Syncer<S> {
     }
 }
 
+pub mod verify;
+
 #[cfg(test)]
 mod tests;
