@@ -405,7 +405,12 @@ pub fn render_explain(e: &crate::model::Explanation) -> String {
     let zone = e.zone.as_deref().map(|z| format!(", zone {z}")).unwrap_or_default();
     let mut out = format!("Service {} on node {}{zone}\n", e.service, e.node);
     for v in &e.frontends {
-        out.push_str(&format!("\nport {} {:?} {:?} | {} | {}\n", v.port, v.protocol, v.family, v.traffic, v.policy));
+        let family = match v.family {
+            crate::model::IpFamily::V4 => "IPv4",
+            crate::model::IpFamily::V6 => "IPv6",
+        };
+        let proto = format!("{:?}", v.protocol).to_uppercase();
+        out.push_str(&format!("\nport {} {proto} {family} | {} | {}\n", v.port, v.traffic, v.policy));
         let rows: Vec<Vec<String>> = v
             .endpoints
             .iter()
