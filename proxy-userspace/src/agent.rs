@@ -99,7 +99,14 @@ impl SyncLoop {
     /// Translate the current snapshot and apply it.
     fn sync(&mut self, burst_start: Option<Instant>) {
         let t = Instant::now();
-        let objects = self.source.snapshot();
+        let objects = match self.source.snapshot() {
+            Ok(o) => o,
+            Err(e) => {
+                // Keep every frontend as it is: nothing here says the objects are gone.
+                error!(error = %e, "cannot read the objects; the maps are left as they are");
+                return;
+            }
+        };
         let (node, mut warnings) = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
         self.node_addrs.send_if_modified(|a| {
             let changed = *a != node.nodeport_addrs;
