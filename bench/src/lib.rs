@@ -97,7 +97,7 @@ impl Plan {
             tput_bytes: 8 << 30,
             tput_rounds: 6,
             ns_time: Duration::from_secs(4),
-            ns_rounds: 2,
+            ns_rounds: 4,
             ns_rate: 2_000_000,
             ns_flows: 16,
             server_bin,
@@ -143,7 +143,19 @@ pub const CONN_CASES: [&str; 5] = ["direct", "ours", "iptables", "nftables", "ip
 /// Ratios (ours / other) of new connections per second.
 pub const CONN_RATIOS: [&str; 4] =
     ["ours_vs_iptables", "ours_vs_nftables", "ours_vs_direct", "ours_vs_iptables_legacy"];
-pub const PP_CASES: [&str; 5] = ["hit", "miss", "reply", "new_flow", "miss_single"];
+pub const PP_CASES: [&str; 11] = [
+    "hit",
+    "miss",
+    "reply",
+    "new_flow",
+    "miss_single",
+    "hit_v6",
+    "miss_v6",
+    "reply_v6",
+    "new_flow_v6",
+    "miss_single_v6",
+    "hit_v6_over_v4",
+];
 pub const CP_COLD: [&str; 6] =
     ["translate_ms", "apply_ms", "total_ms", "iptables_restore_ms", "iptables_legacy_restore_ms", "nft_ms"];
 pub const CP_CHANGE: [&str; 4] = ["apply", "translate_apply", "iptables_restore", "nft"];

@@ -173,6 +173,24 @@ impl Report {
                 cell(self.v("per_packet", "sync_ms", Some(*n)), 0)
             );
         }
+        let _ = writeln!(s, "\n### Per-packet cost, IPv6 beside IPv4 (same datapath, same rounds, ns/packet)\n");
+        let _ = writeln!(s, "| services | hit v4 | hit v6 | v6/v4 | miss v6 | reply v6 | new flow v4 | new flow v6 |");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for n in &plan.pp_sizes {
+            let g = |c: &str, d| cell(self.v("per_packet", c, Some(*n)), d);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                group(*n),
+                g("hit", 1),
+                g("hit_v6", 1),
+                g("hit_v6_over_v4", 2),
+                g("miss_v6", 1),
+                g("reply_v6", 1),
+                g("new_flow", 1),
+                g("new_flow_v6", 1)
+            );
+        }
 
         let _ = writeln!(s, "\n### New TCP connections (connect, read one line, close; one client thread)\n");
         let _ = writeln!(s, "| services | datapath | conn/s | p50 connect µs | p99 connect µs |");

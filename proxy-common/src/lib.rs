@@ -438,10 +438,14 @@ pub enum Verdict {
     /// A new flow found the conntrack table full (every entry live: established flows are
     /// never evicted to make room). Dropped; the agent's GC is woken to reclaim space.
     CtFull = 12,
+    /// An ICMP error (destination unreachable — fragmentation needed / packet too big
+    /// included —, time exceeded, parameter problem) about a tracked flow: the quoted packet
+    /// and the outer header translated the way the flow's own packets are.
+    IcmpError = 13,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::NewFlow,
         Verdict::Established,
@@ -456,6 +460,7 @@ impl Verdict {
         Verdict::OtherL4,
         Verdict::NoRoute,
         Verdict::CtFull,
+        Verdict::IcmpError,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -473,6 +478,7 @@ impl Verdict {
             Verdict::OtherL4 => "other_l4",
             Verdict::NoRoute => "no_route",
             Verdict::CtFull => "ct_full",
+            Verdict::IcmpError => "icmp_error",
         }
     }
 
@@ -499,6 +505,7 @@ pub mod verdict {
     pub const OTHER_L4: u32 = Verdict::OtherL4 as u32;
     pub const NO_ROUTE: u32 = Verdict::NoRoute as u32;
     pub const CT_FULL: u32 = Verdict::CtFull as u32;
+    pub const ICMP_ERROR: u32 = Verdict::IcmpError as u32;
     pub const COUNT: u32 = Verdict::COUNT;
 }
 

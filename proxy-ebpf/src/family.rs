@@ -38,6 +38,10 @@ pub trait Family: 'static {
     fn node_addrs() -> (Self::Addr, Self::Addr);
     /// One word mixing the address's bits, for hashing (SNAT port candidates).
     fn fold(addr: Self::Addr) -> u32;
+    /// 32-bit words in an address (1 or 4), and the address as words (the first `WORDS`
+    /// used), for checksum arithmetic.
+    const WORDS: usize;
+    fn words(addr: Self::Addr) -> [u32; 4];
     /// Parse a frame of this family (see `parse`).
     fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Self::Addr>, Verdict>;
     fn is_unset(addr: Self::Addr) -> bool {
@@ -91,6 +95,11 @@ impl Family for V4 {
     fn fold(addr: u32) -> u32 {
         addr
     }
+    const WORDS: usize = 1;
+    #[inline(always)]
+    fn words(addr: u32) -> [u32; 4] {
+        [addr, 0, 0, 0]
+    }
 }
 
 impl Family for V6 {
@@ -133,5 +142,10 @@ impl Family for V6 {
     #[inline(always)]
     fn fold(a: Ipv6Words) -> u32 {
         a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24)
+    }
+    const WORDS: usize = 4;
+    #[inline(always)]
+    fn words(addr: Ipv6Words) -> [u32; 4] {
+        addr
     }
 }

@@ -2,13 +2,14 @@
 //! `parse` (headers), `pipeline` (the one decision every program shares), `ct`
 //! (conntrack state and entries, SNAT ports), `lb` (service lookup, backend selection), `tc`
 //! and `xdp` (rewriters applying a decision; XDP also forwards), `csum` (checksum
-//! arithmetic), `reject` (TCP resets), `stats` (counters, once per packet), `maps`.
+//! arithmetic), `reject` (TCP resets), `icmp` (ICMP errors about translated flows), `stats` (counters, once per packet), `maps`.
 #![no_std]
 #![no_main]
 
 mod csum;
 mod ct;
 mod family;
+mod icmp;
 mod lb;
 mod maps;
 mod parse;

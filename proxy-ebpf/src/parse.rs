@@ -36,6 +36,9 @@ const NEXT_ROUTING: u8 = 43;
 const NEXT_FRAGMENT: u8 = 44;
 const NEXT_DEST_OPTS: u8 = 60;
 const MAX_EXT_HDRS: usize = 4;
+/// The largest transport-header offset an IPv6 frame may have for us (offsets are masked
+/// with it for the verifier, so a larger one must never reach a mask).
+const MAX_L4_OFF: usize = 0x3ff;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 /// SCTP common header: ports, verification tag, checksum.
@@ -221,7 +224,7 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
         match next {
             NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => {
                 // Masked so the verifier sees a bounded offset.
-                let o = off & 0x3ff;
+                let o = off & MAX_L4_OFF;
                 let h = ptr_at::<[u8; 2]>(start, end, o)?;
                 // SAFETY: bounds-checked just above.
                 let [nh, len] = unsafe { h.read_unaligned() };
@@ -230,13 +233,18 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
                 if off > ip_end {
                     return Err(Verdict::Malformed);
                 }
+                // Beyond the offsets the masks below keep (not a wrap-around into the
+                // extension headers): not ours, like a chain longer than MAX_EXT_HDRS.
+                if off > MAX_L4_OFF {
+                    return Err(Verdict::OtherL4);
+                }
             }
             NEXT_FRAGMENT => return Err(Verdict::Fragment),
             _ => break,
         }
         i += 1;
     }
-    let l4 = off & 0x3ff;
+    let l4 = off & MAX_L4_OFF;
     let (sport, dport, tcp_flags) = transport(start, end, l4, ip_end - l4, next)?;
     Ok(Packet {
         l3_off: l3,

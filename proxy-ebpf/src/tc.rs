@@ -22,9 +22,8 @@ use proxy_common::{Ipv6Words, PROTO_UDP, Verdict};
 use crate::{
     ct::CtWork,
     family::{Family, V4, V6},
-    parse::{
-        self, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
-    },
+    icmp::{self, IcmpFamily, Side},
+    parse::{self, IP_CSUM_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet},
     pipeline::{self, Action, Decision, Hook, Nat},
     reject, stats,
 };
@@ -52,9 +51,8 @@ fn parse_ctx<F: Family>(ctx: &TcContext) -> Result<Packet<F::Addr>, Verdict> {
 /// How an address is rewritten in each family: where it sits in the IP header, and which
 /// checksums cover it (IPv4: the header checksum and the L4 pseudo-header; IPv6: only the
 /// L4 pseudo-header, one 32-bit word at a time).
-trait TcFamily: Family {
-    const SRC_OFF: usize;
-    const DST_OFF: usize;
+/// (The addresses' offsets come from `IcmpFamily`.)
+trait TcFamily: IcmpFamily {
     fn rewrite_addr(
         ctx: &TcContext,
         p: &Packet<Self::Addr>,
@@ -70,8 +68,6 @@ trait TcFamily: Family {
 }
 
 impl TcFamily for V4 {
-    const SRC_OFF: usize = IP_SRC_OFF;
-    const DST_OFF: usize = IP_DST_OFF;
     #[inline(always)]
     fn reject(ctx: &TcContext, p: &Packet<u32>) -> Result<i32, i64> {
         reject::tc_reject(ctx, p)
@@ -95,8 +91,6 @@ impl TcFamily for V4 {
 }
 
 impl TcFamily for V6 {
-    const SRC_OFF: usize = IP6_SRC_OFF;
-    const DST_OFF: usize = IP6_DST_OFF;
     #[inline(always)]
     fn reject(ctx: &TcContext, p: &Packet<Ipv6Words>) -> Result<i32, i64> {
         reject::tc_reject6(ctx, p)
@@ -199,9 +193,16 @@ fn apply<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr
 fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
     let len = ctx.len();
     let (ret, verdict, svc_id) = if F::OUTLINE { staged::<F>(ctx, reply) } else { inlined::<F>(ctx, reply) };
+    if verdict == Verdict::OtherL4 {
+        return OTHER_L4;
+    }
     stats::count(verdict, svc_id, len);
     ret
 }
+
+/// What `handle` returns for a frame of another L4 protocol: its caller then runs
+/// `icmp_error`, as a sibling call so the two frames never add up on the stack.
+const OTHER_L4: i32 = i32::MIN;
 
 #[inline(always)]
 fn decide<F: Family>(p: &Packet<F::Addr>, reply: bool, ct: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
@@ -219,6 +220,38 @@ fn inlined<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
             (ret, verdict, d.svc_id)
         }
         Err(v) => (TC_ACT_UNSPEC, v, 0),
+    }
+}
+
+/// ICMP errors about translated flows (see `icmp`); anything else of another L4 protocol
+/// passes untouched. A BPF function of its own: rare, and off the fast path's stack.
+#[inline(never)]
+fn icmp_error<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
+    let len = ctx.len();
+    let (ret, verdict, svc_id) = icmp_translate::<F>(ctx, reply);
+    stats::count(verdict, svc_id, len);
+    ret
+}
+
+#[inline(always)]
+fn icmp_translate<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
+    let untouched = (TC_ACT_UNSPEC, Verdict::OtherL4, 0);
+    // Errors are small; their quote must be in the linear area to be rewritten in place.
+    let want = if ctx.len() < MAX_HDR { ctx.len() } else { MAX_HDR };
+    if ctx.pull_data(want).is_err() {
+        return untouched;
+    }
+    let Some(e) = icmp::parse::<F>(ctx.data(), ctx.data_end()) else {
+        return untouched;
+    };
+    let side = if reply { Side::ToClient } else { Side::PodOut };
+    let Some((t, _, svc_id)) = icmp::decide::<F>(&e, side) else {
+        return untouched;
+    };
+    if icmp::rewrite::<F>(ctx.data(), ctx.data_end(), &e, &t) {
+        (TC_ACT_UNSPEC, Verdict::IcmpError, svc_id)
+    } else {
+        (TC_ACT_SHOT, Verdict::Error, svc_id)
     }
 }
 
@@ -256,8 +289,14 @@ fn apply_step<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F:
 #[inline(always)]
 fn run(ctx: &TcContext, reply: bool) -> i32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
-        Ok(L3::V4) => handle::<V4>(ctx, reply),
-        Ok(L3::V6) => handle::<V6>(ctx, reply),
+        Ok(L3::V4) => match handle::<V4>(ctx, reply) {
+            OTHER_L4 => icmp_error::<V4>(ctx, reply),
+            ret => ret,
+        },
+        Ok(L3::V6) => match handle::<V6>(ctx, reply) {
+            OTHER_L4 => icmp_error::<V6>(ctx, reply),
+            ret => ret,
+        },
         Err(v) => {
             stats::count(v, 0, ctx.len());
             TC_ACT_UNSPEC

@@ -27,6 +27,7 @@ use crate::{
     csum,
     ct::CtWork,
     family::{Family, V4, V6},
+    icmp::{self, IcmpFamily, Side},
     parse::{
         self, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
         IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
@@ -50,7 +51,7 @@ fn ptr_mut<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
 
 /// What differs between the families on the uplink: the IP header's layout and checksum,
 /// the FIB lookup's parameters, the hop limit, and the reset.
-trait XdpFamily: Family {
+trait XdpFamily: IcmpFamily {
     /// Rewrite the IP header's addresses (and its checksum, where it has one).
     fn nat_l3(ctx: &XdpContext, p: &Packet<Self::Addr>, n: &Nat<Self::Addr>) -> Result<(), ()>;
     /// The L4 checksum after an address in its pseudo-header changed.
@@ -307,9 +308,16 @@ fn frame_len(ctx: &XdpContext) -> usize {
 fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
     let (ret, verdict, svc_id) = if F::OUTLINE { staged::<F>(ctx) } else { inlined::<F>(ctx) };
+    if verdict == Verdict::OtherL4 {
+        return OTHER_L4;
+    }
     stats::count(verdict, svc_id, len);
     ret
 }
+
+/// What `handle` returns for a frame of another L4 protocol: its caller then runs
+/// `icmp_error`, as a sibling call so the two frames never add up on the stack.
+const OTHER_L4: u32 = u32::MAX;
 
 /// IPv4: the steps inlined into one function, their state on its stack.
 #[inline(always)]
@@ -322,6 +330,40 @@ fn inlined<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
             (ret, verdict, d.svc_id)
         }
         Err(v) => (xdp_action::XDP_PASS, v, 0),
+    }
+}
+
+/// ICMP errors about translated flows (see `icmp`): rewritten, then forwarded like the
+/// flow's packets (source-NATed flows) or handed to the stack (a local backend). Anything
+/// else of another L4 protocol passes untouched. A BPF function of its own: rare, and off
+/// the fast path's stack.
+#[inline(never)]
+fn icmp_error<F: XdpFamily>(ctx: &XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    let (ret, verdict, svc_id) = icmp_translate::<F>(ctx);
+    stats::count(verdict, svc_id, len);
+    ret
+}
+
+#[inline(always)]
+fn icmp_translate<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
+    let untouched = (xdp_action::XDP_PASS, Verdict::OtherL4, 0);
+    let Some(e) = icmp::parse::<F>(ctx.data(), ctx.data_end()) else {
+        return untouched;
+    };
+    let Some((t, forward, svc_id)) = icmp::decide::<F>(&e, Side::Uplink) else {
+        return untouched;
+    };
+    if !icmp::rewrite::<F>(ctx.data(), ctx.data_end(), &e, &t) {
+        return (xdp_action::XDP_DROP, Verdict::Error, svc_id);
+    }
+    if !forward {
+        return (xdp_action::XDP_PASS, Verdict::IcmpError, svc_id);
+    }
+    let to = Nat { saddr: t.outer_src, sport: 0, daddr: t.outer_dst, dport: 0 };
+    match fib_forward::<F>(ctx, F::PROTO_ICMP, &to) {
+        Ok(action) => (action, Verdict::IcmpError, svc_id),
+        Err(()) => (xdp_action::XDP_DROP, Verdict::NoRoute, svc_id),
     }
 }
 
@@ -379,8 +421,14 @@ fn apply<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, d: &Decision<F::Ad
 
 pub fn from_uplink(ctx: &XdpContext) -> u32 {
     match parse::l3(ctx.data(), ctx.data_end()) {
-        Ok(L3::V4) => handle::<V4>(ctx),
-        Ok(L3::V6) => handle::<V6>(ctx),
+        Ok(L3::V4) => match handle::<V4>(ctx) {
+            OTHER_L4 => icmp_error::<V4>(ctx),
+            ret => ret,
+        },
+        Ok(L3::V6) => match handle::<V6>(ctx) {
+            OTHER_L4 => icmp_error::<V6>(ctx),
+            ret => ret,
+        },
         Err(v) => {
             stats::count(v, 0, (ctx.data_end() - ctx.data()) as u32);
             xdp_action::XDP_PASS

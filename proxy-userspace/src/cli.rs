@@ -37,6 +37,10 @@ pub enum Command {
     Conntrack(ShowArgs),
     /// Show datapath counters.
     Stats(ShowArgs),
+    /// What the datapath does with one packet: built from the flags, run through the loaded
+    /// programs (BPF_PROG_TEST_RUN) on a private copy of the entries it can read, so the
+    /// live maps are left exactly as they were.
+    Trace(TraceArgs),
     /// Remove the datapath from this node (like `kube-proxy --cleanup`): detach every
     /// program of ours from every interface of this network namespace, and remove the pins
     /// under the bpffs root(s). Refuses while an agent runs on a root (see --force).
@@ -75,6 +79,27 @@ pub struct ShowArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Source address and port (IPv4 `a.b.c.d:port` or IPv6 `[addr]:port`).
+    #[arg(long)]
+    pub from: SocketAddr,
+    /// Destination address and port.
+    #[arg(long)]
+    pub to: SocketAddr,
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: crate::trace::Proto,
+    /// TCP: a SYN (a new connection) rather than a segment of an open one.
+    #[arg(long)]
+    pub syn: bool,
+    /// Where the packet is seen: leaving a pod, entering one, arriving on an uplink,
+    /// leaving through one.
+    #[arg(long, value_enum, default_value = "pod")]
+    pub at: crate::trace::At,
+    #[command(flatten)]
+    pub show: ShowArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -11,7 +11,8 @@
 //!   `control` thread (which also handles signals); `healthcheck` serves the services'
 //!   `healthCheckNodePort`s.
 //! - `cleanup`: `ebpf-proxy cleanup`, taking the datapath out of the node.
-//! - `cli` (flags) and `show` (the operator CLI's output).
+//! - `cli` (flags) and `show` (the operator CLI's output); `trace` runs one packet through a
+//!   private copy of the datapath.
 pub mod agent;
 pub mod attacher;
 pub mod cleanup;
@@ -27,3 +28,4 @@ pub mod model;
 pub mod show;
 pub mod source;
 pub mod sync;
+pub mod trace;

@@ -58,6 +58,13 @@ fn run_cleanup(args: &CleanupArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_trace(a: &proxy_userspace::cli::TraceArgs) -> anyhow::Result<()> {
+    let req = proxy_userspace::trace::Request { from: a.from, to: a.to, proto: a.proto, syn: a.syn, at: a.at };
+    let outcome = proxy_userspace::trace::trace(&a.show.bpffs_root, &req)
+        .with_context(|| format!("tracing {} -> {}", a.from, a.to))?;
+    print(&a.show, &outcome, show::render_trace)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
                 })
         }
         Command::Cleanup(a) => run_cleanup(&a),
+        Command::Trace(a) => run_trace(&a),
         Command::Services(a) => open(&a)
             .and_then(|m| Ok(show::read_services(&m)?))
             .and_then(|r| print(&a, &r, |r| show::render_services(r))),

@@ -371,6 +371,35 @@ pub fn render_uplinks(rows: &[crate::dataplane::attach::PinnedUplink]) -> String
     table(&["UPLINK", "IFINDEX", "XDP-MODE"], &cells)
 }
 
+/// `ebpf-proxy trace` as text: one fact per line.
+pub fn render_trace(o: &crate::trace::Outcome) -> String {
+    let wire = |w: &crate::trace::Wire| {
+        let flags = if w.tcp_flags.is_empty() { String::new() } else { format!(" [{}]", w.tcp_flags) };
+        let sums = if w.checksums_valid { "checksums valid" } else { "CHECKSUMS INVALID" };
+        format!("{} -> {} {}{flags}, {sums}", w.src, w.dst, w.protocol)
+    };
+    let mut out = format!(
+        "program:   {}\nin:        {}\nverdict:   {} — {}\n",
+        o.program,
+        wire(&o.input),
+        o.verdict,
+        o.explanation
+    );
+    if let Some(f) = &o.frontend {
+        out.push_str(&format!("frontend:  {} {} (id {})\n", f.service, f.address, f.id));
+    }
+    if let Some(b) = &o.backend {
+        out.push_str(&format!("backend:   {b}\n"));
+    }
+    match &o.output {
+        Some(w) if o.untouched => out.push_str(&format!("out:       untouched ({})\n", wire(w))),
+        Some(w) => out.push_str(&format!("out:       {}\n", wire(w))),
+        None => out.push_str("out:       nothing (dropped)\n"),
+    }
+    out.push_str(&format!("action:    {}\n", o.action));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -260,3 +260,245 @@ pub fn decode(frame: &[u8]) -> Decoded {
         payload,
     }
 }
+
+// IPv6 frames and their independent decoding (issue 10). Addresses as the maps store them:
+// the 16 bytes as on the wire, read as four native-endian words.
+
+/// An IPv6 address as the maps store it (`Ipv6Words`).
+pub fn ip6_to_map(a: std::net::Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+}
+
+pub fn ip6_from_map(w: [u32; 4]) -> std::net::Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    std::net::Ipv6Addr::from(o)
+}
+
+/// An Ethernet + IPv6 (hop limit 64) + TCP segment with exactly the flags `flags` (bits of
+/// [`tcp`]), sequence number 1000 (acknowledgement 1 with ACK) and a valid checksum.
+pub fn tcp6_segment(
+    src: (std::net::Ipv6Addr, u16),
+    dst: (std::net::Ipv6Addr, u16),
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b =
+        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 65535);
+    if flags & tcp::SYN != 0 {
+        b = b.syn();
+    }
+    if flags & tcp::FIN != 0 {
+        b = b.fin();
+    }
+    if flags & tcp::RST != 0 {
+        b = b.rst();
+    }
+    if flags & tcp::ACK != 0 {
+        b = b.ack(1);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build frame");
+    v
+}
+
+/// A TCP SYN over IPv6 (see [`tcp6_segment`]).
+pub fn tcp6_frame(src: (std::net::Ipv6Addr, u16), dst: (std::net::Ipv6Addr, u16), payload: &[u8]) -> Vec<u8> {
+    tcp6_segment(src, dst, tcp::SYN, payload)
+}
+
+pub fn udp6_frame(src: (std::net::Ipv6Addr, u16), dst: (std::net::Ipv6Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), 64).udp(src.1, dst.1);
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build frame");
+    v
+}
+
+/// What an IPv6 frame says, with its L4 checksum recomputed independently of the datapath
+/// (TCP/UDP over the IPv6 pseudo-header; extension headers are skipped by etherparse).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded6 {
+    pub src: (std::net::Ipv6Addr, u16),
+    pub dst: (std::net::Ipv6Addr, u16),
+    pub hop_limit: u8,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+    pub l4_csum_ok: bool,
+    pub payload: Vec<u8>,
+}
+
+pub fn decode6(frame: &[u8]) -> Decoded6 {
+    let p = SlicedPacket::from_ethernet(frame).expect("parse frame");
+    let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else { panic!("not IPv6: {frame:02x?}") };
+    let h = ip.header();
+    let (s, d) = (h.source(), h.destination());
+    let (sport, dport, tcp_flags, l4_csum_ok, payload) = match p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let th = t.to_header();
+            let ok = th.calc_checksum_ipv6_raw(s, d, t.payload()).expect("tcp csum") == th.checksum;
+            let flags = u8::from(th.fin)
+                | u8::from(th.syn) << 1
+                | u8::from(th.rst) << 2
+                | u8::from(th.psh) << 3
+                | u8::from(th.ack) << 4
+                | u8::from(th.urg) << 5;
+            (th.source_port, th.destination_port, flags, ok, t.payload().to_vec())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let uh = u.to_header();
+            // A zero UDP checksum is not allowed over IPv6 (RFC 8200 8.1): not "ok".
+            let ok = uh.calc_checksum_ipv6_raw(s, d, u.payload()).expect("udp csum") == uh.checksum;
+            (uh.source_port, uh.destination_port, 0, ok, u.payload().to_vec())
+        }
+        other => panic!("unexpected transport {other:?}"),
+    };
+    Decoded6 {
+        src: (h.source_addr(), sport),
+        dst: (h.destination_addr(), dport),
+        hop_limit: h.hop_limit(),
+        tcp_flags,
+        l4_csum_ok,
+        payload,
+    }
+}
+
+/// A map entry as raw bytes: (key, value).
+pub type RawEntry = (Vec<u8>, Vec<u8>);
+
+/// Every entry of every map pinned in `dir` (`<root>/maps`), as raw bytes: for asserting
+/// that something left the maps exactly as they were. Per-CPU values include every CPU's
+/// copy.
+pub fn dump_pinned_maps(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<RawEntry>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // Map types whose values are per CPU: percpu hash, percpu array, LRU percpu hash.
+    const PER_CPU: [u32; 3] = [5, 6, 10];
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> i64 {
+        // SAFETY: `attr` is a 128-byte bpf_attr laid out for `cmd` by the caller.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) }
+    }
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    let cpus = possible.trim().rsplit(['-', ',']).next().and_then(|n| n.parse::<usize>().ok()).expect("cpu count") + 1;
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("pinned maps") {
+        let path = entry.expect("dir entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut a = [0u8; 128];
+        a[..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+        let fd = bpf(BPF_OBJ_GET, &mut a);
+        assert!(fd >= 0, "BPF_OBJ_GET {name}: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd the kernel just returned.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut info = [0u8; 96];
+        let mut a = [0u8; 128];
+        a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        a[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+        a[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        assert_eq!(bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a), 0, "map info {name}");
+        let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+        let (map_type, key_size, value_size) = (word(0), word(8) as usize, word(12) as usize);
+        let value_len = if PER_CPU.contains(&map_type) { value_size.div_ceil(8) * 8 * cpus } else { value_size };
+        let mut entries = Vec::new();
+        let mut key: Option<Vec<u8>> = None;
+        loop {
+            let mut next = vec![0u8; key_size];
+            let mut a = [0u8; 128];
+            a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+            let cur = key.as_ref().map_or(0, |k| k.as_ptr() as u64);
+            a[8..16].copy_from_slice(&cur.to_ne_bytes());
+            a[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+            if bpf(BPF_MAP_GET_NEXT_KEY, &mut a) != 0 {
+                break;
+            }
+            let mut value = vec![0u8; value_len];
+            let mut a = [0u8; 128];
+            a[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+            a[8..16].copy_from_slice(&(next.as_ptr() as u64).to_ne_bytes());
+            a[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
+            if bpf(BPF_MAP_LOOKUP_ELEM, &mut a) == 0 {
+                entries.push((next.clone(), value));
+            }
+            key = Some(next);
+        }
+        entries.sort();
+        out.insert(name, entries);
+    }
+    out
+}
+
+// ICMP errors (datapath_icmp, datapath_xdp).
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// RFC 1071 over `data`: 0 when `data` includes a correct checksum.
+pub fn inet_csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet + IPv4 + ICMP error frame from `src` to `dst` quoting `quote` (an IP packet).
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, (typ, code): (u8, u8), rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![typ, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let c = inet_csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip =
+        etherparse::Ipv4Header::new(icmp.len() as u16, 64, etherparse::IpNumber::ICMP, src.octets(), dst.octets())
+            .expect("header");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut frame = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+    ip.write(&mut frame).expect("write header");
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// What came out: the outer addresses, and the quote's addresses and ports, after checking
+/// the outer header checksum, the ICMP checksum, the quoted IPv4 header checksum and (when
+/// the quote holds the whole segment) the quoted TCP/UDP checksum.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub outer: (Ipv4Addr, Ipv4Addr),
+    pub inner_src: (Ipv4Addr, u16),
+    pub inner_dst: (Ipv4Addr, u16),
+}
+
+pub fn check_icmp_error(frame: &[u8], whole_quote: bool) -> Seen {
+    let outer = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).expect("outer header").to_header();
+    assert_eq!(outer.calc_header_checksum(), outer.header_checksum, "outer IPv4 checksum");
+    let icmp = &frame[14 + 20..];
+    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
+    let quote = &icmp[8..];
+    let inner = etherparse::Ipv4HeaderSlice::from_slice(quote).expect("quoted header").to_header();
+    assert_eq!(inner.calc_header_checksum(), inner.header_checksum, "quoted IPv4 checksum");
+    let l4 = &quote[20..];
+    let ports = (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]));
+    if whole_quote {
+        if inner.protocol == etherparse::IpNumber::TCP {
+            let t = etherparse::TcpHeaderSlice::from_slice(l4).expect("quoted TCP").to_header();
+            let payload = &l4[t.header_len()..];
+            assert_eq!(t.calc_checksum_ipv4(&inner, payload).unwrap(), t.checksum, "quoted TCP checksum");
+        } else {
+            let u = etherparse::UdpHeaderSlice::from_slice(l4).expect("quoted UDP").to_header();
+            assert_eq!(u.calc_checksum_ipv4(&inner, &l4[8..]).unwrap(), u.checksum, "quoted UDP checksum");
+        }
+    }
+    Seen {
+        outer: (Ipv4Addr::from(outer.source), Ipv4Addr::from(outer.destination)),
+        inner_src: (Ipv4Addr::from(inner.source), ports.0),
+        inner_dst: (Ipv4Addr::from(inner.destination), ports.1),
+    }
+}

@@ -571,3 +571,41 @@ fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
     assert_eq!(per_service(&dp, verdict::ERROR), 0);
     assert_eq!(dp.maps().conntrack.keys().count(), 2, "only the last connection's two entries remain");
 }
+
+/// ICMP errors about a source-NATed NodePort flow (issue 12): node 2 (a router on the way)
+/// or the remote backend itself reports about the translated packet (node:snat-port ->
+/// backend); XDP translates the quote back to client -> node:nodePort, sends the error to
+/// the client (from the frontend when the backend sent it) and forwards it like the flow's
+/// replies.
+#[test]
+fn xdp_icmp_errors_about_snat_flows_reach_the_client() {
+    if !require_root("xdp_icmp_errors_about_snat_flows_reach_the_client") {
+        return;
+    }
+    let net = FwdNs::new();
+    let up0 = net.uplink_ifindex();
+    let mut dp = TestDataplane::load();
+    program(
+        &mut dp,
+        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))],
+    );
+    let client = (CLIENT, 40000);
+    let (_, sent) = net.ns.run(|| dp.run_xdp_on(XDP, &tcp_frame(client, (NODE, NODE_PORT), &[1u8; 700]), up0));
+    let snat_port = decode(&sent).src.1;
+    // What node 2 saw: the forwarded packet (TTL already decremented by us).
+    let mtu = 1280u16.to_be_bytes();
+    for (sender, outer_src) in [(NODE2, NODE2), (REMOTE_POD, NODE)] {
+        let err = icmp_error(sender, NODE, (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED), [0, 0, mtu[0], mtu[1]], &sent[14..]);
+        let before = global(&dp, verdict::ICMP_ERROR);
+        let (v, out) = net.ns.run(|| dp.run_xdp_on(XDP, &err, up0));
+        assert_eq!(v, XDP_TX, "forwarded back out towards the client");
+        assert_eq!(
+            check_icmp_error(&out, true),
+            Seen { outer: (outer_src, CLIENT), inner_src: client, inner_dst: (NODE, NODE_PORT) },
+            "error from {sender}"
+        );
+        assert_eq!(&out[..6], &CLIENT_MAC, "to the client's MAC");
+        assert_eq!(global(&dp, verdict::ICMP_ERROR), before + 1);
+    }
+    assert_ne!(snat_port, 40000, "the flow was source-NATed");
+}
