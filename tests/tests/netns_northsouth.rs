@@ -271,7 +271,8 @@ fn nodeport_on_node1_reaches_pods_on_both_nodes() {
         let first = h.first.clone();
         assert_eq!(env.client().run(|| h.ask()).expect("held connection after the restart"), first);
     }
-    assert_eq!(names(env.client(), np, 20).len(), 4);
+    // 40 connections: with 20, one of 4 uniformly chosen pods is missed 1.3 % of the time.
+    assert_eq!(names(env.client(), np, 40).len(), 4);
     assert!(env.stats(0).lines().any(|l| l.starts_with("eth0") && l.contains("native")));
 }
 
