@@ -149,7 +149,19 @@ pub const CONN_RATIOS: [&str; 6] = [
     "ours_sock_vs_direct",
     "ours_sock_vs_nftables",
 ];
-pub const PP_CASES: [&str; 5] = ["hit", "miss", "reply", "new_flow", "miss_single"];
+pub const PP_CASES: [&str; 11] = [
+    "hit",
+    "miss",
+    "reply",
+    "new_flow",
+    "miss_single",
+    "hit_v6",
+    "miss_v6",
+    "reply_v6",
+    "new_flow_v6",
+    "miss_single_v6",
+    "hit_v6_over_v4",
+];
 pub const CP_COLD: [&str; 6] =
     ["translate_ms", "apply_ms", "total_ms", "iptables_restore_ms", "iptables_legacy_restore_ms", "nft_ms"];
 pub const CP_CHANGE: [&str; 4] = ["apply", "translate_apply", "iptables_restore", "nft"];

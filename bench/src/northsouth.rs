@@ -113,7 +113,9 @@ pub fn expected_rows(_plan: &Plan) -> Vec<String> {
             }
         }
         for c in ["ours_native", "ours_generic"] {
-            v.push(crate::report::row_id(SECTION, &format!("{f}.{c}_vs_iptables"), None));
+            for r in ["vs_iptables", "vs_iptables_cpu"] {
+                v.push(crate::report::row_id(SECTION, &format!("{f}.{c}_{r}"), None));
+            }
         }
     }
     v
@@ -785,6 +787,10 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         }
         for c in ["ours_native", "ours_generic"] {
             rows.push(Row::new(SECTION, &format!("{f}.{c}_vs_iptables"), None, pps[c] / pps["iptables"], "x"));
+            rows.push(
+                Row::new(SECTION, &format!("{f}.{c}_vs_iptables_cpu"), None, cpu_pps[c] / cpu_pps["iptables"], "x")
+                    .note("the same ratio of cpu_pps (whole path per CPU-second, not wall clock)"),
+            );
         }
         // What node 1 adds per packet over the path without it (its own hop included): the
         // part of the cost that differs between the datapaths. A difference of two rates, so

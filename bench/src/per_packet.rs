@@ -18,15 +18,23 @@
 //! A new flow cannot repeat (it creates the conntrack entry), so it is timed with one run
 //! per call over many distinct flows; "miss (single run)" is the same kind of measurement
 //! of a non-service packet, for comparison (single runs include timer overhead).
-use std::{net::Ipv4Addr, time::Instant};
+//!
+//! IPv6 is measured beside IPv4 on the same loaded datapath: every service, backend and
+//! client has an IPv6 twin (the IPv4 address embedded in fd00::/96), programmed through the
+//! same sync into the IPv6 maps, and both families are timed in the same interleaved rounds
+//! (`*_v6` rows).
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use etherparse::PacketBuilder;
 use proxy_common::{PROTO_TCP, SCOPE_INTERNAL, ServiceKey, StatsKey, verdict};
-use proxy_tests::harness::decode;
+use proxy_tests::harness::{decode, decode6};
 use proxy_userspace::{
-    dataplane::addr::{ip_to_map, port_to_map},
-    model::BackendAddr,
+    dataplane::addr::{ip_to_map, ip6_to_map, port_to_map},
+    model::{BackendAddr, DesiredState},
 };
 
 use crate::{Plan, check_interrupted, dp::Dataplane, median, report::Row, rules};
@@ -38,20 +46,78 @@ const CLIENT_PORT: u16 = 40000;
 /// Port of the mirror frontend: every hit rewrites address and port, as a real DNAT does.
 const MIRROR_PORT: u16 = 8080;
 
+/// The IPv6 twin of an IPv4 address of the bench: embedded in fd00::/96.
+pub fn twin(a: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = a.octets();
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]))
+}
+
+/// Address `a` of the bench in family `v6`.
+fn fam(a: Ipv4Addr, v6: bool) -> IpAddr {
+    if v6 { twin(a).into() } else { a.into() }
+}
+
 /// An established-connection segment (ACK, no SYN) with a small payload.
-fn ack_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .tcp(src.1, dst.1, 1000, 65535)
-        .ack(1);
+fn ack_frame(src: (IpAddr, u16), dst: (IpAddr, u16)) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let ip = match (src.0, dst.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
     let mut v = Vec::new();
-    b.write(&mut v, b"0123456789abcdef").expect("build frame");
+    ip.tcp(src.1, dst.1, 1000, 65535).ack(1).write(&mut v, b"0123456789abcdef").expect("build frame");
     v
 }
 
-fn svc_id(dp: &Dataplane, vip: Ipv4Addr, port: u16) -> Result<u32> {
-    let key = ServiceKey { addr: ip_to_map(vip), port: port_to_map(port), proto: PROTO_TCP, scope: SCOPE_INTERNAL };
-    Ok(dp.maps().services.get(&key, 0).with_context(|| format!("service {vip}:{port} not in the map"))?.id)
+/// Destination (address, port) of a frame of either family.
+fn dst_of(frame: &[u8]) -> (IpAddr, u16) {
+    if frame[12..14] == [0x86, 0xdd] {
+        let d = decode6(frame).dst;
+        (d.0.into(), d.1)
+    } else {
+        let d = decode(frame).dst;
+        (d.0.into(), d.1)
+    }
+}
+
+fn src_of(frame: &[u8]) -> (IpAddr, u16) {
+    if frame[12..14] == [0x86, 0xdd] {
+        let d = decode6(frame).src;
+        (d.0.into(), d.1)
+    } else {
+        let d = decode(frame).src;
+        (d.0.into(), d.1)
+    }
+}
+
+fn svc_id(dp: &Dataplane, vip: IpAddr, port: u16) -> Result<u32> {
+    let (port_be, proto, scope) = (port_to_map(port), PROTO_TCP, SCOPE_INTERNAL);
+    let v = match vip {
+        IpAddr::V4(a) => dp.maps().services.get(&ServiceKey { addr: ip_to_map(a), port: port_be, proto, scope }, 0),
+        IpAddr::V6(a) => dp.maps().services6.get(&ServiceKey { addr: ip6_to_map(a), port: port_be, proto, scope }, 0),
+    };
+    Ok(v.with_context(|| format!("service {vip}:{port} not in the map"))?.id)
+}
+
+/// The IPv6 twin of every frontend of `d` (addresses mapped with [`twin`]).
+fn v6_twins(d: &DesiredState) -> Vec<(proxy_userspace::model::FrontendKey, proxy_userspace::model::FrontendEntry)> {
+    let v6 = |a: IpAddr| match a {
+        IpAddr::V4(a) => IpAddr::V6(twin(a)),
+        other => other,
+    };
+    d.frontends
+        .iter()
+        .map(|(k, e)| {
+            let mut k = *k;
+            k.addr = v6(k.addr);
+            let mut e = e.clone();
+            for b in &mut e.backends {
+                b.addr = v6(b.addr);
+            }
+            (k, e)
+        })
+        .collect()
 }
 
 fn count(dp: &Dataplane, ids: &[u32], v: u32) -> u64 {
@@ -66,11 +132,9 @@ fn count(dp: &Dataplane, ids: &[u32], v: u32) -> u64 {
         .sum()
 }
 
-/// One loaded size, primed for the timed loops.
-struct Loaded {
-    n: usize,
-    dp: Dataplane,
-    svcs: Vec<rules::Svc>,
+/// One family's frames and timings on a loaded size.
+struct Fam {
+    v6: bool,
     /// Ids of the mirrored pair (A, B).
     ids: [u32; 2],
     to_a: Vec<u8>,
@@ -79,6 +143,21 @@ struct Loaded {
     hit: Vec<f64>,
     miss_ns: Vec<f64>,
     reply_ns: Vec<f64>,
+}
+
+impl Fam {
+    /// Row case name: `hit` for IPv4, `hit_v6` for IPv6.
+    fn case(&self, c: &str) -> String {
+        if self.v6 { format!("{c}_v6") } else { c.to_string() }
+    }
+}
+
+/// One loaded size, primed for the timed loops.
+struct Loaded {
+    n: usize,
+    dp: Dataplane,
+    svcs: Vec<rules::Svc>,
+    fams: [Fam; 2],
 }
 
 pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
@@ -91,55 +170,73 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     let runs = plan.pp_runs.max(1);
     // Warm-up (not reported).
     for l in &mut loaded {
-        l.dp.time(FROM_POD, &l.to_a, repeat / 4 + 1)?;
+        for f in &l.fams {
+            l.dp.time(FROM_POD, &f.to_a, repeat / 4 + 1)?;
+        }
     }
     let mut before = Vec::new();
     for l in &loaded {
-        before.push((count(&l.dp, &l.ids, verdict::ESTABLISHED), count(&l.dp, &l.ids, verdict::REVERSE_NAT)));
+        for f in &l.fams {
+            before.push((count(&l.dp, &f.ids, verdict::ESTABLISHED), count(&l.dp, &f.ids, verdict::REVERSE_NAT)));
+        }
     }
     for _ in 0..runs {
         for l in &mut loaded {
             check_interrupted()?;
-            let hit = l.dp.time(FROM_POD, &l.to_a, repeat)?;
-            let miss = l.dp.time(FROM_POD, &l.miss, repeat)?;
-            let reply = l.dp.time(TO_POD, &l.reply, repeat)?;
-            l.hit.push(hit);
-            l.miss_ns.push(miss);
-            l.reply_ns.push(reply);
+            // IPv4 and IPv6 back to back: whatever else the machine does lands on both.
+            for f in &mut l.fams {
+                f.hit.push(l.dp.time(FROM_POD, &f.to_a, repeat)?);
+                f.miss_ns.push(l.dp.time(FROM_POD, &f.miss, repeat)?);
+                f.reply_ns.push(l.dp.time(TO_POD, &f.reply, repeat)?);
+            }
         }
     }
     let want = u64::from(repeat) * runs as u64;
-    for (l, (est0, rev0)) in loaded.iter_mut().zip(before) {
+    let mut before = before.into_iter();
+    for l in &mut loaded {
         let n = l.n;
-        let hits = count(&l.dp, &l.ids, verdict::ESTABLISHED) - est0;
-        let nats = count(&l.dp, &l.ids, verdict::REVERSE_NAT) - rev0;
-        if hits < want || nats < want {
-            bail!("{n} services: {hits} established and {nats} reverse-NAT verdicts for {want} repetitions each");
+        for f in &l.fams {
+            let (est0, rev0) = before.next().expect("one entry per family");
+            let hits = count(&l.dp, &f.ids, verdict::ESTABLISHED) - est0;
+            let nats = count(&l.dp, &f.ids, verdict::REVERSE_NAT) - rev0;
+            let fam_name = if f.v6 { "IPv6" } else { "IPv4" };
+            if hits < want || nats < want {
+                bail!(
+                    "{n} services, {fam_name}: {hits} established and {nats} reverse-NAT verdicts for {want} repetitions each"
+                );
+            }
+            let least = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+            let how = format!("{fam_name}; least of {runs} interleaved rounds of {repeat} repetitions");
+            rows.push(Row::new("per_packet", &f.case("hit"), Some(n), least(&f.hit), "ns").note(format!(
+                "established flow: conntrack hit + DNAT of address and port; {how} (median {:.0}); \
+                 {hits} established verdicts counted for {want} repetitions",
+                median(f.hit.clone())
+            )));
+            rows.push(Row::new("per_packet", &f.case("miss"), Some(n), least(&f.miss_ns), "ns").note(format!(
+                "non-service destination, passed untouched; {how} (median {:.0})",
+                median(f.miss_ns.clone())
+            )));
+            rows.push(Row::new("per_packet", &f.case("reply"), Some(n), least(&f.reply_ns), "ns").note(format!(
+                "to_pod reverse NAT of a tracked flow; {how} (median {:.0}); {nats} reverse-NAT verdicts counted",
+                median(f.reply_ns.clone())
+            )));
         }
+        let (v4, v6) = (&l.fams[0], &l.fams[1]);
         let least = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-        let how = format!("least of {runs} interleaved rounds of {repeat} repetitions");
-        rows.push(Row::new("per_packet", "hit", Some(n), least(&l.hit), "ns").note(format!(
-            "established flow: conntrack hit + DNAT of address and port; {how} (median {:.0}); \
-             {hits} established verdicts counted for {want} repetitions",
-            median(l.hit.clone())
-        )));
-        rows.push(Row::new("per_packet", "miss", Some(n), least(&l.miss_ns), "ns").note(format!(
-            "non-service destination, passed untouched; {how} (median {:.0})",
-            median(l.miss_ns.clone())
-        )));
-        rows.push(Row::new("per_packet", "reply", Some(n), least(&l.reply_ns), "ns").note(format!(
-            "to_pod reverse NAT of a tracked flow; {how} (median {:.0}); {nats} reverse-NAT verdicts counted",
-            median(l.reply_ns.clone())
-        )));
+        rows.push(
+            Row::new("per_packet", "hit_v6_over_v4", Some(n), least(&v6.hit) / least(&v4.hit), "x")
+                .note("IPv6 hit / IPv4 hit, same datapath and rounds (goal: within 1.15)"),
+        );
         single_runs(plan, l, rows)?;
     }
     Ok(())
 }
 
-/// Load and program `n` services of 2 backends; the last one and one extra "mirror"
-/// frontend point at each other (see the module docs). Both flows are primed.
+/// Load and program `n` services of 2 backends, in both families; the last one and one
+/// extra "mirror" frontend point at each other (see the module docs). Every flow is primed.
 fn load(n: usize, rows: &mut Vec<Row>) -> Result<Loaded> {
-    let mut dp = Dataplane::load(n + 1, 2)?;
+    // Both families' frontends share the service ids (and SERVICE_META).
+    let mut dp = Dataplane::load(2 * (n + 1), 2)?;
     let svcs = rules::services(n, 2, None);
     let a = rules::vip(n - 1);
     let b = rules::vip(n);
@@ -148,32 +245,40 @@ fn load(n: usize, rows: &mut Vec<Row>) -> Result<Loaded> {
     desired.frontends.get_mut(&rules::frontend_key(&svcs[n - 1])).expect("last service").backends = vec![to_b];
     let mirror = rules::Svc { name: "mirror".into(), vip: b, port: MIRROR_PORT, endpoints: vec![(a, rules::SVC_PORT)] };
     desired.frontends.insert(rules::frontend_key(&mirror), rules::frontend_entry(&mirror));
+    let twins = v6_twins(&desired);
+    desired.frontends.extend(twins);
     let t = Instant::now();
     let r = dp.syncer.apply(&desired);
     let sync_ms = t.elapsed().as_secs_f64() * 1e3;
     ensure!(r.errors.is_empty(), "sync errors: {:?}", r.errors.first());
-    ensure!(r.services == n + 1, "{} frontends programmed, wanted {}", r.services, n + 1);
+    ensure!(r.services == 2 * (n + 1), "{} frontends programmed, wanted {}", r.services, 2 * (n + 1));
     rows.push(Row::new("per_packet", "sync_ms", Some(n), sync_ms, "ms").note(format!(
-        "{} frontends, {} map writes, cold",
-        n + 1,
+        "{} frontends (IPv4 and IPv6), {} map writes, cold",
+        2 * (n + 1),
         r.writes
     )));
-    let ids = [svc_id(&dp, a, rules::SVC_PORT)?, svc_id(&dp, b, MIRROR_PORT)?];
+    let fams = [prime(&mut dp, n, false)?, prime(&mut dp, n, true)?];
+    Ok(Loaded { n, dp, svcs, fams })
+}
 
-    // Prime both flows (each first run is a new flow that creates the conntrack entries).
-    let client = (CLIENT, CLIENT_PORT);
+/// Prime one family's mirrored flows (each first run is a new flow that creates the
+/// conntrack entries) and build its frames.
+fn prime(dp: &mut Dataplane, n: usize, v6: bool) -> Result<Fam> {
+    let (a, b) = (fam(rules::vip(n - 1), v6), fam(rules::vip(n), v6));
+    let ids = [svc_id(dp, a, rules::SVC_PORT)?, svc_id(dp, b, MIRROR_PORT)?];
+    let client = (fam(CLIENT, v6), CLIENT_PORT);
     let to_a = ack_frame(client, (a, rules::SVC_PORT));
     let (_, out) = dp.run(FROM_POD, &to_a)?;
-    ensure!(decode(&out).dst == (b, MIRROR_PORT), "A:80 not DNATed to B:8080: {:?}", decode(&out));
+    ensure!(dst_of(&out) == (b, MIRROR_PORT), "A:80 not DNATed to B:8080: {:?}", dst_of(&out));
     let (_, out) = dp.run(FROM_POD, &ack_frame(client, (b, MIRROR_PORT)))?;
-    ensure!(decode(&out).dst == (a, rules::SVC_PORT), "B:8080 not DNATed to A:80");
+    ensure!(dst_of(&out) == (a, rules::SVC_PORT), "B:8080 not DNATed to A:80");
     // The reply of those flows entering the client pod: B:8080 -> client, reverse NAT.
     let reply = ack_frame((b, MIRROR_PORT), client);
     let (_, out) = dp.run(TO_POD, &reply)?;
-    ensure!(decode(&out).src == (a, rules::SVC_PORT), "reply not reverse-NATed: {:?}", decode(&out));
+    ensure!(src_of(&out) == (a, rules::SVC_PORT), "reply not reverse-NATed: {:?}", src_of(&out));
     // A destination that is not a service (conntrack miss, service miss).
-    let miss = ack_frame(client, (Ipv4Addr::new(10, 244, 9, 9), 9999));
-    Ok(Loaded { n, dp, svcs, ids, to_a, reply, miss, hit: vec![], miss_ns: vec![], reply_ns: vec![] })
+    let miss = ack_frame(client, (fam(Ipv4Addr::new(10, 244, 9, 9), v6), 9999));
+    Ok(Fam { v6, ids, to_a, reply, miss, hit: vec![], miss_ns: vec![], reply_ns: vec![] })
 }
 
 /// What cannot repeat on one skb: new flows (and, for reference, single runs of the miss).
@@ -185,38 +290,41 @@ fn single_runs(plan: &Plan, l: &mut Loaded, rows: &mut Vec<Row>) -> Result<()> {
     // Only its first repetition is a hit; the rest see the already-DNATed packet. (Needs a
     // service other than the mirrored last one.)
     let mid = &l.svcs[n / 2];
-    let mid_id = svc_id(dp, mid.vip, mid.port)?;
-    if n >= 3 {
-        let naive_frame = ack_frame((CLIENT, 39_999), (mid.vip, mid.port));
-        dp.run(FROM_POD, &naive_frame)?;
-        let before = count(dp, &[mid_id], verdict::ESTABLISHED);
-        let naive = dp.time(FROM_POD, &naive_frame, repeat)?;
-        let naive_hits = count(dp, &[mid_id], verdict::ESTABLISHED) - before;
-        rows.push(Row::new("per_packet", "hit_naive", Some(n), naive, "ns").note(format!(
-            "NOT a hit cost: repeat on one service frame; {naive_hits} of {repeat} repetitions were hits, the rest missed"
-        )));
+    for f in &l.fams {
+        let (mid_vip, client) = (fam(mid.vip, f.v6), fam(CLIENT, f.v6));
+        let mid_id = svc_id(dp, mid_vip, mid.port)?;
+        if n >= 3 && !f.v6 {
+            let naive_frame = ack_frame((client, 39_999), (mid_vip, mid.port));
+            dp.run(FROM_POD, &naive_frame)?;
+            let before = count(dp, &[mid_id], verdict::ESTABLISHED);
+            let naive = dp.time(FROM_POD, &naive_frame, repeat)?;
+            let naive_hits = count(dp, &[mid_id], verdict::ESTABLISHED) - before;
+            rows.push(Row::new("per_packet", "hit_naive", Some(n), naive, "ns").note(format!(
+                "NOT a hit cost: repeat on one service frame; {naive_hits} of {repeat} repetitions were hits, the rest missed"
+            )));
+        }
+        // New flows: one run per call, distinct source ports, to a service in the middle.
+        let k = plan.pp_new_flows.min(20_000);
+        let before = count(dp, &[mid_id], verdict::NEW_FLOW);
+        let mut total = 0.0;
+        for i in 0..k {
+            let fr = ack_frame((client, 20_000 + i as u16), (mid_vip, mid.port));
+            total += dp.time(FROM_POD, &fr, 1)?;
+        }
+        let created = count(dp, &[mid_id], verdict::NEW_FLOW) - before;
+        ensure!(created == k as u64, "{created} new flows counted for {k} frames");
+        rows.push(
+            Row::new("per_packet", &f.case("new_flow"), Some(n), total / k as f64, "ns")
+                .note(format!("mean of {k} single runs: service lookup, backend choice, 2 conntrack inserts, DNAT")),
+        );
+        let mut total = 0.0;
+        for _ in 0..k {
+            total += dp.time(FROM_POD, &f.miss, 1)?;
+        }
+        rows.push(
+            Row::new("per_packet", &f.case("miss_single"), Some(n), total / k as f64, "ns")
+                .note(format!("mean of {k} single runs of the miss frame (single-run overhead reference)")),
+        );
     }
-    // New flows: one run per call, distinct source ports, to a service in the middle.
-    let k = plan.pp_new_flows.min(20_000);
-    let before = count(dp, &[mid_id], verdict::NEW_FLOW);
-    let mut total = 0.0;
-    for i in 0..k {
-        let f = ack_frame((CLIENT, 20_000 + i as u16), (mid.vip, mid.port));
-        total += dp.time(FROM_POD, &f, 1)?;
-    }
-    let created = count(dp, &[mid_id], verdict::NEW_FLOW) - before;
-    ensure!(created == k as u64, "{created} new flows counted for {k} frames");
-    rows.push(
-        Row::new("per_packet", "new_flow", Some(n), total / k as f64, "ns")
-            .note(format!("mean of {k} single runs: service lookup, backend choice, 2 conntrack inserts, DNAT")),
-    );
-    let mut total = 0.0;
-    for _ in 0..k {
-        total += dp.time(FROM_POD, &l.miss, 1)?;
-    }
-    rows.push(
-        Row::new("per_packet", "miss_single", Some(n), total / k as f64, "ns")
-            .note(format!("mean of {k} single runs of the miss frame (single-run overhead reference)")),
-    );
     Ok(())
 }

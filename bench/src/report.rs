@@ -175,6 +175,24 @@ impl Report {
                 cell(self.v("per_packet", "sync_ms", Some(*n)), 0)
             );
         }
+        let _ = writeln!(s, "\n### Per-packet cost, IPv6 beside IPv4 (same datapath, same rounds, ns/packet)\n");
+        let _ = writeln!(s, "| services | hit v4 | hit v6 | v6/v4 | miss v6 | reply v6 | new flow v4 | new flow v6 |");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for n in &plan.pp_sizes {
+            let g = |c: &str, d| cell(self.v("per_packet", c, Some(*n)), d);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                group(*n),
+                g("hit", 1),
+                g("hit_v6", 1),
+                g("hit_v6_over_v4", 2),
+                g("miss_v6", 1),
+                g("reply_v6", 1),
+                g("new_flow", 1),
+                g("new_flow_v6", 1)
+            );
+        }
 
         let _ = writeln!(s, "\n### New TCP connections (connect, read one line, close; one client thread)\n");
         let _ = writeln!(s, "| services | datapath | conn/s | p50 connect µs | p99 connect µs |");
@@ -297,6 +315,35 @@ impl Report {
             "| ratio ours socket-level / direct | {} |",
             cell(self.v("throughput", "ours_sock_vs_direct", None), 2)
         );
+
+        let _ = writeln!(
+            s,
+            "\n### North-south forwarding: UDP from an outside client through node 1's NodePort to a pod on node 2\n"
+        );
+        let _ = writeln!(s, "| family | datapath on node 1 | pkt/s | pkt per sender CPU-s | node 1's cost ns/pkt |");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|");
+        for f in ["v4", "v6"] {
+            for (c, label) in [
+                ("direct", "none (straight to node 2: the path without node 1)"),
+                ("ours_native", "ours, XDP native"),
+                ("ours_generic", "ours, XDP generic"),
+                ("iptables", "kube-proxy iptables NodePort rules"),
+            ] {
+                let g = |m: &str, d| cell(self.v("northsouth", &format!("{f}.{c}.{m}"), None), d);
+                let node1 = if c == "direct" { "—".to_string() } else { g("node1_ns", 0) };
+                let _ = writeln!(s, "| {f} | {label} | {} | {} | {node1} |", g("pps", 0), g("cpu_pps", 0));
+            }
+            for c in ["ours_native", "ours_generic"] {
+                let g = |r: &str| cell(self.v("northsouth", &format!("{f}.{c}_{r}"), None), 2);
+                let _ = writeln!(
+                    s,
+                    "| {f} | {c} / iptables | {} | {} | {} |",
+                    g("vs_iptables"),
+                    g("vs_iptables_cpu"),
+                    g("vs_iptables_node1")
+                );
+            }
+        }
 
         let _ = writeln!(s, "\n### Targets\n");
         if plan.quick {

@@ -5,12 +5,9 @@ use std::{path::PathBuf, process::Command};
 use proxy_bench::{Plan, expected_rows, report::Report};
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn quick_bench_produces_every_row() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP quick_bench_produces_every_row: needs root (BPF programs, network namespaces)");
-        return;
-    }
+    proxy_tests::harness::require_root("quick_bench_produces_every_row");
     let server = PathBuf::from(env!("CARGO_BIN_EXE_bench-podserver"));
     let out = std::env::temp_dir().join(format!("ebpf-proxy-bench-quick-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_proxy-bench"))

@@ -90,6 +90,11 @@ struct SyncLoop {
     last_errors: BTreeSet<String>,
     /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
     node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
+    /// What the last sync was asked for, and the drift the last verify found (logged when
+    /// it changes).
+    last_desired: Option<model::DesiredState>,
+    last_drift: BTreeSet<String>,
+    bpffs_root: std::path::PathBuf,
     /// Socket-level load balancing, when attached: stale UDP sockets to destroy.
     sock: Option<SockLb>,
 }
@@ -104,7 +109,14 @@ impl SyncLoop {
     /// Translate the current snapshot and apply it.
     fn sync(&mut self, burst_start: Option<Instant>) {
         let t = Instant::now();
-        let objects = self.source.snapshot();
+        let objects = match self.source.snapshot() {
+            Ok(o) => o,
+            Err(e) => {
+                // Keep every frontend as it is: nothing here says the objects are gone.
+                error!(error = %e, "cannot read the objects; the maps are left as they are");
+                return;
+            }
+        };
         let (node, mut warnings) = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
         self.node_addrs.send_if_modified(|a| {
             let changed = *a != node.nodeport_addrs;
@@ -160,6 +172,7 @@ impl SyncLoop {
         self.health.update(&desired.health_checks);
 
         let report = self.syncer.apply(&desired);
+        self.last_desired = Some(desired);
         let elapsed = t.elapsed();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         if let Some(start) = burst_start {
@@ -217,6 +230,34 @@ impl SyncLoop {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             "synced"
         );
+    }
+}
+
+impl SyncLoop {
+    /// Re-read the maps from their pins (not the syncer's own record of what it wrote) and
+    /// compare them with the last desired state, as `ebpf-proxy verify` does: whatever
+    /// changed them behind our back shows up here.
+    fn verify(&mut self) {
+        let Some(desired) = &self.last_desired else { return };
+        use crate::sync::MapStore;
+        let snap = match crate::dataplane::maps::Maps::open_pinned(&self.bpffs_root).and_then(|m| m.snapshot()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "verify: cannot read the pinned maps");
+                return;
+            }
+        };
+        let drift = crate::sync::verify::verify(desired, &snap);
+        self.metrics.verify_runs.inc();
+        self.metrics.datapath_drift.set(drift.len() as i64);
+        let now: BTreeSet<String> = drift.iter().map(|d| d.to_string()).collect();
+        for d in now.difference(&self.last_drift) {
+            warn!(drift = %d, "the maps differ from what the API says");
+        }
+        if now.is_empty() && !self.last_drift.is_empty() {
+            info!("the maps agree with the API again");
+        }
+        self.last_drift = now;
     }
 }
 
@@ -363,8 +404,10 @@ fn lock_root(root: &std::path::Path) -> Result<RootLock> {
     Ok(RootLock::acquire(root)?)
 }
 
-async fn kube_client(args: &AgentArgs) -> Result<kube::Client> {
-    let config = match &args.kubeconfig {
+/// A client from `kubeconfig`, or the in-cluster / default config (also used by the CLI's
+/// `explain` and `verify`).
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -478,7 +521,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
         }
         None => {
-            let client = kube_client(&args).await?;
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
             Source::Kube(Arc::new(crate::source::kube::start(client, &node_name, stx)))
         }
     };
@@ -501,8 +544,15 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         last_errors: BTreeSet::new(),
         node_addrs,
         sock: sock_lb,
+        last_desired: None,
+        last_drift: BTreeSet::new(),
+        bpffs_root: args.bpffs_root.clone(),
     };
     created_root.keep();
+    // Periodic verify; with 0 the timer never fires.
+    let verify_every =
+        Duration::from_secs(if args.verify_interval_secs == 0 { 86_400 * 365 } else { args.verify_interval_secs });
+    let mut verify_tick = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
     let delay = Duration::from_millis(args.sync_delay_ms);
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;
@@ -515,6 +565,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 None => break,
             },
             _ = &mut shutdown => break,
+            _ = verify_tick.tick() => {
+                if args.verify_interval_secs > 0 {
+                    lp.verify();
+                }
+                continue;
+            }
         }
         // Reconcile only against a complete picture: every resource fully listed.
         if synced.len() < 3 || burst.is_none() {

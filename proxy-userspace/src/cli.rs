@@ -41,6 +41,14 @@ pub enum Command {
     /// programs (BPF_PROG_TEST_RUN) on a private copy of the entries it can read, so the
     /// live maps are left exactly as they were.
     Trace(TraceArgs),
+    /// Why these backends: for each frontend of a Service (`namespace/name`), every endpoint
+    /// of its slices with the reason it is or is not a backend on this node, from the
+    /// agent's own model.
+    Explain(ExplainArgs),
+    /// Does the kernel do what the API says? Translates the objects with the agent's model
+    /// and compares the result with the pinned maps: missing, extra or different frontends,
+    /// backends and flags, one line each. Exit 0 when they agree, 1 on drift, 2 on error.
+    Verify(VerifyArgs),
     /// Remove the datapath from this node (like `kube-proxy --cleanup`): detach every
     /// program of ours from every interface of this network namespace, and remove the pins
     /// under the bpffs root(s). Refuses while an agent runs on a root (see --force).
@@ -79,6 +87,42 @@ pub struct ShowArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
+}
+
+/// Where the operator commands read Kubernetes objects from (as the agent does).
+#[derive(Debug, Args)]
+pub struct ObjectSourceArgs {
+    /// Read Service, EndpointSlice and Node YAML from this directory instead of the API.
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig file; without it (and without --manifests) the default / in-cluster config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The node to judge for (locality, zone, node addresses).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The Service, `namespace/name`.
+    pub service: String,
+    #[command(flatten)]
+    pub source: ObjectSourceArgs,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub source: ObjectSourceArgs,
+    /// As the agent's flag of that name (it changes which node addresses serve NodePorts).
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    #[command(flatten)]
+    pub show: ShowArgs,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +210,11 @@ pub struct AgentArgs {
     /// How often to check that the pins and attachments are in place (and restore them).
     #[arg(long, default_value_t = 1000)]
     pub datapath_check_interval_ms: u64,
+    /// How often to re-read the maps and compare them with the API's objects, as
+    /// `ebpf-proxy verify` does (drift goes to the log and the `datapath_drift` gauge);
+    /// 0 turns it off.
+    #[arg(long, default_value_t = 60)]
+    pub verify_interval_secs: u64,
     /// Coalesce bursts of events for this long before syncing (milliseconds).
     #[arg(long, default_value_t = 50)]
     pub sync_delay_ms: u64,

@@ -12,7 +12,7 @@
 //!   `healthCheckNodePort`s.
 //! - `cleanup`: `ebpf-proxy cleanup`, taking the datapath out of the node.
 //! - `cli` (flags) and `show` (the operator CLI's output); `trace` runs one packet through a
-//!   private copy of the datapath.
+//!   private copy of the datapath; `inspect` reads the objects `explain` and `verify` judge.
 pub mod agent;
 pub mod attacher;
 pub mod cleanup;
@@ -23,6 +23,7 @@ pub mod dataplane;
 pub mod health;
 pub mod healthcheck;
 pub mod http;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod show;

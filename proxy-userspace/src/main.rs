@@ -58,6 +58,52 @@ fn run_cleanup(args: &CleanupArgs) -> Result<()> {
     Ok(())
 }
 
+fn node_name(n: &Option<String>) -> String {
+    n.clone()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `Ok(true)`: drift.
+fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
+    use proxy_userspace::sync::{MapStore, Syncer, verify::verify};
+    let node = node_name(&a.source.node_name);
+    let objects =
+        proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
+    let (info, _) = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &a.nodeport_addresses);
+    let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
+    // The addresses programmed now stay with their Services on a conflict, as in the agent.
+    let (desired, _) =
+        proxy_userspace::model::translate_with_claims(&objects.services, &objects.slices, &info, &syncer.claims());
+    let snap = syncer.store().snapshot().context("reading the pinned maps")?;
+    let drift = verify(&desired, &snap);
+    let out = match a.show.output {
+        OutputFormat::Json => serde_json::to_string_pretty(&drift)? + "\n",
+        OutputFormat::Table if drift.is_empty() => {
+            format!("no drift: {} frontends as the API says\n", desired.frontends.len())
+        }
+        OutputFormat::Table => drift.iter().map(|d| format!("{d}\n")).collect(),
+    };
+    print!("{out}");
+    Ok(!drift.is_empty())
+}
+
+fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
+    let (namespace, name) = a.service.split_once('/').context("the Service is namespace/name")?;
+    let node = node_name(&a.source.node_name);
+    let objects =
+        proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
+    let (info, _) = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);
+    let e = proxy_userspace::model::explain(&objects.services, &objects.slices, &info, namespace, name)
+        .map_err(anyhow::Error::msg)?;
+    let out = match a.output {
+        OutputFormat::Json => serde_json::to_string_pretty(&e)? + "\n",
+        OutputFormat::Table => show::render_explain(&e),
+    };
+    print!("{out}");
+    Ok(())
+}
+
 fn run_trace(a: &proxy_userspace::cli::TraceArgs) -> anyhow::Result<()> {
     let req = proxy_userspace::trace::Request { from: a.from, to: a.to, proto: a.proto, syn: a.syn, at: a.at };
     let outcome = proxy_userspace::trace::trace(&a.show.bpffs_root, &req)
@@ -67,6 +113,16 @@ fn run_trace(a: &proxy_userspace::cli::TraceArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Verify(a) = &cli.command {
+        return match run_verify(a) {
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("ebpf-proxy: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match cli.command {
         Command::Agent(args) => {
             init_logging(args.log_format);
@@ -84,6 +140,8 @@ fn main() -> ExitCode {
         }
         Command::Cleanup(a) => run_cleanup(&a),
         Command::Trace(a) => run_trace(&a),
+        Command::Explain(a) => run_explain(&a),
+        Command::Verify(_) => unreachable!("handled above"),
         Command::Services(a) => open(&a)
             .and_then(|m| Ok(show::read_services(&m)?))
             .and_then(|r| print(&a, &r, |r| show::render_services(r))),

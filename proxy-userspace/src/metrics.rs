@@ -62,6 +62,9 @@ pub struct Metrics {
     pub sock_translations: Family<ServiceLabel, Gauge>,
     pub sock_udp_destroyed: Counter,
     pub sock_destroy_duration: Histogram,
+    /// Differences between the maps and the API at the last periodic verify.
+    pub datapath_drift: Gauge,
+    pub verify_runs: Counter,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -94,6 +97,8 @@ impl Metrics {
             sock_translations: Family::default(),
             sock_udp_destroyed: Counter::default(),
             sock_destroy_duration: Histogram::new(buckets()),
+            datapath_drift: Gauge::default(),
+            verify_runs: Counter::default(),
         };
         r.register("services_programmed", "Service frontends in the services map", m.services.clone());
         r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
@@ -164,6 +169,13 @@ impl Metrics {
             "Duration of one pass destroying UDP sockets of removed backends",
             m.sock_destroy_duration.clone(),
         );
+        r.register(
+            "datapath_drift",
+            "Differences (missing, extra or different frontends, backends, flags) between the pinned maps and \
+             what the API says, at the last periodic verify (see ebpf-proxy verify)",
+            m.datapath_drift.clone(),
+        );
+        r.register("verify_runs", "Periodic verifications of the maps against the API", m.verify_runs.clone());
         *m.registry.lock().expect("fresh mutex") = r;
         m
     }

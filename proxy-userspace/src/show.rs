@@ -400,6 +400,38 @@ pub fn render_trace(o: &crate::trace::Outcome) -> String {
     out
 }
 
+/// `ebpf-proxy explain` as text: one block per frontend group, one line per endpoint.
+pub fn render_explain(e: &crate::model::Explanation) -> String {
+    let zone = e.zone.as_deref().map(|z| format!(", zone {z}")).unwrap_or_default();
+    let mut out = format!("Service {} on node {}{zone}\n", e.service, e.node);
+    for v in &e.frontends {
+        let family = match v.family {
+            crate::model::IpFamily::V4 => "IPv4",
+            crate::model::IpFamily::V6 => "IPv6",
+        };
+        let proto = format!("{:?}", v.protocol).to_uppercase();
+        out.push_str(&format!("\nport {} {proto} {family} | {} | {}\n", v.port, v.traffic, v.policy));
+        let rows: Vec<Vec<String>> = v
+            .endpoints
+            .iter()
+            .map(|x| {
+                let addr = match x.port {
+                    Some(p) => std::net::SocketAddr::new(x.address, p).to_string(),
+                    None => x.address.to_string(),
+                };
+                let local = if x.local { "local" } else { "remote" };
+                vec![addr, x.slice.clone(), local.to_string(), x.reason.describe().to_string()]
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str("  (no endpoints)\n");
+        } else {
+            out.push_str(&table(&["ENDPOINT", "SLICE", "NODE", "WHY"], &rows));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -103,10 +103,9 @@ fn cli_services(pins: &PinDir) -> Vec<(String, String, Vec<String>)> {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn dual_stack_and_ipv6_only_services_from_manifests() {
-    if !require_root("dual_stack_and_ipv6_only_services_from_manifests") {
-        return;
-    }
+    require_root("dual_stack_and_ipv6_only_services_from_manifests");
     let mut topo = Topology::single_node(3, 60).expect("topology");
     for i in 1..3 {
         topo.start_server(SERVER, i, 8080).expect("server");
@@ -192,10 +191,9 @@ fn find_backends(pins: &PinDir, addr: &str) -> Vec<String> {
 /// agent through rtnetlink (`NTF_USE`, a neighbour solicitation) and the miss is taken off
 /// the map, as for IPv4.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn ipv6_neighbour_misses_are_resolved() {
-    if !require_root("ipv6_neighbour_misses_are_resolved") {
-        return;
-    }
+    require_root("ipv6_neighbour_misses_are_resolved");
     let topo = Topology::single_node(1, 61).expect("topology");
     let dir = TempDir::new("ebpf-proxy-dualstack-").expect("dir");
     let pins = PinDir::new();

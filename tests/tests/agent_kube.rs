@@ -27,10 +27,9 @@ fn slice(topo: &Topology, pods: &[usize]) -> EndpointSlice {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn kube_watch_scale_gone_and_delete() {
-    if !require_root("kube_watch_scale_gone_and_delete") {
-        return;
-    }
+    require_root("kube_watch_scale_gone_and_delete");
     let mut topo = Topology::single_node(4, 20).expect("topology");
     for i in 1..4 {
         topo.start_server(SERVER, i, 8080).expect("server");

@@ -152,10 +152,9 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 /// new connections keep working (but the one in its handshake at the swap, see below),
 /// the pinned CONNTRACK has the new size.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn larger_conntrack_on_restart_keeps_held_connections() {
-    if !require_root("larger_conntrack_on_restart_keeps_held_connections") {
-        return;
-    }
+    require_root("larger_conntrack_on_restart_keeps_held_connections");
     let env = setup(4, 40);
     env.write_services(1, &[1, 2, 3]);
     let (mut agent, _) = env.start(10300, &["--max-conntrack", "16384"]);
@@ -208,10 +207,9 @@ fn larger_conntrack_on_restart_keeps_held_connections() {
 /// by the new agent while 40 connections are held open and a client loop runs. Skipped
 /// without `EBPF_PROXY_OLD_BIN`.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn upgrade_from_an_older_agent_keeps_held_connections() {
-    if !require_root("upgrade_from_an_older_agent_keeps_held_connections") {
-        return;
-    }
+    require_root("upgrade_from_an_older_agent_keeps_held_connections");
     let Some(old) = std::env::var_os("EBPF_PROXY_OLD_BIN").map(PathBuf::from) else {
         eprintln!(
             "SKIP upgrade_from_an_older_agent_keeps_held_connections: set EBPF_PROXY_OLD_BIN to an older ebpf-proxy"
@@ -265,10 +263,9 @@ fn upgrade_from_an_older_agent_keeps_held_connections() {
 /// Twenty services; restarts with a smaller, then a larger --max-services keep every one
 /// programmed and answering, with the maps at the new sizes and no service rewritten.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn max_services_change_keeps_every_service() {
-    if !require_root("max_services_change_keeps_every_service") {
-        return;
-    }
+    require_root("max_services_change_keeps_every_service");
     let env = setup(3, 41);
     env.write_services(20, &[1, 2]);
     let client = &env.topo.pods[0].ns;
@@ -301,10 +298,9 @@ fn max_services_change_keeps_every_service() {
 /// everywhere (in place, the map being full), frees room for the other two, and the
 /// removed pod gets no new connection.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn small_max_backends_programs_what_fits_and_removals_succeed() {
-    if !require_root("small_max_backends_programs_what_fits_and_removals_succeed") {
-        return;
-    }
+    require_root("small_max_backends_programs_what_fits_and_removals_succeed");
     let env = setup(5, 42);
     env.write_services(10, &[1, 2, 3, 4]);
     let (agent, log) = env.start(10302, &["--max-backends", "4"]);
@@ -399,10 +395,9 @@ fn run_agent(
 /// As an unprivileged user: one clear message naming what is missing, non-zero exit, and no
 /// pin directory left behind.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn non_root_start_says_run_as_root_and_leaves_nothing() {
-    if !require_root("non_root_start_says_run_as_root_and_leaves_nothing") {
-        return;
-    }
+    require_root("non_root_start_says_run_as_root_and_leaves_nothing");
     let ns = Netns::new("epn-nonroot-").unwrap();
     let dir = TempDir::new("ebpf-proxy-manifests-").unwrap();
     let pins = PinDir::new();
@@ -423,10 +418,9 @@ fn non_root_start_says_run_as_root_and_leaves_nothing() {
 /// A start that fails after loading removes the pin directory it created, but never one
 /// that was there before.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn failed_start_removes_only_the_pin_directory_it_created() {
-    if !require_root("failed_start_removes_only_the_pin_directory_it_created") {
-        return;
-    }
+    require_root("failed_start_removes_only_the_pin_directory_it_created");
     let ns = Netns::new("epn-failed-").unwrap();
     let dir = TempDir::new("ebpf-proxy-manifests-").unwrap();
     let bad = ["--pod-iface-pattern", "[unclosed"];

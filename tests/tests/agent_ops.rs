@@ -105,10 +105,9 @@ fn status(ns: &Netns, addr: SocketAddr, path: &str) -> Option<u16> {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn cleanup_detaches_everything_and_removes_the_pins() {
-    if !require_root("cleanup_detaches_everything_and_removes_the_pins") {
-        return;
-    }
+    require_root("cleanup_detaches_everything_and_removes_the_pins");
     let env = setup(30, &[1, 2]);
     let root = env.pins.0.to_str().unwrap().to_string();
     let mut agent = env.start_on(&env.pins.0, &env.dir, 10300, &[]);
@@ -144,10 +143,9 @@ fn cleanup_detaches_everything_and_removes_the_pins() {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn cleanup_removes_attachments_whose_pins_are_gone() {
-    if !require_root("cleanup_removes_attachments_whose_pins_are_gone") {
-        return;
-    }
+    require_root("cleanup_removes_attachments_whose_pins_are_gone");
     let env = setup(31, &[1]);
     let mut agent = env.start_on(&env.pins.0, &env.dir, 10310, &[]);
     env.converge(&["pod1"]);
@@ -162,10 +160,9 @@ fn cleanup_removes_attachments_whose_pins_are_gone() {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn agent_on_a_new_root_replaces_the_stale_attachments() {
-    if !require_root("agent_on_a_new_root_replaces_the_stale_attachments") {
-        return;
-    }
+    require_root("agent_on_a_new_root_replaces_the_stale_attachments");
     let env = setup(32, &[1]);
     let mut old = env.start_on(&env.pins.0, &env.dir, 10320, &[]);
     env.converge(&["pod1"]);
@@ -193,10 +190,9 @@ fn agent_on_a_new_root_replaces_the_stale_attachments() {
 /// A restart on the same root is not a stale agent: every link, XDP included, is updated in
 /// place (same link ids, new programs), never detached and re-created.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn restart_on_the_same_root_updates_links_in_place() {
-    if !require_root("restart_on_the_same_root_updates_links_in_place") {
-        return;
-    }
+    require_root("restart_on_the_same_root_updates_links_in_place");
     let env = setup(37, &[1, 2]);
     let mut agent = env.start_on(&env.pins.0, &env.dir, 10370, &[]);
     env.converge(&["pod1", "pod2"]);
@@ -218,10 +214,9 @@ fn restart_on_the_same_root_updates_links_in_place() {
 /// agents' programs, so the stale ones stay attached, but behind ours (tcx order), and
 /// traffic still follows the new agent. `cleanup` removes them.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn agent_without_sys_admin_on_a_new_root_still_wins() {
-    if !require_root("agent_without_sys_admin_on_a_new_root_still_wins") {
-        return;
-    }
+    require_root("agent_without_sys_admin_on_a_new_root_still_wins");
     let env = setup(36, &[1]);
     let mut old = env.start_on(&env.pins.0, &env.dir, 10360, &[]);
     env.converge(&["pod1"]);
@@ -246,10 +241,9 @@ fn agent_without_sys_admin_on_a_new_root_still_wins() {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn deleted_pins_and_detached_links_are_restored() {
-    if !require_root("deleted_pins_and_detached_links_are_restored") {
-        return;
-    }
+    require_root("deleted_pins_and_detached_links_are_restored");
     let env = setup(33, &[1, 2]);
     let agent = env.start_on(&env.pins.0, &env.dir, 10330, &[]);
     env.converge(&["pod1", "pod2"]);
@@ -312,10 +306,9 @@ fn deleted_pins_and_detached_links_are_restored() {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn second_agent_on_the_same_root_exits_and_the_first_keeps_serving() {
-    if !require_root("second_agent_on_the_same_root_exits_and_the_first_keeps_serving") {
-        return;
-    }
+    require_root("second_agent_on_the_same_root_exits_and_the_first_keeps_serving");
     let env = setup(34, &[1, 2]);
     let first = env.start_on(&env.pins.0, &env.dir, 10340, &[]);
     env.converge(&["pod1", "pod2"]);
@@ -355,10 +348,9 @@ fn second_agent_on_the_same_root_exits_and_the_first_keeps_serving() {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn signals_and_the_metrics_address() {
-    if !require_root("signals_and_the_metrics_address") {
-        return;
-    }
+    require_root("signals_and_the_metrics_address");
     let env = setup(35, &[1]);
     let mut agent = env.start_on(&env.pins.0, &env.dir, 10350, &[]);
     let node = &env.topo.node;

@@ -15,10 +15,9 @@ fn missing_pins_name_the_directory() {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn unprivileged_caller_is_told_to_use_root() {
-    if !require_root("unprivileged_caller_is_told_to_use_root (drops to nobody itself)") {
-        return;
-    }
+    require_root("unprivileged_caller_is_told_to_use_root (drops to nobody itself)");
     // Pins exist (a loaded dataplane), but the caller is not root.
     let dp = proxy_tests::harness::TestDataplane::load();
     let bin = ebpf_proxy_bin().unwrap();

@@ -68,10 +68,9 @@ fn ct_entries(dp: &TestDataplane) -> usize {
 /// from each side -> closed; a SYN on the closed tuple is a new connection whose old reply
 /// entry is gone.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn flow_states_follow_the_segments() {
-    if !require_root("flow_states_follow_the_segments") {
-        return;
-    }
+    require_root("flow_states_follow_the_segments");
     let mut dp = TestDataplane::load();
     let r = dp.syncer.apply(&state(vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(B1, 8080)]))]));
     assert!(r.errors.is_empty());
@@ -102,10 +101,9 @@ fn flow_states_follow_the_segments() {
 /// to leak the old connection's claim on one of the tuple's eight SNAT port candidates, so
 /// the ninth SYN was dropped forever.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn hairpin_tuple_reopened_twenty_times_is_translated_every_time() {
-    if !require_root("hairpin_tuple_reopened_twenty_times_is_translated_every_time") {
-        return;
-    }
+    require_root("hairpin_tuple_reopened_twenty_times_is_translated_every_time");
     let hairpin = Ipv4Addr::new(169, 254, 42, 1);
     let mut dp = TestDataplane::load();
     let r = dp.syncer.apply(&state(vec![(frontend(VIP, 80, Protocol::Tcp), entry("self", &[(CLIENT, 8080)]))]));
@@ -129,10 +127,9 @@ fn hairpin_tuple_reopened_twenty_times_is_translated_every_time() {
 /// With room for two flows, a third new flow is dropped and counted `ct_full`, while the
 /// established flows keep being translated: nothing live is evicted.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn full_table_drops_new_flows_and_keeps_established_ones() {
-    if !require_root("full_table_drops_new_flows_and_keeps_established_ones") {
-        return;
-    }
+    require_root("full_table_drops_new_flows_and_keeps_established_ones");
     let pins = PinDir::new();
     let cfg = LoaderConfig { max_conntrack: 4, ..LoaderConfig::new(&pins.0) };
     let (programs, maps) = loader::load(&cfg).expect("load");
@@ -159,10 +156,9 @@ fn full_table_drops_new_flows_and_keeps_established_ones() {
 /// Frames whose length fields do not add up are malformed: passed untouched (byte for
 /// byte), counted, and leave no conntrack entry, on TC and XDP alike.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn length_mismatched_frames_pass_untouched() {
-    if !require_root("length_mismatched_frames_pass_untouched") {
-        return;
-    }
+    require_root("length_mismatched_frames_pass_untouched");
     let mut dp = TestDataplane::load();
     let mut np = entry("np", &[(B1, 8080)]);
     np.kind = FrontendKind::NodePort;
@@ -229,10 +225,9 @@ fn length_mismatched_frames_pass_untouched() {
 /// hands the rest over as fragments): the reset is exactly Ethernet + IPv4 + TCP, with none
 /// of the original's bytes trailing.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_reset_of_a_multi_buffer_frame_has_no_trailing_bytes() {
-    if !require_root("xdp_reset_of_a_multi_buffer_frame_has_no_trailing_bytes") {
-        return;
-    }
+    require_root("xdp_reset_of_a_multi_buffer_frame_has_no_trailing_bytes");
     let mut dp = TestDataplane::load();
     let mut np = entry("np", &[]);
     np.kind = FrontendKind::NodePort;

@@ -323,29 +323,29 @@ fn fuzz(prog: &'static str, xdp: bool, reverse: bool) {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn fuzz_from_pod() {
-    if require_root("fuzz_from_pod") {
-        fuzz("from_pod", false, false);
-    }
+    require_root("fuzz_from_pod");
+    fuzz("from_pod", false, false);
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn fuzz_to_pod() {
-    if require_root("fuzz_to_pod") {
-        fuzz("to_pod", false, true);
-    }
+    require_root("fuzz_to_pod");
+    fuzz("to_pod", false, true);
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn fuzz_from_uplink() {
-    if require_root("fuzz_from_uplink") {
-        fuzz("from_uplink", true, false);
-    }
+    require_root("fuzz_from_uplink");
+    fuzz("from_uplink", true, false);
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn fuzz_to_uplink() {
-    if require_root("fuzz_to_uplink") {
-        fuzz("to_uplink", false, true);
-    }
+    require_root("fuzz_to_uplink");
+    fuzz("to_uplink", false, true);
 }

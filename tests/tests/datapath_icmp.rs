@@ -44,10 +44,9 @@ fn open_flow(dp: &mut TestDataplane, proto: Protocol, payload: &[u8]) -> Vec<u8>
 /// into the client pod: the quote says client -> VIP:80 again, so the client's socket
 /// learns the path MTU; the router stays the sender.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn frag_needed_about_a_client_segment_quotes_the_vip() {
-    if !require_root("frag_needed_about_a_client_segment_quotes_the_vip") {
-        return;
-    }
+    require_root("frag_needed_about_a_client_segment_quotes_the_vip");
     let mut dp = TestDataplane::load();
     one_backend(&mut dp, Protocol::Tcp);
     let sent = open_flow(&mut dp, Protocol::Tcp, &[7u8; 600]);
@@ -74,10 +73,9 @@ fn frag_needed_about_a_client_segment_quotes_the_vip() {
 /// The backend itself answers a UDP datagram with port unreachable: the client must see it
 /// from the VIP, about client -> VIP:80.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn port_unreachable_from_the_backend_comes_from_the_vip() {
-    if !require_root("port_unreachable_from_the_backend_comes_from_the_vip") {
-        return;
-    }
+    require_root("port_unreachable_from_the_backend_comes_from_the_vip");
     let mut dp = TestDataplane::load();
     one_backend(&mut dp, Protocol::Udp);
     let sent = open_flow(&mut dp, Protocol::Udp, b"hello");
@@ -94,10 +92,9 @@ fn port_unreachable_from_the_backend_comes_from_the_vip() {
 /// The client pod reports an error about a reply it got from VIP:80 (e.g. its socket is
 /// gone): on the way out of the pod the quote and the destination become the backend's.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn client_error_about_a_reply_goes_to_the_backend() {
-    if !require_root("client_error_about_a_reply_goes_to_the_backend") {
-        return;
-    }
+    require_root("client_error_about_a_reply_goes_to_the_backend");
     let mut dp = TestDataplane::load();
     one_backend(&mut dp, Protocol::Udp);
     open_flow(&mut dp, Protocol::Udp, b"hello");
@@ -115,10 +112,9 @@ fn client_error_about_a_reply_goes_to_the_backend() {
 
 /// Errors about untracked flows and ICMP that is not an error pass untouched.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn other_icmp_passes_untouched() {
-    if !require_root("other_icmp_passes_untouched") {
-        return;
-    }
+    require_root("other_icmp_passes_untouched");
     let mut dp = TestDataplane::load();
     one_backend(&mut dp, Protocol::Tcp);
     let untracked = tcp_segment((CLIENT, 41000), (BACKEND, 8080), tcp::ACK, b"x");
@@ -140,10 +136,9 @@ fn other_icmp_passes_untouched() {
 /// sends for a forwarded packet, time exceeded, parameter problem); informational types
 /// (echo reply, timestamp) are not errors and pass untouched.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn every_icmp_error_type_is_translated() {
-    if !require_root("every_icmp_error_type_is_translated") {
-        return;
-    }
+    require_root("every_icmp_error_type_is_translated");
     let mut dp = TestDataplane::load();
     one_backend(&mut dp, Protocol::Tcp);
     let sent = open_flow(&mut dp, Protocol::Tcp, b"payload");

@@ -316,27 +316,24 @@ fn roundtrip(proto: u8) {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_tcp_clusterip_roundtrip() {
-    if !require_root("v6_tcp_clusterip_roundtrip") {
-        return;
-    }
+    require_root("v6_tcp_clusterip_roundtrip");
     roundtrip(PROTO_TCP);
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_udp_clusterip_roundtrip() {
-    if !require_root("v6_udp_clusterip_roundtrip") {
-        return;
-    }
+    require_root("v6_udp_clusterip_roundtrip");
     roundtrip(PROTO_UDP);
 }
 
 /// Item 2: Misses: not service traffic, passed untouched through every hook, counted `pass`.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_misses_pass_untouched() {
-    if !require_root("v6_misses_pass_untouched") {
-        return;
-    }
+    require_root("v6_misses_pass_untouched");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 12, PROTO_TCP);
@@ -368,10 +365,9 @@ fn v6_misses_pass_untouched() {
 /// ICMPv6 port unreachable quoting its IPv6 and UDP headers, both from VIP:port and
 /// redirected back into the pod; a RST is dropped; nothing tracked; counted `no_backend`.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_no_endpoints_pod_side_rejects() {
-    if !require_root("v6_no_endpoints_pod_side_rejects") {
-        return;
-    }
+    require_root("v6_no_endpoints_pod_side_rejects");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     m.service(21, fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL), 0, &[]);
@@ -444,10 +440,9 @@ fn v6_no_endpoints_pod_side_rejects() {
 /// Item 3b: No endpoints, uplink: a TCP SYN is answered in place with a RST (`XDP_TX`, payload
 /// trimmed), UDP is dropped; counted `no_backend`.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_no_endpoints_uplink_resets_tcp() {
-    if !require_root("v6_no_endpoints_uplink_resets_tcp") {
-        return;
-    }
+    require_root("v6_no_endpoints_uplink_resets_tcp");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     m.service(31, fe(NODE, NODE_PORT, PROTO_TCP, SCOPE_EXTERNAL), svc_flags::NODEPORT, &[]);
@@ -475,10 +470,9 @@ fn v6_no_endpoints_uplink_resets_tcp() {
 /// outside (even by one bit, or allowed only for another service) are dropped and counted
 /// `source_range_drop`, with no conntrack. On the uplink (XDP) and for pods (TC).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_source_ranges_allow_a_prefix_and_drop_the_rest() {
-    if !require_root("v6_source_ranges_allow_a_prefix_and_drop_the_rest") {
-        return;
-    }
+    require_root("v6_source_ranges_allow_a_prefix_and_drop_the_rest");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     let flags = svc_flags::LOADBALANCER | svc_flags::SOURCE_RANGES;
@@ -529,10 +523,9 @@ fn v6_source_ranges_allow_a_prefix_and_drop_the_rest() {
 /// Item 5: sessionAffinity: ClientIP: new flows of one client keep its backend (AFFINITY6 holds
 /// it), other clients still spread, and the datapath follows what AFFINITY6 says.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_session_affinity_pins_a_client() {
-    if !require_root("v6_session_affinity_pins_a_client") {
-        return;
-    }
+    require_root("v6_session_affinity_pins_a_client");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     let id = 51;
@@ -607,10 +600,9 @@ impl FwdNs6 {
 /// and hop limit untouched; later packets keep the backend; the pod's reply leaving through
 /// the uplink gets node:nodePort back (`to_uplink`); the same reply seen by XDP is passed.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_xdp_nodeport_local_backend() {
-    if !require_root("v6_xdp_nodeport_local_backend") {
-        return;
-    }
+    require_root("v6_xdp_nodeport_local_backend");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     let id = 61;
@@ -657,10 +649,9 @@ fn v6_xdp_nodeport_local_backend() {
 /// table, `XDP_TX` (or `XDP_REDIRECT` from another interface); the backend's reply is
 /// translated back completely (`reverse_nat`) and forwarded to the client's MAC.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_xdp_remote_backend_dnat_snat_forward_and_reverse() {
-    if !require_root("v6_xdp_remote_backend_dnat_snat_forward_and_reverse") {
-        return;
-    }
+    require_root("v6_xdp_remote_backend_dnat_snat_forward_and_reverse");
     let net = FwdNs6::new();
     let up0 = net.uplink_ifindex();
     assert_ne!(up0, 0);
@@ -715,10 +706,9 @@ fn v6_xdp_remote_backend_dnat_snat_forward_and_reverse() {
 /// a next hop without a neighbour entry drops the packet (`no_route`) and queues the
 /// gateway in NEIGH_MISSES6.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_xdp_unconfigured_snat_neighbour_miss_and_port_exhaustion() {
-    if !require_root("v6_xdp_unconfigured_snat_neighbour_miss_and_port_exhaustion") {
-        return;
-    }
+    require_root("v6_xdp_unconfigured_snat_neighbour_miss_and_port_exhaustion");
     let net = FwdNs6::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -763,10 +753,9 @@ fn v6_xdp_unconfigured_snat_neighbour_miss_and_port_exhaustion() {
 /// address and bounced back into the pod; its answer is translated back to VIP -> pod.
 /// Without a hairpin address, DNAT only.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_hairpin_is_source_natted_and_bounced() {
-    if !require_root("v6_hairpin_is_source_natted_and_bounced") {
-        return;
-    }
+    require_root("v6_hairpin_is_source_natted_and_bounced");
     let hairpin = Ipv6Addr::from(nat_defaults::HAIRPIN_ADDR6);
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
@@ -798,10 +787,9 @@ fn v6_hairpin_is_source_natted_and_bounced() {
 
 /// A slot or backend missing under a service (the agent mid-update): dropped, `error`.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_missing_slot_or_backend_is_an_error_drop() {
-    if !require_root("v6_missing_slot_or_backend_is_an_error_drop") {
-        return;
-    }
+    require_root("v6_missing_slot_or_backend_is_an_error_drop");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     let f = fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL);
@@ -822,10 +810,9 @@ fn v6_missing_slot_or_backend_is_an_error_drop() {
 /// A full CONNTRACK6 (every entry live): a new flow is dropped, nothing written, `ct_full`;
 /// a tracked flow keeps working.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_full_conntrack_drops_new_flows_only() {
-    if !require_root("v6_full_conntrack_drops_new_flows_only") {
-        return;
-    }
+    require_root("v6_full_conntrack_drops_new_flows_only");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 91, PROTO_TCP);
@@ -865,10 +852,9 @@ fn v6_full_conntrack_drops_new_flows_only() {
 /// with a valid checksum, the extension headers themselves untouched; the reply through
 /// `to_pod` too. A fifth header is beyond the bound: untouched.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_extension_headers_are_skipped() {
-    if !require_root("v6_extension_headers_are_skipped") {
-        return;
-    }
+    require_root("v6_extension_headers_are_skipped");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 101, PROTO_TCP);
@@ -942,10 +928,9 @@ fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, typ: u8, bytes5to8: [u8; 4], payload: &[u
 /// VLAN-tagged IPv6 frame (`not_ip`) and malformed IPv6 (`malformed`): every hook passes
 /// them untouched and tracks nothing.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_fragments_icmpv6_and_malformed_pass_untouched() {
-    if !require_root("v6_fragments_icmpv6_and_malformed_pass_untouched") {
-        return;
-    }
+    require_root("v6_fragments_icmpv6_and_malformed_pass_untouched");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 111, PROTO_TCP);
@@ -1042,10 +1027,9 @@ fn v6_fragments_icmpv6_and_malformed_pass_untouched() {
 
 /// Item 8: 30,000 new IPv6 flows over 3 backends: each gets 10,000 +- 5%.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_new_flows_spread_uniformly() {
-    if !require_root("v6_new_flows_spread_uniformly") {
-        return;
-    }
+    require_root("v6_new_flows_spread_uniformly");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 121, PROTO_TCP);
@@ -1090,10 +1074,9 @@ fn linux_syn6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Vec<u8> {
 /// checksum, options untouched), one to a frontend without endpoints is reset on both hooks
 /// with ack = seq + 1 (the options are not payload).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_syn_with_tcp_options_translated_or_reset() {
-    if !require_root("v6_syn_with_tcp_options_translated_or_reset") {
-        return;
-    }
+    require_root("v6_syn_with_tcp_options_translated_or_reset");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 131, PROTO_TCP);
@@ -1128,10 +1111,9 @@ fn v6_syn_with_tcp_options_translated_or_reset() {
 /// balanced over the backends there are now (a removed one is never reached again), while
 /// the closing connection itself kept its backend.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_syn_after_fin_reopens_the_tuple() {
-    if !require_root("v6_syn_after_fin_reopens_the_tuple") {
-        return;
-    }
+    require_root("v6_syn_after_fin_reopens_the_tuple");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     let id = 141;
@@ -1170,10 +1152,9 @@ fn v6_syn_after_fin_reopens_the_tuple() {
 /// then FIN, twenty times: translated every time with a port of the SNAT range, and only the
 /// last connection's two entries remain (each reopen gives the previous SNAT port back).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_xdp_remote_tuple_reopened_twenty_times() {
-    if !require_root("v6_xdp_remote_tuple_reopened_twenty_times") {
-        return;
-    }
+    require_root("v6_xdp_remote_tuple_reopened_twenty_times");
     let net = FwdNs6::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -1200,10 +1181,9 @@ fn v6_xdp_remote_tuple_reopened_twenty_times() {
 /// Bytes after the IPv6 payload (a frame longer than the payload length says) are not
 /// part of the packet: the datagram is translated on its own length, the trailer is kept.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_trailing_bytes_after_the_payload_are_kept() {
-    if !require_root("v6_trailing_bytes_after_the_payload_are_kept") {
-        return;
-    }
+    require_root("v6_trailing_bytes_after_the_payload_are_kept");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 161, PROTO_UDP);
@@ -1251,10 +1231,9 @@ fn with_big_hop_by_hop(frame: &[u8], len: usize) -> Vec<u8> {
 /// IPv6 destination, the option bytes and a "checksum" inside the options rewritten and the
 /// real TCP checksum left wrong. Just inside the bound, the SYN is translated normally.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_extension_headers_past_the_parse_bound_are_never_misread() {
-    if !require_root("v6_extension_headers_past_the_parse_bound_are_never_misread") {
-        return;
-    }
+    require_root("v6_extension_headers_past_the_parse_bound_are_never_misread");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 181, PROTO_TCP);
@@ -1338,10 +1317,9 @@ fn quote_as_frame(ip: &[u8]) -> Vec<u8> {
 /// client's segment quotes the VIP again; the backend's own port unreachable comes from
 /// the VIP (which changes the ICMPv6 pseudo-header too).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_icmp_errors_about_translated_flows() {
-    if !require_root("v6_icmp_errors_about_translated_flows") {
-        return;
-    }
+    require_root("v6_icmp_errors_about_translated_flows");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     m.service(31, fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL), 0, &[(B1, 8080, 0)]);
@@ -1368,10 +1346,9 @@ fn v6_icmp_errors_about_translated_flows() {
 /// exceeded, 4 parameter problem) is translated; informational ones (128 echo request, 135
 /// neighbour solicitation) pass untouched.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_every_icmp_error_type_is_translated() {
-    if !require_root("v6_every_icmp_error_type_is_translated") {
-        return;
-    }
+    require_root("v6_every_icmp_error_type_is_translated");
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     m.service(33, fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL), 0, &[(B2, 8080, 0)]);

@@ -126,10 +126,9 @@ impl FwdNs {
 /// address is preserved. The pod's reply leaves through the uplink, where `to_uplink` puts
 /// node:nodePort back as its source.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_local_backend_dnat_pass_and_reverse_on_uplink_egress() {
-    if !require_root("xdp_local_backend_dnat_pass_and_reverse_on_uplink_egress") {
-        return;
-    }
+    require_root("xdp_local_backend_dnat_pass_and_reverse_on_uplink_egress");
     let mut dp = TestDataplane::load();
     program(
         &mut dp,
@@ -175,10 +174,9 @@ fn xdp_local_backend_dnat_pass_and_reverse_on_uplink_egress() {
 
 /// UDP through XDP: checksums fixed, a zero ("none") UDP checksum stays zero.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_udp_checksums_and_zero_checksum() {
-    if !require_root("xdp_udp_checksums_and_zero_checksum") {
-        return;
-    }
+    require_root("xdp_udp_checksums_and_zero_checksum");
     let mut dp = TestDataplane::load();
     program(
         &mut dp,
@@ -204,10 +202,9 @@ fn xdp_udp_checksums_and_zero_checksum() {
 /// The backend's reply is translated back to node:nodePort -> client and forwarded to the
 /// client's MAC. A later packet keeps backend and port; a FIN marks the flow closing.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_remote_backend_dnat_snat_forward_and_reverse() {
-    if !require_root("xdp_remote_backend_dnat_snat_forward_and_reverse") {
-        return;
-    }
+    require_root("xdp_remote_backend_dnat_snat_forward_and_reverse");
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -275,10 +272,9 @@ fn xdp_remote_backend_dnat_snat_forward_and_reverse() {
 /// An ExternalIP/LB frontend to a remote backend is source-NATed to the configured node
 /// address (not to the LB IP, which the backend's node would not route back to us).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_snat_uses_configured_node_address() {
-    if !require_root("xdp_snat_uses_configured_node_address") {
-        return;
-    }
+    require_root("xdp_snat_uses_configured_node_address");
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -301,10 +297,9 @@ fn xdp_snat_uses_configured_node_address() {
 /// SNAT ports are claimed per backend with BPF_NOEXIST: with a 4-port range, four flows
 /// to one backend get four different ports, a fifth finds none (dropped, counted `error`).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_snat_ports_never_collide() {
-    if !require_root("xdp_snat_ports_never_collide") {
-        return;
-    }
+    require_root("xdp_snat_ports_never_collide");
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -330,10 +325,9 @@ fn xdp_snat_ports_never_collide() {
 /// No neighbour entry for the next hop: dropped (`no_route`), and the next hop is queued
 /// in NEIGH_MISSES for the agent to resolve.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_unresolved_next_hop_is_queued_for_the_agent() {
-    if !require_root("xdp_unresolved_next_hop_is_queued_for_the_agent") {
-        return;
-    }
+    require_root("xdp_unresolved_next_hop_is_queued_for_the_agent");
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -353,10 +347,9 @@ fn xdp_unresolved_next_hop_is_queued_for_the_agent() {
 /// loadBalancerSourceRanges: an allowed client gets through, another is dropped and
 /// counted; no conntrack entry for it.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_source_ranges_drop_other_clients() {
-    if !require_root("xdp_source_ranges_drop_other_clients") {
-        return;
-    }
+    require_root("xdp_source_ranges_drop_other_clients");
     let mut dp = TestDataplane::load();
     let mut e = ext_entry(FrontendKind::LoadBalancer, &[(LOCAL_POD, 8080, true)]);
     e.source_ranges = vec![
@@ -378,10 +371,9 @@ fn xdp_source_ranges_drop_other_clients() {
 /// No (local) endpoint: a TCP SYN is answered with a RST built in place (XDP_TX), so the
 /// client fails at once; UDP is dropped. Both counted `no_backend`.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_no_backend_answers_tcp_with_reset() {
-    if !require_root("xdp_no_backend_answers_tcp_with_reset") {
-        return;
-    }
+    require_root("xdp_no_backend_answers_tcp_with_reset");
     let mut dp = TestDataplane::load();
     let mut e = ext_entry(FrontendKind::NodePort, &[]);
     e.local_only = true;
@@ -408,10 +400,9 @@ fn xdp_no_backend_answers_tcp_with_reset() {
 
 /// Not service traffic: untouched, XDP_PASS, counted.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_non_service_frames_pass_untouched() {
-    if !require_root("xdp_non_service_frames_pass_untouched") {
-        return;
-    }
+    require_root("xdp_non_service_frames_pass_untouched");
     let mut dp = TestDataplane::load();
     program(
         &mut dp,
@@ -451,10 +442,9 @@ fn xdp_non_service_frames_pass_untouched() {
 /// The incremental checksum update against a from-scratch computation, over many random
 /// rewrites (RFC 1624 corner cases: results of 0x0000/0xffff included by sheer volume).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_checksums_match_full_recomputation_for_many_tuples() {
-    if !require_root("xdp_checksums_match_full_recomputation_for_many_tuples") {
-        return;
-    }
+    require_root("xdp_checksums_match_full_recomputation_for_many_tuples");
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -493,10 +483,9 @@ fn xdp_checksums_match_full_recomputation_for_many_tuples() {
 /// in-kernel time of 50,000 single runs on a fresh copy of the frame (see
 /// `TestDataplane::time_fresh`).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_report_per_packet_cost() {
-    if !require_root("xdp_report_per_packet_cost") {
-        return;
-    }
+    require_root("xdp_report_per_packet_cost");
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -543,10 +532,9 @@ fn xdp_report_per_packet_cost() {
 /// the SNAT range. Each reopen used to leak the previous connection's SNAT port claim, and
 /// the tuple has only eight candidates, so the ninth SYN was dropped forever.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
-    if !require_root("xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time") {
-        return;
-    }
+    require_root("xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time");
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
@@ -578,10 +566,9 @@ fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
 /// the client (from the frontend when the backend sent it) and forwards it like the flow's
 /// replies.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_icmp_errors_about_snat_flows_reach_the_client() {
-    if !require_root("xdp_icmp_errors_about_snat_flows_reach_the_client") {
-        return;
-    }
+    require_root("xdp_icmp_errors_about_snat_flows_reach_the_client");
     let net = FwdNs::new();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();

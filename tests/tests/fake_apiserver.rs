@@ -441,13 +441,11 @@ fn usable_from_a_synchronous_test() {
     drop(server);
 }
 
-/// Needs root (to create a namespace and `setns`); skipped otherwise.
+/// Needs root (to create a namespace and `setns`).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn serves_from_inside_a_network_namespace() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return;
-    }
+    proxy_tests::harness::require_root("serves_from_inside_a_network_namespace");
     let ns = Netns::new("fakeapi").expect("create netns");
     let listener = bind_in_netns(&ns.name, "127.0.0.1:0".parse().unwrap()).expect("bind in netns");
     let server = FakeApiServer::start_background(listener).unwrap();

@@ -25,10 +25,9 @@ fn attached_dataplane(topo: &Topology) -> TestDataplane {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn clusterip_through_pod_veths() {
-    if !require_root("clusterip_through_pod_veths") {
-        return;
-    }
+    require_root("clusterip_through_pod_veths");
     let mut topo = Topology::single_node(4, 0).expect("topology");
     for i in 1..4 {
         topo.start_server(SERVER, i, 8080).expect("server");
@@ -88,10 +87,9 @@ fn clusterip_through_pod_veths() {
 /// does: TCP `connect()` fails with ECONNREFUSED (a reset, not a timeout) and a connected
 /// UDP socket gets ECONNREFUSED from the ICMP port unreachable.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn service_without_endpoints_refuses_pods_at_once() {
-    if !require_root("service_without_endpoints_refuses_pods_at_once") {
-        return;
-    }
+    require_root("service_without_endpoints_refuses_pods_at_once");
     let topo = Topology::single_node(1, 1).expect("topology");
     let mut dp = attached_dataplane(&topo);
     let r = dp.syncer.apply(&state(vec![
@@ -124,10 +122,9 @@ fn service_without_endpoints_refuses_pods_at_once() {
 /// LoadBalancer IP (upstream's firewall check drops it), a pod inside can, and the
 /// Service's ClusterIP stays open to both.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn source_ranges_keep_pods_outside_them_off_the_lb_ip() {
-    if !require_root("source_ranges_keep_pods_outside_them_off_the_lb_ip") {
-        return;
-    }
+    require_root("source_ranges_keep_pods_outside_them_off_the_lb_ip");
     const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
     let mut topo = Topology::single_node(3, 2).expect("topology");
     topo.start_server(SERVER, 2, 8080).expect("server");

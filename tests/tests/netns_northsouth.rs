@@ -208,10 +208,9 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 /// backend. UDP too. The uplink runs XDP in native mode, and a restarted agent keeps both
 /// the XDP link and the established flows.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn nodeport_on_node1_reaches_pods_on_both_nodes() {
-    if !require_root("nodeport_on_node1_reaches_pods_on_both_nodes") {
-        return;
-    }
+    require_root("nodeport_on_node1_reaches_pods_on_both_nodes");
     let _serial = serial();
     let mut env = Env::start();
     let np: SocketAddr = (node_ip(0), 30080).into();
@@ -272,7 +271,8 @@ fn nodeport_on_node1_reaches_pods_on_both_nodes() {
         let first = h.first.clone();
         assert_eq!(env.client().run(|| h.ask()).expect("held connection after the restart"), first);
     }
-    assert_eq!(names(env.client(), np, 20).len(), 4);
+    // 40 connections: with 20, one of 4 uniformly chosen pods is missed 1.3 % of the time.
+    assert_eq!(names(env.client(), np, 40).len(), 4);
     assert!(env.stats(0).lines().any(|l| l.starts_with("eth0") && l.contains("native")));
 }
 
@@ -280,10 +280,9 @@ fn nodeport_on_node1_reaches_pods_on_both_nodes() {
 /// client address; a node without a local endpoint resets the connection at once and its
 /// health-check node port answers 503 (200 where there are local endpoints).
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn external_traffic_policy_local() {
-    if !require_root("external_traffic_policy_local") {
-        return;
-    }
+    require_root("external_traffic_policy_local");
     let _serial = serial();
     let env = Env::start();
     let via2: SocketAddr = (node_ip(1), 30081).into();
@@ -330,10 +329,9 @@ fn external_traffic_policy_local() {
 /// NodePort; loadBalancerSourceRanges admit 192.168.100.100 and drop .101. With the
 /// default `--xdp-mode auto`, which runs generic XDP on a veth uplink.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn external_and_load_balancer_ips_with_source_ranges() {
-    if !require_root("external_and_load_balancer_ips_with_source_ranges") {
-        return;
-    }
+    require_root("external_and_load_balancer_ips_with_source_ranges");
     let _serial = serial();
     let env = Env::start_with(&[]);
     assert!(
@@ -373,10 +371,9 @@ fn external_and_load_balancer_ips_with_source_ranges() {
 /// Test 4: ClusterIP from a pod on node 1 to backends on node 2 (east-west across nodes, TC
 /// path): no SNAT, the backend sees the pod's address.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn cluster_ip_from_node1_pod_to_node2_backends() {
-    if !require_root("cluster_ip_from_node1_pod_to_node2_backends") {
-        return;
-    }
+    require_root("cluster_ip_from_node1_pod_to_node2_backends");
     let _serial = serial();
     let env = Env::start();
     let vip: SocketAddr = (Ipv4Addr::new(10, 96, 0, 30), 80).into();
@@ -398,10 +395,9 @@ fn cluster_ip_from_node1_pod_to_node2_backends() {
 /// Test 5: Hairpin: a pod reaching itself through its ClusterIP and through its node's
 /// NodePort; it sees the connection from the hairpin address.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn hairpin_pod_reaches_itself() {
-    if !require_root("hairpin_pod_reaches_itself") {
-        return;
-    }
+    require_root("hairpin_pod_reaches_itself");
     let _serial = serial();
     let env = Env::start();
     let pod = env.cluster.pod("n1p0");
@@ -420,10 +416,9 @@ fn hairpin_pod_reaches_itself() {
 /// carries its Node's InternalIP (eth0 here) and serves NodePort traffic from outside on it,
 /// to pods on both nodes, as kube-proxy serves NodePorts on every node address by default.
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn nodeport_without_uplink_flag_on_the_detected_uplink() {
-    if !require_root("nodeport_without_uplink_flag_on_the_detected_uplink") {
-        return;
-    }
+    require_root("nodeport_without_uplink_flag_on_the_detected_uplink");
     let _serial = serial();
     let env = Env::start_flagged(&[], false);
     let np: SocketAddr = (env.cluster.nodes[0].ip, 30080).into();

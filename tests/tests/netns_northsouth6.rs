@@ -151,10 +151,9 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn ipv6_north_south() {
-    if !require_root("ipv6_north_south") {
-        return;
-    }
+    require_root("ipv6_north_south");
     let env = Env::start();
 
     // NodePort on node 1: pods on both nodes; local ones see the client, remote ones node

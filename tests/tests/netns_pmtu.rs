@@ -61,10 +61,9 @@ fn upload(client: &Netns, addr: SocketAddr) -> (String, Duration) {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn large_upload_through_a_cluster_ip_to_a_small_mtu_backend() {
-    if !require_root("large_upload_through_a_cluster_ip_to_a_small_mtu_backend") {
-        return;
-    }
+    require_root("large_upload_through_a_cluster_ip_to_a_small_mtu_backend");
     let mut topo = Topology::single_node(2, 62).expect("topology");
     topo.start_server(SERVER, 1, 8080).expect("server");
     topo.node.ip(&["link", "set", &topo.pods[1].host_if, "mtu", SMALL_MTU]).expect("small MTU");
@@ -87,10 +86,9 @@ fn large_upload_through_a_cluster_ip_to_a_small_mtu_backend() {
 }
 
 #[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn large_upload_through_a_node_port_to_a_small_mtu_backend() {
-    if !require_root("large_upload_through_a_node_port_to_a_small_mtu_backend") {
-        return;
-    }
+    require_root("large_upload_through_a_node_port_to_a_small_mtu_backend");
     let mut cluster = Cluster::new(1, 1).expect("cluster");
     cluster.start_servers(SERVER, 8080).expect("server");
     let node = &cluster.nodes[0];

@@ -180,10 +180,9 @@ fn wait_reachable(client: &mut SockClient, addr: SocketAddr) {
 /// Test 1: a node-namespace process reaches a ClusterIP over TCP and UDP with no TC
 /// program attached anywhere; getpeername() shows VIP:port and UDP replies come from it.
 #[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
 fn node_process_reaches_clusterip_without_tc() {
-    if !require_root("node_process_reaches_clusterip_without_tc") {
-        return;
-    }
+    require_root("node_process_reaches_clusterip_without_tc");
     let mut env = Env::new(3, 3, 30, "on", false);
     let backends = env.pod_ips(3);
     env.service("web", VIP, 80, "TCP", &backends);
@@ -237,10 +236,9 @@ fn node_process_reaches_clusterip_without_tc() {
 /// backend address already (the TC program on its veth sees no service traffic), every
 /// backend is reached, getpeername() shows the VIP.
 #[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
 fn pod_client_connects_straight_to_backends() {
-    if !require_root("pod_client_connects_straight_to_backends") {
-        return;
-    }
+    require_root("pod_client_connects_straight_to_backends");
     let mut env = Env::new(4, 3, 31, "on", true);
     let backends = env.pod_ips(3);
     env.service("web", VIP, 80, "TCP", &backends);
@@ -270,10 +268,9 @@ fn pod_client_connects_straight_to_backends() {
 /// Test 3: the node reaches its own NodePort and a LoadBalancer IP; a frontend without
 /// endpoints refuses at once (ECONNREFUSED), over TCP and UDP.
 #[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
 fn node_reaches_nodeport_and_lb_ip_and_empty_service_refuses() {
-    if !require_root("node_reaches_nodeport_and_lb_ip_and_empty_service_refuses") {
-        return;
-    }
+    require_root("node_reaches_nodeport_and_lb_ip_and_empty_service_refuses");
     let mut env = Env::new(2, 2, 32, "on", false);
     let backends = env.pod_ips(2);
     let lb = format!(
@@ -311,10 +308,9 @@ fn node_reaches_nodeport_and_lb_ip_and_empty_service_refuses() {
 /// Test 4: `--socket-lb=host-only`: node sockets are translated, pod sockets are not (and
 /// still reach the service through the TC path).
 #[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
 fn host_only_leaves_pod_sockets_to_tc() {
-    if !require_root("host_only_leaves_pod_sockets_to_tc") {
-        return;
-    }
+    require_root("host_only_leaves_pod_sockets_to_tc");
     let mut env = Env::new(4, 3, 33, "host-only", true);
     let backends = env.pod_ips(3);
     env.service("web", VIP, 80, "TCP", &backends);
@@ -349,10 +345,9 @@ fn host_only_leaves_pod_sockets_to_tc() {
 /// destroyed; the client, reconnecting, reaches a live backend. Reports the time from the
 /// manifest change to the socket failing.
 #[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
 fn stale_connected_udp_socket_is_destroyed() {
-    if !require_root("stale_connected_udp_socket_is_destroyed") {
-        return;
-    }
+    require_root("stale_connected_udp_socket_is_destroyed");
     let mut env = Env::new(3, 3, 34, "on", false);
     let backends = env.pod_ips(3);
     env.service("dns", VIP, 53, "UDP", &backends);
@@ -407,10 +402,9 @@ fn stale_connected_udp_socket_is_destroyed() {
 /// the pinned cgroup links keep translating, and the new agent swaps its programs into
 /// them: zero failed connections.
 #[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
 fn agent_restart_loses_no_connection() {
-    if !require_root("agent_restart_loses_no_connection") {
-        return;
-    }
+    require_root("agent_restart_loses_no_connection");
     let mut env = Env::new(3, 3, 35, "on", false);
     let backends = env.pod_ips(3);
     env.service("web", VIP, 80, "TCP", &backends);
@@ -446,6 +440,7 @@ fn agent_restart_loses_no_connection() {
 /// syncer, IPv6 programmed into the pinned SERVICES6/BACKENDS6/BACKEND_SLOTS) and the
 /// socket-level programs attached with the agent's own function, from the node namespace.
 #[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
 fn ipv6_sockets_and_v4_mapped_destinations() {
     use aya::maps::{HashMap as BpfHashMap, Map, MapData};
     use proxy_common::{Backend6, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, ServiceKey6, ServiceValue, SlotKey};
@@ -456,9 +451,7 @@ fn ipv6_sockets_and_v4_mapped_destinations() {
     };
     use std::net::Ipv6Addr;
 
-    if !require_root("ipv6_sockets_and_v4_mapped_destinations") {
-        return;
-    }
+    require_root("ipv6_sockets_and_v4_mapped_destinations");
     const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
     const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x99);
     let mut topo = Topology::dual_stack(4, 36).expect("topology");
@@ -536,11 +529,10 @@ fn ipv6_sockets_and_v4_mapped_destinations() {
 /// IPv6 VIP), and a connected UDP socket on an IPv6 backend removed from the IPv6
 /// EndpointSlice is destroyed; reconnecting reaches a live backend.
 #[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
 fn ipv6_through_the_agent_and_stale_udp6() {
     use std::net::{IpAddr, Ipv6Addr};
-    if !require_root("ipv6_through_the_agent_and_stale_udp6") {
-        return;
-    }
+    require_root("ipv6_through_the_agent_and_stale_udp6");
     const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
     let mut topo = Topology::dual_stack(3, 37).expect("topology");
     for i in 0..3 {

@@ -11,8 +11,8 @@ use aya::{
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, ServiceKey, ServiceKey6,
-    ServiceMeta, ServiceValue, SlotKey, SourceRangeData6, StatsKey, map_names as n,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6,
+    ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6, StatsKey, map_names as n,
 };
 
 use super::{
@@ -49,6 +49,7 @@ pub struct Maps {
     pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
     pub backends6: HashMap<MapData, u32, Backend6>,
     pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
+    pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeData6, u8>,
 }
 
@@ -82,6 +83,7 @@ impl Maps {
             services6: typed(n::SERVICES6, get(n::SERVICES6)?)?,
             backends6: typed(n::BACKENDS6, get(n::BACKENDS6)?)?,
             conntrack6: typed(n::CONNTRACK6, get(n::CONNTRACK6)?)?,
+            affinity6: typed(n::AFFINITY6, get(n::AFFINITY6)?)?,
             source_ranges6: typed(n::SOURCE_RANGES6, get(n::SOURCE_RANGES6)?)?,
         })
     }
@@ -330,6 +332,12 @@ impl MapStore for Maps {
     fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize> {
         let v4 = purge(&mut self.conntrack, n::CONNTRACK, |k, v| pred(ct_facts(k, v)))?;
         let v6 = purge(&mut self.conntrack6, n::CONNTRACK6, |k, v| pred(ct_facts(k, v)))?;
+        Ok(v4 + v6)
+    }
+
+    fn purge_affinity(&mut self, pred: &dyn Fn(u32, u32) -> bool) -> StoreResult<usize> {
+        let v4 = purge(&mut self.affinity, n::AFFINITY, |k, v| pred(k.svc_id, v.backend_id))?;
+        let v6 = purge(&mut self.affinity6, n::AFFINITY6, |k, v| pred(k.svc_id, v.backend_id))?;
         Ok(v4 + v6)
     }
 }

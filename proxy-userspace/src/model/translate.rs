@@ -33,8 +33,9 @@ use k8s_openapi::{
 };
 
 use super::types::{
-    BackendAddr, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, IpFamily,
-    IpPrefix, NodeInfo, Protocol, Scope, ServicePortName, Warning,
+    BackendAddr, ClaimKey, Claims, DesiredState, EndpointVerdict, Explanation, FrontendEntry, FrontendKey,
+    FrontendKind, FrontendView, HealthCheck, IpFamily, IpPrefix, NodeInfo, Protocol, Reason, Scope, ServicePortName,
+    Warning,
 };
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
@@ -867,6 +868,14 @@ fn topology_mode<'a>(endpoints: impl Iterator<Item = &'a PortEndpoint>) -> Topol
 }
 
 impl Topology {
+    fn describe(self) -> &'static str {
+        match self {
+            Topology::Any => "all endpoints",
+            Topology::SameNode => "this node's endpoints (node hints)",
+            Topology::SameZone => "this zone's endpoints (zone hints)",
+        }
+    }
+
     fn allows(self, ep: &ParsedEndpoint) -> bool {
         match self {
             Topology::Any => true,
@@ -876,22 +885,156 @@ impl Topology {
     }
 }
 
-/// kube-proxy's choice among a set of endpoints: the ready ones (that `topology` allows);
-/// if none is ready, the ones still serving while terminating (so connections drain instead
-/// of being dropped; topology no longer matters then, as upstream: a mode is only chosen
-/// when a ready endpoint fits it).
+/// kube-proxy's choice for one endpoint among a set: the ready ones (that `topology`
+/// allows), or — when none is (`ready_in_use` false) — the ones still serving while
+/// terminating, so connections drain instead of being dropped (topology no longer matters
+/// then, as upstream: a mode is only chosen when a ready endpoint fits it). The one place
+/// this rule is written: `select_backends` picks with it, `explain` reports it.
+fn choose(ep: &ParsedEndpoint, topology: Topology, ready_in_use: bool) -> Reason {
+    if !ready_in_use {
+        return if ep.serving && ep.terminating { Reason::TerminatingFallback } else { Reason::NotReady };
+    }
+    if !ep.ready {
+        return if ep.terminating { Reason::Terminating } else { Reason::NotReady };
+    }
+    match topology {
+        Topology::SameNode if ep.node_hint != Hint::Here => Reason::OtherNodeByHints,
+        Topology::SameZone if ep.zone_hint != Hint::Here => Reason::OtherZoneByHints,
+        _ => Reason::Backend,
+    }
+}
+
+fn ready_in_use<'a>(mut endpoints: impl Iterator<Item = &'a PortEndpoint>, topology: Topology) -> bool {
+    endpoints.any(|e| e.ep.ready && topology.allows(&e.ep))
+}
+
+/// The backends among `endpoints` (see `choose`).
 fn select_backends<'a>(
     endpoints: impl Iterator<Item = &'a PortEndpoint> + Clone,
     topology: Topology,
 ) -> Vec<BackendAddr> {
-    let mut chosen: Vec<BackendAddr> =
-        endpoints.clone().filter(|e| e.ep.ready && topology.allows(&e.ep)).map(|e| e.backend(false)).collect();
-    if chosen.is_empty() {
-        chosen = endpoints.filter(|e| e.ep.serving && e.ep.terminating).map(|e| e.backend(true)).collect();
-    }
+    let in_use = ready_in_use(endpoints.clone(), topology);
+    let mut chosen: Vec<BackendAddr> = endpoints
+        .filter_map(|e| match choose(&e.ep, topology, in_use) {
+            Reason::Backend => Some(e.backend(false)),
+            Reason::TerminatingFallback => Some(e.backend(true)),
+            _ => None,
+        })
+        .collect();
     chosen.sort();
     chosen.dedup();
     chosen
+}
+
+// ---------------------------------------------------------------------------------------
+// Explain
+// ---------------------------------------------------------------------------------------
+
+/// Why each endpoint of Service `namespace/name` is or is not a backend of each of its
+/// frontends on `node` (`ebpf-proxy explain`): the decisions of `expand_port` and
+/// `select_backends`, reported instead of applied. `Err` when the Service is absent,
+/// malformed or not ours to proxy.
+pub fn explain(
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
+    node: &NodeInfo,
+    namespace: &str,
+    name: &str,
+) -> Result<Explanation, String> {
+    let wanted = ObjectId { namespace: namespace.to_owned(), name: name.to_owned() };
+    let svc = services
+        .iter()
+        .map(Borrow::borrow)
+        .find(|s| ObjectId::from_meta(&s.metadata).as_ref() == Some(&wanted))
+        .ok_or_else(|| format!("no Service {wanted}"))?;
+    let parsed = match parse_service(svc) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(format!(
+                "Service {wanted} is not proxied by kube-proxy (headless, ExternalName or another proxy's)"
+            ));
+        }
+        Err(problem) => return Err(format!("Service {wanted} is skipped: {problem}")),
+    };
+    let slices: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
+    let mut ignored = Warnings::default();
+    let index = index_slices(&slices, node, &mut ignored);
+    let empty = ServiceEndpoints::default();
+    let group = index.get(&wanted).unwrap_or(&empty);
+    let mut views = Vec::new();
+    for port in &parsed.ports {
+        for &family in &parsed.families {
+            let port_eps = endpoints_for_port(group, port, family);
+            let topology = topology_mode(port_eps.iter());
+            let mut view = |traffic: String, local_policy: Option<&'static str>| {
+                let (pool, topo): (Vec<&PortEndpoint>, Topology) = match local_policy {
+                    Some(_) => (port_eps.iter().filter(|e| e.ep.local).collect(), Topology::Any),
+                    None => (port_eps.iter().collect(), topology),
+                };
+                let in_use = ready_in_use(pool.iter().copied(), topo);
+                let mut endpoints = Vec::new();
+                for slice in &group.slices {
+                    let port_match =
+                        slice.ports.iter().find(|sp| sp.name == port.name && sp.proto == port.proto).map(|sp| sp.port);
+                    for ep in &slice.endpoints {
+                        let reason = if slice.family != family {
+                            Reason::AddressFamily
+                        } else if port_match.is_none() {
+                            Reason::PortNameNotMatched
+                        } else if local_policy.is_some() && !ep.local {
+                            Reason::NotLocal
+                        } else {
+                            // The merged copy `select_backends` saw (a duplicate address
+                            // keeps its preferred conditions).
+                            let merged = port_eps.iter().find(|e| e.addr == ep.addr && Some(e.port) == port_match);
+                            choose(merged.map_or(ep, |m| &m.ep), topo, in_use)
+                        };
+                        endpoints.push(EndpointVerdict {
+                            address: ep.addr,
+                            port: port_match,
+                            slice: slice.id.to_string(),
+                            local: ep.local,
+                            reason,
+                        });
+                    }
+                }
+                views.push(FrontendView {
+                    port: if port.name.is_empty() {
+                        port.port.to_string()
+                    } else {
+                        format!("{} ({})", port.name, port.port)
+                    },
+                    protocol: port.proto,
+                    family,
+                    traffic,
+                    policy: local_policy
+                        .map_or_else(|| format!("Cluster, topology: {}", topo.describe()), |p| format!("{p}: Local")),
+                    endpoints,
+                });
+            };
+            let ips: Vec<String> = parsed
+                .cluster_ips
+                .iter()
+                .filter(|ip| IpFamily::of(**ip) == family)
+                .map(|ip| SocketAddr::new(*ip, port.port).to_string())
+                .collect();
+            view(
+                format!("cluster: ClusterIP {}", ips.join(", ")),
+                parsed.internal_local.then_some("internalTrafficPolicy"),
+            );
+            let external: Vec<String> = external_destinations(&parsed, port, node, family)
+                .into_iter()
+                .map(|(kind, addr, p)| format!("{kind:?} {}", SocketAddr::new(addr, p)))
+                .collect();
+            if !external.is_empty() {
+                view(
+                    format!("external: {}", external.join(", ")),
+                    parsed.external_local.then_some("externalTrafficPolicy"),
+                );
+            }
+        }
+    }
+    Ok(Explanation { service: wanted.to_string(), node: node.name.clone(), zone: node.zone.clone(), frontends: views })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2709,5 +2852,115 @@ mod tests {
                 ("EndpointSlice", "default/web-x", "unknown addressType \"IPX\""),
             ],
         );
+    }
+
+    // --- explain ----------------------------------------------------------------------
+
+    /// The reason `explain` gives `addr` in the view whose traffic starts with `traffic`.
+    fn reason_of(e: &Explanation, traffic: &str, family: IpFamily, addr: &str) -> Reason {
+        let view = e
+            .frontends
+            .iter()
+            .find(|v| v.traffic.starts_with(traffic) && v.family == family)
+            .unwrap_or_else(|| panic!("no {traffic} view in {e:#?}"));
+        view.endpoints
+            .iter()
+            .find(|x| x.address == ip(addr))
+            .unwrap_or_else(|| panic!("{addr} not in {view:#?}"))
+            .reason
+    }
+
+    /// `explain` reports the model's own decision for every endpoint, with each exclusion
+    /// reason, and agrees with what `translate` programs.
+    #[test]
+    fn explain_gives_every_exclusion_reason() {
+        use IpFamily::{V4, V6};
+        let node = dual_node();
+        // Ready here; not ready; terminating while others are ready; on another node.
+        let main = slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([
+                ep("10.0.0.1", NODE),
+                ep_cond("10.0.0.2", NODE, Some(false), Some(false), Some(false)),
+                ep_cond("10.0.0.3", NODE, Some(false), Some(true), Some(true)),
+                ep("10.0.0.4", "node-b"),
+            ]),
+        );
+        // A slice whose only port has another name: no endpoints for the unnamed port.
+        let other_port = slice(
+            "web-2",
+            "web",
+            json!([{"name": "metrics", "port": 9090, "protocol": "TCP"}]),
+            json!([ep("10.0.0.5", NODE)]),
+        );
+        let v6 = slice6("web-v6", "web", p8080(), json!([ep("fd00:10::1", NODE)]));
+        let web = dual(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}),
+            lb_status(json!([{"ip": "203.0.113.9"}])),
+        );
+        let services = [web.clone()];
+        let slices = [main.clone(), other_port.clone(), v6.clone()];
+        let e = explain(&services, &slices, &node, "default", "web").unwrap();
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.1"), Reason::Backend);
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.2"), Reason::NotReady);
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.3"), Reason::Terminating);
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.4"), Reason::Backend, "cluster traffic uses remote endpoints");
+        assert_eq!(reason_of(&e, "external", V4, "10.0.0.4"), Reason::NotLocal, "eTP Local");
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.5"), Reason::PortNameNotMatched);
+        assert_eq!(reason_of(&e, "cluster", V4, "fd00:10::1"), Reason::AddressFamily);
+        assert_eq!(reason_of(&e, "cluster", V6, "fd00:10::1"), Reason::Backend);
+        assert_eq!(reason_of(&e, "cluster", V6, "10.0.0.1"), Reason::AddressFamily);
+
+        // The same decisions as `translate`: the cluster view's backends are the
+        // ClusterIP's backends.
+        let (state, _) = translate(&services, &slices, &node);
+        let programmed: BTreeSet<IpAddr> =
+            state.frontends[&key("10.96.0.1", 80, Tcp, Internal)].backends.iter().map(|b| b.addr).collect();
+        let explained: BTreeSet<IpAddr> = e.frontends[0]
+            .endpoints
+            .iter()
+            .filter(|x| matches!(x.reason, Reason::Backend | Reason::TerminatingFallback))
+            .map(|x| x.address)
+            .collect();
+        assert_eq!(programmed, explained);
+
+        // Terminating fallback: nothing ready, one still serving.
+        let draining = slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([
+                ep_cond("10.0.0.3", NODE, Some(false), Some(true), Some(true)),
+                ep_cond("10.0.0.2", NODE, Some(false), Some(false), Some(false))
+            ]),
+        );
+        let e = explain(&services, &[draining], &node, "default", "web").unwrap();
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.3"), Reason::TerminatingFallback);
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.2"), Reason::NotReady);
+
+        // Topology hints: zone-a is ours; an endpoint hinted for zone-b is excluded, and
+        // node hints for another node exclude too.
+        let hinted = slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep_hints("10.0.0.1", "node-b", &[ZONE], &[]), ep_hints("10.0.0.6", "node-c", &["zone-b"], &[])]),
+        );
+        let plain = svc("web", json!({}));
+        let e = explain(std::slice::from_ref(&plain), &[hinted], &node, "default", "web").unwrap();
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.1"), Reason::Backend);
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.6"), Reason::OtherZoneByHints);
+        let node_hinted = slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([ep_hints("10.0.0.1", NODE, &[], &[NODE]), ep_hints("10.0.0.7", "node-b", &[], &["node-b"])]),
+        );
+        let e = explain(&[plain], &[node_hinted], &node, "default", "web").unwrap();
+        assert_eq!(reason_of(&e, "cluster", V4, "10.0.0.7"), Reason::OtherNodeByHints);
+
+        assert!(explain(&services, &slices, &node, "default", "nope").unwrap_err().contains("no Service default/nope"));
     }
 }

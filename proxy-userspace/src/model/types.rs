@@ -292,3 +292,77 @@ impl fmt::Display for Warning {
         write!(f, "{} {}: {}", self.kind, self.object, self.message)
     }
 }
+
+/// Why an endpoint is or is not a backend of a frontend (`ebpf-proxy explain`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Ready (and allowed by topology): a backend.
+    Backend,
+    /// Not ready but serving while terminating, and no endpoint is ready: a backend so
+    /// connections drain (upstream's terminating fallback).
+    TerminatingFallback,
+    /// Not ready (and not a terminating fallback).
+    NotReady,
+    /// Terminating while ready endpoints exist.
+    Terminating,
+    /// Topology hints (`hints.forNodes`, trafficDistribution PreferSameNode) send cluster
+    /// traffic to endpoints for this node only.
+    OtherNodeByHints,
+    /// Topology hints (`hints.forZones`) send cluster traffic to this zone's endpoints only.
+    OtherZoneByHints,
+    /// On another node, and the traffic policy for this frontend is Local.
+    NotLocal,
+    /// Its slice has no port of this Service port's name and protocol.
+    PortNameNotMatched,
+    /// Its slice is of the other address family than this frontend.
+    AddressFamily,
+}
+
+impl Reason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::Backend => "backend",
+            Reason::TerminatingFallback => "backend (terminating fallback: no endpoint is ready)",
+            Reason::NotReady => "not ready",
+            Reason::Terminating => "terminating (ready endpoints exist)",
+            Reason::OtherNodeByHints => "not for this node by topology hints",
+            Reason::OtherZoneByHints => "other zone by topology hints",
+            Reason::NotLocal => "not local, and the traffic policy is Local",
+            Reason::PortNameNotMatched => "its slice has no port matching this port's name and protocol",
+            Reason::AddressFamily => "other address family than this frontend",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointVerdict {
+    pub address: IpAddr,
+    /// The backend port its slice gives this Service port (None: no matching port).
+    pub port: Option<u16>,
+    pub slice: String,
+    pub local: bool,
+    pub reason: Reason,
+}
+
+/// One group of frontends of a Service port in one family and traffic direction.
+#[derive(Clone, Debug, Serialize)]
+pub struct FrontendView {
+    /// The Service port's name ("" for a single unnamed port).
+    pub port: String,
+    pub protocol: Protocol,
+    pub family: IpFamily,
+    /// "cluster: ClusterIP ..." or "external: NodePort ..., LoadBalancer ...".
+    pub traffic: String,
+    /// Which traffic policy applies and, for Cluster, the topology mode chosen.
+    pub policy: String,
+    pub endpoints: Vec<EndpointVerdict>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    pub service: String,
+    pub node: String,
+    pub zone: Option<String>,
+    pub frontends: Vec<FrontendView>,
+}

@@ -43,6 +43,8 @@ use crate::{
     },
 };
 
+/// (service id, backend id) pairs.
+type PairSet = HashSet<(u32, u32)>;
 /// A backend's identity: services sharing an endpoint share its `BACKENDS` (or `BACKENDS6`)
 /// entry.
 type BackendIdent = (IpAddr, u16, u8);
@@ -79,6 +81,8 @@ pub struct SyncReport {
     /// layout): connected UDP sockets the socket-level hooks pointed at them are destroyed
     /// (`dataplane::sock::destroy_udp_sockets`), so their applications reconnect.
     pub removed_udp_backends: Vec<(IpAddr, u16)>,
+    /// Session-affinity entries removed because their backend left the frontend.
+    pub affinity_purged: usize,
     /// Frontends that could not be programmed (the previous state for them stays).
     pub errors: Vec<(FrontendKey, DataplaneError)>,
 }
@@ -286,6 +290,11 @@ impl<S: MapStore> Syncer<S> {
         let mut writes = 0u64;
         let mut referenced: HashSet<BackendIdent> = HashSet::new();
         let mut purge_pairs: HashSet<(u32, u32)> = HashSet::new();
+        // (service, backend) pairs a frontend with session affinity dropped: their
+        // affinity entries must go, or new connections of a pinned client would keep going
+        // to a backend that left the Service (kube-proxy's per-endpoint `recent` lists go
+        // with the endpoint's chain).
+        let mut affinity_pairs: HashSet<(u32, u32)> = HashSet::new();
         let mut purge_services: HashSet<u32> = HashSet::new();
         let wanted: HashSet<AnyServiceKey> = desired.frontends.keys().map(service_key).collect();
 
@@ -293,7 +302,13 @@ impl<S: MapStore> Syncer<S> {
         let mut slots_full = false;
         for (fk, entry) in &desired.frontends {
             let key = service_key(fk);
-            match self.apply_frontend(&key, entry, &mut referenced, &mut purge_pairs, &mut writes) {
+            match self.apply_frontend(
+                &key,
+                entry,
+                &mut referenced,
+                (&mut purge_pairs, &mut affinity_pairs),
+                &mut writes,
+            ) {
                 Ok(()) => {}
                 // Retried once the removals below have made room.
                 Err(e @ DataplaneError::MapFull { .. }) => {
@@ -338,7 +353,9 @@ impl<S: MapStore> Syncer<S> {
         }
         for (fk, entry) in full {
             let key = service_key(fk);
-            if let Err(e) = self.apply_frontend(&key, entry, &mut referenced, &mut purge_pairs, &mut writes) {
+            if let Err(e) =
+                self.apply_frontend(&key, entry, &mut referenced, (&mut purge_pairs, &mut affinity_pairs), &mut writes)
+            {
                 warn!(frontend = %fk, service = %entry.service, error = %e, "cannot program frontend");
                 self.keep_referenced(&key, &mut referenced);
                 report.errors.push((*fk, e));
@@ -374,6 +391,13 @@ impl<S: MapStore> Syncer<S> {
             match self.store.purge_conntrack(&pred) {
                 Ok(n) => report.conntrack_purged = n,
                 Err(e) => warn!(error = %e, "cannot purge UDP conntrack entries"),
+            }
+        }
+
+        if !affinity_pairs.is_empty() {
+            match self.store.purge_affinity(&|svc, backend| affinity_pairs.contains(&(svc, backend))) {
+                Ok(n) => report.affinity_purged = n,
+                Err(e) => warn!(error = %e, "cannot purge session-affinity entries"),
             }
         }
 
@@ -432,7 +456,7 @@ impl<S: MapStore> Syncer<S> {
         key: &AnyServiceKey,
         entry: &FrontendEntry,
         referenced: &mut HashSet<BackendIdent>,
-        purge_pairs: &mut HashSet<(u32, u32)>,
+        (purge_pairs, affinity_pairs): (&mut PairSet, &mut PairSet),
         writes: &mut u64,
     ) -> Result<(), DataplaneError> {
         let mut ids = Vec::with_capacity(entry.backends.len());
@@ -457,12 +481,19 @@ impl<S: MapStore> Syncer<S> {
         // Whatever happens, the record goes back into the mirror with what was written, so
         // the next sync continues from there and a removal cleans up everything.
         let before = prog.active.clone();
+        let old_flags = prog.value.flags;
         let result = self.write_frontend(key, &mut prog, &ids, flags, affinity_timeout, &meta, &ranges, writes);
-        if key.proto == PROTO_UDP {
+        let affinity = (old_flags | flags) & svc_flags::AFFINITY != 0;
+        if key.proto == PROTO_UDP || affinity {
             let now: HashSet<u32> = prog.active.iter().copied().collect();
             for old in before.iter().chain(&prog.inactive) {
                 if !now.contains(old) {
-                    purge_pairs.insert((prog.value.id, *old));
+                    if key.proto == PROTO_UDP {
+                        purge_pairs.insert((prog.value.id, *old));
+                    }
+                    if affinity {
+                        affinity_pairs.insert((prog.value.id, *old));
+                    }
                 }
             }
         }
@@ -679,6 +710,8 @@ impl<S: MapStore> Syncer<S> {
         Ok(id)
     }
 }
+
+pub mod verify;
 
 #[cfg(test)]
 mod tests;

@@ -67,6 +67,9 @@ pub trait MapStore {
     fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult;
     /// Delete every conntrack entry (both families) matching `pred`; returns how many.
     fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize>;
+    /// Delete every session-affinity entry (both families) whose (service id, backend id)
+    /// matches `pred`; returns how many.
+    fn purge_affinity(&mut self, pred: &dyn Fn(u32, u32) -> bool) -> StoreResult<usize>;
 }
 
 /// In-memory store with capacity limits, for tests. Both families' services live in one
@@ -81,6 +84,8 @@ pub struct MemStore {
     pub ranges: BTreeMap<(u32, IpPrefix), ()>,
     pub conntrack: BTreeMap<CtKey, CtValue>,
     pub conntrack6: BTreeMap<CtKey6, CtValue6>,
+    /// Session-affinity entries as (client, service id) -> backend id.
+    pub affinity: BTreeMap<(IpAddr, u32), u32>,
     pub stats_deleted: Vec<u32>,
     /// Maximum number of service entries per family (None = unlimited), to test "map full".
     pub max_services: Option<usize>,
@@ -179,5 +184,10 @@ impl MapStore for MemStore {
         self.conntrack.retain(|k, v| !pred(ct_facts(k, v)));
         self.conntrack6.retain(|k, v| !pred(ct_facts(k, v)));
         Ok(before - self.conntrack.len() - self.conntrack6.len())
+    }
+    fn purge_affinity(&mut self, pred: &dyn Fn(u32, u32) -> bool) -> StoreResult<usize> {
+        let before = self.affinity.len();
+        self.affinity.retain(|(_, svc), backend| !pred(*svc, *backend));
+        Ok(before - self.affinity.len())
     }
 }

@@ -503,3 +503,79 @@ fn ipv6_ranges_and_removed_ipv6_backend() {
     assert!(s.store().ranges.is_empty());
     assert_eq!(s.store().services.len(), 2);
 }
+
+/// A backend that leaves a frontend with session affinity takes its affinity entries with
+/// it (else a pinned client's new connections keep going to it for the affinity timeout),
+/// whatever the protocol; the remaining backends' entries and frontends without affinity
+/// are left alone.
+#[test]
+fn removed_backends_lose_their_affinity_entries() {
+    let mut s = syncer();
+    let mut aff = fe("aff", &[1, 2]);
+    aff.affinity_timeout = Some(10_800);
+    let plain = fe("plain", &[1, 2]);
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), aff.clone()), (fk(2, 80, Protocol::Tcp), plain.clone())]));
+    let id_of = |s: &Syncer<MemStore>, last: u8| {
+        s.store().services.iter().find(|(k, _)| k.addr == IpAddr::V4(Ipv4Addr::new(10, 96, 0, last))).unwrap().1.id
+    };
+    let backend = |s: &Syncer<MemStore>, b: u8| {
+        *s.store().backends.iter().find(|(_, v)| v.addr == IpAddr::V4(Ipv4Addr::new(10, 244, 0, b))).unwrap().0
+    };
+    let (aff_id, plain_id, b1, b2) = (id_of(&s, 1), id_of(&s, 2), backend(&s, 1), backend(&s, 2));
+    let client = |i: u8| IpAddr::V4(Ipv4Addr::new(10, 0, 0, i));
+    let store = s.store_mut();
+    store.affinity.insert((client(1), aff_id), b1);
+    store.affinity.insert((client(2), aff_id), b2);
+    store.affinity.insert((client(3), plain_id), b2);
+
+    aff.backends.truncate(1);
+    let mut plain = plain;
+    plain.backends.truncate(1);
+    let r = s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), aff), (fk(2, 80, Protocol::Tcp), plain)]));
+    assert_eq!(r.affinity_purged, 1);
+    let left: Vec<_> = s.store().affinity.iter().map(|(k, v)| (*k, *v)).collect();
+    assert_eq!(left, vec![((client(1), aff_id), b1), ((client(3), plain_id), b2)]);
+}
+
+/// `verify` finds nothing when the store holds what was applied, and names each kind of
+/// tampering: a frontend deleted, a backend changed, a slot deleted, an extra frontend.
+#[test]
+fn verify_reports_each_difference() {
+    use crate::sync::verify::{DriftKind, verify};
+    let mut s = syncer();
+    let want = desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1, 2])), (fk(2, 80, Protocol::Tcp), fe("b", &[3]))]);
+    s.apply(&want);
+    assert_eq!(verify(&want, &s.store().snapshot().unwrap()), vec![]);
+
+    let store = s.store_mut();
+    let (k1, v1) = store
+        .services
+        .iter()
+        .find(|(k, _)| k.addr == IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)))
+        .map(|(k, v)| (*k, *v))
+        .unwrap();
+    store.services.remove(&k1);
+    let b3 = store.backends.iter_mut().find(|(_, b)| b.addr == IpAddr::V4(Ipv4Addr::new(10, 244, 0, 3))).unwrap().1;
+    b3.port = 9999u16.to_be();
+    let mut extra = k1;
+    extra.port = 81u16.to_be();
+    store.services.insert(extra, v1);
+    let drift = verify(&want, &store.snapshot().unwrap());
+    let kinds: Vec<&DriftKind> = drift.iter().map(|d| &d.kind).collect();
+    assert!(kinds.contains(&&DriftKind::Missing), "{drift:#?}");
+    assert!(kinds.contains(&&DriftKind::Extra), "{drift:#?}");
+    assert!(
+        drift.iter().any(|d| matches!(&d.kind, DriftKind::Backends { missing, extra }
+            if missing == &["10.244.0.3:8080".to_string()] && extra == &["10.244.0.3:9999".to_string()])),
+        "{drift:#?}"
+    );
+    assert_eq!(drift.len(), 3, "{drift:#?}");
+
+    // A slot deleted from under a frontend.
+    let store = s.store_mut();
+    let b_id = store.services.iter().find(|(k, _)| k.addr == IpAddr::V4(Ipv4Addr::new(10, 96, 0, 2))).unwrap().1.id;
+    let slot = *store.slots.keys().find(|k| k.svc_id == b_id).unwrap();
+    store.slots.remove(&slot);
+    let drift = verify(&want, &store.snapshot().unwrap());
+    assert!(drift.iter().any(|d| matches!(d.kind, DriftKind::BrokenSlot { .. })), "{drift:#?}");
+}
