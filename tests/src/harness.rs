@@ -1,7 +1,7 @@
 //! Shared test helpers: a loaded dataplane pinned under a per-test bpffs directory (removed
 //! on drop, even when the test fails), frame builders and independent checksum checks.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -199,8 +199,20 @@ pub mod tcp {
 
 /// A TCP segment with exactly the flags `flags` (bits of [`tcp`]) and valid checksums.
 pub fn tcp_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut b =
-        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 65535);
+    tcp_any((src.0.into(), src.1), (dst.0.into(), dst.1), flags, payload)
+}
+
+/// An Ethernet + IPv4/IPv6 (TTL / hop limit 64) + TCP segment with exactly the flags
+/// `flags` (bits of [`tcp`]), sequence number 1000 (acknowledgement 1 with ACK) and valid
+/// checksums. Both addresses must be of one family.
+pub fn tcp_any(src: (IpAddr, u16), dst: (IpAddr, u16), flags: u8, payload: &[u8]) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let ip = match (src.0, dst.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("tcp_any: {src:?} and {dst:?} are of different families"),
+    };
+    let mut b = ip.tcp(src.1, dst.1, 1000, 65535);
     if flags & tcp::SYN != 0 {
         b = b.syn();
     }
@@ -351,31 +363,14 @@ pub fn ip6_from_map(w: [u32; 4]) -> std::net::Ipv6Addr {
     std::net::Ipv6Addr::from(o)
 }
 
-/// An Ethernet + IPv6 (hop limit 64) + TCP segment with exactly the flags `flags` (bits of
-/// [`tcp`]), sequence number 1000 (acknowledgement 1 with ACK) and a valid checksum.
+/// An Ethernet + IPv6 + TCP segment (see [`tcp_any`]).
 pub fn tcp6_segment(
     src: (std::net::Ipv6Addr, u16),
     dst: (std::net::Ipv6Addr, u16),
     flags: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut b =
-        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 65535);
-    if flags & tcp::SYN != 0 {
-        b = b.syn();
-    }
-    if flags & tcp::FIN != 0 {
-        b = b.fin();
-    }
-    if flags & tcp::RST != 0 {
-        b = b.rst();
-    }
-    if flags & tcp::ACK != 0 {
-        b = b.ack(1);
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, payload).expect("build frame");
-    v
+    tcp_any((src.0.into(), src.1), (dst.0.into(), dst.1), flags, payload)
 }
 
 /// A TCP SYN over IPv6 (see [`tcp6_segment`]).
