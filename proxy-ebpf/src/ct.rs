@@ -2,6 +2,8 @@
 //! of a new flow (with the SNAT port claim for source-NATed ones). The lifecycle's states
 //! and timeouts are defined in `proxy_common::ct`; the agent's collector expires entries.
 //! Generic over the address family: IPv4 and IPv6 each have their own table.
+use core::mem::size_of;
+
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use proxy_common::{Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, NodeConfig, Verdict, ct, ct_flags};
 
@@ -40,6 +42,26 @@ pub enum Ct {
 pub struct CtWork<A> {
     pub key: CtKey<A>,
     pub val: CtValue<A>,
+}
+
+impl<A> CtWork<A> {
+    /// Zero `slot` in place and hand it out. Not `Default`: LLVM turns a zeroed struct into
+    /// a `memset` call, which the BPF backend cannot inline — a byte-by-byte loop that cost
+    /// IPv4 about 25 ns on every packet. Volatile 64-bit stores, so they are not merged back
+    /// into one, written where the value lives, so no copy follows.
+    #[inline(always)]
+    pub fn zeroed_in(slot: &mut core::mem::MaybeUninit<Self>) -> &mut Self {
+        const { assert!(size_of::<Self>() % 8 == 0) };
+        let words = slot.as_mut_ptr() as *mut u64;
+        let mut i = 0;
+        while i < size_of::<Self>() / 8 {
+            // SAFETY: within the value (size checked above), 8-byte aligned (it holds a u64).
+            unsafe { words.add(i).write_volatile(0) };
+            i += 1;
+        }
+        // SAFETY: every byte was written; the type is plain integers.
+        unsafe { slot.assume_init_mut() }
+    }
 }
 
 /// Errors of conntrack creation.
@@ -86,7 +108,9 @@ fn touch<F: Family>(w: &mut CtWork<F::Addr>, new_flags: u8) -> bool {
     // SAFETY: the pointer comes from a successful lookup; a concurrent delete (the agent's
     // GC) can at worst make us read or update an entry that is being freed, of this type.
     unsafe {
-        w.val = *ptr;
+        // A typed copy here becomes a `memmove` call (not inlined on BPF); this is a `memcpy`,
+        // which the BPF backend expands into loads and stores.
+        core::ptr::copy_nonoverlapping(ptr, &mut w.val, 1);
         let now = bpf_ktime_get_ns();
         if now.wrapping_sub(w.val.last_seen) > CT_REFRESH_NS {
             (*ptr).last_seen = now;

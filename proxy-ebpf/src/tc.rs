@@ -212,10 +212,11 @@ fn decide<F: Family>(p: &Packet<F::Addr>, reply: bool, ct: &mut CtWork<F::Addr>)
 /// IPv4: the steps inlined into one function, their state on its stack.
 #[inline(always)]
 fn inlined<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
-    let mut ct = CtWork::default();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let ct = CtWork::zeroed_in(&mut slot);
     match parse_ctx::<F>(ctx) {
         Ok(p) => {
-            let d = decide::<F>(&p, reply, &mut ct);
+            let d = decide::<F>(&p, reply, ct);
             let (ret, verdict) = apply::<F>(ctx, &p, &d);
             (ret, verdict, d.svc_id)
         }

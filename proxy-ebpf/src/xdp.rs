@@ -322,10 +322,11 @@ const OTHER_L4: u32 = u32::MAX;
 /// IPv4: the steps inlined into one function, their state on its stack.
 #[inline(always)]
 fn inlined<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
-    let mut ct = CtWork::default();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let ct = CtWork::zeroed_in(&mut slot);
     match F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
         Ok(p) => {
-            let d = pipeline::decide::<F>(&p, Hook::Uplink, &mut ct);
+            let d = pipeline::decide::<F>(&p, Hook::Uplink, ct);
             let (ret, verdict) = apply::<F>(ctx, &p, &d);
             (ret, verdict, d.svc_id)
         }
