@@ -1,16 +1,18 @@
 //! `ebpf-proxy trace` against a programmed datapath (issue 14): a service hit, a miss, a
 //! tracked reply and a source-range drop, each with what the command printed checked, and
 //! every live map byte-identical before and after the traces.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use proxy_tests::{agent::cli, harness::*};
-use proxy_userspace::model::{FrontendKey, FrontendKind, IpPrefix, Protocol, Scope};
+use proxy_userspace::model::{BackendAddr, FrontendKey, FrontendKind, IpPrefix, Protocol, Scope};
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const OUTSIDER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 9);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 1);
 const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)];
 
@@ -31,9 +33,13 @@ fn trace_reports_and_leaves_the_live_maps_alone() {
     let mut lb = entry("lb", &backends);
     lb.kind = FrontendKind::LoadBalancer;
     lb.source_ranges = vec![IpPrefix { addr: Ipv4Addr::new(198, 51, 100, 0).into(), len: 24 }];
+    // An IPv6 ClusterIP too, with an IPv6 backend.
+    let mut web6 = entry("web6", &[]);
+    web6.backends = vec![BackendAddr { addr: BACKEND6.into(), port: 8080, local: true, terminating: false }];
     let s = state(vec![
         (frontend(VIP, 80, Protocol::Tcp), entry("web", &backends)),
         (FrontendKey { addr: LB_IP.into(), port: 80, proto: Protocol::Tcp, scope: Scope::External }, lb),
+        (FrontendKey { addr: VIP6.into(), port: 80, proto: Protocol::Tcp, scope: Scope::Internal }, web6),
     ]);
     let r = dp.syncer.apply(&s);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
@@ -76,6 +82,15 @@ fn trace_reports_and_leaves_the_live_maps_alone() {
     assert!(drop["action"].as_str().unwrap().starts_with("XDP_DROP"));
     let allowed = trace(&dp, &["--from", "198.51.100.7:5000", "--to", "203.0.113.20:80", "--syn", "--at", "uplink"]);
     assert_eq!(allowed["verdict"], "new_flow", "{allowed:#}");
+
+    // IPv6: a frame built with [addr]:port, through the IPv6 maps, live maps still untouched.
+    let hit6 = trace(&dp, &["--from", "[fd00:10:244::5]:41000", "--to", "[fd00:96::10]:80", "--syn"]);
+    assert_eq!(hit6["verdict"], "new_flow", "{hit6:#}");
+    assert_eq!(hit6["frontend"]["service"], "default/web6");
+    assert_eq!(hit6["output"]["dst"], "[fd00:244:1::1]:8080", "{hit6:#}");
+    assert_eq!(hit6["output"]["checksums_valid"], true);
+    let miss6 = trace(&dp, &["--from", "[fd00:10:244::5]:41000", "--to", "[fd00:96::11]:80", "--syn"]);
+    assert_eq!((miss6["verdict"].as_str(), miss6["untouched"].as_bool()), (Some("pass"), Some(true)), "{miss6:#}");
 
     // Text output names the same facts.
     let root = dp.pins.0.to_str().unwrap();
