@@ -453,10 +453,8 @@ impl Seeds {
             }
             Err(_) => None,
         };
-        // A tracked flow's backend, for the reply and established paths.
-        for id in svc_ids.iter().copied() {
-            self.copy_backends_of_ct::<A>(&priv_ct, id)?;
-        }
+        // The tracked flows' backends, for the reply and established paths.
+        self.copy_backends_of_ct::<A>(&priv_ct)?;
         Ok(frontend.or_else(|| svc_ids.first().map(|id| (*id, String::from("(of the tracked flow)")))))
     }
 
@@ -483,7 +481,6 @@ impl Seeds {
     fn copy_backends_of_ct<A: MapAddr>(
         &self,
         priv_ct: &HashMap<MapData, CtKey<A>, CtValue<A>>,
-        _svc: u32,
     ) -> Result<(), TraceError>
     where
         Backend<A>: Pod,
