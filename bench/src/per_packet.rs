@@ -70,24 +70,16 @@ fn ack_frame(src: (IpAddr, u16), dst: (IpAddr, u16)) -> Vec<u8> {
     v
 }
 
-/// Destination (address, port) of a frame of either family.
-fn dst_of(frame: &[u8]) -> (IpAddr, u16) {
+/// (source, destination) as (address, port) of a frame of either family.
+fn ends(frame: &[u8]) -> ((IpAddr, u16), (IpAddr, u16)) {
+    let ip = |(a, p): (std::net::Ipv4Addr, u16)| (IpAddr::from(a), p);
+    let ip6 = |(a, p): (Ipv6Addr, u16)| (IpAddr::from(a), p);
     if frame[12..14] == [0x86, 0xdd] {
-        let d = decode6(frame).dst;
-        (d.0.into(), d.1)
+        let d = decode6(frame);
+        (ip6(d.src), ip6(d.dst))
     } else {
-        let d = decode(frame).dst;
-        (d.0.into(), d.1)
-    }
-}
-
-fn src_of(frame: &[u8]) -> (IpAddr, u16) {
-    if frame[12..14] == [0x86, 0xdd] {
-        let d = decode6(frame).src;
-        (d.0.into(), d.1)
-    } else {
-        let d = decode(frame).src;
-        (d.0.into(), d.1)
+        let d = decode(frame);
+        (ip(d.src), ip(d.dst))
     }
 }
 
@@ -269,13 +261,13 @@ fn prime(dp: &mut Dataplane, n: usize, v6: bool) -> Result<Fam> {
     let client = (fam(CLIENT, v6), CLIENT_PORT);
     let to_a = ack_frame(client, (a, rules::SVC_PORT));
     let (_, out) = dp.run(FROM_POD, &to_a)?;
-    ensure!(dst_of(&out) == (b, MIRROR_PORT), "A:80 not DNATed to B:8080: {:?}", dst_of(&out));
+    ensure!(ends(&out).1 == (b, MIRROR_PORT), "A:80 not DNATed to B:8080: {:?}", ends(&out));
     let (_, out) = dp.run(FROM_POD, &ack_frame(client, (b, MIRROR_PORT)))?;
-    ensure!(dst_of(&out) == (a, rules::SVC_PORT), "B:8080 not DNATed to A:80");
+    ensure!(ends(&out).1 == (a, rules::SVC_PORT), "B:8080 not DNATed to A:80");
     // The reply of those flows entering the client pod: B:8080 -> client, reverse NAT.
     let reply = ack_frame((b, MIRROR_PORT), client);
     let (_, out) = dp.run(TO_POD, &reply)?;
-    ensure!(src_of(&out) == (a, rules::SVC_PORT), "reply not reverse-NATed: {:?}", src_of(&out));
+    ensure!(ends(&out).0 == (a, rules::SVC_PORT), "reply not reverse-NATed: {:?}", ends(&out));
     // A destination that is not a service (conntrack miss, service miss).
     let miss = ack_frame(client, (fam(Ipv4Addr::new(10, 244, 9, 9), v6), 9999));
     Ok(Fam { v6, ids, to_a, reply, miss, hit: vec![], miss_ns: vec![], reply_ns: vec![] })
