@@ -48,6 +48,12 @@ fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
 }
 
+/// `--node-name`, else this host's name (what the DaemonSet's Downward API gives is the
+/// same), else "localhost". Shared by the agent and the operator commands.
+pub fn node_name(flag: Option<&str>) -> String {
+    flag.map(str::to_string).or_else(hostname).unwrap_or_else(|| "localhost".into())
+}
+
 /// Ask the kernel to resolve the next hops XDP found no neighbour entry for. Polled: the
 /// map is tiny and usually empty, and a miss costs the client one retransmission anyway.
 async fn neighbour_resolver(mut maps: NodeMaps) {
@@ -421,7 +427,7 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
-    let node_name = args.node_name.clone().or_else(hostname).unwrap_or_else(|| "localhost".into());
+    let node_name = node_name(args.source.node_name.as_deref());
     // No privileges: one clear line before anything is created.
     loader::check_privileges().context("loading the eBPF datapath")?;
     // A start that fails from here on removes the pin directory if it created it (the
@@ -515,13 +521,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     tokio::spawn(attacher.run(lrx));
 
     let (stx, mut srx) = unbounded_channel();
-    let source = match &args.manifests {
+    let source = match &args.source.manifests {
         Some(dir) => {
             info!(dir = %dir.display(), "reading objects from manifests");
             Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
         }
         None => {
-            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let client = kube_client(args.source.kubeconfig.as_deref()).await?;
             Source::Kube(Arc::new(crate::source::kube::start(client, &node_name, stx)))
         }
     };
@@ -549,9 +555,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         bpffs_root: args.bpffs_root.clone(),
     };
     created_root.keep();
-    // Periodic verify; with 0 the timer never fires.
-    let verify_every =
-        Duration::from_secs(if args.verify_interval_secs == 0 { 86_400 * 365 } else { args.verify_interval_secs });
+    // Periodic verify (the select branch below is disabled when the interval is 0).
+    let verify_every = Duration::from_secs(args.verify_interval_secs.max(1));
     let mut verify_tick = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
     let delay = Duration::from_millis(args.sync_delay_ms);
     let mut synced: HashSet<Resource> = HashSet::new();
@@ -565,10 +570,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 None => break,
             },
             _ = &mut shutdown => break,
-            _ = verify_tick.tick() => {
-                if args.verify_interval_secs > 0 {
-                    lp.verify();
-                }
+            // 0 turns the periodic verify off: the branch is never polled.
+            _ = verify_tick.tick(), if args.verify_interval_secs > 0 => {
+                lp.verify();
                 continue;
             }
         }

@@ -89,16 +89,20 @@ pub struct ShowArgs {
     pub output: OutputFormat,
 }
 
-/// Where the operator commands read Kubernetes objects from (as the agent does).
+/// Where Kubernetes objects come from: the agent's flags, shared by the operator commands
+/// that judge the same objects (`explain`, `verify`).
 #[derive(Debug, Args)]
 pub struct ObjectSourceArgs {
-    /// Read Service, EndpointSlice and Node YAML from this directory instead of the API.
+    /// Read Service, EndpointSlice and Node YAML from this directory (the agent reloads it
+    /// on change) instead of the Kubernetes API. The embedded default for one machine.
     #[arg(long)]
     pub manifests: Option<PathBuf>,
-    /// Kubeconfig file; without it (and without --manifests) the default / in-cluster config.
+    /// Kubeconfig file; without it (and without --manifests) the in-cluster / default config
+    /// is used. Ignored when --manifests is given.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// The node to judge for (locality, zone, node addresses).
+    /// This node's name (set from the Downward API in the DaemonSet): locality, zone and
+    /// node addresses are judged for it. Default: the host name.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
 }
@@ -154,17 +158,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Read Service and EndpointSlice YAML from this directory (reloaded on change) instead
-    /// of the Kubernetes API. The embedded default for running on one machine.
-    #[arg(long)]
-    pub manifests: Option<PathBuf>,
-    /// Kubeconfig file; without it (and without --manifests) the in-cluster config is used.
-    /// Ignored when --manifests is given.
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-    /// This node's name (set from the Downward API in the DaemonSet).
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
+    #[command(flatten)]
+    pub source: ObjectSourceArgs,
     /// bpffs directory for pinned maps, programs and links.
     #[arg(long, env = "EBPF_PROXY_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
     pub bpffs_root: PathBuf,

@@ -58,16 +58,10 @@ fn run_cleanup(args: &CleanupArgs) -> Result<()> {
     Ok(())
 }
 
-fn node_name(n: &Option<String>) -> String {
-    n.clone()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
-        .unwrap_or_else(|| "localhost".into())
-}
-
 /// `Ok(true)`: drift.
 fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     use proxy_userspace::sync::{MapStore, Syncer, verify::verify};
-    let node = node_name(&a.source.node_name);
+    let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
     let objects =
         proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
     let (info, _) = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &a.nodeport_addresses);
@@ -90,7 +84,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
 
 fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
     let (namespace, name) = a.service.split_once('/').context("the Service is namespace/name")?;
-    let node = node_name(&a.source.node_name);
+    let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
     let objects =
         proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
     let (info, _) = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);

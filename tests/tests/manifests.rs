@@ -316,7 +316,7 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{origin}: the agent rejects {argv:?}:\n{e}"));
     let CliCommand::Agent(args) = cli.command else { panic!("{origin}: {argv:?} is not `ebpf-proxy agent`") };
     assert!(
-        args.manifests.is_none() && args.kubeconfig.is_none(),
+        args.source.manifests.is_none() && args.source.kubeconfig.is_none(),
         "{origin}: the DaemonSet must use the in-cluster config"
     );
     assert!(
