@@ -1,0 +1,134 @@
+//! Which endpoints become backends of a frontend (readiness, terminating, topology).
+use super::*;
+
+/// One endpoint resolved to a concrete backend port.
+pub(super) struct PortEndpoint {
+    pub(super) addr: IpAddr,
+    pub(super) port: u16,
+    pub(super) ep: ParsedEndpoint,
+}
+
+impl PortEndpoint {
+    pub(super) fn backend(&self, terminating: bool) -> BackendAddr {
+        BackendAddr { addr: self.addr, port: self.port, local: self.ep.local, terminating }
+    }
+}
+
+/// Endpoints of `port` from the slices of `family`: the slice port with the same name and
+/// protocol gives the backend port; duplicates (same IP:port, e.g. while moving between
+/// slices) merge.
+pub(super) fn endpoints_for_port(group: &ServiceEndpoints, port: &ParsedPort, family: IpFamily) -> Vec<PortEndpoint> {
+    let mut merged: BTreeMap<(IpAddr, u16), ParsedEndpoint> = BTreeMap::new();
+    for slice in group.slices.iter().filter(|s| s.family == family) {
+        let matching = slice.ports.iter().filter(|sp| sp.name == port.name && sp.proto == port.proto);
+        for slice_port in matching {
+            for ep in &slice.endpoints {
+                match merged.entry((ep.addr, slice_port.port)) {
+                    Entry::Vacant(v) => {
+                        v.insert(*ep);
+                    }
+                    // Upstream prefers the non-terminating copy (an IP reused by a new pod
+                    // before the old one is gone); ranking all flags keeps it order-independent.
+                    Entry::Occupied(mut o) => {
+                        if preference(ep) > preference(o.get()) {
+                            o.insert(*ep);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    merged.into_iter().map(|((addr, port), ep)| PortEndpoint { addr, port, ep }).collect()
+}
+
+pub(super) fn preference(ep: &ParsedEndpoint) -> (bool, bool, bool, bool) {
+    (!ep.terminating, ep.ready, ep.serving, ep.local)
+}
+
+/// Topology-aware routing for cluster-policy traffic, as upstream's `topologyModeFromHints`
+/// (pkg/proxy/topology.go) decides it from the ready endpoints' hints: same node when every
+/// ready endpoint has node hints and one is for this node (trafficDistribution
+/// PreferSameNode); otherwise same zone when every ready endpoint has zone hints and one is
+/// for this node's zone (PreferSameZone / PreferClose, topology-mode Auto); otherwise none.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Topology {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+pub(super) fn topology_mode<'a>(endpoints: impl Iterator<Item = &'a PortEndpoint>) -> Topology {
+    let (mut all_node, mut node_here, mut all_zone, mut zone_here) = (true, false, true, false);
+    for e in endpoints.filter(|e| e.ep.ready) {
+        all_node &= e.ep.node_hint != Hint::Absent;
+        node_here |= e.ep.node_hint == Hint::Here;
+        all_zone &= e.ep.zone_hint != Hint::Absent;
+        zone_here |= e.ep.zone_hint == Hint::Here;
+    }
+    if all_node && node_here {
+        Topology::SameNode
+    } else if all_zone && zone_here {
+        Topology::SameZone
+    } else {
+        Topology::Any
+    }
+}
+
+impl Topology {
+    pub(super) fn describe(self) -> &'static str {
+        match self {
+            Topology::Any => "all endpoints",
+            Topology::SameNode => "this node's endpoints (node hints)",
+            Topology::SameZone => "this zone's endpoints (zone hints)",
+        }
+    }
+
+    pub(super) fn allows(self, ep: &ParsedEndpoint) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameNode => ep.node_hint == Hint::Here,
+            Topology::SameZone => ep.zone_hint == Hint::Here,
+        }
+    }
+}
+
+/// kube-proxy's choice for one endpoint among a set: the ready ones (that `topology`
+/// allows), or — when none is (`ready_in_use` false) — the ones still serving while
+/// terminating, so connections drain instead of being dropped (topology no longer matters
+/// then, as upstream: a mode is only chosen when a ready endpoint fits it). The one place
+/// this rule is written: `select_backends` picks with it, `explain` reports it.
+pub(super) fn choose(ep: &ParsedEndpoint, topology: Topology, ready_in_use: bool) -> Reason {
+    if !ready_in_use {
+        return if ep.serving && ep.terminating { Reason::TerminatingFallback } else { Reason::NotReady };
+    }
+    if !ep.ready {
+        return if ep.terminating { Reason::Terminating } else { Reason::NotReady };
+    }
+    match topology {
+        Topology::SameNode if ep.node_hint != Hint::Here => Reason::OtherNodeByHints,
+        Topology::SameZone if ep.zone_hint != Hint::Here => Reason::OtherZoneByHints,
+        _ => Reason::Backend,
+    }
+}
+
+pub(super) fn ready_in_use<'a>(mut endpoints: impl Iterator<Item = &'a PortEndpoint>, topology: Topology) -> bool {
+    endpoints.any(|e| e.ep.ready && topology.allows(&e.ep))
+}
+
+/// The backends among `endpoints` (see `choose`).
+pub(super) fn select_backends<'a>(
+    endpoints: impl Iterator<Item = &'a PortEndpoint> + Clone,
+    topology: Topology,
+) -> Vec<BackendAddr> {
+    let in_use = ready_in_use(endpoints.clone(), topology);
+    let mut chosen: Vec<BackendAddr> = endpoints
+        .filter_map(|e| match choose(&e.ep, topology, in_use) {
+            Reason::Backend => Some(e.backend(false)),
+            Reason::TerminatingFallback => Some(e.backend(true)),
+            _ => None,
+        })
+        .collect();
+    chosen.sort();
+    chosen.dedup();
+    chosen
+}

@@ -1,0 +1,179 @@
+//! Frontends: each Service port expanded into candidate frontends, and the claims that
+//! resolve two Services asking for one address.
+use super::*;
+
+/// One frontend address of one service port, with its entry for each scope it is served in.
+pub(super) struct Candidate {
+    pub(super) addr: IpAddr,
+    pub(super) port: u16,
+    pub(super) proto: Protocol,
+    pub(super) kind: FrontendKind,
+    pub(super) owner: ObjectId,
+    pub(super) internal: FrontendEntry,
+    pub(super) external: Option<FrontendEntry>,
+}
+
+pub(super) fn expand_service(
+    id: &ObjectId,
+    svc: &ParsedService,
+    endpoints: Option<&ServiceEndpoints>,
+    node: &NodeInfo,
+) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for port in &svc.ports {
+        // One pass per family the Service has a clusterIP of, as upstream's per-family
+        // proxiers: each sees only its family's endpoints, addresses and source ranges.
+        for &family in &svc.families {
+            expand_port(id, svc, port, family, endpoints, node, &mut out);
+        }
+    }
+    out
+}
+
+pub(super) fn expand_port(
+    id: &ObjectId,
+    svc: &ParsedService,
+    port: &ParsedPort,
+    family: IpFamily,
+    endpoints: Option<&ServiceEndpoints>,
+    node: &NodeInfo,
+    out: &mut Vec<Candidate>,
+) {
+    let port_eps = endpoints.map(|g| endpoints_for_port(g, port, family)).unwrap_or_default();
+    // Cluster policy follows the topology hints; Local policies ignore them, as
+    // upstream's CategorizeEndpoints does, and redo the ready/terminating choice among
+    // local endpoints only.
+    let cluster = select_backends(port_eps.iter(), topology_mode(port_eps.iter()));
+    let local = select_backends(port_eps.iter().filter(|e| e.ep.local), Topology::Any);
+
+    let service =
+        ServicePortName { namespace: id.namespace.clone(), name: id.name.clone(), port_name: port.name.clone() };
+    let entry = |kind, backends: &[BackendAddr], local_only, ranges: &[IpPrefix]| FrontendEntry {
+        service: service.clone(),
+        kind,
+        backends: backends.to_vec(),
+        affinity_timeout: svc.affinity_timeout,
+        local_only,
+        source_ranges: ranges.to_vec(),
+    };
+    let candidate = |kind, addr, port_number, internal, external| Candidate {
+        addr,
+        port: port_number,
+        proto: port.proto,
+        kind,
+        owner: id.clone(),
+        internal,
+        external,
+    };
+
+    // internalTrafficPolicy applies to the clusterIP only.
+    let (internal_backends, internal_local) = if svc.internal_local { (&local, true) } else { (&cluster, false) };
+    for &ip in svc.cluster_ips.iter().filter(|ip| IpFamily::of(**ip) == family) {
+        let internal = entry(FrontendKind::ClusterIP, internal_backends, internal_local, &[]);
+        out.push(candidate(FrontendKind::ClusterIP, ip, port.port, internal, None));
+    }
+
+    // A range of the other family never constrains this family's frontends: with only
+    // ranges of the other family, this family's LB IPs are open (upstream's
+    // `MapCIDRsByIPFamily` leaves the proxier no ranges, hence no firewall chain).
+    let family_ranges: Vec<IpPrefix> = svc.source_ranges.iter().filter(|r| r.family() == family).copied().collect();
+    // externalTrafficPolicy applies to traffic from outside; pods reaching an external
+    // destination are short-circuited to all cluster endpoints, as upstream does.
+    let (external_backends, external_local) = if svc.external_local { (&local, true) } else { (&cluster, false) };
+    for (kind, addr, port_number) in external_destinations(svc, port, node, family) {
+        let ranges: &[IpPrefix] = if kind == FrontendKind::LoadBalancer { &family_ranges } else { &[] };
+        // loadBalancerSourceRanges apply to every source, pods included: upstream's
+        // firewall chain drops a pod outside the ranges on its way to the LB IP (its
+        // NodePort and ClusterIP stay open to it).
+        let internal = entry(kind, &cluster, false, ranges);
+        let external = entry(kind, external_backends, external_local, ranges);
+        out.push(candidate(kind, addr, port_number, internal, Some(external)));
+    }
+}
+
+/// NodePorts on the node's addresses, externalIPs, and load-balancer IPs of one port, in
+/// `family`.
+pub(super) fn external_destinations(
+    svc: &ParsedService,
+    port: &ParsedPort,
+    node: &NodeInfo,
+    family: IpFamily,
+) -> Vec<(FrontendKind, IpAddr, u16)> {
+    let of_family = |ip: &&IpAddr| IpFamily::of(**ip) == family;
+    let mut out = Vec::new();
+    let has_node_ports = matches!(svc.svc_type, ServiceType::NodePort | ServiceType::LoadBalancer);
+    if let Some(node_port) = port.node_port.filter(|_| has_node_ports) {
+        let mut addrs = Vec::new();
+        for &addr in node.nodeport_addrs.iter().filter(of_family) {
+            push_unique(&mut addrs, addr);
+        }
+        out.extend(addrs.into_iter().map(|a| (FrontendKind::NodePort, a, node_port)));
+    }
+    out.extend(svc.external_ips.iter().filter(of_family).map(|&ip| (FrontendKind::ExternalIP, ip, port.port)));
+    out.extend(svc.lb_ips.iter().filter(of_family).map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)));
+    out
+}
+
+/// Which frontend keeps an `addr:port/proto` two frontends both ask for. Addresses the
+/// cluster allocates (clusterIPs, then nodePorts on node addresses, then LB status set by a
+/// controller) beat user-chosen externalIPs, so an externalIP cannot hijack another service's
+/// clusterIP (CVE-2020-8554) whatever the namespace/name order.
+pub(super) fn claim_priority(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIP => 0,
+        FrontendKind::NodePort => 1,
+        FrontendKind::LoadBalancer => 2,
+        FrontendKind::ExternalIP => 3,
+    }
+}
+
+/// Build the desired state: first claim of an `addr:port/proto` wins, in both scopes, by
+/// priority, then the service that holds it now (`claims`), then service namespace/name;
+/// losers get one warning per service. The holder goes before newcomers so that adding a
+/// Service never moves a live address (and its connections) to another Service; the
+/// priority still goes first so that an externalIP squatting on a clusterIP before that
+/// Service existed does not keep it.
+pub(super) fn claim_frontends(
+    mut candidates: Vec<Candidate>,
+    claims: &Claims,
+    warnings: &mut Warnings,
+) -> DesiredState {
+    let holds = |c: &Candidate| {
+        let key = ClaimKey { addr: c.addr, port: c.port, proto: c.proto };
+        claims.get(&key).is_some_and(|h| h.namespace == c.owner.namespace && h.name == c.owner.name)
+    };
+    // Stable sort: within a priority and holding, candidates stay in service order.
+    candidates.sort_by_cached_key(|c| (claim_priority(c.kind), !holds(c)));
+    let mut state = DesiredState::default();
+    let mut owners: BTreeMap<(IpAddr, u16, Protocol), (ObjectId, FrontendKind, bool)> = BTreeMap::new();
+    let mut conflicts: BTreeMap<ObjectId, Vec<String>> = BTreeMap::new();
+    for c in candidates {
+        let held = holds(&c);
+        match owners.entry((c.addr, c.port, c.proto)) {
+            Entry::Occupied(o) => {
+                let (winner, winner_kind, winner_held) = o.get();
+                let programmed = if *winner_held { ", already programmed" } else { "" };
+                conflicts.entry(c.owner).or_default().push(format!(
+                    "{}/{} ({:?}, used by {:?} of {}{programmed})",
+                    SocketAddr::new(c.addr, c.port),
+                    c.proto,
+                    c.kind,
+                    winner_kind,
+                    winner
+                ));
+            }
+            Entry::Vacant(v) => {
+                v.insert((c.owner, c.kind, held));
+                let key = |scope| FrontendKey { addr: c.addr, port: c.port, proto: c.proto, scope };
+                state.frontends.insert(key(Scope::Internal), c.internal);
+                if let Some(external) = c.external {
+                    state.frontends.insert(key(Scope::External), external);
+                }
+            }
+        }
+    }
+    for (owner, lost) in conflicts {
+        warnings.push(KIND_SERVICE, owner.to_string(), Problem::Conflict(lost.join(", ")));
+    }
+    state
+}

@@ -1,0 +1,213 @@
+//! The translation itself. See the module docs of `model`.
+//!
+//! Pipeline:
+//! 1. parse every EndpointSlice once, grouped by the Service it belongs to (so a bad slice
+//!    warns once, not once per service port);
+//! 2. parse every Service in namespace/name order and expand each port into candidate
+//!    frontends (both scopes) with their backends, per kube-proxy's traffic-policy rules;
+//! 3. claim frontend addresses in a fixed priority order, so that two services asking for
+//!    the same `addr:port/proto` resolve the same way on every node and every sync; within a
+//!    priority, the service that holds the address now (`Claims`, an input) keeps it;
+//! 4. warn about slices that silently give no endpoints (no service-name label, naming no
+//!    Service, or ports no Service port matches).
+//!
+//! Dual-stack follows upstream's MetaProxier, which runs one proxier per IP family over the
+//! same objects: a Service is served in each family it has a clusterIP of, and in that
+//! family only with that family's externalIPs, load-balancer IPs, source ranges, node
+//! addresses and EndpointSlices (`addressType` IPv4 or IPv6). `ipFamilyPolicy` only tells
+//! the API server what to allocate; like kube-proxy, the translation reads what was
+//! allocated (`clusterIPs`, checked against `ipFamilies`).
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::types::{
+    BackendAddr, ClaimKey, Claims, DesiredState, EndpointVerdict, Explanation, FrontendEntry, FrontendKey,
+    FrontendKind, FrontendView, HealthCheck, IpFamily, IpPrefix, NodeInfo, Protocol, Reason, Scope, ServicePortName,
+    Warning,
+};
+
+mod backends;
+mod explain;
+mod frontends;
+mod problems;
+mod services;
+mod slices;
+#[cfg(test)]
+mod tests;
+
+use backends::*;
+pub use explain::explain;
+use frontends::*;
+use problems::*;
+use services::*;
+use slices::*;
+
+/// Services carrying this label belong to another proxy (upstream filters them out).
+const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Joins an EndpointSlice to its Service.
+const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Legacy spelling of `spec.loadBalancerSourceRanges`, used when the field is empty.
+const ANNOTATION_LB_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum (API defaults).
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+const MAX_AFFINITY_TIMEOUT: u32 = 86400;
+
+const KIND_SERVICE: &str = "Service";
+const KIND_SLICE: &str = "EndpointSlice";
+
+/// Translate every Service with its EndpointSlices into the desired frontends for `node`,
+/// with nothing programmed yet (see `translate_with_claims`).
+pub fn translate(
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
+    node: &NodeInfo,
+) -> (DesiredState, Vec<Warning>) {
+    translate_with_claims(services, slices, node, &Claims::new())
+}
+
+/// Translate every Service with its EndpointSlices into the desired frontends for `node`.
+/// `claims` says which Service holds each frontend address in the maps now: on a conflict
+/// it keeps the address. Malformed objects produce one `Warning` each and are skipped; the
+/// rest still translate. Objects may be shared (`Arc<Service>`): nothing is cloned.
+pub fn translate_with_claims(
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
+    node: &NodeInfo,
+    claims: &Claims,
+) -> (DesiredState, Vec<Warning>) {
+    let services: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
+    let slices: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
+    let mut warnings = Warnings::default();
+    let endpoints = index_slices(&slices, node, &mut warnings);
+
+    let mut candidates = Vec::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    // Every Service present, programmed or not: a slice of a skipped (headless, other
+    // proxy's) Service is not an orphan.
+    let mut present: BTreeSet<ObjectId> = BTreeSet::new();
+    for svc in sorted_by_name(&services, |s| &s.metadata) {
+        let Some(id) = ObjectId::from_meta(&svc.metadata) else {
+            warnings.push(KIND_SERVICE, missing_id(&svc.metadata), Problem::MissingMetadata);
+            continue;
+        };
+        present.insert(id.clone());
+        let parsed = match parse_service(svc) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => continue,
+            Err(problem) => {
+                warnings.push(KIND_SERVICE, id.to_string(), problem);
+                continue;
+            }
+        };
+        let svc_endpoints = endpoints.get(&id);
+        for problem in parsed.notes.iter().cloned() {
+            warnings.push(KIND_SERVICE, id.to_string(), problem);
+        }
+        if let Some(group) = svc_endpoints {
+            warn_unmatched_slice_ports(&id, &parsed, group, &mut warnings);
+        }
+        candidates.extend(expand_service(&id, &parsed, svc_endpoints, node));
+        if let Some(port) = parsed.health_check_node_port {
+            let check = HealthCheck {
+                namespace: id.namespace.clone(),
+                name: id.name.clone(),
+                local_endpoints: local_ready_endpoints(&parsed, svc_endpoints),
+            };
+            // The API server allocates these uniquely; two services claiming one port can
+            // only come from hand-written objects. First in namespace/name order wins.
+            match health_checks.entry(port) {
+                Entry::Vacant(v) => {
+                    v.insert(check);
+                }
+                Entry::Occupied(o) => warnings.push(
+                    KIND_SERVICE,
+                    id.to_string(),
+                    Problem::HealthCheckConflict { port, owner: format!("{}/{}", o.get().namespace, o.get().name) },
+                ),
+            }
+        }
+    }
+
+    warn_orphan_slices(&endpoints, &present, &mut warnings);
+
+    let mut state = claim_frontends(candidates, claims, &mut warnings);
+    state.health_checks = health_checks;
+    (state, warnings.0)
+}
+
+/// A slice port that no port of its Service matches (by name and protocol) gives that
+/// Service no endpoints, silently: a typo in a hand-written slice. One warning per slice.
+fn warn_unmatched_slice_ports(
+    service: &ObjectId,
+    svc: &ParsedService,
+    group: &ServiceEndpoints,
+    warnings: &mut Warnings,
+) {
+    for slice in &group.slices {
+        let unmatched: Vec<String> = slice
+            .ports
+            .iter()
+            .filter(|sp| !svc.ports.iter().any(|p| p.name == sp.name && p.proto == sp.proto))
+            .map(|sp| format!("{:?}/{}", sp.name, sp.proto))
+            .collect();
+        if !unmatched.is_empty() {
+            let service_ports =
+                svc.ports.iter().map(|p| format!("{:?}/{}", p.name, p.proto)).collect::<Vec<_>>().join(", ");
+            warnings.push(
+                KIND_SLICE,
+                slice.id.to_string(),
+                Problem::SlicePortsUnmatched {
+                    ports: unmatched.join(", "),
+                    service: service.to_string(),
+                    service_ports,
+                },
+            );
+        }
+    }
+}
+
+/// Slices whose `kubernetes.io/service-name` names no Service in their namespace. Slices
+/// owned by a Service are left alone: their Service was just deleted and the garbage
+/// collector removes them.
+fn warn_orphan_slices(
+    endpoints: &BTreeMap<ObjectId, ServiceEndpoints>,
+    present: &BTreeSet<ObjectId>,
+    warnings: &mut Warnings,
+) {
+    for (service, group) in endpoints {
+        if present.contains(service) {
+            continue;
+        }
+        for slice in group.slices.iter().filter(|s| !s.owned_by_service) {
+            warnings.push(KIND_SLICE, slice.id.to_string(), Problem::NoSuchService(service.to_string()));
+        }
+    }
+}
+
+/// kube-proxy's count for the health check: distinct addresses of this node's ready
+/// endpoints over the service's ports (a pod serving two ports counts once). A dual-stack
+/// Service counts its primary family (the first of its clusterIPs), so a dual-stack pod
+/// counts once, as each upstream proxier reports its own family's endpoints.
+fn local_ready_endpoints(svc: &ParsedService, endpoints: Option<&ServiceEndpoints>) -> usize {
+    let (Some(group), Some(&primary)) = (endpoints, svc.families.first()) else { return 0 };
+    let addrs: BTreeSet<IpAddr> = svc
+        .ports
+        .iter()
+        .flat_map(|port| endpoints_for_port(group, port, primary))
+        .filter(|e| e.ep.local && e.ep.ready)
+        .map(|e| e.addr)
+        .collect();
+    addrs.len()
+}
