@@ -28,10 +28,9 @@ pub fn explain(
         Err(problem) => return Err(format!("Service {wanted} is skipped: {problem}")),
     };
     let slices: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
-    let mut ignored = Warnings::default();
-    let index = index_slices(&slices, node, &mut ignored);
-    let empty = ServiceEndpoints::default();
-    let group = index.get(&wanted).unwrap_or(&empty);
+    let index = index_slices(&slices, node);
+    let group = ServiceEndpoints { slices: index.get(&wanted).into_iter().flatten().collect() };
+    let group = &group;
     let mut views = Vec::new();
     for port in &parsed.ports {
         for &family in &parsed.families {

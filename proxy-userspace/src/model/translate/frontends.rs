@@ -8,7 +8,6 @@ pub(super) struct Candidate {
     pub(super) port: u16,
     pub(super) proto: Protocol,
     pub(super) kind: FrontendKind,
-    pub(super) owner: ObjectId,
     pub(super) internal: FrontendEntry,
     pub(super) external: Option<FrontendEntry>,
 }
@@ -61,7 +60,6 @@ pub(super) fn expand_port(
         port: port_number,
         proto: port.proto,
         kind,
-        owner: id.clone(),
         internal,
         external,
     };
@@ -125,55 +123,4 @@ pub(super) fn claim_priority(kind: FrontendKind) -> u8 {
         FrontendKind::LoadBalancer => 2,
         FrontendKind::ExternalIP => 3,
     }
-}
-
-/// Build the desired state: first claim of an `addr:port/proto` wins, in both scopes, by
-/// priority, then the service that holds it now (`claims`), then service namespace/name;
-/// losers get one warning per service. The holder goes before newcomers so that adding a
-/// Service never moves a live address (and its connections) to another Service; the
-/// priority still goes first so that an externalIP squatting on a clusterIP before that
-/// Service existed does not keep it.
-pub(super) fn claim_frontends(
-    mut candidates: Vec<Candidate>,
-    claims: &Claims,
-    warnings: &mut Warnings,
-) -> DesiredState {
-    let holds = |c: &Candidate| {
-        let key = ClaimKey { addr: c.addr, port: c.port, proto: c.proto };
-        claims.get(&key).is_some_and(|h| h.namespace == c.owner.namespace && h.name == c.owner.name)
-    };
-    // Stable sort: within a priority and holding, candidates stay in service order.
-    candidates.sort_by_cached_key(|c| (claim_priority(c.kind), !holds(c)));
-    let mut state = DesiredState::default();
-    let mut owners: BTreeMap<(IpAddr, u16, Protocol), (ObjectId, FrontendKind, bool)> = BTreeMap::new();
-    let mut conflicts: BTreeMap<ObjectId, Vec<String>> = BTreeMap::new();
-    for c in candidates {
-        let held = holds(&c);
-        match owners.entry((c.addr, c.port, c.proto)) {
-            Entry::Occupied(o) => {
-                let (winner, winner_kind, winner_held) = o.get();
-                let programmed = if *winner_held { ", already programmed" } else { "" };
-                conflicts.entry(c.owner).or_default().push(format!(
-                    "{}/{} ({:?}, used by {:?} of {}{programmed})",
-                    SocketAddr::new(c.addr, c.port),
-                    c.proto,
-                    c.kind,
-                    winner_kind,
-                    winner
-                ));
-            }
-            Entry::Vacant(v) => {
-                v.insert((c.owner, c.kind, held));
-                let key = |scope| FrontendKey { addr: c.addr, port: c.port, proto: c.proto, scope };
-                state.frontends.insert(key(Scope::Internal), c.internal);
-                if let Some(external) = c.external {
-                    state.frontends.insert(key(Scope::External), external);
-                }
-            }
-        }
-    }
-    for (owner, lost) in conflicts {
-        warnings.push(KIND_SERVICE, owner.to_string(), Problem::Conflict(lost.join(", ")));
-    }
-    state
 }

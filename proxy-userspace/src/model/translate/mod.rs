@@ -44,6 +44,7 @@ mod frontends;
 mod problems;
 mod services;
 mod slices;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -53,6 +54,7 @@ use frontends::*;
 use problems::*;
 use services::*;
 use slices::*;
+pub use state::{ClaimSource, ObjectKey, Translator, object_key};
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -85,66 +87,18 @@ pub fn translate_with_claims(
     services: &[impl Borrow<Service>],
     slices: &[impl Borrow<EndpointSlice>],
     node: &NodeInfo,
-    claims: &Claims,
+    claims: &impl ClaimSource,
 ) -> (DesiredState, Vec<Warning>) {
-    let services: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
-    let slices: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
-    let mut warnings = Warnings::default();
-    let endpoints = index_slices(&slices, node, &mut warnings);
-
-    let mut candidates = Vec::new();
-    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
-    // Every Service present, programmed or not: a slice of a skipped (headless, other
-    // proxy's) Service is not an orphan.
-    let mut present: BTreeSet<ObjectId> = BTreeSet::new();
-    for svc in sorted_by_name(&services, |s| &s.metadata) {
-        let Some(id) = ObjectId::from_meta(&svc.metadata) else {
-            warnings.push(KIND_SERVICE, missing_id(&svc.metadata), Problem::MissingMetadata);
-            continue;
-        };
-        present.insert(id.clone());
-        let parsed = match parse_service(svc) {
-            Ok(Some(parsed)) => parsed,
-            Ok(None) => continue,
-            Err(problem) => {
-                warnings.push(KIND_SERVICE, id.to_string(), problem);
-                continue;
-            }
-        };
-        let svc_endpoints = endpoints.get(&id);
-        for problem in parsed.notes.iter().cloned() {
-            warnings.push(KIND_SERVICE, id.to_string(), problem);
-        }
-        if let Some(group) = svc_endpoints {
-            warn_unmatched_slice_ports(&id, &parsed, group, &mut warnings);
-        }
-        candidates.extend(expand_service(&id, &parsed, svc_endpoints, node));
-        if let Some(port) = parsed.health_check_node_port {
-            let check = HealthCheck {
-                namespace: id.namespace.clone(),
-                name: id.name.clone(),
-                local_endpoints: local_ready_endpoints(&parsed, svc_endpoints),
-            };
-            // The API server allocates these uniquely; two services claiming one port can
-            // only come from hand-written objects. First in namespace/name order wins.
-            match health_checks.entry(port) {
-                Entry::Vacant(v) => {
-                    v.insert(check);
-                }
-                Entry::Occupied(o) => warnings.push(
-                    KIND_SERVICE,
-                    id.to_string(),
-                    Problem::HealthCheckConflict { port, owner: format!("{}/{}", o.get().namespace, o.get().name) },
-                ),
-            }
-        }
+    let mut t = Translator::new(node.clone());
+    for svc in services {
+        t.upsert_service(svc.borrow());
     }
-
-    warn_orphan_slices(&endpoints, &present, &mut warnings);
-
-    let mut state = claim_frontends(candidates, claims, &mut warnings);
-    state.health_checks = health_checks;
-    (state, warnings.0)
+    for slice in slices {
+        t.upsert_slice(slice.borrow());
+    }
+    t.commit(claims);
+    let warnings = t.warnings();
+    (t.into_desired(), warnings)
 }
 
 /// A slice port that no port of its Service matches (by name and protocol) gives that
@@ -174,24 +128,6 @@ fn warn_unmatched_slice_ports(
                     service_ports,
                 },
             );
-        }
-    }
-}
-
-/// Slices whose `kubernetes.io/service-name` names no Service in their namespace. Slices
-/// owned by a Service are left alone: their Service was just deleted and the garbage
-/// collector removes them.
-fn warn_orphan_slices(
-    endpoints: &BTreeMap<ObjectId, ServiceEndpoints>,
-    present: &BTreeSet<ObjectId>,
-    warnings: &mut Warnings,
-) {
-    for (service, group) in endpoints {
-        if present.contains(service) {
-            continue;
-        }
-        for slice in group.slices.iter().filter(|s| !s.owned_by_service) {
-            warnings.push(KIND_SLICE, slice.id.to_string(), Problem::NoSuchService(service.to_string()));
         }
     }
 }

@@ -76,7 +76,7 @@ impl Warnings {
 }
 
 /// "namespace/name" of a Service or EndpointSlice; also the join key slice -> service.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct ObjectId {
     pub(super) namespace: String,
     pub(super) name: String,

@@ -1,10 +1,10 @@
 //! EndpointSlices: parsed once each, grouped by the Service they belong to.
 use super::*;
 
-/// All usable endpoint data of one Service, merged from its slices (both families).
+/// All usable endpoint data of one Service: its slices (both families), in name order.
 #[derive(Default)]
-pub(super) struct ServiceEndpoints {
-    pub(super) slices: Vec<ParsedSlice>,
+pub(super) struct ServiceEndpoints<'a> {
+    pub(super) slices: Vec<&'a ParsedSlice>,
 }
 
 pub(super) struct ParsedSlice {
@@ -17,6 +17,19 @@ pub(super) struct ParsedSlice {
     pub(super) owned_by_service: bool,
     pub(super) ports: Vec<SlicePort>,
     pub(super) endpoints: Vec<ParsedEndpoint>,
+    /// `hints.forZones` of each endpoint, by index; empty when no endpoint has any (the
+    /// usual case, no allocation). Kept so a change of the node's zone re-derives
+    /// `zone_hint` without the raw object.
+    pub(super) zones: Vec<Box<[Box<str>]>>,
+}
+
+impl ParsedSlice {
+    /// Re-derive every endpoint's `zone_hint` for a node in `zone`.
+    pub(super) fn rehint(&mut self, zone: Option<&str>) {
+        for (ep, names) in self.endpoints.iter_mut().zip(&self.zones) {
+            ep.zone_hint = Hint::of(Some(names.iter().map(|n| &**n)), zone);
+        }
+    }
 }
 
 pub(super) struct SlicePort {
@@ -60,40 +73,53 @@ impl Hint {
     }
 }
 
-/// Parse every slice once and group the results by owning Service.
-pub(super) fn index_slices(
-    slices: &[&EndpointSlice],
-    node: &NodeInfo,
-    warnings: &mut Warnings,
-) -> BTreeMap<ObjectId, ServiceEndpoints> {
-    let mut index: BTreeMap<ObjectId, ServiceEndpoints> = BTreeMap::new();
+/// One EndpointSlice as the translation keeps it: which Service it joins, its parsed
+/// endpoints, and the warnings it gives.
+pub(super) struct SliceParse {
+    /// The Service its `kubernetes.io/service-name` label names (same namespace).
+    pub(super) service: Option<ObjectId>,
+    /// `None` for FQDN slices, unknown address types and slices joining no Service.
+    pub(super) parsed: Option<ParsedSlice>,
+    pub(super) warnings: Vec<Warning>,
+}
+
+/// Parse one named slice (`id` from its metadata).
+pub(super) fn parse_slice_object(slice: &EndpointSlice, id: &ObjectId, node: &NodeInfo) -> SliceParse {
+    let mut warnings = Warnings::default();
+    // Without the label a slice joins no Service (upstream's EndpointSliceCache reports it
+    // as an error too): say so, instead of silently giving no endpoints.
+    let Some(service) = non_empty(label(&slice.metadata, LABEL_SERVICE_NAME)) else {
+        warnings.push(KIND_SLICE, id.to_string(), Problem::NoServiceNameLabel);
+        return SliceParse { service: None, parsed: None, warnings: warnings.0 };
+    };
+    let service = ObjectId { namespace: id.namespace.clone(), name: service.to_owned() };
+    let parsed = match IpFamily::from_k8s(&slice.address_type) {
+        Some(family) => {
+            let mut problems = Vec::new();
+            let parsed = parse_slice(slice, id, family, node, &mut problems);
+            for problem in problems {
+                warnings.push(KIND_SLICE, id.to_string(), problem);
+            }
+            Some(parsed)
+        }
+        // FQDN slices are for DNS, never proxied.
+        None if slice.address_type == "FQDN" => None,
+        None => {
+            warnings.push(KIND_SLICE, id.to_string(), Problem::UnknownAddressType(slice.address_type.clone()));
+            None
+        }
+    };
+    SliceParse { service: Some(service), parsed, warnings: warnings.0 }
+}
+
+/// Parse every slice once and group the results by owning Service (for `explain`).
+pub(super) fn index_slices(slices: &[&EndpointSlice], node: &NodeInfo) -> BTreeMap<ObjectId, Vec<ParsedSlice>> {
+    let mut index: BTreeMap<ObjectId, Vec<ParsedSlice>> = BTreeMap::new();
     for slice in sorted_by_name(slices, |s| &s.metadata) {
-        let Some(slice_id) = ObjectId::from_meta(&slice.metadata) else {
-            warnings.push(KIND_SLICE, missing_id(&slice.metadata), Problem::MissingMetadata);
-            continue;
-        };
-        // Without the label a slice joins no Service (upstream's EndpointSliceCache
-        // reports it as an error too): say so, instead of silently giving no endpoints.
-        let Some(service) = non_empty(label(&slice.metadata, LABEL_SERVICE_NAME)) else {
-            warnings.push(KIND_SLICE, slice_id.to_string(), Problem::NoServiceNameLabel);
-            continue;
-        };
-        let service_id = ObjectId { namespace: slice_id.namespace.clone(), name: service.to_owned() };
-        let group = index.entry(service_id).or_default();
-        match IpFamily::from_k8s(&slice.address_type) {
-            Some(family) => {
-                let mut problems = Vec::new();
-                let parsed = parse_slice(slice, &slice_id, family, node, &mut problems);
-                for problem in problems {
-                    warnings.push(KIND_SLICE, slice_id.to_string(), problem);
-                }
-                group.slices.push(parsed);
-            }
-            // FQDN slices are for DNS, never proxied.
-            None if slice.address_type == "FQDN" => {}
-            None => {
-                warnings.push(KIND_SLICE, slice_id.to_string(), Problem::UnknownAddressType(slice.address_type.clone()))
-            }
+        let Some(id) = ObjectId::from_meta(&slice.metadata) else { continue };
+        let p = parse_slice_object(slice, &id, node);
+        if let (Some(service), Some(parsed)) = (p.service, p.parsed) {
+            index.entry(service).or_default().push(parsed);
         }
     }
     index
@@ -118,20 +144,30 @@ pub(super) fn parse_slice(
             })
         })
         .collect();
-    let endpoints = slice
-        .endpoints
-        .iter()
-        .flatten()
-        .filter_map(|ep| match parse_endpoint(ep, family, node) {
-            Ok(parsed) => Some(parsed),
-            Err(problem) => {
-                problems.push(problem);
-                None
+    let mut endpoints = Vec::new();
+    let mut zones: Vec<Box<[Box<str>]>> = Vec::new();
+    for ep in slice.endpoints.iter().flatten() {
+        match parse_endpoint(ep, family, node) {
+            Ok(parsed) => {
+                let names: Box<[Box<str>]> = ep
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.as_str().into())
+                    .collect();
+                if !names.is_empty() && zones.is_empty() {
+                    zones.resize(endpoints.len(), Box::default());
+                }
+                if !names.is_empty() || !zones.is_empty() {
+                    zones.push(names);
+                }
+                endpoints.push(parsed);
             }
-        })
-        .collect();
+            Err(problem) => problems.push(problem),
+        }
+    }
     let owned_by_service = slice.metadata.owner_references.iter().flatten().any(|o| o.kind == KIND_SERVICE);
-    ParsedSlice { id: id.clone(), family, owned_by_service, ports, endpoints }
+    ParsedSlice { id: id.clone(), family, owned_by_service, ports, endpoints, zones }
 }
 
 /// `Ok(None)`: a port without a number, ignored like upstream does.

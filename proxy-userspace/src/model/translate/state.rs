@@ -1,0 +1,439 @@
+//! The translation kept up to date object by object.
+//!
+//! `Translator` holds the parsed form of every Service and EndpointSlice (only the fields
+//! the model reads; the API objects themselves are not kept) and, per Service, the result
+//! of translating it: its candidate frontends, its health check and its warnings. An
+//! object change marks the Services it touches (a slice touches the Service its label
+//! names, before and after the change); `commit` re-translates only those, re-resolves only
+//! the frontend addresses their candidates asked for (before or after), and returns the
+//! frontend keys whose desired entry changed. A full translation is the same code with
+//! every Service marked, so the two cannot disagree (the property test in `tests` checks
+//! it over random change sequences).
+//!
+//! Claims: two candidates for one `addr:port/proto` resolve exactly as the batch rule in
+//! `resolve` says (priority, then the Service holding it now, then
+//! namespace/name, then the order within the Service), evaluated when the address is
+//! re-resolved, i.e. whenever one of its claimants changed.
+use std::collections::HashMap;
+
+use super::*;
+
+/// Which Service holds each frontend address in the maps now: the translation's input for
+/// conflicts (`Claims`, or the sync's mirror of the maps, which answers without building a
+/// map of every address).
+pub trait ClaimSource {
+    /// Does Service `namespace/name` hold `key`?
+    fn holds(&self, key: &ClaimKey, namespace: &str, name: &str) -> bool;
+}
+
+impl ClaimSource for Claims {
+    fn holds(&self, key: &ClaimKey, namespace: &str, name: &str) -> bool {
+        self.get(key).is_some_and(|h| h.namespace == namespace && h.name == name)
+    }
+}
+
+/// What one Service contributes, recomputed when it or one of its slices changes.
+#[derive(Default)]
+struct ServiceState {
+    /// Upserted and not deleted since (a headless or other proxy's Service is present
+    /// without being translated: its slices are not orphans).
+    present: bool,
+    /// Parsed once per object change. `None`: present but not ours (headless, another
+    /// proxy's) or malformed (then `parse_warnings` says why).
+    parsed: Option<ParsedService>,
+    parse_warnings: Vec<Warning>,
+    candidates: Vec<Candidate>,
+    health: Option<(u16, HealthCheck)>,
+    /// Slice ports no port of this Service matches.
+    slice_warnings: Vec<Warning>,
+}
+
+struct SliceState {
+    service: Option<ObjectId>,
+    parsed: Option<ParsedSlice>,
+    warnings: Vec<Warning>,
+}
+
+/// A candidate's place in the claim order of its address: (priority, owner, index within
+/// the owner's candidates). Whether the owner holds the address now is looked up when the
+/// address is resolved.
+type Claimant = (u8, ObjectId, usize);
+
+/// The winner of an address: who, and whether it held the address when resolved.
+struct Winner {
+    owner: ObjectId,
+    index: usize,
+    held: bool,
+}
+
+/// The translation of every object seen so far, kept incrementally. See the module docs.
+pub struct Translator {
+    node: NodeInfo,
+    services: BTreeMap<ObjectId, ServiceState>,
+    slices: HashMap<ObjectId, SliceState>,
+    /// Slices by the Service their label names, in name order (whether or not it exists).
+    groups: HashMap<ObjectId, BTreeSet<ObjectId>>,
+    /// Objects without namespace or name: warned about, never translated.
+    unnamed: BTreeSet<(&'static str, String)>,
+    claimants: HashMap<ClaimKey, BTreeSet<Claimant>>,
+    winners: HashMap<ClaimKey, Winner>,
+    /// Addresses with more than one claimant (their losers are warned about).
+    contested: BTreeSet<ClaimKey>,
+    /// Health-check node port -> the Services asking for it, first wins.
+    health: BTreeMap<u16, BTreeSet<ObjectId>>,
+    desired: DesiredState,
+    dirty_services: BTreeSet<ObjectId>,
+    dirty_keys: BTreeSet<ClaimKey>,
+    dirty_health: BTreeSet<u16>,
+}
+
+impl Translator {
+    pub fn new(node: NodeInfo) -> Self {
+        Translator {
+            node,
+            services: BTreeMap::new(),
+            slices: HashMap::new(),
+            groups: HashMap::new(),
+            unnamed: BTreeSet::new(),
+            claimants: HashMap::new(),
+            winners: HashMap::new(),
+            contested: BTreeSet::new(),
+            health: BTreeMap::new(),
+            desired: DesiredState::default(),
+            dirty_services: BTreeSet::new(),
+            dirty_keys: BTreeSet::new(),
+            dirty_health: BTreeSet::new(),
+        }
+    }
+
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// The desired state as of the last `commit`.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    pub fn into_desired(self) -> DesiredState {
+        self.desired
+    }
+
+    /// Services and slices known.
+    pub fn object_counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+
+    /// The node's facts changed: every Service is re-expanded at the next `commit` (its
+    /// NodePort addresses or zone may differ); slices are re-hinted for a new zone. The
+    /// node's name is fixed for the translator's life (`local` was decided with it).
+    pub fn set_node(&mut self, node: NodeInfo) {
+        if node == self.node {
+            return;
+        }
+        if node.zone != self.node.zone {
+            for s in self.slices.values_mut() {
+                if let Some(p) = s.parsed.as_mut() {
+                    p.rehint(node.zone.as_deref());
+                }
+            }
+        }
+        self.node = NodeInfo { name: std::mem::take(&mut self.node.name), ..node };
+        self.dirty_services.extend(self.services.keys().cloned());
+    }
+
+    /// A Service was added or changed.
+    pub fn upsert_service(&mut self, svc: &Service) {
+        let Some(id) = ObjectId::from_meta(&svc.metadata) else {
+            self.unnamed.insert((KIND_SERVICE, missing_id(&svc.metadata)));
+            return;
+        };
+        let mut state = ServiceState { present: true, ..ServiceState::default() };
+        match parse_service(svc) {
+            Ok(Some(parsed)) => {
+                for problem in &parsed.notes {
+                    state.parse_warnings.push(warning(KIND_SERVICE, &id, problem.clone()));
+                }
+                state.parsed = Some(parsed);
+            }
+            Ok(None) => {}
+            Err(problem) => state.parse_warnings.push(warning(KIND_SERVICE, &id, problem)),
+        }
+        // The derived parts are recomputed at commit; keep the old ones until then so
+        // their claims can be withdrawn.
+        match self.services.get_mut(&id) {
+            Some(old) => {
+                old.present = true;
+                old.parsed = state.parsed;
+                old.parse_warnings = state.parse_warnings;
+            }
+            None => {
+                self.services.insert(id.clone(), state);
+            }
+        }
+        self.dirty_services.insert(id);
+    }
+
+    /// A Service was deleted.
+    pub fn delete_service(&mut self, namespace: &str, name: &str) {
+        let id = ObjectId { namespace: namespace.to_owned(), name: name.to_owned() };
+        if let Some(state) = self.services.get_mut(&id) {
+            // Emptied now, removed at commit once its claims are withdrawn.
+            state.present = false;
+            state.parsed = None;
+            state.parse_warnings.clear();
+            self.dirty_services.insert(id);
+        }
+    }
+
+    /// An EndpointSlice was added or changed.
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
+        let Some(id) = ObjectId::from_meta(&slice.metadata) else {
+            self.unnamed.insert((KIND_SLICE, missing_id(&slice.metadata)));
+            return;
+        };
+        let p = parse_slice_object(slice, &id, &self.node);
+        self.remove_slice(&id);
+        if let Some(service) = &p.service {
+            self.groups.entry(service.clone()).or_default().insert(id.clone());
+            self.dirty_services.insert(service.clone());
+        }
+        self.slices.insert(id, SliceState { service: p.service, parsed: p.parsed, warnings: p.warnings });
+    }
+
+    /// An EndpointSlice was deleted.
+    pub fn delete_slice(&mut self, namespace: &str, name: &str) {
+        self.remove_slice(&ObjectId { namespace: namespace.to_owned(), name: name.to_owned() });
+    }
+
+    fn remove_slice(&mut self, id: &ObjectId) {
+        let Some(old) = self.slices.remove(id) else { return };
+        if let Some(service) = old.service {
+            if let Some(group) = self.groups.get_mut(&service) {
+                group.remove(id);
+                if group.is_empty() {
+                    self.groups.remove(&service);
+                }
+            }
+            self.dirty_services.insert(service);
+        }
+    }
+
+    /// Forget the objects without namespace or name seen so far (a source that hands out
+    /// whole snapshots reports them again with each).
+    pub fn clear_unnamed(&mut self) {
+        self.unnamed.clear();
+    }
+
+    /// Re-translate what changed since the last commit. `claims` says who holds each
+    /// address now. Returns the frontend keys (both scopes) whose desired entry was added,
+    /// changed or removed, in key order.
+    pub fn commit(&mut self, claims: &impl ClaimSource) -> BTreeSet<FrontendKey> {
+        for id in std::mem::take(&mut self.dirty_services) {
+            self.retranslate(&id);
+        }
+        let mut changed = BTreeSet::new();
+        for key in std::mem::take(&mut self.dirty_keys) {
+            self.resolve(key, claims, &mut changed);
+        }
+        for port in std::mem::take(&mut self.dirty_health) {
+            self.resolve_health(port);
+        }
+        changed
+    }
+
+    /// Recompute one Service's candidates, health check and slice warnings from its parsed
+    /// form and its slices; withdraw its old claims and file the new ones.
+    fn retranslate(&mut self, id: &ObjectId) {
+        let Some(state) = self.services.get_mut(id) else { return };
+        for (index, c) in std::mem::take(&mut state.candidates).into_iter().enumerate() {
+            let key = ClaimKey { addr: c.addr, port: c.port, proto: c.proto };
+            if let Some(set) = self.claimants.get_mut(&key) {
+                set.remove(&(claim_priority(c.kind), id.clone(), index));
+                if set.is_empty() {
+                    self.claimants.remove(&key);
+                }
+            }
+            self.dirty_keys.insert(key);
+        }
+        if let Some((port, _)) = state.health.take() {
+            if let Some(set) = self.health.get_mut(&port) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.health.remove(&port);
+                }
+            }
+            self.dirty_health.insert(port);
+        }
+        state.slice_warnings.clear();
+
+        let group: Vec<&ParsedSlice> = self
+            .groups
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.slices.get(s).and_then(|s| s.parsed.as_ref()))
+            .collect();
+        let endpoints = (!group.is_empty()).then(|| ServiceEndpoints { slices: group });
+        if let Some(parsed) = &state.parsed {
+            if let Some(group) = &endpoints {
+                let mut w = Warnings::default();
+                warn_unmatched_slice_ports(id, parsed, group, &mut w);
+                state.slice_warnings = w.0;
+            }
+            state.candidates = expand_service(id, parsed, endpoints.as_ref(), &self.node);
+            if let Some(port) = parsed.health_check_node_port {
+                let check = HealthCheck {
+                    namespace: id.namespace.clone(),
+                    name: id.name.clone(),
+                    local_endpoints: local_ready_endpoints(parsed, endpoints.as_ref()),
+                };
+                state.health = Some((port, check));
+                self.health.entry(port).or_default().insert(id.clone());
+                self.dirty_health.insert(port);
+            }
+            for (index, c) in state.candidates.iter().enumerate() {
+                let key = ClaimKey { addr: c.addr, port: c.port, proto: c.proto };
+                self.claimants.entry(key).or_default().insert((claim_priority(c.kind), id.clone(), index));
+                self.dirty_keys.insert(key);
+            }
+        } else if !state.present {
+            self.services.remove(id);
+        }
+    }
+
+    /// Pick the winner of `key` among its claimants and update the desired frontends.
+    ///
+    /// First claim wins, in both scopes: by priority (`claim_priority`), then the Service
+    /// that holds it now (`claims`), then Service namespace/name, then the candidate's
+    /// order within its Service; losers get one warning per Service (`warnings`). The
+    /// holder goes before newcomers so that adding a Service never moves a live address
+    /// (and its connections) to another Service; the priority still goes first so that an
+    /// externalIP squatting on a clusterIP before that Service existed does not keep it.
+    fn resolve(&mut self, key: ClaimKey, claims: &impl ClaimSource, changed: &mut BTreeSet<FrontendKey>) {
+        let best = self.claimants.get(&key).and_then(|set| {
+            set.iter().min_by_key(|(prio, owner, index)| {
+                (*prio, !claims.holds(&key, &owner.namespace, &owner.name), owner, *index)
+            })
+        });
+        let fk = |scope| FrontendKey { addr: key.addr, port: key.port, proto: key.proto, scope };
+        let (internal, external) = match best {
+            Some((_, owner, index)) => {
+                let c = &self.services[owner].candidates[*index];
+                let held = claims.holds(&key, &owner.namespace, &owner.name);
+                self.winners.insert(key, Winner { owner: owner.clone(), index: *index, held });
+                (Some(&c.internal), c.external.as_ref())
+            }
+            None => {
+                self.winners.remove(&key);
+                (None, None)
+            }
+        };
+        if self.claimants.get(&key).is_some_and(|s| s.len() > 1) {
+            self.contested.insert(key);
+        } else {
+            self.contested.remove(&key);
+        }
+        for (scope, entry) in [(Scope::Internal, internal), (Scope::External, external)] {
+            let k = fk(scope);
+            match entry {
+                Some(e) if self.desired.frontends.get(&k) != Some(e) => {
+                    self.desired.frontends.insert(k, e.clone());
+                    changed.insert(k);
+                }
+                Some(_) => {}
+                None => {
+                    if self.desired.frontends.remove(&k).is_some() {
+                        changed.insert(k);
+                    }
+                }
+            }
+        }
+    }
+
+    fn resolve_health(&mut self, port: u16) {
+        let winner = self.health.get(&port).and_then(|set| set.first());
+        match winner.and_then(|id| self.services[id].health.as_ref()) {
+            Some((_, check)) => {
+                self.desired.health_checks.insert(port, check.clone());
+            }
+            None => {
+                self.desired.health_checks.remove(&port);
+            }
+        }
+    }
+
+    /// Every warning the objects give now (as of the last `commit`), grouped by object.
+    pub fn warnings(&self) -> Vec<Warning> {
+        let mut out: Vec<Warning> = self
+            .unnamed
+            .iter()
+            .map(|(kind, object)| Warning {
+                object: object.clone(),
+                kind,
+                message: Problem::MissingMetadata.to_string(),
+            })
+            .collect();
+        let mut slices: Vec<(&ObjectId, &SliceState)> =
+            self.slices.iter().filter(|(_, s)| !s.warnings.is_empty()).collect();
+        slices.sort_by(|a, b| a.0.cmp(b.0));
+        out.extend(slices.into_iter().flat_map(|(_, s)| s.warnings.iter().cloned()));
+        for state in self.services.values() {
+            out.extend(state.parse_warnings.iter().cloned());
+            out.extend(state.slice_warnings.iter().cloned());
+        }
+        // Slices naming a Service that does not exist (their own, not-yet-collected
+        // slices of a just-deleted Service excepted).
+        let mut orphans: Vec<(&ObjectId, &BTreeSet<ObjectId>)> =
+            self.groups.iter().filter(|(service, _)| !self.services.contains_key(*service)).collect();
+        orphans.sort_by(|a, b| a.0.cmp(b.0));
+        for (service, group) in orphans {
+            for slice in group {
+                let owned = self.slices.get(slice).and_then(|s| s.parsed.as_ref()).is_some_and(|p| p.owned_by_service);
+                if !owned {
+                    out.push(warning(KIND_SLICE, slice, Problem::NoSuchService(service.to_string())));
+                }
+            }
+        }
+        for (port, set) in &self.health {
+            let mut ids = set.iter();
+            let Some(owner) = ids.next() else { continue };
+            for id in ids {
+                let owner = format!("{}/{}", owner.namespace, owner.name);
+                out.push(warning(KIND_SERVICE, id, Problem::HealthCheckConflict { port: *port, owner }));
+            }
+        }
+        let mut lost: BTreeMap<&ObjectId, Vec<String>> = BTreeMap::new();
+        for key in &self.contested {
+            let (Some(winner), Some(set)) = (self.winners.get(key), self.claimants.get(key)) else { continue };
+            let winner_kind = self.services[&winner.owner].candidates[winner.index].kind;
+            let programmed = if winner.held { ", already programmed" } else { "" };
+            for (_, owner, index) in set.iter().filter(|(_, o, i)| (o, *i) != (&winner.owner, winner.index)) {
+                let kind = self.services[owner].candidates[*index].kind;
+                lost.entry(owner).or_default().push(format!(
+                    "{}/{} ({kind:?}, used by {winner_kind:?} of {}{programmed})",
+                    SocketAddr::new(key.addr, key.port),
+                    key.proto,
+                    winner.owner
+                ));
+            }
+        }
+        for (owner, mut list) in lost {
+            list.sort();
+            out.push(warning(KIND_SERVICE, owner, Problem::Conflict(list.join(", "))));
+        }
+        out
+    }
+}
+
+fn warning(kind: &'static str, id: &ObjectId, problem: Problem) -> Warning {
+    Warning { object: id.to_string(), kind, message: problem.to_string() }
+}
+
+/// Ids of objects, for callers that diff snapshots (the manifests source).
+pub type ObjectKey = (String, String);
+
+/// `namespace/name` of an object's metadata, if both are set.
+pub fn object_key(meta: &ObjectMeta) -> Option<ObjectKey> {
+    ObjectId::from_meta(meta).map(|id| (id.namespace, id.name))
+}
