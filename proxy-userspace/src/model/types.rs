@@ -68,6 +68,10 @@ impl Scope {
             Scope::External => proxy_common::SCOPE_EXTERNAL,
         }
     }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        [Scope::Internal, Scope::External].into_iter().find(|s| s.number() == n)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

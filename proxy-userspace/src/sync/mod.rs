@@ -38,8 +38,8 @@ use crate::{
         addr::{port_from_map, port_to_map},
     },
     model::{
-        BackendAddr, ClaimHolder, ClaimKey, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind, IpFamily,
-        IpPrefix, Protocol,
+        BackendAddr, ClaimHolder, ClaimKey, ClaimSource, Claims, DesiredState, FrontendEntry, FrontendKey,
+        FrontendKind, IpFamily, IpPrefix, Protocol, Scope,
     },
 };
 
@@ -60,6 +60,9 @@ struct Programmed {
     ranges: BTreeSet<IpPrefix>,
     /// The SERVICES entry has been written (false while a new frontend failed midway).
     in_map: bool,
+    /// The backends this frontend keeps alive (counted in `Syncer::refs`): what it wants
+    /// once programmed; after a failure, also what its slots still point at.
+    refs: Vec<BackendIdent>,
 }
 
 /// What one `apply` did.
@@ -122,13 +125,39 @@ pub struct Syncer<S: MapStore> {
     store: S,
     frontends: HashMap<AnyServiceKey, Programmed>,
     backends: HashMap<BackendIdent, (u32, AnyBackend)>,
+    backend_by_id: HashMap<u32, BackendIdent>,
+    /// How many frontends keep each backend (`Programmed::refs`); one at 0 is deleted at
+    /// the end of the sync that dropped it, so a sync touching few frontends never walks
+    /// every backend.
+    refs: HashMap<BackendIdent, u32>,
+    /// Backends at 0 whose delete failed, or found unused at start-up: retried.
+    unreferenced: HashSet<BackendIdent>,
+    /// Frontends whose last write or removal failed: retried by every sync.
+    retry: BTreeSet<FrontendKey>,
     svc_ids: IdAlloc,
     backend_ids: IdAlloc,
     total_writes: u64,
 }
 
+/// Which frontends a sync looks at.
+enum SyncScope<'a> {
+    /// Every desired frontend and every programmed one.
+    All,
+    /// Only these (plus the ones that failed last time).
+    Keys(&'a BTreeSet<FrontendKey>),
+}
+
 fn service_key(k: &FrontendKey) -> AnyServiceKey {
     AnyServiceKey { addr: k.addr, port: port_to_map(k.port), proto: k.proto.number(), scope: k.scope.number() }
+}
+
+fn frontend_key(k: &AnyServiceKey) -> Option<FrontendKey> {
+    Some(FrontendKey {
+        addr: k.addr,
+        port: port_from_map(k.port),
+        proto: Protocol::from_number(k.proto)?,
+        scope: Scope::from_number(k.scope)?,
+    })
 }
 
 fn backend_value(b: &BackendAddr, proto: u8) -> AnyBackend {
@@ -146,6 +175,12 @@ fn backend_value(b: &BackendAddr, proto: u8) -> AnyBackend {
 fn c_str(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// A NUL-padded metadata field equals `s`.
+fn c_str_eq(b: &[u8], s: &str) -> bool {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    &b[..end] == s.as_bytes()
 }
 
 fn copy_str(dst: &mut [u8], s: &str) {
@@ -200,6 +235,10 @@ impl<S: MapStore> Syncer<S> {
             store,
             frontends: HashMap::new(),
             backends: HashMap::new(),
+            backend_by_id: HashMap::new(),
+            refs: HashMap::new(),
+            unreferenced: HashSet::new(),
+            retry: BTreeSet::new(),
             svc_ids: IdAlloc::default(),
             backend_ids: IdAlloc::default(),
             total_writes: 0,
@@ -207,6 +246,7 @@ impl<S: MapStore> Syncer<S> {
         for (id, b) in &snap.backends {
             s.backend_ids.reserve(*id);
             s.backends.insert((b.addr, b.port, b.proto), (*id, *b));
+            s.backend_by_id.insert(*id, (b.addr, b.port, b.proto));
         }
         let mut slots: HashMap<(u32, u32), BTreeMap<u32, u32>> = HashMap::new();
         for (k, b) in &snap.slots {
@@ -225,18 +265,27 @@ impl<S: MapStore> Syncer<S> {
             let mut active = ids(v.generation);
             // Anything past `count` is stale; the next update of this service rewrites it.
             active.truncate(v.count as usize);
+            let inactive = ids(v.generation ^ 1);
+            // Until the first sync says what it wants, a frontend keeps whatever its slots
+            // point at.
+            let refs = s.idents(active.iter().chain(&inactive));
+            for r in &refs {
+                *s.refs.entry(*r).or_default() += 1;
+            }
             s.frontends.insert(
                 *k,
                 Programmed {
                     value: *v,
                     active,
-                    inactive: ids(v.generation ^ 1),
+                    inactive,
                     meta: meta.get(&v.id).copied(),
                     ranges: ranges.remove(&v.id).unwrap_or_default(),
                     in_map: true,
+                    refs,
                 },
             );
         }
+        s.unreferenced = s.backends.keys().filter(|i| !s.refs.contains_key(*i)).copied().collect();
         Ok(s)
     }
 
@@ -283,12 +332,37 @@ impl<S: MapStore> Syncer<S> {
         claims
     }
 
-    /// Bring the maps to `desired`. Failures are per frontend: one that cannot be written
-    /// keeps its previous state and is reported; every other frontend is still programmed.
+    /// Does Service `namespace/name` hold `key` in the maps now (the `Claims` entry
+    /// `claims` would give, without building them all)?
+    fn holds_claim(&self, key: &ClaimKey, namespace: &str, name: &str) -> bool {
+        [Scope::Internal, Scope::External].into_iter().any(|scope| {
+            let fk = FrontendKey { addr: key.addr, port: key.port, proto: key.proto, scope };
+            self.frontends.get(&service_key(&fk)).is_some_and(|p| {
+                p.in_map
+                    && p.meta.as_ref().is_some_and(|m| c_str_eq(&m.namespace, namespace) && c_str_eq(&m.name, name))
+            })
+        })
+    }
+
+    /// Bring the maps to `desired`, looking at every frontend. Failures are per frontend:
+    /// one that cannot be written keeps its previous state and is reported; every other
+    /// frontend is still programmed.
     pub fn apply(&mut self, desired: &DesiredState) -> SyncReport {
+        self.sync(desired, SyncScope::All)
+    }
+
+    /// Bring the frontends `changed` (and those that failed last time) to `desired`; every
+    /// other frontend is assumed to be as programmed. With `changed` from
+    /// `Translator::commit`, the maps end up exactly as `apply` would leave them, at a cost
+    /// that depends on the change, not on the number of Services.
+    pub fn apply_changes(&mut self, desired: &DesiredState, changed: &BTreeSet<FrontendKey>) -> SyncReport {
+        self.sync(desired, SyncScope::Keys(changed))
+    }
+
+    fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
         let mut report = SyncReport::default();
         let mut writes = 0u64;
-        let mut referenced: HashSet<BackendIdent> = HashSet::new();
+        let mut released: HashSet<BackendIdent> = std::mem::take(&mut self.unreferenced);
         let mut purge_pairs: HashSet<(u32, u32)> = HashSet::new();
         // (service, backend) pairs a frontend with session affinity dropped: their
         // affinity entries must go, or new connections of a pinned client would keep going
@@ -296,19 +370,37 @@ impl<S: MapStore> Syncer<S> {
         // with the endpoint's chain).
         let mut affinity_pairs: HashSet<(u32, u32)> = HashSet::new();
         let mut purge_services: HashSet<u32> = HashSet::new();
-        let wanted: HashSet<AnyServiceKey> = desired.frontends.keys().map(service_key).collect();
+
+        // What to write (in key order, so ids are handed out in the same order whatever
+        // the scope) and what to remove.
+        let retry = std::mem::take(&mut self.retry);
+        let (wanted, stale): (Vec<(&FrontendKey, &FrontendEntry)>, Vec<AnyServiceKey>) = match scope {
+            SyncScope::All => {
+                let keys: HashSet<AnyServiceKey> = desired.frontends.keys().map(service_key).collect();
+                let stale = self.frontends.keys().filter(|k| !keys.contains(k)).copied().collect();
+                (desired.frontends.iter().collect(), stale)
+            }
+            SyncScope::Keys(changed) => {
+                let mut wanted = Vec::new();
+                let mut stale = Vec::new();
+                for fk in changed.iter().chain(retry.iter().filter(|k| !changed.contains(k))) {
+                    match desired.frontends.get_key_value(fk) {
+                        Some(kv) => wanted.push(kv),
+                        None if self.frontends.contains_key(&service_key(fk)) => stale.push(service_key(fk)),
+                        None => {}
+                    }
+                }
+                wanted.sort_by_key(|(k, _)| **k);
+                (wanted, stale)
+            }
+        };
 
         let mut full: Vec<(&FrontendKey, &FrontendEntry)> = Vec::new();
         let mut slots_full = false;
-        for (fk, entry) in &desired.frontends {
+        for (fk, entry) in wanted {
             let key = service_key(fk);
-            match self.apply_frontend(
-                &key,
-                entry,
-                &mut referenced,
-                (&mut purge_pairs, &mut affinity_pairs),
-                &mut writes,
-            ) {
+            match self.apply_frontend(&key, entry, &mut released, (&mut purge_pairs, &mut affinity_pairs), &mut writes)
+            {
                 Ok(()) => {}
                 // Retried once the removals below have made room.
                 Err(e @ DataplaneError::MapFull { .. }) => {
@@ -318,24 +410,24 @@ impl<S: MapStore> Syncer<S> {
                 Err(e) => {
                     // Reported, not logged: the caller logs it once per change, not on
                     // every sync while a map stays full.
-                    // It keeps what it had, so its backends stay.
-                    self.keep_referenced(&key, &mut referenced);
+                    self.retry.insert(*fk);
                     report.errors.push((*fk, e));
                 }
             }
         }
 
         // Frontends that are no longer desired.
-        let stale: Vec<AnyServiceKey> = self.frontends.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in stale {
-            match self.remove_frontend(&key, &mut writes) {
+            match self.remove_frontend(&key, &mut released, &mut writes) {
                 Ok(id) if key.proto == PROTO_UDP => {
                     purge_services.insert(id);
                 }
                 Ok(_) => {}
                 Err(e) => {
                     warn!(error = %e, "cannot remove frontend; will retry on next sync");
-                    self.keep_referenced(&key, &mut referenced);
+                    if let Some(fk) = frontend_key(&key) {
+                        self.retry.insert(fk);
+                    }
                 }
             }
         }
@@ -354,19 +446,21 @@ impl<S: MapStore> Syncer<S> {
         for (fk, entry) in full {
             let key = service_key(fk);
             if let Err(e) =
-                self.apply_frontend(&key, entry, &mut referenced, (&mut purge_pairs, &mut affinity_pairs), &mut writes)
+                self.apply_frontend(&key, entry, &mut released, (&mut purge_pairs, &mut affinity_pairs), &mut writes)
             {
                 warn!(frontend = %fk, service = %entry.service, error = %e, "cannot program frontend");
-                self.keep_referenced(&key, &mut referenced);
+                self.retry.insert(*fk);
                 report.errors.push((*fk, e));
             }
         }
 
         // Backends no longer used by any frontend go last.
-        let unused: Vec<BackendIdent> = self.backends.keys().filter(|i| !referenced.contains(i)).copied().collect();
         let mut removed_backends = HashSet::new();
-        for ident in unused {
-            let (id, _) = self.backends[&ident];
+        for ident in released {
+            if self.refs.contains_key(&ident) {
+                continue;
+            }
+            let Some(&(id, _)) = self.backends.get(&ident) else { continue };
             match self.store.del_backend(id, IpFamily::of(ident.0)) {
                 Ok(()) => {
                     writes += 1;
@@ -374,10 +468,14 @@ impl<S: MapStore> Syncer<S> {
                         report.removed_udp_backends.push((ident.0, ident.1));
                     }
                     self.backends.remove(&ident);
+                    self.backend_by_id.remove(&id);
                     self.backend_ids.free(id);
                     removed_backends.insert(id);
                 }
-                Err(e) => warn!(backend_id = id, error = %e, "cannot delete backend"),
+                Err(e) => {
+                    warn!(backend_id = id, error = %e, "cannot delete backend");
+                    self.unreferenced.insert(ident);
+                }
             }
         }
 
@@ -412,20 +510,35 @@ impl<S: MapStore> Syncer<S> {
         report
     }
 
+    /// The backends (by identity) behind these ids; ids of deleted backends are skipped.
+    fn idents<'a>(&self, ids: impl Iterator<Item = &'a u32>) -> Vec<BackendIdent> {
+        let mut out: Vec<BackendIdent> = ids.filter_map(|id| self.backend_by_id.get(id).copied()).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Point a frontend's references at `now`; backends left with none go to `released`.
+    fn set_refs(&mut self, prog: &mut Programmed, mut now: Vec<BackendIdent>, released: &mut HashSet<BackendIdent>) {
+        now.sort_unstable();
+        now.dedup();
+        for r in &now {
+            *self.refs.entry(*r).or_default() += 1;
+        }
+        for r in std::mem::replace(&mut prog.refs, now) {
+            if let Some(n) = self.refs.get_mut(&r) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(&r);
+                    released.insert(r);
+                }
+            }
+        }
+    }
+
     /// `BACKEND_SLOTS` entries the mirror knows of (both generations of every frontend).
     pub fn slot_count(&self) -> usize {
         self.frontends.values().map(|p| p.active.len() + p.inactive.len()).sum()
-    }
-
-    /// Mark every backend a frontend's slots (either generation) point at as in use.
-    fn keep_referenced(&self, key: &AnyServiceKey, referenced: &mut HashSet<BackendIdent>) {
-        let Some(p) = self.frontends.get(key) else { return };
-        let ids: HashSet<u32> = p.active.iter().chain(&p.inactive).copied().collect();
-        for (ident, (id, _)) in &self.backends {
-            if ids.contains(id) {
-                referenced.insert(*ident);
-            }
-        }
     }
 
     /// Ensure the backend exists with the right flags; returns its id.
@@ -448,6 +561,7 @@ impl<S: MapStore> Syncer<S> {
         }
         *writes += 1;
         self.backends.insert(ident, (id, *b));
+        self.backend_by_id.insert(id, ident);
         Ok(id)
     }
 
@@ -455,15 +569,30 @@ impl<S: MapStore> Syncer<S> {
         &mut self,
         key: &AnyServiceKey,
         entry: &FrontendEntry,
-        referenced: &mut HashSet<BackendIdent>,
+        released: &mut HashSet<BackendIdent>,
         (purge_pairs, affinity_pairs): (&mut PairSet, &mut PairSet),
         writes: &mut u64,
     ) -> Result<(), DataplaneError> {
-        let mut ids = Vec::with_capacity(entry.backends.len());
-        for b in &entry.backends {
-            let v = backend_value(b, key.proto);
-            referenced.insert((v.addr, v.port, v.proto));
-            ids.push(self.ensure_backend(&v, writes)?);
+        let wanted: Vec<AnyBackend> = entry.backends.iter().map(|b| backend_value(b, key.proto)).collect();
+        let idents: Vec<BackendIdent> = wanted.iter().map(|v| (v.addr, v.port, v.proto)).collect();
+        let mut ids = Vec::with_capacity(wanted.len());
+        for v in &wanted {
+            match self.ensure_backend(v, writes) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    // It keeps what it had, and what it wants stays for the retry.
+                    match self.frontends.remove(key) {
+                        Some(mut p) => {
+                            let held = self.idents(p.active.iter().chain(&p.inactive));
+                            self.set_refs(&mut p, [idents.clone(), held].concat(), released);
+                            self.frontends.insert(*key, p);
+                        }
+                        // Not programmed at all: nothing holds the backends it created.
+                        None => released.extend(idents.iter().copied()),
+                    }
+                    return Err(e);
+                }
+            }
         }
         let flags = service_flags(entry);
         let affinity_timeout = entry.affinity_timeout.unwrap_or(0);
@@ -477,6 +606,7 @@ impl<S: MapStore> Syncer<S> {
             meta: None,
             ranges: BTreeSet::new(),
             in_map: false,
+            refs: Vec::new(),
         });
         // Whatever happens, the record goes back into the mirror with what was written, so
         // the next sync continues from there and a removal cleans up everything.
@@ -497,6 +627,11 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
+        let refs = match &result {
+            Ok(()) => idents,
+            Err(_) => [idents, self.idents(prog.active.iter().chain(&prog.inactive))].concat(),
+        };
+        self.set_refs(&mut prog, refs, released);
         self.frontends.insert(*key, prog);
         result
     }
@@ -683,8 +818,35 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Remove a frontend; returns its id.
-    fn remove_frontend(&mut self, key: &AnyServiceKey, writes: &mut u64) -> Result<u32, DataplaneError> {
-        let Some(prog) = self.frontends.get(key).cloned() else { return Ok(0) };
+    fn remove_frontend(
+        &mut self,
+        key: &AnyServiceKey,
+        released: &mut HashSet<BackendIdent>,
+        writes: &mut u64,
+    ) -> Result<u32, DataplaneError> {
+        let Some(mut prog) = self.frontends.remove(key) else { return Ok(0) };
+        let result = self.delete_frontend(key, &prog, writes);
+        match &result {
+            Ok(_) => {
+                self.set_refs(&mut prog, Vec::new(), released);
+                self.svc_ids.free(prog.value.id);
+            }
+            Err(_) => {
+                // Half removed: its slots may still point at its backends.
+                let held = self.idents(prog.active.iter().chain(&prog.inactive));
+                self.set_refs(&mut prog, held, released);
+                self.frontends.insert(*key, prog);
+            }
+        }
+        result
+    }
+
+    fn delete_frontend(
+        &mut self,
+        key: &AnyServiceKey,
+        prog: &Programmed,
+        writes: &mut u64,
+    ) -> Result<u32, DataplaneError> {
         let id = prog.value.id;
         if prog.in_map {
             self.store.del_service(key)?;
@@ -705,9 +867,13 @@ impl<S: MapStore> Syncer<S> {
             *writes += 1;
         }
         self.store.del_stats(id)?;
-        self.frontends.remove(key);
-        self.svc_ids.free(id);
         Ok(id)
+    }
+}
+
+impl<S: MapStore> ClaimSource for Syncer<S> {
+    fn holds(&self, key: &ClaimKey, namespace: &str, name: &str) -> bool {
+        self.holds_claim(key, namespace, name)
     }
 }
 
@@ -715,3 +881,6 @@ pub mod verify;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod prop_tests;

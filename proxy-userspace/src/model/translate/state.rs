@@ -239,6 +239,13 @@ impl Translator {
         for port in std::mem::take(&mut self.dirty_health) {
             self.resolve_health(port);
         }
+        // "already programmed" in the conflict warnings is as of now, for every contested
+        // address (few), not only the re-resolved ones.
+        for key in &self.contested {
+            if let Some(w) = self.winners.get_mut(key) {
+                w.held = claims.holds(key, &w.owner.namespace, &w.owner.name);
+            }
+        }
         changed
     }
 
@@ -274,7 +281,7 @@ impl Translator {
             .flatten()
             .filter_map(|s| self.slices.get(s).and_then(|s| s.parsed.as_ref()))
             .collect();
-        let endpoints = (!group.is_empty()).then(|| ServiceEndpoints { slices: group });
+        let endpoints = (!group.is_empty()).then_some(ServiceEndpoints { slices: group });
         if let Some(parsed) = &state.parsed {
             if let Some(group) = &endpoints {
                 let mut w = Warnings::default();
