@@ -1,0 +1,285 @@
+//! The agent: load the datapath, attach it to pod interfaces and uplinks as they come and
+//! go, keep the maps equal to what the Kubernetes objects say, serve health-check node
+//! ports, and resolve the neighbours XDP forwarding is missing.
+mod neighbours;
+mod reconcile;
+mod socket_lb;
+mod uplinks;
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc::unbounded_channel;
+use tracing::{error, info, warn};
+
+use self::{
+    neighbours::neighbour_resolver,
+    reconcile::SyncLoop,
+    socket_lb::{setup_socket_lb, sock_translation_metrics},
+    uplinks::detect_uplinks,
+};
+use crate::{
+    attacher::{AttachPlan, Attacher},
+    cli::AgentArgs,
+    conntrack::{GcConfig, task::GcTask},
+    control,
+    dataplane::{
+        attach,
+        ct_table::KernelCtTable,
+        guard::{DatapathGuard, OurPrograms},
+        ifaces::{self, IfacePatterns},
+        loader::{self, LoaderConfig},
+        lock::RootLock,
+        maps::GlobalStats,
+        node::{NodeMaps, PortRange},
+    },
+    health::Health,
+    healthcheck::HealthServers,
+    metrics::Metrics,
+    source::{Resource, Source, SourceEvent, files},
+    sync::Syncer,
+};
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
+}
+
+/// `--node-name`, else this host's name (what the DaemonSet's Downward API gives is the
+/// same), else "localhost". Shared by the agent and the operator commands.
+pub fn node_name(flag: Option<&str>) -> String {
+    flag.map(str::to_string).or_else(hostname).unwrap_or_else(|| "localhost".into())
+}
+
+/// The conntrack collector on its own thread, on its own handles to the pinned maps.
+fn start_conntrack_gc(args: &AgentArgs, metrics: Metrics) -> Result<()> {
+    let table = KernelCtTable::open_pinned(&args.bpffs_root).context("conntrack map")?;
+    let table6 = KernelCtTable::open_pinned(&args.bpffs_root).context("IPv6 conntrack map")?;
+    let stats = GlobalStats::open_pinned(&args.bpffs_root).context("stats map")?;
+    let cfg = GcConfig { timeouts: args.conntrack.timeouts(), ..GcConfig::default() };
+    let task = GcTask::new((table, table6), stats, cfg, args.conntrack.conntrack_gc_interval, metrics);
+    info!(
+        capacity = task.v4.capacity,
+        capacity6 = task.v6.capacity,
+        interval = ?args.conntrack.conntrack_gc_interval,
+        timeouts = ?cfg.timeouts,
+        "conntrack collector started"
+    );
+    task.spawn();
+    Ok(())
+}
+
+/// Create the root (on bpffs) and lock it for this agent's lifetime.
+fn lock_root(root: &std::path::Path) -> Result<RootLock> {
+    loader::check_bpffs(root).context("--bpffs-root")?;
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    Ok(RootLock::acquire(root)?)
+}
+
+/// A client from `kubeconfig`, or the in-cluster / default config (also used by the CLI's
+/// `explain` and `verify`).
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig and no in-cluster config")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+pub async fn run(args: AgentArgs) -> Result<()> {
+    let node_name = node_name(args.source.node_name.as_deref());
+    // No privileges: one clear line before anything is created.
+    loader::check_privileges().context("loading the eBPF datapath")?;
+    // A start that fails from here on removes the pin directory if it created it (the
+    // lock below already creates it).
+    let created_root = loader::CreatedRoot::remember(&args.bpffs_root);
+    // One agent per root, decided before anything touches the pins.
+    let lock = lock_root(&args.bpffs_root)?;
+    let metrics = Metrics::new();
+    let health = Health::new(Duration::from_secs(args.healthz_timeout_secs));
+    let ready = health.synced.clone();
+    let mut shutdown = control::start(args.http_addr, args.metrics_addr, health.clone(), metrics.clone())?;
+
+    let cfg = LoaderConfig {
+        bpffs_root: args.bpffs_root.clone(),
+        max_services: args.max_services,
+        max_backends: args.max_backends,
+        max_conntrack: args.max_conntrack,
+    };
+    let (mut programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
+    if !programs.migration.is_empty() {
+        // Maps changed size or type: put the new programs into every pinned link now, in
+        // one loop, then copy what the old programs wrote meanwhile and drop the old maps.
+        let swapped = attach::swap_pinned_links(&mut programs, &args.bpffs_root);
+        info!(links = swapped, "new programs swapped into the pinned links");
+        std::mem::take(&mut programs.migration).finish().context("finishing the map migration")?;
+    }
+    // Before the first sync: a node process dialling a Service during start-up gets the
+    // backends the pinned maps hold (a restart swaps the programs into the same links).
+    let sock_lb = setup_socket_lb(&args, &mut programs)?;
+    metrics.sock_attached.set(i64::from(sock_lb.is_some()));
+    if sock_lb.is_some() {
+        tokio::spawn(sock_translation_metrics(args.bpffs_root.clone(), metrics.clone()));
+    }
+    // Fill ratios use the sizes of the maps in use.
+    let capacities = maps.capacities();
+    start_conntrack_gc(&args, metrics.clone())?;
+    let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
+    let ours = OurPrograms::of(&programs).context("our program ids")?;
+    let guard = DatapathGuard::new(&args.bpffs_root, lock).context("opening the pinned maps for the datapath check")?;
+    let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&args.snat_port_range)) {
+        warn!(
+            snat_ports = %args.snat_port_range,
+            ip_local_port_range = %local,
+            "--snat-port-range overlaps net.ipv4.ip_local_port_range: SNATed flows can collide with the node's own connections"
+        );
+    }
+    info!(
+        node = %node_name,
+        bpffs_root = %args.bpffs_root.display(),
+        services = syncer.service_count(),
+        backends = syncer.backend_count(),
+        "datapath loaded; pinned state read back"
+    );
+
+    // One watcher for both kinds: uplinks by exact name, pods by pattern.
+    let mut watched = args.pod_iface_pattern.clone();
+    watched.extend(args.uplink.iter().map(|u| glob::Pattern::escape(u)));
+    let patterns = IfacePatterns::new(&watched).context("--pod-iface-pattern")?;
+    let (ltx, lrx) = unbounded_channel();
+    let detected_tx = ltx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = ifaces::watch(patterns, ltx).await {
+            error!(error = %e, "interface watcher stopped");
+        }
+    });
+    let attached_initial = Arc::new(AtomicBool::new(false));
+    let plan = AttachPlan { uplinks: args.uplink.iter().cloned().collect(), xdp_mode: args.xdp_mode };
+    let (node_addrs, node_addrs_rx) = tokio::sync::watch::channel(Vec::new());
+    if args.uplink.is_empty() {
+        info!(xdp_mode = ?args.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");
+        let pods = IfacePatterns::new(&args.pod_iface_pattern).context("--pod-iface-pattern")?;
+        tokio::spawn(detect_uplinks(pods, node_addrs_rx, detected_tx));
+    } else {
+        info!(uplinks = ?args.uplink, xdp_mode = ?args.xdp_mode, "north-south XDP on uplinks");
+    }
+    let misses = NodeMaps::open_pinned(&args.bpffs_root).context("node maps")?;
+    tokio::spawn(neighbour_resolver(misses));
+    let attacher = Attacher {
+        programs,
+        root: args.bpffs_root.clone(),
+        plan,
+        metrics: metrics.clone(),
+        attached_initial: attached_initial.clone(),
+        guard,
+        ours,
+        health: health.clone(),
+        check_interval: Duration::from_millis(args.datapath_check_interval_ms.max(10)),
+        sock: sock_lb.as_ref().map(|s| (s.cgroup.clone(), args.socket_lb)),
+    };
+    tokio::spawn(attacher.run(lrx));
+
+    let (stx, mut srx) = unbounded_channel();
+    let source = match &args.source.manifests {
+        Some(dir) => {
+            info!(dir = %dir.display(), "reading objects from manifests");
+            Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
+        }
+        None => {
+            let client = kube_client(args.source.kubeconfig.as_deref()).await?;
+            Source::Kube(Arc::new(crate::source::kube::start(client, &node_name, stx)))
+        }
+    };
+
+    let mut lp = SyncLoop {
+        syncer,
+        node_maps,
+        health: HealthServers::new(ready.clone()),
+        source,
+        node_name,
+        nodeport_addresses: args.nodeport_addresses.clone(),
+        hairpin_address: args.hairpin_address,
+        hairpin_address6: args.hairpin_address6,
+        snat_port_range: args.snat_port_range,
+        last_node_config: None,
+        last_node_config6: None,
+        metrics,
+        capacities,
+        last_warnings: BTreeSet::new(),
+        last_errors: BTreeSet::new(),
+        node_addrs,
+        sock: sock_lb,
+        last_desired: None,
+        last_drift: BTreeSet::new(),
+        bpffs_root: args.bpffs_root.clone(),
+    };
+    created_root.keep();
+    // Periodic verify (the select branch below is disabled when the interval is 0).
+    let verify_every = Duration::from_secs(args.verify_interval_secs.max(1));
+    let mut verify_tick = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
+    let delay = Duration::from_millis(args.sync_delay_ms);
+    let mut synced: HashSet<Resource> = HashSet::new();
+    let mut burst: Option<Instant> = None;
+    let mut readiness_spawned = false;
+    loop {
+        tokio::select! {
+            ev = srx.recv() => match ev {
+                Some(SourceEvent::Synced(r)) => { synced.insert(r); burst.get_or_insert_with(Instant::now); }
+                Some(SourceEvent::Changed) => { burst.get_or_insert_with(Instant::now); }
+                None => break,
+            },
+            _ = &mut shutdown => break,
+            // 0 turns the periodic verify off: the branch is never polled.
+            _ = verify_tick.tick(), if args.verify_interval_secs > 0 => {
+                lp.verify();
+                continue;
+            }
+        }
+        // Reconcile only against a complete picture: every resource fully listed.
+        if synced.len() < 3 || burst.is_none() {
+            continue;
+        }
+        // From here a sync is owed (/healthz fails if none completes in time); the initial
+        // listing, however slow, is not a stall. A sync blocked for good cannot delay
+        // SIGTERM: the control thread exits the process after its grace period.
+        health.change_pending();
+        // Coalesce the rest of the burst.
+        tokio::time::sleep(delay).await;
+        while let Ok(ev) = srx.try_recv() {
+            if let SourceEvent::Synced(r) = ev {
+                synced.insert(r);
+            }
+        }
+        lp.sync(burst.take());
+        health.synced_now();
+        if !readiness_spawned {
+            readiness_spawned = true;
+            // Ready = maps synced and every pod interface present at start-up attached.
+            let attached = attached_initial.clone();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                while !attached.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if !ready.swap(true, Ordering::Relaxed) {
+                    info!("first full sync done and pod interfaces attached; ready");
+                }
+            });
+        }
+    }
+    // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
+    Ok(())
+}

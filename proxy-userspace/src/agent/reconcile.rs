@@ -1,0 +1,210 @@
+//! The reconciler: translate the current objects and apply them to the maps (`sync`),
+//! compare the pinned maps with the last desired state (`verify`), and the metrics both set.
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
+
+use tracing::{error, info, warn};
+
+use super::socket_lb::SockLb;
+use crate::{
+    dataplane::{
+        maps::{Capacities, Maps},
+        node::{NodeMaps, PortRange, node_config, node_config6},
+        sock,
+    },
+    healthcheck::HealthServers,
+    metrics::{FamilyLabel, MapLabel, Metrics},
+    model::{
+        self, IpFamily,
+        node::{node_info, snat_address, snat_address6},
+    },
+    source::Source,
+    sync::Syncer,
+};
+
+pub(super) struct SyncLoop {
+    pub(super) syncer: Syncer<Maps>,
+    pub(super) node_maps: NodeMaps,
+    pub(super) health: HealthServers,
+    pub(super) source: Source,
+    pub(super) node_name: String,
+    pub(super) nodeport_addresses: Vec<String>,
+    pub(super) hairpin_address: Ipv4Addr,
+    pub(super) hairpin_address6: Ipv6Addr,
+    pub(super) snat_port_range: PortRange,
+    pub(super) last_node_config: Option<proxy_common::NodeConfig>,
+    pub(super) last_node_config6: Option<proxy_common::NodeConfig6>,
+    pub(super) metrics: Metrics,
+    pub(super) capacities: Capacities,
+    pub(super) last_warnings: BTreeSet<String>,
+    /// Frontends not programmed at the last sync, with why: logged when this set changes.
+    pub(super) last_errors: BTreeSet<String>,
+    /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
+    pub(super) node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
+    /// What the last sync was asked for, and the drift the last verify found (logged when
+    /// it changes).
+    pub(super) last_desired: Option<model::DesiredState>,
+    pub(super) last_drift: BTreeSet<String>,
+    pub(super) bpffs_root: std::path::PathBuf,
+    /// Socket-level load balancing, when attached: stale UDP sockets to destroy.
+    pub(super) sock: Option<SockLb>,
+}
+
+impl SyncLoop {
+    /// Translate the current snapshot and apply it.
+    pub(super) fn sync(&mut self, burst_start: Option<Instant>) {
+        let t = Instant::now();
+        let objects = match self.source.snapshot() {
+            Ok(o) => o,
+            Err(e) => {
+                // Keep every frontend as it is: nothing here says the objects are gone.
+                error!(error = %e, "cannot read the objects; the maps are left as they are");
+                return;
+            }
+        };
+        let (node, mut warnings) = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
+        self.node_addrs.send_if_modified(|a| {
+            let changed = *a != node.nodeport_addrs;
+            a.clone_from(&node.nodeport_addrs);
+            changed
+        });
+        // The addresses programmed now stay with their Services on a conflict.
+        let claims = self.syncer.claims();
+        let (desired, w) = model::translate_with_claims(&objects.services, &objects.slices, &node, &claims);
+        warnings.extend(w);
+        // Each malformed object is logged once, not on every sync.
+        let now: BTreeSet<String> = warnings.iter().map(|w| w.to_string()).collect();
+        for w in &warnings {
+            if !self.last_warnings.contains(&w.to_string()) {
+                warn!(kind = w.kind, object = %w.object, "skipped: {}", w.message);
+            }
+        }
+        self.metrics.object_warnings.set(now.len() as i64);
+        self.last_warnings = now;
+
+        // Node facts first: a flow to a new remote backend needs the SNAT address.
+        let snat = snat_address(objects.node.as_ref());
+        let cfg = node_config(snat, Some(self.hairpin_address), self.snat_port_range);
+        if self.last_node_config != Some(cfg) {
+            match self.node_maps.set_config(&cfg) {
+                Ok(()) => {
+                    info!(
+                        snat_address = %snat.map(|a| a.to_string()).unwrap_or_else(|| "(address the client used)".into()),
+                        hairpin_address = %self.hairpin_address,
+                        snat_ports = %self.snat_port_range,
+                        "node config written"
+                    );
+                    self.last_node_config = Some(cfg);
+                }
+                Err(e) => error!(error = %e, "cannot write the node config"),
+            }
+        }
+        let snat6 = snat_address6(objects.node.as_ref());
+        let cfg6 = node_config6(snat6, Some(self.hairpin_address6));
+        if self.last_node_config6 != Some(cfg6) {
+            match self.node_maps.set_config6(&cfg6) {
+                Ok(()) => {
+                    info!(
+                        snat_address6 = %snat6.map(|a| a.to_string()).unwrap_or_else(|| "(address the client used)".into()),
+                        hairpin_address6 = %self.hairpin_address6,
+                        "IPv6 node config written"
+                    );
+                    self.last_node_config6 = Some(cfg6);
+                }
+                Err(e) => error!(error = %e, "cannot write the IPv6 node config"),
+            }
+        }
+        self.health.update(&desired.health_checks);
+
+        let report = self.syncer.apply(&desired);
+        self.last_desired = Some(desired);
+        let elapsed = t.elapsed();
+        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+        if let Some(start) = burst_start {
+            self.metrics.event_to_map.observe(start.elapsed().as_secs_f64());
+        }
+        self.metrics.map_writes.inc_by(report.writes);
+        self.metrics.sync_errors.inc_by(report.errors.len() as u64);
+        self.metrics.services.set(report.services as i64);
+        self.metrics.backends.set(report.backends as i64);
+        let (services4, backends4) = (report.services - report.services6, report.backends - report.backends6);
+        for (family, n) in [(IpFamily::V4, services4), (IpFamily::V6, report.services6)] {
+            self.metrics.frontends.get_or_create(&FamilyLabel { family: family.name().into() }).set(n as i64);
+        }
+        let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
+        let c = self.capacities;
+        for (map, n, max) in [
+            ("SERVICES", services4, c.services),
+            ("BACKENDS", backends4, c.backends),
+            ("BACKEND_SLOTS", report.slots, c.slots),
+            ("SERVICES6", report.services6, c.services6),
+            ("BACKENDS6", report.backends6, c.backends6),
+        ] {
+            self.metrics.map_fill.get_or_create(&MapLabel { map: map.into() }).set(fill(n, max));
+        }
+        // A map that stays full fails the same frontends on every sync: log each once.
+        let errors: BTreeSet<String> = report.errors.iter().map(|(fk, e)| format!("{fk}: {e}")).collect();
+        for (fk, e) in &report.errors {
+            if !self.last_errors.contains(&format!("{fk}: {e}")) {
+                error!(frontend = %fk, error = %e, "frontend not programmed");
+            }
+        }
+        if errors.is_empty() && !self.last_errors.is_empty() {
+            info!("every frontend programmed again");
+        }
+        self.last_errors = errors;
+        if let Some(sl) = self.sock.as_ref().filter(|_| !report.removed_udp_backends.is_empty()) {
+            let r = sock::destroy_udp_sockets(&sl.cgroup, &sl.revnat, &report.removed_udp_backends);
+            self.metrics.sock_udp_destroyed.inc_by(r.destroyed as u64);
+            self.metrics.sock_destroy_duration.observe(r.elapsed.as_secs_f64());
+            info!(
+                backends = report.removed_udp_backends.len(),
+                namespaces = r.namespaces,
+                destroyed = r.destroyed,
+                failed = r.failed,
+                duration_ms = r.elapsed.as_secs_f64() * 1e3,
+                "destroyed connected UDP sockets of removed backends"
+            );
+        }
+        info!(
+            services = report.services,
+            backends = report.backends,
+            writes = report.writes,
+            conntrack_purged = report.conntrack_purged,
+            errors = report.errors.len(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            "synced"
+        );
+    }
+}
+
+impl SyncLoop {
+    /// Re-read the maps from their pins (not the syncer's own record of what it wrote) and
+    /// compare them with the last desired state, as `ebpf-proxy verify` does: whatever
+    /// changed them behind our back shows up here.
+    pub(super) fn verify(&mut self) {
+        let Some(desired) = &self.last_desired else { return };
+        use crate::sync::MapStore;
+        let snap = match crate::dataplane::maps::Maps::open_pinned(&self.bpffs_root).and_then(|m| m.snapshot()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "verify: cannot read the pinned maps");
+                return;
+            }
+        };
+        let drift = crate::sync::verify::verify(desired, &snap);
+        self.metrics.verify_runs.inc();
+        self.metrics.datapath_drift.set(drift.len() as i64);
+        let now: BTreeSet<String> = drift.iter().map(|d| d.to_string()).collect();
+        for d in now.difference(&self.last_drift) {
+            warn!(drift = %d, "the maps differ from what the API says");
+        }
+        if now.is_empty() && !self.last_drift.is_empty() {
+            info!("the maps agree with the API again");
+        }
+        self.last_drift = now;
+    }
+}

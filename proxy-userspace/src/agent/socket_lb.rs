@@ -1,0 +1,101 @@
+//! Socket-level load balancing: attached (or detached) once at start-up, before the first
+//! sync; its translation counters exported as metrics.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::AgentArgs,
+    dataplane::{
+        loader,
+        maps::Maps,
+        sock::{self, SocketLbMode},
+    },
+    metrics::{Metrics, ServiceLabel},
+    show::cstr,
+};
+
+/// Socket-level load balancing as attached: the cgroup and the reverse-translation map.
+pub(super) struct SockLb {
+    pub(super) cgroup: std::path::PathBuf,
+    pub(super) revnat: sock::RevNat,
+}
+
+/// Attach (or, with `--socket-lb=off`, detach) the socket-level programs. A kernel without
+/// what they need, or a host without cgroup v2 when none was named, leaves the node on the
+/// TC/XDP paths with an error in the log; a `--cgroup-root` that is not a cgroup v2
+/// directory stops the agent.
+pub(super) fn setup_socket_lb(args: &AgentArgs, programs: &mut loader::Programs) -> Result<Option<SockLb>> {
+    if args.socket_lb == SocketLbMode::Off {
+        for pin in sock::detach_all(&args.bpffs_root) {
+            info!(pin = %pin, "--socket-lb=off: detached socket-level program");
+        }
+        return Ok(None);
+    }
+    let cgroup = match &args.cgroup_root {
+        Some(p) => p.clone(),
+        None => match sock::detect_cgroup_root() {
+            Ok(p) => p,
+            Err(e) => {
+                error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
+                return Ok(None);
+            }
+        },
+    };
+    let cgroup = match sock::resolve_cgroup2(&cgroup) {
+        Ok(c) => c,
+        Err(e) if args.cgroup_root.is_some() => return Err(e).context("--cgroup-root"),
+        Err(e) => {
+            error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
+            return Ok(None);
+        }
+    };
+    match sock::attach(programs, &args.bpffs_root, &cgroup, args.socket_lb) {
+        Ok(a) => {
+            info!(
+                cgroup = %cgroup.display(),
+                mode = ?args.socket_lb,
+                links_replaced = a.replaced,
+                links_created = a.created,
+                links_detached = a.detached,
+                "socket-level load balancing attached"
+            );
+            let revnat = sock::RevNat::open_pinned(&args.bpffs_root).context("socket-level reverse translations")?;
+            Ok(Some(SockLb { cgroup, revnat }))
+        }
+        Err(e) => {
+            // The whole chain: the syscall's errno is what tells the operator why.
+            let e = anyhow::Error::from(e);
+            error!(error = format!("{e:#}"), "socket-level load balancing off: node processes cannot reach Services");
+            Ok(None)
+        }
+    }
+}
+
+/// `socket_lb_translations{service, frontend_id}` from the datapath's per-CPU counters,
+/// every 2 s (the hooks count each translated connect()/sendmsg() per frontend).
+pub(super) async fn sock_translation_metrics(root: std::path::PathBuf, metrics: Metrics) {
+    let maps = match Maps::open_pinned(&root) {
+        Ok(m) => m,
+        Err(e) => return warn!(error = %e, "socket-level translation metrics unavailable"),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        for entry in maps.service_stats.iter() {
+            let Ok((k, per_cpu)) = entry else { continue };
+            if k.verdict != proxy_common::verdict::SOCK_TRANSLATE {
+                continue;
+            }
+            let calls: u64 = per_cpu.iter().map(|c| c.packets).sum();
+            let service = maps
+                .meta
+                .get(&k.svc_id, 0)
+                .map(|m| format!("{}/{}:{}", cstr(&m.namespace), cstr(&m.name), cstr(&m.port_name)))
+                .unwrap_or_default();
+            let label = ServiceLabel { service, frontend_id: k.svc_id.to_string() };
+            metrics.sock_translations.get_or_create(&label).set(i64::try_from(calls).unwrap_or(i64::MAX));
+        }
+    }
+}
