@@ -68,7 +68,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.
     let (desired, _) =
-        proxy_userspace::model::translate_with_claims(&objects.services, &objects.slices, &info, &syncer.claims());
+        proxy_userspace::model::translate_with_claims(&objects.services, &objects.slices, &info, &syncer);
     let snap = syncer.store().snapshot().context("reading the pinned maps")?;
     let drift = verify(&desired, &snap);
     let out = match a.show.output {

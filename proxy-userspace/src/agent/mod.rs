@@ -43,7 +43,8 @@ use crate::{
     health::Health,
     healthcheck::HealthServers,
     metrics::Metrics,
-    source::{Resource, Source, SourceEvent, files},
+    model::{NodeInfo, Translator},
+    source::{Resource, Snapshots, Source, SourceEvent, files},
     sync::Syncer,
 };
 
@@ -200,7 +201,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
         None => {
             let client = kube_client(args.source.kubeconfig.as_deref()).await?;
-            Source::Kube(Arc::new(crate::source::kube::start(client, &node_name, stx)))
+            crate::source::kube::start(client, &node_name, stx);
+            Source::Kube
         }
     };
 
@@ -209,6 +211,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         node_maps,
         health: HealthServers::new(ready.clone()),
         source,
+        translator: Translator::new(NodeInfo { name: node_name.clone(), ..NodeInfo::default() }),
+        snapshots: Snapshots::default(),
+        node: None,
+        full_sync: true,
         node_name,
         nodeport_addresses: args.nodeport_addresses.clone(),
         hairpin_address: args.hairpin_address,
@@ -222,7 +228,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         last_errors: BTreeSet::new(),
         node_addrs,
         sock: sock_lb,
-        last_desired: None,
+        synced_once: false,
         last_drift: BTreeSet::new(),
         bpffs_root: args.bpffs_root.clone(),
     };
@@ -239,6 +245,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             ev = srx.recv() => match ev {
                 Some(SourceEvent::Synced(r)) => { synced.insert(r); burst.get_or_insert_with(Instant::now); }
                 Some(SourceEvent::Changed) => { burst.get_or_insert_with(Instant::now); }
+                Some(SourceEvent::Update(u)) => { lp.update(u); burst.get_or_insert_with(Instant::now); }
                 None => break,
             },
             _ = &mut shutdown => break,
@@ -259,8 +266,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         // Coalesce the rest of the burst.
         tokio::time::sleep(delay).await;
         while let Ok(ev) = srx.try_recv() {
-            if let SourceEvent::Synced(r) = ev {
-                synced.insert(r);
+            match ev {
+                SourceEvent::Synced(r) => {
+                    synced.insert(r);
+                }
+                SourceEvent::Update(u) => lp.update(u),
+                SourceEvent::Changed => {}
             }
         }
         lp.sync(burst.take());

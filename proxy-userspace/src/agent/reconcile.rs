@@ -1,5 +1,11 @@
-//! The reconciler: translate the current objects and apply them to the maps (`sync`),
-//! compare the pinned maps with the last desired state (`verify`), and the metrics both set.
+//! The reconciler: feed object changes into the translation as they arrive (`update`),
+//! apply what they changed to the maps (`sync`), compare the pinned maps with the desired
+//! state (`verify`), and the metrics both set.
+//!
+//! A sync re-translates only the Services the changes touched and writes only the frontends
+//! whose desired entry changed (`Translator::commit`, `Syncer::apply_changes`). The first
+//! sync, and the first after a relist, look at every frontend (`Syncer::apply`): what the
+//! pinned maps hold from before may include Services deleted while the agent was away.
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -18,10 +24,10 @@ use crate::{
     healthcheck::HealthServers,
     metrics::{FamilyLabel, MapLabel, Metrics},
     model::{
-        self, IpFamily,
+        IpFamily, Translator,
         node::{node_info, snat_address, snat_address6},
     },
-    source::Source,
+    source::{Delta, Snapshots, Source, Update},
     sync::Syncer,
 };
 
@@ -30,6 +36,14 @@ pub(super) struct SyncLoop {
     pub(super) node_maps: NodeMaps,
     pub(super) health: HealthServers,
     pub(super) source: Source,
+    /// Every object's parsed form and the desired state, kept up to date by `update`.
+    pub(super) translator: Translator,
+    /// The files source's previous snapshot, to turn the next one into changes.
+    pub(super) snapshots: Snapshots,
+    /// This node's Node object, when known.
+    pub(super) node: Option<k8s_openapi::api::core::v1::Node>,
+    /// The next sync looks at every frontend (start-up, relist).
+    pub(super) full_sync: bool,
     pub(super) node_name: String,
     pub(super) nodeport_addresses: Vec<String>,
     pub(super) hairpin_address: Ipv4Addr,
@@ -44,9 +58,9 @@ pub(super) struct SyncLoop {
     pub(super) last_errors: BTreeSet<String>,
     /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
     pub(super) node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
-    /// What the last sync was asked for, and the drift the last verify found (logged when
-    /// it changes).
-    pub(super) last_desired: Option<model::DesiredState>,
+    /// Whether a sync has run (verify compares against its desired state), and the drift
+    /// the last verify found (logged when it changes).
+    pub(super) synced_once: bool,
     pub(super) last_drift: BTreeSet<String>,
     pub(super) bpffs_root: std::path::PathBuf,
     /// Socket-level load balancing, when attached: stale UDP sockets to destroy.
@@ -54,27 +68,58 @@ pub(super) struct SyncLoop {
 }
 
 impl SyncLoop {
-    /// Translate the current snapshot and apply it.
+    /// One change from the API source: parsed into the translation now, applied at the
+    /// next `sync`.
+    pub(super) fn update(&mut self, u: Update) {
+        let t = &mut self.translator;
+        match u {
+            Update::Services(Delta::Apply(s)) => t.upsert_service(&s),
+            Update::Services(Delta::Delete((ns, name))) => t.delete_service(&ns, &name),
+            Update::Services(Delta::Replace(all)) => {
+                t.replace_services(&all);
+                self.full_sync = true;
+            }
+            Update::Slices(Delta::Apply(s)) => t.upsert_slice(&s),
+            Update::Slices(Delta::Delete((ns, name))) => t.delete_slice(&ns, &name),
+            Update::Slices(Delta::Replace(all)) => {
+                t.replace_slices(&all);
+                self.full_sync = true;
+            }
+            Update::Nodes(Delta::Apply(n)) => self.node = Some((*n).clone()),
+            Update::Nodes(Delta::Delete(_)) => self.node = None,
+            Update::Nodes(Delta::Replace(all)) => self.node = all.first().map(|n| (**n).clone()),
+        }
+    }
+
+    /// Apply what changed since the last sync.
     pub(super) fn sync(&mut self, burst_start: Option<Instant>) {
         let t = Instant::now();
-        let objects = match self.source.snapshot() {
-            Ok(o) => o,
-            Err(e) => {
-                // Keep every frontend as it is: nothing here says the objects are gone.
-                error!(error = %e, "cannot read the objects; the maps are left as they are");
-                return;
+        if let Some(snapshot) = self.source.snapshot() {
+            match snapshot {
+                Ok(objects) => {
+                    self.translator.clear_unnamed();
+                    for u in self.snapshots.diff(objects) {
+                        self.update(u);
+                    }
+                }
+                Err(e) => {
+                    // Keep every frontend as it is: nothing here says the objects are gone.
+                    error!(error = %e, "cannot read the objects; the maps are left as they are");
+                    return;
+                }
             }
-        };
-        let (node, mut warnings) = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
+        }
+        let (node, mut warnings) = node_info(&self.node_name, self.node.as_ref(), &self.nodeport_addresses);
         self.node_addrs.send_if_modified(|a| {
             let changed = *a != node.nodeport_addrs;
             a.clone_from(&node.nodeport_addrs);
             changed
         });
+        self.translator.set_node(node);
         // The addresses programmed now stay with their Services on a conflict.
-        let claims = self.syncer.claims();
-        let (desired, w) = model::translate_with_claims(&objects.services, &objects.slices, &node, &claims);
-        warnings.extend(w);
+        let changed = self.translator.commit(&self.syncer);
+        let translated = t.elapsed();
+        warnings.extend(self.translator.warnings());
         // Each malformed object is logged once, not on every sync.
         let now: BTreeSet<String> = warnings.iter().map(|w| w.to_string()).collect();
         for w in &warnings {
@@ -86,7 +131,7 @@ impl SyncLoop {
         self.last_warnings = now;
 
         // Node facts first: a flow to a new remote backend needs the SNAT address.
-        let snat = snat_address(objects.node.as_ref());
+        let snat = snat_address(self.node.as_ref());
         let cfg = node_config(snat, Some(self.hairpin_address), self.snat_port_range);
         if self.last_node_config != Some(cfg) {
             match self.node_maps.set_config(&cfg) {
@@ -102,7 +147,7 @@ impl SyncLoop {
                 Err(e) => error!(error = %e, "cannot write the node config"),
             }
         }
-        let snat6 = snat_address6(objects.node.as_ref());
+        let snat6 = snat_address6(self.node.as_ref());
         let cfg6 = node_config6(snat6, Some(self.hairpin_address6));
         if self.last_node_config6 != Some(cfg6) {
             match self.node_maps.set_config6(&cfg6) {
@@ -117,10 +162,12 @@ impl SyncLoop {
                 Err(e) => error!(error = %e, "cannot write the IPv6 node config"),
             }
         }
+        let desired = self.translator.desired();
         self.health.update(&desired.health_checks);
 
-        let report = self.syncer.apply(&desired);
-        self.last_desired = Some(desired);
+        let full = std::mem::take(&mut self.full_sync);
+        let report = if full { self.syncer.apply(desired) } else { self.syncer.apply_changes(desired, &changed) };
+        self.synced_once = true;
         let elapsed = t.elapsed();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         if let Some(start) = burst_start {
@@ -172,6 +219,9 @@ impl SyncLoop {
         info!(
             services = report.services,
             backends = report.backends,
+            changed = changed.len(),
+            full,
+            translate_ms = translated.as_secs_f64() * 1e3,
             writes = report.writes,
             conntrack_purged = report.conntrack_purged,
             errors = report.errors.len(),
@@ -186,7 +236,10 @@ impl SyncLoop {
     /// compare them with the last desired state, as `ebpf-proxy verify` does: whatever
     /// changed them behind our back shows up here.
     pub(super) fn verify(&mut self) {
-        let Some(desired) = &self.last_desired else { return };
+        if !self.synced_once {
+            return;
+        }
+        let desired = self.translator.desired();
         use crate::sync::MapStore;
         let snap = match crate::dataplane::maps::Maps::open_pinned(&self.bpffs_root).and_then(|m| m.snapshot()) {
             Ok(s) => s,

@@ -1,7 +1,11 @@
-//! Kubernetes API source: one watcher + reflector store per resource. kube-rs handles
-//! relisting on 410 Gone and reconnecting with backoff; the store swaps its contents only
-//! when a relist is complete, so a relist never looks like "everything was deleted".
-use std::pin::pin;
+//! Kubernetes API source: one watcher per resource, streaming each change to the agent as
+//! it comes. kube-rs handles relisting on 410 Gone and reconnecting with backoff. No store
+//! of the API objects is kept here: the agent keeps only the parsed form of what it needs
+//! (`model::Translator`), so memory follows the model, not the objects' size.
+//!
+//! A (re)list arrives as one `Delta::Replace` with every object listed, sent only when the
+//! list is complete, so a relist never looks like "everything was deleted".
+use std::{pin::pin, sync::Arc};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -10,16 +14,12 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client,
-    runtime::{
-        WatchStreamExt,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
-use super::{Objects, Resource, SourceEvent};
+use super::{Delta, Resource, SourceEvent, Update};
 
 /// Services kube-proxy ignores are filtered server-side too (as kube-proxy does).
 const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
@@ -28,68 +28,75 @@ const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!servi
 /// (and are not reported as naming a Service that does not exist).
 const SLICE_SELECTOR: &str = SERVICE_SELECTOR;
 
-pub struct KubeStores {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
-}
-
-impl KubeStores {
-    pub fn snapshot(&self) -> Objects {
-        Objects {
-            services: self.services.state(),
-            slices: self.slices.state(),
-            node: self.nodes.state().first().map(|n| (**n).clone()),
-        }
-    }
-}
-
-fn spawn_watch<K>(api: Api<K>, cfg: watcher::Config, resource: Resource, tx: UnboundedSender<SourceEvent>) -> Store<K>
-where
+fn spawn_watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    resource: Resource,
+    wrap: fn(Delta<K>) -> Update,
+    tx: UnboundedSender<SourceEvent>,
+) where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
     tokio::spawn(async move {
-        let stream = watcher(api, cfg).default_backoff().reflect(writer);
+        // managedFields are the bulk of most objects and never read.
+        let stream = watcher(api, cfg).default_backoff().modify(|o: &mut K| o.meta_mut().managed_fields = None);
         let mut stream = pin!(stream);
+        let mut listing: Option<Vec<Arc<K>>> = None;
         while let Some(ev) = stream.next().await {
-            let msg = match ev {
-                Ok(watcher::Event::InitDone) => SourceEvent::Synced(resource),
-                // Pages of a relist: the store publishes them at InitDone.
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-                Ok(_) => SourceEvent::Changed,
+            let msgs = match ev {
+                Ok(watcher::Event::Init) => {
+                    listing = Some(Vec::new());
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    listing.get_or_insert_with(Vec::new).push(Arc::new(o));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let all = listing.take().unwrap_or_default();
+                    vec![SourceEvent::Update(wrap(Delta::Replace(all))), SourceEvent::Synced(resource)]
+                }
+                Ok(watcher::Event::Apply(o)) => vec![SourceEvent::Update(wrap(Delta::Apply(Arc::new(o))))],
+                Ok(watcher::Event::Delete(o)) => {
+                    let meta = o.meta();
+                    let key = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+                    vec![SourceEvent::Update(wrap(Delta::Delete(key)))]
+                }
                 Err(e) => {
                     // kube-rs retries with backoff; the maps keep their state meanwhile.
                     warn!(resource = ?resource, error = %e, "watch error, retrying");
                     continue;
                 }
             };
-            if tx.send(msg).is_err() {
-                return;
+            for msg in msgs {
+                if tx.send(msg).is_err() {
+                    return;
+                }
             }
         }
     });
-    reader
 }
 
-pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>) -> KubeStores {
-    let services = spawn_watch(
+pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>) {
+    spawn_watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_SELECTOR),
         Resource::Services,
+        Update::Services,
         tx.clone(),
     );
-    let slices = spawn_watch(
+    spawn_watch(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(SLICE_SELECTOR),
         Resource::EndpointSlices,
+        Update::Slices,
         tx.clone(),
     );
-    let nodes = spawn_watch(
+    spawn_watch(
         Api::<Node>::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         Resource::Node,
+        Update::Nodes,
         tx,
     );
-    KubeStores { services, slices, nodes }
 }

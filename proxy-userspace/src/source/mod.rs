@@ -1,15 +1,19 @@
-//! Where Kubernetes objects come from: the API server (`kube`, watchers + reflector
-//! stores) or a directory of YAML files (`files`). Both report changes on a channel and
-//! hand out a consistent snapshot of everything they know.
+//! Where Kubernetes objects come from: the API server (`kube`: watchers streaming each
+//! change, `SourceEvent::Update`) or a directory of YAML files (`files`: a snapshot of
+//! every object, `SourceEvent::Changed` when it changed; the agent diffs it, see
+//! `Snapshots`). Both say when each resource is fully listed.
 pub mod files;
 pub mod kube;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
+use ::kube::Resource as KubeResource;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
+
+use crate::model::{ObjectKey, object_key};
 
 /// Everything the translation needs, at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -28,10 +32,29 @@ pub enum Resource {
     Node,
 }
 
+/// One change to one kind of object.
+#[derive(Debug)]
+pub enum Delta<K> {
+    Apply(Arc<K>),
+    /// (namespace, name) of the deleted object.
+    Delete((String, String)),
+    /// A complete (re)list: every object there is; the ones not in it are gone.
+    Replace(Vec<Arc<K>>),
+}
+
+#[derive(Debug)]
+pub enum Update {
+    Services(Delta<Service>),
+    Slices(Delta<EndpointSlice>),
+    Nodes(Delta<Node>),
+}
+
 #[derive(Debug)]
 pub enum SourceEvent {
-    /// Something changed; a snapshot taken now includes it.
+    /// The files source changed: a snapshot taken now includes it.
     Changed,
+    /// The API source: this object changed.
+    Update(Update),
     /// The initial list of a resource is complete (every page, every slice): only after all
     /// three is it safe to reconcile the maps against the snapshot.
     Synced(Resource),
@@ -40,7 +63,8 @@ pub enum SourceEvent {
 /// A running source.
 #[derive(Clone)]
 pub enum Source {
-    Kube(Arc<kube::KubeStores>),
+    /// Changes come as `SourceEvent::Update`s.
+    Kube,
     Files(Arc<std::sync::Mutex<Objects>>),
 }
 
@@ -53,14 +77,63 @@ pub enum SnapshotError {
 }
 
 impl Source {
-    pub fn snapshot(&self) -> Result<Objects, SnapshotError> {
+    /// The files source's objects now (`None` for the API source, which streams changes).
+    pub fn snapshot(&self) -> Option<Result<Objects, SnapshotError>> {
         match self {
-            Source::Kube(s) => Ok(s.snapshot()),
+            Source::Kube => None,
             // A panic mid-update may have left the objects half-changed: refuse rather
             // than guess.
-            Source::Files(o) => o.lock().map(|g| g.clone()).map_err(|_| SnapshotError::Poisoned),
+            Source::Files(o) => Some(o.lock().map(|g| g.clone()).map_err(|_| SnapshotError::Poisoned)),
         }
     }
+}
+
+/// Turns the files source's whole snapshots into per-object deltas, by identity: a file
+/// that did not change keeps its parsed objects (the same `Arc`s), so only the objects of
+/// changed files are applied. Holding the previous snapshot's `Arc`s (shared with the
+/// source, not copies) also keeps a new object from reusing an old one's address.
+#[derive(Default)]
+pub struct Snapshots {
+    services: HashMap<ObjectKey, Arc<Service>>,
+    slices: HashMap<ObjectKey, Arc<EndpointSlice>>,
+    node: Option<Node>,
+}
+
+impl Snapshots {
+    /// What changed since the previous snapshot. Objects without namespace or name cannot
+    /// be told apart: they are handed on every time (the translation warns about them).
+    pub fn diff(&mut self, objects: Objects) -> Vec<Update> {
+        let mut out: Vec<Update> =
+            diff_kind(&mut self.services, objects.services).into_iter().map(Update::Services).collect();
+        out.extend(diff_kind(&mut self.slices, objects.slices).into_iter().map(Update::Slices));
+        if objects.node != self.node {
+            self.node.clone_from(&objects.node);
+            out.push(Update::Nodes(Delta::Replace(objects.node.into_iter().map(Arc::new).collect())));
+        }
+        out
+    }
+}
+
+fn diff_kind<K: KubeResource>(known: &mut HashMap<ObjectKey, Arc<K>>, now: Vec<Arc<K>>) -> Vec<Delta<K>> {
+    let mut out = Vec::new();
+    let mut seen: HashMap<ObjectKey, Arc<K>> = HashMap::with_capacity(now.len());
+    for o in now {
+        let Some(key) = object_key(o.meta()) else {
+            out.push(Delta::Apply(o));
+            continue;
+        };
+        if known.get(&key).is_none_or(|old| !Arc::ptr_eq(old, &o)) {
+            out.push(Delta::Apply(o.clone()));
+        }
+        // The same object in two files: the later file wins (one object per name, as
+        // in the API).
+        seen.insert(key, o);
+    }
+    for key in known.keys().filter(|k| !seen.contains_key(*k)) {
+        out.push(Delta::Delete(key.clone()));
+    }
+    *known = seen;
+    out
 }
 
 #[cfg(test)]
@@ -75,13 +148,13 @@ mod tests {
             serde_json::from_value(serde_json::json!({"metadata": {"name": "a", "namespace": "d"}})).expect("service");
         let objects = Arc::new(std::sync::Mutex::new(Objects { services: vec![Arc::new(svc)], ..Objects::default() }));
         let source = Source::Files(objects.clone());
-        assert_eq!(source.snapshot().expect("healthy source").services.len(), 1);
+        assert_eq!(source.snapshot().expect("files").expect("healthy source").services.len(), 1);
         let poisoner = objects.clone();
         let _ = std::thread::spawn(move || {
             let _guard = poisoner.lock().expect("lock");
             panic!("reader thread panics while holding the lock (test)");
         })
         .join();
-        assert!(matches!(source.snapshot(), Err(SnapshotError::Poisoned)));
+        assert!(matches!(source.snapshot(), Some(Err(SnapshotError::Poisoned))));
     }
 }

@@ -14,7 +14,7 @@
 //! `resolve` says (priority, then the Service holding it now, then
 //! namespace/name, then the order within the Service), evaluated when the address is
 //! re-resolved, i.e. whenever one of its claimants changed.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::*;
 
@@ -216,6 +216,32 @@ impl Translator {
                 }
             }
             self.dirty_services.insert(service);
+        }
+    }
+
+    /// A complete list of the Services (a relist): the ones not in it are deleted.
+    pub fn replace_services(&mut self, all: &[impl std::borrow::Borrow<Service>]) {
+        let keep: HashSet<ObjectId> = all.iter().filter_map(|s| ObjectId::from_meta(&s.borrow().metadata)).collect();
+        let gone: Vec<ObjectId> = self.services.keys().filter(|id| !keep.contains(*id)).cloned().collect();
+        for id in gone {
+            self.delete_service(&id.namespace, &id.name);
+        }
+        self.unnamed.retain(|(kind, _)| *kind != KIND_SERVICE);
+        for s in all {
+            self.upsert_service(s.borrow());
+        }
+    }
+
+    /// A complete list of the EndpointSlices (a relist): the ones not in it are deleted.
+    pub fn replace_slices(&mut self, all: &[impl std::borrow::Borrow<EndpointSlice>]) {
+        let keep: HashSet<ObjectId> = all.iter().filter_map(|s| ObjectId::from_meta(&s.borrow().metadata)).collect();
+        let gone: Vec<ObjectId> = self.slices.keys().filter(|id| !keep.contains(*id)).cloned().collect();
+        for id in gone {
+            self.remove_slice(&id);
+        }
+        self.unnamed.retain(|(kind, _)| *kind != KIND_SLICE);
+        for s in all {
+            self.upsert_slice(s.borrow());
         }
     }
 
