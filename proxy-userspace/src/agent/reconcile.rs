@@ -18,7 +18,7 @@ use crate::{
     healthcheck::HealthServers,
     metrics::{FamilyLabel, MapLabel, Metrics},
     model::{
-        self, IpFamily,
+        self, IpFamily, IpPrefix,
         node::{node_info, snat_address, snat_address6},
     },
     source::Source,
@@ -31,7 +31,7 @@ pub(super) struct SyncLoop {
     pub(super) health: HealthServers,
     pub(super) source: Source,
     pub(super) node_name: String,
-    pub(super) nodeport_addresses: Vec<String>,
+    pub(super) nodeport_addresses: Vec<IpPrefix>,
     pub(super) hairpin_address: Ipv4Addr,
     pub(super) hairpin_address6: Ipv6Addr,
     pub(super) snat_port_range: PortRange,
@@ -65,7 +65,7 @@ impl SyncLoop {
                 return;
             }
         };
-        let (node, mut warnings) = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
+        let node = node_info(&self.node_name, objects.node.as_ref(), &self.nodeport_addresses);
         self.node_addrs.send_if_modified(|a| {
             let changed = *a != node.nodeport_addrs;
             a.clone_from(&node.nodeport_addrs);
@@ -73,8 +73,7 @@ impl SyncLoop {
         });
         // The addresses programmed now stay with their Services on a conflict.
         let claims = self.syncer.claims();
-        let (desired, w) = model::translate_with_claims(&objects.services, &objects.slices, &node, &claims);
-        warnings.extend(w);
+        let (desired, warnings) = model::translate_with_claims(&objects.services, &objects.slices, &node, &claims);
         // Each malformed object is logged once, not on every sync.
         let now: BTreeSet<String> = warnings.iter().map(|w| w.to_string()).collect();
         for w in &warnings {
