@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tokio::sync::mpsc::unbounded_channel;
+use tokio::sync::{mpsc::unbounded_channel, watch};
 use tracing::{error, info, warn};
 
 pub use self::config::{AgentConfig, ConfigError, ObjectSource};
@@ -73,6 +73,23 @@ fn start_conntrack_gc(config: &AgentConfig, metrics: Metrics) -> Result<()> {
     );
     task.spawn();
     Ok(())
+}
+
+/// Ready = the first full sync done and every interface present at start-up attached,
+/// in whichever order they happen.
+async fn readiness(
+    mut first_sync: watch::Receiver<bool>,
+    mut attached_initial: watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+) {
+    // A sender dropped before its signal: the agent is stopping or the attacher is gone;
+    // never ready.
+    if first_sync.wait_for(|done| *done).await.is_err() || attached_initial.wait_for(|done| *done).await.is_err() {
+        return;
+    }
+    if !ready.swap(true, Ordering::Relaxed) {
+        info!("first full sync done and pod interfaces attached; ready");
+    }
 }
 
 /// Create the root (on bpffs) and lock it for this agent's lifetime.
@@ -161,7 +178,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             error!(error = %e, "interface watcher stopped");
         }
     });
-    let attached_initial = Arc::new(AtomicBool::new(false));
+    let (attached_initial, attached_initial_rx) = watch::channel(false);
     let plan = AttachPlan { uplinks: config.uplinks.iter().cloned().collect(), xdp_mode: config.xdp_mode };
     let (node_addrs, node_addrs_rx) = tokio::sync::watch::channel(Vec::new());
     if config.uplinks.is_empty() {
@@ -178,7 +195,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         root: config.bpffs_root().to_path_buf(),
         plan,
         metrics: metrics.clone(),
-        attached_initial: attached_initial.clone(),
+        attached_initial,
         guard,
         ours,
         health: health.clone(),
@@ -229,7 +246,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let delay = config.sync_delay;
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;
-    let mut readiness_spawned = false;
+    let (first_sync, first_sync_rx) = watch::channel(false);
+    tokio::spawn(readiness(first_sync_rx, attached_initial_rx, ready.clone()));
     loop {
         tokio::select! {
             ev = srx.recv() => match ev {
@@ -261,20 +279,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         }
         lp.sync(burst.take());
         health.synced_now();
-        if !readiness_spawned {
-            readiness_spawned = true;
-            // Ready = maps synced and every pod interface present at start-up attached.
-            let attached = attached_initial.clone();
-            let ready = ready.clone();
-            tokio::spawn(async move {
-                while !attached.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                if !ready.swap(true, Ordering::Relaxed) {
-                    info!("first full sync done and pod interfaces attached; ready");
-                }
-            });
-        }
+        first_sync.send_replace(true);
     }
     // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
     Ok(())
