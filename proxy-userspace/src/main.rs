@@ -73,11 +73,12 @@ fn run_agent(args: &AgentArgs) -> Result<()> {
 /// `Ok(true)`: drift.
 fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     use proxy_userspace::sync::{MapStore, Syncer, verify::verify};
+    // Parsed as the agent parses its flag, before any I/O: a bad CIDR is an error, not a
+    // different answer.
+    let nodeport_addresses = agent::config::nodeport_addresses(&a.nodeport_addresses)?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
     let objects =
         proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
-    // Parsed as the agent parses its flag: a bad CIDR is an error, not a different answer.
-    let nodeport_addresses = agent::config::nodeport_addresses(&a.nodeport_addresses)?;
     let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses);
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.
