@@ -6,14 +6,11 @@
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::{mpsc::UnboundedReceiver, watch};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -49,7 +46,9 @@ pub struct Attacher {
     pub root: PathBuf,
     pub plan: AttachPlan,
     pub metrics: Metrics,
-    pub attached_initial: Arc<AtomicBool>,
+    /// Set once every interface present at start-up has been attached (readiness waits
+    /// for it).
+    pub attached_initial: watch::Sender<bool>,
     pub guard: DatapathGuard,
     pub ours: OurPrograms,
     pub health: Arc<Health>,
@@ -221,7 +220,7 @@ impl Attacher {
                 },
                 _ = tick.tick() => {
                     // Only once the start-up attachments are made: before, nothing to check.
-                    if self.attached_initial.load(Ordering::Relaxed) {
+                    if *self.attached_initial.borrow() {
                         self.check(&attached).await;
                     }
                     continue;
@@ -261,7 +260,7 @@ impl Attacher {
                 LinkEvent::InitialDumpDone => {
                     // Interfaces we no longer match may still run an old agent's programs.
                     self.detach_all_foreign(&mut recognizer).await;
-                    self.attached_initial.store(true, Ordering::Relaxed);
+                    self.attached_initial.send_replace(true);
                 }
             }
             self.metrics.attached_interfaces.set(attached.len() as i64);

@@ -156,6 +156,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// The agent's flags as given; `agent::AgentConfig::from_args` checks and types them once.
+/// Strings that need checking (CIDRs, patterns) stay strings here so that an empty value
+/// (e.g. an empty ConfigMap key) can mean "none", and the error names the flag.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     #[command(flatten)]
@@ -189,7 +192,8 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = Ipv6Addr::from(proxy_common::nat_defaults::HAIRPIN_ADDR6))]
     pub hairpin_address6: Ipv6Addr,
     /// CIDRs selecting which node addresses serve NodePorts (default: all node IPs), IPv4
-    /// and IPv6; a family with no CIDR here is not restricted, as kube-proxy's.
+    /// and IPv6; a family with no CIDR here is not restricted, as kube-proxy's. A value that
+    /// is not a CIDR stops the agent at start-up (an empty one is ignored).
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// Address for /healthz and /readyz (kube-proxy's healthz port).

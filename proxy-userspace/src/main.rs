@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use proxy_userspace::{
-    agent, cleanup,
-    cli::{CleanupArgs, Cli, Command, LogFormat, OutputFormat, ShowArgs},
+    agent::{self, AgentConfig},
+    cleanup,
+    cli::{AgentArgs, CleanupArgs, Cli, Command, LogFormat, OutputFormat, ShowArgs},
     dataplane::maps::Maps,
     show,
 };
@@ -58,13 +59,27 @@ fn run_cleanup(args: &CleanupArgs) -> Result<()> {
     Ok(())
 }
 
+/// `ebpf-proxy agent`. The flags are checked before anything is loaded or listened on.
+fn run_agent(args: &AgentArgs) -> Result<()> {
+    let config = AgentConfig::from_args(args).context("invalid flag")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    let r = rt.block_on(agent::run(config));
+    // Do not wait for tasks stuck in blocking calls (a source reading a FIFO): the datapath
+    // stays pinned, there is nothing left to flush.
+    rt.shutdown_background();
+    r
+}
+
 /// `Ok(true)`: drift.
 fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     use proxy_userspace::sync::{MapStore, Syncer, verify::verify};
+    // Parsed as the agent parses its flag, before any I/O: a bad CIDR is an error, not a
+    // different answer.
+    let nodeport_addresses = agent::config::nodeport_addresses(&a.nodeport_addresses)?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
     let objects =
         proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
-    let (info, _) = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &a.nodeport_addresses);
+    let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses);
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.
     let (desired, _) =
@@ -87,7 +102,7 @@ fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
     let objects =
         proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
-    let (info, _) = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);
+    let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);
     let e = proxy_userspace::model::explain(&objects.services, &objects.slices, &info, namespace, name)
         .map_err(anyhow::Error::msg)?;
     let out = match a.output {
@@ -120,17 +135,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => {
             init_logging(args.log_format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the tokio runtime")
-                .and_then(|rt| {
-                    let r = rt.block_on(agent::run(args));
-                    // Do not wait for tasks stuck in blocking calls (a source reading a FIFO):
-                    // the datapath stays pinned, there is nothing left to flush.
-                    rt.shutdown_background();
-                    r
-                })
+            run_agent(&args)
         }
         Command::Cleanup(a) => run_cleanup(&a),
         Command::Trace(a) => run_trace(&a),

@@ -1,6 +1,7 @@
 //! The agent: load the datapath, attach it to pod interfaces and uplinks as they come and
 //! go, keep the maps equal to what the Kubernetes objects say, serve health-check node
 //! ports, and resolve the neighbours XDP forwarding is missing.
+pub mod config;
 mod neighbours;
 mod reconcile;
 mod socket_lb;
@@ -16,9 +17,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tokio::sync::mpsc::unbounded_channel;
+use tokio::sync::{mpsc::unbounded_channel, watch};
 use tracing::{error, info, warn};
 
+pub use self::config::{AgentConfig, ConfigError, ObjectSource};
 use self::{
     neighbours::neighbour_resolver,
     reconcile::SyncLoop,
@@ -27,15 +29,13 @@ use self::{
 };
 use crate::{
     attacher::{AttachPlan, Attacher},
-    cli::AgentArgs,
     conntrack::{GcConfig, task::GcTask},
     control,
     dataplane::{
         attach,
         ct_table::KernelCtTable,
         guard::{DatapathGuard, OurPrograms},
-        ifaces::{self, IfacePatterns},
-        loader::{self, LoaderConfig},
+        ifaces, loader,
         lock::RootLock,
         maps::GlobalStats,
         node::{NodeMaps, PortRange},
@@ -59,21 +59,38 @@ pub fn node_name(flag: Option<&str>) -> String {
 }
 
 /// The conntrack collector on its own thread, on its own handles to the pinned maps.
-fn start_conntrack_gc(args: &AgentArgs, metrics: Metrics) -> Result<()> {
-    let table = KernelCtTable::open_pinned(&args.bpffs_root).context("conntrack map")?;
-    let table6 = KernelCtTable::open_pinned(&args.bpffs_root).context("IPv6 conntrack map")?;
-    let stats = GlobalStats::open_pinned(&args.bpffs_root).context("stats map")?;
-    let cfg = GcConfig { timeouts: args.conntrack.timeouts(), ..GcConfig::default() };
-    let task = GcTask::new((table, table6), stats, cfg, args.conntrack.conntrack_gc_interval, metrics);
+fn start_conntrack_gc(config: &AgentConfig, metrics: Metrics) -> Result<()> {
+    let table = KernelCtTable::open_pinned(config.bpffs_root()).context("conntrack map")?;
+    let table6 = KernelCtTable::open_pinned(config.bpffs_root()).context("IPv6 conntrack map")?;
+    let stats = GlobalStats::open_pinned(config.bpffs_root()).context("stats map")?;
+    let cfg = GcConfig { timeouts: config.ct_timeouts, ..GcConfig::default() };
+    let task = GcTask::new((table, table6), stats, cfg, config.ct_gc_interval, metrics);
     info!(
         capacity = task.v4.capacity,
         capacity6 = task.v6.capacity,
-        interval = ?args.conntrack.conntrack_gc_interval,
+        interval = ?config.ct_gc_interval,
         timeouts = ?cfg.timeouts,
         "conntrack collector started"
     );
     task.spawn();
     Ok(())
+}
+
+/// Ready = the first full sync done and every interface present at start-up attached,
+/// in whichever order they happen.
+async fn readiness(
+    mut first_sync: watch::Receiver<bool>,
+    mut attached_initial: watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+) {
+    // A sender dropped before its signal: the agent is stopping or the attacher is gone;
+    // never ready.
+    if first_sync.wait_for(|done| *done).await.is_err() || attached_initial.wait_for(|done| *done).await.is_err() {
+        return;
+    }
+    if !ready.swap(true, Ordering::Relaxed) {
+        info!("first full sync done and pod interfaces attached; ready");
+    }
 }
 
 /// Create the root (on bpffs) and lock it for this agent's lifetime.
@@ -99,67 +116,62 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
-pub async fn run(args: AgentArgs) -> Result<()> {
-    let node_name = node_name(args.source.node_name.as_deref());
+/// Run the agent until SIGTERM or the object source ends. `config` is checked already
+/// ([`AgentConfig::from_args`]).
+pub async fn run(config: AgentConfig) -> Result<()> {
+    let node_name = config.node_name.clone();
     // No privileges: one clear line before anything is created.
     loader::check_privileges().context("loading the eBPF datapath")?;
     // A start that fails from here on removes the pin directory if it created it (the
     // lock below already creates it).
-    let created_root = loader::CreatedRoot::remember(&args.bpffs_root);
+    let created_root = loader::CreatedRoot::remember(config.bpffs_root());
     // One agent per root, decided before anything touches the pins.
-    let lock = lock_root(&args.bpffs_root)?;
+    let lock = lock_root(config.bpffs_root())?;
     let metrics = Metrics::new();
-    let health = Health::new(Duration::from_secs(args.healthz_timeout_secs));
+    let health = Health::new(config.healthz_timeout);
     let ready = health.synced.clone();
-    let mut shutdown = control::start(args.http_addr, args.metrics_addr, health.clone(), metrics.clone())?;
+    let mut shutdown = control::start(config.http_addr, config.metrics_addr, health.clone(), metrics.clone())?;
 
-    let cfg = LoaderConfig {
-        bpffs_root: args.bpffs_root.clone(),
-        max_services: args.max_services,
-        max_backends: args.max_backends,
-        max_conntrack: args.max_conntrack,
-    };
-    let (mut programs, maps) = loader::load(&cfg).context("loading the eBPF datapath")?;
+    let (mut programs, maps) = loader::load(&config.loader).context("loading the eBPF datapath")?;
     if !programs.migration.is_empty() {
         // Maps changed size or type: put the new programs into every pinned link now, in
         // one loop, then copy what the old programs wrote meanwhile and drop the old maps.
-        let swapped = attach::swap_pinned_links(&mut programs, &args.bpffs_root);
+        let swapped = attach::swap_pinned_links(&mut programs, config.bpffs_root());
         info!(links = swapped, "new programs swapped into the pinned links");
         std::mem::take(&mut programs.migration).finish().context("finishing the map migration")?;
     }
     // Before the first sync: a node process dialling a Service during start-up gets the
     // backends the pinned maps hold (a restart swaps the programs into the same links).
-    let sock_lb = setup_socket_lb(&args, &mut programs)?;
+    let sock_lb = setup_socket_lb(&config, &mut programs)?;
     metrics.sock_attached.set(i64::from(sock_lb.is_some()));
     if sock_lb.is_some() {
-        tokio::spawn(sock_translation_metrics(args.bpffs_root.clone(), metrics.clone()));
+        tokio::spawn(sock_translation_metrics(config.bpffs_root().to_path_buf(), metrics.clone()));
     }
     // Fill ratios use the sizes of the maps in use.
     let capacities = maps.capacities();
-    start_conntrack_gc(&args, metrics.clone())?;
+    start_conntrack_gc(&config, metrics.clone())?;
     let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
     let ours = OurPrograms::of(&programs).context("our program ids")?;
-    let guard = DatapathGuard::new(&args.bpffs_root, lock).context("opening the pinned maps for the datapath check")?;
+    let guard =
+        DatapathGuard::new(config.bpffs_root(), lock).context("opening the pinned maps for the datapath check")?;
     let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
-    if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&args.snat_port_range)) {
+    if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&config.snat_port_range)) {
         warn!(
-            snat_ports = %args.snat_port_range,
+            snat_ports = %config.snat_port_range,
             ip_local_port_range = %local,
             "--snat-port-range overlaps net.ipv4.ip_local_port_range: SNATed flows can collide with the node's own connections"
         );
     }
     info!(
         node = %node_name,
-        bpffs_root = %args.bpffs_root.display(),
+        bpffs_root = %config.bpffs_root().display(),
         services = syncer.service_count(),
         backends = syncer.backend_count(),
         "datapath loaded; pinned state read back"
     );
 
     // One watcher for both kinds: uplinks by exact name, pods by pattern.
-    let mut watched = args.pod_iface_pattern.clone();
-    watched.extend(args.uplink.iter().map(|u| glob::Pattern::escape(u)));
-    let patterns = IfacePatterns::new(&watched).context("--pod-iface-pattern")?;
+    let patterns = config.watched_ifaces.clone();
     let (ltx, lrx) = unbounded_channel();
     let detected_tx = ltx.clone();
     tokio::spawn(async move {
@@ -167,40 +179,40 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             error!(error = %e, "interface watcher stopped");
         }
     });
-    let attached_initial = Arc::new(AtomicBool::new(false));
-    let plan = AttachPlan { uplinks: args.uplink.iter().cloned().collect(), xdp_mode: args.xdp_mode };
+    let (attached_initial, attached_initial_rx) = watch::channel(false);
+    let plan = AttachPlan { uplinks: config.uplinks.iter().cloned().collect(), xdp_mode: config.xdp_mode };
     let (node_addrs, node_addrs_rx) = tokio::sync::watch::channel(Vec::new());
-    if args.uplink.is_empty() {
-        info!(xdp_mode = ?args.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");
-        let pods = IfacePatterns::new(&args.pod_iface_pattern).context("--pod-iface-pattern")?;
+    if config.uplinks.is_empty() {
+        info!(xdp_mode = ?config.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");
+        let pods = config.pod_ifaces.clone();
         tokio::spawn(detect_uplinks(pods, node_addrs_rx, detected_tx));
     } else {
-        info!(uplinks = ?args.uplink, xdp_mode = ?args.xdp_mode, "north-south XDP on uplinks");
+        info!(uplinks = ?config.uplinks, xdp_mode = ?config.xdp_mode, "north-south XDP on uplinks");
     }
-    let misses = NodeMaps::open_pinned(&args.bpffs_root).context("node maps")?;
+    let misses = NodeMaps::open_pinned(config.bpffs_root()).context("node maps")?;
     tokio::spawn(neighbour_resolver(misses));
     let attacher = Attacher {
         programs,
-        root: args.bpffs_root.clone(),
+        root: config.bpffs_root().to_path_buf(),
         plan,
         metrics: metrics.clone(),
-        attached_initial: attached_initial.clone(),
+        attached_initial,
         guard,
         ours,
         health: health.clone(),
-        check_interval: Duration::from_millis(args.datapath_check_interval_ms.max(10)),
-        sock: sock_lb.as_ref().map(|s| (s.cgroup.clone(), args.socket_lb)),
+        check_interval: config.datapath_check_interval,
+        sock: sock_lb.as_ref().map(|s| (s.cgroup.clone(), config.socket_lb)),
     };
     tokio::spawn(attacher.run(lrx));
 
     let (stx, mut srx) = unbounded_channel();
-    let source = match &args.source.manifests {
-        Some(dir) => {
+    let source = match &config.source {
+        ObjectSource::Manifests(dir) => {
             info!(dir = %dir.display(), "reading objects from manifests");
             Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
         }
-        None => {
-            let client = kube_client(args.source.kubeconfig.as_deref()).await?;
+        ObjectSource::Kube { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
             crate::source::kube::start(client, &node_name, stx);
             Source::Kube
         }
@@ -216,10 +228,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         node: None,
         full_sync: true,
         node_name,
-        nodeport_addresses: args.nodeport_addresses.clone(),
-        hairpin_address: args.hairpin_address,
-        hairpin_address6: args.hairpin_address6,
-        snat_port_range: args.snat_port_range,
+        nodeport_addresses: config.nodeport_addresses.clone(),
+        hairpin_address: config.hairpin_address,
+        hairpin_address6: config.hairpin_address6,
+        snat_port_range: config.snat_port_range,
         last_node_config: None,
         last_node_config6: None,
         metrics,
@@ -230,16 +242,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         sock: sock_lb,
         synced_once: false,
         last_drift: BTreeSet::new(),
-        bpffs_root: args.bpffs_root.clone(),
+        bpffs_root: config.bpffs_root().to_path_buf(),
     };
     created_root.keep();
     // Periodic verify (the select branch below is disabled when the interval is 0).
-    let verify_every = Duration::from_secs(args.verify_interval_secs.max(1));
+    // Any period will do when it is off: the branch is never polled.
+    let verify_every = config.verify_interval.unwrap_or(Duration::from_secs(1));
     let mut verify_tick = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
-    let delay = Duration::from_millis(args.sync_delay_ms);
+    let delay = config.sync_delay;
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;
-    let mut readiness_spawned = false;
+    let (first_sync, first_sync_rx) = watch::channel(false);
+    tokio::spawn(readiness(first_sync_rx, attached_initial_rx, ready.clone()));
     loop {
         tokio::select! {
             ev = srx.recv() => match ev {
@@ -250,7 +264,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             },
             _ = &mut shutdown => break,
             // 0 turns the periodic verify off: the branch is never polled.
-            _ = verify_tick.tick(), if args.verify_interval_secs > 0 => {
+            _ = verify_tick.tick(), if config.verify_interval.is_some() => {
                 lp.verify();
                 continue;
             }
@@ -276,20 +290,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
         lp.sync(burst.take());
         health.synced_now();
-        if !readiness_spawned {
-            readiness_spawned = true;
-            // Ready = maps synced and every pod interface present at start-up attached.
-            let attached = attached_initial.clone();
-            let ready = ready.clone();
-            tokio::spawn(async move {
-                while !attached.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                if !ready.swap(true, Ordering::Relaxed) {
-                    info!("first full sync done and pod interfaces attached; ready");
-                }
-            });
-        }
+        first_sync.send_replace(true);
     }
     // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
     Ok(())

@@ -24,7 +24,7 @@ use crate::{
     healthcheck::HealthServers,
     metrics::{FamilyLabel, MapLabel, Metrics},
     model::{
-        IpFamily, Translator,
+        IpFamily, IpPrefix, Translator,
         node::{node_info, snat_address, snat_address6},
     },
     source::{Delta, Snapshots, Source, Update},
@@ -45,7 +45,7 @@ pub(super) struct SyncLoop {
     /// The next sync looks at every frontend (start-up, relist).
     pub(super) full_sync: bool,
     pub(super) node_name: String,
-    pub(super) nodeport_addresses: Vec<String>,
+    pub(super) nodeport_addresses: Vec<IpPrefix>,
     pub(super) hairpin_address: Ipv4Addr,
     pub(super) hairpin_address6: Ipv6Addr,
     pub(super) snat_port_range: PortRange,
@@ -109,7 +109,7 @@ impl SyncLoop {
                 }
             }
         }
-        let (node, mut warnings) = node_info(&self.node_name, self.node.as_ref(), &self.nodeport_addresses);
+        let node = node_info(&self.node_name, self.node.as_ref(), &self.nodeport_addresses);
         self.node_addrs.send_if_modified(|a| {
             let changed = *a != node.nodeport_addrs;
             a.clone_from(&node.nodeport_addrs);
@@ -119,7 +119,7 @@ impl SyncLoop {
         // The addresses programmed now stay with their Services on a conflict.
         let changed = self.translator.commit(&self.syncer);
         let translated = t.elapsed();
-        warnings.extend(self.translator.warnings());
+        let warnings = self.translator.warnings();
         // Each malformed object is logged once, not on every sync.
         let now: BTreeSet<String> = warnings.iter().map(|w| w.to_string()).collect();
         for w in &warnings {

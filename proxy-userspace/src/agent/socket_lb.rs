@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tracing::{error, info, warn};
 
+use super::AgentConfig;
 use crate::{
-    cli::AgentArgs,
     dataplane::{
         loader,
         maps::Maps,
@@ -26,14 +26,14 @@ pub(super) struct SockLb {
 /// what they need, or a host without cgroup v2 when none was named, leaves the node on the
 /// TC/XDP paths with an error in the log; a `--cgroup-root` that is not a cgroup v2
 /// directory stops the agent.
-pub(super) fn setup_socket_lb(args: &AgentArgs, programs: &mut loader::Programs) -> Result<Option<SockLb>> {
-    if args.socket_lb == SocketLbMode::Off {
-        for pin in sock::detach_all(&args.bpffs_root) {
+pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Programs) -> Result<Option<SockLb>> {
+    if config.socket_lb == SocketLbMode::Off {
+        for pin in sock::detach_all(config.bpffs_root()) {
             info!(pin = %pin, "--socket-lb=off: detached socket-level program");
         }
         return Ok(None);
     }
-    let cgroup = match &args.cgroup_root {
+    let cgroup = match &config.cgroup_root {
         Some(p) => p.clone(),
         None => match sock::detect_cgroup_root() {
             Ok(p) => p,
@@ -45,23 +45,23 @@ pub(super) fn setup_socket_lb(args: &AgentArgs, programs: &mut loader::Programs)
     };
     let cgroup = match sock::resolve_cgroup2(&cgroup) {
         Ok(c) => c,
-        Err(e) if args.cgroup_root.is_some() => return Err(e).context("--cgroup-root"),
+        Err(e) if config.cgroup_root.is_some() => return Err(e).context("--cgroup-root"),
         Err(e) => {
             error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
             return Ok(None);
         }
     };
-    match sock::attach(programs, &args.bpffs_root, &cgroup, args.socket_lb) {
+    match sock::attach(programs, config.bpffs_root(), &cgroup, config.socket_lb) {
         Ok(a) => {
             info!(
                 cgroup = %cgroup.display(),
-                mode = ?args.socket_lb,
+                mode = ?config.socket_lb,
                 links_replaced = a.replaced,
                 links_created = a.created,
                 links_detached = a.detached,
                 "socket-level load balancing attached"
             );
-            let revnat = sock::RevNat::open_pinned(&args.bpffs_root).context("socket-level reverse translations")?;
+            let revnat = sock::RevNat::open_pinned(config.bpffs_root()).context("socket-level reverse translations")?;
             Ok(Some(SockLb { cgroup, revnat }))
         }
         Err(e) => {

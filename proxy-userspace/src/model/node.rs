@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::Node;
 
 use super::{
     addr::parse_ip_sloppy,
-    types::{IpPrefix, NodeInfo, Warning},
+    types::{IpPrefix, NodeInfo},
 };
 
 /// The Node label topology-aware routing matches zone hints against.
@@ -14,28 +14,14 @@ const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 /// NodeInfo for `name`: NodePort addresses are the node's InternalIP/ExternalIP addresses
 /// of both families (upstream runs a proxier per family, each serving NodePorts on its
 /// family's node addresses), restricted to `nodeport_cidrs` when any are given
-/// (kube-proxy's `--nodeport-addresses`, IPv4 and IPv6 CIDRs). Bad CIDRs are reported,
-/// not fatal.
+/// (kube-proxy's `--nodeport-addresses`, IPv4 and IPv6 CIDRs, parsed once at start-up).
 ///
 /// Upstream applies `--nodeport-addresses` per family: when the flag names CIDRs of one
 /// family only, the other family's proxier serves NodePorts on all its node addresses
 /// (`NodePortAddresses` falls back to "all" for a family with no CIDR).
-pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> (NodeInfo, Vec<Warning>) {
-    let mut warnings = Vec::new();
-    let mut prefixes = Vec::new();
-    // An empty value (e.g. an empty ConfigMap key) means "no restriction".
-    for c in nodeport_cidrs.iter().filter(|c| !c.trim().is_empty()) {
-        match c.parse::<IpPrefix>() {
-            Ok(p) => prefixes.push(p),
-            Err(_) => warnings.push(Warning {
-                object: "--nodeport-addresses".into(),
-                kind: "Flag",
-                message: format!("ignoring invalid CIDR {c:?}"),
-            }),
-        }
-    }
+pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[IpPrefix]) -> NodeInfo {
     let allowed = |ip: IpAddr| {
-        let mut of_family = prefixes.iter().filter(|p| p.addr.is_ipv4() == ip.is_ipv4()).peekable();
+        let mut of_family = nodeport_cidrs.iter().filter(|p| p.addr.is_ipv4() == ip.is_ipv4()).peekable();
         of_family.peek().is_none() || of_family.any(|p| p.contains(ip))
     };
     let mut addrs: Vec<IpAddr> = node_addresses(node)
@@ -50,7 +36,7 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[String]) -> 
         .and_then(|l| l.get(LABEL_TOPOLOGY_ZONE))
         .filter(|z| !z.is_empty())
         .cloned();
-    (NodeInfo { name: name.to_string(), nodeport_addrs: addrs, zone }, warnings)
+    NodeInfo { name: name.to_string(), nodeport_addrs: addrs, zone }
 }
 
 /// The Node's addresses that parse (sloppy like kube-proxy), with their type.
@@ -105,6 +91,10 @@ mod tests {
         s.iter().map(|a| a.parse().unwrap()).collect()
     }
 
+    fn cidrs(s: &[&str]) -> Vec<IpPrefix> {
+        s.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
     /// Upstream serves NodePorts on the node addresses of each family its proxiers run
     /// (MetaProxier: one per family), so a dual-stack node serves them on both.
     #[test]
@@ -116,8 +106,7 @@ mod tests {
             ("InternalIP", "fd00::1"),
             ("InternalIP", "not-an-ip"),
         ]);
-        let (info, w) = node_info("n1", Some(&n), &[]);
-        assert!(w.is_empty());
+        let info = node_info("n1", Some(&n), &[]);
         assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10", "203.0.113.5", "fd00::1"]));
     }
 
@@ -126,10 +115,9 @@ mod tests {
     #[test]
     fn nodeport_addresses_with_ipv6_cidrs() {
         let n = node(&[("InternalIP", "192.168.1.10"), ("InternalIP", "fd00::1"), ("ExternalIP", "2001:db8::5")]);
-        let (info, w) = node_info("n1", Some(&n), &["fd00::/64".into()]);
-        assert!(w.is_empty(), "{w:?}");
+        let info = node_info("n1", Some(&n), &cidrs(&["fd00::/64"]));
         assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10", "fd00::1"]));
-        let (info, _) = node_info("n1", Some(&n), &["10.0.0.0/8".into(), "2001:db8::/32".into()]);
+        let info = node_info("n1", Some(&n), &cidrs(&["10.0.0.0/8", "2001:db8::/32"]));
         assert_eq!(info.nodeport_addrs, ips(&["2001:db8::5"]));
     }
 
@@ -137,7 +125,7 @@ mod tests {
     #[test]
     fn ipv6_only_node() {
         let n = node(&[("InternalIP", "fd00::10"), ("ExternalIP", "2001:db8::10")]);
-        let (info, _) = node_info("n1", Some(&n), &[]);
+        let info = node_info("n1", Some(&n), &[]);
         assert_eq!(info.nodeport_addrs, ips(&["2001:db8::10", "fd00::10"]));
         assert_eq!(snat_address(Some(&n)), None);
         assert_eq!(snat_address6(Some(&n)), Some("fd00::10".parse().unwrap()));
@@ -146,17 +134,15 @@ mod tests {
     }
 
     #[test]
-    fn nodeport_addresses_filtered_by_cidr_and_bad_cidr_warned() {
+    fn nodeport_addresses_filtered_by_cidr() {
         let n = node(&[("InternalIP", "192.168.1.10"), ("ExternalIP", "203.0.113.5")]);
-        let (info, w) = node_info("n1", Some(&n), &["192.168.0.0/16".into(), "nonsense".into()]);
+        let info = node_info("n1", Some(&n), &cidrs(&["192.168.0.0/16"]));
         assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10"]));
-        assert_eq!(w.len(), 1);
-        assert!(w[0].message.contains("nonsense"));
     }
 
     #[test]
     fn no_node_object_means_no_nodeport_addresses() {
-        let (info, _) = node_info("n1", None, &[]);
+        let info = node_info("n1", None, &[]);
         assert_eq!(info.name, "n1");
         assert!(info.nodeport_addrs.is_empty());
     }
@@ -182,8 +168,7 @@ mod tests {
     fn node_addresses_with_leading_zeros() {
         let n = node(&[("InternalIP", "192.168.001.010")]);
         assert_eq!(snat_address(Some(&n)), Some(Ipv4Addr::new(192, 168, 1, 10)));
-        let (info, warnings) = node_info("n", Some(&n), &["192.168.001.000/24".into()]);
-        assert!(warnings.is_empty(), "{warnings:?}");
+        let info = node_info("n", Some(&n), &cidrs(&["192.168.001.000/24"]));
         assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10"]));
     }
 }

@@ -1,0 +1,204 @@
+//! The agent's configuration, typed and checked once at start-up from the clap flags
+//! (`cli::AgentArgs`): a flag that cannot be used stops the agent before anything is
+//! loaded, instead of being warned about at every sync.
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use crate::{
+    cli::AgentArgs,
+    dataplane::{
+        DataplaneError, attach::XdpModeChoice, ifaces::IfacePatterns, loader::LoaderConfig, node::PortRange,
+        sock::SocketLbMode,
+    },
+    model::IpPrefix,
+};
+
+/// The datapath check runs at most this often: a smaller interval would only spin.
+const MIN_DATAPATH_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A flag the agent cannot start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--nodeport-addresses: {value:?} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/64)")]
+    NodePortAddress { value: String },
+    #[error("{flag}: {source}")]
+    IfacePattern {
+        flag: &'static str,
+        // Boxed: the error type is large and this is the rare path.
+        #[source]
+        source: Box<DataplaneError>,
+    },
+}
+
+/// Where the objects come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectSource {
+    /// `--manifests`: YAML files in this directory, reloaded on change.
+    Manifests(PathBuf),
+    /// The Kubernetes API, through this kubeconfig or the in-cluster / default config.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+/// Everything `agent::run` needs, built once by [`AgentConfig::from_args`].
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// `--node-name`, else the host name.
+    pub node_name: String,
+    pub source: ObjectSource,
+    /// Pin directory, and the map sizes (`--max-services`, `--max-backends`,
+    /// `--max-conntrack`).
+    pub loader: LoaderConfig,
+    /// `--pod-iface-pattern`.
+    pub pod_ifaces: IfacePatterns,
+    /// What the interface watcher follows: the pod patterns and the `--uplink` names
+    /// exactly.
+    pub watched_ifaces: IfacePatterns,
+    /// `--uplink`; empty: detect them.
+    pub uplinks: Vec<String>,
+    pub xdp_mode: XdpModeChoice,
+    pub snat_port_range: PortRange,
+    pub hairpin_address: Ipv4Addr,
+    pub hairpin_address6: Ipv6Addr,
+    /// `--nodeport-addresses`; empty: every node address serves NodePorts.
+    pub nodeport_addresses: Vec<IpPrefix>,
+    pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub healthz_timeout: Duration,
+    pub datapath_check_interval: Duration,
+    /// `--verify-interval-secs`; `None` when 0 (off).
+    pub verify_interval: Option<Duration>,
+    pub sync_delay: Duration,
+    pub ct_timeouts: proxy_common::ct::CtTimeouts,
+    pub ct_gc_interval: Duration,
+    pub socket_lb: SocketLbMode,
+    /// `--cgroup-root`; `None`: detected at start-up.
+    pub cgroup_root: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Check and convert the flags. Reads the host name when `--node-name` is not given.
+    pub fn from_args(args: &AgentArgs) -> Result<Self, ConfigError> {
+        let pattern_error = |e| ConfigError::IfacePattern { flag: "--pod-iface-pattern", source: Box::new(e) };
+        let pod_ifaces = IfacePatterns::new(&args.pod_iface_pattern).map_err(pattern_error)?;
+        // Uplinks are exact names: escaped so that a `[` in one is not a glob.
+        let mut watched = args.pod_iface_pattern.clone();
+        watched.extend(args.uplink.iter().map(|u| glob::Pattern::escape(u)));
+        let watched_ifaces = IfacePatterns::new(&watched).map_err(pattern_error)?;
+        let source = match &args.source.manifests {
+            Some(dir) => ObjectSource::Manifests(dir.clone()),
+            None => ObjectSource::Kube { kubeconfig: args.source.kubeconfig.clone() },
+        };
+        Ok(AgentConfig {
+            node_name: super::node_name(args.source.node_name.as_deref()),
+            source,
+            loader: LoaderConfig {
+                bpffs_root: args.bpffs_root.clone(),
+                max_services: args.max_services,
+                max_backends: args.max_backends,
+                max_conntrack: args.max_conntrack,
+            },
+            pod_ifaces,
+            watched_ifaces,
+            uplinks: args.uplink.clone(),
+            xdp_mode: args.xdp_mode,
+            snat_port_range: args.snat_port_range,
+            hairpin_address: args.hairpin_address,
+            hairpin_address6: args.hairpin_address6,
+            nodeport_addresses: nodeport_addresses(&args.nodeport_addresses)?,
+            http_addr: args.http_addr,
+            metrics_addr: args.metrics_addr,
+            healthz_timeout: Duration::from_secs(args.healthz_timeout_secs),
+            datapath_check_interval: Duration::from_millis(args.datapath_check_interval_ms)
+                .max(MIN_DATAPATH_CHECK_INTERVAL),
+            verify_interval: (args.verify_interval_secs > 0).then(|| Duration::from_secs(args.verify_interval_secs)),
+            sync_delay: Duration::from_millis(args.sync_delay_ms),
+            ct_timeouts: args.conntrack.timeouts(),
+            ct_gc_interval: args.conntrack.conntrack_gc_interval,
+            socket_lb: args.socket_lb,
+            cgroup_root: args.cgroup_root.clone(),
+        })
+    }
+
+    pub fn bpffs_root(&self) -> &std::path::Path {
+        &self.loader.bpffs_root
+    }
+}
+
+/// `--nodeport-addresses` (the agent's, and `verify`'s of the same name) as prefixes. An
+/// empty value (e.g. an empty ConfigMap key) means "no restriction"; anything else that is
+/// not a CIDR is an error.
+pub fn nodeport_addresses(values: &[String]) -> Result<Vec<IpPrefix>, ConfigError> {
+    values
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.parse().map_err(|_| ConfigError::NodePortAddress { value: v.clone() }))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn config(flags: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let argv = ["ebpf-proxy", "agent", "--manifests", "/tmp/x", "--node-name", "n1"];
+        let cli = Cli::try_parse_from(argv.iter().chain(flags)).unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        AgentConfig::from_args(&a)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.source, ObjectSource::Manifests("/tmp/x".into()));
+        assert!(c.nodeport_addresses.is_empty());
+        assert!(c.uplinks.is_empty());
+        assert!(c.pod_ifaces.matches("veth1234") && !c.pod_ifaces.matches("eth0"));
+        assert_eq!(c.verify_interval, Some(Duration::from_secs(60)));
+        assert_eq!(c.datapath_check_interval, Duration::from_secs(1));
+        assert_eq!(c.ct_timeouts, proxy_common::ct::CtTimeouts::default());
+    }
+
+    #[test]
+    fn nodeport_addresses_are_parsed_once() {
+        let c = config(&["--nodeport-addresses", "192.168.001.000/24,fd00::/64,"]).unwrap();
+        let want: Vec<IpPrefix> = vec!["192.168.1.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
+        assert_eq!(c.nodeport_addresses, want);
+    }
+
+    /// A bad CIDR stops the agent, and the error names the flag and the value.
+    #[test]
+    fn bad_nodeport_address_is_an_error_naming_flag_and_value() {
+        let e = config(&["--nodeport-addresses", "10.0.0.0/8,nonsense"]).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("--nodeport-addresses") && msg.contains("\"nonsense\""), "{msg}");
+        assert!(nodeport_addresses(&["10.0.0.0/33".into()]).is_err());
+    }
+
+    #[test]
+    fn bad_interface_pattern_is_an_error_naming_the_flag() {
+        let msg = config(&["--pod-iface-pattern", "veth[*"]).unwrap_err().to_string();
+        assert!(msg.starts_with("--pod-iface-pattern"), "{msg}");
+    }
+
+    /// An uplink name is matched exactly, not as a pattern.
+    #[test]
+    fn uplinks_are_watched_by_exact_name() {
+        let c = config(&["--uplink", "eth[0]"]).unwrap();
+        assert!(c.watched_ifaces.matches("eth[0]") && !c.watched_ifaces.matches("eth0"));
+        assert!(c.watched_ifaces.matches("veth1"));
+    }
+
+    #[test]
+    fn intervals() {
+        let c = config(&["--verify-interval-secs", "0", "--datapath-check-interval-ms", "1"]).unwrap();
+        assert_eq!(c.verify_interval, None);
+        assert_eq!(c.datapath_check_interval, MIN_DATAPATH_CHECK_INTERVAL);
+    }
+}
