@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use proxy_tests::{agent::TempDir, netns::Netns};
-use proxy_userspace::model::{DesiredState, NodeInfo, translate};
+use proxy_userspace::model::{DesiredState, NodeInfo, Translator, translate};
 
 use crate::{
     Plan, check_interrupted,
@@ -204,6 +204,30 @@ fn change_ours(
         ensure!(r.errors.is_empty() && r.writes > 0, "change {i}: {} writes", r.writes);
     }
     p50_p99(rows, "translate_apply", n, lat, format!("{reps} runs"));
+
+    // What the agent does now: the changed slice into the translator, re-translate what it
+    // touches, write the frontends whose entry changed.
+    let mut translator = Translator::new(node.clone());
+    translator.replace_services(&objs.services);
+    translator.replace_slices(if at_changed { &slices_b } else { &objs.slices });
+    translator.commit(&dp.syncer);
+    // `slices_b` is `objs.slices` with that one slice changed, in the same order.
+    let name = objects::slice_name(old);
+    let at = objs.slices.iter().position(|s| s.metadata.name.as_deref() == Some(name.as_str())).context("slice")?;
+    let (slice_a, slice_b) = (objs.slices[at].clone(), slices_b[at].clone());
+    let mut lat = Vec::with_capacity(reps);
+    for i in 0..reps {
+        check_interrupted()?;
+        at_changed = !at_changed;
+        let s = if at_changed { &slice_b } else { &slice_a };
+        let t = Instant::now();
+        translator.upsert_slice(s);
+        let changed = translator.commit(&dp.syncer);
+        let r = dp.syncer.apply_changes(translator.desired(), &changed);
+        lat.push(ms(t.elapsed()));
+        ensure!(r.errors.is_empty() && r.writes > 0, "change {i}: {} writes", r.writes);
+    }
+    p50_p99(rows, "incremental", n, lat, format!("{reps} runs: Translator::upsert_slice + commit + apply_changes"));
     Ok(())
 }
 
