@@ -36,9 +36,11 @@ pub mod map_names {
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
 /// are only what the ELF declares.
 pub mod sizes {
-    pub const MAX_SERVICES: u32 = 65_536;
-    pub const MAX_BACKENDS: u32 = 262_144;
-    pub const MAX_SLOTS: u32 = 524_288;
+    /// Frontends per family: 100,000 Services with room for NodePorts and external IPs.
+    pub const MAX_SERVICES: u32 = 262_144;
+    /// 100,000 Services x 10 endpoints.
+    pub const MAX_BACKENDS: u32 = 1_048_576;
+    pub const MAX_SLOTS: u32 = 8_388_608;
     pub const MAX_CONNTRACK: u32 = 262_144;
     pub const MAX_AFFINITY: u32 = 65_536;
     pub const MAX_SERVICE_STATS: u32 = 65_536;

@@ -10,18 +10,22 @@ use proxy_common::{
     SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6, StatsKey, sizes,
 };
 
-#[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(sizes::MAX_SERVICES, 0);
-
-/// Allocated on use (NO_PREALLOC): it is sized for every backend referenced by several
-/// frontends in both generations (`--max-backends` x 8), a cap most nodes never approach;
-/// preallocating it would cost that much kernel memory up front. Only the agent writes it.
-#[map]
-pub static BACKEND_SLOTS: HashMap<SlotKey, u32> =
-    HashMap::pinned(sizes::MAX_SLOTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+/// The maps only the agent writes (services, their metadata, backends, slots) are
+/// allocated on use (NO_PREALLOC): they are sized for 100,000 services x 10 endpoints, which
+/// preallocated would cost hundreds of MiB of kernel memory and a slow map creation on every
+/// node, whatever it runs; lookups cost the same either way.
+const NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 
 #[map]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(sizes::MAX_SERVICES, NO_PREALLOC);
+
+/// Sized for every backend referenced by several frontends in both generations
+/// (`--max-backends` x 8), a cap most nodes never approach.
+#[map]
+pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(sizes::MAX_SLOTS, NO_PREALLOC);
+
+#[map]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS, NO_PREALLOC);
 
 /// A plain (preallocated) hash, not an LRU: an LRU evicts whatever was used least recently,
 /// which on a busy node is an idle established connection, whose next packet would then be
@@ -38,7 +42,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 /// entries x CPUs x 16 bytes up front.
 #[map]
 pub static SERVICE_STATS: PerCpuHashMap<StatsKey, Counters> =
-    PerCpuHashMap::pinned(sizes::MAX_SERVICE_STATS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    PerCpuHashMap::pinned(sizes::MAX_SERVICE_STATS, NO_PREALLOC);
 
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(proxy_common::verdict::COUNT, 0);
@@ -46,7 +50,7 @@ pub static GLOBAL_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(proxy_commo
 /// Read only by userspace (CLI and a restarting agent); declared here so it is created and
 /// pinned with the others.
 #[map]
-pub static SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(sizes::MAX_SERVICES, 0);
+pub static SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(sizes::MAX_SERVICES, NO_PREALLOC);
 
 /// loadBalancerSourceRanges, keyed by (service id, source prefix). Value unused (1).
 #[map]
@@ -65,10 +69,10 @@ pub static NEIGH_MISSES: LruHashMap<NeighKey, u64> = LruHashMap::pinned(sizes::M
 // keeps its short keys; ids, slots, metadata and counters are shared (docs/architecture.md).
 
 #[map]
-pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(sizes::MAX_SERVICES, 0);
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(sizes::MAX_SERVICES, NO_PREALLOC);
 
 #[map]
-pub static BACKENDS6: HashMap<u32, Backend6> = HashMap::pinned(sizes::MAX_BACKENDS, 0);
+pub static BACKENDS6: HashMap<u32, Backend6> = HashMap::pinned(sizes::MAX_BACKENDS, NO_PREALLOC);
 
 /// See `CONNTRACK`: a plain hash whose live entries are never evicted.
 #[map]

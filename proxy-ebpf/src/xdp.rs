@@ -26,7 +26,7 @@ use proxy_common::{Ipv6Words, NeighKey, PROTO_UDP, Verdict};
 use crate::{
     csum,
     ct::CtWork,
-    family::{Family, V4, V6},
+    family::{V4, V6},
     icmp::{self, IcmpFamily, Side},
     parse::{
         self, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
