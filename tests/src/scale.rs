@@ -4,7 +4,7 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result};
-use proxy_common::{PROTO_TCP, SCOPE_INTERNAL, ServiceKey, SlotKey};
+use proxy_common::{PROTO_TCP, SCOPE_INTERNAL, ServiceKey, ServiceValue, SlotKey};
 use proxy_userspace::dataplane::{
     addr::{ip_from_map, ip_to_map, port_to_map},
     maps::Maps,
@@ -111,12 +111,19 @@ impl PinnedServices {
         Ok(PinnedServices { maps: Maps::open_pinned(bpffs_root).context("opening the pinned maps")? })
     }
 
+    /// The `SERVICES` entry of the internal TCP frontend `vip:port`: one lookup. The agent
+    /// switches a frontend to a new backend set by replacing this entry (new slot generation
+    /// and count), so a poller can read the backends only when it changed.
+    pub fn frontend(&self, vip: Ipv4Addr, port: u16) -> Option<ServiceValue> {
+        self.maps.services.get(&key(vip, port), 0).ok()
+    }
+
     /// Backend addresses (sorted) of the internal TCP frontend `vip:port` in its active slot
     /// generation; `None` when the frontend is not in the maps. A read that raced with the
     /// agent switching generations (the service entry changed while its slots were read) is
     /// retried, so the answer is one consistent backend set.
     pub fn backends(&self, vip: Ipv4Addr, port: u16) -> Option<Vec<Ipv4Addr>> {
-        let key = ServiceKey { addr: ip_to_map(vip), port: port_to_map(port), proto: PROTO_TCP, scope: SCOPE_INTERNAL };
+        let key = key(vip, port);
         // Bounded: a reader that keeps losing the race gives up rather than spin.
         for _ in 0..100 {
             let v = self.maps.services.get(&key, 0).ok()?;
@@ -136,4 +143,8 @@ impl PinnedServices {
         }
         None
     }
+}
+
+fn key(vip: Ipv4Addr, port: u16) -> ServiceKey {
+    ServiceKey { addr: ip_to_map(vip), port: port_to_map(port), proto: PROTO_TCP, scope: SCOPE_INTERNAL }
 }
