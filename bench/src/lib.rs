@@ -18,6 +18,7 @@ pub mod per_packet;
 pub mod report;
 pub mod rss;
 pub mod rules;
+pub mod scale;
 pub mod throughput;
 
 use std::{
@@ -68,6 +69,16 @@ pub struct Plan {
     pub ns_rounds: usize,
     pub ns_rate: u64,
     pub ns_flows: usize,
+    /// The `scale` section (real agent watching the fake API server): Services x endpoints
+    /// for start-up, one-change latency and churn; repetitions of the one change; churn
+    /// rate (updates/s) and duration; the large start-up case; bound of one start-up.
+    pub scale_n: usize,
+    pub scale_endpoints: usize,
+    pub scale_change_reps: usize,
+    pub scale_churn_rate: usize,
+    pub scale_churn_time: Duration,
+    pub scale_big_n: usize,
+    pub scale_ready_timeout: Duration,
     /// `bench-podserver` binary.
     pub server_bin: PathBuf,
 }
@@ -100,6 +111,13 @@ impl Plan {
             ns_rounds: 4,
             ns_rate: 2_000_000,
             ns_flows: 16,
+            scale_n: 10_000,
+            scale_endpoints: 10,
+            scale_change_reps: 200,
+            scale_churn_rate: 500,
+            scale_churn_time: Duration::from_secs(30),
+            scale_big_n: 100_000,
+            scale_ready_timeout: Duration::from_secs(300),
             server_bin,
         }
     }
@@ -132,6 +150,13 @@ impl Plan {
             ns_rounds: 1,
             ns_rate: 2_000_000,
             ns_flows: 16,
+            scale_n: 500,
+            scale_endpoints: 10,
+            scale_change_reps: 20,
+            scale_churn_rate: 100,
+            scale_churn_time: Duration::from_secs(3),
+            scale_big_n: 2_000,
+            scale_ready_timeout: Duration::from_secs(60),
             server_bin,
         }
     }
@@ -201,6 +226,7 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
     }
     v.extend(conntrack::expected_rows(plan));
     v.extend(northsouth::expected_rows(plan));
+    v.extend(scale::expected_rows(plan));
     v
 }
 

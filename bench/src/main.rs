@@ -14,7 +14,7 @@ use proxy_bench::{
     report::{Machine, Report},
 };
 
-const SECTIONS: [&str; 7] = ["per_packet", "conn", "control", "rss", "throughput", "conntrack", "northsouth"];
+const SECTIONS: [&str; 8] = ["per_packet", "conn", "control", "rss", "throughput", "conntrack", "northsouth", "scale"];
 
 #[derive(Parser)]
 #[command(name = "proxy-bench", about = "ebpf-proxy benchmarks (needs root)")]
@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     pp_sizes: Vec<usize>,
     /// Run only these sections (comma-separated): per_packet, conn, control, rss, throughput,
-    /// conntrack, northsouth.
+    /// conntrack, northsouth, scale.
     #[arg(long, value_delimiter = ',')]
     sections: Vec<String>,
 }
@@ -142,6 +142,7 @@ fn main() -> ExitCode {
             "throughput" => proxy_bench::throughput::run(&plan, &mut rows),
             "conntrack" => proxy_bench::conntrack::run(&plan, &mut rows),
             "northsouth" => proxy_bench::northsouth::run(&plan, &mut rows),
+            "scale" => proxy_bench::scale::run(&plan, &mut rows),
             _ => unreachable!(),
         };
         for row in &rows[before..] {

@@ -345,6 +345,17 @@ impl Report {
             }
         }
 
+        let scale: Vec<&Row> = self.rows.iter().filter(|r| r.section == "scale").collect();
+        if !scale.is_empty() {
+            let _ = writeln!(s, "\n### Scale: the agent watching the fake API server\n");
+            let _ = writeln!(s, "| services | case | value | note |");
+            let _ = writeln!(s, "|---:|---|---:|---|");
+            for r in scale {
+                let n = r.n.map(group).unwrap_or_default();
+                let _ = writeln!(s, "| {n} | {} | {:.2} {} | {} |", r.case, r.value, r.unit, r.note);
+            }
+        }
+
         let _ = writeln!(s, "\n### Targets\n");
         if plan.quick {
             let _ = writeln!(s, "(quick mode: sizes and durations too small for these to mean anything)\n");

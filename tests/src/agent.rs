@@ -89,10 +89,13 @@ impl Agent {
             .arg("--http-addr")
             .arg(format!("127.0.0.1:{http_port}"))
             .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{}", metrics_port(http_port)))
-            .arg("--sync-delay-ms")
-            .arg("10")
-            .args(args)
+            .arg(format!("127.0.0.1:{}", metrics_port(http_port)));
+        // Tests' default coalescing delay, unless the caller sets its own (clap refuses a
+        // flag given twice).
+        if !args.contains(&"--sync-delay-ms") {
+            cmd.arg("--sync-delay-ms").arg("10");
+        }
+        cmd.args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             // Socket-level load balancing attaches to a cgroup: never the machine's own root
             // from a test. Tests that exercise it pass `--socket-lb` and a test cgroup.

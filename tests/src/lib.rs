@@ -5,3 +5,4 @@ pub mod client;
 pub mod fake_apiserver;
 pub mod harness;
 pub mod netns;
+pub mod scale;

@@ -193,6 +193,19 @@ impl FakeApiServer {
         from_value(self.shared.lock().apply(kind, to_value(obj)))
     }
 
+    /// Creates or replaces objects of `kind` given as JSON, under one lock and
+    /// without the round trip through their typed form that `apply_*` makes
+    /// (for loading 100,000 objects in seconds). Same semantics as
+    /// [`apply_service`](Self::apply_service); returns the resourceVersion
+    /// after the last one.
+    pub fn apply_json(&self, kind: ResourceKind, objects: impl IntoIterator<Item = Value>) -> u64 {
+        let mut st = self.shared.lock();
+        for obj in objects {
+            st.apply(kind, obj);
+        }
+        st.current_rv()
+    }
+
     /// Creates (ADDED) or replaces (MODIFIED) a Service; an empty namespace
     /// becomes "default". Returns the stored object with its resourceVersion
     /// and uid. Replacing with identical content is a no-op.

@@ -87,7 +87,9 @@ struct Watcher {
 /// the first one, like the apiserver serving all pages at one resourceVersion.
 struct ListSnapshot {
     rv: u64,
-    items: Arc<Vec<Value>>,
+    /// Shared with the object map: a paginated list of 100,000 objects must not
+    /// deep-copy all of them on its first page.
+    items: Arc<Vec<Arc<Value>>>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -369,14 +371,14 @@ impl State {
                 (snap.0.rv, snap.0.items.clone(), snap.1)
             }
             None => {
-                let items: Vec<Value> =
-                    self.objects[kind.index()].values().filter(|o| filter.matches(o)).map(|o| (**o).clone()).collect();
+                let items: Vec<Arc<Value>> =
+                    self.objects[kind.index()].values().filter(|o| filter.matches(o)).cloned().collect();
                 (self.rv, Arc::new(items), 0)
             }
         };
         let limit = limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
         let end = offset.saturating_add(limit).min(items.len());
-        let page = items.get(offset..end).unwrap_or_default().to_vec();
+        let page = items.get(offset..end).unwrap_or_default().iter().map(|o| (**o).clone()).collect();
         let remaining = items.len().saturating_sub(end);
         let continue_token = (remaining > 0).then(|| {
             let id = match continue_token.and_then(|t| t.split_once('-')?.0.parse().ok()) {
@@ -388,7 +390,7 @@ impl State {
         ListOutcome::Page { rv, items: page, continue_token, remaining }
     }
 
-    fn store_snapshot(&mut self, rv: u64, items: Arc<Vec<Value>>) -> u64 {
+    fn store_snapshot(&mut self, rv: u64, items: Arc<Vec<Arc<Value>>>) -> u64 {
         self.next_snapshot += 1;
         let id = self.next_snapshot;
         self.snapshots.insert(id, ListSnapshot { rv, items });
