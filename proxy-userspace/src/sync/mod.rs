@@ -455,7 +455,7 @@ impl<S: MapStore> Syncer<S> {
         }
 
         // Backends no longer used by any frontend go last.
-        let mut removed_backends = HashSet::new();
+        let mut removed_udp = HashSet::new();
         for ident in released {
             if self.refs.contains_key(&ident) {
                 continue;
@@ -464,13 +464,15 @@ impl<S: MapStore> Syncer<S> {
             match self.store.del_backend(id, IpFamily::of(ident.0)) {
                 Ok(()) => {
                     writes += 1;
+                    // Only UDP entries are purged (TCP flows finish on their own), and the
+                    // purge walks the whole conntrack table: a TCP backend leaving costs none.
                     if ident.2 == PROTO_UDP {
                         report.removed_udp_backends.push((ident.0, ident.1));
+                        removed_udp.insert(id);
                     }
                     self.backends.remove(&ident);
                     self.backend_by_id.remove(&id);
                     self.backend_ids.free(id);
-                    removed_backends.insert(id);
                 }
                 Err(e) => {
                     warn!(backend_id = id, error = %e, "cannot delete backend");
@@ -479,12 +481,12 @@ impl<S: MapStore> Syncer<S> {
             }
         }
 
-        if !purge_pairs.is_empty() || !purge_services.is_empty() || !removed_backends.is_empty() {
+        if !purge_pairs.is_empty() || !purge_services.is_empty() || !removed_udp.is_empty() {
             let pred = |f: CtFacts| {
                 f.proto == PROTO_UDP
                     && (purge_services.contains(&f.svc_id)
                         || purge_pairs.contains(&(f.svc_id, f.backend_id))
-                        || removed_backends.contains(&f.backend_id))
+                        || removed_udp.contains(&f.backend_id))
             };
             match self.store.purge_conntrack(&pred) {
                 Ok(n) => report.conntrack_purged = n,
