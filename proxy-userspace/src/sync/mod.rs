@@ -137,6 +137,17 @@ pub struct Syncer<S: MapStore> {
     svc_ids: IdAlloc,
     backend_ids: IdAlloc,
     total_writes: u64,
+    /// Kept as frontends and backends come and go, so a report costs nothing per frontend.
+    counts: Counts,
+}
+
+/// What `SyncReport` tells about the whole mirror.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    /// Frontends in the map, by family (IPv4, IPv6).
+    in_map: [usize; 2],
+    slots: usize,
+    backends6: usize,
 }
 
 /// Which frontends a sync looks at.
@@ -242,11 +253,13 @@ impl<S: MapStore> Syncer<S> {
             svc_ids: IdAlloc::default(),
             backend_ids: IdAlloc::default(),
             total_writes: 0,
+            counts: Counts::default(),
         };
         for (id, b) in &snap.backends {
             s.backend_ids.reserve(*id);
             s.backends.insert((b.addr, b.port, b.proto), (*id, *b));
             s.backend_by_id.insert(*id, (b.addr, b.port, b.proto));
+            s.counts.backends6 += usize::from(b.addr.is_ipv6());
         }
         let mut slots: HashMap<(u32, u32), BTreeMap<u32, u32>> = HashMap::new();
         for (k, b) in &snap.slots {
@@ -272,7 +285,7 @@ impl<S: MapStore> Syncer<S> {
             for r in &refs {
                 *s.refs.entry(*r).or_default() += 1;
             }
-            s.frontends.insert(
+            s.put_frontend(
                 *k,
                 Programmed {
                     value: *v,
@@ -313,7 +326,26 @@ impl<S: MapStore> Syncer<S> {
     /// Frontends whose `SERVICES` entry is in the map: a frontend that failed before its
     /// entry was written (map full) is wanted, not programmed.
     pub fn programmed_count(&self) -> usize {
-        self.frontends.values().filter(|p| p.in_map).count()
+        self.counts.in_map[0] + self.counts.in_map[1]
+    }
+
+    /// Take a frontend out of the mirror (and out of the counts) to change it.
+    fn take_frontend(&mut self, key: &AnyServiceKey) -> Option<Programmed> {
+        let p = self.frontends.remove(key)?;
+        self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(p.in_map);
+        self.counts.slots -= p.active.len() + p.inactive.len();
+        Some(p)
+    }
+
+    /// Put a frontend (back) into the mirror.
+    fn put_frontend(&mut self, key: AnyServiceKey, p: Programmed) {
+        self.counts.in_map[usize::from(key.addr.is_ipv6())] += usize::from(p.in_map);
+        self.counts.slots += p.active.len() + p.inactive.len();
+        if let Some(old) = self.frontends.insert(key, p) {
+            // Never happens (callers take first); keep the counts right regardless.
+            self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(old.in_map);
+            self.counts.slots -= old.active.len() + old.inactive.len();
+        }
     }
 
     /// Which Service each programmed frontend address belongs to (from the metadata
@@ -472,6 +504,7 @@ impl<S: MapStore> Syncer<S> {
                     }
                     self.backends.remove(&ident);
                     self.backend_by_id.remove(&id);
+                    self.counts.backends6 -= usize::from(ident.0.is_ipv6());
                     self.backend_ids.free(id);
                 }
                 Err(e) => {
@@ -505,9 +538,8 @@ impl<S: MapStore> Syncer<S> {
         report.writes = writes;
         report.services = self.programmed_count();
         report.backends = self.backends.len();
-        report.services6 =
-            self.frontends.iter().filter(|(k, p)| p.in_map && IpFamily::of(k.addr) == IpFamily::V6).count();
-        report.backends6 = self.backends.keys().filter(|(addr, _, _)| addr.is_ipv6()).count();
+        report.services6 = self.counts.in_map[1];
+        report.backends6 = self.counts.backends6;
         report.slots = self.slot_count();
         report
     }
@@ -540,7 +572,7 @@ impl<S: MapStore> Syncer<S> {
 
     /// `BACKEND_SLOTS` entries the mirror knows of (both generations of every frontend).
     pub fn slot_count(&self) -> usize {
-        self.frontends.values().map(|p| p.active.len() + p.inactive.len()).sum()
+        self.counts.slots
     }
 
     /// Ensure the backend exists with the right flags; returns its id.
@@ -564,6 +596,7 @@ impl<S: MapStore> Syncer<S> {
         *writes += 1;
         self.backends.insert(ident, (id, *b));
         self.backend_by_id.insert(id, ident);
+        self.counts.backends6 += usize::from(ident.0.is_ipv6());
         Ok(id)
     }
 
@@ -583,11 +616,11 @@ impl<S: MapStore> Syncer<S> {
                 Ok(id) => ids.push(id),
                 Err(e) => {
                     // It keeps what it had, and what it wants stays for the retry.
-                    match self.frontends.remove(key) {
+                    match self.take_frontend(key) {
                         Some(mut p) => {
                             let held = self.idents(p.active.iter().chain(&p.inactive));
                             self.set_refs(&mut p, [idents.clone(), held].concat(), released);
-                            self.frontends.insert(*key, p);
+                            self.put_frontend(*key, p);
                         }
                         // Not programmed at all: nothing holds the backends it created.
                         None => released.extend(idents.iter().copied()),
@@ -601,7 +634,7 @@ impl<S: MapStore> Syncer<S> {
         let meta = service_meta(entry);
         let ranges: BTreeSet<IpPrefix> = entry.source_ranges.iter().copied().collect();
 
-        let mut prog = self.frontends.remove(key).unwrap_or_else(|| Programmed {
+        let mut prog = self.take_frontend(key).unwrap_or_else(|| Programmed {
             value: ServiceValue { id: self.svc_ids.alloc(), ..Default::default() },
             active: vec![],
             inactive: vec![],
@@ -634,7 +667,7 @@ impl<S: MapStore> Syncer<S> {
             Err(_) => [idents, self.idents(prog.active.iter().chain(&prog.inactive))].concat(),
         };
         self.set_refs(&mut prog, refs, released);
-        self.frontends.insert(*key, prog);
+        self.put_frontend(*key, prog);
         result
     }
 
@@ -811,9 +844,9 @@ impl<S: MapStore> Syncer<S> {
             self.frontends.iter().filter(|(_, p)| !p.inactive.is_empty()).map(|(k, _)| *k).collect();
         let before = *writes;
         for k in keys {
-            if let Some(mut p) = self.frontends.remove(&k) {
+            if let Some(mut p) = self.take_frontend(&k) {
                 self.release_spare(&mut p, writes);
-                self.frontends.insert(k, p);
+                self.put_frontend(k, p);
             }
         }
         tracing::info!(slots_freed = *writes - before, "BACKEND_SLOTS full: freed the spare generations");
@@ -826,7 +859,7 @@ impl<S: MapStore> Syncer<S> {
         released: &mut HashSet<BackendIdent>,
         writes: &mut u64,
     ) -> Result<u32, DataplaneError> {
-        let Some(mut prog) = self.frontends.remove(key) else { return Ok(0) };
+        let Some(mut prog) = self.take_frontend(key) else { return Ok(0) };
         let result = self.delete_frontend(key, &prog, writes);
         match &result {
             Ok(_) => {
@@ -837,7 +870,7 @@ impl<S: MapStore> Syncer<S> {
                 // Half removed: its slots may still point at its backends.
                 let held = self.idents(prog.active.iter().chain(&prog.inactive));
                 self.set_refs(&mut prog, held, released);
-                self.frontends.insert(*key, prog);
+                self.put_frontend(*key, prog);
             }
         }
         result

@@ -79,6 +79,12 @@ pub struct Translator {
     winners: HashMap<ClaimKey, Winner>,
     /// Addresses with more than one claimant (their losers are warned about).
     contested: BTreeSet<ClaimKey>,
+    /// What `warnings` reports, kept as the objects change so that it costs the number of
+    /// warnings, not the number of objects: slices and Services with warnings of their own,
+    /// and the Services named by slices that do not exist.
+    warned_slices: BTreeSet<ObjectId>,
+    warned_services: BTreeSet<ObjectId>,
+    orphan_groups: BTreeSet<ObjectId>,
     /// Health-check node port -> the Services asking for it, first wins.
     health: BTreeMap<u16, BTreeSet<ObjectId>>,
     desired: DesiredState,
@@ -98,6 +104,9 @@ impl Translator {
             claimants: HashMap::new(),
             winners: HashMap::new(),
             contested: BTreeSet::new(),
+            warned_slices: BTreeSet::new(),
+            warned_services: BTreeSet::new(),
+            orphan_groups: BTreeSet::new(),
             health: BTreeMap::new(),
             desired: DesiredState::default(),
             dirty_services: BTreeSet::new(),
@@ -198,6 +207,9 @@ impl Translator {
             self.groups.entry(service.clone()).or_default().insert(id.clone());
             self.dirty_services.insert(service.clone());
         }
+        if !p.warnings.is_empty() {
+            self.warned_slices.insert(id.clone());
+        }
         self.slices.insert(id, SliceState { service: p.service, parsed: p.parsed, warnings: p.warnings });
     }
 
@@ -208,6 +220,7 @@ impl Translator {
 
     fn remove_slice(&mut self, id: &ObjectId) {
         let Some(old) = self.slices.remove(id) else { return };
+        self.warned_slices.remove(id);
         if let Some(service) = old.service {
             if let Some(group) = self.groups.get_mut(&service) {
                 group.remove(id);
@@ -257,6 +270,11 @@ impl Translator {
     pub fn commit(&mut self, claims: &impl ClaimSource) -> BTreeSet<FrontendKey> {
         for id in std::mem::take(&mut self.dirty_services) {
             self.retranslate(&id);
+            let warned =
+                self.services.get(&id).is_some_and(|s| !s.parse_warnings.is_empty() || !s.slice_warnings.is_empty());
+            set_membership(&mut self.warned_services, &id, warned);
+            let orphaned = self.groups.contains_key(&id) && !self.services.contains_key(&id);
+            set_membership(&mut self.orphan_groups, &id, orphaned);
         }
         let mut changed = BTreeSet::new();
         for key in std::mem::take(&mut self.dirty_keys) {
@@ -407,21 +425,18 @@ impl Translator {
                 message: Problem::MissingMetadata.to_string(),
             })
             .collect();
-        let mut slices: Vec<(&ObjectId, &SliceState)> =
-            self.slices.iter().filter(|(_, s)| !s.warnings.is_empty()).collect();
-        slices.sort_by(|a, b| a.0.cmp(b.0));
-        out.extend(slices.into_iter().flat_map(|(_, s)| s.warnings.iter().cloned()));
-        for state in self.services.values() {
+        for id in &self.warned_slices {
+            out.extend(self.slices[id].warnings.iter().cloned());
+        }
+        for id in &self.warned_services {
+            let state = &self.services[id];
             out.extend(state.parse_warnings.iter().cloned());
             out.extend(state.slice_warnings.iter().cloned());
         }
         // Slices naming a Service that does not exist (their own, not-yet-collected
         // slices of a just-deleted Service excepted).
-        let mut orphans: Vec<(&ObjectId, &BTreeSet<ObjectId>)> =
-            self.groups.iter().filter(|(service, _)| !self.services.contains_key(*service)).collect();
-        orphans.sort_by(|a, b| a.0.cmp(b.0));
-        for (service, group) in orphans {
-            for slice in group {
+        for service in &self.orphan_groups {
+            for slice in self.groups.get(service).into_iter().flatten() {
                 let owned = self.slices.get(slice).and_then(|s| s.parsed.as_ref()).is_some_and(|p| p.owned_by_service);
                 if !owned {
                     out.push(warning(KIND_SLICE, slice, Problem::NoSuchService(service.to_string())));
@@ -456,6 +471,16 @@ impl Translator {
             out.push(warning(KIND_SERVICE, owner, Problem::Conflict(list.join(", "))));
         }
         out
+    }
+}
+
+fn set_membership(set: &mut BTreeSet<ObjectId>, id: &ObjectId, member: bool) {
+    if member {
+        if !set.contains(id) {
+            set.insert(id.clone());
+        }
+    } else {
+        set.remove(id);
     }
 }
 
