@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     model::{IpFamily, IpPrefix},
-    sync::store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, Snapshot, StoreResult},
+    sync::store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, Snapshot, StoreError, StoreResult},
 };
 
 /// Flag that sizes a map, for "map full" errors.
@@ -195,7 +195,7 @@ fn purge<K, V>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
     pred: impl Fn(&K, &V) -> bool,
-) -> StoreResult<usize>
+) -> Result<usize, DataplaneError>
 where
     K: aya::Pod,
     V: aya::Pod,
@@ -208,8 +208,10 @@ where
     Ok(doomed.len())
 }
 
-impl MapStore for Maps {
-    fn snapshot(&self) -> StoreResult<Snapshot> {
+impl Maps {
+    /// Everything the sync reads back, with the kernel's error (the CLI and `verify`
+    /// report it as is).
+    pub fn read_snapshot(&self) -> Result<Snapshot, DataplaneError> {
         let collect_err = |name: &'static str| move |e| DataplaneError::from_map(name, e);
         let mut snap = Snapshot::default();
         for r in self.services.iter() {
@@ -248,85 +250,82 @@ impl MapStore for Maps {
         }
         Ok(snap)
     }
+}
+
+/// A failed map operation as the sync sees it (a full map stays recognisable).
+fn store_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> StoreError {
+    move |e| DataplaneError::from_map(map, e).into()
+}
+
+impl MapStore for Maps {
+    fn snapshot(&self) -> StoreResult<Snapshot> {
+        Ok(self.read_snapshot()?)
+    }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
         match k.addr {
-            IpAddr::V4(a) => self
-                .services
-                .insert(key_with(k, ip_to_map(a)), v, 0)
-                .map_err(|e| DataplaneError::from_map(n::SERVICES, e)),
-            IpAddr::V6(a) => self
-                .services6
-                .insert(key_with(k, ip6_to_map(a)), v, 0)
-                .map_err(|e| DataplaneError::from_map(n::SERVICES6, e)),
+            IpAddr::V4(a) => self.services.insert(key_with(k, ip_to_map(a)), v, 0).map_err(store_err(n::SERVICES)),
+            IpAddr::V6(a) => self.services6.insert(key_with(k, ip6_to_map(a)), v, 0).map_err(store_err(n::SERVICES6)),
         }
     }
     fn del_service(&mut self, k: &AnyServiceKey) -> StoreResult {
         match k.addr {
-            IpAddr::V4(a) => ignore_missing(self.services.remove(&key_with(k, ip_to_map(a))))
-                .map_err(|e| DataplaneError::from_map(n::SERVICES, e)),
-            IpAddr::V6(a) => ignore_missing(self.services6.remove(&key_with(k, ip6_to_map(a))))
-                .map_err(|e| DataplaneError::from_map(n::SERVICES6, e)),
+            IpAddr::V4(a) => {
+                ignore_missing(self.services.remove(&key_with(k, ip_to_map(a)))).map_err(store_err(n::SERVICES))
+            }
+            IpAddr::V6(a) => {
+                ignore_missing(self.services6.remove(&key_with(k, ip6_to_map(a)))).map_err(store_err(n::SERVICES6))
+            }
         }
     }
     fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult {
-        self.slots.insert(k, backend_id, 0).map_err(|e| DataplaneError::from_map(n::BACKEND_SLOTS, e))
+        self.slots.insert(k, backend_id, 0).map_err(store_err(n::BACKEND_SLOTS))
     }
     fn del_slot(&mut self, k: &SlotKey) -> StoreResult {
-        ignore_missing(self.slots.remove(k)).map_err(|e| DataplaneError::from_map(n::BACKEND_SLOTS, e))
+        ignore_missing(self.slots.remove(k)).map_err(store_err(n::BACKEND_SLOTS))
     }
     fn put_backend(&mut self, id: u32, b: &AnyBackend) -> StoreResult {
         match b.addr {
-            IpAddr::V4(a) => self
-                .backends
-                .insert(id, backend_with(b, ip_to_map(a)), 0)
-                .map_err(|e| DataplaneError::from_map(n::BACKENDS, e)),
-            IpAddr::V6(a) => self
-                .backends6
-                .insert(id, backend_with(b, ip6_to_map(a)), 0)
-                .map_err(|e| DataplaneError::from_map(n::BACKENDS6, e)),
+            IpAddr::V4(a) => self.backends.insert(id, backend_with(b, ip_to_map(a)), 0).map_err(store_err(n::BACKENDS)),
+            IpAddr::V6(a) => {
+                self.backends6.insert(id, backend_with(b, ip6_to_map(a)), 0).map_err(store_err(n::BACKENDS6))
+            }
         }
     }
     fn del_backend(&mut self, id: u32, family: IpFamily) -> StoreResult {
         match family {
-            IpFamily::V4 => {
-                ignore_missing(self.backends.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS, e))
-            }
-            IpFamily::V6 => {
-                ignore_missing(self.backends6.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS6, e))
-            }
+            IpFamily::V4 => ignore_missing(self.backends.remove(&id)).map_err(store_err(n::BACKENDS)),
+            IpFamily::V6 => ignore_missing(self.backends6.remove(&id)).map_err(store_err(n::BACKENDS6)),
         }
     }
     fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult {
-        self.meta.insert(id, m, 0).map_err(|e| DataplaneError::from_map(n::SERVICE_META, e))
+        self.meta.insert(id, m, 0).map_err(store_err(n::SERVICE_META))
     }
     fn del_meta(&mut self, id: u32) -> StoreResult {
-        ignore_missing(self.meta.remove(&id)).map_err(|e| DataplaneError::from_map(n::SERVICE_META, e))
+        ignore_missing(self.meta.remove(&id)).map_err(store_err(n::SERVICE_META))
     }
     fn del_stats(&mut self, id: u32) -> StoreResult {
         for verdict in 0..proxy_common::verdict::COUNT {
             ignore_missing(self.service_stats.remove(&StatsKey { svc_id: id, verdict }))
-                .map_err(|e| DataplaneError::from_map(n::SERVICE_STATS, e))?;
+                .map_err(store_err(n::SERVICE_STATS))?;
         }
         Ok(())
     }
     fn put_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
         match p.addr {
-            IpAddr::V4(a) => self
-                .source_ranges
-                .insert(&range_key(svc_id, a, p.len), 1, 0)
-                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e)),
-            IpAddr::V6(a) => self
-                .source_ranges6
-                .insert(&range_key6(svc_id, a, p.len), 1, 0)
-                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES6, e)),
+            IpAddr::V4(a) => {
+                self.source_ranges.insert(&range_key(svc_id, a, p.len), 1, 0).map_err(store_err(n::SOURCE_RANGES))
+            }
+            IpAddr::V6(a) => {
+                self.source_ranges6.insert(&range_key6(svc_id, a, p.len), 1, 0).map_err(store_err(n::SOURCE_RANGES6))
+            }
         }
     }
     fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
         match p.addr {
             IpAddr::V4(a) => ignore_missing(self.source_ranges.remove(&range_key(svc_id, a, p.len)))
-                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e)),
+                .map_err(store_err(n::SOURCE_RANGES)),
             IpAddr::V6(a) => ignore_missing(self.source_ranges6.remove(&range_key6(svc_id, a, p.len)))
-                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES6, e)),
+                .map_err(store_err(n::SOURCE_RANGES6)),
         }
     }
     fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize> {

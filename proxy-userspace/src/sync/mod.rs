@@ -27,20 +27,16 @@ use std::{
     net::IpAddr,
 };
 
-use proxy_common::{PROTO_UDP, ServiceMeta, ServiceValue, SlotKey, backend_flags, svc_flags};
+use proxy_common::{
+    PROTO_UDP, ServiceMeta, ServiceValue, SlotKey, backend_flags, port_from_map, port_to_map, svc_flags,
+};
 use tracing::warn;
 
-pub use store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, Snapshot};
+pub use store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, Snapshot, StoreError};
 
-use crate::{
-    dataplane::{
-        DataplaneError,
-        addr::{port_from_map, port_to_map},
-    },
-    model::{
-        BackendAddr, ClaimHolder, ClaimKey, ClaimSource, Claims, DesiredState, FrontendEntry, FrontendKey,
-        FrontendKind, IpFamily, IpPrefix, Protocol, Scope,
-    },
+use crate::model::{
+    BackendAddr, ClaimHolder, ClaimKey, ClaimSource, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind,
+    IpFamily, IpPrefix, Protocol, Scope,
 };
 
 /// (service id, backend id) pairs.
@@ -87,7 +83,7 @@ pub struct SyncReport {
     /// Session-affinity entries removed because their backend left the frontend.
     pub affinity_purged: usize,
     /// Frontends that could not be programmed (the previous state for them stays).
-    pub errors: Vec<(FrontendKey, DataplaneError)>,
+    pub errors: Vec<(FrontendKey, StoreError)>,
 }
 
 /// Allocates 32-bit ids, monotonically (wrapping), skipping ids in use, so a freed id is
@@ -223,13 +219,13 @@ fn service_flags(e: &FrontendEntry) -> u32 {
 }
 
 /// The slots map is full (an insert of a new slot key failed).
-fn is_slots_full(e: &DataplaneError) -> bool {
-    matches!(e, DataplaneError::MapFull { map, .. } if *map == proxy_common::map_names::BACKEND_SLOTS)
+fn is_slots_full(e: &StoreError) -> bool {
+    matches!(e, StoreError::MapFull { map, .. } if *map == proxy_common::map_names::BACKEND_SLOTS)
 }
 
 impl<S: MapStore> Syncer<S> {
     /// Read back what the maps hold, so the first `apply` only writes differences.
-    pub fn new(store: S) -> Result<Self, DataplaneError> {
+    pub fn new(store: S) -> Result<Self, StoreError> {
         let snap = store.snapshot()?;
         let mut s = Syncer {
             store,
@@ -403,7 +399,7 @@ impl<S: MapStore> Syncer<S> {
             {
                 Ok(()) => {}
                 // Retried once the removals below have made room.
-                Err(e @ DataplaneError::MapFull { .. }) => {
+                Err(e @ StoreError::MapFull { .. }) => {
                     slots_full |= is_slots_full(&e);
                     full.push((fk, entry));
                 }
@@ -542,7 +538,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Ensure the backend exists with the right flags; returns its id.
-    fn ensure_backend(&mut self, b: &AnyBackend, writes: &mut u64) -> Result<u32, DataplaneError> {
+    fn ensure_backend(&mut self, b: &AnyBackend, writes: &mut u64) -> Result<u32, StoreError> {
         let ident = (b.addr, b.port, b.proto);
         if let Some((id, cur)) = self.backends.get(&ident) {
             if cur == b {
@@ -572,7 +568,7 @@ impl<S: MapStore> Syncer<S> {
         released: &mut HashSet<BackendIdent>,
         (purge_pairs, affinity_pairs): (&mut PairSet, &mut PairSet),
         writes: &mut u64,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<(), StoreError> {
         let wanted: Vec<AnyBackend> = entry.backends.iter().map(|b| backend_value(b, key.proto)).collect();
         let idents: Vec<BackendIdent> = wanted.iter().map(|v| (v.addr, v.port, v.proto)).collect();
         let mut ids = Vec::with_capacity(wanted.len());
@@ -647,7 +643,7 @@ impl<S: MapStore> Syncer<S> {
         meta: &ServiceMeta,
         ranges: &BTreeSet<IpPrefix>,
         writes: &mut u64,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<(), StoreError> {
         let id = prog.value.id;
         if prog.meta.as_ref() != Some(meta) {
             self.store.put_meta(id, meta)?;
@@ -706,7 +702,7 @@ impl<S: MapStore> Syncer<S> {
         flags: u32,
         affinity_timeout: u32,
         writes: &mut u64,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<(), StoreError> {
         let id = prog.value.id;
         let generation = if prog.in_map { prog.value.generation ^ 1 } else { 0 };
         // Fill the inactive generation; slots already holding the right id are kept.
@@ -767,7 +763,7 @@ impl<S: MapStore> Syncer<S> {
         flags: u32,
         affinity_timeout: u32,
         writes: &mut u64,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<(), StoreError> {
         let id = prog.value.id;
         let generation = prog.value.generation;
         for (i, bid) in ids.iter().enumerate() {
@@ -823,7 +819,7 @@ impl<S: MapStore> Syncer<S> {
         key: &AnyServiceKey,
         released: &mut HashSet<BackendIdent>,
         writes: &mut u64,
-    ) -> Result<u32, DataplaneError> {
+    ) -> Result<u32, StoreError> {
         let Some(mut prog) = self.frontends.remove(key) else { return Ok(0) };
         let result = self.delete_frontend(key, &prog, writes);
         match &result {
@@ -841,12 +837,7 @@ impl<S: MapStore> Syncer<S> {
         result
     }
 
-    fn delete_frontend(
-        &mut self,
-        key: &AnyServiceKey,
-        prog: &Programmed,
-        writes: &mut u64,
-    ) -> Result<u32, DataplaneError> {
+    fn delete_frontend(&mut self, key: &AnyServiceKey, prog: &Programmed, writes: &mut u64) -> Result<u32, StoreError> {
         let id = prog.value.id;
         if prog.in_map {
             self.store.del_service(key)?;

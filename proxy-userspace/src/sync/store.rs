@@ -1,6 +1,7 @@
-//! What the sync needs from the maps, as a trait: the kernel maps implement it
-//! (`dataplane::maps`), and `MemStore` implements it in memory so the diff logic is
-//! unit-tested without a kernel.
+//! What the sync needs from the maps, as a trait owned by the sync: the kernel maps
+//! implement it (`dataplane::maps`), and `MemStore` implements it in memory so the diff
+//! logic is unit-tested without a kernel. The trait and its error type live here, so the
+//! sync depends on no kernel code.
 //!
 //! Keys and backends carry an `IpAddr` (`ServiceKey<IpAddr>`, `Backend<IpAddr>`: the map
 //! types of proxy-common, generic over the address): the address says which family's map
@@ -12,10 +13,7 @@ use proxy_common::{
     Backend, CtKey, CtKey6, CtValue, CtValue6, ServiceKey, ServiceMeta, ServiceValue, SlotKey, map_names as n,
 };
 
-use crate::{
-    dataplane::DataplaneError,
-    model::{IpFamily, IpPrefix},
-};
+use crate::model::{IpFamily, IpPrefix};
 
 /// A `SERVICES` / `SERVICES6` key; port in network byte order as in the maps.
 pub type AnyServiceKey = ServiceKey<IpAddr>;
@@ -48,7 +46,20 @@ pub struct Snapshot {
     pub ranges: Vec<(u32, IpPrefix)>,
 }
 
-pub type StoreResult<T = ()> = Result<T, DataplaneError>;
+/// Why a store operation failed, as far as the sync must tell failures apart: a full map
+/// is retried once removals have made room (a full `BACKEND_SLOTS` also allows the
+/// in-place fallback); anything else is reported for its frontend as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("map {map} is full: raise --{flag}")]
+    MapFull { map: &'static str, flag: &'static str },
+    /// Any other failure, with the store's own message and cause (for the kernel maps a
+    /// `DataplaneError` naming the map), so reports stay as precise as the store makes them.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type StoreResult<T = ()> = Result<T, StoreError>;
 
 pub trait MapStore {
     fn snapshot(&self) -> StoreResult<Snapshot>;
@@ -113,7 +124,7 @@ impl MapStore for MemStore {
         let family = IpFamily::of(k.addr);
         let same_family = self.services.keys().filter(|s| IpFamily::of(s.addr) == family).count();
         if self.max_services.is_some_and(|max| !self.services.contains_key(k) && same_family >= max) {
-            return Err(DataplaneError::MapFull {
+            return Err(StoreError::MapFull {
                 map: family_map(family, n::SERVICES, n::SERVICES6),
                 flag: "max-services",
             });
@@ -131,7 +142,7 @@ impl MapStore for MemStore {
     fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult {
         // Like a kernel hash map: overwriting an existing key works when full.
         if self.max_slots.is_some_and(|max| !self.slots.contains_key(k) && self.slots.len() >= max) {
-            return Err(DataplaneError::MapFull { map: "BACKEND_SLOTS", flag: "max-backends" });
+            return Err(StoreError::MapFull { map: "BACKEND_SLOTS", flag: "max-backends" });
         }
         self.log.push(format!("put_slot {}/{}/{}={}", k.svc_id, k.generation(), k.index(), backend_id));
         self.slots.insert(*k, backend_id);
