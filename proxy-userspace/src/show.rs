@@ -188,14 +188,16 @@ fn collect<K: aya::Pod, V: aya::Pod>(
 /// Both families' frontends, read the way a restarting agent reads them back.
 pub fn read_services(maps: &Maps) -> Result<Vec<ServiceRow>, DataplaneError> {
     let snap = maps.read_snapshot()?;
-    let slots: HashMap<_, _> = snap.slots.into_iter().collect();
-    let backends: HashMap<_, _> = snap.backends.into_iter().collect();
-    let meta: HashMap<_, _> = snap.meta.into_iter().collect();
+    // The rows show ids as the maps hold them.
+    let slots: HashMap<_, _> = snap.slots.into_iter().map(|(k, id)| (k, id.get())).collect();
+    let backends: HashMap<_, _> = snap.backends.into_iter().map(|(id, b)| (id.get(), b)).collect();
+    let meta: HashMap<_, _> = snap.meta.into_iter().map(|(id, m)| (id.get(), m)).collect();
     Ok(service_rows(&snap.services, &slots, &backends, &meta))
 }
 
 pub fn read_backends(maps: &Maps) -> Result<Vec<BackendRow>, DataplaneError> {
-    let mut rows: Vec<BackendRow> = maps.read_snapshot()?.backends.iter().map(|(id, b)| backend_row(*id, b)).collect();
+    let mut rows: Vec<BackendRow> =
+        maps.read_snapshot()?.backends.iter().map(|(id, b)| backend_row(id.get(), b)).collect();
     rows.sort_by_key(|r| r.id);
     Ok(rows)
 }

@@ -20,10 +20,12 @@
 //! (`SERVICES6`, `BACKENDS6`, `SOURCE_RANGES6` for IPv6, see `store`), while service ids,
 //! backend ids, slots and metadata are one space shared by both, so every guarantee above
 //! holds for IPv6 frontends unchanged.
+pub mod ids;
 pub mod store;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    marker::PhantomData,
     net::IpAddr,
 };
 
@@ -32,6 +34,7 @@ use proxy_common::{
 };
 use tracing::warn;
 
+pub use ids::{BackendId, ServiceId};
 pub use store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, Snapshot, StoreError};
 
 use crate::model::{
@@ -40,7 +43,7 @@ use crate::model::{
 };
 
 /// (service id, backend id) pairs.
-type PairSet = HashSet<(u32, u32)>;
+type PairSet = HashSet<(ServiceId, BackendId)>;
 /// A backend's identity: services sharing an endpoint share its `BACKENDS` (or `BACKENDS6`)
 /// entry.
 type BackendIdent = (IpAddr, u16, u8);
@@ -49,9 +52,9 @@ type BackendIdent = (IpAddr, u16, u8);
 struct Programmed {
     value: ServiceValue,
     /// Backend ids in the active generation's slots, by index.
-    active: Vec<u32>,
+    active: Vec<BackendId>,
     /// Backend ids left in the inactive generation's slots, by index.
-    inactive: Vec<u32>,
+    inactive: Vec<BackendId>,
     meta: Option<ServiceMeta>,
     ranges: BTreeSet<IpPrefix>,
     /// The SERVICES entry has been written (false while a new frontend failed midway).
@@ -59,6 +62,14 @@ struct Programmed {
     /// The backends this frontend keeps alive (counted in `Syncer::refs`): what it wants
     /// once programmed; after a failure, also what its slots still point at.
     refs: Vec<BackendIdent>,
+}
+
+impl Programmed {
+    /// The service id its `SERVICES` value carries (a `u32` there: the layout is shared
+    /// with the datapath).
+    fn id(&self) -> ServiceId {
+        ServiceId::new(self.value.id)
+    }
 }
 
 /// What one `apply` did.
@@ -86,42 +97,51 @@ pub struct SyncReport {
     pub errors: Vec<(FrontendKey, StoreError)>,
 }
 
-/// Allocates 32-bit ids, monotonically (wrapping), skipping ids in use, so a freed id is
-/// not handed out again soon: stale conntrack or affinity entries of a deleted service then
-/// never alias a new one.
-#[derive(Debug, Default)]
-struct IdAlloc {
+/// Allocates 32-bit ids of type `I`, monotonically (wrapping), skipping ids in use, so a
+/// freed id is not handed out again soon: stale conntrack or affinity entries of a deleted
+/// service then never alias a new one.
+#[derive(Debug)]
+struct IdAlloc<I> {
     next: u32,
     used: HashSet<u32>,
+    id: PhantomData<I>,
 }
 
-impl IdAlloc {
-    fn reserve(&mut self, id: u32) {
+// Not derived: a derive would require `I: Default`, which ids have no use for.
+impl<I> Default for IdAlloc<I> {
+    fn default() -> Self {
+        IdAlloc { next: 0, used: HashSet::new(), id: PhantomData }
+    }
+}
+
+impl<I: Copy + From<u32> + Into<u32>> IdAlloc<I> {
+    fn reserve(&mut self, id: I) {
+        let id: u32 = id.into();
         self.used.insert(id);
         if id >= self.next {
             self.next = id.wrapping_add(1);
         }
     }
-    fn alloc(&mut self) -> u32 {
+    fn alloc(&mut self) -> I {
         loop {
             // 0 is never used so a zeroed value is recognisably unset.
             let id = self.next.max(1);
             self.next = id.wrapping_add(1);
             if self.used.insert(id) {
-                return id;
+                return I::from(id);
             }
         }
     }
-    fn free(&mut self, id: u32) {
-        self.used.remove(&id);
+    fn free(&mut self, id: I) {
+        self.used.remove(&id.into());
     }
 }
 
 pub struct Syncer<S: MapStore> {
     store: S,
     frontends: HashMap<AnyServiceKey, Programmed>,
-    backends: HashMap<BackendIdent, (u32, AnyBackend)>,
-    backend_by_id: HashMap<u32, BackendIdent>,
+    backends: HashMap<BackendIdent, (BackendId, AnyBackend)>,
+    backend_by_id: HashMap<BackendId, BackendIdent>,
     /// How many frontends keep each backend (`Programmed::refs`); one at 0 is deleted at
     /// the end of the sync that dropped it, so a sync touching few frontends never walks
     /// every backend.
@@ -130,8 +150,8 @@ pub struct Syncer<S: MapStore> {
     unreferenced: HashSet<BackendIdent>,
     /// Frontends whose last write or removal failed: retried by every sync.
     retry: BTreeSet<FrontendKey>,
-    svc_ids: IdAlloc,
-    backend_ids: IdAlloc,
+    svc_ids: IdAlloc<ServiceId>,
+    backend_ids: IdAlloc<BackendId>,
     total_writes: u64,
 }
 
@@ -244,19 +264,20 @@ impl<S: MapStore> Syncer<S> {
             s.backends.insert((b.addr, b.port, b.proto), (*id, *b));
             s.backend_by_id.insert(*id, (b.addr, b.port, b.proto));
         }
-        let mut slots: HashMap<(u32, u32), BTreeMap<u32, u32>> = HashMap::new();
+        let mut slots: HashMap<(ServiceId, u32), BTreeMap<u32, BackendId>> = HashMap::new();
         for (k, b) in &snap.slots {
-            slots.entry((k.svc_id, k.generation())).or_default().insert(k.index(), *b);
+            slots.entry((ServiceId::new(k.svc_id), k.generation())).or_default().insert(k.index(), *b);
         }
-        let meta: HashMap<u32, ServiceMeta> = snap.meta.iter().copied().collect();
-        let mut ranges: HashMap<u32, BTreeSet<IpPrefix>> = HashMap::new();
+        let meta: HashMap<ServiceId, ServiceMeta> = snap.meta.iter().copied().collect();
+        let mut ranges: HashMap<ServiceId, BTreeSet<IpPrefix>> = HashMap::new();
         for (id, p) in &snap.ranges {
             ranges.entry(*id).or_default().insert(*p);
         }
         for (k, v) in &snap.services {
-            s.svc_ids.reserve(v.id);
-            let ids = |generation: u32| -> Vec<u32> {
-                slots.get(&(v.id, generation)).map(|m| m.values().copied().collect()).unwrap_or_default()
+            let id = ServiceId::new(v.id);
+            s.svc_ids.reserve(id);
+            let ids = |generation: u32| -> Vec<BackendId> {
+                slots.get(&(id, generation)).map(|m| m.values().copied().collect()).unwrap_or_default()
             };
             let mut active = ids(v.generation);
             // Anything past `count` is stale; the next update of this service rewrites it.
@@ -274,8 +295,8 @@ impl<S: MapStore> Syncer<S> {
                     value: *v,
                     active,
                     inactive,
-                    meta: meta.get(&v.id).copied(),
-                    ranges: ranges.remove(&v.id).unwrap_or_default(),
+                    meta: meta.get(&id).copied(),
+                    ranges: ranges.remove(&id).unwrap_or_default(),
                     in_map: true,
                     refs,
                 },
@@ -359,13 +380,13 @@ impl<S: MapStore> Syncer<S> {
         let mut report = SyncReport::default();
         let mut writes = 0u64;
         let mut released: HashSet<BackendIdent> = std::mem::take(&mut self.unreferenced);
-        let mut purge_pairs: HashSet<(u32, u32)> = HashSet::new();
+        let mut purge_pairs: PairSet = HashSet::new();
         // (service, backend) pairs a frontend with session affinity dropped: their
         // affinity entries must go, or new connections of a pinned client would keep going
         // to a backend that left the Service (kube-proxy's per-endpoint `recent` lists go
         // with the endpoint's chain).
-        let mut affinity_pairs: HashSet<(u32, u32)> = HashSet::new();
-        let mut purge_services: HashSet<u32> = HashSet::new();
+        let mut affinity_pairs: PairSet = HashSet::new();
+        let mut purge_services: HashSet<ServiceId> = HashSet::new();
 
         // What to write (in key order, so ids are handed out in the same order whatever
         // the scope) and what to remove.
@@ -469,7 +490,7 @@ impl<S: MapStore> Syncer<S> {
                     removed_backends.insert(id);
                 }
                 Err(e) => {
-                    warn!(backend_id = id, error = %e, "cannot delete backend");
+                    warn!(backend_id = id.get(), error = %e, "cannot delete backend");
                     self.unreferenced.insert(ident);
                 }
             }
@@ -507,7 +528,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// The backends (by identity) behind these ids; ids of deleted backends are skipped.
-    fn idents<'a>(&self, ids: impl Iterator<Item = &'a u32>) -> Vec<BackendIdent> {
+    fn idents<'a>(&self, ids: impl Iterator<Item = &'a BackendId>) -> Vec<BackendIdent> {
         let mut out: Vec<BackendIdent> = ids.filter_map(|id| self.backend_by_id.get(id).copied()).collect();
         out.sort_unstable();
         out.dedup();
@@ -538,7 +559,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Ensure the backend exists with the right flags; returns its id.
-    fn ensure_backend(&mut self, b: &AnyBackend, writes: &mut u64) -> Result<u32, StoreError> {
+    fn ensure_backend(&mut self, b: &AnyBackend, writes: &mut u64) -> Result<BackendId, StoreError> {
         let ident = (b.addr, b.port, b.proto);
         if let Some((id, cur)) = self.backends.get(&ident) {
             if cur == b {
@@ -596,7 +617,7 @@ impl<S: MapStore> Syncer<S> {
         let ranges: BTreeSet<IpPrefix> = entry.source_ranges.iter().copied().collect();
 
         let mut prog = self.frontends.remove(key).unwrap_or_else(|| Programmed {
-            value: ServiceValue { id: self.svc_ids.alloc(), ..Default::default() },
+            value: ServiceValue { id: self.svc_ids.alloc().get(), ..Default::default() },
             active: vec![],
             inactive: vec![],
             meta: None,
@@ -611,14 +632,14 @@ impl<S: MapStore> Syncer<S> {
         let result = self.write_frontend(key, &mut prog, &ids, flags, affinity_timeout, &meta, &ranges, writes);
         let affinity = (old_flags | flags) & svc_flags::AFFINITY != 0;
         if key.proto == PROTO_UDP || affinity {
-            let now: HashSet<u32> = prog.active.iter().copied().collect();
+            let now: HashSet<BackendId> = prog.active.iter().copied().collect();
             for old in before.iter().chain(&prog.inactive) {
                 if !now.contains(old) {
                     if key.proto == PROTO_UDP {
-                        purge_pairs.insert((prog.value.id, *old));
+                        purge_pairs.insert((prog.id(), *old));
                     }
                     if affinity {
-                        affinity_pairs.insert((prog.value.id, *old));
+                        affinity_pairs.insert((prog.id(), *old));
                     }
                 }
             }
@@ -637,14 +658,14 @@ impl<S: MapStore> Syncer<S> {
         &mut self,
         key: &AnyServiceKey,
         prog: &mut Programmed,
-        ids: &[u32],
+        ids: &[BackendId],
         flags: u32,
         affinity_timeout: u32,
         meta: &ServiceMeta,
         ranges: &BTreeSet<IpPrefix>,
         writes: &mut u64,
     ) -> Result<(), StoreError> {
-        let id = prog.value.id;
+        let id = prog.id();
         if prog.meta.as_ref() != Some(meta) {
             self.store.put_meta(id, meta)?;
             *writes += 1;
@@ -698,17 +719,17 @@ impl<S: MapStore> Syncer<S> {
         &mut self,
         key: &AnyServiceKey,
         prog: &mut Programmed,
-        ids: &[u32],
+        ids: &[BackendId],
         flags: u32,
         affinity_timeout: u32,
         writes: &mut u64,
     ) -> Result<(), StoreError> {
-        let id = prog.value.id;
+        let id = prog.id();
         let generation = if prog.in_map { prog.value.generation ^ 1 } else { 0 };
         // Fill the inactive generation; slots already holding the right id are kept.
         for (i, bid) in ids.iter().enumerate() {
             if prog.inactive.get(i) != Some(bid) {
-                self.store.put_slot(&SlotKey::new(id, generation, i as u32), *bid)?;
+                self.store.put_slot(&SlotKey::new(id.get(), generation, i as u32), *bid)?;
                 *writes += 1;
                 if i < prog.inactive.len() {
                     prog.inactive[i] = *bid;
@@ -720,13 +741,14 @@ impl<S: MapStore> Syncer<S> {
         // Slots past the new count in this generation are leftovers of an older,
         // longer backend list: unreachable once the count below is in place.
         let stale_tail = ids.len()..prog.inactive.len();
-        let value = ServiceValue { id, count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
+        let value =
+            ServiceValue { id: id.get(), count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
         self.store.put_service(key, &value)?;
         *writes += 1;
         prog.value = value;
         prog.in_map = true;
         for i in stale_tail {
-            self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+            self.store.del_slot(&SlotKey::new(id.get(), generation, i as u32))?;
             *writes += 1;
         }
         prog.inactive.truncate(ids.len());
@@ -759,30 +781,31 @@ impl<S: MapStore> Syncer<S> {
         &mut self,
         key: &AnyServiceKey,
         prog: &mut Programmed,
-        ids: &[u32],
+        ids: &[BackendId],
         flags: u32,
         affinity_timeout: u32,
         writes: &mut u64,
     ) -> Result<(), StoreError> {
-        let id = prog.value.id;
+        let id = prog.id();
         let generation = prog.value.generation;
         for (i, bid) in ids.iter().enumerate() {
             if prog.active[i] != *bid {
-                self.store.put_slot(&SlotKey::new(id, generation, i as u32), *bid)?;
+                self.store.put_slot(&SlotKey::new(id.get(), generation, i as u32), *bid)?;
                 *writes += 1;
                 prog.active[i] = *bid;
             }
         }
-        let value = ServiceValue { id, count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
+        let value =
+            ServiceValue { id: id.get(), count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
         self.store.put_service(key, &value)?;
         *writes += 1;
         prog.value = value;
         for i in ids.len()..prog.active.len() {
-            self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+            self.store.del_slot(&SlotKey::new(id.get(), generation, i as u32))?;
             *writes += 1;
         }
         prog.active.truncate(ids.len());
-        tracing::info!(svc_id = id, count = ids.len(), "BACKEND_SLOTS full: backend list shrunk in place");
+        tracing::info!(svc_id = id.get(), count = ids.len(), "BACKEND_SLOTS full: backend list shrunk in place");
         Ok(())
     }
 
@@ -813,19 +836,19 @@ impl<S: MapStore> Syncer<S> {
         tracing::info!(slots_freed = *writes - before, "BACKEND_SLOTS full: freed the spare generations");
     }
 
-    /// Remove a frontend; returns its id.
+    /// Remove a frontend; returns its id (0, never allocated, if it was not programmed).
     fn remove_frontend(
         &mut self,
         key: &AnyServiceKey,
         released: &mut HashSet<BackendIdent>,
         writes: &mut u64,
-    ) -> Result<u32, StoreError> {
-        let Some(mut prog) = self.frontends.remove(key) else { return Ok(0) };
+    ) -> Result<ServiceId, StoreError> {
+        let Some(mut prog) = self.frontends.remove(key) else { return Ok(ServiceId::new(0)) };
         let result = self.delete_frontend(key, &prog, writes);
         match &result {
             Ok(_) => {
                 self.set_refs(&mut prog, Vec::new(), released);
-                self.svc_ids.free(prog.value.id);
+                self.svc_ids.free(prog.id());
             }
             Err(_) => {
                 // Half removed: its slots may still point at its backends.
@@ -837,15 +860,20 @@ impl<S: MapStore> Syncer<S> {
         result
     }
 
-    fn delete_frontend(&mut self, key: &AnyServiceKey, prog: &Programmed, writes: &mut u64) -> Result<u32, StoreError> {
-        let id = prog.value.id;
+    fn delete_frontend(
+        &mut self,
+        key: &AnyServiceKey,
+        prog: &Programmed,
+        writes: &mut u64,
+    ) -> Result<ServiceId, StoreError> {
+        let id = prog.id();
         if prog.in_map {
             self.store.del_service(key)?;
             *writes += 1;
         }
         for (generation, list) in [(prog.value.generation, &prog.active), (prog.value.generation ^ 1, &prog.inactive)] {
             for i in 0..list.len() {
-                self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+                self.store.del_slot(&SlotKey::new(id.get(), generation, i as u32))?;
                 *writes += 1;
             }
         }
