@@ -30,10 +30,10 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use etherparse::PacketBuilder;
-use proxy_common::{PROTO_TCP, SCOPE_INTERNAL, ServiceKey, StatsKey, verdict};
+use proxy_common::{PROTO_TCP, SCOPE_INTERNAL, ServiceKey, StatsKey, port_to_map, verdict};
 use proxy_tests::harness::{decode, decode6};
 use proxy_userspace::{
-    dataplane::addr::{ip_to_map, ip6_to_map, port_to_map},
+    dataplane::addr::{ip_to_map, ip6_to_map},
     model::{BackendAddr, DesiredState},
 };
 

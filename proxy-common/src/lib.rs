@@ -5,7 +5,8 @@
 //!
 //! Byte order: addresses and ports are stored in **network byte order** exactly as they
 //! appear on the wire, so the datapath compares them without swapping. Userspace converts
-//! with `u32::from_be_bytes(ip.octets()).to_be()`-style helpers in `proxy-userspace`.
+//! ports with [`port_to_map`] / [`port_from_map`] here, and addresses with helpers in
+//! `proxy-userspace` (`dataplane::addr`).
 #![no_std]
 
 /// Names of the maps, as pinned under the bpffs root (`--bpffs-root`).
@@ -63,6 +64,18 @@ pub const PROTO_SCTP: u8 = 132;
 /// (externalTrafficPolicy: Local applies only to external traffic, as in kube-proxy).
 pub const SCOPE_INTERNAL: u8 = 0;
 pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// A port as the maps hold it (network byte order, as on the wire), from host order. Both
+/// the sync (keys it compares) and the map code (keys it writes) convert through here, so
+/// neither depends on the other for it.
+pub const fn port_to_map(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// A port read from a map (network byte order), in host order.
+pub const fn port_from_map(port: u16) -> u16 {
+    u16::from_be(port)
+}
 
 /// Key of `SERVICES` (IPv4) and `SERVICES6` (IPv6, [`ServiceKey6`]): one frontend (VIP or
 /// node address, port, protocol, scope).
@@ -743,6 +756,12 @@ mod tests {
 
     /// Sizes are part of the pinned-map ABI: a change here breaks maps pinned by an older
     /// agent, so it must be deliberate.
+    #[test]
+    fn ports_are_stored_in_wire_order() {
+        assert_eq!(port_to_map(80).to_ne_bytes(), [0, 80]);
+        assert_eq!(port_from_map(port_to_map(8080)), 8080);
+    }
+
     #[test]
     fn layouts_are_fixed() {
         assert_eq!(size_of::<ServiceKey>(), 8);

@@ -10,17 +10,15 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use proxy_common::{CtKey, CtValue, ServiceMeta, ServiceValue, SlotKey, Verdict, backend_flags, ct_flags, svc_flags};
+use proxy_common::{
+    CtKey, CtValue, ServiceMeta, ServiceValue, SlotKey, Verdict, backend_flags, ct_flags, port_from_map, svc_flags,
+};
 use serde::Serialize;
 
 use crate::{
-    dataplane::{
-        DataplaneError,
-        addr::{MapAddr, port_from_map},
-        maps::Maps,
-    },
+    dataplane::{DataplaneError, addr::MapAddr, maps::Maps},
     model::{FrontendKind, IpFamily, Protocol},
-    sync::{AnyBackend, AnyServiceKey, MapStore},
+    sync::{AnyBackend, AnyServiceKey},
 };
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -189,15 +187,17 @@ fn collect<K: aya::Pod, V: aya::Pod>(
 
 /// Both families' frontends, read the way a restarting agent reads them back.
 pub fn read_services(maps: &Maps) -> Result<Vec<ServiceRow>, DataplaneError> {
-    let snap = maps.snapshot()?;
-    let slots: HashMap<_, _> = snap.slots.into_iter().collect();
-    let backends: HashMap<_, _> = snap.backends.into_iter().collect();
-    let meta: HashMap<_, _> = snap.meta.into_iter().collect();
+    let snap = maps.read_snapshot()?;
+    // The rows show ids as the maps hold them.
+    let slots: HashMap<_, _> = snap.slots.into_iter().map(|(k, id)| (k, id.get())).collect();
+    let backends: HashMap<_, _> = snap.backends.into_iter().map(|(id, b)| (id.get(), b)).collect();
+    let meta: HashMap<_, _> = snap.meta.into_iter().map(|(id, m)| (id.get(), m)).collect();
     Ok(service_rows(&snap.services, &slots, &backends, &meta))
 }
 
 pub fn read_backends(maps: &Maps) -> Result<Vec<BackendRow>, DataplaneError> {
-    let mut rows: Vec<BackendRow> = maps.snapshot()?.backends.iter().map(|(id, b)| backend_row(*id, b)).collect();
+    let mut rows: Vec<BackendRow> =
+        maps.read_snapshot()?.backends.iter().map(|(id, b)| backend_row(id.get(), b)).collect();
     rows.sort_by_key(|r| r.id);
     Ok(rows)
 }
@@ -326,7 +326,7 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
         });
     }
     let frontends: HashMap<u32, (String, IpFamily)> = maps
-        .snapshot()?
+        .read_snapshot()?
         .services
         .iter()
         .map(|(k, v)| {
@@ -435,7 +435,9 @@ pub fn render_explain(e: &crate::model::Explanation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{dataplane::addr::port_to_map, sync::service_meta};
+    use proxy_common::port_to_map;
+
+    use crate::sync::service_meta;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -10,13 +10,14 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData};
+use proxy_common::port_from_map;
 use proxy_common::{Backend6, NodeConfig6, ServiceKey6, ServiceValue, map_names as n, nat_defaults};
 use proxy_tests::{
     agent::{Agent, TempDir, cli, converge, slice_yaml},
     harness::{PinDir, require_root},
     netns::{Topology, wait_for},
 };
-use proxy_userspace::dataplane::addr::{ip6_from_map, ip6_to_map, port_from_map};
+use proxy_userspace::dataplane::addr::{ip6_from_map, ip6_to_map};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

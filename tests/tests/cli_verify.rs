@@ -5,13 +5,14 @@
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData};
+use proxy_common::port_to_map;
 use proxy_common::{Backend, PROTO_TCP, SCOPE_INTERNAL, ServiceKey, ServiceValue};
 use proxy_tests::{
     agent::{Agent, TempDir, ebpf_proxy_bin, service_yaml, slice_yaml},
     harness::{PinDir, require_root},
     netns::{Topology, wait_for},
 };
-use proxy_userspace::dataplane::addr::{ip_to_map, port_to_map};
+use proxy_userspace::dataplane::addr::ip_to_map;
 use serde_json::Value;
 
 fn open<K: aya::Pod, V: aya::Pod>(pins: &PinDir, name: &str) -> HashMap<MapData, K, V> {

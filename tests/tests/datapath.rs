@@ -2,11 +2,11 @@
 //! maps are the ones the agent loads, programmed through the same sync code.
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, verdict};
+use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, port_from_map, port_to_map, verdict};
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
+        addr::{ip_from_map, ip_to_map},
         node::{PortRange, node_config},
     },
     model::Protocol,

@@ -7,12 +7,12 @@ use std::net::Ipv4Addr;
 use proxy_common::{
     CT_DIR_FORWARD, CtKey, PROTO_TCP, StatsKey,
     ct::{self, CtState},
-    verdict,
+    port_to_map, verdict,
 };
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        addr::{ip_to_map, port_to_map},
+        addr::ip_to_map,
         loader::{self, LoaderConfig},
         maps::global_total,
         node::{PortRange, node_config},

@@ -5,11 +5,11 @@
 //! writes can be asserted.
 use std::net::Ipv4Addr;
 
-use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, ct_flags, verdict};
+use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, ct_flags, port_from_map, port_to_map, verdict};
 use proxy_tests::{harness::*, netns::Netns};
 use proxy_userspace::{
     dataplane::{
-        addr::{ip_from_map, ip_to_map, port_from_map, port_to_map},
+        addr::{ip_from_map, ip_to_map},
         node::{PortRange, node_config},
     },
     model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, IpPrefix, Protocol, Scope, ServicePortName},

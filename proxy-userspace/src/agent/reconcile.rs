@@ -240,8 +240,7 @@ impl SyncLoop {
             return;
         }
         let desired = self.translator.desired();
-        use crate::sync::MapStore;
-        let snap = match crate::dataplane::maps::Maps::open_pinned(&self.bpffs_root).and_then(|m| m.snapshot()) {
+        let snap = match crate::dataplane::maps::Maps::open_pinned(&self.bpffs_root).and_then(|m| m.read_snapshot()) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "verify: cannot read the pinned maps");

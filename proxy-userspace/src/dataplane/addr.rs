@@ -45,15 +45,6 @@ impl MapAddr for Ipv6Words {
     }
 }
 
-/// Port as stored in maps: network byte order.
-pub fn port_to_map(p: u16) -> u16 {
-    p.to_be()
-}
-
-pub fn port_from_map(v: u16) -> u16 {
-    u16::from_be(v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,8 +54,6 @@ mod tests {
         let ip = Ipv4Addr::new(10, 96, 0, 1);
         assert_eq!(ip_from_map(ip_to_map(ip)), ip);
         assert_eq!(ip_to_map(ip).to_ne_bytes(), [10, 96, 0, 1]);
-        assert_eq!(port_to_map(80).to_ne_bytes(), [0, 80]);
-        assert_eq!(port_from_map(port_to_map(8080)), 8080);
     }
 
     #[test]

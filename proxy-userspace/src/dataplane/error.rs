@@ -65,3 +65,35 @@ impl DataplaneError {
         DataplaneError::Map { map, source }
     }
 }
+
+/// What the sync sees of a kernel map failure: a full map stays recognisable (the sync
+/// retries it after removals), everything else keeps this error's message and cause.
+impl From<DataplaneError> for crate::sync::StoreError {
+    fn from(e: DataplaneError) -> Self {
+        match e {
+            DataplaneError::MapFull { map, flag } => Self::MapFull { map, flag },
+            e => Self::Other(Box::new(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::StoreError;
+
+    #[test]
+    fn store_errors_keep_map_full_apart_and_every_message() {
+        let full = DataplaneError::MapFull { map: "BACKEND_SLOTS", flag: "max-backends" };
+        let text = full.to_string();
+        let converted = StoreError::from(full);
+        assert!(matches!(converted, StoreError::MapFull { map: "BACKEND_SLOTS", flag: "max-backends" }));
+        assert_eq!(converted.to_string(), text);
+
+        let other = DataplaneError::MissingObject("SERVICES");
+        let text = other.to_string();
+        let converted = StoreError::from(other);
+        assert!(matches!(converted, StoreError::Other(_)));
+        assert_eq!(converted.to_string(), text);
+    }
+}

@@ -22,7 +22,10 @@ use super::{
 };
 use crate::{
     model::{IpFamily, IpPrefix},
-    sync::store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, Snapshot, StoreResult},
+    sync::{
+        ids::{BackendId, ServiceId},
+        store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, Snapshot, StoreError, StoreResult},
+    },
 };
 
 /// Flag that sizes a map, for "map full" errors.
@@ -176,18 +179,18 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
-fn range_key(svc_id: u32, addr: Ipv4Addr, len: u8) -> Key<[u32; 2]> {
-    Key::new(32 + u32::from(len), [svc_id.to_be(), ip_to_map(addr)])
+fn range_key(svc_id: ServiceId, addr: Ipv4Addr, len: u8) -> Key<[u32; 2]> {
+    Key::new(32 + u32::from(len), [svc_id.get().to_be(), ip_to_map(addr)])
 }
 
 /// `SOURCE_RANGES6` key: the big-endian service id, then the IPv6 prefix.
-fn range_key6(svc_id: u32, addr: Ipv6Addr, len: u8) -> Key<SourceRangeData6> {
+fn range_key6(svc_id: ServiceId, addr: Ipv6Addr, len: u8) -> Key<SourceRangeData6> {
     let [a, b, c, d] = ip6_to_map(addr);
-    Key::new(32 + u32::from(len), [svc_id.to_be(), a, b, c, d])
+    Key::new(32 + u32::from(len), [svc_id.get().to_be(), a, b, c, d])
 }
 
 fn ct_facts<A>(k: &CtKey<A>, v: &CtValue<A>) -> CtFacts {
-    CtFacts { proto: k.proto, svc_id: v.svc_id, backend_id: v.backend_id }
+    CtFacts { proto: k.proto, svc_id: v.svc_id.into(), backend_id: v.backend_id.into() }
 }
 
 /// Delete the entries of one conntrack map that `pred` selects; returns how many.
@@ -195,7 +198,7 @@ fn purge<K, V>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
     pred: impl Fn(&K, &V) -> bool,
-) -> StoreResult<usize>
+) -> Result<usize, DataplaneError>
 where
     K: aya::Pod,
     V: aya::Pod,
@@ -208,8 +211,10 @@ where
     Ok(doomed.len())
 }
 
-impl MapStore for Maps {
-    fn snapshot(&self) -> StoreResult<Snapshot> {
+impl Maps {
+    /// Everything the sync reads back, with the kernel's error (the CLI and `verify`
+    /// report it as is).
+    pub fn read_snapshot(&self) -> Result<Snapshot, DataplaneError> {
         let collect_err = |name: &'static str| move |e| DataplaneError::from_map(name, e);
         let mut snap = Snapshot::default();
         for r in self.services.iter() {
@@ -221,112 +226,117 @@ impl MapStore for Maps {
             snap.services.push((key_with(&k, IpAddr::V6(ip6_from_map(k.addr))), v));
         }
         for r in self.slots.iter() {
-            snap.slots.push(r.map_err(collect_err(n::BACKEND_SLOTS))?);
+            let (k, id) = r.map_err(collect_err(n::BACKEND_SLOTS))?;
+            snap.slots.push((k, BackendId::new(id)));
         }
         for r in self.backends.iter() {
             let (id, b) = r.map_err(collect_err(n::BACKENDS))?;
-            snap.backends.push((id, backend_with(&b, IpAddr::V4(ip_from_map(b.addr)))));
+            snap.backends.push((BackendId::new(id), backend_with(&b, IpAddr::V4(ip_from_map(b.addr)))));
         }
         for r in self.backends6.iter() {
             let (id, b) = r.map_err(collect_err(n::BACKENDS6))?;
-            snap.backends.push((id, backend_with(&b, IpAddr::V6(ip6_from_map(b.addr)))));
+            snap.backends.push((BackendId::new(id), backend_with(&b, IpAddr::V6(ip6_from_map(b.addr)))));
         }
         for r in self.meta.iter() {
-            snap.meta.push(r.map_err(collect_err(n::SERVICE_META))?);
+            let (id, m) = r.map_err(collect_err(n::SERVICE_META))?;
+            snap.meta.push((ServiceId::new(id), m));
         }
         for r in self.source_ranges.iter() {
             let (k, _) = r.map_err(collect_err(n::SOURCE_RANGES))?;
             let [svc_be, addr] = k.data();
             let len = k.prefix_len().saturating_sub(32).min(32) as u8;
-            snap.ranges.push((u32::from_be(svc_be), IpPrefix { addr: IpAddr::V4(ip_from_map(addr)), len }));
+            snap.ranges
+                .push((ServiceId::new(u32::from_be(svc_be)), IpPrefix { addr: IpAddr::V4(ip_from_map(addr)), len }));
         }
         for r in self.source_ranges6.iter() {
             let (k, _) = r.map_err(collect_err(n::SOURCE_RANGES6))?;
             let [svc_be, a, b, c, d] = k.data();
             let len = k.prefix_len().saturating_sub(32).min(128) as u8;
-            snap.ranges.push((u32::from_be(svc_be), IpPrefix { addr: IpAddr::V6(ip6_from_map([a, b, c, d])), len }));
+            snap.ranges.push((
+                ServiceId::new(u32::from_be(svc_be)),
+                IpPrefix { addr: IpAddr::V6(ip6_from_map([a, b, c, d])), len },
+            ));
         }
         Ok(snap)
     }
+}
+
+/// A failed map operation as the sync sees it (a full map stays recognisable).
+fn store_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> StoreError {
+    move |e| DataplaneError::from_map(map, e).into()
+}
+
+impl MapStore for Maps {
+    fn snapshot(&self) -> StoreResult<Snapshot> {
+        Ok(self.read_snapshot()?)
+    }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
         match k.addr {
-            IpAddr::V4(a) => self
-                .services
-                .insert(key_with(k, ip_to_map(a)), v, 0)
-                .map_err(|e| DataplaneError::from_map(n::SERVICES, e)),
-            IpAddr::V6(a) => self
-                .services6
-                .insert(key_with(k, ip6_to_map(a)), v, 0)
-                .map_err(|e| DataplaneError::from_map(n::SERVICES6, e)),
+            IpAddr::V4(a) => self.services.insert(key_with(k, ip_to_map(a)), v, 0).map_err(store_err(n::SERVICES)),
+            IpAddr::V6(a) => self.services6.insert(key_with(k, ip6_to_map(a)), v, 0).map_err(store_err(n::SERVICES6)),
         }
     }
     fn del_service(&mut self, k: &AnyServiceKey) -> StoreResult {
         match k.addr {
-            IpAddr::V4(a) => ignore_missing(self.services.remove(&key_with(k, ip_to_map(a))))
-                .map_err(|e| DataplaneError::from_map(n::SERVICES, e)),
-            IpAddr::V6(a) => ignore_missing(self.services6.remove(&key_with(k, ip6_to_map(a))))
-                .map_err(|e| DataplaneError::from_map(n::SERVICES6, e)),
+            IpAddr::V4(a) => {
+                ignore_missing(self.services.remove(&key_with(k, ip_to_map(a)))).map_err(store_err(n::SERVICES))
+            }
+            IpAddr::V6(a) => {
+                ignore_missing(self.services6.remove(&key_with(k, ip6_to_map(a)))).map_err(store_err(n::SERVICES6))
+            }
         }
     }
-    fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult {
-        self.slots.insert(k, backend_id, 0).map_err(|e| DataplaneError::from_map(n::BACKEND_SLOTS, e))
+    fn put_slot(&mut self, k: &SlotKey, backend_id: BackendId) -> StoreResult {
+        self.slots.insert(k, backend_id.get(), 0).map_err(store_err(n::BACKEND_SLOTS))
     }
     fn del_slot(&mut self, k: &SlotKey) -> StoreResult {
-        ignore_missing(self.slots.remove(k)).map_err(|e| DataplaneError::from_map(n::BACKEND_SLOTS, e))
+        ignore_missing(self.slots.remove(k)).map_err(store_err(n::BACKEND_SLOTS))
     }
-    fn put_backend(&mut self, id: u32, b: &AnyBackend) -> StoreResult {
+    fn put_backend(&mut self, id: BackendId, b: &AnyBackend) -> StoreResult {
+        let id = id.get();
         match b.addr {
-            IpAddr::V4(a) => self
-                .backends
-                .insert(id, backend_with(b, ip_to_map(a)), 0)
-                .map_err(|e| DataplaneError::from_map(n::BACKENDS, e)),
-            IpAddr::V6(a) => self
-                .backends6
-                .insert(id, backend_with(b, ip6_to_map(a)), 0)
-                .map_err(|e| DataplaneError::from_map(n::BACKENDS6, e)),
+            IpAddr::V4(a) => self.backends.insert(id, backend_with(b, ip_to_map(a)), 0).map_err(store_err(n::BACKENDS)),
+            IpAddr::V6(a) => {
+                self.backends6.insert(id, backend_with(b, ip6_to_map(a)), 0).map_err(store_err(n::BACKENDS6))
+            }
         }
     }
-    fn del_backend(&mut self, id: u32, family: IpFamily) -> StoreResult {
+    fn del_backend(&mut self, id: BackendId, family: IpFamily) -> StoreResult {
+        let id = id.get();
         match family {
-            IpFamily::V4 => {
-                ignore_missing(self.backends.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS, e))
-            }
-            IpFamily::V6 => {
-                ignore_missing(self.backends6.remove(&id)).map_err(|e| DataplaneError::from_map(n::BACKENDS6, e))
-            }
+            IpFamily::V4 => ignore_missing(self.backends.remove(&id)).map_err(store_err(n::BACKENDS)),
+            IpFamily::V6 => ignore_missing(self.backends6.remove(&id)).map_err(store_err(n::BACKENDS6)),
         }
     }
-    fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult {
-        self.meta.insert(id, m, 0).map_err(|e| DataplaneError::from_map(n::SERVICE_META, e))
+    fn put_meta(&mut self, id: ServiceId, m: &ServiceMeta) -> StoreResult {
+        self.meta.insert(id.get(), m, 0).map_err(store_err(n::SERVICE_META))
     }
-    fn del_meta(&mut self, id: u32) -> StoreResult {
-        ignore_missing(self.meta.remove(&id)).map_err(|e| DataplaneError::from_map(n::SERVICE_META, e))
+    fn del_meta(&mut self, id: ServiceId) -> StoreResult {
+        ignore_missing(self.meta.remove(&id.get())).map_err(store_err(n::SERVICE_META))
     }
-    fn del_stats(&mut self, id: u32) -> StoreResult {
+    fn del_stats(&mut self, id: ServiceId) -> StoreResult {
         for verdict in 0..proxy_common::verdict::COUNT {
-            ignore_missing(self.service_stats.remove(&StatsKey { svc_id: id, verdict }))
-                .map_err(|e| DataplaneError::from_map(n::SERVICE_STATS, e))?;
+            ignore_missing(self.service_stats.remove(&StatsKey { svc_id: id.get(), verdict }))
+                .map_err(store_err(n::SERVICE_STATS))?;
         }
         Ok(())
     }
-    fn put_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
+    fn put_range(&mut self, svc_id: ServiceId, p: IpPrefix) -> StoreResult {
         match p.addr {
-            IpAddr::V4(a) => self
-                .source_ranges
-                .insert(&range_key(svc_id, a, p.len), 1, 0)
-                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e)),
-            IpAddr::V6(a) => self
-                .source_ranges6
-                .insert(&range_key6(svc_id, a, p.len), 1, 0)
-                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES6, e)),
+            IpAddr::V4(a) => {
+                self.source_ranges.insert(&range_key(svc_id, a, p.len), 1, 0).map_err(store_err(n::SOURCE_RANGES))
+            }
+            IpAddr::V6(a) => {
+                self.source_ranges6.insert(&range_key6(svc_id, a, p.len), 1, 0).map_err(store_err(n::SOURCE_RANGES6))
+            }
         }
     }
-    fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
+    fn del_range(&mut self, svc_id: ServiceId, p: IpPrefix) -> StoreResult {
         match p.addr {
             IpAddr::V4(a) => ignore_missing(self.source_ranges.remove(&range_key(svc_id, a, p.len)))
-                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES, e)),
+                .map_err(store_err(n::SOURCE_RANGES)),
             IpAddr::V6(a) => ignore_missing(self.source_ranges6.remove(&range_key6(svc_id, a, p.len)))
-                .map_err(|e| DataplaneError::from_map(n::SOURCE_RANGES6, e)),
+                .map_err(store_err(n::SOURCE_RANGES6)),
         }
     }
     fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize> {
@@ -335,7 +345,8 @@ impl MapStore for Maps {
         Ok(v4 + v6)
     }
 
-    fn purge_affinity(&mut self, pred: &dyn Fn(u32, u32) -> bool) -> StoreResult<usize> {
+    fn purge_affinity(&mut self, pred: &dyn Fn(ServiceId, BackendId) -> bool) -> StoreResult<usize> {
+        let pred = |svc_id: u32, backend_id: u32| pred(svc_id.into(), backend_id.into());
         let v4 = purge(&mut self.affinity, n::AFFINITY, |k, v| pred(k.svc_id, v.backend_id))?;
         let v6 = purge(&mut self.affinity6, n::AFFINITY6, |k, v| pred(k.svc_id, v.backend_id))?;
         Ok(v4 + v6)

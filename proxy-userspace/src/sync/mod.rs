@@ -20,31 +20,30 @@
 //! (`SERVICES6`, `BACKENDS6`, `SOURCE_RANGES6` for IPv6, see `store`), while service ids,
 //! backend ids, slots and metadata are one space shared by both, so every guarantee above
 //! holds for IPv6 frontends unchanged.
+pub mod ids;
 pub mod store;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    marker::PhantomData,
     net::IpAddr,
 };
 
-use proxy_common::{PROTO_UDP, ServiceMeta, ServiceValue, SlotKey, backend_flags, svc_flags};
+use proxy_common::{
+    PROTO_UDP, ServiceMeta, ServiceValue, SlotKey, backend_flags, port_from_map, port_to_map, svc_flags,
+};
 use tracing::warn;
 
-pub use store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, Snapshot};
+pub use ids::{BackendId, ServiceId};
+pub use store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, Snapshot, StoreError};
 
-use crate::{
-    dataplane::{
-        DataplaneError,
-        addr::{port_from_map, port_to_map},
-    },
-    model::{
-        BackendAddr, ClaimHolder, ClaimKey, ClaimSource, Claims, DesiredState, FrontendEntry, FrontendKey,
-        FrontendKind, IpFamily, IpPrefix, Protocol, Scope,
-    },
+use crate::model::{
+    BackendAddr, ClaimHolder, ClaimKey, ClaimSource, Claims, DesiredState, FrontendEntry, FrontendKey, FrontendKind,
+    IpFamily, IpPrefix, Protocol, Scope,
 };
 
 /// (service id, backend id) pairs.
-type PairSet = HashSet<(u32, u32)>;
+type PairSet = HashSet<(ServiceId, BackendId)>;
 /// A backend's identity: services sharing an endpoint share its `BACKENDS` (or `BACKENDS6`)
 /// entry.
 type BackendIdent = (IpAddr, u16, u8);
@@ -53,9 +52,9 @@ type BackendIdent = (IpAddr, u16, u8);
 struct Programmed {
     value: ServiceValue,
     /// Backend ids in the active generation's slots, by index.
-    active: Vec<u32>,
+    active: Vec<BackendId>,
     /// Backend ids left in the inactive generation's slots, by index.
-    inactive: Vec<u32>,
+    inactive: Vec<BackendId>,
     meta: Option<ServiceMeta>,
     ranges: BTreeSet<IpPrefix>,
     /// The SERVICES entry has been written (false while a new frontend failed midway).
@@ -63,6 +62,14 @@ struct Programmed {
     /// The backends this frontend keeps alive (counted in `Syncer::refs`): what it wants
     /// once programmed; after a failure, also what its slots still point at.
     refs: Vec<BackendIdent>,
+}
+
+impl Programmed {
+    /// The service id its `SERVICES` value carries (a `u32` there: the layout is shared
+    /// with the datapath).
+    fn id(&self) -> ServiceId {
+        ServiceId::new(self.value.id)
+    }
 }
 
 /// What one `apply` did.
@@ -87,45 +94,54 @@ pub struct SyncReport {
     /// Session-affinity entries removed because their backend left the frontend.
     pub affinity_purged: usize,
     /// Frontends that could not be programmed (the previous state for them stays).
-    pub errors: Vec<(FrontendKey, DataplaneError)>,
+    pub errors: Vec<(FrontendKey, StoreError)>,
 }
 
-/// Allocates 32-bit ids, monotonically (wrapping), skipping ids in use, so a freed id is
-/// not handed out again soon: stale conntrack or affinity entries of a deleted service then
-/// never alias a new one.
-#[derive(Debug, Default)]
-struct IdAlloc {
+/// Allocates 32-bit ids of type `I`, monotonically (wrapping), skipping ids in use, so a
+/// freed id is not handed out again soon: stale conntrack or affinity entries of a deleted
+/// service then never alias a new one.
+#[derive(Debug)]
+struct IdAlloc<I> {
     next: u32,
     used: HashSet<u32>,
+    id: PhantomData<I>,
 }
 
-impl IdAlloc {
-    fn reserve(&mut self, id: u32) {
+// Not derived: a derive would require `I: Default`, which ids have no use for.
+impl<I> Default for IdAlloc<I> {
+    fn default() -> Self {
+        IdAlloc { next: 0, used: HashSet::new(), id: PhantomData }
+    }
+}
+
+impl<I: Copy + From<u32> + Into<u32>> IdAlloc<I> {
+    fn reserve(&mut self, id: I) {
+        let id: u32 = id.into();
         self.used.insert(id);
         if id >= self.next {
             self.next = id.wrapping_add(1);
         }
     }
-    fn alloc(&mut self) -> u32 {
+    fn alloc(&mut self) -> I {
         loop {
             // 0 is never used so a zeroed value is recognisably unset.
             let id = self.next.max(1);
             self.next = id.wrapping_add(1);
             if self.used.insert(id) {
-                return id;
+                return I::from(id);
             }
         }
     }
-    fn free(&mut self, id: u32) {
-        self.used.remove(&id);
+    fn free(&mut self, id: I) {
+        self.used.remove(&id.into());
     }
 }
 
 pub struct Syncer<S: MapStore> {
     store: S,
     frontends: HashMap<AnyServiceKey, Programmed>,
-    backends: HashMap<BackendIdent, (u32, AnyBackend)>,
-    backend_by_id: HashMap<u32, BackendIdent>,
+    backends: HashMap<BackendIdent, (BackendId, AnyBackend)>,
+    backend_by_id: HashMap<BackendId, BackendIdent>,
     /// How many frontends keep each backend (`Programmed::refs`); one at 0 is deleted at
     /// the end of the sync that dropped it, so a sync touching few frontends never walks
     /// every backend.
@@ -134,8 +150,8 @@ pub struct Syncer<S: MapStore> {
     unreferenced: HashSet<BackendIdent>,
     /// Frontends whose last write or removal failed: retried by every sync.
     retry: BTreeSet<FrontendKey>,
-    svc_ids: IdAlloc,
-    backend_ids: IdAlloc,
+    svc_ids: IdAlloc<ServiceId>,
+    backend_ids: IdAlloc<BackendId>,
     total_writes: u64,
     /// Kept as frontends and backends come and go, so a report costs nothing per frontend.
     counts: Counts,
@@ -234,13 +250,13 @@ fn service_flags(e: &FrontendEntry) -> u32 {
 }
 
 /// The slots map is full (an insert of a new slot key failed).
-fn is_slots_full(e: &DataplaneError) -> bool {
-    matches!(e, DataplaneError::MapFull { map, .. } if *map == proxy_common::map_names::BACKEND_SLOTS)
+fn is_slots_full(e: &StoreError) -> bool {
+    matches!(e, StoreError::MapFull { map, .. } if *map == proxy_common::map_names::BACKEND_SLOTS)
 }
 
 impl<S: MapStore> Syncer<S> {
     /// Read back what the maps hold, so the first `apply` only writes differences.
-    pub fn new(store: S) -> Result<Self, DataplaneError> {
+    pub fn new(store: S) -> Result<Self, StoreError> {
         let snap = store.snapshot()?;
         let mut s = Syncer {
             store,
@@ -261,19 +277,20 @@ impl<S: MapStore> Syncer<S> {
             s.backend_by_id.insert(*id, (b.addr, b.port, b.proto));
             s.counts.backends6 += usize::from(b.addr.is_ipv6());
         }
-        let mut slots: HashMap<(u32, u32), BTreeMap<u32, u32>> = HashMap::new();
+        let mut slots: HashMap<(ServiceId, u32), BTreeMap<u32, BackendId>> = HashMap::new();
         for (k, b) in &snap.slots {
-            slots.entry((k.svc_id, k.generation())).or_default().insert(k.index(), *b);
+            slots.entry((ServiceId::new(k.svc_id), k.generation())).or_default().insert(k.index(), *b);
         }
-        let meta: HashMap<u32, ServiceMeta> = snap.meta.iter().copied().collect();
-        let mut ranges: HashMap<u32, BTreeSet<IpPrefix>> = HashMap::new();
+        let meta: HashMap<ServiceId, ServiceMeta> = snap.meta.iter().copied().collect();
+        let mut ranges: HashMap<ServiceId, BTreeSet<IpPrefix>> = HashMap::new();
         for (id, p) in &snap.ranges {
             ranges.entry(*id).or_default().insert(*p);
         }
         for (k, v) in &snap.services {
-            s.svc_ids.reserve(v.id);
-            let ids = |generation: u32| -> Vec<u32> {
-                slots.get(&(v.id, generation)).map(|m| m.values().copied().collect()).unwrap_or_default()
+            let id = ServiceId::new(v.id);
+            s.svc_ids.reserve(id);
+            let ids = |generation: u32| -> Vec<BackendId> {
+                slots.get(&(id, generation)).map(|m| m.values().copied().collect()).unwrap_or_default()
             };
             let mut active = ids(v.generation);
             // Anything past `count` is stale; the next update of this service rewrites it.
@@ -291,8 +308,8 @@ impl<S: MapStore> Syncer<S> {
                     value: *v,
                     active,
                     inactive,
-                    meta: meta.get(&v.id).copied(),
-                    ranges: ranges.remove(&v.id).unwrap_or_default(),
+                    meta: meta.get(&id).copied(),
+                    ranges: ranges.remove(&id).unwrap_or_default(),
                     in_map: true,
                     refs,
                 },
@@ -395,13 +412,13 @@ impl<S: MapStore> Syncer<S> {
         let mut report = SyncReport::default();
         let mut writes = 0u64;
         let mut released: HashSet<BackendIdent> = std::mem::take(&mut self.unreferenced);
-        let mut purge_pairs: HashSet<(u32, u32)> = HashSet::new();
+        let mut purge_pairs: PairSet = HashSet::new();
         // (service, backend) pairs a frontend with session affinity dropped: their
         // affinity entries must go, or new connections of a pinned client would keep going
         // to a backend that left the Service (kube-proxy's per-endpoint `recent` lists go
         // with the endpoint's chain).
-        let mut affinity_pairs: HashSet<(u32, u32)> = HashSet::new();
-        let mut purge_services: HashSet<u32> = HashSet::new();
+        let mut affinity_pairs: PairSet = HashSet::new();
+        let mut purge_services: HashSet<ServiceId> = HashSet::new();
 
         // What to write (in key order, so ids are handed out in the same order whatever
         // the scope) and what to remove.
@@ -435,7 +452,7 @@ impl<S: MapStore> Syncer<S> {
             {
                 Ok(()) => {}
                 // Retried once the removals below have made room.
-                Err(e @ DataplaneError::MapFull { .. }) => {
+                Err(e @ StoreError::MapFull { .. }) => {
                     slots_full |= is_slots_full(&e);
                     full.push((fk, entry));
                 }
@@ -508,7 +525,7 @@ impl<S: MapStore> Syncer<S> {
                     self.backend_ids.free(id);
                 }
                 Err(e) => {
-                    warn!(backend_id = id, error = %e, "cannot delete backend");
+                    warn!(backend_id = id.get(), error = %e, "cannot delete backend");
                     self.unreferenced.insert(ident);
                 }
             }
@@ -545,7 +562,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// The backends (by identity) behind these ids; ids of deleted backends are skipped.
-    fn idents<'a>(&self, ids: impl Iterator<Item = &'a u32>) -> Vec<BackendIdent> {
+    fn idents<'a>(&self, ids: impl Iterator<Item = &'a BackendId>) -> Vec<BackendIdent> {
         let mut out: Vec<BackendIdent> = ids.filter_map(|id| self.backend_by_id.get(id).copied()).collect();
         out.sort_unstable();
         out.dedup();
@@ -576,7 +593,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Ensure the backend exists with the right flags; returns its id.
-    fn ensure_backend(&mut self, b: &AnyBackend, writes: &mut u64) -> Result<u32, DataplaneError> {
+    fn ensure_backend(&mut self, b: &AnyBackend, writes: &mut u64) -> Result<BackendId, StoreError> {
         let ident = (b.addr, b.port, b.proto);
         if let Some((id, cur)) = self.backends.get(&ident) {
             if cur == b {
@@ -607,7 +624,7 @@ impl<S: MapStore> Syncer<S> {
         released: &mut HashSet<BackendIdent>,
         (purge_pairs, affinity_pairs): (&mut PairSet, &mut PairSet),
         writes: &mut u64,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<(), StoreError> {
         let wanted: Vec<AnyBackend> = entry.backends.iter().map(|b| backend_value(b, key.proto)).collect();
         let idents: Vec<BackendIdent> = wanted.iter().map(|v| (v.addr, v.port, v.proto)).collect();
         let mut ids = Vec::with_capacity(wanted.len());
@@ -635,7 +652,7 @@ impl<S: MapStore> Syncer<S> {
         let ranges: BTreeSet<IpPrefix> = entry.source_ranges.iter().copied().collect();
 
         let mut prog = self.take_frontend(key).unwrap_or_else(|| Programmed {
-            value: ServiceValue { id: self.svc_ids.alloc(), ..Default::default() },
+            value: ServiceValue { id: self.svc_ids.alloc().get(), ..Default::default() },
             active: vec![],
             inactive: vec![],
             meta: None,
@@ -650,14 +667,14 @@ impl<S: MapStore> Syncer<S> {
         let result = self.write_frontend(key, &mut prog, &ids, flags, affinity_timeout, &meta, &ranges, writes);
         let affinity = (old_flags | flags) & svc_flags::AFFINITY != 0;
         if key.proto == PROTO_UDP || affinity {
-            let now: HashSet<u32> = prog.active.iter().copied().collect();
+            let now: HashSet<BackendId> = prog.active.iter().copied().collect();
             for old in before.iter().chain(&prog.inactive) {
                 if !now.contains(old) {
                     if key.proto == PROTO_UDP {
-                        purge_pairs.insert((prog.value.id, *old));
+                        purge_pairs.insert((prog.id(), *old));
                     }
                     if affinity {
-                        affinity_pairs.insert((prog.value.id, *old));
+                        affinity_pairs.insert((prog.id(), *old));
                     }
                 }
             }
@@ -676,14 +693,14 @@ impl<S: MapStore> Syncer<S> {
         &mut self,
         key: &AnyServiceKey,
         prog: &mut Programmed,
-        ids: &[u32],
+        ids: &[BackendId],
         flags: u32,
         affinity_timeout: u32,
         meta: &ServiceMeta,
         ranges: &BTreeSet<IpPrefix>,
         writes: &mut u64,
-    ) -> Result<(), DataplaneError> {
-        let id = prog.value.id;
+    ) -> Result<(), StoreError> {
+        let id = prog.id();
         if prog.meta.as_ref() != Some(meta) {
             self.store.put_meta(id, meta)?;
             *writes += 1;
@@ -737,17 +754,17 @@ impl<S: MapStore> Syncer<S> {
         &mut self,
         key: &AnyServiceKey,
         prog: &mut Programmed,
-        ids: &[u32],
+        ids: &[BackendId],
         flags: u32,
         affinity_timeout: u32,
         writes: &mut u64,
-    ) -> Result<(), DataplaneError> {
-        let id = prog.value.id;
+    ) -> Result<(), StoreError> {
+        let id = prog.id();
         let generation = if prog.in_map { prog.value.generation ^ 1 } else { 0 };
         // Fill the inactive generation; slots already holding the right id are kept.
         for (i, bid) in ids.iter().enumerate() {
             if prog.inactive.get(i) != Some(bid) {
-                self.store.put_slot(&SlotKey::new(id, generation, i as u32), *bid)?;
+                self.store.put_slot(&SlotKey::new(id.get(), generation, i as u32), *bid)?;
                 *writes += 1;
                 if i < prog.inactive.len() {
                     prog.inactive[i] = *bid;
@@ -759,13 +776,14 @@ impl<S: MapStore> Syncer<S> {
         // Slots past the new count in this generation are leftovers of an older,
         // longer backend list: unreachable once the count below is in place.
         let stale_tail = ids.len()..prog.inactive.len();
-        let value = ServiceValue { id, count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
+        let value =
+            ServiceValue { id: id.get(), count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
         self.store.put_service(key, &value)?;
         *writes += 1;
         prog.value = value;
         prog.in_map = true;
         for i in stale_tail {
-            self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+            self.store.del_slot(&SlotKey::new(id.get(), generation, i as u32))?;
             *writes += 1;
         }
         prog.inactive.truncate(ids.len());
@@ -798,30 +816,31 @@ impl<S: MapStore> Syncer<S> {
         &mut self,
         key: &AnyServiceKey,
         prog: &mut Programmed,
-        ids: &[u32],
+        ids: &[BackendId],
         flags: u32,
         affinity_timeout: u32,
         writes: &mut u64,
-    ) -> Result<(), DataplaneError> {
-        let id = prog.value.id;
+    ) -> Result<(), StoreError> {
+        let id = prog.id();
         let generation = prog.value.generation;
         for (i, bid) in ids.iter().enumerate() {
             if prog.active[i] != *bid {
-                self.store.put_slot(&SlotKey::new(id, generation, i as u32), *bid)?;
+                self.store.put_slot(&SlotKey::new(id.get(), generation, i as u32), *bid)?;
                 *writes += 1;
                 prog.active[i] = *bid;
             }
         }
-        let value = ServiceValue { id, count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
+        let value =
+            ServiceValue { id: id.get(), count: ids.len() as u32, flags, generation, affinity_timeout, _reserved: 0 };
         self.store.put_service(key, &value)?;
         *writes += 1;
         prog.value = value;
         for i in ids.len()..prog.active.len() {
-            self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+            self.store.del_slot(&SlotKey::new(id.get(), generation, i as u32))?;
             *writes += 1;
         }
         prog.active.truncate(ids.len());
-        tracing::info!(svc_id = id, count = ids.len(), "BACKEND_SLOTS full: backend list shrunk in place");
+        tracing::info!(svc_id = id.get(), count = ids.len(), "BACKEND_SLOTS full: backend list shrunk in place");
         Ok(())
     }
 
@@ -852,19 +871,19 @@ impl<S: MapStore> Syncer<S> {
         tracing::info!(slots_freed = *writes - before, "BACKEND_SLOTS full: freed the spare generations");
     }
 
-    /// Remove a frontend; returns its id.
+    /// Remove a frontend; returns its id (0, never allocated, if it was not programmed).
     fn remove_frontend(
         &mut self,
         key: &AnyServiceKey,
         released: &mut HashSet<BackendIdent>,
         writes: &mut u64,
-    ) -> Result<u32, DataplaneError> {
-        let Some(mut prog) = self.take_frontend(key) else { return Ok(0) };
+    ) -> Result<ServiceId, StoreError> {
+        let Some(mut prog) = self.take_frontend(key) else { return Ok(ServiceId::new(0)) };
         let result = self.delete_frontend(key, &prog, writes);
         match &result {
             Ok(_) => {
                 self.set_refs(&mut prog, Vec::new(), released);
-                self.svc_ids.free(prog.value.id);
+                self.svc_ids.free(prog.id());
             }
             Err(_) => {
                 // Half removed: its slots may still point at its backends.
@@ -881,15 +900,15 @@ impl<S: MapStore> Syncer<S> {
         key: &AnyServiceKey,
         prog: &Programmed,
         writes: &mut u64,
-    ) -> Result<u32, DataplaneError> {
-        let id = prog.value.id;
+    ) -> Result<ServiceId, StoreError> {
+        let id = prog.id();
         if prog.in_map {
             self.store.del_service(key)?;
             *writes += 1;
         }
         for (generation, list) in [(prog.value.generation, &prog.active), (prog.value.generation ^ 1, &prog.inactive)] {
             for i in 0..list.len() {
-                self.store.del_slot(&SlotKey::new(id, generation, i as u32))?;
+                self.store.del_slot(&SlotKey::new(id.get(), generation, i as u32))?;
                 *writes += 1;
             }
         }

@@ -1,6 +1,7 @@
-//! What the sync needs from the maps, as a trait: the kernel maps implement it
-//! (`dataplane::maps`), and `MemStore` implements it in memory so the diff logic is
-//! unit-tested without a kernel.
+//! What the sync needs from the maps, as a trait owned by the sync: the kernel maps
+//! implement it (`dataplane::maps`), and `MemStore` implements it in memory so the diff
+//! logic is unit-tested without a kernel. The trait and its error type live here, so the
+//! sync depends on no kernel code.
 //!
 //! Keys and backends carry an `IpAddr` (`ServiceKey<IpAddr>`, `Backend<IpAddr>`: the map
 //! types of proxy-common, generic over the address): the address says which family's map
@@ -12,10 +13,8 @@ use proxy_common::{
     Backend, CtKey, CtKey6, CtValue, CtValue6, ServiceKey, ServiceMeta, ServiceValue, SlotKey, map_names as n,
 };
 
-use crate::{
-    dataplane::DataplaneError,
-    model::{IpFamily, IpPrefix},
-};
+use super::ids::{BackendId, ServiceId};
+use crate::model::{IpFamily, IpPrefix};
 
 /// A `SERVICES` / `SERVICES6` key; port in network byte order as in the maps.
 pub type AnyServiceKey = ServiceKey<IpAddr>;
@@ -34,47 +33,61 @@ pub fn family_map(family: IpFamily, v4: &'static str, v6: &'static str) -> &'sta
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtFacts {
     pub proto: u8,
-    pub svc_id: u32,
-    pub backend_id: u32,
+    pub svc_id: ServiceId,
+    pub backend_id: BackendId,
 }
 
 /// Everything the sync reads back at start-up.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Vec<(AnyServiceKey, ServiceValue)>,
-    pub slots: Vec<(SlotKey, u32)>,
-    pub backends: Vec<(u32, AnyBackend)>,
-    pub meta: Vec<(u32, ServiceMeta)>,
-    pub ranges: Vec<(u32, IpPrefix)>,
+    pub slots: Vec<(SlotKey, BackendId)>,
+    pub backends: Vec<(BackendId, AnyBackend)>,
+    pub meta: Vec<(ServiceId, ServiceMeta)>,
+    pub ranges: Vec<(ServiceId, IpPrefix)>,
 }
 
-pub type StoreResult<T = ()> = Result<T, DataplaneError>;
+/// Why a store operation failed, as far as the sync must tell failures apart: a full map
+/// is retried once removals have made room (a full `BACKEND_SLOTS` also allows the
+/// in-place fallback); anything else is reported for its frontend as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("map {map} is full: raise --{flag}")]
+    MapFull { map: &'static str, flag: &'static str },
+    /// Any other failure, with the store's own message and cause (for the kernel maps a
+    /// `DataplaneError` naming the map), so reports stay as precise as the store makes them.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type StoreResult<T = ()> = Result<T, StoreError>;
 
 pub trait MapStore {
     fn snapshot(&self) -> StoreResult<Snapshot>;
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult;
     fn del_service(&mut self, k: &AnyServiceKey) -> StoreResult;
-    fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult;
+    fn put_slot(&mut self, k: &SlotKey, backend_id: BackendId) -> StoreResult;
     fn del_slot(&mut self, k: &SlotKey) -> StoreResult;
-    fn put_backend(&mut self, id: u32, b: &AnyBackend) -> StoreResult;
+    fn put_backend(&mut self, id: BackendId, b: &AnyBackend) -> StoreResult;
     /// Delete backend `id` from the map of `family`.
-    fn del_backend(&mut self, id: u32, family: IpFamily) -> StoreResult;
-    fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult;
-    fn del_meta(&mut self, id: u32) -> StoreResult;
+    fn del_backend(&mut self, id: BackendId, family: IpFamily) -> StoreResult;
+    fn put_meta(&mut self, id: ServiceId, m: &ServiceMeta) -> StoreResult;
+    fn del_meta(&mut self, id: ServiceId) -> StoreResult;
     /// Drop the per-service counters of a removed service.
-    fn del_stats(&mut self, id: u32) -> StoreResult;
-    fn put_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult;
-    fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult;
+    fn del_stats(&mut self, id: ServiceId) -> StoreResult;
+    fn put_range(&mut self, svc_id: ServiceId, p: IpPrefix) -> StoreResult;
+    fn del_range(&mut self, svc_id: ServiceId, p: IpPrefix) -> StoreResult;
     /// Delete every conntrack entry (both families) matching `pred`; returns how many.
     fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize>;
     /// Delete every session-affinity entry (both families) whose (service id, backend id)
     /// matches `pred`; returns how many.
-    fn purge_affinity(&mut self, pred: &dyn Fn(u32, u32) -> bool) -> StoreResult<usize>;
+    fn purge_affinity(&mut self, pred: &dyn Fn(ServiceId, BackendId) -> bool) -> StoreResult<usize>;
 }
 
 /// In-memory store with capacity limits, for tests. Both families' services live in one
 /// map here (the key's address tells them apart); limits count each family on its own,
-/// as the kernel's twin maps do.
+/// as the kernel's twin maps do. Ids are held as the numbers the kernel maps hold, so tests
+/// can put conntrack and affinity entries in as the datapath would.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
     pub services: BTreeMap<AnyServiceKey, ServiceValue>,
@@ -96,24 +109,24 @@ pub struct MemStore {
 }
 
 fn ct_facts<A>(k: &CtKey<A>, v: &CtValue<A>) -> CtFacts {
-    CtFacts { proto: k.proto, svc_id: v.svc_id, backend_id: v.backend_id }
+    CtFacts { proto: k.proto, svc_id: v.svc_id.into(), backend_id: v.backend_id.into() }
 }
 
 impl MapStore for MemStore {
     fn snapshot(&self) -> StoreResult<Snapshot> {
         Ok(Snapshot {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
-            slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
-            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
-            meta: self.meta.iter().map(|(k, v)| (*k, *v)).collect(),
-            ranges: self.ranges.keys().copied().collect(),
+            slots: self.slots.iter().map(|(k, v)| (*k, BackendId::new(*v))).collect(),
+            backends: self.backends.iter().map(|(k, v)| (BackendId::new(*k), *v)).collect(),
+            meta: self.meta.iter().map(|(k, v)| (ServiceId::new(*k), *v)).collect(),
+            ranges: self.ranges.keys().map(|(id, p)| (ServiceId::new(*id), *p)).collect(),
         })
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
         let family = IpFamily::of(k.addr);
         let same_family = self.services.keys().filter(|s| IpFamily::of(s.addr) == family).count();
         if self.max_services.is_some_and(|max| !self.services.contains_key(k) && same_family >= max) {
-            return Err(DataplaneError::MapFull {
+            return Err(StoreError::MapFull {
                 map: family_map(family, n::SERVICES, n::SERVICES6),
                 flag: "max-services",
             });
@@ -128,13 +141,13 @@ impl MapStore for MemStore {
         }
         Ok(())
     }
-    fn put_slot(&mut self, k: &SlotKey, backend_id: u32) -> StoreResult {
+    fn put_slot(&mut self, k: &SlotKey, backend_id: BackendId) -> StoreResult {
         // Like a kernel hash map: overwriting an existing key works when full.
         if self.max_slots.is_some_and(|max| !self.slots.contains_key(k) && self.slots.len() >= max) {
-            return Err(DataplaneError::MapFull { map: "BACKEND_SLOTS", flag: "max-backends" });
+            return Err(StoreError::MapFull { map: "BACKEND_SLOTS", flag: "max-backends" });
         }
         self.log.push(format!("put_slot {}/{}/{}={}", k.svc_id, k.generation(), k.index(), backend_id));
-        self.slots.insert(*k, backend_id);
+        self.slots.insert(*k, backend_id.get());
         Ok(())
     }
     fn del_slot(&mut self, k: &SlotKey) -> StoreResult {
@@ -142,41 +155,41 @@ impl MapStore for MemStore {
         self.slots.remove(k);
         Ok(())
     }
-    fn put_backend(&mut self, id: u32, b: &AnyBackend) -> StoreResult {
+    fn put_backend(&mut self, id: BackendId, b: &AnyBackend) -> StoreResult {
         self.log.push(format!("put_backend {id}"));
-        self.backends.insert(id, *b);
+        self.backends.insert(id.get(), *b);
         Ok(())
     }
-    fn del_backend(&mut self, id: u32, family: IpFamily) -> StoreResult {
+    fn del_backend(&mut self, id: BackendId, family: IpFamily) -> StoreResult {
         self.log.push(format!("del_backend {id}"));
         // Only from its own family's map, like the kernel store.
-        if self.backends.get(&id).is_some_and(|b| IpFamily::of(b.addr) == family) {
-            self.backends.remove(&id);
+        if self.backends.get(&id.get()).is_some_and(|b| IpFamily::of(b.addr) == family) {
+            self.backends.remove(&id.get());
         }
         Ok(())
     }
-    fn put_meta(&mut self, id: u32, m: &ServiceMeta) -> StoreResult {
+    fn put_meta(&mut self, id: ServiceId, m: &ServiceMeta) -> StoreResult {
         self.log.push(format!("put_meta {id}"));
-        self.meta.insert(id, *m);
+        self.meta.insert(id.get(), *m);
         Ok(())
     }
-    fn del_meta(&mut self, id: u32) -> StoreResult {
+    fn del_meta(&mut self, id: ServiceId) -> StoreResult {
         self.log.push(format!("del_meta {id}"));
-        self.meta.remove(&id);
+        self.meta.remove(&id.get());
         Ok(())
     }
-    fn del_stats(&mut self, id: u32) -> StoreResult {
-        self.stats_deleted.push(id);
+    fn del_stats(&mut self, id: ServiceId) -> StoreResult {
+        self.stats_deleted.push(id.get());
         Ok(())
     }
-    fn put_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
+    fn put_range(&mut self, svc_id: ServiceId, p: IpPrefix) -> StoreResult {
         self.log.push(format!("put_range {svc_id} {p}"));
-        self.ranges.insert((svc_id, p), ());
+        self.ranges.insert((svc_id.get(), p), ());
         Ok(())
     }
-    fn del_range(&mut self, svc_id: u32, p: IpPrefix) -> StoreResult {
+    fn del_range(&mut self, svc_id: ServiceId, p: IpPrefix) -> StoreResult {
         self.log.push(format!("del_range {svc_id} {p}"));
-        self.ranges.remove(&(svc_id, p));
+        self.ranges.remove(&(svc_id.get(), p));
         Ok(())
     }
     fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize> {
@@ -185,9 +198,9 @@ impl MapStore for MemStore {
         self.conntrack6.retain(|k, v| !pred(ct_facts(k, v)));
         Ok(before - self.conntrack.len() - self.conntrack6.len())
     }
-    fn purge_affinity(&mut self, pred: &dyn Fn(u32, u32) -> bool) -> StoreResult<usize> {
+    fn purge_affinity(&mut self, pred: &dyn Fn(ServiceId, BackendId) -> bool) -> StoreResult<usize> {
         let before = self.affinity.len();
-        self.affinity.retain(|(_, svc), backend| !pred(*svc, *backend));
+        self.affinity.retain(|(_, svc), backend| !pred(ServiceId::new(*svc), BackendId::new(*backend)));
         Ok(before - self.affinity.len())
     }
 }

@@ -469,7 +469,7 @@ fn full_services6_fails_only_the_ipv6_frontend() {
     assert_eq!(r.errors.len(), 1);
     let (key, err) = &r.errors[0];
     assert!(key.addr.is_ipv6());
-    assert_eq!(err.to_string(), DataplaneError::MapFull { map: "SERVICES6", flag: "max-services" }.to_string());
+    assert_eq!(err.to_string(), StoreError::MapFull { map: "SERVICES6", flag: "max-services" }.to_string());
     assert_eq!((r.services, r.services6), (2, 1));
 }
 

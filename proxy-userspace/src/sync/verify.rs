@@ -13,7 +13,7 @@ use proxy_common::{ServiceValue, SlotKey, backend_flags, svc_flags};
 use serde::Serialize;
 
 use super::{
-    backend_value, service_flags, service_key,
+    BackendId, ServiceId, backend_value, service_flags, service_key,
     store::{AnyBackend, AnyServiceKey, Snapshot},
 };
 use crate::model::{DesiredState, IpPrefix};
@@ -118,9 +118,9 @@ fn diff<T: Ord + Clone>(want: &BTreeSet<T>, have: &BTreeSet<T>) -> (Vec<T>, Vec<
 /// Every difference between `desired` and `snap`, in frontend order.
 pub fn verify(desired: &DesiredState, snap: &Snapshot) -> Vec<Drift> {
     let services: HashMap<AnyServiceKey, ServiceValue> = snap.services.iter().copied().collect();
-    let slots: HashMap<SlotKey, u32> = snap.slots.iter().copied().collect();
-    let backends: HashMap<u32, AnyBackend> = snap.backends.iter().copied().collect();
-    let mut ranges: HashMap<u32, BTreeSet<IpPrefix>> = HashMap::new();
+    let slots: HashMap<SlotKey, BackendId> = snap.slots.iter().copied().collect();
+    let backends: HashMap<BackendId, AnyBackend> = snap.backends.iter().copied().collect();
+    let mut ranges: HashMap<ServiceId, BTreeSet<IpPrefix>> = HashMap::new();
     for (id, p) in &snap.ranges {
         ranges.entry(*id).or_default().insert(*p);
     }
@@ -163,7 +163,7 @@ pub fn verify(desired: &DesiredState, snap: &Snapshot) -> Vec<Drift> {
             out.push(drift(DriftKind::Backends { missing, extra }));
         }
         let want_ranges: BTreeSet<IpPrefix> = entry.source_ranges.iter().copied().collect();
-        let have_ranges = ranges.get(&v.id).cloned().unwrap_or_default();
+        let have_ranges = ranges.get(&ServiceId::new(v.id)).cloned().unwrap_or_default();
         let (missing, extra) = diff(&want_ranges, &have_ranges);
         if !missing.is_empty() || !extra.is_empty() {
             let s = |v: Vec<IpPrefix>| v.iter().map(|p| format!("{}/{}", p.addr, p.len)).collect();
