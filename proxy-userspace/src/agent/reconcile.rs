@@ -75,19 +75,23 @@ impl SyncLoop {
         match u {
             Update::Services(Delta::Apply(s)) => t.upsert_service(&s),
             Update::Services(Delta::Delete((ns, name))) => t.delete_service(&ns, &name),
-            Update::Services(Delta::Replace(all)) => {
-                t.replace_services(&all);
+            Update::Services(Delta::Relisted(seen)) => {
+                t.retain_services(&seen);
                 self.full_sync = true;
             }
             Update::Slices(Delta::Apply(s)) => t.upsert_slice(&s),
             Update::Slices(Delta::Delete((ns, name))) => t.delete_slice(&ns, &name),
-            Update::Slices(Delta::Replace(all)) => {
-                t.replace_slices(&all);
+            Update::Slices(Delta::Relisted(seen)) => {
+                t.retain_slices(&seen);
                 self.full_sync = true;
             }
             Update::Nodes(Delta::Apply(n)) => self.node = Some((*n).clone()),
             Update::Nodes(Delta::Delete(_)) => self.node = None,
-            Update::Nodes(Delta::Replace(all)) => self.node = all.first().map(|n| (**n).clone()),
+            Update::Nodes(Delta::Relisted(seen)) => {
+                if seen.is_empty() {
+                    self.node = None;
+                }
+            }
         }
     }
 

@@ -3,9 +3,11 @@
 //! of the API objects is kept here: the agent keeps only the parsed form of what it needs
 //! (`model::Translator`), so memory follows the model, not the objects' size.
 //!
-//! A (re)list arrives as one `Delta::Replace` with every object listed, sent only when the
-//! list is complete, so a relist never looks like "everything was deleted".
-use std::{pin::pin, sync::Arc};
+//! A (re)list streams its objects as they are read (each parsed and dropped on arrival, so
+//! the whole list is never held at once), then one `Delta::Relisted` with the keys it saw:
+//! only then are the objects it did not see deleted, so a relist never looks like
+//! "everything was deleted".
+use std::{collections::HashSet, pin::pin, sync::Arc};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -20,6 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
 use super::{Delta, Resource, SourceEvent, Update};
+use crate::model::ObjectKey;
 
 /// Services kube-proxy ignores are filtered server-side too (as kube-proxy does).
 const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
@@ -41,27 +44,23 @@ fn spawn_watch<K>(
         // managedFields are the bulk of most objects and never read.
         let stream = watcher(api, cfg).default_backoff().modify(|o: &mut K| o.meta_mut().managed_fields = None);
         let mut stream = pin!(stream);
-        let mut listing: Option<Vec<Arc<K>>> = None;
+        let mut listed: HashSet<ObjectKey> = HashSet::new();
         while let Some(ev) = stream.next().await {
             let msgs = match ev {
                 Ok(watcher::Event::Init) => {
-                    listing = Some(Vec::new());
+                    listed.clear();
                     continue;
                 }
                 Ok(watcher::Event::InitApply(o)) => {
-                    listing.get_or_insert_with(Vec::new).push(Arc::new(o));
-                    continue;
+                    listed.insert(key_of(&o));
+                    vec![SourceEvent::Update(wrap(Delta::Apply(Arc::new(o))))]
                 }
                 Ok(watcher::Event::InitDone) => {
-                    let all = listing.take().unwrap_or_default();
-                    vec![SourceEvent::Update(wrap(Delta::Replace(all))), SourceEvent::Synced(resource)]
+                    let seen = std::mem::take(&mut listed);
+                    vec![SourceEvent::Update(wrap(Delta::Relisted(seen))), SourceEvent::Synced(resource)]
                 }
                 Ok(watcher::Event::Apply(o)) => vec![SourceEvent::Update(wrap(Delta::Apply(Arc::new(o))))],
-                Ok(watcher::Event::Delete(o)) => {
-                    let meta = o.meta();
-                    let key = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
-                    vec![SourceEvent::Update(wrap(Delta::Delete(key)))]
-                }
+                Ok(watcher::Event::Delete(o)) => vec![SourceEvent::Update(wrap(Delta::Delete(key_of(&o))))],
                 Err(e) => {
                     // kube-rs retries with backoff; the maps keep their state meanwhile.
                     warn!(resource = ?resource, error = %e, "watch error, retrying");
@@ -75,6 +74,11 @@ fn spawn_watch<K>(
             }
         }
     });
+}
+
+fn key_of<K: kube::Resource>(o: &K) -> ObjectKey {
+    let meta = o.meta();
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
 pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>) {

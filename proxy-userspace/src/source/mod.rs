@@ -38,8 +38,9 @@ pub enum Delta<K> {
     Apply(Arc<K>),
     /// (namespace, name) of the deleted object.
     Delete((String, String)),
-    /// A complete (re)list: every object there is; the ones not in it are gone.
-    Replace(Vec<Arc<K>>),
+    /// A (re)list is complete: it saw these objects (each sent as `Apply`); the others
+    /// are gone.
+    Relisted(std::collections::HashSet<ObjectKey>),
 }
 
 #[derive(Debug)]
@@ -108,7 +109,10 @@ impl Snapshots {
         out.extend(diff_kind(&mut self.slices, objects.slices).into_iter().map(Update::Slices));
         if objects.node != self.node {
             self.node.clone_from(&objects.node);
-            out.push(Update::Nodes(Delta::Replace(objects.node.into_iter().map(Arc::new).collect())));
+            out.push(Update::Nodes(match objects.node {
+                Some(n) => Delta::Apply(Arc::new(n)),
+                None => Delta::Delete(Default::default()),
+            }));
         }
         out
     }

@@ -83,6 +83,10 @@ pub(super) struct ObjectId {
 }
 
 impl ObjectId {
+    pub(super) fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
+
     pub(super) fn from_meta(meta: &ObjectMeta) -> Option<Self> {
         Some(ObjectId {
             namespace: non_empty(meta.namespace.as_deref())?.to_owned(),

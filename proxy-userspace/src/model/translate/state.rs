@@ -232,26 +232,36 @@ impl Translator {
         }
     }
 
-    /// A complete list of the Services (a relist): the ones not in it are deleted.
-    pub fn replace_services(&mut self, all: &[impl std::borrow::Borrow<Service>]) {
-        let keep: HashSet<ObjectId> = all.iter().filter_map(|s| ObjectId::from_meta(&s.borrow().metadata)).collect();
-        let gone: Vec<ObjectId> = self.services.keys().filter(|id| !keep.contains(*id)).cloned().collect();
+    /// After a relist that saw only `seen`: every other Service is deleted.
+    pub fn retain_services(&mut self, seen: &HashSet<ObjectKey>) {
+        let gone: Vec<ObjectId> = self.services.keys().filter(|id| !seen.contains(&id.key())).cloned().collect();
         for id in gone {
             self.delete_service(&id.namespace, &id.name);
         }
+    }
+
+    /// After a relist that saw only `seen`: every other EndpointSlice is deleted.
+    pub fn retain_slices(&mut self, seen: &HashSet<ObjectKey>) {
+        let gone: Vec<ObjectId> = self.slices.keys().filter(|id| !seen.contains(&id.key())).cloned().collect();
+        for id in gone {
+            self.remove_slice(&id);
+        }
+    }
+
+    /// Exactly these Services (a complete list), as one relist.
+    pub fn replace_services(&mut self, all: &[impl std::borrow::Borrow<Service>]) {
+        let seen = all.iter().filter_map(|s| object_key(&s.borrow().metadata)).collect();
+        self.retain_services(&seen);
         self.unnamed.retain(|(kind, _)| *kind != KIND_SERVICE);
         for s in all {
             self.upsert_service(s.borrow());
         }
     }
 
-    /// A complete list of the EndpointSlices (a relist): the ones not in it are deleted.
+    /// Exactly these EndpointSlices (a complete list), as one relist.
     pub fn replace_slices(&mut self, all: &[impl std::borrow::Borrow<EndpointSlice>]) {
-        let keep: HashSet<ObjectId> = all.iter().filter_map(|s| ObjectId::from_meta(&s.borrow().metadata)).collect();
-        let gone: Vec<ObjectId> = self.slices.keys().filter(|id| !keep.contains(*id)).cloned().collect();
-        for id in gone {
-            self.remove_slice(&id);
-        }
+        let seen = all.iter().filter_map(|s| object_key(&s.borrow().metadata)).collect();
+        self.retain_slices(&seen);
         self.unnamed.retain(|(kind, _)| *kind != KIND_SLICE);
         for s in all {
             self.upsert_slice(s.borrow());
