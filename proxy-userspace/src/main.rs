@@ -62,6 +62,7 @@ fn run_cleanup(args: &CleanupArgs) -> Result<()> {
 /// `ebpf-proxy agent`. The flags are checked before anything is loaded or listened on.
 fn run_agent(args: &AgentArgs) -> Result<()> {
     let config = AgentConfig::from_args(args).context("invalid flag")?;
+    agent::limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     let r = rt.block_on(agent::run(config));
     // Do not wait for tasks stuck in blocking calls (a source reading a FIFO): the datapath

@@ -61,7 +61,7 @@ struct Programmed {
     in_map: bool,
     /// The backends this frontend keeps alive (counted in `Syncer::refs`): what it wants
     /// once programmed; after a failure, also what its slots still point at.
-    refs: Vec<BackendIdent>,
+    refs: Vec<BackendId>,
 }
 
 impl Programmed {
@@ -145,9 +145,9 @@ pub struct Syncer<S: MapStore> {
     /// How many frontends keep each backend (`Programmed::refs`); one at 0 is deleted at
     /// the end of the sync that dropped it, so a sync touching few frontends never walks
     /// every backend.
-    refs: HashMap<BackendIdent, u32>,
+    refs: HashMap<BackendId, u32>,
     /// Backends at 0 whose delete failed, or found unused at start-up: retried.
-    unreferenced: HashSet<BackendIdent>,
+    unreferenced: HashSet<BackendId>,
     /// Frontends whose last write or removal failed: retried by every sync.
     retry: BTreeSet<FrontendKey>,
     svc_ids: IdAlloc<ServiceId>,
@@ -298,7 +298,7 @@ impl<S: MapStore> Syncer<S> {
             let inactive = ids(v.generation ^ 1);
             // Until the first sync says what it wants, a frontend keeps whatever its slots
             // point at.
-            let refs = s.idents(active.iter().chain(&inactive));
+            let refs = s.live(active.iter().chain(&inactive));
             for r in &refs {
                 *s.refs.entry(*r).or_default() += 1;
             }
@@ -315,7 +315,7 @@ impl<S: MapStore> Syncer<S> {
                 },
             );
         }
-        s.unreferenced = s.backends.keys().filter(|i| !s.refs.contains_key(*i)).copied().collect();
+        s.unreferenced = s.backend_by_id.keys().filter(|i| !s.refs.contains_key(*i)).copied().collect();
         Ok(s)
     }
 
@@ -411,7 +411,7 @@ impl<S: MapStore> Syncer<S> {
     fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
         let mut report = SyncReport::default();
         let mut writes = 0u64;
-        let mut released: HashSet<BackendIdent> = std::mem::take(&mut self.unreferenced);
+        let mut released: HashSet<BackendId> = std::mem::take(&mut self.unreferenced);
         let mut purge_pairs: PairSet = HashSet::new();
         // (service, backend) pairs a frontend with session affinity dropped: their
         // affinity entries must go, or new connections of a pinned client would keep going
@@ -505,11 +505,11 @@ impl<S: MapStore> Syncer<S> {
 
         // Backends no longer used by any frontend go last.
         let mut removed_udp = HashSet::new();
-        for ident in released {
-            if self.refs.contains_key(&ident) {
+        for id in released {
+            if self.refs.contains_key(&id) {
                 continue;
             }
-            let Some(&(id, _)) = self.backends.get(&ident) else { continue };
+            let Some(&ident) = self.backend_by_id.get(&id) else { continue };
             match self.store.del_backend(id, IpFamily::of(ident.0)) {
                 Ok(()) => {
                     writes += 1;
@@ -526,7 +526,7 @@ impl<S: MapStore> Syncer<S> {
                 }
                 Err(e) => {
                     warn!(backend_id = id.get(), error = %e, "cannot delete backend");
-                    self.unreferenced.insert(ident);
+                    self.unreferenced.insert(id);
                 }
             }
         }
@@ -561,16 +561,16 @@ impl<S: MapStore> Syncer<S> {
         report
     }
 
-    /// The backends (by identity) behind these ids; ids of deleted backends are skipped.
-    fn idents<'a>(&self, ids: impl Iterator<Item = &'a BackendId>) -> Vec<BackendIdent> {
-        let mut out: Vec<BackendIdent> = ids.filter_map(|id| self.backend_by_id.get(id).copied()).collect();
+    /// These ids, less those of deleted backends (a spare generation may still name them).
+    fn live<'a>(&self, ids: impl Iterator<Item = &'a BackendId>) -> Vec<BackendId> {
+        let mut out: Vec<BackendId> = ids.filter(|id| self.backend_by_id.contains_key(id)).copied().collect();
         out.sort_unstable();
         out.dedup();
         out
     }
 
     /// Point a frontend's references at `now`; backends left with none go to `released`.
-    fn set_refs(&mut self, prog: &mut Programmed, mut now: Vec<BackendIdent>, released: &mut HashSet<BackendIdent>) {
+    fn set_refs(&mut self, prog: &mut Programmed, mut now: Vec<BackendId>, released: &mut HashSet<BackendId>) {
         now.sort_unstable();
         now.dedup();
         for r in &now {
@@ -621,26 +621,31 @@ impl<S: MapStore> Syncer<S> {
         &mut self,
         key: &AnyServiceKey,
         entry: &FrontendEntry,
-        released: &mut HashSet<BackendIdent>,
+        released: &mut HashSet<BackendId>,
         (purge_pairs, affinity_pairs): (&mut PairSet, &mut PairSet),
         writes: &mut u64,
     ) -> Result<(), StoreError> {
         let wanted: Vec<AnyBackend> = entry.backends.iter().map(|b| backend_value(b, key.proto)).collect();
-        let idents: Vec<BackendIdent> = wanted.iter().map(|v| (v.addr, v.port, v.proto)).collect();
         let mut ids = Vec::with_capacity(wanted.len());
         for v in &wanted {
             match self.ensure_backend(v, writes) {
                 Ok(id) => ids.push(id),
                 Err(e) => {
-                    // It keeps what it had, and what it wants stays for the retry.
+                    // It keeps what it had, and what it wants (of what exists) stays for
+                    // the retry.
+                    let existing: Vec<BackendId> = wanted
+                        .iter()
+                        .filter_map(|v| self.backends.get(&(v.addr, v.port, v.proto)))
+                        .map(|b| b.0)
+                        .collect();
                     match self.take_frontend(key) {
                         Some(mut p) => {
-                            let held = self.idents(p.active.iter().chain(&p.inactive));
-                            self.set_refs(&mut p, [idents.clone(), held].concat(), released);
+                            let held = self.live(p.active.iter().chain(&p.inactive));
+                            self.set_refs(&mut p, [existing, held].concat(), released);
                             self.put_frontend(*key, p);
                         }
                         // Not programmed at all: nothing holds the backends it created.
-                        None => released.extend(idents.iter().copied()),
+                        None => released.extend(existing),
                     }
                     return Err(e);
                 }
@@ -680,8 +685,8 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         let refs = match &result {
-            Ok(()) => idents,
-            Err(_) => [idents, self.idents(prog.active.iter().chain(&prog.inactive))].concat(),
+            Ok(()) => ids,
+            Err(_) => [ids, self.live(prog.active.iter().chain(&prog.inactive))].concat(),
         };
         self.set_refs(&mut prog, refs, released);
         self.put_frontend(*key, prog);
@@ -875,7 +880,7 @@ impl<S: MapStore> Syncer<S> {
     fn remove_frontend(
         &mut self,
         key: &AnyServiceKey,
-        released: &mut HashSet<BackendIdent>,
+        released: &mut HashSet<BackendId>,
         writes: &mut u64,
     ) -> Result<ServiceId, StoreError> {
         let Some(mut prog) = self.take_frontend(key) else { return Ok(ServiceId::new(0)) };
@@ -887,7 +892,7 @@ impl<S: MapStore> Syncer<S> {
             }
             Err(_) => {
                 // Half removed: its slots may still point at its backends.
-                let held = self.idents(prog.active.iter().chain(&prog.inactive));
+                let held = self.live(prog.active.iter().chain(&prog.inactive));
                 self.set_refs(&mut prog, held, released);
                 self.put_frontend(*key, prog);
             }

@@ -12,7 +12,7 @@ pub fn explain(
     namespace: &str,
     name: &str,
 ) -> Result<Explanation, String> {
-    let wanted = ObjectId { namespace: namespace.to_owned(), name: name.to_owned() };
+    let wanted = ObjectId::new(namespace, name);
     let svc = services
         .iter()
         .map(Borrow::borrow)

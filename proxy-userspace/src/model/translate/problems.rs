@@ -76,22 +76,35 @@ impl Warnings {
 }
 
 /// "namespace/name" of a Service or EndpointSlice; also the join key slice -> service.
+/// Shared, not copied: the translation keeps each id in several indexes (claims, slice
+/// groups, winners), and at 100,000 Services the copies were a good part of its memory.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) struct ObjectId {
+pub(super) struct ObjectId(std::sync::Arc<IdParts>);
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct IdParts {
     pub(super) namespace: String,
     pub(super) name: String,
 }
 
+impl std::ops::Deref for ObjectId {
+    type Target = IdParts;
+    fn deref(&self) -> &IdParts {
+        &self.0
+    }
+}
+
 impl ObjectId {
+    pub(super) fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectId(std::sync::Arc::new(IdParts { namespace: namespace.into(), name: name.into() }))
+    }
+
     pub(super) fn key(&self) -> (String, String) {
         (self.namespace.clone(), self.name.clone())
     }
 
     pub(super) fn from_meta(meta: &ObjectMeta) -> Option<Self> {
-        Some(ObjectId {
-            namespace: non_empty(meta.namespace.as_deref())?.to_owned(),
-            name: non_empty(meta.name.as_deref())?.to_owned(),
-        })
+        Some(ObjectId::new(non_empty(meta.namespace.as_deref())?, non_empty(meta.name.as_deref())?))
     }
 }
 

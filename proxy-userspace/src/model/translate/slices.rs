@@ -92,7 +92,7 @@ pub(super) fn parse_slice_object(slice: &EndpointSlice, id: &ObjectId, node: &No
         warnings.push(KIND_SLICE, id.to_string(), Problem::NoServiceNameLabel);
         return SliceParse { service: None, parsed: None, warnings: warnings.0 };
     };
-    let service = ObjectId { namespace: id.namespace.clone(), name: service.to_owned() };
+    let service = ObjectId::new(id.namespace.as_str(), service);
     let parsed = match IpFamily::from_k8s(&slice.address_type) {
         Some(family) => {
             let mut problems = Vec::new();

@@ -72,10 +72,10 @@ pub struct Translator {
     services: BTreeMap<ObjectId, ServiceState>,
     slices: HashMap<ObjectId, SliceState>,
     /// Slices by the Service their label names, in name order (whether or not it exists).
-    groups: HashMap<ObjectId, BTreeSet<ObjectId>>,
+    groups: HashMap<ObjectId, SmallSet<ObjectId>>,
     /// Objects without namespace or name: warned about, never translated.
     unnamed: BTreeSet<(&'static str, String)>,
-    claimants: HashMap<ClaimKey, BTreeSet<Claimant>>,
+    claimants: HashMap<ClaimKey, SmallSet<Claimant>>,
     winners: HashMap<ClaimKey, Winner>,
     /// Addresses with more than one claimant (their losers are warned about).
     contested: BTreeSet<ClaimKey>,
@@ -185,7 +185,7 @@ impl Translator {
 
     /// A Service was deleted.
     pub fn delete_service(&mut self, namespace: &str, name: &str) {
-        let id = ObjectId { namespace: namespace.to_owned(), name: name.to_owned() };
+        let id = ObjectId::new(namespace, name);
         if let Some(state) = self.services.get_mut(&id) {
             // Emptied now, removed at commit once its claims are withdrawn.
             state.present = false;
@@ -215,7 +215,7 @@ impl Translator {
 
     /// An EndpointSlice was deleted.
     pub fn delete_slice(&mut self, namespace: &str, name: &str) {
-        self.remove_slice(&ObjectId { namespace: namespace.to_owned(), name: name.to_owned() });
+        self.remove_slice(&ObjectId::new(namespace, name));
     }
 
     fn remove_slice(&mut self, id: &ObjectId) {
@@ -484,6 +484,51 @@ impl Translator {
     }
 }
 
+/// A small ordered set kept as a sorted `Vec`: the sets indexed per address and per
+/// Service hold one entry almost always, where a `BTreeSet` allocates a node for eleven.
+#[derive(Debug)]
+struct SmallSet<T>(Vec<T>);
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        SmallSet(Vec::new())
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    fn insert(&mut self, v: T) {
+        if let Err(at) = self.0.binary_search(&v) {
+            self.0.insert(at, v);
+        }
+    }
+
+    fn remove(&mut self, v: &T) {
+        if let Ok(at) = self.0.binary_search(v) {
+            self.0.remove(at);
+        }
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 fn set_membership(set: &mut BTreeSet<ObjectId>, id: &ObjectId, member: bool) {
     if member {
         if !set.contains(id) {
@@ -503,5 +548,5 @@ pub type ObjectKey = (String, String);
 
 /// `namespace/name` of an object's metadata, if both are set.
 pub fn object_key(meta: &ObjectMeta) -> Option<ObjectKey> {
-    ObjectId::from_meta(meta).map(|id| (id.namespace, id.name))
+    Some((non_empty(meta.namespace.as_deref())?.to_owned(), non_empty(meta.name.as_deref())?.to_owned()))
 }
