@@ -1,7 +1,7 @@
 //! The few bpf(2) commands aya 0.14 does not expose: the ifindex of a link
 //! (`bpf_link_info.tcx/xdp`), the link ids of a tcx query, detaching a link by id, a
-//! program's name and map ids by program id, and batched map reads (the conntrack
-//! collector). Each is one syscall on a zeroed attribute
+//! program's name and map ids by program id, batched map reads (the conntrack collector)
+//! and batched writes (the sync's cold start). Each is one syscall on a zeroed attribute
 //! buffer laid out as in `include/uapi/linux/bpf.h`.
 use std::{
     io,
@@ -17,6 +17,7 @@ const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `enum bpf_attach_type` values of tcx.
 pub const BPF_TCX_INGRESS: u32 = 46;
@@ -111,6 +112,24 @@ pub fn map_lookup_batch(
     };
     let n = get_u32(&a, 32) as usize;
     Ok((n, if done { None } else { Some(out_batch) }))
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: write `count` entries (`keys` / `values` hold `count` of each,
+/// of the map's key and value sizes) in one syscall. Returns how many the kernel wrote
+/// before an error, with the error.
+pub fn map_update_batch(
+    map_fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: u32,
+) -> Result<(), (usize, io::Error)> {
+    let mut a: Attr = [0; 128];
+    // keys 16, values 24, count 32, map_fd 36, elem_flags 40 (BPF_ANY).
+    put_u64(&mut a, 16, keys.as_ptr() as u64);
+    put_u64(&mut a, 24, values.as_ptr() as u64);
+    put_u32(&mut a, 32, count);
+    put_u32(&mut a, 36, map_fd.as_raw_fd() as u32);
+    bpf(BPF_MAP_UPDATE_BATCH, &mut a).map(drop).map_err(|e| (get_u32(&a, 32) as usize, e))
 }
 
 /// Open a pinned object (`BPF_OBJ_GET`).

@@ -3,6 +3,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
     path::Path,
 };
 
@@ -18,7 +19,7 @@ use proxy_common::{
 use super::{
     DataplaneError,
     addr::{ip_from_map, ip_to_map, ip6_from_map, ip6_to_map},
-    paths,
+    bpfsys, paths,
 };
 use crate::{
     model::{IpFamily, IpPrefix},
@@ -266,9 +267,71 @@ fn store_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> StoreError {
     move |e| DataplaneError::from_map(map, e).into()
 }
 
+/// Entries per `BPF_MAP_UPDATE_BATCH` call: big enough to amortise the syscall, small
+/// enough that the staging copies stay a few hundred KiB.
+const UPDATE_BATCH: usize = 8192;
+
+/// Write `entries` into the hash map `map` with batched updates.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    entries: impl Iterator<Item = (K, V)>,
+) -> StoreResult {
+    let fd = aya::maps::IterableMap::map(map).fd().as_fd();
+    let entries: Vec<(K, V)> = entries.collect();
+    for chunk in entries.chunks(UPDATE_BATCH) {
+        let (keys, values): (Vec<K>, Vec<V>) = chunk.iter().copied().unzip();
+        // SAFETY: byte views of two live vectors of plain `#[repr(C)]` map types without
+        // padding (the same bytes aya passes for a single update).
+        let (kb, vb) = unsafe {
+            (
+                std::slice::from_raw_parts(keys.as_ptr() as *const u8, keys.len() * size_of::<K>()),
+                std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * size_of::<V>()),
+            )
+        };
+        bpfsys::map_update_batch(fd, kb, vb, chunk.len() as u32).map_err(|(done, e)| {
+            let e =
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error: e });
+            tracing::debug!(map = name, done, "batched update stopped");
+            StoreError::from(DataplaneError::from_map(name, e))
+        })?;
+    }
+    Ok(())
+}
+
 impl MapStore for Maps {
     fn snapshot(&self) -> StoreResult<Snapshot> {
         Ok(self.read_snapshot()?)
+    }
+    fn put_backends(&mut self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
+        let v4 = items.iter().filter_map(|(id, b)| match b.addr {
+            IpAddr::V4(a) => Some((id.get(), backend_with(b, ip_to_map(a)))),
+            IpAddr::V6(_) => None,
+        });
+        update_batch(&self.backends, n::BACKENDS, v4)?;
+        let v6 = items.iter().filter_map(|(id, b)| match b.addr {
+            IpAddr::V6(a) => Some((id.get(), backend_with(b, ip6_to_map(a)))),
+            IpAddr::V4(_) => None,
+        });
+        update_batch(&self.backends6, n::BACKENDS6, v6)
+    }
+    fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
+        update_batch(&self.slots, n::BACKEND_SLOTS, items.iter().map(|(k, b)| (*k, b.get())))
+    }
+    fn put_metas(&mut self, items: &[(ServiceId, ServiceMeta)]) -> StoreResult {
+        update_batch(&self.meta, n::SERVICE_META, items.iter().map(|(id, m)| (id.get(), *m)))
+    }
+    fn put_services(&mut self, items: &[(AnyServiceKey, ServiceValue)]) -> StoreResult {
+        let v4 = items.iter().filter_map(|(k, v)| match k.addr {
+            IpAddr::V4(a) => Some((key_with(k, ip_to_map(a)), *v)),
+            IpAddr::V6(_) => None,
+        });
+        update_batch(&self.services, n::SERVICES, v4)?;
+        let v6 = items.iter().filter_map(|(k, v)| match k.addr {
+            IpAddr::V6(a) => Some((key_with(k, ip6_to_map(a)), *v)),
+            IpAddr::V4(_) => None,
+        });
+        update_batch(&self.services6, n::SERVICES6, v6)
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
         match k.addr {

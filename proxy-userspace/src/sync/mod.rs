@@ -257,7 +257,6 @@ fn is_slots_full(e: &StoreError) -> bool {
 impl<S: MapStore> Syncer<S> {
     /// Read back what the maps hold, so the first `apply` only writes differences.
     pub fn new(store: S) -> Result<Self, StoreError> {
-        let snap = store.snapshot()?;
         let mut s = Syncer {
             store,
             frontends: HashMap::new(),
@@ -271,6 +270,22 @@ impl<S: MapStore> Syncer<S> {
             total_writes: 0,
             counts: Counts::default(),
         };
+        s.read_back()?;
+        Ok(s)
+    }
+
+    /// (Re)build the mirror from what the maps hold.
+    fn read_back(&mut self) -> Result<(), StoreError> {
+        let snap = self.store.snapshot()?;
+        let s = self;
+        s.frontends.clear();
+        s.backends.clear();
+        s.backend_by_id.clear();
+        s.refs.clear();
+        s.retry.clear();
+        s.svc_ids = IdAlloc::default();
+        s.backend_ids = IdAlloc::default();
+        s.counts = Counts::default();
         for (id, b) in &snap.backends {
             s.backend_ids.reserve(*id);
             s.backends.insert((b.addr, b.port, b.proto), (*id, *b));
@@ -316,7 +331,7 @@ impl<S: MapStore> Syncer<S> {
             );
         }
         s.unreferenced = s.backend_by_id.keys().filter(|i| !s.refs.contains_key(*i)).copied().collect();
-        Ok(s)
+        Ok(())
     }
 
     pub fn store(&self) -> &S {
@@ -409,6 +424,21 @@ impl<S: MapStore> Syncer<S> {
     }
 
     fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
+        // Empty maps (a node's first start): every entry is new, so write them kind by
+        // kind in a few batched syscalls instead of one syscall each.
+        if matches!(scope, SyncScope::All) && self.frontends.is_empty() && self.backends.is_empty() {
+            match self.bulk_load(desired) {
+                Ok(report) => return report,
+                Err(e) => {
+                    // Whatever landed is read back; the one-by-one path below does the rest
+                    // and names each frontend that does not fit.
+                    warn!(error = %e, "batched start-up write failed; writing one entry at a time");
+                    if let Err(e) = self.read_back() {
+                        warn!(error = %e, "cannot read the maps back");
+                    }
+                }
+            }
+        }
         let mut report = SyncReport::default();
         let mut writes = 0u64;
         let mut released: HashSet<BackendId> = std::mem::take(&mut self.unreferenced);
@@ -559,6 +589,87 @@ impl<S: MapStore> Syncer<S> {
         report.backends6 = self.counts.backends6;
         report.slots = self.slot_count();
         report
+    }
+
+    /// Program `desired` into empty maps with batched writes, in the order a packet needs
+    /// them: backends, slots, source ranges and metadata, then the services pointing at
+    /// them. Nothing is reachable before its service entry, so the order inside each kind
+    /// does not matter. On error the mirror is stale: the caller reads the maps back.
+    fn bulk_load(&mut self, desired: &DesiredState) -> Result<SyncReport, StoreError> {
+        let mut backends: Vec<(BackendId, AnyBackend)> = Vec::new();
+        let mut slots: Vec<(SlotKey, BackendId)> = Vec::new();
+        let mut ranges: Vec<(ServiceId, IpPrefix)> = Vec::new();
+        let mut metas: Vec<(ServiceId, ServiceMeta)> = Vec::with_capacity(desired.frontends.len());
+        let mut services: Vec<(AnyServiceKey, ServiceValue)> = Vec::with_capacity(desired.frontends.len());
+        let mut programmed: Vec<(AnyServiceKey, Programmed)> = Vec::with_capacity(desired.frontends.len());
+        for (fk, entry) in &desired.frontends {
+            let key = service_key(fk);
+            let mut ids = Vec::with_capacity(entry.backends.len());
+            for b in &entry.backends {
+                let v = backend_value(b, key.proto);
+                let ident = (v.addr, v.port, v.proto);
+                let id = match self.backends.get(&ident) {
+                    Some((id, _)) => *id,
+                    None => {
+                        let id = self.backend_ids.alloc();
+                        self.backends.insert(ident, (id, v));
+                        self.backend_by_id.insert(id, ident);
+                        self.counts.backends6 += usize::from(v.addr.is_ipv6());
+                        backends.push((id, v));
+                        id
+                    }
+                };
+                ids.push(id);
+            }
+            let id = self.svc_ids.alloc();
+            slots.extend(ids.iter().enumerate().map(|(i, b)| (SlotKey::new(id.get(), 0, i as u32), *b)));
+            ranges.extend(entry.source_ranges.iter().map(|p| (id, *p)));
+            let meta = service_meta(entry);
+            metas.push((id, meta));
+            let value = ServiceValue {
+                id: id.get(),
+                count: ids.len() as u32,
+                flags: service_flags(entry),
+                generation: 0,
+                affinity_timeout: entry.affinity_timeout.unwrap_or(0),
+                _reserved: 0,
+            };
+            services.push((key, value));
+            let prog = Programmed {
+                value,
+                active: ids,
+                inactive: Vec::new(),
+                meta: Some(meta),
+                ranges: entry.source_ranges.iter().copied().collect(),
+                in_map: true,
+                refs: Vec::new(),
+            };
+            programmed.push((key, prog));
+        }
+        self.store.put_backends(&backends)?;
+        self.store.put_slots(&slots)?;
+        for (id, p) in &ranges {
+            self.store.put_range(*id, *p)?;
+        }
+        self.store.put_metas(&metas)?;
+        self.store.put_services(&services)?;
+        let mut released = HashSet::new();
+        for (key, mut prog) in programmed {
+            let refs = prog.active.clone();
+            self.set_refs(&mut prog, refs, &mut released);
+            self.put_frontend(key, prog);
+        }
+        let writes = (backends.len() + slots.len() + ranges.len() + metas.len() + services.len()) as u64;
+        self.total_writes += writes;
+        Ok(SyncReport {
+            writes,
+            services: self.programmed_count(),
+            backends: self.backends.len(),
+            services6: self.counts.in_map[1],
+            backends6: self.counts.backends6,
+            slots: self.slot_count(),
+            ..SyncReport::default()
+        })
     }
 
     /// These ids, less those of deleted backends (a spare generation may still name them).

@@ -82,6 +82,21 @@ pub trait MapStore {
     /// Delete every session-affinity entry (both families) whose (service id, backend id)
     /// matches `pred`; returns how many.
     fn purge_affinity(&mut self, pred: &dyn Fn(ServiceId, BackendId) -> bool) -> StoreResult<usize>;
+
+    // Many new entries of one kind at once (a cold start into empty maps). The kernel maps
+    // write them in batches; these defaults write them one by one.
+    fn put_backends(&mut self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
+        items.iter().try_for_each(|(id, b)| self.put_backend(*id, b))
+    }
+    fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
+        items.iter().try_for_each(|(k, b)| self.put_slot(k, *b))
+    }
+    fn put_metas(&mut self, items: &[(ServiceId, ServiceMeta)]) -> StoreResult {
+        items.iter().try_for_each(|(id, m)| self.put_meta(*id, m))
+    }
+    fn put_services(&mut self, items: &[(AnyServiceKey, ServiceValue)]) -> StoreResult {
+        items.iter().try_for_each(|(k, v)| self.put_service(k, v))
+    }
 }
 
 /// In-memory store with capacity limits, for tests. Both families' services live in one

@@ -579,3 +579,39 @@ fn verify_reports_each_difference() {
     let drift = verify(&want, &store.snapshot().unwrap());
     assert!(drift.iter().any(|d| matches!(d.kind, DriftKind::BrokenSlot { .. })), "{drift:#?}");
 }
+
+/// The cold start into empty maps writes kind by kind in batches; the maps must end up
+/// exactly as the one-by-one path leaves them, and a map too small for the batch falls back
+/// to that path, naming the frontends that do not fit.
+#[test]
+fn bulk_start_equals_one_by_one_and_falls_back_when_full() {
+    let d = desired(vec![
+        (fk(1, 80, Protocol::Tcp), fe("a", &[1, 2])),
+        (fk(2, 53, Protocol::Udp), fe("b", &[2, 3])),
+        (fk(3, 80, Protocol::Tcp), fe("c", &[])),
+    ]);
+    let mut bulk = syncer();
+    let r = bulk.apply(&d);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let log = take_log(&mut bulk);
+    // Kind by kind: every backend, then every slot, then metadata, then services.
+    let first = |what: &str| log.iter().position(|l| l.starts_with(what)).unwrap_or(usize::MAX);
+    let last = |what: &str| log.iter().rposition(|l| l.starts_with(what)).unwrap_or(0);
+    assert!(last("put_backend") < first("put_slot") && last("put_slot") < first("put_service"), "{log:?}");
+
+    let mut one_by_one = syncer();
+    let keys: BTreeSet<FrontendKey> = d.frontends.keys().copied().collect();
+    one_by_one.apply_changes(&d, &keys);
+    let maps = |s: &Syncer<MemStore>| {
+        let st = s.store();
+        (st.services.clone(), st.slots.clone(), st.backends.clone(), st.meta.clone())
+    };
+    assert_eq!(maps(&bulk), maps(&one_by_one));
+    assert_eq!(bulk.apply(&d).writes, 0, "nothing left to write after the bulk start");
+
+    let mut small = Syncer::new(MemStore { max_services: Some(2), ..MemStore::default() }).unwrap();
+    let r = small.apply(&d);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(r.services, 2);
+    assert_eq!(small.store().services.len(), 2);
+}
