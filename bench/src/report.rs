@@ -139,13 +139,60 @@ impl Report {
                 met: p99.map(|v| v < 50.0),
             });
         }
+        let incr = self.v("control", "change.incremental.p99_ms", Some(plan.cp_change_n));
+        t.push(Target {
+            name: format!("one EndpointSlice change at {} services, incremental translate + apply", plan.cp_change_n),
+            goal: "p99 < 5 ms".into(),
+            measured: fmt_opt(incr, "ms p99"),
+            met: incr.map(|v| v < 5.0),
+        });
         let rss = self.v("rss", "agent_vmhwm_mib", Some(plan.rss_n));
         t.push(Target {
-            name: format!("agent peak RSS (VmHWM) at {} services x {} endpoints", plan.rss_n, plan.cp_endpoints),
+            name: format!(
+                "agent peak RSS (VmHWM), --manifests, {} services x {} endpoints",
+                plan.rss_n, plan.cp_endpoints
+            ),
             goal: "< 150 MiB".into(),
             measured: fmt_opt(rss, "MiB"),
             met: rss.map(|v| v < 150.0),
         });
+        // Issue 13, on the real agent watching the fake API server (`scale`).
+        let (n, big) = (plan.scale_n, plan.scale_big_n);
+        let scale = |case: &str, size: usize| self.v("scale", case, Some(size));
+        for (name, case, size, goal, unit, limit) in [
+            (
+                format!("cold: {} x {} translated and applied", big_cp, plan.cp_endpoints),
+                "",
+                0,
+                "< 100 ms",
+                "ms",
+                100.0,
+            ),
+            (
+                format!("one slice change at {n} services, API event to map (e2e)"),
+                "change.p99_ms",
+                n,
+                "p99 < 5 ms",
+                "ms p99",
+                5.0,
+            ),
+            (format!("churn 500 updates/s at {n} services, lag"), "churn.lag_p99_ms", n, "p99 < 50 ms", "ms p99", 50.0),
+            (
+                format!("churn 500 updates/s at {n} services, agent CPU"),
+                "churn.agent_cpu_cores",
+                n,
+                "< 1 core",
+                "cores",
+                1.0,
+            ),
+            (format!("agent start to ready at {n} services"), "ready_s", n, "< 1 s", "s", 1.0),
+            (format!("agent start to ready at {big} services"), "ready_s", big, "< 5 s", "s", 5.0),
+            (format!("agent RSS (VmHWM) at {n} services"), "vmhwm_mib", n, "< 64 MiB", "MiB", 64.0),
+            (format!("agent RSS (VmHWM) at {big} services"), "vmhwm_mib", big, "< 400 MiB", "MiB", 400.0),
+        ] {
+            let v = if case.is_empty() { cold } else { scale(case, size) };
+            t.push(Target { name, goal: goal.into(), measured: fmt_opt(v, unit), met: v.map(|v| v < limit) });
+        }
         self.targets = t;
     }
 
