@@ -130,7 +130,9 @@ impl Report {
             measured: fmt_opt(cold, "ms"),
             met: cold.map(|v| v < 2000.0),
         });
-        for (case, what) in [("apply", "apply"), ("translate_apply", "translate + apply (what the agent does)")] {
+        for (case, what) in
+            [("apply", "apply"), ("translate_apply", "translate everything + apply (the previous agent)")]
+        {
             let p99 = self.v("control", &format!("change.{case}.p99_ms"), Some(plan.cp_change_n));
             t.push(Target {
                 name: format!("one EndpointSlice change at {} services, {what}", plan.cp_change_n),
@@ -312,7 +314,8 @@ impl Report {
         let _ = writeln!(s, "|---|---:|---:|---:|");
         for (c, label) in [
             ("apply", "ours: Syncer::apply of the new desired state"),
-            ("translate_apply", "ours: translate all objects + apply (the agent's sync)"),
+            ("translate_apply", "ours: translate all objects + apply (the previous agent's sync)"),
+            ("incremental", "ours: incremental translate + apply_changes (the agent's sync)"),
             ("iptables_restore", "iptables-restore --noflush (kube-proxy partial sync)"),
             ("nft", "nft -f incremental transaction (kube-proxy nftables)"),
         ] {
