@@ -41,7 +41,7 @@ pub(super) struct SyncLoop {
     /// The files source's previous snapshot, to turn the next one into changes.
     pub(super) snapshots: Snapshots,
     /// This node's Node object, when known.
-    pub(super) node: Option<k8s_openapi::api::core::v1::Node>,
+    pub(super) node: Option<std::sync::Arc<k8s_openapi::api::core::v1::Node>>,
     /// The next sync looks at every frontend (start-up, relist).
     pub(super) full_sync: bool,
     pub(super) node_name: String,
@@ -85,7 +85,7 @@ impl SyncLoop {
                 t.retain_slices(&seen);
                 self.full_sync = true;
             }
-            Update::Nodes(Delta::Apply(n)) => self.node = Some((*n).clone()),
+            Update::Nodes(Delta::Apply(n)) => self.node = Some(n),
             Update::Nodes(Delta::Delete(_)) => self.node = None,
             Update::Nodes(Delta::Relisted(seen)) => {
                 if seen.is_empty() {
@@ -113,7 +113,7 @@ impl SyncLoop {
                 }
             }
         }
-        let node = node_info(&self.node_name, self.node.as_ref(), &self.nodeport_addresses);
+        let node = node_info(&self.node_name, self.node.as_deref(), &self.nodeport_addresses);
         self.node_addrs.send_if_modified(|a| {
             let changed = *a != node.nodeport_addrs;
             a.clone_from(&node.nodeport_addrs);
@@ -135,7 +135,7 @@ impl SyncLoop {
         self.last_warnings = now;
 
         // Node facts first: a flow to a new remote backend needs the SNAT address.
-        let snat = snat_address(self.node.as_ref());
+        let snat = snat_address(self.node.as_deref());
         let cfg = node_config(snat, Some(self.hairpin_address), self.snat_port_range);
         if self.last_node_config != Some(cfg) {
             match self.node_maps.set_config(&cfg) {
@@ -151,7 +151,7 @@ impl SyncLoop {
                 Err(e) => error!(error = %e, "cannot write the node config"),
             }
         }
-        let snat6 = snat_address6(self.node.as_ref());
+        let snat6 = snat_address6(self.node.as_deref());
         let cfg6 = node_config6(snat6, Some(self.hairpin_address6));
         if self.last_node_config6 != Some(cfg6) {
             match self.node_maps.set_config6(&cfg6) {

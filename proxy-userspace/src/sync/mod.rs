@@ -288,9 +288,7 @@ impl<S: MapStore> Syncer<S> {
         s.counts = Counts::default();
         for (id, b) in &snap.backends {
             s.backend_ids.reserve(*id);
-            s.backends.insert((b.addr, b.port, b.proto), (*id, *b));
-            s.backend_by_id.insert(*id, (b.addr, b.port, b.proto));
-            s.counts.backends6 += usize::from(b.addr.is_ipv6());
+            s.track_backend(*id, *b);
         }
         let mut slots: HashMap<(ServiceId, u32), BTreeMap<u32, BackendId>> = HashMap::new();
         for (k, b) in &snap.slots {
@@ -549,10 +547,7 @@ impl<S: MapStore> Syncer<S> {
                         report.removed_udp_backends.push((ident.0, ident.1));
                         removed_udp.insert(id);
                     }
-                    self.backends.remove(&ident);
-                    self.backend_by_id.remove(&id);
-                    self.counts.backends6 -= usize::from(ident.0.is_ipv6());
-                    self.backend_ids.free(id);
+                    self.untrack_backend(id, ident);
                 }
                 Err(e) => {
                     warn!(backend_id = id.get(), error = %e, "cannot delete backend");
@@ -583,12 +578,33 @@ impl<S: MapStore> Syncer<S> {
 
         self.total_writes += writes;
         report.writes = writes;
+        self.count_into(&mut report);
+        report
+    }
+
+    /// The mirror's totals, into a report.
+    fn count_into(&self, report: &mut SyncReport) {
         report.services = self.programmed_count();
         report.backends = self.backends.len();
         report.services6 = self.counts.in_map[1];
         report.backends6 = self.counts.backends6;
         report.slots = self.slot_count();
-        report
+    }
+
+    /// A backend now in the maps: into the mirror's indexes and counts.
+    fn track_backend(&mut self, id: BackendId, b: AnyBackend) {
+        let ident = (b.addr, b.port, b.proto);
+        self.backends.insert(ident, (id, b));
+        self.backend_by_id.insert(id, ident);
+        self.counts.backends6 += usize::from(b.addr.is_ipv6());
+    }
+
+    /// A backend deleted from the maps: out of the mirror, its id free again.
+    fn untrack_backend(&mut self, id: BackendId, ident: BackendIdent) {
+        self.backends.remove(&ident);
+        self.backend_by_id.remove(&id);
+        self.counts.backends6 -= usize::from(ident.0.is_ipv6());
+        self.backend_ids.free(id);
     }
 
     /// Program `desired` into empty maps with batched writes, in the order a packet needs
@@ -612,9 +628,7 @@ impl<S: MapStore> Syncer<S> {
                     Some((id, _)) => *id,
                     None => {
                         let id = self.backend_ids.alloc();
-                        self.backends.insert(ident, (id, v));
-                        self.backend_by_id.insert(id, ident);
-                        self.counts.backends6 += usize::from(v.addr.is_ipv6());
+                        self.track_backend(id, v);
                         backends.push((id, v));
                         id
                     }
@@ -661,15 +675,9 @@ impl<S: MapStore> Syncer<S> {
         }
         let writes = (backends.len() + slots.len() + ranges.len() + metas.len() + services.len()) as u64;
         self.total_writes += writes;
-        Ok(SyncReport {
-            writes,
-            services: self.programmed_count(),
-            backends: self.backends.len(),
-            services6: self.counts.in_map[1],
-            backends6: self.counts.backends6,
-            slots: self.slot_count(),
-            ..SyncReport::default()
-        })
+        let mut report = SyncReport { writes, ..SyncReport::default() };
+        self.count_into(&mut report);
+        Ok(report)
     }
 
     /// These ids, less those of deleted backends (a spare generation may still name them).
@@ -722,9 +730,7 @@ impl<S: MapStore> Syncer<S> {
             return Err(e);
         }
         *writes += 1;
-        self.backends.insert(ident, (id, *b));
-        self.backend_by_id.insert(id, ident);
-        self.counts.backends6 += usize::from(ident.0.is_ipv6());
+        self.track_backend(id, *b);
         Ok(id)
     }
 

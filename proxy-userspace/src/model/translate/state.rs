@@ -128,11 +128,6 @@ impl Translator {
         self.desired
     }
 
-    /// Services and slices known.
-    pub fn object_counts(&self) -> (usize, usize) {
-        (self.services.len(), self.slices.len())
-    }
-
     /// The node's facts changed: every Service is re-expanded at the next `commit` (its
     /// NodePort addresses or zone may differ); slices are re-hinted for a new zone. The
     /// node's name is fixed for the translator's life (`local` was decided with it).
