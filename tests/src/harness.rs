@@ -570,3 +570,34 @@ pub fn check_icmp_error(frame: &[u8], whole_quote: bool) -> Seen {
         inner_dst: (Ipv4Addr::from(inner.destination), ports.1),
     }
 }
+
+/// A namespace standing in for the node's network in the XDP forwarding tests: the uplink
+/// veth `up0` (with MAC `uplink_mac`, up) whose peer `up0p` stays in the namespace. The
+/// test adds its family's addresses, routes and neighbours.
+pub struct UplinkNs {
+    pub ns: crate::netns::Netns,
+}
+
+impl UplinkNs {
+    pub fn new(prefix: &str, uplink_mac: [u8; 6]) -> Self {
+        let ns = crate::netns::Netns::new(prefix).expect("netns");
+        ns.ip(&["link", "add", "up0", "address", &mac_str(uplink_mac), "type", "veth", "peer", "name", "up0p"])
+            .unwrap();
+        ns.ip(&["link", "set", "up0", "up"]).unwrap();
+        ns.ip(&["link", "set", "up0p", "up"]).unwrap();
+        UplinkNs { ns }
+    }
+
+    pub fn uplink_ifindex(&self) -> u32 {
+        self.ns.run(|| {
+            let c = std::ffi::CString::new("up0").unwrap();
+            // SAFETY: NUL-terminated name.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        })
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as `ip` takes a MAC address.
+pub fn mac_str(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

@@ -16,7 +16,7 @@ use proxy_common::{
     PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey6, ServiceValue, SlotKey, SourceRangeData6,
     StatsKey, backend_flags, ct_flags, nat_defaults, svc_flags, verdict,
 };
-use proxy_tests::{harness::*, netns::Netns};
+use proxy_tests::harness::*;
 use proxy_userspace::dataplane::node::{PortRange, node_config};
 
 const FROM_POD: &str = "from_pod";
@@ -561,39 +561,22 @@ fn v6_session_affinity_pins_a_client() {
     assert_eq!(d.dst, (ip6_from_map(ob.addr), 8080), "the datapath reads AFFINITY6");
 }
 
-/// A namespace standing in for the node's network, IPv6: uplink `up0` (fd00:100::1/64,
-/// peer in the namespace), node 2 and the external client as permanent neighbours, node 2's
-/// pod prefix routed via node 2, another via a gateway nobody resolved, forwarding on.
-struct FwdNs6 {
-    ns: Netns,
-}
-
-impl FwdNs6 {
-    fn new() -> Self {
-        let ns = Netns::new("epx-fwd6-").expect("netns");
-        let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-        ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
-        ns.sysctl("net.ipv6.conf.default.forwarding", "1").unwrap();
-        ns.ip(&["link", "add", "up0", "address", &mac(UPLINK_MAC), "type", "veth", "peer", "name", "up0p"]).unwrap();
-        ns.ip(&["link", "set", "up0", "up"]).unwrap();
-        ns.ip(&["link", "set", "up0p", "up"]).unwrap();
-        ns.ip(&["-6", "addr", "add", &format!("{NODE}/64"), "dev", "up0", "nodad"]).unwrap();
-        ns.ip(&["-6", "route", "add", "fd00:244:2::/64", "via", &NODE2.to_string(), "dev", "up0"]).unwrap();
-        ns.ip(&["-6", "route", "add", "fd00:244:3::/64", "via", &UNRESOLVED_GW.to_string(), "dev", "up0"]).unwrap();
-        for (ip, m) in [(NODE2, NODE2_MAC), (EXT_CLIENT, CLIENT_MAC)] {
-            ns.ip(&["-6", "neigh", "replace", &ip.to_string(), "lladdr", &mac(m), "nud", "permanent", "dev", "up0"])
-                .unwrap();
-        }
-        FwdNs6 { ns }
+/// The node's network, IPv6: uplink `up0` (fd00:100::1/64), node 2 and the external client
+/// as permanent neighbours, node 2's pod prefix routed via node 2, another via a gateway
+/// nobody resolved, forwarding on.
+fn fwd_ns6() -> UplinkNs {
+    let net = UplinkNs::new("epx-fwd6-", UPLINK_MAC);
+    let ns = &net.ns;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.default.forwarding", "1").unwrap();
+    ns.ip(&["-6", "addr", "add", &format!("{NODE}/64"), "dev", "up0", "nodad"]).unwrap();
+    ns.ip(&["-6", "route", "add", "fd00:244:2::/64", "via", &NODE2.to_string(), "dev", "up0"]).unwrap();
+    ns.ip(&["-6", "route", "add", "fd00:244:3::/64", "via", &UNRESOLVED_GW.to_string(), "dev", "up0"]).unwrap();
+    for (ip, m) in [(NODE2, NODE2_MAC), (EXT_CLIENT, CLIENT_MAC)] {
+        ns.ip(&["-6", "neigh", "replace", &ip.to_string(), "lladdr", &mac_str(m), "nud", "permanent", "dev", "up0"])
+            .unwrap();
     }
-
-    fn uplink_ifindex(&self) -> u32 {
-        self.ns.run(|| {
-            let c = std::ffi::CString::new("up0").unwrap();
-            // SAFETY: NUL-terminated name.
-            unsafe { libc::if_nametoindex(c.as_ptr()) }
-        })
-    }
+    net
 }
 
 /// Item 6a: NodePort to a local backend: DNAT only, `XDP_PASS`, client address preserved, MACs
@@ -652,7 +635,7 @@ fn v6_xdp_nodeport_local_backend() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_xdp_remote_backend_dnat_snat_forward_and_reverse() {
     require_root("v6_xdp_remote_backend_dnat_snat_forward_and_reverse");
-    let net = FwdNs6::new();
+    let net = fwd_ns6();
     let up0 = net.uplink_ifindex();
     assert_ne!(up0, 0);
     let mut dp = TestDataplane::load();
@@ -709,7 +692,7 @@ fn v6_xdp_remote_backend_dnat_snat_forward_and_reverse() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_xdp_unconfigured_snat_neighbour_miss_and_port_exhaustion() {
     require_root("v6_xdp_unconfigured_snat_neighbour_miss_and_port_exhaustion");
-    let net = FwdNs6::new();
+    let net = fwd_ns6();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
@@ -1155,7 +1138,7 @@ fn v6_syn_after_fin_reopens_the_tuple() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_xdp_remote_tuple_reopened_twenty_times() {
     require_root("v6_xdp_remote_tuple_reopened_twenty_times");
-    let net = FwdNs6::new();
+    let net = fwd_ns6();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);

@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 
 use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, ct_flags, port_from_map, port_to_map, verdict};
-use proxy_tests::{harness::*, netns::Netns};
+use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
         addr::{ip_from_map, ip_to_map},
@@ -88,38 +88,20 @@ fn ttl(frame: &[u8]) -> u8 {
     frame[14 + 8]
 }
 
-/// A namespace standing in for the node's network: uplink `up0` (192.168.100.1/24) whose
-/// peer stays in the namespace, node 2 and the client as permanent neighbours, node 2's pod
-/// CIDR routed via node 2, forwarding on.
-struct FwdNs {
-    ns: Netns,
-}
-
-impl FwdNs {
-    fn new() -> Self {
-        let ns = Netns::new("epx-fwd-").expect("netns");
-        let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-        ns.ip(&["link", "add", "up0", "address", &mac(UPLINK_MAC), "type", "veth", "peer", "name", "up0p"]).unwrap();
-        ns.ip(&["link", "set", "up0", "up"]).unwrap();
-        ns.ip(&["link", "set", "up0p", "up"]).unwrap();
-        ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "up0"]).unwrap();
-        ns.ip(&["route", "add", "10.244.2.0/24", "via", &NODE2.to_string(), "dev", "up0"]).unwrap();
-        // A gateway nobody has resolved: forwarding there must queue a neighbour miss.
-        ns.ip(&["route", "add", "10.244.3.0/24", "via", "192.168.100.3", "dev", "up0"]).unwrap();
-        for (ip, m) in [(NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC)] {
-            ns.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &mac(m), "nud", "permanent", "dev", "up0"]).unwrap();
-        }
-        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        FwdNs { ns }
+/// The node's network: uplink `up0` (192.168.100.1/24), node 2 and the client as permanent
+/// neighbours, node 2's pod CIDR routed via node 2, forwarding on.
+fn fwd_ns() -> UplinkNs {
+    let net = UplinkNs::new("epx-fwd-", UPLINK_MAC);
+    let ns = &net.ns;
+    ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "up0"]).unwrap();
+    ns.ip(&["route", "add", "10.244.2.0/24", "via", &NODE2.to_string(), "dev", "up0"]).unwrap();
+    // A gateway nobody has resolved: forwarding there must queue a neighbour miss.
+    ns.ip(&["route", "add", "10.244.3.0/24", "via", "192.168.100.3", "dev", "up0"]).unwrap();
+    for (ip, m) in [(NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC)] {
+        ns.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &mac_str(m), "nud", "permanent", "dev", "up0"]).unwrap();
     }
-
-    fn uplink_ifindex(&self) -> u32 {
-        self.ns.run(|| {
-            let c = std::ffi::CString::new("up0").unwrap();
-            // SAFETY: NUL-terminated name.
-            unsafe { libc::if_nametoindex(c.as_ptr()) }
-        })
-    }
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    net
 }
 
 /// Local backend: DNAT only, XDP_PASS to the stack (which routes to the pod); the client
@@ -205,7 +187,7 @@ fn xdp_udp_checksums_and_zero_checksum() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_remote_backend_dnat_snat_forward_and_reverse() {
     require_root("xdp_remote_backend_dnat_snat_forward_and_reverse");
-    let net = FwdNs::new();
+    let net = fwd_ns();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     program(
@@ -275,7 +257,7 @@ fn xdp_remote_backend_dnat_snat_forward_and_reverse() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_snat_uses_configured_node_address() {
     require_root("xdp_snat_uses_configured_node_address");
-    let net = FwdNs::new();
+    let net = fwd_ns();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     dp.node().set_config(&node_config(Some(NODE), None, PortRange::default())).unwrap();
@@ -300,7 +282,7 @@ fn xdp_snat_uses_configured_node_address() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_snat_ports_never_collide() {
     require_root("xdp_snat_ports_never_collide");
-    let net = FwdNs::new();
+    let net = fwd_ns();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     dp.node().set_config(&node_config(None, None, PortRange { min: 62000, max: 62003 })).unwrap();
@@ -328,7 +310,7 @@ fn xdp_snat_ports_never_collide() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_unresolved_next_hop_is_queued_for_the_agent() {
     require_root("xdp_unresolved_next_hop_is_queued_for_the_agent");
-    let net = FwdNs::new();
+    let net = fwd_ns();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     let far = Ipv4Addr::new(10, 244, 3, 10);
@@ -445,7 +427,7 @@ fn xdp_non_service_frames_pass_untouched() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_checksums_match_full_recomputation_for_many_tuples() {
     require_root("xdp_checksums_match_full_recomputation_for_many_tuples");
-    let net = FwdNs::new();
+    let net = fwd_ns();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     program(
@@ -486,7 +468,7 @@ fn xdp_checksums_match_full_recomputation_for_many_tuples() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_report_per_packet_cost() {
     require_root("xdp_report_per_packet_cost");
-    let net = FwdNs::new();
+    let net = fwd_ns();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     program(
@@ -535,7 +517,7 @@ fn xdp_report_per_packet_cost() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
     require_root("xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time");
-    let net = FwdNs::new();
+    let net = fwd_ns();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     program(
@@ -569,7 +551,7 @@ fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn xdp_icmp_errors_about_snat_flows_reach_the_client() {
     require_root("xdp_icmp_errors_about_snat_flows_reach_the_client");
-    let net = FwdNs::new();
+    let net = fwd_ns();
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
     program(
