@@ -19,6 +19,17 @@ pub fn tcp_name(addr: SocketAddr) -> Result<String> {
     Ok(line.trim().to_string())
 }
 
+/// The pod names behind `n` fresh connections to `addr` from inside `ns`; panics naming the
+/// address on a failed one.
+pub fn tcp_names_from(ns: &crate::netns::Netns, addr: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
+    ns.run(|| (0..n).map(|_| tcp_name(addr).unwrap_or_else(|e| panic!("connection to {addr}: {e:#}"))).collect())
+}
+
+/// A set of names, to compare with what `tcp_names_from` saw.
+pub fn name_set(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
 /// A held-open TCP connection that can be asked again later.
 pub struct Held {
     reader: BufReader<TcpStream>,

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use proxy_tests::client::{name_set as set, tcp_names_from as names};
 use proxy_tests::{
     agent::{Agent, TempDir, cli, http_get, node_yaml, slice_yaml_on_nodes},
     client::{self, Held},
@@ -192,14 +193,6 @@ fn node_counter(stats: &str, verdict: &str) -> u64 {
             (cols.len() >= 3 && cols[0] == "node" && cols[1] == verdict).then(|| cols[2].parse().ok()).flatten()
         })
         .unwrap_or(0)
-}
-
-fn names(c: &proxy_tests::netns::Netns, addr: SocketAddr, n: usize) -> BTreeSet<String> {
-    c.run(|| (0..n).map(|_| client::tcp_name(addr).unwrap_or_else(|e| panic!("connection to {addr}: {e:#}"))).collect())
-}
-
-fn set(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|s| s.to_string()).collect()
 }
 
 /// Test 1: NodePort on node 1 reaches pods on both nodes. Local backends see the client's

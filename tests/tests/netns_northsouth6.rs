@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use proxy_tests::client::{name_set as set, tcp_names_from as names};
 use proxy_tests::{
     agent::{Agent, TempDir},
     client::{self, Held},
@@ -140,14 +141,6 @@ impl Env {
             .run(|| wait_for(Duration::from_secs(10), &format!("{addr} to answer"), || client::tcp_name(addr).ok()))
             .expect("service reachable from the client");
     }
-}
-
-fn names(c: &Netns, addr: SocketAddr, n: usize) -> BTreeSet<String> {
-    c.run(|| (0..n).map(|_| client::tcp_name(addr).unwrap_or_else(|e| panic!("connection to {addr}: {e:#}"))).collect())
-}
-
-fn set(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|s| s.to_string()).collect()
 }
 
 #[test]
