@@ -47,7 +47,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use proxy_tests::{
-    agent::{Agent, TempDir, cli},
+    agent::{Agent, TempDir, cli, node_counter},
     harness::PinDir,
     netns::{CLIENT_IPS, CLIENT_IPS6, Cluster, Netns, pod_cidr, pod_cidr6, wait_for},
 };
@@ -539,17 +539,6 @@ fn iptables_rules(family: Family, backend: IpAddr) -> String {
 fn has_xdp(ns: &Netns, iface: &str) -> Result<bool> {
     let out = ns.ip(&["link", "show", "dev", iface])?;
     Ok(out.split_whitespace().any(|w| w.starts_with("xdp")))
-}
-
-/// A node-wide verdict counter from `ebpf-proxy stats` (table output).
-fn node_counter(stats: &str, verdict: &str) -> u64 {
-    stats
-        .lines()
-        .find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() >= 3 && cols[0] == "node" && cols[1] == verdict).then(|| cols[2].parse().ok()).flatten()
-        })
-        .unwrap_or(0)
 }
 
 /// Per family: its measurement and a note, or why it failed (the case itself ran).

@@ -170,6 +170,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 }
 
 /// Run the CLI (`ebpf-proxy <args>`) and return stdout.
+/// A node-wide verdict counter from `ebpf-proxy stats` (table output); 0 when absent.
+pub fn node_counter(stats: &str, verdict: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() >= 3 && cols[0] == "node" && cols[1] == verdict).then(|| cols[2].parse().ok()).flatten()
+        })
+        .unwrap_or(0)
+}
+
 pub fn cli(args: &[&str]) -> Result<String> {
     let out = Command::new(ebpf_proxy_bin()?).args(args).output().context("running the CLI")?;
     if !out.status.success() {

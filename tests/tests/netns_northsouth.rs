@@ -16,7 +16,7 @@ use std::{
 
 use proxy_tests::client::{name_set as set, tcp_names_from as names};
 use proxy_tests::{
-    agent::{Agent, TempDir, cli, http_get, node_yaml, slice_yaml_on_nodes},
+    agent::{Agent, TempDir, cli, http_get, node_counter, node_yaml, slice_yaml_on_nodes},
     client::{self, Held},
     harness::{PinDir, require_root},
     netns::{CLIENT_IPS, Cluster, node_ip, wait_for},
@@ -182,17 +182,6 @@ impl Env {
     fn stats(&self, i: usize) -> String {
         cli(&["stats", "--bpffs-root", self.pins[i].0.to_str().unwrap()]).expect("ebpf-proxy stats")
     }
-}
-
-/// A node-wide counter from `ebpf-proxy stats` (table output).
-fn node_counter(stats: &str, verdict: &str) -> u64 {
-    stats
-        .lines()
-        .find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() >= 3 && cols[0] == "node" && cols[1] == verdict).then(|| cols[2].parse().ok()).flatten()
-        })
-        .unwrap_or(0)
 }
 
 /// Test 1: NodePort on node 1 reaches pods on both nodes. Local backends see the client's
