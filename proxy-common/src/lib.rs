@@ -15,6 +15,8 @@ pub mod map_names {
     pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// Unassured flows (LRU): see `ct_flags::ASSURED`.
+    pub const CT_NEW: &str = "CT_NEW";
     pub const AFFINITY: &str = "AFFINITY";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
@@ -25,6 +27,7 @@ pub mod map_names {
     pub const SERVICES6: &str = "SERVICES6";
     pub const BACKENDS6: &str = "BACKENDS6";
     pub const CONNTRACK6: &str = "CONNTRACK6";
+    pub const CT_NEW6: &str = "CT_NEW6";
     pub const AFFINITY6: &str = "AFFINITY6";
     pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
     pub const NODE_CONFIG6: &str = "NODE_CONFIG6";
@@ -221,6 +224,21 @@ impl<A: Copy> CtKey<A> {
         }
     }
 
+    /// Whether the reply entry value `rv` is this forward entry's partner (`self` is the
+    /// forward key): its reverse translation leads back to this client and frontend. A
+    /// reply tuple found under a forward entry's reply key may belong to another flow (a
+    /// clash refused at creation, a reused SNAT port): it is never deleted on this flow's
+    /// behalf.
+    #[inline(always)]
+    pub fn reply_belongs(&self, rv: &CtValue<A>) -> bool
+    where
+        A: PartialEq,
+    {
+        let client_ok =
+            rv.flags & ct_flags::SNAT == 0 || (rv.snat_addr == self.src_addr && rv.snat_port == self.src_port);
+        client_ok && rv.nat_addr == self.dst_addr && rv.nat_port == self.dst_port
+    }
+
     /// Key of the forward entry this reply entry (`self` with value `v`) belongs to. A
     /// source-NATed flow's client is not the reply's destination (that is our SNAT
     /// address): the reply entry remembers it.
@@ -248,7 +266,8 @@ pub mod ct_flags {
     pub const CLOSING: u8 = 1 << 0;
     /// The flow was also source-NATed (north-south to a remote backend, or hairpin).
     pub const SNAT: u8 = 1 << 1;
-    /// The backend has answered: the flow is established (never evicted under pressure).
+    /// The backend has answered (in a reply entry: this direction has sent a packet, so its
+    /// `seq_end` is known).
     pub const SEEN_REPLY: u8 = 1 << 2;
     /// The client sent a FIN.
     pub const FIN_FWD: u8 = 1 << 3;
@@ -256,9 +275,16 @@ pub mod ct_flags {
     pub const FIN_REV: u8 = 1 << 4;
     /// Either side sent a RST.
     pub const RST: u8 = 1 << 5;
+    /// netfilter's "assured": TCP once the handshake completed (the client acknowledged the
+    /// backend's SYN-ACK, or data flowed both ways for a flow picked up mid-stream); UDP once
+    /// it is a stream (traffic after a reply, 2 s or more after the first packet). Assured
+    /// flows live in `CONNTRACK`, which never evicts; the others in `CT_NEW`, an LRU.
+    pub const ASSURED: u8 = 1 << 6;
+    /// The flow was opened by a client SYN (not picked up mid-stream).
+    pub const SYN: u8 = 1 << 7;
 }
 
-/// Value of `CONNTRACK`.
+/// Value of `CONNTRACK` and `CT_NEW`.
 ///
 /// Forward entry: rewrite the destination to `nat_addr:nat_port` (the backend).
 /// Reply entry: rewrite the source to `nat_addr:nat_port` (the VIP the client used).
@@ -266,7 +292,9 @@ pub mod ct_flags {
 /// translation (north-south to a remote backend, hairpin).
 ///
 /// The forward entry is the authority on the connection's state (`flags`); the reply
-/// entry lives and dies with it (see [`ct`] and the agent's conntrack GC).
+/// entry lives and dies with it (see [`ct`] and the agent's conntrack GC). `ifindex` and
+/// `seq_end` belong to the entry's own direction: where its packets come from and how far
+/// its TCP sequence numbers have gone, which is what anti-spoofing checks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtValue<A = u32> {
@@ -282,9 +310,20 @@ pub struct CtValue<A = u32> {
     /// `bpf_ktime_get_ns()` when the entry was created or last refreshed (at most once a
     /// second per entry, so established flows do not write a shared cache line per packet).
     pub last_seen: u64,
+    /// Where this direction's packets enter: the pod interface's ifindex (a forward entry
+    /// made on `from_pod`), [`ct::IFINDEX_UPLINK`] (any uplink: made by `from_uplink`), or
+    /// for a reply entry the interface the backend's first answer came in on; 0 = not
+    /// known yet (learnt from the next packet). A packet arriving elsewhere is invalid.
+    pub ifindex: u32,
+    /// TCP: the sequence number just past the furthest segment this direction sent (SYN and
+    /// FIN count one), host byte order. RST and FIN are accepted only near it.
+    pub seq_end: u32,
+    /// `ct::coarse_ms(bpf_ktime_get_ns())` when the flow was created (UDP stream rule).
+    pub created: u32,
+    pub _pad3: u32,
 }
 
-/// IPv6 conntrack value (56 bytes).
+/// IPv6 conntrack value (72 bytes).
 pub type CtValue6 = CtValue<[u32; 4]>;
 
 /// The conntrack lifecycle, shared by the datapath (which sets the flags) and the agent's
@@ -293,13 +332,46 @@ pub type CtValue6 = CtValue<[u32; 4]>;
 pub mod ct {
     use super::{PROTO_TCP, ct_flags};
 
-    /// Connection state derived from `CtValue::flags`.
+    /// `CtValue::ifindex` of a forward entry made on an uplink: its packets may arrive on any
+    /// uplink (ECMP, a bond's members), never on a pod interface.
+    pub const IFINDEX_UPLINK: u32 = u32::MAX;
+
+    /// How far (bytes, either way) a RST's or FIN's sequence number may be from the
+    /// direction's `seq_end` to be believed (RFC 5961's idea; a stack sends its RST at
+    /// exactly `snd_nxt`, which is `seq_end`). An off-path attacker has to hit a 128 KiB
+    /// window in 4 GiB. The same bound limits how far one segment may move `seq_end`, so a
+    /// spoofed data segment cannot move the window to where the attacker's RST lands.
+    pub const SEQ_SLACK: u32 = 1 << 16;
+
+    /// netfilter's UDP stream rule: traffic after a reply makes a flow assured only once it
+    /// is this old (a DNS-like exchange of two queries and two answers stays unassured).
+    pub const UDP_STREAM_AFTER_MS: u32 = 2_000;
+
+    /// A 32-bit clock in units of 2^20 ns (about a millisecond), for `CtValue::created`.
+    #[inline(always)]
+    pub const fn coarse_ms(ns: u64) -> u32 {
+        (ns >> 20) as u32
+    }
+
+    /// `UDP_STREAM_AFTER_MS` in `coarse_ms` units.
+    pub const UDP_STREAM_AFTER: u32 = coarse_ms(UDP_STREAM_AFTER_MS as u64 * 1_000_000);
+
+    /// Is `seq` within `SEQ_SLACK` of `end` (modulo 2^32)?
+    #[inline(always)]
+    pub const fn seq_near(seq: u32, end: u32) -> bool {
+        let d = seq.wrapping_sub(end) as i32;
+        d >= -(SEQ_SLACK as i32) && d <= SEQ_SLACK as i32
+    }
+
+    /// Connection state derived from `CtValue::flags` (netfilter's names in [`CtState::label`]).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
     pub enum CtState {
-        /// Opened, no reply yet (TCP SYN sent; UDP/SCTP unreplied). First to go under
-        /// pressure, like netfilter's early drop of unassured entries.
+        /// Opened, no reply yet (TCP SYN_SENT; UDP unreplied). Unassured: evicted first.
         New,
-        /// The backend answered.
+        /// Answered but not assured: TCP SYN_RECV (handshake not completed), UDP replied but
+        /// not yet a stream. Unassured: evicted first.
+        Replied,
+        /// Assured: TCP ESTABLISHED, UDP stream. Never evicted, only expired.
         Established,
         /// TCP: one side sent a FIN (half-closed; kube-proxy's CLOSE_WAIT timeout applies).
         Closing,
@@ -309,15 +381,41 @@ pub mod ct {
     }
 
     impl CtState {
-        pub const ALL: [CtState; 4] = [CtState::New, CtState::Established, CtState::Closing, CtState::Closed];
+        pub const ALL: [CtState; 5] =
+            [CtState::New, CtState::Replied, CtState::Established, CtState::Closing, CtState::Closed];
 
         pub const fn name(self) -> &'static str {
             match self {
                 CtState::New => "new",
+                CtState::Replied => "replied",
                 CtState::Established => "established",
                 CtState::Closing => "closing",
                 CtState::Closed => "closed",
             }
+        }
+
+        /// The state as netfilter (`conntrack -L`) names it for protocol `proto`.
+        pub const fn label(self, proto: u8) -> &'static str {
+            if proto == PROTO_TCP {
+                match self {
+                    CtState::New => "SYN_SENT",
+                    CtState::Replied => "SYN_RECV",
+                    CtState::Established => "ESTABLISHED",
+                    CtState::Closing => "CLOSE_WAIT",
+                    CtState::Closed => "CLOSE",
+                }
+            } else {
+                match self {
+                    CtState::New => "UNREPLIED",
+                    CtState::Replied => "REPLIED",
+                    _ => "ASSURED",
+                }
+            }
+        }
+
+        /// Unassured states: their flows live in the evicting table.
+        pub const fn unassured(self) -> bool {
+            matches!(self, CtState::New | CtState::Replied)
         }
     }
 
@@ -333,7 +431,13 @@ pub mod ct {
                 return CtState::Closing;
             }
         }
-        if flags & ct_flags::SEEN_REPLY != 0 { CtState::Established } else { CtState::New }
+        if flags & ct_flags::ASSURED != 0 {
+            CtState::Established
+        } else if flags & ct_flags::SEEN_REPLY != 0 {
+            CtState::Replied
+        } else {
+            CtState::New
+        }
     }
 
     /// Flags a TCP segment with `tcp_flags` (FIN 0x01, RST 0x04) adds to its flow, seen in
@@ -353,8 +457,8 @@ pub mod ct {
     /// Idle timeouts per state, in seconds. Defaults follow kube-proxy's conntrack settings
     /// where it has one (`--conntrack-tcp-timeout-established` 24h,
     /// `--conntrack-tcp-timeout-close-wait` 1h) and the kernel's otherwise (UDP 30 s
-    /// unreplied / 120 s stream, SYN 60 s as Cilium); closed TCP flows 10 s like Cilium's
-    /// `bpf-ct-timeout-regular-tcp-fin`.
+    /// unreplied or replied / 120 s stream, SYN 60 s as Cilium); closed TCP flows 10 s like
+    /// Cilium's `bpf-ct-timeout-regular-tcp-fin`.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct CtTimeouts {
         pub tcp_syn: u32,
@@ -383,7 +487,7 @@ pub mod ct {
         pub const fn idle_ns(&self, proto: u8, state: CtState) -> u64 {
             let s = if proto == PROTO_TCP {
                 match state {
-                    CtState::New => self.tcp_syn,
+                    CtState::New | CtState::Replied => self.tcp_syn,
                     CtState::Established => self.tcp_established,
                     CtState::Closing => self.tcp_close_wait,
                     CtState::Closed => self.tcp_closed,
@@ -391,7 +495,7 @@ pub mod ct {
             } else {
                 // UDP, SCTP and anything else without a state machine of ours.
                 match state {
-                    CtState::New => self.udp,
+                    CtState::New | CtState::Replied => self.udp,
                     _ => self.udp_stream,
                 }
             };
@@ -466,10 +570,19 @@ pub enum Verdict {
     /// was given a backend address before any packet existed (cgroup sock_addr hooks).
     /// Counted once per call; `bytes` stays 0.
     SockTranslate = 14,
+    /// A packet conntrack refused, as netfilter's INVALID (which kube-proxy drops): a
+    /// tracked flow's packet arriving on another interface than the flow's side (a pod
+    /// spoofing someone else's tuple), or a RST/FIN whose sequence number is outside the
+    /// window the flow last saw. Dropped; the flow is left as it was.
+    CtInvalid = 15,
+    /// A new flow whose reply tuple is already another flow's (one client port towards two
+    /// frontends that share a backend): refused (dropped) rather than stealing the other
+    /// flow's replies.
+    CtClash = 16,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::NewFlow,
         Verdict::Established,
@@ -486,6 +599,8 @@ impl Verdict {
         Verdict::CtFull,
         Verdict::IcmpError,
         Verdict::SockTranslate,
+        Verdict::CtInvalid,
+        Verdict::CtClash,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -505,6 +620,8 @@ impl Verdict {
             Verdict::CtFull => "ct_full",
             Verdict::IcmpError => "icmp_error",
             Verdict::SockTranslate => "sock_translate",
+            Verdict::CtInvalid => "ct_invalid",
+            Verdict::CtClash => "ct_clash",
         }
     }
 
@@ -533,6 +650,8 @@ pub mod verdict {
     pub const CT_FULL: u32 = Verdict::CtFull as u32;
     pub const ICMP_ERROR: u32 = Verdict::IcmpError as u32;
     pub const SOCK_TRANSLATE: u32 = Verdict::SockTranslate as u32;
+    pub const CT_INVALID: u32 = Verdict::CtInvalid as u32;
+    pub const CT_CLASH: u32 = Verdict::CtClash as u32;
     pub const COUNT: u32 = Verdict::COUNT;
 }
 
@@ -593,11 +712,13 @@ pub struct SourceRangeKey {
 
 /// Defaults of [`NodeConfig`] when the agent has not written it (and for `--snat-port-range`).
 pub mod nat_defaults {
-    /// Source ports for SNAT (north-south to a remote backend, hairpin): above the kernel's
-    /// default `ip_local_port_range` (32768-60999), so they never collide with the node's
-    /// own connections.
-    pub const SNAT_PORT_MIN: u16 = 61000;
-    pub const SNAT_PORT_MAX: u16 = 65535;
+    /// Source ports for SNAT (north-south to a remote backend, hairpin): below both the
+    /// kernel's default `ip_local_port_range` (32768-60999), so they never collide with the
+    /// node's own connections, and the default NodePort range (30000-32767), so NodePort
+    /// traffic never pays the uplink's reply lookup; above the privileged ports. 28,976
+    /// ports per backend ip:port, where netfilter would use the whole port space.
+    pub const SNAT_PORT_MIN: u16 = 1024;
+    pub const SNAT_PORT_MAX: u16 = 29999;
     /// Source a pod sees when it reaches itself through its own service (hairpin). Link-local
     /// and routed by the pod's default route back to its host-side veth; 169.254.1.1 is
     /// taken by the CNI gateway in Calico-like setups, so another one.
@@ -769,7 +890,7 @@ mod tests {
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<CtValue>(), 48);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<StatsKey>(), 8);
@@ -785,7 +906,7 @@ mod tests {
         assert_eq!(size_of::<AffinityKey6>(), 20);
         assert_eq!(size_of::<NodeConfig6>(), 32);
         assert_eq!(size_of::<NeighKey6>(), 20);
-        assert_eq!(size_of::<CtValue6>(), 56);
+        assert_eq!(size_of::<CtValue6>(), 72);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 12);
         assert_eq!(size_of::<SockRevKey6>(), 28);
@@ -801,9 +922,9 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 6 * 4);
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<CtValue>(), 4 + 2 + 1 + 1 + 4 + 2 + 2 + 4 + 4 + 8);
+        assert_eq!(size_of::<CtValue>(), 4 + 2 + 1 + 1 + 4 + 2 + 2 + 4 + 4 + 8 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<CtKey6>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<CtValue6>(), 16 + 2 + 1 + 1 + 16 + 2 + 2 + 4 + 4 + 8);
+        assert_eq!(size_of::<CtValue6>(), 16 + 2 + 1 + 1 + 16 + 2 + 2 + 4 + 4 + 8 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
         assert_eq!(size_of::<ServiceMeta>(), META_NAMESPACE_LEN + META_NAME_LEN + META_PORT_NAME_LEN + 1 + 7);
         assert_eq!(size_of::<SockRevKey>(), 8 + 4 + 2 + 2);
@@ -850,7 +971,9 @@ mod tests {
     fn ct_state_follows_the_flags() {
         use ct::{CtState, state, tcp_flags_to_ct};
         assert_eq!(state(PROTO_TCP, 0), CtState::New);
-        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY), CtState::Established);
+        // A SYN-ACK alone is not established: only the handshake's last ACK assures a flow.
+        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY), CtState::Replied);
+        assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY | ct_flags::ASSURED), CtState::Established);
         let fin_fwd = tcp_flags_to_ct(0x11, false);
         assert_eq!(fin_fwd, ct_flags::CLOSING | ct_flags::FIN_FWD);
         assert_eq!(state(PROTO_TCP, ct_flags::SEEN_REPLY | fin_fwd), CtState::Closing);
@@ -861,7 +984,10 @@ mod tests {
         assert_eq!(tcp_flags_to_ct(0x10, false) | tcp_flags_to_ct(0x02, true), 0);
         // UDP has no FIN: replied or not.
         assert_eq!(state(PROTO_UDP, 0), CtState::New);
-        assert_eq!(state(PROTO_UDP, ct_flags::SEEN_REPLY | ct_flags::SNAT), CtState::Established);
+        assert_eq!(state(PROTO_UDP, ct_flags::SEEN_REPLY | ct_flags::SNAT), CtState::Replied);
+        assert_eq!(state(PROTO_UDP, ct_flags::SEEN_REPLY | ct_flags::ASSURED), CtState::Established);
+        assert_eq!(CtState::Replied.label(PROTO_TCP), "SYN_RECV");
+        assert!(CtState::Replied.unassured() && !CtState::Closed.unassured());
     }
 
     #[test]
@@ -902,6 +1028,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(rk.forward_of_reply(&rv), fwd);
+        assert!(fwd.reply_belongs(&rv));
+        // Another flow's reply entry under the same reply key (another frontend, another
+        // client) is not this flow's.
+        assert!(!fwd.reply_belongs(&CtValue { nat_port: 81, ..rv }));
+        assert!(!fwd.reply_belongs(&CtValue { snat_port: 1001, ..rv }));
+    }
+
+    #[test]
+    fn ct_sequence_window() {
+        use ct::{SEQ_SLACK, seq_near};
+        assert!(seq_near(1000, 1000));
+        assert!(seq_near(1000 + SEQ_SLACK, 1000) && seq_near(1000, 1000 + SEQ_SLACK));
+        assert!(!seq_near(1001 + SEQ_SLACK, 1000));
+        // Across the wrap of the 32-bit sequence space.
+        assert!(seq_near(5, u32::MAX - 5));
+        assert!(!seq_near(0x8000_0000, 0));
     }
 
     #[test]

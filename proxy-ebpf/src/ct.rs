@@ -1,18 +1,41 @@
 //! Conntrack: the state of a flow as its packets see it, and the creation of both entries
 //! of a new flow (with the SNAT port claim for source-NATed ones). The lifecycle's states
 //! and timeouts are defined in `proxy_common::ct`; the agent's collector expires entries.
-//! Generic over the address family: IPv4 and IPv6 each have their own table.
+//! Generic over the address family: IPv4 and IPv6 each have their own tables.
+//!
+//! Two tables per family, netfilter's early drop in BPF terms: every flow starts unassured
+//! in `CT_NEW` (an LRU) and moves to `CONNTRACK` (never evicts) once it is assured: the TCP
+//! handshake completed with the right acknowledgement number, or a UDP flow became a
+//! stream. A flood of half-open or one-shot flows can only push other unassured flows out
+//! of the LRU; established connections are out of its reach.
+//!
+//! Anti-spoofing: each entry remembers where its direction's packets come from (`ifindex`)
+//! and, for TCP, how far its sequence numbers went (`seq_end`). A packet of a tracked flow
+//! arriving on another interface, or a RST/FIN outside the window, is `Ct::Invalid`: it
+//! changes nothing and gets no translation (the pipeline drops it, as kube-proxy drops
+//! netfilter's INVALID).
 use core::mem::size_of;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
-use proxy_common::{Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, NodeConfig, Verdict, ct, ct_flags};
+use proxy_common::{
+    Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, NodeConfig, PROTO_TCP, Verdict,
+    ct::{self, IFINDEX_UPLINK, seq_near},
+    ct_flags,
+};
 
-use crate::{family::Family, parse::Packet};
+use crate::{
+    family::Family,
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// Where a packet was seen on an uplink, for `CtValue::ifindex`.
+pub const UPLINK: u32 = IFINDEX_UPLINK;
 
 /// SNAT source-port candidates tried per new flow before giving up (bounded for the
-/// verifier; with a 4536-port range and a sane number of flows per backend, the first one
-/// nearly always wins).
-const SNAT_TRIES: u32 = 8;
+/// verifier). Each is checked against both tables, so a port is unique per backend
+/// ip:port/proto; with 28,976 ports (the default range) 32 hashed tries still find a free
+/// port when the range towards one backend is 70% used (0.7^32 = 1e-5).
+const SNAT_TRIES: u32 = 32;
 
 /// Refresh `last_seen` at most this often, so established flows do not write the shared
 /// conntrack cache line on every packet.
@@ -25,22 +48,27 @@ const E2BIG: i64 = 7;
 /// before this packet) is in `CtWork::val`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Ct {
-    /// No entry, or a SYN reopening a closed tuple (whose old reply entry and SNAT port have
+    /// No entry, or a SYN reopening a closed tuple (whose old entries, and SNAT port, have
     /// just been given back): balance afresh.
     New,
     /// A packet from the client side of a tracked flow.
     Established,
     /// A packet from the backend side of a tracked flow.
     Reply,
+    /// A packet of a tracked flow from the wrong side, or a RST/FIN out of the window:
+    /// dropped, the flow untouched.
+    Invalid,
 }
 
-/// Working memory for one conntrack step: the key being looked up or inserted and the
-/// entry read or written. The caller provides it (IPv4: on its stack; IPv6: in a per-CPU
-/// map, because two 40-byte keys and 56-byte values per step do not fit the verifier's
-/// 512-byte stack next to everything else), and map helpers take pointers into it.
+/// Working memory for one conntrack step: the key being looked up or inserted, its
+/// partner's key, and the entry read or written. The caller provides it (IPv4: on its
+/// stack; IPv6: in a per-CPU map, because 40-byte keys and 72-byte values do not fit the
+/// verifier's 512-byte stack next to everything else), and map helpers take pointers into
+/// it.
 #[derive(Clone, Copy, Default)]
 pub struct CtWork<A> {
     pub key: CtKey<A>,
+    pub key2: CtKey<A>,
     pub val: CtValue<A>,
 }
 
@@ -68,6 +96,8 @@ impl<A> CtWork<A> {
 pub enum CtError {
     /// The table is full of live entries (insert returned E2BIG): counted `ct_full`.
     Full,
+    /// The flow's reply tuple is another live flow's: counted `ct_clash`.
+    Clash,
     /// Any other map failure (or every SNAT port candidate taken): counted `error`.
     Other,
 }
@@ -78,6 +108,7 @@ impl CtError {
     pub fn verdict(&self) -> Verdict {
         match self {
             CtError::Full => Verdict::CtFull,
+            CtError::Clash => Verdict::CtClash,
             CtError::Other => Verdict::Error,
         }
     }
@@ -89,82 +120,269 @@ fn flow_key<A: Copy>(p: &Packet<A>, dir: u8) -> CtKey<A> {
     CtKey { src_addr: p.saddr, dst_addr: p.daddr, src_port: p.sport, dst_port: p.dport, proto: p.proto, dir, _pad: 0 }
 }
 
-/// Insert `w.val` under `w.key`.
 #[inline(always)]
-fn insert<F: Family>(w: &CtWork<F::Addr>, flags: u64) -> Result<(), CtError> {
-    F::conntrack()
-        .insert(&w.key, &w.val, flags)
-        .map_err(|e| if i64::from(e) == -E2BIG { CtError::Full } else { CtError::Other })
+fn map_err(e: i32) -> CtError {
+    if i64::from(e) == -E2BIG { CtError::Full } else { CtError::Other }
 }
 
-/// Refresh the entry under `w.key` (timestamp when stale) and add `new_flags`; copies the
-/// entry as it was before this packet to `w.val`. Writes only when something changes, so
-/// established flows do not dirty the entry's cache line on every packet.
+/// The entry under `key` in either table: a pointer into the map and whether it is the
+/// assured table. The assured table first: that is where an established flow's packets
+/// find their entry with one lookup.
 #[inline(always)]
-fn touch<F: Family>(w: &mut CtWork<F::Addr>, new_flags: u8) -> bool {
-    let Some(ptr) = F::conntrack().get_ptr_mut(&w.key) else {
-        return false;
-    };
+fn find<F: Family>(key: &CtKey<F::Addr>) -> Option<(*mut CtValue<F::Addr>, bool)> {
+    if let Some(ptr) = F::conntrack().get_ptr_mut(key) {
+        return Some((ptr, true));
+    }
+    F::ct_new().get_ptr_mut(key).map(|ptr| (ptr, false))
+}
+
+/// A copy of the entry under `key` in either table (ICMP errors read their flow with it).
+#[inline(always)]
+pub fn get<F: Family>(key: &CtKey<F::Addr>) -> Option<CtValue<F::Addr>> {
+    // SAFETY: a pointer from a successful lookup, read at once (see `refresh`).
+    find::<F>(key).map(|(ptr, _)| unsafe { *ptr })
+}
+
+/// Remove `key` from whichever table holds it.
+#[inline(always)]
+fn remove<F: Family>(key: &CtKey<F::Addr>, assured: bool) {
+    let _ = if assured { F::conntrack().remove(key) } else { F::ct_new().remove(key) };
+}
+
+/// Remove the reply entry under `w.key2` if it is the partner of the forward entry
+/// `w.key` (a reply tuple may be another flow's: never deleted on this flow's behalf).
+#[inline(always)]
+fn remove_partner<F: Family>(w: &CtWork<F::Addr>) {
+    if let Some((ptr, assured)) = find::<F>(&w.key2) {
+        // SAFETY: a pointer from a successful lookup (see `refresh`).
+        if w.key.reply_belongs(unsafe { &*ptr }) {
+            remove::<F>(&w.key2, assured);
+        }
+    }
+}
+
+/// Is a packet seen at `ifindex` on the side the entry's direction comes from? 0 (either
+/// side) means unknown: a reply entry before the first answer, a packet whose interface
+/// the hook cannot tell (a local process's reply at TC egress).
+#[inline(always)]
+fn side_ok(stored: u32, ifindex: u32) -> bool {
+    stored == 0 || ifindex == 0 || stored == ifindex
+}
+
+/// Where the direction's sequence numbers stand after this packet: moved forward only by a
+/// segment that starts near the current end, so a spoofed segment far away cannot move the
+/// window to where a spoofed RST would land.
+#[inline(always)]
+fn seq_after<A>(p: &Packet<A>, end: u32, known: bool) -> u32 {
+    let new_end = p.seq.wrapping_add(p.seg_len);
+    if !known {
+        return new_end;
+    }
+    if seq_near(p.seq, end) && (new_end.wrapping_sub(end) as i32) > 0 { new_end } else { end }
+}
+
+/// Write what this packet changes into the entry at `ptr` (`old` is the entry as read):
+/// the flags, the sequence end, the interface when learnt, the timestamp when stale. Only
+/// the fields that change are written, so established flows do not dirty the entry's
+/// cache line on every packet.
+#[inline(always)]
+fn refresh<A>(ptr: *mut CtValue<A>, old: &CtValue<A>, flags: u8, seq_end: u32, ifindex: u32, now: u64) {
     // SAFETY: the pointer comes from a successful lookup; a concurrent delete (the agent's
-    // GC) can at worst make us read or update an entry that is being freed, of this type.
+    // GC, an LRU eviction) can at worst make us update an entry that is being freed, of
+    // this type.
     unsafe {
-        // A typed copy here becomes a `memmove` call (not inlined on BPF); this is a `memcpy`,
-        // which the BPF backend expands into loads and stores.
-        core::ptr::copy_nonoverlapping(ptr, &mut w.val, 1);
-        let now = bpf_ktime_get_ns();
-        if now.wrapping_sub(w.val.last_seen) > CT_REFRESH_NS {
+        if now.wrapping_sub(old.last_seen) > CT_REFRESH_NS {
             (*ptr).last_seen = now;
         }
-        if w.val.flags & new_flags != new_flags {
-            (*ptr).flags |= new_flags;
+        if old.flags != flags {
+            (*ptr).flags = flags;
+        }
+        if old.seq_end != seq_end {
+            (*ptr).seq_end = seq_end;
+        }
+        if old.ifindex == 0 && ifindex != 0 {
+            (*ptr).ifindex = ifindex;
         }
     }
-    true
 }
 
-/// Look the packet up: as a reply first when `replies` (the hook sees backends' answers to
-/// flows it must translate back), then as the client side of a flow, whose FIN/RST moves
-/// it towards closed. The reopen rule lives here, once: a SYN on a tuple whose connection
-/// saw a FIN or RST is a new connection (the client reused its port), like Linux conntrack
-/// re-opening TIME_WAIT; it first gives back the old connection's reply entry, which for a
-/// source-NATed flow is also its SNAT port claim.
+/// Move the flow whose forward key is `fwd` and reply key `rev` (both in `CT_NEW`) to the
+/// assured table: reply entry first, then the forward one (a lookup in between finds the
+/// flow in one table or the other, whole), then out of the LRU. If the assured table has no
+/// room, or the reply tuple is already an assured flow's, the flow stays where it is with
+/// `ASSURED` set, and the next packet tries again.
 #[inline(always)]
-fn lookup_body<F: Family>(p: &Packet<F::Addr>, replies: bool, w: &mut CtWork<F::Addr>) -> Ct {
-    if replies && reply::<F>(p, w) {
-        return Ct::Reply;
+fn promote<F: Family>(fwd: &CtKey<F::Addr>, rev: &CtKey<F::Addr>) {
+    let (Some(fptr), Some(rptr)) = (F::ct_new().get_ptr_mut(fwd), F::ct_new().get_ptr_mut(rev)) else {
+        return;
+    };
+    // SAFETY: pointers from successful lookups (see `refresh`); the map helpers read the
+    // values they point to.
+    unsafe {
+        if !fwd.reply_belongs(&*rptr) {
+            return;
+        }
+        (*fptr).flags |= ct_flags::ASSURED;
+        (*rptr).flags |= ct_flags::ASSURED;
+        if F::conntrack().insert(rev, &*rptr, BPF_NOEXIST as u64).is_err() {
+            return;
+        }
+        if F::conntrack().insert(fwd, &*fptr, BPF_NOEXIST as u64).is_err() {
+            let _ = F::conntrack().remove(rev);
+            return;
+        }
     }
+    let _ = F::ct_new().remove(fwd);
+    let _ = F::ct_new().remove(rev);
+}
+
+/// Does this forward TCP segment complete the handshake (or, for a flow picked up
+/// mid-stream, show data flowing both ways)? A plain ACK after the backend answered whose
+/// acknowledgement number the backend's side has actually sent: a blind ACK from a spoofed
+/// source cannot know it.
+#[inline(always)]
+fn tcp_assures<A>(p: &Packet<A>, flags: u8, rev_end: u32, rev_known: bool) -> bool {
+    let plain_ack = p.tcp_flags & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK;
+    let d = rev_end.wrapping_sub(p.ack) as i32;
+    plain_ack && flags & ct_flags::SEEN_REPLY != 0 && rev_known && d >= 0 && d <= ct::SEQ_SLACK as i32
+}
+
+/// A UDP (or SCTP) flow is a stream once traffic follows a reply, 2 s or more after its
+/// first packet (netfilter's rule: two queries and two answers in a row stay unassured).
+#[inline(always)]
+fn udp_assures<A>(v: &CtValue<A>, now: u64) -> bool {
+    v.flags & ct_flags::SEEN_REPLY != 0 && ct::coarse_ms(now).wrapping_sub(v.created) >= ct::UDP_STREAM_AFTER
+}
+
+/// A packet from the client side of a flow: `Established`, `Invalid`, or `New` (no entry,
+/// or the reopen rule: a SYN on a tuple whose connection saw a FIN or RST is a new
+/// connection, like Linux conntrack re-opening TIME_WAIT; the old entries are given back
+/// first, which for a source-NATed flow is also its SNAT port claim).
+#[inline(always)]
+fn forward<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
     w.key = flow_key(p, CT_DIR_FORWARD);
-    if !touch::<F>(w, ct::tcp_flags_to_ct(p.tcp_flags, false)) {
+    let Some((ptr, assured)) = find::<F>(&w.key) else {
+        return Ct::New;
+    };
+    // SAFETY: pointer from a successful lookup (see `refresh`). A typed copy here becomes a
+    // `memmove` call (not inlined on BPF); this is a `memcpy`, which the BPF backend
+    // expands into loads and stores.
+    unsafe { core::ptr::copy_nonoverlapping(ptr, &mut w.val, 1) };
+    if !side_ok(w.val.ifindex, ifindex) {
+        return Ct::Invalid;
+    }
+    let tcp = p.proto == PROTO_TCP;
+    if tcp && p.tcp_syn() && w.val.flags & ct_flags::CLOSING != 0 {
+        w.key2 = w.key.reply_of_forward(&w.val);
+        remove_partner::<F>(w);
+        remove::<F>(&w.key, assured);
         return Ct::New;
     }
-    if p.tcp_syn() && w.val.flags & ct_flags::CLOSING != 0 {
-        w.key = w.key.reply_of_forward(&w.val);
-        let _ = F::conntrack().remove(&w.key);
-        return Ct::New;
+    if tcp && p.tcp_flags & (TCP_RST | TCP_FIN) != 0 && !seq_near(p.seq, w.val.seq_end) {
+        return Ct::Invalid;
+    }
+    let flags = w.val.flags | ct::tcp_flags_to_ct(p.tcp_flags, false);
+    let seq_end = if tcp { seq_after(p, w.val.seq_end, true) } else { 0 };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    refresh(ptr, &w.val, flags, seq_end, ifindex, now);
+    if !assured {
+        w.key2 = w.key.reply_of_forward(&w.val);
+        let ready = if flags & ct_flags::ASSURED != 0 {
+            // Assured already, not moved yet (the assured table was full): try again.
+            true
+        } else if tcp {
+            // SAFETY: pointer from a successful lookup, read at once (see `refresh`).
+            let rev = F::ct_new().get_ptr_mut(&w.key2).map(|r| unsafe { ((*r).seq_end, (*r).flags) });
+            rev.is_some_and(|(end, rflags)| tcp_assures(p, flags, end, rflags & ct_flags::SEEN_REPLY != 0))
+        } else {
+            udp_assures(&w.val, now)
+        };
+        if ready {
+            promote::<F>(&w.key, &w.key2);
+        }
     }
     Ct::Established
 }
 
-/// A packet from the backend side of a tracked flow (backend -> client). The first reply
-/// makes the flow established, a FIN/RST moves it towards closed; both are recorded in the
-/// forward entry too, which is the authority on the flow's state (the GC reads it there,
-/// and the reopen rule checks it there).
-/// The reply entry is left in `w.val`.
+/// A packet from the backend side of a tracked flow (backend -> client): `Reply`,
+/// `Invalid`, or `New` when it is none. The first reply records where the backend answers
+/// from and its sequence numbers; the flow's state changes (reply seen, FIN, RST) are
+/// recorded in the forward entry too, which is the authority on the flow's state (the GC
+/// reads it there, and the reopen rule checks it there). The reply entry is left in `w.val`.
 #[inline(always)]
-pub fn reply<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> bool {
-    let add = ct_flags::SEEN_REPLY | ct::tcp_flags_to_ct(p.tcp_flags, true);
+fn reply_body<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
     w.key = flow_key(p, CT_DIR_REPLY);
-    if !touch::<F>(w, add) {
-        return false;
+    let Some((ptr, assured)) = find::<F>(&w.key) else {
+        return Ct::New;
+    };
+    // SAFETY: pointer from a successful lookup, see `forward`.
+    unsafe { core::ptr::copy_nonoverlapping(ptr, &mut w.val, 1) };
+    if !side_ok(w.val.ifindex, ifindex) {
+        return Ct::Invalid;
     }
-    if w.val.flags & add != add {
-        w.key = w.key.forward_of_reply(&w.val);
-        if let Some(ptr) = F::conntrack().get_ptr_mut(&w.key) {
-            // SAFETY: pointer from a successful lookup, see `touch`.
-            unsafe { (*ptr).flags |= add };
+    let tcp = p.proto == PROTO_TCP;
+    let known = w.val.flags & ct_flags::SEEN_REPLY != 0;
+    w.key2 = w.key.forward_of_reply(&w.val);
+    if tcp && p.tcp_flags & (TCP_RST | TCP_FIN) != 0 {
+        let ok = if known {
+            seq_near(p.seq, w.val.seq_end)
+        } else {
+            // The backend's first word is a RST (nothing listens) or FIN: it must
+            // acknowledge what the client sent, as a reset of a SYN does.
+            // SAFETY: pointer from a successful lookup, read at once.
+            let fwd_end = find::<F>(&w.key2).map(|(f, _)| unsafe { (*f).seq_end });
+            p.tcp_flags & TCP_ACK != 0 && fwd_end == Some(p.ack)
+        };
+        if !ok {
+            return Ct::Invalid;
         }
     }
-    true
+    let add = ct_flags::SEEN_REPLY | ct::tcp_flags_to_ct(p.tcp_flags, true);
+    let seq_end = if tcp { seq_after(p, w.val.seq_end, known) } else { 0 };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    refresh(ptr, &w.val, w.val.flags | add, seq_end, ifindex, now);
+    if w.val.flags & add != add {
+        if let Some((fptr, _)) = find::<F>(&w.key2) {
+            // SAFETY: pointer from a successful lookup, see `refresh`.
+            unsafe { (*fptr).flags |= add };
+        }
+    }
+    if !assured && !tcp && w.val.flags & ct_flags::ASSURED == 0 && udp_assures(&w.val, now) {
+        promote::<F>(&w.key2, &w.key);
+    }
+    Ct::Reply
+}
+
+/// Look the packet up: as a reply first when `replies` (the hook sees backends' answers to
+/// flows it must translate back), then as the client side of a flow. `ifindex` is where
+/// the packet was seen (`IFINDEX_UPLINK` on an uplink).
+#[inline(always)]
+fn lookup_body<F: Family>(p: &Packet<F::Addr>, replies: bool, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
+    if replies {
+        match reply_body::<F>(p, ifindex, w) {
+            Ct::New => {}
+            r => return r,
+        }
+    }
+    forward::<F>(p, ifindex, w)
+}
+
+/// Insert the reply entry `w.key` -> `w.val` of the new flow whose forward key is `fwd`,
+/// never over another flow's: a reply tuple held by a live flow (in either table) is a
+/// clash. One whose forward entry is gone (an LRU eviction took it) is stale and replaced.
+#[inline(always)]
+fn insert_reply<F: Family>(w: &mut CtWork<F::Addr>) -> Result<(), CtError> {
+    if let Some((ptr, _)) = find::<F>(&w.key) {
+        // SAFETY: pointer from a successful lookup, read at once (see `refresh`).
+        let held = unsafe { *ptr };
+        w.key2 = w.key.forward_of_reply(&held);
+        if find::<F>(&w.key2).is_some() {
+            return Err(CtError::Clash);
+        }
+    }
+    F::ct_new().insert(&w.key, &w.val, 0).map_err(map_err)
 }
 
 /// Record both directions of a new DNAT flow: client -> VIP becomes client -> backend, and
@@ -173,10 +391,9 @@ pub fn reply<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> bool {
 #[inline(always)]
 fn create_body<F: Family>(p: &Packet<F::Addr>, f: &NewFlow<F::Addr>, w: &mut CtWork<F::Addr>) -> Result<(), CtError> {
     let b = f.backend;
-    let (backend_id, svc_id, last_seen) = (f.backend_id, f.svc_id, f.now);
-    w.val = CtValue { nat_addr: b.addr, nat_port: b.port, backend_id, svc_id, last_seen, ..CtValue::default() };
+    w.val = new_value(p, f, b.addr, b.port, 0);
     w.key = flow_key(p, CT_DIR_FORWARD);
-    insert::<F>(w, 0)?;
+    F::ct_new().insert(&w.key, &w.val, 0).map_err(map_err)?;
     w.key = CtKey {
         src_addr: b.addr,
         dst_addr: p.saddr,
@@ -188,10 +405,30 @@ fn create_body<F: Family>(p: &Packet<F::Addr>, f: &NewFlow<F::Addr>, w: &mut CtW
     };
     w.val.nat_addr = p.daddr;
     w.val.nat_port = p.dport;
-    insert::<F>(w, 0).inspect_err(|_| {
+    w.val.ifindex = f.reply_ifindex;
+    w.val.seq_end = 0;
+    insert_reply::<F>(w).inspect_err(|_| {
         w.key = flow_key(p, CT_DIR_FORWARD);
-        let _ = F::conntrack().remove(&w.key);
+        let _ = F::ct_new().remove(&w.key);
     })
+}
+
+/// A new flow's forward entry value (the reply entry is derived from it by its creator).
+#[inline(always)]
+fn new_value<A: Copy + Default>(p: &Packet<A>, f: &NewFlow<A>, nat_addr: A, nat_port: u16, flags: u8) -> CtValue<A> {
+    let syn = if p.tcp_syn() { ct_flags::SYN } else { 0 };
+    CtValue {
+        nat_addr,
+        nat_port,
+        flags: flags | syn,
+        backend_id: f.backend_id,
+        svc_id: f.svc_id,
+        last_seen: f.now,
+        ifindex: f.ifindex,
+        seq_end: if p.proto == PROTO_TCP { p.seq.wrapping_add(p.seg_len) } else { 0 },
+        created: ct::coarse_ms(f.now),
+        ..CtValue::default()
+    }
 }
 
 /// A cheap, well-mixed 32-bit hash of a flow (murmur3's finaliser over a few words): picks
@@ -210,10 +447,10 @@ fn mix(a: u32, b: u32, c: u32) -> u32 {
 /// `snat_addr` (remote backend from outside, or hairpin), allocating the source port.
 ///
 /// The port is claimed by inserting the reply entry (backend -> snat_addr:port) with
-/// `BPF_NOEXIST`: a port is only "in use" for one backend ip:port/proto, which is exactly
-/// the key's uniqueness, so no separate port table is needed. Returns the port (network
-/// byte order); `CtError::Full` when the table is full, `Other` when every candidate was
-/// taken or a write failed.
+/// `BPF_NOEXIST` after checking the assured table does not hold it: a port is only "in
+/// use" for one backend ip:port/proto, which is exactly the key's uniqueness, so no
+/// separate port table is needed. Returns the port (network byte order); `CtError::Full`
+/// when the table is full, `Other` when every candidate was taken or a write failed.
 #[inline(always)]
 fn create_snat_body<F: Family>(
     p: &Packet<F::Addr>,
@@ -221,19 +458,13 @@ fn create_snat_body<F: Family>(
     cfg: &NodeConfig,
     w: &mut CtWork<F::Addr>,
 ) -> Result<u16, CtError> {
-    let (b, now) = (a.backend, a.now);
+    let b = a.backend;
     let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
-    w.val = CtValue {
-        nat_addr: p.daddr,
-        nat_port: p.dport,
-        flags: ct_flags::SNAT,
-        snat_addr: p.saddr,
-        snat_port: p.sport,
-        backend_id: a.backend_id,
-        svc_id: a.svc_id,
-        last_seen: now,
-        ..CtValue::default()
-    };
+    w.val = new_value(p, a, p.daddr, p.dport, ct_flags::SNAT);
+    w.val.snat_addr = p.saddr;
+    w.val.snat_port = p.sport;
+    w.val.ifindex = a.reply_ifindex;
+    w.val.seq_end = 0;
     w.key = CtKey {
         src_addr: b.addr,
         dst_addr: a.snat_addr,
@@ -251,15 +482,17 @@ fn create_snat_body<F: Family>(
         // an already crowded candidate.
         let candidate = cfg.snat_port_min + (h.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range) as u16;
         w.key.dst_port = candidate.to_be();
-        match insert::<F>(w, BPF_NOEXIST as u64) {
-            Ok(()) => {
-                claimed = Some(candidate.to_be());
-                break;
+        if F::conntrack().get_ptr(&w.key).is_none() {
+            match F::ct_new().insert(&w.key, &w.val, BPF_NOEXIST as u64).map_err(map_err) {
+                Ok(()) => {
+                    claimed = Some(candidate.to_be());
+                    break;
+                }
+                // No free element: another candidate will not find one either.
+                Err(CtError::Full) => return Err(CtError::Full),
+                // EEXIST: the port is in use towards this backend; try the next candidate.
+                Err(_) => {}
             }
-            // No free element: another candidate will not find one either.
-            Err(CtError::Full) => return Err(CtError::Full),
-            // EEXIST: the port is in use towards this backend; try the next candidate.
-            Err(CtError::Other) => {}
         }
         i += 1;
     }
@@ -268,19 +501,11 @@ fn create_snat_body<F: Family>(
     };
     // `w.key` is the claimed reply key until the forward insert is done.
     let rkey_port = w.key.dst_port;
-    w.val = CtValue {
-        nat_addr: b.addr,
-        nat_port: b.port,
-        flags: ct_flags::SNAT,
-        snat_addr: a.snat_addr,
-        snat_port: port_be,
-        backend_id: a.backend_id,
-        svc_id: a.svc_id,
-        last_seen: now,
-        ..CtValue::default()
-    };
+    w.val = new_value(p, a, b.addr, b.port, ct_flags::SNAT);
+    w.val.snat_addr = a.snat_addr;
+    w.val.snat_port = port_be;
     w.key = flow_key(p, CT_DIR_FORWARD);
-    insert::<F>(w, 0).inspect_err(|_| {
+    F::ct_new().insert(&w.key, &w.val, 0).map_err(map_err).inspect_err(|_| {
         w.key = CtKey {
             src_addr: b.addr,
             dst_addr: a.snat_addr,
@@ -290,7 +515,7 @@ fn create_snat_body<F: Family>(
             dir: CT_DIR_REPLY,
             _pad: 0,
         };
-        let _ = F::conntrack().remove(&w.key);
+        let _ = F::ct_new().remove(&w.key);
     })?;
     Ok(port_be)
 }
@@ -303,6 +528,12 @@ pub struct NewFlow<'a, A> {
     /// The source address of a source-NATed flow (`create_snat`; unused by `create`).
     pub snat_addr: A,
     pub now: u64,
+    /// Where the client's packets come from (see `CtValue::ifindex`).
+    pub ifindex: u32,
+    /// Where the backend's answers will come from, when the hook knows it (an uplink for
+    /// a source-NATed flow to another node, the pod's own interface for hairpin); 0 =
+    /// learnt from the first answer.
+    pub reply_ifindex: u32,
 }
 
 // The entry points: inlined for IPv4, BPF functions of their own for IPv6 (see
@@ -310,13 +541,24 @@ pub struct NewFlow<'a, A> {
 // instantiation.
 
 #[inline(never)]
-fn lookup_outlined<F: Family>(p: &Packet<F::Addr>, replies: bool, w: &mut CtWork<F::Addr>) -> Ct {
-    lookup_body::<F>(p, replies, w)
+fn lookup_outlined<F: Family>(p: &Packet<F::Addr>, replies: bool, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
+    lookup_body::<F>(p, replies, ifindex, w)
 }
 
 #[inline(always)]
-pub fn lookup<F: Family>(p: &Packet<F::Addr>, replies: bool, w: &mut CtWork<F::Addr>) -> Ct {
-    if F::OUTLINE { lookup_outlined::<F>(p, replies, w) } else { lookup_body::<F>(p, replies, w) }
+pub fn lookup<F: Family>(p: &Packet<F::Addr>, replies: bool, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
+    if F::OUTLINE { lookup_outlined::<F>(p, replies, ifindex, w) } else { lookup_body::<F>(p, replies, ifindex, w) }
+}
+
+#[inline(never)]
+fn reply_outlined<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
+    reply_body::<F>(p, ifindex, w)
+}
+
+/// A packet looked up as a reply only (`to_pod`, `to_uplink`).
+#[inline(always)]
+pub fn reply<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
+    if F::OUTLINE { reply_outlined::<F>(p, ifindex, w) } else { reply_body::<F>(p, ifindex, w) }
 }
 
 #[inline(never)]

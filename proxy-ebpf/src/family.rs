@@ -8,8 +8,8 @@ use proxy_common::{
 
 use crate::maps::WORK6;
 use crate::maps::{
-    AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, NEIGH_MISSES, NEIGH_MISSES6, NODE_CONFIG,
-    NODE_CONFIG6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
+    AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, CT_NEW, CT_NEW6, NEIGH_MISSES, NEIGH_MISSES6,
+    NODE_CONFIG, NODE_CONFIG6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
 };
 use crate::parse::{self, Packet};
 use crate::pipeline::Work;
@@ -29,7 +29,9 @@ pub trait Family: 'static {
 
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
+    /// Assured flows (never evicted) and unassured ones (LRU); see `maps::CT_NEW`.
     fn conntrack() -> &'static HashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
+    fn ct_new() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn neigh_misses() -> &'static LruHashMap<NeighKey<Self::Addr>, u64>;
     /// Is `addr` in the loadBalancerSourceRanges of service `svc_id`?
@@ -75,6 +77,9 @@ impl Family for V4 {
     }
     fn conntrack() -> &'static HashMap<CtKey, CtValue> {
         &CONNTRACK
+    }
+    fn ct_new() -> &'static LruHashMap<CtKey, CtValue> {
+        &CT_NEW
     }
     fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue> {
         &AFFINITY
@@ -124,6 +129,9 @@ impl Family for V6 {
     }
     fn conntrack() -> &'static HashMap<CtKey<Ipv6Words>, CtValue<Ipv6Words>> {
         &CONNTRACK6
+    }
+    fn ct_new() -> &'static LruHashMap<CtKey<Ipv6Words>, CtValue<Ipv6Words>> {
+        &CT_NEW6
     }
     fn affinity() -> &'static LruHashMap<AffinityKey<Ipv6Words>, AffinityValue> {
         &AFFINITY6

@@ -168,8 +168,7 @@ pub fn parse<F: IcmpFamily>(start: usize, end: usize) -> Option<IcmpErr<F::Addr>
 fn entry<F: Family>(e: &IcmpErr<F::Addr>, dir: u8) -> Option<CtValue<F::Addr>> {
     let key =
         CtKey { src_addr: e.dst, dst_addr: e.src, src_port: e.dport, dst_port: e.sport, proto: e.proto, dir, _pad: 0 };
-    // SAFETY: plain-old-data copy out of the map value.
-    unsafe { F::conntrack().get(&key).copied() }
+    crate::ct::get::<F>(&key)
 }
 
 /// About a forward packet; `ct` is the flow's reply entry (see the module docs).

@@ -27,13 +27,21 @@ pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(sizes::MAX_SLO
 #[map]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS, NO_PREALLOC);
 
-/// A plain (preallocated) hash, not an LRU: an LRU evicts whatever was used least recently,
-/// which on a busy node is an idle established connection, whose next packet would then be
-/// balanced afresh and reset. Here nothing live is ever evicted: the agent's GC removes
-/// closed and expired flows, and a new flow that finds the table full is dropped and
-/// counted (`ct_full`), as netfilter does.
+/// Assured flows (`ct_flags::ASSURED`: a completed TCP handshake, a UDP stream). A plain
+/// (preallocated) hash, not an LRU: an LRU evicts whatever was used least recently, which on
+/// a busy node is an idle established connection, whose next packet would then be balanced
+/// afresh and reset. Here nothing live is ever evicted: the agent's GC removes closed and
+/// expired flows. Only flows that proved themselves get here, so a flood of half-open or
+/// one-shot flows (which cost an attacker one packet each) can never fill it.
 #[map]
 pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::pinned(sizes::MAX_CONNTRACK, 0);
+
+/// Unassured flows: every new flow starts here and moves to `CONNTRACK` when it becomes
+/// assured. An LRU, so when it is full the least recently used unassured flow makes room:
+/// netfilter's early drop, which a SYN flood or a burst of DNS exchanges can trigger but
+/// which never touches an established connection.
+#[map]
+pub static CT_NEW: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(sizes::MAX_CONNTRACK, 0);
 
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
@@ -77,6 +85,10 @@ pub static BACKENDS6: HashMap<u32, Backend6> = HashMap::pinned(sizes::MAX_BACKEN
 /// See `CONNTRACK`: a plain hash whose live entries are never evicted.
 #[map]
 pub static CONNTRACK6: HashMap<CtKey6, CtValue6> = HashMap::pinned(sizes::MAX_CONNTRACK, 0);
+
+/// See `CT_NEW`.
+#[map]
+pub static CT_NEW6: LruHashMap<CtKey6, CtValue6> = LruHashMap::pinned(sizes::MAX_CONNTRACK, 0);
 
 #[map]
 pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::pinned(sizes::MAX_AFFINITY, 0);

@@ -80,6 +80,12 @@ pub struct Packet<A = u32> {
     pub proto: u8,
     /// TCP flags; 0 for other protocols.
     pub tcp_flags: u8,
+    /// TCP (host byte order, 0 for other protocols): the sequence number, the
+    /// acknowledgement number, and the sequence space the segment occupies (payload, plus
+    /// one each for SYN and FIN), for conntrack's window checks.
+    pub seq: u32,
+    pub ack: u32,
+    pub seg_len: u32,
     pub saddr: A,
     pub daddr: A,
     pub sport: u16,
@@ -152,10 +158,22 @@ pub fn l3(start: usize, end: usize) -> Result<L3, Verdict> {
     }
 }
 
+/// What the transport header says: ports (network byte order), and for TCP the flags,
+/// sequence and acknowledgement numbers and the segment's length in sequence space.
+#[derive(Clone, Copy, Default)]
+struct L4 {
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    seq: u32,
+    ack: u32,
+    seg_len: u32,
+}
+
 /// The transport header at `l4` (absolute address `start + l4`), `l4_len` bytes of IP
-/// payload long: ports and TCP flags, with the length checks of [`parse`].
+/// payload long, with the length checks of [`parse`].
 #[inline(always)]
-fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> Result<(u16, u16, u8), Verdict> {
+fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> Result<L4, Verdict> {
     // Bytes of L4 header we need: through the checksum field for TCP, the whole header
     // for UDP, the common header for SCTP.
     let need = match proto {
@@ -172,22 +190,28 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> R
     // (for TCP, 20 bytes) the data offset and flags read here.
     unsafe {
         let b = l4p as *const u8;
-        let sport = (b.add(L4_SPORT_OFF) as *const u16).read_unaligned();
-        let dport = (b.add(L4_DPORT_OFF) as *const u16).read_unaligned();
-        let mut tcp_flags = 0;
+        let mut t = L4 {
+            sport: (b.add(L4_SPORT_OFF) as *const u16).read_unaligned(),
+            dport: (b.add(L4_DPORT_OFF) as *const u16).read_unaligned(),
+            ..L4::default()
+        };
         if proto == PROTO_TCP {
             let doff = ((*b.add(TCP_DOFF_OFF) >> 4) as usize) * 4;
             if doff < TCP_HLEN || doff > l4_len {
                 return Err(Verdict::Malformed);
             }
-            tcp_flags = *b.add(TCP_FLAGS_OFF);
+            t.tcp_flags = *b.add(TCP_FLAGS_OFF);
+            t.seq = u32::from_be((b.add(TCP_SEQ_OFF) as *const u32).read_unaligned());
+            t.ack = u32::from_be((b.add(TCP_ACK_OFF) as *const u32).read_unaligned());
+            // SYN and FIN each take one sequence number.
+            t.seg_len = (l4_len - doff) as u32 + (t.tcp_flags & TCP_SYN != 0) as u32 + (t.tcp_flags & TCP_FIN) as u32;
         } else if proto == PROTO_UDP {
             let ulen = u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize;
             if ulen < UdpHdr::LEN || ulen > l4_len {
                 return Err(Verdict::Malformed);
             }
         }
-        Ok((sport, dport, tcp_flags))
+        Ok(t)
     }
 }
 
@@ -245,16 +269,19 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
         i += 1;
     }
     let l4 = off & MAX_L4_OFF;
-    let (sport, dport, tcp_flags) = transport(start, end, l4, ip_end - l4, next)?;
+    let t = transport(start, end, l4, ip_end - l4, next)?;
     Ok(Packet {
         l3_off: l3,
         l4_off: l4,
         proto: next,
-        tcp_flags,
+        tcp_flags: t.tcp_flags,
+        seq: t.seq,
+        ack: t.ack,
+        seg_len: t.seg_len,
         saddr: [word(IP6_SRC_OFF), word(IP6_SRC_OFF + 4), word(IP6_SRC_OFF + 8), word(IP6_SRC_OFF + 12)],
         daddr: [word(IP6_DST_OFF), word(IP6_DST_OFF + 4), word(IP6_DST_OFF + 8), word(IP6_DST_OFF + 12)],
-        sport,
-        dport,
+        sport: t.sport,
+        dport: t.dport,
     })
 }
 
@@ -281,16 +308,19 @@ pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verd
         }
         let proto = ip.proto;
         let l4 = l3 + ihl;
-        let (sport, dport, tcp_flags) = transport(start, end, l4, tot_len - ihl, proto)?;
+        let t = transport(start, end, l4, tot_len - ihl, proto)?;
         Ok(Packet {
             l3_off: l3,
             l4_off: l4,
             proto,
-            tcp_flags,
+            tcp_flags: t.tcp_flags,
+            seq: t.seq,
+            ack: t.ack,
+            seg_len: t.seg_len,
             saddr: u32::from_ne_bytes(ip.src_addr),
             daddr: u32::from_ne_bytes(ip.dst_addr),
-            sport,
-            dport,
+            sport: t.sport,
+            dport: t.dport,
         })
     }
 }

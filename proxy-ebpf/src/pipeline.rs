@@ -127,18 +127,24 @@ pub fn work<F: Family>() -> Option<&'static mut Work<F::Addr>> {
     F::work().map(|p| unsafe { &mut *p })
 }
 
-/// Pod traffic (`Hook::Pod`) and traffic from outside the node (`Hook::Uplink`).
+/// Pod traffic (`Hook::Pod`, seen on the pod interface `ifindex`) and traffic from outside
+/// the node (`Hook::Uplink`).
 #[inline(always)]
-pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
     let (node_snat, hairpin) = F::node_addrs();
     // Replies this hook translates itself: a pod answering a hairpin flow (addressed to the
-    // hairpin address), a remote backend answering a flow we source-NATed (any uplink
-    // packet may be one).
-    let replies = match hook {
-        Hook::Pod => !F::is_unset(hairpin) && p.daddr == hairpin,
-        Hook::Uplink => true,
+    // hairpin address), a remote backend answering a flow we source-NATed (addressed to a
+    // port of the SNAT range: the only uplink packets that can be one, so other uplink
+    // traffic, NodePorts included, costs no reply lookup).
+    let (replies, seen) = match hook {
+        Hook::Pod => (!F::is_unset(hairpin) && p.daddr == hairpin, ifindex),
+        Hook::Uplink => {
+            let cfg = lb::node_config();
+            let port = u16::from_be(p.dport);
+            (port >= cfg.snat_port_min && port <= cfg.snat_port_max, ct::UPLINK)
+        }
     };
-    match ct::lookup::<F>(p, replies, w) {
+    match ct::lookup::<F>(p, replies, seen, w) {
         Ct::Reply if w.val.flags & ct_flags::SNAT != 0 => {
             let ct = &w.val;
             let nat = Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: ct.snat_addr, dport: ct.snat_port };
@@ -148,6 +154,7 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, w: &mut CtWork<F::Addr
         // pod's veth restores the VIP.
         Ct::Reply => return Decision::pass(Verdict::Pass),
         Ct::Established => return established(p, hook, &w.val),
+        Ct::Invalid => return Decision::new(Action::Drop, Verdict::CtInvalid, w.val.svc_id),
         Ct::New => {}
     }
 
@@ -185,7 +192,18 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, w: &mut CtWork<F::Addr
         }
         _ => None,
     };
-    let mut flow = ct::NewFlow { svc_id: svc.id, backend_id, backend: &b, snat_addr: F::Addr::default(), now };
+    // The backend's answers come back where a source-NATed flow leaves: the uplink, or the
+    // pod itself (hairpin). Otherwise the first answer tells.
+    let reply_ifindex = if snat_addr.is_some() { seen } else { 0 };
+    let mut flow = ct::NewFlow {
+        svc_id: svc.id,
+        backend_id,
+        backend: &b,
+        snat_addr: F::Addr::default(),
+        now,
+        ifindex: seen,
+        reply_ifindex,
+    };
     match snat_addr {
         Some(addr) => {
             flow.snat_addr = addr;
@@ -207,15 +225,19 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, w: &mut CtWork<F::Addr
     }
 }
 
-/// Replies leaving towards a client through the stack (`to_pod`, `to_uplink`): the source
-/// goes back to the frontend the client used. Source-NATed flows are not ours to undo here:
+/// Replies leaving towards a client through the stack (`to_pod`, `to_uplink`; `ifindex`:
+/// the interface the reply entered the node on, 0 for a local process): the source goes
+/// back to the frontend the client used. Source-NATed flows are not ours to undo here:
 /// `decide` translates those completely where they arrive.
 #[inline(always)]
-pub fn decide_reply<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
-    if ct::reply::<F>(p, w) && w.val.flags & ct_flags::SNAT == 0 {
-        let ct = &w.val;
-        let nat = Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: p.daddr, dport: p.dport };
-        return Decision::rewrite(Action::Rewrite, nat, Verdict::ReverseNat, ct.svc_id);
+pub fn decide_reply<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    match ct::reply::<F>(p, ifindex, w) {
+        Ct::Reply if w.val.flags & ct_flags::SNAT == 0 => {
+            let ct = &w.val;
+            let nat = Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: p.daddr, dport: p.dport };
+            Decision::rewrite(Action::Rewrite, nat, Verdict::ReverseNat, ct.svc_id)
+        }
+        Ct::Invalid => Decision::new(Action::Drop, Verdict::CtInvalid, w.val.svc_id),
+        _ => Decision::pass(Verdict::Pass),
     }
-    Decision::pass(Verdict::Pass)
 }

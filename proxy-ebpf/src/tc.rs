@@ -204,9 +204,17 @@ fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
 /// `icmp_error`, as a sibling call so the two frames never add up on the stack.
 const OTHER_L4: i32 = i32::MIN;
 
+/// The interface a packet entered the node on: the pod's veth for `from_pod` (TC ingress),
+/// where a reply came from for the egress programs (0: a local process).
 #[inline(always)]
-fn decide<F: Family>(p: &Packet<F::Addr>, reply: bool, ct: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
-    if reply { pipeline::decide_reply::<F>(p, ct) } else { pipeline::decide::<F>(p, Hook::Pod, ct) }
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a context field.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+#[inline(always)]
+fn decide<F: Family>(p: &Packet<F::Addr>, reply: bool, ifindex: u32, ct: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    if reply { pipeline::decide_reply::<F>(p, ifindex, ct) } else { pipeline::decide::<F>(p, Hook::Pod, ifindex, ct) }
 }
 
 /// IPv4: the steps inlined into one function, their state on its stack.
@@ -216,7 +224,7 @@ fn inlined<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
     let ct = CtWork::zeroed_in(&mut slot);
     match parse_ctx::<F>(ctx) {
         Ok(p) => {
-            let d = decide::<F>(&p, reply, ct);
+            let d = decide::<F>(&p, reply, ingress_ifindex(ctx), ct);
             let (ret, verdict) = apply::<F>(ctx, &p, &d);
             (ret, verdict, d.svc_id)
         }
@@ -266,7 +274,7 @@ fn staged<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
     if let Err(v) = parse_step::<F>(ctx, &mut w.p) {
         return (TC_ACT_UNSPEC, v, 0);
     }
-    decide_step::<F>(&w.p, reply, &mut w.ct, &mut w.d);
+    decide_step::<F>(&w.p, reply, ingress_ifindex(ctx), &mut w.ct, &mut w.d);
     let (ret, verdict) = apply_step::<F>(ctx, &w.p, &w.d);
     (ret, verdict, w.d.svc_id)
 }
@@ -278,8 +286,14 @@ fn parse_step<F: TcFamily>(ctx: &TcContext, out: &mut Packet<F::Addr>) -> Result
 }
 
 #[inline(never)]
-fn decide_step<F: TcFamily>(p: &Packet<F::Addr>, reply: bool, ct: &mut CtWork<F::Addr>, out: &mut Decision<F::Addr>) {
-    *out = decide::<F>(p, reply, ct);
+fn decide_step<F: TcFamily>(
+    p: &Packet<F::Addr>,
+    reply: bool,
+    ifindex: u32,
+    ct: &mut CtWork<F::Addr>,
+    out: &mut Decision<F::Addr>,
+) {
+    *out = decide::<F>(p, reply, ifindex, ct);
 }
 
 #[inline(never)]

@@ -326,7 +326,7 @@ fn inlined<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
     let ct = CtWork::zeroed_in(&mut slot);
     match F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
         Ok(p) => {
-            let d = pipeline::decide::<F>(&p, Hook::Uplink, ct);
+            let d = pipeline::decide::<F>(&p, Hook::Uplink, 0, ct);
             let (ret, verdict) = apply::<F>(ctx, &p, &d);
             (ret, verdict, d.svc_id)
         }
@@ -391,7 +391,7 @@ fn parse_step<F: XdpFamily>(ctx: &XdpContext, out: &mut Packet<F::Addr>) -> Resu
 
 #[inline(never)]
 fn decide_step<F: XdpFamily>(p: &Packet<F::Addr>, ct: &mut CtWork<F::Addr>, out: &mut Decision<F::Addr>) {
-    *out = pipeline::decide::<F>(p, Hook::Uplink, ct);
+    *out = pipeline::decide::<F>(p, Hook::Uplink, 0, ct);
 }
 
 #[inline(never)]

@@ -178,9 +178,10 @@ pub struct AgentArgs {
     /// XDP mode on uplinks: native (in the driver) where supported, else generic.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeChoice,
-    /// Source ports for north-south SNAT (to backends on other nodes) and hairpin SNAT.
-    /// Keep it outside net.ipv4.ip_local_port_range so it never collides with the node's own
-    /// connections.
+    /// Source ports for north-south SNAT (to backends on other nodes) and hairpin SNAT, per
+    /// backend ip:port. Keep it outside net.ipv4.ip_local_port_range so it never collides
+    /// with the node's own connections, and outside the NodePort range (uplink packets to
+    /// ports in this range are first looked up as replies).
     #[arg(long, default_value_t = PortRange::default())]
     pub snat_port_range: PortRange,
     /// Source address a pod sees when it reaches itself through its own service (hairpin).
@@ -309,7 +310,7 @@ mod tests {
         assert_eq!(a.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
         assert_eq!(a.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*"]);
         assert_eq!(a.xdp_mode, XdpModeChoice::Auto);
-        assert_eq!(a.snat_port_range, PortRange { min: 61000, max: 65535 });
+        assert_eq!(a.snat_port_range, PortRange { min: 1024, max: 29999 });
         assert_eq!(a.hairpin_address, Ipv4Addr::new(169, 254, 42, 1));
         assert!(a.uplink.is_empty());
         assert_eq!(a.conntrack.timeouts(), proxy_common::ct::CtTimeouts::default());

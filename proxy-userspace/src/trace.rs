@@ -262,6 +262,10 @@ fn explain(v: Verdict, untouched: bool) -> String {
         Verdict::IcmpError => "an ICMP error about a tracked flow: translated with it",
         // Counted by the cgroup hooks, never by a packet program.
         Verdict::SockTranslate => "a connect()/sendmsg() given a backend by the socket-level hooks",
+        Verdict::CtInvalid => {
+            "conntrack refused it (a tracked flow's packet from the wrong interface, or a RST/FIN out of the window): dropped"
+        }
+        Verdict::CtClash => "the new flow's reply tuple belongs to another live flow: dropped",
     };
     if untouched
         && !matches!(v, Verdict::Pass | Verdict::NotIp | Verdict::Malformed | Verdict::Fragment | Verdict::OtherL4)

@@ -102,6 +102,26 @@ impl TestDataplane {
         (r.return_value as i32, out)
     }
 
+    /// Run a TC program on `frame` as if it had entered the node on interface
+    /// `ingress_ifindex` (`__sk_buff.ingress_ifindex`; any number: it need not exist), as a
+    /// packet from a pod's veth (`from_pod`) or a reply routed in from elsewhere (`to_pod`)
+    /// does.
+    pub fn run_tc_from(&mut self, prog: &'static str, frame: &[u8], ingress_ifindex: u32) -> (i32, Vec<u8>) {
+        // struct __sk_buff up to `ifindex`: len, pkt_type, mark, queue_mapping, protocol,
+        // vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex; the kernel
+        // accepts only mark, priority, ingress_ifindex and ifindex (0: loopback) set.
+        const INGRESS_IFINDEX: usize = 9;
+        let mut skb = [0u32; 11];
+        skb[INGRESS_IFINDEX] = ingress_ifindex;
+        let ctx: Vec<u8> = skb.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts =
+            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
+        let r = self.test_run(prog, opts);
+        out.truncate(r.data_size_out as usize);
+        (r.return_value as i32, out)
+    }
+
     /// Run an XDP program as if `frame` arrived on interface `ingress_ifindex` (which must
     /// exist in the calling thread's namespace).
     pub fn run_xdp_on(&mut self, prog: &'static str, frame: &[u8], ingress_ifindex: u32) -> (i32, Vec<u8>) {
@@ -206,13 +226,20 @@ pub fn tcp_segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, payloa
 /// `flags` (bits of [`tcp`]), sequence number 1000 (acknowledgement 1 with ACK) and valid
 /// checksums. Both addresses must be of one family.
 pub fn tcp_any(src: (IpAddr, u16), dst: (IpAddr, u16), flags: u8, payload: &[u8]) -> Vec<u8> {
+    tcp_seq(src, dst, flags, 1000, 1, payload)
+}
+
+/// [`tcp_any`] with the sequence number `seq` and, when `flags` has ACK, the
+/// acknowledgement number `ack`: segments of a real handshake and of a spoofer who does
+/// (or does not) know the window.
+pub fn tcp_seq(src: (IpAddr, u16), dst: (IpAddr, u16), flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
     let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
     let ip = match (src.0, dst.0) {
         (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
         (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
         _ => panic!("tcp_any: {src:?} and {dst:?} are of different families"),
     };
-    let mut b = ip.tcp(src.1, dst.1, 1000, 65535);
+    let mut b = ip.tcp(src.1, dst.1, seq, 65535);
     if flags & tcp::SYN != 0 {
         b = b.syn();
     }
@@ -223,7 +250,7 @@ pub fn tcp_any(src: (IpAddr, u16), dst: (IpAddr, u16), flags: u8, payload: &[u8]
         b = b.rst();
     }
     if flags & tcp::ACK != 0 {
-        b = b.ack(1);
+        b = b.ack(ack);
     }
     let mut v = Vec::new();
     b.write(&mut v, payload).expect("build frame");

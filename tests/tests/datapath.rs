@@ -2,6 +2,7 @@
 //! maps are the ones the agent loads, programmed through the same sync code.
 use std::{collections::HashMap, net::Ipv4Addr};
 
+use proxy_common::nat_defaults::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, port_from_map, port_to_map, verdict};
 use proxy_tests::harness::*;
 use proxy_userspace::{
@@ -65,10 +66,9 @@ fn roundtrip(proto: Protocol) {
     let backend = d.dst;
 
     // Conntrack: forward entry -> backend, reply entry -> VIP.
-    let fwd =
-        dp.maps().conntrack.get(&ct_key(client, (VIP, 80), proto.number(), CT_DIR_FORWARD), 0).expect("forward ct");
+    let fwd = dp.maps().ct_get(&ct_key(client, (VIP, 80), proto.number(), CT_DIR_FORWARD)).expect("forward ct");
     assert_eq!((ip_from_map(fwd.nat_addr), port_from_map(fwd.nat_port)), backend);
-    let rev = dp.maps().conntrack.get(&ct_key(backend, client, proto.number(), CT_DIR_REPLY), 0).expect("reply ct");
+    let rev = dp.maps().ct_get(&ct_key(backend, client, proto.number(), CT_DIR_REPLY)).expect("reply ct");
     assert_eq!((ip_from_map(rev.nat_addr), port_from_map(rev.nat_port)), (VIP, 80));
 
     // Established: same backend every time.
@@ -281,7 +281,7 @@ fn service_without_backends_rejects() {
     assert_eq!(sum, 0xffff, "ICMP checksum");
     assert_eq!(&out[42..70], &query[14..42], "quotes the datagram's IPv4 and UDP headers");
 
-    assert_eq!(dp.maps().conntrack.keys().count(), 0);
+    assert_eq!(dp.maps().ct_len(), 0);
     let counted: u64 = dp
         .maps()
         .services
@@ -487,7 +487,7 @@ fn hairpin_to_self_is_source_natted_and_bounced() {
     assert_eq!(d.dst, (CLIENT, 8080));
     assert_eq!(d.src.0, hairpin);
     let port = d.src.1;
-    assert!((61000..=65535).contains(&port), "{port}");
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "{port}");
     assert!(d.ip_csum_ok && d.l4_csum_ok, "{d:?}");
     assert_eq!((&out[..6], &out[6..12]), (&frame[6..12], &frame[..6]), "MACs swapped");
     // Established: same port.

@@ -1,7 +1,7 @@
 //! The conntrack lifecycle and frame validation in the datapath, through BPF_PROG_TEST_RUN:
 //! flow states recorded from real segments, reopened tuples (hairpin, which is also
-//! source-NATed) translated every time, a full table that drops new flows but keeps
-//! established ones, and frames whose lengths do not add up passing untouched.
+//! source-NATed) translated every time, full tables that keep established flows, and frames
+//! whose lengths do not add up passing untouched.
 use std::net::Ipv4Addr;
 
 use proxy_common::{
@@ -22,7 +22,6 @@ use proxy_userspace::{
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
-const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
@@ -48,7 +47,7 @@ fn fwd_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> CtKey {
 }
 
 fn flow_state(dp: &TestDataplane, client: (Ipv4Addr, u16)) -> CtState {
-    let v = dp.maps().conntrack.get(&fwd_key(client, (VIP, 80)), 0).expect("forward entry");
+    let v = dp.maps().ct_get(&fwd_key(client, (VIP, 80))).expect("forward entry");
     ct::state(PROTO_TCP, v.flags)
 }
 
@@ -61,7 +60,7 @@ fn service_count(dp: &TestDataplane, v: u32) -> u64 {
 }
 
 fn ct_entries(dp: &TestDataplane) -> usize {
-    dp.maps().conntrack.keys().count()
+    dp.maps().ct_len()
 }
 
 /// SYN -> new; the backend's SYN-ACK -> established (recorded in the forward entry); a FIN
@@ -80,20 +79,28 @@ fn flow_states_follow_the_segments() {
     assert_eq!(flow_state(&dp, c), CtState::New);
     let (v, out) = dp.run(TO_POD, &tcp_segment((B1, 8080), c, tcp::SYN | tcp::ACK, b""));
     assert_eq!((v, decode(&out).src), (TC_ACT_UNSPEC, (VIP, 80)));
+    assert_eq!(flow_state(&dp, c), CtState::Replied, "SYN_RECV: the handshake is not complete yet");
+    // The client's ACK of the SYN-ACK (seq 1000 + 1 taken by the SYN, acknowledging the
+    // backend's SYN) completes it.
+    dp.run(FROM_POD, &tcp_seq(ip4(c), ip4((VIP, 80)), tcp::ACK, 1001, 1001, b""));
     assert_eq!(flow_state(&dp, c), CtState::Established);
-    dp.run(FROM_POD, &tcp_segment(c, (VIP, 80), tcp::FIN | tcp::ACK, b""));
+    dp.run(FROM_POD, &tcp_seq(ip4(c), ip4((VIP, 80)), tcp::FIN | tcp::ACK, 1001, 1001, b""));
     assert_eq!(flow_state(&dp, c), CtState::Closing, "half-closed by the client");
-    let (_, out) = dp.run(TO_POD, &tcp_segment((B1, 8080), c, tcp::FIN | tcp::ACK, b""));
+    let (_, out) = dp.run(TO_POD, &tcp_seq(ip4((B1, 8080)), ip4(c), tcp::FIN | tcp::ACK, 1001, 1002, b""));
     assert_eq!(decode(&out).src, (VIP, 80), "the backend's FIN is still translated");
     assert_eq!(flow_state(&dp, c), CtState::Closed);
     assert_eq!(ct_entries(&dp), 2);
     let (_, out) = dp.run(FROM_POD, &tcp_segment(c, (VIP, 80), tcp::SYN, b""));
     assert_eq!(decode(&out).dst, (B1, 8080));
     assert_eq!(flow_state(&dp, c), CtState::New, "reopened: a fresh flow");
-    assert_eq!(ct_entries(&dp), 2, "the old connection's reply entry was replaced, not leaked");
-    // A RST closes at once.
-    dp.run(TO_POD, &tcp_segment((B1, 8080), c, tcp::RST, b""));
+    assert_eq!(ct_entries(&dp), 2, "the old connection's entries were replaced, not leaked");
+    // A RST closes at once: the backend refusing the SYN acknowledges it (seq 1000 + 1).
+    dp.run(TO_POD, &tcp_seq(ip4((B1, 8080)), ip4(c), tcp::RST | tcp::ACK, 0, 1001, b""));
     assert_eq!(flow_state(&dp, c), CtState::Closed);
+}
+
+fn ip4(a: (Ipv4Addr, u16)) -> (std::net::IpAddr, u16) {
+    (a.0.into(), a.1)
 }
 
 /// A pod reaching itself through its Service (hairpin, source-NATed to the hairpin address)
@@ -124,12 +131,13 @@ fn hairpin_tuple_reopened_twenty_times_is_translated_every_time() {
     assert_eq!(ct_entries(&dp), 2, "only the last connection's two entries remain");
 }
 
-/// With room for two flows, a third new flow is dropped and counted `ct_full`, while the
-/// established flows keep being translated: nothing live is evicted.
+/// With room for two flows in each table, a third new flow still gets through: unassured
+/// flows live in the LRU `CT_NEW`, where a new flow makes room by evicting the least recently
+/// used unassured one, never an established connection (assured, in `CONNTRACK`).
 #[test]
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn full_table_drops_new_flows_and_keeps_established_ones() {
-    require_root("full_table_drops_new_flows_and_keeps_established_ones");
+fn full_table_never_evicts_established_flows() {
+    require_root("full_table_never_evicts_established_flows");
     let pins = PinDir::new();
     let cfg = LoaderConfig { max_conntrack: 4, ..LoaderConfig::new(&pins.0) };
     let (programs, maps) = loader::load(&cfg).expect("load");
@@ -137,19 +145,27 @@ fn full_table_drops_new_flows_and_keeps_established_ones() {
     let mut dp = TestDataplane { programs, syncer, pins };
     let r = dp.syncer.apply(&state(vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(B1, 8080)]))]));
     assert!(r.errors.is_empty());
+    // Two established connections (complete handshakes) fill the assured table.
     for port in [1000, 1001] {
-        let (v, _) = dp.run(FROM_POD, &tcp_segment((CLIENT, port), (VIP, 80), tcp::SYN, b""));
+        let c = ip4((CLIENT, port));
+        let (v, _) = dp.run(FROM_POD, &tcp_seq(c, ip4((VIP, 80)), tcp::SYN, 7, 0, b""));
         assert_eq!(v, TC_ACT_UNSPEC);
+        dp.run(TO_POD, &tcp_seq(ip4((B1, 8080)), c, tcp::SYN | tcp::ACK, 90, 8, b""));
+        dp.run(FROM_POD, &tcp_seq(c, ip4((VIP, 80)), tcp::ACK, 8, 91, b""));
+        assert_eq!(flow_state(&dp, (CLIENT, port)), CtState::Established);
     }
-    let (v, out) = dp.run(FROM_POD, &tcp_segment((CLIENT, 1002), (VIP, 80), tcp::SYN, b""));
-    assert_eq!(v, TC_ACT_SHOT, "no room: the new flow is dropped");
-    assert_eq!(decode(&out).dst, (VIP, 80), "and not translated");
-    assert_eq!(service_count(&dp, verdict::CT_FULL), 1);
-    assert_eq!(global_total(&dp.maps().global_stats, verdict::CT_FULL).unwrap().packets, 1);
-    assert_eq!(ct_entries(&dp), 4, "no half-written flow left behind");
+    assert_eq!(dp.maps().conntrack.keys().count(), 4, "both flows assured");
+    // Many more new flows than the unassured table holds: each is translated.
+    for port in 2000..2010 {
+        let (v, out) = dp.run(FROM_POD, &tcp_segment((CLIENT, port), (VIP, 80), tcp::SYN, b""));
+        assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (B1, 8080)), "new flow {port} translated");
+    }
+    assert_eq!(service_count(&dp, verdict::CT_FULL), 0);
+    assert!(dp.maps().ct_new.keys().count() <= 4, "the LRU keeps to its size");
     for port in [1000, 1001] {
-        let (v, out) = dp.run(FROM_POD, &tcp_segment((CLIENT, port), (VIP, 80), tcp::ACK, b"data"));
+        let (v, out) = dp.run(FROM_POD, &tcp_seq(ip4((CLIENT, port)), ip4((VIP, 80)), tcp::ACK, 8, 91, b"data"));
         assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (B1, 8080)), "established flow {port} kept");
+        assert_eq!(flow_state(&dp, (CLIENT, port)), CtState::Established);
     }
 }
 

@@ -5,6 +5,7 @@
 //! writes can be asserted.
 use std::net::Ipv4Addr;
 
+use proxy_common::nat_defaults::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, ct_flags, port_from_map, port_to_map, verdict};
 use proxy_tests::harness::*;
 use proxy_userspace::{
@@ -128,9 +129,9 @@ fn xdp_local_backend_dnat_pass_and_reverse_on_uplink_egress() {
     assert_eq!(&out[..12], &frame[..12], "MACs untouched: the stack routes it");
     assert_eq!(ttl(&out), 64, "not forwarded by XDP, TTL untouched");
 
-    let fwd = dp.maps().conntrack.get(&ct_key(client, (NODE, NODE_PORT), CT_DIR_FORWARD), 0).expect("forward ct");
+    let fwd = dp.maps().ct_get(&ct_key(client, (NODE, NODE_PORT), CT_DIR_FORWARD)).expect("forward ct");
     assert_eq!(fwd.flags & ct_flags::SNAT, 0);
-    let rev = dp.maps().conntrack.get(&ct_key((LOCAL_POD, 8080), client, CT_DIR_REPLY), 0).expect("reply ct");
+    let rev = dp.maps().ct_get(&ct_key((LOCAL_POD, 8080), client, CT_DIR_REPLY)).expect("reply ct");
     assert_eq!((ip_from_map(rev.nat_addr), port_from_map(rev.nat_port)), (NODE, NODE_PORT));
 
     // Established: same translation.
@@ -202,18 +203,17 @@ fn xdp_remote_backend_dnat_snat_forward_and_reverse() {
     assert_eq!(d.dst, (REMOTE_POD, 8080));
     assert_eq!(d.src.0, NODE, "source NATed to the node address");
     let snat_port = d.src.1;
-    assert!((61000..=65535).contains(&snat_port), "SNAT port {snat_port} outside the default range");
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat_port), "SNAT port {snat_port} outside the default range");
     assert!(d.ip_csum_ok && d.l4_csum_ok, "checksums: {d:?}");
     assert_eq!(d.payload, b"hello");
     assert_eq!(&out[..6], &NODE2_MAC, "destination MAC: node 2 (the route's gateway)");
     assert_eq!(&out[6..12], &UPLINK_MAC, "source MAC: our uplink");
     assert_eq!(ttl(&out), 63);
 
-    let fwd = dp.maps().conntrack.get(&ct_key(client, (NODE, NODE_PORT), CT_DIR_FORWARD), 0).expect("forward ct");
+    let fwd = dp.maps().ct_get(&ct_key(client, (NODE, NODE_PORT), CT_DIR_FORWARD)).expect("forward ct");
     assert_ne!(fwd.flags & ct_flags::SNAT, 0);
     assert_eq!((ip_from_map(fwd.snat_addr), port_from_map(fwd.snat_port)), (NODE, snat_port));
-    let rev =
-        dp.maps().conntrack.get(&ct_key((REMOTE_POD, 8080), (NODE, snat_port), CT_DIR_REPLY), 0).expect("reply ct");
+    let rev = dp.maps().ct_get(&ct_key((REMOTE_POD, 8080), (NODE, snat_port), CT_DIR_REPLY)).expect("reply ct");
     assert_ne!(rev.flags & ct_flags::SNAT, 0);
     assert_eq!((ip_from_map(rev.snat_addr), port_from_map(rev.snat_port)), client);
 
@@ -243,7 +243,7 @@ fn xdp_remote_backend_dnat_snat_forward_and_reverse() {
     let mut fin = tcp_frame((REMOTE_POD, 8080), (NODE, snat_port), b"");
     fin[14 + 20 + 13] = 0x11;
     net.ns.run(|| dp.run_xdp_on(XDP, &fin, up0));
-    let fwd = dp.maps().conntrack.get(&ct_key(client, (NODE, NODE_PORT), CT_DIR_FORWARD), 0).unwrap();
+    let fwd = dp.maps().ct_get(&ct_key(client, (NODE, NODE_PORT), CT_DIR_FORWARD)).unwrap();
     assert_ne!(fwd.flags & ct_flags::CLOSING, 0, "FIN from the backend marks the forward entry");
 
     assert_eq!(per_service(&dp, verdict::NEW_FLOW), 1);
@@ -347,7 +347,7 @@ fn xdp_source_ranges_drop_other_clients() {
     let (v, _) = dp.run(XDP, &denied);
     assert_eq!(v, XDP_DROP);
     assert_eq!(per_service(&dp, verdict::SOURCE_RANGE_DROP), 1);
-    assert!(dp.maps().conntrack.get(&ct_key((OTHER_CLIENT, 40000), (LB_IP, 80), CT_DIR_FORWARD), 0).is_err());
+    assert!(dp.maps().ct_get(&ct_key((OTHER_CLIENT, 40000), (LB_IP, 80), CT_DIR_FORWARD)).is_none());
 }
 
 /// No (local) endpoint: a TCP SYN is answered with a RST built in place (XDP_TX), so the
@@ -373,7 +373,7 @@ fn xdp_no_backend_answers_tcp_with_reset() {
     assert_eq!(tcp[13], 0x14, "RST|ACK");
     assert_eq!(u32::from_be_bytes(tcp[4..8].try_into().unwrap()), 0, "seq");
     assert_eq!(u32::from_be_bytes(tcp[8..12].try_into().unwrap()), 1000 + 1 + 4, "ack = seq + SYN + payload");
-    assert!(dp.maps().conntrack.keys().next().is_none(), "no conntrack for rejected flows");
+    assert!(dp.maps().ct_len() == 0, "no conntrack for rejected flows");
 
     let (v, _) = dp.run(XDP, &udp_frame((CLIENT, 5353), (NODE, NODE_PORT), b"q"));
     assert_eq!(v, XDP_DROP);
@@ -531,7 +531,7 @@ fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
         assert_eq!(v, XDP_TX, "SYN #{i} forwarded");
         let d = decode(&out);
         assert_eq!((d.src.0, d.dst), (NODE, (REMOTE_POD, 8080)), "SYN #{i}");
-        assert!((61000..=65535).contains(&d.src.1), "SYN #{i}: SNAT port {}", d.src.1);
+        assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&d.src.1), "SYN #{i}: SNAT port {}", d.src.1);
         assert!(d.ip_csum_ok && d.l4_csum_ok, "SYN #{i}: {d:?}");
         let fin = tcp_segment(client, (NODE, NODE_PORT), tcp::FIN | tcp::ACK, b"");
         let (v, _) = net.ns.run(|| dp.run_xdp_on(XDP, &fin, up0));
@@ -539,7 +539,7 @@ fn xdp_remote_nodeport_tuple_reopened_twenty_times_is_translated_every_time() {
     }
     assert_eq!(per_service(&dp, verdict::NEW_FLOW), 20);
     assert_eq!(per_service(&dp, verdict::ERROR), 0);
-    assert_eq!(dp.maps().conntrack.keys().count(), 2, "only the last connection's two entries remain");
+    assert_eq!(dp.maps().ct_len(), 2, "only the last connection's two entries remain");
 }
 
 /// ICMP errors about a source-NATed NodePort flow (issue 12): node 2 (a router on the way)

@@ -52,7 +52,7 @@ impl LoaderConfig {
     /// `max_entries` of the maps the flags size. The IPv6 twins follow the same flags as
     /// their IPv4 maps (`--max-services` sizes SERVICES and SERVICES6 each); slots,
     /// metadata and counters are shared by both families.
-    fn sizes(&self) -> [(&'static str, u32); 9] {
+    fn sizes(&self) -> [(&'static str, u32); 11] {
         [
             (n::SERVICES, self.max_services),
             (n::SERVICES6, self.max_services),
@@ -63,6 +63,9 @@ impl LoaderConfig {
             (n::BACKEND_SLOTS, slots_for(self.max_backends)),
             (n::CONNTRACK, self.max_conntrack),
             (n::CONNTRACK6, self.max_conntrack),
+            // Unassured flows get as much room as assured ones: a flood evicts only its own kind.
+            (n::CT_NEW, self.max_conntrack),
+            (n::CT_NEW6, self.max_conntrack),
         ]
     }
 }

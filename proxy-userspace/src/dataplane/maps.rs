@@ -34,7 +34,7 @@ pub fn size_flag(map: &str) -> &'static str {
     match map {
         n::SERVICES | n::SERVICES6 | n::SERVICE_META => "max-services",
         n::BACKENDS | n::BACKENDS6 | n::BACKEND_SLOTS => "max-backends",
-        n::CONNTRACK | n::CONNTRACK6 => "max-conntrack",
+        n::CONNTRACK | n::CONNTRACK6 | n::CT_NEW | n::CT_NEW6 => "max-conntrack",
         _ => "max-services",
     }
 }
@@ -43,7 +43,10 @@ pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend>,
+    /// Assured flows (never evicted) and unassured ones (`CT_NEW`, an LRU): a flow is in one
+    /// or the other (see `proxy_common::ct_flags::ASSURED`).
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub ct_new: HashMap<MapData, CtKey, CtValue>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub service_stats: PerCpuHashMap<MapData, StatsKey, Counters>,
     pub global_stats: PerCpuArray<MapData, Counters>,
@@ -53,6 +56,7 @@ pub struct Maps {
     pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
     pub backends6: HashMap<MapData, u32, Backend6>,
     pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
+    pub ct_new6: HashMap<MapData, CtKey6, CtValue6>,
     pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeData6, u8>,
 }
@@ -79,6 +83,7 @@ impl Maps {
             slots: typed(n::BACKEND_SLOTS, get(n::BACKEND_SLOTS)?)?,
             backends: typed(n::BACKENDS, get(n::BACKENDS)?)?,
             conntrack: typed(n::CONNTRACK, get(n::CONNTRACK)?)?,
+            ct_new: typed(n::CT_NEW, get(n::CT_NEW)?)?,
             affinity: typed(n::AFFINITY, get(n::AFFINITY)?)?,
             service_stats: typed(n::SERVICE_STATS, get(n::SERVICE_STATS)?)?,
             global_stats: typed(n::GLOBAL_STATS, get(n::GLOBAL_STATS)?)?,
@@ -87,6 +92,7 @@ impl Maps {
             services6: typed(n::SERVICES6, get(n::SERVICES6)?)?,
             backends6: typed(n::BACKENDS6, get(n::BACKENDS6)?)?,
             conntrack6: typed(n::CONNTRACK6, get(n::CONNTRACK6)?)?,
+            ct_new6: typed(n::CT_NEW6, get(n::CT_NEW6)?)?,
             affinity6: typed(n::AFFINITY6, get(n::AFFINITY6)?)?,
             source_ranges6: typed(n::SOURCE_RANGES6, get(n::SOURCE_RANGES6)?)?,
         })
@@ -127,6 +133,24 @@ pub struct Capacities {
 }
 
 impl Maps {
+    /// A flow's entry under `key`, from whichever table holds it (assured or not).
+    pub fn ct_get(&self, key: &CtKey) -> Option<CtValue> {
+        self.conntrack.get(key, 0).or_else(|_| self.ct_new.get(key, 0)).ok()
+    }
+
+    /// `ct_get` for IPv6.
+    pub fn ct_get6(&self, key: &CtKey6) -> Option<CtValue6> {
+        self.conntrack6.get(key, 0).or_else(|_| self.ct_new6.get(key, 0)).ok()
+    }
+
+    /// Conntrack entries of both families in both tables.
+    pub fn ct_len(&self) -> usize {
+        self.conntrack.keys().count()
+            + self.ct_new.keys().count()
+            + self.conntrack6.keys().count()
+            + self.ct_new6.keys().count()
+    }
+
     pub fn capacities(&self) -> Capacities {
         use aya::maps::IterableMap;
         let max = |m: &MapData| m.info().map(|i| i.max_entries()).unwrap_or(0);
@@ -403,9 +427,11 @@ impl MapStore for Maps {
         }
     }
     fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize> {
-        let v4 = purge(&mut self.conntrack, n::CONNTRACK, |k, v| pred(ct_facts(k, v)))?;
-        let v6 = purge(&mut self.conntrack6, n::CONNTRACK6, |k, v| pred(ct_facts(k, v)))?;
-        Ok(v4 + v6)
+        let mut count = purge(&mut self.conntrack, n::CONNTRACK, |k, v| pred(ct_facts(k, v)))?;
+        count += purge(&mut self.ct_new, n::CT_NEW, |k, v| pred(ct_facts(k, v)))?;
+        count += purge(&mut self.conntrack6, n::CONNTRACK6, |k, v| pred(ct_facts(k, v)))?;
+        count += purge(&mut self.ct_new6, n::CT_NEW6, |k, v| pred(ct_facts(k, v)))?;
+        Ok(count)
     }
 
     fn purge_affinity(&mut self, pred: &dyn Fn(ServiceId, BackendId) -> bool) -> StoreResult<usize> {

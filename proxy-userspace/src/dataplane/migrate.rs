@@ -169,6 +169,7 @@ pub static KINDS: &[Kind] = &[
         must_fit: false,
         copy: copy_hash_upgraded::<CtKey, CtValue, crate::conntrack::CtUpgrade>,
     },
+    Kind { name: n::CT_NEW, repeat: true, must_fit: false, copy: copy_hash::<CtKey, CtValue> },
     Kind { name: n::AFFINITY, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey, AffinityValue> },
     Kind { name: n::SERVICE_STATS, repeat: true, must_fit: false, copy: copy_percpu_hash::<StatsKey, Counters> },
     // Every index of an array exists: nothing to add after the swap.
@@ -181,6 +182,7 @@ pub static KINDS: &[Kind] = &[
     Kind { name: n::SOURCE_RANGES6, repeat: false, must_fit: true, copy: copy_lpm::<SourceRangeData6, u8> },
     Kind { name: n::NODE_CONFIG6, repeat: false, must_fit: false, copy: copy_array::<NodeConfig6> },
     Kind { name: n::CONNTRACK6, repeat: true, must_fit: false, copy: copy_hash::<CtKey6, CtValue6> },
+    Kind { name: n::CT_NEW6, repeat: true, must_fit: false, copy: copy_hash::<CtKey6, CtValue6> },
     Kind { name: n::AFFINITY6, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey6, AffinityValue> },
     Kind { name: n::NEIGH_MISSES6, repeat: true, must_fit: false, copy: copy_hash::<NeighKey6, u64> },
 ];

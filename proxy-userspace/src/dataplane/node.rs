@@ -23,7 +23,7 @@ use super::{
     paths,
 };
 
-/// An inclusive source-port range for SNAT (`--snat-port-range 61000-65535`).
+/// An inclusive source-port range for SNAT (`--snat-port-range 1024-29999`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRange {
     pub min: u16,
@@ -191,12 +191,13 @@ mod tests {
     #[test]
     fn port_range_parses_and_rejects_nonsense() {
         assert_eq!("61000-65535".parse::<PortRange>(), Ok(PortRange { min: 61000, max: 65535 }));
-        assert_eq!(PortRange::default().to_string(), "61000-65535");
+        assert_eq!(PortRange::default().to_string(), "1024-29999");
         for bad in ["", "1", "0-10", "10-5", "a-b", "1-70000"] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
         }
         let kernel = PortRange { min: 32768, max: 60999 };
         assert!(!PortRange::default().overlaps(&kernel));
+        assert!(!PortRange::default().overlaps(&PortRange { min: 30000, max: 32767 }), "clear of NodePorts");
         assert!(PortRange { min: 60000, max: 61000 }.overlaps(&kernel));
     }
 
@@ -205,7 +206,7 @@ mod tests {
         let c = node_config(Some(Ipv4Addr::new(192, 168, 1, 10)), Some(Ipv4Addr::UNSPECIFIED), PortRange::default());
         assert_eq!(c.snat_addr.to_ne_bytes(), [192, 168, 1, 10]);
         assert_eq!(c.hairpin_addr, 0, "0.0.0.0 disables hairpin SNAT");
-        assert_eq!((c.snat_port_min, c.snat_port_max), (61000, 65535));
+        assert_eq!((c.snat_port_min, c.snat_port_max), (1024, 29999));
     }
 
     #[test]
