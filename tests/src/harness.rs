@@ -174,6 +174,26 @@ impl TestDataplane {
     }
 }
 
+/// A frontend in the external scope (NodePort, ExternalIP, LoadBalancer: what XDP serves).
+pub fn ext(addr: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
+    FrontendKey { addr: addr.into(), port, proto, scope: Scope::External }
+}
+
+/// An external frontend of `kind` with `backends` (address, port, on this node).
+pub fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> FrontendEntry {
+    FrontendEntry {
+        service: ServicePortName { namespace: "default".into(), name: "np".into(), port_name: String::new() },
+        kind,
+        backends: backends
+            .iter()
+            .map(|(a, p, local)| BackendAddr { addr: (*a).into(), port: *p, local: *local, terminating: false })
+            .collect(),
+        affinity_timeout: None,
+        local_only: false,
+        source_ranges: vec![],
+    }
+}
+
 pub fn frontend(vip: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
     FrontendKey { addr: vip.into(), port, proto, scope: Scope::Internal }
 }

@@ -38,24 +38,6 @@ const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
 const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 2];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 
-fn ext(addr: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
-    FrontendKey { addr: addr.into(), port, proto, scope: Scope::External }
-}
-
-fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> FrontendEntry {
-    FrontendEntry {
-        service: ServicePortName { namespace: "default".into(), name: "np".into(), port_name: String::new() },
-        kind,
-        backends: backends
-            .iter()
-            .map(|(a, p, local)| BackendAddr { addr: (*a).into(), port: *p, local: *local, terminating: false })
-            .collect(),
-        affinity_timeout: None,
-        local_only: false,
-        source_ranges: vec![],
-    }
-}
-
 fn program(dp: &mut TestDataplane, entries: Vec<(FrontendKey, FrontendEntry)>) {
     let r = dp.syncer.apply(&state(entries));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
