@@ -301,7 +301,8 @@ pub struct CtValue<A = u32> {
     pub nat_addr: A,
     pub nat_port: u16,
     pub flags: u8,
-    pub _pad: u8,
+    /// [`ct::SEQ_UNKNOWN`] or 0.
+    pub seq_flags: u8,
     pub snat_addr: A,
     pub snat_port: u16,
     pub _pad2: u16,
@@ -352,6 +353,11 @@ pub mod ct {
     pub const fn coarse_ms(ns: u64) -> u32 {
         (ns >> 20) as u32
     }
+
+    /// `CtValue::seq_flags`: this entry's `seq_end` is not known (an entry carried over from
+    /// a version that did not track sequence numbers): its next segment sets it, and until
+    /// then a RST or FIN is believed as before.
+    pub const SEQ_UNKNOWN: u8 = 1;
 
     /// `UDP_STREAM_AFTER_MS` in `coarse_ms` units.
     pub const UDP_STREAM_AFTER: u32 = coarse_ms(UDP_STREAM_AFTER_MS as u64 * 1_000_000);

@@ -197,8 +197,9 @@ fn refresh<A>(ptr: *mut CtValue<A>, old: &CtValue<A>, flags: u8, seq_end: u32, i
         if old.flags != flags {
             (*ptr).flags = flags;
         }
-        if old.seq_end != seq_end {
+        if old.seq_end != seq_end || old.seq_flags != 0 {
             (*ptr).seq_end = seq_end;
+            (*ptr).seq_flags = 0;
         }
         if old.ifindex == 0 && ifindex != 0 {
             (*ptr).ifindex = ifindex;
@@ -278,11 +279,12 @@ fn forward<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>
         remove::<F>(&w.key, assured);
         return Ct::New;
     }
-    if tcp && p.tcp_flags & (TCP_RST | TCP_FIN) != 0 && !seq_near(p.seq, w.val.seq_end) {
+    let known = w.val.seq_flags & ct::SEQ_UNKNOWN == 0;
+    if tcp && known && p.tcp_flags & (TCP_RST | TCP_FIN) != 0 && !seq_near(p.seq, w.val.seq_end) {
         return Ct::Invalid;
     }
     let flags = w.val.flags | ct::tcp_flags_to_ct(p.tcp_flags, false);
-    let seq_end = if tcp { seq_after(p, w.val.seq_end, true) } else { 0 };
+    let seq_end = if tcp { seq_after(p, w.val.seq_end, known) } else { 0 };
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     refresh(ptr, &w.val, flags, seq_end, ifindex, now);
@@ -322,10 +324,12 @@ fn reply_body<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Ad
         return Ct::Invalid;
     }
     let tcp = p.proto == PROTO_TCP;
-    let known = w.val.flags & ct_flags::SEEN_REPLY != 0;
+    let known = w.val.flags & ct_flags::SEEN_REPLY != 0 && w.val.seq_flags & ct::SEQ_UNKNOWN == 0;
     w.key2 = w.key.forward_of_reply(&w.val);
     if tcp && p.tcp_flags & (TCP_RST | TCP_FIN) != 0 {
-        let ok = if known {
+        let ok = if w.val.seq_flags & ct::SEQ_UNKNOWN != 0 {
+            true
+        } else if known {
             seq_near(p.seq, w.val.seq_end)
         } else {
             // The backend's first word is a RST (nothing listens) or FIN: it must
@@ -369,16 +373,19 @@ fn lookup_body<F: Family>(p: &Packet<F::Addr>, replies: bool, ifindex: u32, w: &
     forward::<F>(p, ifindex, w)
 }
 
-/// Insert the reply entry `w.key` -> `w.val` of the new flow whose forward key is `fwd`,
-/// never over another flow's: a reply tuple held by a live flow (in either table) is a
-/// clash. One whose forward entry is gone (an LRU eviction took it) is stale and replaced.
+/// Insert the reply entry `w.key` -> `w.val` of the new flow of packet `p`, never over
+/// another flow's: a reply tuple held by a live flow (in either table) is a clash. One whose
+/// forward entry is gone (an LRU eviction took it), or that was this very tuple's (its
+/// forward entry was evicted and is being re-created now), is stale and replaced.
 #[inline(always)]
-fn insert_reply<F: Family>(w: &mut CtWork<F::Addr>) -> Result<(), CtError> {
+fn insert_reply<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Result<(), CtError> {
     if let Some((ptr, _)) = find::<F>(&w.key) {
         // SAFETY: pointer from a successful lookup, read at once (see `refresh`).
         let held = unsafe { *ptr };
         w.key2 = w.key.forward_of_reply(&held);
-        if find::<F>(&w.key2).is_some() {
+        let k = &w.key2;
+        let ours = k.src_addr == p.saddr && k.src_port == p.sport && k.dst_addr == p.daddr && k.dst_port == p.dport;
+        if !ours && find::<F>(&w.key2).is_some() {
             return Err(CtError::Clash);
         }
     }
@@ -407,7 +414,7 @@ fn create_body<F: Family>(p: &Packet<F::Addr>, f: &NewFlow<F::Addr>, w: &mut CtW
     w.val.nat_port = p.dport;
     w.val.ifindex = f.reply_ifindex;
     w.val.seq_end = 0;
-    insert_reply::<F>(w).inspect_err(|_| {
+    insert_reply::<F>(p, w).inspect_err(|_| {
         w.key = flow_key(p, CT_DIR_FORWARD);
         let _ = F::ct_new().remove(&w.key);
     })

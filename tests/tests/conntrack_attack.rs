@@ -416,3 +416,26 @@ fn v6_half_open_syn_flood_keeps_established_connections_and_lets_new_ones_comple
     assert_eq!((v, decode6(&out).dst), (TC_ACT_UNSPEC, (pod, 8080)));
     assert_eq!(global(&dp, verdict::CT_FULL), 0);
 }
+
+/// The LRU may evict one entry of an unassured flow and leave the other: a client that sends
+/// again re-creates its flow over its own stale reply entry (not a clash with itself).
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn a_flow_whose_forward_entry_was_evicted_is_re_created() {
+    require_root("a_flow_whose_forward_entry_was_evicted_is_re_created");
+    let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
+    program(&mut dp, vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(PODS[0], 8080)]))]);
+    let c = (POD_CLIENT, 6000);
+    let syn = tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::SYN, 100, 0, b"");
+    let (v, _) = dp.run_tc_from(FROM_POD, &syn, CLIENT_VETH);
+    assert_eq!(v, TC_ACT_UNSPEC);
+    dp.syncer
+        .store_mut()
+        .ct_new
+        .remove(&key(c, (VIP, 80), PROTO_TCP, CT_DIR_FORWARD))
+        .expect("evict the forward entry");
+    let (v, out) = dp.run_tc_from(FROM_POD, &syn, CLIENT_VETH);
+    assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (PODS[0], 8080)), "re-created");
+    assert_eq!(per_service(&dp, verdict::CT_CLASH), 0);
+    assert_eq!(dp.maps().ct_len(), 2);
+}
