@@ -43,7 +43,13 @@ pub fn has_ports(proto: u8) -> bool {
 /// The ports of the datagram a later fragment belongs to, if its first fragment was
 /// translated here.
 #[inline(always)]
-pub fn ports<A: Copy>(map: &LruHashMap<FragKey<A>, FragPorts>, saddr: A, daddr: A, proto: u8, id: u32) -> Option<FragPorts> {
+pub fn ports<A: Copy>(
+    map: &LruHashMap<FragKey<A>, FragPorts>,
+    saddr: A,
+    daddr: A,
+    proto: u8,
+    id: u32,
+) -> Option<FragPorts> {
     let key = FragKey { src_addr: saddr, dst_addr: daddr, id, proto, _pad: [0; 3] };
     // SAFETY: the value is copied out at once; a concurrent update writes the same ports.
     unsafe { map.get(&key).copied() }

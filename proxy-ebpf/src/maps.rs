@@ -5,9 +5,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey, FragKey6,
-    FragPorts, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockConfig,
-    SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6, StatsKey, sizes,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey,
+    FragKey6, FragPorts, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
+    ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6,
+    StatsKey, sizes,
 };
 
 /// The maps only the agent writes (services, their metadata, backends, slots) are
