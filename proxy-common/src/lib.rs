@@ -55,6 +55,10 @@ pub mod sizes {
     pub const MAX_NEIGH_MISSES: u32 = 1024;
     /// Socket-level reverse translations (one per socket and backend it sent to), LRU.
     pub const MAX_SOCK_REVNAT: u32 = 262_144;
+    /// Fragmented datagrams of translated flows in flight (first fragment seen, later ones
+    /// expected), LRU per family: entries are needed for milliseconds, so a small table
+    /// holds every datagram a node has in flight at once.
+    pub const MAX_FRAGS: u32 = 8192;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -554,7 +558,10 @@ pub enum Verdict {
     /// Truncated or malformed header, or lengths that do not add up: passed untouched for
     /// the kernel to judge.
     Malformed = 6,
-    /// IPv4 fragment: passed untouched (no L4 header to match).
+    /// A later fragment (IPv4 offset > 0, or an IPv6 fragment header with offset > 0) whose
+    /// first fragment was not translated here, or a fragment of a protocol other than
+    /// TCP/UDP/SCTP: passed untouched (it has no ports of its own to match). Fragments of
+    /// translated flows get their flow's verdict.
     Fragment = 7,
     /// Source address not in loadBalancerSourceRanges: dropped.
     SourceRangeDrop = 8,
@@ -843,6 +850,33 @@ pub struct SockConfig {
     pub host_netns_cookie: u64,
 }
 
+/// Key of `FRAGS` / `FRAGS6` (LRU hash, not pinned): one fragmented IP datagram, as its
+/// fragments name it (RFC 791 / RFC 8200: source, destination, protocol, identification).
+/// Only the first fragment carries the ports; the datapath remembers them here so the
+/// later fragments of a translated flow get the same translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey<A = u32> {
+    /// Source and destination addresses, network byte order, as the fragment arrived.
+    pub src_addr: A,
+    pub dst_addr: A,
+    /// Identification: IPv4's 16 bits (zero-extended) or IPv6's 32, host order.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+pub type FragKey6 = FragKey<Ipv6Words>;
+
+/// Value of `FRAGS` / `FRAGS6`: the datagram's ports from its first fragment, network byte
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -874,6 +908,9 @@ mod pod_impls {
     unsafe impl aya::Pod for SockRevKey6 {}
     unsafe impl aya::Pod for SockRevValue6 {}
     unsafe impl aya::Pod for SockConfig {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragKey6 {}
+    unsafe impl aya::Pod for FragPorts {}
 }
 
 #[cfg(test)]
@@ -938,6 +975,9 @@ mod tests {
         assert_eq!(size_of::<SockRevValue>(), 4 + 2 + 2 + 4);
         assert_eq!(size_of::<SockRevValue6>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<SockConfig>(), 4 + 4 + 8);
+        assert_eq!(size_of::<FragKey>(), 4 + 4 + 4 + 1 + 3);
+        assert_eq!(size_of::<FragKey6>(), 16 + 16 + 4 + 1 + 3);
+        assert_eq!(size_of::<FragPorts>(), 2 + 2);
     }
 
     #[test]

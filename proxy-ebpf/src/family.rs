@@ -3,12 +3,14 @@
 //! (so IPv4 keeps its 16-byte conntrack keys and IPv6 costs only its own lookups).
 use aya_ebpf::maps::{HashMap, LruHashMap, lpm_trie::Key};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, Ipv6Words, NeighKey, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragPorts, Ipv6Words, NeighKey, ServiceKey,
+    ServiceValue,
 };
 
 use crate::maps::WORK6;
 use crate::maps::{
-    AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, CT_NEW, CT_NEW6, NEIGH_MISSES, NEIGH_MISSES6,
+    AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, CT_NEW, CT_NEW6, FRAGS, FRAGS6, NEIGH_MISSES,
+    NEIGH_MISSES6,
     NODE_CONFIG, NODE_CONFIG6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
 };
 use crate::parse::{self, Packet};
@@ -34,6 +36,8 @@ pub trait Family: 'static {
     fn ct_new() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn neigh_misses() -> &'static LruHashMap<NeighKey<Self::Addr>, u64>;
+    /// Ports of fragmented datagrams whose first fragment was translated (`frag.rs`).
+    fn frags() -> &'static LruHashMap<FragKey<Self::Addr>, FragPorts>;
     /// Is `addr` in the loadBalancerSourceRanges of service `svc_id`?
     fn source_allowed(svc_id: u32, addr: Self::Addr) -> bool;
     /// The agent's SNAT and hairpin addresses for this family (all-zero: unset).
@@ -87,6 +91,9 @@ impl Family for V4 {
     fn neigh_misses() -> &'static LruHashMap<NeighKey, u64> {
         &NEIGH_MISSES
     }
+    fn frags() -> &'static LruHashMap<FragKey, FragPorts> {
+        &FRAGS
+    }
     #[inline(always)]
     fn source_allowed(svc_id: u32, addr: u32) -> bool {
         // The big-endian service id forms the key's leading 32 bits.
@@ -138,6 +145,9 @@ impl Family for V6 {
     }
     fn neigh_misses() -> &'static LruHashMap<NeighKey<Ipv6Words>, u64> {
         &NEIGH_MISSES6
+    }
+    fn frags() -> &'static LruHashMap<FragKey<Ipv6Words>, FragPorts> {
+        &FRAGS6
     }
     #[inline(always)]
     fn source_allowed(svc_id: u32, a: Ipv6Words) -> bool {

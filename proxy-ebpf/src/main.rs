@@ -1,8 +1,8 @@
 //! eBPF programs of ebpf-proxy. Entry points are thin; the logic lives in the modules:
 //! `parse` (headers), `pipeline` (the one decision every program shares), `ct`
 //! (conntrack state and entries, SNAT ports), `lb` (service lookup, backend selection), `tc`
-//! and `xdp` (rewriters applying a decision; XDP also forwards), `csum` (checksum
-//! arithmetic), `reject` (TCP resets), `icmp` (ICMP errors about translated flows), `stats` (counters, once per packet), `maps`;
+//! and `xdp` (rewriters applying a decision; XDP also forwards), `frag` (later fragments
+//! of translated flows), `csum` (checksum arithmetic), `reject` (TCP resets), `icmp` (ICMP errors about translated flows), `stats` (counters, once per packet), `maps`;
 //! `sock` (socket-level load balancing: cgroup sock_addr hooks sharing `lb`).
 #![no_std]
 #![no_main]
@@ -10,6 +10,7 @@
 mod csum;
 mod ct;
 mod family;
+mod frag;
 mod icmp;
 mod lb;
 mod maps;

@@ -5,9 +5,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
-    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockConfig,
-    SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6, StatsKey, sizes,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey,
+    FragKey6, FragPorts, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
+    ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6,
+    StatsKey, sizes,
 };
 
 /// The maps only the agent writes (services, their metadata, backends, slots) are
@@ -104,6 +105,17 @@ pub static NODE_CONFIG6: Array<NodeConfig6> = Array::pinned(1, 0);
 /// IPv6 next hops XDP found no neighbour (NDP) entry for; see `NEIGH_MISSES`.
 #[map]
 pub static NEIGH_MISSES6: LruHashMap<NeighKey6, u64> = LruHashMap::pinned(sizes::MAX_NEIGH_MISSES, 0);
+
+/// The ports of fragmented datagrams whose first fragment was translated, for their later
+/// fragments (`frag.rs`). LRU: a datagram whose last fragment never comes ages out. Not
+/// pinned: it holds milliseconds of state, which a restart may lose (those datagrams'
+/// later fragments pass untouched, as before).
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(sizes::MAX_FRAGS, 0);
+
+/// `FRAGS` for IPv6 (fragment header identification).
+#[map]
+pub static FRAGS6: LruHashMap<FragKey6, FragPorts> = LruHashMap::with_max_entries(sizes::MAX_FRAGS, 0);
 
 /// Per-CPU working memory of one IPv6 packet (see `pipeline::Work`). Not pinned: it holds
 /// nothing between packets.

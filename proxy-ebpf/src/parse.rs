@@ -5,7 +5,8 @@
 //! Verdicts for odd frames (documented in docs/datapath.md): anything that is not an
 //! IPv4 or IPv6 frame we can read completely is *passed untouched* and counted; the kernel
 //! judges it as if we were not there. Only frames that parse cleanly as IPv4/IPv6 +
-//! TCP/UDP/SCTP are candidates for translation.
+//! TCP/UDP/SCTP are candidates for translation, and later fragments of datagrams whose
+//! first fragment was translated (with that first fragment's ports, see `frag`).
 use core::mem::{offset_of, size_of};
 
 use network_types::{
@@ -15,6 +16,11 @@ use network_types::{
     udp::UdpHdr,
 };
 use proxy_common::{Ipv6Words, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict};
+
+use crate::{
+    frag::{self, Frag},
+    maps::{FRAGS, FRAGS6},
+};
 
 pub const ETH_HLEN: usize = EthHdr::LEN;
 /// Ethernet header + IPv4 without options.
@@ -30,7 +36,7 @@ pub const IP6_SRC_OFF: usize = offset_of!(Ipv6Hdr, src_addr);
 pub const IP6_DST_OFF: usize = offset_of!(Ipv6Hdr, dst_addr);
 /// IPv6 extension headers a real stack sends before the transport header, skipped up to
 /// `MAX_EXT_HDRS` of them (a bound the verifier can see); a fragment header gets the
-/// fragment verdict.
+/// fragment's handling (`frag`).
 const NEXT_HOP_BY_HOP: u8 = 0;
 const NEXT_ROUTING: u8 = 43;
 const NEXT_FRAGMENT: u8 = 44;
@@ -41,6 +47,11 @@ const MAX_EXT_HDRS: usize = 4;
 const MAX_L4_OFF: usize = 0x3ff;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
+/// IPv6 Fragment header (RFC 8200 4.5): next header, reserved, offset (13 bits) | 2
+/// reserved bits | M, identification (32 bits).
+const FRAG6_HLEN: usize = 8;
+const FRAG6_OFFSET: u16 = 0xfff8;
+const FRAG6_M: u16 = 0x0001;
 /// SCTP common header: ports, verification tag, checksum.
 const SCTP_HLEN: usize = 12;
 
@@ -90,6 +101,11 @@ pub struct Packet<A = u32> {
     pub daddr: A,
     pub sport: u16,
     pub dport: u16,
+    /// Whole datagram, first fragment, or a later fragment (no L4 header: `sport`/`dport`
+    /// come from its first fragment, and only addresses may be rewritten).
+    pub frag: Frag,
+    /// The datagram's identification, for fragments (IPv4: 16 bits, IPv6: 32).
+    pub frag_id: u32,
 }
 
 /// The network protocol of a frame, from its EtherType.
@@ -103,6 +119,13 @@ impl<A> Packet<A> {
     #[inline(always)]
     pub fn tcp_syn(&self) -> bool {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// A later fragment: nothing at `l4_off` is a transport header (no ports, no L4
+    /// checksum to update, no reset or ICMP error to build from it).
+    #[inline(always)]
+    pub fn no_l4(&self) -> bool {
+        self.frag == Frag::Later
     }
 
     /// Offset of the L4 checksum field in its header, or `None` for SCTP (CRC32c over the
@@ -171,9 +194,10 @@ struct L4 {
 }
 
 /// The transport header at `l4` (absolute address `start + l4`), `l4_len` bytes of IP
-/// payload long, with the length checks of [`parse`].
+/// payload long, with the length checks of [`parse`]. In a first fragment the UDP length
+/// covers the whole datagram, so it may exceed the payload.
 #[inline(always)]
-fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> Result<L4, Verdict> {
+fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8, first_frag: bool) -> Result<L4, Verdict> {
     // Bytes of L4 header we need: through the checksum field for TCP, the whole header
     // for UDP, the common header for SCTP.
     let need = match proto {
@@ -207,7 +231,7 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> R
             t.seg_len = (l4_len - doff) as u32 + (t.tcp_flags & TCP_SYN != 0) as u32 + (t.tcp_flags & TCP_FIN) as u32;
         } else if proto == PROTO_UDP {
             let ulen = u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize;
-            if ulen < UdpHdr::LEN || ulen > l4_len {
+            if ulen < UdpHdr::LEN || (ulen > l4_len && !first_frag) {
                 return Err(Verdict::Malformed);
             }
         }
@@ -216,8 +240,9 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8) -> R
 }
 
 /// IPv6: the fixed header, the extension headers a stack sends (hop-by-hop, routing,
-/// destination options; at most `MAX_EXT_HDRS`), then the transport header. A fragment
-/// header is a fragment; ICMPv6 (neighbour discovery, router advertisements, errors) and
+/// destination options, fragment; at most `MAX_EXT_HDRS`), then the transport header. A
+/// first fragment is parsed like a whole datagram; a later one gets its first fragment's
+/// ports (`frag`), or passes untouched (`fragment`) when there are none; ICMPv6 (neighbour discovery, router advertisements, errors) and
 /// anything else pass untouched. The payload length must fit in the frame; a zero one
 /// (a jumbogram) is not something we translate.
 #[inline(always)]
@@ -244,6 +269,8 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
     let mut next = next_hdr;
     let mut off = l3 + IP6_HLEN;
     let mut i = 0;
+    let mut frag = Frag::Whole;
+    let mut frag_id = 0;
     while i < MAX_EXT_HDRS {
         match next {
             NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => {
@@ -263,13 +290,46 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
                     return Err(Verdict::OtherL4);
                 }
             }
-            NEXT_FRAGMENT => return Err(Verdict::Fragment),
+            NEXT_FRAGMENT => {
+                let o = off & MAX_L4_OFF;
+                let h = ptr_at::<[u8; FRAG6_HLEN]>(start, end, o)?;
+                // SAFETY: bounds-checked just above.
+                let [nh, _, o_hi, o_lo, id0, id1, id2, id3] = unsafe { h.read_unaligned() };
+                next = nh;
+                off = o + FRAG6_HLEN;
+                if off > ip_end {
+                    return Err(Verdict::Malformed);
+                }
+                let offset_m = u16::from_be_bytes([o_hi, o_lo]);
+                frag_id = u32::from_be_bytes([id0, id1, id2, id3]);
+                if offset_m & FRAG6_OFFSET != 0 {
+                    // What follows is the middle of a datagram, not headers.
+                    frag = Frag::Later;
+                    break;
+                }
+                // Offset 0 without M is an atomic fragment (RFC 6946): a whole datagram.
+                if offset_m & FRAG6_M != 0 {
+                    frag = Frag::First;
+                }
+            }
             _ => break,
         }
         i += 1;
     }
     let l4 = off & MAX_L4_OFF;
-    let t = transport(start, end, l4, ip_end - l4, next)?;
+    let saddr = [word(IP6_SRC_OFF), word(IP6_SRC_OFF + 4), word(IP6_SRC_OFF + 8), word(IP6_SRC_OFF + 12)];
+    let daddr = [word(IP6_DST_OFF), word(IP6_DST_OFF + 4), word(IP6_DST_OFF + 8), word(IP6_DST_OFF + 12)];
+    // A fragment of something without ports (ICMPv6, an extension header after the
+    // fragment header of a later fragment) is not ours, nor an ICMP error to translate.
+    if frag != Frag::Whole && !frag::has_ports(next) {
+        return Err(Verdict::Fragment);
+    }
+    let t = if frag == Frag::Later {
+        let ports = frag::ports(&FRAGS6, saddr, daddr, next, frag_id).ok_or(Verdict::Fragment)?;
+        L4 { sport: ports.sport, dport: ports.dport, ..L4::default() }
+    } else {
+        transport(start, end, l4, ip_end - l4, next, frag == Frag::First)?
+    };
     Ok(Packet {
         l3_off: l3,
         l4_off: l4,
@@ -278,10 +338,12 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
         seq: t.seq,
         ack: t.ack,
         seg_len: t.seg_len,
-        saddr: [word(IP6_SRC_OFF), word(IP6_SRC_OFF + 4), word(IP6_SRC_OFF + 8), word(IP6_SRC_OFF + 12)],
-        daddr: [word(IP6_DST_OFF), word(IP6_DST_OFF + 4), word(IP6_DST_OFF + 8), word(IP6_DST_OFF + 12)],
+        saddr,
+        daddr,
         sport: t.sport,
         dport: t.dport,
+        frag,
+        frag_id,
     })
 }
 
@@ -303,12 +365,29 @@ pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verd
         if tot_len < ihl || l3 + tot_len > pkt_len {
             return Err(Verdict::Malformed);
         }
-        if u16::from_be_bytes(ip.frags) & (IP_MF | IP_OFFSET) != 0 {
+        let frags = u16::from_be_bytes(ip.frags);
+        let frag = if frags & IP_OFFSET != 0 {
+            Frag::Later
+        } else if frags & IP_MF != 0 {
+            Frag::First
+        } else {
+            Frag::Whole
+        };
+        let proto = ip.proto;
+        // A fragment of something without ports (ICMP) is not ours, nor an ICMP error to
+        // translate.
+        if frag != Frag::Whole && !frag::has_ports(proto) {
             return Err(Verdict::Fragment);
         }
-        let proto = ip.proto;
+        let frag_id = u16::from_be_bytes(ip.id) as u32;
+        let (saddr, daddr) = (u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr));
         let l4 = l3 + ihl;
-        let t = transport(start, end, l4, tot_len - ihl, proto)?;
+        let t = if frag == Frag::Later {
+            let ports = frag::ports(&FRAGS, saddr, daddr, proto, frag_id).ok_or(Verdict::Fragment)?;
+            L4 { sport: ports.sport, dport: ports.dport, ..L4::default() }
+        } else {
+            transport(start, end, l4, tot_len - ihl, proto, frag == Frag::First)?
+        };
         Ok(Packet {
             l3_off: l3,
             l4_off: l4,
@@ -317,10 +396,12 @@ pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verd
             seq: t.seq,
             ack: t.ack,
             seg_len: t.seg_len,
-            saddr: u32::from_ne_bytes(ip.src_addr),
-            daddr: u32::from_ne_bytes(ip.dst_addr),
+            saddr,
+            daddr,
             sport: t.sport,
             dport: t.dport,
+            frag,
+            frag_id,
         })
     }
 }

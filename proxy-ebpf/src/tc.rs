@@ -22,6 +22,7 @@ use proxy_common::{Ipv6Words, PROTO_UDP, Verdict};
 use crate::{
     ct::CtWork,
     family::{Family, V4, V6},
+    frag,
     icmp::{self, IcmpFamily, Side},
     parse::{self, IP_CSUM_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet},
     pipeline::{self, Action, Decision, Hook, Nat},
@@ -121,6 +122,8 @@ impl TcFamily for V6 {
 /// Rewrite one address (at `addr_off` in the IP header) and port (at `port_off` in the L4
 /// header) with checksum fix-ups. The kernel's helpers handle CHECKSUM_PARTIAL skbs
 /// (offloaded TX checksums) correctly, which a hand-rolled incremental update would not.
+/// A later fragment has no L4 header: only its address changes (its datagram's L4
+/// checksum is in the first fragment, updated there for the whole datagram).
 #[inline(always)]
 fn rewrite<F: TcFamily>(
     ctx: &TcContext,
@@ -134,11 +137,11 @@ fn rewrite<F: TcFamily>(
 ) -> Result<(), i64> {
     // UDP checksum 0 means "none": MARK_MANGLED_0 leaves it 0 and avoids producing 0.
     let mangled = if p.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-    let csum = p.l4_csum_field().map(|f| p.l4_off + f);
+    let csum = if p.no_l4() { None } else { p.l4_csum_field().map(|f| p.l4_off + f) };
     if old_addr != new_addr {
         F::rewrite_addr(ctx, p, addr_off, old_addr, new_addr, csum, mangled)?;
     }
-    if old_port != new_port {
+    if old_port != new_port && !p.no_l4() {
         if let Some(csum) = csum {
             ctx.l4_csum_replace(csum, old_port as u64, new_port as u64, mangled | 2)?;
         }
@@ -173,7 +176,9 @@ fn apply<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, d: &Decision<F::Addr
     let done = match d.action {
         Action::Pass => Ok(TC_ACT_UNSPEC),
         Action::Drop => Ok(TC_ACT_SHOT),
-        // What cannot be answered (a RST, IP options, SCTP) is dropped, as before.
+        // What cannot be answered (a RST, IP options, SCTP) is dropped, as before; so is a
+        // later fragment (no header to answer about; RFC 1122 3.2.2: no ICMP error for it).
+        Action::Reject if p.no_l4() => Ok(TC_ACT_SHOT),
         Action::Reject => Ok(F::reject(ctx, p).unwrap_or(TC_ACT_SHOT)),
         Action::Rewrite => nat::<F>(ctx, p, &d.nat).map(|()| TC_ACT_UNSPEC),
         Action::Bounce => nat::<F>(ctx, p, &d.nat).and_then(|()| bounce(ctx)),
@@ -226,6 +231,7 @@ fn inlined<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
         Ok(p) => {
             let d = decide::<F>(&p, reply, ingress_ifindex(ctx), ct);
             let (ret, verdict) = apply::<F>(ctx, &p, &d);
+            frag::remember::<F>(&p, &d);
             (ret, verdict, d.svc_id)
         }
         Err(v) => (TC_ACT_UNSPEC, v, 0),
@@ -276,6 +282,9 @@ fn staged<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
     }
     decide_step::<F>(&w.p, reply, ingress_ifindex(ctx), &mut w.ct, &mut w.d);
     let (ret, verdict) = apply_step::<F>(ctx, &w.p, &w.d);
+    if w.p.frag == frag::Frag::First {
+        remember_step::<F>(&w.p, &w.d);
+    }
     (ret, verdict, w.d.svc_id)
 }
 
@@ -294,6 +303,11 @@ fn decide_step<F: TcFamily>(
     out: &mut Decision<F::Addr>,
 ) {
     *out = decide::<F>(p, reply, ifindex, ct);
+}
+
+#[inline(never)]
+fn remember_step<F: TcFamily>(p: &Packet<F::Addr>, d: &Decision<F::Addr>) {
+    frag::remember::<F>(p, d);
 }
 
 #[inline(never)]

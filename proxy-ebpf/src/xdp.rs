@@ -27,6 +27,7 @@ use crate::{
     csum,
     ct::CtWork,
     family::{V4, V6},
+    frag,
     icmp::{self, IcmpFamily, Side},
     parse::{
         self, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
@@ -186,10 +187,15 @@ impl XdpFamily for V6 {
 
 /// Rewrite the packet's addresses and ports to `n`, updating the IP header checksum (IPv4)
 /// and the TCP/UDP checksum (pseudo-header addresses and ports). A UDP checksum of 0 means
-/// "none" and stays 0 (IPv4; RFC 768); a computed 0 is sent as 0xffff.
+/// "none" and stays 0 (IPv4; RFC 768); a computed 0 is sent as 0xffff. A later fragment
+/// has no L4 header: only its addresses change (the datagram's L4 checksum is in the first
+/// fragment, updated there for the whole datagram).
 #[inline(always)]
 fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()> {
     F::nat_l3(ctx, p, n)?;
+    if p.no_l4() {
+        return Ok(());
+    }
     let (start, end) = (ctx.data(), ctx.data_end());
     // Masked so the verifier sees a bounded offset (IPv4 options or IPv6 extension headers
     // put it at most a few hundred bytes in).
@@ -328,6 +334,7 @@ fn inlined<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
         Ok(p) => {
             let d = pipeline::decide::<F>(&p, Hook::Uplink, 0, ct);
             let (ret, verdict) = apply::<F>(ctx, &p, &d);
+            frag::remember::<F>(&p, &d);
             (ret, verdict, d.svc_id)
         }
         Err(v) => (xdp_action::XDP_PASS, v, 0),
@@ -380,6 +387,9 @@ fn staged<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
     }
     decide_step::<F>(&w.p, &mut w.ct, &mut w.d);
     let (ret, verdict) = apply_step::<F>(ctx, &w.p, &w.d);
+    if w.p.frag == frag::Frag::First {
+        remember_step::<F>(&w.p, &w.d);
+    }
     (ret, verdict, w.d.svc_id)
 }
 
@@ -395,6 +405,11 @@ fn decide_step<F: XdpFamily>(p: &Packet<F::Addr>, ct: &mut CtWork<F::Addr>, out:
 }
 
 #[inline(never)]
+fn remember_step<F: XdpFamily>(p: &Packet<F::Addr>, d: &Decision<F::Addr>) {
+    frag::remember::<F>(p, d);
+}
+
+#[inline(never)]
 fn apply_step<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (u32, Verdict) {
     apply::<F>(ctx, p, d)
 }
@@ -405,6 +420,8 @@ fn apply<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, d: &Decision<F::Ad
     match d.action {
         Action::Pass => (xdp_action::XDP_PASS, d.verdict),
         Action::Drop => (xdp_action::XDP_DROP, d.verdict),
+        // A later fragment has no header to answer about: dropped.
+        Action::Reject if p.no_l4() => (xdp_action::XDP_DROP, d.verdict),
         Action::Reject => (F::reset(ctx, p), d.verdict),
         Action::Rewrite => match nat::<F>(ctx, p, &d.nat) {
             Ok(()) => (xdp_action::XDP_PASS, d.verdict),

@@ -253,7 +253,9 @@ fn explain(v: Verdict, untouched: bool) -> String {
         Verdict::Pass => "not service traffic (no frontend, no tracked flow): passed untouched",
         Verdict::NotIp => "not an IPv4/IPv6 frame",
         Verdict::Malformed => "malformed: passed untouched for the kernel to judge",
-        Verdict::Fragment => "a fragment: not load-balanced",
+        Verdict::Fragment => {
+            "a later fragment of a datagram not translated here, or a fragment without ports: passed untouched"
+        }
         Verdict::SourceRangeDrop => "the source is outside the frontend's loadBalancerSourceRanges: dropped",
         Verdict::Error => "a map write or rewrite failed",
         Verdict::OtherL4 => "another L4 protocol: passed untouched",

@@ -167,9 +167,13 @@ fn non_service_and_malformed_frames_pass_untouched() {
     ipv6.extend_from_slice(&[0x86, 0xdd, 0x60]);
     ipv6.extend_from_slice(&[0u8; 53]);
     let truncated = tcp_frame((CLIENT, 40000), (VIP, 80), b"")[..14 + 20 + 10].to_vec();
+    // A first fragment of a service flow is translated like a whole datagram
+    // (datapath_frag.rs); one of a protocol without ports is not ours.
     let mut fragment = tcp_frame((CLIENT, 40000), (VIP, 80), b"frag");
     fragment[14 + 6] |= 0x20; // more fragments
+    fragment[14 + 9] = 1; // ICMP
     fix_ip_csum(&mut fragment);
+    // A later fragment whose first fragment was never translated: no ports to match.
     let mut later_fragment = tcp_frame((CLIENT, 40000), (VIP, 80), b"frag");
     later_fragment[14 + 7] = 0x10; // offset 16*8
     fix_ip_csum(&mut later_fragment);
@@ -189,7 +193,7 @@ fn non_service_and_malformed_frames_pass_untouched() {
         ("ARP", arp, verdict::NOT_IP),
         ("IPv6 with payload length 0 (a jumbogram)", ipv6, verdict::MALFORMED),
         ("truncated TCP header", truncated, verdict::MALFORMED),
-        ("first fragment", fragment, verdict::FRAGMENT),
+        ("first fragment of ICMP", fragment, verdict::FRAGMENT),
         ("later fragment", later_fragment, verdict::FRAGMENT),
         ("IHL < 5", bad_ihl, verdict::MALFORMED),
         ("IP version 6 in an IPv4 ethertype", bad_version, verdict::MALFORMED),

@@ -71,7 +71,10 @@ fn dataplane() -> TestDataplane {
 
 /// An independent reading of when an Ethernet frame is a translatable IPv4 TCP/UDP/SCTP
 /// packet (RFC 791, 9293, 768, 9260 and the kernel's receive checks), or `None` when it is
-/// not one of those at all (other EtherType or protocol, fragment): those pass untouched too.
+/// not one of those at all (other EtherType or protocol, a fragment of another protocol, a
+/// later fragment): those pass untouched too, except a later fragment of a datagram whose
+/// first fragment was translated (`check_later_fragment`). A first fragment is a candidate
+/// whose UDP length covers the whole datagram, so it may exceed the fragment.
 fn malformed(f: &[u8]) -> Option<bool> {
     if f.len() < 14 || u16::from_be_bytes([f[12], f[13]]) != 0x0800 {
         return None;
@@ -85,16 +88,18 @@ fn malformed(f: &[u8]) -> Option<bool> {
     if ihl < 20 || ip.len() < ihl || total < ihl || total > ip.len() {
         return Some(true);
     }
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+    let frags = u16::from_be_bytes([ip[6], ip[7]]);
+    if frags & 0x1fff != 0 || (frags & 0x2000 != 0 && ![6, 17, 132].contains(&ip[9])) {
         return None;
     }
+    let first_fragment = frags & 0x2000 != 0;
     let l4 = &ip[ihl..total];
     match ip[9] {
         6 => Some(l4.len() < 20 || usize::from(l4[12] >> 4) * 4 < 20 || usize::from(l4[12] >> 4) * 4 > l4.len()),
         17 => Some(
             l4.len() < 8 || {
                 let ulen = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
-                ulen < 8 || ulen > l4.len()
+                ulen < 8 || (ulen > l4.len() && !first_fragment)
             },
         ),
         132 => Some(l4.len() < 12),
@@ -206,6 +211,16 @@ fn mutate(rng: &mut fastrand::Rng, f: &mut Vec<u8>) {
                 f[12] = 0x86;
                 f[13] = 0xdd;
             }
+            // A first fragment (MF, offset 0) or a later one (offset 1..16), checksum fixed:
+            // the fragment paths see well-formed headers too.
+            5 if f.len() >= 34 => {
+                let frags: u16 = if rng.bool() { 0x2000 } else { rng.u16(1..16) | (u16::from(rng.bool()) << 13) };
+                f[20..22].copy_from_slice(&frags.to_be_bytes());
+                let ihl = (usize::from(f[14] & 0xf) * 4).clamp(20, f.len() - 14);
+                f[24..26].copy_from_slice(&[0, 0]);
+                let c = inet_csum(&f[14..14 + ihl]);
+                f[24..26].copy_from_slice(&c.to_be_bytes());
+            }
             _ => {}
         }
     }
@@ -227,6 +242,7 @@ fn check(prog: &str, frame: &[u8], v: i32, out: &[u8], xdp: bool, reverse: bool)
             assert!(is_pass(v, xdp) && out == frame, "{prog}: malformed frame changed (verdict {v}): {frame:02x?}");
             return;
         }
+        None if later_fragment(frame) => return check_later_fragment(prog, frame, out, reverse),
         None => {
             assert!(is_pass(v, xdp) && out == frame, "{prog}: non-candidate frame changed (verdict {v}): {frame:02x?}");
             return;
@@ -272,6 +288,42 @@ fn check(prog: &str, frame: &[u8], v: i32, out: &[u8], xdp: bool, reverse: bool)
     }
 }
 
+/// An IPv4 TCP/UDP/SCTP fragment at an offset > 0 (with a header `malformed` accepts).
+fn later_fragment(f: &[u8]) -> bool {
+    f.len() >= 34
+        && u16::from_be_bytes([f[12], f[13]]) == 0x0800
+        && u16::from_be_bytes([f[20], f[21]]) & 0x1fff != 0
+        && [6, 17, 132].contains(&f[23])
+}
+
+/// A later fragment carries no ports: it is translated only when its datagram's first
+/// fragment was (the fuzzer's frames share identification 0, so a mutated first fragment
+/// can be followed by a mutated later one), and then only its addresses change, with the
+/// IPv4 header checksum (valid exactly when it was); forwarding also rewrites the MACs and
+/// the TTL. Every other byte stays.
+fn check_later_fragment(prog: &str, frame: &[u8], out: &[u8], reverse: bool) {
+    if out == frame {
+        return;
+    }
+    assert_eq!(out.len(), frame.len(), "{prog}: later fragment's length changed");
+    const TTL: usize = 14 + 8;
+    const CSUM_AND_ADDRS: std::ops::Range<usize> = 14 + 10..14 + 20;
+    for i in 12..out.len() {
+        if i != TTL && !CSUM_AND_ADDRS.contains(&i) {
+            assert_eq!(out[i], frame[i], "{prog}: later fragment's byte {i} changed: {frame:02x?} -> {out:02x?}");
+        }
+    }
+    let ihl = usize::from(frame[14] & 0xf) * 4;
+    let ip_ok = |f: &[u8]| inet_csum(&f[14..14 + ihl]) == 0;
+    assert_eq!(ip_ok(out), ip_ok(frame), "{prog}: later fragment's IPv4 checksum validity changed");
+    let addr = |o: usize| Ipv4Addr::new(out[o], out[o + 1], out[o + 2], out[o + 3]);
+    if reverse {
+        assert!([VIP, NODE].contains(&addr(26)), "{prog}: later fragment's source {}", addr(26));
+    } else {
+        assert!(BACKENDS.contains(&addr(30)), "{prog}: later fragment's destination {}", addr(30));
+    }
+}
+
 fn fuzz(prog: &'static str, xdp: bool, reverse: bool) {
     let n = frames_per_program();
     let mut rng = fastrand::Rng::with_seed(seed() ^ prog.len() as u64);
@@ -293,6 +345,7 @@ fn fuzz(prog: &'static str, xdp: bool, reverse: bool) {
     assert_eq!(global_total(&dp.maps().global_stats, verdict::MALFORMED).unwrap().packets, malformed_seen);
     // Then everything mixed: valid frames build conntrack state that mutated ones hit.
     let mut translated = 0u64;
+    let mut fragments_translated = 0u64;
     let mut flows = Vec::new();
     for _ in 0..n {
         let mut f = base(&mut rng, reverse, xdp, &flows);
@@ -305,6 +358,8 @@ fn fuzz(prog: &'static str, xdp: bool, reverse: bool) {
         let (v, out) = dp.run(prog, &f);
         check(prog, &f, v, &out, xdp, reverse);
         translated += u64::from(out != f);
+        let fragment = f.len() >= 34 && f[12..14] == [8, 0] && u16::from_be_bytes([f[20], f[21]]) & 0x3fff != 0;
+        fragments_translated += u64::from(out != f && fragment);
         // Forward traffic seeds the reply programs' conntrack; its translations tell which
         // replies to send.
         if reverse && rng.u8(..4) == 0 {
@@ -318,7 +373,10 @@ fn fuzz(prog: &'static str, xdp: bool, reverse: bool) {
             }
         }
     }
-    eprintln!("{prog}: {n} + {n} frames, {malformed_seen} malformed, {translated} translated");
+    eprintln!(
+        "{prog}: {n} + {n} frames, {malformed_seen} malformed, {translated} translated \
+         ({fragments_translated} of them fragments)"
+    );
     assert!(translated > 0, "{prog}: nothing was translated; the fuzzer is not reaching the datapath");
 }
 

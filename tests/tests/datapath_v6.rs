@@ -912,7 +912,7 @@ fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, typ: u8, bytes5to8: [u8; 4], payload: &[u
     v
 }
 
-/// Item 7b: Frames we must not touch: fragments (`fragment`), ICMPv6 neighbour discovery,
+/// Item 7b: Frames we must not touch: fragments we cannot translate (`fragment`), ICMPv6 neighbour discovery,
 /// router discovery and echo to or from anything including the VIP (`other_l4`), a
 /// VLAN-tagged IPv6 frame (`not_ip`) and malformed IPv6 (`malformed`): every hook passes
 /// them untouched and tracks nothing.
@@ -940,8 +940,16 @@ fn v6_fragments_icmpv6_and_malformed_pass_untouched() {
     let na_target = VIP.octets().to_vec();
     let ra_body = [0u8; 8]; // reachable time, retrans timer
 
+    // First fragments of service flows are translated like whole datagrams
+    // (datapath_frag.rs); later fragments whose first fragment was never translated, and
+    // fragments of ICMPv6, are not ours.
     let mut later_fragment = with_ext_headers(&syn, &[44]);
     later_fragment[L4 + 2..L4 + 4].copy_from_slice(&[0x00, 0x80]); // offset 16 * 8, last
+    let mut hbh_later_fragment = with_ext_headers(&syn, &[0, 44]);
+    hbh_later_fragment[L4 + 8 + 2..L4 + 8 + 4].copy_from_slice(&[0x00, 0x81]); // offset 16 * 8, more
+    let mut np_later_fragment = with_ext_headers(&np_syn, &[44]);
+    np_later_fragment[L4 + 2..L4 + 4].copy_from_slice(&[0x00, 0x80]);
+    let echo_first_fragment = with_ext_headers(&icmp6(CLIENT, VIP, 128, [0, 1, 0, 1], b"ping"), &[44]);
     let mut wrong_version = syn.clone();
     wrong_version[IP6] = 0x45;
     let mut plen_past_frame = syn.clone();
@@ -964,10 +972,10 @@ fn v6_fragments_icmpv6_and_malformed_pass_untouched() {
     plen_cuts_tcp[IP6 + 4..IP6 + 6].copy_from_slice(&12u16.to_be_bytes());
 
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-        ("first fragment (fragment header, M=1)", with_ext_headers(&syn, &[44]), verdict::FRAGMENT),
-        ("later fragment", later_fragment, verdict::FRAGMENT),
-        ("hop-by-hop then fragment", with_ext_headers(&syn, &[0, 44]), verdict::FRAGMENT),
-        ("fragment to a NodePort", with_ext_headers(&np_syn, &[44]), verdict::FRAGMENT),
+        ("first fragment of an ICMPv6 echo (fragment header, M=1)", echo_first_fragment, verdict::FRAGMENT),
+        ("later fragment, first never seen", later_fragment, verdict::FRAGMENT),
+        ("hop-by-hop then a later fragment", hbh_later_fragment, verdict::FRAGMENT),
+        ("later fragment to a NodePort", np_later_fragment, verdict::FRAGMENT),
         (
             "neighbour solicitation for the VIP (DAD, from ::)",
             icmp6(Ipv6Addr::UNSPECIFIED, solicited(VIP), 135, [0; 4], &na_target),

@@ -7,7 +7,10 @@ use std::{
 };
 
 use proxy_tests::{client, harness::*, netns::*};
-use proxy_userspace::{dataplane::attach::attach_pod_interface, model::Protocol};
+use proxy_userspace::{
+    dataplane::attach::attach_pod_interface,
+    model::{FrontendKey, Protocol, Scope},
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
@@ -148,4 +151,79 @@ fn source_ranges_keep_pods_outside_them_off_the_lb_ip() {
     assert_eq!(outside.ns.run(|| client::tcp_name(vip)).expect("ClusterIP open to every pod"), "pod2");
     let blocked = outside.ns.run(|| std::net::TcpStream::connect_timeout(&lb_ip, Duration::from_millis(800)));
     assert!(blocked.is_err(), "a pod outside the ranges reached the LB IP");
+}
+
+/// Issue 19, item 11: a UDP answer larger than the MTU (a large DNS answer with EDNS). The
+/// backend's kernel fragments it (veth MTU 1500); both fragments cross the node, and the
+/// client's kernel reassembles a datagram from VIP:port: the first fragment alone is not
+/// enough, the reassembly needs every fragment translated the same way.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn fragmented_udp_answer_comes_from_the_vip() {
+    require_root("fragmented_udp_answer_comes_from_the_vip");
+    const ANSWER_LEN: usize = 3000;
+    let topo = Topology::dual_stack(2, 3).expect("topology");
+    let mut dp = attached_dataplane(&topo);
+    let (client, server) = (&topo.pods[0], &topo.pods[1]);
+    let (server4, server6) = (server.ip, server.ip6.expect("IPv6 pod address"));
+    let vip6: std::net::Ipv6Addr = "fd00:10:96::53".parse().unwrap();
+    let v6 = |port| FrontendKey { addr: vip6.into(), port, proto: Protocol::Udp, scope: Scope::Internal };
+    let mut e6 = entry("dns", &[]);
+    e6.backends =
+        vec![proxy_userspace::model::BackendAddr { addr: server6.into(), port: 5353, local: true, terminating: false }];
+    let r = dp
+        .syncer
+        .apply(&state(vec![(frontend(VIP, 53, Protocol::Udp), entry("dns", &[(server4, 5353)])), (v6(53), e6)]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+
+    // The backend: answers every datagram with ANSWER_LEN bytes, until the test is done.
+    let answer: Vec<u8> = (0..ANSWER_LEN).map(|i| (i % 251) as u8).collect();
+    let socks = server.ns.run(|| {
+        let s4 = std::net::UdpSocket::bind((server4, 5353)).expect("bind IPv4");
+        let s6 = std::net::UdpSocket::bind((server6, 5353)).expect("bind IPv6");
+        [s4, s6]
+    });
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let servers: Vec<_> = socks
+        .into_iter()
+        .map(|s| {
+            let (done, answer) = (done.clone(), answer.clone());
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+                let mut buf = [0u8; 512];
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok((_, from)) = s.recv_from(&mut buf) {
+                        let _ = s.send_to(&answer, from);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    for vip in [SocketAddr::from((VIP, 53)), SocketAddr::from((vip6, 53))] {
+        let got = client.ns.run(|| -> std::io::Result<(usize, SocketAddr, Vec<u8>)> {
+            let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+            let s = std::net::UdpSocket::bind(bind)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let mut buf = vec![0u8; 65536];
+            // A few tries: the first datagram may race the neighbour resolution.
+            let mut last = Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+            for _ in 0..6 {
+                s.send_to(b"query", vip)?;
+                match s.recv_from(&mut buf) {
+                    Ok((n, from)) => return Ok((n, from, buf[..n].to_vec())),
+                    Err(e) => last = Err(e),
+                }
+            }
+            last
+        });
+        let (n, from, data) = got.unwrap_or_else(|e| panic!("{vip}: no answer reassembled: {e}"));
+        assert_eq!(from, vip, "the fragmented answer comes from the VIP");
+        assert_eq!(n, ANSWER_LEN, "{vip}: the whole answer");
+        assert!(data == answer, "{vip}: answer bytes");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in servers {
+        t.join().expect("server thread");
+    }
 }
