@@ -51,7 +51,7 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
             return Ok(None);
         }
     };
-    match sock::attach(programs, config.bpffs_root(), &cgroup, config.socket_lb) {
+    match sock::attach(programs, config.bpffs_root(), &cgroup, sock_settings(config)) {
         Ok(a) => {
             info!(
                 cgroup = %cgroup.display(),
@@ -70,6 +70,15 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
             error!(error = format!("{e:#}"), "socket-level load balancing off: node processes cannot reach Services");
             Ok(None)
         }
+    }
+}
+
+/// The hooks' settings from the agent's flags: unconnected UDP sockets keep their backend
+/// as long as conntrack keeps a UDP stream (`--conntrack-udp-timeout-stream`).
+pub(super) fn sock_settings(config: &AgentConfig) -> sock::SockSettings {
+    sock::SockSettings {
+        mode: config.socket_lb,
+        udp_timeout: std::time::Duration::from_secs(u64::from(config.ct_timeouts.udp_stream)),
     }
 }
 

@@ -13,7 +13,8 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6,
-    ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6, StatsKey, map_names as n,
+    PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue,
+    SourceRangeData6, StatsKey, map_names as n,
 };
 
 use super::{
@@ -55,6 +56,9 @@ pub struct Maps {
     pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
     pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeData6, u8>,
+    /// Backends kept by unconnected UDP sockets of the socket-level hooks (LRU).
+    pub sock_udp: HashMap<MapData, SockUdpKey, SockUdpValue>,
+    pub sock_udp6: HashMap<MapData, SockUdpKey6, SockUdpValue>,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
@@ -89,6 +93,8 @@ impl Maps {
             conntrack6: typed(n::CONNTRACK6, get(n::CONNTRACK6)?)?,
             affinity6: typed(n::AFFINITY6, get(n::AFFINITY6)?)?,
             source_ranges6: typed(n::SOURCE_RANGES6, get(n::SOURCE_RANGES6)?)?,
+            sock_udp: typed(n::SOCK_UDP_BACKENDS, get(n::SOCK_UDP_BACKENDS)?)?,
+            sock_udp6: typed(n::SOCK_UDP_BACKENDS6, get(n::SOCK_UDP_BACKENDS6)?)?,
         })
     }
 
@@ -405,6 +411,16 @@ impl MapStore for Maps {
     fn purge_conntrack(&mut self, pred: &dyn Fn(CtFacts) -> bool) -> StoreResult<usize> {
         let v4 = purge(&mut self.conntrack, n::CONNTRACK, |k, v| pred(ct_facts(k, v)))?;
         let v6 = purge(&mut self.conntrack6, n::CONNTRACK6, |k, v| pred(ct_facts(k, v)))?;
+        // The backends unconnected UDP sockets keep are the socket level's UDP conntrack:
+        // what purges a UDP flow's entry purges them too (their backend left the frontend).
+        let sock = |v: &SockUdpValue| {
+            pred(CtFacts { proto: PROTO_UDP, svc_id: v.svc_id.into(), backend_id: v.backend_id.into() })
+        };
+        let s4 = purge(&mut self.sock_udp, n::SOCK_UDP_BACKENDS, |_, v| sock(v))?;
+        let s6 = purge(&mut self.sock_udp6, n::SOCK_UDP_BACKENDS6, |_, v| sock(v))?;
+        if s4 + s6 > 0 {
+            tracing::debug!(entries = s4 + s6, "purged backends kept by unconnected UDP sockets");
+        }
         Ok(v4 + v6)
     }
 

@@ -160,6 +160,22 @@ pub fn netns_cookie() -> io::Result<u64> {
     }
 }
 
+/// What the hooks are told through `SOCK_CONFIG`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockSettings {
+    pub mode: SocketLbMode,
+    /// How long an unconnected UDP socket keeps its backend for a frontend between two
+    /// datagrams (`--conntrack-udp-timeout-stream`); zero: the datapath's default
+    /// (`proxy_common::sock_defaults::UDP_TIMEOUT_SECS`).
+    pub udp_timeout: Duration,
+}
+
+impl From<SocketLbMode> for SockSettings {
+    fn from(mode: SocketLbMode) -> Self {
+        SockSettings { mode, udp_timeout: Duration::ZERO }
+    }
+}
+
 /// How the programs ended up attached.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SockAttach {
@@ -175,12 +191,17 @@ fn pin_name(cgroup_id: u64, program: &str) -> String {
     format!("{cgroup_id}-{program}")
 }
 
-/// Write the mode into `SOCK_CONFIG` (before the programs can run with it).
-fn write_config(progs: &mut Programs, mode: SocketLbMode) -> Result<(), SockError> {
+/// Write the settings into `SOCK_CONFIG` (before the programs can run with them).
+fn write_config(progs: &mut Programs, settings: &SockSettings) -> Result<(), SockError> {
     let cookie = netns_cookie().map_err(io_err("reading the host network namespace's cookie (SO_NETNS_COOKIE)"))?;
     let cfg = SockConfig {
-        flags: if mode == SocketLbMode::HostOnly { sock_flags::HOST_ONLY } else { 0 },
-        _pad: 0,
+        flags: if settings.mode == SocketLbMode::HostOnly { sock_flags::HOST_ONLY } else { 0 },
+        // At least a second: 0 means "the default" to the datapath.
+        udp_timeout_secs: if settings.udp_timeout.is_zero() {
+            0
+        } else {
+            u32::try_from(settings.udp_timeout.as_secs().max(1)).unwrap_or(u32::MAX)
+        },
         host_netns_cookie: cookie,
     };
     let map = progs.ebpf.map_mut(n::SOCK_CONFIG).ok_or_else(|| SockError::Io {
@@ -195,12 +216,18 @@ fn write_config(progs: &mut Programs, mode: SocketLbMode) -> Result<(), SockErro
 /// Attach the socket-level programs to `cgroup` (mode `On` or `HostOnly`), replacing the
 /// programs in links an earlier agent pinned on the same cgroup, and detaching those it
 /// pinned on another one.
-pub fn attach(progs: &mut Programs, root: &Path, cgroup: &Path, mode: SocketLbMode) -> Result<SockAttach, SockError> {
+pub fn attach(
+    progs: &mut Programs,
+    root: &Path,
+    cgroup: &Path,
+    settings: impl Into<SockSettings>,
+) -> Result<SockAttach, SockError> {
+    let settings = settings.into();
     let cgroup = &resolve_cgroup2(cgroup)?;
     let cgroup_id = std::fs::metadata(cgroup).map_err(io_err(format!("stat {}", cgroup.display())))?.ino();
     let dir = links_dir(root);
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    write_config(progs, mode)?;
+    write_config(progs, &settings)?;
     let mut out = SockAttach::default();
     // Links on another cgroup: the operator moved --cgroup-root. Unpinning detaches.
     for e in std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?.flatten() {
