@@ -7,6 +7,9 @@
 //! - `udp A:P`   unconnected socket, send_to + recv_from: `ok NAME FROM`
 //! - `uconn A:P` open a connected UDP socket (kept) and ask once: `ok NAME PEER`
 //! - `uask`      ask again on the kept connected UDP socket: `ok NAME PEER`
+//! - `usend A:P N` one unconnected socket that was never bound (the kernel binds it on
+//!   the first send), N times send_to + recv_from: `ok NAME,NAME,... FROM` (the last
+//!   reply's source)
 //! - `loop A:P MS` TCP connections for MS milliseconds (at most 30 s): `ok SUCCEEDED FAILED`
 //!
 //! Failures answer `err ERRNO MESSAGE` (ERRNO 0 when there is none).
@@ -45,6 +48,23 @@ fn udp(addr: SocketAddr) -> Result<String, std::io::Error> {
     let mut buf = [0u8; 256];
     let (n, from) = s.recv_from(&mut buf)?;
     Ok(format!("ok {} {from}", String::from_utf8_lossy(&buf[..n])))
+}
+
+/// `usend`: N datagrams from one socket that was never bound, each answered before the next.
+fn usend(addr: SocketAddr, n: usize) -> Result<String, std::io::Error> {
+    let domain = socket2::Domain::for_address(addr);
+    let s: UdpSocket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?.into();
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut names = Vec::with_capacity(n);
+    let mut last = addr;
+    let mut buf = [0u8; 256];
+    for _ in 0..n {
+        s.send_to(b"who", addr)?;
+        let (len, from) = s.recv_from(&mut buf)?;
+        names.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+        last = from;
+    }
+    Ok(format!("ok {} {last}", names.join(",")))
 }
 
 fn ask(s: &UdpSocket) -> Result<String, std::io::Error> {
@@ -93,6 +113,10 @@ fn main() -> anyhow::Result<()> {
                     }
                     Err(e) => err(&e),
                 }
+            }
+            ("usend", Some(a)) => {
+                let n: usize = words.next().and_then(|m| m.parse().ok()).unwrap_or(1).min(10_000);
+                usend(a, n).unwrap_or_else(|e| err(&e))
             }
             ("uask", _) => match &kept {
                 Some(s) => ask(s).unwrap_or_else(|e| err(&e)),
