@@ -435,6 +435,65 @@ fn unconnected_udp_socket_keeps_one_backend() {
     }
 }
 
+/// Issue 19 item 10: a connected UDP socket whose reverse entry the LRU evicted (the test
+/// deletes every SOCK_REVNAT entry) is still destroyed when its backend is removed: it is
+/// found by its destination. A socket connected to a backend that stays is left alone.
+#[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
+fn stale_udp_socket_is_destroyed_without_its_reverse_entry() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use proxy_common::{SockRevKey, SockRevValue};
+    require_root("stale_udp_socket_is_destroyed_without_its_reverse_entry");
+    let mut env = Env::new(3, 3, 39, "on", false);
+    let backends = env.pod_ips(3);
+    env.service("dns", VIP, 53, "UDP", &backends);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 53).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    let victim =
+        wait_for(Duration::from_secs(10), "UDP service reachable", || match client.cmd(&format!("uconn {vip}")) {
+            Reply::Ok(n, _) => Some(n),
+            Reply::Err(..) => None,
+        })
+        .expect("connected UDP socket");
+    // A second client connected to another backend (retried until the random choice gives one).
+    let mut other = SockClient::start(&env.cg, &env.topo.node);
+    let survivor = (0..60)
+        .find_map(|_| match other.cmd(&format!("uconn {vip}")) {
+            Reply::Ok(n, _) if n != victim => Some(n),
+            _ => None,
+        })
+        .expect("a connected UDP socket on another backend");
+    // As an LRU eviction would: no reverse entry left for either socket.
+    let path = env.pins.0.join("maps").join("SOCK_REVNAT");
+    let data = MapData::from_pin(&path).expect("SOCK_REVNAT pin");
+    let mut revnat: BpfHashMap<MapData, SockRevKey, SockRevValue> =
+        BpfHashMap::try_from(Map::from_map_data(data).expect("map")).expect("SOCK_REVNAT");
+    let keys: Vec<SockRevKey> = revnat.keys().filter_map(Result::ok).collect();
+    assert!(keys.len() >= 2, "the hooks recorded both sockets: {keys:?}");
+    for k in &keys {
+        revnat.remove(k).expect("delete SOCK_REVNAT entry");
+    }
+    assert_eq!(revnat.keys().count(), 0);
+
+    let live: Vec<(String, Ipv4Addr)> = backends.iter().filter(|(n, _)| *n != victim).cloned().collect();
+    let eps: Vec<(&str, Ipv4Addr)> = live.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    env.dir.write("dns-slice.yaml", &slice_yaml("dns", "dns-1", &eps, 8080, "UDP")).expect("slice");
+    // The removed pod still answers: only the destruction makes the socket fail.
+    let errno = wait_for(Duration::from_secs(5), "the stale socket to be destroyed", || match client.cmd("uask") {
+        Reply::Ok(name, _) => {
+            assert_eq!(name, victim, "a connected socket never changes backend by itself");
+            None
+        }
+        Reply::Err(code, _) => Some(code),
+    })
+    .expect("destroyed although its SOCK_REVNAT entry was gone");
+    assert_ne!(errno, 0, "the call failed with an errno");
+    for _ in 0..5 {
+        assert_eq!(other.ok("uask").0, survivor, "a socket on a backend that stays is left alone");
+    }
+}
+
 /// Test 6: kill -9 and restart of the agent while a node client loops through a ClusterIP:
 /// the pinned cgroup links keep translating, and the new agent swaps its programs into
 /// them: zero failed connections.

@@ -16,10 +16,9 @@ use crate::{
     show::cstr,
 };
 
-/// Socket-level load balancing as attached: the cgroup and the reverse-translation map.
+/// Socket-level load balancing as attached: the cgroup whose sockets it translates.
 pub(super) struct SockLb {
     pub(super) cgroup: std::path::PathBuf,
-    pub(super) revnat: sock::RevNat,
 }
 
 /// Attach (or, with `--socket-lb=off`, detach) the socket-level programs. A kernel without
@@ -61,8 +60,7 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
                 links_detached = a.detached,
                 "socket-level load balancing attached"
             );
-            let revnat = sock::RevNat::open_pinned(config.bpffs_root()).context("socket-level reverse translations")?;
-            Ok(Some(SockLb { cgroup, revnat }))
+            Ok(Some(SockLb { cgroup }))
         }
         Err(e) => {
             // The whole chain: the syscall's errno is what tells the operator why.

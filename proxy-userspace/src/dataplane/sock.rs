@@ -18,11 +18,11 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use proxy_common::{
-    Ipv6Words, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, map_names as n, sock_flags,
+    Ipv6Words, SockConfig, map_names as n, sock_flags,
 };
 use tracing::{debug, info};
 
@@ -337,34 +337,6 @@ pub struct DestroyReport {
     pub elapsed: Duration,
 }
 
-/// The `SOCK_REVNAT` and `SOCK_REVNAT6` maps, opened from their pins, to tell sockets the
-/// hooks translated from sockets that dialled a pod address themselves (those are not ours
-/// to close).
-pub struct RevNat {
-    v4: HashMap<MapData, SockRevKey, SockRevValue>,
-    v6: HashMap<MapData, SockRevKey6, SockRevValue6>,
-}
-
-fn open_hash<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>, SockError> {
-    let path = paths::maps_dir(root).join(name);
-    let data = MapData::from_pin(&path).map_err(|source| SockError::Map { map: name, source })?;
-    let map = Map::from_map_data(data).map_err(|source| SockError::Map { map: name, source })?;
-    HashMap::try_from(map).map_err(|source| SockError::Map { map: name, source })
-}
-
-impl RevNat {
-    pub fn open_pinned(root: &Path) -> Result<Self, SockError> {
-        Ok(RevNat { v4: open_hash(root, n::SOCK_REVNAT)?, v6: open_hash(root, n::SOCK_REVNAT6)? })
-    }
-
-    fn translated(&self, cookie: u64, peer: Peer, port: u16) -> bool {
-        match peer {
-            Peer::V4(a) => self.v4.get(&SockRevKey::new(cookie, a, port), 0).is_ok(),
-            Peer::V6(a) => self.v6.get(&SockRevKey::new(cookie, a, port), 0).is_ok(),
-        }
-    }
-}
-
 /// A socket's peer as the maps store it: IPv4 (also for an IPv6 socket connected to an
 /// IPv4-mapped address, which the hooks translate through the IPv4 maps) or IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -518,9 +490,11 @@ fn peer(family: libc::c_int, id: &[u8]) -> Peer {
 }
 
 /// Destroy, in the namespace the thread is in, the connected UDP sockets (both families)
-/// whose peer is one of `backends` and that the hooks translated (their cookie is in
-/// `SOCK_REVNAT`/`SOCK_REVNAT6` under that backend). Returns (destroyed, failed).
-fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<(usize, usize)> {
+/// whose peer is one of `backends`, found by their destination alone: whether the hooks
+/// still hold a reverse entry for them (`SOCK_REVNAT`, an LRU that evicts) or the
+/// application dialled the pod itself, a socket connected to a backend that left every
+/// frontend would keep sending to a deleted pod. Returns (destroyed, failed).
+fn destroy_here(backends: &HashSet<(Peer, u16)>) -> io::Result<(usize, usize)> {
     let (mut destroyed, mut failed) = (0, 0);
     for family in [libc::AF_INET, libc::AF_INET6] {
         let dump = netlink_socket()?;
@@ -533,10 +507,8 @@ fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<
             let id = &msg[SOCKID_OFF..SOCKID_OFF + SOCKID_LEN];
             // inet_diag_sockid: sport, dport (big-endian u16), src[4], dst[4], if, cookie[2].
             let dport = u16::from_ne_bytes([id[2], id[3]]);
-            let dst = peer(family, id);
-            let cookie = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]) as u64
-                | (u32::from_ne_bytes([id[44], id[45], id[46], id[47]]) as u64) << 32;
-            if backends.contains(&(dst, dport)) && revnat.translated(cookie, dst, dport) {
+            // An unconnected socket's destination is all zero: it never matches.
+            if backends.contains(&(peer(family, id), dport)) {
                 victims.push(id.to_vec());
             }
         })?;
@@ -558,8 +530,9 @@ fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<
     Ok((destroyed, failed))
 }
 
-/// Destroy the connected UDP sockets the socket-level hooks pointed at `backends` (address,
-/// port in network byte order), in every network namespace of a process in the `cgroup` tree.
+/// Destroy the connected UDP sockets connected to `backends` (address, port in network byte
+/// order; backends the sync deleted, which no frontend uses any more), in every network
+/// namespace of a process in the `cgroup` tree.
 /// Their owners get ECONNABORTED on the next call and reconnect, through the hooks, to a
 /// live backend (kube-proxy's conntrack flush for UDP, kube-proxy #48370, at the socket).
 /// Uses sock_diag `SOCK_DESTROY` (CONFIG_INET_DIAG_DESTROY), from a thread that enters each
@@ -567,7 +540,7 @@ fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<
 /// (pods) are found through `/proc/<pid>/ns/net` and entered with setns, which needs the
 /// host's PID namespace and CAP_SYS_ADMIN; without them only the agent's own namespace is
 /// searched (node processes and hostNetwork pods).
-pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(IpAddr, u16)]) -> DestroyReport {
+pub fn destroy_udp_sockets(cgroup: &Path, backends: &[(IpAddr, u16)]) -> DestroyReport {
     let t = Instant::now();
     let wanted: HashSet<(Peer, u16)> = backends.iter().map(|(a, p)| (Peer::of(*a), *p)).collect();
     let mut namespaces = namespaces_in(cgroup);
@@ -575,7 +548,7 @@ pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(IpAddr, 
     // (hostNetwork, no hostPID) it is the one namespace always reachable.
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| (m.dev(), m.ino())).ok();
     let mut report = DestroyReport { namespaces: 1, ..Default::default() };
-    match destroy_here(&wanted, revnat) {
+    match destroy_here(&wanted) {
         Ok((d, f)) => {
             report.destroyed += d;
             report.failed += f;
@@ -591,7 +564,7 @@ pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(IpAddr, 
             s.spawn(|| -> io::Result<(usize, usize)> {
                 let ns = File::open(path)?;
                 nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-                destroy_here(&wanted, revnat)
+                destroy_here(&wanted)
             })
             .join()
         });
