@@ -494,6 +494,53 @@ fn stale_udp_socket_is_destroyed_without_its_reverse_entry() {
     }
 }
 
+/// Issue 19 item 12: an agent on root A attached to the cgroup and was killed (its links
+/// stay pinned and attached, translating with A's maps); an agent on root B starts on the
+/// same cgroup. A ClusterIP that only B's maps send to pod1 (A's sent it to pod0) reaches
+/// pod1, and the cgroup then carries only B's programs, one per hook.
+#[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
+fn other_roots_cgroup_programs_are_replaced() {
+    use proxy_userspace::dataplane::sock;
+    require_root("other_roots_cgroup_programs_are_replaced");
+    let mut env = Env::new(2, 2, 40, "on", false);
+    let backends = env.pod_ips(2);
+    env.service("web", VIP, 80, "TCP", &backends[..1]);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 80).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    wait_reachable(&mut client, vip);
+    assert_eq!(client.ok(&format!("tcp {vip}")).0, "pod0", "root A's agent translates to pod0");
+    if let Some(mut a) = env.agent.take() {
+        a.kill();
+    }
+    assert_eq!(client.ok(&format!("tcp {vip}")).0, "pod0", "root A's links outlive its agent");
+
+    // Root B, its own manifests: the same ClusterIP on pod1 only.
+    let root_a = std::mem::replace(&mut env.pins, PinDir::new());
+    let dir_b = TempDir::new("ebpf-proxy-socklb-b-").expect("manifests dir");
+    dir_b.write("node.yaml", &node_yaml("node-a", NODE_IP)).expect("node");
+    dir_b.write("web.yaml", &service_yaml("web", &VIP.to_string(), 80, 8080, "TCP")).expect("svc");
+    let eps = [(backends[1].0.as_str(), backends[1].1)];
+    dir_b.write("web-slice.yaml", &slice_yaml("web", "web-1", &eps, 8080, "TCP")).expect("slice");
+    let manifests = env.agent_args.iter().position(|a| a == "--manifests").expect("--manifests") + 1;
+    env.agent_args[manifests] = dir_b.0.display().to_string();
+    env.start_agent();
+    for _ in 0..10 {
+        assert_eq!(client.ok(&format!("tcp {vip}")).0, "pod1", "root B's maps decide");
+    }
+    let mine = sock::pinned_link_ids(&env.pins.0);
+    assert_eq!(mine.len(), 8, "root B pinned a link per program");
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&env.cg.path).expect("cgroup"));
+    let links = sock::our_links_on(cgroup_id);
+    assert!(links.iter().all(|l| mine.contains(&l.link_id)), "only root B's links: {links:?}");
+    assert_eq!(links.len(), 8, "{links:?}");
+    for (program, progs) in sock::cgroup_programs(&env.cg.path).expect("BPF_PROG_QUERY") {
+        assert_eq!(progs.len(), 1, "{program}: one program on the hook, got {progs:?}");
+    }
+    drop(root_a);
+}
+
 /// Test 6: kill -9 and restart of the agent while a node client loops through a ClusterIP:
 /// the pinned cgroup links keep translating, and the new agent swaps its programs into
 /// them: zero failed connections.

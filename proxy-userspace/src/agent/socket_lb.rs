@@ -58,6 +58,7 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
                 links_replaced = a.replaced,
                 links_created = a.created,
                 links_detached = a.detached,
+                foreign_links_detached = a.foreign_detached,
                 "socket-level load balancing attached"
             );
             Ok(Some(SockLb { cgroup }))

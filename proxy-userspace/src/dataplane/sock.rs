@@ -24,7 +24,7 @@ use aya::{
 use proxy_common::{
     Ipv6Words, SockConfig, map_names as n, sock_flags,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{addr, bpfsys, loader::Programs, paths};
 
@@ -38,6 +38,18 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
     "sock_sendmsg6",
     "sock_recvmsg6",
     "sock_peername6",
+];
+
+/// `enum bpf_attach_type` of each program's hook, in the order of [`SOCK_PROGRAMS`].
+pub const SOCK_ATTACH_TYPES: [u32; 8] = [
+    10, // BPF_CGROUP_INET4_CONNECT
+    14, // BPF_CGROUP_UDP4_SENDMSG
+    19, // BPF_CGROUP_UDP4_RECVMSG
+    29, // BPF_CGROUP_INET4_GETPEERNAME
+    11, // BPF_CGROUP_INET6_CONNECT
+    15, // BPF_CGROUP_UDP6_SENDMSG
+    20, // BPF_CGROUP_UDP6_RECVMSG
+    30, // BPF_CGROUP_INET6_GETPEERNAME
 ];
 
 /// `--socket-lb`.
@@ -185,6 +197,90 @@ pub struct SockAttach {
     pub created: usize,
     /// Pinned links on another cgroup (an earlier `--cgroup-root`), detached.
     pub detached: usize,
+    /// Links of our programs on this cgroup that are not this root's (an agent on another
+    /// `--bpffs-root` left them), detached.
+    pub foreign_detached: usize,
+}
+
+/// A cgroup link running one of our socket-level programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupLink {
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub program: String,
+    pub attach_type: u32,
+}
+
+/// The ids of the cgroup links pinned under `root` (this root's own).
+pub fn pinned_link_ids(root: &Path) -> HashSet<u32> {
+    let Ok(entries) = std::fs::read_dir(links_dir(root)) else { return HashSet::new() };
+    entries
+        .flatten()
+        .filter_map(|e| bpfsys::obj_get(&e.path()).ok())
+        .filter_map(|fd| bpfsys::cgroup_link_info(&fd).ok().flatten())
+        .map(|i| i.id)
+        .collect()
+}
+
+/// Links on the cgroup `cgroup_id` (its inode) that run one of our socket-level programs,
+/// whoever attached them: recognised by program name and the maps it uses, as the
+/// interface attachments are (`ownership`). Needs CAP_SYS_ADMIN to look programs up by id;
+/// without it nothing is found.
+pub fn our_links_on(cgroup_id: u64) -> Vec<CgroupLink> {
+    let mut out = Vec::new();
+    for id in bpfsys::link_ids() {
+        let Ok(fd) = bpfsys::link_fd_by_id(id) else { continue };
+        let Ok(Some(info)) = bpfsys::cgroup_link_info(&fd) else { continue };
+        if info.cgroup_id != cgroup_id || !SOCK_ATTACH_TYPES.contains(&info.attach_type) {
+            continue;
+        }
+        if let Some(program) = super::ownership::sock_program_ours(info.prog_id) {
+            out.push(CgroupLink { link_id: id, prog_id: info.prog_id, program, attach_type: info.attach_type });
+        }
+    }
+    out
+}
+
+/// Detach the links of our programs on `cgroup_id` that are not pinned under `root`: an
+/// agent that ran with another `--bpffs-root` left them, and they would keep translating
+/// with that root's maps (to old backends) before or after ours. `BPF_LINK_DETACH` makes
+/// their pins, wherever they are, defunct. Returns how many were detached.
+fn detach_foreign_links(root: &Path, cgroup_id: u64) -> usize {
+    let mine = pinned_link_ids(root);
+    let mut detached = 0;
+    for l in our_links_on(cgroup_id).into_iter().filter(|l| !mine.contains(&l.link_id)) {
+        let result = bpfsys::link_fd_by_id(l.link_id).and_then(|fd| bpfsys::link_detach(&fd));
+        match result {
+            Ok(()) => {
+                warn!(
+                    program = %l.program,
+                    prog_id = l.prog_id,
+                    link_id = l.link_id,
+                    cgroup_id,
+                    "detached a socket-level program of ours left on the cgroup by another --bpffs-root"
+                );
+                detached += 1;
+            }
+            Err(e) => warn!(
+                program = %l.program,
+                link_id = l.link_id,
+                error = %e,
+                "cannot detach a socket-level program of ours left on the cgroup by another --bpffs-root"
+            ),
+        }
+    }
+    detached
+}
+
+/// The programs attached directly to `cgroup` on each of our hooks, as the kernel lists
+/// them (`BPF_PROG_QUERY`), in the order of [`SOCK_PROGRAMS`].
+pub fn cgroup_programs(cgroup: &Path) -> io::Result<Vec<(&'static str, Vec<u32>)>> {
+    let fd = File::open(cgroup)?;
+    SOCK_PROGRAMS
+        .iter()
+        .zip(SOCK_ATTACH_TYPES)
+        .map(|(p, at)| bpfsys::cgroup_query(fd.as_fd(), at).map(|ids| (*p, ids)))
+        .collect()
 }
 
 fn pin_name(cgroup_id: u64, program: &str) -> String {
@@ -284,6 +380,8 @@ pub fn attach(
         })?;
         out.created += 1;
     }
+    // Only once ours run: the old programs keep translating until then.
+    out.foreign_detached = detach_foreign_links(root, cgroup_id);
     Ok(out)
 }
 
