@@ -179,8 +179,7 @@ struct Sock {
 #[inline(always)]
 fn sock_of(ctx: &SockAddrContext) -> Sock {
     let cfg = SOCK_CONFIG.get(0).copied().unwrap_or_default();
-    let udp_timeout =
-        if cfg.udp_timeout_secs == 0 { sock_defaults::UDP_TIMEOUT_SECS } else { cfg.udp_timeout_secs };
+    let udp_timeout = if cfg.udp_timeout_secs == 0 { sock_defaults::UDP_TIMEOUT_SECS } else { cfg.udp_timeout_secs };
     // SAFETY: helper on the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     // Without a cookie written (never the case once the agent attached us) every socket

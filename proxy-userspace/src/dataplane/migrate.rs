@@ -184,18 +184,8 @@ pub static KINDS: &[Kind] = &[
     Kind { name: n::AFFINITY6, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey6, AffinityValue> },
     Kind { name: n::NEIGH_MISSES6, repeat: true, must_fit: false, copy: copy_hash::<NeighKey6, u64> },
     // Socket-level state the hooks write: best effort, like affinity.
-    Kind {
-        name: n::SOCK_UDP_BACKENDS,
-        repeat: true,
-        must_fit: false,
-        copy: copy_hash::<SockUdpKey, SockUdpValue>,
-    },
-    Kind {
-        name: n::SOCK_UDP_BACKENDS6,
-        repeat: true,
-        must_fit: false,
-        copy: copy_hash::<SockUdpKey6, SockUdpValue>,
-    },
+    Kind { name: n::SOCK_UDP_BACKENDS, repeat: true, must_fit: false, copy: copy_hash::<SockUdpKey, SockUdpValue> },
+    Kind { name: n::SOCK_UDP_BACKENDS6, repeat: true, must_fit: false, copy: copy_hash::<SockUdpKey6, SockUdpValue> },
 ];
 
 fn kind(name: &str) -> Option<&'static Kind> {

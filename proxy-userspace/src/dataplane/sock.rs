@@ -21,9 +21,7 @@ use aya::{
     maps::{Array, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use proxy_common::{
-    Ipv6Words, SockConfig, map_names as n, sock_flags,
-};
+use proxy_common::{Ipv6Words, SockConfig, map_names as n, sock_flags};
 use tracing::{debug, info, warn};
 
 use super::{addr, bpfsys, loader::Programs, paths};
