@@ -428,11 +428,34 @@ fn unconnected_udp_socket_keeps_one_backend() {
         assert_eq!(seen.len(), 1, "socket {round}: one backend for every datagram of one socket, got {seen:?}");
         assert_eq!(from, vip, "recvfrom() source");
     }
-    let kept = kept(&maps);
-    assert_eq!(kept.len(), before + 2, "one kept backend per socket and frontend: {kept:?}");
-    for (k, _) in &kept {
+    let now = kept(&maps);
+    assert_eq!(now.len(), before + 2, "one kept backend per socket and frontend: {now:?}");
+    for (k, _) in &now {
         assert_eq!((k.addr, k.port), (u32::from_ne_bytes(VIP.octets()), 53u16.to_be()), "{k:?}");
     }
+
+    // Its backend leaving the Service: the socket's next datagrams are re-balanced, to one
+    // of the others, and stick there again; no entry points at the removed backend.
+    let (names, _) = client.ok(&format!("ukeep {vip} 10"));
+    let victim = names.split(',').next().expect("a name").to_string();
+    assert!(names.split(',').all(|n| n == victim), "{names}");
+    let victim_id = {
+        let snap = maps.read_snapshot().expect("snapshot");
+        let ip = backends.iter().find(|(n, _)| *n == victim).expect("victim").1;
+        snap.backends.iter().find(|(_, b)| b.addr == std::net::IpAddr::V4(ip)).expect("victim's id").0.get()
+    };
+    assert!(kept(&maps).iter().any(|(_, v)| v.backend_id == victim_id));
+    let live: Vec<(String, Ipv4Addr)> = backends.iter().filter(|(n, _)| *n != victim).cloned().collect();
+    let eps: Vec<(&str, Ipv4Addr)> = live.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    env.dir.write("dns-slice.yaml", &slice_yaml("dns", "dns-1", &eps, 8080, "UDP")).expect("slice");
+    wait_for(Duration::from_secs(5), "the removed backend's kept entries purged", || {
+        kept(&maps).iter().all(|(_, v)| v.backend_id != victim_id).then_some(())
+    })
+    .expect("purged");
+    let (names, _) = client.ok(&format!("ukeep {vip} 20"));
+    let seen: BTreeSet<&str> = names.split(',').collect();
+    assert_eq!(seen.len(), 1, "re-balanced once, then kept: {seen:?}");
+    assert!(!seen.contains(victim.as_str()), "{seen:?}");
 }
 
 /// Issue 19 item 10: a connected UDP socket whose reverse entry the LRU evicted (the test
