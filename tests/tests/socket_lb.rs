@@ -416,6 +416,11 @@ fn unconnected_udp_socket_keeps_one_backend() {
         matches!(client.cmd(&format!("udp {vip}")), Reply::Ok(..)).then_some(())
     })
     .expect("reachable");
+    // The agent passed --conntrack-udp-timeout-stream (default 120 s) to the hooks.
+    let cfg_pin = aya::maps::MapData::from_pin(env.pins.0.join("maps").join("SOCK_CONFIG")).expect("SOCK_CONFIG");
+    let cfg: aya::maps::Array<_, proxy_common::SockConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::from_map_data(cfg_pin).expect("map")).expect("array");
+    assert_eq!(cfg.get(&0, 0).expect("SOCK_CONFIG[0]").udp_timeout_secs, 120);
     let maps = Maps::open_pinned(&env.pins.0).expect("pinned maps");
     let kept = |maps: &Maps| maps.sock_udp.iter().filter_map(Result::ok).collect::<Vec<_>>();
     let before = kept(&maps).len();

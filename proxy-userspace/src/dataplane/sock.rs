@@ -285,17 +285,18 @@ fn pin_name(cgroup_id: u64, program: &str) -> String {
     format!("{cgroup_id}-{program}")
 }
 
+/// `SockConfig::udp_timeout_secs` of a timeout: zero stays 0 (the datapath's default), anything
+/// else is at least a second, since 0 would mean "the default".
+fn udp_timeout_secs(d: Duration) -> u32 {
+    if d.is_zero() { 0 } else { u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX) }
+}
+
 /// Write the settings into `SOCK_CONFIG` (before the programs can run with them).
 fn write_config(progs: &mut Programs, settings: &SockSettings) -> Result<(), SockError> {
     let cookie = netns_cookie().map_err(io_err("reading the host network namespace's cookie (SO_NETNS_COOKIE)"))?;
     let cfg = SockConfig {
         flags: if settings.mode == SocketLbMode::HostOnly { sock_flags::HOST_ONLY } else { 0 },
-        // At least a second: 0 means "the default" to the datapath.
-        udp_timeout_secs: if settings.udp_timeout.is_zero() {
-            0
-        } else {
-            u32::try_from(settings.udp_timeout.as_secs().max(1)).unwrap_or(u32::MAX)
-        },
+        udp_timeout_secs: udp_timeout_secs(settings.udp_timeout),
         host_netns_cookie: cookie,
     };
     let map = progs.ebpf.map_mut(n::SOCK_CONFIG).ok_or_else(|| SockError::Io {
@@ -694,6 +695,18 @@ mod tests {
         let pure = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
         assert_eq!(cgroup2_mount("32 30 0:28 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw\n"), None);
+    }
+
+    #[test]
+    fn udp_timeout_reaches_the_datapath_in_whole_seconds() {
+        assert_eq!(udp_timeout_secs(Duration::ZERO), 0);
+        assert_eq!(udp_timeout_secs(Duration::from_millis(300)), 1);
+        assert_eq!(udp_timeout_secs(Duration::from_secs(120)), 120);
+        assert_eq!(udp_timeout_secs(Duration::from_secs(u64::MAX)), u32::MAX);
+        assert_eq!(SockSettings::from(SocketLbMode::HostOnly).udp_timeout, Duration::ZERO);
+        // The hooks' order matches their attach types.
+        assert_eq!(SOCK_PROGRAMS.len(), SOCK_ATTACH_TYPES.len());
+        assert_eq!((SOCK_PROGRAMS[3], SOCK_ATTACH_TYPES[3]), ("sock_peername4", 29));
     }
 
     #[test]
