@@ -297,8 +297,9 @@ fn forward<F: SockFamily>(
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // Unconnected UDP keeps one backend per (socket, frontend) while it keeps sending.
-    // Affinity services keep theirs through the affinity table, as before.
-    let sticky = call == Call::Send && proto == PROTO_UDP && svc.flags & svc_flags::AFFINITY == 0;
+    // Affinity services keep theirs through the affinity table, as before; a frontend
+    // without endpoints refuses whatever a socket was given before.
+    let sticky = call == Call::Send && proto == PROTO_UDP && svc.flags & svc_flags::AFFINITY == 0 && svc.count != 0;
     let ukey = SockUdpKey::new(cookie, addr, port);
     let kept = if sticky { udp_backend_kept::<F>(&ukey, &svc, now, sock.udp_timeout_ns) } else { None };
     let selected = match kept {
