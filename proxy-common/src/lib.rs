@@ -35,6 +35,8 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const SOCK_REVNAT6: &str = "SOCK_REVNAT6";
     pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
+    pub const SOCK_UDP_BACKENDS: &str = "SOCK_UDP_BACKENDS";
+    pub const SOCK_UDP_BACKENDS6: &str = "SOCK_UDP_BACKENDS6";
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -59,6 +61,9 @@ pub mod sizes {
     /// expected), LRU per family: entries are needed for milliseconds, so a small table
     /// holds every datagram a node has in flight at once.
     pub const MAX_FRAGS: u32 = 8192;
+    /// Backends picked for unconnected UDP sockets (one per socket and frontend it sends
+    /// to), LRU: a socket evicted under pressure is balanced afresh on its next datagram.
+    pub const MAX_SOCK_UDP_BACKENDS: u32 = 65_536;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -845,7 +850,10 @@ pub mod sock_flags {
 pub struct SockConfig {
     /// `sock_flags::*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// How long an unconnected UDP socket keeps the backend it was given for a frontend
+    /// while it sends nothing there (`--conntrack-udp-timeout-stream`), in seconds; 0:
+    /// [`sock_defaults::UDP_TIMEOUT_SECS`]. (Was padding: agents that wrote 0 get the default.)
+    pub udp_timeout_secs: u32,
     /// The host network namespace's cookie (`SO_NETNS_COOKIE` of a socket of the agent's).
     pub host_netns_cookie: u64,
 }
@@ -876,6 +884,53 @@ pub struct FragPorts {
     pub sport: u16,
     pub dport: u16,
 }
+
+/// Defaults of the socket-level hooks for what the agent left 0 in [`SockConfig`].
+pub mod sock_defaults {
+    /// kube-proxy's `--conntrack-udp-timeout-stream` default: the longest netfilter keeps a
+    /// UDP flow that goes on, so an unconnected socket is never re-balanced sooner than
+    /// conntrack would re-balance its 5-tuple.
+    pub const UDP_TIMEOUT_SECS: u32 = 120;
+}
+
+/// Key of `SOCK_UDP_BACKENDS` (LRU hash): an unconnected UDP socket (its cookie) and a
+/// frontend it sends to with `sendto()`/`sendmsg()`. The family is the map's (IPv4-mapped
+/// frontends use the IPv4 map). Netfilter keeps one backend per 5-tuple for as long as its
+/// conntrack entry lives; a socket's datagrams to one VIP:port are that 5-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockUdpKey<A = u32> {
+    /// `bpf_get_socket_cookie()`, low word first (as [`SockRevKey`]).
+    pub cookie: [u32; 2],
+    /// Frontend address, network byte order.
+    pub addr: A,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl<A> SockUdpKey<A> {
+    #[inline(always)]
+    pub const fn new(cookie: u64, addr: A, port: u16) -> Self {
+        SockUdpKey { cookie: [cookie as u32, (cookie >> 32) as u32], addr, port, _pad: 0 }
+    }
+}
+
+/// Value of `SOCK_UDP_BACKENDS`: the backend the socket was given, used while fresh and
+/// while the backend exists (the agent purges entries whose backend left the frontend,
+/// with the UDP conntrack entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockUdpValue {
+    pub backend_id: u32,
+    /// The frontend's service id when the backend was picked (a frontend re-created under
+    /// another id starts afresh).
+    pub svc_id: u32,
+    /// `bpf_ktime_get_ns()` of the socket's last datagram to the frontend.
+    pub last_used: u64,
+}
+
+pub type SockUdpKey6 = SockUdpKey<Ipv6Words>;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -911,6 +966,9 @@ mod pod_impls {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragKey6 {}
     unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for SockUdpKey {}
+    unsafe impl aya::Pod for SockUdpKey6 {}
+    unsafe impl aya::Pod for SockUdpValue {}
 }
 
 #[cfg(test)]
@@ -956,6 +1014,10 @@ mod tests {
         assert_eq!(size_of::<SockRevValue6>(), 24);
         assert_eq!(size_of::<SockConfig>(), 16);
         assert_eq!(align_of::<SockConfig>(), 8);
+        assert_eq!(size_of::<SockUdpKey>(), 16);
+        assert_eq!(size_of::<SockUdpKey6>(), 28);
+        assert_eq!(size_of::<SockUdpValue>(), 16);
+        assert_eq!(align_of::<SockUdpValue>(), 8);
     }
 
     /// No implicit padding: the sum of the field sizes equals the struct size.
@@ -978,6 +1040,9 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 4 + 4 + 4 + 1 + 3);
         assert_eq!(size_of::<FragKey6>(), 16 + 16 + 4 + 1 + 3);
         assert_eq!(size_of::<FragPorts>(), 2 + 2);
+        assert_eq!(size_of::<SockUdpKey>(), 8 + 4 + 2 + 2);
+        assert_eq!(size_of::<SockUdpKey6>(), 8 + 16 + 2 + 2);
+        assert_eq!(size_of::<SockUdpValue>(), 4 + 4 + 8);
     }
 
     #[test]

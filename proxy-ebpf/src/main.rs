@@ -55,13 +55,13 @@ pub fn to_uplink(ctx: TcContext) -> i32 {
 /// cgroup connect4: TCP and connected UDP sockets dialling a frontend connect to a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::forward4(&ctx)
+    sock::forward4(&ctx, sock::Call::Connect)
 }
 
 /// cgroup sendmsg4: unconnected UDP datagrams to a frontend go to a backend.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::forward4(&ctx)
+    sock::forward4(&ctx, sock::Call::Send)
 }
 
 /// cgroup recvmsg4: datagrams from a backend the socket was sent to appear to come from
@@ -81,13 +81,13 @@ pub fn sock_peername4(ctx: SockAddrContext) -> i32 {
 /// through the IPv4 maps).
 #[cgroup_sock_addr(connect6)]
 pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
-    sock::forward6(&ctx)
+    sock::forward6(&ctx, sock::Call::Connect)
 }
 
 /// cgroup sendmsg6: unconnected UDP over IPv6.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock::forward6(&ctx)
+    sock::forward6(&ctx, sock::Call::Send)
 }
 
 /// cgroup recvmsg6.

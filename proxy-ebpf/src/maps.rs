@@ -7,7 +7,8 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey,
     FragKey6, FragPorts, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
-    ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6,
+    ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6,
+    SockUdpValue, SourceRangeData6,
     StatsKey, sizes,
 };
 
@@ -141,3 +142,15 @@ pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, SockRevValue6> = LruHashMap::pi
 /// `--socket-lb` mode and the host network namespace's cookie, index 0. Written by the agent.
 #[map]
 pub static SOCK_CONFIG: Array<SockConfig> = Array::pinned(1, 0);
+
+/// The backend each unconnected UDP socket was given per frontend it sends to, so its
+/// datagrams keep going to one backend while it keeps sending (netfilter's per-5-tuple
+/// conntrack entry). LRU: entries of closed sockets are never looked up again and age out.
+#[map]
+pub static SOCK_UDP_BACKENDS: LruHashMap<SockUdpKey, SockUdpValue> =
+    LruHashMap::pinned(sizes::MAX_SOCK_UDP_BACKENDS, 0);
+
+/// `SOCK_UDP_BACKENDS` for IPv6 frontends (IPv4-mapped ones use `SOCK_UDP_BACKENDS`).
+#[map]
+pub static SOCK_UDP_BACKENDS6: LruHashMap<SockUdpKey6, SockUdpValue> =
+    LruHashMap::pinned(sizes::MAX_SOCK_UDP_BACKENDS, 0);

@@ -13,7 +13,9 @@
 //! `bpf_sock.c` (`__sock4_xlate_fwd` / `__sock4_xlate_rev`), written for these maps.
 //!
 //! A translated socket never touches conntrack: its packets carry the backend address from
-//! the start, and the TC programs see them as non-service traffic.
+//! the start, and the TC programs see them as non-service traffic. The socket is the state
+//! for `connect()`; for unconnected UDP the backend given to a (socket, frontend) is kept in
+//! `SOCK_UDP_BACKENDS` while the socket keeps sending, as conntrack keeps one per 5-tuple.
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
@@ -23,14 +25,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Ipv6Words, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, ServiceKey, ServiceValue, SockRevKey, SockRevValue, Verdict,
-    sock_flags, svc_flags,
+    Backend, Ipv6Words, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    SockUdpKey, SockUdpValue, Verdict, sock_defaults, sock_flags, svc_flags,
 };
 
 use crate::{
     family::{Family, V4, V6},
     lb::{self, Selected},
-    maps::{NODE_CONFIG, NODE_CONFIG6, SOCK_CONFIG, SOCK_REVNAT, SOCK_REVNAT6},
+    maps::{NODE_CONFIG, NODE_CONFIG6, SOCK_CONFIG, SOCK_REVNAT, SOCK_REVNAT6, SOCK_UDP_BACKENDS, SOCK_UDP_BACKENDS6},
     stats,
 };
 
@@ -56,6 +58,8 @@ trait SockFamily: Family {
     /// with), all zero when the agent wrote none.
     fn node_addr() -> Self::Addr;
     fn revnat() -> &'static LruHashMap<SockRevKey<Self::Addr>, SockRevValue<Self::Addr>>;
+    /// The backends given to unconnected UDP sockets per frontend.
+    fn udp_backends() -> &'static LruHashMap<SockUdpKey<Self::Addr>, SockUdpValue>;
 }
 
 /// `bpf_sock_addr::sk`, always set for sock_addr programs.
@@ -91,6 +95,9 @@ impl SockFamily for V4 {
     }
     fn revnat() -> &'static LruHashMap<SockRevKey, SockRevValue> {
         &SOCK_REVNAT
+    }
+    fn udp_backends() -> &'static LruHashMap<SockUdpKey, SockUdpValue> {
+        &SOCK_UDP_BACKENDS
     }
 }
 
@@ -131,6 +138,9 @@ impl SockFamily for V6 {
     fn revnat() -> &'static LruHashMap<SockRevKey<Ipv6Words>, SockRevValue<Ipv6Words>> {
         &SOCK_REVNAT6
     }
+    fn udp_backends() -> &'static LruHashMap<SockUdpKey<Ipv6Words>, SockUdpValue> {
+        &SOCK_UDP_BACKENDS6
+    }
 }
 
 /// `::ffff:0:0/96` as the words of an address in network byte order.
@@ -147,23 +157,35 @@ fn mapped(a: u32) -> Ipv6Words {
     [V4_MAPPED_PREFIX[0], V4_MAPPED_PREFIX[1], V4_MAPPED_PREFIX[2], a]
 }
 
+/// Which forward hook runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// `connect()`: the socket itself keeps the backend.
+    Connect,
+    /// `sendto()`/`sendmsg()` with an address: unconnected UDP, one decision per datagram.
+    Send,
+}
+
 /// The socket as the hooks see it.
 struct Sock {
     /// Is the socket in the host network namespace (the agent's)?
     host: bool,
     /// `--socket-lb=host-only`.
     host_only: bool,
+    /// How long an unconnected UDP socket keeps its backend between datagrams, in ns.
+    udp_timeout_ns: u64,
 }
 
 #[inline(always)]
 fn sock_of(ctx: &SockAddrContext) -> Sock {
     let cfg = SOCK_CONFIG.get(0).copied().unwrap_or_default();
+    let udp_timeout = if cfg.udp_timeout_secs == 0 { sock_defaults::UDP_TIMEOUT_SECS } else { cfg.udp_timeout_secs };
     // SAFETY: helper on the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     // Without a cookie written (never the case once the agent attached us) every socket
     // counts as the host's.
     let host = cfg.host_netns_cookie == 0 || netns == cfg.host_netns_cookie;
-    Sock { host, host_only: cfg.flags & sock_flags::HOST_ONLY != 0 }
+    Sock { host, host_only: cfg.flags & sock_flags::HOST_ONLY != 0, udp_timeout_ns: udp_timeout as u64 * 1_000_000_000 }
 }
 
 /// The client address session affinity is keyed by, as the TC path would see it: the
@@ -209,12 +231,39 @@ enum Forward<A> {
     Refuse,
 }
 
+/// The backend this unconnected UDP socket was given for the frontend `key` names, while
+/// fresh (it sent there within the UDP timeout), picked for this service, and still existing
+/// (the agent purges entries whose backend left the frontend, as it purges UDP conntrack;
+/// the existence check covers the moment in between, as affinity does). Refreshes its age.
+#[inline(always)]
+fn udp_backend_kept<F: SockFamily>(
+    key: &SockUdpKey<F::Addr>,
+    svc: &ServiceValue,
+    now: u64,
+    timeout_ns: u64,
+) -> Option<(u32, Backend<F::Addr>)> {
+    let v = F::udp_backends().get_ptr_mut(key)?;
+    // SAFETY: a pointer into the map value the helper returned, valid for this program run;
+    // plain-old-data fields.
+    let (backend_id, svc_id, last_used) = unsafe { ((*v).backend_id, (*v).svc_id, (*v).last_used) };
+    if svc_id != svc.id || now.wrapping_sub(last_used) > timeout_ns {
+        return None;
+    }
+    // SAFETY: plain-old-data copy out of the map value.
+    let b = unsafe { F::backends().get(&backend_id).copied() }?;
+    // SAFETY: as above; an 8-byte store into the value (a racing sender writes a time as
+    // recent: either is right).
+    unsafe { (*v).last_used = now };
+    Some((backend_id, b))
+}
+
 /// connect and sendmsg: the backend for frontend `addr:port` (network byte order) of a
 /// socket of protocol `proto`, recorded for the reverse hooks. `bound` is the socket's
 /// bound source address in this family.
 #[inline(always)]
 fn forward<F: SockFamily>(
     ctx: &SockAddrContext,
+    call: Call,
     proto: u32,
     addr: F::Addr,
     port: u16,
@@ -245,10 +294,28 @@ fn forward<F: SockFamily>(
     };
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    match lb::select_backend::<F>(&svc, client, now) {
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // Unconnected UDP keeps one backend per (socket, frontend) while it keeps sending.
+    // Affinity services keep theirs through the affinity table, as before; a frontend
+    // without endpoints refuses whatever a socket was given before.
+    let sticky = call == Call::Send && proto == PROTO_UDP && svc.flags & svc_flags::AFFINITY == 0 && svc.count != 0;
+    let ukey = SockUdpKey::new(cookie, addr, port);
+    let kept = if sticky { udp_backend_kept::<F>(&ukey, &svc, now, sock.udp_timeout_ns) } else { None };
+    let selected = match kept {
+        Some((id, b)) => Selected::Backend(id, b),
+        None => {
+            let s = lb::select_backend::<F>(&svc, client, now);
+            if let (true, Selected::Backend(id, _)) = (sticky, &s) {
+                // Best effort: without the entry the next datagram is balanced afresh.
+                let v = SockUdpValue { backend_id: *id, svc_id: svc.id, last_used: now };
+                let _ = F::udp_backends().insert(&ukey, &v, 0);
+            }
+            s
+        }
+    };
+    match selected {
         Selected::Backend(_, b) => {
-            // SAFETY: helper on the program's own context.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
             let rev = SockRevValue { addr, port, _pad: 0, svc_id: svc.id };
             // Best effort: without the entry the application would see the backend's
             // address in recvmsg()/getpeername(); the connection itself works.
@@ -298,10 +365,10 @@ fn verdict_of(f: &Forward<impl Copy>) -> i32 {
 
 /// connect4 and sendmsg4.
 #[inline(always)]
-pub fn forward4(ctx: &SockAddrContext) -> i32 {
+pub fn forward4(ctx: &SockAddrContext, call: Call) -> i32 {
     let sa = ctx.sock_addr;
     let (proto, port) = proto_port(sa);
-    let f = forward::<V4>(ctx, proto, V4::user_addr(sa), port, V4::bound_src(sa));
+    let f = forward::<V4>(ctx, call, proto, V4::user_addr(sa), port, V4::bound_src(sa));
     if let Forward::Backend(addr, port) = f {
         V4::set_user_addr(sa, addr);
         set_port(sa, port);
@@ -311,20 +378,20 @@ pub fn forward4(ctx: &SockAddrContext) -> i32 {
 
 /// connect6 and sendmsg6; an IPv4-mapped destination goes through the IPv4 maps.
 #[inline(always)]
-pub fn forward6(ctx: &SockAddrContext) -> i32 {
+pub fn forward6(ctx: &SockAddrContext, call: Call) -> i32 {
     let sa = ctx.sock_addr;
     let (proto, port) = proto_port(sa);
     let addr = V6::user_addr(sa);
     if let Some(a4) = v4_mapped(&addr) {
         let bound = v4_mapped(&V6::bound_src(sa)).unwrap_or(0);
-        let f = forward::<V4>(ctx, proto, a4, port, bound);
+        let f = forward::<V4>(ctx, call, proto, a4, port, bound);
         if let Forward::Backend(b, port) = f {
             V6::set_user_addr(sa, mapped(b));
             set_port(sa, port);
         }
         return verdict_of(&f);
     }
-    let f = forward::<V6>(ctx, proto, addr, port, V6::bound_src(sa));
+    let f = forward::<V6>(ctx, call, proto, addr, port, V6::bound_src(sa));
     if let Forward::Backend(b, port) = f {
         V6::set_user_addr(sa, b);
         set_port(sa, port);

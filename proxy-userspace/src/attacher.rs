@@ -20,7 +20,7 @@ use crate::{
         ifaces::LinkEvent,
         loader::Programs,
         ownership::{self, Hook, Recognizer},
-        sock::{self, SocketLbMode},
+        sock::{self, SockSettings},
     },
     health::Health,
     metrics::Metrics,
@@ -53,9 +53,9 @@ pub struct Attacher {
     pub ours: OurPrograms,
     pub health: Arc<Health>,
     pub check_interval: Duration,
-    /// The cgroup and mode the socket-level programs were attached with (None: not
+    /// The cgroup and settings the socket-level programs were attached with (None: not
     /// attached), so the datapath check re-attaches them when their pins are removed.
-    pub sock: Option<(PathBuf, SocketLbMode)>,
+    pub sock: Option<(PathBuf, SockSettings)>,
 }
 
 impl Attacher {
@@ -183,8 +183,8 @@ impl Attacher {
         for f in failed {
             error!(error = %f, "datapath restore failed");
         }
-        if let Some((cgroup, mode)) = self.sock.clone().filter(|_| sock_missing) {
-            match sock::attach(&mut self.programs, &self.root, &cgroup, mode) {
+        if let Some((cgroup, settings)) = self.sock.clone().filter(|_| sock_missing) {
+            match sock::attach(&mut self.programs, &self.root, &cgroup, settings) {
                 Ok(a) => info!(
                     created = a.created,
                     replaced = a.replaced,

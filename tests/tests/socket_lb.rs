@@ -398,6 +398,177 @@ fn stale_connected_udp_socket_is_destroyed() {
     assert!(destroyed >= 2.0, "{destroyed}");
 }
 
+/// Issue 19 item 4: unconnected UDP keeps one backend per (socket, frontend), as conntrack
+/// keeps one per 5-tuple: 30 datagrams sent with sendto() from one socket that was never
+/// bound reach one backend of three (each reply from VIP:port), and SOCK_UDP_BACKENDS holds
+/// that socket's choice. (Before: a backend picked per datagram, three backends seen.)
+#[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
+fn unconnected_udp_socket_keeps_one_backend() {
+    require_root("unconnected_udp_socket_keeps_one_backend");
+    let mut env = Env::new(3, 3, 38, "on", false);
+    let backends = env.pod_ips(3);
+    env.service("dns", VIP, 53, "UDP", &backends);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 53).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    wait_for(Duration::from_secs(10), "UDP service reachable", || {
+        matches!(client.cmd(&format!("udp {vip}")), Reply::Ok(..)).then_some(())
+    })
+    .expect("reachable");
+    // The agent passed --conntrack-udp-timeout-stream (default 120 s) to the hooks.
+    let cfg_pin = aya::maps::MapData::from_pin(env.pins.0.join("maps").join("SOCK_CONFIG")).expect("SOCK_CONFIG");
+    let cfg: aya::maps::Array<_, proxy_common::SockConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::from_map_data(cfg_pin).expect("map")).expect("array");
+    assert_eq!(cfg.get(&0, 0).expect("SOCK_CONFIG[0]").udp_timeout_secs, 120);
+    let maps = Maps::open_pinned(&env.pins.0).expect("pinned maps");
+    let kept = |maps: &Maps| maps.sock_udp.iter().filter_map(Result::ok).collect::<Vec<_>>();
+    let before = kept(&maps).len();
+    for round in 0..2 {
+        // A second socket may land on another backend: not asserted, only that it sticks.
+        let (names, from) = client.ok(&format!("usend {vip} 30"));
+        let names: Vec<&str> = names.split(',').collect();
+        assert_eq!(names.len(), 30, "socket {round}: {names:?}");
+        let seen: BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(seen.len(), 1, "socket {round}: one backend for every datagram of one socket, got {seen:?}");
+        assert_eq!(from, vip, "recvfrom() source");
+    }
+    let now = kept(&maps);
+    assert_eq!(now.len(), before + 2, "one kept backend per socket and frontend: {now:?}");
+    for (k, _) in &now {
+        assert_eq!((k.addr, k.port), (u32::from_ne_bytes(VIP.octets()), 53u16.to_be()), "{k:?}");
+    }
+
+    // Its backend leaving the Service: the socket's next datagrams are re-balanced, to one
+    // of the others, and stick there again; no entry points at the removed backend.
+    let (names, _) = client.ok(&format!("ukeep {vip} 10"));
+    let victim = names.split(',').next().expect("a name").to_string();
+    assert!(names.split(',').all(|n| n == victim), "{names}");
+    let victim_id = {
+        let snap = maps.read_snapshot().expect("snapshot");
+        let ip = backends.iter().find(|(n, _)| *n == victim).expect("victim").1;
+        snap.backends.iter().find(|(_, b)| b.addr == std::net::IpAddr::V4(ip)).expect("victim's id").0.get()
+    };
+    assert!(kept(&maps).iter().any(|(_, v)| v.backend_id == victim_id));
+    let live: Vec<(String, Ipv4Addr)> = backends.iter().filter(|(n, _)| *n != victim).cloned().collect();
+    let eps: Vec<(&str, Ipv4Addr)> = live.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    env.dir.write("dns-slice.yaml", &slice_yaml("dns", "dns-1", &eps, 8080, "UDP")).expect("slice");
+    wait_for(Duration::from_secs(5), "the removed backend's kept entries purged", || {
+        kept(&maps).iter().all(|(_, v)| v.backend_id != victim_id).then_some(())
+    })
+    .expect("purged");
+    let (names, _) = client.ok(&format!("ukeep {vip} 20"));
+    let seen: BTreeSet<&str> = names.split(',').collect();
+    assert_eq!(seen.len(), 1, "re-balanced once, then kept: {seen:?}");
+    assert!(!seen.contains(victim.as_str()), "{seen:?}");
+}
+
+/// Issue 19 item 10: a connected UDP socket whose reverse entry the LRU evicted (the test
+/// deletes every SOCK_REVNAT entry) is still destroyed when its backend is removed: it is
+/// found by its destination. A socket connected to a backend that stays is left alone.
+#[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
+fn stale_udp_socket_is_destroyed_without_its_reverse_entry() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use proxy_common::{SockRevKey, SockRevValue};
+    require_root("stale_udp_socket_is_destroyed_without_its_reverse_entry");
+    let mut env = Env::new(3, 3, 39, "on", false);
+    let backends = env.pod_ips(3);
+    env.service("dns", VIP, 53, "UDP", &backends);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 53).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    let victim =
+        wait_for(Duration::from_secs(10), "UDP service reachable", || match client.cmd(&format!("uconn {vip}")) {
+            Reply::Ok(n, _) => Some(n),
+            Reply::Err(..) => None,
+        })
+        .expect("connected UDP socket");
+    // A second client connected to another backend (retried until the random choice gives one).
+    let mut other = SockClient::start(&env.cg, &env.topo.node);
+    let survivor = (0..60)
+        .find_map(|_| match other.cmd(&format!("uconn {vip}")) {
+            Reply::Ok(n, _) if n != victim => Some(n),
+            _ => None,
+        })
+        .expect("a connected UDP socket on another backend");
+    // As an LRU eviction would: no reverse entry left for either socket.
+    let path = env.pins.0.join("maps").join("SOCK_REVNAT");
+    let data = MapData::from_pin(&path).expect("SOCK_REVNAT pin");
+    let mut revnat: BpfHashMap<MapData, SockRevKey, SockRevValue> =
+        BpfHashMap::try_from(Map::from_map_data(data).expect("map")).expect("SOCK_REVNAT");
+    let keys: Vec<SockRevKey> = revnat.keys().filter_map(Result::ok).collect();
+    assert!(keys.len() >= 2, "the hooks recorded both sockets: {keys:?}");
+    for k in &keys {
+        revnat.remove(k).expect("delete SOCK_REVNAT entry");
+    }
+    assert_eq!(revnat.keys().count(), 0);
+
+    let live: Vec<(String, Ipv4Addr)> = backends.iter().filter(|(n, _)| *n != victim).cloned().collect();
+    let eps: Vec<(&str, Ipv4Addr)> = live.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    env.dir.write("dns-slice.yaml", &slice_yaml("dns", "dns-1", &eps, 8080, "UDP")).expect("slice");
+    // The removed pod still answers: only the destruction makes the socket fail.
+    let errno = wait_for(Duration::from_secs(5), "the stale socket to be destroyed", || match client.cmd("uask") {
+        Reply::Ok(name, _) => {
+            assert_eq!(name, victim, "a connected socket never changes backend by itself");
+            None
+        }
+        Reply::Err(code, _) => Some(code),
+    })
+    .expect("destroyed although its SOCK_REVNAT entry was gone");
+    assert_ne!(errno, 0, "the call failed with an errno");
+    for _ in 0..5 {
+        assert_eq!(other.ok("uask").0, survivor, "a socket on a backend that stays is left alone");
+    }
+}
+
+/// Issue 19 item 12: an agent on root A attached to the cgroup and was killed (its links
+/// stay pinned and attached, translating with A's maps); an agent on root B starts on the
+/// same cgroup. A ClusterIP that only B's maps send to pod1 (A's sent it to pod0) reaches
+/// pod1, and the cgroup then carries only B's programs, one per hook.
+#[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
+fn other_roots_cgroup_programs_are_replaced() {
+    use proxy_userspace::dataplane::sock;
+    require_root("other_roots_cgroup_programs_are_replaced");
+    let mut env = Env::new(2, 2, 40, "on", false);
+    let backends = env.pod_ips(2);
+    env.service("web", VIP, 80, "TCP", &backends[..1]);
+    env.start_agent();
+    let vip: SocketAddr = (VIP, 80).into();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    wait_reachable(&mut client, vip);
+    assert_eq!(client.ok(&format!("tcp {vip}")).0, "pod0", "root A's agent translates to pod0");
+    if let Some(mut a) = env.agent.take() {
+        a.kill();
+    }
+    assert_eq!(client.ok(&format!("tcp {vip}")).0, "pod0", "root A's links outlive its agent");
+
+    // Root B, its own manifests: the same ClusterIP on pod1 only.
+    let root_a = std::mem::replace(&mut env.pins, PinDir::new());
+    let dir_b = TempDir::new("ebpf-proxy-socklb-b-").expect("manifests dir");
+    dir_b.write("node.yaml", &node_yaml("node-a", NODE_IP)).expect("node");
+    dir_b.write("web.yaml", &service_yaml("web", &VIP.to_string(), 80, 8080, "TCP")).expect("svc");
+    let eps = [(backends[1].0.as_str(), backends[1].1)];
+    dir_b.write("web-slice.yaml", &slice_yaml("web", "web-1", &eps, 8080, "TCP")).expect("slice");
+    let manifests = env.agent_args.iter().position(|a| a == "--manifests").expect("--manifests") + 1;
+    env.agent_args[manifests] = dir_b.0.display().to_string();
+    env.start_agent();
+    for _ in 0..10 {
+        assert_eq!(client.ok(&format!("tcp {vip}")).0, "pod1", "root B's maps decide");
+    }
+    let mine = sock::pinned_link_ids(&env.pins.0);
+    assert_eq!(mine.len(), 8, "root B pinned a link per program");
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&env.cg.path).expect("cgroup"));
+    let links = sock::our_links_on(cgroup_id);
+    assert!(links.iter().all(|l| mine.contains(&l.link_id)), "only root B's links: {links:?}");
+    assert_eq!(links.len(), 8, "{links:?}");
+    for (program, progs) in sock::cgroup_programs(&env.cg.path).expect("BPF_PROG_QUERY") {
+        assert_eq!(progs.len(), 1, "{program}: one program on the hook, got {progs:?}");
+    }
+    drop(root_a);
+}
+
 /// Test 6: kill -9 and restart of the agent while a node client loops through a ClusterIP:
 /// the pinned cgroup links keep translating, and the new agent swaps its programs into
 /// them: zero failed connections.

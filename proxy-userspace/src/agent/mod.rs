@@ -222,7 +222,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         ours,
         health: health.clone(),
         check_interval: config.datapath_check_interval,
-        sock: sock_lb.as_ref().map(|s| (s.cgroup.clone(), config.socket_lb)),
+        sock: sock_lb.as_ref().map(|s| (s.cgroup.clone(), socket_lb::sock_settings(&config))),
     };
     tokio::spawn(attacher.run(lrx));
 

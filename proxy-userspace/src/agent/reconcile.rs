@@ -208,7 +208,7 @@ impl SyncLoop {
         }
         self.last_errors = errors;
         if let Some(sl) = self.sock.as_ref().filter(|_| !report.removed_udp_backends.is_empty()) {
-            let r = sock::destroy_udp_sockets(&sl.cgroup, &sl.revnat, &report.removed_udp_backends);
+            let r = sock::destroy_udp_sockets(&sl.cgroup, &report.removed_udp_backends);
             self.metrics.sock_udp_destroyed.inc_by(r.destroyed as u64);
             self.metrics.sock_destroy_duration.observe(r.elapsed.as_secs_f64());
             info!(

@@ -16,10 +16,9 @@ use crate::{
     show::cstr,
 };
 
-/// Socket-level load balancing as attached: the cgroup and the reverse-translation map.
+/// Socket-level load balancing as attached: the cgroup whose sockets it translates.
 pub(super) struct SockLb {
     pub(super) cgroup: std::path::PathBuf,
-    pub(super) revnat: sock::RevNat,
 }
 
 /// Attach (or, with `--socket-lb=off`, detach) the socket-level programs. A kernel without
@@ -51,7 +50,7 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
             return Ok(None);
         }
     };
-    match sock::attach(programs, config.bpffs_root(), &cgroup, config.socket_lb) {
+    match sock::attach(programs, config.bpffs_root(), &cgroup, sock_settings(config)) {
         Ok(a) => {
             info!(
                 cgroup = %cgroup.display(),
@@ -59,10 +58,10 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
                 links_replaced = a.replaced,
                 links_created = a.created,
                 links_detached = a.detached,
+                foreign_links_detached = a.foreign_detached,
                 "socket-level load balancing attached"
             );
-            let revnat = sock::RevNat::open_pinned(config.bpffs_root()).context("socket-level reverse translations")?;
-            Ok(Some(SockLb { cgroup, revnat }))
+            Ok(Some(SockLb { cgroup }))
         }
         Err(e) => {
             // The whole chain: the syscall's errno is what tells the operator why.
@@ -70,6 +69,15 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
             error!(error = format!("{e:#}"), "socket-level load balancing off: node processes cannot reach Services");
             Ok(None)
         }
+    }
+}
+
+/// The hooks' settings from the agent's flags: unconnected UDP sockets keep their backend
+/// as long as conntrack keeps a UDP stream (`--conntrack-udp-timeout-stream`).
+pub(super) fn sock_settings(config: &AgentConfig) -> sock::SockSettings {
+    sock::SockSettings {
+        mode: config.socket_lb,
+        udp_timeout: std::time::Duration::from_secs(u64::from(config.ct_timeouts.udp_stream)),
     }
 }
 

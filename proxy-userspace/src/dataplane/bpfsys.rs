@@ -26,6 +26,7 @@ pub const BPF_TCX_EGRESS: u32 = 47;
 /// `enum bpf_link_type`.
 pub const BPF_LINK_TYPE_XDP: u32 = 6;
 pub const BPF_LINK_TYPE_TCX: u32 = 11;
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
 /// Large enough for every attribute struct we use; the kernel requires unused tail bytes
 /// to be zero, which a zeroed buffer guarantees.
@@ -256,4 +257,48 @@ pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<Vec<(u32, u32)>> 
     let n = (get_u32(&a, 24) as usize).min(MAX);
     let _revision = get_u64(&a, 56);
     Ok((0..n).map(|i| (progs[i], links[i])).collect())
+}
+
+/// What `bpf_link_info` says about a cgroup link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub id: u32,
+    pub prog_id: u32,
+    /// The cgroup's id (its inode number on cgroup2); 0 once the link is detached.
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// The cgroup link `fd` refers to; `None` for a link of another type.
+pub fn cgroup_link_info(fd: &OwnedFd) -> io::Result<Option<CgroupLinkInfo>> {
+    // struct bpf_link_info: type, id, prog_id, then the 8-aligned union at offset 16 whose
+    // cgroup member is {__u64 cgroup_id; __u32 attach_type}.
+    let mut info = [0u8; 64];
+    obj_info(fd, &mut info)?;
+    if get_u32(&info, 0) != BPF_LINK_TYPE_CGROUP {
+        return Ok(None);
+    }
+    Ok(Some(CgroupLinkInfo {
+        id: get_u32(&info, 4),
+        prog_id: get_u32(&info, 8),
+        cgroup_id: get_u64(&info, 16),
+        attach_type: get_u32(&info, 24),
+    }))
+}
+
+/// Programs attached to the cgroup `cgroup_fd` itself (not inherited) on `attach_type`.
+pub fn cgroup_query(cgroup_fd: std::os::fd::BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    // Bounded by the kernel's limit of programs per cgroup hook (64).
+    const MAX: usize = 64;
+    let mut progs = [0u32; MAX];
+    let mut a: Attr = [0; 128];
+    // query: target_fd 0, attach_type 4, query_flags 8, attach_flags 12, prog_ids 16,
+    // prog_cnt 24.
+    put_u32(&mut a, 0, cgroup_fd.as_raw_fd() as u32);
+    put_u32(&mut a, 4, attach_type);
+    put_u64(&mut a, 16, progs.as_mut_ptr() as u64);
+    put_u32(&mut a, 24, MAX as u32);
+    bpf(BPF_PROG_QUERY, &mut a)?;
+    let n = (get_u32(&a, 24) as usize).min(MAX);
+    Ok(progs[..n].to_vec())
 }

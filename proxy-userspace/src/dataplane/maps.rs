@@ -12,8 +12,9 @@ use aya::{
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6,
-    ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6, StatsKey, map_names as n,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, PROTO_UDP,
+    ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue,
+    SourceRangeData6, StatsKey, map_names as n,
 };
 
 use super::{
@@ -59,6 +60,9 @@ pub struct Maps {
     pub ct_new6: HashMap<MapData, CtKey6, CtValue6>,
     pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeData6, u8>,
+    /// Backends kept by unconnected UDP sockets of the socket-level hooks (LRU).
+    pub sock_udp: HashMap<MapData, SockUdpKey, SockUdpValue>,
+    pub sock_udp6: HashMap<MapData, SockUdpKey6, SockUdpValue>,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
@@ -95,6 +99,8 @@ impl Maps {
             ct_new6: typed(n::CT_NEW6, get(n::CT_NEW6)?)?,
             affinity6: typed(n::AFFINITY6, get(n::AFFINITY6)?)?,
             source_ranges6: typed(n::SOURCE_RANGES6, get(n::SOURCE_RANGES6)?)?,
+            sock_udp: typed(n::SOCK_UDP_BACKENDS, get(n::SOCK_UDP_BACKENDS)?)?,
+            sock_udp6: typed(n::SOCK_UDP_BACKENDS6, get(n::SOCK_UDP_BACKENDS6)?)?,
         })
     }
 
@@ -431,6 +437,16 @@ impl MapStore for Maps {
         count += purge(&mut self.ct_new, n::CT_NEW, |k, v| pred(ct_facts(k, v)))?;
         count += purge(&mut self.conntrack6, n::CONNTRACK6, |k, v| pred(ct_facts(k, v)))?;
         count += purge(&mut self.ct_new6, n::CT_NEW6, |k, v| pred(ct_facts(k, v)))?;
+        // The backends unconnected UDP sockets keep are the socket level's UDP conntrack:
+        // what purges a UDP flow's entry purges them too (their backend left the frontend).
+        let sock = |v: &SockUdpValue| {
+            pred(CtFacts { proto: PROTO_UDP, svc_id: v.svc_id.into(), backend_id: v.backend_id.into() })
+        };
+        let s4 = purge(&mut self.sock_udp, n::SOCK_UDP_BACKENDS, |_, v| sock(v))?;
+        let s6 = purge(&mut self.sock_udp6, n::SOCK_UDP_BACKENDS6, |_, v| sock(v))?;
+        if s4 + s6 > 0 {
+            tracing::debug!(entries = s4 + s6, "purged backends kept by unconnected UDP sockets");
+        }
         Ok(count)
     }
 

@@ -31,8 +31,8 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
-    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6,
-    StatsKey, map_names as n,
+    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey,
+    SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, map_names as n,
 };
 use tracing::{info, warn};
 
@@ -185,6 +185,9 @@ pub static KINDS: &[Kind] = &[
     Kind { name: n::CT_NEW6, repeat: true, must_fit: false, copy: copy_hash::<CtKey6, CtValue6> },
     Kind { name: n::AFFINITY6, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey6, AffinityValue> },
     Kind { name: n::NEIGH_MISSES6, repeat: true, must_fit: false, copy: copy_hash::<NeighKey6, u64> },
+    // Socket-level state the hooks write: best effort, like affinity.
+    Kind { name: n::SOCK_UDP_BACKENDS, repeat: true, must_fit: false, copy: copy_hash::<SockUdpKey, SockUdpValue> },
+    Kind { name: n::SOCK_UDP_BACKENDS6, repeat: true, must_fit: false, copy: copy_hash::<SockUdpKey6, SockUdpValue> },
 ];
 
 fn kind(name: &str) -> Option<&'static Kind> {

@@ -36,6 +36,35 @@ const OUR_MAPS: [&str; 4] = [
     proxy_common::map_names::SERVICES6,
 ];
 
+/// Maps the socket-level programs use that only our object defines under these names (the
+/// reverse hooks use nothing but `SOCK_REVNAT`/`SOCK_REVNAT6`).
+const OUR_SOCK_MAPS: [&str; 5] = [
+    proxy_common::map_names::SERVICES,
+    proxy_common::map_names::SERVICES6,
+    proxy_common::map_names::SOCK_REVNAT,
+    proxy_common::map_names::SOCK_REVNAT6,
+    proxy_common::map_names::SOCK_CONFIG,
+];
+
+/// The name of program `prog_id` if it is named like one of `names` and uses a map named
+/// like one of `maps`: the name alone could be another tool's.
+fn recognise(prog_id: u32, names: &[&str], maps: &[&str]) -> Option<String> {
+    let info = bpfsys::prog_info(prog_id).ok()?;
+    if !names.contains(&info.name.as_str()) {
+        return None;
+    }
+    let uses_our_maps = info.map_ids.iter().any(|id| {
+        aya::maps::MapInfo::from_id(*id).ok().is_some_and(|m| m.name_as_str().is_some_and(|n| maps.contains(&n)))
+    });
+    uses_our_maps.then_some(info.name)
+}
+
+/// The name of program `prog_id` if it is one of our socket-level (cgroup) programs,
+/// whichever agent loaded it.
+pub fn sock_program_ours(prog_id: u32) -> Option<String> {
+    recognise(prog_id, &super::sock::SOCK_PROGRAMS, &OUR_SOCK_MAPS)
+}
+
 /// Where a program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -147,21 +176,7 @@ pub struct Recognizer {
 impl Recognizer {
     /// The program's name if it is one of ours.
     pub fn ours(&mut self, prog_id: u32) -> Option<String> {
-        self.known
-            .entry(prog_id)
-            .or_insert_with(|| {
-                let info = bpfsys::prog_info(prog_id).ok()?;
-                if !OUR_PROGRAMS.contains(&info.name.as_str()) {
-                    return None;
-                }
-                let uses_our_maps = info.map_ids.iter().any(|id| {
-                    aya::maps::MapInfo::from_id(*id)
-                        .ok()
-                        .is_some_and(|m| m.name_as_str().is_some_and(|n| OUR_MAPS.contains(&n)))
-                });
-                uses_our_maps.then_some(info.name)
-            })
-            .clone()
+        self.known.entry(prog_id).or_insert_with(|| recognise(prog_id, &OUR_PROGRAMS, &OUR_MAPS)).clone()
     }
 
     /// Our programs attached to `iface` (tcx both directions, and XDP).

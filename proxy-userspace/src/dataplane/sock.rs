@@ -18,13 +18,11 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use proxy_common::{
-    Ipv6Words, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, map_names as n, sock_flags,
-};
-use tracing::{debug, info};
+use proxy_common::{Ipv6Words, SockConfig, map_names as n, sock_flags};
+use tracing::{debug, info, warn};
 
 use super::{addr, bpfsys, loader::Programs, paths};
 
@@ -38,6 +36,18 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
     "sock_sendmsg6",
     "sock_recvmsg6",
     "sock_peername6",
+];
+
+/// `enum bpf_attach_type` of each program's hook, in the order of [`SOCK_PROGRAMS`].
+pub const SOCK_ATTACH_TYPES: [u32; 8] = [
+    10, // BPF_CGROUP_INET4_CONNECT
+    14, // BPF_CGROUP_UDP4_SENDMSG
+    19, // BPF_CGROUP_UDP4_RECVMSG
+    29, // BPF_CGROUP_INET4_GETPEERNAME
+    11, // BPF_CGROUP_INET6_CONNECT
+    15, // BPF_CGROUP_UDP6_SENDMSG
+    20, // BPF_CGROUP_UDP6_RECVMSG
+    30, // BPF_CGROUP_INET6_GETPEERNAME
 ];
 
 /// `--socket-lb`.
@@ -160,6 +170,22 @@ pub fn netns_cookie() -> io::Result<u64> {
     }
 }
 
+/// What the hooks are told through `SOCK_CONFIG`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockSettings {
+    pub mode: SocketLbMode,
+    /// How long an unconnected UDP socket keeps its backend for a frontend between two
+    /// datagrams (`--conntrack-udp-timeout-stream`); zero: the datapath's default
+    /// (`proxy_common::sock_defaults::UDP_TIMEOUT_SECS`).
+    pub udp_timeout: Duration,
+}
+
+impl From<SocketLbMode> for SockSettings {
+    fn from(mode: SocketLbMode) -> Self {
+        SockSettings { mode, udp_timeout: Duration::ZERO }
+    }
+}
+
 /// How the programs ended up attached.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SockAttach {
@@ -169,18 +195,108 @@ pub struct SockAttach {
     pub created: usize,
     /// Pinned links on another cgroup (an earlier `--cgroup-root`), detached.
     pub detached: usize,
+    /// Links of our programs on this cgroup that are not this root's (an agent on another
+    /// `--bpffs-root` left them), detached.
+    pub foreign_detached: usize,
+}
+
+/// A cgroup link running one of our socket-level programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupLink {
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub program: String,
+    pub attach_type: u32,
+}
+
+/// The ids of the cgroup links pinned under `root` (this root's own).
+pub fn pinned_link_ids(root: &Path) -> HashSet<u32> {
+    let Ok(entries) = std::fs::read_dir(links_dir(root)) else { return HashSet::new() };
+    entries
+        .flatten()
+        .filter_map(|e| bpfsys::obj_get(&e.path()).ok())
+        .filter_map(|fd| bpfsys::cgroup_link_info(&fd).ok().flatten())
+        .map(|i| i.id)
+        .collect()
+}
+
+/// Links on the cgroup `cgroup_id` (its inode) that run one of our socket-level programs,
+/// whoever attached them: recognised by program name and the maps it uses, as the
+/// interface attachments are (`ownership`). Needs CAP_SYS_ADMIN to look programs up by id;
+/// without it nothing is found.
+pub fn our_links_on(cgroup_id: u64) -> Vec<CgroupLink> {
+    let mut out = Vec::new();
+    for id in bpfsys::link_ids() {
+        let Ok(fd) = bpfsys::link_fd_by_id(id) else { continue };
+        let Ok(Some(info)) = bpfsys::cgroup_link_info(&fd) else { continue };
+        if info.cgroup_id != cgroup_id || !SOCK_ATTACH_TYPES.contains(&info.attach_type) {
+            continue;
+        }
+        if let Some(program) = super::ownership::sock_program_ours(info.prog_id) {
+            out.push(CgroupLink { link_id: id, prog_id: info.prog_id, program, attach_type: info.attach_type });
+        }
+    }
+    out
+}
+
+/// Detach the links of our programs on `cgroup_id` that are not pinned under `root`: an
+/// agent that ran with another `--bpffs-root` left them, and they would keep translating
+/// with that root's maps (to old backends) before or after ours. `BPF_LINK_DETACH` makes
+/// their pins, wherever they are, defunct. Returns how many were detached.
+fn detach_foreign_links(root: &Path, cgroup_id: u64) -> usize {
+    let mine = pinned_link_ids(root);
+    let mut detached = 0;
+    for l in our_links_on(cgroup_id).into_iter().filter(|l| !mine.contains(&l.link_id)) {
+        let result = bpfsys::link_fd_by_id(l.link_id).and_then(|fd| bpfsys::link_detach(&fd));
+        match result {
+            Ok(()) => {
+                warn!(
+                    program = %l.program,
+                    prog_id = l.prog_id,
+                    link_id = l.link_id,
+                    cgroup_id,
+                    "detached a socket-level program of ours left on the cgroup by another --bpffs-root"
+                );
+                detached += 1;
+            }
+            Err(e) => warn!(
+                program = %l.program,
+                link_id = l.link_id,
+                error = %e,
+                "cannot detach a socket-level program of ours left on the cgroup by another --bpffs-root"
+            ),
+        }
+    }
+    detached
+}
+
+/// The programs attached directly to `cgroup` on each of our hooks, as the kernel lists
+/// them (`BPF_PROG_QUERY`), in the order of [`SOCK_PROGRAMS`].
+pub fn cgroup_programs(cgroup: &Path) -> io::Result<Vec<(&'static str, Vec<u32>)>> {
+    let fd = File::open(cgroup)?;
+    SOCK_PROGRAMS
+        .iter()
+        .zip(SOCK_ATTACH_TYPES)
+        .map(|(p, at)| bpfsys::cgroup_query(fd.as_fd(), at).map(|ids| (*p, ids)))
+        .collect()
 }
 
 fn pin_name(cgroup_id: u64, program: &str) -> String {
     format!("{cgroup_id}-{program}")
 }
 
-/// Write the mode into `SOCK_CONFIG` (before the programs can run with it).
-fn write_config(progs: &mut Programs, mode: SocketLbMode) -> Result<(), SockError> {
+/// `SockConfig::udp_timeout_secs` of a timeout: zero stays 0 (the datapath's default), anything
+/// else is at least a second, since 0 would mean "the default".
+fn udp_timeout_secs(d: Duration) -> u32 {
+    if d.is_zero() { 0 } else { u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX) }
+}
+
+/// Write the settings into `SOCK_CONFIG` (before the programs can run with them).
+fn write_config(progs: &mut Programs, settings: &SockSettings) -> Result<(), SockError> {
     let cookie = netns_cookie().map_err(io_err("reading the host network namespace's cookie (SO_NETNS_COOKIE)"))?;
     let cfg = SockConfig {
-        flags: if mode == SocketLbMode::HostOnly { sock_flags::HOST_ONLY } else { 0 },
-        _pad: 0,
+        flags: if settings.mode == SocketLbMode::HostOnly { sock_flags::HOST_ONLY } else { 0 },
+        udp_timeout_secs: udp_timeout_secs(settings.udp_timeout),
         host_netns_cookie: cookie,
     };
     let map = progs.ebpf.map_mut(n::SOCK_CONFIG).ok_or_else(|| SockError::Io {
@@ -195,12 +311,18 @@ fn write_config(progs: &mut Programs, mode: SocketLbMode) -> Result<(), SockErro
 /// Attach the socket-level programs to `cgroup` (mode `On` or `HostOnly`), replacing the
 /// programs in links an earlier agent pinned on the same cgroup, and detaching those it
 /// pinned on another one.
-pub fn attach(progs: &mut Programs, root: &Path, cgroup: &Path, mode: SocketLbMode) -> Result<SockAttach, SockError> {
+pub fn attach(
+    progs: &mut Programs,
+    root: &Path,
+    cgroup: &Path,
+    settings: impl Into<SockSettings>,
+) -> Result<SockAttach, SockError> {
+    let settings = settings.into();
     let cgroup = &resolve_cgroup2(cgroup)?;
     let cgroup_id = std::fs::metadata(cgroup).map_err(io_err(format!("stat {}", cgroup.display())))?.ino();
     let dir = links_dir(root);
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    write_config(progs, mode)?;
+    write_config(progs, &settings)?;
     let mut out = SockAttach::default();
     // Links on another cgroup: the operator moved --cgroup-root. Unpinning detaches.
     for e in std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?.flatten() {
@@ -257,6 +379,8 @@ pub fn attach(progs: &mut Programs, root: &Path, cgroup: &Path, mode: SocketLbMo
         })?;
         out.created += 1;
     }
+    // Only once ours run: the old programs keep translating until then.
+    out.foreign_detached = detach_foreign_links(root, cgroup_id);
     Ok(out)
 }
 
@@ -308,34 +432,6 @@ pub struct DestroyReport {
     /// Sockets found but not destroyed (gone meanwhile, or refused).
     pub failed: usize,
     pub elapsed: Duration,
-}
-
-/// The `SOCK_REVNAT` and `SOCK_REVNAT6` maps, opened from their pins, to tell sockets the
-/// hooks translated from sockets that dialled a pod address themselves (those are not ours
-/// to close).
-pub struct RevNat {
-    v4: HashMap<MapData, SockRevKey, SockRevValue>,
-    v6: HashMap<MapData, SockRevKey6, SockRevValue6>,
-}
-
-fn open_hash<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>, SockError> {
-    let path = paths::maps_dir(root).join(name);
-    let data = MapData::from_pin(&path).map_err(|source| SockError::Map { map: name, source })?;
-    let map = Map::from_map_data(data).map_err(|source| SockError::Map { map: name, source })?;
-    HashMap::try_from(map).map_err(|source| SockError::Map { map: name, source })
-}
-
-impl RevNat {
-    pub fn open_pinned(root: &Path) -> Result<Self, SockError> {
-        Ok(RevNat { v4: open_hash(root, n::SOCK_REVNAT)?, v6: open_hash(root, n::SOCK_REVNAT6)? })
-    }
-
-    fn translated(&self, cookie: u64, peer: Peer, port: u16) -> bool {
-        match peer {
-            Peer::V4(a) => self.v4.get(&SockRevKey::new(cookie, a, port), 0).is_ok(),
-            Peer::V6(a) => self.v6.get(&SockRevKey::new(cookie, a, port), 0).is_ok(),
-        }
-    }
 }
 
 /// A socket's peer as the maps store it: IPv4 (also for an IPv6 socket connected to an
@@ -491,9 +587,11 @@ fn peer(family: libc::c_int, id: &[u8]) -> Peer {
 }
 
 /// Destroy, in the namespace the thread is in, the connected UDP sockets (both families)
-/// whose peer is one of `backends` and that the hooks translated (their cookie is in
-/// `SOCK_REVNAT`/`SOCK_REVNAT6` under that backend). Returns (destroyed, failed).
-fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<(usize, usize)> {
+/// whose peer is one of `backends`, found by their destination alone: whether the hooks
+/// still hold a reverse entry for them (`SOCK_REVNAT`, an LRU that evicts) or the
+/// application dialled the pod itself, a socket connected to a backend that left every
+/// frontend would keep sending to a deleted pod. Returns (destroyed, failed).
+fn destroy_here(backends: &HashSet<(Peer, u16)>) -> io::Result<(usize, usize)> {
     let (mut destroyed, mut failed) = (0, 0);
     for family in [libc::AF_INET, libc::AF_INET6] {
         let dump = netlink_socket()?;
@@ -506,10 +604,8 @@ fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<
             let id = &msg[SOCKID_OFF..SOCKID_OFF + SOCKID_LEN];
             // inet_diag_sockid: sport, dport (big-endian u16), src[4], dst[4], if, cookie[2].
             let dport = u16::from_ne_bytes([id[2], id[3]]);
-            let dst = peer(family, id);
-            let cookie = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]) as u64
-                | (u32::from_ne_bytes([id[44], id[45], id[46], id[47]]) as u64) << 32;
-            if backends.contains(&(dst, dport)) && revnat.translated(cookie, dst, dport) {
+            // An unconnected socket's destination is all zero: it never matches.
+            if backends.contains(&(peer(family, id), dport)) {
                 victims.push(id.to_vec());
             }
         })?;
@@ -531,8 +627,9 @@ fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<
     Ok((destroyed, failed))
 }
 
-/// Destroy the connected UDP sockets the socket-level hooks pointed at `backends` (address,
-/// port in network byte order), in every network namespace of a process in the `cgroup` tree.
+/// Destroy the connected UDP sockets connected to `backends` (address, port in network byte
+/// order; backends the sync deleted, which no frontend uses any more), in every network
+/// namespace of a process in the `cgroup` tree.
 /// Their owners get ECONNABORTED on the next call and reconnect, through the hooks, to a
 /// live backend (kube-proxy's conntrack flush for UDP, kube-proxy #48370, at the socket).
 /// Uses sock_diag `SOCK_DESTROY` (CONFIG_INET_DIAG_DESTROY), from a thread that enters each
@@ -540,7 +637,7 @@ fn destroy_here(backends: &HashSet<(Peer, u16)>, revnat: &RevNat) -> io::Result<
 /// (pods) are found through `/proc/<pid>/ns/net` and entered with setns, which needs the
 /// host's PID namespace and CAP_SYS_ADMIN; without them only the agent's own namespace is
 /// searched (node processes and hostNetwork pods).
-pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(IpAddr, u16)]) -> DestroyReport {
+pub fn destroy_udp_sockets(cgroup: &Path, backends: &[(IpAddr, u16)]) -> DestroyReport {
     let t = Instant::now();
     let wanted: HashSet<(Peer, u16)> = backends.iter().map(|(a, p)| (Peer::of(*a), *p)).collect();
     let mut namespaces = namespaces_in(cgroup);
@@ -548,7 +645,7 @@ pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(IpAddr, 
     // (hostNetwork, no hostPID) it is the one namespace always reachable.
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| (m.dev(), m.ino())).ok();
     let mut report = DestroyReport { namespaces: 1, ..Default::default() };
-    match destroy_here(&wanted, revnat) {
+    match destroy_here(&wanted) {
         Ok((d, f)) => {
             report.destroyed += d;
             report.failed += f;
@@ -564,7 +661,7 @@ pub fn destroy_udp_sockets(cgroup: &Path, revnat: &RevNat, backends: &[(IpAddr, 
             s.spawn(|| -> io::Result<(usize, usize)> {
                 let ns = File::open(path)?;
                 nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-                destroy_here(&wanted, revnat)
+                destroy_here(&wanted)
             })
             .join()
         });
@@ -598,6 +695,18 @@ mod tests {
         let pure = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
         assert_eq!(cgroup2_mount("32 30 0:28 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw\n"), None);
+    }
+
+    #[test]
+    fn udp_timeout_reaches_the_datapath_in_whole_seconds() {
+        assert_eq!(udp_timeout_secs(Duration::ZERO), 0);
+        assert_eq!(udp_timeout_secs(Duration::from_millis(300)), 1);
+        assert_eq!(udp_timeout_secs(Duration::from_secs(120)), 120);
+        assert_eq!(udp_timeout_secs(Duration::from_secs(u64::MAX)), u32::MAX);
+        assert_eq!(SockSettings::from(SocketLbMode::HostOnly).udp_timeout, Duration::ZERO);
+        // The hooks' order matches their attach types.
+        assert_eq!(SOCK_PROGRAMS.len(), SOCK_ATTACH_TYPES.len());
+        assert_eq!((SOCK_PROGRAMS[3], SOCK_ATTACH_TYPES[3]), ("sock_peername4", 29));
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! - `udp A:P`   unconnected socket, send_to + recv_from: `ok NAME FROM`
 //! - `uconn A:P` open a connected UDP socket (kept) and ask once: `ok NAME PEER`
 //! - `uask`      ask again on the kept connected UDP socket: `ok NAME PEER`
+//! - `usend A:P N` one unconnected socket that was never bound (the kernel binds it on
+//!   the first send), N times send_to + recv_from: `ok NAME,NAME,... FROM` (the last
+//!   reply's source)
+//! - `ukeep A:P N` the same on one unconnected socket kept across commands (made, never
+//!   bound, on the first `ukeep`)
 //! - `loop A:P MS` TCP connections for MS milliseconds (at most 30 s): `ok SUCCEEDED FAILED`
 //!
 //! Failures answer `err ERRNO MESSAGE` (ERRNO 0 when there is none).
@@ -47,6 +52,28 @@ fn udp(addr: SocketAddr) -> Result<String, std::io::Error> {
     Ok(format!("ok {} {from}", String::from_utf8_lossy(&buf[..n])))
 }
 
+/// A UDP socket of `addr`'s family that is not bound (the kernel binds it on the first send).
+fn unbound(addr: SocketAddr) -> Result<UdpSocket, std::io::Error> {
+    let domain = socket2::Domain::for_address(addr);
+    let s: UdpSocket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?.into();
+    s.set_read_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+/// `usend`/`ukeep`: N datagrams from `s` to `addr`, each answered before the next.
+fn usend(s: &UdpSocket, addr: SocketAddr, n: usize) -> Result<String, std::io::Error> {
+    let mut names = Vec::with_capacity(n);
+    let mut last = addr;
+    let mut buf = [0u8; 256];
+    for _ in 0..n {
+        s.send_to(b"who", addr)?;
+        let (len, from) = s.recv_from(&mut buf)?;
+        names.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+        last = from;
+    }
+    Ok(format!("ok {} {last}", names.join(",")))
+}
+
 fn ask(s: &UdpSocket) -> Result<String, std::io::Error> {
     s.send(b"who")?;
     let mut buf = [0u8; 256];
@@ -71,6 +98,7 @@ fn main() -> anyhow::Result<()> {
     writeln!(out, "ready")?;
     out.flush()?;
     let mut kept: Option<UdpSocket> = None;
+    let mut kept_unconnected: Option<UdpSocket> = None;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
         let mut words = line.split_whitespace();
@@ -92,6 +120,20 @@ fn main() -> anyhow::Result<()> {
                         r
                     }
                     Err(e) => err(&e),
+                }
+            }
+            ("usend", Some(a)) => {
+                let n: usize = words.next().and_then(|m| m.parse().ok()).unwrap_or(1).min(10_000);
+                unbound(a).and_then(|s| usend(&s, a, n)).unwrap_or_else(|e| err(&e))
+            }
+            ("ukeep", Some(a)) => {
+                let n: usize = words.next().and_then(|m| m.parse().ok()).unwrap_or(1).min(10_000);
+                if kept_unconnected.is_none() {
+                    kept_unconnected = unbound(a).ok();
+                }
+                match &kept_unconnected {
+                    Some(s) => usend(s, a, n).unwrap_or_else(|e| err(&e)),
+                    None => "err 0 cannot open a UDP socket".into(),
                 }
             }
             ("uask", _) => match &kept {
