@@ -32,6 +32,7 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const SOCK_REVNAT6: &str = "SOCK_REVNAT6";
     pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
+    pub const SYNC_IDS: &str = "SYNC_IDS";
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -716,6 +717,20 @@ pub struct SockConfig {
     pub host_netns_cookie: u64,
 }
 
+/// Value of `SYNC_IDS` (array, one entry, index 0), written and read only by the agent: the
+/// id allocators' high-water marks. Every service and backend id handed out on these pins is
+/// below its mark, and a restarted agent resumes allocating at the mark, so an id released
+/// before the restart is never handed out again while stale affinity or conntrack entries of
+/// its old owner may still name it. All zero: nothing recorded (pins of an older agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IdMarks {
+    /// Service ids handed out are below this.
+    pub next_service_id: u32,
+    /// Backend ids handed out are below this.
+    pub next_backend_id: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -747,6 +762,7 @@ mod pod_impls {
     unsafe impl aya::Pod for SockRevKey6 {}
     unsafe impl aya::Pod for SockRevValue6 {}
     unsafe impl aya::Pod for SockConfig {}
+    unsafe impl aya::Pod for IdMarks {}
 }
 
 #[cfg(test)]
@@ -792,6 +808,7 @@ mod tests {
         assert_eq!(size_of::<SockRevValue6>(), 24);
         assert_eq!(size_of::<SockConfig>(), 16);
         assert_eq!(align_of::<SockConfig>(), 8);
+        assert_eq!(size_of::<IdMarks>(), 8);
     }
 
     /// No implicit padding: the sum of the field sizes equals the struct size.
@@ -811,6 +828,7 @@ mod tests {
         assert_eq!(size_of::<SockRevValue>(), 4 + 2 + 2 + 4);
         assert_eq!(size_of::<SockRevValue6>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<SockConfig>(), 4 + 4 + 8);
+        assert_eq!(size_of::<IdMarks>(), 4 + 4);
     }
 
     #[test]

@@ -5,9 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
-    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockConfig,
-    SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6, StatsKey, sizes,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
+    NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey,
+    SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeData6, StatsKey, sizes,
 };
 
 /// The maps only the agent writes (services, their metadata, backends, slots) are
@@ -117,3 +117,8 @@ pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, SockRevValue6> = LruHashMap::pi
 /// `--socket-lb` mode and the host network namespace's cookie, index 0. Written by the agent.
 #[map]
 pub static SOCK_CONFIG: Array<SockConfig> = Array::pinned(1, 0);
+
+/// The sync's id high-water marks (`IdMarks`), index 0. Read and written only by the agent
+/// (like `SERVICE_META`); declared here so it is created and pinned with the others.
+#[map]
+pub static SYNC_IDS: Array<IdMarks> = Array::pinned(1, 0);

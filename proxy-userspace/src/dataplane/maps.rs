@@ -9,10 +9,10 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
     ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6, StatsKey, map_names as n,
 };
 
@@ -35,6 +35,7 @@ pub fn size_flag(map: &str) -> &'static str {
         n::SERVICES | n::SERVICES6 | n::SERVICE_META => "max-services",
         n::BACKENDS | n::BACKENDS6 | n::BACKEND_SLOTS => "max-backends",
         n::CONNTRACK | n::CONNTRACK6 => "max-conntrack",
+        n::SOURCE_RANGES | n::SOURCE_RANGES6 => "max-source-ranges",
         _ => "max-services",
     }
 }
@@ -55,6 +56,9 @@ pub struct Maps {
     pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
     pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     pub source_ranges6: LpmTrie<MapData, SourceRangeData6, u8>,
+    /// The sync's id high-water marks. None when the pins predate it (the CLI reading an
+    /// older agent's maps); the agent's own object always has it.
+    pub sync_ids: Option<Array<MapData, IdMarks>>,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
@@ -89,6 +93,11 @@ impl Maps {
             conntrack6: typed(n::CONNTRACK6, get(n::CONNTRACK6)?)?,
             affinity6: typed(n::AFFINITY6, get(n::AFFINITY6)?)?,
             source_ranges6: typed(n::SOURCE_RANGES6, get(n::SOURCE_RANGES6)?)?,
+            sync_ids: match get(n::SYNC_IDS) {
+                Ok(m) => Some(typed(n::SYNC_IDS, m)?),
+                Err(DataplaneError::NotPinned { .. } | DataplaneError::MissingObject(_)) => None,
+                Err(e) => return Err(e),
+            },
         })
     }
 
@@ -258,6 +267,9 @@ impl Maps {
                 IpPrefix { addr: IpAddr::V6(ip6_from_map([a, b, c, d])), len },
             ));
         }
+        if let Some(ids) = &self.sync_ids {
+            snap.id_marks = ids.get(&0, 0).map_err(collect_err(n::SYNC_IDS))?;
+        }
         Ok(snap)
     }
 }
@@ -413,6 +425,14 @@ impl MapStore for Maps {
         let v4 = purge(&mut self.affinity, n::AFFINITY, |k, v| pred(k.svc_id, v.backend_id))?;
         let v6 = purge(&mut self.affinity6, n::AFFINITY6, |k, v| pred(k.svc_id, v.backend_id))?;
         Ok(v4 + v6)
+    }
+
+    fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult {
+        match &mut self.sync_ids {
+            Some(ids) => ids.set(0, marks, 0).map_err(store_err(n::SYNC_IDS)),
+            // Only the CLI opens pins without it, and it never syncs.
+            None => Ok(()),
+        }
     }
 }
 
