@@ -169,10 +169,14 @@ impl<I: Copy + From<u32> + Into<u32>> IdAlloc<I> {
         self.next = self.next.max(mark);
         self.mark = mark;
     }
-    /// The mark to persist before the ids handed out may be used, if they reached the
-    /// current one. (After 2^32 ids the counter wraps, as it always did.)
-    fn mark_needed(&self) -> Option<u32> {
-        (self.next > self.mark).then(|| self.next.saturating_add(ID_MARK_AHEAD))
+    /// The ids handed out reached the persisted mark: it must move before they are used.
+    /// (After 2^32 ids the counter wraps, as it always did.)
+    fn mark_needed(&self) -> bool {
+        self.next > self.mark
+    }
+    /// The next mark: `ID_MARK_AHEAD` ids ahead, never behind the current one.
+    fn mark_ahead(&self) -> u32 {
+        self.next.saturating_add(ID_MARK_AHEAD).max(self.mark)
     }
 }
 
@@ -194,6 +198,9 @@ pub struct Syncer<S: MapStore> {
     /// Affinity entries of service ids no frontend holds are still to be swept (once, at
     /// the first sync after a start: see `sweep_affinity`).
     sweep_pending: bool,
+    /// Entries read back under service ids that no `SERVICES` value carries: deleted by
+    /// the next sync before it writes anything (see `delete_orphans`).
+    orphans: Orphans,
     total_writes: u64,
     /// Kept as frontends and backends come and go, so a report costs nothing per frontend.
     counts: Counts,
@@ -206,6 +213,18 @@ struct Counts {
     in_map: [usize; 2],
     slots: usize,
     backends6: usize,
+}
+
+/// Slots, metadata and source ranges of service ids that no `SERVICES` value carries. Only
+/// the agent writes them, and nothing reaches them without a `SERVICES` value: they are
+/// what a frontend left when it failed before its entry was written, or was taken out
+/// (fail closed), and the agent then restarted. A restarted agent gives such a frontend a
+/// new id, so they would only hold room (a full `SOURCE_RANGES` stays full).
+#[derive(Debug, Default)]
+struct Orphans {
+    slots: Vec<SlotKey>,
+    meta: Vec<ServiceId>,
+    ranges: Vec<(ServiceId, IpPrefix)>,
 }
 
 /// Which frontends a sync looks at.
@@ -310,6 +329,7 @@ impl<S: MapStore> Syncer<S> {
             svc_ids: IdAlloc::default(),
             backend_ids: IdAlloc::default(),
             sweep_pending: true,
+            orphans: Orphans::default(),
             total_writes: 0,
             counts: Counts::default(),
         };
@@ -371,6 +391,13 @@ impl<S: MapStore> Syncer<S> {
                 },
             );
         }
+        let live: HashSet<u32> = snap.services.iter().map(|(_, v)| v.id).collect();
+        s.orphans = Orphans {
+            slots: snap.slots.iter().filter(|(k, _)| !live.contains(&k.svc_id)).map(|(k, _)| *k).collect(),
+            meta: meta.keys().filter(|id| !live.contains(&id.get())).copied().collect(),
+            // What the frontends did not take.
+            ranges: ranges.into_iter().flat_map(|(id, set)| set.into_iter().map(move |p| (id, p))).collect(),
+        };
         s.svc_ids.resume(snap.id_marks.next_service_id);
         s.backend_ids.resume(snap.id_marks.next_backend_id);
         s.unreferenced = s.backend_by_id.keys().filter(|i| !s.refs.contains_key(*i)).copied().collect();
@@ -467,11 +494,14 @@ impl<S: MapStore> Syncer<S> {
     }
 
     fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
+        let mut writes = self.delete_orphans();
         // Empty maps (a node's first start): every entry is new, so write them kind by
         // kind in a few batched syscalls instead of one syscall each.
         if matches!(scope, SyncScope::All) && self.frontends.is_empty() && self.backends.is_empty() {
             match self.bulk_load(desired) {
                 Ok(mut report) => {
+                    report.writes += writes;
+                    self.total_writes += writes;
                     self.sweep_affinity(&mut report);
                     return report;
                 }
@@ -482,11 +512,12 @@ impl<S: MapStore> Syncer<S> {
                     if let Err(e) = self.read_back() {
                         warn!(error = %e, "cannot read the maps back");
                     }
+                    // What the batch wrote for frontends it did not get to.
+                    writes += self.delete_orphans();
                 }
             }
         }
         let mut report = SyncReport::default();
-        let mut writes = 0u64;
         let mut released: HashSet<BackendId> = std::mem::take(&mut self.unreferenced);
         let mut purges = Purges::default();
         let mut purge_services: HashSet<ServiceId> = HashSet::new();
@@ -662,17 +693,44 @@ impl<S: MapStore> Syncer<S> {
         }
     }
 
+    /// Delete the orphans found at read-back; what cannot be deleted is retried next time.
+    /// Returns the deletes issued.
+    fn delete_orphans(&mut self) -> u64 {
+        let o = std::mem::take(&mut self.orphans);
+        let mut writes = 0;
+        for k in o.slots {
+            match self.store.del_slot(&k) {
+                Ok(()) => writes += 1,
+                Err(_) => self.orphans.slots.push(k),
+            }
+        }
+        for id in o.meta {
+            match self.store.del_meta(id) {
+                Ok(()) => writes += 1,
+                Err(_) => self.orphans.meta.push(id),
+            }
+        }
+        for (id, p) in o.ranges {
+            match self.store.del_range(id, p) {
+                Ok(()) => writes += 1,
+                Err(_) => self.orphans.ranges.push((id, p)),
+            }
+        }
+        if writes > 0 {
+            tracing::info!(deleted = writes, "deleted slots, metadata and source ranges of no service");
+        }
+        writes
+    }
+
     /// Persist the id marks if the ids handed out reached them (before any of those ids is
     /// written anywhere).
     fn persist_id_marks(&mut self, writes: &mut u64) -> Result<(), StoreError> {
-        let (svc, backend) = (self.svc_ids.mark_needed(), self.backend_ids.mark_needed());
-        if svc.is_none() && backend.is_none() {
+        if !self.svc_ids.mark_needed() && !self.backend_ids.mark_needed() {
             return Ok(());
         }
-        let marks = IdMarks {
-            next_service_id: svc.unwrap_or(self.svc_ids.mark),
-            next_backend_id: backend.unwrap_or(self.backend_ids.mark),
-        };
+        // Both move ahead in the one write (new services usually bring new backends).
+        let marks =
+            IdMarks { next_service_id: self.svc_ids.mark_ahead(), next_backend_id: self.backend_ids.mark_ahead() };
         self.store.put_id_marks(&marks)?;
         *writes += 1;
         self.svc_ids.mark = marks.next_service_id;
