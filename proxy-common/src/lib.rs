@@ -37,6 +37,7 @@ pub mod map_names {
     pub const SOCK_CONFIG: &str = "SOCK_CONFIG";
     pub const SOCK_UDP_BACKENDS: &str = "SOCK_UDP_BACKENDS";
     pub const SOCK_UDP_BACKENDS6: &str = "SOCK_UDP_BACKENDS6";
+    pub const SYNC_IDS: &str = "SYNC_IDS";
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -932,6 +933,20 @@ pub struct SockUdpValue {
 
 pub type SockUdpKey6 = SockUdpKey<Ipv6Words>;
 
+/// Value of `SYNC_IDS` (array, one entry, index 0), written and read only by the agent: the
+/// id allocators' high-water marks. Every service and backend id handed out on these pins is
+/// below its mark, and a restarted agent resumes allocating at the mark, so an id released
+/// before the restart is never handed out again while stale affinity or conntrack entries of
+/// its old owner may still name it. All zero: nothing recorded (pins of an older agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IdMarks {
+    /// Service ids handed out are below this.
+    pub next_service_id: u32,
+    /// Backend ids handed out are below this.
+    pub next_backend_id: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -969,6 +984,7 @@ mod pod_impls {
     unsafe impl aya::Pod for SockUdpKey {}
     unsafe impl aya::Pod for SockUdpKey6 {}
     unsafe impl aya::Pod for SockUdpValue {}
+    unsafe impl aya::Pod for IdMarks {}
 }
 
 #[cfg(test)]
@@ -1018,6 +1034,7 @@ mod tests {
         assert_eq!(size_of::<SockUdpKey6>(), 28);
         assert_eq!(size_of::<SockUdpValue>(), 16);
         assert_eq!(align_of::<SockUdpValue>(), 8);
+        assert_eq!(size_of::<IdMarks>(), 8);
     }
 
     /// No implicit padding: the sum of the field sizes equals the struct size.
@@ -1043,6 +1060,7 @@ mod tests {
         assert_eq!(size_of::<SockUdpKey>(), 8 + 4 + 2 + 2);
         assert_eq!(size_of::<SockUdpKey6>(), 8 + 16 + 2 + 2);
         assert_eq!(size_of::<SockUdpValue>(), 4 + 4 + 8);
+        assert_eq!(size_of::<IdMarks>(), 4 + 4);
     }
 
     #[test]

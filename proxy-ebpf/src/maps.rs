@@ -6,10 +6,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey,
-    FragKey6, FragPorts, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
+    FragKey6, FragPorts, IdMarks, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
     ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6,
-    SockUdpValue, SourceRangeData6,
-    StatsKey, sizes,
+    SockUdpValue, SourceRangeData6, StatsKey, sizes,
 };
 
 /// The maps only the agent writes (services, their metadata, backends, slots) are
@@ -154,3 +153,7 @@ pub static SOCK_UDP_BACKENDS: LruHashMap<SockUdpKey, SockUdpValue> =
 #[map]
 pub static SOCK_UDP_BACKENDS6: LruHashMap<SockUdpKey6, SockUdpValue> =
     LruHashMap::pinned(sizes::MAX_SOCK_UDP_BACKENDS, 0);
+/// The sync's id high-water marks (`IdMarks`), index 0. Read and written only by the agent
+/// (like `SERVICE_META`); declared here so it is created and pinned with the others.
+#[map]
+pub static SYNC_IDS: Array<IdMarks> = Array::pinned(1, 0);

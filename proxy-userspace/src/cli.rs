@@ -228,6 +228,11 @@ pub struct AgentArgs {
     /// flows are dropped (counted `ct_full`); established flows are never evicted.
     #[arg(long, default_value_t = proxy_common::sizes::MAX_CONNTRACK)]
     pub max_conntrack: u32,
+    /// Size of the loadBalancerSourceRanges maps (prefixes of all Services, per family; kube-proxy
+    /// has no such limit). A LoadBalancer whose ranges do not fit is not served at all (fail
+    /// closed) until they do.
+    #[arg(long, default_value_t = proxy_common::sizes::MAX_SOURCE_RANGES)]
+    pub max_source_ranges: u32,
     #[command(flatten)]
     pub conntrack: ConntrackArgs,
     /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername hooks): node

@@ -65,6 +65,9 @@ pub struct Metrics {
     /// Differences between the maps and the API at the last periodic verify.
     pub datapath_drift: Gauge,
     pub verify_runs: Counter,
+    /// Frontends wanted but not served, by reason ("source_ranges_full": their
+    /// loadBalancerSourceRanges do not fit, so they fail closed).
+    pub frontends_unserved: Family<ReasonLabel, Gauge>,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -103,6 +106,7 @@ impl Metrics {
             sock_destroy_duration: Histogram::new(buckets()),
             datapath_drift: Gauge::default(),
             verify_runs: Counter::default(),
+            frontends_unserved: Family::default(),
         };
         r.register("services_programmed", "Service frontends in the services map", m.services.clone());
         r.register("backends_programmed", "Backends in the backends map", m.backends.clone());
@@ -119,6 +123,12 @@ impl Metrics {
         );
         r.register("map_writes", "Map updates and deletes issued", m.map_writes.clone());
         r.register("sync_errors", "Frontends that could not be programmed", m.sync_errors.clone());
+        r.register(
+            "frontends_unserved",
+            "Frontends not served, by reason (source_ranges_full: loadBalancerSourceRanges do not fit \
+             --max-source-ranges, so the frontend fails closed)",
+            m.frontends_unserved.clone(),
+        );
         r.register("object_warnings", "Objects currently skipped as malformed", m.object_warnings.clone());
         r.register("map_fill_ratio", "Entries over capacity, per map", m.map_fill.clone());
         r.register("attached_interfaces", "Pod interfaces with programs attached", m.attached_interfaces.clone());

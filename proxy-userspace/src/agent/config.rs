@@ -99,6 +99,7 @@ impl AgentConfig {
                 max_services: args.max_services,
                 max_backends: args.max_backends,
                 max_conntrack: args.max_conntrack,
+                max_source_ranges: args.max_source_ranges,
             },
             pod_ifaces,
             watched_ifaces,

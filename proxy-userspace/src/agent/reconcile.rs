@@ -22,7 +22,7 @@ use crate::{
         sock,
     },
     healthcheck::HealthServers,
-    metrics::{FamilyLabel, MapLabel, Metrics},
+    metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel},
     model::{
         IpFamily, IpPrefix, Translator,
         node::{node_info, snat_address, snat_address6},
@@ -200,9 +200,21 @@ impl SyncLoop {
         let errors: BTreeSet<String> = report.errors.iter().map(|(fk, e)| format!("{fk}: {e}")).collect();
         for (fk, e) in &report.errors {
             if !self.last_errors.contains(&format!("{fk}: {e}")) {
-                error!(frontend = %fk, error = %e, "frontend not programmed");
+                match report.unserved_ranges.iter().find(|(k, _)| k == fk) {
+                    Some((_, service)) => warn!(
+                        service = %service,
+                        frontend = %fk,
+                        error = %e,
+                        "loadBalancerSourceRanges do not fit: frontend not served (fail closed) until they do"
+                    ),
+                    None => error!(frontend = %fk, error = %e, "frontend not programmed"),
+                }
             }
         }
+        self.metrics
+            .frontends_unserved
+            .get_or_create(&ReasonLabel { reason: "source_ranges_full".into() })
+            .set(report.unserved_ranges.len() as i64);
         if errors.is_empty() && !self.last_errors.is_empty() {
             info!("every frontend programmed again");
         }

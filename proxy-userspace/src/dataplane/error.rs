@@ -54,10 +54,11 @@ pub enum DataplaneError {
 }
 
 impl DataplaneError {
-    /// Classify a map syscall failure: E2BIG on insert means the map is full.
+    /// Classify a map syscall failure: E2BIG on insert means a hash map is full, ENOSPC an
+    /// LPM trie (`SOURCE_RANGES`).
     pub fn from_map(map: &'static str, source: aya::maps::MapError) -> Self {
         if let aya::maps::MapError::SyscallError(e) = &source
-            && e.io_error.raw_os_error() == Some(libc::E2BIG)
+            && matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
         {
             let flag = crate::dataplane::maps::size_flag(map);
             return DataplaneError::MapFull { map, flag };

@@ -35,6 +35,8 @@ pub struct LoaderConfig {
     pub max_services: u32,
     pub max_backends: u32,
     pub max_conntrack: u32,
+    /// `SOURCE_RANGES` and `SOURCE_RANGES6` (loadBalancerSourceRanges prefixes, each).
+    pub max_source_ranges: u32,
 }
 
 impl LoaderConfig {
@@ -44,6 +46,7 @@ impl LoaderConfig {
             max_services: proxy_common::sizes::MAX_SERVICES,
             max_backends: proxy_common::sizes::MAX_BACKENDS,
             max_conntrack: proxy_common::sizes::MAX_CONNTRACK,
+            max_source_ranges: proxy_common::sizes::MAX_SOURCE_RANGES,
         }
     }
 }
@@ -66,6 +69,8 @@ impl LoaderConfig {
             // Unassured flows get as much room as assured ones: a flood evicts only its own kind.
             (n::CT_NEW, self.max_conntrack),
             (n::CT_NEW6, self.max_conntrack),
+            (n::SOURCE_RANGES, self.max_source_ranges),
+            (n::SOURCE_RANGES6, self.max_source_ranges),
         ]
     }
 }
@@ -350,7 +355,13 @@ mod tests {
 
     #[test]
     fn declared_maps_follow_the_flags() {
-        let cfg = LoaderConfig { max_services: 10, max_backends: 20, max_conntrack: 30, ..LoaderConfig::new("/x") };
+        let cfg = LoaderConfig {
+            max_services: 10,
+            max_backends: 20,
+            max_conntrack: 30,
+            max_source_ranges: 40,
+            ..LoaderConfig::new("/x")
+        };
         let d = declared_maps(&cfg).unwrap();
         assert_eq!(d[n::SERVICES].max_entries, 10);
         assert_eq!(d[n::SERVICE_META].max_entries, 10);
@@ -365,6 +376,7 @@ mod tests {
             (10, 20, 30)
         );
         assert_eq!(d[n::CONNTRACK6].key_size as usize, size_of::<proxy_common::CtKey6>());
+        assert_eq!((d[n::SOURCE_RANGES].max_entries, d[n::SOURCE_RANGES6].max_entries), (40, 40));
         assert_eq!(d[n::CONNTRACK6].value_size as usize, size_of::<proxy_common::CtValue6>());
         assert_eq!(d[n::SERVICES6].key_size as usize, size_of::<proxy_common::ServiceKey6>());
         for k in super::super::migrate::KINDS {

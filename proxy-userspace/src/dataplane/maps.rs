@@ -9,11 +9,11 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, PROTO_UDP,
-    ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
+    PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue,
     SourceRangeData6, StatsKey, map_names as n,
 };
 
@@ -36,6 +36,7 @@ pub fn size_flag(map: &str) -> &'static str {
         n::SERVICES | n::SERVICES6 | n::SERVICE_META => "max-services",
         n::BACKENDS | n::BACKENDS6 | n::BACKEND_SLOTS => "max-backends",
         n::CONNTRACK | n::CONNTRACK6 | n::CT_NEW | n::CT_NEW6 => "max-conntrack",
+        n::SOURCE_RANGES | n::SOURCE_RANGES6 => "max-source-ranges",
         _ => "max-services",
     }
 }
@@ -63,6 +64,9 @@ pub struct Maps {
     /// Backends kept by unconnected UDP sockets of the socket-level hooks (LRU).
     pub sock_udp: HashMap<MapData, SockUdpKey, SockUdpValue>,
     pub sock_udp6: HashMap<MapData, SockUdpKey6, SockUdpValue>,
+    /// The sync's id high-water marks. None when the pins predate it (the CLI reading an
+    /// older agent's maps); the agent's own object always has it.
+    pub sync_ids: Option<Array<MapData, IdMarks>>,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
@@ -101,6 +105,11 @@ impl Maps {
             source_ranges6: typed(n::SOURCE_RANGES6, get(n::SOURCE_RANGES6)?)?,
             sock_udp: typed(n::SOCK_UDP_BACKENDS, get(n::SOCK_UDP_BACKENDS)?)?,
             sock_udp6: typed(n::SOCK_UDP_BACKENDS6, get(n::SOCK_UDP_BACKENDS6)?)?,
+            sync_ids: match get(n::SYNC_IDS) {
+                Ok(m) => Some(typed(n::SYNC_IDS, m)?),
+                Err(DataplaneError::NotPinned { .. } | DataplaneError::MissingObject(_)) => None,
+                Err(e) => return Err(e),
+            },
         })
     }
 
@@ -288,6 +297,9 @@ impl Maps {
                 IpPrefix { addr: IpAddr::V6(ip6_from_map([a, b, c, d])), len },
             ));
         }
+        if let Some(ids) = &self.sync_ids {
+            snap.id_marks = ids.get(&0, 0).map_err(collect_err(n::SYNC_IDS))?;
+        }
         Ok(snap)
     }
 }
@@ -455,6 +467,14 @@ impl MapStore for Maps {
         let v4 = purge(&mut self.affinity, n::AFFINITY, |k, v| pred(k.svc_id, v.backend_id))?;
         let v6 = purge(&mut self.affinity6, n::AFFINITY6, |k, v| pred(k.svc_id, v.backend_id))?;
         Ok(v4 + v6)
+    }
+
+    fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult {
+        match &mut self.sync_ids {
+            Some(ids) => ids.set(0, marks, 0).map_err(store_err(n::SYNC_IDS)),
+            // Only the CLI opens pins without it, and it never syncs.
+            None => Ok(()),
+        }
     }
 }
 

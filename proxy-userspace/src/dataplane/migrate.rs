@@ -30,9 +30,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
-    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey,
-    SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, map_names as n,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
+    NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey,
+    SockUdpKey, SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, map_names as n,
 };
 use tracing::{info, warn};
 
@@ -188,6 +188,8 @@ pub static KINDS: &[Kind] = &[
     // Socket-level state the hooks write: best effort, like affinity.
     Kind { name: n::SOCK_UDP_BACKENDS, repeat: true, must_fit: false, copy: copy_hash::<SockUdpKey, SockUdpValue> },
     Kind { name: n::SOCK_UDP_BACKENDS6, repeat: true, must_fit: false, copy: copy_hash::<SockUdpKey6, SockUdpValue> },
+    // The agent's id high-water marks: one array entry, only the agent writes it.
+    Kind { name: n::SYNC_IDS, repeat: false, must_fit: false, copy: copy_array::<IdMarks> },
 ];
 
 fn kind(name: &str) -> Option<&'static Kind> {
@@ -213,8 +215,9 @@ fn copy_entries<T>(
         match put(item?) {
             Ok(()) => c.copied += 1,
             Err(e) if errno(&e) == Some(libc::EEXIST) => c.present += 1,
-            // E2BIG: a plain hash is full; ENOMEM: no-prealloc map out of room.
-            Err(e) if matches!(errno(&e), Some(libc::E2BIG | libc::ENOMEM)) => c.dropped += 1,
+            // E2BIG: a plain hash is full; ENOMEM: no-prealloc map out of room; ENOSPC: an
+            // LPM trie is full.
+            Err(e) if matches!(errno(&e), Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC)) => c.dropped += 1,
             Err(e) => return Err(e),
         }
     }

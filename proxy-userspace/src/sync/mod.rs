@@ -30,9 +30,9 @@ use std::{
 };
 
 use proxy_common::{
-    PROTO_UDP, ServiceMeta, ServiceValue, SlotKey, backend_flags, port_from_map, port_to_map, svc_flags,
+    IdMarks, PROTO_UDP, ServiceMeta, ServiceValue, SlotKey, backend_flags, port_from_map, port_to_map, svc_flags,
 };
-use tracing::warn;
+use tracing::{error, warn};
 
 pub use ids::{BackendId, ServiceId};
 pub use store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, Snapshot, StoreError};
@@ -93,24 +93,52 @@ pub struct SyncReport {
     pub removed_udp_backends: Vec<(IpAddr, u16)>,
     /// Session-affinity entries removed because their backend left the frontend.
     pub affinity_purged: usize,
-    /// Frontends that could not be programmed (the previous state for them stays).
+    /// Frontends that could not be programmed (the previous state for them stays, except
+    /// that a frontend whose source ranges are not in force is not served: `fail_closed`).
     pub errors: Vec<(FrontendKey, StoreError)>,
+    /// Of those, the frontends not served because their loadBalancerSourceRanges did not
+    /// fit (`SOURCE_RANGES` / `SOURCE_RANGES6` full), with their Service port: retried by
+    /// every sync until they fit.
+    pub unserved_ranges: Vec<(FrontendKey, String)>,
 }
+
+/// What the frontend writes of one sync leave for the purges at its end.
+#[derive(Default)]
+struct Purges {
+    /// UDP (service, backend) pairs whose conntrack entries go.
+    ct_pairs: PairSet,
+    /// (service, backend) pairs a frontend with session affinity dropped: their affinity
+    /// entries must go, or new connections of a pinned client would keep going to a backend
+    /// that left the Service (kube-proxy's per-endpoint `recent` lists go with the
+    /// endpoint's chain).
+    affinity_pairs: PairSet,
+    /// Services whose every affinity entry goes: removed, or their affinity turned off. An
+    /// entry left behind names a backend by id under a service id; nothing may find it again.
+    affinity_services: HashSet<ServiceId>,
+}
+
+/// How far ahead of the ids handed out the persisted high-water mark is moved: one
+/// `SYNC_IDS` write per this many new ids, and at most this many ids skipped per restart.
+const ID_MARK_AHEAD: u32 = 1024;
 
 /// Allocates 32-bit ids of type `I`, monotonically (wrapping), skipping ids in use, so a
 /// freed id is not handed out again soon: stale conntrack or affinity entries of a deleted
-/// service then never alias a new one.
+/// service then never alias a new one. Across restarts too: `mark` (persisted in
+/// `SYNC_IDS` before any id reaching it is handed out) bounds every id handed out on these
+/// pins, and a restarted agent resumes there, not at the highest id still live.
 #[derive(Debug)]
 struct IdAlloc<I> {
     next: u32,
     used: HashSet<u32>,
+    /// The persisted high-water mark: every id handed out is below it.
+    mark: u32,
     id: PhantomData<I>,
 }
 
 // Not derived: a derive would require `I: Default`, which ids have no use for.
 impl<I> Default for IdAlloc<I> {
     fn default() -> Self {
-        IdAlloc { next: 0, used: HashSet::new(), id: PhantomData }
+        IdAlloc { next: 0, used: HashSet::new(), mark: 0, id: PhantomData }
     }
 }
 
@@ -135,6 +163,21 @@ impl<I: Copy + From<u32> + Into<u32>> IdAlloc<I> {
     fn free(&mut self, id: I) {
         self.used.remove(&id.into());
     }
+    /// Continue after the mark an earlier agent persisted: ids below it may have been
+    /// handed out and released while entries still name them.
+    fn resume(&mut self, mark: u32) {
+        self.next = self.next.max(mark);
+        self.mark = mark;
+    }
+    /// The ids handed out reached the persisted mark: it must move before they are used.
+    /// (After 2^32 ids the counter wraps, as it always did.)
+    fn mark_needed(&self) -> bool {
+        self.next > self.mark
+    }
+    /// The next mark: `ID_MARK_AHEAD` ids ahead, never behind the current one.
+    fn mark_ahead(&self) -> u32 {
+        self.next.saturating_add(ID_MARK_AHEAD).max(self.mark)
+    }
 }
 
 pub struct Syncer<S: MapStore> {
@@ -152,6 +195,12 @@ pub struct Syncer<S: MapStore> {
     retry: BTreeSet<FrontendKey>,
     svc_ids: IdAlloc<ServiceId>,
     backend_ids: IdAlloc<BackendId>,
+    /// Affinity entries of service ids no frontend holds are still to be swept (once, at
+    /// the first sync after a start: see `sweep_affinity`).
+    sweep_pending: bool,
+    /// Entries read back under service ids that no `SERVICES` value carries: deleted by
+    /// the next sync before it writes anything (see `delete_orphans`).
+    orphans: Orphans,
     total_writes: u64,
     /// Kept as frontends and backends come and go, so a report costs nothing per frontend.
     counts: Counts,
@@ -164,6 +213,18 @@ struct Counts {
     in_map: [usize; 2],
     slots: usize,
     backends6: usize,
+}
+
+/// Slots, metadata and source ranges of service ids that no `SERVICES` value carries. Only
+/// the agent writes them, and nothing reaches them without a `SERVICES` value: they are
+/// what a frontend left when it failed before its entry was written, or was taken out
+/// (fail closed), and the agent then restarted. A restarted agent gives such a frontend a
+/// new id, so they would only hold room (a full `SOURCE_RANGES` stays full).
+#[derive(Debug, Default)]
+struct Orphans {
+    slots: Vec<SlotKey>,
+    meta: Vec<ServiceId>,
+    ranges: Vec<(ServiceId, IpPrefix)>,
 }
 
 /// Which frontends a sync looks at.
@@ -267,6 +328,8 @@ impl<S: MapStore> Syncer<S> {
             retry: BTreeSet::new(),
             svc_ids: IdAlloc::default(),
             backend_ids: IdAlloc::default(),
+            sweep_pending: true,
+            orphans: Orphans::default(),
             total_writes: 0,
             counts: Counts::default(),
         };
@@ -328,6 +391,15 @@ impl<S: MapStore> Syncer<S> {
                 },
             );
         }
+        let live: HashSet<u32> = snap.services.iter().map(|(_, v)| v.id).collect();
+        s.orphans = Orphans {
+            slots: snap.slots.iter().filter(|(k, _)| !live.contains(&k.svc_id)).map(|(k, _)| *k).collect(),
+            meta: meta.keys().filter(|id| !live.contains(&id.get())).copied().collect(),
+            // What the frontends did not take.
+            ranges: ranges.into_iter().flat_map(|(id, set)| set.into_iter().map(move |p| (id, p))).collect(),
+        };
+        s.svc_ids.resume(snap.id_marks.next_service_id);
+        s.backend_ids.resume(snap.id_marks.next_backend_id);
         s.unreferenced = s.backend_by_id.keys().filter(|i| !s.refs.contains_key(*i)).copied().collect();
         Ok(())
     }
@@ -422,11 +494,17 @@ impl<S: MapStore> Syncer<S> {
     }
 
     fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
+        let mut writes = self.delete_orphans();
         // Empty maps (a node's first start): every entry is new, so write them kind by
         // kind in a few batched syscalls instead of one syscall each.
         if matches!(scope, SyncScope::All) && self.frontends.is_empty() && self.backends.is_empty() {
             match self.bulk_load(desired) {
-                Ok(report) => return report,
+                Ok(mut report) => {
+                    report.writes += writes;
+                    self.total_writes += writes;
+                    self.sweep_affinity(&mut report);
+                    return report;
+                }
                 Err(e) => {
                     // Whatever landed is read back; the one-by-one path below does the rest
                     // and names each frontend that does not fit.
@@ -434,18 +512,14 @@ impl<S: MapStore> Syncer<S> {
                     if let Err(e) = self.read_back() {
                         warn!(error = %e, "cannot read the maps back");
                     }
+                    // What the batch wrote for frontends it did not get to.
+                    writes += self.delete_orphans();
                 }
             }
         }
         let mut report = SyncReport::default();
-        let mut writes = 0u64;
         let mut released: HashSet<BackendId> = std::mem::take(&mut self.unreferenced);
-        let mut purge_pairs: PairSet = HashSet::new();
-        // (service, backend) pairs a frontend with session affinity dropped: their
-        // affinity entries must go, or new connections of a pinned client would keep going
-        // to a backend that left the Service (kube-proxy's per-endpoint `recent` lists go
-        // with the endpoint's chain).
-        let mut affinity_pairs: PairSet = HashSet::new();
+        let mut purges = Purges::default();
         let mut purge_services: HashSet<ServiceId> = HashSet::new();
 
         // What to write (in key order, so ids are handed out in the same order whatever
@@ -476,8 +550,7 @@ impl<S: MapStore> Syncer<S> {
         let mut slots_full = false;
         for (fk, entry) in wanted {
             let key = service_key(fk);
-            match self.apply_frontend(&key, entry, &mut released, (&mut purge_pairs, &mut affinity_pairs), &mut writes)
-            {
+            match self.apply_frontend(&key, entry, &mut released, &mut purges, &mut writes) {
                 Ok(()) => {}
                 // Retried once the removals below have made room.
                 Err(e @ StoreError::MapFull { .. }) => {
@@ -487,6 +560,7 @@ impl<S: MapStore> Syncer<S> {
                 Err(e) => {
                     // Reported, not logged: the caller logs it once per change, not on
                     // every sync while a map stays full.
+                    self.fail_closed(fk, entry, &e, &mut writes, &mut report);
                     self.retry.insert(*fk);
                     report.errors.push((*fk, e));
                 }
@@ -495,11 +569,16 @@ impl<S: MapStore> Syncer<S> {
 
         // Frontends that are no longer desired.
         for key in stale {
+            let had_affinity = self.frontends.get(&key).is_some_and(|p| p.value.flags & svc_flags::AFFINITY != 0);
             match self.remove_frontend(&key, &mut released, &mut writes) {
-                Ok(id) if key.proto == PROTO_UDP => {
-                    purge_services.insert(id);
+                Ok(id) => {
+                    if key.proto == PROTO_UDP {
+                        purge_services.insert(id);
+                    }
+                    if had_affinity {
+                        purges.affinity_services.insert(id);
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     warn!(error = %e, "cannot remove frontend; will retry on next sync");
                     if let Some(fk) = frontend_key(&key) {
@@ -522,10 +601,9 @@ impl<S: MapStore> Syncer<S> {
         }
         for (fk, entry) in full {
             let key = service_key(fk);
-            if let Err(e) =
-                self.apply_frontend(&key, entry, &mut released, (&mut purge_pairs, &mut affinity_pairs), &mut writes)
-            {
+            if let Err(e) = self.apply_frontend(&key, entry, &mut released, &mut purges, &mut writes) {
                 warn!(frontend = %fk, service = %entry.service, error = %e, "cannot program frontend");
+                self.fail_closed(fk, entry, &e, &mut writes, &mut report);
                 self.retry.insert(*fk);
                 report.errors.push((*fk, e));
             }
@@ -556,11 +634,11 @@ impl<S: MapStore> Syncer<S> {
             }
         }
 
-        if !purge_pairs.is_empty() || !purge_services.is_empty() || !removed_udp.is_empty() {
+        if !purges.ct_pairs.is_empty() || !purge_services.is_empty() || !removed_udp.is_empty() {
             let pred = |f: CtFacts| {
                 f.proto == PROTO_UDP
                     && (purge_services.contains(&f.svc_id)
-                        || purge_pairs.contains(&(f.svc_id, f.backend_id))
+                        || purges.ct_pairs.contains(&(f.svc_id, f.backend_id))
                         || removed_udp.contains(&f.backend_id))
             };
             match self.store.purge_conntrack(&pred) {
@@ -569,12 +647,16 @@ impl<S: MapStore> Syncer<S> {
             }
         }
 
-        if !affinity_pairs.is_empty() {
-            match self.store.purge_affinity(&|svc, backend| affinity_pairs.contains(&(svc, backend))) {
+        if !purges.affinity_pairs.is_empty() || !purges.affinity_services.is_empty() {
+            let pred = |svc, backend| {
+                purges.affinity_services.contains(&svc) || purges.affinity_pairs.contains(&(svc, backend))
+            };
+            match self.store.purge_affinity(&pred) {
                 Ok(n) => report.affinity_purged = n,
                 Err(e) => warn!(error = %e, "cannot purge session-affinity entries"),
             }
         }
+        self.sweep_affinity(&mut report);
 
         self.total_writes += writes;
         report.writes = writes;
@@ -589,6 +671,145 @@ impl<S: MapStore> Syncer<S> {
         report.services6 = self.counts.in_map[1];
         report.backends6 = self.counts.backends6;
         report.slots = self.slot_count();
+    }
+
+    /// Once per syncer (the first sync after a start, retried until it succeeds): delete
+    /// the affinity entries of service ids that no frontend with session affinity holds.
+    /// They were left by a frontend removed while no agent ran, by an agent that did not
+    /// purge them yet, or written by a packet that raced a removal; with the persisted id
+    /// marks no new frontend takes their id, and this takes them out of the LRU at once.
+    fn sweep_affinity(&mut self, report: &mut SyncReport) {
+        if !self.sweep_pending {
+            return;
+        }
+        let live: HashSet<ServiceId> =
+            self.frontends.values().filter(|p| p.value.flags & svc_flags::AFFINITY != 0).map(Programmed::id).collect();
+        match self.store.purge_affinity(&|svc, _| !live.contains(&svc)) {
+            Ok(n) => {
+                report.affinity_purged += n;
+                self.sweep_pending = false;
+            }
+            Err(e) => warn!(error = %e, "cannot sweep stale session-affinity entries; will retry on next sync"),
+        }
+    }
+
+    /// Delete the orphans found at read-back; what cannot be deleted is retried next time.
+    /// Returns the deletes issued.
+    fn delete_orphans(&mut self) -> u64 {
+        let o = std::mem::take(&mut self.orphans);
+        let mut writes = 0;
+        for k in o.slots {
+            match self.store.del_slot(&k) {
+                Ok(()) => writes += 1,
+                Err(_) => self.orphans.slots.push(k),
+            }
+        }
+        for id in o.meta {
+            match self.store.del_meta(id) {
+                Ok(()) => writes += 1,
+                Err(_) => self.orphans.meta.push(id),
+            }
+        }
+        for (id, p) in o.ranges {
+            match self.store.del_range(id, p) {
+                Ok(()) => writes += 1,
+                Err(_) => self.orphans.ranges.push((id, p)),
+            }
+        }
+        if writes > 0 {
+            tracing::info!(deleted = writes, "deleted slots, metadata and source ranges of no service");
+        }
+        writes
+    }
+
+    /// Persist the id marks if the ids handed out reached them (before any of those ids is
+    /// written anywhere).
+    fn persist_id_marks(&mut self, writes: &mut u64) -> Result<(), StoreError> {
+        if !self.svc_ids.mark_needed() && !self.backend_ids.mark_needed() {
+            return Ok(());
+        }
+        // Both move ahead in the one write (new services usually bring new backends).
+        let marks =
+            IdMarks { next_service_id: self.svc_ids.mark_ahead(), next_backend_id: self.backend_ids.mark_ahead() };
+        self.store.put_id_marks(&marks)?;
+        *writes += 1;
+        self.svc_ids.mark = marks.next_service_id;
+        self.backend_ids.mark = marks.next_backend_id;
+        Ok(())
+    }
+
+    fn new_service_id(&mut self, writes: &mut u64) -> Result<ServiceId, StoreError> {
+        let id = self.svc_ids.alloc();
+        if let Err(e) = self.persist_id_marks(writes) {
+            self.svc_ids.free(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    fn new_backend_id(&mut self, writes: &mut u64) -> Result<BackendId, StoreError> {
+        let id = self.backend_ids.alloc();
+        if let Err(e) = self.persist_id_marks(writes) {
+            self.backend_ids.free(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Fail closed: a frontend that wants loadBalancerSourceRanges is served only with
+    /// exactly those in force (its `SOURCE_RANGES` flag set, every wanted prefix and no
+    /// other in the trie). After a failed write that may not hold (typically a full trie:
+    /// the old value, without the restriction, would stay open to every source), so its
+    /// `SERVICES` entry is removed; it is retried by every sync and served again once the
+    /// write succeeds whole. A frontend never served stays unserved.
+    fn fail_closed(
+        &mut self,
+        fk: &FrontendKey,
+        entry: &FrontendEntry,
+        err: &StoreError,
+        writes: &mut u64,
+        report: &mut SyncReport,
+    ) {
+        if entry.source_ranges.is_empty() {
+            return;
+        }
+        let key = service_key(fk);
+        let Some(mut p) = self.take_frontend(&key) else { return };
+        let wanted: BTreeSet<IpPrefix> = entry.source_ranges.iter().copied().collect();
+        let in_force = p.value.flags & svc_flags::SOURCE_RANGES != 0 && p.ranges == wanted;
+        if p.in_map && !in_force {
+            match self.store.del_service(&key) {
+                Ok(()) => {
+                    *writes += 1;
+                    p.in_map = false;
+                    // Without a SERVICES entry the next write fills generation 0 and takes
+                    // `inactive` to be what it holds (`switch_generation`): keep the lists
+                    // in that convention.
+                    if p.value.generation == 0 {
+                        std::mem::swap(&mut p.active, &mut p.inactive);
+                        p.value.generation = 1;
+                    }
+                    warn!(
+                        service = %entry.service,
+                        frontend = %fk,
+                        error = %err,
+                        "loadBalancerSourceRanges not in force: frontend no longer served (fail closed) until they are written"
+                    );
+                }
+                Err(e) => error!(
+                    service = %entry.service,
+                    frontend = %fk,
+                    error = %e,
+                    "cannot take out a frontend whose loadBalancerSourceRanges are not in force"
+                ),
+            }
+        }
+        let ranges_full = matches!(err, StoreError::MapFull { map, .. }
+            if *map == proxy_common::map_names::SOURCE_RANGES || *map == proxy_common::map_names::SOURCE_RANGES6);
+        if !p.in_map && ranges_full {
+            report.unserved_ranges.push((*fk, entry.service.to_string()));
+        }
+        self.put_frontend(key, p);
     }
 
     /// A backend now in the maps: into the mirror's indexes and counts.
@@ -660,6 +881,9 @@ impl<S: MapStore> Syncer<S> {
             };
             programmed.push((key, prog));
         }
+        // The marks first: nothing may name an id the marks do not cover.
+        let mut mark_writes = 0;
+        self.persist_id_marks(&mut mark_writes)?;
         self.store.put_backends(&backends)?;
         self.store.put_slots(&slots)?;
         for (id, p) in &ranges {
@@ -673,7 +897,7 @@ impl<S: MapStore> Syncer<S> {
             self.set_refs(&mut prog, refs, &mut released);
             self.put_frontend(key, prog);
         }
-        let writes = (backends.len() + slots.len() + ranges.len() + metas.len() + services.len()) as u64;
+        let writes = mark_writes + (backends.len() + slots.len() + ranges.len() + metas.len() + services.len()) as u64;
         self.total_writes += writes;
         let mut report = SyncReport { writes, ..SyncReport::default() };
         self.count_into(&mut report);
@@ -724,7 +948,7 @@ impl<S: MapStore> Syncer<S> {
             self.backends.insert(ident, (id, *b));
             return Ok(id);
         }
-        let id = self.backend_ids.alloc();
+        let id = self.new_backend_id(writes)?;
         if let Err(e) = self.store.put_backend(id, b) {
             self.backend_ids.free(id);
             return Err(e);
@@ -739,7 +963,7 @@ impl<S: MapStore> Syncer<S> {
         key: &AnyServiceKey,
         entry: &FrontendEntry,
         released: &mut HashSet<BackendId>,
-        (purge_pairs, affinity_pairs): (&mut PairSet, &mut PairSet),
+        purges: &mut Purges,
         writes: &mut u64,
     ) -> Result<(), StoreError> {
         let wanted: Vec<AnyBackend> = entry.backends.iter().map(|b| backend_value(b, key.proto)).collect();
@@ -773,15 +997,25 @@ impl<S: MapStore> Syncer<S> {
         let meta = service_meta(entry);
         let ranges: BTreeSet<IpPrefix> = entry.source_ranges.iter().copied().collect();
 
-        let mut prog = self.take_frontend(key).unwrap_or_else(|| Programmed {
-            value: ServiceValue { id: self.svc_ids.alloc().get(), ..Default::default() },
-            active: vec![],
-            inactive: vec![],
-            meta: None,
-            ranges: BTreeSet::new(),
-            in_map: false,
-            refs: Vec::new(),
-        });
+        let mut prog = match self.take_frontend(key) {
+            Some(p) => p,
+            None => match self.new_service_id(writes) {
+                Ok(id) => Programmed {
+                    value: ServiceValue { id: id.get(), ..Default::default() },
+                    active: vec![],
+                    inactive: vec![],
+                    meta: None,
+                    ranges: BTreeSet::new(),
+                    in_map: false,
+                    refs: Vec::new(),
+                },
+                Err(e) => {
+                    // Not programmed at all: nothing holds the backends it ensured.
+                    released.extend(ids);
+                    return Err(e);
+                }
+            },
+        };
         // Whatever happens, the record goes back into the mirror with what was written, so
         // the next sync continues from there and a removal cleans up everything.
         let before = prog.active.clone();
@@ -793,13 +1027,18 @@ impl<S: MapStore> Syncer<S> {
             for old in before.iter().chain(&prog.inactive) {
                 if !now.contains(old) {
                     if key.proto == PROTO_UDP {
-                        purge_pairs.insert((prog.id(), *old));
+                        purges.ct_pairs.insert((prog.id(), *old));
                     }
                     if affinity {
-                        affinity_pairs.insert((prog.id(), *old));
+                        purges.affinity_pairs.insert((prog.id(), *old));
                     }
                 }
             }
+        }
+        // Affinity turned off (and the value without it written): no entry of it may be
+        // found again should it be turned back on.
+        if old_flags & svc_flags::AFFINITY != 0 && prog.value.flags & svc_flags::AFFINITY == 0 {
+            purges.affinity_services.insert(prog.id());
         }
         let refs = match &result {
             Ok(()) => ids,

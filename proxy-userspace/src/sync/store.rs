@@ -10,7 +10,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use proxy_common::{
-    Backend, CtKey, CtKey6, CtValue, CtValue6, ServiceKey, ServiceMeta, ServiceValue, SlotKey, map_names as n,
+    Backend, CtKey, CtKey6, CtValue, CtValue6, IdMarks, ServiceKey, ServiceMeta, ServiceValue, SlotKey, map_names as n,
 };
 
 use super::ids::{BackendId, ServiceId};
@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub backends: Vec<(BackendId, AnyBackend)>,
     pub meta: Vec<(ServiceId, ServiceMeta)>,
     pub ranges: Vec<(ServiceId, IpPrefix)>,
+    /// The id allocators' persisted high-water marks (zero when none were recorded).
+    pub id_marks: IdMarks,
 }
 
 /// Why a store operation failed, as far as the sync must tell failures apart: a full map
@@ -82,6 +84,8 @@ pub trait MapStore {
     /// Delete every session-affinity entry (both families) whose (service id, backend id)
     /// matches `pred`; returns how many.
     fn purge_affinity(&mut self, pred: &dyn Fn(ServiceId, BackendId) -> bool) -> StoreResult<usize>;
+    /// Persist the id allocators' high-water marks (read back in `Snapshot::id_marks`).
+    fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult;
 
     // Many new entries of one kind at once (a cold start into empty maps). The kernel maps
     // write them in batches; these defaults write them one by one.
@@ -119,6 +123,10 @@ pub struct MemStore {
     pub max_services: Option<usize>,
     /// Maximum number of slot entries (None = unlimited), to test a full `BACKEND_SLOTS`.
     pub max_slots: Option<usize>,
+    /// Maximum number of source ranges per family (None = unlimited), to test a full
+    /// `SOURCE_RANGES` / `SOURCE_RANGES6`.
+    pub max_ranges: Option<usize>,
+    pub id_marks: IdMarks,
     /// Every write, in order, as text: lets tests assert ordering and minimality.
     pub log: Vec<String>,
 }
@@ -135,6 +143,7 @@ impl MapStore for MemStore {
             backends: self.backends.iter().map(|(k, v)| (BackendId::new(*k), *v)).collect(),
             meta: self.meta.iter().map(|(k, v)| (ServiceId::new(*k), *v)).collect(),
             ranges: self.ranges.keys().map(|(id, p)| (ServiceId::new(*id), *p)).collect(),
+            id_marks: self.id_marks,
         })
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
@@ -198,6 +207,14 @@ impl MapStore for MemStore {
         Ok(())
     }
     fn put_range(&mut self, svc_id: ServiceId, p: IpPrefix) -> StoreResult {
+        let family = IpFamily::of(p.addr);
+        let same_family = self.ranges.keys().filter(|(_, r)| IpFamily::of(r.addr) == family).count();
+        if self.max_ranges.is_some_and(|max| !self.ranges.contains_key(&(svc_id.get(), p)) && same_family >= max) {
+            return Err(StoreError::MapFull {
+                map: family_map(family, n::SOURCE_RANGES, n::SOURCE_RANGES6),
+                flag: "max-source-ranges",
+            });
+        }
         self.log.push(format!("put_range {svc_id} {p}"));
         self.ranges.insert((svc_id.get(), p), ());
         Ok(())
@@ -217,5 +234,10 @@ impl MapStore for MemStore {
         let before = self.affinity.len();
         self.affinity.retain(|(_, svc), backend| !pred(ServiceId::new(*svc), BackendId::new(*backend)));
         Ok(before - self.affinity.len())
+    }
+    fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult {
+        self.log.push(format!("put_id_marks {} {}", marks.next_service_id, marks.next_backend_id));
+        self.id_marks = *marks;
+        Ok(())
     }
 }

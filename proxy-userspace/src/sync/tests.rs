@@ -615,3 +615,171 @@ fn bulk_start_equals_one_by_one_and_falls_back_when_full() {
     assert_eq!(r.services, 2);
     assert_eq!(small.store().services.len(), 2);
 }
+
+/// The frontend id and backend id the store holds for VIP 10.96.0.`vip` and endpoint
+/// 10.244.0.`b`.
+fn svc_id_of(s: &Syncer<MemStore>, vip: u8) -> u32 {
+    s.store().services.iter().find(|(k, _)| k.addr == IpAddr::V4(Ipv4Addr::new(10, 96, 0, vip))).unwrap().1.id
+}
+
+fn backend_id_of(s: &Syncer<MemStore>, b: u8) -> u32 {
+    *s.store().backends.iter().find(|(_, v)| v.addr == IpAddr::V4(Ipv4Addr::new(10, 244, 0, b))).unwrap().0
+}
+
+fn sticky(name: &str, backends: &[u8]) -> FrontendEntry {
+    FrontendEntry { affinity_timeout: Some(10_800), ..fe(name, backends) }
+}
+
+/// Issue 19, item 5: Service A (affinity) shares endpoint X with Service C; a client is
+/// pinned to X under A's id. A is removed: its affinity entries go with it. The agent
+/// restarts on the same maps and Service B (affinity, endpoint Y) is created: B gets an id
+/// no earlier frontend had (the persisted marks), so even an entry of A that survived (a
+/// packet racing the removal writes one back) can never send B's client to C's pod; and the
+/// restarted agent sweeps that entry away on its first sync.
+#[test]
+fn affinity_never_crosses_services_across_a_restart() {
+    let client = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
+    let (c, a, b) = (fk(10, 80, Protocol::Tcp), fk(20, 80, Protocol::Tcp), fk(30, 80, Protocol::Tcp));
+    let mut s = syncer();
+    s.apply(&desired(vec![(c, fe("c", &[1])), (a, sticky("a", &[1]))]));
+    let (a_id, x_id) = (svc_id_of(&s, 20), backend_id_of(&s, 1));
+    s.store_mut().affinity.insert((client, a_id), x_id);
+
+    // (a) A removed: its entries are purged, C's backend stays.
+    let r = s.apply(&desired(vec![(c, fe("c", &[1]))]));
+    assert_eq!(r.affinity_purged, 1, "A's affinity entry purged with A");
+    assert!(s.store().affinity.is_empty(), "{:?}", s.store().affinity);
+    assert_eq!(backend_id_of(&s, 1), x_id, "X is still C's backend");
+    // A packet that read A's SERVICES value before the delete writes its entry back.
+    s.store_mut().affinity.insert((client, a_id), x_id);
+
+    // (b) Restart on the same maps, then B with affinity.
+    let mut restarted = Syncer::new(s.store().clone()).unwrap();
+    let r = restarted.apply(&desired(vec![(c, fe("c", &[1])), (b, sticky("b", &[2]))]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let (b_id, y_id) = (svc_id_of(&restarted, 30), backend_id_of(&restarted, 2));
+    assert_ne!(b_id, a_id, "B must not inherit A's service id");
+    assert_ne!(y_id, x_id);
+    assert_eq!(r.affinity_purged, 1, "the stale entry of A is swept at the first sync");
+    // What the datapath would find for B's client: no entry, so a slot of B (Y), never X.
+    assert_eq!(restarted.store().affinity.get(&(client, b_id)), None);
+    assert!(restarted.store().affinity.is_empty());
+}
+
+/// Ids are not handed out again after a restart, even when the restart finds no live id
+/// above them (the allocators resume at the persisted marks, not at max(live id) + 1); a
+/// restart that changes nothing still writes nothing.
+#[test]
+fn ids_are_not_reused_across_restarts() {
+    let mut s = syncer();
+    s.apply(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1]))]));
+    let (first, first_backend) = (svc_id_of(&s, 1), backend_id_of(&s, 1));
+    s.apply(&DesiredState::default());
+    let mut restarted = Syncer::new(s.store().clone()).unwrap();
+    assert_eq!(restarted.apply(&DesiredState::default()).writes, 0);
+    restarted.apply(&desired(vec![(fk(2, 80, Protocol::Tcp), fe("b", &[2]))]));
+    assert!(svc_id_of(&restarted, 2) > first, "a new service id after the restart");
+    assert!(backend_id_of(&restarted, 2) > first_backend, "a new backend id after the restart");
+    // The marks are written before the ids they cover, and rarely.
+    let log = take_log(&mut restarted);
+    assert!(pos(&log, "put_id_marks") < pos(&log, "put_backend"), "{log:?}");
+    let mut again = Syncer::new(restarted.store().clone()).unwrap();
+    let d = desired(vec![(fk(2, 80, Protocol::Tcp), fe("b", &[2]))]);
+    assert_eq!(again.apply(&d).writes, 0, "nothing changed, nothing written");
+    let many: Vec<_> = (1..=50).map(|i| (fk(i, 80, Protocol::Tcp), fe(&format!("s{i}"), &[i]))).collect();
+    again.apply(&desired(many));
+    let marks = again.store().log.iter().filter(|l| l.starts_with("put_id_marks")).count();
+    assert_eq!(marks, 1, "one marks write covers many new ids");
+}
+
+/// Turning session affinity off drops every entry of the frontend: turned on again later,
+/// clients start afresh instead of finding entries that may name backends since removed.
+#[test]
+fn affinity_turned_off_purges_the_frontends_entries() {
+    let client = |i: u8| IpAddr::V4(Ipv4Addr::new(10, 0, 0, i));
+    let k = fk(1, 80, Protocol::Tcp);
+    let mut s = syncer();
+    s.apply(&desired(vec![(k, sticky("a", &[1, 2])), (fk(2, 80, Protocol::Tcp), sticky("other", &[1]))]));
+    let (id, other, b1, b2) = (svc_id_of(&s, 1), svc_id_of(&s, 2), backend_id_of(&s, 1), backend_id_of(&s, 2));
+    let st = s.store_mut();
+    st.affinity.insert((client(1), id), b1);
+    st.affinity.insert((client(2), id), b2);
+    st.affinity.insert((client(1), other), b1);
+    let r = s.apply(&desired(vec![(k, fe("a", &[1, 2])), (fk(2, 80, Protocol::Tcp), sticky("other", &[1]))]));
+    assert_eq!(r.affinity_purged, 2);
+    assert_eq!(s.store().affinity.keys().copied().collect::<Vec<_>>(), vec![(client(1), other)]);
+}
+
+fn lb(name: &str, backends: &[u8], ranges: &[u8]) -> FrontendEntry {
+    FrontendEntry {
+        kind: FrontendKind::LoadBalancer,
+        source_ranges: ranges
+            .iter()
+            .map(|i| IpPrefix { addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, *i)), len: 32 })
+            .collect(),
+        ..fe(name, backends)
+    }
+}
+
+/// Issue 19, item 6: a live LoadBalancer given more source ranges than the trie has room
+/// for is taken out of SERVICES (fail closed: not served to anyone, rather than to
+/// everyone), reported with its Service; other frontends are untouched; once room is freed
+/// the next sync serves it with its ranges in force, and the maps agree with the API.
+#[test]
+fn source_ranges_that_do_not_fit_fail_closed_until_they_do() {
+    use crate::sync::verify::verify;
+    let store = MemStore { max_ranges: Some(3), ..MemStore::default() };
+    let mut s = Syncer::new(store).unwrap();
+    let (web, open, other) = (fk(1, 80, Protocol::Tcp), fk(2, 80, Protocol::Tcp), fk(3, 80, Protocol::Tcp));
+    let d = desired(vec![(web, lb("web", &[1], &[])), (open, fe("open", &[2])), (other, lb("other", &[3], &[9, 10]))]);
+    assert!(s.apply(&d).errors.is_empty());
+    let web_key = service_key(&web);
+    let served = |s: &Syncer<MemStore>, k: &FrontendKey| s.store().services.contains_key(&service_key(k));
+
+    // Three ranges for "web" do not fit beside "other"'s two.
+    let restricted = desired(vec![
+        (web, lb("web", &[1], &[1, 2, 3])),
+        (open, fe("open", &[2])),
+        (other, lb("other", &[3], &[9, 10])),
+    ]);
+    let r = s.apply_changes(&restricted, &[web].into());
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(r.errors[0].1.to_string().contains("max-source-ranges"), "{}", r.errors[0].1);
+    assert_eq!(r.unserved_ranges, vec![(web, "ns/web".to_string())]);
+    assert!(!s.store().services.contains_key(&web_key), "fail closed: web is not served");
+    assert!(served(&s, &open) && served(&s, &other), "the other frontends are untouched");
+    assert_eq!(r.services, 2);
+
+    // Still full: still closed, still reported, on a sync that changes nothing else.
+    let r = s.apply_changes(&restricted, &BTreeSet::new());
+    assert_eq!(r.unserved_ranges.len(), 1);
+    assert!(!served(&s, &web));
+
+    // "other" drops its ranges: the retry of web in the same sync finds the room.
+    let freed =
+        desired(vec![(web, lb("web", &[1], &[1, 2, 3])), (open, fe("open", &[2])), (other, lb("other", &[3], &[]))]);
+    let r = s.apply_changes(&freed, &[other].into());
+    assert!(r.errors.is_empty() && r.unserved_ranges.is_empty(), "{:?}", r.errors);
+    let v = s.store().services[&web_key];
+    assert_ne!(v.flags & svc_flags::SOURCE_RANGES, 0, "served with the restriction");
+    let drift = verify(&freed, &s.store().snapshot().unwrap());
+    assert!(drift.is_empty(), "{drift:#?}");
+    // And it keeps working from there (generations consistent): a backend change.
+    let scaled =
+        desired(vec![(web, lb("web", &[1, 4], &[1, 2, 3])), (open, fe("open", &[2])), (other, lb("other", &[3], &[]))]);
+    assert!(s.apply_changes(&scaled, &[web].into()).errors.is_empty());
+    let drift = verify(&scaled, &s.store().snapshot().unwrap());
+    assert!(drift.is_empty(), "{drift:#?}");
+}
+
+/// A new LoadBalancer whose ranges do not fit is never served; one that fits is.
+#[test]
+fn new_frontend_with_ranges_that_do_not_fit_is_never_served() {
+    let store = MemStore { max_ranges: Some(2), ..MemStore::default() };
+    let mut s = Syncer::new(store).unwrap();
+    let (a, b) = (fk(1, 80, Protocol::Tcp), fk(2, 80, Protocol::Tcp));
+    let r = s.apply(&desired(vec![(a, lb("a", &[1], &[1])), (b, lb("b", &[2], &[2, 3]))]));
+    assert_eq!(r.unserved_ranges, vec![(b, "ns/b".to_string())]);
+    assert!(s.store().services.contains_key(&service_key(&a)));
+    assert!(!s.store().services.contains_key(&service_key(&b)));
+}
