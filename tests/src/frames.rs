@@ -370,3 +370,156 @@ pub fn check_port_unreachable(frame: &[u8], out: &[u8]) -> Result<bool, String> 
         _ => Ok(false),
     }
 }
+
+/// ICMP / ICMPv6 error types the fuzzers send about a flow's packet.
+#[derive(Clone, Copy, Debug)]
+pub enum IcmpError {
+    /// Port unreachable (IPv4 3/3, ICMPv6 1/4).
+    PortUnreachable,
+    /// Fragmentation needed (IPv4 3/4) or packet too big (ICMPv6 2/0), with an MTU.
+    TooBig(u16),
+}
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+
+/// The ICMPv6 checksum of `icmp` (checksum field included) over the pseudo-header: 0 when
+/// valid.
+fn icmp6_csum(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(40 + icmp.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, PROTO_ICMPV6]);
+    pseudo.extend_from_slice(icmp);
+    crate::harness::inet_csum(&pseudo)
+}
+
+/// An Ethernet + IPv4/IPv6 frame carrying an ICMP / ICMPv6 error from `src` to `dst`
+/// quoting `quote` (an IP packet: the header and as much of the rest as the sender kept),
+/// with valid checksums.
+pub fn icmp_error_any(src: IpAddr, dst: IpAddr, e: IcmpError, quote: &[u8]) -> Vec<u8> {
+    let v6 = src.is_ipv6();
+    let (typ, code, rest) = match (v6, e) {
+        (false, IcmpError::PortUnreachable) => (3, 3, [0u8; 4]),
+        (false, IcmpError::TooBig(mtu)) => (3, 4, [0, 0, (mtu >> 8) as u8, mtu as u8]),
+        (true, IcmpError::PortUnreachable) => (1, 4, [0u8; 4]),
+        (true, IcmpError::TooBig(mtu)) => (2, 0, u32::from(mtu).to_be_bytes()),
+    };
+    let mut icmp = vec![typ, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => crate::harness::icmp_error(s, d, (typ, code), rest, quote),
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let c = icmp6_csum(s, d, &icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd];
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+            f.extend_from_slice(&[PROTO_ICMPV6, 64]);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+            f.extend_from_slice(&icmp);
+            f
+        }
+        _ => panic!("icmp_error_any: {src} and {dst} are of different families"),
+    }
+}
+
+/// An ICMP / ICMPv6 error read independently: outer addresses, the quoted packet's
+/// addresses and ports, and whether every checksum it carries is valid (outer IPv4
+/// header, ICMP (ICMPv6 over its pseudo-header), quoted IPv4 header, quoted TCP/UDP when
+/// the quote holds the whole segment).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpView {
+    pub outer_src: IpAddr,
+    pub outer_dst: IpAddr,
+    pub quote_src: (IpAddr, u16),
+    pub quote_dst: (IpAddr, u16),
+    pub quote_proto: u8,
+    pub csums_ok: bool,
+}
+
+/// `None` unless `f` is a plain (no IPv4 options, no IPv6 extension headers) ICMP error of
+/// the types [`icmp_error_any`] builds, quoting a plain TCP/UDP packet.
+pub fn icmp_view(f: &[u8]) -> Option<IcmpView> {
+    let (outer_src, outer_dst, false) = ip_addrs(f)? else { return None };
+    let (icmp, mut ok) = match outer_src {
+        IpAddr::V4(_) => {
+            let ip = &f[ETH_HLEN..];
+            if ip[0] != 0x45 || ip[9] != PROTO_ICMP {
+                return None;
+            }
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            (ip.get(IP4_HLEN..total)?, ip_csum_ok(f))
+        }
+        IpAddr::V6(_) => {
+            let ip = &f[ETH_HLEN..];
+            if ip[6] != PROTO_ICMPV6 {
+                return None;
+            }
+            let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            (ip.get(IP6_HLEN..IP6_HLEN + plen)?, true)
+        }
+    };
+    if icmp.len() < 8 {
+        return None;
+    }
+    match (outer_src, outer_dst, icmp[0], icmp[1]) {
+        (IpAddr::V4(_), _, 3, 3 | 4) => ok &= crate::harness::inet_csum(icmp) == 0,
+        (IpAddr::V6(s), IpAddr::V6(d), 1, 4) | (IpAddr::V6(s), IpAddr::V6(d), 2, 0) => {
+            ok &= icmp6_csum(s, d, icmp) == 0
+        }
+        _ => return None,
+    }
+    let quote = &icmp[8..];
+    let (qs, qd, proto, l4) = if outer_src.is_ipv4() {
+        if quote.len() < IP4_HLEN + 8 || quote[0] != 0x45 {
+            return None;
+        }
+        ok &= crate::harness::inet_csum(&quote[..IP4_HLEN]) == 0;
+        let a = |o: usize| IpAddr::V4(Ipv4Addr::new(quote[o], quote[o + 1], quote[o + 2], quote[o + 3]));
+        (a(12), a(16), quote[9], &quote[IP4_HLEN..])
+    } else {
+        if quote.len() < IP6_HLEN + 8 {
+            return None;
+        }
+        let a = |o: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&quote[o..o + 16]).unwrap()));
+        (a(8), a(24), quote[6], &quote[IP6_HLEN..])
+    };
+    let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+    // The whole quoted segment: checksum it as the quoted packet's own header says.
+    let whole = match (qs, qd) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = usize::from(u16::from_be_bytes([quote[2], quote[3]]));
+            (total == quote.len()).then(|| (s.octets().to_vec(), d.octets().to_vec()))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let plen = usize::from(u16::from_be_bytes([quote[4], quote[5]]));
+            (IP6_HLEN + plen == quote.len()).then(|| (s.octets().to_vec(), d.octets().to_vec()))
+        }
+        _ => None,
+    };
+    match proto {
+        PROTO_TCP | PROTO_UDP => {}
+        _ => return None,
+    }
+    if let Some((s, d)) = whole {
+        let mut pseudo = s;
+        pseudo.extend_from_slice(&d);
+        pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, proto]);
+        pseudo.extend_from_slice(l4);
+        let zero_udp4 = proto == PROTO_UDP && qs.is_ipv4() && l4.get(6..8) == Some(&[0, 0][..]);
+        ok &= zero_udp4 || crate::harness::inet_csum(&pseudo) == 0;
+    }
+    Some(IcmpView {
+        outer_src,
+        outer_dst,
+        quote_src: (qs, port(0)),
+        quote_dst: (qd, port(2)),
+        quote_proto: proto,
+        csums_ok: ok,
+    })
+}

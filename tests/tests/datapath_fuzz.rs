@@ -55,7 +55,7 @@ use std::{
 
 use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, verdict};
 use proxy_tests::{
-    frames::{self, PROTO_SCTP, PROTO_TCP, PROTO_UDP, View},
+    frames::{self, IcmpError, IcmpView, PROTO_SCTP, PROTO_TCP, PROTO_UDP, View},
     harness::*,
 };
 use proxy_userspace::{
@@ -88,6 +88,12 @@ const SNAT_MAX: u16 = 65535;
 /// tuple, or one port towards two frontends), and disjoint from the random traffic's.
 const FLOW_PORTS: std::ops::Range<u16> = 40000..40048;
 const RANDOM_PORTS: std::ops::Range<u16> = 1024..30000;
+/// A gap this fuzzer found on main, outside issue 19: an ICMP error about a hairpin flow
+/// (the pod, as the backend, answering its own hairpin-NATed packet with a port
+/// unreachable) is not translated back (`icmp::decide` on `from_pod` looks only at
+/// forward entries without SNAT), so the client pod never gets it. While this is `true`
+/// such errors may be lost; if one is translated, it is still checked.
+const HAIRPIN_ICMP_GAP: bool = true;
 
 /// MACs of the node's namespace: our uplink, node 2 (the remote backends' node), clients.
 const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
@@ -471,6 +477,11 @@ fn summary(f: &[u8]) -> String {
             };
             format!("{p} {}:{} > {}:{}", v.src.0, v.src.1, v.dst.0, v.dst.1)
         }
+        None if frames::icmp_view(f).is_some() => {
+            let Some(i) = frames::icmp_view(f) else { unreachable!() };
+            let (qs, qd) = (i.quote_src, i.quote_dst);
+            format!("ICMP error {} > {} quoting {}:{} > {}:{}", i.outer_src, i.outer_dst, qs.0, qs.1, qd.0, qd.1)
+        }
         None => match frames::ip_addrs(f) {
             Some((s, d, true)) => format!("fragment {s} > {d}"),
             _ => format!("{} bytes", f.len()),
@@ -503,6 +514,11 @@ enum Kind {
         after: View,
         delivery: Delivery,
     },
+    /// An ICMP error about a flow, translated back with it.
+    Icmp {
+        after: IcmpView,
+        delivery: Delivery,
+    },
 }
 
 fn is_pass(v: i32, xdp: bool) -> bool {
@@ -523,6 +539,9 @@ fn check_step(prog: Prog, frame: &[u8], v: i32, out: &[u8]) -> Result<Kind, Stri
         None => {
             if is_pass(v, xdp) && out == frame {
                 return Ok(Kind::Untouched);
+            }
+            if let Some(before) = frames::icmp_view(frame) {
+                return icmp_step(prog, frame, &before, v, out);
             }
             let Some((_, _, true)) = frames::ip_addrs(frame) else {
                 return Err(format!("{name}: non-candidate frame changed (verdict {v}): {frame:02x?} -> {out:02x?}"));
@@ -592,8 +611,39 @@ fn check_step(prog: Prog, frame: &[u8], v: i32, out: &[u8]) -> Result<Kind, Stri
     Ok(Kind::Translated { after, delivery })
 }
 
+/// An ICMP error that came out changed: translated back with its flow (docs/datapath.md,
+/// "ICMP errors"): still an error of the types sent, same length, every checksum as valid
+/// as before, and addressed to the sender of the packet it quotes.
+fn icmp_step(prog: Prog, frame: &[u8], before: &IcmpView, v: i32, out: &[u8]) -> Result<Kind, String> {
+    let name = prog.name();
+    if is_drop(v, prog.xdp()) {
+        return Ok(Kind::Dropped);
+    }
+    let after = frames::icmp_view(out)
+        .ok_or_else(|| format!("{name}: ICMP error mangled (verdict {v}): {frame:02x?} -> {out:02x?}"))?;
+    if out.len() != frame.len() || after.csums_ok != before.csums_ok || after.outer_dst != after.quote_src.0 {
+        return Err(format!("{name}: ICMP error translated wrongly (verdict {v}): {before:?} -> {after:?}"));
+    }
+    let delivery = match (prog.xdp(), v) {
+        (false, TC_ACT_UNSPEC) | (true, XDP_PASS) => Delivery::Stack,
+        (true, XDP_TX | XDP_REDIRECT) => Delivery::Wire,
+        _ => return Err(format!("{name}: ICMP error translated with verdict {v}")),
+    };
+    Ok(Kind::Icmp { after, delivery })
+}
+
 /// Which translations a hook may make (see the top of the file): `Err` names the wrong one.
 fn check_semantics(prog: Prog, frame: &[u8], kind: &Kind) -> Result<(), String> {
+    if let Kind::Icmp { after, .. } = kind {
+        // About a client's packet: the quote becomes client -> frontend; about a reply
+        // (forward hooks only): backend -> client.
+        let w = world(after.outer_dst);
+        let about_forward = w.is_frontend(after.quote_dst);
+        let about_reply = prog.forward() && w.is_backend(after.quote_src);
+        if !(about_forward || about_reply) {
+            return Err(format!("{}: ICMP error translated to {after:?}", prog.name()));
+        }
+    }
     let Some(before) = frames::view(frame) else { return Ok(()) };
     if frames::malformed(frame) != Some(false) {
         return Ok(());
@@ -948,36 +998,41 @@ impl Sim {
             }
             let (next, delivery) = match kind {
                 Kind::Untouched => (frame, Delivery::Stack),
-                Kind::Translated { delivery, .. } => {
+                Kind::Translated { delivery, .. } | Kind::Icmp { delivery, .. } => {
                     self.translated += 1;
                     (out, delivery)
                 }
                 Kind::Dropped | Kind::Answered | Kind::Fragment => return false,
             };
-            let Some(view) = frames::view(&next) else { return false };
-            let w = world(view.dst.0);
+            let Some((_, dst, _)) = frames::ip_addrs(&next) else { return false };
+            let w = world(dst);
             frame = next;
             prog = match (prog, delivery) {
                 (Prog::FromPod, Delivery::Back) => Prog::ToPod,
-                (Prog::FromPod | Prog::FromUplink, Delivery::Stack) if w.is_local_pod(view.dst.0) => Prog::ToPod,
-                (Prog::FromPod, Delivery::Stack)
-                    if w.remote.contains(&view.dst.0) || w.outside.contains(&view.dst.0) =>
-                {
+                (Prog::FromPod | Prog::FromUplink, Delivery::Stack) if w.is_local_pod(dst) => Prog::ToPod,
+                (Prog::FromPod, Delivery::Stack) if w.remote.contains(&dst) || w.outside.contains(&dst) => {
                     Prog::ToUplink
                 }
                 (Prog::FromPod | Prog::FromUplink, Delivery::Stack) => return false,
-                _ => return self.deliver(&frame, view, flow, conn),
+                _ => return self.deliver(&frame, flow, conn),
             };
         }
         false
     }
 
     /// `frame` reaches the endpoint it is addressed to.
-    fn deliver(&mut self, frame: &[u8], v: View, flow: Option<usize>, conn: Option<Conn>) -> bool {
+    fn deliver(&mut self, frame: &[u8], flow: Option<usize>, conn: Option<Conn>) -> bool {
+        if let Some(iv) = frames::icmp_view(frame) {
+            return match flow {
+                Some(f) => self.client_gets_error(iv, f, conn),
+                None => false,
+            };
+        }
+        let Some(v) = frames::view(frame) else { return false };
         let w = world(v.dst.0);
         if w.is_backend(v.dst) {
             if let Some(f) = flow {
-                self.backend_receives(v, f);
+                self.backend_receives(frame, v, f);
             }
             false
         } else if w.is_local_pod(v.dst.0) || w.outside.contains(&v.dst.0) {
@@ -992,7 +1047,7 @@ impl Sim {
 
     /// A backend gets a frame of flow `f`: it belongs to one backend-side connection, whose
     /// answer the backend queues.
-    fn backend_receives(&mut self, v: View, f: usize) {
+    fn backend_receives(&mut self, frame: &[u8], v: View, f: usize) {
         let w = world(v.dst.0);
         let conn: Conn = (v.proto, v.src, v.dst);
         let fl = &self.flows[f];
@@ -1031,6 +1086,17 @@ impl Sim {
         }
         self.flows[f].conn = Some(conn);
         let owner = self.conns[&conn];
+        let prog = if w.local.contains(&v.dst.0) { Prog::FromPod } else { Prog::FromUplink };
+        // (The datapath translates errors quoting TCP and UDP only.)
+        if v.proto != PROTO_SCTP && self.rng.u8(..100) < 4 {
+            // An ICMP error about the packet instead of an answer: from the backend itself,
+            // or (remote backends) from node 2 on the way, quoting the packet as it arrived.
+            let from = if prog == Prog::FromUplink && self.rng.bool() { w.node2 } else { v.dst.0 };
+            let e = if self.rng.bool() { IcmpError::PortUnreachable } else { IcmpError::TooBig(1280) };
+            let frame = frames::icmp_error_any(from, v.src.0, e, &frame[14..]);
+            self.pending.push(Pending { flow: owner, conn, prog, frame });
+            return;
+        }
         if v.tcp_flags & tcp::RST != 0 || self.rng.u8(..100) >= 85 {
             return;
         }
@@ -1050,7 +1116,6 @@ impl Sim {
         }
         let payload: Vec<u8> = (0..self.rng.usize(..32)).map(|_| self.rng.u8(..)).collect();
         let frame = build_runnable(v.proto, v.dst, v.src, flags, &payload);
-        let prog = if w.local.contains(&v.dst.0) { Prog::FromPod } else { Prog::FromUplink };
         self.pending.push(Pending { flow: owner, conn, prog, frame });
     }
 
@@ -1076,6 +1141,28 @@ impl Sim {
             }
             false
         }
+    }
+
+    /// A client gets an ICMP error about a packet of flow `f` (on backend-side connection
+    /// `conn`): addressed to it, quoting its own packet (client -> frontend), from the
+    /// frontend (or the router that sent it).
+    fn client_gets_error(&mut self, iv: IcmpView, f: usize, conn: Option<Conn>) -> bool {
+        let w = world(iv.outer_dst);
+        let fl = &self.flows[f];
+        let translated = w.is_frontend(iv.quote_dst);
+        let right = iv.outer_dst == fl.client.0
+            && iv.quote_src == fl.client
+            && iv.quote_dst == fl.frontend
+            && (iv.outer_src == fl.frontend.0 || iv.outer_src == w.node2)
+            && iv.csums_ok;
+        if translated && fl.clean && !right {
+            let detail = format!("{iv:?} for flow {:?} -> {:?}", fl.client, fl.frontend);
+            self.violation("an ICMP error translated to another flow or with bad checksums", detail, &[f]);
+        } else if !translated && fl.clean && fl.open && conn.is_some() && fl.conn == conn {
+            let detail = format!("{iv:?}");
+            self.violation("an ICMP error about a live flow reached the client untranslated", detail, &[f]);
+        }
+        translated
     }
 
     /// Client `client` sends on its flow to `frontend` (opening it if new).
@@ -1277,7 +1364,10 @@ impl Sim {
                     fl.clean && fl.open && fl.conn == Some(p.conn)
                 };
                 let reached = self.journey(p.prog, p.frame.clone(), Some(p.flow), Some(p.conn));
-                if live && !reached && self.flows[p.flow].clean {
+                let gap = HAIRPIN_ICMP_GAP
+                    && frames::icmp_view(&p.frame).is_some()
+                    && p.conn.1.0 == world(p.conn.1.0).hairpin;
+                if live && !reached && !gap && self.flows[p.flow].clean {
                     let detail = summary(&p.frame);
                     self.violation("a reply of a live flow was lost on its way to the client", detail, &[p.flow]);
                 }
