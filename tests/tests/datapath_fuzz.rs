@@ -265,12 +265,21 @@ fn dataplane() -> TestDataplane {
     dp
 }
 
+/// Host-side veth of each pod (the same pod in both families), in the order of
+/// `World::pods` then `World::local`.
+const POD_VETHS: [&str; 4] = ["vpod5", "vpod6", "vpod1", "vpod2"];
+
 /// The node's network namespace for XDP's FIB lookups: the uplink `up0` holds the node's
 /// addresses; node 2 (behind which the remote backends live) and the outside clients are
-/// permanent neighbours on it; forwarding on.
+/// permanent neighbours on it; forwarding on. Each pod has a host-side veth of its own
+/// (`POD_VETHS`), so the TC programs see each pod's frames on its own interface.
 fn node_ns() -> UplinkNs {
     let net = UplinkNs::new("epx-fuzz-", UPLINK_MAC);
     let ns = &net.ns;
+    for veth in POD_VETHS {
+        ns.ip(&["link", "add", veth, "type", "veth", "peer", "name", &format!("{veth}p")]).unwrap();
+        ns.ip(&["link", "set", veth, "up"]).unwrap();
+    }
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
     ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
     for w in [&W4, &W6] {
@@ -356,10 +365,49 @@ impl Prog {
 struct Runner {
     dp: TestDataplane,
     up0: u32,
+    /// Each pod address (both families) and its host-side veth's ifindex.
+    devs: Vec<(IpAddr, u32)>,
     runs: u64,
 }
 
+/// The ifindex of interface `name` in the calling thread's namespace.
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
 impl Runner {
+    /// The dataplane, for a thread in the node's namespace.
+    fn new(up0: u32) -> Self {
+        let mut devs = Vec::new();
+        for w in [&W4, &W6] {
+            for (a, veth) in w.pods.iter().chain(&w.local).zip(POD_VETHS) {
+                devs.push((*a, ifindex(veth)));
+            }
+        }
+        Runner { dp: dataplane(), up0, devs, runs: 0 }
+    }
+
+    /// The host-side veth of the pod with address `a`.
+    fn dev(&self, a: IpAddr) -> u32 {
+        self.devs.iter().find(|(p, _)| *p == a).map(|(_, d)| *d).unwrap_or_else(|| panic!("{a} is no pod"))
+    }
+
+    /// Run `p` on `f` on interface `dev` (TC; the uplink for `from_uplink` and
+    /// `to_uplink`), the frame having arrived on `ingress` (TC egress programs).
+    fn run_on(&mut self, p: Prog, f: &[u8], dev: u32, ingress: u32) -> (i32, Vec<u8>) {
+        self.runs += 1;
+        match p {
+            Prog::FromUplink => self.dp.run_xdp_on(p.name(), f, self.up0),
+            Prog::ToUplink => self.dp.run_tc_on(p.name(), f, self.up0, ingress),
+            Prog::FromPod => self.dp.run_tc_on(p.name(), f, dev, 0),
+            Prog::ToPod => self.dp.run_tc_on(p.name(), f, dev, ingress),
+        }
+    }
+
     /// Run `p` on `f`; the XDP program as if `f` arrived on the uplink.
     fn run(&mut self, p: Prog, f: &[u8]) -> (i32, Vec<u8>) {
         self.runs += 1;
@@ -805,7 +853,7 @@ fn fuzz_one(prog: Prog, seed: u64, n: usize) {
         let up0 = net.uplink_ifindex();
         let reverse = !prog.forward();
         let mut rng = fastrand::Rng::with_seed(seed ^ prog.name().len() as u64);
-        let mut r = Runner { dp: dataplane(), up0, runs: 0 };
+        let mut r = Runner::new(up0);
         let run_check = |r: &mut Runner, f: &[u8]| {
             let (v, out) = r.run(prog, f);
             let kind = check_step(prog, f, v, &out).unwrap_or_else(|e| panic!("{e}"));
@@ -917,6 +965,8 @@ struct Pending {
     flow: usize,
     conn: Conn,
     prog: Prog,
+    /// The interface it enters `prog` on.
+    dev: u32,
     frame: Vec<u8>,
 }
 
@@ -933,6 +983,8 @@ struct Sim {
     restored: u64,
     /// The flow a spoof imitates: the spoof's frames go to its log (and nowhere else).
     imitated: Option<usize>,
+    /// A spoof is on its way: no hop may translate it.
+    spoofing: bool,
 }
 
 impl Sim {
@@ -967,16 +1019,24 @@ impl Sim {
         }
     }
 
-    /// Carry `frame` from program `prog` on, as the node would, through at most four
-    /// programs, to an endpoint. `flow` is whose frame it is (none for noise and spoofs),
-    /// `conn` the backend-side connection an answer comes from. Returns whether the
-    /// frame reached a client of the flow.
-    fn journey(&mut self, mut prog: Prog, mut frame: Vec<u8>, flow: Option<usize>, conn: Option<Conn>) -> bool {
+    /// Carry `frame` from program `prog` on interface `dev` on, as the node would, through
+    /// at most four programs, to an endpoint. `flow` is whose frame it is (none for noise
+    /// and spoofs), `conn` the backend-side connection an answer comes from. Returns
+    /// whether the frame reached a client of the flow.
+    fn journey(
+        &mut self,
+        mut prog: Prog,
+        mut dev: u32,
+        mut frame: Vec<u8>,
+        flow: Option<usize>,
+        conn: Option<Conn>,
+    ) -> bool {
+        let mut ingress = 0;
         for _ in 0..4 {
             if !runnable(&frame, prog.xdp()) {
                 return false;
             }
-            let (v, out) = self.r.run(prog, &frame);
+            let (v, out) = self.r.run_on(prog, &frame, dev, ingress);
             let line = format!(
                 "{}: {} -> {v} {}",
                 prog.name(),
@@ -991,7 +1051,14 @@ impl Sim {
                     return false;
                 }
             };
-            if let Err(e) = check_semantics(prog, &frame, &kind) {
+            if self.spoofing {
+                if let Kind::Translated { .. } | Kind::Icmp { .. } = kind {
+                    let e = format!("{}: {} -> {}", prog.name(), summary(&frame), summary(&out));
+                    let imitated: Vec<usize> = self.imitated.into_iter().collect();
+                    let kind = format!("{}: a spoofed frame got a live flow's translation", prog.name());
+                    self.violation(&kind, e, &imitated);
+                }
+            } else if let Err(e) = check_semantics(prog, &frame, &kind) {
                 let k = e.split(':').nth(1).unwrap_or("").split_whitespace().take(6).collect::<Vec<_>>().join(" ");
                 self.violation(
                     &format!("{}:{k}", prog.name()),
@@ -1010,11 +1077,14 @@ impl Sim {
             let Some((_, dst, _)) = frames::ip_addrs(&next) else { return false };
             let w = world(dst);
             frame = next;
-            prog = match (prog, delivery) {
-                (Prog::FromPod, Delivery::Back) => Prog::ToPod,
-                (Prog::FromPod | Prog::FromUplink, Delivery::Stack) if w.is_local_pod(dst) => Prog::ToPod,
+            ingress = if prog.uplink() { self.r.up0 } else { dev };
+            (prog, dev) = match (prog, delivery) {
+                (Prog::FromPod, Delivery::Back) => (Prog::ToPod, dev),
+                (Prog::FromPod | Prog::FromUplink, Delivery::Stack) if w.is_local_pod(dst) => {
+                    (Prog::ToPod, self.r.dev(dst))
+                }
                 (Prog::FromPod, Delivery::Stack) if w.remote.contains(&dst) || w.outside.contains(&dst) => {
-                    Prog::ToUplink
+                    (Prog::ToUplink, self.r.up0)
                 }
                 (Prog::FromPod | Prog::FromUplink, Delivery::Stack) => return false,
                 _ => return self.deliver(&frame, flow, conn),
@@ -1089,7 +1159,11 @@ impl Sim {
         }
         self.flows[f].conn = Some(conn);
         let owner = self.conns[&conn];
-        let prog = if w.local.contains(&v.dst.0) { Prog::FromPod } else { Prog::FromUplink };
+        let (prog, dev) = if w.local.contains(&v.dst.0) {
+            (Prog::FromPod, self.r.dev(v.dst.0))
+        } else {
+            (Prog::FromUplink, self.r.up0)
+        };
         // (The datapath translates errors quoting TCP and UDP only.)
         if v.proto != PROTO_SCTP && self.rng.u8(..100) < 4 {
             // An ICMP error about the packet instead of an answer: from the backend itself,
@@ -1097,7 +1171,7 @@ impl Sim {
             let from = if prog == Prog::FromUplink && self.rng.bool() { w.node2 } else { v.dst.0 };
             let e = if self.rng.bool() { IcmpError::PortUnreachable } else { IcmpError::TooBig(1280) };
             let frame = frames::icmp_error_any(from, v.src.0, e, &frame[14..]);
-            self.pending.push(Pending { flow: owner, conn, prog, frame });
+            self.pending.push(Pending { flow: owner, conn, prog, dev, frame });
             return;
         }
         if v.tcp_flags & tcp::RST != 0 || self.rng.u8(..100) >= 85 {
@@ -1119,7 +1193,7 @@ impl Sim {
         }
         let payload: Vec<u8> = (0..self.rng.usize(..32)).map(|_| self.rng.u8(..)).collect();
         let frame = build_runnable(v.proto, v.dst, v.src, flags, &payload);
-        self.pending.push(Pending { flow: owner, conn, prog, frame });
+        self.pending.push(Pending { flow: owner, conn, prog, dev, frame });
     }
 
     /// A client gets a frame answering flow `f` on backend-side connection `conn`.
@@ -1189,8 +1263,9 @@ impl Sim {
             if flags & tcp::SYN != 0 { vec![] } else { (0..self.rng.usize(..48)).map(|_| self.rng.u8(..)).collect() };
         let fl = &self.flows[f];
         let frame = build_runnable(fl.proto, fl.client, fl.frontend, flags, &payload);
-        let prog = if fl.outside { Prog::FromUplink } else { Prog::FromPod };
-        self.journey(prog, frame, Some(f), None);
+        let (prog, dev) =
+            if fl.outside { (Prog::FromUplink, self.r.up0) } else { (Prog::FromPod, self.r.dev(fl.client.0)) };
+        self.journey(prog, dev, frame, Some(f), None);
     }
 
     fn new_flow(&mut self) {
@@ -1247,14 +1322,15 @@ impl Sim {
     /// A fragment of a flow's frame (the client's, or an answer in flight), into the
     /// program it would meet first; only that program's handling is checked.
     fn fragment(&mut self) {
-        let (frame, prog, flow) = if !self.pending.is_empty() && self.rng.bool() {
+        let (frame, prog, dev, flow) = if !self.pending.is_empty() && self.rng.bool() {
             let p = &self.pending[self.rng.usize(..self.pending.len())];
-            (p.frame.clone(), p.prog, p.flow)
+            (p.frame.clone(), p.prog, p.dev, p.flow)
         } else {
             let f = self.rng.usize(..self.flows.len());
             let fl = &self.flows[f];
-            let prog = if fl.outside { Prog::FromUplink } else { Prog::FromPod };
-            (build_runnable(fl.proto, fl.client, fl.frontend, tcp::ACK, &[7u8; 40]), prog, f)
+            let (prog, dev) =
+                if fl.outside { (Prog::FromUplink, self.r.up0) } else { (Prog::FromPod, self.r.dev(fl.client.0)) };
+            (build_runnable(fl.proto, fl.client, fl.frontend, tcp::ACK, &[7u8; 40]), prog, dev, f)
         };
         let (offset, more) = match self.rng.u8(..3) {
             0 => (0, true),
@@ -1263,15 +1339,15 @@ impl Sim {
         };
         let data: Vec<u8> = (0..8 * self.rng.usize(1..5)).map(|_| self.rng.u8(..)).collect();
         let frag = frames::fragment_of(&frame, offset, more, self.rng.u32(..), &data);
-        self.single(prog, &frag, Some(flow));
+        self.single(prog, dev, &frag, Some(flow));
     }
 
     /// Run one program on `frame` and check it, without following the frame further.
-    fn single(&mut self, prog: Prog, frame: &[u8], flow: Option<usize>) {
+    fn single(&mut self, prog: Prog, dev: u32, frame: &[u8], flow: Option<usize>) {
         if !runnable(frame, prog.xdp()) {
             return;
         }
-        let (v, out) = self.r.run(prog, frame);
+        let (v, out) = self.r.run_on(prog, frame, dev, 0);
         let line = format!(
             "{}: {} -> {v} {}",
             prog.name(),
@@ -1294,26 +1370,45 @@ impl Sim {
         }
     }
 
-    /// A flow's tuple from the wrong side: its client's frame arriving on the other hook
-    /// (an outside client's tuple sent by a pod, a pod's from outside), or its backend's
-    /// answer arriving from where that backend is not (issue 19 item 3). Followed like any
-    /// frame; no flow is marked: a spoof must not disturb the flow it imitates.
+    /// A live flow's tuple from the wrong side: its client's frame from another pod's veth
+    /// or arriving on the other hook (an outside client's tuple sent by a pod, a pod's from
+    /// outside), or its backend's answer arriving from where that backend is not (issue 19
+    /// item 3). Followed like any frame; none of it may get a translation, and no flow is
+    /// marked: a spoof must not disturb the flow it imitates.
     fn spoof(&mut self) {
-        let f = self.rng.usize(..self.flows.len());
-        self.imitated = Some(f);
-        let fl = &self.flows[f];
-        let flags = [tcp::RST, tcp::SYN, tcp::ACK, tcp::FIN | tcp::ACK][self.rng.usize(..4)];
-        if let (true, Some((proto, seen, backend))) = (self.rng.bool(), fl.conn) {
-            let w = world(backend.0);
-            let prog = if w.local.contains(&backend.0) { Prog::FromUplink } else { Prog::FromPod };
-            let frame = build_runnable(proto, backend, seen, flags, &[]);
-            self.journey(prog, frame, None, None);
-        } else {
-            let prog = if fl.outside { Prog::FromPod } else { Prog::FromUplink };
-            let frame = build_runnable(fl.proto, fl.client, fl.frontend, flags, &[]);
-            self.journey(prog, frame, None, None);
+        let live: Vec<usize> = (0..self.flows.len()).filter(|f| self.flows[*f].open && self.flows[*f].clean).collect();
+        if live.is_empty() {
+            return;
         }
+        let f = live[self.rng.usize(..live.len())];
+        self.imitated = Some(f);
+        self.spoofing = true;
+        let fl = &self.flows[f];
+        let w = world(fl.client.0);
+        let flags = [tcp::RST, tcp::SYN, tcp::ACK, tcp::FIN | tcp::ACK][self.rng.usize(..4)];
+        // A pod that is not the flow's client.
+        let others: Vec<IpAddr> = w.pods.iter().chain(&w.local).copied().filter(|a| *a != fl.client.0).collect();
+        let other = self.r.dev(others[self.rng.usize(..others.len())]);
+        let (prog, dev, frame) = match (self.rng.u8(..3), fl.conn) {
+            (0, Some((proto, seen, backend))) => {
+                let frame = build_runnable(proto, backend, seen, flags, &[]);
+                if w.local.contains(&backend.0) {
+                    (Prog::FromUplink, self.r.up0, frame)
+                } else {
+                    (Prog::FromPod, other, frame)
+                }
+            }
+            (1, _) if !fl.outside => {
+                (Prog::FromPod, other, build_runnable(fl.proto, fl.client, fl.frontend, flags, &[]))
+            }
+            _ => {
+                let frame = build_runnable(fl.proto, fl.client, fl.frontend, flags, &[]);
+                if fl.outside { (Prog::FromPod, other, frame) } else { (Prog::FromUplink, self.r.up0, frame) }
+            }
+        };
+        self.journey(prog, dev, frame, None, None);
         self.imitated = None;
+        self.spoofing = false;
     }
 
     /// Noise: a mutated copy of a flow's frame (the flows whose sockets it names are no
@@ -1323,6 +1418,7 @@ impl Sim {
         if self.rng.bool() {
             let f = self.rng.usize(..self.flows.len());
             let fl = &self.flows[f];
+            let (fl_outside, fl_client) = (fl.outside, fl.client.0);
             let prog = if fl.outside { Prog::FromUplink } else { Prog::FromPod };
             let flags = [tcp::SYN, tcp::ACK, tcp::FIN | tcp::ACK, tcp::RST][self.rng.usize(..4)];
             let mut frame = build_runnable(fl.proto, fl.client, fl.frontend, flags, &[1, 2, 3, 4, 5, 6, 7, 8]);
@@ -1338,14 +1434,16 @@ impl Sim {
                 }
             }
             self.flows[f].log.push("(mutated copy follows)".into());
-            self.single(prog, &frame, Some(f));
+            let dev = if fl_outside { self.r.up0 } else { self.r.dev(fl_client) };
+            self.single(prog, dev, &frame, Some(f));
         } else {
             let prog = progs[self.rng.usize(..4)];
             let mut frame = base(&mut self.rng, !prog.forward(), prog.uplink(), &[]);
             if self.rng.bool() {
                 mutate(&mut self.rng, &mut frame);
             }
-            self.single(prog, &frame, None);
+            let dev = if prog.uplink() { self.r.up0 } else { self.r.devs[self.rng.usize(..self.r.devs.len())].1 };
+            self.single(prog, dev, &frame, None);
         }
     }
 
@@ -1365,7 +1463,7 @@ impl Sim {
                     let fl = &self.flows[p.flow];
                     fl.clean && fl.open && fl.conn == Some(p.conn)
                 };
-                let reached = self.journey(p.prog, p.frame.clone(), Some(p.flow), Some(p.conn));
+                let reached = self.journey(p.prog, p.dev, p.frame.clone(), Some(p.flow), Some(p.conn));
                 let gap = HAIRPIN_ICMP_GAP
                     && frames::icmp_view(&p.frame).is_some()
                     && p.conn.1.0 == world(p.conn.1.0).hairpin;
@@ -1387,7 +1485,7 @@ fn interleaved(seed: u64, n: usize) {
     let report = net.ns.run(|| {
         let up0 = net.uplink_ifindex();
         let mut sim = Sim {
-            r: Runner { dp: dataplane(), up0, runs: 0 },
+            r: Runner::new(up0),
             rng: fastrand::Rng::with_seed(seed),
             flows: Vec::new(),
             by_socket: HashMap::new(),
@@ -1397,6 +1495,7 @@ fn interleaved(seed: u64, n: usize) {
             translated: 0,
             restored: 0,
             imitated: None,
+            spoofing: false,
         };
         for _ in 0..n {
             sim.step();
