@@ -140,6 +140,31 @@ impl TestDataplane {
         (r.return_value as i32, out)
     }
 
+    /// Run a TC program as if `frame` went through interface `ifindex` (which must exist in
+    /// the calling thread's namespace) having arrived on `ingress_ifindex` (0: none).
+    pub fn run_tc_on(
+        &mut self,
+        prog: &'static str,
+        frame: &[u8],
+        ifindex: u32,
+        ingress_ifindex: u32,
+    ) -> (i32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct __sk_buff up to `ifindex`: len, pkt_type, mark, queue_mapping, protocol,
+        // vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex (word 9), ifindex
+        // (word 10). The kernel takes a prefix of the struct and refuses fields other than
+        // these two (and a few more) set.
+        let mut skb = [0u32; 11];
+        skb[9] = ingress_ifindex;
+        skb[10] = ifindex;
+        let ctx: Vec<u8> = skb.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let opts =
+            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
+        let r = self.test_run(prog, opts);
+        out.truncate(r.data_size_out as usize);
+        (r.return_value as i32, out)
+    }
+
     /// Mean in-kernel run time (ns) of `n` separate single runs, each on a fresh copy of
     /// `frame` (optionally as if received on `ingress_ifindex`). Unlike [`Self::time`], every
     /// run sees the original frame: with `repeat` the kernel reruns the program on the
