@@ -55,7 +55,7 @@ impl LoaderConfig {
     /// `max_entries` of the maps the flags size. The IPv6 twins follow the same flags as
     /// their IPv4 maps (`--max-services` sizes SERVICES and SERVICES6 each); slots,
     /// metadata and counters are shared by both families.
-    fn sizes(&self) -> [(&'static str, u32); 11] {
+    fn sizes(&self) -> [(&'static str, u32); 13] {
         [
             (n::SERVICES, self.max_services),
             (n::SERVICES6, self.max_services),
