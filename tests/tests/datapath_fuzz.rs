@@ -403,7 +403,8 @@ impl Runner {
         match p {
             Prog::FromUplink => self.dp.run_xdp_on(p.name(), f, self.up0),
             Prog::ToUplink => self.dp.run_tc_on(p.name(), f, self.up0, ingress),
-            Prog::FromPod => self.dp.run_tc_on(p.name(), f, dev, 0),
+            // TC ingress: the kernel sets the skb's ingress interface to the device itself.
+            Prog::FromPod => self.dp.run_tc_on(p.name(), f, dev, dev),
             Prog::ToPod => self.dp.run_tc_on(p.name(), f, dev, ingress),
         }
     }
