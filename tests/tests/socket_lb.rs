@@ -169,6 +169,16 @@ fn counter(root: &Path, verdict: &str, per_service: Option<()>) -> u64 {
         .sum()
 }
 
+/// A global IPv6 address for the node namespace (on `lo`). The dual-stack topology gives the
+/// node only link-local addresses, so a node client's datagrams to a pod left from a
+/// link-local source and the pod answered from its own link-local address (same scope),
+/// which no reverse translation knows: `recvfrom()` then saw `fe80::...`, and a connected
+/// socket dropped the reply, whenever the pod's link-local address was already up.
+fn node_global_ipv6(topo: &Topology, subnet: u8) {
+    let addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, subnet.into(), 0, 0, 0, 1);
+    topo.node.ip(&["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo", "nodad"]).expect("node IPv6 address");
+}
+
 /// Wait until `client` reaches `addr` over TCP (servers and the first sync are asynchronous).
 fn wait_reachable(client: &mut SockClient, addr: SocketAddr) {
     wait_for(Duration::from_secs(10), "service reachable through the socket hooks", || {
@@ -626,6 +636,7 @@ fn ipv6_sockets_and_v4_mapped_destinations() {
     const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
     const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x99);
     let mut topo = Topology::dual_stack(4, 36).expect("topology");
+    node_global_ipv6(&topo, 36);
     for i in 0..3 {
         topo.start_server(SERVER, i, 8080).expect("server");
     }
@@ -706,6 +717,7 @@ fn ipv6_through_the_agent_and_stale_udp6() {
     require_root("ipv6_through_the_agent_and_stale_udp6");
     const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
     let mut topo = Topology::dual_stack(3, 37).expect("topology");
+    node_global_ipv6(&topo, 37);
     for i in 0..3 {
         topo.start_server(SERVER, i, 8080).expect("server");
     }
