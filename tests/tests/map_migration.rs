@@ -207,6 +207,44 @@ fn too_small_for_the_services_rolls_back() {
     assert_eq!(maps.services.iter().count(), 20);
 }
 
+/// `--max-source-ranges` resizes both tries by migration: larger keeps every prefix, and
+/// smaller than what the Services hold is refused naming the flag (a full trie answers
+/// ENOSPC, not a hash map's E2BIG), with the old trie back in place.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn max_source_ranges_migrates_and_refuses_to_drop_ranges() {
+    require_root("max_source_ranges_migrates_and_refuses_to_drop_ranges");
+    let pins = PinDir::new();
+    let sized = |n: u32| LoaderConfig { max_source_ranges: n, ..cfg(&pins, 64, 1024) };
+    let mut lb = entry("lb", &[(Ipv4Addr::new(10, 244, 0, 1), 8080)]);
+    lb.kind = proxy_userspace::model::FrontendKind::LoadBalancer;
+    lb.source_ranges = (0..6u8)
+        .map(|i| proxy_userspace::model::IpPrefix { addr: Ipv4Addr::new(192, 0, i, 0).into(), len: 24 })
+        .collect();
+    let desired = state(vec![(frontend(Ipv4Addr::new(198, 51, 100, 1), 80, Protocol::Tcp), lb)]);
+    {
+        let (_p, maps) = loader::load(&sized(8)).unwrap();
+        assert!(Syncer::new(maps).unwrap().apply(&desired).errors.is_empty());
+    }
+    assert_eq!(pin_info(&pins, n::SOURCE_RANGES).max_entries(), 8);
+    {
+        let (mut p, _maps) = loader::load(&sized(32)).unwrap();
+        std::mem::take(&mut p.migration).finish().expect("finish");
+    }
+    assert_eq!(
+        (pin_info(&pins, n::SOURCE_RANGES).max_entries(), pin_info(&pins, n::SOURCE_RANGES6).max_entries()),
+        (32, 32)
+    );
+    assert_eq!(Maps::open_pinned(&pins.0).unwrap().source_ranges.iter().count(), 6);
+    let err = match loader::load(&sized(4)) {
+        Err(e) => e,
+        Ok(_) => panic!("6 ranges squeezed into 4"),
+    };
+    assert!(err.to_string().contains("raise --max-source-ranges"), "{err}");
+    assert_eq!(pin_info(&pins, n::SOURCE_RANGES).max_entries(), 32, "old trie back in place");
+    assert_eq!(Maps::open_pinned(&pins.0).unwrap().source_ranges.iter().count(), 6);
+}
+
 /// A migration interrupted before the swap (the agent died) keeps the old map pinned aside;
 /// the next start copies from it again and finishes.
 #[test]

@@ -783,3 +783,26 @@ fn new_frontend_with_ranges_that_do_not_fit_is_never_served() {
     assert!(s.store().services.contains_key(&service_key(&a)));
     assert!(!s.store().services.contains_key(&service_key(&b)));
 }
+
+/// IPv6 ranges fill their own trie: a full `SOURCE_RANGES6` fails the IPv6 LoadBalancer
+/// closed (named with `SOURCE_RANGES6`), while the IPv4 one with its ranges is served.
+#[test]
+fn full_ipv6_ranges_fail_only_the_ipv6_frontend_closed() {
+    let store = MemStore { max_ranges: Some(1), ..MemStore::default() };
+    let mut s = Syncer::new(store).unwrap();
+    let v6_range = |i: u16| IpPrefix { addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, i, 0, 0, 0, 0, 0)), len: 48 };
+    let lb6 = |ranges: Vec<IpPrefix>| FrontendEntry {
+        kind: FrontendKind::LoadBalancer,
+        source_ranges: ranges,
+        ..fe6("web", &[1])
+    };
+    let (k4, k6) = (fk(1, 80, Protocol::Tcp), fk6(1, 80, Protocol::Tcp));
+    s.apply(&desired(vec![(k4, lb("web", &[1], &[1])), (k6, lb6(vec![]))]));
+    assert!(s.store().services.contains_key(&service_key(&k6)), "open IPv6 LB served");
+    let r = s.apply(&desired(vec![(k4, lb("web", &[1], &[1])), (k6, lb6(vec![v6_range(1), v6_range(2)]))]));
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(r.errors[0].1.to_string().contains("SOURCE_RANGES6"), "{}", r.errors[0].1);
+    assert_eq!(r.unserved_ranges, vec![(k6, "ns/web".to_string())]);
+    assert!(!s.store().services.contains_key(&service_key(&k6)), "IPv6 LB not served");
+    assert!(s.store().services.contains_key(&service_key(&k4)), "IPv4 LB still served");
+}
