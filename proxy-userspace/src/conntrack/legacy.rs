@@ -13,9 +13,10 @@
 //! unassured flows for the collector to remove.
 //!
 //! What the old entries never recorded is marked unknown, for the datapath to learn from the
-//! flow's next packets: `ifindex` 0 (either side's interface), `seq_end` 0 and, on a TCP
-//! reply entry, `SEEN_REPLY` cleared, which is how the datapath knows a reply direction's
-//! sequence position is not known yet (its next segment sets it). The forward direction of
+//! flow's next packets: `ifindex` 0 (either side's interface), `seq_end` 0 with
+//! `seq_flags = SEQ_UNKNOWN` on TCP entries (a RST or FIN is believed until the direction's
+//! next segment has set its sequence position) and, on a TCP reply entry, `SEEN_REPLY`
+//! cleared. The forward direction of
 //! a carried-over flow is recognisable by its `ifindex` 0: every forward entry the datapath
 //! creates has the interface (a pod's, or `IFINDEX_UPLINK`). See docs/architecture.md
 //! ("Conntrack", upgrades) for what the datapath does with such an entry.
@@ -61,6 +62,11 @@ pub fn convert<A: Copy + Default>(k: &CtKey<A>, mut v: CtValue<A>, fwd_flags: Op
     if k.dir == CT_DIR_REPLY && k.proto == PROTO_TCP {
         // The backend's sequence position is unknown: its next segment sets it.
         v.flags &= !ct_flags::SEEN_REPLY;
+    }
+    if k.proto == PROTO_TCP {
+        // Neither direction's sequence position is known: the datapath believes a RST or
+        // FIN until the direction's next segment has set it.
+        v.seq_flags = proxy_common::ct::SEQ_UNKNOWN;
     }
     v.ifindex = 0;
     v.seq_end = 0;
@@ -163,12 +169,13 @@ mod tests {
         assert_eq!(t, Table::Assured);
         assert_eq!(v.flags, ct_flags::SEEN_REPLY | ct_flags::ASSURED);
         assert_eq!((v.ifindex, v.seq_end, v.last_seen), (0, 0, 5));
+        assert_eq!(v.seq_flags, proxy_common::ct::SEQ_UNKNOWN, "its RST/FIN believed until a segment sets seq_end");
         // Its TCP reply entry: assured, the backend's sequence position to be learnt.
         let (t, v) = convert(&key(CT_DIR_REPLY, PROTO_TCP), est, Some(est.flags));
         assert_eq!((t, v.flags), (Table::Assured, ct_flags::ASSURED));
         // UDP keeps SEEN_REPLY on both (no sequence numbers).
         let (_, v) = convert(&key(CT_DIR_REPLY, PROTO_UDP), est, Some(est.flags));
-        assert_eq!(v.flags, ct_flags::SEEN_REPLY | ct_flags::ASSURED);
+        assert_eq!((v.flags, v.seq_flags), (ct_flags::SEEN_REPLY | ct_flags::ASSURED, 0));
         // Half-closed: still assured.
         let closing = ct_flags::SEEN_REPLY | ct_flags::CLOSING | ct_flags::FIN_FWD;
         let (t, _) = convert(&key(CT_DIR_FORWARD, PROTO_TCP), CtValue { flags: closing, ..est }, Some(closing));
