@@ -13,7 +13,7 @@ use proxy_userspace::{
         addr::{ip_from_map, ip_to_map},
         node::{PortRange, node_config},
     },
-    model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, IpPrefix, Protocol, Scope, ServicePortName},
+    model::{FrontendEntry, FrontendKey, FrontendKind, IpPrefix, Protocol},
 };
 
 const XDP: &str = "from_uplink";

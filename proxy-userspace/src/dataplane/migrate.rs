@@ -32,7 +32,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, map_names as n, Ipv6Words,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
+    Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue,
+    SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, map_names as n,
 };
 use tracing::{info, warn};
 
