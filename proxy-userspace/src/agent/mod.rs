@@ -60,14 +60,16 @@ pub fn node_name(flag: Option<&str>) -> String {
 
 /// The conntrack collector on its own thread, on its own handles to the pinned maps.
 fn start_conntrack_gc(config: &AgentConfig, metrics: Metrics) -> Result<()> {
-    let table = KernelCtTable::open_pinned(config.bpffs_root()).context("conntrack map")?;
-    let table6 = KernelCtTable::open_pinned(config.bpffs_root()).context("IPv6 conntrack map")?;
+    let table = KernelCtTable::open_pinned(config.bpffs_root()).context("conntrack maps")?;
+    let table6 = KernelCtTable::open_pinned(config.bpffs_root()).context("IPv6 conntrack maps")?;
     let stats = GlobalStats::open_pinned(config.bpffs_root()).context("stats map")?;
     let cfg = GcConfig { timeouts: config.ct_timeouts, ..GcConfig::default() };
     let task = GcTask::new((table, table6), stats, cfg, config.ct_gc_interval, metrics);
     info!(
-        capacity = task.v4.capacity,
-        capacity6 = task.v6.capacity,
+        capacity = task.v4.capacity[0],
+        capacity_unassured = task.v4.capacity[1],
+        capacity6 = task.v6.capacity[0],
+        capacity6_unassured = task.v6.capacity[1],
         interval = ?config.ct_gc_interval,
         timeouts = ?cfg.timeouts,
         "conntrack collector started"

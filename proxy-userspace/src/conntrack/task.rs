@@ -1,9 +1,10 @@
 //! The collector's thread in the agent: passes at `--conntrack-gc-interval`, or every
-//! [`PRESSURE_INTERVAL`] while the table is under pressure (nearly full, or the datapath
-//! counted `ct_full` drops since the last pass). It runs on its own OS thread, so neither
-//! the sync loop nor the HTTP server ever waits for it, and a pass is bounded by the budget.
-//! One collector per family (`CONNTRACK`, `CONNTRACK6`), each with its own cursor and fill
-//! ratio, on the same thread.
+//! [`PRESSURE_INTERVAL`] while the assured table is under pressure (nearly full, or the
+//! datapath counted `ct_full` drops since the last pass; the unassured table is an LRU and
+//! makes its own room). It runs on its own OS thread, so neither the sync loop nor the HTTP
+//! server ever waits for it, and a pass is bounded by the budget. One collector per family
+//! (`CONNTRACK` + `CT_NEW`, `CONNTRACK6` + `CT_NEW6`), each with its own cursor and fill
+//! ratios, on the same thread.
 use std::{
     thread,
     time::{Duration, Instant},
@@ -12,7 +13,7 @@ use std::{
 use proxy_common::{CtKey, CtValue, Ipv6Words, ct::CtState, verdict};
 use tracing::{debug, info, warn};
 
-use super::{Census, CtAddr, Gc, GcConfig, Reason};
+use super::{Census, CtAddr, Gc, GcConfig, Reason, Table};
 use crate::{
     dataplane::{ct_table::KernelCtTable, maps::GlobalStats},
     metrics::{FamilyLabel, Metrics, ReasonLabel, StateLabel},
@@ -35,8 +36,9 @@ pub fn monotonic_ns() -> u64 {
 /// One family's collector and what the task remembers of it.
 pub struct FamilyGc<A: CtAddr> {
     pub gc: Gc<KernelCtTable<A>>,
-    pub capacity: u32,
-    /// Fill ratio of the last complete walk.
+    /// Capacity of each table (indexed like [`Table::ALL`]).
+    pub capacity: [u32; 2],
+    /// Fill ratio of the assured table at the last complete walk: what pressure is about.
     fill: f64,
 }
 
@@ -46,13 +48,13 @@ where
     CtValue<A>: aya::Pod,
 {
     fn new(table: KernelCtTable<A>, cfg: GcConfig) -> Self {
-        let capacity = match table.capacity() {
+        let capacity = Table::ALL.map(|t| match table.capacity(t) {
             Ok(c) => c,
             Err(e) => {
-                warn!(map = A::MAP, error = %e, "cannot read the conntrack map's size; fill ratio unknown");
+                warn!(map = t.map::<A>(), error = %e, "cannot read the conntrack map's size; fill ratio unknown");
                 0
             }
-        };
+        });
         FamilyGc { gc: Gc::new(table, cfg), capacity, fill: 0.0 }
     }
 
@@ -76,8 +78,9 @@ where
                     .inc_by(report.deleted[i]);
             }
         }
-        if report.deleted_total() > 0 {
+        if report.deleted_total() > 0 || report.spared > 0 {
             let [expired, pressured, orphans] = report.deleted;
+            let spared = report.spared;
             if pressured > 0 {
                 info!(
                     map = A::MAP,
@@ -85,10 +88,11 @@ where
                     expired,
                     pressure = pressured,
                     orphans,
-                    "conntrack under pressure: removed closed and unanswered flows"
+                    spared,
+                    "conntrack under pressure: removed closed flows"
                 );
             } else {
-                debug!(map = A::MAP, scanned = report.scanned, expired, orphans, "conntrack GC pass");
+                debug!(map = A::MAP, scanned = report.scanned, expired, orphans, spared, "conntrack GC pass");
             }
         }
         let Some(census): Option<Census> = report.census else { return };
@@ -97,9 +101,15 @@ where
                 .get_or_create(&StateLabel { state: s.name().into(), family: A::FAMILY.into() })
                 .set(census.flows_by_state[i] as i64);
         }
-        m.conntrack_entries.get_or_create(&FamilyLabel { family: A::FAMILY.into() }).set(census.entries as i64);
-        self.fill = if self.capacity > 0 { census.entries as f64 / f64::from(self.capacity) } else { 0.0 };
-        m.map_fill.get_or_create(&crate::metrics::MapLabel { map: A::MAP.into() }).set(self.fill);
+        m.conntrack_entries.get_or_create(&FamilyLabel { family: A::FAMILY.into() }).set(census.entries() as i64);
+        for t in Table::ALL {
+            let cap = self.capacity[t.index()];
+            let fill = if cap > 0 { census.entries_by_table[t.index()] as f64 / f64::from(cap) } else { 0.0 };
+            m.map_fill.get_or_create(&crate::metrics::MapLabel { map: t.map::<A>().into() }).set(fill);
+            if t == Table::Assured {
+                self.fill = fill;
+            }
+        }
     }
 }
 
@@ -128,7 +138,7 @@ impl GcTask {
             let mut last_full = self.ct_full_drops();
             loop {
                 // `ct_full` is counted for both families together: drops put both under
-                // pressure; a nearly full table puts only itself.
+                // pressure; a nearly full assured table puts only its family.
                 let full = self.ct_full_drops();
                 let dropped = full > last_full;
                 if dropped {

@@ -1,5 +1,6 @@
-//! The kernel's `CONNTRACK` (IPv4) and `CONNTRACK6` (IPv6) maps as a [`CtTable`] for the
-//! garbage collector: one type, generic over the address.
+//! The kernel's conntrack maps of one family (`CONNTRACK` + `CT_NEW` for IPv4, `CONNTRACK6` +
+//! `CT_NEW6` for IPv6) as a [`CtTable`] for the garbage collector: one type, generic over
+//! the address.
 //!
 //! Chunks are read with `BPF_MAP_LOOKUP_BATCH` (`bpfsys::map_lookup_batch`: aya 0.14 has
 //! no batch operations), a few hundred entries per syscall instead of two syscalls per entry
@@ -11,14 +12,15 @@ use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{CtKey, CtValue};
 
 use super::{DataplaneError, bpfsys, paths};
-use crate::conntrack::{Chunk, CtAddr, CtTable};
+use crate::conntrack::{Chunk, CtAddr, CtTable, Table};
 
 /// Entries asked for per syscall. A hash bucket must fit in one call (ENOSPC otherwise, and
 /// we retry larger); buckets hold a handful of entries, so this is plenty.
 const BATCH: usize = 512;
 
 pub struct KernelCtTable<A = u32> {
-    map: HashMap<MapData, CtKey<A>, CtValue<A>>,
+    /// Indexed like [`Table::ALL`]: the assured table, then the unassured one.
+    maps: [HashMap<MapData, CtKey<A>, CtValue<A>>; 2],
 }
 
 impl<A: CtAddr> KernelCtTable<A>
@@ -26,36 +28,46 @@ where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
 {
-    /// Open the pinned conntrack map of this family (`CONNTRACK`, `CONNTRACK6`) of the agent
-    /// at `root`.
+    /// Open the pinned conntrack maps of this family (`CONNTRACK` and `CT_NEW`, or their
+    /// IPv6 twins) of the agent at `root`.
     pub fn open_pinned(root: &Path) -> Result<Self, DataplaneError> {
-        let path = paths::maps_dir(root).join(A::MAP);
-        let data = MapData::from_pin(&path).map_err(|e| DataplaneError::from_map(A::MAP, e))?;
-        let map = aya::maps::Map::from_map_data(data).map_err(|e| DataplaneError::from_map(A::MAP, e))?;
-        Self::new(map)
-    }
-
-    pub fn new(map: aya::maps::Map) -> Result<Self, DataplaneError> {
-        // Pins made by an older agent are LRU maps of the same layout: read them the same way.
-        let map = match map {
-            aya::maps::Map::LruHashMap(d) => aya::maps::Map::HashMap(d),
-            other => other,
+        let open = |name: &'static str| {
+            let path = paths::maps_dir(root).join(name);
+            let data = MapData::from_pin(&path).map_err(|e| DataplaneError::from_map(name, e))?;
+            aya::maps::Map::from_map_data(data).map_err(|e| DataplaneError::from_map(name, e))
         };
-        let map = HashMap::try_from(map).map_err(|e| DataplaneError::from_map(A::MAP, e))?;
-        Ok(KernelCtTable { map })
+        Self::new(open(A::MAP)?, open(A::NEW_MAP)?)
     }
 
-    /// Capacity of the map as the kernel has it (not as a flag asked for).
-    pub fn capacity(&self) -> Result<u32, DataplaneError> {
-        let info = self.map_data().info().map_err(|e| DataplaneError::from_map(A::MAP, e))?;
+    /// From the assured and the unassured map.
+    pub fn new(assured: aya::maps::Map, unassured: aya::maps::Map) -> Result<Self, DataplaneError> {
+        let typed = |map, name: &'static str| {
+            // The unassured table is an LRU (and pins made by an older agent may be): read
+            // them as plain hashes, the layout is the same.
+            let map = match map {
+                aya::maps::Map::LruHashMap(d) => aya::maps::Map::HashMap(d),
+                other => other,
+            };
+            HashMap::try_from(map).map_err(|e| DataplaneError::from_map(name, e))
+        };
+        Ok(KernelCtTable { maps: [typed(assured, A::MAP)?, typed(unassured, A::NEW_MAP)?] })
+    }
+
+    /// Capacity of `table` as the kernel has it (not as a flag asked for).
+    pub fn capacity(&self, table: Table) -> Result<u32, DataplaneError> {
+        let info = self.map_data(table).info().map_err(|e| DataplaneError::from_map(table.map::<A>(), e))?;
         Ok(info.max_entries())
     }
 
-    fn map_data(&self) -> &MapData {
-        aya::maps::IterableMap::map(&self.map)
+    fn map(&self, table: Table) -> &HashMap<MapData, CtKey<A>, CtValue<A>> {
+        &self.maps[table.index()]
     }
 
-    fn lookup_batch(&self, cursor: Option<u32>, count: usize) -> io::Result<Chunk<A>> {
+    fn map_data(&self, table: Table) -> &MapData {
+        aya::maps::IterableMap::map(self.map(table))
+    }
+
+    fn lookup_batch(&self, table: Table, cursor: Option<u32>, count: usize) -> io::Result<Chunk<A>> {
         let mut keys = vec![CtKey::<A>::default(); count];
         let mut values = vec![CtValue::<A>::default(); count];
         // SAFETY: the byte views cover exactly the two vectors of plain `#[repr(C)]` integer
@@ -67,7 +79,7 @@ where
                 std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * size_of::<CtValue<A>>()),
             )
         };
-        let (n, next) = bpfsys::map_lookup_batch(self.map_data().fd().as_fd(), cursor, kb, vb, count as u32)?;
+        let (n, next) = bpfsys::map_lookup_batch(self.map_data(table).fd().as_fd(), cursor, kb, vb, count as u32)?;
         keys.truncate(n);
         values.truncate(n);
         Ok(Chunk { entries: keys.into_iter().zip(values).collect(), next })
@@ -82,35 +94,36 @@ where
     type Addr = A;
     type Error = DataplaneError;
 
-    fn read_chunk(&mut self, cursor: Option<u32>, max: usize) -> Result<Chunk<A>, DataplaneError> {
+    fn read_chunk(&mut self, table: Table, cursor: Option<u32>, max: usize) -> Result<Chunk<A>, DataplaneError> {
         let mut want = max.clamp(1, BATCH);
         loop {
-            match self.lookup_batch(cursor, want) {
+            match self.lookup_batch(table, cursor, want) {
                 Ok(chunk) => return Ok(chunk),
                 // One bucket holds more entries than we asked for: ask for more.
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && want < 1 << 16 => want *= 4,
                 Err(source) => {
-                    return Err(DataplaneError::Io { context: format!("reading map {} in batches", A::MAP), source });
+                    let context = format!("reading map {} in batches", table.map::<A>());
+                    return Err(DataplaneError::Io { context, source });
                 }
             }
         }
     }
 
-    fn get(&self, key: &CtKey<A>) -> Result<Option<CtValue<A>>, DataplaneError> {
-        match self.map.get(key, 0) {
+    fn get(&self, table: Table, key: &CtKey<A>) -> Result<Option<CtValue<A>>, DataplaneError> {
+        match self.map(table).get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DataplaneError::from_map(A::MAP, e)),
+            Err(e) => Err(DataplaneError::from_map(table.map::<A>(), e)),
         }
     }
 
-    fn delete(&mut self, key: &CtKey<A>) -> Result<bool, DataplaneError> {
-        match self.map.remove(key) {
+    fn delete(&mut self, table: Table, key: &CtKey<A>) -> Result<bool, DataplaneError> {
+        match self.maps[table.index()].remove(key) {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
             Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(DataplaneError::from_map(A::MAP, e)),
+            Err(e) => Err(DataplaneError::from_map(table.map::<A>(), e)),
         }
     }
 }
