@@ -235,9 +235,18 @@ pub struct ConntrackRow {
     pub nat: String,
     pub service_id: u32,
     pub backend_id: u32,
-    /// new, established, closing (one FIN) or closed (both FINs, or a RST); the forward
-    /// entry's state is the flow's.
+    /// new, replied, established, closing (one FIN) or closed (both FINs, or a RST); the
+    /// forward entry's state is the flow's (`proxy_common::ct::CtState::name`, as in the
+    /// `conntrack_flows` metric).
     pub state: &'static str,
+    /// The state as netfilter (`conntrack -L`) names it: SYN_SENT, SYN_RECV, ESTABLISHED,
+    /// CLOSE_WAIT, CLOSE for TCP; UNREPLIED, REPLIED, ASSURED for UDP and others.
+    pub label: &'static str,
+    /// netfilter's assured (a completed handshake, a UDP stream): never evicted.
+    pub assured: bool,
+    /// The map the entry is in: the assured table (`CONNTRACK`, `CONNTRACK6`) or the
+    /// unassured LRU (`CT_NEW`, `CT_NEW6`).
+    pub table: &'static str,
     /// A FIN or RST was seen: a SYN on this tuple opens a new connection.
     pub closing: bool,
     pub snat: Option<String>,
@@ -245,8 +254,14 @@ pub struct ConntrackRow {
     pub idle_seconds: u64,
 }
 
-fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(k: &CtKey<A>, v: &CtValue<A>, now_ns: u64) -> ConntrackRow {
+fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(
+    table: crate::conntrack::Table,
+    k: &CtKey<A>,
+    v: &CtValue<A>,
+    now_ns: u64,
+) -> ConntrackRow {
     let ep = |a: A, p: u16| SocketAddr::new(a.to_ip(), port_from_map(p)).to_string();
+    let state = proxy_common::ct::state(k.proto, v.flags);
     ConntrackRow {
         family: A::FAMILY,
         protocol: proto_name(k.proto),
@@ -256,19 +271,28 @@ fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(k: &CtKey<A>, v: &CtValu
         nat: ep(v.nat_addr, v.nat_port),
         service_id: v.svc_id,
         backend_id: v.backend_id,
-        state: proxy_common::ct::state(k.proto, v.flags).name(),
+        state: state.name(),
+        label: state.label(k.proto),
+        assured: v.flags & ct_flags::ASSURED != 0,
+        table: table.map::<A>(),
         closing: v.flags & ct_flags::CLOSING != 0,
         snat: (v.flags & ct_flags::SNAT != 0).then(|| ep(v.snat_addr, v.snat_port)),
         idle_seconds: now_ns.saturating_sub(v.last_seen) / 1_000_000_000,
     }
 }
 
+/// Every entry of both families' assured and unassured tables.
 pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> {
+    use crate::conntrack::Table::{Assured, Unassured};
     use proxy_common::map_names as n;
     let now = crate::conntrack::task::monotonic_ns();
-    let mut rows: Vec<ConntrackRow> =
-        collect(&maps.conntrack, n::CONNTRACK)?.iter().map(|(k, v)| conntrack_row(k, v, now)).collect();
-    rows.extend(collect(&maps.conntrack6, n::CONNTRACK6)?.iter().map(|(k, v)| conntrack_row(k, v, now)));
+    let mut rows: Vec<ConntrackRow> = Vec::new();
+    for (table, map, name) in [(Assured, &maps.conntrack, n::CONNTRACK), (Unassured, &maps.ct_new, n::CT_NEW)] {
+        rows.extend(collect(map, name)?.iter().map(|(k, v)| conntrack_row(table, k, v, now)));
+    }
+    for (table, map, name) in [(Assured, &maps.conntrack6, n::CONNTRACK6), (Unassured, &maps.ct_new6, n::CT_NEW6)] {
+        rows.extend(collect(map, name)?.iter().map(|(k, v)| conntrack_row(table, k, v, now)));
+    }
     // IPv4 first, then IPv6 (the family is the first key).
     rows.sort_by(|a, b| {
         (a.family, &a.source, &a.destination, a.direction).cmp(&(b.family, &b.source, &b.destination, b.direction))
@@ -288,13 +312,17 @@ pub fn render_conntrack(rows: &[ConntrackRow]) -> String {
                 r.nat.clone(),
                 r.service_id.to_string(),
                 r.backend_id.to_string(),
-                r.state.to_string(),
+                r.label.to_string(),
+                if r.assured { "[ASSURED]".into() } else { "-".into() },
                 r.snat.clone().unwrap_or_else(|| "-".into()),
                 r.idle_seconds.to_string(),
             ]
         })
         .collect();
-    table(&["PROTO", "DIR", "SOURCE", "DESTINATION", "NAT", "SVC", "BACKEND", "STATE", "SNAT", "IDLE(s)"], &cells)
+    table(
+        &["PROTO", "DIR", "SOURCE", "DESTINATION", "NAT", "SVC", "BACKEND", "STATE", "ASSURED", "SNAT", "IDLE(s)"],
+        &cells,
+    )
 }
 
 #[derive(Debug, Serialize)]
@@ -556,8 +584,46 @@ mod tests {
             _pad: 0,
         };
         let v = CtValue { nat_addr: a("fd00:10::1"), nat_port: port_to_map(8080), ..Default::default() };
-        let row = conntrack_row(&k, &v, 0);
+        let row = conntrack_row(crate::conntrack::Table::Unassured, &k, &v, 0);
         assert_eq!((row.family, row.source.as_str()), ("IPv6", "[fd00:20::5]:40000"));
         assert_eq!((row.destination.as_str(), row.nat.as_str()), ("[fd00::a]:80", "[fd00:10::1]:8080"));
+        assert_eq!((row.state, row.label, row.assured, row.table), ("new", "SYN_SENT", false, "CT_NEW6"));
+    }
+
+    /// netfilter's labels and the assured marker, in the table and in JSON.
+    #[test]
+    fn conntrack_rows_carry_netfilter_labels_and_the_assured_marker() {
+        use crate::conntrack::Table;
+        let k = CtKey {
+            src_addr: u32::from_ne_bytes([10, 0, 0, 5]),
+            dst_addr: u32::from_ne_bytes([10, 96, 0, 10]),
+            src_port: port_to_map(40000),
+            dst_port: port_to_map(53),
+            proto: proxy_common::PROTO_UDP,
+            dir: proxy_common::CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        let v =
+            CtValue { nat_addr: u32::from_ne_bytes([10, 0, 1, 2]), nat_port: port_to_map(53), ..Default::default() };
+        let replied = conntrack_row(Table::Unassured, &k, &CtValue { flags: ct_flags::SEEN_REPLY, ..v }, 0);
+        let stream = ct_flags::SEEN_REPLY | ct_flags::ASSURED;
+        let assured = conntrack_row(Table::Assured, &k, &CtValue { flags: stream, ..v }, 0);
+        let tcp = CtKey { proto: proxy_common::PROTO_TCP, ..k };
+        let syn_recv = conntrack_row(Table::Unassured, &tcp, &CtValue { flags: ct_flags::SEEN_REPLY, ..v }, 0);
+        let established = conntrack_row(Table::Assured, &tcp, &CtValue { flags: stream, ..v }, 0);
+        let rows = [replied, assured, syn_recv, established];
+        let text = render_conntrack(&rows);
+        let cols: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+        let state_assured: Vec<(&str, &str)> = cols.iter().map(|c| (c[7], c[8])).collect();
+        assert_eq!(
+            state_assured,
+            [("REPLIED", "-"), ("ASSURED", "[ASSURED]"), ("SYN_RECV", "-"), ("ESTABLISHED", "[ASSURED]")]
+        );
+        let json = serde_json::to_value(&rows[3]).unwrap();
+        assert_eq!(json["state"], "established");
+        assert_eq!(json["label"], "ESTABLISHED");
+        assert_eq!(json["assured"], true);
+        assert_eq!(json["table"], "CONNTRACK");
+        assert_eq!(serde_json::to_value(&rows[2]).unwrap()["table"], "CT_NEW");
     }
 }

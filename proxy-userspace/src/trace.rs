@@ -422,21 +422,26 @@ impl Seeds {
         let (saddr, daddr) = (A::from_ip(req.from.ip()), A::from_ip(req.to.ip()));
         let (sport, dport) = (req.from.port().to_be(), req.to.port().to_be());
 
-        // Conntrack: the tuple in both directions, and each entry's partner.
-        let ct_name = name6(n::CONNTRACK, A::V6);
-        let live_ct: HashMap<MapData, CtKey<A>, CtValue<A>> = hash(&self.live, &ct_name)?;
-        let mut priv_ct: HashMap<MapData, CtKey<A>, CtValue<A>> = hash(&self.private, &ct_name)?;
+        // Conntrack: the tuple in both directions, and each entry's partner, each from the
+        // table that holds it (assured or not) into the same private table: whether a flow
+        // is assured changes what its next packet does.
+        let names = [name6(n::CONNTRACK, A::V6), name6(n::CT_NEW, A::V6)];
+        let live_ct: Vec<HashMap<MapData, CtKey<A>, CtValue<A>>> =
+            names.iter().map(|name| hash(&self.live, name)).collect::<Result<_, _>>()?;
+        let mut priv_ct: Vec<HashMap<MapData, CtKey<A>, CtValue<A>>> =
+            names.iter().map(|name| hash(&self.private, name)).collect::<Result<_, _>>()?;
+        let find = |key: &CtKey<A>| live_ct.iter().enumerate().find_map(|(i, m)| m.get(key, 0).ok().map(|v| (i, v)));
         let tuple =
             |dir| CtKey { src_addr: saddr, dst_addr: daddr, src_port: sport, dst_port: dport, proto, dir, _pad: 0 };
         let mut svc_ids = Vec::new();
         for key in [tuple(CT_DIR_FORWARD), tuple(CT_DIR_REPLY)] {
-            if let Ok(v) = live_ct.get(&key, 0) {
-                priv_ct.insert(key, v, 0).map_err(map_err(&ct_name))?;
+            if let Some((i, v)) = find(&key) {
+                priv_ct[i].insert(key, v, 0).map_err(map_err(&names[i]))?;
                 svc_ids.push(v.svc_id);
                 let partner =
                     if key.dir == CT_DIR_FORWARD { key.reply_of_forward(&v) } else { key.forward_of_reply(&v) };
-                if let Ok(pv) = live_ct.get(&partner, 0) {
-                    priv_ct.insert(partner, pv, 0).map_err(map_err(&ct_name))?;
+                if let Some((j, pv)) = find(&partner) {
+                    priv_ct[j].insert(partner, pv, 0).map_err(map_err(&names[j]))?;
                 }
             }
         }
@@ -458,7 +463,9 @@ impl Seeds {
             Err(_) => None,
         };
         // The tracked flows' backends, for the reply and established paths.
-        self.copy_backends_of_ct::<A>(&priv_ct)?;
+        for table in &priv_ct {
+            self.copy_backends_of_ct::<A>(table)?;
+        }
         Ok(frontend.or_else(|| svc_ids.first().map(|id| (*id, String::from("(of the tracked flow)")))))
     }
 
@@ -559,7 +566,11 @@ impl Seeds {
         CtValue<A>: Pod,
     {
         let proto = if req.proto == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
-        let ct: HashMap<MapData, CtKey<A>, CtValue<A>> = hash(&self.private, &name6(n::CONNTRACK, A::V6))?;
+        let tables: Vec<HashMap<MapData, CtKey<A>, CtValue<A>>> = [n::CONNTRACK, n::CT_NEW]
+            .iter()
+            .map(|name| hash(&self.private, &name6(name, A::V6)))
+            .collect::<Result<_, _>>()?;
+        let get = |k: &CtKey<A>| tables.iter().find_map(|t| t.get(k, 0).ok());
         let (s, d) = (A::from_ip(req.from.ip()), A::from_ip(req.to.ip()));
         let (sp, dp) = (req.from.port().to_be(), req.to.port().to_be());
         let key = |dir, src, dst, sport, dport| CtKey {
@@ -571,8 +582,8 @@ impl Seeds {
             dir,
             _pad: 0,
         };
-        let forward = ct.get(&key(CT_DIR_FORWARD, s, d, sp, dp), 0).ok();
-        let entry = forward.or_else(|| ct.get(&key(CT_DIR_REPLY, s, d, sp, dp), 0).ok());
+        let forward = get(&key(CT_DIR_FORWARD, s, d, sp, dp));
+        let entry = forward.or_else(|| get(&key(CT_DIR_REPLY, s, d, sp, dp)));
         Ok(entry.map(|v| {
             // Forward entry: the backend is its NAT target; reply entry: the packet's source.
             let (addr, port) = if forward.is_some() { (v.nat_addr, v.nat_port) } else { (s, sp) };

@@ -494,13 +494,14 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     type Tables<A> = [BTreeMap<CtKey<A>, CtValue<A>>; 2];
+    type Hook<A> = Box<dyn FnOnce(&mut Tables<A>)>;
 
     /// An in-memory pair of tables whose chunks follow key order, with the cursor as an
     /// index. `after_read` runs once, right after the first non-empty chunk was read: what the
     /// datapath does between the collector's snapshot and its deletes.
     struct MemTable<A = u32> {
         t: Tables<A>,
-        after_read: Option<Box<dyn FnOnce(&mut Tables<A>)>>,
+        after_read: Option<Hook<A>>,
     }
 
     impl<A> Default for MemTable<A> {

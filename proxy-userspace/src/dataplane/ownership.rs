@@ -3,8 +3,8 @@
 //! and detaching them.
 //!
 //! Ours = a program whose name is one of the object's four programs and that uses a map
-//! named `CONNTRACK` or `SERVICES` (or their IPv6 twins): the name alone could be another
-//! tool's `from_pod`. The
+//! named `CONNTRACK`, `CT_NEW` or `SERVICES` (or their IPv6 twins): the name alone could be
+//! another tool's `from_pod`. The
 //! kernel truncates names to 15 bytes; ours are shorter.
 //!
 //! Everything is asked of the kernel per interface of this namespace (tcx: `BPF_PROG_QUERY`
@@ -29,11 +29,13 @@ use super::{
 
 pub const OUR_PROGRAMS: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK];
 /// Maps only our object defines under these names.
-const OUR_MAPS: [&str; 4] = [
+const OUR_MAPS: [&str; 6] = [
     proxy_common::map_names::CONNTRACK,
     proxy_common::map_names::SERVICES,
     proxy_common::map_names::CONNTRACK6,
     proxy_common::map_names::SERVICES6,
+    proxy_common::map_names::CT_NEW,
+    proxy_common::map_names::CT_NEW6,
 ];
 
 /// Where a program is attached.
