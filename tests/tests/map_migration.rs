@@ -80,7 +80,16 @@ fn size_change_migrates_entries() {
     // The IPv6 twins follow the same flags, so they migrate with their IPv4 maps.
     assert_eq!(
         migrating,
-        vec![n::CONNTRACK, n::CONNTRACK6, n::SERVICES, n::SERVICES6, n::SERVICE_META, n::SERVICE_STATS]
+        vec![
+            n::CONNTRACK,
+            n::CONNTRACK6,
+            n::CT_NEW,
+            n::CT_NEW6,
+            n::SERVICES,
+            n::SERVICES6,
+            n::SERVICE_META,
+            n::SERVICE_STATS
+        ]
     );
     assert_eq!(maps.capacities().conntrack, 4096);
     assert_eq!(maps.capacities().services, 32);
@@ -92,7 +101,7 @@ fn size_change_migrates_entries() {
 
     // An entry the old programs create before the swap is carried over by `finish`.
     let old = migrating_entries(&pins);
-    assert_eq!(old, 6, "old maps pinned aside until the swap");
+    assert_eq!(old, 8, "old maps pinned aside until the swap");
     let aside = std::fs::read_dir(pins.0.join("migrating"))
         .unwrap()
         .flatten()
@@ -224,9 +233,9 @@ fn interrupted_migration_is_resumed() {
     {
         // Loaded with the new size, then dropped before `finish` (as a kill -9 would).
         let (p, _maps) = loader::load(&cfg(&pins, 64, 2048)).unwrap();
-        assert_eq!(p.migration.maps(), vec![n::CONNTRACK, n::CONNTRACK6]);
+        assert_eq!(p.migration.maps(), vec![n::CONNTRACK, n::CONNTRACK6, n::CT_NEW, n::CT_NEW6]);
     }
-    assert_eq!(migrating_entries(&pins), 2, "old maps (both families) still pinned aside");
+    assert_eq!(migrating_entries(&pins), 4, "old maps (both families, both tables) still pinned aside");
     // The entry the old programs created after the first copy.
     let aside = std::fs::read_dir(pins.0.join("migrating"))
         .unwrap()
@@ -239,11 +248,148 @@ fn interrupted_migration_is_resumed() {
     let (k, v) = ct(5000);
     old_ct.insert(k, v, 0).unwrap();
     let (mut p, maps) = loader::load(&cfg(&pins, 64, 2048)).unwrap();
-    assert_eq!(p.migration.maps(), vec![n::CONNTRACK, n::CONNTRACK6], "resumed");
+    assert_eq!(p.migration.maps(), vec![n::CONNTRACK, n::CONNTRACK6, n::CT_NEW, n::CT_NEW6], "resumed");
     assert_eq!(maps.conntrack.iter().count(), 301);
     std::mem::take(&mut p.migration).finish().unwrap();
     assert_eq!(migrating_entries(&pins), 0);
     assert_eq!(pin_info(&pins, n::CONNTRACK).max_entries(), 2048);
+}
+
+/// The bytes of `v` up to `ifindex`: a value of the layout before the assured table.
+fn old_bytes<A: Copy, const N: usize>(v: &CtValue<A>) -> [u8; N] {
+    assert_eq!(N, std::mem::offset_of!(CtValue<A>, ifindex));
+    let mut out = [0u8; N];
+    // SAFETY: `CtValue` is plain `#[repr(C)]` integers, larger than N bytes (checked above).
+    unsafe { std::ptr::copy_nonoverlapping((v as *const CtValue<A>).cast::<u8>(), out.as_mut_ptr(), N) };
+    out
+}
+
+/// Issue 19, upgrade in place: CONNTRACK and CONNTRACK6 pinned by the agent before the
+/// assured table (values of 32 and 56 bytes) are carried over into the new layout instead
+/// of refusing to start: answered flows become assured (in CONNTRACK, never evicted), the
+/// unanswered one goes to CT_NEW, the new fields are marked unknown, and the CLI reads them.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn older_conntrack_layout_is_carried_over() {
+    use proxy_common::{CT_DIR_REPLY, CtKey6, CtValue6, Ipv6Words, PROTO_UDP, ct_flags};
+    require_root("older_conntrack_layout_is_carried_over");
+    let pins = PinDir::new();
+    let c = cfg(&pins, 64, 1024);
+    let declared = loader::declared_maps(&c).unwrap();
+    let ct_decl = declared[n::CONNTRACK];
+    let ct6_decl = declared[n::CONNTRACK6];
+    assert!(ct_decl.value_size > 32 && ct6_decl.value_size > 56, "the layout grew");
+    let t = |m: &proxy_userspace::dataplane::migrate::MapSpec| {
+        if m.map_type == MapType::LruHash as u32 { MapType::LruHash } else { MapType::Hash }
+    };
+    let old4 = create_pinned(&pins, n::CONNTRACK, t(&ct_decl), 16, 32, 1024);
+    let old6 = create_pinned(&pins, n::CONNTRACK6, t(&ct6_decl), 40, 56, 1024);
+    let mut old4: HashMap<MapData, CtKey, [u8; 32]> = HashMap::try_from(Map::from_map_data(old4).unwrap()).unwrap();
+    let mut old6: HashMap<MapData, CtKey6, [u8; 56]> = HashMap::try_from(Map::from_map_data(old6).unwrap()).unwrap();
+
+    // IPv4: an established TCP flow, a half-closed one, a SYN still unanswered, a UDP stream.
+    let flow = |sport: u16, proto: u8, flags: u8| {
+        let (mut k, mut v) = ct(u32::from(sport));
+        k.proto = proto;
+        v.nat_addr = u32::from(Ipv4Addr::new(10, 244, 0, 9)).to_be();
+        v.flags = flags;
+        v.last_seen = 1_000;
+        let rk = k.reply_of_forward(&v);
+        let rv = CtValue { nat_addr: k.dst_addr, nat_port: k.dst_port, flags, last_seen: 1_000, ..v };
+        [(k, v), (rk, rv)]
+    };
+    let est = flow(1, PROTO_TCP, ct_flags::SEEN_REPLY);
+    let half_closed = flow(2, PROTO_TCP, ct_flags::SEEN_REPLY | ct_flags::CLOSING | ct_flags::FIN_FWD);
+    let syn = flow(3, PROTO_TCP, 0);
+    let udp = flow(4, PROTO_UDP, ct_flags::SEEN_REPLY);
+    for (k, v) in [est, half_closed, syn, udp].concat() {
+        old4.insert(k, old_bytes::<u32, 32>(&v), 0).unwrap();
+    }
+    // IPv6: one established TCP flow.
+    let a6 = |last: u32| -> Ipv6Words { [0xfd00u32.to_be(), 0, 0, last.to_be()] };
+    let k6 = CtKey6 {
+        src_addr: a6(1),
+        dst_addr: a6(2),
+        src_port: 40000u16.to_be(),
+        dst_port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    let v6 = CtValue6 {
+        nat_addr: a6(3),
+        nat_port: 8080u16.to_be(),
+        flags: ct_flags::SEEN_REPLY,
+        svc_id: 7,
+        backend_id: 1,
+        last_seen: 1_000,
+        ..Default::default()
+    };
+    let rk6 = k6.reply_of_forward(&v6);
+    let rv6 = CtValue6 { nat_addr: k6.dst_addr, nat_port: k6.dst_port, ..v6 };
+    old6.insert(k6, old_bytes::<Ipv6Words, 56>(&v6), 0).unwrap();
+    old6.insert(rk6, old_bytes::<Ipv6Words, 56>(&rv6), 0).unwrap();
+
+    let (mut progs, maps) = loader::load(&c).expect("an older conntrack layout is migrated, not refused");
+    let mut migrating = progs.migration.maps();
+    migrating.sort();
+    assert_eq!(migrating, vec![n::CONNTRACK, n::CONNTRACK6]);
+    assert_eq!(pin_info(&pins, n::CONNTRACK).value_size(), ct_decl.value_size);
+
+    let assured_flags = |f: u8| f | ct_flags::ASSURED | ct_flags::SEEN_REPLY;
+    for [(k, v), (rk, rv)] in [est, half_closed, udp] {
+        let got = maps.conntrack.get(&k, 0).expect("answered flow in the assured table");
+        assert_eq!(
+            (got.nat_addr, got.nat_port, got.backend_id, got.svc_id),
+            (v.nat_addr, v.nat_port, v.backend_id, v.svc_id)
+        );
+        assert_eq!(got.flags, assured_flags(v.flags));
+        assert_eq!((got.ifindex, got.seq_end, got.last_seen), (0, 0, 1_000), "interface and sequence unknown");
+        let rgot = maps.conntrack.get(&rk, 0).expect("its reply entry too");
+        assert!(k.reply_belongs(&rgot));
+        // TCP: the backend's sequence position is to be learnt from its next segment.
+        let reply_flags = if k.proto == PROTO_TCP {
+            assured_flags(rv.flags) & !ct_flags::SEEN_REPLY
+        } else {
+            assured_flags(rv.flags)
+        };
+        assert_eq!(rgot.flags, reply_flags);
+        assert!(maps.ct_new.get(&k, 0).is_err() && maps.ct_new.get(&rk, 0).is_err(), "one table per flow");
+    }
+    let [(sk, _), (srk, _)] = syn;
+    assert!(maps.ct_new.get(&sk, 0).is_ok() && maps.ct_new.get(&srk, 0).is_ok(), "the unanswered SYN is unassured");
+    assert!(maps.conntrack.get(&sk, 0).is_err());
+    let got6 = maps.conntrack6.get(&k6, 0).expect("IPv6 flow carried over");
+    assert_eq!(got6.flags, assured_flags(ct_flags::SEEN_REPLY));
+    assert!(maps.conntrack6.get(&rk6, 0).is_ok());
+    assert_eq!(rk6.dir, CT_DIR_REPLY);
+
+    // The CLI reads them as netfilter would list them.
+    let rows = proxy_userspace::show::read_conntrack(&maps).unwrap();
+    let established = rows.iter().filter(|r| r.direction == "forward" && r.label == "ESTABLISHED" && r.assured).count();
+    assert_eq!(established, 2, "IPv4 and IPv6 established flows");
+    assert!(rows.iter().any(|r| r.label == "CLOSE_WAIT" && r.assured && r.table == "CONNTRACK"));
+    assert!(rows.iter().any(|r| r.label == "SYN_SENT" && !r.assured && r.table == "CT_NEW"));
+    assert!(rows.iter().any(|r| r.label == "ASSURED" && r.protocol == "UDP"));
+
+    // A flow the old programs open before the swap is carried over by `finish`.
+    let aside = std::fs::read_dir(pins.0.join("migrating"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("CONNTRACK-")))
+        .unwrap();
+    let mut aside: HashMap<MapData, CtKey, [u8; 32]> =
+        HashMap::try_from(Map::from_map_data(MapData::from_pin(&aside).unwrap()).unwrap()).unwrap();
+    let late = flow(5, PROTO_TCP, ct_flags::SEEN_REPLY);
+    for (k, v) in late {
+        aside.insert(k, old_bytes::<u32, 32>(&v), 0).unwrap();
+    }
+    let done = std::mem::take(&mut progs.migration).finish().expect("finish");
+    let m = done.iter().find(|m| m.map == n::CONNTRACK).unwrap();
+    assert_eq!((m.copied, m.copied_after_swap, m.dropped), (8, 2, 0));
+    assert!(maps.conntrack.get(&late[0].0, 0).is_ok());
+    assert_eq!(migrating_entries(&pins), 0, "old maps unpinned");
 }
 
 trait CloneInsert {

@@ -38,6 +38,7 @@
 //! decisions are generic over the address type ([`CtAddr`]: `u32` for `CONNTRACK` /
 //! `CT_NEW`, `Ipv6Words` for `CONNTRACK6` / `CT_NEW6`), and the agent runs one collector per
 //! family.
+pub mod legacy;
 pub mod task;
 
 use std::{collections::HashSet, fmt::Debug, hash::Hash};

@@ -6,7 +6,9 @@
 //!
 //! 1. equal: re-used as before;
 //! 2. key or value size differs: the entries cannot be carried over, start is refused
-//!    ([`DataplaneError::IncompatiblePin`]) naming the map and how to proceed;
+//!    ([`DataplaneError::IncompatiblePin`]) naming the map and how to proceed, unless the
+//!    map's [`KINDS`] row names that older layout ([`Legacy`]: a value that grew fields), in
+//!    which case it is migrated as in 3 with the row's conversion;
 //! 3. anything else differs: the old pin is moved aside to `<root>/migrating/<NAME>-<id>`
 //!    (we keep its fd), the loader creates and pins the new map, and every live entry is
 //!    copied old -> new ([`Migration::copy_pass`]). Programs keep running on the old maps until
@@ -30,9 +32,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
 };
 use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, NeighKey,
-    NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SourceRangeData6,
-    StatsKey, map_names as n,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, Ipv6Words,
+    NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey,
+    SourceRangeData6, StatsKey, map_names as n,
 };
 use tracing::{info, warn};
 
@@ -40,7 +42,7 @@ use super::{DataplaneError, paths};
 
 /// `BPF_NOEXIST`: insert only if the key is absent, so a copy never overwrites what the new
 /// programs or the agent already wrote into the new map.
-const BPF_NOEXIST: u64 = 1;
+pub(crate) const BPF_NOEXIST: u64 = 1;
 
 /// What decides whether a pin can be re-used as it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +140,19 @@ impl<K, V> Upgrade<K, V> for AsIs {
     }
 }
 
+/// Copies the entries of an old map of an older layout into the new map (its spec given);
+/// the pin directory lets a conversion place entries in a sibling map (conntrack's
+/// unassured flows go to `CT_NEW`).
+pub type LegacyCopyFn = fn(&Map, &mut Map, &MapSpec, &Path) -> Result<Copied, MapError>;
+
+/// An older value layout a map is carried over from (an upgrade in place, where the value
+/// grew fields). The conversion lives with the code that owns the value's fields.
+pub struct Legacy {
+    /// The older value size in bytes (the key is unchanged).
+    pub value_size: u32,
+    pub copy: LegacyCopyFn,
+}
+
 /// How one map is carried over.
 pub struct Kind {
     pub name: &'static str,
@@ -151,40 +166,93 @@ pub struct Kind {
     /// what does not fit is dropped and counted.
     pub must_fit: bool,
     copy: CopyFn,
+    /// The older layout this map can also be migrated from, if any.
+    pub legacy: Option<Legacy>,
 }
 
 /// Every pinned map, with the key/value types its entries are copied as. The types come
 /// from `proxy-common`; nothing here depends on their fields.
 pub static KINDS: &[Kind] = &[
-    Kind { name: n::SERVICES, repeat: false, must_fit: true, copy: copy_hash::<ServiceKey, ServiceValue> },
-    Kind { name: n::BACKEND_SLOTS, repeat: false, must_fit: true, copy: copy_hash::<SlotKey, u32> },
-    Kind { name: n::BACKENDS, repeat: false, must_fit: true, copy: copy_hash::<u32, Backend> },
-    Kind { name: n::SERVICE_META, repeat: false, must_fit: true, copy: copy_hash::<u32, ServiceMeta> },
-    Kind { name: n::SOURCE_RANGES, repeat: false, must_fit: true, copy: copy_lpm::<[u32; 2], u8> },
-    Kind { name: n::NODE_CONFIG, repeat: false, must_fit: false, copy: copy_array::<NodeConfig> },
+    Kind {
+        name: n::SERVICES,
+        repeat: false,
+        must_fit: true,
+        copy: copy_hash::<ServiceKey, ServiceValue>,
+        legacy: None,
+    },
+    Kind { name: n::BACKEND_SLOTS, repeat: false, must_fit: true, copy: copy_hash::<SlotKey, u32>, legacy: None },
+    Kind { name: n::BACKENDS, repeat: false, must_fit: true, copy: copy_hash::<u32, Backend>, legacy: None },
+    Kind { name: n::SERVICE_META, repeat: false, must_fit: true, copy: copy_hash::<u32, ServiceMeta>, legacy: None },
+    Kind { name: n::SOURCE_RANGES, repeat: false, must_fit: true, copy: copy_lpm::<[u32; 2], u8>, legacy: None },
+    Kind { name: n::NODE_CONFIG, repeat: false, must_fit: false, copy: copy_array::<NodeConfig>, legacy: None },
     // Pre-lifecycle (LRU) entries are read as established: see `conntrack::CtUpgrade`.
+    // Entries of the layout before the assured table (32 bytes) are converted, and their
+    // unassured flows moved to CT_NEW: see `conntrack::legacy`.
     Kind {
         name: n::CONNTRACK,
         repeat: true,
         must_fit: false,
         copy: copy_hash_upgraded::<CtKey, CtValue, crate::conntrack::CtUpgrade>,
+        legacy: Some(Legacy {
+            value_size: crate::conntrack::legacy::VALUE_SIZE as u32,
+            copy: crate::conntrack::legacy::copy::<u32, { crate::conntrack::legacy::VALUE_SIZE }>,
+        }),
     },
-    Kind { name: n::CT_NEW, repeat: true, must_fit: false, copy: copy_hash::<CtKey, CtValue> },
-    Kind { name: n::AFFINITY, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey, AffinityValue> },
-    Kind { name: n::SERVICE_STATS, repeat: true, must_fit: false, copy: copy_percpu_hash::<StatsKey, Counters> },
+    Kind { name: n::CT_NEW, repeat: true, must_fit: false, copy: copy_hash::<CtKey, CtValue>, legacy: None },
+    Kind {
+        name: n::AFFINITY,
+        repeat: true,
+        must_fit: false,
+        copy: copy_hash::<AffinityKey, AffinityValue>,
+        legacy: None,
+    },
+    Kind {
+        name: n::SERVICE_STATS,
+        repeat: true,
+        must_fit: false,
+        copy: copy_percpu_hash::<StatsKey, Counters>,
+        legacy: None,
+    },
     // Every index of an array exists: nothing to add after the swap.
-    Kind { name: n::GLOBAL_STATS, repeat: false, must_fit: false, copy: copy_percpu_array::<Counters> },
-    Kind { name: n::NEIGH_MISSES, repeat: true, must_fit: false, copy: copy_hash::<NeighKey, u64> },
+    Kind { name: n::GLOBAL_STATS, repeat: false, must_fit: false, copy: copy_percpu_array::<Counters>, legacy: None },
+    Kind { name: n::NEIGH_MISSES, repeat: true, must_fit: false, copy: copy_hash::<NeighKey, u64>, legacy: None },
     // IPv6 twins: same rules as their IPv4 maps. CONNTRACK6 was never an LRU, so its entries
     // need no upgrade.
-    Kind { name: n::SERVICES6, repeat: false, must_fit: true, copy: copy_hash::<ServiceKey6, ServiceValue> },
-    Kind { name: n::BACKENDS6, repeat: false, must_fit: true, copy: copy_hash::<u32, Backend6> },
-    Kind { name: n::SOURCE_RANGES6, repeat: false, must_fit: true, copy: copy_lpm::<SourceRangeData6, u8> },
-    Kind { name: n::NODE_CONFIG6, repeat: false, must_fit: false, copy: copy_array::<NodeConfig6> },
-    Kind { name: n::CONNTRACK6, repeat: true, must_fit: false, copy: copy_hash::<CtKey6, CtValue6> },
-    Kind { name: n::CT_NEW6, repeat: true, must_fit: false, copy: copy_hash::<CtKey6, CtValue6> },
-    Kind { name: n::AFFINITY6, repeat: true, must_fit: false, copy: copy_hash::<AffinityKey6, AffinityValue> },
-    Kind { name: n::NEIGH_MISSES6, repeat: true, must_fit: false, copy: copy_hash::<NeighKey6, u64> },
+    Kind {
+        name: n::SERVICES6,
+        repeat: false,
+        must_fit: true,
+        copy: copy_hash::<ServiceKey6, ServiceValue>,
+        legacy: None,
+    },
+    Kind { name: n::BACKENDS6, repeat: false, must_fit: true, copy: copy_hash::<u32, Backend6>, legacy: None },
+    Kind {
+        name: n::SOURCE_RANGES6,
+        repeat: false,
+        must_fit: true,
+        copy: copy_lpm::<SourceRangeData6, u8>,
+        legacy: None,
+    },
+    Kind { name: n::NODE_CONFIG6, repeat: false, must_fit: false, copy: copy_array::<NodeConfig6>, legacy: None },
+    Kind {
+        name: n::CONNTRACK6,
+        repeat: true,
+        must_fit: false,
+        copy: copy_hash::<CtKey6, CtValue6>,
+        legacy: Some(Legacy {
+            value_size: crate::conntrack::legacy::VALUE_SIZE6 as u32,
+            copy: crate::conntrack::legacy::copy::<Ipv6Words, { crate::conntrack::legacy::VALUE_SIZE6 }>,
+        }),
+    },
+    Kind { name: n::CT_NEW6, repeat: true, must_fit: false, copy: copy_hash::<CtKey6, CtValue6>, legacy: None },
+    Kind {
+        name: n::AFFINITY6,
+        repeat: true,
+        must_fit: false,
+        copy: copy_hash::<AffinityKey6, AffinityValue>,
+        legacy: None,
+    },
+    Kind { name: n::NEIGH_MISSES6, repeat: true, must_fit: false, copy: copy_hash::<NeighKey6, u64>, legacy: None },
 ];
 
 fn kind(name: &str) -> Option<&'static Kind> {
@@ -200,7 +268,7 @@ fn errno(e: &MapError) -> Option<i32> {
 
 /// Walk `src` (bounded: a hash map walk restarts when the current key is deleted under it,
 /// so a busy map could otherwise keep it going) and `put` each entry.
-fn copy_entries<T>(
+pub(crate) fn copy_entries<T>(
     src: impl Iterator<Item = Result<T, MapError>>,
     bound: usize,
     mut put: impl FnMut(T) -> Result<(), MapError>,
@@ -218,7 +286,7 @@ fn copy_entries<T>(
     Ok(c)
 }
 
-fn bound(m: &Map) -> usize {
+pub(crate) fn bound(m: &Map) -> usize {
     let max = match m {
         Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) | Map::LpmTrie(d) => {
             d.info().map(|i| i.max_entries()).unwrap_or(0)
@@ -305,6 +373,8 @@ struct Pending {
     old: Map,
     old_spec: MapSpec,
     new_spec: MapSpec,
+    /// The old map has the row's older layout: copied with its conversion.
+    legacy: bool,
     /// Where the old map is pinned aside.
     aside: PathBuf,
     /// Moved aside by this start (a rollback moves it back); false for a leftover of an
@@ -320,6 +390,7 @@ struct Planned {
     data: MapData,
     old_spec: MapSpec,
     new_spec: MapSpec,
+    legacy: bool,
     aside: PathBuf,
     /// The pin to move aside (None: already aside, from an interrupted migration).
     move_from: Option<PathBuf>,
@@ -419,8 +490,13 @@ impl Migration {
                 if is_main && have == *want {
                     continue;
                 }
-                let Some(k) =
-                    kind(name).filter(|_| have.layout_matches(want) && same_family(have.map_type, want.map_type))
+                let legacy = kind(name).and_then(|k| k.legacy.as_ref()).is_some_and(|l| {
+                    have.key_size == want.key_size
+                        && have.value_size == l.value_size
+                        && have.value_size != want.value_size
+                });
+                let Some(k) = kind(name)
+                    .filter(|_| (legacy || have.layout_matches(want)) && same_family(have.map_type, want.map_type))
                 else {
                     return Err(DataplaneError::IncompatiblePin {
                         map: name.to_string(),
@@ -433,12 +509,12 @@ impl Migration {
                 let id = data.info().map(|i| i.id()).unwrap_or(0);
                 let (aside, move_from) =
                     if is_main { (aside_dir.join(format!("{name}-{id}")), Some(path)) } else { (path, None) };
-                plan.push(Planned { kind: k, data, old_spec: have, new_spec: *want, aside, move_from });
+                plan.push(Planned { kind: k, data, old_spec: have, new_spec: *want, legacy, aside, move_from });
             }
         }
         // Phase 2: move the pins aside.
         let mut m = Migration { root: root.to_path_buf(), pending: Vec::new() };
-        for Planned { kind, data, old_spec, new_spec, aside, move_from } in plan {
+        for Planned { kind, data, old_spec, new_spec, legacy, aside, move_from } in plan {
             if let Some(from) = &move_from {
                 let moved = std::fs::create_dir_all(&aside_dir)
                     .and_then(|()| std::fs::rename(from, &aside))
@@ -451,6 +527,7 @@ impl Migration {
                     map = kind.name,
                     old = %old_spec,
                     new = %new_spec,
+                    legacy,
                     aside = %aside.display(),
                     "pinned map differs from the configuration: migrating its entries to a new map"
                 );
@@ -469,6 +546,7 @@ impl Migration {
                 old,
                 old_spec,
                 new_spec,
+                legacy,
                 aside,
                 moved_now: move_from.is_some(),
                 first: Copied::default(),
@@ -489,8 +567,11 @@ impl Migration {
             let path = maps_dir.join(p.kind.name);
             let data = open_pin(p.kind.name, &path)?.ok_or_else(|| DataplaneError::NotPinned { path: path.clone() })?;
             let mut new = Map::from_map_data(data).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
-            let c =
-                (p.kind.copy)(&p.old, &mut new, &p.old_spec).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
+            let c = match p.kind.legacy.as_ref().filter(|_| p.legacy) {
+                Some(l) => (l.copy)(&p.old, &mut new, &p.old_spec, &maps_dir),
+                None => (p.kind.copy)(&p.old, &mut new, &p.old_spec),
+            }
+            .map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
             if first {
                 p.first.add(c);
                 if p.kind.must_fit && c.dropped > 0 {
@@ -619,5 +700,19 @@ mod tests {
         assert!(kind(n::CONNTRACK).is_some_and(|k| !k.must_fit && k.repeat));
         assert!(kind(n::SERVICES6).is_some_and(|k| k.must_fit && !k.repeat));
         assert!(kind(n::CONNTRACK6).is_some_and(|k| !k.must_fit && k.repeat));
+    }
+
+    /// The conntrack tables can be carried over from the layout before the assured table:
+    /// the older value is the new one's prefix up to `ifindex`.
+    #[test]
+    fn conntrack_has_its_older_layout() {
+        use std::mem::{offset_of, size_of};
+        let old = |name| kind(name).and_then(|k| k.legacy.as_ref()).map(|l| l.value_size);
+        assert_eq!(old(n::CONNTRACK), Some(32));
+        assert_eq!(old(n::CONNTRACK6), Some(56));
+        assert_eq!(offset_of!(CtValue, ifindex), 32);
+        assert_eq!(offset_of!(CtValue6, ifindex), 56);
+        assert!(size_of::<CtValue>() > 32 && size_of::<CtValue6>() > 56);
+        assert_eq!(old(n::SERVICES), None);
     }
 }
