@@ -1,7 +1,9 @@
 //! The conntrack collector's cost: one complete walk over a table of live flows, the first
 //! with a quarter of them closed long ago (removed) and the second with nothing left to do
 //! (the steady state). Entries are written straight into a freshly loaded CONNTRACK map and
-//! collected with the agent's own `Gc` over the kernel map (`BPF_MAP_LOOKUP_BATCH`).
+//! collected with the agent's own `Gc` over the kernel maps (`BPF_MAP_LOOKUP_BATCH`; the
+//! walk covers the empty CT_NEW too). Each removal re-reads the entry and its partner first
+//! (compare before delete), which this walk's cost includes.
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
@@ -67,10 +69,11 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
             dir: CT_DIR_FORWARD,
             _pad: 0,
         };
-        // A quarter closed a minute ago (expired), the rest established and recently used.
+        // A quarter closed a minute ago (expired), the rest established and recently used:
+        // assured flows, which is what CONNTRACK holds.
         let closed = i % 4 == 0;
-        let flags =
-            ct_flags::SEEN_REPLY | if closed { ct_flags::CLOSING | ct_flags::FIN_FWD | ct_flags::FIN_REV } else { 0 };
+        let assured = ct_flags::SEEN_REPLY | ct_flags::ASSURED;
+        let flags = assured | if closed { ct_flags::CLOSING | ct_flags::FIN_FWD | ct_flags::FIN_REV } else { 0 };
         let seen = if closed { now.saturating_sub(60 * S) } else { now };
         let v = CtValue {
             nat_addr: 0x0af4_0101,

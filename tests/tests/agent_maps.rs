@@ -240,7 +240,7 @@ fn upgrade_from_an_older_agent_keeps_held_connections() {
     // entries must already read as established (else the conntrack GC would treat them as
     // unanswered SYNs and remove them when idle).
     let ct = cli(&["conntrack", "--bpffs-root", env.pins.0.to_str().unwrap()]).unwrap();
-    let established = ct.lines().filter(|l| l.contains(" forward ") && l.contains(" established ")).count();
+    let established = ct.lines().filter(|l| l.contains(" forward ") && l.contains(" ESTABLISHED ")).count();
     eprintln!("forward entries established right after the upgrade: {established}");
     assert!(established >= 40, "{ct}");
     let mut kept = 0;
