@@ -1,6 +1,8 @@
 //! The conntrack lifecycle with the real agent: under a flood of short connections that
 //! overfills a small table, held connections keep their backend (nothing established is
-//! evicted), and the collector reclaims closed flows so new ones keep getting through.
+//! evicted), and closed flows are reclaimed so new ones keep getting through: by the
+//! collector in the assured table (under pressure), by the LRU in the unassured one (a flow
+//! that completes its handshake while the assured table is full stays there).
 use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::atomic::{AtomicU32, Ordering},
@@ -84,19 +86,20 @@ fn held_connections_survive_a_flood_that_overfills_conntrack() {
             }
         }
     });
-    let deleted: f64 = ["expired", "pressure", "orphan"]
-        .iter()
-        .filter_map(|r| {
-            agent.metric(&topo.node, &format!("ebpf_proxy_conntrack_gc_deleted_total{{reason=\"{r}\"}}")).ok()
-        })
-        .sum();
+    let removed = |r: &str| {
+        agent.metric(&topo.node, &format!("ebpf_proxy_conntrack_gc_deleted_total{{reason=\"{r}\"}}")).unwrap_or(0.0)
+    };
+    let pressure = removed("pressure");
+    let deleted: f64 = pressure + removed("expired") + removed("orphan");
     let full = agent.metric(&topo.node, "ebpf_proxy_conntrack_full_drops_total").unwrap_or(0.0);
     eprintln!(
         "flood of {NEW_FLOWS} in {flood:?}: {ok} ok, {failed} failed; {} of {HELD} held lost; GC removed {deleted} entries; {full} new flows dropped while full",
         lost.len()
     );
     assert!(lost.is_empty(), "held connections lost: {:?}", &lost[..lost.len().min(5)]);
-    assert!(deleted >= f64::from(ok), "the collector reclaimed the closed flows ({deleted} entries for {ok} flows)");
+    // 2,000 held flows fill half the assured table: the flood's closed flows push it over 90 %,
+    // and the collector removes them there (the rest of the flood never left the LRU).
+    assert!(pressure > 0.0, "the collector reclaimed closed flows under pressure ({deleted} entries in all)");
     assert!(ok >= NEW_FLOWS * 9 / 10, "new flows kept getting through: {ok} ok, {failed} failed");
     drop(agent);
 }

@@ -13,20 +13,19 @@
 //! unassured flows for the collector to remove.
 //!
 //! What the old entries never recorded is marked unknown, for the datapath to learn from the
-//! flow's next packets: `ifindex` 0 (either side's interface), `seq_end` 0 with
-//! `seq_flags = SEQ_UNKNOWN` on TCP entries (a RST or FIN is believed until the direction's
-//! next segment has set its sequence position) and, on a TCP reply entry, `SEEN_REPLY`
-//! cleared. The forward direction of
-//! a carried-over flow is recognisable by its `ifindex` 0: every forward entry the datapath
-//! creates has the interface (a pod's, or `IFINDEX_UPLINK`). See docs/architecture.md
-//! ("Conntrack", upgrades) for what the datapath does with such an entry.
+//! flow's next packets: `ifindex` 0 (either side's interface: its next packet sets it) and,
+//! for TCP, `seq_flags` = `ct::SEQ_UNKNOWN` with `seq_end` 0 in both directions: the
+//! direction's next segment sets its sequence position, and until then its RST or FIN is
+//! believed as before the upgrade (an established connection carried over can still be
+//! closed or reset by either end). The old layout's `_pad` byte, where `seq_flags` now
+//! sits, was always 0: it is set here, not read.
 use std::{
     mem::{offset_of, size_of},
     path::Path,
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use proxy_common::{CT_DIR_REPLY, CtKey, CtValue, PROTO_TCP, ct_flags};
+use proxy_common::{CT_DIR_REPLY, CtKey, CtValue, PROTO_TCP, ct, ct_flags};
 
 use super::{CtAddr, Table};
 use crate::dataplane::migrate::{self, Copied, MapSpec};
@@ -59,15 +58,8 @@ pub fn convert<A: Copy + Default>(k: &CtKey<A>, mut v: CtValue<A>, fwd_flags: Op
     if table == Table::Assured {
         v.flags |= ct_flags::ASSURED | ct_flags::SEEN_REPLY;
     }
-    if k.dir == CT_DIR_REPLY && k.proto == PROTO_TCP {
-        // The backend's sequence position is unknown: its next segment sets it.
-        v.flags &= !ct_flags::SEEN_REPLY;
-    }
-    if k.proto == PROTO_TCP {
-        // Neither direction's sequence position is known: the datapath believes a RST or
-        // FIN until the direction's next segment has set it.
-        v.seq_flags = proxy_common::ct::SEQ_UNKNOWN;
-    }
+    // Neither direction's sequence position is known: its next segment sets it.
+    v.seq_flags = if k.proto == PROTO_TCP { ct::SEQ_UNKNOWN } else { 0 };
     v.ifindex = 0;
     v.seq_end = 0;
     v.created = 0;
@@ -168,14 +160,14 @@ mod tests {
         let (t, v) = convert(&key(CT_DIR_FORWARD, PROTO_TCP), est, Some(est.flags));
         assert_eq!(t, Table::Assured);
         assert_eq!(v.flags, ct_flags::SEEN_REPLY | ct_flags::ASSURED);
-        assert_eq!((v.ifindex, v.seq_end, v.last_seen), (0, 0, 5));
-        assert_eq!(v.seq_flags, proxy_common::ct::SEQ_UNKNOWN, "its RST/FIN believed until a segment sets seq_end");
-        // Its TCP reply entry: assured, the backend's sequence position to be learnt.
+        assert_eq!((v.ifindex, v.seq_end, v.seq_flags, v.last_seen), (0, 0, ct::SEQ_UNKNOWN, 5));
+        // Its TCP reply entry: assured, the backend's sequence position to be learnt too.
         let (t, v) = convert(&key(CT_DIR_REPLY, PROTO_TCP), est, Some(est.flags));
-        assert_eq!((t, v.flags), (Table::Assured, ct_flags::ASSURED));
-        // UDP keeps SEEN_REPLY on both (no sequence numbers).
+        let both = ct_flags::SEEN_REPLY | ct_flags::ASSURED;
+        assert_eq!((t, v.flags, v.seq_flags), (Table::Assured, both, ct::SEQ_UNKNOWN));
+        // UDP has no sequence numbers.
         let (_, v) = convert(&key(CT_DIR_REPLY, PROTO_UDP), est, Some(est.flags));
-        assert_eq!((v.flags, v.seq_flags), (ct_flags::SEEN_REPLY | ct_flags::ASSURED, 0));
+        assert_eq!((v.flags, v.seq_flags), (both, 0));
         // Half-closed: still assured.
         let closing = ct_flags::SEEN_REPLY | ct_flags::CLOSING | ct_flags::FIN_FWD;
         let (t, _) = convert(&key(CT_DIR_FORWARD, PROTO_TCP), CtValue { flags: closing, ..est }, Some(closing));
