@@ -883,10 +883,12 @@ fn mutate(rng: &mut fastrand::Rng, f: &mut Vec<u8>) {
                 let t: [u8; 2] = if v6 { [0x08, 0x00] } else { [0x86, 0xdd] };
                 f[12..14].copy_from_slice(&t);
             }
-            // An IPv6 extension header chain: hop-by-hop options of a random length.
+            // An IPv6 extension header chain: hop-by-hop options of a random length; now
+            // and then a long one, which puts what follows it (the transport header, or a
+            // fragment header) near or past the last offset the datapath reads (0x3ff).
             5 if v6 && f.len() > 14 + 40 => {
                 let next = f[14 + 6];
-                let len = rng.u8(..3);
+                let len = if rng.u8(..8) == 0 { rng.u8(112..128) } else { rng.u8(..3) };
                 let mut h = vec![next, len];
                 h.resize(usize::from(len + 1) * 8, 1);
                 f.splice(14 + 40..14 + 40, h.iter().copied());
