@@ -22,6 +22,14 @@ const NEXT_HOP_BY_HOP: u8 = 0;
 const NEXT_ROUTING: u8 = 43;
 const NEXT_FRAGMENT: u8 = 44;
 const NEXT_DEST_OPTS: u8 = 60;
+/// IPv6 fragment header (RFC 8200 4.5): its length, the offset's bits and M (more
+/// fragments) in its third and fourth bytes.
+const FRAG6_HLEN: usize = 8;
+const FRAG6_OFFSET: u16 = 0xfff8;
+const FRAG6_M: u16 = 0x0001;
+/// IPv4 fragment offset (13 bits) and MF in the flags/offset field (RFC 791).
+const IP4_OFFSET: u16 = 0x1fff;
+const IP4_MF: u16 = 0x2000;
 /// How many extension headers the datapath walks (docs/datapath.md: "up to 4").
 const MAX_EXT_HDRS: usize = 4;
 /// The largest transport offset the datapath reads an IPv6 frame at; beyond it the frame
@@ -84,13 +92,25 @@ pub fn fix_ipv4_csum(f: &mut [u8]) {
 /// gets a fragment header (RFC 8200 4.5).
 pub fn fragment_of(frame: &[u8], offset_units: u16, more: bool, id: u32, data: &[u8]) -> Vec<u8> {
     let l4 = l4_offset(frame);
+    let body = if offset_units == 0 { &frame[l4..] } else { data };
+    fragment_with(frame, offset_units, more, id, body)
+}
+
+/// The first fragment of `frame` as a sender cut at an MTU would send it: the first
+/// `keep` bytes of its transport part (a multiple of 8, as RFC 791 and 8200 cut), the
+/// transport header untouched, so a UDP length covers the whole datagram, beyond the
+/// fragment; identification `id`.
+pub fn first_fragment_of(frame: &[u8], keep: usize, id: u32) -> Vec<u8> {
+    let l4 = l4_offset(frame);
+    let keep = (keep / 8 * 8).min(frame.len() - l4);
+    fragment_with(frame, 0, true, id, &frame[l4..l4 + keep])
+}
+
+fn fragment_with(frame: &[u8], offset_units: u16, more: bool, id: u32, body: &[u8]) -> Vec<u8> {
+    let l4 = l4_offset(frame);
     let mut f = frame[..l4].to_vec();
-    if offset_units == 0 {
-        f.extend_from_slice(&frame[l4..]);
-    } else {
-        f.extend_from_slice(data);
-    }
-    let frag = (offset_units & 0x1fff) | if more { 0x2000 } else { 0 };
+    f.extend_from_slice(body);
+    let frag = (offset_units & IP4_OFFSET) | if more { IP4_MF } else { 0 };
     if l4 == ETH_HLEN + IP4_HLEN {
         let total = (f.len() - ETH_HLEN) as u16;
         f[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&total.to_be_bytes());
@@ -139,8 +159,9 @@ pub fn ip_csum_ok(f: &[u8]) -> bool {
 
 /// The L4 checks both families share (RFC 9293, 768, 9260 and the kernel's receive
 /// checks): `l4` is the IP payload from the transport header on, `in_frame` the bytes of it
-/// actually present in the frame.
-fn l4_malformed(proto: u8, l4: &[u8], in_frame: usize) -> Option<bool> {
+/// actually present in the frame. In a first fragment the UDP length covers the whole
+/// datagram, so it may exceed the fragment's payload.
+fn l4_malformed(proto: u8, l4: &[u8], in_frame: usize, first_fragment: bool) -> Option<bool> {
     let need = match proto {
         PROTO_TCP => 20,
         PROTO_UDP => 8,
@@ -157,74 +178,231 @@ fn l4_malformed(proto: u8, l4: &[u8], in_frame: usize) -> Option<bool> {
         }
         PROTO_UDP => {
             let ulen = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
-            ulen < 8 || ulen > l4.len()
+            ulen < 8 || (ulen > l4.len() && !first_fragment)
         }
         _ => false,
     })
+}
+
+/// Where a packet sits in its datagram (RFC 791's fragment offset and more-fragments flag,
+/// RFC 8200's fragment header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FragPos {
+    /// A whole datagram (IPv6: also an atomic fragment, offset 0 without M, RFC 6946).
+    Whole,
+    /// Offset 0 with more fragments: the transport header is here, the rest follows.
+    First,
+    /// Offset > 0: no transport header.
+    Later,
+}
+
+/// Protocols with ports, whose fragments the datapath translates.
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+}
+
+/// The IP layer of a frame, read independently: addresses, the transport protocol, where
+/// the transport bytes are (`l4..end`, frame offsets; for a later fragment: its data), and
+/// the datagram it belongs to.
+#[derive(Clone, Copy, Debug)]
+struct IpLayer {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    l4: usize,
+    end: usize,
+    frag: FragPos,
+    /// The datagram's identification (IPv4: 16 bits; IPv6: the fragment header's 32).
+    id: u32,
+}
+
+/// `Err(Some(true))`: the IP layer is malformed; `Err(None)`: not a candidate at all (other
+/// EtherType, a fragment of a protocol without ports, an IPv6 extension header chain longer
+/// than the datapath walks or past the offsets it reads).
+fn ip_layer(f: &[u8]) -> Result<IpLayer, Option<bool>> {
+    if f.len() < ETH_HLEN {
+        return Err(None);
+    }
+    let ip = &f[ETH_HLEN..];
+    let layer = match u16::from_be_bytes([f[12], f[13]]) {
+        ETH_P_IPV4 => {
+            if ip.len() < IP4_HLEN || ip[0] >> 4 != 4 {
+                return Err(Some(true));
+            }
+            let ihl = usize::from(ip[0] & 0xf) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            if ihl < IP4_HLEN || ip.len() < ihl || total < ihl || total > ip.len() {
+                return Err(Some(true));
+            }
+            let frags = u16::from_be_bytes([ip[6], ip[7]]);
+            let frag = if frags & IP4_OFFSET != 0 {
+                FragPos::Later
+            } else if frags & IP4_MF != 0 {
+                FragPos::First
+            } else {
+                FragPos::Whole
+            };
+            let a = |o: usize| IpAddr::V4(Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]));
+            IpLayer {
+                src: a(12),
+                dst: a(16),
+                proto: ip[9],
+                l4: ETH_HLEN + ihl,
+                end: ETH_HLEN + total,
+                frag,
+                id: u32::from(u16::from_be_bytes([ip[4], ip[5]])),
+            }
+        }
+        ETH_P_IPV6 => {
+            if ip.len() < IP6_HLEN || ip[0] >> 4 != 6 {
+                return Err(Some(true));
+            }
+            let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            if payload == 0 || IP6_HLEN + payload > ip.len() {
+                return Err(Some(true));
+            }
+            let end = IP6_HLEN + payload;
+            let (mut next, mut off) = (ip[6], IP6_HLEN);
+            let (mut frag, mut id) = (FragPos::Whole, 0);
+            for _ in 0..MAX_EXT_HDRS {
+                match next {
+                    NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => {
+                        if off + 2 > ip.len() {
+                            return Err(Some(true));
+                        }
+                        next = ip[off];
+                        off += (usize::from(ip[off + 1]) + 1) * 8;
+                        if off > end {
+                            return Err(Some(true));
+                        }
+                        if ETH_HLEN + off > MAX_L4_OFF {
+                            return Err(None);
+                        }
+                    }
+                    NEXT_FRAGMENT => {
+                        if off + FRAG6_HLEN > ip.len() {
+                            return Err(Some(true));
+                        }
+                        next = ip[off];
+                        let offset_m = u16::from_be_bytes([ip[off + 2], ip[off + 3]]);
+                        id = u32::from_be_bytes([ip[off + 4], ip[off + 5], ip[off + 6], ip[off + 7]]);
+                        off += FRAG6_HLEN;
+                        if off > end {
+                            return Err(Some(true));
+                        }
+                        if offset_m & FRAG6_OFFSET != 0 {
+                            // What follows is the middle of a datagram, not headers.
+                            frag = FragPos::Later;
+                            break;
+                        }
+                        if offset_m & FRAG6_M != 0 {
+                            frag = FragPos::First;
+                        }
+                        // Headers after this one are read too: past the offsets the
+                        // datapath reads, the packet is not one it may translate.
+                        if ETH_HLEN + off > MAX_L4_OFF {
+                            return Err(None);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let a = |o: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&ip[o..o + 16]).unwrap()));
+            IpLayer { src: a(8), dst: a(24), proto: next, l4: ETH_HLEN + off, end: ETH_HLEN + end, frag, id }
+        }
+        _ => return Err(None),
+    };
+    if layer.frag != FragPos::Whole && !has_ports(layer.proto) {
+        return Err(None);
+    }
+    Ok(layer)
 }
 
 /// An independent reading of when an Ethernet frame is a translatable IPv4 or IPv6
 /// TCP/UDP/SCTP packet: `Some(true)` when it claims to be one but is malformed (RFC 791,
 /// 8200 and the L4 RFCs, and the kernel's receive checks), `Some(false)` when it is a
 /// well-formed one, `None` when it is not a candidate at all (other EtherType or protocol,
-/// fragment, an IPv6 extension header chain longer than the datapath walks).
+/// an IPv6 extension header chain longer than the datapath walks, a later fragment, a
+/// fragment of a protocol without ports). A first fragment of TCP/UDP/SCTP is a candidate
+/// like a whole datagram (its UDP length may exceed the fragment); a later fragment is
+/// translated only when its first fragment was ([`later_fragment`]).
 pub fn malformed(f: &[u8]) -> Option<bool> {
-    if f.len() < ETH_HLEN {
+    let l = match ip_layer(f) {
+        Ok(l) => l,
+        Err(m) => return m,
+    };
+    if l.frag == FragPos::Later {
         return None;
     }
-    let ip = &f[ETH_HLEN..];
-    match u16::from_be_bytes([f[12], f[13]]) {
-        ETH_P_IPV4 => {
-            if ip.len() < IP4_HLEN || ip[0] >> 4 != 4 {
-                return Some(true);
-            }
-            let ihl = usize::from(ip[0] & 0xf) * 4;
-            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-            if ihl < IP4_HLEN || ip.len() < ihl || total < ihl || total > ip.len() {
-                return Some(true);
-            }
-            if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-                return None;
-            }
-            l4_malformed(ip[9], &ip[ihl..total], total - ihl)
-        }
-        ETH_P_IPV6 => {
-            if ip.len() < IP6_HLEN || ip[0] >> 4 != 6 {
-                return Some(true);
-            }
-            let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-            if payload == 0 || IP6_HLEN + payload > ip.len() {
-                return Some(true);
-            }
-            let end = IP6_HLEN + payload;
-            let (mut next, mut off) = (ip[6], IP6_HLEN);
-            for _ in 0..MAX_EXT_HDRS {
-                match next {
-                    NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => {
-                        if off + 2 > ip.len() {
-                            return Some(true);
-                        }
-                        next = ip[off];
-                        off += (usize::from(ip[off + 1]) + 1) * 8;
-                        if off > end {
-                            return Some(true);
-                        }
-                        if ETH_HLEN + off > MAX_L4_OFF {
-                            return None;
-                        }
-                    }
-                    NEXT_FRAGMENT => return None,
-                    _ => break,
-                }
-            }
-            l4_malformed(next, &ip[off..end], end - off)
-        }
+    l4_malformed(l.proto, &f[l.l4..l.end], l.end - l.l4, l.frag == FragPos::First)
+}
+
+/// A datagram's name as the datapath remembers a first fragment's ports under it: source,
+/// destination, protocol, identification (as the fragment arrived).
+pub type FragName = (IpAddr, IpAddr, u8, u32);
+
+/// The datagram a TCP/UDP/SCTP fragment with a readable IP header belongs to, and where
+/// in it the fragment sits. `None` for whole datagrams and non-candidates.
+pub fn fragment(f: &[u8]) -> Option<(FragName, FragPos)> {
+    let l = ip_layer(f).ok()?;
+    (l.frag != FragPos::Whole).then_some(((l.src, l.dst, l.proto, l.id), l.frag))
+}
+
+/// A later fragment (offset > 0) of a TCP/UDP/SCTP datagram: its datagram's name.
+pub fn later_fragment(f: &[u8]) -> Option<FragName> {
+    match fragment(f)? {
+        (name, FragPos::Later) => Some(name),
         _ => None,
     }
 }
 
+/// What a translation may change in a later fragment, which carries no ports and whose
+/// transport checksum lives in the first fragment: the addresses, the IPv4 header checksum
+/// (valid exactly when it was), and where it is forwarded the MACs and the TTL / hop
+/// limit. Every other byte stays. `Err` names the byte that changed.
+pub fn check_later_fragment(before: &[u8], after: &[u8]) -> Result<(), String> {
+    if after.len() != before.len() {
+        return Err(format!("length {} -> {}", before.len(), after.len()));
+    }
+    let v6 = u16::from_be_bytes([before[12], before[13]]) == ETH_P_IPV6;
+    let may_change = |i: usize| {
+        i < 12
+            || if v6 {
+                i == ETH_HLEN + 7 || (ETH_HLEN + 8..ETH_HLEN + 40).contains(&i)
+            } else {
+                i == ETH_HLEN + 8 || (ETH_HLEN + 10..ETH_HLEN + 20).contains(&i)
+            }
+    };
+    if let Some(i) = (0..after.len()).find(|i| !may_change(*i) && after[*i] != before[*i]) {
+        return Err(format!("byte {i} changed"));
+    }
+    if ip_csum_ok(after) != ip_csum_ok(before) {
+        return Err("IPv4 header checksum validity changed".into());
+    }
+    Ok(())
+}
+
+/// The one's-complement sum of what the transport checksum covers and a first fragment
+/// holds: the pseudo-header's addresses and protocol, and the transport bytes present
+/// (checksum field included). The pseudo-header's length and the later fragments' bytes
+/// are left out: a translation changes neither, so a correct incremental update keeps
+/// this sum (0 and 0xffff are the same one's-complement value, normalised to 0xffff).
+fn partial_l4_sum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
+    let mut b = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => [s.octets(), d.octets()].concat(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => [s.octets(), d.octets()].concat(),
+        _ => unreachable!("one family"),
+    };
+    b.extend_from_slice(&[0, proto]);
+    b.extend_from_slice(l4);
+    match !crate::harness::inet_csum(&b) {
+        0 => 0xffff,
+        s => s,
+    }
+}
+
 /// Addresses, ports, TCP flags and checksum validity of a well-formed TCP/UDP/SCTP frame
-/// of either family, recomputed with etherparse.
+/// of either family (a whole datagram or a first fragment), recomputed with etherparse.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct View {
     pub src: (IpAddr, u16),
@@ -235,14 +413,22 @@ pub struct View {
     /// The IPv4 header checksum is valid (IPv6: always).
     pub ip_ok: bool,
     /// The TCP/UDP checksum is valid (a zero UDP checksum over IPv4 counts as valid);
-    /// `None` for SCTP, whose CRC32c does not cover addresses.
+    /// `None` for SCTP, whose CRC32c does not cover addresses, and for a first fragment,
+    /// whose checksum covers bytes it does not hold (see `l4_sum`).
     pub l4_ok: Option<bool>,
+    /// The one's-complement sum of the pseudo-header's addresses and protocol and the
+    /// transport bytes present, which a correct incremental update keeps; `None` for SCTP
+    /// and for a zero UDP checksum (none over IPv4, invalid over IPv6: it must stay zero).
+    pub l4_sum: Option<u16>,
     pub hop_limit: u8,
+    /// A whole datagram or a first fragment (`view` reads no later fragment).
+    pub frag: FragPos,
 }
 
 pub fn view(f: &[u8]) -> Option<View> {
-    if f.len() > ETH_HLEN + IP6_HLEN && u16::from_be_bytes([f[12], f[13]]) == ETH_P_IPV6 {
-        return view6(f);
+    let l = ip_layer(f).ok()?;
+    if l.src.is_ipv6() || l.frag != FragPos::Whole {
+        return view_raw(f, l);
     }
     let p = SlicedPacket::from_ethernet(f).ok()?;
     let (src, dst, hop_limit, ip_ok, proto, l4_bytes) = match &p.net {
@@ -283,48 +469,70 @@ pub fn view(f: &[u8]) -> Option<View> {
         }
         _ => return None,
     };
-    Some(View { src: (src, sp), dst: (dst, dp), proto, tcp_flags, ip_ok, l4_ok, hop_limit })
+    let l4_sum = l4_sum(f, &l);
+    Some(View {
+        src: (src, sp),
+        dst: (dst, dp),
+        proto,
+        tcp_flags,
+        ip_ok,
+        l4_ok,
+        l4_sum,
+        hop_limit,
+        frag: FragPos::Whole,
+    })
 }
 
-/// [`view`] for IPv6, walking the extension headers the datapath skips itself: etherparse
-/// refuses some chains the datapath translates (a hop-by-hop header after another one).
-fn view6(f: &[u8]) -> Option<View> {
+/// `View::l4_sum` of a frame whose IP layer is `l`.
+fn l4_sum(f: &[u8], l: &IpLayer) -> Option<u16> {
+    let l4 = &f[l.l4..l.end];
+    // (Zero is "no checksum" over IPv4, and invalid over IPv6: an update leaves it alone.)
+    let no_udp_csum = l.proto == PROTO_UDP && l4.get(6..8) == Some(&[0, 0][..]);
+    (matches!(l.proto, PROTO_TCP | PROTO_UDP) && !no_udp_csum).then(|| partial_l4_sum(l.src, l.dst, l.proto, l4))
+}
+
+/// [`view`] for IPv6 and for first fragments, read from the independent reading of the
+/// IP layer above: etherparse refuses some chains the datapath translates (a hop-by-hop
+/// header after another one) and does not read the transport header of a fragment.
+fn view_raw(f: &[u8], l: IpLayer) -> Option<View> {
     if malformed(f) != Some(false) {
         return None;
     }
-    let ip = &f[ETH_HLEN..];
-    let end = IP6_HLEN + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-    let (mut next, mut off) = (ip[6], IP6_HLEN);
-    while matches!(next, NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS) {
-        next = ip[off];
-        off += (usize::from(ip[off + 1]) + 1) * 8;
-    }
-    let src: [u8; 16] = ip[8..24].try_into().ok()?;
-    let dst: [u8; 16] = ip[24..40].try_into().ok()?;
-    let l4 = &ip[off..end];
+    let l4 = &f[l.l4..l.end];
     let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
-    let (tcp_flags, l4_ok) = match next {
-        PROTO_TCP => {
-            let t = etherparse::TcpSlice::from_slice(l4).ok()?;
-            let th = t.to_header();
-            let flags = u8::from(th.fin) | u8::from(th.syn) << 1 | u8::from(th.rst) << 2 | u8::from(th.ack) << 4;
-            (flags, Some(th.calc_checksum_ipv6_raw(src, dst, t.payload()).ok()? == th.checksum))
+    let whole = l.frag == FragPos::Whole;
+    let (tcp_flags, l4_ok) = match (l.proto, l.src, l.dst) {
+        (PROTO_TCP, src, dst) => {
+            // FIN, SYN, RST and ACK keep their bit positions from the TCP header.
+            let flags = l4[13] & (0x01 | 0x02 | 0x04 | 0x10);
+            let ok = match (whole, src, dst) {
+                (true, IpAddr::V6(s), IpAddr::V6(d)) => {
+                    let t = etherparse::TcpSlice::from_slice(l4).ok()?;
+                    let th = t.to_header();
+                    Some(th.calc_checksum_ipv6_raw(s.octets(), d.octets(), t.payload()).ok()? == th.checksum)
+                }
+                _ => None,
+            };
+            (flags, ok)
         }
-        PROTO_UDP => {
+        (PROTO_UDP, IpAddr::V6(s), IpAddr::V6(d)) if whole => {
             let u = etherparse::UdpSlice::from_slice(l4).ok()?;
             let uh = u.to_header();
-            (0, Some(uh.calc_checksum_ipv6_raw(src, dst, u.payload()).ok()? == uh.checksum))
+            (0, Some(uh.calc_checksum_ipv6_raw(s.octets(), d.octets(), u.payload()).ok()? == uh.checksum))
         }
         _ => (0, None),
     };
+    let hop_limit = if l.src.is_ipv6() { f[ETH_HLEN + 7] } else { f[ETH_HLEN + 8] };
     Some(View {
-        src: (Ipv6Addr::from(src).into(), port(0)),
-        dst: (Ipv6Addr::from(dst).into(), port(2)),
-        proto: next,
+        src: (l.src, port(0)),
+        dst: (l.dst, port(2)),
+        proto: l.proto,
         tcp_flags,
-        ip_ok: true,
+        ip_ok: ip_csum_ok(f),
         l4_ok,
-        hop_limit: ip[7],
+        l4_sum: l4_sum(f, &l),
+        hop_limit,
+        frag: l.frag,
     })
 }
 

@@ -48,14 +48,14 @@
 //! `EBPF_PROXY_FUZZ_SEED` sets the first seed (printed with every round, so a failing
 //! round can be replayed). `FUZZ_FRAMES` and `FUZZ_SEED` are accepted as older names.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
 use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, verdict};
 use proxy_tests::{
-    frames::{self, IcmpError, IcmpView, PROTO_SCTP, PROTO_TCP, PROTO_UDP, View},
+    frames::{self, FragPos, IcmpError, IcmpView, PROTO_SCTP, PROTO_TCP, PROTO_UDP, View},
     harness::*,
 };
 use proxy_userspace::{
@@ -557,8 +557,11 @@ enum Kind {
     Dropped,
     /// A reset or port unreachable for a frontend without endpoints.
     Answered,
-    /// A fragment that came out changed (addresses checked, not followed further).
-    Fragment,
+    /// A later fragment of a datagram whose first fragment was translated, translated on
+    /// its addresses only.
+    Fragment {
+        delivery: Delivery,
+    },
     Translated {
         after: View,
         delivery: Delivery,
@@ -578,8 +581,36 @@ fn is_drop(v: i32, xdp: bool) -> bool {
     v == if xdp { XDP_DROP } else { TC_ACT_SHOT }
 }
 
-/// The per-frame properties (see the top of the file). `Err` names what is wrong.
-fn check_step(prog: Prog, frame: &[u8], v: i32, out: &[u8]) -> Result<Kind, String> {
+/// The datagrams whose first fragment some program translated, by the name the datapath
+/// remembers its ports under (`frames::FragName`, as the first fragment arrived): only
+/// their later fragments may be translated.
+type FragMemory = HashSet<frames::FragName>;
+
+/// How a program's verdict delivers a frame it changed, if it may deliver one at all.
+fn delivery(prog: Prog, v: i32) -> Option<Delivery> {
+    match (prog.xdp(), v) {
+        (false, TC_ACT_UNSPEC) | (true, XDP_PASS) => Some(Delivery::Stack),
+        (false, TC_ACT_REDIRECT) if prog == Prog::FromPod => Some(Delivery::Back),
+        (true, XDP_TX | XDP_REDIRECT) => Some(Delivery::Wire),
+        _ => None,
+    }
+}
+
+/// The per-frame properties (see the top of the file). `Err` names what is wrong. `frags`
+/// holds the datagrams whose first fragment was translated; a first fragment translated
+/// here is added.
+fn check_step(prog: Prog, frame: &[u8], v: i32, out: &[u8], frags: &mut FragMemory) -> Result<Kind, String> {
+    let kind = check_frame(prog, frame, v, out, frags)?;
+    if let Kind::Translated { after, .. } = &kind
+        && after.frag == FragPos::First
+        && let Some((name, _)) = frames::fragment(frame)
+    {
+        frags.insert(name);
+    }
+    Ok(kind)
+}
+
+fn check_frame(prog: Prog, frame: &[u8], v: i32, out: &[u8], frags: &FragMemory) -> Result<Kind, String> {
     let xdp = prog.xdp();
     let name = prog.name();
     match frames::malformed(frame) {
@@ -592,27 +623,7 @@ fn check_step(prog: Prog, frame: &[u8], v: i32, out: &[u8]) -> Result<Kind, Stri
             if let Some(before) = frames::icmp_view(frame) {
                 return icmp_step(prog, frame, &before, v, out);
             }
-            let Some((_, _, true)) = frames::ip_addrs(frame) else {
-                return Err(format!("{name}: non-candidate frame changed (verdict {v}): {frame:02x?} -> {out:02x?}"));
-            };
-            if is_drop(v, xdp) {
-                return Ok(Kind::Dropped);
-            }
-            // A fragment translated (issue 19 item 11): same length, IPv4 checksum as
-            // valid as it was, and addresses of a flow (checked by the caller's reading).
-            let (Some((s, d, true)), true) = (frames::ip_addrs(out), out.len() == frame.len()) else {
-                return Err(format!("{name}: fragment mangled (verdict {v}): {frame:02x?} -> {out:02x?}"));
-            };
-            let w = world(s);
-            let ok_addrs = if prog.forward() {
-                w.backends().contains(&d) || w.is_local_pod(d) || w.outside.contains(&d)
-            } else {
-                [w.vip, w.vip2, w.node].contains(&s)
-            };
-            if frames::ip_csum_ok(out) != frames::ip_csum_ok(frame) || !ok_addrs {
-                return Err(format!("{name}: fragment translated wrongly (verdict {v}): {frame:02x?} -> {out:02x?}"));
-            }
-            return Ok(Kind::Fragment);
+            return later_fragment_step(prog, frame, v, out, frags);
         }
         Some(false) => {}
     }
@@ -624,7 +635,8 @@ fn check_step(prog: Prog, frame: &[u8], v: i32, out: &[u8]) -> Result<Kind, Stri
     }
     let before =
         frames::view(frame).ok_or_else(|| format!("{name}: well-formed frame does not parse: {frame:02x?}"))?;
-    // Answers to a frontend without endpoints.
+    // Answers to a frontend without endpoints (a first fragment is answered like its
+    // datagram: RFC 1122 allows errors about offset 0).
     let answer_verdict = if xdp { v == XDP_TX } else { v == TC_ACT_REDIRECT && prog == Prog::FromPod };
     if before.proto == PROTO_UDP && frames::check_port_unreachable(frame, out)? {
         return if answer_verdict && !xdp {
@@ -645,19 +657,64 @@ fn check_step(prog: Prog, frame: &[u8], v: i32, out: &[u8]) -> Result<Kind, Stri
     if after.ip_ok != before.ip_ok {
         return Err(format!("{name}: IPv4 checksum validity changed: {frame:02x?} -> {out:02x?}"));
     }
-    if out.len() != frame.len() {
-        return Err(format!("{name}: length changed: {frame:02x?} -> {out:02x?}"));
+    if out.len() != frame.len() || after.frag != before.frag {
+        return Err(format!("{name}: length or fragment changed: {frame:02x?} -> {out:02x?}"));
     }
     if after.l4_ok != before.l4_ok {
         return Err(format!("{name}: L4 checksum validity changed: {frame:02x?} -> {out:02x?}"));
     }
-    let delivery = match (xdp, v) {
-        (false, TC_ACT_UNSPEC) | (true, XDP_PASS) => Delivery::Stack,
-        (false, TC_ACT_REDIRECT) if prog == Prog::FromPod => Delivery::Back,
-        (true, XDP_TX | XDP_REDIRECT) => Delivery::Wire,
-        _ => return Err(format!("{name}: translated with verdict {v}: {frame:02x?} -> {out:02x?}")),
+    // What validity cannot show (a first fragment's checksum covers bytes it does not
+    // hold, an invalid one stays invalid either way): the update is incremental.
+    if after.l4_sum != before.l4_sum {
+        return Err(format!("{name}: L4 checksum not updated with the translation: {frame:02x?} -> {out:02x?}"));
+    }
+    let Some(delivery) = delivery(prog, v) else {
+        return Err(format!("{name}: translated with verdict {v}: {frame:02x?} -> {out:02x?}"));
     };
     Ok(Kind::Translated { after, delivery })
+}
+
+/// A frame that is no candidate came out changed: only a later fragment of a datagram
+/// whose first fragment was translated may, and only on its addresses (issue 19 item 11;
+/// `frames::check_later_fragment`), to addresses that translation can give: a forward
+/// hook sends a client's fragment to a backend (source kept, or source-NATed) or restores
+/// a reply it owns to a client; a reverse hook restores the source to a frontend. Where
+/// its flow would be refused, it is dropped (never answered, RFC 1122 3.2.2).
+fn later_fragment_step(prog: Prog, frame: &[u8], v: i32, out: &[u8], frags: &FragMemory) -> Result<Kind, String> {
+    let name = prog.name();
+    let Some(datagram) = frames::later_fragment(frame) else {
+        return Err(format!("{name}: non-candidate frame changed (verdict {v}): {frame:02x?} -> {out:02x?}"));
+    };
+    if !frags.contains(&datagram) {
+        return Err(format!(
+            "{name}: a later fragment of a datagram whose first fragment was never translated changed (verdict {v}): {frame:02x?} -> {out:02x?}"
+        ));
+    }
+    if is_drop(v, prog.xdp()) {
+        return Ok(Kind::Dropped);
+    }
+    frames::check_later_fragment(frame, out).map_err(|e| {
+        format!("{name}: later fragment rewritten beyond its addresses ({e}): {frame:02x?} -> {out:02x?}")
+    })?;
+    let (Some((s0, d0, _)), Some((s, d, _))) = (frames::ip_addrs(frame), frames::ip_addrs(out)) else {
+        return Err(format!("{name}: later fragment unreadable: {frame:02x?} -> {out:02x?}"));
+    };
+    let w = world(s0);
+    let restored = [w.vip, w.vip2, w.node].contains(&s);
+    let ok = if prog.forward() {
+        let to_backend = w.backends().contains(&d) && [s0, w.hairpin, w.node].contains(&s);
+        let owned_reply = restored && (w.is_local_pod(d) || w.outside.contains(&d));
+        to_backend || owned_reply
+    } else {
+        restored && d == d0
+    };
+    if !ok {
+        return Err(format!("{name}: later fragment translated to {s} > {d}: {frame:02x?} -> {out:02x?}"));
+    }
+    match delivery(prog, v) {
+        Some(delivery) => Ok(Kind::Fragment { delivery }),
+        None => Err(format!("{name}: later fragment translated with verdict {v}")),
+    }
 }
 
 /// An ICMP error that came out changed: translated back with its flow (docs/datapath.md,
@@ -826,10 +883,12 @@ fn mutate(rng: &mut fastrand::Rng, f: &mut Vec<u8>) {
                 let t: [u8; 2] = if v6 { [0x08, 0x00] } else { [0x86, 0xdd] };
                 f[12..14].copy_from_slice(&t);
             }
-            // An IPv6 extension header chain: hop-by-hop options of a random length.
+            // An IPv6 extension header chain: hop-by-hop options of a random length; now
+            // and then a long one, which puts what follows it (the transport header, or a
+            // fragment header) near or past the last offset the datapath reads (0x3ff).
             5 if v6 && f.len() > 14 + 40 => {
                 let next = f[14 + 6];
-                let len = rng.u8(..3);
+                let len = if rng.u8(..8) == 0 { rng.u8(112..128) } else { rng.u8(..3) };
                 let mut h = vec![next, len];
                 h.resize(usize::from(len + 1) * 8, 1);
                 f.splice(14 + 40..14 + 40, h.iter().copied());
@@ -839,6 +898,25 @@ fn mutate(rng: &mut fastrand::Rng, f: &mut Vec<u8>) {
             }
             _ => {}
         }
+    }
+}
+
+/// Identifications of the per-program fuzzer's fragments: few, so later fragments often
+/// name a datagram whose first fragment was translated (by the same addresses and
+/// protocol).
+const FUZZ_FRAG_IDS: std::ops::Range<u32> = 0..4;
+
+/// `f` (a plain frame of `base`) cut into a fragment: its first (the transport header and
+/// some of the rest, a UDP length covering the whole datagram) or a later one (offset
+/// 1..100 units of 8 bytes, with or without more fragments, random data).
+fn fragment_frame(rng: &mut fastrand::Rng, f: &[u8]) -> Vec<u8> {
+    let id = rng.u32(FUZZ_FRAG_IDS);
+    if rng.bool() {
+        frames::first_fragment_of(f, rng.usize(24..80), id)
+    } else {
+        // At least 24 bytes: short IPv4 fragments could not be test-run on TC (`runnable`).
+        let data: Vec<u8> = (0..8 * rng.usize(3..6)).map(|_| rng.u8(..)).collect();
+        frames::fragment_of(f, rng.u16(1..100), rng.bool(), id, &data)
     }
 }
 
@@ -855,11 +933,12 @@ fn fuzz_one(prog: Prog, seed: u64, n: usize) {
         let reverse = !prog.forward();
         let mut rng = fastrand::Rng::with_seed(seed ^ prog.name().len() as u64);
         let mut r = Runner::new(up0);
-        let run_check = |r: &mut Runner, f: &[u8]| {
+        let mut frags = FragMemory::new();
+        let mut run_check = |r: &mut Runner, f: &[u8]| {
             let (v, out) = r.run(prog, f);
-            let kind = check_step(prog, f, v, &out).unwrap_or_else(|e| panic!("{e}"));
+            let kind = check_step(prog, f, v, &out, &mut frags).unwrap_or_else(|e| panic!("{e}"));
             check_semantics(prog, f, &kind).unwrap_or_else(|e| panic!("{e}"));
-            out
+            (out, kind)
         };
         // Malformed frames alone first: they must leave no conntrack entry at all.
         let mut malformed_seen = 0u64;
@@ -879,17 +958,26 @@ fn fuzz_one(prog: Prog, seed: u64, n: usize) {
         assert_eq!(global_total(&m.global_stats, verdict::MALFORMED).unwrap().packets, malformed_seen);
         // Then everything mixed: valid frames build conntrack state that mutated ones hit.
         let mut translated = 0u64;
+        let (mut firsts, mut laters) = (0u64, 0u64);
         let mut flows = Vec::new();
         for _ in 0..n {
             let mut f = base(&mut rng, reverse, prog.uplink(), &flows);
+            if rng.u8(..4) == 0 {
+                f = fragment_frame(&mut rng, &f);
+            }
             if rng.bool() {
                 mutate(&mut rng, &mut f);
             }
             if !runnable(&f, prog.xdp()) {
                 continue;
             }
-            let out = run_check(&mut r, &f);
+            let (out, kind) = run_check(&mut r, &f);
             translated += u64::from(out != f);
+            match kind {
+                Kind::Translated { after, .. } if after.frag == FragPos::First => firsts += 1,
+                Kind::Fragment { .. } => laters += 1,
+                _ => {}
+            }
             // Forward traffic seeds the reply programs' conntrack; its translations tell
             // which replies to send.
             if reverse && rng.u8(..4) == 0 {
@@ -904,8 +992,17 @@ fn fuzz_one(prog: Prog, seed: u64, n: usize) {
                 }
             }
         }
-        eprintln!("{}: {n} + {n} frames, {malformed_seen} malformed, {translated} translated", prog.name());
+        eprintln!(
+            "{}: {n} + {n} frames, {malformed_seen} malformed, {translated} translated \
+             ({firsts} first and {laters} later fragments)",
+            prog.name()
+        );
         assert!(translated > 0, "{}: nothing was translated; the fuzzer is not reaching the datapath", prog.name());
+        assert!(
+            n < 1000 || (firsts > 0 && laters > 0),
+            "{}: no first or no later fragment was translated; the fuzzer is not reaching the fragment paths",
+            prog.name()
+        );
         r.verdicts_counted().unwrap();
     });
 }
@@ -957,6 +1054,10 @@ struct SimFlow {
     clean: bool,
     /// The backend-side connection its packets reach now.
     conn: Option<Conn>,
+    /// Conntrack knows where `conn`'s backend answers from: a genuine answer of it was
+    /// translated back, or the flow is source-NATed (hairpin, north-south to a remote
+    /// backend), whose answers' side is fixed when it is created.
+    answered: bool,
     log: Vec<String>,
 }
 
@@ -986,6 +1087,10 @@ struct Sim {
     imitated: Option<usize>,
     /// A spoof is on its way: no hop may translate it.
     spoofing: bool,
+    /// Datagrams whose first fragment a program translated.
+    frags: FragMemory,
+    /// Where the last frame delivered to an endpoint arrived: (source, destination).
+    arrived: Option<(IpAddr, IpAddr)>,
 }
 
 impl Sim {
@@ -1045,7 +1150,7 @@ impl Sim {
                 if out == frame { "=".into() } else { summary(&out) }
             );
             self.log(flow, line);
-            let kind = match check_step(prog, &frame, v, &out) {
+            let kind = match check_step(prog, &frame, v, &out, &mut self.frags) {
                 Ok(k) => k,
                 Err(e) => {
                     self.violation("per-frame property", e, flow.as_slice());
@@ -1053,7 +1158,7 @@ impl Sim {
                 }
             };
             if self.spoofing {
-                if let Kind::Translated { .. } | Kind::Icmp { .. } = kind {
+                if let Kind::Translated { .. } | Kind::Icmp { .. } | Kind::Fragment { .. } = kind {
                     let e = format!("{}: {} -> {}", prog.name(), summary(&frame), summary(&out));
                     let imitated: Vec<usize> = self.imitated.into_iter().collect();
                     let kind = format!("{}: a spoofed frame got a live flow's translation", prog.name());
@@ -1067,13 +1172,20 @@ impl Sim {
                     flow.as_slice(),
                 );
             }
+            // A genuine answer translated back: conntrack has learnt where its backend
+            // answers from (`SimFlow::answered`).
+            if let (Kind::Translated { .. }, Some(f), Some(c), false) = (&kind, flow, conn, self.spoofing)
+                && self.flows[f].conn == Some(c)
+            {
+                self.flows[f].answered = true;
+            }
             let (next, delivery) = match kind {
                 Kind::Untouched => (frame, Delivery::Stack),
-                Kind::Translated { delivery, .. } | Kind::Icmp { delivery, .. } => {
+                Kind::Translated { delivery, .. } | Kind::Icmp { delivery, .. } | Kind::Fragment { delivery } => {
                     self.translated += 1;
                     (out, delivery)
                 }
-                Kind::Dropped | Kind::Answered | Kind::Fragment => return false,
+                Kind::Dropped | Kind::Answered => return false,
             };
             let Some((_, dst, _)) = frames::ip_addrs(&next) else { return false };
             let w = world(dst);
@@ -1096,6 +1208,7 @@ impl Sim {
 
     /// `frame` reaches the endpoint it is addressed to.
     fn deliver(&mut self, frame: &[u8], flow: Option<usize>, conn: Option<Conn>) -> bool {
+        self.arrived = frames::ip_addrs(frame).map(|(s, d, _)| (s, d));
         if let Some(iv) = frames::icmp_view(frame) {
             return match flow {
                 Some(f) => self.client_gets_error(iv, f, conn),
@@ -1158,8 +1271,17 @@ impl Sim {
                 self.conns.insert(conn, f);
             }
         }
+        if self.flows[f].conn != Some(conn) {
+            // A new backend-side connection: its reply entry has learnt nothing yet, unless
+            // it is source-NATed (its answers come back where it leaves).
+            self.flows[f].answered = v.src.0 == w.hairpin || v.src.0 == w.node;
+        }
         self.flows[f].conn = Some(conn);
         let owner = self.conns[&conn];
+        // A fragment is only part of a datagram: the backend answers none of them.
+        if v.frag != FragPos::Whole {
+            return;
+        }
         let (prog, dev) = if w.local.contains(&v.dst.0) {
             (Prog::FromPod, self.r.dev(v.dst.0))
         } else {
@@ -1254,6 +1376,7 @@ impl Sim {
                 // indistinguishable from one of the new connection.
                 fl.open = true;
                 fl.conn = None;
+                fl.answered = false;
                 self.pending.retain(|p| p.flow != f);
             }
             if flags & (tcp::FIN | tcp::RST) != 0 {
@@ -1298,6 +1421,7 @@ impl Sim {
                     open: false,
                     clean: true,
                     conn: None,
+                    answered: false,
                     log: Vec::new(),
                 });
                 self.by_socket.insert(key, self.flows.len() - 1);
@@ -1320,27 +1444,60 @@ impl Sim {
         self.client_sends(f, flags);
     }
 
-    /// A fragment of a flow's frame (the client's, or an answer in flight), into the
-    /// program it would meet first; only that program's handling is checked.
+    /// A flow's datagram (the client's, or an answer in flight) sent in fragments, each
+    /// followed like any frame: its first fragment is handled like the datagram, and each
+    /// later fragment (same identification, sent right after it) must arrive where the
+    /// first did, with the same addresses, or nowhere: a later fragment left untranslated
+    /// where its first was translated is one the receiver cannot reassemble (issue 19 item
+    /// 11). Now and then a later fragment alone, whose first fragment no program saw: it
+    /// passes everywhere untouched (checked on every hop).
     fn fragment(&mut self) {
-        let (frame, prog, dev, flow) = if !self.pending.is_empty() && self.rng.bool() {
+        let (frame, prog, dev, flow, conn) = if !self.pending.is_empty() && self.rng.bool() {
             let p = &self.pending[self.rng.usize(..self.pending.len())];
-            (p.frame.clone(), p.prog, p.dev, p.flow)
+            (p.frame.clone(), p.prog, p.dev, p.flow, Some(p.conn))
         } else {
             let f = self.rng.usize(..self.flows.len());
             let fl = &self.flows[f];
             let (prog, dev) =
                 if fl.outside { (Prog::FromUplink, self.r.up0) } else { (Prog::FromPod, self.r.dev(fl.client.0)) };
-            (build_runnable(fl.proto, fl.client, fl.frontend, tcp::ACK, &[7u8; 40]), prog, dev, f)
+            (build_runnable(fl.proto, fl.client, fl.frontend, tcp::ACK, &[7u8; 40]), prog, dev, f, None)
         };
-        let (offset, more) = match self.rng.u8(..3) {
-            0 => (0, true),
-            1 => (self.rng.u16(1..100), true),
-            _ => (self.rng.u16(1..100), false),
+        // ICMP errors in flight are not cut (fragments of ICMP pass untouched by design).
+        if frames::view(&frame).is_none() {
+            return;
+        }
+        let id = self.rng.u32(..);
+        let later = |rng: &mut fastrand::Rng, offset: u16| {
+            // At least 24 bytes, so TC can be test-run on it (`runnable`).
+            let data: Vec<u8> = (0..8 * rng.usize(3..6)).map(|_| rng.u8(..)).collect();
+            frames::fragment_of(&frame, offset, rng.bool(), id, &data)
         };
-        let data: Vec<u8> = (0..8 * self.rng.usize(1..5)).map(|_| self.rng.u8(..)).collect();
-        let frag = frames::fragment_of(&frame, offset, more, self.rng.u32(..), &data);
-        self.single(prog, dev, &frag, Some(flow));
+        if self.rng.u8(..4) == 0 {
+            let offset = self.rng.u16(1..100);
+            let lone = later(&mut self.rng, offset);
+            self.flows[flow].log.push("(a later fragment alone follows)".into());
+            self.journey(prog, dev, lone, Some(flow), conn);
+            return;
+        }
+        let keep = self.rng.usize(24..64);
+        let first = frames::first_fragment_of(&frame, keep, id);
+        self.flows[flow].log.push("(fragments of one datagram follow)".into());
+        self.arrived = None;
+        self.journey(prog, dev, first, Some(flow), conn);
+        let first_arrived = self.arrived.take();
+        // Later fragments start past the first one's data (offsets in 8-byte units).
+        let l4_units = (keep / 8) as u16;
+        for _ in 0..self.rng.usize(1..3) {
+            let offset = l4_units + self.rng.u16(0..8);
+            let more = later(&mut self.rng, offset);
+            self.arrived = None;
+            self.journey(prog, dev, more, Some(flow), conn);
+            let arrived = self.arrived.take();
+            if self.flows[flow].clean && first_arrived.is_some() && arrived != first_arrived {
+                let detail = format!("first fragment arrived as {first_arrived:?}, a later one as {arrived:?}");
+                self.violation("a later fragment did not follow its first fragment", detail, &[flow]);
+            }
+        }
     }
 
     /// Run one program on `frame` and check it, without following the frame further.
@@ -1356,7 +1513,7 @@ impl Sim {
             if out == frame { "=".into() } else { summary(&out) }
         );
         self.log(flow, line);
-        match check_step(prog, frame, v, &out) {
+        match check_step(prog, frame, v, &out, &mut self.frags) {
             Ok(kind) => {
                 if let Err(e) = check_semantics(prog, frame, &kind) {
                     let k = e.split(':').nth(1).unwrap_or("").split_whitespace().take(6).collect::<Vec<_>>().join(" ");
@@ -1376,8 +1533,21 @@ impl Sim {
     /// outside), or its backend's answer arriving from where that backend is not (issue 19
     /// item 3). Followed like any frame; none of it may get a translation, and no flow is
     /// marked: a spoof must not disturb the flow it imitates.
+    ///
+    /// The client's side is known from the flow's first packet, so its spoofs are checked
+    /// from the start. The backend's side is learnt from its first answer (trust on first
+    /// use: a flow that is not source-NATed cannot know beforehand which interface its
+    /// backend answers from), so before that answer a spoofed one may be taken as genuine
+    /// and translated, by design. Backend spoofs are therefore sent only for flows whose
+    /// backend side is known (`SimFlow::answered`).
     fn spoof(&mut self) {
-        let live: Vec<usize> = (0..self.flows.len()).filter(|f| self.flows[*f].open && self.flows[*f].clean).collect();
+        // Live: conntrack holds the flow, i.e. a packet of it reached a backend. A flow whose
+        // first packet was refused (a reply-tuple clash with another frontend's flow of the
+        // same socket, ct_clash) is unknown to conntrack: its tuple from anywhere is a new
+        // flow, nothing to spoof.
+        let live: Vec<usize> = (0..self.flows.len())
+            .filter(|f| self.flows[*f].open && self.flows[*f].clean && self.flows[*f].conn.is_some())
+            .collect();
         if live.is_empty() {
             return;
         }
@@ -1391,7 +1561,7 @@ impl Sim {
         let others: Vec<IpAddr> = w.pods.iter().chain(&w.local).copied().filter(|a| *a != fl.client.0).collect();
         let other = self.r.dev(others[self.rng.usize(..others.len())]);
         let (prog, dev, frame) = match (self.rng.u8(..3), fl.conn) {
-            (0, Some((proto, seen, backend))) => {
+            (0, Some((proto, seen, backend))) if fl.answered => {
                 let frame = build_runnable(proto, backend, seen, flags, &[]);
                 if w.local.contains(&backend.0) {
                     (Prog::FromUplink, self.r.up0, frame)
@@ -1497,6 +1667,8 @@ fn interleaved(seed: u64, n: usize) {
             restored: 0,
             imitated: None,
             spoofing: false,
+            frags: FragMemory::new(),
+            arrived: None,
         };
         for _ in 0..n {
             sim.step();
