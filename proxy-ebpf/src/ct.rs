@@ -169,6 +169,27 @@ fn side_ok(stored: u32, ifindex: u32) -> bool {
     stored == 0 || ifindex == 0 || stored == ifindex
 }
 
+/// The packet's own entry in direction `dir`: its key left in `w.key`, a copy in `w.val`,
+/// and a pointer into whichever table holds it (`Ok(None)`: no entry; `Err(())`: there is
+/// one, but the packet was seen on another side than the direction's, see `side_ok`).
+#[inline(always)]
+fn own_entry<F: Family>(
+    p: &Packet<F::Addr>,
+    dir: u8,
+    ifindex: u32,
+    w: &mut CtWork<F::Addr>,
+) -> Result<Option<(*mut CtValue<F::Addr>, bool)>, ()> {
+    w.key = flow_key(p, dir);
+    let Some((ptr, assured)) = find::<F>(&w.key) else {
+        return Ok(None);
+    };
+    // SAFETY: pointer from a successful lookup (see `refresh`). A typed copy here becomes a
+    // `memmove` call (not inlined on BPF); this is a `memcpy`, which the BPF backend
+    // expands into loads and stores.
+    unsafe { core::ptr::copy_nonoverlapping(ptr, &mut w.val, 1) };
+    if side_ok(w.val.ifindex, ifindex) { Ok(Some((ptr, assured))) } else { Err(()) }
+}
+
 /// Where the direction's sequence numbers stand after this packet: moved forward only by a
 /// segment that starts near the current end, so a spoofed segment far away cannot move the
 /// window to where a spoofed RST would land.
@@ -261,17 +282,11 @@ fn udp_assures<A>(v: &CtValue<A>, now: u64) -> bool {
 /// first, which for a source-NATed flow is also its SNAT port claim).
 #[inline(always)]
 fn forward<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
-    w.key = flow_key(p, CT_DIR_FORWARD);
-    let Some((ptr, assured)) = find::<F>(&w.key) else {
-        return Ct::New;
+    let (ptr, assured) = match own_entry::<F>(p, CT_DIR_FORWARD, ifindex, w) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Ct::New,
+        Err(()) => return Ct::Invalid,
     };
-    // SAFETY: pointer from a successful lookup (see `refresh`). A typed copy here becomes a
-    // `memmove` call (not inlined on BPF); this is a `memcpy`, which the BPF backend
-    // expands into loads and stores.
-    unsafe { core::ptr::copy_nonoverlapping(ptr, &mut w.val, 1) };
-    if !side_ok(w.val.ifindex, ifindex) {
-        return Ct::Invalid;
-    }
     let tcp = p.proto == PROTO_TCP;
     if tcp && p.tcp_syn() && w.val.flags & ct_flags::CLOSING != 0 {
         w.key2 = w.key.reply_of_forward(&w.val);
@@ -314,15 +329,11 @@ fn forward<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>
 /// reads it there, and the reopen rule checks it there). The reply entry is left in `w.val`.
 #[inline(always)]
 fn reply_body<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Ct {
-    w.key = flow_key(p, CT_DIR_REPLY);
-    let Some((ptr, assured)) = find::<F>(&w.key) else {
-        return Ct::New;
+    let (ptr, assured) = match own_entry::<F>(p, CT_DIR_REPLY, ifindex, w) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Ct::New,
+        Err(()) => return Ct::Invalid,
     };
-    // SAFETY: pointer from a successful lookup, see `forward`.
-    unsafe { core::ptr::copy_nonoverlapping(ptr, &mut w.val, 1) };
-    if !side_ok(w.val.ifindex, ifindex) {
-        return Ct::Invalid;
-    }
     let tcp = p.proto == PROTO_TCP;
     let known = w.val.flags & ct_flags::SEEN_REPLY != 0 && w.val.seq_flags & ct::SEQ_UNKNOWN == 0;
     w.key2 = w.key.forward_of_reply(&w.val);

@@ -193,6 +193,30 @@ struct L4 {
     seg_len: u32,
 }
 
+impl<A> Packet<A> {
+    /// The packet whose headers start at `l3` / `l4`, from its addresses, what its transport
+    /// header says (or, for a later fragment, the ports its first fragment carried) and its
+    /// fragment facts: one constructor for both families.
+    #[inline(always)]
+    fn new(l3: usize, l4: usize, proto: u8, (saddr, daddr): (A, A), t: &L4, (frag, frag_id): (Frag, u32)) -> Self {
+        Packet {
+            l3_off: l3,
+            l4_off: l4,
+            proto,
+            tcp_flags: t.tcp_flags,
+            seq: t.seq,
+            ack: t.ack,
+            seg_len: t.seg_len,
+            saddr,
+            daddr,
+            sport: t.sport,
+            dport: t.dport,
+            frag,
+            frag_id,
+        }
+    }
+}
+
 /// The transport header at `l4` (absolute address `start + l4`), `l4_len` bytes of IP
 /// payload long, with the length checks of [`parse`]. In a first fragment the UDP length
 /// covers the whole datagram, so it may exceed the payload.
@@ -300,6 +324,11 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
                 if off > ip_end {
                     return Err(Verdict::Malformed);
                 }
+                // Beyond the offsets the masks below keep, as for the other extension
+                // headers: a transport header read there would wrap into the frame's start.
+                if off > MAX_L4_OFF {
+                    return Err(Verdict::OtherL4);
+                }
                 let offset_m = u16::from_be_bytes([o_hi, o_lo]);
                 frag_id = u32::from_be_bytes([id0, id1, id2, id3]);
                 if offset_m & FRAG6_OFFSET != 0 {
@@ -330,21 +359,7 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
     } else {
         transport(start, end, l4, ip_end - l4, next, frag == Frag::First)?
     };
-    Ok(Packet {
-        l3_off: l3,
-        l4_off: l4,
-        proto: next,
-        tcp_flags: t.tcp_flags,
-        seq: t.seq,
-        ack: t.ack,
-        seg_len: t.seg_len,
-        saddr,
-        daddr,
-        sport: t.sport,
-        dport: t.dport,
-        frag,
-        frag_id,
-    })
+    Ok(Packet::new(l3, l4, next, (saddr, daddr), &t, (frag, frag_id)))
 }
 
 #[inline(always)]
@@ -388,20 +403,6 @@ pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verd
         } else {
             transport(start, end, l4, tot_len - ihl, proto, frag == Frag::First)?
         };
-        Ok(Packet {
-            l3_off: l3,
-            l4_off: l4,
-            proto,
-            tcp_flags: t.tcp_flags,
-            seq: t.seq,
-            ack: t.ack,
-            seg_len: t.seg_len,
-            saddr,
-            daddr,
-            sport: t.sport,
-            dport: t.dport,
-            frag,
-            frag_id,
-        })
+        Ok(Packet::new(l3, l4, proto, (saddr, daddr), &t, (frag, frag_id)))
     }
 }

@@ -355,3 +355,38 @@ fn udp_nodeport_snat_fragments_xdp() {
     assert_eq!(d.payload, answer);
     assert_eq!(per_service(&dp, verdict::REVERSE_NAT), 2);
 }
+
+/// A fragment header placed so that the transport header behind it lies past the last
+/// offset the parser reads (1,023 bytes) is not ours: the frame passes untouched. Before,
+/// the offset wrapped and the "ports" were read from the Ethernet header: with a source MAC
+/// spelling port 80 the frame was rewritten in its MAC and EtherType (found by the fuzzer).
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn v6_fragment_header_past_the_parse_bound_is_never_misread() {
+    require_root("v6_fragment_header_past_the_parse_bound_is_never_misread");
+    let mut dp = TestDataplane::load();
+    service(&mut dp, VIP6.into(), 80, &[(B1_6.into(), 8080)], false);
+    // Destination options of (120 + 1) * 8 bytes put the fragment header at frame offset
+    // 14 + 40 + 968 = 1022 and the UDP header at 1030, past the bound.
+    const OPTS: usize = 968;
+    let udp_len = 8 + 8;
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0x50, 0, 0x10, 0x86, 0xdd];
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((OPTS + 8 + udp_len) as u16).to_be_bytes());
+    f.extend_from_slice(&[60, 64]);
+    f.extend_from_slice(&CLIENT6.octets());
+    f.extend_from_slice(&VIP6.octets());
+    // Next header, length in 8-byte units past the first, then Pad1 options (zero bytes).
+    let mut opts = vec![0u8; OPTS];
+    (opts[0], opts[1]) = (44, (OPTS / 8 - 1) as u8);
+    f.extend_from_slice(&opts);
+    // Fragment header: next UDP, offset 0 with M (a first fragment), id 7.
+    f.extend_from_slice(&[17, 0, 0, 1, 0, 0, 0, 7]);
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&80u16.to_be_bytes());
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(b"12345678");
+    let (v, out) = dp.run(FROM_POD, &f);
+    assert_eq!((v, out), (TC_ACT_UNSPEC, f), "passed untouched");
+}
