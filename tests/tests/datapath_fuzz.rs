@@ -1,18 +1,25 @@
 //! Seeded fuzzing of the datapath through BPF_PROG_TEST_RUN, both IP families.
 //!
 //! **Per program** (`fuzz_from_pod`, `fuzz_to_pod`, `fuzz_from_uplink`, `fuzz_to_uplink`):
-//! valid service frames, replies, unrelated traffic and random mutations of them (flipped
-//! bytes, truncation, extension, length fields off by a little), IPv4 and IPv6 mixed.
-//! Properties checked on every frame:
+//! valid service frames, replies, unrelated traffic, first and later fragments of them, and
+//! random mutations of them (flipped bytes, truncation, extension, length fields off by a
+//! little, extension header chains), IPv4 and IPv6 mixed. Properties checked on every frame:
 //!
 //! - a frame that is malformed by an independent reading of the RFCs
 //!   (`proxy_tests::frames::malformed`, not the datapath's parser) comes out byte-identical,
 //!   with the pass verdict, and leaves no conntrack entry (and is counted `malformed`);
 //! - a frame that comes out changed is a well-formed frame of its family and length, whose
 //!   IPv4 and L4 checksums are valid exactly when the input's were (an incremental update
-//!   must neither repair nor break one), going to a backend (forward programs) or coming
-//!   from a frontend (reverse programs); or, for a frontend without endpoints, a valid reset
-//!   (TCP, both hooks) or ICMP / ICMPv6 port unreachable (UDP, pods).
+//!   must neither repair nor break one: the sum over the pseudo-header and the transport
+//!   bytes is kept), going to a backend (forward programs) or coming from a frontend
+//!   (reverse programs); or, for a frontend without endpoints, a valid reset (TCP, both
+//!   hooks) or ICMP / ICMPv6 port unreachable (UDP, pods);
+//! - fragments (issue 19 item 11): a first fragment (offset 0, more fragments) of
+//!   TCP/UDP/SCTP is handled like a whole datagram (its UDP length may cover the whole
+//!   datagram); a later fragment changes only when its datagram's first fragment was
+//!   translated (by its name: addresses, protocol, identification), and then only its
+//!   addresses, IPv4 header checksum, TTL / hop limit and MACs; later fragments of other
+//!   datagrams and fragments of ICMP pass untouched.
 //!
 //! **Interleaved** (`fuzz_interleaved`): the four programs on one dataplane serving both
 //! families, so conntrack state carries between them. A small simulated node drives them:
@@ -21,9 +28,11 @@
 //! send it (`from_pod` -> `to_pod` / `to_uplink`, `from_uplink` -> the stack or the wire),
 //! backends (local pods, and pods behind node 2, reached through XDP forwarding with SNAT)
 //! answer what they receive, and the answers travel back through the programs. Clients
-//! send SYN/ACK/data/FIN/RST mixes and reopen ports; on top come fragments of flows'
-//! frames, mutated frames, and frames spoofing a flow's tuple from the wrong side. Beyond
-//! the per-frame properties above, checked on every hop:
+//! send SYN/ACK/data/FIN/RST mixes and reopen ports; on top come flows' datagrams sent in
+//! fragments, mutated frames, and frames spoofing a flow's tuple from the wrong side (a
+//! client's from another pod's veth or the other hook; a backend's answer, once its first
+//! genuine answer told conntrack where it answers from: trust on first use, see
+//! `Sim::spoof`). Beyond the per-frame properties above, checked on every hop:
 //!
 //! - a frame to a frontend of the hook's scope is never passed on untranslated (it is
 //!   translated to one of that frontend's backends, answered, or dropped);
@@ -34,6 +43,8 @@
 //!   backend reaches the client restored, and its packets keep going to the same backend;
 //! - two live client connections never share one backend-side connection (tuple
 //!   uniqueness, as netfilter's NAT keeps it);
+//! - a later fragment sent right after its first fragment arrives where the first did,
+//!   with the same addresses, or nowhere (else the receiver cannot reassemble it);
 //! - at the end, every conntrack forward entry has a reply partner that restores its own
 //!   frontend (read through `CtKey` and the `nat_*` fields only), and every program run was
 //!   counted under exactly one verdict.
@@ -1091,6 +1102,8 @@ struct Sim {
     frags: FragMemory,
     /// Where the last frame delivered to an endpoint arrived: (source, destination).
     arrived: Option<(IpAddr, IpAddr)>,
+    /// Translations of first and of later fragments.
+    frag_translations: (u64, u64),
 }
 
 impl Sim {
@@ -1178,6 +1191,11 @@ impl Sim {
                 && self.flows[f].conn == Some(c)
             {
                 self.flows[f].answered = true;
+            }
+            match &kind {
+                Kind::Translated { after, .. } if after.frag == FragPos::First => self.frag_translations.0 += 1,
+                Kind::Fragment { .. } => self.frag_translations.1 += 1,
+                _ => {}
             }
             let (next, delivery) = match kind {
                 Kind::Untouched => (frame, Delivery::Stack),
@@ -1462,8 +1480,11 @@ impl Sim {
                 if fl.outside { (Prog::FromUplink, self.r.up0) } else { (Prog::FromPod, self.r.dev(fl.client.0)) };
             (build_runnable(fl.proto, fl.client, fl.frontend, tcp::ACK, &[7u8; 40]), prog, dev, f, None)
         };
-        // ICMP errors in flight are not cut (fragments of ICMP pass untouched by design).
+        // An ICMP error in flight, cut: a fragment of ICMP is no candidate for translation
+        // (nor an error to translate back), so every hop passes it untouched.
         if frames::view(&frame).is_none() {
+            let frag = frames::fragment_of(&frame, 0, true, self.rng.u32(..), &[]);
+            self.journey(prog, dev, frag, Some(flow), conn);
             return;
         }
         let id = self.rng.u32(..);
@@ -1669,6 +1690,7 @@ fn interleaved(seed: u64, n: usize) {
             spoofing: false,
             frags: FragMemory::new(),
             arrived: None,
+            frag_translations: (0, 0),
         };
         for _ in 0..n {
             sim.step();
@@ -1680,14 +1702,20 @@ fn interleaved(seed: u64, n: usize) {
             sim.violation("a conntrack forward entry without its own reply partner", e, &[]);
         }
         let fams = sim.flows.iter().filter(|f| f.client.0.is_ipv6()).count();
+        let (firsts, laters) = sim.frag_translations;
         eprintln!(
-            "interleaved: {n} events, {} program runs, {} flows ({fams} IPv6), {} translations, {} replies restored",
+            "interleaved: {n} events, {} program runs, {} flows ({fams} IPv6), {} translations ({firsts} of first \
+             and {laters} of later fragments), {} replies restored",
             sim.r.runs,
             sim.flows.len(),
             sim.translated,
             sim.restored
         );
         assert!(sim.restored > 0 && fams > 0, "the simulation established no flow");
+        assert!(
+            n < 1000 || (firsts > 0 && laters > 0),
+            "no first or no later fragment was translated: the simulation is not reaching the fragment paths"
+        );
         sim.violations
     });
     if !report.is_empty() {
