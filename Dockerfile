@@ -34,11 +34,15 @@ COPY --chown=builder:builder proxy-common/Cargo.toml proxy-common/
 COPY --chown=builder:builder proxy-ebpf/Cargo.toml proxy-ebpf/
 COPY --chown=builder:builder proxy-userspace/Cargo.toml proxy-userspace/
 COPY --chown=builder:builder tests/Cargo.toml tests/
-RUN for d in proxy-common proxy-ebpf proxy-userspace tests; do mkdir -p "$d/src" && touch "$d/src/lib.rs"; done \
+COPY --chown=builder:builder bench/Cargo.toml bench/
+RUN for d in proxy-common proxy-ebpf proxy-userspace tests bench; do mkdir -p "$d/src" && touch "$d/src/lib.rs"; done \
  && echo 'fn main() {}' > proxy-ebpf/src/main.rs \
  && echo 'fn main() {}' > proxy-userspace/src/main.rs \
+ && mkdir -p bench/src/bin \
+ && echo 'fn main() {}' > bench/src/main.rs \
+ && echo 'fn main() {}' > bench/src/bin/bench-podserver.rs \
  && cargo xtask setup \
- && rm -rf proxy-common/src proxy-ebpf/src proxy-userspace/src tests/src target
+ && rm -rf proxy-common/src proxy-ebpf/src proxy-userspace/src tests/src bench/src target
 
 COPY --chown=builder:builder . .
 RUN cargo build --release --locked -p proxy-userspace \
