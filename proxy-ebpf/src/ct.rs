@@ -19,7 +19,7 @@ use core::mem::size_of;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use proxy_common::{
     Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, NodeConfig, PROTO_TCP, Verdict,
-    ct::{self, IFINDEX_UPLINK, seq_near},
+    ct::{self, seq_near},
     ct_flags,
 };
 
@@ -27,9 +27,6 @@ use crate::{
     family::Family,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
-
-/// Where a packet was seen on an uplink, for `CtValue::ifindex`.
-pub const UPLINK: u32 = IFINDEX_UPLINK;
 
 /// SNAT source-port candidates tried per new flow before giving up (bounded for the
 /// verifier). Each is checked against both tables, so a port is unique per backend

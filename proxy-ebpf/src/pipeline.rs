@@ -141,7 +141,7 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, ifindex: u32, w: &mut 
         Hook::Uplink => {
             let cfg = lb::node_config();
             let port = u16::from_be(p.dport);
-            (port >= cfg.snat_port_min && port <= cfg.snat_port_max, ct::UPLINK)
+            (port >= cfg.snat_port_min && port <= cfg.snat_port_max, proxy_common::ct::IFINDEX_UPLINK)
         }
     };
     match ct::lookup::<F>(p, replies, seen, w) {

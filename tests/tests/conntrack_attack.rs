@@ -16,9 +16,9 @@ use std::{
 };
 
 use proxy_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, PROTO_TCP, PROTO_UDP, StatsKey,
+    CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP, StatsKey,
     ct::{self, CtState},
-    port_to_map, verdict,
+    verdict,
 };
 use proxy_tests::harness::*;
 use proxy_userspace::{
@@ -76,21 +76,9 @@ fn a(addr: Ipv4Addr, port: u16) -> (IpAddr, u16) {
     (addr.into(), port)
 }
 
-fn key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, dir: u8) -> CtKey {
-    CtKey {
-        src_addr: ip_to_map(src.0),
-        dst_addr: ip_to_map(dst.0),
-        src_port: port_to_map(src.1),
-        dst_port: port_to_map(dst.1),
-        proto,
-        dir,
-        _pad: 0,
-    }
-}
-
 /// The state of the flow `client -> front`, and whether it sits in the assured table.
 fn flow(dp: &TestDataplane, client: (Ipv4Addr, u16), front: (Ipv4Addr, u16), proto: u8) -> Option<(CtState, bool)> {
-    let k = key(client, front, proto, CT_DIR_FORWARD);
+    let k = ct_key(client, front, proto, CT_DIR_FORWARD);
     let assured = dp.maps().conntrack.get(&k, 0).is_ok();
     dp.maps().ct_get(&k).map(|v| (ct::state(proto, v.flags), assured))
 }
@@ -252,7 +240,7 @@ fn pod_spoofing_an_outside_clients_tuple_leaves_its_connection_alone() {
     let front = (NODE, NODE_PORT);
     let client = (Ipv4Addr::new(198, 51, 100, 7), 40000);
     let backend = uplink_handshake(&mut dp, client, 100);
-    let before = dp.maps().ct_get(&key(client, front, PROTO_TCP, CT_DIR_FORWARD)).expect("forward entry");
+    let before = dp.maps().ct_get(&ct_key(client, front, PROTO_TCP, CT_DIR_FORWARD)).expect("forward entry");
 
     let spoof = |flags, seq| tcp_seq(a(client.0, client.1), a(front.0, front.1), flags, seq, 7001, b"");
     let (v, _) = dp.run_tc_from(FROM_POD, &spoof(tcp::RST | tcp::ACK, 101), OTHER_VETH);
@@ -260,7 +248,7 @@ fn pod_spoofing_an_outside_clients_tuple_leaves_its_connection_alone() {
     let (v, _) = dp.run_tc_from(FROM_POD, &spoof(tcp::SYN, 5555), OTHER_VETH);
     assert_eq!(v, TC_ACT_SHOT, "spoofed SYN dropped");
     assert_eq!(per_service(&dp, verdict::CT_INVALID), 2);
-    let after = dp.maps().ct_get(&key(client, front, PROTO_TCP, CT_DIR_FORWARD)).expect("forward entry");
+    let after = dp.maps().ct_get(&ct_key(client, front, PROTO_TCP, CT_DIR_FORWARD)).expect("forward entry");
     assert_eq!((after.flags, after.nat_addr, after.nat_port), (before.flags, before.nat_addr, before.nat_port));
 
     let (v, out) = dp.run(XDP, &tcp_seq(a(client.0, client.1), a(front.0, front.1), tcp::ACK, 101, 7001, b"data"));
@@ -319,11 +307,11 @@ fn a_reply_tuple_clash_is_refused_not_stolen() {
     let (v, _) = dp.run_tc_from(FROM_POD, &tcp_seq(a(c.0, c.1), a(VIP2, 80), tcp::SYN, 500, 0, b""), CLIENT_VETH);
     assert_eq!(v, TC_ACT_SHOT, "the clashing flow is refused");
     assert_eq!(per_service(&dp, verdict::CT_CLASH), 1);
-    assert!(dp.maps().ct_get(&key(c, (VIP2, 80), PROTO_TCP, CT_DIR_FORWARD)).is_none(), "no half flow left");
+    assert!(dp.maps().ct_get(&ct_key(c, (VIP2, 80), PROTO_TCP, CT_DIR_FORWARD)).is_none(), "no half flow left");
     let synack = tcp_seq(a(PODS[0], 8080), a(c.0, c.1), tcp::SYN | tcp::ACK, 7000, 101, b"");
     let (v, out) = dp.run_tc_from(TO_POD, &synack, OTHER_VETH);
     assert_eq!((v, decode(&out).src), (TC_ACT_UNSPEC, (VIP, 80)), "the first flow keeps its replies");
-    let rev = dp.maps().ct_get(&key((PODS[0], 8080), c, PROTO_TCP, CT_DIR_REPLY)).expect("reply entry");
+    let rev = dp.maps().ct_get(&ct_key((PODS[0], 8080), c, PROTO_TCP, CT_DIR_REPLY)).expect("reply entry");
     assert_eq!(rev.nat_addr, ip_to_map(VIP));
 }
 
@@ -432,7 +420,7 @@ fn a_flow_whose_forward_entry_was_evicted_is_re_created() {
     dp.syncer
         .store_mut()
         .ct_new
-        .remove(&key(c, (VIP, 80), PROTO_TCP, CT_DIR_FORWARD))
+        .remove(&ct_key(c, (VIP, 80), PROTO_TCP, CT_DIR_FORWARD))
         .expect("evict the forward entry");
     let (v, out) = dp.run_tc_from(FROM_POD, &syn, CLIENT_VETH);
     assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (PODS[0], 8080)), "re-created");

@@ -3,11 +3,11 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use proxy_common::nat_defaults::{SNAT_PORT_MAX, SNAT_PORT_MIN};
-use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, port_from_map, port_to_map, verdict};
+use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, StatsKey, port_from_map, verdict};
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        addr::{ip_from_map, ip_to_map},
+        addr::ip_from_map,
         node::{PortRange, node_config},
     },
     model::Protocol,
@@ -28,18 +28,6 @@ fn three_backends(dp: &mut TestDataplane, proto: Protocol) {
     let s = state(vec![(frontend(VIP, 80, proto), entry("web", &[(B1, 8080), (B2, 8080), (B3, 8080)]))]);
     let r = dp.syncer.apply(&s);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-}
-
-fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, dir: u8) -> CtKey {
-    CtKey {
-        src_addr: ip_to_map(src.0),
-        dst_addr: ip_to_map(dst.0),
-        src_port: port_to_map(src.1),
-        dst_port: port_to_map(dst.1),
-        proto,
-        dir,
-        _pad: 0,
-    }
 }
 
 /// Service hit: destination rewritten to a backend with valid checksums, conntrack entries
