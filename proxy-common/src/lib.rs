@@ -350,9 +350,16 @@ pub mod ct {
     /// How far (bytes, either way) a RST's or FIN's sequence number may be from the
     /// direction's `seq_end` to be believed (RFC 5961's idea; a stack sends its RST at
     /// exactly `snd_nxt`, which is `seq_end`). An off-path attacker has to hit a 128 KiB
-    /// window in 4 GiB. The same bound limits how far one segment may move `seq_end`, so a
-    /// spoofed data segment cannot move the window to where the attacker's RST lands.
+    /// window in 4 GiB.
     pub const SEQ_SLACK: u32 = 1 << 16;
+
+    /// How far ahead of `seq_end` a segment may start and still move it. Segments of one
+    /// stream can reach the hooks out of order (GSO packets of up to 64 KiB handled on
+    /// several CPUs): a bound as tight as `SEQ_SLACK` would leave `seq_end` behind for good
+    /// once it lagged by more than 64 KiB, and the stream's FIN would then be refused. A
+    /// spoofed data segment moves the window only if it lands within 16 MiB ahead (1 in
+    /// 256 blind tries), and still needs a RST of its own after it.
+    pub const SEQ_ADVANCE: u32 = 1 << 24;
 
     /// netfilter's UDP stream rule: traffic after a reply makes a flow assured only once it
     /// is this old (a DNS-like exchange of two queries and two answers stays unassured).

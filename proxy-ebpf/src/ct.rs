@@ -188,15 +188,16 @@ fn own_entry<F: Family>(
 }
 
 /// Where the direction's sequence numbers stand after this packet: moved forward only by a
-/// segment that starts near the current end, so a spoofed segment far away cannot move the
-/// window to where a spoofed RST would land.
+/// segment that starts no more than `SEQ_ADVANCE` ahead of the current end, so a spoofed
+/// segment far away cannot move the window to where a spoofed RST would land.
 #[inline(always)]
 fn seq_after<A>(p: &Packet<A>, end: u32, known: bool) -> u32 {
     let new_end = p.seq.wrapping_add(p.seg_len);
     if !known {
         return new_end;
     }
-    if seq_near(p.seq, end) && (new_end.wrapping_sub(end) as i32) > 0 { new_end } else { end }
+    let starts_within = (p.seq.wrapping_sub(end) as i32) <= ct::SEQ_ADVANCE as i32;
+    if starts_within && (new_end.wrapping_sub(end) as i32) > 0 { new_end } else { end }
 }
 
 /// Write what this packet changes into the entry at `ptr` (`old` is the entry as read):

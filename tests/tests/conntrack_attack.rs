@@ -427,3 +427,30 @@ fn a_flow_whose_forward_entry_was_evicted_is_re_created() {
     assert_eq!(per_service(&dp, verdict::CT_CLASH), 0);
     assert_eq!(dp.maps().ct_len(), 2);
 }
+
+/// A stream's segments can reach the hook out of order, more than 64 KiB apart (GSO packets
+/// handled on several CPUs): the sequence end must still follow the stream, so that its FIN,
+/// at the real end, is believed and the connection can close. (With segments allowed to move
+/// the end only from within 64 KiB of it, the end stayed behind and the FIN was refused.)
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn a_stream_reordered_by_more_than_64k_can_still_close() {
+    require_root("a_stream_reordered_by_more_than_64k_can_still_close");
+    let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
+    program(&mut dp, vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(REMOTE_POD, 8080)]))]);
+    let c = (POD_CLIENT, 41000);
+    let b = pod_handshake(&mut dp, c, (VIP, 80), CLIENT_VETH);
+    let data = [9u8; 1000];
+    // Client sequence after the handshake: 101. A segment 70,000 bytes ahead first, then the
+    // start of the stream, then the segment after the first one.
+    for seq in [101 + 70_000, 101, 101 + 71_000] {
+        let (v, out) =
+            dp.run_tc_from(FROM_POD, &tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::ACK, seq, 7001, &data), CLIENT_VETH);
+        assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, b), "segment at {seq}");
+    }
+    let fin = tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::FIN | tcp::ACK, 101 + 72_000, 7001, b"");
+    let (v, out) = dp.run_tc_from(FROM_POD, &fin, CLIENT_VETH);
+    assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, b), "the FIN at the stream's end is believed");
+    assert_eq!(per_service(&dp, verdict::CT_INVALID), 0);
+    assert_eq!(flow(&dp, c, (VIP, 80), PROTO_TCP).map(|f| f.0), Some(CtState::Closing));
+}
