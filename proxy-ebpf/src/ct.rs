@@ -385,17 +385,32 @@ fn lookup_body<F: Family>(p: &Packet<F::Addr>, replies: bool, ifindex: u32, w: &
 /// Insert the reply entry `w.key` -> `w.val` of the new flow of packet `p`, never over
 /// another flow's: a reply tuple held by a live flow (in either table) is a clash. One whose
 /// forward entry is gone (an LRU eviction took it), or that was this very tuple's (its
-/// forward entry was evicted and is being re-created now), is stale and replaced.
+/// forward entry was evicted and is being re-created now), is stale and replaced. So is a
+/// closed TCP flow's (FIN both ways, or a RST: netfilter's TIME_WAIT and CLOSE): like
+/// netfilter's NAT, which evicts such a conntrack when a new connection needs its tuple,
+/// since a client reuses its source port towards another service on the same backend.
 #[inline(always)]
 fn insert_reply<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Result<(), CtError> {
-    if let Some((ptr, _)) = find::<F>(&w.key) {
+    if let Some((ptr, held_assured)) = find::<F>(&w.key) {
         // SAFETY: pointer from a successful lookup, read at once (see `refresh`).
         let held = unsafe { *ptr };
         w.key2 = w.key.forward_of_reply(&held);
         let k = &w.key2;
         let ours = k.src_addr == p.saddr && k.src_port == p.sport && k.dst_addr == p.daddr && k.dst_port == p.dport;
-        if !ours && find::<F>(&w.key2).is_some() {
-            return Err(CtError::Clash);
+        if !ours {
+            if let Some((fptr, fwd_assured)) = find::<F>(&w.key2) {
+                // SAFETY: as above.
+                let flags = unsafe { (*fptr).flags };
+                if ct::state(p.proto, flags) != ct::CtState::Closed {
+                    return Err(CtError::Clash);
+                }
+                remove::<F>(&w.key2, fwd_assured);
+            }
+        }
+        // A stale entry left in the assured table would shadow the new one (lookups read
+        // that table first).
+        if held_assured {
+            remove::<F>(&w.key, true);
         }
     }
     F::ct_new().insert(&w.key, &w.val, 0).map_err(map_err)

@@ -284,7 +284,7 @@ fn max_services_change_keeps_every_service() {
     let all_served = || {
         for i in 0..20 {
             let v: SocketAddr = (vip(i), 80).into();
-            let name = client.run(|| client::tcp_name(v)).unwrap_or_else(|e| panic!("{v}: {e}"));
+            let name = client.run(|| client::tcp_name(v)).unwrap_or_else(|e| panic!("{v}: {e:#}"));
             assert!(name == "pod1" || name == "pod2", "{v}: {name}");
         }
     };

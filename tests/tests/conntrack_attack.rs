@@ -315,6 +315,54 @@ fn a_reply_tuple_clash_is_refused_not_stolen() {
     assert_eq!(rev.nat_addr, ip_to_map(VIP));
 }
 
+/// A closed flow (FIN both ways: the client's socket in TIME_WAIT) gives its reply tuple up:
+/// the client reusing that source port towards another frontend of the same backend gets
+/// through, with replies from the new frontend, as with netfilter's NAT (which evicts a
+/// TIME_WAIT conntrack a new connection's tuple needs). Before, the reused port was refused
+/// as a clash until the old flow expired. The old flow was assured, so this also checks
+/// that its stale reply entry in the assured table does not shadow the new one.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn a_closed_flows_reply_tuple_goes_to_the_next_connection() {
+    require_root("a_closed_flows_reply_tuple_goes_to_the_next_connection");
+    let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
+    program(
+        &mut dp,
+        vec![
+            (frontend(VIP, 80, Protocol::Tcp), entry("one", &[(PODS[0], 8080)])),
+            (frontend(VIP2, 80, Protocol::Tcp), entry("two", &[(PODS[0], 8080)])),
+        ],
+    );
+    let c = (POD_CLIENT, 5000);
+    let from_backend = |flags, seq, ack| tcp_seq(a(PODS[0], 8080), a(c.0, c.1), flags, seq, ack, b"");
+    let steps = [
+        (FROM_POD, tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::SYN, 100, 0, b""), CLIENT_VETH),
+        (TO_POD, from_backend(tcp::SYN | tcp::ACK, 7000, 101), OTHER_VETH),
+        (FROM_POD, tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::ACK, 101, 7001, b""), CLIENT_VETH),
+        (TO_POD, from_backend(tcp::FIN | tcp::ACK, 7001, 101), OTHER_VETH),
+        (FROM_POD, tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::FIN | tcp::ACK, 101, 7002, b""), CLIENT_VETH),
+    ];
+    for (i, (prog, frame, ifindex)) in steps.iter().enumerate() {
+        let (v, _) = dp.run_tc_from(prog, frame, *ifindex);
+        assert_eq!(v, TC_ACT_UNSPEC, "step {i} of the first connection");
+    }
+    assert_eq!(flow(&dp, c, (VIP, 80), PROTO_TCP).map(|f| f.0), Some(CtState::Closed));
+
+    // A live (half-closed) flow's tuple is still refused: only a closed one is given up.
+    let d = (POD_CLIENT, 5001);
+    dp.run_tc_from(FROM_POD, &tcp_seq(a(d.0, d.1), a(VIP, 80), tcp::SYN, 100, 0, b""), CLIENT_VETH);
+    dp.run_tc_from(TO_POD, &tcp_seq(a(PODS[0], 8080), a(d.0, d.1), tcp::FIN | tcp::ACK, 1, 101, b""), OTHER_VETH);
+    let (v, _) = dp.run_tc_from(FROM_POD, &tcp_seq(a(d.0, d.1), a(VIP2, 80), tcp::SYN, 900, 0, b""), CLIENT_VETH);
+    assert_eq!(v, TC_ACT_SHOT, "a half-closed flow keeps its reply tuple");
+
+    let (v, out) = dp.run_tc_from(FROM_POD, &tcp_seq(a(c.0, c.1), a(VIP2, 80), tcp::SYN, 900, 0, b""), CLIENT_VETH);
+    assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (PODS[0], 8080)), "the reused port gets through");
+    let (v, out) = dp.run_tc_from(TO_POD, &from_backend(tcp::SYN | tcp::ACK, 9000, 901), OTHER_VETH);
+    assert_eq!((v, decode(&out).src), (TC_ACT_UNSPEC, (VIP2, 80)), "replies come from the new frontend");
+    assert!(dp.maps().ct_get(&ct_key(c, (VIP, 80), PROTO_TCP, CT_DIR_FORWARD)).is_none(), "the closed flow is gone");
+    assert_eq!(per_service(&dp, verdict::CT_CLASH), 1, "only the half-closed flow's tuple clashed");
+}
+
 /// Item 7: 20,000 concurrent NodePort flows from distinct clients to one backend on another
 /// node (source-NATed to the node address): fewer than 0.1% fail to get a port, and no two
 /// share one. Before, 4,536 ports and 8 hashed tries per flow failed about a third of them.
