@@ -11,6 +11,8 @@
 //!   `control` thread (which also handles signals); `healthcheck` serves the services'
 //!   `healthCheckNodePort`s.
 //! - `cleanup`: `ebpf-proxy cleanup`, taking the datapath out of the node.
+//! - `takeover`: adopting kube-proxy's flows from nf_conntrack at start, handing ours back
+//!   on `cleanup`.
 //! - `cli` (flags) and `show` (the operator CLI's output); `trace` runs one packet through a
 //!   private copy of the datapath; `inspect` reads the objects `explain` and `verify` judge.
 pub mod agent;
@@ -29,4 +31,5 @@ pub mod model;
 pub mod show;
 pub mod source;
 pub mod sync;
+pub mod takeover;
 pub mod trace;

@@ -177,7 +177,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let ours = OurPrograms::of(&programs).context("our program ids")?;
     let guard =
         DatapathGuard::new(config.bpffs_root(), lock).context("opening the pinned maps for the datapath check")?;
-    let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    let mut syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    // kube-proxy's connections become ours before any Service entry can balance them.
+    syncer.before_first_services(crate::takeover::adoption_hook(config.bpffs_root()));
     if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&config.snat_port_range)) {
         warn!(
             snat_ports = %config.snat_port_range,
