@@ -15,8 +15,8 @@ use netlink_packet_core::{
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
     conntrack::{
-        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Protocol, Status,
-        TCPFlags, Tuple,
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Protocol, Status, TCPFlags,
+        Tuple,
     },
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
@@ -196,11 +196,17 @@ pub fn flow_of(attrs: &[ConntrackAttribute]) -> Option<NfFlow> {
 }
 
 /// The attributes of `IPCTNL_MSG_CT_NEW` for a flow `orig` whose destination is translated
-/// to `backend` (`reply` is backend -> client), established: what `conntrack -I -s C -d V
+/// to `backend` (its replies come from backend -> client), established: what `conntrack -I -s C -d V
 /// --sport .. --dport .. --dst-nat B:p --state ESTABLISHED -u ASSURED,SEEN_REPLY -t T` sends.
 pub fn dnat_flow_attrs(orig: &NfTuple, backend: (IpAddr, u16), timeout_secs: u32) -> Vec<ConntrackAttribute> {
-    let reply = NfTuple { src: backend.0, dst: orig.src, sport: backend.1, dport: orig.sport, proto: orig.proto };
-    let status = Status::Assured | Status::SeenReply;
+    // The reply tuple as it would be without NAT (the inverse of `orig`): the kernel sets
+    // the NAT up by altering it to backend -> client, and marks the flow as DNATed only if
+    // it did change. Given as backend -> client, it would be a plain flow that never
+    // translates a packet.
+    let reply = NfTuple { src: orig.dst, dst: orig.src, sport: orig.dport, dport: orig.sport, proto: orig.proto };
+    // CONFIRMED too: the kernel sets it on the new entry before applying the status asked
+    // for, and refuses (EBUSY) a status that would clear it.
+    let status = Status::Confirmed | Status::Assured | Status::SeenReply;
     let mut attrs = vec![
         ConntrackAttribute::CtaTupleOrig(ip_tuple(orig)),
         ConntrackAttribute::CtaTupleReply(ip_tuple(&reply)),
@@ -277,9 +283,7 @@ impl Ctnetlink {
                     }
                     NetlinkPayload::InnerMessage(NetfilterMessage {
                         inner:
-                            NetfilterMessageInner::Conntrack(
-                                ConntrackMessage::New(attrs) | ConntrackMessage::Get(attrs),
-                            ),
+                            NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs) | ConntrackMessage::Get(attrs)),
                         ..
                     }) if mine => each(&attrs),
                     _ => {}
@@ -374,8 +378,8 @@ mod tests {
         attrs.as_slice().emit(&mut bytes);
         let f = flow_of(&attrs).unwrap();
         assert_eq!(f.orig, orig);
-        let backend: IpAddr = "10.244.0.11".parse().unwrap();
-        assert_eq!((f.reply.src, f.reply.sport, f.reply.dst, f.reply.dport), (backend, 8080, orig.src, 40000));
+        // The reply tuple before NAT (the kernel alters it to the backend's).
+        assert_eq!((f.reply.src, f.reply.sport, f.reply.dst, f.reply.dport), (orig.dst, 80, orig.src, 40000));
         assert_eq!(f.tcp_state, Some(tcp_state::ESTABLISHED));
     }
 }

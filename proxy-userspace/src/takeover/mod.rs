@@ -49,8 +49,8 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use proxy_common::{
-    CT_DIR_FORWARD, CtKey, CtValue, Ipv6Words, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, ct,
-    ct_flags, map_names, port_from_map,
+    CT_DIR_FORWARD, CtKey, CtValue, Ipv6Words, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, ct, ct_flags, map_names,
+    port_from_map,
 };
 use tracing::{debug, info, warn};
 
@@ -236,7 +236,14 @@ where
         let fwd_val = CtValue { nat_addr: backend, nat_port: f.reply.sport.to_be(), ..value };
         let rev = fwd.reply_of_forward(&fwd_val);
         let rev_val = CtValue { nat_addr: vip, nat_port: o.dport.to_be(), ..value };
-        out.push(Adopt { table: if assured { Table::Assured } else { Table::Unassured }, fwd, fwd_val, rev, rev_val, orig: *o });
+        out.push(Adopt {
+            table: if assured { Table::Assured } else { Table::Unassured },
+            fwd,
+            fwd_val,
+            rev,
+            rev_val,
+            orig: *o,
+        });
     }
     out
 }
@@ -342,7 +349,9 @@ pub fn adoption_hook(root: &Path) -> BeforeServices {
             Err(TakeoverError::Ctnetlink(e @ CtnetlinkError::Socket(_))) => {
                 info!(error = %e, "no netfilter conntrack to adopt flows from")
             }
-            Err(e) => warn!(error = %e, "adopting netfilter's Service flows failed: connections kube-proxy opened may be reset"),
+            Err(e) => {
+                warn!(error = %e, "adopting netfilter's Service flows failed: connections kube-proxy opened may be reset")
+            }
         }
     })
 }

@@ -1,0 +1,377 @@
+//! Taking a node over from kube-proxy and handing it back, with connections running
+//! throughout (issue 20, item 4).
+//!
+//! A node namespace with a client pod and three backend pods, kube-proxy's iptables rules for
+//! a ClusterIP (bench's generator of its `nat` layout, plus its `KUBE-FORWARD` filter chain
+//! with the `ctstate INVALID` drop), and a CNI's own rules beside them (a conntrack match in
+//! `FORWARD`, a masquerade in `POSTROUTING`), which keep netfilter's conntrack and NAT hooks
+//! registered when kube-proxy's rules go, as on a real node. A loop of short connections and
+//! a set of long-lived connections (each asked every 100 ms which backend it is on) run
+//! throughout:
+//!
+//! 1. kube-proxy serves; the long-lived set A is opened.
+//! 2. The agent starts (`--manifests`), then kube-proxy's rules are removed (its jumps, then
+//!    its `KUBE-*` chains flushed and deleted, as `kube-proxy --cleanup` does); set B is
+//!    opened under the agent.
+//! 3. Rollback: kube-proxy's rules are restored, the agent is stopped (SIGTERM: the pinned
+//!    datapath keeps serving), then `ebpf-proxy cleanup`.
+//!
+//! Asserted: no short connection failed, no long-lived one saw an error or a reset, and
+//! every one answered from its original backend to the end; the adopted flows are in our
+//! conntrack with their backend. The figures printed (`takeover:` lines) are those of
+//! docs/benchmarks.md.
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::{Ipv4Addr, SocketAddr},
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use proxy_bench::rules;
+use proxy_tests::{
+    agent::*,
+    client::{self, Held},
+    harness::{PinDir, require_root},
+    netns::{Netns, Topology, wait_for},
+};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const UPLINK: &str = "up0";
+/// Long-lived connections per set.
+const HELD: usize = 12;
+/// How often each long-lived connection is asked for its backend.
+const ASK_EVERY: Duration = Duration::from_millis(100);
+/// How long each phase runs with the loops going before the next step.
+const SETTLE: Duration = Duration::from_millis(1500);
+/// Hard bound of the client loops, whatever happens to the test.
+const LOOP_BOUND: Duration = Duration::from_secs(120);
+
+/// A CNI's own rules (flannel- or Calico-like): conntrack and NAT stay in use in the node's
+/// namespace whether or not kube-proxy's rules are there.
+const CNI_RULES: &str = "*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:CNI-FORWARD - [0:0]
+-A FORWARD -m comment --comment \"CNI forwarding rules\" -j CNI-FORWARD
+-A CNI-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A CNI-FORWARD -s 10.244.0.0/16 -j ACCEPT
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:CNI-POSTROUTING - [0:0]
+-A POSTROUTING -m comment --comment \"CNI masquerade\" -j CNI-POSTROUTING
+-A CNI-POSTROUTING -s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN
+-A CNI-POSTROUTING -s 10.244.0.0/16 -j MASQUERADE
+COMMIT
+";
+
+/// kube-proxy's filter rules on the forwarding path (pkg/proxy/iptables: KUBE-FORWARD,
+/// inserted first in FORWARD).
+const KUBE_FILTER: &str = "*filter
+:KUBE-FORWARD - [0:0]
+-I FORWARD 1 -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+";
+
+/// What `kube-proxy --cleanup` does to its iptables rules: the jumps from the built-in
+/// chains deleted, then every `KUBE-*` chain flushed and deleted, in `nat` and `filter`.
+const REMOVE_KUBE_PROXY: &str = r#"set -e
+for t in nat filter; do
+  iptables-save -t $t | grep -E '^-A (PREROUTING|INPUT|OUTPUT|FORWARD|POSTROUTING) .*-j KUBE-' | sed 's/^-A/-D/' |
+    while read -r rule; do eval iptables -t $t $rule; done
+  chains=$(iptables-save -t $t | sed -n 's/^:\(KUBE-[^ ]*\).*/\1/p')
+  for c in $chains; do iptables -t $t -F $c; done
+  for c in $chains; do iptables -t $t -X $c; done
+done
+"#;
+
+/// `cmd` in `node`'s network namespace with `input` on its stdin; panics with its stderr.
+fn run_in(node: &Netns, cmd: &[&str], input: &str) {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", node.name))
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing stdin");
+    let out = child.wait_with_output().expect("waiting");
+    assert!(out.status.success(), "{cmd:?} in {}: {}", node.name, String::from_utf8_lossy(&out.stderr));
+}
+
+/// kube-proxy's rules for the Service `web` (VIP:80 -> `endpoints`:8080).
+fn install_kube_proxy(node: &Netns, endpoints: &[Ipv4Addr]) {
+    let svc = rules::Svc {
+        name: "web".into(),
+        vip: VIP,
+        port: 80,
+        endpoints: endpoints.iter().map(|ip| (*ip, 8080)).collect(),
+    };
+    run_in(node, &["iptables-restore", "--noflush"], &rules::iptables_restore(&[svc]));
+    run_in(node, &["iptables-restore", "--noflush"], KUBE_FILTER);
+}
+
+fn remove_kube_proxy(node: &Netns) {
+    run_in(node, &["sh", "-c", REMOVE_KUBE_PROXY], "");
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", node.name))
+        .arg("iptables-save")
+        .output()
+        .expect("iptables-save");
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(!rules.contains("KUBE-"), "kube-proxy's rules are still there:\n{rules}");
+    assert!(rules.contains("CNI-POSTROUTING"), "the CNI's rules went too:\n{rules}");
+}
+
+/// A long-lived connection and what happened to it.
+struct Conn {
+    set: char,
+    held: Held,
+    /// The backend it was opened on.
+    backend: String,
+    local: SocketAddr,
+    asked: u32,
+    /// The first failure (error, reset, or another backend answering), with when.
+    failed: Option<String>,
+}
+
+/// Open `n` long-lived connections through the VIP from `client`.
+fn open_set(client: &Netns, set: char, n: usize) -> Vec<Conn> {
+    let vip: SocketAddr = (VIP, 80).into();
+    client.run(|| {
+        (0..n)
+            .map(|_| {
+                let held = Held::open(vip).unwrap_or_else(|e| panic!("opening a long-lived connection: {e:#}"));
+                let local = held.local().expect("local address");
+                Conn { set, backend: held.first.clone(), held, local, asked: 0, failed: None }
+            })
+            .collect()
+    })
+}
+
+/// Sets the flag when dropped (also when a step panics), ending the client loops.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct Short {
+    ok: AtomicU32,
+    failed: AtomicU32,
+    errors: Mutex<Vec<String>>,
+}
+
+/// Whether our conntrack holds the forward entry of `c` with its backend (`pods`: name ->
+/// address).
+fn adopted(rows: &[serde_json::Value], c: &Conn, pods: &BTreeMap<String, Ipv4Addr>) -> bool {
+    let want_nat = format!("{}:8080", pods[&c.backend]);
+    rows.iter().any(|r| {
+        r["direction"] == "forward"
+            && r["source"] == c.local.to_string().as_str()
+            && r["nat"] == want_nat.as_str()
+            && r["state"] == "established"
+    })
+}
+
+#[test]
+#[ignore = "needs root (BPF, network namespaces, iptables in them): run by `cargo xtask test` as root"]
+fn takeover_from_kube_proxy_and_back_keeps_every_connection() {
+    require_root("takeover_from_kube_proxy_and_back_keeps_every_connection");
+    let mut topo = Topology::single_node(4, 0).expect("topology");
+    for i in 1..4 {
+        topo.start_server(SERVER, i, 8080).expect("server");
+    }
+    topo.node.ip(&["link", "add", UPLINK, "type", "veth", "peer", "name", "up0peer"]).expect("uplink veth");
+    topo.node.ip(&["link", "set", UPLINK, "up"]).expect("uplink up");
+    topo.node.ip(&["link", "set", "up0peer", "up"]).expect("uplink peer up");
+    let backends: Vec<Ipv4Addr> = topo.pods[1..].iter().map(|p| p.ip).collect();
+    let pods: BTreeMap<String, Ipv4Addr> = topo.pods.iter().map(|p| (p.name.clone(), p.ip)).collect();
+    let node = &topo.node;
+    let client = &topo.pods[0].ns;
+    let vip: SocketAddr = (VIP, 80).into();
+
+    // 1. kube-proxy serves the ClusterIP.
+    run_in(node, &["iptables-restore"], CNI_RULES);
+    install_kube_proxy(node, &backends);
+    client
+        .run(|| wait_for(Duration::from_secs(5), "kube-proxy to serve the VIP", || client::tcp_name(vip).ok()))
+        .expect("kube-proxy serves");
+    let dir = TempDir::new("ebpf-proxy-takeover-").expect("dir");
+    let eps: Vec<(&str, Ipv4Addr)> = topo.pods[1..].iter().map(|p| (p.name.as_str(), p.ip)).collect();
+    dir.write("web.yaml", &service_yaml("web", &VIP.to_string(), 80, 8080, "TCP")).unwrap();
+    dir.write("web-slice.yaml", &slice_yaml("web", "web-abc", &eps, 8080, "TCP")).unwrap();
+
+    let conns: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(open_set(client, 'A', HELD)));
+    let mut on: BTreeMap<String, usize> = BTreeMap::new();
+    for c in conns.lock().unwrap().iter() {
+        *on.entry(c.backend.clone()).or_default() += 1;
+    }
+    eprintln!("takeover: set A ({HELD} connections) opened under kube-proxy, on {on:?}");
+
+    let stop = AtomicBool::new(false);
+    let short = Short::default();
+    let pins = PinDir::new();
+    let root = pins.0.to_str().unwrap().to_string();
+    let mut timeline: Vec<(String, Duration)> = Vec::new();
+    let started = Instant::now();
+    let not_adopted = thread::scope(|s| {
+        // Short connections, one after another, for the whole test.
+        s.spawn(|| {
+            client.run(|| {
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < LOOP_BOUND {
+                    match client::tcp_name(vip) {
+                        Ok(name) if pods.contains_key(&name) => short.ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(other) => {
+                            short.errors.lock().unwrap().push(format!("{:?}: answered {other:?}", started.elapsed()));
+                            short.failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(e) => {
+                            short.errors.lock().unwrap().push(format!("{:?}: {e:#}", started.elapsed()));
+                            short.failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    thread::sleep(Duration::from_millis(2));
+                }
+            })
+        });
+        // Every long-lived connection, asked in turn.
+        let conns_ask = Arc::clone(&conns);
+        let stop_ref = &stop;
+        s.spawn(move || {
+            while !stop_ref.load(Ordering::Relaxed) && started.elapsed() < LOOP_BOUND {
+                for c in conns_ask.lock().unwrap().iter_mut().filter(|c| c.failed.is_none()) {
+                    c.asked += 1;
+                    match c.held.ask() {
+                        Ok(name) if name == c.backend => {}
+                        Ok(name) => c.failed = Some(format!("{:?}: answered by {name}", started.elapsed())),
+                        Err(e) => c.failed = Some(format!("{:?}: {e:#}", started.elapsed())),
+                    }
+                }
+                thread::sleep(ASK_EVERY);
+            }
+        });
+
+        // A failed step below must not leave the loops running to their bound.
+        let _stop = StopOnDrop(&stop);
+        thread::sleep(SETTLE);
+        // 2. The agent takes over, then kube-proxy's rules go.
+        let t = Instant::now();
+        let d = dir.0.to_str().unwrap().to_string();
+        let mut agent = Agent::start(
+            node,
+            pins.0.as_path(),
+            19_700,
+            &["--manifests", &d, "--node-name", "node-a", "--uplink", UPLINK],
+        )
+        .expect("agent");
+        agent.wait_ready(node, Duration::from_secs(30)).expect("agent ready");
+        timeline.push(("agent start to ready".into(), t.elapsed()));
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&cli(&["conntrack", "--bpffs-root", &root, "-o", "json"]).expect("conntrack"))
+                .expect("conntrack json");
+        let not_adopted: Vec<String> = conns
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| !adopted(&rows, c, &pods))
+            .map(|c| format!("{} on {}", c.local, c.backend))
+            .collect();
+        thread::sleep(SETTLE);
+        let t = Instant::now();
+        remove_kube_proxy(node);
+        timeline.push(("kube-proxy's rules removed".into(), t.elapsed()));
+        thread::sleep(SETTLE);
+        let b = open_set(client, 'B', HELD);
+        conns.lock().unwrap().extend(b);
+        eprintln!("takeover: set B ({HELD} connections) opened under the agent");
+        thread::sleep(SETTLE);
+
+        // 3. Rollback: kube-proxy's rules back, the agent stopped, then cleanup.
+        let t = Instant::now();
+        install_kube_proxy(node, &backends);
+        timeline.push(("kube-proxy's rules restored".into(), t.elapsed()));
+        thread::sleep(SETTLE);
+        let t = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid() as i32), nix::sys::signal::Signal::SIGTERM)
+            .expect("SIGTERM");
+        let _ = agent.child.wait();
+        timeline.push(("agent stopped (SIGTERM)".into(), t.elapsed()));
+        thread::sleep(SETTLE);
+        let t = Instant::now();
+        let out = in_netns(node, &ebpf_proxy_bin().unwrap())
+            .args(["cleanup", "--bpffs-root", &root])
+            .output()
+            .expect("running cleanup");
+        timeline.push(("cleanup".into(), t.elapsed()));
+        eprintln!(
+            "takeover: cleanup said:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "cleanup failed");
+        thread::sleep(SETTLE * 2);
+        if std::env::var("TAKEOVER_DEBUG").is_ok() {
+            for cmd in [&["conntrack", "-L"][..], &["iptables-save", "-c"][..], &["nstat", "-az"][..]] {
+                let o = Command::new("nsenter")
+                    .arg(format!("--net=/var/run/netns/{}", node.name))
+                    .args(cmd)
+                    .output()
+                    .unwrap();
+                eprintln!(
+                    "DEBUG {cmd:?}:\n{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        not_adopted
+    });
+
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    for (what, took) in &timeline {
+        eprintln!("takeover: {what}: {took:?}");
+    }
+    let mut conns = conns.lock().unwrap();
+    let (ok, failed) = (short.ok.load(Ordering::Relaxed), short.failed.load(Ordering::Relaxed));
+    let asked: u32 = conns.iter().map(|c| c.asked).sum();
+    let broken: Vec<String> = conns
+        .iter()
+        .filter_map(|c| c.failed.as_ref().map(|f| format!("set {} {} (on {}): {f}", c.set, c.local, c.backend)))
+        .collect();
+    eprintln!(
+        "takeover: {:.1} s; short connections {ok} ok, {failed} failed; long-lived {} ({} asks), {} broken; load {}",
+        started.elapsed().as_secs_f64(),
+        conns.len(),
+        asked,
+        broken.len(),
+        load.trim()
+    );
+    assert!(ok > 100, "too few short connections ran: {ok}");
+    assert_eq!(failed, 0, "short connections failed: {:?}", short.errors.lock().unwrap());
+    assert!(broken.is_empty(), "long-lived connections broken:\n{}", broken.join("\n"));
+    assert!(not_adopted.is_empty(), "kube-proxy's flows not in our conntrack with their backend: {not_adopted:?}");
+    // Every connection is still on its backend, after all of it: under kube-proxy again.
+    for c in conns.iter_mut() {
+        assert_eq!(c.held.ask().expect("a last ask"), c.backend, "set {} {}", c.set, c.local);
+    }
+}
