@@ -4,14 +4,15 @@
 //!    (everything under a root is removed). Refuse while an agent holds a root's lock
 //!    (unless `force`), and hold the lock ourselves meanwhile so no agent starts on it
 //!    half-way.
-//! 1b. Hand our live Service flows to netfilter's conntrack (`takeover::hand_back`), after
-//!    taking the frontends out so new connections go to kube-proxy's rules if they are back:
-//!    a rollback to kube-proxy keeps its connections. Without nf_conntrack, nothing to do.
 //! 2. Detach the links pinned under each root (`BPF_LINK_DETACH`, wherever they are
 //!    attached).
 //! 3. Detach every program of ours attached to an interface of this network namespace
 //!    (`ownership`): also those of agents on other roots, or whose pins are gone.
 //! 4. Remove each root's pins (maps, links) and the root itself.
+//!
+//! Before step 2, our live Service flows are handed to netfilter's conntrack
+//! (`takeover::hand_back`), after the frontends are taken out so new connections go to
+//! kube-proxy's rules if they are back: a rollback to kube-proxy keeps its connections.
 //!
 //! Idempotent: a second run finds nothing and says so.
 use std::{

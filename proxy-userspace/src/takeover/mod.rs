@@ -406,7 +406,10 @@ where
     Ok(n)
 }
 
-fn all_entries<A: FlowAddr>(t: &mut KernelCtTable<A>) -> Result<Vec<(Table, CtKey<A>, CtValue<A>)>, DataplaneError>
+/// An entry of one of a family's two tables.
+type Entry<A> = (Table, CtKey<A>, CtValue<A>);
+
+fn all_entries<A: FlowAddr>(t: &mut KernelCtTable<A>) -> Result<Vec<Entry<A>>, DataplaneError>
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
