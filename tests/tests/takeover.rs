@@ -44,8 +44,14 @@ use proxy_tests::{
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const UPLINK: &str = "up0";
+/// The node's address on the uplink, where the NodePort is served to the outside client.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+const NODE_PORT: u16 = 30080;
 /// Long-lived connections per set.
 const HELD: usize = 12;
+/// Long-lived connections per set from outside (NodePort).
+const HELD_OUTSIDE: usize = 6;
 /// How often each long-lived connection is asked for its backend.
 const ASK_EVERY: Duration = Duration::from_millis(100);
 /// How long each phase runs with the loops going before the next step.
@@ -87,6 +93,39 @@ const KUBE_FILTER: &str = "*filter
 COMMIT
 ";
 
+/// kube-proxy's rules for the Service's NodePort with `externalTrafficPolicy: Local`
+/// (pkg/proxy/iptables: `KUBE-NODEPORTS` -> `KUBE-EXT-*`, whose outside traffic goes to the
+/// local endpoints' `KUBE-SVL-*` chain without masquerade), appended to what bench's
+/// generator writes for the ClusterIP (its `KUBE-SVC-*` and `KUBE-SEP-*` chains).
+fn nodeport_rules(svc: &rules::Svc) -> String {
+    let (svc_chain, ext, svl) = (rules::svc_chain(svc), "KUBE-EXT-WEBTAKEOVER0001", "KUBE-SVL-WEBTAKEOVER0001");
+    let c = "bench/web:http";
+    let mut out = format!(
+        "*nat\n:{ext} - [0:0]\n:{svl} - [0:0]\n\
+         -A KUBE-NODEPORTS -p tcp -m comment --comment \"{c}\" -m tcp --dport {NODE_PORT} -j {ext}\n\
+         -A {ext} -s {} -m comment --comment \"pod traffic for {c} external destinations\" -j {svc_chain}\n\
+         -A {ext} -m comment --comment \"masquerade LOCAL traffic for {c} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ\n\
+         -A {ext} -m comment --comment \"route LOCAL traffic for {c} external destinations\" -m addrtype --src-type LOCAL -j {svc_chain}\n\
+         -A {ext} -j {svl}\n",
+        rules::CLUSTER_CIDR
+    );
+    let n = svc.endpoints.len();
+    for (j, ep) in svc.endpoints.iter().enumerate() {
+        let sep = rules::sep_chain(svc, *ep);
+        if j + 1 < n {
+            let p = 1.0 / (n - j) as f64;
+            out.push_str(&format!(
+                "-A {svl} -m comment --comment \"{c} -> {}:{}\" -m statistic --mode random --probability {p:.11} -j {sep}\n",
+                ep.0, ep.1
+            ));
+        } else {
+            out.push_str(&format!("-A {svl} -m comment --comment \"{c} -> {}:{}\" -j {sep}\n", ep.0, ep.1));
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
 /// What `kube-proxy --cleanup` does to its iptables rules: the jumps from the built-in
 /// chains deleted, then every `KUBE-*` chain flushed and deleted, in `nat` and `filter`.
 const REMOVE_KUBE_PROXY: &str = r#"set -e
@@ -122,7 +161,8 @@ fn install_kube_proxy(node: &Netns, endpoints: &[Ipv4Addr]) {
         port: 80,
         endpoints: endpoints.iter().map(|ip| (*ip, 8080)).collect(),
     };
-    run_in(node, &["iptables-restore", "--noflush"], &rules::iptables_restore(&[svc]));
+    run_in(node, &["iptables-restore", "--noflush"], &rules::iptables_restore(std::slice::from_ref(&svc)));
+    run_in(node, &["iptables-restore", "--noflush"], &nodeport_rules(&svc));
     run_in(node, &["iptables-restore", "--noflush"], KUBE_FILTER);
 }
 
@@ -150,9 +190,8 @@ struct Conn {
     failed: Option<String>,
 }
 
-/// Open `n` long-lived connections through the VIP from `client`.
-fn open_set(client: &Netns, set: char, n: usize) -> Vec<Conn> {
-    let vip: SocketAddr = (VIP, 80).into();
+/// Open `n` long-lived connections to `vip` from `client`.
+fn open_set(client: &Netns, vip: SocketAddr, set: char, n: usize) -> Vec<Conn> {
     client.run(|| {
         (0..n)
             .map(|_| {
@@ -200,59 +239,84 @@ fn takeover_from_kube_proxy_and_back_keeps_every_connection() {
     for i in 1..4 {
         topo.start_server(SERVER, i, 8080).expect("server");
     }
-    topo.node.ip(&["link", "add", UPLINK, "type", "veth", "peer", "name", "up0peer"]).expect("uplink veth");
+    // The outside client, behind the node's uplink.
+    let outside = Netns::new("epn-out-").expect("outside namespace");
+    topo.node
+        .ip(&["link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns", &outside.name])
+        .expect("uplink");
+    topo.node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", UPLINK]).expect("node address");
     topo.node.ip(&["link", "set", UPLINK, "up"]).expect("uplink up");
-    topo.node.ip(&["link", "set", "up0peer", "up"]).expect("uplink peer up");
+    outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"]).expect("outside address");
+    outside.ip(&["link", "set", "eth0", "up"]).expect("outside up");
     let backends: Vec<Ipv4Addr> = topo.pods[1..].iter().map(|p| p.ip).collect();
     let pods: BTreeMap<String, Ipv4Addr> = topo.pods.iter().map(|p| (p.name.clone(), p.ip)).collect();
     let node = &topo.node;
     let client = &topo.pods[0].ns;
     let vip: SocketAddr = (VIP, 80).into();
+    let nodeport: SocketAddr = (NODE_IP, NODE_PORT).into();
 
-    // 1. kube-proxy serves the ClusterIP.
+    // 1. kube-proxy serves the ClusterIP and the NodePort.
     run_in(node, &["iptables-restore"], CNI_RULES);
     install_kube_proxy(node, &backends);
     client
         .run(|| wait_for(Duration::from_secs(5), "kube-proxy to serve the VIP", || client::tcp_name(vip).ok()))
         .expect("kube-proxy serves");
+    outside
+        .run(|| {
+            wait_for(Duration::from_secs(5), "kube-proxy to serve the NodePort", || client::tcp_name(nodeport).ok())
+        })
+        .expect("kube-proxy serves the NodePort");
     let dir = TempDir::new("ebpf-proxy-takeover-").expect("dir");
     let eps: Vec<(&str, Ipv4Addr)> = topo.pods[1..].iter().map(|p| (p.name.as_str(), p.ip)).collect();
-    dir.write("web.yaml", &service_yaml("web", &VIP.to_string(), 80, 8080, "TCP")).unwrap();
+    dir.write("web.yaml", &format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: {VIP}\n  clusterIPs: [{VIP}]\n  externalTrafficPolicy: Local\n  ports:\n  - name: main\n    port: 80\n    targetPort: 8080\n    nodePort: {NODE_PORT}\n    protocol: TCP\n"
+    ))
+    .unwrap();
+    dir.write("node.yaml", &node_yaml("node-a", NODE_IP)).unwrap();
     dir.write("web-slice.yaml", &slice_yaml("web", "web-abc", &eps, 8080, "TCP")).unwrap();
 
-    let conns: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(open_set(client, 'A', HELD)));
+    // Long-lived sets: A from the pod to the ClusterIP, C from outside to the NodePort.
+    let mut first = open_set(client, vip, 'A', HELD);
+    first.extend(open_set(&outside, nodeport, 'C', HELD_OUTSIDE));
+    let conns: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(first));
     let mut on: BTreeMap<String, usize> = BTreeMap::new();
     for c in conns.lock().unwrap().iter() {
         *on.entry(c.backend.clone()).or_default() += 1;
     }
-    eprintln!("takeover: set A ({HELD} connections) opened under kube-proxy, on {on:?}");
+    eprintln!(
+        "takeover: sets A ({HELD}, pod -> ClusterIP) and C ({HELD_OUTSIDE}, outside -> NodePort) opened under kube-proxy, on {on:?}"
+    );
 
     let stop = AtomicBool::new(false);
     let short = Short::default();
+    let short_out = Short::default();
     let pins = PinDir::new();
     let root = pins.0.to_str().unwrap().to_string();
     let mut timeline: Vec<(String, Duration)> = Vec::new();
     let started = Instant::now();
+    // Short connections, one after another, for the whole test: from the pod to the
+    // ClusterIP, and from outside to the NodePort.
+    let short_loop = |ns: &Netns, addr: SocketAddr, short: &Short| {
+        ns.run(|| {
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < LOOP_BOUND {
+                match client::tcp_name(addr) {
+                    Ok(name) if pods.contains_key(&name) => short.ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(other) => {
+                        short.errors.lock().unwrap().push(format!("{:?}: answered {other:?}", started.elapsed()));
+                        short.failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        short.errors.lock().unwrap().push(format!("{:?}: {e:#}", started.elapsed()));
+                        short.failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
     let not_adopted = thread::scope(|s| {
-        // Short connections, one after another, for the whole test.
-        s.spawn(|| {
-            client.run(|| {
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < LOOP_BOUND {
-                    match client::tcp_name(vip) {
-                        Ok(name) if pods.contains_key(&name) => short.ok.fetch_add(1, Ordering::Relaxed),
-                        Ok(other) => {
-                            short.errors.lock().unwrap().push(format!("{:?}: answered {other:?}", started.elapsed()));
-                            short.failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                        Err(e) => {
-                            short.errors.lock().unwrap().push(format!("{:?}: {e:#}", started.elapsed()));
-                            short.failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    thread::sleep(Duration::from_millis(2));
-                }
-            })
-        });
+        s.spawn(|| short_loop(client, vip, &short));
+        s.spawn(|| short_loop(&outside, nodeport, &short_out));
         // Every long-lived connection, asked in turn.
         let conns_ask = Arc::clone(&conns);
         let stop_ref = &stop;
@@ -300,9 +364,10 @@ fn takeover_from_kube_proxy_and_back_keeps_every_connection() {
         remove_kube_proxy(node);
         timeline.push(("kube-proxy's rules removed".into(), t.elapsed()));
         thread::sleep(SETTLE);
-        let b = open_set(client, 'B', HELD);
+        let mut b = open_set(client, vip, 'B', HELD);
+        b.extend(open_set(&outside, nodeport, 'D', HELD_OUTSIDE));
         conns.lock().unwrap().extend(b);
-        eprintln!("takeover: set B ({HELD} connections) opened under the agent");
+        eprintln!("takeover: sets B ({HELD}, ClusterIP) and D ({HELD_OUTSIDE}, NodePort) opened under the agent");
         thread::sleep(SETTLE);
 
         // 3. Rollback: kube-proxy's rules back, the agent stopped, then cleanup.
@@ -353,13 +418,14 @@ fn takeover_from_kube_proxy_and_back_keeps_every_connection() {
     }
     let mut conns = conns.lock().unwrap();
     let (ok, failed) = (short.ok.load(Ordering::Relaxed), short.failed.load(Ordering::Relaxed));
+    let (ok_out, failed_out) = (short_out.ok.load(Ordering::Relaxed), short_out.failed.load(Ordering::Relaxed));
     let asked: u32 = conns.iter().map(|c| c.asked).sum();
     let broken: Vec<String> = conns
         .iter()
         .filter_map(|c| c.failed.as_ref().map(|f| format!("set {} {} (on {}): {f}", c.set, c.local, c.backend)))
         .collect();
     eprintln!(
-        "takeover: {:.1} s; short connections {ok} ok, {failed} failed; long-lived {} ({} asks), {} broken; load {}",
+        "takeover: {:.1} s; short connections to the ClusterIP {ok} ok, {failed} failed, to the NodePort from outside {ok_out} ok, {failed_out} failed; long-lived {} ({} asks), {} broken; load {}",
         started.elapsed().as_secs_f64(),
         conns.len(),
         asked,
@@ -367,7 +433,9 @@ fn takeover_from_kube_proxy_and_back_keeps_every_connection() {
         load.trim()
     );
     assert!(ok > 100, "too few short connections ran: {ok}");
+    assert!(ok_out > 100, "too few short connections from outside ran: {ok_out}");
     assert_eq!(failed, 0, "short connections failed: {:?}", short.errors.lock().unwrap());
+    assert_eq!(failed_out, 0, "short connections from outside failed: {:?}", short_out.errors.lock().unwrap());
     assert!(broken.is_empty(), "long-lived connections broken:\n{}", broken.join("\n"));
     assert!(not_adopted.is_empty(), "kube-proxy's flows not in our conntrack with their backend: {not_adopted:?}");
     // Every connection is still on its backend, after all of it: under kube-proxy again.

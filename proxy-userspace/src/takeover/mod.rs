@@ -159,10 +159,14 @@ type FrontendIndex = HashMap<(IpAddr, u16, u8), (u32, HashMap<(IpAddr, u16), u32
 fn index(frontends: &[FrontendIds]) -> FrontendIndex {
     let mut idx = FrontendIndex::new();
     for f in frontends {
-        let backends = f.backends.iter().map(|(b, id)| ((b.addr, port_from_map(b.port)), *id)).collect();
-        // A ClusterIP and a NodePort on one address and port cannot both exist (the model
-        // gives one frontend per address, port and protocol); the first one is kept.
-        idx.entry((f.key.addr, port_from_map(f.key.port), f.key.proto)).or_insert((f.svc_id, backends));
+        // One address, port and protocol can be two frontends, one per scope (a NodePort
+        // from pods and from outside, whose backends differ with externalTrafficPolicy:
+        // Local): a flow to it is adopted if its backend is one of either's.
+        let (_, backends) =
+            idx.entry((f.key.addr, port_from_map(f.key.port), f.key.proto)).or_insert((f.svc_id, HashMap::new()));
+        for (b, id) in &f.backends {
+            backends.entry((b.addr, port_from_map(b.port))).or_insert(*id);
+        }
     }
     idx
 }
