@@ -1,25 +1,30 @@
 //! Taking a node over from kube-proxy and handing it back, with connections running
 //! throughout (issue 20, item 4).
 //!
-//! A node namespace with a client pod and three backend pods, kube-proxy's iptables rules for
-//! a ClusterIP (bench's generator of its `nat` layout, plus its `KUBE-FORWARD` filter chain
-//! with the `ctstate INVALID` drop), and a CNI's own rules beside them (a conntrack match in
+//! A node namespace with a client pod, three backend pods and an outside client behind the
+//! node's uplink; kube-proxy's iptables rules for a Service's ClusterIP (bench's generator of
+//! its `nat` layout) and NodePort with `externalTrafficPolicy: Local` (its `KUBE-NODEPORTS`,
+//! `KUBE-EXT-*` and `KUBE-SVL-*` chains, written here), plus its `KUBE-FORWARD` filter chain
+//! with the `ctstate INVALID` drop; and a CNI's own rules beside them (a conntrack match in
 //! `FORWARD`, a masquerade in `POSTROUTING`), which keep netfilter's conntrack and NAT hooks
-//! registered when kube-proxy's rules go, as on a real node. A loop of short connections and
-//! a set of long-lived connections (each asked every 100 ms which backend it is on) run
-//! throughout:
+//! registered when kube-proxy's rules go, as on a real node. Loops of short connections (pod
+//! -> ClusterIP, outside -> NodePort) and sets of long-lived connections (each asked every
+//! 100 ms which backend it is on) run throughout:
 //!
-//! 1. kube-proxy serves; the long-lived set A is opened.
+//! 1. kube-proxy serves; long-lived sets A (pod -> ClusterIP) and C (outside -> NodePort)
+//!    are opened.
 //! 2. The agent starts (`--manifests`), then kube-proxy's rules are removed (its jumps, then
-//!    its `KUBE-*` chains flushed and deleted, as `kube-proxy --cleanup` does); set B is
-//!    opened under the agent.
+//!    its `KUBE-*` chains flushed and deleted, as `kube-proxy --cleanup` does); sets B and D
+//!    are opened under the agent.
 //! 3. Rollback: kube-proxy's rules are restored, the agent is stopped (SIGTERM: the pinned
 //!    datapath keeps serving), then `ebpf-proxy cleanup`.
 //!
 //! Asserted: no short connection failed, no long-lived one saw an error or a reset, and
-//! every one answered from its original backend to the end; the adopted flows are in our
-//! conntrack with their backend. The figures printed (`takeover:` lines) are those of
-//! docs/benchmarks.md.
+//! every one answered from its original backend to the end; the flows kube-proxy opened are
+//! in our conntrack with their backend once the agent is ready. The figures printed
+//! (`takeover:` lines) are those of docs/benchmarks.md. `TAKEOVER_DEBUG=1` prints
+//! netfilter's conntrack table, the rules with their counters and the node's counters after
+//! the cleanup.
 use std::{
     collections::BTreeMap,
     io::Write,
