@@ -78,6 +78,10 @@ fn start_conntrack_gc(config: &AgentConfig, metrics: Metrics) -> Result<()> {
     Ok(())
 }
 
+/// How long the first sync waits for the interfaces present at start to be attached (see
+/// `attached_before_adoption`).
+const ADOPTION_ATTACH_WAIT: Duration = Duration::from_secs(10);
+
 /// Ready = the first full sync done and every interface present at start-up attached,
 /// in whichever order they happen.
 async fn readiness(
@@ -278,6 +282,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;
     let (first_sync, first_sync_rx) = watch::channel(false);
+    // The first sync adopts kube-proxy's flows (`takeover`): from then on they are ours
+    // only, so our programs must be on the interfaces first.
+    let mut attached_before_adoption = Some(attached_initial_rx.clone());
     tokio::spawn(readiness(first_sync_rx, attached_initial_rx, ready.clone()));
     loop {
         tokio::select! {
@@ -315,6 +322,16 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 }
                 SourceEvent::Update(u) => lp.update(u),
                 SourceEvent::Changed => {}
+            }
+        }
+        if let Some(mut attached) = attached_before_adoption.take() {
+            let waited = Instant::now();
+            match tokio::time::timeout(ADOPTION_ATTACH_WAIT, attached.wait_for(|done| *done)).await {
+                Ok(Ok(_)) => {}
+                _ => warn!(
+                    waited = ?waited.elapsed(),
+                    "interfaces not all attached yet: adopting kube-proxy's flows anyway"
+                ),
             }
         }
         let full = lp.full_sync;

@@ -199,6 +199,12 @@ pub fn flow_of(attrs: &[ConntrackAttribute]) -> Option<NfFlow> {
 /// to `backend` (its replies come from backend -> client), established: what `conntrack -I -s C -d V
 /// --sport .. --dport .. --dst-nat B:p --state ESTABLISHED -u ASSURED,SEEN_REPLY -t T` sends.
 pub fn dnat_flow_attrs(orig: &NfTuple, backend: (IpAddr, u16), timeout_secs: u32) -> Vec<ConntrackAttribute> {
+    flow_attrs(orig, Some(backend), timeout_secs)
+}
+
+/// The attributes of an established flow `orig` without NAT (`nat`: `None`), or whose
+/// destination is translated to `nat`.
+fn flow_attrs(orig: &NfTuple, nat: Option<(IpAddr, u16)>, timeout_secs: u32) -> Vec<ConntrackAttribute> {
     // The reply tuple as it would be without NAT (the inverse of `orig`): the kernel sets
     // the NAT up by altering it to backend -> client, and marks the flow as DNATed only if
     // it did change. Given as backend -> client, it would be a plain flow that never
@@ -212,8 +218,10 @@ pub fn dnat_flow_attrs(orig: &NfTuple, backend: (IpAddr, u16), timeout_secs: u32
         ConntrackAttribute::CtaTupleReply(ip_tuple(&reply)),
         ConntrackAttribute::CtaStatus(status),
         ConntrackAttribute::CtaTimeout(timeout_secs),
-        ConntrackAttribute::Other(nat_dst(backend.0, backend.1)),
     ];
+    if let Some((addr, port)) = nat {
+        attrs.push(ConntrackAttribute::Other(nat_dst(addr, port)));
+    }
     if orig.proto == IPPROTO_TCP {
         // `TCPFlags` is non-exhaustive: built by parsing its two bytes (flags, mask).
         let liberal = || TCPFlags::parse(&[TCP_FLAG_BE_LIBERAL, TCP_FLAG_BE_LIBERAL]);
@@ -327,7 +335,17 @@ impl Ctnetlink {
         backend: (IpAddr, u16),
         timeout_secs: u32,
     ) -> Result<bool, CtnetlinkError> {
-        let msg = ConntrackMessage::New(dnat_flow_attrs(orig, backend, timeout_secs));
+        self.create(flow_attrs(orig, Some(backend), timeout_secs), orig)
+    }
+
+    /// Insert an established flow `orig` without NAT (what netfilter would track for
+    /// packets we translated). `Ok(false)`: `EEXIST`.
+    pub fn create_plain(&mut self, orig: &NfTuple, timeout_secs: u32) -> Result<bool, CtnetlinkError> {
+        self.create(flow_attrs(orig, None, timeout_secs), orig)
+    }
+
+    fn create(&mut self, attrs: Vec<ConntrackAttribute>, orig: &NfTuple) -> Result<bool, CtnetlinkError> {
+        let msg = ConntrackMessage::New(attrs);
         let seq = self
             .send(family_of(orig.src), msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
             .map_err(|source| CtnetlinkError::Io { op: "create", source })?;

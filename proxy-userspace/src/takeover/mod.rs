@@ -303,6 +303,14 @@ fn adopt_into<A: FlowAddr>(
             counts.failed += 1;
             continue;
         }
+        // What netfilter will see of the flow from now on (client -> backend), tracked
+        // before the backend's next packet could open it the other way round: a flow that
+        // netfilter first sees from a pod towards the outside is one a CNI masquerades.
+        let (client, backend) = (a.orig.src, a.fwd_val.nat_addr.to_ip());
+        let plain = NfTuple { dst: backend, dport: u16::from_be(a.fwd_val.nat_port), ..a.orig };
+        if let Err(e) = replace_plain(nl, &plain, timeout_of(plain.proto)) {
+            debug!(flow = ?a.orig, %client, error = %e, "adopted flow left for netfilter to pick up");
+        }
         if let Err(e) = table.insert(a.table, &a.fwd, &a.fwd_val, BPF_ANY) {
             // Held: its packets are dropped until the collector removes it; say so.
             warn!(flow = ?a.orig, error = %e, "adopted flow could not be given its backend");
@@ -311,6 +319,36 @@ fn adopt_into<A: FlowAddr>(
         }
         counts.adopted += 1;
     }
+}
+
+fn timeout_of(proto: u8) -> u32 {
+    if proto == PROTO_TCP { HANDBACK_TCP_TIMEOUT_SECS } else { HANDBACK_UDP_TIMEOUT_SECS }
+}
+
+/// `plain` reversed: the tuple of the flow's packets from the backend.
+fn reversed(t: &NfTuple) -> NfTuple {
+    NfTuple { src: t.dst, dst: t.src, sport: t.dport, dport: t.sport, proto: t.proto }
+}
+
+/// Delete whatever netfilter tracks for the flow `plain` (client -> backend) in either
+/// direction, including an entry a backend's packet opened (and a CNI masqueraded), so its
+/// tuples are free.
+fn clear_flow(nl: &mut Ctnetlink, plain: &NfTuple) -> Result<(), CtnetlinkError> {
+    nl.delete(plain)?;
+    nl.delete(&reversed(plain))?;
+    Ok(())
+}
+
+/// Make netfilter track `plain` as an established flow without NAT, replacing what a
+/// packet may have opened meanwhile.
+fn replace_plain(nl: &mut Ctnetlink, plain: &NfTuple, timeout: u32) -> Result<(), CtnetlinkError> {
+    for _ in 0..HANDBACK_TRIES {
+        if nl.create_plain(plain, timeout)? {
+            return Ok(());
+        }
+        clear_flow(nl, plain)?;
+    }
+    Ok(())
 }
 
 /// Adopt netfilter's DNAT flows to `frontends` into the conntrack maps pinned under `root`.
@@ -468,13 +506,13 @@ where
         let backend = (v.nat_addr.to_ip(), u16::from_be(v.nat_port));
         // What netfilter tracks for our translated packets: client -> backend, no NAT.
         let plain = NfTuple { dst: backend.0, dport: backend.1, ..orig };
-        let timeout = if k.proto == PROTO_TCP { HANDBACK_TCP_TIMEOUT_SECS } else { HANDBACK_UDP_TIMEOUT_SECS };
+        let timeout = timeout_of(k.proto);
         if t.insert(table, &k, &hold(&v), BPF_EXIST).is_err() {
             continue; // gone meanwhile
         }
         let mut result = Ok(false);
         for _ in 0..HANDBACK_TRIES {
-            result = nl.delete(&plain).and_then(|_| nl.create_dnat(&orig, backend, timeout));
+            result = clear_flow(nl, &plain).and_then(|_| nl.create_dnat(&orig, backend, timeout));
             if !matches!(result, Ok(false)) {
                 break;
             }
