@@ -21,8 +21,14 @@
 //! by a *hold* entry: the forward entry first translates to 0.0.0.0:0, which the stack
 //! drops as a martian before netfilter confirms anything, so a client segment in that
 //! window of a few microseconds is lost (and retransmitted), never misrouted:
-//! hold forward entry, reply entry, delete netfilter's entry, real forward entry. Replies in
-//! the window are un-NATed by netfilter's entry while it exists and by ours after.
+//! hold forward entry, reply entry, delete netfilter's entry, a plain netfilter entry for
+//! what it will see of the flow from now on (client -> backend, no NAT), real forward entry.
+//! Replies in the window are un-NATed by netfilter's entry while it exists and by ours
+//! after. The plain entry matters for a client outside the cluster: a flow netfilter first
+//! sees from the backend pod towards the outside is one a CNI masquerades. The agent runs
+//! this once the interfaces present at start have our programs (it waits for that before
+//! its first sync): an adopted flow's packets must meet them, or kube-proxy's rules, still
+//! loaded, would balance them afresh.
 //!
 //! **The way out** ([`hand_back`], run by `ebpf-proxy cleanup` before it detaches
 //! anything). First the `SERVICES` maps are emptied, so new connections pass to the rules
@@ -30,7 +36,8 @@
 //! nf_conntrack as `conntrack -I --dst-nat` would (`IPCTNL_MSG_CT_NEW` with `CTA_NAT_DST`),
 //! established, so the restored rules' conntrack continues it. The entry netfilter made for
 //! our translated packets (client -> backend, no NAT) holds the same reply tuple: it is
-//! deleted first (and again if a packet re-created it before the insert). Again a hold
+//! deleted first, with any entry a backend's packet opened the other way round (and again
+//! if a packet re-created one before the insert). Again a hold
 //! entry covers the switch; after it our forward entry translates to the service address
 //! itself (no change), so the client's packets reach netfilter as netfilter expects them,
 //! until the programs are detached. Source-NATed flows (north-south to another node's
