@@ -304,14 +304,18 @@ impl Ctnetlink {
         }
     }
 
-    /// Every flow of the table (both families).
-    pub fn dump(&mut self) -> Result<Vec<NfFlow>, CtnetlinkError> {
+    /// The flows of the table (both families) that `keep` wants, and how many were read: a
+    /// busy node's table can hold a million flows, of which few are kept.
+    pub fn dump_where(&mut self, keep: impl Fn(&NfFlow) -> bool) -> Result<(Vec<NfFlow>, usize), CtnetlinkError> {
         let seq = self
             .send(NetfilterProtoFamily::Unspec, ConntrackMessage::Get(vec![]), NLM_F_REQUEST | NLM_F_DUMP)
             .map_err(|source| CtnetlinkError::Io { op: "dump", source })?;
-        let mut flows = Vec::new();
-        self.receive("dump", seq, |attrs| flows.extend(flow_of(attrs)))?;
-        Ok(flows)
+        let (mut flows, mut read) = (Vec::new(), 0);
+        self.receive("dump", seq, |attrs| {
+            read += 1;
+            flows.extend(flow_of(attrs).filter(&keep));
+        })?;
+        Ok((flows, read))
     }
 
     /// Delete the flow that has `tuple` as either direction. `Ok(false)`: there was none.

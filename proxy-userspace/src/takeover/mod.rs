@@ -361,7 +361,7 @@ fn replace_plain(nl: &mut Ctnetlink, plain: &NfTuple, timeout: u32) -> Result<()
 /// Adopt netfilter's DNAT flows to `frontends` into the conntrack maps pinned under `root`.
 pub fn adopt(root: &Path, frontends: &[FrontendIds]) -> Result<AdoptCounts, TakeoverError> {
     let mut nl = Ctnetlink::open()?;
-    let flows = nl.dump()?;
+    let (flows, read) = nl.dump_where(|f| f.status & IPS_DST_NAT != 0)?;
     let now = monotonic_ns();
     let mut counts = AdoptCounts::default();
     let plan4 = plan::<u32>(&flows, frontends, now, &mut counts);
@@ -374,7 +374,7 @@ pub fn adopt(root: &Path, frontends: &[FrontendIds]) -> Result<AdoptCounts, Take
         let mut t = KernelCtTable::<Ipv6Words>::open_pinned(root)?;
         adopt_into(&mut t, &mut nl, plan6, &mut counts);
     }
-    debug!(netfilter_flows = flows.len(), "nf_conntrack read");
+    debug!(netfilter_flows = read, dnat_flows = flows.len(), "nf_conntrack read");
     Ok(counts)
 }
 
