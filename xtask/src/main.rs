@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | image`.
 //!
 //! `setup` installs, idempotently and from registries only, everything the build and the
 //! tests need: the nightly's rust-src, bpf-linker linked against the nightly's own LLVM,
@@ -47,6 +47,12 @@ enum Cmd {
     },
     /// End-to-end on a kind cluster without kube-proxy (skips without docker/kind/kubectl).
     E2eKind,
+    /// Release build, then the agent's image `FROM scratch` with buildah (no registry needed).
+    Image {
+        /// Image name; default ghcr.io/ebpf-proxy/ebpf-proxy:<the chart's appVersion>.
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -111,6 +117,36 @@ fn demo() -> Result<()> {
     run(Command::new(root.join("target/debug/proxy-demo")).arg(root.join("target/debug/ebpf-proxy")))
 }
 
+/// `cargo xtask image`: the release binary, then [`xtask::image::assemble`].
+fn image(tag: Option<String>) -> Result<()> {
+    let root = workspace_root();
+    let tag = match tag {
+        Some(t) => t,
+        None => xtask::image::default_tag(&root)?,
+    };
+    let t = Instant::now();
+    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "proxy-userspace",
+        "--bin",
+        "ebpf-proxy",
+    ]))?;
+    let built = t.elapsed();
+    let t = Instant::now();
+    xtask::image::assemble(&root.join("target/release/ebpf-proxy"), &tag)?;
+    let size = xtask::image::image_size(&tag)?;
+    eprintln!(
+        "xtask image: {tag} ({:.1} MB) in {:.1?} (cargo build {built:.1?}, image {:.1?})",
+        size as f64 / 1e6,
+        built + t.elapsed(),
+        t.elapsed()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -119,6 +155,7 @@ fn main() -> ExitCode {
         Cmd::Demo => demo(),
         Cmd::Bench { quick, args } => bench::bench(quick, &args),
         Cmd::E2eKind => e2e_kind::main(),
+        Cmd::Image { tag } => image(tag),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
