@@ -26,7 +26,8 @@ pub const BINARY_PATH: &str = "/usr/local/bin/ebpf-proxy";
 pub fn chart_app_version(workspace: &Path) -> Result<String> {
     let path = workspace.join("manifests/helm/ebpf-proxy/Chart.yaml");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let chart: serde_yaml::Value = serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let version = match chart.get("appVersion") {
         Some(serde_yaml::Value::String(s)) => s.clone(),
         Some(serde_yaml::Value::Number(n)) => n.to_string(),

@@ -52,6 +52,10 @@ enum Cmd {
         /// Image name; default ghcr.io/ebpf-proxy/ebpf-proxy:<the chart's appVersion>.
         #[arg(long)]
         tag: Option<String>,
+        /// Put this binary in the image instead of building the release one (e.g. a debug
+        /// build, to try a change quickly).
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
 }
 
@@ -118,25 +122,31 @@ fn demo() -> Result<()> {
 }
 
 /// `cargo xtask image`: the release binary, then [`xtask::image::assemble`].
-fn image(tag: Option<String>) -> Result<()> {
+fn image(tag: Option<String>, binary: Option<PathBuf>) -> Result<()> {
     let root = workspace_root();
     let tag = match tag {
         Some(t) => t,
         None => xtask::image::default_tag(&root)?,
     };
     let t = Instant::now();
-    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "proxy-userspace",
-        "--bin",
-        "ebpf-proxy",
-    ]))?;
+    let binary = match binary {
+        Some(b) => b,
+        None => {
+            run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "proxy-userspace",
+                "--bin",
+                "ebpf-proxy",
+            ]))?;
+            root.join("target/release/ebpf-proxy")
+        }
+    };
     let built = t.elapsed();
     let t = Instant::now();
-    xtask::image::assemble(&root.join("target/release/ebpf-proxy"), &tag)?;
+    xtask::image::assemble(&binary, &tag)?;
     let size = xtask::image::image_size(&tag)?;
     eprintln!(
         "xtask image: {tag} ({:.1} MB) in {:.1?} (cargo build {built:.1?}, image {:.1?})",
@@ -155,7 +165,7 @@ fn main() -> ExitCode {
         Cmd::Demo => demo(),
         Cmd::Bench { quick, args } => bench::bench(quick, &args),
         Cmd::E2eKind => e2e_kind::main(),
-        Cmd::Image { tag } => image(tag),
+        Cmd::Image { tag, binary } => image(tag, binary),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
