@@ -346,8 +346,14 @@ fn pod_spec_runs_under_podman(test: &str, renderer: Renderer) {
     let size = xtask::image::image_size(&env.image.tag).expect("image size");
     eprintln!("{test}: image {} built in {:.1?}, {:.1} MB", env.image.tag, env.image_build, size as f64 / 1e6);
     let (install, uninstall) = render(renderer, &env.files.0, &env.image.tag, env.api_addr());
-    let spec = RunSpec::from_rendered(&install, "ebpf-proxy", "agent", &node.name).expect("agent container");
+    let mut spec = RunSpec::from_rendered(&install, "ebpf-proxy", "agent", &node.name).expect("agent container");
     assert_eq!(spec.image, env.image.tag, "the rendered image is the one built");
+    // To find out whether a capability is needed: EBPF_PROXY_E2E_DROP_CAPS=PERFMON,... runs
+    // the rendered spec without them.
+    if let Ok(drop) = std::env::var("EBPF_PROXY_E2E_DROP_CAPS") {
+        spec.cap_add.retain(|c| !drop.split(',').any(|d| d.trim() == c));
+        eprintln!("{test}: EBPF_PROXY_E2E_DROP_CAPS: running with capabilities {:?}", spec.cap_add);
+    }
     let args = spec.podman_args(&env.host()).expect("podman args");
     eprintln!("{test}: podman run {}", args.join(" "));
 
@@ -355,10 +361,16 @@ fn pod_spec_runs_under_podman(test: &str, renderer: Renderer) {
     let agent = PodmanContainer::start(&unique("e2e-agent-"), &args).expect("podman run");
     let readiness = spec.readiness.clone().expect("the agent has a readiness probe");
     let liveness = spec.liveness.clone().expect("the agent has a liveness probe");
-    if let Err(e) =
-        wait_for(Duration::from_secs(60), "readiness probe", || probe_ok(&node.ns, node.ip, &readiness).then_some(()))
-    {
-        panic!("{e}; running: {:?}\n{}", agent.running(), agent.logs());
+    // Until ready, or the container exits (a bad flag, a missing capability or library).
+    let outcome = wait_for(Duration::from_secs(60), "readiness probe", || {
+        if probe_ok(&node.ns, node.ip, &readiness) {
+            Some(true)
+        } else {
+            (!agent.running().unwrap_or(false)).then_some(false)
+        }
+    });
+    if !outcome.as_ref().is_ok_and(|ready| *ready) {
+        panic!("agent not ready ({outcome:?}), exit code {:?}:\n{}", agent.exit_code(), agent.logs());
     }
     let ready = started.elapsed();
     eprintln!("{test}: ready (readiness probe {}:{}) {ready:.2?} after podman run", readiness.path, readiness.port);
