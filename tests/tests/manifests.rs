@@ -204,14 +204,42 @@ fn kustomize_render() -> Vec<Value> {
     parse_stream(&text, "kubectl kustomize manifests/")
 }
 
-fn helm_render(helm: &str, sets: &[&str]) -> Vec<Value> {
+/// The API server address every render of these tests sets (Helm requires one), and the
+/// URL the agent gets for it; docs/deploy.md's overlay sets the same.
+const API_SERVER_HOST: &str = "192.0.2.10";
+const API_SERVER_URL: &str = "https://192.0.2.10:6443";
+
+/// `helm template` of the chart with `sets` (after `apiServer.host`, which they may override).
+fn helm_template(helm: &str, sets: &[&str]) -> Result<String, String> {
     let mut cmd = Command::new(helm);
     cmd.args(["template", "ebpf-proxy"]).arg(chart_dir()).args(["--namespace", "ebpf-proxy"]);
+    cmd.args(["--set", &format!("apiServer.host={API_SERVER_HOST}")]);
     for s in sets {
         cmd.args(["--set", s]);
     }
-    let text = output(&mut cmd).expect("helm template");
+    output(&mut cmd)
+}
+
+fn helm_render(helm: &str, sets: &[&str]) -> Vec<Value> {
+    let text = helm_template(helm, sets).expect("helm template");
     parse_stream(&text, &format!("helm template {sets:?}"))
+}
+
+/// docs/deploy.md's Kustomize overlay (the yaml block that starts with `# overlay/kustomization.yaml`),
+/// rendered as a user would: `kubectl kustomize overlay/` beside `manifests/`.
+fn docs_overlay_render() -> Vec<Value> {
+    let docs = std::fs::read_to_string(root().join("docs/deploy.md")).unwrap();
+    let start = docs.find("```yaml\n# overlay/kustomization.yaml").expect("docs/deploy.md: the overlay block");
+    let block = &docs[start + "```yaml\n".len()..];
+    let block = &block[..block.find("```").expect("end of the overlay block")];
+    let dir = std::env::temp_dir().join(format!("epx-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("overlay")).unwrap();
+    let _ = std::fs::remove_file(dir.join("manifests"));
+    std::os::unix::fs::symlink(manifests_dir(), dir.join("manifests")).unwrap();
+    std::fs::write(dir.join("overlay/kustomization.yaml"), block).unwrap();
+    let text = output(Command::new("kubectl").arg("kustomize").arg(dir.join("overlay")));
+    let _ = std::fs::remove_dir_all(&dir);
+    parse_stream(&text.expect("kubectl kustomize of docs/deploy.md's overlay"), "docs/deploy.md's overlay")
 }
 
 /// The objects of the base: rendered by Kustomize when kubectl is here, else its files
@@ -319,6 +347,9 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
         args.source.manifests.is_none() && args.source.kubeconfig.is_none(),
         "{origin}: the DaemonSet must use the in-cluster config"
     );
+    if let Err(e) = proxy_userspace::source::apiserver::parse(args.source.api_server.as_deref().unwrap_or_default()) {
+        panic!("{origin}: {e}");
+    }
     assert!(
         !args.pod_iface_pattern.is_empty() && args.pod_iface_pattern.iter().all(|p| !p.is_empty()),
         "{origin}: {argv:?}"
@@ -395,7 +426,7 @@ fn check_daemonset_policy(objects: &[Value], origin: &str) {
     let caps = sc.capabilities.as_ref().expect("capabilities");
     assert_eq!(caps.drop.clone().unwrap_or_default(), vec!["ALL".to_string()], "{origin}: drop ALL");
     let added: BTreeSet<String> = caps.add.iter().flatten().cloned().collect();
-    let want: BTreeSet<String> = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"].map(String::from).into();
+    let want: BTreeSet<String> = ["BPF", "NET_ADMIN", "PERFMON"].map(String::from).into();
     assert_eq!(added, want, "{origin}: capabilities (document any addition in daemonset.yaml and docs/deploy.md)");
     let host_paths: BTreeSet<String> =
         pod.volumes.iter().flatten().filter_map(|v| v.host_path.as_ref()).map(|h| h.path.clone()).collect();
@@ -659,14 +690,19 @@ fn helm_chart_renders_the_same_objects_as_kustomize() {
         Ok(h) => h,
         Err(why) => return skip("helm_chart_renders_the_same_objects_as_kustomize", &why),
     };
+    // Kustomize with docs/deploy.md's overlay, which sets the API server address Helm is given.
     let kustomize = match kubectl() {
-        Ok(()) => kustomize_render(),
+        Ok(()) => docs_overlay_render(),
         Err(why) => {
             skip(
                 "helm_chart_renders_the_same_objects_as_kustomize",
-                &format!("{why}; comparing with the base's files"),
+                &format!("{why}; comparing with the base's files, api-server set by hand"),
             );
-            base_objects_from_files()
+            let mut objects = base_objects_from_files();
+            for o in objects.iter_mut().filter(|o| o["kind"] == "ConfigMap") {
+                o["data"]["api-server"] = Value::from(API_SERVER_URL);
+            }
+            objects
         }
     };
     let defaults = helm_render(&helm, &[]);
@@ -703,8 +739,8 @@ fn helm_values_reach_the_agent() {
             "httpPort=10999",
             "metricsAddress=0.0.0.0:10249",
             "extraArgs={--max-conntrack=1048576}",
-            "kubernetesServiceHost=172.18.0.2",
-            "kubernetesServicePort=6443",
+            "apiServer.host=172.18.0.2",
+            "apiServer.port=443",
             "resources.limits.memory=1Gi",
         ],
     );
@@ -717,13 +753,58 @@ fn helm_values_reach_the_agent() {
     assert_eq!(args.http_addr.port(), 10999);
     assert_eq!(args.metrics_addr, "0.0.0.0:10249".parse().unwrap());
     assert_eq!(args.max_conntrack, 1048576);
+    assert_eq!(args.source.api_server.as_deref(), Some("https://172.18.0.2:443"));
     let ds: DaemonSet = one(&objects, "DaemonSet");
     let c = ds.spec.template.spec.unwrap().containers.remove(0);
     assert_eq!(c.image.as_deref(), Some("example.org/proxy:v9"));
-    let env: BTreeMap<String, Option<String>> = c.env.unwrap().into_iter().map(|e| (e.name, e.value)).collect();
-    assert_eq!(env["KUBERNETES_SERVICE_HOST"].as_deref(), Some("172.18.0.2"));
-    assert_eq!(env["KUBERNETES_SERVICE_PORT"].as_deref(), Some("6443"));
     assert_eq!(c.resources.unwrap().limits.unwrap()["memory"].0, "1Gi");
+}
+
+/// Bootstrap without kube-proxy: Helm refuses to render without the API server's address
+/// (naming the value), `auto` without a cluster to read kube-public/cluster-info from says
+/// so, and every explicit form reaches the agent as a URL it accepts.
+#[test]
+fn helm_requires_the_api_server_address_or_auto() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_requires_the_api_server_address_or_auto", &why),
+    };
+    let e = helm_template(&helm, &["apiServer.host="]).unwrap_err();
+    assert!(e.contains("apiServer.host is required"), "{e}");
+    let e = helm_template(&helm, &["apiServer.host=auto"]).unwrap_err();
+    assert!(e.contains("kube-public/cluster-info") && e.contains("set apiServer.host"), "{e}");
+    for (host, port, url) in [
+        ("10.0.0.1", "6443", "https://10.0.0.1:6443"),
+        ("10.0.0.1:8443", "6443", "https://10.0.0.1:8443"),
+        ("api.example.com", "443", "https://api.example.com:443"),
+        ("https://api.example.com:9443", "6443", "https://api.example.com:9443"),
+        ("fd00::1", "6443", "https://[fd00::1]:6443"),
+        ("[fd00::1]:443", "6443", "https://[fd00::1]:443"),
+    ] {
+        let objects = helm_render(&helm, &[&format!("apiServer.host={host}"), &format!("apiServer.port={port}")]);
+        let args = check_agent_args(&objects, &format!("helm apiServer.host={host}"));
+        assert_eq!(args.source.api_server.as_deref(), Some(url), "apiServer.host={host}");
+        let parsed = proxy_userspace::source::apiserver::parse(url).unwrap().unwrap();
+        assert_eq!(parsed.to_string().trim_end_matches('/'), url, "the agent reads apiServer.host={host} as given");
+    }
+}
+
+/// Kustomize: the base leaves `api-server` empty (the agent then names the setting when it
+/// cannot reach the ClusterIP), and docs/deploy.md's overlay sets it without a patch of the
+/// pod spec: the agent gets `--api-server` with the overlay's address.
+#[test]
+fn kustomize_overlay_in_the_docs_sets_the_api_server() {
+    if let Err(why) = kubectl() {
+        return skip("kustomize_overlay_in_the_docs_sets_the_api_server", &why);
+    }
+    let base = check_agent_args(&kustomize_render(), "kustomize base");
+    assert_eq!(base.source.api_server.as_deref(), Some(""));
+    let objects = docs_overlay_render();
+    check_all(&objects, "docs/deploy.md's overlay");
+    let args = check_agent_args(&objects, "docs/deploy.md's overlay");
+    assert_eq!(args.source.api_server.as_deref(), Some(API_SERVER_URL));
+    let cm: ConfigMap = one(&objects, "ConfigMap");
+    assert_eq!(cm.metadata.name.as_deref(), Some("ebpf-proxy-config"), "the overlay merges, no renamed copy");
 }
 
 /// The uninstall step: a DaemonSet that runs `ebpf-proxy cleanup` on every node, on the
