@@ -789,6 +789,132 @@ fn helm_requires_the_api_server_address_or_auto() {
     }
 }
 
+/// A stand-in for the API server `helm install` talks to: discovery for the chart's kinds
+/// (Helm maps each object to a resource before its dry run), 404 for the chart's own
+/// objects (nothing installed yet), and kube-public/cluster-info holding a kubeadm-style
+/// kubeconfig whose server is `server`. Serves until the test process ends.
+fn cluster_info_server(server: &str) -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let kubeconfig =
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: \"\"\n  cluster:\n    server: {server}\n");
+    let group = |name: &str| {
+        let gv = format!("{name}/v1");
+        serde_json::json!({"name": name, "versions": [{"groupVersion": gv, "version": "v1"}],
+            "preferredVersion": {"groupVersion": gv, "version": "v1"}})
+    };
+    let resources = |gv: &str, list: &[(&str, &str, bool)]| {
+        let r: Vec<Value> = list
+            .iter()
+            .map(|(name, kind, ns)| {
+                serde_json::json!({"name": name, "singularName": kind.to_lowercase(),
+                "namespaced": ns, "kind": kind, "verbs": ["get", "list"]})
+            })
+            .collect();
+        serde_json::json!({"kind": "APIResourceList", "groupVersion": gv, "resources": r})
+    };
+    let routes: BTreeMap<&str, Value> = [
+        (
+            "/version",
+            serde_json::json!({"major": "1", "minor": "31", "gitVersion": "v1.31.0", "platform": "linux/amd64"}),
+        ),
+        ("/api", serde_json::json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})),
+        (
+            "/apis",
+            serde_json::json!({"kind": "APIGroupList", "apiVersion": "v1",
+            "groups": [group("apps"), group("rbac.authorization.k8s.io")]}),
+        ),
+        (
+            "/api/v1",
+            resources(
+                "v1",
+                &[
+                    ("configmaps", "ConfigMap", true),
+                    ("serviceaccounts", "ServiceAccount", true),
+                    ("namespaces", "Namespace", false),
+                ],
+            ),
+        ),
+        ("/apis/apps/v1", resources("apps/v1", &[("daemonsets", "DaemonSet", true)])),
+        (
+            "/apis/rbac.authorization.k8s.io/v1",
+            resources(
+                "rbac.authorization.k8s.io/v1",
+                &[("clusterroles", "ClusterRole", false), ("clusterrolebindings", "ClusterRoleBinding", false)],
+            ),
+        ),
+        (
+            "/api/v1/namespaces/kube-public/configmaps/cluster-info",
+            serde_json::json!({"kind": "ConfigMap",
+            "apiVersion": "v1", "metadata": {"name": "cluster-info", "namespace": "kube-public"},
+            "data": {"kubeconfig": kubeconfig}}),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(&stream);
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            // The headers: read and ignored (GETs only, no body).
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/");
+            let (status, body) = match routes.get(path) {
+                Some(v) => ("200 OK", v.to_string()),
+                None => (
+                    "404 Not Found",
+                    r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#
+                        .to_string(),
+                ),
+            };
+            let _ = write!(
+                &stream,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+/// `apiServer.host=auto` on a kubeadm cluster: `helm install` (here its server-side dry run,
+/// which runs the chart's lookups against the cluster) reads the API server's address from
+/// kube-public/cluster-info, as `kubeadm join` does, and the agent gets it.
+#[test]
+fn helm_auto_reads_the_api_server_from_cluster_info() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_auto_reads_the_api_server_from_cluster_info", &why),
+    };
+    let api = cluster_info_server("https://192.0.2.77:6443");
+    let dir = std::env::temp_dir().join(format!("epx-helm-auto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'http://{api}'}}}}]\n\
+             contexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\nusers: [{{name: u, user: {{}}}}]\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(&helm);
+    cmd.args(["template", "ebpf-proxy"]).arg(chart_dir()).args(["--namespace", "ebpf-proxy"]);
+    cmd.args(["--set", "apiServer.host=auto", "--dry-run=server", "--disable-openapi-validation", "--kubeconfig"]);
+    let text = output(cmd.arg(&kubeconfig));
+    let _ = std::fs::remove_dir_all(&dir);
+    let objects = parse_stream(&text.expect("helm template --dry-run=server"), "helm apiServer.host=auto");
+    let args = check_agent_args(&objects, "helm apiServer.host=auto");
+    assert_eq!(args.source.api_server.as_deref(), Some("https://192.0.2.77:6443"));
+}
+
 /// Kustomize: the base leaves `api-server` empty (the agent then names the setting when it
 /// cannot reach the ClusterIP), and docs/deploy.md's overlay sets it without a patch of the
 /// pod spec: the agent gets `--api-server` with the overlay's address.
