@@ -5,7 +5,7 @@
 //! The image is built with `cargo xtask image`'s code (`xtask::image::assemble`, on the
 //! debug binary the tests already built). The install is rendered with Kustomize (an
 //! overlay as a user writes one: the image retagged, the API server's address) and with
-//! Helm (`helm template` with `--set`), and the agent container is taken exactly as
+//! Helm (`helm template` with `--set apiServer.host=...`), and the agent container is taken exactly as
 //! rendered (`proxy_tests::podman::RunSpec`) and run with podman in a node network
 //! namespace the test builds, against the fake API server over HTTPS with a service-account
 //! token and CA mounted where the in-cluster config reads them. What cannot be 1:1:
@@ -16,8 +16,9 @@
 //! - seccomp RuntimeDefault is podman's default profile with bpf()/perf_event_open()
 //!   allowed under CAP_BPF/CAP_PERFMON, as containerd >= 1.7 and Docker >= 20.10 do
 //!   (podman 4.3's own ties them to CAP_SYS_ADMIN);
-//! - the kubelet's `KUBERNETES_SERVICE_HOST/PORT` (the `kubernetes` ClusterIP, which
-//!   nothing serves before the agent runs) are set first, and the spec's env overrides them.
+//! - the env has the kubelet's `KUBERNETES_SERVICE_HOST/PORT` (the `kubernetes`
+//!   ClusterIP, which nothing serves before the agent runs), as on a node: the install's
+//!   API-server setting must take the agent past them.
 //!
 //! Checked: readiness and liveness through the spec's probe paths and ports from the node;
 //! a ClusterIP from a pod and from a hostNetwork process (socket-level LB, in the test's
@@ -110,7 +111,7 @@ fn image_parts(image: &str) -> (&str, &str) {
 #[derive(Clone, Copy, Debug)]
 enum Renderer {
     /// `kubectl kustomize` of an overlay: `resources: [manifests/]`, the image retagged,
-    /// the API server's address.
+    /// the API server's address in the ConfigMap (`api-server`).
     Kustomize,
     /// `helm template` of the chart with `--set`.
     Helm,
@@ -136,17 +137,13 @@ fn render(renderer: Renderer, dir: &Path, image: &str, api: SocketAddr) -> (Vec<
         Renderer::Kustomize => {
             let d = dir.join("overlay");
             std::fs::create_dir_all(&d).unwrap();
-            // The API server's real address, as docs/deploy.md tells a user to set it.
+            // The API server's own address, set as docs/deploy.md tells a user to: one key
+            // of the base's ConfigMap.
             let overlay = format!(
                 "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [{}]\n{images}\
-                 patches:\n  - target: {{kind: DaemonSet, name: ebpf-proxy}}\n    patch: |\n\
-                 \x20     - op: add\n        path: /spec/template/spec/containers/0/env/-\n\
-                 \x20       value: {{name: KUBERNETES_SERVICE_HOST, value: \"{}\"}}\n\
-                 \x20     - op: add\n        path: /spec/template/spec/containers/0/env/-\n\
-                 \x20       value: {{name: KUBERNETES_SERVICE_PORT, value: \"{}\"}}\n",
+                 configMapGenerator:\n  - name: ebpf-proxy-config\n    namespace: {NAMESPACE}\n\
+                 \x20   behavior: merge\n    literals:\n      - api-server=https://{api}\n",
                 relative(&d, &workspace().join("manifests")).display(),
-                api.ip(),
-                api.port()
             );
             std::fs::write(d.join("kustomization.yaml"), overlay).unwrap();
             kubectl_kustomize(&d)
@@ -158,8 +155,8 @@ fn render(renderer: Renderer, dir: &Path, image: &str, api: SocketAddr) -> (Vec<
             for set in [
                 format!("image.repository={repo}"),
                 format!("image.tag={tag}"),
-                format!("kubernetesServiceHost={}", api.ip()),
-                format!("kubernetesServicePort={}", api.port()),
+                format!("apiServer.host={}", api.ip()),
+                format!("apiServer.port={}", api.port()),
             ] {
                 cmd.args(["--set", &set]);
             }
