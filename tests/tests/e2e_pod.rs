@@ -117,15 +117,24 @@ enum Renderer {
     Helm,
 }
 
-/// The agent's objects, and the uninstall DaemonSet's.
+/// The name of the DaemonSet labelled `app.kubernetes.io/component: <component>`.
+fn daemonset_of(objects: &[Value], component: &str) -> Option<String> {
+    objects
+        .iter()
+        .filter(|v| v.get("kind").and_then(Value::as_str) == Some("DaemonSet"))
+        .find(|v| v.pointer("/metadata/labels/app.kubernetes.io~1component").and_then(Value::as_str) == Some(component))
+        .and_then(|v| v.pointer("/metadata/name").and_then(Value::as_str).map(String::from))
+}
+
+/// The agent's objects, and the uninstall DaemonSet's: the chart's own when it renders
+/// one, else `manifests/uninstall/` retagged by an overlay.
 fn render(renderer: Renderer, dir: &Path, image: &str, api: SocketAddr) -> (Vec<Value>, Vec<Value>) {
     let (repo, tag) = image_parts(image);
     let kubectl_kustomize = |overlay: &Path| {
         parse_stream(&podman::output(Command::new("kubectl").arg("kustomize").arg(overlay)).expect("kubectl kustomize"))
     };
     let images = format!("images:\n  - name: {}\n    newName: {repo}\n    newTag: {tag}\n", xtask::image::REPOSITORY);
-    // The uninstall DaemonSet is applied by file (docs/deploy.md), retagged like the install.
-    let uninstall = {
+    let uninstall_file = || {
         let d = dir.join("uninstall");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::copy(workspace().join("manifests/uninstall/cleanup-daemonset.yaml"), d.join("cleanup-daemonset.yaml"))
@@ -162,6 +171,10 @@ fn render(renderer: Renderer, dir: &Path, image: &str, api: SocketAddr) -> (Vec<
             }
             parse_stream(&podman::output(&mut cmd).expect("helm template"))
         }
+    };
+    let uninstall = match renderer {
+        Renderer::Helm if daemonset_of(&install, "cleanup").is_some() => install.clone(),
+        _ => uninstall_file(),
     };
     (install, uninstall)
 }
@@ -412,7 +425,8 @@ fn pod_spec_runs_under_podman(test: &str, renderer: Renderer) {
     assert!(!env.pinned().is_empty() && !netns_attachments(&node.ns).is_empty());
 
     // Uninstall: the cleanup DaemonSet's init container, then its idling one, as rendered.
-    let cleanup = RunSpec::from_rendered(&uninstall, "ebpf-proxy-cleanup", "cleanup", &node.name).expect("cleanup");
+    let cleanup_ds = daemonset_of(&uninstall, "cleanup").expect("the uninstall DaemonSet");
+    let cleanup = RunSpec::from_rendered(&uninstall, &cleanup_ds, "cleanup", &node.name).expect("cleanup");
     let (code, out) = PodmanContainer::run_to_completion(
         &unique("e2e-cleanup-"),
         &cleanup.podman_args(&env.host()).expect("podman args"),
@@ -421,7 +435,7 @@ fn pod_spec_runs_under_podman(test: &str, renderer: Renderer) {
     .expect("cleanup container");
     eprintln!("{test}: cleanup said:\n{out}");
     assert_eq!(code, 0, "cleanup failed:\n{out}");
-    let done = RunSpec::from_rendered(&uninstall, "ebpf-proxy-cleanup", "done", &node.name).expect("done container");
+    let done = RunSpec::from_rendered(&uninstall, &cleanup_ds, "done", &node.name).expect("done container");
     let idle = PodmanContainer::start(&unique("e2e-cleanup-done-"), &done.podman_args(&env.host()).unwrap()).unwrap();
     wait_for(Duration::from_secs(20), "the second cleanup's report", || {
         idle.logs().contains("nothing to clean up").then_some(())
@@ -473,5 +487,6 @@ fn pod_spec_without_cap_bpf_never_becomes_ready() {
     let logs = agent.logs();
     assert!(exited.is_ok() && agent.exit_code().unwrap() != 0, "the agent kept running without CAP_BPF:\n{logs}");
     assert!(logs.contains("CAP_BPF") || logs.to_lowercase().contains("permission"), "{logs}");
-    assert!(env.pinned().is_empty() || env.pinned().iter().all(|p| !p.contains("maps")), "{:?}", env.pinned());
+    let pinned = env.pinned();
+    assert!(pinned.iter().all(|p| !p.contains("/maps/") && !p.contains("/links/")), "{pinned:?}");
 }
