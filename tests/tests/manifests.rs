@@ -364,7 +364,7 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
     let c = &pod.containers[0];
     let http = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("http")).expect("a port named http");
     assert_eq!(i32::from(args.http_addr.port()), http.container_port, "{origin}: --http-addr vs containerPort");
-    for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
+    for (probe, path) in [(&c.liveness_probe, "/livez"), (&c.readiness_probe, "/readyz")] {
         let get =
             probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{origin}: no {path} probe"));
         assert_eq!(get.path.as_deref(), Some(path), "{origin}");
