@@ -163,3 +163,46 @@ fn an_unserved_kubernetes_clusterip_names_the_api_server_setting() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("ClusterIP"), "no bootstrap error once the address is given: {text}");
 }
+
+/// kube-proxy's health semantics (>= 1.31, KEP-3836): once the cluster autoscaler taints
+/// the Node ToBeDeletedByClusterAutoscaler, /healthz (what cloud load balancers probe)
+/// fails so traffic drains away from the node, while /livez (the kubelet's liveness probe)
+/// and /readyz stay 200 and Services keep working; without the taint /healthz passes again.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn healthz_fails_on_a_node_tainted_for_deletion_livez_does_not() {
+    require_root("healthz_fails_on_a_node_tainted_for_deletion_livez_does_not");
+    let mut topo = Topology::single_node(2, 22).expect("topology");
+    topo.start_server(SERVER, 1, 8080).expect("server");
+    let listener = bind_in_netns(&topo.node.name, "127.0.0.1:6443".parse().unwrap()).expect("bind in netns");
+    let api = FakeApiServer::start_background(listener).expect("fake apiserver");
+    let node = |taints: serde_json::Value| -> Node {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "node-a"}, "spec": {"taints": taints}})).unwrap()
+    };
+    api.apply_node(node(serde_json::json!([])));
+    api.apply_service(serde_yaml::from_str(&service_yaml("api", "10.96.0.20", 80, 8080, "TCP")).unwrap());
+    api.apply_endpointslice(slice(&topo, &[1]));
+    let dir = TempDir::new("ebpf-proxy-kubeconfig-").unwrap();
+    let kubeconfig = dir.0.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, "http://127.0.0.1:6443").unwrap();
+    let pins = PinDir::new();
+    let args = ["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "node-a"];
+    let agent = Agent::start(&topo.node, &pins.0, 10264, &args).expect("agent");
+    agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("ready");
+    let status = |path: &str| topo.node.run(|| proxy_tests::agent::http_get(agent.http, path).ok());
+    let codes = || ["/healthz", "/livez", "/readyz"].map(|p| status(p).map(|(c, _)| c));
+    assert_eq!(codes(), [Some(200); 3]);
+
+    api.apply_node(node(
+        serde_json::json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1765000000", "effect": "NoSchedule"}]),
+    ));
+    wait_for(Duration::from_secs(5), "/healthz 503", || (codes()[0] == Some(503)).then_some(())).unwrap();
+    assert_eq!(codes(), [Some(503), Some(200), Some(200)]);
+    let (_, body) = status("/healthz").unwrap();
+    assert!(body.contains("ToBeDeletedByClusterAutoscaler"), "{body}");
+    converge(&topo.pods[0].ns, (VIP, 80).into(), &["pod1"]);
+
+    api.apply_node(node(serde_json::json!([])));
+    wait_for(Duration::from_secs(5), "/healthz 200", || (codes()[0] == Some(200)).then_some(())).unwrap();
+    assert_eq!(codes(), [Some(200); 3]);
+}

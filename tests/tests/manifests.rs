@@ -364,7 +364,7 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
     let c = &pod.containers[0];
     let http = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("http")).expect("a port named http");
     assert_eq!(i32::from(args.http_addr.port()), http.container_port, "{origin}: --http-addr vs containerPort");
-    for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
+    for (probe, path) in [(&c.liveness_probe, "/livez"), (&c.readiness_probe, "/readyz")] {
         let get =
             probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{origin}: no {path} probe"));
         assert_eq!(get.path.as_deref(), Some(path), "{origin}");
@@ -913,6 +913,86 @@ fn helm_auto_reads_the_api_server_from_cluster_info() {
     let objects = parse_stream(&text.expect("helm template --dry-run=server"), "helm apiServer.host=auto");
     let args = check_agent_args(&objects, "helm apiServer.host=auto");
     assert_eq!(args.source.api_server.as_deref(), Some("https://192.0.2.77:6443"));
+}
+
+/// The chart's guard rails: `helm lint --strict` passes, and values.schema.json refuses
+/// each bad value at install time naming it (before, each of these rendered: a bogus mode
+/// or port crash-looped the pod, a non-numeric delay silently became 0).
+#[test]
+fn helm_schema_refuses_bad_values_and_lint_is_strict_clean() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_schema_refuses_bad_values_and_lint_is_strict_clean", &why),
+    };
+    let lint = Command::new(&helm)
+        .args(["lint", "--strict"])
+        .arg(chart_dir())
+        .args(["--set", &format!("apiServer.host={API_SERVER_HOST}")])
+        .output()
+        .unwrap();
+    assert!(lint.status.success(), "helm lint --strict:\n{}", String::from_utf8_lossy(&lint.stdout));
+    for (set, names) in [
+        ("socketLb=bogus", "/socketLb"),
+        ("httpPort=abc", "/httpPort"),
+        ("httpPort=70000", "/httpPort"),
+        ("syncDelayMs=abc", "/syncDelayMs"),
+        ("logFormat=xml", "/logFormat"),
+        ("metricsAddress=localhost", "/metricsAddress"),
+        ("nodePortAddresses={10.0.0.0}", "/nodePortAddresses/0"),
+        ("extraArgs={max-conntrack=5}", "/extraArgs/0"),
+        ("apiServer.port=0", "/apiServer/port"),
+        ("seccompProfile=none", "/seccompProfile"),
+        ("podIfacePatterns=null", "podIfacePatterns"),
+        ("sockeLb=on", "sockeLb"),
+    ] {
+        let e = helm_template(&helm, &[set]).expect_err(set);
+        assert!(e.contains("schema") && e.contains(names), "--set {set}: {e}");
+    }
+}
+
+/// extraArgs may replace any flag the chart sets (the agent refuses a flag given twice, so
+/// before this the pod crash-looped), and the values an operator expects reach the pod.
+#[test]
+fn helm_extra_args_override_the_charts_flags_and_pod_values_apply() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_extra_args_override_the_charts_flags_and_pod_values_apply", &why),
+    };
+    let objects = helm_render(
+        &helm,
+        &[
+            "extraArgs={--log-format=text,--socket-lb=off,--max-conntrack=1048576}",
+            "cgroupRoot=/sys/fs/cgroup/unified",
+            "updateStrategy.rollingUpdate.maxUnavailable=10%",
+            "extraEnv[0].name=RUST_LOG",
+            "extraEnv[0].value=debug",
+            "podLabels.team=net",
+            "imagePullSecrets[0].name=regcred",
+            "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=ebpf",
+            "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+        ],
+    );
+    check_all(&objects, "helm template (overrides)");
+    let args = check_agent_args(&objects, "helm (overrides)");
+    assert_eq!(args.log_format, proxy_userspace::cli::LogFormat::Text);
+    assert_eq!(args.max_conntrack, 1048576);
+    let argv = expanded_agent_argv(&objects).unwrap();
+    assert_eq!(argv.iter().filter(|a| a.starts_with("--socket-lb")).collect::<Vec<_>>(), ["--socket-lb=off"]);
+    let ds: DaemonSet = one(&objects, "DaemonSet");
+    let ru = ds.spec.update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+    assert_eq!(
+        ru.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("10%".into()))
+    );
+    let tpl = ds.spec.template;
+    assert_eq!(tpl.metadata.unwrap().labels.unwrap()["team"], "net");
+    let pod = tpl.spec.unwrap();
+    assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+    assert!(pod.affinity.unwrap().node_affinity.is_some());
+    let cgroup = pod.volumes.unwrap().into_iter().find(|v| v.name == "cgroup").unwrap();
+    assert_eq!(cgroup.host_path.unwrap().path, "/sys/fs/cgroup/unified");
+    let env = pod.containers[0].env.clone().unwrap();
+    assert!(env.iter().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug")));
 }
 
 /// Kustomize: the base leaves `api-server` empty (the agent then names the setting when it

@@ -263,6 +263,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         syncer,
         node_maps,
         health: HealthServers::new(ready.clone()),
+        proxy_health: health.clone(),
         source,
         translator: Translator::new(NodeInfo { name: node_name.clone(), ..NodeInfo::default() }),
         snapshots: Snapshots::default(),
