@@ -126,7 +126,10 @@ pub fn assemble(binary: &Path, tag: &str) -> Result<()> {
     if !binary.is_file() {
         bail!("no binary at {}", binary.display());
     }
-    let staging = Staging(std::env::temp_dir().join(format!("ebpf-proxy-image-{}", std::process::id())));
+    // One directory per call: tests build images from several threads of one process.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = Staging(std::env::temp_dir().join(format!("ebpf-proxy-image-{}-{call}", std::process::id())));
     let _ = std::fs::remove_dir_all(&staging.0);
     let rootfs = staging.0.join("rootfs");
     std::fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
