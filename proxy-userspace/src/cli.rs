@@ -105,11 +105,11 @@ pub struct ObjectSourceArgs {
     /// omitted), with the in-cluster service-account credentials (or the kubeconfig's). On
     /// a cluster without kube-proxy the in-cluster default, the `kubernetes` Service's
     /// ClusterIP, is served only once this agent runs: set this there. Empty: unset.
-    #[arg(long)]
+    #[arg(long, alias = "master")]
     pub api_server: Option<String>,
     /// This node's name (set from the Downward API in the DaemonSet): locality, zone and
     /// node addresses are judged for it. Default: the host name.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", alias = "hostname-override")]
     pub node_name: Option<String>,
 }
 
@@ -129,7 +129,9 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub source: ObjectSourceArgs,
     /// As the agent's flag of that name (it changes which node addresses serve NodePorts).
-    #[arg(long, value_delimiter = ',')]
+    /// Inside the agent's pod the DaemonSet's EBPF_PROXY_NODEPORT_ADDRESSES (from the
+    /// ConfigMap) is the default, so `kubectl exec ... verify` judges as the agent does.
+    #[arg(long, value_delimiter = ',', env = "EBPF_PROXY_NODEPORT_ADDRESSES")]
     pub nodeport_addresses: Vec<String>,
     #[command(flatten)]
     pub show: ShowArgs,
@@ -203,11 +205,11 @@ pub struct AgentArgs {
     /// is not a CIDR stops the agent at start-up (an empty one is ignored).
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
-    /// Address for /healthz and /readyz (kube-proxy's healthz port).
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// Address for /healthz, /livez and /readyz (kube-proxy's healthz port).
+    #[arg(long, alias = "healthz-bind-address", default_value = "0.0.0.0:10256")]
     pub http_addr: SocketAddr,
     /// Address for /metrics; loopback by default, like kube-proxy's 127.0.0.1:10249.
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    #[arg(long, alias = "metrics-bind-address", default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
     /// /healthz (and /readyz) fail when a change has waited this long without a completed
     /// sync (kube-proxy: 503 when an update is not synced in time).
@@ -253,8 +255,37 @@ pub struct AgentArgs {
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
     /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, alias = "logging-format", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Log level: error, warn, info, debug or trace (RUST_LOG's syntax for finer filters).
+    /// Without it or -v: RUST_LOG, else info.
+    #[arg(long, conflicts_with = "verbosity")]
+    pub log_level: Option<String>,
+    /// kube-proxy's verbosity: 0-3 info, 4 debug, 5 and more trace.
+    #[arg(short = 'v', long = "v", id = "verbosity")]
+    pub verbosity: Option<u32>,
+    /// kube-proxy's configuration file (a KubeProxyConfiguration, as in its ConfigMap): the
+    /// fields that apply set the matching flags (a flag given here wins); the others are
+    /// logged as ignored.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    /// The tracing filter the flags ask for: --log-level, else -v, else None (RUST_LOG or info).
+    pub fn log_filter(&self) -> Option<String> {
+        if let Some(l) = &self.log_level {
+            return Some(l.clone());
+        }
+        self.verbosity.map(|v| {
+            match v {
+                0..=3 => "info",
+                4 => "debug",
+                _ => "trace",
+            }
+            .to_string()
+        })
+    }
 }
 
 fn duration(s: &str) -> Result<std::time::Duration, String> {

@@ -11,7 +11,7 @@
 //!   `control` thread (which also handles signals); `healthcheck` serves the services'
 //!   `healthCheckNodePort`s.
 //! - `cleanup`: `ebpf-proxy cleanup`, taking the datapath out of the node.
-//! - `cli` (flags) and `show` (the operator CLI's output); `trace` runs one packet through a
+//! - `cli` (flags; `kubeproxy_config` reads kube-proxy's own config file into them) and `show` (the operator CLI's output); `trace` runs one packet through a
 //!   private copy of the datapath; `inspect` reads the objects `explain` and `verify` judge.
 pub mod agent;
 pub mod attacher;
@@ -24,6 +24,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod http;
 pub mod inspect;
+pub mod kubeproxy_config;
 pub mod metrics;
 pub mod model;
 pub mod show;

@@ -3,19 +3,22 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use proxy_userspace::{
     agent::{self, AgentConfig},
     cleanup,
-    cli::{AgentArgs, CleanupArgs, Cli, Command, LogFormat, OutputFormat, ShowArgs},
+    cli::{AgentArgs, CleanupArgs, Command, LogFormat, OutputFormat, ShowArgs},
     dataplane::maps::Maps,
     show,
 };
 use serde::Serialize;
 use tracing_subscriber::EnvFilter;
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// `level`: --log-level / -v when given; else RUST_LOG; else info.
+fn init_logging(format: LogFormat, level: Option<String>) {
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(&l).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
@@ -130,7 +133,13 @@ fn run_trace(a: &proxy_userspace::cli::TraceArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, ignored) = match proxy_userspace::kubeproxy_config::parse_args(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("ebpf-proxy: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     if let Command::Verify(a) = &cli.command {
         return match run_verify(a) {
             Ok(false) => ExitCode::SUCCESS,
@@ -143,7 +152,10 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Agent(args) => {
-            init_logging(args.log_format);
+            init_logging(args.log_format, args.log_filter());
+            if !ignored.is_empty() {
+                tracing::warn!(fields = ?ignored, "--config: fields that do not apply to this agent are ignored");
+            }
             run_agent(&args)
         }
         Command::Cleanup(a) => run_cleanup(&a),
