@@ -8,7 +8,11 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::dataplane::{attach::XdpModeChoice, node::PortRange, sock::SocketLbMode};
+use crate::dataplane::{
+    attach::{TcAttachChoice, XdpModeChoice},
+    node::PortRange,
+    sock::SocketLbMode,
+};
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// Host-side veth names of kind (kindnet `veth*`), Calico (`cali*`), Cilium (`lxc*`),
@@ -178,6 +182,10 @@ pub struct AgentArgs {
     /// XDP mode on uplinks: native (in the driver) where supported, else generic.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeChoice,
+    /// TC attachment: tcx links where the kernel has them (auto), or the clsact filters of
+    /// kernels without tcx (< 6.6) on any kernel (clsact: for testing that path).
+    #[arg(long, value_enum, env = "EBPF_PROXY_TC_ATTACH", default_value = "auto", hide = true)]
+    pub tc_attach: TcAttachChoice,
     /// Source ports for north-south SNAT (to backends on other nodes) and hairpin SNAT, per
     /// backend ip:port. Keep it outside net.ipv4.ip_local_port_range so it never collides
     /// with the node's own connections, and outside the NodePort range (uplink packets to
