@@ -72,6 +72,12 @@ pub struct CleanupArgs {
     /// "done" by being ready; see docs/deploy.md).
     #[arg(long)]
     pub keep_running: bool,
+    /// Remove what kube-proxy leaves on the node instead, as `kube-proxy --cleanup` does:
+    /// its KUBE-* iptables chains and the jumps to them (legacy and nft, IPv4 and IPv6) and
+    /// the nftables tables `ip kube-proxy` and `ip6 kube-proxy`. This datapath is left
+    /// alone, so it can run while the agent serves (the last step of a migration).
+    #[arg(long)]
+    pub kube_proxy: bool,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
