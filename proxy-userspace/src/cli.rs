@@ -78,6 +78,10 @@ pub struct CleanupArgs {
     /// alone, so it can run while the agent serves (the last step of a migration).
     #[arg(long)]
     pub kube_proxy: bool,
+    /// With --kube-proxy: where the node's root filesystem is mounted (in a pod); the node's
+    /// own iptables and nft are run chrooted into it. Without it they come from PATH.
+    #[arg(long, requires = "kube_proxy")]
+    pub host_root: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,

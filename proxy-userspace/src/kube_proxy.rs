@@ -20,6 +20,10 @@
 //! encoding is private to those tools. Each table is rewritten in one restore transaction.
 //! A tool that is not installed is skipped with a line saying so, never an error. Rules and
 //! chains that are not kube-proxy's are left alone. A second run finds nothing.
+//!
+//! The agent's image has none of those tools: in a pod, `--host-root` names where the
+//! node's root filesystem is mounted, and the node's own tools run chrooted into it (so
+//! they also match the node's kernel and iptables backend).
 use std::{
     fmt::Write as _,
     io::Write as _,
@@ -216,43 +220,81 @@ impl KubeProxyReport {
     }
 }
 
-/// Searched when PATH is not set at all.
+/// Searched when PATH is not set at all, and on the host under `--host-root`.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The executable `name` in PATH.
-fn find(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| is_executable(p))
+/// Where the tools come from: this filesystem (PATH), or the node's, mounted at a host root
+/// and run chrooted into it.
+#[derive(Clone, Debug, Default)]
+pub struct Tools {
+    pub host_root: Option<PathBuf>,
+}
+
+impl Tools {
+    /// The executable `name`, as the path to run it by (inside the host root, if any).
+    fn find(&self, name: &str) -> Option<PathBuf> {
+        match &self.host_root {
+            None => {
+                let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+                std::env::split_paths(&path).map(|d| d.join(name)).find(|p| is_executable(p))
+            }
+            Some(root) => std::env::split_paths(DEFAULT_PATH)
+                .map(|d| d.join(name))
+                .find(|p| is_executable(&root.join(p.strip_prefix("/").unwrap_or(p)))),
+        }
+    }
+
+    fn command(&self, program: &Path) -> Result<Command, String> {
+        let mut cmd = Command::new(program);
+        if let Some(root) = &self.host_root {
+            use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+            let c = std::ffi::CString::new(root.as_os_str().as_bytes())
+                .map_err(|_| format!("--host-root {}: contains NUL", root.display()))?;
+            // SAFETY: between fork and exec only async-signal-safe calls (chroot, chdir) on
+            // buffers prepared before the fork; nothing is allocated or locked.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::chroot(c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Ok(cmd)
+    }
+
+    /// Run `program` with `input` on stdin: its stdout, or an error naming it with its
+    /// stderr.
+    fn run(&self, program: &Path, args: &[&str], input: Option<&str>) -> Result<String, String> {
+        let name = program.display();
+        let mut child = self
+            .command(program)?
+            .args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("running {name}: {e}"))?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(text.as_bytes()).map_err(|e| format!("writing to {name}: {e}"))?;
+        }
+        let out = child.wait_with_output().map_err(|e| format!("running {name}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{name} {}: {} ({})",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Run `cmd` with `input` on stdin: its stdout, or an error naming it with its stderr.
-fn run(cmd: &Path, args: &[&str], input: Option<&str>) -> Result<String, String> {
-    let name = cmd.display();
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running {name}: {e}"))?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes()).map_err(|e| format!("writing to {name}: {e}"))?;
-    }
-    let out = child.wait_with_output().map_err(|e| format!("running {name}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{name} {}: {} ({})",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim(),
-            out.status
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn summary(p: &TablePlan) -> String {
@@ -264,11 +306,11 @@ fn summary(p: &TablePlan) -> String {
     format!("{} chain(s) ({}) and {} jump(s) to them", p.chains.len(), names.join(", "), p.jumps.len())
 }
 
-fn clean_iptables(family: &str, b: &Backend, report: &mut KubeProxyReport) {
-    let (Some(save), Some(restore)) = (find(b.save), find(b.restore)) else {
+fn clean_iptables(tools: &Tools, family: &str, b: &Backend, report: &mut KubeProxyReport) {
+    let (Some(save), Some(restore)) = (tools.find(b.save), tools.find(b.restore)) else {
         return report.skipped.push(format!("{} ({family}): {} or {} not installed", b.label, b.save, b.restore));
     };
-    let saved = match run(&save, &[], None) {
+    let saved = match tools.run(&save, &[], None) {
         Ok(s) => s,
         Err(e) => return report.errors.push(e),
     };
@@ -281,7 +323,7 @@ fn clean_iptables(family: &str, b: &Backend, report: &mut KubeProxyReport) {
         p.restore_input(&mut input);
     }
     // --wait: legacy iptables serialises writers on the xtables lock (kubelet may hold it).
-    match run(&restore, &["--noflush", "--wait=10"], Some(&input)) {
+    match tools.run(&restore, &["--noflush", "--wait=10"], Some(&input)) {
         Ok(_) => {
             for p in &plans {
                 let line = format!("{} ({family}) table {}: {}", b.label, p.table, summary(p));
@@ -296,11 +338,11 @@ fn clean_iptables(family: &str, b: &Backend, report: &mut KubeProxyReport) {
 /// The nftables tables kube-proxy's nftables mode writes.
 const NFT_TABLES: [(&str, &str); 2] = [("ip", "kube-proxy"), ("ip6", "kube-proxy")];
 
-fn clean_nftables(report: &mut KubeProxyReport) {
-    let Some(nft) = find("nft") else {
+fn clean_nftables(tools: &Tools, report: &mut KubeProxyReport) {
+    let Some(nft) = tools.find("nft") else {
         return report.skipped.push("nftables: nft not installed".to_string());
     };
-    let tables = match run(&nft, &["list", "tables"], None) {
+    let tables = match tools.run(&nft, &["list", "tables"], None) {
         Ok(t) => t,
         Err(e) => return report.errors.push(e),
     };
@@ -309,7 +351,7 @@ fn clean_nftables(report: &mut KubeProxyReport) {
         if !present {
             continue;
         }
-        match run(&nft, &["delete", "table", family, name], None) {
+        match tools.run(&nft, &["delete", "table", family, name], None) {
             Ok(_) => {
                 info!(family, table = name, "removed kube-proxy's nftables table");
                 report.removed.push(format!("nftables table {family} {name}"));
@@ -320,20 +362,20 @@ fn clean_nftables(report: &mut KubeProxyReport) {
 }
 
 /// Remove kube-proxy's leftovers from the caller's network namespace.
-pub fn cleanup() -> KubeProxyReport {
+pub fn cleanup(tools: &Tools) -> KubeProxyReport {
     let mut report = KubeProxyReport::default();
     for (family, backends) in &FAMILIES {
         let [legacy, nft, plain] = backends;
-        let have_variants = [legacy, nft].iter().any(|b| find(b.save).is_some());
+        let have_variants = [legacy, nft].iter().any(|b| tools.find(b.save).is_some());
         if have_variants {
-            clean_iptables(family, legacy, &mut report);
-            clean_iptables(family, nft, &mut report);
+            clean_iptables(tools, family, legacy, &mut report);
+            clean_iptables(tools, family, nft, &mut report);
         } else {
             // Only the plain names: one backend, whichever the node's tools use.
-            clean_iptables(family, plain, &mut report);
+            clean_iptables(tools, family, plain, &mut report);
         }
     }
-    clean_nftables(&mut report);
+    clean_nftables(tools, &mut report);
     for s in &report.skipped {
         info!(what = %s, "skipped");
     }

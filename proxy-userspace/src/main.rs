@@ -41,7 +41,7 @@ fn run_cleanup(args: &CleanupArgs) -> Result<()> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     let errors = if args.kube_proxy {
-        let report = kube_proxy::cleanup();
+        let report = kube_proxy::cleanup(&kube_proxy::Tools { host_root: args.host_root.clone() });
         match args.output {
             OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             OutputFormat::Table => print!("{}", report.render()),
