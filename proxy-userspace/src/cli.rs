@@ -350,7 +350,23 @@ mod tests {
         let cli = Cli::try_parse_from(["ebpf-proxy", "cleanup", "--bpffs-root", "/a,/b", "--force"]).unwrap();
         let Command::Cleanup(c) = cli.command else { panic!("not cleanup") };
         assert_eq!(c.bpffs_root, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
-        assert!(c.force);
+        assert!(c.force && !c.kube_proxy);
+        let cli = Cli::try_parse_from(["ebpf-proxy", "cleanup", "--kube-proxy", "--host-root=/host"]).unwrap();
+        let Command::Cleanup(c) = cli.command else { panic!("not cleanup") };
+        assert!(c.kube_proxy && c.host_root == Some(PathBuf::from("/host")));
+        // The host root only means something for kube-proxy's tools.
+        assert!(Cli::try_parse_from(["ebpf-proxy", "cleanup", "--host-root=/host"]).is_err());
+    }
+
+    #[test]
+    fn tc_attach_is_auto_unless_asked() {
+        let cli = Cli::try_parse_from(["ebpf-proxy", "agent", "--manifests", "/tmp/x"]).unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!(a.tc_attach, TcAttachChoice::Auto);
+        let cli =
+            Cli::try_parse_from(["ebpf-proxy", "agent", "--manifests", "/tmp/x", "--tc-attach", "clsact"]).unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!(a.tc_attach, TcAttachChoice::Clsact);
     }
 
     #[test]
