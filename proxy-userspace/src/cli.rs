@@ -115,6 +115,12 @@ pub struct ObjectSourceArgs {
     /// is used. Ignored when --manifests is given.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's own address (https://HOST:PORT, HOST:PORT or HOST; port 6443 when
+    /// omitted), with the in-cluster service-account credentials (or the kubeconfig's). On
+    /// a cluster without kube-proxy the in-cluster default, the `kubernetes` Service's
+    /// ClusterIP, is served only once this agent runs: set this there. Empty: unset.
+    #[arg(long)]
+    pub api_server: Option<String>,
     /// This node's name (set from the Downward API in the DaemonSet): locality, zone and
     /// node addresses are judged for it. Default: the host name.
     #[arg(long, env = "NODE_NAME")]

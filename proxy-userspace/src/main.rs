@@ -88,8 +88,12 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     // different answer.
     let nodeport_addresses = agent::config::nodeport_addresses(&a.nodeport_addresses)?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
-    let objects =
-        proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
+    let objects = proxy_userspace::inspect::load_objects(
+        a.source.manifests.as_deref(),
+        a.source.kubeconfig.as_deref(),
+        a.source.api_server.as_deref(),
+        &node,
+    )?;
     let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses);
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.
@@ -111,8 +115,12 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
 fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
     let (namespace, name) = a.service.split_once('/').context("the Service is namespace/name")?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
-    let objects =
-        proxy_userspace::inspect::load_objects(a.source.manifests.as_deref(), a.source.kubeconfig.as_deref(), &node)?;
+    let objects = proxy_userspace::inspect::load_objects(
+        a.source.manifests.as_deref(),
+        a.source.kubeconfig.as_deref(),
+        a.source.api_server.as_deref(),
+        &node,
+    )?;
     let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);
     let e = proxy_userspace::model::explain(&objects.services, &objects.slices, &info, namespace, name)
         .map_err(anyhow::Error::msg)?;

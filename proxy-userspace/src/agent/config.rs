@@ -28,6 +28,8 @@ const MIN_DATAPATH_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 pub enum ConfigError {
     #[error("--nodeport-addresses: {value:?} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/64)")]
     NodePortAddress { value: String },
+    #[error(transparent)]
+    ApiServer(#[from] crate::source::apiserver::ApiServerError),
     #[error("{flag}: {source}")]
     IfacePattern {
         flag: &'static str,
@@ -42,8 +44,9 @@ pub enum ConfigError {
 pub enum ObjectSource {
     /// `--manifests`: YAML files in this directory, reloaded on change.
     Manifests(PathBuf),
-    /// The Kubernetes API, through this kubeconfig or the in-cluster / default config.
-    Kube { kubeconfig: Option<PathBuf> },
+    /// The Kubernetes API, through this kubeconfig or the in-cluster / default config,
+    /// at `api_server` when given (`--api-server`).
+    Kube { kubeconfig: Option<PathBuf>, api_server: Option<http::Uri> },
 }
 
 /// Everything `agent::run` needs, built once by [`AgentConfig::from_args`].
@@ -95,7 +98,10 @@ impl AgentConfig {
         let watched_ifaces = IfacePatterns::new(&watched).map_err(pattern_error)?;
         let source = match &args.source.manifests {
             Some(dir) => ObjectSource::Manifests(dir.clone()),
-            None => ObjectSource::Kube { kubeconfig: args.source.kubeconfig.clone() },
+            None => ObjectSource::Kube {
+                kubeconfig: args.source.kubeconfig.clone(),
+                api_server: crate::source::apiserver::parse(args.source.api_server.as_deref().unwrap_or_default())?,
+            },
         };
         Ok(AgentConfig {
             node_name: super::node_name(args.source.node_name.as_deref()),

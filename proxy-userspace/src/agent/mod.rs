@@ -44,7 +44,7 @@ use crate::{
     healthcheck::HealthServers,
     metrics::Metrics,
     model::{NodeInfo, Translator},
-    source::{Resource, Snapshots, Source, SourceEvent, files},
+    source::{Resource, Snapshots, Source, SourceEvent, apiserver, files},
     sync::Syncer,
 };
 
@@ -102,10 +102,13 @@ fn lock_root(root: &std::path::Path) -> Result<RootLock> {
     Ok(RootLock::acquire(root)?)
 }
 
-/// A client from `kubeconfig`, or the in-cluster / default config (also used by the CLI's
-/// `explain` and `verify`).
-pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
-    let config = match kubeconfig {
+/// A client from `kubeconfig`, or the in-cluster / default config, talking to `api_server`
+/// when given (also used by the CLI's `explain` and `verify`). Also returns the URL used.
+pub async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    api_server: Option<&http::Uri>,
+) -> Result<(kube::Client, http::Uri)> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -113,9 +116,19 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
                 .await
                 .with_context(|| format!("using kubeconfig {}", path.display()))?
         }
+        // In a pod with --api-server, the service-account credentials are all that is
+        // needed (the kubelet's KUBERNETES_SERVICE_* may even be missing).
+        None if api_server.is_some() => match kube::Config::incluster_dns() {
+            Ok(c) => c,
+            Err(_) => kube::Config::infer().await.context("no kubeconfig and no in-cluster config")?,
+        },
         None => kube::Config::infer().await.context("no kubeconfig and no in-cluster config")?,
     };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    if let Some(url) = api_server {
+        config.cluster_url = url.clone();
+    }
+    let url = config.cluster_url.clone();
+    Ok((kube::Client::try_from(config).context("building the Kubernetes client")?, url))
 }
 
 /// Run the agent until SIGTERM or the object source ends. `config` is checked already
@@ -238,9 +251,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             info!(dir = %dir.display(), "reading objects from manifests");
             Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
         }
-        ObjectSource::Kube { kubeconfig } => {
-            let client = kube_client(kubeconfig.as_deref()).await?;
-            crate::source::kube::start(client, &node_name, stx);
+        ObjectSource::Kube { kubeconfig, api_server } => {
+            let (client, url) = kube_client(kubeconfig.as_deref(), api_server.as_ref()).await?;
+            let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+            let hint = apiserver::bootstrap_hint(&url, api_server.is_some(), service_host.as_deref(), |a| {
+                syncer.serves_tcp(a)
+            });
+            info!(api_server = %url, "watching the Kubernetes API");
+            crate::source::kube::start(client, &node_name, stx, hint.map(Into::into));
             Source::Kube
         }
     };
@@ -249,6 +267,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         syncer,
         node_maps,
         health: HealthServers::new(ready.clone()),
+        proxy_health: health.clone(),
         source,
         translator: Translator::new(NodeInfo { name: node_name.clone(), ..NodeInfo::default() }),
         snapshots: Snapshots::default(),
