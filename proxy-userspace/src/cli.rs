@@ -8,7 +8,11 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::dataplane::{attach::XdpModeChoice, node::PortRange, sock::SocketLbMode};
+use crate::dataplane::{
+    attach::{TcAttachChoice, XdpModeChoice},
+    node::PortRange,
+    sock::SocketLbMode,
+};
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// Host-side veth names of kind (kindnet `veth*`), Calico (`cali*`), Cilium (`lxc*`),
@@ -68,6 +72,16 @@ pub struct CleanupArgs {
     /// "done" by being ready; see docs/deploy.md).
     #[arg(long)]
     pub keep_running: bool,
+    /// Remove what kube-proxy leaves on the node instead, as `kube-proxy --cleanup` does:
+    /// its KUBE-* iptables chains and the jumps to them (legacy and nft, IPv4 and IPv6) and
+    /// the nftables tables `ip kube-proxy` and `ip6 kube-proxy`. This datapath is left
+    /// alone, so it can run while the agent serves (the last step of a migration).
+    #[arg(long)]
+    pub kube_proxy: bool,
+    /// With --kube-proxy: where the node's root filesystem is mounted (in a pod); the node's
+    /// own iptables and nft are run chrooted into it. Without it they come from PATH.
+    #[arg(long, requires = "kube_proxy")]
+    pub host_root: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
@@ -186,6 +200,10 @@ pub struct AgentArgs {
     /// XDP mode on uplinks: native (in the driver) where supported, else generic.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeChoice,
+    /// TC attachment: tcx links where the kernel has them (auto), or the clsact filters of
+    /// kernels without tcx (< 6.6) on any kernel (clsact: for testing that path).
+    #[arg(long, value_enum, env = "EBPF_PROXY_TC_ATTACH", default_value = "auto", hide = true)]
+    pub tc_attach: TcAttachChoice,
     /// Source ports for north-south SNAT (to backends on other nodes) and hairpin SNAT, per
     /// backend ip:port. Keep it outside net.ipv4.ip_local_port_range so it never collides
     /// with the node's own connections, and outside the NodePort range (uplink packets to
@@ -369,7 +387,23 @@ mod tests {
         let cli = Cli::try_parse_from(["ebpf-proxy", "cleanup", "--bpffs-root", "/a,/b", "--force"]).unwrap();
         let Command::Cleanup(c) = cli.command else { panic!("not cleanup") };
         assert_eq!(c.bpffs_root, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
-        assert!(c.force);
+        assert!(c.force && !c.kube_proxy);
+        let cli = Cli::try_parse_from(["ebpf-proxy", "cleanup", "--kube-proxy", "--host-root=/host"]).unwrap();
+        let Command::Cleanup(c) = cli.command else { panic!("not cleanup") };
+        assert!(c.kube_proxy && c.host_root == Some(PathBuf::from("/host")));
+        // The host root only means something for kube-proxy's tools.
+        assert!(Cli::try_parse_from(["ebpf-proxy", "cleanup", "--host-root=/host"]).is_err());
+    }
+
+    #[test]
+    fn tc_attach_is_auto_unless_asked() {
+        let cli = Cli::try_parse_from(["ebpf-proxy", "agent", "--manifests", "/tmp/x"]).unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!(a.tc_attach, TcAttachChoice::Auto);
+        let cli =
+            Cli::try_parse_from(["ebpf-proxy", "agent", "--manifests", "/tmp/x", "--tc-attach", "clsact"]).unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!(a.tc_attach, TcAttachChoice::Clsact);
     }
 
     #[test]

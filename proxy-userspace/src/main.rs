@@ -8,7 +8,7 @@ use proxy_userspace::{
     cleanup,
     cli::{AgentArgs, CleanupArgs, Command, LogFormat, OutputFormat, ShowArgs},
     dataplane::maps::Maps,
-    show,
+    kube_proxy, show,
 };
 use serde::Serialize;
 use tracing_subscriber::EnvFilter;
@@ -43,13 +43,23 @@ fn open(args: &ShowArgs) -> Result<Maps> {
 fn run_cleanup(args: &CleanupArgs) -> Result<()> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    let report = rt.block_on(cleanup::cleanup(&args.bpffs_root, args.force))?;
-    match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        OutputFormat::Table => print!("{}", report.render()),
-    }
-    if !report.errors.is_empty() {
-        anyhow::bail!("{} thing(s) could not be cleaned up (listed above)", report.errors.len());
+    let errors = if args.kube_proxy {
+        let report = kube_proxy::cleanup(&kube_proxy::Tools { host_root: args.host_root.clone() });
+        match args.output {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            OutputFormat::Table => print!("{}", report.render()),
+        }
+        report.errors.len()
+    } else {
+        let report = rt.block_on(cleanup::cleanup(&args.bpffs_root, args.force))?;
+        match args.output {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            OutputFormat::Table => print!("{}", report.render()),
+        }
+        report.errors.len()
+    };
+    if errors > 0 {
+        anyhow::bail!("{errors} thing(s) could not be cleaned up (listed above)");
     }
     if args.keep_running {
         // A DaemonSet pod must keep running to count as done; SIGTERM ends it.

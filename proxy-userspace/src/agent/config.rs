@@ -10,7 +10,11 @@ use std::{
 use crate::{
     cli::AgentArgs,
     dataplane::{
-        DataplaneError, attach::XdpModeChoice, ifaces::IfacePatterns, loader::LoaderConfig, node::PortRange,
+        DataplaneError,
+        attach::{TcAttachChoice, XdpModeChoice},
+        ifaces::IfacePatterns,
+        loader::LoaderConfig,
+        node::PortRange,
         sock::SocketLbMode,
     },
     model::IpPrefix,
@@ -62,6 +66,8 @@ pub struct AgentConfig {
     /// `--uplink`; empty: detect them.
     pub uplinks: Vec<String>,
     pub xdp_mode: XdpModeChoice,
+    /// `--tc-attach`.
+    pub tc_attach: TcAttachChoice,
     pub snat_port_range: PortRange,
     pub hairpin_address: Ipv4Addr,
     pub hairpin_address6: Ipv6Addr,
@@ -111,6 +117,7 @@ impl AgentConfig {
             watched_ifaces,
             uplinks: args.uplink.clone(),
             xdp_mode: args.xdp_mode,
+            tc_attach: args.tc_attach,
             snat_port_range: args.snat_port_range,
             hairpin_address: args.hairpin_address,
             hairpin_address6: args.hairpin_address6,

@@ -216,7 +216,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         }
     });
     let (attached_initial, attached_initial_rx) = watch::channel(false);
-    let plan = AttachPlan { uplinks: config.uplinks.iter().cloned().collect(), xdp_mode: config.xdp_mode };
+    let plan = AttachPlan {
+        uplinks: config.uplinks.iter().cloned().collect(),
+        xdp_mode: config.xdp_mode,
+        tc_attach: config.tc_attach,
+    };
     let (node_addrs, node_addrs_rx) = tokio::sync::watch::channel(Vec::new());
     if config.uplinks.is_empty() {
         info!(xdp_mode = ?config.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");
