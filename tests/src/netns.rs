@@ -106,8 +106,13 @@ pub struct Pod {
 
 /// A routed pod `name` with address `addr` behind host-side `veth<index>` of `node`.
 fn wire_pod(node: &Netns, index: usize, name: &str, addr: Ipv4Addr) -> Result<Pod> {
+    wire_pod_as(node, &format!("veth{index}"), name, addr)
+}
+
+/// [`wire_pod`] behind a host-side interface named `host_if`.
+fn wire_pod_as(node: &Netns, host_if: &str, name: &str, addr: Ipv4Addr) -> Result<Pod> {
     let ns = Netns::new("epn-pod-")?;
-    let host_if = format!("veth{index}");
+    let host_if = host_if.to_string();
     let a = addr.to_string();
     node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
     node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_if])?;
@@ -189,6 +194,13 @@ impl Topology {
 
     pub fn add_pod(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {
         let pod = wire_pod(&self.node, self.pods.len(), name, addr)?;
+        self.pods.push(pod);
+        Ok(())
+    }
+
+    /// [`Self::add_pod`] behind a host-side interface named `host_if` (as a CNI names it).
+    pub fn add_pod_named(&mut self, name: &str, addr: Ipv4Addr, host_if: &str) -> Result<()> {
+        let pod = wire_pod_as(&self.node, host_if, name, addr)?;
         self.pods.push(pod);
         Ok(())
     }

@@ -206,7 +206,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         "datapath loaded; pinned state read back"
     );
 
-    // One watcher for both kinds: uplinks by exact name, pods by pattern.
+    // One watcher for both kinds: uplinks by exact name, pods by pattern or by kind.
     let patterns = config.watched_ifaces.clone();
     let (ltx, lrx) = unbounded_channel();
     let detected_tx = ltx.clone();

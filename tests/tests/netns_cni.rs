@@ -1,0 +1,103 @@
+//! CNI compatibility, end to end with the real agent:
+//!
+//! - Pod interfaces found by what they are: a node namespace with one client pod behind a
+//!   host-side veth named as each common CNI names it (kindnet, Calico, Cilium, EKS, GKE,
+//!   AKS, OVN-Kubernetes, Antrea), a veth pair inside the node (not a pod) and an uplink
+//!   veth whose peer is in another namespace (as a kind node's eth0). The agent attaches TC
+//!   to every pod interface (a ClusterIP answers from every pod through the TC path) and to
+//!   nothing else.
+//! - NodePort to a backend behind a VXLAN overlay (flannel-like): see
+//!   `nodeport_to_a_pod_behind_a_vxlan_overlay`.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use proxy_tests::{
+    agent::{Agent, TempDir, node_yaml, service_yaml, slice_yaml},
+    client,
+    harness::{PinDir, require_root},
+    netns::{Netns, Topology, wait_for},
+};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+
+/// (CNI, host-side interface name as that CNI makes it).
+const CNI_IFACES: [(&str, &str); 8] = [
+    ("kindnet", "veth3f2a1b0c"),
+    ("calico", "cali1a2b3c4d5e6"),
+    ("cilium", "lxc8e7f6a5b4c3"),
+    ("eks", "eni5d4c3b2a190"),
+    ("gke", "gke0123abcd456"),
+    ("aks", "azv7f6e5d4c3b2"),
+    // OVN-Kubernetes: the first 15 characters of the container id.
+    ("ovn-kubernetes", "3f8c2d1e0a9b7c6"),
+    // Antrea: the pod's name, truncated, and a hash.
+    ("antrea", "coredns--4f2b3c"),
+];
+
+/// The interfaces that have a pinned TC ingress link (`<ifindex>-ingress-<name>`) under
+/// the agent's root: the ones it attached `from_pod` to.
+fn pod_attachments(root: &Path) -> BTreeSet<String> {
+    let Ok(dir) = std::fs::read_dir(root.join("links")) else { return BTreeSet::new() };
+    dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.split_once("-ingress-").map(|(_, iface)| iface.to_string()))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn pod_interfaces_of_every_common_cni_are_found_and_nothing_else() {
+    require_root("pod_interfaces_of_every_common_cni_are_found_and_nothing_else");
+    let mut topo = Topology::single_node(0, 0).expect("node namespace");
+    topo.add_pod_named("backend", Ipv4Addr::new(10, 244, 0, 10), "lxcbackend0").expect("backend pod");
+    for (i, (cni, host_if)) in CNI_IFACES.iter().enumerate() {
+        topo.add_pod_named(cni, Ipv4Addr::new(10, 244, 0, 20 + i as u8), host_if).expect("client pod");
+    }
+    topo.start_server(SERVER, 0, 8080).expect("backend server");
+    let node = &topo.node;
+    // Not pods: a veth pair inside the node, and the uplink, a veth whose peer is in another
+    // namespace (a kind node's eth0) carrying the node's subnet address.
+    node.ip(&["link", "add", "link0", "type", "veth", "peer", "name", "link1"]).expect("veth pair in the node");
+    node.ip(&["link", "set", "link0", "up"]).unwrap();
+    node.ip(&["link", "set", "link1", "up"]).unwrap();
+    let outside = Netns::new("epn-out-").expect("outside namespace");
+    node.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &outside.name]).expect("uplink");
+    node.ip(&["addr", "add", "192.168.50.2/24", "dev", "eth0"]).unwrap();
+    node.ip(&["link", "set", "eth0", "up"]).unwrap();
+    outside.ip(&["link", "set", "eth0", "up"]).unwrap();
+
+    let dir = TempDir::new("ebpf-proxy-cni-").expect("dir");
+    dir.write("svc.yaml", &service_yaml("web", &VIP.to_string(), 80, 8080, "TCP")).unwrap();
+    let backend = topo.pods[0].ip;
+    dir.write("slice.yaml", &slice_yaml("web", "web-1", &[("backend", backend)], 8080, "TCP")).unwrap();
+    dir.write("node.yaml", &node_yaml("node-a", Ipv4Addr::new(192, 168, 50, 2))).unwrap();
+    let pins = PinDir::new();
+    let dirs = dir.0.to_str().unwrap().to_string();
+    // No --uplink: eth0 is detected as the uplink (it carries the Node's address).
+    let agent = Agent::start(node, &pins.0, 10256, &["--manifests", &dirs, "--node-name", "node-a"]).expect("agent");
+    agent.wait_ready(node, Duration::from_secs(20)).expect("agent ready");
+
+    let vip: SocketAddr = (VIP, 80).into();
+    for pod in &topo.pods[1..] {
+        let got =
+            pod.ns.run(|| wait_for(Duration::from_secs(5), "the ClusterIP to answer", || client::tcp_name(vip).ok()));
+        assert_eq!(got.ok().as_deref(), Some("backend"), "ClusterIP from the {} pod behind {}", pod.name, pod.host_if);
+    }
+    let mut want: BTreeSet<String> = CNI_IFACES.iter().map(|(_, i)| i.to_string()).collect();
+    want.insert("lxcbackend0".into());
+    assert_eq!(pod_attachments(&pins.0), want, "TC from_pod attached to exactly the pod interfaces");
+
+    // A pod created while the agent runs is found too (the link event path).
+    topo.add_pod_named("late", Ipv4Addr::new(10, 244, 0, 40), "9a8b7c6d5e4f3a2").expect("late pod");
+    let late = topo.pods.last().unwrap();
+    let got =
+        late.ns.run(|| wait_for(Duration::from_secs(5), "the ClusterIP to answer", || client::tcp_name(vip).ok()));
+    assert_eq!(got.ok().as_deref(), Some("backend"), "ClusterIP from a pod created after the start");
+    want.insert("9a8b7c6d5e4f3a2".into());
+    assert_eq!(pod_attachments(&pins.0), want);
+    drop(agent);
+}
