@@ -101,3 +101,85 @@ fn pod_interfaces_of_every_common_cni_are_found_and_nothing_else() {
     assert_eq!(pod_attachments(&pins.0), want);
     drop(agent);
 }
+
+/// Two nodes whose pod networks meet only over a flannel-like VXLAN overlay
+/// (`Cluster::vxlan`), an outside client on the underlay, and the agent on both nodes. A
+/// NodePort on node 1 whose backends are all on node 2: node 1's XDP program translates the
+/// client's packets (DNAT to the pod, SNAT to node 1) and its FIB lookup says they leave
+/// through `flannel.1`, a device XDP cannot transmit on. They must reach the pods anyway,
+/// through the overlay, and the replies come back to the client from node1:nodePort.
+fn nodeport_over_vxlan(xdp_mode: &str) {
+    use proxy_tests::{
+        agent::slice_yaml_on_nodes,
+        client::Held,
+        netns::{Cluster, node_ip},
+    };
+    let mut cluster = Cluster::vxlan(2, 2).expect("vxlan cluster");
+    cluster.start_servers(SERVER, 8080).expect("pod servers");
+    let service = "apiVersion: v1\nkind: Service\nmetadata:\n  name: np\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.41\n  ports:\n  - name: main\n    port: 80\n    targetPort: 8080\n    protocol: TCP\n    nodePort: 30080\n  - name: udp\n    port: 80\n    targetPort: 8080\n    protocol: UDP\n    nodePort: 30080\n";
+    let remote = ["n2p0", "n2p1"].map(|n| (n, cluster.pod(n).ip, "node2"));
+    let slice = slice_yaml_on_nodes("np", "np-1", &remote, &[("main", 8080, "TCP"), ("udp", 8080, "UDP")]);
+    let mut agents = Vec::new();
+    let mut pins = Vec::new();
+    let mut dirs = Vec::new();
+    for node in &cluster.nodes {
+        let dir = TempDir::new("ebpf-proxy-vxlan-").expect("dir");
+        dir.write("svc.yaml", service).unwrap();
+        dir.write("slice.yaml", &slice).unwrap();
+        dir.write("node.yaml", &node_yaml(&node.name, node.ip)).unwrap();
+        let pin = PinDir::new();
+        let d = dir.0.to_str().unwrap().to_string();
+        let args = ["--manifests", &d, "--node-name", &node.name, "--uplink", "eth0", "--xdp-mode", xdp_mode];
+        agents.push(Agent::start(&node.ns, &pin.0, 10256, &args).expect("agent"));
+        pins.push(pin);
+        dirs.push(dir);
+    }
+    for (a, n) in agents.iter().zip(&cluster.nodes) {
+        a.wait_ready(&n.ns, Duration::from_secs(20)).expect("agent ready");
+    }
+    let np: SocketAddr = (node_ip(0), 30080).into();
+    let client_ns = &cluster.client;
+    let first =
+        client_ns.run(|| wait_for(Duration::from_secs(10), "the NodePort to answer", || client::tcp_name(np).ok()));
+    let stats = || proxy_tests::agent::cli(&["stats", "--bpffs-root", pins[0].0.to_str().unwrap()]).unwrap_or_default();
+    assert!(first.is_ok(), "NodePort over the overlay ({xdp_mode} XDP): {first:?}\n{}", stats());
+
+    let names: BTreeSet<String> = client_ns.run(|| {
+        (0..20)
+            .map(|_| {
+                let mut h = Held::open(np).expect("connection through the NodePort");
+                assert_eq!(h.peer().unwrap(), np);
+                assert_eq!(h.ask().expect("the same connection answers again"), h.first, "backend changed");
+                let (name, peer) = h.who().expect("who");
+                assert_eq!(peer, std::net::IpAddr::V4(node_ip(0)), "{name} sees the connection from node 1 (SNAT)");
+                name
+            })
+            .collect()
+    });
+    assert_eq!(names, client::name_set(&["n2p0", "n2p1"]));
+    let udp: BTreeSet<String> = client_ns.run(|| {
+        (0..20)
+            .filter_map(|_| {
+                let (name, from) = client::udp_name(np).ok()?;
+                assert_eq!(from, np, "UDP reply source");
+                Some(name)
+            })
+            .collect()
+    });
+    assert_eq!(udp, client::name_set(&["n2p0", "n2p1"]), "UDP through the NodePort");
+    drop(agents);
+}
+
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn nodeport_to_a_pod_behind_a_vxlan_overlay_native_xdp() {
+    require_root("nodeport_to_a_pod_behind_a_vxlan_overlay_native_xdp");
+    nodeport_over_vxlan("native");
+}
+
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn nodeport_to_a_pod_behind_a_vxlan_overlay_generic_xdp() {
+    require_root("nodeport_to_a_pod_behind_a_vxlan_overlay_generic_xdp");
+    nodeport_over_vxlan("generic");
+}
