@@ -8,6 +8,7 @@ pub mod attach;
 pub mod bpfsys;
 pub mod ct_table;
 pub mod error;
+pub mod features;
 pub mod guard;
 pub mod ifaces;
 pub mod loader;

@@ -1,4 +1,4 @@
-//! CNI compatibility, end to end with the real agent:
+//! CNI and kernel compatibility, end to end with the real agent:
 //!
 //! - Pod interfaces found by what they are: a node namespace with one client pod behind a
 //!   host-side veth named as each common CNI names it (kindnet, Calico, Cilium, EKS, GKE,
@@ -6,8 +6,9 @@
 //!   veth whose peer is in another namespace (as a kind node's eth0). The agent attaches TC
 //!   to every pod interface (a ClusterIP answers from every pod through the TC path) and to
 //!   nothing else.
-//! - NodePort to a backend behind a VXLAN overlay (flannel-like): see
-//!   `nodeport_to_a_pod_behind_a_vxlan_overlay`.
+//! - NodePort to a backend behind a VXLAN overlay (flannel-like): see `nodeport_over_vxlan`.
+//! - The kernel's features logged at start, and a configuration the node cannot honour
+//!   refused: `socket_lb_without_cgroup_v2_is_refused_naming_the_flag`.
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
@@ -182,4 +183,57 @@ fn nodeport_to_a_pod_behind_a_vxlan_overlay_native_xdp() {
 fn nodeport_to_a_pod_behind_a_vxlan_overlay_generic_xdp() {
     require_root("nodeport_to_a_pod_behind_a_vxlan_overlay_generic_xdp");
     nodeport_over_vxlan("generic");
+}
+
+/// Kernel compatibility: the agent logs what the kernel gives in one line and refuses a
+/// configuration it cannot honour. Here socket-level load balancing on a node without a
+/// cgroup v2 hierarchy (the agent runs in a mount namespace of its own where every cgroup2
+/// mount is unmounted): it exits at once, the error names `--socket-lb` and the way out,
+/// and nothing is left pinned.
+#[test]
+#[ignore = "needs root (BPF, network and mount namespaces): run by `cargo xtask test` as root"]
+fn socket_lb_without_cgroup_v2_is_refused_naming_the_flag() {
+    require_root("socket_lb_without_cgroup_v2_is_refused_naming_the_flag");
+    let topo = Topology::single_node(1, 0).expect("node namespace");
+    let dir = TempDir::new("ebpf-proxy-compat-").expect("dir");
+    dir.write("node.yaml", &node_yaml("node-a", Ipv4Addr::new(192, 168, 50, 2))).unwrap();
+    let pins = PinDir::new();
+    let d = dir.0.to_str().unwrap().to_string();
+    // The agent's own mount namespace, private, without any cgroup2 mount.
+    let no_cgroup2 = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "for m in $(findmnt -rn -t cgroup2 -o TARGET); do umount -l \"$m\" || exit 1; done; exec \"$@\"",
+        "sh",
+    ];
+    let args = ["--manifests", &d, "--node-name", "node-a", "--socket-lb", "on", "--log-format", "json"];
+    let mut cmd = Agent::command_via(&topo.node, &no_cgroup2, &pins.0, 10257, &args).expect("agent command");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the agent");
+    let status = wait_for(Duration::from_secs(15), "the agent to exit", || child.try_wait().ok().flatten());
+    if status.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let out = child.wait_with_output().expect("agent output");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let status = status.unwrap_or_else(|e| panic!("{e}: the agent ran without cgroup v2 and --socket-lb on\n{log}"));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("--socket-lb=on: no cgroup v2 hierarchy") && log.contains("run with --socket-lb=off"),
+        "the error names the flag and the way out:\n{log}"
+    );
+    // The features line came first, as one structured event.
+    let features = log.lines().find(|l| l.contains("\"kernel features\"")).unwrap_or_else(|| panic!("{log}"));
+    for field in ["\"tcx\":true", "\"xdp_multi_buffer\":\"Some(true)\"", "\"cgroup2\":\"None\""] {
+        assert!(features.contains(field), "{field} in {features}");
+    }
+    assert!(!pins.0.exists(), "nothing pinned by an agent that refused to start");
 }
