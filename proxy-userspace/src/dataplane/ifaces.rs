@@ -133,13 +133,18 @@ pub enum FoundBy {
 
 impl Discovery {
     /// Whether (and why) to report `link`; `uplink_like` names the devices that carry a
-    /// default route or a subnet address (see [`uplink_like_devices`]), asked only for a
-    /// link that would be taken by its kind.
-    pub fn classify(&self, link: &LinkFacts, uplink_like: impl FnOnce() -> BTreeSet<String>) -> Option<FoundBy> {
+    /// default route or a subnet address (see [`uplink_like_devices`]; `None`: unknown, so
+    /// none is taken by its kind), asked only for a link that would be taken by its kind.
+    pub fn classify(
+        &self,
+        link: &LinkFacts,
+        uplink_like: impl FnOnce() -> Option<BTreeSet<String>>,
+    ) -> Option<FoundBy> {
         if self.names.matches(&link.name) {
             return Some(FoundBy::Name);
         }
-        (self.by_kind && link.is_pod_pair() && !uplink_like().contains(&link.name)).then_some(FoundBy::Kind)
+        let not_uplink = || uplink_like().is_some_and(|u| !u.contains(&link.name));
+        (self.by_kind && link.is_pod_pair() && not_uplink()).then_some(FoundBy::Kind)
     }
 }
 
@@ -154,37 +159,27 @@ fn is_subnet_address(addr: IpAddr, prefix_len: u32) -> bool {
 }
 
 /// The devices of the calling thread's namespace that look like a node's uplink: they carry
-/// a default route (IPv4 or IPv6) or a subnet address. Empty when they cannot be read (then
-/// only `--uplink` and the names protect an uplink; logged).
-pub fn uplink_like_devices() -> BTreeSet<String> {
-    let mut out = match super::uplinks::read_host() {
-        Ok(view) => view.default_devs,
-        Err(e) => {
-            warn!(error = %e, "cannot read the default routes to tell uplinks from pod interfaces");
-            BTreeSet::new()
+/// a default route (IPv4 or IPv6) or a subnet address. `None` when they cannot be read:
+/// then no link is taken by its kind (an uplink must never get the pod programs), logged.
+pub fn uplink_like_devices() -> Option<BTreeSet<String>> {
+    let read = || -> Result<BTreeSet<String>, String> {
+        let mut out = super::uplinks::read_host().map_err(|e| format!("default routes: {e}"))?.default_devs;
+        for ifa in nix::ifaddrs::getifaddrs().map_err(|e| format!("addresses: {e}"))? {
+            let (Some(addr), Some(mask)) = (ifa.address.as_ref(), ifa.netmask.as_ref()) else { continue };
+            let (ip, prefix_len) = if let (Some(a), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+                (IpAddr::V4(a.ip()), m.ip().to_bits().count_ones())
+            } else if let (Some(a), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+                (IpAddr::V6(a.ip()), m.ip().to_bits().count_ones())
+            } else {
+                continue;
+            };
+            if is_subnet_address(ip, prefix_len) {
+                out.insert(ifa.interface_name);
+            }
         }
+        Ok(out)
     };
-    let ifaddrs = match nix::ifaddrs::getifaddrs() {
-        Ok(i) => i,
-        Err(e) => {
-            warn!(error = %e, "cannot read the addresses to tell uplinks from pod interfaces");
-            return out;
-        }
-    };
-    for ifa in ifaddrs {
-        let (Some(addr), Some(mask)) = (ifa.address.as_ref(), ifa.netmask.as_ref()) else { continue };
-        let (ip, prefix_len) = if let (Some(a), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
-            (IpAddr::V4(a.ip()), m.ip().to_bits().count_ones())
-        } else if let (Some(a), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
-            (IpAddr::V6(a.ip()), m.ip().to_bits().count_ones())
-        } else {
-            continue;
-        };
-        if is_subnet_address(ip, prefix_len) {
-            out.insert(ifa.interface_name);
-        }
-    }
-    out
+    read().map_err(|e| warn!(error = %e, "cannot tell uplinks from pod interfaces: none is taken by its kind now")).ok()
 }
 
 fn netlink_err(e: impl std::fmt::Display) -> DataplaneError {
@@ -320,7 +315,7 @@ mod tests {
     #[test]
     fn pod_interfaces_of_common_cnis() {
         let d = discovery(true);
-        let none = BTreeSet::new;
+        let none = || Some(BTreeSet::new());
         for (name, by) in [
             ("veth3f2a1b0c", FoundBy::Name),    // kindnet, flannel, bridge
             ("cali1a2b3c4d5e6", FoundBy::Name), // Calico
@@ -343,19 +338,21 @@ mod tests {
     #[test]
     fn non_pod_interfaces_are_left_alone() {
         let d = discovery(true);
-        let none = BTreeSet::new;
+        let none = || Some(BTreeSet::new());
         assert_eq!(d.classify(&link("link0", Some("veth"), false), none), None);
         assert_eq!(d.classify(&link("antrea-gw0", Some("openvswitch"), false), none), None);
         assert_eq!(d.classify(&link("flannel.1", Some("vxlan"), false), none), None);
         assert_eq!(d.classify(&link("cni0", Some("bridge"), false), none), None);
         assert_eq!(d.classify(&link("eth0", None, false), none), None);
-        let uplinks = || ["eth0".to_string()].into_iter().collect::<BTreeSet<_>>();
+        let uplinks = || Some(["eth0".to_string()].into_iter().collect::<BTreeSet<_>>());
         assert_eq!(d.classify(&link("eth0", Some("veth"), true), uplinks), None);
         assert_eq!(d.classify(&link("3f8c2d1e0a9b7c6", Some("veth"), true), uplinks), Some(FoundBy::Kind));
         // The uplink check is only made for a link that would be taken by its kind.
-        let never = || -> BTreeSet<String> { panic!("asked for the uplinks") };
+        let never = || -> Option<BTreeSet<String>> { panic!("asked for the uplinks") };
         assert_eq!(d.classify(&link("veth1", Some("veth"), true), never), Some(FoundBy::Name));
         assert_eq!(discovery(false).classify(&link("3f8c2d1e0a9b7c6", Some("veth"), true), never), None);
+        // Uplinks unknown (the host could not be read): nothing is taken by its kind.
+        assert_eq!(d.classify(&link("3f8c2d1e0a9b7c6", Some("veth"), true), || None), None);
     }
 
     #[test]
