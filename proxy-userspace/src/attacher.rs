@@ -79,6 +79,7 @@ impl Attacher {
                         iface = %name,
                         ifindex = index,
                         xdp_mode = %a.xdp,
+                        driver = crate::dataplane::ifaces::driver(name).as_deref().unwrap_or("unknown"),
                         xdp_link = if a.xdp_replaced { "replaced" } else { "new" },
                         egress = ?a.egress,
                         "attached to uplink"

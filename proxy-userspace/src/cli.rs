@@ -16,9 +16,11 @@ use crate::dataplane::{
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// Host-side veth names of kind (kindnet `veth*`), Calico (`cali*`), Cilium (`lxc*`),
-/// Flannel/bridge CNIs (`veth*`), Weave (`vethwe*`) and Antrea (`antrea-*` is the gw; pods
-/// use `*-<hash>`, configure explicitly).
-pub const DEFAULT_POD_IFACE_PATTERNS: &str = "veth*,cali*,lxc*,tap*";
+/// Flannel/bridge CNIs (`veth*`), Weave (`vethwe*`), VM runtimes (`tap*`), the Amazon VPC
+/// CNI (`eni*`), GKE (`gke*`) and Azure CNI (`azv*`). OVN-Kubernetes (container-id names)
+/// and Antrea (`<pod>-<hash>`; `antrea-gw0` is its gateway, not a pod) have no common
+/// prefix: their pods are found by kind (`--pod-iface-detect`).
+pub const DEFAULT_POD_IFACE_PATTERNS: &str = "veth*,cali*,lxc*,tap*,eni*,gke*,azv*";
 
 #[derive(Debug, Parser)]
 #[command(name = "ebpf-proxy", version, about = "eBPF kube-proxy replacement: agent and CLI")]
@@ -191,6 +193,12 @@ pub struct AgentArgs {
     /// Glob patterns (comma-separated) of pod-facing host interfaces to attach TC to.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_POD_IFACE_PATTERNS)]
     pub pod_iface_pattern: Vec<String>,
+    /// Also attach TC to every host-side veth or netkit device whose peer lives in another
+    /// network namespace (how every CNI wires a pod), whatever its name; never to a device
+    /// carrying a default route or a subnet address (a node's uplink can be a veth too),
+    /// nor to an --uplink.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_iface_detect: bool,
     /// External (uplink) interfaces for the north-south XDP program (NodePort, ExternalIP,
     /// LoadBalancer traffic from outside the node). Repeatable or comma-separated. Without
     /// it the uplinks are detected: the devices carrying the Node's addresses and the
@@ -368,7 +376,8 @@ mod tests {
         let cli = Cli::try_parse_from(["ebpf-proxy", "agent", "--manifests", "/tmp/x"]).unwrap();
         let Command::Agent(a) = cli.command else { panic!("not agent") };
         assert_eq!(a.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
-        assert_eq!(a.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*"]);
+        assert_eq!(a.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*", "eni*", "gke*", "azv*"]);
+        assert!(a.pod_iface_detect);
         assert_eq!(a.xdp_mode, XdpModeChoice::Auto);
         assert_eq!(a.snat_port_range, PortRange { min: 1024, max: 29999 });
         assert_eq!(a.hairpin_address, Ipv4Addr::new(169, 254, 42, 1));

@@ -644,7 +644,8 @@ fn kustomize_renders_exactly_the_base_files() {
 fn daemonset_args_are_flags_the_agent_accepts() {
     let objects = base_objects();
     let args = check_agent_args(&objects, "kustomize base");
-    assert_eq!(args.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*"]);
+    let defaults = proxy_userspace::cli::DEFAULT_POD_IFACE_PATTERNS.split(',').collect::<Vec<_>>();
+    assert_eq!(args.pod_iface_pattern, defaults, "the ConfigMap carries the agent's default patterns");
     assert_eq!(args.http_addr.port(), 10256);
     // Health on every address (the kubelet probes it), metrics on loopback (kube-proxy's
     // 127.0.0.1:10249), so /metrics is not open to the network by default.

@@ -25,7 +25,7 @@ use tracing::{debug, info};
 
 use super::{
     DataplaneError,
-    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, Programs},
+    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF, Programs},
     paths,
 };
 
@@ -37,12 +37,14 @@ pub enum Direction {
     ToPod,
     /// Packets leaving the node through an uplink (TC egress of the uplink).
     ToUplink,
+    /// Packets XDP handed to the uplink's TC ingress (`uplink_handoff`).
+    UplinkHandoff,
 }
 
 impl Direction {
     fn tc(self) -> TcAttachType {
         match self {
-            Direction::FromPod => TcAttachType::Ingress,
+            Direction::FromPod | Direction::UplinkHandoff => TcAttachType::Ingress,
             Direction::ToPod | Direction::ToUplink => TcAttachType::Egress,
         }
     }
@@ -51,6 +53,7 @@ impl Direction {
             Direction::FromPod => "ingress",
             Direction::ToPod => "egress",
             Direction::ToUplink => "uplink_egress",
+            Direction::UplinkHandoff => "uplink_handoff",
         }
     }
 }
@@ -353,6 +356,8 @@ pub fn attach_uplink(
     how: TcAttachChoice,
 ) -> Result<UplinkAttach, DataplaneError> {
     let ifindex = ifindex_of(iface)?;
+    // Before XDP: from its first packet on, XDP may hand packets to it.
+    attach(progs.classifier(PROG_UPLINK_HANDOFF)?, root, iface, ifindex, Direction::UplinkHandoff, how)?;
     let (xdp, xdp_replaced) = attach_xdp(progs.xdp(PROG_FROM_UPLINK)?, root, iface, ifindex, want)?;
     let egress = attach(progs.classifier(PROG_TO_UPLINK)?, root, iface, ifindex, Direction::ToUplink, how)?;
     Ok(UplinkAttach { xdp, xdp_replaced, egress })
@@ -373,6 +378,7 @@ pub fn swap_pinned_links(progs: &mut Programs, root: &Path) -> usize {
             Some("ingress") => PROG_FROM_POD,
             Some("egress") => PROG_TO_POD,
             Some("uplink_egress") => PROG_TO_UPLINK,
+            Some("uplink_handoff") => PROG_UPLINK_HANDOFF,
             Some("xdp_native" | "xdp_generic") => PROG_FROM_UPLINK,
             _ => continue,
         };

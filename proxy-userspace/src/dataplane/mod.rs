@@ -9,6 +9,7 @@ pub mod bpfsys;
 pub mod clsact;
 pub mod ct_table;
 pub mod error;
+pub mod features;
 pub mod guard;
 pub mod ifaces;
 pub mod loader;

@@ -27,10 +27,10 @@ use super::{
     DataplaneError,
     bpfsys::{self, BPF_LINK_TYPE_XDP, BPF_TCX_EGRESS, BPF_TCX_INGRESS},
     clsact::{self, ClsactSide, FilterAddr},
-    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK},
+    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF},
 };
 
-pub const OUR_PROGRAMS: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK];
+pub const OUR_PROGRAMS: [&str; 5] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF];
 /// Maps only our object defines under these names.
 const OUR_MAPS: [&str; 6] = [
     proxy_common::map_names::CONNTRACK,
