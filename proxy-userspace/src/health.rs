@@ -24,6 +24,9 @@ pub struct Health {
     datapath_broken: AtomicBool,
     /// Milliseconds since `epoch` + 1 of the oldest change not yet synced; 0 = none.
     pending_since: AtomicU64,
+    /// Why load balancers should stop sending here (the Node is being deleted), if so:
+    /// /healthz fails then, /livez does not (`model::node::node_eligible`).
+    not_eligible: std::sync::Mutex<Option<&'static str>>,
 }
 
 impl Health {
@@ -34,6 +37,7 @@ impl Health {
             synced: Arc::new(AtomicBool::new(false)),
             datapath_broken: AtomicBool::new(false),
             pending_since: AtomicU64::new(0),
+            not_eligible: std::sync::Mutex::new(None),
         })
     }
 
@@ -55,7 +59,25 @@ impl Health {
         self.datapath_broken.swap(broken, Ordering::Relaxed)
     }
 
-    /// Ok, or why the agent is not live.
+    /// Record whether the node should receive load-balanced traffic; returns whether that
+    /// changed.
+    pub fn set_node_eligible(&self, eligible: Result<(), &'static str>) -> bool {
+        let mut cur = self.not_eligible.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = eligible.err();
+        std::mem::replace(&mut *cur, new) != new
+    }
+
+    /// kube-proxy's /healthz: live, and the node not on its way out (cloud load balancers
+    /// probe it to choose nodes for externalTrafficPolicy=Cluster Services).
+    pub fn healthz(&self) -> Result<(), String> {
+        self.live()?;
+        match *self.not_eligible.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            Some(why) => Err(format!("node not eligible for load-balanced traffic: {why}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Ok, or why the agent is not live (/livez, and part of /healthz).
     pub fn live(&self) -> Result<(), String> {
         if self.datapath_broken.load(Ordering::Relaxed) {
             return Err("datapath damaged (pins missing or programs detached): restoring".into());
@@ -107,5 +129,18 @@ mod tests {
         assert!(h.ready().is_err());
         assert!(h.set_datapath_broken(false));
         assert!(h.ready().is_ok());
+    }
+
+    #[test]
+    fn a_node_on_its_way_out_fails_healthz_only() {
+        let h = Health::new(Duration::from_secs(1));
+        h.synced.store(true, Ordering::Relaxed);
+        assert!(h.healthz().is_ok());
+        assert!(h.set_node_eligible(Err("the Node is being deleted")));
+        assert!(!h.set_node_eligible(Err("the Node is being deleted")), "no change");
+        assert!(h.healthz().unwrap_err().contains("being deleted"));
+        assert!(h.live().is_ok() && h.ready().is_ok(), "livez and readyz do not follow the Node");
+        assert!(h.set_node_eligible(Ok(())));
+        assert!(h.healthz().is_ok());
     }
 }

@@ -9,26 +9,35 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 use crate::{health::Health, metrics::Metrics};
 
 async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    match h.live() {
-        Ok(()) => (StatusCode::OK, "ok".into()),
+    answer(h.healthz(), "ok")
+}
+
+async fn livez(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    answer(h.live(), "ok")
+}
+
+fn answer(check: Result<(), String>, ok: &str) -> (StatusCode, String) {
+    match check {
+        Ok(()) => (StatusCode::OK, ok.into()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
 async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    match h.ready() {
-        Ok(()) => (StatusCode::OK, "ready".into()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
-    }
+    answer(h.ready(), "ready")
 }
 
 async fn metrics(State(m): State<Metrics>) -> ([(&'static str, &'static str); 1], String) {
     ([("content-type", "text/plain; version=0.0.4")], m.encode())
 }
 
-/// /healthz and /readyz.
+/// /healthz (kube-proxy's: live and the node eligible), /livez (live), /readyz.
 pub fn health_app(health: Arc<Health>) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .with_state(health)
 }
 
 /// /metrics.

@@ -13,7 +13,12 @@ use kube::api::{Api, ListParams};
 use crate::source::{Objects, files};
 
 /// Every Service and EndpointSlice, and `node_name`'s Node, as the agent would see them now.
-pub fn load_objects(manifests: Option<&Path>, kubeconfig: Option<&Path>, node_name: &str) -> Result<Objects> {
+pub fn load_objects(
+    manifests: Option<&Path>,
+    kubeconfig: Option<&Path>,
+    api_server: Option<&str>,
+    node_name: &str,
+) -> Result<Objects> {
     if let Some(dir) = manifests {
         let (objects, warnings) =
             files::load_dir(dir, node_name).with_context(|| format!("reading manifests from {}", dir.display()))?;
@@ -24,7 +29,8 @@ pub fn load_objects(manifests: Option<&Path>, kubeconfig: Option<&Path>, node_na
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
     rt.block_on(async {
-        let client = crate::agent::kube_client(kubeconfig).await?;
+        let api_server = crate::source::apiserver::parse(api_server.unwrap_or_default())?;
+        let (client, _) = crate::agent::kube_client(kubeconfig, api_server.as_ref()).await?;
         let lp = ListParams::default();
         let services = Api::<Service>::all(client.clone()).list(&lp).await.context("listing Services")?;
         let slices = Api::<EndpointSlice>::all(client.clone()).list(&lp).await.context("listing EndpointSlices")?;

@@ -103,3 +103,106 @@ fn kube_watch_scale_gone_and_delete() {
         .expect("service deleted within 1 s");
     drop(agent);
 }
+
+/// Bootstrap without kube-proxy (issue 20 item 3). An agent whose API server address is the
+/// `kubernetes` Service's ClusterIP (here through a kubeconfig naming it, with the kubelet's
+/// `KUBERNETES_SERVICE_HOST` saying it is that Service), which nothing serves yet, logs an
+/// error naming the setting to fill in, and stays unready. Given `--api-server` with the
+/// server's own address, the same agent with the same credentials comes up and serves.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn an_unserved_kubernetes_clusterip_names_the_api_server_setting() {
+    require_root("an_unserved_kubernetes_clusterip_names_the_api_server_setting");
+    let mut topo = Topology::single_node(2, 21).expect("topology");
+    topo.start_server(SERVER, 1, 8080).expect("server");
+    let listener = bind_in_netns(&topo.node.name, "127.0.0.1:6443".parse().unwrap()).expect("bind in netns");
+    let api = FakeApiServer::start_background(listener).expect("fake apiserver");
+    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "node-a"}})).unwrap();
+    api.apply_node(node);
+    api.apply_service(serde_yaml::from_str(&service_yaml("api", "10.96.0.20", 80, 8080, "TCP")).unwrap());
+    api.apply_endpointslice(slice(&topo, &[1]));
+    let dir = TempDir::new("ebpf-proxy-bootstrap-").unwrap();
+    let kubeconfig = dir.0.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, "https://10.96.0.1:443").unwrap();
+    let pins = PinDir::new();
+    let start = |port: u16, extra: &[&str], log: &std::path::Path| {
+        let mut args = vec!["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "node-a"];
+        args.extend_from_slice(extra);
+        let child = Agent::command(&topo.node, &pins.0, port, &args)
+            .unwrap()
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .env("KUBERNETES_SERVICE_PORT", "443")
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("agent");
+        Agent {
+            child,
+            http: ([127, 0, 0, 1], port).into(),
+            metrics: ([127, 0, 0, 1], proxy_tests::agent::metrics_port(port)).into(),
+        }
+    };
+
+    let stuck_log = dir.0.join("stuck.log");
+    let stuck = start(10262, &[], &stuck_log);
+    let line = wait_for(Duration::from_secs(20), "the bootstrap error", || {
+        std::fs::read_to_string(&stuck_log).ok()?.lines().find(|l| l.contains("ClusterIP")).map(String::from)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&stuck_log).unwrap_or_default()));
+    eprintln!("bootstrap: {line}");
+    assert!(line.contains("ERROR") && line.contains("10.96.0.1:443"), "{line}");
+    assert!(line.contains("api-server") && line.contains("apiServer.host"), "names the setting: {line}");
+    assert!(stuck.wait_ready(&topo.node, Duration::from_millis(500)).is_err(), "ready without the API?");
+    drop(stuck);
+
+    let log = dir.0.join("ok.log");
+    let agent = start(10263, &["--api-server", "http://127.0.0.1:6443"], &log);
+    if let Err(e) = agent.wait_ready(&topo.node, Duration::from_secs(20)) {
+        panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    converge(&topo.pods[0].ns, (VIP, 80).into(), &["pod1"]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("ClusterIP"), "no bootstrap error once the address is given: {text}");
+}
+
+/// kube-proxy's health semantics (>= 1.31, KEP-3836): once the cluster autoscaler taints
+/// the Node ToBeDeletedByClusterAutoscaler, /healthz (what cloud load balancers probe)
+/// fails so traffic drains away from the node, while /livez (the kubelet's liveness probe)
+/// and /readyz stay 200 and Services keep working; without the taint /healthz passes again.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn healthz_fails_on_a_node_tainted_for_deletion_livez_does_not() {
+    require_root("healthz_fails_on_a_node_tainted_for_deletion_livez_does_not");
+    let mut topo = Topology::single_node(2, 22).expect("topology");
+    topo.start_server(SERVER, 1, 8080).expect("server");
+    let listener = bind_in_netns(&topo.node.name, "127.0.0.1:6443".parse().unwrap()).expect("bind in netns");
+    let api = FakeApiServer::start_background(listener).expect("fake apiserver");
+    let node = |taints: serde_json::Value| -> Node {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "node-a"}, "spec": {"taints": taints}})).unwrap()
+    };
+    api.apply_node(node(serde_json::json!([])));
+    api.apply_service(serde_yaml::from_str(&service_yaml("api", "10.96.0.20", 80, 8080, "TCP")).unwrap());
+    api.apply_endpointslice(slice(&topo, &[1]));
+    let dir = TempDir::new("ebpf-proxy-kubeconfig-").unwrap();
+    let kubeconfig = dir.0.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, "http://127.0.0.1:6443").unwrap();
+    let pins = PinDir::new();
+    let args = ["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "node-a"];
+    let agent = Agent::start(&topo.node, &pins.0, 10264, &args).expect("agent");
+    agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("ready");
+    let status = |path: &str| topo.node.run(|| proxy_tests::agent::http_get(agent.http, path).ok());
+    let codes = || ["/healthz", "/livez", "/readyz"].map(|p| status(p).map(|(c, _)| c));
+    assert_eq!(codes(), [Some(200); 3]);
+
+    api.apply_node(node(
+        serde_json::json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1765000000", "effect": "NoSchedule"}]),
+    ));
+    wait_for(Duration::from_secs(5), "/healthz 503", || (codes()[0] == Some(503)).then_some(())).unwrap();
+    assert_eq!(codes(), [Some(503), Some(200), Some(200)]);
+    let (_, body) = status("/healthz").unwrap();
+    assert!(body.contains("ToBeDeletedByClusterAutoscaler"), "{body}");
+    converge(&topo.pods[0].ns, (VIP, 80).into(), &["pod1"]);
+
+    api.apply_node(node(serde_json::json!([])));
+    wait_for(Duration::from_secs(5), "/healthz 200", || (codes()[0] == Some(200)).then_some(())).unwrap();
+    assert_eq!(codes(), [Some(200); 3]);
+}

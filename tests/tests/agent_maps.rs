@@ -432,6 +432,50 @@ fn run_agent(
     if as_nobody {
         cmd.args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]);
     }
+    run_agent_cmd(cmd, root, manifests, extra)
+}
+
+/// [`run_agent`] as root under a seccomp filter that answers bpf() with EPERM, what an
+/// older container runtime's default profile does to a process without CAP_SYS_ADMIN.
+#[cfg(target_arch = "x86_64")]
+fn run_agent_without_bpf_syscall(ns: &Netns, root: &Path, manifests: &Path) -> (std::process::ExitStatus, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{}", ns.name));
+    // SAFETY: the closure only makes two prctl calls on a filter that lives on its stack
+    // until they return; it allocates nothing (it runs between fork and exec).
+    unsafe {
+        cmd.pre_exec(|| {
+            const LD_W_ABS: u16 = 0x20;
+            const JEQ_K: u16 = 0x15;
+            const RET_K: u16 = 0x06;
+            const RET_ERRNO: u32 = 0x0005_0000;
+            const RET_ALLOW: u32 = 0x7fff_0000;
+            let mut filter = [
+                // seccomp_data.nr: the syscall number.
+                libc::sock_filter { code: LD_W_ABS, jt: 0, jf: 0, k: 0 },
+                libc::sock_filter { code: JEQ_K, jt: 0, jf: 1, k: libc::SYS_bpf as u32 },
+                libc::sock_filter { code: RET_K, jt: 0, jf: 0, k: RET_ERRNO | libc::EPERM as u32 },
+                libc::sock_filter { code: RET_K, jt: 0, jf: 0, k: RET_ALLOW },
+            ];
+            let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_mut_ptr() };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run_agent_cmd(cmd, root, manifests, &[])
+}
+
+fn run_agent_cmd(
+    mut cmd: Command,
+    root: &Path,
+    manifests: &Path,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String) {
     let mut child = cmd
         .arg(ebpf_proxy_bin().unwrap())
         .env(proxy_tests::agent::SOCKET_LB_ENV, "off")
@@ -470,6 +514,26 @@ fn non_root_start_says_run_as_root_and_leaves_nothing() {
         "{err}"
     );
     assert!(!err.contains("Operation not permitted"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(!pins.0.exists(), "pin directory left behind");
+}
+
+/// Root with every capability, but a seccomp filter refusing bpf() (podman 4.3's and
+/// containerd < 1.7's default profiles without CAP_SYS_ADMIN): the one line names seccomp
+/// and the way out, not "run as root", and nothing is left behind.
+#[cfg(target_arch = "x86_64")]
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn seccomp_refusing_bpf_is_named_as_the_cause() {
+    require_root("seccomp_refusing_bpf_is_named_as_the_cause");
+    let ns = Netns::new("epn-seccomp-").unwrap();
+    let dir = TempDir::new("ebpf-proxy-manifests-").unwrap();
+    let pins = PinDir::new();
+    let (status, err) = run_agent_without_bpf_syscall(&ns, &pins.0, &dir.0);
+    eprintln!("{err}");
+    assert!(!status.success());
+    assert!(err.contains("a seccomp filter blocks it") && err.contains("seccompProfile Unconfined"), "{err}");
+    assert!(!err.contains("run as root"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(!pins.0.exists(), "pin directory left behind");
 }

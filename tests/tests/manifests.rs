@@ -204,14 +204,42 @@ fn kustomize_render() -> Vec<Value> {
     parse_stream(&text, "kubectl kustomize manifests/")
 }
 
-fn helm_render(helm: &str, sets: &[&str]) -> Vec<Value> {
+/// The API server address every render of these tests sets (Helm requires one), and the
+/// URL the agent gets for it; docs/deploy.md's overlay sets the same.
+const API_SERVER_HOST: &str = "192.0.2.10";
+const API_SERVER_URL: &str = "https://192.0.2.10:6443";
+
+/// `helm template` of the chart with `sets` (after `apiServer.host`, which they may override).
+fn helm_template(helm: &str, sets: &[&str]) -> Result<String, String> {
     let mut cmd = Command::new(helm);
     cmd.args(["template", "ebpf-proxy"]).arg(chart_dir()).args(["--namespace", "ebpf-proxy"]);
+    cmd.args(["--set", &format!("apiServer.host={API_SERVER_HOST}")]);
     for s in sets {
         cmd.args(["--set", s]);
     }
-    let text = output(&mut cmd).expect("helm template");
+    output(&mut cmd)
+}
+
+fn helm_render(helm: &str, sets: &[&str]) -> Vec<Value> {
+    let text = helm_template(helm, sets).expect("helm template");
     parse_stream(&text, &format!("helm template {sets:?}"))
+}
+
+/// docs/deploy.md's Kustomize overlay (the yaml block that starts with `# overlay/kustomization.yaml`),
+/// rendered as a user would: `kubectl kustomize overlay/` beside `manifests/`.
+fn docs_overlay_render() -> Vec<Value> {
+    let docs = std::fs::read_to_string(root().join("docs/deploy.md")).unwrap();
+    let start = docs.find("```yaml\n# overlay/kustomization.yaml").expect("docs/deploy.md: the overlay block");
+    let block = &docs[start + "```yaml\n".len()..];
+    let block = &block[..block.find("```").expect("end of the overlay block")];
+    let dir = std::env::temp_dir().join(format!("epx-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("overlay")).unwrap();
+    let _ = std::fs::remove_file(dir.join("manifests"));
+    std::os::unix::fs::symlink(manifests_dir(), dir.join("manifests")).unwrap();
+    std::fs::write(dir.join("overlay/kustomization.yaml"), block).unwrap();
+    let text = output(Command::new("kubectl").arg("kustomize").arg(dir.join("overlay")));
+    let _ = std::fs::remove_dir_all(&dir);
+    parse_stream(&text.expect("kubectl kustomize of docs/deploy.md's overlay"), "docs/deploy.md's overlay")
 }
 
 /// The objects of the base: rendered by Kustomize when kubectl is here, else its files
@@ -319,6 +347,9 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
         args.source.manifests.is_none() && args.source.kubeconfig.is_none(),
         "{origin}: the DaemonSet must use the in-cluster config"
     );
+    if let Err(e) = proxy_userspace::source::apiserver::parse(args.source.api_server.as_deref().unwrap_or_default()) {
+        panic!("{origin}: {e}");
+    }
     assert!(
         !args.pod_iface_pattern.is_empty() && args.pod_iface_pattern.iter().all(|p| !p.is_empty()),
         "{origin}: {argv:?}"
@@ -333,7 +364,7 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
     let c = &pod.containers[0];
     let http = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("http")).expect("a port named http");
     assert_eq!(i32::from(args.http_addr.port()), http.container_port, "{origin}: --http-addr vs containerPort");
-    for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
+    for (probe, path) in [(&c.liveness_probe, "/livez"), (&c.readiness_probe, "/readyz")] {
         let get =
             probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{origin}: no {path} probe"));
         assert_eq!(get.path.as_deref(), Some(path), "{origin}");
@@ -395,7 +426,7 @@ fn check_daemonset_policy(objects: &[Value], origin: &str) {
     let caps = sc.capabilities.as_ref().expect("capabilities");
     assert_eq!(caps.drop.clone().unwrap_or_default(), vec!["ALL".to_string()], "{origin}: drop ALL");
     let added: BTreeSet<String> = caps.add.iter().flatten().cloned().collect();
-    let want: BTreeSet<String> = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"].map(String::from).into();
+    let want: BTreeSet<String> = ["BPF", "NET_ADMIN", "PERFMON"].map(String::from).into();
     assert_eq!(added, want, "{origin}: capabilities (document any addition in daemonset.yaml and docs/deploy.md)");
     let host_paths: BTreeSet<String> =
         pod.volumes.iter().flatten().filter_map(|v| v.host_path.as_ref()).map(|h| h.path.clone()).collect();
@@ -613,7 +644,8 @@ fn kustomize_renders_exactly_the_base_files() {
 fn daemonset_args_are_flags_the_agent_accepts() {
     let objects = base_objects();
     let args = check_agent_args(&objects, "kustomize base");
-    assert_eq!(args.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*"]);
+    let defaults = proxy_userspace::cli::DEFAULT_POD_IFACE_PATTERNS.split(',').collect::<Vec<_>>();
+    assert_eq!(args.pod_iface_pattern, defaults, "the ConfigMap carries the agent's default patterns");
     assert_eq!(args.http_addr.port(), 10256);
     // Health on every address (the kubelet probes it), metrics on loopback (kube-proxy's
     // 127.0.0.1:10249), so /metrics is not open to the network by default.
@@ -659,14 +691,19 @@ fn helm_chart_renders_the_same_objects_as_kustomize() {
         Ok(h) => h,
         Err(why) => return skip("helm_chart_renders_the_same_objects_as_kustomize", &why),
     };
+    // Kustomize with docs/deploy.md's overlay, which sets the API server address Helm is given.
     let kustomize = match kubectl() {
-        Ok(()) => kustomize_render(),
+        Ok(()) => docs_overlay_render(),
         Err(why) => {
             skip(
                 "helm_chart_renders_the_same_objects_as_kustomize",
-                &format!("{why}; comparing with the base's files"),
+                &format!("{why}; comparing with the base's files, api-server set by hand"),
             );
-            base_objects_from_files()
+            let mut objects = base_objects_from_files();
+            for o in objects.iter_mut().filter(|o| o["kind"] == "ConfigMap") {
+                o["data"]["api-server"] = Value::from(API_SERVER_URL);
+            }
+            objects
         }
     };
     let defaults = helm_render(&helm, &[]);
@@ -703,8 +740,8 @@ fn helm_values_reach_the_agent() {
             "httpPort=10999",
             "metricsAddress=0.0.0.0:10249",
             "extraArgs={--max-conntrack=1048576}",
-            "kubernetesServiceHost=172.18.0.2",
-            "kubernetesServicePort=6443",
+            "apiServer.host=172.18.0.2",
+            "apiServer.port=443",
             "resources.limits.memory=1Gi",
         ],
     );
@@ -717,28 +754,299 @@ fn helm_values_reach_the_agent() {
     assert_eq!(args.http_addr.port(), 10999);
     assert_eq!(args.metrics_addr, "0.0.0.0:10249".parse().unwrap());
     assert_eq!(args.max_conntrack, 1048576);
+    assert_eq!(args.source.api_server.as_deref(), Some("https://172.18.0.2:443"));
     let ds: DaemonSet = one(&objects, "DaemonSet");
     let c = ds.spec.template.spec.unwrap().containers.remove(0);
     assert_eq!(c.image.as_deref(), Some("example.org/proxy:v9"));
-    let env: BTreeMap<String, Option<String>> = c.env.unwrap().into_iter().map(|e| (e.name, e.value)).collect();
-    assert_eq!(env["KUBERNETES_SERVICE_HOST"].as_deref(), Some("172.18.0.2"));
-    assert_eq!(env["KUBERNETES_SERVICE_PORT"].as_deref(), Some("6443"));
     assert_eq!(c.resources.unwrap().limits.unwrap()["memory"].0, "1Gi");
 }
 
-/// The uninstall step: a DaemonSet that runs `ebpf-proxy cleanup` on every node, on the
-/// agent's bpffs root, with what cleanup needs and nothing it does not.
+/// `kubectl kustomize manifests/<dir>`.
+fn kustomize_render_dir(dir: &str) -> Vec<Value> {
+    let text = output(Command::new("kubectl").arg("kustomize").arg(manifests_dir().join(dir)))
+        .unwrap_or_else(|e| panic!("kubectl kustomize manifests/{dir}: {e}"));
+    parse_stream(&text, &format!("kubectl kustomize manifests/{dir}"))
+}
+
+/// The DaemonSets of `objects` whose component label is `component`.
+fn daemonsets_of(objects: &[Value], component: &str) -> Vec<Value> {
+    objects
+        .iter()
+        .filter(|v| v["kind"] == "DaemonSet" && v["metadata"]["labels"]["app.kubernetes.io/component"] == component)
+        .cloned()
+        .collect()
+}
+
+/// Bootstrap without kube-proxy: Helm refuses to render without the API server's address
+/// (naming the value), `auto` without a cluster to read kube-public/cluster-info from says
+/// so, and every explicit form reaches the agent as a URL it accepts.
 #[test]
-fn uninstall_cleanup_daemonset_cleans_every_node() {
-    use proxy_userspace::cli::CleanupArgs;
-    let path = manifests_dir().join("uninstall/cleanup-daemonset.yaml");
-    let objects = read_objects(&path);
-    check_all(&objects, "uninstall/cleanup-daemonset.yaml");
-    assert_eq!(objects.len(), 1, "only the DaemonSet");
+fn helm_requires_the_api_server_address_or_auto() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_requires_the_api_server_address_or_auto", &why),
+    };
+    let e = helm_template(&helm, &["apiServer.host="]).unwrap_err();
+    assert!(e.contains("apiServer.host is required"), "{e}");
+    let e = helm_template(&helm, &["apiServer.host=auto"]).unwrap_err();
+    assert!(e.contains("kube-public/cluster-info") && e.contains("set apiServer.host"), "{e}");
+    for (host, port, url) in [
+        ("10.0.0.1", "6443", "https://10.0.0.1:6443"),
+        ("10.0.0.1:8443", "6443", "https://10.0.0.1:8443"),
+        ("api.example.com", "443", "https://api.example.com:443"),
+        ("https://api.example.com:9443", "6443", "https://api.example.com:9443"),
+        ("fd00::1", "6443", "https://[fd00::1]:6443"),
+        ("[fd00::1]:443", "6443", "https://[fd00::1]:443"),
+    ] {
+        let objects = helm_render(&helm, &[&format!("apiServer.host={host}"), &format!("apiServer.port={port}")]);
+        let args = check_agent_args(&objects, &format!("helm apiServer.host={host}"));
+        assert_eq!(args.source.api_server.as_deref(), Some(url), "apiServer.host={host}");
+        let parsed = proxy_userspace::source::apiserver::parse(url).unwrap().unwrap();
+        assert_eq!(parsed.to_string().trim_end_matches('/'), url, "the agent reads apiServer.host={host} as given");
+    }
+}
+
+/// A stand-in for the API server `helm install` talks to: discovery for the chart's kinds
+/// (Helm maps each object to a resource before its dry run), 404 for the chart's own
+/// objects (nothing installed yet), and kube-public/cluster-info holding a kubeadm-style
+/// kubeconfig whose server is `server`. Serves until the test process ends.
+fn cluster_info_server(server: &str) -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let kubeconfig =
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: \"\"\n  cluster:\n    server: {server}\n");
+    let group = |name: &str| {
+        let gv = format!("{name}/v1");
+        serde_json::json!({"name": name, "versions": [{"groupVersion": gv, "version": "v1"}],
+            "preferredVersion": {"groupVersion": gv, "version": "v1"}})
+    };
+    let resources = |gv: &str, list: &[(&str, &str, bool)]| {
+        let r: Vec<Value> = list
+            .iter()
+            .map(|(name, kind, ns)| {
+                serde_json::json!({"name": name, "singularName": kind.to_lowercase(),
+                "namespaced": ns, "kind": kind, "verbs": ["get", "list"]})
+            })
+            .collect();
+        serde_json::json!({"kind": "APIResourceList", "groupVersion": gv, "resources": r})
+    };
+    let routes: BTreeMap<&str, Value> = [
+        (
+            "/version",
+            serde_json::json!({"major": "1", "minor": "31", "gitVersion": "v1.31.0", "platform": "linux/amd64"}),
+        ),
+        ("/api", serde_json::json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})),
+        (
+            "/apis",
+            serde_json::json!({"kind": "APIGroupList", "apiVersion": "v1",
+            "groups": [group("apps"), group("rbac.authorization.k8s.io")]}),
+        ),
+        (
+            "/api/v1",
+            resources(
+                "v1",
+                &[
+                    ("configmaps", "ConfigMap", true),
+                    ("serviceaccounts", "ServiceAccount", true),
+                    ("namespaces", "Namespace", false),
+                ],
+            ),
+        ),
+        ("/apis/apps/v1", resources("apps/v1", &[("daemonsets", "DaemonSet", true)])),
+        (
+            "/apis/rbac.authorization.k8s.io/v1",
+            resources(
+                "rbac.authorization.k8s.io/v1",
+                &[("clusterroles", "ClusterRole", false), ("clusterrolebindings", "ClusterRoleBinding", false)],
+            ),
+        ),
+        (
+            "/api/v1/namespaces/kube-public/configmaps/cluster-info",
+            serde_json::json!({"kind": "ConfigMap",
+            "apiVersion": "v1", "metadata": {"name": "cluster-info", "namespace": "kube-public"},
+            "data": {"kubeconfig": kubeconfig}}),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(&stream);
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            // The headers: read and ignored (GETs only, no body).
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/");
+            let (status, body) = match routes.get(path) {
+                Some(v) => ("200 OK", v.to_string()),
+                None => (
+                    "404 Not Found",
+                    r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#
+                        .to_string(),
+                ),
+            };
+            let _ = write!(
+                &stream,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+/// `apiServer.host=auto` on a kubeadm cluster: `helm install` (here its server-side dry run,
+/// which runs the chart's lookups against the cluster) reads the API server's address from
+/// kube-public/cluster-info, as `kubeadm join` does, and the agent gets it.
+#[test]
+fn helm_auto_reads_the_api_server_from_cluster_info() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_auto_reads_the_api_server_from_cluster_info", &why),
+    };
+    let api = cluster_info_server("https://192.0.2.77:6443");
+    let dir = std::env::temp_dir().join(format!("epx-helm-auto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'http://{api}'}}}}]\n\
+             contexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\nusers: [{{name: u, user: {{}}}}]\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(&helm);
+    cmd.args(["template", "ebpf-proxy"]).arg(chart_dir()).args(["--namespace", "ebpf-proxy"]);
+    cmd.args(["--set", "apiServer.host=auto", "--dry-run=server", "--disable-openapi-validation", "--kubeconfig"]);
+    let text = output(cmd.arg(&kubeconfig));
+    let _ = std::fs::remove_dir_all(&dir);
+    let objects = parse_stream(&text.expect("helm template --dry-run=server"), "helm apiServer.host=auto");
+    let args = check_agent_args(&objects, "helm apiServer.host=auto");
+    assert_eq!(args.source.api_server.as_deref(), Some("https://192.0.2.77:6443"));
+}
+
+/// The chart's guard rails: `helm lint --strict` passes, and values.schema.json refuses
+/// each bad value at install time naming it (before, each of these rendered: a bogus mode
+/// or port crash-looped the pod, a non-numeric delay silently became 0).
+#[test]
+fn helm_schema_refuses_bad_values_and_lint_is_strict_clean() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_schema_refuses_bad_values_and_lint_is_strict_clean", &why),
+    };
+    let lint = Command::new(&helm)
+        .args(["lint", "--strict"])
+        .arg(chart_dir())
+        .args(["--set", &format!("apiServer.host={API_SERVER_HOST}")])
+        .output()
+        .unwrap();
+    assert!(lint.status.success(), "helm lint --strict:\n{}", String::from_utf8_lossy(&lint.stdout));
+    for (set, names) in [
+        ("socketLb=bogus", "/socketLb"),
+        ("httpPort=abc", "/httpPort"),
+        ("httpPort=70000", "/httpPort"),
+        ("syncDelayMs=abc", "/syncDelayMs"),
+        ("logFormat=xml", "/logFormat"),
+        ("metricsAddress=localhost", "/metricsAddress"),
+        ("nodePortAddresses={10.0.0.0}", "/nodePortAddresses/0"),
+        ("extraArgs={max-conntrack=5}", "/extraArgs/0"),
+        ("apiServer.port=0", "/apiServer/port"),
+        ("seccompProfile=none", "/seccompProfile"),
+        ("podIfacePatterns=null", "podIfacePatterns"),
+        ("sockeLb=on", "sockeLb"),
+    ] {
+        let e = helm_template(&helm, &[set]).expect_err(set);
+        assert!(e.contains("schema") && e.contains(names), "--set {set}: {e}");
+    }
+}
+
+/// extraArgs may replace any flag the chart sets (the agent refuses a flag given twice, so
+/// before this the pod crash-looped), and the values an operator expects reach the pod.
+#[test]
+fn helm_extra_args_override_the_charts_flags_and_pod_values_apply() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_extra_args_override_the_charts_flags_and_pod_values_apply", &why),
+    };
+    let objects = helm_render(
+        &helm,
+        &[
+            "extraArgs={--log-format=text,--socket-lb=off,--max-conntrack=1048576}",
+            "cgroupRoot=/sys/fs/cgroup/unified",
+            "updateStrategy.rollingUpdate.maxUnavailable=10%",
+            "extraEnv[0].name=RUST_LOG",
+            "extraEnv[0].value=debug",
+            "podLabels.team=net",
+            "imagePullSecrets[0].name=regcred",
+            "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=ebpf",
+            "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+        ],
+    );
+    check_all(&objects, "helm template (overrides)");
+    let args = check_agent_args(&objects, "helm (overrides)");
+    assert_eq!(args.log_format, proxy_userspace::cli::LogFormat::Text);
+    assert_eq!(args.max_conntrack, 1048576);
+    let argv = expanded_agent_argv(&objects).unwrap();
+    assert_eq!(argv.iter().filter(|a| a.starts_with("--socket-lb")).collect::<Vec<_>>(), ["--socket-lb=off"]);
     let ds: DaemonSet = one(&objects, "DaemonSet");
+    let ru = ds.spec.update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+    assert_eq!(
+        ru.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("10%".into()))
+    );
+    let tpl = ds.spec.template;
+    assert_eq!(tpl.metadata.unwrap().labels.unwrap()["team"], "net");
+    let pod = tpl.spec.unwrap();
+    assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+    assert!(pod.affinity.unwrap().node_affinity.is_some());
+    let cgroup = pod.volumes.unwrap().into_iter().find(|v| v.name == "cgroup").unwrap();
+    assert_eq!(cgroup.host_path.unwrap().path, "/sys/fs/cgroup/unified");
+    let env = pod.containers[0].env.clone().unwrap();
+    assert!(env.iter().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug")));
+}
+
+/// Kustomize: the base leaves `api-server` empty (the agent then names the setting when it
+/// cannot reach the ClusterIP), and docs/deploy.md's overlay sets it without a patch of the
+/// pod spec: the agent gets `--api-server` with the overlay's address.
+#[test]
+fn kustomize_overlay_in_the_docs_sets_the_api_server() {
+    if let Err(why) = kubectl() {
+        return skip("kustomize_overlay_in_the_docs_sets_the_api_server", &why);
+    }
+    let base = check_agent_args(&kustomize_render(), "kustomize base");
+    assert_eq!(base.source.api_server.as_deref(), Some(""));
+    let objects = docs_overlay_render();
+    check_all(&objects, "docs/deploy.md's overlay");
+    let args = check_agent_args(&objects, "docs/deploy.md's overlay");
+    assert_eq!(args.source.api_server.as_deref(), Some(API_SERVER_URL));
+    let cm: ConfigMap = one(&objects, "ConfigMap");
+    assert_eq!(cm.metadata.name.as_deref(), Some("ebpf-proxy-config"), "the overlay merges, no renamed copy");
+}
+
+/// The uninstall step: a DaemonSet that runs `ebpf-proxy cleanup` on every node, on the
+/// agent's bpffs root and with the agent's image (`agent`: the objects of the same render),
+/// with what cleanup needs and nothing it does not; with `kube_proxy`, one more init
+/// container runs `cleanup --kube-proxy` with the node's tools.
+fn check_uninstall(objects: &[Value], agent: &[Value], origin: &str, kube_proxy: bool) {
+    use proxy_userspace::cli::CleanupArgs;
+    check_all(objects, origin);
+    assert_eq!(objects.len(), 1, "{origin}: only the DaemonSet");
+    let ds: DaemonSet = one(objects, "DaemonSet");
     // The agent's namespace may be deleted already.
-    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
-    let agent = check_agent_args(&base_objects(), "kustomize base");
+    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"), "{origin}");
+    // The agent's objects of the same render (a Helm render holds both DaemonSets).
+    let agent: Vec<Value> =
+        agent.iter().filter(|v| daemonsets_of(&[(*v).clone()], "cleanup").is_empty()).cloned().collect();
+    let agent_args = check_agent_args(&agent, origin);
+    let agent_ds: DaemonSet = one(&agent, "DaemonSet");
+    let agent_image = agent_ds.spec.template.spec.unwrap().containers[0].image.clone();
     let pod = ds.spec.template.spec.unwrap();
     assert_eq!(pod.host_network, Some(true), "the programs are on the host's interfaces");
     assert_eq!(pod.automount_service_account_token, Some(false), "no API access needed");
@@ -757,14 +1065,19 @@ fn uninstall_cleanup_daemonset_cleans_every_node() {
             other => panic!("{argv:?} is not `ebpf-proxy cleanup`: {other:?}"),
         }
     };
-    let init = pod.init_containers.as_ref().and_then(|v| v.first()).expect("the cleanup init container");
+    let inits = pod.init_containers.clone().unwrap_or_default();
+    let init = inits.first().expect("the cleanup init container");
     let first = parse(init);
-    assert_eq!(first.bpffs_root, vec![agent.bpffs_root.clone()], "cleans the agent's root");
-    assert!(!first.force && !first.keep_running, "never pulls the datapath from under a live agent");
+    assert_eq!(first.bpffs_root, vec![agent_args.bpffs_root.clone()], "{origin}: cleans the agent's root");
+    assert!(
+        !first.force && !first.keep_running && !first.kube_proxy,
+        "never pulls the datapath from under a live agent"
+    );
     let [main] = pod.containers.as_slice() else { panic!("one container") };
     let again = parse(main);
-    assert!(again.keep_running && again.bpffs_root == first.bpffs_root);
+    assert!(again.keep_running && again.bpffs_root == first.bpffs_root && !again.kube_proxy);
     for c in [init, main] {
+        assert_eq!(c.image, agent_image, "{origin}: {} runs another image than the agent", c.name);
         let caps = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref()).expect("capabilities");
         assert_eq!(caps.drop.clone().unwrap_or_default(), vec!["ALL".to_string()]);
         let added: BTreeSet<String> = caps.add.iter().flatten().cloned().collect();
@@ -775,7 +1088,88 @@ fn uninstall_cleanup_daemonset_cleans_every_node() {
     }
     let host_paths: BTreeSet<String> =
         pod.volumes.iter().flatten().filter_map(|v| v.host_path.as_ref()).map(|h| h.path.clone()).collect();
-    assert_eq!(host_paths, ["/sys/fs/bpf".to_string()].into());
+    if !kube_proxy {
+        assert_eq!(inits.len(), 1, "{origin}: kube-proxy's leftovers are removed only when asked");
+        assert_eq!(host_paths, ["/sys/fs/bpf".to_string()].into());
+        return;
+    }
+    let [_, kp] = inits.as_slice() else { panic!("{origin}: the cleanup and kube-proxy init containers") };
+    let a = parse(kp);
+    assert!(a.kube_proxy && !a.keep_running, "{origin}: {:?}", kp.args);
+    let host = a.host_root.expect("--host-root: the image has no iptables/nft, the node's run chrooted");
+    assert_eq!(kp.image, agent_image);
+    let sc = kp.security_context.as_ref().unwrap();
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.clone().unwrap_or_default(), vec!["ALL".to_string()]);
+    let added: BTreeSet<String> = caps.add.iter().flatten().cloned().collect();
+    assert_eq!(added, ["NET_ADMIN", "NET_RAW", "SYS_CHROOT"].map(String::from).into(), "{origin}");
+    let mounts: BTreeMap<String, (String, Option<bool>)> =
+        kp.volume_mounts.iter().flatten().map(|m| (m.mount_path.clone(), (m.name.clone(), m.read_only))).collect();
+    assert_eq!(mounts[host.to_str().unwrap()], ("host-root".to_string(), Some(true)), "the node's root, read-only");
+    assert_eq!(mounts[&format!("{}/run/xtables.lock", host.display())].0, "xtables-lock");
+    assert_eq!(host_paths, ["/sys/fs/bpf", "/", "/run/xtables.lock"].map(String::from).into());
+}
+
+#[test]
+fn uninstall_cleanup_daemonset_cleans_every_node() {
+    let files = read_objects(&manifests_dir().join("uninstall/cleanup-daemonset.yaml"));
+    check_uninstall(&files, &base_objects(), "uninstall/cleanup-daemonset.yaml", false);
+    if let Err(why) = kubectl() {
+        return skip("uninstall_cleanup_daemonset_cleans_every_node (Kustomize part)", &why);
+    }
+    // `kubectl apply -k manifests/uninstall` applies exactly the file.
+    let rendered = kustomize_render_dir("uninstall");
+    assert_eq!(keyed(rendered), keyed(files));
+    let with_kp = kustomize_render_dir("uninstall-kube-proxy");
+    check_uninstall(&with_kp, &base_objects(), "kubectl kustomize manifests/uninstall-kube-proxy", true);
+}
+
+#[test]
+fn helm_uninstall_renders_the_same_as_kustomize() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_uninstall_renders_the_same_as_kustomize", &why),
+    };
+    // Off by default.
+    assert!(
+        daemonsets_of(&helm_render(&helm, &[]), "cleanup").is_empty(),
+        "the cleanup DaemonSet is rendered by default"
+    );
+    let (plain, with_kp) = match kubectl() {
+        Ok(()) => (kustomize_render_dir("uninstall"), kustomize_render_dir("uninstall-kube-proxy")),
+        Err(why) => return skip("helm_uninstall_renders_the_same_as_kustomize", &why),
+    };
+    for (sets, kustomize, kube_proxy) in [
+        (&["uninstall.enabled=true"][..], plain, false),
+        (&["uninstall.enabled=true", "uninstall.kubeProxy=true"][..], with_kp, true),
+    ] {
+        let objects = helm_render(&helm, sets);
+        let cleanup = daemonsets_of(&objects, "cleanup");
+        check_uninstall(&cleanup, &objects, &format!("helm {sets:?}"), kube_proxy);
+        assert_same_objects(cleanup, kustomize, &format!("helm {sets:?} vs Kustomize"));
+    }
+    // The image and root follow the values, as the agent's do.
+    let objects = helm_render(
+        &helm,
+        &["uninstall.enabled=true", "uninstall.kubeProxy=true", "image.repository=example.org/proxy", "image.tag=v9"],
+    );
+    let cleanup = daemonsets_of(&objects, "cleanup");
+    check_uninstall(&cleanup, &objects, "helm (custom image)", true);
+    let ds: DaemonSet = one(&cleanup, "DaemonSet");
+    let pod = ds.spec.template.spec.unwrap();
+    for c in pod.init_containers.unwrap().iter().chain(&pod.containers) {
+        assert_eq!(c.image.as_deref(), Some("example.org/proxy:v9"), "{}", c.name);
+    }
+    let objects = helm_render(&helm, &["uninstall.enabled=true", "uninstall.bpffsRoot=/sys/fs/bpf/other"]);
+    let ds: DaemonSet = one(&daemonsets_of(&objects, "cleanup"), "DaemonSet");
+    let args = ds.spec.template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(args.contains(&"--bpffs-root=/sys/fs/bpf/other".to_string()), "{args:?}");
+    // The schema refuses a root off the bpffs mount, and misspelled keys.
+    for (set, names) in [("uninstall.bpffsRoot=/tmp/x", "/uninstall/bpffsRoot"), ("uninstall.enable=true", "enable")] {
+        let e = helm_template(&helm, &[set]).expect_err(set);
+        assert!(e.contains("schema") && e.contains(names), "--set {set}: {e}");
+    }
 }
 
 /// manifests/kind/cluster.yaml, strictly (kind's own schema, the fields we use).

@@ -13,9 +13,9 @@
 //!
 //! 1. kube-proxy serves; long-lived sets A (pod -> ClusterIP) and C (outside -> NodePort)
 //!    are opened.
-//! 2. The agent starts (`--manifests`), then kube-proxy's rules are removed (its jumps, then
-//!    its `KUBE-*` chains flushed and deleted, as `kube-proxy --cleanup` does); sets B and D
-//!    are opened under the agent.
+//! 2. The agent starts (`--manifests`), then kube-proxy's rules are removed (`ebpf-proxy
+//!    cleanup --kube-proxy`, as `kube-proxy --cleanup` does); sets B and D are opened under
+//!    the agent.
 //! 3. Rollback: kube-proxy's rules are restored, the agent is stopped (SIGTERM: the pinned
 //!    datapath keeps serving), then `ebpf-proxy cleanup`.
 //!
@@ -131,18 +131,6 @@ fn nodeport_rules(svc: &rules::Svc) -> String {
     out
 }
 
-/// What `kube-proxy --cleanup` does to its iptables rules: the jumps from the built-in
-/// chains deleted, then every `KUBE-*` chain flushed and deleted, in `nat` and `filter`.
-const REMOVE_KUBE_PROXY: &str = r#"set -e
-for t in nat filter; do
-  iptables-save -t $t | grep -E '^-A (PREROUTING|INPUT|OUTPUT|FORWARD|POSTROUTING) .*-j KUBE-' | sed 's/^-A/-D/' |
-    while read -r rule; do eval iptables -t $t $rule; done
-  chains=$(iptables-save -t $t | sed -n 's/^:\(KUBE-[^ ]*\).*/\1/p')
-  for c in $chains; do iptables -t $t -F $c; done
-  for c in $chains; do iptables -t $t -X $c; done
-done
-"#;
-
 /// `cmd` in `node`'s network namespace with `input` on its stdin; panics with its stderr.
 fn run_in(node: &Netns, cmd: &[&str], input: &str) {
     let mut child = Command::new("nsenter")
@@ -171,8 +159,11 @@ fn install_kube_proxy(node: &Netns, endpoints: &[Ipv4Addr]) {
     run_in(node, &["iptables-restore", "--noflush"], KUBE_FILTER);
 }
 
+/// `ebpf-proxy cleanup --kube-proxy` in the node: kube-proxy's rules out, as
+/// `kube-proxy --cleanup` does (its jumps, then its `KUBE-*` chains).
 fn remove_kube_proxy(node: &Netns) {
-    run_in(node, &["sh", "-c", REMOVE_KUBE_PROXY], "");
+    let out = in_netns(node, &ebpf_proxy_bin().unwrap()).args(["cleanup", "--kube-proxy"]).output().expect("cleanup");
+    assert!(out.status.success(), "cleanup --kube-proxy: {}", String::from_utf8_lossy(&out.stderr));
     let out = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", node.name))
         .arg("iptables-save")

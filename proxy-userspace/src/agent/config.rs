@@ -10,7 +10,11 @@ use std::{
 use crate::{
     cli::AgentArgs,
     dataplane::{
-        DataplaneError, attach::XdpModeChoice, ifaces::IfacePatterns, loader::LoaderConfig, node::PortRange,
+        DataplaneError,
+        attach::{TcAttachChoice, XdpModeChoice},
+        ifaces::{Discovery, IfacePatterns},
+        loader::LoaderConfig,
+        node::PortRange,
         sock::SocketLbMode,
     },
     model::IpPrefix,
@@ -24,6 +28,8 @@ const MIN_DATAPATH_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 pub enum ConfigError {
     #[error("--nodeport-addresses: {value:?} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/64)")]
     NodePortAddress { value: String },
+    #[error(transparent)]
+    ApiServer(#[from] crate::source::apiserver::ApiServerError),
     #[error("{flag}: {source}")]
     IfacePattern {
         flag: &'static str,
@@ -38,8 +44,9 @@ pub enum ConfigError {
 pub enum ObjectSource {
     /// `--manifests`: YAML files in this directory, reloaded on change.
     Manifests(PathBuf),
-    /// The Kubernetes API, through this kubeconfig or the in-cluster / default config.
-    Kube { kubeconfig: Option<PathBuf> },
+    /// The Kubernetes API, through this kubeconfig or the in-cluster / default config,
+    /// at `api_server` when given (`--api-server`).
+    Kube { kubeconfig: Option<PathBuf>, api_server: Option<http::Uri> },
 }
 
 /// Everything `agent::run` needs, built once by [`AgentConfig::from_args`].
@@ -54,11 +61,13 @@ pub struct AgentConfig {
     /// `--pod-iface-pattern`.
     pub pod_ifaces: IfacePatterns,
     /// What the interface watcher follows: the pod patterns and the `--uplink` names
-    /// exactly.
-    pub watched_ifaces: IfacePatterns,
+    /// exactly, and with `--pod-iface-detect` pod interfaces by their kind.
+    pub watched_ifaces: Discovery,
     /// `--uplink`; empty: detect them.
     pub uplinks: Vec<String>,
     pub xdp_mode: XdpModeChoice,
+    /// `--tc-attach`.
+    pub tc_attach: TcAttachChoice,
     pub snat_port_range: PortRange,
     pub hairpin_address: Ipv4Addr,
     pub hairpin_address6: Ipv6Addr,
@@ -86,10 +95,14 @@ impl AgentConfig {
         // Uplinks are exact names: escaped so that a `[` in one is not a glob.
         let mut watched = args.pod_iface_pattern.clone();
         watched.extend(args.uplink.iter().map(|u| glob::Pattern::escape(u)));
-        let watched_ifaces = IfacePatterns::new(&watched).map_err(pattern_error)?;
+        let watched_ifaces =
+            Discovery { names: IfacePatterns::new(&watched).map_err(pattern_error)?, by_kind: args.pod_iface_detect };
         let source = match &args.source.manifests {
             Some(dir) => ObjectSource::Manifests(dir.clone()),
-            None => ObjectSource::Kube { kubeconfig: args.source.kubeconfig.clone() },
+            None => ObjectSource::Kube {
+                kubeconfig: args.source.kubeconfig.clone(),
+                api_server: crate::source::apiserver::parse(args.source.api_server.as_deref().unwrap_or_default())?,
+            },
         };
         Ok(AgentConfig {
             node_name: super::node_name(args.source.node_name.as_deref()),
@@ -105,6 +118,7 @@ impl AgentConfig {
             watched_ifaces,
             uplinks: args.uplink.clone(),
             xdp_mode: args.xdp_mode,
+            tc_attach: args.tc_attach,
             snat_port_range: args.snat_port_range,
             hairpin_address: args.hairpin_address,
             hairpin_address6: args.hairpin_address6,
@@ -161,6 +175,8 @@ mod tests {
         assert!(c.nodeport_addresses.is_empty());
         assert!(c.uplinks.is_empty());
         assert!(c.pod_ifaces.matches("veth1234") && !c.pod_ifaces.matches("eth0"));
+        assert!(c.watched_ifaces.by_kind);
+        assert!(!config(&["--pod-iface-detect=false"]).unwrap().watched_ifaces.by_kind);
         assert_eq!(c.verify_interval, Some(Duration::from_secs(60)));
         assert_eq!(c.datapath_check_interval, Duration::from_secs(1));
         assert_eq!(c.ct_timeouts, proxy_common::ct::CtTimeouts::default());
@@ -192,8 +208,8 @@ mod tests {
     #[test]
     fn uplinks_are_watched_by_exact_name() {
         let c = config(&["--uplink", "eth[0]"]).unwrap();
-        assert!(c.watched_ifaces.matches("eth[0]") && !c.watched_ifaces.matches("eth0"));
-        assert!(c.watched_ifaces.matches("veth1"));
+        assert!(c.watched_ifaces.names.matches("eth[0]") && !c.watched_ifaces.names.matches("eth0"));
+        assert!(c.watched_ifaces.names.matches("veth1"));
     }
 
     #[test]

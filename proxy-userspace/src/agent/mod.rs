@@ -34,17 +34,19 @@ use crate::{
     dataplane::{
         attach,
         ct_table::KernelCtTable,
+        features::KernelFeatures,
         guard::{DatapathGuard, OurPrograms},
         ifaces, loader,
         lock::RootLock,
         maps::GlobalStats,
         node::{NodeMaps, PortRange},
+        sock::SocketLbMode,
     },
     health::Health,
     healthcheck::HealthServers,
     metrics::Metrics,
     model::{NodeInfo, Translator},
-    source::{Resource, Snapshots, Source, SourceEvent, files},
+    source::{Resource, Snapshots, Source, SourceEvent, apiserver, files},
     sync::Syncer,
 };
 
@@ -106,10 +108,13 @@ fn lock_root(root: &std::path::Path) -> Result<RootLock> {
     Ok(RootLock::acquire(root)?)
 }
 
-/// A client from `kubeconfig`, or the in-cluster / default config (also used by the CLI's
-/// `explain` and `verify`).
-pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
-    let config = match kubeconfig {
+/// A client from `kubeconfig`, or the in-cluster / default config, talking to `api_server`
+/// when given (also used by the CLI's `explain` and `verify`). Also returns the URL used.
+pub async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    api_server: Option<&http::Uri>,
+) -> Result<(kube::Client, http::Uri)> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -117,9 +122,19 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
                 .await
                 .with_context(|| format!("using kubeconfig {}", path.display()))?
         }
+        // In a pod with --api-server, the service-account credentials are all that is
+        // needed (the kubelet's KUBERNETES_SERVICE_* may even be missing).
+        None if api_server.is_some() => match kube::Config::incluster_dns() {
+            Ok(c) => c,
+            Err(_) => kube::Config::infer().await.context("no kubeconfig and no in-cluster config")?,
+        },
         None => kube::Config::infer().await.context("no kubeconfig and no in-cluster config")?,
     };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    if let Some(url) = api_server {
+        config.cluster_url = url.clone();
+    }
+    let url = config.cluster_url.clone();
+    Ok((kube::Client::try_from(config).context("building the Kubernetes client")?, url))
 }
 
 /// Run the agent until SIGTERM or the object source ends. `config` is checked already
@@ -149,6 +164,27 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let node_name = config.node_name.clone();
     // No privileges: one clear line before anything is created.
     loader::check_privileges().context("loading the eBPF datapath")?;
+    // What this kernel gives, in one line, and a configuration it cannot honour refused
+    // before anything is created.
+    let features = KernelFeatures::probe(&config.uplinks);
+    info!(
+        kernel = %features.release,
+        xdp_multi_buffer = ?features.xdp_multi_buffer,
+        redirect_neigh = ?features.redirect_neigh,
+        sock_addr_set_retval = ?features.sock_addr_set_retval,
+        tcx = features.tcx,
+        attachments = if features.tcx { "tcx links" } else { "clsact filters (no tcx: kernel < 6.6)" },
+        btf = features.btf,
+        cgroup2 = ?features.cgroup2,
+        uplink_drivers = ?features.uplink_drivers,
+        "kernel features"
+    );
+    let socket_lb = match config.socket_lb {
+        SocketLbMode::Off => None,
+        SocketLbMode::On => Some("on"),
+        SocketLbMode::HostOnly => Some("host-only"),
+    };
+    features.check(socket_lb, config.cgroup_root.is_some())?;
     // A start that fails from here on removes the pin directory if it created it (the
     // lock below already creates it).
     let created_root = loader::CreatedRoot::remember(config.bpffs_root());
@@ -199,7 +235,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         "datapath loaded; pinned state read back"
     );
 
-    // One watcher for both kinds: uplinks by exact name, pods by pattern.
+    // One watcher for both kinds: uplinks by exact name, pods by pattern or by kind.
     let patterns = config.watched_ifaces.clone();
     let (ltx, lrx) = unbounded_channel();
     let detected_tx = ltx.clone();
@@ -209,7 +245,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         }
     });
     let (attached_initial, attached_initial_rx) = watch::channel(false);
-    let plan = AttachPlan { uplinks: config.uplinks.iter().cloned().collect(), xdp_mode: config.xdp_mode };
+    let plan = AttachPlan {
+        uplinks: config.uplinks.iter().cloned().collect(),
+        xdp_mode: config.xdp_mode,
+        tc_attach: config.tc_attach,
+    };
     let (node_addrs, node_addrs_rx) = tokio::sync::watch::channel(Vec::new());
     if config.uplinks.is_empty() {
         info!(xdp_mode = ?config.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");
@@ -240,9 +280,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             info!(dir = %dir.display(), "reading objects from manifests");
             Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
         }
-        ObjectSource::Kube { kubeconfig } => {
-            let client = kube_client(kubeconfig.as_deref()).await?;
-            crate::source::kube::start(client, &node_name, stx);
+        ObjectSource::Kube { kubeconfig, api_server } => {
+            let (client, url) = kube_client(kubeconfig.as_deref(), api_server.as_ref()).await?;
+            let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+            let hint = apiserver::bootstrap_hint(&url, api_server.is_some(), service_host.as_deref(), |a| {
+                syncer.serves_tcp(a)
+            });
+            info!(api_server = %url, "watching the Kubernetes API");
+            crate::source::kube::start(client, &node_name, stx, hint.map(Into::into));
             Source::Kube
         }
     };
@@ -251,6 +296,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         syncer,
         node_maps,
         health: HealthServers::new(ready.clone()),
+        proxy_health: health.clone(),
         source,
         translator: Translator::new(NodeInfo { name: node_name.clone(), ..NodeInfo::default() }),
         snapshots: Snapshots::default(),

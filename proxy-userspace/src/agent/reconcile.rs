@@ -25,7 +25,7 @@ use crate::{
     metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel},
     model::{
         IpFamily, IpPrefix, Translator,
-        node::{node_info, snat_address, snat_address6},
+        node::{node_eligible, node_info, snat_address, snat_address6},
     },
     source::{Delta, Snapshots, Source, Update},
     sync::Syncer,
@@ -35,6 +35,8 @@ pub(super) struct SyncLoop {
     pub(super) syncer: Syncer<Maps>,
     pub(super) node_maps: NodeMaps,
     pub(super) health: HealthServers,
+    /// /healthz, /livez, /readyz: told when the Node is on its way out.
+    pub(super) proxy_health: std::sync::Arc<crate::health::Health>,
     pub(super) source: Source,
     /// Every object's parsed form and the desired state, kept up to date by `update`.
     pub(super) translator: Translator,
@@ -110,6 +112,17 @@ impl SyncLoop {
                     // Keep every frontend as it is: nothing here says the objects are gone.
                     error!(error = %e, "cannot read the objects; the maps are left as they are");
                     return;
+                }
+            }
+        }
+        let eligible = node_eligible(self.node.as_deref());
+        if self.proxy_health.set_node_eligible(eligible) {
+            match eligible {
+                Err(why) => {
+                    warn!(node = %self.node_name, reason = why, "/healthz now fails: load balancers drain this node")
+                }
+                Ok(()) => {
+                    info!(node = %self.node_name, "/healthz passes again: the node is eligible for load-balanced traffic")
                 }
             }
         }

@@ -15,6 +15,15 @@ pub enum DataplaneError {
     /// one actionable line instead of the first failing syscall's EPERM).
     #[error("missing {missing} (uid {uid}): run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")]
     NotPrivileged { missing: String, uid: u32 },
+    /// bpf() refused although the capabilities are there: a seccomp filter (a container
+    /// runtime's default profile) is the cause, and no capability will fix it.
+    #[error(
+        "bpf() is refused with EPERM although this process has CAP_BPF (uid {uid}): a seccomp filter blocks it \
+         (Seccomp: {mode} in /proc/self/status). Older runtimes' default profiles (podman 4.3, containerd < 1.7) \
+         allow bpf() only with CAP_SYS_ADMIN: run the pod with seccompProfile Unconfined (Helm: \
+         --set seccompProfile=Unconfined) or a profile that allows bpf and perf_event_open, or upgrade the runtime"
+    )]
+    SeccompBlocksBpf { uid: u32, mode: String },
     /// A pinned map whose key or value size differs from this version's: its entries
     /// cannot be carried over, and re-using it would corrupt the datapath.
     #[error(

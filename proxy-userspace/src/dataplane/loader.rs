@@ -28,6 +28,9 @@ pub const PROG_TO_POD: &str = "to_pod";
 pub const PROG_FROM_UPLINK: &str = "from_uplink";
 /// TC egress of the uplink (reverse NAT of replies from local backends).
 pub const PROG_TO_UPLINK: &str = "to_uplink";
+/// TC ingress of the uplink: sends on what XDP translated for a device it cannot transmit
+/// on (a tunnel of an overlay CNI).
+pub const PROG_UPLINK_HANDOFF: &str = "uplink_handoff";
 
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
@@ -207,12 +210,44 @@ pub fn check_privileges() -> Result<(), DataplaneError> {
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
-    if missing.is_empty() {
-        return Ok(());
-    }
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    Err(DataplaneError::NotPrivileged { missing: missing.join(" and "), uid: euid })
+    if !missing.is_empty() {
+        return Err(DataplaneError::NotPrivileged { missing: missing.join(" and "), uid: euid });
+    }
+    // The capabilities are there; a seccomp filter may still refuse bpf() itself.
+    let seccomp = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim).unwrap_or("0");
+    if seccomp != "0" && bpf_refused() {
+        let mode = if seccomp == "2" { "2 (filter)".to_string() } else { seccomp.to_string() };
+        return Err(DataplaneError::SeccompBlocksBpf { uid: euid, mode });
+    }
+    Ok(())
+}
+
+/// Does bpf() answer EPERM to the smallest request that needs only CAP_BPF (creating a
+/// one-entry array map, closed at once)?
+fn bpf_refused() -> bool {
+    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries
+    // (u32 each), the rest zero. 128 bytes: the kernel accepts a shorter attr whose tail
+    // it does not know as long as that tail is zero.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32, 4, 4, 1]);
+    // SAFETY: bpf(BPF_MAP_CREATE) reads `size_of_val(&attr)` bytes from a valid buffer and
+    // returns a new fd or -1; the fd is closed below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_MAP_CREATE as libc::c_int,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: `fd` is the map fd just created and owned here.
+        unsafe { libc::close(fd as i32) };
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Removes, on drop, the part of a bpffs root that it created, unless disarmed: a start
@@ -290,7 +325,7 @@ fn load_programs(
         loader.map_max_entries(name, size);
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK] {
+    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(DataplaneError::MissingObject(name))?

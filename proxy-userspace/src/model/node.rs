@@ -39,6 +39,25 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[IpPrefix]) -
     NodeInfo { name: name.to_string(), nodeport_addrs: addrs, zone }
 }
 
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Should load balancers keep sending traffic to this node? Not once its Node is being
+/// deleted or tainted for deletion by the cluster autoscaler: kube-proxy (>= 1.31, KEP-3836)
+/// then fails /healthz, which cloud load balancers probe for externalTrafficPolicy=Cluster
+/// Services, so they drain the node first. An unknown Node is eligible (as at start-up).
+pub fn node_eligible(node: Option<&Node>) -> Result<(), &'static str> {
+    let Some(node) = node else { return Ok(()) };
+    if node.metadata.deletion_timestamp.is_some() {
+        return Err("the Node is being deleted");
+    }
+    let taints = node.spec.as_ref().and_then(|s| s.taints.as_ref());
+    if taints.into_iter().flatten().any(|t| t.key == TAINT_TO_BE_DELETED) {
+        return Err("the Node is tainted ToBeDeletedByClusterAutoscaler");
+    }
+    Ok(())
+}
+
 /// The Node's addresses that parse (sloppy like kube-proxy), with their type.
 fn node_addresses(node: Option<&Node>) -> impl Iterator<Item = (&str, IpAddr)> {
     node.and_then(|n| n.status.as_ref())
@@ -85,6 +104,24 @@ mod tests {
             "status": {"addresses": addrs.iter().map(|(t, a)| serde_json::json!({"type": t, "address": a})).collect::<Vec<_>>()}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        let with = |v: serde_json::Value| serde_json::from_value::<Node>(v).unwrap();
+        assert_eq!(node_eligible(None), Ok(()));
+        assert_eq!(node_eligible(Some(&node(&[]))), Ok(()));
+        let tainted = with(serde_json::json!({"metadata": {"name": "n1"}, "spec": {"taints": [
+            {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},
+            {"key": "ToBeDeletedByClusterAutoscaler", "value": "1733500000", "effect": "NoSchedule"}]}}));
+        assert!(node_eligible(Some(&tainted)).unwrap_err().contains("ToBeDeletedByClusterAutoscaler"));
+        // Cordoned (kubectl drain) or a deletion candidate: still eligible, as upstream.
+        let cordoned = with(serde_json::json!({"metadata": {"name": "n1"}, "spec": {"unschedulable": true, "taints": [
+            {"key": "DeletionCandidateOfClusterAutoscaler", "effect": "PreferNoSchedule"}]}}));
+        assert_eq!(node_eligible(Some(&cordoned)), Ok(()));
+        let deleting =
+            with(serde_json::json!({"metadata": {"name": "n1", "deletionTimestamp": "2026-12-06T10:00:00Z"}}));
+        assert!(node_eligible(Some(&deleting)).unwrap_err().contains("deleted"));
     }
 
     fn ips(s: &[&str]) -> Vec<IpAddr> {

@@ -19,7 +19,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::{Delta, Resource, SourceEvent, Update};
 use crate::model::ObjectKey;
@@ -37,6 +37,7 @@ fn spawn_watch<K>(
     resource: Resource,
     wrap: fn(Delta<K>) -> Update,
     tx: UnboundedSender<SourceEvent>,
+    hint: Option<Arc<str>>,
 ) where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
@@ -45,6 +46,8 @@ fn spawn_watch<K>(
         let stream = watcher(api, cfg).default_backoff().modify(|o: &mut K| o.meta_mut().managed_fields = None);
         let mut stream = pin!(stream);
         let mut listed: HashSet<ObjectKey> = HashSet::new();
+        // Until the first complete list, a failure may be the bootstrap deadlock (`hint`).
+        let mut synced = false;
         while let Some(ev) = stream.next().await {
             let msgs = match ev {
                 Ok(watcher::Event::Init) => {
@@ -56,6 +59,7 @@ fn spawn_watch<K>(
                     vec![SourceEvent::Update(wrap(Delta::Apply(Arc::new(o))))]
                 }
                 Ok(watcher::Event::InitDone) => {
+                    synced = true;
                     let seen = std::mem::take(&mut listed);
                     vec![SourceEvent::Update(wrap(Delta::Relisted(seen))), SourceEvent::Synced(resource)]
                 }
@@ -63,7 +67,10 @@ fn spawn_watch<K>(
                 Ok(watcher::Event::Delete(o)) => vec![SourceEvent::Update(wrap(Delta::Delete(key_of(&o))))],
                 Err(e) => {
                     // kube-rs retries with backoff; the maps keep their state meanwhile.
-                    warn!(resource = ?resource, error = %e, "watch error, retrying");
+                    match hint.as_deref().filter(|_| !synced) {
+                        Some(hint) => error!(resource = ?resource, error = %e, "{hint}; retrying"),
+                        None => warn!(resource = ?resource, error = %e, "watch error, retrying"),
+                    }
                     continue;
                 }
             };
@@ -81,13 +88,17 @@ fn key_of<K: kube::Resource>(o: &K) -> ObjectKey {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
-pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>) {
+/// Watch Services, EndpointSlices and this node's Node. `hint`: what to tell the operator
+/// when the API server cannot be reached before the first list (the bootstrap deadlock,
+/// see `apiserver::bootstrap_hint`).
+pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, hint: Option<Arc<str>>) {
     spawn_watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_SELECTOR),
         Resource::Services,
         Update::Services,
         tx.clone(),
+        hint.clone(),
     );
     spawn_watch(
         Api::<EndpointSlice>::all(client.clone()),
@@ -95,6 +106,7 @@ pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>) 
         Resource::EndpointSlices,
         Update::Slices,
         tx.clone(),
+        hint.clone(),
     );
     spawn_watch(
         Api::<Node>::all(client),
@@ -102,5 +114,6 @@ pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>) 
         Resource::Node,
         Update::Nodes,
         tx,
+        hint,
     );
 }

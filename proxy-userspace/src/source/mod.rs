@@ -2,6 +2,7 @@
 //! change, `SourceEvent::Update`) or a directory of YAML files (`files`: a snapshot of
 //! every object, `SourceEvent::Changed` when it changed; the agent diffs it, see
 //! `Snapshots`). Both say when each resource is fully listed.
+pub mod apiserver;
 pub mod files;
 pub mod kube;
 

@@ -441,6 +441,18 @@ impl<S: MapStore> Syncer<S> {
         self.backends.len()
     }
 
+    /// Does the datapath translate TCP connections to `addr` now (a programmed frontend
+    /// with backends)? The agent asks it of the API server's address at start.
+    pub fn serves_tcp(&self, addr: std::net::SocketAddr) -> bool {
+        self.frontends.iter().any(|(k, p)| {
+            p.in_map
+                && !p.active.is_empty()
+                && k.addr == addr.ip()
+                && port_from_map(k.port) == addr.port()
+                && k.proto == Protocol::Tcp.number()
+        })
+    }
+
     /// Frontends whose `SERVICES` entry is in the map: a frontend that failed before its
     /// entry was written (map full) is wanted, not programmed.
     pub fn programmed_count(&self) -> usize {
