@@ -113,8 +113,9 @@ fn cleanup_detaches_everything_and_removes_the_pins() {
     let mut agent = env.start_on(&env.pins.0, &env.dir, 10300, &[]);
     env.converge(&["pod1", "pod2"]);
     let before = env.attached();
-    // Four pod veths (tcx ingress + egress) and the uplink (XDP + tcx egress).
-    assert_eq!(before.len(), 4 * 2 + 2, "{before:#?}");
+    // Four pod veths (tcx ingress + egress) and the uplink (XDP, tcx egress, and tcx ingress
+    // for the overlay hand-off).
+    assert_eq!(before.len(), 4 * 2 + 3, "{before:#?}");
     assert!(before.iter().any(|a| a.hook == Hook::Xdp && a.iface == UPLINK), "{before:#?}");
 
     // Refused while the agent holds the root, naming it and the agent.
@@ -178,9 +179,9 @@ fn agent_on_a_new_root_replaces_the_stale_attachments() {
     let took = env.converge(&["pod2"]);
     eprintln!("new agent ready in {:?}, traffic on its maps {took:?} later", t.elapsed() - took);
     let attached = env.attached();
-    assert_eq!(attached.len(), 4 * 2 + 2, "exactly one set of programs: {attached:#?}");
+    assert_eq!(attached.len(), 4 * 2 + 3, "exactly one set of programs: {attached:#?}");
     let ids: std::collections::BTreeSet<u32> = attached.iter().map(|a| a.prog_id).collect();
-    assert_eq!(ids.len(), 4, "all attachments run the new agent's four programs: {attached:#?}");
+    assert_eq!(ids.len(), 5, "all attachments run the new agent's five programs: {attached:#?}");
     // It keeps following changes.
     env.write(&new_dir, &[3]);
     env.converge(&["pod3"]);
@@ -294,7 +295,7 @@ fn deleted_pins_and_detached_links_are_restored() {
         env.converge(&["pod1", "pod2"]);
         assert_eq!(count(), pins_before, "{damage}: link pins restored");
         assert!(root.join("maps/SERVICES").exists(), "{damage}: map pins restored");
-        assert_eq!(env.attached().len(), 4 * 2 + 2, "{damage}");
+        assert_eq!(env.attached().len(), 4 * 2 + 3, "{damage}");
         // The CLI reads the same maps again.
         let out = proxy_tests::agent::cli(&["services", "--bpffs-root", root.to_str().unwrap()]).unwrap();
         assert!(out.contains("10.96.0.10:80/TCP"), "{out}");
