@@ -235,8 +235,8 @@ impl Metrics {
         kp.register("sync_proxy_rules_service_changes", "Service changes received", m.service_changes.clone());
         // Both answers exist from the start, so rate() and alerts see a 0, not no series.
         for code in [200, 503] {
-            m.healthz.get_or_create(&CodeLabel { code: code.to_string() });
-            m.livez.get_or_create(&CodeLabel { code: code.to_string() });
+            m.healthz.get_or_create(&CodeLabel { code: code.to_string() }).inc_by(0);
+            m.livez.get_or_create(&CodeLabel { code: code.to_string() }).inc_by(0);
         }
         kp.register("healthz", "/healthz answers, by HTTP status", m.healthz.clone());
         kp.register("livez", "/livez answers, by HTTP status", m.livez.clone());
@@ -257,7 +257,6 @@ impl Metrics {
             "Service frontends in the services maps, per address family (SERVICES, SERVICES6)",
             m.frontends.clone(),
         );
-        r.register("sync_duration_seconds", "Duration of one map sync", m.sync_duration.clone());
         r.register(
             "event_to_map_seconds",
             "Time from the first Kubernetes event of a burst to its last map write",
