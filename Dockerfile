@@ -1,12 +1,17 @@
 # syntax=docker/dockerfile:1
 #
-# ebpf-proxy image: `docker build -t ebpf-proxy:dev .` (what `cargo xtask e2e-kind` runs).
+# ebpf-proxy image where a registry is reachable:
+#   docker build -t ghcr.io/ebpf-proxy/ebpf-proxy:0.1.0 .
+# (the tag every manifest pulls: the chart's appVersion; `cargo xtask e2e-kind` builds it
+# as ebpf-proxy:e2e). Without a registry, `cargo xtask image` builds the same runtime
+# layout FROM scratch with buildah (docs/deploy.md, "Image").
 #
 # Build stage: a non-root user with its own rustup and cargo homes runs `cargo xtask
 # setup` (nightly + rust-src + bpf-linker linked against the nightly's LLVM, the same
 # toolchain CI uses), then builds the agent, whose build script compiles the eBPF object
 # and embeds it in the binary.
-# Runtime stage: distroless (glibc + libgcc only, no shell, no package manager).
+# Runtime stage: distroless (glibc + libgcc only, no shell, no package manager); the
+# agent needs nothing else at run time (netlink, not iproute2).
 
 ARG RUST_VERSION=1.95
 

@@ -457,3 +457,72 @@ fn serves_from_inside_a_network_namespace() {
     // The test's own loopback has no such listener.
     assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
 }
+
+/// A kube client trusting `ca` (a PEM file, or none) with bearer `token` (or none), from a
+/// kubeconfig as the agent's `--kubeconfig` reads one.
+async fn client_with(server: &FakeApiServer, dir: &std::path::Path, ca: Option<&str>, token: Option<&str>) -> Client {
+    let mut cluster = format!("    server: {}\n", server.url());
+    if let Some(ca) = ca {
+        cluster.push_str(&format!("    certificate-authority: {ca}\n"));
+    }
+    let user = token.map_or("{}".to_string(), |t| format!("{{token: {t}}}"));
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n{cluster}contexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\nusers:\n- name: fake\n  user: {user}\n"
+    );
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, yaml).unwrap();
+    let kubeconfig = Kubeconfig::read_from(&path).expect("kubeconfig parses");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kube config");
+    Client::try_from(config).expect("kube client")
+}
+
+/// HTTPS with a CA made at start and a bearer token, as a pod's in-cluster config meets a
+/// real apiserver: a client trusting the CA with the token lists; a wrong token gets 401
+/// (counted); a client that does not trust the CA fails the handshake; the service-account
+/// directory holds what the in-cluster config reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_bearer_token() {
+    use proxy_tests::fake_apiserver::{ServeOptions, ServerTls, write_service_account_dir};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let tls = ServerTls::self_signed(&["127.0.0.1".parse().unwrap()]).expect("certificates");
+    let ca_pem = tls.ca_pem.clone();
+    let options = ServeOptions { tls: Some(tls), token: Some("s3cret".into()) };
+    let server = FakeApiServer::start_background_with(listener, options).expect("start fake apiserver");
+    assert!(server.url().starts_with("https://127.0.0.1:"), "{}", server.url());
+    server.apply_service(service("web", 80));
+
+    let dir = std::env::temp_dir().join(format!("fake-apiserver-https-{}", std::process::id()));
+    let sa = dir.join("serviceaccount");
+    write_service_account_dir(&sa, "s3cret", &ca_pem, "ebpf-proxy").unwrap();
+    assert_eq!(std::fs::read_to_string(sa.join("token")).unwrap(), "s3cret");
+    assert_eq!(std::fs::read_to_string(sa.join("namespace")).unwrap(), "ebpf-proxy");
+    let ca = sa.join("ca.crt");
+    assert!(std::fs::read_to_string(&ca).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+    let ca = ca.to_str().unwrap();
+
+    let good = client_with(&server, &dir, Some(ca), Some("s3cret")).await;
+    let names: Vec<String> = Api::<Service>::all(good)
+        .list(&ListParams::default())
+        .await
+        .expect("list over HTTPS")
+        .items
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    assert_eq!(names, ["web"]);
+    assert_eq!(server.unauthorized_requests(), 0);
+
+    let wrong = client_with(&server, &dir, Some(ca), Some("guess")).await;
+    match Api::<Service>::all(wrong).list(&ListParams::default()).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 401, "{status:?}"),
+        other => panic!("a wrong token must get 401, got {other:?}"),
+    }
+    let anonymous = client_with(&server, &dir, Some(ca), None).await;
+    assert!(Api::<Service>::all(anonymous).list(&ListParams::default()).await.is_err());
+    assert_eq!(server.unauthorized_requests(), 2);
+
+    let untrusting = client_with(&server, &dir, None, Some("s3cret")).await;
+    let err = Api::<Service>::all(untrusting).list(&ListParams::default()).await.expect_err("unknown CA");
+    assert!(!matches!(err, kube::Error::Api(_)), "the handshake must fail, not the request: {err:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

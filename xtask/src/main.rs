@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | image`.
 //!
 //! `setup` installs, idempotently and from registries only, everything the build and the
 //! tests need: the nightly's rust-src, bpf-linker linked against the nightly's own LLVM,
@@ -47,6 +47,16 @@ enum Cmd {
     },
     /// End-to-end on a kind cluster without kube-proxy (skips without docker/kind/kubectl).
     E2eKind,
+    /// Release build, then the agent's image `FROM scratch` with buildah (no registry needed).
+    Image {
+        /// Image name; default ghcr.io/ebpf-proxy/ebpf-proxy:<the chart's appVersion>.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Put this binary in the image instead of building the release one (e.g. a debug
+        /// build, to try a change quickly).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -111,6 +121,42 @@ fn demo() -> Result<()> {
     run(Command::new(root.join("target/debug/proxy-demo")).arg(root.join("target/debug/ebpf-proxy")))
 }
 
+/// `cargo xtask image`: the release binary, then [`xtask::image::assemble`].
+fn image(tag: Option<String>, binary: Option<PathBuf>) -> Result<()> {
+    let root = workspace_root();
+    let tag = match tag {
+        Some(t) => t,
+        None => xtask::image::default_tag(&root)?,
+    };
+    let t = Instant::now();
+    let binary = match binary {
+        Some(b) => b,
+        None => {
+            run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "proxy-userspace",
+                "--bin",
+                "ebpf-proxy",
+            ]))?;
+            root.join("target/release/ebpf-proxy")
+        }
+    };
+    let built = t.elapsed();
+    let t = Instant::now();
+    xtask::image::assemble(&binary, &tag)?;
+    // The size comes from podman; buildah alone builds the image just as well.
+    let size = xtask::image::image_size(&tag).map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or_default();
+    eprintln!(
+        "xtask image: {tag} ({size}) in {:.1?} (cargo build {built:.1?}, image {:.1?})",
+        built + t.elapsed(),
+        t.elapsed()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -119,6 +165,7 @@ fn main() -> ExitCode {
         Cmd::Demo => demo(),
         Cmd::Bench { quick, args } => bench::bench(quick, &args),
         Cmd::E2eKind => e2e_kind::main(),
+        Cmd::Image { tag, binary } => image(tag, binary),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

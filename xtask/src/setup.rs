@@ -14,7 +14,17 @@ use crate::run;
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages and a binary each provides: installed only when the binary is missing.
-const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("iptables", "iptables-restore"), ("nftables", "nft")];
+/// podman, buildah and runc build and run the agent's image (`cargo xtask image`, the pod
+/// spec e2e): no Docker engine or registry is reachable here, and crun (podman's default
+/// runtime) refuses hybrid-cgroup hosts, so the image code runs podman with runc.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("iptables", "iptables-restore"),
+    ("nftables", "nft"),
+    ("podman", "podman"),
+    ("buildah", "buildah"),
+    ("runc", "runc"),
+];
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;

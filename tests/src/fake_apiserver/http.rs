@@ -13,6 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{Filter, ListOutcome, WatchMsg, WatchStart, status};
@@ -20,10 +21,15 @@ use super::{ResourceKind, Shared};
 
 type Body = UnsyncBoxBody<Bytes, io::Error>;
 
-/// Serves connections from `listener` until `shutdown` turns true (or its
-/// sender is dropped). Open connections, including watch streams, are cut at
-/// shutdown.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Serves connections from `listener` (over TLS when `tls` is given) until
+/// `shutdown` turns true (or its sender is dropped). Open connections, including
+/// watch streams, are cut at shutdown.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             res = listener.accept() => match res {
@@ -39,18 +45,37 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut s
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let mut conn_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let resp = handle(&shared, req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = stopped(&mut conn_shutdown) => {}
+        let conn_shutdown = shutdown.clone();
+        match &tls {
+            None => {
+                tokio::spawn(serve_connection(stream, shared, conn_shutdown));
             }
-        });
+            Some(acceptor) => {
+                let accept = acceptor.accept(stream);
+                tokio::spawn(async move {
+                    // A failed handshake (a client that does not trust the CA) just
+                    // closes the connection, as a real apiserver's does.
+                    if let Ok(stream) = accept.await {
+                        serve_connection(stream, shared, conn_shutdown).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve_connection<IO>(stream: IO, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let resp = handle(&shared, req);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = conn => {}
+        _ = stopped(&mut shutdown) => {}
     }
 }
 
@@ -138,6 +163,13 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     {
         let mut st = shared.lock();
         st.log_request(format!("{} {}", req.method(), req.uri()));
+        if let Some(token) = &shared.token {
+            let given = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            if given.and_then(|v| v.strip_prefix("Bearer ")) != Some(token.as_str()) {
+                shared.unauthorized.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return error_response(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+            }
+        }
         if st.unavailable {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,

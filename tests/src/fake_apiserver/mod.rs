@@ -19,8 +19,13 @@
 //! write_kubeconfig("/tmp/kubeconfig".as_ref(), &server.url()).unwrap();
 //! ```
 //!
+//! [`FakeApiServer::start_background_with`] serves HTTPS instead (a CA and a server
+//! certificate made at start, [`ServerTls`]) and requires a bearer token, as a real
+//! apiserver does for a pod's service account; [`write_service_account_dir`] writes the
+//! `token`, `ca.crt` and `namespace` files the in-cluster config reads.
+//!
 //! Limitations: read-only API (only GET; no create/update/patch/delete from
-//! clients, no status subresources), no authentication, `resourceVersion` on
+//! clients, no status subresources), one bearer token at most, `resourceVersion` on
 //! LIST is ignored (lists always serve the latest state), watches from a
 //! resourceVersion newer than the server's are accepted and simply wait.
 
@@ -28,9 +33,11 @@ mod http;
 mod netns;
 mod selector;
 mod store;
+mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -43,6 +50,7 @@ use tokio::sync::watch;
 
 pub use netns::bind_in_netns;
 pub use selector::{FieldSelector, LabelSelector};
+pub use tls::{SERVICE_ACCOUNT_DIR, ServerTls, TlsError, write_service_account_dir};
 
 use store::State;
 
@@ -102,6 +110,10 @@ struct Shared {
     state: Mutex<State>,
     /// host:port clients reach us on, for the `/api` discovery document.
     authority: String,
+    /// The bearer token every request must carry, when set (401 otherwise).
+    token: Option<String>,
+    /// Requests refused for a missing or wrong token.
+    unauthorized: AtomicUsize,
 }
 
 impl Shared {
@@ -116,6 +128,7 @@ impl Shared {
 pub struct FakeApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    https: bool,
     shutdown: watch::Sender<bool>,
     /// The runtime thread of `start_background`.
     background: Option<JoinHandle<()>>,
@@ -129,8 +142,18 @@ fn from_value<T: DeserializeOwned>(v: Value) -> T {
     serde_json::from_value(v).expect("stored object deserializes to its k8s type")
 }
 
+/// How [`FakeApiServer::start_background_with`] serves: plain HTTP without
+/// authentication by default.
+#[derive(Default)]
+pub struct ServeOptions {
+    /// Serve HTTPS with this certificate.
+    pub tls: Option<ServerTls>,
+    /// Require `Authorization: Bearer <token>` on every request.
+    pub token: Option<String>,
+}
+
 impl FakeApiServer {
-    fn new_shared(listener: &TcpListener) -> std::io::Result<(Arc<Shared>, SocketAddr)> {
+    fn new_shared(listener: &TcpListener, token: Option<String>) -> std::io::Result<(Arc<Shared>, SocketAddr)> {
         let mut addr = listener.local_addr()?;
         // A wildcard bind is reachable on loopback; give callers an address they can dial.
         match addr.ip() {
@@ -139,7 +162,12 @@ impl FakeApiServer {
             _ => {}
         }
         listener.set_nonblocking(true)?;
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), authority: addr.to_string() });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            authority: addr.to_string(),
+            token,
+            unauthorized: AtomicUsize::new(0),
+        });
         Ok((shared, addr))
     }
 
@@ -147,18 +175,26 @@ impl FakeApiServer {
     ///
     /// Panics when called outside a tokio runtime.
     pub fn start(listener: TcpListener) -> std::io::Result<FakeApiServer> {
-        let (shared, addr) = Self::new_shared(&listener)?;
+        let (shared, addr) = Self::new_shared(&listener, None)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        tokio::spawn(http::serve(listener, shared.clone(), shutdown_rx));
-        Ok(FakeApiServer { shared, addr, shutdown, background: None })
+        tokio::spawn(http::serve(listener, None, shared.clone(), shutdown_rx));
+        Ok(FakeApiServer { shared, addr, https: false, shutdown, background: None })
     }
 
     /// Starts serving `listener` on a runtime of its own in a background
     /// thread, for synchronous tests (or to keep the server independent of the
     /// test's runtime). Drop joins that thread.
     pub fn start_background(listener: TcpListener) -> std::io::Result<FakeApiServer> {
-        let (shared, addr) = Self::new_shared(&listener)?;
+        Self::start_background_with(listener, ServeOptions::default())
+    }
+
+    /// [`start_background`](Self::start_background), serving HTTPS and checking a bearer
+    /// token as `options` say.
+    pub fn start_background_with(listener: TcpListener, options: ServeOptions) -> std::io::Result<FakeApiServer> {
+        let (shared, addr) = Self::new_shared(&listener, options.token)?;
+        let https = options.tls.is_some();
+        let acceptor = options.tls.map(|t| t.acceptor);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("fake-apiserver")
@@ -171,18 +207,24 @@ impl FakeApiServer {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let serve_shared = shared.clone();
         let background = std::thread::Builder::new().name("fake-apiserver".into()).spawn(move || {
-            runtime.block_on(http::serve(listener, serve_shared, shutdown_rx));
+            runtime.block_on(http::serve(listener, acceptor, serve_shared, shutdown_rx));
             // Dropping the runtime cancels the remaining connection tasks.
         })?;
-        Ok(FakeApiServer { shared, addr, shutdown, background: Some(background) })
+        Ok(FakeApiServer { shared, addr, https, shutdown, background: Some(background) })
     }
 
-    /// `http://host:port` of the server.
+    /// `http://host:port` (or `https://`) of the server.
     pub fn url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
         match self.addr {
-            SocketAddr::V4(a) => format!("http://{a}"),
-            SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
+            SocketAddr::V4(a) => format!("{scheme}://{a}"),
+            SocketAddr::V6(a) => format!("{scheme}://[{}]:{}", a.ip(), a.port()),
         }
+    }
+
+    /// Requests refused with 401 (no or a wrong bearer token).
+    pub fn unauthorized_requests(&self) -> usize {
+        self.shared.unauthorized.load(Ordering::Relaxed)
     }
 
     pub fn addr(&self) -> SocketAddr {
