@@ -60,6 +60,12 @@ pub fn redirect(ctx: &TcContext) -> i32 {
     if h.magic != MAGIC {
         return TC_ACT_UNSPEC;
     }
+    // The node configuration the agent writes before it attaches anything: also what makes
+    // this map-less program recognisable as ours to `cleanup` (a program is ours by name
+    // and by the maps it uses), so that a clsact filter of it is found and removed.
+    if crate::maps::NODE_CONFIG.get(0).is_none() {
+        return TC_ACT_UNSPEC;
+    }
     // SAFETY: helper without preconditions (no neighbour parameters: the kernel looks the
     // next hop up); returns TC_ACT_REDIRECT, or TC_ACT_SHOT on a bad ifindex.
     unsafe { bpf_redirect_neigh(h.ifindex, core::ptr::null_mut(), 0, 0) as i32 }

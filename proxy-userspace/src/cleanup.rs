@@ -13,6 +13,10 @@
 //!    is removed; one that still holds another's filter stays.
 //! 4. Remove each root's pins (maps, links) and the root itself.
 //!
+//! Before step 2, our live Service flows are handed to netfilter's conntrack
+//! (`takeover::hand_back`), after the frontends are taken out so new connections go to
+//! kube-proxy's rules if they are back: a rollback to kube-proxy keeps its connections.
+//!
 //! Idempotent: a second run finds nothing and says so.
 use std::{
     io,
@@ -61,6 +65,11 @@ pub struct CleanupReport {
     pub pins_removed: Vec<PathBuf>,
     /// Things that could not be undone (each names what and why).
     pub errors: Vec<String>,
+    /// Flows handed to netfilter's conntrack, per root (see `takeover::hand_back`).
+    pub handed_back: Vec<(PathBuf, crate::takeover::HandBack)>,
+    /// Why flows could not be handed back (not an error of the cleanup: the datapath is
+    /// still taken out).
+    pub warnings: Vec<String>,
 }
 
 impl CleanupReport {
@@ -90,6 +99,19 @@ impl CleanupReport {
         }
         for p in &self.pins_removed {
             out.push_str(&format!("removed {}\n", p.display()));
+        }
+        for (root, h) in &self.handed_back {
+            out.push_str(&format!(
+                "handed {} flow(s) back to netfilter's conntrack ({} frontend(s) of {} taken out first; {} source-NATed flow(s) cannot be, {} refused)\n",
+                h.handed_back,
+                h.frontends_removed,
+                root.display(),
+                h.source_nat,
+                h.failed
+            ));
+        }
+        for w in &self.warnings {
+            out.push_str(&format!("warning: {w}\n"));
         }
         for e in &self.errors {
             out.push_str(&format!("error: {e}\n"));
@@ -222,6 +244,16 @@ pub async fn cleanup(roots: &[PathBuf], force: bool) -> Result<CleanupReport, Cl
         }
     }
     let mut report = CleanupReport::default();
+    // Before anything is detached: our flows must be netfilter's when our programs go.
+    for root in roots.iter().filter(|r| paths::maps_dir(r).exists()) {
+        match crate::takeover::hand_back(root) {
+            Ok(h) => {
+                report.warnings.extend(h.errors.iter().cloned());
+                report.handed_back.push((root.clone(), h));
+            }
+            Err(e) => report.warnings.push(format!("{}: flows not handed back to netfilter: {e}", root.display())),
+        }
+    }
     for root in roots {
         detach_pinned_links(root, &mut report);
         detach_cgroup_links(root, &mut report);

@@ -12,6 +12,8 @@
 //!   `healthCheckNodePort`s.
 //! - `cleanup`: `ebpf-proxy cleanup`, taking the datapath out of the node; `kube_proxy`:
 //!   `cleanup --kube-proxy`, taking kube-proxy's rules out.
+//! - `takeover`: adopting kube-proxy's flows from nf_conntrack at start, handing ours back
+//!   on `cleanup`.
 //! - `cli` (flags; `kubeproxy_config` reads kube-proxy's own config file into them) and
 //!   `show` (the operator CLI's output); `trace` runs one packet through a
 //!   private copy of the datapath; `inspect` reads the objects `explain` and `verify` judge.
@@ -33,4 +35,5 @@ pub mod model;
 pub mod show;
 pub mod source;
 pub mod sync;
+pub mod takeover;
 pub mod trace;

@@ -76,6 +76,11 @@ impl Held {
         Ok((name.to_string(), peer.parse().with_context(|| format!("bad peer in {line:?}"))?))
     }
 
+    /// The connection's local address (the client's side of its conntrack tuple).
+    pub fn local(&self) -> Result<SocketAddr> {
+        Ok(self.reader.get_ref().local_addr()?)
+    }
+
     /// The connection's remote address (what the client believes it is talking to).
     pub fn peer(&self) -> Result<SocketAddr> {
         Ok(self.reader.get_ref().peer_addr()?)

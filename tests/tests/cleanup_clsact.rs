@@ -122,8 +122,9 @@ fn cleanup_removes_our_clsact_filters_and_only_ours() {
         v
     };
     let before = attached(node);
-    // Four pod veths (clsact ingress + egress), the uplink's egress, and XDP on the uplink.
-    assert_eq!(before.len(), 4 * 2 + 2, "{before:#?}");
+    // Four pod veths (clsact ingress + egress), the uplink's egress and ingress (the
+    // overlay hand-off, uplink_handoff), and XDP on the uplink.
+    assert_eq!(before.len(), 4 * 2 + 3, "{before:#?}");
     assert!(before.iter().filter(|a| a.hook != Hook::Xdp).all(|a| a.filter.is_some() && a.link_id.is_none()));
     assert!(tc(node, &["filter", "show", "dev", "veth1", "ingress"]).contains("from_pod"));
 

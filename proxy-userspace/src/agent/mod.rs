@@ -80,6 +80,10 @@ fn start_conntrack_gc(config: &AgentConfig, metrics: Metrics) -> Result<()> {
     Ok(())
 }
 
+/// How long the first sync waits for the interfaces present at start to be attached (see
+/// `attached_before_adoption`).
+const ADOPTION_ATTACH_WAIT: Duration = Duration::from_secs(10);
+
 /// Ready = the first full sync done and every interface present at start-up attached,
 /// in whichever order they happen.
 async fn readiness(
@@ -215,7 +219,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let ours = OurPrograms::of(&programs).context("our program ids")?;
     let guard =
         DatapathGuard::new(config.bpffs_root(), lock).context("opening the pinned maps for the datapath check")?;
-    let syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    let mut syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    // kube-proxy's connections become ours before any Service entry can balance them.
+    syncer.before_first_services(crate::takeover::adoption_hook(config.bpffs_root()));
     if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&config.snat_port_range)) {
         warn!(
             snat_ports = %config.snat_port_range,
@@ -327,6 +333,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut synced: HashSet<Resource> = HashSet::new();
     let mut burst: Option<Instant> = None;
     let (first_sync, first_sync_rx) = watch::channel(false);
+    // The first sync adopts kube-proxy's flows (`takeover`): from then on they are ours
+    // only, so our programs must be on the interfaces first.
+    let mut attached_before_adoption = Some(attached_initial_rx.clone());
     tokio::spawn(readiness(first_sync_rx, attached_initial_rx, ready.clone()));
     loop {
         tokio::select! {
@@ -367,6 +376,16 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     lp.metrics.queued_now();
                 }
                 SourceEvent::Changed => lp.metrics.queued_now(),
+            }
+        }
+        if let Some(mut attached) = attached_before_adoption.take() {
+            let waited = Instant::now();
+            match tokio::time::timeout(ADOPTION_ATTACH_WAIT, attached.wait_for(|done| *done)).await {
+                Ok(Ok(_)) => {}
+                _ => warn!(
+                    waited = ?waited.elapsed(),
+                    "interfaces not all attached yet: adopting kube-proxy's flows anyway"
+                ),
             }
         }
         let full = lp.full_sync;

@@ -59,6 +59,12 @@ where
         Ok(info.max_entries())
     }
 
+    /// Write `key` -> `value` into `table` (`flags`: `BPF_ANY`, `BPF_NOEXIST`, `BPF_EXIST`).
+    /// Only `takeover` writes entries from user space (adopted and handed-back flows).
+    pub fn insert(&mut self, table: Table, key: &CtKey<A>, value: &CtValue<A>, flags: u64) -> Result<(), MapError> {
+        self.maps[table.index()].insert(key, value, flags)
+    }
+
     fn map(&self, table: Table) -> &HashMap<MapData, CtKey<A>, CtValue<A>> {
         &self.maps[table.index()]
     }

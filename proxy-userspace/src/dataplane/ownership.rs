@@ -32,7 +32,8 @@ use super::{
 
 pub const OUR_PROGRAMS: [&str; 5] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF];
 /// Maps only our object defines under these names.
-const OUR_MAPS: [&str; 6] = [
+const OUR_MAPS: [&str; 7] = [
+    proxy_common::map_names::NODE_CONFIG,
     proxy_common::map_names::CONNTRACK,
     proxy_common::map_names::SERVICES,
     proxy_common::map_names::CONNTRACK6,

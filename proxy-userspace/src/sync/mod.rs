@@ -204,7 +204,22 @@ pub struct Syncer<S: MapStore> {
     total_writes: u64,
     /// Kept as frontends and backends come and go, so a report costs nothing per frontend.
     counts: Counts,
+    /// Run once, by the next sync, before any `SERVICES` entry is written (`takeover`
+    /// adopts netfilter's flows there; see [`Syncer::before_first_services`]).
+    before_services: Option<BeforeServices>,
 }
+
+/// A programmed frontend's ids: its service id and each active backend with its id (what
+/// `takeover` needs to seed conntrack entries that name them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendIds {
+    pub key: AnyServiceKey,
+    pub svc_id: u32,
+    pub backends: Vec<(AnyBackend, u32)>,
+}
+
+/// See [`Syncer::before_first_services`].
+pub type BeforeServices = Box<dyn FnOnce(&[FrontendIds]) + Send>;
 
 /// What `SyncReport` tells about the whole mirror.
 #[derive(Clone, Copy, Debug, Default)]
@@ -332,6 +347,7 @@ impl<S: MapStore> Syncer<S> {
             orphans: Orphans::default(),
             total_writes: 0,
             counts: Counts::default(),
+            before_services: None,
         };
         s.read_back()?;
         Ok(s)
@@ -505,7 +521,50 @@ impl<S: MapStore> Syncer<S> {
         self.sync(desired, SyncScope::Keys(changed))
     }
 
+    /// Have the next sync call `hook` with every frontend's ids before it writes any
+    /// `SERVICES` entry: into empty maps (a node's first start) the service entries are
+    /// written last, so whatever `hook` seeds (adopted conntrack entries) is in place
+    /// before a packet can be balanced by the new frontends. With frontends already in the
+    /// maps (a restart) there is no such moment: the hook runs after the sync, with the
+    /// ids as programmed.
+    pub fn before_first_services(&mut self, hook: BeforeServices) {
+        self.before_services = Some(hook);
+    }
+
+    /// The ids of every frontend in the maps.
+    fn frontend_ids(&self) -> Vec<FrontendIds> {
+        self.frontends
+            .iter()
+            .filter(|(_, p)| p.in_map)
+            .map(|(k, p)| FrontendIds {
+                key: *k,
+                svc_id: p.value.id,
+                backends: p
+                    .active
+                    .iter()
+                    .filter_map(|id| {
+                        let ident = self.backend_by_id.get(id)?;
+                        self.backends.get(ident).map(|(_, b)| (*b, id.get()))
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn run_before_services(&mut self, ids: impl FnOnce(&Self) -> Vec<FrontendIds>) {
+        if let Some(hook) = self.before_services.take() {
+            hook(&ids(self));
+        }
+    }
+
     fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
+        let report = self.sync_inner(desired, scope);
+        // Not run by a start-up batch (maps were not empty, or it failed): now.
+        self.run_before_services(Self::frontend_ids);
+        report
+    }
+
+    fn sync_inner(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
         let mut writes = self.delete_orphans();
         // Empty maps (a node's first start): every entry is new, so write them kind by
         // kind in a few batched syscalls instead of one syscall each.
@@ -902,6 +961,17 @@ impl<S: MapStore> Syncer<S> {
             self.store.put_range(*id, *p)?;
         }
         self.store.put_metas(&metas)?;
+        // Everything a frontend needs is written; nothing is reachable yet.
+        self.run_before_services(|s| {
+            programmed
+                .iter()
+                .map(|(key, p)| FrontendIds {
+                    key: *key,
+                    svc_id: p.value.id,
+                    backends: p.active.iter().filter_map(|id| s.backend_of(*id).map(|b| (b, id.get()))).collect(),
+                })
+                .collect()
+        });
         self.store.put_services(&services)?;
         let mut released = HashSet::new();
         for (key, mut prog) in programmed {
@@ -914,6 +984,10 @@ impl<S: MapStore> Syncer<S> {
         let mut report = SyncReport { writes, ..SyncReport::default() };
         self.count_into(&mut report);
         Ok(report)
+    }
+
+    fn backend_of(&self, id: BackendId) -> Option<AnyBackend> {
+        self.backends.get(self.backend_by_id.get(&id)?).map(|(_, b)| *b)
     }
 
     /// These ids, less those of deleted backends (a spare generation may still name them).

@@ -806,3 +806,40 @@ fn full_ipv6_ranges_fail_only_the_ipv6_frontend_closed() {
     assert!(!s.store().services.contains_key(&service_key(&k6)), "IPv6 LB not served");
     assert!(s.store().services.contains_key(&service_key(&k4)), "IPv4 LB still served");
 }
+
+#[test]
+fn the_before_services_hook_runs_once_with_the_ids_written() {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<Vec<FrontendIds>>>> = Arc::default();
+    let hook = |seen: &Arc<Mutex<Vec<Vec<FrontendIds>>>>| -> BeforeServices {
+        let seen = Arc::clone(seen);
+        Box::new(move |ids: &[FrontendIds]| seen.lock().unwrap().push(ids.to_vec()))
+    };
+    let mut s = syncer();
+    s.before_first_services(hook(&seen));
+    let d = desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1, 2]))]);
+    s.apply(&d);
+    s.apply(&d);
+    let calls = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(calls.len(), 1, "once: {calls:?}");
+    let ids = &calls[0];
+    assert_eq!(ids.len(), 1);
+    let (key, value) = s.store().services.iter().next().map(|(k, v)| (*k, *v)).unwrap();
+    assert_eq!((ids[0].key, ids[0].svc_id), (key, value.id), "the id the SERVICES entry carries");
+    let mut backends: Vec<(IpAddr, u32)> = ids[0].backends.iter().map(|(b, id)| (b.addr, *id)).collect();
+    backends.sort();
+    let stored: Vec<(IpAddr, u32)> = {
+        let mut v: Vec<(IpAddr, u32)> = s.store().backends.iter().map(|(id, b)| (b.addr, *id)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(backends, stored, "each backend with the id BACKENDS holds it under");
+
+    // A restart onto programmed maps: no batch, the hook runs after the sync, same ids.
+    let mut restarted = Syncer::new(std::mem::take(s.store_mut())).unwrap();
+    restarted.before_first_services(hook(&seen));
+    restarted.apply(&d);
+    let calls = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0][0].svc_id, ids[0].svc_id);
+}
