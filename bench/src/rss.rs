@@ -49,8 +49,8 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     let (hwm, rss) = vm_hwm_rss_kib(pid)?;
     let programmed = agent.metric(&node, "ebpf_proxy_services_programmed")?;
     ensure!(programmed as usize == n, "agent programmed {programmed} services, wanted {n}");
-    let sync_s = agent.metric(&node, "ebpf_proxy_sync_duration_seconds_sum").unwrap_or(f64::NAN);
-    let syncs = agent.metric(&node, "ebpf_proxy_sync_duration_seconds_count").unwrap_or(f64::NAN);
+    let sync_s = agent.metric(&node, "kubeproxy_sync_proxy_rules_duration_seconds_sum").unwrap_or(f64::NAN);
+    let syncs = agent.metric(&node, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap_or(f64::NAN);
     agent.kill();
     rows.push(Row::new("rss", "agent_vmhwm_mib", Some(n), hwm as f64 / 1024.0, "MiB").note(format!(
         "ebpf-proxy agent --manifests, {n} services x {e} endpoints; VmRSS at ready {:.1} MiB",

@@ -151,7 +151,7 @@ impl Setup {
         ensure!(code == 200, "/metrics answered {code}");
         Ok((
             Histogram::parse(&body, "ebpf_proxy_event_to_map_seconds")?,
-            Histogram::parse(&body, "ebpf_proxy_sync_duration_seconds")?,
+            Histogram::parse(&body, "kubeproxy_sync_proxy_rules_duration_seconds")?,
         ))
     }
 }

@@ -237,6 +237,11 @@ pub struct AgentArgs {
     /// Address for /metrics; loopback by default, like kube-proxy's 127.0.0.1:10249.
     #[arg(long, alias = "metrics-bind-address", default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
+    /// Also export `ebpf_proxy_socket_lb_translations{service,frontend_id}`: one series per
+    /// Service frontend (10,000+ per node at 10,000 Services), off by default; the node-wide
+    /// count is `ebpf_proxy_datapath_packets_total{verdict="sock_translate"}`.
+    #[arg(long)]
+    pub metrics_per_frontend: bool,
     /// /healthz (and /readyz) fail when a change has waited this long without a completed
     /// sync (kube-proxy: 503 when an update is not synced in time).
     #[arg(long, default_value_t = 60)]

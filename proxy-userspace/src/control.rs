@@ -81,7 +81,7 @@ pub fn start(
                     }
                 };
                 for (what, listener, app) in
-                    [("health", hl, http::health_app(health)), ("metrics", ml, http::metrics_app(metrics))]
+                    [("health", hl, http::health_app(health, metrics.clone())), ("metrics", ml, http::metrics_app(metrics))]
                 {
                     tokio::spawn(async move {
                         if let Err(e) = http::serve(listener, app).await {

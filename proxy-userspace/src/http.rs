@@ -8,12 +8,23 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 
 use crate::{health::Health, metrics::Metrics};
 
-async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    answer(h.healthz(), "ok")
+/// What the health handlers read (atomics) and count their answers in.
+#[derive(Clone)]
+struct HealthState {
+    health: Arc<Health>,
+    metrics: Metrics,
 }
 
-async fn livez(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    answer(h.live(), "ok")
+async fn healthz(State(s): State<HealthState>) -> (StatusCode, String) {
+    let a = answer(s.health.healthz(), "ok");
+    Metrics::count_answer(&s.metrics.healthz, a.0.as_u16());
+    a
+}
+
+async fn livez(State(s): State<HealthState>) -> (StatusCode, String) {
+    let a = answer(s.health.live(), "ok");
+    Metrics::count_answer(&s.metrics.livez, a.0.as_u16());
+    a
 }
 
 fn answer(check: Result<(), String>, ok: &str) -> (StatusCode, String) {
@@ -23,21 +34,22 @@ fn answer(check: Result<(), String>, ok: &str) -> (StatusCode, String) {
     }
 }
 
-async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    answer(h.ready(), "ready")
+async fn readyz(State(s): State<HealthState>) -> (StatusCode, String) {
+    answer(s.health.ready(), "ready")
 }
 
 async fn metrics(State(m): State<Metrics>) -> ([(&'static str, &'static str); 1], String) {
-    ([("content-type", "text/plain; version=0.0.4")], m.encode())
+    ([("content-type", crate::metrics::CONTENT_TYPE)], m.encode())
 }
 
-/// /healthz (kube-proxy's: live and the node eligible), /livez (live), /readyz.
-pub fn health_app(health: Arc<Health>) -> Router {
+/// /healthz (kube-proxy's: live and the node eligible), /livez (live), /readyz; the
+/// answers of the first two are counted as kube-proxy counts them.
+pub fn health_app(health: Arc<Health>, metrics: Metrics) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .with_state(health)
+        .with_state(HealthState { health, metrics })
 }
 
 /// /metrics.

@@ -182,7 +182,7 @@ fn interfaces_attach_as_pods_come_and_go() {
 
 /// Syncs done so far (the sync-duration histogram's count).
 fn syncs(env: &Env, agent: &Agent) -> f64 {
-    agent.metric(&env.topo.node, "ebpf_proxy_sync_duration_seconds_count").unwrap()
+    agent.metric(&env.topo.node, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap()
 }
 
 /// Reading the manifests (`cat`) is not a change: an idle agent makes no sync at all.
@@ -374,7 +374,7 @@ fn services_programmed_counts_what_the_map_holds() {
     assert_eq!(programmed, 2.0, "the metric says {programmed}, the map holds {in_map}");
 
     // More syncs with the same failure: still one error line.
-    let syncs = |a: &Agent| a.metric(&env.topo.node, "ebpf_proxy_sync_duration_seconds_count").unwrap();
+    let syncs = |a: &Agent| a.metric(&env.topo.node, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap();
     for pods in [[1, 2], [2, 3], [1, 3]] {
         let before = syncs(&agent);
         env.dir.write("s0-slice.yaml", &slice_yaml("s0", "s0-abc", &env.endpoints(&pods), 8080, "TCP")).unwrap();

@@ -124,6 +124,8 @@ impl Env {
             mode.into(),
             "--cgroup-root".into(),
             cg.path.display().to_string(),
+            // The per-frontend translation series (off by default) are checked below.
+            "--metrics-per-frontend".into(),
         ];
         if !tc {
             // No interface matches: no TC program anywhere.

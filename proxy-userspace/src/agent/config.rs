@@ -75,6 +75,8 @@ pub struct AgentConfig {
     pub nodeport_addresses: Vec<IpPrefix>,
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// `--metrics-per-frontend`: the per-frontend socket-LB series.
+    pub metrics_per_frontend: bool,
     pub healthz_timeout: Duration,
     pub datapath_check_interval: Duration,
     /// `--verify-interval-secs`; `None` when 0 (off).
@@ -125,6 +127,7 @@ impl AgentConfig {
             nodeport_addresses: nodeport_addresses(&args.nodeport_addresses)?,
             http_addr: args.http_addr,
             metrics_addr: args.metrics_addr,
+            metrics_per_frontend: args.metrics_per_frontend,
             healthz_timeout: Duration::from_secs(args.healthz_timeout_secs),
             datapath_check_interval: Duration::from_millis(args.datapath_check_interval_ms)
                 .max(MIN_DATAPATH_CHECK_INTERVAL),

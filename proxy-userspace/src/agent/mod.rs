@@ -207,9 +207,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // backends the pinned maps hold (a restart swaps the programs into the same links).
     let sock_lb = setup_socket_lb(&config, &mut programs)?;
     metrics.sock_attached.set(i64::from(sock_lb.is_some()));
-    if sock_lb.is_some() {
+    if sock_lb.is_some() && config.metrics_per_frontend {
+        metrics.register_per_frontend();
         tokio::spawn(sock_translation_metrics(config.bpffs_root().to_path_buf(), metrics.clone()));
     }
+    metrics.register_datapath(GlobalStats::open_pinned(config.bpffs_root()).context("stats map")?);
     // Fill ratios use the sizes of the maps in use.
     let capacities = maps.capacities();
     start_conntrack_gc(&config, metrics.clone())?;
@@ -318,6 +320,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         synced_once: false,
         last_drift: BTreeSet::new(),
         bpffs_root: config.bpffs_root().to_path_buf(),
+        started: std::time::SystemTime::now(),
+        pending_services: HashSet::new(),
+        pending_slices: HashSet::new(),
     };
     created_root.keep();
     // Periodic verify (the select branch below is disabled when the interval is 0).
@@ -336,8 +341,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tokio::select! {
             ev = srx.recv() => match ev {
                 Some(SourceEvent::Synced(r)) => { synced.insert(r); burst.get_or_insert_with(Instant::now); }
-                Some(SourceEvent::Changed) => { burst.get_or_insert_with(Instant::now); }
-                Some(SourceEvent::Update(u)) => { lp.update(u); burst.get_or_insert_with(Instant::now); }
+                Some(SourceEvent::Changed) => { lp.metrics.queued_now(); burst.get_or_insert_with(Instant::now); }
+                Some(SourceEvent::Update(u)) => { lp.update(u); lp.metrics.queued_now(); burst.get_or_insert_with(Instant::now); }
                 None => break,
             },
             _ = &mut shutdown => break,
@@ -366,8 +371,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 SourceEvent::Synced(r) => {
                     synced.insert(r);
                 }
-                SourceEvent::Update(u) => lp.update(u),
-                SourceEvent::Changed => {}
+                SourceEvent::Update(u) => {
+                    lp.update(u);
+                    lp.metrics.queued_now();
+                }
+                SourceEvent::Changed => lp.metrics.queued_now(),
             }
         }
         if let Some(mut attached) = attached_before_adoption.take() {

@@ -7,9 +7,9 @@
 //! sync, and the first after a relist, look at every frontend (`Syncer::apply`): what the
 //! pinned maps hold from before may include Services deleted while the agent was away.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use tracing::{error, info, warn};
@@ -22,7 +22,7 @@ use crate::{
         sock,
     },
     healthcheck::HealthServers,
-    metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel},
+    metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel, unix_seconds},
     model::{
         IpFamily, IpPrefix, Translator,
         node::{node_eligible, node_info, snat_address, snat_address6},
@@ -67,12 +67,45 @@ pub(super) struct SyncLoop {
     pub(super) bpffs_root: std::path::PathBuf,
     /// Socket-level load balancing, when attached: stale UDP sockets to destroy.
     pub(super) sock: Option<SockLb>,
+    /// Slice changes triggered before this are not timed (kube-proxy ignores trigger times
+    /// before its own start: a restart would otherwise report the age of every slice).
+    pub(super) started: SystemTime,
+    /// Services and EndpointSlices changed since the last sync (kube-proxy's
+    /// `*_changes_pending`).
+    pub(super) pending_services: HashSet<(String, String)>,
+    pub(super) pending_slices: HashSet<(String, String)>,
+}
+
+/// `(namespace, name)` of an object, for the pending-change gauges.
+fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
 }
 
 impl SyncLoop {
     /// One change from the API source: parsed into the translation now, applied at the
     /// next `sync`.
     pub(super) fn update(&mut self, u: Update) {
+        match &u {
+            Update::Services(Delta::Apply(s)) => {
+                self.metrics.service_changes.inc();
+                self.pending_services.insert(meta_key(&s.metadata));
+            }
+            Update::Services(Delta::Delete(key)) => {
+                self.metrics.service_changes.inc();
+                self.pending_services.insert(key.clone());
+            }
+            Update::Slices(Delta::Apply(s)) => {
+                self.metrics.endpoint_changes.inc();
+                self.pending_slices.insert(meta_key(&s.metadata));
+            }
+            Update::Slices(Delta::Delete(key)) => {
+                self.metrics.endpoint_changes.inc();
+                self.pending_slices.insert(key.clone());
+            }
+            _ => {}
+        }
+        self.metrics.service_changes_pending.set(self.pending_services.len() as i64);
+        self.metrics.endpoint_changes_pending.set(self.pending_slices.len() as i64);
         let t = &mut self.translator;
         match u {
             Update::Services(Delta::Apply(s)) => t.upsert_service(&s),
@@ -190,6 +223,7 @@ impl SyncLoop {
         if let Some(start) = burst_start {
             self.metrics.event_to_map.observe(start.elapsed().as_secs_f64());
         }
+        self.observe_programming();
         self.metrics.map_writes.inc_by(report.writes);
         self.metrics.sync_errors.inc_by(report.errors.len() as u64);
         self.metrics.services.set(report.services as i64);
@@ -261,6 +295,29 @@ impl SyncLoop {
 }
 
 impl SyncLoop {
+    /// After a map write: kube-proxy's network programming latency of every slice change it
+    /// applied, the last-sync time, and nothing pending any more.
+    fn observe_programming(&mut self) {
+        let now = SystemTime::now();
+        let triggers = self.translator.take_trigger_times();
+        for (slice, value) in &triggers.malformed {
+            warn!(
+                endpointslice = %slice,
+                value = %value,
+                "endpoints.kubernetes.io/last-change-trigger-time is not an RFC 3339 time: change not timed"
+            );
+        }
+        for at in triggers.times.into_iter().filter(|t| *t >= self.started) {
+            // A node clock behind the controller's gives a negative age: count it as 0.
+            self.metrics.network_programming.observe(now.duration_since(at).map_or(0.0, |d| d.as_secs_f64()));
+        }
+        self.metrics.sync_last.set(unix_seconds(now));
+        self.pending_services.clear();
+        self.pending_slices.clear();
+        self.metrics.service_changes_pending.set(0);
+        self.metrics.endpoint_changes_pending.set(0);
+    }
+
     /// Re-read the maps from their pins (not the syncer's own record of what it wrote) and
     /// compare them with the last desired state, as `ebpf-proxy verify` does: whatever
     /// changed them behind our back shows up here.

@@ -6,5 +6,7 @@ pub mod node;
 pub mod translate;
 pub mod types;
 
-pub use translate::{ClaimSource, ObjectKey, Translator, explain, object_key, translate, translate_with_claims};
+pub use translate::{
+    ClaimSource, ObjectKey, Translator, TriggerTimes, explain, object_key, translate, translate_with_claims,
+};
 pub use types::*;

@@ -54,12 +54,15 @@ use frontends::*;
 use problems::*;
 use services::*;
 use slices::*;
-pub use state::{ClaimSource, ObjectKey, Translator, object_key};
+pub use state::{ClaimSource, ObjectKey, Translator, TriggerTimes, object_key};
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Joins an EndpointSlice to its Service.
 const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// When the change this slice carries was triggered (a pod or Service change), set by the
+/// EndpointSlice controller: the start of kube-proxy's network programming latency.
+const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Legacy spelling of `spec.loadBalancerSourceRanges`, used when the field is empty.
 const ANNOTATION_LB_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum (API defaults).

@@ -112,6 +112,14 @@ pub(super) fn parse_slice_object(slice: &EndpointSlice, id: &ObjectId, node: &No
     SliceParse { service: Some(service), parsed, warnings: warnings.0 }
 }
 
+/// The slice's `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339, as the
+/// EndpointSlice controller writes it): `None` without the annotation, the annotation's
+/// value as the error when it is not a time.
+pub(super) fn trigger_time(slice: &EndpointSlice) -> Option<Result<std::time::SystemTime, String>> {
+    let raw = slice.metadata.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME)?;
+    Some(raw.parse::<k8s_openapi::jiff::Timestamp>().map(std::time::SystemTime::from).map_err(|_| raw.clone()))
+}
+
 /// Parse every slice once and group the results by owning Service (for `explain`).
 pub(super) fn index_slices(slices: &[&EndpointSlice], node: &NodeInfo) -> BTreeMap<ObjectId, Vec<ParsedSlice>> {
     let mut index: BTreeMap<ObjectId, Vec<ParsedSlice>> = BTreeMap::new();

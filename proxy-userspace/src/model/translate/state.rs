@@ -52,6 +52,20 @@ struct SliceState {
     service: Option<ObjectId>,
     parsed: Option<ParsedSlice>,
     warnings: Vec<Warning>,
+    /// Its last-change-trigger-time as of its last upsert: an upsert carrying the same
+    /// time (a relist, a status-only update) is not a new change to time.
+    trigger: Option<std::time::SystemTime>,
+}
+
+/// The trigger times of the EndpointSlice changes since the last `take_trigger_times`:
+/// data for the agent, which alone reads the clock (kube-proxy's
+/// `network_programming_duration_seconds` is the time from each to the map write).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TriggerTimes {
+    pub times: Vec<std::time::SystemTime>,
+    /// Slices (`namespace/name`) whose annotation is not a time, with its value (warned
+    /// about by the agent).
+    pub malformed: Vec<(String, String)>,
 }
 
 /// A candidate's place in the claim order of its address: (priority, owner, index within
@@ -91,6 +105,7 @@ pub struct Translator {
     dirty_services: BTreeSet<ObjectId>,
     dirty_keys: BTreeSet<ClaimKey>,
     dirty_health: BTreeSet<u16>,
+    triggers: TriggerTimes,
 }
 
 impl Translator {
@@ -112,7 +127,14 @@ impl Translator {
             dirty_services: BTreeSet::new(),
             dirty_keys: BTreeSet::new(),
             dirty_health: BTreeSet::new(),
+            triggers: TriggerTimes::default(),
         }
+    }
+
+    /// The trigger times of the slice changes upserted since the last call, and the slices
+    /// whose annotation could not be read. Deletions carry none (as in kube-proxy).
+    pub fn take_trigger_times(&mut self) -> TriggerTimes {
+        std::mem::take(&mut self.triggers)
     }
 
     pub fn node(&self) -> &NodeInfo {
@@ -197,6 +219,20 @@ impl Translator {
             return;
         };
         let p = parse_slice_object(slice, &id, &self.node);
+        let before = self.slices.get(&id).and_then(|s| s.trigger);
+        let trigger = match trigger_time(slice) {
+            Some(Ok(t)) => {
+                if before != Some(t) {
+                    self.triggers.times.push(t);
+                }
+                Some(t)
+            }
+            Some(Err(raw)) => {
+                self.triggers.malformed.push((id.to_string(), raw));
+                None
+            }
+            None => None,
+        };
         self.remove_slice(&id);
         if let Some(service) = &p.service {
             self.groups.entry(service.clone()).or_default().insert(id.clone());
@@ -205,7 +241,7 @@ impl Translator {
         if !p.warnings.is_empty() {
             self.warned_slices.insert(id.clone());
         }
-        self.slices.insert(id, SliceState { service: p.service, parsed: p.parsed, warnings: p.warnings });
+        self.slices.insert(id, SliceState { service: p.service, parsed: p.parsed, warnings: p.warnings, trigger });
     }
 
     /// An EndpointSlice was deleted.

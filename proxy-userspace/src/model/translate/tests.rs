@@ -1712,3 +1712,47 @@ fn explain_gives_every_exclusion_reason() {
 
     assert!(explain(&services, &slices, &node, "default", "nope").unwrap_err().contains("no Service default/nope"));
 }
+
+/// kube-proxy's network programming latency starts at the slice's
+/// last-change-trigger-time: the translator hands each new one over as data (no clock),
+/// once per change (a relist or a repeat of the same time is not a change), and names the
+/// slice whose annotation is not a time.
+#[test]
+fn trigger_times_are_handed_over_once_per_change() {
+    let annotated = |name: &str, at: &str| {
+        let mut s = slice("web-1", "web", p8080(), json!([ep("10.0.0.1", "n")]));
+        s.metadata.name = Some(name.into());
+        s.metadata.annotations = Some([(ANNOTATION_TRIGGER_TIME.to_string(), at.to_string())].into());
+        s
+    };
+    let at = |s: &str| std::time::SystemTime::from(s.parse::<k8s_openapi::jiff::Timestamp>().unwrap());
+    let mut t = Translator::new(node());
+    t.upsert_service(&svc("web", json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80, "targetPort": 8080}]})));
+    assert_eq!(t.take_trigger_times(), TriggerTimes::default());
+
+    t.upsert_slice(&annotated("web-1", "2026-12-06T20:00:00.123456789Z"));
+    t.upsert_slice(&annotated("web-2", "2026-12-06T20:00:01+01:00"));
+    let got = t.take_trigger_times();
+    assert_eq!(got.times, vec![at("2026-12-06T20:00:00.123456789Z"), at("2026-12-06T19:00:01Z")]);
+    assert!(got.malformed.is_empty());
+
+    // The same time again (a relist) is no change; a later one is.
+    t.upsert_slice(&annotated("web-1", "2026-12-06T20:00:00.123456789Z"));
+    assert_eq!(t.take_trigger_times(), TriggerTimes::default());
+    t.upsert_slice(&annotated("web-1", "2026-12-06T20:00:05Z"));
+    assert_eq!(t.take_trigger_times().times, vec![at("2026-12-06T20:00:05Z")]);
+
+    // Deletions carry none; a slice re-created with its old time is a change again.
+    t.delete_slice("default", "web-2");
+    assert_eq!(t.take_trigger_times(), TriggerTimes::default());
+    t.upsert_slice(&annotated("web-2", "2026-12-06T20:00:01+01:00"));
+    assert_eq!(t.take_trigger_times().times.len(), 1);
+
+    t.upsert_slice(&annotated("web-1", "yesterday"));
+    let got = t.take_trigger_times();
+    assert!(got.times.is_empty());
+    assert_eq!(got.malformed, vec![("default/web-1".to_string(), "yesterday".to_string())]);
+    // The translation itself does not depend on the annotation.
+    t.commit(&Claims::default());
+    assert_eq!(t.desired().frontends.len(), 1, "{:?}", t.desired().frontends);
+}
