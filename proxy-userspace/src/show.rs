@@ -6,7 +6,8 @@
 //! `CONNTRACK` and `CONNTRACK6`. IPv6 addresses are printed in their standard form, with a
 //! port as `[addr]:port`; JSON rows carry a `family` field.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    io::{self, Write},
     net::{IpAddr, SocketAddr},
 };
 
@@ -16,6 +17,7 @@ use proxy_common::{
 use serde::Serialize;
 
 use crate::{
+    cli::{FilterArgs, OutputFormat},
     dataplane::{DataplaneError, addr::MapAddr, maps::Maps},
     model::{FrontendKind, IpFamily, Protocol},
     sync::{AnyBackend, AnyServiceKey},
@@ -30,6 +32,10 @@ pub struct BackendRow {
     pub protocol: String,
     pub local: bool,
     pub terminating: bool,
+    /// `backends`: the Services (`namespace/name`) whose frontends use it (empty, and left
+    /// out, in a service row's own list).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -82,6 +88,7 @@ fn backend_row(id: u32, b: &AnyBackend) -> BackendRow {
         protocol: proto_name(b.proto),
         local: b.flags & backend_flags::LOCAL != 0,
         terminating: b.flags & backend_flags::TERMINATING != 0,
+        services: Vec::new(),
     }
 }
 
@@ -126,13 +133,31 @@ pub fn service_rows(
 
 /// Left-aligned columns, like `kubectl get`.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = write_table(&mut out, Some(header), rows, |r| r.clone());
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Left-aligned columns (`header` first unless `None`), written row by row: the widths are
+/// found in a first pass over the cells, which are made again for the second, so that a
+/// dump of hundreds of thousands of rows never holds its whole text.
+pub fn write_table<T>(
+    w: &mut impl Write,
+    header: Option<&[&str]>,
+    rows: &[T],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> io::Result<()> {
+    let mut widths: Vec<usize> = header.map(|h| h.iter().map(|c| c.len()).collect()).unwrap_or_default();
     for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
+        for (i, c) in cells(r).iter().enumerate() {
+            match widths.get_mut(i) {
+                Some(w) => *w = (*w).max(c.len()),
+                None => widths.push(c.len()),
+            }
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut line = |cells: &[&str]| -> io::Result<()> {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -141,48 +166,166 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
                 s.push_str(&format!("{c:<w$}   ", w = widths[i]));
             }
         }
-        s.trim_end().to_string() + "\n"
+        writeln!(w, "{}", s.trim_end())
     };
-    let mut out = line(header.to_vec());
-    for r in rows {
-        out.push_str(&line(r.iter().map(|s| s.as_str()).collect()));
+    if let Some(h) = header {
+        line(h)?;
     }
-    out
+    for r in rows {
+        let c = cells(r);
+        line(&c.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    Ok(())
+}
+
+/// A listing's columns: `table` shows the first `narrow`, `wide` them all.
+pub struct Columns<T> {
+    pub header: &'static [&'static str],
+    pub narrow: usize,
+    pub cells: fn(&T) -> Vec<String>,
+}
+
+/// Write `rows` as `format`: JSON and YAML as lists of the rows' fields, table and wide as
+/// columns (without the header line with `no_headers`). No row, no table: nothing is
+/// written (as `kubectl get` with a selector that matches nothing).
+pub fn write_rows<T: Serialize>(
+    w: &mut impl Write,
+    format: OutputFormat,
+    no_headers: bool,
+    rows: &[T],
+    columns: &Columns<T>,
+) -> io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut *w, rows)?;
+            writeln!(w)
+        }
+        OutputFormat::Yaml => serde_yaml::to_writer(&mut *w, rows).map_err(io::Error::other),
+        OutputFormat::Table | OutputFormat::Wide if rows.is_empty() => Ok(()),
+        OutputFormat::Table | OutputFormat::Wide => {
+            let n = if format == OutputFormat::Wide { columns.header.len() } else { columns.narrow };
+            let header = (!no_headers).then(|| &columns.header[..n]);
+            write_table(w, header, rows, |r| {
+                let mut c = (columns.cells)(r);
+                c.truncate(n);
+                c
+            })
+        }
+    }
+}
+
+/// The columns as one string (tests, and the old `render_*` callers).
+fn render<T: Serialize>(rows: &[T], columns: &Columns<T>, format: OutputFormat) -> String {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = write_rows(&mut out, format, false, rows, columns);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What `--namespace` and `--service` select: `namespace/name`, or `name` in any
+/// namespace (or in `--namespace`).
+fn service_selected(f: &FilterArgs, namespace: &str, name: &str) -> bool {
+    if f.namespace.as_deref().is_some_and(|n| n != namespace) {
+        return false;
+    }
+    match f.service.as_deref().map(|s| s.split_once('/')) {
+        None => true,
+        Some(Some((ns, n))) => ns == namespace && n == name,
+        Some(None) => f.service.as_deref() == Some(name),
+    }
+}
+
+/// Is there a filter by Service (`--namespace`, `--service`)?
+pub fn selects_by_service(f: &FilterArgs) -> bool {
+    f.namespace.is_some() || f.service.is_some()
+}
+
+fn proto_selected(f: &FilterArgs, proto: u8) -> bool {
+    f.proto.is_none_or(|p| p.number() == proto)
+}
+
+/// `services` rows the filters select: by Service, and the frontend's address, port and
+/// protocol.
+pub fn filter_services(rows: Vec<ServiceRow>, f: &FilterArgs) -> Vec<ServiceRow> {
+    rows.into_iter()
+        .filter(|r| {
+            service_selected(f, &r.namespace, &r.name)
+                && f.address.is_none_or(|a| a == r.address)
+                && f.port.is_none_or(|p| p == r.port)
+                && f.proto.is_none_or(|p| p.to_string() == r.protocol)
+        })
+        .collect()
+}
+
+/// The ids of the frontends of the Services `--namespace` / `--service` select (`None`: no
+/// such filter).
+pub fn selected_service_ids(services: &[ServiceRow], f: &FilterArgs) -> Option<HashSet<u32>> {
+    selects_by_service(f)
+        .then(|| services.iter().filter(|r| service_selected(f, &r.namespace, &r.name)).map(|r| r.id).collect())
+}
+
+/// `backends` rows the filters select: the backends of the selected Services' frontends,
+/// with this address, port and protocol.
+pub fn filter_backends(rows: Vec<BackendRow>, services: &[ServiceRow], f: &FilterArgs) -> Vec<BackendRow> {
+    let ids: Option<HashSet<u32>> = selects_by_service(f).then(|| {
+        services
+            .iter()
+            .filter(|r| service_selected(f, &r.namespace, &r.name))
+            .flat_map(|r| r.backends.iter().map(|b| b.id))
+            .collect()
+    });
+    rows.into_iter()
+        .filter(|b| {
+            ids.as_ref().is_none_or(|ids| ids.contains(&b.id))
+                && f.address.is_none_or(|a| a == b.address)
+                && f.port.is_none_or(|p| p == b.port)
+                && f.proto.is_none_or(|p| p.to_string() == b.protocol)
+        })
+        .collect()
+}
+
+pub const SERVICE_COLUMNS: Columns<ServiceRow> = Columns {
+    header: &[
+        "ID",
+        "FRONTEND",
+        "SCOPE",
+        "TYPE",
+        "SERVICE",
+        "FLAGS",
+        "BACKENDS",
+        "FAMILY",
+        "AFFINITY-TIMEOUT",
+        "BACKEND-IDS",
+    ],
+    narrow: 7,
+    cells: service_cells,
+};
+
+fn service_cells(r: &ServiceRow) -> Vec<String> {
+    let svc = if r.port_name.is_empty() {
+        format!("{}/{}", r.namespace, r.name)
+    } else {
+        format!("{}/{}:{}", r.namespace, r.name, r.port_name)
+    };
+    let list = |f: &dyn Fn(&BackendRow) -> String| {
+        if r.backends.is_empty() { "<none>".to_string() } else { r.backends.iter().map(f).collect::<Vec<_>>().join(",") }
+    };
+    vec![
+        r.id.to_string(),
+        format!("{}/{}", SocketAddr::new(r.address, r.port), r.protocol),
+        r.scope.to_string(),
+        r.kind.clone(),
+        svc,
+        if r.flags.is_empty() { "-".into() } else { r.flags.join(",") },
+        list(&|b| SocketAddr::new(b.address, b.port).to_string()),
+        r.family.to_string(),
+        r.affinity_timeout.map_or_else(|| "-".into(), |t| format!("{t}s")),
+        list(&|b| b.id.to_string()),
+    ]
 }
 
 pub fn render_services(rows: &[ServiceRow]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let svc = if r.port_name.is_empty() {
-                format!("{}/{}", r.namespace, r.name)
-            } else {
-                format!("{}/{}:{}", r.namespace, r.name, r.port_name)
-            };
-            let backends = if r.backends.is_empty() {
-                "<none>".to_string()
-            } else {
-                r.backends.iter().map(|b| SocketAddr::new(b.address, b.port).to_string()).collect::<Vec<_>>().join(",")
-            };
-            vec![
-                r.id.to_string(),
-                format!("{}/{}", SocketAddr::new(r.address, r.port), r.protocol),
-                r.scope.to_string(),
-                r.kind.clone(),
-                svc,
-                if r.flags.is_empty() { "-".into() } else { r.flags.join(",") },
-                backends,
-            ]
-        })
-        .collect();
-    table(&["ID", "FRONTEND", "SCOPE", "TYPE", "SERVICE", "FLAGS", "BACKENDS"], &cells)
-}
-
-fn collect<K: aya::Pod, V: aya::Pod>(
-    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
-    name: &'static str,
-) -> Result<Vec<(K, V)>, DataplaneError> {
-    map.iter().map(|r| r.map_err(|e| DataplaneError::from_map(name, e))).collect()
+    render(rows, &SERVICE_COLUMNS, OutputFormat::Table)
 }
 
 /// Both families' frontends, read the way a restarting agent reads them back.
@@ -195,32 +338,50 @@ pub fn read_services(maps: &Maps) -> Result<Vec<ServiceRow>, DataplaneError> {
     Ok(service_rows(&snap.services, &slots, &backends, &meta))
 }
 
-pub fn read_backends(maps: &Maps) -> Result<Vec<BackendRow>, DataplaneError> {
-    let mut rows: Vec<BackendRow> =
-        maps.read_snapshot()?.backends.iter().map(|(id, b)| backend_row(id.get(), b)).collect();
+/// Every backend, with the Services (from `services`, the frontends' rows) that use it.
+pub fn read_backends(maps: &Maps, services: &[ServiceRow]) -> Result<Vec<BackendRow>, DataplaneError> {
+    let mut users: HashMap<u32, Vec<String>> = HashMap::new();
+    for s in services {
+        for b in &s.backends {
+            let name = format!("{}/{}", s.namespace, s.name);
+            let list = users.entry(b.id).or_default();
+            if !list.contains(&name) {
+                list.push(name);
+            }
+        }
+    }
+    let mut rows: Vec<BackendRow> = maps
+        .read_snapshot()?
+        .backends
+        .iter()
+        .map(|(id, b)| BackendRow { services: users.remove(&id.get()).unwrap_or_default(), ..backend_row(id.get(), b) })
+        .collect();
     rows.sort_by_key(|r| r.id);
     Ok(rows)
 }
 
+pub const BACKEND_COLUMNS: Columns<BackendRow> =
+    Columns { header: &["ID", "BACKEND", "FLAGS", "FAMILY", "SERVICES"], narrow: 3, cells: backend_cells };
+
+fn backend_cells(b: &BackendRow) -> Vec<String> {
+    let mut flags = vec![];
+    if b.local {
+        flags.push("local");
+    }
+    if b.terminating {
+        flags.push("terminating");
+    }
+    vec![
+        b.id.to_string(),
+        format!("{}/{}", SocketAddr::new(b.address, b.port), b.protocol),
+        if flags.is_empty() { "-".into() } else { flags.join(",") },
+        b.family.to_string(),
+        if b.services.is_empty() { "<none>".into() } else { b.services.join(",") },
+    ]
+}
+
 pub fn render_backends(rows: &[BackendRow]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|b| {
-            let mut flags = vec![];
-            if b.local {
-                flags.push("local");
-            }
-            if b.terminating {
-                flags.push("terminating");
-            }
-            vec![
-                b.id.to_string(),
-                format!("{}/{}", SocketAddr::new(b.address, b.port), b.protocol),
-                if flags.is_empty() { "-".into() } else { flags.join(",") },
-            ]
-        })
-        .collect();
-    table(&["ID", "BACKEND", "FLAGS"], &cells)
+    render(rows, &BACKEND_COLUMNS, OutputFormat::Table)
 }
 
 #[derive(Debug, Serialize)]
@@ -281,17 +442,47 @@ fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(
     }
 }
 
-/// Every entry of both families' assured and unassured tables.
-pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> {
+/// Does this entry pass the filters? Addresses and ports match the source, the destination
+/// or the NAT side; by Service, the entry's service id is one of `ids`.
+fn conntrack_selected<A: crate::conntrack::CtAddr + MapAddr>(
+    f: &FilterArgs,
+    ids: Option<&HashSet<u32>>,
+    k: &CtKey<A>,
+    v: &CtValue<A>,
+) -> bool {
+    ids.is_none_or(|ids| ids.contains(&v.svc_id))
+        && proto_selected(f, k.proto)
+        && f.address.is_none_or(|a| [k.src_addr, k.dst_addr, v.nat_addr].iter().any(|x| x.to_ip() == a))
+        && f.port.is_none_or(|p| [k.src_port, k.dst_port, v.nat_port].iter().any(|x| port_from_map(*x) == p))
+}
+
+/// The entries of both families' assured and unassured tables that pass `filter` (`ids`:
+/// the selected Services' frontend ids, see [`selected_service_ids`]). Entries are
+/// filtered as the maps are walked, so a full table of which few match costs little.
+pub fn read_conntrack(
+    maps: &Maps,
+    filter: &FilterArgs,
+    ids: Option<&HashSet<u32>>,
+) -> Result<Vec<ConntrackRow>, DataplaneError> {
     use crate::conntrack::Table::{Assured, Unassured};
     use proxy_common::map_names as n;
     let now = crate::conntrack::task::monotonic_ns();
     let mut rows: Vec<ConntrackRow> = Vec::new();
     for (table, map, name) in [(Assured, &maps.conntrack, n::CONNTRACK), (Unassured, &maps.ct_new, n::CT_NEW)] {
-        rows.extend(collect(map, name)?.iter().map(|(k, v)| conntrack_row(table, k, v, now)));
+        for r in map.iter() {
+            let (k, v) = r.map_err(|e| DataplaneError::from_map(name, e))?;
+            if conntrack_selected(filter, ids, &k, &v) {
+                rows.push(conntrack_row(table, &k, &v, now));
+            }
+        }
     }
     for (table, map, name) in [(Assured, &maps.conntrack6, n::CONNTRACK6), (Unassured, &maps.ct_new6, n::CT_NEW6)] {
-        rows.extend(collect(map, name)?.iter().map(|(k, v)| conntrack_row(table, k, v, now)));
+        for r in map.iter() {
+            let (k, v) = r.map_err(|e| DataplaneError::from_map(name, e))?;
+            if conntrack_selected(filter, ids, &k, &v) {
+                rows.push(conntrack_row(table, &k, &v, now));
+            }
+        }
     }
     // IPv4 first, then IPv6 (the family is the first key).
     rows.sort_by(|a, b| {
@@ -300,29 +491,50 @@ pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> 
     Ok(rows)
 }
 
+pub const CONNTRACK_COLUMNS: Columns<ConntrackRow> = Columns {
+    header: &[
+        "PROTO",
+        "DIR",
+        "SOURCE",
+        "DESTINATION",
+        "NAT",
+        "SVC",
+        "BACKEND",
+        "STATE",
+        "ASSURED",
+        "SNAT",
+        "IDLE(s)",
+        "FAMILY",
+        "TABLE",
+        "FLOW-STATE",
+        "CLOSING",
+    ],
+    narrow: 11,
+    cells: conntrack_cells,
+};
+
+fn conntrack_cells(r: &ConntrackRow) -> Vec<String> {
+    vec![
+        r.protocol.clone(),
+        r.direction.to_string(),
+        r.source.clone(),
+        r.destination.clone(),
+        r.nat.clone(),
+        r.service_id.to_string(),
+        r.backend_id.to_string(),
+        r.label.to_string(),
+        if r.assured { "[ASSURED]".into() } else { "-".into() },
+        r.snat.clone().unwrap_or_else(|| "-".into()),
+        r.idle_seconds.to_string(),
+        r.family.to_string(),
+        r.table.to_string(),
+        r.state.to_string(),
+        if r.closing { "yes".into() } else { "no".into() },
+    ]
+}
+
 pub fn render_conntrack(rows: &[ConntrackRow]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.protocol.clone(),
-                r.direction.to_string(),
-                r.source.clone(),
-                r.destination.clone(),
-                r.nat.clone(),
-                r.service_id.to_string(),
-                r.backend_id.to_string(),
-                r.label.to_string(),
-                if r.assured { "[ASSURED]".into() } else { "-".into() },
-                r.snat.clone().unwrap_or_else(|| "-".into()),
-                r.idle_seconds.to_string(),
-            ]
-        })
-        .collect();
-    table(
-        &["PROTO", "DIR", "SOURCE", "DESTINATION", "NAT", "SVC", "BACKEND", "STATE", "ASSURED", "SNAT", "IDLE(s)"],
-        &cells,
-    )
+    render(rows, &CONNTRACK_COLUMNS, OutputFormat::Table)
 }
 
 #[derive(Debug, Serialize)]
@@ -376,20 +588,22 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
     Ok(rows)
 }
 
+pub const STAT_COLUMNS: Columns<StatRow> =
+    Columns { header: &["SERVICE", "VERDICT", "PACKETS", "BYTES", "FRONTEND", "FAMILY"], narrow: 5, cells: stat_cells };
+
+fn stat_cells(r: &StatRow) -> Vec<String> {
+    vec![
+        r.service_id.map(|i| i.to_string()).unwrap_or_else(|| "node".into()),
+        r.verdict.to_string(),
+        r.packets.to_string(),
+        r.bytes.to_string(),
+        r.frontend.clone().unwrap_or_else(|| "-".into()),
+        r.family.map_or_else(|| "-".into(), |f| f.to_string()),
+    ]
+}
+
 pub fn render_stats(rows: &[StatRow]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.service_id.map(|i| i.to_string()).unwrap_or_else(|| "node".into()),
-                r.verdict.to_string(),
-                r.packets.to_string(),
-                r.bytes.to_string(),
-                r.frontend.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    table(&["SERVICE", "VERDICT", "PACKETS", "BYTES", "FRONTEND"], &cells)
+    render(rows, &STAT_COLUMNS, OutputFormat::Table)
 }
 
 /// Uplinks and their XDP mode (from the pinned links), for `ebpf-proxy stats`.

@@ -102,19 +102,40 @@ fn lock_root(root: &std::path::Path) -> Result<RootLock> {
     Ok(RootLock::acquire(root)?)
 }
 
-/// A client from `kubeconfig`, or the in-cluster / default config, talking to `api_server`
-/// when given (also used by the CLI's `explain` and `verify`). Also returns the URL used.
-pub async fn kube_client(
-    kubeconfig: Option<&std::path::Path>,
+/// The kubeconfig files of a list as `KUBECONFIG` holds them (`a:b`; empty entries are
+/// skipped), read and merged as kubectl merges them: the first file to set a value, or to
+/// name a cluster, user or context, wins. `None` for an empty list.
+pub fn read_kubeconfigs(list: &str) -> Result<Option<kube::config::Kubeconfig>> {
+    let mut merged: Option<kube::config::Kubeconfig> = None;
+    for path in std::env::split_paths(list).filter(|p| !p.as_os_str().is_empty()) {
+        let kc = kube::config::Kubeconfig::read_from(&path)
+            .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+        merged = Some(match merged {
+            None => kc,
+            Some(m) => m.merge(kc).with_context(|| format!("merging kubeconfig {}", path.display()))?,
+        });
+    }
+    Ok(merged)
+}
+
+/// The client configuration from `kubeconfig` (a file or a `:`-separated list, see
+/// [`read_kubeconfigs`]) and its `context` (default: its current-context), or the
+/// in-cluster / default config, talking to `api_server` when given.
+pub async fn kube_config(
+    kubeconfig: Option<&str>,
+    context: Option<&str>,
     api_server: Option<&http::Uri>,
-) -> Result<(kube::Client, http::Uri)> {
-    let mut config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
+) -> Result<kube::Config> {
+    let options = kube::config::KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+    let which = context.map(|c| format!(" (context {c})")).unwrap_or_default();
+    let merged = kubeconfig.map(read_kubeconfigs).transpose()?.flatten();
+    let mut config = match merged {
+        Some(kc) => kube::Config::from_custom_kubeconfig(kc, &options)
+            .await
+            .with_context(|| format!("using kubeconfig {}{which}", kubeconfig.unwrap_or_default()))?,
+        // A context names an entry of the default kubeconfig (~/.kube/config), as kubectl.
+        None if context.is_some() => {
+            kube::Config::from_kubeconfig(&options).await.with_context(|| format!("using the default kubeconfig{which}"))?
         }
         // In a pod with --api-server, the service-account credentials are all that is
         // needed (the kubelet's KUBERNETES_SERVICE_* may even be missing).
@@ -127,6 +148,17 @@ pub async fn kube_client(
     if let Some(url) = api_server {
         config.cluster_url = url.clone();
     }
+    Ok(config)
+}
+
+/// A client from [`kube_config`] (also used by the CLI's `explain` and `verify`). Also
+/// returns the URL used.
+pub async fn kube_client(
+    kubeconfig: Option<&str>,
+    context: Option<&str>,
+    api_server: Option<&http::Uri>,
+) -> Result<(kube::Client, http::Uri)> {
+    let config = kube_config(kubeconfig, context, api_server).await?;
     let url = config.cluster_url.clone();
     Ok((kube::Client::try_from(config).context("building the Kubernetes client")?, url))
 }
@@ -247,8 +279,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             info!(dir = %dir.display(), "reading objects from manifests");
             Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
         }
-        ObjectSource::Kube { kubeconfig, api_server } => {
-            let (client, url) = kube_client(kubeconfig.as_deref(), api_server.as_ref()).await?;
+        ObjectSource::Kube { kubeconfig, context, api_server } => {
+            let (client, url) = kube_client(kubeconfig.as_deref(), context.as_deref(), api_server.as_ref()).await?;
             let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
             let hint = apiserver::bootstrap_hint(&url, api_server.is_some(), service_host.as_deref(), |a| {
                 syncer.serves_tcp(a)
