@@ -508,6 +508,48 @@ mod tests {
         assert!(Cli::try_parse_from(["ebpf-proxy", "agent", "--snat-port-range", "9-1"]).is_err());
     }
 
+    /// The kubectl-like flags of the listings parse, and a bad value is refused by name.
+    #[test]
+    fn listing_formats_and_filters() {
+        let cli = Cli::try_parse_from([
+            "ebpf-proxy",
+            "conntrack",
+            "-o",
+            "wide",
+            "--no-headers",
+            "-n",
+            "kube-system",
+            "--service",
+            "kube-dns",
+            "--address",
+            "fd00::a",
+            "--port",
+            "53",
+            "--proto",
+            "UDP",
+        ])
+        .unwrap();
+        let Command::Conntrack(a) = cli.command else { panic!("not conntrack") };
+        assert_eq!((a.show.output, a.show.no_headers), (OutputFormat::Wide, true));
+        assert_eq!(a.filter.namespace.as_deref(), Some("kube-system"));
+        assert_eq!(a.filter.service.as_deref(), Some("kube-dns"));
+        assert_eq!(a.filter.address, Some("fd00::a".parse().unwrap()));
+        assert_eq!((a.filter.port, a.filter.proto), (Some(53), Some(crate::model::Protocol::Udp)));
+        for bad in [["--port", "http"], ["--address", "10.0.0"], ["--proto", "icmp"], ["-o", "xml"]] {
+            let err = Cli::try_parse_from(["ebpf-proxy", "services", bad[0], bad[1]]).unwrap_err().to_string();
+            assert!(err.contains(bad[0]) && err.contains(bad[1]), "{err}");
+        }
+        let cli = Cli::try_parse_from(["ebpf-proxy", "explain", "default/web", "--context", "prod", "-o", "yaml"]).unwrap();
+        let Command::Explain(e) = cli.command else { panic!("not explain") };
+        assert_eq!((e.source.context.as_deref(), e.output), (Some("prod"), OutputFormat::Yaml));
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        assert!(LONG_VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        assert!(LONG_VERSION.contains("(commit ") && LONG_VERSION.contains(", built "), "{LONG_VERSION}");
+    }
+
     #[test]
     fn unknown_flag_is_rejected() {
         assert!(Cli::try_parse_from(["ebpf-proxy", "agent", "--no-such-flag"]).is_err());

@@ -23,7 +23,7 @@ use crate::{
     sync::{AnyBackend, AnyServiceKey},
 };
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BackendRow {
     pub id: u32,
     pub family: IpFamily,
@@ -679,6 +679,8 @@ mod tests {
     use super::*;
     use proxy_common::port_to_map;
 
+    use crate::model::Protocol;
+
     use crate::sync::service_meta;
 
     fn ip(s: &str) -> IpAddr {
@@ -839,5 +841,168 @@ mod tests {
         assert_eq!(json["assured"], true);
         assert_eq!(json["table"], "CONNTRACK");
         assert_eq!(serde_json::to_value(&rows[2]).unwrap()["table"], "CT_NEW");
+    }
+
+    fn svc(id: u32, ns: &str, name: &str, addr: &str, port: u16, proto: &str, backends: &[(u32, &str, u16)]) -> ServiceRow {
+        ServiceRow {
+            id,
+            family: IpFamily::of(ip(addr)),
+            address: ip(addr),
+            port,
+            protocol: proto.into(),
+            scope: "internal",
+            kind: "ClusterIP".into(),
+            namespace: ns.into(),
+            name: name.into(),
+            port_name: "main".into(),
+            flags: vec![],
+            affinity_timeout: None,
+            backends: backends
+                .iter()
+                .map(|(id, a, p)| BackendRow {
+                    id: *id,
+                    family: IpFamily::of(ip(a)),
+                    address: ip(a),
+                    port: *p,
+                    protocol: proto.into(),
+                    local: false,
+                    terminating: false,
+                    services: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn three_services() -> Vec<ServiceRow> {
+        vec![
+            svc(1, "default", "web", "10.96.0.10", 80, "TCP", &[(11, "10.244.0.1", 8080), (12, "10.244.0.2", 8080)]),
+            svc(2, "default", "dns", "10.96.0.11", 53, "UDP", &[(13, "10.244.0.3", 53)]),
+            svc(3, "kube-system", "dns", "fd00::b", 53, "UDP", &[(14, "fd00:10::4", 53)]),
+        ]
+    }
+
+    fn ids<T>(rows: &[T], id: impl Fn(&T) -> u32) -> Vec<u32> {
+        rows.iter().map(id).collect()
+    }
+
+    /// Each filter alone, and combined (ANDed); nothing matching gives no rows.
+    #[test]
+    fn service_filters_select_exactly_the_matching_frontends() {
+        let f = |set: &dyn Fn(&mut FilterArgs)| {
+            let mut f = FilterArgs::default();
+            set(&mut f);
+            ids(&filter_services(three_services(), &f), |r| r.id)
+        };
+        assert_eq!(f(&|_| {}), [1, 2, 3]);
+        assert_eq!(f(&|f| f.namespace = Some("default".into())), [1, 2]);
+        assert_eq!(f(&|f| f.service = Some("dns".into())), [2, 3]);
+        assert_eq!(f(&|f| f.service = Some("kube-system/dns".into())), [3]);
+        assert_eq!(
+            f(&|f| {
+                f.namespace = Some("default".into());
+                f.service = Some("dns".into())
+            }),
+            [2]
+        );
+        assert_eq!(f(&|f| f.address = Some(ip("fd00::b"))), [3]);
+        assert_eq!(f(&|f| f.port = Some(53)), [2, 3]);
+        assert_eq!(f(&|f| f.proto = Some(Protocol::Tcp)), [1]);
+        assert_eq!(f(&|f| f.namespace = Some("nope".into())), [] as [u32; 0]);
+        assert_eq!(f(&|f| f.service = Some("default/web".into())), [1]);
+        let mut by_ns = FilterArgs { namespace: Some("default".into()), ..Default::default() };
+        let services = three_services();
+        assert_eq!(selected_service_ids(&services, &by_ns), Some([1, 2].into_iter().collect()));
+        by_ns.namespace = None;
+        assert_eq!(selected_service_ids(&services, &by_ns), None);
+    }
+
+    #[test]
+    fn backend_filters_follow_their_services() {
+        let services = three_services();
+        let all: Vec<BackendRow> = services.iter().flat_map(|s| s.backends.iter().cloned()).collect();
+        let f = |filter: FilterArgs| ids(&filter_backends(all.clone(), &services, &filter), |b| b.id);
+        assert_eq!(f(FilterArgs::default()), [11, 12, 13, 14]);
+        assert_eq!(f(FilterArgs { service: Some("default/web".into()), ..Default::default() }), [11, 12]);
+        assert_eq!(f(FilterArgs { namespace: Some("kube-system".into()), ..Default::default() }), [14]);
+        assert_eq!(f(FilterArgs { address: Some(ip("10.244.0.2")), ..Default::default() }), [12]);
+        assert_eq!(f(FilterArgs { port: Some(53), proto: Some(Protocol::Udp), ..Default::default() }), [13, 14]);
+        assert_eq!(f(FilterArgs { service: Some("web".into()), port: Some(53), ..Default::default() }), [] as [u32; 0]);
+    }
+
+    #[test]
+    fn conntrack_filters_match_either_side_and_the_service() {
+        let k = CtKey {
+            src_addr: u32::from_ne_bytes([10, 0, 0, 5]),
+            dst_addr: u32::from_ne_bytes([10, 96, 0, 10]),
+            src_port: port_to_map(40000),
+            dst_port: port_to_map(80),
+            proto: proxy_common::PROTO_TCP,
+            dir: proxy_common::CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        let v = CtValue {
+            nat_addr: u32::from_ne_bytes([10, 244, 0, 1]),
+            nat_port: port_to_map(8080),
+            svc_id: 1,
+            ..Default::default()
+        };
+        let sel = |f: FilterArgs, ids: Option<HashSet<u32>>| conntrack_selected(&f, ids.as_ref(), &k, &v);
+        assert!(sel(FilterArgs::default(), None));
+        for a in ["10.0.0.5", "10.96.0.10", "10.244.0.1"] {
+            assert!(sel(FilterArgs { address: Some(ip(a)), ..Default::default() }, None), "{a}");
+        }
+        assert!(!sel(FilterArgs { address: Some(ip("10.0.0.6")), ..Default::default() }, None));
+        for p in [40000, 80, 8080] {
+            assert!(sel(FilterArgs { port: Some(p), ..Default::default() }, None), "{p}");
+        }
+        assert!(!sel(FilterArgs { port: Some(443), ..Default::default() }, None));
+        assert!(!sel(FilterArgs { proto: Some(Protocol::Udp), ..Default::default() }, None));
+        assert!(sel(FilterArgs::default(), Some([1].into_iter().collect())));
+        assert!(!sel(FilterArgs::default(), Some([2].into_iter().collect())));
+    }
+
+    fn out<T: Serialize>(rows: &[T], c: &Columns<T>, format: OutputFormat, no_headers: bool) -> String {
+        let mut o = Vec::new();
+        write_rows(&mut o, format, no_headers, rows, c).unwrap();
+        String::from_utf8(o).unwrap()
+    }
+
+    /// table and wide have their column counts, --no-headers drops the header line only,
+    /// JSON and YAML parse to the same rows, and no row prints nothing in a table.
+    #[test]
+    fn every_output_format() {
+        let rows = three_services();
+        let cols = |s: &str| s.lines().map(|l| l.split_whitespace().count()).collect::<Vec<_>>();
+        let table = out(&rows, &SERVICE_COLUMNS, OutputFormat::Table, false);
+        assert!(table.starts_with("ID "), "{table}");
+        assert_eq!(cols(&table), [7, 7, 7, 7], "{table}");
+        let wide = out(&rows, &SERVICE_COLUMNS, OutputFormat::Wide, false);
+        assert!(wide.lines().next().unwrap().ends_with("FAMILY   AFFINITY-TIMEOUT   BACKEND-IDS"), "{wide}");
+        assert_eq!(cols(&wide), [10, 10, 10, 10], "{wide}");
+        let first: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(first[7..], ["IPv4", "-", "11,12"], "{wide}");
+        let bare = out(&rows, &SERVICE_COLUMNS, OutputFormat::Wide, true);
+        assert_eq!(bare.lines().collect::<Vec<_>>(), wide.lines().skip(1).collect::<Vec<_>>());
+        let json: serde_json::Value =
+            serde_json::from_str(&out(&rows, &SERVICE_COLUMNS, OutputFormat::Json, false)).unwrap();
+        let yaml: serde_json::Value =
+            serde_yaml::from_str(&out(&rows, &SERVICE_COLUMNS, OutputFormat::Yaml, false)).unwrap();
+        assert_eq!(json, yaml);
+        assert_eq!(json, serde_json::to_value(&rows).unwrap());
+        assert_eq!(json[2]["backends"][0]["address"], "fd00:10::4");
+        let none: Vec<ServiceRow> = vec![];
+        assert_eq!(out(&none, &SERVICE_COLUMNS, OutputFormat::Table, false), "");
+        assert_eq!(out(&none, &SERVICE_COLUMNS, OutputFormat::Json, false).trim(), "[]");
+        assert_eq!(out(&none, &SERVICE_COLUMNS, OutputFormat::Yaml, false).trim(), "[]");
+        // Backends list their Services in wide.
+        let b = BackendRow { services: vec!["default/web".into()], ..rows[0].backends[0].clone() };
+        let wide = out(std::slice::from_ref(&b), &BACKEND_COLUMNS, OutputFormat::Wide, false);
+        assert_eq!(wide.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>(), [
+            "11",
+            "10.244.0.1:8080/TCP",
+            "-",
+            "IPv4",
+            "default/web"
+        ]);
     }
 }

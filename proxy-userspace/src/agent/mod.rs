@@ -378,3 +378,47 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
     Ok(())
 }
+
+#[cfg(test)]
+mod kubeconfig_tests {
+    use super::kube_config;
+
+    /// A kubeconfig with one cluster, user and context named `name`, at `server`.
+    fn kubeconfig(name: &str, server: &str, current: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: {current}\nclusters:\n- name: {name}\n  cluster:\n    server: {server}\nusers:\n- name: {name}\n  user:\n    token: t-{name}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n"
+        )
+    }
+
+    fn server(list: &str, context: Option<&str>) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(kube_config(Some(list), context, None)).map(|c| c.cluster_url.to_string()).unwrap()
+    }
+
+    /// `KUBECONFIG=a:b` merges both files as kubectl does (the first file's current-context
+    /// wins), and `--context` picks a context defined in either file.
+    #[test]
+    fn a_kubeconfig_list_is_merged_and_context_picks_the_server() {
+        let dir = std::env::temp_dir().join(format!("ebpf-proxy-kubeconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a.yaml");
+        let b = dir.join("b.yaml");
+        std::fs::write(&a, kubeconfig("prod", "https://10.0.0.1:6443", "prod")).unwrap();
+        std::fs::write(&b, kubeconfig("staging", "https://10.0.0.2:6443", "staging")).unwrap();
+        let (a, b) = (a.display().to_string(), b.display().to_string());
+        let ab = format!("{a}:{b}");
+        let ba = format!("{b}::{a}"); // an empty entry is skipped, as kubectl
+        assert_eq!(server(&ab, None), "https://10.0.0.1:6443/");
+        assert_eq!(server(&ba, None), "https://10.0.0.2:6443/");
+        assert_eq!(server(&ab, Some("staging")), "https://10.0.0.2:6443/");
+        assert_eq!(server(&ba, Some("prod")), "https://10.0.0.1:6443/");
+        // A context no file defines, or a missing file, is an error naming it.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let err = rt.block_on(kube_config(Some(&ab), Some("dev"), None)).unwrap_err();
+        assert!(format!("{err:#}").contains("context dev"), "{err:#}");
+        let missing = format!("{a}:{}", dir.join("nope.yaml").display());
+        let err = rt.block_on(kube_config(Some(&missing), None, None)).unwrap_err();
+        assert!(format!("{err:#}").contains("nope.yaml"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
