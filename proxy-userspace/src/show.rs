@@ -982,7 +982,9 @@ mod tests {
         let first: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(first[7..], ["IPv4", "-", "11,12"], "{wide}");
         let bare = out(&rows, &SERVICE_COLUMNS, OutputFormat::Wide, true);
-        let words = |s: &str| s.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).collect::<Vec<_>>();
+        fn words(s: &str) -> Vec<Vec<&str>> {
+            s.lines().map(|l| l.split_whitespace().collect()).collect()
+        }
         assert_eq!(words(&bare), words(&wide)[1..], "{bare}");
         let json: serde_json::Value =
             serde_json::from_str(&out(&rows, &SERVICE_COLUMNS, OutputFormat::Json, false)).unwrap();
