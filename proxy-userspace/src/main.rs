@@ -61,7 +61,7 @@ fn run_conntrack(a: &ListArgs) -> Result<()> {
         true => show::selected_service_ids(&show::read_services(&maps)?, &a.filter),
         false => None,
     };
-    let rows = show::read_conntrack(&maps, &a.filter, ids.as_ref())?;
+    let rows = show::read_conntrack_filtered(&maps, &a.filter, ids.as_ref())?;
     print_rows(&a.show, &rows, &show::CONNTRACK_COLUMNS)
 }
 

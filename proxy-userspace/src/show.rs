@@ -456,10 +456,15 @@ fn conntrack_selected<A: crate::conntrack::CtAddr + MapAddr>(
         && f.port.is_none_or(|p| [k.src_port, k.dst_port, v.nat_port].iter().any(|x| port_from_map(*x) == p))
 }
 
+/// Every entry of both families' assured and unassured tables.
+pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> {
+    read_conntrack_filtered(maps, &FilterArgs::default(), None)
+}
+
 /// The entries of both families' assured and unassured tables that pass `filter` (`ids`:
 /// the selected Services' frontend ids, see [`selected_service_ids`]). Entries are
 /// filtered as the maps are walked, so a full table of which few match costs little.
-pub fn read_conntrack(
+pub fn read_conntrack_filtered(
     maps: &Maps,
     filter: &FilterArgs,
     ids: Option<&HashSet<u32>>,
