@@ -378,8 +378,8 @@ pub struct AgentArgs {
 
 /// tcp, udp or sctp (any case), with the names offered to shell completion.
 fn protocol_parser() -> impl clap::builder::TypedValueParser<Value = crate::model::Protocol> {
-    use clap::builder::TypedValueParser;
     use crate::model::Protocol;
+    use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(["tcp", "udp", "sctp"]).map(|s| match s.to_ascii_lowercase().as_str() {
         "udp" => Protocol::Udp,
         "sctp" => Protocol::Sctp,
@@ -539,7 +539,8 @@ mod tests {
             let err = Cli::try_parse_from(["ebpf-proxy", "services", bad[0], bad[1]]).unwrap_err().to_string();
             assert!(err.contains(bad[0]) && err.contains(bad[1]), "{err}");
         }
-        let cli = Cli::try_parse_from(["ebpf-proxy", "explain", "default/web", "--context", "prod", "-o", "yaml"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["ebpf-proxy", "explain", "default/web", "--context", "prod", "-o", "yaml"]).unwrap();
         let Command::Explain(e) = cli.command else { panic!("not explain") };
         assert_eq!((e.source.context.as_deref(), e.output), (Some("prod"), OutputFormat::Yaml));
     }

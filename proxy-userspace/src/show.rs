@@ -308,7 +308,11 @@ fn service_cells(r: &ServiceRow) -> Vec<String> {
         format!("{}/{}:{}", r.namespace, r.name, r.port_name)
     };
     let list = |f: &dyn Fn(&BackendRow) -> String| {
-        if r.backends.is_empty() { "<none>".to_string() } else { r.backends.iter().map(f).collect::<Vec<_>>().join(",") }
+        if r.backends.is_empty() {
+            "<none>".to_string()
+        } else {
+            r.backends.iter().map(f).collect::<Vec<_>>().join(",")
+        }
     };
     vec![
         r.id.to_string(),
@@ -848,7 +852,15 @@ mod tests {
         assert_eq!(serde_json::to_value(&rows[2]).unwrap()["table"], "CT_NEW");
     }
 
-    fn svc(id: u32, ns: &str, name: &str, addr: &str, port: u16, proto: &str, backends: &[(u32, &str, u16)]) -> ServiceRow {
+    fn svc(
+        id: u32,
+        ns: &str,
+        name: &str,
+        addr: &str,
+        port: u16,
+        proto: &str,
+        backends: &[(u32, &str, u16)],
+    ) -> ServiceRow {
         ServiceRow {
             id,
             family: IpFamily::of(ip(addr)),
@@ -1005,12 +1017,9 @@ mod tests {
         // Backends list their Services in wide.
         let b = BackendRow { services: vec!["default/web".into()], ..rows[0].backends[0].clone() };
         let wide = out(std::slice::from_ref(&b), &BACKEND_COLUMNS, OutputFormat::Wide, false);
-        assert_eq!(wide.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>(), [
-            "11",
-            "10.244.0.1:8080/TCP",
-            "-",
-            "IPv4",
-            "default/web"
-        ]);
+        assert_eq!(
+            wide.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>(),
+            ["11", "10.244.0.1:8080/TCP", "-", "IPv4", "default/web"]
+        );
     }
 }

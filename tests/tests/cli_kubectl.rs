@@ -38,7 +38,8 @@ fn repo() -> PathBuf {
 
 #[test]
 fn completion_scripts_for_bash_zsh_and_fish() {
-    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef ebpf-proxy"), ("fish", "complete -c ebpf-proxy")] {
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef ebpf-proxy"), ("fish", "complete -c ebpf-proxy")]
+    {
         let script = ok(&["completion", shell]);
         assert!(script.contains(marker), "{shell}: {script}");
         // Subcommands and the new flags are offered.
@@ -196,36 +197,42 @@ fn kubectl_plugin_execs_in_the_agent_pod_of_the_named_node() {
     let selector = "app.kubernetes.io/name=ebpf-proxy,app.kubernetes.io/component!=cleanup";
     let fields = "spec.nodeName=worker-1,status.phase=Running";
     let template = "jsonpath={range .items[*]}{.metadata.namespace}{\" \"}{.metadata.name}{\"\\n\"}{end}";
-    assert_eq!(calls, vec![
-        strings(&["get", "pods", "--all-namespaces", "-l", selector, "--field-selector", fields, "-o", template]),
-        strings(&[
-            "exec",
-            "-n",
-            "ebpf-proxy",
-            "ebpf-proxy-x7k2p",
-            "-c",
-            "agent",
-            "--",
-            "ebpf-proxy",
-            "services",
-            "-n",
-            "default",
-            "-o",
-            "wide"
-        ]),
-    ]);
+    assert_eq!(
+        calls,
+        vec![
+            strings(&["get", "pods", "--all-namespaces", "-l", selector, "--field-selector", fields, "-o", template]),
+            strings(&[
+                "exec",
+                "-n",
+                "ebpf-proxy",
+                "ebpf-proxy-x7k2p",
+                "-c",
+                "agent",
+                "--",
+                "ebpf-proxy",
+                "services",
+                "-n",
+                "default",
+                "-o",
+                "wide"
+            ]),
+        ]
+    );
 
     // kubectl's own flags and the agent's namespace go to both calls.
-    let (code, _, err, calls) = p.run(pods, &[
-        "--context",
-        "prod",
-        "--node=worker-2",
-        "--agent-namespace",
-        "kube-system",
-        "conntrack",
-        "--service",
-        "default/web",
-    ]);
+    let (code, _, err, calls) = p.run(
+        pods,
+        &[
+            "--context",
+            "prod",
+            "--node=worker-2",
+            "--agent-namespace",
+            "kube-system",
+            "conntrack",
+            "--service",
+            "default/web",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(calls[0][..6], strings(&["--context", "prod", "get", "pods", "-n", "kube-system"]));
     assert!(calls[0].contains(&"spec.nodeName=worker-2,status.phase=Running".to_string()), "{calls:?}");
@@ -289,16 +296,21 @@ fn output_formats_and_filters_against_a_real_agent() {
     let pins = PinDir::new();
     let manifests = dir.0.to_str().unwrap().to_string();
     // No entry may expire between two reads of the table.
-    let agent = Agent::start(&topo.node, &pins.0, 10777, &[
-        "--manifests",
-        &manifests,
-        "--node-name",
-        "node-a",
-        "--conntrack-tcp-timeout-closed",
-        "1h",
-        "--conntrack-tcp-timeout-syn",
-        "1h",
-    ])
+    let agent = Agent::start(
+        &topo.node,
+        &pins.0,
+        10777,
+        &[
+            "--manifests",
+            &manifests,
+            "--node-name",
+            "node-a",
+            "--conntrack-tcp-timeout-closed",
+            "1h",
+            "--conntrack-tcp-timeout-syn",
+            "1h",
+        ],
+    )
     .expect("agent");
     agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("agent ready");
     let client = &topo.pods[0].ns;
@@ -325,7 +337,9 @@ fn output_formats_and_filters_against_a_real_agent() {
     };
 
     // Every format of every listing parses, with its column counts.
-    for (cmd, table_cols, wide_cols) in [("services", 7, 10), ("backends", 3, 5), ("conntrack", 11, 15), ("stats", 5, 6)] {
+    for (cmd, table_cols, wide_cols) in
+        [("services", 7, 10), ("backends", 3, 5), ("conntrack", 11, 15), ("stats", 5, 6)]
+    {
         let all = json_with(cmd, &["-o", "json"]);
         assert!(!all.is_empty(), "{cmd}");
         let yaml: Value = serde_yaml::from_str(&run_with(cmd, &["-o", "yaml"])).unwrap();
@@ -395,7 +409,8 @@ fn output_formats_and_filters_against_a_real_agent() {
     let conntrack = |extra: &[&str]| -> BTreeSet<String> {
         json_with("conntrack", &[&["-o", "json"], extra].concat()).iter().map(key).collect()
     };
-    let expect = |pred: &dyn Fn(&Value) -> bool| -> BTreeSet<String> { all.iter().filter(|r| pred(r)).map(key).collect() };
+    let expect =
+        |pred: &dyn Fn(&Value) -> bool| -> BTreeSet<String> { all.iter().filter(|r| pred(r)).map(key).collect() };
     let svc_id = |ns: &str, name: &str| -> BTreeSet<u64> {
         json_with("services", &["-o", "json", "-n", ns, "--service", name])
             .iter()

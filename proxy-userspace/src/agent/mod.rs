@@ -134,9 +134,9 @@ pub async fn kube_config(
             .await
             .with_context(|| format!("using kubeconfig {}{which}", kubeconfig.unwrap_or_default()))?,
         // A context names an entry of the default kubeconfig (~/.kube/config), as kubectl.
-        None if context.is_some() => {
-            kube::Config::from_kubeconfig(&options).await.with_context(|| format!("using the default kubeconfig{which}"))?
-        }
+        None if context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .with_context(|| format!("using the default kubeconfig{which}"))?,
         // In a pod with --api-server, the service-account credentials are all that is
         // needed (the kubelet's KUBERNETES_SERVICE_* may even be missing).
         None if api_server.is_some() => match kube::Config::incluster_dns() {
