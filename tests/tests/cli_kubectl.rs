@@ -440,3 +440,65 @@ fn output_formats_and_filters_against_a_real_agent() {
     drop(held);
     drop(agent);
 }
+
+/// A full assured table (262,144 entries, the default `--max-conntrack`): the dump lists
+/// every entry, and a filter returns exactly the matching ones. Prints the time and peak
+/// memory of each run (the rows are filtered as the map is walked and written line by line).
+#[test]
+#[ignore = "needs root (BPF): run by `cargo xtask test` as root"]
+fn conntrack_filters_a_full_table() {
+    use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtValue, PROTO_TCP, ct_flags, port_to_map};
+    use proxy_tests::harness::{TestDataplane, ct_key};
+    use proxy_userspace::dataplane::{addr::ip_to_map, maps::Maps};
+    require_root("conntrack_filters_a_full_table");
+    let dp = TestDataplane::load();
+    let mut maps = Maps::open_pinned(&dp.pins.0).expect("pinned maps");
+    let capacity = maps.capacities().conntrack as usize;
+    assert_eq!(capacity, 262_144);
+    let flows = capacity / 2;
+    let vips = 8;
+    for i in 0..flows {
+        let client = (Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8), 40_000 + (i / 65_536) as u16);
+        let vip = (Ipv4Addr::new(10, 96, 0, 1 + (i % vips) as u8), 80);
+        let backend = (Ipv4Addr::new(10, 244, 0, 1 + (i % vips) as u8), 8080);
+        let v = |nat: (Ipv4Addr, u16)| CtValue {
+            nat_addr: ip_to_map(nat.0),
+            nat_port: port_to_map(nat.1),
+            flags: ct_flags::SEEN_REPLY | ct_flags::ASSURED,
+            svc_id: 1 + (i % vips) as u32,
+            ..Default::default()
+        };
+        maps.conntrack.insert(ct_key(client, vip, PROTO_TCP, CT_DIR_FORWARD), v(backend), 0).unwrap();
+        maps.conntrack.insert(ct_key(backend, client, PROTO_TCP, CT_DIR_REPLY), v(vip), 0).unwrap();
+    }
+    let root = dp.pins.0.to_str().unwrap();
+    // (seconds, peak KiB, stdout) of `ebpf-proxy conntrack --bpffs-root ROOT <extra>`.
+    let timed = |extra: &[&str]| {
+        let out = Command::new("/usr/bin/time")
+            .args(["-f", "%e %M"])
+            .arg(ebpf_proxy_bin().unwrap())
+            .args(["conntrack", "--bpffs-root", root])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last: Vec<&str> = err.lines().last().unwrap().split_whitespace().collect();
+        let (secs, kib): (f64, u64) = (last[0].parse().unwrap(), last[1].parse().unwrap());
+        eprintln!("conntrack {extra:?}: {secs:.2} s, {} MiB peak", kib / 1024);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = timed(&[]);
+    assert_eq!(table.lines().count(), capacity + 1);
+    let json: Vec<Value> = serde_json::from_str(&timed(&["-o", "json"])).unwrap();
+    assert_eq!(json.len(), capacity);
+    // One VIP of eight: its forward entries (destination) and reply entries (NAT side).
+    let vip: IpAddr = Ipv4Addr::new(10, 96, 0, 3).into();
+    let filtered: Vec<Value> = serde_json::from_str(&timed(&["--address", "10.96.0.3", "-o", "json"])).unwrap();
+    let want = json.iter().filter(|r| ip_of(&r["destination"]) == vip || ip_of(&r["nat"]) == vip).count();
+    assert_eq!((filtered.len(), want), (capacity / vips, capacity / vips));
+    assert!(filtered.iter().all(|r| ip_of(&r["destination"]) == vip || ip_of(&r["nat"]) == vip));
+    let wide = timed(&["--address", "10.96.0.3", "--port", "8080", "-o", "wide", "--no-headers"]);
+    assert_eq!(columns(&wide), vec![15; capacity / vips]);
+    assert_eq!(timed(&["--address", "10.9.9.9"]), "");
+}
