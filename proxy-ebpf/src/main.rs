@@ -3,7 +3,8 @@
 //! (conntrack state and entries, SNAT ports), `lb` (service lookup, backend selection), `tc`
 //! and `xdp` (rewriters applying a decision; XDP also forwards), `frag` (later fragments
 //! of translated flows), `csum` (checksum arithmetic), `reject` (TCP resets), `icmp` (ICMP errors about translated flows), `stats` (counters, once per packet), `maps`;
-//! `sock` (socket-level load balancing: cgroup sock_addr hooks sharing `lb`).
+//! `sock` (socket-level load balancing: cgroup sock_addr hooks sharing `lb`); `handoff`
+//! (XDP's forwarding through tunnels, finished on the uplink's TC ingress).
 #![no_std]
 #![no_main]
 
@@ -11,6 +12,7 @@ mod csum;
 mod ct;
 mod family;
 mod frag;
+mod handoff;
 mod icmp;
 mod lb;
 mod maps;
@@ -50,6 +52,13 @@ pub fn from_uplink(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn to_uplink(ctx: TcContext) -> i32 {
     tc::reverse_nat(&ctx)
+}
+
+/// TC ingress of an uplink: sends on the packets XDP translated for a device it cannot
+/// transmit on (a tunnel), see `handoff`.
+#[classifier]
+pub fn uplink_handoff(ctx: TcContext) -> i32 {
+    handoff::redirect(&ctx)
 }
 
 /// cgroup connect4: TCP and connected UDP sockets dialling a frontend connect to a backend.

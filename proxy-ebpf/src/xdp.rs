@@ -4,8 +4,10 @@
 //! - Local backend: DNAT, `XDP_PASS`; the stack routes the packet to the pod. Replies leave
 //!   through the uplink, where `to_uplink` (TC egress) puts the frontend back as source.
 //! - Remote backend: DNAT + SNAT to this node's address with a port of our own, then
-//!   forwarded with `bpf_fib_lookup` + `XDP_TX`/`bpf_redirect`. `XDP_PASS` is not an
-//!   option: the kernel drops a forwarded packet whose source is a local address (martian).
+//!   forwarded with `bpf_fib_lookup` + `XDP_TX` (out of the uplink it came in on), or,
+//!   towards another device (a tunnel of an overlay CNI, another NIC), tagged for the
+//!   uplink's TC ingress to redirect (`handoff`). A bare `XDP_PASS` is not an option: the
+//!   kernel drops a forwarded packet whose source is a local address (martian).
 //!   The backend's replies come back to the SNAT address; their reply entry (`SNAT`) undoes
 //!   both translations and they are forwarded to the client the same way.
 //! - Everything else is passed untouched.
@@ -27,7 +29,7 @@ use crate::{
     csum,
     ct::CtWork,
     family::{V4, V6},
-    frag,
+    frag, handoff,
     icmp::{self, IcmpFamily, Side},
     parse::{
         self, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
@@ -243,7 +245,7 @@ fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) ->
 
 /// Route the (already translated) packet like the kernel would, without the kernel: FIB
 /// lookup for its destination, MACs from the neighbour table, TTL / hop limit decremented,
-/// then out of the same interface (`XDP_TX`) or another one (`bpf_redirect`).
+/// then out of the same interface (`XDP_TX`) or another one (`handoff`, else `bpf_redirect`).
 ///
 /// `Err` when it cannot be forwarded: no route, TTL expired, or no neighbour entry for the
 /// next hop yet. XDP cannot resolve neighbours (ARP or NDP), so the miss is queued for the
@@ -283,13 +285,21 @@ fn fib_forward<F: XdpFamily>(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> R
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(());
     }
+    // SAFETY: bounds checked above (the IP header).
+    unsafe { F::dec_ttl(ip, ttl) };
+    // Out of another device: it may be one XDP cannot transmit on (a tunnel); the uplink's
+    // TC ingress sends it there (`handoff`). Without XDP metadata, a plain redirect.
+    if fib.ifindex != ingress && handoff::tag(ctx, fib.ifindex) {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // Fresh bounds: the metadata helper invalidated the earlier ones.
+    let (start, end) = (ctx.data(), ctx.data_end());
     let eth = ptr_mut::<[u8; MACS_LEN]>(start, end, 0).ok_or(())?;
-    // SAFETY: bounds checked above (Ethernet and the IP header).
+    // SAFETY: bounds checked just above (the Ethernet addresses).
     unsafe {
         let eth = &mut *eth;
         eth[..6].copy_from_slice(&fib.dmac);
         eth[6..].copy_from_slice(&fib.smac);
-        F::dec_ttl(ip, ttl);
     }
     if fib.ifindex == ingress {
         Ok(xdp_action::XDP_TX)

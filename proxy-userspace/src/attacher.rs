@@ -15,7 +15,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
-        attach::{AttachMode, XdpModeChoice, attach_pod_interface, attach_uplink, pinned_link_ids, remove_stale_pins},
+        attach::{
+            AttachMode, TcAttachChoice, XdpModeChoice, attach_pod_interface_with, attach_uplink, pinned_link_ids,
+            remove_stale_pins,
+        },
         guard::{DatapathGuard, OurPrograms},
         ifaces::LinkEvent,
         loader::Programs,
@@ -26,12 +29,19 @@ use crate::{
     metrics::Metrics,
 };
 
+/// The hooks where several programs run one after the other: a stale one of ours is
+/// detached after ours is attached, with no instant without a program.
+const TC_HOOKS: [Hook; 4] = [Hook::TcxIngress, Hook::TcxEgress, Hook::ClsactIngress, Hook::ClsactEgress];
+const ALL_HOOKS: [Hook; 5] = [Hook::TcxIngress, Hook::TcxEgress, Hook::ClsactIngress, Hook::ClsactEgress, Hook::Xdp];
+
 /// Which interfaces get which programs.
 pub struct AttachPlan {
     /// Uplink names (exact): XDP + TC egress. Everything else the watcher reports is a pod
     /// interface.
     pub uplinks: HashSet<String>,
     pub xdp_mode: XdpModeChoice,
+    /// `--tc-attach`.
+    pub tc_attach: TcAttachChoice,
 }
 
 /// An interface we attached to.
@@ -63,12 +73,13 @@ impl Attacher {
     /// clsact fallback (kernels without tcx), which the datapath check cannot see.
     fn attach(&mut self, index: u32, name: &str) -> Option<bool> {
         if self.plan.uplinks.contains(name) {
-            return match attach_uplink(&mut self.programs, &self.root, name, self.plan.xdp_mode) {
+            return match attach_uplink(&mut self.programs, &self.root, name, self.plan.xdp_mode, self.plan.tc_attach) {
                 Ok(a) => {
                     info!(
                         iface = %name,
                         ifindex = index,
                         xdp_mode = %a.xdp,
+                        driver = crate::dataplane::ifaces::driver(name).as_deref().unwrap_or("unknown"),
                         xdp_link = if a.xdp_replaced { "replaced" } else { "new" },
                         egress = ?a.egress,
                         "attached to uplink"
@@ -81,7 +92,7 @@ impl Attacher {
                 }
             };
         }
-        match attach_pod_interface(&mut self.programs, &self.root, name) {
+        match attach_pod_interface_with(&mut self.programs, &self.root, name, self.plan.tc_attach) {
             Ok((mode, _)) => {
                 info!(iface = %name, ifindex = index, mode = ?mode, "attached to pod interface");
                 Some(mode != AttachMode::Netlink)
@@ -105,7 +116,16 @@ impl Attacher {
         };
         let ours = self.ours.ids();
         let pinned = pinned_link_ids(&self.root);
-        for a in recognizer.attachments_on(&iface) {
+        let mut found = recognizer.attachments_on(&iface);
+        if hooks.iter().any(|h| matches!(h, Hook::ClsactIngress | Hook::ClsactEgress)) {
+            // clsact filters of ours that this agent did not load: a previous agent's (each
+            // restart on a kernel without tcx adds a filter in front of the old one).
+            match recognizer.clsact_on(&iface).await {
+                Ok(f) => found.extend(f),
+                Err(e) => warn!(iface = %iface.name, error = %e, "cannot list clsact filters"),
+            }
+        }
+        for a in found {
             if ours.contains(&a.prog_id) || !hooks.contains(&a.hook) || a.link_id.is_some_and(|l| pinned.contains(&l)) {
                 continue;
             }
@@ -137,7 +157,7 @@ impl Attacher {
             Err(e) => return warn!(error = %e, "cannot look for stale attachments"),
         };
         for iface in all {
-            self.detach_foreign(recognizer, iface.index, &[Hook::TcxIngress, Hook::TcxEgress, Hook::Xdp]).await;
+            self.detach_foreign(recognizer, iface.index, &ALL_HOOKS).await;
         }
     }
 
@@ -248,7 +268,7 @@ impl Attacher {
                         attached.insert(index, Attached { name, checked });
                         // tcx runs several programs: ours is attached, now the stale one
                         // goes, with no instant without a program.
-                        self.detach_foreign(&mut recognizer, index, &[Hook::TcxIngress, Hook::TcxEgress]).await;
+                        self.detach_foreign(&mut recognizer, index, &TC_HOOKS).await;
                     }
                 }
                 LinkEvent::Gone { index, name } => {

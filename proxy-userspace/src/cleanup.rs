@@ -7,7 +7,10 @@
 //! 2. Detach the links pinned under each root (`BPF_LINK_DETACH`, wherever they are
 //!    attached).
 //! 3. Detach every program of ours attached to an interface of this network namespace
-//!    (`ownership`): also those of agents on other roots, or whose pins are gone.
+//!    (`ownership`): also those of agents on other roots, or whose pins are gone, and the
+//!    clsact filters of kernels without tcx (only filters running a program of ours; other
+//!    tools' filters on the same device stay). A clsact qdisc left with no filter at all
+//!    is removed; one that still holds another's filter stays.
 //! 4. Remove each root's pins (maps, links) and the root itself.
 //!
 //! Idempotent: a second run finds nothing and says so.
@@ -17,7 +20,7 @@ use std::{
 };
 
 use crate::dataplane::{
-    bpfsys,
+    bpfsys, clsact,
     loader::check_bpffs,
     lock::{LockError, RootLock},
     ownership::{self, Attachment},
@@ -53,6 +56,8 @@ pub struct PinnedLinkDetached {
 pub struct CleanupReport {
     pub pinned_links_detached: Vec<PinnedLinkDetached>,
     pub detached: Vec<Attachment>,
+    /// Interfaces whose clsact qdisc was removed (it held nothing but our filters).
+    pub clsact_qdiscs_removed: Vec<String>,
     pub pins_removed: Vec<PathBuf>,
     /// Things that could not be undone (each names what and why).
     pub errors: Vec<String>,
@@ -60,7 +65,10 @@ pub struct CleanupReport {
 
 impl CleanupReport {
     pub fn is_empty(&self) -> bool {
-        self.pinned_links_detached.is_empty() && self.detached.is_empty() && self.pins_removed.is_empty()
+        self.pinned_links_detached.is_empty()
+            && self.detached.is_empty()
+            && self.clsact_qdiscs_removed.is_empty()
+            && self.pins_removed.is_empty()
     }
 
     /// Human-readable lines for the CLI.
@@ -76,6 +84,9 @@ impl CleanupReport {
         }
         for a in &self.detached {
             out.push_str(&format!("detached {a}\n"));
+        }
+        for i in &self.clsact_qdiscs_removed {
+            out.push_str(&format!("removed the clsact qdisc of {i} (nothing else in it)\n"));
         }
         for p in &self.pins_removed {
             out.push_str(&format!("removed {}\n", p.display()));
@@ -162,6 +173,31 @@ fn detach_cgroup_links(root: &Path, report: &mut CleanupReport) {
     }
 }
 
+/// The clsact qdiscs of the devices we removed filters from, when nothing else is in them.
+/// Devices we took nothing from keep theirs: an empty clsact qdisc there is not ours to judge.
+async fn remove_emptied_qdiscs(report: &mut CleanupReport) {
+    let mut devices: Vec<(u32, String)> =
+        report.detached.iter().filter(|a| a.filter.is_some()).map(|a| (a.ifindex, a.iface.clone())).collect();
+    devices.sort();
+    devices.dedup();
+    if devices.is_empty() {
+        return;
+    }
+    let (conn, handle, _) = match rtnetlink::new_connection() {
+        Ok(c) => c,
+        Err(e) => return report.errors.push(format!("rtnetlink: {e}")),
+    };
+    let task = tokio::spawn(conn);
+    for (ifindex, iface) in devices {
+        match clsact::remove_qdisc_if_empty(&handle, ifindex).await {
+            Ok(true) => report.clsact_qdiscs_removed.push(iface),
+            Ok(false) => {}
+            Err(e) => report.errors.push(format!("{iface}: {e}")),
+        }
+    }
+    task.abort();
+}
+
 /// Run the cleanup for `roots` in the caller's network namespace.
 pub async fn cleanup(roots: &[PathBuf], force: bool) -> Result<CleanupReport, CleanupError> {
     let mut locks = Vec::new();
@@ -196,6 +232,7 @@ pub async fn cleanup(roots: &[PathBuf], force: bool) -> Result<CleanupReport, Cl
             Err(e) => report.errors.push(e.to_string()),
         }
     }
+    remove_emptied_qdiscs(&mut report).await;
     for root in roots {
         remove_tree(root, &mut report.pins_removed, &mut report.errors);
     }

@@ -8,13 +8,19 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::dataplane::{attach::XdpModeChoice, node::PortRange, sock::SocketLbMode};
+use crate::dataplane::{
+    attach::{TcAttachChoice, XdpModeChoice},
+    node::PortRange,
+    sock::SocketLbMode,
+};
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// Host-side veth names of kind (kindnet `veth*`), Calico (`cali*`), Cilium (`lxc*`),
-/// Flannel/bridge CNIs (`veth*`), Weave (`vethwe*`) and Antrea (`antrea-*` is the gw; pods
-/// use `*-<hash>`, configure explicitly).
-pub const DEFAULT_POD_IFACE_PATTERNS: &str = "veth*,cali*,lxc*,tap*";
+/// Flannel/bridge CNIs (`veth*`), Weave (`vethwe*`), VM runtimes (`tap*`), the Amazon VPC
+/// CNI (`eni*`), GKE (`gke*`) and Azure CNI (`azv*`). OVN-Kubernetes (container-id names)
+/// and Antrea (`<pod>-<hash>`; `antrea-gw0` is its gateway, not a pod) have no common
+/// prefix: their pods are found by kind (`--pod-iface-detect`).
+pub const DEFAULT_POD_IFACE_PATTERNS: &str = "veth*,cali*,lxc*,tap*,eni*,gke*,azv*";
 
 /// `--version` and `ebpf-proxy version`: the crate's version, the git commit and the build
 /// date (both embedded by build.rs; "unknown" when built without git).
@@ -148,6 +154,16 @@ pub struct CleanupArgs {
     /// "done" by being ready; see docs/deploy.md).
     #[arg(long)]
     pub keep_running: bool,
+    /// Remove what kube-proxy leaves on the node instead, as `kube-proxy --cleanup` does:
+    /// its KUBE-* iptables chains and the jumps to them (legacy and nft, IPv4 and IPv6) and
+    /// the nftables tables `ip kube-proxy` and `ip6 kube-proxy`. This datapath is left
+    /// alone, so it can run while the agent serves (the last step of a migration).
+    #[arg(long)]
+    pub kube_proxy: bool,
+    /// With --kube-proxy: where the node's root filesystem is mounted (in a pod); the node's
+    /// own iptables and nft are run chrooted into it. Without it they come from PATH.
+    #[arg(long, requires = "kube_proxy")]
+    pub host_root: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
@@ -224,11 +240,11 @@ pub struct ObjectSourceArgs {
     /// omitted), with the in-cluster service-account credentials (or the kubeconfig's). On
     /// a cluster without kube-proxy the in-cluster default, the `kubernetes` Service's
     /// ClusterIP, is served only once this agent runs: set this there. Empty: unset.
-    #[arg(long)]
+    #[arg(long, alias = "master")]
     pub api_server: Option<String>,
     /// This node's name (set from the Downward API in the DaemonSet): locality, zone and
     /// node addresses are judged for it. Default: the host name.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", alias = "hostname-override")]
     pub node_name: Option<String>,
 }
 
@@ -248,7 +264,9 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub source: ObjectSourceArgs,
     /// As the agent's flag of that name (it changes which node addresses serve NodePorts).
-    #[arg(long, value_delimiter = ',')]
+    /// Inside the agent's pod the DaemonSet's EBPF_PROXY_NODEPORT_ADDRESSES (from the
+    /// ConfigMap) is the default, so `kubectl exec ... verify` judges as the agent does.
+    #[arg(long, value_delimiter = ',', env = "EBPF_PROXY_NODEPORT_ADDRESSES")]
     pub nodeport_addresses: Vec<String>,
     #[command(flatten)]
     pub show: ShowArgs,
@@ -294,6 +312,12 @@ pub struct AgentArgs {
     /// Glob patterns (comma-separated) of pod-facing host interfaces to attach TC to.
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_POD_IFACE_PATTERNS)]
     pub pod_iface_pattern: Vec<String>,
+    /// Also attach TC to every host-side veth or netkit device whose peer lives in another
+    /// network namespace (how every CNI wires a pod), whatever its name; never to a device
+    /// carrying a default route or a subnet address (a node's uplink can be a veth too),
+    /// nor to an --uplink.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_iface_detect: bool,
     /// External (uplink) interfaces for the north-south XDP program (NodePort, ExternalIP,
     /// LoadBalancer traffic from outside the node). Repeatable or comma-separated. Without
     /// it the uplinks are detected: the devices carrying the Node's addresses and the
@@ -303,6 +327,10 @@ pub struct AgentArgs {
     /// XDP mode on uplinks: native (in the driver) where supported, else generic.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeChoice,
+    /// TC attachment: tcx links where the kernel has them (auto), or the clsact filters of
+    /// kernels without tcx (< 6.6) on any kernel (clsact: for testing that path).
+    #[arg(long, value_enum, env = "EBPF_PROXY_TC_ATTACH", default_value = "auto", hide = true)]
+    pub tc_attach: TcAttachChoice,
     /// Source ports for north-south SNAT (to backends on other nodes) and hairpin SNAT, per
     /// backend ip:port. Keep it outside net.ipv4.ip_local_port_range so it never collides
     /// with the node's own connections, and outside the NodePort range (uplink packets to
@@ -322,11 +350,11 @@ pub struct AgentArgs {
     /// is not a CIDR stops the agent at start-up (an empty one is ignored).
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
-    /// Address for /healthz and /readyz (kube-proxy's healthz port).
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// Address for /healthz, /livez and /readyz (kube-proxy's healthz port).
+    #[arg(long, alias = "healthz-bind-address", default_value = "0.0.0.0:10256")]
     pub http_addr: SocketAddr,
     /// Address for /metrics; loopback by default, like kube-proxy's 127.0.0.1:10249.
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    #[arg(long, alias = "metrics-bind-address", default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
     /// /healthz (and /readyz) fail when a change has waited this long without a completed
     /// sync (kube-proxy: 503 when an update is not synced in time).
@@ -372,8 +400,37 @@ pub struct AgentArgs {
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
     /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, alias = "logging-format", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Log level: error, warn, info, debug or trace (RUST_LOG's syntax for finer filters).
+    /// Without it or -v: RUST_LOG, else info.
+    #[arg(long, conflicts_with = "verbosity")]
+    pub log_level: Option<String>,
+    /// kube-proxy's verbosity: 0-3 info, 4 debug, 5 and more trace.
+    #[arg(short = 'v', long = "v", id = "verbosity")]
+    pub verbosity: Option<u32>,
+    /// kube-proxy's configuration file (a KubeProxyConfiguration, as in its ConfigMap): the
+    /// fields that apply set the matching flags (a flag given here wins); the others are
+    /// logged as ignored.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    /// The tracing filter the flags ask for: --log-level, else -v, else None (RUST_LOG or info).
+    pub fn log_filter(&self) -> Option<String> {
+        if let Some(l) = &self.log_level {
+            return Some(l.clone());
+        }
+        self.verbosity.map(|v| {
+            match v {
+                0..=3 => "info",
+                4 => "debug",
+                _ => "trace",
+            }
+            .to_string()
+        })
+    }
 }
 
 /// tcp, udp or sctp (any case), with the names offered to shell completion.
@@ -449,7 +506,8 @@ mod tests {
         let cli = Cli::try_parse_from(["ebpf-proxy", "agent", "--manifests", "/tmp/x"]).unwrap();
         let Command::Agent(a) = cli.command else { panic!("not agent") };
         assert_eq!(a.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
-        assert_eq!(a.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*"]);
+        assert_eq!(a.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*", "eni*", "gke*", "azv*"]);
+        assert!(a.pod_iface_detect);
         assert_eq!(a.xdp_mode, XdpModeChoice::Auto);
         assert_eq!(a.snat_port_range, PortRange { min: 1024, max: 29999 });
         assert_eq!(a.hairpin_address, Ipv4Addr::new(169, 254, 42, 1));
@@ -468,7 +526,23 @@ mod tests {
         let cli = Cli::try_parse_from(["ebpf-proxy", "cleanup", "--bpffs-root", "/a,/b", "--force"]).unwrap();
         let Command::Cleanup(c) = cli.command else { panic!("not cleanup") };
         assert_eq!(c.bpffs_root, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
-        assert!(c.force);
+        assert!(c.force && !c.kube_proxy);
+        let cli = Cli::try_parse_from(["ebpf-proxy", "cleanup", "--kube-proxy", "--host-root=/host"]).unwrap();
+        let Command::Cleanup(c) = cli.command else { panic!("not cleanup") };
+        assert!(c.kube_proxy && c.host_root == Some(PathBuf::from("/host")));
+        // The host root only means something for kube-proxy's tools.
+        assert!(Cli::try_parse_from(["ebpf-proxy", "cleanup", "--host-root=/host"]).is_err());
+    }
+
+    #[test]
+    fn tc_attach_is_auto_unless_asked() {
+        let cli = Cli::try_parse_from(["ebpf-proxy", "agent", "--manifests", "/tmp/x"]).unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!(a.tc_attach, TcAttachChoice::Auto);
+        let cli =
+            Cli::try_parse_from(["ebpf-proxy", "agent", "--manifests", "/tmp/x", "--tc-attach", "clsact"]).unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert_eq!(a.tc_attach, TcAttachChoice::Clsact);
     }
 
     #[test]

@@ -3,19 +3,22 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use proxy_userspace::{
     agent::{self, AgentConfig},
     cleanup,
     cli::{AgentArgs, CleanupArgs, Cli, Command, CompletionShell, ListArgs, LogFormat, OutputFormat, ShowArgs},
     dataplane::maps::Maps,
-    show,
+    kube_proxy, show,
 };
 use serde::Serialize;
 use tracing_subscriber::EnvFilter;
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// `level`: --log-level / -v when given; else RUST_LOG; else info.
+fn init_logging(format: LogFormat, level: Option<String>) {
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(&l).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
@@ -119,10 +122,17 @@ fn open(args: &ShowArgs) -> Result<Maps> {
 fn run_cleanup(args: &CleanupArgs) -> Result<()> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    let report = rt.block_on(cleanup::cleanup(&args.bpffs_root, args.force))?;
-    print(args.output, &report, |r| r.render())?;
-    if !report.errors.is_empty() {
-        anyhow::bail!("{} thing(s) could not be cleaned up (listed above)", report.errors.len());
+    let errors = if args.kube_proxy {
+        let report = kube_proxy::cleanup(&kube_proxy::Tools { host_root: args.host_root.clone() });
+        print(args.output, &report, |r| r.render())?;
+        report.errors.len()
+    } else {
+        let report = rt.block_on(cleanup::cleanup(&args.bpffs_root, args.force))?;
+        print(args.output, &report, |r| r.render())?;
+        report.errors.len()
+    };
+    if errors > 0 {
+        anyhow::bail!("{errors} thing(s) could not be cleaned up (listed above)");
     }
     if args.keep_running {
         // A DaemonSet pod must keep running to count as done; SIGTERM ends it.
@@ -202,7 +212,13 @@ fn run_trace(a: &proxy_userspace::cli::TraceArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, ignored) = match proxy_userspace::kubeproxy_config::parse_args(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("ebpf-proxy: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     if let Command::Verify(a) = &cli.command {
         return match run_verify(a) {
             Ok(false) => ExitCode::SUCCESS,
@@ -215,7 +231,10 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Agent(args) => {
-            init_logging(args.log_format);
+            init_logging(args.log_format, args.log_filter());
+            if !ignored.is_empty() {
+                tracing::warn!(fields = ?ignored, "--config: fields that do not apply to this agent are ignored");
+            }
             run_agent(&args)
         }
         Command::Cleanup(a) => run_cleanup(&a),

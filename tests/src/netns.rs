@@ -106,8 +106,13 @@ pub struct Pod {
 
 /// A routed pod `name` with address `addr` behind host-side `veth<index>` of `node`.
 fn wire_pod(node: &Netns, index: usize, name: &str, addr: Ipv4Addr) -> Result<Pod> {
+    wire_pod_as(node, &format!("veth{index}"), name, addr)
+}
+
+/// [`wire_pod`] behind a host-side interface named `host_if`.
+fn wire_pod_as(node: &Netns, host_if: &str, name: &str, addr: Ipv4Addr) -> Result<Pod> {
     let ns = Netns::new("epn-pod-")?;
-    let host_if = format!("veth{index}");
+    let host_if = host_if.to_string();
     let a = addr.to_string();
     node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
     node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_if])?;
@@ -189,6 +194,13 @@ impl Topology {
 
     pub fn add_pod(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {
         let pod = wire_pod(&self.node, self.pods.len(), name, addr)?;
+        self.pods.push(pod);
+        Ok(())
+    }
+
+    /// [`Self::add_pod`] behind a host-side interface named `host_if` (as a CNI names it).
+    pub fn add_pod_named(&mut self, name: &str, addr: Ipv4Addr, host_if: &str) -> Result<()> {
+        let pod = wire_pod_as(&self.node, host_if, name, addr)?;
         self.pods.push(pod);
         Ok(())
     }
@@ -395,15 +407,24 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(nodes: usize, pods_per_node: usize) -> Result<Self> {
-        Self::build(nodes, pods_per_node, false)
+        Self::build(nodes, pods_per_node, false, false)
     }
 
     /// The same layout with IPv6 as well: see [`CLIENT_IPS6`], [`node_ip6`], [`pod_cidr6`].
     pub fn dual_stack(nodes: usize, pods_per_node: usize) -> Result<Self> {
-        Self::build(nodes, pods_per_node, true)
+        Self::build(nodes, pods_per_node, true, false)
     }
 
-    fn build(nodes: usize, pods_per_node: usize, dual: bool) -> Result<Self> {
+    /// The same layout with the pod networks on a VXLAN overlay, as flannel's vxlan backend
+    /// builds it: each node has `flannel.1` (VNI 1, UDP 8472 over `eth0`) holding
+    /// 10.244.<i+1>.0/32, and reaches node `j`'s pod CIDR via 10.244.<j+1>.0 on it, with a
+    /// permanent neighbour entry (the other VTEP's MAC) and a forwarding entry sending that
+    /// MAC to node `j`'s underlay address. Only the overlay reaches the other nodes' pods.
+    pub fn vxlan(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        Self::build(nodes, pods_per_node, false, true)
+    }
+
+    fn build(nodes: usize, pods_per_node: usize, dual: bool, vxlan: bool) -> Result<Self> {
         let underlay = Netns::new("epc-ul-")?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
@@ -454,8 +475,12 @@ impl Cluster {
             cluster._peer_xdp.push(link);
             let ip = node_ip(i);
             ns.ip(&["addr", "add", &format!("{ip}/{UNDERLAY_PREFIX_LEN}"), "dev", "eth0"])?;
-            for j in (0..nodes).filter(|j| *j != i) {
-                ns.ip(&["route", "add", &pod_cidr(j), "via", &node_ip(j).to_string(), "dev", "eth0"])?;
+            if vxlan {
+                vxlan_overlay(&ns, i, nodes)?;
+            } else {
+                for j in (0..nodes).filter(|j| *j != i) {
+                    ns.ip(&["route", "add", &pod_cidr(j), "via", &node_ip(j).to_string(), "dev", "eth0"])?;
+                }
             }
             let ip6 = dual.then(|| node_ip6(i));
             if let Some(ip6) = ip6 {
@@ -516,6 +541,54 @@ impl Cluster {
     pub fn adopt(&mut self, child: Child) {
         self.children.push(child);
     }
+}
+
+/// The overlay device of a [`Cluster::vxlan`] node, as flannel names it.
+pub const VXLAN_DEV: &str = "flannel.1";
+
+/// MAC of node `i`'s VXLAN device (fixed, so the other nodes' entries can name it).
+fn vtep_mac(i: usize) -> String {
+    format!("02:66:6c:00:00:{:02x}", i + 1)
+}
+
+/// Node `i`'s side of the flannel-like overlay (see [`Cluster::vxlan`]).
+fn vxlan_overlay(ns: &Netns, i: usize, nodes: usize) -> Result<()> {
+    let local = node_ip(i).to_string();
+    let mac = vtep_mac(i);
+    ns.ip(&[
+        "link",
+        "add",
+        VXLAN_DEV,
+        "address",
+        &mac,
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &local,
+        "dstport",
+        "8472",
+        "dev",
+        "eth0",
+        "nolearning",
+    ])?;
+    ns.ip(&["addr", "add", &format!("10.244.{}.0/32", i + 1), "dev", VXLAN_DEV])?;
+    ns.ip(&["link", "set", VXLAN_DEV, "up"])?;
+    for j in (0..nodes).filter(|j| *j != i) {
+        let gw = format!("10.244.{}.0", j + 1);
+        let peer_mac = vtep_mac(j);
+        ns.ip(&["neigh", "add", &gw, "lladdr", &peer_mac, "dev", VXLAN_DEV, "nud", "permanent"])?;
+        let out = Command::new("bridge")
+            .args(["-n", &ns.name, "fdb", "append", &peer_mac, "dev", VXLAN_DEV, "dst", &node_ip(j).to_string()])
+            .output()
+            .context("running bridge")?;
+        if !out.status.success() {
+            bail!("bridge fdb append in {}: {}", ns.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        ns.ip(&["route", "add", &pod_cidr(j), "via", &gw, "dev", VXLAN_DEV, "onlink"])?;
+    }
+    Ok(())
 }
 
 impl Drop for Cluster {

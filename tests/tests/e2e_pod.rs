@@ -166,6 +166,9 @@ fn render(renderer: Renderer, dir: &Path, image: &str, api: SocketAddr) -> (Vec<
                 format!("image.tag={tag}"),
                 format!("apiServer.host={}", api.ip()),
                 format!("apiServer.port={}", api.port()),
+                // The chart's own uninstall DaemonSet (rendered beside the agent here; a
+                // user renders it alone after `helm uninstall`).
+                "uninstall.enabled=true".to_string(),
             ] {
                 cmd.args(["--set", &set]);
             }

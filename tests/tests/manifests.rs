@@ -644,7 +644,8 @@ fn kustomize_renders_exactly_the_base_files() {
 fn daemonset_args_are_flags_the_agent_accepts() {
     let objects = base_objects();
     let args = check_agent_args(&objects, "kustomize base");
-    assert_eq!(args.pod_iface_pattern, vec!["veth*", "cali*", "lxc*", "tap*"]);
+    let defaults = proxy_userspace::cli::DEFAULT_POD_IFACE_PATTERNS.split(',').collect::<Vec<_>>();
+    assert_eq!(args.pod_iface_pattern, defaults, "the ConfigMap carries the agent's default patterns");
     assert_eq!(args.http_addr.port(), 10256);
     // Health on every address (the kubelet probes it), metrics on loopback (kube-proxy's
     // 127.0.0.1:10249), so /metrics is not open to the network by default.
@@ -758,6 +759,22 @@ fn helm_values_reach_the_agent() {
     let c = ds.spec.template.spec.unwrap().containers.remove(0);
     assert_eq!(c.image.as_deref(), Some("example.org/proxy:v9"));
     assert_eq!(c.resources.unwrap().limits.unwrap()["memory"].0, "1Gi");
+}
+
+/// `kubectl kustomize manifests/<dir>`.
+fn kustomize_render_dir(dir: &str) -> Vec<Value> {
+    let text = output(Command::new("kubectl").arg("kustomize").arg(manifests_dir().join(dir)))
+        .unwrap_or_else(|e| panic!("kubectl kustomize manifests/{dir}: {e}"));
+    parse_stream(&text, &format!("kubectl kustomize manifests/{dir}"))
+}
+
+/// The DaemonSets of `objects` whose component label is `component`.
+fn daemonsets_of(objects: &[Value], component: &str) -> Vec<Value> {
+    objects
+        .iter()
+        .filter(|v| v["kind"] == "DaemonSet" && v["metadata"]["labels"]["app.kubernetes.io/component"] == component)
+        .cloned()
+        .collect()
 }
 
 /// Bootstrap without kube-proxy: Helm refuses to render without the API server's address
@@ -1014,18 +1031,22 @@ fn kustomize_overlay_in_the_docs_sets_the_api_server() {
 }
 
 /// The uninstall step: a DaemonSet that runs `ebpf-proxy cleanup` on every node, on the
-/// agent's bpffs root, with what cleanup needs and nothing it does not.
-#[test]
-fn uninstall_cleanup_daemonset_cleans_every_node() {
+/// agent's bpffs root and with the agent's image (`agent`: the objects of the same render),
+/// with what cleanup needs and nothing it does not; with `kube_proxy`, one more init
+/// container runs `cleanup --kube-proxy` with the node's tools.
+fn check_uninstall(objects: &[Value], agent: &[Value], origin: &str, kube_proxy: bool) {
     use proxy_userspace::cli::CleanupArgs;
-    let path = manifests_dir().join("uninstall/cleanup-daemonset.yaml");
-    let objects = read_objects(&path);
-    check_all(&objects, "uninstall/cleanup-daemonset.yaml");
-    assert_eq!(objects.len(), 1, "only the DaemonSet");
-    let ds: DaemonSet = one(&objects, "DaemonSet");
+    check_all(objects, origin);
+    assert_eq!(objects.len(), 1, "{origin}: only the DaemonSet");
+    let ds: DaemonSet = one(objects, "DaemonSet");
     // The agent's namespace may be deleted already.
-    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
-    let agent = check_agent_args(&base_objects(), "kustomize base");
+    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"), "{origin}");
+    // The agent's objects of the same render (a Helm render holds both DaemonSets).
+    let agent: Vec<Value> =
+        agent.iter().filter(|v| daemonsets_of(&[(*v).clone()], "cleanup").is_empty()).cloned().collect();
+    let agent_args = check_agent_args(&agent, origin);
+    let agent_ds: DaemonSet = one(&agent, "DaemonSet");
+    let agent_image = agent_ds.spec.template.spec.unwrap().containers[0].image.clone();
     let pod = ds.spec.template.spec.unwrap();
     assert_eq!(pod.host_network, Some(true), "the programs are on the host's interfaces");
     assert_eq!(pod.automount_service_account_token, Some(false), "no API access needed");
@@ -1044,14 +1065,19 @@ fn uninstall_cleanup_daemonset_cleans_every_node() {
             other => panic!("{argv:?} is not `ebpf-proxy cleanup`: {other:?}"),
         }
     };
-    let init = pod.init_containers.as_ref().and_then(|v| v.first()).expect("the cleanup init container");
+    let inits = pod.init_containers.clone().unwrap_or_default();
+    let init = inits.first().expect("the cleanup init container");
     let first = parse(init);
-    assert_eq!(first.bpffs_root, vec![agent.bpffs_root.clone()], "cleans the agent's root");
-    assert!(!first.force && !first.keep_running, "never pulls the datapath from under a live agent");
+    assert_eq!(first.bpffs_root, vec![agent_args.bpffs_root.clone()], "{origin}: cleans the agent's root");
+    assert!(
+        !first.force && !first.keep_running && !first.kube_proxy,
+        "never pulls the datapath from under a live agent"
+    );
     let [main] = pod.containers.as_slice() else { panic!("one container") };
     let again = parse(main);
-    assert!(again.keep_running && again.bpffs_root == first.bpffs_root);
+    assert!(again.keep_running && again.bpffs_root == first.bpffs_root && !again.kube_proxy);
     for c in [init, main] {
+        assert_eq!(c.image, agent_image, "{origin}: {} runs another image than the agent", c.name);
         let caps = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref()).expect("capabilities");
         assert_eq!(caps.drop.clone().unwrap_or_default(), vec!["ALL".to_string()]);
         let added: BTreeSet<String> = caps.add.iter().flatten().cloned().collect();
@@ -1062,7 +1088,88 @@ fn uninstall_cleanup_daemonset_cleans_every_node() {
     }
     let host_paths: BTreeSet<String> =
         pod.volumes.iter().flatten().filter_map(|v| v.host_path.as_ref()).map(|h| h.path.clone()).collect();
-    assert_eq!(host_paths, ["/sys/fs/bpf".to_string()].into());
+    if !kube_proxy {
+        assert_eq!(inits.len(), 1, "{origin}: kube-proxy's leftovers are removed only when asked");
+        assert_eq!(host_paths, ["/sys/fs/bpf".to_string()].into());
+        return;
+    }
+    let [_, kp] = inits.as_slice() else { panic!("{origin}: the cleanup and kube-proxy init containers") };
+    let a = parse(kp);
+    assert!(a.kube_proxy && !a.keep_running, "{origin}: {:?}", kp.args);
+    let host = a.host_root.expect("--host-root: the image has no iptables/nft, the node's run chrooted");
+    assert_eq!(kp.image, agent_image);
+    let sc = kp.security_context.as_ref().unwrap();
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.clone().unwrap_or_default(), vec!["ALL".to_string()]);
+    let added: BTreeSet<String> = caps.add.iter().flatten().cloned().collect();
+    assert_eq!(added, ["NET_ADMIN", "NET_RAW", "SYS_CHROOT"].map(String::from).into(), "{origin}");
+    let mounts: BTreeMap<String, (String, Option<bool>)> =
+        kp.volume_mounts.iter().flatten().map(|m| (m.mount_path.clone(), (m.name.clone(), m.read_only))).collect();
+    assert_eq!(mounts[host.to_str().unwrap()], ("host-root".to_string(), Some(true)), "the node's root, read-only");
+    assert_eq!(mounts[&format!("{}/run/xtables.lock", host.display())].0, "xtables-lock");
+    assert_eq!(host_paths, ["/sys/fs/bpf", "/", "/run/xtables.lock"].map(String::from).into());
+}
+
+#[test]
+fn uninstall_cleanup_daemonset_cleans_every_node() {
+    let files = read_objects(&manifests_dir().join("uninstall/cleanup-daemonset.yaml"));
+    check_uninstall(&files, &base_objects(), "uninstall/cleanup-daemonset.yaml", false);
+    if let Err(why) = kubectl() {
+        return skip("uninstall_cleanup_daemonset_cleans_every_node (Kustomize part)", &why);
+    }
+    // `kubectl apply -k manifests/uninstall` applies exactly the file.
+    let rendered = kustomize_render_dir("uninstall");
+    assert_eq!(keyed(rendered), keyed(files));
+    let with_kp = kustomize_render_dir("uninstall-kube-proxy");
+    check_uninstall(&with_kp, &base_objects(), "kubectl kustomize manifests/uninstall-kube-proxy", true);
+}
+
+#[test]
+fn helm_uninstall_renders_the_same_as_kustomize() {
+    let helm = match helm() {
+        Ok(h) => h,
+        Err(why) => return skip("helm_uninstall_renders_the_same_as_kustomize", &why),
+    };
+    // Off by default.
+    assert!(
+        daemonsets_of(&helm_render(&helm, &[]), "cleanup").is_empty(),
+        "the cleanup DaemonSet is rendered by default"
+    );
+    let (plain, with_kp) = match kubectl() {
+        Ok(()) => (kustomize_render_dir("uninstall"), kustomize_render_dir("uninstall-kube-proxy")),
+        Err(why) => return skip("helm_uninstall_renders_the_same_as_kustomize", &why),
+    };
+    for (sets, kustomize, kube_proxy) in [
+        (&["uninstall.enabled=true"][..], plain, false),
+        (&["uninstall.enabled=true", "uninstall.kubeProxy=true"][..], with_kp, true),
+    ] {
+        let objects = helm_render(&helm, sets);
+        let cleanup = daemonsets_of(&objects, "cleanup");
+        check_uninstall(&cleanup, &objects, &format!("helm {sets:?}"), kube_proxy);
+        assert_same_objects(cleanup, kustomize, &format!("helm {sets:?} vs Kustomize"));
+    }
+    // The image and root follow the values, as the agent's do.
+    let objects = helm_render(
+        &helm,
+        &["uninstall.enabled=true", "uninstall.kubeProxy=true", "image.repository=example.org/proxy", "image.tag=v9"],
+    );
+    let cleanup = daemonsets_of(&objects, "cleanup");
+    check_uninstall(&cleanup, &objects, "helm (custom image)", true);
+    let ds: DaemonSet = one(&cleanup, "DaemonSet");
+    let pod = ds.spec.template.spec.unwrap();
+    for c in pod.init_containers.unwrap().iter().chain(&pod.containers) {
+        assert_eq!(c.image.as_deref(), Some("example.org/proxy:v9"), "{}", c.name);
+    }
+    let objects = helm_render(&helm, &["uninstall.enabled=true", "uninstall.bpffsRoot=/sys/fs/bpf/other"]);
+    let ds: DaemonSet = one(&daemonsets_of(&objects, "cleanup"), "DaemonSet");
+    let args = ds.spec.template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(args.contains(&"--bpffs-root=/sys/fs/bpf/other".to_string()), "{args:?}");
+    // The schema refuses a root off the bpffs mount, and misspelled keys.
+    for (set, names) in [("uninstall.bpffsRoot=/tmp/x", "/uninstall/bpffsRoot"), ("uninstall.enable=true", "enable")] {
+        let e = helm_template(&helm, &[set]).expect_err(set);
+        assert!(e.contains("schema") && e.contains(names), "--set {set}: {e}");
+    }
 }
 
 /// manifests/kind/cluster.yaml, strictly (kind's own schema, the fields we use).

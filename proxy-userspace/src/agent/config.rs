@@ -10,7 +10,11 @@ use std::{
 use crate::{
     cli::AgentArgs,
     dataplane::{
-        DataplaneError, attach::XdpModeChoice, ifaces::IfacePatterns, loader::LoaderConfig, node::PortRange,
+        DataplaneError,
+        attach::{TcAttachChoice, XdpModeChoice},
+        ifaces::{Discovery, IfacePatterns},
+        loader::LoaderConfig,
+        node::PortRange,
         sock::SocketLbMode,
     },
     model::IpPrefix,
@@ -59,11 +63,13 @@ pub struct AgentConfig {
     /// `--pod-iface-pattern`.
     pub pod_ifaces: IfacePatterns,
     /// What the interface watcher follows: the pod patterns and the `--uplink` names
-    /// exactly.
-    pub watched_ifaces: IfacePatterns,
+    /// exactly, and with `--pod-iface-detect` pod interfaces by their kind.
+    pub watched_ifaces: Discovery,
     /// `--uplink`; empty: detect them.
     pub uplinks: Vec<String>,
     pub xdp_mode: XdpModeChoice,
+    /// `--tc-attach`.
+    pub tc_attach: TcAttachChoice,
     pub snat_port_range: PortRange,
     pub hairpin_address: Ipv4Addr,
     pub hairpin_address6: Ipv6Addr,
@@ -91,7 +97,8 @@ impl AgentConfig {
         // Uplinks are exact names: escaped so that a `[` in one is not a glob.
         let mut watched = args.pod_iface_pattern.clone();
         watched.extend(args.uplink.iter().map(|u| glob::Pattern::escape(u)));
-        let watched_ifaces = IfacePatterns::new(&watched).map_err(pattern_error)?;
+        let watched_ifaces =
+            Discovery { names: IfacePatterns::new(&watched).map_err(pattern_error)?, by_kind: args.pod_iface_detect };
         let source = match &args.source.manifests {
             Some(dir) => ObjectSource::Manifests(dir.clone()),
             None => ObjectSource::Kube {
@@ -114,6 +121,7 @@ impl AgentConfig {
             watched_ifaces,
             uplinks: args.uplink.clone(),
             xdp_mode: args.xdp_mode,
+            tc_attach: args.tc_attach,
             snat_port_range: args.snat_port_range,
             hairpin_address: args.hairpin_address,
             hairpin_address6: args.hairpin_address6,
@@ -170,6 +178,8 @@ mod tests {
         assert!(c.nodeport_addresses.is_empty());
         assert!(c.uplinks.is_empty());
         assert!(c.pod_ifaces.matches("veth1234") && !c.pod_ifaces.matches("eth0"));
+        assert!(c.watched_ifaces.by_kind);
+        assert!(!config(&["--pod-iface-detect=false"]).unwrap().watched_ifaces.by_kind);
         assert_eq!(c.verify_interval, Some(Duration::from_secs(60)));
         assert_eq!(c.datapath_check_interval, Duration::from_secs(1));
         assert_eq!(c.ct_timeouts, proxy_common::ct::CtTimeouts::default());
@@ -201,8 +211,8 @@ mod tests {
     #[test]
     fn uplinks_are_watched_by_exact_name() {
         let c = config(&["--uplink", "eth[0]"]).unwrap();
-        assert!(c.watched_ifaces.matches("eth[0]") && !c.watched_ifaces.matches("eth0"));
-        assert!(c.watched_ifaces.matches("veth1"));
+        assert!(c.watched_ifaces.names.matches("eth[0]") && !c.watched_ifaces.names.matches("eth0"));
+        assert!(c.watched_ifaces.names.matches("veth1"));
     }
 
     #[test]

@@ -34,11 +34,13 @@ use crate::{
     dataplane::{
         attach,
         ct_table::KernelCtTable,
+        features::KernelFeatures,
         guard::{DatapathGuard, OurPrograms},
         ifaces, loader,
         lock::RootLock,
         maps::GlobalStats,
         node::{NodeMaps, PortRange},
+        sock::SocketLbMode,
     },
     health::Health,
     healthcheck::HealthServers,
@@ -190,6 +192,27 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let node_name = config.node_name.clone();
     // No privileges: one clear line before anything is created.
     loader::check_privileges().context("loading the eBPF datapath")?;
+    // What this kernel gives, in one line, and a configuration it cannot honour refused
+    // before anything is created.
+    let features = KernelFeatures::probe(&config.uplinks);
+    info!(
+        kernel = %features.release,
+        xdp_multi_buffer = ?features.xdp_multi_buffer,
+        redirect_neigh = ?features.redirect_neigh,
+        sock_addr_set_retval = ?features.sock_addr_set_retval,
+        tcx = features.tcx,
+        attachments = if features.tcx { "tcx links" } else { "clsact filters (no tcx: kernel < 6.6)" },
+        btf = features.btf,
+        cgroup2 = ?features.cgroup2,
+        uplink_drivers = ?features.uplink_drivers,
+        "kernel features"
+    );
+    let socket_lb = match config.socket_lb {
+        SocketLbMode::Off => None,
+        SocketLbMode::On => Some("on"),
+        SocketLbMode::HostOnly => Some("host-only"),
+    };
+    features.check(socket_lb, config.cgroup_root.is_some())?;
     // A start that fails from here on removes the pin directory if it created it (the
     // lock below already creates it).
     let created_root = loader::CreatedRoot::remember(config.bpffs_root());
@@ -238,7 +261,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         "datapath loaded; pinned state read back"
     );
 
-    // One watcher for both kinds: uplinks by exact name, pods by pattern.
+    // One watcher for both kinds: uplinks by exact name, pods by pattern or by kind.
     let patterns = config.watched_ifaces.clone();
     let (ltx, lrx) = unbounded_channel();
     let detected_tx = ltx.clone();
@@ -248,7 +271,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         }
     });
     let (attached_initial, attached_initial_rx) = watch::channel(false);
-    let plan = AttachPlan { uplinks: config.uplinks.iter().cloned().collect(), xdp_mode: config.xdp_mode };
+    let plan = AttachPlan {
+        uplinks: config.uplinks.iter().cloned().collect(),
+        xdp_mode: config.xdp_mode,
+        tc_attach: config.tc_attach,
+    };
     let (node_addrs, node_addrs_rx) = tokio::sync::watch::channel(Vec::new());
     if config.uplinks.is_empty() {
         info!(xdp_mode = ?config.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");

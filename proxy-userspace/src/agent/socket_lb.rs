@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::AgentConfig;
 use crate::{
@@ -21,55 +21,42 @@ pub(super) struct SockLb {
     pub(super) cgroup: std::path::PathBuf,
 }
 
-/// Attach (or, with `--socket-lb=off`, detach) the socket-level programs. A kernel without
-/// what they need, or a host without cgroup v2 when none was named, leaves the node on the
-/// TC/XDP paths with an error in the log; a `--cgroup-root` that is not a cgroup v2
-/// directory stops the agent.
+/// Attach (or, with `--socket-lb=off`, detach) the socket-level programs. Socket-level load
+/// balancing the node cannot give (no cgroup v2 hierarchy, a `--cgroup-root` that is not
+/// one, programs the kernel refuses to attach) stops the agent with an error naming
+/// `--socket-lb`: run without it rather than leave node processes unable to reach Services
+/// unnoticed. (`KernelFeatures::check` refused the missing hierarchy and hooks already,
+/// before anything was loaded.)
 pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Programs) -> Result<Option<SockLb>> {
-    if config.socket_lb == SocketLbMode::Off {
-        for pin in sock::detach_all(config.bpffs_root()) {
-            info!(pin = %pin, "--socket-lb=off: detached socket-level program");
-        }
-        return Ok(None);
-    }
-    let cgroup = match &config.cgroup_root {
-        Some(p) => p.clone(),
-        None => match sock::detect_cgroup_root() {
-            Ok(p) => p,
-            Err(e) => {
-                error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
-                return Ok(None);
+    let flag = match config.socket_lb {
+        SocketLbMode::Off => {
+            for pin in sock::detach_all(config.bpffs_root()) {
+                info!(pin = %pin, "--socket-lb=off: detached socket-level program");
             }
-        },
-    };
-    let cgroup = match sock::resolve_cgroup2(&cgroup) {
-        Ok(c) => c,
-        Err(e) if config.cgroup_root.is_some() => return Err(e).context("--cgroup-root"),
-        Err(e) => {
-            error!(error = %e, "socket-level load balancing off: node processes cannot reach Services");
             return Ok(None);
         }
+        SocketLbMode::On => "--socket-lb=on",
+        SocketLbMode::HostOnly => "--socket-lb=host-only",
     };
-    match sock::attach(programs, config.bpffs_root(), &cgroup, sock_settings(config)) {
-        Ok(a) => {
-            info!(
-                cgroup = %cgroup.display(),
-                mode = ?config.socket_lb,
-                links_replaced = a.replaced,
-                links_created = a.created,
-                links_detached = a.detached,
-                foreign_links_detached = a.foreign_detached,
-                "socket-level load balancing attached"
-            );
-            Ok(Some(SockLb { cgroup }))
-        }
-        Err(e) => {
-            // The whole chain: the syscall's errno is what tells the operator why.
-            let e = anyhow::Error::from(e);
-            error!(error = format!("{e:#}"), "socket-level load balancing off: node processes cannot reach Services");
-            Ok(None)
-        }
-    }
+    let cgroup = match &config.cgroup_root {
+        Some(p) => p.clone(),
+        None => sock::detect_cgroup_root().context(flag)?,
+    };
+    let cgroup =
+        sock::resolve_cgroup2(&cgroup).context(if config.cgroup_root.is_some() { "--cgroup-root" } else { flag })?;
+    let a = sock::attach(programs, config.bpffs_root(), &cgroup, sock_settings(config)).with_context(|| {
+        format!("{flag}: attaching the socket-level programs to {} (or run with --socket-lb=off)", cgroup.display())
+    })?;
+    info!(
+        cgroup = %cgroup.display(),
+        mode = ?config.socket_lb,
+        links_replaced = a.replaced,
+        links_created = a.created,
+        links_detached = a.detached,
+        foreign_links_detached = a.foreign_detached,
+        "socket-level load balancing attached"
+    );
+    Ok(Some(SockLb { cgroup }))
 }
 
 /// The hooks' settings from the agent's flags: unconnected UDP sockets keep their backend

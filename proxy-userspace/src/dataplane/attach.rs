@@ -6,7 +6,8 @@
 //! interface names become `_`). A restarted agent finds the pin and atomically
 //! swaps its freshly loaded program into the existing link (BPF_LINK_UPDATE): there is no
 //! instant at which the interface runs without a program. Older kernels get a clsact
-//! filter over netlink, which stays in place when the agent exits.
+//! filter over netlink, which stays in place when the agent exits (`ebpf-proxy cleanup`
+//! removes it; `--tc-attach clsact` takes that path on any kernel, for tests).
 //!
 //! XDP on an uplink is a bpf_link too, pinned as `<ifindex>-xdp_native-<ifname>` or
 //! `<ifindex>-xdp_generic-<ifname>`: the pin name records the mode, which the CLI shows and
@@ -17,14 +18,14 @@ use std::{fmt, io, path::Path};
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
-    tc::{self, TcAttachOptions},
+    tc::{self, NlOptions, TcAttachOptions},
     xdp::XdpLink,
 };
 use tracing::{debug, info};
 
 use super::{
     DataplaneError,
-    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, Programs},
+    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF, Programs},
     paths,
 };
 
@@ -36,12 +37,14 @@ pub enum Direction {
     ToPod,
     /// Packets leaving the node through an uplink (TC egress of the uplink).
     ToUplink,
+    /// Packets XDP handed to the uplink's TC ingress (`uplink_handoff`).
+    UplinkHandoff,
 }
 
 impl Direction {
     fn tc(self) -> TcAttachType {
         match self {
-            Direction::FromPod => TcAttachType::Ingress,
+            Direction::FromPod | Direction::UplinkHandoff => TcAttachType::Ingress,
             Direction::ToPod | Direction::ToUplink => TcAttachType::Egress,
         }
     }
@@ -50,6 +53,7 @@ impl Direction {
             Direction::FromPod => "ingress",
             Direction::ToPod => "egress",
             Direction::ToUplink => "uplink_egress",
+            Direction::UplinkHandoff => "uplink_handoff",
         }
     }
 }
@@ -125,6 +129,17 @@ impl XdpModeChoice {
     }
 }
 
+/// How TC programs are attached (`--tc-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttachChoice {
+    /// tcx links where the kernel has them (>= 6.6), clsact filters otherwise.
+    #[default]
+    Auto,
+    /// clsact filters over netlink even where tcx exists: what kernels < 6.6 get (tests of
+    /// that path run on newer kernels with it).
+    Clsact,
+}
+
 /// How a program ended up attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -163,7 +178,11 @@ pub fn attach(
     iface: &str,
     ifindex: u32,
     dir: Direction,
+    how: TcAttachChoice,
 ) -> Result<AttachMode, DataplaneError> {
+    if how == TcAttachChoice::Clsact {
+        return attach_clsact(prog, iface, dir);
+    }
     let pin = paths::links_dir(root).join(pin_name(iface, ifindex, dir));
     if let Ok(old) = PinnedLink::from_pin(&pin) {
         let link = FdLink::from(old).try_into().map_err(|e| attach_err(iface, "pinned link is not a tc link", e))?;
@@ -194,21 +213,33 @@ pub fn attach(
         }
         Err(tcx_err) => {
             info!(iface, error = %tcx_err, "tcx attach failed, falling back to a clsact filter");
-            // An existing clsact qdisc is fine.
-            if let Err(e) = tc::qdisc_add_clsact(iface)
-                && !matches!(&e, tc::TcError::IoError(io) if io.kind() == io::ErrorKind::AlreadyExists)
-                && !e.to_string().contains("exists")
-            {
-                return Err(attach_err(iface, "adding clsact qdisc", e));
-            }
-            let id = prog.attach(iface, dir.tc()).map_err(|e| attach_err(iface, "netlink attach", e))?;
-            let link = prog.take_link(id).map_err(|e| attach_err(iface, "take link", e))?;
-            // A netlink filter lives in the kernel without any fd; dropping the link object
-            // would remove it, so it is deliberately leaked to outlive the agent.
-            std::mem::forget(link);
-            Ok(AttachMode::Netlink)
+            attach_clsact(prog, iface, dir)
         }
     }
+}
+
+/// A clsact filter over netlink (`ebpf-proxy cleanup` recognises it by its program).
+fn attach_clsact(prog: &mut SchedClassifier, iface: &str, dir: Direction) -> Result<AttachMode, DataplaneError> {
+    // An existing clsact qdisc is fine (ours from the other direction, or another tool's).
+    // Recognised by errno: the kernel's message for it ("Exclusivity flag on, cannot
+    // modify") says nothing about existing, and matching on text let every second
+    // attachment to a device fail.
+    if let Err(e) = tc::qdisc_add_clsact(iface)
+        && !clsact_exists(&e)
+    {
+        return Err(attach_err(iface, "adding clsact qdisc", e));
+    }
+    // Explicitly netlink: aya's plain `attach` picks tcx wherever the kernel has it. The
+    // default options let the kernel choose priority and handle (in front of the filters
+    // already there), as on kernels without tcx.
+    let id = prog
+        .attach_with_options(iface, dir.tc(), TcAttachOptions::Netlink(NlOptions::default()))
+        .map_err(|e| attach_err(iface, "netlink attach", e))?;
+    let link = prog.take_link(id).map_err(|e| attach_err(iface, "take link", e))?;
+    // A netlink filter lives in the kernel without any fd; dropping the link object
+    // would remove it, so it is deliberately leaked to outlive the agent.
+    std::mem::forget(link);
+    Ok(AttachMode::Netlink)
 }
 
 /// Attach both TC programs to a pod-facing interface (by name, in the caller's netns).
@@ -217,9 +248,19 @@ pub fn attach_pod_interface(
     root: &Path,
     iface: &str,
 ) -> Result<(AttachMode, AttachMode), DataplaneError> {
+    attach_pod_interface_with(progs, root, iface, TcAttachChoice::Auto)
+}
+
+/// [`attach_pod_interface`] with the TC attachment chosen (`--tc-attach`).
+pub fn attach_pod_interface_with(
+    progs: &mut Programs,
+    root: &Path,
+    iface: &str,
+    how: TcAttachChoice,
+) -> Result<(AttachMode, AttachMode), DataplaneError> {
     let ifindex = ifindex_of(iface)?;
-    let from = attach(progs.classifier(PROG_FROM_POD)?, root, iface, ifindex, Direction::FromPod)?;
-    let to = attach(progs.classifier(PROG_TO_POD)?, root, iface, ifindex, Direction::ToPod)?;
+    let from = attach(progs.classifier(PROG_FROM_POD)?, root, iface, ifindex, Direction::FromPod, how)?;
+    let to = attach(progs.classifier(PROG_TO_POD)?, root, iface, ifindex, Direction::ToPod, how)?;
     Ok((from, to))
 }
 
@@ -312,10 +353,13 @@ pub fn attach_uplink(
     root: &Path,
     iface: &str,
     want: XdpModeChoice,
+    how: TcAttachChoice,
 ) -> Result<UplinkAttach, DataplaneError> {
     let ifindex = ifindex_of(iface)?;
+    // Before XDP: from its first packet on, XDP may hand packets to it.
+    attach(progs.classifier(PROG_UPLINK_HANDOFF)?, root, iface, ifindex, Direction::UplinkHandoff, how)?;
     let (xdp, xdp_replaced) = attach_xdp(progs.xdp(PROG_FROM_UPLINK)?, root, iface, ifindex, want)?;
-    let egress = attach(progs.classifier(PROG_TO_UPLINK)?, root, iface, ifindex, Direction::ToUplink)?;
+    let egress = attach(progs.classifier(PROG_TO_UPLINK)?, root, iface, ifindex, Direction::ToUplink, how)?;
     Ok(UplinkAttach { xdp, xdp_replaced, egress })
 }
 
@@ -334,6 +378,7 @@ pub fn swap_pinned_links(progs: &mut Programs, root: &Path) -> usize {
             Some("ingress") => PROG_FROM_POD,
             Some("egress") => PROG_TO_POD,
             Some("uplink_egress") => PROG_TO_UPLINK,
+            Some("uplink_handoff") => PROG_UPLINK_HANDOFF,
             Some("xdp_native" | "xdp_generic") => PROG_FROM_UPLINK,
             _ => continue,
         };
@@ -396,6 +441,16 @@ pub fn pinned_link_ids(root: &Path) -> std::collections::HashSet<u32> {
         .filter_map(|e| super::bpfsys::obj_get(&e.path()).and_then(|fd| super::bpfsys::link_info(&fd)).ok())
         .map(|i| i.id)
         .collect()
+}
+
+/// Whether adding the clsact qdisc failed only because the device already has one.
+fn clsact_exists(e: &tc::TcError) -> bool {
+    match e {
+        tc::TcError::AlreadyAttached => true,
+        tc::TcError::IoError(io) => io.kind() == io::ErrorKind::AlreadyExists,
+        tc::TcError::NetlinkError(nl) => nl.raw_os_error() == Some(libc::EEXIST),
+        _ => false,
+    }
 }
 
 fn ifindex_of(iface: &str) -> Result<u32, DataplaneError> {

@@ -232,6 +232,15 @@ pub fn prog_info(id: u32) -> io::Result<ProgInfo> {
     })
 }
 
+/// Whether the kernel has tcx (Linux >= 6.6): a query of loopback's tcx ingress hook is not
+/// refused as an unknown attach type (EINVAL). Loopback is ifindex 1 in every namespace.
+pub fn tcx_supported() -> bool {
+    let mut a: Attr = [0; 128];
+    put_u32(&mut a, 0, 1);
+    put_u32(&mut a, 4, BPF_TCX_INGRESS);
+    !matches!(bpf(BPF_PROG_QUERY, &mut a), Err(e) if e.raw_os_error() == Some(libc::EINVAL))
+}
+
 /// Programs and links on a tcx hook of `ifindex` in the caller's network namespace (the
 /// kernel resolves the ifindex there), in run order.
 pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<Vec<(u32, u32)>> {

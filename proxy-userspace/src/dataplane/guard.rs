@@ -17,7 +17,7 @@ use aya::maps::MapData;
 use super::{
     DataplaneError,
     bpfsys::{self, BPF_TCX_EGRESS, BPF_TCX_INGRESS},
-    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, Programs},
+    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF, Programs},
     lock::RootLock,
     ownership::Iface,
     paths,
@@ -30,6 +30,7 @@ pub struct OurPrograms {
     pub to_pod: u32,
     pub from_uplink: u32,
     pub to_uplink: u32,
+    pub uplink_handoff: u32,
 }
 
 impl OurPrograms {
@@ -43,11 +44,12 @@ impl OurPrograms {
             to_pod: id(PROG_TO_POD)?,
             from_uplink: id(PROG_FROM_UPLINK)?,
             to_uplink: id(PROG_TO_UPLINK)?,
+            uplink_handoff: id(PROG_UPLINK_HANDOFF)?,
         })
     }
 
     pub fn ids(&self) -> HashSet<u32> {
-        [self.from_pod, self.to_pod, self.from_uplink, self.to_uplink].into()
+        [self.from_pod, self.to_pod, self.from_uplink, self.to_uplink, self.uplink_handoff].into()
     }
 
     /// What is wrong with `iface` (attached by us as a pod interface or an uplink), if
@@ -59,6 +61,7 @@ impl OurPrograms {
             [
                 (iface.xdp_prog != Some(self.from_uplink)).then_some("xdp from_uplink"),
                 (!has(BPF_TCX_EGRESS, self.to_uplink)).then_some("tcx egress to_uplink"),
+                (!has(BPF_TCX_INGRESS, self.uplink_handoff)).then_some("tcx ingress uplink_handoff"),
             ]
             .into_iter()
             .flatten()

@@ -28,6 +28,9 @@ pub const PROG_TO_POD: &str = "to_pod";
 pub const PROG_FROM_UPLINK: &str = "from_uplink";
 /// TC egress of the uplink (reverse NAT of replies from local backends).
 pub const PROG_TO_UPLINK: &str = "to_uplink";
+/// TC ingress of the uplink: sends on what XDP translated for a device it cannot transmit
+/// on (a tunnel of an overlay CNI).
+pub const PROG_UPLINK_HANDOFF: &str = "uplink_handoff";
 
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
@@ -322,7 +325,7 @@ fn load_programs(
         loader.map_max_entries(name, size);
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK] {
+    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(DataplaneError::MissingObject(name))?

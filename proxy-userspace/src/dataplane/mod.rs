@@ -6,8 +6,10 @@
 pub mod addr;
 pub mod attach;
 pub mod bpfsys;
+pub mod clsact;
 pub mod ct_table;
 pub mod error;
+pub mod features;
 pub mod guard;
 pub mod ifaces;
 pub mod loader;

@@ -9,8 +9,10 @@
 //!
 //! Everything is asked of the kernel per interface of this namespace (tcx: `BPF_PROG_QUERY`
 //! on the ifindex, which the kernel resolves in the caller's namespace; XDP: the program id
-//! rtnetlink reports for the device), so interfaces of other namespaces that happen to have
-//! the same ifindex are never touched.
+//! rtnetlink reports for the device; clsact filters (kernels without tcx): the program id
+//! rtnetlink lists for each `bpf` filter), so interfaces of other namespaces that happen to
+//! have the same ifindex are never touched. Filters of other tools on the same device
+//! (another program, a `u32` or `matchall` filter, classic BPF) are never ours.
 //!
 //! Recognising a program by id (`BPF_PROG_GET_FD_BY_ID`, `BPF_MAP_GET_FD_BY_ID`) needs
 //! CAP_SYS_ADMIN; without it nothing is recognised ([`can_inspect`] tells), and only our own
@@ -24,10 +26,11 @@ use rtnetlink::LinkUnspec;
 use super::{
     DataplaneError,
     bpfsys::{self, BPF_LINK_TYPE_XDP, BPF_TCX_EGRESS, BPF_TCX_INGRESS},
-    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK},
+    clsact::{self, ClsactSide, FilterAddr},
+    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF},
 };
 
-pub const OUR_PROGRAMS: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK];
+pub const OUR_PROGRAMS: [&str; 5] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF];
 /// Maps only our object defines under these names.
 const OUR_MAPS: [&str; 6] = [
     proxy_common::map_names::CONNTRACK,
@@ -74,6 +77,9 @@ pub enum Hook {
     TcxIngress,
     TcxEgress,
     Xdp,
+    /// A filter on the clsact qdisc (kernels without tcx).
+    ClsactIngress,
+    ClsactEgress,
 }
 
 impl fmt::Display for Hook {
@@ -82,6 +88,8 @@ impl fmt::Display for Hook {
             Hook::TcxIngress => "tcx ingress",
             Hook::TcxEgress => "tcx egress",
             Hook::Xdp => "xdp",
+            Hook::ClsactIngress => "clsact ingress",
+            Hook::ClsactEgress => "clsact egress",
         })
     }
 }
@@ -94,16 +102,20 @@ pub struct Attachment {
     pub hook: Hook,
     pub program: String,
     pub prog_id: u32,
-    /// None for an attachment without a bpf_link (XDP over netlink).
+    /// None for an attachment without a bpf_link (XDP over netlink, clsact filters).
     pub link_id: Option<u32>,
+    /// Where a clsact filter sits (None for tcx and XDP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterAddr>,
 }
 
 impl fmt::Display for Attachment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {} ({}, prog id {}", self.iface, self.hook, self.program, self.prog_id)?;
-        match self.link_id {
-            Some(l) => write!(f, ", link id {l})"),
-            None => write!(f, ", no link)"),
+        match (self.link_id, self.filter) {
+            (Some(l), _) => write!(f, ", link id {l})"),
+            (None, Some(addr)) => write!(f, ", filter {addr})"),
+            (None, None) => write!(f, ", no link)"),
         }
     }
 }
@@ -194,6 +206,7 @@ impl Recognizer {
                         program,
                         prog_id,
                         link_id: (link_id != 0).then_some(link_id),
+                        filter: None,
                     });
                 }
             }
@@ -208,9 +221,36 @@ impl Recognizer {
                 program,
                 prog_id,
                 link_id: xdp_link_of(iface.index, prog_id),
+                filter: None,
             });
         }
         out
+    }
+
+    /// Our programs in clsact filters on `iface` (both sides): `bpf` filters whose program
+    /// is ours, whoever attached them. Other filters on the device are not listed.
+    pub async fn clsact_on(&mut self, iface: &Iface) -> Result<Vec<Attachment>, DataplaneError> {
+        Ok(clsact::list(iface.index)
+            .await?
+            .into_iter()
+            .filter_map(|f| {
+                let prog_id = f.prog_id?;
+                let program = self.ours(prog_id)?;
+                let hook = match f.addr.side {
+                    ClsactSide::Ingress => Hook::ClsactIngress,
+                    ClsactSide::Egress => Hook::ClsactEgress,
+                };
+                Some(Attachment {
+                    iface: iface.name.clone(),
+                    ifindex: iface.index,
+                    hook,
+                    program,
+                    prog_id,
+                    link_id: None,
+                    filter: Some(f.addr),
+                })
+            })
+            .collect())
     }
 }
 
@@ -224,10 +264,15 @@ fn xdp_link_of(ifindex: u32, prog_id: u32) -> Option<u32> {
     })
 }
 
-/// Our programs attached anywhere in this namespace.
+/// Our programs attached anywhere in this namespace: tcx, XDP and clsact filters.
 pub async fn scan() -> Result<Vec<Attachment>, DataplaneError> {
     let mut r = Recognizer::default();
-    Ok(interfaces().await?.iter().flat_map(|i| r.attachments_on(i)).collect())
+    let mut out = Vec::new();
+    for i in interfaces().await? {
+        out.extend(r.attachments_on(&i));
+        out.extend(r.clsact_on(&i).await?);
+    }
+    Ok(out)
 }
 
 /// Detach one attachment: `BPF_LINK_DETACH` on its link (pins of it, anywhere, become
@@ -237,12 +282,20 @@ pub async fn detach(a: &Attachment) -> Result<(), DataplaneError> {
         iface: a.iface.clone(),
         message: format!("detaching {} ({}): {what}: {e}", a.program, a.hook),
     };
-    match a.link_id {
-        Some(id) => {
+    match (a.link_id, a.filter) {
+        // Exactly this filter (its own handle): other filters on the device stay.
+        (None, Some(addr)) => {
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(netlink_err)?;
+            let task = tokio::spawn(conn);
+            let r = clsact::delete(&handle, a.ifindex, &addr).await.map_err(|e| err("netlink filter delete", &e));
+            task.abort();
+            r
+        }
+        (Some(id), _) => {
             let fd = bpfsys::link_fd_by_id(id).map_err(|e| err("link by id", &e))?;
             bpfsys::link_detach(&fd).map_err(|e| err("BPF_LINK_DETACH", &e))
         }
-        None if a.hook == Hook::Xdp => {
+        (None, None) if a.hook == Hook::Xdp => {
             let (conn, handle, _) = rtnetlink::new_connection().map_err(netlink_err)?;
             let task = tokio::spawn(conn);
             let msg = LinkUnspec::new_with_index(a.ifindex)
@@ -253,6 +306,6 @@ pub async fn detach(a: &Attachment) -> Result<(), DataplaneError> {
             r
         }
         // tcx programs attached without a link (BPF_PROG_ATTACH): not something we do.
-        None => Err(err("no link", &"attached without a bpf_link; not ours to detach")),
+        (None, None) => Err(err("no link", &"attached without a bpf_link; not ours to detach")),
     }
 }
