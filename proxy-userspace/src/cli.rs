@@ -22,8 +22,37 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// prefix: their pods are found by kind (`--pod-iface-detect`).
 pub const DEFAULT_POD_IFACE_PATTERNS: &str = "veth*,cali*,lxc*,tap*,eni*,gke*,azv*";
 
+/// `--version` and `ebpf-proxy version`: the crate's version, the git commit and the build
+/// date (both embedded by build.rs; "unknown" when built without git).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EBPF_PROXY_GIT_COMMIT"),
+    ", built ",
+    env!("EBPF_PROXY_BUILD_DATE"),
+    ")"
+);
+
+const EXAMPLES: &str = "\
+Examples:
+  # What is programmed, kubectl-style
+  ebpf-proxy services -o wide
+  ebpf-proxy services -n kube-system --port 53
+  ebpf-proxy backends --service default/web -o yaml
+  ebpf-proxy conntrack --address 10.96.0.10 --proto tcp --no-headers
+  # Why these backends, and does the kernel agree with the API
+  ebpf-proxy explain default/web --context prod
+  KUBECONFIG=~/.kube/a:~/.kube/b ebpf-proxy verify
+  # Shell completion
+  ebpf-proxy completion bash > /etc/bash_completion.d/ebpf-proxy";
+
 #[derive(Debug, Parser)]
-#[command(name = "ebpf-proxy", version, about = "eBPF kube-proxy replacement: agent and CLI")]
+#[command(
+    name = "ebpf-proxy",
+    version = LONG_VERSION,
+    about = "eBPF kube-proxy replacement: agent and CLI",
+    after_help = EXAMPLES
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -36,12 +65,33 @@ pub enum Command {
     /// Run the agent: watch Services/EndpointSlices/Node and program the datapath.
     Agent(AgentArgs),
     /// List programmed service frontends.
-    Services(ShowArgs),
-    /// List backends.
-    Backends(ShowArgs),
-    /// List conntrack entries.
-    Conntrack(ShowArgs),
+    #[command(after_help = "\
+Examples:
+  ebpf-proxy services
+  ebpf-proxy services -o wide --no-headers
+  ebpf-proxy services -n default --service web -o json
+  ebpf-proxy services --address 10.96.0.10 --port 443 --proto tcp")]
+    Services(ListArgs),
+    /// List backends (filters by Service select the backends of its frontends).
+    #[command(after_help = "\
+Examples:
+  ebpf-proxy backends -o wide
+  ebpf-proxy backends --service kube-system/kube-dns -o yaml
+  ebpf-proxy backends --address 10.244.1.7")]
+    Backends(ListArgs),
+    /// List conntrack entries (a filter on an address or port matches the source, the
+    /// destination or the NAT side; by Service, the entries of its frontends).
+    #[command(after_help = "\
+Examples:
+  ebpf-proxy conntrack --service default/web
+  ebpf-proxy conntrack --address 10.96.0.10 --port 80 --proto tcp -o wide
+  ebpf-proxy conntrack -o json > flows.json")]
+    Conntrack(ListArgs),
     /// Show datapath counters.
+    #[command(after_help = "\
+Examples:
+  ebpf-proxy stats
+  ebpf-proxy stats -o yaml")]
     Stats(ShowArgs),
     /// What the datapath does with one packet: built from the flags, run through the loaded
     /// programs (BPF_PROG_TEST_RUN) on a private copy of the entries it can read, so the
@@ -59,6 +109,36 @@ pub enum Command {
     /// program of ours from every interface of this network namespace, and remove the pins
     /// under the bpffs root(s). Refuses while an agent runs on a root (see --force).
     Cleanup(CleanupArgs),
+    /// Print a shell completion script (bash, zsh or fish) to standard output.
+    #[command(after_help = "\
+Examples:
+  ebpf-proxy completion bash > /etc/bash_completion.d/ebpf-proxy
+  ebpf-proxy completion zsh > \"${fpath[1]}/_ebpf-proxy\"
+  ebpf-proxy completion fish > ~/.config/fish/completions/ebpf-proxy.fish")]
+    Completion(CompletionArgs),
+    /// Print the version, git commit and build date.
+    Version(VersionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// The shells `completion` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Args)]
+pub struct VersionArgs {
+    /// Output format (table: one line).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +172,10 @@ pub struct CleanupArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
+    /// The table with the columns it leaves out.
+    Wide,
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +186,38 @@ pub struct ShowArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
+    /// table and wide: no header line.
+    #[arg(long)]
+    pub no_headers: bool,
+}
+
+/// `services`, `backends`, `conntrack`: where to read and which rows to print.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub show: ShowArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+/// Row filters, ANDed; a filter that matches nothing prints nothing (exit 0), as kubectl.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FilterArgs {
+    /// Only the Services of this namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Only this Service: `namespace/name`, or `name` (in --namespace, or any namespace).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only rows with this address (a frontend, a backend, or either side of a flow).
+    #[arg(long)]
+    pub address: Option<std::net::IpAddr>,
+    /// Only rows with this port (as --address).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only this protocol.
+    #[arg(long, ignore_case = true, value_parser = protocol_parser())]
+    pub proto: Option<crate::model::Protocol>,
 }
 
 /// Where Kubernetes objects come from: the agent's flags, shared by the operator commands
@@ -113,10 +228,14 @@ pub struct ObjectSourceArgs {
     /// on change) instead of the Kubernetes API. The embedded default for one machine.
     #[arg(long)]
     pub manifests: Option<PathBuf>,
-    /// Kubeconfig file; without it (and without --manifests) the in-cluster / default config
-    /// is used. Ignored when --manifests is given.
+    /// Kubeconfig file, or a list of them separated by ':' (as KUBECONFIG: merged as kubectl
+    /// does, the first file to set a value wins); without it (and without --manifests) the
+    /// in-cluster / default config is used. Ignored when --manifests is given.
     #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    pub kubeconfig: Option<String>,
+    /// The kubeconfig context to use (default: its current-context).
+    #[arg(long)]
+    pub context: Option<String>,
     /// The API server's own address (https://HOST:PORT, HOST:PORT or HOST; port 6443 when
     /// omitted), with the in-cluster service-account credentials (or the kubeconfig's). On
     /// a cluster without kube-proxy the in-cluster default, the `kubernetes` Service's
@@ -135,7 +254,7 @@ pub struct ExplainArgs {
     pub service: String,
     #[command(flatten)]
     pub source: ObjectSourceArgs,
-    /// Output format.
+    /// Output format (wide: as table).
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
 }
@@ -319,6 +438,17 @@ impl AgentArgs {
     }
 }
 
+/// tcp, udp or sctp (any case), with the names offered to shell completion.
+fn protocol_parser() -> impl clap::builder::TypedValueParser<Value = crate::model::Protocol> {
+    use crate::model::Protocol;
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["tcp", "udp", "sctp"]).map(|s| match s.to_ascii_lowercase().as_str() {
+        "udp" => Protocol::Udp,
+        "sctp" => Protocol::Sctp,
+        _ => Protocol::Tcp,
+    })
+}
+
 fn duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 1h, 24h)"))
 }
@@ -455,6 +585,49 @@ mod tests {
         assert_eq!(a.xdp_mode, XdpModeChoice::Generic);
         assert_eq!(a.snat_port_range, PortRange { min: 62000, max: 62999 });
         assert!(Cli::try_parse_from(["ebpf-proxy", "agent", "--snat-port-range", "9-1"]).is_err());
+    }
+
+    /// The kubectl-like flags of the listings parse, and a bad value is refused by name.
+    #[test]
+    fn listing_formats_and_filters() {
+        let cli = Cli::try_parse_from([
+            "ebpf-proxy",
+            "conntrack",
+            "-o",
+            "wide",
+            "--no-headers",
+            "-n",
+            "kube-system",
+            "--service",
+            "kube-dns",
+            "--address",
+            "fd00::a",
+            "--port",
+            "53",
+            "--proto",
+            "UDP",
+        ])
+        .unwrap();
+        let Command::Conntrack(a) = cli.command else { panic!("not conntrack") };
+        assert_eq!((a.show.output, a.show.no_headers), (OutputFormat::Wide, true));
+        assert_eq!(a.filter.namespace.as_deref(), Some("kube-system"));
+        assert_eq!(a.filter.service.as_deref(), Some("kube-dns"));
+        assert_eq!(a.filter.address, Some("fd00::a".parse().unwrap()));
+        assert_eq!((a.filter.port, a.filter.proto), (Some(53), Some(crate::model::Protocol::Udp)));
+        for bad in [["--port", "http"], ["--address", "10.0.0"], ["--proto", "icmp"], ["-o", "xml"]] {
+            let err = Cli::try_parse_from(["ebpf-proxy", "services", bad[0], bad[1]]).unwrap_err().to_string();
+            assert!(err.contains(bad[0]) && err.contains(bad[1]), "{err}");
+        }
+        let cli =
+            Cli::try_parse_from(["ebpf-proxy", "explain", "default/web", "--context", "prod", "-o", "yaml"]).unwrap();
+        let Command::Explain(e) = cli.command else { panic!("not explain") };
+        assert_eq!((e.source.context.as_deref(), e.output), (Some("prod"), OutputFormat::Yaml));
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        assert!(LONG_VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        assert!(LONG_VERSION.contains("(commit ") && LONG_VERSION.contains(", built "), "{LONG_VERSION}");
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::source::{Objects, files};
 /// Every Service and EndpointSlice, and `node_name`'s Node, as the agent would see them now.
 pub fn load_objects(
     manifests: Option<&Path>,
-    kubeconfig: Option<&Path>,
+    kubeconfig: Option<&str>,
+    context: Option<&str>,
     api_server: Option<&str>,
     node_name: &str,
 ) -> Result<Objects> {
@@ -30,7 +31,7 @@ pub fn load_objects(
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
     rt.block_on(async {
         let api_server = crate::source::apiserver::parse(api_server.unwrap_or_default())?;
-        let (client, _) = crate::agent::kube_client(kubeconfig, api_server.as_ref()).await?;
+        let (client, _) = crate::agent::kube_client(kubeconfig, context, api_server.as_ref()).await?;
         let lp = ListParams::default();
         let services = Api::<Service>::all(client.clone()).list(&lp).await.context("listing Services")?;
         let slices = Api::<EndpointSlice>::all(client.clone()).list(&lp).await.context("listing EndpointSlices")?;

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use proxy_userspace::{
     agent::{self, AgentConfig},
     cleanup,
-    cli::{AgentArgs, CleanupArgs, Command, LogFormat, OutputFormat, ShowArgs},
+    cli::{AgentArgs, CleanupArgs, Cli, Command, CompletionShell, ListArgs, LogFormat, OutputFormat, ShowArgs},
     dataplane::maps::Maps,
     kube_proxy, show,
 };
@@ -26,13 +26,92 @@ fn init_logging(format: LogFormat, level: Option<String>) {
     }
 }
 
-fn print<T: Serialize>(args: &ShowArgs, rows: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
-    let out = match args.output {
-        OutputFormat::Json => serde_json::to_string_pretty(rows)? + "\n",
-        OutputFormat::Table => table(rows),
+/// `value` as JSON or YAML, else `text` (table and wide alike).
+fn print<T: Serialize>(format: OutputFormat, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    let out = match format {
+        OutputFormat::Json => serde_json::to_string_pretty(value)? + "\n",
+        OutputFormat::Yaml => serde_yaml::to_string(value)?,
+        OutputFormat::Table | OutputFormat::Wide => text(value),
     };
     print!("{out}");
     Ok(())
+}
+
+/// A listing to standard output, buffered: a conntrack dump can hold 262,144 rows.
+fn print_rows<T: Serialize>(args: &ShowArgs, rows: &[T], columns: &show::Columns<T>) -> Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    show::write_rows(&mut out, args.output, args.no_headers, rows, columns)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+fn run_services(a: &ListArgs) -> Result<()> {
+    let rows = show::read_services(&open(&a.show)?)?;
+    print_rows(&a.show, &show::filter_services(rows, &a.filter), &show::SERVICE_COLUMNS)
+}
+
+fn run_backends(a: &ListArgs) -> Result<()> {
+    let maps = open(&a.show)?;
+    let services = show::read_services(&maps)?;
+    let rows = show::read_backends(&maps, &services)?;
+    print_rows(&a.show, &show::filter_backends(rows, &services, &a.filter), &show::BACKEND_COLUMNS)
+}
+
+fn run_conntrack(a: &ListArgs) -> Result<()> {
+    let maps = open(&a.show)?;
+    // Only a filter by Service needs the frontends.
+    let ids = match show::selects_by_service(&a.filter) {
+        true => show::selected_service_ids(&show::read_services(&maps)?, &a.filter),
+        false => None,
+    };
+    let rows = show::read_conntrack_filtered(&maps, &a.filter, ids.as_ref())?;
+    print_rows(&a.show, &rows, &show::CONNTRACK_COLUMNS)
+}
+
+/// The table also lists the uplinks and their XDP mode (from the link pins); JSON and YAML
+/// stay the list of counters.
+fn run_stats(a: &ShowArgs) -> Result<()> {
+    let rows = show::read_stats(&open(a)?)?;
+    print_rows(a, &rows, &show::STAT_COLUMNS)?;
+    if matches!(a.output, OutputFormat::Table | OutputFormat::Wide) {
+        let uplinks = proxy_userspace::dataplane::attach::pinned_uplinks(&a.bpffs_root);
+        if !uplinks.is_empty() {
+            let text = show::render_uplinks(&uplinks);
+            let text = if a.no_headers { text.lines().skip(1).map(|l| format!("{l}\n")).collect() } else { text };
+            print!("\n{text}");
+        }
+    }
+    Ok(())
+}
+
+/// `ebpf-proxy version`.
+#[derive(Serialize)]
+struct VersionInfo {
+    version: &'static str,
+    commit: &'static str,
+    build_date: &'static str,
+}
+
+fn run_version(a: &proxy_userspace::cli::VersionArgs) -> Result<()> {
+    let v = VersionInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        commit: env!("EBPF_PROXY_GIT_COMMIT"),
+        build_date: env!("EBPF_PROXY_BUILD_DATE"),
+    };
+    print(a.output, &v, |_| format!("ebpf-proxy {}\n", proxy_userspace::cli::LONG_VERSION))
+}
+
+fn run_completion(shell: CompletionShell) -> Result<()> {
+    use clap::CommandFactory;
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "ebpf-proxy", &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script).context("writing the completion script")
 }
 
 fn open(args: &ShowArgs) -> Result<Maps> {
@@ -45,17 +124,11 @@ fn run_cleanup(args: &CleanupArgs) -> Result<()> {
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     let errors = if args.kube_proxy {
         let report = kube_proxy::cleanup(&kube_proxy::Tools { host_root: args.host_root.clone() });
-        match args.output {
-            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            OutputFormat::Table => print!("{}", report.render()),
-        }
+        print(args.output, &report, |r| r.render())?;
         report.errors.len()
     } else {
         let report = rt.block_on(cleanup::cleanup(&args.bpffs_root, args.force))?;
-        match args.output {
-            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            OutputFormat::Table => print!("{}", report.render()),
-        }
+        print(args.output, &report, |r| r.render())?;
         report.errors.len()
     };
     if errors > 0 {
@@ -94,6 +167,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     let objects = proxy_userspace::inspect::load_objects(
         a.source.manifests.as_deref(),
         a.source.kubeconfig.as_deref(),
+        a.source.context.as_deref(),
         a.source.api_server.as_deref(),
         &node,
     )?;
@@ -104,14 +178,13 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
         proxy_userspace::model::translate_with_claims(&objects.services, &objects.slices, &info, &syncer);
     let snap = syncer.store().snapshot().context("reading the pinned maps")?;
     let drift = verify(&desired, &snap);
-    let out = match a.show.output {
-        OutputFormat::Json => serde_json::to_string_pretty(&drift)? + "\n",
-        OutputFormat::Table if drift.is_empty() => {
+    print(a.show.output, &drift, |drift| {
+        if drift.is_empty() {
             format!("no drift: {} frontends as the API says\n", desired.frontends.len())
+        } else {
+            drift.iter().map(|d| format!("{d}\n")).collect()
         }
-        OutputFormat::Table => drift.iter().map(|d| format!("{d}\n")).collect(),
-    };
-    print!("{out}");
+    })?;
     Ok(!drift.is_empty())
 }
 
@@ -121,25 +194,21 @@ fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
     let objects = proxy_userspace::inspect::load_objects(
         a.source.manifests.as_deref(),
         a.source.kubeconfig.as_deref(),
+        a.source.context.as_deref(),
         a.source.api_server.as_deref(),
         &node,
     )?;
     let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);
     let e = proxy_userspace::model::explain(&objects.services, &objects.slices, &info, namespace, name)
         .map_err(anyhow::Error::msg)?;
-    let out = match a.output {
-        OutputFormat::Json => serde_json::to_string_pretty(&e)? + "\n",
-        OutputFormat::Table => show::render_explain(&e),
-    };
-    print!("{out}");
-    Ok(())
+    print(a.output, &e, show::render_explain)
 }
 
 fn run_trace(a: &proxy_userspace::cli::TraceArgs) -> anyhow::Result<()> {
     let req = proxy_userspace::trace::Request { from: a.from, to: a.to, proto: a.proto, syn: a.syn, at: a.at };
     let outcome = proxy_userspace::trace::trace(&a.show.bpffs_root, &req)
         .with_context(|| format!("tracing {} -> {}", a.from, a.to))?;
-    print(&a.show, &outcome, show::render_trace)
+    print(a.show.output, &outcome, show::render_trace)
 }
 
 fn main() -> ExitCode {
@@ -172,28 +241,12 @@ fn main() -> ExitCode {
         Command::Trace(a) => run_trace(&a),
         Command::Explain(a) => run_explain(&a),
         Command::Verify(_) => unreachable!("handled above"),
-        Command::Services(a) => open(&a)
-            .and_then(|m| Ok(show::read_services(&m)?))
-            .and_then(|r| print(&a, &r, |r| show::render_services(r))),
-        Command::Backends(a) => open(&a)
-            .and_then(|m| Ok(show::read_backends(&m)?))
-            .and_then(|r| print(&a, &r, |r| show::render_backends(r))),
-        Command::Conntrack(a) => open(&a)
-            .and_then(|m| Ok(show::read_conntrack(&m)?))
-            .and_then(|r| print(&a, &r, |r| show::render_conntrack(r))),
-        // The table also lists the uplinks and their XDP mode (from the link pins); the
-        // JSON output stays the list of counters.
-        Command::Stats(a) => open(&a).and_then(|m| Ok(show::read_stats(&m)?)).and_then(|r| {
-            let uplinks = proxy_userspace::dataplane::attach::pinned_uplinks(&a.bpffs_root);
-            print(&a, &r, |r| {
-                let mut out = show::render_stats(r);
-                if !uplinks.is_empty() {
-                    out.push('\n');
-                    out.push_str(&show::render_uplinks(&uplinks));
-                }
-                out
-            })
-        }),
+        Command::Services(a) => run_services(&a),
+        Command::Backends(a) => run_backends(&a),
+        Command::Conntrack(a) => run_conntrack(&a),
+        Command::Stats(a) => run_stats(&a),
+        Command::Version(a) => run_version(&a),
+        Command::Completion(a) => run_completion(a.shell),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

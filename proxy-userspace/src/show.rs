@@ -6,7 +6,8 @@
 //! `CONNTRACK` and `CONNTRACK6`. IPv6 addresses are printed in their standard form, with a
 //! port as `[addr]:port`; JSON rows carry a `family` field.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    io::{self, Write},
     net::{IpAddr, SocketAddr},
 };
 
@@ -16,12 +17,13 @@ use proxy_common::{
 use serde::Serialize;
 
 use crate::{
+    cli::{FilterArgs, OutputFormat},
     dataplane::{DataplaneError, addr::MapAddr, maps::Maps},
     model::{FrontendKind, IpFamily, Protocol},
     sync::{AnyBackend, AnyServiceKey},
 };
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BackendRow {
     pub id: u32,
     pub family: IpFamily,
@@ -30,6 +32,10 @@ pub struct BackendRow {
     pub protocol: String,
     pub local: bool,
     pub terminating: bool,
+    /// `backends`: the Services (`namespace/name`) whose frontends use it (empty, and left
+    /// out, in a service row's own list).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -82,6 +88,7 @@ fn backend_row(id: u32, b: &AnyBackend) -> BackendRow {
         protocol: proto_name(b.proto),
         local: b.flags & backend_flags::LOCAL != 0,
         terminating: b.flags & backend_flags::TERMINATING != 0,
+        services: Vec::new(),
     }
 }
 
@@ -126,13 +133,31 @@ pub fn service_rows(
 
 /// Left-aligned columns, like `kubectl get`.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = write_table(&mut out, Some(header), rows, |r| r.clone());
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Left-aligned columns (`header` first unless `None`), written row by row: the widths are
+/// found in a first pass over the cells, which are made again for the second, so that a
+/// dump of hundreds of thousands of rows never holds its whole text.
+pub fn write_table<T>(
+    w: &mut impl Write,
+    header: Option<&[&str]>,
+    rows: &[T],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> io::Result<()> {
+    let mut widths: Vec<usize> = header.map(|h| h.iter().map(|c| c.len()).collect()).unwrap_or_default();
     for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
+        for (i, c) in cells(r).iter().enumerate() {
+            match widths.get_mut(i) {
+                Some(w) => *w = (*w).max(c.len()),
+                None => widths.push(c.len()),
+            }
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut line = |cells: &[&str]| -> io::Result<()> {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -141,48 +166,170 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
                 s.push_str(&format!("{c:<w$}   ", w = widths[i]));
             }
         }
-        s.trim_end().to_string() + "\n"
+        writeln!(w, "{}", s.trim_end())
     };
-    let mut out = line(header.to_vec());
-    for r in rows {
-        out.push_str(&line(r.iter().map(|s| s.as_str()).collect()));
+    if let Some(h) = header {
+        line(h)?;
     }
-    out
+    for r in rows {
+        let c = cells(r);
+        line(&c.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    Ok(())
+}
+
+/// A listing's columns: `table` shows the first `narrow`, `wide` them all.
+pub struct Columns<T> {
+    pub header: &'static [&'static str],
+    pub narrow: usize,
+    pub cells: fn(&T) -> Vec<String>,
+}
+
+/// Write `rows` as `format`: JSON and YAML as lists of the rows' fields, table and wide as
+/// columns (without the header line with `no_headers`). No row, no table: nothing is
+/// written (as `kubectl get` with a selector that matches nothing).
+pub fn write_rows<T: Serialize>(
+    w: &mut impl Write,
+    format: OutputFormat,
+    no_headers: bool,
+    rows: &[T],
+    columns: &Columns<T>,
+) -> io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut *w, rows)?;
+            writeln!(w)
+        }
+        OutputFormat::Yaml => serde_yaml::to_writer(&mut *w, rows).map_err(io::Error::other),
+        OutputFormat::Table | OutputFormat::Wide if rows.is_empty() => Ok(()),
+        OutputFormat::Table | OutputFormat::Wide => {
+            let n = if format == OutputFormat::Wide { columns.header.len() } else { columns.narrow };
+            let header = (!no_headers).then(|| &columns.header[..n]);
+            write_table(w, header, rows, |r| {
+                let mut c = (columns.cells)(r);
+                c.truncate(n);
+                c
+            })
+        }
+    }
+}
+
+/// The columns as one string (tests, and the old `render_*` callers).
+fn render<T: Serialize>(rows: &[T], columns: &Columns<T>, format: OutputFormat) -> String {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = write_rows(&mut out, format, false, rows, columns);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What `--namespace` and `--service` select: `namespace/name`, or `name` in any
+/// namespace (or in `--namespace`).
+fn service_selected(f: &FilterArgs, namespace: &str, name: &str) -> bool {
+    if f.namespace.as_deref().is_some_and(|n| n != namespace) {
+        return false;
+    }
+    match f.service.as_deref().map(|s| s.split_once('/')) {
+        None => true,
+        Some(Some((ns, n))) => ns == namespace && n == name,
+        Some(None) => f.service.as_deref() == Some(name),
+    }
+}
+
+/// Is there a filter by Service (`--namespace`, `--service`)?
+pub fn selects_by_service(f: &FilterArgs) -> bool {
+    f.namespace.is_some() || f.service.is_some()
+}
+
+fn proto_selected(f: &FilterArgs, proto: u8) -> bool {
+    f.proto.is_none_or(|p| p.number() == proto)
+}
+
+/// `services` rows the filters select: by Service, and the frontend's address, port and
+/// protocol.
+pub fn filter_services(rows: Vec<ServiceRow>, f: &FilterArgs) -> Vec<ServiceRow> {
+    rows.into_iter()
+        .filter(|r| {
+            service_selected(f, &r.namespace, &r.name)
+                && f.address.is_none_or(|a| a == r.address)
+                && f.port.is_none_or(|p| p == r.port)
+                && f.proto.is_none_or(|p| p.to_string() == r.protocol)
+        })
+        .collect()
+}
+
+/// The ids of the frontends of the Services `--namespace` / `--service` select (`None`: no
+/// such filter).
+pub fn selected_service_ids(services: &[ServiceRow], f: &FilterArgs) -> Option<HashSet<u32>> {
+    selects_by_service(f)
+        .then(|| services.iter().filter(|r| service_selected(f, &r.namespace, &r.name)).map(|r| r.id).collect())
+}
+
+/// `backends` rows the filters select: the backends of the selected Services' frontends,
+/// with this address, port and protocol.
+pub fn filter_backends(rows: Vec<BackendRow>, services: &[ServiceRow], f: &FilterArgs) -> Vec<BackendRow> {
+    let ids: Option<HashSet<u32>> = selects_by_service(f).then(|| {
+        services
+            .iter()
+            .filter(|r| service_selected(f, &r.namespace, &r.name))
+            .flat_map(|r| r.backends.iter().map(|b| b.id))
+            .collect()
+    });
+    rows.into_iter()
+        .filter(|b| {
+            ids.as_ref().is_none_or(|ids| ids.contains(&b.id))
+                && f.address.is_none_or(|a| a == b.address)
+                && f.port.is_none_or(|p| p == b.port)
+                && f.proto.is_none_or(|p| p.to_string() == b.protocol)
+        })
+        .collect()
+}
+
+pub const SERVICE_COLUMNS: Columns<ServiceRow> = Columns {
+    header: &[
+        "ID",
+        "FRONTEND",
+        "SCOPE",
+        "TYPE",
+        "SERVICE",
+        "FLAGS",
+        "BACKENDS",
+        "FAMILY",
+        "AFFINITY-TIMEOUT",
+        "BACKEND-IDS",
+    ],
+    narrow: 7,
+    cells: service_cells,
+};
+
+fn service_cells(r: &ServiceRow) -> Vec<String> {
+    let svc = if r.port_name.is_empty() {
+        format!("{}/{}", r.namespace, r.name)
+    } else {
+        format!("{}/{}:{}", r.namespace, r.name, r.port_name)
+    };
+    let list = |f: &dyn Fn(&BackendRow) -> String| {
+        if r.backends.is_empty() {
+            "<none>".to_string()
+        } else {
+            r.backends.iter().map(f).collect::<Vec<_>>().join(",")
+        }
+    };
+    vec![
+        r.id.to_string(),
+        format!("{}/{}", SocketAddr::new(r.address, r.port), r.protocol),
+        r.scope.to_string(),
+        r.kind.clone(),
+        svc,
+        if r.flags.is_empty() { "-".into() } else { r.flags.join(",") },
+        list(&|b| SocketAddr::new(b.address, b.port).to_string()),
+        r.family.to_string(),
+        r.affinity_timeout.map_or_else(|| "-".into(), |t| format!("{t}s")),
+        list(&|b| b.id.to_string()),
+    ]
 }
 
 pub fn render_services(rows: &[ServiceRow]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let svc = if r.port_name.is_empty() {
-                format!("{}/{}", r.namespace, r.name)
-            } else {
-                format!("{}/{}:{}", r.namespace, r.name, r.port_name)
-            };
-            let backends = if r.backends.is_empty() {
-                "<none>".to_string()
-            } else {
-                r.backends.iter().map(|b| SocketAddr::new(b.address, b.port).to_string()).collect::<Vec<_>>().join(",")
-            };
-            vec![
-                r.id.to_string(),
-                format!("{}/{}", SocketAddr::new(r.address, r.port), r.protocol),
-                r.scope.to_string(),
-                r.kind.clone(),
-                svc,
-                if r.flags.is_empty() { "-".into() } else { r.flags.join(",") },
-                backends,
-            ]
-        })
-        .collect();
-    table(&["ID", "FRONTEND", "SCOPE", "TYPE", "SERVICE", "FLAGS", "BACKENDS"], &cells)
-}
-
-fn collect<K: aya::Pod, V: aya::Pod>(
-    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
-    name: &'static str,
-) -> Result<Vec<(K, V)>, DataplaneError> {
-    map.iter().map(|r| r.map_err(|e| DataplaneError::from_map(name, e))).collect()
+    render(rows, &SERVICE_COLUMNS, OutputFormat::Table)
 }
 
 /// Both families' frontends, read the way a restarting agent reads them back.
@@ -195,32 +342,50 @@ pub fn read_services(maps: &Maps) -> Result<Vec<ServiceRow>, DataplaneError> {
     Ok(service_rows(&snap.services, &slots, &backends, &meta))
 }
 
-pub fn read_backends(maps: &Maps) -> Result<Vec<BackendRow>, DataplaneError> {
-    let mut rows: Vec<BackendRow> =
-        maps.read_snapshot()?.backends.iter().map(|(id, b)| backend_row(id.get(), b)).collect();
+/// Every backend, with the Services (from `services`, the frontends' rows) that use it.
+pub fn read_backends(maps: &Maps, services: &[ServiceRow]) -> Result<Vec<BackendRow>, DataplaneError> {
+    let mut users: HashMap<u32, Vec<String>> = HashMap::new();
+    for s in services {
+        for b in &s.backends {
+            let name = format!("{}/{}", s.namespace, s.name);
+            let list = users.entry(b.id).or_default();
+            if !list.contains(&name) {
+                list.push(name);
+            }
+        }
+    }
+    let mut rows: Vec<BackendRow> = maps
+        .read_snapshot()?
+        .backends
+        .iter()
+        .map(|(id, b)| BackendRow { services: users.remove(&id.get()).unwrap_or_default(), ..backend_row(id.get(), b) })
+        .collect();
     rows.sort_by_key(|r| r.id);
     Ok(rows)
 }
 
+pub const BACKEND_COLUMNS: Columns<BackendRow> =
+    Columns { header: &["ID", "BACKEND", "FLAGS", "FAMILY", "SERVICES"], narrow: 3, cells: backend_cells };
+
+fn backend_cells(b: &BackendRow) -> Vec<String> {
+    let mut flags = vec![];
+    if b.local {
+        flags.push("local");
+    }
+    if b.terminating {
+        flags.push("terminating");
+    }
+    vec![
+        b.id.to_string(),
+        format!("{}/{}", SocketAddr::new(b.address, b.port), b.protocol),
+        if flags.is_empty() { "-".into() } else { flags.join(",") },
+        b.family.to_string(),
+        if b.services.is_empty() { "<none>".into() } else { b.services.join(",") },
+    ]
+}
+
 pub fn render_backends(rows: &[BackendRow]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|b| {
-            let mut flags = vec![];
-            if b.local {
-                flags.push("local");
-            }
-            if b.terminating {
-                flags.push("terminating");
-            }
-            vec![
-                b.id.to_string(),
-                format!("{}/{}", SocketAddr::new(b.address, b.port), b.protocol),
-                if flags.is_empty() { "-".into() } else { flags.join(",") },
-            ]
-        })
-        .collect();
-    table(&["ID", "BACKEND", "FLAGS"], &cells)
+    render(rows, &BACKEND_COLUMNS, OutputFormat::Table)
 }
 
 #[derive(Debug, Serialize)]
@@ -281,17 +446,52 @@ fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(
     }
 }
 
+/// Does this entry pass the filters? Addresses and ports match the source, the destination
+/// or the NAT side; by Service, the entry's service id is one of `ids`.
+fn conntrack_selected<A: crate::conntrack::CtAddr + MapAddr>(
+    f: &FilterArgs,
+    ids: Option<&HashSet<u32>>,
+    k: &CtKey<A>,
+    v: &CtValue<A>,
+) -> bool {
+    ids.is_none_or(|ids| ids.contains(&v.svc_id))
+        && proto_selected(f, k.proto)
+        && f.address.is_none_or(|a| [k.src_addr, k.dst_addr, v.nat_addr].iter().any(|x| x.to_ip() == a))
+        && f.port.is_none_or(|p| [k.src_port, k.dst_port, v.nat_port].iter().any(|x| port_from_map(*x) == p))
+}
+
 /// Every entry of both families' assured and unassured tables.
 pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> {
+    read_conntrack_filtered(maps, &FilterArgs::default(), None)
+}
+
+/// The entries of both families' assured and unassured tables that pass `filter` (`ids`:
+/// the selected Services' frontend ids, see [`selected_service_ids`]). Entries are
+/// filtered as the maps are walked, so a full table of which few match costs little.
+pub fn read_conntrack_filtered(
+    maps: &Maps,
+    filter: &FilterArgs,
+    ids: Option<&HashSet<u32>>,
+) -> Result<Vec<ConntrackRow>, DataplaneError> {
     use crate::conntrack::Table::{Assured, Unassured};
     use proxy_common::map_names as n;
     let now = crate::conntrack::task::monotonic_ns();
     let mut rows: Vec<ConntrackRow> = Vec::new();
     for (table, map, name) in [(Assured, &maps.conntrack, n::CONNTRACK), (Unassured, &maps.ct_new, n::CT_NEW)] {
-        rows.extend(collect(map, name)?.iter().map(|(k, v)| conntrack_row(table, k, v, now)));
+        for r in map.iter() {
+            let (k, v) = r.map_err(|e| DataplaneError::from_map(name, e))?;
+            if conntrack_selected(filter, ids, &k, &v) {
+                rows.push(conntrack_row(table, &k, &v, now));
+            }
+        }
     }
     for (table, map, name) in [(Assured, &maps.conntrack6, n::CONNTRACK6), (Unassured, &maps.ct_new6, n::CT_NEW6)] {
-        rows.extend(collect(map, name)?.iter().map(|(k, v)| conntrack_row(table, k, v, now)));
+        for r in map.iter() {
+            let (k, v) = r.map_err(|e| DataplaneError::from_map(name, e))?;
+            if conntrack_selected(filter, ids, &k, &v) {
+                rows.push(conntrack_row(table, &k, &v, now));
+            }
+        }
     }
     // IPv4 first, then IPv6 (the family is the first key).
     rows.sort_by(|a, b| {
@@ -300,29 +500,50 @@ pub fn read_conntrack(maps: &Maps) -> Result<Vec<ConntrackRow>, DataplaneError> 
     Ok(rows)
 }
 
+pub const CONNTRACK_COLUMNS: Columns<ConntrackRow> = Columns {
+    header: &[
+        "PROTO",
+        "DIR",
+        "SOURCE",
+        "DESTINATION",
+        "NAT",
+        "SVC",
+        "BACKEND",
+        "STATE",
+        "ASSURED",
+        "SNAT",
+        "IDLE(s)",
+        "FAMILY",
+        "TABLE",
+        "FLOW-STATE",
+        "CLOSING",
+    ],
+    narrow: 11,
+    cells: conntrack_cells,
+};
+
+fn conntrack_cells(r: &ConntrackRow) -> Vec<String> {
+    vec![
+        r.protocol.clone(),
+        r.direction.to_string(),
+        r.source.clone(),
+        r.destination.clone(),
+        r.nat.clone(),
+        r.service_id.to_string(),
+        r.backend_id.to_string(),
+        r.label.to_string(),
+        if r.assured { "[ASSURED]".into() } else { "-".into() },
+        r.snat.clone().unwrap_or_else(|| "-".into()),
+        r.idle_seconds.to_string(),
+        r.family.to_string(),
+        r.table.to_string(),
+        r.state.to_string(),
+        if r.closing { "yes".into() } else { "no".into() },
+    ]
+}
+
 pub fn render_conntrack(rows: &[ConntrackRow]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.protocol.clone(),
-                r.direction.to_string(),
-                r.source.clone(),
-                r.destination.clone(),
-                r.nat.clone(),
-                r.service_id.to_string(),
-                r.backend_id.to_string(),
-                r.label.to_string(),
-                if r.assured { "[ASSURED]".into() } else { "-".into() },
-                r.snat.clone().unwrap_or_else(|| "-".into()),
-                r.idle_seconds.to_string(),
-            ]
-        })
-        .collect();
-    table(
-        &["PROTO", "DIR", "SOURCE", "DESTINATION", "NAT", "SVC", "BACKEND", "STATE", "ASSURED", "SNAT", "IDLE(s)"],
-        &cells,
-    )
+    render(rows, &CONNTRACK_COLUMNS, OutputFormat::Table)
 }
 
 #[derive(Debug, Serialize)]
@@ -376,20 +597,22 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
     Ok(rows)
 }
 
+pub const STAT_COLUMNS: Columns<StatRow> =
+    Columns { header: &["SERVICE", "VERDICT", "PACKETS", "BYTES", "FRONTEND", "FAMILY"], narrow: 5, cells: stat_cells };
+
+fn stat_cells(r: &StatRow) -> Vec<String> {
+    vec![
+        r.service_id.map(|i| i.to_string()).unwrap_or_else(|| "node".into()),
+        r.verdict.to_string(),
+        r.packets.to_string(),
+        r.bytes.to_string(),
+        r.frontend.clone().unwrap_or_else(|| "-".into()),
+        r.family.map_or_else(|| "-".into(), |f| f.to_string()),
+    ]
+}
+
 pub fn render_stats(rows: &[StatRow]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.service_id.map(|i| i.to_string()).unwrap_or_else(|| "node".into()),
-                r.verdict.to_string(),
-                r.packets.to_string(),
-                r.bytes.to_string(),
-                r.frontend.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    table(&["SERVICE", "VERDICT", "PACKETS", "BYTES", "FRONTEND"], &cells)
+    render(rows, &STAT_COLUMNS, OutputFormat::Table)
 }
 
 /// Uplinks and their XDP mode (from the pinned links), for `ebpf-proxy stats`.
@@ -464,6 +687,8 @@ pub fn render_explain(e: &crate::model::Explanation) -> String {
 mod tests {
     use super::*;
     use proxy_common::port_to_map;
+
+    use crate::model::Protocol;
 
     use crate::sync::service_meta;
 
@@ -625,5 +850,176 @@ mod tests {
         assert_eq!(json["assured"], true);
         assert_eq!(json["table"], "CONNTRACK");
         assert_eq!(serde_json::to_value(&rows[2]).unwrap()["table"], "CT_NEW");
+    }
+
+    fn svc(
+        id: u32,
+        ns: &str,
+        name: &str,
+        addr: &str,
+        port: u16,
+        proto: &str,
+        backends: &[(u32, &str, u16)],
+    ) -> ServiceRow {
+        ServiceRow {
+            id,
+            family: IpFamily::of(ip(addr)),
+            address: ip(addr),
+            port,
+            protocol: proto.into(),
+            scope: "internal",
+            kind: "ClusterIP".into(),
+            namespace: ns.into(),
+            name: name.into(),
+            port_name: "main".into(),
+            flags: vec![],
+            affinity_timeout: None,
+            backends: backends
+                .iter()
+                .map(|(id, a, p)| BackendRow {
+                    id: *id,
+                    family: IpFamily::of(ip(a)),
+                    address: ip(a),
+                    port: *p,
+                    protocol: proto.into(),
+                    local: false,
+                    terminating: false,
+                    services: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn three_services() -> Vec<ServiceRow> {
+        vec![
+            svc(1, "default", "web", "10.96.0.10", 80, "TCP", &[(11, "10.244.0.1", 8080), (12, "10.244.0.2", 8080)]),
+            svc(2, "default", "dns", "10.96.0.11", 53, "UDP", &[(13, "10.244.0.3", 53)]),
+            svc(3, "kube-system", "dns", "fd00::b", 53, "UDP", &[(14, "fd00:10::4", 53)]),
+        ]
+    }
+
+    fn ids<T>(rows: &[T], id: impl Fn(&T) -> u32) -> Vec<u32> {
+        rows.iter().map(id).collect()
+    }
+
+    /// Each filter alone, and combined (ANDed); nothing matching gives no rows.
+    #[test]
+    fn service_filters_select_exactly_the_matching_frontends() {
+        let f = |set: &dyn Fn(&mut FilterArgs)| {
+            let mut f = FilterArgs::default();
+            set(&mut f);
+            ids(&filter_services(three_services(), &f), |r| r.id)
+        };
+        assert_eq!(f(&|_| {}), [1, 2, 3]);
+        assert_eq!(f(&|f| f.namespace = Some("default".into())), [1, 2]);
+        assert_eq!(f(&|f| f.service = Some("dns".into())), [2, 3]);
+        assert_eq!(f(&|f| f.service = Some("kube-system/dns".into())), [3]);
+        assert_eq!(
+            f(&|f| {
+                f.namespace = Some("default".into());
+                f.service = Some("dns".into())
+            }),
+            [2]
+        );
+        assert_eq!(f(&|f| f.address = Some(ip("fd00::b"))), [3]);
+        assert_eq!(f(&|f| f.port = Some(53)), [2, 3]);
+        assert_eq!(f(&|f| f.proto = Some(Protocol::Tcp)), [1]);
+        assert_eq!(f(&|f| f.namespace = Some("nope".into())), [] as [u32; 0]);
+        assert_eq!(f(&|f| f.service = Some("default/web".into())), [1]);
+        let mut by_ns = FilterArgs { namespace: Some("default".into()), ..Default::default() };
+        let services = three_services();
+        assert_eq!(selected_service_ids(&services, &by_ns), Some([1, 2].into_iter().collect()));
+        by_ns.namespace = None;
+        assert_eq!(selected_service_ids(&services, &by_ns), None);
+    }
+
+    #[test]
+    fn backend_filters_follow_their_services() {
+        let services = three_services();
+        let all: Vec<BackendRow> = services.iter().flat_map(|s| s.backends.iter().cloned()).collect();
+        let f = |filter: FilterArgs| ids(&filter_backends(all.clone(), &services, &filter), |b| b.id);
+        assert_eq!(f(FilterArgs::default()), [11, 12, 13, 14]);
+        assert_eq!(f(FilterArgs { service: Some("default/web".into()), ..Default::default() }), [11, 12]);
+        assert_eq!(f(FilterArgs { namespace: Some("kube-system".into()), ..Default::default() }), [14]);
+        assert_eq!(f(FilterArgs { address: Some(ip("10.244.0.2")), ..Default::default() }), [12]);
+        assert_eq!(f(FilterArgs { port: Some(53), proto: Some(Protocol::Udp), ..Default::default() }), [13, 14]);
+        assert_eq!(f(FilterArgs { service: Some("web".into()), port: Some(53), ..Default::default() }), [] as [u32; 0]);
+    }
+
+    #[test]
+    fn conntrack_filters_match_either_side_and_the_service() {
+        let k = CtKey {
+            src_addr: u32::from_ne_bytes([10, 0, 0, 5]),
+            dst_addr: u32::from_ne_bytes([10, 96, 0, 10]),
+            src_port: port_to_map(40000),
+            dst_port: port_to_map(80),
+            proto: proxy_common::PROTO_TCP,
+            dir: proxy_common::CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        let v = CtValue {
+            nat_addr: u32::from_ne_bytes([10, 244, 0, 1]),
+            nat_port: port_to_map(8080),
+            svc_id: 1,
+            ..Default::default()
+        };
+        let sel = |f: FilterArgs, ids: Option<HashSet<u32>>| conntrack_selected(&f, ids.as_ref(), &k, &v);
+        assert!(sel(FilterArgs::default(), None));
+        for a in ["10.0.0.5", "10.96.0.10", "10.244.0.1"] {
+            assert!(sel(FilterArgs { address: Some(ip(a)), ..Default::default() }, None), "{a}");
+        }
+        assert!(!sel(FilterArgs { address: Some(ip("10.0.0.6")), ..Default::default() }, None));
+        for p in [40000, 80, 8080] {
+            assert!(sel(FilterArgs { port: Some(p), ..Default::default() }, None), "{p}");
+        }
+        assert!(!sel(FilterArgs { port: Some(443), ..Default::default() }, None));
+        assert!(!sel(FilterArgs { proto: Some(Protocol::Udp), ..Default::default() }, None));
+        assert!(sel(FilterArgs::default(), Some([1].into_iter().collect())));
+        assert!(!sel(FilterArgs::default(), Some([2].into_iter().collect())));
+    }
+
+    fn out<T: Serialize>(rows: &[T], c: &Columns<T>, format: OutputFormat, no_headers: bool) -> String {
+        let mut o = Vec::new();
+        write_rows(&mut o, format, no_headers, rows, c).unwrap();
+        String::from_utf8(o).unwrap()
+    }
+
+    /// table and wide have their column counts, --no-headers drops the header line only,
+    /// JSON and YAML parse to the same rows, and no row prints nothing in a table.
+    #[test]
+    fn every_output_format() {
+        let rows = three_services();
+        let cols = |s: &str| s.lines().map(|l| l.split_whitespace().count()).collect::<Vec<_>>();
+        let table = out(&rows, &SERVICE_COLUMNS, OutputFormat::Table, false);
+        assert!(table.starts_with("ID "), "{table}");
+        assert_eq!(cols(&table), [7, 7, 7, 7], "{table}");
+        let wide = out(&rows, &SERVICE_COLUMNS, OutputFormat::Wide, false);
+        assert!(wide.lines().next().unwrap().ends_with("FAMILY   AFFINITY-TIMEOUT   BACKEND-IDS"), "{wide}");
+        assert_eq!(cols(&wide), [10, 10, 10, 10], "{wide}");
+        let first: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(first[7..], ["IPv4", "-", "11,12"], "{wide}");
+        let bare = out(&rows, &SERVICE_COLUMNS, OutputFormat::Wide, true);
+        fn words(s: &str) -> Vec<Vec<&str>> {
+            s.lines().map(|l| l.split_whitespace().collect()).collect()
+        }
+        assert_eq!(words(&bare), words(&wide)[1..], "{bare}");
+        let json: serde_json::Value =
+            serde_json::from_str(&out(&rows, &SERVICE_COLUMNS, OutputFormat::Json, false)).unwrap();
+        let yaml: serde_json::Value =
+            serde_yaml::from_str(&out(&rows, &SERVICE_COLUMNS, OutputFormat::Yaml, false)).unwrap();
+        assert_eq!(json, yaml);
+        assert_eq!(json, serde_json::to_value(&rows).unwrap());
+        assert_eq!(json[2]["backends"][0]["address"], "fd00:10::4");
+        let none: Vec<ServiceRow> = vec![];
+        assert_eq!(out(&none, &SERVICE_COLUMNS, OutputFormat::Table, false), "");
+        assert_eq!(out(&none, &SERVICE_COLUMNS, OutputFormat::Json, false).trim(), "[]");
+        assert_eq!(out(&none, &SERVICE_COLUMNS, OutputFormat::Yaml, false).trim(), "[]");
+        // Backends list their Services in wide.
+        let b = BackendRow { services: vec!["default/web".into()], ..rows[0].backends[0].clone() };
+        let wide = out(std::slice::from_ref(&b), &BACKEND_COLUMNS, OutputFormat::Wide, false);
+        assert_eq!(
+            wide.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>(),
+            ["11", "10.244.0.1:8080/TCP", "-", "IPv4", "default/web"]
+        );
     }
 }

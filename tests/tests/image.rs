@@ -122,7 +122,9 @@ fn image_from_scratch_runs_the_agent_and_has_no_shell() {
     };
     let (code, stdout, stderr) = run(&[&image.tag, "--version"]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
-    assert_eq!(stdout.trim(), format!("ebpf-proxy {}", env!("CARGO_PKG_VERSION")));
+    // `ebpf-proxy <version> (commit <sha>, built <date>)`.
+    let want = format!("ebpf-proxy {} (commit ", env!("CARGO_PKG_VERSION"));
+    assert!(stdout.trim().starts_with(&want), "{stdout}");
 
     // Nothing else: no shell to exec (podman reports the missing executable as 127).
     let (code, stdout, stderr) = run(&["--entrypoint", "/bin/sh", &image.tag, "-c", "true"]);

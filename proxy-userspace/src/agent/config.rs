@@ -46,7 +46,9 @@ pub enum ObjectSource {
     Manifests(PathBuf),
     /// The Kubernetes API, through this kubeconfig or the in-cluster / default config,
     /// at `api_server` when given (`--api-server`).
-    Kube { kubeconfig: Option<PathBuf>, api_server: Option<http::Uri> },
+    /// `kubeconfig` may be a `:`-separated list (as KUBECONFIG); `context` picks one of its
+    /// contexts.
+    Kube { kubeconfig: Option<String>, context: Option<String>, api_server: Option<http::Uri> },
 }
 
 /// Everything `agent::run` needs, built once by [`AgentConfig::from_args`].
@@ -103,6 +105,7 @@ impl AgentConfig {
             Some(dir) => ObjectSource::Manifests(dir.clone()),
             None => ObjectSource::Kube {
                 kubeconfig: args.source.kubeconfig.clone(),
+                context: args.source.context.clone(),
                 api_server: crate::source::apiserver::parse(args.source.api_server.as_deref().unwrap_or_default())?,
             },
         };

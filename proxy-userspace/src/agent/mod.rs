@@ -108,20 +108,41 @@ fn lock_root(root: &std::path::Path) -> Result<RootLock> {
     Ok(RootLock::acquire(root)?)
 }
 
-/// A client from `kubeconfig`, or the in-cluster / default config, talking to `api_server`
-/// when given (also used by the CLI's `explain` and `verify`). Also returns the URL used.
-pub async fn kube_client(
-    kubeconfig: Option<&std::path::Path>,
+/// The kubeconfig files of a list as `KUBECONFIG` holds them (`a:b`; empty entries are
+/// skipped), read and merged as kubectl merges them: the first file to set a value, or to
+/// name a cluster, user or context, wins. `None` for an empty list.
+pub fn read_kubeconfigs(list: &str) -> Result<Option<kube::config::Kubeconfig>> {
+    let mut merged: Option<kube::config::Kubeconfig> = None;
+    for path in std::env::split_paths(list).filter(|p| !p.as_os_str().is_empty()) {
+        let kc = kube::config::Kubeconfig::read_from(&path)
+            .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+        merged = Some(match merged {
+            None => kc,
+            Some(m) => m.merge(kc).with_context(|| format!("merging kubeconfig {}", path.display()))?,
+        });
+    }
+    Ok(merged)
+}
+
+/// The client configuration from `kubeconfig` (a file or a `:`-separated list, see
+/// [`read_kubeconfigs`]) and its `context` (default: its current-context), or the
+/// in-cluster / default config, talking to `api_server` when given.
+pub async fn kube_config(
+    kubeconfig: Option<&str>,
+    context: Option<&str>,
     api_server: Option<&http::Uri>,
-) -> Result<(kube::Client, http::Uri)> {
-    let mut config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
+) -> Result<kube::Config> {
+    let options = kube::config::KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+    let which = context.map(|c| format!(" (context {c})")).unwrap_or_default();
+    let merged = kubeconfig.map(read_kubeconfigs).transpose()?.flatten();
+    let mut config = match merged {
+        Some(kc) => kube::Config::from_custom_kubeconfig(kc, &options)
+            .await
+            .with_context(|| format!("using kubeconfig {}{which}", kubeconfig.unwrap_or_default()))?,
+        // A context names an entry of the default kubeconfig (~/.kube/config), as kubectl.
+        None if context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .with_context(|| format!("using the default kubeconfig{which}"))?,
         // In a pod with --api-server, the service-account credentials are all that is
         // needed (the kubelet's KUBERNETES_SERVICE_* may even be missing).
         None if api_server.is_some() => match kube::Config::incluster_dns() {
@@ -133,6 +154,17 @@ pub async fn kube_client(
     if let Some(url) = api_server {
         config.cluster_url = url.clone();
     }
+    Ok(config)
+}
+
+/// A client from [`kube_config`] (also used by the CLI's `explain` and `verify`). Also
+/// returns the URL used.
+pub async fn kube_client(
+    kubeconfig: Option<&str>,
+    context: Option<&str>,
+    api_server: Option<&http::Uri>,
+) -> Result<(kube::Client, http::Uri)> {
+    let config = kube_config(kubeconfig, context, api_server).await?;
     let url = config.cluster_url.clone();
     Ok((kube::Client::try_from(config).context("building the Kubernetes client")?, url))
 }
@@ -282,8 +314,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             info!(dir = %dir.display(), "reading objects from manifests");
             Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
         }
-        ObjectSource::Kube { kubeconfig, api_server } => {
-            let (client, url) = kube_client(kubeconfig.as_deref(), api_server.as_ref()).await?;
+        ObjectSource::Kube { kubeconfig, context, api_server } => {
+            let (client, url) = kube_client(kubeconfig.as_deref(), context.as_deref(), api_server.as_ref()).await?;
             let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
             let hint = apiserver::bootstrap_hint(&url, api_server.is_some(), service_host.as_deref(), |a| {
                 syncer.serves_tcp(a)
@@ -399,4 +431,48 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
     Ok(())
+}
+
+#[cfg(test)]
+mod kubeconfig_tests {
+    use super::kube_config;
+
+    /// A kubeconfig with one cluster, user and context named `name`, at `server`.
+    fn kubeconfig(name: &str, server: &str, current: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: {current}\nclusters:\n- name: {name}\n  cluster:\n    server: {server}\nusers:\n- name: {name}\n  user:\n    token: t-{name}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n"
+        )
+    }
+
+    fn server(list: &str, context: Option<&str>) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(kube_config(Some(list), context, None)).map(|c| c.cluster_url.to_string()).unwrap()
+    }
+
+    /// `KUBECONFIG=a:b` merges both files as kubectl does (the first file's current-context
+    /// wins), and `--context` picks a context defined in either file.
+    #[test]
+    fn a_kubeconfig_list_is_merged_and_context_picks_the_server() {
+        let dir = std::env::temp_dir().join(format!("ebpf-proxy-kubeconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a.yaml");
+        let b = dir.join("b.yaml");
+        std::fs::write(&a, kubeconfig("prod", "https://10.0.0.1:6443", "prod")).unwrap();
+        std::fs::write(&b, kubeconfig("staging", "https://10.0.0.2:6443", "staging")).unwrap();
+        let (a, b) = (a.display().to_string(), b.display().to_string());
+        let ab = format!("{a}:{b}");
+        let ba = format!("{b}::{a}"); // an empty entry is skipped, as kubectl
+        assert_eq!(server(&ab, None), "https://10.0.0.1:6443/");
+        assert_eq!(server(&ba, None), "https://10.0.0.2:6443/");
+        assert_eq!(server(&ab, Some("staging")), "https://10.0.0.2:6443/");
+        assert_eq!(server(&ba, Some("prod")), "https://10.0.0.1:6443/");
+        // A context no file defines, or a missing file, is an error naming it.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let err = rt.block_on(kube_config(Some(&ab), Some("dev"), None)).unwrap_err();
+        assert!(format!("{err:#}").contains("context dev"), "{err:#}");
+        let missing = format!("{a}:{}", dir.join("nope.yaml").display());
+        let err = rt.block_on(kube_config(Some(&missing), None, None)).unwrap_err();
+        assert!(format!("{err:#}").contains("nope.yaml"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
