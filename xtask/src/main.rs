@@ -87,6 +87,9 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The tests run the agent binary (`target/debug/ebpf-proxy`), which `cargo test` does not
+    // rebuild when it exists: build it now so no test runs a stale agent.
+    run(cargo().current_dir(workspace_root()).args(["build", "-p", "proxy-userspace", "--bin", "ebpf-proxy"]))?;
     let mut cmd = cargo();
     // proxy-ebpf only builds for the BPF target (proxy-userspace's build script embeds it).
     cmd.current_dir(workspace_root()).args(["test", "--workspace", "--exclude", "proxy-ebpf"]);
