@@ -308,28 +308,8 @@ fn expanded_agent_argv(objects: &[Value]) -> Result<Vec<String>, String> {
         };
         env.insert(e.name.clone(), value);
     }
-    let expand = |arg: &str| -> Result<String, String> {
-        let mut out = String::new();
-        let mut rest = arg;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let tail = &rest[i..];
-            if let Some(t) = tail.strip_prefix("$$") {
-                out.push('$');
-                rest = t;
-            } else if let Some(t) = tail.strip_prefix("$(") {
-                let end = t.find(')').ok_or_else(|| format!("unterminated $( in {arg:?}"))?;
-                let name = &t[..end];
-                out.push_str(env.get(name).ok_or_else(|| format!("{arg:?}: $({name}) is not in the container's env"))?);
-                rest = &t[end + 1..];
-            } else {
-                out.push('$');
-                rest = &tail[1..];
-            }
-        }
-        out.push_str(rest);
-        Ok(out)
-    };
+    // The kubelet's $(VAR) expansion, as the pod-spec e2e runs it.
+    let expand = |arg: &str| proxy_tests::podman::expand(arg, &env).map_err(|e| e.to_string());
     let mut argv = vec!["ebpf-proxy".to_string()];
     for a in c.command.iter().flatten().chain(c.args.iter().flatten()) {
         argv.push(expand(a)?);
