@@ -157,6 +157,20 @@ fn run_agent(args: &AgentArgs) -> Result<()> {
     r
 }
 
+/// The objects `verify` and `explain` judge, from the source their flags name.
+fn load_objects(
+    src: &proxy_userspace::cli::ObjectSourceArgs,
+    node: &str,
+) -> anyhow::Result<proxy_userspace::source::Objects> {
+    proxy_userspace::inspect::load_objects(
+        src.manifests.as_deref(),
+        src.kubeconfig.as_deref(),
+        src.context.as_deref(),
+        src.api_server.as_deref(),
+        node,
+    )
+}
+
 /// `Ok(true)`: drift.
 fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     use proxy_userspace::sync::{MapStore, Syncer, verify::verify};
@@ -164,13 +178,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     // different answer.
     let nodeport_addresses = agent::config::nodeport_addresses(&a.nodeport_addresses)?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
-    let objects = proxy_userspace::inspect::load_objects(
-        a.source.manifests.as_deref(),
-        a.source.kubeconfig.as_deref(),
-        a.source.context.as_deref(),
-        a.source.api_server.as_deref(),
-        &node,
-    )?;
+    let objects = load_objects(&a.source, &node)?;
     let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses);
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.
@@ -191,13 +199,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
 fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
     let (namespace, name) = a.service.split_once('/').context("the Service is namespace/name")?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
-    let objects = proxy_userspace::inspect::load_objects(
-        a.source.manifests.as_deref(),
-        a.source.kubeconfig.as_deref(),
-        a.source.context.as_deref(),
-        a.source.api_server.as_deref(),
-        &node,
-    )?;
+    let objects = load_objects(&a.source, &node)?;
     let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);
     let e = proxy_userspace::model::explain(&objects.services, &objects.slices, &info, namespace, name)
         .map_err(anyhow::Error::msg)?;
