@@ -54,22 +54,6 @@ fn embed_version(here: &Path) {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
     });
     println!("cargo:rustc-env=EBPF_PROXY_GIT_COMMIT={commit}");
-    println!("cargo:rustc-env=EBPF_PROXY_BUILD_DATE={}", utc_date(secs));
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (the civil-from-days algorithm, by
-/// days since 1970-01-01 shifted to a March-based year).
-fn utc_date(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let date = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    println!("cargo:rustc-env=EBPF_PROXY_BUILD_DATE={}", humantime::format_rfc3339_seconds(date));
 }

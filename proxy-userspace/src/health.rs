@@ -3,8 +3,9 @@
 //! completed sync) and its datapath is in place (pins present, programs attached); it is
 //! ready once the first full sync is done and pod interfaces are attached, and while live.
 //!
-//! Only atomics: the HTTP server reads them without ever waiting on the sync loop or the
-//! attacher, whatever those are blocked on.
+//! Atomics, and one mutex held only to swap a `&'static str` (the node's eligibility): the
+//! HTTP server reads them without ever waiting on the sync loop or the attacher, whatever
+//! those are blocked on.
 use std::{
     sync::{
         Arc,

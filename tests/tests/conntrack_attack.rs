@@ -286,13 +286,9 @@ fn rst_out_of_window_or_from_the_wrong_side_does_not_close_a_pods_flow() {
     assert_eq!(flow(&dp, c, (VIP, 80), PROTO_TCP).map(|f| f.0), Some(CtState::Closed));
 }
 
-/// Item 8: one pod source port towards two frontends that share a backend would give both
-/// flows the same reply tuple. The second is refused (`ct_clash`), and the first keeps its
-/// replies: the backend's SYN-ACK comes from the first frontend.
-#[test]
-#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn a_reply_tuple_clash_is_refused_not_stolen() {
-    require_root("a_reply_tuple_clash_is_refused_not_stolen");
+/// A datapath serving VIP:80 and VIP2:80, both with the one backend PODS[0]:8080: a client
+/// port used towards both gives the two flows the same reply tuple.
+fn two_frontends_one_backend() -> TestDataplane {
     let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
     program(
         &mut dp,
@@ -301,6 +297,17 @@ fn a_reply_tuple_clash_is_refused_not_stolen() {
             (frontend(VIP2, 80, Protocol::Tcp), entry("two", &[(PODS[0], 8080)])),
         ],
     );
+    dp
+}
+
+/// Item 8: one pod source port towards two frontends that share a backend would give both
+/// flows the same reply tuple. The second is refused (`ct_clash`), and the first keeps its
+/// replies: the backend's SYN-ACK comes from the first frontend.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn a_reply_tuple_clash_is_refused_not_stolen() {
+    require_root("a_reply_tuple_clash_is_refused_not_stolen");
+    let mut dp = two_frontends_one_backend();
     let c = (POD_CLIENT, 5000);
     let (v, out) = dp.run_tc_from(FROM_POD, &tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::SYN, 100, 0, b""), CLIENT_VETH);
     assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (PODS[0], 8080)));
@@ -325,14 +332,7 @@ fn a_reply_tuple_clash_is_refused_not_stolen() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn a_closed_flows_reply_tuple_goes_to_the_next_connection() {
     require_root("a_closed_flows_reply_tuple_goes_to_the_next_connection");
-    let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
-    program(
-        &mut dp,
-        vec![
-            (frontend(VIP, 80, Protocol::Tcp), entry("one", &[(PODS[0], 8080)])),
-            (frontend(VIP2, 80, Protocol::Tcp), entry("two", &[(PODS[0], 8080)])),
-        ],
-    );
+    let mut dp = two_frontends_one_backend();
     let c = (POD_CLIENT, 5000);
     let from_backend = |flags, seq, ack| tcp_seq(a(PODS[0], 8080), a(c.0, c.1), flags, seq, ack, b"");
     let steps = [
