@@ -14,7 +14,7 @@ use crate::maps::{
 };
 use crate::parse::{self, Packet};
 use crate::pipeline::Work;
-use proxy_common::Verdict;
+use proxy_common::{StatsFamily, Verdict};
 
 pub trait Family: 'static {
     /// Address in network byte order, as the maps store it.
@@ -25,6 +25,8 @@ pub trait Family: 'static {
     /// of their own instead of inlined: IPv6's 40-byte keys and 56-byte values would not fit
     /// the 512-byte stack of one function otherwise. IPv4 stays inlined (no call overhead).
     const OUTLINE: bool;
+    /// Which block of `GLOBAL_STATS` this family's packets are counted in.
+    const STATS: StatsFamily;
     /// Where a packet's working memory lives when `OUTLINE` (a per-CPU map; see `Work`).
     fn work() -> Option<*mut Work<Self::Addr>>;
 
@@ -61,6 +63,7 @@ impl Family for V4 {
     type Addr = u32;
     const AF: u8 = 2;
     const OUTLINE: bool = false;
+    const STATS: StatsFamily = StatsFamily::Ipv4;
     #[inline(always)]
     fn work() -> Option<*mut Work<u32>> {
         // IPv4 keeps its working state on the stack.
@@ -117,6 +120,7 @@ impl Family for V6 {
     type Addr = Ipv6Words;
     const AF: u8 = 10;
     const OUTLINE: bool = true;
+    const STATS: StatsFamily = StatsFamily::Ipv6;
     #[inline(always)]
     fn work() -> Option<*mut Work<Ipv6Words>> {
         WORK6.get_ptr_mut(0)

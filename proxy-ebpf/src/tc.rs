@@ -17,7 +17,7 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use proxy_common::{Ipv6Words, PROTO_UDP, Verdict};
+use proxy_common::{Ipv6Words, PROTO_UDP, StatsFamily, Verdict};
 
 use crate::{
     ct::CtWork,
@@ -201,7 +201,7 @@ fn handle<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
     if verdict == Verdict::OtherL4 {
         return OTHER_L4;
     }
-    stats::count(verdict, svc_id, len);
+    stats::count(verdict, F::STATS, svc_id, len);
     ret
 }
 
@@ -244,7 +244,7 @@ fn inlined<F: TcFamily>(ctx: &TcContext, reply: bool) -> (i32, Verdict, u32) {
 fn icmp_error<F: TcFamily>(ctx: &TcContext, reply: bool) -> i32 {
     let len = ctx.len();
     let (ret, verdict, svc_id) = icmp_translate::<F>(ctx, reply);
-    stats::count(verdict, svc_id, len);
+    stats::count(verdict, F::STATS, svc_id, len);
     ret
 }
 
@@ -327,7 +327,7 @@ fn run(ctx: &TcContext, reply: bool) -> i32 {
             ret => ret,
         },
         Err(v) => {
-            stats::count(v, 0, ctx.len());
+            stats::count(v, StatsFamily::Other, 0, ctx.len());
             TC_ACT_UNSPEC
         }
     }

@@ -23,7 +23,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_get_buff_len},
     programs::XdpContext,
 };
-use proxy_common::{Ipv6Words, NeighKey, PROTO_UDP, Verdict};
+use proxy_common::{Ipv6Words, NeighKey, PROTO_UDP, StatsFamily, Verdict};
 
 use crate::{
     csum,
@@ -327,7 +327,7 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
     if verdict == Verdict::OtherL4 {
         return OTHER_L4;
     }
-    stats::count(verdict, svc_id, len);
+    stats::count(verdict, F::STATS, svc_id, len);
     ret
 }
 
@@ -359,7 +359,7 @@ fn inlined<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
 fn icmp_error<F: XdpFamily>(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
     let (ret, verdict, svc_id) = icmp_translate::<F>(ctx);
-    stats::count(verdict, svc_id, len);
+    stats::count(verdict, F::STATS, svc_id, len);
     ret
 }
 
@@ -458,7 +458,7 @@ pub fn from_uplink(ctx: &XdpContext) -> u32 {
             ret => ret,
         },
         Err(v) => {
-            stats::count(v, 0, (ctx.data_end() - ctx.data()) as u32);
+            stats::count(v, StatsFamily::Other, 0, (ctx.data_end() - ctx.data()) as u32);
             xdp_action::XDP_PASS
         }
     }
