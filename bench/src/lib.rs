@@ -8,6 +8,7 @@
 //!
 //! Everything privileged happens in network namespaces created here and in a per-run bpffs
 //! directory, both removed afterwards (also on panic, through `Drop`).
+pub mod charts;
 pub mod conn;
 pub mod conntrack;
 pub mod control;
