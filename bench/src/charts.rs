@@ -24,14 +24,8 @@ use crate::{
 
 /// Every chart this module can write, by file name: [`write`] removes a stale one whose
 /// rows a report does not have, so a directory never mixes charts of two runs.
-pub const FILES: [&str; 6] = [
-    "conn_rate.svg",
-    "per_packet.svg",
-    "control_change.svg",
-    "control_cold.svg",
-    "memory.svg",
-    "northsouth.svg",
-];
+pub const FILES: [&str; 6] =
+    ["conn_rate.svg", "per_packet.svg", "control_change.svg", "control_cold.svg", "memory.svg", "northsouth.svg"];
 
 /// The copy of the report the charts in a directory were drawn from.
 pub const REPORT_FILE: &str = "report.json";
@@ -114,12 +108,7 @@ fn services(n: usize) -> String {
 
 /// A chart whose categories are Service counts: one series per `(case, label, colour)`,
 /// values from rows `section/case/n=N`.
-fn by_size(
-    report: &Report,
-    section: &str,
-    cases: &[(&str, &str, RGBColor)],
-    chart: BarChart,
-) -> BarChart {
+fn by_size(report: &Report, section: &str, cases: &[(&str, &str, RGBColor)], chart: BarChart) -> BarChart {
     let get = |case: &str, n: usize| report.get(&row_id(section, case, Some(n)));
     let ns = sizes(report, section, |n| cases.iter().any(|(c, _, _)| get(c, n).is_some()));
     BarChart {
@@ -206,11 +195,8 @@ pub fn charts(report: &Report) -> Vec<BarChart> {
     ));
 
     // One EndpointSlice change: categories are the implementations, series p50 / p99.
-    let change_n = report
-        .rows
-        .iter()
-        .find(|r| r.section == "control" && r.case.starts_with("change."))
-        .and_then(|r| r.n);
+    let change_n =
+        report.rows.iter().find(|r| r.section == "control" && r.case.starts_with("change.")).and_then(|r| r.n);
     let mut change = empty(
         "control_change.svg",
         &format!(
@@ -231,7 +217,9 @@ pub fn charts(report: &Report) -> Vec<BarChart> {
     ];
     let cases: Vec<_> = cases
         .into_iter()
-        .filter(|(s, c, n, _)| ["p50_ms", "p99_ms"].iter().any(|q| report.get(&row_id(s, &format!("{c}.{q}"), *n)).is_some()))
+        .filter(|(s, c, n, _)| {
+            ["p50_ms", "p99_ms"].iter().any(|q| report.get(&row_id(s, &format!("{c}.{q}"), *n)).is_some())
+        })
         .collect();
     change.categories = cases.iter().map(|(_, _, _, label)| (*label).to_string()).collect();
     change.series = [("p50_ms", "median (p50)", OURS), ("p99_ms", "p99", IPTABLES)]
@@ -309,7 +297,8 @@ pub fn charts(report: &Report) -> Vec<BarChart> {
         ("ours_generic", "ours, XDP generic", OURS_ALT),
         ("iptables", "kube-proxy iptables NodePort rules", IPTABLES),
     ];
-    let fams: Vec<_> = families.iter().filter(|(f, _)| ns_cases.iter().any(|(c, _, _)| ns_get(f, c).is_some())).collect();
+    let fams: Vec<_> =
+        families.iter().filter(|(f, _)| ns_cases.iter().any(|(c, _, _)| ns_get(f, c).is_some())).collect();
     ns.categories = fams.iter().map(|(_, label)| (*label).to_string()).collect();
     ns.series = ns_cases
         .iter()
@@ -414,9 +403,17 @@ fn draw<DB: DrawingBackend>(
     root.draw(&Text::new(
         chart.title.clone(),
         (centre, 14),
-        (FONT, 18.0 * FONT_SCALE).into_font().style(FontStyle::Bold).color(&TEXT).pos(Pos::new(HPos::Center, VPos::Top)),
+        (FONT, 18.0 * FONT_SCALE)
+            .into_font()
+            .style(FontStyle::Bold)
+            .color(&TEXT)
+            .pos(Pos::new(HPos::Center, VPos::Top)),
     ))?;
-    root.draw(&Text::new(subtitle.to_string(), (centre, 40), font(12.0, MUTED).pos(Pos::new(HPos::Center, VPos::Top))))?;
+    root.draw(&Text::new(
+        subtitle.to_string(),
+        (centre, 40),
+        font(12.0, MUTED).pos(Pos::new(HPos::Center, VPos::Top)),
+    ))?;
 
     let labels: Vec<&str> = chart.series.iter().map(|s| s.label.as_str()).collect();
     let layout = legend_layout(&labels);
@@ -474,7 +471,11 @@ fn draw<DB: DrawingBackend>(
     for ((x, row), s) in layout.iter().zip(&chart.series) {
         let (x, y) = (20 + x, 8 + row * LEGEND_ROW);
         lower.draw(&Rectangle::new([(x, y), (x + 14, y + 14)], s.colour.filled()))?;
-        lower.draw(&Text::new(s.label.clone(), (x + 20, y + 7), font(12.0, TEXT).pos(Pos::new(HPos::Left, VPos::Center))))?;
+        lower.draw(&Text::new(
+            s.label.clone(),
+            (x + 20, y + 7),
+            font(12.0, TEXT).pos(Pos::new(HPos::Left, VPos::Center)),
+        ))?;
     }
     Ok(())
 }
@@ -565,7 +566,8 @@ pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, ChartError> {
         }
     }
     let path = dir.join(REPORT_FILE);
-    let json = serde_json::to_string_pretty(report).map_err(|source| ChartError::Json { path: path.clone(), source })?;
+    let json =
+        serde_json::to_string_pretty(report).map_err(|source| ChartError::Json { path: path.clone(), source })?;
     std::fs::write(&path, json + "\n").map_err(io(&path))?;
     Ok(written)
 }

@@ -64,7 +64,12 @@ fn docs_charts_dir() -> PathBuf {
 fn write_charts(report: &Report, dir: &std::path::Path) -> bool {
     match proxy_bench::charts::write(report, dir) {
         Ok(files) => {
-            eprintln!("proxy-bench: {} chart(s) and {} in {}", files.len(), proxy_bench::charts::REPORT_FILE, dir.display());
+            eprintln!(
+                "proxy-bench: {} chart(s) and {} in {}",
+                files.len(),
+                proxy_bench::charts::REPORT_FILE,
+                dir.display()
+            );
             true
         }
         Err(e) => {

@@ -30,7 +30,12 @@ fn report(rows: Vec<Row>) -> Report {
         mode: "full".into(),
         started_unix: 1_796_601_600, // 2026-12-07
         duration_s: 1.0,
-        machine: Machine { cpus: 2, kernel: "6.18.44".into(), loadavg_start: "0.42 0.3 0.2".into(), ..Machine::default() },
+        machine: Machine {
+            cpus: 2,
+            kernel: "6.18.44".into(),
+            loadavg_start: "0.42 0.3 0.2".into(),
+            ..Machine::default()
+        },
         rows,
         targets: vec![],
         errors: vec![],
@@ -58,11 +63,18 @@ fn charted(file: &str, r: &Row) -> bool {
         }
         "control_cold.svg" => {
             r.section == "control"
-                && ["cold.total_ms", "cold.iptables_restore_ms", "cold.iptables_legacy_restore_ms", "cold.nft_ms", "cold.nft_chunked_ms"]
-                    .contains(&c)
+                && [
+                    "cold.total_ms",
+                    "cold.iptables_restore_ms",
+                    "cold.iptables_legacy_restore_ms",
+                    "cold.nft_ms",
+                    "cold.nft_chunked_ms",
+                ]
+                .contains(&c)
         }
         "memory.svg" => {
-            (r.section == "scale" && (c == "vmhwm_mib" || c == "vmrss_mib")) || (r.section == "rss" && c == "agent_vmhwm_mib")
+            (r.section == "scale" && (c == "vmhwm_mib" || c == "vmrss_mib"))
+                || (r.section == "rss" && c == "agent_vmhwm_mib")
         }
         "northsouth.svg" => r.section == "northsouth" && c.ends_with(".pps"),
         _ => panic!("no such chart {file}"),
@@ -85,7 +97,11 @@ fn rects(doc: &roxmltree::Document, colour: &str) -> Vec<(f64, f64)> {
 }
 
 fn texts(doc: &roxmltree::Document) -> Vec<String> {
-    doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).map(|t| t.trim().to_string()).collect()
+    doc.descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(|t| t.trim().to_string())
+        .collect()
 }
 
 fn parse(svg: &str) -> roxmltree::Document<'_> {
@@ -194,7 +210,8 @@ fn bar_heights_follow_the_values() {
     assert!(chart.log);
     let svg = charts::render(&chart, "").unwrap();
     let doc = parse(&svg);
-    let mut h: Vec<f64> = rects(&doc, &hex(chart.series[0].colour)).iter().map(|r| r.1).filter(|h| *h != 14.0).collect();
+    let mut h: Vec<f64> =
+        rects(&doc, &hex(chart.series[0].colour)).iter().map(|r| r.1).filter(|h| *h != 14.0).collect();
     h.sort_by(f64::total_cmp);
     assert_eq!(h.len(), 3);
     let decade = (h[2] - h[1]) / 2.0;

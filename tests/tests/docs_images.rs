@@ -120,7 +120,9 @@ fn check_svg(path: &Path) -> Result<(), String> {
         .find(|n| !["title", "desc", "defs", "metadata", "style"].contains(&n.tag_name().name()))
         .ok_or("nothing drawn")?;
     let num = |a: &str| first.attribute(a).map(|v| v.trim_end_matches("px").parse::<f64>().unwrap_or(f64::NAN));
-    let white = first.attribute("fill").is_some_and(|f| ["#fff", "#ffffff", "white"].contains(&f.to_ascii_lowercase().as_str()));
+    let white = first
+        .attribute("fill")
+        .is_some_and(|f| ["#fff", "#ffffff", "white"].contains(&f.to_ascii_lowercase().as_str()));
     let covers = num("x").unwrap_or(0.0) <= view[0]
         && num("y").unwrap_or(0.0) <= view[1]
         && num("width").is_some_and(|w| w >= view[2])
@@ -237,7 +239,11 @@ fn the_checks_catch_what_they_are_for() {
         ("good", good.to_string(), None),
         ("unclosed", good.replace("</svg>", ""), Some("not well-formed")),
         ("noviewbox", good.replace(r#" viewBox="0 0 10 10""#, ""), Some("no viewBox")),
-        ("transparent", good.replace(r##"<rect width="10" height="10" fill="#FFFFFF"/>"##, ""), Some("white rectangle")),
+        (
+            "transparent",
+            good.replace(r##"<rect width="10" height="10" fill="#FFFFFF"/>"##, ""),
+            Some("white rectangle"),
+        ),
         ("nofill", good.replace(r##"<text fill="#222">"##, "<text>"), Some("no fill")),
         ("script", good.replace("<text", "<script>x</script><text"), Some("nothing scripted")),
         ("href", good.replace("<text", r#"<a href="https://example.com"/><text"#), Some("external reference")),
@@ -251,7 +257,8 @@ fn the_checks_catch_what_they_are_for() {
             (got, want) => panic!("{name}: {got:?}, expected {want:?}"),
         }
     }
-    std::fs::write(dir.join("page.md"), "![a](img/a.svg) and <img src=\"b.png\"> ![web](https://example.com/c.svg)").unwrap();
+    std::fs::write(dir.join("page.md"), "![a](img/a.svg) and <img src=\"b.png\"> ![web](https://example.com/c.svg)")
+        .unwrap();
     let refs: Vec<String> = images(&dir.join("page.md")).into_iter().map(|(r, _)| r).collect();
     assert_eq!(refs, ["img/a.svg", "b.png"]);
     std::fs::remove_dir_all(&dir).unwrap();
