@@ -285,3 +285,37 @@ fn docs_bench_is_the_drawing_of_its_report() {
         );
     }
 }
+
+/// `proxy-bench --charts-from FILE --charts-dir DIR` (what `cargo xtask bench --charts-from`
+/// runs): no root, nothing measured, the same charts as the docs'.
+#[test]
+fn charts_from_a_saved_report_need_no_run() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    let dir = scratch("cli");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy-bench"))
+        .arg("--charts-from")
+        .arg(docs.join(REPORT_FILE))
+        .arg("--charts-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("in {}", dir.display())));
+    assert_eq!(svgs(&dir), svgs(&docs));
+    for f in svgs(&docs) {
+        assert_eq!(std::fs::read(dir.join(&f)).unwrap(), std::fs::read(docs.join(&f)).unwrap(), "{f}");
+    }
+    // A file that is not a report: an error naming it, nothing written.
+    let bad = dir.join("nope.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy-bench"))
+        .arg("--charts-from")
+        .arg(&bad)
+        .arg("--charts-dir")
+        .arg(dir.join("unused"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.json"));
+    assert!(!dir.join("unused").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
