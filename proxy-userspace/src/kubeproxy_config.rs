@@ -302,7 +302,11 @@ logging:
     /// means; beside a CIDR it is refused naming the flag, as upstream's validation does.
     #[test]
     fn node_port_addresses_primary_from_the_file() {
-        let file = |v: &str| format!("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: {v}\n");
+        let file = |v: &str| {
+            format!(
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: {v}\n"
+            )
+        };
         let c: KubeProxyConfiguration = serde_yaml::from_str(&file("[primary]")).unwrap();
         let flags: Vec<String> = c.translate(1).flags.into_iter().map(|(_, f)| f).collect();
         assert_eq!(flags, ["--nodeport-addresses=primary"]);
@@ -311,7 +315,8 @@ logging:
         let path = dir.join("config.conf");
         let parse = |content: &str| {
             std::fs::write(&path, content).unwrap();
-            let argv: Vec<OsString> = ["ebpf-proxy", "agent", "--node-name", "n1", "--config"].map(OsString::from).into();
+            let argv: Vec<OsString> =
+                ["ebpf-proxy", "agent", "--node-name", "n1", "--config"].map(OsString::from).into();
             let (cli, _) = parse_args(argv.into_iter().chain([path.clone().into()]).collect())?;
             let crate::cli::Command::Agent(a) = cli.command else { panic!("not agent") };
             Ok::<_, anyhow::Error>(crate::agent::config::AgentConfig::from_args(&a)?.nodeport_addresses)

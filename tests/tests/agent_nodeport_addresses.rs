@@ -55,7 +55,8 @@ impl Env {
         );
         dir.write("svc.yaml", &svc).unwrap();
         let pod = cluster.pod("n1p0");
-        let slice = slice_yaml_on_nodes("np", "np-1", &[(pod.name.as_str(), pod.ip, "node1")], &[("main", 8080, "TCP")]);
+        let slice =
+            slice_yaml_on_nodes("np", "np-1", &[(pod.name.as_str(), pod.ip, "node1")], &[("main", 8080, "TCP")]);
         dir.write("slice.yaml", &slice).unwrap();
         let node = &cluster.nodes[0];
         dir.write("node.yaml", &node_yaml(&node.name, node.ip)).unwrap();

@@ -48,7 +48,7 @@ impl fmt::Display for NodePortAddresses {
 }
 
 /// Whether a local address can serve NodePorts at all. Loopback is left out (NodePorts on
-/// localhost go through the socket-level hooks, not a frontend of their own), and so are
+/// localhost are the socket-level hooks' business, not a frontend of their own), and so are
 /// IPv6 link-local addresses (ambiguous without a zone: every link has fe80::/64), the
 /// unspecified and multicast addresses.
 pub fn can_serve_nodeports(ip: IpAddr) -> bool {
@@ -72,8 +72,7 @@ pub fn node_info(name: &str, node: Option<&Node>, mode: &NodePortAddresses, loca
             of_family.peek().is_none() || of_family.any(|p| p.contains(ip))
         }
     };
-    let mut addrs: Vec<IpAddr> =
-        local.iter().copied().filter(|ip| can_serve_nodeports(*ip) && selected(*ip)).collect();
+    let mut addrs: Vec<IpAddr> = local.iter().copied().filter(|ip| can_serve_nodeports(*ip) && selected(*ip)).collect();
     addrs.sort();
     addrs.dedup();
     let zone = node
@@ -88,10 +87,7 @@ pub fn node_info(name: &str, node: Option<&Node>, mode: &NodePortAddresses, loca
 /// what uplink detection looks for, and what `explain` (run off the node) takes for the
 /// node's local addresses.
 pub fn node_ips(node: Option<&Node>) -> Vec<IpAddr> {
-    node_addresses(node)
-        .filter(|(kind, _)| *kind == "InternalIP" || *kind == "ExternalIP")
-        .map(|(_, ip)| ip)
-        .collect()
+    node_addresses(node).filter(|(kind, _)| *kind == "InternalIP" || *kind == "ExternalIP").map(|(_, ip)| ip).collect()
 }
 
 /// The taint the cluster autoscaler puts on a node it is about to delete.
@@ -223,7 +219,10 @@ mod tests {
         let info = node_info("n1", Some(&n), &NodePortAddresses::All, &ips(&["192.168.1.10"]));
         assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10"]));
         // No Node object (yet): the local addresses still serve.
-        assert_eq!(node_info("n1", None, &NodePortAddresses::All, &ips(&["10.1.0.5"])).nodeport_addrs, ips(&["10.1.0.5"]));
+        assert_eq!(
+            node_info("n1", None, &NodePortAddresses::All, &ips(&["10.1.0.5"])).nodeport_addrs,
+            ips(&["10.1.0.5"])
+        );
     }
 
     /// `primary`: only the node IP of each family (first InternalIP, else first ExternalIP).
