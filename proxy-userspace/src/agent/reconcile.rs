@@ -55,8 +55,7 @@ pub(super) struct SyncLoop {
     pub(super) logged: Logged,
     /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
     pub(super) node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
-    /// Whether a sync has run (verify compares against its desired state), and the drift
-    /// the last verify found (logged when it changes).
+    /// Whether a sync has run (verify compares against its desired state).
     pub(super) synced_once: bool,
     pub(super) bpffs_root: std::path::PathBuf,
     /// Socket-level load balancing, when attached: stale UDP sockets to destroy.

@@ -3,15 +3,15 @@
 //!
 //! `Syncer` keeps a mirror of the maps (`mirror`: read back at start-up, so a restarted
 //! agent writes nothing for services that did not change while it was away). Each `apply`
-//! or `apply_changes` is one pass: it plans what to write and what to remove (`plan`),
-//! then takes these steps, in this order (`Syncer::pass`), each writing only what differs
+//! or `apply_changes` is one pass (`Syncer::pass`), which plans what to write and what to
+//! remove (`plan`) and takes these steps in this order, each writing only what differs
 //! from the mirror:
 //!
 //! 1. Orphans (`retire`): slots, metadata and source ranges that no `SERVICES` value
 //!    carries, found at read-back, are deleted.
 //! 2. Into empty maps (a node's first start) everything is new: it is written kind by kind
 //!    in batches (`bulk`: id marks, backends, slots, source ranges, metadata, then the
-//!    services), and the pass goes on at step 7.
+//!    services); the pass then ends with the affinity sweep of step 7.
 //! 3. Each wanted frontend, in key order (`write`):
 //!    1. `put_id_marks`: the ids' high-water marks, when a new id reaches them (before
 //!       anything names it);
@@ -143,6 +143,7 @@ pub struct FrontendIds {
 /// See [`Syncer::before_first_services`].
 pub type BeforeServices = Box<dyn FnOnce(&[FrontendIds]) + Send>;
 
+/// The map sync: a store, the mirror of what it holds, and what the next pass must retry.
 pub struct Syncer<S: MapStore> {
     store: S,
     /// What the maps hold.
