@@ -2,13 +2,15 @@
 //! go, keep the maps equal to what the Kubernetes objects say, serve health-check node
 //! ports, and resolve the neighbours XDP forwarding is missing.
 pub mod config;
+mod log_once;
 mod neighbours;
+mod node_config;
 mod reconcile;
 mod socket_lb;
 mod uplinks;
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,6 +25,7 @@ use tracing::{error, info, warn};
 pub use self::config::{AgentConfig, ConfigError, ObjectSource};
 use self::{
     neighbours::neighbour_resolver,
+    node_config::NodeConfigs,
     reconcile::SyncLoop,
     socket_lb::{setup_socket_lb, sock_translation_metrics},
     uplinks::detect_uplinks,
@@ -336,7 +339,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let mut lp = SyncLoop {
         syncer,
-        node_maps,
+        node_configs: NodeConfigs::new(node_maps, &config),
         health: HealthServers::new(ready.clone()),
         proxy_health: health.clone(),
         source,
@@ -347,23 +350,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         node_name,
         nodeport_addresses: config.nodeport_addresses.clone(),
         local_addrs: local,
-        hairpin_address: config.hairpin_address,
-        hairpin_address6: config.hairpin_address6,
-        snat_port_range: config.snat_port_range,
-        last_node_config: None,
-        last_node_config6: None,
         metrics,
         capacities,
-        last_warnings: BTreeSet::new(),
-        last_errors: BTreeSet::new(),
+        logged: Default::default(),
         node_addrs,
         sock: sock_lb,
         synced_once: false,
-        last_drift: BTreeSet::new(),
         bpffs_root: config.bpffs_root().to_path_buf(),
         started: std::time::SystemTime::now(),
-        pending_services: HashSet::new(),
-        pending_slices: HashSet::new(),
+        pending: Default::default(),
     };
     created_root.keep();
     // Periodic verify (the select branch below is disabled when the interval is 0).

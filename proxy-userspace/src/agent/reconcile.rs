@@ -7,33 +7,34 @@
 //! sync, and the first after a relist, look at every frontend (`Syncer::apply`): what the
 //! pinned maps hold from before may include Services deleted while the agent was away.
 use std::{
-    collections::{BTreeSet, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    collections::HashSet,
+    net::IpAddr,
     time::{Instant, SystemTime},
 };
 
+use proxy_common::map_names;
 use tracing::{error, info, warn};
 
-use super::socket_lb::SockLb;
+use super::{log_once::LogOnce, node_config::NodeConfigs, socket_lb::SockLb};
 use crate::{
     dataplane::{
         maps::{Capacities, Maps},
-        node::{NodeMaps, PortRange, node_config, node_config6},
         sock,
     },
     healthcheck::HealthServers,
     metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel, unix_seconds},
     model::{
         IpFamily, Translator,
-        node::{NodePortAddresses, node_eligible, node_info, node_ips, snat_address, snat_address6},
+        node::{NodePortAddresses, node_eligible, node_info, node_ips},
     },
     source::{Delta, Snapshots, Source, Update},
-    sync::Syncer,
+    sync::{SyncReport, Syncer},
 };
 
 pub(super) struct SyncLoop {
     pub(super) syncer: Syncer<Maps>,
-    pub(super) node_maps: NodeMaps,
+    /// `NODE_CONFIG`, `NODE_CONFIG6`: written before the maps at every sync.
+    pub(super) node_configs: NodeConfigs,
     pub(super) health: HealthServers,
     /// /healthz, /livez, /readyz: told when the Node is on its way out.
     pub(super) proxy_health: std::sync::Arc<crate::health::Health>,
@@ -51,34 +52,42 @@ pub(super) struct SyncLoop {
     /// The network namespace's addresses (`dataplane::local_addrs`), which NodePorts are
     /// served on as `nodeport_addresses` selects.
     pub(super) local_addrs: Vec<IpAddr>,
-    pub(super) hairpin_address: Ipv4Addr,
-    pub(super) hairpin_address6: Ipv6Addr,
-    pub(super) snat_port_range: PortRange,
-    pub(super) last_node_config: Option<proxy_common::NodeConfig>,
-    pub(super) last_node_config6: Option<proxy_common::NodeConfig6>,
     pub(super) metrics: Metrics,
     pub(super) capacities: Capacities,
-    pub(super) last_warnings: BTreeSet<String>,
-    /// Frontends not programmed at the last sync, with why: logged when this set changes.
-    pub(super) last_errors: BTreeSet<String>,
+    /// Malformed objects, frontends not programmed and drift: logged when they appear.
+    pub(super) logged: Logged,
     /// The Node's InternalIP/ExternalIP addresses, for uplink detection (when `--uplink`
     /// names none). Not every NodePort address: that would put XDP on bridges and overlay
     /// devices holding a local address.
     pub(super) node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
-    /// Whether a sync has run (verify compares against its desired state), and the drift
-    /// the last verify found (logged when it changes).
+    /// Whether a sync has run (verify compares against its desired state).
     pub(super) synced_once: bool,
-    pub(super) last_drift: BTreeSet<String>,
     pub(super) bpffs_root: std::path::PathBuf,
     /// Socket-level load balancing, when attached: stale UDP sockets to destroy.
     pub(super) sock: Option<SockLb>,
     /// Slice changes triggered before this are not timed (kube-proxy ignores trigger times
     /// before its own start: a restart would otherwise report the age of every slice).
     pub(super) started: SystemTime,
-    /// Services and EndpointSlices changed since the last sync (kube-proxy's
-    /// `*_changes_pending`).
-    pub(super) pending_services: HashSet<(String, String)>,
-    pub(super) pending_slices: HashSet<(String, String)>,
+    pub(super) pending: Pending,
+}
+
+/// Services and EndpointSlices changed since the last sync (kube-proxy's
+/// `*_changes_pending`), by (namespace, name).
+#[derive(Default)]
+pub(super) struct Pending {
+    services: HashSet<(String, String)>,
+    slices: HashSet<(String, String)>,
+}
+
+/// What was logged as lasting, so it is not logged again on every sync while it lasts.
+#[derive(Default)]
+pub(super) struct Logged {
+    /// Malformed objects skipped by the translation.
+    warnings: LogOnce,
+    /// Frontends not programmed, with why.
+    errors: LogOnce,
+    /// Where the maps differ from the API (`verify`).
+    drift: LogOnce,
 }
 
 /// `(namespace, name)` of an object, for the pending-change gauges.
@@ -93,24 +102,24 @@ impl SyncLoop {
         match &u {
             Update::Services(Delta::Apply(s)) => {
                 self.metrics.service_changes.inc();
-                self.pending_services.insert(meta_key(&s.metadata));
+                self.pending.services.insert(meta_key(&s.metadata));
             }
             Update::Services(Delta::Delete(key)) => {
                 self.metrics.service_changes.inc();
-                self.pending_services.insert(key.clone());
+                self.pending.services.insert(key.clone());
             }
             Update::Slices(Delta::Apply(s)) => {
                 self.metrics.endpoint_changes.inc();
-                self.pending_slices.insert(meta_key(&s.metadata));
+                self.pending.slices.insert(meta_key(&s.metadata));
             }
             Update::Slices(Delta::Delete(key)) => {
                 self.metrics.endpoint_changes.inc();
-                self.pending_slices.insert(key.clone());
+                self.pending.slices.insert(key.clone());
             }
             _ => {}
         }
-        self.metrics.service_changes_pending.set(self.pending_services.len() as i64);
-        self.metrics.endpoint_changes_pending.set(self.pending_slices.len() as i64);
+        self.metrics.service_changes_pending.set(self.pending.services.len() as i64);
+        self.metrics.endpoint_changes_pending.set(self.pending.slices.len() as i64);
         let t = &mut self.translator;
         match u {
             Update::Services(Delta::Apply(s)) => t.upsert_service(&s),
@@ -135,23 +144,13 @@ impl SyncLoop {
         }
     }
 
-    /// Apply what changed since the last sync.
+    /// Apply what changed since the last sync: the objects' changes (`read_objects`) and the
+    /// Node's state into the translation, the node's facts and then the translation into
+    /// the maps; then what that did into the metrics and the log.
     pub(super) fn sync(&mut self, burst_start: Option<Instant>) {
         let t = Instant::now();
-        if let Some(snapshot) = self.source.snapshot() {
-            match snapshot {
-                Ok(objects) => {
-                    self.translator.clear_unnamed();
-                    for u in self.snapshots.diff(objects) {
-                        self.update(u);
-                    }
-                }
-                Err(e) => {
-                    // Keep every frontend as it is: nothing here says the objects are gone.
-                    error!(error = %e, "cannot read the objects; the maps are left as they are");
-                    return;
-                }
-            }
+        if !self.read_objects() {
+            return;
         }
         let eligible = node_eligible(self.node.as_deref());
         if self.proxy_health.set_node_eligible(eligible) {
@@ -179,48 +178,13 @@ impl SyncLoop {
         let changed = self.translator.commit(&self.syncer);
         let translated = t.elapsed();
         let warnings = self.translator.warnings();
-        // Each malformed object is logged once, not on every sync.
-        let now: BTreeSet<String> = warnings.iter().map(|w| w.to_string()).collect();
-        for w in &warnings {
-            if !self.last_warnings.contains(&w.to_string()) {
-                warn!(kind = w.kind, object = %w.object, "skipped: {}", w.message);
-            }
-        }
-        self.metrics.object_warnings.set(now.len() as i64);
-        self.last_warnings = now;
+        self.logged.warnings.round(warnings.iter().map(|w| (w.to_string(), w)), |w| {
+            warn!(kind = w.kind, object = %w.object, "skipped: {}", w.message);
+        });
+        self.metrics.object_warnings.set(self.logged.warnings.len() as i64);
 
         // Node facts first: a flow to a new remote backend needs the SNAT address.
-        let snat = snat_address(self.node.as_deref());
-        let cfg = node_config(snat, Some(self.hairpin_address), self.snat_port_range);
-        if self.last_node_config != Some(cfg) {
-            match self.node_maps.set_config(&cfg) {
-                Ok(()) => {
-                    info!(
-                        snat_address = %snat.map(|a| a.to_string()).unwrap_or_else(|| "(address the client used)".into()),
-                        hairpin_address = %self.hairpin_address,
-                        snat_ports = %self.snat_port_range,
-                        "node config written"
-                    );
-                    self.last_node_config = Some(cfg);
-                }
-                Err(e) => error!(error = %e, "cannot write the node config"),
-            }
-        }
-        let snat6 = snat_address6(self.node.as_deref());
-        let cfg6 = node_config6(snat6, Some(self.hairpin_address6));
-        if self.last_node_config6 != Some(cfg6) {
-            match self.node_maps.set_config6(&cfg6) {
-                Ok(()) => {
-                    info!(
-                        snat_address6 = %snat6.map(|a| a.to_string()).unwrap_or_else(|| "(address the client used)".into()),
-                        hairpin_address6 = %self.hairpin_address6,
-                        "IPv6 node config written"
-                    );
-                    self.last_node_config6 = Some(cfg6);
-                }
-                Err(e) => error!(error = %e, "cannot write the IPv6 node config"),
-            }
-        }
+        self.node_configs.write(self.node.as_deref());
         let desired = self.translator.desired();
         self.health.update(&desired.health_checks);
 
@@ -233,61 +197,9 @@ impl SyncLoop {
             self.metrics.event_to_map.observe(start.elapsed().as_secs_f64());
         }
         self.observe_programming();
-        self.metrics.map_writes.inc_by(report.writes);
-        self.metrics.sync_errors.inc_by(report.errors.len() as u64);
-        self.metrics.services.set(report.services as i64);
-        self.metrics.backends.set(report.backends as i64);
-        let (services4, backends4) = (report.services - report.services6, report.backends - report.backends6);
-        for (family, n) in [(IpFamily::V4, services4), (IpFamily::V6, report.services6)] {
-            self.metrics.frontends.get_or_create(&FamilyLabel { family: family.name().into() }).set(n as i64);
-        }
-        let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
-        let c = self.capacities;
-        for (map, n, max) in [
-            ("SERVICES", services4, c.services),
-            ("BACKENDS", backends4, c.backends),
-            ("BACKEND_SLOTS", report.slots, c.slots),
-            ("SERVICES6", report.services6, c.services6),
-            ("BACKENDS6", report.backends6, c.backends6),
-        ] {
-            self.metrics.map_fill.get_or_create(&MapLabel { map: map.into() }).set(fill(n, max));
-        }
-        // A map that stays full fails the same frontends on every sync: log each once.
-        let errors: BTreeSet<String> = report.errors.iter().map(|(fk, e)| format!("{fk}: {e}")).collect();
-        for (fk, e) in &report.errors {
-            if !self.last_errors.contains(&format!("{fk}: {e}")) {
-                match report.unserved_ranges.iter().find(|(k, _)| k == fk) {
-                    Some((_, service)) => warn!(
-                        service = %service,
-                        frontend = %fk,
-                        error = %e,
-                        "loadBalancerSourceRanges do not fit: frontend not served (fail closed) until they do"
-                    ),
-                    None => error!(frontend = %fk, error = %e, "frontend not programmed"),
-                }
-            }
-        }
-        self.metrics
-            .frontends_unserved
-            .get_or_create(&ReasonLabel { reason: "source_ranges_full".into() })
-            .set(report.unserved_ranges.len() as i64);
-        if errors.is_empty() && !self.last_errors.is_empty() {
-            info!("every frontend programmed again");
-        }
-        self.last_errors = errors;
-        if let Some(sl) = self.sock.as_ref().filter(|_| !report.removed_udp_backends.is_empty()) {
-            let r = sock::destroy_udp_sockets(&sl.cgroup, &report.removed_udp_backends);
-            self.metrics.sock_udp_destroyed.inc_by(r.destroyed as u64);
-            self.metrics.sock_destroy_duration.observe(r.elapsed.as_secs_f64());
-            info!(
-                backends = report.removed_udp_backends.len(),
-                namespaces = r.namespaces,
-                destroyed = r.destroyed,
-                failed = r.failed,
-                duration_ms = r.elapsed.as_secs_f64() * 1e3,
-                "destroyed connected UDP sockets of removed backends"
-            );
-        }
+        self.record(&report);
+        self.log_errors(&report);
+        self.destroy_udp_sockets(&report.removed_udp_backends);
         info!(
             services = report.services,
             backends = report.backends,
@@ -304,6 +216,90 @@ impl SyncLoop {
 }
 
 impl SyncLoop {
+    /// A files source's changes since the last sync, into the translation (an API source
+    /// delivers its changes through `update` as they come). False: the objects cannot be
+    /// read, and the maps stay as they are.
+    fn read_objects(&mut self) -> bool {
+        match self.source.snapshot() {
+            None => true,
+            Some(Ok(objects)) => {
+                self.translator.clear_unnamed();
+                for u in self.snapshots.diff(objects) {
+                    self.update(u);
+                }
+                true
+            }
+            Some(Err(e)) => {
+                // Keep every frontend as it is: nothing here says the objects are gone.
+                error!(error = %e, "cannot read the objects; the maps are left as they are");
+                false
+            }
+        }
+    }
+
+    /// What the sync left in the maps, into the metrics.
+    fn record(&mut self, report: &SyncReport) {
+        let m = &self.metrics;
+        m.map_writes.inc_by(report.writes);
+        m.sync_errors.inc_by(report.errors.len() as u64);
+        m.services.set(report.services as i64);
+        m.backends.set(report.backends as i64);
+        let (services4, backends4) = (report.services - report.services6, report.backends - report.backends6);
+        for (family, n) in [(IpFamily::V4, services4), (IpFamily::V6, report.services6)] {
+            m.frontends.get_or_create(&FamilyLabel { family: family.name().into() }).set(n as i64);
+        }
+        let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
+        let c = self.capacities;
+        for (map, n, max) in [
+            (map_names::SERVICES, services4, c.services),
+            (map_names::BACKENDS, backends4, c.backends),
+            (map_names::BACKEND_SLOTS, report.slots, c.slots),
+            (map_names::SERVICES6, report.services6, c.services6),
+            (map_names::BACKENDS6, report.backends6, c.backends6),
+        ] {
+            m.map_fill.get_or_create(&MapLabel { map: map.into() }).set(fill(n, max));
+        }
+        m.frontends_unserved
+            .get_or_create(&ReasonLabel { reason: "source_ranges_full".into() })
+            .set(report.unserved_ranges.len() as i64);
+    }
+
+    /// A map that stays full fails the same frontends on every sync: each is logged when it
+    /// starts to fail, and the end once.
+    fn log_errors(&mut self, report: &SyncReport) {
+        let errors = report.errors.iter().map(|(fk, e)| (format!("{fk}: {e}"), (fk, e)));
+        let cleared =
+            self.logged.errors.round(errors, |(fk, e)| match report.unserved_ranges.iter().find(|(k, _)| k == fk) {
+                Some((_, service)) => warn!(
+                    service = %service,
+                    frontend = %fk,
+                    error = %e,
+                    "loadBalancerSourceRanges do not fit: frontend not served (fail closed) until they do"
+                ),
+                None => error!(frontend = %fk, error = %e, "frontend not programmed"),
+            });
+        if cleared {
+            info!("every frontend programmed again");
+        }
+    }
+
+    /// With socket-level load balancing: connected UDP sockets pointed at the UDP backends
+    /// the sync deleted are destroyed, so their applications reconnect.
+    fn destroy_udp_sockets(&mut self, removed: &[(IpAddr, u16)]) {
+        let Some(sl) = self.sock.as_ref().filter(|_| !removed.is_empty()) else { return };
+        let r = sock::destroy_udp_sockets(&sl.cgroup, removed);
+        self.metrics.sock_udp_destroyed.inc_by(r.destroyed as u64);
+        self.metrics.sock_destroy_duration.observe(r.elapsed.as_secs_f64());
+        info!(
+            backends = removed.len(),
+            namespaces = r.namespaces,
+            destroyed = r.destroyed,
+            failed = r.failed,
+            duration_ms = r.elapsed.as_secs_f64() * 1e3,
+            "destroyed connected UDP sockets of removed backends"
+        );
+    }
+
     /// After a map write: kube-proxy's network programming latency of every slice change it
     /// applied, the last-sync time, and nothing pending any more.
     fn observe_programming(&mut self) {
@@ -321,8 +317,7 @@ impl SyncLoop {
             self.metrics.network_programming.observe(now.duration_since(at).map_or(0.0, |d| d.as_secs_f64()));
         }
         self.metrics.sync_last.set(unix_seconds(now));
-        self.pending_services.clear();
-        self.pending_slices.clear();
+        self.pending = Pending::default();
         self.metrics.service_changes_pending.set(0);
         self.metrics.endpoint_changes_pending.set(0);
     }
@@ -345,13 +340,11 @@ impl SyncLoop {
         let drift = crate::sync::verify::verify(desired, &snap);
         self.metrics.verify_runs.inc();
         self.metrics.datapath_drift.set(drift.len() as i64);
-        let now: BTreeSet<String> = drift.iter().map(|d| d.to_string()).collect();
-        for d in now.difference(&self.last_drift) {
+        let cleared = self.logged.drift.round(drift.iter().map(|d| (d.to_string(), d)), |d| {
             warn!(drift = %d, "the maps differ from what the API says");
-        }
-        if now.is_empty() && !self.last_drift.is_empty() {
+        });
+        if cleared {
             info!("the maps agree with the API again");
         }
-        self.last_drift = now;
     }
 }

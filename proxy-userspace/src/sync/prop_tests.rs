@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proptest::prelude::*;
+use proxy_common::port_to_map;
 use serde_json::json;
 
 use super::*;

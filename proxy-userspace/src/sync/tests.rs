@@ -4,16 +4,16 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, PROTO_UDP};
+use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, PROTO_UDP, SlotKey, svc_flags};
 
-use super::*;
-use crate::model::{Protocol, Scope, ServicePortName};
+use super::{plan::service_key, *};
+use crate::model::{BackendAddr, ClaimHolder, FrontendEntry, FrontendKind, IpPrefix, Protocol, Scope, ServicePortName};
 
-fn fk(last: u8, port: u16, proto: Protocol) -> FrontendKey {
+pub(super) fn fk(last: u8, port: u16, proto: Protocol) -> FrontendKey {
     FrontendKey { addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)), port, proto, scope: Scope::Internal }
 }
 
-fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
+pub(super) fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
     FrontendEntry {
         service: ServicePortName { namespace: "ns".into(), name: name.into(), port_name: String::new() },
         kind: FrontendKind::ClusterIP,
@@ -32,7 +32,7 @@ fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
     }
 }
 
-fn desired(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
+pub(super) fn desired(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
     DesiredState { frontends: entries.into_iter().collect(), ..DesiredState::default() }
 }
 
@@ -710,7 +710,7 @@ fn affinity_turned_off_purges_the_frontends_entries() {
     assert_eq!(s.store().affinity.keys().copied().collect::<Vec<_>>(), vec![(client(1), other)]);
 }
 
-fn lb(name: &str, backends: &[u8], ranges: &[u8]) -> FrontendEntry {
+pub(super) fn lb(name: &str, backends: &[u8], ranges: &[u8]) -> FrontendEntry {
     FrontendEntry {
         kind: FrontendKind::LoadBalancer,
         source_ranges: ranges

@@ -13,7 +13,8 @@ use proxy_common::{ServiceValue, SlotKey, backend_flags, svc_flags};
 use serde::Serialize;
 
 use super::{
-    BackendId, ServiceId, backend_value, service_flags, service_key,
+    BackendId, ServiceId,
+    plan::{backend_value, service_flags, service_key},
     store::{AnyBackend, AnyServiceKey, Snapshot},
 };
 use crate::model::{DesiredState, IpPrefix};

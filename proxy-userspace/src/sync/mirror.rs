@@ -1,0 +1,302 @@
+//! The mirror: what the maps hold, as the sync last wrote it or read it back at start-up,
+//! so a pass compares the desired state with memory, not with the kernel, and a restarted
+//! agent writes nothing for services that did not change while it was away.
+//!
+//! It also counts who holds each backend (`refs`), so a backend nobody uses any more is
+//! found without walking the others, and keeps the totals a report gives (`Counts`) as
+//! frontends and backends come and go. It writes nothing: the steps of a pass write the
+//! maps, then record here what they wrote.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use proxy_common::{ServiceMeta, ServiceValue, SlotKey, svc_flags};
+
+use super::{
+    ids::{BackendId, ServiceId},
+    store::{AnyBackend, AnyServiceKey, Snapshot},
+};
+use crate::model::{ClaimHolder, IpFamily, IpPrefix};
+
+/// A backend's identity: frontends sharing an endpoint (address, port, protocol) share its
+/// `BACKENDS` (or `BACKENDS6`) entry; its flags are not part of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct BackendIdent {
+    pub(super) addr: IpAddr,
+    /// In network byte order, as in the maps.
+    pub(super) port: u16,
+    pub(super) proto: u8,
+}
+
+impl BackendIdent {
+    pub(super) fn of(b: &AnyBackend) -> Self {
+        BackendIdent { addr: b.addr, port: b.port, proto: b.proto }
+    }
+
+    /// Which family's map holds it.
+    pub(super) fn family(&self) -> IpFamily {
+        IpFamily::of(self.addr)
+    }
+}
+
+/// One frontend as the maps hold it.
+#[derive(Clone, Debug)]
+pub(super) struct Programmed {
+    pub(super) value: ServiceValue,
+    /// Backend ids in the active generation's slots, by index.
+    pub(super) active: Vec<BackendId>,
+    /// Backend ids left in the inactive generation's slots, by index.
+    pub(super) inactive: Vec<BackendId>,
+    pub(super) meta: Option<ServiceMeta>,
+    pub(super) ranges: BTreeSet<IpPrefix>,
+    /// The SERVICES entry has been written (false while a new frontend failed midway).
+    pub(super) in_map: bool,
+    /// The backends this frontend keeps alive (counted in `Mirror::refs`): what it wants
+    /// once programmed; after a failure, also what its slots still point at.
+    refs: Vec<BackendId>,
+}
+
+impl Programmed {
+    /// A frontend with nothing written yet, under its new id.
+    pub(super) fn new(id: ServiceId) -> Self {
+        Programmed {
+            value: ServiceValue { id: id.get(), ..Default::default() },
+            active: vec![],
+            inactive: vec![],
+            meta: None,
+            ranges: BTreeSet::new(),
+            in_map: false,
+            refs: Vec::new(),
+        }
+    }
+
+    /// A frontend as a start-up batch writes it: `value` published, `active` its only
+    /// generation.
+    pub(super) fn written(
+        value: ServiceValue,
+        active: Vec<BackendId>,
+        meta: ServiceMeta,
+        ranges: BTreeSet<IpPrefix>,
+    ) -> Self {
+        Programmed { value, active, inactive: Vec::new(), meta: Some(meta), ranges, in_map: true, refs: Vec::new() }
+    }
+
+    /// The service id its `SERVICES` value carries (a `u32` there: the layout is shared
+    /// with the datapath).
+    pub(super) fn id(&self) -> ServiceId {
+        ServiceId::new(self.value.id)
+    }
+
+    pub(super) fn has_affinity(&self) -> bool {
+        self.value.flags & svc_flags::AFFINITY != 0
+    }
+
+    /// The Service it was written for (from its metadata, so also right after a restart).
+    /// Namespaces and names are DNS labels (at most 63 bytes): the metadata fields hold
+    /// them whole.
+    pub(super) fn holder(&self) -> Option<ClaimHolder> {
+        let meta = self.meta.as_ref()?;
+        Some(ClaimHolder { namespace: c_str(&meta.namespace), name: c_str(&meta.name) })
+    }
+
+    /// Was it written for Service `namespace/name` (`holder`, without building it)?
+    pub(super) fn held_by(&self, namespace: &str, name: &str) -> bool {
+        self.meta.as_ref().is_some_and(|m| c_str_eq(&m.namespace, namespace) && c_str_eq(&m.name, name))
+    }
+}
+
+/// A NUL-padded metadata field back as a string.
+fn c_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// A NUL-padded metadata field equals `s`.
+fn c_str_eq(b: &[u8], s: &str) -> bool {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    &b[..end] == s.as_bytes()
+}
+
+/// What a report tells about the whole mirror.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    /// Frontends in the map, by family (IPv4, IPv6).
+    in_map: [usize; 2],
+    slots: usize,
+    backends6: usize,
+}
+
+/// Slots, metadata and source ranges of service ids that no `SERVICES` value carries. Only
+/// the agent writes them, and nothing reaches them without a `SERVICES` value: they are
+/// what a frontend left when it failed before its entry was written, or was taken out
+/// (fail closed), and the agent then restarted. A restarted agent gives such a frontend a
+/// new id, so they would only hold room (a full `SOURCE_RANGES` stays full). Deleted by
+/// the next pass before it writes anything (`Syncer::delete_orphans`).
+#[derive(Debug, Default)]
+pub(super) struct Orphans {
+    pub(super) slots: Vec<SlotKey>,
+    pub(super) meta: Vec<ServiceId>,
+    pub(super) ranges: Vec<(ServiceId, IpPrefix)>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Mirror {
+    pub(super) frontends: HashMap<AnyServiceKey, Programmed>,
+    pub(super) backends: HashMap<BackendIdent, (BackendId, AnyBackend)>,
+    pub(super) backend_by_id: HashMap<BackendId, BackendIdent>,
+    /// How many frontends keep each backend (`Programmed::refs`); one at 0 is deleted at
+    /// the end of the pass that dropped it, so a pass touching few frontends never walks
+    /// every backend.
+    pub(super) refs: HashMap<BackendId, u32>,
+    /// Kept as frontends and backends come and go, so a report costs nothing per frontend.
+    counts: Counts,
+}
+
+impl Mirror {
+    /// The mirror of what `snap` holds, and what it holds that no service carries.
+    pub(super) fn read_back(snap: &Snapshot) -> (Mirror, Orphans) {
+        let mut m = Mirror::default();
+        for (id, b) in &snap.backends {
+            m.track_backend(*id, *b);
+        }
+        let mut slots: HashMap<(ServiceId, u32), BTreeMap<u32, BackendId>> = HashMap::new();
+        for (k, b) in &snap.slots {
+            slots.entry((ServiceId::new(k.svc_id), k.generation())).or_default().insert(k.index(), *b);
+        }
+        let meta: HashMap<ServiceId, ServiceMeta> = snap.meta.iter().copied().collect();
+        let mut ranges: HashMap<ServiceId, BTreeSet<IpPrefix>> = HashMap::new();
+        for (id, p) in &snap.ranges {
+            ranges.entry(*id).or_default().insert(*p);
+        }
+        for (k, v) in &snap.services {
+            let id = ServiceId::new(v.id);
+            let ids = |generation: u32| -> Vec<BackendId> {
+                slots.get(&(id, generation)).map(|m| m.values().copied().collect()).unwrap_or_default()
+            };
+            let mut active = ids(v.generation);
+            // Anything past `count` is stale; the next update of this service rewrites it.
+            active.truncate(v.count as usize);
+            let inactive = ids(v.generation ^ 1);
+            // Until the first pass says what it wants, a frontend keeps whatever its slots
+            // point at.
+            let refs = m.live(active.iter().chain(&inactive));
+            for r in &refs {
+                *m.refs.entry(*r).or_default() += 1;
+            }
+            m.put_frontend(
+                *k,
+                Programmed {
+                    value: *v,
+                    active,
+                    inactive,
+                    meta: meta.get(&id).copied(),
+                    ranges: ranges.remove(&id).unwrap_or_default(),
+                    in_map: true,
+                    refs,
+                },
+            );
+        }
+        let live: HashSet<u32> = snap.services.iter().map(|(_, v)| v.id).collect();
+        let orphans = Orphans {
+            slots: snap.slots.iter().filter(|(k, _)| !live.contains(&k.svc_id)).map(|(k, _)| *k).collect(),
+            meta: meta.keys().filter(|id| !live.contains(&id.get())).copied().collect(),
+            // What the frontends did not take.
+            ranges: ranges.into_iter().flat_map(|(id, set)| set.into_iter().map(move |p| (id, p))).collect(),
+        };
+        (m, orphans)
+    }
+
+    /// Nothing at all: the maps are empty (a node's first start).
+    pub(super) fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.backends.is_empty()
+    }
+
+    /// Backends no frontend holds.
+    pub(super) fn unreferenced(&self) -> HashSet<BackendId> {
+        self.backend_by_id.keys().filter(|i| !self.refs.contains_key(*i)).copied().collect()
+    }
+
+    /// Frontends whose `SERVICES` entry is in the map, by family (IPv4, IPv6).
+    pub(super) fn in_map(&self) -> [usize; 2] {
+        self.counts.in_map
+    }
+
+    /// `BACKEND_SLOTS` entries (both generations of every frontend).
+    pub(super) fn slots(&self) -> usize {
+        self.counts.slots
+    }
+
+    pub(super) fn backends6(&self) -> usize {
+        self.counts.backends6
+    }
+
+    /// Take a frontend out of the mirror (and out of the counts) to change it.
+    pub(super) fn take_frontend(&mut self, key: &AnyServiceKey) -> Option<Programmed> {
+        let p = self.frontends.remove(key)?;
+        self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(p.in_map);
+        self.counts.slots -= p.active.len() + p.inactive.len();
+        Some(p)
+    }
+
+    /// Put a frontend (back) into the mirror.
+    pub(super) fn put_frontend(&mut self, key: AnyServiceKey, p: Programmed) {
+        self.counts.in_map[usize::from(key.addr.is_ipv6())] += usize::from(p.in_map);
+        self.counts.slots += p.active.len() + p.inactive.len();
+        if let Some(old) = self.frontends.insert(key, p) {
+            // Never happens (callers take first); keep the counts right regardless.
+            self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(old.in_map);
+            self.counts.slots -= old.active.len() + old.inactive.len();
+        }
+    }
+
+    /// A backend now in the maps: into the indexes and counts.
+    pub(super) fn track_backend(&mut self, id: BackendId, b: AnyBackend) {
+        let ident = BackendIdent::of(&b);
+        self.backends.insert(ident, (id, b));
+        self.backend_by_id.insert(id, ident);
+        self.counts.backends6 += usize::from(b.addr.is_ipv6());
+    }
+
+    /// A backend deleted from the maps: out of the indexes and counts.
+    pub(super) fn untrack_backend(&mut self, id: BackendId, ident: BackendIdent) {
+        self.backends.remove(&ident);
+        self.backend_by_id.remove(&id);
+        self.counts.backends6 -= usize::from(ident.addr.is_ipv6());
+    }
+
+    pub(super) fn backend_of(&self, id: BackendId) -> Option<AnyBackend> {
+        self.backends.get(self.backend_by_id.get(&id)?).map(|(_, b)| *b)
+    }
+
+    /// These ids, less those of deleted backends (a spare generation may still name them).
+    pub(super) fn live<'a>(&self, ids: impl Iterator<Item = &'a BackendId>) -> Vec<BackendId> {
+        let mut out: Vec<BackendId> = ids.filter(|id| self.backend_by_id.contains_key(id)).copied().collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Point a frontend's references at `now`; backends left with none go to `released`.
+    pub(super) fn set_refs(
+        &mut self,
+        prog: &mut Programmed,
+        mut now: Vec<BackendId>,
+        released: &mut HashSet<BackendId>,
+    ) {
+        now.sort_unstable();
+        now.dedup();
+        for r in &now {
+            *self.refs.entry(*r).or_default() += 1;
+        }
+        for r in std::mem::replace(&mut prog.refs, now) {
+            if let Some(n) = self.refs.get_mut(&r) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(&r);
+                    released.insert(r);
+                }
+            }
+        }
+    }
+}
