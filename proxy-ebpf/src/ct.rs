@@ -25,7 +25,8 @@ use proxy_common::{
 
 use crate::{
     family::Family,
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    hdr::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::Packet,
 };
 
 /// SNAT source-port candidates tried per new flow before giving up (bounded for the
