@@ -151,7 +151,11 @@ fn remember_step<F: Parse>(p: &Packet<F::Addr>, d: &Decision<F::Addr>) {
 }
 
 #[inline(never)]
-fn apply_step<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (H::Ret, Verdict) {
+fn apply_step<H: Rewrite<F>, F: IcmpFamily>(
+    ctx: &H::Ctx,
+    p: &Packet<F::Addr>,
+    d: &Decision<F::Addr>,
+) -> (H::Ret, Verdict) {
     apply::<H, F>(ctx, p, d)
 }
 

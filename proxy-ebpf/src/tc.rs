@@ -223,4 +223,3 @@ fn bounce(ctx: &TcContext) -> Result<i32, i64> {
     // SAFETY: reading the context field and calling a helper without preconditions.
     Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 })
 }
-

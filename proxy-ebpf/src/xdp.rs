@@ -356,4 +356,3 @@ fn frame_len(ctx: &XdpContext) -> usize {
     // SAFETY: helper on our own context.
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
-
