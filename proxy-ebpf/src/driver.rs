@@ -53,9 +53,9 @@ pub trait Hook {
 pub trait Rewrite<F: IcmpFamily>: Hook {
     /// Rewrite the addresses and ports to `n`, with their checksums.
     fn rewrite(ctx: &Self::Ctx, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()>;
-    /// Send a rewritten packet on as `action` says (`Bounce`, `Forward`); `Err`: the verdict
-    /// it is dropped under.
-    fn redirect(ctx: &Self::Ctx, proto: u8, action: Action, n: &Nat<F::Addr>) -> Result<Self::Ret, Verdict>;
+    /// Send a rewritten packet (to `n`, of protocol `proto`) on the hook's own way
+    /// (`Action::Redirect`); `Err`: the verdict it is dropped under.
+    fn redirect(ctx: &Self::Ctx, proto: u8, n: &Nat<F::Addr>) -> Result<Self::Ret, Verdict>;
     /// Refuse a flow to a frontend without endpoints (a reset, an ICMP error), or drop it.
     fn reject(ctx: &Self::Ctx, p: &Packet<F::Addr>) -> Self::Ret;
 }
@@ -174,8 +174,8 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
             Ok(()) => (H::PASS, d.verdict),
             Err(()) => (H::DROP, Verdict::Error),
         },
-        Action::Bounce | Action::Forward => match H::rewrite(ctx, p, &d.nat) {
-            Ok(()) => match H::redirect(ctx, p.proto, d.action, &d.nat) {
+        Action::Redirect => match H::rewrite(ctx, p, &d.nat) {
+            Ok(()) => match H::redirect(ctx, p.proto, &d.nat) {
                 Ok(ret) => (ret, d.verdict),
                 Err(v) => (H::DROP, v),
             },
@@ -217,7 +217,7 @@ fn icmp_translate<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx) -> (H::Ret, Verdic
         return (H::PASS, Verdict::IcmpError, svc_id);
     }
     let to = Nat { saddr: t.outer_src, sport: 0, daddr: t.outer_dst, dport: 0 };
-    match H::redirect(ctx, F::PROTO_ICMP, Action::Forward, &to) {
+    match H::redirect(ctx, F::PROTO_ICMP, &to) {
         Ok(ret) => (ret, Verdict::IcmpError, svc_id),
         Err(v) => (H::DROP, v, svc_id),
     }

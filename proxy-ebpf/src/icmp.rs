@@ -179,8 +179,9 @@ fn about_reply<A: Copy>(e: &IcmpErr<A>, ct: &CtValue<A>) -> IcmpErr<A> {
     t
 }
 
-/// The translated error, whether it must be forwarded (XDP: source-NATed flows) rather
-/// than handed to the stack, and the flow's service; `None`: not about a flow translated
+/// The translated error, whether it must be sent on like its flow's source-NATed packets
+/// (`Action::Redirect`: only on an uplink, where XDP forwards them) rather than handed to
+/// the stack, and the flow's service; `None`: not about a flow translated
 /// where the error was seen. Leaving a pod (`FromPod`): a client pod's error about a reply
 /// it received. Towards a client (`ToClient`): an error about a client's packet to a
 /// backend reached without source NAT. On an uplink (`FromUplink`): an error about a

@@ -50,10 +50,10 @@ pub enum Action {
     Reject,
     /// Rewrite to `Decision::nat`, then on through the stack.
     Rewrite,
-    /// Rewrite, then straight back into the interface it came from (TC: hairpin).
-    Bounce,
-    /// Rewrite, then forward with the FIB (XDP: remote backends and their replies).
-    Forward,
+    /// Rewrite, then send it on the hook's own way, as a source-NATed flow leaves the node:
+    /// TC bounces it straight back into the pod it came from (hairpin), XDP forwards it with
+    /// the FIB (north-south to a backend on another node, and its replies).
+    Redirect,
 }
 
 pub struct Decision<A> {
@@ -83,20 +83,13 @@ impl<A: Default> Decision<A> {
     }
 }
 
-/// A source-NATed flow leaves the node by the hook's own way: bounced back into the pod
-/// (hairpin) or forwarded (north-south to another node).
-#[inline(always)]
-fn snat_delivery(seen: Seen) -> Action {
-    if seen == Seen::FromUplink { Action::Forward } else { Action::Bounce }
-}
-
 /// A client-side packet of a tracked flow: same backend (and SNAT port) as its first
 /// packet, even if the backend or the service has gone since (as with kube-proxy's use of
 /// the kernel conntrack).
 #[inline(always)]
-fn established<A: Copy + Default>(p: &Packet<A>, seen: Seen, ct: &CtValue<A>) -> Decision<A> {
+fn established<A: Copy + Default>(p: &Packet<A>, ct: &CtValue<A>) -> Decision<A> {
     let (action, nat) = if ct.flags & ct_flags::SNAT != 0 {
-        (snat_delivery(seen), Nat { saddr: ct.snat_addr, sport: ct.snat_port, daddr: ct.nat_addr, dport: ct.nat_port })
+        (Action::Redirect, Nat { saddr: ct.snat_addr, sport: ct.snat_port, daddr: ct.nat_addr, dport: ct.nat_port })
     } else {
         (Action::Rewrite, Nat { saddr: p.saddr, sport: p.sport, daddr: ct.nat_addr, dport: ct.nat_port })
     };
@@ -178,12 +171,12 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
         Ct::Reply if w.val.flags & ct_flags::SNAT != 0 => {
             let ct = &w.val;
             let nat = Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: ct.snat_addr, dport: ct.snat_port };
-            return Decision::rewrite(snat_delivery(seen), nat, Verdict::ReverseNat, ct.svc_id);
+            return Decision::rewrite(Action::Redirect, nat, Verdict::ReverseNat, ct.svc_id);
         }
         // The reply of a pod's own flow to a backend on another node: `to_pod` on that
         // pod's veth restores the VIP.
         Ct::Reply => return Decision::pass(Verdict::Pass),
-        Ct::Established => return established(p, seen, &w.val),
+        Ct::Established => return established(p, &w.val),
         Ct::Invalid => return Decision::new(Action::Drop, Verdict::CtInvalid, w.val.svc_id),
         Ct::New => {}
     }
@@ -237,7 +230,7 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
             match ct::create_snat::<F>(p, &flow, &lb::node_config(), w) {
                 Ok(port) => {
                     let nat = Nat { saddr: addr, sport: port, daddr: b.addr, dport: b.port };
-                    Decision::rewrite(snat_delivery(seen), nat, Verdict::NewFlow, svc.id)
+                    Decision::rewrite(Action::Redirect, nat, Verdict::NewFlow, svc.id)
                 }
                 Err(e) => Decision::new(Action::Drop, e.verdict(), svc.id),
             }

@@ -26,7 +26,7 @@ use crate::{
     hdr::{ETH_HLEN, IP_CSUM_OFF, IP6_HLEN, L4_DPORT_OFF, L4_SPORT_OFF, MACS_LEN, TCP_HLEN},
     icmp::IcmpFamily,
     parse::{Packet, Parse},
-    pipeline::{Action, Nat, Seen},
+    pipeline::{Nat, Seen},
     reject,
 };
 
@@ -97,13 +97,10 @@ impl<const TO_CLIENT: bool, F: TcFamily> Rewrite<F> for Tc<TO_CLIENT> {
         rewrite::<F>(ctx, p, (F::DST_OFF, L4_DPORT_OFF), (p.daddr, n.daddr), (p.dport, n.dport)).map_err(|_| ())
     }
 
-    /// Only TC bounces (hairpin); only XDP forwards.
+    /// Hairpin: back into the pod.
     #[inline(always)]
-    fn redirect(ctx: &TcContext, _proto: u8, action: Action, _n: &Nat<F::Addr>) -> Result<i32, Verdict> {
-        match action {
-            Action::Bounce => bounce(ctx).map_err(|_| Verdict::Error),
-            _ => Err(Verdict::Error),
-        }
+    fn redirect(ctx: &TcContext, _proto: u8, _n: &Nat<F::Addr>) -> Result<i32, Verdict> {
+        bounce(ctx).map_err(|_| Verdict::Error)
     }
 
     /// What cannot be answered (a RST, IP options, SCTP) is dropped.

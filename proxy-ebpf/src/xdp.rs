@@ -38,7 +38,7 @@ use crate::{
     },
     icmp::IcmpFamily,
     parse::{MAX_L4_OFF, Packet, Parse},
-    pipeline::{Action, Nat, Seen},
+    pipeline::{Nat, Seen},
     reject,
 };
 
@@ -87,13 +87,10 @@ impl<F: XdpFamily> Rewrite<F> for Xdp {
         nat::<F>(ctx, p, n)
     }
 
-    /// Only XDP forwards; only TC bounces.
+    /// Forwarded with the FIB; `no_route` when it cannot be.
     #[inline(always)]
-    fn redirect(ctx: &XdpContext, proto: u8, action: Action, n: &Nat<F::Addr>) -> Result<u32, Verdict> {
-        match action {
-            Action::Forward => fib_forward::<F>(ctx, proto, n).map_err(|()| Verdict::NoRoute),
-            _ => Err(Verdict::Error),
-        }
+    fn redirect(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> Result<u32, Verdict> {
+        fib_forward::<F>(ctx, proto, n).map_err(|()| Verdict::NoRoute)
     }
 
     /// A later fragment never gets here (`apply` drops it): a reset for TCP, else a drop.
