@@ -552,7 +552,7 @@ pub struct AffinityValue {
 
 /// What the datapath did with a packet: counted once per packet, per service
 /// (`SERVICE_STATS`) when the packet belonged to one and node-wide (`GLOBAL_STATS`, indexed by
-/// the discriminant). One enum with its names, so counters and their labels cannot drift.
+/// [`StatsFamily::index`]). One enum with its names, so counters and their labels cannot drift.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Verdict {
@@ -679,7 +679,49 @@ pub mod verdict {
     pub const CT_INVALID: u32 = Verdict::CtInvalid as u32;
     pub const CT_CLASH: u32 = Verdict::CtClash as u32;
     pub const COUNT: u32 = Verdict::COUNT;
+    /// Room per family in `GLOBAL_STATS`, more than `COUNT` so that a verdict added later
+    /// keeps every existing index (the map migrates index by index).
+    pub const STRIDE: u32 = 32;
+    const _: () = assert!(COUNT <= STRIDE);
 }
+
+/// The address family a node-wide counter is kept under: `GLOBAL_STATS` holds one block of
+/// [`verdict::STRIDE`] verdicts per family, so `ebpf-proxy stats` and the metrics can say
+/// whether IPv4 or IPv6 traffic is being dropped. A service's own counters need no family:
+/// a frontend has one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StatsFamily {
+    /// Neither family: a frame that is not IPv4/IPv6 or too short to tell (`not_ip`,
+    /// `malformed` before the IP header). Also where counts of a `GLOBAL_STATS` pinned
+    /// before the per-family layout land when migrated: its flat indices are this block's.
+    Other = 0,
+    Ipv4 = 1,
+    Ipv6 = 2,
+}
+
+impl StatsFamily {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [StatsFamily; Self::COUNT as usize] = [StatsFamily::Other, StatsFamily::Ipv4, StatsFamily::Ipv6];
+
+    /// The `family` label of the datapath metrics and the CLI's FAMILY column, spelled as
+    /// the agent's other per-family metrics (Kubernetes' `IPv4`/`IPv6`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            StatsFamily::Other => "other",
+            StatsFamily::Ipv4 => "IPv4",
+            StatsFamily::Ipv6 => "IPv6",
+        }
+    }
+
+    /// The `GLOBAL_STATS` index of `verdict` counted under this family.
+    pub const fn index(self, verdict: u32) -> u32 {
+        self as u32 * verdict::STRIDE + verdict
+    }
+}
+
+/// Entries of `GLOBAL_STATS`: every family's block of verdicts.
+pub const GLOBAL_STATS_LEN: u32 = StatsFamily::COUNT * verdict::STRIDE;
 
 /// Key of `SERVICE_STATS` (per-CPU hash).
 #[repr(C)]

@@ -10,7 +10,7 @@
 //! at the exit of whichever of the three ends it.
 use core::mem::MaybeUninit;
 
-use proxy_common::Verdict;
+use proxy_common::{StatsFamily, Verdict};
 
 use crate::{
     ct::CtWork,
@@ -74,7 +74,7 @@ pub fn run<H: Rewrite<V4> + Rewrite<V6>>(ctx: &H::Ctx) -> H::Ret {
             ret => ret,
         },
         Err(v) => {
-            stats::count(v, 0, H::len(ctx));
+            stats::count(v, StatsFamily::Other, 0, H::len(ctx));
             H::PASS
         }
     }
@@ -91,7 +91,7 @@ fn handle<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> H::Ret
     if verdict == Verdict::OtherL4 {
         return H::OTHER_L4;
     }
-    stats::count(verdict, svc_id, len);
+    stats::count(verdict, F::STATS, svc_id, len);
     ret
 }
 
@@ -192,7 +192,7 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
 fn icmp_error<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx) -> H::Ret {
     let len = H::len(ctx);
     let (ret, verdict, svc_id) = icmp_translate::<H, F>(ctx);
-    stats::count(verdict, svc_id, len);
+    stats::count(verdict, F::STATS, svc_id, len);
     ret
 }
 

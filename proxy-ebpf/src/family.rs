@@ -4,7 +4,7 @@
 use aya_ebpf::maps::{HashMap, LruHashMap, lpm_trie::Key};
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragPorts, Ipv6Words, NeighKey, ServiceKey,
-    ServiceValue,
+    ServiceValue, StatsFamily,
 };
 
 use crate::maps::{
@@ -21,6 +21,8 @@ pub trait Family: 'static {
     /// of their own instead of inlined: IPv6's 40-byte keys and 56-byte values would not fit
     /// the 512-byte stack of one function otherwise. IPv4 stays inlined (no call overhead).
     const OUTLINE: bool;
+    /// Which block of `GLOBAL_STATS` this family's packets are counted in.
+    const STATS: StatsFamily;
 
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
@@ -53,6 +55,7 @@ impl Family for V4 {
     type Addr = u32;
     const AF: u8 = 2;
     const OUTLINE: bool = false;
+    const STATS: StatsFamily = StatsFamily::Ipv4;
 
     fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
         &SERVICES
@@ -99,6 +102,7 @@ impl Family for V6 {
     type Addr = Ipv6Words;
     const AF: u8 = 10;
     const OUTLINE: bool = true;
+    const STATS: StatsFamily = StatsFamily::Ipv6;
 
     fn services() -> &'static HashMap<ServiceKey<Ipv6Words>, ServiceValue> {
         &SERVICES6

@@ -56,7 +56,7 @@ pub static SERVICE_STATS: PerCpuHashMap<StatsKey, Counters> =
     PerCpuHashMap::pinned(sizes::MAX_SERVICE_STATS, NO_PREALLOC);
 
 #[map]
-pub static GLOBAL_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(proxy_common::verdict::COUNT, 0);
+pub static GLOBAL_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(proxy_common::GLOBAL_STATS_LEN, 0);
 
 /// Read only by userspace (CLI and a restarting agent); declared here so it is created and
 /// pinned with the others.

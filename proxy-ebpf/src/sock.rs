@@ -320,17 +320,17 @@ fn forward<F: SockFamily>(
             // Best effort: without the entry the application would see the backend's
             // address in recvmsg()/getpeername(); the connection itself works.
             let _ = F::revnat().insert(&SockRevKey::new(cookie, b.addr, b.port), &rev, 0);
-            stats::count(Verdict::SockTranslate, svc.id, 0);
+            stats::count(Verdict::SockTranslate, F::STATS, svc.id, 0);
             Forward::Backend(b.addr, b.port)
         }
         Selected::Empty => {
-            stats::count(Verdict::NoBackend, svc.id, 0);
+            stats::count(Verdict::NoBackend, F::STATS, svc.id, 0);
             Forward::Refuse
         }
         // The agent is mid-update: leave the call as it is (the TC path, where it runs,
         // tries again per packet).
         Selected::Missing => {
-            stats::count(Verdict::Error, svc.id, 0);
+            stats::count(Verdict::Error, F::STATS, svc.id, 0);
             Forward::Untouched
         }
     }

@@ -1,8 +1,8 @@
-//! Per-CPU counters: one global array indexed by verdict, one hash keyed by
+//! Per-CPU counters: one global array indexed by (family, verdict), one hash keyed by
 //! (service id, verdict). Per-CPU so the hot path never contends on a cache line. Each
 //! program counts once per packet, at its single exit.
 use aya_ebpf::bindings::BPF_NOEXIST;
-use proxy_common::{Counters, StatsKey, Verdict};
+use proxy_common::{Counters, StatsFamily, StatsKey, Verdict};
 
 use crate::maps::{GLOBAL_STATS, SERVICE_STATS};
 
@@ -15,11 +15,11 @@ fn add(c: *mut Counters, bytes: u32) {
     }
 }
 
-/// Count one packet of `bytes` under `verdict`, node-wide and, when it belonged to one
-/// (`svc_id` != 0), for its service.
+/// Count one packet of `bytes` under `verdict`, node-wide in its `family`'s block and, when
+/// it belonged to one (`svc_id` != 0), for its service.
 #[inline(always)]
-pub fn count(verdict: Verdict, svc_id: u32, bytes: u32) {
-    if let Some(c) = GLOBAL_STATS.get_ptr_mut(verdict as u32) {
+pub fn count(verdict: Verdict, family: StatsFamily, svc_id: u32, bytes: u32) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(family.index(verdict as u32)) {
         add(c, bytes);
     }
     if svc_id == 0 {

@@ -21,6 +21,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use proxy_common::StatsFamily;
+
 use crate::dataplane::maps::GlobalStats;
 
 /// The body's content type: prometheus-client writes OpenMetrics 1.0 (`# EOF`, `_total`
@@ -76,6 +78,7 @@ struct BuildLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
     verdict: &'static str,
+    family: &'static str,
 }
 
 #[derive(Clone)]
@@ -386,28 +389,36 @@ impl std::fmt::Debug for DatapathCollector {
 impl Collector for DatapathCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Ok(stats) = self.0.lock() else { return Ok(()) };
-        // A GLOBAL_STATS pinned by an older datapath has fewer verdicts: export what it has.
-        let counts: Vec<(&'static str, proxy_common::Counters)> =
-            proxy_common::Verdict::ALL.iter().filter_map(|v| Some((v.name(), stats.total(*v as u32).ok()?))).collect();
+        // A GLOBAL_STATS pinned by an older datapath has fewer indices: export what it has
+        // (its flat layout reads back as the `other` family).
+        let mut counts = Vec::new();
+        for family in StatsFamily::ALL {
+            for v in proxy_common::Verdict::ALL {
+                if let Ok(c) = stats.counters(family, v as u32) {
+                    counts.push((VerdictLabel { verdict: v.name(), family: family.name() }, c));
+                }
+            }
+        }
         drop(stats);
         let packets = ConstCounter::new(0u64);
         let mut family = enc.encode_descriptor(
             "datapath_packets",
-            "Packets (socket-level: connect()/sendmsg() calls) the datapath handled, by verdict (see `ebpf-proxy stats`)",
+            "Packets (socket-level: connect()/sendmsg() calls) the datapath handled, by verdict and address family \
+             (`other`: not IPv4/IPv6; see `ebpf-proxy stats`)",
             None,
             packets.metric_type(),
         )?;
-        for (verdict, c) in &counts {
-            ConstCounter::new(c.packets).encode(family.encode_family(&VerdictLabel { verdict })?)?;
+        for (label, c) in &counts {
+            ConstCounter::new(c.packets).encode(family.encode_family(label)?)?;
         }
         let mut family = enc.encode_descriptor(
             "datapath_bytes",
-            "Bytes the datapath handled, by verdict",
+            "Bytes the datapath handled, by verdict and address family",
             None,
             packets.metric_type(),
         )?;
-        for (verdict, c) in &counts {
-            ConstCounter::new(c.bytes).encode(family.encode_family(&VerdictLabel { verdict })?)?;
+        for (label, c) in &counts {
+            ConstCounter::new(c.bytes).encode(family.encode_family(label)?)?;
         }
         Ok(())
     }

@@ -12,7 +12,8 @@ use std::{
 };
 
 use proxy_common::{
-    CtKey, CtValue, ServiceMeta, ServiceValue, SlotKey, Verdict, backend_flags, ct_flags, port_from_map, svc_flags,
+    CtKey, CtValue, ServiceMeta, ServiceValue, SlotKey, StatsFamily, Verdict, backend_flags, ct_flags, port_from_map,
+    svc_flags,
 };
 use serde::Serialize;
 
@@ -550,10 +551,12 @@ pub fn render_conntrack(rows: &[ConntrackRow]) -> String {
 pub struct StatRow {
     /// None for the node-wide counters.
     pub service_id: Option<u32>,
-    /// The service id's frontend (`10.96.0.1:80/TCP`, `[fd00::1]:80/TCP`) and its family,
-    /// when it is still programmed: ids are shared by both families.
+    /// The service id's frontend (`10.96.0.1:80/TCP`, `[fd00::1]:80/TCP`), when it is still
+    /// programmed: ids are shared by both families.
     pub frontend: Option<String>,
-    pub family: Option<IpFamily>,
+    /// `IPv4`/`IPv6` (a node-wide block, or the frontend's family), `other` for node-wide
+    /// counts of neither; None for a service whose frontend is gone.
+    pub family: Option<&'static str>,
     pub verdict: &'static str,
     pub packets: u64,
     pub bytes: u64,
@@ -562,26 +565,32 @@ pub struct StatRow {
 pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
     use proxy_common::map_names as n;
     let mut rows = Vec::new();
-    // A GLOBAL_STATS pinned by an older agent has fewer verdicts: show what it has.
-    for v in 0..Verdict::COUNT.min(maps.global_stats.len()) {
-        let c = crate::dataplane::maps::global_total(&maps.global_stats, v)?;
-        rows.push(StatRow {
-            service_id: None,
-            frontend: None,
-            family: None,
-            verdict: Verdict::ALL[v as usize].name(),
-            packets: c.packets,
-            bytes: c.bytes,
-        });
+    // Node-wide: every verdict of both families, and of neither (non-IP frames, counts
+    // migrated from the flat layout) where it counted something.
+    for v in Verdict::ALL {
+        for family in StatsFamily::ALL {
+            let c = crate::dataplane::maps::global_counters(&maps.global_stats, family, v as u32)?;
+            if family == StatsFamily::Other && c.packets == 0 {
+                continue;
+            }
+            rows.push(StatRow {
+                service_id: None,
+                frontend: None,
+                family: Some(family.name()),
+                verdict: v.name(),
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
     }
-    let frontends: HashMap<u32, (String, IpFamily)> = maps
+    let frontends: HashMap<u32, (String, &'static str)> = maps
         .read_snapshot()?
         .services
         .iter()
         .map(|(k, v)| {
             let at = SocketAddr::new(k.addr, port_from_map(k.port));
             let scope = if k.scope == proxy_common::SCOPE_EXTERNAL { " external" } else { "" };
-            (v.id, (format!("{at}/{}{scope}", proto_name(k.proto)), IpFamily::of(k.addr)))
+            (v.id, (format!("{at}/{}{scope}", proto_name(k.proto)), IpFamily::of(k.addr).name()))
         })
         .collect();
     let mut per: Vec<StatRow> = Vec::new();
@@ -598,16 +607,22 @@ pub fn read_stats(maps: &Maps) -> Result<Vec<StatRow>, DataplaneError> {
 }
 
 pub const STAT_COLUMNS: Columns<StatRow> =
-    Columns { header: &["SERVICE", "VERDICT", "PACKETS", "BYTES", "FRONTEND", "FAMILY"], narrow: 5, cells: stat_cells };
+    // Every column in the table too: node rows are told apart by FAMILY, service rows by
+    // FRONTEND.
+    Columns {
+        header: &["SERVICE", "VERDICT", "FAMILY", "PACKETS", "BYTES", "FRONTEND"],
+        narrow: 6,
+        cells: stat_cells,
+    };
 
 fn stat_cells(r: &StatRow) -> Vec<String> {
     vec![
         r.service_id.map(|i| i.to_string()).unwrap_or_else(|| "node".into()),
         r.verdict.to_string(),
+        r.family.unwrap_or("-").to_string(),
         r.packets.to_string(),
         r.bytes.to_string(),
         r.frontend.clone().unwrap_or_else(|| "-".into()),
-        r.family.map_or_else(|| "-".into(), |f| f.to_string()),
     ]
 }
 
@@ -777,11 +792,11 @@ mod tests {
     #[test]
     fn stats_rows_name_the_frontend_of_their_id() {
         let rows = [
-            StatRow { service_id: None, frontend: None, family: None, verdict: "pass", packets: 3, bytes: 180 },
+            StatRow { service_id: None, frontend: None, family: Some("IPv4"), verdict: "pass", packets: 3, bytes: 180 },
             StatRow {
                 service_id: Some(8),
                 frontend: Some("[fd00::a]:80/TCP".into()),
-                family: Some(IpFamily::V6),
+                family: Some(IpFamily::V6.name()),
                 verdict: "new_flow",
                 packets: 1,
                 bytes: 80,
@@ -790,7 +805,7 @@ mod tests {
         let text = render_stats(&rows);
         let mut lines = text.lines().skip(1);
         let node: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-        assert_eq!(node, ["node", "pass", "3", "180", "-"], "node rows keep their leading columns");
+        assert_eq!(node, ["node", "pass", "IPv4", "3", "180", "-"], "node rows say their family");
         assert!(lines.next().unwrap().ends_with("[fd00::a]:80/TCP"));
         assert_eq!(serde_json::to_value(&rows[1]).unwrap()["family"], "IPv6");
     }

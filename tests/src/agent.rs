@@ -171,14 +171,20 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 
 /// Run the CLI (`ebpf-proxy <args>`) and return stdout.
 /// A node-wide verdict counter from `ebpf-proxy stats` (table output); 0 when absent.
+/// A node-wide counter in `ebpf-proxy stats`' table, summed over its family rows (the
+/// PACKETS column found by its header, so a reordered table cannot be misread).
 pub fn node_counter(stats: &str, verdict: &str) -> u64 {
+    let Some(packets) = stats.lines().next().and_then(|h| h.split_whitespace().position(|c| c == "PACKETS")) else {
+        return 0;
+    };
     stats
         .lines()
-        .find_map(|l| {
+        .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() >= 3 && cols[0] == "node" && cols[1] == verdict).then(|| cols[2].parse().ok()).flatten()
+            (cols.len() > packets && cols[0] == "node" && cols[1] == verdict)
+                .then(|| cols[packets].parse::<u64>().ok())?
         })
-        .unwrap_or(0)
+        .sum()
 }
 
 pub fn cli(args: &[&str]) -> Result<String> {

@@ -76,6 +76,18 @@ impl TestDataplane {
         NodeMaps::open_pinned(&self.pins.0).expect("node maps")
     }
 
+    /// Packets counted node-wide under verdict `v` (GLOBAL_STATS), every family together.
+    pub fn global(&self, v: u32) -> u64 {
+        proxy_userspace::dataplane::maps::global_total(&self.maps().global_stats, v).expect("GLOBAL_STATS").packets
+    }
+
+    /// Packets counted node-wide under verdict `v` in `family`'s block only.
+    pub fn global_in(&self, family: proxy_common::StatsFamily, v: u32) -> u64 {
+        proxy_userspace::dataplane::maps::global_counters(&self.maps().global_stats, family, v)
+            .expect("GLOBAL_STATS")
+            .packets
+    }
+
     pub fn maps(&self) -> &Maps {
         self.syncer.store()
     }

@@ -169,10 +169,16 @@ fn metrics_names_types_and_network_programming_latency() {
     assert!(body.contains("ebpf_proxy_build_info{version=\""), "{body}");
     let rss = sample(&body, "process_resident_memory_bytes").expect("rss");
     assert!(rss > 1e6, "rss {rss}");
-    // The node-wide verdict counters are the datapath's: the connections above were new flows.
-    let new_flows = sample(&body, "ebpf_proxy_datapath_packets_total{verdict=\"new_flow\"}").expect("new_flow");
-    assert!(new_flows >= 1.0, "{body}");
-    assert_eq!(sample(&body, "ebpf_proxy_datapath_packets_total{verdict=\"ct_full\"}"), Some(0.0));
+    // The node-wide verdict counters are the datapath's, by family: the connections above
+    // were IPv4 new flows, and no IPv6 flow was created.
+    let dp = |verdict: &str, family: &str| {
+        sample(&body, &format!("ebpf_proxy_datapath_packets_total{{verdict=\"{verdict}\",family=\"{family}\"}}"))
+    };
+    assert!(dp("new_flow", "IPv4").expect("new_flow IPv4") >= 1.0, "{body}");
+    assert_eq!(dp("new_flow", "IPv6"), Some(0.0), "{body}");
+    for family in ["IPv4", "IPv6", "other"] {
+        assert_eq!(dp("ct_full", family), Some(0.0), "{body}");
+    }
     let programming = "kubeproxy_network_programming_duration_seconds_count";
     assert_eq!(sample(&body, programming), Some(0.0), "a change from before the start is not timed: {body}");
     let changes0 = sample(&body, "kubeproxy_sync_proxy_rules_endpoint_changes_total").expect("changes");

@@ -83,10 +83,6 @@ fn flow(dp: &TestDataplane, client: (Ipv4Addr, u16), front: (Ipv4Addr, u16), pro
     dp.maps().ct_get(&k).map(|v| (ct::state(proto, v.flags), assured))
 }
 
-fn global(dp: &TestDataplane, v: u32) -> u64 {
-    dp.maps().global_stats.get(&v, 0).map(|pc| pc.iter().map(|c| c.packets).sum()).unwrap_or(0)
-}
-
 fn per_service(dp: &TestDataplane, v: u32) -> u64 {
     let ids: Vec<u32> = dp.maps().services.iter().filter_map(Result::ok).map(|(_, s)| s.id).collect();
     ids.iter()
@@ -160,7 +156,7 @@ fn half_open_syn_flood_neither_blocks_new_connections_nor_evicts_established_one
         let (v, out) = dp.run(XDP, &data);
         assert_eq!((v, decode(&out).dst), (XDP_PASS, *backend), "{c:?} kept its backend");
     }
-    assert_eq!(global(&dp, verdict::CT_FULL), 0);
+    assert_eq!(dp.global(verdict::CT_FULL), 0);
 }
 
 /// Item 2: 3,000 DNS-like UDP exchanges (one request, one reply) at `--max-conntrack 1024`
@@ -203,7 +199,7 @@ fn one_shot_udp_exchanges_never_fill_the_table() {
         CLIENT_VETH,
     );
     assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (PODS[2], 8080)), "established connection kept");
-    assert_eq!(global(&dp, verdict::CT_FULL), 0);
+    assert_eq!(dp.global(verdict::CT_FULL), 0);
 
     // A stream: a reply, then more traffic 2 s after the first packet.
     let c = (POD_CLIENT, 30000);
@@ -450,7 +446,7 @@ fn v6_half_open_syn_flood_keeps_established_connections_and_lets_new_ones_comple
     let data = tcp_seq((client.into(), 40000), (vip.into(), 80), tcp::ACK, 101, 7001, b"data");
     let (v, out) = dp.run_tc_from(FROM_POD, &data, CLIENT_VETH);
     assert_eq!((v, decode6(&out).dst), (TC_ACT_UNSPEC, (pod, 8080)));
-    assert_eq!(global(&dp, verdict::CT_FULL), 0);
+    assert_eq!(dp.global(verdict::CT_FULL), 0);
 }
 
 /// The LRU may evict one entry of an unassured flow and leave the other: a client that sends

@@ -174,36 +174,35 @@ fn non_service_and_malformed_frames_pass_untouched() {
     fix_ip_csum(&mut icmp);
     let garbage: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(97) % 251) as u8).collect();
 
-    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-        ("other destination", other_dst, verdict::PASS),
-        ("other port", other_port, verdict::PASS),
-        ("UDP to a TCP-only service", udp_to_tcp_service, verdict::PASS),
-        ("ARP", arp, verdict::NOT_IP),
-        ("IPv6 with payload length 0 (a jumbogram)", ipv6, verdict::MALFORMED),
-        ("truncated TCP header", truncated, verdict::MALFORMED),
-        ("first fragment of ICMP", fragment, verdict::FRAGMENT),
-        ("later fragment", later_fragment, verdict::FRAGMENT),
-        ("IHL < 5", bad_ihl, verdict::MALFORMED),
-        ("IP version 6 in an IPv4 ethertype", bad_version, verdict::MALFORMED),
-        ("ICMP to the VIP", icmp, verdict::OTHER_L4),
-        ("garbage", garbage, verdict::NOT_IP),
+    use proxy_common::StatsFamily::{Ipv4, Ipv6, Other};
+    // Each frame is counted in its family's block of GLOBAL_STATS: the IPv4 ethertype's
+    // frames under IPv4 (even a version-6 header in one), the IPv6 ethertype's under IPv6,
+    // what is neither under `other`.
+    let cases: Vec<(&str, Vec<u8>, u32, proxy_common::StatsFamily)> = vec![
+        ("other destination", other_dst, verdict::PASS, Ipv4),
+        ("other port", other_port, verdict::PASS, Ipv4),
+        ("UDP to a TCP-only service", udp_to_tcp_service, verdict::PASS, Ipv4),
+        ("ARP", arp, verdict::NOT_IP, Other),
+        ("IPv6 with payload length 0 (a jumbogram)", ipv6, verdict::MALFORMED, Ipv6),
+        ("truncated TCP header", truncated, verdict::MALFORMED, Ipv4),
+        ("first fragment of ICMP", fragment, verdict::FRAGMENT, Ipv4),
+        ("later fragment", later_fragment, verdict::FRAGMENT, Ipv4),
+        ("IHL < 5", bad_ihl, verdict::MALFORMED, Ipv4),
+        ("IP version 6 in an IPv4 ethertype", bad_version, verdict::MALFORMED, Ipv4),
+        ("ICMP to the VIP", icmp, verdict::OTHER_L4, Ipv4),
+        ("garbage", garbage, verdict::NOT_IP, Other),
     ];
-    let global = |dp: &TestDataplane, v: u32| -> u64 {
-        dp.maps().global_stats.get(&v, 0).map(|pc| pc.iter().map(|c| c.packets).sum()).unwrap_or(0)
-    };
-    for (name, frame, expect) in cases {
-        let before = global(&dp, expect);
+    for (name, frame, expect, family) in cases {
+        let before = dp.global(expect);
+        let before_in = dp.global_in(family, expect);
         for prog in [FROM_POD, TO_POD] {
             let (v, out) = dp.run(prog, &frame);
             assert_eq!(v, TC_ACT_UNSPEC, "{name} via {prog}: verdict");
             assert_eq!(out, frame, "{name} via {prog}: bytes changed");
         }
-        assert_eq!(
-            global(&dp, expect),
-            before + 2,
-            "{name}: counted as {}",
-            proxy_common::Verdict::ALL[expect as usize].name()
-        );
+        let vname = proxy_common::Verdict::ALL[expect as usize].name();
+        assert_eq!(dp.global(expect), before + 2, "{name}: counted as {vname}");
+        assert_eq!(dp.global_in(family, expect), before_in + 2, "{name}: counted as {vname} in {}", family.name());
     }
 }
 

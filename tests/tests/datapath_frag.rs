@@ -164,10 +164,6 @@ fn ports_at(f: &[u8], l4: usize) -> (u16, u16) {
     (u16::from_be_bytes([f[l4], f[l4 + 1]]), u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]))
 }
 
-fn global(dp: &TestDataplane, v: u32) -> u64 {
-    dp.maps().global_stats.get(&v, 0).map(|pc| pc.iter().map(|c| c.packets).sum()).unwrap_or(0)
-}
-
 /// Packets counted under verdict `v` for any service (each test programs one).
 fn per_service(dp: &TestDataplane, v: u32) -> u64 {
     let keys: Vec<StatsKey> = dp.maps().service_stats.keys().filter_map(Result::ok).collect();
@@ -237,12 +233,12 @@ fn udp_clusterip_fragments_v4() {
     // A later fragment whose first fragment never came by (another identification): not
     // ours to translate.
     let stray = fragment4(&udp_frame(backend, client, &answer), 0x9999)[1].clone();
-    let before = global(&dp, verdict::FRAGMENT);
+    let before = dp.global(verdict::FRAGMENT);
     for prog in [TO_POD, FROM_POD] {
         let (v, out) = dp.run(prog, &stray);
         assert_eq!((v, &out), (TC_ACT_UNSPEC, &stray), "{prog}: stray later fragment untouched");
     }
-    assert_eq!(global(&dp, verdict::FRAGMENT), before + 2);
+    assert_eq!(dp.global(verdict::FRAGMENT), before + 2);
 }
 
 /// The same for IPv6: the answer in two fragments (Fragment header) through `to_pod`, and a
@@ -295,10 +291,10 @@ fn udp_clusterip_fragments_v6() {
     assert_eq!(d.payload, query);
 
     let stray = fragment6(&udp6_frame(backend, client, &answer), 8)[1].clone();
-    let before = global(&dp, verdict::FRAGMENT);
+    let before = dp.global(verdict::FRAGMENT);
     let (v, out) = dp.run(TO_POD, &stray);
     assert_eq!((v, &out), (TC_ACT_UNSPEC, &stray), "stray later fragment untouched");
-    assert_eq!(global(&dp, verdict::FRAGMENT), before + 1);
+    assert_eq!(dp.global(verdict::FRAGMENT), before + 1);
 }
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);

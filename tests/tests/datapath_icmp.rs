@@ -24,10 +24,6 @@ fn one_backend(dp: &mut TestDataplane, proto: Protocol) {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
 }
 
-fn global(dp: &TestDataplane, v: u32) -> u64 {
-    dp.maps().global_stats.get(&v, 0).map(|pc| pc.iter().map(|c| c.packets).sum()).unwrap_or(0)
-}
-
 /// The client's flow to the VIP, as it leaves `from_pod` (DNATed to the backend).
 fn open_flow(dp: &mut TestDataplane, proto: Protocol, payload: &[u8]) -> Vec<u8> {
     let frame = match proto {
@@ -52,7 +48,7 @@ fn frag_needed_about_a_client_segment_quotes_the_vip() {
     let sent = open_flow(&mut dp, Protocol::Tcp, &[7u8; 600]);
     let mtu = 1280u16.to_be_bytes();
     let err = icmp_error(ROUTER, CLIENT, (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED), [0, 0, mtu[0], mtu[1]], &sent[14..]);
-    let before = global(&dp, verdict::ICMP_ERROR);
+    let before = dp.global(verdict::ICMP_ERROR);
     let (v, out) = dp.run(TO_POD, &err);
     assert_eq!(v, TC_ACT_UNSPEC);
     assert_eq!(
@@ -61,7 +57,7 @@ fn frag_needed_about_a_client_segment_quotes_the_vip() {
         "translated error"
     );
     assert_eq!(&out[14 + 20 + 4..14 + 20 + 8], &[0, 0, mtu[0], mtu[1]], "next-hop MTU kept");
-    assert_eq!(global(&dp, verdict::ICMP_ERROR), before + 1, "counted icmp_error");
+    assert_eq!(dp.global(verdict::ICMP_ERROR), before + 1, "counted icmp_error");
 
     // RFC 792 only promises 8 bytes of the quoted transport header: the ports are still
     // translated (TCP's checksum lies beyond them and is left alone).
@@ -124,10 +120,10 @@ fn other_icmp_passes_untouched() {
     ];
     for (name, frame) in cases {
         for prog in [FROM_POD, TO_POD] {
-            let before = global(&dp, verdict::OTHER_L4);
+            let before = dp.global(verdict::OTHER_L4);
             let (v, out) = dp.run(prog, &frame);
             assert_eq!((v, &out), (TC_ACT_UNSPEC, &frame), "{name} via {prog}");
-            assert_eq!(global(&dp, verdict::OTHER_L4), before + 1, "{name} via {prog} counted other_l4");
+            assert_eq!(dp.global(verdict::OTHER_L4), before + 1, "{name} via {prog} counted other_l4");
         }
     }
 }

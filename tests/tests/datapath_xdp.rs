@@ -54,10 +54,6 @@ fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), dir: u8) -> CtKey {
     }
 }
 
-fn global(dp: &TestDataplane, v: u32) -> u64 {
-    dp.maps().global_stats.get(&v, 0).map(|pc| pc.iter().map(|c| c.packets).sum()).unwrap_or(0)
-}
-
 fn per_service(dp: &TestDataplane, v: u32) -> u64 {
     let ids: Vec<u32> = dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v.id).collect();
     ids.iter()
@@ -398,12 +394,12 @@ fn xdp_non_service_frames_pass_untouched() {
         ("truncated", tcp_frame((CLIENT, 40000), (NODE, NODE_PORT), b"")[..40].to_vec(), verdict::MALFORMED),
     ];
     for (name, frame, expect) in cases {
-        let before = global(&dp, expect);
+        let before = dp.global(expect);
         let (v, out) = dp.run(XDP, &frame);
         assert_eq!(v, XDP_PASS, "{name}");
         assert_eq!(out, frame, "{name}: bytes changed");
         assert_eq!(
-            global(&dp, expect),
+            dp.global(expect),
             before + 1,
             "{name}: counted as {}",
             proxy_common::Verdict::ALL[expect as usize].name()
@@ -562,7 +558,7 @@ fn xdp_icmp_errors_about_snat_flows_reach_the_client() {
     let mtu = 1280u16.to_be_bytes();
     for (sender, outer_src) in [(NODE2, NODE2), (REMOTE_POD, NODE)] {
         let err = icmp_error(sender, NODE, (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED), [0, 0, mtu[0], mtu[1]], &sent[14..]);
-        let before = global(&dp, verdict::ICMP_ERROR);
+        let before = dp.global(verdict::ICMP_ERROR);
         let (v, out) = net.ns.run(|| dp.run_xdp_on(XDP, &err, up0));
         assert_eq!(v, XDP_TX, "forwarded back out towards the client");
         assert_eq!(
@@ -571,7 +567,7 @@ fn xdp_icmp_errors_about_snat_flows_reach_the_client() {
             "error from {sender}"
         );
         assert_eq!(&out[..6], &CLIENT_MAC, "to the client's MAC");
-        assert_eq!(global(&dp, verdict::ICMP_ERROR), before + 1);
+        assert_eq!(dp.global(verdict::ICMP_ERROR), before + 1);
     }
     assert_ne!(snat_port, 40000, "the flow was source-NATed");
 }

@@ -3,14 +3,14 @@
 //! datapath under a per-test bpffs directory; no interface is touched.
 use std::net::Ipv4Addr;
 
-use aya::maps::{HashMap, Map, MapData, MapType};
-use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, map_names as n};
+use aya::maps::{HashMap, Map, MapData, MapType, PerCpuArray, PerCpuValues};
+use proxy_common::{CT_DIR_FORWARD, Counters, CtKey, CtValue, PROTO_TCP, StatsFamily, map_names as n};
 use proxy_tests::harness::{PinDir, entry, frontend, require_root, state};
 use proxy_userspace::{
     dataplane::{
         DataplaneError,
         loader::{self, LoaderConfig},
-        maps::Maps,
+        maps::{Maps, global_counters, global_total},
     },
     model::Protocol,
     sync::Syncer,
@@ -159,6 +159,46 @@ fn type_change_migrates_entries() {
     // The value may pass through the map's upgrade hook (flags); what it points at stays.
     let (k, v) = ct(42);
     assert!(copied.iter().any(|(ck, cv)| *ck == k && cv.backend_id == v.backend_id && cv.nat_port == v.nat_port));
+}
+
+/// GLOBAL_STATS pinned by an agent from before the per-family counters (one flat block of
+/// 17 verdicts): migrated index by index, so its counts read back in the `other` block, no
+/// node-wide total changes, and the new programs count into the family blocks beside them.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn flat_global_stats_migrates_into_the_other_block() {
+    require_root("flat_global_stats_migrates_into_the_other_block");
+    let pins = PinDir::new();
+    let c = cfg(&pins, 64, 1024);
+    let size = |v: usize| v as u32;
+    let data = create_pinned(&pins, n::GLOBAL_STATS, MapType::PerCpuArray, 4, size(size_of::<Counters>()), 17);
+    let mut old: PerCpuArray<MapData, Counters> = PerCpuArray::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    for v in 0..17u32 {
+        // CPU i holds (v+1)*(i+1) packets: the per-CPU slots must be carried over one by one.
+        let per_cpu: Vec<Counters> = (0..cpus as u64)
+            .map(|i| Counters { packets: (v as u64 + 1) * (i + 1), bytes: 100 * (v as u64 + 1) })
+            .collect();
+        old.set(v, PerCpuValues::try_from(per_cpu).unwrap(), 0).unwrap();
+    }
+    let (progs, maps) = loader::load(&c).expect("load");
+    assert_eq!(progs.migration.maps(), vec![n::GLOBAL_STATS]);
+    assert_eq!(pin_info(&pins, n::GLOBAL_STATS).max_entries(), proxy_common::GLOBAL_STATS_LEN);
+    let per_cpu_sum: u64 = (1..=cpus as u64).sum();
+    for v in 0..17u32 {
+        let want = (v as u64 + 1) * per_cpu_sum;
+        let other = global_counters(&maps.global_stats, StatsFamily::Other, v).unwrap();
+        assert_eq!((other.packets, other.bytes), (want, 100 * (v as u64 + 1) * cpus as u64), "verdict {v}");
+        assert_eq!(global_total(&maps.global_stats, v).unwrap().packets, want, "total of verdict {v} kept");
+        for f in [StatsFamily::Ipv4, StatsFamily::Ipv6] {
+            assert_eq!(
+                global_counters(&maps.global_stats, f, v).unwrap().packets,
+                0,
+                "{} block starts empty",
+                f.name()
+            );
+        }
+    }
 }
 
 /// Another key/value layout cannot be migrated: the load fails naming the map and the way

@@ -26,13 +26,7 @@ const SMALL_MTU: &str = "1280";
 /// upload went through the translation and not around it.
 fn icmp_errors(pins: &PinDir) -> u64 {
     let stats = cli(&["stats", "--bpffs-root", pins.0.to_str().unwrap()]).expect("ebpf-proxy stats");
-    stats
-        .lines()
-        .find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() >= 3 && cols[0] == "node" && cols[1] == "icmp_error").then(|| cols[2].parse().ok()).flatten()
-        })
-        .unwrap_or(0)
+    proxy_tests::agent::node_counter(&stats, "icmp_error")
 }
 
 /// Connect to `addr`, send `UPLOAD` bytes as one line and wait for the backend's answer

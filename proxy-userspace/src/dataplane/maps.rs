@@ -14,7 +14,7 @@ use aya::{
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
     PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue,
-    SourceRangeData6, StatsKey, map_names as n,
+    SourceRangeData6, StatsFamily, StatsKey, map_names as n,
 };
 
 use super::{
@@ -181,16 +181,29 @@ impl Maps {
     }
 }
 
-/// One verdict's node-wide counters summed over CPUs; zero for a verdict that a
-/// GLOBAL_STATS pinned by an older agent does not have.
-pub fn global_total(map: &PerCpuArray<MapData, Counters>, verdict: u32) -> Result<Counters, DataplaneError> {
-    if verdict >= map.len() {
+/// One verdict's node-wide counters in `family`'s block, summed over CPUs; zero for an index
+/// that a GLOBAL_STATS pinned by an older agent does not have (its flat layout is the
+/// `Other` block, so its counts read back there).
+pub fn global_counters(
+    map: &PerCpuArray<MapData, Counters>,
+    family: StatsFamily,
+    verdict: u32,
+) -> Result<Counters, DataplaneError> {
+    let index = family.index(verdict);
+    if verdict >= proxy_common::verdict::STRIDE || index >= map.len() {
         return Ok(Counters::default());
     }
-    let pc = map.get(&verdict, 0).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
-    Ok(pc
-        .iter()
-        .fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+    let pc = map.get(&index, 0).map_err(|e| DataplaneError::from_map(n::GLOBAL_STATS, e))?;
+    Ok(pc.iter().fold(Counters::default(), |a, c| add(a, *c)))
+}
+
+/// One verdict's node-wide counters, every family together.
+pub fn global_total(map: &PerCpuArray<MapData, Counters>, verdict: u32) -> Result<Counters, DataplaneError> {
+    StatsFamily::ALL.iter().try_fold(Counters::default(), |a, f| Ok(add(a, global_counters(map, *f, verdict)?)))
+}
+
+fn add(a: Counters, b: Counters) -> Counters {
+    Counters { packets: a.packets + b.packets, bytes: a.bytes + b.bytes }
 }
 
 /// GLOBAL_STATS on its own, for readers that need nothing else (the conntrack GC watches
@@ -207,6 +220,10 @@ impl GlobalStats {
 
     pub fn total(&self, verdict: u32) -> Result<Counters, DataplaneError> {
         global_total(&self.0, verdict)
+    }
+
+    pub fn counters(&self, family: StatsFamily, verdict: u32) -> Result<Counters, DataplaneError> {
+        global_counters(&self.0, family, verdict)
     }
 }
 
