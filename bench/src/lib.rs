@@ -5,9 +5,11 @@
 //! direct), `control` (programming time vs iptables-restore / nft -f, one-change latency),
 //! `rss` (the real agent's peak RSS), `throughput` (one TCP stream, ClusterIP vs direct),
 //! `northsouth` (UDP packets/s through a NodePort to another node: XDP vs iptables).
+//! `charts` draws the comparisons of a run's rows as SVG (docs/bench/).
 //!
 //! Everything privileged happens in network namespaces created here and in a per-run bpffs
 //! directory, both removed afterwards (also on panic, through `Drop`).
+pub mod charts;
 pub mod conn;
 pub mod conntrack;
 pub mod control;

@@ -1,6 +1,8 @@
 //! `proxy-bench [--quick] [--out DIR] [--sections LIST]`: run the benchmark sections, print
 //! markdown tables and write JSON (`<out>/bench-<mode>-<unix time>.json` and
-//! `<out>/latest-<mode>.json`). Needs root. Normally started by `cargo xtask bench`.
+//! `<out>/latest-<mode>.json`) and SVG charts of the comparisons (`charts`: docs/bench after
+//! a complete full run). Needs root. Normally started by `cargo xtask bench`.
+//! `proxy-bench --charts-from FILE` only draws the charts of a saved report.
 use std::{
     path::PathBuf,
     process::{Command, ExitCode},
@@ -43,6 +45,38 @@ struct Args {
     /// conntrack, northsouth, scale.
     #[arg(long, value_delimiter = ',')]
     sections: Vec<String>,
+    /// Run nothing: draw the charts of a saved report (a run's JSON, or a charts
+    /// directory's report.json) into --charts-dir (default: docs/bench). Needs no root.
+    #[arg(long, value_name = "FILE")]
+    charts_from: Option<PathBuf>,
+    /// Where the charts go (default: docs/bench after a full run of every section, and for
+    /// --charts-from; <out>/charts-<mode> after any other run).
+    #[arg(long, value_name = "DIR")]
+    charts_dir: Option<PathBuf>,
+}
+
+/// docs/bench: the charts next to docs/benchmarks.md.
+fn docs_charts_dir() -> PathBuf {
+    let bench_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    bench_dir.parent().unwrap_or(bench_dir).join("docs").join("bench")
+}
+
+fn write_charts(report: &Report, dir: &std::path::Path) -> bool {
+    match proxy_bench::charts::write(report, dir) {
+        Ok(files) => {
+            eprintln!(
+                "proxy-bench: {} chart(s) and {} in {}",
+                files.len(),
+                proxy_bench::charts::REPORT_FILE,
+                dir.display()
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!("proxy-bench: cannot write the charts: {e}");
+            false
+        }
+    }
 }
 
 fn version(cmd: &str, arg: &str) -> String {
@@ -65,6 +99,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         return ExitCode::SUCCESS;
+    }
+    if let Some(file) = &args.charts_from {
+        let report = match proxy_bench::charts::read_report(file) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("proxy-bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let dir = args.charts_dir.clone().unwrap_or_else(docs_charts_dir);
+        return if write_charts(&report, &dir) { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -183,6 +228,18 @@ fn main() -> ExitCode {
             eprintln!("proxy-bench: cannot write results: {e:#}");
             return ExitCode::FAILURE;
         }
+    }
+    // The docs' charts come from a complete full run, like the docs' tables; quick and
+    // partial runs draw theirs beside their JSON.
+    let charts_dir = args.charts_dir.clone().unwrap_or_else(|| {
+        if !plan.quick && args.sections.is_empty() && report.errors.is_empty() {
+            docs_charts_dir()
+        } else {
+            out.join(format!("charts-{mode}"))
+        }
+    });
+    if !write_charts(&report, &charts_dir) {
+        return ExitCode::FAILURE;
     }
     if report.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -19,6 +19,9 @@ fn quick_bench_produces_every_row() {
         .status()
         .expect("running proxy-bench");
     let json = std::fs::read_to_string(out.join("latest-quick.json"));
+    // A quick run draws its charts beside its JSON, never into docs/.
+    let charts: Vec<bool> =
+        proxy_bench::charts::FILES.iter().map(|f| out.join("charts-quick").join(f).is_file()).collect();
     let _ = std::fs::remove_dir_all(&out);
     let report: Report = serde_json::from_str(&json.expect("results written")).expect("results parse");
     assert!(report.errors.is_empty(), "sections failed: {:#?}", report.errors);
@@ -33,4 +36,5 @@ fn quick_bench_produces_every_row() {
     }
     assert!(missing.is_empty(), "rows missing or not positive: {missing:#?}");
     assert!(!report.targets.is_empty(), "targets judged");
+    assert!(charts.iter().all(|c| *c), "charts written to <out>/charts-quick: {charts:?}");
 }

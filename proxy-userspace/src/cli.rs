@@ -263,9 +263,11 @@ pub struct ExplainArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub source: ObjectSourceArgs,
-    /// As the agent's flag of that name (it changes which node addresses serve NodePorts).
-    /// Inside the agent's pod the DaemonSet's EBPF_PROXY_NODEPORT_ADDRESSES (from the
-    /// ConfigMap) is the default, so `kubectl exec ... verify` judges as the agent does.
+    /// As the agent's flag of that name (unset, `primary` or CIDRs: which local addresses
+    /// serve NodePorts); the local addresses are this network namespace's, so run verify
+    /// where the agent runs. Inside the agent's pod the DaemonSet's
+    /// EBPF_PROXY_NODEPORT_ADDRESSES (from the ConfigMap) is the default, so `kubectl exec
+    /// ... verify` judges as the agent does.
     #[arg(long, value_delimiter = ',', env = "EBPF_PROXY_NODEPORT_ADDRESSES")]
     pub nodeport_addresses: Vec<String>,
     #[command(flatten)]
@@ -345,9 +347,13 @@ pub struct AgentArgs {
     /// answers it through its default route). :: disables IPv6 hairpin SNAT.
     #[arg(long, default_value_t = Ipv6Addr::from(proxy_common::nat_defaults::HAIRPIN_ADDR6))]
     pub hairpin_address6: Ipv6Addr,
-    /// CIDRs selecting which node addresses serve NodePorts (default: all node IPs), IPv4
-    /// and IPv6; a family with no CIDR here is not restricted, as kube-proxy's. A value that
-    /// is not a CIDR stops the agent at start-up (an empty one is ignored).
+    /// Which local addresses serve NodePorts, as kube-proxy's flag. Unset: every local
+    /// address of the node's network namespace, followed as addresses come and go (secondary
+    /// NICs, keepalived VIPs, bridge gateways), as kube-proxy's iptables mode. `primary`: only
+    /// the node's primary IP of each family (its first InternalIP, else ExternalIP; the
+    /// nftables mode's default). CIDRs (IPv4 and IPv6): the local addresses inside them; a
+    /// family with no CIDR here is not restricted. Never loopback nor IPv6 link-local. A
+    /// value that is neither stops the agent at start-up (an empty one is ignored).
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// Address for /healthz, /livez and /readyz (kube-proxy's healthz port).

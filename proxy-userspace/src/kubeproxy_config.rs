@@ -298,6 +298,37 @@ logging:
         assert_eq!(a.conntrack.conntrack_tcp_timeout_close_wait, std::time::Duration::from_secs(1800));
     }
 
+    /// `nodePortAddresses: [primary]` (kube-proxy >= 1.29) means what the flag's `primary`
+    /// means; beside a CIDR it is refused naming the flag, as upstream's validation does.
+    #[test]
+    fn node_port_addresses_primary_from_the_file() {
+        let file = |v: &str| {
+            format!(
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: {v}\n"
+            )
+        };
+        let c: KubeProxyConfiguration = serde_yaml::from_str(&file("[primary]")).unwrap();
+        let flags: Vec<String> = c.translate(1).flags.into_iter().map(|(_, f)| f).collect();
+        assert_eq!(flags, ["--nodeport-addresses=primary"]);
+        let dir = std::env::temp_dir().join(format!("epx-kpc-primary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.conf");
+        let parse = |content: &str| {
+            std::fs::write(&path, content).unwrap();
+            let argv: Vec<OsString> =
+                ["ebpf-proxy", "agent", "--node-name", "n1", "--config"].map(OsString::from).into();
+            let (cli, _) = parse_args(argv.into_iter().chain([path.clone().into()]).collect())?;
+            let crate::cli::Command::Agent(a) = cli.command else { panic!("not agent") };
+            Ok::<_, anyhow::Error>(crate::agent::config::AgentConfig::from_args(&a)?.nodeport_addresses)
+        };
+        use crate::model::node::NodePortAddresses;
+        assert_eq!(parse(&file("[primary]")).unwrap(), NodePortAddresses::Primary);
+        assert_eq!(parse(&file("[]")).unwrap(), NodePortAddresses::All);
+        let e = parse(&file("[primary, 10.0.0.0/8]")).unwrap_err().to_string();
+        assert!(e.contains("--nodeport-addresses") && e.contains("primary"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_file_fills_in_what_the_command_line_does_not_give() {
         let dir = std::env::temp_dir().join(format!("epx-kpc-{}", std::process::id()));

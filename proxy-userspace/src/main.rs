@@ -179,7 +179,10 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     let nodeport_addresses = agent::config::nodeport_addresses(&a.nodeport_addresses)?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
     let objects = load_objects(&a.source, &node)?;
-    let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses);
+    // The local addresses of this network namespace, which the agent serves NodePorts on:
+    // run it where the agent runs (the pod's host network namespace).
+    let local = proxy_userspace::dataplane::local_addrs::list_now()?;
+    let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses, &local);
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.
     let (desired, _) =
@@ -200,7 +203,9 @@ fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
     let (namespace, name) = a.service.split_once('/').context("the Service is namespace/name")?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
     let objects = load_objects(&a.source, &node)?;
-    let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &[]);
+    // Off the node (a laptop): the Node object's addresses stand in for its local ones.
+    use proxy_userspace::model::node::{NodePortAddresses, node_info, node_ips};
+    let info = node_info(&node, objects.node.as_ref(), &NodePortAddresses::All, &node_ips(objects.node.as_ref()));
     let e = proxy_userspace::model::explain(&objects.services, &objects.slices, &info, namespace, name)
         .map_err(anyhow::Error::msg)?;
     print(a.output, &e, show::render_explain)

@@ -334,10 +334,9 @@ fn check_agent_args(objects: &[Value], origin: &str) -> proxy_userspace::cli::Ag
         !args.pod_iface_pattern.is_empty() && args.pod_iface_pattern.iter().all(|p| !p.is_empty()),
         "{origin}: {argv:?}"
     );
-    assert!(
-        args.nodeport_addresses.iter().all(|c| c.parse::<proxy_userspace::model::IpPrefix>().is_ok()),
-        "{origin}: {argv:?}"
-    );
+    if let Err(e) = proxy_userspace::agent::config::nodeport_addresses(&args.nodeport_addresses) {
+        panic!("{origin}: {e}: {argv:?}");
+    }
 
     let ds: DaemonSet = one(objects, "DaemonSet");
     let pod = ds.spec.template.spec.unwrap();
@@ -730,6 +729,12 @@ fn helm_values_reach_the_agent() {
     assert_eq!(args.pod_iface_pattern, vec!["eth*", "lxc*"]);
     assert_eq!(args.uplink, vec!["eth0", "eth1"]);
     assert_eq!(args.nodeport_addresses, vec!["192.168.0.0/16"]);
+    // `primary` (kube-proxy >= 1.29) passes the schema and reaches the agent as its mode.
+    let primary = check_agent_args(&helm_render(&helm, &["nodePortAddresses={primary}"]), "helm (primary)");
+    assert_eq!(
+        proxy_userspace::agent::config::nodeport_addresses(&primary.nodeport_addresses).unwrap(),
+        proxy_userspace::model::node::NodePortAddresses::Primary
+    );
     assert_eq!(args.log_format, proxy_userspace::cli::LogFormat::Text);
     assert_eq!(args.http_addr.port(), 10999);
     assert_eq!(args.metrics_addr, "0.0.0.0:10249".parse().unwrap());
@@ -936,6 +941,7 @@ fn helm_schema_refuses_bad_values_and_lint_is_strict_clean() {
         ("logFormat=xml", "/logFormat"),
         ("metricsAddress=localhost", "/metricsAddress"),
         ("nodePortAddresses={10.0.0.0}", "/nodePortAddresses/0"),
+        ("nodePortAddresses={primary,10.0.0.0/8}", "/nodePortAddresses"),
         ("extraArgs={max-conntrack=5}", "/extraArgs/0"),
         ("apiServer.port=0", "/apiServer/port"),
         ("seccompProfile=none", "/seccompProfile"),

@@ -41,6 +41,13 @@ enum Cmd {
         /// CI smoke mode: tiny sizes and short bounds, every row still produced.
         #[arg(long)]
         quick: bool,
+        /// Run nothing: redraw the charts (docs/bench/*.svg) from a saved report, e.g.
+        /// target/bench/latest-full.json or docs/bench/report.json. No root needed.
+        #[arg(long, value_name = "FILE")]
+        charts_from: Option<std::path::PathBuf>,
+        /// Where --charts-from draws them (default: docs/bench).
+        #[arg(long, value_name = "DIR", requires = "charts_from")]
+        charts_dir: Option<std::path::PathBuf>,
         /// Extra arguments passed to proxy-bench (e.g. `--sections conn,control`).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -175,7 +182,8 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
-        Cmd::Bench { quick, args } => bench::bench(quick, &args),
+        Cmd::Bench { charts_from: Some(file), charts_dir, .. } => bench::charts(&file, charts_dir.as_deref()),
+        Cmd::Bench { quick, args, .. } => bench::bench(quick, &args),
         Cmd::E2eKind => e2e_kind::main(),
         Cmd::Image { tag, binary } => image(tag, binary),
     };

@@ -17,7 +17,7 @@ use crate::{
         node::PortRange,
         sock::SocketLbMode,
     },
-    model::IpPrefix,
+    model::node::NodePortAddresses,
 };
 
 /// The datapath check runs at most this often: a smaller interval would only spin.
@@ -26,8 +26,10 @@ const MIN_DATAPATH_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// A flag the agent cannot start with.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--nodeport-addresses: {value:?} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/64)")]
+    #[error("--nodeport-addresses: {value:?} is not a CIDR (e.g. 10.0.0.0/8 or fd00::/64) nor `primary`")]
     NodePortAddress { value: String },
+    #[error("--nodeport-addresses: `primary` cannot be combined with CIDRs (got {values:?})")]
+    NodePortPrimaryWithCidrs { values: Vec<String> },
     #[error(transparent)]
     ApiServer(#[from] crate::source::apiserver::ApiServerError),
     #[error("{flag}: {source}")]
@@ -73,8 +75,8 @@ pub struct AgentConfig {
     pub snat_port_range: PortRange,
     pub hairpin_address: Ipv4Addr,
     pub hairpin_address6: Ipv6Addr,
-    /// `--nodeport-addresses`; empty: every node address serves NodePorts.
-    pub nodeport_addresses: Vec<IpPrefix>,
+    /// `--nodeport-addresses`: which local addresses serve NodePorts.
+    pub nodeport_addresses: NodePortAddresses,
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     /// `--metrics-per-frontend`: the per-frontend socket-LB series.
@@ -148,16 +150,30 @@ impl AgentConfig {
     }
 }
 
-/// `--nodeport-addresses` (the agent's, and `verify`'s of the same name) as prefixes. An
-/// empty value (e.g. an empty ConfigMap key) means "no restriction"; anything else that is
-/// not a CIDR is an error.
-pub fn nodeport_addresses(values: &[String]) -> Result<Vec<IpPrefix>, ConfigError> {
+/// `--nodeport-addresses` (the agent's, and `verify`'s of the same name): nothing (or only
+/// empty values, e.g. an empty ConfigMap key) is every local address; `primary` alone is
+/// the node's primary IPs (upstream refuses it beside CIDRs: "can't use both 'primary' and
+/// CIDRs"); otherwise CIDRs, and anything that is not one is an error.
+pub fn nodeport_addresses(values: &[String]) -> Result<NodePortAddresses, ConfigError> {
+    let values: Vec<&str> = values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()).collect();
+    if values.contains(&PRIMARY) {
+        return match values.as_slice() {
+            [_] => Ok(NodePortAddresses::Primary),
+            _ => Err(ConfigError::NodePortPrimaryWithCidrs { values: values.iter().map(|v| v.to_string()).collect() }),
+        };
+    }
+    if values.is_empty() {
+        return Ok(NodePortAddresses::All);
+    }
     values
         .iter()
-        .filter(|v| !v.trim().is_empty())
-        .map(|v| v.parse().map_err(|_| ConfigError::NodePortAddress { value: v.clone() }))
-        .collect()
+        .map(|v| v.parse().map_err(|_| ConfigError::NodePortAddress { value: v.to_string() }))
+        .collect::<Result<_, _>>()
+        .map(NodePortAddresses::Cidrs)
 }
+
+/// kube-proxy's special `--nodeport-addresses` value (`NodePortAddressesPrimary`).
+const PRIMARY: &str = "primary";
 
 #[cfg(test)]
 mod tests {
@@ -178,7 +194,7 @@ mod tests {
         let c = config(&[]).unwrap();
         assert_eq!(c.node_name, "n1");
         assert_eq!(c.source, ObjectSource::Manifests("/tmp/x".into()));
-        assert!(c.nodeport_addresses.is_empty());
+        assert_eq!(c.nodeport_addresses, NodePortAddresses::All);
         assert!(c.uplinks.is_empty());
         assert!(c.pod_ifaces.matches("veth1234") && !c.pod_ifaces.matches("eth0"));
         assert!(c.watched_ifaces.by_kind);
@@ -191,8 +207,20 @@ mod tests {
     #[test]
     fn nodeport_addresses_are_parsed_once() {
         let c = config(&["--nodeport-addresses", "192.168.001.000/24,fd00::/64,"]).unwrap();
-        let want: Vec<IpPrefix> = vec!["192.168.1.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
-        assert_eq!(c.nodeport_addresses, want);
+        let want = vec!["192.168.1.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
+        assert_eq!(c.nodeport_addresses, NodePortAddresses::Cidrs(want));
+        // An empty value (an empty ConfigMap key) is the default: every local address.
+        assert_eq!(config(&["--nodeport-addresses="]).unwrap().nodeport_addresses, NodePortAddresses::All);
+    }
+
+    /// `primary` alone, as upstream; beside a CIDR it is an error naming both.
+    #[test]
+    fn nodeport_addresses_primary() {
+        let c = config(&["--nodeport-addresses", "primary"]).unwrap();
+        assert_eq!(c.nodeport_addresses, NodePortAddresses::Primary);
+        let msg = config(&["--nodeport-addresses", "primary,10.0.0.0/8"]).unwrap_err().to_string();
+        assert!(msg.contains("--nodeport-addresses") && msg.contains("primary") && msg.contains("10.0.0.0/8"), "{msg}");
+        assert!(nodeport_addresses(&["Primary".into()]).is_err(), "upstream's value is lower case");
     }
 
     /// A bad CIDR stops the agent, and the error names the flag and the value.

@@ -36,7 +36,7 @@ use crate::{
         ct_table::KernelCtTable,
         features::KernelFeatures,
         guard::{DatapathGuard, OurPrograms},
-        ifaces, loader,
+        ifaces, loader, local_addrs,
         lock::RootLock,
         maps::GlobalStats,
         node::{NodeMaps, PortRange},
@@ -308,6 +308,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
     tokio::spawn(attacher.run(lrx));
 
+    // NodePorts are served on local addresses: known before the first sync, then followed.
+    let (local, mut local_rx) = local_addrs::follow().await.context("the node's local addresses")?;
+    info!(
+        nodeport_addresses = %config.nodeport_addresses,
+        local_addresses = ?local,
+        "NodePorts served on the local addresses --nodeport-addresses selects"
+    );
+
     let (stx, mut srx) = unbounded_channel();
     let source = match &config.source {
         ObjectSource::Manifests(dir) => {
@@ -338,6 +346,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         full_sync: true,
         node_name,
         nodeport_addresses: config.nodeport_addresses.clone(),
+        local_addrs: local,
         hairpin_address: config.hairpin_address,
         hairpin_address6: config.hairpin_address6,
         snat_port_range: config.snat_port_range,
@@ -377,6 +386,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 Some(SourceEvent::Update(u)) => { lp.update(u); lp.metrics.queued_now(); burst.get_or_insert_with(Instant::now); }
                 None => break,
             },
+            // A local address came or went: NodePort frontends follow at the next sync.
+            Ok(()) = local_rx.changed() => {
+                lp.local_addrs = local_rx.borrow_and_update().clone();
+                burst.get_or_insert_with(Instant::now);
+            }
             _ = &mut shutdown => break,
             // 0 turns the periodic verify off: the branch is never polled.
             _ = verify_tick.tick(), if config.verify_interval.is_some() => {

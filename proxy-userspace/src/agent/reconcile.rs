@@ -24,8 +24,8 @@ use crate::{
     healthcheck::HealthServers,
     metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel, unix_seconds},
     model::{
-        IpFamily, IpPrefix, Translator,
-        node::{node_eligible, node_info, snat_address, snat_address6},
+        IpFamily, Translator,
+        node::{NodePortAddresses, node_eligible, node_info, node_ips, snat_address, snat_address6},
     },
     source::{Delta, Snapshots, Source, Update},
     sync::Syncer,
@@ -47,7 +47,10 @@ pub(super) struct SyncLoop {
     /// The next sync looks at every frontend (start-up, relist).
     pub(super) full_sync: bool,
     pub(super) node_name: String,
-    pub(super) nodeport_addresses: Vec<IpPrefix>,
+    pub(super) nodeport_addresses: NodePortAddresses,
+    /// The network namespace's addresses (`dataplane::local_addrs`), which NodePorts are
+    /// served on as `nodeport_addresses` selects.
+    pub(super) local_addrs: Vec<IpAddr>,
     pub(super) hairpin_address: Ipv4Addr,
     pub(super) hairpin_address6: Ipv6Addr,
     pub(super) snat_port_range: PortRange,
@@ -58,7 +61,9 @@ pub(super) struct SyncLoop {
     pub(super) last_warnings: BTreeSet<String>,
     /// Frontends not programmed at the last sync, with why: logged when this set changes.
     pub(super) last_errors: BTreeSet<String>,
-    /// The Node's NodePort addresses, for uplink detection (when `--uplink` names none).
+    /// The Node's InternalIP/ExternalIP addresses, for uplink detection (when `--uplink`
+    /// names none). Not every NodePort address: that would put XDP on bridges and overlay
+    /// devices holding a local address.
     pub(super) node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
     /// Whether a sync has run (verify compares against its desired state), and the drift
     /// the last verify found (logged when it changes).
@@ -159,10 +164,14 @@ impl SyncLoop {
                 }
             }
         }
-        let node = node_info(&self.node_name, self.node.as_deref(), &self.nodeport_addresses);
+        let node = node_info(&self.node_name, self.node.as_deref(), &self.nodeport_addresses, &self.local_addrs);
+        if node.nodeport_addrs != self.translator.node().nodeport_addrs {
+            info!(addresses = ?node.nodeport_addrs, nodeport_addresses = %self.nodeport_addresses, "NodePort addresses");
+        }
+        let ips = node_ips(self.node.as_deref());
         self.node_addrs.send_if_modified(|a| {
-            let changed = *a != node.nodeport_addrs;
-            a.clone_from(&node.nodeport_addrs);
+            let changed = *a != ips;
+            a.clone_from(&ips);
             changed
         });
         self.translator.set_node(node);

@@ -13,6 +13,7 @@ pub mod features;
 pub mod guard;
 pub mod ifaces;
 pub mod loader;
+pub mod local_addrs;
 pub mod lock;
 pub mod maps;
 pub mod migrate;

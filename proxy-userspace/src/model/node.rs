@@ -1,5 +1,8 @@
 //! The agent's own Node -> the node facts the translation needs.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use k8s_openapi::api::core::v1::Node;
 
@@ -11,24 +14,65 @@ use super::{
 /// The Node label topology-aware routing matches zone hints against.
 const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 
-/// NodeInfo for `name`: NodePort addresses are the node's InternalIP/ExternalIP addresses
-/// of both families (upstream runs a proxier per family, each serving NodePorts on its
-/// family's node addresses), restricted to `nodeport_cidrs` when any are given
-/// (kube-proxy's `--nodeport-addresses`, IPv4 and IPv6 CIDRs, parsed once at start-up).
-///
-/// Upstream applies `--nodeport-addresses` per family: when the flag names CIDRs of one
-/// family only, the other family's proxier serves NodePorts on all its node addresses
-/// (`NodePortAddresses` falls back to "all" for a family with no CIDR).
-pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[IpPrefix]) -> NodeInfo {
-    let allowed = |ip: IpAddr| {
-        let mut of_family = nodeport_cidrs.iter().filter(|p| p.addr.is_ipv4() == ip.is_ipv4()).peekable();
-        of_family.peek().is_none() || of_family.any(|p| p.contains(ip))
+/// `--nodeport-addresses`, parsed once at start-up (`agent::config::nodeport_addresses`):
+/// which of the node's local addresses serve NodePorts. Upstream's modes, per family as
+/// upstream's `NodePortAddresses` (one per proxier, i.e. per family).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Unset: every local address (kube-proxy's iptables mode, `--dst-type LOCAL`):
+    /// secondary NICs, keepalived VIPs, bridge gateways.
+    #[default]
+    All,
+    /// `primary`: the node's primary IP of each family (kube-proxy's node IPs, the first
+    /// InternalIP of the family, else its first ExternalIP), when it is a local address. A
+    /// family without a primary IP falls back to all its local addresses, as upstream, which
+    /// turns `primary` into a /32 and a /128 CIDR and then filters per family. kube-proxy's
+    /// nftables mode defaults to this.
+    Primary,
+    /// CIDRs filtering the local addresses, per family: a family with no CIDR here is not
+    /// restricted (upstream falls back to 0.0.0.0/0 or ::/0 for it).
+    Cidrs(Vec<IpPrefix>),
+}
+
+impl fmt::Display for NodePortAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodePortAddresses::All => f.write_str("every local address"),
+            NodePortAddresses::Primary => f.write_str("primary"),
+            NodePortAddresses::Cidrs(c) => {
+                let c: Vec<String> = c.iter().map(ToString::to_string).collect();
+                f.write_str(&c.join(","))
+            }
+        }
+    }
+}
+
+/// Whether a local address can serve NodePorts at all. Loopback is left out (NodePorts on
+/// localhost are the socket-level hooks' business, not a frontend of their own), and so are
+/// IPv6 link-local addresses (ambiguous without a zone: every link has fe80::/64), the
+/// unspecified and multicast addresses.
+pub fn can_serve_nodeports(ip: IpAddr) -> bool {
+    let link_local6 = matches!(ip, IpAddr::V6(a) if a.is_unicast_link_local());
+    !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || link_local6)
+}
+
+/// NodeInfo for `name`: NodePorts are served on the node's `local` addresses (its network
+/// namespace's, both families: upstream runs a proxier per family) that `mode` selects,
+/// loopback and IPv6 link-local excluded ([`can_serve_nodeports`]). The addresses come in
+/// as data (the agent follows them over rtnetlink), so this stays pure.
+pub fn node_info(name: &str, node: Option<&Node>, mode: &NodePortAddresses, local: &[IpAddr]) -> NodeInfo {
+    let primary = [snat_address(node).map(IpAddr::V4), snat_address6(node).map(IpAddr::V6)];
+    let selected = |ip: IpAddr| match mode {
+        NodePortAddresses::All => true,
+        NodePortAddresses::Primary => {
+            primary.iter().flatten().find(|p| p.is_ipv4() == ip.is_ipv4()).is_none_or(|p| *p == ip)
+        }
+        NodePortAddresses::Cidrs(cidrs) => {
+            let mut of_family = cidrs.iter().filter(|p| p.addr.is_ipv4() == ip.is_ipv4()).peekable();
+            of_family.peek().is_none() || of_family.any(|p| p.contains(ip))
+        }
     };
-    let mut addrs: Vec<IpAddr> = node_addresses(node)
-        .filter(|(kind, _)| *kind == "InternalIP" || *kind == "ExternalIP")
-        .map(|(_, ip)| ip)
-        .filter(|ip| allowed(*ip))
-        .collect();
+    let mut addrs: Vec<IpAddr> = local.iter().copied().filter(|ip| can_serve_nodeports(*ip) && selected(*ip)).collect();
     addrs.sort();
     addrs.dedup();
     let zone = node
@@ -37,6 +81,13 @@ pub fn node_info(name: &str, node: Option<&Node>, nodeport_cidrs: &[IpPrefix]) -
         .filter(|z| !z.is_empty())
         .cloned();
     NodeInfo { name: name.to_string(), nodeport_addrs: addrs, zone }
+}
+
+/// The Node object's InternalIP and ExternalIP addresses (those that parse), in order:
+/// what uplink detection looks for, and what `explain` (run off the node) takes for the
+/// node's local addresses.
+pub fn node_ips(node: Option<&Node>) -> Vec<IpAddr> {
+    node_addresses(node).filter(|(kind, _)| *kind == "InternalIP" || *kind == "ExternalIP").map(|(_, ip)| ip).collect()
 }
 
 /// The taint the cluster autoscaler puts on a node it is about to delete.
@@ -132,38 +183,116 @@ mod tests {
         s.iter().map(|c| c.parse().unwrap()).collect()
     }
 
-    /// Upstream serves NodePorts on the node addresses of each family its proxiers run
-    /// (MetaProxier: one per family), so a dual-stack node serves them on both.
-    #[test]
-    fn nodeport_addresses_default_to_all_node_addresses_of_both_families() {
-        let n = node(&[
-            ("InternalIP", "192.168.1.10"),
-            ("Hostname", "n1"),
-            ("ExternalIP", "203.0.113.5"),
-            ("InternalIP", "fd00::1"),
-            ("InternalIP", "not-an-ip"),
-        ]);
-        let info = node_info("n1", Some(&n), &[]);
-        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10", "203.0.113.5", "fd00::1"]));
+    fn cidr_mode(s: &[&str]) -> NodePortAddresses {
+        NodePortAddresses::Cidrs(cidrs(s))
     }
 
-    /// `--nodeport-addresses` takes IPv6 CIDRs too, and applies per family like upstream's
+    /// A dual-stack node's namespace: its primary addresses on eth0, a secondary address
+    /// and a keepalived-style VIP, a second NIC, a bridge gateway, and what never serves.
+    const LOCAL: &[&str] = &[
+        "192.168.1.10",
+        "192.168.1.200",
+        "10.1.0.5",
+        "10.244.1.1",
+        "127.0.0.1",
+        "127.0.0.53",
+        "fd00::1",
+        "fd00::200",
+        "fe80::1",
+        "::1",
+    ];
+
+    fn dual_node() -> Node {
+        node(&[("InternalIP", "192.168.1.10"), ("Hostname", "n1"), ("InternalIP", "fd00::1")])
+    }
+
+    /// kube-proxy's iptables default (`--dst-type LOCAL`): NodePorts on every local address
+    /// of both families, whatever the Node object lists; never loopback nor IPv6 link-local.
+    #[test]
+    fn default_mode_serves_every_local_address_of_both_families() {
+        let info = node_info("n1", Some(&dual_node()), &NodePortAddresses::All, &ips(LOCAL));
+        let want = ["10.1.0.5", "10.244.1.1", "192.168.1.10", "192.168.1.200", "fd00::1", "fd00::200"];
+        assert_eq!(info.nodeport_addrs, ips(&want));
+        // An address the Node object lists but the node does not hold (a cloud's NATed
+        // ExternalIP) serves nothing here, as upstream.
+        let n = node(&[("InternalIP", "192.168.1.10"), ("ExternalIP", "203.0.113.5")]);
+        let info = node_info("n1", Some(&n), &NodePortAddresses::All, &ips(&["192.168.1.10"]));
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10"]));
+        // No Node object (yet): the local addresses still serve.
+        assert_eq!(
+            node_info("n1", None, &NodePortAddresses::All, &ips(&["10.1.0.5"])).nodeport_addrs,
+            ips(&["10.1.0.5"])
+        );
+    }
+
+    /// `primary`: only the node IP of each family (first InternalIP, else first ExternalIP).
+    #[test]
+    fn primary_mode_serves_the_node_ip_of_each_family() {
+        let info = node_info("n1", Some(&dual_node()), &NodePortAddresses::Primary, &ips(LOCAL));
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10", "fd00::1"]));
+        // InternalIP before ExternalIP, the first of each family.
+        let n = node(&[
+            ("ExternalIP", "10.1.0.5"),
+            ("InternalIP", "192.168.1.200"),
+            ("InternalIP", "192.168.1.10"),
+            ("ExternalIP", "fd00::200"),
+        ]);
+        let info = node_info("n1", Some(&n), &NodePortAddresses::Primary, &ips(LOCAL));
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.200", "fd00::200"]));
+        // A primary IP the node does not hold serves nothing (upstream filters the local
+        // addresses by the node IP's /32).
+        let n = node(&[("InternalIP", "192.168.9.9"), ("InternalIP", "fd00::1")]);
+        let info = node_info("n1", Some(&n), &NodePortAddresses::Primary, &ips(LOCAL));
+        assert_eq!(info.nodeport_addrs, ips(&["fd00::1"]));
+    }
+
+    /// Upstream's `primary` becomes a CIDR per family the node has an IP of; a family
+    /// without one has no CIDR and so falls back to all its local addresses.
+    #[test]
+    fn primary_mode_without_a_node_ip_of_a_family_serves_all_of_that_family() {
+        let n = node(&[("InternalIP", "192.168.1.10")]);
+        let info = node_info("n1", Some(&n), &NodePortAddresses::Primary, &ips(LOCAL));
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10", "fd00::1", "fd00::200"]));
+        let n = node(&[("InternalIP", "fd00::200")]);
+        let info = node_info("n1", Some(&n), &NodePortAddresses::Primary, &ips(LOCAL));
+        assert_eq!(info.nodeport_addrs, ips(&["10.1.0.5", "10.244.1.1", "192.168.1.10", "192.168.1.200", "fd00::200"]));
+    }
+
+    /// CIDRs filter the local addresses (not the Node object's), per family like upstream's
     /// `NodePortAddresses`: a family the flag names no CIDR of is not restricted.
     #[test]
-    fn nodeport_addresses_with_ipv6_cidrs() {
-        let n = node(&[("InternalIP", "192.168.1.10"), ("InternalIP", "fd00::1"), ("ExternalIP", "2001:db8::5")]);
-        let info = node_info("n1", Some(&n), &cidrs(&["fd00::/64"]));
-        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10", "fd00::1"]));
-        let info = node_info("n1", Some(&n), &cidrs(&["10.0.0.0/8", "2001:db8::/32"]));
-        assert_eq!(info.nodeport_addrs, ips(&["2001:db8::5"]));
+    fn cidr_mode_filters_the_local_addresses_per_family() {
+        let local = ips(LOCAL);
+        let info = node_info("n1", Some(&dual_node()), &cidr_mode(&["192.168.1.200/32"]), &local);
+        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.200", "fd00::1", "fd00::200"]));
+        let info = node_info("n1", Some(&dual_node()), &cidr_mode(&["fd00::200/128"]), &local);
+        let want = ["10.1.0.5", "10.244.1.1", "192.168.1.10", "192.168.1.200", "fd00::200"];
+        assert_eq!(info.nodeport_addrs, ips(&want));
+        let info = node_info("n1", Some(&dual_node()), &cidr_mode(&["10.0.0.0/8", "fd00::/64"]), &local);
+        assert_eq!(info.nodeport_addrs, ips(&["10.1.0.5", "10.244.1.1", "fd00::1", "fd00::200"]));
+        // A CIDR matching no local address: nothing of that family; 0.0.0.0/0 is every IPv4.
+        let info = node_info("n1", None, &cidr_mode(&["172.16.0.0/12", "::/0"]), &local);
+        assert_eq!(info.nodeport_addrs, ips(&["fd00::1", "fd00::200"]));
+        // Loopback stays out even when a CIDR covers it.
+        let info = node_info("n1", None, &cidr_mode(&["127.0.0.0/8", "::1/128"]), &local);
+        assert!(info.nodeport_addrs.is_empty(), "{:?}", info.nodeport_addrs);
     }
 
-    /// An IPv6-only node: NodePorts on its IPv6 addresses, an IPv6 SNAT address, no IPv4.
+    #[test]
+    fn only_routable_local_addresses_serve_nodeports() {
+        for a in ["127.0.0.1", "127.1.2.3", "::1", "fe80::1", "0.0.0.0", "::", "224.0.0.1", "ff02::1"] {
+            assert!(!can_serve_nodeports(a.parse().unwrap()), "{a}");
+        }
+        for a in ["192.168.1.10", "169.254.20.10", "fd00::1", "2001:db8::1"] {
+            assert!(can_serve_nodeports(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    /// An IPv6-only node: an IPv6 SNAT address, no IPv4; `node_ips` lists its addresses.
     #[test]
     fn ipv6_only_node() {
-        let n = node(&[("InternalIP", "fd00::10"), ("ExternalIP", "2001:db8::10")]);
-        let info = node_info("n1", Some(&n), &[]);
-        assert_eq!(info.nodeport_addrs, ips(&["2001:db8::10", "fd00::10"]));
+        let n = node(&[("InternalIP", "fd00::10"), ("ExternalIP", "2001:db8::10"), ("Hostname", "n1")]);
+        assert_eq!(node_ips(Some(&n)), ips(&["fd00::10", "2001:db8::10"]));
         assert_eq!(snat_address(Some(&n)), None);
         assert_eq!(snat_address6(Some(&n)), Some("fd00::10".parse().unwrap()));
         let ext_only = node(&[("ExternalIP", "2001:db8::10"), ("InternalIP", "192.168.1.10")]);
@@ -171,17 +300,9 @@ mod tests {
     }
 
     #[test]
-    fn nodeport_addresses_filtered_by_cidr() {
-        let n = node(&[("InternalIP", "192.168.1.10"), ("ExternalIP", "203.0.113.5")]);
-        let info = node_info("n1", Some(&n), &cidrs(&["192.168.0.0/16"]));
-        assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10"]));
-    }
-
-    #[test]
-    fn no_node_object_means_no_nodeport_addresses() {
-        let info = node_info("n1", None, &[]);
-        assert_eq!(info.name, "n1");
-        assert!(info.nodeport_addrs.is_empty());
+    fn no_node_object_means_no_node_ips() {
+        assert!(node_ips(None).is_empty());
+        assert_eq!(node_info("n1", None, &NodePortAddresses::Primary, &[]).name, "n1");
     }
 
     #[test]
@@ -199,13 +320,13 @@ mod tests {
         assert_eq!(snat_address(None), None);
     }
 
-    /// Node addresses and --nodeport-addresses are sloppy like kube-proxy's
-    /// (`ParseIPSloppy` / `ParseCIDRSloppy`): leading zeros are decimal.
+    /// Node addresses are sloppy like kube-proxy's (`ParseIPSloppy`): leading zeros are
+    /// decimal, so `primary` finds 192.168.001.010 among the local addresses.
     #[test]
     fn node_addresses_with_leading_zeros() {
         let n = node(&[("InternalIP", "192.168.001.010")]);
         assert_eq!(snat_address(Some(&n)), Some(Ipv4Addr::new(192, 168, 1, 10)));
-        let info = node_info("n", Some(&n), &cidrs(&["192.168.001.000/24"]));
+        let info = node_info("n", Some(&n), &NodePortAddresses::Primary, &ips(&["192.168.1.10", "10.0.0.1"]));
         assert_eq!(info.nodeport_addrs, ips(&["192.168.1.10"]));
     }
 }
