@@ -221,6 +221,7 @@ fn receive(sock: &UdpSocket, count: &AtomicU64, stop: &AtomicBool) -> Result<()>
     let mut bufs = [[0u8; 64]; 64];
     // SAFETY: iovec and mmsghdr are plain C structs; all-zero is a valid value.
     let mut iov: [libc::iovec; 64] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above (null pointers and zero lengths until filled in below).
     let mut msgs: [libc::mmsghdr; 64] = unsafe { std::mem::zeroed() };
     for (i, b) in bufs.iter_mut().enumerate() {
         iov[i] = libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: b.len() };

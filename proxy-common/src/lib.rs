@@ -999,41 +999,51 @@ pub struct IdMarks {
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
-    // SAFETY: every type is #[repr(C)], Copy, made only of integers and byte arrays with
-    // explicit padding fields, so any bit pattern is valid and there are no hidden bytes.
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for SlotKey {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtValue {}
-    unsafe impl aya::Pod for CtKey6 {}
-    unsafe impl aya::Pod for CtValue6 {}
-    unsafe impl aya::Pod for AffinityKey {}
-    unsafe impl aya::Pod for AffinityValue {}
-    unsafe impl aya::Pod for StatsKey {}
-    unsafe impl aya::Pod for Counters {}
-    unsafe impl aya::Pod for ServiceMeta {}
-    unsafe impl aya::Pod for SourceRangeKey {}
-    unsafe impl aya::Pod for NodeConfig {}
-    unsafe impl aya::Pod for NeighKey {}
-    unsafe impl aya::Pod for ServiceKey6 {}
-    unsafe impl aya::Pod for Backend6 {}
-    unsafe impl aya::Pod for AffinityKey6 {}
-    unsafe impl aya::Pod for NodeConfig6 {}
-    unsafe impl aya::Pod for NeighKey6 {}
-    unsafe impl aya::Pod for SockRevKey {}
-    unsafe impl aya::Pod for SockRevValue {}
-    unsafe impl aya::Pod for SockRevKey6 {}
-    unsafe impl aya::Pod for SockRevValue6 {}
-    unsafe impl aya::Pod for SockConfig {}
-    unsafe impl aya::Pod for FragKey {}
-    unsafe impl aya::Pod for FragKey6 {}
-    unsafe impl aya::Pod for FragPorts {}
-    unsafe impl aya::Pod for SockUdpKey {}
-    unsafe impl aya::Pod for SockUdpKey6 {}
-    unsafe impl aya::Pod for SockUdpValue {}
-    unsafe impl aya::Pod for IdMarks {}
+    /// `aya::Pod` for the map keys and values the agent reads and writes.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: every type listed is #[repr(C)], Copy, made only of integers and byte
+            // arrays with explicit padding fields, so any bit pattern is valid and there are no
+            // hidden bytes (the layout tests below pin sizes and offsets).
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        ServiceKey,
+        ServiceValue,
+        SlotKey,
+        Backend,
+        CtKey,
+        CtValue,
+        CtKey6,
+        CtValue6,
+        AffinityKey,
+        AffinityValue,
+        StatsKey,
+        Counters,
+        ServiceMeta,
+        SourceRangeKey,
+        NodeConfig,
+        NeighKey,
+        ServiceKey6,
+        Backend6,
+        AffinityKey6,
+        NodeConfig6,
+        NeighKey6,
+        SockRevKey,
+        SockRevValue,
+        SockRevKey6,
+        SockRevValue6,
+        SockConfig,
+        FragKey,
+        FragKey6,
+        FragPorts,
+        SockUdpKey,
+        SockUdpKey6,
+        SockUdpValue,
+        IdMarks,
+    );
 }
 
 #[cfg(test)]

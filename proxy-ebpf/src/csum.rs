@@ -1,5 +1,6 @@
 //! Internet checksum arithmetic for XDP, which has no checksum helpers (TC uses the
 //! kernel's `bpf_l3/l4_csum_replace`, which also handle CHECKSUM_PARTIAL skbs).
+use crate::family::Family;
 
 /// Fold a 32-bit one's-complement accumulator to 16 bits.
 #[inline(always)]
@@ -22,6 +23,18 @@ pub fn replace2(csum: u16, old: u16, new: u16) -> u16 {
 pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
     let s = !csum as u32 + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
     !fold(s)
+}
+
+/// `csum` after the address `old` became `new` in the data it covers.
+#[inline(always)]
+pub fn replace_addr<F: Family>(mut csum: u16, old: F::Addr, new: F::Addr) -> u16 {
+    let (o, n) = (F::words(old), F::words(new));
+    let mut i = 0;
+    while i < F::WORDS {
+        csum = replace4(csum, o[i], n[i]);
+        i += 1;
+    }
+    csum
 }
 
 /// Sum of a header's 16-bit words as big-endian numbers (for a checksum built from scratch).

@@ -25,7 +25,8 @@ use proxy_common::{
 
 use crate::{
     family::Family,
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    hdr::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::Packet,
 };
 
 /// SNAT source-port candidates tried per new flow before giving up (bounded for the
@@ -76,7 +77,7 @@ impl<A> CtWork<A> {
     /// into one, written where the value lives, so no copy follows.
     #[inline(always)]
     pub fn zeroed_in(slot: &mut core::mem::MaybeUninit<Self>) -> &mut Self {
-        const { assert!(size_of::<Self>() % 8 == 0) };
+        const { assert!(size_of::<Self>().is_multiple_of(8)) };
         let words = slot.as_mut_ptr() as *mut u64;
         let mut i = 0;
         while i < size_of::<Self>() / 8 {
@@ -122,11 +123,15 @@ fn map_err(e: i32) -> CtError {
     if i64::from(e) == -E2BIG { CtError::Full } else { CtError::Other }
 }
 
+/// An entry found in one of the two tables: a pointer into the map, and whether it is the
+/// assured table.
+type Entry<A> = (*mut CtValue<A>, bool);
+
 /// The entry under `key` in either table: a pointer into the map and whether it is the
 /// assured table. The assured table first: that is where an established flow's packets
 /// find their entry with one lookup.
 #[inline(always)]
-fn find<F: Family>(key: &CtKey<F::Addr>) -> Option<(*mut CtValue<F::Addr>, bool)> {
+fn find<F: Family>(key: &CtKey<F::Addr>) -> Option<Entry<F::Addr>> {
     if let Some(ptr) = F::conntrack().get_ptr_mut(key) {
         return Some((ptr, true));
     }
@@ -175,7 +180,7 @@ fn own_entry<F: Family>(
     dir: u8,
     ifindex: u32,
     w: &mut CtWork<F::Addr>,
-) -> Result<Option<(*mut CtValue<F::Addr>, bool)>, ()> {
+) -> Result<Option<Entry<F::Addr>>, ()> {
     w.key = flow_key(p, dir);
     let Some((ptr, assured)) = find::<F>(&w.key) else {
         return Ok(None);
@@ -356,11 +361,11 @@ fn reply_body<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Ad
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     refresh(ptr, &w.val, w.val.flags | add, seq_end, ifindex, now);
-    if w.val.flags & add != add {
-        if let Some((fptr, _)) = find::<F>(&w.key2) {
-            // SAFETY: pointer from a successful lookup, see `refresh`.
-            unsafe { (*fptr).flags |= add };
-        }
+    if w.val.flags & add != add
+        && let Some((fptr, _)) = find::<F>(&w.key2)
+    {
+        // SAFETY: pointer from a successful lookup, see `refresh`.
+        unsafe { (*fptr).flags |= add };
     }
     if !assured && !tcp && w.val.flags & ct_flags::ASSURED == 0 && udp_assures(&w.val, now) {
         promote::<F>(&w.key2, &w.key);
@@ -397,15 +402,13 @@ fn insert_reply<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Resu
         w.key2 = w.key.forward_of_reply(&held);
         let k = &w.key2;
         let ours = k.src_addr == p.saddr && k.src_port == p.sport && k.dst_addr == p.daddr && k.dst_port == p.dport;
-        if !ours {
-            if let Some((fptr, fwd_assured)) = find::<F>(&w.key2) {
-                // SAFETY: as above.
-                let flags = unsafe { (*fptr).flags };
-                if ct::state(p.proto, flags) != ct::CtState::Closed {
-                    return Err(CtError::Clash);
-                }
-                remove::<F>(&w.key2, fwd_assured);
+        if !ours && let Some((fptr, fwd_assured)) = find::<F>(&w.key2) {
+            // SAFETY: as above.
+            let flags = unsafe { (*fptr).flags };
+            if ct::state(p.proto, flags) != ct::CtState::Closed {
+                return Err(CtError::Clash);
             }
+            remove::<F>(&w.key2, fwd_assured);
         }
         // A stale entry left in the assured table would shadow the new one (lookups read
         // that table first).

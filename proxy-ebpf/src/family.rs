@@ -4,17 +4,13 @@
 use aya_ebpf::maps::{HashMap, LruHashMap, lpm_trie::Key};
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragPorts, Ipv6Words, NeighKey, ServiceKey,
-    ServiceValue,
+    ServiceValue, StatsFamily,
 };
 
-use crate::maps::WORK6;
 use crate::maps::{
     AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, CT_NEW, CT_NEW6, FRAGS, FRAGS6, NEIGH_MISSES,
     NEIGH_MISSES6, NODE_CONFIG, NODE_CONFIG6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
 };
-use crate::parse::{self, Packet};
-use crate::pipeline::Work;
-use proxy_common::{StatsFamily, Verdict};
 
 pub trait Family: 'static {
     /// Address in network byte order, as the maps store it.
@@ -27,8 +23,6 @@ pub trait Family: 'static {
     const OUTLINE: bool;
     /// Which block of `GLOBAL_STATS` this family's packets are counted in.
     const STATS: StatsFamily;
-    /// Where a packet's working memory lives when `OUTLINE` (a per-CPU map; see `Work`).
-    fn work() -> Option<*mut Work<Self::Addr>>;
 
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
@@ -49,8 +43,6 @@ pub trait Family: 'static {
     /// used), for checksum arithmetic.
     const WORDS: usize;
     fn words(addr: Self::Addr) -> [u32; 4];
-    /// Parse a frame of this family (see `parse`).
-    fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Self::Addr>, Verdict>;
     fn is_unset(addr: Self::Addr) -> bool {
         addr == Self::Addr::default()
     }
@@ -64,16 +56,6 @@ impl Family for V4 {
     const AF: u8 = 2;
     const OUTLINE: bool = false;
     const STATS: StatsFamily = StatsFamily::Ipv4;
-    #[inline(always)]
-    fn work() -> Option<*mut Work<u32>> {
-        // IPv4 keeps its working state on the stack.
-        None
-    }
-
-    #[inline(always)]
-    fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict> {
-        parse::parse_v4(start, end, pkt_len)
-    }
 
     fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
         &SERVICES
@@ -121,15 +103,6 @@ impl Family for V6 {
     const AF: u8 = 10;
     const OUTLINE: bool = true;
     const STATS: StatsFamily = StatsFamily::Ipv6;
-    #[inline(always)]
-    fn work() -> Option<*mut Work<Ipv6Words>> {
-        WORK6.get_ptr_mut(0)
-    }
-
-    #[inline(always)]
-    fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6Words>, Verdict> {
-        parse::parse_v6(start, end, pkt_len)
-    }
 
     fn services() -> &'static HashMap<ServiceKey<Ipv6Words>, ServiceValue> {
         &SERVICES6

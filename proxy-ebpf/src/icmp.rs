@@ -25,15 +25,15 @@ use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, PROTO_TCP, PROT
 use crate::{
     csum,
     family::{Family, V4, V6},
-    parse::{
-        ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_NEXT_OFF,
-        IP6_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF,
+    hdr::{
+        ETH_HLEN, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PARAMETER_PROB, ICMP_TIME_EXCEEDED,
+        ICMP6_DEST_UNREACH, ICMP6_PARAM_PROB, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF, IP6_DST_OFF,
+        IP6_HLEN, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_VIHL, L4_DPORT_OFF, L4_SPORT_OFF, PROTO_ICMP, PROTO_ICMP6,
+        TCP_CSUM_OFF, UDP_CSUM_OFF,
     },
+    pipeline::Seen,
 };
 
-/// ICMP and ICMPv6 headers: type, code, checksum, 4 bytes of type-specific data.
-const ICMP_HLEN: usize = 8;
-const ICMP_CSUM_OFF: usize = 2;
 /// Of the quoted transport header only the first 8 bytes (the ports, and UDP's checksum)
 /// are guaranteed to be there.
 const QUOTED_L4: usize = 8;
@@ -60,36 +60,32 @@ pub trait IcmpFamily: Family {
 
 impl IcmpFamily for V4 {
     const HLEN: usize = IP_HLEN;
-    const PROTO_ICMP: u8 = 1;
+    const PROTO_ICMP: u8 = PROTO_ICMP;
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
     const IP_CSUM: Option<usize> = Some(IP_CSUM_OFF);
     const PSEUDO: bool = false;
     #[inline(always)]
     fn is_error(t: u8) -> bool {
-        // Destination unreachable, time exceeded, parameter problem (RFC 792).
-        matches!(t, 3 | 11 | 12)
+        matches!(t, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB)
     }
     #[inline(always)]
     unsafe fn plain_proto(ip: *const u8) -> Option<u8> {
-        const VERSION4_IHL5: u8 = 0x45;
         // SAFETY: the caller guarantees HLEN readable bytes.
-        unsafe { (*ip == VERSION4_IHL5).then(|| *ip.add(IP_PROTO_OFF)) }
+        unsafe { (*ip == IPV4_VIHL).then(|| *ip.add(IP_PROTO_OFF)) }
     }
 }
 
 impl IcmpFamily for V6 {
     const HLEN: usize = IP6_HLEN;
-    const PROTO_ICMP: u8 = 58;
+    const PROTO_ICMP: u8 = PROTO_ICMP6;
     const SRC_OFF: usize = IP6_SRC_OFF;
     const DST_OFF: usize = IP6_DST_OFF;
     const IP_CSUM: Option<usize> = None;
     const PSEUDO: bool = true;
     #[inline(always)]
     fn is_error(t: u8) -> bool {
-        // Destination unreachable, packet too big, time exceeded, parameter problem
-        // (RFC 4443); informational types (echo, neighbour discovery, ...) start at 128.
-        matches!(t, 1..=4)
+        matches!(t, ICMP6_DEST_UNREACH..=ICMP6_PARAM_PROB)
     }
     #[inline(always)]
     unsafe fn plain_proto(ip: *const u8) -> Option<u8> {
@@ -108,19 +104,6 @@ pub struct IcmpErr<A> {
     pub dst: A,
     pub sport: u16,
     pub dport: u16,
-}
-
-/// Where the error was seen.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Leaving a pod (`from_pod`): a client pod's error about a reply it received.
-    PodOut,
-    /// Towards a client (`to_pod`, `to_uplink`): an error about a client's packet to a
-    /// backend reached without source NAT.
-    ToClient,
-    /// Arriving on an uplink (XDP): an error about a source-NATed flow's packet to a remote
-    /// backend, or an outside client's error about a reply.
-    Uplink,
 }
 
 /// Offsets of a plain error frame: the ICMP header, the quoted IP header, its transport
@@ -196,38 +179,31 @@ fn about_reply<A: Copy>(e: &IcmpErr<A>, ct: &CtValue<A>) -> IcmpErr<A> {
     t
 }
 
-/// The translated error, whether it must be forwarded (XDP: source-NATed flows) rather
-/// than handed to the stack, and the flow's service; `None`: not about a flow this side
-/// translates.
+/// The translated error, whether it must be sent on like its flow's source-NATed packets
+/// (`Action::Redirect`: only on an uplink, where XDP forwards them) rather than handed to
+/// the stack, and the flow's service; `None`: not about a flow translated
+/// where the error was seen. Leaving a pod (`FromPod`): a client pod's error about a reply
+/// it received. Towards a client (`ToClient`): an error about a client's packet to a
+/// backend reached without source NAT. On an uplink (`FromUplink`): an error about a
+/// source-NATed flow's packet to a remote backend, or an outside client's error about a
+/// reply.
 #[inline(always)]
-pub fn decide<F: Family>(e: &IcmpErr<F::Addr>, side: Side) -> Option<(IcmpErr<F::Addr>, bool, u32)> {
+pub fn decide<F: Family>(e: &IcmpErr<F::Addr>, seen: Seen) -> Option<(IcmpErr<F::Addr>, bool, u32)> {
     let snat = |ct: &CtValue<F::Addr>| ct.flags & ct_flags::SNAT != 0;
-    match side {
-        Side::ToClient => {
+    match seen {
+        Seen::ToClient => {
             entry::<F>(e, CT_DIR_REPLY).filter(|c| !snat(c)).map(|c| (about_forward(e, &c), false, c.svc_id))
         }
-        Side::PodOut => {
+        Seen::FromPod => {
             entry::<F>(e, CT_DIR_FORWARD).filter(|c| !snat(c)).map(|c| (about_reply(e, &c), false, c.svc_id))
         }
-        Side::Uplink => {
+        Seen::FromUplink => {
             if let Some(c) = entry::<F>(e, CT_DIR_REPLY).filter(snat) {
                 return Some((about_forward(e, &c), true, c.svc_id));
             }
             entry::<F>(e, CT_DIR_FORWARD).map(|c| (about_reply(e, &c), snat(&c), c.svc_id))
         }
     }
-}
-
-/// `c` after the address `old` became `new` in the data it covers.
-#[inline(always)]
-fn addr_delta<F: Family>(mut c: u16, old: F::Addr, new: F::Addr) -> u16 {
-    let (o, n) = (F::words(old), F::words(new));
-    let mut i = 0;
-    while i < F::WORDS {
-        c = csum::replace4(c, o[i], n[i]);
-        i += 1;
-    }
-    c
 }
 
 /// Rewrite the error frame `start..end` (parsed as `old`) to `new`, with every checksum
@@ -262,9 +238,9 @@ pub fn rewrite<F: IcmpFamily>(start: usize, end: usize, old: &IcmpErr<F::Addr>, 
         for (off, o, n) in [(F::SRC_OFF, old.src, new.src), (F::DST_OFF, old.dst, new.dst)] {
             if o != n {
                 (b.add(inner + off) as *mut F::Addr).write_unaligned(n);
-                ic = addr_delta::<F>(ic, o, n);
-                lc = addr_delta::<F>(lc, o, n);
-                ipc = addr_delta::<F>(ipc, o, n);
+                ic = csum::replace_addr::<F>(ic, o, n);
+                lc = csum::replace_addr::<F>(lc, o, n);
+                ipc = csum::replace_addr::<F>(ipc, o, n);
             }
         }
         for (off, o, n) in [(L4_SPORT_OFF, old.sport, new.sport), (L4_DPORT_OFF, old.dport, new.dport)] {
@@ -286,9 +262,9 @@ pub fn rewrite<F: IcmpFamily>(start: usize, end: usize, old: &IcmpErr<F::Addr>, 
         for (off, o, n) in [(F::SRC_OFF, old.outer_src, new.outer_src), (F::DST_OFF, old.outer_dst, new.outer_dst)] {
             if o != n {
                 (b.add(ETH_HLEN + off) as *mut F::Addr).write_unaligned(n);
-                oc = addr_delta::<F>(oc, o, n);
+                oc = csum::replace_addr::<F>(oc, o, n);
                 if F::PSEUDO {
-                    ic = addr_delta::<F>(ic, o, n);
+                    ic = csum::replace_addr::<F>(ic, o, n);
                 }
             }
         }

@@ -76,15 +76,15 @@ fn select_body<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Sele
         // SAFETY: plain-old-data copy out of the map value.
         if let Some(a) = unsafe { F::affinity().get(&akey).copied() } {
             let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
-            if now.wrapping_sub(a.last_used) <= timeout_ns {
-                if let Some(b) = backend_by_id::<F>(a.backend_id) {
-                    let _ = F::affinity().insert(
-                        &akey,
-                        &AffinityValue { backend_id: a.backend_id, _pad: 0, last_used: now },
-                        0,
-                    );
-                    return Selected::Backend(a.backend_id, b);
-                }
+            if now.wrapping_sub(a.last_used) <= timeout_ns
+                && let Some(b) = backend_by_id::<F>(a.backend_id)
+            {
+                let _ = F::affinity().insert(
+                    &akey,
+                    &AffinityValue { backend_id: a.backend_id, _pad: 0, last_used: now },
+                    0,
+                );
+                return Selected::Backend(a.backend_id, b);
             }
         }
     }

@@ -1,18 +1,27 @@
 //! eBPF programs of ebpf-proxy. Entry points are thin; the logic lives in the modules:
-//! `parse` (headers), `pipeline` (the one decision every program shares), `ct`
-//! (conntrack state and entries, SNAT ports), `lb` (service lookup, backend selection), `tc`
-//! and `xdp` (rewriters applying a decision; XDP also forwards), `frag` (later fragments
-//! of translated flows), `csum` (checksum arithmetic), `reject` (TCP resets), `icmp` (ICMP errors about translated flows), `stats` (counters, once per packet), `maps`;
-//! `sock` (socket-level load balancing: cgroup sock_addr hooks sharing `lb`); `handoff`
-//! (XDP's forwarding through tunnels, finished on the uplink's TC ingress).
+//! `driver` (the one sequence every packet program runs: parse, decide, rewrite, count,
+//! return), `tc` and `xdp` (the hooks: how each reads, rewrites and sends on a packet; XDP
+//! also forwards), `hdr` (header layouts and protocol numbers), `parse` (headers),
+//! `pipeline` (the one decision every packet program shares), `ct` (conntrack state and
+//! entries, SNAT ports), `lb` (service lookup, backend selection), `frag` (later fragments
+//! of translated flows), `csum` (checksum arithmetic), `reject` (TCP resets), `icmp` (ICMP
+//! errors about translated flows), `stats` (counters, once per packet), `maps`; `sock`
+//! (socket-level load balancing: cgroup sock_addr hooks sharing `lb`); `handoff` (XDP's
+//! forwarding through tunnels, finished on the uplink's TC ingress).
 #![no_std]
 #![no_main]
+// The map helpers take keys and values by reference or by value (`impl Borrow`); by
+// reference they stay where they are (IPv6's in the per-CPU `Work`) instead of being copied
+// onto the verifier's 512-byte stack first.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod csum;
 mod ct;
+mod driver;
 mod family;
 mod frag;
 mod handoff;
+mod hdr;
 mod icmp;
 mod lb;
 mod maps;
@@ -32,26 +41,26 @@ use aya_ebpf::{
 /// TC ingress of a pod's host-side veth: traffic leaving the pod.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    tc::from_pod(&ctx)
+    driver::run::<tc::FromPod>(&ctx)
 }
 
 /// TC egress of a pod's host-side veth: traffic entering the pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    tc::reverse_nat(&ctx)
+    driver::run::<tc::ToClient>(&ctx)
 }
 
 /// XDP on the node's uplink: NodePort / ExternalIP / LoadBalancer traffic from outside.
 #[xdp]
 pub fn from_uplink(ctx: XdpContext) -> u32 {
-    xdp::from_uplink(&ctx)
+    driver::run::<xdp::Xdp>(&ctx)
 }
 
 /// TC egress of the uplink: replies of north-south flows XDP delivered to a local backend
 /// leave with the frontend (node address:nodePort, external or LB IP:port) as source.
 #[classifier]
 pub fn to_uplink(ctx: TcContext) -> i32 {
-    tc::reverse_nat(&ctx)
+    driver::run::<tc::ToClient>(&ctx)
 }
 
 /// TC ingress of an uplink: sends on the packets XDP translated for a device it cannot

@@ -1,5 +1,7 @@
-//! Every map the programs use. All are pinned by name so they outlive the agent: a
-//! restarted agent re-opens them and established flows keep their backend.
+//! Every map the programs and the agent share. All are pinned by name so they outlive the
+//! agent: a restarted agent re-opens them and established flows keep their backend. (The
+//! per-CPU scratch maps, which hold nothing between packets, are declared beside their
+//! types: `pipeline::WORK6`, `reject::ANSWER`.)
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
@@ -116,15 +118,6 @@ pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(
 /// `FRAGS` for IPv6 (fragment header identification).
 #[map]
 pub static FRAGS6: LruHashMap<FragKey6, FragPorts> = LruHashMap::with_max_entries(sizes::MAX_FRAGS, 0);
-
-/// Per-CPU working memory of one IPv6 packet (see `pipeline::Work`). Not pinned: it holds
-/// nothing between packets.
-#[map]
-pub static WORK6: PerCpuArray<crate::pipeline::Work<proxy_common::Ipv6Words>> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-CPU buffers where resets and ICMP errors are built (see `reject`). Not pinned.
-#[map]
-pub static ANSWER: PerCpuArray<crate::reject::AnswerBuf> = PerCpuArray::with_max_entries(1, 0);
 
 // Socket-level load balancing (`sock.rs`).
 

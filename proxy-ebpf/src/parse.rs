@@ -1,86 +1,90 @@
-//! Header parsing over direct packet pointers, shared by the TC and XDP entry points, with
-//! the header layouts of `network-types` (offsets are `offset_of!` on those, never bare
-//! numbers).
+//! Header parsing over direct packet pointers, shared by the TC and XDP hooks, with the
+//! header layouts of `network-types` and the offsets of `hdr`.
 //!
 //! Verdicts for odd frames (documented in docs/datapath.md): anything that is not an
 //! IPv4 or IPv6 frame we can read completely is *passed untouched* and counted; the kernel
 //! judges it as if we were not there. Only frames that parse cleanly as IPv4/IPv6 +
 //! TCP/UDP/SCTP are candidates for translation, and later fragments of datagrams whose
 //! first fragment was translated (with that first fragment's ports, see `frag`).
-use core::mem::{offset_of, size_of};
+use core::mem::size_of;
 
+use aya_ebpf::maps::LruHashMap;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
-    tcp::TcpHdr,
-    udp::UdpHdr,
 };
-use proxy_common::{Ipv6Words, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict};
+use proxy_common::{FragKey, FragPorts, Ipv6Words, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict};
 
 use crate::{
-    frag::{self, Frag},
+    family::{Family, V4, V6},
+    hdr::{
+        ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FRAG6_HLEN, FRAG6_M, FRAG6_OFFSET, IP_HLEN, IP_MF, IP_OFFSET, IP6_DST_OFF,
+        IP6_HLEN, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, NEXT_DEST_OPTS, NEXT_FRAGMENT,
+        NEXT_HOP_BY_HOP, NEXT_ROUTING, SCTP_HLEN, TCP_ACK, TCP_ACK_OFF, TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN,
+        TCP_FLAGS_OFF, TCP_HLEN, TCP_SEQ_OFF, TCP_SYN, UDP_CSUM_OFF, UDP_HLEN, UDP_LEN_OFF,
+    },
     maps::{FRAGS, FRAGS6},
 };
 
-pub const ETH_HLEN: usize = EthHdr::LEN;
-/// Ethernet header + IPv4 without options.
-pub const IP_HLEN: usize = Ipv4Hdr::LEN;
-pub const TCP_HLEN: usize = TcpHdr::LEN;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-pub const IP6_HLEN: usize = Ipv6Hdr::LEN;
-pub const IP6_PLEN_OFF: usize = offset_of!(Ipv6Hdr, payload_len);
-pub const IP6_NEXT_OFF: usize = offset_of!(Ipv6Hdr, next_hdr);
-pub const IP6_HOP_OFF: usize = offset_of!(Ipv6Hdr, hop_limit);
-pub const IP6_SRC_OFF: usize = offset_of!(Ipv6Hdr, src_addr);
-pub const IP6_DST_OFF: usize = offset_of!(Ipv6Hdr, dst_addr);
-/// IPv6 extension headers a real stack sends before the transport header, skipped up to
-/// `MAX_EXT_HDRS` of them (a bound the verifier can see); a fragment header gets the
-/// fragment's handling (`frag`).
-const NEXT_HOP_BY_HOP: u8 = 0;
-const NEXT_ROUTING: u8 = 43;
-const NEXT_FRAGMENT: u8 = 44;
-const NEXT_DEST_OPTS: u8 = 60;
+/// IPv6 extension headers skipped before the transport header, at most (a bound the
+/// verifier can see); a fragment header gets the fragment's handling (`frag`).
 const MAX_EXT_HDRS: usize = 4;
-/// The largest transport-header offset an IPv6 frame may have for us (offsets are masked
-/// with it for the verifier, so a larger one must never reach a mask).
-const MAX_L4_OFF: usize = 0x3ff;
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
-/// IPv6 Fragment header (RFC 8200 4.5): next header, reserved, offset (13 bits) | 2
-/// reserved bits | M, identification (32 bits).
-const FRAG6_HLEN: usize = 8;
-const FRAG6_OFFSET: u16 = 0xfff8;
-const FRAG6_M: u16 = 0x0001;
-/// SCTP common header: ports, verification tag, checksum.
-const SCTP_HLEN: usize = 12;
+/// The largest transport-header offset a frame may have for us (offsets are masked with it
+/// for the verifier, so a larger one must never reach a mask).
+pub const MAX_L4_OFF: usize = 0x3ff;
 
-/// Field offsets inside the IPv4 header.
-pub const IP_TOT_LEN_OFF: usize = offset_of!(Ipv4Hdr, tot_len);
-pub const IP_FRAGS_OFF: usize = offset_of!(Ipv4Hdr, frags);
-pub const IP_PROTO_OFF: usize = offset_of!(Ipv4Hdr, proto);
-pub const IP_TOS_OFF: usize = offset_of!(Ipv4Hdr, tos);
-pub const IP_TTL_OFF: usize = offset_of!(Ipv4Hdr, ttl);
-pub const IP_CSUM_OFF: usize = offset_of!(Ipv4Hdr, check);
-pub const IP_SRC_OFF: usize = offset_of!(Ipv4Hdr, src_addr);
-pub const IP_DST_OFF: usize = offset_of!(Ipv4Hdr, dst_addr);
-/// TCP, UDP and SCTP all start with the source and destination ports.
-pub const L4_SPORT_OFF: usize = offset_of!(UdpHdr, src);
-pub const L4_DPORT_OFF: usize = offset_of!(UdpHdr, dst);
-/// The byte holding the TCP data offset (high nibble), and the flags byte after it.
-pub const TCP_DOFF_OFF: usize = offset_of!(TcpHdr, _bitfield_1);
-pub const TCP_FLAGS_OFF: usize = TCP_DOFF_OFF + 1;
-pub const TCP_SEQ_OFF: usize = offset_of!(TcpHdr, seq);
-pub const TCP_ACK_OFF: usize = offset_of!(TcpHdr, ack_seq);
-pub const TCP_CSUM_OFF: usize = offset_of!(TcpHdr, check);
-pub const UDP_CSUM_OFF: usize = offset_of!(UdpHdr, check);
-const UDP_LEN_OFF: usize = offset_of!(UdpHdr, len);
+/// Where a packet sits in its datagram.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub enum Frag {
+    /// A whole datagram (IPv4 with MF clear and offset 0; IPv6 without a fragment header, or
+    /// an atomic fragment, RFC 6946).
+    #[default]
+    Whole,
+    /// Offset 0 with more fragments: the transport header is here, the rest follows.
+    First,
+    /// Offset > 0: no transport header; the ports come from `FRAGS` (see `frag`).
+    Later,
+}
 
-/// TCP flags (the byte at `TCP_FLAGS_OFF`).
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+/// Protocols whose fragments we translate: those with ports.
+#[inline(always)]
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+}
+
+/// The ports of the datagram a later fragment belongs to, if its first fragment was
+/// translated here (`frag::remember`).
+#[inline(always)]
+fn later_ports<A: Copy>(
+    map: &LruHashMap<FragKey<A>, FragPorts>,
+    saddr: A,
+    daddr: A,
+    proto: u8,
+    id: u32,
+) -> Option<FragPorts> {
+    let key = FragKey { src_addr: saddr, dst_addr: daddr, id, proto, _pad: [0; 3] };
+    // SAFETY: the value is copied out at once; a concurrent update writes the same ports.
+    unsafe { map.get(&key).copied() }
+}
+
+/// Parse a frame of this family (`parse_v4`, `parse_v6`).
+pub trait Parse: Family {
+    fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Self::Addr>, Verdict>;
+}
+
+impl Parse for V4 {
+    #[inline(always)]
+    fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict> {
+        parse_v4(start, end, pkt_len)
+    }
+}
+
+impl Parse for V6 {
+    #[inline(always)]
+    fn parse(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6Words>, Verdict> {
+        parse_v6(start, end, pkt_len)
+    }
+}
 
 /// Where the parsed fields live in the frame, and their values (addresses and ports in
 /// network byte order, as on the wire). `A` is the address: `u32` or `Ipv6Words`.
@@ -164,7 +168,7 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, Verdict> 
 /// as one block, and the L4 header (at a variable offset because of IP options) through its
 /// own pointer with its own check.
 ///
-/// This is the first step, [`Family::parse`](crate::family::Family::parse) the second: each
+/// This is the first step, [`Parse::parse`] the second: each
 /// family is parsed (and handled) in its own BPF function, so their stack frames never add
 /// up.
 #[inline(always)]
@@ -226,7 +230,7 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8, firs
     // for UDP, the common header for SCTP.
     let need = match proto {
         PROTO_TCP => TCP_HLEN,
-        PROTO_UDP => UdpHdr::LEN,
+        PROTO_UDP => UDP_HLEN,
         PROTO_SCTP => SCTP_HLEN,
         _ => return Err(Verdict::OtherL4),
     };
@@ -255,7 +259,7 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8, firs
             t.seg_len = (l4_len - doff) as u32 + (t.tcp_flags & TCP_SYN != 0) as u32 + (t.tcp_flags & TCP_FIN) as u32;
         } else if proto == PROTO_UDP {
             let ulen = u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize;
-            if ulen < UdpHdr::LEN || (ulen > l4_len && !first_frag) {
+            if ulen < UDP_HLEN || (ulen > l4_len && !first_frag) {
                 return Err(Verdict::Malformed);
             }
         }
@@ -350,11 +354,11 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
     let daddr = [word(IP6_DST_OFF), word(IP6_DST_OFF + 4), word(IP6_DST_OFF + 8), word(IP6_DST_OFF + 12)];
     // A fragment of something without ports (ICMPv6, an extension header after the
     // fragment header of a later fragment) is not ours, nor an ICMP error to translate.
-    if frag != Frag::Whole && !frag::has_ports(next) {
+    if frag != Frag::Whole && !has_ports(next) {
         return Err(Verdict::Fragment);
     }
     let t = if frag == Frag::Later {
-        let ports = frag::ports(&FRAGS6, saddr, daddr, next, frag_id).ok_or(Verdict::Fragment)?;
+        let ports = later_ports(&FRAGS6, saddr, daddr, next, frag_id).ok_or(Verdict::Fragment)?;
         L4 { sport: ports.sport, dport: ports.dport, ..L4::default() }
     } else {
         transport(start, end, l4, ip_end - l4, next, frag == Frag::First)?
@@ -391,14 +395,14 @@ pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verd
         let proto = ip.proto;
         // A fragment of something without ports (ICMP) is not ours, nor an ICMP error to
         // translate.
-        if frag != Frag::Whole && !frag::has_ports(proto) {
+        if frag != Frag::Whole && !has_ports(proto) {
             return Err(Verdict::Fragment);
         }
         let frag_id = u16::from_be_bytes(ip.id) as u32;
         let (saddr, daddr) = (u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr));
         let l4 = l3 + ihl;
         let t = if frag == Frag::Later {
-            let ports = frag::ports(&FRAGS, saddr, daddr, proto, frag_id).ok_or(Verdict::Fragment)?;
+            let ports = later_ports(&FRAGS, saddr, daddr, proto, frag_id).ok_or(Verdict::Fragment)?;
             L4 { sport: ports.sport, dport: ports.dport, ..L4::default() }
         } else {
             transport(start, end, l4, tot_len - ihl, proto, frag == Frag::First)?

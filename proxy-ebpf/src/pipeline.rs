@@ -1,26 +1,31 @@
-//! The decision every program shares: what to do with a parsed packet. TC and XDP only
-//! apply it (`tc.rs`, `xdp.rs` are rewriters); conntrack state, service lookup, backend
-//! selection and which flows are also source-NATed are decided here, once, in the shape of
-//! Cilium's `lb4_local` (a switch on the conntrack state) with Katran's single exit (the
-//! verdict is counted once, by the caller, after the action was applied).
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use proxy_common::{CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, svc_flags};
+//! The decision every program shares: what to do with a parsed packet. The driver
+//! (`driver.rs`) runs it and has the hook (TC or XDP) apply it; conntrack state, service
+//! lookup, backend selection and which flows are also source-NATed are decided here, once,
+//! in the shape of Cilium's `lb4_local` (a switch on the conntrack state) with Katran's
+//! single exit (the verdict is counted once, by the driver, after the action was applied).
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::PerCpuArray};
+use proxy_common::{CtValue, Ipv6Words, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, svc_flags};
 
 use crate::{
     ct::{self, Ct, CtWork},
-    family::Family,
+    family::{Family, V4, V6},
     lb::{self, Selected},
     parse::Packet,
 };
 
-/// Where the packet was seen.
+/// Where a packet was seen: which program runs, and so which traffic it is.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    /// TC ingress of a pod's host veth: pod traffic, internal scope, hairpin SNAT.
-    Pod,
-    /// XDP on an uplink: traffic from outside the node, external scope, source ranges,
-    /// SNAT towards backends on other nodes, resets for frontends without endpoints.
-    Uplink,
+pub enum Seen {
+    /// TC ingress of a pod's host veth (`from_pod`): traffic leaving a pod, internal scope,
+    /// hairpin SNAT.
+    FromPod,
+    /// TC egress towards a client (`to_pod` on a pod's veth, `to_uplink` on an uplink):
+    /// backends' replies, whose source goes back to the frontend the client used.
+    ToClient,
+    /// XDP on an uplink (`from_uplink`): traffic from outside the node, external scope,
+    /// source ranges, SNAT towards backends on other nodes, resets for frontends without
+    /// endpoints.
+    FromUplink,
 }
 
 /// The addresses and ports a packet leaves with (network byte order).
@@ -45,10 +50,10 @@ pub enum Action {
     Reject,
     /// Rewrite to `Decision::nat`, then on through the stack.
     Rewrite,
-    /// Rewrite, then straight back into the interface it came from (TC: hairpin).
-    Bounce,
-    /// Rewrite, then forward with the FIB (XDP: remote backends and their replies).
-    Forward,
+    /// Rewrite, then send it on the hook's own way, as a source-NATed flow leaves the node:
+    /// TC bounces it straight back into the pod it came from (hairpin), XDP forwards it with
+    /// the FIB (north-south to a backend on another node, and its replies).
+    Redirect,
 }
 
 pub struct Decision<A> {
@@ -78,23 +83,13 @@ impl<A: Default> Decision<A> {
     }
 }
 
-/// A source-NATed flow leaves the node by the hook's own way: bounced back into the pod
-/// (hairpin) or forwarded (north-south to another node).
-#[inline(always)]
-fn snat_delivery(hook: Hook) -> Action {
-    match hook {
-        Hook::Pod => Action::Bounce,
-        Hook::Uplink => Action::Forward,
-    }
-}
-
 /// A client-side packet of a tracked flow: same backend (and SNAT port) as its first
 /// packet, even if the backend or the service has gone since (as with kube-proxy's use of
 /// the kernel conntrack).
 #[inline(always)]
-fn established<A: Copy + Default>(p: &Packet<A>, hook: Hook, ct: &CtValue<A>) -> Decision<A> {
+fn established<A: Copy + Default>(p: &Packet<A>, ct: &CtValue<A>) -> Decision<A> {
     let (action, nat) = if ct.flags & ct_flags::SNAT != 0 {
-        (snat_delivery(hook), Nat { saddr: ct.snat_addr, sport: ct.snat_port, daddr: ct.nat_addr, dport: ct.nat_port })
+        (Action::Redirect, Nat { saddr: ct.snat_addr, sport: ct.snat_port, daddr: ct.nat_addr, dport: ct.nat_port })
     } else {
         (Action::Rewrite, Nat { saddr: p.saddr, sport: p.sport, daddr: ct.nat_addr, dport: ct.nat_port })
     };
@@ -118,50 +113,75 @@ pub struct Work<A> {
     pub ct: CtWork<A>,
 }
 
-/// The family's per-CPU `Work`; `None` only if the map cannot be read (it always can: one
-/// entry, index 0) or the family keeps none.
-#[inline(always)]
-pub fn work<F: Family>() -> Option<&'static mut Work<F::Addr>> {
-    // SAFETY: a per-CPU map value; only this CPU's running program uses it, and a program
-    // runs to completion without preemption by another on the same CPU for these hooks.
-    F::work().map(|p| unsafe { &mut *p })
+/// Per-CPU working memory of one IPv6 packet (see `Work`). Not pinned: it holds nothing
+/// between packets.
+#[map]
+pub static WORK6: PerCpuArray<Work<Ipv6Words>> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where a family keeps a packet's `Work` when it runs the steps outlined
+/// (`Family::OUTLINE`): IPv6 in `WORK6`, IPv4 on the stack.
+pub trait Staged: Family {
+    /// The family's per-CPU `Work`; `None` only if the map cannot be read (it always can:
+    /// one entry, index 0) or the family keeps none.
+    fn work() -> Option<&'static mut Work<Self::Addr>>;
 }
 
-/// Pod traffic (`Hook::Pod`, seen on the pod interface `ifindex`) and traffic from outside
-/// the node (`Hook::Uplink`).
+impl Staged for V4 {
+    #[inline(always)]
+    fn work() -> Option<&'static mut Work<u32>> {
+        None
+    }
+}
+
+impl Staged for V6 {
+    #[inline(always)]
+    fn work() -> Option<&'static mut Work<Ipv6Words>> {
+        // SAFETY: a per-CPU map value; only this CPU's running program uses it, and a
+        // program runs to completion without preemption by another on the same CPU for these
+        // hooks.
+        WORK6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    }
+}
+
+/// What to do with a packet seen at `seen` (on interface `ifindex` for the TC hooks): the
+/// client side of flows, balanced (`FromPod`, `FromUplink`), or replies restored
+/// (`ToClient`).
 #[inline(always)]
-pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+pub fn decide<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    if seen == Seen::ToClient { decide_reply::<F>(p, ifindex, w) } else { balance::<F>(p, seen, ifindex, w) }
+}
+
+/// Pod traffic (`FromPod`, seen on the pod interface `ifindex`) and traffic from outside
+/// the node (`FromUplink`).
+#[inline(always)]
+fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
     let (node_snat, hairpin) = F::node_addrs();
     // Replies this hook translates itself: a pod answering a hairpin flow (addressed to the
     // hairpin address), a remote backend answering a flow we source-NATed (addressed to a
     // port of the SNAT range: the only uplink packets that can be one, so other uplink
     // traffic, NodePorts included, costs no reply lookup).
-    let (replies, seen) = match hook {
-        Hook::Pod => (!F::is_unset(hairpin) && p.daddr == hairpin, ifindex),
-        Hook::Uplink => {
-            let cfg = lb::node_config();
-            let port = u16::from_be(p.dport);
-            (port >= cfg.snat_port_min && port <= cfg.snat_port_max, proxy_common::ct::IFINDEX_UPLINK)
-        }
+    let (replies, side) = if seen == Seen::FromUplink {
+        let cfg = lb::node_config();
+        let port = u16::from_be(p.dport);
+        (port >= cfg.snat_port_min && port <= cfg.snat_port_max, proxy_common::ct::IFINDEX_UPLINK)
+    } else {
+        (!F::is_unset(hairpin) && p.daddr == hairpin, ifindex)
     };
-    match ct::lookup::<F>(p, replies, seen, w) {
+    match ct::lookup::<F>(p, replies, side, w) {
         Ct::Reply if w.val.flags & ct_flags::SNAT != 0 => {
             let ct = &w.val;
             let nat = Nat { saddr: ct.nat_addr, sport: ct.nat_port, daddr: ct.snat_addr, dport: ct.snat_port };
-            return Decision::rewrite(snat_delivery(hook), nat, Verdict::ReverseNat, ct.svc_id);
+            return Decision::rewrite(Action::Redirect, nat, Verdict::ReverseNat, ct.svc_id);
         }
         // The reply of a pod's own flow to a backend on another node: `to_pod` on that
         // pod's veth restores the VIP.
         Ct::Reply => return Decision::pass(Verdict::Pass),
-        Ct::Established => return established(p, hook, &w.val),
+        Ct::Established => return established(p, &w.val),
         Ct::Invalid => return Decision::new(Action::Drop, Verdict::CtInvalid, w.val.svc_id),
         Ct::New => {}
     }
 
-    let scope = match hook {
-        Hook::Pod => SCOPE_INTERNAL,
-        Hook::Uplink => SCOPE_EXTERNAL,
-    };
+    let scope = if seen == Seen::FromUplink { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let Some(svc) = lb::service_lookup::<F>(p, scope) else {
         return Decision::pass(Verdict::Pass);
     };
@@ -185,23 +205,23 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, ifindex: u32, w: &mut 
     // must come back through this node to be un-NATed, so the source becomes this node's
     // address (the one the client used if the agent set none). With a local backend, or
     // externalTrafficPolicy: Local, the client address is preserved.
-    let snat_addr = match hook {
-        Hook::Pod if !F::is_unset(hairpin) && b.addr == p.saddr => Some(hairpin),
-        Hook::Uplink if b.flags & backend_flags::LOCAL == 0 && svc.flags & svc_flags::LOCAL_ONLY == 0 => {
+    let snat_addr = match seen {
+        Seen::FromPod if !F::is_unset(hairpin) && b.addr == p.saddr => Some(hairpin),
+        Seen::FromUplink if b.flags & backend_flags::LOCAL == 0 && svc.flags & svc_flags::LOCAL_ONLY == 0 => {
             Some(if F::is_unset(node_snat) { p.daddr } else { node_snat })
         }
         _ => None,
     };
     // The backend's answers come back where a source-NATed flow leaves: the uplink, or the
     // pod itself (hairpin). Otherwise the first answer tells.
-    let reply_ifindex = if snat_addr.is_some() { seen } else { 0 };
+    let reply_ifindex = if snat_addr.is_some() { side } else { 0 };
     let mut flow = ct::NewFlow {
         svc_id: svc.id,
         backend_id,
         backend: &b,
         snat_addr: F::Addr::default(),
         now,
-        ifindex: seen,
+        ifindex: side,
         reply_ifindex,
     };
     match snat_addr {
@@ -210,7 +230,7 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, ifindex: u32, w: &mut 
             match ct::create_snat::<F>(p, &flow, &lb::node_config(), w) {
                 Ok(port) => {
                     let nat = Nat { saddr: addr, sport: port, daddr: b.addr, dport: b.port };
-                    Decision::rewrite(snat_delivery(hook), nat, Verdict::NewFlow, svc.id)
+                    Decision::rewrite(Action::Redirect, nat, Verdict::NewFlow, svc.id)
                 }
                 Err(e) => Decision::new(Action::Drop, e.verdict(), svc.id),
             }
@@ -225,12 +245,12 @@ pub fn decide<F: Family>(p: &Packet<F::Addr>, hook: Hook, ifindex: u32, w: &mut 
     }
 }
 
-/// Replies leaving towards a client through the stack (`to_pod`, `to_uplink`; `ifindex`:
-/// the interface the reply entered the node on, 0 for a local process): the source goes
-/// back to the frontend the client used. Source-NATed flows are not ours to undo here:
-/// `decide` translates those completely where they arrive.
+/// Replies leaving towards a client through the stack (`ToClient`; `ifindex`: the interface
+/// the reply entered the node on, 0 for a local process): the source goes back to the
+/// frontend the client used. Source-NATed flows are not ours to undo here: `balance`
+/// translates those completely where they arrive.
 #[inline(always)]
-pub fn decide_reply<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+fn decide_reply<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
     match ct::reply::<F>(p, ifindex, w) {
         Ct::Reply if w.val.flags & ct_flags::SNAT == 0 => {
             let ct = &w.val;

@@ -9,25 +9,23 @@
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
+    macros::map,
+    maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{Ipv6Words, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     csum,
-    maps::ANSWER,
-    parse::{
-        ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
-        IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
-        Packet, TCP_ACK, TCP_ACK_OFF, TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN, TCP_FLAGS_OFF, TCP_HLEN, TCP_RST,
-        TCP_SEQ_OFF, TCP_SYN,
+    hdr::{
+        ETH_HLEN, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH, ICMP6_DEST_UNREACH,
+        ICMP6_PORT_UNREACH, IP_CSUM_OFF, IP_DF, IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF,
+        IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF,
+        IPV4_VIHL, IPV6_VERSION, L4_DPORT_OFF, L4_SPORT_OFF, MACS_LEN, PROTO_ICMP, PROTO_ICMP6, TCP_ACK, TCP_ACK_OFF,
+        TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN, TCP_FLAGS_OFF, TCP_HLEN, TCP_RST, TCP_SEQ_OFF, TCP_SYN, UDP_HLEN,
     },
+    parse::Packet,
 };
-
-/// UDP header length (what an ICMP error quotes after the IP header).
-const UDP_HLEN: usize = 8;
-/// ICMP / ICMPv6 error header: type, code, checksum, 4 unused bytes.
-const ICMP_HLEN: usize = 8;
 
 /// Ethernet + IPv4 without options + TCP without options: the size of a reset we send.
 const RST_LEN: usize = ETH_HLEN + IP_HLEN + TCP_HLEN;
@@ -40,31 +38,23 @@ const UDP_QUOTE6_LEN: usize = ETH_HLEN + IP6_HLEN + UDP_HLEN;
 const UNREACH_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN + IP_HLEN + UDP_HLEN;
 const UNREACH6_LEN: usize = ETH_HLEN + IP6_HLEN + ICMP_HLEN + IP6_HLEN + UDP_HLEN;
 
-/// RFC 792: destination unreachable / port unreachable.
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
-const PROTO_ICMP: u8 = 1;
-/// RFC 4443 3.1: destination unreachable / port unreachable.
-const ICMP6_DEST_UNREACH: u8 = 1;
-const ICMP6_PORT_UNREACH: u8 = 4;
-const PROTO_ICMP6: u8 = 58;
-
-const IPV4_VIHL: u8 = 0x45;
-const IPV6_VERSION: u8 = 0x60;
-const IP_DF: u8 = 0x40;
+/// The hop limit of the answers we make (Linux's default TTL).
 const REPLY_TTL: u8 = 64;
-/// The Ethernet addresses (destination, source) at the start of the frame.
-const MACS_LEN: usize = 12;
 
 /// Per-CPU buffers of `ANSWER`: the answer being built, and (TC) a copy of the original's
 /// headers.
-pub struct AnswerBuf {
+struct AnswerBuf {
     out: [u8; ANSWER_MAX],
     orig: [u8; ANSWER_MAX],
 }
 
 /// The largest answer (`UNREACH6_LEN`) and original header block, rounded up.
 const ANSWER_MAX: usize = 128;
+
+/// Per-CPU buffers where resets and ICMP errors are built. Not pinned: they hold nothing
+/// between packets.
+#[map]
+static ANSWER: PerCpuArray<AnswerBuf> = PerCpuArray::with_max_entries(1, 0);
 
 /// `LEN` bytes of `a` from `OFF` on, as an array (checked at compile time).
 #[inline(always)]
@@ -160,7 +150,7 @@ fn port_unreachable_frame(h: &[u8; UDP_QUOTE_LEN], p: &Packet, out: &mut [u8; UN
     icmp[1] = ICMP_PORT_UNREACH;
     icmp[ICMP_HLEN..].copy_from_slice(&h[ETH_HLEN..]);
     // ICMP (v4) has no pseudo-header.
-    seal(icmp, 0, 2);
+    seal(icmp, 0, ICMP_CSUM_OFF);
 }
 
 // IPv6.
@@ -216,7 +206,7 @@ fn port_unreachable_frame6(h: &[u8; UDP_QUOTE6_LEN], p: &Packet<Ipv6Words>, out:
     icmp[0] = ICMP6_DEST_UNREACH;
     icmp[1] = ICMP6_PORT_UNREACH;
     icmp[ICMP_HLEN..].copy_from_slice(&h[ETH_HLEN..]);
-    seal(icmp, pseudo + BODY as u32 + PROTO_ICMP6 as u32, 2);
+    seal(icmp, pseudo + BODY as u32 + PROTO_ICMP6 as u32, ICMP_CSUM_OFF);
 }
 
 // Delivery.

@@ -1,5 +1,7 @@
-//! XDP on the node's uplink(s): north-south service traffic (NodePort on a node address,
-//! ExternalIPs, LoadBalancer ingress IPs). A rewriter of `pipeline::decide(.., Uplink)`:
+//! XDP, the hook of the program on the node's uplink(s) (`from_uplink`): north-south
+//! service traffic (NodePort on a node address, ExternalIPs, LoadBalancer ingress IPs). How
+//! the driver reads, rewrites and forwards packets here, for the decisions `FromUplink`
+//! gets:
 //!
 //! - Local backend: DNAT, `XDP_PASS`; the stack routes the packet to the pod. Replies leave
 //!   through the uplink, where `to_uplink` (TC egress) puts the frontend back as source.
@@ -23,26 +25,80 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_get_buff_len},
     programs::XdpContext,
 };
-use proxy_common::{Ipv6Words, NeighKey, PROTO_UDP, StatsFamily, Verdict};
+use proxy_common::{Ipv6Words, NeighKey, PROTO_UDP, Verdict};
 
 use crate::{
     csum,
-    ct::CtWork,
+    driver::{Hook, Rewrite},
     family::{V4, V6},
-    frag, handoff,
-    icmp::{self, IcmpFamily, Side},
-    parse::{
-        self, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
-        IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L3, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
+    handoff,
+    hdr::{
+        ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_DST_OFF,
+        IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L4_DPORT_OFF, L4_PORTS_LEN, L4_SPORT_OFF, MACS_LEN,
     },
-    pipeline::{self, Action, Decision, Hook, Nat},
-    reject, stats,
+    icmp::IcmpFamily,
+    parse::{MAX_L4_OFF, Packet, Parse},
+    pipeline::{Nat, Seen},
+    reject,
 };
 
-/// The Ethernet addresses (destination, source) at the start of the frame.
-const MACS_LEN: usize = 12;
-/// Bytes of the SCTP header we touch (ports only: its CRC32c does not cover addresses).
-const PORTS_LEN: usize = 4;
+/// The XDP hook.
+pub struct Xdp;
+
+impl Hook for Xdp {
+    type Ctx = XdpContext;
+    type Ret = u32;
+    const SEEN: Seen = Seen::FromUplink;
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+    const OTHER_L4: u32 = u32::MAX;
+
+    #[inline(always)]
+    fn data(ctx: &XdpContext) -> (usize, usize) {
+        (ctx.data(), ctx.data_end())
+    }
+
+    #[inline(always)]
+    fn len(ctx: &XdpContext) -> u32 {
+        (ctx.data_end() - ctx.data()) as u32
+    }
+
+    /// Uplinks are one side to conntrack (`IFINDEX_UPLINK`, which `decide` puts in).
+    #[inline(always)]
+    fn ifindex(_ctx: &XdpContext) -> u32 {
+        0
+    }
+
+    #[inline(always)]
+    fn parse<F: Parse>(ctx: &XdpContext) -> Result<Packet<F::Addr>, Verdict> {
+        F::parse(ctx.data(), ctx.data_end(), frame_len(ctx))
+    }
+
+    /// An XDP frame's headers are in its linear part already.
+    #[inline(always)]
+    fn linearize(_ctx: &XdpContext) -> bool {
+        true
+    }
+}
+
+impl<F: XdpFamily> Rewrite<F> for Xdp {
+    #[inline(always)]
+    fn rewrite(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()> {
+        nat::<F>(ctx, p, n)
+    }
+
+    /// Forwarded with the FIB; `no_route` when it cannot be.
+    #[inline(always)]
+    fn redirect(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> Result<u32, Verdict> {
+        fib_forward::<F>(ctx, proto, n).map_err(|()| Verdict::NoRoute)
+    }
+
+    /// A later fragment never gets here (`apply` drops it): a reset for TCP, else a drop.
+    #[inline(always)]
+    fn reject(ctx: &XdpContext, p: &Packet<F::Addr>) -> u32 {
+        F::reset(ctx, p)
+    }
+}
 
 #[inline(always)]
 fn ptr_mut<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
@@ -57,8 +113,6 @@ fn ptr_mut<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
 trait XdpFamily: IcmpFamily {
     /// Rewrite the IP header's addresses (and its checksum, where it has one).
     fn nat_l3(ctx: &XdpContext, p: &Packet<Self::Addr>, n: &Nat<Self::Addr>) -> Result<(), ()>;
-    /// The L4 checksum after an address in its pseudo-header changed.
-    fn csum_addr(c: u16, old: Self::Addr, new: Self::Addr) -> u16;
     /// Fill the FIB lookup for `n` from the IP header at `ip`; returns the TTL / hop limit.
     ///
     /// # Safety
@@ -71,12 +125,10 @@ trait XdpFamily: IcmpFamily {
     unsafe fn dec_ttl(ip: *mut u8, ttl: u8);
     /// The next hop the FIB lookup reported (for a NO_NEIGH result).
     fn fib_next_hop(fib: &FibParams) -> Self::Addr;
-    const IP_HLEN: usize;
     fn reset(ctx: &XdpContext, p: &Packet<Self::Addr>) -> u32;
 }
 
 impl XdpFamily for V4 {
-    const IP_HLEN: usize = IP_HLEN;
     #[inline(always)]
     fn nat_l3(ctx: &XdpContext, p: &Packet<u32>, n: &Nat<u32>) -> Result<(), ()> {
         let ip = ptr_mut::<[u8; IP_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
@@ -95,10 +147,6 @@ impl XdpFamily for V4 {
             ip_csum.write_unaligned(c);
         }
         Ok(())
-    }
-    #[inline(always)]
-    fn csum_addr(c: u16, old: u32, new: u32) -> u16 {
-        csum::replace4(c, old, new)
     }
     #[inline(always)]
     unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<u32>) -> u8 {
@@ -136,7 +184,6 @@ impl XdpFamily for V4 {
 }
 
 impl XdpFamily for V6 {
-    const IP_HLEN: usize = IP6_HLEN;
     #[inline(always)]
     fn nat_l3(ctx: &XdpContext, p: &Packet<Ipv6Words>, n: &Nat<Ipv6Words>) -> Result<(), ()> {
         let ip = ptr_mut::<[u8; IP6_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
@@ -150,15 +197,6 @@ impl XdpFamily for V6 {
             }
         }
         Ok(())
-    }
-    #[inline(always)]
-    fn csum_addr(mut c: u16, old: Ipv6Words, new: Ipv6Words) -> u16 {
-        let mut i = 0;
-        while i < 4 {
-            c = csum::replace4(c, old[i], new[i]);
-            i += 1;
-        }
-        c
     }
     #[inline(always)]
     unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<Ipv6Words>) -> u8 {
@@ -201,12 +239,12 @@ fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) ->
     let (start, end) = (ctx.data(), ctx.data_end());
     // Masked so the verifier sees a bounded offset (IPv4 options or IPv6 extension headers
     // put it at most a few hundred bytes in).
-    let l4_off = p.l4_off & 0x3ff;
+    let l4_off = p.l4_off & MAX_L4_OFF;
     let csum_field = p.l4_csum_field();
     // The L4 header through its checksum field (TCP, UDP), or the ports (SCTP).
     let l4_need = match csum_field {
         Some(f) => f + 2,
-        None => PORTS_LEN,
+        None => L4_PORTS_LEN,
     };
     if start + l4_off + l4_need > end {
         return Err(());
@@ -220,10 +258,10 @@ fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) ->
             let mut c = l4_csum.read_unaligned();
             if !(p.proto == PROTO_UDP && c == 0) {
                 if n.saddr != p.saddr {
-                    c = F::csum_addr(c, p.saddr, n.saddr);
+                    c = csum::replace_addr::<F>(c, p.saddr, n.saddr);
                 }
                 if n.daddr != p.daddr {
-                    c = F::csum_addr(c, p.daddr, n.daddr);
+                    c = csum::replace_addr::<F>(c, p.daddr, n.daddr);
                 }
                 if n.sport != p.sport {
                     c = csum::replace2(c, p.sport, n.sport);
@@ -254,7 +292,7 @@ fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) ->
 #[inline(always)]
 fn fib_forward<F: XdpFamily>(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> Result<u32, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + ETH_HLEN + F::IP_HLEN > end {
+    if start + ETH_HLEN + F::HLEN > end {
         return Err(());
     }
     let ip = (start + ETH_HLEN) as *mut u8;
@@ -314,152 +352,4 @@ fn fib_forward<F: XdpFamily>(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> R
 fn frame_len(ctx: &XdpContext) -> usize {
     // SAFETY: helper on our own context.
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
-}
-
-/// Parse, decide, apply, count once (here, for every packet of the family; a frame of
-/// neither family is counted by `from_uplink`). Not inlined: each family gets its own BPF
-/// function and stack frame, and returning only the action keeps the caller's frame empty
-/// (the verifier adds up the frames of a call chain, 512 bytes at most).
-#[inline(never)]
-fn handle<F: XdpFamily>(ctx: &XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u32;
-    let (ret, verdict, svc_id) = if F::OUTLINE { staged::<F>(ctx) } else { inlined::<F>(ctx) };
-    if verdict == Verdict::OtherL4 {
-        return OTHER_L4;
-    }
-    stats::count(verdict, F::STATS, svc_id, len);
-    ret
-}
-
-/// What `handle` returns for a frame of another L4 protocol: its caller then runs
-/// `icmp_error`, as a sibling call so the two frames never add up on the stack.
-const OTHER_L4: u32 = u32::MAX;
-
-/// IPv4: the steps inlined into one function, their state on its stack.
-#[inline(always)]
-fn inlined<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    let ct = CtWork::zeroed_in(&mut slot);
-    match F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)) {
-        Ok(p) => {
-            let d = pipeline::decide::<F>(&p, Hook::Uplink, 0, ct);
-            let (ret, verdict) = apply::<F>(ctx, &p, &d);
-            frag::remember::<F>(&p, &d);
-            (ret, verdict, d.svc_id)
-        }
-        Err(v) => (xdp_action::XDP_PASS, v, 0),
-    }
-}
-
-/// ICMP errors about translated flows (see `icmp`): rewritten, then forwarded like the
-/// flow's packets (source-NATed flows) or handed to the stack (a local backend). Anything
-/// else of another L4 protocol passes untouched. A BPF function of its own: rare, and off
-/// the fast path's stack.
-#[inline(never)]
-fn icmp_error<F: XdpFamily>(ctx: &XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u32;
-    let (ret, verdict, svc_id) = icmp_translate::<F>(ctx);
-    stats::count(verdict, F::STATS, svc_id, len);
-    ret
-}
-
-#[inline(always)]
-fn icmp_translate<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
-    let untouched = (xdp_action::XDP_PASS, Verdict::OtherL4, 0);
-    let Some(e) = icmp::parse::<F>(ctx.data(), ctx.data_end()) else {
-        return untouched;
-    };
-    let Some((t, forward, svc_id)) = icmp::decide::<F>(&e, Side::Uplink) else {
-        return untouched;
-    };
-    if !icmp::rewrite::<F>(ctx.data(), ctx.data_end(), &e, &t) {
-        return (xdp_action::XDP_DROP, Verdict::Error, svc_id);
-    }
-    if !forward {
-        return (xdp_action::XDP_PASS, Verdict::IcmpError, svc_id);
-    }
-    let to = Nat { saddr: t.outer_src, sport: 0, daddr: t.outer_dst, dport: 0 };
-    match fib_forward::<F>(ctx, F::PROTO_ICMP, &to) {
-        Ok(action) => (action, Verdict::IcmpError, svc_id),
-        Err(()) => (xdp_action::XDP_DROP, Verdict::NoRoute, svc_id),
-    }
-}
-
-/// IPv6: each step a BPF function of its own, their state in the per-CPU `Work` (see
-/// `Family::OUTLINE`), so only one step's frame is on the stack at a time.
-#[inline(always)]
-fn staged<F: XdpFamily>(ctx: &XdpContext) -> (u32, Verdict, u32) {
-    let Some(w) = pipeline::work::<F>() else {
-        return (xdp_action::XDP_PASS, Verdict::Error, 0);
-    };
-    if let Err(v) = parse_step::<F>(ctx, &mut w.p) {
-        return (xdp_action::XDP_PASS, v, 0);
-    }
-    decide_step::<F>(&w.p, &mut w.ct, &mut w.d);
-    let (ret, verdict) = apply_step::<F>(ctx, &w.p, &w.d);
-    if w.p.frag == frag::Frag::First {
-        remember_step::<F>(&w.p, &w.d);
-    }
-    (ret, verdict, w.d.svc_id)
-}
-
-#[inline(never)]
-fn parse_step<F: XdpFamily>(ctx: &XdpContext, out: &mut Packet<F::Addr>) -> Result<(), Verdict> {
-    *out = F::parse(ctx.data(), ctx.data_end(), frame_len(ctx))?;
-    Ok(())
-}
-
-#[inline(never)]
-fn decide_step<F: XdpFamily>(p: &Packet<F::Addr>, ct: &mut CtWork<F::Addr>, out: &mut Decision<F::Addr>) {
-    *out = pipeline::decide::<F>(p, Hook::Uplink, 0, ct);
-}
-
-#[inline(never)]
-fn remember_step<F: XdpFamily>(p: &Packet<F::Addr>, d: &Decision<F::Addr>) {
-    frag::remember::<F>(p, d);
-}
-
-#[inline(never)]
-fn apply_step<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (u32, Verdict) {
-    apply::<F>(ctx, p, d)
-}
-
-/// Carry out a decision; a failed rewrite or forward turns into a counted drop.
-#[inline(always)]
-fn apply<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (u32, Verdict) {
-    match d.action {
-        Action::Pass => (xdp_action::XDP_PASS, d.verdict),
-        Action::Drop => (xdp_action::XDP_DROP, d.verdict),
-        // A later fragment has no header to answer about: dropped.
-        Action::Reject if p.no_l4() => (xdp_action::XDP_DROP, d.verdict),
-        Action::Reject => (F::reset(ctx, p), d.verdict),
-        Action::Rewrite => match nat::<F>(ctx, p, &d.nat) {
-            Ok(()) => (xdp_action::XDP_PASS, d.verdict),
-            Err(()) => (xdp_action::XDP_DROP, Verdict::Error),
-        },
-        Action::Forward => match nat::<F>(ctx, p, &d.nat).map(|()| fib_forward::<F>(ctx, p.proto, &d.nat)) {
-            Ok(Ok(action)) => (action, d.verdict),
-            Ok(Err(())) => (xdp_action::XDP_DROP, Verdict::NoRoute),
-            Err(()) => (xdp_action::XDP_DROP, Verdict::Error),
-        },
-        // Only TC bounces.
-        Action::Bounce => (xdp_action::XDP_DROP, Verdict::Error),
-    }
-}
-
-pub fn from_uplink(ctx: &XdpContext) -> u32 {
-    match parse::l3(ctx.data(), ctx.data_end()) {
-        Ok(L3::V4) => match handle::<V4>(ctx) {
-            OTHER_L4 => icmp_error::<V4>(ctx),
-            ret => ret,
-        },
-        Ok(L3::V6) => match handle::<V6>(ctx) {
-            OTHER_L4 => icmp_error::<V6>(ctx),
-            ret => ret,
-        },
-        Err(v) => {
-            stats::count(v, StatsFamily::Other, 0, (ctx.data_end() - ctx.data()) as u32);
-            xdp_action::XDP_PASS
-        }
-    }
 }

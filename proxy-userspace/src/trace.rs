@@ -543,12 +543,17 @@ impl Seeds {
         private.set(0, v, 0).map_err(map_err(name))
     }
 
-    /// The verdict the private run counted (its counters start at zero).
+    /// The verdict the private run counted (its counters start at zero), in whichever
+    /// family's block the packet was counted.
     fn verdict(&self) -> Result<Verdict, TraceError> {
         let stats: PerCpuArray<MapData, proxy_common::Counters> =
             PerCpuArray::try_from(open(&self.private, n::GLOBAL_STATS)?).map_err(map_err(n::GLOBAL_STATS))?;
         for v in Verdict::ALL {
-            let counted: u64 = stats.get(&(v as u32), 0).map(|pc| pc.iter().map(|c| c.packets).sum()).unwrap_or(0);
+            let counted: u64 = proxy_common::StatsFamily::ALL
+                .iter()
+                .filter_map(|f| stats.get(&f.index(v as u32), 0).ok())
+                .map(|pc| pc.iter().map(|c| c.packets).sum::<u64>())
+                .sum();
             if counted > 0 {
                 return Ok(v);
             }

@@ -94,6 +94,15 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The eBPF crate builds only for the BPF target, with the nightly (as aya-build does).
+    run(Command::new("rustup")
+        .current_dir(workspace_root().join("proxy-ebpf"))
+        .args(["run", "nightly", "cargo", "clippy", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"])
+        // This process runs under the stable toolchain's cargo: none of its settings may leak.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN"))?;
     // The tests run the agent binary (`target/debug/ebpf-proxy`), which `cargo test` does not
     // rebuild when it exists: build it now so no test runs a stale agent.
     run(cargo().current_dir(workspace_root()).args(["build", "-p", "proxy-userspace", "--bin", "ebpf-proxy"]))?;

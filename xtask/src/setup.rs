@@ -69,13 +69,16 @@ fn nightly() -> Result<bool> {
     Ok(true)
 }
 
+/// rust-src to build `core` for the BPF target, clippy to lint the eBPF crate there.
 fn rust_src() -> Result<bool> {
     let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
         .unwrap_or_default();
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
+    let missing: Vec<&str> =
+        ["rust-src", "clippy"].into_iter().filter(|c| !installed.lines().any(|l| l.starts_with(c))).collect();
+    if missing.is_empty() {
         return Ok(false);
     }
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    run(Command::new("rustup").args(["component", "add", "--toolchain", NIGHTLY]).args(&missing))?;
     Ok(true)
 }
 
@@ -192,7 +195,7 @@ pub fn setup() -> Result<()> {
         eprintln!("setup: not root: skipping Debian packages and bpffs (privileged tests will skip)");
     }
     step("nightly toolchain", nightly)?;
-    step("rust-src (nightly)", rust_src)?;
+    step("rust-src and clippy (nightly)", rust_src)?;
     step("rustfmt and clippy", fmt_and_clippy)?;
     step("bpf-linker", bpf_linker)?;
     eprintln!("setup: done in {:.1?}", t.elapsed());

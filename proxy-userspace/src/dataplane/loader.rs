@@ -165,8 +165,9 @@ pub fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
         context: format!("path {}", probe.display()),
         source: io::Error::from(io::ErrorKind::InvalidInput),
     })?;
-    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: `statfs` is plain integers; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into the struct we own; the path is NUL-terminated.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(DataplaneError::Io {
             context: format!("statfs {}", probe.display()),

@@ -58,8 +58,9 @@ fn flock_nb(fd: &OwnedFd, op: libc::c_int) -> io::Result<bool> {
 }
 
 fn dev_ino_of_fd(fd: &OwnedFd) -> Option<(u64, u64)> {
-    // SAFETY: fstat writes into the zeroed struct we own.
+    // SAFETY: `stat` is plain integers; all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the struct we own; `fd` is open for as long as we borrow it.
     (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 

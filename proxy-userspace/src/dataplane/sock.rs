@@ -128,8 +128,9 @@ fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 fn check_cgroup2(path: &Path) -> Result<(), SockError> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| SockError::NotCgroup2(path.to_path_buf()))?;
-    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: `statfs` is plain integers; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into the struct we own; the path is NUL-terminated.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != CGROUP2_MAGIC {
         return Err(SockError::NotCgroup2(path.to_path_buf()));
     }

@@ -1,0 +1,224 @@
+//! The one driver of every packet program: parse -> decide -> rewrite -> count -> return,
+//! written once. What differs between the hooks is behind `Hook` (how to read the packet,
+//! what the return codes are) and `Rewrite` (how to rewrite it, answer it and send it on),
+//! which `tc.rs` and `xdp.rs` implement; where the packet was seen is the hook's `Seen`.
+//!
+//! Each family is handled in a BPF function of its own (`handle`), so their stack frames
+//! never add up; IPv4 inlines its steps there, IPv6 runs each step as a function of its own
+//! with its state in the per-CPU `Work` (see `Family::OUTLINE`). A frame of another L4
+//! protocol goes to `icmp_error`, a sibling call of `handle`. Every packet is counted once,
+//! at the exit of whichever of the three ends it.
+use core::mem::MaybeUninit;
+
+use proxy_common::{StatsFamily, Verdict};
+
+use crate::{
+    ct::CtWork,
+    family::{V4, V6},
+    frag,
+    icmp::{self, IcmpFamily},
+    parse::{self, Frag, L3, Packet, Parse},
+    pipeline::{self, Action, Decision, Nat, Seen, Staged},
+    stats,
+};
+
+/// A program's hook, whatever the family: its context, return codes, and how it reads a
+/// packet.
+pub trait Hook {
+    type Ctx;
+    /// The program's return code (`TC_ACT_*`, `xdp_action`).
+    type Ret: Copy + PartialEq;
+    /// Where this hook's program sees its packets.
+    const SEEN: Seen;
+    /// Untouched: the stack (and any program after ours) sees it as if we were not there.
+    const PASS: Self::Ret;
+    const DROP: Self::Ret;
+    /// A code no action returns: what `handle` returns for a frame of another L4 protocol,
+    /// so that its caller runs `icmp_error` next, as a sibling call.
+    const OTHER_L4: Self::Ret;
+    /// The linear packet data, `start..end`.
+    fn data(ctx: &Self::Ctx) -> (usize, usize);
+    /// The bytes a packet is counted with.
+    fn len(ctx: &Self::Ctx) -> u32;
+    /// The interface the packet entered the node on, as conntrack records it (0: none to
+    /// tell).
+    fn ifindex(ctx: &Self::Ctx) -> u32;
+    /// Parse a frame of family `F`.
+    fn parse<F: Parse>(ctx: &Self::Ctx) -> Result<Packet<F::Addr>, Verdict>;
+    /// Make an ICMP error's quote readable in the linear data; false: leave it alone.
+    fn linearize(ctx: &Self::Ctx) -> bool;
+}
+
+/// How a hook changes a packet of family `F`.
+pub trait Rewrite<F: IcmpFamily>: Hook {
+    /// Rewrite the addresses and ports to `n`, with their checksums.
+    fn rewrite(ctx: &Self::Ctx, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()>;
+    /// Send a rewritten packet (to `n`, of protocol `proto`) on the hook's own way
+    /// (`Action::Redirect`); `Err`: the verdict it is dropped under.
+    fn redirect(ctx: &Self::Ctx, proto: u8, n: &Nat<F::Addr>) -> Result<Self::Ret, Verdict>;
+    /// Refuse a flow to a frontend without endpoints (a reset, an ICMP error), or drop it.
+    fn reject(ctx: &Self::Ctx, p: &Packet<F::Addr>) -> Self::Ret;
+}
+
+/// The entry of every packet program.
+#[inline(always)]
+pub fn run<H: Rewrite<V4> + Rewrite<V6>>(ctx: &H::Ctx) -> H::Ret {
+    let (start, end) = H::data(ctx);
+    match parse::l3(start, end) {
+        Ok(L3::V4) => match handle::<H, V4>(ctx) {
+            ret if ret == H::OTHER_L4 => icmp_error::<H, V4>(ctx),
+            ret => ret,
+        },
+        Ok(L3::V6) => match handle::<H, V6>(ctx) {
+            ret if ret == H::OTHER_L4 => icmp_error::<H, V6>(ctx),
+            ret => ret,
+        },
+        Err(v) => {
+            stats::count(v, StatsFamily::Other, 0, H::len(ctx));
+            H::PASS
+        }
+    }
+}
+
+/// Parse, decide, apply, count once (here, for every packet of the family but those of
+/// another L4 protocol, counted by `icmp_error`). Not inlined: each family gets its own BPF
+/// function and stack frame, and returning only the action keeps the caller's frame empty
+/// (the verifier adds up the frames of a call chain, 512 bytes at most).
+#[inline(never)]
+fn handle<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> H::Ret {
+    let len = H::len(ctx);
+    let (ret, verdict, svc_id) = if F::OUTLINE { staged::<H, F>(ctx) } else { inlined::<H, F>(ctx) };
+    if verdict == Verdict::OtherL4 {
+        return H::OTHER_L4;
+    }
+    stats::count(verdict, F::STATS, svc_id, len);
+    ret
+}
+
+/// IPv4: the steps inlined into one function, their state on its stack.
+#[inline(always)]
+fn inlined<H: Rewrite<F>, F: Parse + IcmpFamily>(ctx: &H::Ctx) -> (H::Ret, Verdict, u32) {
+    let mut slot = MaybeUninit::uninit();
+    let ct = CtWork::zeroed_in(&mut slot);
+    match H::parse::<F>(ctx) {
+        Ok(p) => {
+            let d = pipeline::decide::<F>(&p, H::SEEN, H::ifindex(ctx), ct);
+            let (ret, verdict) = apply::<H, F>(ctx, &p, &d);
+            frag::remember::<F>(&p, &d);
+            (ret, verdict, d.svc_id)
+        }
+        Err(v) => (H::PASS, v, 0),
+    }
+}
+
+/// IPv6: each step a BPF function of its own, their state in the per-CPU `Work` (see
+/// `Family::OUTLINE`), so only one step's frame is on the stack at a time.
+#[inline(always)]
+fn staged<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> (H::Ret, Verdict, u32) {
+    let Some(w) = F::work() else {
+        return (H::PASS, Verdict::Error, 0);
+    };
+    if let Err(v) = parse_step::<H, F>(ctx, &mut w.p) {
+        return (H::PASS, v, 0);
+    }
+    decide_step::<H, F>(&w.p, H::ifindex(ctx), &mut w.ct, &mut w.d);
+    let (ret, verdict) = apply_step::<H, F>(ctx, &w.p, &w.d);
+    if w.p.frag == Frag::First {
+        remember_step::<F>(&w.p, &w.d);
+    }
+    (ret, verdict, w.d.svc_id)
+}
+
+#[inline(never)]
+fn parse_step<H: Hook, F: Parse>(ctx: &H::Ctx, out: &mut Packet<F::Addr>) -> Result<(), Verdict> {
+    *out = H::parse::<F>(ctx)?;
+    Ok(())
+}
+
+#[inline(never)]
+fn decide_step<H: Hook, F: Parse>(
+    p: &Packet<F::Addr>,
+    ifindex: u32,
+    ct: &mut CtWork<F::Addr>,
+    out: &mut Decision<F::Addr>,
+) {
+    *out = pipeline::decide::<F>(p, H::SEEN, ifindex, ct);
+}
+
+#[inline(never)]
+fn remember_step<F: Parse>(p: &Packet<F::Addr>, d: &Decision<F::Addr>) {
+    frag::remember::<F>(p, d);
+}
+
+#[inline(never)]
+fn apply_step<H: Rewrite<F>, F: IcmpFamily>(
+    ctx: &H::Ctx,
+    p: &Packet<F::Addr>,
+    d: &Decision<F::Addr>,
+) -> (H::Ret, Verdict) {
+    apply::<H, F>(ctx, p, d)
+}
+
+/// Carry out a decision; a failed rewrite turns into a counted `error` drop, a failed
+/// redirect into a drop counted as the hook says.
+#[inline(always)]
+fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (H::Ret, Verdict) {
+    match d.action {
+        Action::Pass => (H::PASS, d.verdict),
+        Action::Drop => (H::DROP, d.verdict),
+        // A later fragment has no header to answer about (RFC 1122 3.2.2: no ICMP error
+        // for it either): dropped.
+        Action::Reject if p.no_l4() => (H::DROP, d.verdict),
+        Action::Reject => (H::reject(ctx, p), d.verdict),
+        Action::Rewrite => match H::rewrite(ctx, p, &d.nat) {
+            Ok(()) => (H::PASS, d.verdict),
+            Err(()) => (H::DROP, Verdict::Error),
+        },
+        Action::Redirect => match H::rewrite(ctx, p, &d.nat) {
+            Ok(()) => match H::redirect(ctx, p.proto, &d.nat) {
+                Ok(ret) => (ret, d.verdict),
+                Err(v) => (H::DROP, v),
+            },
+            Err(()) => (H::DROP, Verdict::Error),
+        },
+    }
+}
+
+/// ICMP errors about translated flows (see `icmp`): rewritten, then handed to the stack,
+/// or forwarded like the flow's packets (XDP, source-NATed flows). Anything else of another
+/// L4 protocol passes untouched. A BPF function of its own: rare, and off the fast path's
+/// stack.
+#[inline(never)]
+fn icmp_error<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx) -> H::Ret {
+    let len = H::len(ctx);
+    let (ret, verdict, svc_id) = icmp_translate::<H, F>(ctx);
+    stats::count(verdict, F::STATS, svc_id, len);
+    ret
+}
+
+#[inline(always)]
+fn icmp_translate<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx) -> (H::Ret, Verdict, u32) {
+    let untouched = (H::PASS, Verdict::OtherL4, 0);
+    if !H::linearize(ctx) {
+        return untouched;
+    }
+    let (start, end) = H::data(ctx);
+    let Some(e) = icmp::parse::<F>(start, end) else {
+        return untouched;
+    };
+    let Some((t, forward, svc_id)) = icmp::decide::<F>(&e, H::SEEN) else {
+        return untouched;
+    };
+    let (start, end) = H::data(ctx);
+    if !icmp::rewrite::<F>(start, end, &e, &t) {
+        return (H::DROP, Verdict::Error, svc_id);
+    }
+    if !forward {
+        return (H::PASS, Verdict::IcmpError, svc_id);
+    }
+    let to = Nat { saddr: t.outer_src, sport: 0, daddr: t.outer_dst, dport: 0 };
+    match H::redirect(ctx, F::PROTO_ICMP, &to) {
+        Ok(ret) => (ret, Verdict::IcmpError, svc_id),
+        Err(v) => (H::DROP, v, svc_id),
+    }
+}
