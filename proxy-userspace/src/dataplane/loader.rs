@@ -15,7 +15,7 @@ use aya::{
 use proxy_common::map_names as n;
 
 use super::{
-    DataplaneError, EBPF_OBJECT,
+    DataplaneError, EBPF_OBJECT, catalogue,
     maps::Maps,
     migrate::{MapSpec, Migration},
     paths,
@@ -55,31 +55,14 @@ impl LoaderConfig {
 }
 
 impl LoaderConfig {
-    /// `max_entries` of the maps the flags size. The IPv6 twins follow the same flags as
-    /// their IPv4 maps (`--max-services` sizes SERVICES and SERVICES6 each); slots,
-    /// metadata and counters are shared by both families.
-    fn sizes(&self) -> [(&'static str, u32); 13] {
-        [
-            (n::SERVICES, self.max_services),
-            (n::SERVICES6, self.max_services),
-            (n::SERVICE_META, self.max_services),
-            (n::SERVICE_STATS, self.max_services.saturating_mul(STATS_PER_SERVICE)),
-            (n::BACKENDS, self.max_backends),
-            (n::BACKENDS6, self.max_backends),
-            (n::BACKEND_SLOTS, slots_for(self.max_backends)),
-            (n::CONNTRACK, self.max_conntrack),
-            (n::CONNTRACK6, self.max_conntrack),
-            // Unassured flows get as much room as assured ones: a flood evicts only its own kind.
-            (n::CT_NEW, self.max_conntrack),
-            (n::CT_NEW6, self.max_conntrack),
-            (n::SOURCE_RANGES, self.max_source_ranges),
-            (n::SOURCE_RANGES6, self.max_source_ranges),
-        ]
+    /// `max_entries` of the maps the flags size (their catalogue rows say which flag and
+    /// how). The IPv6 twins follow the same flags as their IPv4 maps (`--max-services`
+    /// sizes SERVICES and SERVICES6 each); slots, metadata and counters are shared by both
+    /// families.
+    pub(super) fn sizes(&self) -> Vec<(&'static str, u32)> {
+        catalogue::MAPS.iter().filter(|m| m.flag_sized()).map(|m| (m.name, m.max_entries(self))).collect()
     }
 }
-
-/// Per-service counter keys: room for the verdicts a service usually sees.
-const STATS_PER_SERVICE: u32 = 4;
 
 /// Slot references per backend that `BACKEND_SLOTS` is sized for.
 ///
@@ -124,9 +107,9 @@ pub fn declared_maps(cfg: &LoaderConfig) -> Result<BTreeMap<String, MapSpec>, Da
             },
         );
     }
-    for k in super::migrate::KINDS {
-        if !out.contains_key(k.name) {
-            return Err(DataplaneError::MissingObject(k.name));
+    for m in catalogue::MAPS {
+        if !out.contains_key(m.name) {
+            return Err(DataplaneError::MissingObject(m.name));
         }
     }
     Ok(out)
@@ -415,8 +398,8 @@ mod tests {
         assert_eq!((d[n::SOURCE_RANGES].max_entries, d[n::SOURCE_RANGES6].max_entries), (40, 40));
         assert_eq!(d[n::CONNTRACK6].value_size as usize, size_of::<proxy_common::CtValue6>());
         assert_eq!(d[n::SERVICES6].key_size as usize, size_of::<proxy_common::ServiceKey6>());
-        for k in super::super::migrate::KINDS {
-            assert!(d.contains_key(k.name), "{} declared", k.name);
+        for m in catalogue::MAPS {
+            assert!(d.contains_key(m.name), "{} declared", m.name);
         }
     }
 }

@@ -30,17 +30,6 @@ use crate::{
     },
 };
 
-/// Flag that sizes a map, for "map full" errors.
-pub fn size_flag(map: &str) -> &'static str {
-    match map {
-        n::SERVICES | n::SERVICES6 | n::SERVICE_META => "max-services",
-        n::BACKENDS | n::BACKENDS6 | n::BACKEND_SLOTS => "max-backends",
-        n::CONNTRACK | n::CONNTRACK6 | n::CT_NEW | n::CT_NEW6 => "max-conntrack",
-        n::SOURCE_RANGES | n::SOURCE_RANGES6 => "max-source-ranges",
-        _ => "max-services",
-    }
-}
-
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, u32>,

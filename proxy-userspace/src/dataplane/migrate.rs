@@ -18,8 +18,8 @@
 //!
 //! Keeping the old map pinned (aside) rather than only holding its fd makes an interrupted
 //! migration resumable: a later start finds `<root>/migrating/<NAME>-*` and copies from it
-//! too. The copy is generic over the map's `Pod` key and value types (one line per map in
-//! [`KINDS`]); it never looks inside them.
+//! too. The copy is generic over the map's `Pod` key and value types (chosen by the map's row
+//! in the catalogue, `super::catalogue`, with its policy); it never looks inside them.
 use std::{
     collections::BTreeMap,
     io,
@@ -31,14 +31,13 @@ use aya::{
     Pod,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
 };
-use proxy_common::{
-    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
-    Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue,
-    SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, map_names as n,
-};
 use tracing::{info, warn};
 
-use super::{DataplaneError, paths};
+use super::{
+    DataplaneError,
+    catalogue::{self, MapDef, Policy},
+    paths,
+};
 
 /// `BPF_NOEXIST`: insert only if the key is absent, so a copy never overwrites what the new
 /// programs or the agent already wrote into the new map.
@@ -122,11 +121,11 @@ impl Copied {
 }
 
 /// Copies every entry of the old map (its spec given) into the new one.
-type CopyFn = fn(&Map, &mut Map, &MapSpec) -> Result<Copied, MapError>;
+pub(super) type CopyFn = fn(&Map, &mut Map, &MapSpec) -> Result<Copied, MapError>;
 
 /// Rewrites a value carried over from an older map (`old` describes it): the hook for a map
 /// whose entries keep their layout but change meaning between versions. It lives with the
-/// code that owns the value's fields (see [`KINDS`]), never here.
+/// code that owns the value's fields (named by the map's catalogue row), never here.
 pub trait Upgrade<K, V> {
     fn upgrade(old: &MapSpec, key: &K, value: V) -> V;
 }
@@ -153,127 +152,25 @@ pub struct Legacy {
     pub copy: LegacyCopyFn,
 }
 
-/// How one map is carried over.
-pub struct Kind {
-    pub name: &'static str,
-    /// The datapath writes this map: copy again, insert-if-absent, after the new programs
-    /// are in place (entries the old programs created in between). Maps only the agent
-    /// writes are copied once, before the sync reads them back: a second pass could
-    /// resurrect what the first sync deleted.
-    pub repeat: bool,
-    /// Every entry must fit (the agent's maps: a service half carried over is worse than
-    /// refusing to start). Datapath state (conntrack, affinity, counters) is best effort:
-    /// what does not fit is dropped and counted.
-    pub must_fit: bool,
+/// How one map is carried over: its catalogue row's copy function and [`Policy`].
+#[derive(Clone, Copy)]
+struct Kind {
+    name: &'static str,
+    repeat: bool,
+    must_fit: bool,
     copy: CopyFn,
-    /// The older layout this map can also be migrated from, if any.
-    pub legacy: Option<Legacy>,
+    legacy: Option<&'static Legacy>,
 }
 
-/// Every pinned map, with the key/value types its entries are copied as. The types come
-/// from `proxy-common`; nothing here depends on their fields.
-pub static KINDS: &[Kind] = &[
-    Kind {
-        name: n::SERVICES,
-        repeat: false,
-        must_fit: true,
-        copy: copy_hash::<ServiceKey, ServiceValue>,
-        legacy: None,
-    },
-    Kind { name: n::BACKEND_SLOTS, repeat: false, must_fit: true, copy: copy_hash::<SlotKey, u32>, legacy: None },
-    Kind { name: n::BACKENDS, repeat: false, must_fit: true, copy: copy_hash::<u32, Backend>, legacy: None },
-    Kind { name: n::SERVICE_META, repeat: false, must_fit: true, copy: copy_hash::<u32, ServiceMeta>, legacy: None },
-    Kind { name: n::SOURCE_RANGES, repeat: false, must_fit: true, copy: copy_lpm::<[u32; 2], u8>, legacy: None },
-    Kind { name: n::NODE_CONFIG, repeat: false, must_fit: false, copy: copy_array::<NodeConfig>, legacy: None },
-    // Pre-lifecycle (LRU) entries are read as established: see `conntrack::CtUpgrade`.
-    // Entries of the layout before the assured table (32 bytes) are converted, and their
-    // unassured flows moved to CT_NEW: see `conntrack::legacy`.
-    Kind {
-        name: n::CONNTRACK,
-        repeat: true,
-        must_fit: false,
-        copy: copy_hash_upgraded::<CtKey, CtValue, crate::conntrack::CtUpgrade>,
-        legacy: Some(Legacy {
-            value_size: crate::conntrack::legacy::VALUE_SIZE as u32,
-            copy: crate::conntrack::legacy::copy::<u32, { crate::conntrack::legacy::VALUE_SIZE }>,
-        }),
-    },
-    Kind { name: n::CT_NEW, repeat: true, must_fit: false, copy: copy_hash::<CtKey, CtValue>, legacy: None },
-    Kind {
-        name: n::AFFINITY,
-        repeat: true,
-        must_fit: false,
-        copy: copy_hash::<AffinityKey, AffinityValue>,
-        legacy: None,
-    },
-    Kind {
-        name: n::SERVICE_STATS,
-        repeat: true,
-        must_fit: false,
-        copy: copy_percpu_hash::<StatsKey, Counters>,
-        legacy: None,
-    },
-    // Every index of an array exists: nothing to add after the swap.
-    Kind { name: n::GLOBAL_STATS, repeat: false, must_fit: false, copy: copy_percpu_array::<Counters>, legacy: None },
-    Kind { name: n::NEIGH_MISSES, repeat: true, must_fit: false, copy: copy_hash::<NeighKey, u64>, legacy: None },
-    // IPv6 twins: same rules as their IPv4 maps. CONNTRACK6 was never an LRU, so its entries
-    // need no upgrade.
-    Kind {
-        name: n::SERVICES6,
-        repeat: false,
-        must_fit: true,
-        copy: copy_hash::<ServiceKey6, ServiceValue>,
-        legacy: None,
-    },
-    Kind { name: n::BACKENDS6, repeat: false, must_fit: true, copy: copy_hash::<u32, Backend6>, legacy: None },
-    Kind {
-        name: n::SOURCE_RANGES6,
-        repeat: false,
-        must_fit: true,
-        copy: copy_lpm::<SourceRangeData6, u8>,
-        legacy: None,
-    },
-    Kind { name: n::NODE_CONFIG6, repeat: false, must_fit: false, copy: copy_array::<NodeConfig6>, legacy: None },
-    Kind {
-        name: n::CONNTRACK6,
-        repeat: true,
-        must_fit: false,
-        copy: copy_hash::<CtKey6, CtValue6>,
-        legacy: Some(Legacy {
-            value_size: crate::conntrack::legacy::VALUE_SIZE6 as u32,
-            copy: crate::conntrack::legacy::copy::<Ipv6Words, { crate::conntrack::legacy::VALUE_SIZE6 }>,
-        }),
-    },
-    Kind { name: n::CT_NEW6, repeat: true, must_fit: false, copy: copy_hash::<CtKey6, CtValue6>, legacy: None },
-    Kind {
-        name: n::AFFINITY6,
-        repeat: true,
-        must_fit: false,
-        copy: copy_hash::<AffinityKey6, AffinityValue>,
-        legacy: None,
-    },
-    Kind { name: n::NEIGH_MISSES6, repeat: true, must_fit: false, copy: copy_hash::<NeighKey6, u64>, legacy: None },
-    // Socket-level state the hooks write: best effort, like affinity.
-    Kind {
-        name: n::SOCK_UDP_BACKENDS,
-        repeat: true,
-        must_fit: false,
-        copy: copy_hash::<SockUdpKey, SockUdpValue>,
-        legacy: None,
-    },
-    Kind {
-        name: n::SOCK_UDP_BACKENDS6,
-        repeat: true,
-        must_fit: false,
-        copy: copy_hash::<SockUdpKey6, SockUdpValue>,
-        legacy: None,
-    },
-    // The agent's id high-water marks: one array entry, only the agent writes it.
-    Kind { name: n::SYNC_IDS, repeat: false, must_fit: false, copy: copy_array::<IdMarks>, legacy: None },
-];
+impl Kind {
+    fn of(m: &'static MapDef, p: &'static Policy) -> Self {
+        Kind { name: m.name, repeat: p.repeat, must_fit: p.must_fit, copy: m.layout.copy, legacy: p.legacy.as_ref() }
+    }
+}
 
-fn kind(name: &str) -> Option<&'static Kind> {
-    KINDS.iter().find(|k| k.name == name)
+/// A map a migration can carry over (its catalogue row has a [`Policy`]).
+fn kind(name: &str) -> Option<Kind> {
+    catalogue::get(name).and_then(|m| m.migrate.as_ref().map(|p| Kind::of(m, p)))
 }
 
 fn errno(e: &MapError) -> Option<i32> {
@@ -315,12 +212,12 @@ pub(crate) fn bound(m: &Map) -> usize {
 }
 
 /// HASH and LRU_HASH, in either direction.
-fn copy_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map, spec: &MapSpec) -> Result<Copied, MapError> {
+pub(super) fn copy_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map, spec: &MapSpec) -> Result<Copied, MapError> {
     copy_hash_upgraded::<K, V, AsIs>(old, new, spec)
 }
 
 /// HASH and LRU_HASH, each value passed through `U` on the way.
-fn copy_hash_upgraded<K: Pod, V: Pod, U: Upgrade<K, V>>(
+pub(super) fn copy_hash_upgraded<K: Pod, V: Pod, U: Upgrade<K, V>>(
     old: &Map,
     new: &mut Map,
     spec: &MapSpec,
@@ -331,14 +228,14 @@ fn copy_hash_upgraded<K: Pod, V: Pod, U: Upgrade<K, V>>(
     copy_entries(src.iter(), limit, |(k, v)| dst.insert(k, U::upgrade(spec, &k, v), BPF_NOEXIST))
 }
 
-fn copy_percpu_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
+pub(super) fn copy_percpu_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
     let limit = bound(old);
     let src = PerCpuHashMap::<&MapData, K, V>::try_from(old)?;
     let mut dst = PerCpuHashMap::<&mut MapData, K, V>::try_from(new)?;
     copy_entries(src.iter(), limit, |(k, v): (K, PerCpuValues<V>)| dst.insert(k, v, BPF_NOEXIST))
 }
 
-fn copy_lpm<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
+pub(super) fn copy_lpm<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
     let limit = bound(old);
     let src = LpmTrie::<&MapData, K, V>::try_from(old)?;
     let mut dst = LpmTrie::<&mut MapData, K, V>::try_from(new)?;
@@ -346,7 +243,7 @@ fn copy_lpm<K: Pod, V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Cop
 }
 
 /// Arrays: indices present in both (a larger array keeps zeroes past the old size).
-fn copy_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
+pub(super) fn copy_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
     let src = Array::<&MapData, V>::try_from(old)?;
     let mut dst = Array::<&mut MapData, V>::try_from(new)?;
     let n = src.len().min(dst.len());
@@ -358,7 +255,7 @@ fn copy_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, M
     Ok(c)
 }
 
-fn copy_percpu_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
+pub(super) fn copy_percpu_array<V: Pod>(old: &Map, new: &mut Map, _: &MapSpec) -> Result<Copied, MapError> {
     let src = PerCpuArray::<&MapData, V>::try_from(old)?;
     let mut dst = PerCpuArray::<&mut MapData, V>::try_from(new)?;
     let n = src.len().min(dst.len());
@@ -386,7 +283,7 @@ fn same_family(a: u32, b: u32) -> bool {
 
 /// One map being migrated.
 struct Pending {
-    kind: &'static Kind,
+    kind: Kind,
     /// The old map (its fd keeps it alive; the old programs still use it).
     old: Map,
     old_spec: MapSpec,
@@ -404,7 +301,7 @@ struct Pending {
 
 /// A migration decided by `prepare`, before any pin is moved.
 struct Planned {
-    kind: &'static Kind,
+    kind: Kind,
     data: MapData,
     old_spec: MapSpec,
     new_spec: MapSpec,
@@ -508,7 +405,7 @@ impl Migration {
                 if is_main && have == *want {
                     continue;
                 }
-                let legacy = kind(name).and_then(|k| k.legacy.as_ref()).is_some_and(|l| {
+                let legacy = kind(name).and_then(|k| k.legacy).is_some_and(|l| {
                     have.key_size == want.key_size
                         && have.value_size == l.value_size
                         && have.value_size != want.value_size
@@ -585,7 +482,7 @@ impl Migration {
             let path = maps_dir.join(p.kind.name);
             let data = open_pin(p.kind.name, &path)?.ok_or_else(|| DataplaneError::NotPinned { path: path.clone() })?;
             let mut new = Map::from_map_data(data).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
-            let c = match p.kind.legacy.as_ref().filter(|_| p.legacy) {
+            let c = match p.kind.legacy.filter(|_| p.legacy) {
                 Some(l) => (l.copy)(&p.old, &mut new, &p.old_spec, &maps_dir),
                 None => (p.kind.copy)(&p.old, &mut new, &p.old_spec),
             }
@@ -597,7 +494,7 @@ impl Migration {
                         map: p.kind.name,
                         entries: c.copied + c.present + c.dropped,
                         max_entries: p.new_spec.max_entries,
-                        flag: super::maps::size_flag(p.kind.name),
+                        flag: catalogue::size_flag(p.kind.name),
                     });
                 }
             } else {
@@ -686,6 +583,7 @@ impl Drop for Migration {
 #[cfg(test)]
 mod tests {
     use aya::maps::MapType as T;
+    use proxy_common::{CtValue, CtValue6, map_names as n};
 
     use super::*;
 
@@ -709,10 +607,6 @@ mod tests {
 
     #[test]
     fn every_map_has_one_migration_entry() {
-        let mut names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), KINDS.len());
         // The agent's maps must fit; datapath state is best effort and copied again.
         assert!(kind(n::SERVICES).is_some_and(|k| k.must_fit && !k.repeat));
         assert!(kind(n::CONNTRACK).is_some_and(|k| !k.must_fit && k.repeat));
@@ -725,7 +619,7 @@ mod tests {
     #[test]
     fn conntrack_has_its_older_layout() {
         use std::mem::{offset_of, size_of};
-        let old = |name| kind(name).and_then(|k| k.legacy.as_ref()).map(|l| l.value_size);
+        let old = |name| kind(name).and_then(|k| k.legacy).map(|l| l.value_size);
         assert_eq!(old(n::CONNTRACK), Some(32));
         assert_eq!(old(n::CONNTRACK6), Some(56));
         assert_eq!(offset_of!(CtValue, ifindex), 32);

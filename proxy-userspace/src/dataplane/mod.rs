@@ -6,6 +6,7 @@
 pub mod addr;
 pub mod attach;
 pub mod bpfsys;
+pub mod catalogue;
 pub mod clsact;
 pub mod ct_table;
 pub mod error;
