@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use super::{log_once::LogOnce, node_config::NodeConfigs, socket_lb::SockLb};
 use crate::{
     dataplane::{
+        catalogue,
         maps::{Capacities, Maps},
         sock,
     },
@@ -250,14 +251,18 @@ impl SyncLoop {
         }
         let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
         let c = self.capacities;
-        for (map, n, max) in [
-            (map_names::SERVICES, services4, c.services),
-            (map_names::BACKENDS, backends4, c.backends),
-            (map_names::BACKEND_SLOTS, report.slots, c.slots),
-            (map_names::SERVICES6, report.services6, c.services6),
-            (map_names::BACKENDS6, report.backends6, c.backends6),
-        ] {
-            m.map_fill.get_or_create(&MapLabel { map: map.into() }).set(fill(n, max));
+        // The maps whose catalogue row exports a fill ratio and that the sync fills (the
+        // conntrack tables' come from their GC, `conntrack::task`).
+        for row in catalogue::MAPS.iter().filter(|r| r.fill_ratio) {
+            let (n, max) = match row.name {
+                map_names::SERVICES => (services4, c.services),
+                map_names::BACKENDS => (backends4, c.backends),
+                map_names::BACKEND_SLOTS => (report.slots, c.slots),
+                map_names::SERVICES6 => (report.services6, c.services6),
+                map_names::BACKENDS6 => (report.backends6, c.backends6),
+                _ => continue,
+            };
+            m.map_fill.get_or_create(&MapLabel { map: row.name.into() }).set(fill(n, max));
         }
         m.frontends_unserved
             .get_or_create(&ReasonLabel { reason: "source_ranges_full".into() })

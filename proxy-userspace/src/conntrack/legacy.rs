@@ -28,7 +28,7 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use proxy_common::{CT_DIR_REPLY, CtKey, CtValue, PROTO_TCP, ct, ct_flags};
 
 use super::{CtAddr, Table};
-use crate::dataplane::migrate::{self, Copied, MapSpec};
+use crate::dataplane::copy::{self as map_copy, Copied, MapSpec};
 
 /// The older IPv4 value size: today's value up to `ifindex`.
 pub const VALUE_SIZE: usize = offset_of!(CtValue<u32>, ifindex);
@@ -79,7 +79,7 @@ where
     if OLD != offset_of!(CtValue<A>, ifindex) || OLD >= size_of::<CtValue<A>>() {
         return Err(MapError::InvalidValueSize { size: OLD, expected: offset_of!(CtValue<A>, ifindex) });
     }
-    let limit = migrate::bound(old);
+    let limit = map_copy::bound(old);
     let src = HashMap::<&MapData, CtKey<A>, [u8; OLD]>::try_from(old)?;
     let mut assured_map = HashMap::<&mut MapData, CtKey<A>, CtValue<A>>::try_from(new)?;
     let data = MapData::from_pin(maps_dir.join(A::NEW_MAP))?;
@@ -89,7 +89,7 @@ where
     let flags_of = |v: &CtValue<A>| {
         if stateless && v.flags & ct_flags::CLOSING == 0 { v.flags | ct_flags::SEEN_REPLY } else { v.flags }
     };
-    migrate::copy_entries(src.iter(), limit, |(k, bytes)| {
+    map_copy::copy_entries(src.iter(), limit, |(k, bytes)| {
         let v = widen::<A>(&bytes);
         let fwd_flags = if k.dir == CT_DIR_REPLY {
             let fk = k.forward_of_reply(&v);
@@ -107,8 +107,8 @@ where
             return Err(exists());
         }
         match table {
-            Table::Assured => assured_map.insert(k, v, migrate::BPF_NOEXIST),
-            Table::Unassured => unassured_map.insert(k, v, migrate::BPF_NOEXIST),
+            Table::Assured => assured_map.insert(k, v, map_copy::BPF_NOEXIST),
+            Table::Unassured => unassured_map.insert(k, v, map_copy::BPF_NOEXIST),
         }
     })
 }

@@ -112,8 +112,8 @@ impl Table {
 /// as they are.
 pub struct CtUpgrade;
 
-impl crate::dataplane::migrate::Upgrade<CtKey, CtValue> for CtUpgrade {
-    fn upgrade(old: &crate::dataplane::migrate::MapSpec, _: &CtKey, mut v: CtValue) -> CtValue {
+impl crate::dataplane::copy::Upgrade<CtKey, CtValue> for CtUpgrade {
+    fn upgrade(old: &crate::dataplane::copy::MapSpec, _: &CtKey, mut v: CtValue) -> CtValue {
         let stateless = old.map_type == aya::maps::MapType::LruHash as u32;
         if stateless && v.flags & ct_flags::CLOSING == 0 {
             v.flags |= ct_flags::SEEN_REPLY;

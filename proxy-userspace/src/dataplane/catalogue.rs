@@ -21,10 +21,7 @@ use proxy_common::{
     SourceRangeData6, StatsKey, map_names as n, sizes,
 };
 
-use super::{
-    loader::{LoaderConfig, slots_for},
-    migrate::{self, CopyFn, Legacy, Upgrade},
-};
+use super::copy::{self, CopyFn, Legacy, Upgrade};
 
 /// A flag that sets the size of one or more maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,15 +52,6 @@ impl SizeFlag {
             SizeFlag::MaxSourceRanges => sizes::MAX_SOURCE_RANGES,
         }
     }
-
-    fn value(self, cfg: &LoaderConfig) -> u32 {
-        match self {
-            SizeFlag::MaxServices => cfg.max_services,
-            SizeFlag::MaxBackends => cfg.max_backends,
-            SizeFlag::MaxConntrack => cfg.max_conntrack,
-            SizeFlag::MaxSourceRanges => cfg.max_source_ranges,
-        }
-    }
 }
 
 /// Where a map's `max_entries` comes from.
@@ -75,6 +63,24 @@ pub enum Sizing {
     Flag(SizeFlag),
     /// A function of the flag's value.
     Scaled(SizeFlag, fn(u32) -> u32),
+}
+
+/// Slot references per backend that `BACKEND_SLOTS` is sized for.
+///
+/// A slot is one (frontend, generation, index) -> backend reference, so the map fills with
+/// references, not with distinct backends: one endpoint is referenced by every frontend of
+/// its Service (ClusterIP, and NodePort/ExternalIP/LoadBalancer in the internal and the
+/// external scope) and by every Service selecting it, once per generation. And a generation
+/// switch writes a frontend's whole new list into its spare generation while the active one
+/// still holds the old list, so steady state needs both generations. 2 generations x 4
+/// references per backend covers a ClusterIP + NodePort service (3 frontends) with room to
+/// spare; past that, the sync reclaims spare generations and shrinks in place (see
+/// `sync`), and reports `BACKEND_SLOTS is full: raise --max-backends` per frontend.
+pub const SLOTS_PER_BACKEND: u32 = 2 * 4;
+
+/// Size of `BACKEND_SLOTS` for `--max-backends`.
+pub fn slots_for(max_backends: u32) -> u32 {
+    max_backends.saturating_mul(SLOTS_PER_BACKEND)
 }
 
 /// Per-service counter keys: room for the verdicts a service usually sees.
@@ -100,25 +106,25 @@ const fn size<T>() -> u32 {
 impl Layout {
     /// HASH and LRU_HASH.
     const fn hash<K: Pod, V: Pod>() -> Self {
-        Layout { key_size: size::<K>(), value_size: size::<V>(), copy: migrate::copy_hash::<K, V> }
+        Layout { key_size: size::<K>(), value_size: size::<V>(), copy: copy::copy_hash::<K, V> }
     }
     /// A hash whose values pass through `U` when carried over.
     const fn hash_upgraded<K: Pod, V: Pod, U: Upgrade<K, V>>() -> Self {
-        Layout { key_size: size::<K>(), value_size: size::<V>(), copy: migrate::copy_hash_upgraded::<K, V, U> }
+        Layout { key_size: size::<K>(), value_size: size::<V>(), copy: copy::copy_hash_upgraded::<K, V, U> }
     }
     const fn percpu_hash<K: Pod, V: Pod>() -> Self {
-        Layout { key_size: size::<K>(), value_size: size::<V>(), copy: migrate::copy_percpu_hash::<K, V> }
+        Layout { key_size: size::<K>(), value_size: size::<V>(), copy: copy::copy_percpu_hash::<K, V> }
     }
     /// LPM tries: the kernel's key is the 4-byte prefix length, then the data.
     const fn lpm<K: Pod, V: Pod>() -> Self {
-        Layout { key_size: 4 + size::<K>(), value_size: size::<V>(), copy: migrate::copy_lpm::<K, V> }
+        Layout { key_size: 4 + size::<K>(), value_size: size::<V>(), copy: copy::copy_lpm::<K, V> }
     }
     /// Arrays: the key is the u32 index.
     const fn array<V: Pod>() -> Self {
-        Layout { key_size: size::<u32>(), value_size: size::<V>(), copy: migrate::copy_array::<V> }
+        Layout { key_size: size::<u32>(), value_size: size::<V>(), copy: copy::copy_array::<V> }
     }
     const fn percpu_array<V: Pod>() -> Self {
-        Layout { key_size: size::<u32>(), value_size: size::<V>(), copy: migrate::copy_percpu_array::<V> }
+        Layout { key_size: size::<u32>(), value_size: size::<V>(), copy: copy::copy_percpu_array::<V> }
     }
 }
 
@@ -186,12 +192,12 @@ impl MapDef {
         }
     }
 
-    /// `max_entries` under `cfg`.
-    pub fn max_entries(&self, cfg: &LoaderConfig) -> u32 {
+    /// `max_entries` with the size flags at `flag`'s values.
+    pub fn max_entries(&self, flag: impl Fn(SizeFlag) -> u32) -> u32 {
         match self.sizing {
             Sizing::Declared => self.declared,
-            Sizing::Flag(f) => f.value(cfg),
-            Sizing::Scaled(f, scale) => scale(f.value(cfg)),
+            Sizing::Flag(f) => flag(f),
+            Sizing::Scaled(f, scale) => scale(flag(f)),
         }
     }
 
@@ -511,11 +517,10 @@ mod tests {
         assert_eq!(size_flag(n::AFFINITY), "max-services", "unsized maps name the main flag");
         // With the flags at their defaults, a map sized by its flag alone gets what the
         // object declares.
-        let cfg = LoaderConfig::new("/x");
         for m in MAPS {
             if let Sizing::Flag(f) = m.sizing {
                 assert_eq!(f.default_value(), m.declared, "{}", m.name);
-                assert_eq!(m.max_entries(&cfg), m.declared, "{}", m.name);
+                assert_eq!(m.max_entries(SizeFlag::default_value), m.declared, "{}", m.name);
             }
         }
     }

@@ -12,10 +12,10 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, Xdp},
 };
-use proxy_common::map_names as n;
 
 use super::{
-    DataplaneError, EBPF_OBJECT, catalogue,
+    DataplaneError, EBPF_OBJECT,
+    catalogue::{self, SizeFlag},
     maps::Maps,
     migrate::{MapSpec, Migration},
     paths,
@@ -60,26 +60,18 @@ impl LoaderConfig {
     /// sizes SERVICES and SERVICES6 each); slots, metadata and counters are shared by both
     /// families.
     pub(super) fn sizes(&self) -> Vec<(&'static str, u32)> {
-        catalogue::MAPS.iter().filter(|m| m.flag_sized()).map(|m| (m.name, m.max_entries(self))).collect()
+        catalogue::MAPS.iter().filter(|m| m.flag_sized()).map(|m| (m.name, m.max_entries(|f| self.flag(f)))).collect()
     }
-}
 
-/// Slot references per backend that `BACKEND_SLOTS` is sized for.
-///
-/// A slot is one (frontend, generation, index) -> backend reference, so the map fills with
-/// references, not with distinct backends: one endpoint is referenced by every frontend of
-/// its Service (ClusterIP, and NodePort/ExternalIP/LoadBalancer in the internal and the
-/// external scope) and by every Service selecting it, once per generation. And a generation
-/// switch writes a frontend's whole new list into its spare generation while the active one
-/// still holds the old list, so steady state needs both generations. 2 generations x 4
-/// references per backend covers a ClusterIP + NodePort service (3 frontends) with room to
-/// spare; past that, the sync reclaims spare generations and shrinks in place (see
-/// `sync`), and reports `BACKEND_SLOTS is full: raise --max-backends` per frontend.
-pub const SLOTS_PER_BACKEND: u32 = 2 * 4;
-
-/// Size of `BACKEND_SLOTS` for `--max-backends`.
-pub fn slots_for(max_backends: u32) -> u32 {
-    max_backends.saturating_mul(SLOTS_PER_BACKEND)
+    /// The value of a size flag.
+    fn flag(&self, f: SizeFlag) -> u32 {
+        match f {
+            SizeFlag::MaxServices => self.max_services,
+            SizeFlag::MaxBackends => self.max_backends,
+            SizeFlag::MaxConntrack => self.max_conntrack,
+            SizeFlag::MaxSourceRanges => self.max_source_ranges,
+        }
+    }
 }
 
 /// What the object declares for each pinned map, with the configured sizes applied: what a
@@ -333,7 +325,10 @@ fn load_programs(
 
 #[cfg(test)]
 mod tests {
+    use proxy_common::map_names as n;
+
     use super::*;
+    use crate::dataplane::catalogue::slots_for;
 
     fn tmp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("ebpf-proxy-loader-{}-{name}", std::process::id()))

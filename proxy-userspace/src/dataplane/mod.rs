@@ -8,6 +8,7 @@ pub mod attach;
 pub mod bpfsys;
 pub mod catalogue;
 pub mod clsact;
+pub mod copy;
 pub mod ct_table;
 pub mod error;
 pub mod features;
