@@ -420,7 +420,7 @@ pub struct ConntrackRow {
     pub idle_seconds: u64,
 }
 
-fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(
+fn conntrack_row<A: MapAddr>(
     table: crate::conntrack::Table,
     k: &CtKey<A>,
     v: &CtValue<A>,
@@ -429,7 +429,7 @@ fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(
     let ep = |a: A, p: u16| SocketAddr::new(a.to_ip(), port_from_map(p)).to_string();
     let state = proxy_common::ct::state(k.proto, v.flags);
     ConntrackRow {
-        family: A::FAMILY,
+        family: A::NAME,
         protocol: proto_name(k.proto),
         direction: if k.dir == proxy_common::CT_DIR_REPLY { "reply" } else { "forward" },
         source: ep(k.src_addr, k.src_port),
@@ -449,12 +449,7 @@ fn conntrack_row<A: crate::conntrack::CtAddr + MapAddr>(
 
 /// Does this entry pass the filters? Addresses and ports match the source, the destination
 /// or the NAT side; by Service, the entry's service id is one of `ids`.
-fn conntrack_selected<A: crate::conntrack::CtAddr + MapAddr>(
-    f: &FilterArgs,
-    ids: Option<&HashSet<u32>>,
-    k: &CtKey<A>,
-    v: &CtValue<A>,
-) -> bool {
+fn conntrack_selected<A: MapAddr>(f: &FilterArgs, ids: Option<&HashSet<u32>>, k: &CtKey<A>, v: &CtValue<A>) -> bool {
     ids.is_none_or(|ids| ids.contains(&v.svc_id))
         && proto_selected(f, k.proto)
         && f.address.is_none_or(|a| [k.src_addr, k.dst_addr, v.nat_addr].iter().any(|x| x.to_ip() == a))

@@ -29,10 +29,14 @@ use proxy_common::{
 };
 use serde::Serialize;
 
-use crate::dataplane::{
-    DataplaneError,
-    loader::{self, LoaderConfig},
-    paths,
+use crate::{
+    dataplane::{
+        DataplaneError,
+        addr::MapAddr,
+        loader::{self, LoaderConfig},
+        paths,
+    },
+    model::IpFamily,
 };
 
 /// Where the packet is seen: the program that runs.
@@ -360,46 +364,6 @@ fn hash<K: Pod, V: Pod>(dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>
     HashMap::try_from(open(dir, name)?).map_err(map_err(name))
 }
 
-/// The address as the maps store it.
-trait MapAddr: Pod + Copy + PartialEq + Default {
-    fn from_ip(ip: IpAddr) -> Self;
-    fn to_ip(self) -> IpAddr;
-    const V6: bool;
-}
-
-impl MapAddr for u32 {
-    fn from_ip(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
-            IpAddr::V6(_) => 0,
-        }
-    }
-    fn to_ip(self) -> IpAddr {
-        IpAddr::from(self.to_ne_bytes())
-    }
-    const V6: bool = false;
-}
-
-impl MapAddr for Ipv6Words {
-    fn from_ip(ip: IpAddr) -> Self {
-        let IpAddr::V6(a) = ip else { return [0; 4] };
-        let o = a.octets();
-        core::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
-    }
-    fn to_ip(self) -> IpAddr {
-        let mut o = [0u8; 16];
-        for (i, w) in self.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::from(o)
-    }
-    const V6: bool = true;
-}
-
-fn name6(name: &'static str, v6: bool) -> String {
-    if v6 { format!("{name}6") } else { name.to_string() }
-}
-
 impl Seeds {
     /// Copy what `req` can read; returns its frontend (id and address) if there is one.
     fn copy_for(&self, req: &Request) -> Result<Option<(u32, String)>, TraceError> {
@@ -421,13 +385,14 @@ impl Seeds {
             Proto::Tcp => PROTO_TCP,
             Proto::Udp => PROTO_UDP,
         };
-        let (saddr, daddr) = (A::from_ip(req.from.ip()), A::from_ip(req.to.ip()));
+        let (saddr, daddr) =
+            (A::from_ip(req.from.ip()).unwrap_or_default(), A::from_ip(req.to.ip()).unwrap_or_default());
         let (sport, dport) = (req.from.port().to_be(), req.to.port().to_be());
 
         // Conntrack: the tuple in both directions, and each entry's partner, each from the
         // table that holds it (assured or not) into the same private table: whether a flow
         // is assured changes what its next packet does.
-        let names = [name6(n::CONNTRACK, A::V6), name6(n::CT_NEW, A::V6)];
+        let names = [A::map_name(n::CONNTRACK), A::map_name(n::CT_NEW)];
         let live_ct: Vec<HashMap<MapData, CtKey<A>, CtValue<A>>> =
             names.iter().map(|name| hash(&self.live, name)).collect::<Result<_, _>>()?;
         let mut priv_ct: Vec<HashMap<MapData, CtKey<A>, CtValue<A>>> =
@@ -438,27 +403,27 @@ impl Seeds {
         let mut svc_ids = Vec::new();
         for key in [tuple(CT_DIR_FORWARD), tuple(CT_DIR_REPLY)] {
             if let Some((i, v)) = find(&key) {
-                priv_ct[i].insert(key, v, 0).map_err(map_err(&names[i]))?;
+                priv_ct[i].insert(key, v, 0).map_err(map_err(names[i]))?;
                 svc_ids.push(v.svc_id);
                 let partner =
                     if key.dir == CT_DIR_FORWARD { key.reply_of_forward(&v) } else { key.forward_of_reply(&v) };
                 if let Some((j, pv)) = find(&partner) {
-                    priv_ct[j].insert(partner, pv, 0).map_err(map_err(&names[j]))?;
+                    priv_ct[j].insert(partner, pv, 0).map_err(map_err(names[j]))?;
                 }
             }
         }
 
         // The frontend this packet addresses in this hook's scope.
-        let svc_name = name6(n::SERVICES, A::V6);
-        let live_svcs: HashMap<MapData, ServiceKey<A>, ServiceValue> = hash(&self.live, &svc_name)?;
-        let mut priv_svcs: HashMap<MapData, ServiceKey<A>, ServiceValue> = hash(&self.private, &svc_name)?;
+        let svc_name = A::map_name(n::SERVICES);
+        let live_svcs: HashMap<MapData, ServiceKey<A>, ServiceValue> = hash(&self.live, svc_name)?;
+        let mut priv_svcs: HashMap<MapData, ServiceKey<A>, ServiceValue> = hash(&self.private, svc_name)?;
         let key = ServiceKey { addr: daddr, port: dport, proto, scope: req.at.scope() };
         let frontend = match live_svcs.get(&key, 0) {
             Ok(v) => {
-                priv_svcs.insert(key, v, 0).map_err(map_err(&svc_name))?;
+                priv_svcs.insert(key, v, 0).map_err(map_err(svc_name))?;
                 self.copy_slots::<A>(&v)?;
                 self.copy_affinity::<A>(saddr, v.id)?;
-                self.copy_source_ranges(A::V6, v.id)?;
+                self.copy_source_ranges(A::FAMILY == IpFamily::V6, v.id)?;
                 svc_ids.push(v.id);
                 Some((v.id, format!("{} {}", SocketAddr::new(req.to.ip(), req.to.port()), scope_name(req.at.scope()))))
             }
@@ -477,15 +442,15 @@ impl Seeds {
     {
         let live_slots: HashMap<MapData, SlotKey, u32> = hash(&self.live, n::BACKEND_SLOTS)?;
         let mut priv_slots: HashMap<MapData, SlotKey, u32> = hash(&self.private, n::BACKEND_SLOTS)?;
-        let be_name = name6(n::BACKENDS, A::V6);
-        let live_be: HashMap<MapData, u32, Backend<A>> = hash(&self.live, &be_name)?;
-        let mut priv_be: HashMap<MapData, u32, Backend<A>> = hash(&self.private, &be_name)?;
+        let be_name = A::map_name(n::BACKENDS);
+        let live_be: HashMap<MapData, u32, Backend<A>> = hash(&self.live, be_name)?;
+        let mut priv_be: HashMap<MapData, u32, Backend<A>> = hash(&self.private, be_name)?;
         for index in 0..svc.count.min(4096) {
             let k = SlotKey::new(svc.id, svc.generation, index);
             let Ok(id) = live_slots.get(&k, 0) else { continue };
             priv_slots.insert(k, id, 0).map_err(map_err(n::BACKEND_SLOTS))?;
             if let Ok(b) = live_be.get(&id, 0) {
-                priv_be.insert(id, b, 0).map_err(map_err(&be_name))?;
+                priv_be.insert(id, b, 0).map_err(map_err(be_name))?;
             }
         }
         Ok(())
@@ -500,12 +465,12 @@ impl Seeds {
         CtKey<A>: Pod,
         CtValue<A>: Pod,
     {
-        let be_name = name6(n::BACKENDS, A::V6);
-        let live_be: HashMap<MapData, u32, Backend<A>> = hash(&self.live, &be_name)?;
-        let mut priv_be: HashMap<MapData, u32, Backend<A>> = hash(&self.private, &be_name)?;
+        let be_name = A::map_name(n::BACKENDS);
+        let live_be: HashMap<MapData, u32, Backend<A>> = hash(&self.live, be_name)?;
+        let mut priv_be: HashMap<MapData, u32, Backend<A>> = hash(&self.private, be_name)?;
         for (_, v) in priv_ct.iter().filter_map(Result::ok) {
             if let Ok(b) = live_be.get(&v.backend_id, 0) {
-                priv_be.insert(v.backend_id, b, 0).map_err(map_err(&be_name))?;
+                priv_be.insert(v.backend_id, b, 0).map_err(map_err(be_name))?;
             }
         }
         Ok(())
@@ -515,14 +480,13 @@ impl Seeds {
     where
         proxy_common::AffinityKey<A>: Pod,
     {
-        let name = name6(n::AFFINITY, A::V6);
+        let name = A::map_name(n::AFFINITY);
         let key = proxy_common::AffinityKey { client_addr: client, svc_id };
-        let live: HashMap<MapData, proxy_common::AffinityKey<A>, proxy_common::AffinityValue> =
-            hash(&self.live, &name)?;
+        let live: HashMap<MapData, proxy_common::AffinityKey<A>, proxy_common::AffinityValue> = hash(&self.live, name)?;
         let mut private: HashMap<MapData, proxy_common::AffinityKey<A>, proxy_common::AffinityValue> =
-            hash(&self.private, &name)?;
+            hash(&self.private, name)?;
         if let Ok(v) = live.get(&key, 0) {
-            private.insert(key, v, 0).map_err(map_err(&name))?;
+            private.insert(key, v, 0).map_err(map_err(name))?;
         }
         Ok(())
     }
@@ -574,11 +538,11 @@ impl Seeds {
     {
         let proto = if req.proto == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
         let tables: Vec<HashMap<MapData, CtKey<A>, CtValue<A>>> = [n::CONNTRACK, n::CT_NEW]
-            .iter()
-            .map(|name| hash(&self.private, &name6(name, A::V6)))
+            .into_iter()
+            .map(|name| hash(&self.private, A::map_name(name)))
             .collect::<Result<_, _>>()?;
         let get = |k: &CtKey<A>| tables.iter().find_map(|t| t.get(k, 0).ok());
-        let (s, d) = (A::from_ip(req.from.ip()), A::from_ip(req.to.ip()));
+        let (s, d) = (A::from_ip(req.from.ip()).unwrap_or_default(), A::from_ip(req.to.ip()).unwrap_or_default());
         let (sp, dp) = (req.from.port().to_be(), req.to.port().to_be());
         let key = |dir, src, dst, sport, dport| CtKey {
             src_addr: src,

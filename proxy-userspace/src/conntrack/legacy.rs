@@ -5,7 +5,7 @@
 //! IPv6): `ifindex`, `seq_end` and `created` were added after it, so an old value is the
 //! new one's prefix. Every flow was in the one table. A flow the backend answered
 //! (`SEEN_REPLY`; for the older, stateless LRU table, any flow not closing, see
-//! [`super::CtUpgrade`]) is taken as assured, closing or not: it goes to the assured table
+//! [`CtUpgrade`]) is taken as assured, closing or not: it goes to the assured table
 //! with `ASSURED` set, where nothing evicts it. netfilter keeps a flow assured through its
 //! close too. A flow still waiting for its answer goes to the unassured table (`CT_NEW`),
 //! where the datapath promotes it when its handshake completes. A reply entry follows its
@@ -27,13 +27,33 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError};
 use proxy_common::{CT_DIR_REPLY, CtKey, CtValue, PROTO_TCP, ct, ct_flags};
 
-use super::{CtAddr, Table};
-use crate::dataplane::copy::{self as map_copy, Copied, MapSpec};
+use super::table::Table;
+use crate::dataplane::copy::{self as map_copy, Copied, MapSpec, Upgrade};
 
 /// The older IPv4 value size: today's value up to `ifindex`.
 pub const VALUE_SIZE: usize = offset_of!(CtValue<u32>, ifindex);
 /// The older IPv6 value size.
 pub const VALUE_SIZE6: usize = offset_of!(CtValue<proxy_common::Ipv6Words>, ifindex);
+
+/// How CONNTRACK entries carried over from an older map are read (`dataplane::migrate`).
+///
+/// A table made by an agent from before the conntrack lifecycle (an LRU without per-flow
+/// state) has no `SEEN_REPLY`: its flows would all count as unanswered SYNs and the GC
+/// would remove idle established connections after `tcp_syn` seconds. Every entry of such
+/// a table that is not closing is taken as established (at worst an unanswered SYN of the
+/// old table lives until the established timeout). Entries of a stateful table are kept
+/// as they are.
+pub struct CtUpgrade;
+
+impl Upgrade<CtKey, CtValue> for CtUpgrade {
+    fn upgrade(old: &MapSpec, _: &CtKey, mut v: CtValue) -> CtValue {
+        let stateless = old.map_type == aya::maps::MapType::LruHash as u32;
+        if stateless && v.flags & ct_flags::CLOSING == 0 {
+            v.flags |= ct_flags::SEEN_REPLY;
+        }
+        v
+    }
+}
 
 /// Today's value from the older `bytes` (its prefix), the new fields zero (unknown).
 fn widen<A: Copy + Default>(bytes: &[u8]) -> CtValue<A> {
@@ -67,12 +87,12 @@ pub fn convert<A: Copy + Default>(k: &CtKey<A>, mut v: CtValue<A>, fwd_flags: Op
 }
 
 /// Copy the old map of the older layout (`OLD`-byte values) into the new assured table
-/// `new` and the family's unassured table (pinned next to it in `maps_dir`), insert-if-absent
+/// `new` and the family's unassured table (pinned at `unassured`), insert-if-absent
 /// in each, and never into one table what the other already holds (the datapath may have
 /// promoted a flow between two passes).
-pub fn copy<A, const OLD: usize>(old: &Map, new: &mut Map, spec: &MapSpec, maps_dir: &Path) -> Result<Copied, MapError>
+pub fn copy<A, const OLD: usize>(old: &Map, new: &mut Map, spec: &MapSpec, unassured: &Path) -> Result<Copied, MapError>
 where
-    A: CtAddr,
+    A: Copy + Default,
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
 {
@@ -82,7 +102,7 @@ where
     let limit = map_copy::bound(old);
     let src = HashMap::<&MapData, CtKey<A>, [u8; OLD]>::try_from(old)?;
     let mut assured_map = HashMap::<&mut MapData, CtKey<A>, CtValue<A>>::try_from(new)?;
-    let data = MapData::from_pin(maps_dir.join(A::NEW_MAP))?;
+    let data = MapData::from_pin(unassured)?;
     let mut unassured_map = HashMap::<MapData, CtKey<A>, CtValue<A>>::try_from(Map::from_map_data(data)?)?;
     let stateless = spec.map_type == aya::maps::MapType::LruHash as u32;
     // The older meaning of the flags, with the stateless table's reading applied.

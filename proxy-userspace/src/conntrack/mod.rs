@@ -35,96 +35,38 @@
 //! by an in-memory table in the unit tests.
 //!
 //! Both families are collected by the same code: the tables, the collector and the
-//! decisions are generic over the address type ([`CtAddr`]: `u32` for `CONNTRACK` /
+//! decisions are generic over the address type ([`MapAddr`]: `u32` for `CONNTRACK` /
 //! `CT_NEW`, `Ipv6Words` for `CONNTRACK6` / `CT_NEW6`), and the agent runs one collector per
 //! family.
 pub mod legacy;
+mod table;
 pub mod task;
 
-use std::{collections::HashSet, fmt::Debug, hash::Hash};
+pub use table::Table;
+
+use std::collections::HashSet;
 
 use proxy_common::{
-    CT_DIR_REPLY, CtKey, CtValue, Ipv6Words,
+    CT_DIR_REPLY, CtKey, CtValue,
     ct::{self, CtState, CtTimeouts},
     ct_flags, map_names,
 };
 
-/// The address type of a conntrack table, and the maps that hold that family's entries.
-pub trait CtAddr: Copy + Default + Eq + Hash + Ord + Debug + Send + Sync + 'static {
-    /// The assured table (never evicts).
-    const MAP: &'static str;
-    /// The unassured table (an LRU).
-    const NEW_MAP: &'static str;
-    /// The family's name, for metric labels ("IPv4", "IPv6").
-    const FAMILY: &'static str;
-}
-
-impl CtAddr for u32 {
-    const MAP: &'static str = map_names::CONNTRACK;
-    const NEW_MAP: &'static str = map_names::CT_NEW;
-    const FAMILY: &'static str = "IPv4";
-}
-
-impl CtAddr for Ipv6Words {
-    const MAP: &'static str = map_names::CONNTRACK6;
-    const NEW_MAP: &'static str = map_names::CT_NEW6;
-    const FAMILY: &'static str = "IPv6";
-}
-
-/// One of a family's two conntrack tables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
-    /// `CONNTRACK` / `CONNTRACK6`: assured flows, never evicted.
-    Assured,
-    /// `CT_NEW` / `CT_NEW6`: unassured flows, an LRU.
-    Unassured,
-}
+use crate::dataplane::addr::MapAddr;
 
 impl Table {
-    /// In walk order: a lookup finds an established flow in the assured table first, and so
-    /// does the collector.
-    pub const ALL: [Table; 2] = [Table::Assured, Table::Unassured];
-
     /// The map holding this table for the family `A`.
-    pub const fn map<A: CtAddr>(self) -> &'static str {
+    pub fn map<A: MapAddr>(self) -> &'static str {
         match self {
-            Table::Assured => A::MAP,
-            Table::Unassured => A::NEW_MAP,
+            Table::Assured => A::map_name(map_names::CONNTRACK),
+            Table::Unassured => A::map_name(map_names::CT_NEW),
         }
-    }
-
-    /// Position in [`Table::ALL`].
-    pub const fn index(self) -> usize {
-        match self {
-            Table::Assured => 0,
-            Table::Unassured => 1,
-        }
-    }
-}
-
-/// How CONNTRACK entries carried over from an older map are read (`dataplane::migrate`).
-///
-/// A table made by an agent from before the conntrack lifecycle (an LRU without per-flow
-/// state) has no `SEEN_REPLY`: its flows would all count as unanswered SYNs and the GC
-/// would remove idle established connections after `tcp_syn` seconds. Every entry of such
-/// a table that is not closing is taken as established (at worst an unanswered SYN of the
-/// old table lives until the established timeout). Entries of a stateful table are kept
-/// as they are.
-pub struct CtUpgrade;
-
-impl crate::dataplane::copy::Upgrade<CtKey, CtValue> for CtUpgrade {
-    fn upgrade(old: &crate::dataplane::copy::MapSpec, _: &CtKey, mut v: CtValue) -> CtValue {
-        let stateless = old.map_type == aya::maps::MapType::LruHash as u32;
-        if stateless && v.flags & ct_flags::CLOSING == 0 {
-            v.flags |= ct_flags::SEEN_REPLY;
-        }
-        v
     }
 }
 
 /// Where the collector reads and deletes entries: one family's two tables.
 pub trait CtTable {
-    type Addr: CtAddr;
+    type Addr: MapAddr;
     type Error: std::error::Error + Send + Sync + 'static;
     /// Up to `max` entries of `table` starting at `cursor` (`None`: the beginning), and the
     /// cursor of the next chunk (`None` when this chunk reached the end of the table).
@@ -488,7 +430,7 @@ impl<T: CtTable> Gc<T> {
 mod tests {
     use std::{collections::BTreeMap, convert::Infallible};
 
-    use proxy_common::{CT_DIR_FORWARD, PROTO_TCP, PROTO_UDP, ct_flags};
+    use proxy_common::{CT_DIR_FORWARD, Ipv6Words, PROTO_TCP, PROTO_UDP, ct_flags};
 
     use super::*;
 
@@ -511,7 +453,7 @@ mod tests {
         }
     }
 
-    impl<A: CtAddr> MemTable<A> {
+    impl<A: MapAddr> MemTable<A> {
         fn contains(&self, k: &CtKey<A>) -> bool {
             self.t.iter().any(|t| t.contains_key(k))
         }
@@ -523,7 +465,7 @@ mod tests {
         }
     }
 
-    impl<A: CtAddr> CtTable for MemTable<A> {
+    impl<A: MapAddr> CtTable for MemTable<A> {
         type Addr = A;
         type Error = Infallible;
         fn read_chunk(&mut self, table: Table, cursor: Option<u32>, max: usize) -> Result<Chunk<A>, Infallible> {

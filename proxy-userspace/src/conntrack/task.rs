@@ -13,7 +13,8 @@ use std::{
 use proxy_common::{CtKey, CtValue, Ipv6Words, ct::CtState, verdict};
 use tracing::{debug, info, warn};
 
-use super::{Census, CtAddr, Gc, GcConfig, Reason, Table};
+use super::{Census, Gc, GcConfig, Reason, Table};
+use crate::dataplane::addr::MapAddr;
 use crate::{
     dataplane::{ct_table::KernelCtTable, maps::GlobalStats},
     metrics::{FamilyLabel, Metrics, ReasonLabel, StateLabel},
@@ -34,7 +35,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// One family's collector and what the task remembers of it.
-pub struct FamilyGc<A: CtAddr> {
+pub struct FamilyGc<A: MapAddr> {
     pub gc: Gc<KernelCtTable<A>>,
     /// Capacity of each table (indexed like [`Table::ALL`]).
     pub capacity: [u32; 2],
@@ -42,7 +43,7 @@ pub struct FamilyGc<A: CtAddr> {
     fill: f64,
 }
 
-impl<A: CtAddr> FamilyGc<A>
+impl<A: MapAddr> FamilyGc<A>
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
@@ -64,7 +65,7 @@ where
         let report = match self.gc.pass(monotonic_ns(), pressure) {
             Ok(r) => r,
             Err(e) => {
-                warn!(map = A::MAP, error = %e, "conntrack GC pass failed");
+                warn!(map = Table::Assured.map::<A>(), error = %e, "conntrack GC pass failed");
                 return;
             }
         };
@@ -83,7 +84,7 @@ where
             let spared = report.spared;
             if pressured > 0 {
                 info!(
-                    map = A::MAP,
+                    map = Table::Assured.map::<A>(),
                     scanned = report.scanned,
                     expired,
                     pressure = pressured,
@@ -92,16 +93,23 @@ where
                     "conntrack under pressure: removed closed flows"
                 );
             } else {
-                debug!(map = A::MAP, scanned = report.scanned, expired, orphans, spared, "conntrack GC pass");
+                debug!(
+                    map = Table::Assured.map::<A>(),
+                    scanned = report.scanned,
+                    expired,
+                    orphans,
+                    spared,
+                    "conntrack GC pass"
+                );
             }
         }
         let Some(census): Option<Census> = report.census else { return };
         for (i, s) in CtState::ALL.iter().enumerate() {
             m.conntrack_flows
-                .get_or_create(&StateLabel { state: s.name().into(), family: A::FAMILY.into() })
+                .get_or_create(&StateLabel { state: s.name().into(), family: A::NAME.into() })
                 .set(census.flows_by_state[i] as i64);
         }
-        m.conntrack_entries.get_or_create(&FamilyLabel { family: A::FAMILY.into() }).set(census.entries() as i64);
+        m.conntrack_entries.get_or_create(&FamilyLabel { family: A::NAME.into() }).set(census.entries() as i64);
         for t in Table::ALL {
             let cap = self.capacity[t.index()];
             let fill = if cap > 0 { census.entries_by_table[t.index()] as f64 / f64::from(cap) } else { 0.0 };

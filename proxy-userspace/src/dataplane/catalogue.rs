@@ -22,6 +22,7 @@ use proxy_common::{
 };
 
 use super::copy::{self, CopyFn, Legacy, Upgrade};
+use crate::model::IpFamily;
 
 /// A flag that sets the size of one or more maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -313,7 +314,7 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::NODE_CONFIG6, Layout::array::<NodeConfig6>(), 1)
     },
     // Assured flows. Pre-lifecycle (LRU) entries are read as established: see
-    // `conntrack::CtUpgrade`. Entries of the layout before the assured table (32 bytes) are
+    // `conntrack::legacy::CtUpgrade`. Entries of the layout before the assured table (32 bytes) are
     // converted, and their unassured flows moved to CT_NEW: see `conntrack::legacy`. The
     // agent exports its fill ratio from the conntrack GC (`conntrack::task`).
     MapDef {
@@ -322,6 +323,7 @@ pub static MAPS: &[MapDef] = &[
         migrate: Some(Policy {
             legacy: Some(Legacy {
                 value_size: crate::conntrack::legacy::VALUE_SIZE as u32,
+                sibling: n::CT_NEW,
                 copy: crate::conntrack::legacy::copy::<u32, { crate::conntrack::legacy::VALUE_SIZE }>,
             }),
             ..DATAPATH_WRITES
@@ -330,7 +332,7 @@ pub static MAPS: &[MapDef] = &[
         fill_ratio: true,
         ..MapDef::new(
             n::CONNTRACK,
-            Layout::hash_upgraded::<CtKey, CtValue, crate::conntrack::CtUpgrade>(),
+            Layout::hash_upgraded::<CtKey, CtValue, crate::conntrack::legacy::CtUpgrade>(),
             sizes::MAX_CONNTRACK,
         )
     },
@@ -342,6 +344,7 @@ pub static MAPS: &[MapDef] = &[
         migrate: Some(Policy {
             legacy: Some(Legacy {
                 value_size: crate::conntrack::legacy::VALUE_SIZE6 as u32,
+                sibling: n::CT_NEW6,
                 copy: crate::conntrack::legacy::copy::<Ipv6Words, { crate::conntrack::legacy::VALUE_SIZE6 }>,
             }),
             ..DATAPATH_WRITES
@@ -437,10 +440,10 @@ pub fn get(name: &str) -> Option<&'static MapDef> {
 }
 
 /// The map of `name`'s role in the given family: `name` itself for its own family or a
-/// shared map, its twin otherwise (`of_family(SERVICES, true)` is `SERVICES6`).
-pub fn of_family(name: &'static str, v6: bool) -> &'static str {
+/// shared map, its twin otherwise (`of_family(SERVICES, V6)` is `SERVICES6`).
+pub fn of_family(name: &'static str, family: IpFamily) -> &'static str {
     match get(name) {
-        Some(m) if m.v6 != v6 => m.twin.unwrap_or(name),
+        Some(m) if m.v6 != (family == IpFamily::V6) => m.twin.unwrap_or(name),
         _ => name,
     }
 }
@@ -502,10 +505,10 @@ mod tests {
             assert_eq!(twin.size_flag(), m.size_flag(), "{}: twins follow one flag", m.name);
             assert_eq!(twin.migrate.is_some(), m.migrate.is_some(), "{}: twins migrate alike", m.name);
         }
-        assert_eq!(of_family(n::SERVICES, true), n::SERVICES6);
-        assert_eq!(of_family(n::SERVICES6, false), n::SERVICES);
-        assert_eq!(of_family(n::CONNTRACK, false), n::CONNTRACK);
-        assert_eq!(of_family(n::BACKEND_SLOTS, true), n::BACKEND_SLOTS, "shared");
+        assert_eq!(of_family(n::SERVICES, IpFamily::V6), n::SERVICES6);
+        assert_eq!(of_family(n::SERVICES6, IpFamily::V4), n::SERVICES);
+        assert_eq!(of_family(n::CONNTRACK, IpFamily::V4), n::CONNTRACK);
+        assert_eq!(of_family(n::BACKEND_SLOTS, IpFamily::V6), n::BACKEND_SLOTS, "shared");
     }
 
     #[test]

@@ -110,8 +110,8 @@ impl<K, V> Upgrade<K, V> for AsIs {
 }
 
 /// Copies the entries of an old map of an older layout into the new map (its spec given);
-/// the pin directory lets a conversion place entries in a sibling map (conntrack's
-/// unassured flows go to `CT_NEW`).
+/// the path is the pin of the row's sibling map, where a conversion may place entries
+/// (conntrack's unassured flows go to `CT_NEW`).
 pub type LegacyCopyFn = fn(&Map, &mut Map, &MapSpec, &Path) -> Result<Copied, MapError>;
 
 /// An older value layout a map is carried over from (an upgrade in place, where the value
@@ -119,6 +119,8 @@ pub type LegacyCopyFn = fn(&Map, &mut Map, &MapSpec, &Path) -> Result<Copied, Ma
 pub struct Legacy {
     /// The older value size in bytes (the key is unchanged).
     pub value_size: u32,
+    /// The map the conversion may also write (pinned beside this one).
+    pub sibling: &'static str,
     pub copy: LegacyCopyFn,
 }
 

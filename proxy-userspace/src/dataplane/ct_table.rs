@@ -11,8 +11,9 @@ use std::{io, mem::size_of, os::fd::AsFd, path::Path};
 use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{CtKey, CtValue};
 
+use super::addr::MapAddr;
 use super::{DataplaneError, bpfsys, paths};
-use crate::conntrack::{Chunk, CtAddr, CtTable, Table};
+use crate::conntrack::{Chunk, CtTable, Table};
 
 /// Entries asked for per syscall. A hash bucket must fit in one call (ENOSPC otherwise, and
 /// we retry larger); buckets hold a handful of entries, so this is plenty.
@@ -23,7 +24,7 @@ pub struct KernelCtTable<A = u32> {
     maps: [HashMap<MapData, CtKey<A>, CtValue<A>>; 2],
 }
 
-impl<A: CtAddr> KernelCtTable<A>
+impl<A: MapAddr> KernelCtTable<A>
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
@@ -36,7 +37,7 @@ where
             let data = MapData::from_pin(&path).map_err(|e| DataplaneError::from_map(name, e))?;
             aya::maps::Map::from_map_data(data).map_err(|e| DataplaneError::from_map(name, e))
         };
-        Self::new(open(A::MAP)?, open(A::NEW_MAP)?)
+        Self::new(open(Table::Assured.map::<A>())?, open(Table::Unassured.map::<A>())?)
     }
 
     /// From the assured and the unassured map.
@@ -50,7 +51,9 @@ where
             };
             HashMap::try_from(map).map_err(|e| DataplaneError::from_map(name, e))
         };
-        Ok(KernelCtTable { maps: [typed(assured, A::MAP)?, typed(unassured, A::NEW_MAP)?] })
+        Ok(KernelCtTable {
+            maps: [typed(assured, Table::Assured.map::<A>())?, typed(unassured, Table::Unassured.map::<A>())?],
+        })
     }
 
     /// Capacity of `table` as the kernel has it (not as a flag asked for).
@@ -92,7 +95,7 @@ where
     }
 }
 
-impl<A: CtAddr> CtTable for KernelCtTable<A>
+impl<A: MapAddr> CtTable for KernelCtTable<A>
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,

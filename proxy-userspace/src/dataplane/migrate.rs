@@ -276,7 +276,7 @@ impl Migration {
             let data = open_pin(p.kind.name, &path)?.ok_or_else(|| DataplaneError::NotPinned { path: path.clone() })?;
             let mut new = Map::from_map_data(data).map_err(|e| DataplaneError::from_map(p.kind.name, e))?;
             let c = match p.kind.legacy.filter(|_| p.legacy) {
-                Some(l) => (l.copy)(&p.old, &mut new, &p.old_spec, &maps_dir),
+                Some(l) => (l.copy)(&p.old, &mut new, &p.old_spec, &maps_dir.join(l.sibling)),
                 None => (p.kind.copy)(&p.old, &mut new, &p.old_spec),
             }
             .map_err(|e| DataplaneError::from_map(p.kind.name, e))?;

@@ -48,11 +48,7 @@
 //! datapath serving, and an agent cannot tell a restart from an uninstall.
 pub mod ctnetlink;
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
-};
+use std::{collections::HashMap, net::IpAddr, path::Path};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use proxy_common::{
@@ -63,8 +59,8 @@ use tracing::{debug, info, warn};
 
 use self::ctnetlink::{Ctnetlink, CtnetlinkError, NfFlow, NfTuple, tcp_state};
 use crate::{
-    conntrack::{CtAddr, CtTable, Table, task::monotonic_ns},
-    dataplane::{DataplaneError, ct_table::KernelCtTable, paths},
+    conntrack::{CtTable, Table, task::monotonic_ns},
+    dataplane::{DataplaneError, addr::MapAddr, ct_table::KernelCtTable, paths},
     sync::{BeforeServices, FrontendIds},
 };
 
@@ -89,48 +85,6 @@ const HANDBACK_UDP_TIMEOUT_SECS: u32 = 120;
 /// Tries per flow at replacing netfilter's plain entry by the DNAT one: a packet of the
 /// flow can re-create the plain entry between the delete and the insert.
 const HANDBACK_TRIES: usize = 4;
-
-/// An address family's conntrack address, to and from `IpAddr`.
-pub trait FlowAddr: CtAddr
-where
-    CtKey<Self>: aya::Pod,
-    CtValue<Self>: aya::Pod,
-{
-    fn from_ip(ip: IpAddr) -> Option<Self>;
-    fn to_ip(self) -> IpAddr;
-}
-
-impl FlowAddr for u32 {
-    fn from_ip(ip: IpAddr) -> Option<Self> {
-        match ip {
-            // Network byte order, as the datapath keys it.
-            IpAddr::V4(a) => Some(u32::from_ne_bytes(a.octets())),
-            IpAddr::V6(_) => None,
-        }
-    }
-    fn to_ip(self) -> IpAddr {
-        IpAddr::V4(Ipv4Addr::from(self.to_ne_bytes()))
-    }
-}
-
-impl FlowAddr for Ipv6Words {
-    fn from_ip(ip: IpAddr) -> Option<Self> {
-        match ip {
-            IpAddr::V6(a) => {
-                let o = a.octets();
-                Some(std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])))
-            }
-            IpAddr::V4(_) => None,
-        }
-    }
-    fn to_ip(self) -> IpAddr {
-        let mut o = [0u8; 16];
-        for (i, w) in self.iter().enumerate() {
-            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(o))
-    }
-}
 
 /// What adoption did with netfilter's flows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -180,7 +134,7 @@ fn index(frontends: &[FrontendIds]) -> FrontendIndex {
 
 /// Which flows of `flows` (one family's and the other's) are adopted, as our entries made
 /// at `now_ns` (`CLOCK_MONOTONIC`). Pure: counts what it skips and why.
-pub fn plan<A: FlowAddr>(
+pub fn plan<A: MapAddr>(
     flows: &[NfFlow],
     frontends: &[FrontendIds],
     now_ns: u64,
@@ -265,7 +219,7 @@ fn hold<A: Copy + Default>(v: &CtValue<A>) -> CtValue<A> {
     CtValue { nat_addr: A::default(), nat_port: 0, ..*v }
 }
 
-fn present<A: FlowAddr>(t: &KernelCtTable<A>, key: &CtKey<A>) -> bool
+fn present<A: MapAddr>(t: &KernelCtTable<A>, key: &CtKey<A>) -> bool
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
@@ -274,7 +228,7 @@ where
 }
 
 /// Seed `table` with `plan`'s flows, taking each from netfilter (see the module doc).
-fn adopt_into<A: FlowAddr>(
+fn adopt_into<A: MapAddr>(
     table: &mut KernelCtTable<A>,
     nl: &mut Ctnetlink,
     plan: Vec<Adopt<A>>,
@@ -458,7 +412,7 @@ where
 /// An entry of one of a family's two tables.
 type Entry<A> = (Table, CtKey<A>, CtValue<A>);
 
-fn all_entries<A: FlowAddr>(t: &mut KernelCtTable<A>) -> Result<Vec<Entry<A>>, DataplaneError>
+fn all_entries<A: MapAddr>(t: &mut KernelCtTable<A>) -> Result<Vec<Entry<A>>, DataplaneError>
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
@@ -479,12 +433,12 @@ where
 }
 
 /// Hand one family's live DNAT flows to netfilter (see the module doc).
-fn hand_back_family<A: FlowAddr>(root: &Path, nl: &mut Ctnetlink, out: &mut HandBack) -> Result<(), TakeoverError>
+fn hand_back_family<A: MapAddr>(root: &Path, nl: &mut Ctnetlink, out: &mut HandBack) -> Result<(), TakeoverError>
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
 {
-    if !paths::maps_dir(root).join(A::MAP).exists() {
+    if !paths::maps_dir(root).join(Table::Assured.map::<A>()).exists() {
         return Ok(());
     }
     let mut t = KernelCtTable::<A>::open_pinned(root)?;
