@@ -124,6 +124,25 @@ pub mod svc_flags {
     pub const EXTERNAL_IP: u32 = 1 << 4;
     /// Frontend is a LoadBalancer ingress IP.
     pub const LOADBALANCER: u32 = 1 << 5;
+
+    /// The flags that say how a frontend is served; the others say what kind of frontend it
+    /// is (which `ebpf-proxy services` shows in its TYPE column instead).
+    pub const POLICY: u32 = AFFINITY | SOURCE_RANGES | LOCAL_ONLY;
+
+    /// Every flag with its name, in bit order (CLI columns, `verify`'s drift reports).
+    pub const NAMES: [(u32, &str); 6] = [
+        (AFFINITY, "affinity"),
+        (SOURCE_RANGES, "source-ranges"),
+        (LOCAL_ONLY, "local-only"),
+        (NODEPORT, "nodeport"),
+        (EXTERNAL_IP, "external-ip"),
+        (LOADBALANCER, "loadbalancer"),
+    ];
+
+    /// Names of the flags set in `flags`, in bit order.
+    pub fn names(flags: u32) -> impl Iterator<Item = &'static str> {
+        NAMES.into_iter().filter_map(move |(bit, name)| (flags & bit != 0).then_some(name))
+    }
 }
 
 /// Value of `SERVICES`.
@@ -1050,6 +1069,19 @@ mod pod_impls {
 mod tests {
     use super::*;
     use core::mem::{align_of, size_of};
+
+    /// One name per flag bit, each bit once: the CLI and `verify` name flags from this.
+    #[test]
+    fn every_service_flag_has_one_name() {
+        let all = svc_flags::NAMES.iter().fold(0u32, |acc, (bit, _)| {
+            assert_eq!(acc & bit, 0, "bit {bit:#x} named twice");
+            acc | bit
+        });
+        assert_eq!(all, (1 << svc_flags::NAMES.len()) - 1, "contiguous bits from 0");
+        let mut names = svc_flags::names(svc_flags::NODEPORT | svc_flags::AFFINITY);
+        assert_eq!((names.next(), names.next(), names.next()), (Some("affinity"), Some("nodeport"), None));
+        assert_eq!(svc_flags::names(svc_flags::POLICY).count(), 3);
+    }
 
     /// Sizes are part of the pinned-map ABI: a change here breaks maps pinned by an older
     /// agent, so it must be deliberate.

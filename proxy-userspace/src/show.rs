@@ -66,20 +66,6 @@ pub fn cstr(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-fn flag_names(f: u32) -> Vec<&'static str> {
-    let mut v = Vec::new();
-    for (bit, name) in [
-        (svc_flags::AFFINITY, "affinity"),
-        (svc_flags::SOURCE_RANGES, "source-ranges"),
-        (svc_flags::LOCAL_ONLY, "local-only"),
-    ] {
-        if f & bit != 0 {
-            v.push(name);
-        }
-    }
-    v
-}
-
 fn backend_row(id: u32, b: &AnyBackend) -> BackendRow {
     BackendRow {
         id,
@@ -122,7 +108,8 @@ pub fn service_rows(
                 namespace: m.map(|m| cstr(&m.namespace)).unwrap_or_default(),
                 name: m.map(|m| cstr(&m.name)).unwrap_or_default(),
                 port_name: m.map(|m| cstr(&m.port_name)).unwrap_or_default(),
-                flags: flag_names(v.flags),
+                // The frontend kind is the TYPE column.
+                flags: svc_flags::names(v.flags & svc_flags::POLICY).collect(),
                 affinity_timeout: (v.flags & svc_flags::AFFINITY != 0).then_some(v.affinity_timeout),
                 backends,
             }

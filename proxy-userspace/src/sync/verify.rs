@@ -76,20 +76,6 @@ impl fmt::Display for Drift {
     }
 }
 
-fn flag_names(f: u32) -> Vec<&'static str> {
-    [
-        (svc_flags::AFFINITY, "affinity"),
-        (svc_flags::SOURCE_RANGES, "source-ranges"),
-        (svc_flags::LOCAL_ONLY, "local-only"),
-        (svc_flags::NODEPORT, "nodeport"),
-        (svc_flags::EXTERNAL_IP, "external-ip"),
-        (svc_flags::LOADBALANCER, "loadbalancer"),
-    ]
-    .into_iter()
-    .filter_map(|(bit, name)| (f & bit != 0).then_some(name))
-    .collect()
-}
-
 fn key_name(k: &AnyServiceKey) -> String {
     let proto = match k.proto {
         6 => "TCP",
@@ -137,7 +123,10 @@ pub fn verify(desired: &DesiredState, snap: &Snapshot) -> Vec<Drift> {
         };
         let want_flags = service_flags(entry);
         if v.flags != want_flags {
-            out.push(drift(DriftKind::Flags { want: flag_names(want_flags), have: flag_names(v.flags) }));
+            out.push(drift(DriftKind::Flags {
+                want: svc_flags::names(want_flags).collect(),
+                have: svc_flags::names(v.flags).collect(),
+            }));
         }
         let want_timeout = entry.affinity_timeout.unwrap_or(0);
         if v.affinity_timeout != want_timeout {
