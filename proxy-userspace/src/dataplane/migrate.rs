@@ -7,7 +7,7 @@
 //! 1. equal: re-used as before;
 //! 2. key or value size differs: the entries cannot be carried over, start is refused
 //!    ([`DataplaneError::IncompatiblePin`]) naming the map and how to proceed, unless the
-//!    map's [`KINDS`] row names that older layout ([`Legacy`]: a value that grew fields), in
+//!    map's catalogue row names that older layout ([`Legacy`]: a value that grew fields), in
 //!    which case it is migrated as in 3 with the row's conversion;
 //! 3. anything else differs: the old pin is moved aside to `<root>/migrating/<NAME>-<id>`
 //!    (we keep its fd), the loader creates and pins the new map, and every live entry is
@@ -164,8 +164,8 @@ impl Migration {
     }
 
     /// Before loading: compare each pin under `<root>/maps` with `declared`. Refuses (and
-    /// changes nothing) when a layout is incompatible, or when a map with no entry in
-    /// [`KINDS`] differs; otherwise moves each differing pin aside so the loader creates the
+    /// changes nothing) when a layout is incompatible, or when a map whose catalogue row has
+    /// no migration policy differs; otherwise moves each differing pin aside so the loader creates the
     /// new map in its place.
     pub fn prepare(root: &Path, declared: &BTreeMap<String, MapSpec>) -> Result<Self, DataplaneError> {
         let maps_dir = paths::maps_dir(root);
