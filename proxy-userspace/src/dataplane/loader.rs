@@ -31,6 +31,18 @@ pub const PROG_TO_UPLINK: &str = "to_uplink";
 /// TC ingress of the uplink: sends on what XDP translated for a device it cannot transmit
 /// on (a tunnel of an overlay CNI).
 pub const PROG_UPLINK_HANDOFF: &str = "uplink_handoff";
+/// The socket-level programs (cgroup sock_addr hooks, see `sock`): here with the other
+/// program names, so that ownership and sock both read them without importing each other.
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_peername4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_peername6",
+];
 
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {

@@ -68,7 +68,7 @@ fn recognise(prog_id: u32, names: &[&str], maps: &[&str]) -> Option<String> {
 /// The name of program `prog_id` if it is one of our socket-level (cgroup) programs,
 /// whichever agent loaded it.
 pub fn sock_program_ours(prog_id: u32) -> Option<String> {
-    recognise(prog_id, &super::sock::SOCK_PROGRAMS, &OUR_SOCK_MAPS)
+    recognise(prog_id, &super::loader::SOCK_PROGRAMS, &OUR_SOCK_MAPS)
 }
 
 /// Where a program is attached.

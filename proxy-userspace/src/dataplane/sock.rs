@@ -24,19 +24,11 @@ use aya::{
 use proxy_common::{Ipv6Words, SockConfig, map_names as n, sock_flags};
 use tracing::{debug, info, warn};
 
-use super::{addr, bpfsys, loader::Programs, paths};
-
-/// The programs, by name in the object (`proxy-ebpf/src/main.rs`).
-pub const SOCK_PROGRAMS: [&str; 8] = [
-    "sock_connect4",
-    "sock_sendmsg4",
-    "sock_recvmsg4",
-    "sock_peername4",
-    "sock_connect6",
-    "sock_sendmsg6",
-    "sock_recvmsg6",
-    "sock_peername6",
-];
+use super::{
+    addr, bpfsys,
+    loader::{Programs, SOCK_PROGRAMS},
+    paths,
+};
 
 /// `enum bpf_attach_type` of each program's hook, in the order of [`SOCK_PROGRAMS`].
 pub const SOCK_ATTACH_TYPES: [u32; 8] = [
