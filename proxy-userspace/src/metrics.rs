@@ -389,8 +389,8 @@ impl std::fmt::Debug for DatapathCollector {
 impl Collector for DatapathCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Ok(stats) = self.0.lock() else { return Ok(()) };
-        // A GLOBAL_STATS pinned by an older datapath has fewer indices: export what it has
-        // (its flat layout reads back as the `other` family).
+        // Indices a GLOBAL_STATS pinned by an older datapath lacks read as zero (its flat
+        // layout reads back as the `other` family).
         let mut counts = Vec::new();
         for family in StatsFamily::ALL {
             for v in proxy_common::Verdict::ALL {

@@ -513,11 +513,7 @@ impl Seeds {
         let stats: PerCpuArray<MapData, proxy_common::Counters> =
             PerCpuArray::try_from(open(&self.private, n::GLOBAL_STATS)?).map_err(map_err(n::GLOBAL_STATS))?;
         for v in Verdict::ALL {
-            let counted: u64 = proxy_common::StatsFamily::ALL
-                .iter()
-                .filter_map(|f| stats.get(&f.index(v as u32), 0).ok())
-                .map(|pc| pc.iter().map(|c| c.packets).sum::<u64>())
-                .sum();
+            let counted = crate::dataplane::maps::global_total(&stats, v as u32).map_or(0, |c| c.packets);
             if counted > 0 {
                 return Ok(v);
             }
