@@ -1,14 +1,16 @@
 //! New TCP connections per second through a node namespace: a client pod connects to the
 //! ClusterIP of the service an iptables scan reaches last, reads the backend's one-line
-//! answer and closes; repeated for a bounded time or count. Each round builds a fresh
-//! topology that serves every datapath in turn (only one installed at a time): direct to
-//! the pod IP, ours (TC programs on the pod veths), ours at the socket level (the cgroup
-//! hooks on a child cgroup the bench process joins for the measurement, with the TC programs
-//! in place as on a node), kube-proxy's iptables layout (nft backend), kube-proxy's nftables
-//! layout, kube-proxy's iptables layout (legacy backend).
-//! Netfilter state (nf_conntrack) lives in the node namespace.
+//! answer and closes; repeated for a bounded time or count. Every datapath has a node
+//! namespace of its own, set up once per size: direct to the pod IP, ours (TC programs on
+//! the pod veths), ours at the socket level (the cgroup hooks on a child cgroup the bench
+//! process joins for the measurement, with the TC programs in place as on a node),
+//! kube-proxy's iptables layout (nft backend), kube-proxy's nftables layout, kube-proxy's
+//! iptables layout (legacy backend). Netfilter state (nf_conntrack, the legacy nat table's
+//! hooks) lives in its node namespace and never meets another datapath. Short rounds then
+//! measure every datapath once each, in rotating order (see `one_size`); a last round of
+//! ours with the BPF run-time statistics on says where a connection's time goes (`profile`).
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     io::Read,
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -28,7 +30,13 @@ use proxy_userspace::dataplane::{
     sock::{self, SocketLbMode},
 };
 
-use crate::{CONN_CASES, Plan, check_interrupted, dp::Dataplane, interrupted, percentile, report::Row, rules};
+use crate::{
+    CONN_CASES, Plan, check_interrupted,
+    dp::Dataplane,
+    interrupted, percentile,
+    report::{Report, Row, row_id},
+    rules,
+};
 
 pub const SERVER_PORT: u16 = 8080;
 pub const SINK_PORT: u16 = 5201;
@@ -286,24 +294,6 @@ fn reachable(client: &Netns, addr: SocketAddr) -> Result<()> {
         .with_context(|| format!("{addr} not reachable"))
 }
 
-/// After a teardown the VIP must stop answering (the node has no route for it). Releasing a
-/// bpf_link whose pin is removed happens asynchronously in the kernel: allow a moment.
-fn unreachable(client: &Netns, addr: SocketAddr, after: &str) -> Result<()> {
-    let t = Instant::now();
-    client
-        .run(|| {
-            wait_for(Duration::from_secs(3), "the VIP to stop answering", || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err().then_some(())
-            })
-        })
-        .with_context(|| format!("{addr} still answers after removing {after}: teardown failed"))?;
-    let took = t.elapsed();
-    if took > Duration::from_millis(100) {
-        eprintln!("  ({after}: VIP stopped answering after {took:?})");
-    }
-    Ok(())
-}
-
 pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     for (k, &n) in plan.conn_sizes.iter().enumerate() {
         check_interrupted()?;
@@ -312,127 +302,311 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// Accumulated over rounds.
+/// What a bed has installed; dropped with it (programs detached, cgroup removed; the rules
+/// go with the node namespace).
+enum Installed {
+    Nothing,
+    Ours(Dataplane),
+    /// The datapath first: it is dropped before the cgroup it is attached to.
+    OursSock(Dataplane, TestCgroup),
+    Rules,
+}
+
+/// One datapath on a node of its own, installed once per size.
+struct Bed {
+    case: &'static str,
+    installed: Installed,
+    /// Last: the namespaces go after what is installed in them.
+    topo: Topology,
+    addr: SocketAddr,
+    /// Attach + program, or rules load, in ms.
+    setup_ms: f64,
+    pods: usize,
+}
+
+impl Bed {
+    fn new(plan: &Plan, case: &'static str, n: usize, subnet: u8, files: &Path) -> Result<Bed> {
+        let topo = topology(plan, 3, subnet)?;
+        let pods: Vec<(Ipv4Addr, u16)> = topo.pods[1..].iter().map(|p| (p.ip, SERVER_PORT)).collect();
+        let svcs = rules::services(n, 2, Some(&pods));
+        let target = svcs.last().expect("n >= 1");
+        let vip: SocketAddr = (target.vip, target.port).into();
+        let t = Instant::now();
+        let (installed, addr) = match case {
+            "direct" => (Installed::Nothing, (pods[0].0, SERVER_PORT).into()),
+            "ours" => (Installed::Ours(install_ours(&topo, &svcs)?), vip),
+            "ours_sock" => {
+                let cg = TestCgroup::new()?;
+                (Installed::OursSock(install_ours_sock(&topo, &svcs, &cg)?, cg), vip)
+            }
+            "nftables" => {
+                load_nft_chunked(&topo.node, files, &svcs, NFT_CHUNK, Duration::from_secs(300))?;
+                (Installed::Rules, vip)
+            }
+            rule_case => {
+                let ipt = files.join(format!("{rule_case}.rules"));
+                std::fs::write(&ipt, rules::iptables_restore(&svcs))?;
+                load_rules(&topo.node, rule_case, &ipt, Duration::from_secs(300))?;
+                let _ = std::fs::remove_file(&ipt);
+                (Installed::Rules, vip)
+            }
+        };
+        let setup_ms = t.elapsed().as_secs_f64() * 1e3;
+        let bed = Bed { case, installed, topo, addr, setup_ms, pods: pods.len() };
+        bed.in_cgroup(|| reachable(&bed.topo.pods[0].ns, bed.addr))?;
+        Ok(bed)
+    }
+
+    /// Run `f` with the bench process inside the bed's cgroup when it has one (the socket-
+    /// level hooks see only its members).
+    fn in_cgroup<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        match &self.installed {
+            Installed::OursSock(_, cg) => {
+                let _joined = cg.join_self()?;
+                f()
+            }
+            _ => f(),
+        }
+    }
+
+    fn measure(&self, plan: &Plan) -> Result<ConnStats> {
+        self.in_cgroup(|| measure(&self.topo.pods[0].ns, self.addr, plan))
+    }
+
+    fn dataplane(&self) -> Option<&Dataplane> {
+        match &self.installed {
+            Installed::Ours(dp) | Installed::OursSock(dp, _) => Some(dp),
+            _ => None,
+        }
+    }
+}
+
+/// One case's rounds.
 #[derive(Default)]
 struct Acc {
     ok: usize,
     failed: usize,
-    secs: f64,
+    /// Connections per second, one per round.
+    rates: Vec<f64>,
     connect_us: Vec<f64>,
     names: BTreeSet<String>,
-    notes: Vec<String>,
 }
 
-/// `plan.conn_rounds` rounds, each on a fresh topology (so that netfilter state one case
-/// leaves behind, e.g. the legacy nat table's hooks, never reaches the next round), each
-/// running every case in turn with its share of the count and time bounds.
+/// Every datapath on a node of its own (built and programmed once: no teardown between
+/// cases, and no netfilter state of one case can reach another), then `plan.conn_rounds`
+/// short rounds, each measuring every datapath once in an order rotated by one each round
+/// (so no case always runs first or after the same one). A case's rate is the median of
+/// its per-round rates; a ratio is the median of the per-round ratios (paired: both sides
+/// measured in the same round, seconds apart). Then the CPU profile of our two paths.
 fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()> {
     let rounds = plan.conn_rounds.max(1);
     let mut per_round = plan.clone();
     per_round.conn_max = plan.conn_max.div_ceil(rounds);
     per_round.conn_time = plan.conn_time / rounds as u32;
-    let mut acc: std::collections::BTreeMap<&str, Acc> = CONN_CASES.iter().map(|c| (*c, Acc::default())).collect();
-    let mut pods_n = 0;
-    for round in 0..rounds {
+    // Every round re-warms what switching namespaces cooled (caches, the client's route).
+    per_round.conn_warmup = plan.conn_warmup.div_ceil(rounds);
+    let files = TempDir::new("ebpf-proxy-bench-rules-")?;
+    let mut beds = Vec::new();
+    for case in CONN_CASES {
         check_interrupted()?;
-        let topo = topology(plan, 3, subnet)?;
-        let client = &topo.pods[0].ns;
-        let pods: Vec<(Ipv4Addr, u16)> = topo.pods[1..].iter().map(|p| (p.ip, SERVER_PORT)).collect();
-        pods_n = pods.len();
-        let svcs = rules::services(n, 2, Some(&pods));
-        let target = svcs.last().expect("n >= 1");
-        let vip: SocketAddr = (target.vip, target.port).into();
-        let files = TempDir::new("ebpf-proxy-bench-rules-")?;
-        let ipt = files.0.join("iptables.rules");
-        std::fs::write(&ipt, rules::iptables_restore(&svcs))?;
-        for case in CONN_CASES {
+        beds.push(Bed::new(plan, case, n, subnet, &files.0).with_context(|| format!("setting up {case}"))?);
+    }
+    let mut acc: BTreeMap<&str, Acc> = CONN_CASES.iter().map(|c| (*c, Acc::default())).collect();
+    for round in 0..rounds {
+        for k in 0..beds.len() {
             check_interrupted()?;
-            let addr = if case == "direct" { (pods[0].0, SERVER_PORT).into() } else { vip };
-            let a = acc.get_mut(case).expect("case");
-            let stats = match case {
-                "direct" => measure(client, addr, &per_round)?,
-                "ours_sock" => {
-                    let cg = TestCgroup::new()?;
-                    let t = Instant::now();
-                    let dp = install_ours_sock(&topo, &svcs, &cg)?;
-                    a.notes.push(format!("{:.0}", t.elapsed().as_secs_f64() * 1e3));
-                    let s = measure_in(client, addr, &per_round, &cg);
-                    drop(dp);
-                    drop(cg); // removing the cgroup detaches what is left on it
-                    unreachable(client, addr, "our socket-level programs")?;
-                    s?
-                }
-                "ours" => {
-                    let t = Instant::now();
-                    let dp = install_ours(&topo, &svcs)?;
-                    a.notes.push(format!("{:.0}", t.elapsed().as_secs_f64() * 1e3));
-                    reachable(client, addr)?;
-                    let s = measure(client, addr, &per_round);
-                    drop(dp); // unpins the links: the programs come off the interfaces
-                    unreachable(client, addr, "our programs")?;
-                    s?
-                }
-                rule_case => {
-                    let limit = Duration::from_secs(300);
-                    let took = if rule_case == "nftables" {
-                        load_nft_chunked(&topo.node, &files.0, &svcs, NFT_CHUNK, limit)?
-                    } else {
-                        load_rules(&topo.node, rule_case, &ipt, limit)?
-                    };
-                    a.notes.push(format!("{:.0}", took.as_secs_f64() * 1e3));
-                    reachable(client, addr)?;
-                    let s = measure(client, addr, &per_round);
-                    flush_netfilter(&topo.node, rule_case)?;
-                    unreachable(client, addr, rule_case)?;
-                    s?
-                }
-            };
-            ensure!(stats.ok > 0, "{case}, round {round}: no connection completed");
+            let bed = &beds[(k + round) % beds.len()];
+            let stats = bed.measure(&per_round).with_context(|| format!("{}, round {round}", bed.case))?;
+            ensure!(stats.ok > 0, "{}, round {round}: no connection completed", bed.case);
+            let a = acc.get_mut(bed.case).expect("case");
             a.ok += stats.ok;
             a.failed += stats.failed;
-            a.secs += stats.elapsed.as_secs_f64();
+            a.rates.push(stats.ok as f64 / stats.elapsed.as_secs_f64());
             a.connect_us.extend(stats.connect_us);
             a.names.extend(stats.names);
         }
     }
-    let mut rates = std::collections::BTreeMap::new();
-    for case in CONN_CASES {
-        let a = acc.get_mut(case).expect("case");
+    for bed in &beds {
+        let a = acc.get_mut(bed.case).expect("case");
         a.connect_us.sort_by(|x, y| x.total_cmp(y));
-        let rate = a.ok as f64 / a.secs;
         let mut note = format!(
-            "{} connections in {:.2} s over {rounds} round(s), {} failed; backends seen {:?}",
-            a.ok, a.secs, a.failed, a.names
+            "median of {rounds} rounds: {}; {} connections in all, {} failed; backends seen {:?}",
+            a.rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join("/"),
+            a.ok,
+            a.failed,
+            a.names
         );
-        match case {
-            "ours" | "ours_sock" => {
-                note.push_str(&format!("; attach + program {n} services took {} ms", a.notes.join("/")))
-            }
+        match bed.case {
+            "ours" | "ours_sock" => note.push_str(&format!("; attach + program {n} services took {:.0} ms", bed.setup_ms)),
             "direct" => {}
             "nftables" => note.push_str(&format!(
-                "; rules loaded in {} ms ({NFT_CHUNK} services per nft transaction)",
-                a.notes.join("/")
+                "; rules loaded in {:.0} ms ({NFT_CHUNK} services per nft transaction)",
+                bed.setup_ms
             )),
-            _ => note.push_str(&format!("; rules loaded in {} ms", a.notes.join("/"))),
+            _ => note.push_str(&format!("; rules loaded in {:.0} ms", bed.setup_ms)),
         }
-        if case != "direct" && a.names.len() < pods_n {
+        if bed.case != "direct" && a.names.len() < bed.pods {
             note.push_str(" (NOT every backend answered)");
         }
-        rows.push(Row::new("conn", &format!("{case}.rate"), Some(n), rate, "conn/s").note(note));
-        rows.push(Row::new("conn", &format!("{case}.p50_us"), Some(n), percentile(&a.connect_us, 50.0), "µs"));
-        rows.push(Row::new("conn", &format!("{case}.p99_us"), Some(n), percentile(&a.connect_us, 99.0), "µs"));
-        rates.insert(case, rate);
+        let rate = Row::median_of("conn", &format!("{}.rate", bed.case), Some(n), &a.rates, "conn/s")
+            .context("no rounds")?;
+        rows.push(rate.note(note));
+        rows.push(Row::new("conn", &format!("{}.p50_us", bed.case), Some(n), percentile(&a.connect_us, 50.0), "µs"));
+        rows.push(Row::new("conn", &format!("{}.p99_us", bed.case), Some(n), percentile(&a.connect_us, 99.0), "µs"));
     }
-    for (ratio, other) in [
-        ("ours_vs_iptables", "iptables"),
-        ("ours_vs_nftables", "nftables"),
-        ("ours_vs_direct", "direct"),
-        ("ours_vs_iptables_legacy", "iptables_legacy"),
+    for (ratio, ours, other) in [
+        ("ours_vs_iptables", "ours", "iptables"),
+        ("ours_vs_nftables", "ours", "nftables"),
+        ("ours_vs_direct", "ours", "direct"),
+        ("ours_vs_iptables_legacy", "ours", "iptables_legacy"),
+        ("ours_sock_vs_direct", "ours_sock", "direct"),
+        ("ours_sock_vs_nftables", "ours_sock", "nftables"),
     ] {
-        rows.push(Row::new("conn", ratio, Some(n), rates["ours"] / rates[other], "x"));
+        let paired: Vec<f64> = acc[ours].rates.iter().zip(&acc[other].rates).map(|(a, b)| a / b).collect();
+        let row = Row::median_of("conn", ratio, Some(n), &paired, "x").context("no rounds")?;
+        let note = format!(
+            "median of {} per-round ratios (min {:.2}, max {:.2})",
+            paired.len(),
+            row.spread.map(|s| s.min).unwrap_or(f64::NAN),
+            row.spread.map(|s| s.max).unwrap_or(f64::NAN)
+        );
+        rows.push(row.note(note));
     }
-    for (ratio, other) in [("ours_sock_vs_direct", "direct"), ("ours_sock_vs_nftables", "nftables")] {
-        rows.push(Row::new("conn", ratio, Some(n), rates["ours_sock"] / rates[other], "x"));
+    let direct_rate = rows
+        .iter()
+        .find(|r| r.id == row_id("conn", "direct.rate", Some(n)))
+        .map(|r| r.value)
+        .context("no direct rate")?;
+    for bed in &beds {
+        if bed.dataplane().is_some() {
+            check_interrupted()?;
+            let rate = rows
+                .iter()
+                .find(|r| r.id == row_id("conn", &format!("{}.rate", bed.case), Some(n)))
+                .map(|r| r.value)
+                .context("no rate")?;
+            profile(bed, &per_round, n, rate, direct_rate, rows)
+                .with_context(|| format!("CPU profile of {}", bed.case))?;
+        }
     }
     Ok(())
+}
+
+/// Programs whose runs every profiled connection of a case must show (the quick check).
+pub const PROFILED: [(&str, &[&str]); 2] =
+    [("ours", &["from_pod", "to_pod"]), ("ours_sock", &["from_pod", "to_pod", "sock_connect4"])];
+
+/// The profile's rows a run must produce at size `n`, each positive.
+pub fn profile_rows(n: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for (case, progs) in PROFILED {
+        for p in progs {
+            for m in ["ns_per_run", "runs_per_conn"] {
+                v.push(row_id("conn", &format!("profile.{case}.{p}.{m}"), Some(n)));
+            }
+        }
+        v.push(row_id("conn", &format!("profile.{case}.bpf_ns_per_conn"), Some(n)));
+    }
+    v
+}
+
+/// Every loaded program of `dp`: (name, accumulated run time in ns, runs).
+fn prog_stats(dp: &Dataplane) -> Vec<(String, u64, u64)> {
+    dp.programs
+        .ebpf
+        .programs()
+        // A program of the object the loader left out has no info: not loaded.
+        .filter_map(|(name, p)| p.info().ok().map(|i| (name.to_string(), i.run_time().as_nanos() as u64, i.run_count())))
+        .collect()
+}
+
+/// Where a connection's time goes in our programs: one more round of `bed`'s loop with the
+/// kernel's BPF run-time statistics on (BPF_ENABLE_STATS: while its fd is held, every
+/// program's run_time_ns and run_cnt accumulate; they cost a little per run, so the timed
+/// rounds run without them). Per program: ns per run and runs per connection; their sum
+/// per connection, beside the extra wall time per connection against direct (from the
+/// rounds' median rates). The bed's programs see only its own client's traffic.
+fn profile(bed: &Bed, plan: &Plan, n: usize, rate: f64, direct_rate: f64, rows: &mut Vec<Row>) -> Result<()> {
+    let dp = bed.dataplane().context("no datapath")?;
+    let mut plan = plan.clone();
+    // Warm already (the rounds); warm-up connections would be counted by the kernel.
+    plan.conn_warmup = 0;
+    let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS (run time)")?;
+    let before = prog_stats(dp);
+    let s = bed.measure(&plan);
+    let after = prog_stats(dp);
+    drop(stats_fd);
+    let s = s?;
+    ensure!(s.ok > 0, "no connection completed");
+    // Failed attempts ran the programs too: every attempt counts.
+    let conns = (s.ok + s.failed) as f64;
+    let case = bed.case;
+    let mut total_ns = 0.0;
+    let mut idle = Vec::new();
+    for ((name, t0, c0), (_, t1, c1)) in before.iter().zip(&after) {
+        let (ns, runs) = (t1.saturating_sub(*t0) as f64, c1.saturating_sub(*c0) as f64);
+        if runs == 0.0 {
+            idle.push(name.clone());
+            continue;
+        }
+        total_ns += ns;
+        rows.push(Row::new("conn", &format!("profile.{case}.{name}.ns_per_run"), Some(n), ns / runs, "ns"));
+        rows.push(Row::new("conn", &format!("profile.{case}.{name}.runs_per_conn"), Some(n), runs / conns, "runs"));
+    }
+    let extra_us = 1e6 / rate - 1e6 / direct_rate;
+    rows.push(Row::new("conn", &format!("profile.{case}.bpf_ns_per_conn"), Some(n), total_ns / conns, "ns").note(
+        format!(
+            "BPF run time of every program per connection, over {conns:.0} connections at {:.0} conn/s with the \
+             statistics on; loaded but not run: {}; wall time per connection vs direct in the rounds: {extra_us:+.2} µs",
+            s.ok as f64 / s.elapsed.as_secs_f64(),
+            if idle.is_empty() { "none".into() } else { idle.join(", ") }
+        ),
+    ));
+    rows.push(Row::new("conn", &format!("profile.{case}.extra_us_per_conn"), Some(n), extra_us, "µs").note(
+        "1/rate - 1/direct rate, medians of the rounds: the extra wall time of a connection (may be negative)",
+    ));
+    Ok(())
+}
+
+/// The profile tables of the markdown report.
+pub fn profile_markdown(report: &Report, plan: &Plan, s: &mut String) {
+    use std::fmt::Write as _;
+    let prof: Vec<&Row> = report.rows.iter().filter(|r| r.section == "conn" && r.case.starts_with("profile.")).collect();
+    if prof.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n### Where a connection's time goes: BPF run time per program (BPF_ENABLE_STATS, one extra round)\n"
+    );
+    let _ = writeln!(s, "| services | datapath | program | runs / connection | ns / run | ns / connection |");
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|");
+    for n in &plan.conn_sizes {
+        for (case, _) in PROFILED {
+            let prefix = format!("profile.{case}.");
+            for r in prof.iter().filter(|r| r.n == Some(*n) && r.case.starts_with(&prefix)) {
+                let Some(prog) = r.case.strip_prefix(&prefix).and_then(|c| c.strip_suffix(".ns_per_run")) else {
+                    continue;
+                };
+                let runs = report.get(&row_id("conn", &format!("{prefix}{prog}.runs_per_conn"), Some(*n)));
+                let _ = writeln!(
+                    s,
+                    "| {} | {case} | {prog} | {} | {:.1} | {} |",
+                    crate::report::group(*n),
+                    runs.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    r.value,
+                    runs.map(|v| format!("{:.0}", v * r.value)).unwrap_or_else(|| "—".into()),
+                );
+            }
+            let total = report.get(&row_id("conn", &format!("{prefix}bpf_ns_per_conn"), Some(*n)));
+            let extra = report.get(&row_id("conn", &format!("{prefix}extra_us_per_conn"), Some(*n)));
+            let _ = writeln!(
+                s,
+                "| {} | {case} | **all programs** (wall time vs direct: {} µs/conn) | | | {} |",
+                crate::report::group(*n),
+                extra.map(|v| format!("{v:+.2}")).unwrap_or_else(|| "—".into()),
+                total.map(|v| format!("{v:.0}")).unwrap_or_else(|| "—".into()),
+            );
+        }
+    }
 }

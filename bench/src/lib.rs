@@ -46,7 +46,8 @@ pub struct Plan {
     pub conn_max: usize,
     pub conn_time: Duration,
     pub conn_warmup: usize,
-    /// Rounds per size, each on a fresh topology; the bounds above are split over them.
+    /// Interleaved rounds per size (each measures every datapath once); the bounds above
+    /// are split over them.
     pub conn_rounds: usize,
     /// Services (x `cp_endpoints`) for the cold-sync rows.
     pub cp_sizes: Vec<usize>,
@@ -97,7 +98,8 @@ impl Plan {
             conn_max: 15_000,
             conn_time: Duration::from_secs(2),
             conn_warmup: 100,
-            conn_rounds: 3,
+            // Short interleaved rounds (2 s / 9 per datapath each): a median and a spread.
+            conn_rounds: 9,
             cp_sizes: vec![1_000, 10_000],
             cp_endpoints: 10,
             cp_change_n: 10_000,
@@ -136,7 +138,7 @@ impl Plan {
             conn_max: 200,
             conn_time: Duration::from_millis(300),
             conn_warmup: 10,
-            conn_rounds: 1,
+            conn_rounds: 3,
             cp_sizes: vec![10, 100],
             cp_endpoints: 10,
             cp_change_n: 100,
@@ -201,6 +203,7 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
             v.push(report::row_id("per_packet", c, Some(*n)));
         }
     }
+    v.extend(per_packet::xdp_rows());
     for n in &plan.conn_sizes {
         for c in CONN_CASES {
             for m in ["rate", "p50_us", "p99_us"] {
@@ -210,6 +213,7 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
         for r in CONN_RATIOS {
             v.push(report::row_id("conn", r, Some(*n)));
         }
+        v.extend(conn::profile_rows(*n));
     }
     for n in &plan.cp_sizes {
         for c in CP_COLD {

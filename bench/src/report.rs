@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CONN_CASES, Plan};
+use crate::{CONN_CASES, Plan, percentile};
 
 pub fn row_id(section: &str, case: &str, n: Option<usize>) -> String {
     match n {
@@ -22,6 +22,49 @@ pub struct Row {
     pub unit: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// How the value varied over the rounds it is the median of (rows measured in rounds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Spread>,
+}
+
+/// The spread of a value measured once per round: its interquartile range (nearest rank)
+/// and extremes. A goal inside `p25..=p75` is a verdict inside the noise.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub rounds: usize,
+    pub p25: f64,
+    pub p75: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// The median of per-round `values` and their spread (None when there are none).
+    pub fn of(values: &[f64]) -> Option<(f64, Spread)> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let spread = Spread {
+            rounds: v.len(),
+            p25: percentile(&v, 25.0),
+            p75: percentile(&v, 75.0),
+            min: v[0],
+            max: v[v.len() - 1],
+        };
+        Some((percentile(&v, 50.0), spread))
+    }
+
+    /// Whether `goal` lies inside the interquartile range: the verdict could go either way.
+    pub fn contains(&self, goal: f64) -> bool {
+        self.p25 <= goal && goal <= self.p75
+    }
+
+    /// `[0.88..0.99]`, with `digits` decimals.
+    pub fn interval(&self, digits: usize) -> String {
+        format!("[{:.digits$}..{:.digits$}]", self.p25, self.p75)
+    }
 }
 
 impl Row {
@@ -34,11 +77,30 @@ impl Row {
             value,
             unit: unit.into(),
             note: String::new(),
+            spread: None,
         }
     }
     pub fn note(mut self, note: impl Into<String>) -> Self {
         self.note = note.into();
         self
+    }
+
+    /// A row whose value is the median of per-round `values`, with their spread; None
+    /// without values.
+    pub fn median_of(section: &str, case: &str, n: Option<usize>, values: &[f64], unit: &str) -> Option<Self> {
+        let (median, spread) = Spread::of(values)?;
+        let mut r = Row::new(section, case, n, median, unit);
+        r.spread = Some(spread);
+        Some(r)
+    }
+
+    /// `0.93x [0.88..0.99]`: the value, and its interquartile range over rounds when it has one.
+    pub fn show(&self, digits: usize) -> String {
+        let unit = if self.unit == "x" { "x" } else { "" };
+        match &self.spread {
+            Some(s) if s.rounds > 1 => format!("{:.digits$}{unit} {}", self.value, s.interval(digits)),
+            _ => format!("{:.digits$}{unit}", self.value),
+        }
     }
 }
 
@@ -48,6 +110,10 @@ pub struct Target {
     pub goal: String,
     pub measured: String,
     pub met: Option<bool>,
+    /// The goal lies inside the measured value's spread over rounds (its interquartile
+    /// range): the verdict is inside the noise. None: not measured in rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inside_noise: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -83,6 +149,19 @@ impl Report {
         self.get(&row_id(section, case, n))
     }
 
+    /// A ratio's target: `0.93x [0.88..0.99]`, met or not by its median, and whether the
+    /// goal lies inside its spread over rounds.
+    fn ratio_target(&self, name: String, id: &str, goal: Goal) -> Target {
+        let row = self.rows.iter().find(|r| r.id == id);
+        Target {
+            name,
+            goal: goal.to_string(),
+            measured: row.map(|r| r.show(2)).unwrap_or_else(|| "not measured".into()),
+            met: row.map(|r| goal.met(r.value)),
+            inside_noise: row.and_then(|r| r.spread).filter(|s| s.rounds > 1).map(|s| s.contains(goal.limit())),
+        }
+    }
+
     /// Targets of the issue, judged on this run's numbers (None: not measured).
     pub fn judge(&mut self, plan: &Plan) {
         let mut t = Vec::new();
@@ -94,6 +173,7 @@ impl Report {
             goal: "<= 150 ns".into(),
             measured: fmt_opt(hit_big, "ns"),
             met: hit_big.map(|v| v <= 150.0),
+            inside_noise: None,
         });
         let spread = (hits.len() == plan.pp_sizes.len() && !hits.is_empty()).then(|| {
             let min = hits.iter().copied().fold(f64::INFINITY, f64::min);
@@ -105,22 +185,30 @@ impl Report {
             goal: "max/min <= 1.20".into(),
             measured: spread.map(|s| format!("max/min {s:.2}")).unwrap_or_else(|| "not measured".into()),
             met: spread.map(|s| s <= 1.2),
+            inside_noise: None,
         });
+        // Issue 23's goals: the TC and socket paths near direct at every size; each ratio
+        // is the median of per-round (paired) ratios, judged with its spread.
         let big_conn = plan.conn_sizes.iter().copied().max().unwrap_or(0);
-        for (ratio, goal, min) in [
-            ("ours_vs_iptables", ">= 1.5x iptables", 1.5),
-            ("ours_vs_nftables", ">= 0.90x nftables", 0.9),
-            ("ours_vs_direct", ">= 0.85x direct", 0.85),
-            ("ours_sock_vs_direct", ">= 0.98x direct", 0.98),
-            ("ours_sock_vs_nftables", ">= 1.2x nftables", 1.2),
+        for (ratio, goal, sizes) in [
+            ("ours_vs_iptables", Goal::AtLeast(1.5), vec![big_conn]),
+            ("ours_vs_nftables", Goal::AtLeast(0.9), vec![big_conn]),
+            ("ours_vs_direct", Goal::AtLeast(0.95), plan.conn_sizes.clone()),
+            ("ours_sock_vs_direct", Goal::AtLeast(0.98), plan.conn_sizes.clone()),
+            ("ours_sock_vs_nftables", Goal::AtLeast(1.2), vec![big_conn]),
         ] {
-            let r = self.v("conn", ratio, Some(big_conn));
-            t.push(Target {
-                name: format!("connection rate at {big_conn} services, {}", ratio.replace('_', " ")),
-                goal: goal.into(),
-                measured: r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "not measured".into()),
-                met: r.map(|r| r >= min),
-            });
+            for n in sizes {
+                let name = format!("connection rate at {n} services, {}", ratio.replace('_', " "));
+                t.push(self.ratio_target(name, &row_id("conn", ratio, Some(n)), goal));
+            }
+        }
+        t.push(self.ratio_target(
+            format!("per-packet IPv6 hit / IPv4 hit at {big_pp} services"),
+            &row_id("per_packet", "hit_v6_over_v4", Some(big_pp)),
+            Goal::AtMost(1.15),
+        ));
+        for (case, what, goal) in crate::per_packet::XDP_RATIOS {
+            t.push(self.ratio_target(format!("XDP {what}"), &row_id("per_packet", case, None), Goal::AtMost(goal)));
         }
         let big_cp = plan.cp_sizes.iter().copied().max().unwrap_or(0);
         let cold = self.v("control", "cold.total_ms", Some(big_cp));
@@ -129,6 +217,7 @@ impl Report {
             goal: "< 2000 ms".into(),
             measured: fmt_opt(cold, "ms"),
             met: cold.map(|v| v < 2000.0),
+            inside_noise: None,
         });
         for (case, what) in
             [("apply", "apply"), ("translate_apply", "translate everything + apply (the previous agent)")]
@@ -139,6 +228,7 @@ impl Report {
                 goal: "p99 < 50 ms".into(),
                 measured: fmt_opt(p99, "ms p99"),
                 met: p99.map(|v| v < 50.0),
+                inside_noise: None,
             });
         }
         let incr = self.v("control", "change.incremental.p99_ms", Some(plan.cp_change_n));
@@ -147,6 +237,7 @@ impl Report {
             goal: "p99 < 5 ms".into(),
             measured: fmt_opt(incr, "ms p99"),
             met: incr.map(|v| v < 5.0),
+            inside_noise: None,
         });
         let rss = self.v("rss", "agent_vmhwm_mib", Some(plan.rss_n));
         t.push(Target {
@@ -157,6 +248,7 @@ impl Report {
             goal: "< 150 MiB".into(),
             measured: fmt_opt(rss, "MiB"),
             met: rss.map(|v| v < 150.0),
+            inside_noise: None,
         });
         // Issue 13, on the real agent watching the fake API server (`scale`).
         let (n, big) = (plan.scale_n, plan.scale_big_n);
@@ -193,7 +285,13 @@ impl Report {
             (format!("agent RSS (VmHWM) at {big} services"), "vmhwm_mib", big, "< 400 MiB", "MiB", 400.0),
         ] {
             let v = if case.is_empty() { cold } else { scale(case, size) };
-            t.push(Target { name, goal: goal.into(), measured: fmt_opt(v, unit), met: v.map(|v| v < limit) });
+            t.push(Target {
+                name,
+                goal: goal.into(),
+                measured: fmt_opt(v, unit),
+                met: v.map(|v| v < limit),
+                inside_noise: None,
+            });
         }
         self.targets = t;
     }
@@ -243,7 +341,17 @@ impl Report {
             );
         }
 
-        let _ = writeln!(s, "\n### New TCP connections (connect, read one line, close; one client thread)\n");
+        crate::per_packet::xdp_markdown(self, &mut s);
+
+        // Rows measured in rounds print as `median [p25..p75]`.
+        let show = |id: &str, digits: usize| -> String {
+            self.rows.iter().find(|r| r.id == id).map(|r| r.show(digits)).unwrap_or_else(|| "—".into())
+        };
+        let _ = writeln!(
+            s,
+            "\n### New TCP connections (connect, read one line, close; one client thread; median [interquartile range] of {} interleaved rounds)\n",
+            plan.conn_rounds
+        );
         let _ = writeln!(s, "| services | datapath | conn/s | p50 connect µs | p99 connect µs |");
         let _ = writeln!(s, "|---:|---|---:|---:|---:|");
         for n in &plan.conn_sizes {
@@ -254,17 +362,21 @@ impl Report {
                     "| {} | {} | {} | {} | {} |",
                     group(*n),
                     conn_label(c),
-                    g("rate", 0),
+                    show(&row_id("conn", &format!("{c}.rate"), Some(*n)), 0),
                     g("p50_us", 1),
                     g("p99_us", 1)
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            "\nRatios: the median of the per-round ratios (each round measures every datapath once), [interquartile range].\n"
+        );
         let _ =
-            writeln!(s, "\n| services | ours / iptables | ours / nftables | ours / direct | ours / iptables-legacy |");
+            writeln!(s, "| services | ours / iptables | ours / nftables | ours / direct | ours / iptables-legacy |");
         let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
         for n in &plan.conn_sizes {
-            let g = |r: &str| cell(self.v("conn", r, Some(*n)), 2);
+            let g = |r: &str| show(&row_id("conn", r, Some(*n)), 2);
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} |",
@@ -278,9 +390,10 @@ impl Report {
         let _ = writeln!(s, "\n| services | ours socket-level / direct | ours socket-level / nftables |");
         let _ = writeln!(s, "|---:|---:|---:|");
         for n in &plan.conn_sizes {
-            let g = |r: &str| cell(self.v("conn", r, Some(*n)), 2);
+            let g = |r: &str| show(&row_id("conn", r, Some(*n)), 2);
             let _ = writeln!(s, "| {} | {} | {} |", group(*n), g("ours_sock_vs_direct"), g("ours_sock_vs_nftables"));
         }
+        crate::conn::profile_markdown(self, plan, &mut s);
 
         let _ =
             writeln!(s, "\n### Control plane: cold programming, {} endpoints per service (ms)\n", plan.cp_endpoints);
@@ -418,6 +531,7 @@ impl Report {
                 Some(false) => "**no**",
                 None => "—",
             };
+            let met = if t.inside_noise == Some(true) { format!("{met}: inside noise") } else { met.to_string() };
             let _ = writeln!(s, "| {} | {} | {} | {met} |", t.name, t.goal, t.measured);
         }
         if !self.errors.is_empty() {
@@ -432,6 +546,36 @@ impl Report {
     /// Rows by section, for a compact dump of notes.
     pub fn notes(&self) -> BTreeMap<String, String> {
         self.rows.iter().filter(|r| !r.note.is_empty()).map(|r| (r.id.clone(), r.note.clone())).collect()
+    }
+}
+
+/// A goal on a ratio.
+#[derive(Clone, Copy, Debug)]
+pub enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Goal {
+    pub fn met(self, v: f64) -> bool {
+        match self {
+            Goal::AtLeast(g) => v >= g,
+            Goal::AtMost(g) => v <= g,
+        }
+    }
+    pub fn limit(self) -> f64 {
+        match self {
+            Goal::AtLeast(g) | Goal::AtMost(g) => g,
+        }
+    }
+}
+
+impl std::fmt::Display for Goal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Goal::AtLeast(g) => write!(f, ">= {g:.2}x"),
+            Goal::AtMost(g) => write!(f, "<= {g:.2}x"),
+        }
     }
 }
 

@@ -19,6 +19,8 @@ mod csum;
 mod ct;
 mod driver;
 mod family;
+// Bench-only programs the agent never loads (see the module).
+mod floor;
 mod frag;
 mod handoff;
 mod hdr;
