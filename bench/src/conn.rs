@@ -437,7 +437,9 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
             a.names
         );
         match bed.case {
-            "ours" | "ours_sock" => note.push_str(&format!("; attach + program {n} services took {:.0} ms", bed.setup_ms)),
+            "ours" | "ours_sock" => {
+                note.push_str(&format!("; attach + program {n} services took {:.0} ms", bed.setup_ms))
+            }
             "direct" => {}
             "nftables" => note.push_str(&format!(
                 "; rules loaded in {:.0} ms ({NFT_CHUNK} services per nft transaction)",
@@ -448,8 +450,8 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
         if bed.case != "direct" && a.names.len() < bed.pods {
             note.push_str(" (NOT every backend answered)");
         }
-        let rate = Row::median_of("conn", &format!("{}.rate", bed.case), Some(n), &a.rates, "conn/s")
-            .context("no rounds")?;
+        let rate =
+            Row::median_of("conn", &format!("{}.rate", bed.case), Some(n), &a.rates, "conn/s").context("no rounds")?;
         rows.push(rate.note(note));
         rows.push(Row::new("conn", &format!("{}.p50_us", bed.case), Some(n), percentile(&a.connect_us, 50.0), "µs"));
         rows.push(Row::new("conn", &format!("{}.p99_us", bed.case), Some(n), percentile(&a.connect_us, 99.0), "µs"));
@@ -516,7 +518,9 @@ fn prog_stats(dp: &Dataplane) -> Vec<(String, u64, u64)> {
         .ebpf
         .programs()
         // A program of the object the loader left out has no info: not loaded.
-        .filter_map(|(name, p)| p.info().ok().map(|i| (name.to_string(), i.run_time().as_nanos() as u64, i.run_count())))
+        .filter_map(|(name, p)| {
+            p.info().ok().map(|i| (name.to_string(), i.run_time().as_nanos() as u64, i.run_count()))
+        })
         .collect()
 }
 
@@ -562,16 +566,19 @@ fn profile(bed: &Bed, plan: &Plan, n: usize, rate: f64, direct_rate: f64, rows: 
             if idle.is_empty() { "none".into() } else { idle.join(", ") }
         ),
     ));
-    rows.push(Row::new("conn", &format!("profile.{case}.extra_us_per_conn"), Some(n), extra_us, "µs").note(
-        "1/rate - 1/direct rate, medians of the rounds: the extra wall time of a connection (may be negative)",
-    ));
+    rows.push(
+        Row::new("conn", &format!("profile.{case}.extra_us_per_conn"), Some(n), extra_us, "µs").note(
+            "1/rate - 1/direct rate, medians of the rounds: the extra wall time of a connection (may be negative)",
+        ),
+    );
     Ok(())
 }
 
 /// The profile tables of the markdown report.
 pub fn profile_markdown(report: &Report, plan: &Plan, s: &mut String) {
     use std::fmt::Write as _;
-    let prof: Vec<&Row> = report.rows.iter().filter(|r| r.section == "conn" && r.case.starts_with("profile.")).collect();
+    let prof: Vec<&Row> =
+        report.rows.iter().filter(|r| r.section == "conn" && r.case.starts_with("profile.")).collect();
     if prof.is_empty() {
         return;
     }

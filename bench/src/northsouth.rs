@@ -776,7 +776,18 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
             cpu_pps.insert(case, per_cpu);
         }
         for c in ["ours_native", "ours_generic"] {
-            rows.push(Row::new(SECTION, &format!("{f}.{c}_vs_iptables"), None, pps[c] / pps["iptables"], "x"));
+            // Paired by round (each round runs every case on one fresh cluster).
+            let per_round = |case| total.get(&(family, case)).map(|t| t.1.clone()).unwrap_or_default();
+            let paired: Vec<f64> = per_round(c).iter().zip(&per_round("iptables")).map(|(a, b)| a / b).collect();
+            let row =
+                Row::median_of(SECTION, &format!("{f}.{c}_vs_iptables"), None, &paired, "x").unwrap_or_else(|| {
+                    Row::new(SECTION, &format!("{f}.{c}_vs_iptables"), None, pps[c] / pps["iptables"], "x")
+                });
+            let pooled = pps[c] / pps["iptables"];
+            rows.push(row.note(format!(
+                "median of {} per-round ratios of pkt/s; pooled over rounds: {pooled:.2}x",
+                paired.len()
+            )));
             rows.push(
                 Row::new(SECTION, &format!("{f}.{c}_vs_iptables_cpu"), None, cpu_pps[c] / cpu_pps["iptables"], "x")
                     .note("the same ratio of cpu_pps (whole path per CPU-second, not wall clock)"),

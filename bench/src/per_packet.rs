@@ -420,7 +420,10 @@ fn xdp_floor(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         let (v, out, _) = dp.xdp_run(FROM_UPLINK, &remote, up0, 1)?;
         ensure!(v == XDP_TX, "NodePort remote hit: XDP verdict {v}, wanted XDP_TX");
         let (src, dst) = ends(&out);
-        ensure!(dst == (REMOTE_POD.into(), rules::SVC_PORT) && src.0 == IpAddr::from(NODE), "not translated: {src:?} -> {dst:?}");
+        ensure!(
+            dst == (REMOTE_POD.into(), rules::SVC_PORT) && src.0 == IpAddr::from(NODE),
+            "not translated: {src:?} -> {dst:?}"
+        );
         // The bare forwarder gets the packet as our program sends it: to the remote pod.
         let fwd = out;
         let (v, out, _) = dp.xdp_run(FLOOR_FIB, &fwd, up0, 1)?;
@@ -531,7 +534,10 @@ pub fn xdp_markdown(report: &Report, s: &mut String) {
     if !report.rows.iter().any(|r| r.section == "per_packet" && r.case.starts_with("xdp_")) {
         return;
     }
-    let _ = writeln!(s, "\n### XDP against its floor (BPF_PROG_TEST_RUN, ns/packet, median [interquartile range] of rounds)\n");
+    let _ = writeln!(
+        s,
+        "\n### XDP against its floor (BPF_PROG_TEST_RUN, ns/packet, median [interquartile range] of rounds)\n"
+    );
     let _ = writeln!(s, "| what | ns/packet | floor | ns/packet | ratio | goal |");
     let _ = writeln!(s, "|---|---:|---|---:|---:|---:|");
     for ((ours, label, floor, floor_label), (ratio, _, goal)) in [

@@ -94,9 +94,15 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     let (d, o) = (median(direct.clone()), median(ours.clone()));
     rows.push(Row::new("throughput", "direct_gbps", None, d, "Gbit/s").note(note(&direct, totals[0])));
     rows.push(Row::new("throughput", "ours_gbps", None, o, "Gbit/s").note(note(&ours, totals[1])));
-    rows.push(Row::new("throughput", "ours_vs_direct", None, o / d, "x"));
+    // Ratios paired by round: each round streams direct, then ours, back to back.
+    let paired = |v: &[f64]| -> Vec<f64> { v.iter().zip(&direct).map(|(a, b)| a / b).collect() };
+    let ratio = |case: &str, v: &[f64]| -> Result<Row> {
+        let r = Row::median_of("throughput", case, None, &paired(v), "x").context("no rounds")?;
+        Ok(r.note(format!("median of {rounds} per-round ratios")))
+    };
+    rows.push(ratio("ours_vs_direct", &ours)?);
     let os = median(ours_sock.clone());
     rows.push(Row::new("throughput", "ours_sock_gbps", None, os, "Gbit/s").note(note(&ours_sock, totals[2])));
-    rows.push(Row::new("throughput", "ours_sock_vs_direct", None, os / d, "x"));
+    rows.push(ratio("ours_sock_vs_direct", &ours_sock)?);
     Ok(())
 }

@@ -35,6 +35,36 @@ fn quick_bench_produces_every_row() {
         }
     }
     assert!(missing.is_empty(), "rows missing or not positive: {missing:#?}");
+    // Rates and ratios measured in rounds carry their spread over every round, and the
+    // connection-rate targets a verdict on the noise.
+    let plan = Plan::quick(PathBuf::new());
+    let mut spreads = Vec::new();
+    for n in &plan.conn_sizes {
+        let ids = proxy_bench::CONN_CASES
+            .iter()
+            .map(|c| format!("{c}.rate"))
+            .chain(proxy_bench::CONN_RATIOS.iter().map(|r| r.to_string()))
+            .map(|c| proxy_bench::report::row_id("conn", &c, Some(*n)));
+        for id in ids {
+            let rounds = report.rows.iter().find(|r| r.id == id).and_then(|r| r.spread).map(|s| s.rounds);
+            if rounds != Some(plan.conn_rounds) {
+                spreads.push(format!("{id}: {rounds:?} rounds"));
+            }
+        }
+    }
+    for id in proxy_bench::per_packet::xdp_rows() {
+        if report.rows.iter().find(|r| r.id == id).and_then(|r| r.spread).map(|s| s.rounds) != Some(plan.pp_runs) {
+            spreads.push(format!("{id}: no spread"));
+        }
+    }
+    assert!(spreads.is_empty(), "rows without their rounds' spread: {spreads:#?}");
+    let judged = report.targets.iter().filter(|t| t.name.starts_with("connection rate") && t.inside_noise.is_some());
+    assert_eq!(
+        judged.count(),
+        2 * plan.conn_sizes.len() + 3,
+        "conn targets judged on their spread: {:#?}",
+        report.targets
+    );
     assert!(!report.targets.is_empty(), "targets judged");
     assert!(charts.iter().all(|c| *c), "charts written to <out>/charts-quick: {charts:?}");
 }
