@@ -512,16 +512,19 @@ pub fn profile_rows(n: usize) -> Vec<String> {
     v
 }
 
-/// Every loaded program of `dp`: (name, accumulated run time in ns, runs).
+/// Every loaded program of `dp`: (name, accumulated run time in ns, runs), by name.
 fn prog_stats(dp: &Dataplane) -> Vec<(String, u64, u64)> {
-    dp.programs
+    let mut v: Vec<(String, u64, u64)> = dp
+        .programs
         .ebpf
         .programs()
         // A program of the object the loader left out has no info: not loaded.
         .filter_map(|(name, p)| {
             p.info().ok().map(|i| (name.to_string(), i.run_time().as_nanos() as u64, i.run_count()))
         })
-        .collect()
+        .collect();
+    v.sort();
+    v
 }
 
 /// Where a connection's time goes in our programs: one more round of `bed`'s loop with the
