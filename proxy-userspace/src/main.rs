@@ -181,7 +181,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     let objects = load_objects(&a.source, &node)?;
     // The local addresses of this network namespace, which the agent serves NodePorts on:
     // run it where the agent runs (the pod's host network namespace).
-    let local = proxy_userspace::dataplane::local_addrs::list_now()?;
+    let local = proxy_userspace::dataplane::kernel::local_addrs::list_now()?;
     let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses, &local);
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.

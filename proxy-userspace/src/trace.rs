@@ -32,15 +32,15 @@ use serde::Serialize;
 use crate::{
     dataplane::{
         DataplaneError,
-        addr::MapAddr,
-        loader::{self, LoaderConfig},
+        maps::addr::MapAddr,
+        maps::loader::{self, LoaderConfig},
         paths,
     },
     model::IpFamily,
 };
 
 /// Where the packet is seen: the program that runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum At {
     /// Leaving a pod (`from_pod`, TC ingress of its host-side veth).
@@ -72,7 +72,7 @@ impl At {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,

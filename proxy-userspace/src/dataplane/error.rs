@@ -69,7 +69,7 @@ impl DataplaneError {
         if let aya::maps::MapError::SyscallError(e) = &source
             && matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
         {
-            let flag = crate::dataplane::catalogue::size_flag(map);
+            let flag = crate::dataplane::maps::catalogue::size_flag(map);
             return DataplaneError::MapFull { map, flag };
         }
         DataplaneError::Map { map, source }
