@@ -1,6 +1,6 @@
 //! Bench-only XDP programs: the floor our uplink program is measured against (`cargo xtask
 //! bench`, per-packet section). The agent never loads or attaches them: the loader loads
-//! the programs it names (`loader::load_programs`), and these names are in no list of it.
+//! the programs it names (`dataplane::maps::loader`), and these names are in no list of it.
 //!
 //! - `floor_xdp_pass`: returns XDP_PASS, nothing else (the cost of running any XDP program).
 //! - `floor_xdp_fib_forward`: a bare IPv4 forwarder, the least a remote NodePort hit must
