@@ -133,6 +133,9 @@ Examples:
   ebpf-proxy stats
   ebpf-proxy stats -o yaml")]
     Stats(ShowArgs),
+    /// Every map of the datapath (the map catalogue) with its pin: entries, size and fill,
+    /// and whether it is pinned with the layout this binary reads.
+    Maps(ShowArgs),
     /// What the datapath does with one packet: built from the flags, run through the loaded
     /// programs (BPF_PROG_TEST_RUN) on a private copy of the entries it can read, so the
     /// live maps are left exactly as they were.

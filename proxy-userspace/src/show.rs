@@ -603,6 +603,34 @@ fn stat_cells(r: &StatRow) -> Vec<String> {
     ]
 }
 
+/// `ebpf-proxy maps`: every map of the catalogue and its pin. Wide adds the kernel's map
+/// type and what sizes it.
+pub const MAP_COLUMNS: Columns<crate::dataplane::maps::pins::PinnedMap> = Columns {
+    header: &["MAP", "FAMILY", "ENTRIES", "MAX", "FILL", "STATUS", "TYPE", "SIZED-BY"],
+    narrow: 6,
+    cells: map_cells,
+};
+
+fn map_cells(r: &crate::dataplane::maps::pins::PinnedMap) -> Vec<String> {
+    use crate::dataplane::maps::pins::PinStatus;
+    let absent = r.status == PinStatus::Absent;
+    let dash = |s: String| if absent { "-".to_string() } else { s };
+    vec![
+        r.name.to_string(),
+        r.family.to_string(),
+        dash(r.entries.to_string()),
+        dash(r.max_entries.to_string()),
+        dash(format!("{:.1}%", r.fill() * 100.0)),
+        match &r.status {
+            PinStatus::Ok => "ok".into(),
+            PinStatus::Absent => "not pinned".into(),
+            PinStatus::LayoutDiffers { pinned, wanted } => format!("layout differs: {pinned}, this binary: {wanted}"),
+        },
+        dash(r.map_type.clone()),
+        if r.sized_by.is_empty() { "fixed".into() } else { format!("--{}", r.sized_by) },
+    ]
+}
+
 pub fn render_stats(rows: &[StatRow]) -> String {
     render(rows, &STAT_COLUMNS, OutputFormat::Table)
 }

@@ -171,6 +171,8 @@ pub fn trace(live_root: &Path, req: &Request) -> Result<Outcome, TraceError> {
     if req.from.is_ipv4() != req.to.is_ipv4() {
         return Err(TraceError::MixedFamilies { from: req.from, to: req.to });
     }
+    // Every live map it seeds from, pinned with this binary's layout, before anything runs.
+    crate::dataplane::maps::pins::check(live_root, |m| m.trace_seeds)?;
     let frame = build_frame(req);
     let private = PrivateRoot(private_dir(live_root));
     std::fs::create_dir_all(&private.0).map_err(|source| TraceError::Private { path: private.0.clone(), source })?;

@@ -8,6 +8,7 @@ pub mod ct_legacy;
 pub mod loader;
 pub mod migrate;
 pub mod node;
+pub mod pins;
 
 use std::{
     io,
