@@ -350,6 +350,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         full_sync: true,
         node_name,
         nodeport_addresses: config.nodeport_addresses.clone(),
+        nodeport_localhost: config.nodeport_localhost,
         local_addrs: local,
         metrics,
         capacities,

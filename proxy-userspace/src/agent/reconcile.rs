@@ -26,7 +26,7 @@ use crate::{
     metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel, unix_seconds},
     model::{
         IpFamily, Translator,
-        node::{NodePortAddresses, node_eligible, node_info, node_ips},
+        node::{NodePortAddresses, node_eligible, node_info, node_ips, serve_localhost},
     },
     source::{Delta, Snapshots, Source, Update},
     sync::{SyncReport, Syncer},
@@ -50,6 +50,8 @@ pub(super) struct SyncLoop {
     pub(super) full_sync: bool,
     pub(super) node_name: String,
     pub(super) nodeport_addresses: NodePortAddresses,
+    /// `--nodeport-localhost`.
+    pub(super) nodeport_localhost: bool,
     /// The network namespace's addresses (`dataplane::kernel::local_addrs`), which NodePorts are
     /// served on as `nodeport_addresses` selects.
     pub(super) local_addrs: Vec<IpAddr>,
@@ -164,7 +166,10 @@ impl SyncLoop {
                 }
             }
         }
-        let node = node_info(&self.node_name, self.node.as_deref(), &self.nodeport_addresses, &self.local_addrs);
+        let mut node = node_info(&self.node_name, self.node.as_deref(), &self.nodeport_addresses, &self.local_addrs);
+        if self.nodeport_localhost {
+            serve_localhost(&mut node);
+        }
         if node.nodeport_addrs != self.translator.node().nodeport_addrs {
             info!(addresses = ?node.nodeport_addrs, nodeport_addresses = %self.nodeport_addresses, "NodePort addresses");
         }

@@ -94,8 +94,10 @@ pub(super) fn expand_port(
         // firewall chain drops a pod outside the ranges on its way to the LB IP (its
         // NodePort and ClusterIP stay open to it).
         let internal = entry(kind, &cluster, false, ranges);
-        let external = entry(kind, external_backends, external_local, ranges);
-        out.push(candidate(kind, addr, port_number, internal, Some(external)));
+        // NodePorts on loopback (`--nodeport-localhost`) are for node processes only, which
+        // upstream sends to cluster endpoints whatever the policy: no external scope.
+        let external = (!addr.is_loopback()).then(|| entry(kind, external_backends, external_local, ranges));
+        out.push(candidate(kind, addr, port_number, internal, external));
     }
 }
 
