@@ -1,5 +1,6 @@
 //! Frontends: each Service port expanded into candidate frontends, and the claims that
 //! resolve two Services asking for one address.
+
 use std::net::IpAddr;
 
 use super::{

@@ -5,9 +5,9 @@ use std::{fmt, net::IpAddr};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, MAX_AFFINITY_TIMEOUT};
+use crate::model::types::{IpFamily, Warning};
+
 /// Everything that can be wrong with an input object; each becomes one `Warning`.
-use crate::model::types::IpFamily;
-use crate::model::types::Warning;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub(super) enum Problem {
     #[error("metadata.namespace or metadata.name is missing, skipped")]

@@ -14,6 +14,7 @@
 //! `resolve` says (priority, then the Service holding it now, then
 //! namespace/name, then the order within the Service), evaluated when the address is
 //! re-resolved, i.e. whenever one of its claimants changed.
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
