@@ -70,6 +70,12 @@ pub(super) enum Problem {
          must match): their endpoints are not used"
     )]
     SlicePortsUnmatched { ports: String, service: String, service_ports: String },
+    #[error(
+        "SCTP frontends {0} need a port rewritten, which SCTP's CRC32c covers: their new flows \
+         are dropped and counted as sctp_port_nat (serve SCTP with targetPort equal to port, \
+         through the ClusterIP or with externalTrafficPolicy: Local)"
+    )]
+    SctpPortRewrite(String),
 }
 
 #[derive(Default)]

@@ -1780,3 +1780,19 @@ fn nodeport_on_localhost_is_internal_only() {
     let (plain, _) = translate(&[svc("web", spec)], &[es], &node());
     assert!(plain.frontends.keys().all(|k| !k.addr.is_loopback()));
 }
+
+/// SCTP frontends whose ports the datapath would have to rewrite are refused there
+/// (`sctp_port_nat`): the Service is warned about, naming them; one whose backends listen
+/// on its own port is not.
+#[test]
+fn sctp_port_rewrites_are_warned() {
+    let ports = |target: u16| json!([{"port": 80, "targetPort": target, "protocol": "SCTP"}]);
+    let sctp_slice = |port: u16| {
+        slice("web-1", "web", json!([{"port": port, "protocol": "SCTP"}]), json!([ep("10.0.0.1", NODE)]))
+    };
+    let (_, warnings) = run(&[svc("web", json!({"ports": ports(8080)}))], &[sctp_slice(8080)]);
+    assert_warnings(&warnings, &[("Service", "default/web", "SCTP frontends 10.96.0.1:80 need a port rewritten")]);
+    let (state, warnings) = run(&[svc("web", json!({"ports": ports(80)}))], &[sctp_slice(80)]);
+    assert_warnings(&warnings, &[]);
+    assert_eq!(state.frontends.len(), 1);
+}
