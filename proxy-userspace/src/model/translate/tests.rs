@@ -1787,9 +1787,8 @@ fn nodeport_on_localhost_is_internal_only() {
 #[test]
 fn sctp_port_rewrites_are_warned() {
     let ports = |target: u16| json!([{"port": 80, "targetPort": target, "protocol": "SCTP"}]);
-    let sctp_slice = |port: u16| {
-        slice("web-1", "web", json!([{"port": port, "protocol": "SCTP"}]), json!([ep("10.0.0.1", NODE)]))
-    };
+    let sctp_slice =
+        |port: u16| slice("web-1", "web", json!([{"port": port, "protocol": "SCTP"}]), json!([ep("10.0.0.1", NODE)]));
     let (_, warnings) = run(&[svc("web", json!({"ports": ports(8080)}))], &[sctp_slice(8080)]);
     assert_warnings(&warnings, &[("Service", "default/web", "SCTP frontends 10.96.0.1:80 need a port rewritten")]);
     let (state, warnings) = run(&[svc("web", json!({"ports": ports(80)}))], &[sctp_slice(80)]);
