@@ -287,6 +287,13 @@ impl<S: MapStore> Syncer<S> {
         self.sync(desired, SyncScope::Keys(changed))
     }
 
+    /// Keep `facts` in the node's entries (`NODE_CONFIG`, `NODE_CONFIG6`) from the next
+    /// pass on, one per family (a family never given has its entry left as it is); each is
+    /// written when it changes, before any frontend (step 1).
+    pub fn set_node_facts(&mut self, facts: impl IntoIterator<Item = NodeFacts>) {
+        self.node.set(facts);
+    }
+
     /// Have the next sync call `hook` with every frontend's ids before it writes any
     /// `SERVICES` entry: into empty maps (a node's first start) the service entries are
     /// written last, so whatever `hook` seeds (adopted conntrack entries) is in place
@@ -310,7 +317,7 @@ impl<S: MapStore> Syncer<S> {
 
     /// Steps 1 to 8 of the module doc.
     fn pass(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
-        self.write_node_entries();
+        self.node.write(&mut self.store);
         let mut writes = self.delete_orphans();
         if matches!(scope, SyncScope::All)
             && self.mirror.is_empty()

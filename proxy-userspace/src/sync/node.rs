@@ -8,10 +8,7 @@ use std::collections::BTreeMap;
 
 use tracing::error;
 
-use super::{
-    Syncer,
-    store::{MapStore, NodeFacts},
-};
+use super::store::{MapStore, NodeFacts};
 use crate::model::IpFamily;
 
 /// The node's facts: wanted, and as written.
@@ -21,23 +18,21 @@ pub(super) struct NodeEntries {
     written: BTreeMap<IpFamily, NodeFacts>,
 }
 
-impl<S: MapStore> Syncer<S> {
-    /// Keep `facts` in the node's entries from the next pass on (one per family; a family
-    /// never given has its entry left as it is).
-    pub fn set_node_facts(&mut self, facts: impl IntoIterator<Item = NodeFacts>) {
-        self.node.wanted.extend(facts.into_iter().map(|f| (f.family(), f)));
+impl NodeEntries {
+    /// Keep `facts` from the next pass on (a family never given is left as it is).
+    pub(super) fn set(&mut self, facts: impl IntoIterator<Item = NodeFacts>) {
+        self.wanted.extend(facts.into_iter().map(|f| (f.family(), f)));
     }
 
-    /// Step 1: the node's entries that changed.
-    pub(super) fn write_node_entries(&mut self) {
-        let NodeEntries { wanted, written } = &mut self.node;
-        for (family, facts) in wanted.iter() {
-            if written.get(family) == Some(facts) {
+    /// Step 1: write the entries that changed.
+    pub(super) fn write(&mut self, store: &mut impl MapStore) {
+        for (family, facts) in &self.wanted {
+            if self.written.get(family) == Some(facts) {
                 continue;
             }
-            match self.store.put_node_config(facts) {
+            match store.put_node_config(facts) {
                 Ok(()) => {
-                    written.insert(*family, *facts);
+                    self.written.insert(*family, *facts);
                 }
                 Err(e) => match family {
                     IpFamily::V4 => error!(error = %e, "cannot write the node config"),
