@@ -68,25 +68,17 @@ impl SyncMetrics {
     /// sync.
     pub(super) fn changed(&mut self, u: &Update) {
         let m = &self.metrics;
-        match u {
+        let (changes, pending, key) = match u {
             Update::Services(Delta::Apply(s)) => {
-                m.service_changes.inc();
-                self.pending.services.insert(meta_key(&s.metadata));
+                (&m.service_changes, &mut self.pending.services, meta_key(&s.metadata))
             }
-            Update::Services(Delta::Delete(key)) => {
-                m.service_changes.inc();
-                self.pending.services.insert(key.clone());
-            }
-            Update::Slices(Delta::Apply(s)) => {
-                m.endpoint_changes.inc();
-                self.pending.slices.insert(meta_key(&s.metadata));
-            }
-            Update::Slices(Delta::Delete(key)) => {
-                m.endpoint_changes.inc();
-                self.pending.slices.insert(key.clone());
-            }
-            _ => {}
-        }
+            Update::Services(Delta::Delete(key)) => (&m.service_changes, &mut self.pending.services, key.clone()),
+            Update::Slices(Delta::Apply(s)) => (&m.endpoint_changes, &mut self.pending.slices, meta_key(&s.metadata)),
+            Update::Slices(Delta::Delete(key)) => (&m.endpoint_changes, &mut self.pending.slices, key.clone()),
+            _ => return,
+        };
+        changes.inc();
+        pending.insert(key);
         m.service_changes_pending.set(self.pending.services.len() as i64);
         m.endpoint_changes_pending.set(self.pending.slices.len() as i64);
     }

@@ -124,16 +124,8 @@ fn one_pass_log() -> Vec<String> {
     store.id_marks = IdMarks { next_service_id: 4, next_backend_id: 5 };
     store.log.clear();
     // A UDP flow of dns to its backend: purged with them.
-    let k = CtKey {
-        src_addr: 0x0a00_0007,
-        dst_addr: 0x0a60_0002,
-        src_port: 40000u16.to_be(),
-        dst_port: 53u16.to_be(),
-        proto: PROTO_UDP,
-        dir: CT_DIR_FORWARD,
-        _pad: 0,
-    };
-    store.conntrack.insert(k, CtValue { svc_id: 2, backend_id: 4, ..CtValue::default() });
+    let (k, v) = udp_flow(2, 4);
+    store.conntrack.insert(k, v);
     let mut s = Syncer::new(Recording(store)).unwrap();
     s.apply(&desired(vec![(web, named("web", "web", &[4, 5], &[2])), (keep, named("keep", "http", &[1], &[]))]));
     std::mem::take(&mut s.store_mut().0.log)
@@ -233,7 +225,7 @@ fn module_doc_states_the_write_order_the_code_follows() {
 fn udp_flow(svc: u32, backend: u32) -> (CtKey, CtValue) {
     let k = CtKey {
         src_addr: 0x0a00_0007,
-        dst_addr: 0x0a60_0001,
+        dst_addr: 0x0a60_0000 | svc,
         src_port: 40000u16.to_be(),
         dst_port: 53u16.to_be(),
         proto: PROTO_UDP,
