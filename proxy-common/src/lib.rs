@@ -6,7 +6,7 @@
 //! Byte order: addresses and ports are stored in **network byte order** exactly as they
 //! appear on the wire, so the datapath compares them without swapping. Userspace converts
 //! ports with [`port_to_map`] / [`port_from_map`] here, and addresses with helpers in
-//! `proxy-userspace` (`dataplane::addr`).
+//! `proxy-userspace` (`dataplane::maps::addr`).
 #![no_std]
 
 /// Names of the maps, as pinned under the bpffs root (`--bpffs-root`).

@@ -11,10 +11,10 @@ use crate::{
     cli::AgentArgs,
     dataplane::{
         DataplaneError,
+        attach::ifaces::{Discovery, IfacePatterns},
         attach::{TcAttachChoice, XdpModeChoice},
-        ifaces::{Discovery, IfacePatterns},
-        loader::LoaderConfig,
-        node::PortRange,
+        maps::loader::LoaderConfig,
+        maps::node::PortRange,
         sock::SocketLbMode,
     },
     model::node::NodePortAddresses,

@@ -32,17 +32,18 @@ use self::{
 };
 use crate::{
     attacher::{AttachPlan, Attacher},
-    conntrack::{GcConfig, task::GcTask},
+    conntrack::{GcConfig, kernel::KernelCtTable, task::GcTask},
     control,
     dataplane::{
         attach,
-        ct_table::KernelCtTable,
+        attach::ifaces,
         features::KernelFeatures,
         guard::{DatapathGuard, OurPrograms},
-        ifaces, loader, local_addrs,
+        kernel::local_addrs,
         lock::RootLock,
+        maps::loader,
+        maps::node::{NodeMaps, PortRange},
         maps::{GlobalStats, Maps},
-        node::{NodeMaps, PortRange},
         sock::SocketLbMode,
     },
     health::Health,

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::config::AgentConfig;
 use crate::{
-    dataplane::node::PortRange,
+    dataplane::maps::node::PortRange,
     health::Health,
     model::{
         Translator,
@@ -29,7 +29,7 @@ pub(super) struct ThisNode {
     /// Its Node object, when known.
     pub(super) object: Option<Arc<Node>>,
     nodeport_addresses: NodePortAddresses,
-    /// The network namespace's addresses (`dataplane::local_addrs`), which NodePorts are
+    /// The network namespace's addresses (`dataplane::kernel::local_addrs`), which NodePorts are
     /// served on as `nodeport_addresses` selects.
     pub(super) local_addrs: Vec<IpAddr>,
     /// /healthz, /livez, /readyz: told when the Node is on its way out.

@@ -8,12 +8,10 @@ use tracing::{info, warn};
 use super::AgentConfig;
 use crate::{
     dataplane::{
-        loader,
-        maps::Maps,
+        maps::{Maps, cstr, loader},
         sock::{self, SocketLbMode},
     },
     metrics::{Metrics, ServiceLabel},
-    show::cstr,
 };
 
 /// Socket-level load balancing as attached: the cgroup whose sockets it translates.

@@ -12,7 +12,7 @@ use super::socket_lb::SockLb;
 use crate::{
     dataplane::{
         maps::Maps,
-        node::{NodeMaps, PortRange, node_config, node_config6},
+        maps::node::{NodeMaps, PortRange, node_config, node_config6},
         sock,
     },
     model::{IpFamily, IpPrefix},
@@ -63,7 +63,7 @@ impl MapStore for AgentStore {
 
     fn destroy_udp_sockets(&mut self, backends: &[(IpAddr, u16)]) -> Option<SocketsDestroyed> {
         let sl = self.sock.as_ref()?;
-        let r = sock::destroy_udp_sockets(&sl.cgroup, backends);
+        let r = sock::destroy::destroy_udp_sockets(&sl.cgroup, backends);
         info!(
             backends = backends.len(),
             namespaces = r.namespaces,

@@ -9,7 +9,7 @@ use std::{
 use proxy_common::map_names;
 
 use crate::{
-    dataplane::{catalogue, maps::Capacities},
+    dataplane::maps::{Capacities, catalogue},
     metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel, unix_seconds},
     model::IpFamily,
     source::{Delta, Update},

@@ -1,10 +1,22 @@
 //! `explain`: every endpoint of every frontend group with the reason it is or is not a backend.
-use super::*;
 
+use std::{borrow::Borrow, net::SocketAddr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{
+    backends::{PortEndpoint, Topology, choose, endpoints_for_port, ready_in_use, topology_mode},
+    frontends::external_destinations,
+    problems::ObjectId,
+    services::parse_service,
+    slices::{ServiceEndpoints, index_slices},
+};
 /// Why each endpoint of Service `namespace/name` is or is not a backend of each of its
 /// frontends on `node` (`ebpf-proxy explain`): the decisions of `expand_port` and
 /// `select_backends`, reported instead of applied. `Err` when the Service is absent,
 /// malformed or not ours to proxy.
+use crate::model::types::EndpointVerdict;
+use crate::model::types::{Explanation, FrontendView, IpFamily, NodeInfo, Reason};
 pub fn explain(
     services: &[impl Borrow<Service>],
     slices: &[impl Borrow<EndpointSlice>],

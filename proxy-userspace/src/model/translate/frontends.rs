@@ -1,6 +1,16 @@
 //! Frontends: each Service port expanded into candidate frontends, and the claims that
 //! resolve two Services asking for one address.
-use super::*;
+use std::net::IpAddr;
+
+use super::{
+    backends::{Topology, endpoints_for_port, select_backends, topology_mode},
+    problems::{ObjectId, push_unique},
+    services::{ParsedPort, ParsedService, ServiceType},
+    slices::ServiceEndpoints,
+};
+use crate::model::types::{
+    BackendAddr, FrontendEntry, FrontendKind, IpFamily, IpPrefix, NodeInfo, Protocol, ServicePortName,
+};
 
 /// One frontend address of one service port, with its entry for each scope it is served in.
 pub(super) struct Candidate {

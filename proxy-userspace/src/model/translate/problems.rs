@@ -1,7 +1,13 @@
 //! Problems with input objects (each becomes one warning), object ids, small parsers.
-use super::*;
 
+use std::{fmt, net::IpAddr};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, MAX_AFFINITY_TIMEOUT};
 /// Everything that can be wrong with an input object; each becomes one `Warning`.
+use crate::model::types::IpFamily;
+use crate::model::types::Warning;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub(super) enum Problem {
     #[error("metadata.namespace or metadata.name is missing, skipped")]

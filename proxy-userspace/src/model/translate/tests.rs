@@ -1,10 +1,15 @@
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
-use super::*;
-use crate::model::types::ClaimHolder;
 use FrontendKind::{ClusterIP, ExternalIP, LoadBalancer, NodePort};
 use Protocol::{Sctp, Tcp, Udp};
 use Scope::{External, Internal};
+use serde_json::{Value, json};
+
+use super::*;
+use crate::model::types::{
+    BackendAddr, ClaimHolder, ClaimKey, Explanation, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, IpFamily,
+    IpPrefix, Protocol, Reason, Scope, ServicePortName,
+};
 
 const NODE: &str = "node-a";
 const ZONE: &str = "zone-a";
