@@ -19,7 +19,7 @@ use crate::{
     health::Health,
     model::{
         Translator,
-        node::{NodePortAddresses, node_eligible, node_info, node_ips, snat_address, snat_address6},
+        node::{NodePortAddresses, node_eligible, node_info, node_ips, serve_localhost, snat_address, snat_address6},
     },
     sync::NodeFacts,
 };
@@ -29,6 +29,8 @@ pub(super) struct ThisNode {
     /// Its Node object, when known.
     pub(super) object: Option<Arc<Node>>,
     nodeport_addresses: NodePortAddresses,
+    /// `--nodeport-localhost`.
+    nodeport_localhost: bool,
     /// The network namespace's addresses (`dataplane::kernel::local_addrs`), which NodePorts are
     /// served on as `nodeport_addresses` selects.
     pub(super) local_addrs: Vec<IpAddr>,
@@ -54,6 +56,7 @@ impl ThisNode {
             name: config.node_name.clone(),
             object: None,
             nodeport_addresses: config.nodeport_addresses.clone(),
+            nodeport_localhost: config.nodeport_localhost,
             local_addrs,
             health,
             addrs,
@@ -79,7 +82,10 @@ impl ThisNode {
                 }
             }
         }
-        let info = node_info(&self.name, node, &self.nodeport_addresses, &self.local_addrs);
+        let mut info = node_info(&self.name, node, &self.nodeport_addresses, &self.local_addrs);
+        if self.nodeport_localhost {
+            serve_localhost(&mut info);
+        }
         if info.nodeport_addrs != translator.node().nodeport_addrs {
             info!(addresses = ?info.nodeport_addrs, nodeport_addresses = %self.nodeport_addresses, "NodePort addresses");
         }
