@@ -313,6 +313,9 @@ pub struct VerifyArgs {
     /// ... verify` judges as the agent does.
     #[arg(long, value_delimiter = ',', env = "EBPF_PROXY_NODEPORT_ADDRESSES")]
     pub nodeport_addresses: Vec<String>,
+    /// As the agent's `--nodeport-localhost`.
+    #[arg(long, env = "EBPF_PROXY_NODEPORT_LOCALHOST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nodeport_localhost: bool,
     #[command(flatten)]
     pub show: ShowArgs,
 }
@@ -399,6 +402,12 @@ pub struct AgentArgs {
     /// value that is neither stops the agent at start-up (an empty one is ignored).
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
+    /// Serve NodePorts on 127.0.0.1 and ::1 too, for processes on the node (as kube-proxy's
+    /// iptables mode does for IPv4 with `--iptables-localhost-nodeports`). Through the
+    /// socket-level hooks only (needs `--socket-lb` on or host-only): unreachable from
+    /// outside and from a pod's own loopback.
+    #[arg(long, env = "EBPF_PROXY_NODEPORT_LOCALHOST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nodeport_localhost: bool,
     /// Address for /healthz, /livez and /readyz (kube-proxy's healthz port).
     #[arg(long, alias = "healthz-bind-address", default_value = "0.0.0.0:10256")]
     pub http_addr: SocketAddr,

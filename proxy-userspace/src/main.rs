@@ -192,7 +192,10 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     // The local addresses of this network namespace, which the agent serves NodePorts on:
     // run it where the agent runs (the pod's host network namespace).
     let local = proxy_userspace::dataplane::kernel::local_addrs::list_now()?;
-    let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses, &local);
+    let mut info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses, &local);
+    if a.nodeport_localhost {
+        proxy_userspace::model::node::serve_localhost(&mut info);
+    }
     // Every map verify reads, pinned with this binary's layout, before reading any.
     proxy_userspace::dataplane::maps::pins::check(&a.show.bpffs_root, |m| m.verify_reads)?;
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;

@@ -274,6 +274,9 @@ fn explain(v: Verdict, untouched: bool) -> String {
             "conntrack refused it (a tracked flow's packet from the wrong interface, or a RST/FIN out of the window): dropped"
         }
         Verdict::CtClash => "the new flow's reply tuple belongs to another live flow: dropped",
+        Verdict::SctpPortNat => {
+            "an SCTP flow whose ports would be rewritten (its CRC32c covers them, and is not updated): dropped"
+        }
     };
     if untouched
         && !matches!(v, Verdict::Pass | Verdict::NotIp | Verdict::Malformed | Verdict::Fragment | Verdict::OtherL4)

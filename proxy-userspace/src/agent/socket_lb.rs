@@ -31,6 +31,9 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
             for pin in sock::detach_all(config.bpffs_root()) {
                 info!(pin = %pin, "--socket-lb=off: detached socket-level program");
             }
+            if config.nodeport_localhost {
+                warn!("--socket-lb=off: NodePorts on 127.0.0.1 and ::1 (--nodeport-localhost) are not served");
+            }
             return Ok(None);
         }
         SocketLbMode::On => "--socket-lb=on",

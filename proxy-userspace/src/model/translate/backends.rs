@@ -1,5 +1,16 @@
 //! Which endpoints become backends of a frontend (readiness, terminating, topology).
 
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    net::IpAddr,
+};
+
+use super::{
+    services::ParsedPort,
+    slices::{Hint, ParsedEndpoint, ServiceEndpoints},
+};
+use crate::model::types::{BackendAddr, IpFamily, Reason};
+
 /// One endpoint resolved to a concrete backend port.
 pub(super) struct PortEndpoint {
     pub(super) addr: IpAddr,
@@ -44,22 +55,11 @@ pub(super) fn preference(ep: &ParsedEndpoint) -> (bool, bool, bool, bool) {
     (!ep.terminating, ep.ready, ep.serving, ep.local)
 }
 
-use std::{
-    collections::{BTreeMap, btree_map::Entry},
-    net::IpAddr,
-};
-
-use super::{
-    services::ParsedPort,
-    slices::{Hint, ParsedEndpoint, ServiceEndpoints},
-};
 /// Topology-aware routing for cluster-policy traffic, as upstream's `topologyModeFromHints`
 /// (pkg/proxy/topology.go) decides it from the ready endpoints' hints: same node when every
 /// ready endpoint has node hints and one is for this node (trafficDistribution
 /// PreferSameNode); otherwise same zone when every ready endpoint has zone hints and one is
 /// for this node's zone (PreferSameZone / PreferClose, topology-mode Auto); otherwise none.
-use crate::model::types::BackendAddr;
-use crate::model::types::{IpFamily, Reason};
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Topology {
     Any,

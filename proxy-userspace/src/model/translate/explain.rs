@@ -11,12 +11,12 @@ use super::{
     services::parse_service,
     slices::{ServiceEndpoints, index_slices},
 };
+use crate::model::types::{EndpointVerdict, Explanation, FrontendView, IpFamily, NodeInfo, Reason};
+
 /// Why each endpoint of Service `namespace/name` is or is not a backend of each of its
 /// frontends on `node` (`ebpf-proxy explain`): the decisions of `expand_port` and
 /// `select_backends`, reported instead of applied. `Err` when the Service is absent,
 /// malformed or not ours to proxy.
-use crate::model::types::EndpointVerdict;
-use crate::model::types::{Explanation, FrontendView, IpFamily, NodeInfo, Reason};
 pub fn explain(
     services: &[impl Borrow<Service>],
     slices: &[impl Borrow<EndpointSlice>],

@@ -17,9 +17,12 @@
 //! addresses and EndpointSlices (`addressType` IPv4 or IPv6). `ipFamilyPolicy` only tells
 //! the API server what to allocate; like kube-proxy, the translation reads what was
 //! allocated (`clusterIPs`, checked against `ipFamilies`).
+
 use std::{borrow::Borrow, collections::BTreeSet, net::IpAddr};
 
+pub use explain::explain;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+pub use translator::{ClaimSource, ObjectKey, Translator, TriggerTimes, object_key};
 
 use self::{
     backends::endpoints_for_port,
@@ -38,9 +41,6 @@ mod slices;
 #[cfg(test)]
 mod tests;
 mod translator;
-
-pub use explain::explain;
-pub use translator::{ClaimSource, ObjectKey, Translator, TriggerTimes, object_key};
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";

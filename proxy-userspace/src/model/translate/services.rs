@@ -9,6 +9,7 @@ use super::{
     problems::{Problem, label, non_empty, parse_ip, port_label, push_unique, valid_port},
 };
 use crate::model::types::{IpFamily, IpPrefix, Protocol};
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum ServiceType {
     ClusterIp,

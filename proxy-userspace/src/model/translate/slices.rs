@@ -8,9 +8,9 @@ use super::{
     ANNOTATION_TRIGGER_TIME, KIND_SERVICE, KIND_SLICE, LABEL_SERVICE_NAME,
     problems::{ObjectId, Problem, Warnings, label, non_empty, parse_ip, port_label, sorted_by_name, valid_port},
 };
+use crate::model::types::{IpFamily, NodeInfo, Protocol, Warning};
+
 /// All usable endpoint data of one Service: its slices (both families), in name order.
-use crate::model::types::IpFamily;
-use crate::model::types::{NodeInfo, Protocol, Warning};
 #[derive(Default)]
 pub(super) struct ServiceEndpoints<'a> {
     pub(super) slices: Vec<&'a ParsedSlice>,

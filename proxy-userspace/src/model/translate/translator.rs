@@ -14,6 +14,7 @@
 //! `resolve` says (priority, then the Service holding it now, then
 //! namespace/name, then the order within the Service), evaluated when the address is
 //! re-resolved, i.e. whenever one of its claimants changed.
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
@@ -26,7 +27,7 @@ use k8s_openapi::{
 
 use super::{
     KIND_SERVICE, KIND_SLICE,
-    frontends::{Candidate, claim_priority, expand_service},
+    frontends::{Candidate, claim_priority, expand_service, sctp_port_rewrites},
     local_ready_endpoints,
     problems::{ObjectId, Problem, Warnings, missing_id, non_empty},
     services::{ParsedService, parse_service},
@@ -391,6 +392,9 @@ impl Translator {
                 state.slice_warnings = w.0;
             }
             state.candidates = expand_service(id, parsed, endpoints.as_ref(), &self.node);
+            if let Some(problem) = sctp_port_rewrites(&state.candidates) {
+                state.slice_warnings.push(warning(KIND_SERVICE, id, problem));
+            }
             if let Some(port) = parsed.health_check_node_port {
                 let check = HealthCheck {
                     namespace: id.namespace.clone(),
