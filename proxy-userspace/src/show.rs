@@ -705,6 +705,7 @@ mod tests {
             affinity_timeout: Some(30),
             local_only: false,
             source_ranges: vec![],
+            lb_algorithm: None,
         })
     }
 
@@ -717,7 +718,7 @@ mod tests {
             flags: svc_flags::AFFINITY,
             generation: 1,
             affinity_timeout: 30,
-            _reserved: 0,
+            maglev_size: 0,
         };
         let mut slots = HashMap::new();
         slots.insert(SlotKey::new(7, 0, 0), 1); // stale generation: not shown

@@ -255,6 +255,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let guard =
         DatapathGuard::new(config.bpffs_root(), lock).context("opening the pinned maps for the datapath check")?;
     let mut syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    syncer.set_maglev(config.maglev);
     // kube-proxy's connections become ours before any Service entry can balance them.
     syncer.before_first_services(crate::takeover::adoption_hook(config.bpffs_root()));
     if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&config.snat_port_range)) {

@@ -16,9 +16,9 @@
 use aya::Pod;
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
-    Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue,
-    SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6, SockUdpValue,
-    SourceRangeData6, StatsKey, map_names as n, sizes,
+    Ipv6Words, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
+    ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6,
+    SockUdpValue, SourceRangeData6, StatsKey, map_names as n, sizes,
 };
 
 use super::copy::{self, CopyFn, Legacy, Upgrade};
@@ -432,6 +432,14 @@ pub static MAPS: &[MapDef] = &[
     MapDef { ..MapDef::new(n::SOCK_CONFIG, Layout::array::<SockConfig>(), 1) },
     // The agent's id high-water marks: one array entry, only the agent writes it.
     MapDef { migrate: Some(ARRAY), ..MapDef::new(n::SYNC_IDS, Layout::array::<IdMarks>(), 1) },
+    // Maglev tables (frontend id, slot) -> backend id, both families; written by the agent,
+    // read by TC and XDP for new flows of Maglev frontends. Fixed size, allocated on use.
+    MapDef {
+        prealloc: false,
+        migrate: Some(AGENT_WRITES),
+        trace_seeds: true,
+        ..MapDef::new(n::MAGLEV, Layout::hash::<MaglevKey, u32>(), sizes::MAX_MAGLEV_SLOTS)
+    },
 ];
 
 /// The row of map `name`.

@@ -227,6 +227,60 @@ pub struct FrontendEntry {
     /// all. A range of the other family never constrains it (upstream filters the ranges
     /// by family: an IPv4 LB IP with only IPv6 ranges is open).
     pub source_ranges: Vec<IpPrefix>,
+    /// The Service's `ebpf-proxy.io/lb-algorithm`; `None`: the node's default
+    /// (`--lb-algorithm` for north-south frontends, random for ClusterIPs; the sync applies
+    /// it, `LbAlgorithm::for_frontend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb_algorithm: Option<LbAlgorithm>,
+}
+
+/// How a frontend's new flows pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    /// Uniformly at random, on each node independently (kube-proxy's behaviour).
+    #[default]
+    Random,
+    /// From the frontend's Maglev table by a hash of the 5-tuple: every node picks the same
+    /// backend for a flow, and a backend change moves about 1/N of the flows.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::Maglev => "maglev",
+        }
+    }
+
+    /// The algorithm of a frontend of `kind` whose Service asks for `annotated`:
+    /// the annotation, else `north_south` for NodePort, ExternalIP and LoadBalancer
+    /// frontends, random for ClusterIPs (east-west: the client's own node decides).
+    pub fn for_frontend(annotated: Option<LbAlgorithm>, kind: FrontendKind, north_south: LbAlgorithm) -> Self {
+        match (annotated, kind) {
+            (Some(a), _) => a,
+            (None, FrontendKind::ClusterIP) => LbAlgorithm::Random,
+            (None, _) => north_south,
+        }
+    }
+}
+
+impl std::fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LbAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(LbAlgorithm::Random),
+            "maglev" => Ok(LbAlgorithm::Maglev),
+            other => Err(format!("unknown load-balancing algorithm {other:?} (random or maglev)")),
+        }
+    }
 }
 
 /// What a `healthCheckNodePort` reports (kube-proxy's service health server): a load

@@ -1,7 +1,7 @@
 //! The write order, pinned: the exact calls one pass makes for a changed frontend, a
 //! removed frontend and a removed backend, and the module doc's lists held against them,
 //! so the doc cannot drift from the code again.
-use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, IdMarks, PROTO_UDP, ServiceMeta, ServiceValue, SlotKey};
+use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, IdMarks, MaglevKey, PROTO_UDP, ServiceMeta, ServiceValue, SlotKey};
 
 use super::{
     tests::{desired, fk, lb},
@@ -70,6 +70,12 @@ impl MapStore for Recording {
     }
     fn put_id_marks(&mut self, marks: &IdMarks) -> Result<(), StoreError> {
         self.0.put_id_marks(marks)
+    }
+    fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> Result<(), StoreError> {
+        self.0.put_maglev(k, backend_id)
+    }
+    fn del_maglev(&mut self, k: &MaglevKey) -> Result<(), StoreError> {
+        self.0.del_maglev(k)
     }
 }
 

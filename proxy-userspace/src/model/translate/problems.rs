@@ -29,6 +29,10 @@ pub(super) enum Problem {
          using {DEFAULT_AFFINITY_TIMEOUT}"
     )]
     BadAffinityTimeout(i32),
+    #[error(
+        "annotation {ANNOTATION_LB_ALGORITHM} has unknown value {0:?} (random or maglev), using the node's default"
+    )]
+    BadLbAlgorithm(String),
     #[error("unknown spec.ipFamilies entry {0:?}, ignored")]
     UnknownIpFamily(String),
     #[error("clusterIPs[{index}] {ip} is not an {family} address as spec.ipFamilies[{index}] says, skipped")]

@@ -101,6 +101,7 @@ fn entry(svc: &str, port_name: &str, kind: FrontendKind, backends: Vec<BackendAd
         affinity_timeout: None,
         local_only: false,
         source_ranges: vec![],
+        lb_algorithm: None,
     }
 }
 
