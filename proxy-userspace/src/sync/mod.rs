@@ -394,3 +394,6 @@ mod prop_tests;
 
 #[cfg(test)]
 mod order_tests;
+
+#[cfg(test)]
+mod maglev_tests;

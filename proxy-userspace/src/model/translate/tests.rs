@@ -1245,6 +1245,20 @@ fn source_ranges_from_annotation_only_when_field_empty() {
     assert_translates(&[lb_with_ranges(annotation, json!(["10.0.0.0/8"]))], &[], lb_frontends(&[("10.0.0.0", 8)]), &[]);
 }
 
+// --- lb-algorithm annotation ------------------------------------------------------
+
+#[test]
+fn lb_algorithm_annotation_reaches_every_frontend_and_a_bad_value_is_warned() {
+    let with = |value: &str| lb_with_ranges(json!({ANNOTATION_LB_ALGORITHM: value}), json!([]));
+    let annotated = |algorithm| -> Vec<(FrontendKey, FrontendEntry)> {
+        lb_frontends(&[]).into_iter().map(|(k, e)| (k, FrontendEntry { lb_algorithm: algorithm, ..e })).collect()
+    };
+    assert_translates(&[with("maglev")], &[], annotated(Some(LbAlgorithm::Maglev)), &[]);
+    assert_translates(&[with(" random ")], &[], annotated(Some(LbAlgorithm::Random)), &[]);
+    // Unknown: the node's default, with one warning naming the value.
+    assert_translates(&[with("ring-hash")], &[], lb_frontends(&[]), &[("Service", "default/web", "\"ring-hash\"")]);
+}
+
 // --- conflicts and determinism -----------------------------------------------------
 
 #[test]
