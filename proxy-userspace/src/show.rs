@@ -653,6 +653,9 @@ pub fn render_trace(o: &crate::trace::Outcome) -> String {
     if let Some(b) = &o.backend {
         out.push_str(&format!("backend:   {b}\n"));
     }
+    if let Some(sel) = &o.selection {
+        out.push_str(&format!("chosen by: {sel}\n"));
+    }
     match &o.output {
         Some(w) if o.untouched => out.push_str(&format!("out:       untouched ({})\n", wire(w))),
         Some(w) => out.push_str(&format!("out:       {}\n", wire(w))),

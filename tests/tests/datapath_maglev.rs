@@ -229,3 +229,49 @@ fn random_selection_disagrees_across_nodes() {
     let agree = flows[..2_000].iter().filter(|f| chosen(&mut a, vip, **f) == chosen(&mut b, vip, **f)).count();
     assert!(agree < 2_000 / 2, "random selection agreed on {agree} of 2000 flows");
 }
+
+/// `ebpf-proxy trace` says when Maglev chose, with the table slot, and its private run picks
+/// the backend the live datapath picks for the same new flow; a random frontend says
+/// `random`.
+#[test]
+#[ignore = "needs root (BPF): run by `cargo xtask test` as root"]
+fn trace_says_when_maglev_chose() {
+    require_root("trace_says_when_maglev_chose");
+    let vip = IpAddr::V4(VIP);
+    let mut dp = TestDataplane::load();
+    let backends = backends4(4);
+    program(
+        &mut dp,
+        vec![
+            (key(vip), maglev_entry("web", &backends, Some(LbAlgorithm::Maglev))),
+            (key(IpAddr::V4(DECOY)), maglev_entry("plain", &backends, None)),
+        ],
+    );
+    let root = dp.pins.0.to_str().unwrap().to_string();
+    let trace = |from: &str, to: &str| -> serde_json::Value {
+        let out = proxy_tests::agent::cli(&[
+            "trace",
+            "--bpffs-root",
+            &root,
+            "-o",
+            "json",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--syn",
+        ])
+        .expect("ebpf-proxy trace");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    for port in [41_000u16, 41_001, 52_345] {
+        let t = trace(&format!("198.18.0.9:{port}"), &format!("{VIP}:80"));
+        assert_eq!(t["verdict"], "new_flow", "{t:#}");
+        let sel = t["selection"].as_str().unwrap_or_default();
+        assert!(sel.starts_with("maglev: table slot ") && sel.contains("of 16381"), "{t:#}");
+        let live = chosen(&mut dp, vip, (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)), port));
+        assert_eq!(t["output"]["dst"], format!("{live}:8080"), "{t:#}");
+    }
+    let t = trace("198.18.0.9:41000", &format!("{DECOY}:80"));
+    assert_eq!(t["selection"], "random", "{t:#}");
+}
