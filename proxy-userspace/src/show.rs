@@ -676,6 +676,7 @@ pub fn render_explain(e: &crate::model::Explanation) -> String {
         };
         let proto = format!("{:?}", v.protocol).to_uppercase();
         out.push_str(&format!("\nport {} {proto} {family} | {} | {}\n", v.port, v.traffic, v.policy));
+        out.push_str(&format!("  backend choice: {}\n", v.selection));
         let rows: Vec<Vec<String>> = v
             .endpoints
             .iter()

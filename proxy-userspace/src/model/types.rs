@@ -415,6 +415,8 @@ pub struct FrontendView {
     /// Which traffic policy applies and, for Cluster, the topology mode chosen.
     pub policy: String,
     pub endpoints: Vec<EndpointVerdict>,
+    /// How new flows pick a backend (`random`, `maglev`) and what decided it.
+    pub selection: String,
 }
 
 #[derive(Clone, Debug, Serialize)]

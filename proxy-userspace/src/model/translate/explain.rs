@@ -36,7 +36,7 @@ pub fn explain(
         for &family in &parsed.families {
             let port_eps = endpoints_for_port(group, port, family);
             let topology = topology_mode(port_eps.iter());
-            let mut view = |traffic: String, local_policy: Option<&'static str>| {
+            let mut view = |traffic: String, local_policy: Option<&'static str>, north_south: bool| {
                 let (pool, topo): (Vec<&PortEndpoint>, Topology) = match local_policy {
                     Some(_) => (port_eps.iter().filter(|e| e.ep.local).collect(), Topology::Any),
                     None => (port_eps.iter().collect(), topology),
@@ -80,6 +80,7 @@ pub fn explain(
                     policy: local_policy
                         .map_or_else(|| format!("Cluster, topology: {}", topo.describe()), |p| format!("{p}: Local")),
                     endpoints,
+                    selection: selection(parsed.lb_algorithm, north_south),
                 });
             };
             let ips: Vec<String> = parsed
@@ -91,6 +92,7 @@ pub fn explain(
             view(
                 format!("cluster: ClusterIP {}", ips.join(", ")),
                 parsed.internal_local.then_some("internalTrafficPolicy"),
+                false,
             );
             let external: Vec<String> = external_destinations(&parsed, port, node, family)
                 .into_iter()
@@ -100,9 +102,22 @@ pub fn explain(
                 view(
                     format!("external: {}", external.join(", ")),
                     parsed.external_local.then_some("externalTrafficPolicy"),
+                    true,
                 );
             }
         }
     }
     Ok(Explanation { service: wanted.to_string(), node: node.name.clone(), zone: node.zone.clone(), frontends: views })
+}
+
+/// How new flows of a frontend group pick their backend, and what decided it.
+fn selection(annotated: Option<LbAlgorithm>, north_south: bool) -> String {
+    match (annotated, north_south) {
+        (Some(LbAlgorithm::Maglev), _) => {
+            format!("maglev ({ANNOTATION_LB_ALGORITHM}): every node picks the same backend for a flow")
+        }
+        (Some(LbAlgorithm::Random), _) => format!("random ({ANNOTATION_LB_ALGORITHM})"),
+        (None, false) => "random (ClusterIP default)".to_string(),
+        (None, true) => "the node's --lb-algorithm (random unless set to maglev)".to_string(),
+    }
 }

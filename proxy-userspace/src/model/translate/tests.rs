@@ -1259,6 +1259,21 @@ fn lb_algorithm_annotation_reaches_every_frontend_and_a_bad_value_is_warned() {
     assert_translates(&[with("ring-hash")], &[], lb_frontends(&[]), &[("Service", "default/web", "\"ring-hash\"")]);
 }
 
+#[test]
+fn explain_says_how_backends_are_chosen() {
+    let node = node();
+    let view = |svc: &Service, traffic: &str| -> String {
+        let e = explain(std::slice::from_ref(svc), &[] as &[EndpointSlice], &node, "default", "web").unwrap();
+        e.frontends.iter().find(|v| v.traffic.starts_with(traffic)).unwrap().selection.clone()
+    };
+    let plain = lb_with_ranges(json!(null), json!([]));
+    assert_eq!(view(&plain, "cluster"), "random (ClusterIP default)");
+    assert!(view(&plain, "external").contains("--lb-algorithm"));
+    let maglev = lb_with_ranges(json!({ANNOTATION_LB_ALGORITHM: "maglev"}), json!([]));
+    assert!(view(&maglev, "cluster").starts_with("maglev (ebpf-proxy.io/lb-algorithm)"));
+    assert!(view(&maglev, "external").starts_with("maglev"));
+}
+
 // --- conflicts and determinism -----------------------------------------------------
 
 #[test]
