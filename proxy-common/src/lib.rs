@@ -67,9 +67,10 @@ pub mod sizes {
     /// Backends picked for unconnected UDP sockets (one per socket and frontend it sends
     /// to), LRU: a socket evicted under pressure is balanced afresh on its next datagram.
     pub const MAX_SOCK_UDP_BACKENDS: u32 = 65_536;
-    /// Maglev table slots, all frontends together: 256 tables of the default 16,381 slots
-    /// (64 of 65,521). Allocated on use, so the cap costs nothing on nodes without Maglev.
-    pub const MAX_MAGLEV_SLOTS: u32 = 4_194_304;
+    /// Maglev table slots, all frontends together (`--max-maglev-slots`): 64 tables of the
+    /// default 16,381 slots (16 of 65,521). Elements are allocated on use; the kernel's
+    /// bucket array (16 bytes per entry of the cap, 16 MiB here) is not.
+    pub const MAX_MAGLEV_SLOTS: u32 = 1_048_576;
 }
 
 pub const PROTO_TCP: u8 = 6;

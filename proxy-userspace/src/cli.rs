@@ -409,6 +409,11 @@ pub struct AgentArgs {
     /// memory per frontend.
     #[arg(long, default_value_t = crate::model::maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_table_size)]
     pub maglev_table_size: u32,
+    /// Size of the Maglev map: table slots of every Maglev frontend together (each Maglev
+    /// frontend takes --maglev-table-size of them). A frontend whose table does not fit is
+    /// not programmed, with `map MAGLEV is full: raise --max-maglev-slots`.
+    #[arg(long, default_value_t = proxy_common::sizes::MAX_MAGLEV_SLOTS)]
+    pub max_maglev_slots: u32,
     #[command(flatten)]
     pub conntrack: ConntrackArgs,
     /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername hooks): node

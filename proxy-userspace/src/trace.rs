@@ -179,8 +179,13 @@ pub fn trace(live_root: &Path, req: &Request) -> Result<Outcome, TraceError> {
     let private = PrivateRoot(private_dir(live_root));
     std::fs::create_dir_all(&private.0).map_err(|source| TraceError::Private { path: private.0.clone(), source })?;
     // Small maps: only a handful of entries are copied in.
-    let cfg =
-        LoaderConfig { max_services: 64, max_backends: 4096, max_conntrack: 1024, ..LoaderConfig::new(&private.0) };
+    let cfg = LoaderConfig {
+        max_services: 64,
+        max_backends: 4096,
+        max_conntrack: 1024,
+        max_maglev_slots: 64,
+        ..LoaderConfig::new(&private.0)
+    };
     let (mut programs, _maps) = loader::load(&cfg)?;
     let seeds = Seeds { live: paths::maps_dir(live_root), private: paths::maps_dir(&private.0) };
     let svc = seeds.copy_for(req)?;

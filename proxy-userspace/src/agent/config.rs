@@ -122,6 +122,7 @@ impl AgentConfig {
                 max_backends: args.max_backends,
                 max_conntrack: args.max_conntrack,
                 max_source_ranges: args.max_source_ranges,
+                max_maglev_slots: args.max_maglev_slots,
             },
             pod_ifaces,
             watched_ifaces,

@@ -31,6 +31,7 @@ pub enum SizeFlag {
     MaxBackends,
     MaxConntrack,
     MaxSourceRanges,
+    MaxMaglevSlots,
 }
 
 impl SizeFlag {
@@ -41,6 +42,7 @@ impl SizeFlag {
             SizeFlag::MaxBackends => "max-backends",
             SizeFlag::MaxConntrack => "max-conntrack",
             SizeFlag::MaxSourceRanges => "max-source-ranges",
+            SizeFlag::MaxMaglevSlots => "max-maglev-slots",
         }
     }
 
@@ -51,6 +53,7 @@ impl SizeFlag {
             SizeFlag::MaxBackends => sizes::MAX_BACKENDS,
             SizeFlag::MaxConntrack => sizes::MAX_CONNTRACK,
             SizeFlag::MaxSourceRanges => sizes::MAX_SOURCE_RANGES,
+            SizeFlag::MaxMaglevSlots => sizes::MAX_MAGLEV_SLOTS,
         }
     }
 }
@@ -433,8 +436,9 @@ pub static MAPS: &[MapDef] = &[
     // The agent's id high-water marks: one array entry, only the agent writes it.
     MapDef { migrate: Some(ARRAY), ..MapDef::new(n::SYNC_IDS, Layout::array::<IdMarks>(), 1) },
     // Maglev tables (frontend id, slot) -> backend id, both families; written by the agent,
-    // read by TC and XDP for new flows of Maglev frontends. Fixed size, allocated on use.
+    // read by TC and XDP for new flows of Maglev frontends; allocated on use.
     MapDef {
+        sizing: Sizing::Flag(SizeFlag::MaxMaglevSlots),
         prealloc: false,
         migrate: Some(AGENT_WRITES),
         trace_seeds: true,

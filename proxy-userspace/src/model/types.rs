@@ -254,14 +254,21 @@ impl LbAlgorithm {
         }
     }
 
-    /// The algorithm of a frontend of `kind` whose Service asks for `annotated`:
-    /// the annotation, else `north_south` for NodePort, ExternalIP and LoadBalancer
-    /// frontends, random for ClusterIPs (east-west: the client's own node decides).
-    pub fn for_frontend(annotated: Option<LbAlgorithm>, kind: FrontendKind, north_south: LbAlgorithm) -> Self {
-        match (annotated, kind) {
-            (Some(a), _) => a,
-            (None, FrontendKind::ClusterIP) => LbAlgorithm::Random,
-            (None, _) => north_south,
+    /// The algorithm of a frontend of `kind` in `scope` whose Service asks for `annotated`:
+    /// the annotation, else `north_south` for the external scope of NodePort, ExternalIP and
+    /// LoadBalancer frontends (traffic from outside, which a router may move between
+    /// nodes), random for the rest (east-west: the client's own node decides, so agreement
+    /// across nodes buys nothing, and a table per frontend costs memory).
+    pub fn for_frontend(
+        annotated: Option<LbAlgorithm>,
+        kind: FrontendKind,
+        scope: Scope,
+        north_south: LbAlgorithm,
+    ) -> Self {
+        match (annotated, kind, scope) {
+            (Some(a), _, _) => a,
+            (None, FrontendKind::ClusterIP, _) | (None, _, Scope::Internal) => LbAlgorithm::Random,
+            (None, _, Scope::External) => north_south,
         }
     }
 }

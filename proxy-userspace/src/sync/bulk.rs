@@ -73,7 +73,7 @@ impl<S: MapStore> Syncer<S> {
                 ids.push(id);
             }
             let id = self.ids.services.alloc();
-            let target = Target::new(entry, ids, &self.maglev);
+            let target = Target::new(entry, fk.scope, ids, &self.maglev);
             slots.extend(target.backends.iter().enumerate().map(|(i, b)| (SlotKey::new(id.get(), 0, i as u32), *b)));
             let svc_id = id.get();
             maglev.extend(target.maglev.iter().enumerate().map(|(i, b)| (MaglevKey { svc_id, slot: i as u32 }, *b)));

@@ -10,7 +10,7 @@ use super::{
     tests::{desired, fe, fk},
     *,
 };
-use crate::model::{FrontendEntry, FrontendKind, LbAlgorithm, Protocol, maglev};
+use crate::model::{FrontendEntry, FrontendKey, FrontendKind, LbAlgorithm, Protocol, Scope, maglev};
 
 /// A small prime table: the properties do not depend on the size.
 const M: u32 = 251;
@@ -147,26 +147,31 @@ fn north_south_default_and_annotations() {
         lb_algorithm: algorithm,
         ..fe(name, &[1, 2])
     };
+    let ext = |last: u8| FrontendKey { scope: Scope::External, ..fk(last, 80, Protocol::Tcp) };
+    let keys = [fk(1, 80, Protocol::Tcp), ext(2), fk(2, 80, Protocol::Tcp), ext(3), fk(4, 80, Protocol::Tcp)];
     let mut s = syncer(LbAlgorithm::Maglev);
     s.apply(&desired(vec![
         // ClusterIP without annotation: random whatever the flag.
-        (fk(1, 80, Protocol::Tcp), fe("cluster", &[1, 2])),
-        // NodePort without annotation: the flag's default.
-        (fk(2, 80, Protocol::Tcp), np("nodeport", None)),
+        (keys[0], fe("cluster", &[1, 2])),
+        // NodePort without annotation: the flag's default for traffic from outside, random
+        // for pods (the internal scope).
+        (keys[1], np("nodeport", None)),
+        (keys[2], np("nodeport", None)),
         // The annotation wins both ways.
-        (fk(3, 80, Protocol::Tcp), np("nodeport-random", Some(LbAlgorithm::Random))),
-        (fk(4, 80, Protocol::Tcp), maglev_fe("cluster-maglev", &[1, 2])),
+        (keys[3], np("nodeport-random", Some(LbAlgorithm::Random))),
+        (keys[4], maglev_fe("cluster-maglev", &[1, 2])),
     ]));
-    let maglev: Vec<bool> = (1..=4)
-        .map(|i| {
-            let v = s.store().services[&plan::service_key(&fk(i, 80, Protocol::Tcp))];
+    let maglev: Vec<bool> = keys
+        .iter()
+        .map(|k| {
+            let v = s.store().services[&plan::service_key(k)];
             v.flags & svc_flags::MAGLEV != 0 && v.maglev_size == M
         })
         .collect();
-    assert_eq!(maglev, [false, true, false, true]);
+    assert_eq!(maglev, [false, true, false, false, true]);
     // Random by default: today's behaviour, no table anywhere.
     let mut s = syncer(LbAlgorithm::Random);
-    s.apply(&desired(vec![(fk(2, 80, Protocol::Tcp), np("nodeport", None))]));
+    s.apply(&desired(vec![(keys[1], np("nodeport", None))]));
     assert!(s.store().maglev.is_empty());
 }
 

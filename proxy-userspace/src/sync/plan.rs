@@ -75,10 +75,11 @@ pub(super) struct Target {
 }
 
 impl Target {
-    /// `entry` with its backends under `backends` (their ids, in its order), selected by
-    /// `algorithm` (`Maglev`: its table of `cfg.table_size` slots is built here).
-    pub(super) fn new(entry: &FrontendEntry, backends: Vec<BackendId>, cfg: &MaglevConfig) -> Self {
-        let algorithm = LbAlgorithm::for_frontend(entry.lb_algorithm, entry.kind, cfg.north_south);
+    /// `entry` in `scope` with its backends under `backends` (their ids, in its order);
+    /// a Maglev one (`LbAlgorithm::for_frontend`) gets its table of `cfg.table_size` slots,
+    /// built here.
+    pub(super) fn new(entry: &FrontendEntry, scope: Scope, backends: Vec<BackendId>, cfg: &MaglevConfig) -> Self {
+        let algorithm = LbAlgorithm::for_frontend(entry.lb_algorithm, entry.kind, scope, cfg.north_south);
         let mut flags = service_flags(entry);
         let mut maglev = Vec::new();
         if algorithm == LbAlgorithm::Maglev {

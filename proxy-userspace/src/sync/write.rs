@@ -17,7 +17,7 @@ use super::{
     plan::{Target, backend_value, service_key},
     store::{AnyBackend, AnyServiceKey, MapStore, StoreError},
 };
-use crate::model::{FrontendEntry, FrontendKey, IpPrefix};
+use crate::model::{FrontendEntry, FrontendKey, IpPrefix, Scope};
 
 /// Frontends that found a map full, for their second chance.
 #[derive(Default)]
@@ -115,7 +115,8 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
-        let target = Target::new(entry, ids, &self.maglev);
+        let scope = Scope::from_number(key.scope).unwrap_or(Scope::Internal);
+        let target = Target::new(entry, scope, ids, &self.maglev);
 
         let mut prog = match self.mirror.take_frontend(key) {
             Some(p) => p,
@@ -335,7 +336,10 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Write the Maglev table `table` of service `id` over what `prog` holds: only the slots
-    /// that differ.
+    /// that differ, in one batch (a backend change moves about 1/N of a table's thousands
+    /// of slots: one syscall instead of one each). A batch that fails may have landed in
+    /// part, so the slots are then written one by one, recording each (writing a slot again
+    /// is harmless), and the mirror stays exact.
     fn put_maglev_slots(
         &mut self,
         id: ServiceId,
@@ -343,6 +347,23 @@ impl<S: MapStore> Syncer<S> {
         table: &[BackendId],
         writes: &mut u64,
     ) -> Result<(), StoreError> {
+        let changed: Vec<(MaglevKey, BackendId)> = table
+            .iter()
+            .enumerate()
+            .filter(|(slot, bid)| prog.maglev.get(*slot) != Some(*bid))
+            .map(|(slot, bid)| (MaglevKey { svc_id: id.get(), slot: slot as u32 }, *bid))
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        if self.store.put_maglevs(&changed).is_ok() {
+            *writes += changed.len() as u64;
+            prog.maglev.resize(prog.maglev.len().max(table.len()), BackendId::new(0));
+            for (k, bid) in &changed {
+                prog.maglev[k.slot as usize] = *bid;
+            }
+            return Ok(());
+        }
         for (slot, bid) in table.iter().enumerate() {
             if prog.maglev.get(slot) != Some(bid) {
                 self.store.put_maglev(&MaglevKey { svc_id: id.get(), slot: slot as u32 }, *bid)?;

@@ -118,6 +118,9 @@ fn selection(annotated: Option<LbAlgorithm>, north_south: bool) -> String {
         }
         (Some(LbAlgorithm::Random), _) => format!("random ({ANNOTATION_LB_ALGORITHM})"),
         (None, false) => "random (ClusterIP default)".to_string(),
-        (None, true) => "the node's --lb-algorithm (random unless set to maglev)".to_string(),
+        (None, true) => {
+            "the node's --lb-algorithm for traffic from outside (random unless set to maglev), random from pods"
+                .to_string()
+        }
     }
 }
