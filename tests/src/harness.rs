@@ -10,9 +10,9 @@ use aya::programs::{Program, TestRun, TestRunOptions, TestRunResult};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_userspace::{
     dataplane::{
-        loader::{self, LoaderConfig, Programs},
         maps::Maps,
-        node::NodeMaps,
+        maps::loader::{self, LoaderConfig, Programs},
+        maps::node::NodeMaps,
     },
     model::{BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName},
     sync::Syncer,
@@ -235,8 +235,8 @@ pub fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> Fron
 /// The IPv4 conntrack key of `src -> dst` (protocol `proto`) in direction `dir`.
 pub fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, dir: u8) -> proxy_common::CtKey {
     proxy_common::CtKey {
-        src_addr: proxy_userspace::dataplane::addr::ip_to_map(src.0),
-        dst_addr: proxy_userspace::dataplane::addr::ip_to_map(dst.0),
+        src_addr: proxy_userspace::dataplane::maps::addr::ip_to_map(src.0),
+        dst_addr: proxy_userspace::dataplane::maps::addr::ip_to_map(dst.0),
         src_port: proxy_common::port_to_map(src.1),
         dst_port: proxy_common::port_to_map(dst.1),
         proto,

@@ -7,8 +7,8 @@ use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, StatsKey, port_from_map, verdic
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        addr::ip_from_map,
-        node::{PortRange, node_config},
+        maps::addr::ip_from_map,
+        maps::node::{PortRange, node_config},
     },
     model::Protocol,
 };

@@ -12,10 +12,10 @@ use proxy_common::{
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        addr::ip_to_map,
-        loader::{self, LoaderConfig},
+        maps::addr::ip_to_map,
         maps::global_total,
-        node::{PortRange, node_config},
+        maps::loader::{self, LoaderConfig},
+        maps::node::{PortRange, node_config},
     },
     model::{FrontendKind, Protocol},
     sync::Syncer,

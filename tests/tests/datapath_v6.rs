@@ -18,7 +18,7 @@ use proxy_common::{
     StatsKey, backend_flags, ct_flags, nat_defaults, svc_flags, verdict,
 };
 use proxy_tests::harness::*;
-use proxy_userspace::dataplane::node::{PortRange, node_config};
+use proxy_userspace::dataplane::maps::node::{PortRange, node_config};
 
 const FROM_POD: &str = "from_pod";
 const TO_POD: &str = "to_pod";

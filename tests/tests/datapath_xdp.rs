@@ -10,8 +10,8 @@ use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, StatsKey, ct_flags, port
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        addr::{ip_from_map, ip_to_map},
-        node::{PortRange, node_config},
+        maps::addr::{ip_from_map, ip_to_map},
+        maps::node::{PortRange, node_config},
     },
     model::{FrontendEntry, FrontendKey, FrontendKind, IpPrefix, Protocol},
 };
