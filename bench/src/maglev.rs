@@ -136,7 +136,7 @@ fn new_flow_rows(plan: &Plan, n: usize, rows: &mut Vec<Row>) -> Result<()> {
     ensure!(r.errors.is_empty(), "{:?}", r.errors);
     let id_of = |dp: &Dataplane, s: &rules::Svc| -> Result<(u32, u32)> {
         let key = proxy_common::ServiceKey {
-            addr: proxy_userspace::dataplane::addr::ip_to_map(s.vip),
+            addr: proxy_userspace::dataplane::maps::addr::ip_to_map(s.vip),
             port: proxy_common::port_to_map(s.port),
             proto: proxy_common::PROTO_TCP,
             scope: proxy_common::SCOPE_INTERNAL,

@@ -75,7 +75,7 @@ fn backend_ids(dp: &TestDataplane) -> HashMap<IpAddr, u32> {
     let m = dp.maps();
     let mut ids = HashMap::new();
     for (id, b) in m.backends.iter().filter_map(Result::ok) {
-        ids.insert(IpAddr::V4(proxy_userspace::dataplane::addr::ip_from_map(b.addr)), id);
+        ids.insert(IpAddr::V4(proxy_userspace::dataplane::maps::addr::ip_from_map(b.addr)), id);
     }
     for (id, b) in m.backends6.iter().filter_map(Result::ok) {
         ids.insert(IpAddr::V6(ip6_from_map(b.addr)), id);
