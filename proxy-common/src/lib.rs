@@ -1178,7 +1178,7 @@ mod tests {
         assert_eq!(all, (1 << svc_flags::NAMES.len()) - 1, "contiguous bits from 0");
         let mut names = svc_flags::names(svc_flags::NODEPORT | svc_flags::AFFINITY);
         assert_eq!((names.next(), names.next(), names.next()), (Some("affinity"), Some("nodeport"), None));
-        assert_eq!(svc_flags::names(svc_flags::POLICY).count(), 3);
+        assert_eq!(svc_flags::names(svc_flags::POLICY).count(), 4);
     }
 
     /// Sizes are part of the pinned-map ABI: a change here breaks maps pinned by an older
