@@ -14,6 +14,7 @@ pub mod conn;
 pub mod conntrack;
 pub mod control;
 pub mod dp;
+pub mod maglev;
 pub mod northsouth;
 pub mod objects;
 pub mod per_packet;

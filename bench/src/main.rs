@@ -16,7 +16,8 @@ use proxy_bench::{
     report::{Machine, Report},
 };
 
-const SECTIONS: [&str; 8] = ["per_packet", "conn", "control", "rss", "throughput", "conntrack", "northsouth", "scale"];
+const SECTIONS: [&str; 9] =
+    ["per_packet", "conn", "control", "rss", "throughput", "conntrack", "northsouth", "scale", "maglev"];
 
 #[derive(Parser)]
 #[command(name = "proxy-bench", about = "ebpf-proxy benchmarks (needs root)")]
@@ -188,6 +189,7 @@ fn main() -> ExitCode {
             "conntrack" => proxy_bench::conntrack::run(&plan, &mut rows),
             "northsouth" => proxy_bench::northsouth::run(&plan, &mut rows),
             "scale" => proxy_bench::scale::run(&plan, &mut rows),
+            "maglev" => proxy_bench::maglev::run(&plan, &mut rows),
             _ => unreachable!(),
         };
         for row in &rows[before..] {

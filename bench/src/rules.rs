@@ -78,6 +78,7 @@ pub fn frontend_entry(s: &Svc) -> FrontendEntry {
         affinity_timeout: None,
         local_only: false,
         source_ranges: vec![],
+        lb_algorithm: None,
     }
 }
 

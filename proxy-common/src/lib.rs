@@ -38,6 +38,8 @@ pub mod map_names {
     pub const SOCK_UDP_BACKENDS: &str = "SOCK_UDP_BACKENDS";
     pub const SOCK_UDP_BACKENDS6: &str = "SOCK_UDP_BACKENDS6";
     pub const SYNC_IDS: &str = "SYNC_IDS";
+    /// Maglev lookup tables: (frontend id, slot) -> backend id.
+    pub const MAGLEV: &str = "MAGLEV";
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -65,6 +67,10 @@ pub mod sizes {
     /// Backends picked for unconnected UDP sockets (one per socket and frontend it sends
     /// to), LRU: a socket evicted under pressure is balanced afresh on its next datagram.
     pub const MAX_SOCK_UDP_BACKENDS: u32 = 65_536;
+    /// Maglev table slots, all frontends together (`--max-maglev-slots`): 64 tables of the
+    /// default 16,381 slots (16 of 65,521). Elements are allocated on use; the kernel's
+    /// bucket array (16 bytes per entry of the cap, 16 MiB here) is not.
+    pub const MAX_MAGLEV_SLOTS: u32 = 1_048_576;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -124,19 +130,24 @@ pub mod svc_flags {
     pub const EXTERNAL_IP: u32 = 1 << 4;
     /// Frontend is a LoadBalancer ingress IP.
     pub const LOADBALANCER: u32 = 1 << 5;
+    /// New flows pick their backend from the frontend's Maglev table (`MAGLEV`, size
+    /// `ServiceValue::maglev_size`) by a hash of their 5-tuple, so every node picks the
+    /// same one; without it, at random.
+    pub const MAGLEV: u32 = 1 << 6;
 
     /// The flags that say how a frontend is served; the others say what kind of frontend it
     /// is (which `ebpf-proxy services` shows in its TYPE column instead).
-    pub const POLICY: u32 = AFFINITY | SOURCE_RANGES | LOCAL_ONLY;
+    pub const POLICY: u32 = AFFINITY | SOURCE_RANGES | LOCAL_ONLY | MAGLEV;
 
     /// Every flag with its name, in bit order (CLI columns, `verify`'s drift reports).
-    pub const NAMES: [(u32, &str); 6] = [
+    pub const NAMES: [(u32, &str); 7] = [
         (AFFINITY, "affinity"),
         (SOURCE_RANGES, "source-ranges"),
         (LOCAL_ONLY, "local-only"),
         (NODEPORT, "nodeport"),
         (EXTERNAL_IP, "external-ip"),
         (LOADBALANCER, "loadbalancer"),
+        (MAGLEV, "maglev"),
     ];
 
     /// Names of the flags set in `flags`, in bit order.
@@ -164,7 +175,84 @@ pub struct ServiceValue {
     pub generation: u32,
     /// Session affinity timeout in seconds (with `svc_flags::AFFINITY`).
     pub affinity_timeout: u32,
-    pub _reserved: u32,
+    /// Slots of the frontend's Maglev table (a prime; with `svc_flags::MAGLEV`), 0 without.
+    /// Was `_reserved` (always 0): the layout is unchanged.
+    pub maglev_size: u32,
+}
+
+/// Key of `MAGLEV`: one slot of a frontend's Maglev table (value: backend id). The table
+/// is rewritten in place, slot by slot (only the slots a change moves): every slot names a
+/// backend of the old or the new list at every instant, and the backends a change drops are
+/// deleted after the table no longer names them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub svc_id: u32,
+    /// Below the frontend's `ServiceValue::maglev_size`.
+    pub slot: u32,
+}
+
+/// The flow hash that indexes Maglev tables: the same on every node, in the datapath and in
+/// userspace (tests, `explain`), with no per-boot seed, so a flow that an upstream router
+/// moves to another node lands on the same slot there. Words are taken as they lie in the
+/// packet (addresses in network order, each port in network order), so the hash depends
+/// only on the bytes of the 5-tuple. A Murmur3-style mix per word and its finaliser:
+/// cheap in BPF (no loops) and spread well enough for a table of 65,521 slots.
+pub mod flow_hash {
+    const C1: u32 = 0xcc9e_2d51;
+    const C2: u32 = 0x1b87_3593;
+    /// Fixed start value: nodes must agree, so it is a constant, not a seed.
+    const SEED: u32 = 0x6d61_676c; // "magl"
+
+    #[inline(always)]
+    const fn mix(h: u32, w: u32) -> u32 {
+        let k = w.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+        (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    }
+
+    #[inline(always)]
+    const fn finish(mut h: u32, len: u32) -> u32 {
+        h ^= len;
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+
+    /// The ports word: source port in the high half, destination in the low, each as the
+    /// map stores it (network order).
+    #[inline(always)]
+    const fn ports(sport: u16, dport: u16) -> u32 {
+        ((sport as u32) << 16) | dport as u32
+    }
+
+    /// IPv4: addresses as `u32` in network order (as the maps hold them), ports in network
+    /// order.
+    #[inline(always)]
+    pub const fn v4(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+        let mut h = mix(SEED, saddr);
+        h = mix(h, daddr);
+        h = mix(h, ports(sport, dport));
+        h = mix(h, proto as u32);
+        finish(h, 13)
+    }
+
+    /// IPv6: addresses as four `u32` words in network order (`Ipv6Words`).
+    #[inline(always)]
+    pub const fn v6(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
+        let mut h = mix(SEED, saddr[0]);
+        h = mix(h, saddr[1]);
+        h = mix(h, saddr[2]);
+        h = mix(h, saddr[3]);
+        h = mix(h, daddr[0]);
+        h = mix(h, daddr[1]);
+        h = mix(h, daddr[2]);
+        h = mix(h, daddr[3]);
+        h = mix(h, ports(sport, dport));
+        h = mix(h, proto as u32);
+        finish(h, 37)
+    }
 }
 
 /// Key of `BACKEND_SLOTS`.
@@ -1041,6 +1129,7 @@ mod pod_impls {
         ServiceKey,
         ServiceValue,
         SlotKey,
+        MaglevKey,
         Backend,
         CtKey,
         CtValue,
@@ -1089,7 +1178,7 @@ mod tests {
         assert_eq!(all, (1 << svc_flags::NAMES.len()) - 1, "contiguous bits from 0");
         let mut names = svc_flags::names(svc_flags::NODEPORT | svc_flags::AFFINITY);
         assert_eq!((names.next(), names.next(), names.next()), (Some("affinity"), Some("nodeport"), None));
-        assert_eq!(svc_flags::names(svc_flags::POLICY).count(), 3);
+        assert_eq!(svc_flags::names(svc_flags::POLICY).count(), 4);
     }
 
     /// Sizes are part of the pinned-map ABI: a change here breaks maps pinned by an older
@@ -1105,6 +1194,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 24);
         assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<MaglevKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 48);

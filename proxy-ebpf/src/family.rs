@@ -43,6 +43,8 @@ pub trait Family: 'static {
     /// used), for checksum arithmetic.
     const WORDS: usize;
     fn words(addr: Self::Addr) -> [u32; 4];
+    /// The Maglev flow hash of a 5-tuple (`proxy_common::flow_hash`): the same on every node.
+    fn flow_hash(saddr: Self::Addr, daddr: Self::Addr, sport: u16, dport: u16, proto: u8) -> u32;
     fn is_unset(addr: Self::Addr) -> bool {
         addr == Self::Addr::default()
     }
@@ -96,6 +98,10 @@ impl Family for V4 {
     fn words(addr: u32) -> [u32; 4] {
         [addr, 0, 0, 0]
     }
+    #[inline(always)]
+    fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+        proxy_common::flow_hash::v4(saddr, daddr, sport, dport, proto)
+    }
 }
 
 impl Family for V6 {
@@ -141,5 +147,9 @@ impl Family for V6 {
     #[inline(always)]
     fn words(addr: Ipv6Words) -> [u32; 4] {
         addr
+    }
+    #[inline(always)]
+    fn flow_hash(saddr: Ipv6Words, daddr: Ipv6Words, sport: u16, dport: u16, proto: u8) -> u32 {
+        proxy_common::flow_hash::v6(saddr, daddr, sport, dport, proto)
     }
 }

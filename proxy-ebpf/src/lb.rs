@@ -1,13 +1,14 @@
-//! Service lookup and backend selection (random, or session affinity), and the node facts
+//! Service lookup and backend selection (random, Maglev, or session affinity), and the node facts
 //! the agent wrote. Pure map logic, generic over the address family.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, NodeConfig, ServiceKey, ServiceValue, SlotKey, nat_defaults, svc_flags,
+    AffinityKey, AffinityValue, Backend, MaglevKey, NodeConfig, ServiceKey, ServiceValue, SlotKey, nat_defaults,
+    svc_flags,
 };
 
 use crate::{
     family::Family,
-    maps::{BACKEND_SLOTS, NODE_CONFIG},
+    maps::{BACKEND_SLOTS, MAGLEV, NODE_CONFIG},
     parse::Packet,
 };
 
@@ -52,21 +53,45 @@ fn backend_by_id<F: Family>(id: u32) -> Option<Backend<F::Addr>> {
     unsafe { F::backends().get(&id).copied() }
 }
 
-/// Pick a backend: the client's affinity backend if still valid, otherwise uniformly at
-/// random among the active slot generation.
+/// The flow hash Maglev frontends index their table with (0 for the others: not computed).
 #[inline(always)]
-pub fn select_backend<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Selected<F::Addr> {
-    if F::OUTLINE { select_outlined::<F>(svc, &client, now) } else { select_body::<F>(svc, client, now) }
+pub fn flow_hash<F: Family>(svc: &ServiceValue, p: &Packet<F::Addr>) -> u32 {
+    if svc.flags & svc_flags::MAGLEV == 0 {
+        return 0;
+    }
+    F::flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto)
+}
+
+/// Pick a backend: the client's affinity backend if still valid; otherwise, for a Maglev
+/// frontend, the one its table holds at slot `flow % maglev_size` (`flow`: `flow_hash`, so
+/// every node picks the same one); otherwise uniformly at random among the active slot
+/// generation. Only new flows come here: established ones follow conntrack.
+#[inline(always)]
+pub fn select_backend<F: Family>(svc: &ServiceValue, client: F::Addr, flow: u32, now: u64) -> Selected<F::Addr> {
+    if F::OUTLINE { select_outlined::<F>(svc, &client, flow, now) } else { select_body::<F>(svc, client, flow, now) }
 }
 
 /// IPv6: a BPF function of its own (see `Family::OUTLINE`).
 #[inline(never)]
-fn select_outlined<F: Family>(svc: &ServiceValue, client: &F::Addr, now: u64) -> Selected<F::Addr> {
-    select_body::<F>(svc, *client, now)
+fn select_outlined<F: Family>(svc: &ServiceValue, client: &F::Addr, flow: u32, now: u64) -> Selected<F::Addr> {
+    select_body::<F>(svc, *client, flow, now)
+}
+
+/// The backend id in the Maglev table of `svc` for `flow`; `None` if the frontend has no
+/// table or the slot is missing (a table being written for the first time: the agent
+/// publishes `maglev_size` only after the table, so this is a stale read; random then).
+#[inline(always)]
+fn maglev_slot(svc: &ServiceValue, flow: u32) -> Option<u32> {
+    if svc.flags & svc_flags::MAGLEV == 0 || svc.maglev_size == 0 {
+        return None;
+    }
+    let key = MaglevKey { svc_id: svc.id, slot: flow % svc.maglev_size };
+    // SAFETY: plain-old-data copy out of the map value.
+    unsafe { MAGLEV.get(&key).copied() }
 }
 
 #[inline(always)]
-fn select_body<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Selected<F::Addr> {
+fn select_body<F: Family>(svc: &ServiceValue, client: F::Addr, flow: u32, now: u64) -> Selected<F::Addr> {
     if svc.count == 0 {
         return Selected::Empty;
     }
@@ -88,12 +113,18 @@ fn select_body<F: Family>(svc: &ServiceValue, client: F::Addr, now: u64) -> Sele
             }
         }
     }
-    // SAFETY: helper without preconditions.
-    let index = unsafe { bpf_get_prandom_u32() } % svc.count;
-    let slot = SlotKey::new(svc.id, svc.generation, index);
-    // SAFETY: plain-old-data copy out of the map value.
-    let Some(id) = (unsafe { BACKEND_SLOTS.get(&slot).copied() }) else {
-        return Selected::Missing;
+    let id = match maglev_slot(svc, flow) {
+        Some(id) => id,
+        None => {
+            // SAFETY: helper without preconditions.
+            let index = unsafe { bpf_get_prandom_u32() } % svc.count;
+            let slot = SlotKey::new(svc.id, svc.generation, index);
+            // SAFETY: plain-old-data copy out of the map value.
+            let Some(id) = (unsafe { BACKEND_SLOTS.get(&slot).copied() }) else {
+                return Selected::Missing;
+            };
+            id
+        }
     };
     let Some(b) = backend_by_id::<F>(id) else {
         return Selected::Missing;

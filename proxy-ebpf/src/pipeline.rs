@@ -194,7 +194,8 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
     }
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (backend_id, b) = match lb::select_backend::<F>(&svc, p.saddr, now) {
+    let flow = lb::flow_hash::<F>(&svc, p);
+    let (backend_id, b) = match lb::select_backend::<F>(&svc, p.saddr, flow, now) {
         Selected::Backend(id, b) => (id, b),
         Selected::Empty => {
             return Decision::new(Action::Reject, Verdict::NoBackend, svc.id);

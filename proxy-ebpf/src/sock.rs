@@ -318,7 +318,12 @@ fn forward<F: SockFamily>(
     let selected = match kept {
         Some((id, b)) => Selected::Backend(id, b),
         None => {
-            let s = lb::select_backend::<F>(&svc, client, now);
+            // Maglev needs the flow's 5-tuple, and connect() has no source port yet; the
+            // node choosing is the client's own, so agreement across nodes buys nothing
+            // here: random (the flow hash 0 is never read without the MAGLEV flag).
+            let mut random = svc;
+            random.flags &= !svc_flags::MAGLEV;
+            let s = lb::select_backend::<F>(&random, client, 0, now);
             if let (true, Selected::Backend(id, _)) = (sticky, &s) {
                 // Best effort: without the entry the next datagram is balanced afresh.
                 let v = SockUdpValue { backend_id: *id, svc_id: svc.id, last_used: now };

@@ -449,6 +449,23 @@ pub struct AgentArgs {
     /// closed) until they do.
     #[arg(long, default_value_t = proxy_common::sizes::MAX_SOURCE_RANGES)]
     pub max_source_ranges: u32,
+    /// How new flows of NodePort, ExternalIP and LoadBalancer frontends pick a backend when
+    /// their Service has no `ebpf-proxy.io/lb-algorithm` annotation: `random` (kube-proxy's
+    /// behaviour) or `maglev` (every node picks the same backend for a flow, so a flow an
+    /// upstream router moves to another node keeps its backend). ClusterIPs are random
+    /// unless annotated.
+    #[arg(long, default_value = "random")]
+    pub lb_algorithm: crate::model::LbAlgorithm,
+    /// Slots of each Maglev table: a prime, at least 100 times the backends of the largest
+    /// Maglev Service (16381 as Cilium's default, or 65521); each costs ~64 bytes of kernel
+    /// memory per frontend.
+    #[arg(long, default_value_t = crate::model::maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_table_size)]
+    pub maglev_table_size: u32,
+    /// Size of the Maglev map: table slots of every Maglev frontend together (each Maglev
+    /// frontend takes --maglev-table-size of them). A frontend whose table does not fit is
+    /// not programmed, with `map MAGLEV is full: raise --max-maglev-slots`.
+    #[arg(long, default_value_t = proxy_common::sizes::MAX_MAGLEV_SLOTS)]
+    pub max_maglev_slots: u32,
     #[command(flatten)]
     pub conntrack: ConntrackArgs,
     /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername hooks): node
@@ -552,6 +569,12 @@ impl ConntrackArgs {
             udp_stream: s(self.conntrack_udp_timeout_stream),
         }
     }
+}
+
+/// `--maglev-table-size`: a prime in range, else the reason.
+fn parse_maglev_table_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.trim().parse().map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    crate::model::maglev::check_table_size(n).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

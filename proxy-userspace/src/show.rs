@@ -54,6 +54,12 @@ pub struct ServiceRow {
     pub port_name: String,
     pub flags: Vec<&'static str>,
     pub affinity_timeout: Option<u32>,
+    /// How new flows pick a backend: `random` or `maglev` (`--lb-algorithm`, the
+    /// `ebpf-proxy.io/lb-algorithm` annotation).
+    pub algorithm: &'static str,
+    /// Slots of the Maglev table (with `maglev`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maglev_table_size: Option<u32>,
     pub backends: Vec<BackendRow>,
 }
 
@@ -85,6 +91,7 @@ pub fn service_rows(
         .iter()
         .map(|(k, v)| {
             let m = meta.get(&v.id);
+            let maglev = v.flags & svc_flags::MAGLEV != 0 && v.maglev_size != 0;
             let backends = (0..v.count)
                 .filter_map(|i| slots.get(&SlotKey::new(v.id, v.generation, i)))
                 .filter_map(|id| backends.get(id).map(|b| backend_row(*id, b)))
@@ -106,6 +113,8 @@ pub fn service_rows(
                 // The frontend kind is the TYPE column.
                 flags: svc_flags::names(v.flags & svc_flags::POLICY).collect(),
                 affinity_timeout: (v.flags & svc_flags::AFFINITY != 0).then_some(v.affinity_timeout),
+                algorithm: if maglev { "maglev" } else { "random" },
+                maglev_table_size: maglev.then_some(v.maglev_size),
                 backends,
             }
         })
@@ -278,6 +287,7 @@ pub const SERVICE_COLUMNS: Columns<ServiceRow> = Columns {
         "BACKENDS",
         "FAMILY",
         "AFFINITY-TIMEOUT",
+        "ALGORITHM",
         "BACKEND-IDS",
     ],
     narrow: 7,
@@ -307,6 +317,10 @@ fn service_cells(r: &ServiceRow) -> Vec<String> {
         list(&|b| SocketAddr::new(b.address, b.port).to_string()),
         r.family.to_string(),
         r.affinity_timeout.map_or_else(|| "-".into(), |t| format!("{t}s")),
+        match r.maglev_table_size {
+            Some(m) => format!("{}({m})", r.algorithm),
+            None => r.algorithm.to_string(),
+        },
         list(&|b| b.id.to_string()),
     ]
 }
@@ -662,6 +676,9 @@ pub fn render_trace(o: &crate::trace::Outcome) -> String {
     if let Some(b) = &o.backend {
         out.push_str(&format!("backend:   {b}\n"));
     }
+    if let Some(sel) = &o.selection {
+        out.push_str(&format!("chosen by: {sel}\n"));
+    }
     match &o.output {
         Some(w) if o.untouched => out.push_str(&format!("out:       untouched ({})\n", wire(w))),
         Some(w) => out.push_str(&format!("out:       {}\n", wire(w))),
@@ -682,6 +699,7 @@ pub fn render_explain(e: &crate::model::Explanation) -> String {
         };
         let proto = format!("{:?}", v.protocol).to_uppercase();
         out.push_str(&format!("\nport {} {proto} {family} | {} | {}\n", v.port, v.traffic, v.policy));
+        out.push_str(&format!("  backend choice: {}\n", v.selection));
         let rows: Vec<Vec<String>> = v
             .endpoints
             .iter()
@@ -728,6 +746,7 @@ mod tests {
             affinity_timeout: Some(30),
             local_only: false,
             source_ranges: vec![],
+            lb_algorithm: None,
         })
     }
 
@@ -740,7 +759,7 @@ mod tests {
             flags: svc_flags::AFFINITY,
             generation: 1,
             affinity_timeout: 30,
-            _reserved: 0,
+            maglev_size: 0,
         };
         let mut slots = HashMap::new();
         slots.insert(SlotKey::new(7, 0, 0), 1); // stale generation: not shown
@@ -763,6 +782,26 @@ mod tests {
         for part in ["10.96.0.10:80/TCP", "ClusterIP", "default/web:http", "affinity", "10.244.0.2:8080"] {
             assert!(row.contains(part), "{row}");
         }
+    }
+
+    /// A Maglev frontend says so: `maglev` in FLAGS, and `maglev(<table size>)` in the wide
+    /// ALGORITHM column.
+    #[test]
+    fn maglev_frontends_show_their_algorithm() {
+        let key = AnyServiceKey { addr: ip("203.0.113.7"), port: port_to_map(80), proto: 6, scope: 1 };
+        let value = ServiceValue {
+            id: 9,
+            count: 0,
+            flags: svc_flags::MAGLEV | svc_flags::LOADBALANCER,
+            generation: 0,
+            affinity_timeout: 0,
+            maglev_size: 16_381,
+        };
+        let rows = service_rows(&[(key, value)], &HashMap::new(), &HashMap::new(), &HashMap::new());
+        assert_eq!((rows[0].algorithm, rows[0].maglev_table_size), ("maglev", Some(16_381)));
+        assert_eq!(rows[0].flags, ["maglev"]);
+        let wide = render(&rows, &SERVICE_COLUMNS, OutputFormat::Wide);
+        assert!(wide.lines().nth(1).unwrap().contains(" maglev(16381) "), "{wide}");
     }
 
     /// IPv6 frontends and backends print as `[addr]:port`, in standard (compressed) form,
@@ -894,6 +933,8 @@ mod tests {
             port_name: "main".into(),
             flags: vec![],
             affinity_timeout: None,
+            algorithm: "random",
+            maglev_table_size: None,
             backends: backends
                 .iter()
                 .map(|(id, a, p)| BackendRow {
@@ -1014,10 +1055,13 @@ mod tests {
         assert!(table.starts_with("ID "), "{table}");
         assert_eq!(cols(&table), [7, 7, 7, 7], "{table}");
         let wide = out(&rows, &SERVICE_COLUMNS, OutputFormat::Wide, false);
-        assert!(wide.lines().next().unwrap().ends_with("FAMILY   AFFINITY-TIMEOUT   BACKEND-IDS"), "{wide}");
-        assert_eq!(cols(&wide), [10, 10, 10, 10], "{wide}");
+        assert!(
+            wide.lines().next().unwrap().ends_with("FAMILY   AFFINITY-TIMEOUT   ALGORITHM   BACKEND-IDS"),
+            "{wide}"
+        );
+        assert_eq!(cols(&wide), [11, 11, 11, 11], "{wide}");
         let first: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(first[7..], ["IPv4", "-", "11,12"], "{wide}");
+        assert_eq!(first[7..], ["IPv4", "-", "random", "11,12"], "{wide}");
         let bare = out(&rows, &SERVICE_COLUMNS, OutputFormat::Wide, true);
         fn words(s: &str) -> Vec<Vec<&str>> {
             s.lines().map(|l| l.split_whitespace().collect()).collect()

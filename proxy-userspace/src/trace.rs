@@ -24,15 +24,15 @@ use aya::{
 };
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{
-    Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, Ipv6Words, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, ServiceKey, ServiceMeta, ServiceValue, SlotKey, Verdict, map_names as n,
+    Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, Ipv6Words, MaglevKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, ServiceKey, ServiceMeta, ServiceValue, SlotKey, Verdict, flow_hash, map_names as n, svc_flags,
 };
 use serde::Serialize;
 
 use crate::{
     dataplane::{
         DataplaneError,
-        maps::addr::MapAddr,
+        maps::addr::{MapAddr, ip_to_map, ip6_to_map},
         maps::loader::{self, LoaderConfig},
         paths,
     },
@@ -149,6 +149,10 @@ pub struct Outcome {
     pub frontend: Option<Frontend>,
     /// The backend the flow is (or was) assigned to.
     pub backend: Option<String>,
+    /// How a new flow's backend was chosen: `maglev` (with the table slot, the same on every
+    /// node) or `random`; `None` when no backend was chosen (conntrack decided, or none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection: Option<String>,
     /// The packet that went in and what came out (`None` when nothing came out).
     pub input: Wire,
     pub output: Option<Wire>,
@@ -177,8 +181,13 @@ pub fn trace(live_root: &Path, req: &Request) -> Result<Outcome, TraceError> {
     let private = PrivateRoot(private_dir(live_root));
     std::fs::create_dir_all(&private.0).map_err(|source| TraceError::Private { path: private.0.clone(), source })?;
     // Small maps: only a handful of entries are copied in.
-    let cfg =
-        LoaderConfig { max_services: 64, max_backends: 4096, max_conntrack: 1024, ..LoaderConfig::new(&private.0) };
+    let cfg = LoaderConfig {
+        max_services: 64,
+        max_backends: 4096,
+        max_conntrack: 1024,
+        max_maglev_slots: 64,
+        ..LoaderConfig::new(&private.0)
+    };
     let (mut programs, _maps) = loader::load(&cfg)?;
     let seeds = Seeds { live: paths::maps_dir(live_root), private: paths::maps_dir(&private.0) };
     let svc = seeds.copy_for(req)?;
@@ -203,6 +212,10 @@ pub fn trace(live_root: &Path, req: &Request) -> Result<Outcome, TraceError> {
         // A new flow's backend is where its destination went.
         matches!(verdict, Verdict::NewFlow | Verdict::Established).then(|| output.as_ref().map(|o| o.dst.clone()))?
     });
+    let selection = match verdict {
+        Verdict::NewFlow => seeds.selection(req)?,
+        _ => None,
+    };
     let frontend = svc.map(|(id, address)| Frontend { id, service: seeds.service_name(id), address });
     let untouched = out == frame;
     Ok(Outcome {
@@ -211,11 +224,31 @@ pub fn trace(live_root: &Path, req: &Request) -> Result<Outcome, TraceError> {
         action: action_name(req.at.is_xdp(), ret),
         frontend,
         backend,
+        selection,
         input: decode(&frame).expect("the frame we built decodes"),
         output,
         untouched,
         explanation: explain(verdict, untouched),
     })
+}
+
+/// The Maglev table slot the datapath reads for `req`'s flow on frontend `svc`, if it is a
+/// Maglev frontend: `proxy_common::flow_hash` of the 5-tuple as the packet carries it.
+fn maglev_slot(svc: &ServiceValue, req: &Request) -> Option<u32> {
+    if svc.flags & svc_flags::MAGLEV == 0 || svc.maglev_size == 0 {
+        return None;
+    }
+    let proto = match req.proto {
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+    };
+    let (sport, dport) = (req.from.port().to_be(), req.to.port().to_be());
+    let hash = match (req.from.ip(), req.to.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => flow_hash::v4(ip_to_map(s), ip_to_map(d), sport, dport, proto),
+        (IpAddr::V6(s), IpAddr::V6(d)) => flow_hash::v6(ip6_to_map(s), ip6_to_map(d), sport, dport, proto),
+        _ => return None,
+    };
+    Some(hash % svc.maglev_size)
 }
 
 fn private_dir(live_root: &Path) -> PathBuf {
@@ -427,6 +460,7 @@ impl Seeds {
             Ok(v) => {
                 priv_svcs.insert(key, v, 0).map_err(map_err(svc_name))?;
                 self.copy_slots::<A>(&v)?;
+                self.copy_maglev_slot::<A>(&v, req)?;
                 self.copy_affinity::<A>(saddr, v.id)?;
                 self.copy_source_ranges(A::FAMILY == IpFamily::V6, v.id)?;
                 svc_ids.push(v.id);
@@ -439,6 +473,57 @@ impl Seeds {
             self.copy_backends_of_ct::<A>(table)?;
         }
         Ok(frontend.or_else(|| svc_ids.first().map(|id| (*id, String::from("(of the tracked flow)")))))
+    }
+
+    /// A Maglev frontend's one table slot this flow reads, and the backend it names.
+    fn copy_maglev_slot<A: MapAddr>(&self, svc: &ServiceValue, req: &Request) -> Result<(), TraceError>
+    where
+        Backend<A>: Pod,
+    {
+        let Some(slot) = maglev_slot(svc, req) else { return Ok(()) };
+        let live: HashMap<MapData, MaglevKey, u32> = hash(&self.live, n::MAGLEV)?;
+        let mut private: HashMap<MapData, MaglevKey, u32> = hash(&self.private, n::MAGLEV)?;
+        let key = MaglevKey { svc_id: svc.id, slot };
+        let Ok(id) = live.get(&key, 0) else { return Ok(()) };
+        private.insert(key, id, 0).map_err(map_err(n::MAGLEV))?;
+        let be_name = A::map_name(n::BACKENDS);
+        let live_be: HashMap<MapData, u32, Backend<A>> = hash(&self.live, be_name)?;
+        let mut priv_be: HashMap<MapData, u32, Backend<A>> = hash(&self.private, be_name)?;
+        if let Ok(b) = live_be.get(&id, 0) {
+            priv_be.insert(id, b, 0).map_err(map_err(be_name))?;
+        }
+        Ok(())
+    }
+
+    /// How the frontend `req` addresses chooses a new flow's backend (live maps).
+    fn selection(&self, req: &Request) -> Result<Option<String>, TraceError> {
+        let Some(svc) = self.live_service(req)? else { return Ok(None) };
+        Ok(Some(match maglev_slot(&svc, req) {
+            Some(slot) => format!("maglev: table slot {slot} of {} (every node picks the same)", svc.maglev_size),
+            None => "random".to_string(),
+        }))
+    }
+
+    fn live_service(&self, req: &Request) -> Result<Option<ServiceValue>, TraceError> {
+        fn get<A: MapAddr>(dir: &Path, req: &Request) -> Result<Option<ServiceValue>, TraceError>
+        where
+            ServiceKey<A>: Pod,
+        {
+            let name = A::map_name(n::SERVICES);
+            let svcs: HashMap<MapData, ServiceKey<A>, ServiceValue> = hash(dir, name)?;
+            let proto = match req.proto {
+                Proto::Tcp => PROTO_TCP,
+                Proto::Udp => PROTO_UDP,
+            };
+            let key = ServiceKey {
+                addr: A::from_ip(req.to.ip()).unwrap_or_default(),
+                port: req.to.port().to_be(),
+                proto,
+                scope: req.at.scope(),
+            };
+            Ok(svcs.get(&key, 0).ok())
+        }
+        if req.to.is_ipv4() { get::<u32>(&self.live, req) } else { get::<Ipv6Words>(&self.live, req) }
     }
 
     fn copy_slots<A: MapAddr>(&self, svc: &ServiceValue) -> Result<(), TraceError>

@@ -228,6 +228,7 @@ pub fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> Fron
         affinity_timeout: None,
         local_only: false,
         source_ranges: vec![],
+        lb_algorithm: None,
     }
 }
 
@@ -259,6 +260,7 @@ pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
         affinity_timeout: None,
         local_only: false,
         source_ranges: vec![],
+        lb_algorithm: None,
     }
 }
 

@@ -338,7 +338,7 @@ fn output_formats_and_filters_against_a_real_agent() {
 
     // Every format of every listing parses, with its column counts.
     for (cmd, table_cols, wide_cols) in
-        [("services", 7, 10), ("backends", 3, 5), ("conntrack", 11, 15), ("stats", 6, 6)]
+        [("services", 7, 11), ("backends", 3, 5), ("conntrack", 11, 15), ("stats", 6, 6)]
     {
         let all = json_with(cmd, &["-o", "json"]);
         assert!(!all.is_empty(), "{cmd}");

@@ -48,6 +48,7 @@ fn service(dp: &mut TestDataplane, vip: IpAddr, port: u16, backends: &[(IpAddr, 
         affinity_timeout: None,
         local_only: false,
         source_ranges: vec![],
+        lb_algorithm: None,
     };
     let r = dp.syncer.apply(&state(vec![(key, e)]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);

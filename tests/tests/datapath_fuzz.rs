@@ -223,6 +223,7 @@ fn fe_entry(name: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -> Front
         affinity_timeout: None,
         local_only: false,
         source_ranges: vec![],
+        lb_algorithm: None,
     }
 }
 

@@ -131,7 +131,8 @@ impl Maps6 {
             ids.push(bid);
         }
         let affinity_timeout = if flags & svc_flags::AFFINITY != 0 { AFFINITY_TIMEOUT } else { 0 };
-        let v = ServiceValue { id, count: backends.len() as u32, flags, generation: 0, affinity_timeout, _reserved: 0 };
+        let v =
+            ServiceValue { id, count: backends.len() as u32, flags, generation: 0, affinity_timeout, maglev_size: 0 };
         self.services.insert(fe_key(f), v, 0).expect("SERVICES6 insert");
         ids
     }
@@ -789,7 +790,7 @@ fn v6_missing_slot_or_backend_is_an_error_drop() {
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     let f = fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL);
-    let v = ServiceValue { id: 81, count: 1, flags: 0, generation: 0, affinity_timeout: 0, _reserved: 0 };
+    let v = ServiceValue { id: 81, count: 1, flags: 0, generation: 0, affinity_timeout: 0, maglev_size: 0 };
     m.services.insert(fe_key(f), v, 0).unwrap();
     let frame = tcp6_frame((CLIENT, 40000), (VIP, 80), b"");
     assert_eq!(dp.run(FROM_POD, &frame).0, TC_ACT_SHOT, "no slot");
@@ -1135,7 +1136,7 @@ fn v6_syn_after_fin_reopens_the_tuple() {
     // The agent removes B3: a new slot generation with B1 and B2 only.
     m.slots.insert(SlotKey::new(id, 1, 0), ids[0], 0).unwrap();
     m.slots.insert(SlotKey::new(id, 1, 1), ids[1], 0).unwrap();
-    let v = ServiceValue { id, count: 2, flags: 0, generation: 1, affinity_timeout: 0, _reserved: 0 };
+    let v = ServiceValue { id, count: 2, flags: 0, generation: 1, affinity_timeout: 0, maglev_size: 0 };
     m.services.insert(fe_key(fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL)), v, 0).unwrap();
 
     let syn = tcp6_frame((CLIENT, port), (VIP, 80), b"");

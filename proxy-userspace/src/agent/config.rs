@@ -93,6 +93,8 @@ pub struct AgentConfig {
     pub socket_lb: SocketLbMode,
     /// `--cgroup-root`; `None`: detected at start-up.
     pub cgroup_root: Option<PathBuf>,
+    /// `--lb-algorithm` (north-south default) and `--maglev-table-size`.
+    pub maglev: crate::sync::MaglevConfig,
 }
 
 impl AgentConfig {
@@ -122,6 +124,7 @@ impl AgentConfig {
                 max_backends: args.max_backends,
                 max_conntrack: args.max_conntrack,
                 max_source_ranges: args.max_source_ranges,
+                max_maglev_slots: args.max_maglev_slots,
             },
             pod_ifaces,
             watched_ifaces,
@@ -145,6 +148,7 @@ impl AgentConfig {
             ct_gc_interval: args.conntrack.conntrack_gc_interval,
             socket_lb: args.socket_lb,
             cgroup_root: args.cgroup_root.clone(),
+            maglev: crate::sync::MaglevConfig { table_size: args.maglev_table_size, north_south: args.lb_algorithm },
         })
     }
 

@@ -301,6 +301,7 @@ fn prepare_attacher(
 /// The sync over the pinned maps, with what they hold read back.
 fn read_back(config: &AgentConfig, store: AgentStore) -> Result<Syncer<AgentStore>> {
     let mut syncer = Syncer::new(store).context("reading back the pinned maps")?;
+    syncer.set_maglev(config.maglev);
     // kube-proxy's connections become ours before any Service entry can balance them.
     syncer.before_first_services(crate::takeover::adoption_hook(config.bpffs_root()));
     if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&config.snat_port_range)) {

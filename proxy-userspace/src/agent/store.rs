@@ -5,7 +5,7 @@
 //! steps 1 and 10); each effect is logged here, where it is carried out.
 use std::net::IpAddr;
 
-use proxy_common::{IdMarks, ServiceMeta, ServiceValue, SlotKey};
+use proxy_common::{IdMarks, MaglevKey, ServiceMeta, ServiceValue, SlotKey};
 use tracing::info;
 
 use super::socket_lb::SockLb;
@@ -90,6 +90,15 @@ impl MapStore for AgentStore {
     }
     fn del_slot(&mut self, k: &SlotKey) -> StoreResult {
         self.maps.del_slot(k)
+    }
+    fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> StoreResult {
+        self.maps.put_maglev(k, backend_id)
+    }
+    fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult {
+        self.maps.del_maglev(k)
+    }
+    fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
+        self.maps.put_maglevs(items)
     }
     fn put_backend(&mut self, id: BackendId, b: &AnyBackend) -> StoreResult {
         self.maps.put_backend(id, b)

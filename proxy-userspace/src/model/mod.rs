@@ -2,11 +2,13 @@
 //! Pure: no I/O, no clocks, no globals; everything it needs comes in as arguments, so it is
 //! unit-tested on its own (see `translate` tests).
 pub mod addr;
+pub mod maglev;
 pub mod node;
 pub mod translate;
 pub mod types;
 
 pub use translate::{
-    ClaimSource, ObjectKey, Translator, TriggerTimes, explain, object_key, translate, translate_with_claims,
+    ANNOTATION_LB_ALGORITHM, ClaimSource, ObjectKey, Translator, TriggerTimes, explain, object_key, translate,
+    translate_with_claims,
 };
 pub use types::*;

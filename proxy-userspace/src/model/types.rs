@@ -227,6 +227,67 @@ pub struct FrontendEntry {
     /// all. A range of the other family never constrains it (upstream filters the ranges
     /// by family: an IPv4 LB IP with only IPv6 ranges is open).
     pub source_ranges: Vec<IpPrefix>,
+    /// The Service's `ebpf-proxy.io/lb-algorithm`; `None`: the node's default
+    /// (`--lb-algorithm` for north-south frontends, random for ClusterIPs; the sync applies
+    /// it, `LbAlgorithm::for_frontend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb_algorithm: Option<LbAlgorithm>,
+}
+
+/// How a frontend's new flows pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    /// Uniformly at random, on each node independently (kube-proxy's behaviour).
+    #[default]
+    Random,
+    /// From the frontend's Maglev table by a hash of the 5-tuple: every node picks the same
+    /// backend for a flow, and a backend change moves about 1/N of the flows.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::Maglev => "maglev",
+        }
+    }
+
+    /// The algorithm of a frontend of `kind` in `scope` whose Service asks for `annotated`:
+    /// the annotation, else `north_south` for the external scope of NodePort, ExternalIP and
+    /// LoadBalancer frontends (traffic from outside, which a router may move between
+    /// nodes), random for the rest (east-west: the client's own node decides, so agreement
+    /// across nodes buys nothing, and a table per frontend costs memory).
+    pub fn for_frontend(
+        annotated: Option<LbAlgorithm>,
+        kind: FrontendKind,
+        scope: Scope,
+        north_south: LbAlgorithm,
+    ) -> Self {
+        match (annotated, kind, scope) {
+            (Some(a), _, _) => a,
+            (None, FrontendKind::ClusterIP, _) | (None, _, Scope::Internal) => LbAlgorithm::Random,
+            (None, _, Scope::External) => north_south,
+        }
+    }
+}
+
+impl std::fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LbAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(LbAlgorithm::Random),
+            "maglev" => Ok(LbAlgorithm::Maglev),
+            other => Err(format!("unknown load-balancing algorithm {other:?} (random or maglev)")),
+        }
+    }
 }
 
 /// What a `healthCheckNodePort` reports (kube-proxy's service health server): a load
@@ -361,6 +422,8 @@ pub struct FrontendView {
     /// Which traffic policy applies and, for Cluster, the topology mode chosen.
     pub policy: String,
     pub endpoints: Vec<EndpointVerdict>,
+    /// How new flows pick a backend (`random`, `maglev`) and what decided it.
+    pub selection: String,
 }
 
 #[derive(Clone, Debug, Serialize)]

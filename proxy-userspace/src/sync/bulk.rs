@@ -7,7 +7,7 @@
 //! landed, which then names each frontend that does not fit.
 use std::collections::HashSet;
 
-use proxy_common::{ServiceMeta, ServiceValue, SlotKey};
+use proxy_common::{MaglevKey, ServiceMeta, ServiceValue, SlotKey};
 use tracing::warn;
 
 use super::{
@@ -51,6 +51,7 @@ impl<S: MapStore> Syncer<S> {
     fn bulk_load(&mut self, desired: &DesiredState) -> Result<SyncReport, StoreError> {
         let mut backends: Vec<(BackendId, AnyBackend)> = Vec::new();
         let mut slots: Vec<(SlotKey, BackendId)> = Vec::new();
+        let mut maglev: Vec<(MaglevKey, BackendId)> = Vec::new();
         let mut ranges: Vec<(ServiceId, IpPrefix)> = Vec::new();
         let mut metas: Vec<(ServiceId, ServiceMeta)> = Vec::with_capacity(desired.frontends.len());
         let mut services: Vec<(AnyServiceKey, ServiceValue)> = Vec::with_capacity(desired.frontends.len());
@@ -72,19 +73,23 @@ impl<S: MapStore> Syncer<S> {
                 ids.push(id);
             }
             let id = self.ids.services.alloc();
-            let target = Target::new(entry, ids);
+            let target = Target::new(entry, fk.scope, ids, &self.maglev);
             slots.extend(target.backends.iter().enumerate().map(|(i, b)| (SlotKey::new(id.get(), 0, i as u32), *b)));
+            let svc_id = id.get();
+            maglev.extend(target.maglev.iter().enumerate().map(|(i, b)| (MaglevKey { svc_id, slot: i as u32 }, *b)));
             ranges.extend(entry.source_ranges.iter().map(|p| (id, *p)));
             metas.push((id, target.meta));
             let value = target.value(id, 0);
             services.push((key, value));
-            programmed.push((key, Programmed::written(value, target.backends, target.meta, target.ranges)));
+            programmed
+                .push((key, Programmed::written(value, target.backends, target.maglev, target.meta, target.ranges)));
         }
         // The marks first: nothing may name an id the marks do not cover.
         let mut mark_writes = 0;
         self.persist_id_marks(&mut mark_writes)?;
         self.store.put_backends(&backends)?;
         self.store.put_slots(&slots)?;
+        self.store.put_maglevs(&maglev)?;
         for (id, p) in &ranges {
             self.store.put_range(*id, *p)?;
         }
@@ -98,7 +103,8 @@ impl<S: MapStore> Syncer<S> {
             self.mirror.set_refs(&mut prog, refs, &mut released);
             self.mirror.put_frontend(key, prog);
         }
-        let writes = mark_writes + (backends.len() + slots.len() + ranges.len() + metas.len() + services.len()) as u64;
+        let writes = mark_writes
+            + (backends.len() + slots.len() + maglev.len() + ranges.len() + metas.len() + services.len()) as u64;
         self.total_writes += writes;
         let mut report = SyncReport { writes, ..SyncReport::default() };
         self.count_into(&mut report);

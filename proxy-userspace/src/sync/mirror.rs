@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
 };
 
-use proxy_common::{ServiceMeta, ServiceValue, SlotKey, svc_flags};
+use proxy_common::{MaglevKey, ServiceMeta, ServiceValue, SlotKey, svc_flags};
 
 use super::{
     ids::{BackendId, ServiceId},
@@ -48,6 +48,8 @@ pub(super) struct Programmed {
     pub(super) active: Vec<BackendId>,
     /// Backend ids left in the inactive generation's slots, by index.
     pub(super) inactive: Vec<BackendId>,
+    /// Its Maglev table as written (`MAGLEV`), by slot; empty without one.
+    pub(super) maglev: Vec<BackendId>,
     pub(super) meta: Option<ServiceMeta>,
     pub(super) ranges: BTreeSet<IpPrefix>,
     /// The SERVICES entry has been written (false while a new frontend failed midway).
@@ -64,6 +66,7 @@ impl Programmed {
             value: ServiceValue { id: id.get(), ..Default::default() },
             active: vec![],
             inactive: vec![],
+            maglev: vec![],
             meta: None,
             ranges: BTreeSet::new(),
             in_map: false,
@@ -76,10 +79,20 @@ impl Programmed {
     pub(super) fn written(
         value: ServiceValue,
         active: Vec<BackendId>,
+        maglev: Vec<BackendId>,
         meta: ServiceMeta,
         ranges: BTreeSet<IpPrefix>,
     ) -> Self {
-        Programmed { value, active, inactive: Vec::new(), meta: Some(meta), ranges, in_map: true, refs: Vec::new() }
+        Programmed {
+            value,
+            active,
+            inactive: Vec::new(),
+            maglev,
+            meta: Some(meta),
+            ranges,
+            in_map: true,
+            refs: Vec::new(),
+        }
     }
 
     /// The service id its `SERVICES` value carries (a `u32` there: the layout is shared
@@ -138,6 +151,8 @@ pub(super) struct Orphans {
     pub(super) slots: Vec<SlotKey>,
     pub(super) meta: Vec<ServiceId>,
     pub(super) ranges: Vec<(ServiceId, IpPrefix)>,
+    /// Maglev slots of no service, or past their service's table size.
+    pub(super) maglev: Vec<MaglevKey>,
 }
 
 #[derive(Debug, Default)]
@@ -164,6 +179,11 @@ impl Mirror {
         for (k, b) in &snap.slots {
             slots.entry((ServiceId::new(k.svc_id), k.generation())).or_default().insert(k.index(), *b);
         }
+        let mut maglev: HashMap<u32, BTreeMap<u32, BackendId>> = HashMap::new();
+        for (k, b) in &snap.maglev {
+            maglev.entry(k.svc_id).or_default().insert(k.slot, *b);
+        }
+        let sizes: HashMap<u32, u32> = snap.services.iter().map(|(_, v)| (v.id, v.maglev_size)).collect();
         let meta: HashMap<ServiceId, ServiceMeta> = snap.meta.iter().copied().collect();
         let mut ranges: HashMap<ServiceId, BTreeSet<IpPrefix>> = HashMap::new();
         for (id, p) in &snap.ranges {
@@ -178,6 +198,16 @@ impl Mirror {
             // Anything past `count` is stale; the next update of this service rewrites it.
             active.truncate(v.count as usize);
             let inactive = ids(v.generation ^ 1);
+            // A table is taken as written only whole (every slot below its size): a
+            // partial one is rewritten by the next update of its frontend.
+            let table: Vec<BackendId> = maglev.get(&v.id).map(|t| t.values().copied().collect()).unwrap_or_default();
+            let table = if table.len() == v.maglev_size as usize
+                && maglev.get(&v.id).is_some_and(|t| t.keys().next_back().is_none_or(|last| *last + 1 == v.maglev_size))
+            {
+                table
+            } else {
+                Vec::new()
+            };
             // Until the first pass says what it wants, a frontend keeps whatever its slots
             // point at.
             let refs = m.live(active.iter().chain(&inactive));
@@ -190,6 +220,7 @@ impl Mirror {
                     value: *v,
                     active,
                     inactive,
+                    maglev: table,
                     meta: meta.get(&id).copied(),
                     ranges: ranges.remove(&id).unwrap_or_default(),
                     in_map: true,
@@ -203,6 +234,12 @@ impl Mirror {
             meta: meta.keys().filter(|id| !live.contains(&id.get())).copied().collect(),
             // What the frontends did not take.
             ranges: ranges.into_iter().flat_map(|(id, set)| set.into_iter().map(move |p| (id, p))).collect(),
+            maglev: snap
+                .maglev
+                .iter()
+                .filter(|(k, _)| sizes.get(&k.svc_id).is_none_or(|size| k.slot >= *size))
+                .map(|(k, _)| *k)
+                .collect(),
         };
         (m, orphans)
     }

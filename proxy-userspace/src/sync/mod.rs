@@ -83,7 +83,7 @@ use proxy_common::port_from_map;
 use tracing::warn;
 
 pub use ids::{BackendId, ServiceId};
-pub use plan::service_meta;
+pub use plan::{MaglevConfig, service_meta};
 pub use store::{
     AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, NodeFacts, Snapshot, SocketsDestroyed, StoreError,
 };
@@ -177,6 +177,8 @@ pub struct Syncer<S: MapStore> {
     /// Run once, by the next pass, before any `SERVICES` entry is written (`takeover`
     /// adopts netfilter's flows there; see [`Syncer::before_first_services`]).
     before_services: Option<BeforeServices>,
+    /// Maglev table size and the north-south default (`set_maglev`).
+    maglev: MaglevConfig,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -193,9 +195,18 @@ impl<S: MapStore> Syncer<S> {
             node: NodeEntries::default(),
             total_writes: 0,
             before_services: None,
+            maglev: MaglevConfig::default(),
         };
         s.read_back()?;
         Ok(s)
+    }
+
+    /// Build Maglev tables of `cfg.table_size` slots, and use Maglev for north-south
+    /// frontends without an annotation when `cfg.north_south` says so. Frontends whose
+    /// algorithm or table this changes are rewritten by the next `apply` (the first pass
+    /// looks at every frontend).
+    pub fn set_maglev(&mut self, cfg: MaglevConfig) {
+        self.maglev = cfg;
     }
 
     /// (Re)build the mirror and the id allocators from what the maps hold.
@@ -410,3 +421,6 @@ mod prop_tests;
 
 #[cfg(test)]
 mod order_tests;
+
+#[cfg(test)]
+mod maglev_tests;

@@ -4,7 +4,7 @@
 //! cannot drift from the code again.
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, IdMarks, PROTO_UDP, ServiceMeta, ServiceValue, SlotKey};
+use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, IdMarks, MaglevKey, PROTO_UDP, ServiceMeta, ServiceValue, SlotKey};
 
 use super::{
     tests::{desired, fk, lb},
@@ -88,6 +88,12 @@ impl MapStore for Recording {
         let peers: Vec<String> = backends.iter().map(|(a, p)| format!("{a}:{}", u16::from_be(*p))).collect();
         self.note(format!("destroy_udp_sockets {}", peers.join(" ")));
         self.0.destroy_udp_sockets(backends)
+    }
+    fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> Result<(), StoreError> {
+        self.0.put_maglev(k, backend_id)
+    }
+    fn del_maglev(&mut self, k: &MaglevKey) -> Result<(), StoreError> {
+        self.0.del_maglev(k)
     }
 }
 

@@ -10,7 +10,9 @@ use super::{
     mirror::Mirror,
     store::{AnyBackend, AnyServiceKey},
 };
-use crate::model::{BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, IpPrefix, Protocol, Scope};
+use crate::model::{
+    BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, IpPrefix, LbAlgorithm, Protocol, Scope, maglev,
+};
 
 /// Which frontends a pass looks at.
 pub(super) enum SyncScope<'a> {
@@ -64,6 +66,8 @@ pub(super) fn plan<'a>(
 pub(super) struct Target {
     /// Its backends' ids, in slot order.
     pub(super) backends: Vec<BackendId>,
+    /// Its Maglev table (slot -> backend id); empty for random selection (or no backends).
+    pub(super) maglev: Vec<BackendId>,
     pub(super) flags: u32,
     pub(super) affinity_timeout: u32,
     pub(super) meta: ServiceMeta,
@@ -71,11 +75,21 @@ pub(super) struct Target {
 }
 
 impl Target {
-    /// `entry` with its backends under `backends` (their ids, in its order).
-    pub(super) fn new(entry: &FrontendEntry, backends: Vec<BackendId>) -> Self {
+    /// `entry` in `scope` with its backends under `backends` (their ids, in its order);
+    /// a Maglev one (`LbAlgorithm::for_frontend`) gets its table of `cfg.table_size` slots,
+    /// built here.
+    pub(super) fn new(entry: &FrontendEntry, scope: Scope, backends: Vec<BackendId>, cfg: &MaglevConfig) -> Self {
+        let algorithm = LbAlgorithm::for_frontend(entry.lb_algorithm, entry.kind, scope, cfg.north_south);
+        let mut flags = service_flags(entry);
+        let mut maglev = Vec::new();
+        if algorithm == LbAlgorithm::Maglev {
+            flags |= svc_flags::MAGLEV;
+            maglev = maglev_table(entry, &backends, cfg.table_size);
+        }
         Target {
             backends,
-            flags: service_flags(entry),
+            maglev,
+            flags,
             affinity_timeout: entry.affinity_timeout.unwrap_or(0),
             meta: service_meta(entry),
             ranges: entry.source_ranges.iter().copied().collect(),
@@ -90,9 +104,34 @@ impl Target {
             flags: self.flags,
             generation,
             affinity_timeout: self.affinity_timeout,
-            _reserved: 0,
+            maglev_size: self.maglev.len() as u32,
         }
     }
+}
+
+/// How the sync builds Maglev tables, and which frontends get one without an annotation
+/// (`--maglev-table-size`, `--lb-algorithm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevConfig {
+    /// A prime (`model::maglev::check_table_size`).
+    pub table_size: u32,
+    /// The algorithm of north-south frontends whose Service has no annotation.
+    pub north_south: LbAlgorithm,
+}
+
+impl Default for MaglevConfig {
+    fn default() -> Self {
+        MaglevConfig { table_size: maglev::DEFAULT_TABLE_SIZE, north_south: LbAlgorithm::Random }
+    }
+}
+
+/// The Maglev table of `entry` whose backends got `ids` (same order): slot -> backend id.
+/// Built from the backends' addresses and ports, so every node builds the same one whatever
+/// ids it gave them.
+fn maglev_table(entry: &FrontendEntry, ids: &[BackendId], size: u32) -> Vec<BackendId> {
+    let backends: Vec<maglev::MaglevBackend> =
+        entry.backends.iter().map(|b| maglev::MaglevBackend { addr: b.addr, port: b.port, weight: 1 }).collect();
+    maglev::build_table(&backends, size).into_iter().map(|i| ids[i as usize]).collect()
 }
 
 pub(super) fn service_key(k: &FrontendKey) -> AnyServiceKey {

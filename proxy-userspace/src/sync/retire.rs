@@ -11,7 +11,7 @@ use super::{
     plan::frontend_key,
     store::{AnyServiceKey, MapStore, StoreError},
 };
-use proxy_common::SlotKey;
+use proxy_common::{MaglevKey, SlotKey};
 
 impl<S: MapStore> Syncer<S> {
     /// Remove the frontends no longer desired.
@@ -66,6 +66,10 @@ impl<S: MapStore> Syncer<S> {
                 *writes += 1;
             }
         }
+        for slot in 0..prog.maglev.len() as u32 {
+            self.store.del_maglev(&MaglevKey { svc_id: id.get(), slot })?;
+            *writes += 1;
+        }
         if prog.meta.is_some() {
             self.store.del_meta(id)?;
             *writes += 1;
@@ -113,6 +117,12 @@ impl<S: MapStore> Syncer<S> {
             match self.store.del_slot(&k) {
                 Ok(()) => writes += 1,
                 Err(_) => self.orphans.slots.push(k),
+            }
+        }
+        for k in o.maglev {
+            match self.store.del_maglev(&k) {
+                Ok(()) => writes += 1,
+                Err(_) => self.orphans.maglev.push(k),
             }
         }
         for id in o.meta {

@@ -19,7 +19,8 @@ use std::{
 };
 
 use proxy_common::{
-    Backend, CtKey, CtKey6, CtValue, CtValue6, IdMarks, ServiceKey, ServiceMeta, ServiceValue, SlotKey, map_names as n,
+    Backend, CtKey, CtKey6, CtValue, CtValue6, IdMarks, MaglevKey, ServiceKey, ServiceMeta, ServiceValue, SlotKey,
+    map_names as n,
 };
 
 use super::ids::{BackendId, ServiceId};
@@ -91,6 +92,8 @@ pub struct Snapshot {
     pub ranges: Vec<(ServiceId, IpPrefix)>,
     /// The id allocators' persisted high-water marks (zero when none were recorded).
     pub id_marks: IdMarks,
+    /// Maglev table slots (`MAGLEV`).
+    pub maglev: Vec<(MaglevKey, BackendId)>,
 }
 
 /// Why a store operation failed, as far as the sync must tell failures apart: a full map
@@ -130,6 +133,9 @@ pub trait MapStore {
     fn purge_affinity(&mut self, pred: &dyn Fn(ServiceId, BackendId) -> bool) -> StoreResult<usize>;
     /// Persist the id allocators' high-water marks (read back in `Snapshot::id_marks`).
     fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult;
+    /// One slot of a frontend's Maglev table.
+    fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> StoreResult;
+    fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult;
 
     /// Write one family's node facts (`NODE_CONFIG` / `NODE_CONFIG6`). The sync asks only
     /// when it was given them (`Syncer::set_node_facts`, the agent's); a store without the
@@ -156,6 +162,9 @@ pub trait MapStore {
     }
     fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
         items.iter().try_for_each(|(k, b)| self.put_slot(k, *b))
+    }
+    fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
+        items.iter().try_for_each(|(k, b)| self.put_maglev(k, *b))
     }
     fn put_metas(&mut self, items: &[(ServiceId, ServiceMeta)]) -> StoreResult {
         items.iter().try_for_each(|(id, m)| self.put_meta(*id, m))
@@ -189,6 +198,8 @@ pub struct MemStore {
     /// `SOURCE_RANGES` / `SOURCE_RANGES6`.
     pub max_ranges: Option<usize>,
     pub id_marks: IdMarks,
+    /// Maglev table slots.
+    pub maglev: BTreeMap<MaglevKey, u32>,
     /// Every write, in order, as text: lets tests assert ordering and minimality.
     pub log: Vec<String>,
     /// The node's facts by family (not in `log`: no Service state, and not counted as a
@@ -214,6 +225,7 @@ impl MapStore for MemStore {
             meta: self.meta.iter().map(|(k, v)| (ServiceId::new(*k), *v)).collect(),
             ranges: self.ranges.keys().map(|(id, p)| (ServiceId::new(*id), *p)).collect(),
             id_marks: self.id_marks,
+            maglev: self.maglev.iter().map(|(k, v)| (*k, BackendId::new(*v))).collect(),
         })
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
@@ -247,6 +259,16 @@ impl MapStore for MemStore {
     fn del_slot(&mut self, k: &SlotKey) -> StoreResult {
         self.log.push(format!("del_slot {}/{}/{}", k.svc_id, k.generation(), k.index()));
         self.slots.remove(k);
+        Ok(())
+    }
+    fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> StoreResult {
+        self.log.push(format!("put_maglev {}/{}={}", k.svc_id, k.slot, backend_id));
+        self.maglev.insert(*k, backend_id.get());
+        Ok(())
+    }
+    fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult {
+        self.log.push(format!("del_maglev {}/{}", k.svc_id, k.slot));
+        self.maglev.remove(k);
         Ok(())
     }
     fn put_backend(&mut self, id: BackendId, b: &AnyBackend) -> StoreResult {

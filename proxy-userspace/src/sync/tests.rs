@@ -29,6 +29,7 @@ pub(super) fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
         affinity_timeout: None,
         local_only: false,
         source_ranges: vec![],
+        lb_algorithm: None,
     }
 }
 

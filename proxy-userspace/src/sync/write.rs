@@ -7,7 +7,7 @@
 //! pass.
 use std::collections::{BTreeSet, HashSet};
 
-use proxy_common::{PROTO_UDP, SlotKey, svc_flags};
+use proxy_common::{MaglevKey, PROTO_UDP, SlotKey, svc_flags};
 use tracing::{error, warn};
 
 use super::{
@@ -17,7 +17,7 @@ use super::{
     plan::{Target, backend_value, service_key},
     store::{AnyBackend, AnyServiceKey, MapStore, StoreError},
 };
-use crate::model::{FrontendEntry, FrontendKey, IpPrefix};
+use crate::model::{FrontendEntry, FrontendKey, IpPrefix, Scope};
 
 /// Frontends that found a map full, for their second chance.
 #[derive(Default)]
@@ -115,7 +115,8 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
-        let target = Target::new(entry, ids);
+        let scope = Scope::from_number(key.scope).unwrap_or(Scope::Internal);
+        let target = Target::new(entry, scope, ids, &self.maglev);
 
         let mut prog = match self.mirror.take_frontend(key) {
             Some(p) => p,
@@ -198,8 +199,14 @@ impl<S: MapStore> Syncer<S> {
             *writes += 1;
             prog.ranges.insert(p);
         }
+        // The Maglev table first, in place and only the slots that differ: it is reachable
+        // as soon as it is written if the frontend already has a table (every slot names a
+        // backend of the old or the new list, all in `BACKENDS` until the end of the pass);
+        // a new table is published by the `SERVICES` write below.
+        self.put_maglev_slots(id, prog, &target.maglev, writes)?;
         let unchanged = prog.in_map
             && prog.active == target.backends
+            && prog.value.maglev_size == target.maglev.len() as u32
             && prog.value.flags == target.flags
             && prog.value.affinity_timeout == target.affinity_timeout;
         if !unchanged {
@@ -225,6 +232,9 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
+        // Slots past the new table's size (a smaller table, or none any more) are unreachable
+        // now that `SERVICES` says so.
+        self.del_maglev_past(id, prog, target.maglev.len(), writes)?;
         let lost: Vec<IpPrefix> = prog.ranges.difference(&target.ranges).copied().collect();
         for p in lost {
             self.store.del_range(id, p)?;
@@ -321,6 +331,71 @@ impl<S: MapStore> Syncer<S> {
                     have.push(*bid);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Write the Maglev table `table` of service `id` over what `prog` holds: only the slots
+    /// that differ, in one batch (a backend change moves about 1/N of a table's thousands
+    /// of slots: one syscall instead of one each). A batch that fails may have landed in
+    /// part, so the slots are then written one by one, recording each (writing a slot again
+    /// is harmless), and the mirror stays exact.
+    fn put_maglev_slots(
+        &mut self,
+        id: ServiceId,
+        prog: &mut Programmed,
+        table: &[BackendId],
+        writes: &mut u64,
+    ) -> Result<(), StoreError> {
+        let changed: Vec<(MaglevKey, BackendId)> = table
+            .iter()
+            .enumerate()
+            .filter(|(slot, bid)| prog.maglev.get(*slot) != Some(*bid))
+            .map(|(slot, bid)| (MaglevKey { svc_id: id.get(), slot: slot as u32 }, *bid))
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        if self.store.put_maglevs(&changed).is_ok() {
+            *writes += changed.len() as u64;
+            prog.maglev.resize(prog.maglev.len().max(table.len()), BackendId::new(0));
+            for (k, bid) in &changed {
+                prog.maglev[k.slot as usize] = *bid;
+            }
+            return Ok(());
+        }
+        for (slot, bid) in table.iter().enumerate() {
+            if prog.maglev.get(slot) != Some(bid) {
+                self.store.put_maglev(&MaglevKey { svc_id: id.get(), slot: slot as u32 }, *bid)?;
+                *writes += 1;
+                if slot < prog.maglev.len() {
+                    prog.maglev[slot] = *bid;
+                } else {
+                    prog.maglev.push(*bid);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete the Maglev slots of service `id` from `len` on (once `SERVICES` no longer
+    /// reaches them).
+    fn del_maglev_past(
+        &mut self,
+        id: ServiceId,
+        prog: &mut Programmed,
+        len: usize,
+        writes: &mut u64,
+    ) -> Result<(), StoreError> {
+        while prog.maglev.len() > len {
+            let slot = prog.maglev.len() - 1;
+            if prog.value.maglev_size as usize > slot {
+                // Still published (the SERVICES write failed): keep it.
+                break;
+            }
+            self.store.del_maglev(&MaglevKey { svc_id: id.get(), slot: slot as u32 })?;
+            *writes += 1;
+            prog.maglev.pop();
         }
         Ok(())
     }

@@ -16,9 +16,9 @@
 use aya::Pod;
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
-    Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue,
-    SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6, SockUdpValue,
-    SourceRangeData6, StatsKey, map_names as n, sizes,
+    Ipv6Words, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
+    ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6,
+    SockUdpValue, SourceRangeData6, StatsKey, map_names as n, sizes,
 };
 
 use crate::dataplane::maps::copy::{self, CopyFn, Legacy, Upgrade};
@@ -31,6 +31,7 @@ pub enum SizeFlag {
     MaxBackends,
     MaxConntrack,
     MaxSourceRanges,
+    MaxMaglevSlots,
 }
 
 impl SizeFlag {
@@ -41,6 +42,7 @@ impl SizeFlag {
             SizeFlag::MaxBackends => "max-backends",
             SizeFlag::MaxConntrack => "max-conntrack",
             SizeFlag::MaxSourceRanges => "max-source-ranges",
+            SizeFlag::MaxMaglevSlots => "max-maglev-slots",
         }
     }
 
@@ -51,6 +53,7 @@ impl SizeFlag {
             SizeFlag::MaxBackends => sizes::MAX_BACKENDS,
             SizeFlag::MaxConntrack => sizes::MAX_CONNTRACK,
             SizeFlag::MaxSourceRanges => sizes::MAX_SOURCE_RANGES,
+            SizeFlag::MaxMaglevSlots => sizes::MAX_MAGLEV_SLOTS,
         }
     }
 }
@@ -435,6 +438,15 @@ pub static MAPS: &[MapDef] = &[
     MapDef { ..MapDef::new(n::SOCK_CONFIG, Layout::array::<SockConfig>(), 1) },
     // The agent's id high-water marks: one array entry, only the agent writes it.
     MapDef { migrate: Some(ARRAY), ..MapDef::new(n::SYNC_IDS, Layout::array::<IdMarks>(), 1) },
+    // Maglev tables (frontend id, slot) -> backend id, both families; written by the agent,
+    // read by TC and XDP for new flows of Maglev frontends; allocated on use.
+    MapDef {
+        sizing: Sizing::Flag(SizeFlag::MaxMaglevSlots),
+        prealloc: false,
+        migrate: Some(AGENT_WRITES),
+        trace_seeds: true,
+        ..MapDef::new(n::MAGLEV, Layout::hash::<MaglevKey, u32>(), sizes::MAX_MAGLEV_SLOTS)
+    },
 ];
 
 /// The row of map `name`.

@@ -52,6 +52,8 @@ pub struct LoaderConfig {
     pub max_conntrack: u32,
     /// `SOURCE_RANGES` and `SOURCE_RANGES6` (loadBalancerSourceRanges prefixes, each).
     pub max_source_ranges: u32,
+    /// `MAGLEV` (Maglev table slots of every frontend together).
+    pub max_maglev_slots: u32,
 }
 
 impl LoaderConfig {
@@ -62,6 +64,7 @@ impl LoaderConfig {
             max_backends: proxy_common::sizes::MAX_BACKENDS,
             max_conntrack: proxy_common::sizes::MAX_CONNTRACK,
             max_source_ranges: proxy_common::sizes::MAX_SOURCE_RANGES,
+            max_maglev_slots: proxy_common::sizes::MAX_MAGLEV_SLOTS,
         }
     }
 }
@@ -82,6 +85,7 @@ impl LoaderConfig {
             SizeFlag::MaxBackends => self.max_backends,
             SizeFlag::MaxConntrack => self.max_conntrack,
             SizeFlag::MaxSourceRanges => self.max_source_ranges,
+            SizeFlag::MaxMaglevSlots => self.max_maglev_slots,
         }
     }
 }

@@ -23,8 +23,8 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
-    PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6, SockUdpValue,
-    SourceRangeData6, StatsFamily, StatsKey, map_names as n,
+    MaglevKey, PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6,
+    SockUdpValue, SourceRangeData6, StatsFamily, StatsKey, map_names as n,
 };
 
 use self::addr::{ip_from_map, ip_to_map, ip6_from_map, ip6_to_map};
@@ -63,6 +63,9 @@ pub struct Maps {
     /// The sync's id high-water marks. None when the pins predate it (the CLI reading an
     /// older agent's maps); the agent's own object always has it.
     pub sync_ids: Option<Array<MapData, IdMarks>>,
+    /// Maglev tables (frontend id, slot) -> backend id. None when the pins predate it (the
+    /// CLI reading an older agent's maps); the agent's own object always has it.
+    pub maglev: Option<HashMap<MapData, MaglevKey, u32>>,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
@@ -103,6 +106,11 @@ impl Maps {
             sock_udp6: typed(n::SOCK_UDP_BACKENDS6, get(n::SOCK_UDP_BACKENDS6)?)?,
             sync_ids: match get(n::SYNC_IDS) {
                 Ok(m) => Some(typed(n::SYNC_IDS, m)?),
+                Err(DataplaneError::NotPinned { .. } | DataplaneError::MissingObject(_)) => None,
+                Err(e) => return Err(e),
+            },
+            maglev: match get(n::MAGLEV) {
+                Ok(m) => Some(typed(n::MAGLEV, m)?),
                 Err(DataplaneError::NotPinned { .. } | DataplaneError::MissingObject(_)) => None,
                 Err(e) => return Err(e),
             },
@@ -319,6 +327,12 @@ impl Maps {
         if let Some(ids) = &self.sync_ids {
             snap.id_marks = ids.get(&0, 0).map_err(collect_err(n::SYNC_IDS))?;
         }
+        if let Some(maglev) = &self.maglev {
+            for r in maglev.iter() {
+                let (k, id) = r.map_err(collect_err(n::MAGLEV))?;
+                snap.maglev.push((k, BackendId::new(id)));
+            }
+        }
         Ok(snap)
     }
 }
@@ -378,6 +392,12 @@ impl MapStore for Maps {
     }
     fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
         update_batch(&self.slots, n::BACKEND_SLOTS, items.iter().map(|(k, b)| (*k, b.get())))
+    }
+    fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
+        if items.is_empty() {
+            return Ok(());
+        }
+        update_batch(self.maglev_map()?, n::MAGLEV, items.iter().map(|(k, b)| (*k, b.get())))
     }
     fn put_metas(&mut self, items: &[(ServiceId, ServiceMeta)]) -> StoreResult {
         update_batch(&self.meta, n::SERVICE_META, items.iter().map(|(id, m)| (id.get(), *m)))
@@ -488,12 +508,28 @@ impl MapStore for Maps {
         Ok(v4 + v6)
     }
 
+    fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> StoreResult {
+        self.maglev_map_mut()?.insert(k, backend_id.get(), 0).map_err(store_err(n::MAGLEV))
+    }
+    fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult {
+        ignore_missing(self.maglev_map_mut()?.remove(k)).map_err(store_err(n::MAGLEV))
+    }
     fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult {
         match &mut self.sync_ids {
             Some(ids) => ids.set(0, marks, 0).map_err(store_err(n::SYNC_IDS)),
             // Only the CLI opens pins without it, and it never syncs.
             None => Ok(()),
         }
+    }
+}
+
+impl Maps {
+    /// `MAGLEV`, which only pins of an older agent lack (the CLI never writes).
+    fn maglev_map(&self) -> Result<&HashMap<MapData, MaglevKey, u32>, StoreError> {
+        self.maglev.as_ref().ok_or_else(|| DataplaneError::MissingObject(n::MAGLEV).into())
+    }
+    fn maglev_map_mut(&mut self) -> Result<&mut HashMap<MapData, MaglevKey, u32>, StoreError> {
+        self.maglev.as_mut().ok_or_else(|| DataplaneError::MissingObject(n::MAGLEV).into())
     }
 }
 

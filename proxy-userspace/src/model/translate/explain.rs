@@ -5,13 +5,14 @@ use std::{borrow::Borrow, net::SocketAddr};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
+    ANNOTATION_LB_ALGORITHM,
     backends::{PortEndpoint, Topology, choose, endpoints_for_port, ready_in_use, topology_mode},
     frontends::external_destinations,
     problems::ObjectId,
     services::parse_service,
     slices::{ServiceEndpoints, index_slices},
 };
-use crate::model::types::{EndpointVerdict, Explanation, FrontendView, IpFamily, NodeInfo, Reason};
+use crate::model::types::{EndpointVerdict, Explanation, FrontendView, IpFamily, LbAlgorithm, NodeInfo, Reason};
 
 /// Why each endpoint of Service `namespace/name` is or is not a backend of each of its
 /// frontends on `node` (`ebpf-proxy explain`): the decisions of `expand_port` and
@@ -48,7 +49,7 @@ pub fn explain(
         for &family in &parsed.families {
             let port_eps = endpoints_for_port(group, port, family);
             let topology = topology_mode(port_eps.iter());
-            let mut view = |traffic: String, local_policy: Option<&'static str>| {
+            let mut view = |traffic: String, local_policy: Option<&'static str>, north_south: bool| {
                 let (pool, topo): (Vec<&PortEndpoint>, Topology) = match local_policy {
                     Some(_) => (port_eps.iter().filter(|e| e.ep.local).collect(), Topology::Any),
                     None => (port_eps.iter().collect(), topology),
@@ -92,6 +93,7 @@ pub fn explain(
                     policy: local_policy
                         .map_or_else(|| format!("Cluster, topology: {}", topo.describe()), |p| format!("{p}: Local")),
                     endpoints,
+                    selection: selection(parsed.lb_algorithm, north_south),
                 });
             };
             let ips: Vec<String> = parsed
@@ -103,6 +105,7 @@ pub fn explain(
             view(
                 format!("cluster: ClusterIP {}", ips.join(", ")),
                 parsed.internal_local.then_some("internalTrafficPolicy"),
+                false,
             );
             let external: Vec<String> = external_destinations(&parsed, port, node, family)
                 .into_iter()
@@ -112,9 +115,25 @@ pub fn explain(
                 view(
                     format!("external: {}", external.join(", ")),
                     parsed.external_local.then_some("externalTrafficPolicy"),
+                    true,
                 );
             }
         }
     }
     Ok(Explanation { service: wanted.to_string(), node: node.name.clone(), zone: node.zone.clone(), frontends: views })
+}
+
+/// How new flows of a frontend group pick their backend, and what decided it.
+fn selection(annotated: Option<LbAlgorithm>, north_south: bool) -> String {
+    match (annotated, north_south) {
+        (Some(LbAlgorithm::Maglev), _) => {
+            format!("maglev ({ANNOTATION_LB_ALGORITHM}): every node picks the same backend for a flow")
+        }
+        (Some(LbAlgorithm::Random), _) => format!("random ({ANNOTATION_LB_ALGORITHM})"),
+        (None, false) => "random (ClusterIP default)".to_string(),
+        (None, true) => {
+            "the node's --lb-algorithm for traffic from outside (random unless set to maglev), random from pods"
+                .to_string()
+        }
+    }
 }

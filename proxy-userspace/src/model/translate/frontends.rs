@@ -63,6 +63,7 @@ pub(super) fn expand_port(
         kind,
         backends: backends.to_vec(),
         affinity_timeout: svc.affinity_timeout,
+        lb_algorithm: svc.lb_algorithm,
         local_only,
         source_ranges: ranges.to_vec(),
     };

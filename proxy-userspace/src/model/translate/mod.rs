@@ -51,6 +51,10 @@ const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Legacy spelling of `spec.loadBalancerSourceRanges`, used when the field is empty.
 const ANNOTATION_LB_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// How new flows of the Service pick a backend: `random` or `maglev` (every node picks the
+/// same backend for a flow). Without it, the node's `--lb-algorithm` for north-south
+/// frontends, random for ClusterIPs. As Cilium's `service.cilium.io/lb-algorithm`.
+pub const ANNOTATION_LB_ALGORITHM: &str = "ebpf-proxy.io/lb-algorithm";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum (API defaults).
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 const MAX_AFFINITY_TIMEOUT: u32 = 86400;

@@ -4,7 +4,7 @@ use std::{fmt, net::IpAddr};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::{DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, MAX_AFFINITY_TIMEOUT};
+use super::{ANNOTATION_LB_ALGORITHM, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, MAX_AFFINITY_TIMEOUT};
 use crate::model::types::{IpFamily, Warning};
 
 /// Everything that can be wrong with an input object; each becomes one `Warning`.
@@ -35,6 +35,10 @@ pub(super) enum Problem {
          using {DEFAULT_AFFINITY_TIMEOUT}"
     )]
     BadAffinityTimeout(i32),
+    #[error(
+        "annotation {ANNOTATION_LB_ALGORITHM} has unknown value {0:?} (random or maglev), using the node's default"
+    )]
+    BadLbAlgorithm(String),
     #[error("unknown spec.ipFamilies entry {0:?}, ignored")]
     UnknownIpFamily(String),
     #[error("clusterIPs[{index}] {ip} is not an {family} address as spec.ipFamilies[{index}] says, skipped")]

@@ -5,10 +5,11 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
 use super::{
-    ANNOTATION_LB_SOURCE_RANGES, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT,
+    ANNOTATION_LB_ALGORITHM, ANNOTATION_LB_SOURCE_RANGES, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_PROXY_NAME,
+    MAX_AFFINITY_TIMEOUT,
     problems::{Problem, label, non_empty, parse_ip, port_label, push_unique, valid_port},
 };
-use crate::model::types::{IpFamily, IpPrefix, Protocol};
+use crate::model::types::{IpFamily, IpPrefix, LbAlgorithm, Protocol};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum ServiceType {
@@ -31,6 +32,8 @@ pub(super) struct ParsedService {
     /// Both families; each frontend takes those of its own family.
     pub(super) source_ranges: Vec<IpPrefix>,
     pub(super) affinity_timeout: Option<u32>,
+    /// The `ebpf-proxy.io/lb-algorithm` annotation; `None`: the node's default.
+    pub(super) lb_algorithm: Option<LbAlgorithm>,
     pub(super) internal_local: bool,
     pub(super) external_local: bool,
     /// `spec.healthCheckNodePort` of a LoadBalancer service with externalTrafficPolicy
@@ -116,6 +119,7 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Prob
         lb_ips,
         source_ranges,
         affinity_timeout: affinity_timeout(spec, &mut notes),
+        lb_algorithm: lb_algorithm(svc, &mut notes),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_local,
         health_check_node_port,
@@ -256,6 +260,19 @@ pub(super) fn source_ranges(svc: &Service, spec: &ServiceSpec, notes: &mut Vec<P
     ranges.sort();
     ranges.dedup();
     ranges
+}
+
+/// The `ebpf-proxy.io/lb-algorithm` annotation; an unknown value is a note, and the node's
+/// default applies.
+pub(super) fn lb_algorithm(svc: &Service, notes: &mut Vec<Problem>) -> Option<LbAlgorithm> {
+    let raw = svc.metadata.annotations.as_ref()?.get(ANNOTATION_LB_ALGORITHM)?;
+    match raw.trim().parse::<LbAlgorithm>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            notes.push(Problem::BadLbAlgorithm(raw.clone()));
+            None
+        }
+    }
 }
 
 pub(super) fn affinity_timeout(spec: &ServiceSpec, notes: &mut Vec<Problem>) -> Option<u32> {

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::model::types::{
     BackendAddr, ClaimHolder, ClaimKey, Explanation, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, IpFamily,
-    IpPrefix, Protocol, Reason, Scope, ServicePortName,
+    IpPrefix, LbAlgorithm, Protocol, Reason, Scope, ServicePortName,
 };
 
 const NODE: &str = "node-a";
@@ -106,6 +106,7 @@ fn entry(svc: &str, port_name: &str, kind: FrontendKind, backends: Vec<BackendAd
         affinity_timeout: None,
         local_only: false,
         source_ranges: vec![],
+        lb_algorithm: None,
     }
 }
 
@@ -1248,6 +1249,35 @@ fn source_ranges_from_annotation_only_when_field_empty() {
         &[],
     );
     assert_translates(&[lb_with_ranges(annotation, json!(["10.0.0.0/8"]))], &[], lb_frontends(&[("10.0.0.0", 8)]), &[]);
+}
+
+// --- lb-algorithm annotation ------------------------------------------------------
+
+#[test]
+fn lb_algorithm_annotation_reaches_every_frontend_and_a_bad_value_is_warned() {
+    let with = |value: &str| lb_with_ranges(json!({ANNOTATION_LB_ALGORITHM: value}), json!([]));
+    let annotated = |algorithm| -> Vec<(FrontendKey, FrontendEntry)> {
+        lb_frontends(&[]).into_iter().map(|(k, e)| (k, FrontendEntry { lb_algorithm: algorithm, ..e })).collect()
+    };
+    assert_translates(&[with("maglev")], &[], annotated(Some(LbAlgorithm::Maglev)), &[]);
+    assert_translates(&[with(" random ")], &[], annotated(Some(LbAlgorithm::Random)), &[]);
+    // Unknown: the node's default, with one warning naming the value.
+    assert_translates(&[with("ring-hash")], &[], lb_frontends(&[]), &[("Service", "default/web", "\"ring-hash\"")]);
+}
+
+#[test]
+fn explain_says_how_backends_are_chosen() {
+    let node = node();
+    let view = |svc: &Service, traffic: &str| -> String {
+        let e = explain(std::slice::from_ref(svc), &[] as &[EndpointSlice], &node, "default", "web").unwrap();
+        e.frontends.iter().find(|v| v.traffic.starts_with(traffic)).unwrap().selection.clone()
+    };
+    let plain = lb_with_ranges(json!(null), json!([]));
+    assert_eq!(view(&plain, "cluster"), "random (ClusterIP default)");
+    assert!(view(&plain, "external").contains("--lb-algorithm"));
+    let maglev = lb_with_ranges(json!({ANNOTATION_LB_ALGORITHM: "maglev"}), json!([]));
+    assert!(view(&maglev, "cluster").starts_with("maglev (ebpf-proxy.io/lb-algorithm)"));
+    assert!(view(&maglev, "external").starts_with("maglev"));
 }
 
 // --- conflicts and determinism -----------------------------------------------------
