@@ -17,7 +17,10 @@ use proxy_common::{
     ServiceValue, SlotKey, StatsFamily, backend_flags, ct_flags, svc_flags, verdict,
 };
 use proxy_tests::{
-    family::{FROM_POD, FROM_UPLINK, NODE_PORT, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, TO_POD, XDP_DROP, XDP_PASS, XDP_TX},
+    family::{
+        FROM_POD, FROM_UPLINK, NODE_PORT, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, TO_POD, XDP_DROP, XDP_PASS,
+        XDP_TX,
+    },
     frames::with_ext_headers,
     harness::*,
 };
@@ -99,7 +102,8 @@ impl Maps6 {
             self.slots.insert(SlotKey::new(id, 0, i as u32), bid, 0).expect("BACKEND_SLOTS insert");
             ids.push(bid);
         }
-        let v = ServiceValue { id, count: backends.len() as u32, flags, generation: 0, affinity_timeout: 0, _reserved: 0 };
+        let v =
+            ServiceValue { id, count: backends.len() as u32, flags, generation: 0, affinity_timeout: 0, _reserved: 0 };
         self.services.insert(fe_key(f), v, 0).expect("SERVICES6 insert");
         ids
     }

@@ -32,12 +32,10 @@ fn xdp_report_per_packet_cost() {
     let net = fwd_ns(Family::V4);
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
-    dp.program(
-        vec![
-            (ext(node, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(local_pod, 8080, true)])),
-            (ext(node, 30081, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(remote_pod, 8080, false)])),
-        ],
-    );
+    dp.program(vec![
+        (ext(node, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(local_pod, 8080, true)])),
+        (ext(node, 30081, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(remote_pod, 8080, false)])),
+    ]);
     let local_hit = tcp_frame((client_ip, 40000), (node, NODE_PORT), b"");
     let miss = tcp_frame((client_ip, 40000), (node, 22), b"");
     let remote = tcp_frame((client_ip, 40001), (node, 30081), b"");
@@ -83,9 +81,10 @@ fn xdp_icmp_errors_about_snat_flows_reach_the_client() {
     let net = fwd_ns(Family::V4);
     let up0 = net.uplink_ifindex();
     let mut dp = TestDataplane::load();
-    dp.program(
-        vec![(ext(node, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(remote_pod, 8080, false)]))],
-    );
+    dp.program(vec![(
+        ext(node, NODE_PORT, Protocol::Tcp),
+        ext_entry(FrontendKind::NodePort, &[(remote_pod, 8080, false)]),
+    )]);
     let client = (client_ip, 40000);
     let (_, sent) = net.ns.run(|| dp.run_xdp_on(XDP, &tcp_frame(client, (node, NODE_PORT), &[1u8; 700]), up0));
     let snat_port = decode(&sent).src.1;
