@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, ct_flags};
 use proxy_userspace::{
+    conntrack::kernel::KernelCtTable,
     conntrack::{Gc, GcConfig, task::monotonic_ns},
-    dataplane::ct_table::KernelCtTable,
 };
 
 use crate::{Plan, dp::Dataplane, report::Row};

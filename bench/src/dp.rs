@@ -6,8 +6,8 @@ use aya::programs::{TestRun, TestRunOptions};
 use proxy_tests::harness::PinDir;
 use proxy_userspace::{
     dataplane::{
-        loader::{self, LoaderConfig, Programs},
         maps::Maps,
+        maps::loader::{self, LoaderConfig, Programs},
     },
     sync::Syncer,
 };

@@ -33,7 +33,7 @@ use etherparse::PacketBuilder;
 use proxy_common::{PROTO_TCP, SCOPE_INTERNAL, ServiceKey, StatsKey, port_to_map, verdict};
 use proxy_tests::harness::{decode, decode6};
 use proxy_userspace::{
-    dataplane::addr::{ip_to_map, ip6_to_map},
+    dataplane::maps::addr::{ip_to_map, ip6_to_map},
     model::{BackendAddr, DesiredState},
 };
 

@@ -6,7 +6,7 @@
 //! Byte order: addresses and ports are stored in **network byte order** exactly as they
 //! appear on the wire, so the datapath compares them without swapping. Userspace converts
 //! ports with [`port_to_map`] / [`port_from_map`] here, and addresses with helpers in
-//! `proxy-userspace` (`dataplane::addr`).
+//! `proxy-userspace` (`dataplane::maps::addr`).
 #![no_std]
 
 /// Names of the maps, as pinned under the bpffs root (`--bpffs-root`).
@@ -624,10 +624,16 @@ pub enum Verdict {
     /// frontends that share a backend): refused (dropped) rather than stealing the other
     /// flow's replies.
     CtClash = 16,
+    /// A new SCTP flow whose packets would need a port rewritten (a targetPort other than
+    /// the frontend's port, or the source port of a source-NATed NodePort flow): SCTP's
+    /// CRC32c covers the ports and is not updated here, so the receiver would drop the
+    /// packet. Refused (dropped) and counted instead of silently broken; the agent warns
+    /// about the Service.
+    SctpPortNat = 17,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::NewFlow,
         Verdict::Established,
@@ -646,6 +652,7 @@ impl Verdict {
         Verdict::SockTranslate,
         Verdict::CtInvalid,
         Verdict::CtClash,
+        Verdict::SctpPortNat,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -667,6 +674,7 @@ impl Verdict {
             Verdict::SockTranslate => "sock_translate",
             Verdict::CtInvalid => "ct_invalid",
             Verdict::CtClash => "ct_clash",
+            Verdict::SctpPortNat => "sctp_port_nat",
         }
     }
 
@@ -697,6 +705,7 @@ pub mod verdict {
     pub const SOCK_TRANSLATE: u32 = Verdict::SockTranslate as u32;
     pub const CT_INVALID: u32 = Verdict::CtInvalid as u32;
     pub const CT_CLASH: u32 = Verdict::CtClash as u32;
+    pub const SCTP_PORT_NAT: u32 = Verdict::SctpPortNat as u32;
     pub const COUNT: u32 = Verdict::COUNT;
     /// Room per family in `GLOBAL_STATS`, more than `COUNT` so that a verdict added later
     /// keeps every existing index (the map migrates index by index).

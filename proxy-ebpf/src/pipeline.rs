@@ -4,7 +4,9 @@
 //! in the shape of Cilium's `lb4_local` (a switch on the conntrack state) with Katran's
 //! single exit (the verdict is counted once, by the driver, after the action was applied).
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::PerCpuArray};
-use proxy_common::{CtValue, Ipv6Words, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, svc_flags};
+use proxy_common::{
+    CtValue, Ipv6Words, PROTO_SCTP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, svc_flags,
+};
 
 use crate::{
     ct::{self, Ct, CtWork},
@@ -212,6 +214,12 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
         }
         _ => None,
     };
+    // SCTP's CRC32c covers its ports and is not updated here: a flow whose ports would be
+    // rewritten (another targetPort, or a source-NATed source port) is refused and counted,
+    // never forwarded broken. Checked before conntrack, so nothing is created for it.
+    if p.proto == PROTO_SCTP && (b.port != p.dport || snat_addr.is_some()) {
+        return Decision::new(Action::Drop, Verdict::SctpPortNat, svc.id);
+    }
     // The backend's answers come back where a source-NATed flow leaves: the uplink, or the
     // pod itself (hairpin). Otherwise the first answer tells.
     let reply_ifindex = if snat_addr.is_some() { side } else { 0 };

@@ -60,6 +60,8 @@ trait SockFamily: Family {
     fn revnat() -> &'static LruHashMap<SockRevKey<Self::Addr>, SockRevValue<Self::Addr>>;
     /// The backends given to unconnected UDP sockets per frontend.
     fn udp_backends() -> &'static LruHashMap<SockUdpKey<Self::Addr>, SockUdpValue>;
+    /// 127.0.0.0/8 or ::1: a frontend there (`--nodeport-localhost`) is the host's only.
+    fn is_loopback(addr: Self::Addr) -> bool;
 }
 
 /// `bpf_sock_addr::sk`, always set for sock_addr programs.
@@ -92,6 +94,11 @@ impl SockFamily for V4 {
     #[inline(always)]
     fn node_addr() -> u32 {
         NODE_CONFIG.get(0).map_or(0, |c| c.snat_addr)
+    }
+    #[inline(always)]
+    fn is_loopback(addr: u32) -> bool {
+        // The map form holds the octets in wire order: the first is the lowest byte.
+        addr.to_ne_bytes()[0] == 127
     }
     fn revnat() -> &'static LruHashMap<SockRevKey, SockRevValue> {
         &SOCK_REVNAT
@@ -134,6 +141,10 @@ impl SockFamily for V6 {
     #[inline(always)]
     fn node_addr() -> Ipv6Words {
         NODE_CONFIG6.get(0).map_or([0; 4], |c| c.snat_addr)
+    }
+    #[inline(always)]
+    fn is_loopback(addr: Ipv6Words) -> bool {
+        addr == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
     }
     fn revnat() -> &'static LruHashMap<SockRevKey<Ipv6Words>, SockRevValue<Ipv6Words>> {
         &SOCK_REVNAT6
@@ -281,7 +292,9 @@ fn forward<F: SockFamily>(
         return Forward::Untouched;
     };
     let sock = sock_of(ctx);
-    if (sock.host_only && !sock.host) || !source_ranges_allow::<F>(&svc, &sock) {
+    // A pod's 127.0.0.1 is its own: NodePorts on loopback serve the host's sockets only.
+    let foreign_loopback = !sock.host && F::is_loopback(addr);
+    if (sock.host_only && !sock.host) || foreign_loopback || !source_ranges_allow::<F>(&svc, &sock) {
         return Forward::Untouched;
     }
     let client = if svc.flags & svc_flags::AFFINITY != 0 {

@@ -15,14 +15,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
+        attach::ifaces::LinkEvent,
+        attach::ownership::{self, Hook, Recognizer},
         attach::{
             AttachMode, TcAttachChoice, XdpModeChoice, attach_pod_interface_with, attach_uplink, pinned_link_ids,
             remove_stale_pins,
         },
         guard::{DatapathGuard, OurPrograms},
-        ifaces::LinkEvent,
-        loader::Programs,
-        ownership::{self, Hook, Recognizer},
+        maps::loader::Programs,
         sock::{self, SockSettings},
     },
     health::Health,
@@ -79,7 +79,7 @@ impl Attacher {
                         iface = %name,
                         ifindex = index,
                         xdp_mode = %a.xdp,
-                        driver = crate::dataplane::ifaces::driver(name).as_deref().unwrap_or("unknown"),
+                        driver = crate::dataplane::attach::ifaces::driver(name).as_deref().unwrap_or("unknown"),
                         xdp_link = if a.xdp_replaced { "replaced" } else { "new" },
                         egress = ?a.egress,
                         "attached to uplink"

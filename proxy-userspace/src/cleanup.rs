@@ -24,10 +24,11 @@ use std::{
 };
 
 use crate::dataplane::{
-    bpfsys, clsact,
-    loader::check_bpffs,
+    attach::clsact,
+    attach::ownership::{self, Attachment},
+    kernel::bpfsys,
     lock::{LockError, RootLock},
-    ownership::{self, Attachment},
+    maps::loader::check_bpffs,
     paths,
 };
 

@@ -10,9 +10,49 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::dataplane::{
     attach::{TcAttachChoice, XdpModeChoice},
-    node::PortRange,
+    maps::node::PortRange,
     sock::SocketLbMode,
 };
+use crate::trace::{At, Proto};
+
+/// clap's side of the option enums that live with the code they configure (`dataplane`,
+/// `trace`): their spelling on the command line and their help, so that clap stays here.
+macro_rules! value_enum {
+    ($ty:ident { $($variant:ident => $name:literal $(: $help:literal)?),+ $(,)? }) => {
+        impl ValueEnum for $ty {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$($ty::$variant),+]
+            }
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(match self {
+                    $($ty::$variant => clap::builder::PossibleValue::new($name)$(.help($help))?),+
+                })
+            }
+        }
+    };
+}
+
+value_enum!(SocketLbMode {
+    On => "on": "Every socket in the cgroup is translated at connect()/sendmsg()",
+    Off => "off": "No socket-level translation; the links of an earlier agent are removed",
+    HostOnly => "host-only": "Only sockets of the host network namespace; pod sockets go through the TC path (for service meshes whose sidecars must see the ClusterIP)",
+});
+value_enum!(XdpModeChoice {
+    Auto => "auto": "Native (driver) mode where the driver supports it, generic otherwise",
+    Native => "native",
+    Generic => "generic",
+});
+value_enum!(TcAttachChoice {
+    Auto => "auto": "tcx links where the kernel has them (>= 6.6), clsact filters otherwise",
+    Clsact => "clsact": "clsact filters over netlink even where tcx exists: what kernels < 6.6 get (tests of that path run on newer kernels with it)",
+});
+value_enum!(At {
+    Pod => "pod": "Leaving a pod (`from_pod`, TC ingress of its host-side veth)",
+    PodEgress => "pod-egress": "Entering a pod (`to_pod`): replies reverse-NATed for the client",
+    Uplink => "uplink": "Arriving from outside on an uplink (`from_uplink`, XDP)",
+    UplinkEgress => "uplink-egress": "Leaving through an uplink (`to_uplink`): replies of local backends to outside clients",
+});
+value_enum!(Proto { Tcp => "tcp", Udp => "udp" });
 
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// Host-side veth names of kind (kindnet `veth*`), Calico (`cali*`), Cilium (`lxc*`),
@@ -93,6 +133,9 @@ Examples:
   ebpf-proxy stats
   ebpf-proxy stats -o yaml")]
     Stats(ShowArgs),
+    /// Every map of the datapath (the map catalogue) with its pin: entries, size and fill,
+    /// and whether it is pinned with the layout this binary reads.
+    Maps(ShowArgs),
     /// What the datapath does with one packet: built from the flags, run through the loaded
     /// programs (BPF_PROG_TEST_RUN) on a private copy of the entries it can read, so the
     /// live maps are left exactly as they were.
@@ -270,6 +313,9 @@ pub struct VerifyArgs {
     /// ... verify` judges as the agent does.
     #[arg(long, value_delimiter = ',', env = "EBPF_PROXY_NODEPORT_ADDRESSES")]
     pub nodeport_addresses: Vec<String>,
+    /// As the agent's `--nodeport-localhost`.
+    #[arg(long, env = "EBPF_PROXY_NODEPORT_LOCALHOST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nodeport_localhost: bool,
     #[command(flatten)]
     pub show: ShowArgs,
 }
@@ -283,14 +329,14 @@ pub struct TraceArgs {
     #[arg(long)]
     pub to: SocketAddr,
     #[arg(long, value_enum, default_value = "tcp")]
-    pub proto: crate::trace::Proto,
+    pub proto: Proto,
     /// TCP: a SYN (a new connection) rather than a segment of an open one.
     #[arg(long)]
     pub syn: bool,
     /// Where the packet is seen: leaving a pod, entering one, arriving on an uplink,
     /// leaving through one.
     #[arg(long, value_enum, default_value = "pod")]
-    pub at: crate::trace::At,
+    pub at: At,
     #[command(flatten)]
     pub show: ShowArgs,
 }
@@ -356,6 +402,12 @@ pub struct AgentArgs {
     /// value that is neither stops the agent at start-up (an empty one is ignored).
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
+    /// Serve NodePorts on 127.0.0.1 and ::1 too, for processes on the node (as kube-proxy's
+    /// iptables mode does for IPv4 with `--iptables-localhost-nodeports`). Through the
+    /// socket-level hooks only (needs `--socket-lb` on or host-only): unreachable from
+    /// outside and from a pod's own loopback.
+    #[arg(long, env = "EBPF_PROXY_NODEPORT_LOCALHOST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nodeport_localhost: bool,
     /// Address for /healthz, /livez and /readyz (kube-proxy's healthz port).
     #[arg(long, alias = "healthz-bind-address", default_value = "0.0.0.0:10256")]
     pub http_addr: SocketAddr,

@@ -84,6 +84,16 @@ fn run_stats(a: &ShowArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_maps(a: &ShowArgs) -> Result<()> {
+    let rows = proxy_userspace::dataplane::maps::pins::list(&a.bpffs_root)?;
+    if rows.iter().all(|r| r.status == proxy_userspace::dataplane::maps::pins::PinStatus::Absent) {
+        anyhow::bail!(proxy_userspace::dataplane::DataplaneError::NotPinned {
+            path: proxy_userspace::dataplane::paths::maps_dir(&a.bpffs_root)
+        });
+    }
+    print_rows(a, &rows, &show::MAP_COLUMNS)
+}
+
 /// `ebpf-proxy version`.
 #[derive(Serialize)]
 struct VersionInfo {
@@ -181,8 +191,13 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     let objects = load_objects(&a.source, &node)?;
     // The local addresses of this network namespace, which the agent serves NodePorts on:
     // run it where the agent runs (the pod's host network namespace).
-    let local = proxy_userspace::dataplane::local_addrs::list_now()?;
-    let info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses, &local);
+    let local = proxy_userspace::dataplane::kernel::local_addrs::list_now()?;
+    let mut info = proxy_userspace::model::node::node_info(&node, objects.node.as_ref(), &nodeport_addresses, &local);
+    if a.nodeport_localhost {
+        proxy_userspace::model::node::serve_localhost(&mut info);
+    }
+    // Every map verify reads, pinned with this binary's layout, before reading any.
+    proxy_userspace::dataplane::maps::pins::check(&a.show.bpffs_root, |m| m.verify_reads)?;
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.
     let (desired, _) =
@@ -252,6 +267,7 @@ fn main() -> ExitCode {
         Command::Backends(a) => run_backends(&a),
         Command::Conntrack(a) => run_conntrack(&a),
         Command::Stats(a) => run_stats(&a),
+        Command::Maps(a) => run_maps(&a),
         Command::Version(a) => run_version(&a),
         Command::Completion(a) => run_completion(a.shell),
     };

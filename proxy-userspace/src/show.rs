@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::{
     cli::{FilterArgs, OutputFormat},
-    dataplane::{DataplaneError, addr::MapAddr, maps::Maps},
+    dataplane::{DataplaneError, maps::Maps, maps::addr::MapAddr, maps::cstr},
     model::{FrontendKind, IpFamily, Protocol},
     sync::{AnyBackend, AnyServiceKey},
 };
@@ -59,11 +59,6 @@ pub struct ServiceRow {
 
 fn proto_name(p: u8) -> String {
     Protocol::from_number(p).map(|p| p.to_string()).unwrap_or_else(|| p.to_string())
-}
-
-pub fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 fn backend_row(id: u32, b: &AnyBackend) -> BackendRow {
@@ -408,7 +403,7 @@ pub struct ConntrackRow {
 }
 
 fn conntrack_row<A: MapAddr>(
-    table: crate::conntrack::Table,
+    table: crate::dataplane::maps::ct::Table,
     k: &CtKey<A>,
     v: &CtValue<A>,
     now_ns: u64,
@@ -427,7 +422,7 @@ fn conntrack_row<A: MapAddr>(
         state: state.name(),
         label: state.label(k.proto),
         assured: v.flags & ct_flags::ASSURED != 0,
-        table: table.map::<A>(),
+        table: A::ct_map(table),
         closing: v.flags & ct_flags::CLOSING != 0,
         snat: (v.flags & ct_flags::SNAT != 0).then(|| ep(v.snat_addr, v.snat_port)),
         idle_seconds: now_ns.saturating_sub(v.last_seen) / 1_000_000_000,
@@ -456,7 +451,7 @@ pub fn read_conntrack_filtered(
     filter: &FilterArgs,
     ids: Option<&HashSet<u32>>,
 ) -> Result<Vec<ConntrackRow>, DataplaneError> {
-    use crate::conntrack::Table::{Assured, Unassured};
+    use crate::dataplane::maps::ct::Table::{Assured, Unassured};
     use proxy_common::map_names as n;
     let now = crate::conntrack::task::monotonic_ns();
     let mut rows: Vec<ConntrackRow> = Vec::new();
@@ -605,6 +600,34 @@ fn stat_cells(r: &StatRow) -> Vec<String> {
         r.packets.to_string(),
         r.bytes.to_string(),
         r.frontend.clone().unwrap_or_else(|| "-".into()),
+    ]
+}
+
+/// `ebpf-proxy maps`: every map of the catalogue and its pin. Wide adds the kernel's map
+/// type and what sizes it.
+pub const MAP_COLUMNS: Columns<crate::dataplane::maps::pins::PinnedMap> = Columns {
+    header: &["MAP", "FAMILY", "ENTRIES", "MAX", "FILL", "STATUS", "TYPE", "SIZED-BY"],
+    narrow: 6,
+    cells: map_cells,
+};
+
+fn map_cells(r: &crate::dataplane::maps::pins::PinnedMap) -> Vec<String> {
+    use crate::dataplane::maps::pins::PinStatus;
+    let absent = r.status == PinStatus::Absent;
+    let dash = |s: String| if absent { "-".to_string() } else { s };
+    vec![
+        r.name.to_string(),
+        r.family.to_string(),
+        dash(r.entries.to_string()),
+        dash(r.max_entries.to_string()),
+        dash(format!("{:.1}%", r.fill() * 100.0)),
+        match &r.status {
+            PinStatus::Ok => "ok".into(),
+            PinStatus::Absent => "not pinned".into(),
+            PinStatus::LayoutDiffers { pinned, wanted } => format!("layout differs: {pinned}, this binary: {wanted}"),
+        },
+        dash(r.map_type.clone()),
+        if r.sized_by.is_empty() { "fixed".into() } else { format!("--{}", r.sized_by) },
     ]
 }
 
@@ -794,7 +817,7 @@ mod tests {
 
     #[test]
     fn ipv6_conntrack_rows() {
-        use crate::dataplane::addr::ip6_to_map;
+        use crate::dataplane::maps::addr::ip6_to_map;
         let a = |s: &str| ip6_to_map(s.parse().unwrap());
         let k = CtKey {
             src_addr: a("fd00:20::5"),
@@ -806,7 +829,7 @@ mod tests {
             _pad: 0,
         };
         let v = CtValue { nat_addr: a("fd00:10::1"), nat_port: port_to_map(8080), ..Default::default() };
-        let row = conntrack_row(crate::conntrack::Table::Unassured, &k, &v, 0);
+        let row = conntrack_row(crate::dataplane::maps::ct::Table::Unassured, &k, &v, 0);
         assert_eq!((row.family, row.source.as_str()), ("IPv6", "[fd00:20::5]:40000"));
         assert_eq!((row.destination.as_str(), row.nat.as_str()), ("[fd00::a]:80", "[fd00:10::1]:8080"));
         assert_eq!((row.state, row.label, row.assured, row.table), ("new", "SYN_SENT", false, "CT_NEW6"));
@@ -815,7 +838,7 @@ mod tests {
     /// netfilter's labels and the assured marker, in the table and in JSON.
     #[test]
     fn conntrack_rows_carry_netfilter_labels_and_the_assured_marker() {
-        use crate::conntrack::Table;
+        use crate::dataplane::maps::ct::Table;
         let k = CtKey {
             src_addr: u32::from_ne_bytes([10, 0, 0, 5]),
             dst_addr: u32::from_ne_bytes([10, 96, 0, 10]),

@@ -32,15 +32,15 @@ use serde::Serialize;
 use crate::{
     dataplane::{
         DataplaneError,
-        addr::MapAddr,
-        loader::{self, LoaderConfig},
+        maps::addr::MapAddr,
+        maps::loader::{self, LoaderConfig},
         paths,
     },
     model::IpFamily,
 };
 
 /// Where the packet is seen: the program that runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum At {
     /// Leaving a pod (`from_pod`, TC ingress of its host-side veth).
@@ -72,7 +72,7 @@ impl At {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
@@ -171,6 +171,8 @@ pub fn trace(live_root: &Path, req: &Request) -> Result<Outcome, TraceError> {
     if req.from.is_ipv4() != req.to.is_ipv4() {
         return Err(TraceError::MixedFamilies { from: req.from, to: req.to });
     }
+    // Every live map it seeds from, pinned with this binary's layout, before anything runs.
+    crate::dataplane::maps::pins::check(live_root, |m| m.trace_seeds)?;
     let frame = build_frame(req);
     let private = PrivateRoot(private_dir(live_root));
     std::fs::create_dir_all(&private.0).map_err(|source| TraceError::Private { path: private.0.clone(), source })?;
@@ -272,6 +274,9 @@ fn explain(v: Verdict, untouched: bool) -> String {
             "conntrack refused it (a tracked flow's packet from the wrong interface, or a RST/FIN out of the window): dropped"
         }
         Verdict::CtClash => "the new flow's reply tuple belongs to another live flow: dropped",
+        Verdict::SctpPortNat => {
+            "an SCTP flow whose ports would be rewritten (its CRC32c covers them, and is not updated): dropped"
+        }
     };
     if untouched
         && !matches!(v, Verdict::Pass | Verdict::NotIp | Verdict::Malformed | Verdict::Fragment | Verdict::OtherL4)

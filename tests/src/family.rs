@@ -10,7 +10,7 @@ use std::{
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{AffinityKey, AffinityValue, CtKey, CtValue, ServiceKey, StatsFamily, StatsKey, port_to_map};
 use proxy_userspace::{
-    dataplane::node::{PortRange, node_config, node_config6},
+    dataplane::maps::node::{PortRange, node_config, node_config6},
     model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, IpPrefix, Protocol, Scope, ServicePortName},
 };
 

@@ -10,9 +10,9 @@ use aya::programs::{Program, TestRun, TestRunOptions, TestRunResult};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_userspace::{
     dataplane::{
-        loader::{self, LoaderConfig, Programs},
         maps::Maps,
-        node::NodeMaps,
+        maps::loader::{self, LoaderConfig, Programs},
+        maps::node::NodeMaps,
     },
     model::{BackendAddr, DesiredState, FrontendEntry, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName},
     sync::Syncer,

@@ -6,8 +6,8 @@ use std::{net::Ipv4Addr, path::Path};
 use anyhow::{Context, Result};
 use proxy_common::{PROTO_TCP, SCOPE_INTERNAL, ServiceKey, ServiceValue, SlotKey, port_to_map};
 use proxy_userspace::dataplane::{
-    addr::{ip_from_map, ip_to_map},
     maps::Maps,
+    maps::addr::{ip_from_map, ip_to_map},
 };
 use serde_json::{Value, json};
 

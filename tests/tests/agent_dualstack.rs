@@ -17,7 +17,7 @@ use proxy_tests::{
     harness::{PinDir, require_root},
     netns::{Topology, wait_for},
 };
-use proxy_userspace::dataplane::addr::{ip6_from_map, ip6_to_map};
+use proxy_userspace::dataplane::maps::addr::{ip6_from_map, ip6_to_map};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

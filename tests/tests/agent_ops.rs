@@ -16,7 +16,7 @@ use proxy_tests::{
     harness::{PinDir, require_root},
     netns::{Netns, Topology, wait_for},
 };
-use proxy_userspace::dataplane::ownership::{self, Attachment, Hook};
+use proxy_userspace::dataplane::attach::ownership::{self, Attachment, Hook};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

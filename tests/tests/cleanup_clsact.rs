@@ -17,8 +17,8 @@ use proxy_tests::{
     netns::{Netns, Topology},
 };
 use proxy_userspace::dataplane::{
-    clsact::{self, Filter},
-    ownership::{self, Attachment, Hook},
+    attach::clsact::{self, Filter},
+    attach::ownership::{self, Attachment, Hook},
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");

@@ -449,7 +449,7 @@ fn output_formats_and_filters_against_a_real_agent() {
 fn conntrack_filters_a_full_table() {
     use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtValue, PROTO_TCP, ct_flags, port_to_map};
     use proxy_tests::harness::{TestDataplane, ct_key};
-    use proxy_userspace::dataplane::{addr::ip_to_map, maps::Maps};
+    use proxy_userspace::dataplane::{maps::Maps, maps::addr::ip_to_map};
     require_root("conntrack_filters_a_full_table");
     let dp = TestDataplane::load();
     let mut maps = Maps::open_pinned(&dp.pins.0).expect("pinned maps");

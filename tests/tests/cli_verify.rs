@@ -12,7 +12,7 @@ use proxy_tests::{
     harness::{PinDir, require_root},
     netns::{Topology, wait_for},
 };
-use proxy_userspace::dataplane::addr::ip_to_map;
+use proxy_userspace::dataplane::maps::addr::ip_to_map;
 use serde_json::Value;
 
 fn open<K: aya::Pod, V: aya::Pod>(pins: &PinDir, name: &str) -> HashMap<MapData, K, V> {

@@ -23,8 +23,8 @@ use proxy_common::{
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        addr::ip_to_map,
-        loader::{self, LoaderConfig},
+        maps::addr::ip_to_map,
+        maps::loader::{self, LoaderConfig},
     },
     model::{FrontendKind, Protocol},
     sync::Syncer,

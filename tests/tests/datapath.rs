@@ -25,7 +25,7 @@ use proxy_tests::{
     harness::*,
 };
 use proxy_userspace::{
-    dataplane::node::{PortRange, node_config},
+    dataplane::maps::node::{PortRange, node_config},
     model::{FrontendKey, FrontendKind, Protocol, Scope},
 };
 

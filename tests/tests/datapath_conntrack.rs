@@ -12,9 +12,9 @@ use proxy_common::{
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        loader::{self, LoaderConfig},
         maps::global_total,
-        node::{PortRange, node_config},
+        maps::loader::{self, LoaderConfig},
+        maps::node::{PortRange, node_config},
     },
     model::{FrontendKind, Protocol},
     sync::Syncer,

@@ -71,9 +71,9 @@ use proxy_tests::{
 };
 use proxy_userspace::{
     dataplane::{
-        addr::ip_from_map,
+        maps::addr::ip_from_map,
         maps::global_total,
-        node::{PortRange, node_config, node_config6},
+        maps::node::{PortRange, node_config, node_config6},
     },
     model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName},
 };

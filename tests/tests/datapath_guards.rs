@@ -7,8 +7,8 @@ use proxy_common::{AffinityKey, verdict};
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        addr::ip_to_map,
-        loader::{self, LoaderConfig},
+        maps::addr::ip_to_map,
+        maps::loader::{self, LoaderConfig},
         maps::{Maps, global_total},
     },
     model::{FrontendKind, IpPrefix, Protocol},

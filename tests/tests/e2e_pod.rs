@@ -220,7 +220,7 @@ fn cgroup_programs(cgroup: &Path) -> u32 {
 fn netns_attachments(ns: &Netns) -> Vec<String> {
     ns.run(|| {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(proxy_userspace::dataplane::ownership::scan()).expect("scan attachments")
+        rt.block_on(proxy_userspace::dataplane::attach::ownership::scan()).expect("scan attachments")
     })
     .iter()
     .map(|a| format!("{a:?}"))

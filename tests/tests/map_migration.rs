@@ -9,7 +9,7 @@ use proxy_tests::harness::{PinDir, entry, frontend, require_root, state};
 use proxy_userspace::{
     dataplane::{
         DataplaneError,
-        loader::{self, LoaderConfig},
+        maps::loader::{self, LoaderConfig},
         maps::{Maps, global_counters, global_total},
     },
     model::Protocol,
@@ -357,7 +357,7 @@ fn older_conntrack_layout_is_carried_over() {
     let ct_decl = declared[n::CONNTRACK];
     let ct6_decl = declared[n::CONNTRACK6];
     assert!(ct_decl.value_size > 32 && ct6_decl.value_size > 56, "the layout grew");
-    let t = |m: &proxy_userspace::dataplane::migrate::MapSpec| {
+    let t = |m: &proxy_userspace::dataplane::maps::migrate::MapSpec| {
         if m.map_type == MapType::LruHash as u32 { MapType::LruHash } else { MapType::Hash }
     };
     let old4 = create_pinned(&pins, n::CONNTRACK, t(&ct_decl), 16, 32, 1024);

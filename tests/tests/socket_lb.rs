@@ -803,3 +803,81 @@ fn ipv6_through_the_agent_and_stale_udp6() {
     assert_ne!(name, victim);
     assert_eq!(peer, dns6);
 }
+
+/// Issue 24 item 4: `--nodeport-localhost` (on by default) serves a NodePort on 127.0.0.1
+/// and ::1 to processes on the node, through the socket hooks; a pod's own loopback is
+/// left alone (nothing listens there: refused), and the loopback frontends have no
+/// external scope, so no packet from an uplink can reach them.
+#[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
+fn nodeport_on_localhost_serves_node_processes_only() {
+    use std::net::{IpAddr, Ipv6Addr};
+    require_root("nodeport_on_localhost_serves_node_processes_only");
+    const NODE_PORT_L: u16 = 30081;
+    let mut topo = Topology::dual_stack(3, 43).expect("topology");
+    node_global_ipv6(&topo, 43);
+    for i in 0..3 {
+        topo.start_server(SERVER, i, 8080).expect("server");
+    }
+    let dir = TempDir::new("ebpf-proxy-localnp-").expect("manifests dir");
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: np\n  namespace: default\nspec:\n  type: NodePort\n  \
+         ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.43\n  \
+         clusterIPs: [\"10.96.0.43\", \"fd00:96::43\"]\n  \
+         ports:\n  - {{name: tcp, port: 80, targetPort: 8080, nodePort: {NODE_PORT_L}, protocol: TCP}}\n"
+    );
+    dir.write("np.yaml", &svc).expect("svc");
+    for (family, addrs) in [
+        ("IPv4", topo.pods.iter().map(|p| IpAddr::from(p.ip)).collect::<Vec<_>>()),
+        ("IPv6", topo.pods.iter().map(|p| IpAddr::from(p.ip6.expect("dual-stack"))).collect()),
+    ] {
+        let mut s = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-{}\n  namespace: default\n  \
+             labels:\n    kubernetes.io/service-name: np\naddressType: {family}\n\
+             ports:\n- {{name: tcp, port: 8080, protocol: TCP}}\nendpoints:\n",
+            family.to_lowercase()
+        );
+        for (pod, addr) in topo.pods.iter().zip(addrs) {
+            s.push_str(&format!(
+                "- addresses: [\"{addr}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  \
+                 nodeName: node-a\n  targetRef: {{kind: Pod, name: {}, namespace: default}}\n",
+                pod.name
+            ));
+        }
+        dir.write(&format!("np-{family}.yaml"), &s).expect("slice");
+    }
+    let cg = TestCgroup::new().expect("test cgroup");
+    let pins = PinDir::new();
+    let (d, c) = (dir.0.display().to_string(), cg.path.display().to_string());
+    let args = ["--manifests", &d, "--node-name", "node-a", "--socket-lb", "on", "--cgroup-root", &c];
+    let agent = Agent::start(&topo.node, &pins.0, 10256, &args).expect("agent");
+    agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("ready");
+
+    let v4: SocketAddr = (Ipv4Addr::LOCALHOST, NODE_PORT_L).into();
+    let v6: SocketAddr = (Ipv6Addr::LOCALHOST, NODE_PORT_L).into();
+    let mut node = SockClient::start(&cg, &topo.node);
+    wait_reachable(&mut node, v4);
+    for addr in [v4, v6] {
+        let mut names = BTreeSet::new();
+        for _ in 0..30 {
+            let (name, peer) = node.ok(&format!("tcp {addr}"));
+            assert_eq!(peer, addr, "getpeername reports the address the node process dialled");
+            names.insert(name);
+        }
+        assert_eq!(names.len(), 3, "{addr}: {names:?}");
+    }
+    // A pod's 127.0.0.1 and ::1 are its own: nothing listens there, so it is refused.
+    let mut pod = SockClient::start(&cg, &topo.pods[0].ns);
+    for addr in [v4, v6] {
+        match pod.cmd(&format!("tcp {addr}")) {
+            Reply::Err(code, _) => assert_eq!(code, ECONNREFUSED, "pod to its own {addr}"),
+            r => panic!("a pod's loopback reached a backend: {addr}: {r:?}"),
+        }
+    }
+    // The loopback frontends are internal only: no uplink packet can hit them.
+    let maps = Maps::open_pinned(&pins.0).expect("pinned maps");
+    let rows = show::read_services(&maps).expect("services");
+    let loopback: Vec<_> = rows.iter().filter(|r| r.address.is_loopback() && r.port == NODE_PORT_L).collect();
+    assert_eq!(loopback.len(), 2, "{rows:?}");
+    assert!(loopback.iter().all(|r| r.scope == "internal"), "{loopback:?}");
+}

@@ -11,10 +11,10 @@ use crate::{
     cli::AgentArgs,
     dataplane::{
         DataplaneError,
+        attach::ifaces::{Discovery, IfacePatterns},
         attach::{TcAttachChoice, XdpModeChoice},
-        ifaces::{Discovery, IfacePatterns},
-        loader::LoaderConfig,
-        node::PortRange,
+        maps::loader::LoaderConfig,
+        maps::node::PortRange,
         sock::SocketLbMode,
     },
     model::node::NodePortAddresses,
@@ -77,6 +77,8 @@ pub struct AgentConfig {
     pub hairpin_address6: Ipv6Addr,
     /// `--nodeport-addresses`: which local addresses serve NodePorts.
     pub nodeport_addresses: NodePortAddresses,
+    /// `--nodeport-localhost`.
+    pub nodeport_localhost: bool,
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     /// `--metrics-per-frontend`: the per-frontend socket-LB series.
@@ -130,6 +132,7 @@ impl AgentConfig {
             hairpin_address: args.hairpin_address,
             hairpin_address6: args.hairpin_address6,
             nodeport_addresses: nodeport_addresses(&args.nodeport_addresses)?,
+            nodeport_localhost: args.nodeport_localhost,
             http_addr: args.http_addr,
             metrics_addr: args.metrics_addr,
             metrics_per_frontend: args.metrics_per_frontend,

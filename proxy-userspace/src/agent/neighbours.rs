@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use crate::dataplane::node::{NodeMaps, resolve_neighbour};
+use crate::dataplane::maps::node::{NodeMaps, resolve_neighbour};
 
 /// Ask the kernel to resolve the next hops XDP found no neighbour entry for. Polled: the
 /// map is tiny and usually empty, and a miss costs the client one retransmission anyway.

@@ -9,7 +9,7 @@ use tracing::{error, info};
 
 use super::config::AgentConfig;
 use crate::{
-    dataplane::node::{NodeMaps, PortRange, node_config, node_config6},
+    dataplane::maps::node::{NodeMaps, PortRange, node_config, node_config6},
     model::node::{snat_address, snat_address6},
 };
 

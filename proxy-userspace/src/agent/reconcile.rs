@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 use super::{log_once::LogOnce, node_config::NodeConfigs, socket_lb::SockLb};
 use crate::{
     dataplane::{
-        catalogue,
+        maps::catalogue,
         maps::{Capacities, Maps},
         sock,
     },
@@ -26,7 +26,7 @@ use crate::{
     metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel, unix_seconds},
     model::{
         IpFamily, Translator,
-        node::{NodePortAddresses, node_eligible, node_info, node_ips},
+        node::{NodePortAddresses, node_eligible, node_info, node_ips, serve_localhost},
     },
     source::{Delta, Snapshots, Source, Update},
     sync::{SyncReport, Syncer},
@@ -50,7 +50,9 @@ pub(super) struct SyncLoop {
     pub(super) full_sync: bool,
     pub(super) node_name: String,
     pub(super) nodeport_addresses: NodePortAddresses,
-    /// The network namespace's addresses (`dataplane::local_addrs`), which NodePorts are
+    /// `--nodeport-localhost`.
+    pub(super) nodeport_localhost: bool,
+    /// The network namespace's addresses (`dataplane::kernel::local_addrs`), which NodePorts are
     /// served on as `nodeport_addresses` selects.
     pub(super) local_addrs: Vec<IpAddr>,
     pub(super) metrics: Metrics,
@@ -164,7 +166,10 @@ impl SyncLoop {
                 }
             }
         }
-        let node = node_info(&self.node_name, self.node.as_deref(), &self.nodeport_addresses, &self.local_addrs);
+        let mut node = node_info(&self.node_name, self.node.as_deref(), &self.nodeport_addresses, &self.local_addrs);
+        if self.nodeport_localhost {
+            serve_localhost(&mut node);
+        }
         if node.nodeport_addrs != self.translator.node().nodeport_addrs {
             info!(addresses = ?node.nodeport_addrs, nodeport_addresses = %self.nodeport_addresses, "NodePort addresses");
         }
@@ -292,7 +297,7 @@ impl SyncLoop {
     /// the sync deleted are destroyed, so their applications reconnect.
     fn destroy_udp_sockets(&mut self, removed: &[(IpAddr, u16)]) {
         let Some(sl) = self.sock.as_ref().filter(|_| !removed.is_empty()) else { return };
-        let r = sock::destroy_udp_sockets(&sl.cgroup, removed);
+        let r = sock::destroy::destroy_udp_sockets(&sl.cgroup, removed);
         self.metrics.sock_udp_destroyed.inc_by(r.destroyed as u64);
         self.metrics.sock_destroy_duration.observe(r.elapsed.as_secs_f64());
         info!(

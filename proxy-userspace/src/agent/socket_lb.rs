@@ -8,12 +8,10 @@ use tracing::{info, warn};
 use super::AgentConfig;
 use crate::{
     dataplane::{
-        loader,
-        maps::Maps,
+        maps::{Maps, cstr, loader},
         sock::{self, SocketLbMode},
     },
     metrics::{Metrics, ServiceLabel},
-    show::cstr,
 };
 
 /// Socket-level load balancing as attached: the cgroup whose sockets it translates.
@@ -32,6 +30,9 @@ pub(super) fn setup_socket_lb(config: &AgentConfig, programs: &mut loader::Progr
         SocketLbMode::Off => {
             for pin in sock::detach_all(config.bpffs_root()) {
                 info!(pin = %pin, "--socket-lb=off: detached socket-level program");
+            }
+            if config.nodeport_localhost {
+                warn!("--socket-lb=off: NodePorts on 127.0.0.1 and ::1 (--nodeport-localhost) are not served");
             }
             return Ok(None);
         }

@@ -4,8 +4,8 @@ use std::{net::IpAddr, time::Duration};
 use tracing::{info, warn};
 
 use crate::dataplane::{
-    ifaces::{self, IfacePatterns},
-    uplinks,
+    attach::ifaces::{self, IfacePatterns},
+    attach::uplinks,
 };
 
 /// Uplinks when `--uplink` names none: the devices carrying the Node's addresses and the

@@ -31,38 +31,25 @@
 //!
 //! Each pass reads at most `budget` entries (continuing where the previous pass stopped,
 //! `CONNTRACK` then `CT_NEW`), so a pass is bounded whatever the tables' size; the decisions
-//! work on the [`CtTable`] trait, implemented by the kernel maps (`dataplane::ct_table`) and
+//! work on the [`CtTable`] trait, implemented by the kernel maps (`conntrack::kernel`) and
 //! by an in-memory table in the unit tests.
 //!
 //! Both families are collected by the same code: the tables, the collector and the
 //! decisions are generic over the address type ([`MapAddr`]: `u32` for `CONNTRACK` /
 //! `CT_NEW`, `Ipv6Words` for `CONNTRACK6` / `CT_NEW6`), and the agent runs one collector per
 //! family.
-pub mod legacy;
-mod table;
+pub mod kernel;
 pub mod task;
-
-pub use table::Table;
 
 use std::collections::HashSet;
 
 use proxy_common::{
     CT_DIR_REPLY, CtKey, CtValue,
     ct::{self, CtState, CtTimeouts},
-    ct_flags, map_names,
+    ct_flags,
 };
 
-use crate::dataplane::addr::MapAddr;
-
-impl Table {
-    /// The map holding this table for the family `A`.
-    pub fn map<A: MapAddr>(self) -> &'static str {
-        match self {
-            Table::Assured => A::map_name(map_names::CONNTRACK),
-            Table::Unassured => A::map_name(map_names::CT_NEW),
-        }
-    }
-}
+use crate::dataplane::maps::{addr::MapAddr, ct::Table};
 
 /// Where the collector reads and deletes entries: one family's two tables.
 pub trait CtTable {

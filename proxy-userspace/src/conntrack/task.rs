@@ -13,10 +13,10 @@ use std::{
 use proxy_common::{CtKey, CtValue, Ipv6Words, ct::CtState, verdict};
 use tracing::{debug, info, warn};
 
-use super::{Census, Gc, GcConfig, Reason, Table};
-use crate::dataplane::addr::MapAddr;
+use super::{Census, Gc, GcConfig, Reason, kernel::KernelCtTable};
+use crate::dataplane::maps::addr::MapAddr;
 use crate::{
-    dataplane::{ct_table::KernelCtTable, maps::GlobalStats},
+    dataplane::maps::{GlobalStats, ct::Table},
     metrics::{FamilyLabel, Metrics, ReasonLabel, StateLabel},
 };
 
@@ -52,7 +52,7 @@ where
         let capacity = Table::ALL.map(|t| match table.capacity(t) {
             Ok(c) => c,
             Err(e) => {
-                warn!(map = t.map::<A>(), error = %e, "cannot read the conntrack map's size; fill ratio unknown");
+                warn!(map = A::ct_map(t), error = %e, "cannot read the conntrack map's size; fill ratio unknown");
                 0
             }
         });
@@ -65,7 +65,7 @@ where
         let report = match self.gc.pass(monotonic_ns(), pressure) {
             Ok(r) => r,
             Err(e) => {
-                warn!(map = Table::Assured.map::<A>(), error = %e, "conntrack GC pass failed");
+                warn!(map = A::ct_map(Table::Assured), error = %e, "conntrack GC pass failed");
                 return;
             }
         };
@@ -84,7 +84,7 @@ where
             let spared = report.spared;
             if pressured > 0 {
                 info!(
-                    map = Table::Assured.map::<A>(),
+                    map = A::ct_map(Table::Assured),
                     scanned = report.scanned,
                     expired,
                     pressure = pressured,
@@ -94,7 +94,7 @@ where
                 );
             } else {
                 debug!(
-                    map = Table::Assured.map::<A>(),
+                    map = A::ct_map(Table::Assured),
                     scanned = report.scanned,
                     expired,
                     orphans,
@@ -113,7 +113,7 @@ where
         for t in Table::ALL {
             let cap = self.capacity[t.index()];
             let fill = if cap > 0 { census.entries_by_table[t.index()] as f64 / f64::from(cap) } else { 0.0 };
-            m.map_fill.get_or_create(&crate::metrics::MapLabel { map: t.map::<A>().into() }).set(fill);
+            m.map_fill.get_or_create(&crate::metrics::MapLabel { map: A::ct_map(t).into() }).set(fill);
             if t == Table::Assured {
                 self.fill = fill;
             }

@@ -33,6 +33,14 @@ pub enum DataplaneError {
          will be reset)", path = path.display(), root = root.display()
     )]
     IncompatiblePin { map: String, path: PathBuf, pinned: String, wanted: String, root: PathBuf },
+    /// A map a tool reads is not pinned (an agent of another version, or a partial root).
+    #[error("map {map} is not pinned ({path}): is an agent of this version running with this --bpffs-root? `ebpf-proxy maps` lists what is pinned", path = path.display())]
+    MapNotPinned { map: &'static str, path: PathBuf },
+    /// A map a tool reads is pinned with another layout than this binary reads.
+    #[error(
+        "pinned map {map} has {pinned}, this binary reads {wanted}: the agent is of another version; use the ebpf-proxy binary of the running agent"
+    )]
+    StalePin { map: &'static str, pinned: String, wanted: String },
     /// A pinned map the agent writes holds more entries than the configured size allows.
     #[error("map {map} holds {entries} entries but its new size is {max_entries}: raise --{flag}")]
     MapTooSmall { map: &'static str, entries: usize, max_entries: u32, flag: &'static str },
@@ -69,7 +77,7 @@ impl DataplaneError {
         if let aya::maps::MapError::SyscallError(e) = &source
             && matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
         {
-            let flag = crate::dataplane::catalogue::size_flag(map);
+            let flag = crate::dataplane::maps::catalogue::size_flag(map);
             return DataplaneError::MapFull { map, flag };
         }
         DataplaneError::Map { map, source }

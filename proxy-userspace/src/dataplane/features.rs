@@ -20,7 +20,7 @@ use aya::{
     sys::{BpfHelper, is_helper_supported},
 };
 
-use super::{bpfsys, ifaces, sock};
+use crate::dataplane::{attach::ifaces, kernel::bpfsys, sock};
 
 /// The probes' results. `None`: the probe itself failed (then nothing is refused on it).
 #[derive(Clone, Debug, PartialEq, Eq)]

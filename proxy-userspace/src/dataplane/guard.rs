@@ -14,12 +14,12 @@ use std::{
 
 use aya::maps::MapData;
 
-use super::{
+use crate::dataplane::{
     DataplaneError,
-    bpfsys::{self, BPF_TCX_EGRESS, BPF_TCX_INGRESS},
-    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF, Programs},
+    attach::ownership::Iface,
+    kernel::bpfsys::{self, BPF_TCX_EGRESS, BPF_TCX_INGRESS},
     lock::RootLock,
-    ownership::Iface,
+    maps::loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF, Programs},
     paths,
 };
 

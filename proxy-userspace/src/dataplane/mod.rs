@@ -1,28 +1,20 @@
-//! Kernel side: load the embedded eBPF object with pinned maps (`loader`), typed access to
-//! those maps (`maps`, and `node` for the node-level config and neighbour misses), and
-//! attaching programs to interfaces (`attach`), which attachments are ours (`ownership`,
-//! over `bpfsys`), the bpffs root's lock (`lock`) and the running datapath's check
-//! (`guard`).
-pub mod addr;
+//! Kernel side, by what each part is:
+//! - `maps`: the map catalogue, loading the embedded object with its pinned maps, typed
+//!   handles on them, and migrating maps whose definition changed.
+//! - `attach`: the TC and XDP programs on interfaces (which ones, the uplinks, which
+//!   attachments are ours, legacy clsact filters).
+//! - `sock`: the cgroup socket hooks, and destroying UDP sockets of removed backends.
+//! - `kernel`: raw bpf(2) commands and rtnetlink address reads.
+//! - `features` (what the kernel offers), `lock` (one agent per bpffs root), `guard` (the
+//!   running datapath's check).
 pub mod attach;
-pub mod bpfsys;
-pub mod catalogue;
-pub mod clsact;
-pub mod copy;
-pub mod ct_table;
 pub mod error;
 pub mod features;
 pub mod guard;
-pub mod ifaces;
-pub mod loader;
-pub mod local_addrs;
+pub mod kernel;
 pub mod lock;
 pub mod maps;
-pub mod migrate;
-pub mod node;
-pub mod ownership;
 pub mod sock;
-pub mod uplinks;
 
 pub use error::DataplaneError;
 

@@ -48,12 +48,29 @@ impl fmt::Display for NodePortAddresses {
 }
 
 /// Whether a local address can serve NodePorts at all. Loopback is left out (NodePorts on
-/// localhost are the socket-level hooks' business, not a frontend of their own), and so are
-/// IPv6 link-local addresses (ambiguous without a zone: every link has fe80::/64), the
+/// localhost are `--nodeport-localhost`'s, see [`serve_localhost`]), and so are IPv6
+/// link-local addresses (ambiguous without a zone: every link has fe80::/64), the
 /// unspecified and multicast addresses.
 pub fn can_serve_nodeports(ip: IpAddr) -> bool {
     let link_local6 = matches!(ip, IpAddr::V6(a) if a.is_unicast_link_local());
     !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || link_local6)
+}
+
+/// The loopback addresses `--nodeport-localhost` serves NodePorts on.
+pub const LOCALHOST: [IpAddr; 2] =
+    [IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)];
+
+/// `--nodeport-localhost`: NodePorts also on 127.0.0.1 and ::1, for processes on the node.
+/// Their frontends have the internal scope only (no uplink packet can reach them) and the
+/// socket hooks translate them for sockets of the host network namespace only, so neither
+/// the outside nor a pod's own loopback reaches them (kube-proxy's iptables mode reaches
+/// the same end through `route_localnet`, for IPv4 only).
+pub fn serve_localhost(info: &mut NodeInfo) {
+    for ip in LOCALHOST {
+        if !info.nodeport_addrs.contains(&ip) {
+            info.nodeport_addrs.push(ip);
+        }
+    }
 }
 
 /// NodeInfo for `name`: NodePorts are served on the node's `local` addresses (its network

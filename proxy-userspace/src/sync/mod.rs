@@ -105,7 +105,7 @@ pub struct SyncReport {
     pub conntrack_purged: usize,
     /// UDP backends deleted by this sync, as (address, port in network byte order, the map
     /// layout): connected UDP sockets the socket-level hooks pointed at them are destroyed
-    /// (`dataplane::sock::destroy_udp_sockets`), so their applications reconnect.
+    /// (`dataplane::sock::destroy::destroy_udp_sockets`), so their applications reconnect.
     pub removed_udp_backends: Vec<(IpAddr, u16)>,
     /// Session-affinity entries removed because their backend left the frontend.
     pub affinity_purged: usize,

@@ -59,8 +59,8 @@ use tracing::{debug, info, warn};
 
 use self::ctnetlink::{Ctnetlink, CtnetlinkError, NfFlow, NfTuple, tcp_state};
 use crate::{
-    conntrack::{CtTable, Table, task::monotonic_ns},
-    dataplane::{DataplaneError, addr::MapAddr, ct_table::KernelCtTable, paths},
+    conntrack::{CtTable, kernel::KernelCtTable, task::monotonic_ns},
+    dataplane::{DataplaneError, maps::addr::MapAddr, maps::ct::Table, paths},
     sync::{BeforeServices, FrontendIds},
 };
 
@@ -438,7 +438,7 @@ where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
 {
-    if !paths::maps_dir(root).join(Table::Assured.map::<A>()).exists() {
+    if !paths::maps_dir(root).join(A::ct_map(Table::Assured)).exists() {
         return Ok(());
     }
     let mut t = KernelCtTable::<A>::open_pinned(root)?;

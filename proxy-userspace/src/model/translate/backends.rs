@@ -1,5 +1,15 @@
 //! Which endpoints become backends of a frontend (readiness, terminating, topology).
-use super::*;
+
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    net::IpAddr,
+};
+
+use super::{
+    services::ParsedPort,
+    slices::{Hint, ParsedEndpoint, ServiceEndpoints},
+};
+use crate::model::types::{BackendAddr, IpFamily, Reason};
 
 /// One endpoint resolved to a concrete backend port.
 pub(super) struct PortEndpoint {

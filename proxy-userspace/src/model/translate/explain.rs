@@ -1,5 +1,17 @@
 //! `explain`: every endpoint of every frontend group with the reason it is or is not a backend.
-use super::*;
+
+use std::{borrow::Borrow, net::SocketAddr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{
+    backends::{PortEndpoint, Topology, choose, endpoints_for_port, ready_in_use, topology_mode},
+    frontends::external_destinations,
+    problems::ObjectId,
+    services::parse_service,
+    slices::{ServiceEndpoints, index_slices},
+};
+use crate::model::types::{EndpointVerdict, Explanation, FrontendView, IpFamily, NodeInfo, Reason};
 
 /// Why each endpoint of Service `namespace/name` is or is not a backend of each of its
 /// frontends on `node` (`ebpf-proxy explain`): the decisions of `expand_port` and

@@ -1,6 +1,17 @@
 //! Frontends: each Service port expanded into candidate frontends, and the claims that
 //! resolve two Services asking for one address.
-use super::*;
+
+use std::net::IpAddr;
+
+use super::{
+    backends::{Topology, endpoints_for_port, select_backends, topology_mode},
+    problems::{ObjectId, Problem, push_unique},
+    services::{ParsedPort, ParsedService, ServiceType},
+    slices::ServiceEndpoints,
+};
+use crate::model::types::{
+    BackendAddr, FrontendEntry, FrontendKind, IpFamily, IpPrefix, NodeInfo, Protocol, ServicePortName,
+};
 
 /// One frontend address of one service port, with its entry for each scope it is served in.
 pub(super) struct Candidate {
@@ -84,8 +95,10 @@ pub(super) fn expand_port(
         // firewall chain drops a pod outside the ranges on its way to the LB IP (its
         // NodePort and ClusterIP stay open to it).
         let internal = entry(kind, &cluster, false, ranges);
-        let external = entry(kind, external_backends, external_local, ranges);
-        out.push(candidate(kind, addr, port_number, internal, Some(external)));
+        // NodePorts on loopback (`--nodeport-localhost`) are for node processes only, which
+        // upstream sends to cluster endpoints whatever the policy: no external scope.
+        let external = (!addr.is_loopback()).then(|| entry(kind, external_backends, external_local, ranges));
+        out.push(candidate(kind, addr, port_number, internal, external));
     }
 }
 
@@ -110,6 +123,23 @@ pub(super) fn external_destinations(
     out.extend(svc.external_ips.iter().filter(of_family).map(|&ip| (FrontendKind::ExternalIP, ip, port.port)));
     out.extend(svc.lb_ips.iter().filter(of_family).map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)));
     out
+}
+
+/// SCTP frontends whose packets would need a port rewritten (a backend port other than the
+/// frontend's, or a source-NATed flow to a backend on another node): the datapath refuses
+/// their new flows (`sctp_port_nat`), since SCTP's CRC32c covers the ports. One problem
+/// naming them all, for the Service's warning.
+pub(super) fn sctp_port_rewrites(candidates: &[Candidate]) -> Option<Problem> {
+    let mut frontends = Vec::new();
+    for c in candidates.iter().filter(|c| c.proto == Protocol::Sctp) {
+        let entries = std::iter::once(&c.internal).chain(c.external.as_ref());
+        let remapped = entries.clone().flat_map(|e| &e.backends).any(|b| b.port != c.port);
+        let snat = c.external.as_ref().is_some_and(|e| !e.local_only && e.backends.iter().any(|b| !b.local));
+        if remapped || snat {
+            push_unique(&mut frontends, std::net::SocketAddr::new(c.addr, c.port).to_string());
+        }
+    }
+    (!frontends.is_empty()).then(|| Problem::SctpPortRewrite(frontends.join(", ")))
 }
 
 /// Which frontend keeps an `addr:port/proto` two frontends both ask for. Addresses the

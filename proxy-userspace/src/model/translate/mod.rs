@@ -17,26 +17,20 @@
 //! addresses and EndpointSlices (`addressType` IPv4 or IPv6). `ipFamilyPolicy` only tells
 //! the API server what to allocate; like kube-proxy, the translation reads what was
 //! allocated (`clusterIPs`, checked against `ipFamilies`).
-use std::{
-    borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, btree_map::Entry},
-    fmt,
-    net::{IpAddr, SocketAddr},
-};
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use std::{borrow::Borrow, collections::BTreeSet, net::IpAddr};
 
-use super::types::{
-    BackendAddr, ClaimKey, Claims, DesiredState, EndpointVerdict, Explanation, FrontendEntry, FrontendKey,
-    FrontendKind, FrontendView, HealthCheck, IpFamily, IpPrefix, NodeInfo, Protocol, Reason, Scope, ServicePortName,
-    Warning,
+pub use explain::explain;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+pub use translator::{ClaimSource, ObjectKey, Translator, TriggerTimes, object_key};
+
+use self::{
+    backends::endpoints_for_port,
+    problems::{ObjectId, Problem, Warnings},
+    services::ParsedService,
+    slices::ServiceEndpoints,
 };
+use super::types::{Claims, DesiredState, NodeInfo, Warning};
 
 mod backends;
 mod explain;
@@ -44,17 +38,9 @@ mod frontends;
 mod problems;
 mod services;
 mod slices;
-mod state;
 #[cfg(test)]
 mod tests;
-
-use backends::*;
-pub use explain::explain;
-use frontends::*;
-use problems::*;
-use services::*;
-use slices::*;
-pub use state::{ClaimSource, ObjectKey, Translator, TriggerTimes, object_key};
+mod translator;
 
 /// Services carrying this label belong to another proxy (upstream filters them out).
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";

@@ -1,5 +1,11 @@
 //! Problems with input objects (each becomes one warning), object ids, small parsers.
-use super::*;
+
+use std::{fmt, net::IpAddr};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, MAX_AFFINITY_TIMEOUT};
+use crate::model::types::{IpFamily, Warning};
 
 /// Everything that can be wrong with an input object; each becomes one `Warning`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +70,12 @@ pub(super) enum Problem {
          must match): their endpoints are not used"
     )]
     SlicePortsUnmatched { ports: String, service: String, service_ports: String },
+    #[error(
+        "SCTP frontends {0} need a port rewritten, which SCTP's CRC32c covers: their new flows \
+         are dropped and counted as sctp_port_nat (serve SCTP with targetPort equal to port, \
+         through the ClusterIP or with externalTrafficPolicy: Local)"
+    )]
+    SctpPortRewrite(String),
 }
 
 #[derive(Default)]

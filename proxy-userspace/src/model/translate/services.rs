@@ -1,5 +1,14 @@
 //! Services: the parts the translation uses, validated.
-use super::*;
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+
+use super::{
+    ANNOTATION_LB_SOURCE_RANGES, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT,
+    problems::{Problem, label, non_empty, parse_ip, port_label, push_unique, valid_port},
+};
+use crate::model::types::{IpFamily, IpPrefix, Protocol};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum ServiceType {

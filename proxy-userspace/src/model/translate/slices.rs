@@ -1,5 +1,14 @@
 //! EndpointSlices: parsed once each, grouped by the Service they belong to.
-use super::*;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+
+use super::{
+    ANNOTATION_TRIGGER_TIME, KIND_SERVICE, KIND_SLICE, LABEL_SERVICE_NAME,
+    problems::{ObjectId, Problem, Warnings, label, non_empty, parse_ip, port_label, sorted_by_name, valid_port},
+};
+use crate::model::types::{IpFamily, NodeInfo, Protocol, Warning};
 
 /// All usable endpoint data of one Service: its slices (both families), in name order.
 #[derive(Default)]

@@ -1,10 +1,15 @@
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
-use super::*;
-use crate::model::types::ClaimHolder;
 use FrontendKind::{ClusterIP, ExternalIP, LoadBalancer, NodePort};
 use Protocol::{Sctp, Tcp, Udp};
 use Scope::{External, Internal};
+use serde_json::{Value, json};
+
+use super::*;
+use crate::model::types::{
+    BackendAddr, ClaimHolder, ClaimKey, Explanation, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, IpFamily,
+    IpPrefix, Protocol, Reason, Scope, ServicePortName,
+};
 
 const NODE: &str = "node-a";
 const ZONE: &str = "zone-a";
@@ -1755,4 +1760,38 @@ fn trigger_times_are_handed_over_once_per_change() {
     // The translation itself does not depend on the annotation.
     t.commit(&Claims::default());
     assert_eq!(t.desired().frontends.len(), 1, "{:?}", t.desired().frontends);
+}
+
+/// `--nodeport-localhost`: the NodePort on 127.0.0.1 (an IPv4 Service; ::1 is IPv6's) with
+/// the internal scope only and cluster endpoints whatever the external policy, as upstream
+/// sends node-originated NodePort traffic.
+#[test]
+fn nodeport_on_localhost_is_internal_only() {
+    let es = slice("web-1", "web", p8080(), json!([ep("10.0.0.2", "node-b"), ep("10.0.0.1", NODE)]));
+    let spec = json!({"clusterIP": "10.96.0.1", "type": "NodePort", "externalTrafficPolicy": "Local",
+                      "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]});
+    let mut with_localhost = node();
+    crate::model::node::serve_localhost(&mut with_localhost);
+    let (actual, _) = translate(&[svc("web", spec.clone())], std::slice::from_ref(&es), &with_localhost);
+    let loopback: Vec<_> = actual.frontends.iter().filter(|(k, _)| k.addr.is_loopback()).collect();
+    let b = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
+    assert_eq!(loopback, vec![(&key("127.0.0.1", 30080, Tcp, Internal), &entry("web", "", NodePort, b))]);
+    // Without the flag: no loopback frontend.
+    let (plain, _) = translate(&[svc("web", spec)], &[es], &node());
+    assert!(plain.frontends.keys().all(|k| !k.addr.is_loopback()));
+}
+
+/// SCTP frontends whose ports the datapath would have to rewrite are refused there
+/// (`sctp_port_nat`): the Service is warned about, naming them; one whose backends listen
+/// on its own port is not.
+#[test]
+fn sctp_port_rewrites_are_warned() {
+    let ports = |target: u16| json!([{"port": 80, "targetPort": target, "protocol": "SCTP"}]);
+    let sctp_slice =
+        |port: u16| slice("web-1", "web", json!([{"port": port, "protocol": "SCTP"}]), json!([ep("10.0.0.1", NODE)]));
+    let (_, warnings) = run(&[svc("web", json!({"ports": ports(8080)}))], &[sctp_slice(8080)]);
+    assert_warnings(&warnings, &[("Service", "default/web", "SCTP frontends 10.96.0.1:80 need a port rewritten")]);
+    let (state, warnings) = run(&[svc("web", json!({"ports": ports(80)}))], &[sctp_slice(80)]);
+    assert_warnings(&warnings, &[]);
+    assert_eq!(state.frontends.len(), 1);
 }

@@ -5,9 +5,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use proxy_common::Ipv6Words;
+use proxy_common::{Ipv6Words, map_names};
 
-use super::catalogue;
+use crate::dataplane::maps::{catalogue, ct::Table};
 use crate::model::IpFamily;
 
 /// IPv4 address as stored in maps: the four octets in wire order, read as a native u32.
@@ -50,6 +50,13 @@ pub trait MapAddr: aya::Pod + Copy + Default + Eq + Hash + Ord + Debug + Send + 
     /// both families share is itself).
     fn map_name(name: &'static str) -> &'static str {
         catalogue::of_family(name, Self::FAMILY)
+    }
+    /// The map holding this family's conntrack `table`.
+    fn ct_map(table: Table) -> &'static str {
+        match table {
+            Table::Assured => Self::map_name(map_names::CONNTRACK),
+            Table::Unassured => Self::map_name(map_names::CT_NEW),
+        }
     }
 }
 

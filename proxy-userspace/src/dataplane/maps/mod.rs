@@ -1,5 +1,15 @@
 //! Typed handles on the pinned maps. The agent gets them from the freshly loaded object;
 //! the CLI opens the pins directly, so it works whether or not the agent runs.
+pub mod addr;
+pub mod catalogue;
+pub mod copy;
+pub mod ct;
+pub mod ct_legacy;
+pub mod loader;
+pub mod migrate;
+pub mod node;
+pub mod pins;
+
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -17,11 +27,8 @@ use proxy_common::{
     SourceRangeData6, StatsFamily, StatsKey, map_names as n,
 };
 
-use super::{
-    DataplaneError,
-    addr::{ip_from_map, ip_to_map, ip6_from_map, ip6_to_map},
-    bpfsys, paths,
-};
+use self::addr::{ip_from_map, ip_to_map, ip6_from_map, ip6_to_map};
+use crate::dataplane::{DataplaneError, kernel::bpfsys, paths};
 use crate::{
     model::{IpFamily, IpPrefix},
     sync::{
@@ -120,6 +127,12 @@ impl Maps {
         };
         Self::assemble(&mut open)
     }
+}
+
+/// The text of a NUL-padded name field of the maps (`ServiceMeta`'s namespace, name, port).
+pub fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 /// Sizes of the maps in use, as the kernel reports them (for fill ratios: after a

@@ -27,15 +27,15 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError};
 use proxy_common::{CT_DIR_REPLY, CtKey, CtValue, PROTO_TCP, ct, ct_flags};
 
-use super::table::Table;
-use crate::dataplane::copy::{self as map_copy, Copied, MapSpec, Upgrade};
+use crate::dataplane::maps::copy::{self as map_copy, Copied, MapSpec, Upgrade};
+use crate::dataplane::maps::ct::Table;
 
 /// The older IPv4 value size: today's value up to `ifindex`.
 pub const VALUE_SIZE: usize = offset_of!(CtValue<u32>, ifindex);
 /// The older IPv6 value size.
 pub const VALUE_SIZE6: usize = offset_of!(CtValue<proxy_common::Ipv6Words>, ifindex);
 
-/// How CONNTRACK entries carried over from an older map are read (`dataplane::migrate`).
+/// How CONNTRACK entries carried over from an older map are read (`dataplane::maps::migrate`).
 ///
 /// A table made by an agent from before the conntrack lifecycle (an LRU without per-flow
 /// state) has no `SEEN_REPLY`: its flows would all count as unanswered SYNs and the GC

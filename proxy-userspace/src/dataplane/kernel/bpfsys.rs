@@ -1,7 +1,8 @@
 //! The few bpf(2) commands aya 0.14 does not expose: the ifindex of a link
 //! (`bpf_link_info.tcx/xdp`), the link ids of a tcx query, detaching a link by id, a
 //! program's name and map ids by program id, batched map reads (the conntrack collector)
-//! and batched writes (the sync's cold start). Each is one syscall on a zeroed attribute
+//! and batched writes (the sync's cold start), and the next key of any map by raw bytes
+//! (`ebpf-proxy maps` counts entries without knowing each map's types). Each is one syscall on a zeroed attribute
 //! buffer laid out as in `include/uapi/linux/bpf.h`.
 use std::{
     io,
@@ -16,6 +17,7 @@ const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -113,6 +115,23 @@ pub fn map_lookup_batch(
     };
     let n = get_u32(&a, 32) as usize;
     Ok((n, if done { None } else { Some(out_batch) }))
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (`None`: the first) into `next` (the map's
+/// key size). `Ok(false)` past the last key.
+pub fn map_next_key(map_fd: std::os::fd::BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+    let mut a: Attr = [0; 128];
+    // map_fd 0, key 8 (NULL: the first key), next_key 16.
+    put_u32(&mut a, 0, map_fd.as_raw_fd() as u32);
+    if let Some(k) = key {
+        put_u64(&mut a, 8, k.as_ptr() as u64);
+    }
+    put_u64(&mut a, 16, next.as_mut_ptr() as u64);
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut a) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// `BPF_MAP_UPDATE_BATCH`: write `count` entries (`keys` / `values` hold `count` of each,

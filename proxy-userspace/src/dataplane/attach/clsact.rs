@@ -15,7 +15,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 
-use super::DataplaneError;
+use crate::dataplane::DataplaneError;
 
 /// `TCA_KIND` of a cls_bpf filter.
 const KIND_BPF: &str = "bpf";

@@ -13,6 +13,11 @@
 //! `<ifindex>-xdp_generic-<ifname>`: the pin name records the mode, which the CLI shows and
 //! a restarted agent keeps (BPF_LINK_UPDATE into the same link) unless `--xdp-mode` asks for
 //! another one.
+pub mod clsact;
+pub mod ifaces;
+pub mod ownership;
+pub mod uplinks;
+
 use std::{fmt, io, path::Path};
 
 use aya::programs::{
@@ -23,9 +28,10 @@ use aya::programs::{
 };
 use tracing::{debug, info};
 
-use super::{
+use crate::dataplane::{
     DataplaneError,
-    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF, Programs},
+    kernel::bpfsys,
+    maps::loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF, Programs},
     paths,
 };
 
@@ -59,7 +65,7 @@ impl Direction {
 }
 
 /// Which XDP mode the operator asks for (`--xdp-mode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XdpModeChoice {
     /// Native (driver) mode where the driver supports it, generic otherwise.
     #[default]
@@ -130,7 +136,7 @@ impl XdpModeChoice {
 }
 
 /// How TC programs are attached (`--tc-attach`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TcAttachChoice {
     /// tcx links where the kernel has them (>= 6.6), clsact filters otherwise.
     #[default]
@@ -313,7 +319,7 @@ pub fn attach_xdp(
     }
     let mut errors = Vec::new();
     let mut candidates = want.candidates();
-    if want == XdpModeChoice::Auto && super::ifaces::driver(iface).as_deref() == Some("veth") {
+    if want == XdpModeChoice::Auto && ifaces::driver(iface).as_deref() == Some("veth") {
         // veth runs native XDP, but flushes XDP_TX/redirected frames to its peer only when
         // the peer runs an XDP program too, which we cannot arrange for a peer in another
         // namespace: forwarded packets would stall. Generic XDP transmits through the
@@ -438,7 +444,7 @@ pub fn pinned_link_ids(root: &Path) -> std::collections::HashSet<u32> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| super::bpfsys::obj_get(&e.path()).and_then(|fd| super::bpfsys::link_info(&fd)).ok())
+        .filter_map(|e| bpfsys::obj_get(&e.path()).and_then(|fd| bpfsys::link_info(&fd)).ok())
         .map(|i| i.id)
         .collect()
 }

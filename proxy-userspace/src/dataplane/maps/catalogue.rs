@@ -21,7 +21,7 @@ use proxy_common::{
     SourceRangeData6, StatsKey, map_names as n, sizes,
 };
 
-use super::copy::{self, CopyFn, Legacy, Upgrade};
+use crate::dataplane::maps::copy::{self, CopyFn, Legacy, Upgrade};
 use crate::model::IpFamily;
 
 /// A flag that sets the size of one or more maps.
@@ -314,17 +314,17 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::NODE_CONFIG6, Layout::array::<NodeConfig6>(), 1)
     },
     // Assured flows. Pre-lifecycle (LRU) entries are read as established: see
-    // `conntrack::legacy::CtUpgrade`. Entries of the layout before the assured table (32 bytes) are
-    // converted, and their unassured flows moved to CT_NEW: see `conntrack::legacy`. The
+    // `dataplane::maps::ct_legacy::CtUpgrade`. Entries of the layout before the assured table (32 bytes) are
+    // converted, and their unassured flows moved to CT_NEW: see `dataplane::maps::ct_legacy`. The
     // agent exports its fill ratio from the conntrack GC (`conntrack::task`).
     MapDef {
         twin: Some(n::CONNTRACK6),
         sizing: Sizing::Flag(SizeFlag::MaxConntrack),
         migrate: Some(Policy {
             legacy: Some(Legacy {
-                value_size: crate::conntrack::legacy::VALUE_SIZE as u32,
+                value_size: crate::dataplane::maps::ct_legacy::VALUE_SIZE as u32,
                 sibling: n::CT_NEW,
-                copy: crate::conntrack::legacy::copy::<u32, { crate::conntrack::legacy::VALUE_SIZE }>,
+                copy: crate::dataplane::maps::ct_legacy::copy::<u32, { crate::dataplane::maps::ct_legacy::VALUE_SIZE }>,
             }),
             ..DATAPATH_WRITES
         }),
@@ -332,7 +332,7 @@ pub static MAPS: &[MapDef] = &[
         fill_ratio: true,
         ..MapDef::new(
             n::CONNTRACK,
-            Layout::hash_upgraded::<CtKey, CtValue, crate::conntrack::legacy::CtUpgrade>(),
+            Layout::hash_upgraded::<CtKey, CtValue, crate::dataplane::maps::ct_legacy::CtUpgrade>(),
             sizes::MAX_CONNTRACK,
         )
     },
@@ -343,9 +343,12 @@ pub static MAPS: &[MapDef] = &[
         sizing: Sizing::Flag(SizeFlag::MaxConntrack),
         migrate: Some(Policy {
             legacy: Some(Legacy {
-                value_size: crate::conntrack::legacy::VALUE_SIZE6 as u32,
+                value_size: crate::dataplane::maps::ct_legacy::VALUE_SIZE6 as u32,
                 sibling: n::CT_NEW6,
-                copy: crate::conntrack::legacy::copy::<Ipv6Words, { crate::conntrack::legacy::VALUE_SIZE6 }>,
+                copy: crate::dataplane::maps::ct_legacy::copy::<
+                    Ipv6Words,
+                    { crate::dataplane::maps::ct_legacy::VALUE_SIZE6 },
+                >,
             }),
             ..DATAPATH_WRITES
         }),

@@ -25,7 +25,7 @@ use rtnetlink::{
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, warn};
 
-use super::DataplaneError;
+use crate::dataplane::DataplaneError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {

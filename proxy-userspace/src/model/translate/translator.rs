@@ -14,9 +14,27 @@
 //! `resolve` says (priority, then the Service holding it now, then
 //! namespace/name, then the order within the Service), evaluated when the address is
 //! re-resolved, i.e. whenever one of its claimants changed.
-use std::collections::{HashMap, HashSet};
 
-use super::*;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::SocketAddr,
+};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::{
+    KIND_SERVICE, KIND_SLICE,
+    frontends::{Candidate, claim_priority, expand_service, sctp_port_rewrites},
+    local_ready_endpoints,
+    problems::{ObjectId, Problem, Warnings, missing_id, non_empty},
+    services::{ParsedService, parse_service},
+    slices::{ParsedSlice, ServiceEndpoints, parse_slice_object, trigger_time},
+    warn_unmatched_slice_ports,
+};
+use crate::model::types::{ClaimKey, Claims, DesiredState, FrontendKey, HealthCheck, NodeInfo, Scope, Warning};
 
 /// Which Service holds each frontend address in the maps now: the translation's input for
 /// conflicts (`Claims`, or the sync's mirror of the maps, which answers without building a
@@ -374,6 +392,9 @@ impl Translator {
                 state.slice_warnings = w.0;
             }
             state.candidates = expand_service(id, parsed, endpoints.as_ref(), &self.node);
+            if let Some(problem) = sctp_port_rewrites(&state.candidates) {
+                state.slice_warnings.push(warning(KIND_SERVICE, id, problem));
+            }
             if let Some(port) = parsed.health_check_node_port {
                 let check = HealthCheck {
                     namespace: id.namespace.clone(),

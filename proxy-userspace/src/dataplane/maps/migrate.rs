@@ -31,11 +31,11 @@ use aya::maps::{Map, MapData, MapError};
 use tracing::{info, warn};
 
 // The copy side is `super::copy`; `MapSpec` is named here too, where migrations report it.
-pub use super::copy::MapSpec;
-use super::{
+pub use crate::dataplane::maps::copy::MapSpec;
+use crate::dataplane::{
     DataplaneError,
-    catalogue::{self, MapDef, Policy},
-    copy::{Copied, CopyFn, Legacy, errno, type_name},
+    maps::catalogue::{self, MapDef, Policy},
+    maps::copy::{Copied, CopyFn, Legacy, errno, type_name},
     paths,
 };
 

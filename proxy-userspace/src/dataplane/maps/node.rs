@@ -17,9 +17,9 @@ use aya::{
 use netlink_packet_route::neighbour::{NeighbourFlags, NeighbourState};
 use proxy_common::{NeighKey, NeighKey6, NodeConfig, NodeConfig6, map_names as n, nat_defaults};
 
-use super::{
+use crate::dataplane::{
     DataplaneError,
-    addr::{MapAddr, ip_to_map, ip6_to_map},
+    maps::addr::{MapAddr, ip_to_map, ip6_to_map},
     paths,
 };
 

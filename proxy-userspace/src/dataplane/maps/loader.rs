@@ -13,11 +13,11 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 
-use super::{
+use crate::dataplane::{
     DataplaneError, EBPF_OBJECT,
-    catalogue::{self, SizeFlag},
     maps::Maps,
-    migrate::{MapSpec, Migration},
+    maps::catalogue::{self, SizeFlag},
+    maps::migrate::{MapSpec, Migration},
     paths,
 };
 
@@ -340,7 +340,7 @@ mod tests {
     use proxy_common::map_names as n;
 
     use super::*;
-    use crate::dataplane::catalogue::slots_for;
+    use crate::dataplane::maps::catalogue::slots_for;
 
     fn tmp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("ebpf-proxy-loader-{}-{name}", std::process::id()))

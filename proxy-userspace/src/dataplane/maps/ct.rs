@@ -1,4 +1,4 @@
-//! A family's two conntrack tables (the maps each is held in: `Table::map`, in `super`).
+//! A family's two conntrack tables (the map holding each: `MapAddr::ct_map`).
 /// One of a family's two conntrack tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {

@@ -11,9 +11,10 @@ use std::{io, mem::size_of, os::fd::AsFd, path::Path};
 use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{CtKey, CtValue};
 
-use super::addr::MapAddr;
-use super::{DataplaneError, bpfsys, paths};
-use crate::conntrack::{Chunk, CtTable, Table};
+use crate::conntrack::{Chunk, CtTable};
+use crate::dataplane::maps::addr::MapAddr;
+use crate::dataplane::maps::ct::Table;
+use crate::dataplane::{DataplaneError, kernel::bpfsys, paths};
 
 /// Entries asked for per syscall. A hash bucket must fit in one call (ENOSPC otherwise, and
 /// we retry larger); buckets hold a handful of entries, so this is plenty.
@@ -37,7 +38,7 @@ where
             let data = MapData::from_pin(&path).map_err(|e| DataplaneError::from_map(name, e))?;
             aya::maps::Map::from_map_data(data).map_err(|e| DataplaneError::from_map(name, e))
         };
-        Self::new(open(Table::Assured.map::<A>())?, open(Table::Unassured.map::<A>())?)
+        Self::new(open(A::ct_map(Table::Assured))?, open(A::ct_map(Table::Unassured))?)
     }
 
     /// From the assured and the unassured map.
@@ -52,13 +53,13 @@ where
             HashMap::try_from(map).map_err(|e| DataplaneError::from_map(name, e))
         };
         Ok(KernelCtTable {
-            maps: [typed(assured, Table::Assured.map::<A>())?, typed(unassured, Table::Unassured.map::<A>())?],
+            maps: [typed(assured, A::ct_map(Table::Assured))?, typed(unassured, A::ct_map(Table::Unassured))?],
         })
     }
 
     /// Capacity of `table` as the kernel has it (not as a flag asked for).
     pub fn capacity(&self, table: Table) -> Result<u32, DataplaneError> {
-        let info = self.map_data(table).info().map_err(|e| DataplaneError::from_map(table.map::<A>(), e))?;
+        let info = self.map_data(table).info().map_err(|e| DataplaneError::from_map(A::ct_map(table), e))?;
         Ok(info.max_entries())
     }
 
@@ -111,7 +112,7 @@ where
                 // One bucket holds more entries than we asked for: ask for more.
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && want < 1 << 16 => want *= 4,
                 Err(source) => {
-                    let context = format!("reading map {} in batches", table.map::<A>());
+                    let context = format!("reading map {} in batches", A::ct_map(table));
                     return Err(DataplaneError::Io { context, source });
                 }
             }
@@ -123,7 +124,7 @@ where
             Ok(v) => Ok(Some(v)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DataplaneError::from_map(table.map::<A>(), e)),
+            Err(e) => Err(DataplaneError::from_map(A::ct_map(table), e)),
         }
     }
 
@@ -132,7 +133,7 @@ where
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
             Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(DataplaneError::from_map(table.map::<A>(), e)),
+            Err(e) => Err(DataplaneError::from_map(A::ct_map(table), e)),
         }
     }
 }

@@ -23,11 +23,11 @@ use futures::TryStreamExt;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkXdp};
 use rtnetlink::LinkUnspec;
 
-use super::{
+use crate::dataplane::{
     DataplaneError,
-    bpfsys::{self, BPF_LINK_TYPE_XDP, BPF_TCX_EGRESS, BPF_TCX_INGRESS},
-    clsact::{self, ClsactSide, FilterAddr},
-    loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF},
+    attach::clsact::{self, ClsactSide, FilterAddr},
+    kernel::bpfsys::{self, BPF_LINK_TYPE_XDP, BPF_TCX_EGRESS, BPF_TCX_INGRESS},
+    maps::loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF},
 };
 
 pub const OUR_PROGRAMS: [&str; 5] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF];
@@ -68,7 +68,7 @@ fn recognise(prog_id: u32, names: &[&str], maps: &[&str]) -> Option<String> {
 /// The name of program `prog_id` if it is one of our socket-level (cgroup) programs,
 /// whichever agent loaded it.
 pub fn sock_program_ours(prog_id: u32) -> Option<String> {
-    recognise(prog_id, &super::loader::SOCK_PROGRAMS, &OUR_SOCK_MAPS)
+    recognise(prog_id, &crate::dataplane::maps::loader::SOCK_PROGRAMS, &OUR_SOCK_MAPS)
 }
 
 /// Where a program is attached.
