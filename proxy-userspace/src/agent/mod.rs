@@ -4,30 +4,30 @@
 pub mod config;
 mod log_once;
 mod neighbours;
-mod node_config;
+mod node;
 mod reconcile;
 mod socket_lb;
+mod store;
+mod sync_metrics;
 mod uplinks;
 
-use std::{
-    collections::HashSet,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, sync::Arc};
 
 use anyhow::{Context, Result};
-use tokio::sync::{mpsc::unbounded_channel, watch};
+use tokio::sync::{
+    mpsc::{UnboundedReceiver, unbounded_channel},
+    oneshot, watch,
+};
 use tracing::{error, info, warn};
 
 pub use self::config::{AgentConfig, ConfigError, ObjectSource};
 use self::{
     neighbours::neighbour_resolver,
-    node_config::NodeConfigs,
-    reconcile::SyncLoop,
-    socket_lb::{setup_socket_lb, sock_translation_metrics},
+    node::ThisNode,
+    reconcile::{Events, SyncLoop},
+    socket_lb::{SockLb, setup_socket_lb, sock_translation_metrics},
+    store::AgentStore,
+    sync_metrics::SyncMetrics,
     uplinks::detect_uplinks,
 };
 use crate::{
@@ -41,16 +41,14 @@ use crate::{
         guard::{DatapathGuard, OurPrograms},
         kernel::local_addrs,
         lock::RootLock,
-        maps::GlobalStats,
         maps::loader,
         maps::node::{NodeMaps, PortRange},
+        maps::{GlobalStats, Maps},
         sock::SocketLbMode,
     },
     health::Health,
-    healthcheck::HealthServers,
     metrics::Metrics,
-    model::{NodeInfo, Translator},
-    source::{Resource, Snapshots, Source, SourceEvent, apiserver, files},
+    source::{Source, SourceEvent, apiserver, files},
     sync::Syncer,
 };
 
@@ -82,27 +80,6 @@ fn start_conntrack_gc(config: &AgentConfig, metrics: Metrics) -> Result<()> {
     );
     task.spawn();
     Ok(())
-}
-
-/// How long the first sync waits for the interfaces present at start to be attached (see
-/// `attached_before_adoption`).
-const ADOPTION_ATTACH_WAIT: Duration = Duration::from_secs(10);
-
-/// Ready = the first full sync done and every interface present at start-up attached,
-/// in whichever order they happen.
-async fn readiness(
-    mut first_sync: watch::Receiver<bool>,
-    mut attached_initial: watch::Receiver<bool>,
-    ready: Arc<AtomicBool>,
-) {
-    // A sender dropped before its signal: the agent is stopping or the attacher is gone;
-    // never ready.
-    if first_sync.wait_for(|done| *done).await.is_err() || attached_initial.wait_for(|done| *done).await.is_err() {
-        return;
-    }
-    if !ready.swap(true, Ordering::Relaxed) {
-        info!("first full sync done and pod interfaces attached; ready");
-    }
 }
 
 /// Create the root (on bpffs) and lock it for this agent's lifetime.
@@ -173,8 +150,6 @@ pub async fn kube_client(
     Ok((kube::Client::try_from(config).context("building the Kubernetes client")?, url))
 }
 
-/// Run the agent until SIGTERM or the object source ends. `config` is checked already
-/// ([`AgentConfig::from_args`]).
 /// glibc keeps one heap arena per thread that ever allocated (up to 8 per core), each
 /// holding on to what was freed in it; the agent allocates mostly on its sync task, so two
 /// arenas are plenty and keep the resident size close to what is in use.
@@ -186,22 +161,43 @@ pub fn limit_malloc_arenas() {
     }
 }
 
-/// Give the pages freed after a full sync (the parsed list, its buffers) back to the
-/// kernel; glibc otherwise keeps them resident for reuse.
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+/// Run the agent until SIGTERM or the object source ends. `config` is checked already
+/// ([`AgentConfig::from_args`]). The start-up steps, in their order, then the event loop.
+pub async fn run(config: AgentConfig) -> Result<()> {
+    check_kernel(&config)?;
+    // A start that fails from here on removes the pin directory if it created it (the
+    // lock below already creates it).
+    let created_root = loader::CreatedRoot::remember(config.bpffs_root());
+    // One agent per root, decided before anything touches the pins.
+    let lock = lock_root(config.bpffs_root())?;
+    let control = start_control(&config)?;
+    let (mut programs, maps) = load_dataplane(&config)?;
+    // Before the first sync: a node process dialling a Service during start-up gets the
+    // backends the pinned maps hold (a restart swaps the programs into the same links).
+    let sock_lb = start_socket_lb(&config, &mut programs, &control.metrics)?;
+    // Fill ratios use the sizes of the maps in use.
+    let capacities = maps.capacities();
+    start_counters(&config, &control.metrics)?;
+    let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
+    let (attacher, attached_initial) = prepare_attacher(&config, programs, lock, &sock_lb, &control)?;
+    let syncer = read_back(&config, AgentStore::new(maps, node_maps, sock_lb))?;
+    let node_addrs = start_attaching(&config, attacher)?;
+    let (local, local_changes) = follow_local_addrs(&config).await?;
+    let (source, source_events) = start_source(&config, &syncer).await?;
+    let node = ThisNode::new(&config, local, control.health.clone(), node_addrs);
+    let metrics = SyncMetrics::new(control.metrics, capacities);
+    let lp = SyncLoop::new(syncer, source, node, metrics, &control.health, &config);
+    created_root.keep();
+    let events = Events { source: source_events, local_addrs: local_changes, shutdown: control.shutdown };
+    lp.run(events, control.health, attached_initial, &config).await;
+    // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
+    Ok(())
 }
 
-pub async fn run(config: AgentConfig) -> Result<()> {
-    let node_name = config.node_name.clone();
-    // No privileges: one clear line before anything is created.
+/// No privileges, or a configuration this kernel cannot honour: one clear error before
+/// anything is created. What the kernel gives, in one line.
+fn check_kernel(config: &AgentConfig) -> Result<()> {
     loader::check_privileges().context("loading the eBPF datapath")?;
-    // What this kernel gives, in one line, and a configuration it cannot honour refused
-    // before anything is created.
     let features = KernelFeatures::probe(&config.uplinks);
     info!(
         kernel = %features.release,
@@ -221,16 +217,27 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         SocketLbMode::HostOnly => Some("host-only"),
     };
     features.check(socket_lb, config.cgroup_root.is_some())?;
-    // A start that fails from here on removes the pin directory if it created it (the
-    // lock below already creates it).
-    let created_root = loader::CreatedRoot::remember(config.bpffs_root());
-    // One agent per root, decided before anything touches the pins.
-    let lock = lock_root(config.bpffs_root())?;
+    Ok(())
+}
+
+/// The control thread's handles: what it serves, and when it says stop.
+struct Control {
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: oneshot::Receiver<&'static str>,
+}
+
+/// The health and metrics endpoints and the signal handlers, on the control thread.
+fn start_control(config: &AgentConfig) -> Result<Control> {
     let metrics = Metrics::new();
     let health = Health::new(config.healthz_timeout);
-    let ready = health.synced.clone();
-    let mut shutdown = control::start(config.http_addr, config.metrics_addr, health.clone(), metrics.clone())?;
+    let shutdown = control::start(config.http_addr, config.metrics_addr, health.clone(), metrics.clone())?;
+    Ok(Control { metrics, health, shutdown })
+}
 
+/// Load the programs and create or re-use the pinned maps; maps that changed size or type
+/// are migrated.
+fn load_dataplane(config: &AgentConfig) -> Result<(loader::Programs, Maps)> {
     let (mut programs, maps) = loader::load(&config.loader).context("loading the eBPF datapath")?;
     if !programs.migration.is_empty() {
         // Maps changed size or type: put the new programs into every pinned link now, in
@@ -239,23 +246,61 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         info!(links = swapped, "new programs swapped into the pinned links");
         std::mem::take(&mut programs.migration).finish().context("finishing the map migration")?;
     }
-    // Before the first sync: a node process dialling a Service during start-up gets the
-    // backends the pinned maps hold (a restart swaps the programs into the same links).
-    let sock_lb = setup_socket_lb(&config, &mut programs)?;
+    Ok((programs, maps))
+}
+
+/// Socket-level load balancing attached (or detached), and its metrics.
+fn start_socket_lb(config: &AgentConfig, programs: &mut loader::Programs, metrics: &Metrics) -> Result<Option<SockLb>> {
+    let sock_lb = setup_socket_lb(config, programs)?;
     metrics.sock_attached.set(i64::from(sock_lb.is_some()));
     if sock_lb.is_some() && config.metrics_per_frontend {
         metrics.register_per_frontend();
         tokio::spawn(sock_translation_metrics(config.bpffs_root().to_path_buf(), metrics.clone()));
     }
+    Ok(sock_lb)
+}
+
+/// The datapath's counters as metrics, and the conntrack collector.
+fn start_counters(config: &AgentConfig, metrics: &Metrics) -> Result<()> {
     metrics.register_datapath(GlobalStats::open_pinned(config.bpffs_root()).context("stats map")?);
-    // Fill ratios use the sizes of the maps in use.
-    let capacities = maps.capacities();
-    start_conntrack_gc(&config, metrics.clone())?;
-    let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
+    start_conntrack_gc(config, metrics.clone())
+}
+
+/// The attacher, not started yet: it owns the programs and the root's lock (through the
+/// datapath check). The receiver says when every interface present at start is attached.
+fn prepare_attacher(
+    config: &AgentConfig,
+    programs: loader::Programs,
+    lock: RootLock,
+    sock_lb: &Option<SockLb>,
+    control: &Control,
+) -> Result<(Attacher, watch::Receiver<bool>)> {
     let ours = OurPrograms::of(&programs).context("our program ids")?;
     let guard =
         DatapathGuard::new(config.bpffs_root(), lock).context("opening the pinned maps for the datapath check")?;
-    let mut syncer = Syncer::new(maps).context("reading back the pinned maps")?;
+    let (attached_initial, attached_initial_rx) = watch::channel(false);
+    let attacher = Attacher {
+        programs,
+        root: config.bpffs_root().to_path_buf(),
+        plan: AttachPlan {
+            uplinks: config.uplinks.iter().cloned().collect(),
+            xdp_mode: config.xdp_mode,
+            tc_attach: config.tc_attach,
+        },
+        metrics: control.metrics.clone(),
+        attached_initial,
+        guard,
+        ours,
+        health: control.health.clone(),
+        check_interval: config.datapath_check_interval,
+        sock: sock_lb.as_ref().map(|s| (s.cgroup.clone(), socket_lb::sock_settings(config))),
+    };
+    Ok((attacher, attached_initial_rx))
+}
+
+/// The sync over the pinned maps, with what they hold read back.
+fn read_back(config: &AgentConfig, store: AgentStore) -> Result<Syncer<AgentStore>> {
+    let mut syncer = Syncer::new(store).context("reading back the pinned maps")?;
     // kube-proxy's connections become ours before any Service entry can balance them.
     syncer.before_first_services(crate::takeover::adoption_hook(config.bpffs_root()));
     if let Some(local) = PortRange::local_port_range().filter(|r| r.overlaps(&config.snat_port_range)) {
@@ -266,14 +311,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         );
     }
     info!(
-        node = %node_name,
+        node = %config.node_name,
         bpffs_root = %config.bpffs_root().display(),
         services = syncer.service_count(),
         backends = syncer.backend_count(),
         "datapath loaded; pinned state read back"
     );
+    Ok(syncer)
+}
 
-    // One watcher for both kinds: uplinks by exact name, pods by pattern or by kind.
+/// Attach the programs to pod interfaces and uplinks as they come and go (one watcher for
+/// both kinds: uplinks by exact name, pods by pattern or by kind), detect the uplinks when
+/// `--uplink` names none, and resolve the neighbours XDP misses. Returns where the Node's
+/// addresses go, for the uplink detection.
+fn start_attaching(config: &AgentConfig, attacher: Attacher) -> Result<watch::Sender<Vec<IpAddr>>> {
     let patterns = config.watched_ifaces.clone();
     let (ltx, lrx) = unbounded_channel();
     let detected_tx = ltx.clone();
@@ -282,13 +333,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             error!(error = %e, "interface watcher stopped");
         }
     });
-    let (attached_initial, attached_initial_rx) = watch::channel(false);
-    let plan = AttachPlan {
-        uplinks: config.uplinks.iter().cloned().collect(),
-        xdp_mode: config.xdp_mode,
-        tc_attach: config.tc_attach,
-    };
-    let (node_addrs, node_addrs_rx) = tokio::sync::watch::channel(Vec::new());
+    let (node_addrs, node_addrs_rx) = watch::channel(Vec::new());
     if config.uplinks.is_empty() {
         info!(xdp_mode = ?config.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");
         let pods = config.pod_ifaces.clone();
@@ -298,29 +343,28 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     let misses = NodeMaps::open_pinned(config.bpffs_root()).context("node maps")?;
     tokio::spawn(neighbour_resolver(misses));
-    let attacher = Attacher {
-        programs,
-        root: config.bpffs_root().to_path_buf(),
-        plan,
-        metrics: metrics.clone(),
-        attached_initial,
-        guard,
-        ours,
-        health: health.clone(),
-        check_interval: config.datapath_check_interval,
-        sock: sock_lb.as_ref().map(|s| (s.cgroup.clone(), socket_lb::sock_settings(&config))),
-    };
     tokio::spawn(attacher.run(lrx));
+    Ok(node_addrs)
+}
 
-    // NodePorts are served on local addresses: known before the first sync, then followed.
-    let (local, mut local_rx) = local_addrs::follow().await.context("the node's local addresses")?;
+/// NodePorts are served on local addresses: known before the first sync, then followed.
+async fn follow_local_addrs(config: &AgentConfig) -> Result<(Vec<IpAddr>, watch::Receiver<Vec<IpAddr>>)> {
+    let (local, changes) = local_addrs::follow().await.context("the node's local addresses")?;
     info!(
         nodeport_addresses = %config.nodeport_addresses,
         local_addresses = ?local,
         "NodePorts served on the local addresses --nodeport-addresses selects"
     );
+    Ok((local, changes))
+}
 
-    let (stx, mut srx) = unbounded_channel();
+/// Start reading the objects: from the manifests directory, or watching the API.
+async fn start_source(
+    config: &AgentConfig,
+    syncer: &Syncer<AgentStore>,
+) -> Result<(Source, UnboundedReceiver<SourceEvent>)> {
+    let (stx, srx) = unbounded_channel();
+    let node_name = &config.node_name;
     let source = match &config.source {
         ObjectSource::Manifests(dir) => {
             info!(dir = %dir.display(), "reading objects from manifests");
@@ -333,115 +377,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 syncer.serves_tcp(a)
             });
             info!(api_server = %url, "watching the Kubernetes API");
-            crate::source::kube::start(client, &node_name, stx, hint.map(Into::into));
+            crate::source::kube::start(client, node_name, stx, hint.map(Into::into));
             Source::Kube
         }
     };
-
-    let mut lp = SyncLoop {
-        syncer,
-        node_configs: NodeConfigs::new(node_maps, &config),
-        health: HealthServers::new(ready.clone()),
-        proxy_health: health.clone(),
-        source,
-        translator: Translator::new(NodeInfo { name: node_name.clone(), ..NodeInfo::default() }),
-        snapshots: Snapshots::default(),
-        node: None,
-        full_sync: true,
-        node_name,
-        nodeport_addresses: config.nodeport_addresses.clone(),
-        nodeport_localhost: config.nodeport_localhost,
-        local_addrs: local,
-        metrics,
-        capacities,
-        logged: Default::default(),
-        node_addrs,
-        sock: sock_lb,
-        synced_once: false,
-        bpffs_root: config.bpffs_root().to_path_buf(),
-        started: std::time::SystemTime::now(),
-        pending: Default::default(),
-    };
-    created_root.keep();
-    // Periodic verify (the select branch below is disabled when the interval is 0).
-    // Any period will do when it is off: the branch is never polled.
-    let verify_every = config.verify_interval.unwrap_or(Duration::from_secs(1));
-    let mut verify_tick = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
-    let delay = config.sync_delay;
-    let mut synced: HashSet<Resource> = HashSet::new();
-    let mut burst: Option<Instant> = None;
-    let (first_sync, first_sync_rx) = watch::channel(false);
-    // The first sync adopts kube-proxy's flows (`takeover`): from then on they are ours
-    // only, so our programs must be on the interfaces first.
-    let mut attached_before_adoption = Some(attached_initial_rx.clone());
-    tokio::spawn(readiness(first_sync_rx, attached_initial_rx, ready.clone()));
-    loop {
-        tokio::select! {
-            ev = srx.recv() => match ev {
-                Some(SourceEvent::Synced(r)) => { synced.insert(r); burst.get_or_insert_with(Instant::now); }
-                Some(SourceEvent::Changed) => { lp.metrics.queued_now(); burst.get_or_insert_with(Instant::now); }
-                Some(SourceEvent::Update(u)) => { lp.update(u); lp.metrics.queued_now(); burst.get_or_insert_with(Instant::now); }
-                None => break,
-            },
-            // A local address came or went: NodePort frontends follow at the next sync.
-            Ok(()) = local_rx.changed() => {
-                lp.local_addrs = local_rx.borrow_and_update().clone();
-                burst.get_or_insert_with(Instant::now);
-            }
-            _ = &mut shutdown => break,
-            // 0 turns the periodic verify off: the branch is never polled.
-            _ = verify_tick.tick(), if config.verify_interval.is_some() => {
-                lp.verify();
-                continue;
-            }
-        }
-        // Reconcile only against a complete picture: every resource fully listed.
-        if synced.len() < 3 || burst.is_none() {
-            continue;
-        }
-        // From here a sync is owed (/healthz fails if none completes in time); the initial
-        // listing, however slow, is not a stall. A sync blocked for good cannot delay
-        // SIGTERM: the control thread exits the process after its grace period.
-        health.change_pending();
-        // Coalesce the rest of the burst.
-        // A zero delay does not sleep at all: tokio's timer rounds every sleep up to its
-        // next millisecond tick, which would be most of an incremental sync's latency.
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        while let Ok(ev) = srx.try_recv() {
-            match ev {
-                SourceEvent::Synced(r) => {
-                    synced.insert(r);
-                }
-                SourceEvent::Update(u) => {
-                    lp.update(u);
-                    lp.metrics.queued_now();
-                }
-                SourceEvent::Changed => lp.metrics.queued_now(),
-            }
-        }
-        if let Some(mut attached) = attached_before_adoption.take() {
-            let waited = Instant::now();
-            match tokio::time::timeout(ADOPTION_ATTACH_WAIT, attached.wait_for(|done| *done)).await {
-                Ok(Ok(_)) => {}
-                _ => warn!(
-                    waited = ?waited.elapsed(),
-                    "interfaces not all attached yet: adopting kube-proxy's flows anyway"
-                ),
-            }
-        }
-        let full = lp.full_sync;
-        lp.sync(burst.take());
-        health.synced_now();
-        first_sync.send_replace(true);
-        if full {
-            // A full sync (start-up, relist) frees the transient memory of a whole list.
-            release_free_memory();
-        }
-    }
-    // Maps, programs and links stay pinned: traffic keeps flowing while we are away.
-    Ok(())
+    Ok((source, srx))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The reconciler: feed object changes into the translation as they arrive (`update`),
-//! apply what they changed to the maps (`sync`), compare the pinned maps with the desired
-//! state (`verify`), and the metrics both set.
+//! apply what they changed to the maps (`sync`), and compare the pinned maps with the
+//! desired state (`verify`); its event loop (`run`) decides when.
 //!
 //! A sync re-translates only the Services the changes touched and writes only the frontends
 //! whose desired entry changed (`Translator::commit`, `Syncer::apply_changes`). The first
@@ -9,82 +9,56 @@
 use std::{
     collections::HashSet,
     net::IpAddr,
-    time::{Instant, SystemTime},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use proxy_common::map_names;
+use tokio::sync::{mpsc::UnboundedReceiver, oneshot, watch};
 use tracing::{error, info, warn};
 
-use super::{log_once::LogOnce, node_config::NodeConfigs, socket_lb::SockLb};
+use super::{
+    config::AgentConfig,
+    log_once::LogOnce,
+    node::ThisNode,
+    store::AgentStore,
+    sync_metrics::{PassSummary, SyncMetrics},
+};
 use crate::{
-    dataplane::{
-        maps::catalogue,
-        maps::{Capacities, Maps},
-        sock,
-    },
+    health::Health,
     healthcheck::HealthServers,
-    metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel, unix_seconds},
-    model::{
-        IpFamily, Translator,
-        node::{NodePortAddresses, node_eligible, node_info, node_ips, serve_localhost},
-    },
-    source::{Delta, Snapshots, Source, Update},
+    model::{NodeInfo, Translator},
+    source::{Delta, Resource, Snapshots, Source, SourceEvent, Update},
     sync::{SyncReport, Syncer},
 };
 
 pub(super) struct SyncLoop {
-    pub(super) syncer: Syncer<Maps>,
-    /// `NODE_CONFIG`, `NODE_CONFIG6`: written before the maps at every sync.
-    pub(super) node_configs: NodeConfigs,
-    pub(super) health: HealthServers,
-    /// /healthz, /livez, /readyz: told when the Node is on its way out.
-    pub(super) proxy_health: std::sync::Arc<crate::health::Health>,
-    pub(super) source: Source,
+    syncer: Syncer<AgentStore>,
     /// Every object's parsed form and the desired state, kept up to date by `update`.
-    pub(super) translator: Translator,
+    translator: Translator,
+    source: Source,
     /// The files source's previous snapshot, to turn the next one into changes.
-    pub(super) snapshots: Snapshots,
-    /// This node's Node object, when known.
-    pub(super) node: Option<std::sync::Arc<k8s_openapi::api::core::v1::Node>>,
+    snapshots: Snapshots,
     /// The next sync looks at every frontend (start-up, relist).
-    pub(super) full_sync: bool,
-    pub(super) node_name: String,
-    pub(super) nodeport_addresses: NodePortAddresses,
-    /// `--nodeport-localhost`.
-    pub(super) nodeport_localhost: bool,
-    /// The network namespace's addresses (`dataplane::kernel::local_addrs`), which NodePorts are
-    /// served on as `nodeport_addresses` selects.
-    pub(super) local_addrs: Vec<IpAddr>,
-    pub(super) metrics: Metrics,
-    pub(super) capacities: Capacities,
+    full_sync: bool,
+    node: ThisNode,
+    /// The health-check node ports of `externalTrafficPolicy: Local` Services.
+    health: HealthServers,
+    metrics: SyncMetrics,
     /// Malformed objects, frontends not programmed and drift: logged when they appear.
-    pub(super) logged: Logged,
-    /// The Node's InternalIP/ExternalIP addresses, for uplink detection (when `--uplink`
-    /// names none). Not every NodePort address: that would put XDP on bridges and overlay
-    /// devices holding a local address.
-    pub(super) node_addrs: tokio::sync::watch::Sender<Vec<IpAddr>>,
+    logged: Logged,
     /// Whether a sync has run (verify compares against its desired state).
-    pub(super) synced_once: bool,
-    pub(super) bpffs_root: std::path::PathBuf,
-    /// Socket-level load balancing, when attached: stale UDP sockets to destroy.
-    pub(super) sock: Option<SockLb>,
-    /// Slice changes triggered before this are not timed (kube-proxy ignores trigger times
-    /// before its own start: a restart would otherwise report the age of every slice).
-    pub(super) started: SystemTime,
-    pub(super) pending: Pending,
-}
-
-/// Services and EndpointSlices changed since the last sync (kube-proxy's
-/// `*_changes_pending`), by (namespace, name).
-#[derive(Default)]
-pub(super) struct Pending {
-    services: HashSet<(String, String)>,
-    slices: HashSet<(String, String)>,
+    synced_once: bool,
+    /// Where `verify` opens the pinned maps.
+    bpffs_root: PathBuf,
 }
 
 /// What was logged as lasting, so it is not logged again on every sync while it lasts.
 #[derive(Default)]
-pub(super) struct Logged {
+struct Logged {
     /// Malformed objects skipped by the translation.
     warnings: LogOnce,
     /// Frontends not programmed, with why.
@@ -93,36 +67,35 @@ pub(super) struct Logged {
     drift: LogOnce,
 }
 
-/// `(namespace, name)` of an object, for the pending-change gauges.
-fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
-}
-
 impl SyncLoop {
+    /// Before the first sync, which looks at every frontend.
+    pub(super) fn new(
+        syncer: Syncer<AgentStore>,
+        source: Source,
+        node: ThisNode,
+        metrics: SyncMetrics,
+        health: &Health,
+        config: &AgentConfig,
+    ) -> Self {
+        SyncLoop {
+            syncer,
+            translator: Translator::new(NodeInfo { name: node.name.clone(), ..NodeInfo::default() }),
+            source,
+            snapshots: Snapshots::default(),
+            full_sync: true,
+            node,
+            health: HealthServers::new(health.synced.clone()),
+            metrics,
+            logged: Logged::default(),
+            synced_once: false,
+            bpffs_root: config.bpffs_root().to_path_buf(),
+        }
+    }
+
     /// One change from the API source: parsed into the translation now, applied at the
     /// next `sync`.
     pub(super) fn update(&mut self, u: Update) {
-        match &u {
-            Update::Services(Delta::Apply(s)) => {
-                self.metrics.service_changes.inc();
-                self.pending.services.insert(meta_key(&s.metadata));
-            }
-            Update::Services(Delta::Delete(key)) => {
-                self.metrics.service_changes.inc();
-                self.pending.services.insert(key.clone());
-            }
-            Update::Slices(Delta::Apply(s)) => {
-                self.metrics.endpoint_changes.inc();
-                self.pending.slices.insert(meta_key(&s.metadata));
-            }
-            Update::Slices(Delta::Delete(key)) => {
-                self.metrics.endpoint_changes.inc();
-                self.pending.slices.insert(key.clone());
-            }
-            _ => {}
-        }
-        self.metrics.service_changes_pending.set(self.pending.services.len() as i64);
-        self.metrics.endpoint_changes_pending.set(self.pending.slices.len() as i64);
+        self.metrics.changed(&u);
         let t = &mut self.translator;
         match u {
             Update::Services(Delta::Apply(s)) => t.upsert_service(&s),
@@ -137,75 +110,45 @@ impl SyncLoop {
                 t.retain_slices(&seen);
                 self.full_sync = true;
             }
-            Update::Nodes(Delta::Apply(n)) => self.node = Some(n),
-            Update::Nodes(Delta::Delete(_)) => self.node = None,
+            Update::Nodes(Delta::Apply(n)) => self.node.object = Some(n),
+            Update::Nodes(Delta::Delete(_)) => self.node.object = None,
             Update::Nodes(Delta::Relisted(seen)) => {
                 if seen.is_empty() {
-                    self.node = None;
+                    self.node.object = None;
                 }
             }
         }
     }
 
-    /// Apply what changed since the last sync: the objects' changes (`read_objects`) and the
-    /// Node's state into the translation, the node's facts and then the translation into
-    /// the maps; then what that did into the metrics and the log.
+    /// Apply what changed since the last sync: the objects' changes (`read_objects`) and
+    /// this node's state into the translation, then the translation and the node's facts
+    /// into the maps; then what that did into the metrics and the log.
     pub(super) fn sync(&mut self, burst_start: Option<Instant>) {
         let t = Instant::now();
         if !self.read_objects() {
             return;
         }
-        let eligible = node_eligible(self.node.as_deref());
-        if self.proxy_health.set_node_eligible(eligible) {
-            match eligible {
-                Err(why) => {
-                    warn!(node = %self.node_name, reason = why, "/healthz now fails: load balancers drain this node")
-                }
-                Ok(()) => {
-                    info!(node = %self.node_name, "/healthz passes again: the node is eligible for load-balanced traffic")
-                }
-            }
-        }
-        let mut node = node_info(&self.node_name, self.node.as_deref(), &self.nodeport_addresses, &self.local_addrs);
-        if self.nodeport_localhost {
-            serve_localhost(&mut node);
-        }
-        if node.nodeport_addrs != self.translator.node().nodeport_addrs {
-            info!(addresses = ?node.nodeport_addrs, nodeport_addresses = %self.nodeport_addresses, "NodePort addresses");
-        }
-        let ips = node_ips(self.node.as_deref());
-        self.node_addrs.send_if_modified(|a| {
-            let changed = *a != ips;
-            a.clone_from(&ips);
-            changed
-        });
-        self.translator.set_node(node);
+        self.node.follow(&mut self.translator);
         // The addresses programmed now stay with their Services on a conflict.
         let changed = self.translator.commit(&self.syncer);
         let translated = t.elapsed();
-        let warnings = self.translator.warnings();
-        self.logged.warnings.round(warnings.iter().map(|w| (w.to_string(), w)), |w| {
-            warn!(kind = w.kind, object = %w.object, "skipped: {}", w.message);
-        });
-        self.metrics.object_warnings.set(self.logged.warnings.len() as i64);
+        let object_warnings = self.log_warnings();
 
-        // Node facts first: a flow to a new remote backend needs the SNAT address.
-        self.node_configs.write(self.node.as_deref());
         let desired = self.translator.desired();
         self.health.update(&desired.health_checks);
-
+        // Written before any frontend: a flow to a new remote backend needs the SNAT address.
+        self.syncer.set_node_facts(self.node.facts());
         let full = std::mem::take(&mut self.full_sync);
         let report = if full { self.syncer.apply(desired) } else { self.syncer.apply_changes(desired, &changed) };
         self.synced_once = true;
-        let elapsed = t.elapsed();
-        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
-        if let Some(start) = burst_start {
-            self.metrics.event_to_map.observe(start.elapsed().as_secs_f64());
-        }
-        self.observe_programming();
-        self.record(&report);
+        // Destroying the sockets of removed backends follows the map writes and has a
+        // histogram of its own: not the sync's time.
+        let sockets = report.udp_sockets.map_or(Duration::ZERO, |s| s.elapsed);
+        let duration = t.elapsed().saturating_sub(sockets);
+        let event_to_map = burst_start.map(|start| start.elapsed().saturating_sub(sockets));
+        let trigger_times = self.trigger_times();
+        self.metrics.record(&PassSummary { duration, event_to_map, object_warnings, trigger_times, report: &report });
         self.log_errors(&report);
-        self.destroy_udp_sockets(&report.removed_udp_backends);
         info!(
             services = report.services,
             backends = report.backends,
@@ -215,7 +158,7 @@ impl SyncLoop {
             writes = report.writes,
             conntrack_purged = report.conntrack_purged,
             errors = report.errors.len(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
+            duration_ms = duration.as_secs_f64() * 1e3,
             "synced"
         );
     }
@@ -243,37 +186,6 @@ impl SyncLoop {
         }
     }
 
-    /// What the sync left in the maps, into the metrics.
-    fn record(&mut self, report: &SyncReport) {
-        let m = &self.metrics;
-        m.map_writes.inc_by(report.writes);
-        m.sync_errors.inc_by(report.errors.len() as u64);
-        m.services.set(report.services as i64);
-        m.backends.set(report.backends as i64);
-        let (services4, backends4) = (report.services - report.services6, report.backends - report.backends6);
-        for (family, n) in [(IpFamily::V4, services4), (IpFamily::V6, report.services6)] {
-            m.frontends.get_or_create(&FamilyLabel { family: family.name().into() }).set(n as i64);
-        }
-        let fill = |n: usize, max: u32| n as f64 / f64::from(max.max(1));
-        let c = self.capacities;
-        // The maps whose catalogue row exports a fill ratio and that the sync fills (the
-        // conntrack tables' come from their GC, `conntrack::task`).
-        for row in catalogue::MAPS.iter().filter(|r| r.fill_ratio) {
-            let (n, max) = match row.name {
-                map_names::SERVICES => (services4, c.services),
-                map_names::BACKENDS => (backends4, c.backends),
-                map_names::BACKEND_SLOTS => (report.slots, c.slots),
-                map_names::SERVICES6 => (report.services6, c.services6),
-                map_names::BACKENDS6 => (report.backends6, c.backends6),
-                _ => continue,
-            };
-            m.map_fill.get_or_create(&MapLabel { map: row.name.into() }).set(fill(n, max));
-        }
-        m.frontends_unserved
-            .get_or_create(&ReasonLabel { reason: "source_ranges_full".into() })
-            .set(report.unserved_ranges.len() as i64);
-    }
-
     /// A map that stays full fails the same frontends on every sync: each is logged when it
     /// starts to fail, and the end once.
     fn log_errors(&mut self, report: &SyncReport) {
@@ -293,27 +205,18 @@ impl SyncLoop {
         }
     }
 
-    /// With socket-level load balancing: connected UDP sockets pointed at the UDP backends
-    /// the sync deleted are destroyed, so their applications reconnect.
-    fn destroy_udp_sockets(&mut self, removed: &[(IpAddr, u16)]) {
-        let Some(sl) = self.sock.as_ref().filter(|_| !removed.is_empty()) else { return };
-        let r = sock::destroy::destroy_udp_sockets(&sl.cgroup, removed);
-        self.metrics.sock_udp_destroyed.inc_by(r.destroyed as u64);
-        self.metrics.sock_destroy_duration.observe(r.elapsed.as_secs_f64());
-        info!(
-            backends = removed.len(),
-            namespaces = r.namespaces,
-            destroyed = r.destroyed,
-            failed = r.failed,
-            duration_ms = r.elapsed.as_secs_f64() * 1e3,
-            "destroyed connected UDP sockets of removed backends"
-        );
+    /// The translation's malformed objects, each logged when it appears; how many there are.
+    fn log_warnings(&mut self) -> usize {
+        let warnings = self.translator.warnings();
+        self.logged.warnings.round(warnings.iter().map(|w| (w.to_string(), w)), |w| {
+            warn!(kind = w.kind, object = %w.object, "skipped: {}", w.message);
+        });
+        self.logged.warnings.len()
     }
 
-    /// After a map write: kube-proxy's network programming latency of every slice change it
-    /// applied, the last-sync time, and nothing pending any more.
-    fn observe_programming(&mut self) {
-        let now = SystemTime::now();
+    /// The trigger times of the slice changes this sync applies (kube-proxy's network
+    /// programming latency), each malformed one logged.
+    fn trigger_times(&mut self) -> Vec<std::time::SystemTime> {
         let triggers = self.translator.take_trigger_times();
         for (slice, value) in &triggers.malformed {
             warn!(
@@ -322,14 +225,7 @@ impl SyncLoop {
                 "endpoints.kubernetes.io/last-change-trigger-time is not an RFC 3339 time: change not timed"
             );
         }
-        for at in triggers.times.into_iter().filter(|t| *t >= self.started) {
-            // A node clock behind the controller's gives a negative age: count it as 0.
-            self.metrics.network_programming.observe(now.duration_since(at).map_or(0.0, |d| d.as_secs_f64()));
-        }
-        self.metrics.sync_last.set(unix_seconds(now));
-        self.pending = Pending::default();
-        self.metrics.service_changes_pending.set(0);
-        self.metrics.endpoint_changes_pending.set(0);
+        triggers.times
     }
 
     /// Re-read the maps from their pins (not the syncer's own record of what it wrote) and
@@ -348,13 +244,150 @@ impl SyncLoop {
             }
         };
         let drift = crate::sync::verify::verify(desired, &snap);
-        self.metrics.verify_runs.inc();
-        self.metrics.datapath_drift.set(drift.len() as i64);
+        self.metrics.verified(drift.len());
         let cleared = self.logged.drift.round(drift.iter().map(|d| (d.to_string(), d)), |d| {
             warn!(drift = %d, "the maps differ from what the API says");
         });
         if cleared {
             info!("the maps agree with the API again");
         }
+    }
+}
+
+/// What the event loop waits on.
+pub(super) struct Events {
+    pub(super) source: UnboundedReceiver<SourceEvent>,
+    /// The node's local addresses, as they change.
+    pub(super) local_addrs: watch::Receiver<Vec<IpAddr>>,
+    pub(super) shutdown: oneshot::Receiver<&'static str>,
+}
+
+/// How long the first sync waits for the interfaces present at start to be attached (see
+/// `attached_before_adoption`).
+const ADOPTION_ATTACH_WAIT: Duration = Duration::from_secs(10);
+
+impl SyncLoop {
+    /// Sync on every burst of changes once every resource has been listed, verify now and
+    /// then, until SIGTERM or the source ends. The first sync waits for the interfaces
+    /// present at start to be attached; ready once both are done.
+    pub(super) async fn run(
+        mut self,
+        mut events: Events,
+        health: Arc<Health>,
+        attached_initial: watch::Receiver<bool>,
+        config: &AgentConfig,
+    ) {
+        // Periodic verify (the select branch below is disabled when the interval is 0).
+        // Any period will do when it is off: the branch is never polled.
+        let verify_every = config.verify_interval.unwrap_or(Duration::from_secs(1));
+        let mut verify_tick = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
+        let delay = config.sync_delay;
+        let mut synced: HashSet<Resource> = HashSet::new();
+        let mut burst: Option<Instant> = None;
+        let (first_sync, first_sync_rx) = watch::channel(false);
+        // The first sync adopts kube-proxy's flows (`takeover`): from then on they are ours
+        // only, so our programs must be on the interfaces first.
+        let mut attached_before_adoption = Some(attached_initial.clone());
+        tokio::spawn(readiness(first_sync_rx, attached_initial, health.synced.clone()));
+        loop {
+            tokio::select! {
+                ev = events.source.recv() => match ev {
+                    Some(ev) => { self.receive(ev, &mut synced); burst.get_or_insert_with(Instant::now); }
+                    None => break,
+                },
+                // A local address came or went: NodePort frontends follow at the next sync.
+                Ok(()) = events.local_addrs.changed() => {
+                    self.node.local_addrs = events.local_addrs.borrow_and_update().clone();
+                    burst.get_or_insert_with(Instant::now);
+                }
+                _ = &mut events.shutdown => break,
+                // 0 turns the periodic verify off: the branch is never polled.
+                _ = verify_tick.tick(), if config.verify_interval.is_some() => {
+                    self.verify();
+                    continue;
+                }
+            }
+            // Reconcile only against a complete picture: every resource fully listed.
+            if synced.len() < 3 || burst.is_none() {
+                continue;
+            }
+            // From here a sync is owed (/healthz fails if none completes in time); the
+            // initial listing, however slow, is not a stall. A sync blocked for good cannot
+            // delay SIGTERM: the control thread exits the process after its grace period.
+            health.change_pending();
+            // Coalesce the rest of the burst.
+            // A zero delay does not sleep at all: tokio's timer rounds every sleep up to its
+            // next millisecond tick, which would be most of an incremental sync's latency.
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            while let Ok(ev) = events.source.try_recv() {
+                self.receive(ev, &mut synced);
+            }
+            if let Some(attached) = attached_before_adoption.take() {
+                wait_attached(attached).await;
+            }
+            let full = self.full_sync;
+            self.sync(burst.take());
+            health.synced_now();
+            first_sync.send_replace(true);
+            if full {
+                // A full sync (start-up, relist) frees the transient memory of a whole list.
+                release_free_memory();
+            }
+        }
+    }
+
+    /// One event of the source: a resource fully listed (into `synced`), or a change.
+    fn receive(&mut self, ev: SourceEvent, synced: &mut HashSet<Resource>) {
+        match ev {
+            SourceEvent::Synced(r) => {
+                synced.insert(r);
+            }
+            SourceEvent::Changed => self.metrics.queued(),
+            SourceEvent::Update(u) => {
+                self.update(u);
+                self.metrics.queued();
+            }
+        }
+    }
+}
+
+/// Wait (a bounded time) for the interfaces present at start to be attached.
+async fn wait_attached(mut attached: watch::Receiver<bool>) {
+    let waited = Instant::now();
+    match tokio::time::timeout(ADOPTION_ATTACH_WAIT, attached.wait_for(|done| *done)).await {
+        Ok(Ok(_)) => {}
+        _ => warn!(
+            waited = ?waited.elapsed(),
+            "interfaces not all attached yet: adopting kube-proxy's flows anyway"
+        ),
+    }
+}
+
+/// Ready = the first full sync done and every interface present at start-up attached,
+/// in whichever order they happen.
+async fn readiness(
+    mut first_sync: watch::Receiver<bool>,
+    mut attached_initial: watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+) {
+    // A sender dropped before its signal: the agent is stopping or the attacher is gone;
+    // never ready.
+    if first_sync.wait_for(|done| *done).await.is_err() || attached_initial.wait_for(|done| *done).await.is_err() {
+        return;
+    }
+    if !ready.swap(true, Ordering::Relaxed) {
+        info!("first full sync done and pod interfaces attached; ready");
+    }
+}
+
+/// Give the pages freed after a full sync (the parsed list, its buffers) back to the
+/// kernel; glibc otherwise keeps them resident for reuse.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

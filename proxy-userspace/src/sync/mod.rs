@@ -7,12 +7,14 @@
 //! remove (`plan`) and takes these steps in this order, each writing only what differs
 //! from the mirror:
 //!
-//! 1. Orphans (`retire`): slots, metadata and source ranges that no `SERVICES` value
+//! 1. The node's entries (`node`): `put_node_config` of each family whose facts changed
+//!    (`set_node_facts`), before any frontend a flow could reach needs the SNAT address.
+//! 2. Orphans (`retire`): slots, metadata and source ranges that no `SERVICES` value
 //!    carries, found at read-back, are deleted.
-//! 2. Into empty maps (a node's first start) everything is new: it is written kind by kind
+//! 3. Into empty maps (a node's first start) everything is new: it is written kind by kind
 //!    in batches (`bulk`: id marks, backends, slots, source ranges, metadata, then the
-//!    services); the pass then ends with the affinity sweep of step 7.
-//! 3. Each wanted frontend, in key order (`write`):
+//!    services); the pass then ends with the affinity sweep of step 8.
+//! 4. Each wanted frontend, in key order (`write`):
 //!    1. `put_id_marks`: the ids' high-water marks, when a new id reaches them (before
 //!       anything names it);
 //!    2. `put_backend`: backends it needs that are not in `BACKENDS` yet (or whose flags
@@ -26,33 +28,36 @@
 //!       an older, longer list);
 //!    8. `del_range`: source ranges it lost.
 //!
-//!    One that finds a map full waits for step 5; one that fails otherwise keeps what it
+//!    One that finds a map full waits for step 6; one that fails otherwise keeps what it
 //!    had and is reported (if its source ranges are no longer in force, its `SERVICES`
 //!    entry is deleted: fail closed).
-//! 4. Each frontend no longer wanted (`retire`):
+//! 5. Each frontend no longer wanted (`retire`):
 //!    1. `del_service`: its `SERVICES` entry, first, so no new packet reaches the rest;
 //!    2. `del_slot`: its slots, both generations;
 //!    3. `del_meta`: its metadata;
 //!    4. `del_range`: its source ranges;
 //!    5. `del_stats`: its counters.
-//! 5. The frontends that found a map full, again, as in step 3 (`write`): removals have
+//! 6. The frontends that found a map full, again, as in step 4 (`write`): removals have
 //!    freed room, and if `BACKEND_SLOTS` was full every spare generation is deleted first
 //!    (`del_slot`). A list no longer than the active one that still does not fit rewrites
 //!    the active generation in place: `put_slot` over it, `put_service`, `del_slot` of the
 //!    tail.
-//! 6. Backends no frontend holds any more (`retire`): `del_backend`, last, after every
+//! 7. Backends no frontend holds any more (`retire`): `del_backend`, last, after every
 //!    frontend that pointed at them has switched away.
-//! 7. Purges (`purges`): `purge_conntrack` of UDP entries naming a removed UDP frontend, a
+//! 8. Purges (`purges`): `purge_conntrack` of UDP entries naming a removed UDP frontend, a
 //!    backend a UDP frontend dropped or a deleted UDP backend (TCP entries are left, so
 //!    open connections finish); `purge_affinity` of entries naming a dropped backend, a
 //!    removed frontend or one whose affinity was turned off; at the first pass after a
 //!    start, `purge_affinity` of every entry of a service id no frontend with affinity
 //!    holds.
-//! 8. The hook of `before_first_services`, if the batch of step 2 did not run it.
+//! 9. The hook of `before_first_services`, if the batch of step 3 did not run it.
+//! 10. `destroy_udp_sockets`: the connected UDP sockets pointed at the UDP backends step 7
+//!     deleted, last, once no slot names those backends and no conntrack entry leads to
+//!     them, so an application that reconnects reaches a live backend.
 //!
 //! A failed write is per frontend: every other frontend is still programmed, and what
-//! failed is retried by the next pass. The lists under steps 3 and 4 are held against the
-//! code by `order_tests`.
+//! failed is retried by the next pass. The lists under steps 4 and 5, and where steps 1
+//! and 10 stand, are held against the code by `order_tests`.
 //!
 //! Both families go through the same code: a frontend's address picks its family's maps
 //! (`SERVICES6`, `BACKENDS6`, `SOURCE_RANGES6` for IPv6, see `store`), while service ids,
@@ -63,6 +68,7 @@ pub mod store;
 
 mod bulk;
 mod mirror;
+mod node;
 mod plan;
 mod purges;
 mod retire;
@@ -78,11 +84,14 @@ use tracing::warn;
 
 pub use ids::{BackendId, ServiceId};
 pub use plan::service_meta;
-pub use store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, Snapshot, StoreError};
+pub use store::{
+    AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, NodeFacts, Snapshot, SocketsDestroyed, StoreError,
+};
 
 use self::{
     ids::Ids,
     mirror::{Mirror, Orphans, Programmed},
+    node::NodeEntries,
     plan::{SyncScope, plan, service_key},
     purges::Purges,
 };
@@ -91,7 +100,7 @@ use crate::model::{ClaimKey, ClaimSource, Claims, DesiredState, FrontendKey, Pro
 /// What one `apply` did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
-    /// Map writes and deletes issued.
+    /// Map writes and deletes issued (the node's entries not counted: see `node`).
     pub writes: u64,
     /// Frontends whose `SERVICES` / `SERVICES6` entry is in the map (written, not merely
     /// wanted), both families.
@@ -105,8 +114,11 @@ pub struct SyncReport {
     pub conntrack_purged: usize,
     /// UDP backends deleted by this sync, as (address, port in network byte order, the map
     /// layout): connected UDP sockets the socket-level hooks pointed at them are destroyed
-    /// (`dataplane::sock::destroy::destroy_udp_sockets`), so their applications reconnect.
+    /// at the pass's end (step 10), so their applications reconnect.
     pub removed_udp_backends: Vec<(IpAddr, u16)>,
+    /// What that destruction did; `None` when there was nothing to destroy or the store
+    /// serves no sockets.
+    pub udp_sockets: Option<SocketsDestroyed>,
     /// Session-affinity entries removed because their backend left the frontend.
     pub affinity_purged: usize,
     /// Frontends that could not be programmed (the previous state for them stays, except
@@ -159,6 +171,8 @@ pub struct Syncer<S: MapStore> {
     /// Affinity entries of service ids no frontend holds are still to be swept (once, at
     /// the first pass after a start: see `sweep_affinity`).
     sweep_pending: bool,
+    /// The node's facts, written by step 1 when they change.
+    node: NodeEntries,
     total_writes: u64,
     /// Run once, by the next pass, before any `SERVICES` entry is written (`takeover`
     /// adopts netfilter's flows there; see [`Syncer::before_first_services`]).
@@ -176,6 +190,7 @@ impl<S: MapStore> Syncer<S> {
             unreferenced: HashSet::new(),
             orphans: Orphans::default(),
             sweep_pending: true,
+            node: NodeEntries::default(),
             total_writes: 0,
             before_services: None,
         };
@@ -272,6 +287,13 @@ impl<S: MapStore> Syncer<S> {
         self.sync(desired, SyncScope::Keys(changed))
     }
 
+    /// Keep `facts` in the node's entries (`NODE_CONFIG`, `NODE_CONFIG6`) from the next
+    /// pass on, one per family (a family never given has its entry left as it is); each is
+    /// written when it changes, before any frontend (step 1).
+    pub fn set_node_facts(&mut self, facts: impl IntoIterator<Item = NodeFacts>) {
+        self.node.set(facts);
+    }
+
     /// Have the next sync call `hook` with every frontend's ids before it writes any
     /// `SERVICES` entry: into empty maps (a node's first start) the service entries are
     /// written last, so whatever `hook` seeds (adopted conntrack entries) is in place
@@ -283,14 +305,19 @@ impl<S: MapStore> Syncer<S> {
     }
 
     fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
-        let report = self.pass(desired, scope);
-        // Step 8: not run by a start-up batch (maps were not empty, or it failed): now.
+        let mut report = self.pass(desired, scope);
+        // Step 9: not run by a start-up batch (maps were not empty, or it failed): now.
         self.run_before_services(Self::frontend_ids);
+        // Step 10.
+        if !report.removed_udp_backends.is_empty() {
+            report.udp_sockets = self.store.destroy_udp_sockets(&report.removed_udp_backends);
+        }
         report
     }
 
-    /// Steps 1 to 7 of the module doc.
+    /// Steps 1 to 8 of the module doc.
     fn pass(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
+        self.node.write(&mut self.store);
         let mut writes = self.delete_orphans();
         if matches!(scope, SyncScope::All)
             && self.mirror.is_empty()

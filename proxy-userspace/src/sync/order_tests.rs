@@ -1,6 +1,9 @@
 //! The write order, pinned: the exact calls one pass makes for a changed frontend, a
-//! removed frontend and a removed backend, and the module doc's lists held against them,
-//! so the doc cannot drift from the code again.
+//! removed frontend and a removed backend, where the node's entries and the destruction of
+//! UDP sockets stand among them, and the module doc's lists held against them, so the doc
+//! cannot drift from the code again.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use proxy_common::{CT_DIR_FORWARD, CtKey, CtValue, IdMarks, PROTO_UDP, ServiceMeta, ServiceValue, SlotKey};
 
 use super::{
@@ -10,7 +13,8 @@ use super::{
 use crate::model::{FrontendEntry, IpFamily, IpPrefix, Protocol, ServicePortName};
 
 /// MemStore with every call in its log, also those MemStore leaves out of it (counter
-/// drops and purges, which are no map writes), so the whole sequence of a pass is seen.
+/// drops, purges, the node's entries and socket destruction, which are no Service map
+/// writes), so the whole sequence of a pass is seen.
 #[derive(Default)]
 struct Recording(MemStore);
 
@@ -71,6 +75,20 @@ impl MapStore for Recording {
     fn put_id_marks(&mut self, marks: &IdMarks) -> Result<(), StoreError> {
         self.0.put_id_marks(marks)
     }
+    fn put_node_config(&mut self, facts: &NodeFacts) -> Result<(), StoreError> {
+        let snat = match facts {
+            NodeFacts::V4 { snat, .. } => snat.map(IpAddr::V4),
+            NodeFacts::V6 { snat, .. } => snat.map(IpAddr::V6),
+        };
+        let snat = snat.map_or_else(|| "none".to_string(), |a| a.to_string());
+        self.note(format!("put_node_config {} snat={snat}", facts.family().name()));
+        self.0.put_node_config(facts)
+    }
+    fn destroy_udp_sockets(&mut self, backends: &[(IpAddr, u16)]) -> Option<SocketsDestroyed> {
+        let peers: Vec<String> = backends.iter().map(|(a, p)| format!("{a}:{}", u16::from_be(*p))).collect();
+        self.note(format!("destroy_udp_sockets {}", peers.join(" ")));
+        self.0.destroy_udp_sockets(backends)
+    }
 }
 
 /// A LoadBalancer frontend (`tests::lb`) of Service `name`, port `port_name`.
@@ -106,16 +124,8 @@ fn one_pass_log() -> Vec<String> {
     store.id_marks = IdMarks { next_service_id: 4, next_backend_id: 5 };
     store.log.clear();
     // A UDP flow of dns to its backend: purged with them.
-    let k = CtKey {
-        src_addr: 0x0a00_0007,
-        dst_addr: 0x0a60_0002,
-        src_port: 40000u16.to_be(),
-        dst_port: 53u16.to_be(),
-        proto: PROTO_UDP,
-        dir: CT_DIR_FORWARD,
-        _pad: 0,
-    };
-    store.conntrack.insert(k, CtValue { svc_id: 2, backend_id: 4, ..CtValue::default() });
+    let (k, v) = udp_flow(2, 4);
+    store.conntrack.insert(k, v);
     let mut s = Syncer::new(Recording(store)).unwrap();
     s.apply(&desired(vec![(web, named("web", "web", &[4, 5], &[2])), (keep, named("keep", "http", &[1], &[]))]));
     std::mem::take(&mut s.store_mut().0.log)
@@ -146,9 +156,11 @@ fn one_pass_writes_in_the_documented_order() {
         "del_stats 2",
         // backends no frontend holds any more (.1 stays: keep holds it),
         "del_backend 4",
-        // then the purges: dns's UDP flows, and the affinity sweep of a pass after a start.
+        // then the purges: dns's UDP flows, and the affinity sweep of a pass after a start;
         "purge_conntrack -> 1",
         "purge_affinity -> 0",
+        // last, the connected UDP sockets of dns's deleted backend.
+        "destroy_udp_sockets 10.244.0.9:8080",
     ];
     assert_eq!(one_pass_log(), expected);
 }
@@ -206,4 +218,108 @@ fn module_doc_states_the_write_order_the_code_follows() {
         kinds(&log[removal..backends]),
         "a removed frontend's writes, as the module doc lists them"
     );
+}
+
+/// A UDP conntrack entry of service `svc` to backend `backend` (ids), as the datapath
+/// writes it.
+fn udp_flow(svc: u32, backend: u32) -> (CtKey, CtValue) {
+    let k = CtKey {
+        src_addr: 0x0a00_0007,
+        dst_addr: 0x0a60_0000 | svc,
+        src_port: 40000u16.to_be(),
+        dst_port: 53u16.to_be(),
+        proto: PROTO_UDP,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    (k, CtValue { svc_id: svc, backend_id: backend, ..CtValue::default() })
+}
+
+/// A UDP backend leaves its frontend: the frontend's slots are rewritten and switched to
+/// first, then the backend is deleted, then its conntrack entries purged, and only then
+/// are the connected sockets pointed at it destroyed (an application that reconnects at
+/// once must find neither a slot nor a flow leading to the dead backend).
+#[test]
+fn a_removed_udp_backend_is_switched_away_from_purged_then_its_sockets_destroyed() {
+    let dns = fk(1, 53, Protocol::Udp);
+    let mut s = Syncer::new(Recording::default()).unwrap();
+    // Service 1; backends .9 -> 1, .10 -> 2.
+    s.apply(&desired(vec![(dns, named("dns", "dns", &[9, 10], &[]))]));
+    let (k, v) = udp_flow(1, 2);
+    s.store_mut().0.conntrack.insert(k, v);
+    s.store_mut().0.log.clear();
+    let r = s.apply_changes(&desired(vec![(dns, named("dns", "dns", &[9], &[]))]), &[dns].into());
+    assert_eq!(r.udp_sockets, Some(SocketsDestroyed::default()));
+    let expected = [
+        // The shorter list into the spare generation 1, and the switch to it;
+        "put_slot 1/1/0=1",
+        "put_service 1 count=1 gen=1",
+        // the backend no slot names any more;
+        "del_backend 2",
+        // its UDP flows;
+        "purge_conntrack -> 1",
+        // its connected sockets.
+        "destroy_udp_sockets 10.244.0.10:8080",
+    ];
+    assert_eq!(std::mem::take(&mut s.store_mut().0.log), expected);
+}
+
+/// The node's facts are written before anything of the frontends of the pass that first
+/// has them (a flow to a new remote backend reads the SNAT address), also into empty maps
+/// (the batch of a first start); afterwards only a family whose facts changed is written
+/// again, still first.
+#[test]
+fn node_config_is_written_before_the_frontends_that_need_it() {
+    let v4 = |last| NodeFacts::V4 {
+        snat: Some(Ipv4Addr::new(192, 168, 0, last)),
+        hairpin: Ipv4Addr::new(169, 254, 7, 127),
+        snat_ports: (30000, 60999),
+    };
+    let v6 = NodeFacts::V6 { snat: None, hairpin: Ipv6Addr::LOCALHOST };
+    let (web, api) = (fk(1, 80, Protocol::Tcp), fk(2, 80, Protocol::Tcp));
+    let mut s = Syncer::new(Recording::default()).unwrap();
+    s.set_node_facts([v4(1), v6]);
+    s.apply(&desired(vec![(web, named("web", "http", &[1], &[]))]));
+    let expected = [
+        // The node's entries, then the batch of a first start, its service entry last,
+        "put_node_config IPv4 snat=192.168.0.1",
+        "put_node_config IPv6 snat=none",
+        "put_id_marks 1026 1026",
+        "put_backend 1",
+        "put_slot 1/0/0=1",
+        "put_meta 1",
+        "put_service 1 count=1 gen=0",
+        // and the affinity sweep of a first pass.
+        "purge_affinity -> 0",
+    ];
+    assert_eq!(std::mem::take(&mut s.store_mut().0.log), expected);
+
+    // The Node's address changes as a Service with a new backend comes.
+    s.set_node_facts([v4(2), v6]);
+    let after = desired(vec![(web, named("web", "http", &[1], &[])), (api, named("api", "http", &[2], &[]))]);
+    s.apply_changes(&after, &[api].into());
+    let expected = ["put_node_config IPv4 snat=192.168.0.2", "put_backend 2", "put_meta 2", "put_slot 2/0/0=2"];
+    assert_eq!(std::mem::take(&mut s.store_mut().0.log)[..4], expected);
+
+    // Unchanged facts: nothing.
+    s.set_node_facts([v4(2), v6]);
+    s.apply(&after);
+    assert_eq!(std::mem::take(&mut s.store_mut().0.log), Vec::<String>::new());
+    assert_eq!(s.store().0.node_config.get(&IpFamily::V4), Some(&v4(2)));
+}
+
+/// A node config write that fails is not lost: the next pass writes it again, and the
+/// Services are programmed all the same.
+#[test]
+fn a_failed_node_config_write_is_retried_by_the_next_pass() {
+    let facts = NodeFacts::V6 { snat: Some(Ipv6Addr::LOCALHOST), hairpin: Ipv6Addr::UNSPECIFIED };
+    let web = fk(1, 80, Protocol::Tcp);
+    let mut s = Syncer::new(MemStore { refuse_node_config: true, ..MemStore::default() }).unwrap();
+    s.set_node_facts([facts]);
+    let r = s.apply(&desired(vec![(web, named("web", "http", &[1], &[]))]));
+    assert!(r.errors.is_empty() && r.services == 1, "{r:?}");
+    assert!(s.store().node_config.is_empty());
+    s.store_mut().refuse_node_config = false;
+    assert_eq!(s.apply(&desired(vec![(web, named("web", "http", &[1], &[]))])).writes, 0);
+    assert_eq!(s.store().node_config.get(&IpFamily::V6), Some(&facts));
 }

@@ -90,7 +90,7 @@ impl<S: MapStore> Syncer<S> {
                     pass.writes += 1;
                     pass.purges.backend_deleted(id, ident.proto);
                     if ident.proto == proxy_common::PROTO_UDP {
-                        // Connected UDP sockets pointed at it are destroyed by the caller.
+                        // Connected UDP sockets pointed at it are destroyed at the pass's end.
                         pass.report.removed_udp_backends.push((ident.addr, ident.port));
                     }
                     self.mirror.untrack_backend(id, ident);

@@ -7,7 +7,16 @@
 //! types of proxy-common, generic over the address): the address says which family's map
 //! holds them (`SERVICES` or `SERVICES6`, `BACKENDS` or `BACKENDS6`, `SOURCE_RANGES` or
 //! `SOURCE_RANGES6`). Ids, slots and metadata are shared by both families.
-use std::{collections::BTreeMap, net::IpAddr};
+//!
+//! Two things a pass has carried out that are no Service entries go through the store
+//! too, so that the order of everything a pass does is one sequence of store calls (held
+//! by `order_tests`): the node's own entries (`put_node_config`) and the destruction of
+//! connected UDP sockets pointed at deleted backends (`destroy_udp_sockets`).
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use proxy_common::{
     Backend, CtKey, CtKey6, CtValue, CtValue6, IdMarks, ServiceKey, ServiceMeta, ServiceValue, SlotKey, map_names as n,
@@ -35,6 +44,41 @@ pub struct CtFacts {
     pub proto: u8,
     pub svc_id: ServiceId,
     pub backend_id: BackendId,
+}
+
+/// One family's node facts (`NODE_CONFIG`, `NODE_CONFIG6`), which the datapath reads for
+/// the flows it source-NATs or hairpins, in the sync's terms (the store encodes them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeFacts {
+    V4 {
+        /// Flows to remote backends are source-NATed to it; `None`: to the address the
+        /// client used.
+        snat: Option<Ipv4Addr>,
+        /// The hairpin source address; unspecified: hairpin SNAT off.
+        hairpin: Ipv4Addr,
+        /// The SNAT source ports, inclusive (min, max); shared by both families.
+        snat_ports: (u16, u16),
+    },
+    V6 {
+        snat: Option<Ipv6Addr>,
+        hairpin: Ipv6Addr,
+    },
+}
+
+impl NodeFacts {
+    pub fn family(&self) -> IpFamily {
+        match self {
+            NodeFacts::V4 { .. } => IpFamily::V4,
+            NodeFacts::V6 { .. } => IpFamily::V6,
+        }
+    }
+}
+
+/// What destroying the connected UDP sockets of deleted backends did, for the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketsDestroyed {
+    pub destroyed: usize,
+    pub elapsed: Duration,
 }
 
 /// Everything the sync reads back at start-up.
@@ -87,6 +131,24 @@ pub trait MapStore {
     /// Persist the id allocators' high-water marks (read back in `Snapshot::id_marks`).
     fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult;
 
+    /// Write one family's node facts (`NODE_CONFIG` / `NODE_CONFIG6`). The sync asks only
+    /// when it was given them (`Syncer::set_node_facts`, the agent's); a store without the
+    /// node's maps (the pinned maps the CLI and the datapath tests open) refuses, naming
+    /// the map.
+    fn put_node_config(&mut self, facts: &NodeFacts) -> StoreResult {
+        let map = family_map(facts.family(), n::NODE_CONFIG, n::NODE_CONFIG6);
+        Err(StoreError::Other(format!("this store does not hold map {map}").into()))
+    }
+    /// Destroy the connected UDP sockets that the socket-level hooks pointed at `backends`
+    /// (UDP backends this pass deleted: address, port in network byte order), so their
+    /// applications reconnect to a live backend. `None`: this store serves no sockets (no
+    /// socket-level load balancing), as by default. A socket that cannot be destroyed is
+    /// counted by the store, not an error: it goes when its application gives up.
+    fn destroy_udp_sockets(&mut self, backends: &[(IpAddr, u16)]) -> Option<SocketsDestroyed> {
+        let _ = backends;
+        None
+    }
+
     // Many new entries of one kind at once (a cold start into empty maps). The kernel maps
     // write them in batches; these defaults write them one by one.
     fn put_backends(&mut self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
@@ -129,6 +191,14 @@ pub struct MemStore {
     pub id_marks: IdMarks,
     /// Every write, in order, as text: lets tests assert ordering and minimality.
     pub log: Vec<String>,
+    /// The node's facts by family (not in `log`: no Service state, and not counted as a
+    /// map write by the sync).
+    pub node_config: BTreeMap<IpFamily, NodeFacts>,
+    /// Refuse to write the node's facts, to test a failed write.
+    pub refuse_node_config: bool,
+    /// Every UDP backend whose connected sockets a pass had destroyed, in order (no map
+    /// write either).
+    pub udp_sockets_destroyed: Vec<(IpAddr, u16)>,
 }
 
 fn ct_facts<A>(k: &CtKey<A>, v: &CtValue<A>) -> CtFacts {
@@ -239,5 +309,17 @@ impl MapStore for MemStore {
         self.log.push(format!("put_id_marks {} {}", marks.next_service_id, marks.next_backend_id));
         self.id_marks = *marks;
         Ok(())
+    }
+    fn put_node_config(&mut self, facts: &NodeFacts) -> StoreResult {
+        if self.refuse_node_config {
+            return Err(StoreError::Other("refused".into()));
+        }
+        self.node_config.insert(facts.family(), *facts);
+        Ok(())
+    }
+    /// Serves sockets, but holds none: records the backends, destroys nothing.
+    fn destroy_udp_sockets(&mut self, backends: &[(IpAddr, u16)]) -> Option<SocketsDestroyed> {
+        self.udp_sockets_destroyed.extend_from_slice(backends);
+        Some(SocketsDestroyed::default())
     }
 }
