@@ -731,3 +731,32 @@ pub fn icmp_view(f: &[u8]) -> Option<IcmpView> {
         csums_ok: ok,
     })
 }
+
+/// Insert IPv6 extension headers of the given types (0 hop-by-hop, 43 routing, 60
+/// destination options, 44 fragment; each 8 bytes) between the IPv6 header and the
+/// transport header of `frame` (built without any), fixing the next-header chain and the
+/// payload length. The L4 checksum stays valid: the pseudo-header counts the upper-layer
+/// length, not the payload length, and there is no routing header with segments left.
+pub fn with_ext_headers(frame: &[u8], types: &[u8]) -> Vec<u8> {
+    const L4: usize = ETH_HLEN + IP6_HLEN;
+    let l4_next = frame[ETH_HLEN + 6];
+    let mut ext = Vec::new();
+    for (i, t) in types.iter().enumerate() {
+        let next = types.get(i + 1).copied().unwrap_or(l4_next);
+        match *t {
+            // Routing header, type 253 (RFC 4727 experiment), segments left 0.
+            NEXT_ROUTING => ext.extend_from_slice(&[next, 0, 253, 0, 0, 0, 0, 0]),
+            // Fragment header: offset 0, more fragments, identification 42.
+            NEXT_FRAGMENT => ext.extend_from_slice(&[next, 0, 0, 1, 0, 0, 0, 42]),
+            // Options header with one PadN option filling it.
+            _ => ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]),
+        }
+    }
+    let mut out = frame[..L4].to_vec();
+    out.extend_from_slice(&ext);
+    out.extend_from_slice(&frame[L4..]);
+    out[ETH_HLEN + 6] = types[0];
+    let plen = u16::from_be_bytes([out[ETH_HLEN + 4], out[ETH_HLEN + 5]]) + ext.len() as u16;
+    out[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&plen.to_be_bytes());
+    out
+}

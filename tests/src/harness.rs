@@ -232,18 +232,8 @@ pub fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> Fron
     }
 }
 
-/// The IPv4 conntrack key of `src -> dst` (protocol `proto`) in direction `dir`.
-pub fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, dir: u8) -> proxy_common::CtKey {
-    proxy_common::CtKey {
-        src_addr: proxy_userspace::dataplane::maps::addr::ip_to_map(src.0),
-        dst_addr: proxy_userspace::dataplane::maps::addr::ip_to_map(dst.0),
-        src_port: proxy_common::port_to_map(src.1),
-        dst_port: proxy_common::port_to_map(dst.1),
-        proto,
-        dir,
-        _pad: 0,
-    }
-}
+/// The conntrack key builder, for either family (one version, in `family`).
+pub use crate::family::ct_key;
 
 pub fn frontend(vip: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
     FrontendKey { addr: vip.into(), port, proto, scope: Scope::Internal }

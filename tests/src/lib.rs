@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod client;
 pub mod fake_apiserver;
+pub mod family;
 pub mod frames;
 pub mod harness;
 pub mod netns;

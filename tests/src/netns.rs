@@ -83,7 +83,8 @@ impl Netns {
                 f()
             })
             .join()
-            .expect("netns thread panicked")
+            // The thread's own panic (an assertion's message), not a wrapper saying "Any".
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
         })
     }
 }

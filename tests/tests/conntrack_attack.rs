@@ -16,7 +16,7 @@ use std::{
 };
 
 use proxy_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP, StatsKey,
+    CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP,
     ct::{self, CtState},
     verdict,
 };
@@ -64,14 +64,6 @@ fn load(max_conntrack: u32) -> TestDataplane {
     TestDataplane { programs, syncer, pins }
 }
 
-fn program(
-    dp: &mut TestDataplane,
-    entries: Vec<(proxy_userspace::model::FrontendKey, proxy_userspace::model::FrontendEntry)>,
-) {
-    let r = dp.syncer.apply(&state(entries));
-    assert!(r.errors.is_empty(), "{:?}", r.errors);
-}
-
 fn a(addr: Ipv4Addr, port: u16) -> (IpAddr, u16) {
     (addr.into(), port)
 }
@@ -83,19 +75,11 @@ fn flow(dp: &TestDataplane, client: (Ipv4Addr, u16), front: (Ipv4Addr, u16), pro
     dp.maps().ct_get(&k).map(|v| (ct::state(proto, v.flags), assured))
 }
 
-fn per_service(dp: &TestDataplane, v: u32) -> u64 {
-    let ids: Vec<u32> = dp.maps().services.iter().filter_map(Result::ok).map(|(_, s)| s.id).collect();
-    ids.iter()
-        .filter_map(|id| dp.maps().service_stats.get(&StatsKey { svc_id: *id, verdict: v }, 0).ok())
-        .map(|pc| pc.iter().map(|c| c.packets).sum::<u64>())
-        .sum()
-}
-
 /// A NodePort on this node's address served by `PODS` (local backends: XDP passes the
 /// translated packet to the stack, `to_uplink` restores replies).
 fn nodeport(dp: &mut TestDataplane) {
     let backends: Vec<(Ipv4Addr, u16, bool)> = PODS.iter().map(|p| (*p, 8080, true)).collect();
-    program(dp, vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &backends))]);
+    dp.program(vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &backends))]);
 }
 
 /// A complete handshake from an outside client to the NodePort (client ISN `isn`, the
@@ -168,13 +152,10 @@ fn half_open_syn_flood_neither_blocks_new_connections_nor_evicts_established_one
 fn one_shot_udp_exchanges_never_fill_the_table() {
     require_root("one_shot_udp_exchanges_never_fill_the_table");
     let mut dp = load(1024);
-    program(
-        &mut dp,
-        vec![
-            (frontend(VIP, 53, Protocol::Udp), entry("dns", &[(PODS[0], 53), (PODS[1], 53)])),
-            (frontend(VIP, 80, Protocol::Tcp), entry("web", &[(PODS[2], 8080)])),
-        ],
-    );
+    dp.program(vec![
+        (frontend(VIP, 53, Protocol::Udp), entry("dns", &[(PODS[0], 53), (PODS[1], 53)])),
+        (frontend(VIP, 80, Protocol::Tcp), entry("web", &[(PODS[2], 8080)])),
+    ]);
     let web = (VIP, 80);
     let tcp_client = (POD_CLIENT, 40000);
     pod_handshake(&mut dp, tcp_client, web, CLIENT_VETH);
@@ -243,7 +224,7 @@ fn pod_spoofing_an_outside_clients_tuple_leaves_its_connection_alone() {
     assert_eq!(v, TC_ACT_SHOT, "spoofed RST dropped");
     let (v, _) = dp.run_tc_from(FROM_POD, &spoof(tcp::SYN, 5555), OTHER_VETH);
     assert_eq!(v, TC_ACT_SHOT, "spoofed SYN dropped");
-    assert_eq!(per_service(&dp, verdict::CT_INVALID), 2);
+    assert_eq!(dp.service_count(verdict::CT_INVALID), 2);
     let after = dp.maps().ct_get(&ct_key(client, front, PROTO_TCP, CT_DIR_FORWARD)).expect("forward entry");
     assert_eq!((after.flags, after.nat_addr, after.nat_port), (before.flags, before.nat_addr, before.nat_port));
 
@@ -260,7 +241,7 @@ fn pod_spoofing_an_outside_clients_tuple_leaves_its_connection_alone() {
 fn rst_out_of_window_or_from_the_wrong_side_does_not_close_a_pods_flow() {
     require_root("rst_out_of_window_or_from_the_wrong_side_does_not_close_a_pods_flow");
     let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
-    program(&mut dp, vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(REMOTE_POD, 8080)]))]);
+    dp.program(vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(REMOTE_POD, 8080)]))]);
     let c = (POD_CLIENT, 40000);
     let b = pod_handshake(&mut dp, c, (VIP, 80), CLIENT_VETH);
     let from_backend = |flags, seq, payload: &[u8]| tcp_seq(a(b.0, b.1), a(c.0, c.1), flags, seq, 101, payload);
@@ -271,7 +252,7 @@ fn rst_out_of_window_or_from_the_wrong_side_does_not_close_a_pods_flow() {
     assert_eq!(v, TC_ACT_SHOT, "RST from another interface dropped");
     let (v, _) = dp.run_tc_from(FROM_POD, &tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::RST, 9_999_999, 0, b""), CLIENT_VETH);
     assert_eq!(v, TC_ACT_SHOT, "out-of-window RST on the client side dropped");
-    assert_eq!(per_service(&dp, verdict::CT_INVALID), 3);
+    assert_eq!(dp.service_count(verdict::CT_INVALID), 3);
     assert_eq!(flow(&dp, c, (VIP, 80), PROTO_TCP), Some((CtState::Established, true)), "still established");
 
     // The backend's data moves the window; its RST at the new end is believed.
@@ -286,13 +267,10 @@ fn rst_out_of_window_or_from_the_wrong_side_does_not_close_a_pods_flow() {
 /// port used towards both gives the two flows the same reply tuple.
 fn two_frontends_one_backend() -> TestDataplane {
     let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
-    program(
-        &mut dp,
-        vec![
-            (frontend(VIP, 80, Protocol::Tcp), entry("one", &[(PODS[0], 8080)])),
-            (frontend(VIP2, 80, Protocol::Tcp), entry("two", &[(PODS[0], 8080)])),
-        ],
-    );
+    dp.program(vec![
+        (frontend(VIP, 80, Protocol::Tcp), entry("one", &[(PODS[0], 8080)])),
+        (frontend(VIP2, 80, Protocol::Tcp), entry("two", &[(PODS[0], 8080)])),
+    ]);
     dp
 }
 
@@ -309,7 +287,7 @@ fn a_reply_tuple_clash_is_refused_not_stolen() {
     assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (PODS[0], 8080)));
     let (v, _) = dp.run_tc_from(FROM_POD, &tcp_seq(a(c.0, c.1), a(VIP2, 80), tcp::SYN, 500, 0, b""), CLIENT_VETH);
     assert_eq!(v, TC_ACT_SHOT, "the clashing flow is refused");
-    assert_eq!(per_service(&dp, verdict::CT_CLASH), 1);
+    assert_eq!(dp.service_count(verdict::CT_CLASH), 1);
     assert!(dp.maps().ct_get(&ct_key(c, (VIP2, 80), PROTO_TCP, CT_DIR_FORWARD)).is_none(), "no half flow left");
     let synack = tcp_seq(a(PODS[0], 8080), a(c.0, c.1), tcp::SYN | tcp::ACK, 7000, 101, b"");
     let (v, out) = dp.run_tc_from(TO_POD, &synack, OTHER_VETH);
@@ -356,7 +334,7 @@ fn a_closed_flows_reply_tuple_goes_to_the_next_connection() {
     let (v, out) = dp.run_tc_from(TO_POD, &from_backend(tcp::SYN | tcp::ACK, 9000, 901), OTHER_VETH);
     assert_eq!((v, decode(&out).src), (TC_ACT_UNSPEC, (VIP2, 80)), "replies come from the new frontend");
     assert!(dp.maps().ct_get(&ct_key(c, (VIP, 80), PROTO_TCP, CT_DIR_FORWARD)).is_none(), "the closed flow is gone");
-    assert_eq!(per_service(&dp, verdict::CT_CLASH), 1, "only the half-closed flow's tuple clashed");
+    assert_eq!(dp.service_count(verdict::CT_CLASH), 1, "only the half-closed flow's tuple clashed");
 }
 
 /// Item 7: 20,000 concurrent NodePort flows from distinct clients to one backend on another
@@ -375,10 +353,10 @@ fn twenty_thousand_nodeport_flows_to_one_remote_backend_get_snat_ports() {
     net.ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
     let up0 = net.uplink_ifindex();
     let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
-    program(
-        &mut dp,
-        vec![(ext(NODE, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]))],
-    );
+    dp.program(vec![(
+        ext(NODE, NODE_PORT, Protocol::Tcp),
+        ext_entry(FrontendKind::NodePort, &[(REMOTE_POD, 8080, false)]),
+    )]);
     const FLOWS: u32 = 20_000;
     let (ok, ports) = net.ns.run(|| {
         let (mut ok, mut ports) = (0u32, BTreeSet::new());
@@ -419,7 +397,7 @@ fn v6_half_open_syn_flood_keeps_established_connections_and_lets_new_ones_comple
         terminating: false,
     });
     let k = proxy_userspace::model::FrontendKey { addr: vip.into(), ..frontend(VIP, 80, Protocol::Tcp) };
-    program(&mut dp, vec![(k, e)]);
+    dp.program(vec![(k, e)]);
     let handshake = |dp: &mut TestDataplane, port: u16| {
         let c = (IpAddr::from(client), port);
         let (v, out) = dp.run_tc_from(FROM_POD, &tcp_seq(c, (vip.into(), 80), tcp::SYN, 100, 0, b""), CLIENT_VETH);
@@ -456,7 +434,7 @@ fn v6_half_open_syn_flood_keeps_established_connections_and_lets_new_ones_comple
 fn a_flow_whose_forward_entry_was_evicted_is_re_created() {
     require_root("a_flow_whose_forward_entry_was_evicted_is_re_created");
     let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
-    program(&mut dp, vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(PODS[0], 8080)]))]);
+    dp.program(vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(PODS[0], 8080)]))]);
     let c = (POD_CLIENT, 6000);
     let syn = tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::SYN, 100, 0, b"");
     let (v, _) = dp.run_tc_from(FROM_POD, &syn, CLIENT_VETH);
@@ -468,7 +446,7 @@ fn a_flow_whose_forward_entry_was_evicted_is_re_created() {
         .expect("evict the forward entry");
     let (v, out) = dp.run_tc_from(FROM_POD, &syn, CLIENT_VETH);
     assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (PODS[0], 8080)), "re-created");
-    assert_eq!(per_service(&dp, verdict::CT_CLASH), 0);
+    assert_eq!(dp.service_count(verdict::CT_CLASH), 0);
     assert_eq!(dp.maps().ct_len(), 2);
 }
 
@@ -481,7 +459,7 @@ fn a_flow_whose_forward_entry_was_evicted_is_re_created() {
 fn a_stream_reordered_by_more_than_64k_can_still_close() {
     require_root("a_stream_reordered_by_more_than_64k_can_still_close");
     let mut dp = load(proxy_common::sizes::MAX_CONNTRACK);
-    program(&mut dp, vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(REMOTE_POD, 8080)]))]);
+    dp.program(vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(REMOTE_POD, 8080)]))]);
     let c = (POD_CLIENT, 41000);
     let b = pod_handshake(&mut dp, c, (VIP, 80), CLIENT_VETH);
     let data = [9u8; 1000];
@@ -495,6 +473,6 @@ fn a_stream_reordered_by_more_than_64k_can_still_close() {
     let fin = tcp_seq(a(c.0, c.1), a(VIP, 80), tcp::FIN | tcp::ACK, 101 + 72_000, 7001, b"");
     let (v, out) = dp.run_tc_from(FROM_POD, &fin, CLIENT_VETH);
     assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, b), "the FIN at the stream's end is believed");
-    assert_eq!(per_service(&dp, verdict::CT_INVALID), 0);
+    assert_eq!(dp.service_count(verdict::CT_INVALID), 0);
     assert_eq!(flow(&dp, c, (VIP, 80), PROTO_TCP).map(|f| f.0), Some(CtState::Closing));
 }

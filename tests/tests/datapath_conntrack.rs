@@ -5,14 +5,13 @@
 use std::net::Ipv4Addr;
 
 use proxy_common::{
-    CT_DIR_FORWARD, CtKey, PROTO_TCP, StatsKey,
+    CT_DIR_FORWARD, PROTO_TCP,
     ct::{self, CtState},
-    port_to_map, verdict,
+    verdict,
 };
 use proxy_tests::harness::*;
 use proxy_userspace::{
     dataplane::{
-        maps::addr::ip_to_map,
         maps::global_total,
         maps::loader::{self, LoaderConfig},
         maps::node::{PortRange, node_config},
@@ -34,29 +33,9 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const B1: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 
-fn fwd_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> CtKey {
-    CtKey {
-        src_addr: ip_to_map(src.0),
-        dst_addr: ip_to_map(dst.0),
-        src_port: port_to_map(src.1),
-        dst_port: port_to_map(dst.1),
-        proto: PROTO_TCP,
-        dir: CT_DIR_FORWARD,
-        _pad: 0,
-    }
-}
-
 fn flow_state(dp: &TestDataplane, client: (Ipv4Addr, u16)) -> CtState {
-    let v = dp.maps().ct_get(&fwd_key(client, (VIP, 80))).expect("forward entry");
+    let v = dp.maps().ct_get(&ct_key(client, (VIP, 80), PROTO_TCP, CT_DIR_FORWARD)).expect("forward entry");
     ct::state(PROTO_TCP, v.flags)
-}
-
-fn service_count(dp: &TestDataplane, v: u32) -> u64 {
-    let ids: Vec<u32> = dp.maps().services.iter().filter_map(Result::ok).map(|(_, s)| s.id).collect();
-    ids.iter()
-        .filter_map(|id| dp.maps().service_stats.get(&StatsKey { svc_id: *id, verdict: v }, 0).ok())
-        .map(|pc| pc.iter().map(|c| c.packets).sum::<u64>())
-        .sum()
 }
 
 fn ct_entries(dp: &TestDataplane) -> usize {
@@ -126,8 +105,8 @@ fn hairpin_tuple_reopened_twenty_times_is_translated_every_time() {
         let (v, _) = dp.run(FROM_POD, &tcp_segment(c, (VIP, 80), tcp::FIN | tcp::ACK, b""));
         assert_eq!(v, TC_ACT_REDIRECT, "FIN #{i}");
     }
-    assert_eq!(service_count(&dp, verdict::NEW_FLOW), 20);
-    assert_eq!(service_count(&dp, verdict::ERROR), 0);
+    assert_eq!(dp.service_count(verdict::NEW_FLOW), 20);
+    assert_eq!(dp.service_count(verdict::ERROR), 0);
     assert_eq!(ct_entries(&dp), 2, "only the last connection's two entries remain");
 }
 
@@ -160,7 +139,7 @@ fn full_table_never_evicts_established_flows() {
         let (v, out) = dp.run(FROM_POD, &tcp_segment((CLIENT, port), (VIP, 80), tcp::SYN, b""));
         assert_eq!((v, decode(&out).dst), (TC_ACT_UNSPEC, (B1, 8080)), "new flow {port} translated");
     }
-    assert_eq!(service_count(&dp, verdict::CT_FULL), 0);
+    assert_eq!(dp.service_count(verdict::CT_FULL), 0);
     assert!(dp.maps().ct_new.keys().count() <= 4, "the LRU keeps to its size");
     for port in [1000, 1001] {
         let (v, out) = dp.run(FROM_POD, &tcp_seq(ip4((CLIENT, port)), ip4((VIP, 80)), tcp::ACK, 8, 91, b"data"));

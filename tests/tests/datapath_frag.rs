@@ -5,7 +5,7 @@
 //! checksum of the datagram reassembled from the output fragments.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use proxy_common::{StatsKey, verdict};
+use proxy_common::verdict;
 use proxy_tests::harness::*;
 use proxy_userspace::model::{BackendAddr, FrontendEntry, FrontendKey, FrontendKind, Protocol, Scope, ServicePortName};
 
@@ -165,16 +165,6 @@ fn ports_at(f: &[u8], l4: usize) -> (u16, u16) {
     (u16::from_be_bytes([f[l4], f[l4 + 1]]), u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]))
 }
 
-/// Packets counted under verdict `v` for any service (each test programs one).
-fn per_service(dp: &TestDataplane, v: u32) -> u64 {
-    let keys: Vec<StatsKey> = dp.maps().service_stats.keys().filter_map(Result::ok).collect();
-    keys.iter()
-        .filter(|k| k.verdict == v)
-        .filter_map(|k| dp.maps().service_stats.get(k, 0).ok())
-        .map(|pc| pc.iter().map(|c| c.packets).sum::<u64>())
-        .sum()
-}
-
 /// A UDP ClusterIP flow whose answer comes back from the backend in two fragments through
 /// `to_pod`: both leave from the VIP (the first with the service port), and the datagram
 /// they reassemble to has a valid UDP checksum. A fragmented request through `from_pod`
@@ -210,7 +200,7 @@ fn udp_clusterip_fragments_v4() {
     assert_eq!((d.src, d.dst), ((VIP, 53), client), "the answer comes from VIP:port");
     assert!(d.udp_csum_ok, "reassembled UDP checksum");
     assert_eq!(d.payload, answer);
-    assert_eq!(per_service(&dp, verdict::REVERSE_NAT), 2, "both fragments counted as the flow's replies");
+    assert_eq!(dp.service_count(verdict::REVERSE_NAT), 2, "both fragments counted as the flow's replies");
 
     // A fragmented request (another source port: a new flow): both fragments to the same
     // backend, whichever the first one was balanced to.
@@ -272,7 +262,7 @@ fn udp_clusterip_fragments_v6() {
     assert_eq!((d.src, d.dst), ((VIP6, 53), client), "the answer comes from [VIP]:port");
     assert!(d.udp_csum_ok, "reassembled UDP checksum");
     assert_eq!(d.payload, answer);
-    assert_eq!(per_service(&dp, verdict::REVERSE_NAT), 2);
+    assert_eq!(dp.service_count(verdict::REVERSE_NAT), 2);
 
     let client2 = (CLIENT6, 40001);
     let query = payload(ANSWER_LEN, 4);
@@ -350,7 +340,7 @@ fn udp_nodeport_snat_fragments_xdp() {
     assert_eq!((d.src, d.dst), ((NODE, NODE_PORT), client), "both translations undone in both fragments");
     assert!(d.udp_csum_ok, "reassembled UDP checksum");
     assert_eq!(d.payload, answer);
-    assert_eq!(per_service(&dp, verdict::REVERSE_NAT), 2);
+    assert_eq!(dp.service_count(verdict::REVERSE_NAT), 2);
 }
 
 /// A fragment header placed so that the transport header behind it lies past the last
