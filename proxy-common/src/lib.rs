@@ -211,8 +211,14 @@ pub mod flow_hash {
     }
 
     #[inline(always)]
-    const fn finish(mut h: u32, len: u32) -> u32 {
-        h ^= len;
+    const fn finish(h: u32, len: u32) -> u32 {
+        fmix32(h ^ len)
+    }
+
+    /// Murmur3's 32-bit finaliser: every input bit reaches every output bit. Also what
+    /// spreads the datapath's SNAT port candidates.
+    #[inline(always)]
+    pub const fn fmix32(mut h: u32) -> u32 {
         h ^= h >> 16;
         h = h.wrapping_mul(0x85eb_ca6b);
         h ^= h >> 13;

@@ -469,12 +469,7 @@ fn new_value<A: Copy + Default>(p: &Packet<A>, f: &NewFlow<A>, nat_addr: A, nat_
 /// SNAT port candidates so different flows spread over the range.
 #[inline(always)]
 fn mix(a: u32, b: u32, c: u32) -> u32 {
-    let mut h = a ^ b.rotate_left(16) ^ c.wrapping_mul(0x9e37_79b1);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    proxy_common::flow_hash::fmix32(a ^ b.rotate_left(16) ^ c.wrapping_mul(0x9e37_79b1))
 }
 
 /// Record both directions of a new flow that is DNATed to `b` *and* source-NATed to
