@@ -34,7 +34,7 @@ use crate::{
     CONN_CASES, Plan, check_interrupted,
     dp::Dataplane,
     interrupted, percentile,
-    report::{Report, Row, row_id},
+    report::{PROFILED, Row, row_id},
     rules,
 };
 
@@ -494,10 +494,6 @@ fn one_size(plan: &Plan, n: usize, subnet: u8, rows: &mut Vec<Row>) -> Result<()
     Ok(())
 }
 
-/// Programs whose runs every profiled connection of a case must show (the quick check).
-pub const PROFILED: [(&str, &[&str]); 2] =
-    [("ours", &["from_pod", "to_pod"]), ("ours_sock", &["from_pod", "to_pod", "sock_connect4"])];
-
 /// The profile's rows a run must produce at size `n`, each positive.
 pub fn profile_rows(n: usize) -> Vec<String> {
     let mut v = Vec::new();
@@ -575,48 +571,4 @@ fn profile(bed: &Bed, plan: &Plan, n: usize, rate: f64, direct_rate: f64, rows: 
         ),
     );
     Ok(())
-}
-
-/// The profile tables of the markdown report.
-pub fn profile_markdown(report: &Report, plan: &Plan, s: &mut String) {
-    use std::fmt::Write as _;
-    let prof: Vec<&Row> =
-        report.rows.iter().filter(|r| r.section == "conn" && r.case.starts_with("profile.")).collect();
-    if prof.is_empty() {
-        return;
-    }
-    let _ = writeln!(
-        s,
-        "\n### Where a connection's time goes: BPF run time per program (BPF_ENABLE_STATS, one extra round)\n"
-    );
-    let _ = writeln!(s, "| services | datapath | program | runs / connection | ns / run | ns / connection |");
-    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|");
-    for n in &plan.conn_sizes {
-        for (case, _) in PROFILED {
-            let prefix = format!("profile.{case}.");
-            for r in prof.iter().filter(|r| r.n == Some(*n) && r.case.starts_with(&prefix)) {
-                let Some(prog) = r.case.strip_prefix(&prefix).and_then(|c| c.strip_suffix(".ns_per_run")) else {
-                    continue;
-                };
-                let runs = report.get(&row_id("conn", &format!("{prefix}{prog}.runs_per_conn"), Some(*n)));
-                let _ = writeln!(
-                    s,
-                    "| {} | {case} | {prog} | {} | {:.1} | {} |",
-                    crate::report::group(*n),
-                    runs.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
-                    r.value,
-                    runs.map(|v| format!("{:.0}", v * r.value)).unwrap_or_else(|| "—".into()),
-                );
-            }
-            let total = report.get(&row_id("conn", &format!("{prefix}bpf_ns_per_conn"), Some(*n)));
-            let extra = report.get(&row_id("conn", &format!("{prefix}extra_us_per_conn"), Some(*n)));
-            let _ = writeln!(
-                s,
-                "| {} | {case} | **all programs** (wall time vs direct: {} µs/conn) | | | {} |",
-                crate::report::group(*n),
-                extra.map(|v| format!("{v:+.2}")).unwrap_or_else(|| "—".into()),
-                total.map(|v| format!("{v:.0}")).unwrap_or_else(|| "—".into()),
-            );
-        }
-    }
 }

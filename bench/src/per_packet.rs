@@ -41,7 +41,7 @@ use crate::{
     Plan, check_interrupted,
     dp::Dataplane,
     median,
-    report::{Report, Row, row_id},
+    report::{Row, XDP_RATIOS, row_id},
     rules,
 };
 
@@ -353,11 +353,6 @@ const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
 const OUTSIDE_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);
 const NODE_PORT: u16 = 30081;
 
-/// The ratio rows of this section: (case, what, goal: at most).
-pub const XDP_RATIOS: [(&str, &str, f64); 2] = [
-    ("xdp_miss_vs_pass_floor", "non-service frame / XDP_PASS floor", 1.3),
-    ("xdp_remote_vs_fib_floor", "NodePort remote hit / bare forwarder (fib lookup + redirect)", 1.5),
-];
 /// The timed rows of this section (ns per packet).
 pub const XDP_CASES: [&str; 4] = ["xdp_pass_floor", "xdp_fib_floor", "xdp_miss", "xdp_remote_hit"];
 
@@ -522,41 +517,4 @@ fn xdp_floor(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         rows.push(r.note(note));
     }
     Ok(())
-}
-
-/// The XDP floor table of the markdown report.
-pub fn xdp_markdown(report: &Report, s: &mut String) {
-    use std::fmt::Write as _;
-    let show = |case: &str, d: usize| {
-        report
-            .rows
-            .iter()
-            .find(|r| r.id == row_id("per_packet", case, None))
-            .map(|r| r.show(d))
-            .unwrap_or_else(|| "—".into())
-    };
-    if !report.rows.iter().any(|r| r.section == "per_packet" && r.case.starts_with("xdp_")) {
-        return;
-    }
-    let _ = writeln!(
-        s,
-        "\n### XDP against its floor (BPF_PROG_TEST_RUN, ns/packet, median [interquartile range] of rounds)\n"
-    );
-    let _ = writeln!(s, "| what | ns/packet | floor | ns/packet | ratio | goal |");
-    let _ = writeln!(s, "|---|---:|---|---:|---:|---:|");
-    for ((ours, label, floor, floor_label), (ratio, _, goal)) in [
-        ("xdp_miss", "non-service frame (from_uplink)", "xdp_pass_floor", "XDP_PASS only"),
-        ("xdp_remote_hit", "NodePort remote hit (from_uplink)", "xdp_fib_floor", "fib lookup + redirect"),
-    ]
-    .into_iter()
-    .zip(XDP_RATIOS)
-    {
-        let _ = writeln!(
-            s,
-            "| {label} | {} | {floor_label} | {} | {} | <= {goal:.2}x |",
-            show(ours, 1),
-            show(floor, 1),
-            show(ratio, 2)
-        );
-    }
 }

@@ -207,7 +207,7 @@ impl Report {
             &row_id("per_packet", "hit_v6_over_v4", Some(big_pp)),
             Goal::AtMost(1.15),
         ));
-        for (case, what, goal) in crate::per_packet::XDP_RATIOS {
+        for (case, what, goal) in XDP_RATIOS {
             t.push(self.ratio_target(format!("XDP {what}"), &row_id("per_packet", case, None), Goal::AtMost(goal)));
         }
         let big_cp = plan.cp_sizes.iter().copied().max().unwrap_or(0);
@@ -341,7 +341,7 @@ impl Report {
             );
         }
 
-        crate::per_packet::xdp_markdown(self, &mut s);
+        xdp_markdown(self, &mut s);
 
         // Rows measured in rounds print as `median [p25..p75]`.
         let show = |id: &str, digits: usize| -> String {
@@ -393,7 +393,7 @@ impl Report {
             let g = |r: &str| show(&row_id("conn", r, Some(*n)), 2);
             let _ = writeln!(s, "| {} | {} | {} |", group(*n), g("ours_sock_vs_direct"), g("ours_sock_vs_nftables"));
         }
-        crate::conn::profile_markdown(self, plan, &mut s);
+        profile_markdown(self, plan, &mut s);
 
         let _ =
             writeln!(s, "\n### Control plane: cold programming, {} endpoints per service (ms)\n", plan.cp_endpoints);
@@ -606,4 +606,95 @@ pub fn group(n: usize) -> String {
         out.push(c);
     }
     out
+}
+
+/// Programs whose runs every profiled connection of a case must show (the quick check).
+pub const PROFILED: [(&str, &[&str]); 2] =
+    [("ours", &["from_pod", "to_pod"]), ("ours_sock", &["from_pod", "to_pod", "sock_connect4"])];
+
+/// The ratio rows of this section: (case, what, goal: at most).
+pub const XDP_RATIOS: [(&str, &str, f64); 2] = [
+    ("xdp_miss_vs_pass_floor", "non-service frame / XDP_PASS floor", 1.3),
+    ("xdp_remote_vs_fib_floor", "NodePort remote hit / bare forwarder (fib lookup + redirect)", 1.5),
+];
+
+/// The profile tables of the markdown report.
+pub fn profile_markdown(report: &Report, plan: &Plan, s: &mut String) {
+    use std::fmt::Write as _;
+    let prof: Vec<&Row> =
+        report.rows.iter().filter(|r| r.section == "conn" && r.case.starts_with("profile.")).collect();
+    if prof.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n### Where a connection's time goes: BPF run time per program (BPF_ENABLE_STATS, one extra round)\n"
+    );
+    let _ = writeln!(s, "| services | datapath | program | runs / connection | ns / run | ns / connection |");
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|");
+    for n in &plan.conn_sizes {
+        for (case, _) in PROFILED {
+            let prefix = format!("profile.{case}.");
+            for r in prof.iter().filter(|r| r.n == Some(*n) && r.case.starts_with(&prefix)) {
+                let Some(prog) = r.case.strip_prefix(&prefix).and_then(|c| c.strip_suffix(".ns_per_run")) else {
+                    continue;
+                };
+                let runs = report.get(&row_id("conn", &format!("{prefix}{prog}.runs_per_conn"), Some(*n)));
+                let _ = writeln!(
+                    s,
+                    "| {} | {case} | {prog} | {} | {:.1} | {} |",
+                    group(*n),
+                    runs.map(|v| format!("{v:.2}")).unwrap_or_else(|| "—".into()),
+                    r.value,
+                    runs.map(|v| format!("{:.0}", v * r.value)).unwrap_or_else(|| "—".into()),
+                );
+            }
+            let total = report.get(&row_id("conn", &format!("{prefix}bpf_ns_per_conn"), Some(*n)));
+            let extra = report.get(&row_id("conn", &format!("{prefix}extra_us_per_conn"), Some(*n)));
+            let _ = writeln!(
+                s,
+                "| {} | {case} | **all programs** (wall time vs direct: {} µs/conn) | | | {} |",
+                group(*n),
+                extra.map(|v| format!("{v:+.2}")).unwrap_or_else(|| "—".into()),
+                total.map(|v| format!("{v:.0}")).unwrap_or_else(|| "—".into()),
+            );
+        }
+    }
+}
+
+/// The XDP floor table of the markdown report.
+pub fn xdp_markdown(report: &Report, s: &mut String) {
+    use std::fmt::Write as _;
+    let show = |case: &str, d: usize| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.id == row_id("per_packet", case, None))
+            .map(|r| r.show(d))
+            .unwrap_or_else(|| "—".into())
+    };
+    if !report.rows.iter().any(|r| r.section == "per_packet" && r.case.starts_with("xdp_")) {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n### XDP against its floor (BPF_PROG_TEST_RUN, ns/packet, median [interquartile range] of rounds)\n"
+    );
+    let _ = writeln!(s, "| what | ns/packet | floor | ns/packet | ratio | goal |");
+    let _ = writeln!(s, "|---|---:|---|---:|---:|---:|");
+    for ((ours, label, floor, floor_label), (ratio, _, goal)) in [
+        ("xdp_miss", "non-service frame (from_uplink)", "xdp_pass_floor", "XDP_PASS only"),
+        ("xdp_remote_hit", "NodePort remote hit (from_uplink)", "xdp_fib_floor", "fib lookup + redirect"),
+    ]
+    .into_iter()
+    .zip(XDP_RATIOS)
+    {
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {floor_label} | {} | {} | <= {goal:.2}x |",
+            show(ours, 1),
+            show(floor, 1),
+            show(ratio, 2)
+        );
+    }
 }
