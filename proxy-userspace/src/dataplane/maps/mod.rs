@@ -121,19 +121,24 @@ impl Maps {
     pub fn open_pinned(root: &Path) -> Result<Self, DataplaneError> {
         let dir = paths::maps_dir(root);
         let mut open = |name: &'static str| -> Result<Map, DataplaneError> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|e| match &e {
-                aya::maps::MapError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound => {
-                    DataplaneError::NotPinned { path: dir.clone() }
-                }
-                aya::maps::MapError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::PermissionDenied => {
-                    DataplaneError::Permission { path: path.clone() }
-                }
-                _ => DataplaneError::from_map(name, e),
-            })?;
+            let data = open_pin(&dir, name)?.ok_or_else(|| DataplaneError::NotPinned { path: dir.clone() })?;
             Map::from_map_data(data).map_err(|e| DataplaneError::from_map(name, e))
         };
         Self::assemble(&mut open)
+    }
+}
+
+/// The pin of map `name` in the maps directory `dir`: `None` when it is not pinned; no
+/// permission is an error naming the path.
+pub fn open_pin(dir: &Path, name: &'static str) -> Result<Option<MapData>, DataplaneError> {
+    let path = dir.join(name);
+    match MapData::from_pin(&path) {
+        Ok(d) => Ok(Some(d)),
+        Err(aya::maps::MapError::SyscallError(s)) if s.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(aya::maps::MapError::SyscallError(s)) if s.io_error.kind() == io::ErrorKind::PermissionDenied => {
+            Err(DataplaneError::Permission { path })
+        }
+        Err(e) => Err(DataplaneError::from_map(name, e)),
     }
 }
 

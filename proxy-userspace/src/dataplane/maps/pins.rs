@@ -4,10 +4,13 @@
 //! older pin is named up front instead of failing half-way through a read.
 use std::{os::fd::AsFd, path::Path};
 
-use aya::maps::{MapData, MapError, MapType};
+use aya::maps::{MapData, MapError, MapInfo, MapType};
 use serde::Serialize;
 
-use super::catalogue::{MAPS, MapDef};
+use super::{
+    catalogue::{MAPS, MapDef},
+    open_pin,
+};
 use crate::dataplane::{DataplaneError, kernel::bpfsys, paths};
 
 /// One catalogue row and its pin.
@@ -92,19 +95,6 @@ fn count_keys(data: &MapData, key_size: u32, max: u32) -> Result<u64, DataplaneE
     Ok(n)
 }
 
-/// Open `def`'s pin under `root`: `None` when it is not pinned.
-fn open(root: &Path, def: &MapDef) -> Result<Option<MapData>, DataplaneError> {
-    let path = paths::maps_dir(root).join(def.name);
-    match MapData::from_pin(&path) {
-        Ok(d) => Ok(Some(d)),
-        Err(MapError::SyscallError(s)) if s.io_error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(MapError::SyscallError(s)) if s.io_error.kind() == std::io::ErrorKind::PermissionDenied => {
-            Err(DataplaneError::Permission { path })
-        }
-        Err(e) => Err(DataplaneError::from_map(def.name, e)),
-    }
-}
-
 /// `def`'s pin under `root`, as `ebpf-proxy maps` shows it.
 pub fn inspect(root: &Path, def: &'static MapDef) -> Result<PinnedMap, DataplaneError> {
     let mut row = PinnedMap {
@@ -116,23 +106,28 @@ pub fn inspect(root: &Path, def: &'static MapDef) -> Result<PinnedMap, Dataplane
         sized_by: def.size_flag().map(|f| f.name()).unwrap_or(""),
         status: PinStatus::Absent,
     };
-    let Some(data) = open(root, def)? else { return Ok(row) };
+    let Some(data) = open_pin(&paths::maps_dir(root), def.name)? else { return Ok(row) };
     let info = data.info().map_err(|e| DataplaneError::from_map(def.name, e))?;
     let map_type = info.map_type();
     let array = matches!(map_type, Ok(MapType::Array | MapType::PerCpuArray));
     row.map_type = type_name(map_type);
     row.max_entries = info.max_entries();
+    row.status = layout_status(&info, def);
+    row.entries = if array { u64::from(row.max_entries) } else { count_keys(&data, info.key_size(), row.max_entries)? };
+    Ok(row)
+}
+
+/// Whether the pin's key and value sizes are the ones this binary's catalogue gives `def`.
+fn layout_status(info: &MapInfo, def: &MapDef) -> PinStatus {
     let (key, value) = (info.key_size(), info.value_size());
-    row.status = if (key, value) == (def.layout.key_size, def.layout.value_size) {
+    if (key, value) == (def.layout.key_size, def.layout.value_size) {
         PinStatus::Ok
     } else {
         PinStatus::LayoutDiffers {
             pinned: sizes(key, value),
             wanted: sizes(def.layout.key_size, def.layout.value_size),
         }
-    };
-    row.entries = if array { u64::from(row.max_entries) } else { count_keys(&data, key, row.max_entries)? };
-    Ok(row)
+    }
 }
 
 /// Every catalogue row with its pin under `root`, in catalogue order.
@@ -143,18 +138,14 @@ pub fn list(root: &Path) -> Result<Vec<PinnedMap>, DataplaneError> {
 /// Before a tool reads the pins under `root`: every map `reads` selects (a catalogue
 /// column: `trace_seeds`, `verify_reads`) is pinned with this binary's layout.
 pub fn check(root: &Path, reads: impl Fn(&MapDef) -> bool) -> Result<(), DataplaneError> {
+    let dir = paths::maps_dir(root);
     for def in MAPS.iter().filter(|d| reads(d)) {
-        let Some(data) = open(root, def)? else {
-            return Err(DataplaneError::MapNotPinned { map: def.name, path: paths::maps_dir(root).join(def.name) });
+        let Some(data) = open_pin(&dir, def.name)? else {
+            return Err(DataplaneError::MapNotPinned { map: def.name, path: dir.join(def.name) });
         };
         let info = data.info().map_err(|e| DataplaneError::from_map(def.name, e))?;
-        let (key, value) = (info.key_size(), info.value_size());
-        if (key, value) != (def.layout.key_size, def.layout.value_size) {
-            return Err(DataplaneError::StalePin {
-                map: def.name,
-                pinned: sizes(key, value),
-                wanted: sizes(def.layout.key_size, def.layout.value_size),
-            });
+        if let PinStatus::LayoutDiffers { pinned, wanted } = layout_status(&info, def) {
+            return Err(DataplaneError::StalePin { map: def.name, pinned, wanted });
         }
     }
     Ok(())
