@@ -40,6 +40,10 @@ pub mod map_names {
     pub const SYNC_IDS: &str = "SYNC_IDS";
     /// Maglev lookup tables: (frontend id, slot) -> backend id.
     pub const MAGLEV: &str = "MAGLEV";
+    /// Service CIDRs (ServiceCIDR objects, `--service-cidr`) and the frontend addresses
+    /// allocated inside them (LPM tries): see [`service_cidr`](crate::service_cidr).
+    pub const SERVICE_CIDRS: &str = "SERVICE_CIDRS";
+    pub const SERVICE_CIDRS6: &str = "SERVICE_CIDRS6";
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -71,6 +75,9 @@ pub mod sizes {
     /// default 16,381 slots (16 of 65,521). Elements are allocated on use; the kernel's
     /// bucket array (16 bytes per entry of the cap, 16 MiB here) is not.
     pub const MAX_MAGLEV_SLOTS: u32 = 1_048_576;
+    /// Entries of `SERVICE_CIDRS` per family: the Service CIDRs plus one host entry per
+    /// frontend address inside them (every ClusterIP, on a cluster's usual layout).
+    pub const MAX_SERVICE_CIDR_ENTRIES: u32 = 262_144;
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -724,10 +731,15 @@ pub enum Verdict {
     /// packet. Refused (dropped) and counted instead of silently broken; the agent warns
     /// about the Service.
     SctpPortNat = 17,
+    /// A new flow from a pod or the uplink to an address inside a Service CIDR that no
+    /// frontend holds (no `SERVICES` entry for the address, any port): refused as a flow to a
+    /// Service without endpoints is (TCP reset, ICMP unreachable), instead of leaking to the
+    /// default route (KEP-1880).
+    UnallocatedServiceIp = 18,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::NewFlow,
         Verdict::Established,
@@ -747,6 +759,7 @@ impl Verdict {
         Verdict::CtInvalid,
         Verdict::CtClash,
         Verdict::SctpPortNat,
+        Verdict::UnallocatedServiceIp,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -769,6 +782,7 @@ impl Verdict {
             Verdict::CtInvalid => "ct_invalid",
             Verdict::CtClash => "ct_clash",
             Verdict::SctpPortNat => "sctp_port_nat",
+            Verdict::UnallocatedServiceIp => "unallocated_service_ip",
         }
     }
 
@@ -800,6 +814,7 @@ pub mod verdict {
     pub const CT_INVALID: u32 = Verdict::CtInvalid as u32;
     pub const CT_CLASH: u32 = Verdict::CtClash as u32;
     pub const SCTP_PORT_NAT: u32 = Verdict::SctpPortNat as u32;
+    pub const UNALLOCATED_SERVICE_IP: u32 = Verdict::UnallocatedServiceIp as u32;
     pub const COUNT: u32 = Verdict::COUNT;
     /// Room per family in `GLOBAL_STATS`, more than `COUNT` so that a verdict added later
     /// keeps every existing index (the map migrates index by index).
@@ -1116,6 +1131,18 @@ pub struct IdMarks {
     pub next_service_id: u32,
     /// Backend ids handed out are below this.
     pub next_backend_id: u32,
+}
+
+/// Values of `SERVICE_CIDRS` / `SERVICE_CIDRS6` (LPM tries keyed by an address prefix in
+/// network byte order: `u32` / [`Ipv6Words`]). The longest prefix matching a destination
+/// tells what it is: inside a Service CIDR, and whether a frontend holds it (a host entry,
+/// /32 or /128, for every frontend address inside a CIDR, written by the agent).
+pub mod service_cidr {
+    /// A Service CIDR (`ServiceCIDR.spec.cidrs`, `--service-cidr`): an address matching
+    /// only this is unallocated, and new flows to it are refused.
+    pub const CIDR: u8 = 1;
+    /// A frontend address inside a Service CIDR (host prefix): left to the service lookup.
+    pub const ALLOCATED: u8 = 2;
 }
 
 #[cfg(feature = "user")]

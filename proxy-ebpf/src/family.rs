@@ -9,7 +9,8 @@ use proxy_common::{
 
 use crate::maps::{
     AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, CT_NEW, CT_NEW6, FRAGS, FRAGS6, NEIGH_MISSES,
-    NEIGH_MISSES6, NODE_CONFIG, NODE_CONFIG6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
+    NEIGH_MISSES6, NODE_CONFIG, NODE_CONFIG6, SERVICE_CIDRS, SERVICE_CIDRS6, SERVICES, SERVICES6, SOURCE_RANGES,
+    SOURCE_RANGES6,
 };
 
 pub trait Family: 'static {
@@ -35,6 +36,9 @@ pub trait Family: 'static {
     fn frags() -> &'static LruHashMap<FragKey<Self::Addr>, FragPorts>;
     /// Is `addr` in the loadBalancerSourceRanges of service `svc_id`?
     fn source_allowed(svc_id: u32, addr: Self::Addr) -> bool;
+    /// What `SERVICE_CIDRS` says of a destination: `proxy_common::service_cidr::CIDR` (inside
+    /// a Service CIDR, unallocated), `ALLOCATED`, or 0 (outside every Service CIDR).
+    fn service_cidr(addr: Self::Addr) -> u8;
     /// The agent's SNAT and hairpin addresses for this family (all-zero: unset).
     fn node_addrs() -> (Self::Addr, Self::Addr);
     /// One word mixing the address's bits, for hashing (SNAT port candidates).
@@ -86,6 +90,10 @@ impl Family for V4 {
         SOURCE_RANGES.get(&Key::new(64, [svc_id.to_be(), addr])).is_some()
     }
     #[inline(always)]
+    fn service_cidr(addr: u32) -> u8 {
+        SERVICE_CIDRS.get(&Key::new(32, addr)).copied().unwrap_or(0)
+    }
+    #[inline(always)]
     fn node_addrs() -> (u32, u32) {
         NODE_CONFIG.get(0).map_or((0, 0), |c| (c.snat_addr, c.hairpin_addr))
     }
@@ -134,6 +142,10 @@ impl Family for V6 {
     #[inline(always)]
     fn source_allowed(svc_id: u32, a: Ipv6Words) -> bool {
         SOURCE_RANGES6.get(&Key::new(32 + 128, [svc_id.to_be(), a[0], a[1], a[2], a[3]])).is_some()
+    }
+    #[inline(always)]
+    fn service_cidr(addr: Ipv6Words) -> u8 {
+        SERVICE_CIDRS6.get(&Key::new(128, addr)).copied().unwrap_or(0)
     }
     #[inline(always)]
     fn node_addrs() -> (Ipv6Words, Ipv6Words) {

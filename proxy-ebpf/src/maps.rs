@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey,
-    FragKey6, FragPorts, IdMarks, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6,
+    FragKey6, FragPorts, IdMarks, Ipv6Words, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6,
     ServiceMeta, ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey,
     SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, sizes,
 };
@@ -159,3 +159,13 @@ pub static SOCK_UDP_BACKENDS6: LruHashMap<SockUdpKey6, SockUdpValue> =
 /// (like `SERVICE_META`); declared here so it is created and pinned with the others.
 #[map]
 pub static SYNC_IDS: Array<IdMarks> = Array::pinned(1, 0);
+
+/// Service CIDRs and the frontend addresses allocated inside them, keyed by an IPv4 prefix
+/// (network byte order); values `proxy_common::service_cidr`. The pipeline refuses new flows
+/// to an address whose longest match is a CIDR (unallocated). Written by the agent.
+#[map]
+pub static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::pinned(sizes::MAX_SERVICE_CIDR_ENTRIES, 0);
+
+/// `SERVICE_CIDRS` for IPv6.
+#[map]
+pub static SERVICE_CIDRS6: LpmTrie<Ipv6Words, u8> = LpmTrie::pinned(sizes::MAX_SERVICE_CIDR_ENTRIES, 0);

@@ -5,7 +5,8 @@
 //! single exit (the verdict is counted once, by the driver, after the action was applied).
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::PerCpuArray};
 use proxy_common::{
-    CtValue, Ipv6Words, PROTO_SCTP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, svc_flags,
+    CtValue, Ipv6Words, PROTO_SCTP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, service_cidr,
+    svc_flags,
 };
 
 use crate::{
@@ -185,6 +186,12 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
 
     let scope = if seen == Seen::FromUplink { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let Some(svc) = lb::service_lookup::<F>(p, scope) else {
+        // KEP-1880: an address inside a Service CIDR that no frontend holds (any port) is
+        // refused rather than leaked to the default route. Only for new flows: this is
+        // after the conntrack switch, and replies to the node's own flows never come here.
+        if F::service_cidr(p.daddr) == service_cidr::CIDR {
+            return Decision::new(Action::Reject, Verdict::UnallocatedServiceIp, 0);
+        }
         return Decision::pass(Verdict::Pass);
     };
     // loadBalancerSourceRanges hold for every source, pods included (the agent flags only

@@ -310,6 +310,9 @@ fn explain(v: Verdict, untouched: bool) -> String {
         Verdict::SctpPortNat => {
             "an SCTP flow whose ports would be rewritten (its CRC32c covers them, and is not updated): dropped"
         }
+        Verdict::UnallocatedServiceIp => {
+            "the destination is inside a Service CIDR but no frontend holds it (an unallocated ClusterIP): refused"
+        }
     };
     if untouched
         && !matches!(v, Verdict::Pass | Verdict::NotIp | Verdict::Malformed | Verdict::Fragment | Verdict::OtherL4)
@@ -466,13 +469,34 @@ impl Seeds {
                 svc_ids.push(v.id);
                 Some((v.id, format!("{} {}", SocketAddr::new(req.to.ip(), req.to.port()), scope_name(req.at.scope()))))
             }
-            Err(_) => None,
+            Err(_) => {
+                self.copy_service_cidr::<A>(daddr)?;
+                None
+            }
         };
         // The tracked flows' backends, for the reply and established paths.
         for table in &priv_ct {
             self.copy_backends_of_ct::<A>(table)?;
         }
         Ok(frontend.or_else(|| svc_ids.first().map(|id| (*id, String::from("(of the tracked flow)")))))
+    }
+
+    /// No frontend: if the destination is inside a Service CIDR and unallocated, the
+    /// private run must refuse it as the live datapath would. The longest match is copied as
+    /// a host entry of the same value (only unallocated matters: an allocated address has a
+    /// frontend). Pins of an older agent have no such map: nothing to copy.
+    fn copy_service_cidr<A: MapAddr>(&self, daddr: A) -> Result<(), TraceError> {
+        let name = A::map_name(n::SERVICE_CIDRS);
+        let Ok(map) = open(&self.live, name) else { return Ok(()) };
+        let live: LpmTrie<MapData, A, u8> = LpmTrie::try_from(map).map_err(map_err(name))?;
+        let bits = (size_of::<A>() * 8) as u32;
+        let key = aya::maps::lpm_trie::Key::new(bits, daddr);
+        if let Ok(v) = live.get(&key, 0) {
+            let mut private: LpmTrie<MapData, A, u8> =
+                LpmTrie::try_from(open(&self.private, name)?).map_err(map_err(name))?;
+            private.insert(&key, v, 0).map_err(map_err(name))?;
+        }
+        Ok(())
     }
 
     /// A Maglev frontend's one table slot this flow reads, and the backend it names.

@@ -17,7 +17,7 @@ use crate::{
     },
     model::{IpFamily, IpPrefix},
     sync::{
-        AnyBackend, AnyServiceKey, BackendId, CtFacts, MapStore, NodeFacts, ServiceId, Snapshot, SocketsDestroyed,
+        AnyBackend, AnyServiceKey, BackendId, CidrEntry, CtFacts, MapStore, NodeFacts, ServiceId, Snapshot, SocketsDestroyed,
         store::StoreResult,
     },
 };
@@ -96,6 +96,12 @@ impl MapStore for AgentStore {
     }
     fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult {
         self.maps.del_maglev(k)
+    }
+    fn put_service_cidr(&mut self, p: IpPrefix, e: CidrEntry) -> StoreResult {
+        self.maps.put_service_cidr(p, e)
+    }
+    fn del_service_cidr(&mut self, p: IpPrefix) -> StoreResult {
+        self.maps.del_service_cidr(p)
     }
     fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
         self.maps.put_maglevs(items)

@@ -4,6 +4,7 @@
 pub mod addr;
 pub mod maglev;
 pub mod node;
+pub mod service_cidrs;
 pub mod translate;
 pub mod types;
 

@@ -1,7 +1,7 @@
 //! Desired state: what the maps should hold, independent of how it is stored. Produced by
 //! the pure translation in `model::translate`, consumed by `sync`.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
 };
@@ -309,6 +309,10 @@ pub struct DesiredState {
     /// `externalTrafficPolicy: Local`). Served by the agent, not the datapath.
     #[serde(default)]
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// The Service CIDRs (ServiceCIDR objects, `--service-cidr`): new flows to an address
+    /// inside them that no frontend holds are refused (`model::service_cidrs`).
+    #[serde(default)]
+    pub service_cidrs: BTreeSet<IpPrefix>,
 }
 
 /// The agent's own node, as the translation needs it.

@@ -67,6 +67,7 @@ pub mod ids;
 pub mod store;
 
 mod bulk;
+mod cidrs;
 mod mirror;
 mod node;
 mod plan;
@@ -85,7 +86,7 @@ use tracing::warn;
 pub use ids::{BackendId, ServiceId};
 pub use plan::{MaglevConfig, service_meta};
 pub use store::{
-    AnyBackend, AnyServiceKey, CtFacts, MapStore, MemStore, NodeFacts, Snapshot, SocketsDestroyed, StoreError,
+    AnyBackend, AnyServiceKey, CidrEntry, CtFacts, MapStore, MemStore, NodeFacts, Snapshot, SocketsDestroyed, StoreError,
 };
 
 use self::{
@@ -179,6 +180,8 @@ pub struct Syncer<S: MapStore> {
     before_services: Option<BeforeServices>,
     /// Maglev table size and the north-south default (`set_maglev`).
     maglev: MaglevConfig,
+    /// The Service CIDR entries as the maps hold them.
+    cidrs: cidrs::CidrEntries,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -196,6 +199,7 @@ impl<S: MapStore> Syncer<S> {
             total_writes: 0,
             before_services: None,
             maglev: MaglevConfig::default(),
+            cidrs: cidrs::CidrEntries::default(),
         };
         s.read_back()?;
         Ok(s)
@@ -220,6 +224,7 @@ impl<S: MapStore> Syncer<S> {
         );
         self.unreferenced = mirror.unreferenced();
         self.mirror = mirror;
+        self.cidrs = cidrs::CidrEntries::read_back(&snap);
         self.orphans = orphans;
         self.retry.clear();
         Ok(())
@@ -317,6 +322,10 @@ impl<S: MapStore> Syncer<S> {
 
     fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
         let mut report = self.pass(desired, scope);
+        // After every frontend (see `cidrs`).
+        let writes = self.cidrs.write(&mut self.store, desired);
+        report.writes += writes;
+        self.total_writes += writes;
         // Step 9: not run by a start-up batch (maps were not empty, or it failed): now.
         self.run_before_services(Self::frontend_ids);
         // Step 10.

@@ -31,6 +31,12 @@ impl MapStore for Recording {
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> Result<(), StoreError> {
         self.0.put_service(k, v)
     }
+    fn put_service_cidr(&mut self, p: IpPrefix, e: store::CidrEntry) -> Result<(), StoreError> {
+        self.0.put_service_cidr(p, e)
+    }
+    fn del_service_cidr(&mut self, p: IpPrefix) -> Result<(), StoreError> {
+        self.0.del_service_cidr(p)
+    }
     fn del_service(&mut self, k: &AnyServiceKey) -> Result<(), StoreError> {
         self.0.del_service(k)
     }

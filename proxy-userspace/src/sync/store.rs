@@ -82,6 +82,34 @@ pub struct SocketsDestroyed {
     pub elapsed: Duration,
 }
 
+/// One `SERVICE_CIDRS` / `SERVICE_CIDRS6` entry (`proxy_common::service_cidr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CidrEntry {
+    /// A Service CIDR: an address matching only this is unallocated.
+    Cidr,
+    /// A frontend address inside a Service CIDR (a host prefix).
+    Allocated,
+}
+
+impl CidrEntry {
+    /// The map value.
+    pub fn value(self) -> u8 {
+        match self {
+            CidrEntry::Cidr => proxy_common::service_cidr::CIDR,
+            CidrEntry::Allocated => proxy_common::service_cidr::ALLOCATED,
+        }
+    }
+
+    /// The entry a map value stands for (`None`: a value this build does not know).
+    pub fn from_value(v: u8) -> Option<Self> {
+        match v {
+            proxy_common::service_cidr::CIDR => Some(CidrEntry::Cidr),
+            proxy_common::service_cidr::ALLOCATED => Some(CidrEntry::Allocated),
+            _ => None,
+        }
+    }
+}
+
 /// Everything the sync reads back at start-up.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -94,6 +122,9 @@ pub struct Snapshot {
     pub id_marks: IdMarks,
     /// Maglev table slots (`MAGLEV`).
     pub maglev: Vec<(MaglevKey, BackendId)>,
+    /// `SERVICE_CIDRS` and `SERVICE_CIDRS6` entries (an entry of a value this build does not
+    /// know reads as a CIDR: the next pass rewrites or deletes it).
+    pub service_cidrs: Vec<(IpPrefix, CidrEntry)>,
 }
 
 /// Why a store operation failed, as far as the sync must tell failures apart: a full map
@@ -136,6 +167,9 @@ pub trait MapStore {
     /// One slot of a frontend's Maglev table.
     fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> StoreResult;
     fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult;
+    /// One `SERVICE_CIDRS` / `SERVICE_CIDRS6` entry (the prefix's family picks the map).
+    fn put_service_cidr(&mut self, p: IpPrefix, e: CidrEntry) -> StoreResult;
+    fn del_service_cidr(&mut self, p: IpPrefix) -> StoreResult;
 
     /// Write one family's node facts (`NODE_CONFIG` / `NODE_CONFIG6`). The sync asks only
     /// when it was given them (`Syncer::set_node_facts`, the agent's); a store without the
@@ -200,6 +234,8 @@ pub struct MemStore {
     pub id_marks: IdMarks,
     /// Maglev table slots.
     pub maglev: BTreeMap<MaglevKey, u32>,
+    /// `SERVICE_CIDRS` entries, both families.
+    pub service_cidrs: BTreeMap<IpPrefix, CidrEntry>,
     /// Every write, in order, as text: lets tests assert ordering and minimality.
     pub log: Vec<String>,
     /// The node's facts by family (not in `log`: no Service state, and not counted as a
@@ -226,6 +262,7 @@ impl MapStore for MemStore {
             ranges: self.ranges.keys().map(|(id, p)| (ServiceId::new(*id), *p)).collect(),
             id_marks: self.id_marks,
             maglev: self.maglev.iter().map(|(k, v)| (*k, BackendId::new(*v))).collect(),
+            service_cidrs: self.service_cidrs.iter().map(|(p, e)| (*p, *e)).collect(),
         })
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
@@ -269,6 +306,16 @@ impl MapStore for MemStore {
     fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult {
         self.log.push(format!("del_maglev {}/{}", k.svc_id, k.slot));
         self.maglev.remove(k);
+        Ok(())
+    }
+    fn put_service_cidr(&mut self, p: IpPrefix, e: CidrEntry) -> StoreResult {
+        self.log.push(format!("put_service_cidr {p} {e:?}"));
+        self.service_cidrs.insert(p, e);
+        Ok(())
+    }
+    fn del_service_cidr(&mut self, p: IpPrefix) -> StoreResult {
+        self.log.push(format!("del_service_cidr {p}"));
+        self.service_cidrs.remove(&p);
         Ok(())
     }
     fn put_backend(&mut self, id: BackendId, b: &AnyBackend) -> StoreResult {

@@ -447,6 +447,24 @@ pub static MAPS: &[MapDef] = &[
         trace_seeds: true,
         ..MapDef::new(n::MAGLEV, Layout::hash::<MaglevKey, u32>(), sizes::MAX_MAGLEV_SLOTS)
     },
+    // Service CIDRs and the frontend addresses inside them (`proxy_common::service_cidr`):
+    // written by the agent, read by TC, XDP and the socket hooks for new flows that found no
+    // frontend; LPM trie nodes are allocated on use.
+    MapDef {
+        twin: Some(n::SERVICE_CIDRS6),
+        prealloc: false,
+        migrate: Some(AGENT_WRITES),
+        trace_seeds: true,
+        ..MapDef::new(n::SERVICE_CIDRS, Layout::lpm::<u32, u8>(), sizes::MAX_SERVICE_CIDR_ENTRIES)
+    },
+    MapDef {
+        twin: Some(n::SERVICE_CIDRS),
+        v6: true,
+        prealloc: false,
+        migrate: Some(AGENT_WRITES),
+        trace_seeds: true,
+        ..MapDef::new(n::SERVICE_CIDRS6, Layout::lpm::<Ipv6Words, u8>(), sizes::MAX_SERVICE_CIDR_ENTRIES)
+    },
 ];
 
 /// The row of map `name`.

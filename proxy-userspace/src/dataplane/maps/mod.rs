@@ -23,7 +23,7 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
-    MaglevKey, PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6,
+    Ipv6Words, MaglevKey, PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6,
     SockUdpValue, SourceRangeData6, StatsFamily, StatsKey, map_names as n,
 };
 
@@ -33,7 +33,7 @@ use crate::{
     model::{IpFamily, IpPrefix},
     sync::{
         ids::{BackendId, ServiceId},
-        store::{AnyBackend, AnyServiceKey, CtFacts, MapStore, Snapshot, StoreError, StoreResult},
+        store::{AnyBackend, AnyServiceKey, CidrEntry, CtFacts, MapStore, Snapshot, StoreError, StoreResult},
     },
 };
 
@@ -66,6 +66,25 @@ pub struct Maps {
     /// Maglev tables (frontend id, slot) -> backend id. None when the pins predate it (the
     /// CLI reading an older agent's maps); the agent's own object always has it.
     pub maglev: Option<HashMap<MapData, MaglevKey, u32>>,
+    /// Service CIDRs and the frontend addresses inside them (`proxy_common::service_cidr`).
+    /// None when the pins predate them (the CLI reading an older agent's maps).
+    pub service_cidrs: Option<LpmTrie<MapData, u32, u8>>,
+    pub service_cidrs6: Option<LpmTrie<MapData, Ipv6Words, u8>>,
+}
+
+/// A map that pins of an older agent may lack: `None` then.
+fn optional<T>(
+    name: &'static str,
+    get: &mut impl FnMut(&'static str) -> Result<Map, DataplaneError>,
+) -> Result<Option<T>, DataplaneError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    match get(name) {
+        Ok(m) => Ok(Some(typed(name, m)?)),
+        Err(DataplaneError::NotPinned { .. } | DataplaneError::MissingObject(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, DataplaneError>
@@ -114,6 +133,8 @@ impl Maps {
                 Err(DataplaneError::NotPinned { .. } | DataplaneError::MissingObject(_)) => None,
                 Err(e) => return Err(e),
             },
+            service_cidrs: optional(n::SERVICE_CIDRS, get)?,
+            service_cidrs6: optional(n::SERVICE_CIDRS6, get)?,
         })
     }
 
@@ -338,6 +359,21 @@ impl Maps {
                 snap.maglev.push((k, BackendId::new(id)));
             }
         }
+        let entry = |v: u8| CidrEntry::from_value(v).unwrap_or(CidrEntry::Cidr);
+        if let Some(m) = &self.service_cidrs {
+            for r in m.iter() {
+                let (k, v) = r.map_err(collect_err(n::SERVICE_CIDRS))?;
+                let len = k.prefix_len().min(32) as u8;
+                snap.service_cidrs.push((IpPrefix { addr: IpAddr::V4(ip_from_map(k.data())), len }, entry(v)));
+            }
+        }
+        if let Some(m) = &self.service_cidrs6 {
+            for r in m.iter() {
+                let (k, v) = r.map_err(collect_err(n::SERVICE_CIDRS6))?;
+                let len = k.prefix_len().min(128) as u8;
+                snap.service_cidrs.push((IpPrefix { addr: IpAddr::V6(ip6_from_map(k.data())), len }, entry(v)));
+            }
+        }
         Ok(snap)
     }
 }
@@ -519,6 +555,30 @@ impl MapStore for Maps {
     fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult {
         ignore_missing(self.maglev_map_mut()?.remove(k)).map_err(store_err(n::MAGLEV))
     }
+    fn put_service_cidr(&mut self, p: IpPrefix, e: CidrEntry) -> StoreResult {
+        let len = u32::from(p.len);
+        match p.addr {
+            IpAddr::V4(a) => cidr_map(&mut self.service_cidrs, n::SERVICE_CIDRS)?
+                .insert(&Key::new(len, ip_to_map(a)), e.value(), 0)
+                .map_err(store_err(n::SERVICE_CIDRS)),
+            IpAddr::V6(a) => cidr_map(&mut self.service_cidrs6, n::SERVICE_CIDRS6)?
+                .insert(&Key::new(len, ip6_to_map(a)), e.value(), 0)
+                .map_err(store_err(n::SERVICE_CIDRS6)),
+        }
+    }
+    fn del_service_cidr(&mut self, p: IpPrefix) -> StoreResult {
+        let len = u32::from(p.len);
+        match p.addr {
+            IpAddr::V4(a) => ignore_missing(
+                cidr_map(&mut self.service_cidrs, n::SERVICE_CIDRS)?.remove(&Key::new(len, ip_to_map(a))),
+            )
+            .map_err(store_err(n::SERVICE_CIDRS)),
+            IpAddr::V6(a) => ignore_missing(
+                cidr_map(&mut self.service_cidrs6, n::SERVICE_CIDRS6)?.remove(&Key::new(len, ip6_to_map(a))),
+            )
+            .map_err(store_err(n::SERVICE_CIDRS6)),
+        }
+    }
     fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult {
         match &mut self.sync_ids {
             Some(ids) => ids.set(0, marks, 0).map_err(store_err(n::SYNC_IDS)),
@@ -536,6 +596,14 @@ impl Maps {
     fn maglev_map_mut(&mut self) -> Result<&mut HashMap<MapData, MaglevKey, u32>, StoreError> {
         self.maglev.as_mut().ok_or_else(|| DataplaneError::MissingObject(n::MAGLEV).into())
     }
+}
+
+/// A `SERVICE_CIDRS` map, which only pins of an older agent lack (the CLI never writes).
+fn cidr_map<'a, K: aya::Pod>(
+    m: &'a mut Option<LpmTrie<MapData, K, u8>>,
+    name: &'static str,
+) -> Result<&'a mut LpmTrie<MapData, K, u8>, StoreError> {
+    m.as_mut().ok_or_else(|| DataplaneError::MissingObject(name).into())
 }
 
 /// `k` with its address replaced (the map's own address type).

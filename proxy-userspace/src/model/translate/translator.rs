@@ -21,7 +21,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -34,7 +34,10 @@ use super::{
     slices::{ParsedSlice, ServiceEndpoints, parse_slice_object, trigger_time},
     warn_unmatched_slice_ports,
 };
-use crate::model::types::{ClaimKey, Claims, DesiredState, FrontendKey, HealthCheck, NodeInfo, Scope, Warning};
+use crate::model::{
+    service_cidrs::ServiceCidrs,
+    types::{ClaimKey, Claims, DesiredState, FrontendKey, HealthCheck, IpPrefix, NodeInfo, Scope, Warning},
+};
 
 /// Which Service holds each frontend address in the maps now: the translation's input for
 /// conflicts (`Claims`, or the sync's mirror of the maps, which answers without building a
@@ -124,6 +127,8 @@ pub struct Translator {
     dirty_keys: BTreeSet<ClaimKey>,
     dirty_health: BTreeSet<u16>,
     triggers: TriggerTimes,
+    /// ServiceCIDR objects and the `--service-cidr` fallback (`desired.service_cidrs`).
+    cidrs: ServiceCidrs,
 }
 
 impl Translator {
@@ -146,6 +151,7 @@ impl Translator {
             dirty_keys: BTreeSet::new(),
             dirty_health: BTreeSet::new(),
             triggers: TriggerTimes::default(),
+            cidrs: ServiceCidrs::default(),
         }
     }
 
@@ -184,6 +190,32 @@ impl Translator {
         }
         self.node = NodeInfo { name: std::mem::take(&mut self.node.name), ..node };
         self.dirty_services.extend(self.services.keys().cloned());
+    }
+
+    /// A ServiceCIDR was added or changed: in `desired().service_cidrs` at once (no
+    /// frontend depends on it).
+    pub fn upsert_service_cidr(&mut self, obj: &ServiceCIDR) {
+        self.cidrs.upsert(obj);
+        self.desired.service_cidrs = self.cidrs.ranges();
+    }
+
+    pub fn delete_service_cidr(&mut self, name: &str) {
+        self.cidrs.delete(name);
+        self.desired.service_cidrs = self.cidrs.ranges();
+    }
+
+    /// After a relist that saw only `seen`: every other ServiceCIDR is deleted.
+    pub fn retain_service_cidrs(&mut self, seen: &HashSet<ObjectKey>) {
+        let names = seen.iter().map(|(_, name)| name.clone()).collect();
+        self.cidrs.retain(&names);
+        self.desired.service_cidrs = self.cidrs.ranges();
+    }
+
+    /// The `--service-cidr` ranges, in force beside the objects' (the agent passes them
+    /// only where ServiceCIDR objects cannot be had).
+    pub fn set_service_cidr_fallback(&mut self, cidrs: impl IntoIterator<Item = IpPrefix>) {
+        self.cidrs.set_fallback(cidrs);
+        self.desired.service_cidrs = self.cidrs.ranges();
     }
 
     /// A Service was added or changed.
@@ -490,6 +522,7 @@ impl Translator {
         for id in &self.warned_slices {
             out.extend(self.slices[id].warnings.iter().cloned());
         }
+        out.extend(self.cidrs.warnings());
         for id in &self.warned_services {
             let state = &self.services[id];
             out.extend(state.parse_warnings.iter().cloned());
