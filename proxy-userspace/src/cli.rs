@@ -466,6 +466,13 @@ pub struct AgentArgs {
     /// not programmed, with `map MAGLEV is full: raise --max-maglev-slots`.
     #[arg(long, default_value_t = proxy_common::sizes::MAX_MAGLEV_SLOTS)]
     pub max_maglev_slots: u32,
+    /// Service CIDRs (IPv4 and IPv6, repeatable or comma-separated): new flows from pods
+    /// and the uplink to an address inside them that no Service holds are refused (TCP
+    /// reset, ICMP unreachable), as kube-proxy filters unallocated ClusterIPs. Used with
+    /// `--manifests`, and with the API when it has no `networking.k8s.io/v1` ServiceCIDR
+    /// resource (before Kubernetes 1.33); otherwise the ServiceCIDR objects say.
+    #[arg(long, value_delimiter = ',', env = "EBPF_PROXY_SERVICE_CIDR")]
+    pub service_cidr: Vec<String>,
     #[command(flatten)]
     pub conntrack: ConntrackArgs,
     /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername hooks): node

@@ -19,6 +19,7 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Namespace, Node, Pod, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
+        networking::v1::ServiceCIDR,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
 };
@@ -436,6 +437,7 @@ fn watched_resources() -> BTreeSet<(String, String)> {
         ("Service", (Service::GROUP, Service::URL_PATH_SEGMENT)),
         ("EndpointSlice", (EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT)),
         ("Node", (Node::GROUP, Node::URL_PATH_SEGMENT)),
+        ("ServiceCIDR", (ServiceCIDR::GROUP, ServiceCIDR::URL_PATH_SEGMENT)),
         ("Pod", (Pod::GROUP, Pod::URL_PATH_SEGMENT)),
         ("Namespace", (Namespace::GROUP, Namespace::URL_PATH_SEGMENT)),
         ("ConfigMap", (ConfigMap::GROUP, ConfigMap::URL_PATH_SEGMENT)),

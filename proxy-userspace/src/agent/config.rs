@@ -30,6 +30,8 @@ pub enum ConfigError {
     NodePortAddress { value: String },
     #[error("--nodeport-addresses: `primary` cannot be combined with CIDRs (got {values:?})")]
     NodePortPrimaryWithCidrs { values: Vec<String> },
+    #[error("--service-cidr: {value:?} is not a CIDR (e.g. 10.96.0.0/16 or fd00:10:96::/112)")]
+    ServiceCidr { value: String },
     #[error(transparent)]
     ApiServer(#[from] crate::source::apiserver::ApiServerError),
     #[error("{flag}: {source}")]
@@ -95,6 +97,8 @@ pub struct AgentConfig {
     pub cgroup_root: Option<PathBuf>,
     /// `--lb-algorithm` (north-south default) and `--maglev-table-size`.
     pub maglev: crate::sync::MaglevConfig,
+    /// `--service-cidr`: the Service CIDRs where no ServiceCIDR objects can be had.
+    pub service_cidrs: Vec<crate::model::IpPrefix>,
 }
 
 impl AgentConfig {
@@ -149,6 +153,7 @@ impl AgentConfig {
             socket_lb: args.socket_lb,
             cgroup_root: args.cgroup_root.clone(),
             maglev: crate::sync::MaglevConfig { table_size: args.maglev_table_size, north_south: args.lb_algorithm },
+            service_cidrs: service_cidrs(&args.service_cidr)?,
         })
     }
 
@@ -177,6 +182,17 @@ pub fn nodeport_addresses(values: &[String]) -> Result<NodePortAddresses, Config
         .map(|v| v.parse().map_err(|_| ConfigError::NodePortAddress { value: v.to_string() }))
         .collect::<Result<_, _>>()
         .map(NodePortAddresses::Cidrs)
+}
+
+/// `--service-cidr`: CIDRs of either family (empty values ignored, e.g. an empty ConfigMap
+/// key); anything else is an error naming it.
+pub fn service_cidrs(values: &[String]) -> Result<Vec<crate::model::IpPrefix>, ConfigError> {
+    values
+        .iter()
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse().map_err(|_| ConfigError::ServiceCidr { value: v.to_string() }))
+        .collect()
 }
 
 /// kube-proxy's special `--nodeport-addresses` value (`NodePortAddressesPrimary`).
@@ -209,6 +225,19 @@ mod tests {
         assert_eq!(c.verify_interval, Some(Duration::from_secs(60)));
         assert_eq!(c.datapath_check_interval, Duration::from_secs(1));
         assert_eq!(c.ct_timeouts, proxy_common::ct::CtTimeouts::default());
+    }
+
+    /// `--service-cidr`: both families, comma lists and repeats; a bad one names itself.
+    #[test]
+    fn service_cidrs_are_parsed() {
+        let c = config(&["--service-cidr", "10.96.0.0/16,fd00:10:96::/112", "--service-cidr", "172.30.0.0/16"])
+            .expect("valid");
+        let want: Vec<crate::model::IpPrefix> =
+            ["10.96.0.0/16", "fd00:10:96::/112", "172.30.0.0/16"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(c.service_cidrs, want);
+        assert!(config(&[]).expect("defaults").service_cidrs.is_empty());
+        let err = config(&["--service-cidr", "10.96.0.0/16,10.96.0.0"]).err().expect("refused").to_string();
+        assert!(err.contains("--service-cidr") && err.contains("\"10.96.0.0\""), "{err}");
     }
 
     #[test]

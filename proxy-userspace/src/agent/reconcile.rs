@@ -30,8 +30,8 @@ use super::{
 use crate::{
     health::Health,
     healthcheck::HealthServers,
-    model::{NodeInfo, Translator},
-    source::{Delta, Resource, Snapshots, Source, SourceEvent, Update},
+    model::{IpPrefix, NodeInfo, Translator},
+    source::{self, Delta, Resource, Snapshots, Source, SourceEvent, Update},
     sync::{SyncReport, Syncer},
 };
 
@@ -54,6 +54,8 @@ pub(super) struct SyncLoop {
     synced_once: bool,
     /// Where `verify` opens the pinned maps.
     bpffs_root: PathBuf,
+    /// `--service-cidr`: in force for the files source, and for an API without ServiceCIDRs.
+    service_cidr_flag: Vec<IpPrefix>,
 }
 
 /// What was logged as lasting, so it is not logged again on every sync while it lasts.
@@ -77,9 +79,14 @@ impl SyncLoop {
         health: &Health,
         config: &AgentConfig,
     ) -> Self {
+        let mut translator = Translator::new(NodeInfo { name: node.name.clone(), ..NodeInfo::default() });
+        // The files source holds no ServiceCIDR objects: the flag says.
+        if matches!(source, Source::Files(_)) {
+            translator.set_service_cidr_fallback(config.service_cidrs.iter().copied());
+        }
         SyncLoop {
             syncer,
-            translator: Translator::new(NodeInfo { name: node.name.clone(), ..NodeInfo::default() }),
+            translator,
             source,
             snapshots: Snapshots::default(),
             full_sync: true,
@@ -89,6 +96,7 @@ impl SyncLoop {
             logged: Logged::default(),
             synced_once: false,
             bpffs_root: config.bpffs_root().to_path_buf(),
+            service_cidr_flag: config.service_cidrs.clone(),
         }
     }
 
@@ -117,6 +125,10 @@ impl SyncLoop {
                     self.node.object = None;
                 }
             }
+            Update::ServiceCidrs(Delta::Apply(c)) => t.upsert_service_cidr(&c),
+            Update::ServiceCidrs(Delta::Delete((_, name))) => t.delete_service_cidr(&name),
+            Update::ServiceCidrs(Delta::Relisted(seen)) => t.retain_service_cidrs(&seen),
+            Update::NoServiceCidrApi => t.set_service_cidr_fallback(self.service_cidr_flag.iter().copied()),
         }
     }
 
@@ -308,7 +320,7 @@ impl SyncLoop {
                 }
             }
             // Reconcile only against a complete picture: every resource fully listed.
-            if synced.len() < 3 || burst.is_none() {
+            if !source::REQUIRED.iter().all(|r| synced.contains(r)) || burst.is_none() {
                 continue;
             }
             // From here a sync is owed (/healthz fails if none completes in time); the

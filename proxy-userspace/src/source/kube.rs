@@ -13,13 +13,15 @@ use futures::StreamExt;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client,
+    api::ListParams,
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::{Delta, Resource, SourceEvent, Update};
 use crate::model::ObjectKey;
@@ -88,7 +90,7 @@ fn key_of<K: kube::Resource>(o: &K) -> ObjectKey {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
-/// Watch Services, EndpointSlices and this node's Node. `hint`: what to tell the operator
+/// Watch Services, EndpointSlices, this node's Node and ServiceCIDRs. `hint`: what to tell the operator
 /// when the API server cannot be reached before the first list (the bootstrap deadlock,
 /// see `apiserver::bootstrap_hint`).
 pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, hint: Option<Arc<str>>) {
@@ -108,6 +110,7 @@ pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, 
         tx.clone(),
         hint.clone(),
     );
+    tokio::spawn(watch_service_cidrs(Api::<ServiceCIDR>::all(client.clone()), tx.clone()));
     spawn_watch(
         Api::<Node>::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
@@ -116,4 +119,20 @@ pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, 
         tx,
         hint,
     );
+}
+
+/// Watch ServiceCIDRs (`networking.k8s.io/v1`, GA in Kubernetes 1.33) if the API serves
+/// them. A 404 on the first list means it does not (an older API server, or the beta API
+/// only): said once, and the agent's `--service-cidr` stands in. Any other failure (no
+/// RBAC yet, the API server unreachable) is the watcher's to retry.
+async fn watch_service_cidrs(api: Api<ServiceCIDR>, tx: UnboundedSender<SourceEvent>) {
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            info!("the API server has no networking.k8s.io/v1 ServiceCIDR resource: using --service-cidr");
+            let _ = tx.send(SourceEvent::Update(Update::NoServiceCidrApi));
+            return;
+        }
+        _ => {}
+    }
+    spawn_watch(api, watcher::Config::default(), Resource::ServiceCidrs, Update::ServiceCidrs, tx, None);
 }

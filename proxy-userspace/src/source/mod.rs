@@ -12,6 +12,7 @@ use ::kube::Resource as KubeResource;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 
 use crate::model::{ObjectKey, object_key};
@@ -31,7 +32,13 @@ pub enum Resource {
     Services,
     EndpointSlices,
     Node,
+    /// ServiceCIDRs: listed or not, the others are enough to reconcile (a Service CIDR only
+    /// adds refusals).
+    ServiceCidrs,
 }
+
+/// What must be fully listed before the maps are reconciled against the objects.
+pub const REQUIRED: [Resource; 3] = [Resource::Services, Resource::EndpointSlices, Resource::Node];
 
 /// One change to one kind of object.
 #[derive(Debug)]
@@ -49,6 +56,11 @@ pub enum Update {
     Services(Delta<Service>),
     Slices(Delta<EndpointSlice>),
     Nodes(Delta<Node>),
+    /// ServiceCIDRs are cluster-scoped: their namespace is empty.
+    ServiceCidrs(Delta<ServiceCIDR>),
+    /// The API server has no `networking.k8s.io/v1` ServiceCIDR resource: the agent's
+    /// `--service-cidr` stands in for the objects.
+    NoServiceCidrApi,
 }
 
 #[derive(Debug)]
