@@ -736,10 +736,14 @@ pub enum Verdict {
     /// Service without endpoints is (TCP reset, ICMP unreachable), instead of leaking to the
     /// default route (KEP-1880).
     UnallocatedServiceIp = 18,
+    /// A new flow from a pod (or a node process, socket level) to a ClusterIP inside a
+    /// Service CIDR on a port or protocol the Service does not serve: refused (TCP reset,
+    /// ICMP unreachable; ECONNREFUSED at the socket level), as kube-proxy's nftables mode.
+    ClusterIpUnknownPort = 19,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::NewFlow,
         Verdict::Established,
@@ -760,6 +764,7 @@ impl Verdict {
         Verdict::CtClash,
         Verdict::SctpPortNat,
         Verdict::UnallocatedServiceIp,
+        Verdict::ClusterIpUnknownPort,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -783,6 +788,7 @@ impl Verdict {
             Verdict::CtClash => "ct_clash",
             Verdict::SctpPortNat => "sctp_port_nat",
             Verdict::UnallocatedServiceIp => "unallocated_service_ip",
+            Verdict::ClusterIpUnknownPort => "cluster_ip_unknown_port",
         }
     }
 
@@ -815,6 +821,7 @@ pub mod verdict {
     pub const CT_CLASH: u32 = Verdict::CtClash as u32;
     pub const SCTP_PORT_NAT: u32 = Verdict::SctpPortNat as u32;
     pub const UNALLOCATED_SERVICE_IP: u32 = Verdict::UnallocatedServiceIp as u32;
+    pub const CLUSTER_IP_UNKNOWN_PORT: u32 = Verdict::ClusterIpUnknownPort as u32;
     pub const COUNT: u32 = Verdict::COUNT;
     /// Room per family in `GLOBAL_STATS`, more than `COUNT` so that a verdict added later
     /// keeps every existing index (the map migrates index by index).
@@ -1141,8 +1148,14 @@ pub mod service_cidr {
     /// A Service CIDR (`ServiceCIDR.spec.cidrs`, `--service-cidr`): an address matching
     /// only this is unallocated, and new flows to it are refused.
     pub const CIDR: u8 = 1;
-    /// A frontend address inside a Service CIDR (host prefix): left to the service lookup.
+    /// A frontend address inside a Service CIDR (host prefix) other than a ClusterIP
+    /// (an externalIP or load-balancer IP): a port it does not serve is left alone.
     pub const ALLOCATED: u8 = 2;
+    /// A ClusterIP inside a Service CIDR (host prefix): from pods and node processes, a
+    /// port (or protocol) it does not serve is refused, as kube-proxy's nftables mode
+    /// rejects "traffic to invalid ports of ClusterIPs". Uplink traffic is left alone
+    /// (ClusterIPs are not served from outside here).
+    pub const CLUSTER_IP: u8 = 3;
 }
 
 #[cfg(feature = "user")]

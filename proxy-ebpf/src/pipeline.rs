@@ -187,12 +187,16 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
     let scope = if seen == Seen::FromUplink { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let Some(svc) = lb::service_lookup::<F>(p, scope) else {
         // KEP-1880: an address inside a Service CIDR that no frontend holds (any port) is
-        // refused rather than leaked to the default route. Only for new flows: this is
-        // after the conntrack switch, and replies to the node's own flows never come here.
-        if F::service_cidr(p.daddr) == service_cidr::CIDR {
-            return Decision::new(Action::Reject, Verdict::UnallocatedServiceIp, 0);
-        }
-        return Decision::pass(Verdict::Pass);
+        // refused rather than leaked to the default route; a pod's flow to a ClusterIP on
+        // a port it does not serve too (kube-proxy's nftables `cluster-ips-check`). Only
+        // new flows get here (after the conntrack switch).
+        return match F::service_cidr(p.daddr) {
+            service_cidr::CIDR => Decision::new(Action::Reject, Verdict::UnallocatedServiceIp, 0),
+            service_cidr::CLUSTER_IP if seen == Seen::FromPod => {
+                Decision::new(Action::Reject, Verdict::ClusterIpUnknownPort, 0)
+            }
+            _ => Decision::pass(Verdict::Pass),
+        };
     };
     // loadBalancerSourceRanges hold for every source, pods included (the agent flags only
     // LoadBalancer frontends with them).

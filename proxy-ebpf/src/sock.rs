@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Backend, Ipv6Words, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    SockUdpKey, SockUdpValue, Verdict, sock_defaults, sock_flags, svc_flags,
+    SockUdpKey, SockUdpValue, Verdict, service_cidr, sock_defaults, sock_flags, svc_flags,
 };
 
 use crate::{
@@ -289,7 +289,7 @@ fn forward<F: SockFamily>(
     let key = ServiceKey { addr, port, proto, scope: SCOPE_INTERNAL };
     // SAFETY: plain-old-data copy out of the map value.
     let Some(svc) = (unsafe { F::services().get(&key).copied() }) else {
-        return Forward::Untouched;
+        return refuse_unserved::<F>(ctx, addr);
     };
     let sock = sock_of(ctx);
     // A pod's 127.0.0.1 is its own: NodePorts on loopback serve the host's sockets only.
@@ -352,6 +352,25 @@ fn forward<F: SockFamily>(
             Forward::Untouched
         }
     }
+}
+
+/// No frontend for the call's destination: inside a Service CIDR, an unallocated address
+/// (or a ClusterIP's unserved port) fails at once with ECONNREFUSED, as the TC path
+/// refuses its packets; anything else is left as it is. Sockets this mode leaves to TC
+/// (`--socket-lb host-only`, pods) are left to it here too.
+#[inline(always)]
+fn refuse_unserved<F: SockFamily>(ctx: &SockAddrContext, addr: F::Addr) -> Forward<F::Addr> {
+    let verdict = match F::service_cidr(addr) {
+        service_cidr::CIDR => Verdict::UnallocatedServiceIp,
+        service_cidr::CLUSTER_IP => Verdict::ClusterIpUnknownPort,
+        _ => return Forward::Untouched,
+    };
+    let sock = sock_of(ctx);
+    if sock.host_only && !sock.host {
+        return Forward::Untouched;
+    }
+    stats::count(verdict, F::STATS, 0, 0);
+    Forward::Refuse
 }
 
 /// The call's protocol and port (the big-endian port in the low 16 bits of `user_port`, as

@@ -313,6 +313,7 @@ fn explain(v: Verdict, untouched: bool) -> String {
         Verdict::UnallocatedServiceIp => {
             "the destination is inside a Service CIDR but no frontend holds it (an unallocated ClusterIP): refused"
         }
+        Verdict::ClusterIpUnknownPort => "a ClusterIP on a port or protocol its Service does not serve: refused",
     };
     if untouched
         && !matches!(v, Verdict::Pass | Verdict::NotIp | Verdict::Malformed | Verdict::Fragment | Verdict::OtherL4)
@@ -481,10 +482,10 @@ impl Seeds {
         Ok(frontend.or_else(|| svc_ids.first().map(|id| (*id, String::from("(of the tracked flow)")))))
     }
 
-    /// No frontend: if the destination is inside a Service CIDR and unallocated, the
-    /// private run must refuse it as the live datapath would. The longest match is copied as
-    /// a host entry of the same value (only unallocated matters: an allocated address has a
-    /// frontend). Pins of an older agent have no such map: nothing to copy.
+    /// No frontend: if the destination is inside a Service CIDR (unallocated, or a
+    /// ClusterIP's unserved port), the private run must refuse it as the live datapath
+    /// would. The longest match is copied as
+    /// a host entry of the same value. Pins of an older agent have no such map: nothing to copy.
     fn copy_service_cidr<A: MapAddr>(&self, daddr: A) -> Result<(), TraceError> {
         let name = A::map_name(n::SERVICE_CIDRS);
         let Ok(map) = open(&self.live, name) else { return Ok(()) };

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use tracing::warn;
 
 use super::store::{CidrEntry, MapStore, Snapshot};
-use crate::model::{DesiredState, IpFamily, IpPrefix};
+use crate::model::{DesiredState, FrontendKind, IpFamily, IpPrefix};
 
 /// What the maps hold (read back at start, then as written).
 #[derive(Default)]
@@ -26,14 +26,20 @@ pub(super) fn wanted(desired: &DesiredState) -> BTreeMap<IpPrefix, CidrEntry> {
     if desired.service_cidrs.is_empty() {
         return out;
     }
-    for k in desired.frontends.keys() {
-        if desired.service_cidrs.iter().any(|c| c.contains(k.addr)) {
-            let len = match IpFamily::of(k.addr) {
-                IpFamily::V4 => 32,
-                IpFamily::V6 => 128,
-            };
-            // A /32 Service CIDR that is itself a frontend address is allocated too.
-            out.insert(IpPrefix { addr: k.addr, len }, CidrEntry::Allocated);
+    for (k, e) in &desired.frontends {
+        if !desired.service_cidrs.iter().any(|c| c.contains(k.addr)) {
+            continue;
+        }
+        let len = match IpFamily::of(k.addr) {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        };
+        // A host-length Service CIDR that is itself a frontend address is allocated too. An
+        // address with a ClusterIP frontend is a ClusterIP, whatever else it carries.
+        let entry = if e.kind == FrontendKind::ClusterIP { CidrEntry::ClusterIp } else { CidrEntry::Allocated };
+        let slot = out.entry(IpPrefix { addr: k.addr, len }).or_insert(entry);
+        if *slot == CidrEntry::Cidr || entry == CidrEntry::ClusterIp {
+            *slot = entry;
         }
     }
     out

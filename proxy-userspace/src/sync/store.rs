@@ -87,8 +87,10 @@ pub struct SocketsDestroyed {
 pub enum CidrEntry {
     /// A Service CIDR: an address matching only this is unallocated.
     Cidr,
-    /// A frontend address inside a Service CIDR (a host prefix).
+    /// A frontend address inside a Service CIDR (a host prefix), not a ClusterIP.
     Allocated,
+    /// A ClusterIP inside a Service CIDR (a host prefix): its unserved ports are refused.
+    ClusterIp,
 }
 
 impl CidrEntry {
@@ -97,6 +99,7 @@ impl CidrEntry {
         match self {
             CidrEntry::Cidr => proxy_common::service_cidr::CIDR,
             CidrEntry::Allocated => proxy_common::service_cidr::ALLOCATED,
+            CidrEntry::ClusterIp => proxy_common::service_cidr::CLUSTER_IP,
         }
     }
 
@@ -105,6 +108,7 @@ impl CidrEntry {
         match v {
             proxy_common::service_cidr::CIDR => Some(CidrEntry::Cidr),
             proxy_common::service_cidr::ALLOCATED => Some(CidrEntry::Allocated),
+            proxy_common::service_cidr::CLUSTER_IP => Some(CidrEntry::ClusterIp),
             _ => None,
         }
     }
