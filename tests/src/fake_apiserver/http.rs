@@ -118,7 +118,7 @@ enum Route {
 
 fn route(path: &str) -> Route {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let (core, rest) = match segs.as_slice() {
+    let (group, rest) = match segs.as_slice() {
         ["version"] => return Route::Version,
         ["healthz" | "readyz" | "livez"] => return Route::Health,
         ["api"] => return Route::CoreVersions,
@@ -126,14 +126,16 @@ fn route(path: &str) -> Route {
         ["apis", "discovery.k8s.io"] => return Route::Group,
         ["api", "v1"] => return Route::ResourceList { core: true },
         ["apis", "discovery.k8s.io", "v1"] => return Route::ResourceList { core: false },
-        ["api", "v1", rest @ ..] => (true, rest),
-        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (false, rest),
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", "discovery.k8s.io", "v1", rest @ ..] => ("discovery.k8s.io", rest),
+        ["apis", "networking.k8s.io", "v1", rest @ ..] => ("networking.k8s.io", rest),
         _ => return Route::NotFound,
     };
-    let kind_of = |plural: &str| match (core, plural) {
-        (true, "services") => Some(ResourceKind::Service),
-        (true, "nodes") => Some(ResourceKind::Node),
-        (false, "endpointslices") => Some(ResourceKind::EndpointSlice),
+    let kind_of = |plural: &str| match (group, plural) {
+        ("", "services") => Some(ResourceKind::Service),
+        ("", "nodes") => Some(ResourceKind::Node),
+        ("discovery.k8s.io", "endpointslices") => Some(ResourceKind::EndpointSlice),
+        ("networking.k8s.io", "servicecidrs") => Some(ResourceKind::ServiceCidr),
         _ => None,
     };
     let (namespace, plural, name) = match rest {
@@ -222,6 +224,11 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             json_response(StatusCode::OK, &group)
         }
         Route::ResourceList { core } => json_response(StatusCode::OK, &resource_list(core)),
+        Route::Object { kind: ResourceKind::ServiceCidr, .. } | Route::Collection { kind: ResourceKind::ServiceCidr, .. }
+            if shared.no_service_cidrs.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            error_response(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find the requested resource ({path})"))
+        }
         Route::Object { kind, namespace, name } => {
             let mut st = shared.lock();
             st.counters[kind.index()].gets += 1;
@@ -377,7 +384,7 @@ fn discovery_group() -> Value {
 fn resource_list(core: bool) -> Value {
     let resources: Vec<Value> = ResourceKind::ALL
         .iter()
-        .filter(|k| (k.api_version() == "v1") == core)
+        .filter(|k| if core { k.api_version() == "v1" } else { k.api_version() == "discovery.k8s.io/v1" })
         .map(|k| {
             json!({
                 "name": k.plural(),

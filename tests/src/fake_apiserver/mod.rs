@@ -60,16 +60,21 @@ pub enum ResourceKind {
     Service,
     EndpointSlice,
     Node,
+    /// `networking.k8s.io/v1` ServiceCIDRs (cluster-scoped); `set_service_cidr_api(false)`
+    /// makes the server answer 404 for them, as one older than Kubernetes 1.33.
+    ServiceCidr,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 3] = [ResourceKind::Service, ResourceKind::EndpointSlice, ResourceKind::Node];
+    pub const ALL: [ResourceKind; 4] =
+        [ResourceKind::Service, ResourceKind::EndpointSlice, ResourceKind::Node, ResourceKind::ServiceCidr];
 
     pub fn kind(self) -> &'static str {
         match self {
             ResourceKind::Service => "Service",
             ResourceKind::EndpointSlice => "EndpointSlice",
             ResourceKind::Node => "Node",
+            ResourceKind::ServiceCidr => "ServiceCIDR",
         }
     }
 
@@ -78,6 +83,7 @@ impl ResourceKind {
             ResourceKind::Service => "ServiceList",
             ResourceKind::EndpointSlice => "EndpointSliceList",
             ResourceKind::Node => "NodeList",
+            ResourceKind::ServiceCidr => "ServiceCIDRList",
         }
     }
 
@@ -85,6 +91,7 @@ impl ResourceKind {
         match self {
             ResourceKind::Service | ResourceKind::Node => "v1",
             ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
+            ResourceKind::ServiceCidr => "networking.k8s.io/v1",
         }
     }
 
@@ -93,11 +100,12 @@ impl ResourceKind {
             ResourceKind::Service => "services",
             ResourceKind::EndpointSlice => "endpointslices",
             ResourceKind::Node => "nodes",
+            ResourceKind::ServiceCidr => "servicecidrs",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, ResourceKind::Node)
+        !matches!(self, ResourceKind::Node | ResourceKind::ServiceCidr)
     }
 
     fn index(self) -> usize {
@@ -114,6 +122,8 @@ struct Shared {
     token: Option<String>,
     /// Requests refused for a missing or wrong token.
     unauthorized: AtomicUsize,
+    /// Answer 404 for ServiceCIDRs (an API server before Kubernetes 1.33).
+    no_service_cidrs: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -167,6 +177,7 @@ impl FakeApiServer {
             authority: addr.to_string(),
             token,
             unauthorized: AtomicUsize::new(0),
+            no_service_cidrs: std::sync::atomic::AtomicBool::new(false),
         });
         Ok((shared, addr))
     }
@@ -329,6 +340,22 @@ impl FakeApiServer {
         if unavailable {
             st.end_watches(true);
         }
+    }
+
+    /// false: the server has no ServiceCIDR resource (404 for its paths), as an API server
+    /// before Kubernetes 1.33.
+    pub fn set_service_cidr_api(&self, served: bool) {
+        self.shared.no_service_cidrs.store(!served, Ordering::Relaxed);
+    }
+
+    /// Apply a ServiceCIDR.
+    pub fn apply_service_cidr(&self, name: &str, cidrs: &[&str]) -> u64 {
+        let obj = serde_json::json!({"metadata": {"name": name}, "spec": {"cidrs": cidrs}});
+        self.apply_json(ResourceKind::ServiceCidr, [obj])
+    }
+
+    pub fn delete_service_cidr(&self, name: &str) -> bool {
+        self.shared.lock().delete(ResourceKind::ServiceCidr, "", name)
     }
 
     /// How many change events are kept for watch replay (default 10000).

@@ -117,7 +117,7 @@ const MAX_REQUEST_LOG: usize = 10_000;
 pub struct State {
     /// Last resourceVersion handed out; global across all resources, as etcd's.
     rv: u64,
-    objects: [BTreeMap<(String, String), Arc<Value>>; 3],
+    objects: [BTreeMap<(String, String), Arc<Value>>; 4],
     history: VecDeque<HistEvent>,
     pub history_limit: usize,
     /// Events at or below this resourceVersion are gone from the history; a
@@ -128,7 +128,7 @@ pub struct State {
     snapshots: HashMap<u64, ListSnapshot>,
     snapshot_order: VecDeque<u64>,
     next_snapshot: u64,
-    pub counters: [Counters; 3],
+    pub counters: [Counters; 4],
     pub request_log: VecDeque<String>,
     pub unavailable: bool,
 }
