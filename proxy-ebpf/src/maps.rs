@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey,
-    FragKey6, FragPorts, IdMarks, Ipv6Words, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6,
-    ServiceMeta, ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey,
-    SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, sizes,
+    FragKey6, FragPorts, IdMarks, Ipv6Words, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey,
+    ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6,
+    SockUdpKey, SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, sizes,
 };
 
 /// The maps only the agent writes (services, their metadata, backends, slots) are

@@ -250,7 +250,8 @@ fn check(fam: Family, row: &Row, dst: (IpAddr, u16), src: (IpAddr, u16), f: &[u8
 fn unallocated_service_ips_are_refused_both_families() {
     require_root("unallocated_service_ips_are_refused_both_families");
     let dps = [RefCell::new(seed(Family::V4)), RefCell::new(seed(Family::V6))];
-    let cases = Family::ALL.iter().flat_map(|f| ROWS.iter().map(move |r| (format!("{} {}", f.name(), r.name), (*f, r))));
+    let cases =
+        Family::ALL.iter().flat_map(|f| ROWS.iter().map(move |r| (format!("{} {}", f.name(), r.name), (*f, r))));
     let port = std::sync::atomic::AtomicU16::new(40000);
     run_cases(cases, |(fam, row)| {
         let a = fam.addrs();

@@ -38,7 +38,8 @@ fn unallocated_clusterip_is_refused_with_econnrefused() {
         }
     });
     let desired = |with_cidr: bool| {
-        let mut d: DesiredState = state(vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(topo.pods[1].ip, 8080)]))]);
+        let mut d: DesiredState =
+            state(vec![(frontend(VIP, 80, Protocol::Tcp), entry("web", &[(topo.pods[1].ip, 8080)]))]);
         if with_cidr {
             d.service_cidrs.insert("10.96.0.0/16".parse::<IpPrefix>().expect("cidr"));
         }

@@ -17,8 +17,8 @@ use crate::{
     },
     model::{IpFamily, IpPrefix},
     sync::{
-        AnyBackend, AnyServiceKey, BackendId, CidrEntry, CtFacts, MapStore, NodeFacts, ServiceId, Snapshot, SocketsDestroyed,
-        store::StoreResult,
+        AnyBackend, AnyServiceKey, BackendId, CidrEntry, CtFacts, MapStore, NodeFacts, ServiceId, Snapshot,
+        SocketsDestroyed, store::StoreResult,
     },
 };
 

@@ -81,3 +81,90 @@ impl CidrEntries {
         writes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::super::{
+        MemStore, Syncer,
+        tests::{desired, fe, fk},
+    };
+    use super::*;
+    use crate::model::Protocol;
+
+    fn p(s: &str) -> IpPrefix {
+        s.parse().expect("prefix")
+    }
+
+    fn with_cidrs(mut d: DesiredState, cidrs: &[&str]) -> DesiredState {
+        d.service_cidrs = cidrs.iter().map(|c| p(c)).collect::<BTreeSet<_>>();
+        d
+    }
+
+    /// The CIDRs of both families, a host entry for each frontend address inside them
+    /// (ClusterIP or not), none for one outside; written after the frontends; a restart
+    /// writes nothing; a CIDR removed takes the host entries inside it along.
+    #[test]
+    fn cidrs_and_allocated_addresses_follow_the_desired_state() {
+        let mut outside = fe("out", &[1]);
+        outside.kind = FrontendKind::ExternalIP;
+        let mut lb = fe("lb", &[1]);
+        lb.kind = FrontendKind::LoadBalancer;
+        let mut lb_key = fk(30, 80, Protocol::Tcp);
+        lb_key.addr = "10.96.7.7".parse().unwrap();
+        let mut out_key = fk(40, 80, Protocol::Tcp);
+        out_key.addr = "192.0.2.40".parse().unwrap();
+        let d = with_cidrs(
+            desired(vec![
+                (fk(1, 80, Protocol::Tcp), fe("a", &[1])),
+                (fk(1, 53, Protocol::Udp), fe("a", &[1])),
+                (lb_key, lb),
+                (out_key, outside),
+            ]),
+            &["10.96.0.0/16", "fd00:10:96::/112"],
+        );
+        let mut s = Syncer::new(MemStore::default()).unwrap();
+        let r = s.apply(&d);
+        let want: BTreeMap<IpPrefix, CidrEntry> = [
+            (p("10.96.0.0/16"), CidrEntry::Cidr),
+            (p("fd00:10:96::/112"), CidrEntry::Cidr),
+            (p("10.96.0.1/32"), CidrEntry::ClusterIp),
+            (p("10.96.7.7/32"), CidrEntry::Allocated),
+        ]
+        .into();
+        assert_eq!(s.store().service_cidrs, want);
+        let log = &s.store().log;
+        let last_service = log.iter().rposition(|l| l.starts_with("put_service ")).unwrap();
+        let first_cidr = log.iter().position(|l| l.starts_with("put_service_cidr")).unwrap();
+        assert!(last_service < first_cidr, "frontends first: {log:?}");
+        assert_eq!(r.writes as usize, log.len());
+
+        // Restarted on the same maps: nothing to write.
+        let mut again = Syncer::new(s.store().clone()).unwrap();
+        assert_eq!(again.apply(&d).writes, 0);
+
+        // The IPv4 CIDR removed: it and its host entries go; the IPv6 one stays.
+        let d2 = with_cidrs(d.clone(), &["fd00:10:96::/112"]);
+        let r = again.apply(&d2);
+        assert_eq!(r.writes, 3);
+        assert_eq!(again.store().service_cidrs.keys().copied().collect::<Vec<_>>(), vec![p("fd00:10:96::/112")]);
+    }
+
+    /// A Service removed takes its host entry with it (its address becomes unallocated),
+    /// after its SERVICES entry is gone; no CIDRs at all cost no walk and no write.
+    #[test]
+    fn a_removed_clusterip_becomes_unallocated() {
+        let d = with_cidrs(desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1]))]), &["10.96.0.0/16"]);
+        let mut s = Syncer::new(MemStore::default()).unwrap();
+        s.apply(&d);
+        s.store_mut().log.clear();
+        s.apply(&with_cidrs(desired(vec![]), &["10.96.0.0/16"]));
+        let log = &s.store().log;
+        let del_svc = log.iter().position(|l| l.starts_with("del_service ")).unwrap();
+        let del_host = log.iter().position(|l| l == "del_service_cidr 10.96.0.1/32").unwrap();
+        assert!(del_svc < del_host, "{log:?}");
+        assert_eq!(s.store().service_cidrs.len(), 1);
+        assert!(wanted(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1]))])).is_empty());
+    }
+}

@@ -86,7 +86,8 @@ use tracing::warn;
 pub use ids::{BackendId, ServiceId};
 pub use plan::{MaglevConfig, service_meta};
 pub use store::{
-    AnyBackend, AnyServiceKey, CidrEntry, CtFacts, MapStore, MemStore, NodeFacts, Snapshot, SocketsDestroyed, StoreError,
+    AnyBackend, AnyServiceKey, CidrEntry, CtFacts, MapStore, MemStore, NodeFacts, Snapshot, SocketsDestroyed,
+    StoreError,
 };
 
 use self::{

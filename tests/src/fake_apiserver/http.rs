@@ -224,10 +224,15 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             json_response(StatusCode::OK, &group)
         }
         Route::ResourceList { core } => json_response(StatusCode::OK, &resource_list(core)),
-        Route::Object { kind: ResourceKind::ServiceCidr, .. } | Route::Collection { kind: ResourceKind::ServiceCidr, .. }
+        Route::Object { kind: ResourceKind::ServiceCidr, .. }
+        | Route::Collection { kind: ResourceKind::ServiceCidr, .. }
             if shared.no_service_cidrs.load(std::sync::atomic::Ordering::Relaxed) =>
         {
-            error_response(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find the requested resource ({path})"))
+            error_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("the server could not find the requested resource ({path})"),
+            )
         }
         Route::Object { kind, namespace, name } => {
             let mut st = shared.lock();
@@ -433,6 +438,11 @@ mod tests {
         assert_eq!(route("/api/v1/services/x"), Route::NotFound);
         assert_eq!(route("/api/v1/endpointslices"), Route::NotFound);
         assert_eq!(route("/api/v1/pods"), Route::NotFound);
+        assert_eq!(
+            route("/apis/networking.k8s.io/v1/servicecidrs"),
+            Route::Collection { kind: ServiceCidr, namespace: None }
+        );
+        assert_eq!(route("/apis/networking.k8s.io/v1/namespaces/a/servicecidrs"), Route::NotFound);
         assert_eq!(route("/version"), Route::Version);
     }
 }

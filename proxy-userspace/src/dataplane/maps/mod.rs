@@ -23,8 +23,8 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
-    Ipv6Words, MaglevKey, PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey, SockUdpKey6,
-    SockUdpValue, SourceRangeData6, StatsFamily, StatsKey, map_names as n,
+    Ipv6Words, MaglevKey, PROTO_UDP, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockUdpKey,
+    SockUdpKey6, SockUdpValue, SourceRangeData6, StatsFamily, StatsKey, map_names as n,
 };
 
 use self::addr::{ip_from_map, ip_to_map, ip6_from_map, ip6_to_map};
