@@ -65,11 +65,11 @@ fn unallocated_clusterip_is_refused_with_econnrefused() {
         let t = Instant::now();
         (connect(unallocated), t.elapsed())
     });
-    let err = res.err().expect("connect to an unallocated ClusterIP must fail");
+    let err = res.expect_err("connect to an unallocated ClusterIP must fail");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
     assert!(took < Duration::from_secs(1), "refused at once, not timed out: {took:?}");
     // Any port of it.
-    let err = client_ns.run(|| connect((UNALLOCATED, 443).into())).err().expect("refused");
+    let err = client_ns.run(|| connect((UNALLOCATED, 443).into())).expect_err("refused");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
 
     // Without the Service CIDR the address is not refused any more.

@@ -236,7 +236,8 @@ mod tests {
             ["10.96.0.0/16", "fd00:10:96::/112", "172.30.0.0/16"].iter().map(|s| s.parse().unwrap()).collect();
         assert_eq!(c.service_cidrs, want);
         assert!(config(&[]).expect("defaults").service_cidrs.is_empty());
-        let err = config(&["--service-cidr", "10.96.0.0/16,10.96.0.0"]).err().expect("refused").to_string();
+        let Err(err) = config(&["--service-cidr", "10.96.0.0/16,10.96.0.0"]) else { panic!("accepted a bad CIDR") };
+        let err = err.to_string();
         assert!(err.contains("--service-cidr") && err.contains("\"10.96.0.0\""), "{err}");
     }
 
