@@ -50,6 +50,10 @@
 //!    removed frontend or one whose affinity was turned off; at the first pass after a
 //!    start, `purge_affinity` of every entry of a service id no frontend with affinity
 //!    holds.
+//!
+//!    Then the Service CIDR entries (`cidrs`): `put_service_cidr` of the CIDRs and of a
+//!    host entry per frontend address inside them that changed, `del_service_cidr` of
+//!    those no longer wanted, after every frontend of the pass.
 //! 9. The hook of `before_first_services`, if the batch of step 3 did not run it.
 //! 10. `destroy_udp_sockets`: the connected UDP sockets pointed at the UDP backends step 7
 //!     deleted, last, once no slot names those backends and no conntrack entry leads to
