@@ -881,3 +881,31 @@ fn nodeport_on_localhost_serves_node_processes_only() {
     assert_eq!(loopback.len(), 2, "{rows:?}");
     assert!(loopback.iter().all(|r| r.scope == "internal"), "{loopback:?}");
 }
+
+/// Service CIDRs at the socket level (issue 24 item 3): with no TC program anywhere, a node
+/// process's connect() to an unallocated address inside `--service-cidr`, or to the
+/// ClusterIP on a port it does not serve, fails at once with ECONNREFUSED and is counted;
+/// the ClusterIP's own port is served.
+#[test]
+#[ignore = "needs root (BPF, cgroups, network namespaces): run by `cargo xtask test` as root"]
+fn node_process_is_refused_unallocated_service_ips() {
+    require_root("node_process_is_refused_unallocated_service_ips");
+    let mut env = Env::new(2, 2, 33, "on", false);
+    env.agent_args.extend(["--service-cidr".into(), "10.96.0.0/16".into()]);
+    let backends = env.pod_ips(2);
+    env.service("web", VIP, 80, "TCP", &backends);
+    env.start_agent();
+    let mut client = SockClient::start(&env.cg, &env.topo.node);
+    wait_reachable(&mut client, (VIP, 80).into());
+    for (cmd, verdict) in
+        [("tcp 10.96.0.77:80", "unallocated_service_ip"), (&format!("tcp {VIP}:81") as &str, "cluster_ip_unknown_port")]
+    {
+        let t = Instant::now();
+        match client.cmd(cmd) {
+            Reply::Err(code, _) => assert_eq!(code, ECONNREFUSED, "{cmd}"),
+            r => panic!("{cmd}: {r:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_millis(500), "{cmd}: refused at once, took {:?}", t.elapsed());
+        assert_eq!(env.node_counter(verdict), 1, "{cmd}: counted {verdict}");
+    }
+}
