@@ -40,6 +40,49 @@ pub mod map_names {
     pub const SYNC_IDS: &str = "SYNC_IDS";
     /// Maglev lookup tables: (frontend id, slot) -> backend id.
     pub const MAGLEV: &str = "MAGLEV";
+
+    /// Every map held once per family, as (IPv4 map, IPv6 twin). The other maps are
+    /// shared by both families (slots, metadata, counters, config). The one place the
+    /// twins are paired: the userspace catalogue and the sync read it.
+    pub const FAMILY_TWINS: [(&str, &str); 10] = [
+        (SERVICES, SERVICES6),
+        (BACKENDS, BACKENDS6),
+        (SOURCE_RANGES, SOURCE_RANGES6),
+        (NODE_CONFIG, NODE_CONFIG6),
+        (CONNTRACK, CONNTRACK6),
+        (CT_NEW, CT_NEW6),
+        (AFFINITY, AFFINITY6),
+        (NEIGH_MISSES, NEIGH_MISSES6),
+        (SOCK_UDP_BACKENDS, SOCK_UDP_BACKENDS6),
+        (SOCK_REVNAT, SOCK_REVNAT6),
+    ];
+
+    /// `name`'s twin in the other family; `None` for a shared map.
+    pub fn twin(name: &str) -> Option<&'static str> {
+        FAMILY_TWINS.iter().find_map(|&(v4, v6)| {
+            if v4 == name {
+                Some(v6)
+            } else if v6 == name {
+                Some(v4)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// `name` holds IPv6 addresses (it is the second of a twin pair).
+    pub fn is_v6(name: &str) -> bool {
+        FAMILY_TWINS.iter().any(|&(_, v6)| v6 == name)
+    }
+
+    /// The map of `name`'s role in the given family: `name` itself for its own family or
+    /// a shared map, its twin otherwise (`of_family(SERVICES, true)` is `SERVICES6`).
+    pub fn of_family(name: &'static str, v6: bool) -> &'static str {
+        match twin(name) {
+            Some(t) if is_v6(name) != v6 => t,
+            _ => name,
+        }
+    }
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
