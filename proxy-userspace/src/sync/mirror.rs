@@ -337,3 +337,33 @@ impl Mirror {
         }
     }
 }
+
+// Memory accounting (`crate::memory`).
+
+crate::memory::no_heap!(BackendIdent, BackendId, ServiceId, AnyServiceKey, AnyBackend);
+
+use crate::memory::HeapSize;
+
+impl HeapSize for Programmed {
+    fn heap_bytes(&self) -> usize {
+        self.active.heap_bytes()
+            + self.inactive.heap_bytes()
+            + self.maglev.heap_bytes()
+            + self.ranges.heap_bytes()
+            + self.refs.heap_bytes()
+    }
+}
+
+impl Mirror {
+    /// Estimated heap bytes: the frontends, and the backend indexes.
+    pub(super) fn memory_usage(&self) -> Vec<crate::memory::Usage> {
+        use crate::memory::Usage;
+        vec![
+            Usage { structure: "sync.mirror_frontends", bytes: self.frontends.heap_bytes() },
+            Usage {
+                structure: "sync.backend_indexes",
+                bytes: self.backends.heap_bytes() + self.backend_by_id.heap_bytes() + self.refs.heap_bytes(),
+            },
+        ]
+    }
+}

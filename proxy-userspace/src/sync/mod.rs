@@ -233,6 +233,24 @@ impl<S: MapStore> Syncer<S> {
         &mut self.store
     }
 
+    /// Estimated heap bytes of what the sync keeps (not the store's), by structure (see
+    /// `crate::memory`).
+    pub fn memory_usage(&self) -> Vec<crate::memory::Usage> {
+        use crate::memory::{HeapSize, Usage};
+        let mut out = self.mirror.memory_usage();
+        out.push(Usage { structure: "sync.ids", bytes: self.ids.heap_bytes() });
+        out.push(Usage {
+            structure: "sync.pending",
+            bytes: self.retry.heap_bytes()
+                + self.unreferenced.heap_bytes()
+                + self.orphans.slots.capacity() * std::mem::size_of::<proxy_common::SlotKey>()
+                + self.orphans.meta.capacity() * std::mem::size_of::<ServiceId>()
+                + self.orphans.ranges.capacity() * std::mem::size_of::<(ServiceId, crate::model::IpPrefix)>()
+                + self.orphans.maglev.capacity() * std::mem::size_of::<proxy_common::MaglevKey>(),
+        });
+        out
+    }
+
     /// Map writes issued since this syncer was created.
     pub fn total_writes(&self) -> u64 {
         self.total_writes

@@ -34,7 +34,10 @@ use super::{
     slices::{ParsedSlice, ServiceEndpoints, parse_slice_object, trigger_time},
     warn_unmatched_slice_ports,
 };
-use crate::model::types::{ClaimKey, Claims, DesiredState, FrontendKey, HealthCheck, NodeInfo, Scope, Warning};
+use crate::{
+    memory::{HeapSize, Usage},
+    model::types::{ClaimKey, Claims, DesiredState, FrontendKey, HealthCheck, NodeInfo, Scope, Warning},
+};
 
 /// Which Service holds each frontend address in the maps now: the translation's input for
 /// conflicts (`Claims`, or the sync's mirror of the maps, which answers without building a
@@ -601,4 +604,105 @@ pub type ObjectKey = (String, String);
 /// `namespace/name` of an object's metadata, if both are set.
 pub fn object_key(meta: &ObjectMeta) -> Option<ObjectKey> {
     Some((non_empty(meta.namespace.as_deref())?.to_owned(), non_empty(meta.name.as_deref())?.to_owned()))
+}
+
+// Memory accounting (`crate::memory`): object ids are shared `Arc`s, counted where each
+// is created (a Service's key, a slice's key, the Service a slice names), nowhere else.
+
+impl HeapSize for ObjectId {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// An object id's own allocation, where it is counted.
+fn id_bytes(id: &ObjectId) -> usize {
+    2 * std::mem::size_of::<usize>()
+        + std::mem::size_of::<super::problems::IdParts>()
+        + id.namespace.capacity()
+        + id.name.capacity()
+}
+
+impl HeapSize for ParsedService {
+    fn heap_bytes(&self) -> usize {
+        self.cluster_ips.heap_bytes()
+            + self.families.heap_bytes()
+            + self.ports.capacity() * std::mem::size_of::<super::services::ParsedPort>()
+            + self.ports.iter().map(|p| p.name.heap_bytes()).sum::<usize>()
+            + self.external_ips.heap_bytes()
+            + self.lb_ips.heap_bytes()
+            + self.source_ranges.heap_bytes()
+            + self.notes.capacity() * std::mem::size_of::<Problem>()
+    }
+}
+
+impl HeapSize for Candidate {
+    fn heap_bytes(&self) -> usize {
+        self.internal.heap_bytes() + self.external.heap_bytes()
+    }
+}
+
+impl HeapSize for ServiceState {
+    fn heap_bytes(&self) -> usize {
+        self.parsed.heap_bytes()
+            + self.parse_warnings.heap_bytes()
+            + self.candidates.heap_bytes()
+            + self.health.heap_bytes()
+            + self.slice_warnings.heap_bytes()
+    }
+}
+
+impl HeapSize for ParsedSlice {
+    fn heap_bytes(&self) -> usize {
+        self.ports.capacity() * std::mem::size_of::<super::slices::SlicePort>()
+            + self.ports.iter().map(|p| p.name.heap_bytes()).sum::<usize>()
+            + self.endpoints.capacity() * std::mem::size_of::<super::slices::ParsedEndpoint>()
+            + self.zones.heap_bytes()
+    }
+}
+
+impl HeapSize for SliceState {
+    fn heap_bytes(&self) -> usize {
+        self.service.as_ref().map_or(0, id_bytes) + self.parsed.heap_bytes() + self.warnings.heap_bytes()
+    }
+}
+
+impl<T: HeapSize> HeapSize for SmallSet<T> {
+    fn heap_bytes(&self) -> usize {
+        self.0.heap_bytes()
+    }
+}
+
+impl HeapSize for Winner {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
+impl Translator {
+    /// Estimated heap bytes of each part (see `crate::memory`).
+    pub fn memory_usage(&self) -> Vec<Usage> {
+        let services = self.services.heap_bytes() + self.services.keys().map(id_bytes).sum::<usize>();
+        let slices = self.slices.heap_bytes() + self.slices.keys().map(id_bytes).sum::<usize>();
+        let indexes = self.groups.heap_bytes()
+            + self.unnamed.heap_bytes()
+            + self.claimants.heap_bytes()
+            + self.winners.heap_bytes()
+            + self.contested.heap_bytes()
+            + self.warned_slices.heap_bytes()
+            + self.warned_services.heap_bytes()
+            + self.orphan_groups.heap_bytes()
+            + self.health.heap_bytes()
+            + self.dirty_services.heap_bytes()
+            + self.dirty_keys.heap_bytes()
+            + self.dirty_health.heap_bytes()
+            + self.triggers.times.heap_bytes()
+            + self.triggers.malformed.heap_bytes();
+        vec![
+            Usage { structure: "translator.services", bytes: services },
+            Usage { structure: "translator.slices", bytes: slices },
+            Usage { structure: "translator.indexes", bytes: indexes },
+            Usage { structure: "translator.desired", bytes: self.desired.heap_bytes() },
+        ]
+    }
 }
