@@ -231,6 +231,9 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
     for q in ["p50_ms", "p99_ms"] {
         v.push(report::row_id("rss", &format!("manifests_rename_to_map.{q}"), Some(plan.rss_n)));
     }
+    for per in ["per_service", "per_endpoint"] {
+        v.push(report::row_id("rss", &format!("bytes.total.{per}"), Some(plan.rss_n)));
+    }
     for c in ["direct_gbps", "ours_gbps", "ours_vs_direct", "ours_sock_gbps", "ours_sock_vs_direct"] {
         v.push(report::row_id("throughput", c, None));
     }

@@ -58,6 +58,7 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     let renamed = rename_to_map(plan, n, &dir, &pins, rows);
     agent.kill();
     renamed?;
+    structure_rows(n, e, rows)?;
     rows.push(Row::new("rss", "agent_vmhwm_mib", Some(n), hwm as f64 / 1024.0, "MiB").note(format!(
         "ebpf-proxy agent --manifests, {n} services x {e} endpoints; VmRSS at ready {:.1} MiB",
         rss as f64 / 1024.0
@@ -112,5 +113,53 @@ fn rename_to_map(plan: &Plan, n: usize, dir: &TempDir, pins: &PinDir, rows: &mut
     );
     rows.push(Row::new("rss", "manifests_rename_to_map.p50_ms", Some(n), percentile(&lat, 50.0), "ms").note(note));
     rows.push(Row::new("rss", "manifests_rename_to_map.p99_ms", Some(n), percentile(&lat, 99.0), "ms"));
+    Ok(())
+}
+
+/// The structures' estimated heap bytes (`proxy_userspace::memory`) of the same pipeline in
+/// this process: objects parsed, translated, synced into an in-memory store (which stands
+/// for the kernel's maps). Per Service at `e` endpoints, and per endpoint from the growth
+/// between `e` and `2e`.
+pub fn structure_bytes(n: usize, e: usize) -> Result<Vec<proxy_userspace::memory::Usage>> {
+    use proxy_userspace::{
+        memory::objects_usage,
+        model::{NodeInfo, Translator},
+        sync::{Syncer, store::MemStore},
+    };
+    let objs = objects::objects(&rules::services(n, e, None))?;
+    let mut translator =
+        Translator::new(NodeInfo { name: objects::NODE_NAME.into(), nodeport_addrs: vec![], zone: None });
+    let mut syncer = Syncer::new(MemStore::default())?;
+    translator.replace_services(&objs.services);
+    translator.replace_slices(&objs.slices);
+    translator.commit(&syncer);
+    let report = syncer.apply(translator.desired());
+    ensure!(report.errors.is_empty(), "sync errors: {:?}", report.errors.first());
+    let mut out = objects_usage(&objs);
+    out.extend(translator.memory_usage());
+    out.extend(syncer.memory_usage());
+    Ok(out)
+}
+
+fn structure_rows(n: usize, e: usize, rows: &mut Vec<Row>) -> Result<()> {
+    let at_e = structure_bytes(n, e)?;
+    let at_2e = structure_bytes(n, 2 * e)?;
+    let (mut service_total, mut endpoint_total) = (0.0, 0.0);
+    for (a, b) in at_e.iter().zip(&at_2e) {
+        let per_service = a.bytes as f64 / n as f64;
+        let per_endpoint = (b.bytes as f64 - a.bytes as f64) / (n * e) as f64;
+        service_total += per_service;
+        endpoint_total += per_endpoint;
+        rows.push(
+            Row::new("rss", &format!("bytes.{}.per_service", a.structure), Some(n), per_service, "B")
+                .note(format!("estimated heap bytes per Service of {e} endpoints")),
+        );
+        rows.push(Row::new("rss", &format!("bytes.{}.per_endpoint", a.structure), Some(n), per_endpoint, "B"));
+    }
+    rows.push(Row::new("rss", "bytes.total.per_service", Some(n), service_total, "B").note(format!(
+        "every structure, per Service of {e} endpoints (the API source drops the objects once translated: \
+         source.* is the --manifests source's)"
+    )));
+    rows.push(Row::new("rss", "bytes.total.per_endpoint", Some(n), endpoint_total, "B"));
     Ok(())
 }
