@@ -261,7 +261,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     pub fn backend_count(&self) -> usize {
-        self.mirror.backends.len()
+        self.mirror.backend_count()
     }
 
     /// Does the datapath translate TCP connections to `addr` now (a programmed frontend
@@ -374,7 +374,7 @@ impl<S: MapStore> Syncer<S> {
     /// The mirror's totals, into a report.
     fn count_into(&self, report: &mut SyncReport) {
         report.services = self.programmed_count();
-        report.backends = self.mirror.backends.len();
+        report.backends = self.mirror.backend_count();
         report.services6 = self.mirror.in_map()[1];
         report.backends6 = self.mirror.backends6();
         report.slots = self.mirror.slots();

@@ -85,10 +85,12 @@ impl<S: MapStore> Syncer<S> {
     /// Delete the backends the pass released that no frontend took again.
     pub(super) fn retire_backends(&mut self, pass: &mut Pass) {
         for id in std::mem::take(&mut pass.released) {
-            if self.mirror.refs.contains_key(&id) {
+            if self.mirror.referenced(id) {
                 continue;
             }
-            let Some(&ident) = self.mirror.backend_by_id.get(&id) else { continue };
+            let Some(ident) = self.mirror.backend_of(id).as_ref().map(super::mirror::BackendIdent::of) else {
+                continue;
+            };
             match self.store.del_backend(id, ident.family()) {
                 Ok(()) => {
                     pass.writes += 1;
