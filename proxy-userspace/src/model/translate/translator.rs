@@ -104,7 +104,8 @@ struct Winner {
 /// The translation of every object seen so far, kept incrementally. See the module docs.
 pub struct Translator {
     node: NodeInfo,
-    services: BTreeMap<ObjectId, ServiceState>,
+    /// Boxed: a B-tree node has room for eleven values, most of them empty.
+    services: BTreeMap<ObjectId, Box<ServiceState>>,
     slices: HashMap<ObjectId, SliceState>,
     /// Slices by the Service their label names, in name order (whether or not it exists).
     groups: HashMap<ObjectId, SmallSet<ObjectId>>,
@@ -195,6 +196,8 @@ impl Translator {
             self.unnamed.insert((KIND_SERVICE, missing_id(&svc.metadata)));
             return;
         };
+        // Interned: the id its slices already name, if any.
+        let id = self.groups.get_key_value(&id).map_or(id, |(k, _)| k.clone());
         let mut state = ServiceState { present: true, ..ServiceState::default() };
         match parse_service(svc) {
             Ok(Some(parsed)) => {
@@ -215,7 +218,7 @@ impl Translator {
                 old.parse_warnings = state.parse_warnings;
             }
             None => {
-                self.services.insert(id.clone(), state);
+                self.services.insert(id.clone(), Box::new(state));
             }
         }
         self.dirty_services.insert(id);
@@ -239,7 +242,15 @@ impl Translator {
             self.unnamed.insert((KIND_SLICE, missing_id(&slice.metadata)));
             return;
         };
-        let p = parse_slice_object(slice, &id, &self.node);
+        let mut p = parse_slice_object(slice, &id, &self.node);
+        // Interned: the Service's own id (or its other slices'), not a copy.
+        if let Some(service) = &mut p.service {
+            if let Some((k, _)) = self.services.get_key_value(&*service) {
+                *service = k.clone();
+            } else if let Some((k, _)) = self.groups.get_key_value(&*service) {
+                *service = k.clone();
+            }
+        }
         let before = self.slices.get(&id).and_then(|s| s.trigger);
         let trigger = match trigger_time(slice) {
             Some(Ok(t)) => {
@@ -661,9 +672,10 @@ impl HeapSize for ParsedSlice {
     }
 }
 
+/// The Service id it names is counted by `Translator::memory_usage` (shared or not).
 impl HeapSize for SliceState {
     fn heap_bytes(&self) -> usize {
-        self.service.as_ref().map_or(0, id_bytes) + self.parsed.heap_bytes() + self.warnings.heap_bytes()
+        self.parsed.heap_bytes() + self.warnings.heap_bytes()
     }
 }
 
@@ -683,7 +695,17 @@ impl Translator {
     /// Estimated heap bytes of each part (see `crate::memory`).
     pub fn memory_usage(&self) -> Vec<Usage> {
         let services = self.services.heap_bytes() + self.services.keys().map(id_bytes).sum::<usize>();
-        let slices = self.slices.heap_bytes() + self.slices.keys().map(id_bytes).sum::<usize>();
+        // A Service id a slice names is its own allocation unless the Service's key (or
+        // its group's) is the same `Arc`.
+        let interned = |s: &ObjectId| {
+            self.services.get_key_value(s).is_some_and(|(k, _)| k.shares(s))
+                || self.groups.get_key_value(s).is_some_and(|(k, _)| k.shares(s))
+        };
+        let own_service_ids: BTreeSet<&ObjectId> =
+            self.slices.values().filter_map(|s| s.service.as_ref()).filter(|s| !interned(s)).collect();
+        let slices = self.slices.heap_bytes()
+            + self.slices.keys().map(id_bytes).sum::<usize>()
+            + own_service_ids.into_iter().map(id_bytes).sum::<usize>();
         let indexes = self.groups.heap_bytes()
             + self.unnamed.heap_bytes()
             + self.claimants.heap_bytes()
