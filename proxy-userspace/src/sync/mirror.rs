@@ -168,7 +168,9 @@ pub(super) struct Tracked {
 
 #[derive(Debug, Default)]
 pub(super) struct Mirror {
-    pub(super) frontends: HashMap<AnyServiceKey, Programmed>,
+    /// Boxed: a hash table keeps room for up to twice its entries, and a frontend is 304
+    /// bytes (its metadata alone 152).
+    pub(super) frontends: HashMap<AnyServiceKey, Box<Programmed>>,
     /// The backends: one entry per backend holds its value and references, plus the id
     /// of each identity (the lookup a frontend's endpoints need). One index, where three
     /// (identity -> id and value, id -> identity, id -> references) each held a copy.
@@ -309,7 +311,7 @@ impl Mirror {
 
     /// Take a frontend out of the mirror (and out of the counts) to change it.
     pub(super) fn take_frontend(&mut self, key: &AnyServiceKey) -> Option<Programmed> {
-        let p = self.frontends.remove(key)?;
+        let p = *self.frontends.remove(key)?;
         self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(p.in_map);
         self.counts.slots -= p.active.len() + p.inactive.len();
         Some(p)
@@ -319,7 +321,7 @@ impl Mirror {
     pub(super) fn put_frontend(&mut self, key: AnyServiceKey, p: Programmed) {
         self.counts.in_map[usize::from(key.addr.is_ipv6())] += usize::from(p.in_map);
         self.counts.slots += p.active.len() + p.inactive.len();
-        if let Some(old) = self.frontends.insert(key, p) {
+        if let Some(old) = self.frontends.insert(key, Box::new(p)) {
             // Never happens (callers take first); keep the counts right regardless.
             self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(old.in_map);
             self.counts.slots -= old.active.len() + old.inactive.len();

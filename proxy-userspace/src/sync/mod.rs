@@ -387,7 +387,7 @@ impl<S: MapStore> Syncer<S> {
             return;
         }
         let live: HashSet<ServiceId> =
-            self.mirror.frontends.values().filter(|p| p.has_affinity()).map(Programmed::id).collect();
+            self.mirror.frontends.values().filter(|p| p.has_affinity()).map(|p| p.id()).collect();
         match purges::sweep_affinity(&mut self.store, &live) {
             Ok(n) => {
                 report.affinity_purged += n;

@@ -17,7 +17,7 @@ impl<S: MapStore> Syncer<S> {
     /// Remove the frontends no longer desired.
     pub(super) fn retire_frontends(&mut self, stale: Vec<AnyServiceKey>, pass: &mut Pass) {
         for key in stale {
-            let had_affinity = self.mirror.frontends.get(&key).is_some_and(Programmed::has_affinity);
+            let had_affinity = self.mirror.frontends.get(&key).is_some_and(|p| p.has_affinity());
             match self.remove_frontend(&key, pass) {
                 Ok(id) => pass.purges.frontend_removed(id, key.proto, had_affinity),
                 Err(e) => {
