@@ -371,12 +371,12 @@ impl Mirror {
             self.add_ref(*r);
         }
         for r in std::mem::replace(&mut prog.refs, now) {
-            if let Some(t) = self.by_id.get_mut(&r) {
-                if t.refs > 0 {
-                    t.refs -= 1;
-                    if t.refs == 0 {
-                        released.insert(r);
-                    }
+            if let Some(t) = self.by_id.get_mut(&r)
+                && t.refs > 0
+            {
+                t.refs -= 1;
+                if t.refs == 0 {
+                    released.insert(r);
                 }
             }
         }
