@@ -37,6 +37,15 @@ pub(super) fn expand_service(
             expand_port(id, svc, port, family, endpoints, node, &mut out);
         }
     }
+    // Kept until the Service or its slices change: no room to grow (a Vec's first push
+    // makes room for four candidates, most Services have one).
+    out.shrink_to_fit();
+    for c in &mut out {
+        for entry in std::iter::once(&mut c.internal).chain(c.external.as_mut()) {
+            entry.backends.shrink_to_fit();
+            entry.source_ranges.shrink_to_fit();
+        }
+    }
     out
 }
 
