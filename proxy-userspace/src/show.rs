@@ -747,6 +747,7 @@ mod tests {
             local_only: false,
             source_ranges: vec![],
             lb_algorithm: None,
+            weights: vec![],
         })
     }
 

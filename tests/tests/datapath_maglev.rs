@@ -39,6 +39,7 @@ fn maglev_entry(name: &str, backends: &[IpAddr], algorithm: Option<LbAlgorithm>)
             .map(|a| BackendAddr { addr: *a, port: 8080, local: true, terminating: false })
             .collect(),
         lb_algorithm: algorithm,
+        weights: vec![],
         ..entry(name, &[])
     }
 }
