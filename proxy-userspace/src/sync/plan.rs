@@ -105,6 +105,9 @@ impl Target {
             generation,
             affinity_timeout: self.affinity_timeout,
             maglev_size: self.maglev.len() as u32,
+            // Where the table lives is the store's business: the kernel maps fill it in
+            // (`dataplane::maps::maglev`).
+            maglev_base: 0,
         }
     }
 }
