@@ -350,3 +350,64 @@ fn tables_live_in_one_array_and_survive_a_restart() {
         assert_ne!(chosen(&mut dp, vip, *f), gone, "flow {f:?} still sent to the removed backend");
     }
 }
+
+/// An upgrade from the agent before the Maglev array (`SERVICES` values of 24 bytes, the
+/// tables in a hash named `MAGLEV`): the frontends are carried over, a Maglev frontend
+/// balances its new flows at random until the first sync (never drops them), and that sync
+/// writes its table into a run of the array and publishes it: the same backends as before.
+#[test]
+#[ignore = "needs root (BPF): run by `cargo xtask test` as root"]
+fn an_upgrade_from_the_hash_layout_republishes_the_tables() {
+    use aya::maps::{HashMap as BpfHash, Map, MapData};
+    use proxy_common::{ServiceKey, ServiceValue, map_names as n};
+    use proxy_userspace::dataplane::maps::loader::{self, LoaderConfig};
+    require_root("an_upgrade_from_the_hash_layout_republishes_the_tables");
+    const OLD: usize = 24;
+    let vip = IpAddr::V4(VIP);
+    let desired = || vec![(key(vip), maglev_entry("web", &backends4(5), Some(LbAlgorithm::Maglev)))];
+    let mut dp = TestDataplane::load();
+    program(&mut dp, desired());
+    let flows = &flows(false)[..500];
+    let before: Vec<IpAddr> = flows.iter().map(|f| chosen(&mut dp, vip, *f)).collect();
+
+    // The older agent's pins: SERVICES with 24-byte values, and its MAGLEV hash.
+    let entries: Vec<(ServiceKey, ServiceValue)> = dp.maps().services.iter().filter_map(Result::ok).collect();
+    let dir = dp.pins.0.join("maps");
+    let max = MapData::from_pin(dir.join(n::SERVICES)).unwrap().info().unwrap().max_entries();
+    std::fs::remove_file(dir.join(n::SERVICES)).unwrap();
+    let pin_old = |name: &str, key: u32, value: u32| -> MapData {
+        let obj = aya_obj::maps::Map::new_from_params(aya::maps::MapType::Hash as u32, key, value, max, 0);
+        let m = MapData::create(obj, name, None).expect("create map");
+        m.pin(dir.join(name)).expect("pin");
+        m
+    };
+    let mut old: BpfHash<MapData, ServiceKey, [u8; OLD]> =
+        BpfHash::try_from(Map::from_map_data(pin_old(n::SERVICES, 8, OLD as u32)).unwrap()).unwrap();
+    for (k, v) in &entries {
+        let mut bytes = [0u8; OLD];
+        // SAFETY: `ServiceValue` is `#[repr(C)]` u32 fields, longer than OLD bytes.
+        unsafe { std::ptr::copy_nonoverlapping((v as *const ServiceValue).cast::<u8>(), bytes.as_mut_ptr(), OLD) };
+        old.insert(k, bytes, 0).unwrap();
+    }
+    let _old_maglev = pin_old("MAGLEV", 8, 4);
+
+    let (programs, maps) = loader::load(&LoaderConfig::new(&dp.pins.0)).expect("the older layout migrates");
+    assert!(programs.migration.maps().contains(&n::SERVICES), "{:?}", programs.migration.maps());
+    let v = maps.services.iter().filter_map(Result::ok).map(|(_, v)| v).next().expect("carried over");
+    assert_eq!((v.flags & svc_flags::MAGLEV, v.maglev_size, v.maglev_base), (svc_flags::MAGLEV, DEFAULT_TABLE_SIZE, 0));
+    dp.programs = programs;
+    dp.syncer = proxy_userspace::sync::Syncer::new(maps).expect("read back");
+    // Before the first sync: no table published, new flows still served (at random).
+    forget_flows(&mut dp);
+    for f in &flows[..50] {
+        assert!(backends4(5).contains(&chosen(&mut dp, vip, *f)));
+    }
+    let r = dp.syncer.apply(&state(desired()));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let v = dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v).next().unwrap();
+    assert!(v.maglev_base != 0 && v.maglev_size == DEFAULT_TABLE_SIZE, "{v:?}");
+    forget_flows(&mut dp);
+    let after: Vec<IpAddr> = flows.iter().map(|f| chosen(&mut dp, vip, *f)).collect();
+    assert_eq!(after, before, "the republished table is the same table");
+    std::mem::take(&mut dp.programs.migration).finish().expect("finish");
+}
