@@ -259,7 +259,8 @@ no_heap!(
     crate::model::FrontendKey,
     crate::model::ClaimKey,
     crate::model::IpPrefix,
-    crate::model::IpFamily
+    crate::model::IpFamily,
+    crate::model::BackendWeight
 );
 
 impl HeapSize for crate::model::FrontendEntry {
@@ -268,6 +269,7 @@ impl HeapSize for crate::model::FrontendEntry {
             + self.service.name.heap_bytes()
             + self.service.port_name.heap_bytes()
             + self.backends.heap_bytes()
+            + self.weights.heap_bytes()
             + self.source_ranges.heap_bytes()
     }
 }

@@ -108,6 +108,7 @@ impl Maps6 {
             generation: 0,
             affinity_timeout: 0,
             maglev_size: 0,
+            maglev_base: 0,
         };
         self.services.insert(fe_key(f), v, 0).expect("SERVICES6 insert");
         ids
@@ -175,7 +176,8 @@ fn v6_missing_slot_or_backend_is_an_error_drop() {
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     let f = fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL);
-    let v = ServiceValue { id: 81, count: 1, flags: 0, generation: 0, affinity_timeout: 0, maglev_size: 0 };
+    let v =
+        ServiceValue { id: 81, count: 1, flags: 0, generation: 0, affinity_timeout: 0, maglev_size: 0, maglev_base: 0 };
     m.services.insert(fe_key(f), v, 0).unwrap();
     let frame = tcp6_frame((CLIENT, 40000), (VIP, 80), b"");
     assert_eq!(dp.run(FROM_POD, &frame).0, TC_ACT_SHOT, "no slot");

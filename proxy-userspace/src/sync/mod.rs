@@ -206,6 +206,7 @@ impl<S: MapStore> Syncer<S> {
     /// algorithm or table this changes are rewritten by the next `apply` (the first pass
     /// looks at every frontend).
     pub fn set_maglev(&mut self, cfg: MaglevConfig) {
+        self.store.set_maglev_table_size(cfg.table_size);
         self.maglev = cfg;
     }
 

@@ -128,6 +128,11 @@ pub trait MapStore {
     /// One slot of a frontend's Maglev table.
     fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> StoreResult;
     fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult;
+    /// The size of the Maglev tables the sync builds (`--maglev-table-size`), for a store
+    /// that lays tables out itself (the kernel maps: a run of the Maglev array each).
+    fn set_maglev_table_size(&mut self, m: u32) {
+        let _ = m;
+    }
 
     /// Write one family's node facts (`NODE_CONFIG` / `NODE_CONFIG6`). The sync asks only
     /// when it was given them (`Syncer::set_node_facts`, the agent's); a store without the

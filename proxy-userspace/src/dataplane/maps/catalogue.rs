@@ -16,9 +16,9 @@
 use aya::Pod;
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
-    Ipv6Words, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
-    ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6,
-    SockUdpValue, SourceRangeData6, StatsKey, map_names as n, sizes,
+    Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue,
+    SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6, SockUdpValue,
+    SourceRangeData6, StatsKey, map_names as n, sizes,
 };
 
 use crate::dataplane::maps::copy::{self, CopyFn, Legacy, Upgrade};
@@ -230,7 +230,15 @@ pub static MAPS: &[MapDef] = &[
     MapDef {
         sizing: Sizing::Flag(SizeFlag::MaxServices),
         prealloc: false,
-        migrate: Some(AGENT_WRITES),
+        // Values before `maglev_base` are widened (their tables republished by the sync).
+        migrate: Some(Policy {
+            legacy: Some(Legacy {
+                value_size: crate::dataplane::maps::maglev::LEGACY_VALUE_SIZE as u32,
+                sibling: n::SERVICES,
+                copy: crate::dataplane::maps::maglev::copy_legacy_services::<ServiceKey>,
+            }),
+            ..AGENT_WRITES
+        }),
         trace_seeds: true,
         verify_reads: true,
         fill_ratio: true,
@@ -239,7 +247,15 @@ pub static MAPS: &[MapDef] = &[
     MapDef {
         sizing: Sizing::Flag(SizeFlag::MaxServices),
         prealloc: false,
-        migrate: Some(AGENT_WRITES),
+        // Values before `maglev_base` are widened (their tables republished by the sync).
+        migrate: Some(Policy {
+            legacy: Some(Legacy {
+                value_size: crate::dataplane::maps::maglev::LEGACY_VALUE_SIZE as u32,
+                sibling: n::SERVICES6,
+                copy: crate::dataplane::maps::maglev::copy_legacy_services::<ServiceKey6>,
+            }),
+            ..AGENT_WRITES
+        }),
         trace_seeds: true,
         verify_reads: true,
         fill_ratio: true,
@@ -404,14 +420,14 @@ pub static MAPS: &[MapDef] = &[
     MapDef { ..MapDef::new(n::SOCK_CONFIG, Layout::array::<SockConfig>(), 1) },
     // The agent's id high-water marks: one array entry, only the agent writes it.
     MapDef { migrate: Some(ARRAY), ..MapDef::new(n::SYNC_IDS, Layout::array::<IdMarks>(), 1) },
-    // Maglev tables (frontend id, slot) -> backend id, both families; written by the agent,
-    // read by TC and XDP for new flows of Maglev frontends; allocated on use.
+    // Maglev tables: backend ids, one run per Maglev frontend (`ServiceValue::maglev_base`),
+    // both families; written by the agent, read by TC and XDP for new flows of Maglev
+    // frontends. A resized array keeps its head; runs past a smaller end are rewritten.
     MapDef {
         sizing: Sizing::Flag(SizeFlag::MaxMaglevSlots),
-        prealloc: false,
-        migrate: Some(AGENT_WRITES),
+        migrate: Some(ARRAY),
         trace_seeds: true,
-        ..MapDef::new(n::MAGLEV, Layout::hash::<MaglevKey, u32>(), sizes::MAX_MAGLEV_SLOTS)
+        ..MapDef::new(n::MAGLEV, Layout::array::<u32>(), sizes::MAX_MAGLEV_SLOTS)
     },
 ];
 
