@@ -228,6 +228,12 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
     }
     v.push(report::row_id("rss", "agent_vmhwm_mib", Some(plan.rss_n)));
     v.push(report::row_id("rss", "agent_ready_s", Some(plan.rss_n)));
+    for q in ["p50_ms", "p99_ms"] {
+        v.push(report::row_id("rss", &format!("manifests_rename_to_map.{q}"), Some(plan.rss_n)));
+    }
+    for per in ["per_service", "per_endpoint"] {
+        v.push(report::row_id("rss", &format!("bytes.total.{per}"), Some(plan.rss_n)));
+    }
     for c in ["direct_gbps", "ours_gbps", "ours_vs_direct", "ours_sock_gbps", "ours_sock_vs_direct"] {
         v.push(report::row_id("throughput", c, None));
     }

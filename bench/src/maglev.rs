@@ -2,16 +2,15 @@
 //! random selection at 1 and 10,000 Services (BPF_PROG_TEST_RUN, one run per distinct new
 //! flow, the two kinds interleaved on one loaded datapath so interference lands on both),
 //! the time to build a table at 16,381 and 65,521 slots, the memory a table costs per
-//! frontend (the MAGLEV map's kernel memory as `fdinfo` reports it, before and after one
-//! table), and one backend change of a Maglev Service with the others loaded (the
-//! control-plane budget: p99 under 5 ms at 10,000 Services).
+//! frontend (the run of the kernel's Maglev array a table takes, 4 bytes a slot), and one
+//! backend change of a Maglev Service with the others loaded (the control-plane budget:
+//! p99 under 5 ms at 10,000 Services).
 //!
 //! Only some of the loaded Services are Maglev (`MAGLEV_SERVICES`): 10,000 tables of 16,381
-//! slots would be 160 M kernel hash elements; the lookups the rows time do not depend on
+//! slots would be 160 M array elements (640 MiB); the lookups the rows time do not depend on
 //! how many tables there are.
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::AsFd,
     time::Instant,
 };
 
@@ -67,7 +66,7 @@ fn table_rows(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         );
         let kernel = kernel_bytes_per_table(m)?;
         rows.push(Row::new(SECTION, &format!("table_kernel_bytes_m{m}"), Some(1), kernel as f64 / 1024.0, "KiB").note(
-            "MAGLEV map memory one frontend's table adds (fdinfo memlock before and after): per Maglev frontend",
+            "the run of the Maglev array (4 B a slot, preallocated) one frontend's table takes: per Maglev frontend",
         ));
         rows.push(
             Row::new(SECTION, &format!("table_agent_bytes_m{m}"), Some(1), f64::from(m) * 4.0 / 1024.0, "KiB")
@@ -77,27 +76,28 @@ fn table_rows(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// The MAGLEV map's memory (`memlock` in its fdinfo, which the kernel computes from the
-/// allocated elements of a hash allocated on use).
-fn maglev_memlock(dp: &Dataplane) -> Result<u64> {
-    let map = dp.maps().maglev.as_ref().context("no MAGLEV map")?;
-    let fd = aya::maps::IterableMap::map(map).fd().as_fd();
-    let path = format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-    let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("memlock:").and_then(|v| v.trim().parse().ok()))
-        .context("no memlock line in the MAGLEV map's fdinfo")
-}
-
+/// The kernel memory one frontend's table takes: the run of the Maglev array it was given
+/// (the array is preallocated, so `memlock` does not move; the run's length is read from
+/// the `SERVICES` value and checked against the array's element size), written through
+/// the sync into an empty map.
 fn kernel_bytes_per_table(m: u32) -> Result<u64> {
     let mut dp = Dataplane::load(1, TABLE_BACKENDS)?;
     dp.syncer.set_maglev(MaglevConfig { table_size: m, north_south: LbAlgorithm::Random });
-    // One frontend with a table, written through the sync (an empty map: the bulk path).
     let svcs = rules::services(1, TABLE_BACKENDS, None);
-    let before = maglev_memlock(&dp)?;
     let r = dp.syncer.apply(&desired(&svcs, 1));
     ensure!(r.errors.is_empty(), "{:?}", r.errors);
-    Ok(maglev_memlock(&dp)?.saturating_sub(before))
+    let v = dp
+        .maps()
+        .services
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, v)| v)
+        .find(|v| v.flags & svc_flags::MAGLEV != 0)
+        .context("no Maglev frontend in SERVICES")?;
+    ensure!(v.maglev_size == m && v.maglev_base != 0, "table of {} slots at {} for {m}", v.maglev_size, v.maglev_base);
+    let array = dp.maps().maglev.as_ref().context("no MAGLEV map")?;
+    ensure!(array.get(&(v.maglev_base + m - 1), 0).is_ok_and(|id| id != 0), "the run's last slot is empty");
+    Ok(maglev::kernel_bytes(v.maglev_size))
 }
 
 /// `svcs` as frontends, the first `maglev` of them Maglev.

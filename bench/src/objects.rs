@@ -41,14 +41,20 @@ pub fn slice_name(s: &Svc) -> String {
     format!("{}-abcde", s.name)
 }
 
+/// The services (each with its one slice) as one multi-document YAML text.
+pub fn manifest_text(svcs: &[Svc]) -> String {
+    let mut out = String::with_capacity(svcs.len() * 1500);
+    for s in svcs {
+        push_service(&mut out, s);
+        push_slice(&mut out, s, &slice_name(s));
+    }
+    out
+}
+
 /// Write the services as multi-document YAML files (1,000 services per file) into `dir`.
 pub fn write_manifests(dir: &Path, svcs: &[Svc]) -> Result<()> {
     for (k, chunk) in svcs.chunks(1000).enumerate() {
-        let mut out = String::with_capacity(chunk.len() * 1500);
-        for s in chunk {
-            push_service(&mut out, s);
-            push_slice(&mut out, s, &slice_name(s));
-        }
+        let out = manifest_text(chunk);
         let path = dir.join(format!("services-{k:04}.yaml"));
         std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -79,6 +79,7 @@ pub fn frontend_entry(s: &Svc) -> FrontendEntry {
         local_only: false,
         source_ranges: vec![],
         lb_algorithm: None,
+        weights: vec![],
     }
 }
 

@@ -38,12 +38,58 @@ pub mod map_names {
     pub const SOCK_UDP_BACKENDS: &str = "SOCK_UDP_BACKENDS";
     pub const SOCK_UDP_BACKENDS6: &str = "SOCK_UDP_BACKENDS6";
     pub const SYNC_IDS: &str = "SYNC_IDS";
-    /// Maglev lookup tables: (frontend id, slot) -> backend id.
-    pub const MAGLEV: &str = "MAGLEV";
+    /// Maglev lookup tables: one array of backend ids, each Maglev frontend's table a run
+    /// of it (`ServiceValue::maglev_base`, `maglev_size`). Named apart from the hash of
+    /// (frontend id, slot) that held them before, whose pin an upgrade leaves unread.
+    pub const MAGLEV: &str = "MAGLEV_SLOTS";
     /// Service CIDRs (ServiceCIDR objects, `--service-cidr`) and the frontend addresses
     /// allocated inside them (LPM tries): see [`service_cidr`](crate::service_cidr).
     pub const SERVICE_CIDRS: &str = "SERVICE_CIDRS";
     pub const SERVICE_CIDRS6: &str = "SERVICE_CIDRS6";
+
+    /// Every map held once per family, as (IPv4 map, IPv6 twin). The other maps are
+    /// shared by both families (slots, metadata, counters, config). The one place the
+    /// twins are paired: the userspace catalogue and the sync read it.
+    pub const FAMILY_TWINS: [(&str, &str); 11] = [
+        (SERVICES, SERVICES6),
+        (BACKENDS, BACKENDS6),
+        (SOURCE_RANGES, SOURCE_RANGES6),
+        (NODE_CONFIG, NODE_CONFIG6),
+        (CONNTRACK, CONNTRACK6),
+        (CT_NEW, CT_NEW6),
+        (AFFINITY, AFFINITY6),
+        (NEIGH_MISSES, NEIGH_MISSES6),
+        (SOCK_UDP_BACKENDS, SOCK_UDP_BACKENDS6),
+        (SOCK_REVNAT, SOCK_REVNAT6),
+        (SERVICE_CIDRS, SERVICE_CIDRS6),
+    ];
+
+    /// `name`'s twin in the other family; `None` for a shared map.
+    pub fn twin(name: &str) -> Option<&'static str> {
+        FAMILY_TWINS.iter().find_map(|&(v4, v6)| {
+            if v4 == name {
+                Some(v6)
+            } else if v6 == name {
+                Some(v4)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// `name` holds IPv6 addresses (it is the second of a twin pair).
+    pub fn is_v6(name: &str) -> bool {
+        FAMILY_TWINS.iter().any(|&(_, v6)| v6 == name)
+    }
+
+    /// The map of `name`'s role in the given family: `name` itself for its own family or
+    /// a shared map, its twin otherwise (`of_family(SERVICES, true)` is `SERVICES6`).
+    pub fn of_family(name: &'static str, v6: bool) -> &'static str {
+        match twin(name) {
+            Some(t) if is_v6(name) != v6 => t,
+            _ => name,
+        }
+    }
 }
 
 /// Default map sizes. The agent overrides them with flags (`--max-services` ...), so these
@@ -72,8 +118,8 @@ pub mod sizes {
     /// to), LRU: a socket evicted under pressure is balanced afresh on its next datagram.
     pub const MAX_SOCK_UDP_BACKENDS: u32 = 65_536;
     /// Maglev table slots, all frontends together (`--max-maglev-slots`): 64 tables of the
-    /// default 16,381 slots (16 of 65,521). Elements are allocated on use; the kernel's
-    /// bucket array (16 bytes per entry of the cap, 16 MiB here) is not.
+    /// default 16,381 slots (16 of 65,521). An array: 4 bytes per slot, allocated at load
+    /// (4 MiB here).
     pub const MAX_MAGLEV_SLOTS: u32 = 1_048_576;
     /// Entries of `SERVICE_CIDRS` per family: the Service CIDRs plus one host entry per
     /// frontend address inside them (every ClusterIP, on a cluster's usual layout).
@@ -185,10 +231,14 @@ pub struct ServiceValue {
     /// Slots of the frontend's Maglev table (a prime; with `svc_flags::MAGLEV`), 0 without.
     /// Was `_reserved` (always 0): the layout is unchanged.
     pub maglev_size: u32,
+    /// Index in `MAGLEV` of the table's slot 0: the table is `MAGLEV[maglev_base..][..maglev_size]`,
+    /// so a new flow reads one array element. 0 = no table (index 0 is never handed out). In
+    /// this value, not a map of its own, so the table's place and size switch together.
+    pub maglev_base: u32,
 }
 
-/// Key of `MAGLEV`: one slot of a frontend's Maglev table (value: backend id). The table
-/// is rewritten in place, slot by slot (only the slots a change moves): every slot names a
+/// One slot of a frontend's Maglev table, as the sync names it (the map store places it at
+/// `MAGLEV[maglev_base + slot]`; value: backend id). The table is rewritten in place, slot by slot (only the slots a change moves): every slot names a
 /// backend of the old or the new list at every instant, and the backends a change drops are
 /// deleted after the table no longer names them.
 #[repr(C)]
@@ -1238,7 +1288,7 @@ mod tests {
     #[test]
     fn layouts_are_fixed() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 24);
+        assert_eq!(size_of::<ServiceValue>(), 28);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<MaglevKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
@@ -1277,7 +1327,7 @@ mod tests {
     #[test]
     fn no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
-        assert_eq!(size_of::<ServiceValue>(), 6 * 4);
+        assert_eq!(size_of::<ServiceValue>(), 7 * 4);
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue>(), 4 + 2 + 1 + 1 + 4 + 2 + 2 + 4 + 4 + 8 + 4 + 4 + 4 + 4);

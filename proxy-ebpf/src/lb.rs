@@ -2,13 +2,12 @@
 //! the agent wrote. Pure map logic, generic over the address family.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, MaglevKey, NodeConfig, ServiceKey, ServiceValue, SlotKey, nat_defaults,
-    svc_flags,
+    AffinityKey, AffinityValue, Backend, NodeConfig, ServiceKey, ServiceValue, SlotKey, nat_defaults, svc_flags,
 };
 
 use crate::{
     family::Family,
-    maps::{BACKEND_SLOTS, MAGLEV, NODE_CONFIG},
+    maps::{BACKEND_SLOTS, MAGLEV_SLOTS, NODE_CONFIG},
     parse::Packet,
 };
 
@@ -78,16 +77,16 @@ fn select_outlined<F: Family>(svc: &ServiceValue, client: &F::Addr, flow: u32, n
 }
 
 /// The backend id in the Maglev table of `svc` for `flow`; `None` if the frontend has no
-/// table or the slot is missing (a table being written for the first time: the agent
-/// publishes `maglev_size` only after the table, so this is a stale read; random then).
+/// table (or an empty slot, 0: never a backend id; random then). The table is the run of
+/// `MAGLEV_SLOTS` the value names: one array read.
 #[inline(always)]
 fn maglev_slot(svc: &ServiceValue, flow: u32) -> Option<u32> {
-    if svc.flags & svc_flags::MAGLEV == 0 || svc.maglev_size == 0 {
+    if svc.flags & svc_flags::MAGLEV == 0 || svc.maglev_size == 0 || svc.maglev_base == 0 {
         return None;
     }
-    let key = MaglevKey { svc_id: svc.id, slot: flow % svc.maglev_size };
-    // SAFETY: plain-old-data copy out of the map value.
-    unsafe { MAGLEV.get(&key).copied() }
+    let index = svc.maglev_base.wrapping_add(flow % svc.maglev_size);
+    // The array's bounds check rejects an index past its end.
+    MAGLEV_SLOTS.get(index).copied().filter(|&id| id != 0)
 }
 
 #[inline(always)]

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey,
-    FragKey6, FragPorts, IdMarks, Ipv6Words, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey,
-    ServiceKey6, ServiceMeta, ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6,
-    SockUdpKey, SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, sizes,
+    FragKey6, FragPorts, IdMarks, Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6,
+    ServiceMeta, ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey,
+    SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, sizes,
 };
 
 /// The maps only the agent writes (services, their metadata, backends, slots) are
@@ -27,14 +27,15 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(sizes::
 #[map]
 pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(sizes::MAX_SLOTS, NO_PREALLOC);
 
-/// Maglev tables: (frontend id, slot) -> backend id, `ServiceValue::maglev_size` slots per
-/// frontend with `svc_flags::MAGLEV`. One hash for all frontends rather than an
-/// array-of-maps: aya-ebpf 0.2 declares no map-in-map, a plain hash is what the verifier
-/// already accepts for `BACKEND_SLOTS` (one lookup, no pointer chase), and NO_PREALLOC costs
-/// memory only for tables that exist (about 80 bytes per slot in the kernel, against 4 in an
-/// inner array: the price of no map-in-map).
+/// Maglev tables: backend ids, each Maglev frontend's table the run
+/// `[maglev_base, maglev_base + maglev_size)` its `ServiceValue` names (the agent hands the
+/// runs out). An array rather than a hash of (frontend id, slot): a new flow reads one
+/// element by index (no hashing, no bucket walk, 4 bytes per slot instead of ~64 in a hash
+/// element, so far fewer cache misses), and the verifier needs nothing more than for
+/// `NODE_CONFIG`. Map-in-map (an inner array per frontend) would save the runs' bookkeeping
+/// but aya-ebpf 0.2 declares none.
 #[map]
-pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(sizes::MAX_MAGLEV_SLOTS, NO_PREALLOC);
+pub static MAGLEV_SLOTS: Array<u32> = Array::pinned(sizes::MAX_MAGLEV_SLOTS, 0);
 
 #[map]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(sizes::MAX_BACKENDS, NO_PREALLOC);

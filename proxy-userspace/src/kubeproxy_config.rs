@@ -74,6 +74,14 @@ struct Linux {
     other: BTreeMap<String, serde_yaml::Value>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Iptables {
+    localhost_node_ports: Option<bool>,
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_yaml::Value>,
+}
+
 /// The fields of `KubeProxyConfiguration` that apply; everything else lands in `other`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -85,6 +93,8 @@ pub struct KubeProxyConfiguration {
     healthz_bind_address: Option<String>,
     metrics_bind_address: Option<String>,
     node_port_addresses: Option<Vec<String>>,
+    mode: Option<String>,
+    iptables: Option<Iptables>,
     conntrack: Option<Conntrack>,
     linux: Option<Linux>,
     logging: Option<Logging>,
@@ -146,6 +156,26 @@ impl KubeProxyConfiguration {
         }
         if let Some(n) = self.node_port_addresses.as_ref().filter(|n| !n.is_empty()) {
             flag("nodeport_addresses", "nodeport-addresses", &n.join(","));
+        }
+        // NodePorts on 127.0.0.1: the iptables mode (the default mode) serves them unless
+        // `iptables.localhostNodePorts: false`; the nftables mode never does. The agent's
+        // default is the iptables mode's, so only a node that did not serve them says so.
+        let iptables = self.iptables.as_ref();
+        let localhost = match self.mode.as_deref().map(str::trim) {
+            Some("nftables") => Some(false),
+            Some("" | "iptables") | None => iptables.and_then(|i| i.localhost_node_ports),
+            Some(_) => None,
+        };
+        if let Some(on) = localhost {
+            flag("nodeport_localhost", "nodeport-localhost", &on.to_string());
+        }
+        if let Some(i) = iptables {
+            t.ignored.extend(i.other.keys().map(|k| format!("iptables.{k}")));
+        }
+        // The mode itself is not carried over (this agent is no proxy mode); only what it
+        // says of localhost NodePorts, above.
+        if self.mode.is_some() {
+            t.ignored.push("mode".into());
         }
         // v1alpha1 has `conntrack` at the top; newer files nest it under `linux`.
         let ct = self.linux.as_ref().and_then(|l| l.conntrack.as_ref()).or(self.conntrack.as_ref());
@@ -269,7 +299,25 @@ logging:
                 "--v=4",
             ]
         );
-        assert_eq!(t.ignored, ["clientConnection.qps", "bindAddress", "clusterCIDR", "iptables", "mode"]);
+        assert_eq!(t.ignored, ["iptables.masqueradeAll", "mode", "clientConnection.qps", "bindAddress", "clusterCIDR"]);
+    }
+
+    /// NodePorts on localhost as the node served them: the iptables mode's
+    /// `localhostNodePorts` (default true, the agent's default too), never in nftables mode.
+    #[test]
+    fn localhost_node_ports_follow_the_mode() {
+        let flags = |body: &str| {
+            let text = format!("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n{body}");
+            let c: KubeProxyConfiguration = serde_yaml::from_str(&text).unwrap();
+            c.translate(1).flags.into_iter().map(|(_, f)| f).collect::<Vec<_>>()
+        };
+        let off = ["--nodeport-localhost=false".to_string()];
+        assert_eq!(flags("mode: iptables\niptables:\n  localhostNodePorts: false\n"), off);
+        assert_eq!(flags("iptables:\n  localhostNodePorts: false\n"), off, "iptables is the default mode");
+        assert_eq!(flags("mode: nftables\n"), off);
+        assert_eq!(flags("mode: iptables\niptables:\n  localhostNodePorts: true\n"), ["--nodeport-localhost=true"]);
+        assert!(flags("mode: iptables\n").is_empty(), "the default stays the agent's");
+        assert!(flags("mode: ipvs\niptables:\n  localhostNodePorts: false\n").is_empty(), "not the iptables mode");
     }
 
     /// kube-proxy's flag names are accepted for the same settings.

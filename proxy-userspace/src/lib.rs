@@ -30,6 +30,7 @@ pub mod http;
 pub mod inspect;
 pub mod kube_proxy;
 pub mod kubeproxy_config;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod show;

@@ -747,6 +747,7 @@ mod tests {
             local_only: false,
             source_ranges: vec![],
             lb_algorithm: None,
+            weights: vec![],
         })
     }
 
@@ -760,6 +761,7 @@ mod tests {
             generation: 1,
             affinity_timeout: 30,
             maglev_size: 0,
+            maglev_base: 0,
         };
         let mut slots = HashMap::new();
         slots.insert(SlotKey::new(7, 0, 0), 1); // stale generation: not shown
@@ -796,6 +798,7 @@ mod tests {
             generation: 0,
             affinity_timeout: 0,
             maglev_size: 16_381,
+            maglev_base: 1,
         };
         let rows = service_rows(&[(key, value)], &HashMap::new(), &HashMap::new(), &HashMap::new());
         assert_eq!((rows[0].algorithm, rows[0].maglev_table_size), ("maglev", Some(16_381)));

@@ -24,7 +24,7 @@ use aya::{
 };
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{
-    Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, Ipv6Words, MaglevKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, Ipv6Words, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
     SCOPE_INTERNAL, ServiceKey, ServiceMeta, ServiceValue, SlotKey, Verdict, flow_hash, map_names as n, svc_flags,
 };
 use serde::Serialize;
@@ -180,12 +180,17 @@ pub fn trace(live_root: &Path, req: &Request) -> Result<Outcome, TraceError> {
     let frame = build_frame(req);
     let private = PrivateRoot(private_dir(live_root));
     std::fs::create_dir_all(&private.0).map_err(|source| TraceError::Private { path: private.0.clone(), source })?;
-    // Small maps: only a handful of entries are copied in.
+    // Small maps: only a handful of entries are copied in. The Maglev array is indexed as
+    // the live one (the copied value names its run there), so it is as long.
+    let live_maglev = open(&paths::maps_dir(live_root), n::MAGLEV)
+        .ok()
+        .and_then(|m| Array::<MapData, u32>::try_from(m).ok())
+        .map_or(64, |a| a.len());
     let cfg = LoaderConfig {
         max_services: 64,
         max_backends: 4096,
         max_conntrack: 1024,
-        max_maglev_slots: 64,
+        max_maglev_slots: live_maglev,
         ..LoaderConfig::new(&private.0)
     };
     let (mut programs, _maps) = loader::load(&cfg)?;
@@ -506,11 +511,16 @@ impl Seeds {
         Backend<A>: Pod,
     {
         let Some(slot) = maglev_slot(svc, req) else { return Ok(()) };
-        let live: HashMap<MapData, MaglevKey, u32> = hash(&self.live, n::MAGLEV)?;
-        let mut private: HashMap<MapData, MaglevKey, u32> = hash(&self.private, n::MAGLEV)?;
-        let key = MaglevKey { svc_id: svc.id, slot };
-        let Ok(id) = live.get(&key, 0) else { return Ok(()) };
-        private.insert(key, id, 0).map_err(map_err(n::MAGLEV))?;
+        if svc.maglev_base == 0 {
+            return Ok(());
+        }
+        // The frontend's value, copied as it is, names the same run in the private array.
+        let index = svc.maglev_base.wrapping_add(slot);
+        let live: Array<MapData, u32> = Array::try_from(open(&self.live, n::MAGLEV)?).map_err(map_err(n::MAGLEV))?;
+        let mut private: Array<MapData, u32> =
+            Array::try_from(open(&self.private, n::MAGLEV)?).map_err(map_err(n::MAGLEV))?;
+        let Ok(id) = live.get(&index, 0) else { return Ok(()) };
+        private.set(index, id, 0).map_err(map_err(n::MAGLEV))?;
         let be_name = A::map_name(n::BACKENDS);
         let live_be: HashMap<MapData, u32, Backend<A>> = hash(&self.live, be_name)?;
         let mut priv_be: HashMap<MapData, u32, Backend<A>> = hash(&self.private, be_name)?;

@@ -407,6 +407,7 @@ pub fn svc(kind: FrontendKind, backends: &[(IpAddr, u16, bool)]) -> FrontendEntr
         local_only: false,
         source_ranges: vec![],
         lb_algorithm: None,
+        weights: vec![],
     }
 }
 

@@ -614,12 +614,19 @@ pub fn icmp_error_any(src: IpAddr, dst: IpAddr, e: IcmpError, quote: &[u8]) -> V
         (true, IcmpError::PortUnreachable) => (1, 4, [0u8; 4]),
         (true, IcmpError::TooBig(mtu)) => (2, 0, u32::from(mtu).to_be_bytes()),
     };
-    let mut icmp = vec![typ, code, 0, 0];
-    icmp.extend_from_slice(&rest);
-    icmp.extend_from_slice(quote);
+    icmp_message_any(src, dst, (typ, code), rest, quote)
+}
+
+/// An Ethernet + IPv4/IPv6 frame carrying any ICMP / ICMPv6 message (`typ`, `code`, the
+/// 4 bytes after the checksum, then `body`) from `src` to `dst`, with valid checksums
+/// (ICMPv6's over its pseudo-header, RFC 4443 2.3).
+pub fn icmp_message_any(src: IpAddr, dst: IpAddr, (typ, code): (u8, u8), rest: [u8; 4], body: &[u8]) -> Vec<u8> {
     match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => crate::harness::icmp_error(s, d, (typ, code), rest, quote),
+        (IpAddr::V4(s), IpAddr::V4(d)) => crate::harness::icmp_error(s, d, (typ, code), rest, body),
         (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut icmp = vec![typ, code, 0, 0];
+            icmp.extend_from_slice(&rest);
+            icmp.extend_from_slice(body);
             let c = icmp6_csum(s, d, &icmp);
             icmp[2..4].copy_from_slice(&c.to_be_bytes());
             let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd];
@@ -631,7 +638,7 @@ pub fn icmp_error_any(src: IpAddr, dst: IpAddr, e: IcmpError, quote: &[u8]) -> V
             f.extend_from_slice(&icmp);
             f
         }
-        _ => panic!("icmp_error_any: {src} and {dst} are of different families"),
+        _ => panic!("icmp_message_any: {src} and {dst} are of different families"),
     }
 }
 
@@ -647,11 +654,23 @@ pub struct IcmpView {
     pub quote_dst: (IpAddr, u16),
     pub quote_proto: u8,
     pub csums_ok: bool,
+    /// The message's type and code.
+    pub typ_code: (u8, u8),
 }
 
 /// `None` unless `f` is a plain (no IPv4 options, no IPv6 extension headers) ICMP error of
 /// the types [`icmp_error_any`] builds, quoting a plain TCP/UDP packet.
 pub fn icmp_view(f: &[u8]) -> Option<IcmpView> {
+    let v = icmp_message_view(f)?;
+    match (v.outer_src, v.typ_code) {
+        (IpAddr::V4(_), (3, 3 | 4)) | (IpAddr::V6(_), (1, 4) | (2, 0)) => Some(v),
+        _ => None,
+    }
+}
+
+/// `None` unless `f` is a plain (no IPv4 options, no IPv6 extension headers) ICMP / ICMPv6
+/// message of any type whose body quotes a plain TCP/UDP packet.
+pub fn icmp_message_view(f: &[u8]) -> Option<IcmpView> {
     let (outer_src, outer_dst, false) = ip_addrs(f)? else { return None };
     let (icmp, mut ok) = match outer_src {
         IpAddr::V4(_) => {
@@ -674,11 +693,9 @@ pub fn icmp_view(f: &[u8]) -> Option<IcmpView> {
     if icmp.len() < 8 {
         return None;
     }
-    match (outer_src, outer_dst, icmp[0], icmp[1]) {
-        (IpAddr::V4(_), _, 3, 3 | 4) => ok &= crate::harness::inet_csum(icmp) == 0,
-        (IpAddr::V6(s), IpAddr::V6(d), 1, 4) | (IpAddr::V6(s), IpAddr::V6(d), 2, 0) => {
-            ok &= icmp6_csum(s, d, icmp) == 0
-        }
+    match (outer_src, outer_dst) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => ok &= crate::harness::inet_csum(icmp) == 0,
+        (IpAddr::V6(s), IpAddr::V6(d)) => ok &= icmp6_csum(s, d, icmp) == 0,
         _ => return None,
     }
     let quote = &icmp[8..];
@@ -729,6 +746,7 @@ pub fn icmp_view(f: &[u8]) -> Option<IcmpView> {
         quote_dst: (qd, port(2)),
         quote_proto: proto,
         csums_ok: ok,
+        typ_code: (icmp[0], icmp[1]),
     })
 }
 

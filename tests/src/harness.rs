@@ -229,6 +229,7 @@ pub fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> Fron
         local_only: false,
         source_ranges: vec![],
         lb_algorithm: None,
+        weights: vec![],
     }
 }
 
@@ -251,6 +252,7 @@ pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
         local_only: false,
         source_ranges: vec![],
         lb_algorithm: None,
+        weights: vec![],
     }
 }
 

@@ -9,8 +9,8 @@
 //! with `to_uplink` for replies leaving through it); a row that applies to one family or
 //! one hook says so in the row. A table reports every failing (row, family, hook) case at
 //! once. One-off scenarios follow the tables as plain tests; IPv6-only ones (extension
-//! headers, ICMPv6, maps written by hand) are in datapath_v6.rs, XDP-only ones in
-//! datapath_xdp.rs.
+//! headers, maps written by hand) are in datapath_v6.rs, XDP-only ones in datapath_xdp.rs;
+//! ICMP errors of both families are datapath_icmp.rs's table.
 use std::{
     cell::RefCell,
     collections::{BTreeSet, HashMap, HashSet},

@@ -49,6 +49,7 @@ fn service(dp: &mut TestDataplane, vip: IpAddr, port: u16, backends: &[(IpAddr, 
         local_only: false,
         source_ranges: vec![],
         lb_algorithm: None,
+        weights: vec![],
     };
     let r = dp.syncer.apply(&state(vec![(key, e)]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);

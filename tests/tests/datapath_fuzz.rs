@@ -224,6 +224,7 @@ fn fe_entry(name: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -> Front
         local_only: false,
         source_ranges: vec![],
         lb_algorithm: None,
+        weights: vec![],
     }
 }
 

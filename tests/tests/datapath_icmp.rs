@@ -1,152 +1,293 @@
-//! ICMP errors about translated flows through BPF_PROG_TEST_RUN (issue 12): the quoted
-//! packet and the outer header come out translated the way the flow's packets are, with
-//! every checksum recomputed independently here (the quoted IPv4 header's and TCP/UDP
-//! checksum with etherparse, the ICMP checksum over the whole message).
-use std::net::Ipv4Addr;
+//! ICMP and ICMPv6 errors about translated flows through BPF_PROG_TEST_RUN (issue 12), as
+//! one table run for both families: each row names the message (its meaning, with the
+//! type and code of each family), who sends it, which flow its quote is about, and what
+//! must come out. A translated error has its outer header and its quoted packet translated
+//! the way the flow's own packets are, with every checksum recomputed independently here
+//! (`frames::icmp_message_view`: the outer IPv4 header, ICMP (ICMPv6 over its
+//! pseudo-header), the quoted IPv4 header, the quoted TCP/UDP when the quote is whole).
+//! Messages that are not errors, and errors about flows nobody translated, pass untouched.
+use std::{
+    cell::RefCell,
+    net::IpAddr,
+    sync::atomic::{AtomicU16, Ordering},
+};
 
 use proxy_common::verdict;
-use proxy_tests::harness::*;
-use proxy_userspace::model::Protocol;
+use proxy_tests::{
+    family::*,
+    frames::{icmp_message_any, icmp_message_view},
+    harness::*,
+};
+use proxy_userspace::model::{FrontendKind, Protocol, Scope};
 
-const TC_ACT_UNSPEC: i32 = -1;
-const FROM_POD: &str = "from_pod";
-const TO_POD: &str = "to_pod";
-
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
-const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
-/// A router on the way (the node's gateway address on the pod veths).
-const ROUTER: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-
-fn one_backend(dp: &mut TestDataplane, proto: Protocol) {
-    let s = state(vec![(frontend(VIP, 80, proto), entry("web", &[(BACKEND, 8080)]))]);
-    let r = dp.syncer.apply(&s);
-    assert!(r.errors.is_empty(), "{:?}", r.errors);
+/// A message type by meaning: its (type, code) in ICMP and in ICMPv6.
+#[derive(Clone, Copy, Debug)]
+struct Msg {
+    v4: (u8, u8),
+    v6: (u8, u8),
 }
 
-/// The client's flow to the VIP, as it leaves `from_pod` (DNATed to the backend).
-fn open_flow(dp: &mut TestDataplane, proto: Protocol, payload: &[u8]) -> Vec<u8> {
-    let frame = match proto {
-        Protocol::Tcp => tcp_segment((CLIENT, 40000), (VIP, 80), tcp::ACK, payload),
-        _ => udp_frame((CLIENT, 40000), (VIP, 80), payload),
-    };
-    let (v, out) = dp.run(FROM_POD, &frame);
-    assert_eq!(v, TC_ACT_UNSPEC);
-    assert_eq!(decode(&out).dst, (BACKEND, 8080), "flow DNATed");
-    out
-}
+impl Msg {
+    fn of(self, fam: Family) -> (u8, u8) {
+        if fam == Family::V4 { self.v4 } else { self.v6 }
+    }
 
-/// Fragmentation needed from a router about the client's (translated) segment, on its way
-/// into the client pod: the quote says client -> VIP:80 again, so the client's socket
-/// learns the path MTU; the router stays the sender.
-#[test]
-#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn frag_needed_about_a_client_segment_quotes_the_vip() {
-    require_root("frag_needed_about_a_client_segment_quotes_the_vip");
-    let mut dp = TestDataplane::load();
-    one_backend(&mut dp, Protocol::Tcp);
-    let sent = open_flow(&mut dp, Protocol::Tcp, &[7u8; 600]);
-    let mtu = 1280u16.to_be_bytes();
-    let err = icmp_error(ROUTER, CLIENT, (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED), [0, 0, mtu[0], mtu[1]], &sent[14..]);
-    let before = dp.global(verdict::ICMP_ERROR);
-    let (v, out) = dp.run(TO_POD, &err);
-    assert_eq!(v, TC_ACT_UNSPEC);
-    assert_eq!(
-        check_icmp_error(&out, true),
-        Seen { outer: (ROUTER, CLIENT), inner_src: (CLIENT, 40000), inner_dst: (VIP, 80) },
-        "translated error"
-    );
-    assert_eq!(&out[14 + 20 + 4..14 + 20 + 8], &[0, 0, mtu[0], mtu[1]], "next-hop MTU kept");
-    assert_eq!(dp.global(verdict::ICMP_ERROR), before + 1, "counted icmp_error");
-
-    // RFC 792 only promises 8 bytes of the quoted transport header: the ports are still
-    // translated (TCP's checksum lies beyond them and is left alone).
-    let short = icmp_error(ROUTER, CLIENT, (ICMP_TIME_EXCEEDED, 0), [0; 4], &sent[14..14 + 20 + 8]);
-    let (_, out) = dp.run(TO_POD, &short);
-    assert_eq!(check_icmp_error(&out, false).inner_dst, (VIP, 80), "short quote");
-}
-
-/// The backend itself answers a UDP datagram with port unreachable: the client must see it
-/// from the VIP, about client -> VIP:80.
-#[test]
-#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn port_unreachable_from_the_backend_comes_from_the_vip() {
-    require_root("port_unreachable_from_the_backend_comes_from_the_vip");
-    let mut dp = TestDataplane::load();
-    one_backend(&mut dp, Protocol::Udp);
-    let sent = open_flow(&mut dp, Protocol::Udp, b"hello");
-    let err = icmp_error(BACKEND, CLIENT, (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), [0; 4], &sent[14..]);
-    let (v, out) = dp.run(TO_POD, &err);
-    assert_eq!(v, TC_ACT_UNSPEC);
-    assert_eq!(
-        check_icmp_error(&out, true),
-        Seen { outer: (VIP, CLIENT), inner_src: (CLIENT, 40000), inner_dst: (VIP, 80) },
-        "translated error"
-    );
-}
-
-/// The client pod reports an error about a reply it got from VIP:80 (e.g. its socket is
-/// gone): on the way out of the pod the quote and the destination become the backend's.
-#[test]
-#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn client_error_about_a_reply_goes_to_the_backend() {
-    require_root("client_error_about_a_reply_goes_to_the_backend");
-    let mut dp = TestDataplane::load();
-    one_backend(&mut dp, Protocol::Udp);
-    open_flow(&mut dp, Protocol::Udp, b"hello");
-    let (_, reply) = dp.run(TO_POD, &udp_frame((BACKEND, 8080), (CLIENT, 40000), b"answer"));
-    assert_eq!(decode(&reply).src, (VIP, 80), "reply reverse-NATed");
-    let err = icmp_error(CLIENT, VIP, (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), [0; 4], &reply[14..]);
-    let (v, out) = dp.run(FROM_POD, &err);
-    assert_eq!(v, TC_ACT_UNSPEC);
-    assert_eq!(
-        check_icmp_error(&out, true),
-        Seen { outer: (CLIENT, BACKEND), inner_src: (BACKEND, 8080), inner_dst: (CLIENT, 40000) },
-        "translated error"
-    );
-}
-
-/// Errors about untracked flows and ICMP that is not an error pass untouched.
-#[test]
-#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn other_icmp_passes_untouched() {
-    require_root("other_icmp_passes_untouched");
-    let mut dp = TestDataplane::load();
-    one_backend(&mut dp, Protocol::Tcp);
-    let untracked = tcp_segment((CLIENT, 41000), (BACKEND, 8080), tcp::ACK, b"x");
-    let cases = [
-        ("error about an untracked flow", icmp_error(ROUTER, CLIENT, (ICMP_DEST_UNREACH, 1), [0; 4], &untracked[14..])),
-        ("echo request", icmp_error(CLIENT, VIP, (8, 0), [0, 1, 0, 1], b"ping payload")),
-    ];
-    for (name, frame) in cases {
-        for prog in [FROM_POD, TO_POD] {
-            let before = dp.global(verdict::OTHER_L4);
-            let (v, out) = dp.run(prog, &frame);
-            assert_eq!((v, &out), (TC_ACT_UNSPEC, &frame), "{name} via {prog}");
-            assert_eq!(dp.global(verdict::OTHER_L4), before + 1, "{name} via {prog} counted other_l4");
+    /// The 4 bytes after the checksum: the next-hop MTU for "too big" (16 bits in ICMP,
+    /// 32 in ICMPv6), zero (unused, or a pointer of 0) for the others.
+    fn rest(self, fam: Family) -> [u8; 4] {
+        match (fam, self.of(fam)) {
+            (Family::V4, (3, 4)) => [0, 0, (MTU >> 8) as u8, MTU as u8],
+            (Family::V6, (2, 0)) => u32::from(MTU).to_be_bytes(),
+            _ => [0; 4],
         }
     }
 }
 
-/// Every IPv4 error type is translated (destination unreachable in each code the kernel
-/// sends for a forwarded packet, time exceeded, parameter problem); informational types
-/// (echo reply, timestamp) are not errors and pass untouched.
+const MTU: u16 = 1280;
+
+const NET_UNREACHABLE: Msg = Msg { v4: (3, 0), v6: (1, 0) };
+const HOST_UNREACHABLE: Msg = Msg { v4: (3, 1), v6: (1, 3) };
+const PORT_UNREACHABLE: Msg = Msg { v4: (3, 3), v6: (1, 4) };
+const TOO_BIG: Msg = Msg { v4: (3, 4), v6: (2, 0) };
+const ADMIN_PROHIBITED: Msg = Msg { v4: (3, 13), v6: (1, 1) };
+const TTL_EXCEEDED: Msg = Msg { v4: (11, 0), v6: (3, 0) };
+const REASSEMBLY_EXCEEDED: Msg = Msg { v4: (11, 1), v6: (3, 1) };
+const PARAMETER_PROBLEM: Msg = Msg { v4: (12, 0), v6: (4, 0) };
+const ECHO_REQUEST: Msg = Msg { v4: (8, 0), v6: (128, 0) };
+const ECHO_REPLY: Msg = Msg { v4: (0, 0), v6: (129, 0) };
+/// Informational types of one family only: a timestamp request, a neighbour solicitation.
+const TIMESTAMP_OR_NEIGHBOUR_SOLICITATION: Msg = Msg { v4: (14, 0), v6: (135, 0) };
+
+/// Who a row's addresses are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Client,
+    Vip,
+    Backend,
+    /// A router on the way (no Service address).
+    Router,
+}
+
+/// What the message's body quotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum About {
+    /// The client's packet as it left `from_pod` (DNATed to the backend); the message goes
+    /// back into the client pod (`to_pod`).
+    ClientPacket,
+    /// The same, cut to the 8 bytes of the transport header RFC 792 promises.
+    ClientPacketShort,
+    /// The backend's reply as the client received it (source put back to the VIP); the
+    /// client's message leaves its pod (`from_pod`).
+    Reply,
+    /// A packet of a flow no Service translated (client straight to the backend's address).
+    Untracked,
+    /// No quote: an echo request from the client to the VIP.
+    Nothing,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Translated: the outer (source, destination) and the quote's source and destination,
+    /// counted under `icmp_error`.
+    Translated { outer: (Who, Who), quote_src: Who, quote_dst: Who },
+    /// The frame comes out byte for byte, from both TC programs, counted under `other_l4`.
+    Untouched,
+    /// The frame comes out byte for byte from `to_pod` (nothing counted is asserted).
+    Passes,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Row {
+    name: &'static str,
+    proto: Protocol,
+    msg: Msg,
+    from: Who,
+    about: About,
+    expect: Expect,
+}
+
+/// The error scenarios the IPv4 and IPv6 files held, one row each, plus every error type.
+fn rows() -> Vec<Row> {
+    use About::*;
+    use Expect::*;
+    use Who::*;
+    let back_to_client = Translated { outer: (Router, Client), quote_src: Client, quote_dst: Vip };
+    let mut rows = vec![
+        Row {
+            name: "too big from a router about a client segment quotes the VIP",
+            proto: Protocol::Tcp,
+            msg: TOO_BIG,
+            from: Router,
+            about: ClientPacket,
+            expect: back_to_client,
+        },
+        Row {
+            name: "a short quote (8 bytes of TCP) is translated too",
+            proto: Protocol::Tcp,
+            msg: TTL_EXCEEDED,
+            from: Router,
+            about: ClientPacketShort,
+            expect: back_to_client,
+        },
+        Row {
+            name: "port unreachable from the backend comes from the VIP",
+            proto: Protocol::Udp,
+            msg: PORT_UNREACHABLE,
+            from: Backend,
+            about: ClientPacket,
+            expect: Translated { outer: (Vip, Client), quote_src: Client, quote_dst: Vip },
+        },
+        Row {
+            name: "the client's error about a reply goes to the backend",
+            proto: Protocol::Udp,
+            msg: PORT_UNREACHABLE,
+            from: Client,
+            about: Reply,
+            expect: Translated { outer: (Client, Backend), quote_src: Backend, quote_dst: Client },
+        },
+        Row {
+            name: "an error about an untracked flow passes untouched",
+            proto: Protocol::Tcp,
+            msg: HOST_UNREACHABLE,
+            from: Router,
+            about: Untracked,
+            expect: Untouched,
+        },
+        Row {
+            name: "an echo request passes untouched",
+            proto: Protocol::Tcp,
+            msg: ECHO_REQUEST,
+            from: Client,
+            about: Nothing,
+            expect: Untouched,
+        },
+    ];
+    let every_error = [
+        ("net unreachable", NET_UNREACHABLE),
+        ("host unreachable", HOST_UNREACHABLE),
+        ("port unreachable", PORT_UNREACHABLE),
+        ("too big", TOO_BIG),
+        ("administratively prohibited", ADMIN_PROHIBITED),
+        ("TTL exceeded", TTL_EXCEEDED),
+        ("reassembly time exceeded", REASSEMBLY_EXCEEDED),
+        ("parameter problem", PARAMETER_PROBLEM),
+    ];
+    for (name, msg) in every_error {
+        rows.push(Row { name, proto: Protocol::Tcp, msg, from: Router, about: ClientPacket, expect: back_to_client });
+    }
+    for (name, msg) in
+        [("echo reply", ECHO_REPLY), ("timestamp / neighbour solicitation", TIMESTAMP_OR_NEIGHBOUR_SOLICITATION)]
+    {
+        rows.push(Row { name, proto: Protocol::Tcp, msg, from: Router, about: ClientPacket, expect: Passes });
+    }
+    rows
+}
+
+/// The service port of a row's protocol: TCP VIP:80 -> b1:8080, UDP VIP:53 -> b1:5353.
+fn ports(proto: Protocol) -> (u16, u16) {
+    if proto == Protocol::Tcp { (80, 8080) } else { (53, 5353) }
+}
+
+fn seed(fam: Family) -> TestDataplane {
+    let a = fam.addrs();
+    let mut dp = TestDataplane::load();
+    let entries = [Protocol::Tcp, Protocol::Udp]
+        .map(|proto| {
+            let (port, target) = ports(proto);
+            (fk(a.vip, port, proto, Scope::Internal), svc(FrontendKind::ClusterIP, &[(a.b1, target, true)]))
+        })
+        .to_vec();
+    dp.program(entries);
+    dp
+}
+
+fn router(fam: Family) -> IpAddr {
+    fam.pick("169.254.1.1", "fd00:10:244::1")
+}
+
 #[test]
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn every_icmp_error_type_is_translated() {
-    require_root("every_icmp_error_type_is_translated");
-    let mut dp = TestDataplane::load();
-    one_backend(&mut dp, Protocol::Tcp);
-    let sent = open_flow(&mut dp, Protocol::Tcp, b"payload");
-    let errors = [(3, 0), (3, 1), (3, 3), (3, 4), (3, 13), (11, 0), (11, 1), (12, 0)];
-    for (typ, code) in errors {
-        let err = icmp_error(ROUTER, CLIENT, (typ, code), [0; 4], &sent[14..]);
-        let (_, out) = dp.run(TO_POD, &err);
-        assert_eq!(check_icmp_error(&out, true).inner_dst, (VIP, 80), "type {typ} code {code}");
-    }
-    for typ in [0u8, 14] {
-        let msg = icmp_error(ROUTER, CLIENT, (typ, 0), [0; 4], &sent[14..]);
-        let (_, out) = dp.run(TO_POD, &msg);
-        assert_eq!(out, msg, "type {typ} is not an error");
-    }
+fn icmp_errors_about_translated_flows() {
+    require_root("icmp_errors_about_translated_flows");
+    let dps = [RefCell::new(seed(Family::V4)), RefCell::new(seed(Family::V6))];
+    let next_port = AtomicU16::new(40000);
+    let cases =
+        Family::ALL.iter().flat_map(|f| rows().into_iter().map(move |r| (format!("{} {}", f.name(), r.name), (*f, r))));
+    run_cases(cases, |(fam, row)| {
+        let a = fam.addrs();
+        let mut dp = dps[fam as usize].borrow_mut();
+        let (port, target) = ports(row.proto);
+        let client = (a.client, next_port.fetch_add(1, Ordering::Relaxed));
+        let who = |w: Who| match w {
+            Who::Client => a.client,
+            Who::Vip => a.vip,
+            Who::Backend => a.b1,
+            Who::Router => router(fam),
+        };
+        let with_port = |w: Who| match w {
+            Who::Client => client,
+            Who::Vip => (a.vip, port),
+            Who::Backend => (a.b1, target),
+            Who::Router => (router(fam), 0),
+        };
+        let ip = ETH_HLEN;
+
+        // The flow the message is about, and the program that sees the message.
+        let (body, prog) = match row.about {
+            About::Nothing => (b"ping payload".to_vec(), FROM_POD),
+            About::Untracked => (fam.segment(client, (a.b1, target), tcp::ACK, b"x")[ip..].to_vec(), TO_POD),
+            about => {
+                let first = match row.proto {
+                    Protocol::Tcp => fam.segment(client, (a.vip, port), tcp::ACK, &[7u8; 600]),
+                    _ => fam.udp(client, (a.vip, port), b"hello"),
+                };
+                let (v, sent) = dp.run(FROM_POD, &first);
+                assert_eq!(v, TC_ACT_UNSPEC);
+                assert_eq!(decode_any(&sent).dst, (a.b1, target), "flow DNATed");
+                match about {
+                    About::ClientPacket => (sent[ip..].to_vec(), TO_POD),
+                    About::ClientPacketShort => (sent[ip..fam.l4() + 8].to_vec(), TO_POD),
+                    _ => {
+                        let answer = fam.reply(row.proto, (a.b1, target), client, b"answer");
+                        let (_, reply) = dp.run(TO_POD, &answer);
+                        assert_eq!(decode_any(&reply).src, (a.vip, port), "reply reverse-NATed");
+                        (reply[ip..].to_vec(), FROM_POD)
+                    }
+                }
+            }
+        };
+        let (src, dst) = match row.about {
+            About::Reply | About::Nothing => (a.client, a.vip),
+            _ => (who(row.from), a.client),
+        };
+        let frame = icmp_message_any(src, dst, row.msg.of(fam), row.msg.rest(fam), &body);
+
+        match row.expect {
+            Expect::Translated { outer, quote_src, quote_dst } => {
+                let before = dp.global(verdict::ICMP_ERROR);
+                let (v, out) = dp.run(prog, &frame);
+                assert_eq!(v, TC_ACT_UNSPEC);
+                let seen = icmp_message_view(&out).unwrap_or_else(|| panic!("not an ICMP error: {out:02x?}"));
+                assert!(seen.csums_ok, "every checksum valid: {seen:?}");
+                assert_eq!(seen.typ_code, row.msg.of(fam), "type and code kept");
+                assert_eq!((seen.outer_src, seen.outer_dst), (who(outer.0), who(outer.1)), "outer addresses");
+                assert_eq!((seen.quote_src, seen.quote_dst), (with_port(quote_src), with_port(quote_dst)), "quote");
+                let rest = fam.l4() + 4;
+                assert_eq!(&out[rest..rest + 4], &row.msg.rest(fam), "the 4 bytes after the checksum (MTU) kept");
+                assert_eq!(dp.global(verdict::ICMP_ERROR), before + 1, "counted icmp_error");
+            }
+            Expect::Untouched => {
+                for prog in [FROM_POD, TO_POD] {
+                    let before = dp.global(verdict::OTHER_L4);
+                    let (v, out) = dp.run(prog, &frame);
+                    assert_eq!((v, &out), (TC_ACT_UNSPEC, &frame), "via {prog}");
+                    assert_eq!(dp.global(verdict::OTHER_L4), before + 1, "via {prog}: counted other_l4");
+                }
+            }
+            Expect::Passes => {
+                let (v, out) = dp.run(TO_POD, &frame);
+                assert_eq!((v, &out), (TC_ACT_UNSPEC, &frame), "not an error: untouched");
+            }
+        }
+    });
 }

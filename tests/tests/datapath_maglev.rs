@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use proxy_common::{MaglevKey, svc_flags};
+use proxy_common::svc_flags;
 use proxy_tests::harness::*;
 use proxy_userspace::model::{
     BackendAddr, FrontendEntry, FrontendKey, LbAlgorithm, Protocol, Scope, maglev::DEFAULT_TABLE_SIZE,
@@ -39,6 +39,7 @@ fn maglev_entry(name: &str, backends: &[IpAddr], algorithm: Option<LbAlgorithm>)
             .map(|a| BackendAddr { addr: *a, port: 8080, local: true, terminating: false })
             .collect(),
         lb_algorithm: algorithm,
+        weights: vec![],
         ..entry(name, &[])
     }
 }
@@ -157,8 +158,8 @@ fn same_backend_on_two_nodes(vip: IpAddr, backends: &[IpAddr]) {
     };
     let va = svc(&a);
     assert_eq!(va.maglev_size, DEFAULT_TABLE_SIZE);
-    let slot0 = a.maps().maglev.as_ref().expect("MAGLEV").get(&MaglevKey { svc_id: va.id, slot: 0 }, 0);
-    assert!(slot0.is_ok(), "slot 0 written");
+    let slot0 = a.maps().maglev.as_ref().expect("MAGLEV").get(&va.maglev_base, 0);
+    assert!(va.maglev_base != 0 && slot0.is_ok_and(|id| id != 0), "slot 0 written");
 
     let flows = flows(v6);
     let mut on_a = Vec::with_capacity(FLOWS);
@@ -274,4 +275,139 @@ fn trace_says_when_maglev_chose() {
     }
     let t = trace("198.18.0.9:41000", &format!("{DECOY}:80"));
     assert_eq!(t["selection"], "random", "{t:#}");
+}
+
+/// The tables live in one array, each frontend's a run its `SERVICES` value names
+/// (`maglev_base`, `maglev_size`), runs disjoint; an agent restart on the same pins (new
+/// programs, a new sync reading the maps back) finds every table where it was, writes
+/// nothing, and sends new flows to the same backends; a backend change afterwards rewrites
+/// the table inside its run.
+#[test]
+#[ignore = "needs root (BPF): run by `cargo xtask test` as root"]
+fn tables_live_in_one_array_and_survive_a_restart() {
+    require_root("tables_live_in_one_array_and_survive_a_restart");
+    let (vip, vip6, decoy) = (IpAddr::V4(VIP), IpAddr::V6(VIP6), IpAddr::V4(DECOY));
+    let maglev = Some(LbAlgorithm::Maglev);
+    let desired = |n: u8| {
+        vec![
+            (key(vip), maglev_entry("web", &backends4(n), maglev)),
+            (key(vip6), maglev_entry("web6", &backends6(5), maglev)),
+            (key(decoy), maglev_entry("decoy", &backends4(3), maglev)),
+        ]
+    };
+    let mut dp = TestDataplane::load();
+    program(&mut dp, desired(5));
+    let runs = |dp: &TestDataplane| -> Vec<(u32, u32, u32)> {
+        let m = dp.maps();
+        let v4 = m.services.iter().filter_map(Result::ok).map(|(_, v)| v);
+        let v6 = m.services6.iter().filter_map(Result::ok).map(|(_, v)| v);
+        let mut r: Vec<(u32, u32, u32)> = v4.chain(v6).map(|v| (v.maglev_base, v.maglev_size, v.id)).collect();
+        r.sort();
+        r
+    };
+    let before_runs = runs(&dp);
+    assert_eq!(before_runs.len(), 3, "{before_runs:?}");
+    for w in before_runs.windows(2) {
+        assert!(w[0].0 != 0 && w[0].0 + w[0].1 <= w[1].0, "runs overlap or are unplaced: {before_runs:?}");
+    }
+    assert!(before_runs.iter().all(|r| r.1 == DEFAULT_TABLE_SIZE));
+    // Every slot of every run names a backend of its frontend.
+    let array = dp.maps().maglev.as_ref().expect("MAGLEV");
+    let ids: std::collections::HashSet<u32> = backend_ids(&dp).into_values().collect();
+    for (base, size, id) in &before_runs {
+        for slot in [0, size / 2, size - 1] {
+            let b = array.get(&(base + slot), 0).expect("slot");
+            assert!(ids.contains(&b), "frontend {id} slot {slot}: backend {b} unknown");
+        }
+    }
+    let flows = &flows(false)[..2_000];
+    let before: Vec<IpAddr> = flows.iter().map(|f| chosen(&mut dp, vip, *f)).collect();
+
+    // The agent restarts on the same pins.
+    let (programs, maps) = proxy_userspace::dataplane::maps::loader::load(
+        &proxy_userspace::dataplane::maps::loader::LoaderConfig::new(&dp.pins.0),
+    )
+    .expect("reload");
+    assert!(programs.migration.is_empty(), "same layout: pins re-used");
+    dp.programs = programs;
+    dp.syncer = proxy_userspace::sync::Syncer::new(maps).expect("read back");
+    let r = dp.syncer.apply(&state(desired(5)));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.writes, 0, "every table read back whole");
+    assert_eq!(runs(&dp), before_runs, "tables where they were");
+    forget_flows(&mut dp);
+    let after: Vec<IpAddr> = flows.iter().map(|f| chosen(&mut dp, vip, *f)).collect();
+    assert_eq!(after, before, "new flows keep their backends across the restart");
+
+    // One backend gone: rewritten in its run, about 1/5 of the slots.
+    let r = dp.syncer.apply(&state(desired(4)));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.writes < u64::from(DEFAULT_TABLE_SIZE) / 2, "{} writes", r.writes);
+    assert_eq!(runs(&dp), before_runs, "same runs");
+    forget_flows(&mut dp);
+    let gone = backends4(5)[4];
+    for f in flows {
+        assert_ne!(chosen(&mut dp, vip, *f), gone, "flow {f:?} still sent to the removed backend");
+    }
+}
+
+/// An upgrade from the agent before the Maglev array (`SERVICES` values of 24 bytes, the
+/// tables in a hash named `MAGLEV`): the frontends are carried over, a Maglev frontend
+/// balances its new flows at random until the first sync (never drops them), and that sync
+/// writes its table into a run of the array and publishes it: the same backends as before.
+#[test]
+#[ignore = "needs root (BPF): run by `cargo xtask test` as root"]
+fn an_upgrade_from_the_hash_layout_republishes_the_tables() {
+    use aya::maps::{HashMap as BpfHash, Map, MapData};
+    use proxy_common::{ServiceKey, ServiceValue, map_names as n};
+    use proxy_userspace::dataplane::maps::loader::{self, LoaderConfig};
+    require_root("an_upgrade_from_the_hash_layout_republishes_the_tables");
+    const OLD: usize = 24;
+    let vip = IpAddr::V4(VIP);
+    let desired = || vec![(key(vip), maglev_entry("web", &backends4(5), Some(LbAlgorithm::Maglev)))];
+    let mut dp = TestDataplane::load();
+    program(&mut dp, desired());
+    let flows = &flows(false)[..500];
+    let before: Vec<IpAddr> = flows.iter().map(|f| chosen(&mut dp, vip, *f)).collect();
+
+    // The older agent's pins: SERVICES with 24-byte values, and its MAGLEV hash.
+    let entries: Vec<(ServiceKey, ServiceValue)> = dp.maps().services.iter().filter_map(Result::ok).collect();
+    let dir = dp.pins.0.join("maps");
+    let max = MapData::from_pin(dir.join(n::SERVICES)).unwrap().info().unwrap().max_entries();
+    std::fs::remove_file(dir.join(n::SERVICES)).unwrap();
+    let pin_old = |name: &str, key: u32, value: u32| -> MapData {
+        let obj = aya_obj::maps::Map::new_from_params(aya::maps::MapType::Hash as u32, key, value, max, 0);
+        let m = MapData::create(obj, name, None).expect("create map");
+        m.pin(dir.join(name)).expect("pin");
+        m
+    };
+    let mut old: BpfHash<MapData, ServiceKey, [u8; OLD]> =
+        BpfHash::try_from(Map::from_map_data(pin_old(n::SERVICES, 8, OLD as u32)).unwrap()).unwrap();
+    for (k, v) in &entries {
+        let mut bytes = [0u8; OLD];
+        // SAFETY: `ServiceValue` is `#[repr(C)]` u32 fields, longer than OLD bytes.
+        unsafe { std::ptr::copy_nonoverlapping((v as *const ServiceValue).cast::<u8>(), bytes.as_mut_ptr(), OLD) };
+        old.insert(k, bytes, 0).unwrap();
+    }
+    let _old_maglev = pin_old("MAGLEV", 8, 4);
+
+    let (programs, maps) = loader::load(&LoaderConfig::new(&dp.pins.0)).expect("the older layout migrates");
+    assert!(programs.migration.maps().contains(&n::SERVICES), "{:?}", programs.migration.maps());
+    let v = maps.services.iter().filter_map(Result::ok).map(|(_, v)| v).next().expect("carried over");
+    assert_eq!((v.flags & svc_flags::MAGLEV, v.maglev_size, v.maglev_base), (svc_flags::MAGLEV, DEFAULT_TABLE_SIZE, 0));
+    dp.programs = programs;
+    dp.syncer = proxy_userspace::sync::Syncer::new(maps).expect("read back");
+    // Before the first sync: no table published, new flows still served (at random).
+    forget_flows(&mut dp);
+    for f in &flows[..50] {
+        assert!(backends4(5).contains(&chosen(&mut dp, vip, *f)));
+    }
+    let r = dp.syncer.apply(&state(desired()));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let v = dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v).next().unwrap();
+    assert!(v.maglev_base != 0 && v.maglev_size == DEFAULT_TABLE_SIZE, "{v:?}");
+    forget_flows(&mut dp);
+    let after: Vec<IpAddr> = flows.iter().map(|f| chosen(&mut dp, vip, *f)).collect();
+    assert_eq!(after, before, "the republished table is the same table");
+    std::mem::take(&mut dp.programs.migration).finish().expect("finish");
 }

@@ -1,17 +1,16 @@
 //! IPv6-only datapath scenarios through BPF_PROG_TEST_RUN (issue 10, 4.1): what has no
-//! IPv4 counterpart (extension headers and the parser's bound on them, ICMPv6 errors, a
-//! SYN's options, a trailer after the payload length) and states only a hand-written map
+//! IPv4 counterpart (extension headers and the parser's bound on them, a SYN's options, a trailer after the payload length) and states only a hand-written map
 //! reaches (a slot or backend missing mid-update, a full assured table). The scenarios both
 //! families share are the tables of datapath.rs. Bytes in, bytes out, with the TCP/UDP
-//! checksums (over the IPv6 pseudo-header) and the ICMPv6 checksum recomputed
-//! independently (etherparse).
+//! checksums (over the IPv6 pseudo-header) recomputed independently (etherparse). ICMPv6
+//! errors are rows of datapath_icmp.rs's table, with ICMP's.
 //!
 //! These tests program SERVICES6, BACKENDS6 and BACKEND_SLOTS directly, opened from the
 //! test's own pin directory: the datapath on its own, whatever the sync would write.
 use std::{net::Ipv6Addr, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use etherparse::{Icmpv6Slice, PacketBuilder, TcpSlice, UdpSlice};
+use etherparse::{PacketBuilder, TcpSlice, UdpSlice};
 use proxy_common::{
     Backend6, CT_DIR_FORWARD, CtKey6, CtValue6, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey6,
     ServiceValue, SlotKey, StatsFamily, backend_flags, ct_flags, svc_flags, verdict,
@@ -109,6 +108,7 @@ impl Maps6 {
             generation: 0,
             affinity_timeout: 0,
             maglev_size: 0,
+            maglev_base: 0,
         };
         self.services.insert(fe_key(f), v, 0).expect("SERVICES6 insert");
         ids
@@ -176,7 +176,8 @@ fn v6_missing_slot_or_backend_is_an_error_drop() {
     let mut dp = TestDataplane::load();
     let mut m = Maps6::open(&dp);
     let f = fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL);
-    let v = ServiceValue { id: 81, count: 1, flags: 0, generation: 0, affinity_timeout: 0, maglev_size: 0 };
+    let v =
+        ServiceValue { id: 81, count: 1, flags: 0, generation: 0, affinity_timeout: 0, maglev_size: 0, maglev_base: 0 };
     m.services.insert(fe_key(f), v, 0).unwrap();
     let frame = tcp6_frame((CLIENT, 40000), (VIP, 80), b"");
     assert_eq!(dp.run(FROM_POD, &frame).0, TC_ACT_SHOT, "no slot");
@@ -434,108 +435,4 @@ fn v6_extension_headers_past_the_parse_bound_are_never_misread() {
     assert_eq!(dp.per_service(182, verdict::NEW_FLOW), 0, "no flow to the options' 'port'");
     assert!(m.ct((CLIENT, 0x067f), (VIP, 0x01ff), PROTO_TCP, CT_DIR_FORWARD).is_none());
     assert_eq!(m.ct_count(), 2, "only the flow inside the bound is tracked");
-}
-
-/// An Ethernet + IPv6 + ICMPv6 error from `src` to `dst` quoting `quote` (an IPv6 packet),
-/// its checksum over the pseudo-header (RFC 4443 2.3).
-fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, (typ, code): (u8, u8), rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![typ, code, 0, 0];
-    icmp.extend_from_slice(&rest);
-    icmp.extend_from_slice(quote);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, 58]);
-    pseudo.extend_from_slice(&icmp);
-    let c = inet_csum(&pseudo);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut frame = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd, 0x60, 0, 0, 0];
-    frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-    frame.extend_from_slice(&[58, 64]);
-    frame.extend_from_slice(&src.octets());
-    frame.extend_from_slice(&dst.octets());
-    frame.extend_from_slice(&icmp);
-    frame
-}
-
-/// The translated error: outer (src, dst) and the quote's (src, dst) with ports, after
-/// checking the ICMPv6 checksum (with etherparse) and the quoted TCP/UDP checksum.
-fn check_icmp6(frame: &[u8]) -> ((Ipv6Addr, Ipv6Addr), (Ipv6Addr, u16), (Ipv6Addr, u16)) {
-    let outer = (dst_addr_at(frame, IP6 + 8), dst_addr_at(frame, IP6 + 24));
-    let icmp = Icmpv6Slice::from_slice(&frame[L4..]).expect("ICMPv6");
-    let ok = icmp.header().icmp_type.calc_checksum(outer.0.octets(), outer.1.octets(), icmp.payload()).unwrap();
-    assert_eq!(ok, icmp.header().checksum, "ICMPv6 checksum");
-    let quote = &frame[L4 + 8..];
-    let (src, dst, l4_ok, _) = l4_at(quote_as_frame(quote).as_slice(), L4, quote[6]);
-    assert!(l4_ok, "quoted L4 checksum");
-    (outer, src, dst)
-}
-
-fn dst_addr_at(frame: &[u8], off: usize) -> Ipv6Addr {
-    Ipv6Addr::from(<[u8; 16]>::try_from(&frame[off..off + 16]).unwrap())
-}
-
-/// An IPv6 packet with an Ethernet header in front, for the frame helpers.
-fn quote_as_frame(ip: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 12];
-    f.extend_from_slice(&[0x86, 0xdd]);
-    f.extend_from_slice(ip);
-    f
-}
-
-/// ICMPv6 errors about translated flows (issue 12): packet too big from a router about the
-/// client's segment quotes the VIP again; the backend's own port unreachable comes from
-/// the VIP (which changes the ICMPv6 pseudo-header too).
-#[test]
-#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn v6_icmp_errors_about_translated_flows() {
-    require_root("v6_icmp_errors_about_translated_flows");
-    let mut dp = TestDataplane::load();
-    let mut m = Maps6::open(&dp);
-    m.service(31, fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL), 0, &[(B1, 8080, 0)]);
-    m.service(32, fe(VIP, 53, PROTO_UDP, SCOPE_INTERNAL), 0, &[(B1, 5353, 0)]);
-    let router = v6([0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1]);
-    let (_, sent) = dp.run(FROM_POD, &tcp6_frame((CLIENT, 40000), (VIP, 80), &[9u8; 900]));
-    assert_eq!(decode6(&sent).dst, (B1, 8080));
-    let ptb = icmp6_error(router, CLIENT, (2, 0), 1280u32.to_be_bytes(), &sent[IP6..]);
-    let before = global(&dp, verdict::ICMP_ERROR);
-    let (v, out) = dp.run(TO_POD, &ptb);
-    assert_eq!(v, TC_ACT_UNSPEC);
-    assert_eq!(check_icmp6(&out), ((router, CLIENT), (CLIENT, 40000), (VIP, 80)), "packet too big");
-    assert_eq!(&out[L4 + 4..L4 + 8], &1280u32.to_be_bytes(), "MTU kept");
-    assert_eq!(global(&dp, verdict::ICMP_ERROR), before + 1);
-
-    let (_, sent) = dp.run(FROM_POD, &udp6_frame((CLIENT, 40001), (VIP, 53), b"query"));
-    let unreach = icmp6_error(B1, CLIENT, (1, 4), [0; 4], &sent[IP6..]);
-    let (v, out) = dp.run(TO_POD, &unreach);
-    assert_eq!(v, TC_ACT_UNSPEC);
-    assert_eq!(check_icmp6(&out), ((VIP, CLIENT), (CLIENT, 40001), (VIP, 53)), "port unreachable from the backend");
-}
-
-/// Every ICMPv6 error type (RFC 4443: 1 destination unreachable, 2 packet too big, 3 time
-/// exceeded, 4 parameter problem) is translated; informational ones (128 echo request, 135
-/// neighbour solicitation) pass untouched.
-#[test]
-#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
-fn v6_every_icmp_error_type_is_translated() {
-    require_root("v6_every_icmp_error_type_is_translated");
-    let mut dp = TestDataplane::load();
-    let mut m = Maps6::open(&dp);
-    m.service(33, fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL), 0, &[(B2, 8080, 0)]);
-    let router = v6([0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1]);
-    let (_, sent) = dp.run(FROM_POD, &tcp6_frame((CLIENT, 40002), (VIP, 80), b"x"));
-    for (typ, code) in [(1u8, 0u8), (1, 3), (1, 4), (2, 0), (3, 0), (4, 0)] {
-        // The 4 bytes after the checksum: the MTU for packet too big, unused (zero) or a
-        // pointer (zero here) for the others.
-        let rest = if typ == 2 { 1280u32.to_be_bytes() } else { [0; 4] };
-        let err = icmp6_error(router, CLIENT, (typ, code), rest, &sent[IP6..]);
-        let (_, out) = dp.run(TO_POD, &err);
-        assert_eq!(check_icmp6(&out).2, (VIP, 80), "type {typ} code {code}");
-    }
-    for typ in [128u8, 135] {
-        let msg = icmp6_error(router, CLIENT, (typ, 0), [0; 4], &sent[IP6..]);
-        let (_, out) = dp.run(TO_POD, &msg);
-        assert_eq!(out, msg, "type {typ} is not an error");
-    }
 }

@@ -296,6 +296,10 @@ impl SyncLoop {
         let delay = config.sync_delay;
         let mut synced: HashSet<Resource> = HashSet::new();
         let mut burst: Option<Instant> = None;
+        // Whether the burst holds an event worth coalescing (an API update, an address).
+        // The files source's `Changed` is coalesced already (its quiet period for writes
+        // in place, none for a rename into place), so it syncs at once.
+        let mut coalesce = false;
         let (first_sync, first_sync_rx) = watch::channel(false);
         // The first sync adopts kube-proxy's flows (`takeover`): from then on they are ours
         // only, so our programs must be on the interfaces first.
@@ -304,12 +308,17 @@ impl SyncLoop {
         loop {
             tokio::select! {
                 ev = events.source.recv() => match ev {
-                    Some(ev) => { self.receive(ev, &mut synced); burst.get_or_insert_with(Instant::now); }
+                    Some(ev) => {
+                        coalesce |= matches!(ev, SourceEvent::Update(_));
+                        self.receive(ev, &mut synced);
+                        burst.get_or_insert_with(Instant::now);
+                    }
                     None => break,
                 },
                 // A local address came or went: NodePort frontends follow at the next sync.
                 Ok(()) = events.local_addrs.changed() => {
                     self.node.local_addrs = events.local_addrs.borrow_and_update().clone();
+                    coalesce = true;
                     burst.get_or_insert_with(Instant::now);
                 }
                 _ = &mut events.shutdown => break,
@@ -330,7 +339,7 @@ impl SyncLoop {
             // Coalesce the rest of the burst.
             // A zero delay does not sleep at all: tokio's timer rounds every sleep up to its
             // next millisecond tick, which would be most of an incremental sync's latency.
-            if !delay.is_zero() {
+            if !delay.is_zero() && std::mem::take(&mut coalesce) {
                 tokio::time::sleep(delay).await;
             }
             while let Ok(ev) = events.source.try_recv() {

@@ -106,6 +106,9 @@ impl MapStore for AgentStore {
     fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
         self.maps.put_maglevs(items)
     }
+    fn set_maglev_table_size(&mut self, m: u32) {
+        self.maps.set_maglev_table_size(m);
+    }
     fn put_backend(&mut self, id: BackendId, b: &AnyBackend) -> StoreResult {
         self.maps.put_backend(id, b)
     }

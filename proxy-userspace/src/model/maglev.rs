@@ -16,7 +16,7 @@ use fnv::FnvHasher;
 /// at the paper's M >= 100 N.
 pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
 /// The largest table the agent builds (`--maglev-table-size`): 131,071 slots (a prime) is
-/// 512 KiB of backend ids per frontend in userspace, and ~10 MiB of kernel hash entries.
+/// 512 KiB of backend ids per frontend, in userspace and in the kernel's array alike.
 pub const MAX_TABLE_SIZE: u32 = 131_071;
 /// Smaller tables spread badly: the paper wants M well above 100 N.
 pub const MIN_TABLE_SIZE: u32 = 251;
@@ -131,12 +131,11 @@ pub fn build_table(backends: &[MaglevBackend], m: u32) -> Vec<u32> {
     }
 }
 
-/// Bytes a table of `m` slots costs in the kernel's `MAGLEV` hash (allocated on use): one
-/// element per slot, each a `htab_elem` header (48 bytes on 64-bit) plus the 8-byte key
-/// and the 4-byte value rounded up to 8, rounded to the allocator's 64-byte class.
+/// Bytes a table of `m` slots takes of the kernel's Maglev array (`MAGLEV_SLOTS`,
+/// preallocated to `--max-maglev-slots`): a run of one 4-byte backend id per slot.
 pub const fn kernel_bytes(m: u32) -> u64 {
-    const ELEM: u64 = 64;
-    m as u64 * ELEM
+    const SLOT: u64 = 4;
+    m as u64 * SLOT
 }
 
 #[cfg(test)]

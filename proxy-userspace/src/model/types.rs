@@ -232,6 +232,26 @@ pub struct FrontendEntry {
     /// it, `LbAlgorithm::for_frontend`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lb_algorithm: Option<LbAlgorithm>,
+    /// Backends that stand for several endpoints (slices repeating their address), sorted
+    /// by address and port; the others weigh 1. Maglev gives each backend slots in
+    /// proportion (random selection ignores it, as upstream's kube-proxy does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<BackendWeight>,
+}
+
+impl FrontendEntry {
+    /// How many endpoints `b` stands for (`weights`; 1 when not listed).
+    pub fn weight_of(&self, b: &BackendAddr) -> u32 {
+        self.weights.binary_search_by(|w| (w.addr, w.port).cmp(&(b.addr, b.port))).map_or(1, |i| self.weights[i].weight)
+    }
+}
+
+/// A backend of a frontend standing for `weight` (> 1) endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BackendWeight {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub weight: u32,
 }
 
 /// How a frontend's new flows pick a backend.

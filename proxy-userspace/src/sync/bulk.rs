@@ -61,8 +61,8 @@ impl<S: MapStore> Syncer<S> {
             let mut ids = Vec::with_capacity(entry.backends.len());
             for b in &entry.backends {
                 let v = backend_value(b, key.proto);
-                let id = match self.mirror.backends.get(&BackendIdent::of(&v)) {
-                    Some((id, _)) => *id,
+                let id = match self.mirror.backend_id(&BackendIdent::of(&v)) {
+                    Some(id) => id,
                     None => {
                         let id = self.ids.backends.alloc();
                         self.mirror.track_backend(id, v);

@@ -167,3 +167,11 @@ impl Ids {
         self.backends.mark = marks.next_backend_id;
     }
 }
+
+impl Ids {
+    /// Estimated heap bytes of the ids in use (`crate::memory`).
+    pub(super) fn heap_bytes(&self) -> usize {
+        use crate::memory::HeapSize;
+        self.services.used.heap_bytes() + self.backends.used.heap_bytes()
+    }
+}

@@ -2,7 +2,7 @@
 //! value that publishes them, rewritten slot by slot (only what changed), read back at
 //! start (a restart writes nothing), deleted after the value that reached them, and chosen
 //! by annotation or, for north-south frontends, by `--lb-algorithm`.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::svc_flags;
 
@@ -145,6 +145,7 @@ fn north_south_default_and_annotations() {
     let np = |name: &str, algorithm| FrontendEntry {
         kind: FrontendKind::NodePort,
         lb_algorithm: algorithm,
+        weights: vec![],
         ..fe(name, &[1, 2])
     };
     let ext = |last: u8| FrontendKey { scope: Scope::External, ..fk(last, 80, Protocol::Tcp) };
@@ -195,4 +196,39 @@ fn the_table_is_the_models_and_does_not_depend_on_backend_ids() {
         let id = s.store().maglev[&proxy_common::MaglevKey { svc_id: v.id, slot: slot as u32 }];
         assert_eq!(s.store().backends[&id].addr, backends[*i as usize].addr, "slot {slot}");
     }
+}
+
+/// A backend standing for several endpoints (slices repeating its address) gets that many
+/// shares of the table, and a change of weight alone rewrites the moved slots.
+#[test]
+fn weights_from_the_model_give_proportional_slots() {
+    let mut s = syncer(LbAlgorithm::Random);
+    let key = fk(1, 80, Protocol::Tcp);
+    let mut e = maglev_fe("a", &[1, 2, 3]);
+    let heavy = e.backends[0];
+    e.weights = vec![crate::model::BackendWeight { addr: heavy.addr, port: heavy.port, weight: 3 }];
+    s.apply(&desired(vec![(key, e.clone())]));
+    let shares = |s: &Syncer<MemStore>| -> BTreeMap<std::net::IpAddr, usize> {
+        let mut c = BTreeMap::new();
+        for id in s.store().maglev.values() {
+            *c.entry(s.store().backends[id].addr).or_insert(0) += 1;
+        }
+        c
+    };
+    let c = shares(&s);
+    // 3 : 1 : 1 of M slots (within the paper's spread).
+    let unit = f64::from(M) / 5.0;
+    for b in &e.backends {
+        let want = if b.addr == heavy.addr { 3.0 * unit } else { unit };
+        let got = c[&b.addr] as f64;
+        assert!((got - want).abs() / want < 0.05, "{} holds {got} of {M} slots, want ~{want:.0}: {c:?}", b.addr);
+    }
+    // Back to weight 1: only the heavy backend's surplus slots move.
+    log(&mut s);
+    let r = s.apply_changes(&desired(vec![(key, maglev_fe("a", &[1, 2, 3]))]), &BTreeSet::from([key]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let written = count(&log(&mut s), "put_maglev");
+    assert!(written > 0 && written < M as usize / 2, "{written} slots written");
+    let c = shares(&s);
+    assert!(c.values().all(|&n| (n as f64 - f64::from(M) / 3.0).abs() < 0.05 * f64::from(M) / 3.0), "{c:?}");
 }

@@ -155,15 +155,27 @@ pub(super) struct Orphans {
     pub(super) maglev: Vec<MaglevKey>,
 }
 
+/// A backend in the maps, by id.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Tracked {
+    /// Its `BACKENDS` / `BACKENDS6` value (its identity and flags).
+    pub(super) value: AnyBackend,
+    /// How many frontends keep it (`Programmed::refs`); one at 0 is deleted at the end of
+    /// the pass that dropped it, so a pass touching few frontends never walks every
+    /// backend.
+    pub(super) refs: u32,
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Mirror {
-    pub(super) frontends: HashMap<AnyServiceKey, Programmed>,
-    pub(super) backends: HashMap<BackendIdent, (BackendId, AnyBackend)>,
-    pub(super) backend_by_id: HashMap<BackendId, BackendIdent>,
-    /// How many frontends keep each backend (`Programmed::refs`); one at 0 is deleted at
-    /// the end of the pass that dropped it, so a pass touching few frontends never walks
-    /// every backend.
-    pub(super) refs: HashMap<BackendId, u32>,
+    /// Boxed: a hash table keeps room for up to twice its entries, and a frontend is 304
+    /// bytes (its metadata alone 152).
+    pub(super) frontends: HashMap<AnyServiceKey, Box<Programmed>>,
+    /// The backends: one entry per backend holds its value and references, plus the id
+    /// of each identity (the lookup a frontend's endpoints need). One index, where three
+    /// (identity -> id and value, id -> identity, id -> references) each held a copy.
+    backend_ids: HashMap<BackendIdent, BackendId>,
+    by_id: HashMap<BackendId, Tracked>,
     /// Kept as frontends and backends come and go, so a report costs nothing per frontend.
     counts: Counts,
 }
@@ -212,7 +224,7 @@ impl Mirror {
             // point at.
             let refs = m.live(active.iter().chain(&inactive));
             for r in &refs {
-                *m.refs.entry(*r).or_default() += 1;
+                m.add_ref(*r);
             }
             m.put_frontend(
                 *k,
@@ -246,12 +258,41 @@ impl Mirror {
 
     /// Nothing at all: the maps are empty (a node's first start).
     pub(super) fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.backends.is_empty()
+        self.frontends.is_empty() && self.by_id.is_empty()
     }
 
     /// Backends no frontend holds.
     pub(super) fn unreferenced(&self) -> HashSet<BackendId> {
-        self.backend_by_id.keys().filter(|i| !self.refs.contains_key(*i)).copied().collect()
+        self.by_id.iter().filter(|(_, t)| t.refs == 0).map(|(id, _)| *id).collect()
+    }
+
+    /// Backends in the maps.
+    pub(super) fn backend_count(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// The id of the backend with this identity.
+    pub(super) fn backend_id(&self, ident: &BackendIdent) -> Option<BackendId> {
+        self.backend_ids.get(ident).copied()
+    }
+
+    /// A frontend holds this backend.
+    pub(super) fn referenced(&self, id: BackendId) -> bool {
+        self.by_id.get(&id).is_some_and(|t| t.refs > 0)
+    }
+
+    /// A backend's value rewritten in place (its flags changed; same identity, same id).
+    pub(super) fn set_backend_value(&mut self, id: BackendId, b: AnyBackend) {
+        if let Some(t) = self.by_id.get_mut(&id) {
+            t.value = b;
+        }
+    }
+
+    fn add_ref(&mut self, id: BackendId) {
+        // Only backends in the maps are counted (`live` filters the others out).
+        if let Some(t) = self.by_id.get_mut(&id) {
+            t.refs += 1;
+        }
     }
 
     /// Frontends whose `SERVICES` entry is in the map, by family (IPv4, IPv6).
@@ -270,7 +311,7 @@ impl Mirror {
 
     /// Take a frontend out of the mirror (and out of the counts) to change it.
     pub(super) fn take_frontend(&mut self, key: &AnyServiceKey) -> Option<Programmed> {
-        let p = self.frontends.remove(key)?;
+        let p = *self.frontends.remove(key)?;
         self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(p.in_map);
         self.counts.slots -= p.active.len() + p.inactive.len();
         Some(p)
@@ -280,7 +321,7 @@ impl Mirror {
     pub(super) fn put_frontend(&mut self, key: AnyServiceKey, p: Programmed) {
         self.counts.in_map[usize::from(key.addr.is_ipv6())] += usize::from(p.in_map);
         self.counts.slots += p.active.len() + p.inactive.len();
-        if let Some(old) = self.frontends.insert(key, p) {
+        if let Some(old) = self.frontends.insert(key, Box::new(p)) {
             // Never happens (callers take first); keep the counts right regardless.
             self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(old.in_map);
             self.counts.slots -= old.active.len() + old.inactive.len();
@@ -289,26 +330,29 @@ impl Mirror {
 
     /// A backend now in the maps: into the indexes and counts.
     pub(super) fn track_backend(&mut self, id: BackendId, b: AnyBackend) {
-        let ident = BackendIdent::of(&b);
-        self.backends.insert(ident, (id, b));
-        self.backend_by_id.insert(id, ident);
+        self.backend_ids.insert(BackendIdent::of(&b), id);
+        if let Some(old) = self.by_id.insert(id, Tracked { value: b, refs: 0 }) {
+            // An id is tracked once (ids are allocated unique); keep the count right.
+            self.counts.backends6 -= usize::from(old.value.addr.is_ipv6());
+        }
         self.counts.backends6 += usize::from(b.addr.is_ipv6());
     }
 
     /// A backend deleted from the maps: out of the indexes and counts.
     pub(super) fn untrack_backend(&mut self, id: BackendId, ident: BackendIdent) {
-        self.backends.remove(&ident);
-        self.backend_by_id.remove(&id);
-        self.counts.backends6 -= usize::from(ident.addr.is_ipv6());
+        self.backend_ids.remove(&ident);
+        if self.by_id.remove(&id).is_some() {
+            self.counts.backends6 -= usize::from(ident.addr.is_ipv6());
+        }
     }
 
     pub(super) fn backend_of(&self, id: BackendId) -> Option<AnyBackend> {
-        self.backends.get(self.backend_by_id.get(&id)?).map(|(_, b)| *b)
+        self.by_id.get(&id).map(|t| t.value)
     }
 
     /// These ids, less those of deleted backends (a spare generation may still name them).
     pub(super) fn live<'a>(&self, ids: impl Iterator<Item = &'a BackendId>) -> Vec<BackendId> {
-        let mut out: Vec<BackendId> = ids.filter(|id| self.backend_by_id.contains_key(id)).copied().collect();
+        let mut out: Vec<BackendId> = ids.filter(|id| self.by_id.contains_key(id)).copied().collect();
         out.sort_unstable();
         out.dedup();
         out
@@ -324,16 +368,44 @@ impl Mirror {
         now.sort_unstable();
         now.dedup();
         for r in &now {
-            *self.refs.entry(*r).or_default() += 1;
+            self.add_ref(*r);
         }
         for r in std::mem::replace(&mut prog.refs, now) {
-            if let Some(n) = self.refs.get_mut(&r) {
-                *n -= 1;
-                if *n == 0 {
-                    self.refs.remove(&r);
+            if let Some(t) = self.by_id.get_mut(&r)
+                && t.refs > 0
+            {
+                t.refs -= 1;
+                if t.refs == 0 {
                     released.insert(r);
                 }
             }
         }
+    }
+}
+
+// Memory accounting (`crate::memory`).
+
+crate::memory::no_heap!(BackendIdent, BackendId, ServiceId, AnyServiceKey, AnyBackend, Tracked);
+
+use crate::memory::HeapSize;
+
+impl HeapSize for Programmed {
+    fn heap_bytes(&self) -> usize {
+        self.active.heap_bytes()
+            + self.inactive.heap_bytes()
+            + self.maglev.heap_bytes()
+            + self.ranges.heap_bytes()
+            + self.refs.heap_bytes()
+    }
+}
+
+impl Mirror {
+    /// Estimated heap bytes: the frontends, and the backend indexes.
+    pub(super) fn memory_usage(&self) -> Vec<crate::memory::Usage> {
+        use crate::memory::Usage;
+        vec![
+            Usage { structure: "sync.mirror_frontends", bytes: self.frontends.heap_bytes() },
+            Usage { structure: "sync.backend_indexes", bytes: self.backend_ids.heap_bytes() + self.by_id.heap_bytes() },
+        ]
     }
 }

@@ -215,6 +215,7 @@ impl<S: MapStore> Syncer<S> {
     /// algorithm or table this changes are rewritten by the next `apply` (the first pass
     /// looks at every frontend).
     pub fn set_maglev(&mut self, cfg: MaglevConfig) {
+        self.store.set_maglev_table_size(cfg.table_size);
         self.maglev = cfg;
     }
 
@@ -243,6 +244,24 @@ impl<S: MapStore> Syncer<S> {
         &mut self.store
     }
 
+    /// Estimated heap bytes of what the sync keeps (not the store's), by structure (see
+    /// `crate::memory`).
+    pub fn memory_usage(&self) -> Vec<crate::memory::Usage> {
+        use crate::memory::{HeapSize, Usage};
+        let mut out = self.mirror.memory_usage();
+        out.push(Usage { structure: "sync.ids", bytes: self.ids.heap_bytes() });
+        out.push(Usage {
+            structure: "sync.pending",
+            bytes: self.retry.heap_bytes()
+                + self.unreferenced.heap_bytes()
+                + self.orphans.slots.capacity() * std::mem::size_of::<proxy_common::SlotKey>()
+                + self.orphans.meta.capacity() * std::mem::size_of::<ServiceId>()
+                + self.orphans.ranges.capacity() * std::mem::size_of::<(ServiceId, crate::model::IpPrefix)>()
+                + self.orphans.maglev.capacity() * std::mem::size_of::<proxy_common::MaglevKey>(),
+        });
+        out
+    }
+
     /// Map writes issued since this syncer was created.
     pub fn total_writes(&self) -> u64 {
         self.total_writes
@@ -253,7 +272,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     pub fn backend_count(&self) -> usize {
-        self.mirror.backends.len()
+        self.mirror.backend_count()
     }
 
     /// Does the datapath translate TCP connections to `addr` now (a programmed frontend
@@ -370,7 +389,7 @@ impl<S: MapStore> Syncer<S> {
     /// The mirror's totals, into a report.
     fn count_into(&self, report: &mut SyncReport) {
         report.services = self.programmed_count();
-        report.backends = self.mirror.backends.len();
+        report.backends = self.mirror.backend_count();
         report.services6 = self.mirror.in_map()[1];
         report.backends6 = self.mirror.backends6();
         report.slots = self.mirror.slots();
@@ -383,7 +402,7 @@ impl<S: MapStore> Syncer<S> {
             return;
         }
         let live: HashSet<ServiceId> =
-            self.mirror.frontends.values().filter(|p| p.has_affinity()).map(Programmed::id).collect();
+            self.mirror.frontends.values().filter(|p| p.has_affinity()).map(|p| p.id()).collect();
         match purges::sweep_affinity(&mut self.store, &live) {
             Ok(n) => {
                 report.affinity_purged += n;

@@ -105,6 +105,9 @@ impl Target {
             generation,
             affinity_timeout: self.affinity_timeout,
             maglev_size: self.maglev.len() as u32,
+            // Where the table lives is the store's business: the kernel maps fill it in
+            // (`dataplane::maps::maglev`).
+            maglev_base: 0,
         }
     }
 }
@@ -126,11 +129,14 @@ impl Default for MaglevConfig {
 }
 
 /// The Maglev table of `entry` whose backends got `ids` (same order): slot -> backend id.
-/// Built from the backends' addresses and ports, so every node builds the same one whatever
-/// ids it gave them.
-fn maglev_table(entry: &FrontendEntry, ids: &[BackendId], size: u32) -> Vec<BackendId> {
-    let backends: Vec<maglev::MaglevBackend> =
-        entry.backends.iter().map(|b| maglev::MaglevBackend { addr: b.addr, port: b.port, weight: 1 }).collect();
+/// Built from the backends' addresses, ports and weights (endpoints each stands for), so
+/// every node builds the same one whatever ids it gave them.
+pub(super) fn maglev_table(entry: &FrontendEntry, ids: &[BackendId], size: u32) -> Vec<BackendId> {
+    let backends: Vec<maglev::MaglevBackend> = entry
+        .backends
+        .iter()
+        .map(|b| maglev::MaglevBackend { addr: b.addr, port: b.port, weight: entry.weight_of(b) })
+        .collect();
     maglev::build_table(&backends, size).into_iter().map(|i| ids[i as usize]).collect()
 }
 

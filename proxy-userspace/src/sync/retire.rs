@@ -17,7 +17,7 @@ impl<S: MapStore> Syncer<S> {
     /// Remove the frontends no longer desired.
     pub(super) fn retire_frontends(&mut self, stale: Vec<AnyServiceKey>, pass: &mut Pass) {
         for key in stale {
-            let had_affinity = self.mirror.frontends.get(&key).is_some_and(Programmed::has_affinity);
+            let had_affinity = self.mirror.frontends.get(&key).is_some_and(|p| p.has_affinity());
             match self.remove_frontend(&key, pass) {
                 Ok(id) => pass.purges.frontend_removed(id, key.proto, had_affinity),
                 Err(e) => {
@@ -85,10 +85,12 @@ impl<S: MapStore> Syncer<S> {
     /// Delete the backends the pass released that no frontend took again.
     pub(super) fn retire_backends(&mut self, pass: &mut Pass) {
         for id in std::mem::take(&mut pass.released) {
-            if self.mirror.refs.contains_key(&id) {
+            if self.mirror.referenced(id) {
                 continue;
             }
-            let Some(&ident) = self.mirror.backend_by_id.get(&id) else { continue };
+            let Some(ident) = self.mirror.backend_of(id).as_ref().map(super::mirror::BackendIdent::of) else {
+                continue;
+            };
             match self.store.del_backend(id, ident.family()) {
                 Ok(()) => {
                     pass.writes += 1;

@@ -31,14 +31,6 @@ pub type AnyServiceKey = ServiceKey<IpAddr>;
 /// A `BACKENDS` / `BACKENDS6` value; port in network byte order as in the maps.
 pub type AnyBackend = Backend<IpAddr>;
 
-/// Which map of a pair holds entries of `family`.
-pub fn family_map(family: IpFamily, v4: &'static str, v6: &'static str) -> &'static str {
-    match family {
-        IpFamily::V4 => v4,
-        IpFamily::V6 => v6,
-    }
-}
-
 /// What a conntrack purge decides on, the same for both families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtFacts {
@@ -174,13 +166,18 @@ pub trait MapStore {
     /// One `SERVICE_CIDRS` / `SERVICE_CIDRS6` entry (the prefix's family picks the map).
     fn put_service_cidr(&mut self, p: IpPrefix, e: CidrEntry) -> StoreResult;
     fn del_service_cidr(&mut self, p: IpPrefix) -> StoreResult;
+    /// The size of the Maglev tables the sync builds (`--maglev-table-size`), for a store
+    /// that lays tables out itself (the kernel maps: a run of the Maglev array each).
+    fn set_maglev_table_size(&mut self, m: u32) {
+        let _ = m;
+    }
 
     /// Write one family's node facts (`NODE_CONFIG` / `NODE_CONFIG6`). The sync asks only
     /// when it was given them (`Syncer::set_node_facts`, the agent's); a store without the
     /// node's maps (the pinned maps the CLI and the datapath tests open) refuses, naming
     /// the map.
     fn put_node_config(&mut self, facts: &NodeFacts) -> StoreResult {
-        let map = family_map(facts.family(), n::NODE_CONFIG, n::NODE_CONFIG6);
+        let map = n::of_family(n::NODE_CONFIG, facts.family() == IpFamily::V6);
         Err(StoreError::Other(format!("this store does not hold map {map}").into()))
     }
     /// Destroy the connected UDP sockets that the socket-level hooks pointed at `backends`
@@ -274,7 +271,7 @@ impl MapStore for MemStore {
         let same_family = self.services.keys().filter(|s| IpFamily::of(s.addr) == family).count();
         if self.max_services.is_some_and(|max| !self.services.contains_key(k) && same_family >= max) {
             return Err(StoreError::MapFull {
-                map: family_map(family, n::SERVICES, n::SERVICES6),
+                map: n::of_family(n::SERVICES, family == IpFamily::V6),
                 flag: "max-services",
             });
         }
@@ -354,7 +351,7 @@ impl MapStore for MemStore {
         let same_family = self.ranges.keys().filter(|(_, r)| IpFamily::of(r.addr) == family).count();
         if self.max_ranges.is_some_and(|max| !self.ranges.contains_key(&(svc_id.get(), p)) && same_family >= max) {
             return Err(StoreError::MapFull {
-                map: family_map(family, n::SOURCE_RANGES, n::SOURCE_RANGES6),
+                map: n::of_family(n::SOURCE_RANGES, family == IpFamily::V6),
                 flag: "max-source-ranges",
             });
         }

@@ -30,6 +30,7 @@ pub(super) fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
         local_only: false,
         source_ranges: vec![],
         lb_algorithm: None,
+        weights: vec![],
     }
 }
 

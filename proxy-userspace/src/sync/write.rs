@@ -97,11 +97,8 @@ impl<S: MapStore> Syncer<S> {
                 Err(e) => {
                     // It keeps what it had, and what it wants (of what exists) stays for
                     // the retry.
-                    let existing: Vec<BackendId> = wanted
-                        .iter()
-                        .filter_map(|v| self.mirror.backends.get(&BackendIdent::of(v)))
-                        .map(|b| b.0)
-                        .collect();
+                    let existing: Vec<BackendId> =
+                        wanted.iter().filter_map(|v| self.mirror.backend_id(&BackendIdent::of(v))).collect();
                     match self.mirror.take_frontend(key) {
                         Some(mut p) => {
                             let held = self.mirror.live(p.active.iter().chain(&p.inactive));
@@ -159,14 +156,13 @@ impl<S: MapStore> Syncer<S> {
     /// Ensure the backend exists with the right flags; returns its id.
     fn ensure_backend(&mut self, b: &AnyBackend, writes: &mut u64) -> Result<BackendId, StoreError> {
         let ident = BackendIdent::of(b);
-        if let Some((id, cur)) = self.mirror.backends.get(&ident) {
-            if cur == b {
-                return Ok(*id);
+        if let Some(id) = self.mirror.backend_id(&ident) {
+            if self.mirror.backend_of(id).as_ref() == Some(b) {
+                return Ok(id);
             }
-            let id = *id;
             self.store.put_backend(id, b)?;
             *writes += 1;
-            self.mirror.backends.insert(ident, (id, *b));
+            self.mirror.set_backend_value(id, *b);
             return Ok(id);
         }
         let id = self.new_backend_id(writes)?;

@@ -16,9 +16,9 @@
 use aya::Pod;
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
-    Ipv6Words, MaglevKey, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta,
-    ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6,
-    SockUdpValue, SourceRangeData6, StatsKey, map_names as n, sizes,
+    Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue,
+    SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6, SockUdpValue,
+    SourceRangeData6, StatsKey, map_names as n, sizes,
 };
 
 use crate::dataplane::maps::copy::{self, CopyFn, Legacy, Upgrade};
@@ -159,11 +159,6 @@ const ARRAY: Policy = Policy { repeat: false, must_fit: false, legacy: None };
 pub struct MapDef {
     pub name: &'static str,
     pub layout: Layout,
-    /// The other family's map of the same role (`SERVICES` <-> `SERVICES6`); `None` for the
-    /// maps both families share (slots, metadata, counters, config).
-    pub twin: Option<&'static str>,
-    /// Holds IPv6 addresses (the `6` twin).
-    pub v6: bool,
     /// `max_entries` the object declares (the size without flags).
     pub declared: u32,
     pub sizing: Sizing,
@@ -184,8 +179,6 @@ impl MapDef {
         MapDef {
             name,
             layout,
-            twin: None,
-            v6: false,
             declared,
             sizing: Sizing::Declared,
             prealloc: true,
@@ -194,6 +187,17 @@ impl MapDef {
             verify_reads: false,
             fill_ratio: false,
         }
+    }
+
+    /// The other family's map of the same role (`SERVICES` <-> `SERVICES6`); `None` for the
+    /// maps both families share. Paired once, in `proxy_common::map_names::FAMILY_TWINS`.
+    pub fn twin(&self) -> Option<&'static str> {
+        n::twin(self.name)
+    }
+
+    /// Holds IPv6 addresses (the `6` twin).
+    pub fn v6(&self) -> bool {
+        n::is_v6(self.name)
     }
 
     /// `max_entries` with the size flags at `flag`'s values.
@@ -224,21 +228,34 @@ impl MapDef {
 pub static MAPS: &[MapDef] = &[
     // The frontends, keyed by address: written by the agent, read by every hook.
     MapDef {
-        twin: Some(n::SERVICES6),
         sizing: Sizing::Flag(SizeFlag::MaxServices),
         prealloc: false,
-        migrate: Some(AGENT_WRITES),
+        // Values before `maglev_base` are widened (their tables republished by the sync).
+        migrate: Some(Policy {
+            legacy: Some(Legacy {
+                value_size: crate::dataplane::maps::maglev::LEGACY_VALUE_SIZE as u32,
+                sibling: n::SERVICES,
+                copy: crate::dataplane::maps::maglev::copy_legacy_services::<ServiceKey>,
+            }),
+            ..AGENT_WRITES
+        }),
         trace_seeds: true,
         verify_reads: true,
         fill_ratio: true,
         ..MapDef::new(n::SERVICES, Layout::hash::<ServiceKey, ServiceValue>(), sizes::MAX_SERVICES)
     },
     MapDef {
-        twin: Some(n::SERVICES),
-        v6: true,
         sizing: Sizing::Flag(SizeFlag::MaxServices),
         prealloc: false,
-        migrate: Some(AGENT_WRITES),
+        // Values before `maglev_base` are widened (their tables republished by the sync).
+        migrate: Some(Policy {
+            legacy: Some(Legacy {
+                value_size: crate::dataplane::maps::maglev::LEGACY_VALUE_SIZE as u32,
+                sibling: n::SERVICES6,
+                copy: crate::dataplane::maps::maglev::copy_legacy_services::<ServiceKey6>,
+            }),
+            ..AGENT_WRITES
+        }),
         trace_seeds: true,
         verify_reads: true,
         fill_ratio: true,
@@ -255,7 +272,6 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::BACKEND_SLOTS, Layout::hash::<SlotKey, u32>(), sizes::MAX_SLOTS)
     },
     MapDef {
-        twin: Some(n::BACKENDS6),
         sizing: Sizing::Flag(SizeFlag::MaxBackends),
         prealloc: false,
         migrate: Some(AGENT_WRITES),
@@ -265,8 +281,6 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::BACKENDS, Layout::hash::<u32, Backend>(), sizes::MAX_BACKENDS)
     },
     MapDef {
-        twin: Some(n::BACKENDS),
-        v6: true,
         sizing: Sizing::Flag(SizeFlag::MaxBackends),
         prealloc: false,
         migrate: Some(AGENT_WRITES),
@@ -284,7 +298,6 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::SERVICE_META, Layout::hash::<u32, ServiceMeta>(), sizes::MAX_SERVICES)
     },
     MapDef {
-        twin: Some(n::SOURCE_RANGES6),
         sizing: Sizing::Flag(SizeFlag::MaxSourceRanges),
         // The kernel allocates LPM trie nodes on use: the object declares them so.
         prealloc: false,
@@ -294,8 +307,6 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::SOURCE_RANGES, Layout::lpm::<[u32; 2], u8>(), sizes::MAX_SOURCE_RANGES)
     },
     MapDef {
-        twin: Some(n::SOURCE_RANGES),
-        v6: true,
         sizing: Sizing::Flag(SizeFlag::MaxSourceRanges),
         prealloc: false,
         migrate: Some(AGENT_WRITES),
@@ -303,15 +314,8 @@ pub static MAPS: &[MapDef] = &[
         verify_reads: true,
         ..MapDef::new(n::SOURCE_RANGES6, Layout::lpm::<SourceRangeData6, u8>(), sizes::MAX_SOURCE_RANGES)
     },
+    MapDef { migrate: Some(ARRAY), trace_seeds: true, ..MapDef::new(n::NODE_CONFIG, Layout::array::<NodeConfig>(), 1) },
     MapDef {
-        twin: Some(n::NODE_CONFIG6),
-        migrate: Some(ARRAY),
-        trace_seeds: true,
-        ..MapDef::new(n::NODE_CONFIG, Layout::array::<NodeConfig>(), 1)
-    },
-    MapDef {
-        twin: Some(n::NODE_CONFIG),
-        v6: true,
         migrate: Some(ARRAY),
         trace_seeds: true,
         ..MapDef::new(n::NODE_CONFIG6, Layout::array::<NodeConfig6>(), 1)
@@ -321,7 +325,6 @@ pub static MAPS: &[MapDef] = &[
     // converted, and their unassured flows moved to CT_NEW: see `dataplane::maps::ct_legacy`. The
     // agent exports its fill ratio from the conntrack GC (`conntrack::task`).
     MapDef {
-        twin: Some(n::CONNTRACK6),
         sizing: Sizing::Flag(SizeFlag::MaxConntrack),
         migrate: Some(Policy {
             legacy: Some(Legacy {
@@ -341,8 +344,6 @@ pub static MAPS: &[MapDef] = &[
     },
     // CONNTRACK6 was never an LRU, so its entries need no upgrade.
     MapDef {
-        twin: Some(n::CONNTRACK),
-        v6: true,
         sizing: Sizing::Flag(SizeFlag::MaxConntrack),
         migrate: Some(Policy {
             legacy: Some(Legacy {
@@ -361,7 +362,6 @@ pub static MAPS: &[MapDef] = &[
     },
     // Unassured flows get as much room as assured ones: a flood evicts only its own kind.
     MapDef {
-        twin: Some(n::CT_NEW6),
         sizing: Sizing::Flag(SizeFlag::MaxConntrack),
         migrate: Some(DATAPATH_WRITES),
         trace_seeds: true,
@@ -369,8 +369,6 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::CT_NEW, Layout::hash::<CtKey, CtValue>(), sizes::MAX_CONNTRACK)
     },
     MapDef {
-        twin: Some(n::CT_NEW),
-        v6: true,
         sizing: Sizing::Flag(SizeFlag::MaxConntrack),
         migrate: Some(DATAPATH_WRITES),
         trace_seeds: true,
@@ -378,14 +376,11 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::CT_NEW6, Layout::hash::<CtKey6, CtValue6>(), sizes::MAX_CONNTRACK)
     },
     MapDef {
-        twin: Some(n::AFFINITY6),
         migrate: Some(DATAPATH_WRITES),
         trace_seeds: true,
         ..MapDef::new(n::AFFINITY, Layout::hash::<AffinityKey, AffinityValue>(), sizes::MAX_AFFINITY)
     },
     MapDef {
-        twin: Some(n::AFFINITY),
-        v6: true,
         migrate: Some(DATAPATH_WRITES),
         trace_seeds: true,
         ..MapDef::new(n::AFFINITY6, Layout::hash::<AffinityKey6, AffinityValue>(), sizes::MAX_AFFINITY)
@@ -402,64 +397,48 @@ pub static MAPS: &[MapDef] = &[
         ..MapDef::new(n::GLOBAL_STATS, Layout::percpu_array::<Counters>(), proxy_common::GLOBAL_STATS_LEN)
     },
     MapDef {
-        twin: Some(n::NEIGH_MISSES6),
         migrate: Some(DATAPATH_WRITES),
         ..MapDef::new(n::NEIGH_MISSES, Layout::hash::<NeighKey, u64>(), sizes::MAX_NEIGH_MISSES)
     },
     MapDef {
-        twin: Some(n::NEIGH_MISSES),
-        v6: true,
         migrate: Some(DATAPATH_WRITES),
         ..MapDef::new(n::NEIGH_MISSES6, Layout::hash::<NeighKey6, u64>(), sizes::MAX_NEIGH_MISSES)
     },
     // Socket-level state the hooks write: best effort, like affinity.
     MapDef {
-        twin: Some(n::SOCK_UDP_BACKENDS6),
         migrate: Some(DATAPATH_WRITES),
         ..MapDef::new(n::SOCK_UDP_BACKENDS, Layout::hash::<SockUdpKey, SockUdpValue>(), sizes::MAX_SOCK_UDP_BACKENDS)
     },
     MapDef {
-        twin: Some(n::SOCK_UDP_BACKENDS),
-        v6: true,
         migrate: Some(DATAPATH_WRITES),
         ..MapDef::new(n::SOCK_UDP_BACKENDS6, Layout::hash::<SockUdpKey6, SockUdpValue>(), sizes::MAX_SOCK_UDP_BACKENDS)
     },
     // Not migrated (yet): no flag sizes them, so a pin differs only if their definition
     // changes, and then the start is refused naming the map.
-    MapDef {
-        twin: Some(n::SOCK_REVNAT6),
-        ..MapDef::new(n::SOCK_REVNAT, Layout::hash::<SockRevKey, SockRevValue>(), sizes::MAX_SOCK_REVNAT)
-    },
-    MapDef {
-        twin: Some(n::SOCK_REVNAT),
-        v6: true,
-        ..MapDef::new(n::SOCK_REVNAT6, Layout::hash::<SockRevKey6, SockRevValue6>(), sizes::MAX_SOCK_REVNAT)
-    },
+    MapDef { ..MapDef::new(n::SOCK_REVNAT, Layout::hash::<SockRevKey, SockRevValue>(), sizes::MAX_SOCK_REVNAT) },
+    MapDef { ..MapDef::new(n::SOCK_REVNAT6, Layout::hash::<SockRevKey6, SockRevValue6>(), sizes::MAX_SOCK_REVNAT) },
     MapDef { ..MapDef::new(n::SOCK_CONFIG, Layout::array::<SockConfig>(), 1) },
     // The agent's id high-water marks: one array entry, only the agent writes it.
     MapDef { migrate: Some(ARRAY), ..MapDef::new(n::SYNC_IDS, Layout::array::<IdMarks>(), 1) },
-    // Maglev tables (frontend id, slot) -> backend id, both families; written by the agent,
-    // read by TC and XDP for new flows of Maglev frontends; allocated on use.
+    // Maglev tables: backend ids, one run per Maglev frontend (`ServiceValue::maglev_base`),
+    // both families; written by the agent, read by TC and XDP for new flows of Maglev
+    // frontends. A resized array keeps its head; runs past a smaller end are rewritten.
     MapDef {
         sizing: Sizing::Flag(SizeFlag::MaxMaglevSlots),
-        prealloc: false,
-        migrate: Some(AGENT_WRITES),
+        migrate: Some(ARRAY),
         trace_seeds: true,
-        ..MapDef::new(n::MAGLEV, Layout::hash::<MaglevKey, u32>(), sizes::MAX_MAGLEV_SLOTS)
+        ..MapDef::new(n::MAGLEV, Layout::array::<u32>(), sizes::MAX_MAGLEV_SLOTS)
     },
     // Service CIDRs and the frontend addresses inside them (`proxy_common::service_cidr`):
     // written by the agent, read by TC, XDP and the socket hooks for new flows that found no
     // frontend; LPM trie nodes are allocated on use.
     MapDef {
-        twin: Some(n::SERVICE_CIDRS6),
         prealloc: false,
         migrate: Some(AGENT_WRITES),
         trace_seeds: true,
         ..MapDef::new(n::SERVICE_CIDRS, Layout::lpm::<u32, u8>(), sizes::MAX_SERVICE_CIDR_ENTRIES)
     },
     MapDef {
-        twin: Some(n::SERVICE_CIDRS),
-        v6: true,
         prealloc: false,
         migrate: Some(AGENT_WRITES),
         trace_seeds: true,
@@ -475,10 +454,7 @@ pub fn get(name: &str) -> Option<&'static MapDef> {
 /// The map of `name`'s role in the given family: `name` itself for its own family or a
 /// shared map, its twin otherwise (`of_family(SERVICES, V6)` is `SERVICES6`).
 pub fn of_family(name: &'static str, family: IpFamily) -> &'static str {
-    match get(name) {
-        Some(m) if m.v6 != (family == IpFamily::V6) => m.twin.unwrap_or(name),
-        _ => name,
-    }
+    n::of_family(name, family == IpFamily::V6)
 }
 
 /// Flag that sizes a map, for "map full" errors. Maps no flag sizes name `max-services`
@@ -528,11 +504,11 @@ mod tests {
     #[test]
     fn twins_pair_up_across_families() {
         for m in MAPS {
-            let Some(t) = m.twin else { continue };
+            let Some(t) = m.twin() else { continue };
             let twin = get(t).unwrap_or_else(|| panic!("{}: twin {t} has no row", m.name));
-            assert_eq!(twin.twin, Some(m.name), "{} <-> {t}", m.name);
-            assert_ne!(twin.v6, m.v6, "{} and {t} are of different families", m.name);
-            if m.v6 {
+            assert_eq!(twin.twin(), Some(m.name), "{} <-> {t}", m.name);
+            assert_ne!(twin.v6(), m.v6(), "{} and {t} are of different families", m.name);
+            if m.v6() {
                 assert_eq!(format!("{t}6"), m.name, "the IPv6 twin is named NAME6");
             }
             assert_eq!(twin.size_flag(), m.size_flag(), "{}: twins follow one flag", m.name);

@@ -409,6 +409,10 @@ mod tests {
         assert_eq!(offset_of!(CtValue, ifindex), 32);
         assert_eq!(offset_of!(CtValue6, ifindex), 56);
         assert!(size_of::<CtValue>() > 32 && size_of::<CtValue6>() > 56);
-        assert_eq!(old(n::SERVICES), None);
+        // The frontends' values before `maglev_base` (the Maglev array): its prefix.
+        assert_eq!(old(n::SERVICES), Some(24));
+        assert_eq!(old(n::SERVICES6), Some(24));
+        assert_eq!(offset_of!(proxy_common::ServiceValue, maglev_base), 24);
+        assert_eq!(old(n::BACKENDS), None);
     }
 }

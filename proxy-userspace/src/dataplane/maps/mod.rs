@@ -6,6 +6,7 @@ pub mod copy;
 pub mod ct;
 pub mod ct_legacy;
 pub mod loader;
+pub mod maglev;
 pub mod migrate;
 pub mod node;
 pub mod pins;
@@ -63,9 +64,12 @@ pub struct Maps {
     /// The sync's id high-water marks. None when the pins predate it (the CLI reading an
     /// older agent's maps); the agent's own object always has it.
     pub sync_ids: Option<Array<MapData, IdMarks>>,
-    /// Maglev tables (frontend id, slot) -> backend id. None when the pins predate it (the
-    /// CLI reading an older agent's maps); the agent's own object always has it.
-    pub maglev: Option<HashMap<MapData, MaglevKey, u32>>,
+    /// Maglev tables: backend ids, a run per Maglev frontend (`maglev::Runs`). None when
+    /// the pins predate it (the CLI reading an older agent's maps); the agent's own object
+    /// always has it.
+    pub maglev: Option<Array<MapData, u32>>,
+    /// Where each frontend's table lives in `maglev` (read back from the `SERVICES` values).
+    maglev_runs: maglev::Runs,
     /// Service CIDRs and the frontend addresses inside them (`proxy_common::service_cidr`).
     /// None when the pins predate them (the CLI reading an older agent's maps).
     pub service_cidrs: Option<LpmTrie<MapData, u32, u8>>,
@@ -104,7 +108,7 @@ impl Maps {
     /// Build the typed handles from a source of maps by name (shared by the agent's and
     /// the CLI's constructors).
     fn assemble(get: &mut impl FnMut(&'static str) -> Result<Map, DataplaneError>) -> Result<Self, DataplaneError> {
-        Ok(Maps {
+        let mut maps = Maps {
             services: typed(n::SERVICES, get(n::SERVICES)?)?,
             slots: typed(n::BACKEND_SLOTS, get(n::BACKEND_SLOTS)?)?,
             backends: typed(n::BACKENDS, get(n::BACKENDS)?)?,
@@ -135,7 +139,101 @@ impl Maps {
             },
             service_cidrs: optional(n::SERVICE_CIDRS, get)?,
             service_cidrs6: optional(n::SERVICE_CIDRS6, get)?,
-        })
+            maglev_runs: maglev::Runs::new(0),
+        };
+        maps.maglev_runs = maps.read_maglev_runs()?;
+        Ok(maps)
+    }
+
+    /// The runs of `MAGLEV_SLOTS` the `SERVICES` values name (see `maglev::Runs::read_back`).
+    fn read_maglev_runs(&self) -> Result<maglev::Runs, DataplaneError> {
+        let Some(array) = &self.maglev else { return Ok(maglev::Runs::new(0)) };
+        let mut values = Vec::new();
+        for r in self.services.iter() {
+            values.push(r.map_err(|e| DataplaneError::from_map(n::SERVICES, e))?.1);
+        }
+        for r in self.services6.iter() {
+            values.push(r.map_err(|e| DataplaneError::from_map(n::SERVICES6, e))?.1);
+        }
+        Ok(maglev::Runs::read_back(array.len(), &values))
+    }
+
+    /// New Maglev tables get `m` slots (`--maglev-table-size`).
+    pub fn set_maglev_table_size(&mut self, m: u32) {
+        self.maglev_runs.set_table_size(m);
+    }
+
+    /// The backend id in slot `slot` of frontend `svc_id`'s Maglev table, if written.
+    pub fn maglev_slot(&self, svc_id: u32, slot: u32) -> Option<u32> {
+        let index = self.maglev_runs.index(svc_id, slot)?;
+        self.maglev.as_ref()?.get(&index, 0).ok().filter(|id| *id != 0)
+    }
+
+    /// Slots `[base, base + len)` of the Maglev array in one `BPF_MAP_LOOKUP_BATCH` per
+    /// chunk (a table is thousands of slots: one syscall each would dominate a start).
+    fn read_maglev_run(&self, base: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+        let array = self.maglev.as_ref().ok_or(DataplaneError::MissingObject(n::MAGLEV))?;
+        let fd = aya::maps::IterableMap::map(array).fd().as_fd();
+        let mut out = Vec::with_capacity(len as usize);
+        // The batch walk starts after its cursor; `base` is at least 1.
+        let mut cursor = base.checked_sub(1);
+        while (out.len() as u32) < len {
+            let want = (len - out.len() as u32).min(UPDATE_BATCH as u32);
+            let mut keys = vec![0u8; want as usize * 4];
+            let mut values = vec![0u8; want as usize * 4];
+            let (got, next) = bpfsys::map_lookup_batch(fd, cursor, &mut keys, &mut values, want).map_err(|e| {
+                DataplaneError::from_map(
+                    n::MAGLEV,
+                    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error: e,
+                    }),
+                )
+            })?;
+            out.extend(values[..got * 4].chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])));
+            match next {
+                Some(c) if got > 0 => cursor = Some(c),
+                _ => break,
+            }
+        }
+        out.truncate(len as usize);
+        Ok(out)
+    }
+
+    /// Write Maglev slots: each placed by its frontend's run (copying a run that moved
+    /// first), then one batched update.
+    fn write_maglev(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
+        if items.is_empty() {
+            return Ok(());
+        }
+        if self.maglev.is_none() {
+            return Err(DataplaneError::MissingObject(n::MAGLEV).into());
+        }
+        let mut writes: Vec<(u32, u32)> = Vec::with_capacity(items.len());
+        for (k, b) in items {
+            match self.maglev_runs.place(k.svc_id, k.slot) {
+                Ok(maglev::Place::At(i)) => writes.push((i, b.get())),
+                Ok(maglev::Place::Moved { from, to, len, index }) => {
+                    // Earlier writes of this batch may sit in the old run: land them first.
+                    self.update_maglev(&std::mem::take(&mut writes))?;
+                    let old = self.read_maglev_run(from, len)?;
+                    let copied: Vec<(u32, u32)> = old.into_iter().zip(to..).map(|(id, i)| (i, id)).collect();
+                    self.update_maglev(&copied)?;
+                    writes.push((index, b.get()));
+                }
+                Err(maglev::Full) => {
+                    return Err(
+                        DataplaneError::MapFull { map: n::MAGLEV, flag: catalogue::size_flag(n::MAGLEV) }.into()
+                    );
+                }
+            }
+        }
+        self.update_maglev(&writes)
+    }
+
+    fn update_maglev(&self, writes: &[(u32, u32)]) -> StoreResult {
+        let array = self.maglev.as_ref().ok_or(DataplaneError::MissingObject(n::MAGLEV))?;
+        update_batch(array, n::MAGLEV, writes.iter().copied())
     }
 
     /// Open the maps an agent pinned under `root` (read by the CLI).
@@ -353,10 +451,22 @@ impl Maps {
         if let Some(ids) = &self.sync_ids {
             snap.id_marks = ids.get(&0, 0).map_err(collect_err(n::SYNC_IDS))?;
         }
-        if let Some(maglev) = &self.maglev {
-            for r in maglev.iter() {
-                let (k, id) = r.map_err(collect_err(n::MAGLEV))?;
-                snap.maglev.push((k, BackendId::new(id)));
+        // The tables the values publish, each read from its run. A value whose run is
+        // unusable (migrated from before runs, overlapping another) reads as publishing no
+        // table: the datapath uses none, and the sync writes and publishes it afresh.
+        for (_, v) in &mut snap.services {
+            let Some((base, size)) = maglev::published(v) else {
+                (v.maglev_size, v.maglev_base) = (0, 0);
+                continue;
+            };
+            if self.maglev_runs.index(v.id, 0) != Some(base) || self.maglev_runs.index(v.id, size - 1).is_none() {
+                (v.maglev_size, v.maglev_base) = (0, 0);
+                continue;
+            }
+            for (slot, id) in self.read_maglev_run(base, size)?.into_iter().enumerate() {
+                if id != 0 {
+                    snap.maglev.push((MaglevKey { svc_id: v.id, slot: slot as u32 }, BackendId::new(id)));
+                }
             }
         }
         let entry = |v: u8| CidrEntry::from_value(v).unwrap_or(CidrEntry::Cidr);
@@ -387,9 +497,9 @@ fn store_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> StoreError {
 /// enough that the staging copies stay a few hundred KiB.
 const UPDATE_BATCH: usize = 8192;
 
-/// Write `entries` into the hash map `map` with batched updates.
+/// Write `entries` into `map` (a hash, or an array keyed by index) with batched updates.
 fn update_batch<K: aya::Pod, V: aya::Pod>(
-    map: &HashMap<MapData, K, V>,
+    map: &impl aya::maps::IterableMap<K, V>,
     name: &'static str,
     entries: impl Iterator<Item = (K, V)>,
 ) -> StoreResult {
@@ -435,15 +545,14 @@ impl MapStore for Maps {
         update_batch(&self.slots, n::BACKEND_SLOTS, items.iter().map(|(k, b)| (*k, b.get())))
     }
     fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
-        if items.is_empty() {
-            return Ok(());
-        }
-        update_batch(self.maglev_map()?, n::MAGLEV, items.iter().map(|(k, b)| (*k, b.get())))
+        self.write_maglev(items)
     }
     fn put_metas(&mut self, items: &[(ServiceId, ServiceMeta)]) -> StoreResult {
         update_batch(&self.meta, n::SERVICE_META, items.iter().map(|(id, m)| (id.get(), *m)))
     }
     fn put_services(&mut self, items: &[(AnyServiceKey, ServiceValue)]) -> StoreResult {
+        let items: Vec<(AnyServiceKey, ServiceValue)> =
+            items.iter().map(|(k, v)| (*k, self.maglev_runs.fill(v))).collect();
         let v4 = items.iter().filter_map(|(k, v)| match k.addr {
             IpAddr::V4(a) => Some((key_with(k, ip_to_map(a)), *v)),
             IpAddr::V6(_) => None,
@@ -456,6 +565,7 @@ impl MapStore for Maps {
         update_batch(&self.services6, n::SERVICES6, v6)
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
+        let v = &self.maglev_runs.fill(v);
         match k.addr {
             IpAddr::V4(a) => self.services.insert(key_with(k, ip_to_map(a)), v, 0).map_err(store_err(n::SERVICES)),
             IpAddr::V6(a) => self.services6.insert(key_with(k, ip6_to_map(a)), v, 0).map_err(store_err(n::SERVICES6)),
@@ -550,10 +660,16 @@ impl MapStore for Maps {
     }
 
     fn put_maglev(&mut self, k: &MaglevKey, backend_id: BackendId) -> StoreResult {
-        self.maglev_map_mut()?.insert(k, backend_id.get(), 0).map_err(store_err(n::MAGLEV))
+        self.write_maglev(&[(*k, backend_id)])
     }
     fn del_maglev(&mut self, k: &MaglevKey) -> StoreResult {
-        ignore_missing(self.maglev_map_mut()?.remove(k)).map_err(store_err(n::MAGLEV))
+        // Nothing to write: an element no value reaches is never read; the run goes back
+        // with its last slot.
+        self.maglev_runs.remove(k.svc_id, k.slot);
+        Ok(())
+    }
+    fn set_maglev_table_size(&mut self, m: u32) {
+        Maps::set_maglev_table_size(self, m);
     }
     fn put_service_cidr(&mut self, p: IpPrefix, e: CidrEntry) -> StoreResult {
         let len = u32::from(p.len);
@@ -585,16 +701,6 @@ impl MapStore for Maps {
             // Only the CLI opens pins without it, and it never syncs.
             None => Ok(()),
         }
-    }
-}
-
-impl Maps {
-    /// `MAGLEV`, which only pins of an older agent lack (the CLI never writes).
-    fn maglev_map(&self) -> Result<&HashMap<MapData, MaglevKey, u32>, StoreError> {
-        self.maglev.as_ref().ok_or_else(|| DataplaneError::MissingObject(n::MAGLEV).into())
-    }
-    fn maglev_map_mut(&mut self) -> Result<&mut HashMap<MapData, MaglevKey, u32>, StoreError> {
-        self.maglev.as_mut().ok_or_else(|| DataplaneError::MissingObject(n::MAGLEV).into())
     }
 }
 

@@ -50,7 +50,7 @@ impl PinnedMap {
 }
 
 fn family(def: &MapDef) -> &'static str {
-    match (def.twin, def.v6) {
+    match (def.twin(), def.v6()) {
         (None, _) => "both",
         (Some(_), false) => "IPv4",
         (Some(_), true) => "IPv6",

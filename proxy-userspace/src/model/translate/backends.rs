@@ -1,6 +1,7 @@
 //! Which endpoints become backends of a frontend (readiness, terminating, topology).
 
 use std::{
+    cmp::Ordering,
     collections::{BTreeMap, btree_map::Entry},
     net::IpAddr,
 };
@@ -16,6 +17,10 @@ pub(super) struct PortEndpoint {
     pub(super) addr: IpAddr,
     pub(super) port: u16,
     pub(super) ep: ParsedEndpoint,
+    /// Endpoints this address stands for (Maglev's weight): how many entries of one slice
+    /// name it as well as the merged copy does, the most of any slice (see
+    /// `endpoints_for_port`). At least 1.
+    pub(super) count: u32,
 }
 
 impl PortEndpoint {
@@ -27,28 +32,54 @@ impl PortEndpoint {
 /// Endpoints of `port` from the slices of `family`: the slice port with the same name and
 /// protocol gives the backend port; duplicates (same IP:port, e.g. while moving between
 /// slices) merge.
+///
+/// Each merged address also counts the endpoints it stands for, Maglev's weight: entries
+/// of one slice repeating an address are distinct endpoints (a slice controller never lists
+/// one pod twice; hand-made slices repeat an address to weight it), while the same address
+/// in two slices is most often one endpoint moving between them, so the count is the most
+/// any one slice holds of the preferred kind (ready before terminating, as the merge).
 pub(super) fn endpoints_for_port(group: &ServiceEndpoints, port: &ParsedPort, family: IpFamily) -> Vec<PortEndpoint> {
-    let mut merged: BTreeMap<(IpAddr, u16), ParsedEndpoint> = BTreeMap::new();
+    let mut merged: BTreeMap<(IpAddr, u16), (ParsedEndpoint, u32)> = BTreeMap::new();
     for slice in group.slices.iter().filter(|s| s.family == family) {
         let matching = slice.ports.iter().filter(|sp| sp.name == port.name && sp.proto == port.proto);
         for slice_port in matching {
+            // This slice's best copy of each address and how many entries are that good.
+            let mut here: BTreeMap<(IpAddr, u16), (ParsedEndpoint, u32)> = BTreeMap::new();
             for ep in &slice.endpoints {
-                match merged.entry((ep.addr, slice_port.port)) {
+                match here.entry((ep.addr, slice_port.port)) {
                     Entry::Vacant(v) => {
-                        v.insert(*ep);
+                        v.insert((*ep, 1));
+                    }
+                    Entry::Occupied(mut o) => {
+                        let (best, count) = o.get_mut();
+                        match preference(ep).cmp(&preference(best)) {
+                            Ordering::Greater => (*best, *count) = (*ep, 1),
+                            Ordering::Equal => *count += 1,
+                            Ordering::Less => {}
+                        }
+                    }
+                }
+            }
+            for (key, (ep, count)) in here {
+                match merged.entry(key) {
+                    Entry::Vacant(v) => {
+                        v.insert((ep, count));
                     }
                     // Upstream prefers the non-terminating copy (an IP reused by a new pod
                     // before the old one is gone); ranking all flags keeps it order-independent.
                     Entry::Occupied(mut o) => {
-                        if preference(ep) > preference(o.get()) {
-                            o.insert(*ep);
+                        let (best, best_count) = o.get_mut();
+                        match preference(&ep).cmp(&preference(best)) {
+                            Ordering::Greater => (*best, *best_count) = (ep, count),
+                            Ordering::Equal => *best_count = (*best_count).max(count),
+                            Ordering::Less => {}
                         }
                     }
                 }
             }
         }
     }
-    merged.into_iter().map(|((addr, port), ep)| PortEndpoint { addr, port, ep }).collect()
+    merged.into_iter().map(|((addr, port), (ep, count))| PortEndpoint { addr, port, ep, count }).collect()
 }
 
 pub(super) fn preference(ep: &ParsedEndpoint) -> (bool, bool, bool, bool) {

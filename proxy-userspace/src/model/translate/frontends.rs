@@ -4,13 +4,13 @@
 use std::net::IpAddr;
 
 use super::{
-    backends::{Topology, endpoints_for_port, select_backends, topology_mode},
+    backends::{PortEndpoint, Topology, endpoints_for_port, select_backends, topology_mode},
     problems::{ObjectId, Problem, push_unique},
     services::{ParsedPort, ParsedService, ServiceType},
     slices::ServiceEndpoints,
 };
 use crate::model::types::{
-    BackendAddr, FrontendEntry, FrontendKind, IpFamily, IpPrefix, NodeInfo, Protocol, ServicePortName,
+    BackendAddr, BackendWeight, FrontendEntry, FrontendKind, IpFamily, IpPrefix, NodeInfo, Protocol, ServicePortName,
 };
 
 /// One frontend address of one service port, with its entry for each scope it is served in.
@@ -35,6 +35,15 @@ pub(super) fn expand_service(
         // proxiers: each sees only its family's endpoints, addresses and source ranges.
         for &family in &svc.families {
             expand_port(id, svc, port, family, endpoints, node, &mut out);
+        }
+    }
+    // Kept until the Service or its slices change: no room to grow (a Vec's first push
+    // makes room for four candidates, most Services have one).
+    out.shrink_to_fit();
+    for c in &mut out {
+        for entry in std::iter::once(&mut c.internal).chain(c.external.as_mut()) {
+            entry.backends.shrink_to_fit();
+            entry.source_ranges.shrink_to_fit();
         }
     }
     out
@@ -66,6 +75,7 @@ pub(super) fn expand_port(
         lb_algorithm: svc.lb_algorithm,
         local_only,
         source_ranges: ranges.to_vec(),
+        weights: weights(&port_eps, backends),
     };
     let candidate = |kind, addr, port_number, internal, external| Candidate {
         addr,
@@ -101,6 +111,19 @@ pub(super) fn expand_port(
         let external = (!addr.is_loopback()).then(|| entry(kind, external_backends, external_local, ranges));
         out.push(candidate(kind, addr, port_number, internal, external));
     }
+}
+
+/// The weights of `backends` that stand for several endpoints of `port_eps` (sorted by
+/// address and port, as `endpoints_for_port` returns them; so are `backends`).
+fn weights(port_eps: &[PortEndpoint], backends: &[BackendAddr]) -> Vec<BackendWeight> {
+    backends
+        .iter()
+        .filter_map(|b| {
+            let i = port_eps.binary_search_by(|e| (e.addr, e.port).cmp(&(b.addr, b.port))).ok()?;
+            let weight = port_eps[i].count;
+            (weight > 1).then_some(BackendWeight { addr: b.addr, port: b.port, weight })
+        })
+        .collect()
 }
 
 /// NodePorts on the node's addresses, externalIPs, and load-balancer IPs of one port, in

@@ -115,6 +115,11 @@ impl ObjectId {
         ObjectId(std::sync::Arc::new(IdParts { namespace: namespace.into(), name: name.into() }))
     }
 
+    /// The same allocation (an interned id), not only an equal one.
+    pub(super) fn shares(&self, other: &ObjectId) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub(super) fn key(&self) -> (String, String) {
         (self.namespace.clone(), self.name.clone())
     }

@@ -110,6 +110,11 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ParsedService>, Prob
         }
         _ => None,
     };
+    // Kept for the Service's lifetime: no room to grow.
+    let (mut cluster_ips, mut families, mut ports) = (cluster_ips, families, ports);
+    cluster_ips.shrink_to_fit();
+    families.shrink_to_fit();
+    ports.shrink_to_fit();
     Ok(Some(ParsedService {
         svc_type,
         cluster_ips,

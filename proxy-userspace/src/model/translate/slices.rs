@@ -184,6 +184,10 @@ pub(super) fn parse_slice(
         }
     }
     let owned_by_service = slice.metadata.owner_references.iter().flatten().any(|o| o.kind == KIND_SERVICE);
+    // Kept for the slice's lifetime: no room to grow (a Vec grown by pushes keeps up to
+    // twice its length).
+    endpoints.shrink_to_fit();
+    zones.shrink_to_fit();
     ParsedSlice { id: id.clone(), family, owned_by_service, ports, endpoints, zones }
 }
 

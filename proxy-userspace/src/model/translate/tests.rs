@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::model::types::{
-    BackendAddr, ClaimHolder, ClaimKey, Explanation, FrontendEntry, FrontendKey, FrontendKind, HealthCheck, IpFamily,
-    IpPrefix, LbAlgorithm, Protocol, Reason, Scope, ServicePortName,
+    BackendAddr, BackendWeight, ClaimHolder, ClaimKey, Explanation, FrontendEntry, FrontendKey, FrontendKind,
+    HealthCheck, IpFamily, IpPrefix, LbAlgorithm, Protocol, Reason, Scope, ServicePortName,
 };
 
 const NODE: &str = "node-a";
@@ -107,6 +107,7 @@ fn entry(svc: &str, port_name: &str, kind: FrontendKind, backends: Vec<BackendAd
         local_only: false,
         source_ranges: vec![],
         lb_algorithm: None,
+        weights: vec![],
     }
 }
 
@@ -689,6 +690,40 @@ fn duplicate_endpoint_prefers_non_terminating_copy() {
         slice("web-2", "web", p8080(), json!([ep("10.0.0.1", NODE)])),
     ];
     assert_translates(&[svc("web", json!({}))], &slices, vec![web_cluster_ip(vec![be("10.0.0.1", 8080, true)])], &[]);
+}
+
+/// Weights for Maglev: a slice repeating an address stands for that many endpoints; the
+/// same address in two slices (an endpoint moving between them) counts once; a terminating
+/// copy beside a ready one does not count.
+#[test]
+fn repeated_addresses_weigh_by_endpoint_count() {
+    let slices = [
+        slice(
+            "web-1",
+            "web",
+            p8080(),
+            json!([
+                ep("10.0.0.1", NODE),
+                ep("10.0.0.1", NODE),
+                ep("10.0.0.1", NODE),
+                ep("10.0.0.2", "node-b"),
+                ep("10.0.0.3", "node-b"),
+                ep_cond("10.0.0.3", "node-b", Some(false), Some(true), Some(true)),
+            ]),
+        ),
+        slice("web-2", "web", p8080(), json!([ep("10.0.0.2", "node-b"), ep("10.0.0.1", NODE)])),
+    ];
+    let (k, e) =
+        web_cluster_ip(vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false), be("10.0.0.3", 8080, false)]);
+    let weighted =
+        FrontendEntry { weights: vec![BackendWeight { addr: ip("10.0.0.1"), port: 8080, weight: 3 }], ..e.clone() };
+    assert_eq!(weighted.weight_of(&be("10.0.0.1", 8080, true)), 3);
+    assert_eq!(weighted.weight_of(&be("10.0.0.2", 8080, false)), 1);
+    assert_translates(&[svc("web", json!({}))], &slices, vec![(k, weighted)], &[]);
+    // The order of the slices does not matter.
+    let reversed = [slices[1].clone(), slices[0].clone()];
+    let (forward, _) = run(&[svc("web", json!({}))], &slices);
+    assert_eq!(run(&[svc("web", json!({}))], &reversed).0, forward);
 }
 
 #[test]

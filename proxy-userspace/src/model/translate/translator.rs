@@ -34,9 +34,12 @@ use super::{
     slices::{ParsedSlice, ServiceEndpoints, parse_slice_object, trigger_time},
     warn_unmatched_slice_ports,
 };
-use crate::model::{
-    service_cidrs::ServiceCidrs,
-    types::{ClaimKey, Claims, DesiredState, FrontendKey, HealthCheck, IpPrefix, NodeInfo, Scope, Warning},
+use crate::{
+    memory::{HeapSize, Usage},
+    model::{
+        service_cidrs::ServiceCidrs,
+        types::{ClaimKey, Claims, DesiredState, FrontendKey, HealthCheck, IpPrefix, NodeInfo, Scope, Warning},
+    },
 };
 
 /// Which Service holds each frontend address in the maps now: the translation's input for
@@ -104,7 +107,8 @@ struct Winner {
 /// The translation of every object seen so far, kept incrementally. See the module docs.
 pub struct Translator {
     node: NodeInfo,
-    services: BTreeMap<ObjectId, ServiceState>,
+    /// Boxed: a B-tree node has room for eleven values, most of them empty.
+    services: BTreeMap<ObjectId, Box<ServiceState>>,
     slices: HashMap<ObjectId, SliceState>,
     /// Slices by the Service their label names, in name order (whether or not it exists).
     groups: HashMap<ObjectId, SmallSet<ObjectId>>,
@@ -224,6 +228,8 @@ impl Translator {
             self.unnamed.insert((KIND_SERVICE, missing_id(&svc.metadata)));
             return;
         };
+        // Interned: the id its slices already name, if any.
+        let id = self.groups.get_key_value(&id).map_or(id, |(k, _)| k.clone());
         let mut state = ServiceState { present: true, ..ServiceState::default() };
         match parse_service(svc) {
             Ok(Some(parsed)) => {
@@ -244,7 +250,7 @@ impl Translator {
                 old.parse_warnings = state.parse_warnings;
             }
             None => {
-                self.services.insert(id.clone(), state);
+                self.services.insert(id.clone(), Box::new(state));
             }
         }
         self.dirty_services.insert(id);
@@ -268,7 +274,15 @@ impl Translator {
             self.unnamed.insert((KIND_SLICE, missing_id(&slice.metadata)));
             return;
         };
-        let p = parse_slice_object(slice, &id, &self.node);
+        let mut p = parse_slice_object(slice, &id, &self.node);
+        // Interned: the Service's own id (or its other slices'), not a copy.
+        if let Some(service) = &mut p.service {
+            if let Some((k, _)) = self.services.get_key_value(&*service) {
+                *service = k.clone();
+            } else if let Some((k, _)) = self.groups.get_key_value(&*service) {
+                *service = k.clone();
+            }
+        }
         let before = self.slices.get(&id).and_then(|s| s.trigger);
         let trigger = match trigger_time(slice) {
             Some(Ok(t)) => {
@@ -634,4 +648,116 @@ pub type ObjectKey = (String, String);
 /// `namespace/name` of an object's metadata, if both are set.
 pub fn object_key(meta: &ObjectMeta) -> Option<ObjectKey> {
     Some((non_empty(meta.namespace.as_deref())?.to_owned(), non_empty(meta.name.as_deref())?.to_owned()))
+}
+
+// Memory accounting (`crate::memory`): object ids are shared `Arc`s, counted where each
+// is created (a Service's key, a slice's key, the Service a slice names), nowhere else.
+
+impl HeapSize for ObjectId {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// An object id's own allocation, where it is counted.
+fn id_bytes(id: &ObjectId) -> usize {
+    2 * std::mem::size_of::<usize>()
+        + std::mem::size_of::<super::problems::IdParts>()
+        + id.namespace.capacity()
+        + id.name.capacity()
+}
+
+impl HeapSize for ParsedService {
+    fn heap_bytes(&self) -> usize {
+        self.cluster_ips.heap_bytes()
+            + self.families.heap_bytes()
+            + self.ports.capacity() * std::mem::size_of::<super::services::ParsedPort>()
+            + self.ports.iter().map(|p| p.name.heap_bytes()).sum::<usize>()
+            + self.external_ips.heap_bytes()
+            + self.lb_ips.heap_bytes()
+            + self.source_ranges.heap_bytes()
+            + self.notes.capacity() * std::mem::size_of::<Problem>()
+    }
+}
+
+impl HeapSize for Candidate {
+    fn heap_bytes(&self) -> usize {
+        self.internal.heap_bytes() + self.external.heap_bytes()
+    }
+}
+
+impl HeapSize for ServiceState {
+    fn heap_bytes(&self) -> usize {
+        self.parsed.heap_bytes()
+            + self.parse_warnings.heap_bytes()
+            + self.candidates.heap_bytes()
+            + self.health.heap_bytes()
+            + self.slice_warnings.heap_bytes()
+    }
+}
+
+impl HeapSize for ParsedSlice {
+    fn heap_bytes(&self) -> usize {
+        self.ports.capacity() * std::mem::size_of::<super::slices::SlicePort>()
+            + self.ports.iter().map(|p| p.name.heap_bytes()).sum::<usize>()
+            + self.endpoints.capacity() * std::mem::size_of::<super::slices::ParsedEndpoint>()
+            + self.zones.heap_bytes()
+    }
+}
+
+/// The Service id it names is counted by `Translator::memory_usage` (shared or not).
+impl HeapSize for SliceState {
+    fn heap_bytes(&self) -> usize {
+        self.parsed.heap_bytes() + self.warnings.heap_bytes()
+    }
+}
+
+impl<T: HeapSize> HeapSize for SmallSet<T> {
+    fn heap_bytes(&self) -> usize {
+        self.0.heap_bytes()
+    }
+}
+
+impl HeapSize for Winner {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
+impl Translator {
+    /// Estimated heap bytes of each part (see `crate::memory`).
+    pub fn memory_usage(&self) -> Vec<Usage> {
+        let services = self.services.heap_bytes() + self.services.keys().map(id_bytes).sum::<usize>();
+        // A Service id a slice names is its own allocation unless the Service's key (or
+        // its group's) is the same `Arc`.
+        let interned = |s: &ObjectId| {
+            self.services.get_key_value(s).is_some_and(|(k, _)| k.shares(s))
+                || self.groups.get_key_value(s).is_some_and(|(k, _)| k.shares(s))
+        };
+        let own_service_ids: BTreeSet<&ObjectId> =
+            self.slices.values().filter_map(|s| s.service.as_ref()).filter(|s| !interned(s)).collect();
+        let slices = self.slices.heap_bytes()
+            + self.slices.keys().map(id_bytes).sum::<usize>()
+            + own_service_ids.into_iter().map(id_bytes).sum::<usize>();
+        let indexes = self.groups.heap_bytes()
+            + self.unnamed.heap_bytes()
+            + self.claimants.heap_bytes()
+            + self.winners.heap_bytes()
+            + self.contested.heap_bytes()
+            + self.warned_slices.heap_bytes()
+            + self.warned_services.heap_bytes()
+            + self.orphan_groups.heap_bytes()
+            + self.health.heap_bytes()
+            + self.dirty_services.heap_bytes()
+            + self.dirty_keys.heap_bytes()
+            + self.dirty_health.heap_bytes()
+            + self.triggers.times.heap_bytes()
+            + self.triggers.malformed.heap_bytes();
+        vec![
+            Usage { structure: "translator.services", bytes: services },
+            Usage { structure: "translator.slices", bytes: slices },
+            Usage { structure: "translator.indexes", bytes: indexes },
+            Usage { structure: "translator.desired", bytes: self.desired.heap_bytes() },
+        ]
+    }
 }

@@ -10,7 +10,7 @@ use std::{
 
 use notify::{
     EventKind, RecursiveMode, Watcher,
-    event::{AccessKind, AccessMode},
+    event::{AccessKind, AccessMode, ModifyKind, RenameMode},
 };
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::{
     FilesError,
     dir::{Manifests, QUIET},
+    is_manifest,
 };
 use crate::source::{Objects, Resource, SourceEvent};
 
@@ -39,12 +40,23 @@ enum Relevance {
     Files,
     /// The directory itself was created, removed, moved or replaced.
     Dir,
+    /// A manifest was renamed into place: complete by construction (the atomic way to
+    /// update), so nothing is worth waiting for.
+    RenamedIn,
 }
 
 fn relevance(ev: &notify::Event, dir: &Path) -> Relevance {
     match ev.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
         EventKind::Access(_) => return Relevance::None,
+        // inotify's "moved from" and "moved to" also arrive as events of their own: the
+        // pair adds nothing (and would start a second burst).
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => return Relevance::None,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To))
+            if ev.paths.iter().any(|p| p.parent() == Some(dir) && is_manifest(p)) =>
+        {
+            return Relevance::RenamedIn;
+        }
         _ => {}
     }
     let mut r = Relevance::None;
@@ -138,14 +150,8 @@ impl Follower {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
             let now = Instant::now();
-            match relevant {
-                Relevance::None => {}
-                Relevance::Files | Relevance::Dir => {
-                    rearm |= matches!(relevant, Relevance::Dir);
-                    let first = burst.map_or(now, |(first, _)| first);
-                    burst = Some((first, (now + QUIET).min(first + MAX_DELAY)));
-                }
-            }
+            rearm |= matches!(relevant, Relevance::Dir);
+            burst = schedule(burst, &relevant, now);
             if now >= next_dir_check {
                 next_dir_check = now + DIR_CHECK;
                 // A replacement whose events were missed (or a watch that failed to arm).
@@ -166,6 +172,19 @@ impl Follower {
                 };
             }
         }
+    }
+}
+
+/// The burst (its first event, when it is due) after an event: in-place writes wait QUIET
+/// after the last event (at most MAX_DELAY after the first); a rename into place is due at
+/// once, and takes whatever else the burst holds with it (a half-written file in place is
+/// kept at its previous content by the rescan's own rules, so going early is safe).
+fn schedule(burst: Option<(Instant, Instant)>, relevant: &Relevance, now: Instant) -> Option<(Instant, Instant)> {
+    let first = burst.map_or(now, |(first, _)| first);
+    match relevant {
+        Relevance::None => burst,
+        Relevance::Files | Relevance::Dir => Some((first, (now + QUIET).min(first + MAX_DELAY))),
+        Relevance::RenamedIn => Some((first, now)),
     }
 }
 
@@ -240,5 +259,38 @@ mod tests {
             relevance(&ev(EventKind::Create(notify::event::CreateKind::Folder), "/m"), dir),
             Relevance::Dir
         ));
+    }
+
+    /// A rename into place (the atomic update) is rescanned at once; writes in place still
+    /// wait for the writer to be quiet.
+    #[test]
+    fn a_rename_into_place_is_due_at_once_in_place_writes_wait() {
+        let dir = Path::new("/m");
+        let ev =
+            |kind, paths: &[&str]| paths.iter().fold(notify::Event::new(kind), |e, p| e.add_path(PathBuf::from(p)));
+        let moved_to = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        let moved_from = EventKind::Modify(ModifyKind::Name(RenameMode::From));
+        let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let write = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(matches!(relevance(&ev(moved_to, &["/m/a.yaml"]), dir), Relevance::RenamedIn));
+        // A temporary name that is not a manifest, the pair event, the directory itself.
+        assert!(matches!(relevance(&ev(moved_to, &["/m/a.yaml.tmp"]), dir), Relevance::Files));
+        assert!(matches!(relevance(&ev(both, &["/m/.a.tmp", "/m/a.yaml"]), dir), Relevance::None));
+        assert!(matches!(relevance(&ev(moved_from, &["/m/a.yaml"]), dir), Relevance::Files));
+        assert!(matches!(relevance(&ev(moved_to, &["/m"]), dir), Relevance::Dir));
+
+        let t = Instant::now();
+        // Writing the temporary file starts a burst that waits QUIET...
+        let b = schedule(None, &relevance(&ev(write, &["/m/a.yaml.tmp"]), dir), t);
+        assert_eq!(b, Some((t, t + QUIET)));
+        // ...its rename into place makes it due now.
+        let later = t + Duration::from_millis(1);
+        assert_eq!(schedule(b, &relevance(&ev(moved_to, &["/m/a.yaml"]), dir), later), Some((t, later)));
+        // Alone, too.
+        assert_eq!(schedule(None, &Relevance::RenamedIn, t), Some((t, t)));
+        // An in-place write still waits, within MAX_DELAY of the burst's first event.
+        let late = t + MAX_DELAY - Duration::from_millis(10);
+        assert_eq!(schedule(b, &Relevance::Files, late), Some((t, t + MAX_DELAY)));
+        assert_eq!(schedule(b, &Relevance::None, late), b);
     }
 }
