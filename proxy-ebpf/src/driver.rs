@@ -10,7 +10,7 @@
 //! at the exit of whichever of the three ends it.
 use core::mem::MaybeUninit;
 
-use proxy_common::{StatsFamily, Verdict};
+use proxy_common::{PROTO_TCP, StatsFamily, Verdict};
 
 use crate::{
     ct::CtWork,
@@ -58,6 +58,9 @@ pub trait Rewrite<F: IcmpFamily>: Hook {
     fn redirect(ctx: &Self::Ctx, proto: u8, n: &Nat<F::Addr>) -> Result<Self::Ret, Verdict>;
     /// Refuse a flow to a frontend without endpoints (a reset, an ICMP error), or drop it.
     fn reject(ctx: &Self::Ctx, p: &Packet<F::Addr>) -> Self::Ret;
+    /// Direct server return: put the frontend `vip`:`vport` in an IP option of the
+    /// (already rewritten) packet; `Err`: the verdict it is dropped under.
+    fn dsr_option(ctx: &Self::Ctx, vip: F::Addr, vport: u16) -> Result<(), Verdict>;
 }
 
 /// The entry of every packet program.
@@ -172,6 +175,21 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
         Action::Reject => (H::reject(ctx, p), d.verdict),
         Action::Rewrite => match H::rewrite(ctx, p, &d.nat) {
             Ok(()) => (H::PASS, d.verdict),
+            Err(()) => (H::DROP, Verdict::Error),
+        },
+        Action::Dsr => match H::rewrite(ctx, p, &d.nat) {
+            Ok(()) => {
+                // The backend's node learns the frontend from a TCP flow's SYN (it keeps it
+                // in conntrack), from every UDP datagram (each may be the first it sees).
+                let opt = !p.no_l4() && (p.proto != PROTO_TCP || p.tcp_syn());
+                if opt && let Err(v) = H::dsr_option(ctx, p.daddr, p.dport) {
+                    return (H::DROP, v);
+                }
+                match H::redirect(ctx, p.proto, &d.nat) {
+                    Ok(ret) => (ret, d.verdict),
+                    Err(v) => (H::DROP, v),
+                }
+            }
             Err(()) => (H::DROP, Verdict::Error),
         },
         Action::Redirect => match H::rewrite(ctx, p, &d.nat) {
