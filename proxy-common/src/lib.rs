@@ -732,10 +732,14 @@ pub enum Verdict {
     /// frontend in a DSR option (put there by the node the client reached) created the flow
     /// whose replies leave from that frontend straight to the client. Passed on to the pod.
     Dsr = 18,
+    /// Direct server return, on the node the client reached: a packet that would exceed the
+    /// uplink's MTU once the DSR option is added. Answered with ICMP fragmentation needed
+    /// (RFC 1191) advertising the MTU less the option, so the client's path MTU shrinks.
+    DsrTooBig = 19,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::NewFlow,
         Verdict::Established,
@@ -756,6 +760,7 @@ impl Verdict {
         Verdict::CtClash,
         Verdict::SctpPortNat,
         Verdict::Dsr,
+        Verdict::DsrTooBig,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -779,6 +784,7 @@ impl Verdict {
             Verdict::CtClash => "ct_clash",
             Verdict::SctpPortNat => "sctp_port_nat",
             Verdict::Dsr => "dsr",
+            Verdict::DsrTooBig => "dsr_too_big",
         }
     }
 
@@ -811,6 +817,7 @@ pub mod verdict {
     pub const CT_CLASH: u32 = Verdict::CtClash as u32;
     pub const SCTP_PORT_NAT: u32 = Verdict::SctpPortNat as u32;
     pub const DSR: u32 = Verdict::Dsr as u32;
+    pub const DSR_TOO_BIG: u32 = Verdict::DsrTooBig as u32;
     pub const COUNT: u32 = Verdict::COUNT;
     /// Room per family in `GLOBAL_STATS`, more than `COUNT` so that a verdict added later
     /// keeps every existing index (the map migrates index by index).

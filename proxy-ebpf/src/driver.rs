@@ -61,6 +61,10 @@ pub trait Rewrite<F: IcmpFamily>: Hook {
     /// Direct server return: put the frontend `vip`:`vport` in an IP option of the
     /// (already rewritten) packet; `Err`: the verdict it is dropped under.
     fn dsr_option(ctx: &Self::Ctx, vip: F::Addr, vport: u16) -> Result<(), Verdict>;
+    /// Direct server return: if the packet would exceed the MTU once the option is added,
+    /// answer it (ICMP fragmentation needed with the MTU less the option) and say how the
+    /// hook returns it; `None`: it fits.
+    fn dsr_too_big(ctx: &Self::Ctx, p: &Packet<F::Addr>) -> Option<Self::Ret>;
 }
 
 /// The entry of every packet program.
@@ -177,20 +181,20 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
             Ok(()) => (H::PASS, d.verdict),
             Err(()) => (H::DROP, Verdict::Error),
         },
-        Action::Dsr => match H::rewrite(ctx, p, &d.nat) {
-            Ok(()) => {
-                // The backend's node learns the frontend from a TCP flow's SYN (it keeps it
-                // in conntrack), from every UDP datagram (each may be the first it sees).
-                let opt = !p.no_l4() && (p.proto != PROTO_TCP || p.tcp_syn());
-                if opt && let Err(v) = H::dsr_option(ctx, p.daddr, p.dport) {
-                    return (H::DROP, v);
+        Action::Dsr => match dsr_option_fits::<H, F>(ctx, p) {
+            Err(ret) => (ret, Verdict::DsrTooBig),
+            Ok(opt) => match H::rewrite(ctx, p, &d.nat) {
+                Ok(()) => {
+                    if opt && let Err(v) = H::dsr_option(ctx, p.daddr, p.dport) {
+                        return (H::DROP, v);
+                    }
+                    match H::redirect(ctx, p.proto, &d.nat) {
+                        Ok(ret) => (ret, d.verdict),
+                        Err(v) => (H::DROP, v),
+                    }
                 }
-                match H::redirect(ctx, p.proto, &d.nat) {
-                    Ok(ret) => (ret, d.verdict),
-                    Err(v) => (H::DROP, v),
-                }
-            }
-            Err(()) => (H::DROP, Verdict::Error),
+                Err(()) => (H::DROP, Verdict::Error),
+            },
         },
         Action::Redirect => match H::rewrite(ctx, p, &d.nat) {
             Ok(()) => match H::redirect(ctx, p.proto, &d.nat) {
@@ -200,6 +204,20 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
             Err(()) => (H::DROP, Verdict::Error),
         },
     }
+}
+
+/// Does this DSR packet carry the option (`Ok(true)`)? The backend's node learns the
+/// frontend from a TCP flow's SYN (it keeps it in conntrack) and from every UDP datagram
+/// (each may be the first it sees); a later fragment has no ports to learn from. `Err`:
+/// with the option it would not fit the MTU, and was answered instead (the hook's return
+/// code).
+#[inline(always)]
+fn dsr_option_fits<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>) -> Result<bool, H::Ret> {
+    let opt = !p.no_l4() && (p.proto != PROTO_TCP || p.tcp_syn());
+    if opt && let Some(ret) = H::dsr_too_big(ctx, p) {
+        return Err(ret);
+    }
+    Ok(opt)
 }
 
 /// ICMP errors about translated flows (see `icmp`): rewritten, then handed to the stack,

@@ -114,6 +114,11 @@ impl<const TO_CLIENT: bool, F: TcFamily> Rewrite<F> for Tc<TO_CLIENT> {
     fn dsr_option(_ctx: &TcContext, _vip: F::Addr, _vport: u16) -> Result<(), Verdict> {
         Err(Verdict::Error)
     }
+
+    #[inline(always)]
+    fn dsr_too_big(_ctx: &TcContext, _p: &Packet<F::Addr>) -> Option<i32> {
+        None
+    }
 }
 
 /// How an address is rewritten in each family: where it sits in the IP header, and which

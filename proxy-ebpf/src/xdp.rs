@@ -21,8 +21,13 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_get_buff_len},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
+        bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_get_buff_len,
+    },
     programs::XdpContext,
 };
 use proxy_common::{
@@ -107,6 +112,11 @@ impl<F: XdpFamily> Rewrite<F> for Xdp {
     fn dsr_option(ctx: &XdpContext, vip: F::Addr, vport: u16) -> Result<(), Verdict> {
         F::dsr_option(ctx, vip, vport).map_err(|()| Verdict::Error)
     }
+
+    #[inline(always)]
+    fn dsr_too_big(ctx: &XdpContext, p: &Packet<F::Addr>) -> Option<u32> {
+        F::dsr_too_big(ctx, p)
+    }
 }
 
 #[inline(always)]
@@ -137,6 +147,8 @@ trait XdpFamily: IcmpFamily {
     fn reset(ctx: &XdpContext, p: &Packet<Self::Addr>) -> u32;
     /// Direct server return: carry `vip`:`vport` to the backend's node (`proxy_common::dsr`).
     fn dsr_option(ctx: &XdpContext, vip: Self::Addr, vport: u16) -> Result<(), ()>;
+    /// See `Rewrite::dsr_too_big`.
+    fn dsr_too_big(ctx: &XdpContext, p: &Packet<Self::Addr>) -> Option<u32>;
 }
 
 impl XdpFamily for V4 {
@@ -196,6 +208,22 @@ impl XdpFamily for V4 {
     fn dsr_option(ctx: &XdpContext, vip: u32, vport: u16) -> Result<(), ()> {
         dsr_option4(ctx, vip, vport)
     }
+    /// Checked against the MTU of the uplink the packet came in on, where XDP sends it back
+    /// out (a route out of another device is still checked by the FIB lookup, which drops
+    /// what does not fit as `no_route`).
+    #[inline(always)]
+    fn dsr_too_big(ctx: &XdpContext, p: &Packet<u32>) -> Option<u32> {
+        // In: 0 = check the frame's own length; out: the device's (L3) MTU.
+        let mut mtu: u32 = 0;
+        // SAFETY: helper on our own context; `mtu` is a valid u32 on our stack.
+        let rc = unsafe { bpf_check_mtu(ctx.ctx as *mut _, 0, &mut mtu, DSR_OPT as i32, 0) };
+        if rc != BPF_MTU_CHK_RET_FRAG_NEEDED as i64 {
+            return None;
+        }
+        // What the client may send so that the packet and the option fit.
+        let room = mtu.saturating_sub(DSR_OPT as u32) as u16;
+        Some(reject::xdp_frag_needed(ctx, p, room))
+    }
 }
 
 impl XdpFamily for V6 {
@@ -242,6 +270,10 @@ impl XdpFamily for V6 {
     #[inline(always)]
     fn dsr_option(_ctx: &XdpContext, _vip: Ipv6Words, _vport: u16) -> Result<(), ()> {
         Err(())
+    }
+    #[inline(always)]
+    fn dsr_too_big(_ctx: &XdpContext, _p: &Packet<Ipv6Words>) -> Option<u32> {
+        None
     }
 }
 

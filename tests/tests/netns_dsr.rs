@@ -9,7 +9,7 @@
 //! in its namespace): with native XDP on a veth every received frame is counted there,
 //! forwarded (XDP_TX) or not.
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, UdpSocket},
     sync::{Mutex, MutexGuard},
     time::Duration,
 };
@@ -24,6 +24,8 @@ use proxy_tests::{
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-podserver");
 /// The transfers: 1 MiB each way, full-sized segments on a 1500-byte path.
 const MIB: usize = 1 << 20;
+/// A UDP payload filling a 1500-byte IPv4 packet.
+const FULL_UDP: usize = 1500 - 20 - 8;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -173,6 +175,34 @@ fn dsr_backend_on_node2_answers_the_client_directly() {
     });
     assert_eq!(names, client::name_set(&["n1p0", "n1p1", "n2p0", "n2p1"]));
     assert!(env.counter(1, "dsr") > before, "UDP to node 2 did not go through DSR");
+
+    // Path MTU: a full-sized datagram (1500 bytes of IP) to a node-2 pod does not fit the
+    // uplink with the 8-byte option: node 1 answers ICMP fragmentation needed with 1492, the
+    // client's kernel learns it for the NodePort and sends the next one in two fragments,
+    // which are answered.
+    let too_big = env.counter(0, "dsr_too_big");
+    let (name, answered) = env.client().run(|| {
+        (0..60)
+            .find_map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+                s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+                let ask = |len: usize| -> Option<String> {
+                    s.send_to(&vec![b'u'; len], np).ok()?;
+                    let mut buf = [0u8; 256];
+                    let (n, from) = s.recv_from(&mut buf).ok()?;
+                    assert_eq!(from, np, "UDP reply source");
+                    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+                };
+                let name = (0..3).find_map(|_| ask(8))?;
+                // A backend on node 2 (this socket's flow keeps it): then the big ones.
+                name.starts_with("n2").then(|| (name, (0..5).find_map(|_| ask(FULL_UDP))))
+            })
+            .expect("a UDP flow balanced to node 2")
+    });
+    assert!(env.counter(0, "dsr_too_big") > too_big, "node 1 answered no datagram with fragmentation needed");
+    assert_eq!(answered.as_deref(), Some(name.as_str()), "the full-sized datagram was never answered");
+    let route = env.client().ip(&["route", "get", &node_ip(0).to_string()]).expect("ip route get");
+    assert!(route.contains("mtu 1492"), "the client learnt no path MTU of 1500 less the option: {route}");
 }
 
 /// `--lb-mode hybrid`: TCP goes direct (the backend sees the client), UDP is source-NATed
