@@ -281,6 +281,7 @@ pub fn charts(report: &Report) -> Vec<BarChart> {
         ("direct", "none: straight to node 2 (ceiling)", DIRECT),
         ("ours_native", "ours, XDP native", OURS),
         ("ours_generic", "ours, XDP generic", OURS_ALT),
+        ("ours_dsr", "ours, XDP native, DSR", OURS_THIRD),
         ("iptables", "kube-proxy iptables NodePort rules", IPTABLES),
     ];
     let fams: Vec<_> =

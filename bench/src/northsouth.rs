@@ -9,6 +9,10 @@
 //! - `ours_native`: the real agent on node 1 (`--uplink eth0 --xdp-mode native`); the
 //!   underlay ports run a no-op XDP program, so frames XDP_TX'd on a veth reach the bridge;
 //! - `ours_generic`: the same agent with `--xdp-mode generic`;
+//! - `ours_dsr`: the native agent with `--lb-mode dsr`: no source NAT, the NodePort carried
+//!   to node 2 in an 8-byte IPv4 option added to every datagram (node 2 needs no agent to
+//!   receive them: the kernel ignores the option); IPv6 has no DSR yet and is source-NATed
+//!   as `ours_native`;
 //! - `iptables`: kube-proxy's NodePort chains (nat DNAT + masquerade, filter KUBE-FORWARD,
 //!   nft backend; `iptables-restore` and `ip6tables-restore`) loaded into node 1's
 //!   namespace with forwarding on there, no XDP on it.
@@ -57,7 +61,9 @@ use crate::{Plan, check_interrupted, conn, interrupted, report::Row};
 const SECTION: &str = "northsouth";
 /// Datapaths, in the order they run on one topology; `direct` sends to the pod IP via node 2
 /// (node 1 not on the path): the cost of everything but node 1.
-pub const NS_CASES: [&str; 4] = ["direct", "ours_native", "ours_generic", "iptables"];
+pub const NS_CASES: [&str; 5] = ["direct", "ours_native", "ours_generic", "ours_dsr", "iptables"];
+/// Our cases, each compared with iptables.
+const OURS: [&str; 3] = ["ours_native", "ours_generic", "ours_dsr"];
 /// Families measured (IPv6 through the dual-stack control plane: one RequireDualStack
 /// Service, node 1's InternalIPs of both families).
 pub const NS_FAMILIES: &[Family] = &[Family::V4, Family::V6];
@@ -112,11 +118,12 @@ pub fn expected_rows(_plan: &Plan) -> Vec<String> {
                 v.push(crate::report::row_id(SECTION, &format!("{f}.{c}.{m}"), None));
             }
         }
-        for c in ["ours_native", "ours_generic"] {
+        for c in OURS {
             for r in ["vs_iptables", "vs_iptables_cpu"] {
                 v.push(crate::report::row_id(SECTION, &format!("{f}.{c}_{r}"), None));
             }
         }
+        v.push(crate::report::row_id(SECTION, &format!("{f}.ours_dsr_vs_snat"), None));
     }
     v
 }
@@ -545,13 +552,14 @@ fn has_xdp(ns: &Netns, iface: &str) -> Result<bool> {
 /// Per family: its measurement and a note, or why it failed (the case itself ran).
 type Outcomes = Vec<(Family, Result<(Measured, String)>)>;
 
-/// Our agent on node 1 in `mode`, warmed up and measured per family; the agent is killed and
-/// its pins removed (XDP detached) before returning, also on failure.
+/// Our agent on node 1 in XDP `mode` and `--lb-mode` `lb_mode`, warmed up and measured per
+/// family; the agent is killed and its pins removed (XDP detached) before returning, also
+/// on failure.
 fn run_ours(
     cluster: &Cluster,
     targets: &[Target],
     dir: &TempDir,
-    mode: &str,
+    (mode, lb_mode): (&str, &str),
     plan: &Plan,
     time: Duration,
 ) -> Result<Outcomes> {
@@ -565,7 +573,18 @@ fn run_ours(
             &node.ns,
             &pins.0,
             10256,
-            &["--manifests", &manifests, "--node-name", &node.name, "--uplink", &node.uplink, "--xdp-mode", mode],
+            &[
+                "--manifests",
+                &manifests,
+                "--node-name",
+                &node.name,
+                "--uplink",
+                &node.uplink,
+                "--xdp-mode",
+                mode,
+                "--lb-mode",
+                lb_mode,
+            ],
         )?;
         if let Err(e) = agent.wait_ready(&node.ns, Duration::from_secs(30)) {
             if let Ok(Some(status)) = agent.child.try_wait() {
@@ -586,7 +605,8 @@ fn run_ours(
                 let after = cli(&["stats", "--bpffs-root", &root])?;
                 let d = |v: &str| node_counter(&after, v).saturating_sub(node_counter(&before, v));
                 let note = format!(
-                    "datapath verdicts during the run: established {}, new_flow {}, no_route {}, pass {}",
+                    "--lb-mode {lb_mode}; datapath verdicts during the run: established {}, new_flow {}, no_route {}, \
+                     pass {}",
                     d("established"),
                     d("new_flow"),
                     d("no_route"),
@@ -690,8 +710,9 @@ fn round(plan: &Plan, time: Duration, index: usize) -> Result<Vec<(&'static str,
         check_interrupted()?;
         let r = match case {
             "direct" => run_direct(&cluster, &targets, plan, time),
-            "ours_native" => run_ours(&cluster, &targets, &dir, "native", plan, time),
-            "ours_generic" => run_ours(&cluster, &targets, &dir, "generic", plan, time),
+            "ours_native" => run_ours(&cluster, &targets, &dir, ("native", "snat"), plan, time),
+            "ours_generic" => run_ours(&cluster, &targets, &dir, ("generic", "snat"), plan, time),
+            "ours_dsr" => run_ours(&cluster, &targets, &dir, ("native", "dsr"), plan, time),
             _ => run_iptables(&cluster, &targets, &dir, plan, time),
         }
         .with_context(|| format!("north-south {case}"))?;
@@ -775,7 +796,7 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
             pps.insert(case, rate);
             cpu_pps.insert(case, per_cpu);
         }
-        for c in ["ours_native", "ours_generic"] {
+        for c in OURS {
             // Paired by round (each round runs every case on one fresh cluster).
             let per_round = |case| total.get(&(family, case)).map(|t| t.1.clone()).unwrap_or_default();
             let paired: Vec<f64> = per_round(c).iter().zip(&per_round("iptables")).map(|(a, b)| a / b).collect();
@@ -797,13 +818,25 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         // part of the cost that differs between the datapaths. A difference of two rates, so
         // it may still come out <= 0 on a busy machine.
         let extra = |c: &str| 1e9 / cpu_pps[c] - 1e9 / cpu_pps["direct"];
-        for c in ["ours_native", "ours_generic", "iptables"] {
+        // DSR against SNAT, both native and paired by round: what forwarding without source NAT
+        // (and with the option added) costs or saves on node 1.
+        let per_round = |case| total.get(&(family, case)).map(|t| t.1.clone()).unwrap_or_default();
+        let paired: Vec<f64> =
+            per_round("ours_dsr").iter().zip(&per_round("ours_native")).map(|(a, b)| a / b).collect();
+        let row = Row::median_of(SECTION, &format!("{f}.ours_dsr_vs_snat"), None, &paired, "x").unwrap_or_else(|| {
+            Row::new(SECTION, &format!("{f}.ours_dsr_vs_snat"), None, pps["ours_dsr"] / pps["ours_native"], "x")
+        });
+        let v6 = if family == Family::V6 { " (IPv6 has no DSR yet: both source-NATed)" } else { "" };
+        rows.push(
+            row.note(format!("median of {} per-round ratios of pkt/s, ours_dsr / ours_native{v6}", paired.len())),
+        );
+        for c in ["ours_native", "ours_generic", "ours_dsr", "iptables"] {
             rows.push(
                 Row::new(SECTION, &format!("{f}.{c}.node1_ns"), None, extra(c), "ns/pkt")
                     .note("1e9 / cpu_pps - 1e9 / direct cpu_pps: CPU time node 1 adds per packet"),
             );
         }
-        for c in ["ours_native", "ours_generic"] {
+        for c in OURS {
             let (ours, ipt) = (extra(c), extra("iptables"));
             if ours > 0.0 && ipt > 0.0 {
                 rows.push(Row::new(SECTION, &format!("{f}.{c}_vs_iptables_node1"), None, ipt / ours, "x").note(

@@ -490,13 +490,16 @@ impl Report {
                 ("direct", "none (straight to node 2: the path without node 1)"),
                 ("ours_native", "ours, XDP native"),
                 ("ours_generic", "ours, XDP generic"),
+                ("ours_dsr", "ours, XDP native, --lb-mode dsr"),
                 ("iptables", "kube-proxy iptables NodePort rules"),
             ] {
                 let g = |m: &str, d| cell(self.v("northsouth", &format!("{f}.{c}.{m}"), None), d);
                 let node1 = if c == "direct" { "—".to_string() } else { g("node1_ns", 0) };
                 let _ = writeln!(s, "| {f} | {label} | {} | {} | {node1} |", g("pps", 0), g("cpu_pps", 0));
             }
-            for c in ["ours_native", "ours_generic"] {
+            let dsr = cell(self.v("northsouth", &format!("{f}.ours_dsr_vs_snat"), None), 2);
+            let _ = writeln!(s, "| {f} | ours_dsr / ours_native | {dsr} | | |");
+            for c in ["ours_native", "ours_generic", "ours_dsr"] {
                 let g = |r: &str| cell(self.v("northsouth", &format!("{f}.{c}_{r}"), None), 2);
                 let _ = writeln!(
                     s,

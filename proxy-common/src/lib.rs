@@ -485,7 +485,11 @@ pub struct CtValue<A = u32> {
     pub seq_flags: u8,
     pub snat_addr: A,
     pub snat_port: u16,
-    pub _pad2: u16,
+    /// Forward entry of a direct-server-return flow (`dsr::FLOW`, else 0): forwarded to
+    /// its remote backend without source NAT, the frontend carried in an IP option (see
+    /// [`dsr`]); its replies never come back through this node.
+    pub dsr: u8,
+    pub _pad2: u8,
     pub backend_id: u32,
     pub svc_id: u32,
     /// `bpf_ktime_get_ns()` when the entry was created or last refreshed (at most once a
@@ -781,19 +785,27 @@ pub enum Verdict {
     /// packet. Refused (dropped) and counted instead of silently broken; the agent warns
     /// about the Service.
     SctpPortNat = 17,
+    /// Direct server return, on the backend's node: a packet from an uplink carrying the
+    /// frontend in a DSR option (put there by the node the client reached) created the flow
+    /// whose replies leave from that frontend straight to the client. Passed on to the pod.
+    Dsr = 18,
+    /// Direct server return, on the node the client reached: a packet that would exceed the
+    /// uplink's MTU once the DSR option is added. Answered with ICMP fragmentation needed
+    /// (RFC 1191) advertising the MTU less the option, so the client's path MTU shrinks.
+    DsrTooBig = 19,
     /// A new flow from a pod or the uplink to an address inside a Service CIDR that no
     /// frontend holds (no `SERVICES` entry for the address, any port): refused as a flow to a
     /// Service without endpoints is (TCP reset, ICMP unreachable), instead of leaking to the
     /// default route (KEP-1880).
-    UnallocatedServiceIp = 18,
+    UnallocatedServiceIp = 20,
     /// A new flow from a pod (or a node process, socket level) to a ClusterIP inside a
     /// Service CIDR on a port or protocol the Service does not serve: refused (TCP reset,
     /// ICMP unreachable; ECONNREFUSED at the socket level), as kube-proxy's nftables mode.
-    ClusterIpUnknownPort = 19,
+    ClusterIpUnknownPort = 21,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::NewFlow,
         Verdict::Established,
@@ -813,6 +825,8 @@ impl Verdict {
         Verdict::CtInvalid,
         Verdict::CtClash,
         Verdict::SctpPortNat,
+        Verdict::Dsr,
+        Verdict::DsrTooBig,
         Verdict::UnallocatedServiceIp,
         Verdict::ClusterIpUnknownPort,
     ];
@@ -837,6 +851,8 @@ impl Verdict {
             Verdict::CtInvalid => "ct_invalid",
             Verdict::CtClash => "ct_clash",
             Verdict::SctpPortNat => "sctp_port_nat",
+            Verdict::Dsr => "dsr",
+            Verdict::DsrTooBig => "dsr_too_big",
             Verdict::UnallocatedServiceIp => "unallocated_service_ip",
             Verdict::ClusterIpUnknownPort => "cluster_ip_unknown_port",
         }
@@ -870,6 +886,8 @@ pub mod verdict {
     pub const CT_INVALID: u32 = Verdict::CtInvalid as u32;
     pub const CT_CLASH: u32 = Verdict::CtClash as u32;
     pub const SCTP_PORT_NAT: u32 = Verdict::SctpPortNat as u32;
+    pub const DSR: u32 = Verdict::Dsr as u32;
+    pub const DSR_TOO_BIG: u32 = Verdict::DsrTooBig as u32;
     pub const UNALLOCATED_SERVICE_IP: u32 = Verdict::UnallocatedServiceIp as u32;
     pub const CLUSTER_IP_UNKNOWN_PORT: u32 = Verdict::ClusterIpUnknownPort as u32;
     pub const COUNT: u32 = Verdict::COUNT;
@@ -1004,7 +1022,42 @@ pub struct NodeConfig {
     /// the `nat_defaults`.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _reserved: u32,
+    /// `--lb-mode` ([`lb_mode`]): how north-south flows reach a backend on another node.
+    pub lb_mode: u8,
+    pub _reserved: [u8; 3],
+}
+
+/// `NodeConfig::lb_mode`: how a north-south flow (NodePort, ExternalIP, LoadBalancer) to a
+/// backend on another node travels. Local backends and `externalTrafficPolicy: Local` need
+/// neither: the client address is kept and replies leave from this node anyway.
+pub mod lb_mode {
+    use super::PROTO_UDP;
+    /// Source NAT to this node (kube-proxy's behaviour): replies come back through it.
+    pub const SNAT: u8 = 0;
+    /// Direct server return for every protocol: the frontend travels in an IP option, the
+    /// backend's node answers the client directly from it.
+    pub const DSR: u8 = 1;
+    /// DSR for TCP, SNAT for UDP (Cilium's `hybrid`): a UDP datagram would carry the option
+    /// on every packet (cost per packet, and MTU), a TCP flow only on its SYN.
+    pub const HYBRID: u8 = 2;
+
+    /// Does a flow of `proto` use DSR under `mode`?
+    pub const fn dsr_for(mode: u8, proto: u8) -> bool {
+        mode == DSR || (mode == HYBRID && proto != PROTO_UDP)
+    }
+}
+
+/// Direct server return on the wire: the frontend (VIP:port) a client used, carried to the
+/// backend's node in an IPv4 option, 8 bytes right after the fixed header, so IHL becomes 7.
+/// The option type is RFC 4727's experimental one with the copy bit set (0x9e: copied into
+/// fragments, class 0, number 30), so no standard option is shadowed; a kernel ignores an
+/// option type it does not know on received packets and never echoes it in its answers.
+pub mod dsr {
+    /// `CtValue::dsr` of a forward entry made for a DSR flow.
+    pub const FLOW: u8 = 1;
+    pub const OPT4_TYPE: u8 = 0x9e;
+    /// Type, length, port (network order), IPv4 address (network order).
+    pub const OPT4_LEN: u8 = 8;
 }
 
 /// Value of `NODE_CONFIG6` (array, one entry): the IPv6 node facts; the SNAT port range is

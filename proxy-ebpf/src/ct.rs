@@ -461,6 +461,7 @@ fn new_value<A: Copy + Default>(p: &Packet<A>, f: &NewFlow<A>, nat_addr: A, nat_
         ifindex: f.ifindex,
         seq_end: if p.proto == PROTO_TCP { p.seq.wrapping_add(p.seg_len) } else { 0 },
         created: ct::coarse_ms(f.now),
+        dsr: f.dsr,
         ..CtValue::default()
     }
 }
@@ -563,6 +564,8 @@ pub struct NewFlow<'a, A> {
     /// a source-NATed flow to another node, the pod's own interface for hairpin); 0 =
     /// learnt from the first answer.
     pub reply_ifindex: u32,
+    /// `proxy_common::dsr::FLOW` for a direct-server-return flow (`create` only), else 0.
+    pub dsr: u8,
 }
 
 // The entry points: inlined for IPv4, BPF functions of their own for IPv6 (see

@@ -10,7 +10,7 @@
 //! at the exit of whichever of the three ends it.
 use core::mem::MaybeUninit;
 
-use proxy_common::{StatsFamily, Verdict};
+use proxy_common::{PROTO_TCP, StatsFamily, Verdict};
 
 use crate::{
     ct::CtWork,
@@ -58,6 +58,13 @@ pub trait Rewrite<F: IcmpFamily>: Hook {
     fn redirect(ctx: &Self::Ctx, proto: u8, n: &Nat<F::Addr>) -> Result<Self::Ret, Verdict>;
     /// Refuse a flow to a frontend without endpoints (a reset, an ICMP error), or drop it.
     fn reject(ctx: &Self::Ctx, p: &Packet<F::Addr>) -> Self::Ret;
+    /// Direct server return: put the frontend `vip`:`vport` in an IP option of the
+    /// (already rewritten) packet; `Err`: the verdict it is dropped under.
+    fn dsr_option(ctx: &Self::Ctx, vip: F::Addr, vport: u16) -> Result<(), Verdict>;
+    /// Direct server return: if the packet would exceed the MTU once the option is added,
+    /// answer it (ICMP fragmentation needed with the MTU less the option) and say how the
+    /// hook returns it; `None`: it fits.
+    fn dsr_too_big(ctx: &Self::Ctx, p: &Packet<F::Addr>) -> Option<Self::Ret>;
 }
 
 /// The entry of every packet program.
@@ -174,6 +181,21 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
             Ok(()) => (H::PASS, d.verdict),
             Err(()) => (H::DROP, Verdict::Error),
         },
+        Action::Dsr => match dsr_option_fits::<H, F>(ctx, p) {
+            Err(ret) => (ret, Verdict::DsrTooBig),
+            Ok(opt) => match H::rewrite(ctx, p, &d.nat) {
+                Ok(()) => {
+                    if opt && let Err(v) = H::dsr_option(ctx, p.daddr, p.dport) {
+                        return (H::DROP, v);
+                    }
+                    match H::redirect(ctx, p.proto, &d.nat) {
+                        Ok(ret) => (ret, d.verdict),
+                        Err(v) => (H::DROP, v),
+                    }
+                }
+                Err(()) => (H::DROP, Verdict::Error),
+            },
+        },
         Action::Redirect => match H::rewrite(ctx, p, &d.nat) {
             Ok(()) => match H::redirect(ctx, p.proto, &d.nat) {
                 Ok(ret) => (ret, d.verdict),
@@ -182,6 +204,20 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
             Err(()) => (H::DROP, Verdict::Error),
         },
     }
+}
+
+/// Does this DSR packet carry the option (`Ok(true)`)? The backend's node learns the
+/// frontend from a TCP flow's SYN (it keeps it in conntrack) and from every UDP datagram
+/// (each may be the first it sees); a later fragment has no ports to learn from. `Err`:
+/// with the option it would not fit the MTU, and was answered instead (the hook's return
+/// code).
+#[inline(always)]
+fn dsr_option_fits<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>) -> Result<bool, H::Ret> {
+    let opt = !p.no_l4() && (p.proto != PROTO_TCP || p.tcp_syn());
+    if opt && let Some(ret) = H::dsr_too_big(ctx, p) {
+        return Err(ret);
+    }
+    Ok(opt)
 }
 
 /// ICMP errors about translated flows (see `icmp`): rewritten, then handed to the stack,

@@ -24,6 +24,9 @@ pub trait Family: 'static {
     const OUTLINE: bool;
     /// Which block of `GLOBAL_STATS` this family's packets are counted in.
     const STATS: StatsFamily;
+    /// Can north-south flows of this family use direct server return (`--lb-mode`)? IPv6's
+    /// destination-options header is not built yet: its flows stay source-NATed.
+    const DSR: bool;
 
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
@@ -62,6 +65,7 @@ impl Family for V4 {
     const AF: u8 = 2;
     const OUTLINE: bool = false;
     const STATS: StatsFamily = StatsFamily::Ipv4;
+    const DSR: bool = true;
 
     fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
         &SERVICES
@@ -117,6 +121,7 @@ impl Family for V6 {
     const AF: u8 = 10;
     const OUTLINE: bool = true;
     const STATS: StatsFamily = StatsFamily::Ipv6;
+    const DSR: bool = false;
 
     fn services() -> &'static HashMap<ServiceKey<Ipv6Words>, ServiceValue> {
         &SERVICES6

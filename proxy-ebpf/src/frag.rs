@@ -26,7 +26,7 @@ use crate::{
 /// untouched (as before), so it is not an error for this packet.
 #[inline(always)]
 pub fn remember<F: Family>(p: &Packet<F::Addr>, d: &Decision<F::Addr>) {
-    if p.frag != Frag::First || !matches!(d.action, Action::Rewrite | Action::Redirect) {
+    if p.frag != Frag::First || !matches!(d.action, Action::Rewrite | Action::Redirect | Action::Dsr) {
         return;
     }
     let key = FragKey { src_addr: p.saddr, dst_addr: p.daddr, id: p.frag_id, proto: p.proto, _pad: [0; 3] };

@@ -96,6 +96,8 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETER_PROB: u8 = 12;
 pub const ICMP_PORT_UNREACH: u8 = 3;
+/// Destination unreachable's "fragmentation needed and DF set" (RFC 792, RFC 1191).
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// ICMPv6 error types are 1 to 4 (destination unreachable, packet too big, time exceeded,
 /// parameter problem); informational types (echo, neighbour discovery, ...) start at 128.
 pub const ICMP6_DEST_UNREACH: u8 = 1;

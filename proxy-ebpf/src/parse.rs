@@ -13,7 +13,10 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use proxy_common::{FragKey, FragPorts, Ipv6Words, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict};
+use proxy_common::{
+    FragKey, FragPorts, Ipv6Words, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict,
+    dsr::{OPT4_LEN as DSR_OPT4_LEN, OPT4_TYPE as DSR_OPT4_TYPE},
+};
 
 use crate::{
     family::{Family, V4, V6},
@@ -110,6 +113,10 @@ pub struct Packet<A = u32> {
     pub frag: Frag,
     /// The datagram's identification, for fragments (IPv4: 16 bits, IPv6: 32).
     pub frag_id: u32,
+    /// The frontend a DSR option carries (`proxy_common::dsr`), network byte order;
+    /// `dsr_port` 0: none.
+    pub dsr_addr: A,
+    pub dsr_port: u16,
 }
 
 /// The network protocol of a frame, from its EtherType.
@@ -197,7 +204,7 @@ struct L4 {
     seg_len: u32,
 }
 
-impl<A> Packet<A> {
+impl<A: Default> Packet<A> {
     /// The packet whose headers start at `l3` / `l4`, from its addresses, what its transport
     /// header says (or, for a later fragment, the ports its first fragment carried) and its
     /// fragment facts: one constructor for both families.
@@ -217,6 +224,8 @@ impl<A> Packet<A> {
             dport: t.dport,
             frag,
             frag_id,
+            dsr_addr: A::default(),
+            dsr_port: 0,
         }
     }
 }
@@ -227,43 +236,60 @@ impl<A> Packet<A> {
 #[inline(always)]
 fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8, first_frag: bool) -> Result<L4, Verdict> {
     // Bytes of L4 header we need: through the checksum field for TCP, the whole header
-    // for UDP, the common header for SCTP.
-    let need = match proto {
-        PROTO_TCP => TCP_HLEN,
-        PROTO_UDP => UDP_HLEN,
-        PROTO_SCTP => SCTP_HLEN,
-        _ => return Err(Verdict::OtherL4),
-    };
+    // for UDP, the common header for SCTP. Each protocol checks its own length next to
+    // its reads: with one shared length the compiler may reload the protocol after the
+    // check, and the verifier then cannot tell which length was checked.
     let l4p = start + l4;
-    if l4_len < need || l4p + need > end {
-        return Err(Verdict::Malformed);
-    }
-    // SAFETY: `need` >= 8 bytes at `l4p` are within bounds: the ports, the UDP length and
-    // (for TCP, 20 bytes) the data offset and flags read here.
-    unsafe {
-        let b = l4p as *const u8;
-        let mut t = L4 {
-            sport: (b.add(L4_SPORT_OFF) as *const u16).read_unaligned(),
-            dport: (b.add(L4_DPORT_OFF) as *const u16).read_unaligned(),
-            ..L4::default()
-        };
-        if proto == PROTO_TCP {
-            let doff = ((*b.add(TCP_DOFF_OFF) >> 4) as usize) * 4;
-            if doff < TCP_HLEN || doff > l4_len {
+    let b = l4p as *const u8;
+    let ports = |b: *const u8| {
+        // SAFETY: the caller checked at least the 4 bytes of ports at `b`.
+        unsafe {
+            L4 {
+                sport: (b.add(L4_SPORT_OFF) as *const u16).read_unaligned(),
+                dport: (b.add(L4_DPORT_OFF) as *const u16).read_unaligned(),
+                ..L4::default()
+            }
+        }
+    };
+    match proto {
+        PROTO_TCP => {
+            if l4_len < TCP_HLEN || l4p + TCP_HLEN > end {
                 return Err(Verdict::Malformed);
             }
-            t.tcp_flags = *b.add(TCP_FLAGS_OFF);
-            t.seq = u32::from_be((b.add(TCP_SEQ_OFF) as *const u32).read_unaligned());
-            t.ack = u32::from_be((b.add(TCP_ACK_OFF) as *const u32).read_unaligned());
-            // SYN and FIN each take one sequence number.
-            t.seg_len = (l4_len - doff) as u32 + (t.tcp_flags & TCP_SYN != 0) as u32 + (t.tcp_flags & TCP_FIN) as u32;
-        } else if proto == PROTO_UDP {
-            let ulen = u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize;
+            let mut t = ports(b);
+            // SAFETY: the 20 bytes of the TCP header are within bounds (checked above).
+            unsafe {
+                let doff = ((*b.add(TCP_DOFF_OFF) >> 4) as usize) * 4;
+                if doff < TCP_HLEN || doff > l4_len {
+                    return Err(Verdict::Malformed);
+                }
+                t.tcp_flags = *b.add(TCP_FLAGS_OFF);
+                t.seq = u32::from_be((b.add(TCP_SEQ_OFF) as *const u32).read_unaligned());
+                t.ack = u32::from_be((b.add(TCP_ACK_OFF) as *const u32).read_unaligned());
+                // SYN and FIN each take one sequence number.
+                t.seg_len =
+                    (l4_len - doff) as u32 + (t.tcp_flags & TCP_SYN != 0) as u32 + (t.tcp_flags & TCP_FIN) as u32;
+            }
+            Ok(t)
+        }
+        PROTO_UDP => {
+            if l4_len < UDP_HLEN || l4p + UDP_HLEN > end {
+                return Err(Verdict::Malformed);
+            }
+            // SAFETY: the 8 bytes of the UDP header are within bounds (checked above).
+            let ulen = unsafe { u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize };
             if ulen < UDP_HLEN || (ulen > l4_len && !first_frag) {
                 return Err(Verdict::Malformed);
             }
+            Ok(ports(b))
         }
-        Ok(t)
+        PROTO_SCTP => {
+            if l4_len < SCTP_HLEN || l4p + SCTP_HLEN > end {
+                return Err(Verdict::Malformed);
+            }
+            Ok(ports(b))
+        }
+        _ => Err(Verdict::OtherL4),
     }
 }
 
@@ -407,6 +433,15 @@ pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verd
         } else {
             transport(start, end, l4, tot_len - ihl, proto, frag == Frag::First)?
         };
-        Ok(Packet::new(l3, l4, proto, (saddr, daddr), &t, (frag, frag_id)))
+        let mut p = Packet::new(l3, l4, proto, (saddr, daddr), &t, (frag, frag_id));
+        // Exactly one 8-byte option: maybe the frontend a DSR ingress node put there.
+        if ihl == IP_HLEN + DSR_OPT4_LEN as usize {
+            let o = ptr_at::<[u8; DSR_OPT4_LEN as usize]>(start, end, l3 + IP_HLEN)?.read_unaligned();
+            if o[0] == DSR_OPT4_TYPE && o[1] == DSR_OPT4_LEN {
+                p.dsr_port = u16::from_ne_bytes([o[2], o[3]]);
+                p.dsr_addr = u32::from_ne_bytes([o[4], o[5], o[6], o[7]]);
+            }
+        }
+        Ok(p)
     }
 }

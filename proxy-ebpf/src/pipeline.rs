@@ -5,13 +5,14 @@
 //! single exit (the verdict is counted once, by the driver, after the action was applied).
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::PerCpuArray};
 use proxy_common::{
-    CtValue, Ipv6Words, PROTO_SCTP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, service_cidr,
-    svc_flags,
+    Backend, CtValue, Ipv6Words, PROTO_SCTP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, dsr,
+    lb_mode, service_cidr, svc_flags,
 };
 
 use crate::{
     ct::{self, Ct, CtWork},
     family::{Family, V4, V6},
+    hdr::IP_HLEN,
     lb::{self, Selected},
     parse::Packet,
 };
@@ -57,6 +58,11 @@ pub enum Action {
     /// TC bounces it straight back into the pod it came from (hairpin), XDP forwards it with
     /// the FIB (north-south to a backend on another node, and its replies).
     Redirect,
+    /// Direct server return (XDP only): rewrite the destination to the remote backend,
+    /// keep the client's source, put the frontend (the packet's destination before the
+    /// rewrite) in an IP option when the backend's node needs it (a TCP SYN, every UDP
+    /// datagram), then forward like `Redirect`. The backend's node answers the client.
+    Dsr,
 }
 
 pub struct Decision<A> {
@@ -93,6 +99,8 @@ impl<A: Default> Decision<A> {
 fn established<A: Copy + Default>(p: &Packet<A>, ct: &CtValue<A>) -> Decision<A> {
     let (action, nat) = if ct.flags & ct_flags::SNAT != 0 {
         (Action::Redirect, Nat { saddr: ct.snat_addr, sport: ct.snat_port, daddr: ct.nat_addr, dport: ct.nat_port })
+    } else if ct.dsr == dsr::FLOW {
+        (Action::Dsr, Nat { saddr: p.saddr, sport: p.sport, daddr: ct.nat_addr, dport: ct.nat_port })
     } else {
         (Action::Rewrite, Nat { saddr: p.saddr, sport: p.sport, daddr: ct.nat_addr, dport: ct.nat_port })
     };
@@ -186,6 +194,9 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
 
     let scope = if seen == Seen::FromUplink { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let Some(svc) = lb::service_lookup::<F>(p, scope) else {
+        if F::DSR && seen == Seen::FromUplink && p.dsr_port != 0 {
+            return dsr_backend_node::<F>(p, w);
+        }
         // KEP-1880: an address inside a Service CIDR that no frontend holds (any port) is
         // refused rather than leaked to the default route; a pod's flow to a ClusterIP on
         // a port it does not serve too (kube-proxy's nftables `cluster-ips-check`). Only
@@ -219,11 +230,19 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
     // must come back through this node to be un-NATed, so the source becomes this node's
     // address (the one the client used if the agent set none). With a local backend, or
     // externalTrafficPolicy: Local, the client address is preserved.
+    let remote_ns =
+        seen == Seen::FromUplink && b.flags & backend_flags::LOCAL == 0 && svc.flags & svc_flags::LOCAL_ONLY == 0;
+    // Direct server return (`--lb-mode`): no source NAT, the frontend travels to the
+    // backend's node in an IP option (not for a later fragment: it has no ports to go by).
+    // IPv4 only (`Family::DSR`), and only a header without options of its own gets one.
+    let dsr = remote_ns
+        && F::DSR
+        && !p.no_l4()
+        && p.l4_off == p.l3_off + IP_HLEN
+        && lb_mode::dsr_for(lb::node_config().lb_mode, p.proto);
     let snat_addr = match seen {
         Seen::FromPod if !F::is_unset(hairpin) && b.addr == p.saddr => Some(hairpin),
-        Seen::FromUplink if b.flags & backend_flags::LOCAL == 0 && svc.flags & svc_flags::LOCAL_ONLY == 0 => {
-            Some(if F::is_unset(node_snat) { p.daddr } else { node_snat })
-        }
+        _ if remote_ns && !dsr => Some(if F::is_unset(node_snat) { p.daddr } else { node_snat }),
         _ => None,
     };
     // SCTP's CRC32c covers its ports and is not updated here: a flow whose ports would be
@@ -243,6 +262,7 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
         now,
         ifindex: side,
         reply_ifindex,
+        dsr: if dsr { dsr::FLOW } else { 0 },
     };
     match snat_addr {
         Some(addr) => {
@@ -258,10 +278,54 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
         None => match ct::create::<F>(p, &flow, w) {
             Ok(()) => {
                 let nat = Nat { saddr: p.saddr, sport: p.sport, daddr: b.addr, dport: b.port };
-                Decision::rewrite(Action::Rewrite, nat, Verdict::NewFlow, svc.id)
+                let action = if dsr { Action::Dsr } else { Action::Rewrite };
+                Decision::rewrite(action, nat, Verdict::NewFlow, svc.id)
             }
             Err(e) => Decision::new(Action::Drop, e.verdict(), svc.id),
         },
+    }
+}
+
+/// Direct server return, on the backend's node: an uplink packet for a local pod that
+/// carries the frontend its client used (`Packet::dsr_addr`/`dsr_port`, put there by the
+/// node the client reached). Conntrack records the flow as if this node had balanced it
+/// (client -> frontend, DNATed to the pod), so the pod's replies leave the uplink
+/// (`to_uplink`) rewritten from the frontend, straight to the client. The packet itself
+/// passes unchanged: the kernel ignores the option (an unknown type on a received packet),
+/// and does not echo it in its answers.
+///
+/// The frontend cannot always be checked here: a NodePort's address is the receiving
+/// node's, which this node does not serve. An ExternalIP or LoadBalancer IP this node
+/// serves gets its service's id (per-service counters); anything else is believed as the
+/// option says, as Cilium does. A forged option can only make a pod answer the packet's
+/// own source from another address, which that source could have spoofed itself.
+#[inline(always)]
+fn dsr_backend_node<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    let q = Packet { daddr: p.dsr_addr, dport: p.dsr_port, ..*p };
+    let svc_id = lb::service_lookup::<F>(&q, SCOPE_EXTERNAL).map(|s| s.id).unwrap_or(0);
+    match ct::lookup::<F>(&q, false, proxy_common::ct::IFINDEX_UPLINK, w) {
+        // A later datagram of the flow (UDP carries the option on every packet), or a
+        // retransmitted SYN: the entry stands (refreshed by the lookup).
+        Ct::Established => return Decision::new(Action::Pass, Verdict::Dsr, svc_id),
+        Ct::Invalid => return Decision::new(Action::Drop, Verdict::CtInvalid, svc_id),
+        Ct::New | Ct::Reply => {}
+    }
+    let backend = Backend { addr: p.daddr, port: p.dport, ..Backend::default() };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow = ct::NewFlow {
+        svc_id,
+        backend_id: 0,
+        backend: &backend,
+        snat_addr: F::Addr::default(),
+        now,
+        ifindex: proxy_common::ct::IFINDEX_UPLINK,
+        reply_ifindex: 0,
+        dsr: 0,
+    };
+    match ct::create::<F>(&q, &flow, w) {
+        Ok(()) => Decision::new(Action::Pass, Verdict::Dsr, svc_id),
+        Err(e) => Decision::new(Action::Drop, e.verdict(), svc_id),
     }
 }
 

@@ -18,7 +18,7 @@ use proxy_common::{Ipv6Words, PROTO_TCP, PROTO_UDP};
 use crate::{
     csum,
     hdr::{
-        ETH_HLEN, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH, ICMP6_DEST_UNREACH,
+        ETH_HLEN, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMP_PORT_UNREACH, ICMP6_DEST_UNREACH,
         ICMP6_PORT_UNREACH, IP_CSUM_OFF, IP_DF, IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF,
         IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF,
         IPV4_VIHL, IPV6_VERSION, L4_DPORT_OFF, L4_SPORT_OFF, MACS_LEN, PROTO_ICMP, PROTO_ICMP6, TCP_ACK, TCP_ACK_OFF,
@@ -153,6 +153,25 @@ fn port_unreachable_frame(h: &[u8; UDP_QUOTE_LEN], p: &Packet, out: &mut [u8; UN
     seal(icmp, 0, ICMP_CSUM_OFF);
 }
 
+/// ICMP fragmentation needed (see `xdp_frag_needed`) answering the packet whose first
+/// bytes are `h`; laid out as the port unreachable above (both quote 28 bytes).
+#[inline(always)]
+fn frag_needed_frame(h: &[u8; UNREACH_LEN], p: &Packet, mtu: u16, out: &mut [u8; UNREACH_LEN]) {
+    const ICMP_OFF: usize = ETH_HLEN + IP_HLEN;
+    const BODY: usize = ICMP_HLEN + IP_HLEN + UDP_HLEN;
+    /// The next-hop MTU's place in the ICMP header (RFC 1191 section 4).
+    const MTU_OFF: usize = 6;
+    eth_back(h, out);
+    ip_header(p, PROTO_ICMP, UNREACH_LEN - ETH_HLEN, at::<ETH_HLEN, IP_HLEN, UNREACH_LEN>(out));
+    let icmp = at::<ICMP_OFF, BODY, UNREACH_LEN>(out);
+    *icmp = [0u8; BODY];
+    icmp[0] = ICMP_DEST_UNREACH;
+    icmp[1] = ICMP_FRAG_NEEDED;
+    icmp[MTU_OFF..MTU_OFF + 2].copy_from_slice(&mtu.to_be_bytes());
+    icmp[ICMP_HLEN..].copy_from_slice(&h[ETH_HLEN..ETH_HLEN + IP_HLEN + UDP_HLEN]);
+    seal(icmp, 0, ICMP_CSUM_OFF);
+}
+
 // IPv6.
 
 #[inline(always)]
@@ -261,6 +280,18 @@ pub fn xdp_reset(ctx: &XdpContext, p: &Packet) -> u32 {
         return xdp_action::XDP_DROP;
     }
     xdp_answer::<RST_LEN>(ctx, |h, out| rst_frame(h, p, out))
+}
+
+/// XDP: ICMP fragmentation needed (RFC 1191: destination unreachable, code 4, the next-hop
+/// MTU in the low 16 bits of the unused word) for a datagram that cannot be forwarded
+/// whole, quoting its IPv4 header (no options) and first 8 bytes as the client sent them,
+/// from the frontend it addressed. The frame shrinks to the answer, so nothing has to grow.
+#[inline(never)]
+pub fn xdp_frag_needed(ctx: &XdpContext, p: &Packet, mtu: u16) -> u32 {
+    if p.l4_off != ETH_HLEN + IP_HLEN {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_answer::<UNREACH_LEN>(ctx, |h, out| frag_needed_frame(h, p, mtu, out))
 }
 
 /// `xdp_reset` for IPv6; a function of its own so it does not add to the caller's frame.

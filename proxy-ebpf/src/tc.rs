@@ -108,6 +108,17 @@ impl<const TO_CLIENT: bool, F: TcFamily> Rewrite<F> for Tc<TO_CLIENT> {
     fn reject(ctx: &TcContext, p: &Packet<F::Addr>) -> i32 {
         F::reject(ctx, p).unwrap_or(TC_ACT_SHOT)
     }
+
+    /// Never asked: DSR is decided for uplink traffic only, which XDP handles.
+    #[inline(always)]
+    fn dsr_option(_ctx: &TcContext, _vip: F::Addr, _vport: u16) -> Result<(), Verdict> {
+        Err(Verdict::Error)
+    }
+
+    #[inline(always)]
+    fn dsr_too_big(_ctx: &TcContext, _p: &Packet<F::Addr>) -> Option<i32> {
+        None
+    }
 }
 
 /// How an address is rewritten in each family: where it sits in the IP header, and which

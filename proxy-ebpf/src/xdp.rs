@@ -21,11 +21,19 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_get_buff_len},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
+        bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_get_buff_len,
+    },
     programs::XdpContext,
 };
-use proxy_common::{Ipv6Words, NeighKey, PROTO_UDP, Verdict};
+use proxy_common::{
+    Ipv6Words, NeighKey, PROTO_UDP, Verdict,
+    dsr::{OPT4_LEN as DSR_OPT4_LEN, OPT4_TYPE as DSR_OPT4_TYPE},
+};
 
 use crate::{
     csum,
@@ -34,7 +42,8 @@ use crate::{
     handoff,
     hdr::{
         ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_DST_OFF,
-        IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L4_DPORT_OFF, L4_PORTS_LEN, L4_SPORT_OFF, MACS_LEN,
+        IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IPV4_VIHL, L4_DPORT_OFF, L4_PORTS_LEN, L4_SPORT_OFF,
+        MACS_LEN,
     },
     icmp::IcmpFamily,
     parse::{MAX_L4_OFF, Packet, Parse},
@@ -98,6 +107,16 @@ impl<F: XdpFamily> Rewrite<F> for Xdp {
     fn reject(ctx: &XdpContext, p: &Packet<F::Addr>) -> u32 {
         F::reset(ctx, p)
     }
+
+    #[inline(always)]
+    fn dsr_option(ctx: &XdpContext, vip: F::Addr, vport: u16) -> Result<(), Verdict> {
+        F::dsr_option(ctx, vip, vport).map_err(|()| Verdict::Error)
+    }
+
+    #[inline(always)]
+    fn dsr_too_big(ctx: &XdpContext, p: &Packet<F::Addr>) -> Option<u32> {
+        F::dsr_too_big(ctx, p)
+    }
 }
 
 #[inline(always)]
@@ -126,6 +145,10 @@ trait XdpFamily: IcmpFamily {
     /// The next hop the FIB lookup reported (for a NO_NEIGH result).
     fn fib_next_hop(fib: &FibParams) -> Self::Addr;
     fn reset(ctx: &XdpContext, p: &Packet<Self::Addr>) -> u32;
+    /// Direct server return: carry `vip`:`vport` to the backend's node (`proxy_common::dsr`).
+    fn dsr_option(ctx: &XdpContext, vip: Self::Addr, vport: u16) -> Result<(), ()>;
+    /// See `Rewrite::dsr_too_big`.
+    fn dsr_too_big(ctx: &XdpContext, p: &Packet<Self::Addr>) -> Option<u32>;
 }
 
 impl XdpFamily for V4 {
@@ -181,6 +204,26 @@ impl XdpFamily for V4 {
     fn reset(ctx: &XdpContext, p: &Packet<u32>) -> u32 {
         reject::xdp_reset(ctx, p)
     }
+    #[inline(always)]
+    fn dsr_option(ctx: &XdpContext, vip: u32, vport: u16) -> Result<(), ()> {
+        dsr_option4(ctx, vip, vport)
+    }
+    /// Checked against the MTU of the uplink the packet came in on, where XDP sends it back
+    /// out (a route out of another device is still checked by the FIB lookup, which drops
+    /// what does not fit as `no_route`).
+    #[inline(always)]
+    fn dsr_too_big(ctx: &XdpContext, p: &Packet<u32>) -> Option<u32> {
+        // In: 0 = check the frame's own length; out: the device's (L3) MTU.
+        let mut mtu: u32 = 0;
+        // SAFETY: helper on our own context; `mtu` is a valid u32 on our stack.
+        let rc = unsafe { bpf_check_mtu(ctx.ctx as *mut _, 0, &mut mtu, DSR_OPT as i32, 0) };
+        if rc != BPF_MTU_CHK_RET_FRAG_NEEDED as i64 {
+            return None;
+        }
+        // What the client may send so that the packet and the option fit.
+        let room = mtu.saturating_sub(DSR_OPT as u32) as u16;
+        Some(reject::xdp_frag_needed(ctx, p, room))
+    }
 }
 
 impl XdpFamily for V6 {
@@ -223,6 +266,72 @@ impl XdpFamily for V6 {
     fn reset(ctx: &XdpContext, p: &Packet<Ipv6Words>) -> u32 {
         reject::xdp_reset6(ctx, p)
     }
+    /// Not built yet (`Family::DSR` is false for IPv6): never asked.
+    #[inline(always)]
+    fn dsr_option(_ctx: &XdpContext, _vip: Ipv6Words, _vport: u16) -> Result<(), ()> {
+        Err(())
+    }
+    #[inline(always)]
+    fn dsr_too_big(_ctx: &XdpContext, _p: &Packet<Ipv6Words>) -> Option<u32> {
+        None
+    }
+}
+
+/// The Ethernet and IPv4 headers the DSR option is inserted after.
+const DSR_HDRS: usize = ETH_HLEN + IP_HLEN;
+const DSR_OPT: usize = DSR_OPT4_LEN as usize;
+
+/// Insert the DSR option (`proxy_common::dsr`) after the IPv4 header of an option-less
+/// packet: the frame grows by 8 bytes at its head, the Ethernet and IP headers move to the
+/// new start, the option fills the gap they left. IHL, total length and the header
+/// checksum follow; the L4 checksum does not change (its pseudo-header has the L4 length,
+/// not the IP one).
+#[inline(always)]
+fn dsr_option4(ctx: &XdpContext, vip: u32, vport: u16) -> Result<(), ()> {
+    // Only an IPv4 header without options gets one (the pipeline decides DSR for those).
+    let ip = ptr_mut::<[u8; IP_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *const u8;
+    // SAFETY: within the IPv4 header checked above.
+    if unsafe { *ip } != IPV4_VIHL {
+        return Err(());
+    }
+    // SAFETY: helper on our own context; a negative delta grows the frame at its head.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(DSR_OPT as i32)) } != 0 {
+        return Err(());
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let hdrs = ptr_mut::<[u8; DSR_HDRS + DSR_OPT]>(start, end, 0).ok_or(())? as *mut u8;
+    // SAFETY: every access is within the DSR_HDRS + DSR_OPT bytes checked just above.
+    unsafe {
+        // Move the headers forward, 2 bytes at a time from the front: the source is
+        // always ahead of the destination, so nothing is overwritten before it is read.
+        let mut i = 0;
+        while i < DSR_HDRS {
+            (hdrs.add(i) as *mut u16).write_unaligned((hdrs.add(i + DSR_OPT) as *const u16).read_unaligned());
+            i += 2;
+        }
+        let opt = hdrs.add(DSR_HDRS);
+        *opt = DSR_OPT4_TYPE;
+        *opt.add(1) = DSR_OPT4_LEN;
+        (opt.add(2) as *mut u16).write_unaligned(vport);
+        (opt.add(4) as *mut u32).write_unaligned(vip);
+        let ip = hdrs.add(ETH_HLEN);
+        let vihl_word = ip as *mut u16;
+        let old_vihl = vihl_word.read_unaligned();
+        *ip = IPV4_VIHL + (DSR_OPT / 4) as u8;
+        let new_vihl = vihl_word.read_unaligned();
+        let tot_len = ip.add(IP_TOT_LEN_OFF) as *mut u16;
+        let old_len = tot_len.read_unaligned();
+        let new_len = (u16::from_be(old_len) + DSR_OPT as u16).to_be();
+        tot_len.write_unaligned(new_len);
+        let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
+        let mut c = csum::replace2(ip_csum.read_unaligned(), old_vihl, new_vihl);
+        c = csum::replace2(c, old_len, new_len);
+        // The option's two words enter the sum (replacing the zero they were not).
+        c = csum::replace4(c, 0, (opt as *const u32).read_unaligned());
+        c = csum::replace4(c, 0, (opt.add(4) as *const u32).read_unaligned());
+        ip_csum.write_unaligned(c);
+    }
+    Ok(())
 }
 
 /// Rewrite the packet's addresses and ports to `n`, updating the IP header checksum (IPv4)

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::dataplane::{
     attach::{TcAttachChoice, XdpModeChoice},
-    maps::node::PortRange,
+    maps::node::{LbMode, PortRange},
     sock::SocketLbMode,
 };
 use crate::trace::{At, Proto};
@@ -36,6 +36,11 @@ value_enum!(SocketLbMode {
     On => "on": "Every socket in the cgroup is translated at connect()/sendmsg()",
     Off => "off": "No socket-level translation; the links of an earlier agent are removed",
     HostOnly => "host-only": "Only sockets of the host network namespace; pod sockets go through the TC path (for service meshes whose sidecars must see the ClusterIP)",
+});
+value_enum!(LbMode {
+    Snat => "snat": "Source NAT to this node (kube-proxy's behaviour): replies come back through it",
+    Dsr => "dsr": "Direct server return: the frontend travels in an IP option, the backend's node answers the client directly (IPv4; IPv6 stays snat)",
+    Hybrid => "hybrid": "DSR for TCP, SNAT for UDP",
 });
 value_enum!(XdpModeChoice {
     Auto => "auto": "Native (driver) mode where the driver supports it, generic otherwise",
@@ -481,6 +486,13 @@ pub struct AgentArgs {
     /// whose sidecars must see the ClusterIP). The TC and XDP paths stay in place either way.
     #[arg(long, value_enum, env = "EBPF_PROXY_SOCKET_LB", default_value = "on")]
     pub socket_lb: SocketLbMode,
+    /// How NodePort, ExternalIP and LoadBalancer flows reach a backend on another node:
+    /// `snat` (source NAT to this node, kube-proxy's behaviour), `dsr` (direct server
+    /// return: the backend sees the client's address and its node answers the client
+    /// directly; every node must run with DSR support, and the path must carry IPv4 options)
+    /// or `hybrid` (DSR for TCP, SNAT for UDP). IPv6 flows stay source-NATed.
+    #[arg(long, value_enum, env = "EBPF_PROXY_LB_MODE", default_value = "snat")]
+    pub lb_mode: LbMode,
     /// cgroup v2 directory the socket-level programs are attached to (they see the sockets
     /// of every process below it, whatever their network namespace). Default: the node's
     /// cgroup v2 root, detected (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host).

@@ -76,6 +76,27 @@ impl Held {
         Ok((name.to_string(), peer.parse().with_context(|| format!("bad peer in {line:?}"))?))
     }
 
+    /// Download: ask the server for `n` bytes (`bulk N`) and read them all.
+    pub fn download(&mut self, n: usize) -> Result<()> {
+        self.reader.get_mut().write_all(format!("bulk {n}\n").as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        anyhow::ensure!(line.trim_end().len() == n, "downloaded {} of {n} bytes", line.trim_end().len());
+        Ok(())
+    }
+
+    /// Upload: send `n` bytes as one line; the server answers it with its name.
+    pub fn upload(&mut self, n: usize) -> Result<String> {
+        let mut data = vec![b'y'; n];
+        data.push(b'\n');
+        self.reader.get_mut().write_all(&data)?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_string())
+    }
+
     /// The connection's local address (the client's side of its conntrack tuple).
     pub fn local(&self) -> Result<SocketAddr> {
         Ok(self.reader.get_ref().local_addr()?)

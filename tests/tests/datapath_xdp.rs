@@ -105,3 +105,82 @@ fn xdp_icmp_errors_about_snat_flows_reach_the_client() {
     }
     assert_ne!(snat_port, 40000, "the flow was source-NATed");
 }
+
+/// The Internet checksum of `b` verifies (sums to 0xffff with its checksum field in).
+fn csum_verifies(b: &[u8]) -> bool {
+    let mut s: u32 = b.chunks(2).map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0))).sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s == 0xffff
+}
+
+/// Direct server return on the wire (issue 24 item 2), with `--lb-mode dsr`:
+/// - the node the client reached forwards the SYN to the remote backend DNATed only (the
+///   client's source kept), with the frontend in an 8-byte IPv4 option (IHL 7, type 0x9e,
+///   length 8, port, address) and valid IP and TCP checksums; later segments go without it;
+/// - the backend's node (another dataplane) passes that SYN unchanged, counts it `dsr`, and
+///   its `to_uplink` then sends the backend's answer from the frontend;
+/// - a full-sized datagram that the option would push past the uplink's MTU is answered
+///   with ICMP fragmentation needed advertising 1492, quoting the client's own header.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn xdp_dsr_option_inserted_learnt_and_too_big_answered() {
+    use proxy_common::{NodeConfig, lb_mode};
+    use proxy_userspace::dataplane::maps::node::{PortRange, node_config};
+    require_root("xdp_dsr_option_inserted_learnt_and_too_big_answered");
+    let a = Family::V4.addrs();
+    let (node, client_ip, remote_pod) = (four(a.node), four(a.ext_client), four(a.remote_pod));
+    let net = fwd_ns(Family::V4);
+    let up0 = net.uplink_ifindex();
+    let mut dp = TestDataplane::load();
+    let dsr = NodeConfig { lb_mode: lb_mode::DSR, ..node_config(None, None, PortRange::default()) };
+    dp.node().set_config(&dsr).unwrap();
+    dp.program(vec![
+        (ext(node, NODE_PORT, Protocol::Tcp), ext_entry(FrontendKind::NodePort, &[(remote_pod, 8080, false)])),
+        (ext(node, NODE_PORT, Protocol::Udp), ext_entry(FrontendKind::NodePort, &[(remote_pod, 8080, false)])),
+    ]);
+    let client = (client_ip, 40000);
+    let syn = tcp_segment(client, (node, NODE_PORT), tcp::SYN, b"");
+    let (v, fwd) = net.ns.run(|| dp.run_xdp_on(XDP, &syn, up0));
+    assert_eq!(v, XDP_TX, "forwarded");
+    let d = decode(&fwd);
+    assert_eq!((d.src, d.dst), (client, (remote_pod, 8080)), "DNAT only");
+    assert!(d.ip_csum_ok && d.l4_csum_ok, "checksums");
+    assert_eq!((fwd.len(), fwd[14]), (syn.len() + 8, 0x47), "an 8-byte option: IHL 7");
+    let mut opt = vec![0x9e, 8];
+    opt.extend(NODE_PORT.to_be_bytes());
+    opt.extend(node.octets());
+    assert_eq!(&fwd[34..42], &opt[..], "the option carries the frontend");
+    assert_eq!(&fwd[42 + 4..42 + 16], &syn[34 + 4..34 + 16], "the TCP header follows the option");
+    assert_eq!(dp.global(verdict::NEW_FLOW), 1);
+
+    let ack = tcp_segment(client, (node, NODE_PORT), tcp::ACK, b"data");
+    let (v, fwd2) = net.ns.run(|| dp.run_xdp_on(XDP, &ack, up0));
+    let d2 = decode(&fwd2);
+    assert_eq!((v, fwd2[14], d2.src, d2.dst), (XDP_TX, 0x45, client, (remote_pod, 8080)), "later segments: no option");
+    assert!(d2.ip_csum_ok && d2.l4_csum_ok);
+
+    // The backend's node: an agent of its own, no frontend of node 1's.
+    let mut b = TestDataplane::load();
+    let (v, passed) = b.run(XDP, &fwd);
+    assert_eq!((v, passed.as_slice()), (XDP_PASS, fwd.as_slice()), "passed on to the pod unchanged");
+    assert_eq!(b.global(verdict::DSR), 1, "learnt from the option");
+    let synack = tcp_segment((remote_pod, 8080), client, tcp::SYN | tcp::ACK, b"");
+    let (v, reply) = b.run_tc_from(TO_UPLINK, &synack, 7);
+    let r = decode(&reply);
+    assert_eq!((v, r.src, r.dst), (TC_ACT_UNSPEC, (node, NODE_PORT), client), "the answer leaves from the frontend");
+    assert!(r.ip_csum_ok && r.l4_csum_ok);
+
+    // Too big with the option: fragmentation needed, MTU 1500 - 8.
+    let big = udp_frame((client_ip, 40001), (node, NODE_PORT), &[7u8; 1500 - 20 - 8]);
+    let before = dp.global(verdict::DSR_TOO_BIG);
+    let (v, icmp) = net.ns.run(|| dp.run_xdp_on(XDP, &big, up0));
+    assert_eq!((v, icmp.len()), (XDP_TX, 14 + 20 + 8 + 28), "answered in place");
+    assert_eq!(dp.global(verdict::DSR_TOO_BIG), before + 1);
+    assert_eq!((&icmp[..6], &icmp[6..12]), (&big[6..12], &big[..6]), "back where it came from");
+    assert_eq!((icmp[14 + 9], &icmp[26..30], &icmp[30..34]), (1, &node.octets()[..], &client_ip.octets()[..]));
+    assert_eq!((icmp[34], icmp[35], &icmp[40..42]), (3, 4, &1492u16.to_be_bytes()[..]), "frag needed, MTU 1492");
+    assert_eq!(&icmp[42..70], &big[14..42], "quotes the client's own IP header and UDP header");
+    assert!(csum_verifies(&icmp[14..34]) && csum_verifies(&icmp[34..]), "IP and ICMP checksums");
+}

@@ -14,7 +14,7 @@ use crate::{
         attach::ifaces::{Discovery, IfacePatterns},
         attach::{TcAttachChoice, XdpModeChoice},
         maps::loader::LoaderConfig,
-        maps::node::PortRange,
+        maps::node::{LbMode, PortRange},
         sock::SocketLbMode,
     },
     model::node::NodePortAddresses,
@@ -75,6 +75,8 @@ pub struct AgentConfig {
     /// `--tc-attach`.
     pub tc_attach: TcAttachChoice,
     pub snat_port_range: PortRange,
+    /// `--lb-mode`.
+    pub lb_mode: LbMode,
     pub hairpin_address: Ipv4Addr,
     pub hairpin_address6: Ipv6Addr,
     /// `--nodeport-addresses`: which local addresses serve NodePorts.
@@ -136,6 +138,7 @@ impl AgentConfig {
             xdp_mode: args.xdp_mode,
             tc_attach: args.tc_attach,
             snat_port_range: args.snat_port_range,
+            lb_mode: args.lb_mode,
             hairpin_address: args.hairpin_address,
             hairpin_address6: args.hairpin_address6,
             nodeport_addresses: nodeport_addresses(&args.nodeport_addresses)?,

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::config::AgentConfig;
 use crate::{
-    dataplane::maps::node::PortRange,
+    dataplane::maps::node::{LbMode, PortRange},
     health::Health,
     model::{
         Translator,
@@ -43,6 +43,8 @@ pub(super) struct ThisNode {
     hairpin_address: Ipv4Addr,
     hairpin_address6: Ipv6Addr,
     snat_port_range: PortRange,
+    /// `--lb-mode`.
+    lb_mode: LbMode,
 }
 
 impl ThisNode {
@@ -63,6 +65,7 @@ impl ThisNode {
             hairpin_address: config.hairpin_address,
             hairpin_address6: config.hairpin_address6,
             snat_port_range: config.snat_port_range,
+            lb_mode: config.lb_mode,
         }
     }
 
@@ -103,7 +106,12 @@ impl ThisNode {
         let node = self.object.as_deref();
         let ports = (self.snat_port_range.min, self.snat_port_range.max);
         [
-            NodeFacts::V4 { snat: snat_address(node), hairpin: self.hairpin_address, snat_ports: ports },
+            NodeFacts::V4 {
+                snat: snat_address(node),
+                hairpin: self.hairpin_address,
+                snat_ports: ports,
+                lb_mode: self.lb_mode,
+            },
             NodeFacts::V6 { snat: snat_address6(node), hairpin: self.hairpin_address6 },
         ]
     }

@@ -5,7 +5,7 @@
 //! steps 1 and 10); each effect is logged here, where it is carried out.
 use std::net::IpAddr;
 
-use proxy_common::{IdMarks, MaglevKey, ServiceMeta, ServiceValue, SlotKey};
+use proxy_common::{IdMarks, MaglevKey, NodeConfig, ServiceMeta, ServiceValue, SlotKey};
 use tracing::info;
 
 use super::socket_lb::SockLb;
@@ -43,13 +43,15 @@ fn snat_shown(a: Option<impl ToString>) -> String {
 impl MapStore for AgentStore {
     fn put_node_config(&mut self, facts: &NodeFacts) -> StoreResult {
         match *facts {
-            NodeFacts::V4 { snat, hairpin, snat_ports: (min, max) } => {
+            NodeFacts::V4 { snat, hairpin, snat_ports: (min, max), lb_mode } => {
                 let ports = PortRange { min, max };
-                self.node.set_config(&node_config(snat, Some(hairpin), ports))?;
+                let config = NodeConfig { lb_mode: lb_mode.to_map(), ..node_config(snat, Some(hairpin), ports) };
+                self.node.set_config(&config)?;
                 info!(
                     snat_address = %snat_shown(snat),
                     hairpin_address = %hairpin,
                     snat_ports = %ports,
+                    %lb_mode,
                     "node config written"
                 );
             }

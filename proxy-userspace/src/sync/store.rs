@@ -24,7 +24,10 @@ use proxy_common::{
 };
 
 use super::ids::{BackendId, ServiceId};
-use crate::model::{IpFamily, IpPrefix};
+use crate::{
+    dataplane::maps::node::LbMode,
+    model::{IpFamily, IpPrefix},
+};
 
 /// A `SERVICES` / `SERVICES6` key; port in network byte order as in the maps.
 pub type AnyServiceKey = ServiceKey<IpAddr>;
@@ -51,6 +54,8 @@ pub enum NodeFacts {
         hairpin: Ipv4Addr,
         /// The SNAT source ports, inclusive (min, max); shared by both families.
         snat_ports: (u16, u16),
+        /// `--lb-mode`; shared by both families.
+        lb_mode: LbMode,
     },
     V6 {
         snat: Option<Ipv6Addr>,

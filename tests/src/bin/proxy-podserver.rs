@@ -1,7 +1,8 @@
 //! A tiny pod: answers with its name over TCP (one line per line received, plus one on
 //! connect) and UDP (one datagram per datagram). A TCP line "who" is answered with
 //! "<name> <peer-ip>": the address the pod sees the connection coming from (client IP
-//! preserved, or SNATed). Serves IPv4, and IPv6 too where the pod has it (separate sockets:
+//! preserved, or SNATed). A line "bulk N" is answered with N bytes of 'x' and a newline
+//! (a download, for transfer tests). Serves IPv4, and IPv6 too where the pod has it (separate sockets:
 //! dual-stack test pods set `net.ipv6.bindv6only`, so v4 peers are seen as plain IPv4).
 //! Runs until killed.
 use std::{
@@ -63,7 +64,15 @@ fn serve_tcp(tcp: TcpListener, name: String) {
             let Ok(read_half) = conn.try_clone() else { return };
             for l in BufReader::new(read_half).lines() {
                 let Ok(l) = l else { return };
-                let answer = if l.trim() == "who" { &who } else { &line };
+                let bulk;
+                let answer = match l.trim().strip_prefix("bulk ").and_then(|n| n.parse::<usize>().ok()) {
+                    Some(n) => {
+                        bulk = format!("{}\n", "x".repeat(n));
+                        &bulk
+                    }
+                    None if l.trim() == "who" => &who,
+                    None => &line,
+                };
                 if conn.write_all(answer.as_bytes()).is_err() {
                     return;
                 }
