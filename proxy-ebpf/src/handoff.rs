@@ -17,6 +17,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
+/// Whether this kernel lets XDP grow its metadata (`bpf_xdp_adjust_meta`). The loader
+/// sets it from a probe: some kernels refuse the helper to XDP outright, and the verifier
+/// rejects a call it walks. Read from the frozen `.rodata`, so that with 0 the verifier
+/// prunes the call as dead code and the packet takes the plain redirect.
+#[unsafe(no_mangle)]
+static XDP_METADATA: u8 = 1;
+
 /// "epHO": marks our metadata (another XDP program could leave its own).
 const MAGIC: u32 = 0x6570_484f;
 
@@ -28,11 +35,16 @@ struct Handoff {
     ifindex: u32,
 }
 
-/// Tag the packet for `uplink_handoff` to send out of `ifindex`. False when the driver has
-/// no XDP metadata (the caller then redirects as before). Invalidates every packet pointer
+/// Tag the packet for `uplink_handoff` to send out of `ifindex`. False when the kernel or
+/// the driver has no XDP metadata (the caller then redirects as before). Invalidates every packet pointer
 /// the caller holds (the helper moves `data_meta`).
 #[inline(always)]
 pub fn tag(ctx: &XdpContext, ifindex: u32) -> bool {
+    // SAFETY: a read of our own static; volatile so that the compiler keeps the load of
+    // the value the loader patched in instead of folding the initialiser.
+    if unsafe { core::ptr::read_volatile(&raw const XDP_METADATA) } == 0 {
+        return false;
+    }
     // SAFETY: helper on our own context; a negative delta grows the metadata area.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size_of::<Handoff>() as i32)) } != 0 {
         return false;

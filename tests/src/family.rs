@@ -29,6 +29,7 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 pub const XDP_DROP: i32 = 1;
 pub const XDP_PASS: i32 = 2;
 pub const XDP_TX: i32 = 3;
+pub const XDP_REDIRECT: i32 = 4;
 
 pub const ETH_HLEN: usize = 14;
 
@@ -247,6 +248,89 @@ impl Family {
             Family::V6 => node.set_config6(&node_config6(six(snat), six(hairpin))),
         }
         .expect("NODE_CONFIG");
+    }
+}
+
+/// The hook a scenario runs on, and what it means there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// TC on a pod's veth: a pod client reaches a ClusterIP (`from_pod`); replies enter the
+    /// pod (`to_pod`).
+    Pod,
+    /// XDP on the uplink: an outside client reaches a NodePort (`from_uplink`); a local
+    /// backend's replies leave through the uplink (`to_uplink`).
+    Uplink,
+}
+
+impl Hook {
+    pub const BOTH: [Hook; 2] = [Hook::Pod, Hook::Uplink];
+
+    pub fn forward(self) -> &'static str {
+        match self {
+            Hook::Pod => FROM_POD,
+            Hook::Uplink => FROM_UPLINK,
+        }
+    }
+
+    pub fn reverse(self) -> &'static str {
+        match self {
+            Hook::Pod => TO_POD,
+            Hook::Uplink => TO_UPLINK,
+        }
+    }
+
+    /// What the forward program returns for a translated packet it lets go on.
+    pub fn pass(self) -> i32 {
+        match self {
+            Hook::Pod => TC_ACT_UNSPEC,
+            Hook::Uplink => XDP_PASS,
+        }
+    }
+
+    pub fn drop(self) -> i32 {
+        match self {
+            Hook::Pod => TC_ACT_SHOT,
+            Hook::Uplink => XDP_DROP,
+        }
+    }
+
+    /// What the forward program returns for an answer it sends back itself.
+    pub fn answer(self) -> i32 {
+        match self {
+            Hook::Pod => TC_ACT_REDIRECT,
+            Hook::Uplink => XDP_TX,
+        }
+    }
+
+    pub fn client(self, a: &Addrs) -> IpAddr {
+        match self {
+            Hook::Pod => a.client,
+            Hook::Uplink => a.ext_client,
+        }
+    }
+
+    /// The hook's frontend: a ClusterIP VIP:80 for pods, NODE:NODE_PORT outside.
+    pub fn frontend(self, a: &Addrs, proto: Protocol) -> FrontendKey {
+        match self {
+            Hook::Pod => fk(a.vip, 80, proto, Scope::Internal),
+            Hook::Uplink => fk(a.node, NODE_PORT, proto, Scope::External),
+        }
+    }
+
+    pub fn kind(self) -> FrontendKind {
+        match self {
+            Hook::Pod => FrontendKind::ClusterIP,
+            Hook::Uplink => FrontendKind::NodePort,
+        }
+    }
+
+    /// Its backends: three pods for the ClusterIP; one pod of this node for the NodePort
+    /// (a remote one is forwarded: the `remote_*` scenarios).
+    pub fn backends(self, a: &Addrs) -> Vec<(IpAddr, u16, bool)> {
+        match self {
+            Hook::Pod => a.backends().iter().map(|b| (*b, 8080, true)).collect(),
+            Hook::Uplink => vec![(a.local_pod, 8080, true)],
+        }
     }
 }
 

@@ -15,45 +15,6 @@ use proxy_tests::{
 };
 use proxy_userspace::model::{DesiredState, FrontendKind, IpPrefix, Protocol, Scope};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Pod,
-    Uplink,
-}
-
-impl Hook {
-    fn program(self) -> &'static str {
-        match self {
-            Hook::Pod => FROM_POD,
-            Hook::Uplink => FROM_UPLINK,
-        }
-    }
-    fn pass(self) -> i32 {
-        match self {
-            Hook::Pod => TC_ACT_UNSPEC,
-            Hook::Uplink => XDP_PASS,
-        }
-    }
-    fn drop(self) -> i32 {
-        match self {
-            Hook::Pod => TC_ACT_SHOT,
-            Hook::Uplink => XDP_DROP,
-        }
-    }
-    fn answer(self) -> i32 {
-        match self {
-            Hook::Pod => TC_ACT_REDIRECT,
-            Hook::Uplink => XDP_TX,
-        }
-    }
-    fn client(self, a: &Addrs) -> IpAddr {
-        match self {
-            Hook::Pod => a.client,
-            Hook::Uplink => a.ext_client,
-        }
-    }
-}
-
 /// Where a row's packet goes.
 #[derive(Clone, Copy, Debug)]
 enum Dest {
@@ -268,7 +229,7 @@ fn unallocated_service_ips_are_refused_both_families() {
         let mut dp = dps[fam as usize].borrow_mut();
         let before = dp.global_in(fam.stats(), row.verdict);
         let ct_before = dp.maps().ct_len();
-        let (rc, out) = dp.run(row.hook.program(), &f);
+        let (rc, out) = dp.run(row.hook.forward(), &f);
         check(fam, row, dst, src, &f, rc, &out);
         assert_eq!(dp.global_in(fam.stats(), row.verdict), before + 1, "counted {}", vname(row.verdict));
         if !matches!(row.answer, Answer::Served) {

@@ -203,6 +203,7 @@ fn check_kernel(config: &AgentConfig) -> Result<()> {
         kernel = %features.release,
         xdp_multi_buffer = ?features.xdp_multi_buffer,
         redirect_neigh = ?features.redirect_neigh,
+        xdp_metadata = features.xdp_metadata,
         sock_addr_set_retval = ?features.sock_addr_set_retval,
         tcx = features.tcx,
         attachments = if features.tcx { "tcx links" } else { "clsact filters (no tcx: kernel < 6.6)" },
@@ -211,6 +212,14 @@ fn check_kernel(config: &AgentConfig) -> Result<()> {
         uplink_drivers = ?features.uplink_drivers,
         "kernel features"
     );
+    if !features.xdp_metadata {
+        warn!(
+            kernel = %features.release,
+            "kernel refuses bpf_xdp_adjust_meta to XDP: north-south packets XDP forwards to a remote backend \
+             behind a tunnel device (VXLAN/IPIP overlay) are redirected there directly, which works in \
+             generic XDP mode only (--xdp-mode generic); native XDP drops them"
+        );
+    }
     let socket_lb = match config.socket_lb {
         SocketLbMode::Off => None,
         SocketLbMode::On => Some("on"),

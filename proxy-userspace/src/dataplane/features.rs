@@ -5,6 +5,9 @@
 //!
 //! - the XDP program calls `bpf_xdp_get_buff_len` (multi-buffer frames, Linux >= 5.18) and
 //!   the uplink's TC hand-off `bpf_redirect_neigh` (5.10): without them nothing loads;
+//! - XDP metadata (`bpf_xdp_adjust_meta`), which the XDP program uses to hand packets for a
+//!   tunnel device to the uplink's TC ingress: some kernels refuse it to XDP, and then the
+//!   loader turns the hand-off off (a warning says what that costs) instead of failing;
 //! - socket-level load balancing needs a cgroup v2 hierarchy and cgroup `sock_addr`
 //!   programs with `bpf_set_retval` (5.18);
 //! - tcx (6.6) makes attachments bpf_links that survive restarts and that the datapath
@@ -29,6 +32,7 @@ pub struct KernelFeatures {
     pub release: String,
     pub xdp_multi_buffer: Option<bool>,
     pub redirect_neigh: Option<bool>,
+    pub xdp_metadata: bool,
     pub sock_addr_set_retval: Option<bool>,
     pub tcx: bool,
     pub btf: bool,
@@ -56,6 +60,12 @@ fn helper(program: ProgramType, helper: BpfHelper) -> Option<bool> {
     is_helper_supported(program, helper).ok()
 }
 
+/// Whether XDP programs may call `bpf_xdp_adjust_meta`. A failed probe counts as yes (the
+/// helper exists since Linux 4.15; the load then says what is wrong).
+pub fn xdp_metadata_supported() -> bool {
+    helper(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta) != Some(false)
+}
+
 impl KernelFeatures {
     /// Probe this kernel (loads and unloads a few two-instruction programs).
     pub fn probe(uplinks: &[String]) -> Self {
@@ -65,6 +75,7 @@ impl KernelFeatures {
                 .unwrap_or_else(|_| "unknown".into()),
             xdp_multi_buffer: helper(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_get_buff_len),
             redirect_neigh: helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_redirect_neigh),
+            xdp_metadata: xdp_metadata_supported(),
             sock_addr_set_retval: helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_set_retval),
             tcx: bpfsys::tcx_supported(),
             btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
@@ -110,6 +121,7 @@ mod tests {
             release: "6.6.0".into(),
             xdp_multi_buffer: Some(true),
             redirect_neigh: Some(true),
+            xdp_metadata: true,
             sock_addr_set_retval: Some(true),
             tcx: true,
             btf: true,

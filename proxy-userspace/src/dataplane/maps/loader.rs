@@ -316,6 +316,10 @@ fn load_programs(
     for (name, size) in cfg.sizes() {
         loader.map_max_entries(name, size);
     }
+    // The XDP hand-off to tunnel devices needs XDP metadata; where the kernel refuses the
+    // helper, the program is loaded with it pruned (see `handoff.rs` in proxy-ebpf).
+    let xdp_metadata = u8::from(crate::dataplane::features::xdp_metadata_supported());
+    loader.override_global("XDP_METADATA", &xdp_metadata, true);
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF] {
         let prog: &mut SchedClassifier = ebpf
