@@ -122,7 +122,6 @@ fn rename_to_map(plan: &Plan, n: usize, dir: &TempDir, pins: &PinDir, rows: &mut
 /// between `e` and `2e`.
 pub fn structure_bytes(n: usize, e: usize) -> Result<Vec<proxy_userspace::memory::Usage>> {
     use proxy_userspace::{
-        memory::objects_usage,
         model::{NodeInfo, Translator},
         sync::{Syncer, store::MemStore},
     };
@@ -135,7 +134,7 @@ pub fn structure_bytes(n: usize, e: usize) -> Result<Vec<proxy_userspace::memory
     translator.commit(&syncer);
     let report = syncer.apply(translator.desired());
     ensure!(report.errors.is_empty(), "sync errors: {:?}", report.errors.first());
-    let mut out = objects_usage(&objs);
+    let mut out = objs.heap_usage();
     out.extend(translator.memory_usage());
     out.extend(syncer.memory_usage());
     Ok(out)

@@ -10,9 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::dataplane::{
     attach::{TcAttachChoice, XdpModeChoice},
-    maps::node::{LbMode, PortRange},
+    maps::node::PortRange,
     sock::SocketLbMode,
 };
+use crate::model::node::LbMode;
 use crate::trace::{At, Proto};
 
 /// clap's side of the option enums that live with the code they configure (`dataplane`,

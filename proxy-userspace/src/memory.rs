@@ -252,54 +252,6 @@ impl HeapSize for EndpointSlice {
     }
 }
 
-// The model's public types.
-
-no_heap!(
-    crate::model::BackendAddr,
-    crate::model::FrontendKey,
-    crate::model::ClaimKey,
-    crate::model::IpPrefix,
-    crate::model::IpFamily,
-    crate::model::BackendWeight
-);
-
-impl HeapSize for crate::model::FrontendEntry {
-    fn heap_bytes(&self) -> usize {
-        self.service.namespace.heap_bytes()
-            + self.service.name.heap_bytes()
-            + self.service.port_name.heap_bytes()
-            + self.backends.heap_bytes()
-            + self.weights.heap_bytes()
-            + self.source_ranges.heap_bytes()
-    }
-}
-
-impl HeapSize for crate::model::HealthCheck {
-    fn heap_bytes(&self) -> usize {
-        self.namespace.heap_bytes() + self.name.heap_bytes()
-    }
-}
-
-impl HeapSize for crate::model::Warning {
-    fn heap_bytes(&self) -> usize {
-        self.object.heap_bytes() + self.message.heap_bytes()
-    }
-}
-
-impl HeapSize for crate::model::DesiredState {
-    fn heap_bytes(&self) -> usize {
-        self.frontends.heap_bytes() + self.health_checks.heap_bytes()
-    }
-}
-
-/// The source's objects, each counted whole (the snapshots share them).
-pub fn objects_usage(objects: &crate::source::Objects) -> Vec<Usage> {
-    vec![
-        Usage { structure: "source.services", bytes: objects.services.heap_bytes() },
-        Usage { structure: "source.slices", bytes: objects.slices.heap_bytes() },
-    ]
-}
-
 /// One structure's estimated heap bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Usage {

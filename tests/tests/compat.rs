@@ -175,7 +175,7 @@ fn nodeport_over_vxlan(xdp_mode: &str) {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn nodeport_to_a_pod_behind_a_vxlan_overlay_native_xdp() {
     require_root("nodeport_to_a_pod_behind_a_vxlan_overlay_native_xdp");
-    if !proxy_userspace::dataplane::features::xdp_metadata_supported() {
+    if !proxy_userspace::dataplane::maps::loader::xdp_metadata_supported() {
         // Native XDP reaches a tunnel device only through the metadata hand-off; the agent
         // warns about it at start (`check_kernel`), and generic XDP still serves (next test).
         eprintln!(

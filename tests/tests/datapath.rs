@@ -1035,7 +1035,7 @@ fn remote(fam: Family, row: Remote) {
     // ingress (`uplink_handoff`) to send out of up0. A kernel that refuses XDP metadata gets
     // the program with the hand-off pruned: a plain redirect to up0.
     let (v, out) = net.ns.run(|| dp.run(FROM_UPLINK, &frame));
-    let translated = if proxy_userspace::dataplane::features::xdp_metadata_supported() {
+    let translated = if proxy_userspace::dataplane::maps::loader::xdp_metadata_supported() {
         assert_eq!(v, XDP_PASS, "egress interface differs from ingress: handed to TC");
         assert_eq!(out[..8], handoff_tag(up0), "metadata: the hand-off magic, then the egress ifindex");
         &out[8..]

@@ -14,10 +14,10 @@ use crate::{
         attach::ifaces::{Discovery, IfacePatterns},
         attach::{TcAttachChoice, XdpModeChoice},
         maps::loader::LoaderConfig,
-        maps::node::{LbMode, PortRange},
+        maps::node::PortRange,
         sock::SocketLbMode,
     },
-    model::node::NodePortAddresses,
+    model::node::{LbMode, NodePortAddresses},
 };
 
 /// The datapath check runs at most this often: a smaller interval would only spin.

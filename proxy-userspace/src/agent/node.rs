@@ -15,11 +15,13 @@ use tracing::{info, warn};
 
 use super::config::AgentConfig;
 use crate::{
-    dataplane::maps::node::{LbMode, PortRange},
+    dataplane::maps::node::PortRange,
     health::Health,
     model::{
         Translator,
-        node::{NodePortAddresses, node_eligible, node_info, node_ips, serve_localhost, snat_address, snat_address6},
+        node::{
+            LbMode, NodePortAddresses, node_eligible, node_info, node_ips, serve_localhost, snat_address, snat_address6,
+        },
     },
     sync::NodeFacts,
 };

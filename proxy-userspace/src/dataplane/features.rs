@@ -23,7 +23,7 @@ use aya::{
     sys::{BpfHelper, is_helper_supported},
 };
 
-use crate::dataplane::{attach::ifaces, kernel::bpfsys, sock};
+use crate::dataplane::{attach::ifaces, kernel::bpfsys, maps::loader, sock};
 
 /// The probes' results. `None`: the probe itself failed (then nothing is refused on it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,12 +60,6 @@ fn helper(program: ProgramType, helper: BpfHelper) -> Option<bool> {
     is_helper_supported(program, helper).ok()
 }
 
-/// Whether XDP programs may call `bpf_xdp_adjust_meta`. A failed probe counts as yes (the
-/// helper exists since Linux 4.15; the load then says what is wrong).
-pub fn xdp_metadata_supported() -> bool {
-    helper(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta) != Some(false)
-}
-
 impl KernelFeatures {
     /// Probe this kernel (loads and unloads a few two-instruction programs).
     pub fn probe(uplinks: &[String]) -> Self {
@@ -75,7 +69,7 @@ impl KernelFeatures {
                 .unwrap_or_else(|_| "unknown".into()),
             xdp_multi_buffer: helper(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_get_buff_len),
             redirect_neigh: helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_redirect_neigh),
-            xdp_metadata: xdp_metadata_supported(),
+            xdp_metadata: loader::xdp_metadata_supported(),
             sock_addr_set_retval: helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_set_retval),
             tcx: bpfsys::tcx_supported(),
             btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),

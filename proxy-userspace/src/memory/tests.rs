@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use super::{Usage, objects_usage};
+use super::Usage;
 use crate::{
     model::{NodeInfo, Translator},
     source::Objects,
@@ -156,7 +156,7 @@ fn reported_bytes_per_service_add_up_to_the_measured_growth() {
     drop(std::mem::take(syncer.store_mut()));
     let synced = allocated();
 
-    let source = objects_usage(&objects);
+    let source = objects.heap_usage();
     let translation = translator.memory_usage();
     let sync = syncer.memory_usage();
     for u in source.iter().chain(&translation).chain(&sync) {

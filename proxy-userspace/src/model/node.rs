@@ -11,6 +11,40 @@ use super::{
     types::{IpPrefix, NodeInfo},
 };
 
+/// `--lb-mode`: how north-south flows to a backend on another node travel
+/// (`NodeConfig::lb_mode`, see `proxy_common::lb_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LbMode {
+    /// Source NAT to this node: replies come back through it (kube-proxy's behaviour).
+    #[default]
+    Snat,
+    /// Direct server return: the backend's node answers the client directly.
+    Dsr,
+    /// DSR for TCP, SNAT for UDP.
+    Hybrid,
+}
+
+impl LbMode {
+    /// The value `NodeConfig::lb_mode` holds.
+    pub fn to_map(self) -> u8 {
+        match self {
+            LbMode::Snat => proxy_common::lb_mode::SNAT,
+            LbMode::Dsr => proxy_common::lb_mode::DSR,
+            LbMode::Hybrid => proxy_common::lb_mode::HYBRID,
+        }
+    }
+}
+
+impl fmt::Display for LbMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LbMode::Snat => "snat",
+            LbMode::Dsr => "dsr",
+            LbMode::Hybrid => "hybrid",
+        })
+    }
+}
+
 /// The Node label topology-aware routing matches zone hints against.
 const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 

@@ -8,6 +8,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::memory::{HeapSize, no_heap};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
@@ -456,4 +458,37 @@ pub struct Explanation {
     pub node: String,
     pub zone: Option<String>,
     pub frontends: Vec<FrontendView>,
+}
+
+// Heap accounting (`crate::memory`) of the model's public types.
+
+no_heap!(BackendAddr, FrontendKey, ClaimKey, IpPrefix, IpFamily, BackendWeight);
+
+impl HeapSize for FrontendEntry {
+    fn heap_bytes(&self) -> usize {
+        self.service.namespace.heap_bytes()
+            + self.service.name.heap_bytes()
+            + self.service.port_name.heap_bytes()
+            + self.backends.heap_bytes()
+            + self.weights.heap_bytes()
+            + self.source_ranges.heap_bytes()
+    }
+}
+
+impl HeapSize for HealthCheck {
+    fn heap_bytes(&self) -> usize {
+        self.namespace.heap_bytes() + self.name.heap_bytes()
+    }
+}
+
+impl HeapSize for Warning {
+    fn heap_bytes(&self) -> usize {
+        self.object.heap_bytes() + self.message.heap_bytes()
+    }
+}
+
+impl HeapSize for DesiredState {
+    fn heap_bytes(&self) -> usize {
+        self.frontends.heap_bytes() + self.health_checks.heap_bytes()
+    }
 }

@@ -15,7 +15,10 @@ use k8s_openapi::api::{
     networking::v1::ServiceCIDR,
 };
 
-use crate::model::{ObjectKey, object_key};
+use crate::{
+    memory::{HeapSize, Usage},
+    model::{ObjectKey, object_key},
+};
 
 /// Everything the translation needs, at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -25,6 +28,16 @@ pub struct Objects {
     pub slices: Vec<Arc<EndpointSlice>>,
     /// The agent's own Node, when known.
     pub node: Option<Node>,
+}
+
+impl Objects {
+    /// Heap bytes of the objects, each counted whole (the snapshots share them).
+    pub fn heap_usage(&self) -> Vec<Usage> {
+        vec![
+            Usage { structure: "source.services", bytes: self.services.heap_bytes() },
+            Usage { structure: "source.slices", bytes: self.slices.heap_bytes() },
+        ]
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

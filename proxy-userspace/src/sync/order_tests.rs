@@ -286,7 +286,7 @@ fn node_config_is_written_before_the_frontends_that_need_it() {
         snat: Some(Ipv4Addr::new(192, 168, 0, last)),
         hairpin: Ipv4Addr::new(169, 254, 7, 127),
         snat_ports: (30000, 60999),
-        lb_mode: crate::dataplane::maps::node::LbMode::Snat,
+        lb_mode: crate::model::node::LbMode::Snat,
     };
     let v6 = NodeFacts::V6 { snat: None, hairpin: Ipv6Addr::LOCALHOST };
     let (web, api) = (fk(1, 80, Protocol::Tcp), fk(2, 80, Protocol::Tcp));

@@ -24,10 +24,7 @@ use proxy_common::{
 };
 
 use super::ids::{BackendId, ServiceId};
-use crate::{
-    dataplane::maps::node::LbMode,
-    model::{IpFamily, IpPrefix},
-};
+use crate::model::{IpFamily, IpPrefix, node::LbMode};
 
 /// A `SERVICES` / `SERVICES6` key; port in network byte order as in the maps.
 pub type AnyServiceKey = ServiceKey<IpAddr>;

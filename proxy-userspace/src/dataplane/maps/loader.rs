@@ -306,6 +306,14 @@ pub fn load(cfg: &LoaderConfig) -> Result<(Programs, Maps), DataplaneError> {
     }
 }
 
+/// Whether XDP programs may call `bpf_xdp_adjust_meta` (some kernels refuse it to XDP). A
+/// failed probe counts as yes: the helper exists since Linux 4.15, and the load then says
+/// what is wrong.
+pub fn xdp_metadata_supported() -> bool {
+    aya::sys::is_helper_supported(aya::programs::ProgramType::Xdp, aya::sys::BpfHelper::BPF_FUNC_xdp_adjust_meta).ok()
+        != Some(false)
+}
+
 fn load_programs(
     cfg: &LoaderConfig,
     maps_dir: &Path,
@@ -318,7 +326,7 @@ fn load_programs(
     }
     // The XDP hand-off to tunnel devices needs XDP metadata; where the kernel refuses the
     // helper, the program is loaded with it pruned (see `handoff.rs` in proxy-ebpf).
-    let xdp_metadata = u8::from(crate::dataplane::features::xdp_metadata_supported());
+    let xdp_metadata = u8::from(xdp_metadata_supported());
     loader.override_global("XDP_METADATA", &xdp_metadata, true);
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     for name in [PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF] {

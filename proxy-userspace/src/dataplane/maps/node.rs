@@ -68,40 +68,6 @@ impl PortRange {
     }
 }
 
-/// `--lb-mode`: how north-south flows to a backend on another node travel
-/// (`NodeConfig::lb_mode`, see `proxy_common::lb_mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum LbMode {
-    /// Source NAT to this node: replies come back through it (kube-proxy's behaviour).
-    #[default]
-    Snat,
-    /// Direct server return: the backend's node answers the client directly.
-    Dsr,
-    /// DSR for TCP, SNAT for UDP.
-    Hybrid,
-}
-
-impl LbMode {
-    /// The value `NodeConfig::lb_mode` holds.
-    pub fn to_map(self) -> u8 {
-        match self {
-            LbMode::Snat => proxy_common::lb_mode::SNAT,
-            LbMode::Dsr => proxy_common::lb_mode::DSR,
-            LbMode::Hybrid => proxy_common::lb_mode::HYBRID,
-        }
-    }
-}
-
-impl fmt::Display for LbMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LbMode::Snat => "snat",
-            LbMode::Dsr => "dsr",
-            LbMode::Hybrid => "hybrid",
-        })
-    }
-}
-
 /// The value the datapath reads from `NODE_CONFIG`.
 pub fn node_config(snat_addr: Option<Ipv4Addr>, hairpin: Option<Ipv4Addr>, ports: PortRange) -> NodeConfig {
     NodeConfig {
@@ -109,7 +75,7 @@ pub fn node_config(snat_addr: Option<Ipv4Addr>, hairpin: Option<Ipv4Addr>, ports
         hairpin_addr: hairpin.filter(|a| !a.is_unspecified()).map(ip_to_map).unwrap_or(0),
         snat_port_min: ports.min,
         snat_port_max: ports.max,
-        lb_mode: LbMode::default().to_map(),
+        lb_mode: crate::model::node::LbMode::default().to_map(),
         _reserved: [0; 3],
     }
 }
