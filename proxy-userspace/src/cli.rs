@@ -322,6 +322,10 @@ pub struct VerifyArgs {
     /// As the agent's `--nodeport-localhost`.
     #[arg(long, env = "EBPF_PROXY_NODEPORT_LOCALHOST", default_value_t = true, action = clap::ArgAction::Set)]
     pub nodeport_localhost: bool,
+    /// As the agent's `--service-cidr`: the Service CIDRs where no ServiceCIDR objects can be
+    /// had (manifests, or an API server without the resource).
+    #[arg(long, value_delimiter = ',', env = "EBPF_PROXY_SERVICE_CIDR")]
+    pub service_cidr: Vec<String>,
     #[command(flatten)]
     pub show: ShowArgs,
 }

@@ -171,7 +171,7 @@ fn run_agent(args: &AgentArgs) -> Result<()> {
 fn load_objects(
     src: &proxy_userspace::cli::ObjectSourceArgs,
     node: &str,
-) -> anyhow::Result<proxy_userspace::source::Objects> {
+) -> anyhow::Result<proxy_userspace::inspect::Inspected> {
     proxy_userspace::inspect::load_objects(
         src.manifests.as_deref(),
         src.kubeconfig.as_deref(),
@@ -187,8 +187,10 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     // Parsed as the agent parses its flag, before any I/O: a bad CIDR is an error, not a
     // different answer.
     let nodeport_addresses = agent::config::nodeport_addresses(&a.nodeport_addresses)?;
+    let cidr_flag = agent::config::service_cidrs(&a.service_cidr)?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
-    let objects = load_objects(&a.source, &node)?;
+    let inspected = load_objects(&a.source, &node)?;
+    let objects = inspected.objects;
     // The local addresses of this network namespace, which the agent serves NodePorts on:
     // run it where the agent runs (the pod's host network namespace).
     let local = proxy_userspace::dataplane::kernel::local_addrs::list_now()?;
@@ -200,8 +202,15 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     proxy_userspace::dataplane::maps::pins::check(&a.show.bpffs_root, |m| m.verify_reads)?;
     let syncer = Syncer::new(open(&a.show)?).context("reading the pinned maps back")?;
     // The addresses programmed now stay with their Services on a conflict, as in the agent.
-    let (desired, _) =
+    let (mut desired, _) =
         proxy_userspace::model::translate_with_claims(&objects.services, &objects.slices, &info, &syncer);
+    // The ServiceCIDR objects, or where there are none to be had the flag, as in the agent.
+    let mut cidrs = proxy_userspace::model::service_cidrs::ServiceCidrs::default();
+    match &inspected.service_cidrs {
+        Some(list) => list.iter().for_each(|c| cidrs.upsert(c)),
+        None => cidrs.set_fallback(cidr_flag),
+    }
+    desired.service_cidrs = cidrs.ranges();
     let snap = syncer.store().snapshot().context("reading the pinned maps")?;
     let drift = verify(&desired, &snap);
     print(a.show.output, &drift, |drift| {
@@ -217,7 +226,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
 fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
     let (namespace, name) = a.service.split_once('/').context("the Service is namespace/name")?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
-    let objects = load_objects(&a.source, &node)?;
+    let objects = load_objects(&a.source, &node)?.objects;
     // Off the node (a laptop): the Node object's addresses stand in for its local ones.
     use proxy_userspace::model::node::{NodePortAddresses, node_info, node_ips};
     let info = node_info(&node, objects.node.as_ref(), &NodePortAddresses::All, &node_ips(objects.node.as_ref()));

@@ -1,7 +1,8 @@
 //! `ebpf-proxy verify` against a running agent's maps (issue 14): the maps agree with the
 //! manifests (exit 0), then entries are altered behind the agent's back — a frontend
 //! deleted, a backend changed — and each drift is reported (exit 1, in text and JSON), and
-//! the agent's own periodic check exports it in `datapath_drift`.
+//! the agent's own periodic check exports it in `datapath_drift`. The Service CIDR entries
+//! are compared too: verify judges by the same `--service-cidr` as the agent.
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData};
@@ -19,6 +20,9 @@ fn open<K: aya::Pod, V: aya::Pod>(pins: &PinDir, name: &str) -> HashMap<MapData,
     let data = MapData::from_pin(pins.0.join("maps").join(name)).expect("pinned map");
     HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map")
 }
+
+/// The agent's `--service-cidr`.
+const CIDR: &str = "10.96.0.0/16";
 
 /// (exit code, stdout) of `ebpf-proxy verify ...`.
 fn verify(dir: &TempDir, pins: &PinDir, extra: &[&str]) -> (i32, String) {
@@ -44,13 +48,25 @@ fn verify_reports_drift_made_behind_the_agents_back() {
         dir.write(&format!("{name}-slice.yaml"), &slice_yaml(name, &format!("{name}-1"), &eps, 8080, "TCP")).unwrap();
     }
     let d = dir.0.to_str().unwrap().to_string();
-    let args = ["--manifests", d.as_str(), "--node-name", "node-a", "--verify-interval-secs", "1"];
+    let args =
+        ["--manifests", d.as_str(), "--node-name", "node-a", "--verify-interval-secs", "1", "--service-cidr", CIDR];
     let agent = Agent::start(&topo.node, &pins.0, 10294, &args).expect("agent");
     agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("ready");
 
-    let (code, out) = verify(&dir, &pins, &[]);
+    let (code, out) = verify(&dir, &pins, &["--service-cidr", CIDR]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("no drift"), "{out}");
+    // Judged without the Service CIDR, the maps hold its entries for nothing: the CIDR and
+    // the two ClusterIPs' host entries.
+    let (code, out) = verify(&dir, &pins, &[]);
+    assert_eq!(code, 1, "{out}");
+    for line in [
+        "10.96.0.0/16: Service CIDR entry service-cidr, want absent",
+        "10.96.0.63/32: Service CIDR entry cluster-ip, want absent",
+        "10.96.0.64/32: Service CIDR entry cluster-ip, want absent",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} in {out}");
+    }
 
     // Behind the agent's back: delete web's frontend, move one of api's backends.
     let mut services: HashMap<MapData, ServiceKey, ServiceValue> = open(&pins, "SERVICES");
@@ -67,8 +83,9 @@ fn verify_reports_drift_made_behind_the_agents_back() {
     b.port = port_to_map(9999);
     backends.insert(id, b, 0).expect("change a backend");
 
-    let (code, out) = verify(&dir, &pins, &[]);
+    let (code, out) = verify(&dir, &pins, &["--service-cidr", CIDR]);
     assert_eq!(code, 1, "{out}");
+    assert!(!out.contains("Service CIDR"), "{out}");
     assert!(out.lines().any(|l| l.starts_with("10.96.0.63:80/TCP internal") && l.contains("missing")), "{out}");
     assert!(
         out.lines().any(|l| l.starts_with("10.96.0.64:80/TCP internal")
@@ -76,7 +93,7 @@ fn verify_reports_drift_made_behind_the_agents_back() {
             && l.contains(&format!("{}:9999", topo.pods[2].ip))),
         "{out}"
     );
-    let (code, json) = verify(&dir, &pins, &["-o", "json"]);
+    let (code, json) = verify(&dir, &pins, &["-o", "json", "--service-cidr", CIDR]);
     assert_eq!(code, 1);
     let drift: Value = serde_json::from_str(&json).expect("JSON");
     let kinds: Vec<&str> = drift.as_array().unwrap().iter().map(|d| d["kind"].as_str().unwrap()).collect();

@@ -167,4 +167,31 @@ mod tests {
         assert_eq!(s.store().service_cidrs.len(), 1);
         assert!(wanted(&desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1]))])).is_empty());
     }
+
+    /// `verify` reads the Service CIDR entries too: none after a sync, and each tampering
+    /// named by its prefix (an entry gone, one changed, one extra).
+    #[test]
+    fn verify_names_each_service_cidr_entry_that_differs() {
+        use crate::sync::verify::{DriftKind, verify};
+        let d = with_cidrs(desired(vec![(fk(1, 80, Protocol::Tcp), fe("a", &[1]))]), &["10.96.0.0/16"]);
+        let mut s = Syncer::new(MemStore::default()).unwrap();
+        s.apply(&d);
+        assert_eq!(verify(&d, &s.store().snapshot().unwrap()), vec![]);
+        let cidrs = &mut s.store_mut().service_cidrs;
+        cidrs.remove(&p("10.96.0.0/16"));
+        cidrs.insert(p("10.96.0.1/32"), CidrEntry::Allocated);
+        cidrs.insert(p("10.96.9.9/32"), CidrEntry::ClusterIp);
+        let drift = verify(&d, &s.store().snapshot().unwrap());
+        let got: Vec<(String, &DriftKind)> = drift.iter().map(|d| (d.frontend.clone(), &d.kind)).collect();
+        let k = |want, have| DriftKind::ServiceCidr { want, have };
+        assert_eq!(
+            got,
+            vec![
+                ("10.96.0.0/16".into(), &k(Some("service-cidr"), None)),
+                ("10.96.0.1/32".into(), &k(Some("cluster-ip"), Some("allocated"))),
+                ("10.96.9.9/32".into(), &k(None, Some("cluster-ip"))),
+            ]
+        );
+        assert_eq!(drift[0].to_string(), "10.96.0.0/16: Service CIDR entry absent, want service-cidr");
+    }
 }

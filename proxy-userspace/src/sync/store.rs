@@ -97,6 +97,15 @@ impl CidrEntry {
         }
     }
 
+    /// What `verify` and the CLI call it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CidrEntry::Cidr => "service-cidr",
+            CidrEntry::Allocated => "allocated",
+            CidrEntry::ClusterIp => "cluster-ip",
+        }
+    }
+
     /// The entry a map value stands for (`None`: a value this build does not know).
     pub fn from_value(v: u8) -> Option<Self> {
         match v {

@@ -1,10 +1,11 @@
 //! Does the kernel hold what the API says? `verify` compares a desired state (the model's
 //! translation of the objects) with what the pinned maps hold (a `Snapshot`), frontend by
 //! frontend: missing, extra, or different (flags, affinity timeout, backends, source
-//! ranges), one `Drift` each. Pure: the caller reads the maps and the objects. Used by
+//! ranges), one `Drift` each; then the Service CIDR entries (`SERVICE_CIDRS`, a prefix
+//! each: the CIDR itself, or an allocated address inside it). Pure: the caller reads the maps and the objects. Used by
 //! `ebpf-proxy verify` and by the agent's periodic check.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::SocketAddr,
 };
@@ -13,9 +14,9 @@ use proxy_common::{ServiceValue, SlotKey, backend_flags, svc_flags};
 use serde::Serialize;
 
 use super::{
-    BackendId, ServiceId,
+    BackendId, ServiceId, cidrs,
     plan::{backend_value, service_flags, service_key},
-    store::{AnyBackend, AnyServiceKey, Snapshot},
+    store::{AnyBackend, AnyServiceKey, CidrEntry, Snapshot},
 };
 use crate::model::{DesiredState, IpPrefix};
 
@@ -49,6 +50,12 @@ pub enum DriftKind {
         missing: Vec<String>,
         extra: Vec<String>,
     },
+    /// A `SERVICE_CIDRS` entry (the prefix is the drift's `frontend`) differs: what it
+    /// should be and what it is (`CidrEntry::name`; `None`: absent).
+    ServiceCidr {
+        want: Option<&'static str>,
+        have: Option<&'static str>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -71,8 +78,15 @@ impl fmt::Display for Drift {
             DriftKind::Backends { missing, extra } => format!("backends missing {missing:?}, extra {extra:?}"),
             DriftKind::BrokenSlot { index, detail } => format!("slot {index}: {detail}"),
             DriftKind::SourceRanges { missing, extra } => format!("source ranges missing {missing:?}, extra {extra:?}"),
+            DriftKind::ServiceCidr { want, have } => {
+                format!("Service CIDR entry {}, want {}", have.unwrap_or("absent"), want.unwrap_or("absent"))
+            }
         };
-        write!(f, "{} ({}): {what}", self.frontend, self.service)
+        if self.service.is_empty() {
+            write!(f, "{}: {what}", self.frontend)
+        } else {
+            write!(f, "{} ({}): {what}", self.frontend, self.service)
+        }
     }
 }
 
@@ -165,5 +179,24 @@ pub fn verify(desired: &DesiredState, snap: &Snapshot) -> Vec<Drift> {
     for k in extra {
         out.push(Drift { frontend: key_name(k), service: String::new(), kind: DriftKind::Extra });
     }
+    out.extend(verify_cidrs(desired, snap));
     out
+}
+
+/// The Service CIDR entries that differ from what `desired` asks for, in prefix order.
+fn verify_cidrs(desired: &DesiredState, snap: &Snapshot) -> Vec<Drift> {
+    let want = cidrs::wanted(desired);
+    let have: BTreeMap<IpPrefix, CidrEntry> = snap.service_cidrs.iter().copied().collect();
+    let prefixes: BTreeSet<&IpPrefix> = want.keys().chain(have.keys()).collect();
+    prefixes
+        .into_iter()
+        .filter_map(|p| {
+            let (w, h) = (want.get(p).copied(), have.get(p).copied());
+            (w != h).then(|| Drift {
+                frontend: p.to_string(),
+                service: String::new(),
+                kind: DriftKind::ServiceCidr { want: w.map(CidrEntry::name), have: h.map(CidrEntry::name) },
+            })
+        })
+        .collect()
 }
