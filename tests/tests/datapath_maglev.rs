@@ -409,5 +409,7 @@ fn an_upgrade_from_the_hash_layout_republishes_the_tables() {
     forget_flows(&mut dp);
     let after: Vec<IpAddr> = flows.iter().map(|f| chosen(&mut dp, vip, *f)).collect();
     assert_eq!(after, before, "the republished table is the same table");
+    assert!(dir.join("MAGLEV").exists(), "the old hash stays pinned until the new programs are in place");
     std::mem::take(&mut dp.programs.migration).finish().expect("finish");
+    assert!(!dir.join("MAGLEV").exists(), "the retired MAGLEV hash is unpinned");
 }

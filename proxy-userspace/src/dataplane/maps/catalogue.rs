@@ -446,6 +446,12 @@ pub static MAPS: &[MapDef] = &[
     },
 ];
 
+/// Maps an earlier release pinned that this one no longer declares: their pins are removed
+/// once this release's programs are in place (`Migration::finish`), so an upgrade does not
+/// leave them holding kernel memory. `MAGLEV`: the (frontend id, slot) hash that
+/// `MAGLEV_SLOTS` replaced.
+pub const RETIRED: &[&str] = &["MAGLEV"];
+
 /// The row of map `name`.
 pub fn get(name: &str) -> Option<&'static MapDef> {
     MAPS.iter().find(|m| m.name == name)
@@ -468,6 +474,14 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    /// A retired map's pin is removed on upgrade: it must never be one this release uses.
+    #[test]
+    fn retired_maps_are_not_in_the_catalogue() {
+        for name in RETIRED {
+            assert!(get(name).is_none(), "{name} is retired but declared");
+        }
+    }
 
     /// The pinned maps the embedded object declares: (max_entries, key, value, flags).
     fn object_maps() -> BTreeMap<String, (u32, u32, u32, u32)> {

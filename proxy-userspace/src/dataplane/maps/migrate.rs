@@ -153,6 +153,19 @@ fn open_pin(map: &str, path: &Path) -> Result<Option<MapData>, DataplaneError> {
     }
 }
 
+/// Remove the pins of maps no program of this release uses (`catalogue::RETIRED`); the old
+/// programs, if any still run, keep theirs until they are gone.
+fn unpin_retired(maps_dir: &Path) {
+    for name in catalogue::RETIRED {
+        let pin = maps_dir.join(name);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => info!(map = *name, pin = %pin.display(), "unpinned a map this release no longer uses"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn!(map = *name, pin = %pin.display(), error = %e, "cannot unpin a retired map"),
+        }
+    }
+}
+
 impl Migration {
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
@@ -318,6 +331,7 @@ impl Migration {
     /// programs created in between, then unpin and drop the old maps. Returns (and logs)
     /// what each map migration did.
     pub fn finish(mut self) -> Result<Vec<Migrated>, DataplaneError> {
+        unpin_retired(&paths::maps_dir(&self.root));
         if self.pending.is_empty() {
             return Ok(Vec::new());
         }
