@@ -739,6 +739,20 @@ fn helm_values_reach_the_agent() {
     let c = ds.spec.template.spec.unwrap().containers.remove(0);
     assert_eq!(c.image.as_deref(), Some("example.org/proxy:v9"));
     assert_eq!(c.resources.unwrap().limits.unwrap()["memory"].0, "1Gi");
+    // The north-south values: the defaults are the agent's (no flag rendered, as kustomize),
+    // others reach it as flags.
+    use proxy_userspace::model::{LbAlgorithm, node::LbMode};
+    assert_eq!((args.lb_mode, args.lb_algorithm, args.maglev_table_size), (LbMode::Snat, LbAlgorithm::Random, 16381));
+    assert!(args.service_cidr.is_empty());
+    let ns = check_agent_args(
+        &helm_render(
+            &helm,
+            &["lbMode=hybrid", "lbAlgorithm=maglev", "maglevTableSize=65521", "serviceCidrs={10.96.0.0/12,fd00:10:96::/112}"],
+        ),
+        "helm (north-south)",
+    );
+    assert_eq!((ns.lb_mode, ns.lb_algorithm, ns.maglev_table_size), (LbMode::Hybrid, LbAlgorithm::Maglev, 65521));
+    assert_eq!(ns.service_cidr, vec!["10.96.0.0/12", "fd00:10:96::/112"]);
 }
 
 /// `kubectl kustomize manifests/<dir>`.
@@ -930,6 +944,9 @@ fn helm_schema_refuses_bad_values_and_lint_is_strict_clean() {
     assert!(lint.status.success(), "helm lint --strict:\n{}", String::from_utf8_lossy(&lint.stdout));
     for (set, names) in [
         ("socketLb=bogus", "/socketLb"),
+        ("lbMode=direct", "/lbMode"),
+        ("lbAlgorithm=hash", "/lbAlgorithm"),
+        ("serviceCidrs={10.96.0.0}", "/serviceCidrs/0"),
         ("httpPort=abc", "/httpPort"),
         ("httpPort=70000", "/httpPort"),
         ("syncDelayMs=abc", "/syncDelayMs"),
