@@ -747,7 +747,12 @@ fn helm_values_reach_the_agent() {
     let ns = check_agent_args(
         &helm_render(
             &helm,
-            &["lbMode=hybrid", "lbAlgorithm=maglev", "maglevTableSize=65521", "serviceCidrs={10.96.0.0/12,fd00:10:96::/112}"],
+            &[
+                "lbMode=hybrid",
+                "lbAlgorithm=maglev",
+                "maglevTableSize=65521",
+                "serviceCidrs={10.96.0.0/12,fd00:10:96::/112}",
+            ],
         ),
         "helm (north-south)",
     );
