@@ -24,6 +24,8 @@ use proxy_tests::{
 use crate::{Plan, check_interrupted, percentile, report::Row, vm_hwm_rss_kib};
 
 const SECTION: &str = "scale";
+/// The agent's start-up phases (`ebpf_proxy_startup_seconds{phase}`), in order.
+const STARTUP_PHASES: [&str; 7] = ["prepare", "load", "setup", "objects", "translate", "apply", "total"];
 /// How long one change may take to show before the run fails.
 const CHANGE_BOUND: Duration = Duration::from_secs(10);
 
@@ -33,6 +35,9 @@ pub fn expected_rows(plan: &Plan) -> Vec<String> {
     for n in [plan.scale_n, plan.scale_big_n] {
         for c in ["ready_s", "vmhwm_mib", "vmrss_mib", "cpu_s"] {
             v.push(id(c, n));
+        }
+        for phase in STARTUP_PHASES {
+            v.push(id(&format!("startup.{phase}_ms"), n));
         }
     }
     for c in [
@@ -141,6 +146,23 @@ impl Setup {
             Row::new(SECTION, "cpu_s", Some(n), cpu, "s")
                 .note("agent utime+stime from start to ready (includes loading the programs)"),
         );
+        // Where the start went: the agent's own split of it.
+        let (code, body) = self.node.run(|| http_get(self.agent.metrics, "/metrics"))?;
+        ensure!(code == 200, "/metrics answered {code}");
+        for phase in STARTUP_PHASES {
+            let prefix = format!("ebpf_proxy_startup_seconds{{phase=\"{phase}\"}} ");
+            let secs: f64 = body
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .with_context(|| format!("no {prefix}in /metrics"))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{prefix}is not a number"))?;
+            rows.push(
+                Row::new(SECTION, &format!("startup.{phase}_ms"), Some(n), secs * 1e3, "ms")
+                    .note(format!("the agent's ebpf_proxy_startup_seconds{{phase=\"{phase}\"}} ({what})")),
+            );
+        }
         Ok(())
     }
 

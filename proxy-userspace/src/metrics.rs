@@ -50,6 +50,12 @@ pub struct FamilyLabel {
     pub family: String,
 }
 
+/// A phase of the agent's start-up (`agent::startup`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
@@ -129,6 +135,8 @@ pub struct Metrics {
     /// Frontends wanted but not served, by reason ("source_ranges_full": their
     /// loadBalancerSourceRanges do not fit, so they fail closed).
     pub frontends_unserved: Family<ReasonLabel, Gauge>,
+    /// The start-up by phase, set once after the first sync.
+    pub startup: Family<PhaseLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// kube-proxy's sync buckets: 1 ms doubling 15 times (to ~16 s).
@@ -197,6 +205,7 @@ impl Metrics {
             datapath_drift: Gauge::default(),
             verify_runs: Counter::default(),
             frontends_unserved: Family::default(),
+            startup: Family::default(),
         };
         let kp = root.sub_registry_with_prefix("kubeproxy");
         kp.register(
@@ -272,6 +281,13 @@ impl Metrics {
             "Frontends not served, by reason (source_ranges_full: loadBalancerSourceRanges do not fit \
              --max-source-ranges, so the frontend fails closed)",
             m.frontends_unserved.clone(),
+        );
+        r.register(
+            "startup_seconds",
+            "The agent's start-up by phase, set after the first sync: prepare (kernel probe, pin lock), load \
+             (programs and maps), setup (hooks, attacher, read-back, source start), objects (initial lists decoded \
+             and parsed), translate and apply (the first sync), total",
+            m.startup.clone(),
         );
         r.register("object_warnings", "Objects currently skipped as malformed", m.object_warnings.clone());
         r.register("map_fill_ratio", "Entries over capacity, per map", m.map_fill.clone());

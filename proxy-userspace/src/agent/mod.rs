@@ -7,6 +7,7 @@ mod neighbours;
 mod node;
 mod reconcile;
 mod socket_lb;
+mod startup;
 mod store;
 mod sync_metrics;
 mod uplinks;
@@ -164,6 +165,7 @@ pub fn limit_malloc_arenas() {
 /// Run the agent until SIGTERM or the object source ends. `config` is checked already
 /// ([`AgentConfig::from_args`]). The start-up steps, in their order, then the event loop.
 pub async fn run(config: AgentConfig) -> Result<()> {
+    let mut startup = startup::Startup::begin();
     check_kernel(&config)?;
     // A start that fails from here on removes the pin directory if it created it (the
     // lock below already creates it).
@@ -171,7 +173,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // One agent per root, decided before anything touches the pins.
     let lock = lock_root(config.bpffs_root())?;
     let control = start_control(&config)?;
+    startup.mark("prepare");
     let (mut programs, maps) = load_dataplane(&config)?;
+    startup.mark("load");
     // Before the first sync: a node process dialling a Service during start-up gets the
     // backends the pinned maps hold (a restart swaps the programs into the same links).
     let sock_lb = start_socket_lb(&config, &mut programs, &control.metrics)?;
@@ -184,9 +188,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let node_addrs = start_attaching(&config, attacher)?;
     let (local, local_changes) = follow_local_addrs(&config).await?;
     let (source, source_events) = start_source(&config, &syncer).await?;
+    startup.mark("setup");
     let node = ThisNode::new(&config, local, control.health.clone(), node_addrs);
     let metrics = SyncMetrics::new(control.metrics, capacities);
-    let lp = SyncLoop::new(syncer, source, node, metrics, &control.health, &config);
+    let lp = SyncLoop::new(syncer, source, node, metrics, &control.health, &config, startup);
     created_root.keep();
     let events = Events { source: source_events, local_addrs: local_changes, shutdown: control.shutdown };
     lp.run(events, control.health, attached_initial, &config).await;

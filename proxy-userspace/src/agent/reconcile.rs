@@ -24,6 +24,7 @@ use super::{
     config::AgentConfig,
     log_once::LogOnce,
     node::ThisNode,
+    startup::Startup,
     store::AgentStore,
     sync_metrics::{PassSummary, SyncMetrics},
 };
@@ -56,6 +57,8 @@ pub(super) struct SyncLoop {
     bpffs_root: PathBuf,
     /// `--service-cidr`: in force for the files source, and for an API without ServiceCIDRs.
     service_cidr_flag: Vec<IpPrefix>,
+    /// The start-up's phases, reported after the first sync.
+    startup: Option<Startup>,
 }
 
 /// What was logged as lasting, so it is not logged again on every sync while it lasts.
@@ -78,6 +81,7 @@ impl SyncLoop {
         metrics: SyncMetrics,
         health: &Health,
         config: &AgentConfig,
+        startup: Startup,
     ) -> Self {
         let mut translator = Translator::new(NodeInfo { name: node.name.clone(), ..NodeInfo::default() });
         // The files source holds no ServiceCIDR objects: the flag says.
@@ -97,6 +101,7 @@ impl SyncLoop {
             synced_once: false,
             bpffs_root: config.bpffs_root().to_path_buf(),
             service_cidr_flag: config.service_cidrs.clone(),
+            startup: Some(startup),
         }
     }
 
@@ -153,6 +158,10 @@ impl SyncLoop {
         let full = std::mem::take(&mut self.full_sync);
         let report = if full { self.syncer.apply(desired) } else { self.syncer.apply_changes(desired, &changed) };
         self.synced_once = true;
+        if let Some(startup) = self.startup.take() {
+            let phases = startup.finish(t, translated, t.elapsed().saturating_sub(translated));
+            self.metrics.started(&phases);
+        }
         // Destroying the sockets of removed backends follows the map writes and has a
         // histogram of its own: not the sync's time.
         let sockets = report.udp_sockets.map_or(Duration::ZERO, |s| s.elapsed);

@@ -10,7 +10,7 @@ use proxy_common::map_names;
 
 use crate::{
     dataplane::maps::{Capacities, catalogue},
-    metrics::{FamilyLabel, MapLabel, Metrics, ReasonLabel, unix_seconds},
+    metrics::{FamilyLabel, MapLabel, Metrics, PhaseLabel, ReasonLabel, unix_seconds},
     model::IpFamily,
     source::{Delta, Update},
     sync::SyncReport,
@@ -55,6 +55,24 @@ fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (
 }
 
 impl SyncMetrics {
+    /// The start-up's phases (`startup::Startup`): one gauge each, and one log line.
+    pub(super) fn started(&self, phases: &[(&'static str, Duration)]) {
+        for (phase, d) in phases {
+            self.metrics.startup.get_or_create(&PhaseLabel { phase: (*phase).to_string() }).set(d.as_secs_f64());
+        }
+        let ms = |name: &str| phases.iter().find(|(p, _)| *p == name).map_or(0.0, |(_, d)| d.as_secs_f64() * 1e3);
+        tracing::info!(
+            prepare_ms = ms("prepare"),
+            load_ms = ms("load"),
+            setup_ms = ms("setup"),
+            objects_ms = ms("objects"),
+            translate_ms = ms("translate"),
+            apply_ms = ms("apply"),
+            total_ms = ms("total"),
+            "started: the first sync is done"
+        );
+    }
+
     pub(super) fn new(metrics: Metrics, capacities: Capacities) -> Self {
         SyncMetrics { metrics, capacities, started: SystemTime::now(), pending: Pending::default() }
     }
