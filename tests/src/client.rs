@@ -136,3 +136,15 @@ pub fn udp_name(addr: SocketAddr) -> Result<(String, SocketAddr)> {
     let (n, from) = s.recv_from(&mut buf).context("udp reply")?;
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
+
+/// The backends that answer `tries` UDP queries to `addr` (a failed try is skipped), each
+/// reply asserted to come from `addr` itself: the frontend, never the backend.
+pub fn udp_names_from(addr: SocketAddr, tries: usize) -> std::collections::BTreeSet<String> {
+    (0..tries)
+        .filter_map(|_| {
+            let (name, from) = udp_name(addr).ok()?;
+            assert_eq!(from, addr, "UDP reply source");
+            Some(name)
+        })
+        .collect()
+}

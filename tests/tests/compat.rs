@@ -158,15 +158,7 @@ fn nodeport_over_vxlan(xdp_mode: &str) {
             .collect()
     });
     assert_eq!(names, client::name_set(&["n2p0", "n2p1"]));
-    let udp: BTreeSet<String> = client_ns.run(|| {
-        (0..20)
-            .filter_map(|_| {
-                let (name, from) = client::udp_name(np).ok()?;
-                assert_eq!(from, np, "UDP reply source");
-                Some(name)
-            })
-            .collect()
-    });
+    let udp: BTreeSet<String> = client_ns.run(|| client::udp_names_from(np, 20));
     assert_eq!(udp, client::name_set(&["n2p0", "n2p1"]), "UDP through the NodePort");
     drop(agents);
 }

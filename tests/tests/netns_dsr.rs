@@ -164,15 +164,7 @@ fn dsr_backend_on_node2_answers_the_client_directly() {
 
     // UDP: answers from node1:30080, pods on both nodes.
     let before = env.counter(1, "dsr");
-    let names: std::collections::BTreeSet<String> = env.client().run(|| {
-        (0..40)
-            .filter_map(|_| {
-                let (name, from) = client::udp_name(np).ok()?;
-                assert_eq!(from, np, "UDP reply source");
-                Some(name)
-            })
-            .collect()
-    });
+    let names: std::collections::BTreeSet<String> = env.client().run(|| client::udp_names_from(np, 40));
     assert_eq!(names, client::name_set(&["n1p0", "n1p1", "n2p0", "n2p1"]));
     assert!(env.counter(1, "dsr") > before, "UDP to node 2 did not go through DSR");
 
@@ -219,15 +211,7 @@ fn hybrid_tcp_direct_udp_source_nated() {
     let (_, peer) = env.client().run(|| held.who()).expect("who");
     assert_eq!(peer, CLIENT_IPS[0], "TCP in hybrid mode keeps the client address");
     let learnt = env.counter(1, "dsr");
-    let names: std::collections::BTreeSet<String> = env.client().run(|| {
-        (0..40)
-            .filter_map(|_| {
-                let (name, from) = client::udp_name(np).ok()?;
-                assert_eq!(from, np, "UDP reply source");
-                Some(name)
-            })
-            .collect()
-    });
+    let names: std::collections::BTreeSet<String> = env.client().run(|| client::udp_names_from(np, 40));
     assert_eq!(names, client::name_set(&["n1p0", "n1p1", "n2p0", "n2p1"]));
     assert_eq!(env.counter(1, "dsr"), learnt, "UDP went through DSR in hybrid mode");
 }

@@ -223,15 +223,7 @@ fn nodeport_on_node1_reaches_pods_on_both_nodes() {
     assert!(held_names.iter().any(|n| n.starts_with("n2")), "no held connection to node 2: {held_names:?}");
 
     // UDP: answers from node1:30080, from pods on both nodes.
-    let udp: BTreeSet<String> = env.client().run(|| {
-        (0..40)
-            .filter_map(|_| {
-                let (name, from) = client::udp_name(np).ok()?;
-                assert_eq!(from, np, "UDP reply source");
-                Some(name)
-            })
-            .collect()
-    });
+    let udp: BTreeSet<String> = env.client().run(|| client::udp_names_from(np, 40));
     assert_eq!(udp, set(&["n1p0", "n1p1", "n2p0", "n2p1"]));
 
     let stats = env.stats(0);

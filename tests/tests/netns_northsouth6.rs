@@ -169,15 +169,7 @@ fn ipv6_north_south() {
         assert_eq!(*peer, expect, "{name} sees the connection from {peer}");
     }
     assert!(seen.iter().any(|(n, _)| n.starts_with("n2")), "no connection to node 2: {seen:?}");
-    let udp: BTreeSet<String> = env.client().run(|| {
-        (0..40)
-            .filter_map(|_| {
-                let (name, from) = client::udp_name(np).ok()?;
-                assert_eq!(from, np, "UDP reply source");
-                Some(name)
-            })
-            .collect()
-    });
+    let udp: BTreeSet<String> = env.client().run(|| client::udp_names_from(np, 40));
     assert_eq!(udp, set(&["n1p0", "n1p1", "n2p0", "n2p1"]));
 
     // externalTrafficPolicy: Local through node 2 (NodePort and the IPv6 LB ingress IP the
