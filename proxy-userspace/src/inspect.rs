@@ -23,13 +23,15 @@ pub struct Inspected {
     pub service_cidrs: Option<Vec<ServiceCIDR>>,
 }
 
-/// Every Service and EndpointSlice, and `node_name`'s Node, as the agent would see them now.
+/// Every Service and EndpointSlice, and `node_name`'s Node, as the agent would see them now;
+/// with `service_cidrs` (verify needs them, explain does not) the API's ServiceCIDRs too.
 pub fn load_objects(
     manifests: Option<&Path>,
     kubeconfig: Option<&str>,
     context: Option<&str>,
     api_server: Option<&str>,
     node_name: &str,
+    service_cidrs: bool,
 ) -> Result<Inspected> {
     if let Some(dir) = manifests {
         let (objects, warnings) =
@@ -47,10 +49,14 @@ pub fn load_objects(
         let services = Api::<Service>::all(client.clone()).list(&lp).await.context("listing Services")?;
         let slices = Api::<EndpointSlice>::all(client.clone()).list(&lp).await.context("listing EndpointSlices")?;
         let node = Api::<Node>::all(client.clone()).get_opt(node_name).await.context("reading this node's Node")?;
-        let service_cidrs = match Api::<ServiceCIDR>::all(client).list(&lp).await {
-            Ok(list) => Some(list.items),
-            Err(kube::Error::Api(e)) if e.code == 404 => None,
-            Err(e) => return Err(e).context("listing ServiceCIDRs"),
+        let service_cidrs = if !service_cidrs {
+            None
+        } else {
+            match Api::<ServiceCIDR>::all(client).list(&lp).await {
+                Ok(list) => Some(list.items),
+                Err(kube::Error::Api(e)) if e.code == 404 => None,
+                Err(e) => return Err(e).context("listing ServiceCIDRs"),
+            }
         };
         let objects = Objects {
             services: services.items.into_iter().map(Arc::new).collect(),

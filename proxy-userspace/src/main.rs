@@ -167,10 +167,12 @@ fn run_agent(args: &AgentArgs) -> Result<()> {
     r
 }
 
-/// The objects `verify` and `explain` judge, from the source their flags name.
+/// The objects `verify` and `explain` judge, from the source their flags name (and, for
+/// verify, the ServiceCIDRs).
 fn load_objects(
     src: &proxy_userspace::cli::ObjectSourceArgs,
     node: &str,
+    service_cidrs: bool,
 ) -> anyhow::Result<proxy_userspace::inspect::Inspected> {
     proxy_userspace::inspect::load_objects(
         src.manifests.as_deref(),
@@ -178,6 +180,7 @@ fn load_objects(
         src.context.as_deref(),
         src.api_server.as_deref(),
         node,
+        service_cidrs,
     )
 }
 
@@ -189,7 +192,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
     let nodeport_addresses = agent::config::nodeport_addresses(&a.nodeport_addresses)?;
     let cidr_flag = agent::config::service_cidrs(&a.service_cidr)?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
-    let inspected = load_objects(&a.source, &node)?;
+    let inspected = load_objects(&a.source, &node, true)?;
     let objects = inspected.objects;
     // The local addresses of this network namespace, which the agent serves NodePorts on:
     // run it where the agent runs (the pod's host network namespace).
@@ -226,7 +229,7 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
 fn run_explain(a: &proxy_userspace::cli::ExplainArgs) -> anyhow::Result<()> {
     let (namespace, name) = a.service.split_once('/').context("the Service is namespace/name")?;
     let node = proxy_userspace::agent::node_name(a.source.node_name.as_deref());
-    let objects = load_objects(&a.source, &node)?.objects;
+    let objects = load_objects(&a.source, &node, false)?.objects;
     // Off the node (a laptop): the Node object's addresses stand in for its local ones.
     use proxy_userspace::model::node::{NodePortAddresses, node_info, node_ips};
     let info = node_info(&node, objects.node.as_ref(), &NodePortAddresses::All, &node_ips(objects.node.as_ref()));

@@ -180,22 +180,21 @@ pub fn nodeport_addresses(values: &[String]) -> Result<NodePortAddresses, Config
     if values.is_empty() {
         return Ok(NodePortAddresses::All);
     }
-    values
-        .iter()
-        .map(|v| v.parse().map_err(|_| ConfigError::NodePortAddress { value: v.to_string() }))
-        .collect::<Result<_, _>>()
-        .map(NodePortAddresses::Cidrs)
+    cidrs(values, |value| ConfigError::NodePortAddress { value }).map(NodePortAddresses::Cidrs)
 }
 
 /// `--service-cidr`: CIDRs of either family (empty values ignored, e.g. an empty ConfigMap
 /// key); anything else is an error naming it.
 pub fn service_cidrs(values: &[String]) -> Result<Vec<crate::model::IpPrefix>, ConfigError> {
-    values
-        .iter()
-        .map(|v| v.trim())
-        .filter(|v| !v.is_empty())
-        .map(|v| v.parse().map_err(|_| ConfigError::ServiceCidr { value: v.to_string() }))
-        .collect()
+    cidrs(values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()), |value| ConfigError::ServiceCidr { value })
+}
+
+/// A list flag's CIDRs; the first that is not one is the error `bad` names.
+fn cidrs<'a>(
+    values: impl IntoIterator<Item = &'a str>,
+    bad: fn(String) -> ConfigError,
+) -> Result<Vec<crate::model::IpPrefix>, ConfigError> {
+    values.into_iter().map(|v| v.parse().map_err(|_| bad(v.to_string()))).collect()
 }
 
 /// kube-proxy's special `--nodeport-addresses` value (`NodePortAddressesPrimary`).

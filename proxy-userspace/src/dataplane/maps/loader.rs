@@ -308,10 +308,13 @@ pub fn load(cfg: &LoaderConfig) -> Result<(Programs, Maps), DataplaneError> {
 
 /// Whether XDP programs may call `bpf_xdp_adjust_meta` (some kernels refuse it to XDP). A
 /// failed probe counts as yes: the helper exists since Linux 4.15, and the load then says
-/// what is wrong.
+/// what is wrong. Probed once per process (the agent's feature line and every load ask).
 pub fn xdp_metadata_supported() -> bool {
-    aya::sys::is_helper_supported(aya::programs::ProgramType::Xdp, aya::sys::BpfHelper::BPF_FUNC_xdp_adjust_meta).ok()
-        != Some(false)
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| {
+        use aya::{programs::ProgramType, sys::BpfHelper};
+        aya::sys::is_helper_supported(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta).ok() != Some(false)
+    })
 }
 
 fn load_programs(
