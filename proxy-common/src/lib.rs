@@ -1048,16 +1048,34 @@ pub mod lb_mode {
 }
 
 /// Direct server return on the wire: the frontend (VIP:port) a client used, carried to the
-/// backend's node in an IPv4 option, 8 bytes right after the fixed header, so IHL becomes 7.
-/// The option type is RFC 4727's experimental one with the copy bit set (0x9e: copied into
-/// fragments, class 0, number 30), so no standard option is shadowed; a kernel ignores an
-/// option type it does not know on received packets and never echoes it in its answers.
+/// backend's node.
+///
+/// - IPv4: an option, 8 bytes right after the fixed header, so IHL becomes 7. The option
+///   type is RFC 4727's experimental one with the copy bit set (0x9e: copied into
+///   fragments, class 0, number 30), so no standard option is shadowed; a kernel ignores an
+///   option type it does not know on received packets and never echoes it in its answers.
+/// - IPv6: a Destination Options header of 24 bytes right after the fixed header (before
+///   any other extension header): next header, length 2 (3 x 8 bytes), one option of type
+///   0x1e (RFC 4727's experimental type whose top bits 00 say "skip if unknown", so the pod
+///   that receives it ignores it) holding the port and the address, then a 2-byte PadN.
+///   A forwarding node never reads destination options; only the final destination does.
 pub mod dsr {
     /// `CtValue::dsr` of a forward entry made for a DSR flow.
     pub const FLOW: u8 = 1;
     pub const OPT4_TYPE: u8 = 0x9e;
     /// Type, length, port (network order), IPv4 address (network order).
     pub const OPT4_LEN: u8 = 8;
+    /// The whole Destination Options header IPv6 DSR inserts.
+    pub const EXT6_LEN: usize = 24;
+    /// The header's length field: 8-byte units beyond the first 8.
+    pub const EXT6_HDR_LEN: u8 = (EXT6_LEN / 8 - 1) as u8;
+    pub const OPT6_TYPE: u8 = 0x1e;
+    /// The option's data: port (network order), IPv6 address (network order).
+    pub const OPT6_DATA_LEN: u8 = 18;
+    /// The option's place in the header (after next header and length), and the PadN
+    /// (type 1, no data) that fills the header to `EXT6_LEN`.
+    pub const OPT6_OFF: usize = 2;
+    pub const PADN: u8 = 1;
 }
 
 /// Value of `NODE_CONFIG6` (array, one entry): the IPv6 node facts; the SNAT port range is

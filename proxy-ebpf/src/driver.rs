@@ -104,13 +104,19 @@ fn handle<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> H::Ret
 
 /// IPv4: the steps inlined into one function, their state on its stack.
 #[inline(always)]
-fn inlined<H: Rewrite<F>, F: Parse + IcmpFamily>(ctx: &H::Ctx) -> (H::Ret, Verdict, u32) {
+fn inlined<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> (H::Ret, Verdict, u32) {
     let mut slot = MaybeUninit::uninit();
     let ct = CtWork::zeroed_in(&mut slot);
     match H::parse::<F>(ctx) {
         Ok(p) => {
-            let d = pipeline::decide::<F>(&p, H::SEEN, H::ifindex(ctx), ct);
-            let (ret, verdict) = apply::<H, F>(ctx, &p, &d);
+            let mut d = pipeline::decide::<F>(&p, H::SEEN, H::ifindex(ctx), ct);
+            if d.action == Action::Learn {
+                d = pipeline::learn_dsr::<F>(&p, ct);
+            }
+            let (ret, verdict) = match dsr_too_big::<H, F>(ctx, &p, &d) {
+                Some(ret) => (ret, Verdict::DsrTooBig),
+                None => apply::<H, F>(ctx, &p, &d),
+            };
             frag::remember::<F>(&p, &d);
             (ret, verdict, d.svc_id)
         }
@@ -129,7 +135,16 @@ fn staged<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> (H::Re
         return (H::PASS, v, 0);
     }
     decide_step::<H, F>(&w.p, H::ifindex(ctx), &mut w.ct, &mut w.d);
-    let (ret, verdict) = apply_step::<H, F>(ctx, &w.p, &w.d);
+    if w.d.action == Action::Learn {
+        learn_step::<F>(&w.p, &mut w.ct, &mut w.d);
+    }
+    // The MTU check is a sibling of `apply_step`: the ICMP answer it may build would not
+    // fit on the stack below `apply_step`'s frame.
+    let too_big = if w.d.action == Action::Dsr { too_big_step::<H, F>(ctx, &w.p, &w.d) } else { None };
+    let (ret, verdict) = match too_big {
+        Some(ret) => (ret, Verdict::DsrTooBig),
+        None => apply_step::<H, F>(ctx, &w.p, &w.d),
+    };
     if w.p.frag == Frag::First {
         remember_step::<F>(&w.p, &w.d);
     }
@@ -143,7 +158,7 @@ fn parse_step<H: Hook, F: Parse>(ctx: &H::Ctx, out: &mut Packet<F::Addr>) -> Res
 }
 
 #[inline(never)]
-fn decide_step<H: Hook, F: Parse>(
+fn decide_step<H: Hook, F: Parse + Staged>(
     p: &Packet<F::Addr>,
     ifindex: u32,
     ct: &mut CtWork<F::Addr>,
@@ -153,8 +168,22 @@ fn decide_step<H: Hook, F: Parse>(
 }
 
 #[inline(never)]
+fn learn_step<F: Staged>(p: &Packet<F::Addr>, ct: &mut CtWork<F::Addr>, out: &mut Decision<F::Addr>) {
+    *out = pipeline::learn_dsr::<F>(p, ct);
+}
+
+#[inline(never)]
 fn remember_step<F: Parse>(p: &Packet<F::Addr>, d: &Decision<F::Addr>) {
     frag::remember::<F>(p, d);
+}
+
+#[inline(never)]
+fn too_big_step<H: Rewrite<F>, F: IcmpFamily>(
+    ctx: &H::Ctx,
+    p: &Packet<F::Addr>,
+    d: &Decision<F::Addr>,
+) -> Option<H::Ret> {
+    dsr_too_big::<H, F>(ctx, p, d)
 }
 
 #[inline(never)]
@@ -171,7 +200,8 @@ fn apply_step<H: Rewrite<F>, F: IcmpFamily>(
 #[inline(always)]
 fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &Decision<F::Addr>) -> (H::Ret, Verdict) {
     match d.action {
-        Action::Pass => (H::PASS, d.verdict),
+        // `Learn` never gets here (the driver turns it into the backend node's decision).
+        Action::Pass | Action::Learn => (H::PASS, d.verdict),
         Action::Drop => (H::DROP, d.verdict),
         // A later fragment has no header to answer about (RFC 1122 3.2.2: no ICMP error
         // for it either): dropped.
@@ -181,20 +211,20 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
             Ok(()) => (H::PASS, d.verdict),
             Err(()) => (H::DROP, Verdict::Error),
         },
-        Action::Dsr => match dsr_option_fits::<H, F>(ctx, p) {
-            Err(ret) => (ret, Verdict::DsrTooBig),
-            Ok(opt) => match H::rewrite(ctx, p, &d.nat) {
-                Ok(()) => {
-                    if opt && let Err(v) = H::dsr_option(ctx, p.daddr, p.dport) {
-                        return (H::DROP, v);
-                    }
-                    match H::redirect(ctx, p.proto, &d.nat) {
-                        Ok(ret) => (ret, d.verdict),
-                        Err(v) => (H::DROP, v),
-                    }
+        // `dsr_too_big` has checked that the option fits.
+        Action::Dsr => match H::rewrite(ctx, p, &d.nat) {
+            Ok(()) => {
+                if carries_dsr_option(p)
+                    && let Err(v) = H::dsr_option(ctx, p.daddr, p.dport)
+                {
+                    return (H::DROP, v);
                 }
-                Err(()) => (H::DROP, Verdict::Error),
-            },
+                match H::redirect(ctx, p.proto, &d.nat) {
+                    Ok(ret) => (ret, d.verdict),
+                    Err(v) => (H::DROP, v),
+                }
+            }
+            Err(()) => (H::DROP, Verdict::Error),
         },
         Action::Redirect => match H::rewrite(ctx, p, &d.nat) {
             Ok(()) => match H::redirect(ctx, p.proto, &d.nat) {
@@ -206,18 +236,27 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
     }
 }
 
-/// Does this DSR packet carry the option (`Ok(true)`)? The backend's node learns the
-/// frontend from a TCP flow's SYN (it keeps it in conntrack) and from every UDP datagram
-/// (each may be the first it sees); a later fragment has no ports to learn from. `Err`:
-/// with the option it would not fit the MTU, and was answered instead (the hook's return
-/// code).
+/// Does this DSR packet carry the option? The backend's node learns the frontend from a
+/// TCP flow's SYN (it keeps it in conntrack) and from every UDP datagram (each may be the
+/// first it sees); a later fragment has no ports to learn from.
 #[inline(always)]
-fn dsr_option_fits<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>) -> Result<bool, H::Ret> {
-    let opt = !p.no_l4() && (p.proto != PROTO_TCP || p.tcp_syn());
-    if opt && let Some(ret) = H::dsr_too_big(ctx, p) {
-        return Err(ret);
+fn carries_dsr_option<A>(p: &Packet<A>) -> bool {
+    !p.no_l4() && (p.proto != PROTO_TCP || p.tcp_syn())
+}
+
+/// Direct server return: a packet that would exceed the MTU once the option is added is
+/// answered instead (ICMP fragmentation needed / Packet Too Big): how the hook returns it.
+/// `None`: not a DSR packet with the option, or it fits; `apply` goes on.
+#[inline(always)]
+fn dsr_too_big<H: Rewrite<F>, F: IcmpFamily>(
+    ctx: &H::Ctx,
+    p: &Packet<F::Addr>,
+    d: &Decision<F::Addr>,
+) -> Option<H::Ret> {
+    if d.action != Action::Dsr || !carries_dsr_option(p) {
+        return None;
     }
-    Ok(opt)
+    H::dsr_too_big(ctx, p)
 }
 
 /// ICMP errors about translated flows (see `icmp`): rewritten, then handed to the stack,

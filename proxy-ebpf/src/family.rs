@@ -7,6 +7,7 @@ use proxy_common::{
     ServiceValue, StatsFamily,
 };
 
+use crate::hdr::{IP_HLEN, IP6_HLEN};
 use crate::maps::{
     AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, CT_NEW, CT_NEW6, FRAGS, FRAGS6, NEIGH_MISSES,
     NEIGH_MISSES6, NODE_CONFIG, NODE_CONFIG6, SERVICE_CIDRS, SERVICE_CIDRS6, SERVICES, SERVICES6, SOURCE_RANGES,
@@ -24,9 +25,9 @@ pub trait Family: 'static {
     const OUTLINE: bool;
     /// Which block of `GLOBAL_STATS` this family's packets are counted in.
     const STATS: StatsFamily;
-    /// Can north-south flows of this family use direct server return (`--lb-mode`)? IPv6's
-    /// destination-options header is not built yet: its flows stay source-NATed.
-    const DSR: bool;
+    /// The fixed IP header's length: a packet whose transport header follows it directly
+    /// has no options or extension headers.
+    const HDR_LEN: usize;
 
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
@@ -65,7 +66,7 @@ impl Family for V4 {
     const AF: u8 = 2;
     const OUTLINE: bool = false;
     const STATS: StatsFamily = StatsFamily::Ipv4;
-    const DSR: bool = true;
+    const HDR_LEN: usize = IP_HLEN;
 
     fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
         &SERVICES
@@ -121,7 +122,7 @@ impl Family for V6 {
     const AF: u8 = 10;
     const OUTLINE: bool = true;
     const STATS: StatsFamily = StatsFamily::Ipv6;
-    const DSR: bool = false;
+    const HDR_LEN: usize = IP6_HLEN;
 
     fn services() -> &'static HashMap<ServiceKey<Ipv6Words>, ServiceValue> {
         &SERVICES6

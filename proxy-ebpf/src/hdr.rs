@@ -101,5 +101,6 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// ICMPv6 error types are 1 to 4 (destination unreachable, packet too big, time exceeded,
 /// parameter problem); informational types (echo, neighbour discovery, ...) start at 128.
 pub const ICMP6_DEST_UNREACH: u8 = 1;
+pub const ICMP6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMP6_PARAM_PROB: u8 = 4;
 pub const ICMP6_PORT_UNREACH: u8 = 4;

@@ -15,7 +15,11 @@ use network_types::{
 };
 use proxy_common::{
     FragKey, FragPorts, Ipv6Words, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Verdict,
-    dsr::{OPT4_LEN as DSR_OPT4_LEN, OPT4_TYPE as DSR_OPT4_TYPE},
+    dsr::{
+        EXT6_HDR_LEN as DSR_EXT6_HDR_LEN, EXT6_LEN as DSR_EXT6_LEN, OPT4_LEN as DSR_OPT4_LEN,
+        OPT4_TYPE as DSR_OPT4_TYPE, OPT6_DATA_LEN as DSR_OPT6_DATA_LEN, OPT6_OFF as DSR_OPT6_OFF,
+        OPT6_TYPE as DSR_OPT6_TYPE,
+    },
 };
 
 use crate::{
@@ -320,6 +324,7 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
         return Err(Verdict::Malformed);
     }
     let ip_end = l3 + IP6_HLEN + payload;
+    let (dsr_port, dsr_addr) = dsr_ext6(start, end, next_hdr).unwrap_or_default();
     let mut next = next_hdr;
     let mut off = l3 + IP6_HLEN;
     let mut i = 0;
@@ -389,7 +394,30 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
     } else {
         transport(start, end, l4, ip_end - l4, next, frag == Frag::First)?
     };
-    Ok(Packet::new(l3, l4, next, (saddr, daddr), &t, (frag, frag_id)))
+    let mut p = Packet::new(l3, l4, next, (saddr, daddr), &t, (frag, frag_id));
+    p.dsr_port = dsr_port;
+    p.dsr_addr = dsr_addr;
+    Ok(p)
+}
+
+/// The frontend in a DSR Destination Options header (`proxy_common::dsr`), which the
+/// ingress node puts right after the fixed header: (port, address), network byte order.
+/// Read at a constant offset, apart from the walk over the extension headers.
+#[inline(always)]
+fn dsr_ext6(start: usize, end: usize, next_hdr: u8) -> Option<(u16, Ipv6Words)> {
+    if next_hdr != NEXT_DEST_OPTS {
+        return None;
+    }
+    let h = ptr_at::<[u8; DSR_EXT6_LEN]>(start, end, ETH_HLEN + IP6_HLEN).ok()? as *const u8;
+    // SAFETY: every read is within the DSR_EXT6_LEN bytes checked above.
+    unsafe {
+        let o = h.add(DSR_OPT6_OFF);
+        if *h.add(1) != DSR_EXT6_HDR_LEN || *o != DSR_OPT6_TYPE || *o.add(1) != DSR_OPT6_DATA_LEN {
+            return None;
+        }
+        let word = |i: usize| (o.add(4 + i * 4) as *const u32).read_unaligned();
+        Some(((o.add(2) as *const u16).read_unaligned(), [word(0), word(1), word(2), word(3)]))
+    }
 }
 
 #[inline(always)]

@@ -12,7 +12,6 @@ use proxy_common::{
 use crate::{
     ct::{self, Ct, CtWork},
     family::{Family, V4, V6},
-    hdr::IP_HLEN,
     lb::{self, Selected},
     parse::Packet,
 };
@@ -63,6 +62,11 @@ pub enum Action {
     /// rewrite) in an IP option when the backend's node needs it (a TCP SYN, every UDP
     /// datagram), then forward like `Redirect`. The backend's node answers the client.
     Dsr,
+    /// Not for `apply`: the packet carries a DSR frontend and is for no frontend of ours,
+    /// so this is the backend's node, whose conntrack learns the flow next (`learn_dsr`, a
+    /// step of its own after `decide`, so its frame does not add to the decision's). It
+    /// then passes.
+    Learn,
 }
 
 pub struct Decision<A> {
@@ -122,6 +126,8 @@ pub struct Work<A> {
     pub p: Packet<A>,
     pub d: Decision<A>,
     pub ct: CtWork<A>,
+    /// The packet as addressed to the frontend its DSR header names (`Staged::dsr_frontend`).
+    pub dsr: Packet<A>,
 }
 
 /// Per-CPU working memory of one IPv6 packet (see `Work`). Not pinned: it holds nothing
@@ -135,12 +141,20 @@ pub trait Staged: Family {
     /// The family's per-CPU `Work`; `None` only if the map cannot be read (it always can:
     /// one entry, index 0) or the family keeps none.
     fn work() -> Option<&'static mut Work<Self::Addr>>;
+    /// Run `f` on `p` addressed to the frontend its DSR option or header names (the flow as
+    /// the node the client reached saw it): a copy on the stack for IPv4, in `WORK6` for
+    /// IPv6, whose call chain has no room for another packet on the stack.
+    fn dsr_frontend<R>(p: &Packet<Self::Addr>, f: impl FnOnce(&Packet<Self::Addr>) -> R) -> Option<R>;
 }
 
 impl Staged for V4 {
     #[inline(always)]
     fn work() -> Option<&'static mut Work<u32>> {
         None
+    }
+    #[inline(always)]
+    fn dsr_frontend<R>(p: &Packet<u32>, f: impl FnOnce(&Packet<u32>) -> R) -> Option<R> {
+        Some(f(&Packet { daddr: p.dsr_addr, dport: p.dsr_port, ..*p }))
     }
 }
 
@@ -152,20 +166,32 @@ impl Staged for V6 {
         // hooks.
         WORK6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
     }
+    #[inline(always)]
+    fn dsr_frontend<R>(p: &Packet<Ipv6Words>, f: impl FnOnce(&Packet<Ipv6Words>) -> R) -> Option<R> {
+        let w = WORK6.get_ptr_mut(0)?;
+        // SAFETY: only the `dsr` field is touched, which nothing else refers to while the
+        // program holds `p` (`Work::p`) and the conntrack work (`Work::ct`); per-CPU, as in
+        // `work`.
+        let q = unsafe { &mut *core::ptr::addr_of_mut!((*w).dsr) };
+        *q = *p;
+        q.daddr = p.dsr_addr;
+        q.dport = p.dsr_port;
+        Some(f(q))
+    }
 }
 
 /// What to do with a packet seen at `seen` (on interface `ifindex` for the TC hooks): the
 /// client side of flows, balanced (`FromPod`, `FromUplink`), or replies restored
 /// (`ToClient`).
 #[inline(always)]
-pub fn decide<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+pub fn decide<F: Staged>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
     if seen == Seen::ToClient { decide_reply::<F>(p, ifindex, w) } else { balance::<F>(p, seen, ifindex, w) }
 }
 
 /// Pod traffic (`FromPod`, seen on the pod interface `ifindex`) and traffic from outside
 /// the node (`FromUplink`).
 #[inline(always)]
-fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+fn balance<F: Staged>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
     let (node_snat, hairpin) = F::node_addrs();
     // Replies this hook translates itself: a pod answering a hairpin flow (addressed to the
     // hairpin address), a remote backend answering a flow we source-NATed (addressed to a
@@ -194,8 +220,8 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
 
     let scope = if seen == Seen::FromUplink { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let Some(svc) = lb::service_lookup::<F>(p, scope) else {
-        if F::DSR && seen == Seen::FromUplink && p.dsr_port != 0 {
-            return dsr_backend_node::<F>(p, w);
+        if seen == Seen::FromUplink && p.dsr_port != 0 {
+            return Decision::new(Action::Learn, Verdict::Dsr, 0);
         }
         // KEP-1880: an address inside a Service CIDR that no frontend holds (any port) is
         // refused rather than leaked to the default route; a pod's flow to a ClusterIP on
@@ -234,11 +260,10 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
         seen == Seen::FromUplink && b.flags & backend_flags::LOCAL == 0 && svc.flags & svc_flags::LOCAL_ONLY == 0;
     // Direct server return (`--lb-mode`): no source NAT, the frontend travels to the
     // backend's node in an IP option (not for a later fragment: it has no ports to go by).
-    // IPv4 only (`Family::DSR`), and only a header without options of its own gets one.
+    // Only a header without options (IPv4) or extension headers (IPv6) of its own gets one.
     let dsr = remote_ns
-        && F::DSR
         && !p.no_l4()
-        && p.l4_off == p.l3_off + IP_HLEN
+        && p.l4_off == p.l3_off + F::HDR_LEN
         && lb_mode::dsr_for(lb::node_config().lb_mode, p.proto);
     let snat_addr = match seen {
         Seen::FromPod if !F::is_unset(hairpin) && b.addr == p.saddr => Some(hairpin),
@@ -300,10 +325,15 @@ fn balance<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
 /// option says, as Cilium does. A forged option can only make a pod answer the packet's
 /// own source from another address, which that source could have spoofed itself.
 #[inline(always)]
-fn dsr_backend_node<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
-    let q = Packet { daddr: p.dsr_addr, dport: p.dsr_port, ..*p };
-    let svc_id = lb::service_lookup::<F>(&q, SCOPE_EXTERNAL).map(|s| s.id).unwrap_or(0);
-    match ct::lookup::<F>(&q, false, proxy_common::ct::IFINDEX_UPLINK, w) {
+pub fn learn_dsr<F: Staged>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    F::dsr_frontend(p, |q| dsr_learn::<F>(p, q, w)).unwrap_or_else(|| Decision::pass(Verdict::Error))
+}
+
+/// `learn_dsr` for `q`, the packet `p` as addressed to its frontend.
+#[inline(always)]
+fn dsr_learn<F: Family>(p: &Packet<F::Addr>, q: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+    let svc_id = lb::service_lookup::<F>(q, SCOPE_EXTERNAL).map(|s| s.id).unwrap_or(0);
+    match ct::lookup::<F>(q, false, proxy_common::ct::IFINDEX_UPLINK, w) {
         // A later datagram of the flow (UDP carries the option on every packet), or a
         // retransmitted SYN: the entry stands (refreshed by the lookup).
         Ct::Established => return Decision::new(Action::Pass, Verdict::Dsr, svc_id),
@@ -323,7 +353,7 @@ fn dsr_backend_node<F: Family>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> 
         reply_ifindex: 0,
         dsr: 0,
     };
-    match ct::create::<F>(&q, &flow, w) {
+    match ct::create::<F>(q, &flow, w) {
         Ok(()) => Decision::new(Action::Pass, Verdict::Dsr, svc_id),
         Err(e) => Decision::new(Action::Drop, e.verdict(), svc_id),
     }

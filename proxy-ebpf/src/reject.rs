@@ -19,10 +19,11 @@ use crate::{
     csum,
     hdr::{
         ETH_HLEN, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMP_PORT_UNREACH, ICMP6_DEST_UNREACH,
-        ICMP6_PORT_UNREACH, IP_CSUM_OFF, IP_DF, IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN, IP_PROTO_OFF, IP_SRC_OFF,
-        IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF,
-        IPV4_VIHL, IPV6_VERSION, L4_DPORT_OFF, L4_SPORT_OFF, MACS_LEN, PROTO_ICMP, PROTO_ICMP6, TCP_ACK, TCP_ACK_OFF,
-        TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN, TCP_FLAGS_OFF, TCP_HLEN, TCP_RST, TCP_SEQ_OFF, TCP_SYN, UDP_HLEN,
+        ICMP6_PACKET_TOO_BIG, ICMP6_PORT_UNREACH, IP_CSUM_OFF, IP_DF, IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN, IP_PROTO_OFF,
+        IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_DST_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF,
+        IP6_SRC_OFF, IPV4_VIHL, IPV6_VERSION, L4_DPORT_OFF, L4_SPORT_OFF, MACS_LEN, PROTO_ICMP, PROTO_ICMP6, TCP_ACK,
+        TCP_ACK_OFF, TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN, TCP_FLAGS_OFF, TCP_HLEN, TCP_RST, TCP_SEQ_OFF, TCP_SYN,
+        UDP_HLEN,
     },
     parse::Packet,
 };
@@ -37,6 +38,14 @@ const UDP_QUOTE6_LEN: usize = ETH_HLEN + IP6_HLEN + UDP_HLEN;
 /// Ethernet + IP + ICMP + the quoted IP and UDP headers.
 const UNREACH_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN + IP_HLEN + UDP_HLEN;
 const UNREACH6_LEN: usize = ETH_HLEN + IP6_HLEN + ICMP_HLEN + IP6_HLEN + UDP_HLEN;
+
+/// What an ICMPv6 Packet Too Big quotes: the fixed header and the 16 bytes after it (the
+/// transport header's ports and sequence number, or a fragment header and those), enough
+/// for the client's kernel to find its socket (Linux reads 8 bytes past the extension
+/// headers it can skip in the quote).
+const PTB6_QUOTE: usize = IP6_HLEN + 16;
+/// Ethernet + IPv6 + ICMPv6 + the quote (within `ANSWER_MAX`).
+const PTB6_LEN: usize = ETH_HLEN + IP6_HLEN + ICMP_HLEN + PTB6_QUOTE;
 
 /// The hop limit of the answers we make (Linux's default TTL).
 const REPLY_TTL: u8 = 64;
@@ -228,6 +237,25 @@ fn port_unreachable_frame6(h: &[u8; UDP_QUOTE6_LEN], p: &Packet<Ipv6Words>, out:
     seal(icmp, pseudo + BODY as u32 + PROTO_ICMP6 as u32, ICMP_CSUM_OFF);
 }
 
+/// ICMPv6 Packet Too Big (RFC 4443 3.2: type 2, code 0, the MTU in the 32 bits after the
+/// checksum) answering the packet whose first bytes are `h`, quoting `PTB6_QUOTE` bytes of
+/// it as the client sent it, from the frontend it addressed.
+#[inline(always)]
+fn packet_too_big_frame6(h: &[u8; PTB6_LEN], p: &Packet<Ipv6Words>, mtu: u32, out: &mut [u8; PTB6_LEN]) {
+    const ICMP_OFF: usize = ETH_HLEN + IP6_HLEN;
+    const BODY: usize = ICMP_HLEN + PTB6_QUOTE;
+    const MTU_OFF: usize = 4;
+    eth_back(h, out);
+    let pseudo = ip6_header(p, PROTO_ICMP6, BODY, at::<ETH_HLEN, IP6_HLEN, PTB6_LEN>(out));
+    let icmp = at::<ICMP_OFF, BODY, PTB6_LEN>(out);
+    // Field by field, without a zeroed copy of the body: the stack of the call chain that
+    // gets here (IPv6, XDP, DSR) has no room for one.
+    icmp[..MTU_OFF].copy_from_slice(&[ICMP6_PACKET_TOO_BIG, 0, 0, 0]);
+    icmp[MTU_OFF..ICMP_HLEN].copy_from_slice(&mtu.to_be_bytes());
+    icmp[ICMP_HLEN..].copy_from_slice(&h[ETH_HLEN..ETH_HLEN + PTB6_QUOTE]);
+    seal(icmp, pseudo + BODY as u32 + PROTO_ICMP6 as u32, ICMP_CSUM_OFF);
+}
+
 // Delivery.
 
 #[inline(always)]
@@ -292,6 +320,14 @@ pub fn xdp_frag_needed(ctx: &XdpContext, p: &Packet, mtu: u16) -> u32 {
         return xdp_action::XDP_DROP;
     }
     xdp_answer::<UNREACH_LEN>(ctx, |h, out| frag_needed_frame(h, p, mtu, out))
+}
+
+/// XDP: ICMPv6 Packet Too Big advertising `mtu` (IPv6's `xdp_frag_needed`), for a packet
+/// that would not fit the uplink with the DSR extension header. Any packet of a flow can be
+/// answered: the quote reaches past a fragment header.
+#[inline(never)]
+pub fn xdp_packet_too_big6(ctx: &XdpContext, p: &Packet<Ipv6Words>, mtu: u32) -> u32 {
+    xdp_answer::<PTB6_LEN>(ctx, |h, out| packet_too_big_frame6(h, p, mtu, out))
 }
 
 /// `xdp_reset` for IPv6; a function of its own so it does not add to the caller's frame.

@@ -32,7 +32,11 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Ipv6Words, NeighKey, PROTO_UDP, Verdict,
-    dsr::{OPT4_LEN as DSR_OPT4_LEN, OPT4_TYPE as DSR_OPT4_TYPE},
+    dsr::{
+        EXT6_HDR_LEN as DSR_EXT6_HDR_LEN, EXT6_LEN as DSR_EXT6_LEN, OPT4_LEN as DSR_OPT4_LEN,
+        OPT4_TYPE as DSR_OPT4_TYPE, OPT6_DATA_LEN as DSR_OPT6_DATA_LEN, OPT6_OFF as DSR_OPT6_OFF,
+        OPT6_TYPE as DSR_OPT6_TYPE, PADN as DSR_PADN,
+    },
 };
 
 use crate::{
@@ -42,8 +46,8 @@ use crate::{
     handoff,
     hdr::{
         ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_DST_OFF,
-        IP6_HLEN, IP6_HOP_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IPV4_VIHL, L4_DPORT_OFF, L4_PORTS_LEN, L4_SPORT_OFF,
-        MACS_LEN,
+        IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IPV4_VIHL, L4_DPORT_OFF, L4_PORTS_LEN,
+        L4_SPORT_OFF, MACS_LEN, NEXT_DEST_OPTS, NEXT_HOP_BY_HOP,
     },
     icmp::IcmpFamily,
     parse::{MAX_L4_OFF, Packet, Parse},
@@ -208,21 +212,11 @@ impl XdpFamily for V4 {
     fn dsr_option(ctx: &XdpContext, vip: u32, vport: u16) -> Result<(), ()> {
         dsr_option4(ctx, vip, vport)
     }
-    /// Checked against the MTU of the uplink the packet came in on, where XDP sends it back
-    /// out (a route out of another device is still checked by the FIB lookup, which drops
-    /// what does not fit as `no_route`).
+    /// The client is told the MTU less the option (`too_big_room`).
     #[inline(always)]
     fn dsr_too_big(ctx: &XdpContext, p: &Packet<u32>) -> Option<u32> {
-        // In: 0 = check the frame's own length; out: the device's (L3) MTU.
-        let mut mtu: u32 = 0;
-        // SAFETY: helper on our own context; `mtu` is a valid u32 on our stack.
-        let rc = unsafe { bpf_check_mtu(ctx.ctx as *mut _, 0, &mut mtu, DSR_OPT as i32, 0) };
-        if rc != BPF_MTU_CHK_RET_FRAG_NEEDED as i64 {
-            return None;
-        }
-        // What the client may send so that the packet and the option fit.
-        let room = mtu.saturating_sub(DSR_OPT as u32) as u16;
-        Some(reject::xdp_frag_needed(ctx, p, room))
+        let room = too_big_room(ctx, DSR_OPT)?;
+        Some(reject::xdp_frag_needed(ctx, p, room as u16))
     }
 }
 
@@ -266,20 +260,64 @@ impl XdpFamily for V6 {
     fn reset(ctx: &XdpContext, p: &Packet<Ipv6Words>) -> u32 {
         reject::xdp_reset6(ctx, p)
     }
-    /// Not built yet (`Family::DSR` is false for IPv6): never asked.
     #[inline(always)]
-    fn dsr_option(_ctx: &XdpContext, _vip: Ipv6Words, _vport: u16) -> Result<(), ()> {
-        Err(())
+    fn dsr_option(ctx: &XdpContext, vip: Ipv6Words, vport: u16) -> Result<(), ()> {
+        dsr_option6(ctx, vip, vport)
     }
+    /// As IPv4's, with the Destination Options header's 24 bytes and ICMPv6 Packet Too Big.
     #[inline(always)]
-    fn dsr_too_big(_ctx: &XdpContext, _p: &Packet<Ipv6Words>) -> Option<u32> {
-        None
+    fn dsr_too_big(ctx: &XdpContext, p: &Packet<Ipv6Words>) -> Option<u32> {
+        let room = too_big_room(ctx, DSR_EXT6_LEN)?;
+        Some(reject::xdp_packet_too_big6(ctx, p, room))
     }
+}
+
+/// If the frame grown by `grow` bytes would not fit the MTU of the uplink it came in on
+/// (where XDP sends it back out), the MTU a client must keep to so that it fits: what the
+/// ICMP error tells it. `None`: it fits. (A route out of another device is still checked by
+/// the FIB lookup, which drops what does not fit as `no_route`.)
+#[inline(always)]
+fn too_big_room(ctx: &XdpContext, grow: usize) -> Option<u32> {
+    // In: 0 = check the frame's own length; out: the device's (L3) MTU.
+    let mut mtu: u32 = 0;
+    // SAFETY: helper on our own context; `mtu` is a valid u32 on our stack.
+    let rc = unsafe { bpf_check_mtu(ctx.ctx as *mut _, 0, &mut mtu, grow as i32, 0) };
+    if rc != BPF_MTU_CHK_RET_FRAG_NEEDED as i64 {
+        return None;
+    }
+    Some(mtu.saturating_sub(grow as u32))
+}
+
+/// Grow the frame by `GAP` bytes at its head and move its first `HDRS` bytes (Ethernet and
+/// the fixed IP header) to the new start, leaving the gap right after them, where an IP
+/// option or extension header goes. `T` is `[u8; HDRS + GAP]` (checked at compile time):
+/// the bytes bounds-checked for the caller. Returns the frame's start.
+#[inline(always)]
+fn open_gap<const HDRS: usize, const GAP: usize, T>(ctx: &XdpContext) -> Result<*mut u8, ()> {
+    const { assert!(size_of::<T>() == HDRS + GAP) };
+    // SAFETY: helper on our own context; a negative delta grows the frame at its head.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GAP as i32)) } != 0 {
+        return Err(());
+    }
+    let hdrs = ptr_mut::<T>(ctx.data(), ctx.data_end(), 0).ok_or(())? as *mut u8;
+    // SAFETY: every access is within the HDRS + GAP bytes checked just above.
+    unsafe {
+        // Move the headers forward, 2 bytes at a time from the front: the source is
+        // always ahead of the destination, so nothing is overwritten before it is read.
+        let mut i = 0;
+        while i < HDRS {
+            (hdrs.add(i) as *mut u16).write_unaligned((hdrs.add(i + GAP) as *const u16).read_unaligned());
+            i += 2;
+        }
+    }
+    Ok(hdrs)
 }
 
 /// The Ethernet and IPv4 headers the DSR option is inserted after.
 const DSR_HDRS: usize = ETH_HLEN + IP_HLEN;
 const DSR_OPT: usize = DSR_OPT4_LEN as usize;
+/// The Ethernet and IPv6 headers the DSR extension header is inserted after.
+const DSR_HDRS6: usize = ETH_HLEN + IP6_HLEN;
 
 /// Insert the DSR option (`proxy_common::dsr`) after the IPv4 header of an option-less
 /// packet: the frame grows by 8 bytes at its head, the Ethernet and IP headers move to the
@@ -294,21 +332,9 @@ fn dsr_option4(ctx: &XdpContext, vip: u32, vport: u16) -> Result<(), ()> {
     if unsafe { *ip } != IPV4_VIHL {
         return Err(());
     }
-    // SAFETY: helper on our own context; a negative delta grows the frame at its head.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(DSR_OPT as i32)) } != 0 {
-        return Err(());
-    }
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let hdrs = ptr_mut::<[u8; DSR_HDRS + DSR_OPT]>(start, end, 0).ok_or(())? as *mut u8;
-    // SAFETY: every access is within the DSR_HDRS + DSR_OPT bytes checked just above.
+    let hdrs = open_gap::<DSR_HDRS, DSR_OPT, [u8; DSR_HDRS + DSR_OPT]>(ctx)?;
+    // SAFETY: every access is within the DSR_HDRS + DSR_OPT bytes `open_gap` checked.
     unsafe {
-        // Move the headers forward, 2 bytes at a time from the front: the source is
-        // always ahead of the destination, so nothing is overwritten before it is read.
-        let mut i = 0;
-        while i < DSR_HDRS {
-            (hdrs.add(i) as *mut u16).write_unaligned((hdrs.add(i + DSR_OPT) as *const u16).read_unaligned());
-            i += 2;
-        }
         let opt = hdrs.add(DSR_HDRS);
         *opt = DSR_OPT4_TYPE;
         *opt.add(1) = DSR_OPT4_LEN;
@@ -330,6 +356,41 @@ fn dsr_option4(ctx: &XdpContext, vip: u32, vport: u16) -> Result<(), ()> {
         c = csum::replace4(c, 0, (opt as *const u32).read_unaligned());
         c = csum::replace4(c, 0, (opt.add(4) as *const u32).read_unaligned());
         ip_csum.write_unaligned(c);
+    }
+    Ok(())
+}
+
+/// Insert the DSR Destination Options header (`proxy_common::dsr`) right after the fixed
+/// IPv6 header, as `dsr_option4` does the option: it takes over the fixed header's next
+/// header, which becomes 60, and the payload length grows by its 24 bytes. No checksum
+/// changes: IPv6 has no header checksum, and the L4 pseudo-header has the upper-layer
+/// length. A packet with a hop-by-hop header (which must stay first) gets none: an error.
+#[inline(always)]
+fn dsr_option6(ctx: &XdpContext, vip: Ipv6Words, vport: u16) -> Result<(), ()> {
+    let ip = ptr_mut::<[u8; IP6_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *const u8;
+    // SAFETY: within the IPv6 header checked above.
+    let next = unsafe { *ip.add(IP6_NEXT_OFF) };
+    if next == NEXT_HOP_BY_HOP {
+        return Err(());
+    }
+    let hdrs = open_gap::<DSR_HDRS6, DSR_EXT6_LEN, [u8; DSR_HDRS6 + DSR_EXT6_LEN]>(ctx)?;
+    // SAFETY: every access is within the DSR_HDRS6 + DSR_EXT6_LEN bytes `open_gap` checked.
+    unsafe {
+        let ext = hdrs.add(DSR_HDRS6);
+        *ext = next;
+        *ext.add(1) = DSR_EXT6_HDR_LEN;
+        let opt = ext.add(DSR_OPT6_OFF);
+        *opt = DSR_OPT6_TYPE;
+        *opt.add(1) = DSR_OPT6_DATA_LEN;
+        (opt.add(2) as *mut u16).write_unaligned(vport);
+        (opt.add(4) as *mut Ipv6Words).write_unaligned(vip);
+        let pad = opt.add(2 + DSR_OPT6_DATA_LEN as usize);
+        *pad = DSR_PADN;
+        *pad.add(1) = 0;
+        let ip = hdrs.add(ETH_HLEN);
+        *ip.add(IP6_NEXT_OFF) = NEXT_DEST_OPTS;
+        let plen = ip.add(IP6_PLEN_OFF) as *mut u16;
+        plen.write_unaligned((u16::from_be(plen.read_unaligned()) + DSR_EXT6_LEN as u16).to_be());
     }
     Ok(())
 }

@@ -184,3 +184,98 @@ fn xdp_dsr_option_inserted_learnt_and_too_big_answered() {
     assert_eq!(&icmp[42..70], &big[14..42], "quotes the client's own IP header and UDP header");
     assert!(csum_verifies(&icmp[14..34]) && csum_verifies(&icmp[34..]), "IP and ICMP checksums");
 }
+
+/// The Internet checksum over an IPv6 pseudo-header (`src`, `dst`, upper-layer length,
+/// next header `next`) and `body`: true if `body`'s checksum field makes it add up.
+fn csum6_verifies(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, next: u8, body: &[u8]) -> bool {
+    let mut b = Vec::new();
+    b.extend(src.octets());
+    b.extend(dst.octets());
+    b.extend((body.len() as u32).to_be_bytes());
+    b.extend([0, 0, 0, next]);
+    b.extend(body);
+    csum_verifies(&b)
+}
+
+/// Direct server return over IPv6 (issue 24 item 2), with `--lb-mode dsr`:
+/// - the SYN is forwarded DNATed only, with the frontend in a 24-byte Destination Options
+///   header right after the fixed one (next header 60; the header's own next header 6,
+///   length 2, option 0x1e of 18 bytes: port and address, then a PadN), payload length
+///   grown by 24, the TCP checksum valid; later segments go without it;
+/// - the backend's node passes that SYN unchanged, counts it `dsr`, and its `to_uplink`
+///   then sends the backend's answer from the frontend;
+/// - a full-sized datagram that the header would push past the uplink's MTU is answered
+///   with ICMPv6 Packet Too Big advertising 1476, quoting the client's own headers.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn xdp_dsr6_header_inserted_learnt_and_too_big_answered() {
+    use proxy_common::{NodeConfig, lb_mode};
+    use proxy_userspace::dataplane::maps::node::{PortRange, node_config};
+    use proxy_userspace::model::Scope;
+    require_root("xdp_dsr6_header_inserted_learnt_and_too_big_answered");
+    let f = Family::V6;
+    let a = f.addrs();
+    let (node, client_ip, remote_pod) = (a.node, a.ext_client, a.remote_pod);
+    let six = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(a) => a,
+        std::net::IpAddr::V4(a) => panic!("{a}: not IPv6"),
+    };
+    let net = fwd_ns(f);
+    let up0 = net.uplink_ifindex();
+    let mut dp = TestDataplane::load();
+    let dsr = NodeConfig { lb_mode: lb_mode::DSR, ..node_config(None, None, PortRange::default()) };
+    dp.node().set_config(&dsr).unwrap();
+    let entry = || svc(FrontendKind::NodePort, &[(remote_pod, 8080, false)]);
+    dp.program(vec![
+        (fk(node, NODE_PORT, Protocol::Tcp, Scope::External), entry()),
+        (fk(node, NODE_PORT, Protocol::Udp, Scope::External), entry()),
+    ]);
+    let client = (client_ip, 40000);
+    let syn = f.segment(client, (node, NODE_PORT), tcp::SYN, b"");
+    let (v, fwd) = net.ns.run(|| dp.run_xdp_on(XDP, &syn, up0));
+    assert_eq!(v, XDP_TX, "forwarded");
+    let d = decode_any(&fwd);
+    assert_eq!((d.src, d.dst), (client, (remote_pod, 8080)), "DNAT only");
+    assert!(d.l4_csum_ok, "TCP checksum");
+    assert_eq!(fwd.len(), syn.len() + 24, "a 24-byte extension header");
+    assert_eq!((fwd[14 + 6], &fwd[18..20]), (60, &(20u16 + 24).to_be_bytes()[..]), "next header, payload length");
+    let mut ext = vec![6, 2, 0x1e, 18];
+    ext.extend(NODE_PORT.to_be_bytes());
+    ext.extend(six(node).octets());
+    ext.extend([1, 0]);
+    assert_eq!(&fwd[54..78], &ext[..], "the header carries the frontend");
+    assert_eq!(&fwd[78 + 4..78 + 16], &syn[54 + 4..54 + 16], "the TCP header follows it");
+    assert_eq!(dp.global(verdict::NEW_FLOW), 1);
+
+    let ack = f.segment(client, (node, NODE_PORT), tcp::ACK, b"data");
+    let (v, fwd2) = net.ns.run(|| dp.run_xdp_on(XDP, &ack, up0));
+    let d2 = decode_any(&fwd2);
+    assert_eq!((v, fwd2[14 + 6], d2.src, d2.dst), (XDP_TX, 6, client, (remote_pod, 8080)), "later segments: none");
+    assert!(d2.l4_csum_ok);
+
+    // The backend's node: an agent of its own, no frontend of node 1's.
+    let mut b = TestDataplane::load();
+    let (v, passed) = b.run(XDP, &fwd);
+    assert_eq!((v, passed.as_slice()), (XDP_PASS, fwd.as_slice()), "passed on to the pod unchanged");
+    assert_eq!(b.global(verdict::DSR), 1, "learnt from the header");
+    let synack = f.segment((remote_pod, 8080), client, tcp::SYN | tcp::ACK, b"");
+    let (v, reply) = b.run_tc_from(TO_UPLINK, &synack, 7);
+    let r = decode_any(&reply);
+    assert_eq!((v, r.src, r.dst), (TC_ACT_UNSPEC, (node, NODE_PORT), client), "the answer leaves from the frontend");
+    assert!(r.l4_csum_ok);
+
+    // Too big with the header: Packet Too Big, MTU 1500 - 24.
+    let big = f.udp((client_ip, 40001), (node, NODE_PORT), &[7u8; 1500 - 40 - 8]);
+    let before = dp.global(verdict::DSR_TOO_BIG);
+    let (v, icmp) = net.ns.run(|| dp.run_xdp_on(XDP, &big, up0));
+    assert_eq!((v, icmp.len()), (XDP_TX, 14 + 40 + 8 + 56), "answered in place");
+    assert_eq!(dp.global(verdict::DSR_TOO_BIG), before + 1);
+    assert_eq!((&icmp[..6], &icmp[6..12]), (&big[6..12], &big[..6]), "back where it came from");
+    assert_eq!(
+        (icmp[14 + 6], &icmp[22..38], &icmp[38..54]),
+        (58, &six(node).octets()[..], &six(client_ip).octets()[..])
+    );
+    assert_eq!((icmp[54], icmp[55], &icmp[58..62]), (2, 0, &1476u32.to_be_bytes()[..]), "Packet Too Big, MTU 1476");
+    assert_eq!(&icmp[62..], &big[14..70], "quotes the client's own IPv6 header and what follows");
+    assert!(csum6_verifies(six(node), six(client_ip), 58, &icmp[54..]), "ICMPv6 checksum");
+}
