@@ -40,7 +40,7 @@ value_enum!(SocketLbMode {
 });
 value_enum!(LbMode {
     Snat => "snat": "Source NAT to this node (kube-proxy's behaviour): replies come back through it",
-    Dsr => "dsr": "Direct server return: the frontend travels in an IP option, the backend's node answers the client directly (IPv4; IPv6 stays snat)",
+    Dsr => "dsr": "Direct server return: the frontend travels in an IP option, the backend's node answers the client directly (an IPv4 option, an IPv6 destination-options header)",
     Hybrid => "hybrid": "DSR for TCP, SNAT for UDP",
 });
 value_enum!(XdpModeChoice {
@@ -494,8 +494,8 @@ pub struct AgentArgs {
     /// How NodePort, ExternalIP and LoadBalancer flows reach a backend on another node:
     /// `snat` (source NAT to this node, kube-proxy's behaviour), `dsr` (direct server
     /// return: the backend sees the client's address and its node answers the client
-    /// directly; every node must run with DSR support, and the path must carry IPv4 options)
-    /// or `hybrid` (DSR for TCP, SNAT for UDP). IPv6 flows stay source-NATed.
+    /// directly; every node must run with DSR support, and the path must carry IPv4 options
+    /// and IPv6 destination-options headers) or `hybrid` (DSR for TCP, SNAT for UDP).
     #[arg(long, value_enum, env = "EBPF_PROXY_LB_MODE", default_value = "snat")]
     pub lb_mode: LbMode,
     /// cgroup v2 directory the socket-level programs are attached to (they see the sockets

@@ -316,7 +316,7 @@ fn explain(v: Verdict, untouched: bool) -> String {
             "an SCTP flow whose ports would be rewritten (its CRC32c covers them, and is not updated): dropped"
         }
         Verdict::DsrTooBig => {
-            "direct server return: too big for the uplink with the DSR option, answered with ICMP fragmentation needed (the MTU less the option)"
+            "direct server return: too big for the uplink with the DSR option, answered with ICMP fragmentation needed / ICMPv6 Packet Too Big (the MTU less the option)"
         }
         Verdict::Dsr => {
             "direct server return: the frontend in the packet's DSR option gave the flow its entry here, so the local backend's replies leave from it"

@@ -228,16 +228,29 @@ pub fn node_yaml(name: &str, internal_ip: std::net::Ipv4Addr) -> String {
     )
 }
 
+/// A Node with an InternalIP of each family.
+pub fn node_yaml_dual(name: &str, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n  - type: InternalIP\n    \
+         address: {v4}\n  - type: InternalIP\n    address: \"{v6}\"\n  - type: Hostname\n    address: {name}\n"
+    )
+}
+
 /// An EndpointSlice whose endpoints carry their node (`nodeName`), for multi-node tests.
 /// `ports`: (name, port, protocol).
-pub fn slice_yaml_on_nodes(
+/// The slice's address type is the first endpoint's family.
+pub fn slice_yaml_on_nodes<A: Into<std::net::IpAddr> + Copy + std::fmt::Display>(
     service: &str,
     slice: &str,
-    endpoints: &[(&str, std::net::Ipv4Addr, &str)],
+    endpoints: &[(&str, A, &str)],
     ports: &[(&str, u16, &str)],
 ) -> String {
+    let family = match endpoints.first().map(|e| e.1.into()) {
+        Some(std::net::IpAddr::V6(_)) => "IPv6",
+        _ => "IPv4",
+    };
     let mut s = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {family}\nports:\n"
     );
     for (name, port, protocol) in ports {
         s.push_str(&format!("- name: {name}\n  port: {port}\n  protocol: {protocol}\n"));

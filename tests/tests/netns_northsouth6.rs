@@ -12,7 +12,7 @@ use std::{
 
 use proxy_tests::client::{name_set as set, tcp_names_from as names};
 use proxy_tests::{
-    agent::{Agent, TempDir},
+    agent::{Agent, TempDir, node_yaml_dual},
     client::{self, Held},
     harness::{PinDir, require_root},
     netns::{CLIENT_IPS6, Cluster, Netns, node_ip6, wait_for},
@@ -88,14 +88,6 @@ fn slices_yaml(c: &Cluster) -> String {
     out
 }
 
-/// The Node object with both InternalIPs.
-fn node_yaml(name: &str, v4: std::net::Ipv4Addr, v6: Ipv6Addr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n  - type: InternalIP\n    \
-         address: {v4}\n  - type: InternalIP\n    address: \"{v6}\"\n  - type: Hostname\n    address: {name}\n"
-    )
-}
-
 /// Field order is drop order: agents stop before their namespaces go.
 struct Env {
     _agents: Vec<Agent>,
@@ -116,7 +108,7 @@ impl Env {
             let dir = TempDir::new("ebpf-proxy-ns6-").expect("dir");
             dir.write("services.yaml", &services).unwrap();
             dir.write("slices.yaml", &slices).unwrap();
-            dir.write("node.yaml", &node_yaml(&node.name, node.ip, node.ip6.expect("IPv6 node"))).unwrap();
+            dir.write("node.yaml", &node_yaml_dual(&node.name, node.ip, node.ip6.expect("IPv6 node"))).unwrap();
             let pin = PinDir::new();
             let d = dir.0.to_str().unwrap().to_string();
             let args = ["--manifests", &d, "--node-name", &node.name, "--uplink", "eth0", "--xdp-mode", "native"];
