@@ -10,9 +10,9 @@
 //!   underlay ports run a no-op XDP program, so frames XDP_TX'd on a veth reach the bridge;
 //! - `ours_generic`: the same agent with `--xdp-mode generic`;
 //! - `ours_dsr`: the native agent with `--lb-mode dsr`: no source NAT, the NodePort carried
-//!   to node 2 in an 8-byte IPv4 option added to every datagram (node 2 needs no agent to
-//!   receive them: the kernel ignores the option); IPv6 has no DSR yet and is source-NATed
-//!   as `ours_native`;
+//!   to node 2 in an 8-byte IPv4 option (IPv6: a 24-byte Destination Options header) added
+//!   to every datagram (node 2 needs no agent to receive them: the kernel ignores the
+//!   option, and the pod skips the header's unknown option);
 //! - `iptables`: kube-proxy's NodePort chains (nat DNAT + masquerade, filter KUBE-FORWARD,
 //!   nft backend; `iptables-restore` and `ip6tables-restore`) loaded into node 1's
 //!   namespace with forwarding on there, no XDP on it.
@@ -826,10 +826,7 @@ pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
         let row = Row::median_of(SECTION, &format!("{f}.ours_dsr_vs_snat"), None, &paired, "x").unwrap_or_else(|| {
             Row::new(SECTION, &format!("{f}.ours_dsr_vs_snat"), None, pps["ours_dsr"] / pps["ours_native"], "x")
         });
-        let v6 = if family == Family::V6 { " (IPv6 has no DSR yet: both source-NATed)" } else { "" };
-        rows.push(
-            row.note(format!("median of {} per-round ratios of pkt/s, ours_dsr / ours_native{v6}", paired.len())),
-        );
+        rows.push(row.note(format!("median of {} per-round ratios of pkt/s, ours_dsr / ours_native", paired.len())));
         for c in ["ours_native", "ours_generic", "ours_dsr", "iptables"] {
             rows.push(
                 Row::new(SECTION, &format!("{f}.{c}.node1_ns"), None, extra(c), "ns/pkt")
