@@ -17,9 +17,9 @@ use crate::source::{Objects, files};
 /// What the operator commands read.
 pub struct Inspected {
     pub objects: Objects,
-    /// The ServiceCIDR objects; `None` where there are none to be had (a directory of
+    /// The API's ServiceCIDR objects; `None` where there are none to be had (a directory of
     /// manifests, or an API server without the resource): `--service-cidr` says, as for the
-    /// agent.
+    /// agent, beside the ServiceCIDRs the manifests hold (`objects.service_cidrs`).
     pub service_cidrs: Option<Vec<ServiceCIDR>>,
 }
 
@@ -62,6 +62,8 @@ pub fn load_objects(
             services: services.items.into_iter().map(Arc::new).collect(),
             slices: slices.items.into_iter().map(Arc::new).collect(),
             node,
+            // The API's are `service_cidrs`; only manifests carry theirs in the objects.
+            service_cidrs: Vec::new(),
         };
         Ok(Inspected { objects, service_cidrs })
     })

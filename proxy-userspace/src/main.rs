@@ -213,6 +213,8 @@ fn run_verify(a: &proxy_userspace::cli::VerifyArgs) -> anyhow::Result<bool> {
         Some(list) => list.iter().for_each(|c| cidrs.upsert(c)),
         None => cidrs.set_fallback(cidr_flag),
     }
+    // A directory's ServiceCIDRs count beside the flag, as in the agent.
+    objects.service_cidrs.iter().for_each(|c| cidrs.upsert(c));
     desired.service_cidrs = cidrs.ranges();
     let snap = syncer.store().snapshot().context("reading the pinned maps")?;
     let drift = verify(&desired, &snap);

@@ -2,6 +2,7 @@
 //! ServiceCIDRs on a fake API server, so one added at run time starts refusing a pod's
 //! connect() to an unallocated address inside it (ECONNREFUSED) without a restart, and one
 //! deleted stops; an API server without the resource (404) leaves `--service-cidr` in force.
+//! With `--manifests`, ServiceCIDR objects in the directory's files do the same.
 use std::{
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -95,5 +96,39 @@ fn without_the_service_cidr_api_the_flag_stands_in() {
     wait_for(Duration::from_secs(5), "--service-cidr to refuse", || refused(client).then_some(()))
         .expect("refused through --service-cidr");
     converge(client, (VIP, 80).into(), &["pod1"]);
+    drop(agent);
+}
+
+/// `--manifests`: a ServiceCIDR in a file of the directory is honoured like the API's: a
+/// file renamed into place at run time starts refusing the unallocated address (the
+/// allocated ClusterIP still served), and its removal stops it.
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn manifests_service_cidr_objects_are_honoured() {
+    require_root("manifests_service_cidr_objects_are_honoured");
+    let mut topo = Topology::single_node(2, 24).expect("topology");
+    topo.start_server(SERVER, 1, 8080).expect("server");
+    let dir = TempDir::new("ebpf-proxy-cidr-manifests-").unwrap();
+    dir.write("api.yaml", &service_yaml("api", "10.96.0.20", 80, 8080, "TCP")).unwrap();
+    let eps = [(topo.pods[1].name.as_str(), topo.pods[1].ip)];
+    dir.write("api-slice.yaml", &slice_yaml("api", "api-1", &eps, 8080, "TCP")).unwrap();
+    let pins = PinDir::new();
+    let d = dir.0.to_str().unwrap().to_string();
+    let agent = Agent::start(&topo.node, &pins.0, 10263, &["--manifests", &d, "--node-name", "node-a"]).expect("agent");
+    agent.wait_ready(&topo.node, Duration::from_secs(20)).expect("ready");
+    let client = &topo.pods[0].ns;
+    converge(client, (VIP, 80).into(), &["pod1"]);
+    assert!(!refused(client), "no ServiceCIDR yet: not refused");
+
+    let cidr = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  \
+                cidrs: [\"10.96.0.0/16\"]\n";
+    dir.write("service-cidr.yaml", cidr).unwrap();
+    wait_for(Duration::from_secs(5), "the file's ServiceCIDR to refuse", || refused(client).then_some(()))
+        .expect("refused once the file holds the ServiceCIDR");
+    converge(client, (VIP, 80).into(), &["pod1"]);
+
+    dir.remove("service-cidr.yaml").unwrap();
+    wait_for(Duration::from_secs(5), "the removed ServiceCIDR to stop refusing", || (!refused(client)).then_some(()))
+        .expect("not refused once the file is gone");
     drop(agent);
 }

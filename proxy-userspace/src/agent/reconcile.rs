@@ -84,7 +84,8 @@ impl SyncLoop {
         startup: Startup,
     ) -> Self {
         let mut translator = Translator::new(NodeInfo { name: node.name.clone(), ..NodeInfo::default() });
-        // The files source holds no ServiceCIDR objects: the flag says.
+        // The files source has no API to lack ServiceCIDRs: the flag always counts, beside
+        // the ServiceCIDR objects its files may hold.
         if matches!(source, Source::Files(_)) {
             translator.set_service_cidr_fallback(config.service_cidrs.iter().copied());
         }

@@ -9,10 +9,13 @@ pub mod kube;
 use std::{collections::HashMap, sync::Arc};
 
 use ::kube::Resource as KubeResource;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::ServiceCIDR,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::ServiceCIDR,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use crate::{
@@ -28,6 +31,8 @@ pub struct Objects {
     pub slices: Vec<Arc<EndpointSlice>>,
     /// The agent's own Node, when known.
     pub node: Option<Node>,
+    /// ServiceCIDRs (the files source's; the API source streams them as updates).
+    pub service_cidrs: Vec<Arc<ServiceCIDR>>,
 }
 
 impl Objects {
@@ -124,6 +129,7 @@ pub struct Snapshots {
     services: HashMap<ObjectKey, Arc<Service>>,
     slices: HashMap<ObjectKey, Arc<EndpointSlice>>,
     node: Option<Node>,
+    service_cidrs: HashMap<ObjectKey, Arc<ServiceCIDR>>,
 }
 
 impl Snapshots {
@@ -131,8 +137,13 @@ impl Snapshots {
     /// be told apart: they are handed on every time (the translation warns about them).
     pub fn diff(&mut self, objects: Objects) -> Vec<Update> {
         let mut out: Vec<Update> =
-            diff_kind(&mut self.services, objects.services).into_iter().map(Update::Services).collect();
-        out.extend(diff_kind(&mut self.slices, objects.slices).into_iter().map(Update::Slices));
+            diff_kind(&mut self.services, objects.services, object_key).into_iter().map(Update::Services).collect();
+        out.extend(diff_kind(&mut self.slices, objects.slices, object_key).into_iter().map(Update::Slices));
+        out.extend(
+            diff_kind(&mut self.service_cidrs, objects.service_cidrs, cluster_scoped_key)
+                .into_iter()
+                .map(Update::ServiceCidrs),
+        );
         if objects.node != self.node {
             self.node.clone_from(&objects.node);
             out.push(Update::Nodes(match objects.node {
@@ -144,11 +155,20 @@ impl Snapshots {
     }
 }
 
-fn diff_kind<K: KubeResource>(known: &mut HashMap<ObjectKey, Arc<K>>, now: Vec<Arc<K>>) -> Vec<Delta<K>> {
+/// A cluster-scoped object's key: no namespace, its name.
+fn cluster_scoped_key(meta: &ObjectMeta) -> Option<ObjectKey> {
+    Some((String::new(), meta.name.clone().filter(|n| !n.is_empty())?))
+}
+
+fn diff_kind<K: KubeResource>(
+    known: &mut HashMap<ObjectKey, Arc<K>>,
+    now: Vec<Arc<K>>,
+    key_of: fn(&ObjectMeta) -> Option<ObjectKey>,
+) -> Vec<Delta<K>> {
     let mut out = Vec::new();
     let mut seen: HashMap<ObjectKey, Arc<K>> = HashMap::with_capacity(now.len());
     for o in now {
-        let Some(key) = object_key(o.meta()) else {
+        let Some(key) = key_of(o.meta()) else {
             out.push(Delta::Apply(o));
             continue;
         };
@@ -169,6 +189,28 @@ fn diff_kind<K: KubeResource>(known: &mut HashMap<ObjectKey, Arc<K>>, now: Vec<A
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The files' ServiceCIDRs (cluster-scoped: no namespace) go to the translation as
+    /// deltas like the other kinds: applied once, not again while the file is unchanged, a
+    /// delete named ("", name) when it goes.
+    #[test]
+    fn service_cidrs_of_files_are_diffed_by_name() {
+        let cidr: ServiceCIDR = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16"]}
+        }))
+        .expect("ServiceCIDR");
+        let objects = Objects { service_cidrs: vec![Arc::new(cidr)], ..Objects::default() };
+        let mut s = Snapshots::default();
+        let first = s.diff(objects.clone());
+        assert!(
+            matches!(first.as_slice(), [Update::ServiceCidrs(Delta::Apply(c))] if c.metadata.name.as_deref() == Some("kubernetes"))
+        );
+        assert!(s.diff(objects).is_empty(), "unchanged: nothing to apply");
+        let gone = s.diff(Objects::default());
+        assert!(
+            matches!(gone.as_slice(), [Update::ServiceCidrs(Delta::Delete((ns, name)))] if ns.is_empty() && name == "kubernetes")
+        );
+    }
 
     /// A poisoned file source is an error, never an empty snapshot (which would make the
     /// next sync delete every frontend).

@@ -54,7 +54,8 @@ impl Stamp {
     }
 }
 
-/// "Service ns/name", "EndpointSlice ns/name", "Node name": what a file defines.
+/// "Service ns/name", "EndpointSlice ns/name", "Node name", "ServiceCIDR name": what a file
+/// defines.
 fn identities(o: &Objects) -> BTreeSet<(&'static str, String, String)> {
     let id = |kind, m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
         (kind, m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
@@ -62,6 +63,7 @@ fn identities(o: &Objects) -> BTreeSet<(&'static str, String, String)> {
     let mut ids: BTreeSet<_> = o.services.iter().map(|s| id("Service", &s.metadata)).collect();
     ids.extend(o.slices.iter().map(|s| id("EndpointSlice", &s.metadata)));
     ids.extend(o.node.iter().map(|n| id("Node", &n.metadata)));
+    ids.extend(o.service_cidrs.iter().map(|c| id("ServiceCIDR", &c.metadata)));
     ids
 }
 
@@ -266,6 +268,7 @@ impl Manifests {
         for f in self.files.values() {
             out.services.extend(f.objects.services.iter().cloned());
             out.slices.extend(f.objects.slices.iter().cloned());
+            out.service_cidrs.extend(f.objects.service_cidrs.iter().cloned());
             if f.objects.node.is_some() {
                 out.node.clone_from(&f.objects.node);
             }

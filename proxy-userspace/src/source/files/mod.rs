@@ -1,5 +1,6 @@
-//! `--manifests DIR`: Services, EndpointSlices (and optionally this node's Node) from YAML
-//! or JSON files, multi-document files included; followed as the directory changes.
+//! `--manifests DIR`: Services, EndpointSlices (and optionally this node's Node and
+//! ServiceCIDRs, whose ranges count beside `--service-cidr`'s) from YAML or JSON files,
+//! multi-document files included; followed as the directory changes.
 //!
 //! - Only real changes count: reads (`cat`, our own reads) are not events, and a file is
 //!   re-read only when its `stat` (device, inode, size, mtime, ctime) changed, and applied
@@ -33,6 +34,7 @@ use std::{
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use serde::Deserialize;
 use tracing::{debug, warn};
@@ -97,6 +99,7 @@ pub fn parse_documents(file: &Path, text: &str, node_name: &str, out: &mut Objec
         let r = match kind.as_str() {
             "Service" => serde_yaml::from_value::<Service>(value).map(|s| out.services.push(Arc::new(s))),
             "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(value).map(|s| out.slices.push(Arc::new(s))),
+            "ServiceCIDR" => serde_yaml::from_value::<ServiceCIDR>(value).map(|c| out.service_cidrs.push(Arc::new(c))),
             "Node" => serde_yaml::from_value::<Node>(value).map(|n| {
                 if n.metadata.name.as_deref() == Some(node_name) {
                     out.node = Some(n);
@@ -160,6 +163,11 @@ metadata: {name: ignored}
 apiVersion: v1
 kind: Node
 metadata: {name: node-a}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [10.96.0.0/16, "fd00:10:96::/112"]}
 "#;
         let mut out = Objects::default();
         let mut w = Vec::new();
@@ -167,6 +175,8 @@ metadata: {name: node-a}
         assert_eq!(out.services.len(), 1);
         assert_eq!(out.slices.len(), 1);
         assert!(out.node.is_some());
+        let cidrs: Vec<_> = out.service_cidrs.iter().flat_map(|c| c.spec.clone().unwrap_or_default().cidrs).collect();
+        assert_eq!(cidrs, [vec!["10.96.0.0/16".to_string(), "fd00:10:96::/112".to_string()]]);
         assert_eq!(w.len(), 1, "{w:?}");
         assert_eq!(w[0].doc, Some(2));
         assert!(w[0].message.contains("invalid Service"));
