@@ -147,6 +147,13 @@ impl MapStore for AgentStore {
     fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
         self.maps.put_slots(items)
     }
+    fn put_backends_and_slots(
+        &mut self,
+        backends: &[(BackendId, AnyBackend)],
+        slots: &[(SlotKey, BackendId)],
+    ) -> StoreResult {
+        self.maps.put_backends_and_slots(backends, slots)
+    }
     fn put_metas(&mut self, items: &[(ServiceId, ServiceMeta)]) -> StoreResult {
         self.maps.put_metas(items)
     }

@@ -87,8 +87,7 @@ impl<S: MapStore> Syncer<S> {
         // The marks first: nothing may name an id the marks do not cover.
         let mut mark_writes = 0;
         self.persist_id_marks(&mut mark_writes)?;
-        self.store.put_backends(&backends)?;
-        self.store.put_slots(&slots)?;
+        self.store.put_backends_and_slots(&backends, &slots)?;
         self.store.put_maglevs(&maglev)?;
         for (id, p) in &ranges {
             self.store.put_range(*id, *p)?;

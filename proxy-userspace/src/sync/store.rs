@@ -209,6 +209,16 @@ pub trait MapStore {
     fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
         items.iter().try_for_each(|(k, b)| self.put_slot(k, *b))
     }
+    /// Backends and slots, the bulk of a cold start: neither names the other's keys, so the
+    /// kernel maps write them at once, on two threads; this default one after the other.
+    fn put_backends_and_slots(
+        &mut self,
+        backends: &[(BackendId, AnyBackend)],
+        slots: &[(SlotKey, BackendId)],
+    ) -> StoreResult {
+        self.put_backends(backends)?;
+        self.put_slots(slots)
+    }
     fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
         items.iter().try_for_each(|(k, b)| self.put_maglev(k, *b))
     }

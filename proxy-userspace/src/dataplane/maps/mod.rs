@@ -525,11 +525,8 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-impl MapStore for Maps {
-    fn snapshot(&self) -> StoreResult<Snapshot> {
-        Ok(self.read_snapshot()?)
-    }
-    fn put_backends(&mut self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
+impl Maps {
+    fn write_backends(&self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
         let v4 = items.iter().filter_map(|(id, b)| match b.addr {
             IpAddr::V4(a) => Some((id.get(), backend_with(b, ip_to_map(a)))),
             IpAddr::V6(_) => None,
@@ -541,8 +538,36 @@ impl MapStore for Maps {
         });
         update_batch(&self.backends6, n::BACKENDS6, v6)
     }
-    fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
+
+    fn write_slots(&self, items: &[(SlotKey, BackendId)]) -> StoreResult {
         update_batch(&self.slots, n::BACKEND_SLOTS, items.iter().map(|(k, b)| (*k, b.get())))
+    }
+}
+
+impl MapStore for Maps {
+    fn snapshot(&self) -> StoreResult<Snapshot> {
+        Ok(self.read_snapshot()?)
+    }
+    fn put_backends(&mut self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
+        self.write_backends(items)
+    }
+    fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
+        self.write_slots(items)
+    }
+    /// The two batches on two threads: different maps, each insert its own syscall work
+    /// (hashing, bucket locks, allocation) that the other does not wait for.
+    fn put_backends_and_slots(
+        &mut self,
+        backends: &[(BackendId, AnyBackend)],
+        slots: &[(SlotKey, BackendId)],
+    ) -> StoreResult {
+        let this = &*self;
+        std::thread::scope(|s| {
+            let slots_written = s.spawn(|| this.write_slots(slots));
+            let backends_written = this.write_backends(backends);
+            let slots_written = slots_written.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            backends_written.and(slots_written)
+        })
     }
     fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
         self.write_maglev(items)
