@@ -141,12 +141,6 @@ impl MapStore for AgentStore {
     fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult {
         self.maps.put_id_marks(marks)
     }
-    fn put_backends(&mut self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
-        self.maps.put_backends(items)
-    }
-    fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
-        self.maps.put_slots(items)
-    }
     fn put_backends_and_slots(
         &mut self,
         backends: &[(BackendId, AnyBackend)],

@@ -203,21 +203,15 @@ pub trait MapStore {
 
     // Many new entries of one kind at once (a cold start into empty maps). The kernel maps
     // write them in batches; these defaults write them one by one.
-    fn put_backends(&mut self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
-        items.iter().try_for_each(|(id, b)| self.put_backend(*id, b))
-    }
-    fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
-        items.iter().try_for_each(|(k, b)| self.put_slot(k, *b))
-    }
     /// Backends and slots, the bulk of a cold start: neither names the other's keys, so the
-    /// kernel maps write them at once, on two threads; this default one after the other.
+    /// kernel maps write the two batches at once, on two threads.
     fn put_backends_and_slots(
         &mut self,
         backends: &[(BackendId, AnyBackend)],
         slots: &[(SlotKey, BackendId)],
     ) -> StoreResult {
-        self.put_backends(backends)?;
-        self.put_slots(slots)
+        backends.iter().try_for_each(|(id, b)| self.put_backend(*id, b))?;
+        slots.iter().try_for_each(|(k, b)| self.put_slot(k, *b))
     }
     fn put_maglevs(&mut self, items: &[(MaglevKey, BackendId)]) -> StoreResult {
         items.iter().try_for_each(|(k, b)| self.put_maglev(k, *b))

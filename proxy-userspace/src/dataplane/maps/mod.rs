@@ -548,12 +548,6 @@ impl MapStore for Maps {
     fn snapshot(&self) -> StoreResult<Snapshot> {
         Ok(self.read_snapshot()?)
     }
-    fn put_backends(&mut self, items: &[(BackendId, AnyBackend)]) -> StoreResult {
-        self.write_backends(items)
-    }
-    fn put_slots(&mut self, items: &[(SlotKey, BackendId)]) -> StoreResult {
-        self.write_slots(items)
-    }
     /// The two batches on two threads: different maps, each insert its own syscall work
     /// (hashing, bucket locks, allocation) that the other does not wait for.
     fn put_backends_and_slots(
