@@ -211,10 +211,11 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
             Ok(()) => (H::PASS, d.verdict),
             Err(()) => (H::DROP, Verdict::Error),
         },
-        // `dsr_too_big` has checked that the option fits.
-        Action::Dsr => match H::rewrite(ctx, p, &d.nat) {
+        Action::Redirect | Action::Dsr => match H::rewrite(ctx, p, &d.nat) {
             Ok(()) => {
-                if carries_dsr_option(p)
+                // DSR: the option goes in after the rewrite (`dsr_too_big` checked it fits).
+                if d.action == Action::Dsr
+                    && carries_dsr_option(p)
                     && let Err(v) = H::dsr_option(ctx, p.daddr, p.dport)
                 {
                     return (H::DROP, v);
@@ -224,13 +225,6 @@ fn apply<H: Rewrite<F>, F: IcmpFamily>(ctx: &H::Ctx, p: &Packet<F::Addr>, d: &De
                     Err(v) => (H::DROP, v),
                 }
             }
-            Err(()) => (H::DROP, Verdict::Error),
-        },
-        Action::Redirect => match H::rewrite(ctx, p, &d.nat) {
-            Ok(()) => match H::redirect(ctx, p.proto, &d.nat) {
-                Ok(ret) => (ret, d.verdict),
-                Err(v) => (H::DROP, v),
-            },
             Err(()) => (H::DROP, Verdict::Error),
         },
     }

@@ -326,12 +326,16 @@ fn balance<F: Staged>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
 /// own source from another address, which that source could have spoofed itself.
 #[inline(always)]
 pub fn learn_dsr<F: Staged>(p: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
-    F::dsr_frontend(p, |q| dsr_learn::<F>(p, q, w)).unwrap_or_else(|| Decision::pass(Verdict::Error))
+    F::dsr_frontend(p, |q| learn_as_frontend::<F>(p, q, w)).unwrap_or_else(|| Decision::pass(Verdict::Error))
 }
 
 /// `learn_dsr` for `q`, the packet `p` as addressed to its frontend.
 #[inline(always)]
-fn dsr_learn<F: Family>(p: &Packet<F::Addr>, q: &Packet<F::Addr>, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
+fn learn_as_frontend<F: Family>(
+    p: &Packet<F::Addr>,
+    q: &Packet<F::Addr>,
+    w: &mut CtWork<F::Addr>,
+) -> Decision<F::Addr> {
     let svc_id = lb::service_lookup::<F>(q, SCOPE_EXTERNAL).map(|s| s.id).unwrap_or(0);
     match ct::lookup::<F>(q, false, proxy_common::ct::IFINDEX_UPLINK, w) {
         // A later datagram of the flow (UDP carries the option on every packet), or a
