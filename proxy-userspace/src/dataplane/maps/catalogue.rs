@@ -225,42 +225,31 @@ impl MapDef {
 
 /// Every pinned map, once. The IPv6 twins follow the same flags and policies as their IPv4
 /// maps, with their own layouts.
+/// SERVICES or SERVICES6 (keys `K`): their values before `maglev_base` are widened, their
+/// tables republished by the sync.
+const fn services_map<K: Pod>(name: &'static str) -> MapDef {
+    MapDef {
+        sizing: Sizing::Flag(SizeFlag::MaxServices),
+        prealloc: false,
+        migrate: Some(Policy {
+            legacy: Some(Legacy {
+                value_size: crate::dataplane::maps::maglev::LEGACY_VALUE_SIZE as u32,
+                sibling: name,
+                copy: crate::dataplane::maps::maglev::copy_legacy_services::<K>,
+            }),
+            ..AGENT_WRITES
+        }),
+        trace_seeds: true,
+        verify_reads: true,
+        fill_ratio: true,
+        ..MapDef::new(name, Layout::hash::<K, ServiceValue>(), sizes::MAX_SERVICES)
+    }
+}
+
 pub static MAPS: &[MapDef] = &[
     // The frontends, keyed by address: written by the agent, read by every hook.
-    MapDef {
-        sizing: Sizing::Flag(SizeFlag::MaxServices),
-        prealloc: false,
-        // Values before `maglev_base` are widened (their tables republished by the sync).
-        migrate: Some(Policy {
-            legacy: Some(Legacy {
-                value_size: crate::dataplane::maps::maglev::LEGACY_VALUE_SIZE as u32,
-                sibling: n::SERVICES,
-                copy: crate::dataplane::maps::maglev::copy_legacy_services::<ServiceKey>,
-            }),
-            ..AGENT_WRITES
-        }),
-        trace_seeds: true,
-        verify_reads: true,
-        fill_ratio: true,
-        ..MapDef::new(n::SERVICES, Layout::hash::<ServiceKey, ServiceValue>(), sizes::MAX_SERVICES)
-    },
-    MapDef {
-        sizing: Sizing::Flag(SizeFlag::MaxServices),
-        prealloc: false,
-        // Values before `maglev_base` are widened (their tables republished by the sync).
-        migrate: Some(Policy {
-            legacy: Some(Legacy {
-                value_size: crate::dataplane::maps::maglev::LEGACY_VALUE_SIZE as u32,
-                sibling: n::SERVICES6,
-                copy: crate::dataplane::maps::maglev::copy_legacy_services::<ServiceKey6>,
-            }),
-            ..AGENT_WRITES
-        }),
-        trace_seeds: true,
-        verify_reads: true,
-        fill_ratio: true,
-        ..MapDef::new(n::SERVICES6, Layout::hash::<ServiceKey6, ServiceValue>(), sizes::MAX_SERVICES)
-    },
+    services_map::<ServiceKey>(n::SERVICES),
+    services_map::<ServiceKey6>(n::SERVICES6),
     // Slot references (frontend, generation, index) -> backend id, both families.
     MapDef {
         sizing: Sizing::Scaled(SizeFlag::MaxBackends, slots_for),
