@@ -31,6 +31,13 @@ fn refused(client: &Netns) -> bool {
     })
 }
 
+/// Wait (5 s at most) until a connect() to the unallocated address is refused (`want`) or
+/// no longer is; `what` names the awaited change in the failure.
+fn wait_refused(client: &Netns, want: bool, what: &str) {
+    wait_for(Duration::from_secs(5), what, || (refused(client) == want).then_some(()))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
 /// A node with a client pod and a backend pod, a fake API server holding a node, the
 /// Service `api` (10.96.0.20:80 -> pod1:8080) and its slice; the agent watching it.
 fn cluster(
@@ -77,13 +84,11 @@ fn service_cidr_added_at_run_time_is_honoured() {
     assert!(!refused(client), "no ServiceCIDR object yet: not refused");
 
     api.apply_service_cidr("kubernetes", &["10.96.0.0/16", "fd00:10:96::/112"]);
-    wait_for(Duration::from_secs(5), "the new ServiceCIDR to refuse", || refused(client).then_some(()))
-        .expect("refused once the ServiceCIDR exists");
+    wait_refused(client, true, "the new ServiceCIDR to refuse");
     converge(client, (VIP, 80).into(), &["pod1"]);
 
     api.delete_service_cidr("kubernetes");
-    wait_for(Duration::from_secs(5), "the deleted ServiceCIDR to stop refusing", || (!refused(client)).then_some(()))
-        .expect("not refused once the ServiceCIDR is gone");
+    wait_refused(client, false, "the deleted ServiceCIDR to stop refusing");
     drop(agent);
 }
 
@@ -93,8 +98,7 @@ fn without_the_service_cidr_api_the_flag_stands_in() {
     require_root("without_the_service_cidr_api_the_flag_stands_in");
     let (topo, _api, _pins, agent, _dir) = cluster(10262, false, &["--service-cidr", "10.96.0.0/16"]);
     let client = &topo.pods[0].ns;
-    wait_for(Duration::from_secs(5), "--service-cidr to refuse", || refused(client).then_some(()))
-        .expect("refused through --service-cidr");
+    wait_refused(client, true, "--service-cidr to refuse");
     converge(client, (VIP, 80).into(), &["pod1"]);
     drop(agent);
 }
@@ -123,12 +127,10 @@ fn manifests_service_cidr_objects_are_honoured() {
     let cidr = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  \
                 cidrs: [\"10.96.0.0/16\"]\n";
     dir.write("service-cidr.yaml", cidr).unwrap();
-    wait_for(Duration::from_secs(5), "the file's ServiceCIDR to refuse", || refused(client).then_some(()))
-        .expect("refused once the file holds the ServiceCIDR");
+    wait_refused(client, true, "the file's ServiceCIDR to refuse");
     converge(client, (VIP, 80).into(), &["pod1"]);
 
     dir.remove("service-cidr.yaml").unwrap();
-    wait_for(Duration::from_secs(5), "the removed ServiceCIDR to stop refusing", || (!refused(client)).then_some(()))
-        .expect("not refused once the file is gone");
+    wait_refused(client, false, "the removed ServiceCIDR to stop refusing");
     drop(agent);
 }
