@@ -127,16 +127,8 @@ impl Maps {
             source_ranges6: typed(n::SOURCE_RANGES6, get(n::SOURCE_RANGES6)?)?,
             sock_udp: typed(n::SOCK_UDP_BACKENDS, get(n::SOCK_UDP_BACKENDS)?)?,
             sock_udp6: typed(n::SOCK_UDP_BACKENDS6, get(n::SOCK_UDP_BACKENDS6)?)?,
-            sync_ids: match get(n::SYNC_IDS) {
-                Ok(m) => Some(typed(n::SYNC_IDS, m)?),
-                Err(DataplaneError::NotPinned { .. } | DataplaneError::MissingObject(_)) => None,
-                Err(e) => return Err(e),
-            },
-            maglev: match get(n::MAGLEV) {
-                Ok(m) => Some(typed(n::MAGLEV, m)?),
-                Err(DataplaneError::NotPinned { .. } | DataplaneError::MissingObject(_)) => None,
-                Err(e) => return Err(e),
-            },
+            sync_ids: optional(n::SYNC_IDS, get)?,
+            maglev: optional(n::MAGLEV, get)?,
             service_cidrs: optional(n::SERVICE_CIDRS, get)?,
             service_cidrs6: optional(n::SERVICE_CIDRS6, get)?,
             maglev_runs: maglev::Runs::new(0),
