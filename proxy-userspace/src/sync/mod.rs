@@ -345,9 +345,13 @@ impl<S: MapStore> Syncer<S> {
     }
 
     fn sync(&mut self, desired: &DesiredState, scope: SyncScope) -> SyncReport {
+        let changed = match scope {
+            SyncScope::All => None,
+            SyncScope::Keys(keys) => Some(keys),
+        };
         let mut report = self.pass(desired, scope);
         // After every frontend (see `cidrs`).
-        let writes = self.cidrs.write(&mut self.store, desired);
+        let writes = self.cidrs.write(&mut self.store, desired, changed);
         report.writes += writes;
         self.total_writes += writes;
         // Step 9: not run by a start-up batch (maps were not empty, or it failed): now.
