@@ -285,8 +285,8 @@ impl Metrics {
         r.register(
             "startup_seconds",
             "The agent's start-up by phase, set after the first sync: prepare (kernel probe, pin lock), load \
-             (programs and maps), setup (hooks, attacher, read-back, source start), objects (initial lists decoded \
-             and parsed), translate and apply (the first sync), total",
+             (programs and maps, while the source lists and parses the objects), setup (hooks, attacher, read-back), \
+             objects (the rest of the initial lists), translate and apply (the first sync), total",
             m.startup.clone(),
         );
         r.register("object_warnings", "Objects currently skipped as malformed", m.object_warnings.clone());

@@ -2,6 +2,7 @@
 //! go, keep the maps equal to what the Kubernetes objects say, serve health-check node
 //! ports, and resolve the neighbours XDP forwarding is missing.
 pub mod config;
+mod intake;
 mod log_once;
 mod neighbours;
 mod node;
@@ -23,6 +24,7 @@ use tracing::{error, info, warn};
 
 pub use self::config::{AgentConfig, ConfigError, ObjectSource};
 use self::{
+    intake::Intake,
     neighbours::neighbour_resolver,
     node::ThisNode,
     reconcile::{Events, SyncLoop},
@@ -42,14 +44,14 @@ use crate::{
         guard::{DatapathGuard, OurPrograms},
         kernel::local_addrs,
         lock::RootLock,
-        maps::loader,
+        maps::loader::{self, LoaderConfig},
         maps::node::{NodeMaps, PortRange},
         maps::{GlobalStats, Maps},
         sock::SocketLbMode,
     },
     health::Health,
     metrics::Metrics,
-    source::{Source, SourceEvent, apiserver, files},
+    source::{Source, SourceEvent, apiserver, apiserver::HintCell, files},
     sync::Syncer,
 };
 
@@ -174,24 +176,35 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let lock = lock_root(config.bpffs_root())?;
     let control = start_control(&config)?;
     startup.mark("prepare");
-    let (mut programs, maps) = load_dataplane(&config)?;
+    // The kernel verifies the programs (on threads of their own) while the source lists the
+    // objects and they are parsed into the translation: neither needs the other.
+    let loading = {
+        let loader = config.loader.clone();
+        tokio::task::spawn_blocking(move || load_dataplane(&loader))
+    };
+    let (local, local_changes) = follow_local_addrs(&config).await?;
+    let (node_addrs, node_addrs_rx) = watch::channel(Vec::new());
+    let hint = HintCell::default();
+    let (source, mut source_events, api_url) = start_source(&config, &hint).await?;
+    let node = ThisNode::new(&config, local, control.health.clone(), node_addrs);
+    let mut intake = Intake::new(source, node, SyncMetrics::new(control.metrics.clone()), &config);
+    let (mut programs, maps) = intake.until(&mut source_events, loading).await?;
     startup.mark("load");
     // Before the first sync: a node process dialling a Service during start-up gets the
     // backends the pinned maps hold (a restart swaps the programs into the same links).
     let sock_lb = start_socket_lb(&config, &mut programs, &control.metrics)?;
     // Fill ratios use the sizes of the maps in use.
-    let capacities = maps.capacities();
+    intake.metrics.set_capacities(maps.capacities());
     start_counters(&config, &control.metrics)?;
     let node_maps = NodeMaps::from_ebpf(&mut programs.ebpf).context("node maps")?;
     let (attacher, attached_initial) = prepare_attacher(&config, programs, lock, &sock_lb, &control)?;
     let syncer = read_back(&config, AgentStore::new(maps, node_maps, sock_lb))?;
-    let node_addrs = start_attaching(&config, attacher)?;
-    let (local, local_changes) = follow_local_addrs(&config).await?;
-    let (source, source_events) = start_source(&config, &syncer).await?;
+    if let Some(url) = api_url {
+        fill_bootstrap_hint(&config, &url, &syncer, &hint);
+    }
+    start_attaching(&config, attacher, node_addrs_rx)?;
     startup.mark("setup");
-    let node = ThisNode::new(&config, local, control.health.clone(), node_addrs);
-    let metrics = SyncMetrics::new(control.metrics, capacities);
-    let lp = SyncLoop::new(syncer, source, node, metrics, &control.health, &config, startup);
+    let lp = SyncLoop::new(syncer, intake, &control.health, &config, startup);
     created_root.keep();
     let events = Events { source: source_events, local_addrs: local_changes, shutdown: control.shutdown };
     lp.run(events, control.health, attached_initial, &config).await;
@@ -251,12 +264,12 @@ fn start_control(config: &AgentConfig) -> Result<Control> {
 
 /// Load the programs and create or re-use the pinned maps; maps that changed size or type
 /// are migrated.
-fn load_dataplane(config: &AgentConfig) -> Result<(loader::Programs, Maps)> {
-    let (mut programs, maps) = loader::load(&config.loader).context("loading the eBPF datapath")?;
+fn load_dataplane(config: &LoaderConfig) -> Result<(loader::Programs, Maps)> {
+    let (mut programs, maps) = loader::load(config).context("loading the eBPF datapath")?;
     if !programs.migration.is_empty() {
         // Maps changed size or type: put the new programs into every pinned link now, in
         // one loop, then copy what the old programs wrote meanwhile and drop the old maps.
-        let swapped = attach::swap_pinned_links(&mut programs, config.bpffs_root());
+        let swapped = attach::swap_pinned_links(&mut programs, &config.bpffs_root);
         info!(links = swapped, "new programs swapped into the pinned links");
         std::mem::take(&mut programs.migration).finish().context("finishing the map migration")?;
     }
@@ -337,9 +350,13 @@ fn read_back(config: &AgentConfig, store: AgentStore) -> Result<Syncer<AgentStor
 
 /// Attach the programs to pod interfaces and uplinks as they come and go (one watcher for
 /// both kinds: uplinks by exact name, pods by pattern or by kind), detect the uplinks when
-/// `--uplink` names none, and resolve the neighbours XDP misses. Returns where the Node's
-/// addresses go, for the uplink detection.
-fn start_attaching(config: &AgentConfig, attacher: Attacher) -> Result<watch::Sender<Vec<IpAddr>>> {
+/// `--uplink` names none (from the Node's addresses, `node_addrs_rx`), and resolve the
+/// neighbours XDP misses.
+fn start_attaching(
+    config: &AgentConfig,
+    attacher: Attacher,
+    node_addrs_rx: watch::Receiver<Vec<IpAddr>>,
+) -> Result<()> {
     let patterns = config.watched_ifaces.clone();
     let (ltx, lrx) = unbounded_channel();
     let detected_tx = ltx.clone();
@@ -348,7 +365,6 @@ fn start_attaching(config: &AgentConfig, attacher: Attacher) -> Result<watch::Se
             error!(error = %e, "interface watcher stopped");
         }
     });
-    let (node_addrs, node_addrs_rx) = watch::channel(Vec::new());
     if config.uplinks.is_empty() {
         info!(xdp_mode = ?config.xdp_mode, "north-south XDP on detected uplinks (no --uplink given)");
         let pods = config.pod_ifaces.clone();
@@ -359,7 +375,7 @@ fn start_attaching(config: &AgentConfig, attacher: Attacher) -> Result<watch::Se
     let misses = NodeMaps::open_pinned(config.bpffs_root()).context("node maps")?;
     tokio::spawn(neighbour_resolver(misses));
     tokio::spawn(attacher.run(lrx));
-    Ok(node_addrs)
+    Ok(())
 }
 
 /// NodePorts are served on local addresses: known before the first sync, then followed.
@@ -373,30 +389,39 @@ async fn follow_local_addrs(config: &AgentConfig) -> Result<(Vec<IpAddr>, watch:
     Ok((local, changes))
 }
 
-/// Start reading the objects: from the manifests directory, or watching the API.
+/// Start reading the objects: from the manifests directory, or watching the API (also
+/// returns its URL, for the bootstrap hint).
 async fn start_source(
     config: &AgentConfig,
-    syncer: &Syncer<AgentStore>,
-) -> Result<(Source, UnboundedReceiver<SourceEvent>)> {
+    hint: &HintCell,
+) -> Result<(Source, UnboundedReceiver<SourceEvent>, Option<http::Uri>)> {
     let (stx, srx) = unbounded_channel();
     let node_name = &config.node_name;
-    let source = match &config.source {
+    let (source, url) = match &config.source {
         ObjectSource::Manifests(dir) => {
             info!(dir = %dir.display(), "reading objects from manifests");
-            Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?)
+            (Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?), None)
         }
         ObjectSource::Kube { kubeconfig, context, api_server } => {
             let (client, url) = kube_client(kubeconfig.as_deref(), context.as_deref(), api_server.as_ref()).await?;
-            let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
-            let hint = apiserver::bootstrap_hint(&url, api_server.is_some(), service_host.as_deref(), |a| {
-                syncer.serves_tcp(a)
-            });
             info!(api_server = %url, "watching the Kubernetes API");
-            crate::source::kube::start(client, node_name, stx, hint.map(Into::into));
-            Source::Kube
+            crate::source::kube::start(client, node_name, stx, hint.clone());
+            (Source::Kube, Some(url))
         }
     };
-    Ok((source, srx))
+    Ok((source, srx, url))
+}
+
+/// Once the pinned state is read back: whether the API server's address is the
+/// `kubernetes` ClusterIP nothing serves yet (see `apiserver::bootstrap_hint`), for the
+/// watchers' errors.
+fn fill_bootstrap_hint(config: &AgentConfig, url: &http::Uri, syncer: &Syncer<AgentStore>, hint: &HintCell) {
+    let api_server_given = matches!(&config.source, ObjectSource::Kube { api_server: Some(_), .. });
+    let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    if let Some(h) = apiserver::bootstrap_hint(url, api_server_given, service_host.as_deref(), |a| syncer.serves_tcp(a))
+    {
+        let _ = hint.set(h.into());
+    }
 }
 
 #[cfg(test)]

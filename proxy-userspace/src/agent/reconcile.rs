@@ -1,5 +1,5 @@
-//! The reconciler: feed object changes into the translation as they arrive (`update`),
-//! apply what they changed to the maps (`sync`), and compare the pinned maps with the
+//! The reconciler: object changes go into the translation as they arrive (`Intake`, see
+//! `intake.rs`); apply what they changed to the maps (`sync`), and compare the pinned maps with the
 //! desired state (`verify`); its event loop (`run`) decides when.
 //!
 //! A sync re-translates only the Services the changes touched and writes only the frontends
@@ -7,7 +7,6 @@
 //! sync, and the first after a relist, look at every frontend (`Syncer::apply`): what the
 //! pinned maps hold from before may include Services deleted while the agent was away.
 use std::{
-    collections::HashSet,
     net::IpAddr,
     path::PathBuf,
     sync::{
@@ -21,42 +20,28 @@ use tokio::sync::{mpsc::UnboundedReceiver, oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::{
-    config::AgentConfig,
-    log_once::LogOnce,
-    node::ThisNode,
-    startup::Startup,
-    store::AgentStore,
-    sync_metrics::{PassSummary, SyncMetrics},
+    config::AgentConfig, intake::Intake, log_once::LogOnce, startup::Startup, store::AgentStore,
+    sync_metrics::PassSummary,
 };
 use crate::{
     health::Health,
     healthcheck::HealthServers,
-    model::{IpPrefix, NodeInfo, Translator},
-    source::{self, Delta, Resource, Snapshots, Source, SourceEvent, Update},
+    source::SourceEvent,
     sync::{SyncReport, Syncer},
 };
 
 pub(super) struct SyncLoop {
     syncer: Syncer<AgentStore>,
-    /// Every object's parsed form and the desired state, kept up to date by `update`.
-    translator: Translator,
-    source: Source,
-    /// The files source's previous snapshot, to turn the next one into changes.
-    snapshots: Snapshots,
-    /// The next sync looks at every frontend (start-up, relist).
-    full_sync: bool,
-    node: ThisNode,
+    /// The objects and this node, as the source has told them so far.
+    intake: Intake,
     /// The health-check node ports of `externalTrafficPolicy: Local` Services.
     health: HealthServers,
-    metrics: SyncMetrics,
     /// Malformed objects, frontends not programmed and drift: logged when they appear.
     logged: Logged,
     /// Whether a sync has run (verify compares against its desired state).
     synced_once: bool,
     /// Where `verify` opens the pinned maps.
     bpffs_root: PathBuf,
-    /// `--service-cidr`: in force for the files source, and for an API without ServiceCIDRs.
-    service_cidr_flag: Vec<IpPrefix>,
     /// The start-up's phases, reported after the first sync.
     startup: Option<Startup>,
 }
@@ -73,68 +58,23 @@ struct Logged {
 }
 
 impl SyncLoop {
-    /// Before the first sync, which looks at every frontend.
+    /// Before the first sync, which looks at every frontend; `intake` holds what the
+    /// source said while the programs loaded.
     pub(super) fn new(
         syncer: Syncer<AgentStore>,
-        source: Source,
-        node: ThisNode,
-        metrics: SyncMetrics,
+        intake: Intake,
         health: &Health,
         config: &AgentConfig,
         startup: Startup,
     ) -> Self {
-        let mut translator = Translator::new(NodeInfo { name: node.name.clone(), ..NodeInfo::default() });
-        // The files source has no API to lack ServiceCIDRs: the flag always counts, beside
-        // the ServiceCIDR objects its files may hold.
-        if matches!(source, Source::Files(_)) {
-            translator.set_service_cidr_fallback(config.service_cidrs.iter().copied());
-        }
         SyncLoop {
             syncer,
-            translator,
-            source,
-            snapshots: Snapshots::default(),
-            full_sync: true,
-            node,
+            intake,
             health: HealthServers::new(health.synced.clone()),
-            metrics,
             logged: Logged::default(),
             synced_once: false,
             bpffs_root: config.bpffs_root().to_path_buf(),
-            service_cidr_flag: config.service_cidrs.clone(),
             startup: Some(startup),
-        }
-    }
-
-    /// One change from the API source: parsed into the translation now, applied at the
-    /// next `sync`.
-    pub(super) fn update(&mut self, u: Update) {
-        self.metrics.changed(&u);
-        let t = &mut self.translator;
-        match u {
-            Update::Services(Delta::Apply(s)) => t.upsert_service(&s),
-            Update::Services(Delta::Delete((ns, name))) => t.delete_service(&ns, &name),
-            Update::Services(Delta::Relisted(seen)) => {
-                t.retain_services(&seen);
-                self.full_sync = true;
-            }
-            Update::Slices(Delta::Apply(s)) => t.upsert_slice(&s),
-            Update::Slices(Delta::Delete((ns, name))) => t.delete_slice(&ns, &name),
-            Update::Slices(Delta::Relisted(seen)) => {
-                t.retain_slices(&seen);
-                self.full_sync = true;
-            }
-            Update::Nodes(Delta::Apply(n)) => self.node.object = Some(n),
-            Update::Nodes(Delta::Delete(_)) => self.node.object = None,
-            Update::Nodes(Delta::Relisted(seen)) => {
-                if seen.is_empty() {
-                    self.node.object = None;
-                }
-            }
-            Update::ServiceCidrs(Delta::Apply(c)) => t.upsert_service_cidr(&c),
-            Update::ServiceCidrs(Delta::Delete((_, name))) => t.delete_service_cidr(&name),
-            Update::ServiceCidrs(Delta::Relisted(seen)) => t.retain_service_cidrs(&seen),
-            Update::NoServiceCidrApi => t.set_service_cidr_fallback(self.service_cidr_flag.iter().copied()),
         }
     }
 
@@ -143,25 +83,26 @@ impl SyncLoop {
     /// into the maps; then what that did into the metrics and the log.
     pub(super) fn sync(&mut self, burst_start: Option<Instant>) {
         let t = Instant::now();
-        if !self.read_objects() {
+        if !self.intake.read_objects() {
             return;
         }
-        self.node.follow(&mut self.translator);
+        let intake = &mut self.intake;
+        intake.node.follow(&mut intake.translator);
         // The addresses programmed now stay with their Services on a conflict.
-        let changed = self.translator.commit(&self.syncer);
+        let changed = intake.translator.commit(&self.syncer);
         let translated = t.elapsed();
         let object_warnings = self.log_warnings();
 
-        let desired = self.translator.desired();
+        let desired = self.intake.translator.desired();
         self.health.update(&desired.health_checks);
         // Written before any frontend: a flow to a new remote backend needs the SNAT address.
-        self.syncer.set_node_facts(self.node.facts());
-        let full = std::mem::take(&mut self.full_sync);
+        self.syncer.set_node_facts(self.intake.node.facts());
+        let full = std::mem::take(&mut self.intake.full_sync);
         let report = if full { self.syncer.apply(desired) } else { self.syncer.apply_changes(desired, &changed) };
         self.synced_once = true;
         if let Some(startup) = self.startup.take() {
             let phases = startup.finish(t, translated, t.elapsed().saturating_sub(translated));
-            self.metrics.started(&phases);
+            self.intake.metrics.started(&phases);
         }
         // Destroying the sockets of removed backends follows the map writes and has a
         // histogram of its own: not the sync's time.
@@ -169,7 +110,13 @@ impl SyncLoop {
         let duration = t.elapsed().saturating_sub(sockets);
         let event_to_map = burst_start.map(|start| start.elapsed().saturating_sub(sockets));
         let trigger_times = self.trigger_times();
-        self.metrics.record(&PassSummary { duration, event_to_map, object_warnings, trigger_times, report: &report });
+        self.intake.metrics.record(&PassSummary {
+            duration,
+            event_to_map,
+            object_warnings,
+            trigger_times,
+            report: &report,
+        });
         self.log_errors(&report);
         info!(
             services = report.services,
@@ -187,27 +134,6 @@ impl SyncLoop {
 }
 
 impl SyncLoop {
-    /// A files source's changes since the last sync, into the translation (an API source
-    /// delivers its changes through `update` as they come). False: the objects cannot be
-    /// read, and the maps stay as they are.
-    fn read_objects(&mut self) -> bool {
-        match self.source.snapshot() {
-            None => true,
-            Some(Ok(objects)) => {
-                self.translator.clear_unnamed();
-                for u in self.snapshots.diff(objects) {
-                    self.update(u);
-                }
-                true
-            }
-            Some(Err(e)) => {
-                // Keep every frontend as it is: nothing here says the objects are gone.
-                error!(error = %e, "cannot read the objects; the maps are left as they are");
-                false
-            }
-        }
-    }
-
     /// A map that stays full fails the same frontends on every sync: each is logged when it
     /// starts to fail, and the end once.
     fn log_errors(&mut self, report: &SyncReport) {
@@ -229,7 +155,7 @@ impl SyncLoop {
 
     /// The translation's malformed objects, each logged when it appears; how many there are.
     fn log_warnings(&mut self) -> usize {
-        let warnings = self.translator.warnings();
+        let warnings = self.intake.translator.warnings();
         self.logged.warnings.round(warnings.iter().map(|w| (w.to_string(), w)), |w| {
             warn!(kind = w.kind, object = %w.object, "skipped: {}", w.message);
         });
@@ -239,7 +165,7 @@ impl SyncLoop {
     /// The trigger times of the slice changes this sync applies (kube-proxy's network
     /// programming latency), each malformed one logged.
     fn trigger_times(&mut self) -> Vec<std::time::SystemTime> {
-        let triggers = self.translator.take_trigger_times();
+        let triggers = self.intake.translator.take_trigger_times();
         for (slice, value) in &triggers.malformed {
             warn!(
                 endpointslice = %slice,
@@ -257,7 +183,7 @@ impl SyncLoop {
         if !self.synced_once {
             return;
         }
-        let desired = self.translator.desired();
+        let desired = self.intake.translator.desired();
         let snap = match crate::dataplane::maps::Maps::open_pinned(&self.bpffs_root).and_then(|m| m.read_snapshot()) {
             Ok(s) => s,
             Err(e) => {
@@ -266,7 +192,7 @@ impl SyncLoop {
             }
         };
         let drift = crate::sync::verify::verify(desired, &snap);
-        self.metrics.verified(drift.len());
+        self.intake.metrics.verified(drift.len());
         let cleared = self.logged.drift.round(drift.iter().map(|d| (d.to_string(), d)), |d| {
             warn!(drift = %d, "the maps differ from what the API says");
         });
@@ -304,42 +230,36 @@ impl SyncLoop {
         let verify_every = config.verify_interval.unwrap_or(Duration::from_secs(1));
         let mut verify_tick = tokio::time::interval_at(tokio::time::Instant::now() + verify_every, verify_every);
         let delay = config.sync_delay;
-        let mut synced: HashSet<Resource> = HashSet::new();
-        let mut burst: Option<Instant> = None;
-        // Whether the burst holds an event worth coalescing (an API update, an address).
-        // The files source's `Changed` is coalesced already (its quiet period for writes
-        // in place, none for a rename into place), so it syncs at once.
-        let mut coalesce = false;
         let (first_sync, first_sync_rx) = watch::channel(false);
         // The first sync adopts kube-proxy's flows (`takeover`): from then on they are ours
         // only, so our programs must be on the interfaces first.
         let mut attached_before_adoption = Some(attached_initial.clone());
         tokio::spawn(readiness(first_sync_rx, attached_initial, health.synced.clone()));
+        // What came while the programs loaded is looked at before waiting for more.
+        let mut wait = false;
         loop {
-            tokio::select! {
-                ev = events.source.recv() => match ev {
-                    Some(ev) => {
-                        coalesce |= matches!(ev, SourceEvent::Update(_));
-                        self.receive(ev, &mut synced);
-                        burst.get_or_insert_with(Instant::now);
+            if std::mem::replace(&mut wait, true) {
+                tokio::select! {
+                    ev = events.source.recv() => match ev {
+                        Some(ev) => self.intake.receive(ev),
+                        None => break,
+                    },
+                    // A local address came or went: NodePort frontends follow at the next sync.
+                    Ok(()) = events.local_addrs.changed() => {
+                        self.intake.node.local_addrs = events.local_addrs.borrow_and_update().clone();
+                        self.intake.coalesce = true;
+                        self.intake.burst.get_or_insert_with(Instant::now);
                     }
-                    None => break,
-                },
-                // A local address came or went: NodePort frontends follow at the next sync.
-                Ok(()) = events.local_addrs.changed() => {
-                    self.node.local_addrs = events.local_addrs.borrow_and_update().clone();
-                    coalesce = true;
-                    burst.get_or_insert_with(Instant::now);
-                }
-                _ = &mut events.shutdown => break,
-                // 0 turns the periodic verify off: the branch is never polled.
-                _ = verify_tick.tick(), if config.verify_interval.is_some() => {
-                    self.verify();
-                    continue;
+                    _ = &mut events.shutdown => break,
+                    // 0 turns the periodic verify off: the branch is never polled.
+                    _ = verify_tick.tick(), if config.verify_interval.is_some() => {
+                        self.verify();
+                        continue;
+                    }
                 }
             }
             // Reconcile only against a complete picture: every resource fully listed.
-            if !source::REQUIRED.iter().all(|r| synced.contains(r)) || burst.is_none() {
+            if !self.intake.listed() || self.intake.burst.is_none() {
                 continue;
             }
             // From here a sync is owed (/healthz fails if none completes in time); the
@@ -349,36 +269,24 @@ impl SyncLoop {
             // Coalesce the rest of the burst.
             // A zero delay does not sleep at all: tokio's timer rounds every sleep up to its
             // next millisecond tick, which would be most of an incremental sync's latency.
-            if !delay.is_zero() && std::mem::take(&mut coalesce) {
+            if !delay.is_zero() && std::mem::take(&mut self.intake.coalesce) {
                 tokio::time::sleep(delay).await;
             }
             while let Ok(ev) = events.source.try_recv() {
-                self.receive(ev, &mut synced);
+                self.intake.receive(ev);
             }
             if let Some(attached) = attached_before_adoption.take() {
                 wait_attached(attached).await;
             }
-            let full = self.full_sync;
-            self.sync(burst.take());
+            let full = self.intake.full_sync;
+            let burst = self.intake.burst.take();
+            self.intake.coalesce = false;
+            self.sync(burst);
             health.synced_now();
             first_sync.send_replace(true);
             if full {
                 // A full sync (start-up, relist) frees the transient memory of a whole list.
                 release_free_memory();
-            }
-        }
-    }
-
-    /// One event of the source: a resource fully listed (into `synced`), or a change.
-    fn receive(&mut self, ev: SourceEvent, synced: &mut HashSet<Resource>) {
-        match ev {
-            SourceEvent::Synced(r) => {
-                synced.insert(r);
-            }
-            SourceEvent::Changed => self.metrics.queued(),
-            SourceEvent::Update(u) => {
-                self.update(u);
-                self.metrics.queued();
             }
         }
     }

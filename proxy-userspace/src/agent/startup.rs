@@ -1,12 +1,13 @@
 //! The agent's start-up timed by phase, so that a slow start says where its time went:
 //! `ebpf_proxy_startup_seconds{phase}` and one log line after the first sync.
 //!
-//! Phases, in order: `prepare` (kernel probe, pin lock, HTTP server), `load` (programs
-//! verified, maps pinned or migrated), `setup` (socket hooks, attacher, maps read back,
-//! local addresses, the object source started), `objects` (until the first sync begins:
-//! the initial lists decoded and parsed into the translation, or the manifests read),
-//! `translate` and `apply` (the first sync's translation and map writes); `total` is the
-//! whole, start to the first sync's end.
+//! Phases, in order of wall time: `prepare` (kernel probe, pin lock, HTTP server), `load`
+//! (programs verified, maps pinned or migrated; the object source starts first and its
+//! lists are decoded and parsed into the translation meanwhile, `Intake::until`), `setup`
+//! (socket hooks, attacher, maps read back), `objects` (until the first sync begins: what
+//! is left of the initial lists, or of reading the manifests), `translate` and `apply` (the
+//! first sync's translation and map writes); `total` is the whole, start to the first
+//! sync's end.
 use std::time::{Duration, Instant};
 
 pub(super) struct Startup {

@@ -73,8 +73,20 @@ impl SyncMetrics {
         );
     }
 
-    pub(super) fn new(metrics: Metrics, capacities: Capacities) -> Self {
-        SyncMetrics { metrics, capacities, started: SystemTime::now(), pending: Pending::default() }
+    /// Fill ratios are zero until `set_capacities` (the maps load after the first changes
+    /// come in).
+    pub(super) fn new(metrics: Metrics) -> Self {
+        SyncMetrics {
+            metrics,
+            capacities: Capacities::default(),
+            started: SystemTime::now(),
+            pending: Pending::default(),
+        }
+    }
+
+    /// The sizes of the maps in use, for their fill ratios.
+    pub(super) fn set_capacities(&mut self, capacities: Capacities) {
+        self.capacities = capacities;
     }
 
     /// A change a sync is owed for (an event of the source), now.

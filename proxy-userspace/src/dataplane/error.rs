@@ -52,6 +52,8 @@ pub enum DataplaneError {
     },
     #[error("the eBPF object has no map or program named {0}")]
     MissingObject(&'static str),
+    #[error("a thread verifying a program panicked")]
+    VerifierThread,
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {program}: {source}")]

@@ -74,6 +74,11 @@ fn socket_addr(uri: &Uri) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// The bootstrap hint, once known: the watchers start while the programs are still being
+/// verified, before the pinned state says whether the address is served; the agent fills
+/// the cell then, and errors from then on carry the hint.
+pub type HintCell = std::sync::Arc<std::sync::OnceLock<std::sync::Arc<str>>>;
+
 /// What to tell the operator when the API server cannot be reached before the first sync:
 /// `Some` when the client's address is the `kubernetes` Service's ClusterIP
 /// (`service_host`, the kubelet's `KUBERNETES_SERVICE_HOST`), `--api-server` was not

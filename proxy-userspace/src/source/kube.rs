@@ -23,7 +23,7 @@ use kube::{
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{error, info, warn};
 
-use super::{Delta, Resource, SourceEvent, Update};
+use super::{Delta, Resource, SourceEvent, Update, apiserver::HintCell};
 use crate::model::ObjectKey;
 
 /// Services kube-proxy ignores are filtered server-side too (as kube-proxy does).
@@ -39,7 +39,7 @@ fn spawn_watch<K>(
     resource: Resource,
     wrap: fn(Delta<K>) -> Update,
     tx: UnboundedSender<SourceEvent>,
-    hint: Option<Arc<str>>,
+    hint: Option<HintCell>,
 ) where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
@@ -69,7 +69,7 @@ fn spawn_watch<K>(
                 Ok(watcher::Event::Delete(o)) => vec![SourceEvent::Update(wrap(Delta::Delete(key_of(&o))))],
                 Err(e) => {
                     // kube-rs retries with backoff; the maps keep their state meanwhile.
-                    match hint.as_deref().filter(|_| !synced) {
+                    match hint.as_ref().and_then(|h| h.get()).filter(|_| !synced) {
                         Some(hint) => error!(resource = ?resource, error = %e, "{hint}; retrying"),
                         None => warn!(resource = ?resource, error = %e, "watch error, retrying"),
                     }
@@ -92,15 +92,15 @@ fn key_of<K: kube::Resource>(o: &K) -> ObjectKey {
 
 /// Watch Services, EndpointSlices, this node's Node and ServiceCIDRs. `hint`: what to tell the operator
 /// when the API server cannot be reached before the first list (the bootstrap deadlock,
-/// see `apiserver::bootstrap_hint`).
-pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, hint: Option<Arc<str>>) {
+/// see `apiserver::bootstrap_hint`), once known.
+pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, hint: HintCell) {
     spawn_watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_SELECTOR),
         Resource::Services,
         Update::Services,
         tx.clone(),
-        hint.clone(),
+        Some(hint.clone()),
     );
     spawn_watch(
         Api::<EndpointSlice>::all(client.clone()),
@@ -108,7 +108,7 @@ pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, 
         Resource::EndpointSlices,
         Update::Slices,
         tx.clone(),
-        hint.clone(),
+        Some(hint.clone()),
     );
     tokio::spawn(watch_service_cidrs(Api::<ServiceCIDR>::all(client.clone()), tx.clone()));
     spawn_watch(
@@ -117,7 +117,7 @@ pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, 
         Resource::Node,
         Update::Nodes,
         tx,
-        hint,
+        Some(hint),
     );
 }
 
