@@ -42,16 +42,24 @@ pub(super) struct SyncMetrics {
 }
 
 /// Services and EndpointSlices changed since the last sync (kube-proxy's
-/// `*_changes_pending`), by (namespace, name).
+/// `*_changes_pending`), by a hash of (namespace, name): a gauge needs only how many
+/// differ, and a start-up's every object then costs 8 bytes here instead of a copy of its
+/// two names (about 25 MB at 100,000 Services).
 #[derive(Default)]
 struct Pending {
-    services: HashSet<(String, String)>,
-    slices: HashSet<(String, String)>,
+    services: HashSet<u64>,
+    slices: HashSet<u64>,
 }
 
-/// `(namespace, name)` of an object, for the pending-change gauges.
-fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+/// The pending-change key of `(namespace, name)`.
+fn key_hash(namespace: &str, name: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one((namespace, name))
+}
+
+/// The pending-change key of an object.
+fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    key_hash(m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default())
 }
 
 impl SyncMetrics {
@@ -102,9 +110,13 @@ impl SyncMetrics {
             Update::Services(Delta::Apply(s)) => {
                 (&m.service_changes, &mut self.pending.services, meta_key(&s.metadata))
             }
-            Update::Services(Delta::Delete(key)) => (&m.service_changes, &mut self.pending.services, key.clone()),
+            Update::Services(Delta::Delete((ns, name))) => {
+                (&m.service_changes, &mut self.pending.services, key_hash(ns, name))
+            }
             Update::Slices(Delta::Apply(s)) => (&m.endpoint_changes, &mut self.pending.slices, meta_key(&s.metadata)),
-            Update::Slices(Delta::Delete(key)) => (&m.endpoint_changes, &mut self.pending.slices, key.clone()),
+            Update::Slices(Delta::Delete((ns, name))) => {
+                (&m.endpoint_changes, &mut self.pending.slices, key_hash(ns, name))
+            }
             _ => return,
         };
         changes.inc();
@@ -174,5 +186,35 @@ impl SyncMetrics {
     pub(super) fn verified(&self, drift: usize) {
         self.metrics.verify_runs.inc();
         self.metrics.datapath_drift.set(drift as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn slice(ns: &str, name: &str) -> Update {
+        let s =
+            serde_json::json!({"metadata": {"namespace": ns, "name": name}, "addressType": "IPv4", "endpoints": []});
+        Update::Slices(Delta::Apply(Arc::new(serde_json::from_value(s).unwrap())))
+    }
+
+    /// kube-proxy's `endpoint_changes_pending`: distinct slices changed since the last sync
+    /// (the same one twice, or changed then deleted, is one), every change counted.
+    #[test]
+    fn pending_changes_count_distinct_objects() {
+        let mut m = SyncMetrics::new(Metrics::new());
+        m.changed(&slice("a", "web-1"));
+        m.changed(&slice("a", "web-1"));
+        m.changed(&slice("b", "web-1"));
+        // The same letters split differently between namespace and name: two objects.
+        m.changed(&slice("ab", "c"));
+        m.changed(&slice("a", "bc"));
+        m.changed(&Update::Slices(Delta::Delete(("a".into(), "web-1".into()))));
+        assert_eq!(m.metrics.endpoint_changes_pending.get(), 4);
+        assert_eq!(m.metrics.endpoint_changes.get(), 6);
+        assert_eq!(m.metrics.service_changes_pending.get(), 0);
     }
 }
