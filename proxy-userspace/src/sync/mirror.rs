@@ -317,11 +317,12 @@ impl Mirror {
         Some(p)
     }
 
-    /// Put a frontend (back) into the mirror.
-    pub(super) fn put_frontend(&mut self, key: AnyServiceKey, p: Programmed) {
+    /// Put a frontend (back) into the mirror (boxed already, or boxed here).
+    pub(super) fn put_frontend(&mut self, key: AnyServiceKey, p: impl Into<Box<Programmed>>) {
+        let p = p.into();
         self.counts.in_map[usize::from(key.addr.is_ipv6())] += usize::from(p.in_map);
         self.counts.slots += p.active.len() + p.inactive.len();
-        if let Some(old) = self.frontends.insert(key, Box::new(p)) {
+        if let Some(old) = self.frontends.insert(key, p) {
             // Never happens (callers take first); keep the counts right regardless.
             self.counts.in_map[usize::from(key.addr.is_ipv6())] -= usize::from(old.in_map);
             self.counts.slots -= old.active.len() + old.inactive.len();

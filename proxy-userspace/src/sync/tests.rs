@@ -618,6 +618,72 @@ fn bulk_start_equals_one_by_one_and_falls_back_when_full() {
     assert_eq!(small.store().services.len(), 2);
 }
 
+/// A start-up bigger than one batch chunk (7,000 frontends x 10 endpoints of their own:
+/// 70,000 backends and slots) is written chunk by chunk: every entry after the id marks
+/// that cover its ids, every service last, and the maps end up as the one-by-one pass
+/// leaves them.
+#[test]
+fn bulk_start_in_chunks_covers_ids_and_equals_one_by_one() {
+    let v4 = |base: Ipv4Addr, i: u32| IpAddr::V4(Ipv4Addr::from(u32::from(base) + i));
+    let entries = (0..7_000u32)
+        .map(|i| {
+            let key = FrontendKey {
+                addr: v4(Ipv4Addr::new(10, 96, 0, 0), i),
+                port: 80,
+                proto: Protocol::Tcp,
+                scope: Scope::Internal,
+            };
+            let mut e = fe(&format!("s{i}"), &[]);
+            e.backends = (0..10)
+                .map(|j| BackendAddr {
+                    addr: v4(Ipv4Addr::new(10, 128, 0, 0), i * 10 + j),
+                    port: 8080,
+                    local: false,
+                    terminating: false,
+                })
+                .collect();
+            (key, e)
+        })
+        .collect();
+    let d = desired(entries);
+    let mut bulk = syncer();
+    let r = bulk.apply(&d);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let log = take_log(&mut bulk);
+    assert_eq!(log.len() as u64, r.writes);
+    let last_backend = log.iter().rposition(|l| l.starts_with("put_backend")).unwrap();
+    assert!(pos(&log, "put_slot") < last_backend, "more than one chunk");
+    let first_service = pos(&log, "put_service ");
+    assert!(log[first_service..].iter().all(|l| l.starts_with("put_service ")), "services last");
+    assert!(first_service > last_backend);
+    // Replay: no backend or slot names a backend id, no slot or metadata a service id, at
+    // or past the marks persisted before it.
+    let (mut next_svc, mut next_backend) = (0u32, 0u32);
+    let num = |s: &str| s.parse::<u32>().unwrap();
+    for l in &log {
+        let mut w = l.split([' ', '/', '=']);
+        match w.next().unwrap() {
+            "put_id_marks" => (next_svc, next_backend) = (num(w.next().unwrap()), num(w.next().unwrap())),
+            "put_backend" => assert!(num(w.next().unwrap()) < next_backend, "{l}"),
+            "put_slot" => {
+                let (svc, backend) = (num(w.next().unwrap()), num(w.nth(2).unwrap()));
+                assert!(svc < next_svc && backend < next_backend, "{l}");
+            }
+            "put_meta" | "put_service" => assert!(num(w.next().unwrap()) < next_svc, "{l}"),
+            _ => {}
+        }
+    }
+    let mut one_by_one = syncer();
+    let keys: BTreeSet<FrontendKey> = d.frontends.keys().copied().collect();
+    one_by_one.apply_changes(&d, &keys);
+    let maps = |s: &Syncer<MemStore>| {
+        let st = s.store();
+        (st.services.clone(), st.slots.clone(), st.backends.clone(), st.meta.clone())
+    };
+    assert!(maps(&bulk) == maps(&one_by_one), "bulk and one-by-one maps differ");
+    assert_eq!(bulk.apply(&d).writes, 0, "nothing left to write after the bulk start");
+}
+
 /// The frontend id and backend id the store holds for VIP 10.96.0.`vip` and endpoint
 /// 10.244.0.`b`.
 fn svc_id_of(s: &Syncer<MemStore>, vip: u8) -> u32 {
