@@ -585,6 +585,30 @@ fn verify_reports_each_difference() {
 /// The cold start into empty maps writes kind by kind in batches; the maps must end up
 /// exactly as the one-by-one path leaves them, and a map too small for the batch falls back
 /// to that path, naming the frontends that do not fit.
+/// `bulk` (after a start-up into empty maps) holds what the one-by-one pass writes for
+/// `d`, and has nothing left to write.
+fn assert_same_as_one_by_one(bulk: &mut Syncer<MemStore>, d: &DesiredState) {
+    let mut one_by_one = syncer();
+    let keys: BTreeSet<FrontendKey> = d.frontends.keys().copied().collect();
+    one_by_one.apply_changes(d, &keys);
+    let maps = |s: &Syncer<MemStore>| {
+        let st = s.store();
+        (st.services.clone(), st.slots.clone(), st.backends.clone(), st.meta.clone())
+    };
+    let (b, o) = (maps(bulk), maps(&one_by_one));
+    assert!(
+        b == o,
+        "bulk and one-by-one maps differ: {} / {} services, {} / {} slots, {} / {} backends",
+        b.0.len(),
+        o.0.len(),
+        b.1.len(),
+        o.1.len(),
+        b.2.len(),
+        o.2.len()
+    );
+    assert_eq!(bulk.apply(d).writes, 0, "nothing left to write after the bulk start");
+}
+
 #[test]
 fn bulk_start_equals_one_by_one_and_falls_back_when_full() {
     let d = desired(vec![
@@ -601,15 +625,7 @@ fn bulk_start_equals_one_by_one_and_falls_back_when_full() {
     let last = |what: &str| log.iter().rposition(|l| l.starts_with(what)).unwrap_or(0);
     assert!(last("put_backend") < first("put_slot") && last("put_slot") < first("put_service"), "{log:?}");
 
-    let mut one_by_one = syncer();
-    let keys: BTreeSet<FrontendKey> = d.frontends.keys().copied().collect();
-    one_by_one.apply_changes(&d, &keys);
-    let maps = |s: &Syncer<MemStore>| {
-        let st = s.store();
-        (st.services.clone(), st.slots.clone(), st.backends.clone(), st.meta.clone())
-    };
-    assert_eq!(maps(&bulk), maps(&one_by_one));
-    assert_eq!(bulk.apply(&d).writes, 0, "nothing left to write after the bulk start");
+    assert_same_as_one_by_one(&mut bulk, &d);
 
     let mut small = Syncer::new(MemStore { max_services: Some(2), ..MemStore::default() }).unwrap();
     let r = small.apply(&d);
@@ -673,15 +689,7 @@ fn bulk_start_in_chunks_covers_ids_and_equals_one_by_one() {
             _ => {}
         }
     }
-    let mut one_by_one = syncer();
-    let keys: BTreeSet<FrontendKey> = d.frontends.keys().copied().collect();
-    one_by_one.apply_changes(&d, &keys);
-    let maps = |s: &Syncer<MemStore>| {
-        let st = s.store();
-        (st.services.clone(), st.slots.clone(), st.backends.clone(), st.meta.clone())
-    };
-    assert!(maps(&bulk) == maps(&one_by_one), "bulk and one-by-one maps differ");
-    assert_eq!(bulk.apply(&d).writes, 0, "nothing left to write after the bulk start");
+    assert_same_as_one_by_one(&mut bulk, &d);
 }
 
 /// The frontend id and backend id the store holds for VIP 10.96.0.`vip` and endpoint
