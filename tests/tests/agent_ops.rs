@@ -402,3 +402,25 @@ fn signals_and_the_metrics_address() {
     // The datapath stays after a SIGTERM.
     assert_eq!(names(&env.topo.pods[0].ns, env.vip(), 5).len(), 1);
 }
+
+/// A start that fails early (the kubeconfig cannot be read while the programs are being
+/// verified on their own threads) exits with an error naming the file and leaves no pin
+/// directory behind (the agent waits for the load before it removes the directory this
+/// start created).
+#[test]
+#[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
+fn a_start_that_fails_during_the_load_leaves_no_pins() {
+    require_root("a_start_that_fails_during_the_load_leaves_no_pins");
+    let node = Netns::new("epn-node-").expect("namespace");
+    let pins = PinDir::new();
+    let kubeconfig = "/nonexistent/ebpf-proxy-test/kubeconfig";
+    let out = Agent::command(&node, &pins.0, 10350, &["--kubeconfig", kubeconfig, "--node-name", "node-a"])
+        .unwrap()
+        .stdout(Stdio::null())
+        .output()
+        .expect("agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent must fail: {stderr}");
+    assert!(stderr.contains(kubeconfig), "names the kubeconfig: {stderr}");
+    assert!(!pins.0.exists(), "pins left behind: {:?}", std::fs::read_dir(&pins.0).map(|d| d.count()));
+}

@@ -182,10 +182,22 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         let loader = config.loader.clone();
         tokio::task::spawn_blocking(move || load_dataplane(&loader))
     };
-    let (local, local_changes) = follow_local_addrs(&config).await?;
     let (node_addrs, node_addrs_rx) = watch::channel(Vec::new());
     let hint = HintCell::default();
-    let (source, mut source_events, api_url) = start_source(&config, &hint).await?;
+    let started = async {
+        let (local, local_changes) = follow_local_addrs(&config).await?;
+        let (source, source_events, api_url) = start_source(&config, &hint).await?;
+        anyhow::Ok((local, local_changes, source, source_events, api_url))
+    };
+    let (local, local_changes, source, mut source_events, api_url) = match started.await {
+        Ok(started) => started,
+        Err(e) => {
+            // The load finishes first, so that the pin directory this start created is
+            // removed whole (`created_root`), not while maps are being pinned into it.
+            let _ = loading.await;
+            return Err(e);
+        }
+    };
     let node = ThisNode::new(&config, local, control.health.clone(), node_addrs);
     let mut intake = Intake::new(source, node, SyncMetrics::new(control.metrics.clone()), &config);
     let (mut programs, maps) = intake.until(&mut source_events, loading).await?;
