@@ -158,8 +158,10 @@ pub struct FrontendIds {
     pub backends: Vec<(AnyBackend, u32)>,
 }
 
-/// See [`Syncer::before_first_services`].
-pub type BeforeServices = Box<dyn FnOnce(&[FrontendIds]) + Send>;
+/// See [`Syncer::before_first_services`]. The hook is handed a way to build every
+/// frontend's ids, which it calls only if it needs them (at 100,000 Services they are tens
+/// of megabytes, at the moment of the start-up's peak).
+pub type BeforeServices = Box<dyn FnOnce(&dyn Fn() -> Vec<FrontendIds>) + Send>;
 
 /// The map sync: a store, the mirror of what it holds, and what the next pass must retry.
 pub struct Syncer<S: MapStore> {
@@ -334,7 +336,7 @@ impl<S: MapStore> Syncer<S> {
         self.node.set(facts);
     }
 
-    /// Have the next sync call `hook` with every frontend's ids before it writes any
+    /// Have the next sync call `hook` with (a way to build) every frontend's ids before it writes any
     /// `SERVICES` entry: into empty maps (a node's first start) the service entries are
     /// written last, so whatever `hook` seeds (adopted conntrack entries) is in place
     /// before a packet can be balanced by the new frontends. With frontends already in the
@@ -430,9 +432,9 @@ impl<S: MapStore> Syncer<S> {
         self.mirror.frontends.iter().filter(|(_, p)| p.in_map).map(|(k, p)| self.ids_of(k, p)).collect()
     }
 
-    fn run_before_services(&mut self, ids: impl FnOnce(&Self) -> Vec<FrontendIds>) {
+    fn run_before_services(&mut self, ids: impl Fn(&Self) -> Vec<FrontendIds>) {
         if let Some(hook) = self.before_services.take() {
-            hook(&ids(self));
+            hook(&|| ids(self));
         }
     }
 }

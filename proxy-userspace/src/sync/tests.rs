@@ -889,7 +889,7 @@ fn the_before_services_hook_runs_once_with_the_ids_written() {
     let seen: Arc<Mutex<Vec<Vec<FrontendIds>>>> = Arc::default();
     let hook = |seen: &Arc<Mutex<Vec<Vec<FrontendIds>>>>| -> BeforeServices {
         let seen = Arc::clone(seen);
-        Box::new(move |ids: &[FrontendIds]| seen.lock().unwrap().push(ids.to_vec()))
+        Box::new(move |ids: &dyn Fn() -> Vec<FrontendIds>| seen.lock().unwrap().push(ids()))
     };
     let mut s = syncer();
     s.before_first_services(hook(&seen));

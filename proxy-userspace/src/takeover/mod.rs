@@ -312,12 +312,20 @@ fn replace_plain(nl: &mut Ctnetlink, plain: &NfTuple, timeout: u32) -> Result<()
     Ok(())
 }
 
-/// Adopt netfilter's DNAT flows to `frontends` into the conntrack maps pinned under `root`.
-pub fn adopt(root: &Path, frontends: &[FrontendIds]) -> Result<AdoptCounts, TakeoverError> {
+/// Adopt netfilter's DNAT flows to `frontends` (built only if there are any) into the
+/// conntrack maps pinned under `root`.
+pub fn adopt(root: &Path, frontends: &dyn Fn() -> Vec<FrontendIds>) -> Result<AdoptCounts, TakeoverError> {
     let mut nl = Ctnetlink::open()?;
     let (flows, read) = nl.dump_where(|f| f.status & IPS_DST_NAT != 0)?;
-    let now = monotonic_ns();
     let mut counts = AdoptCounts::default();
+    if flows.is_empty() {
+        // No DNAT flow to adopt (a node kube-proxy never ran on): the frontends' ids are
+        // not built at all.
+        debug!(netfilter_flows = read, "nf_conntrack read: no DNAT flows");
+        return Ok(counts);
+    }
+    let frontends = &frontends();
+    let now = monotonic_ns();
     let plan4 = plan::<u32>(&flows, frontends, now, &mut counts);
     let plan6 = plan::<Ipv6Words>(&flows, frontends, now, &mut counts);
     if !plan4.is_empty() {
@@ -336,7 +344,7 @@ pub fn adopt(root: &Path, frontends: &[FrontendIds]) -> Result<AdoptCounts, Take
 /// without nf_conntrack (or without ctnetlink) has nothing to adopt.
 pub fn adoption_hook(root: &Path) -> BeforeServices {
     let root = root.to_path_buf();
-    Box::new(move |frontends: &[FrontendIds]| {
+    Box::new(move |frontends: &dyn Fn() -> Vec<FrontendIds>| {
         let started = std::time::Instant::now();
         match adopt(&root, frontends) {
             Ok(c) => info!(
