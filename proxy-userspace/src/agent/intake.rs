@@ -103,7 +103,7 @@ impl Intake {
 
     /// One change from the API source: parsed into the translation now, applied at the
     /// next sync.
-    pub(super) fn update(&mut self, u: Update) {
+    fn update(&mut self, u: Update) {
         self.metrics.changed(&u);
         let t = &mut self.translator;
         match u {

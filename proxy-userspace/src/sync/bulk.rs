@@ -74,11 +74,12 @@ impl<S: MapStore> Syncer<S> {
             let id = self.ids.services.alloc();
             let target = Target::new(entry, fk.scope, ids, &self.maglev);
             let svc_id = id.get();
-            let b = &mut batch;
-            b.slots.extend(target.backends.iter().enumerate().map(|(i, b)| (SlotKey::new(svc_id, 0, i as u32), *b)));
-            b.maglev.extend(target.maglev.iter().enumerate().map(|(i, b)| (MaglevKey { svc_id, slot: i as u32 }, *b)));
-            b.ranges.extend(entry.source_ranges.iter().map(|p| (id, *p)));
-            b.metas.push((id, target.meta));
+            let slots = target.backends.iter().enumerate().map(|(i, b)| (SlotKey::new(svc_id, 0, i as u32), *b));
+            batch.slots.extend(slots);
+            let maglev = target.maglev.iter().enumerate().map(|(i, b)| (MaglevKey { svc_id, slot: i as u32 }, *b));
+            batch.maglev.extend(maglev);
+            batch.ranges.extend(entry.source_ranges.iter().map(|p| (id, *p)));
+            batch.metas.push((id, target.meta));
             let value = target.value(id, 0);
             services.push((key, value));
             programmed.push((
@@ -142,14 +143,17 @@ struct Batch {
 }
 
 impl Batch {
+    /// Entries held, by kind.
+    fn lens(&self) -> [usize; 5] {
+        [self.backends.len(), self.slots.len(), self.maglev.len(), self.ranges.len(), self.metas.len()]
+    }
+
     fn len(&self) -> usize {
-        self.backends.len() + self.slots.len() + self.maglev.len() + self.ranges.len() + self.metas.len()
+        self.lens().into_iter().sum()
     }
 
     fn is_full(&self) -> bool {
-        [self.backends.len(), self.slots.len(), self.maglev.len(), self.ranges.len(), self.metas.len()]
-            .into_iter()
-            .any(|n| n >= BATCH_CHUNK)
+        self.lens().into_iter().any(|n| n >= BATCH_CHUNK)
     }
 
     fn clear(&mut self) {

@@ -27,10 +27,9 @@ use crate::dataplane::{
     DataplaneError,
     attach::clsact::{self, ClsactSide, FilterAddr},
     kernel::bpfsys::{self, BPF_LINK_TYPE_XDP, BPF_TCX_EGRESS, BPF_TCX_INGRESS},
-    maps::loader::{PROG_FROM_POD, PROG_FROM_UPLINK, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF},
+    maps::loader::NET_PROGRAMS,
 };
 
-pub const OUR_PROGRAMS: [&str; 5] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF];
 /// Maps only our object defines under these names.
 const OUR_MAPS: [&str; 7] = [
     proxy_common::map_names::NODE_CONFIG,
@@ -191,7 +190,7 @@ pub struct Recognizer {
 impl Recognizer {
     /// The program's name if it is one of ours.
     pub fn ours(&mut self, prog_id: u32) -> Option<String> {
-        self.known.entry(prog_id).or_insert_with(|| recognise(prog_id, &OUR_PROGRAMS, &OUR_MAPS)).clone()
+        self.known.entry(prog_id).or_insert_with(|| recognise(prog_id, &NET_PROGRAMS, &OUR_MAPS)).clone()
     }
 
     /// Our programs attached to `iface` (tcx both directions, and XDP).

@@ -31,6 +31,9 @@ pub const PROG_TO_UPLINK: &str = "to_uplink";
 /// TC ingress of the uplink: sends on what XDP translated for a device it cannot transmit
 /// on (a tunnel of an overlay CNI).
 pub const PROG_UPLINK_HANDOFF: &str = "uplink_handoff";
+/// The TC and XDP programs the agent loads and attaches (ownership recognises them by
+/// these names).
+pub const NET_PROGRAMS: [&str; 5] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_UPLINK, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF];
 /// The socket-level programs (cgroup sock_addr hooks, see `sock`): here with the other
 /// program names, so that ownership and sock both read them without importing each other.
 pub const SOCK_PROGRAMS: [&str; 8] = [
@@ -340,9 +343,6 @@ fn load_programs(
     let maps = Maps::from_ebpf(&mut ebpf)?;
     Ok((ebpf, maps))
 }
-
-/// The TC and XDP programs the agent attaches, heaviest to verify first.
-const NET_PROGRAMS: [&str; 5] = [PROG_FROM_UPLINK, PROG_FROM_POD, PROG_TO_POD, PROG_TO_UPLINK, PROG_UPLINK_HANDOFF];
 
 /// Load (verify) the TC and XDP programs, each on a thread of its own: the verifier's time
 /// is most of a start (about 0.3 s for `from_uplink` and 0.25 s for `from_pod` on a 2-vCPU
