@@ -6,21 +6,17 @@
 use std::{collections::HashSet, time::Instant};
 
 use anyhow::{Context, Result};
-use tokio::{sync::mpsc::UnboundedReceiver, task::JoinHandle};
-use tracing::error;
+use tokio::{sync::mpsc::Receiver, task::JoinHandle};
 
 use super::{config::AgentConfig, node::ThisNode, sync_metrics::SyncMetrics};
 use crate::{
     model::{IpPrefix, NodeInfo, Translator},
-    source::{self, Delta, Resource, Snapshots, Source, SourceEvent, Update},
+    source::{self, Delta, Resource, Source, SourceEvent, Update},
 };
 
 pub(super) struct Intake {
     /// Every object's parsed form and the desired state, kept up to date by `update`.
     pub(super) translator: Translator,
-    pub(super) source: Source,
-    /// The files source's previous snapshot, to turn the next one into changes.
-    snapshots: Snapshots,
     /// The next sync looks at every frontend (start-up, relist).
     pub(super) full_sync: bool,
     /// This node: its Node object comes through here too.
@@ -32,7 +28,7 @@ pub(super) struct Intake {
     /// When the first change not yet synced arrived.
     pub(super) burst: Option<Instant>,
     /// Whether that burst holds an event worth coalescing (an API update, an address).
-    /// The files source's `Changed` is coalesced already (its quiet period for writes in
+    /// The files source's rescans are coalesced already (its quiet period for writes in
     /// place, none for a rename into place), so it syncs at once.
     pub(super) coalesce: bool,
     pub(super) metrics: SyncMetrics,
@@ -43,13 +39,11 @@ impl Intake {
         let mut translator = Translator::new(NodeInfo { name: node.name.clone(), ..NodeInfo::default() });
         // The files source has no API to lack ServiceCIDRs: the flag always counts, beside
         // the ServiceCIDR objects its files may hold.
-        if matches!(source, Source::Files(_)) {
+        if source == Source::Files {
             translator.set_service_cidr_fallback(config.service_cidrs.iter().copied());
         }
         Intake {
             translator,
-            source,
-            snapshots: Snapshots::default(),
             full_sync: true,
             node,
             service_cidr_flag: config.service_cidrs.clone(),
@@ -64,7 +58,7 @@ impl Intake {
     /// return what it returned.
     pub(super) async fn until<T>(
         &mut self,
-        events: &mut UnboundedReceiver<SourceEvent>,
+        events: &mut Receiver<SourceEvent>,
         mut loading: JoinHandle<Result<T>>,
     ) -> Result<T> {
         let mut open = true;
@@ -87,9 +81,17 @@ impl Intake {
 
     /// One event of the source: a resource fully listed, or a change.
     pub(super) fn receive(&mut self, ev: SourceEvent) {
+        // Part of a rescan owes no sync yet: its `Changed` says when all of it is told.
+        if !matches!(ev, SourceEvent::Files(_)) {
+            self.burst.get_or_insert_with(Instant::now);
+        }
         self.coalesce |= matches!(ev, SourceEvent::Update(_));
-        self.burst.get_or_insert_with(Instant::now);
         match ev {
+            SourceEvent::Files(updates) => {
+                for u in updates {
+                    self.update(u);
+                }
+            }
             SourceEvent::Synced(r) => {
                 self.synced.insert(r);
             }
@@ -101,8 +103,7 @@ impl Intake {
         }
     }
 
-    /// One change from the API source: parsed into the translation now, applied at the
-    /// next sync.
+    /// One change of an object: parsed into the translation now, applied at the next sync.
     fn update(&mut self, u: Update) {
         self.metrics.changed(&u);
         let t = &mut self.translator;
@@ -132,27 +133,6 @@ impl Intake {
             Update::NoServiceCidrApi => t.set_service_cidr_fallback(self.service_cidr_flag.iter().copied()),
         }
     }
-
-    /// A files source's changes since the last sync, into the translation (an API source
-    /// delivers its changes through `update` as they come). False: the objects cannot be
-    /// read, and the maps stay as they are.
-    pub(super) fn read_objects(&mut self) -> bool {
-        match self.source.snapshot() {
-            None => true,
-            Some(Ok(objects)) => {
-                self.translator.clear_unnamed();
-                for u in self.snapshots.diff(objects) {
-                    self.update(u);
-                }
-                true
-            }
-            Some(Err(e)) => {
-                // Keep every frontend as it is: nothing here says the objects are gone.
-                error!(error = %e, "cannot read the objects; the maps are left as they are");
-                false
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -160,7 +140,9 @@ mod tests {
     use std::{sync::Arc, time::Duration};
 
     use clap::Parser;
-    use tokio::sync::{mpsc::unbounded_channel, watch};
+    use tokio::sync::{mpsc::channel, watch};
+
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
     use super::*;
     use crate::{
@@ -178,13 +160,15 @@ mod tests {
     /// the load ends, the translation holds the Service and its endpoints, the lists count
     /// as complete, and a sync is owed (the event loop syncs without waiting for another
     /// event).
-    #[test]
-    fn changes_during_the_load_are_taken_in_before_it_ends() {
+    fn intake(source: Source) -> Intake {
         let cli = Cli::try_parse_from(["ebpf-proxy", "agent", "--node-name", "n1"]).unwrap();
         let Command::Agent(args) = cli.command else { panic!("not agent") };
         let config = AgentConfig::from_args(&args).unwrap();
         let node = ThisNode::new(&config, Vec::new(), Health::new(Duration::from_secs(60)), watch::channel(vec![]).0);
-        let mut intake = Intake::new(Source::Kube, node, SyncMetrics::new(Metrics::new()), &config);
+        Intake::new(source, node, SyncMetrics::new(Metrics::new()), &config)
+    }
+
+    fn web() -> (Arc<Service>, Arc<EndpointSlice>) {
         let svc = object(serde_json::json!({
             "metadata": {"name": "web", "namespace": "d"},
             "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "protocol": "TCP"}]}
@@ -195,7 +179,38 @@ mod tests {
             "endpoints": [{"addresses": ["10.0.0.5"], "conditions": {"ready": true}}],
             "ports": [{"port": 8080, "protocol": "TCP"}]
         }));
-        let (tx, mut rx) = unbounded_channel();
+        (svc, slice)
+    }
+
+    fn frontends(intake: &mut Intake) -> Vec<String> {
+        intake.translator.commit(&Claims::default());
+        intake.translator.desired().frontends.keys().map(|k| k.to_string()).collect()
+    }
+
+    /// A files rescan is handed on in parts (a file's changes each): each is parsed as it
+    /// comes, but a sync is owed only once the rescan's `Changed` says all of it is told
+    /// (a Service moved between two files is never synced half-way, gone).
+    #[test]
+    fn a_rescan_owes_a_sync_only_once_told_whole() {
+        let mut intake = intake(Source::Files);
+        for r in source::REQUIRED {
+            intake.receive(SourceEvent::Synced(r));
+        }
+        intake.burst = None;
+        let (svc, slice) = web();
+        intake.receive(SourceEvent::Files(vec![Update::Services(Delta::Apply(svc))]));
+        intake.receive(SourceEvent::Files(vec![Update::Slices(Delta::Apply(slice))]));
+        assert!(intake.burst.is_none(), "parts of a rescan owe no sync");
+        assert_eq!(frontends(&mut intake), ["10.96.0.10:80/TCP"], "but are parsed as they come");
+        intake.receive(SourceEvent::Changed);
+        assert!(intake.burst.is_some() && !intake.coalesce, "told whole: a sync is owed, at once");
+    }
+
+    #[test]
+    fn changes_during_the_load_are_taken_in_before_it_ends() {
+        let mut intake = intake(Source::Kube);
+        let (svc, slice) = web();
+        let (tx, mut rx) = channel(8);
         for ev in [
             SourceEvent::Update(Update::Services(Delta::Apply(svc))),
             SourceEvent::Update(Update::Slices(Delta::Apply(slice))),
@@ -203,7 +218,7 @@ mod tests {
             SourceEvent::Synced(Resource::EndpointSlices),
             SourceEvent::Synced(Resource::Node),
         ] {
-            tx.send(ev).unwrap();
+            tx.try_send(ev).unwrap();
         }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let loaded = rt.block_on(async {
@@ -215,9 +230,7 @@ mod tests {
         });
         assert_eq!(loaded.unwrap(), 7);
         assert!(intake.listed() && intake.burst.is_some() && intake.coalesce);
-        intake.translator.commit(&Claims::default());
-        let frontends: Vec<String> = intake.translator.desired().frontends.keys().map(|k| k.to_string()).collect();
-        assert_eq!(frontends, ["10.96.0.10:80/TCP"]);
+        assert_eq!(frontends(&mut intake), ["10.96.0.10:80/TCP"]);
         let entry = intake.translator.desired().frontends.values().next().unwrap();
         assert_eq!(entry.backends.len(), 1, "the slice's endpoint is a backend");
 

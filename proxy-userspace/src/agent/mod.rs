@@ -17,7 +17,7 @@ use std::{net::IpAddr, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::sync::{
-    mpsc::{UnboundedReceiver, unbounded_channel},
+    mpsc::{Receiver, channel, unbounded_channel},
     oneshot, watch,
 };
 use tracing::{error, info, warn};
@@ -406,13 +406,14 @@ async fn follow_local_addrs(config: &AgentConfig) -> Result<(Vec<IpAddr>, watch:
 async fn start_source(
     config: &AgentConfig,
     hint: &HintCell,
-) -> Result<(Source, UnboundedReceiver<SourceEvent>, Option<http::Uri>)> {
-    let (stx, srx) = unbounded_channel();
+) -> Result<(Source, Receiver<SourceEvent>, Option<http::Uri>)> {
+    let (stx, srx) = channel(crate::source::QUEUE);
     let node_name = &config.node_name;
     let (source, url) = match &config.source {
         ObjectSource::Manifests(dir) => {
             info!(dir = %dir.display(), "reading objects from manifests");
-            (Source::Files(files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?), None)
+            files::start(dir.clone(), node_name.clone(), stx).context("--manifests")?;
+            (Source::Files, None)
         }
         ObjectSource::Kube { kubeconfig, context, api_server } => {
             let (client, url) = kube_client(kubeconfig.as_deref(), context.as_deref(), api_server.as_ref()).await?;

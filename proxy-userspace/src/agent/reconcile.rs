@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc::UnboundedReceiver, oneshot, watch};
+use tokio::sync::{mpsc::Receiver, oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::{
@@ -78,14 +78,11 @@ impl SyncLoop {
         }
     }
 
-    /// Apply what changed since the last sync: the objects' changes (`read_objects`) and
-    /// this node's state into the translation, then the translation and the node's facts
-    /// into the maps; then what that did into the metrics and the log.
+    /// Apply what changed since the last sync: this node's state into the translation
+    /// (which holds the objects' changes already, `Intake`), then the translation and the
+    /// node's facts into the maps; then what that did into the metrics and the log.
     pub(super) fn sync(&mut self, burst_start: Option<Instant>) {
         let t = Instant::now();
-        if !self.intake.read_objects() {
-            return;
-        }
         let intake = &mut self.intake;
         intake.node.follow(&mut intake.translator);
         // The addresses programmed now stay with their Services on a conflict.
@@ -204,7 +201,7 @@ impl SyncLoop {
 
 /// What the event loop waits on.
 pub(super) struct Events {
-    pub(super) source: UnboundedReceiver<SourceEvent>,
+    pub(super) source: Receiver<SourceEvent>,
     /// The node's local addresses, as they change.
     pub(super) local_addrs: watch::Receiver<Vec<IpAddr>>,
     pub(super) shutdown: oneshot::Receiver<&'static str>,

@@ -20,7 +20,7 @@ use kube::{
     api::ListParams,
     runtime::{WatchStreamExt, watcher},
 };
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 use tracing::{error, info, warn};
 
 use super::{Delta, Resource, SourceEvent, Update, apiserver::HintCell};
@@ -38,7 +38,7 @@ fn spawn_watch<K>(
     cfg: watcher::Config,
     resource: Resource,
     wrap: fn(Delta<K>) -> Update,
-    tx: UnboundedSender<SourceEvent>,
+    tx: Sender<SourceEvent>,
     hint: Option<HintCell>,
 ) where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -77,7 +77,7 @@ fn spawn_watch<K>(
                 }
             };
             for msg in msgs {
-                if tx.send(msg).is_err() {
+                if tx.send(msg).await.is_err() {
                     return;
                 }
             }
@@ -93,7 +93,7 @@ fn key_of<K: kube::Resource>(o: &K) -> ObjectKey {
 /// Watch Services, EndpointSlices, this node's Node and ServiceCIDRs. `hint`: what to tell the operator
 /// when the API server cannot be reached before the first list (the bootstrap deadlock,
 /// see `apiserver::bootstrap_hint`), once known.
-pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, hint: HintCell) {
+pub fn start(client: Client, node_name: &str, tx: Sender<SourceEvent>, hint: HintCell) {
     spawn_watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_SELECTOR),
@@ -125,11 +125,11 @@ pub fn start(client: Client, node_name: &str, tx: UnboundedSender<SourceEvent>, 
 /// them. A 404 on the first list means it does not (an older API server, or the beta API
 /// only): said once, and the agent's `--service-cidr` stands in. Any other failure (no
 /// RBAC yet, the API server unreachable) is the watcher's to retry.
-async fn watch_service_cidrs(api: Api<ServiceCIDR>, tx: UnboundedSender<SourceEvent>) {
+async fn watch_service_cidrs(api: Api<ServiceCIDR>, tx: Sender<SourceEvent>) {
     match api.list_metadata(&ListParams::default().limit(1)).await {
         Err(kube::Error::Api(e)) if e.code == 404 => {
             info!("the API server has no networking.k8s.io/v1 ServiceCIDR resource: using --service-cidr");
-            let _ = tx.send(SourceEvent::Update(Update::NoServiceCidrApi));
+            let _ = tx.send(SourceEvent::Update(Update::NoServiceCidrApi)).await;
             return;
         }
         _ => {}

@@ -363,12 +363,6 @@ impl Translator {
         }
     }
 
-    /// Forget the objects without namespace or name seen so far (a source that hands out
-    /// whole snapshots reports them again with each).
-    pub fn clear_unnamed(&mut self) {
-        self.unnamed.clear();
-    }
-
     /// Re-translate what changed since the last commit. `claims` says who holds each
     /// address now. Returns the frontend keys (both scopes) whose desired entry was added,
     /// changed or removed, in key order.

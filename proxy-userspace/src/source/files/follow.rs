@@ -4,7 +4,7 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -12,7 +12,7 @@ use notify::{
     EventKind, RecursiveMode, Watcher,
     event::{AccessKind, AccessMode, ModifyKind, RenameMode},
 };
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
     dir::{Manifests, QUIET},
     is_manifest,
 };
-use crate::source::{Objects, Resource, SourceEvent};
+use crate::source::{Resource, SourceEvent};
 
 /// ...but rescan at most this long after the first event, even if events keep coming.
 const MAX_DELAY: Duration = Duration::from_millis(500);
@@ -76,8 +76,7 @@ struct Follower {
     manifests: Manifests,
     watcher: notify::RecommendedWatcher,
     events: mpsc::Receiver<notify::Result<notify::Event>>,
-    shared: Arc<Mutex<Objects>>,
-    tx: UnboundedSender<SourceEvent>,
+    tx: Sender<SourceEvent>,
     /// Identity of the directory the watch is on (None: missing, not watched).
     armed: Option<(u64, u64)>,
     /// The directory could not be read at the last rescan (warned once).
@@ -103,10 +102,15 @@ impl Follower {
         }
     }
 
-    /// Rescan, publish if anything changed; returns when to look again, if needed.
-    /// `Err`: the agent is gone.
+    /// Rescan, hand on what changed (each file's changes as they are found, then
+    /// `Changed`); returns when to look again, if needed. `Err`: the agent is gone.
     fn reload(&mut self) -> Result<Option<Instant>, ()> {
-        let r = match self.manifests.rescan(Instant::now()) {
+        let tx = &self.tx;
+        let mut gone = false;
+        // Blocks while the agent's queue is full: a directory read at start is parsed no
+        // faster than the translation takes it in.
+        let mut sink = |updates| gone |= tx.blocking_send(SourceEvent::Files(updates)).is_err();
+        let r = match self.manifests.rescan(Instant::now(), &mut sink) {
             Ok(r) => {
                 self.dir_missing = false;
                 r
@@ -120,12 +124,8 @@ impl Follower {
             }
         };
         self.manifests.log_new_warnings();
-        if r.changed {
-            let objects = self.manifests.objects();
-            if let Ok(mut g) = self.shared.lock() {
-                *g = objects;
-            }
-            self.tx.send(SourceEvent::Changed).map_err(|_| ())?;
+        if gone || (r.changed && self.tx.blocking_send(SourceEvent::Changed).is_err()) {
+            return Err(());
         }
         Ok(r.retry)
     }
@@ -189,11 +189,7 @@ fn schedule(burst: Option<(Instant, Instant)>, relevant: &Relevance, now: Instan
 }
 
 /// Load once, then follow `dir` (bursts coalesced), reporting on `tx`.
-pub fn start(
-    dir: PathBuf,
-    node_name: String,
-    tx: UnboundedSender<SourceEvent>,
-) -> Result<Arc<Mutex<Objects>>, FilesError> {
+pub fn start(dir: PathBuf, node_name: String, tx: Sender<SourceEvent>) -> Result<(), FilesError> {
     // Followed by name, so relative to where we started, not to a later cwd.
     let dir = std::path::absolute(&dir).map_err(|source| FilesError::ReadDir { path: dir.clone(), source })?;
     let meta = fs::metadata(&dir).map_err(|source| FilesError::ReadDir { path: dir.clone(), source })?;
@@ -213,10 +209,8 @@ pub fn start(
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|source| FilesError::Watch { path: dir.clone(), source })?;
     let armed = dir_id(&dir);
-    let shared = Arc::new(Mutex::new(Objects::default()));
     let mut follower =
-        Follower { manifests: Manifests::new(dir, node_name), watcher, events, shared, tx, armed, dir_missing: false };
-    let shared = follower.shared.clone();
+        Follower { manifests: Manifests::new(dir, node_name), watcher, events, tx, armed, dir_missing: false };
     std::thread::Builder::new()
         .name("manifests".into())
         .spawn(move || {
@@ -227,14 +221,14 @@ pub fn start(
                 Err(()) => return,
             };
             for r in [Resource::Services, Resource::EndpointSlices, Resource::Node] {
-                if follower.tx.send(SourceEvent::Synced(r)).is_err() {
+                if follower.tx.blocking_send(SourceEvent::Synced(r)).is_err() {
                     return;
                 }
             }
             follower.run(retry);
         })
         .map_err(FilesError::Thread)?;
-    Ok(shared)
+    Ok(())
 }
 
 #[cfg(test)]
