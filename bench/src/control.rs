@@ -158,8 +158,9 @@ fn change_ours(
     let new_ip = new.endpoints[0].0;
     let mut changed = desired.clone();
     {
-        let entry =
-            changed.frontends.get_mut(&rules::frontend_key(old)).context("changed service not in desired state")?;
+        let entry = std::sync::Arc::make_mut(
+            changed.frontends.get_mut(&rules::frontend_key(old)).context("changed service not in desired state")?,
+        );
         let b = entry.backends.iter_mut().find(|b| b.addr == old.endpoints[0].0).context("endpoint")?;
         b.addr = new_ip.into();
         entry.backends.sort();

@@ -105,7 +105,7 @@ fn desired(svcs: &[rules::Svc], maglev: usize) -> proxy_userspace::model::Desire
     let mut d = rules::desired(svcs);
     for (i, e) in d.frontends.values_mut().enumerate() {
         if i < maglev {
-            e.lb_algorithm = Some(LbAlgorithm::Maglev);
+            std::sync::Arc::make_mut(e).lb_algorithm = Some(LbAlgorithm::Maglev);
         }
     }
     d
@@ -192,7 +192,7 @@ fn new_flow_rows(plan: &Plan, n: usize, rows: &mut Vec<Row>) -> Result<()> {
     let mut d = d;
     let mut times = Vec::with_capacity(reps);
     for rep in 0..reps {
-        let e: &mut FrontendEntry = d.frontends.get_mut(&key).context("the Maglev Service")?;
+        let e: &mut FrontendEntry = std::sync::Arc::make_mut(d.frontends.get_mut(&key).context("the Maglev Service")?);
         let last = e.backends.len() - 1;
         e.backends[last] = BackendAddr {
             addr: IpAddr::V4(Ipv4Addr::new(10, 250, (rep / 250) as u8, (rep % 250) as u8 + 1)),

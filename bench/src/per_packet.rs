@@ -25,6 +25,7 @@
 //! (`*_v6` rows).
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::Instant,
 };
 
@@ -99,7 +100,9 @@ fn svc_id(dp: &Dataplane, vip: IpAddr, port: u16) -> Result<u32> {
 }
 
 /// The IPv6 twin of every frontend of `d` (addresses mapped with [`twin`]).
-fn v6_twins(d: &DesiredState) -> Vec<(proxy_userspace::model::FrontendKey, proxy_userspace::model::FrontendEntry)> {
+fn v6_twins(
+    d: &DesiredState,
+) -> Vec<(proxy_userspace::model::FrontendKey, Arc<proxy_userspace::model::FrontendEntry>)> {
     let v6 = |a: IpAddr| match a {
         IpAddr::V4(a) => IpAddr::V6(twin(a)),
         other => other,
@@ -110,7 +113,7 @@ fn v6_twins(d: &DesiredState) -> Vec<(proxy_userspace::model::FrontendKey, proxy
             let mut k = *k;
             k.addr = v6(k.addr);
             let mut e = e.clone();
-            for b in &mut e.backends {
+            for b in &mut Arc::make_mut(&mut e).backends {
                 b.addr = v6(b.addr);
             }
             (k, e)
@@ -245,9 +248,10 @@ fn load(n: usize, rows: &mut Vec<Row>) -> Result<Loaded> {
     let b = rules::vip(n);
     let mut desired = rules::desired(&svcs);
     let to_b = BackendAddr { addr: b.into(), port: MIRROR_PORT, local: true, terminating: false };
-    desired.frontends.get_mut(&rules::frontend_key(&svcs[n - 1])).expect("last service").backends = vec![to_b];
+    Arc::make_mut(desired.frontends.get_mut(&rules::frontend_key(&svcs[n - 1])).expect("last service")).backends =
+        vec![to_b];
     let mirror = rules::Svc { name: "mirror".into(), vip: b, port: MIRROR_PORT, endpoints: vec![(a, rules::SVC_PORT)] };
-    desired.frontends.insert(rules::frontend_key(&mirror), rules::frontend_entry(&mirror));
+    desired.frontends.insert(rules::frontend_key(&mirror), Arc::new(rules::frontend_entry(&mirror)));
     let twins = v6_twins(&desired);
     desired.frontends.extend(twins);
     let t = Instant::now();

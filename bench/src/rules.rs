@@ -54,7 +54,7 @@ pub fn services(n: usize, per: usize, last_endpoints: Option<&[(Ipv4Addr, u16)]>
 pub fn desired(svcs: &[Svc]) -> DesiredState {
     let mut d = DesiredState::default();
     for s in svcs {
-        d.frontends.insert(frontend_key(s), frontend_entry(s));
+        d.frontends.insert(frontend_key(s), std::sync::Arc::new(frontend_entry(s)));
     }
     d
 }

@@ -157,8 +157,14 @@ fn desired(fam: Family, with_cidr: bool) -> DesiredState {
     let a = fam.addrs();
     let backends: Vec<(IpAddr, u16, bool)> = a.backends().iter().map(|b| (*b, 8080, true)).collect();
     let mut d = DesiredState::default();
-    d.frontends.insert(fk(a.vip, 80, Protocol::Tcp, Scope::Internal), svc(FrontendKind::ClusterIP, &backends));
-    d.frontends.insert(fk(a.vip, 53, Protocol::Udp, Scope::Internal), svc(FrontendKind::ClusterIP, &backends));
+    d.frontends.insert(
+        fk(a.vip, 80, Protocol::Tcp, Scope::Internal),
+        std::sync::Arc::new(svc(FrontendKind::ClusterIP, &backends)),
+    );
+    d.frontends.insert(
+        fk(a.vip, 53, Protocol::Udp, Scope::Internal),
+        std::sync::Arc::new(svc(FrontendKind::ClusterIP, &backends)),
+    );
     if with_cidr {
         d.service_cidrs.insert(cidr(fam).0);
     }

@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -326,7 +327,9 @@ pub struct HealthCheck {
 /// The complete desired state of the node's maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
-    pub frontends: BTreeMap<FrontendKey, FrontendEntry>,
+    /// Shared with the translation's candidates (`Arc`): the desired state points at the
+    /// entry the winning candidate holds instead of holding a copy.
+    pub frontends: BTreeMap<FrontendKey, Arc<FrontendEntry>>,
     /// Health-check node ports to serve, by port (LoadBalancer services with
     /// `externalTrafficPolicy: Local`). Served by the agent, not the datapath.
     #[serde(default)]
@@ -488,7 +491,10 @@ impl HeapSize for Warning {
 }
 
 impl HeapSize for DesiredState {
+    /// The entries are the translation's candidates' (shared), counted there: here only
+    /// the map and its pointers.
     fn heap_bytes(&self) -> usize {
-        self.frontends.heap_bytes() + self.health_checks.heap_bytes()
+        crate::memory::btree_bytes(self.frontends.len(), size_of::<(FrontendKey, Arc<FrontendEntry>)>())
+            + self.health_checks.heap_bytes()
     }
 }

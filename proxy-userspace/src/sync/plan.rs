@@ -43,14 +43,14 @@ pub(super) fn plan<'a>(
         SyncScope::All => {
             let keys: HashSet<AnyServiceKey> = desired.frontends.keys().map(service_key).collect();
             let stale = mirror.frontends.keys().filter(|k| !keys.contains(k)).copied().collect();
-            Plan { wanted: desired.frontends.iter().collect(), stale }
+            Plan { wanted: desired.frontends.iter().map(|(k, e)| (k, &**e)).collect(), stale }
         }
         SyncScope::Keys(changed) => {
             let mut wanted = Vec::new();
             let mut stale = Vec::new();
             for fk in changed.iter().chain(retry.iter().filter(|k| !changed.contains(k))) {
                 match desired.frontends.get_key_value(fk) {
-                    Some(kv) => wanted.push(kv),
+                    Some((k, e)) => wanted.push((k, &**e)),
                     None if mirror.frontends.contains_key(&service_key(fk)) => stale.push(service_key(fk)),
                     None => {}
                 }

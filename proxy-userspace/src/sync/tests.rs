@@ -35,7 +35,10 @@ pub(super) fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
 }
 
 pub(super) fn desired(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
-    DesiredState { frontends: entries.into_iter().collect(), ..DesiredState::default() }
+    DesiredState {
+        frontends: entries.into_iter().map(|(k, e)| (k, std::sync::Arc::new(e))).collect(),
+        ..DesiredState::default()
+    }
 }
 
 fn syncer() -> Syncer<MemStore> {

@@ -1,7 +1,7 @@
 //! Frontends: each Service port expanded into candidate frontends, and the claims that
 //! resolve two Services asking for one address.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use super::{
     backends::{PortEndpoint, Topology, endpoints_for_port, select_backends, topology_mode},
@@ -19,8 +19,9 @@ pub(super) struct Candidate {
     pub(super) port: u16,
     pub(super) proto: Protocol,
     pub(super) kind: FrontendKind,
-    pub(super) internal: FrontendEntry,
-    pub(super) external: Option<FrontendEntry>,
+    /// Shared with the desired state while this candidate wins its address.
+    pub(super) internal: Arc<FrontendEntry>,
+    pub(super) external: Option<Arc<FrontendEntry>>,
 }
 
 pub(super) fn expand_service(
@@ -40,12 +41,6 @@ pub(super) fn expand_service(
     // Kept until the Service or its slices change: no room to grow (a Vec's first push
     // makes room for four candidates, most Services have one).
     out.shrink_to_fit();
-    for c in &mut out {
-        for entry in std::iter::once(&mut c.internal).chain(c.external.as_mut()) {
-            entry.backends.shrink_to_fit();
-            entry.source_ranges.shrink_to_fit();
-        }
-    }
     out
 }
 
@@ -67,15 +62,18 @@ pub(super) fn expand_port(
 
     let service =
         ServicePortName { namespace: id.namespace.clone(), name: id.name.clone(), port_name: port.name.clone() };
-    let entry = |kind, backends: &[BackendAddr], local_only, ranges: &[IpPrefix]| FrontendEntry {
-        service: service.clone(),
-        kind,
-        backends: backends.to_vec(),
-        affinity_timeout: svc.affinity_timeout,
-        lb_algorithm: svc.lb_algorithm,
-        local_only,
-        source_ranges: ranges.to_vec(),
-        weights: weights(&port_eps, backends),
+    // Kept until the Service or its slices change: `to_vec` leaves no room to grow.
+    let entry = |kind, backends: &[BackendAddr], local_only, ranges: &[IpPrefix]| {
+        Arc::new(FrontendEntry {
+            service: service.clone(),
+            kind,
+            backends: backends.to_vec(),
+            affinity_timeout: svc.affinity_timeout,
+            lb_algorithm: svc.lb_algorithm,
+            local_only,
+            source_ranges: ranges.to_vec(),
+            weights: weights(&port_eps, backends),
+        })
     };
     let candidate = |kind, addr, port_number, internal, external| Candidate {
         addr,

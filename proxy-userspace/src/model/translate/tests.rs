@@ -120,7 +120,10 @@ fn run(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<War
 }
 
 fn state(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
-    DesiredState { frontends: entries.into_iter().collect(), ..DesiredState::default() }
+    DesiredState {
+        frontends: entries.into_iter().map(|(k, e)| (k, std::sync::Arc::new(e))).collect(),
+        ..DesiredState::default()
+    }
 }
 
 /// Each expected warning: (kind, object, fragment of the message), in order.
@@ -1839,7 +1842,8 @@ fn nodeport_on_localhost_is_internal_only() {
     let mut with_localhost = node();
     crate::model::node::serve_localhost(&mut with_localhost);
     let (actual, _) = translate(&[svc("web", spec.clone())], std::slice::from_ref(&es), &with_localhost);
-    let loopback: Vec<_> = actual.frontends.iter().filter(|(k, _)| k.addr.is_loopback()).collect();
+    let loopback: Vec<_> =
+        actual.frontends.iter().filter(|(k, _)| k.addr.is_loopback()).map(|(k, e)| (k, &**e)).collect();
     let b = vec![be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)];
     assert_eq!(loopback, vec![(&key("127.0.0.1", 30080, Tcp, Internal), &entry("web", "", NodePort, b))]);
     // Without the flag: no loopback frontend.

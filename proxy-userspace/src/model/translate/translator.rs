@@ -18,6 +18,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -491,7 +492,7 @@ impl Translator {
             let k = fk(scope);
             match entry {
                 Some(e) if self.desired.frontends.get(&k) != Some(e) => {
-                    self.desired.frontends.insert(k, e.clone());
+                    self.desired.frontends.insert(k, Arc::clone(e));
                     changed.insert(k);
                 }
                 Some(_) => {}
