@@ -8,9 +8,11 @@
 //! maps, then record here what they wrote.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    hash::{BuildHasher, RandomState},
     net::IpAddr,
 };
 
+use hashbrown::{HashTable, hash_table};
 use proxy_common::{MaglevKey, ServiceMeta, ServiceValue, SlotKey, svc_flags};
 
 use super::{
@@ -166,16 +168,68 @@ pub(super) struct Tracked {
     pub(super) refs: u32,
 }
 
+/// Backend ids by identity, the identities read from the backends' own entries (`by_id`,
+/// passed in): every id here is a key of that map.
+#[derive(Debug, Default)]
+struct IdentIndex {
+    table: HashTable<BackendId>,
+    hasher: RandomState,
+}
+
+impl IdentIndex {
+    fn hash(&self, ident: &BackendIdent) -> u64 {
+        self.hasher.hash_one(ident)
+    }
+
+    fn ident_of(by_id: &HashMap<BackendId, Tracked>, id: BackendId) -> BackendIdent {
+        BackendIdent::of(&by_id[&id].value)
+    }
+
+    fn find(&self, ident: &BackendIdent, by_id: &HashMap<BackendId, Tracked>) -> Option<BackendId> {
+        self.table.find(self.hash(ident), |id| Self::ident_of(by_id, *id) == *ident).copied()
+    }
+
+    /// `id` (already in `by_id`) is now the id of its identity, in place of any other.
+    fn insert(&mut self, id: BackendId, by_id: &HashMap<BackendId, Tracked>) {
+        let ident = Self::ident_of(by_id, id);
+        let hasher = &self.hasher;
+        let entry = self.table.entry(
+            hasher.hash_one(ident),
+            |other| Self::ident_of(by_id, *other) == ident,
+            |other| hasher.hash_one(Self::ident_of(by_id, *other)),
+        );
+        match entry {
+            hash_table::Entry::Occupied(mut o) => *o.get_mut() = id,
+            hash_table::Entry::Vacant(v) => {
+                v.insert(id);
+            }
+        }
+    }
+
+    /// `ident` no longer has `id` (another id it may have since stays).
+    fn remove(&mut self, ident: &BackendIdent, id: BackendId) {
+        if let Ok(o) = self.table.find_entry(self.hash(ident), |other| *other == id) {
+            o.remove();
+        }
+    }
+}
+
+impl HeapSize for IdentIndex {
+    fn heap_bytes(&self) -> usize {
+        crate::memory::hash_table_bytes(self.table.capacity(), size_of::<BackendId>())
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Mirror {
     /// Boxed: a hash table keeps room for up to twice its entries, and a frontend is 304
     /// bytes (its metadata alone 152).
     pub(super) frontends: HashMap<AnyServiceKey, Box<Programmed>>,
-    /// The backends: one entry per backend holds its value and references, plus the id
-    /// of each identity (the lookup a frontend's endpoints need). One index, where three
-    /// (identity -> id and value, id -> identity, id -> references) each held a copy.
-    backend_ids: HashMap<BackendIdent, BackendId>,
+    /// The backends: one entry per backend holds its value (its identity) and references.
     by_id: HashMap<BackendId, Tracked>,
+    /// The id of each identity (the lookup a frontend's endpoints need): ids only, hashed
+    /// by their backend's identity as `by_id` holds it, so no identity is stored twice.
+    by_ident: IdentIndex,
     /// Kept as frontends and backends come and go, so a report costs nothing per frontend.
     counts: Counts,
 }
@@ -273,7 +327,7 @@ impl Mirror {
 
     /// The id of the backend with this identity.
     pub(super) fn backend_id(&self, ident: &BackendIdent) -> Option<BackendId> {
-        self.backend_ids.get(ident).copied()
+        self.by_ident.find(ident, &self.by_id)
     }
 
     /// A frontend holds this backend.
@@ -284,6 +338,8 @@ impl Mirror {
     /// A backend's value rewritten in place (its flags changed; same identity, same id).
     pub(super) fn set_backend_value(&mut self, id: BackendId, b: AnyBackend) {
         if let Some(t) = self.by_id.get_mut(&id) {
+            // `by_ident` finds the id by the identity held here.
+            debug_assert!(BackendIdent::of(&t.value) == BackendIdent::of(&b), "a backend's identity changed in place");
             t.value = b;
         }
     }
@@ -331,17 +387,20 @@ impl Mirror {
 
     /// A backend now in the maps: into the indexes and counts.
     pub(super) fn track_backend(&mut self, id: BackendId, b: AnyBackend) {
-        self.backend_ids.insert(BackendIdent::of(&b), id);
-        if let Some(old) = self.by_id.insert(id, Tracked { value: b, refs: 0 }) {
-            // An id is tracked once (ids are allocated unique); keep the count right.
+        if let Some(old) = self.by_id.get(&id) {
+            // An id is tracked once (ids are allocated unique); keep the index and the
+            // count right regardless.
+            self.by_ident.remove(&BackendIdent::of(&old.value), id);
             self.counts.backends6 -= usize::from(old.value.addr.is_ipv6());
         }
+        self.by_id.insert(id, Tracked { value: b, refs: 0 });
+        self.by_ident.insert(id, &self.by_id);
         self.counts.backends6 += usize::from(b.addr.is_ipv6());
     }
 
     /// A backend deleted from the maps: out of the indexes and counts.
     pub(super) fn untrack_backend(&mut self, id: BackendId, ident: BackendIdent) {
-        self.backend_ids.remove(&ident);
+        self.by_ident.remove(&ident, id);
         if self.by_id.remove(&id).is_some() {
             self.counts.backends6 -= usize::from(ident.addr.is_ipv6());
         }
@@ -406,7 +465,57 @@ impl Mirror {
         use crate::memory::Usage;
         vec![
             Usage { structure: "sync.mirror_frontends", bytes: self.frontends.heap_bytes() },
-            Usage { structure: "sync.backend_indexes", bytes: self.backend_ids.heap_bytes() + self.by_id.heap_bytes() },
+            Usage { structure: "sync.backend_indexes", bytes: self.by_ident.heap_bytes() + self.by_id.heap_bytes() },
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(i: u32, port: u16) -> AnyBackend {
+        let addr = if i.is_multiple_of(3) {
+            IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, i as u16])
+        } else {
+            IpAddr::from(i.to_be_bytes())
+        };
+        AnyBackend { addr, port, proto: 6, flags: 0 }
+    }
+
+    /// The identity index holds ids only and reads the identities from the backends'
+    /// entries: every identity finds its id through growth, removal and replacement, and
+    /// a removal by a stale id leaves the identity's current id alone.
+    #[test]
+    fn backend_ids_by_identity_through_growth_removal_and_replacement() {
+        let mut m = Mirror::default();
+        let n = 5_000;
+        for i in 1..=n {
+            m.track_backend(BackendId::new(i), backend(i, 80));
+        }
+        for i in 1..=n {
+            assert_eq!(m.backend_id(&BackendIdent::of(&backend(i, 80))), Some(BackendId::new(i)));
+        }
+        assert_eq!(m.backend_id(&BackendIdent::of(&backend(1, 81))), None, "the port is part of the identity");
+        // Every even backend goes.
+        for i in (2..=n).step_by(2) {
+            m.untrack_backend(BackendId::new(i), BackendIdent::of(&backend(i, 80)));
+        }
+        for i in 1..=n {
+            let want = (!i.is_multiple_of(2)).then_some(BackendId::new(i));
+            assert_eq!(m.backend_id(&BackendIdent::of(&backend(i, 80))), want, "backend {i}");
+        }
+        assert_eq!(m.backend_count(), (n as usize).div_ceil(2));
+        // An identity tracked again under a new id: the new id is found; untracking the old
+        // id afterwards leaves the new one.
+        let b = backend(1, 80);
+        m.track_backend(BackendId::new(n + 1), b);
+        assert_eq!(m.backend_id(&BackendIdent::of(&b)), Some(BackendId::new(n + 1)));
+        m.untrack_backend(BackendId::new(1), BackendIdent::of(&b));
+        assert_eq!(m.backend_id(&BackendIdent::of(&b)), Some(BackendId::new(n + 1)));
+        // An id tracked again with another identity: found by the new one only.
+        m.track_backend(BackendId::new(3), backend(3, 8080));
+        assert_eq!(m.backend_id(&BackendIdent::of(&backend(3, 8080))), Some(BackendId::new(3)));
+        assert_eq!(m.backend_id(&BackendIdent::of(&backend(3, 80))), None);
     }
 }
