@@ -52,11 +52,7 @@ pub fn services(n: usize, per: usize, last_endpoints: Option<&[(Ipv4Addr, u16)]>
 /// The desired state our sync would be given for these services (what `model::translate`
 /// produces for them; built directly where the translation is not what is measured).
 pub fn desired(svcs: &[Svc]) -> DesiredState {
-    let mut d = DesiredState::default();
-    for s in svcs {
-        d.frontends.insert(frontend_key(s), std::sync::Arc::new(frontend_entry(s)));
-    }
-    d
+    svcs.iter().map(|s| (frontend_key(s), frontend_entry(s))).collect()
 }
 
 pub fn frontend_key(s: &Svc) -> FrontendKey {

@@ -257,10 +257,7 @@ pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
 }
 
 pub fn state(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
-    DesiredState {
-        frontends: entries.into_iter().map(|(k, e)| (k, std::sync::Arc::new(e))).collect(),
-        ..DesiredState::default()
-    }
+    entries.into_iter().collect()
 }
 
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];

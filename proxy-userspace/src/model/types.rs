@@ -490,6 +490,18 @@ impl HeapSize for Warning {
     }
 }
 
+/// A desired state of exactly these frontends (no health checks, no Service CIDRs), as
+/// tests and the bench build one by hand; the translator builds its own, sharing its
+/// candidates' entries.
+impl FromIterator<(FrontendKey, FrontendEntry)> for DesiredState {
+    fn from_iter<I: IntoIterator<Item = (FrontendKey, FrontendEntry)>>(entries: I) -> Self {
+        DesiredState {
+            frontends: entries.into_iter().map(|(k, e)| (k, Arc::new(e))).collect(),
+            ..DesiredState::default()
+        }
+    }
+}
+
 impl HeapSize for DesiredState {
     /// The entries are the translation's candidates' (shared), counted there: here only
     /// the map and its pointers.

@@ -35,10 +35,7 @@ pub(super) fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
 }
 
 pub(super) fn desired(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
-    DesiredState {
-        frontends: entries.into_iter().map(|(k, e)| (k, std::sync::Arc::new(e))).collect(),
-        ..DesiredState::default()
-    }
+    entries.into_iter().collect()
 }
 
 fn syncer() -> Syncer<MemStore> {

@@ -120,10 +120,7 @@ fn run(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<War
 }
 
 fn state(entries: Vec<(FrontendKey, FrontendEntry)>) -> DesiredState {
-    DesiredState {
-        frontends: entries.into_iter().map(|(k, e)| (k, std::sync::Arc::new(e))).collect(),
-        ..DesiredState::default()
-    }
+    entries.into_iter().collect()
 }
 
 /// Each expected warning: (kind, object, fragment of the message), in order.
