@@ -68,7 +68,7 @@ pub fn frontend_entry(s: &Svc) -> FrontendEntry {
     backends.sort();
     backends.dedup();
     FrontendEntry {
-        service: ServicePortName { namespace: NAMESPACE.into(), name: s.name.clone(), port_name: PORT_NAME.into() },
+        service: ServicePortName::new(NAMESPACE, &s.name, PORT_NAME),
         kind: FrontendKind::ClusterIP,
         backends,
         affinity_timeout: None,

@@ -736,11 +736,7 @@ mod tests {
 
     fn meta(name: &str) -> ServiceMeta {
         service_meta(&crate::model::FrontendEntry {
-            service: crate::model::ServicePortName {
-                namespace: "default".into(),
-                name: name.into(),
-                port_name: "http".into(),
-            },
+            service: crate::model::ServicePortName::new("default", name, "http"),
             kind: FrontendKind::ClusterIP,
             backends: vec![],
             affinity_timeout: Some(30),

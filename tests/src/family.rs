@@ -481,7 +481,7 @@ pub fn fk(addr: IpAddr, port: u16, proto: Protocol, scope: Scope) -> FrontendKey
 /// A frontend entry of `kind` with `backends` (address, port, on this node).
 pub fn svc(kind: FrontendKind, backends: &[(IpAddr, u16, bool)]) -> FrontendEntry {
     FrontendEntry {
-        service: ServicePortName { namespace: "default".into(), name: "svc".into(), port_name: String::new() },
+        service: ServicePortName::new("default", "svc", ""),
         kind,
         backends: backends
             .iter()

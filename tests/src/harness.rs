@@ -219,7 +219,7 @@ pub fn ext(addr: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
 /// An external frontend of `kind` with `backends` (address, port, on this node).
 pub fn ext_entry(kind: FrontendKind, backends: &[(Ipv4Addr, u16, bool)]) -> FrontendEntry {
     FrontendEntry {
-        service: ServicePortName { namespace: "default".into(), name: "np".into(), port_name: String::new() },
+        service: ServicePortName::new("default", "np", ""),
         kind,
         backends: backends
             .iter()
@@ -242,7 +242,7 @@ pub fn frontend(vip: Ipv4Addr, port: u16, proto: Protocol) -> FrontendKey {
 
 pub fn entry(name: &str, backends: &[(Ipv4Addr, u16)]) -> FrontendEntry {
     FrontendEntry {
-        service: ServicePortName { namespace: "default".into(), name: name.into(), port_name: String::new() },
+        service: ServicePortName::new("default", name, ""),
         kind: FrontendKind::ClusterIP,
         backends: backends
             .iter()

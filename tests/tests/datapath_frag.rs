@@ -39,7 +39,7 @@ fn service(dp: &mut TestDataplane, vip: IpAddr, port: u16, backends: &[(IpAddr, 
         scope: if external { Scope::External } else { Scope::Internal },
     };
     let e = FrontendEntry {
-        service: ServicePortName { namespace: "default".into(), name: "dns".into(), port_name: String::new() },
+        service: ServicePortName::new("default", "dns", ""),
         kind: if external { FrontendKind::NodePort } else { FrontendKind::ClusterIP },
         backends: backends
             .iter()

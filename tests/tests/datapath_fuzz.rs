@@ -217,7 +217,7 @@ fn backend_addr(a: IpAddr, local: bool) -> BackendAddr {
 
 fn fe_entry(name: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -> FrontendEntry {
     FrontendEntry {
-        service: ServicePortName { namespace: "default".into(), name: name.into(), port_name: String::new() },
+        service: ServicePortName::new("default", name, ""),
         kind,
         backends,
         affinity_timeout: None,

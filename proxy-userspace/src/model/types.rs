@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    mem::size_of,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -169,18 +170,127 @@ impl fmt::Display for FrontendKey {
     }
 }
 
-/// Which Service port a frontend belongs to ("namespace/name:port-name").
+/// An object's namespace and name in one allocation, shared by everything that names the
+/// object (the translation's indexes, each frontend of a Service) instead of copied. Compared
+/// and ordered as the pair (namespace, name).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectName(Arc<NameParts>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct NameParts {
+    /// The namespace, then the name, with nothing between: `split` says where.
+    text: Box<str>,
+    split: u32,
+}
+
+impl Ord for NameParts {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
+    }
+}
+
+impl PartialOrd for NameParts {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl NameParts {
+    fn namespace(&self) -> &str {
+        // `split` is the namespace's length, a char boundary of `text` by construction.
+        self.text.get(..self.split as usize).unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        self.text.get(self.split as usize..).unwrap_or_default()
+    }
+}
+
+impl ObjectName {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        // A namespace is a DNS label (63 bytes at most); the fallback is unreachable.
+        let split = u32::try_from(namespace.len()).unwrap_or(u32::MAX);
+        ObjectName(Arc::new(NameParts { text: [namespace, name].concat().into_boxed_str(), split }))
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.0.namespace()
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    /// The same allocation (one shared name), not only an equal one.
+    pub fn shares(&self, other: &ObjectName) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Heap bytes of its one allocation, for the owner that counts it (`crate::memory`).
+    pub fn own_heap_bytes(&self) -> usize {
+        2 * size_of::<usize>() + size_of::<NameParts>() + self.0.text.len()
+    }
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace(), self.name())
+    }
+}
+
+impl fmt::Debug for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
+/// Which Service port a frontend belongs to ("namespace/name:port-name"). Every frontend
+/// of a Service shares the Service's name; serialized as the three strings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "PortNameFields", from = "PortNameFields")]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
+    pub service: ObjectName,
     /// Service port name; empty for a single unnamed port.
     pub port_name: String,
 }
 
+impl ServicePortName {
+    pub fn new(namespace: &str, name: &str, port_name: &str) -> Self {
+        ServicePortName { service: ObjectName::new(namespace, name), port_name: port_name.to_owned() }
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.service.namespace()
+    }
+
+    pub fn name(&self) -> &str {
+        self.service.name()
+    }
+}
+
+/// `ServicePortName` as JSON and YAML show it.
+#[derive(Serialize, Deserialize)]
+struct PortNameFields {
+    namespace: String,
+    name: String,
+    port_name: String,
+}
+
+impl From<ServicePortName> for PortNameFields {
+    fn from(p: ServicePortName) -> Self {
+        PortNameFields { namespace: p.namespace().to_owned(), name: p.name().to_owned(), port_name: p.port_name }
+    }
+}
+
+impl From<PortNameFields> for ServicePortName {
+    fn from(f: PortNameFields) -> Self {
+        ServicePortName { service: ObjectName::new(&f.namespace, &f.name), port_name: f.port_name }
+    }
+}
+
 impl fmt::Display for ServicePortName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)?;
+        write!(f, "{}", self.service)?;
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
@@ -469,9 +579,8 @@ no_heap!(BackendAddr, FrontendKey, ClaimKey, IpPrefix, IpFamily, BackendWeight);
 
 impl HeapSize for FrontendEntry {
     fn heap_bytes(&self) -> usize {
-        self.service.namespace.heap_bytes()
-            + self.service.name.heap_bytes()
-            + self.service.port_name.heap_bytes()
+        // The Service's name is shared and counted by its owner (the translator's index).
+        self.service.port_name.heap_bytes()
             + self.backends.heap_bytes()
             + self.weights.heap_bytes()
             + self.source_ranges.heap_bytes()
@@ -508,5 +617,36 @@ impl HeapSize for DesiredState {
     fn heap_bytes(&self) -> usize {
         crate::memory::btree_bytes(self.frontends.len(), size_of::<(FrontendKey, Arc<FrontendEntry>)>())
             + self.health_checks.heap_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ObjectName, ServicePortName};
+
+    /// One string inside, but compared, ordered and shown as the pair it stands for: a
+    /// namespace that is a prefix of another sorts first, whatever its name.
+    #[test]
+    fn object_names_order_as_namespace_then_name() {
+        let (a, b) = (ObjectName::new("a", "z"), ObjectName::new("a-b", "c"));
+        assert!(a < b, "(a, z) sorts before (a-b, c)");
+        assert_ne!(ObjectName::new("ab", "c"), ObjectName::new("a", "bc"));
+        assert_eq!(ObjectName::new("ns", "web"), ObjectName::new("ns", "web"));
+        let n = ObjectName::new("kube-system", "kube-dns");
+        assert_eq!((n.namespace(), n.name()), ("kube-system", "kube-dns"));
+        assert_eq!(n.to_string(), "kube-system/kube-dns");
+        assert_eq!(format!("{n:?}"), "\"kube-system/kube-dns\"");
+        assert!(n.shares(&n.clone()) && !n.shares(&ObjectName::new("kube-system", "kube-dns")));
+    }
+
+    /// The desired state's JSON keeps its three fields.
+    #[test]
+    fn service_port_names_serialize_as_three_fields() {
+        let p = ServicePortName::new("ns", "web", "http");
+        let json = serde_json::to_value(&p).expect("serialize");
+        assert_eq!(json, serde_json::json!({"namespace": "ns", "name": "web", "port_name": "http"}));
+        assert_eq!(serde_json::from_value::<ServicePortName>(json).expect("deserialize"), p);
+        assert_eq!(p.to_string(), "ns/web:http");
+        assert_eq!(ServicePortName::new("ns", "web", "").to_string(), "ns/web");
     }
 }

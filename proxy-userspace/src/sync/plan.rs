@@ -177,8 +177,8 @@ pub fn service_meta(e: &FrontendEntry) -> ServiceMeta {
         kind: e.kind.number(),
         _pad: [0; 7],
     };
-    copy_str(&mut m.namespace, &e.service.namespace);
-    copy_str(&mut m.name, &e.service.name);
+    copy_str(&mut m.namespace, e.service.namespace());
+    copy_str(&mut m.name, e.service.name());
     copy_str(&mut m.port_name, &e.service.port_name);
     m
 }

@@ -15,7 +15,7 @@ pub(super) fn fk(last: u8, port: u16, proto: Protocol) -> FrontendKey {
 
 pub(super) fn fe(name: &str, backends: &[u8]) -> FrontendEntry {
     FrontendEntry {
-        service: ServicePortName { namespace: "ns".into(), name: name.into(), port_name: String::new() },
+        service: ServicePortName::new("ns", name, ""),
         kind: FrontendKind::ClusterIP,
         backends: backends
             .iter()

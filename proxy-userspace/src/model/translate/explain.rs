@@ -8,7 +8,7 @@ use super::{
     ANNOTATION_LB_ALGORITHM,
     backends::{PortEndpoint, Topology, choose, endpoints_for_port, ready_in_use, topology_mode},
     frontends::external_destinations,
-    problems::ObjectId,
+    problems::{ObjectId, id_from_meta},
     services::parse_service,
     slices::{ServiceEndpoints, index_slices},
 };
@@ -29,7 +29,7 @@ pub fn explain(
     let svc = services
         .iter()
         .map(Borrow::borrow)
-        .find(|s| ObjectId::from_meta(&s.metadata).as_ref() == Some(&wanted))
+        .find(|s| id_from_meta(&s.metadata).as_ref() == Some(&wanted))
         .ok_or_else(|| format!("no Service {wanted}"))?;
     let parsed = match parse_service(svc) {
         Ok(Some(p)) => p,

@@ -60,8 +60,7 @@ pub(super) fn expand_port(
     let cluster = select_backends(port_eps.iter(), topology_mode(port_eps.iter()));
     let local = select_backends(port_eps.iter().filter(|e| e.ep.local), Topology::Any);
 
-    let service =
-        ServicePortName { namespace: id.namespace.clone(), name: id.name.clone(), port_name: port.name.clone() };
+    let service = ServicePortName { service: id.clone(), port_name: port.name.clone() };
     // Kept until the Service or its slices change: `to_vec` leaves no room to grow.
     let entry = |kind, backends: &[BackendAddr], local_only, ranges: &[IpPrefix]| {
         Arc::new(FrontendEntry {

@@ -1,11 +1,11 @@
 //! Problems with input objects (each becomes one warning), object ids, small parsers.
 
-use std::{fmt, net::IpAddr};
+use std::net::IpAddr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{ANNOTATION_LB_ALGORITHM, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, MAX_AFFINITY_TIMEOUT};
-use crate::model::types::{IpFamily, Warning};
+use crate::model::types::{IpFamily, ObjectName, Warning};
 
 /// Everything that can be wrong with an input object; each becomes one `Warning`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -93,46 +93,16 @@ impl Warnings {
 
 /// "namespace/name" of a Service or EndpointSlice; also the join key slice -> service.
 /// Shared, not copied: the translation keeps each id in several indexes (claims, slice
-/// groups, winners), and at 100,000 Services the copies were a good part of its memory.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) struct ObjectId(std::sync::Arc<IdParts>);
+/// groups, winners) and each frontend names its Service by it; at 100,000 Services the
+/// copies were a good part of its memory.
+pub(super) type ObjectId = ObjectName;
 
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) struct IdParts {
-    pub(super) namespace: String,
-    pub(super) name: String,
+pub(super) fn id_key(id: &ObjectId) -> (String, String) {
+    (id.namespace().to_owned(), id.name().to_owned())
 }
 
-impl std::ops::Deref for ObjectId {
-    type Target = IdParts;
-    fn deref(&self) -> &IdParts {
-        &self.0
-    }
-}
-
-impl ObjectId {
-    pub(super) fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectId(std::sync::Arc::new(IdParts { namespace: namespace.into(), name: name.into() }))
-    }
-
-    /// The same allocation (an interned id), not only an equal one.
-    pub(super) fn shares(&self, other: &ObjectId) -> bool {
-        std::sync::Arc::ptr_eq(&self.0, &other.0)
-    }
-
-    pub(super) fn key(&self) -> (String, String) {
-        (self.namespace.clone(), self.name.clone())
-    }
-
-    pub(super) fn from_meta(meta: &ObjectMeta) -> Option<Self> {
-        Some(ObjectId::new(non_empty(meta.namespace.as_deref())?, non_empty(meta.name.as_deref())?))
-    }
-}
-
-impl fmt::Display for ObjectId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
+pub(super) fn id_from_meta(meta: &ObjectMeta) -> Option<ObjectId> {
+    Some(ObjectId::new(non_empty(meta.namespace.as_deref())?, non_empty(meta.name.as_deref())?))
 }
 
 /// Best-effort name of an object whose namespace or name is missing, for the warning.

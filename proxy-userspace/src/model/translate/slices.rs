@@ -6,7 +6,9 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 
 use super::{
     ANNOTATION_TRIGGER_TIME, KIND_SERVICE, KIND_SLICE, LABEL_SERVICE_NAME,
-    problems::{ObjectId, Problem, Warnings, label, non_empty, parse_ip, port_label, sorted_by_name, valid_port},
+    problems::{
+        ObjectId, Problem, Warnings, id_from_meta, label, non_empty, parse_ip, port_label, sorted_by_name, valid_port,
+    },
 };
 use crate::model::types::{IpFamily, NodeInfo, Protocol, Warning};
 
@@ -101,7 +103,7 @@ pub(super) fn parse_slice_object(slice: &EndpointSlice, id: &ObjectId, node: &No
         warnings.push(KIND_SLICE, id.to_string(), Problem::NoServiceNameLabel);
         return SliceParse { service: None, parsed: None, warnings: warnings.0 };
     };
-    let service = ObjectId::new(id.namespace.as_str(), service);
+    let service = ObjectId::new(id.namespace(), service);
     let parsed = match IpFamily::from_k8s(&slice.address_type) {
         Some(family) => {
             let mut problems = Vec::new();
@@ -133,7 +135,7 @@ pub(super) fn trigger_time(slice: &EndpointSlice) -> Option<Result<std::time::Sy
 pub(super) fn index_slices(slices: &[&EndpointSlice], node: &NodeInfo) -> BTreeMap<ObjectId, Vec<ParsedSlice>> {
     let mut index: BTreeMap<ObjectId, Vec<ParsedSlice>> = BTreeMap::new();
     for slice in sorted_by_name(slices, |s| &s.metadata) {
-        let Some(id) = ObjectId::from_meta(&slice.metadata) else { continue };
+        let Some(id) = id_from_meta(&slice.metadata) else { continue };
         let p = parse_slice_object(slice, &id, node);
         if let (Some(service), Some(parsed)) = (p.service, p.parsed) {
             index.entry(service).or_default().push(parsed);

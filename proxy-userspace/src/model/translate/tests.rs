@@ -100,7 +100,7 @@ fn key(addr: &str, port: u16, proto: Protocol, scope: Scope) -> FrontendKey {
 /// no source ranges (override with struct-update syntax).
 fn entry(svc: &str, port_name: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -> FrontendEntry {
     FrontendEntry {
-        service: ServicePortName { namespace: "default".into(), name: svc.into(), port_name: port_name.into() },
+        service: ServicePortName::new("default", svc, port_name),
         kind,
         backends,
         affinity_timeout: None,
@@ -1382,7 +1382,7 @@ fn output_independent_of_input_order() {
     rev_slices.reverse();
     assert_eq!(forward, run(&rev_services, &rev_slices));
     assert_eq!(forward.1.len(), 7, "{:?}", forward.1);
-    assert_eq!(forward.0.frontends[&key("203.0.113.1", 80, Tcp, External)].service.name, "c");
+    assert_eq!(forward.0.frontends[&key("203.0.113.1", 80, Tcp, External)].service.name(), "c");
     assert_eq!(forward.0.frontends[&key("fd00::4", 80, Tcp, Internal)].backends, vec![be("fd00:10::1", 8080, true)]);
 }
 
@@ -1417,7 +1417,7 @@ fn incumbent_keeps_its_address_against_a_newcomer_sorting_first() {
     // Once "b" lets go (deleted), "a" takes the address.
     let (actual, warnings) = translate_with_claims(&[a], &[] as &[EndpointSlice], &node(), &claims);
     assert!(actual.frontends.contains_key(&key("203.0.113.1", 80, Tcp, External)));
-    assert_eq!(actual.frontends[&key("203.0.113.1", 80, Tcp, Internal)].service.name, "a");
+    assert_eq!(actual.frontends[&key("203.0.113.1", 80, Tcp, Internal)].service.name(), "a");
     assert_warnings(&warnings, &[]);
 }
 
@@ -1433,7 +1433,7 @@ fn holding_an_address_does_not_beat_a_higher_priority_claim() {
     )]
     .into();
     let (actual, warnings) = translate_with_claims(&[a, b], &[] as &[EndpointSlice], &node(), &claims);
-    assert_eq!(actual.frontends[&key("10.96.0.2", 80, Tcp, Internal)].service.name, "b");
+    assert_eq!(actual.frontends[&key("10.96.0.2", 80, Tcp, Internal)].service.name(), "b");
     assert_warnings(&warnings, &[("Service", "default/a", "used by ClusterIP of default/b")]);
 }
 

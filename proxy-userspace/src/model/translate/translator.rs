@@ -25,12 +25,13 @@ use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use smallvec::SmallVec;
 
 use super::{
     KIND_SERVICE, KIND_SLICE,
     frontends::{Candidate, claim_priority, expand_service, sctp_port_rewrites},
     local_ready_endpoints,
-    problems::{ObjectId, Problem, Warnings, missing_id, non_empty},
+    problems::{ObjectId, Problem, Warnings, id_from_meta, id_key, missing_id, non_empty},
     services::{ParsedService, parse_service},
     slices::{ParsedSlice, ServiceEndpoints, parse_slice_object, trigger_time},
     warn_unmatched_slice_ports,
@@ -225,7 +226,7 @@ impl Translator {
 
     /// A Service was added or changed.
     pub fn upsert_service(&mut self, svc: &Service) {
-        let Some(id) = ObjectId::from_meta(&svc.metadata) else {
+        let Some(id) = id_from_meta(&svc.metadata) else {
             self.unnamed.insert((KIND_SERVICE, missing_id(&svc.metadata)));
             return;
         };
@@ -271,7 +272,7 @@ impl Translator {
 
     /// An EndpointSlice was added or changed.
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
-        let Some(id) = ObjectId::from_meta(&slice.metadata) else {
+        let Some(id) = id_from_meta(&slice.metadata) else {
             self.unnamed.insert((KIND_SLICE, missing_id(&slice.metadata)));
             return;
         };
@@ -330,15 +331,15 @@ impl Translator {
 
     /// After a relist that saw only `seen`: every other Service is deleted.
     pub fn retain_services(&mut self, seen: &HashSet<ObjectKey>) {
-        let gone: Vec<ObjectId> = self.services.keys().filter(|id| !seen.contains(&id.key())).cloned().collect();
+        let gone: Vec<ObjectId> = self.services.keys().filter(|id| !seen.contains(&id_key(id))).cloned().collect();
         for id in gone {
-            self.delete_service(&id.namespace, &id.name);
+            self.delete_service(id.namespace(), id.name());
         }
     }
 
     /// After a relist that saw only `seen`: every other EndpointSlice is deleted.
     pub fn retain_slices(&mut self, seen: &HashSet<ObjectKey>) {
-        let gone: Vec<ObjectId> = self.slices.keys().filter(|id| !seen.contains(&id.key())).cloned().collect();
+        let gone: Vec<ObjectId> = self.slices.keys().filter(|id| !seen.contains(&id_key(id))).cloned().collect();
         for id in gone {
             self.remove_slice(&id);
         }
@@ -387,7 +388,7 @@ impl Translator {
         // address (few), not only the re-resolved ones.
         for key in &self.contested {
             if let Some(w) = self.winners.get_mut(key) {
-                w.held = claims.holds(key, &w.owner.namespace, &w.owner.name);
+                w.held = claims.holds(key, w.owner.namespace(), w.owner.name());
             }
         }
         changed
@@ -438,8 +439,8 @@ impl Translator {
             }
             if let Some(port) = parsed.health_check_node_port {
                 let check = HealthCheck {
-                    namespace: id.namespace.clone(),
-                    name: id.name.clone(),
+                    namespace: id.namespace().to_owned(),
+                    name: id.name().to_owned(),
                     local_endpoints: local_ready_endpoints(parsed, endpoints.as_ref()),
                 };
                 state.health = Some((port, check));
@@ -467,14 +468,14 @@ impl Translator {
     fn resolve(&mut self, key: ClaimKey, claims: &impl ClaimSource, changed: &mut BTreeSet<FrontendKey>) {
         let best = self.claimants.get(&key).and_then(|set| {
             set.iter().min_by_key(|(prio, owner, index)| {
-                (*prio, !claims.holds(&key, &owner.namespace, &owner.name), owner, *index)
+                (*prio, !claims.holds(&key, owner.namespace(), owner.name()), owner, *index)
             })
         });
         let fk = |scope| FrontendKey { addr: key.addr, port: key.port, proto: key.proto, scope };
         let (internal, external) = match best {
             Some((_, owner, index)) => {
                 let c = &self.services[owner].candidates[*index];
-                let held = claims.holds(&key, &owner.namespace, &owner.name);
+                let held = claims.holds(&key, owner.namespace(), owner.name());
                 self.winners.insert(key, Winner { owner: owner.clone(), index: *index, held });
                 (Some(&c.internal), c.external.as_ref())
             }
@@ -551,7 +552,7 @@ impl Translator {
             let mut ids = set.iter();
             let Some(owner) = ids.next() else { continue };
             for id in ids {
-                let owner = format!("{}/{}", owner.namespace, owner.name);
+                let owner = owner.to_string();
                 out.push(warning(KIND_SERVICE, id, Problem::HealthCheckConflict { port: *port, owner }));
             }
         }
@@ -578,14 +579,15 @@ impl Translator {
     }
 }
 
-/// A small ordered set kept as a sorted `Vec`: the sets indexed per address and per
-/// Service hold one entry almost always, where a `BTreeSet` allocates a node for eleven.
+/// A small ordered set kept sorted, its first entry inline: the sets indexed per address
+/// and per Service hold one entry almost always, where a `BTreeSet` allocates a node for
+/// eleven and a `Vec` one allocation for the one.
 #[derive(Debug)]
-struct SmallSet<T>(Vec<T>);
+struct SmallSet<T>(SmallVec<[T; 1]>);
 
 impl<T> Default for SmallSet<T> {
     fn default() -> Self {
-        SmallSet(Vec::new())
+        SmallSet(SmallVec::new())
     }
 }
 
@@ -656,10 +658,7 @@ impl HeapSize for ObjectId {
 
 /// An object id's own allocation, where it is counted.
 fn id_bytes(id: &ObjectId) -> usize {
-    2 * std::mem::size_of::<usize>()
-        + std::mem::size_of::<super::problems::IdParts>()
-        + id.namespace.capacity()
-        + id.name.capacity()
+    id.own_heap_bytes()
 }
 
 impl HeapSize for ParsedService {
@@ -709,7 +708,8 @@ impl HeapSize for SliceState {
 
 impl<T: HeapSize> HeapSize for SmallSet<T> {
     fn heap_bytes(&self) -> usize {
-        self.0.heap_bytes()
+        let spilled = if self.0.spilled() { self.0.capacity() * size_of::<T>() } else { 0 };
+        spilled + self.0.iter().map(T::heap_bytes).sum::<usize>()
     }
 }
 
