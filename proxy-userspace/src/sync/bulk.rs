@@ -18,7 +18,7 @@ use super::{
     plan::{Target, backend_value, service_key},
     store::{AnyBackend, AnyServiceKey, MapStore, StoreError},
 };
-use crate::model::{DesiredState, IpPrefix};
+use crate::model::{DesiredState, FrontendKind, IpPrefix};
 
 impl<S: MapStore> Syncer<S> {
     /// Write `desired` into the empty maps in batches: the pass's report, or `None` when a
@@ -50,6 +50,19 @@ impl<S: MapStore> Syncer<S> {
     /// Program `desired` into empty maps with batched writes. On error the mirror is
     /// stale: the caller reads the maps back.
     fn bulk_load(&mut self, desired: &DesiredState) -> Result<SyncReport, StoreError> {
+        // Room for every entry up front: a table growing past a doubling holds its old and
+        // its new buckets at once, and the backends' last doubling was the start-up's peak.
+        // A Service port's backends are those of its clusterIP frontend (the other kinds
+        // share them), so those count each backend about once.
+        let backends = desired
+            .frontends
+            .values()
+            .filter(|e| e.kind == FrontendKind::ClusterIP)
+            .map(|e| e.backends.len())
+            .sum::<usize>();
+        self.mirror.make_room(desired.frontends.len(), backends);
+        self.ids.services.make_room(desired.frontends.len());
+        self.ids.backends.make_room(backends);
         let mut batch = Batch::default();
         let mut writes = 0;
         let mut services: Vec<(AnyServiceKey, ServiceValue)> = Vec::with_capacity(desired.frontends.len());

@@ -106,6 +106,10 @@ impl<I: Copy + From<u32> + Into<u32>> IdAlloc<I> {
             self.next = id.wrapping_add(1);
         }
     }
+    /// Room for `more` ids without growing.
+    pub(super) fn make_room(&mut self, more: usize) {
+        self.used.reserve(more);
+    }
     pub(super) fn alloc(&mut self) -> I {
         loop {
             // 0 is never used so a zeroed value is recognisably unset.

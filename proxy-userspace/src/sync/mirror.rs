@@ -235,6 +235,14 @@ pub(super) struct Mirror {
 }
 
 impl Mirror {
+    /// Room for `frontends` more frontends and `backends` more backends without growing.
+    pub(super) fn make_room(&mut self, frontends: usize, backends: usize) {
+        self.frontends.reserve(frontends);
+        self.by_id.reserve(backends);
+        let (by_id, hasher) = (&self.by_id, &self.by_ident.hasher);
+        self.by_ident.table.reserve(backends, |id| hasher.hash_one(IdentIndex::ident_of(by_id, *id)));
+    }
+
     /// The mirror of what `snap` holds, and what it holds that no service carries.
     pub(super) fn read_back(snap: &Snapshot) -> (Mirror, Orphans) {
         let mut m = Mirror::default();
@@ -517,5 +525,22 @@ mod tests {
         m.track_backend(BackendId::new(3), backend(3, 8080));
         assert_eq!(m.backend_id(&BackendIdent::of(&backend(3, 8080))), Some(BackendId::new(3)));
         assert_eq!(m.backend_id(&BackendIdent::of(&backend(3, 80))), None);
+    }
+
+    /// Room made for a start-up's backends holds them all: neither backend table grows
+    /// (and holds its old buckets beside its new ones) while they are tracked, and a
+    /// tracked backend still finds its id.
+    #[test]
+    fn room_made_up_front_holds_every_backend() {
+        let mut m = Mirror::default();
+        let n = 20_000;
+        m.make_room(0, n as usize);
+        let room = (m.by_id.capacity(), m.by_ident.table.capacity());
+        assert!(room.0 >= n as usize && room.1 >= n as usize, "{room:?}");
+        for i in 1..=n {
+            m.track_backend(BackendId::new(i), backend(i, 80));
+        }
+        assert_eq!((m.by_id.capacity(), m.by_ident.table.capacity()), room);
+        assert_eq!(m.backend_id(&BackendIdent::of(&backend(n, 80))), Some(BackendId::new(n)));
     }
 }
