@@ -276,6 +276,12 @@ impl SyncLoop {
                 wait_attached(attached).await;
             }
             let full = self.intake.full_sync;
+            if full {
+                // What parsing the lists freed (kept by the parsing threads' malloc arena,
+                // which the sync on this thread does not reuse) goes before the sync
+                // allocates: at start-up it was the peak's margin over what stays.
+                release_free_memory();
+            }
             let burst = self.intake.burst.take();
             self.intake.coalesce = false;
             self.sync(burst);
