@@ -325,16 +325,21 @@ fn load_programs(
     maps_dir: &Path,
     migration: &mut Migration,
 ) -> Result<(Ebpf, Maps), DataplaneError> {
-    let mut loader = EbpfLoader::new();
-    loader.default_map_pin_directory(maps_dir);
-    for (name, size) in cfg.sizes() {
-        loader.map_max_entries(name, size);
-    }
-    // The XDP hand-off to tunnel devices needs XDP metadata; where the kernel refuses the
-    // helper, the program is loaded with it pruned (see `handoff.rs` in proxy-ebpf).
-    let xdp_metadata = u8::from(xdp_metadata_supported());
-    loader.override_global("XDP_METADATA", &xdp_metadata, true);
-    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    // The loader holds the kernel's BTF, parsed (about 12 MB of heap), for the object's
+    // relocations only: it goes before the verifier's wait, while the initial lists are
+    // being translated, so the translation reuses that memory instead of adding to it.
+    let mut ebpf = {
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(maps_dir);
+        for (name, size) in cfg.sizes() {
+            loader.map_max_entries(name, size);
+        }
+        // The XDP hand-off to tunnel devices needs XDP metadata; where the kernel refuses
+        // the helper, the program is loaded with it pruned (see `handoff.rs` in proxy-ebpf).
+        let xdp_metadata = u8::from(xdp_metadata_supported());
+        loader.override_global("XDP_METADATA", &xdp_metadata, true);
+        loader.load(EBPF_OBJECT)?
+    };
     verify_in_parallel(&mut ebpf)?;
     // The new maps exist (and are pinned); no program runs on them yet. Carry the entries
     // over now, after the verifier, so that little happens in the old maps between this
