@@ -9,7 +9,7 @@ pub mod translate;
 pub mod types;
 
 pub use translate::{
-    ANNOTATION_LB_ALGORITHM, ClaimSource, ObjectKey, Translator, TriggerTimes, explain, object_key, translate,
-    translate_with_claims,
+    ANNOTATION_LB_ALGORITHM, ClaimSource, MISSING_METADATA, ObjectKey, Translator, TriggerTimes, explain, object_key,
+    translate, translate_with_claims,
 };
 pub use types::*;

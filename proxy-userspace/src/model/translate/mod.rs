@@ -22,6 +22,7 @@ use std::{borrow::Borrow, collections::BTreeSet, net::IpAddr};
 
 pub use explain::explain;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+pub use problems::MISSING_METADATA;
 pub use translator::{ClaimSource, ObjectKey, Translator, TriggerTimes, object_key};
 
 use self::{

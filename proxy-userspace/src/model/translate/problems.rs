@@ -7,10 +7,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::{ANNOTATION_LB_ALGORITHM, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, MAX_AFFINITY_TIMEOUT};
 use crate::model::types::{IpFamily, ObjectName, Warning};
 
+/// What an object without namespace or name is told, here and by the manifests source
+/// (which cannot key such an object at all).
+pub const MISSING_METADATA: &str = "metadata.namespace or metadata.name is missing, skipped";
+
 /// Everything that can be wrong with an input object; each becomes one `Warning`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub(super) enum Problem {
-    #[error("metadata.namespace or metadata.name is missing, skipped")]
+    #[error("{MISSING_METADATA}")]
     MissingMetadata,
     #[error("unknown spec.type {0:?}, skipped")]
     UnknownType(String),

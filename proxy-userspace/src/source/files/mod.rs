@@ -50,7 +50,7 @@ use tracing::{debug, warn};
 pub use follow::start;
 
 use super::{Delta, Objects, Update};
-use crate::model::{ObjectKey, object_key};
+use crate::model::{MISSING_METADATA, ObjectKey, object_key};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
@@ -97,6 +97,19 @@ pub(super) enum Kind {
     EndpointSlice,
     Node,
     ServiceCidr,
+}
+
+impl Kind {
+    /// The kind a document's `kind` names; `None` for the others, which are ignored.
+    fn named(kind: &str) -> Option<Kind> {
+        match kind {
+            "Service" => Some(Kind::Service),
+            "EndpointSlice" => Some(Kind::EndpointSlice),
+            "ServiceCIDR" => Some(Kind::ServiceCidr),
+            "Node" => Some(Kind::Node),
+            _ => None,
+        }
+    }
 }
 
 /// What a document defines: its kind and (namespace, name); cluster-scoped kinds have an
@@ -179,32 +192,29 @@ pub(super) fn parse_documents(file: &Path, text: &str, node_name: &str, out: &mu
             }
             continue;
         }
+        let Some(known) = Kind::named(&kind) else {
+            debug!(file = %file.display(), doc = i, kind = %kind, "ignoring document");
+            continue;
+        };
         let mut h = DefaultHasher::new();
         value.hash(&mut h);
         let hash = h.finish();
-        let parsed = match kind.as_str() {
-            "Service" => serde_yaml::from_value::<Service>(value)
-                .map(|s| object_key(&s.metadata).map(|k| ((Kind::Service, k), Object::Service(Arc::new(s))))),
-            "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(value)
-                .map(|s| object_key(&s.metadata).map(|k| ((Kind::EndpointSlice, k), Object::Slice(Arc::new(s))))),
-            "ServiceCIDR" => serde_yaml::from_value::<ServiceCIDR>(value).map(|c| {
-                cluster_scoped_key(&c.metadata).map(|k| ((Kind::ServiceCidr, k), Object::ServiceCidr(Arc::new(c))))
-            }),
-            "Node" => match serde_yaml::from_value::<Node>(value) {
+        let parsed = match known {
+            Kind::Service => serde_yaml::from_value::<Service>(value)
+                .map(|s| object_key(&s.metadata).map(|k| ((known, k), Object::Service(Arc::new(s))))),
+            Kind::EndpointSlice => serde_yaml::from_value::<EndpointSlice>(value)
+                .map(|s| object_key(&s.metadata).map(|k| ((known, k), Object::Slice(Arc::new(s))))),
+            Kind::ServiceCidr => serde_yaml::from_value::<ServiceCIDR>(value)
+                .map(|c| cluster_scoped_key(&c.metadata).map(|k| ((known, k), Object::ServiceCidr(Arc::new(c))))),
+            Kind::Node => match serde_yaml::from_value::<Node>(value) {
                 // Other nodes' Nodes are none of ours.
                 Ok(n) if n.metadata.name.as_deref() != Some(node_name) => continue,
-                r => r.map(|n| cluster_scoped_key(&n.metadata).map(|k| ((Kind::Node, k), Object::Node(Arc::new(n))))),
+                r => r.map(|n| cluster_scoped_key(&n.metadata).map(|k| ((known, k), Object::Node(Arc::new(n))))),
             },
-            other => {
-                debug!(file = %file.display(), doc = i, kind = other, "ignoring document");
-                continue;
-            }
         };
         match parsed {
             Ok(Some((id, object))) => out.docs.push(Doc { id, hash, object }),
-            Ok(None) => {
-                out.nameless.push(warn(format!("{kind}: metadata.namespace or metadata.name is missing, skipped")))
-            }
+            Ok(None) => out.nameless.push(warn(format!("{kind}: {MISSING_METADATA}"))),
             Err(e) => out.errors.push(warn(format!("invalid {kind}: {e}"))),
         }
     }
