@@ -13,14 +13,6 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{ObjectReference, Service, ServicePort},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
-};
-
 /// Bytes a value holds on the heap beyond its own `size_of`.
 pub trait HeapSize {
     fn heap_bytes(&self) -> usize;
@@ -140,115 +132,6 @@ impl<K: HeapSize, V: HeapSize, S> HeapSize for HashMap<K, V, S> {
 impl<T: HeapSize, S> HeapSize for HashSet<T, S> {
     fn heap_bytes(&self) -> usize {
         hash_table_bytes(self.capacity(), size_of::<T>()) + self.iter().map(T::heap_bytes).sum::<usize>()
-    }
-}
-
-// The Kubernetes objects: the fields they can carry (the API source drops managedFields).
-
-impl HeapSize for ObjectMeta {
-    fn heap_bytes(&self) -> usize {
-        self.annotations.heap_bytes()
-            + self.finalizers.heap_bytes()
-            + self.generate_name.heap_bytes()
-            + self.labels.heap_bytes()
-            + self.managed_fields.as_ref().map_or(0, |m| m.capacity() * size_of_val(&m[..]) / m.len().max(1))
-            + self.name.heap_bytes()
-            + self.namespace.heap_bytes()
-            + self.owner_references.as_ref().map_or(0, |o| {
-                o.capacity() * size_of::<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>()
-                    + o.iter()
-                        .map(|r| r.api_version.capacity() + r.kind.capacity() + r.name.capacity() + r.uid.capacity())
-                        .sum::<usize>()
-            })
-            + self.resource_version.heap_bytes()
-            + self.self_link.heap_bytes()
-            + self.uid.heap_bytes()
-    }
-}
-
-impl HeapSize for ServicePort {
-    fn heap_bytes(&self) -> usize {
-        let target = match &self.target_port {
-            Some(IntOrString::String(s)) => s.capacity(),
-            _ => 0,
-        };
-        self.app_protocol.heap_bytes() + self.name.heap_bytes() + self.protocol.heap_bytes() + target
-    }
-}
-
-impl HeapSize for Service {
-    fn heap_bytes(&self) -> usize {
-        let spec = self.spec.as_ref().map_or(0, |s| {
-            s.cluster_ip.heap_bytes()
-                + s.cluster_ips.heap_bytes()
-                + s.external_ips.heap_bytes()
-                + s.external_name.heap_bytes()
-                + s.external_traffic_policy.heap_bytes()
-                + s.internal_traffic_policy.heap_bytes()
-                + s.ip_families.heap_bytes()
-                + s.ip_family_policy.heap_bytes()
-                + s.load_balancer_class.heap_bytes()
-                + s.load_balancer_ip.heap_bytes()
-                + s.load_balancer_source_ranges.heap_bytes()
-                + s.ports.heap_bytes()
-                + s.selector.heap_bytes()
-                + s.session_affinity.heap_bytes()
-                + s.traffic_distribution.heap_bytes()
-                + s.type_.heap_bytes()
-        });
-        let status = self.status.as_ref().and_then(|s| s.load_balancer.as_ref()?.ingress.as_ref()).map_or(0, |v| {
-            v.capacity() * size_of::<k8s_openapi::api::core::v1::LoadBalancerIngress>()
-                + v.iter().map(|i| i.hostname.heap_bytes() + i.ip.heap_bytes() + i.ip_mode.heap_bytes()).sum::<usize>()
-        });
-        self.metadata.heap_bytes() + spec + status
-    }
-}
-
-impl HeapSize for ObjectReference {
-    fn heap_bytes(&self) -> usize {
-        self.api_version.heap_bytes()
-            + self.field_path.heap_bytes()
-            + self.kind.heap_bytes()
-            + self.name.heap_bytes()
-            + self.namespace.heap_bytes()
-            + self.resource_version.heap_bytes()
-            + self.uid.heap_bytes()
-    }
-}
-
-impl HeapSize for Endpoint {
-    fn heap_bytes(&self) -> usize {
-        let hints = self.hints.as_ref().map_or(0, |h| {
-            h.for_zones.as_ref().map_or(0, |z| {
-                z.capacity() * size_of::<k8s_openapi::api::discovery::v1::ForZone>()
-                    + z.iter().map(|z| z.name.capacity()).sum::<usize>()
-            }) + h.for_nodes.as_ref().map_or(0, |n| {
-                n.capacity() * size_of::<k8s_openapi::api::discovery::v1::ForNode>()
-                    + n.iter().map(|n| n.name.capacity()).sum::<usize>()
-            })
-        });
-        self.addresses.heap_bytes()
-            + self.deprecated_topology.heap_bytes()
-            + hints
-            + self.hostname.heap_bytes()
-            + self.node_name.heap_bytes()
-            + self.target_ref.heap_bytes()
-            + self.zone.heap_bytes()
-    }
-}
-
-impl HeapSize for EndpointPort {
-    fn heap_bytes(&self) -> usize {
-        self.app_protocol.heap_bytes() + self.name.heap_bytes() + self.protocol.heap_bytes()
-    }
-}
-
-impl HeapSize for EndpointSlice {
-    fn heap_bytes(&self) -> usize {
-        self.address_type.heap_bytes()
-            + self.endpoints.heap_bytes()
-            + self.metadata.heap_bytes()
-            + self.ports.heap_bytes()
     }
 }
 

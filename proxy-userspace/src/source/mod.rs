@@ -15,10 +15,7 @@ use k8s_openapi::api::{
     networking::v1::ServiceCIDR,
 };
 
-use crate::{
-    memory::{HeapSize, Usage},
-    model::ObjectKey,
-};
+use crate::model::ObjectKey;
 
 /// Everything the translation needs, at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -30,16 +27,6 @@ pub struct Objects {
     pub node: Option<Node>,
     /// ServiceCIDRs (the files source's; the API source streams them as updates).
     pub service_cidrs: Vec<Arc<ServiceCIDR>>,
-}
-
-impl Objects {
-    /// Heap bytes of the objects, each counted whole (the snapshots share them).
-    pub fn heap_usage(&self) -> Vec<Usage> {
-        vec![
-            Usage { structure: "source.services", bytes: self.services.heap_bytes() },
-            Usage { structure: "source.slices", bytes: self.slices.heap_bytes() },
-        ]
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
