@@ -189,14 +189,18 @@ impl IdentIndex {
         self.table.find(self.hash(ident), |id| Self::ident_of(by_id, *id) == *ident).copied()
     }
 
+    /// How the table rehashes an id it holds when it grows: by its backend's identity.
+    fn rehash<'a>(hasher: &'a RandomState, by_id: &'a HashMap<BackendId, Tracked>) -> impl Fn(&BackendId) -> u64 + 'a {
+        move |id| hasher.hash_one(Self::ident_of(by_id, *id))
+    }
+
     /// `id` (already in `by_id`) is now the id of its identity, in place of any other.
     fn insert(&mut self, id: BackendId, by_id: &HashMap<BackendId, Tracked>) {
         let ident = Self::ident_of(by_id, id);
-        let hasher = &self.hasher;
         let entry = self.table.entry(
-            hasher.hash_one(ident),
+            self.hasher.hash_one(ident),
             |other| Self::ident_of(by_id, *other) == ident,
-            |other| hasher.hash_one(Self::ident_of(by_id, *other)),
+            Self::rehash(&self.hasher, by_id),
         );
         match entry {
             hash_table::Entry::Occupied(mut o) => *o.get_mut() = id,
@@ -204,6 +208,11 @@ impl IdentIndex {
                 v.insert(id);
             }
         }
+    }
+
+    /// Room for `more` ids without growing.
+    fn reserve(&mut self, more: usize, by_id: &HashMap<BackendId, Tracked>) {
+        self.table.reserve(more, Self::rehash(&self.hasher, by_id));
     }
 
     /// `ident` no longer has `id` (another id it may have since stays).
@@ -239,8 +248,7 @@ impl Mirror {
     pub(super) fn make_room(&mut self, frontends: usize, backends: usize) {
         self.frontends.reserve(frontends);
         self.by_id.reserve(backends);
-        let (by_id, hasher) = (&self.by_id, &self.by_ident.hasher);
-        self.by_ident.table.reserve(backends, |id| hasher.hash_one(IdentIndex::ident_of(by_id, *id)));
+        self.by_ident.reserve(backends, &self.by_id);
     }
 
     /// The mirror of what `snap` holds, and what it holds that no service carries.
