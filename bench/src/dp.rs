@@ -28,7 +28,9 @@ impl Dataplane {
         cfg.max_services = cfg.max_services.max((services as u32 + 2).next_power_of_two());
         cfg.max_backends = cfg.max_backends.max(((services * backends_per) as u32 + 16).next_power_of_two());
         let (programs, maps) = loader::load(&cfg).context("loading the datapath")?;
-        let syncer = Syncer::new(maps).context("reading back maps")?;
+        let mut syncer = Syncer::new(maps).context("reading back maps")?;
+        // As the agent after its first sync: every frontend written from here on has its bit.
+        syncer.store_mut().put_filter_in_force().context("frontend filter")?;
         Ok(Dataplane { programs, syncer, pins })
     }
 

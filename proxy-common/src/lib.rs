@@ -46,6 +46,8 @@ pub mod map_names {
     /// allocated inside them (LPM tries): see [`service_cidr`](crate::service_cidr).
     pub const SERVICE_CIDRS: &str = "SERVICE_CIDRS";
     pub const SERVICE_CIDRS6: &str = "SERVICE_CIDRS6";
+    /// Which destinations may be a frontend: see [`frontend_filter`](crate::frontend_filter).
+    pub const FRONTEND_FILTER: &str = "FRONTEND_FILTER";
 
     /// Every map held once per family, as (IPv4 map, IPv6 twin). The other maps are
     /// shared by both families (slots, metadata, counters, config). The one place the
@@ -315,6 +317,115 @@ pub mod flow_hash {
         h = mix(h, ports(sport, dport));
         h = mix(h, proto as u32);
         finish(h, 37)
+    }
+}
+
+/// `FRONTEND_FILTER`: a bit array, written by the agent, that tells the programs which
+/// destinations can be nothing of ours, so that they leave those packets (pod to pod
+/// across nodes, the node's own traffic, a socket already connected to its backend) after
+/// a few instructions instead of two conntrack lookups, a service lookup and a Service
+/// CIDR match.
+///
+/// - Every (address, port, protocol) that has ever had a `SERVICES` entry since the agent
+///   started has its bit set, before that entry is written; bits are never cleared while
+///   it runs, so a flow that outlives its frontend keeps reaching conntrack. Collisions only
+///   cost a packet the full path.
+/// - Every Service CIDR sets the bit of each /16 (IPv4) or /64 (IPv6) it covers (a prefix
+///   tag of its own), so an unallocated address in one still reaches the refusal; one wider
+///   than `/8` or `/56` sets its family's `WIDE_*` flag instead, and that family is never
+///   filtered.
+/// - Element 0 is the header: word 0 is `IN_FORCE` once the agent has set the bits of
+///   everything the maps held at its start (their frontends, Service CIDRs and every
+///   conntrack flow's destination); until then (and in a copy nobody seeded) the programs
+///   take the full path for every packet.
+pub mod frontend_filter {
+    use crate::flow_hash::fmix32;
+
+    /// 64-bit words per array element.
+    pub const BLOCK_WORDS: usize = 64;
+    /// Bits per element.
+    pub const BLOCK_BITS: u32 = 64 * BLOCK_WORDS as u32;
+    /// Elements holding bits (1..=BLOCKS; 0 is the header).
+    pub const BLOCKS: u32 = 512;
+    /// 2,097,152 bits (256 KiB): at 200,000 frontends about 10% are set, so a packet that
+    /// is not ours is still filtered nine times in ten.
+    pub const BITS: u32 = BLOCKS * BLOCK_BITS;
+    /// The map's `max_entries`.
+    pub const ENTRIES: u32 = BLOCKS + 1;
+    /// Header word 0 when the filter is in force ("fflt", version 1).
+    pub const IN_FORCE: u64 = 0x6666_6c74_0000_0001;
+    /// Header word 1: an IPv4 Service CIDR too wide to list its /16s: IPv4 is not filtered.
+    pub const WIDE_V4: u64 = 1;
+    /// Header word 1: the same for IPv6 (wider than /56).
+    pub const WIDE_V6: u64 = 2;
+    /// The widest Service CIDRs whose /16s (/64s) are listed, at most 256 each.
+    pub const MIN_PREFIX_V4: u8 = 8;
+    pub const MIN_PREFIX_V6: u8 = 56;
+
+    /// One array element: the header, or `BLOCK_BITS` bits.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Block {
+        pub words: [u64; BLOCK_WORDS],
+    }
+
+    impl Default for Block {
+        fn default() -> Self {
+            Block { words: [0; BLOCK_WORDS] }
+        }
+    }
+
+    /// Keeps (port, protocol) words apart from prefix words.
+    const PORT_TAG: u32 = 0x8000_0000;
+    const PREFIX4_TAG: u32 = 0x4000_0000;
+    const PREFIX6_TAG: u32 = 0x2000_0000;
+
+    /// Where bit `bit` lives: (array element, word in it, mask).
+    #[inline(always)]
+    pub const fn place(bit: u32) -> (u32, usize, u64) {
+        (1 + bit / BLOCK_BITS, ((bit / 64) % BLOCK_WORDS as u32) as usize, 1u64 << (bit % 64))
+    }
+
+    #[inline(always)]
+    const fn port_word(port: u16, proto: u8) -> u32 {
+        PORT_TAG | ((proto as u32) << 16) | port as u32
+    }
+
+    /// The bit of an IPv4 frontend: address and port in network order, as the maps hold them.
+    #[inline(always)]
+    pub const fn frontend_v4(addr: u32, port: u16, proto: u8) -> u32 {
+        fmix32(addr ^ fmix32(port_word(port, proto))) % BITS
+    }
+
+    /// The bit of an IPv6 frontend (`Ipv6Words`, network order).
+    #[inline(always)]
+    pub const fn frontend_v6(a: [u32; 4], port: u16, proto: u8) -> u32 {
+        let h = fmix32(a[3] ^ fmix32(port_word(port, proto)));
+        fmix32(a[0] ^ fmix32(a[1] ^ fmix32(a[2] ^ h))) % BITS
+    }
+
+    /// The bit of the /16 holding an IPv4 address (network order).
+    #[inline(always)]
+    pub const fn prefix_v4(addr: u32) -> u32 {
+        prefix16(u32::from_be(addr) >> 16)
+    }
+
+    /// The bit of a /16, given as the address's top 16 bits (host order).
+    #[inline(always)]
+    pub const fn prefix16(top: u32) -> u32 {
+        fmix32(PREFIX4_TAG | top) % BITS
+    }
+
+    /// The bit of the /64 holding an IPv6 address (`Ipv6Words`, network order).
+    #[inline(always)]
+    pub const fn prefix_v6(a: [u32; 4]) -> u32 {
+        prefix64(((u32::from_be(a[0]) as u64) << 32) | u32::from_be(a[1]) as u64)
+    }
+
+    /// The bit of a /64, given as the address's top 64 bits (host order).
+    #[inline(always)]
+    pub const fn prefix64(top: u64) -> u32 {
+        fmix32(PREFIX6_TAG ^ fmix32((top >> 32) as u32) ^ (top as u32).rotate_left(7)) % BITS
     }
 }
 
@@ -1327,6 +1438,7 @@ mod pod_impls {
         SockUdpKey6,
         SockUdpValue,
         IdMarks,
+        frontend_filter::Block,
     );
 }
 

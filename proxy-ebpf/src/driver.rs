@@ -106,9 +106,11 @@ fn handle<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> H::Ret
 #[inline(always)]
 fn inlined<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> (H::Ret, Verdict, u32) {
     let mut slot = MaybeUninit::uninit();
-    let ct = CtWork::zeroed_in(&mut slot);
     match H::parse::<F>(ctx) {
+        // Nothing of ours: no conntrack work at all.
+        Ok(p) if pipeline::nothing_ours::<F>(&p, H::SEEN) => (H::PASS, Verdict::Pass, 0),
         Ok(p) => {
+            let ct = CtWork::zeroed_in(&mut slot);
             let mut d = pipeline::decide::<F>(&p, H::SEEN, H::ifindex(ctx), ct);
             if d.action == Action::Learn {
                 d = pipeline::learn_dsr::<F>(&p, ct);
@@ -152,8 +154,13 @@ fn staged<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> (H::Re
 }
 
 #[inline(never)]
+/// Parse into `out`; `Err(Verdict::Pass)` also for a packet that is nothing of ours (the
+/// fast exit, checked in this step's frame so the steps after it keep their stack).
 fn parse_step<H: Hook, F: Parse>(ctx: &H::Ctx, out: &mut Packet<F::Addr>) -> Result<(), Verdict> {
     *out = H::parse::<F>(ctx)?;
+    if pipeline::nothing_ours::<F>(out, H::SEEN) {
+        return Err(Verdict::Pass);
+    }
     Ok(())
 }
 

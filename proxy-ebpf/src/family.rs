@@ -4,7 +4,7 @@
 use aya_ebpf::maps::{HashMap, LruHashMap, lpm_trie::Key};
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragPorts, Ipv6Words, NeighKey, ServiceKey,
-    ServiceValue, StatsFamily,
+    ServiceValue, StatsFamily, frontend_filter,
 };
 
 use crate::hdr::{IP_HLEN, IP6_HLEN};
@@ -43,6 +43,12 @@ pub trait Family: 'static {
     /// What `SERVICE_CIDRS` says of a destination: `proxy_common::service_cidr::CIDR` (inside
     /// a Service CIDR, unallocated), `ALLOCATED`, or 0 (outside every Service CIDR).
     fn service_cidr(addr: Self::Addr) -> u8;
+    /// `FRONTEND_FILTER`'s bits for a destination: its frontend bit (address, port,
+    /// protocol) and its prefix bit (the /16 or /64 it is in); and the header flag that
+    /// says this family's Service CIDRs were too wide to list.
+    fn frontend_bit(addr: Self::Addr, port: u16, proto: u8) -> u32;
+    fn prefix_bit(addr: Self::Addr) -> u32;
+    const WIDE: u64;
     /// The agent's SNAT and hairpin addresses for this family (all-zero: unset).
     fn node_addrs() -> (Self::Addr, Self::Addr);
     /// One word mixing the address's bits, for hashing (SNAT port candidates).
@@ -99,6 +105,15 @@ impl Family for V4 {
         SERVICE_CIDRS.get(&Key::new(32, addr)).copied().unwrap_or(0)
     }
     #[inline(always)]
+    fn frontend_bit(addr: u32, port: u16, proto: u8) -> u32 {
+        frontend_filter::frontend_v4(addr, port, proto)
+    }
+    #[inline(always)]
+    fn prefix_bit(addr: u32) -> u32 {
+        frontend_filter::prefix_v4(addr)
+    }
+    const WIDE: u64 = frontend_filter::WIDE_V4;
+    #[inline(always)]
     fn node_addrs() -> (u32, u32) {
         NODE_CONFIG.get(0).map_or((0, 0), |c| (c.snat_addr, c.hairpin_addr))
     }
@@ -153,6 +168,15 @@ impl Family for V6 {
     fn service_cidr(addr: Ipv6Words) -> u8 {
         SERVICE_CIDRS6.get(&Key::new(128, addr)).copied().unwrap_or(0)
     }
+    #[inline(always)]
+    fn frontend_bit(addr: Ipv6Words, port: u16, proto: u8) -> u32 {
+        frontend_filter::frontend_v6(addr, port, proto)
+    }
+    #[inline(always)]
+    fn prefix_bit(addr: Ipv6Words) -> u32 {
+        frontend_filter::prefix_v6(addr)
+    }
+    const WIDE: u64 = frontend_filter::WIDE_V6;
     #[inline(always)]
     fn node_addrs() -> (Ipv6Words, Ipv6Words) {
         NODE_CONFIG6.get(0).map_or(([0; 4], [0; 4]), |c| (c.snat_addr, c.hairpin_addr))

@@ -19,6 +19,7 @@ mod csum;
 mod ct;
 mod driver;
 mod family;
+mod filter;
 // Bench-only programs the agent never loads (see the module).
 mod floor;
 mod frag;

@@ -10,7 +10,7 @@ use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, FragKey,
     FragKey6, FragPorts, IdMarks, Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6,
     ServiceMeta, ServiceValue, SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey,
-    SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, sizes,
+    SockUdpKey6, SockUdpValue, SourceRangeData6, StatsKey, frontend_filter, sizes,
 };
 
 /// The maps only the agent writes (services, their metadata, backends, slots) are
@@ -170,3 +170,8 @@ pub static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::pinned(sizes::MAX_SERVICE_
 /// `SERVICE_CIDRS` for IPv6.
 #[map]
 pub static SERVICE_CIDRS6: LpmTrie<Ipv6Words, u8> = LpmTrie::pinned(sizes::MAX_SERVICE_CIDR_ENTRIES, 0);
+
+/// Which destinations may be a frontend (`proxy_common::frontend_filter`): written by the
+/// agent, read by `balance` before conntrack. Preallocated (an array): 256 KiB.
+#[map]
+pub static FRONTEND_FILTER: Array<frontend_filter::Block> = Array::pinned(frontend_filter::ENTRIES, 0);

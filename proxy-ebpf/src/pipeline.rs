@@ -12,8 +12,9 @@ use proxy_common::{
 use crate::{
     ct::{self, Ct, CtWork},
     family::{Family, V4, V6},
+    filter,
     lb::{self, Selected},
-    parse::Packet,
+    parse::{Frag, Packet},
 };
 
 /// Where a packet was seen: which program runs, and so which traffic it is.
@@ -188,22 +189,42 @@ pub fn decide<F: Staged>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut 
     if seen == Seen::ToClient { decide_reply::<F>(p, ifindex, w) } else { balance::<F>(p, seen, ifindex, w) }
 }
 
+/// Replies `balance` translates itself, and the side conntrack records (`ifindex`, or the
+/// uplinks' for `FromUplink`): a pod answering a hairpin flow (addressed to the hairpin
+/// address), a remote backend answering a flow we source-NATed (addressed to a port of the
+/// SNAT range: the only uplink packets that can be one, so other uplink traffic, NodePorts
+/// included, costs no reply lookup).
+#[inline(always)]
+fn replies_here<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32) -> (bool, u32) {
+    if seen == Seen::FromUplink {
+        let cfg = lb::node_config();
+        let port = u16::from_be(p.dport);
+        (port >= cfg.snat_port_min && port <= cfg.snat_port_max, proxy_common::ct::IFINDEX_UPLINK)
+    } else {
+        let (_, hairpin) = F::node_addrs();
+        (!F::is_unset(hairpin) && p.daddr == hairpin, ifindex)
+    }
+}
+
+/// The fast exit, before any conntrack work (`filter`): a packet `balance` would pass
+/// untouched as nothing of ours, told by the frontend filter alone. Not for replies (the
+/// reply hooks, the hairpin address, the SNAT ports), DSR options or fragments: those take
+/// the full path.
+#[inline(always)]
+pub fn nothing_ours<F: Family>(p: &Packet<F::Addr>, seen: Seen) -> bool {
+    seen != Seen::ToClient
+        && p.dsr_port == 0
+        && p.frag == Frag::Whole
+        && !replies_here::<F>(p, seen, 0).0
+        && filter::nothing_ours::<F>(p)
+}
+
 /// Pod traffic (`FromPod`, seen on the pod interface `ifindex`) and traffic from outside
 /// the node (`FromUplink`).
 #[inline(always)]
 fn balance<F: Staged>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtWork<F::Addr>) -> Decision<F::Addr> {
     let (node_snat, hairpin) = F::node_addrs();
-    // Replies this hook translates itself: a pod answering a hairpin flow (addressed to the
-    // hairpin address), a remote backend answering a flow we source-NATed (addressed to a
-    // port of the SNAT range: the only uplink packets that can be one, so other uplink
-    // traffic, NodePorts included, costs no reply lookup).
-    let (replies, side) = if seen == Seen::FromUplink {
-        let cfg = lb::node_config();
-        let port = u16::from_be(p.dport);
-        (port >= cfg.snat_port_min && port <= cfg.snat_port_max, proxy_common::ct::IFINDEX_UPLINK)
-    } else {
-        (!F::is_unset(hairpin) && p.daddr == hairpin, ifindex)
-    };
+    let (replies, side) = replies_here::<F>(p, seen, ifindex);
     match ct::lookup::<F>(p, replies, side, w) {
         Ct::Reply if w.val.flags & ct_flags::SNAT != 0 => {
             let ct = &w.val;

@@ -67,8 +67,22 @@ impl TestDataplane {
     pub fn load() -> Self {
         let pins = PinDir::new();
         let (programs, maps) = loader::load(&LoaderConfig::new(&pins.0)).expect("load dataplane");
-        let syncer = Syncer::new(maps).expect("read back maps");
+        let mut syncer = Syncer::new(maps).expect("read back maps");
+        // As the agent after its first sync: every frontend written from here on has its bit,
+        // so every datapath test runs with the fast exit in force.
+        syncer.store_mut().put_filter_in_force().expect("frontend filter in force");
         TestDataplane { programs, syncer, pins }
+    }
+
+    /// Restart as the agent does on the same pins: a fresh object whose programs replace
+    /// these, the maps read back (`MapStore::adopt`: the frontend filter out of force and
+    /// its bits set from what the maps hold), then the filter in force again.
+    pub fn restart(&mut self) {
+        let (programs, maps) = loader::load(&LoaderConfig::new(&self.pins.0)).expect("reload dataplane");
+        let mut syncer = Syncer::new(maps).expect("read back maps");
+        syncer.store_mut().put_filter_in_force().expect("frontend filter in force");
+        self.programs = programs;
+        self.syncer = syncer;
     }
 
     /// NODE_CONFIG and NEIGH_MISSES, opened from their pins (the same maps the programs use).

@@ -97,6 +97,9 @@ impl SyncLoop {
         let full = std::mem::take(&mut self.intake.full_sync);
         let report = if full { self.syncer.apply(desired) } else { self.syncer.apply_changes(desired, &changed) };
         self.synced_once = true;
+        // Every frontend now has its filter bit (the takeover's adopted flows' included:
+        // this pass wrote their frontends).
+        self.syncer.store_mut().filter_in_force();
         if let Some(startup) = self.startup.take() {
             let phases = startup.finish(t, translated, t.elapsed().saturating_sub(translated));
             self.intake.metrics.started(&phases);

@@ -33,6 +33,21 @@ impl AgentStore {
     pub(super) fn new(maps: Maps, node: NodeMaps, sock: Option<SockLb>) -> Self {
         AgentStore { maps, node, sock }
     }
+
+    /// The frontend filter in force (after a sync: every frontend has its bit); logged the
+    /// first time after a start.
+    pub(super) fn filter_in_force(&mut self) {
+        let was = self.maps.filter_state().is_some_and(|(_, on)| on);
+        match self.maps.put_filter_in_force() {
+            Ok(()) if !was => {
+                if let Some((bits, _)) = self.maps.filter_state() {
+                    info!(bits_set = bits, bits = proxy_common::frontend_filter::BITS, "frontend filter in force");
+                }
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "frontend filter not in force: every packet takes the full path"),
+        }
+    }
 }
 
 /// A SNAT address as the log shows it.
@@ -80,6 +95,9 @@ impl MapStore for AgentStore {
     // The Service maps: the pinned maps' own (batched writes included).
     fn snapshot(&self) -> StoreResult<Snapshot> {
         self.maps.snapshot()
+    }
+    fn adopt(&mut self, snap: &Snapshot) -> StoreResult {
+        self.maps.adopt(snap)
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
         self.maps.put_service(k, v)

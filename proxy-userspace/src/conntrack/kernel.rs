@@ -6,15 +6,15 @@
 //! no batch operations), a few hundred entries per syscall instead of two syscalls per entry
 //! (`get_next_key` + lookup), which is what keeps a pass over a quarter-million-entry table
 //! to milliseconds.
-use std::{io, mem::size_of, os::fd::AsFd, path::Path};
+use std::{io, path::Path};
 
 use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{CtKey, CtValue};
 
 use crate::conntrack::{Chunk, CtTable};
 use crate::dataplane::maps::addr::MapAddr;
-use crate::dataplane::maps::ct::Table;
-use crate::dataplane::{DataplaneError, kernel::bpfsys, paths};
+use crate::dataplane::maps::ct::{self, Table};
+use crate::dataplane::{DataplaneError, paths};
 
 /// Entries asked for per syscall. A hash bucket must fit in one call (ENOSPC otherwise, and
 /// we retry larger); buckets hold a handful of entries, so this is plenty.
@@ -76,24 +76,6 @@ where
     fn map_data(&self, table: Table) -> &MapData {
         aya::maps::IterableMap::map(self.map(table))
     }
-
-    fn lookup_batch(&self, table: Table, cursor: Option<u32>, count: usize) -> io::Result<Chunk<A>> {
-        let mut keys = vec![CtKey::<A>::default(); count];
-        let mut values = vec![CtValue::<A>::default(); count];
-        // SAFETY: the byte views cover exactly the two vectors of plain `#[repr(C)]` integer
-        // structs, whose every bit pattern is valid; the kernel writes at most `count` keys
-        // and values of the map's sizes (checked by aya when the typed map was built).
-        let (kb, vb) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(keys.as_mut_ptr() as *mut u8, count * size_of::<CtKey<A>>()),
-                std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * size_of::<CtValue<A>>()),
-            )
-        };
-        let (n, next) = bpfsys::map_lookup_batch(self.map_data(table).fd().as_fd(), cursor, kb, vb, count as u32)?;
-        keys.truncate(n);
-        values.truncate(n);
-        Ok(Chunk { entries: keys.into_iter().zip(values).collect(), next })
-    }
 }
 
 impl<A: MapAddr> CtTable for KernelCtTable<A>
@@ -105,18 +87,11 @@ where
     type Error = DataplaneError;
 
     fn read_chunk(&mut self, table: Table, cursor: Option<u32>, max: usize) -> Result<Chunk<A>, DataplaneError> {
-        let mut want = max.clamp(1, BATCH);
-        loop {
-            match self.lookup_batch(table, cursor, want) {
-                Ok(chunk) => return Ok(chunk),
-                // One bucket holds more entries than we asked for: ask for more.
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && want < 1 << 16 => want *= 4,
-                Err(source) => {
-                    let context = format!("reading map {} in batches", A::ct_map(table));
-                    return Err(DataplaneError::Io { context, source });
-                }
-            }
-        }
+        let (entries, next) = ct::read_chunk(self.map_data(table), cursor, max.clamp(1, BATCH)).map_err(|source| {
+            let context = format!("reading map {} in batches", A::ct_map(table));
+            DataplaneError::Io { context, source }
+        })?;
+        Ok(Chunk { entries, next })
     }
 
     fn get(&self, table: Table, key: &CtKey<A>) -> Result<Option<CtValue<A>>, DataplaneError> {

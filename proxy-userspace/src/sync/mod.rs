@@ -224,6 +224,7 @@ impl<S: MapStore> Syncer<S> {
     /// (Re)build the mirror and the id allocators from what the maps hold.
     fn read_back(&mut self) -> Result<(), StoreError> {
         let snap = self.store.snapshot()?;
+        self.store.adopt(&snap)?;
         let (mirror, orphans) = Mirror::read_back(&snap);
         self.ids = Ids::read_back(
             snap.services.iter().map(|(_, v)| ServiceId::new(v.id)),

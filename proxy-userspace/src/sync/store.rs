@@ -151,6 +151,13 @@ pub type StoreResult<T = ()> = Result<T, StoreError>;
 
 pub trait MapStore {
     fn snapshot(&self) -> StoreResult<Snapshot>;
+    /// What the sync read back (`snapshot`), before it writes anything: a store that keeps
+    /// state derived from the maps brings it up to date here (the kernel maps: the
+    /// frontend filter). Nothing by default.
+    fn adopt(&mut self, snap: &Snapshot) -> StoreResult {
+        let _ = snap;
+        Ok(())
+    }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult;
     fn del_service(&mut self, k: &AnyServiceKey) -> StoreResult;
     fn put_slot(&mut self, k: &SlotKey, backend_id: BackendId) -> StoreResult;

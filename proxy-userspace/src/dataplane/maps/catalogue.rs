@@ -18,7 +18,9 @@ use proxy_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, Counters, CtKey, CtKey6, CtValue, CtValue6, IdMarks,
     Ipv6Words, NeighKey, NeighKey6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceMeta, ServiceValue,
     SlotKey, SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SockUdpKey, SockUdpKey6, SockUdpValue,
-    SourceRangeData6, StatsKey, map_names as n, sizes,
+    SourceRangeData6, StatsKey,
+    frontend_filter::{self, Block},
+    map_names as n, sizes,
 };
 
 use crate::dataplane::maps::copy::{self, CopyFn, Legacy, Upgrade};
@@ -433,6 +435,10 @@ pub static MAPS: &[MapDef] = &[
         trace_seeds: true,
         ..MapDef::new(n::SERVICE_CIDRS6, Layout::lpm::<Ipv6Words, u8>(), sizes::MAX_SERVICE_CIDR_ENTRIES)
     },
+    // Which destinations may be a frontend (`proxy_common::frontend_filter`): written only
+    // by the agent, read by TC and XDP. Not migrated: each start re-derives its bits from
+    // the other maps, and a changed definition refuses the start naming it.
+    MapDef { ..MapDef::new(n::FRONTEND_FILTER, Layout::array::<Block>(), frontend_filter::ENTRIES) },
 ];
 
 /// Maps an earlier release pinned that this one no longer declares: their pins are removed

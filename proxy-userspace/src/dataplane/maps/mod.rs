@@ -5,6 +5,7 @@ pub mod catalogue;
 pub mod copy;
 pub mod ct;
 pub mod ct_legacy;
+pub mod filter;
 pub mod loader;
 pub mod maglev;
 pub mod migrate;
@@ -74,6 +75,10 @@ pub struct Maps {
     /// None when the pins predate them (the CLI reading an older agent's maps).
     pub service_cidrs: Option<LpmTrie<MapData, u32, u8>>,
     pub service_cidrs6: Option<LpmTrie<MapData, Ipv6Words, u8>>,
+    /// Which destinations may be a frontend (`filter`). Only the agent's own object has it:
+    /// the CLI and the datapath tests open the pins without it and never write it (their
+    /// copy could only go stale under the agent's writes).
+    filter: Option<filter::FrontendFilter>,
 }
 
 /// A map that pins of an older agent may lack: `None` then.
@@ -102,7 +107,10 @@ impl Maps {
     /// Take the maps out of a loaded object (programs keep their references).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::MissingObject(name));
-        Self::assemble(&mut take)
+        let mut maps = Self::assemble(&mut take)?;
+        let map = take(n::FRONTEND_FILTER)?;
+        maps.filter = Some(filter::FrontendFilter::open(typed(n::FRONTEND_FILTER, map)?)?);
+        Ok(maps)
     }
 
     /// Build the typed handles from a source of maps by name (shared by the agent's and
@@ -132,6 +140,7 @@ impl Maps {
             service_cidrs: optional(n::SERVICE_CIDRS, get)?,
             service_cidrs6: optional(n::SERVICE_CIDRS6, get)?,
             maglev_runs: maglev::Runs::new(0),
+            filter: None,
         };
         maps.maglev_runs = maps.read_maglev_runs()?;
         Ok(maps)
@@ -562,6 +571,7 @@ impl MapStore for Maps {
         update_batch(&self.meta, n::SERVICE_META, items.iter().map(|(id, m)| (id.get(), *m)))
     }
     fn put_services(&mut self, items: &[(AnyServiceKey, ServiceValue)]) -> StoreResult {
+        self.mark_frontends(items.iter().map(|(k, _)| k))?;
         let items: Vec<(AnyServiceKey, ServiceValue)> =
             items.iter().map(|(k, v)| (*k, self.maglev_runs.fill(v))).collect();
         let v4 = items.iter().filter_map(|(k, v)| match k.addr {
@@ -576,6 +586,7 @@ impl MapStore for Maps {
         update_batch(&self.services6, n::SERVICES6, v6)
     }
     fn put_service(&mut self, k: &AnyServiceKey, v: &ServiceValue) -> StoreResult {
+        self.mark_frontends([k])?;
         let v = &self.maglev_runs.fill(v);
         match k.addr {
             IpAddr::V4(a) => self.services.insert(key_with(k, ip_to_map(a)), v, 0).map_err(store_err(n::SERVICES)),
@@ -683,6 +694,12 @@ impl MapStore for Maps {
         Maps::set_maglev_table_size(self, m);
     }
     fn put_service_cidr(&mut self, p: IpPrefix, e: CidrEntry) -> StoreResult {
+        if e == CidrEntry::Cidr
+            && let Some(f) = &mut self.filter
+        {
+            f.bits.cidr(p);
+            f.flush()?;
+        }
         let len = u32::from(p.len);
         match p.addr {
             IpAddr::V4(a) => cidr_map(&mut self.service_cidrs, n::SERVICE_CIDRS)?
@@ -706,11 +723,85 @@ impl MapStore for Maps {
             .map_err(store_err(n::SERVICE_CIDRS6)),
         }
     }
+    fn adopt(&mut self, snap: &Snapshot) -> StoreResult {
+        self.adopt_filter(snap)
+    }
     fn put_id_marks(&mut self, marks: &IdMarks) -> StoreResult {
         match &mut self.sync_ids {
             Some(ids) => ids.set(0, marks, 0).map_err(store_err(n::SYNC_IDS)),
             // Only the CLI opens pins without it, and it never syncs.
             None => Ok(()),
+        }
+    }
+}
+
+impl Maps {
+    /// The bits of `keys` set in the filter, before their `SERVICES` entries are written.
+    fn mark_frontends<'a>(&mut self, keys: impl IntoIterator<Item = &'a AnyServiceKey>) -> StoreResult {
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        keys.into_iter().for_each(|k| f.bits.frontend(k.addr, k.port, k.proto));
+        f.flush()
+    }
+
+    /// At a start, before anything is written (`MapStore::adopt`): the filter out of force
+    /// (a version of the agent that did not keep it may have run since it was last in
+    /// force), then the bits of everything the maps hold: `snap`'s frontends and Service
+    /// CIDRs, and the destination of every conntrack flow, which may outlive its frontend.
+    fn adopt_filter(&mut self, snap: &Snapshot) -> StoreResult {
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        f.bits.set_in_force(false);
+        f.flush()?;
+        snap.services.iter().for_each(|(k, _)| f.bits.frontend(k.addr, k.port, k.proto));
+        snap.service_cidrs.iter().filter(|(_, e)| *e == CidrEntry::Cidr).for_each(|(p, _)| f.bits.cidr(*p));
+        mark_flows(&self.conntrack, n::CONNTRACK, &mut f.bits)?;
+        mark_flows(&self.ct_new, n::CT_NEW, &mut f.bits)?;
+        mark_flows(&self.conntrack6, n::CONNTRACK6, &mut f.bits)?;
+        mark_flows(&self.ct_new6, n::CT_NEW6, &mut f.bits)?;
+        f.flush()
+    }
+
+    /// Put the filter (back) in force: once the first sync after a start has written every
+    /// frontend, each with its bit. Nothing to write when it is in force already.
+    pub fn put_filter_in_force(&mut self) -> StoreResult {
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        f.bits.set_in_force(true);
+        f.flush()
+    }
+
+    /// Bits set in the filter, and whether it is in force (`None`: these maps have none).
+    pub fn filter_state(&self) -> Option<(u32, bool)> {
+        self.filter.as_ref().map(|f| (f.bits.count(), f.bits.in_force()))
+    }
+}
+
+/// Set the bit of every forward flow's destination in `map` (a conntrack table).
+fn mark_flows<A: addr::MapAddr>(
+    map: &HashMap<MapData, CtKey<A>, CtValue<A>>,
+    name: &'static str,
+    bits: &mut filter::FilterBits,
+) -> StoreResult
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    let data = aya::maps::IterableMap::map(map);
+    let mut cursor = None;
+    loop {
+        let (entries, next) = ct::read_chunk::<A>(data, cursor, 512).map_err(|source| -> StoreError {
+            DataplaneError::Io { context: format!("reading map {name} in batches"), source }.into()
+        })?;
+        for (k, _) in entries.iter().filter(|(k, _)| k.dir == proxy_common::CT_DIR_FORWARD) {
+            bits.frontend(k.dst_addr.to_ip(), k.dst_port, k.proto);
+        }
+        match next {
+            Some(c) => cursor = Some(c),
+            None => return Ok(()),
         }
     }
 }
