@@ -334,9 +334,12 @@ pub mod flow_hash {
 ///   tag of its own), so an unallocated address in one still reaches the refusal; one wider
 ///   than `/8` or `/56` sets its family's `WIDE_*` flag instead, and that family is never
 ///   filtered.
+/// - Every backend (address, port, protocol) has its bit as a reply's source (a tag of its
+///   own) set before its `BACKENDS` entry, so `to_pod` passes what no backend sent (a
+///   request arriving at a backend pod, pod-to-pod traffic) without the reply lookups.
 /// - Element 0 is the header: word 0 is `IN_FORCE` once the agent has set the bits of
-///   everything the maps held at its start (their frontends, Service CIDRs and every
-///   conntrack flow's destination); until then (and in a copy nobody seeded) the programs
+///   everything the maps held at its start (their frontends, backends, Service CIDRs,
+///   every conntrack flow's destination and every reply's source); until then (and in a copy nobody seeded) the programs
 ///   take the full path for every packet.
 pub mod frontend_filter {
     use crate::flow_hash::fmix32;
@@ -379,6 +382,7 @@ pub mod frontend_filter {
     const PORT_TAG: u32 = 0x8000_0000;
     const PREFIX4_TAG: u32 = 0x4000_0000;
     const PREFIX6_TAG: u32 = 0x2000_0000;
+    const REPLY_TAG: u32 = 0x1000_0000;
 
     /// Where bit `bit` lives: (array element, word in it, mask).
     #[inline(always)]
@@ -391,17 +395,41 @@ pub mod frontend_filter {
         PORT_TAG | ((proto as u32) << 16) | port as u32
     }
 
+    #[inline(always)]
+    const fn v4(addr: u32, word: u32) -> u32 {
+        fmix32(addr ^ fmix32(word)) % BITS
+    }
+
+    /// The four words folded by rotations into one, then mixed as IPv4's: what differs
+    /// between two addresses (mostly the low words) still differs in the fold, and IPv6
+    /// costs one hash like IPv4 (a collision only costs a packet the full path).
+    #[inline(always)]
+    const fn v6(a: [u32; 4], word: u32) -> u32 {
+        v4(a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24), word)
+    }
+
     /// The bit of an IPv4 frontend: address and port in network order, as the maps hold them.
     #[inline(always)]
     pub const fn frontend_v4(addr: u32, port: u16, proto: u8) -> u32 {
-        fmix32(addr ^ fmix32(port_word(port, proto))) % BITS
+        v4(addr, port_word(port, proto))
     }
 
     /// The bit of an IPv6 frontend (`Ipv6Words`, network order).
     #[inline(always)]
     pub const fn frontend_v6(a: [u32; 4], port: u16, proto: u8) -> u32 {
-        let h = fmix32(a[3] ^ fmix32(port_word(port, proto)));
-        fmix32(a[0] ^ fmix32(a[1] ^ fmix32(a[2] ^ h))) % BITS
+        v6(a, port_word(port, proto))
+    }
+
+    /// The bit of an IPv4 backend as the source of a reply (network order).
+    #[inline(always)]
+    pub const fn reply_v4(addr: u32, port: u16, proto: u8) -> u32 {
+        v4(addr, REPLY_TAG | port_word(port, proto))
+    }
+
+    /// The bit of an IPv6 backend as the source of a reply.
+    #[inline(always)]
+    pub const fn reply_v6(a: [u32; 4], port: u16, proto: u8) -> u32 {
+        v6(a, REPLY_TAG | port_word(port, proto))
     }
 
     /// The bit of the /16 holding an IPv4 address (network order).

@@ -30,6 +30,9 @@ pub trait Hook {
     type Ret: Copy + PartialEq;
     /// Where this hook's program sees its packets.
     const SEEN: Seen;
+    /// Whether a packet no backend sent passes without the reply lookups (`Seen::ToClient`
+    /// only).
+    const FILTER_REPLIES: bool = false;
     /// Untouched: the stack (and any program after ours) sees it as if we were not there.
     const PASS: Self::Ret;
     const DROP: Self::Ret;
@@ -108,7 +111,7 @@ fn inlined<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> (H::R
     let mut slot = MaybeUninit::uninit();
     match H::parse::<F>(ctx) {
         // Nothing of ours: no conntrack work at all.
-        Ok(p) if pipeline::nothing_ours::<F>(&p, H::SEEN) => (H::PASS, Verdict::Pass, 0),
+        Ok(p) if pipeline::nothing_ours::<F>(&p, H::SEEN, H::FILTER_REPLIES) => (H::PASS, Verdict::Pass, 0),
         Ok(p) => {
             let ct = CtWork::zeroed_in(&mut slot);
             let mut d = pipeline::decide::<F>(&p, H::SEEN, H::ifindex(ctx), ct);
@@ -158,7 +161,7 @@ fn staged<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> (H::Re
 /// fast exit, checked in this step's frame so the steps after it keep their stack).
 fn parse_step<H: Hook, F: Parse>(ctx: &H::Ctx, out: &mut Packet<F::Addr>) -> Result<(), Verdict> {
     *out = H::parse::<F>(ctx)?;
-    if pipeline::nothing_ours::<F>(out, H::SEEN) {
+    if pipeline::nothing_ours::<F>(out, H::SEEN, H::FILTER_REPLIES) {
         return Err(Verdict::Pass);
     }
     Ok(())

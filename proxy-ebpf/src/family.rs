@@ -48,6 +48,8 @@ pub trait Family: 'static {
     /// says this family's Service CIDRs were too wide to list.
     fn frontend_bit(addr: Self::Addr, port: u16, proto: u8) -> u32;
     fn prefix_bit(addr: Self::Addr) -> u32;
+    /// Its bit as the source of a reply (a backend's address and port).
+    fn reply_bit(addr: Self::Addr, port: u16, proto: u8) -> u32;
     const WIDE: u64;
     /// The agent's SNAT and hairpin addresses for this family (all-zero: unset).
     fn node_addrs() -> (Self::Addr, Self::Addr);
@@ -112,6 +114,10 @@ impl Family for V4 {
     fn prefix_bit(addr: u32) -> u32 {
         frontend_filter::prefix_v4(addr)
     }
+    #[inline(always)]
+    fn reply_bit(addr: u32, port: u16, proto: u8) -> u32 {
+        frontend_filter::reply_v4(addr, port, proto)
+    }
     const WIDE: u64 = frontend_filter::WIDE_V4;
     #[inline(always)]
     fn node_addrs() -> (u32, u32) {
@@ -175,6 +181,10 @@ impl Family for V6 {
     #[inline(always)]
     fn prefix_bit(addr: Ipv6Words) -> u32 {
         frontend_filter::prefix_v6(addr)
+    }
+    #[inline(always)]
+    fn reply_bit(addr: Ipv6Words, port: u16, proto: u8) -> u32 {
+        frontend_filter::reply_v6(addr, port, proto)
     }
     const WIDE: u64 = frontend_filter::WIDE_V6;
     #[inline(always)]

@@ -50,7 +50,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// TC egress of a pod's host-side veth: traffic entering the pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    driver::run::<tc::ToClient>(&ctx)
+    driver::run::<tc::ToPod>(&ctx)
 }
 
 /// XDP on the node's uplink: NodePort / ExternalIP / LoadBalancer traffic from outside.
@@ -63,7 +63,7 @@ pub fn from_uplink(ctx: XdpContext) -> u32 {
 /// leave with the frontend (node address:nodePort, external or LB IP:port) as source.
 #[classifier]
 pub fn to_uplink(ctx: TcContext) -> i32 {
-    driver::run::<tc::ToClient>(&ctx)
+    driver::run::<tc::ToUplink>(&ctx)
 }
 
 /// TC ingress of an uplink: sends on the packets XDP translated for a device it cannot

@@ -207,16 +207,20 @@ fn replies_here<F: Family>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32) -> (bo
 }
 
 /// The fast exit, before any conntrack work (`filter`): a packet `balance` would pass
-/// untouched as nothing of ours, told by the frontend filter alone. Not for replies (the
-/// reply hooks, the hairpin address, the SNAT ports), DSR options or fragments: those take
-/// the full path.
+/// untouched as nothing of ours, or (`ToClient`, where the hook allows: `replies`) one
+/// `decide_reply` would pass as no reply of ours, told by the filter alone. Not for the
+/// replies `balance` translates (the hairpin address, the SNAT ports), DSR options or
+/// fragments: those take the full path.
 #[inline(always)]
-pub fn nothing_ours<F: Family>(p: &Packet<F::Addr>, seen: Seen) -> bool {
-    seen != Seen::ToClient
-        && p.dsr_port == 0
-        && p.frag == Frag::Whole
-        && !replies_here::<F>(p, seen, 0).0
-        && filter::nothing_ours::<F>(p)
+pub fn nothing_ours<F: Family>(p: &Packet<F::Addr>, seen: Seen, replies: bool) -> bool {
+    if p.dsr_port != 0 || p.frag != Frag::Whole {
+        return false;
+    }
+    if seen == Seen::ToClient {
+        return replies && filter::no_reply::<F>(p);
+    }
+    // The filter first: a packet of ours (a hit) stops at its set bit.
+    filter::nothing_ours::<F>(p) && !replies_here::<F>(p, seen, 0).0
 }
 
 /// Pod traffic (`FromPod`, seen on the pod interface `ifindex`) and traffic from outside

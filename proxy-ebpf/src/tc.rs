@@ -3,9 +3,9 @@
 //! checksum helpers.
 //!
 //! - `FromPod` runs as `from_pod` on the veth's *ingress* (packets leaving the pod).
-//! - `ToClient` runs as `to_pod` on the veth's *egress* (packets entering the pod) and as
-//!   `to_uplink` on the uplink's egress (replies of north-south flows XDP delivered to a
-//!   local backend).
+//! - `ToPod` runs as `to_pod` on the veth's *egress* (packets entering the pod), `ToUplink`
+//!   as `to_uplink` on the uplink's egress (replies of north-south flows XDP delivered to a
+//!   local backend); both towards a client (`Seen::ToClient`).
 //! - Hairpin (a pod reaching itself through its own service) is bounced straight back into
 //!   the pod with the MACs swapped: the kernel would not accept a packet from its own address
 //!   arriving on eth0, and routing it would depend on rp_filter accepting the link-local
@@ -34,17 +34,23 @@ use crate::{
 /// (or IPv4 with options) + TCP.
 const MAX_HDR: u32 = (ETH_HLEN + IP6_HLEN + 64 + TCP_HLEN) as u32;
 
-/// The TC hook, seen towards a client (`TO_CLIENT`) or leaving a pod.
-pub struct Tc<const TO_CLIENT: bool>;
+/// The TC hook, seen towards a client (`TO_CLIENT`) or leaving a pod; on an uplink
+/// (`UPLINK`) or a pod's veth.
+pub struct Tc<const TO_CLIENT: bool, const UPLINK: bool>;
 /// `from_pod`.
-pub type FromPod = Tc<false>;
-/// `to_pod`, `to_uplink`.
-pub type ToClient = Tc<true>;
+pub type FromPod = Tc<false, false>;
+/// `to_pod`.
+pub type ToPod = Tc<true, false>;
+/// `to_uplink`.
+pub type ToUplink = Tc<true, true>;
 
-impl<const TO_CLIENT: bool> Hook for Tc<TO_CLIENT> {
+impl<const TO_CLIENT: bool, const UPLINK: bool> Hook for Tc<TO_CLIENT, UPLINK> {
     type Ctx = TcContext;
     type Ret = i32;
     const SEEN: Seen = if TO_CLIENT { Seen::ToClient } else { Seen::FromPod };
+    /// Not `to_uplink`: the replies of flows a DSR option taught this node leave there,
+    /// from a pod the agent may not have written as a backend yet.
+    const FILTER_REPLIES: bool = TO_CLIENT && !UPLINK;
     const PASS: i32 = TC_ACT_UNSPEC;
     const DROP: i32 = TC_ACT_SHOT;
     const OTHER_L4: i32 = i32::MIN;
@@ -89,7 +95,7 @@ impl<const TO_CLIENT: bool> Hook for Tc<TO_CLIENT> {
     }
 }
 
-impl<const TO_CLIENT: bool, F: TcFamily> Rewrite<F> for Tc<TO_CLIENT> {
+impl<const TO_CLIENT: bool, const UPLINK: bool, F: TcFamily> Rewrite<F> for Tc<TO_CLIENT, UPLINK> {
     /// Both halves of a translation (each only when it changes something).
     #[inline(always)]
     fn rewrite(ctx: &TcContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()> {

@@ -65,12 +65,21 @@ pub struct TestDataplane {
 
 impl TestDataplane {
     pub fn load() -> Self {
-        let pins = PinDir::new();
-        let (programs, maps) = loader::load(&LoaderConfig::new(&pins.0)).expect("load dataplane");
-        let mut syncer = Syncer::new(maps).expect("read back maps");
+        let mut dp = Self::load_unfiltered();
         // As the agent after its first sync: every frontend written from here on has its bit,
         // so every datapath test runs with the fast exit in force.
-        syncer.store_mut().put_filter_in_force().expect("frontend filter in force");
+        dp.syncer.store_mut().put_filter_in_force().expect("frontend filter in force");
+        dp
+    }
+
+    /// The datapath with the frontend filter out of force, as before the agent's first
+    /// sync: every packet takes the full path. For tests that write the service maps by
+    /// hand (the datapath on its own, whatever the sync would write), whose entries have no
+    /// filter bits.
+    pub fn load_unfiltered() -> Self {
+        let pins = PinDir::new();
+        let (programs, maps) = loader::load(&LoaderConfig::new(&pins.0)).expect("load dataplane");
+        let syncer = Syncer::new(maps).expect("read back maps");
         TestDataplane { programs, syncer, pins }
     }
 

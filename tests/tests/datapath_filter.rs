@@ -42,6 +42,8 @@ fn a_flow_outlives_its_frontend_and_a_restart_restores_its_bit() {
         // connection's backend).
         let syn = fam.tcp((a.client, 40_000), (a.vip, 80), b"");
         assert_eq!(decode_any(&dp.run(FROM_POD, &syn).1).dst, (a.b1, 8080), "new flow");
+        let reply = fam.segment((a.b1, 8080), (a.client, 40_000), tcp::SYN | tcp::ACK, b"");
+        assert_eq!(decode_any(&dp.run(TO_POD, &reply).1).src, (a.vip, 80), "reply from the frontend");
         dp.program(vec![]);
         assert_eq!(decode_any(&dp.run(FROM_POD, &syn).1).dst, (a.b1, 8080), "the flow outlives its Service");
 
@@ -50,12 +52,17 @@ fn a_flow_outlives_its_frontend_and_a_restart_restores_its_bit() {
         let (v, out) = dp.run(FROM_POD, &other);
         assert_eq!((v, out), (TC_ACT_UNSPEC, other.clone()), "nothing of ours passes untouched");
         assert_eq!(dp.global(verdict::PASS), passed + 1, "counted once, as passed");
+        let (v, out) = dp.run(TO_POD, &other);
+        assert_eq!((v, out), (TC_ACT_UNSPEC, other.clone()), "no backend sent it: no reply of ours");
 
         clear_bits(&dp);
         let (_, out) = dp.run(FROM_POD, &syn);
         assert_eq!(decode_any(&out).dst, (a.vip, 80), "without its bit the fast exit passes the flow's packet");
+        let (_, out) = dp.run(TO_POD, &reply);
+        assert_eq!(decode_any(&out).src, (a.b1, 8080), "and the reply, without the backend's bit");
         dp.restart();
         assert_eq!(decode_any(&dp.run(FROM_POD, &syn).1).dst, (a.b1, 8080), "the restart set the bit from conntrack");
+        assert_eq!(decode_any(&dp.run(TO_POD, &reply).1).src, (a.vip, 80), "and the backend's, from the reply entry");
         assert_eq!(dp.maps().filter_state().map(|(_, on)| on), Some(true), "the filter is in force again");
         assert_eq!(dp.run(FROM_POD, &other).1, other, "and passes what is nothing of ours");
     });

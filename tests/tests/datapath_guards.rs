@@ -40,7 +40,7 @@ fn affinity_ids(dp: &TestDataplane) -> Vec<u32> {
 
 /// The repro of issue 19, item 5: Service A (affinity) and Service C share pod X; a client
 /// is pinned to X under A's id. A is removed, the agent restarts on the same pins (a new
-/// `Syncer` reading them back; the programs keep running), and Service B (affinity, pod Y)
+/// object whose `Syncer` reads them back), and Service B (affinity, pod Y)
 /// is created. On main, B took A's id (ids restarted at max(live) + 1) and the stale entry
 /// sent B's client to C's pod X. Now A's entries go with A, B gets a fresh id, and even an
 /// entry of A written back by a packet racing the removal is never found by B.
@@ -68,8 +68,9 @@ fn affinity_does_not_cross_services_after_a_restart() {
     let mut affinity = Maps::open_pinned(&dp.pins.0).expect("pins").affinity;
     affinity.insert(stale.0, stale.1, 0).expect("stale entry back");
 
-    // The agent restarts on the same pins.
-    dp.syncer = Syncer::new(Maps::open_pinned(&dp.pins.0).expect("pins")).expect("read back");
+    // The agent restarts on the same pins (its own object: the maps it writes include the
+    // frontend filter, which the pinned handles of the CLI do not).
+    dp.restart();
     let r = dp.syncer.apply(&state(vec![c, (frontend(vip_b, 80, Protocol::Tcp), sticky("b", &[(Y, 8080)]))]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let b_id = svc_id(&dp, vip_b).expect("B programmed");

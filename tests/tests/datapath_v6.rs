@@ -6,7 +6,8 @@
 //! errors are rows of datapath_icmp.rs's table, with ICMP's.
 //!
 //! These tests program SERVICES6, BACKENDS6 and BACKEND_SLOTS directly, opened from the
-//! test's own pin directory: the datapath on its own, whatever the sync would write.
+//! test's own pin directory: the datapath on its own, whatever the sync would write (so
+//! with the frontend filter out of force: their entries have no bits).
 use std::{net::Ipv6Addr, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
@@ -173,7 +174,7 @@ fn three_backends(m: &mut Maps6, id: u32, proto: u8) -> Vec<u32> {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_missing_slot_or_backend_is_an_error_drop() {
     require_root("v6_missing_slot_or_backend_is_an_error_drop");
-    let mut dp = TestDataplane::load();
+    let mut dp = TestDataplane::load_unfiltered();
     let mut m = Maps6::open(&dp);
     let f = fe(VIP, 80, PROTO_TCP, SCOPE_INTERNAL);
     let v =
@@ -197,7 +198,7 @@ fn v6_missing_slot_or_backend_is_an_error_drop() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_full_assured_table_keeps_its_flows_and_new_ones_still_pass() {
     require_root("v6_full_assured_table_keeps_its_flows_and_new_ones_still_pass");
-    let mut dp = TestDataplane::load();
+    let mut dp = TestDataplane::load_unfiltered();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 91, PROTO_TCP);
     m.service(92, fe(NODE, NODE_PORT, PROTO_TCP, SCOPE_EXTERNAL), 0, &[(LOCAL_POD, 8080, backend_flags::LOCAL)]);
@@ -240,7 +241,7 @@ fn v6_full_assured_table_keeps_its_flows_and_new_ones_still_pass() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_extension_headers_are_skipped() {
     require_root("v6_extension_headers_are_skipped");
-    let mut dp = TestDataplane::load();
+    let mut dp = TestDataplane::load_unfiltered();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 101, PROTO_TCP);
     three_backends(&mut m, 102, PROTO_UDP);
@@ -320,7 +321,7 @@ fn linux_syn6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Vec<u8> {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_syn_with_tcp_options_translated_or_reset() {
     require_root("v6_syn_with_tcp_options_translated_or_reset");
-    let mut dp = TestDataplane::load();
+    let mut dp = TestDataplane::load_unfiltered();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 131, PROTO_TCP);
     m.service(132, fe(VIP, 81, PROTO_TCP, SCOPE_INTERNAL), 0, &[]);
@@ -356,7 +357,7 @@ fn v6_syn_with_tcp_options_translated_or_reset() {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_trailing_bytes_after_the_payload_are_kept() {
     require_root("v6_trailing_bytes_after_the_payload_are_kept");
-    let mut dp = TestDataplane::load();
+    let mut dp = TestDataplane::load_unfiltered();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 161, PROTO_UDP);
     let mut frame = udp6_frame((CLIENT, 5353), (VIP, 80), b"dns?");
@@ -406,7 +407,7 @@ fn with_big_hop_by_hop(frame: &[u8], len: usize) -> Vec<u8> {
 #[ignore = "needs root (BPF, network namespaces): run by `cargo xtask test` as root"]
 fn v6_extension_headers_past_the_parse_bound_are_never_misread() {
     require_root("v6_extension_headers_past_the_parse_bound_are_never_misread");
-    let mut dp = TestDataplane::load();
+    let mut dp = TestDataplane::load_unfiltered();
     let mut m = Maps6::open(&dp);
     three_backends(&mut m, 181, PROTO_TCP);
     m.service(182, fe(VIP, 0x01ff, PROTO_TCP, SCOPE_INTERNAL), 0, &[(B1, 8080, 0)]);

@@ -1,10 +1,11 @@
 //! `FRONTEND_FILTER` (`proxy_common::frontend_filter`): the bits that let the programs pass
 //! a packet that is nothing of ours without looking it up. Only the agent writes it, always
-//! before what the bits stand for: a frontend's bit before its `SERVICES` entry, a Service
-//! CIDR's prefix bits before its `SERVICE_CIDRS` entry. Bits are never cleared while the
+//! before what the bits stand for: a frontend's bit before its `SERVICES` entry, a
+//! backend's reply bit before its `BACKENDS` entry, a Service CIDR's prefix bits before its
+//! `SERVICE_CIDRS` entry. Bits are never cleared while the
 //! agent runs (a flow may outlive its frontend); each start clears nothing either, but
 //! takes the filter out of force, sets the bits of everything the maps hold (frontends,
-//! Service CIDRs, every conntrack flow's destination) and puts it back in force once the
+//! backends, Service CIDRs, every conntrack flow's destination and reply's source) and puts it back in force once the
 //! first sync is done (`Maps::adopt_filter`, `Maps::filter_in_force`).
 //!
 //! `FilterBits` is the in-memory copy and its bit arithmetic, with no I/O; `FrontendFilter`
@@ -79,6 +80,24 @@ impl FilterBits {
     /// Mark a frontend (or a flow's destination): port in network order.
     pub fn frontend(&mut self, addr: IpAddr, port: u16, proto: u8) {
         self.set_bit(Self::frontend_bit(addr, port, proto));
+    }
+
+    /// The bit of a backend as a reply's source (port in network order).
+    pub fn reply_bit(addr: IpAddr, port: u16, proto: u8) -> u32 {
+        match addr {
+            IpAddr::V4(a) => ff::reply_v4(ip_to_map(a), port, proto),
+            IpAddr::V6(a) => ff::reply_v6(ip6_to_map(a), port, proto),
+        }
+    }
+
+    /// Mark a backend (or a reply's source): port in network order.
+    pub fn backend(&mut self, addr: IpAddr, port: u16, proto: u8) {
+        self.set_bit(Self::reply_bit(addr, port, proto));
+    }
+
+    /// Would `to_pod` let a packet from `addr`:`port` pass without the reply lookups?
+    pub fn passes_reply(&self, addr: IpAddr, port: u16, proto: u8) -> bool {
+        self.in_force() && !self.is_set(Self::reply_bit(addr, port, proto))
     }
 
     /// The prefix bits a Service CIDR sets; `None`: too wide to list (its family is then
@@ -257,6 +276,18 @@ mod tests {
         assert!(f.filters(v6("2001:db8::1")));
         f.cidr(prefix("fd00::", 48));
         assert!(!f.filters(v6("2001:db8::1")));
+    }
+
+    #[test]
+    fn a_marked_backend_never_passes_as_a_reply_nor_makes_a_frontend() {
+        let mut f = FilterBits::default();
+        f.set_in_force(true);
+        let (b, port) = (v4("10.244.1.1"), 8080u16.to_be());
+        assert!(f.passes_reply(b, port, PROTO_TCP));
+        f.backend(b, port, PROTO_TCP);
+        assert!(!f.passes_reply(b, port, PROTO_TCP));
+        assert!(f.passes(b, port, PROTO_TCP), "a reply bit is not a frontend bit");
+        assert!(f.passes_reply(b, 8081u16.to_be(), PROTO_TCP));
     }
 
     #[test]

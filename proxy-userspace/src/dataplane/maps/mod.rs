@@ -556,6 +556,7 @@ impl MapStore for Maps {
         backends: &[(BackendId, AnyBackend)],
         slots: &[(SlotKey, BackendId)],
     ) -> StoreResult {
+        self.mark_backends(backends.iter().map(|(_, b)| b))?;
         let this = &*self;
         std::thread::scope(|s| {
             let slots_written = s.spawn(|| this.write_slots(slots));
@@ -610,6 +611,7 @@ impl MapStore for Maps {
         ignore_missing(self.slots.remove(k)).map_err(store_err(n::BACKEND_SLOTS))
     }
     fn put_backend(&mut self, id: BackendId, b: &AnyBackend) -> StoreResult {
+        self.mark_backends([b])?;
         let id = id.get();
         match b.addr {
             IpAddr::V4(a) => self.backends.insert(id, backend_with(b, ip_to_map(a)), 0).map_err(store_err(n::BACKENDS)),
@@ -745,10 +747,21 @@ impl Maps {
         f.flush()
     }
 
+    /// The reply bits of `backends` set in the filter, before their `BACKENDS` entries are
+    /// written.
+    fn mark_backends<'a>(&mut self, backends: impl IntoIterator<Item = &'a AnyBackend>) -> StoreResult {
+        let Some(f) = &mut self.filter else {
+            return Ok(());
+        };
+        backends.into_iter().for_each(|b| f.bits.backend(b.addr, b.port, b.proto));
+        f.flush()
+    }
+
     /// At a start, before anything is written (`MapStore::adopt`): the filter out of force
     /// (a version of the agent that did not keep it may have run since it was last in
-    /// force), then the bits of everything the maps hold: `snap`'s frontends and Service
-    /// CIDRs, and the destination of every conntrack flow, which may outlive its frontend.
+    /// force), then the bits of everything the maps hold: `snap`'s frontends, backends and
+    /// Service CIDRs, and the destination and reply source of every conntrack flow, which
+    /// may outlive its frontend and backend.
     fn adopt_filter(&mut self, snap: &Snapshot) -> StoreResult {
         let Some(f) = &mut self.filter else {
             return Ok(());
@@ -756,6 +769,7 @@ impl Maps {
         f.bits.set_in_force(false);
         f.flush()?;
         snap.services.iter().for_each(|(k, _)| f.bits.frontend(k.addr, k.port, k.proto));
+        snap.backends.iter().for_each(|(_, b)| f.bits.backend(b.addr, b.port, b.proto));
         snap.service_cidrs.iter().filter(|(_, e)| *e == CidrEntry::Cidr).for_each(|(p, _)| f.bits.cidr(*p));
         mark_flows(&self.conntrack, n::CONNTRACK, &mut f.bits)?;
         mark_flows(&self.ct_new, n::CT_NEW, &mut f.bits)?;
@@ -780,7 +794,8 @@ impl Maps {
     }
 }
 
-/// Set the bit of every forward flow's destination in `map` (a conntrack table).
+/// Set the bit of every forward flow's destination, and the reply bit of every reply
+/// entry's source, in `map` (a conntrack table).
 fn mark_flows<A: addr::MapAddr>(
     map: &HashMap<MapData, CtKey<A>, CtValue<A>>,
     name: &'static str,
@@ -796,8 +811,12 @@ where
         let (entries, next) = ct::read_chunk::<A>(data, cursor, 512).map_err(|source| -> StoreError {
             DataplaneError::Io { context: format!("reading map {name} in batches"), source }.into()
         })?;
-        for (k, _) in entries.iter().filter(|(k, _)| k.dir == proxy_common::CT_DIR_FORWARD) {
-            bits.frontend(k.dst_addr.to_ip(), k.dst_port, k.proto);
+        for (k, _) in &entries {
+            if k.dir == proxy_common::CT_DIR_FORWARD {
+                bits.frontend(k.dst_addr.to_ip(), k.dst_port, k.proto);
+            } else {
+                bits.backend(k.src_addr.to_ip(), k.src_port, k.proto);
+            }
         }
         match next {
             Some(c) => cursor = Some(c),
