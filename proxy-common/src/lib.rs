@@ -334,25 +334,30 @@ pub mod flow_hash {
 ///   tag of its own), so an unallocated address in one still reaches the refusal; one wider
 ///   than `/8` or `/56` sets its family's `WIDE_*` flag instead, and that family is never
 ///   filtered.
-/// - Every backend (address, port, protocol) has its bit as a reply's source (a tag of its
-///   own) set before its `BACKENDS` entry, so `to_pod` passes what no backend sent (a
+/// - Every backend (address, port, protocol) has its bit as a reply's source (in a region
+///   of its own) set before its `BACKENDS` entry, so `to_pod` passes what no backend sent (a
 ///   request arriving at a backend pod, pod-to-pod traffic) without the reply lookups.
 /// - Element 0 is the header: word 0 is `IN_FORCE` once the agent has set the bits of
 ///   everything the maps held at its start (their frontends, backends, Service CIDRs,
-///   every conntrack flow's destination and every reply's source); until then (and in a copy nobody seeded) the programs
-///   take the full path for every packet.
+///   every conntrack flow's destination and every reply's source); until then (and in a
+///   copy nobody seeded) the programs take the full path for every packet.
 pub mod frontend_filter {
     use crate::flow_hash::fmix32;
 
-    /// 64-bit words per array element.
-    pub const BLOCK_WORDS: usize = 64;
+    /// 64-bit words per array element (4 KiB: a start writes a few hundred elements, an
+    /// incremental change one or two).
+    pub const BLOCK_WORDS: usize = 512;
     /// Bits per element.
     pub const BLOCK_BITS: u32 = 64 * BLOCK_WORDS as u32;
     /// Elements holding bits (1..=BLOCKS; 0 is the header).
-    pub const BLOCKS: u32 = 512;
-    /// 2,097,152 bits (256 KiB): at 200,000 frontends about 10% are set, so a packet that
-    /// is not ours is still filtered nine times in ten.
+    pub const BLOCKS: u32 = 256;
+    /// 8,388,608 bits (1 MiB), in two regions of `REGION_BITS`: destinations (frontends
+    /// and Service CIDR prefixes) first, then replies' sources (backends). Apart, so that
+    /// a million backends cannot fill the bits new flows are filtered by: at 100,000
+    /// Services of 10 endpoints in both families (400,000 frontends, 2,000,000 backends)
+    /// about 9% of the destination bits are set.
     pub const BITS: u32 = BLOCKS * BLOCK_BITS;
+    pub const REGION_BITS: u32 = BITS / 2;
     /// The map's `max_entries`.
     pub const ENTRIES: u32 = BLOCKS + 1;
     /// Header word 0 when the filter is in force ("fflt", version 1).
@@ -397,7 +402,7 @@ pub mod frontend_filter {
 
     #[inline(always)]
     const fn v4(addr: u32, word: u32) -> u32 {
-        fmix32(addr ^ fmix32(word)) % BITS
+        fmix32(addr ^ fmix32(word)) % REGION_BITS
     }
 
     /// The four words folded by rotations into one, then mixed as IPv4's: what differs
@@ -423,13 +428,13 @@ pub mod frontend_filter {
     /// The bit of an IPv4 backend as the source of a reply (network order).
     #[inline(always)]
     pub const fn reply_v4(addr: u32, port: u16, proto: u8) -> u32 {
-        v4(addr, REPLY_TAG | port_word(port, proto))
+        REGION_BITS + v4(addr, REPLY_TAG | port_word(port, proto))
     }
 
     /// The bit of an IPv6 backend as the source of a reply.
     #[inline(always)]
     pub const fn reply_v6(a: [u32; 4], port: u16, proto: u8) -> u32 {
-        v6(a, REPLY_TAG | port_word(port, proto))
+        REGION_BITS + v6(a, REPLY_TAG | port_word(port, proto))
     }
 
     /// The bit of the /16 holding an IPv4 address (network order).
@@ -441,7 +446,7 @@ pub mod frontend_filter {
     /// The bit of a /16, given as the address's top 16 bits (host order).
     #[inline(always)]
     pub const fn prefix16(top: u32) -> u32 {
-        fmix32(PREFIX4_TAG | top) % BITS
+        fmix32(PREFIX4_TAG | top) % REGION_BITS
     }
 
     /// The bit of the /64 holding an IPv6 address (`Ipv6Words`, network order).
@@ -453,7 +458,7 @@ pub mod frontend_filter {
     /// The bit of a /64, given as the address's top 64 bits (host order).
     #[inline(always)]
     pub const fn prefix64(top: u64) -> u32 {
-        fmix32(PREFIX6_TAG ^ fmix32((top >> 32) as u32) ^ (top as u32).rotate_left(7)) % BITS
+        fmix32(PREFIX6_TAG ^ fmix32((top >> 32) as u32) ^ (top as u32).rotate_left(7)) % REGION_BITS
     }
 }
 

@@ -172,6 +172,6 @@ pub static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::pinned(sizes::MAX_SERVICE_
 pub static SERVICE_CIDRS6: LpmTrie<Ipv6Words, u8> = LpmTrie::pinned(sizes::MAX_SERVICE_CIDR_ENTRIES, 0);
 
 /// Which destinations may be a frontend (`proxy_common::frontend_filter`): written by the
-/// agent, read by `balance` before conntrack. Preallocated (an array): 256 KiB.
+/// agent, read by `balance` before conntrack. Preallocated (an array): 1 MiB.
 #[map]
 pub static FRONTEND_FILTER: Array<frontend_filter::Block> = Array::pinned(frontend_filter::ENTRIES, 0);

@@ -10,7 +10,7 @@
 //!
 //! `FilterBits` is the in-memory copy and its bit arithmetic, with no I/O; `FrontendFilter`
 //! writes what changed to the map.
-use std::{collections::BTreeSet, net::IpAddr};
+use std::net::IpAddr;
 
 use aya::maps::{Array, MapData};
 use proxy_common::frontend_filter::{
@@ -30,13 +30,14 @@ use crate::{
 pub struct FilterBits {
     /// Element 0 (the header), then the `BLOCKS` bit blocks.
     elements: Vec<Block>,
-    /// Elements changed since the last write.
-    dirty: BTreeSet<u32>,
+    /// Elements changed since the last write, one flag each (a start marks a few hundred
+    /// thousand bits: a flag is cheaper to set than a set's entry).
+    dirty: Vec<bool>,
 }
 
 impl Default for FilterBits {
     fn default() -> Self {
-        FilterBits { elements: vec![Block::default(); ENTRIES as usize], dirty: BTreeSet::new() }
+        FilterBits { elements: vec![Block::default(); ENTRIES as usize], dirty: vec![false; ENTRIES as usize] }
     }
 }
 
@@ -44,7 +45,7 @@ impl FilterBits {
     /// From the elements a map holds (missing ones read as zero).
     pub fn from_elements(mut elements: Vec<Block>) -> Self {
         elements.resize(ENTRIES as usize, Block::default());
-        FilterBits { elements, dirty: BTreeSet::new() }
+        FilterBits { elements, dirty: vec![false; ENTRIES as usize] }
     }
 
     fn set_bit(&mut self, bit: u32) {
@@ -52,7 +53,7 @@ impl FilterBits {
         let w = &mut self.elements[index as usize].words[word];
         if *w & mask == 0 {
             *w |= mask;
-            self.dirty.insert(index);
+            self.dirty[index as usize] = true;
         }
     }
 
@@ -65,7 +66,7 @@ impl FilterBits {
     fn set_header(&mut self, word: usize, value: u64) {
         if self.elements[0].words[word] != value {
             self.elements[0].words[word] = value;
-            self.dirty.insert(0);
+            self.dirty[0] = true;
         }
     }
 
@@ -169,8 +170,8 @@ impl FilterBits {
     /// The elements to write, in the order to write them: the bit blocks, then the header
     /// (so the filter never comes into force before its bits).
     fn pending(&self) -> Vec<u32> {
-        let mut out: Vec<u32> = self.dirty.iter().copied().filter(|&i| i != 0).collect();
-        if self.dirty.contains(&0) {
+        let mut out: Vec<u32> = (1..ENTRIES).filter(|&i| self.dirty[i as usize]).collect();
+        if self.dirty[0] {
             out.push(0);
         }
         out
@@ -204,7 +205,7 @@ impl FrontendFilter {
             self.map.set(index, element, 0).map_err(|e| -> StoreError {
                 DataplaneError::from_map(proxy_common::map_names::FRONTEND_FILTER, e).into()
             })?;
-            self.bits.dirty.remove(&index);
+            self.bits.dirty[index as usize] = false;
         }
         Ok(())
     }
@@ -290,6 +291,20 @@ mod tests {
         assert!(f.passes_reply(b, 8081u16.to_be(), PROTO_TCP));
     }
 
+    /// Backends' bits never share the half new flows are filtered by, however many.
+    #[test]
+    fn replies_and_destinations_are_apart() {
+        let region = proxy_common::frontend_filter::REGION_BITS;
+        for i in 0..50_000u32 {
+            let a = v4(&format!("10.{}.{}.{}", 128 + (i >> 16), (i >> 8) & 255, i & 255));
+            assert!(FilterBits::reply_bit(a, 8080u16.to_be(), PROTO_TCP) >= region);
+            assert!(FilterBits::frontend_bit(a, 8080u16.to_be(), PROTO_TCP) < region);
+        }
+        for p in FilterBits::cidr_bits(prefix("fd00::", 56)).unwrap() {
+            assert!(p < region);
+        }
+    }
+
     #[test]
     fn blocks_are_written_before_the_header_and_only_once() {
         let mut f = FilterBits::default();
@@ -298,7 +313,7 @@ mod tests {
         let pending = f.pending();
         assert_eq!(pending.len(), 2);
         assert_eq!(pending.last(), Some(&0), "header last: {pending:?}");
-        f.dirty.clear();
+        f.dirty.fill(false);
         f.frontend(v4("10.96.0.10"), 53u16.to_be(), PROTO_UDP);
         assert!(f.pending().is_empty(), "a bit already set writes nothing");
     }
