@@ -156,9 +156,9 @@ fn staged<H: Rewrite<F>, F: Parse + Staged + IcmpFamily>(ctx: &H::Ctx) -> (H::Re
     (ret, verdict, w.d.svc_id)
 }
 
-#[inline(never)]
 /// Parse into `out`; `Err(Verdict::Pass)` also for a packet that is nothing of ours (the
 /// fast exit, checked in this step's frame so the steps after it keep their stack).
+#[inline(never)]
 fn parse_step<H: Hook, F: Parse>(ctx: &H::Ctx, out: &mut Packet<F::Addr>) -> Result<(), Verdict> {
     *out = H::parse::<F>(ctx)?;
     if pipeline::nothing_ours::<F>(out, H::SEEN, H::FILTER_REPLIES) {

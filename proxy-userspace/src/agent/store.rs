@@ -34,17 +34,16 @@ impl AgentStore {
         AgentStore { maps, node, sock }
     }
 
-    /// The frontend filter in force (after a sync: every frontend has its bit); logged the
-    /// first time after a start.
+    /// The frontend filter in force (after a sync: every frontend has its bit); logged, with
+    /// its fill, when it comes into force (the bits are counted only then, not every sync).
     pub(super) fn filter_in_force(&mut self) {
-        let was = self.maps.filter_state().is_some_and(|(_, on)| on);
         match self.maps.put_filter_in_force() {
-            Ok(()) if !was => {
+            Ok(true) => {
                 if let Some((bits, _)) = self.maps.filter_state() {
                     info!(bits_set = bits, bits = proxy_common::frontend_filter::BITS, "frontend filter in force");
                 }
             }
-            Ok(()) => {}
+            Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "frontend filter not in force: every packet takes the full path"),
         }
     }

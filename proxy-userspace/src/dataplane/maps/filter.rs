@@ -70,12 +70,17 @@ impl FilterBits {
         }
     }
 
+    /// A bit of `addr`, by its family's hash of the map form of it.
+    fn of(addr: IpAddr, v4: impl FnOnce(u32) -> u32, v6: impl FnOnce([u32; 4]) -> u32) -> u32 {
+        match addr {
+            IpAddr::V4(a) => v4(ip_to_map(a)),
+            IpAddr::V6(a) => v6(ip6_to_map(a)),
+        }
+    }
+
     /// The bit of a frontend (port in network order, as the maps hold it).
     pub fn frontend_bit(addr: IpAddr, port: u16, proto: u8) -> u32 {
-        match addr {
-            IpAddr::V4(a) => ff::frontend_v4(ip_to_map(a), port, proto),
-            IpAddr::V6(a) => ff::frontend_v6(ip6_to_map(a), port, proto),
-        }
+        Self::of(addr, |a| ff::frontend_v4(a, port, proto), |a| ff::frontend_v6(a, port, proto))
     }
 
     /// Mark a frontend (or a flow's destination): port in network order.
@@ -85,10 +90,7 @@ impl FilterBits {
 
     /// The bit of a backend as a reply's source (port in network order).
     pub fn reply_bit(addr: IpAddr, port: u16, proto: u8) -> u32 {
-        match addr {
-            IpAddr::V4(a) => ff::reply_v4(ip_to_map(a), port, proto),
-            IpAddr::V6(a) => ff::reply_v6(ip6_to_map(a), port, proto),
-        }
+        Self::of(addr, |a| ff::reply_v4(a, port, proto), |a| ff::reply_v6(a, port, proto))
     }
 
     /// Mark a backend (or a reply's source): port in network order.
@@ -155,16 +157,13 @@ impl FilterBits {
 
     /// Would the datapath let a packet to `addr`:`port` pass without a lookup?
     pub fn passes(&self, addr: IpAddr, port: u16, proto: u8) -> bool {
-        let prefix = match addr {
-            IpAddr::V4(a) => ff::prefix_v4(ip_to_map(a)),
-            IpAddr::V6(a) => ff::prefix_v6(ip6_to_map(a)),
-        };
+        let prefix = Self::of(addr, ff::prefix_v4, ff::prefix_v6);
         self.filters(addr) && !self.is_set(Self::frontend_bit(addr, port, proto)) && !self.is_set(prefix)
     }
 
     /// Bits set, of `BITS`.
     pub fn count(&self) -> u32 {
-        self.elements[1..].iter().flat_map(|b| b.words).map(u64::count_ones).sum()
+        self.elements[1..].iter().flat_map(|b| b.words.iter()).map(|w| w.count_ones()).sum()
     }
 
     /// The elements to write, in the order to write them: the bit blocks, then the header

@@ -779,13 +779,16 @@ impl Maps {
     }
 
     /// Put the filter (back) in force: once the first sync after a start has written every
-    /// frontend, each with its bit. Nothing to write when it is in force already.
-    pub fn put_filter_in_force(&mut self) -> StoreResult {
+    /// frontend, each with its bit. Nothing to write when it is in force already; `true`
+    /// when it came into force now.
+    pub fn put_filter_in_force(&mut self) -> StoreResult<bool> {
         let Some(f) = &mut self.filter else {
-            return Ok(());
+            return Ok(false);
         };
+        let was = f.bits.in_force();
         f.bits.set_in_force(true);
-        f.flush()
+        f.flush()?;
+        Ok(!was)
     }
 
     /// Bits set in the filter, and whether it is in force (`None`: these maps have none).
