@@ -87,9 +87,9 @@ struct Watcher {
 /// the first one, like the apiserver serving all pages at one resourceVersion.
 struct ListSnapshot {
     rv: u64,
-    /// Shared with the object map: a paginated list of 100,000 objects must not
-    /// deep-copy all of them on its first page.
-    items: Arc<Vec<Arc<Value>>>,
+    /// Each object's JSON as stored: a page is their concatenation, so a
+    /// paginated list of 100,000 objects neither deep-copies nor re-encodes any.
+    items: Arc<Vec<Bytes>>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -117,7 +117,10 @@ const MAX_REQUEST_LOG: usize = 10_000;
 pub struct State {
     /// Last resourceVersion handed out; global across all resources, as etcd's.
     rv: u64,
-    objects: [BTreeMap<(String, String), Arc<Value>>; 4],
+    /// Each object with its JSON, encoded once when stored: lists and initial
+    /// watch events copy those bytes instead of serialising the object again (at
+    /// 100,000 objects the encoding, not the client, was the start-up's bound).
+    objects: [BTreeMap<(String, String), (Arc<Value>, Bytes)>; 4],
     history: VecDeque<HistEvent>,
     pub history_limit: usize,
     /// Events at or below this resourceVersion are gone from the history; a
@@ -174,6 +177,17 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// A watch event line around an object's stored JSON.
+fn event_line_encoded(ty: &str, object: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + 32);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(ty.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
+}
+
 fn event_line(ty: &str, object: &Value) -> Bytes {
     let mut line =
         serde_json::to_vec(&json!({"type": ty, "object": object})).expect("serializing a JSON value cannot fail");
@@ -221,7 +235,8 @@ fn visible(filter: &Filter, ty: EventType, object: &Value, old: Option<&Value>) 
 pub enum ListOutcome {
     Page {
         rv: u64,
-        items: Vec<Value>,
+        /// Each object's JSON.
+        items: Vec<Bytes>,
         continue_token: Option<String>,
         remaining: usize,
     },
@@ -242,12 +257,12 @@ impl State {
     }
 
     pub fn objects(&self, kind: ResourceKind) -> Vec<Value> {
-        self.objects[kind.index()].values().map(|o| (**o).clone()).collect()
+        self.objects[kind.index()].values().map(|(o, _)| (**o).clone()).collect()
     }
 
     pub fn get(&self, kind: ResourceKind, ns: &str, name: &str) -> Option<Value> {
         let ns = if kind.namespaced() { ns } else { "" };
-        self.objects[kind.index()].get(&(ns.to_string(), name.to_string())).map(|o| (**o).clone())
+        self.objects[kind.index()].get(&(ns.to_string(), name.to_string())).map(|(o, _)| (**o).clone())
     }
 
     /// Creates or replaces an object; returns the stored version. Replacing an
@@ -269,7 +284,7 @@ impl State {
             meta.remove("namespace");
         }
         let key = key_of(kind, &obj);
-        let old = self.objects[kind.index()].get(&key).cloned();
+        let old = self.objects[kind.index()].get(&key).map(|(o, _)| o.clone());
         match &old {
             Some(old) => {
                 let meta = obj["metadata"].as_object_mut().expect("metadata is an object");
@@ -299,8 +314,9 @@ impl State {
         }
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let encoded = Bytes::from(serde_json::to_vec(&obj).expect("serializing a JSON value cannot fail"));
         let obj = Arc::new(obj);
-        self.objects[kind.index()].insert(key, obj.clone());
+        self.objects[kind.index()].insert(key, (obj.clone(), encoded));
         let ty = if old.is_some() { EventType::Modified } else { EventType::Added };
         self.record(kind, ty, obj.clone(), old);
         (*obj).clone()
@@ -309,7 +325,7 @@ impl State {
     /// Deletes an object; returns whether it existed.
     pub fn delete(&mut self, kind: ResourceKind, ns: &str, name: &str) -> bool {
         let ns = if kind.namespaced() { ns } else { "" };
-        let Some(old) = self.objects[kind.index()].remove(&(ns.to_string(), name.to_string())) else {
+        let Some((old, _)) = self.objects[kind.index()].remove(&(ns.to_string(), name.to_string())) else {
             return false;
         };
         // The DELETED event carries the final state at the deletion's resourceVersion.
@@ -359,14 +375,17 @@ impl State {
                 (snap.0.rv, snap.0.items.clone(), snap.1)
             }
             None => {
-                let items: Vec<Arc<Value>> =
-                    self.objects[kind.index()].values().filter(|o| filter.matches(o)).cloned().collect();
+                let items: Vec<Bytes> = self.objects[kind.index()]
+                    .values()
+                    .filter(|(o, _)| filter.matches(o))
+                    .map(|(_, encoded)| encoded.clone())
+                    .collect();
                 (self.rv, Arc::new(items), 0)
             }
         };
         let limit = limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
         let end = offset.saturating_add(limit).min(items.len());
-        let page = items.get(offset..end).unwrap_or_default().iter().map(|o| (**o).clone()).collect();
+        let page = items.get(offset..end).unwrap_or_default().to_vec();
         let remaining = items.len().saturating_sub(end);
         let continue_token = (remaining > 0).then(|| {
             let id = match continue_token.and_then(|t| t.split_once('-')?.0.parse().ok()) {
@@ -378,7 +397,7 @@ impl State {
         ListOutcome::Page { rv, items: page, continue_token, remaining }
     }
 
-    fn store_snapshot(&mut self, rv: u64, items: Arc<Vec<Arc<Value>>>) -> u64 {
+    fn store_snapshot(&mut self, rv: u64, items: Arc<Vec<Bytes>>) -> u64 {
         self.next_snapshot += 1;
         let id = self.next_snapshot;
         self.snapshots.insert(id, ListSnapshot { rv, items });
@@ -408,8 +427,8 @@ impl State {
         };
         match start {
             WatchStart::CurrentState | WatchStart::InitialEvents => {
-                for obj in self.objects[kind.index()].values().filter(|o| filter.matches(o)) {
-                    send(event_line("ADDED", obj));
+                for (_, encoded) in self.objects[kind.index()].values().filter(|(o, _)| filter.matches(o)) {
+                    send(event_line_encoded("ADDED", encoded));
                 }
                 if matches!(start, WatchStart::InitialEvents) {
                     send(event_line("BOOKMARK", &bookmark(kind, self.rv, true)));
