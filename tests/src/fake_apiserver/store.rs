@@ -111,6 +111,9 @@ pub enum WatchStart {
     After(u64),
 }
 
+/// An object and its JSON encoding.
+type Stored = (Arc<Value>, Bytes);
+
 const MAX_SNAPSHOTS: usize = 64;
 const MAX_REQUEST_LOG: usize = 10_000;
 
@@ -120,7 +123,7 @@ pub struct State {
     /// Each object with its JSON, encoded once when stored: lists and initial
     /// watch events copy those bytes instead of serialising the object again (at
     /// 100,000 objects the encoding, not the client, was the start-up's bound).
-    objects: [BTreeMap<(String, String), (Arc<Value>, Bytes)>; 4],
+    objects: [BTreeMap<(String, String), Stored>; 4],
     history: VecDeque<HistEvent>,
     pub history_limit: usize,
     /// Events at or below this resourceVersion are gone from the history; a
