@@ -24,6 +24,7 @@ pub mod cli;
 pub mod conntrack;
 pub mod control;
 pub mod dataplane;
+pub mod hashing;
 pub mod health;
 pub mod healthcheck;
 pub mod http;

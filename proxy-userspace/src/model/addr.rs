@@ -15,8 +15,14 @@ use super::types::{IpFamily, IpPrefix};
 /// An IPv4 address whose octets may carry leading zeros (decimal, as Go's parser before
 /// 1.17 and `ParseIPSloppy` read them), or any IPv6 address.
 pub fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
+    // Canonical text (nearly every address an API server hands out) in std's parser, which
+    // takes any IPv6 address and every IPv4 address without leading zeros; the sloppy
+    // reading only for what it refuses.
+    if let Ok(addr) = s.parse::<IpAddr>() {
+        return Some(addr);
+    }
     if s.contains(':') {
-        return s.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+        return None;
     }
     let mut octets = [0u8; 4];
     let mut parts = s.split('.');

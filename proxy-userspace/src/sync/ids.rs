@@ -6,7 +6,7 @@
 //! read from a map (`get`, `From`).
 //!
 //! Here too: how the sync hands ids out (`IdAlloc`, `Ids`), never twice on the same pins.
-use std::{collections::HashSet, fmt, marker::PhantomData};
+use std::{fmt, marker::PhantomData};
 
 use proxy_common::IdMarks;
 
@@ -73,7 +73,7 @@ const ID_MARK_AHEAD: u32 = 1024;
 #[derive(Debug)]
 pub(super) struct IdAlloc<I> {
     next: u32,
-    used: HashSet<u32>,
+    used: crate::hashing::HashSet<u32>,
     /// The persisted high-water mark: every id handed out is below it.
     mark: u32,
     id: PhantomData<I>,
@@ -82,7 +82,7 @@ pub(super) struct IdAlloc<I> {
 // Not derived: a derive would require `I: Default`, which ids have no use for.
 impl<I> Default for IdAlloc<I> {
     fn default() -> Self {
-        IdAlloc { next: 0, used: HashSet::new(), mark: 0, id: PhantomData }
+        IdAlloc { next: 0, used: Default::default(), mark: 0, id: PhantomData }
     }
 }
 

@@ -8,7 +8,7 @@
 //! maps, then record here what they wrote.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     net::IpAddr,
 };
 
@@ -19,7 +19,10 @@ use super::{
     ids::{BackendId, ServiceId},
     store::{AnyBackend, AnyServiceKey, Snapshot},
 };
-use crate::model::{ClaimHolder, IpFamily, IpPrefix};
+use crate::{
+    hashing::{HashMap as FastMap, RandomState},
+    model::{ClaimHolder, IpFamily, IpPrefix},
+};
 
 /// A backend's identity: frontends sharing an endpoint (address, port, protocol) share its
 /// `BACKENDS` (or `BACKENDS6`) entry; its flags are not part of it.
@@ -181,21 +184,21 @@ impl IdentIndex {
         self.hasher.hash_one(ident)
     }
 
-    fn ident_of(by_id: &HashMap<BackendId, Tracked>, id: BackendId) -> BackendIdent {
+    fn ident_of(by_id: &FastMap<BackendId, Tracked>, id: BackendId) -> BackendIdent {
         BackendIdent::of(&by_id[&id].value)
     }
 
-    fn find(&self, ident: &BackendIdent, by_id: &HashMap<BackendId, Tracked>) -> Option<BackendId> {
+    fn find(&self, ident: &BackendIdent, by_id: &FastMap<BackendId, Tracked>) -> Option<BackendId> {
         self.table.find(self.hash(ident), |id| Self::ident_of(by_id, *id) == *ident).copied()
     }
 
     /// How the table rehashes an id it holds when it grows: by its backend's identity.
-    fn rehash<'a>(hasher: &'a RandomState, by_id: &'a HashMap<BackendId, Tracked>) -> impl Fn(&BackendId) -> u64 + 'a {
+    fn rehash<'a>(hasher: &'a RandomState, by_id: &'a FastMap<BackendId, Tracked>) -> impl Fn(&BackendId) -> u64 + 'a {
         move |id| hasher.hash_one(Self::ident_of(by_id, *id))
     }
 
     /// `id` (already in `by_id`) is now the id of its identity, in place of any other.
-    fn insert(&mut self, id: BackendId, by_id: &HashMap<BackendId, Tracked>) {
+    fn insert(&mut self, id: BackendId, by_id: &FastMap<BackendId, Tracked>) {
         let ident = Self::ident_of(by_id, id);
         let entry = self.table.entry(
             self.hasher.hash_one(ident),
@@ -211,7 +214,7 @@ impl IdentIndex {
     }
 
     /// Room for `more` ids without growing.
-    fn reserve(&mut self, more: usize, by_id: &HashMap<BackendId, Tracked>) {
+    fn reserve(&mut self, more: usize, by_id: &FastMap<BackendId, Tracked>) {
         self.table.reserve(more, Self::rehash(&self.hasher, by_id));
     }
 
@@ -233,9 +236,9 @@ impl HeapSize for IdentIndex {
 pub(super) struct Mirror {
     /// Boxed: a hash table keeps room for up to twice its entries, and a frontend is 304
     /// bytes (its metadata alone 152).
-    pub(super) frontends: HashMap<AnyServiceKey, Box<Programmed>>,
+    pub(super) frontends: FastMap<AnyServiceKey, Box<Programmed>>,
     /// The backends: one entry per backend holds its value (its identity) and references.
-    by_id: HashMap<BackendId, Tracked>,
+    by_id: FastMap<BackendId, Tracked>,
     /// The id of each identity (the lookup a frontend's endpoints need): ids only, hashed
     /// by their backend's identity as `by_id` holds it, so no identity is stored twice.
     by_ident: IdentIndex,

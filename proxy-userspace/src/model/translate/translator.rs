@@ -16,7 +16,7 @@
 //! re-resolved, i.e. whenever one of its claimants changed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::SocketAddr,
     sync::Arc,
 };
@@ -37,6 +37,7 @@ use super::{
     warn_unmatched_slice_ports,
 };
 use crate::{
+    hashing::HashMap as FastMap,
     memory::{HeapSize, Usage},
     model::{
         service_cidrs::ServiceCidrs,
@@ -111,13 +112,13 @@ pub struct Translator {
     node: NodeInfo,
     /// Boxed: a B-tree node has room for eleven values, most of them empty.
     services: BTreeMap<ObjectId, Box<ServiceState>>,
-    slices: HashMap<ObjectId, SliceState>,
+    slices: FastMap<ObjectId, SliceState>,
     /// Slices by the Service their label names, in name order (whether or not it exists).
-    groups: HashMap<ObjectId, SmallSet<ObjectId>>,
+    groups: FastMap<ObjectId, SmallSet<ObjectId>>,
     /// Objects without namespace or name: warned about, never translated.
     unnamed: BTreeSet<(&'static str, String)>,
-    claimants: HashMap<ClaimKey, SmallSet<Claimant>>,
-    winners: HashMap<ClaimKey, Winner>,
+    claimants: FastMap<ClaimKey, SmallSet<Claimant>>,
+    winners: FastMap<ClaimKey, Winner>,
     /// Addresses with more than one claimant (their losers are warned about).
     contested: BTreeSet<ClaimKey>,
     /// What `warnings` reports, kept as the objects change so that it costs the number of
@@ -142,11 +143,11 @@ impl Translator {
         Translator {
             node,
             services: BTreeMap::new(),
-            slices: HashMap::new(),
-            groups: HashMap::new(),
+            slices: FastMap::default(),
+            groups: FastMap::default(),
             unnamed: BTreeSet::new(),
-            claimants: HashMap::new(),
-            winners: HashMap::new(),
+            claimants: FastMap::default(),
+            winners: FastMap::default(),
             contested: BTreeSet::new(),
             warned_slices: BTreeSet::new(),
             warned_services: BTreeSet::new(),
