@@ -32,6 +32,14 @@ const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!servi
 /// Service's labels, so the slices of another proxy's Services are filtered out with them
 /// (and are not reported as naming a Service that does not exist).
 const SLICE_SELECTOR: &str = SERVICE_SELECTOR;
+/// Objects per page of the Service and EndpointSlice lists (kube-rs and client-go ask for
+/// 500). The watcher decodes a whole page before handing its objects on, and the agent's
+/// peak memory at start-up holds one page of each resource beside the translation: at
+/// 10,000 Services x 10 endpoints pages of 100 kept VmHWM at 60.5-62.0 MiB against
+/// 63.6-67.0 MiB with 500, start to ready unchanged (0.78-0.80 s against 0.79-0.81 s).
+/// The price is five times the list requests for the same bytes (1,000 per resource at
+/// 100,000 Services).
+const PAGE: u32 = 100;
 
 fn spawn_watch<K>(
     api: Api<K>,
@@ -96,7 +104,7 @@ fn key_of<K: kube::Resource>(o: &K) -> ObjectKey {
 pub fn start(client: Client, node_name: &str, tx: Sender<SourceEvent>, hint: HintCell) {
     spawn_watch(
         Api::<Service>::all(client.clone()),
-        watcher::Config::default().labels(SERVICE_SELECTOR),
+        watcher::Config::default().labels(SERVICE_SELECTOR).page_size(PAGE),
         Resource::Services,
         Update::Services,
         tx.clone(),
@@ -104,7 +112,7 @@ pub fn start(client: Client, node_name: &str, tx: Sender<SourceEvent>, hint: Hin
     );
     spawn_watch(
         Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(SLICE_SELECTOR),
+        watcher::Config::default().labels(SLICE_SELECTOR).page_size(PAGE),
         Resource::EndpointSlices,
         Update::Slices,
         tx.clone(),
