@@ -83,6 +83,10 @@ pub struct Plan {
     pub scale_churn_time: Duration,
     pub scale_big_n: usize,
     pub scale_ready_timeout: Duration,
+    /// Only the scale section's start-up, at this many Services (`--scale-startup-only`):
+    /// no change, churn or second size, for A/B start-ups of two agents
+    /// (`EBPF_PROXY_BIN`) alternated by hand.
+    pub scale_startup_only: Option<usize>,
     /// `bench-podserver` binary.
     pub server_bin: PathBuf,
 }
@@ -123,6 +127,7 @@ impl Plan {
             scale_churn_time: Duration::from_secs(30),
             scale_big_n: 100_000,
             scale_ready_timeout: Duration::from_secs(300),
+            scale_startup_only: None,
             server_bin,
         }
     }
@@ -162,6 +167,7 @@ impl Plan {
             scale_churn_time: Duration::from_secs(3),
             scale_big_n: 2_000,
             scale_ready_timeout: Duration::from_secs(60),
+            scale_startup_only: None,
             server_bin,
         }
     }

@@ -46,6 +46,11 @@ struct Args {
     /// conntrack, northsouth, scale.
     #[arg(long, value_delimiter = ',')]
     sections: Vec<String>,
+    /// Only the scale section's start-up, at N Services x 10 endpoints (implies
+    /// `--sections scale`): for start-ups of two agents alternated by hand, each given with
+    /// `EBPF_PROXY_BIN`.
+    #[arg(long, value_name = "N")]
+    scale_startup_only: Option<usize>,
     /// Run nothing: draw the charts of a saved report (a run's JSON, or a charts
     /// directory's report.json) into --charts-dir (default: docs/bench). Needs no root.
     #[arg(long, value_name = "FILE")]
@@ -89,7 +94,7 @@ fn version(cmd: &str, arg: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if let Some(dir) = &args.dump_rules {
         let svcs = proxy_bench::rules::services(args.rules_services, args.rules_endpoints, None);
         let r = std::fs::create_dir_all(dir)
@@ -142,6 +147,10 @@ fn main() -> ExitCode {
     let mut plan = if args.quick { Plan::quick(server) } else { Plan::full(server) };
     if !args.pp_sizes.is_empty() {
         plan.pp_sizes = args.pp_sizes.clone();
+    }
+    if let Some(n) = args.scale_startup_only {
+        plan.scale_startup_only = Some(n);
+        args.sections = vec!["scale".into()];
     }
     let out = args.out.clone().unwrap_or_else(|| {
         let bench_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

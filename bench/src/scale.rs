@@ -240,6 +240,10 @@ impl Histogram {
 
 pub fn run(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
     let (n, per) = (plan.scale_n, plan.scale_endpoints);
+    if let Some(only) = plan.scale_startup_only {
+        let s = Setup::start(plan, only, per).with_context(|| format!("agent at {only} services"))?;
+        return s.startup_rows(only, per, rows);
+    }
     {
         let s = Setup::start(plan, n, per).with_context(|| format!("agent at {n} services"))?;
         s.startup_rows(n, per, rows)?;
