@@ -192,10 +192,11 @@ fn event_line_encoded(ty: &str, object: &[u8]) -> Bytes {
 }
 
 fn event_line(ty: &str, object: &Value) -> Bytes {
-    let mut line =
-        serde_json::to_vec(&json!({"type": ty, "object": object})).expect("serializing a JSON value cannot fail");
-    line.push(b'\n');
-    Bytes::from(line)
+    event_line_encoded(ty, &encode(object))
+}
+
+fn encode(object: &Value) -> Vec<u8> {
+    serde_json::to_vec(object).expect("serializing a JSON value cannot fail")
 }
 
 pub fn status(code: u16, reason: &str, message: &str) -> Value {
@@ -317,11 +318,11 @@ impl State {
         }
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        let encoded = Bytes::from(serde_json::to_vec(&obj).expect("serializing a JSON value cannot fail"));
+        let encoded = Bytes::from(encode(&obj));
         let obj = Arc::new(obj);
-        self.objects[kind.index()].insert(key, (obj.clone(), encoded));
+        self.objects[kind.index()].insert(key, (obj.clone(), encoded.clone()));
         let ty = if old.is_some() { EventType::Modified } else { EventType::Added };
-        self.record(kind, ty, obj.clone(), old);
+        self.record(kind, ty, (obj.clone(), encoded), old);
         (*obj).clone()
     }
 
@@ -335,18 +336,21 @@ impl State {
         self.rv += 1;
         let mut obj = (*old).clone();
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.record(kind, EventType::Deleted, Arc::new(obj), None);
+        let encoded = Bytes::from(encode(&obj));
+        self.record(kind, EventType::Deleted, (Arc::new(obj), encoded), None);
         true
     }
 
-    fn record(&mut self, kind: ResourceKind, ty: EventType, object: Arc<Value>, old: Option<Arc<Value>>) {
+    /// One change: to every watch that sees it (the object encoded once for all of them),
+    /// and into the history.
+    fn record(&mut self, kind: ResourceKind, ty: EventType, (object, encoded): Stored, old: Option<Arc<Value>>) {
         self.watchers.retain(|w| {
             if w.kind != kind {
                 return true;
             }
             match visible(&w.filter, ty, &object, old.as_deref()) {
                 // A failed send means the client went away: forget the watcher.
-                Some(seen) => w.tx.send(WatchMsg::Line(event_line(seen.as_str(), &object))).is_ok(),
+                Some(seen) => w.tx.send(WatchMsg::Line(event_line_encoded(seen.as_str(), &encoded))).is_ok(),
                 None => !w.tx.is_closed(),
             }
         });
