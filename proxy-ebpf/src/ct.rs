@@ -16,7 +16,7 @@
 //! netfilter's INVALID).
 use core::mem::size_of;
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use proxy_common::{
     Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, NodeConfig, PROTO_TCP, Verdict,
     ct::{self, seq_near},
@@ -113,6 +113,17 @@ impl CtError {
 }
 
 /// The packet's own 5-tuple in direction `dir`.
+/// The datapath's clock: CLOCK_MONOTONIC at tick resolution (1-4 ms), the clock the
+/// agent's collector reads (`CLOCK_MONOTONIC`; the coarse reading lags it by under a tick).
+/// Every timestamp it feeds is kept in milliseconds or judged against timeouts of seconds,
+/// where the precise reading costs a read of the clock source (a TSC read, more in a VM)
+/// on every packet of a flow. Kernel 5.11+.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
 #[inline(always)]
 fn flow_key<A: Copy>(p: &Packet<A>, dir: u8) -> CtKey<A> {
     CtKey { src_addr: p.saddr, dst_addr: p.daddr, src_port: p.sport, dst_port: p.dport, proto: p.proto, dir, _pad: 0 }
@@ -303,8 +314,7 @@ fn forward<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Addr>
     }
     let flags = w.val.flags | ct::tcp_flags_to_ct(p.tcp_flags, false);
     let seq_end = if tcp { seq_after(p, w.val.seq_end, known) } else { 0 };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     refresh(ptr, &w.val, flags, seq_end, ifindex, now);
     if !assured {
         w.key2 = w.key.reply_of_forward(&w.val);
@@ -358,8 +368,7 @@ fn reply_body<F: Family>(p: &Packet<F::Addr>, ifindex: u32, w: &mut CtWork<F::Ad
     }
     let add = ct_flags::SEEN_REPLY | ct::tcp_flags_to_ct(p.tcp_flags, true);
     let seq_end = if tcp { seq_after(p, w.val.seq_end, known) } else { 0 };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     refresh(ptr, &w.val, w.val.flags | add, seq_end, ifindex, now);
     if w.val.flags & add != add
         && let Some((fptr, _)) = find::<F>(&w.key2)

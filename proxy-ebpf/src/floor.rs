@@ -16,7 +16,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::hdr::{ETH_HLEN, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOT_LEN_OFF, MACS_LEN};
+use crate::{
+    hdr::{ETH_HLEN, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOT_LEN_OFF, MACS_LEN},
+    wire,
+};
 
 /// `AF_INET`, as `bpf_fib_lookup` takes the family.
 const FIB_AF_INET: u8 = 2;
@@ -38,19 +41,20 @@ fn fib_forward(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let ip = (start + ETH_HLEN) as *const u8;
-    // SAFETY: the zeroed struct is a valid `bpf_fib_lookup` (plain integers and unions of
-    // integers).
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    // Zeroed as `from_uplink` zeroes its own (word stores, not the linker's byte loop).
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let fib = crate::xdp::fib_zeroed(&mut slot);
     fib.family = FIB_AF_INET;
     fib.ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: a complete IPv4 header is at `ip` (bounds checked above); writing union members.
+    // SAFETY: a complete IPv4 header is at `ip` (bounds checked above); writing union
+    // members. Read as `from_uplink` reads its headers (`wire`).
     unsafe {
-        fib.__bindgen_anon_1.tot_len = u16::from_be((ip.add(IP_TOT_LEN_OFF) as *const u16).read_unaligned());
-        fib.__bindgen_anon_3.ipv4_src = (ip.add(IP_SRC_OFF) as *const u32).read_unaligned();
-        fib.__bindgen_anon_4.ipv4_dst = (ip.add(IP_DST_OFF) as *const u32).read_unaligned();
+        fib.__bindgen_anon_1.tot_len = u16::from_be(wire::u16_at::<{ IP_TOT_LEN_OFF as i16 }>(ip));
+        fib.__bindgen_anon_3.ipv4_src = wire::u32_at::<{ IP_SRC_OFF as i16 }>(ip);
+        fib.__bindgen_anon_4.ipv4_dst = wire::u32_at::<{ IP_DST_OFF as i16 }>(ip);
     }
     // SAFETY: `fib` is a properly sized, initialised parameter block on our stack.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, size_of::<FibParams>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return None;
     }

@@ -26,6 +26,7 @@ pub const IP_HLEN: usize = Ipv4Hdr::LEN;
 pub const IPV4_VIHL: u8 = 0x45;
 pub const IP_TOT_LEN_OFF: usize = offset_of!(Ipv4Hdr, tot_len);
 pub const IP_FRAGS_OFF: usize = offset_of!(Ipv4Hdr, frags);
+pub const IP_ID_OFF: usize = offset_of!(Ipv4Hdr, id);
 pub const IP_PROTO_OFF: usize = offset_of!(Ipv4Hdr, proto);
 pub const IP_TOS_OFF: usize = offset_of!(Ipv4Hdr, tos);
 pub const IP_TTL_OFF: usize = offset_of!(Ipv4Hdr, ttl);

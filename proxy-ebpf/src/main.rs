@@ -10,6 +10,8 @@
 //! forwarding through tunnels, finished on the uplink's TC ingress).
 #![no_std]
 #![no_main]
+// Packet loads as single BPF instructions (`wire`).
+#![feature(asm_experimental_arch)]
 // The map helpers take keys and values by reference or by value (`impl Borrow`); by
 // reference they stay where they are (IPv6's in the per-CPU `Work`) instead of being copied
 // onto the verifier's 512-byte stack first.
@@ -34,6 +36,7 @@ mod reject;
 mod sock;
 mod stats;
 mod tc;
+mod wire;
 mod xdp;
 
 use aya_ebpf::{

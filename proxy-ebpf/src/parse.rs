@@ -25,12 +25,14 @@ use proxy_common::{
 use crate::{
     family::{Family, V4, V6},
     hdr::{
-        ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FRAG6_HLEN, FRAG6_M, FRAG6_OFFSET, IP_HLEN, IP_MF, IP_OFFSET, IP6_DST_OFF,
-        IP6_HLEN, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, NEXT_DEST_OPTS, NEXT_FRAGMENT,
-        NEXT_HOP_BY_HOP, NEXT_ROUTING, SCTP_HLEN, TCP_ACK, TCP_ACK_OFF, TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN,
-        TCP_FLAGS_OFF, TCP_HLEN, TCP_SEQ_OFF, TCP_SYN, UDP_CSUM_OFF, UDP_HLEN, UDP_LEN_OFF,
+        ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, FRAG6_HLEN, FRAG6_M, FRAG6_OFFSET, IP_DST_OFF, IP_FRAGS_OFF, IP_HLEN,
+        IP_ID_OFF, IP_MF, IP_OFFSET, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP6_DST_OFF, IP6_HLEN, IP6_NEXT_OFF,
+        IP6_PLEN_OFF, IP6_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, NEXT_DEST_OPTS, NEXT_FRAGMENT, NEXT_HOP_BY_HOP,
+        NEXT_ROUTING, SCTP_HLEN, TCP_ACK, TCP_ACK_OFF, TCP_CSUM_OFF, TCP_DOFF_OFF, TCP_FIN, TCP_FLAGS_OFF, TCP_HLEN,
+        TCP_SEQ_OFF, TCP_SYN, UDP_CSUM_OFF, UDP_HLEN, UDP_LEN_OFF,
     },
     maps::{FRAGS, FRAGS6},
+    wire,
 };
 
 /// IPv6 extension headers skipped before the transport header, at most (a bound the
@@ -249,8 +251,8 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8, firs
         // SAFETY: the caller checked at least the 4 bytes of ports at `b`.
         unsafe {
             L4 {
-                sport: (b.add(L4_SPORT_OFF) as *const u16).read_unaligned(),
-                dport: (b.add(L4_DPORT_OFF) as *const u16).read_unaligned(),
+                sport: wire::u16_at::<{ L4_SPORT_OFF as i16 }>(b),
+                dport: wire::u16_at::<{ L4_DPORT_OFF as i16 }>(b),
                 ..L4::default()
             }
         }
@@ -268,8 +270,8 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8, firs
                     return Err(Verdict::Malformed);
                 }
                 t.tcp_flags = *b.add(TCP_FLAGS_OFF);
-                t.seq = u32::from_be((b.add(TCP_SEQ_OFF) as *const u32).read_unaligned());
-                t.ack = u32::from_be((b.add(TCP_ACK_OFF) as *const u32).read_unaligned());
+                t.seq = u32::from_be(wire::u32_at::<{ TCP_SEQ_OFF as i16 }>(b));
+                t.ack = u32::from_be(wire::u32_at::<{ TCP_ACK_OFF as i16 }>(b));
                 // SYN and FIN each take one sequence number.
                 t.seg_len =
                     (l4_len - doff) as u32 + (t.tcp_flags & TCP_SYN != 0) as u32 + (t.tcp_flags & TCP_FIN) as u32;
@@ -281,7 +283,7 @@ fn transport(start: usize, end: usize, l4: usize, l4_len: usize, proto: u8, firs
                 return Err(Verdict::Malformed);
             }
             // SAFETY: the 8 bytes of the UDP header are within bounds (checked above).
-            let ulen = unsafe { u16::from_be((b.add(UDP_LEN_OFF) as *const u16).read_unaligned()) as usize };
+            let ulen = unsafe { u16::from_be(wire::u16_at::<{ UDP_LEN_OFF as i16 }>(b)) as usize };
             if ulen < UDP_HLEN || (ulen > l4_len && !first_frag) {
                 return Err(Verdict::Malformed);
             }
@@ -309,13 +311,9 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
     // Fields are read one by one from the frame: copying the 40-byte header to the stack
     // first would cost IPv6 stack space it does not have.
     let ip = ptr_at::<Ipv6Hdr>(start, end, l3)? as *const u8;
-    let word = |off: usize| {
-        // SAFETY: `off + 4` is within the IPv6 header checked above.
-        unsafe { (ip.add(off) as *const u32).read_unaligned() }
-    };
     // SAFETY: within the IPv6 header checked above.
     let (version, payload, next_hdr) = unsafe {
-        (*ip >> 4, u16::from_be((ip.add(IP6_PLEN_OFF) as *const u16).read_unaligned()) as usize, *ip.add(IP6_NEXT_OFF))
+        (*ip >> 4, u16::from_be(wire::u16_at::<{ IP6_PLEN_OFF as i16 }>(ip)) as usize, *ip.add(IP6_NEXT_OFF))
     };
     if version != 6 {
         return Err(Verdict::Malformed);
@@ -381,8 +379,9 @@ pub fn parse_v6(start: usize, end: usize, pkt_len: usize) -> Result<Packet<Ipv6W
         i += 1;
     }
     let l4 = off & MAX_L4_OFF;
-    let saddr = [word(IP6_SRC_OFF), word(IP6_SRC_OFF + 4), word(IP6_SRC_OFF + 8), word(IP6_SRC_OFF + 12)];
-    let daddr = [word(IP6_DST_OFF), word(IP6_DST_OFF + 4), word(IP6_DST_OFF + 8), word(IP6_DST_OFF + 12)];
+    // SAFETY: both addresses are within the IPv6 header checked above.
+    let (saddr, daddr) =
+        unsafe { (wire::words_at::<{ IP6_SRC_OFF as i16 }>(ip), wire::words_at::<{ IP6_DST_OFF as i16 }>(ip)) };
     // A fragment of something without ports (ICMPv6, an extension header after the
     // fragment header of a later fragment) is not ours, nor an ICMP error to translate.
     if frag != Frag::Whole && !has_ports(next) {
@@ -415,30 +414,30 @@ fn dsr_ext6(start: usize, end: usize, next_hdr: u8) -> Option<(u16, Ipv6Words)> 
         if *h.add(1) != DSR_EXT6_HDR_LEN || *o != DSR_OPT6_TYPE || *o.add(1) != DSR_OPT6_DATA_LEN {
             return None;
         }
-        let word = |i: usize| (o.add(4 + i * 4) as *const u32).read_unaligned();
-        Some(((o.add(2) as *const u16).read_unaligned(), [word(0), word(1), word(2), word(3)]))
+        Some((wire::u16_at::<2>(o), wire::words_at::<4>(o)))
     }
 }
 
 #[inline(always)]
 pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verdict> {
-    // SAFETY: every read is bounds-checked against `end` by `ptr_at`; reads go through
-    // `read_unaligned` because frames give no alignment guarantee.
+    // SAFETY: every read is bounds-checked against `end` by `ptr_at`; multi-byte reads go
+    // through `wire`, as frames give no alignment guarantee.
     unsafe {
         let l3 = ETH_HLEN;
-        let ip = ptr_at::<Ipv4Hdr>(start, end, l3)?.read_unaligned();
-        if ip.vihl >> 4 != 4 {
+        let ip = ptr_at::<Ipv4Hdr>(start, end, l3)? as *const u8;
+        let vihl = *ip;
+        if vihl >> 4 != 4 {
             return Err(Verdict::Malformed);
         }
-        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
         if ihl < IP_HLEN {
             return Err(Verdict::Malformed);
         }
-        let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+        let tot_len = u16::from_be(wire::u16_at::<{ IP_TOT_LEN_OFF as i16 }>(ip)) as usize;
         if tot_len < ihl || l3 + tot_len > pkt_len {
             return Err(Verdict::Malformed);
         }
-        let frags = u16::from_be_bytes(ip.frags);
+        let frags = u16::from_be(wire::u16_at::<{ IP_FRAGS_OFF as i16 }>(ip));
         let frag = if frags & IP_OFFSET != 0 {
             Frag::Later
         } else if frags & IP_MF != 0 {
@@ -446,14 +445,14 @@ pub fn parse_v4(start: usize, end: usize, pkt_len: usize) -> Result<Packet, Verd
         } else {
             Frag::Whole
         };
-        let proto = ip.proto;
+        let proto = *ip.add(IP_PROTO_OFF);
         // A fragment of something without ports (ICMP) is not ours, nor an ICMP error to
         // translate.
         if frag != Frag::Whole && !has_ports(proto) {
             return Err(Verdict::Fragment);
         }
-        let frag_id = u16::from_be_bytes(ip.id) as u32;
-        let (saddr, daddr) = (u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr));
+        let frag_id = u16::from_be(wire::u16_at::<{ IP_ID_OFF as i16 }>(ip)) as u32;
+        let (saddr, daddr) = (wire::u32_at::<{ IP_SRC_OFF as i16 }>(ip), wire::u32_at::<{ IP_DST_OFF as i16 }>(ip));
         let l4 = l3 + ihl;
         let t = if frag == Frag::Later {
             let ports = later_ports(&FRAGS, saddr, daddr, proto, frag_id).ok_or(Verdict::Fragment)?;

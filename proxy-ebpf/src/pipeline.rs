@@ -3,7 +3,7 @@
 //! lookup, backend selection and which flows are also source-NATed are decided here, once,
 //! in the shape of Cilium's `lb4_local` (a switch on the conntrack state) with Katran's
 //! single exit (the verdict is counted once, by the driver, after the action was applied).
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::PerCpuArray};
+use aya_ebpf::{macros::map, maps::PerCpuArray};
 use proxy_common::{
     Backend, CtValue, Ipv6Words, PROTO_SCTP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Verdict, backend_flags, ct_flags, dsr,
     lb_mode, service_cidr, svc_flags,
@@ -265,8 +265,7 @@ fn balance<F: Staged>(p: &Packet<F::Addr>, seen: Seen, ifindex: u32, w: &mut CtW
     if !lb::source_allowed::<F>(&svc, p.saddr) {
         return Decision::new(Action::Drop, Verdict::SourceRangeDrop, svc.id);
     }
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     let flow = lb::flow_hash::<F>(&svc, p);
     let (backend_id, b) = match lb::select_backend::<F>(&svc, p.saddr, flow, now) {
         Selected::Backend(id, b) => (id, b),
@@ -370,8 +369,7 @@ fn learn_as_frontend<F: Family>(
         Ct::New | Ct::Reply => {}
     }
     let backend = Backend { addr: p.daddr, port: p.dport, ..Backend::default() };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     let flow = ct::NewFlow {
         svc_id,
         backend_id: 0,

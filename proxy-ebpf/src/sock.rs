@@ -20,7 +20,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     maps::LruHashMap,
     programs::SockAddrContext,
 };
@@ -305,8 +305,7 @@ fn forward<F: SockFamily>(
     } else {
         F::Addr::default()
     };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // Unconnected UDP keeps one backend per (socket, frontend) while it keeps sending.

@@ -17,7 +17,7 @@
 //! Checksums are updated incrementally (RFC 1624, `csum.rs`): XDP has no checksum helpers.
 //! This assumes complete checksums, which is what arrives from a wire; see docs/datapath.md
 //! for CHECKSUM_PARTIAL packets from a local veth peer.
-use core::mem::size_of;
+use core::mem::{MaybeUninit, align_of, size_of};
 
 use aya_ebpf::{
     EbpfContext,
@@ -25,9 +25,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::{
-        bpf_check_mtu, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_get_buff_len,
-    },
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_get_buff_len},
     programs::XdpContext,
 };
 use proxy_common::{
@@ -52,7 +50,7 @@ use crate::{
     icmp::IcmpFamily,
     parse::{MAX_L4_OFF, Packet, Parse},
     pipeline::{Nat, Seen},
-    reject,
+    reject, wire,
 };
 
 /// The XDP hook.
@@ -161,17 +159,16 @@ impl XdpFamily for V4 {
         let ip = ptr_mut::<[u8; IP_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
         // SAFETY: within the IPv4 header checked above.
         unsafe {
-            let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
-            let mut c = ip_csum.read_unaligned();
+            let mut c = wire::u16_at::<{ IP_CSUM_OFF as i16 }>(ip);
             if n.saddr != p.saddr {
                 c = csum::replace4(c, p.saddr, n.saddr);
-                (ip.add(IP_SRC_OFF) as *mut u32).write_unaligned(n.saddr);
+                wire::set_u32::<{ IP_SRC_OFF as i16 }>(ip, n.saddr);
             }
             if n.daddr != p.daddr {
                 c = csum::replace4(c, p.daddr, n.daddr);
-                (ip.add(IP_DST_OFF) as *mut u32).write_unaligned(n.daddr);
+                wire::set_u32::<{ IP_DST_OFF as i16 }>(ip, n.daddr);
             }
-            ip_csum.write_unaligned(c);
+            wire::set_u16::<{ IP_CSUM_OFF as i16 }>(ip, c);
         }
         Ok(())
     }
@@ -179,7 +176,7 @@ impl XdpFamily for V4 {
     unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<u32>) -> u8 {
         // SAFETY: the caller guarantees a complete IPv4 header; writing union members.
         unsafe {
-            fib.__bindgen_anon_1.tot_len = u16::from_be((ip.add(IP_TOT_LEN_OFF) as *const u16).read_unaligned());
+            fib.__bindgen_anon_1.tot_len = u16::from_be(wire::u16_at::<{ IP_TOT_LEN_OFF as i16 }>(ip));
             fib.__bindgen_anon_2.tos = *ip.add(IP_TOS_OFF);
             fib.__bindgen_anon_3.ipv4_src = n.saddr;
             fib.__bindgen_anon_4.ipv4_dst = n.daddr;
@@ -191,12 +188,11 @@ impl XdpFamily for V4 {
         // SAFETY: the caller guarantees a complete, writable IPv4 header.
         unsafe {
             // TTL shares a 16-bit checksum word with the protocol byte.
-            let ttl_word = ip.add(IP_TTL_OFF) as *mut u16;
-            let old = ttl_word.read_unaligned();
+            let old = wire::u16_at::<{ IP_TTL_OFF as i16 }>(ip);
             *ip.add(IP_TTL_OFF) = ttl - 1;
-            let new = ttl_word.read_unaligned();
-            let ip_csum = ip.add(IP_CSUM_OFF) as *mut u16;
-            ip_csum.write_unaligned(csum::replace2(ip_csum.read_unaligned(), old, new));
+            let new = wire::u16_at::<{ IP_TTL_OFF as i16 }>(ip);
+            let c = wire::u16_at::<{ IP_CSUM_OFF as i16 }>(ip);
+            wire::set_u16::<{ IP_CSUM_OFF as i16 }>(ip, csum::replace2(c, old, new));
         }
     }
     #[inline(always)]
@@ -227,10 +223,10 @@ impl XdpFamily for V6 {
         // SAFETY: within the IPv6 header checked above (no header checksum in IPv6).
         unsafe {
             if n.saddr != p.saddr {
-                (ip.add(IP6_SRC_OFF) as *mut Ipv6Words).write_unaligned(n.saddr);
+                wire::set_words::<{ IP6_SRC_OFF as i16 }>(ip, n.saddr);
             }
             if n.daddr != p.daddr {
-                (ip.add(IP6_DST_OFF) as *mut Ipv6Words).write_unaligned(n.daddr);
+                wire::set_words::<{ IP6_DST_OFF as i16 }>(ip, n.daddr);
             }
         }
         Ok(())
@@ -239,8 +235,7 @@ impl XdpFamily for V6 {
     unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<Ipv6Words>) -> u8 {
         // SAFETY: the caller guarantees a complete IPv6 header; writing union members.
         unsafe {
-            fib.__bindgen_anon_1.tot_len =
-                u16::from_be((ip.add(IP6_PLEN_OFF) as *const u16).read_unaligned()) + IP6_HLEN as u16;
+            fib.__bindgen_anon_1.tot_len = u16::from_be(wire::u16_at::<{ IP6_PLEN_OFF as i16 }>(ip)) + IP6_HLEN as u16;
             fib.__bindgen_anon_3.ipv6_src = n.saddr;
             fib.__bindgen_anon_4.ipv6_dst = n.daddr;
             *ip.add(IP6_HOP_OFF)
@@ -424,8 +419,8 @@ fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) ->
         let l4 = (start + l4_off) as *mut u8;
         if let Some(off) = csum_field {
             // Bounded for the verifier: the checksum field is at 6 (UDP) or 16 (TCP).
-            let l4_csum = l4.add(off & 0x1f) as *mut u16;
-            let mut c = l4_csum.read_unaligned();
+            let l4_csum = l4.add(off & 0x1f);
+            let mut c = wire::u16_at::<0>(l4_csum);
             if !(p.proto == PROTO_UDP && c == 0) {
                 if n.saddr != p.saddr {
                     c = csum::replace_addr::<F>(c, p.saddr, n.saddr);
@@ -442,11 +437,11 @@ fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) ->
                 if p.proto == PROTO_UDP && c == 0 {
                     c = 0xffff;
                 }
-                l4_csum.write_unaligned(c);
+                wire::set_u16::<0>(l4_csum, c);
             }
         }
-        (l4.add(L4_SPORT_OFF) as *mut u16).write_unaligned(n.sport);
-        (l4.add(L4_DPORT_OFF) as *mut u16).write_unaligned(n.dport);
+        wire::set_u16::<{ L4_SPORT_OFF as i16 }>(l4, n.sport);
+        wire::set_u16::<{ L4_DPORT_OFF as i16 }>(l4, n.dport);
     }
     Ok(())
 }
@@ -467,27 +462,25 @@ fn fib_forward<F: XdpFamily>(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> R
     }
     let ip = (start + ETH_HLEN) as *mut u8;
     let ingress = ctx.ingress_ifindex() as u32;
-    // SAFETY: the zeroed struct is a valid `bpf_fib_lookup` (plain integers and unions of
-    // integers); the IP header is within the bounds checked above.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    let mut slot = MaybeUninit::uninit();
+    let fib = fib_zeroed(&mut slot);
     fib.family = F::AF;
     fib.l4_protocol = proto;
     fib.sport = n.sport;
     fib.dport = n.dport;
     fib.ifindex = ingress;
     // SAFETY: a complete IP header of this family is at `ip` (checked above).
-    let ttl = unsafe { F::fib_params(ip, &mut fib, n) };
+    let ttl = unsafe { F::fib_params(ip, fib, n) };
     if ttl <= 1 {
         return Err(());
     }
     // SAFETY: `fib` is a properly sized, initialised parameter block on our stack.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // On NO_NEIGH the kernel has filled in the egress ifindex and, for a gatewayed
         // route, the gateway as the destination: exactly the neighbour to resolve.
-        // SAFETY: helper without preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        let _ = F::neigh_misses().insert(&NeighKey { ifindex: fib.ifindex, addr: F::fib_next_hop(&fib) }, &now, 0);
+        let now = crate::ct::now();
+        let _ = F::neigh_misses().insert(&NeighKey { ifindex: fib.ifindex, addr: F::fib_next_hop(fib) }, &now, 0);
         return Err(());
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
@@ -515,6 +508,27 @@ fn fib_forward<F: XdpFamily>(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> R
         // SAFETY: helper without preconditions; returns XDP_REDIRECT (or XDP_ABORTED).
         Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
     }
+}
+
+/// `slot` as a zeroed `bpf_fib_lookup` block, in 16 word stores. `mem::zeroed` would be a
+/// call to the linker's `memset`, a loop of one byte per iteration (bpf-linker has LLVM
+/// expand memcpy in order, which leaves every memset to that call): 52-64 iterations per
+/// forwarded packet. Zeroed in place: a block returned by value was zeroed again by memset.
+#[inline(always)]
+pub fn fib_zeroed(slot: &mut MaybeUninit<FibParams>) -> &mut FibParams {
+    const WORDS: usize = size_of::<FibParams>() / 4;
+    const _: () = assert!(size_of::<FibParams>() % 4 == 0 && align_of::<FibParams>() >= 4);
+    let w = slot.as_mut_ptr() as *mut u32;
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: word `i` lies within the block (a whole number of aligned words). Volatile,
+        // so that the stores are not merged back into a memset.
+        unsafe { w.add(i).write_volatile(0) };
+        i += 1;
+    }
+    // SAFETY: every byte was written; zero is a valid `bpf_fib_lookup` (plain integers and
+    // unions of integers).
+    unsafe { slot.assume_init_mut() }
 }
 
 /// Length of the whole frame, fragments (multi-buffer XDP) included.
