@@ -517,7 +517,7 @@ fn fib_forward<F: XdpFamily>(ctx: &XdpContext, proto: u8, n: &Nat<F::Addr>) -> R
 #[inline(always)]
 pub fn fib_zeroed(slot: &mut MaybeUninit<FibParams>) -> &mut FibParams {
     const WORDS: usize = size_of::<FibParams>() / 4;
-    const _: () = assert!(size_of::<FibParams>() % 4 == 0 && align_of::<FibParams>() >= 4);
+    const _: () = assert!(size_of::<FibParams>().is_multiple_of(4) && align_of::<FibParams>() >= 4);
     let w = slot.as_mut_ptr() as *mut u32;
     let mut i = 0;
     while i < WORDS {
