@@ -37,6 +37,36 @@ pub fn replace_addr<F: Family>(mut csum: u16, old: F::Addr, new: F::Addr) -> u16
     csum
 }
 
+/// The one's-complement difference an address change makes to a sum that covers it, as a
+/// 32-bit partial sum (what `bpf_csum_diff` returns, for `bpf_l4_csum_replace` with size 0):
+/// every old word taken away, every new word added.
+#[inline(always)]
+pub fn addr_diff<F: Family>(old: F::Addr, new: F::Addr) -> u64 {
+    let (o, n) = (F::words(old), F::words(new));
+    let mut s = 0u64;
+    let mut i = 0;
+    while i < F::WORDS {
+        s += (!o[i]) as u64 + n[i] as u64;
+        i += 1;
+    }
+    s
+}
+
+/// The same for a 16-bit field (a port): its value zero-extended to 32 bits, as the
+/// kernel's `inet_proto_csum_replace2` takes it.
+#[inline(always)]
+pub fn port_diff(old: u16, new: u16) -> u64 {
+    (!(old as u32)) as u64 + new as u64
+}
+
+/// Fold a 64-bit accumulator of 32-bit words to a 32-bit one's-complement sum.
+#[inline(always)]
+pub fn fold_wide(mut s: u64) -> u32 {
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s as u32
+}
+
 /// Sum of a header's 16-bit words as big-endian numbers (for a checksum built from scratch).
 #[inline(always)]
 pub fn sum_words<const N: usize>(b: &[u8; N]) -> u32 {

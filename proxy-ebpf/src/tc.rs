@@ -1,6 +1,6 @@
 //! TC, the hook of the programs on the host side of pod veths (and `to_uplink` on
-//! uplinks): how the driver reads, rewrites and sends on packets here, with the kernel's
-//! checksum helpers.
+//! uplinks): how the driver reads, rewrites and sends on packets here: headers written in
+//! place, the L4 checksum through the kernel's helper.
 //!
 //! - `FromPod` runs as `from_pod` on the veth's *ingress* (packets leaving the pod).
 //! - `ToPod` runs as `to_pod` on the veth's *egress* (packets entering the pod), `ToUplink`
@@ -23,11 +23,15 @@ use proxy_common::{Ipv6Words, PROTO_UDP, Verdict};
 use crate::{
     driver::{Hook, Rewrite},
     family::{V4, V6},
-    hdr::{ETH_HLEN, IP_CSUM_OFF, IP6_HLEN, L4_DPORT_OFF, L4_SPORT_OFF, MACS_LEN, TCP_HLEN},
+    csum,
+    hdr::{
+        ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF, L4_DPORT_OFF, L4_PORTS_LEN,
+        L4_SPORT_OFF, MACS_LEN, TCP_HLEN,
+    },
     icmp::IcmpFamily,
-    parse::{Packet, Parse},
+    parse::{MAX_L4_OFF, Packet, Parse},
     pipeline::{Nat, Seen},
-    reject,
+    reject, wire,
 };
 
 /// Headers we may need in the linear area: Ethernet + IPv6 with a few extension headers
@@ -99,8 +103,7 @@ impl<const TO_CLIENT: bool, const UPLINK: bool, F: TcFamily> Rewrite<F> for Tc<T
     /// Both halves of a translation (each only when it changes something).
     #[inline(always)]
     fn rewrite(ctx: &TcContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()> {
-        rewrite::<F>(ctx, p, (F::SRC_OFF, L4_SPORT_OFF), (p.saddr, n.saddr), (p.sport, n.sport)).map_err(|_| ())?;
-        rewrite::<F>(ctx, p, (F::DST_OFF, L4_DPORT_OFF), (p.daddr, n.daddr), (p.dport, n.dport)).map_err(|_| ())
+        rewrite::<F>(ctx, p, n).map_err(|_| ())
     }
 
     /// Hairpin: back into the pod.
@@ -127,20 +130,17 @@ impl<const TO_CLIENT: bool, const UPLINK: bool, F: TcFamily> Rewrite<F> for Tc<T
     }
 }
 
-/// How an address is rewritten in each family: where it sits in the IP header, and which
-/// checksums cover it (IPv4: the header checksum and the L4 pseudo-header; IPv6: only the
-/// L4 pseudo-header, one 32-bit word at a time).
-/// (The addresses' offsets come from `IcmpFamily`.)
+/// What differs between the families: where the addresses sit (and IPv4's header
+/// checksum, which IPv6 does not have), and how a flow to a frontend without endpoints is
+/// answered.
 trait TcFamily: IcmpFamily {
-    fn rewrite_addr(
-        ctx: &TcContext,
-        p: &Packet<Self::Addr>,
-        off: usize,
-        old: Self::Addr,
-        new: Self::Addr,
-        csum: Option<usize>,
-        mangled: u64,
-    ) -> Result<(), i64>;
+    /// Write `n`'s addresses where they differ from `p`'s into the IP header at `ip`
+    /// (fixing IPv4's header checksum); returns the difference they make to the L4
+    /// pseudo-header (`csum::addr_diff`), 0 when neither changed.
+    ///
+    /// # Safety
+    /// `ip` points at a complete, writable IP header of this family in the packet.
+    unsafe fn nat_l3(ip: *mut u8, p: &Packet<Self::Addr>, n: &Nat<Self::Addr>) -> u64;
     /// Answer a flow to a frontend without endpoints back into the pod (TCP reset, ICMP
     /// port unreachable); `Err` when it cannot be answered.
     fn reject(ctx: &TcContext, p: &Packet<Self::Addr>) -> Result<i32, i64>;
@@ -152,20 +152,26 @@ impl TcFamily for V4 {
         reject::tc_reject(ctx, p)
     }
     #[inline(always)]
-    fn rewrite_addr(
-        ctx: &TcContext,
-        p: &Packet<u32>,
-        off: usize,
-        old: u32,
-        new: u32,
-        csum: Option<usize>,
-        mangled: u64,
-    ) -> Result<(), i64> {
-        if let Some(csum) = csum {
-            ctx.l4_csum_replace(csum, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+    unsafe fn nat_l3(ip: *mut u8, p: &Packet<u32>, n: &Nat<u32>) -> u64 {
+        // SAFETY: the caller's guarantee (a complete IPv4 header at `ip`). The header
+        // checksum is always complete, so it is updated here (RFC 1624) rather than by a
+        // helper.
+        unsafe {
+            let mut c = wire::u16_at::<{ IP_CSUM_OFF as i16 }>(ip);
+            let mut diff = 0;
+            if n.saddr != p.saddr {
+                c = csum::replace4(c, p.saddr, n.saddr);
+                diff += csum::addr_diff::<V4>(p.saddr, n.saddr);
+                wire::set_u32::<{ IP_SRC_OFF as i16 }>(ip, n.saddr);
+            }
+            if n.daddr != p.daddr {
+                c = csum::replace4(c, p.daddr, n.daddr);
+                diff += csum::addr_diff::<V4>(p.daddr, n.daddr);
+                wire::set_u32::<{ IP_DST_OFF as i16 }>(ip, n.daddr);
+            }
+            wire::set_u16::<{ IP_CSUM_OFF as i16 }>(ip, c);
+            diff
         }
-        ctx.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)?;
-        ctx.store(p.l3_off + off, &new, 0)
     }
 }
 
@@ -175,52 +181,76 @@ impl TcFamily for V6 {
         reject::tc_reject6(ctx, p)
     }
     #[inline(always)]
-    fn rewrite_addr(
-        ctx: &TcContext,
-        p: &Packet<Ipv6Words>,
-        off: usize,
-        old: Ipv6Words,
-        new: Ipv6Words,
-        csum: Option<usize>,
-        mangled: u64,
-    ) -> Result<(), i64> {
-        if let Some(csum) = csum {
-            let mut i = 0;
-            while i < 4 {
-                if old[i] != new[i] {
-                    ctx.l4_csum_replace(csum, old[i] as u64, new[i] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
-                }
-                i += 1;
+    unsafe fn nat_l3(ip: *mut u8, p: &Packet<Ipv6Words>, n: &Nat<Ipv6Words>) -> u64 {
+        // SAFETY: the caller's guarantee (a complete IPv6 header at `ip`).
+        unsafe {
+            let mut diff = 0;
+            if n.saddr != p.saddr {
+                diff += csum::addr_diff::<V6>(p.saddr, n.saddr);
+                wire::set_words::<{ IP6_SRC_OFF as i16 }>(ip, n.saddr);
             }
+            if n.daddr != p.daddr {
+                diff += csum::addr_diff::<V6>(p.daddr, n.daddr);
+                wire::set_words::<{ IP6_DST_OFF as i16 }>(ip, n.daddr);
+            }
+            diff
         }
-        ctx.store(p.l3_off + off, &new, 0)
     }
 }
 
-/// Rewrite one address (at `off.0` in the IP header) and port (at `off.1` in the L4
-/// header) from `.0` to `.1`, with checksum fix-ups. The kernel's helpers handle
-/// CHECKSUM_PARTIAL skbs (offloaded TX checksums) correctly, which a hand-rolled incremental
-/// update would not. A later fragment has no L4 header: only its address changes (its
-/// datagram's L4 checksum is in the first fragment, updated there for the whole datagram).
+/// Rewrite the addresses and ports from `p`'s to `n`'s. The headers are written in place
+/// (the verifier's TC prologue makes a cloned skb's data private first); the L4 checksum
+/// goes through `bpf_l4_csum_replace`, at most twice, with the whole difference at once
+/// (size 0): once for the addresses, as a pseudo-header change, and once for the ports.
+/// The helper handles CHECKSUM_PARTIAL skbs (offloaded TX checksums, where only the
+/// pseudo-header part belongs in the field) and CHECKSUM_COMPLETE ones, which a hand-rolled
+/// update could not tell apart. A later fragment has no L4 header: only its addresses
+/// change (its datagram's L4 checksum is in the first fragment, updated there for the whole
+/// datagram).
 #[inline(always)]
-fn rewrite<F: TcFamily>(
-    ctx: &TcContext,
-    p: &Packet<F::Addr>,
-    (addr_off, port_off): (usize, usize),
-    (old_addr, new_addr): (F::Addr, F::Addr),
-    (old_port, new_port): (u16, u16),
-) -> Result<(), i64> {
+fn rewrite<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), i64> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + F::HLEN > end {
+        return Err(-1);
+    }
+    // SAFETY: a complete IP header of this family follows the Ethernet header (checked
+    // just above); parsing put it in the linear area.
+    let addr_diff = unsafe { F::nat_l3((start + ETH_HLEN) as *mut u8, p, n) };
+    let ports_change = (n.sport != p.sport || n.dport != p.dport) && !p.no_l4();
+    let mut port_diff = 0;
+    if ports_change {
+        // Masked so the verifier sees a bounded offset.
+        let l4_off = p.l4_off & MAX_L4_OFF;
+        if start + l4_off + L4_PORTS_LEN > end {
+            return Err(-1);
+        }
+        let l4 = (start + l4_off) as *mut u8;
+        // SAFETY: both ports are within the bounds checked just above.
+        unsafe {
+            if n.sport != p.sport {
+                port_diff += csum::port_diff(p.sport, n.sport);
+                wire::set_u16::<{ L4_SPORT_OFF as i16 }>(l4, n.sport);
+            }
+            if n.dport != p.dport {
+                port_diff += csum::port_diff(p.dport, n.dport);
+                wire::set_u16::<{ L4_DPORT_OFF as i16 }>(l4, n.dport);
+            }
+        }
+    }
+    if p.no_l4() {
+        return Ok(());
+    }
+    let Some(field) = p.l4_csum_field() else {
+        return Ok(());
+    };
+    let csum = p.l4_off + field;
     // UDP checksum 0 means "none": MARK_MANGLED_0 leaves it 0 and avoids producing 0.
     let mangled = if p.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-    let csum = if p.no_l4() { None } else { p.l4_csum_field().map(|f| p.l4_off + f) };
-    if old_addr != new_addr {
-        F::rewrite_addr(ctx, p, addr_off, old_addr, new_addr, csum, mangled)?;
+    if n.saddr != p.saddr || n.daddr != p.daddr {
+        ctx.l4_csum_replace(csum, 0, csum::fold_wide(addr_diff) as u64, BPF_F_PSEUDO_HDR as u64 | mangled)?;
     }
-    if old_port != new_port && !p.no_l4() {
-        if let Some(csum) = csum {
-            ctx.l4_csum_replace(csum, old_port as u64, new_port as u64, mangled | 2)?;
-        }
-        ctx.store(p.l4_off + port_off, &new_port, 0)?;
+    if ports_change {
+        ctx.l4_csum_replace(csum, 0, csum::fold_wide(port_diff) as u64, mangled)?;
     }
     Ok(())
 }
