@@ -21,9 +21,9 @@ use aya_ebpf::{
 use proxy_common::{Ipv6Words, PROTO_UDP, Verdict};
 
 use crate::{
+    csum,
     driver::{Hook, Rewrite},
     family::{V4, V6},
-    csum,
     hdr::{
         ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF, L4_DPORT_OFF, L4_PORTS_LEN,
         L4_SPORT_OFF, MACS_LEN, TCP_HLEN,
