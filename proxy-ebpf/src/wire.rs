@@ -106,3 +106,13 @@ pub unsafe fn set_words<const OFF: i16>(base: *mut u8, w: [u32; 4]) {
              options(nostack, preserves_flags));
     }
 }
+
+/// `v`, with nothing the compiler can know about it (it passes through an `asm!` move to
+/// itself), so that no bounds check is optimised away on the strength of where `v` came
+/// from.
+#[inline(always)]
+pub fn opaque(mut v: usize) -> usize {
+    // SAFETY: a register moved to itself: no memory access.
+    unsafe { asm!("{0} = {0}", inout(reg) v, options(pure, nomem, nostack, preserves_flags)) };
+    v
+}

@@ -80,9 +80,21 @@ impl Hook for Xdp {
         0
     }
 
+    /// Checked against the linear part first: a frame without fragments (nearly all) is
+    /// parsed without the helper call that measures a multi-buffer frame; one whose IP
+    /// length runs past its linear part is parsed again with its whole length. The length
+    /// only bounds the IP length, so the first parse succeeds only where the second would.
+    ///
+    /// The linear length is hidden from the compiler (`wire::opaque`): known to be
+    /// `end - start`, it lets LLVM drop later bounds checks (a DSR option's) that the IP
+    /// length implies, which the verifier cannot follow.
     #[inline(always)]
     fn parse<F: Parse>(ctx: &XdpContext) -> Result<Packet<F::Addr>, Verdict> {
-        F::parse(ctx.data(), ctx.data_end(), frame_len(ctx))
+        let (start, end) = (ctx.data(), ctx.data_end());
+        match F::parse(start, end, wire::opaque(end - start)) {
+            Err(Verdict::Malformed) => F::parse(ctx.data(), ctx.data_end(), frame_len(ctx)),
+            r => r,
+        }
     }
 
     /// An XDP frame's headers are in its linear part already.
