@@ -12,35 +12,37 @@
 //! touch any memory as far as the compiler knows).
 use core::arch::asm;
 
-/// The 2 bytes at `base + OFF`, as they are in the frame (network order stays).
-///
-/// # Safety
-/// `base + OFF .. base + OFF + 2` is packet data the verifier has seen checked.
-#[inline(always)]
-pub unsafe fn u16_at<const OFF: i16>(base: *const u8) -> u16 {
-    let v: u64;
-    // SAFETY: the caller's bounds check; a packet load has no other effect.
-    unsafe {
-        asm!("{v} = *(u16 *)({p} + {off})", p = in(reg) base, off = const OFF, v = lateout(reg) v,
-             options(pure, readonly, nostack, preserves_flags));
-    }
-    v as u16
+/// One load of a `$ty` from `base + OFF` (`$bpf`: its size as BPF assembly names it).
+macro_rules! load_at {
+    ($(#[$doc:meta])* $name:ident, $ty:ty, $bpf:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name<const OFF: i16>(base: *const u8) -> $ty {
+            let v: u64;
+            // SAFETY: the caller's bounds check; a packet load has no other effect.
+            unsafe {
+                asm!(concat!("{v} = *(", $bpf, " *)({p} + {off})"), p = in(reg) base, off = const OFF,
+                     v = lateout(reg) v, options(pure, readonly, nostack, preserves_flags));
+            }
+            v as $ty
+        }
+    };
 }
 
-/// The 4 bytes at `base + OFF`, as they are in the frame.
-///
-/// # Safety
-/// As [`u16_at`], for 4 bytes.
-#[inline(always)]
-pub unsafe fn u32_at<const OFF: i16>(base: *const u8) -> u32 {
-    let v: u64;
-    // SAFETY: the caller's bounds check; a packet load has no other effect.
-    unsafe {
-        asm!("{v} = *(u32 *)({p} + {off})", p = in(reg) base, off = const OFF, v = lateout(reg) v,
-             options(pure, readonly, nostack, preserves_flags));
-    }
-    v as u32
-}
+load_at!(
+    /// The 2 bytes at `base + OFF`, as they are in the frame (network order stays).
+    ///
+    /// # Safety
+    /// `base + OFF .. base + OFF + 2` is packet data the verifier has seen checked.
+    u16_at, u16, "u16"
+);
+load_at!(
+    /// The 4 bytes at `base + OFF`, as they are in the frame.
+    ///
+    /// # Safety
+    /// As [`u16_at`], for 4 bytes.
+    u32_at, u32, "u32"
+);
 
 /// The 16 bytes at `base + OFF` as four words (an IPv6 address, `Ipv6Words`).
 ///
@@ -63,31 +65,35 @@ pub unsafe fn words_at<const OFF: i16>(base: *const u8) -> [u32; 4] {
     [a as u32, b as u32, c as u32, d as u32]
 }
 
-/// Store the 2 bytes `v` (as they go in the frame) at `base + OFF`.
-///
-/// # Safety
-/// `base + OFF .. base + OFF + 2` is writable packet data the verifier has seen checked.
-#[inline(always)]
-pub unsafe fn set_u16<const OFF: i16>(base: *mut u8, v: u16) {
-    // SAFETY: the caller's bounds check; the store writes those 2 bytes only.
-    unsafe {
-        asm!("*(u16 *)({p} + {off}) = {v}", p = in(reg) base, off = const OFF, v = in(reg) v as u64,
-             options(nostack, preserves_flags));
-    }
+/// One store of a `$ty` at `base + OFF`.
+macro_rules! store_at {
+    ($(#[$doc:meta])* $name:ident, $ty:ty, $bpf:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name<const OFF: i16>(base: *mut u8, v: $ty) {
+            // SAFETY: the caller's bounds check; the store writes those bytes only.
+            unsafe {
+                asm!(concat!("*(", $bpf, " *)({p} + {off}) = {v}"), p = in(reg) base, off = const OFF,
+                     v = in(reg) v as u64, options(nostack, preserves_flags));
+            }
+        }
+    };
 }
 
-/// Store the 4 bytes `v` at `base + OFF`.
-///
-/// # Safety
-/// As [`set_u16`], for 4 bytes.
-#[inline(always)]
-pub unsafe fn set_u32<const OFF: i16>(base: *mut u8, v: u32) {
-    // SAFETY: the caller's bounds check; the store writes those 4 bytes only.
-    unsafe {
-        asm!("*(u32 *)({p} + {off}) = {v}", p = in(reg) base, off = const OFF, v = in(reg) v as u64,
-             options(nostack, preserves_flags));
-    }
-}
+store_at!(
+    /// Store the 2 bytes `v` (as they go in the frame) at `base + OFF`.
+    ///
+    /// # Safety
+    /// `base + OFF .. base + OFF + 2` is writable packet data the verifier has seen checked.
+    set_u16, u16, "u16"
+);
+store_at!(
+    /// Store the 4 bytes `v` at `base + OFF`.
+    ///
+    /// # Safety
+    /// As [`set_u16`], for 4 bytes.
+    set_u32, u32, "u32"
+);
 
 /// Store four words (an IPv6 address) at `base + OFF`.
 ///
