@@ -112,7 +112,6 @@ impl CtError {
     }
 }
 
-/// The packet's own 5-tuple in direction `dir`.
 /// The datapath's clock: CLOCK_MONOTONIC at tick resolution (1-4 ms), the clock the
 /// agent's collector reads (`CLOCK_MONOTONIC`; the coarse reading lags it by under a tick).
 /// Every timestamp it feeds is kept in milliseconds or judged against timeouts of seconds,
@@ -124,6 +123,7 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// The packet's own 5-tuple in direction `dir`.
 #[inline(always)]
 fn flow_key<A: Copy>(p: &Packet<A>, dir: u8) -> CtKey<A> {
     CtKey { src_addr: p.saddr, dst_addr: p.daddr, src_port: p.sport, dst_port: p.dport, proto: p.proto, dir, _pad: 0 }
