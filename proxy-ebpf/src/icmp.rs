@@ -20,7 +20,7 @@
 //! without extension headers) and quote TCP or UDP are translated; others pass untouched
 //! (`other_l4`, as before). A quote too short to hold the TCP checksum (RFC 792 promises only
 //! 8 bytes of it) gets its ports translated and that checksum left alone, as netfilter does.
-use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, PROTO_TCP, PROTO_UDP, ct_flags};
+use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, Ipv6Words, PROTO_TCP, PROTO_UDP, ct_flags};
 
 use crate::{
     csum,
@@ -31,7 +31,9 @@ use crate::{
         IP6_HLEN, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_VIHL, L4_DPORT_OFF, L4_SPORT_OFF, PROTO_ICMP, PROTO_ICMP6,
         TCP_CSUM_OFF, UDP_CSUM_OFF,
     },
-    pipeline::Seen,
+    parse::Packet,
+    pipeline::{Nat, Seen},
+    wire,
 };
 
 /// Of the quoted transport header only the first 8 bytes (the ports, and UDP's checksum)
@@ -56,6 +58,15 @@ pub trait IcmpFamily: Family {
     /// # Safety
     /// `ip` must point at `HLEN` readable bytes.
     unsafe fn plain_proto(ip: *const u8) -> Option<u8>;
+    /// Write `n`'s addresses where they differ from `p`'s into the IP header at `ip`, and
+    /// fix IPv4's header checksum (always complete, so by hand, RFC 1624). Returns the
+    /// difference they make to the L4 pseudo-header (`csum::addr_diff`, 0 when neither
+    /// changed), computed in the same pass: TC hands it to the kernel's checksum helper;
+    /// XDP, which fixes the L4 checksum word by word, drops it (inlined, it costs nothing).
+    ///
+    /// # Safety
+    /// `ip` must point at `HLEN` writable bytes of packet data.
+    unsafe fn nat_addrs(ip: *mut u8, p: &Packet<Self::Addr>, n: &Nat<Self::Addr>) -> u64;
 }
 
 impl IcmpFamily for V4 {
@@ -74,6 +85,26 @@ impl IcmpFamily for V4 {
         // SAFETY: the caller guarantees HLEN readable bytes.
         unsafe { (*ip == IPV4_VIHL).then(|| *ip.add(IP_PROTO_OFF)) }
     }
+    #[inline(always)]
+    unsafe fn nat_addrs(ip: *mut u8, p: &Packet<u32>, n: &Nat<u32>) -> u64 {
+        // SAFETY: the caller guarantees a writable IPv4 header at `ip`.
+        unsafe {
+            let mut c = wire::u16_at::<{ IP_CSUM_OFF as i16 }>(ip);
+            let mut diff = 0;
+            if n.saddr != p.saddr {
+                c = csum::replace4(c, p.saddr, n.saddr);
+                diff += csum::addr_diff::<V4>(p.saddr, n.saddr);
+                wire::set_u32::<{ IP_SRC_OFF as i16 }>(ip, n.saddr);
+            }
+            if n.daddr != p.daddr {
+                c = csum::replace4(c, p.daddr, n.daddr);
+                diff += csum::addr_diff::<V4>(p.daddr, n.daddr);
+                wire::set_u32::<{ IP_DST_OFF as i16 }>(ip, n.daddr);
+            }
+            wire::set_u16::<{ IP_CSUM_OFF as i16 }>(ip, c);
+            diff
+        }
+    }
 }
 
 impl IcmpFamily for V6 {
@@ -91,6 +122,22 @@ impl IcmpFamily for V6 {
     unsafe fn plain_proto(ip: *const u8) -> Option<u8> {
         // SAFETY: the caller guarantees HLEN readable bytes.
         unsafe { (*ip >> 4 == 6).then(|| *ip.add(IP6_NEXT_OFF)) }
+    }
+    #[inline(always)]
+    unsafe fn nat_addrs(ip: *mut u8, p: &Packet<Ipv6Words>, n: &Nat<Ipv6Words>) -> u64 {
+        // SAFETY: the caller guarantees a writable IPv6 header at `ip` (no header checksum).
+        unsafe {
+            let mut diff = 0;
+            if n.saddr != p.saddr {
+                diff += csum::addr_diff::<V6>(p.saddr, n.saddr);
+                wire::set_words::<{ IP6_SRC_OFF as i16 }>(ip, n.saddr);
+            }
+            if n.daddr != p.daddr {
+                diff += csum::addr_diff::<V6>(p.daddr, n.daddr);
+                wire::set_words::<{ IP6_DST_OFF as i16 }>(ip, n.daddr);
+            }
+            diff
+        }
     }
 }
 

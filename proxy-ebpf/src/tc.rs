@@ -24,10 +24,7 @@ use crate::{
     csum,
     driver::{Hook, Rewrite},
     family::{V4, V6},
-    hdr::{
-        ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF, L4_DPORT_OFF, L4_PORTS_LEN,
-        L4_SPORT_OFF, MACS_LEN, TCP_HLEN,
-    },
+    hdr::{ETH_HLEN, IP6_HLEN, L4_DPORT_OFF, L4_PORTS_LEN, L4_SPORT_OFF, MACS_LEN, TCP_HLEN},
     icmp::IcmpFamily,
     parse::{MAX_L4_OFF, Packet, Parse},
     pipeline::{Nat, Seen},
@@ -130,17 +127,9 @@ impl<const TO_CLIENT: bool, const UPLINK: bool, F: TcFamily> Rewrite<F> for Tc<T
     }
 }
 
-/// What differs between the families: where the addresses sit (and IPv4's header
-/// checksum, which IPv6 does not have), and how a flow to a frontend without endpoints is
-/// answered.
+/// What differs between the families here: how a flow to a frontend without endpoints is
+/// answered (the address rewrite is `IcmpFamily::nat_addrs`, shared with XDP).
 trait TcFamily: IcmpFamily {
-    /// Write `n`'s addresses where they differ from `p`'s into the IP header at `ip`
-    /// (fixing IPv4's header checksum); returns the difference they make to the L4
-    /// pseudo-header (`csum::addr_diff`), 0 when neither changed.
-    ///
-    /// # Safety
-    /// `ip` points at a complete, writable IP header of this family in the packet.
-    unsafe fn nat_l3(ip: *mut u8, p: &Packet<Self::Addr>, n: &Nat<Self::Addr>) -> u64;
     /// Answer a flow to a frontend without endpoints back into the pod (TCP reset, ICMP
     /// port unreachable); `Err` when it cannot be answered.
     fn reject(ctx: &TcContext, p: &Packet<Self::Addr>) -> Result<i32, i64>;
@@ -151,50 +140,12 @@ impl TcFamily for V4 {
     fn reject(ctx: &TcContext, p: &Packet<u32>) -> Result<i32, i64> {
         reject::tc_reject(ctx, p)
     }
-    #[inline(always)]
-    unsafe fn nat_l3(ip: *mut u8, p: &Packet<u32>, n: &Nat<u32>) -> u64 {
-        // SAFETY: the caller's guarantee (a complete IPv4 header at `ip`). The header
-        // checksum is always complete, so it is updated here (RFC 1624) rather than by a
-        // helper.
-        unsafe {
-            let mut c = wire::u16_at::<{ IP_CSUM_OFF as i16 }>(ip);
-            let mut diff = 0;
-            if n.saddr != p.saddr {
-                c = csum::replace4(c, p.saddr, n.saddr);
-                diff += csum::addr_diff::<V4>(p.saddr, n.saddr);
-                wire::set_u32::<{ IP_SRC_OFF as i16 }>(ip, n.saddr);
-            }
-            if n.daddr != p.daddr {
-                c = csum::replace4(c, p.daddr, n.daddr);
-                diff += csum::addr_diff::<V4>(p.daddr, n.daddr);
-                wire::set_u32::<{ IP_DST_OFF as i16 }>(ip, n.daddr);
-            }
-            wire::set_u16::<{ IP_CSUM_OFF as i16 }>(ip, c);
-            diff
-        }
-    }
 }
 
 impl TcFamily for V6 {
     #[inline(always)]
     fn reject(ctx: &TcContext, p: &Packet<Ipv6Words>) -> Result<i32, i64> {
         reject::tc_reject6(ctx, p)
-    }
-    #[inline(always)]
-    unsafe fn nat_l3(ip: *mut u8, p: &Packet<Ipv6Words>, n: &Nat<Ipv6Words>) -> u64 {
-        // SAFETY: the caller's guarantee (a complete IPv6 header at `ip`).
-        unsafe {
-            let mut diff = 0;
-            if n.saddr != p.saddr {
-                diff += csum::addr_diff::<V6>(p.saddr, n.saddr);
-                wire::set_words::<{ IP6_SRC_OFF as i16 }>(ip, n.saddr);
-            }
-            if n.daddr != p.daddr {
-                diff += csum::addr_diff::<V6>(p.daddr, n.daddr);
-                wire::set_words::<{ IP6_DST_OFF as i16 }>(ip, n.daddr);
-            }
-            diff
-        }
     }
 }
 
@@ -215,7 +166,7 @@ fn rewrite<F: TcFamily>(ctx: &TcContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) 
     }
     // SAFETY: a complete IP header of this family follows the Ethernet header (checked
     // just above); parsing put it in the linear area.
-    let addr_diff = unsafe { F::nat_l3((start + ETH_HLEN) as *mut u8, p, n) };
+    let addr_diff = unsafe { F::nat_addrs((start + ETH_HLEN) as *mut u8, p, n) };
     let ports_change = (n.sport != p.sport || n.dport != p.dport) && !p.no_l4();
     let mut port_diff = 0;
     if ports_change {

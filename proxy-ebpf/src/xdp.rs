@@ -43,9 +43,8 @@ use crate::{
     family::{V4, V6},
     handoff,
     hdr::{
-        ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_HLEN, IP_SRC_OFF, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_DST_OFF,
-        IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IPV4_VIHL, L4_DPORT_OFF, L4_PORTS_LEN,
-        L4_SPORT_OFF, MACS_LEN, NEXT_DEST_OPTS, NEXT_HOP_BY_HOP,
+        ETH_HLEN, IP_CSUM_OFF, IP_HLEN, IP_TOS_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, IP6_HLEN, IP6_HOP_OFF, IP6_NEXT_OFF,
+        IP6_PLEN_OFF, IPV4_VIHL, L4_DPORT_OFF, L4_PORTS_LEN, L4_SPORT_OFF, MACS_LEN, NEXT_DEST_OPTS, NEXT_HOP_BY_HOP,
     },
     icmp::IcmpFamily,
     parse::{MAX_L4_OFF, Packet, Parse},
@@ -144,8 +143,6 @@ fn ptr_mut<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
 /// What differs between the families on the uplink: the IP header's layout and checksum,
 /// the FIB lookup's parameters, the hop limit, and the reset.
 trait XdpFamily: IcmpFamily {
-    /// Rewrite the IP header's addresses (and its checksum, where it has one).
-    fn nat_l3(ctx: &XdpContext, p: &Packet<Self::Addr>, n: &Nat<Self::Addr>) -> Result<(), ()>;
     /// Fill the FIB lookup for `n` from the IP header at `ip`; returns the TTL / hop limit.
     ///
     /// # Safety
@@ -166,24 +163,6 @@ trait XdpFamily: IcmpFamily {
 }
 
 impl XdpFamily for V4 {
-    #[inline(always)]
-    fn nat_l3(ctx: &XdpContext, p: &Packet<u32>, n: &Nat<u32>) -> Result<(), ()> {
-        let ip = ptr_mut::<[u8; IP_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
-        // SAFETY: within the IPv4 header checked above.
-        unsafe {
-            let mut c = wire::u16_at::<{ IP_CSUM_OFF as i16 }>(ip);
-            if n.saddr != p.saddr {
-                c = csum::replace4(c, p.saddr, n.saddr);
-                wire::set_u32::<{ IP_SRC_OFF as i16 }>(ip, n.saddr);
-            }
-            if n.daddr != p.daddr {
-                c = csum::replace4(c, p.daddr, n.daddr);
-                wire::set_u32::<{ IP_DST_OFF as i16 }>(ip, n.daddr);
-            }
-            wire::set_u16::<{ IP_CSUM_OFF as i16 }>(ip, c);
-        }
-        Ok(())
-    }
     #[inline(always)]
     unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<u32>) -> u8 {
         // SAFETY: the caller guarantees a complete IPv4 header; writing union members.
@@ -229,20 +208,6 @@ impl XdpFamily for V4 {
 }
 
 impl XdpFamily for V6 {
-    #[inline(always)]
-    fn nat_l3(ctx: &XdpContext, p: &Packet<Ipv6Words>, n: &Nat<Ipv6Words>) -> Result<(), ()> {
-        let ip = ptr_mut::<[u8; IP6_HLEN]>(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())? as *mut u8;
-        // SAFETY: within the IPv6 header checked above (no header checksum in IPv6).
-        unsafe {
-            if n.saddr != p.saddr {
-                wire::set_words::<{ IP6_SRC_OFF as i16 }>(ip, n.saddr);
-            }
-            if n.daddr != p.daddr {
-                wire::set_words::<{ IP6_DST_OFF as i16 }>(ip, n.daddr);
-            }
-        }
-        Ok(())
-    }
     #[inline(always)]
     unsafe fn fib_params(ip: *const u8, fib: &mut FibParams, n: &Nat<Ipv6Words>) -> u8 {
         // SAFETY: the caller guarantees a complete IPv6 header; writing union members.
@@ -409,11 +374,18 @@ fn dsr_option6(ctx: &XdpContext, vip: Ipv6Words, vport: u16) -> Result<(), ()> {
 /// fragment, updated there for the whole datagram).
 #[inline(always)]
 fn nat<F: XdpFamily>(ctx: &XdpContext, p: &Packet<F::Addr>, n: &Nat<F::Addr>) -> Result<(), ()> {
-    F::nat_l3(ctx, p, n)?;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + F::HLEN > end {
+        return Err(());
+    }
+    // The pseudo-header difference it returns is for TC's helper; the L4 checksum is fixed
+    // below.
+    // SAFETY: a complete IP header of this family follows the Ethernet header (checked
+    // just above).
+    unsafe { F::nat_addrs((start + ETH_HLEN) as *mut u8, p, n) };
     if p.no_l4() {
         return Ok(());
     }
-    let (start, end) = (ctx.data(), ctx.data_end());
     // Masked so the verifier sees a bounded offset (IPv4 options or IPv6 extension headers
     // put it at most a few hundred bytes in).
     let l4_off = p.l4_off & MAX_L4_OFF;
