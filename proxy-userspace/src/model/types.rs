@@ -185,6 +185,16 @@ struct NameParts {
 
 impl Ord for NameParts {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // The translator's maps compare names all the time (a third of a cold translation's
+        // instructions went here). The same allocation is the same name; namespaces of one
+        // length (one namespace, say) order the pair as their texts order, with one
+        // comparison instead of two.
+        if std::ptr::eq(self, other) {
+            return std::cmp::Ordering::Equal;
+        }
+        if self.split == other.split {
+            return self.text.cmp(&other.text);
+        }
         (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
     }
 }
@@ -637,6 +647,19 @@ mod tests {
         assert_eq!(n.to_string(), "kube-system/kube-dns");
         assert_eq!(format!("{n:?}"), "\"kube-system/kube-dns\"");
         assert!(n.shares(&n.clone()) && !n.shares(&ObjectName::new("kube-system", "kube-dns")));
+    }
+
+    /// The one-comparison path (namespaces of one length) and the pair path order every
+    /// pair exactly as (namespace, name) tuples do.
+    #[test]
+    fn object_name_order_equals_the_pairs_order() {
+        let parts = ["", "a", "b", "ab", "ba", "a-b", "abc", "z", "zz"];
+        for (n1, m1) in parts.iter().flat_map(|n| parts.iter().map(move |m| (*n, *m))) {
+            for (n2, m2) in parts.iter().flat_map(|n| parts.iter().map(move |m| (*n, *m))) {
+                let (x, y) = (ObjectName::new(n1, m1), ObjectName::new(n2, m2));
+                assert_eq!(x.cmp(&y), (n1, m1).cmp(&(n2, m2)), "({n1}, {m1}) against ({n2}, {m2})");
+            }
+        }
     }
 
     /// The desired state's JSON keeps its three fields.
