@@ -1,10 +1,6 @@
 //! Which endpoints become backends of a frontend (readiness, terminating, topology).
 
-use std::{
-    cmp::Ordering,
-    collections::{BTreeMap, btree_map::Entry},
-    net::IpAddr,
-};
+use std::{cmp::Ordering, net::IpAddr};
 
 use super::{
     services::ParsedPort,
@@ -39,47 +35,46 @@ impl PortEndpoint {
 /// in two slices is most often one endpoint moving between them, so the count is the most
 /// any one slice holds of the preferred kind (ready before terminating, as the merge).
 pub(super) fn endpoints_for_port(group: &ServiceEndpoints, port: &ParsedPort, family: IpFamily) -> Vec<PortEndpoint> {
-    let mut merged: BTreeMap<(IpAddr, u16), (ParsedEndpoint, u32)> = BTreeMap::new();
+    // Sorted vectors folded run by run rather than maps: a port has a handful of endpoints,
+    // and two B-trees per port were a tenth of a cold translation. The sorts are stable, so
+    // each run keeps the order the maps saw its entries in (slice order, then entry order).
+    let mut merged: Vec<PortEndpoint> = Vec::new();
     for slice in group.slices.iter().filter(|s| s.family == family) {
         let matching = slice.ports.iter().filter(|sp| sp.name == port.name && sp.proto == port.proto);
         for slice_port in matching {
+            let mut here: Vec<&ParsedEndpoint> = slice.endpoints.iter().collect();
+            here.sort_by_key(|ep| ep.addr);
             // This slice's best copy of each address and how many entries are that good.
-            let mut here: BTreeMap<(IpAddr, u16), (ParsedEndpoint, u32)> = BTreeMap::new();
-            for ep in &slice.endpoints {
-                match here.entry((ep.addr, slice_port.port)) {
-                    Entry::Vacant(v) => {
-                        v.insert((*ep, 1));
-                    }
-                    Entry::Occupied(mut o) => {
-                        let (best, count) = o.get_mut();
-                        match preference(ep).cmp(&preference(best)) {
-                            Ordering::Greater => (*best, *count) = (*ep, 1),
-                            Ordering::Equal => *count += 1,
-                            Ordering::Less => {}
-                        }
+            for run in here.chunk_by(|a, b| a.addr == b.addr) {
+                let (mut best, mut count) = (run[0], 1);
+                for ep in &run[1..] {
+                    match preference(ep).cmp(&preference(best)) {
+                        Ordering::Greater => (best, count) = (ep, 1),
+                        Ordering::Equal => count += 1,
+                        Ordering::Less => {}
                     }
                 }
-            }
-            for (key, (ep, count)) in here {
-                match merged.entry(key) {
-                    Entry::Vacant(v) => {
-                        v.insert((ep, count));
-                    }
-                    // Upstream prefers the non-terminating copy (an IP reused by a new pod
-                    // before the old one is gone); ranking all flags keeps it order-independent.
-                    Entry::Occupied(mut o) => {
-                        let (best, best_count) = o.get_mut();
-                        match preference(&ep).cmp(&preference(best)) {
-                            Ordering::Greater => (*best, *best_count) = (ep, count),
-                            Ordering::Equal => *best_count = (*best_count).max(count),
-                            Ordering::Less => {}
-                        }
-                    }
-                }
+                merged.push(PortEndpoint { addr: best.addr, port: slice_port.port, ep: *best, count });
             }
         }
     }
-    merged.into_iter().map(|((addr, port), (ep, count))| PortEndpoint { addr, port, ep, count }).collect()
+    merged.sort_by_key(|e| (e.addr, e.port));
+    let mut out: Vec<PortEndpoint> = Vec::with_capacity(merged.len());
+    for e in merged {
+        match out.last_mut() {
+            // Upstream prefers the non-terminating copy (an IP reused by a new pod before
+            // the old one is gone); ranking all flags keeps it order-independent.
+            Some(best) if (best.addr, best.port) == (e.addr, e.port) => {
+                match preference(&e.ep).cmp(&preference(&best.ep)) {
+                    Ordering::Greater => *best = e,
+                    Ordering::Equal => best.count = best.count.max(e.count),
+                    Ordering::Less => {}
+                }
+            }
+            _ => out.push(e),
+        }
+    }
+    out
 }
 
 pub(super) fn preference(ep: &ParsedEndpoint) -> (bool, bool, bool, bool) {

@@ -113,6 +113,10 @@ pub(super) fn expand_port(
 /// The weights of `backends` that stand for several endpoints of `port_eps` (sorted by
 /// address and port, as `endpoints_for_port` returns them; so are `backends`).
 fn weights(port_eps: &[PortEndpoint], backends: &[BackendAddr]) -> Vec<BackendWeight> {
+    // Nearly always every endpoint stands for one: no weight to look up.
+    if port_eps.iter().all(|e| e.count <= 1) {
+        return Vec::new();
+    }
     backends
         .iter()
         .filter_map(|b| {

@@ -110,8 +110,9 @@ struct Winner {
 /// The translation of every object seen so far, kept incrementally. See the module docs.
 pub struct Translator {
     node: NodeInfo,
-    /// Boxed: a B-tree node has room for eleven values, most of them empty.
-    services: BTreeMap<ObjectId, Box<ServiceState>>,
+    /// Hashed, not ordered: a Service is looked up several times per commit, and nothing
+    /// walks them in order. Boxed: the table's empty buckets hold a pointer, not a state.
+    services: FastMap<ObjectId, Box<ServiceState>>,
     slices: FastMap<ObjectId, SliceState>,
     /// Slices by the Service their label names, in name order (whether or not it exists).
     groups: FastMap<ObjectId, SmallSet<ObjectId>>,
@@ -142,7 +143,7 @@ impl Translator {
     pub fn new(node: NodeInfo) -> Self {
         Translator {
             node,
-            services: BTreeMap::new(),
+            services: FastMap::default(),
             slices: FastMap::default(),
             groups: FastMap::default(),
             unnamed: BTreeSet::new(),
